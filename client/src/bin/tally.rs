@@ -1,0 +1,735 @@
+//! `tally`: the command-line client. Parses arguments, calls `tally_client`, prints the result
+//! (a table for people, `--json` for scripts).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tally_client::{
+    build_request, generate_key, load_key, parse_public_key, public_key, random_id, retry_name,
+    role_name, to_hex, verify_confirmation_json, write_confirmation_file, write_key, Client,
+    ConfirmationFile, Error, Profile,
+};
+use tally_core::crypto::{header_hash, verify_header};
+use tally_core::verify::verify_confirmation;
+use tally_wire::{
+    Confirmation, ErrorCode, Op, PublicKey, ReadMode, Request, SignedHeader, HEADERS_PER_REPLY_MAX,
+};
+
+const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
+
+#[derive(Parser)]
+#[command(name = "tally", version, about = "Client for a tally ledger")]
+struct Cli {
+    /// Client profile written by the server [default: ./tally-data/profile.toml]
+    #[arg(long, global = true, env = "TALLY_PROFILE", value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Machine-readable output on stdout (errors too)
+    #[arg(long, global = true)]
+    json: bool,
+    /// Timeout of each connection attempt and each call, in milliseconds
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_TIMEOUT_MS",
+        default_value_t = 30_000,
+        value_name = "MS"
+    )]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new Ed25519 key (PKCS#8 PEM, mode 0600) and print its public key
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Credit an account, signed with the profile's deposit key
+    Deposit {
+        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
+        to: PublicKey,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        amount: u64,
+        /// Request id (idempotency key) [default: random]
+        #[arg(long)]
+        id: Option<u128>,
+        /// Also write the confirmation to this file
+        #[arg(long, value_name = "CONFIRMATION.json")]
+        out: Option<PathBuf>,
+    },
+    /// Move funds from the key's account to another
+    Transfer {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
+        to: PublicKey,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        amount: u64,
+        /// Request id (idempotency key) [default: random]
+        #[arg(long)]
+        id: Option<u128>,
+        /// Also write the confirmation to this file
+        #[arg(long, value_name = "CONFIRMATION.json")]
+        out: Option<PathBuf>,
+    },
+    /// Debit the key's account
+    Withdraw {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        amount: u64,
+        /// Request id (idempotency key) [default: random]
+        #[arg(long)]
+        id: Option<u128>,
+        /// Also write the confirmation to this file
+        #[arg(long, value_name = "CONFIRMATION.json")]
+        out: Option<PathBuf>,
+    },
+    /// Read an account's balance (linearizable unless --stale)
+    Balance {
+        #[arg(value_name = "PUBKEY", value_parser = public_key_arg)]
+        account: PublicKey,
+        /// Accept whatever the replica has applied (may lag; served without a leader too)
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Check a confirmation file offline: inclusion proof and operator signature
+    Verify {
+        #[arg(value_name = "CONFIRMATION.json")]
+        file: PathBuf,
+        /// Operator public key to check against [default: the profile's, else the file's own]
+        #[arg(long, value_name = "HEX", value_parser = public_key_arg)]
+        operator_key: Option<PublicKey>,
+    },
+    /// Print signed headers, checking each signature and the hash chain between them
+    Headers {
+        #[arg(long, value_name = "HEIGHT", default_value_t = 1)]
+        from: u64,
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: u64,
+    },
+    /// Show every replica's role, term, indexes and lag
+    Status,
+}
+
+fn public_key_arg(text: &str) -> std::result::Result<PublicKey, String> {
+    parse_public_key(text).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(&e, json);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints an error: `{"error": {...}}` on stdout with `--json`, a sentence on stderr otherwise.
+fn report_error(e: &anyhow::Error, json: bool) {
+    let client_error = e.downcast_ref::<Error>();
+    if json {
+        let (code, code_number, retry) = match client_error {
+            Some(Error::Rejected(reply)) => (
+                reply.code.name(),
+                Some(reply.code as u16),
+                Some(retry_name(reply.retry)),
+            ),
+            Some(err) => (err.code_name(), None, err.retry().map(retry_name)),
+            None => ("error", None, None),
+        };
+        let mut body = json!({
+            "code": code,
+            "code_number": code_number,
+            "retry": retry,
+            "message": match client_error {
+                Some(Error::Rejected(reply)) => reply.message.clone(),
+                _ => format!("{e:#}"),
+            },
+        });
+        if let Some(Error::Rejected(reply)) = client_error {
+            if reply.retry_after_ms > 0 {
+                body["retry_after_ms"] = reply.retry_after_ms.into();
+            }
+            if !reply.leader_hint.is_empty() {
+                body["leader_hint"] = reply.leader_hint.clone().into();
+            }
+        }
+        println!("{}", json!({ "error": body }));
+    } else {
+        eprintln!("error: {e:#}");
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let ctx = Globals {
+        profile_path: cli.profile.clone(),
+        json: cli.json,
+        timeout: Duration::from_millis(cli.timeout_ms),
+    };
+    match cli.command {
+        Command::Keygen { out } => keygen(&ctx, &out),
+        Command::Deposit {
+            to,
+            amount,
+            id,
+            out,
+        } => {
+            let profile = ctx.profile()?;
+            let key = profile.load_deposit_key()?;
+            submit(&ctx, &profile, &key, Op::Deposit, to, amount, id, out).await
+        }
+        Command::Transfer {
+            key,
+            to,
+            amount,
+            id,
+            out,
+        } => {
+            let profile = ctx.profile()?;
+            let key = load_key(&key)?;
+            submit(&ctx, &profile, &key, Op::Transfer, to, amount, id, out).await
+        }
+        Command::Withdraw {
+            key,
+            amount,
+            id,
+            out,
+        } => {
+            let profile = ctx.profile()?;
+            let key = load_key(&key)?;
+            submit(&ctx, &profile, &key, Op::Withdraw, [0; 32], amount, id, out).await
+        }
+        Command::Balance { account, stale } => balance(&ctx, account, stale).await,
+        Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
+        Command::Headers { from, limit } => headers(&ctx, from, limit).await,
+        Command::Status => status(&ctx).await,
+    }
+}
+
+/// What every command needs from the global flags.
+struct Globals {
+    profile_path: Option<PathBuf>,
+    json: bool,
+    timeout: Duration,
+}
+
+impl Globals {
+    fn profile_path(&self) -> PathBuf {
+        self.profile_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PROFILE))
+    }
+
+    fn profile(&self) -> Result<Profile> {
+        let path = self.profile_path();
+        if self.profile_path.is_none() && !path.exists() {
+            bail!(
+                "no profile at {DEFAULT_PROFILE}: pass --profile FILE or set TALLY_PROFILE \
+                 (the server writes profile.toml into its data directory)"
+            );
+        }
+        Ok(Profile::load(&path)?)
+    }
+
+    async fn connect(&self, profile: &Profile) -> Result<Client> {
+        Ok(Client::connect_timeout(profile, self.timeout).await?)
+    }
+
+    /// A client connected to the leader hinted at by a `not_leader` rejection, if the hint names
+    /// another replica.
+    async fn follow_leader(&self, profile: &Profile, client: &Client, e: &Error) -> Option<Client> {
+        let Error::Rejected(reply) = e else {
+            return None;
+        };
+        if reply.code != ErrorCode::NotLeader
+            || reply.leader_hint.is_empty()
+            || reply.leader_hint == client.address()
+        {
+            return None;
+        }
+        Client::connect_to_timeout(reply.leader_hint.as_str(), profile, self.timeout)
+            .await
+            .ok()
+    }
+}
+
+fn keygen(ctx: &Globals, out: &Path) -> Result<ExitCode> {
+    let key = generate_key();
+    write_key(out, &key)?;
+    let public = to_hex(&public_key(&key));
+    if ctx.json {
+        println!(
+            "{}",
+            json!({ "public_key": public, "path": out.display().to_string() })
+        );
+    } else {
+        println!("{public}");
+        eprintln!("private key written to {}", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn submit(
+    ctx: &Globals,
+    profile: &Profile,
+    key: &ed25519_dalek::SigningKey,
+    op: Op,
+    to: PublicKey,
+    amount: u64,
+    id: Option<u128>,
+    out: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let operator = profile.operator_key()?;
+    let id = id.unwrap_or_else(random_id);
+    let request = build_request(key, profile.chain_id_bytes()?, op, id, to, amount);
+    let confirmation = submit_following_leader(ctx, profile, request).await?;
+    verify_confirmation(&confirmation, &operator)
+        .context("the server's confirmation does not verify against the profile's operator key")?;
+    if let Some(path) = &out {
+        write_confirmation_file(path, &confirmation, &operator)?;
+    }
+    if ctx.json {
+        print!(
+            "{}",
+            ConfirmationFile::with_replayed(&confirmation, &operator).to_json_pretty()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (r, rc, h) = (
+        &confirmation.request,
+        &confirmation.receipt,
+        &confirmation.header.header,
+    );
+    println!(
+        "confirmed {} of {} (id {}) at height {}, index {}{}",
+        op.name(),
+        r.amount,
+        r.id,
+        rc.height,
+        rc.index,
+        if confirmation.replayed {
+            " (already applied earlier: original confirmation)"
+        } else {
+            ""
+        }
+    );
+    match op {
+        Op::Deposit => println!("  {} balance {}", to_hex(&r.to), rc.to_balance),
+        Op::Transfer => {
+            println!("  from {} balance {}", to_hex(&r.signer), rc.signer_balance);
+            println!("  to   {} balance {}", to_hex(&r.to), rc.to_balance);
+        }
+        Op::Withdraw => println!("  {} balance {}", to_hex(&r.signer), rc.signer_balance),
+    }
+    println!("  header {}", to_hex(&header_hash(h)));
+    println!("  verified: inclusion proof and operator signature (profile's operator key)");
+    if let Some(path) = &out {
+        println!("  confirmation written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Submits through the first reachable replica; on `not_leader` with a hint, once more through
+/// the leader. Resubmitting is safe: the request keeps its id.
+async fn submit_following_leader(
+    ctx: &Globals,
+    profile: &Profile,
+    request: Request,
+) -> Result<Confirmation> {
+    let client = ctx.connect(profile).await?;
+    match client.submit(request.clone()).await {
+        Ok(c) => Ok(c),
+        Err(e) => match ctx.follow_leader(profile, &client, &e).await {
+            Some(leader) => Ok(leader.submit(request).await?),
+            None => Err(e.into()),
+        },
+    }
+}
+
+async fn balance(ctx: &Globals, account: PublicKey, stale: bool) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let mode = if stale {
+        ReadMode::Stale
+    } else {
+        ReadMode::Linearizable
+    };
+    let client = ctx.connect(&profile).await?;
+    let reply = match client.balance(account, mode).await {
+        Ok(reply) => reply,
+        Err(e) => match ctx.follow_leader(&profile, &client, &e).await {
+            Some(leader) => leader.balance(account, mode).await?,
+            None => return Err(e.into()),
+        },
+    };
+    let mode_name = match reply.mode {
+        ReadMode::Linearizable => "linearizable",
+        ReadMode::Stale => "stale",
+    };
+    if ctx.json {
+        println!(
+            "{}",
+            json!({
+                "account": to_hex(&reply.account),
+                "balance": reply.balance,
+                "exists": reply.exists,
+                "height": reply.height,
+                "mode": mode_name,
+            })
+        );
+    } else if reply.exists {
+        println!(
+            "{} balance {} (height {}, {mode_name})",
+            to_hex(&reply.account),
+            reply.balance,
+            reply.height
+        );
+    } else {
+        println!(
+            "{} does not exist (balance 0; height {}, {mode_name})",
+            to_hex(&reply.account),
+            reply.height
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result<ExitCode> {
+    // Which key to trust: the flag, else the profile's, else (weakest) the file's own.
+    let (operator, source) = match operator_key {
+        Some(key) => (Some(key), "--operator-key".to_string()),
+        None => {
+            let path = ctx.profile_path();
+            if path.exists() {
+                let profile = Profile::load(&path)?;
+                (
+                    Some(profile.operator_key()?),
+                    format!("profile {}", path.display()),
+                )
+            } else if ctx.profile_path.is_some() {
+                bail!("profile {} does not exist", path.display());
+            } else {
+                (None, "the file itself".to_string())
+            }
+        }
+    };
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    let (c, operator) = verify_confirmation_json(&text, operator)
+        .with_context(|| format!("{} does not verify", file.display()))?;
+    let (r, rc, h) = (&c.request, &c.receipt, &c.header.header);
+    let checks = [
+        "the confirmation bytes decode",
+        "the request's signature verifies under its signer",
+        "the receipt names the request (SHA-256 of its bytes), its operation and its height",
+        "the inclusion proof leads from the receipt to the header's Merkle root",
+        "the operator's signature over the header verifies",
+        "the readable fields match the confirmation bytes",
+    ];
+    let trusted = operator_key.is_some() || source.starts_with("profile");
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "valid": true,
+                "file": file.display().to_string(),
+                "operator_public_key": to_hex(&operator),
+                "operator_key_source": if operator_key.is_some() { "flag" } else if trusted { "profile" } else { "file" },
+                "op": r.op.name(),
+                "id": r.id.to_string(),
+                "signer": to_hex(&r.signer),
+                "to": to_hex(&r.to),
+                "amount": r.amount,
+                "height": rc.height,
+                "index": rc.index,
+                "signer_balance": rc.signer_balance,
+                "to_balance": rc.to_balance,
+                "header_hash": to_hex(&header_hash(h)),
+                "checks": checks,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: valid", file.display());
+    println!(
+        "  {} of {} (id {}) by {}{}",
+        r.op.name(),
+        r.amount,
+        r.id,
+        to_hex(&r.signer),
+        if r.op == Op::Withdraw {
+            String::new()
+        } else {
+            format!(" to {}", to_hex(&r.to))
+        }
+    );
+    println!(
+        "  applied at height {}, index {} of {}; balances after: signer {}, recipient {}",
+        rc.height, rc.index, h.request_count, rc.signer_balance, rc.to_balance
+    );
+    println!("  header {}", to_hex(&header_hash(h)));
+    println!("  operator key {} (from {source})", to_hex(&operator));
+    println!("  checked:");
+    for check in checks {
+        println!("    - {check}");
+    }
+    if !trusted {
+        println!(
+            "  note: the operator key came from the file itself, so this proves the file is \
+             consistent, not who signed it; pass --operator-key or a profile to check that"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One fetched header and what checking it found.
+struct Checked {
+    signed: SignedHeader,
+    hash: [u8; 32],
+    signature_ok: bool,
+    /// Whether it links to the header printed before it (None for the first one, unless it is
+    /// height 1, whose previous hash must be zero).
+    linked: Option<bool>,
+}
+
+async fn headers(ctx: &Globals, from: u64, limit: u64) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let operator = profile.operator_key()?;
+    let chain_id = profile.chain_id_bytes()?;
+    let client = ctx.connect(&profile).await?;
+    let mut fetched: Vec<SignedHeader> = Vec::new();
+    let mut next = from.max(1);
+    while (fetched.len() as u64) < limit {
+        let want = (limit - fetched.len() as u64).min(HEADERS_PER_REPLY_MAX as u64) as u16;
+        let page = client.headers(next, want).await?;
+        let Some(last) = page.last() else { break };
+        if last.header.height < next {
+            break; // no progress: do not loop on a confused server
+        }
+        next = last.header.height + 1;
+        fetched.extend(page);
+    }
+    fetched.truncate(limit as usize);
+
+    let mut checked: Vec<Checked> = Vec::with_capacity(fetched.len());
+    for signed in fetched {
+        let h = &signed.header;
+        let signature_ok = h.chain_id == chain_id && verify_header(&operator, &signed).is_ok();
+        let linked = match checked.last() {
+            Some(prev) => {
+                Some(h.height == prev.signed.header.height + 1 && h.prev_hash == prev.hash)
+            }
+            None if h.height == 1 => Some(h.prev_hash == [0; 32]),
+            None => None,
+        };
+        checked.push(Checked {
+            hash: header_hash(h),
+            signed,
+            signature_ok,
+            linked,
+        });
+    }
+    let failures = checked
+        .iter()
+        .filter(|c| !c.signature_ok || c.linked == Some(false))
+        .count();
+
+    if ctx.json {
+        let rows: Vec<_> = checked
+            .iter()
+            .map(|c| {
+                let h = &c.signed.header;
+                json!({
+                    "height": h.height,
+                    "hash": to_hex(&c.hash),
+                    "prev_hash": to_hex(&h.prev_hash),
+                    "merkle_root": to_hex(&h.merkle_root),
+                    "state_digest": to_hex(&h.state_digest),
+                    "request_count": h.request_count,
+                    "term": h.term,
+                    "time_unix_ms": h.time_unix_ms,
+                    "signature": to_hex(&c.signed.signature),
+                    "signature_ok": c.signature_ok,
+                    "linked": c.linked,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:>8}  {:<16}  {:<16}  {:<16}  {:>5}  {:<24}  CHECK",
+            "HEIGHT", "HASH", "PREV", "ROOT", "COUNT", "TIME (UTC)"
+        );
+        for c in &checked {
+            let h = &c.signed.header;
+            let check = match (c.signature_ok, c.linked) {
+                (false, _) => "BAD SIGNATURE",
+                (true, Some(false)) => "BROKEN LINK",
+                (true, _) => "ok",
+            };
+            println!(
+                "{:>8}  {:<16}  {:<16}  {:<16}  {:>5}  {:<24}  {check}",
+                h.height,
+                &to_hex(&c.hash)[..16],
+                &to_hex(&h.prev_hash)[..16],
+                &to_hex(&h.merkle_root)[..16],
+                h.request_count,
+                format_unix_ms(h.time_unix_ms),
+            );
+        }
+        if checked.is_empty() {
+            println!("(no headers from height {from})");
+        }
+    }
+    if failures > 0 {
+        eprintln!(
+            "error: {failures} header(s) failed verification against the profile's operator key"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(ctx: &Globals) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    if profile.replicas.is_empty() {
+        bail!("the profile lists no replicas");
+    }
+    // Ask every replica at once, so an unreachable one costs one timeout, not one per replica.
+    let mut probes = Vec::new();
+    for replica in profile.replicas.clone() {
+        let profile = profile.clone();
+        let timeout = ctx.timeout;
+        probes.push(tokio::spawn(async move {
+            let client =
+                Client::connect_to_timeout(replica.address.as_str(), &profile, timeout).await?;
+            client.status().await
+        }));
+    }
+    let mut results = Vec::new();
+    for probe in probes {
+        results.push(probe.await.context("status probe panicked")?);
+    }
+    let max_height = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|s| s.applied_height))
+        .max()
+        .unwrap_or(0);
+
+    if ctx.json {
+        let rows: Vec<_> = profile
+            .replicas
+            .iter()
+            .zip(&results)
+            .map(|(replica, result)| match result {
+                Ok(s) => json!({
+                    "id": replica.id,
+                    "address": replica.address,
+                    "reachable": true,
+                    "node_id": s.node_id,
+                    "role": role_name(s.role),
+                    "term": s.term,
+                    "leader_id": s.leader_id,
+                    "leader_client_address": s.leader_client_address,
+                    "writable": s.writable,
+                    "commit_index": s.commit_index,
+                    "applied_index": s.applied_index,
+                    "applied_height": s.applied_height,
+                    "lag": max_height - s.applied_height,
+                    "latest_header_hash": s.latest_header.as_ref().map(|h| to_hex(&header_hash(&h.header))),
+                }),
+                Err(e) => json!({
+                    "id": replica.id,
+                    "address": replica.address,
+                    "reachable": false,
+                    "error": e.to_string(),
+                }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>4}  {:<21}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  LATEST HEADER",
+        "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "HEIGHT", "LAG"
+    );
+    for (replica, result) in profile.replicas.iter().zip(&results) {
+        match result {
+            Ok(s) => println!(
+                "{:>4}  {:<21}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  {}",
+                replica.id,
+                replica.address,
+                role_name(s.role),
+                s.term,
+                s.leader_id,
+                s.commit_index,
+                s.applied_index,
+                s.applied_height,
+                max_height - s.applied_height,
+                s.latest_header
+                    .as_ref()
+                    .map_or("-".to_string(), |h| to_hex(&header_hash(&h.header))),
+            ),
+            Err(e) => println!(
+                "{:>4}  {:<21}  unreachable: {e}",
+                replica.id, replica.address
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `2024-05-01T12:00:00.000Z` from Unix milliseconds (proleptic Gregorian, UTC).
+fn format_unix_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn formats_times() {
+        assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_unix_ms(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,290 @@
+//! The sections of the operator config, one struct each, and their defaults.
+//!
+//! Every default lives here, either in a section's `Default` impl (sections whose every key is
+//! optional) or in a `default_*` function (the optional keys of [`NodeConfig`]). Ranges and
+//! relations between keys are checked in `validate.rs`, not here: deserialization only checks
+//! types, so that one run of `validate()` can report every problem at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[node]`: who this replica is and where it keeps its data. The only required section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This replica's raft id. Must be at least 1 (raft reserves 0 for "no node") and differ
+    /// from every `peers.id`. Default: `1`.
+    #[serde(default = "default_node_id")]
+    pub id: u64,
+    /// Directory holding this replica's LevelDB store (and, in development mode, its generated
+    /// keys and certificates). A relative path is taken relative to the config file's directory.
+    /// Default: `./tally-data`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Identity of this ledger: 32 bytes as 64 hex characters. It is signed into every request
+    /// and every batch header, so a signature made for one ledger is worthless on another.
+    /// Required: there is no default, because two ledgers sharing one would accept each other's
+    /// requests.
+    pub chain_id: String,
+}
+
+fn default_node_id() -> u64 {
+    1
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./tally-data")
+}
+
+/// `[listen]`: the addresses this replica binds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// TLS listener for clients. Default: `127.0.0.1:7400`.
+    pub client: SocketAddr,
+    /// Mutual-TLS listener for the other replicas (raft replication). Default: `127.0.0.1:7500`.
+    pub peer: SocketAddr,
+    /// Plain-HTTP listener for `/metrics`, `/health` and `/ready`. Default: `127.0.0.1:7600`.
+    pub metrics: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        // Loopback by default: exposing a replica is a decision the operator makes explicitly.
+        Self {
+            client: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            peer: SocketAddr::from(([127, 0, 0, 1], 7500)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 7600)),
+        }
+    }
+}
+
+/// `[tls]`: certificate paths, all PEM. Relative paths are taken relative to the config file's
+/// directory. No defaults: `validate()` requires the section; only the development operator
+/// (see [`crate::Config::dev_default`]) fills it in itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The CA that signs every node certificate. Peers verify each other against it and clients
+    /// trust it.
+    pub ca_cert: PathBuf,
+    /// This node's certificate chain, presented to clients and to peers.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// `[operator]`: the operator's keys. Required by `validate()`, like `[tls]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Path of the operator's Ed25519 private key (PKCS#8 PEM) that signs batch headers. Every
+    /// replica holds the same key: Ed25519 signatures are deterministic, so all replicas produce
+    /// the same signature for a header and none has to be replicated. A relative path is taken
+    /// relative to the config file's directory.
+    pub signing_key: PathBuf,
+    /// Ed25519 public keys (32 bytes as 64 hex characters each) allowed to authorize deposits.
+    /// At least one is required. Defaults to empty at parse time only so that a missing list is
+    /// reported by `validate()` together with every other problem.
+    #[serde(default)]
+    pub deposit_keys: Vec<String>,
+}
+
+/// One `[[peers]]` entry: another replica of this ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// That replica's raft id: at least 1, unique among peers, and different from `node.id`.
+    pub id: u64,
+    /// That replica's peer (replication) address, i.e. its `listen.peer`.
+    pub address: SocketAddr,
+    /// That replica's client address, i.e. its `listen.client`; sent to clients in "not leader"
+    /// redirects.
+    pub client_address: SocketAddr,
+}
+
+/// `[batch]`: how requests are grouped into batches, each one raft entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Milliseconds: a batch closes this long after its first request arrived. Range
+    /// `1..=10000`. Default: `100`.
+    pub batch_window_ms: u64,
+    /// A batch also closes as soon as it holds this many requests. Range `1..=65536`.
+    /// Default: `8192`.
+    pub batch_requests_max: u32,
+    /// Batches proposed to raft but not yet applied; sequencing waits when this many are out.
+    /// Range `1..=64`. Default: `4`.
+    pub batch_in_flight_max: u32,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            batch_window_ms: 100,
+            batch_requests_max: 8192,
+            batch_in_flight_max: 4,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// `batch_window_ms` as a [`Duration`].
+    pub fn batch_window(&self) -> Duration {
+        Duration::from_millis(self.batch_window_ms)
+    }
+}
+
+/// `[workers]`: sizes of the validation thread pools.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Threads doing stateless validation (bounds, well-formedness, signatures). Range `1..=256`.
+    /// Default: `2`.
+    pub stateless: usize,
+    /// Threads validating requests against a committed snapshot. Range `1..=256`. Default: `1`.
+    pub snapshot: usize,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            stateless: 2,
+            snapshot: 1,
+        }
+    }
+}
+
+/// `[cache]`: in-memory caches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Entries in the bounded account cache; accounts beyond it are read from storage on
+    /// demand. At least `1`. Default: `100000`.
+    pub accounts_max: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            accounts_max: 100_000,
+        }
+    }
+}
+
+/// `[limits]`: caps that keep one client or one connection from exhausting the replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes: the largest payload one frame may carry; a larger length prefix is rejected
+    /// before anything is allocated. Range `1024..=16777216`. Default: `1048576` (1 MiB).
+    pub frame_bytes_max: u32,
+    /// Open client connections; further connections wait for a free slot. At least `1`.
+    /// Default: `1024`.
+    pub connections_max: u32,
+    /// Requests one connection may have unanswered at once. At least `1`. Default: `4096`.
+    pub requests_in_flight_per_connection_max: u32,
+    /// Bound of each pipeline queue; a request meeting a full queue is answered "busy".
+    /// At least `1`. Default: `65536`.
+    pub queue_depth_max: u32,
+    /// Milliseconds a TLS handshake may take. At least `1`. Default: `5000`.
+    pub handshake_timeout_ms: u64,
+    /// Milliseconds within which a frame that started arriving must finish. At least `1`.
+    /// Default: `10000`.
+    pub frame_timeout_ms: u64,
+    /// Milliseconds after which a connection with nothing in flight and no bytes arriving is
+    /// closed. At least `1`. Default: `300000` (5 minutes).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            frame_bytes_max: 1024 * 1024,
+            connections_max: 1024,
+            requests_in_flight_per_connection_max: 4096,
+            queue_depth_max: 65_536,
+            handshake_timeout_ms: 5_000,
+            frame_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// `handshake_timeout_ms` as a [`Duration`].
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// `frame_timeout_ms` as a [`Duration`].
+    pub fn frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.frame_timeout_ms)
+    }
+
+    /// `idle_timeout_ms` as a [`Duration`].
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+/// `[raft]`: consensus timing, log compaction and message sizes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Milliseconds per raft logical clock tick. At least `1`. Default: `100`.
+    pub tick_ms: u64,
+    /// Ticks without hearing from a leader before a follower starts an election. Must be
+    /// greater than `heartbeat_ticks`, or followers would call elections between heartbeats of
+    /// a healthy leader. Default: `10`.
+    pub election_ticks: usize,
+    /// Ticks between the leader's heartbeats. At least `1`. Default: `2`.
+    pub heartbeat_ticks: usize,
+    /// Compact the raft log after this many applied entries. At least `1`. Default: `10000`.
+    pub compaction_entries: u64,
+    /// Bytes per chunk when a snapshot is streamed to a lagging replica. At least `1` and at
+    /// most `limits.frame_bytes_max`, so that a chunk fits in one frame. Default: `1048576`.
+    pub snapshot_chunk_bytes: u32,
+    /// Bytes: cap on one raft message between peers. At least `1`. Default: `4194304` (4 MiB).
+    pub max_message_bytes: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compaction_entries: 10_000,
+            snapshot_chunk_bytes: 1024 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl RaftConfig {
+    /// `tick_ms` as a [`Duration`].
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+}
+
+/// `[log]`: diagnostics output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter directive such as `info` or `tally_core=debug,info`. The `RUST_LOG`
+    /// environment variable, when set, overrides it. Default: `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+        }
+    }
+}

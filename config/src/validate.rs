@@ -1,0 +1,290 @@
+//! `Config::validate`: ranges of single keys and relations between keys.
+//!
+//! Validation never stops at the first problem: an operator fixing a config should see every
+//! mistake in one run, not one per restart. Each check pushes onto a [`Problems`] list.
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::Path;
+
+use crate::{Config, ConfigError, ListenConfig, OperatorConfig, PeerConfig, TlsConfig};
+
+// The allowed ranges, next to the checks that use them. Upper bounds are "put a limit on
+// everything" caps: far above any sensible setting, low enough that a typo (an extra zero or
+// three) is caught instead of silently allocating or waiting forever.
+const BATCH_WINDOW_MS: RangeInclusive<u64> = 1..=10_000;
+const BATCH_REQUESTS_MAX: RangeInclusive<u32> = 1..=65_536;
+const BATCH_IN_FLIGHT_MAX: RangeInclusive<u32> = 1..=64;
+const WORKERS: RangeInclusive<usize> = 1..=256;
+const FRAME_BYTES_MAX: RangeInclusive<u32> = 1024..=16 * 1024 * 1024;
+
+/// Length of an Ed25519 public key or a chain id, in bytes.
+const KEY_BYTES: usize = 32;
+
+/// Decodes a 32-byte value written as 64 hex characters (either case).
+pub(crate) fn decode_hex32(text: &str) -> Result<[u8; KEY_BYTES], String> {
+    if text.len() != 2 * KEY_BYTES {
+        return Err(format!(
+            "must be {} hex characters ({KEY_BYTES} bytes), found {}",
+            2 * KEY_BYTES,
+            text.chars().count()
+        ));
+    }
+    let mut bytes = [0; KEY_BYTES];
+    hex::decode_to_slice(text, &mut bytes)
+        .map_err(|_| "must contain only hex digits (0-9, a-f)".to_owned())?;
+    Ok(bytes)
+}
+
+pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
+    let mut problems = Problems::default();
+    node(&mut problems, config);
+    listen(&mut problems, &config.listen);
+    tls(&mut problems, config.tls.as_ref());
+    operator(&mut problems, config.operator.as_ref());
+    peers(&mut problems, config);
+    addresses(&mut problems, config);
+    sizes(&mut problems, config);
+    raft(&mut problems, config);
+    if config.log.level.trim().is_empty() {
+        problems.push("log.level", quoted(&config.log.level), "must not be empty");
+    }
+    problems.0
+}
+
+fn node(problems: &mut Problems, config: &Config) {
+    let node = &config.node;
+    problems.at_least("node.id", node.id, 1);
+    problems.path("node.data_dir", &node.data_dir);
+    if let Err(problem) = decode_hex32(&node.chain_id) {
+        problems.push("node.chain_id", quoted(&node.chain_id), problem);
+    }
+}
+
+/// Two listeners conflict when they would bind the same port on a shared interface. Port 0
+/// asks the OS for a free port, so it never conflicts (tests bind everything to port 0).
+fn listen(problems: &mut Problems, listen: &ListenConfig) {
+    let listeners = [
+        ("listen.client", listen.client),
+        ("listen.peer", listen.peer),
+        ("listen.metrics", listen.metrics),
+    ];
+    for (i, &(key, address)) in listeners.iter().enumerate() {
+        let earlier = listeners[..i].iter().find(|(_, other)| {
+            address.port() != 0
+                && address.port() == other.port()
+                && (address.ip() == other.ip()
+                    || address.ip().is_unspecified()
+                    || other.ip().is_unspecified())
+        });
+        if let Some((other_key, other)) = earlier {
+            problems.push(
+                key,
+                quoted(address),
+                format!("conflicts with {other_key} ({})", quoted(other)),
+            );
+        }
+    }
+}
+
+fn tls(problems: &mut Problems, tls: Option<&TlsConfig>) {
+    let Some(tls) = tls else {
+        problems.push("tls", "", SECTION_REQUIRED);
+        return;
+    };
+    problems.path("tls.ca_cert", &tls.ca_cert);
+    problems.path("tls.cert", &tls.cert);
+    problems.path("tls.key", &tls.key);
+}
+
+fn operator(problems: &mut Problems, operator: Option<&OperatorConfig>) {
+    let Some(operator) = operator else {
+        problems.push("operator", "", SECTION_REQUIRED);
+        return;
+    };
+    problems.path("operator.signing_key", &operator.signing_key);
+    if operator.deposit_keys.is_empty() {
+        problems.push(
+            "operator.deposit_keys",
+            "[]",
+            "must list at least one Ed25519 public key, or no deposit can ever be made",
+        );
+    }
+    for (i, key) in operator.deposit_keys.iter().enumerate() {
+        let name = format!("operator.deposit_keys[{i}]");
+        match decode_hex32(key) {
+            Err(problem) => problems.push(name, quoted(key), problem),
+            Ok(bytes) => {
+                // Compare decoded bytes so that upper- and lower-case spellings count as equal.
+                let duplicate = operator.deposit_keys[..i]
+                    .iter()
+                    .position(|other| decode_hex32(other).is_ok_and(|other| other == bytes));
+                if let Some(j) = duplicate {
+                    problems.push(
+                        name,
+                        quoted(key),
+                        format!("duplicates operator.deposit_keys[{j}]"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn peers(problems: &mut Problems, config: &Config) {
+    for (i, peer) in config.peers.iter().enumerate() {
+        let key = format!("peers[{i}].id");
+        if peer.id == 0 {
+            problems.push(key, peer.id, "must be at least 1 (raft reserves 0)");
+        } else if peer.id == config.node.id {
+            problems.push(
+                key,
+                peer.id,
+                "must differ from node.id, this replica's own id",
+            );
+        } else if let Some(j) = config.peers[..i].iter().position(|p| p.id == peer.id) {
+            problems.push(key, peer.id, format!("duplicates peers[{j}].id"));
+        }
+    }
+}
+
+/// Every address in the config must be distinct: a peer entry pointing at this replica's own
+/// listener, or two peers sharing an address, is a copy-paste mistake that would make this
+/// replica talk to itself or to the wrong node. (Listener pairs are checked in [`listen`].)
+fn addresses(problems: &mut Problems, config: &Config) {
+    let listen = &config.listen;
+    let mut seen: Vec<(String, SocketAddr)> = vec![
+        ("listen.client".to_owned(), listen.client),
+        ("listen.peer".to_owned(), listen.peer),
+        ("listen.metrics".to_owned(), listen.metrics),
+    ];
+    for (i, peer) in config.peers.iter().enumerate() {
+        let PeerConfig {
+            address,
+            client_address,
+            ..
+        } = peer;
+        for (field, address) in [("address", *address), ("client_address", *client_address)] {
+            let key = format!("peers[{i}].{field}");
+            if address.port() == 0 {
+                problems.push(key, quoted(address), "port 0 cannot be dialled");
+            } else if let Some((other_key, _)) = seen.iter().find(|(_, seen)| *seen == address) {
+                problems.push(key, quoted(address), format!("same address as {other_key}"));
+            } else {
+                seen.push((key, address));
+            }
+        }
+    }
+}
+
+fn sizes(problems: &mut Problems, config: &Config) {
+    let batch = &config.batch;
+    problems.within(
+        "batch.batch_window_ms",
+        batch.batch_window_ms,
+        BATCH_WINDOW_MS,
+    );
+    problems.within(
+        "batch.batch_requests_max",
+        batch.batch_requests_max,
+        BATCH_REQUESTS_MAX,
+    );
+    problems.within(
+        "batch.batch_in_flight_max",
+        batch.batch_in_flight_max,
+        BATCH_IN_FLIGHT_MAX,
+    );
+
+    problems.within("workers.stateless", config.workers.stateless, WORKERS);
+    problems.within("workers.snapshot", config.workers.snapshot, WORKERS);
+    problems.at_least("cache.accounts_max", config.cache.accounts_max, 1);
+
+    let limits = &config.limits;
+    problems.within(
+        "limits.frame_bytes_max",
+        limits.frame_bytes_max,
+        FRAME_BYTES_MAX,
+    );
+    problems.at_least("limits.connections_max", limits.connections_max, 1);
+    problems.at_least(
+        "limits.requests_in_flight_per_connection_max",
+        limits.requests_in_flight_per_connection_max,
+        1,
+    );
+    problems.at_least("limits.queue_depth_max", limits.queue_depth_max, 1);
+    problems.at_least(
+        "limits.handshake_timeout_ms",
+        limits.handshake_timeout_ms,
+        1,
+    );
+    problems.at_least("limits.frame_timeout_ms", limits.frame_timeout_ms, 1);
+    problems.at_least("limits.idle_timeout_ms", limits.idle_timeout_ms, 1);
+}
+
+fn raft(problems: &mut Problems, config: &Config) {
+    let raft = &config.raft;
+    problems.at_least("raft.tick_ms", raft.tick_ms, 1);
+    problems.at_least("raft.heartbeat_ticks", raft.heartbeat_ticks, 1);
+    if raft.election_ticks <= raft.heartbeat_ticks {
+        problems.push(
+            "raft.election_ticks",
+            raft.election_ticks,
+            format!(
+                "must be greater than raft.heartbeat_ticks ({})",
+                raft.heartbeat_ticks
+            ),
+        );
+    }
+    problems.at_least("raft.compaction_entries", raft.compaction_entries, 1);
+    let frame_bytes_max = config.limits.frame_bytes_max;
+    if raft.snapshot_chunk_bytes == 0 {
+        problems.push("raft.snapshot_chunk_bytes", 0, "must be at least 1");
+    } else if raft.snapshot_chunk_bytes > frame_bytes_max {
+        problems.push(
+            "raft.snapshot_chunk_bytes",
+            raft.snapshot_chunk_bytes,
+            format!("must be at most limits.frame_bytes_max ({frame_bytes_max})"),
+        );
+    }
+    problems.at_least("raft.max_message_bytes", raft.max_message_bytes, 1);
+}
+
+const SECTION_REQUIRED: &str =
+    "section is required (only the development operator, run without a config, makes its own)";
+
+/// The problems found so far.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn push(&mut self, key: impl Into<String>, value: impl Display, problem: impl Into<String>) {
+        self.0
+            .push(ConfigError::new(key, value.to_string(), problem));
+    }
+
+    fn at_least<T: PartialOrd + Display>(&mut self, key: &str, value: T, min: T) {
+        if value < min {
+            self.push(key, &value, format!("must be at least {min}"));
+        }
+    }
+
+    fn within<T: PartialOrd + Display>(&mut self, key: &str, value: T, range: RangeInclusive<T>) {
+        if !range.contains(&value) {
+            let (min, max) = range.into_inner();
+            self.push(key, &value, format!("must be in {min}..={max}"));
+        }
+    }
+
+    /// An empty path would silently mean "the current directory", never what was intended.
+    fn path(&mut self, key: &str, path: &Path) {
+        if path.as_os_str().is_empty() {
+            self.push(key, "\"\"", "must not be empty");
+        }
+    }
+}
+
+/// Renders a string-like value the way it is written in TOML, quoted.
+fn quoted(value: impl Display) -> String {
+    format!("{:?}", value.to_string())
+}

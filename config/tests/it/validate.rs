@@ -1,0 +1,174 @@
+//! Data-driven validation cases: each config fragment, laid over a valid minimal config, must
+//! produce errors naming exactly the expected keys.
+
+use crate::{errors, minimal, valid_with, CHAIN_ID, DEPOSIT_KEY};
+
+/// Parses and validates `text` and checks that the errors name exactly `expected_keys` (in any
+/// order), and that each error's message starts with its key.
+fn check(text: &str, expected_keys: &[&str]) {
+    let errors = errors(text);
+    let mut keys = errors.keys();
+    keys.sort_unstable();
+    let mut expected = expected_keys.to_vec();
+    expected.sort_unstable();
+    assert_eq!(keys, expected, "config:\n{text}\nerrors:\n{errors}");
+    for error in &errors.0 {
+        assert!(error.to_string().starts_with(&error.key), "{error}");
+    }
+}
+
+/// (fragment laid over `minimal()`, keys of the expected errors)
+const CASES: &[(&str, &[&str])] = &[
+    // Valid variations.
+    ("", &[]),
+    ("[listen]\nclient = \"127.0.0.1:0\"\npeer = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"", &[]),
+    ("[listen]\nclient = \"0.0.0.0:7400\"\nmetrics = \"[::1]:7600\"", &[]),
+    (
+        "[node]\nid = 1\n\
+         [[peers]]\nid = 2\naddress = \"127.0.0.1:7501\"\nclient_address = \"127.0.0.1:7401\"\n\
+         [[peers]]\nid = 3\naddress = \"127.0.0.1:7502\"\nclient_address = \"127.0.0.1:7402\"",
+        &[],
+    ),
+    // Ranges at their bounds are valid.
+    (
+        "[batch]\nbatch_window_ms = 10000\nbatch_requests_max = 65536\nbatch_in_flight_max = 64\n\
+         [workers]\nstateless = 256\nsnapshot = 256\n\
+         [limits]\nframe_bytes_max = 16777216\n\
+         [raft]\nelection_ticks = 2\nheartbeat_ticks = 1\nsnapshot_chunk_bytes = 16777216",
+        &[],
+    ),
+    // [node]
+    ("[node]\nid = 0", &["node.id"]),
+    ("[node]\ndata_dir = \"\"", &["node.data_dir"]),
+    ("[node]\nchain_id = \"abcd\"", &["node.chain_id"]),
+    ("[node]\nchain_id = \"zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"", &["node.chain_id"]),
+    ("[node]\nchain_id = 7", &["node.chain_id"]),
+    ("[node]\nid = -1", &["node.id"]),
+    ("[node]\nname = \"a\"", &["node.name"]),
+    // [listen]
+    ("[listen]\npeer = \"127.0.0.1:7400\"", &["listen.peer"]),
+    ("[listen]\nmetrics = \"0.0.0.0:7400\"", &["listen.metrics"]),
+    ("[listen]\nclient = \"[::]:7500\"", &["listen.peer"]),
+    ("[listen]\nclient = \"localhost:7400\"", &["listen.client"]),
+    ("[listen]\nclient = \"127.0.0.1\"", &["listen.client"]),
+    // [tls] and [operator]
+    ("[tls]\ncert = \"\"", &["tls.cert"]),
+    ("[tls]\nca = \"ca.pem\"", &["tls.ca"]),
+    ("[operator]\nsigning_key = \"\"", &["operator.signing_key"]),
+    ("[operator]\ndeposit_keys = []", &["operator.deposit_keys"]),
+    ("[operator]\ndeposit_keys = [\"abcd\"]", &["operator.deposit_keys[0]"]),
+    ("[operator]\ndeposit_keys = [\"0x00112233445566778899aabbccddeeff00112233445566778899aabbccddee\"]", &["operator.deposit_keys[0]"]),
+    ("[operator]\ndeposit_keys = \"abcd\"", &["operator.deposit_keys"]),
+    ("[operator]\ndeposit_keys = [1]", &["operator.deposit_keys[0]"]),
+    // [[peers]]
+    ("[[peers]]\nid = 1\naddress = \"10.0.0.2:7500\"\nclient_address = \"10.0.0.2:7400\"", &["peers[0].id"]),
+    ("[[peers]]\nid = 0\naddress = \"10.0.0.2:7500\"\nclient_address = \"10.0.0.2:7400\"", &["peers[0].id"]),
+    (
+        "[[peers]]\nid = 2\naddress = \"10.0.0.2:7500\"\nclient_address = \"10.0.0.2:7400\"\n\
+         [[peers]]\nid = 2\naddress = \"10.0.0.3:7500\"\nclient_address = \"10.0.0.3:7400\"",
+        &["peers[1].id"],
+    ),
+    ("[[peers]]\nid = 2\naddress = \"127.0.0.1:7500\"\nclient_address = \"10.0.0.2:7400\"", &["peers[0].address"]),
+    ("[[peers]]\nid = 2\naddress = \"10.0.0.2:7400\"\nclient_address = \"10.0.0.2:7400\"", &["peers[0].client_address"]),
+    (
+        "[[peers]]\nid = 2\naddress = \"10.0.0.2:7500\"\nclient_address = \"10.0.0.2:7400\"\n\
+         [[peers]]\nid = 3\naddress = \"10.0.0.2:7500\"\nclient_address = \"10.0.0.3:7400\"",
+        &["peers[1].address"],
+    ),
+    ("[[peers]]\nid = 2\naddress = \"10.0.0.2:0\"\nclient_address = \"10.0.0.2:7400\"", &["peers[0].address"]),
+    ("[[peers]]\nid = 2\naddress = \"10.0.0.2:7500\"", &["peers[0].client_address"]),
+    ("[[peers]]\nid = 2\naddress = \"10.0.0.2:7500\"\nclient_address = \"10.0.0.2:7400\"\nname = \"b\"", &["peers[0].name"]),
+    (
+        "[[peers]]\nid = 2\naddress = \"10.0.0.2:7500\"\nclient_address = \"10.0.0.2:7400\"\n\
+         [[peers]]\nid = -3\naddress = \"10.0.0.3:7500\"\nclient_address = \"10.0.0.3:7400\"",
+        &["peers[1].id"],
+    ),
+    // [batch]
+    ("[batch]\nbatch_window_ms = 0", &["batch.batch_window_ms"]),
+    ("[batch]\nbatch_window_ms = 10001", &["batch.batch_window_ms"]),
+    ("[batch]\nbatch_window_ms = \"100ms\"", &["batch.batch_window_ms"]),
+    ("[batch]\nbatch_requests_max = 0", &["batch.batch_requests_max"]),
+    ("[batch]\nbatch_requests_max = 65537", &["batch.batch_requests_max"]),
+    ("[batch]\nbatch_in_flight_max = 0", &["batch.batch_in_flight_max"]),
+    ("[batch]\nbatch_in_flight_max = 65", &["batch.batch_in_flight_max"]),
+    ("[batch]\nbatch_windw_ms = 100", &["batch.batch_windw_ms"]),
+    // [workers] and [cache]
+    ("[workers]\nstateless = 0", &["workers.stateless"]),
+    ("[workers]\nstateless = 257", &["workers.stateless"]),
+    ("[workers]\nsnapshot = 0", &["workers.snapshot"]),
+    ("[workers]\nsnapshot = 1000", &["workers.snapshot"]),
+    ("[cache]\naccounts_max = 0", &["cache.accounts_max"]),
+    // [limits]
+    ("[limits]\nframe_bytes_max = 16777217", &["limits.frame_bytes_max"]),
+    ("[limits]\nframe_bytes_max = 4294967296", &["limits.frame_bytes_max"]),
+    // A frame cap under the default chunk size breaks the relation too.
+    ("[limits]\nframe_bytes_max = 1023", &["limits.frame_bytes_max", "raft.snapshot_chunk_bytes"]),
+    ("[limits]\nconnections_max = 0", &["limits.connections_max"]),
+    ("[limits]\nrequests_in_flight_per_connection_max = 0", &["limits.requests_in_flight_per_connection_max"]),
+    ("[limits]\nqueue_depth_max = 0", &["limits.queue_depth_max"]),
+    ("[limits]\nhandshake_timeout_ms = 0", &["limits.handshake_timeout_ms"]),
+    ("[limits]\nframe_timeout_ms = 0", &["limits.frame_timeout_ms"]),
+    ("[limits]\nidle_timeout_ms = 0", &["limits.idle_timeout_ms"]),
+    // [raft]
+    ("[raft]\ntick_ms = 0", &["raft.tick_ms"]),
+    ("[raft]\nelection_ticks = 2", &["raft.election_ticks"]),
+    ("[raft]\nelection_ticks = 1", &["raft.election_ticks"]),
+    ("[raft]\nheartbeat_ticks = 10", &["raft.election_ticks"]),
+    ("[raft]\nheartbeat_ticks = 0", &["raft.heartbeat_ticks"]),
+    ("[raft]\ncompaction_entries = 0", &["raft.compaction_entries"]),
+    ("[raft]\nsnapshot_chunk_bytes = 0", &["raft.snapshot_chunk_bytes"]),
+    ("[raft]\nsnapshot_chunk_bytes = 1048577", &["raft.snapshot_chunk_bytes"]),
+    ("[limits]\nframe_bytes_max = 4096\n[raft]\nsnapshot_chunk_bytes = 4096", &[]),
+    ("[raft]\nmax_message_bytes = 0", &["raft.max_message_bytes"]),
+    // [log] and unknown sections
+    ("[log]\nlevel = \"\"", &["log.level"]),
+    ("[log]\nlevel = \"  \"", &["log.level"]),
+    ("[logging]\nlevel = \"info\"", &["logging"]),
+    ("debug = true", &["debug"]),
+    // Several problems are all reported.
+    ("[node]\nid = 0\n[batch]\nbatch_window_ms = 0\n[raft]\nelection_ticks = 1", &["node.id", "batch.batch_window_ms", "raft.election_ticks"]),
+    (
+        "[node]\nchain_id = \"\"\n[operator]\ndeposit_keys = [\"\", \"x\"]\n\
+         [listen]\nmetrics = \"127.0.0.1:7500\"\n[tls]\nkey = \"\"",
+        &["node.chain_id", "listen.metrics", "tls.key", "operator.deposit_keys[0]", "operator.deposit_keys[1]"],
+    ),
+];
+
+#[test]
+fn cases() {
+    for (fragment, expected_keys) in CASES {
+        check(&valid_with(fragment), expected_keys);
+    }
+}
+
+#[test]
+fn duplicate_deposit_keys_are_rejected_whatever_their_case() {
+    let upper = DEPOSIT_KEY.to_uppercase();
+    let fragment = format!("[operator]\ndeposit_keys = [\"{DEPOSIT_KEY}\", \"{upper}\"]");
+    check(&valid_with(&fragment), &["operator.deposit_keys[1]"]);
+}
+
+#[test]
+fn missing_chain_id_is_rejected() {
+    let text = minimal().replace(&format!("chain_id = \"{CHAIN_ID}\""), "");
+    assert!(!text.contains("chain_id"));
+    check(&text, &["node.chain_id"]);
+}
+
+#[test]
+fn missing_node_section_is_rejected() {
+    let text = minimal().replace(&format!("[node]\nchain_id = \"{CHAIN_ID}\""), "");
+    check(&text, &["node"]);
+}
+
+#[test]
+fn missing_tls_and_operator_sections_are_reported_by_validate() {
+    let text = format!("[node]\nchain_id = \"{CHAIN_ID}\"\n");
+    check(&text, &["tls", "operator"]);
+}
+
+#[test]
+fn operator_without_deposit_keys_is_reported_by_validate() {
+    let text = format!("[node]\nchain_id = \"{CHAIN_ID}\"\n[operator]\nsigning_key = \"k\"\n");
+    check(&text, &["tls", "operator.deposit_keys"]);
+}

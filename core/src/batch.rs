@@ -1,0 +1,251 @@
+//! Batches: the unit of sequencing, replication, storage and signing.
+//!
+//! A sealed batch is fully determined: its body carries every request with its receipt (the
+//! effects: balances after), and its header carries the Merkle root and the state digest. A
+//! replica applying a committed body does not judge the requests again; it replays the effects
+//! against its own state and checks that they lead to exactly the header's digest, so a replica
+//! that would diverge stops instead ([`prepare_apply`]).
+
+use std::collections::HashMap;
+
+use tally_wire::{
+    Confirmation, Hash, Header, Op, PublicKey, Receipt, Request, SignedHeader, WireError,
+    HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES,
+};
+
+use crate::crypto::{header_hash, request_hash, sha256, OperatorKey};
+use crate::merkle::{leaf_hash, Tree};
+use crate::ports::LedgerRead;
+use crate::state::LedgerMeta;
+use crate::{Error, Result};
+
+/// No batch ever holds more requests than this, whatever the configuration says.
+pub const BATCH_REQUESTS_LIMIT: u32 = 65_536;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub request: Request,
+    pub receipt: Receipt,
+}
+
+/// What is replicated and stored for one batch: the unsigned header and the entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchBody {
+    pub header: Header,
+    pub entries: Vec<BatchEntry>,
+}
+
+impl BatchBody {
+    /// header (192) || count u32 LE || count × (request 208 || receipt 80)
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            HEADER_BYTES + 4 + self.entries.len() * (REQUEST_BYTES + RECEIPT_BYTES),
+        );
+        out.extend_from_slice(&self.header.encode());
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            out.extend_from_slice(&e.request.encode());
+            out.extend_from_slice(&e.receipt.encode());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<BatchBody> {
+        let fixed = HEADER_BYTES + 4;
+        if bytes.len() < fixed {
+            return Err(WireError::Truncated {
+                field: "batch.header",
+            }
+            .into());
+        }
+        let header = Header::decode(&bytes[..HEADER_BYTES])?;
+        let count = u32::from_le_bytes(bytes[HEADER_BYTES..fixed].try_into().expect("4"));
+        let entry = REQUEST_BYTES + RECEIPT_BYTES;
+        if count > BATCH_REQUESTS_LIMIT || bytes.len() != fixed + count as usize * entry {
+            return Err(WireError::Invalid {
+                field: "batch.count",
+                reason: "does not match the body length",
+            }
+            .into());
+        }
+        let mut entries = Vec::with_capacity(count as usize);
+        for chunk in bytes[fixed..].chunks_exact(entry) {
+            entries.push(BatchEntry {
+                request: Request::decode(&chunk[..REQUEST_BYTES])?,
+                receipt: Receipt::decode(&chunk[REQUEST_BYTES..])?,
+            });
+        }
+        Ok(BatchBody { header, entries })
+    }
+
+    pub fn leaf_hashes(&self) -> Vec<Hash> {
+        self.entries
+            .iter()
+            .map(|e| leaf_hash(&e.receipt.encode()))
+            .collect()
+    }
+
+    /// One confirmation per entry, all from one tree.
+    pub fn confirmations(&self, signed: &SignedHeader) -> Vec<Confirmation> {
+        let tree = Tree::new(&self.leaf_hashes());
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Confirmation {
+                replayed: false,
+                request: e.request.clone(),
+                receipt: e.receipt.clone(),
+                header: signed.clone(),
+                proof: tree.proof(i as u32),
+            })
+            .collect()
+    }
+}
+
+/// A request applied by a batch, as the request index stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedRequest {
+    pub signer: PublicKey,
+    pub id: u128,
+    pub index: u32,
+    pub request_hash: Hash,
+}
+
+/// Everything one batch changes in durable state; written in one atomic, synced write.
+#[derive(Debug, Clone)]
+pub struct BatchWrite {
+    pub signed_header: SignedHeader,
+    pub header_hash: Hash,
+    /// The encoded [`BatchBody`] and its SHA-256 (the body table is content-addressed).
+    pub body: Vec<u8>,
+    pub body_digest: Hash,
+    /// Final balance of each account the batch touched, each account once.
+    pub accounts: Vec<(PublicKey, u64)>,
+    pub requests: Vec<AppliedRequest>,
+    /// The summary after the batch.
+    pub meta: LedgerMeta,
+}
+
+/// Replays a committed batch against the applied state and prepares its durable write, signing
+/// its header. Fails with [`Error::Diverged`] if the batch does not follow from this state.
+pub fn prepare_apply(
+    body: &BatchBody,
+    encoded_body: Vec<u8>,
+    meta: &LedgerMeta,
+    store: &mut impl LedgerRead,
+    operator: &OperatorKey,
+) -> Result<BatchWrite> {
+    let h = &body.header;
+    let diverged = |what: String| Err(Error::Diverged(format!("batch {}: {what}", h.height)));
+    if h.height != meta.height + 1 {
+        return diverged(format!("applied height is {}", meta.height));
+    }
+    if h.prev_hash != meta.last_header_hash {
+        return diverged("previous header hash does not match the applied chain".into());
+    }
+    if h.request_count as usize != body.entries.len() {
+        return diverged("request count does not match the entries".into());
+    }
+    let mut replay = Replay {
+        next: meta.clone(),
+        touched: HashMap::new(),
+        order: Vec::new(),
+    };
+    replay.next.height = h.height;
+    let mut requests = Vec::with_capacity(body.entries.len());
+    for (i, e) in body.entries.iter().enumerate() {
+        let (r, rc) = (&e.request, &e.receipt);
+        let rh = request_hash(r);
+        if rc.request_hash != rh || rc.height != h.height || rc.index != i as u32 || rc.op != r.op {
+            return diverged(format!("receipt {i} does not describe its request"));
+        }
+        let ok = match r.op {
+            Op::Deposit => {
+                replay.next.total_deposited += r.amount as u128;
+                rc.signer_balance == 0
+                    && replay.change(store, r.to, rc.to_balance, |old| {
+                        old.unwrap_or(0).checked_add(r.amount)
+                    })?
+            }
+            Op::Transfer => {
+                replay.change(store, r.signer, rc.signer_balance, |old| {
+                    old?.checked_sub(r.amount)
+                })? && replay.change(store, r.to, rc.to_balance, |old| {
+                    old.unwrap_or(0).checked_add(r.amount)
+                })?
+            }
+            Op::Withdraw => {
+                replay.next.total_withdrawn += r.amount as u128;
+                rc.to_balance == 0
+                    && replay.change(store, r.signer, rc.signer_balance, |old| {
+                        old?.checked_sub(r.amount)
+                    })?
+            }
+        };
+        if !ok {
+            return diverged(format!(
+                "entry {i}: the receipt's balances do not follow from the applied state"
+            ));
+        }
+        requests.push(AppliedRequest {
+            signer: r.signer,
+            id: r.id,
+            index: i as u32,
+            request_hash: rh,
+        });
+    }
+    let Replay {
+        mut next,
+        touched,
+        order,
+    } = replay;
+    if Tree::new(&body.leaf_hashes()).root() != h.merkle_root {
+        return diverged("Merkle root does not match the receipts".into());
+    }
+    if next.state_digest() != h.state_digest {
+        return diverged("state digest does not match the replayed state".into());
+    }
+    let signed_header = operator.sign_header(h.clone());
+    next.last_header_hash = header_hash(h);
+    let body_digest = sha256(&[&encoded_body]);
+    Ok(BatchWrite {
+        header_hash: next.last_header_hash,
+        signed_header,
+        body: encoded_body,
+        body_digest,
+        accounts: order.iter().map(|k| (*k, touched[k])).collect(),
+        requests,
+        meta: next,
+    })
+}
+
+/// Balances as a batch leaves them; the first touch of an account reads applied state.
+struct Replay {
+    next: LedgerMeta,
+    touched: HashMap<PublicKey, u64>,
+    order: Vec<PublicKey>,
+}
+
+impl Replay {
+    /// Moves `key` to `new` if `rule(old)` says that is the effect; returns false otherwise.
+    fn change(
+        &mut self,
+        store: &mut impl LedgerRead,
+        key: PublicKey,
+        new: u64,
+        rule: impl FnOnce(Option<u64>) -> Option<u64>,
+    ) -> Result<bool> {
+        let old = match self.touched.get(&key) {
+            Some(b) => Some(*b),
+            None => store.account(&key)?,
+        };
+        if rule(old) != Some(new) {
+            return Ok(false);
+        }
+        self.next.account_changed(&key, old, new);
+        if self.touched.insert(key, new).is_none() {
+            self.order.push(key);
+        }
+        Ok(true)
+    }
+}

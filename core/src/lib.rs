@@ -1,0 +1,28 @@
+//! tally-core: the deterministic, sans-IO heart of tally.
+//!
+//! - [`validate`]: stateless checks (chain id, deposit keys, strict Ed25519).
+//! - [`sequencer`]: the master's authoritative checks and speculative apply; seals batches.
+//! - [`batch`]: batch bodies, replaying a committed batch into one durable write.
+//! - [`merkle`]: RFC 6962 trees (rs_merkle) and proof verification.
+//! - [`crypto`]: hashes, header signing, request signatures.
+//! - [`state`]: the ledger summary and its state digest.
+//! - [`ports`]: the storage traits this crate needs, and an in-memory store for tests.
+//! - [`verify`]: offline verification of confirmations.
+//!
+//! Core never touches sockets, threads, clocks or files: callers pass time in and carry results
+//! out. The same committed batches give the same bytes on every replica.
+//!
+//! Caveats: the state digest is an additive multiset hash (see [`state`]); the account cache
+//! in [`sequencer`] evicts in map order.
+
+pub mod batch;
+pub mod crypto;
+mod error;
+pub mod merkle;
+pub mod ports;
+pub mod sequencer;
+pub mod state;
+pub mod validate;
+pub mod verify;
+
+pub use error::{Error, Rejection, Result};

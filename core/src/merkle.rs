@@ -1,0 +1,109 @@
+//! RFC 6962 Merkle trees over receipts, built with rs_merkle and verified independently.
+//!
+//! Hashing is domain-separated as in RFC 6962 (Certificate Transparency): a leaf hashes as
+//! SHA-256(0x00 || leaf bytes) and an interior node as SHA-256(0x01 || left || right). rs_merkle
+//! pairs nodes left to right and carries an odd last node up unchanged, which yields exactly the
+//! RFC 6962 tree shape (the left subtree is the largest power of two); tests check both against
+//! the reference roots and against [`verify_inclusion`], which follows RFC 9162 section 2.1.3.2.
+
+use rs_merkle::{Hasher, MerkleTree};
+use tally_wire::{Hash, InclusionProof};
+
+use crate::crypto::sha256;
+
+/// rs_merkle hasher with RFC 6962 node hashing. Leaves are hashed by [`leaf_hash`] before they
+/// are handed to rs_merkle, which treats leaves as already hashed.
+#[derive(Clone)]
+pub struct Rfc6962;
+
+impl Hasher for Rfc6962 {
+    type Hash = Hash;
+
+    fn hash(data: &[u8]) -> Hash {
+        sha256(&[data])
+    }
+
+    fn concat_and_hash(left: &Hash, right: Option<&Hash>) -> Hash {
+        match right {
+            Some(right) => node_hash(left, right),
+            // RFC 6962 carries an unpaired node up unchanged.
+            None => *left,
+        }
+    }
+}
+
+pub fn leaf_hash(leaf: &[u8]) -> Hash {
+    sha256(&[&[0x00], leaf])
+}
+
+pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    sha256(&[&[0x01], left, right])
+}
+
+/// The tree hash of the empty list: SHA-256 of the empty string (RFC 6962 section 2.1).
+pub fn empty_root() -> Hash {
+    sha256(&[])
+}
+
+/// A Merkle tree over a batch's leaves (already leaf-hashed).
+pub struct Tree {
+    tree: MerkleTree<Rfc6962>,
+    size: u32,
+}
+
+impl Tree {
+    pub fn new(leaf_hashes: &[Hash]) -> Tree {
+        let size = u32::try_from(leaf_hashes.len()).expect("batch larger than u32::MAX leaves");
+        Tree {
+            tree: MerkleTree::<Rfc6962>::from_leaves(leaf_hashes),
+            size,
+        }
+    }
+
+    pub fn root(&self) -> Hash {
+        self.tree.root().unwrap_or_else(empty_root)
+    }
+
+    pub fn proof(&self, index: u32) -> InclusionProof {
+        assert!(
+            index < self.size,
+            "leaf index {index} out of a tree of {}",
+            self.size
+        );
+        let proof = self.tree.proof(&[index as usize]);
+        InclusionProof {
+            leaf_index: index,
+            tree_size: self.size,
+            path: proof.proof_hashes().to_vec(),
+        }
+    }
+}
+
+/// Verifies an inclusion proof (RFC 9162, 2.1.3.2): true iff `leaf` is at `proof.leaf_index` of
+/// a tree of `proof.tree_size` leaves whose root is `root`.
+pub fn verify_inclusion(leaf: &Hash, proof: &InclusionProof, root: &Hash) -> bool {
+    if proof.leaf_index >= proof.tree_size {
+        return false;
+    }
+    let (mut fn_, mut sn) = (proof.leaf_index as u64, proof.tree_size as u64 - 1);
+    let mut r = *leaf;
+    for p in &proof.path {
+        if sn == 0 {
+            return false;
+        }
+        if fn_ & 1 == 1 || fn_ == sn {
+            r = node_hash(p, &r);
+            if fn_ & 1 == 0 {
+                while fn_ & 1 == 0 && fn_ != 0 {
+                    fn_ >>= 1;
+                    sn >>= 1;
+                }
+            }
+        } else {
+            r = node_hash(&r, p);
+        }
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    sn == 0 && r == *root
+}

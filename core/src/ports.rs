@@ -1,0 +1,87 @@
+//! The storage ports core needs. `tally-storage` implements them on LevelDB; tests use
+//! [`MemStore`]. Core never knows how or where bytes are kept.
+
+use std::collections::HashMap;
+
+use tally_wire::{Hash, PublicKey, SignedHeader};
+
+use crate::batch::BatchWrite;
+use crate::state::LedgerMeta;
+use crate::Result;
+
+/// Where an applied request's receipt lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub height: u64,
+    pub index: u32,
+    pub request_hash: Hash,
+}
+
+/// Reads of committed (applied) state.
+pub trait LedgerRead {
+    /// The committed balance of `key`, or None if the account does not exist.
+    fn account(&mut self, key: &PublicKey) -> Result<Option<u64>>;
+    /// Where the request `(signer, id)` was applied, if it was.
+    fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>>;
+}
+
+/// Durable state of the ledger: one atomic, synced write per batch.
+pub trait LedgerStore: LedgerRead {
+    fn meta(&mut self) -> Result<LedgerMeta>;
+    /// Writes everything a batch changes in one atomic, synced write. On error the node stops.
+    fn apply(&mut self, write: &BatchWrite) -> Result<()>;
+    fn header(&mut self, height: u64) -> Result<Option<SignedHeader>>;
+    /// The encoded batch body applied at `height`.
+    fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>>;
+}
+
+/// An in-memory [`LedgerStore`] for unit tests and simulation. Not durable.
+#[derive(Default)]
+pub struct MemStore {
+    pub meta: Option<LedgerMeta>,
+    pub accounts: HashMap<PublicKey, u64>,
+    pub requests: HashMap<(PublicKey, u128), RequestRecord>,
+    pub headers: HashMap<u64, SignedHeader>,
+    pub bodies: HashMap<u64, Vec<u8>>,
+}
+
+impl LedgerRead for MemStore {
+    fn account(&mut self, key: &PublicKey) -> Result<Option<u64>> {
+        Ok(self.accounts.get(key).copied())
+    }
+    fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
+        Ok(self.requests.get(&(*signer, id)).copied())
+    }
+}
+
+impl LedgerStore for MemStore {
+    fn meta(&mut self) -> Result<LedgerMeta> {
+        Ok(self.meta.clone().unwrap_or_else(LedgerMeta::genesis))
+    }
+    fn apply(&mut self, write: &BatchWrite) -> Result<()> {
+        let height = write.meta.height;
+        for (key, balance) in &write.accounts {
+            self.accounts.insert(*key, *balance);
+        }
+        for r in &write.requests {
+            self.requests.insert(
+                (r.signer, r.id),
+                RequestRecord {
+                    height,
+                    index: r.index,
+                    request_hash: r.request_hash,
+                },
+            );
+        }
+        self.headers.insert(height, write.signed_header.clone());
+        self.bodies.insert(height, write.body.clone());
+        self.meta = Some(write.meta.clone());
+        Ok(())
+    }
+    fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
+        Ok(self.headers.get(&height).cloned())
+    }
+    fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.bodies.get(&height).cloned())
+    }
+}

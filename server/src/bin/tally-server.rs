@@ -1,0 +1,60 @@
+//! `tally-server`: run a replica. With no arguments, a development operator in `./tally-data`.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use tally_config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tally-server",
+    version,
+    about = "A replica of a tally ledger operator"
+)]
+struct Args {
+    /// Operator config (TOML). Without it, a development operator runs in --dev-dir.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate a config file, print every problem found, and exit.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+    /// Data directory of the development operator.
+    #[arg(long, value_name = "DIR", default_value = "tally-data")]
+    dev_dir: PathBuf,
+}
+
+fn load(path: &PathBuf) -> Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config =
+        Config::from_toml_str(&text).map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    config.resolve_paths(&base);
+    config
+        .validate()
+        .map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
+    Ok(config)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        load(path)?;
+        println!("{}: ok", path.display());
+        return Ok(());
+    }
+    let (config, profile) = match &args.config {
+        Some(path) => (load(path)?, None),
+        None => {
+            let (config, profile) = tally_server::bootstrap::dev_operator(&args.dev_dir)?;
+            (config, Some(profile))
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())
+        .with_writer(std::io::stderr)
+        .init();
+    tally_server::node::run(config, profile.as_deref())
+}

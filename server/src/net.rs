@@ -1,0 +1,194 @@
+//! The client listener: TLS over TCP, one tokio task per connection reading frames and one
+//! writing answers, with many requests in flight matched by correlation id.
+//!
+//! Limits: `connections_max` open connections (beyond it a new connection is closed at once);
+//! `requests_in_flight_per_connection_max` unanswered requests per connection (beyond it the
+//! reader stops reading, which pushes back through TCP); deadlines for the TLS handshake, for a
+//! frame that has started arriving, and for an idle connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_wire::{decode_frame, Decoded, ErrorCode, ErrorReply, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::pipeline::{self, Job, Outgoing, PipelineHandle, ReplyTo, StorageCmd};
+
+#[derive(Clone, Debug)]
+pub struct NetLimits {
+    pub connections_max: usize,
+    pub in_flight_max: usize,
+    pub frame_bytes_max: u32,
+    pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    pipeline: PipelineHandle,
+    limits: NetLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connections = Arc::new(Semaphore::new(limits.connections_max));
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => {
+                let Ok((stream, _peer)) = accepted else { continue };
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    tracing::debug!("connection refused: connections_max reached");
+                    drop(stream);
+                    continue;
+                };
+                let (acceptor, pipeline, limits, shutdown) =
+                    (acceptor.clone(), pipeline.clone(), limits.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    connection(stream, acceptor, pipeline, limits, shutdown).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    pipeline: PipelineHandle,
+    limits: NetLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        _ => return,
+    };
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(limits.in_flight_max);
+    let permits = Arc::new(Semaphore::new(limits.in_flight_max));
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            if wr.write_all(&out.bytes).await.is_err() {
+                return;
+            }
+            drop(out);
+            // Coalesce whatever else is ready into the same TLS flush.
+            while let Ok(out) = rx.try_recv() {
+                if wr.write_all(&out.bytes).await.is_err() {
+                    return;
+                }
+            }
+            if wr.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    'conn: loop {
+        // Handle every whole frame in the buffer.
+        loop {
+            match decode_frame(&buf, limits.frame_bytes_max) {
+                Ok(Decoded::Complete(frame, used)) => {
+                    buf.drain(..used);
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break 'conn;
+                    };
+                    let reply = ReplyTo {
+                        tx: tx.clone(),
+                        correlation_id: frame.correlation_id,
+                        permit,
+                    };
+                    match Message::decode(&frame) {
+                        Ok(message) => dispatch(&pipeline, message, reply),
+                        Err(e) => reply.send(&Message::Error(ErrorReply::from(&e))),
+                    }
+                }
+                Ok(Decoded::Incomplete { .. }) => break,
+                Err(e) => {
+                    // The stream is out of step: answer once (correlation id 0) and close.
+                    if let Ok(permit) = permits.clone().acquire_owned().await {
+                        ReplyTo {
+                            tx: tx.clone(),
+                            correlation_id: 0,
+                            permit,
+                        }
+                        .send(&Message::Error(ErrorReply::from(&e)));
+                    }
+                    break 'conn;
+                }
+            }
+        }
+        let deadline = if buf.is_empty() {
+            limits.idle_timeout
+        } else {
+            limits.frame_timeout
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            read = tokio::time::timeout(deadline, rd.read_buf(&mut buf)) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    if !buf.is_empty() {
+                        if let Ok(permit) = permits.clone().acquire_owned().await {
+                            let reply = ReplyTo { tx: tx.clone(), correlation_id: 0, permit };
+                            reply.error(ErrorCode::MalformedFrame, "frame not completed within frame_timeout_ms");
+                        }
+                    }
+                    break;
+                }
+            },
+        }
+    }
+    // Let answers still in the pipeline reach the client, then close. Pending answers hold
+    // permits; once all are back (or the pipeline dropped them) the writer finishes.
+    drop(tx);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        permits.acquire_many(limits.in_flight_max as u32),
+    )
+    .await;
+    let _ = writer.await;
+}
+
+fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
+    match message {
+        Message::Submit(request) => pipeline::submit(
+            pipeline,
+            Job {
+                request,
+                reply,
+                snapshot_height: 0,
+            },
+        ),
+        Message::GetBalance { account, .. } => {
+            pipeline::read(pipeline, StorageCmd::Balance { account, reply })
+        }
+        Message::GetHeaders { from_height, limit } => pipeline::read(
+            pipeline,
+            StorageCmd::Headers {
+                from_height,
+                limit,
+                reply,
+            },
+        ),
+        Message::GetStatus => pipeline::read(pipeline, StorageCmd::Status { reply }),
+        other => reply.error(
+            ErrorCode::UnknownMessageType,
+            format!(
+                "message type 0x{:02x} is a reply, not a request",
+                other.message_type()
+            ),
+        ),
+    }
+}

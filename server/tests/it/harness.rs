@@ -1,0 +1,128 @@
+//! Starts and stops real `tally-server` processes for tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tally_client::{Client, Profile, ReplicaAddress};
+use tally_config::Config;
+
+/// A development operator's files in a temporary directory, reconfigured to listen on port 0.
+pub struct Operator {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub profile: Profile,
+}
+
+impl Operator {
+    /// `tweak` adjusts the generated config (limits, timeouts) before the first start.
+    pub fn new(tweak: impl FnOnce(&mut Config)) -> Operator {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let (_, profile_path) = tally_server::bootstrap::dev_operator(&data).expect("bootstrap");
+        let config_path = data.join("config.toml");
+        let mut config =
+            Config::from_toml_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        config.listen.client = any;
+        config.listen.peer = any;
+        config.listen.metrics = any;
+        tweak(&mut config);
+        std::fs::write(&config_path, config.to_toml_string()).unwrap();
+        let profile = Profile::load(&profile_path).expect("profile");
+        Operator {
+            dir,
+            config_path,
+            profile,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.config_path.parent().unwrap()
+    }
+
+    pub fn start(&self) -> Server {
+        Server::start(&self.config_path, &self.profile)
+    }
+}
+
+/// A running server process; killed (SIGKILL) when dropped.
+pub struct Server {
+    pub child: Child,
+    pub profile: Profile,
+    pub addr: String,
+    pub stdout: mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(config: &Path, profile: &Profile) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning tally-server");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let addr = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("tally-server did not start");
+            if let Some(rest) = line.split(" listening for clients on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        let mut profile = profile.clone();
+        profile.replicas = vec![ReplicaAddress {
+            id: 1,
+            address: addr.clone(),
+        }];
+        Server {
+            child,
+            profile,
+            addr,
+            stdout: rx,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.profile).await.expect("connecting")
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("tally-server did not stop within 10 s of SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

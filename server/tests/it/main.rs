@@ -1,0 +1,5 @@
+//! End-to-end tests of the real `tally-server` binary over TLS on 127.0.0.1.
+
+mod bad_input;
+mod harness;
+mod single_node;

@@ -1,0 +1,217 @@
+//! Money moves over TLS, every confirmation verifies, and a SIGKILL loses nothing confirmed.
+
+use std::collections::HashMap;
+
+use tally_client::{build_request, generate_key, public_key, Client};
+use tally_core::crypto::{header_hash, verify_header};
+use tally_core::verify::verify_confirmation;
+use tally_wire::{Confirmation, Op, PublicKey, ReadMode};
+
+use crate::harness::Operator;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn balance(client: &Client, account: PublicKey) -> u64 {
+    client
+        .balance(account, ReadMode::Linearizable)
+        .await
+        .expect("balance")
+        .balance
+}
+
+/// Fetches every header and checks signatures and the hash chain from height 1.
+async fn check_chain(client: &Client, operator: &PublicKey) -> u64 {
+    let mut prev = [0u8; 32];
+    let mut height = 0;
+    loop {
+        let headers = client.headers(height + 1, 1024).await.expect("headers");
+        if headers.is_empty() {
+            return height;
+        }
+        for h in headers {
+            assert_eq!(h.header.height, height + 1, "heights have no gaps");
+            assert_eq!(
+                h.header.prev_hash, prev,
+                "header {} chains to its predecessor",
+                h.header.height
+            );
+            verify_header(operator, &h).expect("header signature");
+            prev = header_hash(&h.header);
+            height = h.header.height;
+        }
+    }
+}
+
+#[test]
+fn money_moves_verifies_and_survives_sigkill() {
+    let operator = Operator::new(|c| c.batch.batch_window_ms = 20);
+    let op_key = operator.profile.operator_key().unwrap();
+    let chain = operator.profile.chain_id_bytes().unwrap();
+    let deposit_key = operator.profile.load_deposit_key().unwrap();
+    let alice = generate_key();
+    let accounts: Vec<_> = (0..5).map(|_| generate_key()).collect();
+    let rt = runtime();
+
+    let server = operator.start();
+    let (confirmed, replay_source) = rt.block_on(async {
+        let client = std::sync::Arc::new(server.client().await);
+        let dep = build_request(
+            &deposit_key,
+            chain,
+            Op::Deposit,
+            1,
+            public_key(&alice),
+            10_000,
+        );
+        let c = client.submit(dep).await.expect("deposit");
+        verify_confirmation(&c, &op_key).expect("deposit confirmation verifies");
+        assert_eq!(c.receipt.to_balance, 10_000);
+
+        // Many requests in flight on one connection, answered out of order by correlation id.
+        let mut tasks = Vec::new();
+        for i in 0..100u128 {
+            let to = public_key(&accounts[(i % 5) as usize]);
+            let req = build_request(&alice, chain, Op::Transfer, 1000 + i, to, 7);
+            let client = std::sync::Arc::clone(&client);
+            tasks.push(tokio::spawn(async move { client.submit(req).await }));
+        }
+        let mut confirmed: Vec<Confirmation> = vec![c];
+        for t in tasks {
+            let c = t.await.unwrap().expect("transfer");
+            verify_confirmation(&c, &op_key).expect("transfer confirmation verifies");
+            assert!(!c.replayed);
+            confirmed.push(c);
+        }
+        let w = build_request(&accounts[0], chain, Op::Withdraw, 1, [0; 32], 20);
+        let c = client.submit(w).await.expect("withdraw");
+        verify_confirmation(&c, &op_key).unwrap();
+        confirmed.push(c);
+
+        assert_eq!(balance(&client, public_key(&alice)).await, 10_000 - 700);
+        assert_eq!(balance(&client, public_key(&accounts[0])).await, 140 - 20);
+        assert_eq!(balance(&client, public_key(&accounts[1])).await, 140);
+
+        // A resubmission is answered with the original confirmation and applies nothing.
+        let again = build_request(
+            &alice,
+            chain,
+            Op::Transfer,
+            1000,
+            public_key(&accounts[0]),
+            7,
+        );
+        let replay = client.submit(again).await.expect("replay");
+        assert!(replay.replayed);
+        assert_eq!(balance(&client, public_key(&alice)).await, 10_000 - 700);
+        (confirmed, replay)
+    });
+    server.kill();
+
+    // Restart after SIGKILL: every confirmed request and balance is intact.
+    let server = operator.start();
+    rt.block_on(async {
+        let client = server.client().await;
+        let height = check_chain(&client, &op_key).await;
+        let mut by_height: HashMap<u64, u32> = HashMap::new();
+        for c in &confirmed {
+            *by_height.entry(c.receipt.height).or_default() += 1;
+            assert!(
+                c.receipt.height <= height,
+                "confirmed batch {} survived",
+                c.receipt.height
+            );
+            let stored = &client.headers(c.receipt.height, 1).await.unwrap()[0];
+            assert_eq!(
+                stored, &c.header,
+                "the confirmation's header is the stored one"
+            );
+        }
+        assert_eq!(by_height.values().sum::<u32>() as usize, confirmed.len());
+        assert_eq!(balance(&client, public_key(&alice)).await, 10_000 - 700);
+        for (i, k) in accounts.iter().enumerate() {
+            let expected = if i == 0 { 120 } else { 140 };
+            assert_eq!(balance(&client, public_key(k)).await, expected);
+        }
+        // The original confirmation, proof included, still comes back after the restart.
+        let again = build_request(
+            &alice,
+            chain,
+            Op::Transfer,
+            1000,
+            public_key(&accounts[0]),
+            7,
+        );
+        let replay = client.submit(again).await.expect("replay after restart");
+        assert!(replay.replayed);
+        assert_eq!(replay.receipt, replay_source.receipt);
+        assert_eq!(replay.header, replay_source.header);
+        verify_confirmation(&replay, &op_key).unwrap();
+        // Conservation: 10_000 deposited, 20 withdrawn.
+        let mut total = balance(&client, public_key(&alice)).await;
+        for k in &accounts {
+            total += balance(&client, public_key(k)).await;
+        }
+        assert_eq!(total, 10_000 - 20);
+    });
+    drop(server);
+}
+
+#[test]
+fn sigterm_finishes_the_batch_in_progress() {
+    // A long window: requests are still in the open batch when SIGTERM arrives.
+    let operator = Operator::new(|c| c.batch.batch_window_ms = 2_000);
+    let op_key = operator.profile.operator_key().unwrap();
+    let chain = operator.profile.chain_id_bytes().unwrap();
+    let deposit_key = operator.profile.load_deposit_key().unwrap();
+    let rt = runtime();
+    let server = operator.start();
+    let accounts: Vec<_> = (0..10).map(|_| generate_key()).collect();
+    let results = rt.block_on(async {
+        let client = std::sync::Arc::new(server.client().await);
+        let mut tasks = Vec::new();
+        for (i, k) in accounts.iter().enumerate() {
+            let req = build_request(
+                &deposit_key,
+                chain,
+                Op::Deposit,
+                i as u128,
+                public_key(k),
+                5,
+            );
+            let client = std::sync::Arc::clone(&client);
+            tasks.push(tokio::spawn(async move { client.submit(req).await }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let pid = server.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        results
+    });
+    let status = server.terminate();
+    assert!(status.success(), "clean exit after SIGTERM: {status}");
+    for r in &results {
+        let c = r
+            .as_ref()
+            .expect("every request in the open batch is confirmed before exit");
+        verify_confirmation(c, &op_key).unwrap();
+    }
+    let server = operator.start();
+    rt.block_on(async {
+        let client = server.client().await;
+        for k in &accounts {
+            assert_eq!(balance(&client, public_key(k)).await, 5);
+        }
+    });
+}

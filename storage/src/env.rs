@@ -1,0 +1,316 @@
+//! [`SyncEnv`]: a rusty-leveldb [`Env`] whose flushes reach the disk.
+//!
+//! rusty-leveldb 4.0.2 never calls fsync. A `write(batch, true)` ends in `flush()` on the log
+//! file's `BufWriter`, the manifest and finished tables also end in `flush()`, and with
+//! [`PosixDiskEnv`] that only empties a userspace buffer into the page cache: a power loss can
+//! still take a batch the caller was told is durable. `SyncEnv` opens writable files itself and
+//! hands out [`SyncFile`]s whose `flush()` also calls `fdatasync`, so every place where LevelDB
+//! means "make this durable" now does. It also fsyncs the parent directory whenever a file is
+//! created, renamed or deleted, because a file's contents are not durable until its directory
+//! entry is, and because LevelDB switches to a new manifest by renaming a temporary file to
+//! `CURRENT`.
+//!
+//! Everything else (reads, locks, the info log) is delegated to [`PosixDiskEnv`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rusty_leveldb::env::{Env, FileLock, Logger, RandomAccess};
+use rusty_leveldb::{PosixDiskEnv, Status};
+
+/// How many fsyncs a [`SyncEnv`] has issued. Shared (`Arc`) so that tests and metrics can read
+/// the counters from outside the thread that owns the database.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    file_syncs: AtomicU64,
+    dir_syncs: AtomicU64,
+}
+
+impl SyncStats {
+    /// `fdatasync` calls on files (log, manifest, tables, and a renamed file's contents).
+    pub fn file_syncs(&self) -> u64 {
+        self.file_syncs.load(Ordering::Relaxed)
+    }
+
+    /// `fsync` calls on directories (after a create, rename or delete).
+    pub fn dir_syncs(&self) -> u64 {
+        self.dir_syncs.load(Ordering::Relaxed)
+    }
+}
+
+/// A [`PosixDiskEnv`] whose writable files sync on `flush()` and whose directory changes are
+/// synced. See the module docs.
+pub struct SyncEnv {
+    inner: PosixDiskEnv,
+    stats: Arc<SyncStats>,
+}
+
+impl Default for SyncEnv {
+    fn default() -> Self {
+        SyncEnv::new()
+    }
+}
+
+impl SyncEnv {
+    pub fn new() -> SyncEnv {
+        SyncEnv {
+            inner: PosixDiskEnv::new(),
+            stats: Arc::new(SyncStats::default()),
+        }
+    }
+
+    /// The counters of this env; keep a clone before boxing the env into `Options`.
+    pub fn stats(&self) -> Arc<SyncStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn open(
+        &self,
+        path: &Path,
+        what: &'static str,
+        options: &OpenOptions,
+    ) -> rusty_leveldb::Result<Box<dyn Write>> {
+        let created = !path.exists();
+        let file = options.open(path).map_err(|e| status(what, path, e))?;
+        if created {
+            self.sync_dir_of(path)?;
+        }
+        Ok(Box::new(SyncFile {
+            file,
+            dirty: false,
+            stats: Arc::clone(&self.stats),
+        }))
+    }
+
+    fn sync_dir_of(&self, path: &Path) -> rusty_leveldb::Result<()> {
+        let dir = parent_dir(path);
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| status("sync dir", &dir, e))?;
+        self.stats.dir_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Env for SyncEnv {
+    fn open_sequential_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Read>> {
+        self.inner.open_sequential_file(p)
+    }
+
+    fn open_random_access_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn RandomAccess>> {
+        self.inner.open_random_access_file(p)
+    }
+
+    fn open_writable_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Write>> {
+        self.open(
+            p,
+            "open (write)",
+            OpenOptions::new().create(true).truncate(true).write(true),
+        )
+    }
+
+    fn open_appendable_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Write>> {
+        self.open(
+            p,
+            "open (append)",
+            OpenOptions::new().create(true).append(true),
+        )
+    }
+
+    fn exists(&self, p: &Path) -> rusty_leveldb::Result<bool> {
+        self.inner.exists(p)
+    }
+
+    fn children(&self, p: &Path) -> rusty_leveldb::Result<Vec<PathBuf>> {
+        self.inner.children(p)
+    }
+
+    fn size_of(&self, p: &Path) -> rusty_leveldb::Result<usize> {
+        self.inner.size_of(p)
+    }
+
+    fn delete(&self, p: &Path) -> rusty_leveldb::Result<()> {
+        self.inner.delete(p)?;
+        self.sync_dir_of(p)
+    }
+
+    fn mkdir(&self, p: &Path) -> rusty_leveldb::Result<()> {
+        let created = !p.exists();
+        self.inner.mkdir(p)?;
+        if created {
+            self.sync_dir_of(p)?;
+        }
+        Ok(())
+    }
+
+    fn rmdir(&self, p: &Path) -> rusty_leveldb::Result<()> {
+        self.inner.rmdir(p)
+    }
+
+    /// LevelDB writes `CURRENT`'s replacement without ever flushing it, then renames it: sync
+    /// the contents first, or the rename could become durable before the bytes it names.
+    fn rename(&self, old: &Path, new: &Path) -> rusty_leveldb::Result<()> {
+        File::open(old)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| status("sync before rename", old, e))?;
+        self.stats.file_syncs.fetch_add(1, Ordering::Relaxed);
+        self.inner.rename(old, new)?;
+        self.sync_dir_of(new)?;
+        if parent_dir(old) != parent_dir(new) {
+            self.sync_dir_of(old)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self, p: &Path) -> rusty_leveldb::Result<FileLock> {
+        self.inner.lock(p)
+    }
+
+    fn unlock(&self, l: FileLock) -> rusty_leveldb::Result<()> {
+        self.inner.unlock(l)
+    }
+
+    /// The info log (`LOG`) is for humans and is never synced.
+    fn new_logger(&self, p: &Path) -> rusty_leveldb::Result<Logger> {
+        self.inner.new_logger(p)
+    }
+
+    fn micros(&self) -> u64 {
+        self.inner.micros()
+    }
+
+    fn sleep_for(&self, micros: u32) {
+        self.inner.sleep_for(micros)
+    }
+}
+
+/// A file whose `flush()` is durable: it calls `fdatasync` if anything was written since the
+/// last sync. `fdatasync` also persists the file size, which is all a reader needs.
+pub struct SyncFile {
+    file: File,
+    dirty: bool,
+    stats: Arc<SyncStats>,
+}
+
+impl Write for SyncFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.dirty |= n > 0;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()?;
+        if self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+            self.stats.file_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Like `PosixDiskEnv`'s errors: the io error's code, annotated with the operation and path.
+fn status(what: &str, path: &Path, e: io::Error) -> Status {
+    Status::from(e).annotate(format!("{what}: {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use rusty_leveldb::{Options, WriteBatch, DB};
+
+    use super::*;
+
+    fn open(dir: &Path) -> (DB, Arc<SyncStats>) {
+        let env = SyncEnv::new();
+        let stats = env.stats();
+        let opts = Options {
+            env: Rc::new(Box::new(env)),
+            create_if_missing: true,
+            ..Options::default()
+        };
+        (DB::open(dir, opts).expect("open"), stats)
+    }
+
+    fn batch(k: &[u8]) -> WriteBatch {
+        let mut b = WriteBatch::default();
+        b.put(k, b"value");
+        b
+    }
+
+    /// The point of `SyncEnv`: a synced write reaches the disk through an fsync, an unsynced
+    /// one does not pay for one. Fails if a synced batch is acknowledged without an fsync.
+    #[test]
+    fn synced_write_fsyncs_the_log_and_unsynced_write_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut db, stats) = open(dir.path());
+        let before = stats.file_syncs();
+        db.write(batch(b"a"), false).unwrap();
+        assert_eq!(
+            stats.file_syncs(),
+            before,
+            "an unsynced write must not fsync"
+        );
+        db.write(batch(b"b"), true).unwrap();
+        assert_eq!(
+            stats.file_syncs(),
+            before + 1,
+            "a synced write must fsync exactly once"
+        );
+        db.write(batch(b"c"), true).unwrap();
+        assert_eq!(stats.file_syncs(), before + 2);
+    }
+
+    #[test]
+    fn creating_a_database_syncs_files_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let (db, stats) = open(&path);
+        // The manifest is synced, CURRENT is synced before its rename, and the directory entries
+        // of the new files, of CURRENT and of the database directory itself are synced.
+        assert!(
+            stats.file_syncs() >= 2,
+            "file syncs: {}",
+            stats.file_syncs()
+        );
+        assert!(stats.dir_syncs() >= 3, "dir syncs: {}", stats.dir_syncs());
+        drop(db);
+        assert!(path.join("CURRENT").exists());
+    }
+
+    #[test]
+    fn flush_without_writes_does_not_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = SyncEnv::new();
+        let stats = env.stats();
+        let mut f = env.open_writable_file(&dir.path().join("f")).unwrap();
+        assert_eq!(stats.dir_syncs(), 1, "creating a file syncs its directory");
+        f.flush().unwrap();
+        assert_eq!(stats.file_syncs(), 0);
+        f.write_all(b"x").unwrap();
+        f.flush().unwrap();
+        f.flush().unwrap();
+        assert_eq!(stats.file_syncs(), 1);
+        drop(f);
+        // Reopening an existing file for append does not change the directory.
+        let _f = env.open_appendable_file(&dir.path().join("f")).unwrap();
+        assert_eq!(stats.dir_syncs(), 1);
+        env.rename(&dir.path().join("f"), &dir.path().join("g"))
+            .unwrap();
+        assert_eq!((stats.file_syncs(), stats.dir_syncs()), (2, 2));
+        env.delete(&dir.path().join("g")).unwrap();
+        assert_eq!(stats.dir_syncs(), 3);
+    }
+}

@@ -1,0 +1,244 @@
+//! The key layout: every table, its tag, and how its keys and values are encoded.
+//!
+//! Every key starts with a 4-byte table tag, the first 4 bytes of
+//! SHA-256("tally/table/<name>/v<version>"). A reader that finds a tag knows how to decode the
+//! value; a schema change gets a new version, hence a new tag, and old and new rows can never be
+//! confused. The tags are written out as constants (so that a key can be read in a hex dump) and a
+//! test checks them against their derivation. See the crate docs for the table of layouts.
+
+use std::fmt;
+
+use tally_core::ports::RequestRecord;
+use tally_core::Error;
+use tally_wire::{Hash, PublicKey};
+
+/// The tables of the ledger database. The one place that lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Intent-addressed: pubkey → balance.
+    Account,
+    /// Intent-addressed: height (big-endian, so iteration is in height order) → signed header.
+    Header,
+    /// Content-addressed: SHA-256(body) → encoded batch body.
+    Body,
+    /// Height → body digest, to find a height's body.
+    BodyByHeight,
+    /// Intent-addressed: (signer, id) → where the request was applied.
+    Request,
+    /// The single ledger summary row.
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 6] = [
+        Table::Account,
+        Table::Header,
+        Table::Body,
+        Table::BodyByHeight,
+        Table::Request,
+        Table::Meta,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Table::Account => "account",
+            Table::Header => "header",
+            Table::Body => "body",
+            Table::BodyByHeight => "body_by_height",
+            Table::Request => "request",
+            Table::Meta => "meta",
+        }
+    }
+
+    pub const fn version(self) -> u32 {
+        match self {
+            Table::Account
+            | Table::Header
+            | Table::Body
+            | Table::BodyByHeight
+            | Table::Request
+            | Table::Meta => 1,
+        }
+    }
+
+    /// The first 4 bytes of SHA-256("tally/table/<name>/v<version>").
+    pub const fn tag(self) -> [u8; 4] {
+        match self {
+            Table::Account => [0x92, 0xf4, 0x42, 0x78],
+            Table::Header => [0xd9, 0x56, 0x04, 0xdf],
+            Table::Body => [0x75, 0x81, 0x25, 0xba],
+            Table::BodyByHeight => [0x78, 0xd7, 0xf6, 0x08],
+            Table::Request => [0x94, 0x9b, 0x68, 0x03],
+            Table::Meta => [0xd8, 0xa7, 0xaf, 0x8d],
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/v{}", self.name(), self.version())
+    }
+}
+
+pub const TAG_BYTES: usize = 4;
+pub const ACCOUNT_VALUE_BYTES: usize = 8;
+pub const REQUEST_VALUE_BYTES: usize = 8 + 4 + 32;
+
+fn make_key<const N: usize>(table: Table, parts: &[&[u8]]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out[..TAG_BYTES].copy_from_slice(&table.tag());
+    let mut at = TAG_BYTES;
+    for p in parts {
+        out[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    assert_eq!(at, N, "key of table {table} has the wrong length");
+    out
+}
+
+/// tag || pubkey (32)
+pub fn account_key(key: &PublicKey) -> [u8; 36] {
+    make_key(Table::Account, &[key])
+}
+
+/// tag || height u64 BE
+pub fn header_key(height: u64) -> [u8; 12] {
+    make_key(Table::Header, &[&height.to_be_bytes()])
+}
+
+/// tag || SHA-256(body) (32)
+pub fn body_key(digest: &Hash) -> [u8; 36] {
+    make_key(Table::Body, &[digest])
+}
+
+/// tag || height u64 BE
+pub fn body_by_height_key(height: u64) -> [u8; 12] {
+    make_key(Table::BodyByHeight, &[&height.to_be_bytes()])
+}
+
+/// tag || signer (32) || id u128 BE
+pub fn request_key(signer: &PublicKey, id: u128) -> [u8; 52] {
+    make_key(Table::Request, &[signer, &id.to_be_bytes()])
+}
+
+/// tag || "ledger"
+pub fn meta_key() -> [u8; 10] {
+    make_key(Table::Meta, &[b"ledger"])
+}
+
+/// tag || "open": never present. `LedgerDb::open` writes a deletion of it before any read, only to
+/// advance LevelDB's sequence number (see `LedgerDb::open`).
+pub fn open_marker_key() -> [u8; 8] {
+    make_key(Table::Meta, &[b"open"])
+}
+
+/// The height in a header key, or None if `key` is not one.
+pub fn header_key_height(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(&Table::Header.tag())?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// A stored value that does not decode: the database is corrupt, the node must stop.
+pub fn corrupt(table: Table, what: impl fmt::Display) -> Error {
+    Error::Storage(format!("table {table} is corrupt: {what}"))
+}
+
+/// Checks that `value` has exactly `N` bytes.
+pub fn fixed<const N: usize>(table: Table, value: &[u8]) -> Result<[u8; N], Error> {
+    value.try_into().map_err(|_| {
+        corrupt(
+            table,
+            format_args!("value has {} bytes, expected {N}", value.len()),
+        )
+    })
+}
+
+/// balance u64 LE
+pub fn encode_account(balance: u64) -> [u8; ACCOUNT_VALUE_BYTES] {
+    balance.to_le_bytes()
+}
+
+pub fn decode_account(value: &[u8]) -> Result<u64, Error> {
+    Ok(u64::from_le_bytes(fixed(Table::Account, value)?))
+}
+
+/// height u64 LE || index u32 LE || request_hash (32)
+pub fn encode_request(r: &RequestRecord) -> [u8; REQUEST_VALUE_BYTES] {
+    let mut out = [0u8; REQUEST_VALUE_BYTES];
+    out[0..8].copy_from_slice(&r.height.to_le_bytes());
+    out[8..12].copy_from_slice(&r.index.to_le_bytes());
+    out[12..44].copy_from_slice(&r.request_hash);
+    out
+}
+
+pub fn decode_request(value: &[u8]) -> Result<RequestRecord, Error> {
+    let v: [u8; REQUEST_VALUE_BYTES] = fixed(Table::Request, value)?;
+    Ok(RequestRecord {
+        height: u64::from_le_bytes(v[0..8].try_into().expect("8 bytes")),
+        index: u32::from_le_bytes(v[8..12].try_into().expect("4 bytes")),
+        request_hash: v[12..44].try_into().expect("32 bytes"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    #[test]
+    fn tags_are_derived_from_name_and_version() {
+        for t in Table::ALL {
+            let digest = Sha256::digest(format!("tally/table/{}/v{}", t.name(), t.version()));
+            assert_eq!(
+                t.tag(),
+                digest[..4],
+                "tag of {t} should be {:02x?}",
+                &digest[..4]
+            );
+        }
+    }
+
+    #[test]
+    fn tags_and_names_are_distinct() {
+        let tags: HashSet<[u8; 4]> = Table::ALL.iter().map(|t| t.tag()).collect();
+        let names: HashSet<&str> = Table::ALL.iter().map(|t| t.name()).collect();
+        assert_eq!(tags.len(), Table::ALL.len());
+        assert_eq!(names.len(), Table::ALL.len());
+    }
+
+    #[test]
+    fn height_keys_sort_in_height_order() {
+        let heights = [0u64, 1, 2, 255, 256, 65_535, 65_536, u64::MAX / 2, u64::MAX];
+        for w in heights.windows(2) {
+            assert!(header_key(w[0]) < header_key(w[1]));
+            assert!(body_by_height_key(w[0]) < body_by_height_key(w[1]));
+        }
+        for h in heights {
+            assert_eq!(header_key_height(&header_key(h)), Some(h));
+        }
+        assert_eq!(header_key_height(&body_by_height_key(1)), None);
+        assert_eq!(header_key_height(&header_key(1)[..11]), None);
+    }
+
+    #[test]
+    fn values_round_trip_and_wrong_lengths_are_corruption() {
+        let r = RequestRecord {
+            height: 7,
+            index: 3,
+            request_hash: [9; 32],
+        };
+        assert_eq!(decode_request(&encode_request(&r)).unwrap(), r);
+        assert_eq!(decode_account(&encode_account(u64::MAX)).unwrap(), u64::MAX);
+        for bad in [&[][..], &[0; 7], &[0; 9]] {
+            let e = decode_account(bad).unwrap_err().to_string();
+            assert!(e.contains("account/v1"), "{e}");
+        }
+        for bad in [&[][..], &[0; 43], &[0; 45]] {
+            let e = decode_request(bad).unwrap_err().to_string();
+            assert!(e.contains("request/v1"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Applying batches, reading them back, reopening.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tally_core::ports::LedgerStore;
+use tally_core::state::LedgerMeta;
+use tally_core::Error;
+use tally_storage::{LedgerDb, StoreOptions};
+
+use crate::support::{seed, Chain, Model};
+
+/// A small memtable, so that the batches end up spread over the memtable and several tables.
+fn small() -> StoreOptions {
+    StoreOptions {
+        write_buffer_bytes: 16 << 10,
+        ..StoreOptions::default()
+    }
+}
+
+#[test]
+fn batches_survive_reopen_and_the_chain_continues() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::default();
+
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), seed);
+    for _ in 0..40 {
+        let n = rng.gen_range(1..=40);
+        model.record(chain.step(&mut db, n));
+    }
+    model.check(&mut db);
+    db.close().unwrap();
+    let tables = std::fs::read_dir(dir.path()).unwrap().filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .path()
+            .extension()
+            .is_some_and(|x| x == "ldb")
+    });
+    assert!(
+        tables.count() >= 2,
+        "the test should read from table files, not only the memtable"
+    );
+
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    model.check(&mut db);
+    let mut chain = Chain::new(db.meta().unwrap(), seed ^ 1);
+    for _ in 0..20 {
+        let n = rng.gen_range(1..=40);
+        model.record(chain.step(&mut db, n));
+    }
+    model.check(&mut db);
+    drop(db);
+
+    let mut db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
+    model.check(&mut db);
+}
+
+#[test]
+fn headers_pages_in_height_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), 3);
+    let writes: Vec<_> = (0..25).map(|_| chain.step(&mut db, 20)).collect();
+    let heights = |from: u64, limit: usize, db: &mut LedgerDb| -> Vec<u64> {
+        db.headers(from, limit)
+            .unwrap()
+            .iter()
+            .map(|h| h.header.height)
+            .collect()
+    };
+    assert_eq!(heights(0, 3, &mut db), [1, 2, 3]);
+    assert_eq!(heights(1, 3, &mut db), [1, 2, 3]);
+    assert_eq!(heights(10, 4, &mut db), [10, 11, 12, 13]);
+    assert_eq!(heights(24, 10, &mut db), [24, 25]);
+    assert_eq!(heights(26, 10, &mut db), Vec::<u64>::new());
+    assert_eq!(heights(u64::MAX, 10, &mut db), Vec::<u64>::new());
+    assert_eq!(heights(5, 0, &mut db), Vec::<u64>::new());
+    assert_eq!(
+        heights(0, usize::MAX, &mut db),
+        (1..=25).collect::<Vec<_>>()
+    );
+    assert_eq!(db.headers(7, 1).unwrap()[0], writes[6].signed_header);
+    assert_eq!(db.header(0).unwrap(), None);
+    assert_eq!(db.header(26).unwrap(), None);
+    assert_eq!(db.body(26).unwrap(), None);
+}
+
+#[test]
+fn a_new_database_is_at_genesis() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = LedgerDb::open(&dir.path().join("new/nested"), StoreOptions::default()).unwrap();
+    assert_eq!(db.meta().unwrap(), LedgerMeta::genesis());
+    assert_eq!(db.headers(0, 10).unwrap(), []);
+    assert_eq!(db.body(1).unwrap(), None);
+}
+
+/// The point of the syncing env, observed through the ledger: every apply is fsynced.
+#[test]
+fn every_apply_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
+    let stats = db.sync_stats();
+    let mut chain = Chain::new(db.meta().unwrap(), 5);
+    for _ in 0..3 {
+        let before = stats.file_syncs();
+        chain.step(&mut db, 10);
+        assert_eq!(
+            stats.file_syncs(),
+            before + 1,
+            "one fdatasync of the log per apply"
+        );
+    }
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let _db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
+    match LedgerDb::open(dir.path(), StoreOptions::default()) {
+        Err(Error::Storage(msg)) => assert!(msg.contains("lock"), "{msg}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("two owners of one database"),
+    }
+}
+
+#[test]
+#[should_panic(expected = "batches are applied in height order")]
+fn applying_a_batch_twice_is_a_programmer_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), 9);
+    let write = chain.step(&mut db, 5);
+    let _ = db.apply(&write);
+}

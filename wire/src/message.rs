@@ -1,0 +1,285 @@
+//! Messages: the payloads of frames, one variant per message type.
+
+use crate::{
+    encode_frame, put_string, Confirmation, ErrorCode, PublicKey, RawFrame, Reader, Request, Retry,
+    SignedHeader, WireError,
+};
+
+/// How many headers one `Headers` reply carries at most (keeps it far below any frame cap).
+pub const HEADERS_PER_REPLY_MAX: u16 = 1024;
+
+/// Message type bytes. Requests from clients are below 0x80, replies from servers at or above.
+pub mod message_type {
+    pub const SUBMIT: u8 = 0x01;
+    pub const GET_BALANCE: u8 = 0x02;
+    pub const GET_HEADERS: u8 = 0x03;
+    pub const GET_STATUS: u8 = 0x04;
+    pub const CONFIRMED: u8 = 0x81;
+    pub const ERROR: u8 = 0x82;
+    pub const BALANCE: u8 = 0x83;
+    pub const HEADERS: u8 = 0x84;
+    pub const STATUS: u8 = 0x85;
+}
+
+/// How fresh a balance read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReadMode {
+    /// Reflects every request confirmed before the read was sent (served by the leader).
+    Linearizable = 0,
+    /// Whatever this replica has applied; may lag. Served in degraded mode too.
+    Stale = 1,
+}
+
+/// An error answer. `code` is stable; `message` is for humans and may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub retry: Retry,
+    /// A hint for `Retry::Later`: wait at least this long. 0 when there is no hint.
+    pub retry_after_ms: u32,
+    /// For `not_leader`: the leader's client address if known, else empty.
+    pub leader_hint: String,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+        ErrorReply {
+            code,
+            retry: code.retry(),
+            retry_after_ms: 0,
+            leader_hint: String::new(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&WireError> for ErrorReply {
+    fn from(e: &WireError) -> ErrorReply {
+        ErrorReply::new(e.code(), e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalanceReply {
+    pub account: PublicKey,
+    pub exists: bool,
+    pub balance: u64,
+    /// The applied height the balance was read at.
+    pub height: u64,
+    pub mode: ReadMode,
+}
+
+/// A replica's view of itself and the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReply {
+    pub node_id: u64,
+    /// 0 follower, 1 candidate, 2 leader, 3 pre-candidate, 4 single node (no replication).
+    pub role: u8,
+    pub term: u64,
+    /// 0 when no leader is known.
+    pub leader_id: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// Height of the last applied batch.
+    pub applied_height: u64,
+    /// Whether this replica serves writes (it leads) or only stale reads (degraded).
+    pub writable: bool,
+    pub leader_client_address: String,
+    pub latest_header: Option<SignedHeader>,
+}
+
+/// Every message, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Submit(Request),
+    GetBalance { account: PublicKey, mode: ReadMode },
+    GetHeaders { from_height: u64, limit: u16 },
+    GetStatus,
+    Confirmed(Box<Confirmation>),
+    Error(ErrorReply),
+    Balance(BalanceReply),
+    Headers(Vec<SignedHeader>),
+    Status(Box<StatusReply>),
+}
+
+impl Message {
+    pub fn message_type(&self) -> u8 {
+        use message_type::*;
+        match self {
+            Message::Submit(_) => SUBMIT,
+            Message::GetBalance { .. } => GET_BALANCE,
+            Message::GetHeaders { .. } => GET_HEADERS,
+            Message::GetStatus => GET_STATUS,
+            Message::Confirmed(_) => CONFIRMED,
+            Message::Error(_) => ERROR,
+            Message::Balance(_) => BALANCE,
+            Message::Headers(_) => HEADERS,
+            Message::Status(_) => STATUS,
+        }
+    }
+
+    pub fn encode_payload(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Submit(request) => out.extend_from_slice(&request.encode()),
+            Message::GetBalance { account, mode } => {
+                out.extend_from_slice(account);
+                out.push(*mode as u8);
+            }
+            Message::GetHeaders { from_height, limit } => {
+                out.extend_from_slice(&from_height.to_le_bytes());
+                out.extend_from_slice(&limit.to_le_bytes());
+            }
+            Message::GetStatus => {}
+            Message::Confirmed(c) => c.write(out),
+            Message::Error(e) => {
+                out.extend_from_slice(&(e.code as u16).to_le_bytes());
+                out.push(e.retry as u8);
+                out.extend_from_slice(&e.retry_after_ms.to_le_bytes());
+                put_string(out, &e.leader_hint);
+                put_string(out, &e.message);
+            }
+            Message::Balance(b) => {
+                out.extend_from_slice(&b.account);
+                out.push(b.exists as u8);
+                out.extend_from_slice(&b.balance.to_le_bytes());
+                out.extend_from_slice(&b.height.to_le_bytes());
+                out.push(b.mode as u8);
+            }
+            Message::Headers(headers) => {
+                assert!(headers.len() <= HEADERS_PER_REPLY_MAX as usize);
+                out.extend_from_slice(&(headers.len() as u16).to_le_bytes());
+                for h in headers {
+                    out.extend_from_slice(&h.encode());
+                }
+            }
+            Message::Status(s) => {
+                out.extend_from_slice(&s.node_id.to_le_bytes());
+                out.push(s.role);
+                out.extend_from_slice(&s.term.to_le_bytes());
+                out.extend_from_slice(&s.leader_id.to_le_bytes());
+                out.extend_from_slice(&s.commit_index.to_le_bytes());
+                out.extend_from_slice(&s.applied_index.to_le_bytes());
+                out.extend_from_slice(&s.applied_height.to_le_bytes());
+                out.push(s.writable as u8);
+                put_string(out, &s.leader_client_address);
+                match &s.latest_header {
+                    None => out.push(0),
+                    Some(h) => {
+                        out.push(1);
+                        out.extend_from_slice(&h.encode());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encodes a whole frame carrying this message.
+    pub fn encode_frame(&self, correlation_id: u64) -> Vec<u8> {
+        let mut payload = Vec::new();
+        self.encode_payload(&mut payload);
+        let mut out = Vec::with_capacity(crate::FRAME_HEADER_BYTES + payload.len());
+        encode_frame(&mut out, self.message_type(), correlation_id, &payload);
+        out
+    }
+
+    /// Decodes the payload of a frame whose header was already checked.
+    pub fn decode(frame: &RawFrame) -> Result<Message, WireError> {
+        use message_type::*;
+        let mut r = Reader::new(&frame.payload);
+        let message = match frame.message_type {
+            SUBMIT => Message::Submit(Request::read(&mut r)?),
+            GET_BALANCE => Message::GetBalance {
+                account: r.array("get_balance.account")?,
+                mode: read_mode(&mut r)?,
+            },
+            GET_HEADERS => Message::GetHeaders {
+                from_height: r.u64("get_headers.from_height")?,
+                limit: r.u16("get_headers.limit")?,
+            },
+            GET_STATUS => Message::GetStatus,
+            CONFIRMED => Message::Confirmed(Box::new(Confirmation::read(&mut r)?)),
+            ERROR => {
+                let raw = r.u16("error.code")?;
+                let code = ErrorCode::from_u16(raw).ok_or(WireError::Invalid {
+                    field: "error.code",
+                    reason: "unknown error code",
+                })?;
+                let retry = Retry::from_u8(r.u8("error.retry")?).ok_or(WireError::Invalid {
+                    field: "error.retry",
+                    reason: "unknown retry class",
+                })?;
+                Message::Error(ErrorReply {
+                    code,
+                    retry,
+                    retry_after_ms: r.u32("error.retry_after_ms")?,
+                    leader_hint: r.string("error.leader_hint")?,
+                    message: r.string("error.message")?,
+                })
+            }
+            BALANCE => Message::Balance(BalanceReply {
+                account: r.array("balance.account")?,
+                exists: read_bool(&mut r, "balance.exists")?,
+                balance: r.u64("balance.balance")?,
+                height: r.u64("balance.height")?,
+                mode: read_mode(&mut r)?,
+            }),
+            HEADERS => {
+                let count = r.u16("headers.count")?;
+                if count > HEADERS_PER_REPLY_MAX {
+                    return Err(WireError::Invalid {
+                        field: "headers.count",
+                        reason: "more than 1024 headers",
+                    });
+                }
+                let mut headers = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    headers.push(SignedHeader::read(&mut r)?);
+                }
+                Message::Headers(headers)
+            }
+            STATUS => Message::Status(Box::new(StatusReply {
+                node_id: r.u64("status.node_id")?,
+                role: r.u8("status.role")?,
+                term: r.u64("status.term")?,
+                leader_id: r.u64("status.leader_id")?,
+                commit_index: r.u64("status.commit_index")?,
+                applied_index: r.u64("status.applied_index")?,
+                applied_height: r.u64("status.applied_height")?,
+                writable: read_bool(&mut r, "status.writable")?,
+                leader_client_address: r.string("status.leader_client_address")?,
+                latest_header: if read_bool(&mut r, "status.has_header")? {
+                    Some(SignedHeader::read(&mut r)?)
+                } else {
+                    None
+                },
+            })),
+            other => return Err(WireError::UnknownMessageType { found: other }),
+        };
+        r.finish()?;
+        Ok(message)
+    }
+}
+
+fn read_bool(r: &mut Reader<'_>, field: &'static str) -> Result<bool, WireError> {
+    match r.u8(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(WireError::Invalid {
+            field,
+            reason: "must be 0 or 1",
+        }),
+    }
+}
+
+fn read_mode(r: &mut Reader<'_>) -> Result<ReadMode, WireError> {
+    match r.u8("read_mode")? {
+        0 => Ok(ReadMode::Linearizable),
+        1 => Ok(ReadMode::Stale),
+        _ => Err(WireError::Invalid {
+            field: "read_mode",
+            reason: "must be 0 (linearizable) or 1 (stale)",
+        }),
+    }
+}

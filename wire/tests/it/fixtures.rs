@@ -1,0 +1,185 @@
+//! Sample values and small helpers shared by the test modules.
+
+use tally_wire::*;
+
+/// The default payload cap, as a server without configuration uses it.
+pub const MAX: u32 = FRAME_PAYLOAD_BYTES_MAX_DEFAULT;
+
+pub fn request(op: Op) -> Request {
+    Request {
+        chain_id: [0xc4; 32],
+        op,
+        id: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        signer: [0x11; 32],
+        to: if op == Op::Withdraw {
+            [0; 32]
+        } else {
+            [0x22; 32]
+        },
+        amount: 1_000,
+        signature: [0x5e; 64],
+    }
+}
+
+pub fn receipt() -> Receipt {
+    Receipt {
+        request_hash: [0x33; 32],
+        height: 9,
+        index: 2,
+        op: Op::Transfer,
+        signer_balance: 4_000,
+        to_balance: 1_000,
+    }
+}
+
+pub fn header(height: u64) -> Header {
+    Header {
+        chain_id: [0xc4; 32],
+        height,
+        term: 2,
+        time_unix_ms: 1_700_000_000_000,
+        request_count: 5,
+        prev_hash: [0x44; 32],
+        merkle_root: [0x55; 32],
+        state_digest: [0x66; 32],
+        operator_key_id: [1, 2, 3, 4, 5, 6, 7, 8],
+    }
+}
+
+pub fn signed_header(height: u64) -> SignedHeader {
+    SignedHeader {
+        header: header(height),
+        signature: [0x77; 64],
+    }
+}
+
+/// A confirmation whose proof has `path_len` hashes (distinct, so a reordering shows).
+pub fn confirmation(path_len: usize, replayed: bool) -> Confirmation {
+    Confirmation {
+        replayed,
+        request: request(Op::Transfer),
+        receipt: receipt(),
+        header: signed_header(9),
+        proof: InclusionProof {
+            leaf_index: 2,
+            tree_size: 5,
+            path: (0..path_len).map(|i| [i as u8 + 1; 32]).collect(),
+        },
+    }
+}
+
+pub fn status(latest_header: Option<SignedHeader>) -> StatusReply {
+    StatusReply {
+        node_id: 3,
+        role: 2,
+        term: 7,
+        leader_id: 3,
+        commit_index: 120,
+        applied_index: 119,
+        applied_height: 40,
+        writable: true,
+        leader_client_address: "127.0.0.1:7100".into(),
+        latest_header,
+    }
+}
+
+/// One sample of every message variant.
+pub fn every_message() -> Vec<Message> {
+    vec![
+        Message::Submit(request(Op::Deposit)),
+        Message::Submit(request(Op::Transfer)),
+        Message::Submit(request(Op::Withdraw)),
+        Message::GetBalance {
+            account: [0x11; 32],
+            mode: ReadMode::Linearizable,
+        },
+        Message::GetBalance {
+            account: [0x11; 32],
+            mode: ReadMode::Stale,
+        },
+        Message::GetHeaders {
+            from_height: 17,
+            limit: 1024,
+        },
+        Message::GetStatus,
+        Message::Confirmed(Box::new(confirmation(3, false))),
+        Message::Confirmed(Box::new(confirmation(0, true))),
+        Message::Error(ErrorReply::new(ErrorCode::InsufficientFunds, "short by 3")),
+        Message::Error(ErrorReply {
+            code: ErrorCode::NotLeader,
+            retry: Retry::Elsewhere,
+            retry_after_ms: 250,
+            leader_hint: "127.0.0.1:7100".into(),
+            message: "ask the leader".into(),
+        }),
+        Message::Balance(BalanceReply {
+            account: [0x11; 32],
+            exists: true,
+            balance: u64::MAX,
+            height: 40,
+            mode: ReadMode::Stale,
+        }),
+        Message::Balance(BalanceReply {
+            account: [0x12; 32],
+            exists: false,
+            balance: 0,
+            height: 0,
+            mode: ReadMode::Linearizable,
+        }),
+        Message::Headers(vec![signed_header(1), signed_header(2)]),
+        Message::Headers(vec![]),
+        Message::Status(Box::new(status(Some(signed_header(40))))),
+        Message::Status(Box::new(status(None))),
+    ]
+}
+
+pub fn payload(m: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    m.encode_payload(&mut out);
+    out
+}
+
+pub fn frame(message_type: u8, payload: &[u8]) -> RawFrame {
+    RawFrame {
+        message_type,
+        correlation_id: 1,
+        payload: payload.to_vec(),
+    }
+}
+
+/// A frame header's 20 bytes with every field chosen by the caller (flags and version included).
+pub fn raw_header(
+    version: u8,
+    message_type: u8,
+    flags: u16,
+    correlation_id: u64,
+    len: u32,
+) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.push(version);
+    out.push(message_type);
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&correlation_id.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+pub fn unhex(s: &str) -> Vec<u8> {
+    assert!(s.len() % 2 == 0, "odd-length hex");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
+        .collect()
+}
+
+/// `Invalid` errors compare by field only: the reason is prose and may be reworded.
+pub fn same_error(got: &WireError, want: &WireError) -> bool {
+    match (got, want) {
+        (WireError::Invalid { field: a, .. }, WireError::Invalid { field: b, .. }) => a == b,
+        _ => got == want,
+    }
+}
+
+pub fn invalid(field: &'static str) -> WireError {
+    WireError::Invalid { field, reason: "" }
+}

@@ -1,0 +1,17 @@
+//! tally-wire's one integration-test binary.
+//!
+//! - `roundtrip`: every message variant encodes and decodes back to itself.
+//! - `malformed`: every way a frame or payload can be wrong, and what the decoder says.
+//! - `stream`: frames cut at every byte boundary decode the same as whole ones.
+//! - `errors`: `WireError` → `ErrorCode` mapping and the stable code table.
+//! - `golden`: byte layouts written out by hand from PROTOCOL.md; they pin the format.
+//! - `props`: randomized round trips and "decoding never panics" (proptest: a failure prints the
+//!   minimal failing input and records its seed under `proptest-regressions/`, so it replays).
+
+mod errors;
+mod fixtures;
+mod golden;
+mod malformed;
+mod props;
+mod roundtrip;
+mod stream;
