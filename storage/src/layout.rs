@@ -1,7 +1,7 @@
 //! The key layout: every table, its tag, and how its keys and values are encoded.
 //!
 //! Every key starts with a 4-byte table tag, the first 4 bytes of
-//! SHA-256("tally/table/<name>/v<version>"). A reader that finds a tag knows how to decode the
+//! `SHA-256("tally/table/<name>/v<version>")`. A reader that finds a tag knows how to decode the
 //! value; a schema change gets a new version, hence a new tag, and old and new rows can never be
 //! confused. The tags are written out as constants (so that a key can be read in a hex dump) and a
 //! test checks them against their derivation. See the crate docs for the table of layouts.
@@ -61,7 +61,7 @@ impl Table {
         }
     }
 
-    /// The first 4 bytes of SHA-256("tally/table/<name>/v<version>").
+    /// The first 4 bytes of `SHA-256("tally/table/<name>/v<version>")`.
     pub const fn tag(self) -> [u8; 4] {
         match self {
             Table::Account => [0x92, 0xf4, 0x42, 0x78],

@@ -134,6 +134,12 @@ impl Request {
                     reason: "must be zero for a withdrawal",
                 })
             }
+            Op::Deposit | Op::Transfer if to == [0; 32] => {
+                return Err(WireError::Invalid {
+                    field: "request.to",
+                    reason: "the all-zero key belongs to nobody: funds sent there would be lost",
+                })
+            }
             Op::Transfer if to == signer => {
                 return Err(WireError::Invalid {
                     field: "request.to",

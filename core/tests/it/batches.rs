@@ -34,37 +34,70 @@ fn batches_chain_replay_and_confirm() {
         let what = format!("batch {h}");
         let header = &body.header;
         assert_eq!(header.height, h, "{what}");
-        assert_eq!(header.prev_hash, last_hash, "{what}: chains to the previous header");
+        assert_eq!(
+            header.prev_hash, last_hash,
+            "{what}: chains to the previous header"
+        );
         assert_eq!(header.request_count as usize, body.entries.len(), "{what}");
-        assert_eq!(body.entries.len(), 3 + h as usize, "{what}: rejected requests stay out");
+        assert_eq!(
+            body.entries.len(),
+            3 + h as usize,
+            "{what}: rejected requests stay out"
+        );
         assert_eq!(write.header_hash, header_hash(header), "{what}");
         assert_eq!(write.meta.height, h, "{what}");
         assert_eq!(write.meta.last_header_hash, write.header_hash, "{what}");
-        assert_eq!(header.state_digest, write.meta.state_digest(), "{what}: digest of the replayed state");
+        assert_eq!(
+            header.state_digest,
+            write.meta.state_digest(),
+            "{what}: digest of the replayed state"
+        );
         assert_eq!(write.signed_header.header, *header, "{what}");
         assert_eq!(write.body, body.encode(), "{what}");
         assert_eq!(write.requests.len(), body.entries.len(), "{what}");
 
         let meta = node.store.meta().expect("mem store");
         assert_eq!(meta, write.meta, "{what}: the store holds the new meta");
-        assert_eq!(*node.seq.meta(), meta, "{what}: the sequencer agrees with the store");
-        assert_eq!(total_balance(&node.store), meta.expected_total(), "{what}: conservation");
-        assert_eq!(node.store.header(h).expect("mem"), Some(write.signed_header.clone()));
+        assert_eq!(
+            *node.seq.meta(),
+            meta,
+            "{what}: the sequencer agrees with the store"
+        );
+        assert_eq!(
+            total_balance(&node.store),
+            meta.expected_total(),
+            "{what}: conservation"
+        );
+        assert_eq!(
+            node.store.header(h).expect("mem"),
+            Some(write.signed_header.clone())
+        );
         assert_eq!(node.store.body(h).expect("mem"), Some(write.body.clone()));
         last_hash = write.header_hash;
 
         let confirmations = body.confirmations(&write.signed_header);
         assert_eq!(confirmations.len(), body.entries.len());
         for (i, c) in confirmations.iter().enumerate() {
-            check_confirmation(c, &confirmations, &node.operator, &format!("{what}, entry {i}"));
+            check_confirmation(
+                c,
+                &confirmations,
+                &node.operator,
+                &format!("{what}, entry {i}"),
+            );
         }
     }
 }
 
 /// `c` verifies, and each tampered copy of it does not.
-fn check_confirmation(c: &Confirmation, siblings: &[Confirmation], operator: &OperatorKey, what: &str) {
+fn check_confirmation(
+    c: &Confirmation,
+    siblings: &[Confirmation],
+    operator: &OperatorKey,
+    what: &str,
+) {
     let public = operator.public();
-    verify_confirmation(c, &public).unwrap_or_else(|e| panic!("{what}: a good confirmation fails: {e}"));
+    verify_confirmation(c, &public)
+        .unwrap_or_else(|e| panic!("{what}: a good confirmation fails: {e}"));
     let decoded = Confirmation::decode(&c.encode()).expect("confirmation decodes");
     assert_eq!(decoded, *c, "{what}: confirmation round trip");
 
@@ -72,7 +105,10 @@ fn check_confirmation(c: &Confirmation, siblings: &[Confirmation], operator: &Op
         let mut bad = c.clone();
         change(&mut bad);
         match verify_confirmation(&bad, &public) {
-            Err(Error::Verify(m)) => assert!(m.contains(reason), "{what}, {how}: failed for another reason: {m}"),
+            Err(Error::Verify(m)) => assert!(
+                m.contains(reason),
+                "{what}, {how}: failed for another reason: {m}"
+            ),
             other => panic!("{what}, {how}: expected a verification failure, got {other:?}"),
         }
     };
@@ -82,39 +118,123 @@ fn check_confirmation(c: &Confirmation, siblings: &[Confirmation], operator: &Op
         other => panic!("{what}: verified under another operator key: {other:?}"),
     }
     for byte in [0, 31, 32, 63] {
-        rejects("a flipped signature byte", &|b| b.header.signature[byte] ^= 0x01, "operator signature");
-    }
-    rejects("a modified signer balance", &|b| b.receipt.signer_balance ^= 1, "inclusion proof");
-    rejects("a modified recipient balance", &|b| b.receipt.to_balance += 1, "inclusion proof");
-    rejects("a modified request amount", &|b| b.request.amount += 1, "signature");
-    rejects("a modified request id", &|b| b.request.id += 1, "signature");
-    rejects("a modified request signature", &|b| b.request.signature[5] ^= 4, "signature");
-    rejects("a modified header root", &|b| b.header.header.merkle_root[0] ^= 1, "inclusion proof");
-    rejects("a modified header digest", &|b| b.header.header.state_digest[0] ^= 1, "operator signature");
-    rejects("a modified header time", &|b| b.header.header.time_unix_ms += 1, "operator signature");
-    rejects("a modified header height", &|b| b.header.header.height += 1, "height");
-    rejects("a modified receipt height", &|b| b.receipt.height += 1, "height");
-    rejects("a modified request count", &|b| b.header.header.request_count += 1, "position");
-    rejects("a modified proof size", &|b| b.proof.tree_size += 1, "position");
-    rejects("a modified chain id", &|b| b.header.header.chain_id[0] ^= 1, "chains");
-    if !c.proof.path.is_empty() {
-        rejects("a modified proof hash", &|b| b.proof.path[0][0] ^= 1, "inclusion proof");
-        rejects("a dropped proof hash", &|b| {
-            b.proof.path.pop();
-        }, "inclusion proof");
-    }
-    rejects("an extra proof hash", &|b| b.proof.path.push([0; 32]), "inclusion proof");
-    for other in siblings.iter().filter(|o| o.receipt.index != c.receipt.index) {
-        rejects("another entry's proof", &|b| b.proof = other.proof.clone(), "position");
         rejects(
-            "another entry's proof, index relabelled",
-            &|b| b.proof = tally_wire::InclusionProof { leaf_index: c.proof.leaf_index, ..other.proof.clone() },
+            "a flipped signature byte",
+            &|b| b.header.signature[byte] ^= 0x01,
+            "operator signature",
+        );
+    }
+    rejects(
+        "a modified signer balance",
+        &|b| b.receipt.signer_balance ^= 1,
+        "inclusion proof",
+    );
+    rejects(
+        "a modified recipient balance",
+        &|b| b.receipt.to_balance += 1,
+        "inclusion proof",
+    );
+    rejects(
+        "a modified request amount",
+        &|b| b.request.amount += 1,
+        "signature",
+    );
+    rejects("a modified request id", &|b| b.request.id += 1, "signature");
+    rejects(
+        "a modified request signature",
+        &|b| b.request.signature[5] ^= 4,
+        "signature",
+    );
+    rejects(
+        "a modified header root",
+        &|b| b.header.header.merkle_root[0] ^= 1,
+        "inclusion proof",
+    );
+    rejects(
+        "a modified header digest",
+        &|b| b.header.header.state_digest[0] ^= 1,
+        "operator signature",
+    );
+    rejects(
+        "a modified header time",
+        &|b| b.header.header.time_unix_ms += 1,
+        "operator signature",
+    );
+    rejects(
+        "a modified header height",
+        &|b| b.header.header.height += 1,
+        "height",
+    );
+    rejects(
+        "a modified receipt height",
+        &|b| b.receipt.height += 1,
+        "height",
+    );
+    rejects(
+        "a modified request count",
+        &|b| b.header.header.request_count += 1,
+        "position",
+    );
+    rejects(
+        "a modified proof size",
+        &|b| b.proof.tree_size += 1,
+        "position",
+    );
+    rejects(
+        "a modified chain id",
+        &|b| b.header.header.chain_id[0] ^= 1,
+        "chains",
+    );
+    if !c.proof.path.is_empty() {
+        rejects(
+            "a modified proof hash",
+            &|b| b.proof.path[0][0] ^= 1,
             "inclusion proof",
         );
-        rejects("another entry's request", &|b| b.request = other.request.clone(), "different request");
+        rejects(
+            "a dropped proof hash",
+            &|b| {
+                b.proof.path.pop();
+            },
+            "inclusion proof",
+        );
+    }
+    rejects(
+        "an extra proof hash",
+        &|b| b.proof.path.push([0; 32]),
+        "inclusion proof",
+    );
+    for other in siblings
+        .iter()
+        .filter(|o| o.receipt.index != c.receipt.index)
+    {
+        rejects(
+            "another entry's proof",
+            &|b| b.proof = other.proof.clone(),
+            "position",
+        );
+        rejects(
+            "another entry's proof, index relabelled",
+            &|b| {
+                b.proof = tally_wire::InclusionProof {
+                    leaf_index: c.proof.leaf_index,
+                    ..other.proof.clone()
+                }
+            },
+            "inclusion proof",
+        );
+        rejects(
+            "another entry's request",
+            &|b| b.request = other.request.clone(),
+            "different request",
+        );
     }
     if c.request.op == Op::Transfer {
-        rejects("a receipt with another operation", &|b| b.receipt.op = Op::Withdraw, "operation");
+        rejects(
+            "a receipt with another operation",
+            &|b| b.receipt.op = Op::Withdraw,
+            "operation",
+        );
     }
 }
 
@@ -161,7 +281,10 @@ fn body_decoding_refuses_bad_lengths() {
     assert_eq!(BatchBody::decode(&bytes).expect("good"), body);
 
     let check = |how: &str, bad: Vec<u8>| {
-        assert!(BatchBody::decode(&bad).is_err(), "decoded a body with {how}");
+        assert!(
+            BatchBody::decode(&bad).is_err(),
+            "decoded a body with {how}"
+        );
     };
     check("nothing", Vec::new());
     check("a truncated header", bytes[..HEADER_BYTES - 1].to_vec());
@@ -169,7 +292,10 @@ fn body_decoding_refuses_bad_lengths() {
     check("one byte less", bytes[..bytes.len() - 1].to_vec());
     check("one entry less", bytes[..bytes.len() - entry].to_vec());
     check("a trailing byte", [&bytes[..], &[0u8][..]].concat());
-    check("an extra entry's worth of zeros", [&bytes[..], &vec![0u8; entry][..]].concat());
+    check(
+        "an extra entry's worth of zeros",
+        [&bytes[..], &vec![0u8; entry][..]].concat(),
+    );
     let mut bad = bytes.clone();
     bad[HEADER_BYTES] += 1;
     check("a count one too high", bad);
@@ -187,6 +313,9 @@ fn body_decoding_refuses_bad_lengths() {
     check("a bad receipt domain", bad);
 
     // An empty body (no entries) round-trips, though the sequencer never seals one.
-    let empty = BatchBody { header: body.header.clone(), entries: Vec::new() };
+    let empty = BatchBody {
+        header: body.header.clone(),
+        entries: Vec::new(),
+    };
     assert_eq!(BatchBody::decode(&empty.encode()).expect("empty"), empty);
 }

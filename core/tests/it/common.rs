@@ -83,7 +83,12 @@ impl Node {
         tweak(&mut cfg);
         let mut store = MemStore::default();
         let seq = Sequencer::new(cfg, store.meta().expect("mem store"));
-        Node { seq, store, operator, pending: VecDeque::new() }
+        Node {
+            seq,
+            store,
+            operator,
+            pending: VecDeque::new(),
+        }
     }
 
     /// Submits as if the snapshot stage had not looked at the request (snapshot height 0).
@@ -92,7 +97,9 @@ impl Node {
     }
 
     pub fn submit_at(&mut self, request: Request, snapshot_height: u64) -> Submitted {
-        self.seq.submit(request, snapshot_height, &mut self.store).expect("mem store does not fail")
+        self.seq
+            .submit(request, snapshot_height, &mut self.store)
+            .expect("mem store does not fail")
     }
 
     /// Seals the open batch into the pending queue; returns its height, or None if it was empty.

@@ -20,7 +20,12 @@ fn setup(amount: u64) -> (Node, BatchBody) {
     node.submit(deposit(1, A, 100));
     node.submit(deposit(2, B, 50));
     node.seal_and_apply_all();
-    for r in [transfer(1, A, B, amount), withdraw(1, B, 20), deposit(3, C, 5), transfer(2, B, C, 1)] {
+    for r in [
+        transfer(1, A, B, amount),
+        withdraw(1, B, 20),
+        deposit(3, C, 5),
+        transfer(2, B, C, 1),
+    ] {
         node.submit(r);
     }
     node.seal();
@@ -31,7 +36,11 @@ fn setup(amount: u64) -> (Node, BatchBody) {
 
 /// Applies `body` after `tamper_body`, against the node's store after `tamper_store`, and expects
 /// a divergence.
-fn check(name: &str, tamper_body: impl FnOnce(&mut BatchBody), tamper_store: impl FnOnce(&mut MemStore)) {
+fn check(
+    name: &str,
+    tamper_body: impl FnOnce(&mut BatchBody),
+    tamper_store: impl FnOnce(&mut MemStore),
+) {
     let (node, mut body) = setup(30);
     tamper_body(&mut body);
     let mut store = clone_store(&node.store);
@@ -43,7 +52,11 @@ fn check(name: &str, tamper_body: impl FnOnce(&mut BatchBody), tamper_store: imp
         Err(e) => panic!("{name}: expected a divergence, got {e}"),
         Ok(w) => panic!("{name}: the tampered batch applied, to {:?}", w.meta),
     }
-    assert_eq!((store.accounts, store.requests), (accounts, requests), "{name}: the store changed");
+    assert_eq!(
+        (store.accounts, store.requests),
+        (accounts, requests),
+        "{name}: the store changed"
+    );
 }
 
 fn body(name: &str, tamper: impl FnOnce(&mut BatchBody)) {
@@ -58,24 +71,43 @@ fn store(name: &str, tamper: impl FnOnce(&mut MemStore)) {
 fn the_untampered_batch_applies() {
     let (mut node, body) = setup(30);
     let meta = node.store.meta().expect("mem store");
-    let write = prepare_apply(&body, body.encode(), &meta, &mut node.store, &node.operator).expect("applies");
+    let write = prepare_apply(&body, body.encode(), &meta, &mut node.store, &node.operator)
+        .expect("applies");
     assert_eq!(write.meta.state_digest(), body.header.state_digest);
     assert_eq!(write.accounts, vec![(pk(A), 70), (pk(B), 59), (pk(C), 6)]);
 }
 
 #[test]
 fn tampered_receipts_diverge() {
-    body("transfer: sender balance", |b| b.entries[0].receipt.signer_balance += 1);
-    body("transfer: recipient balance", |b| b.entries[0].receipt.to_balance -= 1);
-    body("withdrawal: balance", |b| b.entries[1].receipt.signer_balance -= 1);
-    body("withdrawal: a recipient balance", |b| b.entries[1].receipt.to_balance = 1);
-    body("deposit: a depositor balance", |b| b.entries[2].receipt.signer_balance = 1);
-    body("deposit: recipient balance", |b| b.entries[2].receipt.to_balance += 1);
-    body("last transfer: recipient balance", |b| b.entries[3].receipt.to_balance = 5);
+    body("transfer: sender balance", |b| {
+        b.entries[0].receipt.signer_balance += 1
+    });
+    body("transfer: recipient balance", |b| {
+        b.entries[0].receipt.to_balance -= 1
+    });
+    body("withdrawal: balance", |b| {
+        b.entries[1].receipt.signer_balance -= 1
+    });
+    body("withdrawal: a recipient balance", |b| {
+        b.entries[1].receipt.to_balance = 1
+    });
+    body("deposit: a depositor balance", |b| {
+        b.entries[2].receipt.signer_balance = 1
+    });
+    body("deposit: recipient balance", |b| {
+        b.entries[2].receipt.to_balance += 1
+    });
+    body("last transfer: recipient balance", |b| {
+        b.entries[3].receipt.to_balance = 5
+    });
     body("receipt height", |b| b.entries[0].receipt.height += 1);
     body("receipt index", |b| b.entries[1].receipt.index = 0);
-    body("receipt operation", |b| b.entries[0].receipt.op = Op::Withdraw);
-    body("receipt request hash", |b| b.entries[2].receipt.request_hash[0] ^= 1);
+    body("receipt operation", |b| {
+        b.entries[0].receipt.op = Op::Withdraw
+    });
+    body("receipt request hash", |b| {
+        b.entries[2].receipt.request_hash[0] ^= 1
+    });
 }
 
 #[test]
@@ -133,17 +165,31 @@ fn consistent_forgeries_diverge_on_what_they_did_not_forge() {
 
 #[test]
 fn a_store_with_other_state_diverges() {
-    store("a different balance", |s| *s.accounts.get_mut(&pk(A)).expect("A") -= 1);
-    store("a higher balance", |s| *s.accounts.get_mut(&pk(B)).expect("B") += 1);
+    store("a different balance", |s| {
+        *s.accounts.get_mut(&pk(A)).expect("A") -= 1
+    });
+    store("a higher balance", |s| {
+        *s.accounts.get_mut(&pk(B)).expect("B") += 1
+    });
     store("a missing account", |s| {
         s.accounts.remove(&pk(A));
     });
     store("an account that the batch creates already exists", |s| {
         s.accounts.insert(pk(C), 0);
     });
-    store("another height", |s| s.meta.as_mut().expect("meta").height += 1);
-    store("another chain", |s| s.meta.as_mut().expect("meta").last_header_hash[0] ^= 1);
-    store("other totals", |s| s.meta.as_mut().expect("meta").total_deposited += 1);
-    store("another account count", |s| s.meta.as_mut().expect("meta").account_count += 1);
-    store("another account sum", |s| s.meta.as_mut().expect("meta").account_sum[3] ^= 1);
+    store("another height", |s| {
+        s.meta.as_mut().expect("meta").height += 1
+    });
+    store("another chain", |s| {
+        s.meta.as_mut().expect("meta").last_header_hash[0] ^= 1
+    });
+    store("other totals", |s| {
+        s.meta.as_mut().expect("meta").total_deposited += 1
+    });
+    store("another account count", |s| {
+        s.meta.as_mut().expect("meta").account_count += 1
+    });
+    store("another account sum", |s| {
+        s.meta.as_mut().expect("meta").account_sum[3] ^= 1
+    });
 }

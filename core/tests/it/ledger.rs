@@ -57,14 +57,32 @@ fn check(name: &str, steps: Vec<Step>, balances: &[(u8, Option<u64>)]) {
                         assert_eq!((*h, *i), (*height, *index), "{what}")
                     }
                     (Applied(h, i), Submitted::Applied(record)) => {
-                        assert_eq!(*record, RequestRecord { height: *h, index: *i, request_hash: rh }, "{what}")
+                        assert_eq!(
+                            *record,
+                            RequestRecord {
+                                height: *h,
+                                index: *i,
+                                request_hash: rh
+                            },
+                            "{what}"
+                        )
                     }
-                    (Rejected(code), Submitted::Rejected(r)) => assert_eq!(*code, r.code, "{what}: {}", r.message),
+                    (Rejected(code), Submitted::Rejected(r)) => {
+                        assert_eq!(*code, r.code, "{what}: {}", r.message)
+                    }
                     _ => panic!("{what}: expected {expect:?}, got {got:?}"),
                 }
                 if !matches!(got, Submitted::Accepted { .. }) {
-                    assert_eq!(*node.seq.meta(), meta_before, "{what}: a request not accepted changed the state");
-                    assert_eq!(node.seq.open_len(), open_before, "{what}: a request not accepted joined the batch");
+                    assert_eq!(
+                        *node.seq.meta(),
+                        meta_before,
+                        "{what}: a request not accepted changed the state"
+                    );
+                    assert_eq!(
+                        node.seq.open_len(),
+                        open_before,
+                        "{what}: a request not accepted joined the batch"
+                    );
                 }
             }
             Seal => assert!(node.seal().is_some(), "{what}: nothing to seal"),
@@ -73,11 +91,23 @@ fn check(name: &str, steps: Vec<Step>, balances: &[(u8, Option<u64>)]) {
     }
     node.seal_and_apply_all();
     for (account, expected) in balances {
-        assert_eq!(node.balance(*account), *expected, "{name}: balance of account {account}");
+        assert_eq!(
+            node.balance(*account),
+            *expected,
+            "{name}: balance of account {account}"
+        );
     }
     let meta = node.store.meta().expect("mem store");
-    assert_eq!(total_balance(&node.store), meta.expected_total(), "{name}: conservation");
-    assert_eq!(*node.seq.meta(), meta, "{name}: the sequencer's state is the applied state");
+    assert_eq!(
+        total_balance(&node.store),
+        meta.expected_total(),
+        "{name}: conservation"
+    );
+    assert_eq!(
+        *node.seq.meta(),
+        meta,
+        "{name}: the sequencer's state is the applied state"
+    );
 }
 
 const A: u8 = 1;
@@ -86,20 +116,39 @@ const C: u8 = 3;
 
 #[test]
 fn deposit_creates_an_account() {
-    check("deposit", vec![ok(deposit(1, A, 100))], &[(A, Some(100)), (B, None)]);
-    check("two deposits", vec![ok(deposit(1, A, 100)), ok(deposit(2, A, 5))], &[(A, Some(105))]);
+    check(
+        "deposit",
+        vec![ok(deposit(1, A, 100))],
+        &[(A, Some(100)), (B, None)],
+    );
+    check(
+        "two deposits",
+        vec![ok(deposit(1, A, 100)), ok(deposit(2, A, 5))],
+        &[(A, Some(105))],
+    );
 }
 
 #[test]
 fn transfer_moves_funds() {
     check(
         "transfer",
-        vec![ok(deposit(1, A, 100)), ok(transfer(1, A, B, 30)), Seal, Apply, ok(transfer(2, B, A, 5))],
+        vec![
+            ok(deposit(1, A, 100)),
+            ok(transfer(1, A, B, 30)),
+            Seal,
+            Apply,
+            ok(transfer(2, B, A, 5)),
+        ],
         &[(A, Some(75)), (B, Some(25))],
     );
     check(
         "transfer everything",
-        vec![ok(deposit(1, A, 100)), Seal, Apply, ok(transfer(1, A, B, 100))],
+        vec![
+            ok(deposit(1, A, 100)),
+            Seal,
+            Apply,
+            ok(transfer(1, A, B, 100)),
+        ],
         &[(A, Some(0)), (B, Some(100))],
     );
 }
@@ -167,10 +216,16 @@ fn amount_overflow_is_refused_not_wrapped() {
 }
 
 #[test]
-fn withdraw() {
+fn withdraw_debits() {
     check(
         "withdraw",
-        vec![ok(deposit(1, A, 50)), ok(withdraw(1, A, 20)), Seal, Apply, ok(withdraw(2, A, 30))],
+        vec![
+            ok(deposit(1, A, 50)),
+            ok(withdraw(1, A, 20)),
+            Seal,
+            Apply,
+            ok(withdraw(2, A, 30)),
+        ],
         &[(A, Some(0))],
     );
 }
@@ -206,7 +261,12 @@ fn idempotency() {
 fn idempotency_outlives_the_in_memory_window() {
     // With recent_heights_kept = 4, the keys of batch 1 are forgotten after batch 6 is applied;
     // a resubmission that no snapshot stage has looked at must then be found in the store.
-    let mut steps = vec![ok(deposit(1, A, 100)), ok(transfer(1, A, B, 10)), Seal, Apply];
+    let mut steps = vec![
+        ok(deposit(1, A, 100)),
+        ok(transfer(1, A, B, 10)),
+        Seal,
+        Apply,
+    ];
     for id in 2..8 {
         steps.extend([ok(transfer(id, A, B, 1)), Seal, Apply]);
     }
@@ -257,8 +317,15 @@ fn later_requests_see_earlier_effects() {
 fn sealing_an_empty_batch_makes_nothing() {
     let mut node = Node::new();
     assert_eq!(node.seal(), None);
-    assert!(matches!(node.submit(transfer(1, A, B, 1)), Submitted::Rejected(_)));
-    assert_eq!(node.seal(), None, "a rejected request does not make a batch");
+    assert!(matches!(
+        node.submit(transfer(1, A, B, 1)),
+        Submitted::Rejected(_)
+    ));
+    assert_eq!(
+        node.seal(),
+        None,
+        "a rejected request does not make a batch"
+    );
     assert_eq!(node.seq.sealed_height(), 0);
 }
 

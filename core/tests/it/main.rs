@@ -1,1 +1,11 @@
-//! stub
+//! The integration tests of tally-core, one binary (see matklad, "Delete Cargo Integration
+//! Tests"). Each module covers one area through a `check` helper that takes the case as data.
+
+mod batches;
+mod common;
+mod conservation;
+mod divergence;
+mod ledger;
+mod merkle;
+mod signing;
+mod stateless;

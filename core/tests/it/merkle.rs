@@ -6,8 +6,16 @@ use tally_core::merkle::{empty_root, leaf_hash, node_hash, verify_inclusion, Tre
 use tally_wire::{Hash, InclusionProof};
 
 /// The leaves of the CT reference tests (certificate-transparency, trillian, transparency-dev).
-const CT_LEAVES: [&str; 8] =
-    ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"];
+const CT_LEAVES: [&str; 8] = [
+    "",
+    "00",
+    "10",
+    "2021",
+    "3031",
+    "40414243",
+    "5051525354555657",
+    "606162636465666768696a6b6c6d6e6f",
+];
 
 /// The tree head over the first `n` of [`CT_LEAVES`], for n = 0..=8.
 const CT_ROOTS: [&str; 9] = [
@@ -43,7 +51,11 @@ const CT_PROOFS: &[(u32, u32, &[&str])] = &[
             "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
         ],
     ),
-    (2, 3, &["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"]),
+    (
+        2,
+        3,
+        &["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"],
+    ),
     (
         1,
         5,
@@ -110,8 +122,11 @@ fn ref_path(m: usize, leaves: &[Hash]) -> Vec<Hash> {
         return Vec::new();
     }
     let k = split(n);
-    let (mut path, sibling) =
-        if m < k { (ref_path(m, &leaves[..k]), mth(&leaves[k..])) } else { (ref_path(m - k, &leaves[k..]), mth(&leaves[..k])) };
+    let (mut path, sibling) = if m < k {
+        (ref_path(m, &leaves[..k]), mth(&leaves[k..]))
+    } else {
+        (ref_path(m - k, &leaves[k..]), mth(&leaves[..k]))
+    };
     path.push(sibling);
     path
 }
@@ -124,7 +139,11 @@ fn shape(m: usize, n: usize) -> Vec<bool> {
         return Vec::new();
     }
     let k = split(n);
-    let (mut s, right) = if m < k { (shape(m, k), true) } else { (shape(m - k, n - k), false) };
+    let (mut s, right) = if m < k {
+        (shape(m, k), true)
+    } else {
+        (shape(m - k, n - k), false)
+    };
     s.push(right);
     s
 }
@@ -133,7 +152,11 @@ fn shape(m: usize, n: usize) -> Vec<bool> {
 fn hashing_is_rfc6962() {
     for data in CT_LEAVES {
         let data = unhex(data);
-        assert_eq!(leaf_hash(&data), ref_leaf(&data), "leaf hash of {data:02x?}");
+        assert_eq!(
+            leaf_hash(&data),
+            ref_leaf(&data),
+            "leaf hash of {data:02x?}"
+        );
     }
     let (a, b) = (ref_leaf(b"a"), ref_leaf(b"b"));
     assert_eq!(node_hash(&a, &b), ref_node(&a, &b));
@@ -145,8 +168,16 @@ fn ct_reference_roots() {
     let leaves: Vec<Hash> = CT_LEAVES.iter().map(|d| leaf_hash(&unhex(d))).collect();
     let check = |n: usize, expected: &str| {
         let expected = unhex32(expected);
-        assert_eq!(mth(&leaves[..n]), expected, "reference MTH of the first {n} CT leaves");
-        assert_eq!(Tree::new(&leaves[..n]).root(), expected, "Tree root of the first {n} CT leaves");
+        assert_eq!(
+            mth(&leaves[..n]),
+            expected,
+            "reference MTH of the first {n} CT leaves"
+        );
+        assert_eq!(
+            Tree::new(&leaves[..n]).root(),
+            expected,
+            "Tree root of the first {n} CT leaves"
+        );
     };
     for (n, root) in CT_ROOTS.iter().enumerate() {
         check(n, root);
@@ -161,10 +192,25 @@ fn ct_reference_proofs() {
         let tree_leaves = &leaves[..size as usize];
         let proof = Tree::new(tree_leaves).proof(index);
         let what = format!("leaf {index} of {size}");
-        assert_eq!(proof, InclusionProof { leaf_index: index, tree_size: size, path: expected.clone() }, "{what}");
-        assert_eq!(ref_path(index as usize, tree_leaves), expected, "reference path, {what}");
+        assert_eq!(
+            proof,
+            InclusionProof {
+                leaf_index: index,
+                tree_size: size,
+                path: expected.clone()
+            },
+            "{what}"
+        );
+        assert_eq!(
+            ref_path(index as usize, tree_leaves),
+            expected,
+            "reference path, {what}"
+        );
         let root = unhex32(CT_ROOTS[size as usize]);
-        assert!(verify_inclusion(&leaves[index as usize], &proof, &root), "{what} verifies");
+        assert!(
+            verify_inclusion(&leaves[index as usize], &proof, &root),
+            "{what} verifies"
+        );
     };
     for (index, size, path) in CT_PROOFS {
         check(*index, *size, path);
@@ -176,47 +222,91 @@ fn check_proof(leaves: &[Hash], i: usize, root: &Hash) {
     let n = leaves.len();
     let what = format!("leaf {i} of {n}");
     let proof = Tree::new(leaves).proof(i as u32);
-    assert_eq!((proof.leaf_index, proof.tree_size), (i as u32, n as u32), "{what}");
+    assert_eq!(
+        (proof.leaf_index, proof.tree_size),
+        (i as u32, n as u32),
+        "{what}"
+    );
     assert_eq!(proof.path, ref_path(i, leaves), "{what}: audit path");
     let leaf = leaves[i];
     assert!(verify_inclusion(&leaf, &proof, root), "{what}: good proof");
 
-    let rejects = |p: &InclusionProof, leaf: &Hash, root: &Hash, how: &str| {
-        assert!(!verify_inclusion(leaf, p, root), "{what}: accepted with {how}");
+    // `how` is only formatted on failure: this runs some 300,000 times.
+    let rejects = |p: &InclusionProof, leaf: &Hash, root: &Hash, how: std::fmt::Arguments| {
+        assert!(
+            !verify_inclusion(leaf, p, root),
+            "{what}: accepted with {how}"
+        );
     };
-    let with_path = |path: Vec<Hash>| InclusionProof { path, ..proof.clone() };
+    let with_path = |path: Vec<Hash>| InclusionProof {
+        path,
+        ..proof.clone()
+    };
 
     for k in 0..proof.path.len() {
         for (byte, bit) in [(0, 0x08), (31, 0x80)] {
             let mut path = proof.path.clone();
             path[k][byte] ^= bit;
-            rejects(&with_path(path), &leaf, root, &format!("path[{k}] byte {byte} flipped"));
+            rejects(
+                &with_path(path),
+                &leaf,
+                root,
+                format_args!("path[{k}] byte {byte} flipped"),
+            );
         }
         let mut path = proof.path.clone();
         path.remove(k);
-        rejects(&with_path(path), &leaf, root, &format!("path[{k}] dropped"));
+        rejects(
+            &with_path(path),
+            &leaf,
+            root,
+            format_args!("path[{k}] dropped"),
+        );
         let mut path = proof.path.clone();
         path.insert(k, [0x5a; 32]);
-        rejects(&with_path(path), &leaf, root, &format!("a hash inserted at {k}"));
+        rejects(
+            &with_path(path),
+            &leaf,
+            root,
+            format_args!("a hash inserted at {k}"),
+        );
         if k + 1 < proof.path.len() {
             let mut path = proof.path.clone();
             path.swap(k, k + 1);
-            rejects(&with_path(path), &leaf, root, &format!("path[{k}] and path[{}] swapped", k + 1));
+            rejects(
+                &with_path(path),
+                &leaf,
+                root,
+                format_args!("path[{k}] and path[{}] swapped", k + 1),
+            );
         }
     }
     for extra in [*root, leaf, [0; 32]] {
         let mut path = proof.path.clone();
         path.push(extra);
-        rejects(&with_path(path), &leaf, root, "a hash appended");
+        rejects(
+            &with_path(path),
+            &leaf,
+            root,
+            format_args!("a hash appended"),
+        );
         let mut path = proof.path.clone();
         path.insert(0, extra);
-        rejects(&with_path(path), &leaf, root, "a hash prepended");
+        rejects(
+            &with_path(path),
+            &leaf,
+            root,
+            format_args!("a hash prepended"),
+        );
     }
 
     for j in (0..n + 2).chain([u32::MAX as usize]) {
         if j != i {
-            let p = InclusionProof { leaf_index: j as u32, ..proof.clone() };
-            rejects(&p, &leaf, root, &format!("leaf index {j}"));
+            let p = InclusionProof {
+                leaf_index: j as u32,
+                ..proof.clone()
+            };
+            rejects(&p, &leaf, root, format_args!("leaf index {j}"));
         }
     }
     // A different tree size is refused unless it gives this leaf the very same path shape (e.g.
@@ -224,24 +314,36 @@ fn check_proof(leaves: &[Hash], i: usize, root: &Hash) {
     // confirmation's proof must name the header's own request count (see `verify_confirmation`).
     for m in (0..=n + 4).chain([2 * n, 2 * n + 1, n / 2, u32::MAX as usize]) {
         if m != n {
-            let p = InclusionProof { tree_size: m as u32, ..proof.clone() };
+            let p = InclusionProof {
+                tree_size: m as u32,
+                ..proof.clone()
+            };
             let aliases = i < m && shape(i, m) == shape(i, n);
-            assert_eq!(verify_inclusion(&leaf, &p, root), aliases, "{what}: tree size {m}");
+            assert_eq!(
+                verify_inclusion(&leaf, &p, root),
+                aliases,
+                "{what}: tree size {m}"
+            );
         }
     }
 
     let mut other = leaf;
     other[7] ^= 1;
-    rejects(&proof, &other, root, "a modified leaf");
+    rejects(&proof, &other, root, format_args!("a modified leaf"));
     for (j, l) in leaves.iter().enumerate() {
         if j != i {
-            rejects(&proof, l, root, &format!("leaf {j} in place of leaf {i}"));
+            rejects(
+                &proof,
+                l,
+                root,
+                format_args!("leaf {j} in place of leaf {i}"),
+            );
         }
     }
     let mut bad_root = *root;
     bad_root[31] ^= 1;
-    rejects(&proof, &leaf, &bad_root, "a modified root");
-    rejects(&proof, &leaf, &empty_root(), "the empty root");
+    rejects(&proof, &leaf, &bad_root, format_args!("a modified root"));
+    rejects(&proof, &leaf, &empty_root(), format_args!("the empty root"));
 }
 
 #[test]
@@ -265,9 +367,15 @@ fn tree_size_aliasing_exists_and_is_what_the_oracle_says() {
     assert_ne!(shape(4, 5), shape(4, 6));
     let leaves: Vec<Hash> = (0..5u32).map(|i| leaf_hash(&i.to_le_bytes())).collect();
     let tree = Tree::new(&leaves);
-    let proof = InclusionProof { tree_size: 6, ..tree.proof(0) };
+    let proof = InclusionProof {
+        tree_size: 6,
+        ..tree.proof(0)
+    };
     assert!(verify_inclusion(&leaves[0], &proof, &tree.root()));
-    let proof = InclusionProof { tree_size: 6, ..tree.proof(4) };
+    let proof = InclusionProof {
+        tree_size: 6,
+        ..tree.proof(4)
+    };
     assert!(!verify_inclusion(&leaves[4], &proof, &tree.root()));
 }
 
@@ -275,8 +383,15 @@ fn tree_size_aliasing_exists_and_is_what_the_oracle_says() {
 fn degenerate_proofs_are_refused() {
     let leaf = leaf_hash(b"x");
     let check = |index: u32, size: u32, path: Vec<Hash>, root: Hash| {
-        let p = InclusionProof { leaf_index: index, tree_size: size, path };
-        assert!(!verify_inclusion(&leaf, &p, &root), "index {index} of {size}");
+        let p = InclusionProof {
+            leaf_index: index,
+            tree_size: size,
+            path,
+        };
+        assert!(
+            !verify_inclusion(&leaf, &p, &root),
+            "index {index} of {size}"
+        );
     };
     check(0, 0, vec![], leaf);
     check(0, 0, vec![], empty_root());
@@ -290,4 +405,32 @@ fn degenerate_proofs_are_refused() {
 #[should_panic(expected = "out of a tree")]
 fn proof_of_a_leaf_past_the_end_is_a_programmer_error() {
     Tree::new(&[leaf_hash(b"a")]).proof(1);
+}
+
+#[test]
+fn zz_bench() {
+    let all: Vec<Hash> = (0..64u32).map(|i| leaf_hash(&i.to_le_bytes())).collect();
+    let t = Tree::new(&all);
+    let p = t.proof(5);
+    let root = t.root();
+    let start = std::time::Instant::now();
+    for _ in 0..10_000 {
+        assert!(verify_inclusion(&all[5], &p, &root));
+    }
+    eprintln!("verify: {:?}", start.elapsed() / 10_000);
+    let start = std::time::Instant::now();
+    for _ in 0..10_000 {
+        std::hint::black_box(sha(&[&[1], &all[0], &all[1]]));
+    }
+    eprintln!("sha: {:?}", start.elapsed() / 10_000);
+    let start = std::time::Instant::now();
+    for _ in 0..1_000 {
+        std::hint::black_box(Tree::new(&all).proof(5));
+    }
+    eprintln!("tree: {:?}", start.elapsed() / 1_000);
+    let start = std::time::Instant::now();
+    for _ in 0..1_000 {
+        std::hint::black_box(ref_path(5, &all));
+    }
+    eprintln!("ref_path: {:?}", start.elapsed() / 1_000);
 }

@@ -279,6 +279,15 @@ fn requests() {
             patched(&transfer, 104, &[0x11; 32]),
             err(invalid("request.to")),
         ),
+        // Nobody holds the all-zero key: crediting it would burn the funds.
+        (
+            patched(&transfer, 104, &[0; 32]),
+            err(invalid("request.to")),
+        ),
+        (
+            patched(&submit(Op::Deposit), 104, &[0; 32]),
+            err(invalid("request.to")),
+        ),
         // A deposit may credit the key that signs it: deposit keys hold no balance, core decides.
         (patched(&submit(Op::Deposit), 104, &[0x11; 32]), Ok(())),
         // Changing op alone keeps a valid layout when `to` fits the new op.
