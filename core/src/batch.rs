@@ -143,6 +143,9 @@ pub fn prepare_apply(
     if h.prev_hash != meta.last_header_hash {
         return diverged("previous header hash does not match the applied chain".into());
     }
+    if h.operator_key_id != operator.key_id() {
+        return diverged("the header names another operator key than this replica holds".into());
+    }
     if h.request_count as usize != body.entries.len() {
         return diverged("request count does not match the entries".into());
     }

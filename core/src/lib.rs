@@ -8,6 +8,7 @@
 //! - [`state`]: the ledger summary and its state digest.
 //! - [`ports`]: the storage traits this crate needs, and an in-memory store for tests.
 //! - [`verify`]: offline verification of confirmations.
+//! - [`replica`]: the sans-IO Raft driver around raft-rs's `RawNode`, and the raft log port.
 //!
 //! Core never touches sockets, threads, clocks or files: callers pass time in and carry results
 //! out. The same committed batches give the same bytes on every replica.
@@ -20,6 +21,7 @@ pub mod crypto;
 mod error;
 pub mod merkle;
 pub mod ports;
+pub mod replica;
 pub mod sequencer;
 pub mod state;
 pub mod validate;

@@ -15,7 +15,7 @@ use crate::{Error, Result};
 
 pub const ACCOUNT_TERM_DOMAIN: &[u8; 16] = b"tally/account/v1";
 pub const STATE_DOMAIN: &[u8; 16] = b"tally/state/v1\0\0";
-pub const META_BYTES: usize = 8 + 32 + 32 + 8 + 16 + 16;
+pub const META_BYTES: usize = 8 + 32 + 32 + 8 + 16 + 16 + 8;
 
 /// Summary of the ledger after `height` batches: all that the next batch needs besides accounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,9 @@ pub struct LedgerMeta {
     pub account_count: u64,
     pub total_deposited: u128,
     pub total_withdrawn: u128,
+    /// The Raft log index of the entry that carried batch `height` (0 without replication).
+    /// Not part of the state digest: it says where the state came from, not what it is.
+    pub raft_index: u64,
 }
 
 impl LedgerMeta {
@@ -39,6 +42,7 @@ impl LedgerMeta {
             account_count: 0,
             total_deposited: 0,
             total_withdrawn: 0,
+            raft_index: 0,
         }
     }
 
@@ -77,6 +81,7 @@ impl LedgerMeta {
         out[72..80].copy_from_slice(&self.account_count.to_le_bytes());
         out[80..96].copy_from_slice(&self.total_deposited.to_le_bytes());
         out[96..112].copy_from_slice(&self.total_withdrawn.to_le_bytes());
+        out[112..120].copy_from_slice(&self.raft_index.to_le_bytes());
         out
     }
 
@@ -94,6 +99,7 @@ impl LedgerMeta {
             account_count: u64::from_le_bytes(bytes[72..80].try_into().expect("8")),
             total_deposited: u128::from_le_bytes(bytes[80..96].try_into().expect("16")),
             total_withdrawn: u128::from_le_bytes(bytes[96..112].try_into().expect("16")),
+            raft_index: u64::from_le_bytes(bytes[112..120].try_into().expect("8")),
         })
     }
 }

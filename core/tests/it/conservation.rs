@@ -134,6 +134,13 @@ impl Sim {
         self.accounts[self.rng.gen_range(0..self.accounts.len())]
     }
 
+    fn richest(&self) -> (PublicKey, u64) {
+        let mut all: Vec<(PublicKey, u64)> = self.model.iter().map(|(k, b)| (*k, *b)).collect();
+        // Ties broken by key, so that the run does not depend on the map's iteration order.
+        all.sort_unstable_by_key(|(k, b)| (*b, *k));
+        all.last().copied().unwrap_or((self.accounts[0], 0))
+    }
+
     fn amount_for(&mut self, balance: u64) -> u64 {
         match self.rng.gen_range(0..10) {
             0 => balance.saturating_add(self.rng.gen_range(1..100)),
@@ -177,11 +184,16 @@ impl Sim {
         }
         let request = match choice {
             0..=29 => {
-                let to = self.account();
-                let amount = if self.rng.gen_range(0..100) == 0 {
-                    u64::MAX - self.rng.gen_range(0..1_000)
-                } else {
-                    self.rng.gen_range(1..=1_000)
+                let mut to = self.account();
+                let amount = match self.rng.gen_range(0..100) {
+                    0 => u64::MAX - self.rng.gen_range(0..1_000),
+                    // Just too much for the richest account, so that every run meets overflow.
+                    1 | 2 => {
+                        let (richest, balance) = self.richest();
+                        to = richest;
+                        (u64::MAX - balance).saturating_add(self.rng.gen_range(1..=10))
+                    }
+                    _ => self.rng.gen_range(1..=1_000),
                 };
                 self.fresh(self.deposit_key, Op::Deposit, to, amount)
             }

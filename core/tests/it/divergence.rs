@@ -3,6 +3,7 @@
 //! `Error::Diverged`, and leaves the store as it was.
 
 use tally_core::batch::{prepare_apply, BatchBody};
+use tally_core::merkle::Tree;
 use tally_core::ports::{LedgerStore, MemStore};
 use tally_core::Error;
 use tally_wire::Op;
@@ -77,54 +78,73 @@ fn the_untampered_batch_applies() {
     assert_eq!(write.accounts, vec![(pk(A), 70), (pk(B), 59), (pk(C), 6)]);
 }
 
+type Tamper = fn(&mut BatchBody);
+
+/// Applies `tamper` twice: as it is (the Merkle root no longer matches), and with the root
+/// recomputed over the tampered receipts, as a faulty leader would have sealed it (then the replay
+/// itself must notice).
+fn body_and_rehashed(cases: &[(&str, Tamper)]) {
+    for (name, tamper) in cases {
+        body(name, tamper);
+        body(&format!("{name}, root recomputed"), |b| {
+            tamper(b);
+            b.header.merkle_root = Tree::new(&b.leaf_hashes()).root();
+        });
+    }
+}
+
 #[test]
 fn tampered_receipts_diverge() {
-    body("transfer: sender balance", |b| {
-        b.entries[0].receipt.signer_balance += 1
-    });
-    body("transfer: recipient balance", |b| {
-        b.entries[0].receipt.to_balance -= 1
-    });
-    body("withdrawal: balance", |b| {
-        b.entries[1].receipt.signer_balance -= 1
-    });
-    body("withdrawal: a recipient balance", |b| {
-        b.entries[1].receipt.to_balance = 1
-    });
-    body("deposit: a depositor balance", |b| {
-        b.entries[2].receipt.signer_balance = 1
-    });
-    body("deposit: recipient balance", |b| {
-        b.entries[2].receipt.to_balance += 1
-    });
-    body("last transfer: recipient balance", |b| {
-        b.entries[3].receipt.to_balance = 5
-    });
-    body("receipt height", |b| b.entries[0].receipt.height += 1);
-    body("receipt index", |b| b.entries[1].receipt.index = 0);
-    body("receipt operation", |b| {
-        b.entries[0].receipt.op = Op::Withdraw
-    });
-    body("receipt request hash", |b| {
-        b.entries[2].receipt.request_hash[0] ^= 1
-    });
+    body_and_rehashed(&[
+        ("transfer: sender balance", |b| {
+            b.entries[0].receipt.signer_balance += 1
+        }),
+        ("transfer: recipient balance", |b| {
+            b.entries[0].receipt.to_balance -= 1
+        }),
+        ("withdrawal: balance", |b| {
+            b.entries[1].receipt.signer_balance -= 1
+        }),
+        ("withdrawal: a recipient balance", |b| {
+            b.entries[1].receipt.to_balance = 1
+        }),
+        ("deposit: a depositor balance", |b| {
+            b.entries[2].receipt.signer_balance = 1
+        }),
+        ("deposit: recipient balance", |b| {
+            b.entries[2].receipt.to_balance += 1
+        }),
+        ("last transfer: recipient balance", |b| {
+            b.entries[3].receipt.to_balance = 5
+        }),
+        ("receipt height", |b| b.entries[0].receipt.height += 1),
+        ("receipt index", |b| b.entries[1].receipt.index = 0),
+        ("receipt operation", |b| {
+            b.entries[0].receipt.op = Op::Withdraw
+        }),
+        ("receipt request hash", |b| {
+            b.entries[2].receipt.request_hash[0] ^= 1
+        }),
+    ]);
 }
 
 #[test]
 fn tampered_requests_diverge() {
-    body("request amount", |b| b.entries[0].request.amount += 1);
-    body("request recipient", |b| b.entries[0].request.to = pk(C));
-    body("request id", |b| b.entries[3].request.id += 1);
-    body("entries swapped", |b| b.entries.swap(0, 1));
-    body("an entry dropped", |b| {
-        b.entries.pop();
-        b.header.request_count -= 1;
-    });
-    body("an entry repeated", |b| {
-        let e = b.entries[1].clone();
-        b.entries.push(e);
-        b.header.request_count += 1;
-    });
+    body_and_rehashed(&[
+        ("request amount", |b| b.entries[0].request.amount += 1),
+        ("request recipient", |b| b.entries[0].request.to = pk(C)),
+        ("request id", |b| b.entries[3].request.id += 1),
+        ("entries swapped", |b| b.entries.swap(0, 1)),
+        ("an entry dropped", |b| {
+            b.entries.pop();
+            b.header.request_count -= 1;
+        }),
+        ("an entry repeated", |b| {
+            let e = b.entries[1].clone();
+            b.entries.push(e);
+            b.header.request_count += 1;
+        }),
+    ]);
 }
 
 #[test]

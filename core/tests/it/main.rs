@@ -8,4 +8,5 @@ mod divergence;
 mod ledger;
 mod merkle;
 mod signing;
+mod state;
 mod stateless;

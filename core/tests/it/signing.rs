@@ -1,12 +1,12 @@
 //! Header signing: deterministic, bound to the operator's key, and verified strictly (no
 //! malleable signatures, no small-order keys).
 
-use ed25519_dalek::{Signature as DalekSignature, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature as DalekSignature, Signer, Verifier, VerifyingKey};
 use tally_core::crypto::{key_id, verify_header, verify_strict, OperatorKey};
 use tally_core::Error;
 use tally_wire::{Header, PublicKey, Signature, SignedHeader};
 
-use crate::common::{key, operator, CHAIN};
+use crate::common::{key, operator, CHAIN, OPERATOR};
 
 /// The order of the Ed25519 base point, little-endian.
 pub const GROUP_ORDER_L: [u8; 32] = [
@@ -129,6 +129,25 @@ fn a_header_for_another_key_is_refused() {
         verify_header(&other.public(), &renamed),
         "renamed to another operator",
     );
+    // A good signature by our key over a header that names another key: refused for the name.
+    let mut h = header(&other);
+    h.operator_key_id = other.key_id();
+    let forged = SignedHeader {
+        signature: key(OPERATOR).sign(&h.encode()).to_bytes(),
+        header: h,
+    };
+    assert!(verify_strict(
+        &op.public(),
+        &forged.header.encode(),
+        &forged.signature
+    ));
+    match verify_header(&op.public(), &forged) {
+        Err(Error::Verify(m)) => assert!(
+            m.contains("different operator key"),
+            "refused for another reason: {m}"
+        ),
+        other => panic!("a header naming another key verified: {other:?}"),
+    }
     // The other operator's own signature over the same header fails under ours.
     let theirs = other.sign_header(header(&other));
     assert_refused(
@@ -189,5 +208,33 @@ fn a_small_order_key_is_refused() {
             },
         ),
         "identity operator key",
+    );
+}
+
+#[test]
+fn hashes_are_over_the_documented_bytes() {
+    use sha2::{Digest, Sha256};
+    use tally_core::crypto::{header_hash, request_hash};
+    use tally_wire::{HEADER_BYTES, REQUEST_BYTES};
+    let op = operator();
+    let h = header(&op);
+    let r = crate::common::transfer(1, 1, 2, 3);
+    let sha = |bytes: &[u8]| -> [u8; 32] { Sha256::digest(bytes).into() };
+    assert_eq!(h.encode().len(), HEADER_BYTES);
+    assert_eq!(r.encode().len(), REQUEST_BYTES);
+    assert_eq!(
+        header_hash(&h),
+        sha(&h.encode()),
+        "header hash: SHA-256 of the 192 header bytes"
+    );
+    assert_eq!(
+        request_hash(&r),
+        sha(&r.encode()),
+        "request hash: SHA-256 of the 208 request bytes"
+    );
+    assert_eq!(
+        op.key_id()[..],
+        sha(&op.public())[..8],
+        "key id: the first 8 bytes of SHA-256(public key)"
     );
 }

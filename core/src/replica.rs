@@ -1,0 +1,289 @@
+//! The Raft replication driver: a sans-IO wrapper around raft-rs's `RawNode`.
+//!
+//! One thread owns a [`Replica`]. Its loop feeds it inputs (ticks, peer messages, proposals,
+//! read requests) and, whenever raft-rs has a `Ready`, calls [`Replica::on_ready`], which walks
+//! the `Ready` in exactly the order raft-rs documents and hands every effect to a [`RaftIo`]:
+//!
+//! 1. messages a leader may send before persisting (`Ready::messages`);
+//! 2. a snapshot to install;
+//! 3. committed entries to apply;
+//! 4. new entries and the hard state, persisted in one synced write;
+//! 5. messages that had to wait for that write (`Ready::persisted_messages`);
+//! 6. `advance`, then the light ready's commit index, messages and committed entries, and
+//!    `advance_apply`.
+//!
+//! Every entry that carries data is one sealed batch body (see [`crate::batch`]). Membership is
+//! static: every replica starts from the same configuration state listing all voters.
+//!
+//! Caveat: raft-rs 0.7 decodes peer messages with protobuf 2.x, which can overflow the stack on
+//! crafted input (RUSTSEC-2024-0437). Only bytes from mutually authenticated peers, bounded in
+//! size, may ever reach [`decode_message`].
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::{Config, RawNode, ReadOnlyOption, ReadState, StateRole, Storage};
+
+use crate::{Error, Result};
+
+/// Durable raft state: the log, the hard state and the snapshot point. Implemented on LevelDB by
+/// `tally-storage`; every write is synced before it returns.
+pub trait RaftLogStore: Storage {
+    /// Appends `entries` (replacing any conflicting suffix of the log) and records `hard_state`,
+    /// in one synced write.
+    fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()>;
+    /// Makes `snapshot`'s metadata the start of the log: entries up to its index are dropped and
+    /// the hard state's commit moves up to it.
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<()>;
+    /// Drops the entries up to and including `index`, which must be applied. Later snapshot
+    /// requests describe the state at `index` (the snapshot point).
+    fn compact(&mut self, index: u64) -> Result<()>;
+    /// Records the commit index without syncing; it becomes durable with the next `persist`.
+    /// After a crash it may be behind what was applied, which is why a restarting replica
+    /// starts raft at `min(ledger's raft_index, hard state's commit)`.
+    fn set_commit(&mut self, commit: u64) -> Result<()>;
+}
+
+/// Where the driver's effects go. Implemented by the server with sockets and threads.
+pub trait RaftIo {
+    /// Messages for peers. Sending is best effort: raft retransmits what is lost.
+    fn send(&mut self, messages: Vec<Message>);
+    /// A snapshot from the leader: the ledger state must be brought to (at least) the state it
+    /// describes before any later entry is applied.
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<()>;
+    /// Committed entries, in log order, each exactly once per process lifetime.
+    fn apply(&mut self, entries: Vec<Entry>);
+    /// Read index requests whose index is known (`ReadState::request_ctx` names the request).
+    fn read_ready(&mut self, states: Vec<ReadState>);
+}
+
+/// What a replica is, for status reports and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub id: u64,
+    pub role: Role,
+    pub term: u64,
+    /// 0 when no leader is known.
+    pub leader_id: u64,
+    pub commit_index: u64,
+    pub last_index: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    Candidate,
+    Leader,
+    PreCandidate,
+}
+
+impl Role {
+    /// The numbering used on the wire (`StatusReply::role`) and in metrics.
+    pub fn code(self) -> u8 {
+        match self {
+            Role::Follower => 0,
+            Role::Candidate => 1,
+            Role::Leader => 2,
+            Role::PreCandidate => 3,
+        }
+    }
+}
+
+impl From<StateRole> for Role {
+    fn from(r: StateRole) -> Role {
+        match r {
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::Leader => Role::Leader,
+            StateRole::PreCandidate => Role::PreCandidate,
+        }
+    }
+}
+
+/// Timing and flow-control settings for [`Replica::new`].
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub id: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// The highest log index already applied to the ledger (from the ledger's own storage).
+    pub applied: u64,
+    /// Cap on the bytes of entries in one append message.
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+}
+
+pub struct Replica<S: RaftLogStore> {
+    node: RawNode<S>,
+}
+
+/// Builds the configuration state every replica of a static cluster starts from.
+pub fn initial_conf_state(voters: &[u64]) -> ConfState {
+    let mut cs = ConfState::default();
+    cs.voters = voters.to_vec();
+    cs
+}
+
+impl<S: RaftLogStore> Replica<S> {
+    pub fn new(cfg: &ReplicaConfig, store: S, logger: &slog::Logger) -> Result<Replica<S>> {
+        let config = Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: cfg.applied,
+            max_size_per_msg: cfg.max_size_per_msg,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            // A leader that cannot hear a quorum steps down, so a partitioned old leader stops
+            // taking proposals; pre-vote keeps a rejoining replica from disrupting the term.
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Config::default()
+        };
+        config.validate().map_err(|e| Error::Storage(format!("raft config: {e}")))?;
+        let node = RawNode::new(&config, store, logger).map_err(|e| Error::Storage(format!("starting raft: {e}")))?;
+        Ok(Replica { node })
+    }
+
+    /// Starts an election now (a single-voter cluster need not wait for a timeout).
+    pub fn campaign(&mut self) -> Result<()> {
+        self.node.campaign().map_err(|e| Error::Storage(format!("campaign: {e}")))
+    }
+
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// A message from an authenticated peer. Errors (a message for another term, from an
+    /// unknown peer) are not fatal: the message is dropped.
+    pub fn step(&mut self, message: Message) {
+        if let Err(e) = self.node.step(message) {
+            tracing_free_log(&format!("raft: dropped a peer message: {e}"));
+        }
+    }
+
+    /// Proposes one batch body. Fails when this replica is not the leader (or is transferring
+    /// leadership); the caller then fails the batch's requests as retryable.
+    pub fn propose(&mut self, data: Vec<u8>) -> std::result::Result<(), String> {
+        if self.node.raft.state != StateRole::Leader {
+            return Err("not the leader".into());
+        }
+        self.node.propose(Vec::new(), data).map_err(|e| e.to_string())
+    }
+
+    /// Asks for a linearizable read point; answered through [`RaftIo::read_ready`].
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.node.read_index(ctx);
+    }
+
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.node.transfer_leader(to);
+    }
+
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.node.report_unreachable(id);
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let raft = &self.node.raft;
+        ReplicaStatus {
+            id: raft.id,
+            role: raft.state.into(),
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit_index: raft.raft_log.committed,
+            last_index: raft.raft_log.last_index(),
+        }
+    }
+
+    /// The index of the first entry of the current term once this replica leads (the empty entry
+    /// raft-rs appends on election): when it is applied, every earlier entry is too.
+    pub fn term_start_index(&self) -> Option<u64> {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return None;
+        }
+        // raft-rs appends the empty entry at election; scanning back from the last index finds
+        // the first entry whose term is the current one.
+        let mut index = raft.raft_log.last_index();
+        while index > raft.raft_log.committed.max(1) {
+            match raft.raft_log.term(index - 1) {
+                Ok(t) if t == raft.term => index -= 1,
+                _ => break,
+            }
+        }
+        Some(index)
+    }
+
+    pub fn store(&self) -> &S {
+        self.node.store()
+    }
+
+    pub fn store_mut(&mut self) -> &mut S {
+        self.node.mut_store()
+    }
+
+    /// Processes everything raft-rs has ready, in its documented order.
+    pub fn on_ready(&mut self, io: &mut impl RaftIo) -> Result<()> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        if !ready.messages().is_empty() {
+            io.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            io.install_snapshot(&snapshot)?;
+            self.node.mut_store().apply_snapshot(&snapshot)?;
+        }
+        if !ready.read_states().is_empty() {
+            io.read_ready(ready.take_read_states());
+        }
+        let committed = ready.take_committed_entries();
+        if !committed.is_empty() {
+            io.apply(committed);
+        }
+        let entries = ready.take_entries();
+        let hard_state = ready.hs().cloned();
+        if !entries.is_empty() || hard_state.is_some() {
+            self.node.mut_store().persist(&entries, hard_state.as_ref())?;
+        }
+        if !ready.persisted_messages().is_empty() {
+            io.send(ready.take_persisted_messages());
+        }
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.node.mut_store().set_commit(commit)?;
+        }
+        if !light.messages().is_empty() {
+            io.send(light.take_messages());
+        }
+        let committed = light.take_committed_entries();
+        if !committed.is_empty() {
+            io.apply(committed);
+        }
+        self.node.advance_apply();
+        Ok(())
+    }
+}
+
+/// raft-rs logs through slog; tally-core has no logger of its own, so the rare messages the
+/// driver itself emits go to stderr.
+fn tracing_free_log(line: &str) {
+    eprintln!("{line}");
+}
+
+/// True for an entry that carries a batch (not raft's own empty or configuration entries).
+pub fn is_batch(entry: &Entry) -> bool {
+    entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty()
+}
+
+/// Encodes a raft message for the peer transport.
+pub fn encode_message(m: &Message) -> Vec<u8> {
+    m.write_to_bytes().expect("encoding a raft message cannot fail")
+}
+
+/// Decodes a raft message from an authenticated peer (see the caveat in the module docs).
+pub fn decode_message(bytes: &[u8]) -> Result<Message> {
+    Message::parse_from_bytes(bytes).map_err(|e| Error::Verify(format!("bad raft message: {e}")))
+}
