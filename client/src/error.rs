@@ -57,6 +57,35 @@ pub enum Error {
     /// edited.
     #[error("verification failed: {0}")]
     Verify(String),
+    /// A [`crate::ClusterClient`] had no usable connection and `queue_max` operations were
+    /// already waiting for one. Nothing was sent: retry later or shed load.
+    #[error(
+        "no connection to the cluster and {queue_max} operations already wait for one \
+         (queue_max); nothing was sent"
+    )]
+    QueueFull { queue_max: usize },
+    /// A [`crate::ClusterClient`] submit gave up (total timeout, or the wait queue filled while it
+    /// was retrying) after at least one attempt may have reached a replica. The request may or
+    /// may not have been applied: resubmit the *same* request (same id) to find out; it never
+    /// applies twice.
+    #[error(
+        "outcome unknown: gave up after {elapsed_ms} ms and {attempts} attempt(s); the request \
+         may or may not have been applied, resubmit it with the same id to find out \
+         (last error: {last})"
+    )]
+    Indeterminate {
+        attempts: u32,
+        elapsed_ms: u64,
+        last: Box<Error>,
+    },
+    /// A [`crate::ClusterClient`] operation gave up within its total timeout without an answer.
+    /// For a submit this means no attempt was ever sent, so nothing was applied.
+    #[error("{}", describe_gave_up(*.attempts, *.elapsed_ms, .last))]
+    GaveUp {
+        attempts: u32,
+        elapsed_ms: u64,
+        last: Box<Error>,
+    },
 }
 
 impl Error {
@@ -76,6 +105,9 @@ impl Error {
             Error::Rejected(reply) => reply.code.name(),
             Error::Protocol(_) => "protocol_violation",
             Error::Verify(_) => "verification_failed",
+            Error::QueueFull { .. } => "queue_full",
+            Error::Indeterminate { .. } => "indeterminate",
+            Error::GaveUp { .. } => "gave_up",
         }
     }
 
@@ -84,9 +116,24 @@ impl Error {
         match self {
             Error::Rejected(reply) => Some(reply.retry),
             // The outcome is unknown; resubmitting the same request is safe and tells.
-            Error::Disconnected | Error::Timeout | Error::Connect { .. } => Some(Retry::Later),
+            Error::Disconnected
+            | Error::Timeout
+            | Error::Connect { .. }
+            | Error::QueueFull { .. }
+            | Error::Indeterminate { .. }
+            | Error::GaveUp { .. } => Some(Retry::Later),
             _ => None,
         }
+    }
+
+    /// True when a submit's outcome is unknown: it may or may not have been applied, and only a
+    /// resubmission of the same request (same id) tells. Every other error from a submit means
+    /// it was not applied by that call.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            Error::Indeterminate { .. } | Error::Timeout | Error::Disconnected
+        )
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
@@ -113,4 +160,15 @@ fn describe_reply(reply: &ErrorReply) -> String {
     }
     text.push_str(&format!(" [retry {}]", retry_name(reply.retry)));
     text
+}
+
+fn describe_gave_up(attempts: u32, elapsed_ms: u64, last: &Error) -> String {
+    if attempts == 0 {
+        format!(
+            "gave up after {elapsed_ms} ms without reaching a replica; nothing was sent \
+             (last error: {last})"
+        )
+    } else {
+        format!("gave up after {elapsed_ms} ms and {attempts} attempt(s) (last error: {last})")
+    }
 }

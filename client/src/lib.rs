@@ -5,19 +5,25 @@
 //!   the `profile.toml` the server writes.
 //! - [`Client`]: one TLS connection (tokio-rustls, ring) to a replica carrying many requests in
 //!   flight, matched to answers by correlation id; every call has a timeout.
+//! - [`ClusterClient`]: what applications use against a replicated operator. It keeps one
+//!   [`Client`] to the replica it believes leads, follows `not_leader` hints, fails over and
+//!   reconnects with bounded backoff, bounds how many operations wait while disconnected, and
+//!   resubmits the same request, so a failover never applies it twice (behaviour table in
+//!   [`cluster`]).
 //! - [`build_request`], [`random_id`]: signed requests.
 //! - [`load_key`], [`write_key`]: Ed25519 keys as PKCS#8 PEM files; public keys as 64 hex.
 //! - [`ConfirmationFile`], [`verify_confirmation_file`]: confirmations as JSON files that anyone
 //!   holding the operator's public key can check offline (format in [`confirmation`]).
 //!
 //! Safety of retries: a request is identified by `(signer, id)`, and the server never applies
-//! one twice. After [`Error::Timeout`] or [`Error::Disconnected`] the outcome is unknown; submit
-//! the *same* request again (same id) and the answer is the original confirmation.
+//! one twice. After [`Error::Timeout`], [`Error::Disconnected`] or [`Error::Indeterminate`] the
+//! outcome is unknown ([`Error::outcome_unknown`]); submit the *same* request again (same id) and
+//! the answer is the original confirmation.
 //!
 //! Caveats:
 //! - A [`Client`] talks to one replica and does not reconnect or follow the leader by itself; on
-//!   `not_leader` the [`Error::Rejected`] reply carries a leader hint, and the caller decides
-//!   (the CLI follows it once).
+//!   `not_leader` the [`Error::Rejected`] reply carries a leader hint. [`ClusterClient`] does
+//!   both.
 //! - [`Client::submit`] checks that a confirmation is for the submitted request but does not
 //!   verify it; call [`tally_core::verify::verify_confirmation`] with a trusted operator key.
 //! - The CA certificate is read with blocking IO when connecting (a small file, once per
@@ -25,6 +31,7 @@
 //! - A confirmation file's `replayed` flag is cleared in its bytes: it describes how the answer
 //!   was delivered, not what was applied.
 
+pub mod cluster;
 pub mod confirmation;
 mod connection;
 mod error;
@@ -34,6 +41,9 @@ mod profile;
 use ed25519_dalek::SigningKey;
 use tally_wire::{Hash, Op, PublicKey, Request};
 
+pub use cluster::{
+    ClusterClient, ClusterOptions, ClusterStats, ConnectFuture, Connector, ProfileConnector,
+};
 pub use confirmation::{
     confirmation_to_json, verify_confirmation_file, verify_confirmation_json,
     write_confirmation_file, ConfirmationFile, CONFIRMATION_FORMAT,

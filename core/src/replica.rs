@@ -20,8 +20,8 @@
 //! size, may ever reach [`decode_message`].
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, Snapshot};
-use raft::{Config, RawNode, ReadOnlyOption, ReadState, StateRole, Storage};
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use raft::{Config, RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage};
 
 use crate::{Error, Result};
 
@@ -118,9 +118,7 @@ pub struct Replica<S: RaftLogStore> {
 
 /// Builds the configuration state every replica of a static cluster starts from.
 pub fn initial_conf_state(voters: &[u64]) -> ConfState {
-    let mut cs = ConfState::default();
-    cs.voters = voters.to_vec();
-    cs
+    ConfState { voters: voters.to_vec(), ..ConfState::default() }
 }
 
 impl<S: RaftLogStore> Replica<S> {
@@ -139,14 +137,19 @@ impl<S: RaftLogStore> Replica<S> {
             read_only_option: ReadOnlyOption::Safe,
             ..Config::default()
         };
-        config.validate().map_err(|e| Error::Storage(format!("raft config: {e}")))?;
-        let node = RawNode::new(&config, store, logger).map_err(|e| Error::Storage(format!("starting raft: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| Error::Storage(format!("raft config: {e}")))?;
+        let node = RawNode::new(&config, store, logger)
+            .map_err(|e| Error::Storage(format!("starting raft: {e}")))?;
         Ok(Replica { node })
     }
 
     /// Starts an election now (a single-voter cluster need not wait for a timeout).
     pub fn campaign(&mut self) -> Result<()> {
-        self.node.campaign().map_err(|e| Error::Storage(format!("campaign: {e}")))
+        self.node
+            .campaign()
+            .map_err(|e| Error::Storage(format!("campaign: {e}")))
     }
 
     pub fn tick(&mut self) {
@@ -155,7 +158,15 @@ impl<S: RaftLogStore> Replica<S> {
 
     /// A message from an authenticated peer. Errors (a message for another term, from an
     /// unknown peer) are not fatal: the message is dropped.
-    pub fn step(&mut self, message: Message) {
+    pub fn step(&mut self, mut message: Message) {
+        // A replica whose disk was wiped is still remembered by the leader as holding entries it
+        // no longer has, and raft-rs panics when told to commit past its last entry. Clamping
+        // the commit to what this log holds lets it reject the append instead, so the leader
+        // walks back and sends a snapshot. Without data loss a heartbeat's commit never exceeds
+        // the last index, so this changes nothing in normal operation.
+        if message.get_msg_type() == MessageType::MsgHeartbeat {
+            message.commit = message.commit.min(self.node.raft.raft_log.last_index());
+        }
         if let Err(e) = self.node.step(message) {
             tracing_free_log(&format!("raft: dropped a peer message: {e}"));
         }
@@ -167,7 +178,9 @@ impl<S: RaftLogStore> Replica<S> {
         if self.node.raft.state != StateRole::Leader {
             return Err("not the leader".into());
         }
-        self.node.propose(Vec::new(), data).map_err(|e| e.to_string())
+        self.node
+            .propose(Vec::new(), data)
+            .map_err(|e| e.to_string())
     }
 
     /// Asks for a linearizable read point; answered through [`RaftIo::read_ready`].
@@ -177,6 +190,12 @@ impl<S: RaftLogStore> Replica<S> {
 
     pub fn transfer_leader(&mut self, to: u64) {
         self.node.transfer_leader(to);
+    }
+
+    /// Tells raft whether a snapshot reached `id`; a lost one is resent instead of stalling.
+    pub fn report_snapshot(&mut self, id: u64, delivered: bool) {
+        let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+        self.node.report_snapshot(id, status);
     }
 
     pub fn report_unreachable(&mut self, id: u64) {
@@ -246,7 +265,9 @@ impl<S: RaftLogStore> Replica<S> {
         let entries = ready.take_entries();
         let hard_state = ready.hs().cloned();
         if !entries.is_empty() || hard_state.is_some() {
-            self.node.mut_store().persist(&entries, hard_state.as_ref())?;
+            self.node
+                .mut_store()
+                .persist(&entries, hard_state.as_ref())?;
         }
         if !ready.persisted_messages().is_empty() {
             io.send(ready.take_persisted_messages());
@@ -280,7 +301,8 @@ pub fn is_batch(entry: &Entry) -> bool {
 
 /// Encodes a raft message for the peer transport.
 pub fn encode_message(m: &Message) -> Vec<u8> {
-    m.write_to_bytes().expect("encoding a raft message cannot fail")
+    m.write_to_bytes()
+        .expect("encoding a raft message cannot fail")
 }
 
 /// Decodes a raft message from an authenticated peer (see the caveat in the module docs).

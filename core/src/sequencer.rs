@@ -157,7 +157,10 @@ impl Sequencer {
             Op::Transfer => {
                 // The wire decoder refuses these; a caller that skipped it must not mint money.
                 if request.to == request.signer {
-                    return Ok(reject(ErrorCode::MalformedRequest, "a transfer to oneself moves nothing"));
+                    return Ok(reject(
+                        ErrorCode::MalformedRequest,
+                        "a transfer to oneself moves nothing",
+                    ));
                 }
                 let Some(from) = self.balance(&request.signer, store)? else {
                     return Ok(reject(

@@ -12,7 +12,8 @@ use tally_core::ports::RequestRecord;
 use tally_core::Error;
 use tally_wire::{Hash, PublicKey};
 
-/// The tables of the ledger database. The one place that lists them.
+/// The tables of the ledger database and of the raft log database. The one place that lists
+/// them: tags are distinct across both, so a key found in the wrong database is never misread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {
     /// Intent-addressed: pubkey → balance.
@@ -27,16 +28,22 @@ pub enum Table {
     Request,
     /// The single ledger summary row.
     Meta,
+    /// Raft log (its own database): index (big-endian) → `raft::eraftpb::Entry` protobuf.
+    RaftEntry,
+    /// Raft log (its own database): hard state, conf state, snapshot point, last index.
+    RaftState,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 8] = [
         Table::Account,
         Table::Header,
         Table::Body,
         Table::BodyByHeight,
         Table::Request,
         Table::Meta,
+        Table::RaftEntry,
+        Table::RaftState,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -47,6 +54,8 @@ impl Table {
             Table::BodyByHeight => "body_by_height",
             Table::Request => "request",
             Table::Meta => "meta",
+            Table::RaftEntry => "raft_entry",
+            Table::RaftState => "raft_state",
         }
     }
 
@@ -57,7 +66,9 @@ impl Table {
             | Table::Body
             | Table::BodyByHeight
             | Table::Request
-            | Table::Meta => 1,
+            | Table::Meta
+            | Table::RaftEntry
+            | Table::RaftState => 1,
         }
     }
 
@@ -70,6 +81,8 @@ impl Table {
             Table::BodyByHeight => [0x78, 0xd7, 0xf6, 0x08],
             Table::Request => [0x94, 0x9b, 0x68, 0x03],
             Table::Meta => [0xd8, 0xa7, 0xaf, 0x8d],
+            Table::RaftEntry => [0x92, 0xb8, 0x4d, 0xfb],
+            Table::RaftState => [0x43, 0xc7, 0xc0, 0xc0],
         }
     }
 }
@@ -83,6 +96,8 @@ impl fmt::Display for Table {
 pub const TAG_BYTES: usize = 4;
 pub const ACCOUNT_VALUE_BYTES: usize = 8;
 pub const REQUEST_VALUE_BYTES: usize = 8 + 4 + 32;
+/// The fixed part of a snapshot point value: index u64 LE || term u64 LE.
+pub const SNAPSHOT_POINT_FIXED_BYTES: usize = 8 + 8;
 
 fn make_key<const N: usize>(table: Table, parts: &[&[u8]]) -> [u8; N] {
     let mut out = [0u8; N];
@@ -130,6 +145,43 @@ pub fn meta_key() -> [u8; 10] {
 /// advance LevelDB's sequence number (see `LedgerDb::open`).
 pub fn open_marker_key() -> [u8; 8] {
     make_key(Table::Meta, &[b"open"])
+}
+
+/// tag || index u64 BE
+pub fn raft_entry_key(index: u64) -> [u8; 12] {
+    make_key(Table::RaftEntry, &[&index.to_be_bytes()])
+}
+
+/// The index in a raft entry key, or None if `key` is not one.
+pub fn raft_entry_key_index(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(&Table::RaftEntry.tag())?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// tag || "hard": the `HardState` protobuf.
+pub fn raft_hard_state_key() -> [u8; 8] {
+    make_key(Table::RaftState, &[b"hard"])
+}
+
+/// tag || "conf": the `ConfState` protobuf.
+pub fn raft_conf_state_key() -> [u8; 8] {
+    make_key(Table::RaftState, &[b"conf"])
+}
+
+/// tag || "snap": the snapshot point (see [`SnapshotPoint::encode`]).
+pub fn raft_snapshot_key() -> [u8; 8] {
+    make_key(Table::RaftState, &[b"snap"])
+}
+
+/// tag || "last": the index of the last entry, u64 LE. Written in the same batch as every change
+/// to the entries, so that opening needs no scan of the log.
+pub fn raft_last_index_key() -> [u8; 8] {
+    make_key(Table::RaftState, &[b"last"])
+}
+
+/// tag || "open": never present, like [`open_marker_key`] in the ledger database.
+pub fn raft_open_marker_key() -> [u8; 8] {
+    make_key(Table::RaftState, &[b"open"])
 }
 
 /// The height in a header key, or None if `key` is not one.
@@ -180,6 +232,48 @@ pub fn decode_request(value: &[u8]) -> Result<RequestRecord, Error> {
     })
 }
 
+/// Where the raft log starts: the entries up to `index` are compacted away, the ledger state at
+/// `index` is described by `descriptor` (opaque bytes chosen by the server).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotPoint {
+    pub index: u64,
+    pub term: u64,
+    pub descriptor: Vec<u8>,
+}
+
+impl SnapshotPoint {
+    /// index u64 LE || term u64 LE || descriptor
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SNAPSHOT_POINT_FIXED_BYTES + self.descriptor.len());
+        out.extend_from_slice(&self.index.to_le_bytes());
+        out.extend_from_slice(&self.term.to_le_bytes());
+        out.extend_from_slice(&self.descriptor);
+        out
+    }
+
+    pub fn decode(value: &[u8]) -> Result<SnapshotPoint, Error> {
+        if value.len() < SNAPSHOT_POINT_FIXED_BYTES {
+            return Err(corrupt(
+                Table::RaftState,
+                format_args!(
+                    "snapshot point has {} bytes, expected at least {SNAPSHOT_POINT_FIXED_BYTES}",
+                    value.len()
+                ),
+            ));
+        }
+        Ok(SnapshotPoint {
+            index: u64::from_le_bytes(value[0..8].try_into().expect("8 bytes")),
+            term: u64::from_le_bytes(value[8..16].try_into().expect("8 bytes")),
+            descriptor: value[SNAPSHOT_POINT_FIXED_BYTES..].to_vec(),
+        })
+    }
+}
+
+/// index u64 LE
+pub fn decode_raft_last_index(value: &[u8]) -> Result<u64, Error> {
+    Ok(u64::from_le_bytes(fixed(Table::RaftState, value)?))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -202,6 +296,22 @@ mod tests {
     }
 
     #[test]
+    fn raft_state_keys_are_distinct_and_in_their_table() {
+        let keys = [
+            raft_hard_state_key(),
+            raft_conf_state_key(),
+            raft_snapshot_key(),
+            raft_last_index_key(),
+            raft_open_marker_key(),
+        ];
+        let set: HashSet<[u8; 8]> = keys.iter().copied().collect();
+        assert_eq!(set.len(), keys.len());
+        for k in keys {
+            assert!(k.starts_with(&Table::RaftState.tag()));
+        }
+    }
+
+    #[test]
     fn tags_and_names_are_distinct() {
         let tags: HashSet<[u8; 4]> = Table::ALL.iter().map(|t| t.tag()).collect();
         let names: HashSet<&str> = Table::ALL.iter().map(|t| t.name()).collect();
@@ -218,7 +328,13 @@ mod tests {
         }
         for h in heights {
             assert_eq!(header_key_height(&header_key(h)), Some(h));
+            assert_eq!(raft_entry_key_index(&raft_entry_key(h)), Some(h));
         }
+        for w in heights.windows(2) {
+            assert!(raft_entry_key(w[0]) < raft_entry_key(w[1]));
+        }
+        assert_eq!(raft_entry_key_index(&header_key(1)), None);
+        assert_eq!(raft_entry_key_index(&raft_entry_key(1)[..11]), None);
         assert_eq!(header_key_height(&body_by_height_key(1)), None);
         assert_eq!(header_key_height(&header_key(1)[..11]), None);
     }
@@ -239,6 +355,23 @@ mod tests {
         for bad in [&[][..], &[0; 43], &[0; 45]] {
             let e = decode_request(bad).unwrap_err().to_string();
             assert!(e.contains("request/v1"), "{e}");
+        }
+        for descriptor in [vec![], vec![1, 2, 3]] {
+            let point = SnapshotPoint {
+                index: 7,
+                term: u64::MAX,
+                descriptor,
+            };
+            assert_eq!(SnapshotPoint::decode(&point.encode()).unwrap(), point);
+        }
+        for bad in [&[][..], &[0; 15]] {
+            let e = SnapshotPoint::decode(bad).unwrap_err().to_string();
+            assert!(e.contains("raft_state/v1"), "{e}");
+        }
+        assert_eq!(decode_raft_last_index(&9u64.to_le_bytes()).unwrap(), 9);
+        for bad in [&[][..], &[0; 7], &[0; 9]] {
+            let e = decode_raft_last_index(bad).unwrap_err().to_string();
+            assert!(e.contains("raft_state/v1"), "{e}");
         }
     }
 }

@@ -1,10 +1,15 @@
-//! tally-storage: the ledger's durable state in LevelDB (rusty-leveldb).
+//! tally-storage: the ledger's and the raft log's durable state in LevelDB (rusty-leveldb).
 //!
 //! - [`LedgerDb`]: core's [`LedgerRead`](tally_core::ports::LedgerRead) and
 //!   [`LedgerStore`](tally_core::ports::LedgerStore) ports. A committed batch is applied in one
 //!   atomic, synced LevelDB write holding every key it changes: accounts, request records, the
 //!   signed header, the body, the body's height index and the ledger summary.
-//! - [`SyncEnv`]: the file layer under it, which makes LevelDB's "flush" mean fsync.
+//! - [`RaftLogDb`]: raft-rs's [`Storage`](raft::Storage) and core's
+//!   [`RaftLogStore`](tally_core::replica::RaftLogStore) in a database of its own (the server
+//!   keeps it in `<data_dir>/raft`, next to the ledger's `<data_dir>/ledger`): the log, the hard
+//!   and conf states, and the snapshot point with the server's descriptor of the ledger at it.
+//!   Every change is one synced write.
+//! - [`SyncEnv`]: the file layer under both, which makes LevelDB's "flush" mean fsync.
 //! - [`layout`]: the tables and their key and value encodings.
 //!
 //! # Key layout
@@ -22,9 +27,17 @@
 //! | `request` v1        | `949b6803` | signer (32) ‖ id u128 BE (16) | height u64 LE ‖ index u32 LE ‖ request hash (44)   |
 //! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (112)                         |
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
+//! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8)              | `raft::eraftpb::Entry` protobuf                    |
+//! | `raft_state` v1     | `43c7c0c0` | `b"hard"` (4)                 | `HardState` protobuf                               |
+//! | `raft_state` v1     | `43c7c0c0` | `b"conf"` (4)                 | `ConfState` protobuf                               |
+//! | `raft_state` v1     | `43c7c0c0` | `b"snap"` (4)                 | index u64 LE ‖ term u64 LE ‖ descriptor (16 + n)   |
+//! | `raft_state` v1     | `43c7c0c0` | `b"last"` (4)                 | last entry index u64 LE (8)                        |
+//! | `raft_state` v1     | `43c7c0c0` | `b"open"` (4)                 | never present, like the ledger's                   |
 //!
+//! The `raft_*` tables live in the raft log's database, the others in the ledger's.
 //! `account`, `header` and `request` are intent-addressed (keyed by what the value is about);
-//! `body` is content-addressed (keyed by the value's digest). No stored key is ever deleted.
+//! `body` is content-addressed (keyed by the value's digest). No ledger key is ever deleted; raft
+//! entries are deleted when the log is compacted or a conflicting suffix is replaced.
 //!
 //! # Durability
 //!
@@ -38,8 +51,8 @@
 //!
 //! # Caveats
 //!
-//! - rusty-leveldb's `DB` is built on `Rc`: [`LedgerDb`] is not `Send` and must be opened on the
-//!   thread that owns it.
+//! - rusty-leveldb's `DB` is built on `Rc`: [`LedgerDb`] and [`RaftLogDb`] are not `Send` and
+//!   must be opened on the thread that owns them.
 //! - Compactions (memtable flushes and level merges) run inline, inside the `apply` that
 //!   triggers them, so some applies take much longer than others; a larger
 //!   [`StoreOptions::write_buffer_bytes`] makes them rarer and bigger.
@@ -49,20 +62,27 @@
 //!   table: after a crash, the ledger could read as empty. `LedgerDb::open` writes (deletes the
 //!   `open` marker) before its first read, which moves the lookup sequence number past every
 //!   entry in a table; a unit test pins the upstream behaviour, and the crash test catches a
-//!   regression. Possibly the same bug as dermesser/leveldb-rs#58.
+//!   regression. Possibly the same bug as dermesser/leveldb-rs#58. `RaftLogDb::open` does the
+//!   same (its hard state and last-index rows have a version per write).
 //! - rusty-leveldb's `get` turns an error reading a table file into "not found". An unreadable
 //!   table can therefore look like a missing account or request rather than an IO error.
+//!   (`RaftLogDb` reads with `get_at`, which reports them.)
 //! - rusty-leveldb stops reading a log at its first bad record and would append after it if it
-//!   reused the file; `LedgerDb` turns off log and manifest reuse, so every open writes the
+//!   reused the file; both databases turn off log and manifest reuse, so every open writes the
 //!   recovered log into a table and starts new files.
 //! - A failed write may already be visible in rusty-leveldb's memtable; after one, `LedgerDb`
-//!   refuses every call until it is reopened.
+//!   and `RaftLogDb` refuse every call until they are reopened.
 //! - Directory fsync assumes a Unix file system.
-//! - Raft's log and hard state are not stored here yet.
+//! - `RaftLogDb::set_commit` only updates memory (raft-rs reports commits after the write that
+//!   made them possible); after a crash the durable commit may be behind what the ledger applied.
+//! - `RaftLogDb` keeps every entry in LevelDB only: raft re-reads entries it sends or applies,
+//!   and compaction deletes them in one batch (one delete per entry).
 
 mod env;
 pub mod layout;
 mod ledger;
+mod raft_log;
 
 pub use env::{SyncEnv, SyncStats};
 pub use ledger::{LedgerDb, StoreOptions};
+pub use raft_log::RaftLogDb;

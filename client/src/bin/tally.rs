@@ -10,14 +10,12 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tally_client::{
     build_request, generate_key, load_key, parse_public_key, public_key, random_id, retry_name,
-    role_name, to_hex, verify_confirmation_json, write_confirmation_file, write_key, Client,
-    ConfirmationFile, Error, Profile,
+    role_name, to_hex, verify_confirmation_json, write_confirmation_file, write_key, ClusterClient,
+    ClusterOptions, ConfirmationFile, Error, Profile,
 };
 use tally_core::crypto::{header_hash, verify_header};
 use tally_core::verify::verify_confirmation;
-use tally_wire::{
-    Confirmation, ErrorCode, Op, PublicKey, ReadMode, Request, SignedHeader, HEADERS_PER_REPLY_MAX,
-};
+use tally_wire::{Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
 
@@ -39,6 +37,15 @@ struct Cli {
         value_name = "MS"
     )]
     timeout_ms: u64,
+    /// How long one command may keep retrying (redirects, failover, backoff), in milliseconds
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_TOTAL_TIMEOUT_MS",
+        default_value_t = 60_000,
+        value_name = "MS"
+    )]
+    total_timeout_ms: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -176,6 +183,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         profile_path: cli.profile.clone(),
         json: cli.json,
         timeout: Duration::from_millis(cli.timeout_ms),
+        total_timeout: Duration::from_millis(cli.total_timeout_ms),
     };
     match cli.command {
         Command::Keygen { out } => keygen(&ctx, &out),
@@ -221,7 +229,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 struct Globals {
     profile_path: Option<PathBuf>,
     json: bool,
+    /// Of each attempt.
     timeout: Duration,
+    /// Of each operation, over all its attempts.
+    total_timeout: Duration,
 }
 
 impl Globals {
@@ -242,25 +253,20 @@ impl Globals {
         Ok(Profile::load(&path)?)
     }
 
-    async fn connect(&self, profile: &Profile) -> Result<Client> {
-        Ok(Client::connect_timeout(profile, self.timeout).await?)
-    }
-
-    /// A client connected to the leader hinted at by a `not_leader` rejection, if the hint names
-    /// another replica.
-    async fn follow_leader(&self, profile: &Profile, client: &Client, e: &Error) -> Option<Client> {
-        let Error::Rejected(reply) = e else {
-            return None;
-        };
-        if reply.code != ErrorCode::NotLeader
-            || reply.leader_hint.is_empty()
-            || reply.leader_hint == client.address()
-        {
-            return None;
+    /// A client for the profile's replicas that follows the leader and fails over (it connects
+    /// on first use).
+    fn cluster(&self, profile: &Profile) -> Result<ClusterClient> {
+        if profile.replicas.is_empty() {
+            bail!("the profile lists no replicas");
         }
-        Client::connect_to_timeout(reply.leader_hint.as_str(), profile, self.timeout)
-            .await
-            .ok()
+        Ok(ClusterClient::new(
+            profile,
+            ClusterOptions {
+                call_timeout: self.timeout,
+                total_timeout: self.total_timeout.max(self.timeout),
+                ..ClusterOptions::default()
+            },
+        ))
     }
 }
 
@@ -294,7 +300,16 @@ async fn submit(
     let operator = profile.operator_key()?;
     let id = id.unwrap_or_else(random_id);
     let request = build_request(key, profile.chain_id_bytes()?, op, id, to, amount);
-    let confirmation = submit_following_leader(ctx, profile, request).await?;
+    let confirmation = ctx.cluster(profile)?.submit(request).await.map_err(|e| {
+        // The id is what makes a resubmission safe; say it whenever the outcome is open.
+        if e.outcome_unknown() {
+            anyhow::Error::from(e).context(format!(
+                "request id {id}: resubmit with --id {id} to learn whether it was applied"
+            ))
+        } else {
+            anyhow::Error::from(e).context(format!("request id {id}"))
+        }
+    })?;
     verify_confirmation(&confirmation, &operator)
         .context("the server's confirmation does not verify against the profile's operator key")?;
     if let Some(path) = &out {
@@ -341,23 +356,6 @@ async fn submit(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Submits through the first reachable replica; on `not_leader` with a hint, once more through
-/// the leader. Resubmitting is safe: the request keeps its id.
-async fn submit_following_leader(
-    ctx: &Globals,
-    profile: &Profile,
-    request: Request,
-) -> Result<Confirmation> {
-    let client = ctx.connect(profile).await?;
-    match client.submit(request.clone()).await {
-        Ok(c) => Ok(c),
-        Err(e) => match ctx.follow_leader(profile, &client, &e).await {
-            Some(leader) => Ok(leader.submit(request).await?),
-            None => Err(e.into()),
-        },
-    }
-}
-
 async fn balance(ctx: &Globals, account: PublicKey, stale: bool) -> Result<ExitCode> {
     let profile = ctx.profile()?;
     let mode = if stale {
@@ -365,14 +363,7 @@ async fn balance(ctx: &Globals, account: PublicKey, stale: bool) -> Result<ExitC
     } else {
         ReadMode::Linearizable
     };
-    let client = ctx.connect(&profile).await?;
-    let reply = match client.balance(account, mode).await {
-        Ok(reply) => reply,
-        Err(e) => match ctx.follow_leader(&profile, &client, &e).await {
-            Some(leader) => leader.balance(account, mode).await?,
-            None => return Err(e.into()),
-        },
-    };
+    let reply = ctx.cluster(&profile)?.balance(account, mode).await?;
     let mode_name = match reply.mode {
         ReadMode::Linearizable => "linearizable",
         ReadMode::Stale => "stale",
@@ -506,7 +497,7 @@ async fn headers(ctx: &Globals, from: u64, limit: u64) -> Result<ExitCode> {
     let profile = ctx.profile()?;
     let operator = profile.operator_key()?;
     let chain_id = profile.chain_id_bytes()?;
-    let client = ctx.connect(&profile).await?;
+    let client = ctx.cluster(&profile)?;
     let mut fetched: Vec<SignedHeader> = Vec::new();
     let mut next = from.max(1);
     while (fetched.len() as u64) < limit {
@@ -602,24 +593,14 @@ async fn headers(ctx: &Globals, from: u64, limit: u64) -> Result<ExitCode> {
 
 async fn status(ctx: &Globals) -> Result<ExitCode> {
     let profile = ctx.profile()?;
-    if profile.replicas.is_empty() {
-        bail!("the profile lists no replicas");
-    }
-    // Ask every replica at once, so an unreachable one costs one timeout, not one per replica.
-    let mut probes = Vec::new();
-    for replica in profile.replicas.clone() {
-        let profile = profile.clone();
-        let timeout = ctx.timeout;
-        probes.push(tokio::spawn(async move {
-            let client =
-                Client::connect_to_timeout(replica.address.as_str(), &profile, timeout).await?;
-            client.status().await
-        }));
-    }
-    let mut results = Vec::new();
-    for probe in probes {
-        results.push(probe.await.context("status probe panicked")?);
-    }
+    // Every replica at once, so an unreachable one costs one timeout, not one per replica.
+    let results: Vec<_> = ctx
+        .cluster(&profile)?
+        .status_all()
+        .await
+        .into_iter()
+        .map(|(_, result)| result)
+        .collect();
     let max_height = results
         .iter()
         .filter_map(|r| r.as_ref().ok().map(|s| s.applied_height))

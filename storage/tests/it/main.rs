@@ -3,4 +3,8 @@
 mod corrupt;
 mod crash;
 mod ledger;
+mod raft_cluster;
+mod raft_crash;
+mod raft_log;
+mod raft_model;
 mod support;

@@ -1,0 +1,3 @@
+//! Integration tests of tally-client: one binary (see the style guide), no real server.
+
+mod cluster;

@@ -1,0 +1,686 @@
+//! [`RaftLogDb`]: raft's log, hard state, configuration and snapshot point in their own LevelDB
+//! database, behind raft-rs's [`Storage`] and core's [`RaftLogStore`].
+//!
+//! The database is separate from the ledger's (the server keeps it in `<data_dir>/raft`), so that
+//! the log can be appended and compacted without touching the ledger's tables. Every write is
+//! one synced `WriteBatch` through [`SyncEnv`]: a crash leaves the state before or after it.
+//!
+//! What is stored (see [`layout`] for the keys):
+//! - `raft_entry`: every entry from `first_index` to `last_index`, as `Entry` protobuf.
+//! - `raft_state`: the hard state and the conf state (protobuf), the snapshot point (index,
+//!   term and the server's descriptor of the ledger at that index), and the last index, which is
+//!   written in every batch that changes the entries, so that opening needs no scan.
+//!
+//! Invariants: `snapshot index <= commit <= last index`, the entries are exactly
+//! `snapshot index + 1 ..= last index`, and their terms never decrease, starting at or after the
+//! snapshot's. Opening checks the first two, reads the first and last entries and the snapshot
+//! index's and `last + 1`'s (which must be absent), and checks the terms it reads while it looks
+//! for the points where the term changes (a bisection, a few reads per term); other entries are
+//! checked when they are read.
+
+use std::cell::RefCell;
+use std::cmp;
+use std::fmt;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::util::limit_size;
+use raft::{GetEntriesContext, RaftState, Storage, StorageError, NO_LIMIT};
+use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
+use tally_core::replica::{initial_conf_state, RaftLogStore};
+use tally_core::{Error, Result};
+
+use crate::env::{SyncEnv, SyncStats};
+use crate::layout::{self, corrupt, SnapshotPoint, Table};
+use crate::StoreOptions;
+
+/// The durable raft log of one replica. See the module docs.
+///
+/// Not `Send`: rusty-leveldb's `DB` is built on `Rc`. It lives on the raft thread, inside the
+/// `RawNode`. The database sits in a `RefCell` because [`Storage`]'s methods take `&self` while
+/// rusty-leveldb's reads take `&mut self`; no method holds the borrow across a call out.
+pub struct RaftLogDb {
+    db: RefCell<DB>,
+    /// As last written, except for a commit index raised by `set_commit` since.
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: SnapshotPoint,
+    /// Set by `set_snapshot_descriptor`; stored by the next `compact` that moves the snapshot
+    /// point.
+    next_descriptor: Option<Vec<u8>>,
+    last_index: u64,
+    /// The term of every entry in the log, so that `term()` never reads the disk.
+    terms: TermRuns,
+    sync_stats: Arc<SyncStats>,
+    /// Set when a write failed: rusty-leveldb puts a batch into its memtable before writing the
+    /// log, so reads could see entries that are not durable. Every later call fails.
+    failed: Option<String>,
+}
+
+impl RaftLogDb {
+    /// Opens (creating if missing) the raft log in `dir`. A new log starts from the conf state
+    /// listing `voters` (static membership: every replica starts from the same one), with first
+    /// index 1 and last index 0. An existing log must have been created with the same voters.
+    pub fn open(dir: &Path, voters: &[u64]) -> Result<RaftLogDb> {
+        RaftLogDb::open_with_options(dir, voters, StoreOptions::default())
+    }
+
+    /// [`RaftLogDb::open`] with LevelDB tuning (tests use a small memtable).
+    pub fn open_with_options(dir: &Path, voters: &[u64], opts: StoreOptions) -> Result<RaftLogDb> {
+        assert!(!voters.is_empty(), "a cluster has at least one voter");
+        assert!(
+            opts.write_buffer_bytes > 0 && opts.block_cache_bytes > 0,
+            "{opts:?}"
+        );
+        let env = SyncEnv::new();
+        let sync_stats = env.stats();
+        let mut db = DB::open(dir, leveldb_options(&opts, env))
+            .map_err(|e| io_error(format_args!("opening raft log {}", dir.display()), e))?;
+        advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
+
+        let conf = get(&mut db, &layout::raft_conf_state_key())?;
+        let hard = get(&mut db, &layout::raft_hard_state_key())?;
+        let snap = get(&mut db, &layout::raft_snapshot_key())?;
+        let last = get(&mut db, &layout::raft_last_index_key())?;
+        let conf_state = match conf {
+            Some(v) => decode_proto::<ConfState>(Table::RaftState, "conf state", &v)?,
+            None if hard.is_none() && snap.is_none() && last.is_none() => {
+                let cs = initial_conf_state(voters);
+                let mut batch = WriteBatch::default();
+                batch.put(&layout::raft_conf_state_key(), &encode_proto(&cs));
+                db.write(batch, true)
+                    .map_err(|e| io_error("creating the raft log", e))?;
+                cs
+            }
+            None => {
+                return Err(corrupt(
+                    Table::RaftState,
+                    "the conf state is missing from a log in use",
+                ))
+            }
+        };
+        let mut stored_voters = conf_state.voters.clone();
+        let mut wanted_voters = voters.to_vec();
+        stored_voters.sort_unstable();
+        wanted_voters.sort_unstable();
+        if stored_voters != wanted_voters {
+            return Err(Error::Storage(format!(
+                "the raft log in {} was created for voters {stored_voters:?}, not {wanted_voters:?}; \
+                 membership is static",
+                dir.display()
+            )));
+        }
+        let hard_state = match hard {
+            Some(v) => decode_proto::<HardState>(Table::RaftState, "hard state", &v)?,
+            None => HardState::default(),
+        };
+        let snapshot = match snap {
+            Some(v) => SnapshotPoint::decode(&v)?,
+            None => SnapshotPoint::default(),
+        };
+        let last_index = match last {
+            Some(v) => layout::decode_raft_last_index(&v)?,
+            None => snapshot.index,
+        };
+        let mut this = RaftLogDb {
+            db: RefCell::new(db),
+            hard_state,
+            conf_state,
+            snapshot,
+            next_descriptor: None,
+            last_index,
+            terms: TermRuns::default(),
+            sync_stats,
+            failed: None,
+        };
+        this.check_and_load_terms()?;
+        Ok(this)
+    }
+
+    /// The descriptor the next [`RaftLogStore::compact`] stores with the snapshot point: opaque
+    /// bytes describing the ledger state at the index being compacted to. Without one, a compact
+    /// keeps the current descriptor.
+    pub fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
+        self.next_descriptor = Some(bytes);
+    }
+
+    /// The hard state, with the commit index from the latest `set_commit` (which may not be
+    /// durable yet).
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// Everything up to this index has been compacted away (0 for a log never compacted).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.index
+    }
+
+    /// The snapshot point: index, term and the descriptor stored with it.
+    pub fn snapshot_point(&self) -> &SnapshotPoint {
+        &self.snapshot
+    }
+
+    /// How many entries the log holds (`last_index - snapshot_index`).
+    pub fn entry_count(&self) -> u64 {
+        self.last_index - self.snapshot.index
+    }
+
+    /// The fsync counters of this database's env.
+    pub fn sync_stats(&self) -> Arc<SyncStats> {
+        Arc::clone(&self.sync_stats)
+    }
+
+    /// Releases the database lock, reporting a failure to flush (every write is already synced).
+    pub fn close(self) -> Result<()> {
+        self.db
+            .into_inner()
+            .close()
+            .map_err(|e| io_error("closing the raft log", e))
+    }
+
+    /// Writes one raw key and value, synced. For tests that need a corrupt database.
+    #[doc(hidden)]
+    pub fn raw_put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(key, value);
+        self.write(batch, "raw put")
+    }
+
+    fn first(&self) -> u64 {
+        self.snapshot.index + 1
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(e) => Err(Error::Storage(format!(
+                "an earlier write to the raft log failed, it must be reopened: {e}"
+            ))),
+        }
+    }
+
+    fn write(&mut self, batch: WriteBatch, what: impl fmt::Display) -> Result<()> {
+        self.check_usable()?;
+        if let Err(e) = self.db.get_mut().write(batch, true) {
+            let e = io_error(format_args!("raft log: {what}"), e);
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn read_entry(&self, index: u64) -> Result<Option<Entry>> {
+        self.check_usable()?;
+        let value = get(&mut self.db.borrow_mut(), &layout::raft_entry_key(index))?;
+        value.map(|v| decode_entry(index, &v)).transpose()
+    }
+
+    fn must_read_entry(&self, index: u64) -> Result<Entry> {
+        self.read_entry(index)?.ok_or_else(|| self.missing(index))
+    }
+
+    fn missing(&self, index: u64) -> Error {
+        corrupt(
+            Table::RaftEntry,
+            format_args!(
+                "entry {index} is missing from the log {}..={}",
+                self.first(),
+                self.last_index
+            ),
+        )
+    }
+
+    /// Entries `low..high` (all in the log, `low < high`), stopping once their encoded size
+    /// passes `max_size` (at least one is returned).
+    fn read_entries(&self, low: u64, high: u64, max_size: u64) -> Result<Vec<Entry>> {
+        self.check_usable()?;
+        let mut iter = self
+            .db
+            .borrow_mut()
+            .new_iter()
+            .map_err(|e| io_error("iterating the raft log", e))?;
+        iter.seek(&layout::raft_entry_key(low));
+        let mut out = Vec::with_capacity(cmp::min(high - low, 1024) as usize);
+        let mut bytes = 0u64;
+        for index in low..high {
+            let Some((key, value)) = iter.current() else {
+                return Err(self.missing(index));
+            };
+            if layout::raft_entry_key_index(&key) != Some(index) {
+                return Err(self.missing(index));
+            }
+            out.push(decode_entry(index, &value)?);
+            // `limit_size` below decides exactly; this only stops reading once it would cut.
+            bytes = bytes.saturating_add(value.len() as u64);
+            if bytes > max_size {
+                break;
+            }
+            iter.advance();
+        }
+        limit_size(&mut out, Some(max_size));
+        Ok(out)
+    }
+
+    /// Checks the invariants of the module docs against the disk and fills `terms`. Terms never
+    /// decrease along a raft log, so the runs are found by bisection: a few reads per term.
+    fn check_and_load_terms(&mut self) -> Result<()> {
+        let (first, last) = (self.first(), self.last_index);
+        let commit = self.hard_state.commit;
+        if last < self.snapshot.index || commit < self.snapshot.index || commit > last {
+            return Err(corrupt(
+                Table::RaftState,
+                format_args!(
+                    "snapshot index {}, commit {commit} and last index {last} are out of order",
+                    self.snapshot.index
+                ),
+            ));
+        }
+        for outside in [self.snapshot.index, last + 1] {
+            if outside > 0 && self.read_entry(outside)?.is_some() {
+                return Err(corrupt(
+                    Table::RaftEntry,
+                    format_args!("entry {outside} is outside the log {first}..={last}"),
+                ));
+            }
+        }
+        if last < first {
+            return Ok(());
+        }
+        let lo = self.must_read_entry(first)?.term;
+        let hi = self.must_read_entry(last)?.term;
+        let mut runs = vec![(first, lo)];
+        self.find_runs(first, lo, last, hi, &mut runs)?;
+        if lo < self.snapshot.term {
+            return Err(corrupt(
+                Table::RaftEntry,
+                format_args!(
+                    "entry {first} has term {lo}, before the snapshot's {}",
+                    self.snapshot.term
+                ),
+            ));
+        }
+        self.terms = TermRuns { runs };
+        Ok(())
+    }
+
+    /// Appends to `runs` the run starts in `(lo, hi]`, given the terms at both ends.
+    fn find_runs(
+        &self,
+        lo: u64,
+        lo_term: u64,
+        hi: u64,
+        hi_term: u64,
+        runs: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if lo_term == hi_term {
+            return Ok(());
+        }
+        if lo_term > hi_term {
+            return Err(corrupt(
+                Table::RaftEntry,
+                format_args!("entry {lo} has term {lo_term}, after entry {hi}'s {hi_term}"),
+            ));
+        }
+        if hi == lo + 1 {
+            runs.push((hi, hi_term));
+            return Ok(());
+        }
+        let mid = lo + (hi - lo) / 2;
+        let mid_term = self.must_read_entry(mid)?.term;
+        self.find_runs(lo, lo_term, mid, mid_term, runs)?;
+        self.find_runs(mid, mid_term, hi, hi_term, runs)
+    }
+}
+
+impl Storage for RaftLogDb {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.check_usable().map_err(raft_error)?;
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into().unwrap_or(NO_LIMIT);
+        if low < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        assert!(
+            high <= self.last_index + 1,
+            "index out of bound (last: {}, high: {high})",
+            self.last_index + 1
+        );
+        assert!(low <= high, "entries({low}, {high})");
+        if low == high {
+            return Ok(Vec::new());
+        }
+        self.read_entries(low, high, max_size).map_err(raft_error)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.check_usable().map_err(raft_error)?;
+        if idx == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        if idx < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.terms.term(idx))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    /// The snapshot point, with the descriptor as data. A log never compacted has no snapshot to
+    /// give (raft-rs would refuse an empty one), and neither has one whose point is behind
+    /// `request_index`: both are "temporarily unavailable", and raft asks again later.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        self.check_usable().map_err(raft_error)?;
+        if self.snapshot.index == 0 || self.snapshot.index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snapshot = Snapshot::default();
+        snapshot.data = self.snapshot.descriptor.clone().into();
+        let meta = snapshot.mut_metadata();
+        meta.index = self.snapshot.index;
+        meta.term = self.snapshot.term;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snapshot)
+    }
+}
+
+impl RaftLogStore for RaftLogDb {
+    /// Entries replace the stored ones from their first index on. Without a hard state, the one
+    /// in memory is written, which carries the commit index of any `set_commit` since.
+    fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
+        self.check_usable()?;
+        let mut batch = WriteBatch::default();
+        let mut last = self.last_index;
+        if let Some(head) = entries.first() {
+            let start = head.index;
+            assert!(
+                start >= self.first() && start <= self.last_index + 1,
+                "entries from {start} do not continue the log {}..={}",
+                self.first(),
+                self.last_index
+            );
+            assert!(
+                start > self.hard_state.commit,
+                "entries from {start} would overwrite committed entries (commit {})",
+                self.hard_state.commit
+            );
+            for (i, e) in entries.iter().enumerate() {
+                assert_eq!(e.index, start + i as u64, "entries are contiguous");
+                batch.put(&layout::raft_entry_key(e.index), &encode_proto(e));
+            }
+            last = start + entries.len() as u64 - 1;
+            for stale in last + 1..=self.last_index {
+                batch.delete(&layout::raft_entry_key(stale));
+            }
+            batch.put(&layout::raft_last_index_key(), &last.to_le_bytes());
+        }
+        let hard_state = hard_state.unwrap_or(&self.hard_state).clone();
+        assert!(
+            hard_state.commit >= self.hard_state.commit && hard_state.commit <= last,
+            "commit {} must not go back from {} nor pass the last index {last}",
+            hard_state.commit,
+            self.hard_state.commit
+        );
+        batch.put(&layout::raft_hard_state_key(), &encode_proto(&hard_state));
+        self.write(batch, format_args!("persisting up to entry {last}"))?;
+        if !entries.is_empty() {
+            self.terms.append(entries);
+        }
+        self.last_index = last;
+        self.hard_state = hard_state;
+        Ok(())
+    }
+
+    /// The log becomes empty and starts after the snapshot's index; its data becomes the
+    /// descriptor, and a descriptor set with `set_snapshot_descriptor` is forgotten (it described
+    /// an older ledger state).
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<()> {
+        self.check_usable()?;
+        let meta = snapshot.get_metadata();
+        let index = meta.index;
+        assert!(
+            index > self.snapshot.index,
+            "snapshot at {index} is out of date: the log is compacted to {}",
+            self.snapshot.index
+        );
+        let mut batch = WriteBatch::default();
+        for i in self.first()..=self.last_index {
+            batch.delete(&layout::raft_entry_key(i));
+        }
+        let point = SnapshotPoint {
+            index,
+            term: meta.term,
+            descriptor: snapshot.data.to_vec(),
+        };
+        let conf_state = meta.get_conf_state().clone();
+        let mut hard_state = self.hard_state.clone();
+        hard_state.commit = cmp::max(hard_state.commit, index);
+        hard_state.term = cmp::max(hard_state.term, meta.term);
+        batch.put(&layout::raft_snapshot_key(), &point.encode());
+        batch.put(&layout::raft_conf_state_key(), &encode_proto(&conf_state));
+        batch.put(&layout::raft_hard_state_key(), &encode_proto(&hard_state));
+        batch.put(&layout::raft_last_index_key(), &index.to_le_bytes());
+        self.write(batch, format_args!("applying the snapshot at {index}"))?;
+        self.snapshot = point;
+        self.conf_state = conf_state;
+        self.hard_state = hard_state;
+        self.last_index = index;
+        self.terms = TermRuns::default();
+        self.next_descriptor = None;
+        Ok(())
+    }
+
+    /// Also writes the hard state, so that the durable commit index is never behind the
+    /// snapshot point (raft-rs refuses to start from such a state).
+    fn compact(&mut self, index: u64) -> Result<()> {
+        self.check_usable()?;
+        assert!(
+            index >= self.snapshot.index && index <= self.hard_state.commit,
+            "compact({index}): the index must be between the snapshot point {} and the commit {}",
+            self.snapshot.index,
+            self.hard_state.commit
+        );
+        if index == self.snapshot.index {
+            return Ok(());
+        }
+        let term = self.terms.term(index);
+        let mut batch = WriteBatch::default();
+        for i in self.first()..=index {
+            batch.delete(&layout::raft_entry_key(i));
+        }
+        let point = SnapshotPoint {
+            index,
+            term,
+            descriptor: match &self.next_descriptor {
+                Some(d) => d.clone(),
+                None => self.snapshot.descriptor.clone(),
+            },
+        };
+        batch.put(&layout::raft_snapshot_key(), &point.encode());
+        batch.put(
+            &layout::raft_hard_state_key(),
+            &encode_proto(&self.hard_state),
+        );
+        self.write(batch, format_args!("compacting to {index}"))?;
+        self.snapshot = point;
+        self.next_descriptor = None;
+        self.terms.compact(index + 1, self.last_index);
+        Ok(())
+    }
+
+    fn set_commit(&mut self, commit: u64) -> Result<()> {
+        self.check_usable()?;
+        assert!(
+            commit >= self.hard_state.commit && commit <= self.last_index,
+            "commit {commit} must not go back from {} nor pass the last index {}",
+            self.hard_state.commit,
+            self.last_index
+        );
+        self.hard_state.commit = commit;
+        Ok(())
+    }
+}
+
+/// The terms of the entries `first_index..=last_index`, as runs `(first index, term)`: terms only
+/// change at elections, so a few runs cover the whole log.
+#[derive(Debug, Default)]
+struct TermRuns {
+    runs: Vec<(u64, u64)>,
+}
+
+impl TermRuns {
+    /// `index` must be in the log.
+    fn term(&self, index: u64) -> u64 {
+        let i = self.runs.partition_point(|&(start, _)| start <= index);
+        assert!(i > 0, "term of {index}, before the log");
+        self.runs[i - 1].1
+    }
+
+    /// `entries` (contiguous, starting inside the log or right after it) replace the log's tail.
+    fn append(&mut self, entries: &[Entry]) {
+        let start = entries[0].index;
+        let keep = self.runs.partition_point(|&(s, _)| s < start);
+        self.runs.truncate(keep);
+        for e in entries {
+            if self.runs.last().map(|&(_, t)| t) != Some(e.term) {
+                self.runs.push((e.index, e.term));
+            }
+        }
+    }
+
+    /// The log now starts at `first` and ends at `last`.
+    fn compact(&mut self, first: u64, last: u64) {
+        if first > last {
+            self.runs.clear();
+            return;
+        }
+        let i = self.runs.partition_point(|&(start, _)| start <= first);
+        assert!(i > 0, "compacting to {first}, before the log");
+        self.runs.drain(..i - 1);
+        self.runs[0].0 = first;
+    }
+}
+
+/// Like `LedgerDb`'s options: no log or manifest reuse (see `ledger.rs` for why).
+fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
+    Options {
+        env: Rc::new(Box::new(env)),
+        create_if_missing: true,
+        write_buffer_size: opts.write_buffer_bytes,
+        block_cache_capacity_bytes: opts.block_cache_bytes,
+        reuse_logs: false,
+        reuse_manifest: false,
+        ..Options::default()
+    }
+}
+
+/// The rusty-leveldb `Table::get` workaround of `LedgerDb` (see `advance_sequence` in
+/// `ledger.rs`): the hard state and the last index have a version per write, exactly the rows
+/// the bug hides after a restart. Writing before the first read avoids it.
+fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
+    let mut batch = WriteBatch::default();
+    batch.delete(&layout::raft_open_marker_key());
+    db.write(batch, false)
+}
+
+/// A read that reports IO errors: unlike `DB::get`, `get_at` does not turn them into "absent".
+fn get(db: &mut DB, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    let snapshot = db.get_snapshot();
+    db.get_at(&snapshot, key)
+        .map(|v| v.map(|b| b.to_vec()))
+        .map_err(|e| io_error("reading the raft log", e))
+}
+
+fn decode_entry(index: u64, value: &[u8]) -> Result<Entry> {
+    let entry: Entry = decode_proto(Table::RaftEntry, format_args!("entry {index}"), value)?;
+    if entry.index != index {
+        return Err(corrupt(
+            Table::RaftEntry,
+            format_args!("key index {index} holds entry {}", entry.index),
+        ));
+    }
+    Ok(entry)
+}
+
+fn decode_proto<M: protobuf::Message>(
+    table: Table,
+    what: impl fmt::Display,
+    value: &[u8],
+) -> Result<M> {
+    M::parse_from_bytes(value).map_err(|e| corrupt(table, format_args!("{what}: {e}")))
+}
+
+fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
+    m.write_to_bytes()
+        .expect("raft's protobuf messages have no required fields")
+}
+
+fn io_error(what: impl fmt::Display, e: rusty_leveldb::Status) -> Error {
+    Error::Storage(format!("{what}: {e}"))
+}
+
+/// raft-rs treats any error but its own kinds as fatal, which is what a storage error is.
+fn raft_error(e: Error) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn term_runs_follow_appends_and_compactions() {
+        let mut t = TermRuns::default();
+        t.append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)]);
+        assert_eq!(t.runs, [(1, 1), (3, 2)]);
+        t.append(&[entry(3, 3)]);
+        assert_eq!(t.runs, [(1, 1), (3, 3)]);
+        t.append(&[entry(2, 1), entry(3, 1), entry(4, 4)]);
+        assert_eq!(t.runs, [(1, 1), (4, 4)]);
+        assert_eq!((1..=4).map(|i| t.term(i)).collect::<Vec<_>>(), [1, 1, 1, 4]);
+        t.compact(3, 4);
+        assert_eq!(t.runs, [(3, 1), (4, 4)]);
+        t.compact(4, 4);
+        assert_eq!(t.runs, [(4, 4)]);
+        t.compact(5, 4);
+        assert!(t.runs.is_empty());
+        t.append(&[entry(5, 4)]);
+        assert_eq!(t.runs, [(5, 4)]);
+    }
+}
