@@ -1,1 +1,209 @@
-//! placeholder
+//! tally-bench: a load generator for a tally operator, and its report.
+//!
+//! One run (`tally-bench --profile FILE ...` or `--start-server`) goes:
+//! 1. the machine's bound ([`bound`]): Ed25519 checks per second on every core, strict and in
+//!    batches of 256, measured before any load so that neither disturbs the other;
+//! 2. setup, not timed ([`load`]): create `--accounts` keys, fund each with one deposit signed
+//!    by the profile's deposit key, wait for every confirmation, then sign every transfer the
+//!    timed phase will send (signing is not what is measured);
+//! 3. the timed phase: a closed loop (`--in-flight` requests outstanding per connection) or an
+//!    open loop (`--rate`, latency counted from each request's scheduled time, so a slow answer
+//!    cannot hide the requests it delayed); confirmations, refusals by code and errors are
+//!    recorded per connection ([`stats`]), with a progress line on stderr every second;
+//! 4. the report ([`report`]): a markdown table on stdout, everything as JSON with `--json`.
+//!
+//! [`server`] starts a fresh development operator for `--start-server`.
+//!
+//! This crate is the program's logic rather than a library for others, so its errors are
+//! `anyhow` messages for the user (the style guide's "thiserror in libraries" does not buy
+//! anything here).
+//!
+//! Caveats:
+//! - The load generator runs on the same machine as the operator and takes CPU from it (TLS,
+//!   the client's bookkeeping): on a small machine the figures understate the server alone.
+//! - The bound excludes decompressing public keys (a server can cache them for hot accounts).
+//! - `--duration` runs sign their transfers in advance: an open loop `rate × duration`, a
+//!   closed loop `bound × duration` (capped at [`POOL_ESTIMATE_MAX`]), since no operator on this
+//!   machine confirms faster than it can check signatures. If the pool runs out before the
+//!   deadline the run ends early and the report says so (`pool_exhausted`).
+//! - A connection that drops is not reopened; its requests count as `disconnected` errors.
+//! - `--nodes 3` is not supported until the server can start a cluster.
+
+pub mod args;
+pub mod bound;
+pub mod load;
+pub mod report;
+pub mod server;
+pub mod stats;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tally_client::{Client, Profile};
+
+pub use crate::args::Args;
+use crate::load::{Accounts, Ids, Pool, Schedule};
+pub use crate::report::Report;
+use crate::stats::{Batches, Latency};
+
+/// The largest pool signed for a `--duration` closed loop.
+pub const POOL_ESTIMATE_MAX: usize = 2_000_000;
+/// The smallest pool signed for a `--duration` closed loop.
+const POOL_ESTIMATE_MIN: usize = 10_000;
+/// The most transfers one run signs in advance (about 200 bytes each in memory).
+pub const POOL_MAX: u64 = 10_000_000;
+
+/// Runs the whole benchmark and returns its report; prints progress to stderr.
+pub fn run(args: &Args) -> Result<Report> {
+    args.validate()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let in_flight = args.in_flight_per_connection();
+    let duration = args.timed_duration();
+    if let (Some(rate), Some(d)) = (args.rate, duration) {
+        if rate * d.as_secs_f64() > POOL_MAX as f64 {
+            bail!("--rate × --duration is more than {POOL_MAX} requests: shorten the run");
+        }
+    }
+    if args.requests.is_some_and(|n| n > POOL_MAX) {
+        bail!("--requests is more than {POOL_MAX}: every request is signed in advance");
+    }
+
+    // Started first: a missing binary should fail before anything slow happens.
+    let started = if args.start_server {
+        eprintln!("starting a development operator ({} node)", args.nodes);
+        let server = server::start(args.nodes, args.server_bin.as_deref())?;
+        eprintln!("tally-server listening on {}", server.address);
+        Some(server)
+    } else {
+        None
+    };
+    let profile = match (&started, &args.profile) {
+        (Some(server), _) => server.profile.clone(),
+        (None, Some(path)) => Profile::load(path)?,
+        (None, None) => bail!("give --profile FILE or --start-server"),
+    };
+    let chain_id = profile.chain_id_bytes()?;
+    let operator_key = profile.operator_key()?;
+    let deposit_key = profile
+        .load_deposit_key()
+        .context("tally-bench funds its accounts with deposits")?;
+
+    eprintln!(
+        "measuring the signature-verification bound on {cores} threads ({:.1} s each way)",
+        args.bound_time.as_secs_f64()
+    );
+    let bound = bound::measure(args.bound_time);
+    eprintln!(
+        "bound: strict {}/s, batch {}/s",
+        report::thousands(bound.strict_verifications_per_second),
+        report::thousands(bound.batch_verifications_per_second)
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+
+    let setup_start = Instant::now();
+    let clients = runtime.block_on(async {
+        let mut clients = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            let client = Client::connect_timeout(&profile, args.timeout)
+                .await
+                .with_context(|| format!("connecting to {:?}", profile.replicas))?;
+            clients.push(Arc::new(client));
+        }
+        Ok::<_, anyhow::Error>(clients)
+    })?;
+    let ids = Ids::new();
+    eprintln!("creating and funding {} accounts", args.accounts);
+    let accounts = Accounts::generate(args.accounts, cores);
+    runtime.block_on(load::fund(&clients, &deposit_key, chain_id, ids, &accounts))?;
+    let pool_size = match (args.requests, duration, args.rate) {
+        (Some(n), _, _) => n as usize,
+        (None, Some(d), Some(rate)) => (rate * d.as_secs_f64()).ceil() as usize,
+        (None, Some(d), None) => ((bound.bound_per_second * d.as_secs_f64()).ceil() as usize)
+            .clamp(POOL_ESTIMATE_MIN, POOL_ESTIMATE_MAX),
+        (None, None, _) => unreachable!("timed_duration defaults the duration"),
+    };
+    eprintln!("signing {pool_size} transfers");
+    let transfers = load::sign_transfers(&accounts, chain_id, ids, pool_size.max(1), cores);
+    let presigned = transfers.len() as u64;
+    let pool = Arc::new(Pool::new(transfers));
+    let setup_seconds = setup_start.elapsed().as_secs_f64();
+
+    let schedule = match args.rate {
+        Some(rate) => Schedule::Open { rate, in_flight },
+        None => Schedule::Closed {
+            in_flight,
+            deadline: duration,
+        },
+    };
+    eprintln!("timed phase: {schedule:?}");
+    let phase = runtime.block_on(load::timed_phase(&clients, pool, schedule));
+
+    // Verified after the clock stopped: a sample, one confirmation per batch.
+    let mut sample_verified = 0;
+    let mut sample_failed = 0;
+    for confirmation in &phase.recorder.samples {
+        match tally_core::verify::verify_confirmation(confirmation, &operator_key) {
+            Ok(()) => sample_verified += 1,
+            Err(e) => {
+                sample_failed += 1;
+                eprintln!(
+                    "a confirmation at height {} does not verify: {e}",
+                    confirmation.header.header.height
+                );
+            }
+        }
+    }
+    drop(clients);
+    drop(runtime);
+    drop(started);
+
+    let recorder = &phase.recorder;
+    let elapsed_seconds = phase.elapsed.as_secs_f64();
+    let confirmed_per_second = if elapsed_seconds > 0.0 {
+        recorder.confirmed as f64 / elapsed_seconds
+    } else {
+        0.0
+    };
+    if bound.bound_per_second <= 0.0 {
+        return Err(anyhow!("the measured bound is zero"));
+    }
+    Ok(Report {
+        mode: if args.open_loop() { "open" } else { "closed" },
+        connections: args.connections,
+        in_flight,
+        rate: args.rate,
+        duration_seconds: duration.map(|d| d.as_secs_f64()),
+        requests: args.requests,
+        accounts: args.accounts,
+        nodes: args.nodes,
+        cores,
+        sent: phase.sent,
+        confirmed: recorder.confirmed,
+        confirmed_per_second,
+        elapsed_seconds,
+        rejected: recorder.rejected.clone(),
+        errors: recorder.errors.clone(),
+        latency_ms: Latency::from_histogram_us(&recorder.latency_us),
+        batches: Batches::from_sizes(&recorder.batch_sizes),
+        fraction_of_bound: confirmed_per_second / bound.bound_per_second,
+        bound,
+        presigned,
+        pool_exhausted: duration.is_some() && phase.pool_exhausted,
+        late_sends: phase.late_sends,
+        setup_seconds,
+        sample_verified,
+        sample_failed,
+    })
+}
+
+/// Writes the report as pretty JSON.
+pub fn write_json(report: &Report, path: &std::path::Path) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(report).context("encoding the report")?;
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}

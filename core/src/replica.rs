@@ -118,7 +118,10 @@ pub struct Replica<S: RaftLogStore> {
 
 /// Builds the configuration state every replica of a static cluster starts from.
 pub fn initial_conf_state(voters: &[u64]) -> ConfState {
-    ConfState { voters: voters.to_vec(), ..ConfState::default() }
+    ConfState {
+        voters: voters.to_vec(),
+        ..ConfState::default()
+    }
 }
 
 impl<S: RaftLogStore> Replica<S> {
@@ -194,7 +197,11 @@ impl<S: RaftLogStore> Replica<S> {
 
     /// Tells raft whether a snapshot reached `id`; a lost one is resent instead of stalling.
     pub fn report_snapshot(&mut self, id: u64, delivered: bool) {
-        let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+        let status = if delivered {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
         self.node.report_snapshot(id, status);
     }
 

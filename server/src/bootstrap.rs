@@ -18,6 +18,11 @@ use tally_config::Config;
 /// The TLS name every tally certificate carries, besides the loopback IP.
 pub const SERVER_NAME: &str = "localhost";
 
+/// The DNS name a node's certificate carries for peers: how replicas tell each other apart.
+pub fn node_name(id: u64) -> String {
+    format!("node-{id}.tally")
+}
+
 /// A certificate authority that issues node certificates.
 pub struct Ca {
     pub cert_pem: String,
@@ -40,15 +45,20 @@ impl Ca {
         })
     }
 
-    /// Issues a certificate for `localhost` / 127.0.0.1 whose common name is `node_name`
-    /// (peers check it against the node id they expect). Returns (cert PEM, key PEM).
-    pub fn issue(&self, node_name: &str) -> Result<(String, String)> {
+    /// Issues node `id`'s certificate: valid for `localhost` and 127.0.0.1 (clients) and for
+    /// `node-<id>.tally` (peers check it against the node id a replica claims). Returns
+    /// (cert PEM, key PEM).
+    pub fn issue(&self, id: u64) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
-        let mut params =
-            CertificateParams::new(vec![SERVER_NAME.to_string(), "127.0.0.1".to_string()])?;
+        let names = vec![
+            SERVER_NAME.to_string(),
+            "127.0.0.1".to_string(),
+            node_name(id),
+        ];
+        let mut params = CertificateParams::new(names)?;
         params
             .distinguished_name
-            .push(DnType::CommonName, node_name);
+            .push(DnType::CommonName, format!("tally node {id}"));
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -114,7 +124,7 @@ pub fn dev_operator(data_dir: &Path) -> Result<(Config, PathBuf)> {
     fs::create_dir_all(data_dir)?;
     let chain_id = random_chain_id();
     let ca = Ca::generate("tally development CA")?;
-    let (cert, key) = ca.issue("tally-node-1")?;
+    let (cert, key) = ca.issue(1)?;
     write_new(&data_dir.join("ca.pem"), &ca.cert_pem, false)?;
     write_new(&data_dir.join("node.pem"), &cert, false)?;
     write_new(&data_dir.join("node.key"), &key, true)?;
@@ -152,4 +162,109 @@ pub fn dev_operator(data_dir: &Path) -> Result<(Config, PathBuf)> {
     write_new(&profile_path, &profile.to_toml_string()?, false)?;
     config.resolve_paths(data_dir);
     Ok((config, profile_path))
+}
+
+/// Port layout of `init-cluster`: node K listens for clients on `base + K`, for peers on
+/// `base + 100 + K` and for metrics on `base + 200 + K`.
+pub fn cluster_addresses(
+    base_port: u16,
+    id: u64,
+) -> (
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let at = |offset: u64| -> std::net::SocketAddr {
+        let port = base_port as u64 + offset + id;
+        assert!(
+            port <= u16::MAX as u64,
+            "base port too high for this many nodes"
+        );
+        std::net::SocketAddr::from(([127, 0, 0, 1], port as u16))
+    };
+    (at(0), at(100), at(200))
+}
+
+/// `tally-server init-cluster`: everything a local N-replica operator needs in `dir`: a CA, node
+/// certificates, the operator key, a deposit key, `nodeK.toml` for each replica (data in
+/// `dir/nodeK/`) and `profile.toml` listing every replica.
+pub fn init_cluster(nodes: u64, dir: &Path, base_port: u16) -> Result<Vec<PathBuf>> {
+    if !(1..=9).contains(&nodes) {
+        bail!("--nodes must be between 1 and 9 (got {nodes})");
+    }
+    if dir.exists() && fs::read_dir(dir)?.next().is_some() {
+        bail!(
+            "{} is not empty: refusing to overwrite an operator's files",
+            dir.display()
+        );
+    }
+    fs::create_dir_all(dir)?;
+    let chain_id = random_chain_id();
+    let ca = Ca::generate("tally operator CA")?;
+    write_new(&dir.join("ca.pem"), &ca.cert_pem, false)?;
+    let operator = SigningKey::generate(&mut OsRng);
+    let deposit = SigningKey::generate(&mut OsRng);
+    write_signing_key(&dir.join("operator.key"), &operator)?;
+    write_signing_key(&dir.join("deposit.key"), &deposit)?;
+    let ids: Vec<u64> = (1..=nodes).collect();
+    let mut paths = Vec::new();
+    for &id in &ids {
+        let (cert, key) = ca.issue(id)?;
+        write_new(&dir.join(format!("node{id}.pem")), &cert, false)?;
+        write_new(&dir.join(format!("node{id}.key")), &key, true)?;
+        let mut config = Config::dev_default(PathBuf::from(format!("node{id}")), chain_id);
+        config.node.id = id;
+        let (client, peer, metrics) = cluster_addresses(base_port, id);
+        config.listen.client = client;
+        config.listen.peer = peer;
+        config.listen.metrics = metrics;
+        if let Some(tls) = config.tls.as_mut() {
+            tls.ca_cert = PathBuf::from("ca.pem");
+            tls.cert = PathBuf::from(format!("node{id}.pem"));
+            tls.key = PathBuf::from(format!("node{id}.key"));
+        }
+        if let Some(op) = config.operator.as_mut() {
+            op.signing_key = PathBuf::from("operator.key");
+            op.deposit_keys = vec![hex::encode(deposit.verifying_key().to_bytes())];
+        }
+        config.peers = ids
+            .iter()
+            .filter(|&&p| p != id)
+            .map(|&p| {
+                let (client, peer, _) = cluster_addresses(base_port, p);
+                tally_config::PeerConfig {
+                    id: p,
+                    address: peer,
+                    client_address: client,
+                }
+            })
+            .collect();
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("generated config for node {id} is invalid:\n{e}"))?;
+        let path = dir.join(format!("node{id}.toml"));
+        let text = format!(
+            "# tally replica {id} of {nodes}, generated by init-cluster. Paths are relative to this file.\n{}",
+            config.to_toml_string()
+        );
+        write_new(&path, &text, false)?;
+        paths.push(path);
+    }
+    let abs = fs::canonicalize(dir)?;
+    let profile = Profile {
+        chain_id: hex::encode(chain_id),
+        operator_public_key: hex::encode(operator.verifying_key().to_bytes()),
+        ca_cert: abs.join("ca.pem"),
+        server_name: SERVER_NAME.to_string(),
+        deposit_key: Some(abs.join("deposit.key")),
+        replicas: ids
+            .iter()
+            .map(|&id| ReplicaAddress {
+                id,
+                address: cluster_addresses(base_port, id).0.to_string(),
+            })
+            .collect(),
+    };
+    write_new(&dir.join("profile.toml"), &profile.to_toml_string()?, false)?;
+    Ok(paths)
 }

@@ -1,16 +1,20 @@
 //! tally-server: a replica of a tally operator. The only crate that knows tokio, rustls,
-//! sockets, signals and (soon) prometheus.
+//! sockets, signals and prometheus.
 //!
 //! - [`bootstrap`]: the development operator's generated keys, certificate, config and profile.
 //! - [`tls`]: rustls configuration from PEM files.
 //! - [`net`]: the TLS client listener and per-connection tasks.
 //! - [`pipeline`]: validation pools, the master thread, the storage thread, the confirmer.
 //! - [`node`]: wiring it together from a validated config.
+//! - [`metrics`]: the Prometheus registry and every metric handle.
+//! - [`http`]: `/metrics`, `/health` and `/ready` on `listen.metrics`.
 //!
-//! Caveats: a single node commits a batch by applying it (no replication yet); `/metrics` is not
-//! served yet.
+//! Caveats: a single node commits a batch by applying it (no replication yet), so the Raft
+//! metrics show a fixed single-node state.
 
 pub mod bootstrap;
+pub mod http;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod pipeline;

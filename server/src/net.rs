@@ -7,7 +7,7 @@
 //! frame that has started arriving, and for an idle connection.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tally_wire::{decode_frame, Decoded, ErrorCode, ErrorReply, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,13 +44,17 @@ pub async fn serve(
                 let Ok((stream, _peer)) = accepted else { continue };
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
                     tracing::debug!("connection refused: connections_max reached");
+                    pipeline.metrics.connections_refused_total.inc();
                     drop(stream);
                     continue;
                 };
                 let (acceptor, pipeline, limits, shutdown) =
                     (acceptor.clone(), pipeline.clone(), limits.clone(), shutdown.clone());
                 tokio::spawn(async move {
+                    let open = pipeline.metrics.connections_open.clone();
+                    open.inc();
                     connection(stream, acceptor, pipeline, limits, shutdown).await;
+                    open.dec();
                     drop(permit);
                 });
             }
@@ -106,6 +110,8 @@ async fn connection(
                         tx: tx.clone(),
                         correlation_id: frame.correlation_id,
                         permit,
+                        received: Instant::now(),
+                        metrics: pipeline.metrics.clone(),
                     };
                     match Message::decode(&frame) {
                         Ok(message) => dispatch(&pipeline, message, reply),
@@ -120,6 +126,8 @@ async fn connection(
                             tx: tx.clone(),
                             correlation_id: 0,
                             permit,
+                            received: Instant::now(),
+                            metrics: pipeline.metrics.clone(),
                         }
                         .send(&Message::Error(ErrorReply::from(&e)));
                     }
@@ -141,7 +149,13 @@ async fn connection(
                 Err(_) => {
                     if !buf.is_empty() {
                         if let Ok(permit) = permits.clone().acquire_owned().await {
-                            let reply = ReplyTo { tx: tx.clone(), correlation_id: 0, permit };
+                            let reply = ReplyTo {
+                                tx: tx.clone(),
+                                correlation_id: 0,
+                                permit,
+                                received: Instant::now(),
+                                metrics: pipeline.metrics.clone(),
+                            };
                             reply.error(ErrorCode::MalformedFrame, "frame not completed within frame_timeout_ms");
                         }
                     }

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tally_config::Config;
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::bootstrap::read_signing_key;
+use crate::metrics::{role, Metrics};
 use crate::net::{serve, NetLimits};
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::tls::server_config;
@@ -38,6 +40,13 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .with_context(|| format!("opening the ledger in {}", ledger_dir(&config).display()))?;
     let meta = store.meta()?;
     let chain_id = config.chain_id_bytes();
+    let metrics = Arc::new(Metrics::new());
+    metrics.applied_height.set(meta.height as i64);
+    // A single node is its own leader and commits by applying.
+    metrics.raft.role.set(role::SINGLE);
+    metrics.raft.leader_id.set(config.node.id as i64);
+    metrics.raft.commit_index.set(meta.height as i64);
+    metrics.raft.applied_index.set(meta.height as i64);
     let sequencer = Sequencer::new(
         SequencerConfig {
             chain_id,
@@ -63,6 +72,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             queue_depth_max: config.limits.queue_depth_max as usize,
             batch_window: config.batch.batch_window(),
             batch_in_flight_max: config.batch.batch_in_flight_max as u64,
+            metrics: metrics.clone(),
         },
         store,
         sequencer,
@@ -80,11 +90,23 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .enable_all()
         .thread_name("tally-net")
         .build()?;
+    // The HTTP endpoint outlives the client listener: /health answers while the last batch
+    // drains, and /ready says 503.
+    let (http_stop, http_stop_rx) = watch::channel(false);
     runtime.block_on(async {
         let listener = TcpListener::bind(config.listen.client)
             .await
             .with_context(|| format!("binding the client listener on {}", config.listen.client))?;
         let addr = listener.local_addr()?;
+        let metrics_listener = TcpListener::bind(config.listen.metrics)
+            .await
+            .with_context(|| {
+                format!("binding the metrics listener on {}", config.listen.metrics)
+            })?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        // Single node: the pipeline runs and the listeners are bound (connections queue in the
+        // backlog until the accept loop below starts), so it can serve.
+        metrics.set_ready(true);
         // Scripts and tests read this line to find the port (the config may say port 0).
         println!(
             "tally-server: node {} listening for clients on {addr} (TLS)",
@@ -95,6 +117,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             meta.height,
             ledger_dir(&config).display()
         );
+        println!("tally-server: metrics on http://{metrics_addr}/metrics");
         if let Some(p) = profile {
             println!("tally-server: client profile at {}", p.display());
         }
@@ -106,7 +129,13 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             limits,
             stop_rx,
         ));
+        tokio::spawn(crate::http::serve(
+            metrics_listener,
+            metrics.clone(),
+            http_stop_rx,
+        ));
         wait_for_signal().await;
+        metrics.set_ready(false);
         println!("tally-server: shutting down: finishing the batch in progress");
         let _ = stop_tx.send(true);
         let _ = server.await;
@@ -114,6 +143,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     })?;
     // Blocking joins happen off the runtime's workers.
     pipeline.shutdown();
+    let _ = http_stop.send(true);
     // Give connection writers a moment to flush the last confirmations.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     println!("tally-server: stopped");

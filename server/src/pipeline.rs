@@ -37,6 +37,8 @@ use tally_wire::{
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
+use crate::metrics::{BatchClose, Metrics};
+
 /// An encoded frame on its way to a connection, holding the in-flight permit it answers.
 pub struct Outgoing {
     pub bytes: Vec<u8>,
@@ -48,11 +50,26 @@ pub struct ReplyTo {
     pub tx: mpsc::Sender<Outgoing>,
     pub correlation_id: u64,
     pub permit: OwnedSemaphorePermit,
+    /// When the request's frame was read: the start of `tally_confirmation_seconds`.
+    pub received: Instant,
+    /// Every answer is counted here, so the counters match what clients were sent.
+    pub metrics: Arc<Metrics>,
 }
 
 impl ReplyTo {
     pub fn send(self, message: &Message) {
         let bytes = message.encode_frame(self.correlation_id);
+        // Counted before the client can see the answer, so a scrape after it never lags.
+        match message {
+            Message::Confirmed(c) if c.replayed => self.metrics.requests_replayed_total.inc(),
+            Message::Confirmed(_) => {
+                self.metrics.requests_confirmed_total.inc();
+                let seconds = self.received.elapsed().as_secs_f64();
+                self.metrics.confirmation_seconds.observe(seconds);
+            }
+            Message::Error(e) => self.metrics.rejected(e.code),
+            _ => {}
+        }
         // Fails only when the connection is gone; there is nobody left to tell.
         let _ = self.tx.try_send(Outgoing {
             bytes,
@@ -142,6 +159,7 @@ pub struct PipelineConfig {
     pub queue_depth_max: usize,
     pub batch_window: Duration,
     pub batch_in_flight_max: u64,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Handles the network side holds on the pipeline.
@@ -150,6 +168,7 @@ pub struct PipelineHandle {
     pub stateless_tx: Sender<Job>,
     pub storage_tx: Sender<StorageCmd>,
     pub shutdown: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Pipeline {
@@ -175,17 +194,20 @@ impl Pipeline {
         let shutdown = Arc::new(AtomicBool::new(false));
         let applied = Arc::new(AtomicU64::new(sequencer.applied_height()));
         let rules = Arc::new(cfg.rules);
+        let metrics = cfg.metrics;
 
         for i in 0..cfg.stateless_workers {
             let (rx, tx, rules) = (stateless_rx.clone(), snapshot_tx.clone(), rules.clone());
+            let metrics = metrics.clone();
             spawn(format!("stateless-{i}"), move || {
-                stateless_worker(rx, tx, &rules)
+                stateless_worker(rx, tx, &rules, &metrics)
             });
         }
         for i in 0..cfg.snapshot_workers {
             let (rx, tx, storage) = (snapshot_rx.clone(), master_tx.clone(), storage_tx.clone());
+            let metrics = metrics.clone();
             spawn(format!("snapshot-{i}"), move || {
-                snapshot_worker(rx, tx, storage)
+                snapshot_worker(rx, tx, storage, &metrics)
             });
         }
         let master = Master {
@@ -198,6 +220,7 @@ impl Pipeline {
             window: cfg.batch_window,
             in_flight_max: cfg.batch_in_flight_max,
             queues_before: vec![stateless_rx, snapshot_rx],
+            metrics: metrics.clone(),
         };
         spawn("master".into(), move || master.run());
         let storage = StorageThread {
@@ -207,14 +230,19 @@ impl Pipeline {
             applied,
             wake: wake_tx,
             confirm: confirm_tx,
+            metrics: metrics.clone(),
         };
         let storage_thread = spawn("storage".into(), move || storage.run(storage_rx));
-        let confirm_thread = spawn("confirm".into(), move || confirmer(confirm_rx));
+        let confirm_metrics = metrics.clone();
+        let confirm_thread = spawn("confirm".into(), move || {
+            confirmer(confirm_rx, &confirm_metrics)
+        });
         Pipeline {
             handle: PipelineHandle {
                 stateless_tx,
                 storage_tx,
                 shutdown,
+                metrics,
             },
             storage_thread,
             confirm_thread,
@@ -245,9 +273,15 @@ fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
     std::process::exit(70)
 }
 
-fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules) {
+fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules, metrics: &Metrics) {
     while let Ok(job) = rx.recv() {
-        match rules.check(&job.request) {
+        let started = Instant::now();
+        let checked = rules.check(&job.request);
+        metrics
+            .stateless
+            .seconds
+            .observe(started.elapsed().as_secs_f64());
+        match checked {
             Ok(()) => {
                 if tx.send(job).is_err() {
                     return;
@@ -261,7 +295,12 @@ fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules) 
 /// Most jobs one snapshot lookup carries: amortizes the round trip to the storage thread.
 const SNAPSHOT_CHUNK_MAX: usize = 256;
 
-fn snapshot_worker(rx: Receiver<Job>, tx: Sender<Job>, storage: Sender<StorageCmd>) {
+fn snapshot_worker(
+    rx: Receiver<Job>,
+    tx: Sender<Job>,
+    storage: Sender<StorageCmd>,
+    metrics: &Metrics,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < SNAPSHOT_CHUNK_MAX {
@@ -276,6 +315,7 @@ fn snapshot_worker(rx: Receiver<Job>, tx: Sender<Job>, storage: Sender<StorageCm
             .collect();
         let accounts = jobs.iter().map(|j| j.request.signer).collect();
         let (reply_tx, reply_rx) = bounded(1);
+        let started = Instant::now();
         if storage
             .send(StorageCmd::Lookup {
                 keys,
@@ -291,6 +331,10 @@ fn snapshot_worker(rx: Receiver<Job>, tx: Sender<Job>, storage: Sender<StorageCm
             Ok(Err(e)) => fatal("snapshot lookup", &e),
             Err(_) => return,
         };
+        metrics
+            .snapshot
+            .seconds
+            .observe(started.elapsed().as_secs_f64());
         for ((mut job, record), balance) in
             jobs.into_iter().zip(result.records).zip(result.balances)
         {
@@ -341,11 +385,12 @@ fn snapshot_worker(rx: Receiver<Job>, tx: Sender<Job>, storage: Sender<StorageCm
 }
 
 /// The master's view of committed state: synchronous reads through the storage thread. Used
-/// only on a cache miss of the sequencer.
-struct StorageReader<'a>(&'a Sender<StorageCmd>);
+/// only on a cache miss of the sequencer, which is what `tally_account_cache_misses_total` counts.
+struct StorageReader<'a>(&'a Sender<StorageCmd>, &'a Metrics);
 
 impl LedgerRead for StorageReader<'_> {
     fn account(&mut self, key: &PublicKey) -> CoreResult<Option<u64>> {
+        self.1.account_cache_misses_total.inc();
         let (tx, rx) = bounded(1);
         self.0
             .send(StorageCmd::LoadAccount {
@@ -383,6 +428,7 @@ struct Master {
     in_flight_max: u64,
     /// The queues upstream of the master, watched at shutdown so the batch in progress is whole.
     queues_before: Vec<Receiver<Job>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Master {
@@ -392,6 +438,13 @@ impl Master {
         let idle = Duration::from_millis(50);
         loop {
             self.sequencer.applied(self.applied.load(Ordering::SeqCst));
+            // The master samples the depths of its own queue and those before it (stateless,
+            // snapshot): it wakes at least every `idle`, even while the workers are blocked.
+            let m = &self.metrics;
+            m.master.queue_depth.set(self.rx.len() as i64);
+            for (q, stage) in self.queues_before.iter().zip([&m.stateless, &m.snapshot]) {
+                stage.queue_depth.set(q.len() as i64);
+            }
             let timeout = opened_at.map_or(idle, |t| {
                 (t + self.window).saturating_duration_since(Instant::now())
             });
@@ -403,7 +456,12 @@ impl Master {
             } else {
                 select! {
                     recv(self.rx) -> job => match job {
-                        Ok(job) => self.take(job, &mut replies, &mut opened_at),
+                        Ok(job) => {
+                            let started = Instant::now();
+                            self.take(job, &mut replies, &mut opened_at);
+                            let seconds = started.elapsed().as_secs_f64();
+                            self.metrics.master.seconds.observe(seconds);
+                        }
                         Err(_) => return,
                     },
                     recv(self.wake) -> _ => {},
@@ -418,7 +476,25 @@ impl Master {
                 || stopping;
             let in_flight = self.sequencer.sealed_height() - self.applied.load(Ordering::SeqCst);
             if due && (in_flight < self.in_flight_max || stopping) {
+                let reason = if self.sequencer.is_full() {
+                    BatchClose::Full
+                } else if opened_at.is_some_and(|t| t.elapsed() >= self.window) {
+                    BatchClose::Window
+                } else {
+                    BatchClose::Shutdown
+                };
                 if let Some(body) = self.sequencer.seal(0, unix_ms()) {
+                    self.metrics.batch_closed(reason);
+                    self.metrics
+                        .batch_requests
+                        .observe(body.entries.len() as f64);
+                    tracing::debug!(
+                        height = body.header.height,
+                        requests = body.entries.len(),
+                        reason = reason.name(),
+                        open_ms = opened_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+                        "batch sealed"
+                    );
                     let replies = std::mem::take(&mut replies);
                     if self
                         .storage
@@ -449,10 +525,11 @@ impl Master {
             snapshot_height,
         } = job;
         let open_height = self.sequencer.sealed_height() + 1;
-        match self
-            .sequencer
-            .submit(request, snapshot_height, &mut StorageReader(&self.storage))
-        {
+        match self.sequencer.submit(
+            request,
+            snapshot_height,
+            &mut StorageReader(&self.storage, &self.metrics),
+        ) {
             Ok(Submitted::Accepted { index, .. }) => {
                 opened_at.get_or_insert_with(Instant::now);
                 replies.push((index, reply, false));
@@ -488,14 +565,20 @@ struct ConfirmJob {
 }
 
 /// Builds the Merkle tree of each applied batch once and sends every confirmation.
-fn confirmer(rx: Receiver<ConfirmJob>) {
+fn confirmer(rx: Receiver<ConfirmJob>, metrics: &Metrics) {
     while let Ok(job) = rx.recv() {
+        metrics.confirm.queue_depth.set(rx.len() as i64);
+        let started = Instant::now();
         let confirmations = job.body.confirmations(&job.signed);
         for (index, reply, replayed) in job.replies {
             let mut c = confirmations[index as usize].clone();
             c.replayed = replayed;
             reply.send(&Message::Confirmed(Box::new(c)));
         }
+        metrics
+            .confirm
+            .seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -506,6 +589,7 @@ struct StorageThread<S> {
     applied: Arc<AtomicU64>,
     wake: Sender<()>,
     confirm: Sender<ConfirmJob>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: LedgerStore> StorageThread<S> {
@@ -515,19 +599,37 @@ impl<S: LedgerStore> StorageThread<S> {
             .meta()
             .unwrap_or_else(|e| fatal("reading ledger meta", &e));
         while let Ok(cmd) = rx.recv() {
+            self.metrics.storage.queue_depth.set(rx.len() as i64);
             match cmd {
                 StorageCmd::Apply { body, replies } => {
+                    let started = Instant::now();
                     let encoded = body.encode();
                     let write =
                         prepare_apply(&body, encoded, &meta, &mut self.store, &self.operator)
                             .unwrap_or_else(|e| fatal("applying a committed batch", &e));
+                    let prepared = Instant::now();
                     if let Err(e) = self.store.apply(&write) {
                         fatal("writing a committed batch", &e);
                     }
+                    let written = Instant::now();
                     meta = write.meta;
+                    let m = &self.metrics;
+                    m.apply_prepare_seconds
+                        .observe((prepared - started).as_secs_f64());
+                    m.durable_write_seconds
+                        .observe((written - prepared).as_secs_f64());
+                    m.storage.seconds.observe((written - started).as_secs_f64());
+                    m.batch_body_bytes.observe(write.body.len() as f64);
+                    m.applied_height.set(meta.height as i64);
+                    // Single node: committing is applying. Replication will own these two.
+                    m.raft.commit_index.set(meta.height as i64);
+                    m.raft.applied_index.set(meta.height as i64);
                     tracing::debug!(
                         height = meta.height,
                         requests = body.entries.len(),
+                        body_bytes = write.body.len(),
+                        prepare_us = (prepared - started).as_micros() as u64,
+                        write_us = (written - prepared).as_micros() as u64,
                         "batch applied"
                     );
                     self.applied.store(meta.height, Ordering::SeqCst);
@@ -538,6 +640,7 @@ impl<S: LedgerStore> StorageThread<S> {
                         signed,
                         replies,
                     });
+                    m.confirm.queue_depth.set(self.confirm.len() as i64);
                 }
                 StorageCmd::Lookup {
                     keys,
@@ -666,7 +769,10 @@ pub fn submit(handle: &PipelineHandle, job: Job) {
     }
     match handle.stateless_tx.try_send(job) {
         Ok(()) => {}
-        Err(TrySendError::Full(job)) => job.reply.busy("the validation queue", 50),
+        Err(TrySendError::Full(job)) => {
+            handle.metrics.busy("stateless");
+            job.reply.busy("the validation queue", 50)
+        }
         Err(TrySendError::Disconnected(job)) => job
             .reply
             .error(ErrorCode::ShuttingDown, "the pipeline has stopped"),
@@ -680,7 +786,10 @@ pub fn read(handle: &PipelineHandle, cmd: StorageCmd) {
         Err(TrySendError::Full(cmd)) | Err(TrySendError::Disconnected(cmd)) => match cmd {
             StorageCmd::Balance { reply, .. }
             | StorageCmd::Headers { reply, .. }
-            | StorageCmd::Status { reply } => reply.busy("the storage queue", 20),
+            | StorageCmd::Status { reply } => {
+                handle.metrics.busy("storage");
+                reply.busy("the storage queue", 20)
+            }
             _ => unreachable!("read() is only for reads answered through a connection"),
         },
     }

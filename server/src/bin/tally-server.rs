@@ -29,7 +29,11 @@ fn load(path: &PathBuf) -> Result<Config> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut config =
         Config::from_toml_str(&text).map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
-    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    // `Path::new("operator.toml").parent()` is `""`: relative paths then resolve against ".".
+    let base = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     config.resolve_paths(&base);
     config
         .validate()
@@ -40,7 +44,11 @@ fn load(path: &PathBuf) -> Result<Config> {
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(path) = &args.check_config {
-        load(path)?;
+        // Printed plainly (no anyhow backtrace): the problems are the output.
+        if let Err(e) = load(path) {
+            eprintln!("{e:#}");
+            std::process::exit(1);
+        }
         println!("{}: ok", path.display());
         return Ok(());
     }

@@ -53,6 +53,8 @@ pub struct Server {
     pub child: Child,
     pub profile: Profile,
     pub addr: String,
+    /// `ip:port` of the plain-HTTP `/metrics`, `/health`, `/ready` endpoint.
+    pub metrics_addr: String,
     pub stdout: mpsc::Receiver<String>,
 }
 
@@ -76,14 +78,19 @@ impl Server {
                 }
             }
         });
-        let addr = loop {
+        let (mut addr, mut metrics_addr) = (None, None);
+        while addr.is_none() || metrics_addr.is_none() {
             let line = rx
                 .recv_timeout(Duration::from_secs(60))
                 .expect("tally-server did not start");
             if let Some(rest) = line.split(" listening for clients on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
+                addr = Some(rest.split_whitespace().next().unwrap().to_string());
             }
-        };
+            if let Some(rest) = line.split(" metrics on http://").nth(1) {
+                metrics_addr = Some(rest.trim_end_matches("/metrics").to_string());
+            }
+        }
+        let (addr, metrics_addr) = (addr.unwrap(), metrics_addr.unwrap());
         let mut profile = profile.clone();
         profile.replicas = vec![ReplicaAddress {
             id: 1,
@@ -93,6 +100,7 @@ impl Server {
             child,
             profile,
             addr,
+            metrics_addr,
             stdout: rx,
         }
     }

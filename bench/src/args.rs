@@ -1,0 +1,211 @@
+//! The command line of `tally-bench`. The flag names are a contract with scripts: keep them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+
+/// Requests in flight per connection in a closed loop, unless `--in-flight` says otherwise.
+pub const IN_FLIGHT_CLOSED_DEFAULT: usize = 256;
+/// In an open loop `--in-flight` only caps what is outstanding (the generator waits beyond it,
+/// and that wait counts as latency); by default the server's own per-connection limit.
+pub const IN_FLIGHT_OPEN_DEFAULT: usize = 4096;
+/// The timed phase when neither `--requests` nor `--duration` is given.
+pub const DURATION_DEFAULT: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "tally-bench",
+    version,
+    about = "Load generator for a tally operator: throughput, confirmation latency, and this \
+             machine's signature-verification bound, measured in one run"
+)]
+pub struct Args {
+    /// Client profile of the operator to load (written by the server as profile.toml).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "start_server",
+        conflicts_with = "start_server"
+    )]
+    pub profile: Option<PathBuf>,
+    /// TLS connections to the operator.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub connections: usize,
+    /// Transfers to send in the timed phase.
+    #[arg(long, value_name = "N", conflicts_with = "duration")]
+    pub requests: Option<u64>,
+    /// Length of the timed phase, e.g. 30s, 500ms, 2m (default 10s).
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Accounts to create and fund before the timed phase.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub accounts: usize,
+    /// Open loop: offer this many requests per second in total, on a fixed schedule, whatever
+    /// the answers. Without it, a closed loop.
+    #[arg(long, value_name = "R")]
+    pub rate: Option<f64>,
+    /// Requests outstanding per connection: kept full in a closed loop (default 256), a cap in
+    /// an open loop (default 4096).
+    #[arg(long, value_name = "N")]
+    pub in_flight: Option<usize>,
+    /// Also write the whole report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Start a fresh development operator (tally-server, found next to this executable), run
+    /// against it, and stop it at the end.
+    #[arg(long)]
+    pub start_server: bool,
+    /// Replicas to start with --start-server.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nodes: usize,
+    /// How long one request may wait for its answer before it counts as a timeout.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// How long each of the two signature-verification measurements runs.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "1500ms")]
+    pub bound_time: Duration,
+    /// The tally-server binary to start (default: next to this executable).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub server_bin: Option<PathBuf>,
+}
+
+impl Args {
+    /// Checks the values clap cannot: ranges and the combinations that do not make sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if self.accounts < 2 {
+            bail!("--accounts must be at least 2: a transfer needs two accounts");
+        }
+        if self.in_flight == Some(0) {
+            bail!("--in-flight must be at least 1");
+        }
+        if self.requests == Some(0) {
+            bail!("--requests must be at least 1");
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            bail!("--duration must be more than zero");
+        }
+        if let Some(rate) = self.rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--rate must be a positive number of requests per second, not {rate}");
+            }
+        }
+        if self.timeout.is_zero() {
+            bail!("--timeout must be more than zero");
+        }
+        if self.nodes != 1 && !self.start_server {
+            bail!("--nodes only applies with --start-server");
+        }
+        if self.nodes != 1 && self.nodes != 3 {
+            bail!("--nodes must be 1 or 3, not {}", self.nodes);
+        }
+        Ok(())
+    }
+
+    pub fn open_loop(&self) -> bool {
+        self.rate.is_some()
+    }
+
+    pub fn in_flight_per_connection(&self) -> usize {
+        self.in_flight.unwrap_or(if self.open_loop() {
+            IN_FLIGHT_OPEN_DEFAULT
+        } else {
+            IN_FLIGHT_CLOSED_DEFAULT
+        })
+    }
+
+    /// The timed phase's length, unless it is a count of requests.
+    pub fn timed_duration(&self) -> Option<Duration> {
+        match (self.requests, self.duration) {
+            (Some(_), _) => None,
+            (None, Some(d)) => Some(d),
+            (None, None) => Some(DURATION_DEFAULT),
+        }
+    }
+}
+
+/// Parses `30s`, `500ms`, `2m`, `1.5s`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 30s, 500ms or 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let check = |text: &str, expected: Option<Duration>| {
+            assert_eq!(parse_duration(text).ok(), expected, "{text:?}");
+        };
+        check("30s", Some(Duration::from_secs(30)));
+        check("30", Some(Duration::from_secs(30)));
+        check("500ms", Some(Duration::from_millis(500)));
+        check("1.5s", Some(Duration::from_millis(1500)));
+        check("2m", Some(Duration::from_secs(120)));
+        check(" 1h ", Some(Duration::from_secs(3600)));
+        check("", None);
+        check("s", None);
+        check("10 parsecs", None);
+        check("-1s", None);
+    }
+
+    #[test]
+    fn flags_and_defaults() {
+        let parse = |line: &str| {
+            Args::try_parse_from(std::iter::once("tally-bench").chain(line.split_whitespace()))
+        };
+        let args = parse("--profile p.toml").unwrap();
+        args.validate().unwrap();
+        assert_eq!(args.connections, 4);
+        assert_eq!(args.accounts, 1000);
+        assert_eq!(args.in_flight_per_connection(), IN_FLIGHT_CLOSED_DEFAULT);
+        assert_eq!(args.timed_duration(), Some(DURATION_DEFAULT));
+
+        let args = parse("--start-server --rate 1000 --requests 50 --json out.json").unwrap();
+        args.validate().unwrap();
+        assert!(args.open_loop());
+        assert_eq!(args.in_flight_per_connection(), IN_FLIGHT_OPEN_DEFAULT);
+        assert_eq!(args.timed_duration(), None);
+
+        // Needs a profile or --start-server, not both; --requests and --duration exclude
+        // each other.
+        assert!(parse("").is_err());
+        assert!(parse("--profile p --start-server").is_err());
+        assert!(parse("--profile p --requests 5 --duration 5s").is_err());
+        for bad in [
+            "--profile p --connections 0",
+            "--profile p --accounts 1",
+            "--profile p --rate 0",
+            "--profile p --rate=-5",
+            "--profile p --in-flight 0",
+            "--start-server --nodes 2",
+            "--profile p --nodes 3",
+        ] {
+            assert!(parse(bad).unwrap().validate().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! `tally-bench`: load a tally operator and report throughput, latency and the machine's bound.
+
+use anyhow::Result;
+use clap::Parser;
+use tally_bench::Args;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let report = tally_bench::run(&args)?;
+    if let Some(path) = &args.json {
+        tally_bench::write_json(&report, path)?;
+    }
+    print!("{}", report.to_markdown());
+    Ok(())
+}

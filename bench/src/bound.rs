@@ -1,0 +1,157 @@
+//! The machine's bound: Ed25519 signature checks per second with every core busy.
+//!
+//! Every transfer the operator confirms costs one signature check, so no operator on this
+//! machine can confirm more requests per second than this machine can check signatures. Two
+//! ways are measured, each on `available_parallelism` threads at once: strict single
+//! verification (`VerifyingKey::verify_strict`, what the server must do at least for requests
+//! that fail a batch) and batch verification (`ed25519_dalek::verify_batch`, 256 signatures per
+//! call). The bound is the larger of the two.
+//!
+//! The keys are decompressed before the clock starts: a server can cache the decompressed key of
+//! a hot account, so excluding that work gives the higher, more demanding bound. Every signature
+//! is by a different key over a different 144-byte message, the size of a request's signed bytes.
+
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rand::{RngCore, SeedableRng};
+use serde::Serialize;
+
+/// Signatures per `verify_batch` call.
+pub const BATCH_SIZE: usize = 256;
+/// The size of a request's signed bytes (`tally_wire::REQUEST_SIGNED_BYTES`).
+const MESSAGE_BYTES: usize = tally_wire::REQUEST_SIGNED_BYTES;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Bound {
+    pub strict_verifications_per_second: f64,
+    pub batch_verifications_per_second: f64,
+    /// The larger of the two.
+    pub bound_per_second: f64,
+    pub threads: usize,
+    pub batch_size: usize,
+    pub seconds_each: f64,
+}
+
+/// Signed messages for one thread to check over and over.
+struct Work {
+    keys: Vec<VerifyingKey>,
+    messages: Vec<[u8; MESSAGE_BYTES]>,
+    signatures: Vec<Signature>,
+}
+
+impl Work {
+    fn new(seed: u64) -> Work {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut work = Work {
+            keys: Vec::with_capacity(BATCH_SIZE),
+            messages: Vec::with_capacity(BATCH_SIZE),
+            signatures: Vec::with_capacity(BATCH_SIZE),
+        };
+        for _ in 0..BATCH_SIZE {
+            let key = SigningKey::generate(&mut rng);
+            let mut message = [0u8; MESSAGE_BYTES];
+            rng.fill_bytes(&mut message);
+            work.signatures.push(key.sign(&message));
+            work.keys.push(key.verifying_key());
+            work.messages.push(message);
+        }
+        work
+    }
+
+    /// Strict single verifications for about `time`; returns (checks, seconds).
+    fn strict(&self, time: Duration) -> (u64, f64) {
+        let start = Instant::now();
+        let mut checks = 0u64;
+        loop {
+            for i in 0..BATCH_SIZE {
+                let ok = self.keys[i].verify_strict(&self.messages[i], &self.signatures[i]);
+                assert!(ok.is_ok(), "a valid signature failed strict verification");
+            }
+            checks += BATCH_SIZE as u64;
+            let elapsed = start.elapsed();
+            if elapsed >= time {
+                return (checks, elapsed.as_secs_f64());
+            }
+        }
+    }
+
+    /// Batch verifications of `BATCH_SIZE` for about `time`; returns (checks, seconds).
+    fn batch(&self, time: Duration) -> (u64, f64) {
+        let messages: Vec<&[u8]> = self.messages.iter().map(|m| m.as_slice()).collect();
+        let start = Instant::now();
+        let mut checks = 0u64;
+        loop {
+            let ok = ed25519_dalek::verify_batch(&messages, &self.signatures, &self.keys);
+            assert!(
+                ok.is_ok(),
+                "a batch of valid signatures failed verification"
+            );
+            checks += BATCH_SIZE as u64;
+            let elapsed = start.elapsed();
+            if elapsed >= time {
+                return (checks, elapsed.as_secs_f64());
+            }
+        }
+    }
+}
+
+/// Measures both ways on every core, each for about `time`. Blocks for about twice `time`.
+pub fn measure(time: Duration) -> Bound {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let work: Vec<Work> = (0..threads as u64).map(Work::new).collect();
+    let strict = on_all_threads(&work, |w| w.strict(time));
+    let batch = on_all_threads(&work, |w| w.batch(time));
+    Bound {
+        strict_verifications_per_second: strict,
+        batch_verifications_per_second: batch,
+        bound_per_second: strict.max(batch),
+        threads,
+        batch_size: BATCH_SIZE,
+        seconds_each: time.as_secs_f64(),
+    }
+}
+
+/// Runs `f` on one thread per `Work`, started together; returns the summed rate per second.
+fn on_all_threads(work: &[Work], f: impl Fn(&Work) -> (u64, f64) + Sync) -> f64 {
+    let barrier = Barrier::new(work.len());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .iter()
+            .map(|w| {
+                let (barrier, f) = (&barrier, &f);
+                scope.spawn(move || {
+                    barrier.wait();
+                    f(w)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (checks, seconds) = h.join().expect("a verification thread panicked");
+                checks as f64 / seconds
+            })
+            .sum()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_is_the_larger_and_positive() {
+        let bound = measure(Duration::from_millis(50));
+        assert!(bound.strict_verifications_per_second > 0.0);
+        assert!(bound.batch_verifications_per_second > 0.0);
+        assert_eq!(
+            bound.bound_per_second,
+            bound
+                .strict_verifications_per_second
+                .max(bound.batch_verifications_per_second)
+        );
+        assert!(bound.threads >= 1);
+    }
+}

@@ -1,0 +1,479 @@
+//! The load: accounts and deposits (setup), pre-signed transfers, and the timed phase in a
+//! closed or an open loop.
+//!
+//! Bounds: the pool of pre-signed transfers is fixed before the clock starts and only shrinks;
+//! each request waits at most the client's timeout; a closed loop has exactly
+//! `connections × in_flight` requests outstanding, an open loop at most that many (the
+//! generator waits for room, and the wait counts as latency). So every phase ends by itself.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ed25519_dalek::SigningKey;
+use rand::Rng;
+use tally_client::{build_request, Client, Error};
+use tally_wire::{Hash, Op, PublicKey, Request, Retry};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::report::thousands;
+use crate::stats::{Live, Recorder};
+
+/// What each account is funded with: enough that random transfers of at most
+/// [`TRANSFER_AMOUNT_MAX`] never run an account dry.
+pub const DEPOSIT_AMOUNT: u64 = 1_000_000_000;
+pub const TRANSFER_AMOUNT_MAX: u64 = 100;
+/// Deposits outstanding per connection during setup.
+const DEPOSITS_IN_FLIGHT_MAX: usize = 256;
+/// Attempts per deposit when the server says "later" (busy) or does not answer in time. The
+/// same request is resubmitted, so a deposit never applies twice.
+const DEPOSIT_ATTEMPTS_MAX: u32 = 5;
+/// An open-loop send this late after its scheduled time is counted as late.
+const LATE_SEND: Duration = Duration::from_millis(10);
+
+/// The accounts of one run.
+pub struct Accounts {
+    pub keys: Vec<SigningKey>,
+    pub public: Vec<PublicKey>,
+}
+
+impl Accounts {
+    pub fn generate(count: usize, threads: usize) -> Accounts {
+        let keys = parallel(count, threads, |range| {
+            let mut rng = rand::thread_rng();
+            range.map(|_| SigningKey::generate(&mut rng)).collect()
+        });
+        let public = keys.iter().map(|k| k.verifying_key().to_bytes()).collect();
+        Accounts { keys, public }
+    }
+}
+
+/// Request ids: a random 64-bit run nonce in the high half, so that runs against the same
+/// operator never reuse an id; deposits and transfers apart by the top bit of the low half.
+#[derive(Clone, Copy)]
+pub struct Ids {
+    nonce: u64,
+}
+
+impl Ids {
+    pub fn new() -> Ids {
+        Ids {
+            nonce: rand::random(),
+        }
+    }
+
+    pub fn deposit(self, index: u64) -> u128 {
+        (u128::from(self.nonce) << 64) | (1 << 63) | u128::from(index)
+    }
+
+    pub fn transfer(self, index: u64) -> u128 {
+        assert!(index < 1 << 63);
+        (u128::from(self.nonce) << 64) | u128::from(index)
+    }
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Ids::new()
+    }
+}
+
+/// Runs `f` over `0..count` split into one contiguous range per thread; results in order.
+pub fn parallel<T: Send>(
+    count: usize,
+    threads: usize,
+    f: impl Fn(Range<usize>) -> Vec<T> + Sync,
+) -> Vec<T> {
+    let threads = threads.clamp(1, count.max(1));
+    let chunk = count.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let range = (t * chunk).min(count)..((t + 1) * chunk).min(count);
+                let f = &f;
+                scope.spawn(move || f(range))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a worker thread panicked"))
+            .collect()
+    })
+}
+
+/// Signs `count` transfers between random distinct accounts, for small random amounts.
+pub fn sign_transfers(
+    accounts: &Accounts,
+    chain_id: Hash,
+    ids: Ids,
+    count: usize,
+    threads: usize,
+) -> Vec<Request> {
+    let n = accounts.keys.len();
+    assert!(n >= 2, "a transfer needs two accounts");
+    parallel(count, threads, |range| {
+        let mut rng = rand::thread_rng();
+        range
+            .map(|i| {
+                let from = rng.gen_range(0..n);
+                // Any account but `from`, uniformly.
+                let to = (from + rng.gen_range(1..n)) % n;
+                build_request(
+                    &accounts.keys[from],
+                    chain_id,
+                    Op::Transfer,
+                    ids.transfer(i as u64),
+                    accounts.public[to],
+                    rng.gen_range(1..=TRANSFER_AMOUNT_MAX),
+                )
+            })
+            .collect()
+    })
+}
+
+/// Funds every account with one deposit and waits for every confirmation. Fails if a deposit
+/// is refused for good or still unanswered after its retries.
+pub async fn fund(
+    clients: &[Arc<Client>],
+    deposit_key: &SigningKey,
+    chain_id: Hash,
+    ids: Ids,
+    accounts: &Accounts,
+) -> Result<()> {
+    let deposits: Vec<Request> = accounts
+        .public
+        .iter()
+        .enumerate()
+        .map(|(i, to)| {
+            build_request(
+                deposit_key,
+                chain_id,
+                Op::Deposit,
+                ids.deposit(i as u64),
+                *to,
+                DEPOSIT_AMOUNT,
+            )
+        })
+        .collect();
+    let pool = Arc::new(Pool::new(deposits));
+    let mut workers = JoinSet::new();
+    for client in clients {
+        for _ in 0..DEPOSITS_IN_FLIGHT_MAX.min(accounts.keys.len()) {
+            let (client, pool) = (client.clone(), pool.clone());
+            workers.spawn(async move {
+                while let Some(request) = pool.take() {
+                    deposit(&client, request).await?;
+                }
+                Ok::<(), anyhow::Error>(())
+            });
+        }
+    }
+    while let Some(result) = workers.join_next().await {
+        result.context("a deposit task panicked")??;
+    }
+    Ok(())
+}
+
+async fn deposit(client: &Client, request: Request) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match client.submit(request.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e @ (Error::Rejected(_) | Error::Timeout))
+                if e.retry() == Some(Retry::Later) && attempt < DEPOSIT_ATTEMPTS_MAX =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            }
+            Err(e) => bail!("funding an account: a deposit failed after {attempt} attempts: {e}"),
+        }
+    }
+}
+
+/// Pre-signed requests, taken in order by many tasks.
+pub struct Pool {
+    requests: Vec<Request>,
+    next: AtomicUsize,
+    exhausted: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(requests: Vec<Request>) -> Pool {
+        Pool {
+            requests,
+            next: AtomicUsize::new(0),
+            exhausted: AtomicBool::new(false),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// The next request, or None once all were taken (and then remembers it ran out).
+    pub fn take(&self) -> Option<Request> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        match self.requests.get(i) {
+            Some(request) => Some(request.clone()),
+            None => {
+                // Keep the counter from creeping towards overflow in a long tail of calls.
+                self.next.store(self.requests.len(), Ordering::Relaxed);
+                self.exhausted.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Whether some caller found the pool empty.
+    pub fn exhausted(&self) -> bool {
+        self.exhausted.load(Ordering::Relaxed)
+    }
+}
+
+/// How the timed phase sends.
+#[derive(Debug, Clone, Copy)]
+pub enum Schedule {
+    /// `in_flight` requests outstanding per connection at all times, until the pool is empty or
+    /// the deadline has passed.
+    Closed {
+        in_flight: usize,
+        deadline: Option<Duration>,
+    },
+    /// Every request of the pool at its fixed time, `rate` per second in total, at most
+    /// `in_flight` per connection outstanding.
+    Open { rate: f64, in_flight: usize },
+}
+
+/// What the timed phase measured.
+pub struct Phase {
+    pub recorder: Recorder,
+    pub sent: u64,
+    pub elapsed: Duration,
+    pub pool_exhausted: bool,
+    pub late_sends: u64,
+}
+
+/// Runs the timed phase over `clients` with the requests of `pool`.
+pub async fn timed_phase(clients: &[Arc<Client>], pool: Arc<Pool>, schedule: Schedule) -> Phase {
+    let live = Arc::new(Live::default());
+    let recorders: Vec<Arc<Mutex<Recorder>>> = clients
+        .iter()
+        .map(|_| Arc::new(Mutex::new(Recorder::default())))
+        .collect();
+    let start = Instant::now();
+    let progress = tokio::spawn(progress(live.clone(), start));
+    let late_sends = match schedule {
+        Schedule::Closed {
+            in_flight,
+            deadline,
+        } => {
+            let deadline = deadline.map(|d| start + d);
+            let mut workers = JoinSet::new();
+            for (client, recorder) in clients.iter().zip(&recorders) {
+                for _ in 0..in_flight {
+                    workers.spawn(closed_worker(
+                        client.clone(),
+                        pool.clone(),
+                        recorder.clone(),
+                        live.clone(),
+                        deadline,
+                    ));
+                }
+            }
+            while let Some(result) = workers.join_next().await {
+                result.expect("a load task panicked");
+            }
+            0
+        }
+        Schedule::Open { rate, in_flight } => {
+            open_loop(clients, &pool, &recorders, &live, start, rate, in_flight).await
+        }
+    };
+    let elapsed = start.elapsed();
+    progress.abort();
+    let mut recorder = Recorder::default();
+    for r in recorders {
+        let r = std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner()));
+        recorder.merge(r);
+    }
+    let sent = Live::get(&live.sent);
+    Phase {
+        recorder,
+        sent,
+        elapsed,
+        pool_exhausted: pool.exhausted(),
+        late_sends,
+    }
+}
+
+async fn closed_worker(
+    client: Arc<Client>,
+    pool: Arc<Pool>,
+    recorder: Arc<Mutex<Recorder>>,
+    live: Arc<Live>,
+    deadline: Option<Instant>,
+) {
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return;
+        }
+        let Some(request) = pool.take() else { return };
+        let sent_at = Instant::now();
+        let outcome = send(&client, request, &live).await;
+        let latency = sent_at.elapsed();
+        // A dead connection fails every later call at once; stop rather than burn the pool.
+        let gone = matches!(outcome, Err(Error::Disconnected)) && !client.is_connected();
+        record(&recorder, outcome, latency);
+        if gone {
+            return;
+        }
+    }
+}
+
+/// Sends `pool` on a fixed schedule; returns how many sends were late.
+async fn open_loop(
+    clients: &[Arc<Client>],
+    pool: &Arc<Pool>,
+    recorders: &[Arc<Mutex<Recorder>>],
+    live: &Arc<Live>,
+    start: Instant,
+    rate: f64,
+    in_flight: usize,
+) -> u64 {
+    let permits_total = u32::try_from(clients.len() * in_flight).unwrap_or(u32::MAX);
+    let room = Arc::new(Semaphore::new(permits_total as usize));
+    let mut late_sends = 0;
+    for i in 0..pool.len() {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
+        if scheduled > Instant::now() {
+            tokio::time::sleep_until(scheduled.into()).await;
+        }
+        let permit = room
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        if scheduled.elapsed() > LATE_SEND {
+            late_sends += 1;
+        }
+        let request = pool.take().expect("one request per scheduled send");
+        let c = i % clients.len();
+        let (client, recorder, live) = (clients[c].clone(), recorders[c].clone(), live.clone());
+        tokio::spawn(async move {
+            let outcome = send(&client, request, &live).await;
+            // From the scheduled time, not the send: a generator that fell behind must not
+            // hide the delay it suffered (coordinated omission).
+            record(&recorder, outcome, scheduled.elapsed());
+            drop(permit);
+        });
+    }
+    // Every request holds a permit until it is answered or times out.
+    let _all = room
+        .acquire_many(permits_total)
+        .await
+        .expect("the semaphore is never closed");
+    late_sends
+}
+
+async fn send(
+    client: &Client,
+    request: Request,
+    live: &Live,
+) -> Result<tally_wire::Confirmation, Error> {
+    live.sent.fetch_add(1, Ordering::Relaxed);
+    live.in_flight.fetch_add(1, Ordering::Relaxed);
+    let outcome = client.submit(request).await;
+    live.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let counter = if outcome.is_ok() {
+        &live.confirmed
+    } else {
+        &live.failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    outcome
+}
+
+fn record(
+    recorder: &Mutex<Recorder>,
+    outcome: Result<tally_wire::Confirmation, Error>,
+    latency: Duration,
+) {
+    recorder
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .record(outcome, latency);
+}
+
+/// Prints a line to stderr every second until aborted.
+async fn progress(live: Arc<Live>, start: Instant) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await; // the first tick is immediate
+    let mut last = (0u64, Instant::now());
+    loop {
+        tick.tick().await;
+        let confirmed = Live::get(&live.confirmed);
+        let now = Instant::now();
+        let rate = (confirmed - last.0) as f64 / (now - last.1).as_secs_f64();
+        last = (confirmed, now);
+        eprintln!(
+            "[{:6.1} s] confirmed {:>10}  rate {:>8}/s  in flight {:>6}  failed {}",
+            start.elapsed().as_secs_f64(),
+            thousands(confirmed as f64),
+            thousands(rate),
+            Live::get(&live.in_flight),
+            Live::get(&live.failed),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfers_are_signed_valid_and_unique() {
+        let accounts = Accounts::generate(5, 2);
+        let ids = Ids::new();
+        let transfers = sign_transfers(&accounts, [9; 32], ids, 200, 3);
+        assert_eq!(transfers.len(), 200);
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in transfers.iter().enumerate() {
+            assert!(tally_core::crypto::verify_request(t), "transfer {i}");
+            assert_eq!(t.op, Op::Transfer);
+            assert_ne!(t.signer, t.to, "transfer {i} is to itself");
+            assert!(accounts.public.contains(&t.to));
+            assert!((1..=TRANSFER_AMOUNT_MAX).contains(&t.amount));
+            assert_eq!(t.id, ids.transfer(i as u64), "ids follow the pool order");
+            assert!(seen.insert(t.id));
+        }
+        assert!(!seen.contains(&ids.deposit(0)));
+        // Two runs never share an id (with overwhelming probability).
+        assert_ne!(Ids::new().transfer(0), ids.transfer(0));
+    }
+
+    #[test]
+    fn parallel_keeps_order_and_covers_everything() {
+        for (count, threads) in [(0, 4), (1, 4), (10, 3), (10, 10), (7, 1)] {
+            let got = parallel(count, threads, |range| range.collect());
+            assert_eq!(got, (0..count).collect::<Vec<_>>(), "{count} on {threads}");
+        }
+    }
+
+    #[test]
+    fn pool_hands_out_each_request_once() {
+        let accounts = Accounts::generate(2, 1);
+        let pool = Pool::new(sign_transfers(&accounts, [1; 32], Ids::new(), 3, 1));
+        assert!(!pool.exhausted());
+        let ids: Vec<u128> = std::iter::from_fn(|| pool.take()).map(|r| r.id).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(pool.exhausted());
+        assert!(pool.take().is_none());
+    }
+}

@@ -1,0 +1,341 @@
+//! The server's Prometheus metrics: one [`Registry`] and every handle on it, in one struct that
+//! the pipeline threads and connection tasks share by `Arc`.
+//!
+//! Names follow Prometheus conventions: a `tally_` prefix, the unit last (`_seconds`, `_bytes`),
+//! `_total` on counters. Every labelled series is created up front (each stage, each close
+//! reason, each error code), so a series reads 0 instead of being absent until its first event,
+//! and `rate()` sees the first increment. docs/OPERATING.md describes each metric.
+//!
+//! Updating a handle is an atomic operation; no lock is held across the pipeline. Queue depths
+//! are sampled by the threads around each queue (see `pipeline.rs`), not at scrape time, because
+//! holding a channel end here would change when the pipeline's channels disconnect.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tally_wire::ErrorCode;
+
+/// The pipeline stages, in request order; the `stage` label of the per-stage metrics.
+pub const STAGES: [&str; 5] = ["stateless", "snapshot", "master", "storage", "confirm"];
+
+/// The queues that answer `busy` when full; the `queue` label of `tally_busy_total`.
+pub const BUSY_QUEUES: [&str; 2] = ["stateless", "storage"];
+
+/// Raft roles as exported in `tally_raft_role` (and in the wire `Status` reply).
+pub mod role {
+    pub const FOLLOWER: i64 = 0;
+    pub const CANDIDATE: i64 = 1;
+    pub const LEADER: i64 = 2;
+    pub const PRE_CANDIDATE: i64 = 3;
+    /// A single node without replication: it commits by applying.
+    pub const SINGLE: i64 = 4;
+}
+
+/// Why the master closed a batch; the `reason` label of `tally_batches_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchClose {
+    /// `batch_window_ms` passed since the batch's first request.
+    Window,
+    /// It reached `batch_requests_max`.
+    Full,
+    /// The node is shutting down and sealed what it had.
+    Shutdown,
+}
+
+impl BatchClose {
+    pub const ALL: [BatchClose; 3] = [BatchClose::Window, BatchClose::Full, BatchClose::Shutdown];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BatchClose::Window => "window",
+            BatchClose::Full => "full",
+            BatchClose::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One pipeline stage: how many items wait in its input queue, and how long it spends on one.
+pub struct Stage {
+    pub queue_depth: IntGauge,
+    pub seconds: Histogram,
+}
+
+/// Raft state. The single node sets role `SINGLE`, itself as leader, and commit = applied =
+/// the applied height; the replication code drives these once it exists.
+pub struct RaftMetrics {
+    pub term: IntGauge,
+    pub role: IntGauge,
+    pub leader_id: IntGauge,
+    pub commit_index: IntGauge,
+    pub applied_index: IntGauge,
+    pub proposals_in_flight: IntGauge,
+    pub elections_total: IntCounter,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub stateless: Stage,
+    pub snapshot: Stage,
+    pub master: Stage,
+    pub storage: Stage,
+    pub confirm: Stage,
+    /// From the request's frame being read to its confirmation being handed to the connection.
+    pub confirmation_seconds: Histogram,
+    pub batch_requests: Histogram,
+    pub batch_body_bytes: Histogram,
+    batches_total: IntCounterVec,
+    pub requests_confirmed_total: IntCounter,
+    pub requests_replayed_total: IntCounter,
+    requests_rejected_total: IntCounterVec,
+    /// Replay of the batch against applied state, Merkle root, header signature
+    /// (`tally_core::batch::prepare_apply`).
+    pub apply_prepare_seconds: Histogram,
+    /// The one atomic synced LevelDB write of a batch.
+    pub durable_write_seconds: Histogram,
+    pub applied_height: IntGauge,
+    pub connections_open: IntGauge,
+    pub connections_refused_total: IntCounter,
+    busy_total: IntCounterVec,
+    pub account_cache_misses_total: IntCounter,
+    pub raft: RaftMetrics,
+    /// 1 when the node can serve (see `/ready`), else 0.
+    ready: IntGauge,
+}
+
+/// 10 µs to about 10.5 s in powers of two: a signature check and a slow fsync both fit.
+fn seconds_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.000_01, 2.0, 21).expect("valid buckets")
+}
+
+/// Confirmation latency is dominated by the batch window (100 ms by default): finer buckets
+/// around it, so that p50/p99 interpolate well.
+const CONFIRMATION_BUCKETS: [f64; 24] = [
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.11, 0.125, 0.15, 0.2, 0.25, 0.3,
+    0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+];
+
+impl Metrics {
+    /// A registry with every tally metric registered and every labelled series created.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry
+                .register(c)
+                .expect("metric names are unique and valid")
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid gauge");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid counter");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid histogram");
+            reg(Box::new(h.clone()));
+            h
+        };
+        let counter_vec = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter");
+            for v in values {
+                c.with_label_values(&[*v]);
+            }
+            reg(Box::new(c.clone()));
+            c
+        };
+
+        let depth = IntGaugeVec::new(
+            Opts::new(
+                "tally_queue_depth",
+                "Items waiting in a pipeline stage's input queue, sampled by the threads at it.",
+            ),
+            &["stage"],
+        )
+        .expect("valid gauge");
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tally_stage_seconds",
+                "Time a pipeline stage spends on one unit of work (see docs/OPERATING.md).",
+            )
+            .buckets(seconds_buckets()),
+            &["stage"],
+        )
+        .expect("valid histogram");
+        reg(Box::new(depth.clone()));
+        reg(Box::new(seconds.clone()));
+        let stage = |name: &str| Stage {
+            queue_depth: depth.with_label_values(&[name]),
+            seconds: seconds.with_label_values(&[name]),
+        };
+        let [stateless, snapshot, master, storage, confirm] = STAGES.map(stage);
+
+        let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.name()).collect();
+        let reasons = BatchClose::ALL.map(BatchClose::name);
+        Metrics {
+            stateless,
+            snapshot,
+            master,
+            storage,
+            confirm,
+            confirmation_seconds: histogram(
+                "tally_confirmation_seconds",
+                "From a request's frame being read to its confirmation being handed to the connection (new requests, not replays).",
+                CONFIRMATION_BUCKETS.to_vec(),
+            ),
+            batch_requests: histogram(
+                "tally_batch_requests",
+                "Requests per sealed batch.",
+                prometheus::exponential_buckets(1.0, 2.0, 17).expect("valid buckets"),
+            ),
+            batch_body_bytes: histogram(
+                "tally_batch_body_bytes",
+                "Size of an applied batch body as stored.",
+                prometheus::exponential_buckets(256.0, 4.0, 12).expect("valid buckets"),
+            ),
+            batches_total: counter_vec(
+                "tally_batches_total",
+                "Batches sealed, by why they were closed.",
+                "reason",
+                &reasons,
+            ),
+            requests_confirmed_total: counter(
+                "tally_requests_confirmed_total",
+                "Confirmations sent for newly applied requests.",
+            ),
+            requests_replayed_total: counter(
+                "tally_requests_replayed_total",
+                "Original confirmations sent again for resubmitted requests.",
+            ),
+            requests_rejected_total: counter_vec(
+                "tally_requests_rejected_total",
+                "Client messages answered with an error, by error code.",
+                "code",
+                &codes,
+            ),
+            apply_prepare_seconds: histogram(
+                "tally_apply_prepare_seconds",
+                "Replaying a committed batch, checking its root and digest, and signing its header.",
+                seconds_buckets(),
+            ),
+            durable_write_seconds: histogram(
+                "tally_durable_write_seconds",
+                "The atomic synced LevelDB write of one batch.",
+                seconds_buckets(),
+            ),
+            applied_height: gauge(
+                "tally_applied_height",
+                "Height of the latest batch applied to this replica's storage.",
+            ),
+            connections_open: gauge("tally_connections_open", "Open client connections."),
+            connections_refused_total: counter(
+                "tally_connections_refused_total",
+                "Client connections closed at once because limits.connections_max were open.",
+            ),
+            busy_total: counter_vec(
+                "tally_busy_total",
+                "Requests answered busy because a queue was full, by queue.",
+                "queue",
+                &BUSY_QUEUES,
+            ),
+            account_cache_misses_total: counter(
+                "tally_account_cache_misses_total",
+                "Accounts the sequencer had to load from storage.",
+            ),
+            raft: RaftMetrics {
+                term: gauge("tally_raft_term", "Current Raft term."),
+                role: gauge(
+                    "tally_raft_role",
+                    "Raft role: 0 follower, 1 candidate, 2 leader, 3 pre-candidate, 4 single node.",
+                ),
+                leader_id: gauge("tally_raft_leader_id", "Id of the known leader, 0 if none."),
+                commit_index: gauge("tally_raft_commit_index", "Raft commit index."),
+                applied_index: gauge("tally_raft_applied_index", "Raft applied index."),
+                proposals_in_flight: gauge(
+                    "tally_raft_proposals_in_flight",
+                    "Batches proposed and not yet committed.",
+                ),
+                elections_total: counter(
+                    "tally_raft_elections_total",
+                    "Elections this replica started.",
+                ),
+            },
+            ready: gauge(
+                "tally_ready",
+                "1 when this replica can serve (as /ready answers), else 0.",
+            ),
+            registry,
+        }
+    }
+
+    pub fn batch_closed(&self, reason: BatchClose) {
+        self.batches_total.with_label_values(&[reason.name()]).inc();
+    }
+
+    pub fn rejected(&self, code: ErrorCode) {
+        self.requests_rejected_total
+            .with_label_values(&[code.name()])
+            .inc();
+    }
+
+    /// `queue` is one of [`BUSY_QUEUES`].
+    pub fn busy(&self, queue: &str) {
+        self.busy_total.with_label_values(&[queue]).inc();
+    }
+
+    /// Readiness as `/ready` reports it. The single node is ready once its pipeline runs; with
+    /// replication, once a leader is known and this replica has caught up.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(ready as i64);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+
+    /// Every metric in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .expect("encoding metrics as text")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_exists_from_the_start() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for needle in [
+            "tally_queue_depth{stage=\"confirm\"} 0",
+            "tally_stage_seconds_count{stage=\"stateless\"} 0",
+            "tally_batches_total{reason=\"shutdown\"} 0",
+            "tally_requests_rejected_total{code=\"insufficient_funds\"} 0",
+            "tally_busy_total{queue=\"storage\"} 0",
+            "tally_raft_role 0",
+            "tally_ready 0",
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+        m.rejected(ErrorCode::Busy);
+        m.batch_closed(BatchClose::Full);
+        m.set_ready(true);
+        let text = m.encode();
+        assert!(text.contains("tally_requests_rejected_total{code=\"busy\"} 1"));
+        assert!(text.contains("tally_batches_total{reason=\"full\"} 1"));
+        assert!(m.is_ready());
+    }
+}

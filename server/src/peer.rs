@@ -1,0 +1,252 @@
+//! The replication transport: raft messages between replicas over mutual TLS.
+//!
+//! Every replica dials every other one and uses that connection only to send; it receives on
+//! the connections the others dial to it. A dialing replica first sends a hello (magic `TLYP`,
+//! version, its node id, the chain id); the accepting side checks that the client certificate,
+//! issued by the operator's CA, is valid for `node-<id>.tally` of the id the hello claims, and
+//! that the chain id is its own, before a single raft byte is decoded. Then each message is a
+//! u32 little-endian length and a protobuf-encoded `raft::eraftpb::Message`, capped at
+//! `raft.max_message_bytes`. raft-rs decodes with protobuf 2.x (RUSTSEC-2024-0437), so only
+//! authenticated, size-checked bytes ever reach the decoder.
+//!
+//! Limits: each outbound peer has a queue of `PEER_QUEUE_MAX` messages; when it is full a message
+//! is dropped, which raft tolerates (it retransmits). Inbound messages go to the raft thread with
+//! `try_send` and are dropped when its queue is full, for the same reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::Sender;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tally_core::replica::decode_message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::bootstrap::node_name;
+use crate::replication::RaftEvent;
+use crate::tls::{load_certs, load_key};
+
+pub const HELLO_MAGIC: [u8; 4] = *b"TLYP";
+pub const HELLO_VERSION: u8 = 1;
+pub const HELLO_BYTES: usize = 4 + 1 + 8 + 32;
+/// Messages waiting for one peer's connection.
+pub const PEER_QUEUE_MAX: usize = 4096;
+
+
+/// TLS configurations for the peer listener (client certificates required) and for dialing.
+pub fn peer_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).context("adding the CA certificate")?;
+    }
+    let roots = Arc::new(roots);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .context("building the peer certificate verifier")?;
+    let server = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .context("peer TLS certificate and key")?;
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .context("peer TLS client certificate and key")?;
+    Ok((Arc::new(server), Arc::new(client)))
+}
+
+fn hello(node_id: u64, chain_id: &[u8; 32]) -> [u8; HELLO_BYTES] {
+    let mut h = [0u8; HELLO_BYTES];
+    h[0..4].copy_from_slice(&HELLO_MAGIC);
+    h[4] = HELLO_VERSION;
+    h[5..13].copy_from_slice(&node_id.to_le_bytes());
+    h[13..45].copy_from_slice(chain_id);
+    h
+}
+
+/// The sending side of the transport, held by the raft thread.
+pub struct PeerSenders {
+    senders: std::collections::HashMap<u64, mpsc::Sender<Vec<u8>>>,
+}
+
+impl PeerSenders {
+    /// Queues an encoded message for `to`; false when it was dropped (queue full or unknown).
+    pub fn send(&self, to: u64, bytes: Vec<u8>) -> bool {
+        self.senders.get(&to).is_some_and(|tx| tx.try_send(bytes).is_ok())
+    }
+}
+
+pub struct PeerSettings {
+    pub node_id: u64,
+    pub chain_id: [u8; 32],
+    pub peers: Vec<(u64, std::net::SocketAddr)>,
+    pub max_message_bytes: u64,
+}
+
+/// Starts one dialing task per peer on the current runtime.
+pub fn start_outbound(
+    settings: &PeerSettings,
+    client: Arc<ClientConfig>,
+    events: Sender<RaftEvent>,
+    shutdown: watch::Receiver<bool>,
+) -> PeerSenders {
+    let mut senders = std::collections::HashMap::new();
+    for &(id, addr) in &settings.peers {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        senders.insert(id, tx);
+        let hello = hello(settings.node_id, &settings.chain_id);
+        tokio::spawn(dial_loop(id, addr, hello, rx, TlsConnector::from(client.clone()), events.clone(), shutdown.clone()));
+    }
+    PeerSenders { senders }
+}
+
+async fn dial_loop(
+    id: u64,
+    addr: std::net::SocketAddr,
+    hello: [u8; HELLO_BYTES],
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    connector: TlsConnector,
+    events: Sender<RaftEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let attempt = async {
+            let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(node_name(id))?;
+            let mut tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await??;
+            tls.write_all(&hello).await?;
+            tls.flush().await?;
+            anyhow::Ok(tls)
+        };
+        let mut tls = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            r = attempt => match r {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::debug!(peer = id, "dialing failed: {e}");
+                    let _ = events.try_send(RaftEvent::Unreachable(id));
+                    // Drop what queued up meanwhile: raft will resend what still matters.
+                    while rx.try_recv().is_ok() {}
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(50);
+        tracing::info!(peer = id, %addr, "connected to peer");
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                m = rx.recv() => match m { Some(m) => m, None => return },
+            };
+            let mut ok = write_frame(&mut tls, &msg).await.is_ok();
+            while ok {
+                match rx.try_recv() {
+                    Ok(m) => ok = write_frame(&mut tls, &m).await.is_ok(),
+                    Err(_) => break,
+                }
+            }
+            if !ok || tls.flush().await.is_err() {
+                tracing::info!(peer = id, "peer connection lost");
+                let _ = events.try_send(RaftEvent::Unreachable(id));
+                break;
+            }
+        }
+    }
+}
+
+async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
+    w.write_all(bytes).await
+}
+
+/// Accepts peer connections and feeds their messages to the raft thread.
+pub async fn serve_inbound(
+    listener: TcpListener,
+    server: Arc<ServerConfig>,
+    settings: Arc<PeerSettings>,
+    events: Sender<RaftEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(server);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => {
+                let Ok((tcp, remote)) = accepted else { continue };
+                let (acceptor, settings, events, shutdown) = (acceptor.clone(), settings.clone(), events.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = inbound(tcp, acceptor, &settings, events, shutdown).await {
+                        tracing::warn!(%remote, "peer connection refused or closed: {e:#}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn inbound(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    settings: &PeerSettings,
+    events: Sender<RaftEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut tls = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await??;
+    let mut h = [0u8; HELLO_BYTES];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut h)).await??;
+    if h[0..4] != HELLO_MAGIC || h[4] != HELLO_VERSION {
+        bail!("not a tally peer hello");
+    }
+    let claimed = u64::from_le_bytes(h[5..13].try_into().expect("8 bytes"));
+    if h[13..45] != settings.chain_id {
+        bail!("peer {claimed} belongs to another chain");
+    }
+    if !settings.peers.iter().any(|(id, _)| *id == claimed) {
+        bail!("node {claimed} is not a peer of this replica");
+    }
+    let certs = tls.get_ref().1.peer_certificates().ok_or_else(|| anyhow!("no client certificate"))?;
+    check_cert_names(&certs[0], claimed)?;
+    loop {
+        let mut len = [0u8; 4];
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            r = tls.read_exact(&mut len) => { if r.is_err() { return Ok(()); } }
+        }
+        let len = u32::from_le_bytes(len) as u64;
+        if len > settings.max_message_bytes {
+            bail!("peer {claimed} sent a {len}-byte message, over raft.max_message_bytes");
+        }
+        let mut buf = vec![0u8; len as usize];
+        tokio::time::timeout(Duration::from_secs(30), tls.read_exact(&mut buf)).await??;
+        let msg = decode_message(&buf)?;
+        if msg.from != claimed {
+            bail!("peer {claimed} sent a message claiming to be from {}", msg.from);
+        }
+        // Full queue: drop; raft retransmits.
+        let _ = events.try_send(RaftEvent::Peer(msg));
+    }
+}
+
+/// Refuses a certificate that is not valid for the node id the peer claims.
+pub fn check_cert_names(cert: &CertificateDer<'_>, claimed: u64) -> Result<()> {
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| anyhow!("bad peer certificate: {e:?}"))?;
+    let name = ServerName::try_from(node_name(claimed))?;
+    ee.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| anyhow!("the peer's certificate is not for node {claimed} (expected {})", node_name(claimed)))
+}

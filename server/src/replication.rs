@@ -1,0 +1,331 @@
+//! The raft thread: owns the [`Replica`] (raft-rs `RawNode`), turns its effects into peer
+//! messages and apply commands, and decides when the master may sequence.
+//!
+//! Leadership hand-off: when this replica becomes leader of term T, raft-rs appends an empty
+//! entry at index I. Once the apply thread has applied everything up to I, every entry of every
+//! earlier term is applied too, so the applied state *is* the state to sequence on: the raft
+//! thread then tells the master `Lead { term, meta }`. Until then clients get `unavailable`.
+//! When it stops leading, the master is told `Follow`: its open batch fails with `not_leader`,
+//! and so do the requests of proposed batches that were not committed yet. Those batches may
+//! still commit under the next leader; a client retrying with the same id then receives the
+//! original confirmation.
+//!
+//! Each proposal carries the master's epoch (bumped at every `Lead`). A proposal from an older
+//! epoch is refused, and a refused or failed proposal makes the raft thread resynchronize the
+//! master, because the batches sealed after it chain to it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use raft::eraftpb::{Entry, Message, Snapshot};
+use raft::ReadState;
+use tally_core::batch::BatchBody;
+use tally_core::crypto::header_hash;
+use tally_core::replica::{encode_message, is_batch, RaftIo, RaftLogStore, Replica, ReplicaStatus, Role};
+use tally_core::state::LedgerMeta;
+use tally_wire::{ErrorCode, ErrorReply, Hash, Message as WireMessage, Retry};
+
+use crate::peer::PeerSenders;
+use crate::pipeline::{ReplyTo, StorageCmd};
+
+/// Inputs of the raft thread. Its queue is bounded; peers' messages are dropped when it is full.
+pub enum RaftEvent {
+    Peer(Message),
+    Unreachable(u64),
+    Propose { body: BatchBody, replies: Vec<(u32, ReplyTo, bool)>, epoch: u64 },
+    /// A read to serve once a linearizable read index is applied.
+    Read { cmd: StorageCmd },
+    Status { reply: ReplyTo },
+    TransferLeader(u64),
+    /// The master found its speculative state out of step with what was applied.
+    Resync,
+    Stop,
+}
+
+/// What the master is told about leadership.
+pub enum MasterEvent {
+    Lead { term: u64, epoch: u64, meta: LedgerMeta },
+    Follow,
+}
+
+/// Cluster state shared with connection tasks (lock-free reads).
+pub struct ClusterView {
+    pub node_id: u64,
+    pub leader_id: AtomicU64,
+    pub term: AtomicU64,
+    pub role: AtomicU8,
+    pub commit_index: AtomicU64,
+    /// Set when this replica leads and its master may sequence.
+    pub writable: std::sync::atomic::AtomicBool,
+    /// Client addresses of every replica, for `not_leader` hints.
+    pub client_addresses: HashMap<u64, String>,
+}
+
+impl ClusterView {
+    pub fn new(node_id: u64, client_addresses: HashMap<u64, String>) -> ClusterView {
+        ClusterView {
+            node_id,
+            leader_id: AtomicU64::new(0),
+            term: AtomicU64::new(0),
+            role: AtomicU8::new(0),
+            commit_index: AtomicU64::new(0),
+            writable: std::sync::atomic::AtomicBool::new(false),
+            client_addresses,
+        }
+    }
+
+    pub fn leader_hint(&self) -> String {
+        let leader = self.leader_id.load(Ordering::SeqCst);
+        if leader == self.node_id {
+            return String::new();
+        }
+        self.client_addresses.get(&leader).cloned().unwrap_or_default()
+    }
+
+    /// The answer to a write this replica cannot take now.
+    pub fn not_writable(&self) -> ErrorReply {
+        let leader = self.leader_id.load(Ordering::SeqCst);
+        if leader != 0 && leader != self.node_id {
+            let mut r = ErrorReply::new(ErrorCode::NotLeader, format!("node {leader} is the leader"));
+            r.leader_hint = self.leader_hint();
+            r.retry = Retry::Elsewhere;
+            r
+        } else {
+            let mut r = ErrorReply::new(ErrorCode::Unavailable, "no leader is ready yet; retry shortly");
+            r.retry_after_ms = 100;
+            r
+        }
+    }
+}
+
+/// State the apply thread publishes for the raft thread and the master.
+pub struct Applied {
+    /// Highest raft index whose effects are applied (batches and empty entries alike).
+    pub index: AtomicU64,
+    /// The ledger summary after the last applied batch.
+    pub meta: Mutex<LedgerMeta>,
+}
+
+pub struct RaftThread<S: RaftLogStore> {
+    pub replica: Replica<S>,
+    pub events: Receiver<RaftEvent>,
+    pub peers: PeerSenders,
+    pub apply: Sender<StorageCmd>,
+    pub master: Sender<MasterEvent>,
+    pub applied: Arc<Applied>,
+    pub view: Arc<ClusterView>,
+    pub tick: Duration,
+    pub single_voter: bool,
+}
+
+struct Io<'a> {
+    peers: &'a PeerSenders,
+    apply: &'a Sender<StorageCmd>,
+    stash: &'a mut HashMap<Hash, Vec<(u32, ReplyTo, bool)>>,
+    reads: &'a mut HashMap<u64, StorageCmd>,
+    ready_reads: &'a mut VecDeque<(u64, StorageCmd)>,
+}
+
+impl RaftIo for Io<'_> {
+    fn send(&mut self, messages: Vec<Message>) {
+        for m in messages {
+            let to = m.to;
+            self.peers.send(to, encode_message(&m));
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> tally_core::Result<()> {
+        let index = snapshot.get_metadata().index;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let data = snapshot.data.to_vec();
+        self.apply
+            .send(StorageCmd::InstallSnapshot { index, descriptor: data, done: tx })
+            .map_err(|_| tally_core::Error::Storage("the apply thread has stopped".into()))?;
+        rx.recv().map_err(|_| tally_core::Error::Storage("the apply thread has stopped".into()))?
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            let cmd = if is_batch(&e) {
+                match BatchBody::decode(&e.data) {
+                    Ok(body) => {
+                        let replies = self.stash.remove(&header_hash(&body.header)).unwrap_or_default();
+                        StorageCmd::Apply { body, replies, raft_index: e.index }
+                    }
+                    // Deterministic on every replica: a committed entry that is not a batch body
+                    // is skipped by all of them alike.
+                    Err(err) => {
+                        tracing::error!(index = e.index, "committed entry is not a batch body: {err}");
+                        StorageCmd::AppliedIndex { raft_index: e.index }
+                    }
+                }
+            } else {
+                StorageCmd::AppliedIndex { raft_index: e.index }
+            };
+            if self.apply.send(cmd).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn read_ready(&mut self, states: Vec<ReadState>) {
+        for s in states {
+            let ctx = u64::from_le_bytes(s.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            if let Some(cmd) = self.reads.remove(&ctx) {
+                self.ready_reads.push_back((s.index, cmd));
+            }
+        }
+    }
+}
+
+impl<S: RaftLogStore> RaftThread<S> {
+    pub fn run(mut self) {
+        let mut stash: HashMap<Hash, Vec<(u32, ReplyTo, bool)>> = HashMap::new();
+        let mut reads: HashMap<u64, StorageCmd> = HashMap::new();
+        let mut ready_reads: VecDeque<(u64, StorageCmd)> = VecDeque::new();
+        let mut read_ctx = 0u64;
+        let mut epoch = 0u64;
+        // Set while leading and waiting for the applied index to reach this raft index.
+        let mut lead_at: Option<u64> = None;
+        let mut leading = false;
+        let mut last_role = Role::Follower;
+        let mut next_tick = Instant::now() + self.tick;
+        if self.single_voter {
+            // Nobody else can vote: do not wait out an election timeout.
+            let _ = self.replica.campaign();
+        }
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(timeout) {
+                Ok(RaftEvent::Stop) => return,
+                Ok(RaftEvent::Peer(m)) => self.replica.step(m),
+                Ok(RaftEvent::Unreachable(id)) => self.replica.report_unreachable(id),
+                Ok(RaftEvent::Propose { body, replies, epoch: e }) => {
+                    if !leading || e != epoch {
+                        fail(replies, self.view.not_writable());
+                    } else {
+                        let key = header_hash(&body.header);
+                        match self.replica.propose(body.encode()) {
+                            Ok(()) => {
+                                stash.insert(key, replies);
+                            }
+                            Err(why) => {
+                                tracing::warn!("proposal refused: {why}; resynchronizing the master");
+                                fail(replies, self.view.not_writable());
+                                leading = false;
+                                self.view.writable.store(false, Ordering::SeqCst);
+                                let _ = self.master.send(MasterEvent::Follow);
+                                lead_at = self.replica.term_start_index().map(|_| self.replica.status().last_index);
+                            }
+                        }
+                    }
+                }
+                Ok(RaftEvent::Read { cmd }) => {
+                    if self.replica.status().role == Role::Leader {
+                        read_ctx += 1;
+                        reads.insert(read_ctx, cmd);
+                        self.replica.read_index(read_ctx.to_le_bytes().to_vec());
+                    } else {
+                        fail_cmd(cmd, self.view.not_writable());
+                    }
+                }
+                Ok(RaftEvent::Status { reply }) => {
+                    let status = self.replica.status();
+                    let _ = self.apply.send(StorageCmd::Status {
+                        raft: status,
+                        leader_client_address: self.view.leader_hint(),
+                        reply,
+                    });
+                }
+                Ok(RaftEvent::TransferLeader(to)) => self.replica.transfer_leader(to),
+                Ok(RaftEvent::Resync) => {
+                    if leading {
+                        leading = false;
+                        self.view.writable.store(false, Ordering::SeqCst);
+                        let _ = self.master.send(MasterEvent::Follow);
+                        lead_at = Some(self.replica.status().last_index);
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= next_tick {
+                self.replica.tick();
+                next_tick = Instant::now() + self.tick;
+            }
+            let mut io = Io {
+                peers: &self.peers,
+                apply: &self.apply,
+                stash: &mut stash,
+                reads: &mut reads,
+                ready_reads: &mut ready_reads,
+            };
+            if let Err(e) = self.replica.on_ready(&mut io) {
+                crate::pipeline::fatal("raft persistence", &e);
+            }
+
+            let status = self.replica.status();
+            self.publish(&status);
+            if status.role != last_role {
+                tracing::info!(term = status.term, leader = status.leader_id, "raft role is now {:?}", status.role);
+                if status.role == Role::Leader {
+                    lead_at = self.replica.term_start_index();
+                } else if last_role == Role::Leader {
+                    lead_at = None;
+                    leading = false;
+                    self.view.writable.store(false, Ordering::SeqCst);
+                    let _ = self.master.send(MasterEvent::Follow);
+                    let hint = self.view.not_writable();
+                    for (_, replies) in stash.drain() {
+                        fail(replies, hint.clone());
+                    }
+                    for (_, cmd) in reads.drain() {
+                        fail_cmd(cmd, hint.clone());
+                    }
+                    while let Some((_, cmd)) = ready_reads.pop_front() {
+                        fail_cmd(cmd, hint.clone());
+                    }
+                }
+                last_role = status.role;
+            }
+            let applied = self.applied.index.load(Ordering::SeqCst);
+            if let Some(at) = lead_at {
+                if status.role == Role::Leader && applied >= at {
+                    lead_at = None;
+                    leading = true;
+                    epoch += 1;
+                    let meta = self.applied.meta.lock().expect("meta lock").clone();
+                    tracing::info!(term = status.term, height = meta.height, "leading: sequencing from the applied state");
+                    let _ = self.master.send(MasterEvent::Lead { term: status.term, epoch, meta });
+                    self.view.writable.store(true, Ordering::SeqCst);
+                }
+            }
+            while ready_reads.front().is_some_and(|(index, _)| *index <= applied) {
+                let (_, cmd) = ready_reads.pop_front().expect("front exists");
+                let _ = self.apply.send(cmd);
+            }
+        }
+    }
+
+    fn publish(&self, s: &ReplicaStatus) {
+        self.view.leader_id.store(s.leader_id, Ordering::SeqCst);
+        self.view.term.store(s.term, Ordering::SeqCst);
+        self.view.role.store(s.role.code(), Ordering::SeqCst);
+        self.view.commit_index.store(s.commit_index, Ordering::SeqCst);
+    }
+}
+
+fn fail(replies: Vec<(u32, ReplyTo, bool)>, reply: ErrorReply) {
+    for (_, to, _) in replies {
+        to.send(&WireMessage::Error(reply.clone()));
+    }
+}
+
+fn fail_cmd(cmd: StorageCmd, reply: ErrorReply) {
+    if let Some(to) = cmd.into_reply() {
+        to.send(&WireMessage::Error(reply));
+    }
+}
