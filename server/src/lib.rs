@@ -17,5 +17,8 @@ pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod peer;
 pub mod pipeline;
+pub mod replication;
+pub mod snapshot;
 pub mod tls;

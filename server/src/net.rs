@@ -9,13 +9,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally_wire::{decode_frame, Decoded, ErrorCode, ErrorReply, Message};
+use tally_wire::{decode_frame, Decoded, ErrorCode, ErrorReply, Message, ReadMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::pipeline::{self, Job, Outgoing, PipelineHandle, ReplyTo, StorageCmd};
+use crate::replication::RaftEvent;
+use std::sync::atomic::Ordering;
 
 #[derive(Clone, Debug)]
 pub struct NetLimits {
@@ -176,7 +178,12 @@ async fn connection(
 }
 
 fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
+    let view = &pipeline.view;
     match message {
+        // Only the leader takes writes; others answer at once with where to go.
+        Message::Submit(_) if !view.writable.load(Ordering::SeqCst) => {
+            reply.send(&Message::Error(view.not_writable()))
+        }
         Message::Submit(request) => pipeline::submit(
             pipeline,
             Job {
@@ -185,8 +192,36 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
                 snapshot_height: 0,
             },
         ),
-        Message::GetBalance { account, .. } => {
-            pipeline::read(pipeline, StorageCmd::Balance { account, reply })
+        Message::GetBalance { account, mode } => {
+            let leader = view.leader_id.load(Ordering::SeqCst);
+            if mode == ReadMode::Stale || leader == 0 {
+                // Stale reads on request, and degraded mode with no leader: this replica's
+                // applied state, marked stale, with the height it was read at.
+                let mode = ReadMode::Stale;
+                pipeline::read(
+                    pipeline,
+                    StorageCmd::Balance {
+                        account,
+                        mode,
+                        reply,
+                    },
+                )
+            } else if view.writable.load(Ordering::SeqCst) {
+                // Linearizable: served once a raft read index is applied.
+                let mode = ReadMode::Linearizable;
+                let cmd = StorageCmd::Balance {
+                    account,
+                    mode,
+                    reply,
+                };
+                if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Read { cmd }) {
+                    if let Some(reply) = e.into_inner().into_cmd_reply() {
+                        reply.busy("the raft queue", 20);
+                    }
+                }
+            } else {
+                reply.send(&Message::Error(view.not_writable()))
+            }
         }
         Message::GetHeaders { from_height, limit } => pipeline::read(
             pipeline,
@@ -196,7 +231,13 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
                 reply,
             },
         ),
-        Message::GetStatus => pipeline::read(pipeline, StorageCmd::Status { reply }),
+        Message::GetStatus => {
+            if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Status { reply }) {
+                if let Some(reply) = e.into_inner().into_cmd_reply() {
+                    reply.busy("the raft queue", 20);
+                }
+            }
+        }
         other => reply.error(
             ErrorCode::UnknownMessageType,
             format!(

@@ -1,38 +1,54 @@
-//! Builds a running node from a validated [`Config`] and runs it until a signal.
+//! Builds a running replica from a validated [`Config`] and runs it until a signal.
+//!
+//! Threads: the tokio runtime (client connections, peer transport, HTTP), the pipeline threads
+//! (validation pools, master, storage, confirmer) and the raft thread. A single node is a raft
+//! group of one voter: the same code path, committing as soon as its own log write is synced.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tally_config::Config;
 use tally_core::crypto::OperatorKey;
 use tally_core::ports::LedgerStore;
-use tally_core::sequencer::{Sequencer, SequencerConfig};
+use tally_core::replica::{Replica, ReplicaConfig};
+use tally_core::sequencer::SequencerConfig;
 use tally_core::validate::StatelessRules;
-use tally_storage::{LedgerDb, StoreOptions};
+use tally_storage::{LedgerDb, RaftLogDb, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::bootstrap::read_signing_key;
-use crate::metrics::{role, Metrics};
+use crate::metrics::Metrics;
 use crate::net::{serve, NetLimits};
-use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::peer::{peer_tls, serve_inbound, start_outbound, PeerSettings};
+use crate::pipeline::{Pipeline, PipelineConfig, RaftWiring};
+use crate::replication::{Applied, ClusterView, RaftThread};
+use crate::snapshot::PeerSnapshotInstaller;
 use crate::tls::server_config;
 
 /// How many applied batches' request keys the sequencer keeps in memory.
 const RECENT_HEIGHTS_KEPT: u64 = 64;
+/// Bound of the raft thread's input queue; peer messages beyond it are dropped (raft resends).
+const RAFT_QUEUE_MAX: usize = 65_536;
 
 pub fn ledger_dir(config: &Config) -> PathBuf {
     config.node.data_dir.join("ledger")
 }
 
-/// Runs the node until SIGTERM or ctrl-c, then shuts down gracefully: stop accepting, finish and
-/// persist the batch in progress, send its confirmations, exit.
+pub fn raft_dir(config: &Config) -> PathBuf {
+    config.node.data_dir.join("raft")
+}
+
+/// Runs the replica until SIGTERM or ctrl-c, then shuts down gracefully: stop accepting, finish
+/// and commit the batch in progress, send its confirmations, exit.
 pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let tls_cfg = config.tls.as_ref().context("[tls] is required")?;
     let op_cfg = config.operator.as_ref().context("[operator] is required")?;
-    let operator = OperatorKey::new(read_signing_key(&op_cfg.signing_key)?);
+    let signing_key = read_signing_key(&op_cfg.signing_key)?;
+    let operator_public = signing_key.verifying_key().to_bytes();
+    let operator = OperatorKey::new(signing_key);
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
     std::fs::create_dir_all(&config.node.data_dir)
         .with_context(|| format!("creating {}", config.node.data_dir.display()))?;
@@ -40,26 +56,31 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .with_context(|| format!("opening the ledger in {}", ledger_dir(&config).display()))?;
     let meta = store.meta()?;
     let chain_id = config.chain_id_bytes();
+    let node_id = config.node.id;
+    let voters = config.replica_ids();
     let metrics = Arc::new(Metrics::new());
     metrics.applied_height.set(meta.height as i64);
-    // A single node is its own leader and commits by applying.
-    metrics.raft.role.set(role::SINGLE);
-    metrics.raft.leader_id.set(config.node.id as i64);
-    metrics.raft.commit_index.set(meta.height as i64);
-    metrics.raft.applied_index.set(meta.height as i64);
-    let sequencer = Sequencer::new(
-        SequencerConfig {
-            chain_id,
-            operator_key_id: operator.key_id(),
-            batch_requests_max: config.batch.batch_requests_max,
-            accounts_cached_max: config.cache.accounts_max,
-            recent_heights_kept: RECENT_HEIGHTS_KEPT,
-        },
-        meta.clone(),
-    );
+
+    let mut client_addresses: HashMap<u64, String> = config
+        .peers
+        .iter()
+        .map(|p| (p.id, p.client_address.to_string()))
+        .collect();
+    client_addresses.insert(node_id, config.listen.client.to_string());
+    let view = Arc::new(ClusterView::new(node_id, client_addresses));
+    let applied = Arc::new(Applied {
+        index: std::sync::atomic::AtomicU64::new(meta.raft_index),
+        meta: Mutex::new(meta.clone()),
+    });
+    let (raft_tx, raft_rx) = crossbeam_channel::bounded(RAFT_QUEUE_MAX);
+    let (master_tx, master_rx) = crossbeam_channel::bounded(16);
+    let queue_depth = config.limits.queue_depth_max as usize;
+    let (storage_tx, storage_rx) = crossbeam_channel::bounded(queue_depth);
+
+    let installer = PeerSnapshotInstaller::new(&config, operator_public)?;
     let pipeline = Pipeline::start(
         PipelineConfig {
-            node_id: config.node.id,
+            node_id,
             rules: StatelessRules {
                 chain_id,
                 deposit_keys: config
@@ -67,16 +88,31 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
                     .into_iter()
                     .collect::<HashSet<_>>(),
             },
+            sequencer: SequencerConfig {
+                chain_id,
+                operator_key_id: operator.key_id(),
+                batch_requests_max: config.batch.batch_requests_max,
+                accounts_cached_max: config.cache.accounts_max,
+                recent_heights_kept: RECENT_HEIGHTS_KEPT,
+            },
             stateless_workers: config.workers.stateless,
             snapshot_workers: config.workers.snapshot,
-            queue_depth_max: config.limits.queue_depth_max as usize,
+            queue_depth_max: queue_depth,
             batch_window: config.batch.batch_window(),
             batch_in_flight_max: config.batch.batch_in_flight_max as u64,
             metrics: metrics.clone(),
         },
+        RaftWiring {
+            raft_tx: raft_tx.clone(),
+            master_events: master_rx,
+            applied: applied.clone(),
+            view: view.clone(),
+            storage_tx: storage_tx.clone(),
+            storage_rx,
+        },
         store,
-        sequencer,
         operator,
+        Box::new(installer),
     );
     let limits = NetLimits {
         connections_max: config.limits.connections_max as usize,
@@ -93,25 +129,104 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     // The HTTP endpoint outlives the client listener: /health answers while the last batch
     // drains, and /ready says 503.
     let (http_stop, http_stop_rx) = watch::channel(false);
-    runtime.block_on(async {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let raft_thread = runtime.block_on(async {
         let listener = TcpListener::bind(config.listen.client)
             .await
             .with_context(|| format!("binding the client listener on {}", config.listen.client))?;
         let addr = listener.local_addr()?;
         let metrics_listener = TcpListener::bind(config.listen.metrics)
             .await
-            .with_context(|| {
-                format!("binding the metrics listener on {}", config.listen.metrics)
-            })?;
+            .with_context(|| format!("binding the metrics listener on {}", config.listen.metrics))?;
         let metrics_addr = metrics_listener.local_addr()?;
-        // Single node: the pipeline runs and the listeners are bound (connections queue in the
-        // backlog until the accept loop below starts), so it can serve.
-        metrics.set_ready(true);
+
+        // Peers: mutual TLS with the operator's CA.
+        let settings = Arc::new(PeerSettings {
+            node_id,
+            chain_id,
+            peers: config.peers.iter().map(|p| (p.id, p.address)).collect(),
+            max_message_bytes: config.raft.max_message_bytes,
+        });
+        let (peer_server, peer_client) = peer_tls(&tls_cfg.ca_cert, &tls_cfg.cert, &tls_cfg.key)?;
+        let senders = start_outbound(&settings, peer_client, raft_tx.clone(), stop_rx.clone());
+        if !config.peers.is_empty() {
+            let peer_listener = TcpListener::bind(config.listen.peer)
+                .await
+                .with_context(|| format!("binding the peer listener on {}", config.listen.peer))?;
+            println!(
+                "tally-server: node {node_id} listening for peers on {} (mutual TLS)",
+                peer_listener.local_addr()?
+            );
+            tokio::spawn(serve_inbound(
+                peer_listener,
+                peer_server,
+                settings.clone(),
+                raft_tx.clone(),
+                stop_rx.clone(),
+            ));
+        }
+
+        // The raft thread opens its log itself: the log lives on that thread.
+        let raft_cfg = config.raft.clone();
+        let dir = raft_dir(&config);
+        let (apply_tx, master, view2, applied2, metrics2) =
+            (storage_tx.clone(), master_tx.clone(), view.clone(), applied.clone(), metrics.clone());
+        let ledger_raft_index = meta.raft_index;
+        let single_voter = voters.len() == 1;
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let raft_thread = std::thread::Builder::new().name("raft".into()).spawn(move || {
+            let start = || -> Result<Replica<RaftLogDb>> {
+                let log = RaftLogDb::open(&dir, &voters)
+                    .with_context(|| format!("opening the raft log in {}", dir.display()))?;
+                let commit = log.hard_state().commit;
+                let snapshot_index = log.snapshot_index();
+                if ledger_raft_index < snapshot_index {
+                    bail!(
+                        "the ledger (raft index {ledger_raft_index}) is behind the raft log's snapshot point \
+                         ({snapshot_index}): the ledger directory was lost or replaced; wipe both the ledger \
+                         and raft directories of this replica to rebuild it from the others"
+                    );
+                }
+                let cfg = ReplicaConfig {
+                    id: node_id,
+                    election_ticks: raft_cfg.election_ticks,
+                    heartbeat_ticks: raft_cfg.heartbeat_ticks,
+                    applied: ledger_raft_index.min(commit).max(snapshot_index),
+                    max_size_per_msg: raft_cfg.max_message_bytes / 2,
+                    max_inflight_msgs: 256,
+                };
+                let logger = slog::Logger::root(slog::Discard, slog::o!());
+                Ok(Replica::new(&cfg, log, &logger)?)
+            };
+            let replica = match start() {
+                Ok(r) => {
+                    let _ = started_tx.send(Ok(()));
+                    r
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            RaftThread {
+                replica,
+                events: raft_rx,
+                peers: senders,
+                apply: apply_tx,
+                master,
+                applied: applied2,
+                view: view2,
+                tick: raft_cfg.tick(),
+                single_voter,
+                compaction_entries: raft_cfg.compaction_entries,
+                metrics: metrics2,
+            }
+            .run();
+        })?;
+        started_rx.recv().context("the raft thread died while starting")??;
+
         // Scripts and tests read this line to find the port (the config may say port 0).
-        println!(
-            "tally-server: node {} listening for clients on {addr} (TLS)",
-            config.node.id
-        );
+        println!("tally-server: node {node_id} listening for clients on {addr} (TLS)");
         println!(
             "tally-server: ledger at height {} in {}",
             meta.height,
@@ -121,7 +236,6 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         if let Some(p) = profile {
             println!("tally-server: client profile at {}", p.display());
         }
-        let (stop_tx, stop_rx) = watch::channel(false);
         let server = tokio::spawn(serve(
             listener,
             tokio_rustls::TlsAcceptor::from(tls),
@@ -129,20 +243,17 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             limits,
             stop_rx,
         ));
-        tokio::spawn(crate::http::serve(
-            metrics_listener,
-            metrics.clone(),
-            http_stop_rx,
-        ));
+        tokio::spawn(crate::http::serve(metrics_listener, metrics.clone(), http_stop_rx));
         wait_for_signal().await;
         metrics.set_ready(false);
         println!("tally-server: shutting down: finishing the batch in progress");
         let _ = stop_tx.send(true);
         let _ = server.await;
-        anyhow::Ok(())
+        anyhow::Ok(raft_thread)
     })?;
     // Blocking joins happen off the runtime's workers.
     pipeline.shutdown();
+    let _ = raft_thread.join();
     let _ = http_stop.send(true);
     // Give connection writers a moment to flush the last confirmations.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));

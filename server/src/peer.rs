@@ -37,9 +37,12 @@ pub const HELLO_BYTES: usize = 4 + 1 + 8 + 32;
 /// Messages waiting for one peer's connection.
 pub const PEER_QUEUE_MAX: usize = 4096;
 
-
 /// TLS configurations for the peer listener (client certificates required) and for dialing.
-pub fn peer_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>)> {
+pub fn peer_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for c in load_certs(ca)? {
@@ -79,7 +82,9 @@ pub struct PeerSenders {
 impl PeerSenders {
     /// Queues an encoded message for `to`; false when it was dropped (queue full or unknown).
     pub fn send(&self, to: u64, bytes: Vec<u8>) -> bool {
-        self.senders.get(&to).is_some_and(|tx| tx.try_send(bytes).is_ok())
+        self.senders
+            .get(&to)
+            .is_some_and(|tx| tx.try_send(bytes).is_ok())
     }
 }
 
@@ -102,7 +107,15 @@ pub fn start_outbound(
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
         senders.insert(id, tx);
         let hello = hello(settings.node_id, &settings.chain_id);
-        tokio::spawn(dial_loop(id, addr, hello, rx, TlsConnector::from(client.clone()), events.clone(), shutdown.clone()));
+        tokio::spawn(dial_loop(
+            id,
+            addr,
+            hello,
+            rx,
+            TlsConnector::from(client.clone()),
+            events.clone(),
+            shutdown.clone(),
+        ));
     }
     PeerSenders { senders }
 }
@@ -119,10 +132,13 @@ async fn dial_loop(
     let mut backoff = Duration::from_millis(50);
     loop {
         let attempt = async {
-            let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
+            let tcp =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(node_name(id))?;
-            let mut tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await??;
+            let mut tls =
+                tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+                    .await??;
             tls.write_all(&hello).await?;
             tls.flush().await?;
             anyhow::Ok(tls)
@@ -219,7 +235,11 @@ async fn inbound(
     if !settings.peers.iter().any(|(id, _)| *id == claimed) {
         bail!("node {claimed} is not a peer of this replica");
     }
-    let certs = tls.get_ref().1.peer_certificates().ok_or_else(|| anyhow!("no client certificate"))?;
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or_else(|| anyhow!("no client certificate"))?;
     check_cert_names(&certs[0], claimed)?;
     loop {
         let mut len = [0u8; 4];
@@ -236,7 +256,10 @@ async fn inbound(
         tokio::time::timeout(Duration::from_secs(30), tls.read_exact(&mut buf)).await??;
         let msg = decode_message(&buf)?;
         if msg.from != claimed {
-            bail!("peer {claimed} sent a message claiming to be from {}", msg.from);
+            bail!(
+                "peer {claimed} sent a message claiming to be from {}",
+                msg.from
+            );
         }
         // Full queue: drop; raft retransmits.
         let _ = events.try_send(RaftEvent::Peer(msg));
@@ -245,8 +268,13 @@ async fn inbound(
 
 /// Refuses a certificate that is not valid for the node id the peer claims.
 pub fn check_cert_names(cert: &CertificateDer<'_>, claimed: u64) -> Result<()> {
-    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| anyhow!("bad peer certificate: {e:?}"))?;
+    let ee = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| anyhow!("bad peer certificate: {e:?}"))?;
     let name = ServerName::try_from(node_name(claimed))?;
-    ee.verify_is_valid_for_subject_name(&name)
-        .map_err(|_| anyhow!("the peer's certificate is not for node {claimed} (expected {})", node_name(claimed)))
+    ee.verify_is_valid_for_subject_name(&name).map_err(|_| {
+        anyhow!(
+            "the peer's certificate is not for node {claimed} (expected {})",
+            node_name(claimed)
+        )
+    })
 }

@@ -19,6 +19,7 @@
 //! committed batches in the order it receives them; an IO error or a divergence there stops the
 //! process, since going on could let this replica's state differ from the others'.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,16 +29,19 @@ use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
 use tally_core::batch::{prepare_apply, BatchBody};
 use tally_core::crypto::OperatorKey;
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
-use tally_core::sequencer::{Sequencer, Submitted};
+use tally_core::replica::ReplicaStatus;
+use tally_core::sequencer::{Sequencer, SequencerConfig, Submitted};
+use tally_core::state::LedgerMeta;
 use tally_core::validate::StatelessRules;
 use tally_core::{Rejection, Result as CoreResult};
 use tally_wire::{
-    BalanceReply, ErrorCode, ErrorReply, Message, Op, PublicKey, ReadMode, Request, StatusReply,
-    HEADERS_PER_REPLY_MAX,
+    BalanceReply, ErrorCode, ErrorReply, Hash, Message, Op, PublicKey, ReadMode, Request,
+    StatusReply, HEADERS_PER_REPLY_MAX,
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::metrics::{BatchClose, Metrics};
+use crate::replication::{Applied, ClusterView, MasterEvent, RaftEvent};
 
 /// An encoded frame on its way to a connection, holding the in-flight permit it answers.
 pub struct Outgoing {
@@ -100,12 +104,22 @@ pub struct Job {
     pub snapshot_height: u64,
 }
 
-/// Commands to the storage thread, the one owner of the ledger database.
+/// Commands to the storage thread, the one owner of the ledger database. It applies committed
+/// batches and serves reads, in the order the commands arrive.
 pub enum StorageCmd {
-    /// Apply a sealed batch (single node: sealing is committing) and confirm its requests.
+    /// Apply a committed batch (raft log entry `raft_index`) and confirm its requests.
     Apply {
         body: BatchBody,
         replies: Vec<(u32, ReplyTo, bool)>,
+        raft_index: u64,
+    },
+    /// A committed raft entry that carries no batch (raft's own empty entries).
+    AppliedIndex { raft_index: u64 },
+    /// Bring the ledger to (at least) the state a raft snapshot describes.
+    InstallSnapshot {
+        index: u64,
+        descriptor: Vec<u8>,
+        done: Sender<CoreResult<()>>,
     },
     /// Snapshot-stage lookups: request records and balances of the accounts named.
     Lookup {
@@ -122,14 +136,16 @@ pub enum StorageCmd {
         id: u128,
         reply: Sender<CoreResult<Option<RequestRecord>>>,
     },
-    /// Send the original confirmation of an applied request.
+    /// Send the original confirmation of a request applied (or about to be) at `height`.
     Replay {
         height: u64,
         index: u32,
+        request_hash: Hash,
         reply: ReplyTo,
     },
     Balance {
         account: PublicKey,
+        mode: ReadMode,
         reply: ReplyTo,
     },
     Headers {
@@ -138,10 +154,27 @@ pub enum StorageCmd {
         reply: ReplyTo,
     },
     Status {
+        raft: ReplicaStatus,
+        /// Whether this replica's master is sequencing (it leads and has caught up).
+        writable: bool,
+        leader_client_address: String,
         reply: ReplyTo,
     },
     /// Stop after everything queued before it.
     Stop,
+}
+
+impl StorageCmd {
+    /// The connection a read command answers, if it is one.
+    pub fn into_reply(self) -> Option<ReplyTo> {
+        match self {
+            StorageCmd::Replay { reply, .. }
+            | StorageCmd::Balance { reply, .. }
+            | StorageCmd::Headers { reply, .. }
+            | StorageCmd::Status { reply, .. } => Some(reply),
+            _ => None,
+        }
+    }
 }
 
 pub struct LookupResult {
@@ -154,6 +187,7 @@ pub struct LookupResult {
 pub struct PipelineConfig {
     pub node_id: u64,
     pub rules: StatelessRules,
+    pub sequencer: SequencerConfig,
     pub stateless_workers: usize,
     pub snapshot_workers: usize,
     pub queue_depth_max: usize,
@@ -162,11 +196,23 @@ pub struct PipelineConfig {
     pub metrics: Arc<Metrics>,
 }
 
+/// The channels between the pipeline and the raft thread.
+pub struct RaftWiring {
+    pub raft_tx: Sender<RaftEvent>,
+    pub master_events: Receiver<MasterEvent>,
+    pub applied: Arc<Applied>,
+    pub view: Arc<ClusterView>,
+    pub storage_tx: Sender<StorageCmd>,
+    pub storage_rx: Receiver<StorageCmd>,
+}
+
 /// Handles the network side holds on the pipeline.
 #[derive(Clone)]
 pub struct PipelineHandle {
     pub stateless_tx: Sender<Job>,
     pub storage_tx: Sender<StorageCmd>,
+    pub raft_tx: Sender<RaftEvent>,
+    pub view: Arc<ClusterView>,
     pub shutdown: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
 }
@@ -180,19 +226,22 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn start<S: LedgerStore + Send + 'static>(
         cfg: PipelineConfig,
+        wiring: RaftWiring,
         store: S,
-        sequencer: Sequencer,
         operator: OperatorKey,
+        installer: Box<dyn SnapshotInstaller<S>>,
     ) -> Pipeline {
         let depth = cfg.queue_depth_max;
         let (stateless_tx, stateless_rx) = bounded::<Job>(depth);
         let (snapshot_tx, snapshot_rx) = bounded::<Job>(depth);
         let (master_tx, master_rx) = bounded::<Job>(depth);
-        let (storage_tx, storage_rx) = bounded::<StorageCmd>(depth);
+        let storage_tx = wiring.storage_tx.clone();
         let (confirm_tx, confirm_rx) = bounded::<ConfirmJob>(cfg.batch_in_flight_max as usize + 1);
         let (wake_tx, wake_rx) = bounded::<()>(1);
         let shutdown = Arc::new(AtomicBool::new(false));
-        let applied = Arc::new(AtomicU64::new(sequencer.applied_height()));
+        let applied_height = Arc::new(AtomicU64::new(
+            wiring.applied.meta.lock().expect("meta lock").height,
+        ));
         let rules = Arc::new(cfg.rules);
         let metrics = cfg.metrics;
 
@@ -213,10 +262,14 @@ impl Pipeline {
         let master = Master {
             rx: master_rx,
             storage: storage_tx.clone(),
+            raft: wiring.raft_tx.clone(),
+            events: wiring.master_events,
+            view: wiring.view.clone(),
             wake: wake_rx,
-            applied: applied.clone(),
+            applied_height: applied_height.clone(),
             shutdown: shutdown.clone(),
-            sequencer,
+            sequencer_cfg: cfg.sequencer,
+            leading: None,
             window: cfg.batch_window,
             in_flight_max: cfg.batch_in_flight_max,
             queues_before: vec![stateless_rx, snapshot_rx],
@@ -224,14 +277,18 @@ impl Pipeline {
         };
         spawn("master".into(), move || master.run());
         let storage = StorageThread {
-            store,
+            store: Some(store),
             operator,
             node_id: cfg.node_id,
-            applied,
+            applied_height,
+            applied: wiring.applied,
+            raft: wiring.raft_tx.clone(),
             wake: wake_tx,
             confirm: confirm_tx,
+            installer,
             metrics: metrics.clone(),
         };
+        let storage_rx = wiring.storage_rx;
         let storage_thread = spawn("storage".into(), move || storage.run(storage_rx));
         let confirm_metrics = metrics.clone();
         let confirm_thread = spawn("confirm".into(), move || {
@@ -241,6 +298,8 @@ impl Pipeline {
             handle: PipelineHandle {
                 stateless_tx,
                 storage_tx,
+                raft_tx: wiring.raft_tx,
+                view: wiring.view,
                 shutdown,
                 metrics,
             },
@@ -249,13 +308,20 @@ impl Pipeline {
         }
     }
 
-    /// Stops taking requests, lets the master seal and the storage thread apply what is in
-    /// progress, and waits until the last confirmation is handed to its connection.
+    /// Stops taking requests, lets the master seal the batch in progress, the raft thread commit
+    /// what was proposed and the storage thread apply it, and waits until the last confirmation
+    /// is handed to its connection.
     pub fn shutdown(self) {
         self.handle.shutdown.store(true, Ordering::SeqCst);
         let _ = self.storage_thread.join();
         let _ = self.confirm_thread.join();
     }
+}
+
+/// Brings the ledger to the state a raft snapshot describes (fetched from a peer). Runs on the
+/// storage thread, which owns the store.
+pub trait SnapshotInstaller<S>: Send {
+    fn install(&mut self, store: &mut Option<S>, index: u64, descriptor: &[u8]) -> CoreResult<()>;
 }
 
 fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> JoinHandle<()> {
@@ -267,7 +333,7 @@ fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> JoinHandle<()> {
 
 /// Stops the node: state on disk may be ahead of or behind what we hold in memory, and going on
 /// could let this replica diverge. Restarting recovers from disk.
-fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
+pub fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
     tracing::error!("fatal: {what}: {e}; stopping the node");
     eprintln!("tally-server: fatal: {what}: {e}; stopping the node");
     std::process::exit(70)
@@ -340,10 +406,10 @@ fn snapshot_worker(
         {
             if let Some(record) = record {
                 if record.request_hash == tally_core::crypto::request_hash(&job.request) {
-                    let (height, index) = (record.height, record.index);
                     let _ = storage.send(StorageCmd::Replay {
-                        height,
-                        index,
+                        height: record.height,
+                        index: record.index,
+                        request_hash: record.request_hash,
                         reply: job.reply,
                     });
                 } else {
@@ -417,13 +483,24 @@ fn gone() -> tally_core::Error {
     tally_core::Error::Storage("the storage thread has stopped".into())
 }
 
+/// The master's sequencing state while this replica leads.
+struct Leading {
+    sequencer: Sequencer,
+    term: u64,
+    epoch: u64,
+}
+
 struct Master {
     rx: Receiver<Job>,
     storage: Sender<StorageCmd>,
+    raft: Sender<RaftEvent>,
+    events: Receiver<MasterEvent>,
+    view: Arc<ClusterView>,
     wake: Receiver<()>,
-    applied: Arc<AtomicU64>,
+    applied_height: Arc<AtomicU64>,
     shutdown: Arc<AtomicBool>,
-    sequencer: Sequencer,
+    sequencer_cfg: SequencerConfig,
+    leading: Option<Leading>,
     window: Duration,
     in_flight_max: u64,
     /// The queues upstream of the master, watched at shutdown so the batch in progress is whole.
@@ -437,7 +514,11 @@ impl Master {
         let mut opened_at: Option<Instant> = None;
         let idle = Duration::from_millis(50);
         loop {
-            self.sequencer.applied(self.applied.load(Ordering::SeqCst));
+            let applied = self.applied_height.load(Ordering::SeqCst);
+            if let Some(l) = self.leading.as_mut() {
+                l.sequencer
+                    .applied(applied.min(l.sequencer.sealed_height()));
+            }
             // The master samples the depths of its own queue and those before it (stateless,
             // snapshot): it wakes at least every `idle`, even while the workers are blocked.
             let m = &self.metrics;
@@ -448,13 +529,22 @@ impl Master {
             let timeout = opened_at.map_or(idle, |t| {
                 (t + self.window).saturating_duration_since(Instant::now())
             });
-            if self.sequencer.is_full() {
+            let full = self.leading.as_ref().is_some_and(|l| l.sequencer.is_full());
+            if full {
                 select! {
+                    recv(self.events) -> e => match e {
+                        Ok(e) => self.event(e, &mut replies, &mut opened_at),
+                        Err(_) => return,
+                    },
                     recv(self.wake) -> _ => {},
                     default(timeout) => {},
                 }
             } else {
                 select! {
+                    recv(self.events) -> e => match e {
+                        Ok(e) => self.event(e, &mut replies, &mut opened_at),
+                        Err(_) => return,
+                    },
                     recv(self.rx) -> job => match job {
                         Ok(job) => {
                             let started = Instant::now();
@@ -471,46 +561,79 @@ impl Master {
             let stopping = self.shutdown.load(Ordering::SeqCst)
                 && self.rx.is_empty()
                 && self.queues_before.iter().all(|q| q.is_empty());
-            let due = self.sequencer.is_full()
-                || opened_at.is_some_and(|t| t.elapsed() >= self.window)
-                || stopping;
-            let in_flight = self.sequencer.sealed_height() - self.applied.load(Ordering::SeqCst);
-            if due && (in_flight < self.in_flight_max || stopping) {
-                let reason = if self.sequencer.is_full() {
-                    BatchClose::Full
-                } else if opened_at.is_some_and(|t| t.elapsed() >= self.window) {
-                    BatchClose::Window
-                } else {
-                    BatchClose::Shutdown
-                };
-                if let Some(body) = self.sequencer.seal(0, unix_ms()) {
-                    self.metrics.batch_closed(reason);
-                    self.metrics
-                        .batch_requests
-                        .observe(body.entries.len() as f64);
-                    tracing::debug!(
-                        height = body.header.height,
-                        requests = body.entries.len(),
-                        reason = reason.name(),
-                        open_ms = opened_at.map_or(0, |t| t.elapsed().as_millis() as u64),
-                        "batch sealed"
-                    );
-                    let replies = std::mem::take(&mut replies);
-                    if self
-                        .storage
-                        .send(StorageCmd::Apply { body, replies })
-                        .is_err()
-                    {
-                        return;
+            if let Some(l) = self.leading.as_mut() {
+                let full = l.sequencer.is_full();
+                let window_over = opened_at.is_some_and(|t| t.elapsed() >= self.window);
+                let due = full || window_over || stopping;
+                let in_flight = l.sequencer.sealed_height().saturating_sub(applied);
+                if due && (in_flight < self.in_flight_max || stopping) {
+                    let reason = if full {
+                        BatchClose::Full
+                    } else if window_over {
+                        BatchClose::Window
+                    } else {
+                        BatchClose::Shutdown
+                    };
+                    if let Some(body) = l.sequencer.seal(l.term, unix_ms()) {
+                        self.metrics.batch_closed(reason);
+                        self.metrics
+                            .batch_requests
+                            .observe(body.entries.len() as f64);
+                        tracing::debug!(
+                            height = body.header.height,
+                            requests = body.entries.len(),
+                            reason = reason.name(),
+                            open_ms = opened_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+                            "batch sealed"
+                        );
+                        let replies = std::mem::take(&mut replies);
+                        let epoch = l.epoch;
+                        if self
+                            .raft
+                            .send(RaftEvent::Propose {
+                                body,
+                                replies,
+                                epoch,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
+                    opened_at = None;
                 }
-                opened_at = None;
             }
             if stopping {
-                let _ = self.storage.send(StorageCmd::Stop);
+                // The raft thread commits what was proposed, then stops the storage thread.
+                let _ = self.raft.send(RaftEvent::Drain);
                 return;
             }
         }
+    }
+
+    fn event(
+        &mut self,
+        event: MasterEvent,
+        replies: &mut Vec<(u32, ReplyTo, bool)>,
+        opened_at: &mut Option<Instant>,
+    ) {
+        // Whatever happens, the open batch of the old state is void.
+        let refusal = self.view.not_writable();
+        for (_, reply, _) in replies.drain(..) {
+            reply.send(&Message::Error(refusal.clone()));
+        }
+        *opened_at = None;
+        self.leading = match event {
+            MasterEvent::Lead { term, epoch, meta } => {
+                self.applied_height.store(meta.height, Ordering::SeqCst);
+                Some(Leading {
+                    sequencer: Sequencer::new(self.sequencer_cfg.clone(), meta),
+                    term,
+                    epoch,
+                })
+            }
+            MasterEvent::Follow => None,
+        };
     }
 
     fn take(
@@ -524,8 +647,13 @@ impl Master {
             reply,
             snapshot_height,
         } = job;
-        let open_height = self.sequencer.sealed_height() + 1;
-        match self.sequencer.submit(
+        let Some(l) = self.leading.as_mut() else {
+            reply.send(&Message::Error(self.view.not_writable()));
+            return;
+        };
+        let request_hash = tally_core::crypto::request_hash(&request);
+        let open_height = l.sequencer.sealed_height() + 1;
+        match l.sequencer.submit(
             request,
             snapshot_height,
             &mut StorageReader(&self.storage, &self.metrics),
@@ -543,6 +671,7 @@ impl Master {
                 let _ = self.storage.send(StorageCmd::Replay {
                     height,
                     index,
+                    request_hash,
                     reply,
                 });
             }
@@ -582,65 +711,89 @@ fn confirmer(rx: Receiver<ConfirmJob>, metrics: &Metrics) {
     }
 }
 
+/// Replays that wait for their batch to be applied are bounded; beyond this they are refused
+/// as retryable.
+const PARKED_REPLAYS_MAX: usize = 65_536;
+
 struct StorageThread<S> {
-    store: S,
+    /// Always Some, except while a snapshot installer has it.
+    store: Option<S>,
     operator: OperatorKey,
     node_id: u64,
-    applied: Arc<AtomicU64>,
+    /// The applied height, for the master's in-flight bound.
+    applied_height: Arc<AtomicU64>,
+    /// The applied raft index and meta, for the raft thread.
+    applied: Arc<Applied>,
+    raft: Sender<RaftEvent>,
     wake: Sender<()>,
     confirm: Sender<ConfirmJob>,
+    installer: Box<dyn SnapshotInstaller<S>>,
     metrics: Arc<Metrics>,
+}
+
+/// A resubmission waiting for the batch that carries the original to be applied.
+struct Parked {
+    index: u32,
+    request_hash: Hash,
+    reply: ReplyTo,
 }
 
 impl<S: LedgerStore> StorageThread<S> {
     fn run(mut self, rx: Receiver<StorageCmd>) {
         let mut meta = self
-            .store
+            .db()
             .meta()
             .unwrap_or_else(|e| fatal("reading ledger meta", &e));
+        let mut parked: BTreeMap<u64, Vec<Parked>> = BTreeMap::new();
+        let mut parked_count = 0usize;
         while let Ok(cmd) = rx.recv() {
             self.metrics.storage.queue_depth.set(rx.len() as i64);
             match cmd {
-                StorageCmd::Apply { body, replies } => {
-                    let started = Instant::now();
-                    let encoded = body.encode();
-                    let write =
-                        prepare_apply(&body, encoded, &meta, &mut self.store, &self.operator)
-                            .unwrap_or_else(|e| fatal("applying a committed batch", &e));
-                    let prepared = Instant::now();
-                    if let Err(e) = self.store.apply(&write) {
-                        fatal("writing a committed batch", &e);
+                StorageCmd::Apply {
+                    body,
+                    replies,
+                    raft_index,
+                } => {
+                    self.apply(&mut meta, body, replies, raft_index);
+                    // Resubmissions of requests in batches now applied get their confirmation.
+                    let later = parked.split_off(&(meta.height + 1));
+                    for (height, waiting) in std::mem::replace(&mut parked, later) {
+                        for p in waiting {
+                            parked_count -= 1;
+                            self.replay(height, p.index, p.request_hash, p.reply);
+                        }
                     }
-                    let written = Instant::now();
-                    meta = write.meta;
-                    let m = &self.metrics;
-                    m.apply_prepare_seconds
-                        .observe((prepared - started).as_secs_f64());
-                    m.durable_write_seconds
-                        .observe((written - prepared).as_secs_f64());
-                    m.storage.seconds.observe((written - started).as_secs_f64());
-                    m.batch_body_bytes.observe(write.body.len() as f64);
-                    m.applied_height.set(meta.height as i64);
-                    // Single node: committing is applying. Replication will own these two.
-                    m.raft.commit_index.set(meta.height as i64);
-                    m.raft.applied_index.set(meta.height as i64);
-                    tracing::debug!(
-                        height = meta.height,
-                        requests = body.entries.len(),
-                        body_bytes = write.body.len(),
-                        prepare_us = (prepared - started).as_micros() as u64,
-                        write_us = (written - prepared).as_micros() as u64,
-                        "batch applied"
-                    );
-                    self.applied.store(meta.height, Ordering::SeqCst);
-                    let _ = self.wake.try_send(());
-                    let signed = write.signed_header;
-                    let _ = self.confirm.send(ConfirmJob {
-                        body,
-                        signed,
-                        replies,
-                    });
-                    m.confirm.queue_depth.set(self.confirm.len() as i64);
+                }
+                StorageCmd::AppliedIndex { raft_index } => {
+                    self.publish_index(raft_index);
+                }
+                StorageCmd::InstallSnapshot {
+                    index,
+                    descriptor,
+                    done,
+                } => {
+                    let result = self.installer.install(&mut self.store, index, &descriptor);
+                    if self.store.is_none() {
+                        fatal(
+                            "installing a snapshot",
+                            &"the ledger store was not reopened",
+                        );
+                    }
+                    match result {
+                        Ok(()) => {
+                            meta = self
+                                .db()
+                                .meta()
+                                .unwrap_or_else(|e| fatal("reading ledger meta", &e));
+                            *self.applied.meta.lock().expect("meta lock") = meta.clone();
+                            self.applied_height.store(meta.height, Ordering::SeqCst);
+                            self.publish_index(index.max(meta.raft_index));
+                            let _ = done.send(Ok(()));
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(e));
+                        }
+                    }
                 }
                 StorageCmd::Lookup {
                     keys,
@@ -650,11 +803,11 @@ impl<S: LedgerStore> StorageThread<S> {
                     let result = (|| {
                         let mut records = Vec::with_capacity(keys.len());
                         for (signer, id) in &keys {
-                            records.push(self.store.request(signer, *id)?);
+                            records.push(self.db().request(signer, *id)?);
                         }
                         let mut balances = Vec::with_capacity(accounts.len());
                         for a in &accounts {
-                            balances.push(self.store.account(a)?);
+                            balances.push(self.db().account(a)?);
                         }
                         Ok(LookupResult {
                             height: meta.height,
@@ -665,30 +818,41 @@ impl<S: LedgerStore> StorageThread<S> {
                     let _ = reply.send(result);
                 }
                 StorageCmd::LoadAccount { key, reply } => {
-                    let _ = reply.send(self.store.account(&key));
+                    let _ = reply.send(self.db().account(&key));
                 }
                 StorageCmd::LoadRequest { signer, id, reply } => {
-                    let _ = reply.send(self.store.request(&signer, id));
+                    let _ = reply.send(self.db().request(&signer, id));
                 }
                 StorageCmd::Replay {
                     height,
                     index,
+                    request_hash,
                     reply,
-                } => match self.confirmation(height, index) {
-                    Ok(Some(c)) => reply.send(&Message::Confirmed(Box::new(c))),
-                    Ok(None) => reply.error(
-                        ErrorCode::Internal,
-                        format!("batch {height} entry {index} is not stored"),
-                    ),
-                    Err(e) => fatal("reading a stored batch", &e),
-                },
-                StorageCmd::Balance { account, reply } => match self.store.account(&account) {
+                } => {
+                    if height <= meta.height {
+                        self.replay(height, index, request_hash, reply);
+                    } else if parked_count >= PARKED_REPLAYS_MAX {
+                        reply.busy("the replay queue", 100);
+                    } else {
+                        parked_count += 1;
+                        parked.entry(height).or_default().push(Parked {
+                            index,
+                            request_hash,
+                            reply,
+                        });
+                    }
+                }
+                StorageCmd::Balance {
+                    account,
+                    mode,
+                    reply,
+                } => match self.db().account(&account) {
                     Ok(b) => reply.send(&Message::Balance(BalanceReply {
                         account,
                         exists: b.is_some(),
                         balance: b.unwrap_or(0),
                         height: meta.height,
-                        mode: ReadMode::Linearizable,
+                        mode,
                     })),
                     Err(e) => fatal("reading an account", &e),
                 },
@@ -701,7 +865,7 @@ impl<S: LedgerStore> StorageThread<S> {
                     let from = from_height.max(1);
                     let mut headers = Vec::new();
                     for h in from..from.saturating_add(limit).min(meta.height + 1) {
-                        match self.store.header(h) {
+                        match self.db().header(h) {
                             Ok(Some(sh)) => headers.push(sh),
                             Ok(None) => break,
                             Err(e) => fatal("reading a header", &e),
@@ -709,24 +873,29 @@ impl<S: LedgerStore> StorageThread<S> {
                     }
                     reply.send(&Message::Headers(headers));
                 }
-                StorageCmd::Status { reply } => {
+                StorageCmd::Status {
+                    raft,
+                    writable,
+                    leader_client_address,
+                    reply,
+                } => {
                     let latest = if meta.height == 0 {
                         None
                     } else {
-                        self.store
+                        self.db()
                             .header(meta.height)
                             .unwrap_or_else(|e| fatal("reading a header", &e))
                     };
                     reply.send(&Message::Status(Box::new(StatusReply {
                         node_id: self.node_id,
-                        role: 4,
-                        term: 0,
-                        leader_id: self.node_id,
-                        commit_index: meta.height,
-                        applied_index: meta.height,
+                        role: raft.role.code(),
+                        term: raft.term,
+                        leader_id: raft.leader_id,
+                        commit_index: raft.commit_index,
+                        applied_index: self.applied.index.load(Ordering::SeqCst),
                         applied_height: meta.height,
-                        writable: true,
-                        leader_client_address: String::new(),
+                        writable,
+                        leader_client_address,
                         latest_header: latest,
                     })));
                 }
@@ -735,12 +904,122 @@ impl<S: LedgerStore> StorageThread<S> {
         }
     }
 
+    fn db(&mut self) -> &mut S {
+        self.store
+            .as_mut()
+            .expect("the ledger store is open outside snapshot installs")
+    }
+
+    fn publish_index(&self, raft_index: u64) {
+        self.applied.index.fetch_max(raft_index, Ordering::SeqCst);
+        self.metrics
+            .raft
+            .applied_index
+            .set(self.applied.index.load(Ordering::SeqCst) as i64);
+        let _ = self.wake.try_send(());
+    }
+
+    /// Applies one committed batch, or skips it when it does not extend the applied chain.
+    /// Either outcome depends only on the committed log, so every replica decides alike.
+    fn apply(
+        &mut self,
+        meta: &mut LedgerMeta,
+        body: BatchBody,
+        replies: Vec<(u32, ReplyTo, bool)>,
+        raft_index: u64,
+    ) {
+        let h = &body.header;
+        if h.height <= meta.height {
+            // Already applied (a restart replays the raft log from the last durable commit).
+            for (index, reply, _) in replies {
+                let rh = tally_core::crypto::request_hash(&body.entries[index as usize].request);
+                self.replay(h.height, index, rh, reply);
+            }
+            self.publish_index(raft_index);
+            return;
+        }
+        if h.height != meta.height + 1 || h.prev_hash != meta.last_header_hash {
+            // Sealed on a state that was superseded (a leader change, a refused proposal).
+            tracing::warn!(
+                height = h.height,
+                applied = meta.height,
+                "skipping a committed batch that does not extend the chain"
+            );
+            for (_, reply, _) in replies {
+                reply.error(
+                    ErrorCode::Unavailable,
+                    "the batch was superseded by a leader change; retry with the same id",
+                );
+            }
+            let _ = self.raft.try_send(RaftEvent::Resync);
+            self.publish_index(raft_index);
+            return;
+        }
+        let started = Instant::now();
+        let encoded = body.encode();
+        let mut write = prepare_apply(
+            &body,
+            encoded,
+            meta,
+            self.store.as_mut().expect("store"),
+            &self.operator,
+        )
+        .unwrap_or_else(|e| fatal("applying a committed batch", &e));
+        write.meta.raft_index = raft_index;
+        let prepared = Instant::now();
+        if let Err(e) = self.db().apply(&write) {
+            fatal("writing a committed batch", &e);
+        }
+        let written = Instant::now();
+        *meta = write.meta.clone();
+        *self.applied.meta.lock().expect("meta lock") = meta.clone();
+        let m = &self.metrics;
+        m.apply_prepare_seconds
+            .observe((prepared - started).as_secs_f64());
+        m.durable_write_seconds
+            .observe((written - prepared).as_secs_f64());
+        m.storage.seconds.observe((written - started).as_secs_f64());
+        m.batch_body_bytes.observe(write.body.len() as f64);
+        m.applied_height.set(meta.height as i64);
+        tracing::debug!(
+            height = meta.height,
+            requests = body.entries.len(),
+            body_bytes = write.body.len(),
+            prepare_us = (prepared - started).as_micros() as u64,
+            write_us = (written - prepared).as_micros() as u64,
+            "batch applied"
+        );
+        self.applied_height.store(meta.height, Ordering::SeqCst);
+        self.publish_index(raft_index);
+        let signed = write.signed_header;
+        let _ = self.confirm.send(ConfirmJob {
+            body,
+            signed,
+            replies,
+        });
+        m.confirm.queue_depth.set(self.confirm.len() as i64);
+    }
+
+    fn replay(&mut self, height: u64, index: u32, request_hash: Hash, reply: ReplyTo) {
+        match self.confirmation(height, index) {
+            Ok(Some(c)) if tally_core::crypto::request_hash(&c.request) == request_hash => {
+                reply.send(&Message::Confirmed(Box::new(c)))
+            }
+            // The batch this request was sequenced in was superseded: it was never applied.
+            Ok(_) => reply.error(
+                ErrorCode::Unavailable,
+                "the request's batch was superseded by a leader change; retry with the same id",
+            ),
+            Err(e) => fatal("reading a stored batch", &e),
+        }
+    }
+
     fn confirmation(
         &mut self,
         height: u64,
         index: u32,
     ) -> CoreResult<Option<tally_wire::Confirmation>> {
-        let (Some(bytes), Some(signed)) = (self.store.body(height)?, self.store.header(height)?)
+        let (Some(bytes), Some(signed)) = (self.db().body(height)?, self.db().header(height)?)
         else {
             return Ok(None);
         };
@@ -783,14 +1062,11 @@ pub fn submit(handle: &PipelineHandle, job: Job) {
 pub fn read(handle: &PipelineHandle, cmd: StorageCmd) {
     match handle.storage_tx.try_send(cmd) {
         Ok(()) => {}
-        Err(TrySendError::Full(cmd)) | Err(TrySendError::Disconnected(cmd)) => match cmd {
-            StorageCmd::Balance { reply, .. }
-            | StorageCmd::Headers { reply, .. }
-            | StorageCmd::Status { reply } => {
+        Err(TrySendError::Full(cmd)) | Err(TrySendError::Disconnected(cmd)) => {
+            if let Some(reply) = cmd.into_reply() {
                 handle.metrics.busy("storage");
                 reply.busy("the storage queue", 20)
             }
-            _ => unreachable!("read() is only for reads answered through a connection"),
-        },
+        }
     }
 }

@@ -24,7 +24,9 @@ use raft::eraftpb::{Entry, Message, Snapshot};
 use raft::ReadState;
 use tally_core::batch::BatchBody;
 use tally_core::crypto::header_hash;
-use tally_core::replica::{encode_message, is_batch, RaftIo, RaftLogStore, Replica, ReplicaStatus, Role};
+use tally_core::replica::{
+    encode_message, is_batch, RaftIo, RaftLogStore, Replica, ReplicaStatus, Role,
+};
 use tally_core::state::LedgerMeta;
 use tally_wire::{ErrorCode, ErrorReply, Hash, Message as WireMessage, Retry};
 
@@ -35,19 +37,55 @@ use crate::pipeline::{ReplyTo, StorageCmd};
 pub enum RaftEvent {
     Peer(Message),
     Unreachable(u64),
-    Propose { body: BatchBody, replies: Vec<(u32, ReplyTo, bool)>, epoch: u64 },
+    Propose {
+        body: BatchBody,
+        replies: Vec<(u32, ReplyTo, bool)>,
+        epoch: u64,
+    },
     /// A read to serve once a linearizable read index is applied.
-    Read { cmd: StorageCmd },
-    Status { reply: ReplyTo },
+    Read {
+        cmd: StorageCmd,
+    },
+    Status {
+        reply: ReplyTo,
+    },
     TransferLeader(u64),
     /// The master found its speculative state out of step with what was applied.
     Resync,
-    Stop,
+    /// Shutting down: commit and apply what was proposed (for a few seconds at most), then stop
+    /// the storage thread and this one.
+    Drain,
+}
+
+/// Lets the raft thread say what ledger state a compaction point stands for.
+pub trait SnapshotDescriptor {
+    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>);
+}
+
+impl SnapshotDescriptor for tally_storage::RaftLogDb {
+    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
+        tally_storage::RaftLogDb::set_snapshot_descriptor(self, bytes)
+    }
+}
+
+impl RaftEvent {
+    /// The connection an event answers, when it is a read or a status request.
+    pub fn into_cmd_reply(self) -> Option<ReplyTo> {
+        match self {
+            RaftEvent::Read { cmd } => cmd.into_reply(),
+            RaftEvent::Status { reply } => Some(reply),
+            _ => None,
+        }
+    }
 }
 
 /// What the master is told about leadership.
 pub enum MasterEvent {
-    Lead { term: u64, epoch: u64, meta: LedgerMeta },
+    Lead {
+        term: u64,
+        epoch: u64,
+        meta: LedgerMeta,
+    },
     Follow,
 }
 
@@ -82,19 +120,26 @@ impl ClusterView {
         if leader == self.node_id {
             return String::new();
         }
-        self.client_addresses.get(&leader).cloned().unwrap_or_default()
+        self.client_addresses
+            .get(&leader)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The answer to a write this replica cannot take now.
     pub fn not_writable(&self) -> ErrorReply {
         let leader = self.leader_id.load(Ordering::SeqCst);
         if leader != 0 && leader != self.node_id {
-            let mut r = ErrorReply::new(ErrorCode::NotLeader, format!("node {leader} is the leader"));
+            let mut r =
+                ErrorReply::new(ErrorCode::NotLeader, format!("node {leader} is the leader"));
             r.leader_hint = self.leader_hint();
             r.retry = Retry::Elsewhere;
             r
         } else {
-            let mut r = ErrorReply::new(ErrorCode::Unavailable, "no leader is ready yet; retry shortly");
+            let mut r = ErrorReply::new(
+                ErrorCode::Unavailable,
+                "no leader is ready yet; retry shortly",
+            );
             r.retry_after_ms = 100;
             r
         }
@@ -109,7 +154,10 @@ pub struct Applied {
     pub meta: Mutex<LedgerMeta>,
 }
 
-pub struct RaftThread<S: RaftLogStore> {
+/// How long a shutting-down replica waits for its proposals to commit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct RaftThread<S: RaftLogStore + SnapshotDescriptor> {
     pub replica: Replica<S>,
     pub events: Receiver<RaftEvent>,
     pub peers: PeerSenders,
@@ -119,6 +167,9 @@ pub struct RaftThread<S: RaftLogStore> {
     pub view: Arc<ClusterView>,
     pub tick: Duration,
     pub single_voter: bool,
+    /// Compact the raft log once this many entries are applied past the last snapshot point.
+    pub compaction_entries: u64,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Io<'a> {
@@ -127,13 +178,18 @@ struct Io<'a> {
     stash: &'a mut HashMap<Hash, Vec<(u32, ReplyTo, bool)>>,
     reads: &'a mut HashMap<u64, StorageCmd>,
     ready_reads: &'a mut VecDeque<(u64, StorageCmd)>,
+    /// Peers a snapshot message could not be queued for: raft must be told, or it waits forever.
+    failed_snapshots: Vec<u64>,
 }
 
 impl RaftIo for Io<'_> {
     fn send(&mut self, messages: Vec<Message>) {
         for m in messages {
             let to = m.to;
-            self.peers.send(to, encode_message(&m));
+            let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+            if !self.peers.send(to, encode_message(&m)) && snapshot {
+                self.failed_snapshots.push(to);
+            }
         }
     }
 
@@ -142,9 +198,14 @@ impl RaftIo for Io<'_> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let data = snapshot.data.to_vec();
         self.apply
-            .send(StorageCmd::InstallSnapshot { index, descriptor: data, done: tx })
+            .send(StorageCmd::InstallSnapshot {
+                index,
+                descriptor: data,
+                done: tx,
+            })
             .map_err(|_| tally_core::Error::Storage("the apply thread has stopped".into()))?;
-        rx.recv().map_err(|_| tally_core::Error::Storage("the apply thread has stopped".into()))?
+        rx.recv()
+            .map_err(|_| tally_core::Error::Storage("the apply thread has stopped".into()))?
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {
@@ -152,18 +213,32 @@ impl RaftIo for Io<'_> {
             let cmd = if is_batch(&e) {
                 match BatchBody::decode(&e.data) {
                     Ok(body) => {
-                        let replies = self.stash.remove(&header_hash(&body.header)).unwrap_or_default();
-                        StorageCmd::Apply { body, replies, raft_index: e.index }
+                        let replies = self
+                            .stash
+                            .remove(&header_hash(&body.header))
+                            .unwrap_or_default();
+                        StorageCmd::Apply {
+                            body,
+                            replies,
+                            raft_index: e.index,
+                        }
                     }
                     // Deterministic on every replica: a committed entry that is not a batch body
                     // is skipped by all of them alike.
                     Err(err) => {
-                        tracing::error!(index = e.index, "committed entry is not a batch body: {err}");
-                        StorageCmd::AppliedIndex { raft_index: e.index }
+                        tracing::error!(
+                            index = e.index,
+                            "committed entry is not a batch body: {err}"
+                        );
+                        StorageCmd::AppliedIndex {
+                            raft_index: e.index,
+                        }
                     }
                 }
             } else {
-                StorageCmd::AppliedIndex { raft_index: e.index }
+                StorageCmd::AppliedIndex {
+                    raft_index: e.index,
+                }
             };
             if self.apply.send(cmd).is_err() {
                 return;
@@ -181,7 +256,7 @@ impl RaftIo for Io<'_> {
     }
 }
 
-impl<S: RaftLogStore> RaftThread<S> {
+impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
     pub fn run(mut self) {
         let mut stash: HashMap<Hash, Vec<(u32, ReplyTo, bool)>> = HashMap::new();
         let mut reads: HashMap<u64, StorageCmd> = HashMap::new();
@@ -192,6 +267,7 @@ impl<S: RaftLogStore> RaftThread<S> {
         let mut lead_at: Option<u64> = None;
         let mut leading = false;
         let mut last_role = Role::Follower;
+        let mut draining: Option<Instant> = None;
         let mut next_tick = Instant::now() + self.tick;
         if self.single_voter {
             // Nobody else can vote: do not wait out an election timeout.
@@ -200,10 +276,17 @@ impl<S: RaftLogStore> RaftThread<S> {
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(timeout) {
-                Ok(RaftEvent::Stop) => return,
+                Ok(RaftEvent::Drain) => draining = Some(Instant::now()),
                 Ok(RaftEvent::Peer(m)) => self.replica.step(m),
-                Ok(RaftEvent::Unreachable(id)) => self.replica.report_unreachable(id),
-                Ok(RaftEvent::Propose { body, replies, epoch: e }) => {
+                Ok(RaftEvent::Unreachable(id)) => {
+                    self.replica.report_unreachable(id);
+                    self.replica.report_snapshot(id, false);
+                }
+                Ok(RaftEvent::Propose {
+                    body,
+                    replies,
+                    epoch: e,
+                }) => {
                     if !leading || e != epoch {
                         fail(replies, self.view.not_writable());
                     } else {
@@ -213,12 +296,17 @@ impl<S: RaftLogStore> RaftThread<S> {
                                 stash.insert(key, replies);
                             }
                             Err(why) => {
-                                tracing::warn!("proposal refused: {why}; resynchronizing the master");
+                                tracing::warn!(
+                                    "proposal refused: {why}; resynchronizing the master"
+                                );
                                 fail(replies, self.view.not_writable());
                                 leading = false;
                                 self.view.writable.store(false, Ordering::SeqCst);
                                 let _ = self.master.send(MasterEvent::Follow);
-                                lead_at = self.replica.term_start_index().map(|_| self.replica.status().last_index);
+                                lead_at = self
+                                    .replica
+                                    .term_start_index()
+                                    .map(|_| self.replica.status().last_index);
                             }
                         }
                     }
@@ -236,6 +324,7 @@ impl<S: RaftLogStore> RaftThread<S> {
                     let status = self.replica.status();
                     let _ = self.apply.send(StorageCmd::Status {
                         raft: status,
+                        writable: self.view.writable.load(Ordering::SeqCst),
                         leader_client_address: self.view.leader_hint(),
                         reply,
                     });
@@ -262,16 +351,30 @@ impl<S: RaftLogStore> RaftThread<S> {
                 stash: &mut stash,
                 reads: &mut reads,
                 ready_reads: &mut ready_reads,
+                failed_snapshots: Vec::new(),
             };
             if let Err(e) = self.replica.on_ready(&mut io) {
                 crate::pipeline::fatal("raft persistence", &e);
             }
+            for id in std::mem::take(&mut io.failed_snapshots) {
+                self.replica.report_snapshot(id, false);
+            }
 
             let status = self.replica.status();
             self.publish(&status);
+            self.metrics
+                .raft
+                .proposals_in_flight
+                .set(stash.len() as i64);
             if status.role != last_role {
-                tracing::info!(term = status.term, leader = status.leader_id, "raft role is now {:?}", status.role);
+                tracing::info!(
+                    term = status.term,
+                    leader = status.leader_id,
+                    "raft role is now {:?}",
+                    status.role
+                );
                 if status.role == Role::Leader {
+                    self.metrics.raft.elections_total.inc();
                     lead_at = self.replica.term_start_index();
                 } else if last_role == Role::Leader {
                     lead_at = None;
@@ -298,23 +401,82 @@ impl<S: RaftLogStore> RaftThread<S> {
                     leading = true;
                     epoch += 1;
                     let meta = self.applied.meta.lock().expect("meta lock").clone();
-                    tracing::info!(term = status.term, height = meta.height, "leading: sequencing from the applied state");
-                    let _ = self.master.send(MasterEvent::Lead { term: status.term, epoch, meta });
+                    tracing::info!(
+                        term = status.term,
+                        height = meta.height,
+                        "leading: sequencing from the applied state"
+                    );
+                    let _ = self.master.send(MasterEvent::Lead {
+                        term: status.term,
+                        epoch,
+                        meta,
+                    });
                     self.view.writable.store(true, Ordering::SeqCst);
                 }
             }
-            while ready_reads.front().is_some_and(|(index, _)| *index <= applied) {
+            while ready_reads
+                .front()
+                .is_some_and(|(index, _)| *index <= applied)
+            {
                 let (_, cmd) = ready_reads.pop_front().expect("front exists");
                 let _ = self.apply.send(cmd);
+            }
+            self.maybe_compact();
+            if let Some(since) = draining {
+                if stash.is_empty() || since.elapsed() >= DRAIN_TIMEOUT {
+                    let hint = self.view.not_writable();
+                    for (_, replies) in stash.drain() {
+                        fail(replies, hint.clone());
+                    }
+                    let _ = self.apply.send(StorageCmd::Stop);
+                    return;
+                }
             }
         }
     }
 
+    /// Compacts the raft log up to the last applied batch once enough entries piled up, so the
+    /// log stays bounded; a replica that needs older entries gets a snapshot instead.
+    fn maybe_compact(&mut self) {
+        let meta = self.applied.meta.lock().expect("meta lock").clone();
+        let point = self
+            .replica
+            .store()
+            .first_index()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        if meta.raft_index < point + self.compaction_entries.max(1) {
+            return;
+        }
+        self.replica
+            .store_mut()
+            .set_snapshot_descriptor(meta.encode().to_vec());
+        if let Err(e) = self.replica.store_mut().compact(meta.raft_index) {
+            crate::pipeline::fatal("compacting the raft log", &e);
+        }
+        tracing::info!(
+            index = meta.raft_index,
+            height = meta.height,
+            "raft log compacted"
+        );
+    }
+
     fn publish(&self, s: &ReplicaStatus) {
+        let r = &self.metrics.raft;
+        r.term.set(s.term as i64);
+        r.role.set(s.role.code() as i64);
+        r.leader_id.set(s.leader_id as i64);
+        r.commit_index.set(s.commit_index as i64);
+        // Ready: a leader is known and this replica has applied what it knows is committed.
+        let applied = self.applied.index.load(Ordering::SeqCst);
+        self.metrics
+            .set_ready(s.leader_id != 0 && applied >= s.commit_index);
         self.view.leader_id.store(s.leader_id, Ordering::SeqCst);
         self.view.term.store(s.term, Ordering::SeqCst);
         self.view.role.store(s.role.code(), Ordering::SeqCst);
-        self.view.commit_index.store(s.commit_index, Ordering::SeqCst);
+        self.view
+            .commit_index
+            .store(s.commit_index, Ordering::SeqCst);
     }
 }
 

@@ -72,6 +72,11 @@ impl Table {
         }
     }
 
+    /// The table whose tag is `tag`, if any.
+    pub fn from_tag(tag: &[u8]) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.tag() == tag)
+    }
+
     /// The first 4 bytes of `SHA-256("tally/table/<name>/v<version>")`.
     pub const fn tag(self) -> [u8; 4] {
         match self {
@@ -309,6 +314,15 @@ mod tests {
         for k in keys {
             assert!(k.starts_with(&Table::RaftState.tag()));
         }
+    }
+
+    #[test]
+    fn tables_are_found_by_tag() {
+        for t in Table::ALL {
+            assert_eq!(Table::from_tag(&t.tag()), Some(t));
+        }
+        assert_eq!(Table::from_tag(&[0; 4]), None);
+        assert_eq!(Table::from_tag(&Table::Meta.tag()[..3]), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tally_wire::{PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
 use crate::env::{SyncEnv, SyncStats};
 use crate::layout::{self, corrupt, fixed, Table};
+use crate::transfer::DumpWriter;
 
 /// Tuning of the LevelDB instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +101,49 @@ impl LedgerDb {
             }
         }
         Ok(out)
+    }
+
+    /// Writes the whole database, as of one LevelDB snapshot, as a dump stream (format in
+    /// [`crate::transfer`]) handed to `out` in chunks of at most `chunk_bytes_max` bytes, and
+    /// returns the summary the dump contains. An error from `out` stops the dump and is
+    /// returned; the chunks already out are then not a dump.
+    pub fn dump(
+        &mut self,
+        chunk_bytes_max: usize,
+        out: impl FnMut(Vec<u8>) -> Result<()>,
+    ) -> Result<LedgerMeta> {
+        self.check_usable()?;
+        let snapshot = self.db.get_snapshot();
+        let mut iter = self
+            .db
+            .new_iter_at(snapshot)
+            .map_err(|e| io_error("iterating the ledger for a dump", e))?;
+        let mut writer = DumpWriter::new(chunk_bytes_max, out)?;
+        let meta_key = layout::meta_key();
+        let open_marker = layout::open_marker_key();
+        let mut meta = LedgerMeta::genesis();
+        while let Some((key, value)) = iter.next() {
+            // Deleted at every open, so never found; excluded all the same, being no state.
+            if key == open_marker {
+                continue;
+            }
+            if key == meta_key {
+                meta = LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &value)?)?;
+            }
+            writer.record(&key, &value)?;
+        }
+        writer.finish()?;
+        // Nothing can write while `self` is borrowed: the snapshot is the applied state.
+        if meta != self.meta {
+            return Err(corrupt(
+                Table::Meta,
+                format_args!(
+                    "the dump's summary (height {}) differs from the applied one (height {})",
+                    meta.height, self.meta.height
+                ),
+            ));
+        }
+        Ok(meta)
     }
 
     /// The fsync counters of this database's env.
@@ -287,7 +331,7 @@ impl LedgerStore for LedgerDb {
     }
 }
 
-fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
+pub(crate) fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
     Options {
         env: Rc::new(Box::new(env)),
         create_if_missing: true,
@@ -318,7 +362,7 @@ fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
     db.write(batch, false)
 }
 
-fn decode_header(height: u64, value: &[u8]) -> Result<SignedHeader> {
+pub(crate) fn decode_header(height: u64, value: &[u8]) -> Result<SignedHeader> {
     let bytes: [u8; SIGNED_HEADER_BYTES] = fixed(Table::Header, value)?;
     let signed = SignedHeader::decode(&bytes)
         .map_err(|e| corrupt(Table::Header, format_args!("height {height}: {e}")))?;
@@ -331,7 +375,7 @@ fn decode_header(height: u64, value: &[u8]) -> Result<SignedHeader> {
     Ok(signed)
 }
 
-fn io_error(what: impl fmt::Display, e: rusty_leveldb::Status) -> Error {
+pub(crate) fn io_error(what: impl fmt::Display, e: rusty_leveldb::Status) -> Error {
     Error::Storage(format!("{what}: {e}"))
 }
 

@@ -11,6 +11,9 @@
 //!   Every change is one synced write.
 //! - [`SyncEnv`]: the file layer under both, which makes LevelDB's "flush" mean fsync.
 //! - [`layout`]: the tables and their key and value encodings.
+//! - [`transfer`]: a whole ledger as a chunked byte stream ([`LedgerDb::dump`]), rebuilt and
+//!   checked in a new directory ([`LedgerInstaller`]) and swapped in for the live one
+//!   ([`install_ledger_dir`], [`recover_install`]): how a replica far behind catches up.
 //!
 //! # Key layout
 //!
@@ -25,7 +28,7 @@
 //! | `body` v1           | `758125ba` | SHA-256 of the body (32)      | encoded batch body (`BatchBody::encode`)           |
 //! | `body_by_height` v1 | `78d7f608` | height u64 BE (8)             | body digest (32)                                   |
 //! | `request` v1        | `949b6803` | signer (32) ‖ id u128 BE (16) | height u64 LE ‖ index u32 LE ‖ request hash (44)   |
-//! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (112)                         |
+//! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (120)                         |
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8)              | `raft::eraftpb::Entry` protobuf                    |
 //! | `raft_state` v1     | `43c7c0c0` | `b"hard"` (4)                 | `HardState` protobuf                               |
@@ -82,7 +85,9 @@ mod env;
 pub mod layout;
 mod ledger;
 mod raft_log;
+pub mod transfer;
 
 pub use env::{SyncEnv, SyncStats};
 pub use ledger::{LedgerDb, StoreOptions};
 pub use raft_log::RaftLogDb;
+pub use transfer::{install_ledger_dir, recover_install, staged_ledger_dir, LedgerInstaller};

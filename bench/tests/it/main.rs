@@ -34,16 +34,36 @@ fn ensure_server_binary() -> &'static Path {
         };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let status = Command::new(cargo)
-            .current_dir(workspace)
-            .args([
-                "build",
-                "--quiet",
-                "--bin",
-                "tally-server",
-                "--profile",
-                &profile,
-            ])
+        let mut command = Command::new(cargo);
+        command.current_dir(workspace).args([
+            "build",
+            "--quiet",
+            "--bin",
+            "tally-server",
+            "--profile",
+            &profile,
+        ]);
+        // Cargo gives this test the variables it gives a build script (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_NAME, ...). Build scripts that rerun when those change (ring's does) would
+        // then be rebuilt here and again by the next `cargo test`: hide them from the build.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            let set_for_this_test = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_", "CARGO_CFG_"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&name.as_ref());
+            if set_for_this_test {
+                command.env_remove(name.as_ref());
+            }
+        }
+        let status = command
             .status()
             .expect("running cargo build --bin tally-server");
         assert!(status.success(), "cargo build --bin tally-server failed");

@@ -105,8 +105,12 @@ impl Server {
         }
     }
 
+    /// A connection to this replica, once it leads and takes writes (a single node elects
+    /// itself within a moment of starting).
     pub async fn client(&self) -> Client {
-        Client::connect(&self.profile).await.expect("connecting")
+        let client = Client::connect(&self.profile).await.expect("connecting");
+        wait_writable(&client).await;
+        client
     }
 
     pub fn kill(mut self) {
@@ -133,4 +137,15 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Polls `status` until the replica says it takes writes.
+pub async fn wait_writable(client: &Client) {
+    for _ in 0..200 {
+        if client.status().await.is_ok_and(|s| s.writable) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replica did not become writable within 10 s");
 }

@@ -1,0 +1,906 @@
+//! Moving a whole ledger between replicas: [`LedgerDb::dump`] writes the database as a byte
+//! stream, [`LedgerInstaller`] rebuilds it in a new directory and checks it, and
+//! [`install_ledger_dir`] swaps that directory in for the live one.
+//!
+//! A replica too far behind the leader's compacted raft log gets a raft snapshot whose data is
+//! only a small descriptor; the ledger itself travels as this stream, in chunks of bounded size,
+//! and only a directory that was received whole and checked replaces the live one.
+//!
+//! # Dump stream, version 1
+//!
+//! ```text
+//! stream    = magic version record* end
+//! magic     = "TLYD"                   4 bytes
+//! version   = 0x01                     u8
+//! record    = key_len key value_len value
+//! key_len   = u32 LE, 4..=64           the key begins with its 4-byte table tag
+//! value_len = u32 LE, 0..=67108864     (64 MiB)
+//! end       = 0xFFFFFFFF checksum      checksum: SHA-256 of every byte before `end`
+//! ```
+//!
+//! The records are the ledger database's key/value pairs, as of one LevelDB snapshot, in
+//! strictly increasing bytewise key order, with the layout of the crate docs. Only the ledger's
+//! tables appear; the `meta`/`open` marker never does. The stream is cut into chunks of at most
+//! `chunk_bytes_max` bytes, all full but the last; chunk boundaries mean nothing (a record, even
+//! a length field, may span chunks). The checksum catches damage in transit and bugs; it
+//! authenticates nothing: the header chain and the operator's signature on its tip do.
+//!
+//! # What the installer checks
+//!
+//! While the stream arrives (no reads, bounded memory): keys strictly increase and carry a ledger
+//! table's tag, keys and values have their table's lengths and decode, every body hashes to its
+//! key, `header` and `body_by_height` hold exactly the heights `1..=n` and each header chains to
+//! the one before it. At [`LedgerInstaller::finish`]: the end record and its checksum; a summary
+//! row; `n` equals its height, bodies number `n`, and the last header's hash is its
+//! `last_header_hash`; the accounts' terms add up to its `account_sum` and they number
+//! `account_count`; their balances add up to deposits minus withdrawals; there are as many
+//! request records as the headers count requests, none beyond the height. Then the directory is
+//! synced, reopened as a [`LedgerDb`] (which checks the tip header and body against the summary),
+//! and the tip header must verify under the operator's key. Only then is the `COMPLETE` marker
+//! written.
+//!
+//! # Swapping directories
+//!
+//! The staged directory is always [`staged_ledger_dir`]`(live)`, `<live>.staged`, so that a
+//! restart can find it. [`install_ledger_dir`] renames `<live>` to `<live>.old`, then
+//! `<live>.staged` to `<live>`, syncing the parent directory after each step, and deletes
+//! `<live>.old`. [`recover_install`], which the server must call before opening the ledger,
+//! finishes a swap a crash interrupted: while `<live>` is missing, a complete `<live>.staged`
+//! takes its place, or else `<live>.old` moves back; once `<live>` exists, leftovers are deleted.
+//! Renaming `<live>` away is thus the commit point of an install: before it the old ledger
+//! stays, after it the new one wins.
+//!
+//! # Caveats
+//!
+//! - rusty-leveldb's iterator skips a block it cannot read instead of failing: a dump of a
+//!   damaged database can lack rows. The installer's counts catch a missing row in every table.
+//! - A `body_by_height` digest is not matched against the `body` table while streaming (that
+//!   would need memory per height); reopening checks the tip's.
+//! - The request count check relies on each `(signer, id)` being applied once, which the
+//!   sequencer guarantees.
+
+use std::fmt::{self, Write as _};
+use std::fs::{self, File};
+use std::io::{self, Write as _};
+use std::mem;
+use std::path::{Path, PathBuf};
+
+use rusty_leveldb::{WriteBatch, DB};
+use sha2::{Digest, Sha256};
+use tally_core::crypto::{header_hash, sha256, verify_header};
+use tally_core::ports::LedgerStore;
+use tally_core::state::{LedgerMeta, META_BYTES};
+use tally_core::{Error, Result};
+use tally_wire::{Hash, PublicKey};
+
+use crate::env::{parent_dir, SyncEnv};
+use crate::layout::{self, corrupt, fixed, Table, TAG_BYTES};
+use crate::ledger::{decode_header, io_error, leveldb_options};
+use crate::{LedgerDb, StoreOptions};
+
+pub const DUMP_MAGIC: [u8; 4] = *b"TLYD";
+pub const DUMP_VERSION: u8 = 1;
+/// The key length that marks the end record.
+pub const DUMP_END: u32 = u32::MAX;
+pub const DUMP_KEY_BYTES_MAX: usize = 64;
+pub const DUMP_VALUE_BYTES_MAX: usize = 64 << 20;
+/// The file whose presence says that a staged directory was installed and checked in full.
+pub const COMPLETE_MARKER: &str = "COMPLETE";
+
+/// Records the installer gathers into one unsynced write.
+const INSTALL_BATCH_BYTES: usize = 1 << 20;
+/// A parse buffer that grew past this (for a big value) is freed rather than kept.
+const PARSE_BUFFER_KEPT_BYTES: usize = 1 << 20;
+const MAGIC_BYTES: usize = DUMP_MAGIC.len() + 1;
+
+/// Writes a dump stream into chunks of at most `chunk_bytes_max` bytes.
+pub(crate) struct DumpWriter<F> {
+    chunk: Vec<u8>,
+    chunk_bytes_max: usize,
+    hasher: Sha256,
+    out: F,
+}
+
+impl<F: FnMut(Vec<u8>) -> Result<()>> DumpWriter<F> {
+    pub(crate) fn new(chunk_bytes_max: usize, out: F) -> Result<Self> {
+        assert!(chunk_bytes_max > 0, "a chunk must hold at least one byte");
+        let mut w = DumpWriter {
+            chunk: Vec::new(),
+            chunk_bytes_max,
+            hasher: Sha256::new(),
+            out,
+        };
+        w.new_chunk();
+        w.hashed(&DUMP_MAGIC)?;
+        w.hashed(&[DUMP_VERSION])?;
+        Ok(w)
+    }
+
+    /// A key or value over the limits is in the database, so it is corruption, not a bug here.
+    pub(crate) fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        if !(TAG_BYTES..=DUMP_KEY_BYTES_MAX).contains(&key.len()) {
+            return Err(Error::Storage(format!(
+                "cannot dump key {}: {} bytes, the limit is {DUMP_KEY_BYTES_MAX}",
+                hex(key),
+                key.len()
+            )));
+        }
+        if value.len() > DUMP_VALUE_BYTES_MAX {
+            return Err(Error::Storage(format!(
+                "cannot dump key {}: its value has {} bytes, the limit is {DUMP_VALUE_BYTES_MAX}",
+                hex(key),
+                value.len()
+            )));
+        }
+        self.hashed(&(key.len() as u32).to_le_bytes())?;
+        self.hashed(key)?;
+        self.hashed(&(value.len() as u32).to_le_bytes())?;
+        self.hashed(value)
+    }
+
+    pub(crate) fn finish(mut self) -> Result<()> {
+        let checksum: Hash = self.hasher.clone().finalize().into();
+        self.put(&DUMP_END.to_le_bytes())?;
+        self.put(&checksum)?;
+        if !self.chunk.is_empty() {
+            (self.out)(mem::take(&mut self.chunk))?;
+        }
+        Ok(())
+    }
+
+    fn hashed(&mut self, bytes: &[u8]) -> Result<()> {
+        self.hasher.update(bytes);
+        self.put(bytes)
+    }
+
+    fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let n = (self.chunk_bytes_max - self.chunk.len()).min(bytes.len());
+            self.chunk.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.chunk.len() == self.chunk_bytes_max {
+                let full = self.new_chunk();
+                (self.out)(full)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a new chunk and returns the old one.
+    fn new_chunk(&mut self) -> Vec<u8> {
+        let capacity = self.chunk_bytes_max.min(PARSE_BUFFER_KEPT_BYTES);
+        mem::replace(&mut self.chunk, Vec::with_capacity(capacity))
+    }
+}
+
+/// The field of the stream the parser is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Magic,
+    KeyLen,
+    Key(usize),
+    ValueLen,
+    Value(usize),
+    Checksum,
+    Done,
+}
+
+impl Field {
+    fn bytes(self) -> usize {
+        match self {
+            Field::Magic => MAGIC_BYTES,
+            Field::KeyLen | Field::ValueLen => 4,
+            Field::Key(n) | Field::Value(n) => n,
+            Field::Checksum => 32,
+            Field::Done => 0,
+        }
+    }
+}
+
+/// An incremental parser of the dump stream: it holds at most one field (a value of at most
+/// [`DUMP_VALUE_BYTES_MAX`]) and checks every length before buffering what it announces.
+struct StreamParser {
+    field: Field,
+    buf: Vec<u8>,
+    key: Vec<u8>,
+    hasher: Sha256,
+    /// Stream bytes consumed so far, for error messages.
+    offset: u64,
+}
+
+impl StreamParser {
+    fn new() -> StreamParser {
+        StreamParser {
+            field: Field::Magic,
+            buf: Vec::new(),
+            key: Vec::with_capacity(DUMP_KEY_BYTES_MAX),
+            hasher: Sha256::new(),
+            offset: 0,
+        }
+    }
+
+    /// Consumes `bytes`, handing each complete record to `record`.
+    fn push(
+        &mut self,
+        mut bytes: &[u8],
+        record: &mut impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            if self.field == Field::Done {
+                if !bytes.is_empty() {
+                    return Err(self.malformed("bytes follow the end record"));
+                }
+                return Ok(());
+            }
+            let need = self.field.bytes() - self.buf.len();
+            let n = need.min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            self.offset += n as u64;
+            if n < need {
+                return Ok(());
+            }
+            self.complete(record)?;
+        }
+    }
+
+    /// The current field is in `buf`: check it and move on to the next.
+    fn complete(&mut self, record: &mut impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        let next = match self.field {
+            Field::Magic => {
+                if self.buf[..DUMP_MAGIC.len()] != DUMP_MAGIC {
+                    return Err(self.malformed("not a ledger dump (bad magic)"));
+                }
+                let version = self.buf[DUMP_MAGIC.len()];
+                if version != DUMP_VERSION {
+                    return Err(self.malformed(format_args!("unsupported version {version}")));
+                }
+                self.hasher.update(&self.buf);
+                Field::KeyLen
+            }
+            Field::KeyLen => match u32::from_le_bytes(self.len_field()) {
+                DUMP_END => Field::Checksum,
+                n => {
+                    let n = n as usize;
+                    if !(TAG_BYTES..=DUMP_KEY_BYTES_MAX).contains(&n) {
+                        return Err(self.malformed(format_args!(
+                            "key length {n} is outside {TAG_BYTES}..={DUMP_KEY_BYTES_MAX}"
+                        )));
+                    }
+                    self.hasher.update(&self.buf);
+                    Field::Key(n)
+                }
+            },
+            Field::Key(_) => {
+                self.hasher.update(&self.buf);
+                self.key.clear();
+                self.key.extend_from_slice(&self.buf);
+                Field::ValueLen
+            }
+            Field::ValueLen => {
+                let n = u32::from_le_bytes(self.len_field()) as usize;
+                if n > DUMP_VALUE_BYTES_MAX {
+                    return Err(self.malformed(format_args!(
+                        "value length {n} is over the limit of {DUMP_VALUE_BYTES_MAX}"
+                    )));
+                }
+                self.hasher.update(&self.buf);
+                Field::Value(n)
+            }
+            Field::Value(_) => {
+                self.hasher.update(&self.buf);
+                record(&self.key, &self.buf)?;
+                Field::KeyLen
+            }
+            Field::Checksum => {
+                let expected: Hash = self.hasher.clone().finalize().into();
+                if self.buf != expected {
+                    return Err(self.malformed(
+                        "checksum mismatch: the stream was damaged or is not one dump",
+                    ));
+                }
+                Field::Done
+            }
+            Field::Done => unreachable!("nothing follows the end record"),
+        };
+        self.field = next;
+        self.buf.clear();
+        if self.buf.capacity() > PARSE_BUFFER_KEPT_BYTES {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn len_field(&self) -> [u8; 4] {
+        self.buf[..].try_into().expect("a length field has 4 bytes")
+    }
+
+    fn malformed(&self, what: impl fmt::Display) -> Error {
+        Error::Storage(format!(
+            "ledger dump is malformed at byte {}: {what}",
+            self.offset
+        ))
+    }
+}
+
+/// What the records that streamed past add up to, to be checked against the summary row.
+struct StateCheck {
+    prev_key: Vec<u8>,
+    meta: Option<LedgerMeta>,
+    /// The account terms' sum and the account count, built with the summary's own arithmetic.
+    accounts: LedgerMeta,
+    balance_total: u128,
+    requests: u64,
+    request_height_max: u64,
+    bodies: u64,
+    body_heights: u64,
+    headers: u64,
+    header_requests: u64,
+    prev_header_hash: Hash,
+}
+
+impl StateCheck {
+    fn new() -> StateCheck {
+        StateCheck {
+            prev_key: Vec::with_capacity(DUMP_KEY_BYTES_MAX),
+            meta: None,
+            accounts: LedgerMeta::genesis(),
+            balance_total: 0,
+            requests: 0,
+            request_height_max: 0,
+            bodies: 0,
+            body_heights: 0,
+            headers: 0,
+            header_requests: 0,
+            prev_header_hash: [0; 32],
+        }
+    }
+
+    fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        if key <= self.prev_key.as_slice() {
+            return Err(Error::Storage(format!(
+                "ledger dump: key {} does not follow key {} (keys must strictly increase)",
+                hex(key),
+                hex(&self.prev_key)
+            )));
+        }
+        self.prev_key.clear();
+        self.prev_key.extend_from_slice(key);
+        let table = Table::from_tag(&key[..TAG_BYTES]).ok_or_else(|| {
+            Error::Storage(format!(
+                "ledger dump: key {} has an unknown table tag",
+                hex(key)
+            ))
+        })?;
+        match table {
+            Table::Account => {
+                let public: PublicKey = key_rest(table, key)?;
+                let balance = layout::decode_account(value)?;
+                self.accounts.account_changed(&public, None, balance);
+                self.balance_total += u128::from(balance);
+            }
+            Table::Request => {
+                let _signer_and_id: [u8; 48] = key_rest(table, key)?;
+                let r = layout::decode_request(value)?;
+                if r.height == 0 {
+                    return Err(corrupt(table, "a request applied at height 0"));
+                }
+                self.requests += 1;
+                self.request_height_max = self.request_height_max.max(r.height);
+            }
+            Table::Body => {
+                let digest: Hash = key_rest(table, key)?;
+                if sha256(&[value]) != digest {
+                    return Err(corrupt(
+                        table,
+                        format_args!("body {} does not hash to its key", hex(&digest)),
+                    ));
+                }
+                self.bodies += 1;
+            }
+            Table::BodyByHeight => {
+                let height = u64::from_be_bytes(key_rest(table, key)?);
+                let _digest: Hash = fixed(table, value)?;
+                self.body_heights += 1;
+                if height != self.body_heights {
+                    return Err(corrupt(
+                        table,
+                        format_args!("height {height} where {} was due", self.body_heights),
+                    ));
+                }
+            }
+            Table::Meta => {
+                if key != layout::meta_key() {
+                    return Err(corrupt(table, format_args!("unexpected key {}", hex(key))));
+                }
+                self.meta = Some(LedgerMeta::decode(&fixed::<META_BYTES>(table, value)?)?);
+            }
+            Table::Header => {
+                let height = u64::from_be_bytes(key_rest(table, key)?);
+                self.headers += 1;
+                if height != self.headers {
+                    return Err(corrupt(
+                        table,
+                        format_args!("height {height} where {} was due", self.headers),
+                    ));
+                }
+                let signed = decode_header(height, value)?;
+                if signed.header.prev_hash != self.prev_header_hash {
+                    return Err(corrupt(
+                        table,
+                        format_args!("header {height} does not chain to the one before it"),
+                    ));
+                }
+                self.prev_header_hash = header_hash(&signed.header);
+                self.header_requests += u64::from(signed.header.request_count);
+            }
+            Table::RaftEntry | Table::RaftState => {
+                return Err(Error::Storage(format!(
+                    "ledger dump: key {} belongs to the raft log's table {table}",
+                    hex(key)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the totals against the summary row and returns it.
+    fn finish(&self) -> Result<LedgerMeta> {
+        let meta = self
+            .meta
+            .clone()
+            .ok_or_else(|| invalid("there is no summary (meta row)"))?;
+        let height = meta.height;
+        if self.headers != height {
+            return Err(invalid(format_args!(
+                "{} headers for a summary at height {height}",
+                self.headers
+            )));
+        }
+        if self.prev_header_hash != meta.last_header_hash {
+            return Err(invalid(
+                "the last header does not hash to the summary's last_header_hash",
+            ));
+        }
+        if self.bodies != height || self.body_heights != height {
+            return Err(invalid(format_args!(
+                "{} bodies and {} body heights for a summary at height {height}",
+                self.bodies, self.body_heights
+            )));
+        }
+        if self.accounts.account_count != meta.account_count {
+            return Err(invalid(format_args!(
+                "account_count: {} accounts, the summary says {}",
+                self.accounts.account_count, meta.account_count
+            )));
+        }
+        if self.accounts.account_sum != meta.account_sum {
+            return Err(invalid(
+                "account_sum: the accounts' terms do not add up to the summary's",
+            ));
+        }
+        let Some(expected_total) = meta.total_deposited.checked_sub(meta.total_withdrawn) else {
+            return Err(invalid(format_args!(
+                "withdrawals {} exceed deposits {}",
+                meta.total_withdrawn, meta.total_deposited
+            )));
+        };
+        if self.balance_total != expected_total {
+            return Err(invalid(format_args!(
+                "balances add up to {}, deposits minus withdrawals to {expected_total}",
+                self.balance_total
+            )));
+        }
+        if self.requests != self.header_requests {
+            return Err(invalid(format_args!(
+                "{} request records for {} requests in the headers",
+                self.requests, self.header_requests
+            )));
+        }
+        if self.request_height_max > height {
+            return Err(invalid(format_args!(
+                "a request record at height {}, beyond the summary's {height}",
+                self.request_height_max
+            )));
+        }
+        Ok(meta)
+    }
+}
+
+/// Where the records go: the new database, in unsynced batches of about
+/// [`INSTALL_BATCH_BYTES`].
+struct Sink {
+    db: DB,
+    batch: WriteBatch,
+    batch_bytes: usize,
+    check: StateCheck,
+}
+
+impl Sink {
+    fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.check.record(key, value)?;
+        self.batch.put(key, value);
+        self.batch_bytes += key.len() + value.len();
+        if self.batch_bytes >= INSTALL_BATCH_BYTES {
+            self.write()?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self) -> Result<()> {
+        if self.batch_bytes == 0 {
+            return Ok(());
+        }
+        let batch = mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        self.db
+            .write(batch, false)
+            .map_err(|e| io_error("writing the installed ledger", e))
+    }
+}
+
+/// Builds a ledger database from a dump stream in a new directory and checks it (see the module
+/// docs). On any error the directory is garbage: the caller deletes it.
+pub struct LedgerInstaller {
+    dir: PathBuf,
+    opts: StoreOptions,
+    parser: StreamParser,
+    sink: Sink,
+    /// Set when a push failed: the stream cannot be resumed.
+    failed: Option<String>,
+}
+
+impl LedgerInstaller {
+    /// Creates a database in `dir`, which must not exist or be empty. For a swap with
+    /// [`install_ledger_dir`], `dir` is [`staged_ledger_dir`] of the live directory.
+    pub fn create(dir: &Path, opts: StoreOptions) -> Result<LedgerInstaller> {
+        assert!(
+            opts.write_buffer_bytes > 0 && opts.block_cache_bytes > 0,
+            "{opts:?}"
+        );
+        match fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(Error::Storage(format!(
+                        "cannot install a ledger into {}: the directory is not empty",
+                        dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fs_error("reading", dir, e)),
+        }
+        let db = DB::open(dir, leveldb_options(&opts, SyncEnv::new()))
+            .map_err(|e| io_error(format_args!("creating {}", dir.display()), e))?;
+        Ok(LedgerInstaller {
+            dir: dir.to_owned(),
+            opts,
+            parser: StreamParser::new(),
+            sink: Sink {
+                db,
+                batch: WriteBatch::default(),
+                batch_bytes: 0,
+                check: StateCheck::new(),
+            },
+            failed: None,
+        })
+    }
+
+    /// Consumes the next chunk of the stream, which may end anywhere. After an error the
+    /// installer refuses every call.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        let LedgerInstaller { parser, sink, .. } = self;
+        let result = parser.push(chunk, &mut |key, value| sink.record(key, value));
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    /// Requires the whole stream, syncs and closes the database, checks it (see the module docs)
+    /// and marks the directory complete. Returns the installed ledger's summary.
+    pub fn finish(self, operator: &PublicKey) -> Result<LedgerMeta> {
+        self.check_usable()?;
+        let LedgerInstaller {
+            dir,
+            opts,
+            parser,
+            mut sink,
+            ..
+        } = self;
+        if parser.field != Field::Done {
+            return Err(Error::Storage(format!(
+                "ledger dump is truncated: it stops at byte {} without its end record",
+                parser.offset
+            )));
+        }
+        let meta = sink.check.finish()?;
+        sink.write()?;
+        sink.db
+            .flush()
+            .map_err(|e| io_error("syncing the installed ledger", e))?;
+        sink.db
+            .close()
+            .map_err(|e| io_error("closing the installed ledger", e))?;
+        drop(sink);
+
+        // Read back through the code that opens a live ledger: it checks the tip against the
+        // summary.
+        let mut db = LedgerDb::open(&dir, opts)?;
+        let stored = db.meta()?;
+        if stored != meta {
+            return Err(invalid(
+                "the summary read back differs from the one streamed",
+            ));
+        }
+        if meta.height > 0 {
+            let tip = db
+                .header(meta.height)?
+                .ok_or_else(|| invalid(format_args!("no header at height {}", meta.height)))?;
+            verify_header(operator, &tip).map_err(|e| {
+                invalid(format_args!(
+                    "header {} does not verify under the operator key: {e}",
+                    meta.height
+                ))
+            })?;
+        }
+        db.close()?;
+        write_complete_marker(&dir)?;
+        Ok(meta)
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(e) => Err(Error::Storage(format!(
+                "an earlier chunk of the ledger dump failed: {e}"
+            ))),
+        }
+    }
+}
+
+/// `<live>.staged`: where an install builds the next ledger directory.
+pub fn staged_ledger_dir(live: &Path) -> PathBuf {
+    sibling(live, ".staged")
+}
+
+/// `<live>.old`: where the replaced ledger directory waits for deletion during a swap.
+pub fn old_ledger_dir(live: &Path) -> PathBuf {
+    sibling(live, ".old")
+}
+
+/// Replaces the ledger directory `live` by `staged`, which must be [`staged_ledger_dir`]`(live)`
+/// and complete ([`LedgerInstaller::finish`] succeeded). The [`LedgerDb`] in `live` must be
+/// closed first. A crash anywhere in here is finished by [`recover_install`].
+pub fn install_ledger_dir(live: &Path, staged: &Path) -> Result<()> {
+    assert_eq!(
+        staged,
+        staged_ledger_dir(live),
+        "recover_install only knows the staged directory by its name"
+    );
+    if !exists(&staged.join(COMPLETE_MARKER))? {
+        return Err(Error::Storage(format!(
+            "{} is not a complete ledger install",
+            staged.display()
+        )));
+    }
+    let old = old_ledger_dir(live);
+    let parent = parent_dir(live);
+    if exists(live)? {
+        if exists(&old)? {
+            remove_dir(&old)?;
+        }
+        rename(live, &old)?;
+        sync_dir(&parent)?;
+    }
+    rename(staged, live)?;
+    sync_dir(&parent)?;
+    tidy(live)?;
+    if exists(&old)? {
+        remove_dir(&old)?;
+        sync_dir(&parent)?;
+    }
+    Ok(())
+}
+
+/// Finishes a swap of [`install_ledger_dir`] that a crash interrupted, leaving `live` holding
+/// either the old ledger or the complete new one, and no leftovers. Call it before opening the
+/// ledger in `live` and before any [`LedgerInstaller`] starts on `<live>.staged`.
+///
+/// - `live` missing: a complete `<live>.staged` is renamed to `live`; else `<live>.old`, if any,
+///   is renamed back (with neither, `live` stays missing: a new node).
+/// - Then `<live>.old` and `<live>.staged` are deleted, complete or not.
+pub fn recover_install(live: &Path) -> Result<()> {
+    let staged = staged_ledger_dir(live);
+    let old = old_ledger_dir(live);
+    let parent = parent_dir(live);
+    if !exists(live)? {
+        if exists(&staged.join(COMPLETE_MARKER))? {
+            rename(&staged, live)?;
+            sync_dir(&parent)?;
+        } else if exists(&old)? {
+            rename(&old, live)?;
+            sync_dir(&parent)?;
+        }
+    }
+    let mut removed = false;
+    for leftover in [&old, &staged] {
+        if exists(leftover)? {
+            remove_dir(leftover)?;
+            removed = true;
+        }
+    }
+    if removed {
+        sync_dir(&parent)?;
+    }
+    if exists(live)? {
+        tidy(live)?;
+    }
+    Ok(())
+}
+
+/// An installed directory keeps no marker: it is a plain ledger directory again.
+fn tidy(live: &Path) -> Result<()> {
+    let marker = live.join(COMPLETE_MARKER);
+    if exists(&marker)? {
+        fs::remove_file(&marker).map_err(|e| fs_error("removing", &marker, e))?;
+        sync_dir(live)?;
+    }
+    Ok(())
+}
+
+fn write_complete_marker(dir: &Path) -> Result<()> {
+    let path = dir.join(COMPLETE_MARKER);
+    let mut f = File::create(&path).map_err(|e| fs_error("creating", &path, e))?;
+    f.write_all(b"tally ledger install: complete and checked\n")
+        .and_then(|()| f.sync_all())
+        .map_err(|e| fs_error("writing", &path, e))?;
+    sync_dir(dir)
+}
+
+fn sibling(live: &Path, suffix: &str) -> PathBuf {
+    assert!(
+        live.file_name().is_some(),
+        "the ledger directory {} needs a name",
+        live.display()
+    );
+    let mut name = live.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn exists(path: &Path) -> Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(fs_error("inspecting", path, e)),
+    }
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(|e| {
+        Error::Storage(format!(
+            "renaming {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })
+}
+
+fn remove_dir(path: &Path) -> Result<()> {
+    fs::remove_dir_all(path).map_err(|e| fs_error("removing", path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fs_error("syncing directory", dir, e))
+}
+
+/// The suffix of `key` after its tag, which must have `N` bytes.
+fn key_rest<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N]> {
+    key[TAG_BYTES..].try_into().map_err(|_| {
+        corrupt(
+            table,
+            format_args!("key {} has {} bytes", hex(key), key.len()),
+        )
+    })
+}
+
+fn invalid(what: impl fmt::Display) -> Error {
+    Error::Storage(format!("installed ledger does not check out: {what}"))
+}
+
+fn fs_error(what: &str, path: &Path, e: io::Error) -> Error {
+    Error::Storage(format!("{what} {}: {e}", path.display()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        write!(s, "{b:02x}").expect("writing to a String");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dump(records: &[(&[u8], &[u8])], chunk_bytes_max: usize) -> Vec<Vec<u8>> {
+        let mut chunks = Vec::new();
+        let mut w = DumpWriter::new(chunk_bytes_max, |c| {
+            chunks.push(c);
+            Ok(())
+        })
+        .unwrap();
+        for (k, v) in records {
+            w.record(k, v).unwrap();
+        }
+        w.finish().unwrap();
+        chunks
+    }
+
+    fn parse(stream: &[u8], piece_bytes: usize) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool)> {
+        let mut p = StreamParser::new();
+        let mut out = Vec::new();
+        for piece in stream.chunks(piece_bytes) {
+            p.push(piece, &mut |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })?;
+        }
+        Ok((out, p.field == Field::Done))
+    }
+
+    #[test]
+    fn writer_and_parser_agree_at_every_chunk_size() {
+        let big = vec![7u8; 3000];
+        let records: [(&[u8], &[u8]); 3] = [(b"abcd", b""), (b"abcde", &big), (b"zzzz", b"v")];
+        let whole = dump(&records, usize::MAX).concat();
+        assert_eq!(&whole[..5], b"TLYD\x01");
+        let body_bytes = 5 + (8 + 4) + (8 + 5 + 3000) + (8 + 4 + 1);
+        assert_eq!(whole.len(), body_bytes + 4 + 32);
+        assert_eq!(&whole[body_bytes..body_bytes + 4], &[0xff; 4]);
+        assert_eq!(&whole[body_bytes + 4..], &sha256(&[&whole[..body_bytes]]));
+        for size in [1, 2, 3, 4, 5, 7, 100, 1000, whole.len(), whole.len() + 1] {
+            let chunks = dump(&records, size);
+            assert_eq!(chunks.concat(), whole, "chunk size {size}");
+            let (last, full) = chunks.split_last().unwrap();
+            assert!(full.iter().all(|c| c.len() == size), "chunk size {size}");
+            assert!(!last.is_empty() && last.len() <= size);
+            let (parsed, done) = parse(&whole, size).unwrap();
+            assert!(done);
+            let expected: Vec<_> = records
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            assert_eq!(parsed, expected);
+        }
+    }
+
+    #[test]
+    fn parser_rejects_bad_framing_before_buffering() {
+        let check = |stream: &[u8], expected: &str| {
+            let e = parse(stream, 3).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e:?} should contain {expected:?}");
+        };
+        check(b"TLYX\x01", "bad magic");
+        check(b"TLYD\x02", "unsupported version 2");
+        check(b"TLYD\x01\x03\0\0\0", "key length 3");
+        check(b"TLYD\x01\x41\0\0\0", "key length 65");
+        check(
+            b"TLYD\x01\x04\0\0\0abcd\x01\0\0\x04",
+            "value length 67108865",
+        );
+        let mut trailing = dump(&[], 100).concat();
+        trailing.push(0);
+        check(&trailing, "bytes follow the end record");
+        let mut damaged = dump(&[(b"abcd", b"xyz")], 100).concat();
+        damaged[18] ^= 1;
+        check(&damaged, "checksum mismatch");
+        let (_, done) = parse(&dump(&[], 100).concat()[..40], 1).unwrap();
+        assert!(!done, "a stream without its end record is not done");
+    }
+}
