@@ -76,6 +76,9 @@
 //! - A failed write may already be visible in rusty-leveldb's memtable; after one, `LedgerDb`
 //!   and `RaftLogDb` refuse every call until they are reopened.
 //! - Directory fsync assumes a Unix file system.
+//! - A crash while a ledger install swaps directories can leave `<live>` missing next to
+//!   `<live>.old` or `<live>.staged`: the server must call [`recover_install`] before
+//!   [`LedgerDb::open`], which knows nothing of installs.
 //! - `RaftLogDb::set_commit` only updates memory (raft-rs reports commits after the write that
 //!   made them possible); after a crash the durable commit may be behind what the ledger applied.
 //! - `RaftLogDb` keeps every entry in LevelDB only: raft re-reads entries it sends or applies,

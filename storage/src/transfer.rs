@@ -52,6 +52,8 @@
 //!
 //! # Caveats
 //!
+//! - [`LedgerInstaller`] holds a rusty-leveldb `DB`, so like [`LedgerDb`] it is not `Send`:
+//!   create it on the thread that feeds it.
 //! - rusty-leveldb's iterator skips a block it cannot read instead of failing: a dump of a
 //!   damaged database can lack rows. The installer's counts catch a missing row in every table.
 //! - A `body_by_height` digest is not matched against the `body` table while streaming (that
@@ -289,7 +291,7 @@ impl StreamParser {
             }
             Field::Value(_) => {
                 self.hasher.update(&self.buf);
-                record(&self.key, &self.buf)?;
+                record(&self.key, &self.buf).map_err(|e| self.in_record(e))?;
                 Field::KeyLen
             }
             Field::Checksum => {
@@ -313,6 +315,17 @@ impl StreamParser {
 
     fn len_field(&self) -> [u8; 4] {
         self.buf[..].try_into().expect("a length field has 4 bytes")
+    }
+
+    /// Says where in the stream a record was refused.
+    fn in_record(&self, e: Error) -> Error {
+        match e {
+            Error::Storage(m) => Error::Storage(format!(
+                "ledger dump, record ending at byte {}: {m}",
+                self.offset
+            )),
+            e => e,
+        }
     }
 
     fn malformed(&self, what: impl fmt::Display) -> Error {
@@ -359,19 +372,15 @@ impl StateCheck {
     fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         if key <= self.prev_key.as_slice() {
             return Err(Error::Storage(format!(
-                "ledger dump: key {} does not follow key {} (keys must strictly increase)",
+                "key {} does not follow key {} (keys must strictly increase)",
                 hex(key),
                 hex(&self.prev_key)
             )));
         }
         self.prev_key.clear();
         self.prev_key.extend_from_slice(key);
-        let table = Table::from_tag(&key[..TAG_BYTES]).ok_or_else(|| {
-            Error::Storage(format!(
-                "ledger dump: key {} has an unknown table tag",
-                hex(key)
-            ))
-        })?;
+        let table = Table::from_tag(&key[..TAG_BYTES])
+            .ok_or_else(|| Error::Storage(format!("key {} has an unknown table tag", hex(key))))?;
         match table {
             Table::Account => {
                 let public: PublicKey = key_rest(table, key)?;
@@ -436,7 +445,7 @@ impl StateCheck {
             }
             Table::RaftEntry | Table::RaftState => {
                 return Err(Error::Storage(format!(
-                    "ledger dump: key {} belongs to the raft log's table {table}",
+                    "key {} belongs to the raft log's table {table}",
                     hex(key)
                 )));
             }
@@ -842,7 +851,9 @@ mod tests {
         chunks
     }
 
-    fn parse(stream: &[u8], piece_bytes: usize) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool)> {
+    type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn parse(stream: &[u8], piece_bytes: usize) -> Result<(Records, bool)> {
         let mut p = StreamParser::new();
         let mut out = Vec::new();
         for piece in stream.chunks(piece_bytes) {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tally_config::Config;
 
 #[derive(Parser)]
@@ -22,6 +22,24 @@ struct Args {
     /// Data directory of the development operator.
     #[arg(long, value_name = "DIR", default_value = "tally-data")]
     dev_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write everything a local N-replica operator needs: CA, node certificates, operator and
+    /// deposit keys, DIR/nodeK.toml for each replica and DIR/profile.toml listing them all.
+    InitCluster {
+        /// Number of replicas (3 or 5 for a fault-tolerant operator).
+        #[arg(long)]
+        nodes: u64,
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Node K listens for clients on BASE+K, peers on BASE+100+K, metrics on BASE+200+K.
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+    },
 }
 
 fn load(path: &PathBuf) -> Result<Config> {
@@ -43,6 +61,19 @@ fn load(path: &PathBuf) -> Result<Config> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(Command::InitCluster {
+        nodes,
+        dir,
+        base_port,
+    }) = &args.command
+    {
+        let configs = tally_server::bootstrap::init_cluster(*nodes, dir, *base_port)?;
+        for c in &configs {
+            println!("tally-server --config {}", c.display());
+        }
+        println!("client profile: {}", dir.join("profile.toml").display());
+        return Ok(());
+    }
     if let Some(path) = &args.check_config {
         // Printed plainly (no anyhow backtrace): the problems are the output.
         if let Err(e) = load(path) {

@@ -11,7 +11,8 @@ use tally_config::Config;
 
 /// A development operator's files in a temporary directory, reconfigured to listen on port 0.
 pub struct Operator {
-    pub dir: tempfile::TempDir,
+    /// Owns the operator's files; removed when the operator is dropped.
+    pub _dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub profile: Profile,
 }
@@ -33,7 +34,7 @@ impl Operator {
         std::fs::write(&config_path, config.to_toml_string()).unwrap();
         let profile = Profile::load(&profile_path).expect("profile");
         Operator {
-            dir,
+            _dir: dir,
             config_path,
             profile,
         }
@@ -55,11 +56,18 @@ pub struct Server {
     pub addr: String,
     /// `ip:port` of the plain-HTTP `/metrics`, `/health`, `/ready` endpoint.
     pub metrics_addr: String,
-    pub stdout: mpsc::Receiver<String>,
+    /// Kept so the reader thread keeps draining the pipe (a closed pipe would fail the
+    /// server's last lines at shutdown).
+    pub _stdout: mpsc::Receiver<String>,
 }
 
 impl Server {
     fn start(config: &Path, profile: &Profile) -> Server {
+        Server::start_replica(config, profile, 1)
+    }
+
+    /// Starts replica `id` from its config; its `profile` lists only this replica.
+    pub fn start_replica(config: &Path, profile: &Profile, id: u64) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
             .arg("--config")
             .arg(config)
@@ -93,7 +101,7 @@ impl Server {
         let (addr, metrics_addr) = (addr.unwrap(), metrics_addr.unwrap());
         let mut profile = profile.clone();
         profile.replicas = vec![ReplicaAddress {
-            id: 1,
+            id,
             address: addr.clone(),
         }];
         Server {
@@ -101,7 +109,7 @@ impl Server {
             profile,
             addr,
             metrics_addr,
-            stdout: rx,
+            _stdout: rx,
         }
     }
 

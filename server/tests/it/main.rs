@@ -1,6 +1,8 @@
 //! End-to-end tests of the real `tally-server` binary over TLS on 127.0.0.1.
 
 mod bad_input;
+mod cluster;
+mod cluster_harness;
 mod harness;
 mod metrics;
 mod single_node;

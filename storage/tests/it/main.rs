@@ -8,3 +8,4 @@ mod raft_crash;
 mod raft_log;
 mod raft_model;
 mod support;
+mod transfer;

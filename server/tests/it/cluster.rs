@@ -1,0 +1,298 @@
+//! Three real replica processes on 127.0.0.1: replication, failover, catch-up, snapshots and
+//! partitions.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tally_client::{build_request, generate_key, public_key, ClusterClient};
+use tally_core::crypto::{header_hash, verify_header};
+use tally_core::verify::verify_confirmation;
+use tally_wire::{Confirmation, Op, PublicKey, SignedHeader};
+
+use crate::cluster_harness::Cluster;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn fast(c: &mut tally_config::Config) {
+    c.batch.batch_window_ms = 20;
+    c.raft.tick_ms = 50;
+    c.raft.election_ticks = 10;
+    c.raft.heartbeat_ticks = 2;
+}
+
+/// Every replica's latest header, once all have applied the same height.
+async fn converged(cluster: &Cluster) -> SignedHeader {
+    let mut last = HashMap::new();
+    for _ in 0..300 {
+        last.clear();
+        for &id in cluster.servers.keys() {
+            if let Ok(c) = cluster.try_client_of(id).await {
+                if let Ok(s) = c.status().await {
+                    last.insert(id, s.latest_header.clone());
+                }
+            }
+        }
+        let first = last.values().next().cloned().flatten();
+        if last.len() == cluster.servers.len()
+            && first.is_some()
+            && last.values().all(|h| *h == first)
+        {
+            return first.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("replicas did not converge: {last:?}");
+}
+
+/// Reads the whole header chain from replica `id`, checking signatures and links.
+async fn chain(cluster: &Cluster, id: u64, operator: &PublicKey) -> Vec<SignedHeader> {
+    let client = cluster.client_of(id).await;
+    let mut headers: Vec<SignedHeader> = Vec::new();
+    loop {
+        let from = headers.len() as u64 + 1;
+        let page = client.headers(from, 1024).await.expect("headers");
+        if page.is_empty() {
+            break;
+        }
+        headers.extend(page);
+    }
+    let mut prev = [0u8; 32];
+    for (i, h) in headers.iter().enumerate() {
+        assert_eq!(h.header.height, i as u64 + 1);
+        assert_eq!(
+            h.header.prev_hash,
+            prev,
+            "replica {id}: header {} links to its predecessor",
+            i + 1
+        );
+        verify_header(operator, h).expect("header signature");
+        prev = header_hash(&h.header);
+    }
+    headers
+}
+
+async fn transfer(
+    cc: &ClusterClient,
+    from: &ed25519_dalek::SigningKey,
+    chain: [u8; 32],
+    id: u128,
+    to: PublicKey,
+) -> Confirmation {
+    cc.submit(build_request(from, chain, Op::Transfer, id, to, 1))
+        .await
+        .expect("transfer")
+}
+
+#[test]
+fn three_replicas_replicate_fail_over_catch_up_and_rebuild_from_a_snapshot() {
+    let rt = runtime();
+    rt.block_on(async {
+        // A small compaction threshold so that a wiped replica must be sent a snapshot.
+        let mut cluster = Cluster::new(3, |c| {
+            fast(c);
+            c.raft.compaction_entries = 10;
+        })
+        .await;
+        cluster.start_all();
+        let op = cluster.profile.operator_key().unwrap();
+        let chain_id = cluster.profile.chain_id_bytes().unwrap();
+        let deposit_key = cluster.profile.load_deposit_key().unwrap();
+        let (alice, bob) = (generate_key(), public_key(&generate_key()));
+        let leader = cluster.leader().await;
+        let cc = cluster.cluster_client();
+        let mut confirmed = vec![cc
+            .submit(build_request(
+                &deposit_key,
+                chain_id,
+                Op::Deposit,
+                1,
+                public_key(&alice),
+                1_000_000,
+            ))
+            .await
+            .expect("deposit")];
+        let mut next_id = 1u128;
+        for _ in 0..20 {
+            next_id += 1;
+            confirmed.push(transfer(&cc, &alice, chain_id, next_id, bob).await);
+        }
+
+        // SIGKILL the leader: another is elected and writes continue.
+        cluster.kill(leader);
+        let killed_at = Instant::now();
+        next_id += 1;
+        confirmed.push(transfer(&cc, &alice, chain_id, next_id, bob).await);
+        eprintln!(
+            "first confirmation {} ms after killing the leader",
+            killed_at.elapsed().as_millis()
+        );
+        let new_leader = cluster.leader().await;
+        assert_ne!(new_leader, leader);
+        for _ in 0..20 {
+            next_id += 1;
+            confirmed.push(transfer(&cc, &alice, chain_id, next_id, bob).await);
+        }
+
+        // The killed replica restarts and catches up from its own disk and the leader's log.
+        cluster.start(leader);
+        converged(&cluster).await;
+
+        // A follower wiped and restarted is rebuilt from a snapshot (the log was compacted).
+        let follower = *cluster.ids.iter().find(|&&id| id != new_leader).unwrap();
+        cluster.kill(follower);
+        cluster.wipe(follower);
+        for _ in 0..30 {
+            next_id += 1;
+            confirmed.push(transfer(&cc, &alice, chain_id, next_id, bob).await);
+        }
+        cluster.start(follower);
+        let tip = converged(&cluster).await;
+
+        // Same state on every replica, one chain, and every confirmation proves into it.
+        let chains: Vec<_> = {
+            let mut v = Vec::new();
+            for &id in &cluster.ids {
+                v.push(chain(&cluster, id, &op).await);
+            }
+            v
+        };
+        assert!(
+            chains.iter().all(|c| *c == chains[0]),
+            "every replica holds the same header chain"
+        );
+        assert_eq!(chains[0].last().unwrap(), &tip);
+        for c in &confirmed {
+            verify_confirmation(c, &op).unwrap();
+            assert_eq!(
+                &chains[0][c.receipt.height as usize - 1],
+                &c.header,
+                "confirmed header is in the final chain"
+            );
+        }
+        // Nothing applied twice: alice paid exactly one unit per confirmed transfer.
+        let transfers = (confirmed.len() - 1) as u64;
+        let b = cc
+            .balance(public_key(&alice), tally_wire::ReadMode::Linearizable)
+            .await
+            .unwrap();
+        assert_eq!(b.balance, 1_000_000 - transfers);
+        let b = cc
+            .balance(bob, tally_wire::ReadMode::Linearizable)
+            .await
+            .unwrap();
+        assert_eq!(b.balance, transfers);
+    });
+}
+
+#[test]
+fn a_partitioned_leader_confirms_nothing_while_the_majority_commits() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cluster = Cluster::new(3, fast).await;
+        cluster.start_all();
+        let op = cluster.profile.operator_key().unwrap();
+        let chain_id = cluster.profile.chain_id_bytes().unwrap();
+        let deposit_key = cluster.profile.load_deposit_key().unwrap();
+        let (alice, bob) = (generate_key(), public_key(&generate_key()));
+        let old = cluster.leader().await;
+        let cc = cluster.cluster_client();
+        cc.submit(build_request(
+            &deposit_key,
+            chain_id,
+            Op::Deposit,
+            1,
+            public_key(&alice),
+            1000,
+        ))
+        .await
+        .expect("deposit");
+        let before = cluster
+            .client_of(old)
+            .await
+            .status()
+            .await
+            .unwrap()
+            .applied_height;
+
+        // Cut the old leader off from both others, then ask it (and only it) to transfer.
+        cluster.isolate(old, true);
+        let direct = cluster
+            .client_of(old)
+            .await
+            .with_timeout(Duration::from_secs(4));
+        let cut_off = build_request(&alice, chain_id, Op::Transfer, 77, bob, 5);
+        match direct.submit(cut_off.clone()).await {
+            Ok(c) => panic!("a partitioned leader confirmed height {}", c.receipt.height),
+            Err(e) => eprintln!("partitioned leader answered: {e}"),
+        }
+        let status = direct.status().await.unwrap();
+        assert_eq!(
+            status.applied_height, before,
+            "the cut-off leader applied nothing"
+        );
+
+        // The majority elects a leader among themselves and keeps committing.
+        let others: Vec<u64> = cluster
+            .ids
+            .iter()
+            .copied()
+            .filter(|&id| id != old)
+            .collect();
+        let mut majority_leader = None;
+        for _ in 0..200 {
+            for &id in &others {
+                if cluster
+                    .client_of(id)
+                    .await
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.writable)
+                {
+                    majority_leader = Some(id);
+                }
+            }
+            if majority_leader.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let new = majority_leader.expect("the majority elects a leader");
+        let c = cluster
+            .client_of(new)
+            .await
+            .submit(build_request(&alice, chain_id, Op::Transfer, 78, bob, 5))
+            .await
+            .expect("the majority commits");
+        verify_confirmation(&c, &op).unwrap();
+        assert_eq!(
+            direct.status().await.unwrap().applied_height,
+            before,
+            "still nothing on the old leader"
+        );
+
+        // Heal: the old leader rejoins as a follower and converges; the request it was sent
+        // while cut off was never applied, and a retry with the same id applies it once.
+        cluster.isolate(old, false);
+        converged(&cluster).await;
+        let retried = cc.submit(cut_off).await.expect("retry after healing");
+        verify_confirmation(&retried, &op).unwrap();
+        let again = cc
+            .submit(build_request(&alice, chain_id, Op::Transfer, 77, bob, 5))
+            .await
+            .unwrap();
+        assert!(again.replayed);
+        assert_eq!(again.receipt, retried.receipt);
+        let b = cc
+            .balance(public_key(&alice), tally_wire::ReadMode::Linearizable)
+            .await
+            .unwrap();
+        assert_eq!(b.balance, 1000 - 10);
+        converged(&cluster).await;
+    });
+}
