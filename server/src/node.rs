@@ -25,7 +25,7 @@ use crate::net::{serve, NetLimits};
 use crate::peer::{peer_tls, serve_inbound, start_outbound, PeerSettings};
 use crate::pipeline::{Pipeline, PipelineConfig, RaftWiring};
 use crate::replication::{Applied, ClusterView, RaftThread};
-use crate::snapshot::PeerSnapshotInstaller;
+use crate::snapshot::PeerSnapshotTransfer;
 use crate::tls::server_config;
 
 /// How many applied batches' request keys the sequencer keeps in memory.
@@ -52,6 +52,9 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
     std::fs::create_dir_all(&config.node.data_dir)
         .with_context(|| format!("creating {}", config.node.data_dir.display()))?;
+    // Finish (or roll back) a snapshot install a crash interrupted.
+    tally_storage::recover_install(&ledger_dir(&config))
+        .with_context(|| format!("recovering {}", ledger_dir(&config).display()))?;
     let mut store = LedgerDb::open(&ledger_dir(&config), StoreOptions::default())
         .with_context(|| format!("opening the ledger in {}", ledger_dir(&config).display()))?;
     let meta = store.meta()?;
@@ -77,7 +80,18 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let queue_depth = config.limits.queue_depth_max as usize;
     let (storage_tx, storage_rx) = crossbeam_channel::bounded(queue_depth);
 
-    let installer = PeerSnapshotInstaller::new(&config, operator_public)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tally-net")
+        .build()?;
+    let (peer_server, peer_client) = peer_tls(&tls_cfg.ca_cert, &tls_cfg.cert, &tls_cfg.key)?;
+    let transfer = PeerSnapshotTransfer::new(
+        &config,
+        operator_public,
+        peer_client.clone(),
+        view.clone(),
+        runtime.handle().clone(),
+    );
     let pipeline = Pipeline::start(
         PipelineConfig {
             node_id,
@@ -112,7 +126,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         },
         store,
         operator,
-        Box::new(installer),
+        Box::new(transfer),
     );
     let limits = NetLimits {
         connections_max: config.limits.connections_max as usize,
@@ -122,10 +136,6 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         frame_timeout: config.limits.frame_timeout(),
         idle_timeout: config.limits.idle_timeout(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("tally-net")
-        .build()?;
     // The HTTP endpoint outlives the client listener: /health answers while the last batch
     // drains, and /ready says 503.
     let (http_stop, http_stop_rx) = watch::channel(false);
@@ -146,8 +156,9 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             chain_id,
             peers: config.peers.iter().map(|p| (p.id, p.address)).collect(),
             max_message_bytes: config.raft.max_message_bytes,
+            snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
+            storage: storage_tx.clone(),
         });
-        let (peer_server, peer_client) = peer_tls(&tls_cfg.ca_cert, &tls_cfg.cert, &tls_cfg.key)?;
         let senders = start_outbound(&settings, peer_client, raft_tx.clone(), stop_rx.clone());
         if !config.peers.is_empty() {
             let peer_listener = TcpListener::bind(config.listen.peer)

@@ -33,7 +33,10 @@ use crate::tls::{load_certs, load_key};
 
 pub const HELLO_MAGIC: [u8; 4] = *b"TLYP";
 pub const HELLO_VERSION: u8 = 1;
-pub const HELLO_BYTES: usize = 4 + 1 + 8 + 32;
+pub const HELLO_BYTES: usize = 4 + 1 + 8 + 32 + 1;
+/// Hello channel kinds: a stream of raft messages, or one ledger snapshot download.
+pub const CHANNEL_RAFT: u8 = 0;
+pub const CHANNEL_SNAPSHOT: u8 = 1;
 /// Messages waiting for one peer's connection.
 pub const PEER_QUEUE_MAX: usize = 4096;
 
@@ -65,12 +68,13 @@ pub fn peer_tls(
     Ok((Arc::new(server), Arc::new(client)))
 }
 
-fn hello(node_id: u64, chain_id: &[u8; 32]) -> [u8; HELLO_BYTES] {
+pub fn hello(node_id: u64, chain_id: &[u8; 32], channel: u8) -> [u8; HELLO_BYTES] {
     let mut h = [0u8; HELLO_BYTES];
     h[0..4].copy_from_slice(&HELLO_MAGIC);
     h[4] = HELLO_VERSION;
     h[5..13].copy_from_slice(&node_id.to_le_bytes());
     h[13..45].copy_from_slice(chain_id);
+    h[45] = channel;
     h
 }
 
@@ -93,6 +97,9 @@ pub struct PeerSettings {
     pub chain_id: [u8; 32],
     pub peers: Vec<(u64, std::net::SocketAddr)>,
     pub max_message_bytes: u64,
+    pub snapshot_chunk_bytes: u32,
+    /// Where snapshot downloads get the ledger dump from (the storage thread).
+    pub storage: Sender<crate::pipeline::StorageCmd>,
 }
 
 /// Starts one dialing task per peer on the current runtime.
@@ -106,7 +113,7 @@ pub fn start_outbound(
     for &(id, addr) in &settings.peers {
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
         senders.insert(id, tx);
-        let hello = hello(settings.node_id, &settings.chain_id);
+        let hello = hello(settings.node_id, &settings.chain_id, CHANNEL_RAFT);
         tokio::spawn(dial_loop(
             id,
             addr,
@@ -241,6 +248,11 @@ async fn inbound(
         .peer_certificates()
         .ok_or_else(|| anyhow!("no client certificate"))?;
     check_cert_names(&certs[0], claimed)?;
+    match h[45] {
+        CHANNEL_RAFT => {}
+        CHANNEL_SNAPSHOT => return serve_snapshot(tls, settings, claimed).await,
+        other => bail!("peer {claimed} asked for unknown channel {other}"),
+    }
     loop {
         let mut len = [0u8; 4];
         tokio::select! {
@@ -277,4 +289,73 @@ pub fn check_cert_names(cert: &CertificateDer<'_>, claimed: u64) -> Result<()> {
             node_name(claimed)
         )
     })
+}
+
+/// Streams this replica's ledger to a peer that was sent a raft snapshot: frames of a u32 LE
+/// length and a chunk of the dump (see `tally_storage::transfer`), then a zero length.
+async fn serve_snapshot<S: AsyncWriteExt + Unpin>(
+    mut tls: S,
+    settings: &PeerSettings,
+    peer: u64,
+) -> Result<()> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    settings
+        .storage
+        .send(crate::pipeline::StorageCmd::Dump {
+            chunk_bytes_max: settings.snapshot_chunk_bytes as usize,
+            out: tx,
+            done: done_tx,
+        })
+        .map_err(|_| anyhow!("the storage thread has stopped"))?;
+    let mut bytes = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        bytes += chunk.len() as u64;
+        write_frame(&mut tls, &chunk).await?;
+    }
+    let meta = tokio::task::spawn_blocking(move || done_rx.recv())
+        .await?
+        .map_err(|_| anyhow!("the storage thread stopped during the dump"))??;
+    write_frame(&mut tls, &[]).await?;
+    tls.flush().await?;
+    tracing::info!(peer, bytes, height = meta.height, "sent a ledger snapshot");
+    Ok(())
+}
+
+/// Downloads a peer's ledger dump, handing each chunk to `push`. Runs on the caller's runtime.
+pub async fn fetch_snapshot(
+    addr: std::net::SocketAddr,
+    peer: u64,
+    node_id: u64,
+    chain_id: [u8; 32],
+    chunk_bytes_max: u32,
+    client: Arc<ClientConfig>,
+    mut push: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+    let name = ServerName::try_from(node_name(peer))?;
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        TlsConnector::from(client).connect(name, tcp),
+    )
+    .await??;
+    tls.write_all(&hello(node_id, &chain_id, CHANNEL_SNAPSHOT))
+        .await?;
+    tls.flush().await?;
+    let mut total = 0u64;
+    loop {
+        let mut len = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(60), tls.read_exact(&mut len)).await??;
+        let len = u32::from_le_bytes(len);
+        if len == 0 {
+            return Ok(total);
+        }
+        if len > chunk_bytes_max {
+            bail!("peer {peer} sent a {len}-byte snapshot chunk, over raft.snapshot_chunk_bytes");
+        }
+        let mut buf = vec![0u8; len as usize];
+        tokio::time::timeout(Duration::from_secs(60), tls.read_exact(&mut buf)).await??;
+        total += len as u64;
+        push(&buf)?;
+    }
 }

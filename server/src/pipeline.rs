@@ -121,6 +121,12 @@ pub enum StorageCmd {
         descriptor: Vec<u8>,
         done: Sender<CoreResult<()>>,
     },
+    /// Stream the whole ledger (one consistent view) to a peer installing a snapshot.
+    Dump {
+        chunk_bytes_max: usize,
+        out: mpsc::Sender<Vec<u8>>,
+        done: Sender<CoreResult<LedgerMeta>>,
+    },
     /// Snapshot-stage lookups: request records and balances of the accounts named.
     Lookup {
         keys: Vec<(PublicKey, u128)>,
@@ -229,7 +235,7 @@ impl Pipeline {
         wiring: RaftWiring,
         store: S,
         operator: OperatorKey,
-        installer: Box<dyn SnapshotInstaller<S>>,
+        installer: Box<dyn SnapshotTransfer<S>>,
     ) -> Pipeline {
         let depth = cfg.queue_depth_max;
         let (stateless_tx, stateless_rx) = bounded::<Job>(depth);
@@ -318,10 +324,18 @@ impl Pipeline {
     }
 }
 
-/// Brings the ledger to the state a raft snapshot describes (fetched from a peer). Runs on the
-/// storage thread, which owns the store.
-pub trait SnapshotInstaller<S>: Send {
+/// Ledger snapshots between replicas. Runs on the storage thread, which owns the store.
+pub trait SnapshotTransfer<S>: Send {
+    /// Brings the ledger to (at least) the state a raft snapshot describes, fetched from a peer.
+    /// May close and reopen the store; it must be `Some` again when this returns.
     fn install(&mut self, store: &mut Option<S>, index: u64, descriptor: &[u8]) -> CoreResult<()>;
+    /// Streams the ledger in chunks of at most `chunk_bytes_max` bytes.
+    fn dump(
+        &mut self,
+        store: &mut S,
+        chunk_bytes_max: usize,
+        out: &mut dyn FnMut(Vec<u8>) -> CoreResult<()>,
+    ) -> CoreResult<LedgerMeta>;
 }
 
 fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> JoinHandle<()> {
@@ -727,7 +741,7 @@ struct StorageThread<S> {
     raft: Sender<RaftEvent>,
     wake: Sender<()>,
     confirm: Sender<ConfirmJob>,
-    installer: Box<dyn SnapshotInstaller<S>>,
+    installer: Box<dyn SnapshotTransfer<S>>,
     metrics: Arc<Metrics>,
 }
 
@@ -794,6 +808,24 @@ impl<S: LedgerStore> StorageThread<S> {
                             let _ = done.send(Err(e));
                         }
                     }
+                }
+                StorageCmd::Dump {
+                    chunk_bytes_max,
+                    out,
+                    done,
+                } => {
+                    // The dump holds this thread (and so the apply path) until the peer has
+                    // taken every chunk: a known cost of serving a snapshot.
+                    let store = self.store.as_mut().expect("store");
+                    let result = self.installer.dump(store, chunk_bytes_max, &mut |chunk| {
+                        out.blocking_send(chunk).map_err(|_| {
+                            tally_core::Error::Storage(
+                                "the peer stopped taking the snapshot".into(),
+                            )
+                        })
+                    });
+                    drop(out);
+                    let _ = done.send(result);
                 }
                 StorageCmd::Lookup {
                     keys,

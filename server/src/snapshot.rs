@@ -1,36 +1,166 @@
-//! Installing a raft snapshot: the ledger state is fetched from a peer and swapped in atomically.
+//! Ledger snapshots between replicas.
 //!
-//! (Being built: until the transfer lands, a replica that needs a snapshot stops with a clear
-//! error instead of diverging.)
+//! A raft snapshot carries only a descriptor: the [`LedgerMeta`] of the state at the leader's
+//! compaction point. The replica that receives it downloads a whole ledger dump from a peer (the
+//! leader first, then the others) over the mutually authenticated peer transport, in chunks of
+//! at most `raft.snapshot_chunk_bytes`, into a staged directory; `LedgerInstaller::finish`
+//! verifies it (checksum, hash chain, operator signature on the tip, the account sum behind the
+//! state digest, conservation) before it is swapped in with renames that a crash cannot tear.
+//! The dump may be newer than the descriptor; committed entries it already contains are then
+//! skipped by height when raft delivers them.
 
-use anyhow::Result;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use rustls::ClientConfig;
 use tally_config::Config;
-use tally_storage::LedgerDb;
+use tally_core::crypto::header_hash;
+use tally_core::ports::LedgerStore;
+use tally_core::state::LedgerMeta;
+use tally_storage::{
+    install_ledger_dir, staged_ledger_dir, LedgerDb, LedgerInstaller, StoreOptions,
+};
 use tally_wire::PublicKey;
 
-use crate::pipeline::SnapshotInstaller;
+use crate::peer::fetch_snapshot;
+use crate::pipeline::SnapshotTransfer;
+use crate::replication::ClusterView;
 
-pub struct PeerSnapshotInstaller {
-    _operator: PublicKey,
+pub struct PeerSnapshotTransfer {
+    node_id: u64,
+    chain_id: [u8; 32],
+    operator: PublicKey,
+    live: PathBuf,
+    peers: Vec<(u64, SocketAddr)>,
+    chunk_bytes_max: u32,
+    client: Arc<ClientConfig>,
+    view: Arc<ClusterView>,
+    runtime: tokio::runtime::Handle,
 }
 
-impl PeerSnapshotInstaller {
-    pub fn new(_config: &Config, operator: PublicKey) -> Result<PeerSnapshotInstaller> {
-        Ok(PeerSnapshotInstaller {
-            _operator: operator,
-        })
+impl PeerSnapshotTransfer {
+    pub fn new(
+        config: &Config,
+        operator: PublicKey,
+        client: Arc<ClientConfig>,
+        view: Arc<ClusterView>,
+        runtime: tokio::runtime::Handle,
+    ) -> PeerSnapshotTransfer {
+        PeerSnapshotTransfer {
+            node_id: config.node.id,
+            chain_id: config.chain_id_bytes(),
+            operator,
+            live: crate::node::ledger_dir(config),
+            peers: config.peers.iter().map(|p| (p.id, p.address)).collect(),
+            chunk_bytes_max: config.raft.snapshot_chunk_bytes,
+            client,
+            view,
+            runtime,
+        }
+    }
+
+    /// Downloads and verifies a peer's ledger into the staged directory.
+    fn download(&self, peer: u64, addr: SocketAddr) -> Result<LedgerMeta> {
+        let staged = staged_ledger_dir(&self.live);
+        if staged.exists() {
+            std::fs::remove_dir_all(&staged)?;
+        }
+        let mut installer = LedgerInstaller::create(&staged, StoreOptions::default())?;
+        let bytes = self.runtime.block_on(fetch_snapshot(
+            addr,
+            peer,
+            self.node_id,
+            self.chain_id,
+            self.chunk_bytes_max,
+            self.client.clone(),
+            |chunk| installer.push(chunk).map_err(|e| anyhow!("{e}")),
+        ))?;
+        let meta = installer.finish(&self.operator)?;
+        tracing::info!(
+            peer,
+            bytes,
+            height = meta.height,
+            "downloaded a ledger snapshot"
+        );
+        Ok(meta)
     }
 }
 
-impl SnapshotInstaller<LedgerDb> for PeerSnapshotInstaller {
+/// Whether `store` already holds the state `want` describes (same header at that height).
+fn already_has(store: &mut LedgerDb, want: &LedgerMeta) -> tally_core::Result<bool> {
+    let have = store.meta()?;
+    if have.height < want.height {
+        return Ok(false);
+    }
+    if want.height == 0 {
+        return Ok(true);
+    }
+    Ok(store
+        .header(want.height)?
+        .is_some_and(|h| header_hash(&h.header) == want.last_header_hash))
+}
+
+impl SnapshotTransfer<LedgerDb> for PeerSnapshotTransfer {
     fn install(
         &mut self,
-        _store: &mut Option<LedgerDb>,
+        store: &mut Option<LedgerDb>,
         index: u64,
-        _descriptor: &[u8],
+        descriptor: &[u8],
     ) -> tally_core::Result<()> {
+        let want = LedgerMeta::decode(descriptor)?;
+        let db = store.as_mut().expect("the store is open before an install");
+        if already_has(db, &want)? {
+            tracing::info!(
+                index,
+                height = want.height,
+                "snapshot already applied locally"
+            );
+            return Ok(());
+        }
+        // The leader first: it sent the snapshot, so it has at least that state.
+        let leader = self
+            .view
+            .leader_id
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let mut order = self.peers.clone();
+        order.sort_by_key(|(id, _)| *id != leader);
+        let mut last_error = String::from("no peers");
+        for attempt in 0..3 {
+            for &(peer, addr) in &order {
+                match self.download(peer, addr) {
+                    Ok(meta) if meta.height >= want.height => {
+                        let old = store.take().expect("store");
+                        old.close()?;
+                        install_ledger_dir(&self.live, &staged_ledger_dir(&self.live))?;
+                        *store = Some(LedgerDb::open(&self.live, StoreOptions::default())?);
+                        tracing::info!(index, height = meta.height, "installed a ledger snapshot");
+                        return Ok(());
+                    }
+                    Ok(meta) => {
+                        last_error = format!(
+                            "peer {peer} is at height {}, behind {}",
+                            meta.height, want.height
+                        )
+                    }
+                    Err(e) => last_error = format!("peer {peer}: {e:#}"),
+                }
+                tracing::warn!(peer, attempt, "snapshot download failed: {last_error}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
         Err(tally_core::Error::Storage(format!(
-            "this replica needs the ledger state at raft index {index} from a peer, and snapshot transfer is not built yet"
+            "could not fetch a ledger snapshot: {last_error}"
         )))
+    }
+
+    fn dump(
+        &mut self,
+        store: &mut LedgerDb,
+        chunk_bytes_max: usize,
+        out: &mut dyn FnMut(Vec<u8>) -> tally_core::Result<()>,
+    ) -> tally_core::Result<LedgerMeta> {
+        store.dump(chunk_bytes_max, out)
     }
 }

@@ -71,7 +71,10 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tally-server"))
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
