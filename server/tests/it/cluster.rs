@@ -296,3 +296,75 @@ fn a_partitioned_leader_confirms_nothing_while_the_majority_commits() {
         converged(&cluster).await;
     });
 }
+
+#[test]
+fn a_peer_whose_certificate_does_not_match_its_claimed_id_is_refused() {
+    use std::sync::Arc;
+    use tally_server::peer::{check_cert_names, hello, peer_tls, CHANNEL_RAFT};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cluster = Cluster::new(3, fast).await;
+        cluster.start(1);
+        let root = cluster.configs[&1].parent().unwrap().to_path_buf();
+        let config = tally_config::Config::from_toml_str(
+            &std::fs::read_to_string(&cluster.configs[&1]).unwrap(),
+        )
+        .unwrap();
+        let chain_id = config.chain_id_bytes();
+
+        // The name check itself: node 2's certificate is good for node 2 only.
+        let cert2 = tally_server::tls::load_certs(&root.join("node2.pem")).unwrap();
+        check_cert_names(&cert2[0], 2).expect("node 2's certificate names node 2");
+        let err = check_cert_names(&cert2[0], 3).unwrap_err();
+        assert!(err.to_string().contains("not for node 3"), "{err}");
+
+        // Over the wire: dial node 1 with node 2's certificate, claim to be node 3, and send a
+        // raft message; node 1 closes the connection without reading it.
+        let (_, client) = peer_tls(
+            &root.join("ca.pem"),
+            &root.join("node2.pem"),
+            &root.join("node2.key"),
+        )
+        .unwrap();
+        let connect = |claim: u64| {
+            let client = Arc::clone(&client);
+            let peer = config.listen.peer;
+            async move {
+                let tcp = tokio::net::TcpStream::connect(peer).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("node-1.tally").unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                tls.write_all(&hello(claim, &chain_id, CHANNEL_RAFT))
+                    .await
+                    .unwrap();
+                let mut msg = raft::eraftpb::Message::default();
+                msg.from = claim;
+                msg.to = 1;
+                let bytes = tally_core::replica::encode_message(&msg);
+                let _ = tls.write_all(&(bytes.len() as u32).to_le_bytes()).await;
+                let _ = tls.write_all(&bytes).await;
+                let _ = tls.flush().await;
+                let mut buf = [0u8; 1];
+                // Refused: the server closes (EOF or reset). Accepted: nothing comes back and
+                // the read times out.
+                match tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => true,
+                    Ok(Ok(_)) => panic!("a peer never sends on an inbound connection"),
+                    Err(_) => false,
+                }
+            }
+        };
+        assert!(
+            connect(3).await,
+            "claiming node 3 with node 2's certificate is refused"
+        );
+        assert!(
+            !connect(2).await,
+            "the same certificate claiming node 2 is accepted"
+        );
+    });
+}
