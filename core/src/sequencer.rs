@@ -76,6 +76,8 @@ pub struct Sequencer {
     keys: HashMap<(PublicKey, u128), KeySlot>,
     keys_by_height: VecDeque<(u64, Vec<(PublicKey, u128)>)>,
     open: Vec<BatchEntry>,
+    /// Account lookups served from the map since the last [`Sequencer::take_cache_hits`].
+    cache_hits: u64,
 }
 
 impl Sequencer {
@@ -90,7 +92,14 @@ impl Sequencer {
             keys: HashMap::new(),
             keys_by_height: VecDeque::new(),
             open: Vec::new(),
+            cache_hits: 0,
         }
+    }
+
+    /// How many account lookups the cache answered since the last call (misses are the calls
+    /// to [`LedgerRead::account`], which the caller can count itself).
+    pub fn take_cache_hits(&mut self) -> u64 {
+        std::mem::take(&mut self.cache_hits)
     }
 
     pub fn open_len(&self) -> usize {
@@ -244,6 +253,7 @@ impl Sequencer {
 
     fn balance(&mut self, key: &PublicKey, store: &mut impl LedgerRead) -> Result<Option<u64>> {
         if let Some(slot) = self.accounts.get(key) {
+            self.cache_hits += 1;
             return Ok(Some(slot.balance));
         }
         // Not pinned, so no unapplied batch changed it: the applied value is the current one.

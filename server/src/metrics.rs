@@ -98,6 +98,7 @@ pub struct Metrics {
     pub connections_refused_total: IntCounter,
     busy_total: IntCounterVec,
     pub account_cache_misses_total: IntCounter,
+    pub account_cache_hits_total: IntCounter,
     pub raft: RaftMetrics,
     /// 1 when the node can serve (see `/ready`), else 0.
     ready: IntGauge,
@@ -246,11 +247,15 @@ impl Metrics {
                 "tally_account_cache_misses_total",
                 "Accounts the sequencer had to load from storage.",
             ),
+            account_cache_hits_total: counter(
+                "tally_account_cache_hits_total",
+                "Account lookups the sequencer served from its bounded cache.",
+            ),
             raft: RaftMetrics {
                 term: gauge("tally_raft_term", "Current Raft term."),
                 role: gauge(
                     "tally_raft_role",
-                    "Raft role: 0 follower, 1 candidate, 2 leader, 3 pre-candidate, 4 single node.",
+                    "Raft role: 0 follower, 1 candidate, 2 leader, 3 pre-candidate.",
                 ),
                 leader_id: gauge("tally_raft_leader_id", "Id of the known leader, 0 if none."),
                 commit_index: gauge("tally_raft_commit_index", "Raft commit index."),

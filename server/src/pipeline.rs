@@ -692,6 +692,8 @@ impl Master {
             Ok(Submitted::Rejected(r)) => reply.reject(r),
             Err(e) => fatal("sequencing", &e),
         }
+        let hits = l.sequencer.take_cache_hits();
+        self.metrics.account_cache_hits_total.inc_by(hits);
     }
 }
 
