@@ -57,7 +57,8 @@ pub struct Args {
     /// against it, and stop it at the end.
     #[arg(long)]
     pub start_server: bool,
-    /// Replicas to start with --start-server.
+    /// Replicas to start with --start-server: 1 (a development node) or an `init-cluster`
+    /// cluster of N replicas on this machine.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub nodes: usize,
     /// How long one request may wait for its answer before it counts as a timeout.
@@ -100,8 +101,12 @@ impl Args {
         if self.nodes != 1 && !self.start_server {
             bail!("--nodes only applies with --start-server");
         }
-        if self.nodes != 1 && self.nodes != 3 {
-            bail!("--nodes must be 1 or 3, not {}", self.nodes);
+        if !(1..=crate::server::NODES_MAX).contains(&self.nodes) {
+            bail!(
+                "--nodes must be between 1 and {}, not {}",
+                crate::server::NODES_MAX,
+                self.nodes
+            );
         }
         Ok(())
     }
@@ -202,7 +207,8 @@ mod tests {
             "--profile p --rate 0",
             "--profile p --rate=-5",
             "--profile p --in-flight 0",
-            "--start-server --nodes 2",
+            "--start-server --nodes 0",
+            "--start-server --nodes 10",
             "--profile p --nodes 3",
         ] {
             assert!(parse(bad).unwrap().validate().is_err(), "{bad}");

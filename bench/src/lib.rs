@@ -12,7 +12,8 @@
 //!    recorded per connection ([`stats`]), with a progress line on stderr every second;
 //! 4. the report ([`report`]): a markdown table on stdout, everything as JSON with `--json`.
 //!
-//! [`server`] starts a fresh development operator for `--start-server`.
+//! [`server`] starts a fresh operator for `--start-server`: a development single node, or with
+//! `--nodes N` an `init-cluster` cluster of N replicas on this machine.
 //!
 //! This crate is the program's logic rather than a library for others, so its errors are
 //! `anyhow` messages for the user (the style guide's "thiserror in libraries" does not buy
@@ -26,8 +27,9 @@
 //!   closed loop `bound × duration` (capped at [`POOL_ESTIMATE_MAX`]), since no operator on this
 //!   machine confirms faster than it can check signatures. If the pool runs out before the
 //!   deadline the run ends early and the report says so (`pool_exhausted`).
-//! - A connection that drops is not reopened; its requests count as `disconnected` errors.
-//! - `--nodes 3` is not supported until the server can start a cluster.
+//! - All connections go to the replica that leads when the setup starts. A connection that
+//!   drops is not reopened and a leader change is not followed: its requests count as
+//!   `disconnected` errors or `not_leader` refusals (this measures throughput, not failover).
 
 pub mod args;
 pub mod bound;
@@ -37,7 +39,7 @@ pub mod server;
 pub mod stats;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tally_client::{Client, Profile};
@@ -53,6 +55,10 @@ pub const POOL_ESTIMATE_MAX: usize = 2_000_000;
 const POOL_ESTIMATE_MIN: usize = 10_000;
 /// The most transfers one run signs in advance (about 200 bytes each in memory).
 pub const POOL_MAX: u64 = 10_000_000;
+/// How long to wait for a writable leader before the setup phase.
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+/// Connect and status timeout while looking for the leader.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the whole benchmark and returns its report; prints progress to stderr.
 pub fn run(args: &Args) -> Result<Report> {
@@ -73,7 +79,12 @@ pub fn run(args: &Args) -> Result<Report> {
     let started = if args.start_server {
         eprintln!("starting a development operator ({} node)", args.nodes);
         let server = server::start(args.nodes, args.server_bin.as_deref())?;
-        eprintln!("tally-server listening on {}", server.address);
+        for replica in &server.profile.replicas {
+            eprintln!(
+                "replica {} listening for clients on {}",
+                replica.id, replica.address
+            );
+        }
         Some(server)
     } else {
         None
@@ -107,11 +118,13 @@ pub fn run(args: &Args) -> Result<Report> {
 
     let setup_start = Instant::now();
     let clients = runtime.block_on(async {
+        let leader = find_leader(&profile).await?;
+        eprintln!("the leader is at {leader}");
         let mut clients = Vec::with_capacity(args.connections);
         for _ in 0..args.connections {
-            let client = Client::connect_timeout(&profile, args.timeout)
+            let client = Client::connect_to_timeout(leader.as_str(), &profile, args.timeout)
                 .await
-                .with_context(|| format!("connecting to {:?}", profile.replicas))?;
+                .with_context(|| format!("connecting to {leader}"))?;
             clients.push(Arc::new(client));
         }
         Ok::<_, anyhow::Error>(clients)
@@ -199,6 +212,32 @@ pub fn run(args: &Args) -> Result<Report> {
         sample_verified,
         sample_failed,
     })
+}
+
+/// The client address of the replica that takes writes. Asks each replica of the profile for
+/// its status until one says it is writable: a cluster that just started may still be electing.
+async fn find_leader(profile: &Profile) -> Result<String> {
+    let deadline = Instant::now() + LEADER_WAIT;
+    loop {
+        for replica in &profile.replicas {
+            let address = replica.address.as_str();
+            let Ok(client) = Client::connect_to_timeout(address, profile, STATUS_TIMEOUT).await
+            else {
+                continue;
+            };
+            if client.status().await.is_ok_and(|s| s.writable) {
+                return Ok(replica.address.clone());
+            }
+        }
+        if Instant::now() >= deadline {
+            let addresses: Vec<&str> = profile.replicas.iter().map(|r| r.address.as_str()).collect();
+            bail!(
+                "no replica became a writable leader within {} s (asked {addresses:?})",
+                LEADER_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Writes the report as pretty JSON.

@@ -1,9 +1,15 @@
-//! `--start-server`: a fresh development operator in a temporary directory, for one run.
+//! `--start-server`: a fresh operator in a temporary directory, for one run.
 //!
-//! The files come from `tally_server::bootstrap::dev_operator`, the same code that sets up
-//! `tally-server` with no arguments; the listen addresses are rewritten to `127.0.0.1:0` so that
-//! runs never collide on a port, and the client address is read from the line the server prints
-//! ("... listening for clients on ADDR ..."). The process is killed when the handle drops.
+//! One node: the files come from `tally_server::bootstrap::dev_operator`, the same code that
+//! sets up `tally-server` with no arguments, with every listen address rewritten to
+//! `127.0.0.1:0` so that runs never collide on a port. Several nodes: the files come from
+//! `tally_server::bootstrap::init_cluster` (what `tally-server init-cluster` runs), rewired onto
+//! free ports, since replicas must know each other's addresses before they start. Either way the
+//! client address is read from the line each replica prints ("... listening for clients on
+//! ADDR ..."), and the processes are killed when the handle drops.
+//!
+//! Caveat: a cluster's free ports are found by binding port 0 and letting go, so another
+//! program could take one in between; the replica then fails to start and the run says so.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -16,24 +22,28 @@ use anyhow::{anyhow, bail, Context, Result};
 use tally_client::{Profile, ReplicaAddress};
 use tally_config::Config;
 
-/// How long a starting server may take to print its client address.
+/// How long a starting replica may take to print its client address.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// What the server prints before its client address.
+/// What a replica prints before its client address.
 const LISTENING: &str = " listening for clients on ";
+/// Replicas `--start-server` can start (the range `init-cluster` accepts).
+pub const NODES_MAX: usize = 9;
 
-/// A running server; killed (and its files deleted) when dropped.
+/// Running replicas; killed (and their files deleted) when dropped.
 pub struct StartedServer {
-    child: Child,
+    children: Vec<Child>,
+    /// The profile with every replica's actual client address.
     pub profile: Profile,
-    pub address: String,
-    // Dropped after the child is killed (fields drop in order, after `Drop::drop`).
+    // Dropped after the children are killed (fields drop after `Drop::drop`).
     _dir: tempfile::TempDir,
 }
 
 impl Drop for StartedServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -46,10 +56,11 @@ pub fn default_server_binary() -> Result<PathBuf> {
     Ok(dir.join(format!("tally-server{}", std::env::consts::EXE_SUFFIX)))
 }
 
-/// Starts `nodes` fresh replicas from `binary` (default: next to this executable).
+/// Starts `nodes` fresh replicas of one operator from `binary` (default: next to this
+/// executable). Returns once every replica listens; a cluster may not have elected a leader yet.
 pub fn start(nodes: usize, binary: Option<&Path>) -> Result<StartedServer> {
-    if nodes != 1 {
-        bail!("--nodes {nodes}: not supported yet: replication is not built");
+    if !(1..=NODES_MAX).contains(&nodes) {
+        bail!("--nodes must be between 1 and {NODES_MAX}, not {nodes}");
     }
     let binary = match binary {
         Some(path) => path.to_path_buf(),
@@ -66,26 +77,106 @@ pub fn start(nodes: usize, binary: Option<&Path>) -> Result<StartedServer> {
     let dir = tempfile::Builder::new()
         .prefix("tally-bench-")
         .tempdir()
-        .context("creating a temporary directory for the server")?;
-    let data = dir.path().join("data");
+        .context("creating a temporary directory for the operator")?;
+    let (configs, profile_path) = if nodes == 1 {
+        single_node_files(dir.path())?
+    } else {
+        cluster_files(dir.path(), nodes)?
+    };
+    let mut profile = Profile::load(&profile_path)?;
+    let mut server = StartedServer {
+        children: Vec::new(),
+        profile: profile.clone(),
+        _dir: dir,
+    };
+    let mut replicas = Vec::new();
+    for (id, config_path) in configs {
+        // Pushed at once, so that an error below still kills every started replica.
+        let (child, address_rx) = spawn(&binary, &config_path)?;
+        server.children.push(child);
+        let child = server.children.last_mut().expect("just pushed");
+        let address = wait_for_address(child, &address_rx, &binary, id)?;
+        replicas.push(ReplicaAddress { id, address });
+    }
+    profile.replicas = replicas;
+    server.profile = profile;
+    Ok(server)
+}
+
+/// A development operator's files in `dir/data`, listening on port 0. Returns ([(node id,
+/// config path)], profile path).
+fn single_node_files(dir: &Path) -> Result<(Vec<(u64, PathBuf)>, PathBuf)> {
+    let data = dir.join("data");
     let (_, profile_path) = tally_server::bootstrap::dev_operator(&data)
         .context("setting up a development operator")?;
     let config_path = data.join("config.toml");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let mut config =
-        Config::from_toml_str(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    let mut config = read_config(&config_path)?;
     let any: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
     config.listen.client = any;
     config.listen.peer = any;
     config.listen.metrics = any;
-    std::fs::write(&config_path, config.to_toml_string())
-        .with_context(|| format!("writing {}", config_path.display()))?;
-    let mut profile = Profile::load(&profile_path)?;
+    write_config(&config_path, &config)?;
+    Ok((vec![(config.node.id, config_path)], profile_path))
+}
 
-    let mut child = Command::new(&binary)
+/// An `init-cluster` operator's files in `dir/op`, on free ports. Returns ([(node id, config
+/// path)], profile path).
+fn cluster_files(dir: &Path, nodes: usize) -> Result<(Vec<(u64, PathBuf)>, PathBuf)> {
+    let root = dir.join("op");
+    // The base port is a placeholder: every address is rewritten below.
+    let paths = tally_server::bootstrap::init_cluster(nodes as u64, &root, 7400)
+        .context("setting up a cluster (init-cluster)")?;
+    let mut configs = Vec::new();
+    for path in &paths {
+        configs.push(read_config(path)?);
+    }
+    let mut client = std::collections::HashMap::new();
+    let mut peer = std::collections::HashMap::new();
+    for config in &configs {
+        client.insert(config.node.id, free_port()?);
+        peer.insert(config.node.id, free_port()?);
+    }
+    let mut out = Vec::new();
+    for (path, mut config) in paths.into_iter().zip(configs) {
+        let id = config.node.id;
+        config.listen.client = client[&id];
+        config.listen.peer = peer[&id];
+        config.listen.metrics = "127.0.0.1:0".parse().expect("a socket address");
+        for p in &mut config.peers {
+            p.address = peer[&p.id];
+            p.client_address = client[&p.id];
+        }
+        write_config(&path, &config)?;
+        out.push((id, path));
+    }
+    Ok((out, root.join("profile.toml")))
+}
+
+fn read_config(path: &Path) -> Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Config::from_toml_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn write_config(path: &Path, config: &Config) -> Result<()> {
+    std::fs::write(path, config.to_toml_string())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> Result<SocketAddr> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
+    Ok(listener.local_addr()?)
+}
+
+/// Starts one replica. Its stdout goes to a thread that hands over the client address, then
+/// keeps draining the pipe (a full pipe would block the replica) and passes later lines on to
+/// stderr. The thread ends with the process.
+fn spawn(binary: &Path, config: &Path) -> Result<(Child, mpsc::Receiver<String>)> {
+    let mut child = Command::new(binary)
         .arg("--config")
-        .arg(&config_path)
+        .arg(config)
         // Warnings and errors only, unless the user asked for more.
         .env(
             "RUST_LOG",
@@ -97,10 +188,8 @@ pub fn start(nodes: usize, binary: Option<&Path>) -> Result<StartedServer> {
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let stdout = child.stdout.take().expect("stdout is piped");
-    // The reader thread hands over the address line, then keeps draining the pipe (a full pipe
-    // would block the server) and passes later lines on to stderr. It ends with the process.
     let (address_tx, address_rx) = mpsc::sync_channel::<String>(1);
-    std::thread::Builder::new()
+    let reader = std::thread::Builder::new()
         .name("tally-server-stdout".into())
         .spawn(move || {
             let mut address_tx = Some(address_tx);
@@ -114,42 +203,43 @@ pub fn start(nodes: usize, binary: Option<&Path>) -> Result<StartedServer> {
                     _ => eprintln!("{line}"),
                 }
             }
-        })
-        .context("starting a thread")?;
+        });
+    if let Err(e) = reader {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e).context("starting a thread");
+    }
+    Ok((child, address_rx))
+}
 
-    // Wrapped at once so that an error below kills the process.
-    let mut server = StartedServer {
-        child,
-        profile: profile.clone(),
-        address: String::new(),
-        _dir: dir,
-    };
+/// Waits for the replica's client address, or for it to exit, or for [`START_TIMEOUT`].
+fn wait_for_address(
+    child: &mut Child,
+    address_rx: &mpsc::Receiver<String>,
+    binary: &Path,
+    id: u64,
+) -> Result<String> {
     let started = Instant::now();
-    let address = loop {
+    loop {
         match address_rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(address) => break address,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            Ok(address) if address.is_empty() => {
+                bail!("replica {id} printed an empty client address")
+            }
+            Ok(address) => return Ok(address),
+            Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {}
         }
-        if let Some(status) = server.child.try_wait()? {
-            bail!("{} exited ({status}) before listening", binary.display());
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{} (replica {id}) exited ({status}) before listening",
+                binary.display()
+            );
         }
         if started.elapsed() > START_TIMEOUT {
             bail!(
-                "{} did not print its client address within {} s",
+                "{} (replica {id}) did not print its client address within {} s",
                 binary.display(),
                 START_TIMEOUT.as_secs()
             );
         }
-    };
-    if address.is_empty() {
-        bail!("{} printed an empty client address", binary.display());
     }
-    profile.replicas = vec![ReplicaAddress {
-        id: config.node.id,
-        address: address.clone(),
-    }];
-    server.profile = profile;
-    server.address = address;
-    Ok(server)
 }

@@ -119,6 +119,9 @@ pub struct BatchConfig {
     /// Batches proposed to raft but not yet applied; sequencing waits when this many are out.
     /// Range `1..=64`. Default: `4`.
     pub batch_in_flight_max: u32,
+    /// Close a batch early when nothing else is waiting and no batch is replicating, so a lone
+    /// request on an idle operator is not held for the whole window. Default: `true`.
+    pub batch_close_idle: bool,
 }
 
 impl Default for BatchConfig {
@@ -127,6 +130,7 @@ impl Default for BatchConfig {
             batch_window_ms: 100,
             batch_requests_max: 8192,
             batch_in_flight_max: 4,
+            batch_close_idle: true,
         }
     }
 }

@@ -41,16 +41,24 @@ pub enum BatchClose {
     Full,
     /// The node is shutting down and sealed what it had.
     Shutdown,
+    /// Nothing else was waiting and no batch was replicating (`batch_close_idle`).
+    Idle,
 }
 
 impl BatchClose {
-    pub const ALL: [BatchClose; 3] = [BatchClose::Window, BatchClose::Full, BatchClose::Shutdown];
+    pub const ALL: [BatchClose; 4] = [
+        BatchClose::Window,
+        BatchClose::Full,
+        BatchClose::Shutdown,
+        BatchClose::Idle,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             BatchClose::Window => "window",
             BatchClose::Full => "full",
             BatchClose::Shutdown => "shutdown",
+            BatchClose::Idle => "idle",
         }
     }
 }

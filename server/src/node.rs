@@ -113,6 +113,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             snapshot_workers: config.workers.snapshot,
             queue_depth_max: queue_depth,
             batch_window: config.batch.batch_window(),
+            batch_close_idle: config.batch.batch_close_idle,
             batch_in_flight_max: config.batch.batch_in_flight_max as u64,
             metrics: metrics.clone(),
         },

@@ -198,6 +198,7 @@ pub struct PipelineConfig {
     pub snapshot_workers: usize,
     pub queue_depth_max: usize,
     pub batch_window: Duration,
+    pub batch_close_idle: bool,
     pub batch_in_flight_max: u64,
     pub metrics: Arc<Metrics>,
 }
@@ -277,6 +278,7 @@ impl Pipeline {
             sequencer_cfg: cfg.sequencer,
             leading: None,
             window: cfg.batch_window,
+            close_idle: cfg.batch_close_idle,
             in_flight_max: cfg.batch_in_flight_max,
             queues_before: vec![stateless_rx, snapshot_rx],
             metrics: metrics.clone(),
@@ -516,6 +518,7 @@ struct Master {
     sequencer_cfg: SequencerConfig,
     leading: Option<Leading>,
     window: Duration,
+    close_idle: bool,
     in_flight_max: u64,
     /// The queues upstream of the master, watched at shutdown so the batch in progress is whole.
     queues_before: Vec<Receiver<Job>>,
@@ -578,13 +581,22 @@ impl Master {
             if let Some(l) = self.leading.as_mut() {
                 let full = l.sequencer.is_full();
                 let window_over = opened_at.is_some_and(|t| t.elapsed() >= self.window);
-                let due = full || window_over || stopping;
                 let in_flight = l.sequencer.sealed_height().saturating_sub(applied);
+                // Group commit: with nothing waiting and nothing replicating, holding the batch
+                // open only adds latency.
+                let idle = self.close_idle
+                    && opened_at.is_some()
+                    && in_flight == 0
+                    && self.rx.is_empty()
+                    && self.queues_before.iter().all(|q| q.is_empty());
+                let due = full || window_over || stopping || idle;
                 if due && (in_flight < self.in_flight_max || stopping) {
                     let reason = if full {
                         BatchClose::Full
                     } else if window_over {
                         BatchClose::Window
+                    } else if idle {
+                        BatchClose::Idle
                     } else {
                         BatchClose::Shutdown
                     };

@@ -163,7 +163,7 @@ fn metrics_count_exactly_what_clients_saw() {
         confirmed as f64
     );
     assert!(value(&m, "tally_confirmation_seconds_sum") > 0.0);
-    let batches: f64 = ["window", "full", "shutdown"]
+    let batches: f64 = ["window", "full", "shutdown", "idle"]
         .iter()
         .map(|r| value(&m, &format!("tally_batches_total{{reason=\"{r}\"}}")))
         .sum();

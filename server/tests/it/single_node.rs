@@ -165,7 +165,10 @@ fn money_moves_verifies_and_survives_sigkill() {
 #[test]
 fn sigterm_finishes_the_batch_in_progress() {
     // A long window: requests are still in the open batch when SIGTERM arrives.
-    let operator = Operator::new(|c| c.batch.batch_window_ms = 2_000);
+    let operator = Operator::new(|c| {
+        c.batch.batch_window_ms = 2_000;
+        c.batch.batch_close_idle = false;
+    });
     let op_key = operator.profile.operator_key().unwrap();
     let chain = operator.profile.chain_id_bytes().unwrap();
     let deposit_key = operator.profile.load_deposit_key().unwrap();
