@@ -77,7 +77,7 @@ pub fn run(args: &Args) -> Result<Report> {
 
     // Started first: a missing binary should fail before anything slow happens.
     let started = if args.start_server {
-        eprintln!("starting a development operator ({} node)", args.nodes);
+        eprintln!("starting a fresh operator of {} replica(s)", args.nodes);
         let server = server::start(args.nodes, args.server_bin.as_deref())?;
         for replica in &server.profile.replicas {
             eprintln!(
@@ -230,7 +230,11 @@ async fn find_leader(profile: &Profile) -> Result<String> {
             }
         }
         if Instant::now() >= deadline {
-            let addresses: Vec<&str> = profile.replicas.iter().map(|r| r.address.as_str()).collect();
+            let addresses: Vec<&str> = profile
+                .replicas
+                .iter()
+                .map(|r| r.address.as_str())
+                .collect();
             bail!(
                 "no replica became a writable leader within {} s (asked {addresses:?})",
                 LEADER_WAIT.as_secs()

@@ -264,7 +264,7 @@ impl Default for RaftConfig {
             heartbeat_ticks: 2,
             compaction_entries: 10_000,
             snapshot_chunk_bytes: 1024 * 1024,
-            max_message_bytes: 4 * 1024 * 1024,
+            max_message_bytes: 8 * 1024 * 1024,
         }
     }
 }

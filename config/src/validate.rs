@@ -247,8 +247,27 @@ fn raft(problems: &mut Problems, config: &Config) {
             format!("must be at most limits.frame_bytes_max ({frame_bytes_max})"),
         );
     }
-    problems.at_least("raft.max_message_bytes", raft.max_message_bytes, 1);
+    // A raft message carries entries up to a quarter of the cap plus one more entry; a whole
+    // batch (header, count, 288 bytes per request) must fit in half, or it never replicates.
+    let batch_bytes_max =
+        BATCH_FIXED_BYTES + BATCH_ENTRY_BYTES * config.batch.batch_requests_max as u64;
+    if raft.max_message_bytes < 2 * batch_bytes_max {
+        problems.push(
+            "raft.max_message_bytes",
+            raft.max_message_bytes,
+            format!(
+                "must be at least twice the largest batch ({batch_bytes_max} bytes for \
+                 batch.batch_requests_max = {})",
+                config.batch.batch_requests_max
+            ),
+        );
+    }
 }
+
+/// A batch body's fixed part (header 192, count 4) plus room for protobuf framing.
+const BATCH_FIXED_BYTES: u64 = 192 + 4 + 1024;
+/// Bytes per request in a batch body (request 208, receipt 80).
+const BATCH_ENTRY_BYTES: u64 = 208 + 80;
 
 const SECTION_REQUIRED: &str =
     "section is required (only the development operator, run without a config, makes its own)";

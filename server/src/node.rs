@@ -204,7 +204,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
                     election_ticks: raft_cfg.election_ticks,
                     heartbeat_ticks: raft_cfg.heartbeat_ticks,
                     applied: ledger_raft_index.min(commit).max(snapshot_index),
-                    max_size_per_msg: raft_cfg.max_message_bytes / 2,
+                    max_size_per_msg: raft_cfg.max_message_bytes / 4,
                     max_inflight_msgs: 256,
                 };
                 let logger = slog::Logger::root(slog::Discard, slog::o!());

@@ -88,6 +88,40 @@ impl PeerSnapshotTransfer {
     }
 }
 
+impl PeerSnapshotTransfer {
+    /// Checks, before it replaces anything, that the staged ledger continues the chain the
+    /// descriptor names and that its tip header commits to its own state.
+    fn check_staged(&self, want: &LedgerMeta, meta: &LedgerMeta) -> Result<()> {
+        let mut db = LedgerDb::open(&staged_ledger_dir(&self.live), StoreOptions::default())?;
+        let result = (|| {
+            if meta.height > 0 {
+                let tip = db
+                    .header(meta.height)?
+                    .ok_or_else(|| anyhow!("no tip header"))?;
+                if tip.header.state_digest != meta.state_digest() {
+                    return Err(anyhow!(
+                        "the tip header's state digest is not the staged state's"
+                    ));
+                }
+            }
+            if want.height > 0 {
+                let at = db
+                    .header(want.height)?
+                    .ok_or_else(|| anyhow!("no header at the snapshot point"))?;
+                if header_hash(&at.header) != want.last_header_hash {
+                    return Err(anyhow!(
+                        "the staged chain forks from the snapshot point at height {}",
+                        want.height
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        db.close()?;
+        result
+    }
+}
+
 /// Whether `store` already holds the state `want` describes (same header at that height).
 fn already_has(store: &mut LedgerDb, want: &LedgerMeta) -> tally_core::Result<bool> {
     let have = store.meta()?;
@@ -129,20 +163,21 @@ impl SnapshotTransfer<LedgerDb> for PeerSnapshotTransfer {
         let mut last_error = String::from("no peers");
         for attempt in 0..3 {
             for &(peer, addr) in &order {
-                match self.download(peer, addr) {
-                    Ok(meta) if meta.height >= want.height => {
+                let fetched = self.download(peer, addr).and_then(|meta| {
+                    if meta.height < want.height {
+                        anyhow::bail!("it is at height {}, behind {}", meta.height, want.height);
+                    }
+                    self.check_staged(&want, &meta)?;
+                    Ok(meta)
+                });
+                match fetched {
+                    Ok(meta) => {
                         let old = store.take().expect("store");
                         old.close()?;
                         install_ledger_dir(&self.live, &staged_ledger_dir(&self.live))?;
                         *store = Some(LedgerDb::open(&self.live, StoreOptions::default())?);
                         tracing::info!(index, height = meta.height, "installed a ledger snapshot");
                         return Ok(());
-                    }
-                    Ok(meta) => {
-                        last_error = format!(
-                            "peer {peer} is at height {}, behind {}",
-                            meta.height, want.height
-                        )
                     }
                     Err(e) => last_error = format!("peer {peer}: {e:#}"),
                 }

@@ -75,7 +75,7 @@ pub struct BalanceReply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusReply {
     pub node_id: u64,
-    /// 0 follower, 1 candidate, 2 leader, 3 pre-candidate, 4 single node (no replication).
+    /// 0 follower, 1 candidate, 2 leader, 3 pre-candidate.
     pub role: u8,
     pub term: u64,
     /// 0 when no leader is known.

@@ -223,6 +223,15 @@ fn open_loop_against_a_fresh_server() {
     assert!((0.45..30.0).contains(&elapsed), "{report:#}");
 }
 
+/// Three replicas from `init-cluster`; the load goes to whichever was elected.
+#[test]
+fn closed_loop_against_a_fresh_cluster_of_three() {
+    let (markdown, report) = run_ok(&["--nodes", "3", "--requests", "300", "--in-flight", "16"]);
+    check_report(&markdown, &report, 300);
+    assert_eq!(report["nodes"], 3);
+    assert!(markdown.contains("3 nodes"), "{markdown}");
+}
+
 #[test]
 fn refusals_are_clear() {
     let check = |args: &[&str], expected: &str| {
@@ -232,8 +241,8 @@ fn refusals_are_clear() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     };
     check(
-        &["--start-server", "--nodes", "3"],
-        "not supported yet: replication is not built",
+        &["--start-server", "--nodes", "10"],
+        "--nodes must be between 1 and 9",
     );
     check(
         &[

@@ -34,8 +34,14 @@ const CASES: &[(&str, &[&str])] = &[
         "[batch]\nbatch_window_ms = 10000\nbatch_requests_max = 65536\nbatch_in_flight_max = 64\n\
          [workers]\nstateless = 256\nsnapshot = 256\n\
          [limits]\nframe_bytes_max = 16777216\n\
-         [raft]\nelection_ticks = 2\nheartbeat_ticks = 1\nsnapshot_chunk_bytes = 16777216",
+         [raft]\nelection_ticks = 2\nheartbeat_ticks = 1\nsnapshot_chunk_bytes = 16777216\n\
+         max_message_bytes = 40000000",
         &[],
+    ),
+    // The largest batch must fit in half a raft message.
+    (
+        "[batch]\nbatch_requests_max = 65536",
+        &["raft.max_message_bytes"],
     ),
     // [node]
     ("[node]\nid = 0", &["node.id"]),
@@ -88,7 +94,10 @@ const CASES: &[(&str, &[&str])] = &[
     ("[batch]\nbatch_window_ms = 10001", &["batch.batch_window_ms"]),
     ("[batch]\nbatch_window_ms = \"100ms\"", &["batch.batch_window_ms"]),
     ("[batch]\nbatch_requests_max = 0", &["batch.batch_requests_max"]),
-    ("[batch]\nbatch_requests_max = 65537", &["batch.batch_requests_max"]),
+    (
+        "[batch]\nbatch_requests_max = 65537\n[raft]\nmax_message_bytes = 40000000",
+        &["batch.batch_requests_max"],
+    ),
     ("[batch]\nbatch_in_flight_max = 0", &["batch.batch_in_flight_max"]),
     ("[batch]\nbatch_in_flight_max = 65", &["batch.batch_in_flight_max"]),
     ("[batch]\nbatch_windw_ms = 100", &["batch.batch_windw_ms"]),
