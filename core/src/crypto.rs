@@ -45,6 +45,43 @@ pub fn verify_request(request: &Request) -> bool {
     verify_strict(&request.signer, &request.signed_bytes(), &request.signature)
 }
 
+/// Decompressed public keys of recent signers: decompressing a key costs a field exponentiation,
+/// a sizeable part of one verification, and busy accounts sign again and again. Bounded: when
+/// full it is cleared and refilled (cheap, and no eviction order to maintain).
+pub struct KeyCache {
+    keys: std::collections::HashMap<PublicKey, VerifyingKey>,
+    cap: usize,
+}
+
+impl KeyCache {
+    pub fn new(cap: usize) -> KeyCache {
+        assert!(cap >= 1);
+        KeyCache {
+            keys: std::collections::HashMap::with_capacity(cap.min(1 << 16)),
+            cap,
+        }
+    }
+
+    /// Exactly [`verify_request`]'s answer (strict verification), with the key decompressed once.
+    pub fn verify_request(&mut self, request: &Request) -> bool {
+        let key = match self.keys.get(&request.signer) {
+            Some(k) => *k,
+            None => {
+                let Ok(k) = VerifyingKey::from_bytes(&request.signer) else {
+                    return false;
+                };
+                if self.keys.len() >= self.cap {
+                    self.keys.clear();
+                }
+                self.keys.insert(request.signer, k);
+                k
+            }
+        };
+        let sig = ed25519_dalek::Signature::from_bytes(&request.signature);
+        key.verify_strict(&request.signed_bytes(), &sig).is_ok()
+    }
+}
+
 /// Signs a request in place (clients, benches and tests).
 pub fn sign_request(key: &SigningKey, request: &mut Request) {
     assert_eq!(
@@ -105,4 +142,58 @@ pub fn verify_header(operator: &PublicKey, signed: &SignedHeader) -> Result<()> 
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_wire::Op;
+
+    fn request(key: &SigningKey, id: u128) -> Request {
+        let mut r = Request {
+            chain_id: [1; 32],
+            op: Op::Transfer,
+            id,
+            signer: key.verifying_key().to_bytes(),
+            to: [2; 32],
+            amount: 5,
+            signature: [0; 64],
+        };
+        sign_request(key, &mut r);
+        r
+    }
+
+    #[test]
+    fn key_cache_answers_exactly_like_strict_verification() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut cache = KeyCache::new(2);
+        let good = request(&key, 1);
+        let mut bad = request(&key, 2);
+        bad.signature[10] ^= 1;
+        let mut wrong_key = request(&key, 3);
+        wrong_key.signer = SigningKey::from_bytes(&[8; 32]).verifying_key().to_bytes();
+        let mut small_order = good.clone();
+        small_order.signer = {
+            let mut k = [0u8; 32];
+            k[0] = 1; // the identity point: small order, refused by strict verification
+            k
+        };
+        let mut not_a_point = good.clone();
+        not_a_point.signer = [0xff; 32];
+        // Twice each: the second answer comes from the cache, and the cache overflows (cap 2).
+        for _ in 0..2 {
+            for r in [&good, &bad, &wrong_key, &small_order, &not_a_point] {
+                assert_eq!(
+                    cache.verify_request(r),
+                    verify_request(r),
+                    "request {}",
+                    r.id
+                );
+            }
+        }
+        assert!(verify_request(&good));
+        assert!(
+            !verify_request(&bad) && !verify_request(&wrong_key) && !verify_request(&small_order)
+        );
+    }
 }

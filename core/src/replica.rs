@@ -195,6 +195,14 @@ impl<S: RaftLogStore> Replica<S> {
         self.node.transfer_leader(to);
     }
 
+    /// Sets how many ticks this replica waits before its next election timeout, replacing
+    /// raft-rs's random draw. raft-rs draws from `rand::thread_rng`, which no seed reaches, so a
+    /// deterministic simulation (tally-chaos `sim`) calls this after every input with a value
+    /// from its own seeded generator. `ticks` must lie in `[election_ticks, 2 * election_ticks)`.
+    pub fn set_election_timeout_ticks(&mut self, ticks: usize) {
+        self.node.raft.set_randomized_election_timeout(ticks);
+    }
+
     /// Tells raft whether a snapshot reached `id`; a lost one is resent instead of stalling.
     pub fn report_snapshot(&mut self, id: u64, delivered: bool) {
         let status = if delivered {

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use tally_wire::{ErrorCode, Hash, Op, PublicKey, Request};
 
-use crate::crypto::verify_request;
+use crate::crypto::{verify_request, KeyCache};
 use crate::Rejection;
 
 /// What stateless validation needs to know: fixed for the life of a node.
@@ -18,6 +18,19 @@ impl StatelessRules {
     /// Checks the chain id, who may sign what, and the Ed25519 signature (strict). The layout
     /// (domain tag, reserved bytes, amount, op) was already checked by the wire decoder.
     pub fn check(&self, request: &Request) -> Result<(), Rejection> {
+        self.check_signed(request, verify_request)
+    }
+
+    /// [`StatelessRules::check`] with decompressed keys kept in `cache` (same answers).
+    pub fn check_cached(&self, request: &Request, cache: &mut KeyCache) -> Result<(), Rejection> {
+        self.check_signed(request, |r| cache.verify_request(r))
+    }
+
+    fn check_signed(
+        &self,
+        request: &Request,
+        verify: impl FnOnce(&Request) -> bool,
+    ) -> Result<(), Rejection> {
         if request.chain_id != self.chain_id {
             return Err(Rejection::new(
                 ErrorCode::WrongChain,
@@ -30,7 +43,7 @@ impl StatelessRules {
                 "deposits must be signed by an operator deposit key",
             ));
         }
-        if !verify_request(request) {
+        if !verify(request) {
             return Err(Rejection::new(
                 ErrorCode::BadSignature,
                 "the signature does not verify (strict Ed25519)",

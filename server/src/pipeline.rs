@@ -266,6 +266,7 @@ impl Pipeline {
                 snapshot_worker(rx, tx, storage, &metrics)
             });
         }
+        let accounts_cached_max = cfg.sequencer.accounts_cached_max;
         let master = Master {
             rx: master_rx,
             storage: storage_tx.clone(),
@@ -294,6 +295,7 @@ impl Pipeline {
             wake: wake_tx,
             confirm: confirm_tx,
             installer,
+            accounts: AccountCache::new(accounts_cached_max),
             metrics: metrics.clone(),
         };
         let storage_rx = wiring.storage_rx;
@@ -355,10 +357,14 @@ pub fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
     std::process::exit(70)
 }
 
+/// Decompressed signer keys each stateless worker keeps.
+const KEY_CACHE_MAX: usize = 65_536;
+
 fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules, metrics: &Metrics) {
+    let mut keys = tally_core::crypto::KeyCache::new(KEY_CACHE_MAX);
     while let Ok(job) = rx.recv() {
         let started = Instant::now();
-        let checked = rules.check(&job.request);
+        let checked = rules.check_cached(&job.request, &mut keys);
         metrics
             .stateless
             .seconds
@@ -756,7 +762,60 @@ struct StorageThread<S> {
     wake: Sender<()>,
     confirm: Sender<ConfirmJob>,
     installer: Box<dyn SnapshotTransfer<S>>,
+    /// Committed balances (None: no such account) this thread read or wrote recently. Valid
+    /// because every write goes through this thread; cleared when a snapshot replaces the ledger.
+    accounts: AccountCache,
     metrics: Arc<Metrics>,
+}
+
+/// A bounded map of committed balances; when full it is cleared and refills.
+pub struct AccountCache {
+    map: std::collections::HashMap<PublicKey, Option<u64>>,
+    cap: usize,
+}
+
+impl AccountCache {
+    pub fn new(cap: usize) -> AccountCache {
+        AccountCache {
+            map: std::collections::HashMap::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn get(&self, key: &PublicKey) -> Option<Option<u64>> {
+        self.map.get(key).copied()
+    }
+
+    fn insert(&mut self, key: PublicKey, balance: Option<u64>) {
+        if self.map.len() >= self.cap && !self.map.contains_key(&key) {
+            self.map.clear();
+        }
+        self.map.insert(key, balance);
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// Committed reads through the account cache (for `prepare_apply`).
+struct CachedRead<'a, S> {
+    store: &'a mut S,
+    accounts: &'a mut AccountCache,
+}
+
+impl<S: LedgerStore> LedgerRead for CachedRead<'_, S> {
+    fn account(&mut self, key: &PublicKey) -> CoreResult<Option<u64>> {
+        if let Some(b) = self.accounts.get(key) {
+            return Ok(b);
+        }
+        let b = self.store.account(key)?;
+        self.accounts.insert(*key, b);
+        Ok(b)
+    }
+    fn request(&mut self, signer: &PublicKey, id: u128) -> CoreResult<Option<RequestRecord>> {
+        self.store.request(signer, id)
+    }
 }
 
 /// A resubmission waiting for the batch that carries the original to be applied.
@@ -807,6 +866,7 @@ impl<S: LedgerStore> StorageThread<S> {
                             &"the ledger store was not reopened",
                         );
                     }
+                    self.accounts.clear();
                     match result {
                         Ok(()) => {
                             meta = self
@@ -853,7 +913,7 @@ impl<S: LedgerStore> StorageThread<S> {
                         }
                         let mut balances = Vec::with_capacity(accounts.len());
                         for a in &accounts {
-                            balances.push(self.db().account(a)?);
+                            balances.push(self.account(a)?);
                         }
                         Ok(LookupResult {
                             height: meta.height,
@@ -864,7 +924,7 @@ impl<S: LedgerStore> StorageThread<S> {
                     let _ = reply.send(result);
                 }
                 StorageCmd::LoadAccount { key, reply } => {
-                    let _ = reply.send(self.db().account(&key));
+                    let _ = reply.send(self.account(&key));
                 }
                 StorageCmd::LoadRequest { signer, id, reply } => {
                     let _ = reply.send(self.db().request(&signer, id));
@@ -892,7 +952,7 @@ impl<S: LedgerStore> StorageThread<S> {
                     account,
                     mode,
                     reply,
-                } => match self.db().account(&account) {
+                } => match self.account(&account) {
                     Ok(b) => reply.send(&Message::Balance(BalanceReply {
                         account,
                         exists: b.is_some(),
@@ -950,6 +1010,14 @@ impl<S: LedgerStore> StorageThread<S> {
         }
     }
 
+    fn account(&mut self, key: &PublicKey) -> CoreResult<Option<u64>> {
+        CachedRead {
+            store: self.store.as_mut().expect("store"),
+            accounts: &mut self.accounts,
+        }
+        .account(key)
+    }
+
     fn db(&mut self) -> &mut S {
         self.store
             .as_mut()
@@ -1003,18 +1071,19 @@ impl<S: LedgerStore> StorageThread<S> {
         }
         let started = Instant::now();
         let encoded = body.encode();
-        let mut write = prepare_apply(
-            &body,
-            encoded,
-            meta,
-            self.store.as_mut().expect("store"),
-            &self.operator,
-        )
-        .unwrap_or_else(|e| fatal("applying a committed batch", &e));
+        let mut reader = CachedRead {
+            store: self.store.as_mut().expect("store"),
+            accounts: &mut self.accounts,
+        };
+        let mut write = prepare_apply(&body, encoded, meta, &mut reader, &self.operator)
+            .unwrap_or_else(|e| fatal("applying a committed batch", &e));
         write.meta.raft_index = raft_index;
         let prepared = Instant::now();
         if let Err(e) = self.db().apply(&write) {
             fatal("writing a committed batch", &e);
+        }
+        for (key, balance) in &write.accounts {
+            self.accounts.insert(*key, Some(*balance));
         }
         let written = Instant::now();
         *meta = write.meta.clone();
