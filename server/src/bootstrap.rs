@@ -103,6 +103,31 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey> {
         .with_context(|| format!("{}: not a PKCS#8 PEM Ed25519 key", path.display()))
 }
 
+/// What every new operator starts from: a chain id, a CA (`ca.pem`), the operator signing key
+/// (`operator.key`) and a deposit key (`deposit.key`), written into `dir`.
+struct OperatorFiles {
+    chain_id: [u8; 32],
+    ca: Ca,
+    operator: SigningKey,
+    deposit: SigningKey,
+}
+
+impl OperatorFiles {
+    fn create(dir: &Path, ca_name: &str) -> Result<OperatorFiles> {
+        fs::create_dir_all(dir)?;
+        let files = OperatorFiles {
+            chain_id: random_chain_id(),
+            ca: Ca::generate(ca_name)?,
+            operator: SigningKey::generate(&mut OsRng),
+            deposit: SigningKey::generate(&mut OsRng),
+        };
+        write_new(&dir.join("ca.pem"), &files.ca.cert_pem, false)?;
+        write_signing_key(&dir.join("operator.key"), &files.operator)?;
+        write_signing_key(&dir.join("deposit.key"), &files.deposit)?;
+        Ok(files)
+    }
+}
+
 /// The development operator: a single node in `data_dir` (default `./tally-data`) with generated
 /// keys, certificate and client profile. Returns the config to run and the profile's path.
 pub fn dev_operator(data_dir: &Path) -> Result<(Config, PathBuf)> {
@@ -121,17 +146,15 @@ pub fn dev_operator(data_dir: &Path) -> Result<(Config, PathBuf)> {
             data_dir.display()
         );
     }
-    fs::create_dir_all(data_dir)?;
-    let chain_id = random_chain_id();
-    let ca = Ca::generate("tally development CA")?;
+    let OperatorFiles {
+        chain_id,
+        ca,
+        operator,
+        deposit,
+    } = OperatorFiles::create(data_dir, "tally development CA")?;
     let (cert, key) = ca.issue(1)?;
-    write_new(&data_dir.join("ca.pem"), &ca.cert_pem, false)?;
     write_new(&data_dir.join("node.pem"), &cert, false)?;
     write_new(&data_dir.join("node.key"), &key, true)?;
-    let operator = SigningKey::generate(&mut OsRng);
-    let deposit = SigningKey::generate(&mut OsRng);
-    write_signing_key(&data_dir.join("operator.key"), &operator)?;
-    write_signing_key(&data_dir.join("deposit.key"), &deposit)?;
 
     // Paths in the written config are relative to the data directory, so it can be moved.
     let mut config = Config::dev_default(PathBuf::from("."), chain_id);
@@ -198,14 +221,12 @@ pub fn init_cluster(nodes: u64, dir: &Path, base_port: u16) -> Result<Vec<PathBu
             dir.display()
         );
     }
-    fs::create_dir_all(dir)?;
-    let chain_id = random_chain_id();
-    let ca = Ca::generate("tally operator CA")?;
-    write_new(&dir.join("ca.pem"), &ca.cert_pem, false)?;
-    let operator = SigningKey::generate(&mut OsRng);
-    let deposit = SigningKey::generate(&mut OsRng);
-    write_signing_key(&dir.join("operator.key"), &operator)?;
-    write_signing_key(&dir.join("deposit.key"), &deposit)?;
+    let OperatorFiles {
+        chain_id,
+        ca,
+        operator,
+        deposit,
+    } = OperatorFiles::create(dir, "tally operator CA")?;
     let ids: Vec<u64> = (1..=nodes).collect();
     let mut paths = Vec::new();
     for &id in &ids {

@@ -24,6 +24,28 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Copies bytes from `r` to `w` until either side closes or `alive` turns false (checked at least
+/// every 100 ms, so a cut takes effect on idle connections too).
+async fn pump<R, W>(r: &mut R, w: &mut W, alive: &impl Fn() -> bool)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_millis(100), r.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
+            Err(_) if alive() => continue,
+            Err(_) => return,
+        };
+        if !alive() || w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A one-way TCP proxy for one replica-to-replica link. While cut, it drops every connection.
 pub struct LinkProxy {
     cut: Arc<AtomicBool>,
@@ -56,56 +78,8 @@ impl LinkProxy {
                     let (mut ri, mut wi) = inbound.into_split();
                     let (mut ro, mut wo) = outbound.into_split();
                     let alive = || !c.load(Ordering::SeqCst) && g.load(Ordering::SeqCst) == born;
-                    let a = async {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            use tokio::io::AsyncReadExt;
-                            let n = match tokio::time::timeout(
-                                Duration::from_millis(100),
-                                ri.read(&mut buf),
-                            )
-                            .await
-                            {
-                                Ok(Ok(0)) | Ok(Err(_)) => return,
-                                Ok(Ok(n)) => n,
-                                Err(_) => {
-                                    if alive() {
-                                        continue;
-                                    } else {
-                                        return;
-                                    }
-                                }
-                            };
-                            if !alive() || wo.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    };
-                    let b = async {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            use tokio::io::AsyncReadExt;
-                            let n = match tokio::time::timeout(
-                                Duration::from_millis(100),
-                                ro.read(&mut buf),
-                            )
-                            .await
-                            {
-                                Ok(Ok(0)) | Ok(Err(_)) => return,
-                                Ok(Ok(n)) => n,
-                                Err(_) => {
-                                    if alive() {
-                                        continue;
-                                    } else {
-                                        return;
-                                    }
-                                }
-                            };
-                            if !alive() || wi.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    };
+                    let a = pump(&mut ri, &mut wo, &alive);
+                    let b = pump(&mut ro, &mut wi, &alive);
                     tokio::select! { _ = a => {}, _ = b => {} }
                 });
             }
