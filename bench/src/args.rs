@@ -42,6 +42,10 @@ pub struct Args {
     /// Accounts to create and fund before the timed phase.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub accounts: usize,
+    /// The hot working set: timed-phase transfers go only between the first N accounts
+    /// (default: all of them). The others are funded, so the ledger is `--accounts` large.
+    #[arg(long, value_name = "N")]
+    pub hot: Option<usize>,
     /// Open loop: offer this many requests per second in total, on a fixed schedule, whatever
     /// the answers. Without it, a closed loop.
     #[arg(long, value_name = "R")]
@@ -61,6 +65,10 @@ pub struct Args {
     /// cluster of N replicas on this machine.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub nodes: usize,
+    /// With --start-server: the replicas' account cache (`cache.accounts_max`), in accounts
+    /// (default: the server's, 100000). Smaller than --accounts makes the ledger outgrow it.
+    #[arg(long, value_name = "N")]
+    pub cache_accounts: Option<usize>,
     /// How long one request may wait for its answer before it counts as a timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,
@@ -80,6 +88,21 @@ impl Args {
         }
         if self.accounts < 2 {
             bail!("--accounts must be at least 2: a transfer needs two accounts");
+        }
+        if let Some(hot) = self.hot {
+            if !(2..=self.accounts).contains(&hot) {
+                bail!(
+                    "--hot must be between 2 and --accounts ({}), not {hot}: a transfer needs \
+                     two accounts, and the hot set is the first N of them",
+                    self.accounts
+                );
+            }
+        }
+        if self.cache_accounts.is_some() && !self.start_server {
+            bail!("--cache-accounts only applies with --start-server (it configures the replicas)");
+        }
+        if self.cache_accounts == Some(0) {
+            bail!("--cache-accounts must be at least 1");
         }
         if self.in_flight == Some(0) {
             bail!("--in-flight must be at least 1");
@@ -109,6 +132,11 @@ impl Args {
             );
         }
         Ok(())
+    }
+
+    /// Accounts the timed phase transfers between: the first `hot_accounts()` of them.
+    pub fn hot_accounts(&self) -> usize {
+        self.hot.unwrap_or(self.accounts)
     }
 
     pub fn open_loop(&self) -> bool {
@@ -213,5 +241,65 @@ mod tests {
         ] {
             assert!(parse(bad).unwrap().validate().is_err(), "{bad}");
         }
+    }
+
+    fn parse(line: &str) -> Args {
+        Args::try_parse_from(std::iter::once("tally-bench").chain(line.split_whitespace()))
+            .unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    #[test]
+    fn hot_working_set() {
+        let args = parse("--profile p --accounts 500");
+        args.validate().unwrap();
+        assert_eq!(args.hot, None);
+        assert_eq!(args.hot_accounts(), 500, "all accounts by default");
+
+        for good in [2, 3, 499, 500] {
+            let args = parse(&format!("--profile p --accounts 500 --hot {good}"));
+            args.validate().unwrap();
+            assert_eq!(args.hot_accounts(), good);
+        }
+        for (bad, says) in [
+            (
+                "--profile p --accounts 500 --hot 0",
+                "--hot must be between 2 and",
+            ),
+            (
+                "--profile p --accounts 500 --hot 1",
+                "--hot must be between 2 and",
+            ),
+            ("--profile p --accounts 500 --hot 501", "(500), not 501"),
+            ("--profile p --hot 1001", "(1000), not 1001"),
+        ] {
+            let error = parse(bad).validate().unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        assert!(Args::try_parse_from(["tally-bench", "--profile", "p", "--hot", "-3"]).is_err());
+    }
+
+    #[test]
+    fn cache_accounts() {
+        let args = parse("--start-server --accounts 1000000 --hot 1000 --cache-accounts 10000");
+        args.validate().unwrap();
+        assert_eq!(args.cache_accounts, Some(10_000));
+        assert_eq!(args.hot_accounts(), 1000);
+
+        let args = parse("--start-server");
+        args.validate().unwrap();
+        assert_eq!(args.cache_accounts, None);
+        let error = parse("--start-server --cache-accounts 0")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("at least 1"), "{error}");
+        let error = parse("--profile p --cache-accounts 10")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("only applies with --start-server"),
+            "{error}"
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! 1. the machine's bound ([`bound`]): Ed25519 checks per second on every core, strict and in
 //!    batches of 256, measured before any load so that neither disturbs the other;
 //! 2. setup, not timed ([`load`]): create `--accounts` keys, fund each with one deposit signed
-//!    by the profile's deposit key, wait for every confirmation, then sign every transfer the
-//!    timed phase will send (signing is not what is measured);
+//!    by the profile's deposit key (many in flight on every connection), wait for every
+//!    confirmation, then sign every transfer the timed phase will send (signing is not what is
+//!    measured), between the first `--hot` accounts only if that is given;
 //! 3. the timed phase: a closed loop (`--in-flight` requests outstanding per connection) or an
 //!    open loop (`--rate`, latency counted from each request's scheduled time, so a slow answer
 //!    cannot hide the requests it delayed); confirmations, refusals by code and errors are
@@ -13,7 +14,9 @@
 //! 4. the report ([`report`]): a markdown table on stdout, everything as JSON with `--json`.
 //!
 //! [`server`] starts a fresh operator for `--start-server`: a development single node, or with
-//! `--nodes N` an `init-cluster` cluster of N replicas on this machine.
+//! `--nodes N` an `init-cluster` cluster of N replicas on this machine, with `--cache-accounts`
+//! as their account cache. Their resident memory (VmRSS, and the peak VmHWM) is read after the
+//! setup and again at the end of the timed phase, before they are stopped.
 //!
 //! This crate is the program's logic rather than a library for others, so its errors are
 //! `anyhow` messages for the user (the style guide's "thiserror in libraries" does not buy
@@ -76,15 +79,16 @@ pub fn run(args: &Args) -> Result<Report> {
     }
 
     // Started first: a missing binary should fail before anything slow happens.
-    let started = if args.start_server {
+    let mut started = if args.start_server {
         eprintln!("starting a fresh operator of {} replica(s)", args.nodes);
-        let server = server::start(args.nodes, args.server_bin.as_deref())?;
+        let server = server::start(args.nodes, args.server_bin.as_deref(), args.cache_accounts)?;
         for replica in &server.profile.replicas {
             eprintln!(
                 "replica {} listening for clients on {}",
                 replica.id, replica.address
             );
         }
+        eprintln!("account cache: {} per replica", server.cache_accounts);
         Some(server)
     } else {
         None
@@ -130,9 +134,19 @@ pub fn run(args: &Args) -> Result<Report> {
         Ok::<_, anyhow::Error>(clients)
     })?;
     let ids = Ids::new();
-    eprintln!("creating and funding {} accounts", args.accounts);
+    eprintln!(
+        "creating {} accounts",
+        report::thousands(args.accounts as f64)
+    );
     let accounts = Accounts::generate(args.accounts, cores);
+    eprintln!(
+        "funding them, {} deposits in flight per connection at most",
+        load::DEPOSITS_IN_FLIGHT_PER_CONNECTION
+    );
+    let funding_start = Instant::now();
     runtime.block_on(load::fund(&clients, &deposit_key, chain_id, ids, &accounts))?;
+    let funding_seconds = funding_start.elapsed().as_secs_f64();
+    let memory_after_setup = started.as_mut().map(|s| s.memory());
     let pool_size = match (args.requests, duration, args.rate) {
         (Some(n), _, _) => n as usize,
         (None, Some(d), Some(rate)) => (rate * d.as_secs_f64()).ceil() as usize,
@@ -140,8 +154,11 @@ pub fn run(args: &Args) -> Result<Report> {
             .clamp(POOL_ESTIMATE_MIN, POOL_ESTIMATE_MAX),
         (None, None, _) => unreachable!("timed_duration defaults the duration"),
     };
-    eprintln!("signing {pool_size} transfers");
-    let transfers = load::sign_transfers(&accounts, chain_id, ids, pool_size.max(1), cores);
+    let hot = args.hot_accounts();
+    eprintln!("signing {pool_size} transfers between the first {hot} accounts");
+    let transfers = load::sign_transfers(&accounts, chain_id, ids, pool_size.max(1), hot, cores);
+    // Only the hot keys are needed from here on; the rest is a large ledger's worth of memory.
+    drop(accounts);
     let presigned = transfers.len() as u64;
     let pool = Arc::new(Pool::new(transfers));
     let setup_seconds = setup_start.elapsed().as_secs_f64();
@@ -155,6 +172,10 @@ pub fn run(args: &Args) -> Result<Report> {
     };
     eprintln!("timed phase: {schedule:?}");
     let phase = runtime.block_on(load::timed_phase(&clients, pool, schedule));
+    // At the end of the timed phase, before anything is stopped.
+    let memory_at_end = started.as_mut().map(|s| s.memory());
+    // As written into the replicas' configs (`--cache-accounts`, else the server's default).
+    let cache_accounts = started.as_ref().map(|s| s.cache_accounts);
 
     // Verified after the clock stopped: a sample, one confirmation per batch.
     let mut sample_verified = 0;
@@ -211,7 +232,22 @@ pub fn run(args: &Args) -> Result<Report> {
         setup_seconds,
         sample_verified,
         sample_failed,
+        hot_accounts: hot,
+        cache_accounts,
+        funding_seconds,
+        server_rss_bytes: max_of(&memory_at_end, |m| m.rss_bytes),
+        server_peak_rss_bytes: max_of(&memory_at_end, |m| m.peak_rss_bytes),
+        server_rss_after_setup_bytes: max_of(&memory_after_setup, |m| m.rss_bytes),
+        server_memory: memory_at_end.unwrap_or_default(),
     })
+}
+
+/// The largest figure over the replicas, if any was read.
+fn max_of(
+    memory: &Option<Vec<server::ReplicaMemory>>,
+    figure: impl Fn(&server::ReplicaMemory) -> u64,
+) -> Option<u64> {
+    memory.as_ref()?.iter().map(figure).max()
 }
 
 /// The client address of the replica that takes writes. Asks each replica of the profile for

@@ -26,8 +26,11 @@ use crate::stats::{Live, Recorder};
 /// [`TRANSFER_AMOUNT_MAX`] never run an account dry.
 pub const DEPOSIT_AMOUNT: u64 = 1_000_000_000;
 pub const TRANSFER_AMOUNT_MAX: u64 = 100;
-/// Deposits outstanding per connection during setup.
-const DEPOSITS_IN_FLIGHT_MAX: usize = 256;
+/// Deposits outstanding per connection during setup: the server's default limit on requests
+/// in flight per connection (`limits.requests_in_flight_per_connection_max`), so that funding
+/// a large ledger fills big batches. A server with a lower limit answers the excess
+/// `too_many_in_flight`, which is retried like "busy".
+pub const DEPOSITS_IN_FLIGHT_PER_CONNECTION: usize = 4096;
 /// Attempts per deposit when the server says "later" (busy) or does not answer in time. The
 /// same request is resubmitted, so a deposit never applies twice.
 const DEPOSIT_ATTEMPTS_MAX: u32 = 5;
@@ -104,15 +107,17 @@ pub fn parallel<T: Send>(
     })
 }
 
-/// Signs `count` transfers between random distinct accounts, for small random amounts.
+/// Signs `count` transfers between random distinct accounts among the first `hot` (the hot
+/// working set; at most all of them), for small random amounts.
 pub fn sign_transfers(
     accounts: &Accounts,
     chain_id: Hash,
     ids: Ids,
     count: usize,
+    hot: usize,
     threads: usize,
 ) -> Vec<Request> {
-    let n = accounts.keys.len();
+    let n = hot.min(accounts.keys.len());
     assert!(n >= 2, "a transfer needs two accounts");
     parallel(count, threads, |range| {
         let mut rng = rand::thread_rng();
@@ -136,6 +141,10 @@ pub fn sign_transfers(
 
 /// Funds every account with one deposit and waits for every confirmation. Fails if a deposit
 /// is refused for good or still unanswered after its retries.
+///
+/// Up to [`DEPOSITS_IN_FLIGHT_PER_CONNECTION`] deposits are outstanding on every connection at
+/// once; each is signed just before it is sent, so memory does not grow with the number of
+/// accounts. A line on stderr every second tells how far funding got.
 pub async fn fund(
     clients: &[Arc<Client>],
     deposit_key: &SigningKey,
@@ -143,38 +152,110 @@ pub async fn fund(
     ids: Ids,
     accounts: &Accounts,
 ) -> Result<()> {
-    let deposits: Vec<Request> = accounts
-        .public
-        .iter()
-        .enumerate()
-        .map(|(i, to)| {
-            build_request(
-                deposit_key,
-                chain_id,
-                Op::Deposit,
-                ids.deposit(i as u64),
-                *to,
-                DEPOSIT_AMOUNT,
-            )
-        })
-        .collect();
-    let pool = Arc::new(Pool::new(deposits));
+    fund_with(
+        clients,
+        deposit_key,
+        chain_id,
+        ids,
+        &accounts.public,
+        DEPOSITS_IN_FLIGHT_PER_CONNECTION,
+    )
+    .await
+}
+
+/// [`fund`] with `in_flight` deposits outstanding per connection at most.
+pub async fn fund_with(
+    clients: &[Arc<Client>],
+    deposit_key: &SigningKey,
+    chain_id: Hash,
+    ids: Ids,
+    public: &[PublicKey],
+    in_flight: usize,
+) -> Result<()> {
+    let total = public.len();
+    if total == 0 || clients.is_empty() {
+        return Ok(());
+    }
+    let public: Arc<[PublicKey]> = public.into();
+    let next = Arc::new(AtomicUsize::new(0));
+    let live = Arc::new(Live::default());
+    // No more tasks than there are deposits: a small ledger does not spawn thousands.
+    let per_connection = in_flight.max(1).min(total.div_ceil(clients.len()));
+    let start = Instant::now();
+    let progress = tokio::spawn(funding_progress(live.clone(), total, start));
     let mut workers = JoinSet::new();
     for client in clients {
-        for _ in 0..DEPOSITS_IN_FLIGHT_MAX.min(accounts.keys.len()) {
-            let (client, pool) = (client.clone(), pool.clone());
+        for _ in 0..per_connection {
+            let (client, public, next, live) =
+                (client.clone(), public.clone(), next.clone(), live.clone());
+            let deposit_key = deposit_key.clone();
             workers.spawn(async move {
-                while let Some(request) = pool.take() {
-                    deposit(&client, request).await?;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(to) = public.get(i) else {
+                        return Ok::<(), anyhow::Error>(());
+                    };
+                    let request = build_request(
+                        &deposit_key,
+                        chain_id,
+                        Op::Deposit,
+                        ids.deposit(i as u64),
+                        *to,
+                        DEPOSIT_AMOUNT,
+                    );
+                    live.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let outcome = deposit(&client, request).await;
+                    live.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    outcome?;
+                    live.confirmed.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok::<(), anyhow::Error>(())
             });
         }
     }
+    let mut outcome = Ok(());
     while let Some(result) = workers.join_next().await {
-        result.context("a deposit task panicked")??;
+        match result.context("a deposit task panicked") {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                // The first failure ends funding; the other deposits are abandoned.
+                outcome = Err(e);
+                break;
+            }
+        }
     }
+    progress.abort();
+    workers.abort_all();
+    outcome?;
+    let seconds = start.elapsed().as_secs_f64();
+    eprintln!(
+        "funded {} accounts in {seconds:.1} s ({}/s, {} in flight per connection)",
+        thousands(total as f64),
+        thousands(total as f64 / seconds.max(1e-9)),
+        per_connection
+    );
     Ok(())
+}
+
+/// Prints how far funding got to stderr every second until aborted.
+async fn funding_progress(live: Arc<Live>, total: usize, start: Instant) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await; // the first tick is immediate
+    let mut last = (0u64, Instant::now());
+    loop {
+        tick.tick().await;
+        let funded = Live::get(&live.confirmed);
+        let now = Instant::now();
+        let rate = (funded - last.0) as f64 / (now - last.1).as_secs_f64();
+        last = (funded, now);
+        eprintln!(
+            "[{:6.1} s] funded {:>10} of {}  rate {:>8}/s  in flight {:>6}",
+            start.elapsed().as_secs_f64(),
+            thousands(funded as f64),
+            thousands(total as f64),
+            thousands(rate),
+            Live::get(&live.in_flight),
+        );
+    }
 }
 
 async fn deposit(client: &Client, request: Request) -> Result<()> {
@@ -441,7 +522,7 @@ mod tests {
     fn transfers_are_signed_valid_and_unique() {
         let accounts = Accounts::generate(5, 2);
         let ids = Ids::new();
-        let transfers = sign_transfers(&accounts, [9; 32], ids, 200, 3);
+        let transfers = sign_transfers(&accounts, [9; 32], ids, 200, 5, 3);
         assert_eq!(transfers.len(), 200);
         let mut seen = std::collections::HashSet::new();
         for (i, t) in transfers.iter().enumerate() {
@@ -459,6 +540,40 @@ mod tests {
     }
 
     #[test]
+    fn hot_restricts_the_accounts_transfers_use() {
+        let accounts = Accounts::generate(50, 2);
+        let index = |key: &PublicKey| {
+            accounts
+                .public
+                .iter()
+                .position(|k| k == key)
+                .expect("a key of the run")
+        };
+        for hot in [2, 3, 10, 50] {
+            let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 2000, hot, 3);
+            assert_eq!(transfers.len(), 2000);
+            let mut used = std::collections::HashSet::new();
+            for (i, t) in transfers.iter().enumerate() {
+                let (from, to) = (index(&t.signer), index(&t.to));
+                assert!(
+                    from < hot,
+                    "hot {hot}: transfer {i} is signed by account {from}"
+                );
+                assert!(to < hot, "hot {hot}: transfer {i} goes to account {to}");
+                assert_ne!(from, to, "transfer {i} is to itself");
+                assert!(tally_core::crypto::verify_request(t), "transfer {i}");
+                used.insert(from);
+                used.insert(to);
+            }
+            // 2000 uniform draws touch every one of at most 50 accounts.
+            assert_eq!(used.len(), hot, "the whole hot set is used");
+        }
+        // A hot set larger than the ledger is the whole ledger.
+        let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 100, 1000, 2);
+        assert!(transfers.iter().all(|t| index(&t.to) < 50));
+    }
+
+    #[test]
     fn parallel_keeps_order_and_covers_everything() {
         for (count, threads) in [(0, 4), (1, 4), (10, 3), (10, 10), (7, 1)] {
             let got = parallel(count, threads, |range| range.collect());
@@ -469,7 +584,7 @@ mod tests {
     #[test]
     fn pool_hands_out_each_request_once() {
         let accounts = Accounts::generate(2, 1);
-        let pool = Pool::new(sign_transfers(&accounts, [1; 32], Ids::new(), 3, 1));
+        let pool = Pool::new(sign_transfers(&accounts, [1; 32], Ids::new(), 3, 2, 1));
         assert!(!pool.exhausted());
         let ids: Vec<u128> = std::iter::from_fn(|| pool.take()).map(|r| r.id).collect();
         assert_eq!(ids.len(), 3);

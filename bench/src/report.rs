@@ -9,6 +9,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::bound::Bound;
+use crate::server::ReplicaMemory;
 use crate::stats::{Batches, Latency};
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +58,25 @@ pub struct Report {
     pub sample_verified: u64,
     /// Sampled confirmations that failed verification (should be 0).
     pub sample_failed: u64,
+
+    /// The hot working set: timed-phase transfers went between the first this many accounts
+    /// (`--hot`; all of them by default).
+    pub hot_accounts: usize,
+    /// The started replicas' account cache (`cache.accounts_max`: `--cache-accounts`, or the
+    /// server's default); null against a server this run did not start.
+    pub cache_accounts: Option<usize>,
+    /// Seconds of the setup spent funding the accounts (one deposit each, confirmed).
+    pub funding_seconds: f64,
+    /// With --start-server: the largest VmRSS over the replicas at the end of the timed phase.
+    pub server_rss_bytes: Option<u64>,
+    /// With --start-server: the largest VmHWM (peak resident memory since the start, funding
+    /// included) over the replicas at the end of the timed phase.
+    pub server_peak_rss_bytes: Option<u64>,
+    /// With --start-server: the largest VmRSS over the replicas after funding, before the timed
+    /// phase.
+    pub server_rss_after_setup_bytes: Option<u64>,
+    /// With --start-server: each replica's figures at the end of the timed phase.
+    pub server_memory: Vec<ReplicaMemory>,
 }
 
 impl Report {
@@ -85,9 +105,14 @@ impl Report {
         } else {
             format!("{} nodes", self.nodes)
         };
+        let hot = if self.hot_accounts < self.accounts {
+            format!(" (hot {})", self.hot_accounts)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "## tally-bench: {load}, {length}, {nodes}, {} accounts, {} cores\n",
+            "## tally-bench: {load}, {length}, {nodes}, {} accounts{hot}, {} cores\n",
             self.accounts, self.cores
         );
         let _ = writeln!(out, "| metric | value |");
@@ -162,6 +187,34 @@ impl Report {
                 }
             ),
         );
+        row(
+            "funding (not timed)",
+            format!(
+                "{:.1} s, {}/s",
+                self.funding_seconds,
+                thousands(self.accounts as f64 / self.funding_seconds.max(1e-9))
+            ),
+        );
+        if let Some(cache) = self.cache_accounts {
+            row(
+                "account cache (per replica)",
+                format!("{} accounts", thousands(cache as f64)),
+            );
+        }
+        if let (Some(rss), Some(peak)) = (self.server_rss_bytes, self.server_peak_rss_bytes) {
+            let replicas = if self.server_memory.len() > 1 {
+                format!(", max over {} replicas", self.server_memory.len())
+            } else {
+                String::new()
+            };
+            row(
+                "server RSS at the end",
+                format!("{} (peak {}{replicas})", mib(rss), mib(peak)),
+            );
+        }
+        if let Some(rss) = self.server_rss_after_setup_bytes {
+            row("server RSS after funding", mib(rss));
+        }
         if self.rate.is_some() {
             row("late sends (> 10 ms)", self.late_sends.to_string());
         }
@@ -189,6 +242,11 @@ fn counts(map: &BTreeMap<String, u64>) -> String {
         .map(|(code, n)| format!("{code}: {n}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Bytes as mebibytes with one decimal: `123.4 MiB`.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// A rate rounded to a whole number, with thousands separated by commas: `12,345`.
@@ -268,6 +326,13 @@ mod tests {
             setup_seconds: 3.25,
             sample_verified: 10,
             sample_failed: 0,
+            hot_accounts: 1000,
+            cache_accounts: None,
+            funding_seconds: 2.5,
+            server_rss_bytes: None,
+            server_peak_rss_bytes: None,
+            server_rss_after_setup_bytes: None,
+            server_memory: Vec::new(),
         }
     }
 
@@ -312,6 +377,40 @@ mod tests {
         assert!(open.contains("| late sends (> 10 ms) | 0 |"));
         assert!(open.contains("ran out before the deadline"));
         assert!(open.contains("**1 FAILED**"));
+        assert!(!text.contains("server RSS"), "not measured");
+        assert!(!text.contains("account cache"), "not known");
+        assert!(!text.contains("(hot "), "every account is hot");
+        assert!(
+            text.contains("| funding (not timed) | 2.5 s, 400/s |"),
+            "{text}"
+        );
+
+        let large = Report {
+            accounts: 1_000_000,
+            hot_accounts: 1000,
+            cache_accounts: Some(10_000),
+            server_rss_bytes: Some(100 * 1024 * 1024),
+            server_peak_rss_bytes: Some(300 * 1024 * 1024 + 512 * 1024),
+            server_rss_after_setup_bytes: Some(90 * 1024 * 1024),
+            server_memory: vec![ReplicaMemory {
+                id: 1,
+                rss_bytes: 100 * 1024 * 1024,
+                peak_rss_bytes: 300 * 1024 * 1024 + 512 * 1024,
+            }],
+            ..sample()
+        }
+        .to_markdown();
+        for expected in [
+            "1 node, 1000000 accounts (hot 1000), 2 cores",
+            "| account cache (per replica) | 10,000 accounts |",
+            "| server RSS at the end | 100.0 MiB (peak 300.5 MiB) |",
+            "| server RSS after funding | 90.0 MiB |",
+        ] {
+            assert!(
+                large.contains(expected),
+                "{expected:?} missing from:\n{large}"
+            );
+        }
     }
 
     #[test]
@@ -334,6 +433,12 @@ mod tests {
             "accounts",
             "nodes",
             "cores",
+            "hot_accounts",
+            "cache_accounts",
+            "funding_seconds",
+            "server_rss_bytes",
+            "server_peak_rss_bytes",
+            "server_memory",
         ] {
             assert!(value.get(field).is_some(), "{field} missing from {value}");
         }

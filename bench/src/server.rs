@@ -8,6 +8,10 @@
 //! client address is read from the line each replica prints ("... listening for clients on
 //! ADDR ..."), and the processes are killed when the handle drops.
 //!
+//! `--cache-accounts N` is written into every replica's config (`cache.accounts_max`) before it
+//! starts. [`StartedServer::memory`] reads each replica's resident set (VmRSS) and its peak
+//! (VmHWM) from `/proc/<pid>/status` (Linux only; elsewhere there is nothing to report).
+//!
 //! Caveat: a cluster's free ports are found by binding port 0 and letting go, so another
 //! program could take one in between; the replica then fails to start and the run says so.
 
@@ -19,6 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
 use tally_client::{Profile, ReplicaAddress};
 use tally_config::Config;
 
@@ -32,8 +37,12 @@ pub const NODES_MAX: usize = 9;
 /// Running replicas; killed (and their files deleted) when dropped.
 pub struct StartedServer {
     children: Vec<Child>,
+    /// The node id of each child, in the same order.
+    ids: Vec<u64>,
     /// The profile with every replica's actual client address.
     pub profile: Profile,
+    /// Every replica's `cache.accounts_max`, as written to its config.
+    pub cache_accounts: usize,
     // Dropped after the children are killed (fields drop after `Drop::drop`).
     _dir: tempfile::TempDir,
 }
@@ -47,6 +56,57 @@ impl Drop for StartedServer {
     }
 }
 
+/// One replica's memory, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReplicaMemory {
+    pub id: u64,
+    /// VmRSS: resident now.
+    pub rss_bytes: u64,
+    /// VmHWM: the most that was ever resident.
+    pub peak_rss_bytes: u64,
+}
+
+impl StartedServer {
+    /// Each running replica's memory now. A replica whose figures cannot be read (it exited,
+    /// or this is not Linux) is left out, with a warning on stderr.
+    pub fn memory(&mut self) -> Vec<ReplicaMemory> {
+        let mut out = Vec::new();
+        for (child, &id) in self.children.iter_mut().zip(&self.ids) {
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!("replica {id} has exited ({status}): no memory figures for it");
+                continue;
+            }
+            let path = format!("/proc/{}/status", child.id());
+            match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse_memory(&text).ok_or_else(|| "no VmRSS/VmHWM".into()))
+            {
+                Ok((rss_bytes, peak_rss_bytes)) => out.push(ReplicaMemory {
+                    id,
+                    rss_bytes,
+                    peak_rss_bytes,
+                }),
+                Err(e) => eprintln!("replica {id}: cannot read {path}: {e}"),
+            }
+        }
+        out
+    }
+}
+
+/// (VmRSS, VmHWM) in bytes from the text of `/proc/<pid>/status` (where they are in kB).
+pub fn parse_memory(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let mut words = line[name.len()..].split_whitespace();
+        let value: u64 = words.next()?.parse().ok()?;
+        match words.next() {
+            Some("kB") => value.checked_mul(1024),
+            _ => None,
+        }
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 /// The `tally-server` binary next to the running executable.
 pub fn default_server_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the tally-bench executable")?;
@@ -57,8 +117,13 @@ pub fn default_server_binary() -> Result<PathBuf> {
 }
 
 /// Starts `nodes` fresh replicas of one operator from `binary` (default: next to this
-/// executable). Returns once every replica listens; a cluster may not have elected a leader yet.
-pub fn start(nodes: usize, binary: Option<&Path>) -> Result<StartedServer> {
+/// executable), each with an account cache of `cache_accounts` (default: the server's).
+/// Returns once every replica listens; a cluster may not have elected a leader yet.
+pub fn start(
+    nodes: usize,
+    binary: Option<&Path>,
+    cache_accounts: Option<usize>,
+) -> Result<StartedServer> {
     if !(1..=NODES_MAX).contains(&nodes) {
         bail!("--nodes must be between 1 and {NODES_MAX}, not {nodes}");
     }
@@ -83,10 +148,21 @@ pub fn start(nodes: usize, binary: Option<&Path>) -> Result<StartedServer> {
     } else {
         cluster_files(dir.path(), nodes)?
     };
+    let mut cache = None;
+    for (_, path) in &configs {
+        let mut config = read_config(path)?;
+        if let Some(n) = cache_accounts {
+            config.cache.accounts_max = n;
+            write_config(path, &config)?;
+        }
+        cache = Some(config.cache.accounts_max);
+    }
     let mut profile = Profile::load(&profile_path)?;
     let mut server = StartedServer {
         children: Vec::new(),
+        ids: Vec::new(),
         profile: profile.clone(),
+        cache_accounts: cache.ok_or_else(|| anyhow!("no replica config was written"))?,
         _dir: dir,
     };
     let mut replicas = Vec::new();
@@ -94,6 +170,7 @@ pub fn start(nodes: usize, binary: Option<&Path>) -> Result<StartedServer> {
         // Pushed at once, so that an error below still kills every started replica.
         let (child, address_rx) = spawn(&binary, &config_path)?;
         server.children.push(child);
+        server.ids.push(id);
         let child = server.children.last_mut().expect("just pushed");
         let address = wait_for_address(child, &address_rx, &binary, id)?;
         replicas.push(ReplicaAddress { id, address });
@@ -241,5 +318,33 @@ fn wait_for_address(
                 START_TIMEOUT.as_secs()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_from_proc_status() {
+        let status = "Name:\ttally-server\nVmPeak:\t 2000000 kB\nVmHWM:\t  150000 kB\n\
+                      VmRSS:\t  120000 kB\nThreads:\t12\n";
+        assert_eq!(parse_memory(status), Some((120_000 * 1024, 150_000 * 1024)));
+        assert_eq!(parse_memory("VmRSS:\t1 kB\n"), None, "no VmHWM");
+        assert_eq!(parse_memory("VmRSS:\tx kB\nVmHWM:\t1 kB\n"), None);
+        assert_eq!(
+            parse_memory("VmRSS:\t1 MB\nVmHWM:\t1 kB\n"),
+            None,
+            "unknown unit"
+        );
+        assert_eq!(parse_memory(""), None);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn this_process_has_memory() {
+        let text = std::fs::read_to_string("/proc/self/status").unwrap();
+        let (rss, peak) = parse_memory(&text).unwrap();
+        assert!(rss > 0 && peak >= rss, "{rss} {peak}");
     }
 }

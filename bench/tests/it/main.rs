@@ -200,23 +200,60 @@ fn check_report(markdown: &str, report: &Value, sent: u64) {
     }
 }
 
+/// The replicas' memory, read before they stop: a resident set and a peak no smaller.
+fn check_memory(markdown: &str, report: &Value, replicas: usize) {
+    let rss = report["server_rss_bytes"]
+        .as_u64()
+        .expect("server_rss_bytes");
+    let peak = report["server_peak_rss_bytes"]
+        .as_u64()
+        .expect("server_peak_rss_bytes");
+    assert!(rss > 1024 * 1024 && peak >= rss, "{report:#}");
+    assert_eq!(
+        report["server_memory"].as_array().unwrap().len(),
+        replicas,
+        "{report:#}"
+    );
+    assert!(markdown.contains("| server RSS at the end |"), "{markdown}");
+}
+
 #[test]
 fn closed_loop_against_a_fresh_server() {
-    let (markdown, report) = run_ok(&["--requests", "500", "--in-flight", "32"]);
+    let (markdown, report) = run_ok(&[
+        "--requests",
+        "500",
+        "--in-flight",
+        "32",
+        "--hot",
+        "10",
+        "--cache-accounts",
+        "20",
+    ]);
     check_report(&markdown, &report, 500);
+    check_memory(&markdown, &report, 1);
     assert_eq!(report["mode"], "closed");
     assert_eq!(report["accounts"], 50);
+    assert_eq!(report["hot_accounts"], 10);
+    assert_eq!(report["cache_accounts"], 20);
     assert_eq!(report["connections"], 2);
     assert_eq!(report["in_flight"], 32);
     assert_eq!(report["presigned"], 500);
+    assert!(markdown.contains("50 accounts (hot 10)"), "{markdown}");
+    assert!(
+        markdown.contains("| account cache (per replica) | 20 accounts |"),
+        "{markdown}"
+    );
 }
 
 #[test]
 fn open_loop_against_a_fresh_server() {
     let (markdown, report) = run_ok(&["--rate", "1000", "--duration", "500ms"]);
     check_report(&markdown, &report, 500);
+    check_memory(&markdown, &report, 1);
     assert_eq!(report["mode"], "open");
     assert_eq!(report["rate"], 1000.0);
+    assert_eq!(report["hot_accounts"], 50, "every account by default");
+    assert_eq!(report["cache_accounts"], 100_000, "the server's default");
     assert!(markdown.contains("open loop at 1,000 req/s"), "{markdown}");
     // Half a second of schedule, plus the answers to the last requests.
     let elapsed = report["elapsed_seconds"].as_f64().unwrap();
@@ -228,6 +265,7 @@ fn open_loop_against_a_fresh_server() {
 fn closed_loop_against_a_fresh_cluster_of_three() {
     let (markdown, report) = run_ok(&["--nodes", "3", "--requests", "300", "--in-flight", "16"]);
     check_report(&markdown, &report, 300);
+    check_memory(&markdown, &report, 3);
     assert_eq!(report["nodes"], 3);
     assert!(markdown.contains("3 nodes"), "{markdown}");
 }
@@ -253,4 +291,12 @@ fn refusals_are_clear() {
         "cargo build --release --bin tally-server",
     );
     check(&[], "--profile");
+    check(
+        &["--start-server", "--accounts", "100", "--hot", "101"],
+        "--hot must be between 2 and --accounts (100)",
+    );
+    check(
+        &["--profile", "p.toml", "--cache-accounts", "10"],
+        "--cache-accounts only applies with --start-server",
+    );
 }
