@@ -1,0 +1,547 @@
+//! A live cluster of real `tally-server` processes on 127.0.0.1, rewired through proxies the
+//! harness controls.
+//!
+//! The operator's files come from `init-cluster` (`tally_server::bootstrap::init_cluster`), the
+//! same code an operator runs. Every replica then moves to free ports: its peers reach it
+//! through one [`Proxy`] per directed link, and harness clients may reach it through a client
+//! proxy. Each replica's stdout and stderr go to `DIR/nodeK.log`, appended across restarts.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tally_client::{Client, Profile, ReplicaAddress};
+use tally_config::Config;
+use tally_wire::StatusReply;
+
+use crate::proxy::Proxy;
+
+/// How long a starting replica may take to accept TCP connections on its client port.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replica may take to exit after SIGTERM before it is killed.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of one status probe (connect, TLS handshake and the call).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Timing settings written into every replica's config.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub batch_window_ms: u64,
+    pub compaction_entries: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            tick_ms: 50,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            batch_window_ms: 20,
+            compaction_entries: 300,
+        }
+    }
+}
+
+impl Timing {
+    /// The shortest time a follower waits before it calls an election.
+    pub fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.tick_ms * self.election_ticks as u64)
+    }
+}
+
+/// Where the operator's files live: a temporary directory removed on success, or a directory
+/// the user named (always kept).
+pub enum RunDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl RunDir {
+    pub fn path(&self) -> &Path {
+        match self {
+            RunDir::Temp(t) => t.path(),
+            RunDir::Kept(p) => p,
+        }
+    }
+
+    /// Keeps the directory after the run (an invariant failed) and returns its path.
+    pub fn keep(&mut self) -> PathBuf {
+        let path = self.path().to_path_buf();
+        if let RunDir::Temp(_) = self {
+            let RunDir::Temp(t) = std::mem::replace(self, RunDir::Kept(path.clone())) else {
+                unreachable!("matched above")
+            };
+            let _ = t.keep();
+        }
+        path
+    }
+}
+
+/// One replica process.
+struct Process {
+    child: Child,
+    paused: bool,
+}
+
+pub struct LiveCluster {
+    pub dir: RunDir,
+    pub ids: Vec<u64>,
+    /// Real client addresses of the replicas, in id order.
+    pub profile: Profile,
+    pub client_addrs: BTreeMap<u64, SocketAddr>,
+    configs: BTreeMap<u64, PathBuf>,
+    processes: BTreeMap<u64, Process>,
+    /// (from, to) → the proxy `from` dials to reach `to`.
+    links: BTreeMap<(u64, u64), Proxy>,
+    /// Replica id → proxy in front of its client port.
+    pub client_proxies: BTreeMap<u64, Proxy>,
+    server_bin: PathBuf,
+    started: Instant,
+}
+
+impl Drop for LiveCluster {
+    fn drop(&mut self) {
+        for p in self.processes.values_mut() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// Reserves a free port on 127.0.0.1 (bound and released: a small race accepted here).
+fn free_port() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?)
+}
+
+impl LiveCluster {
+    /// Writes an N-replica operator into `dir` (a fresh temporary directory if None; else it
+    /// must be empty or absent), rewired onto free ports with a proxy on every directed link and
+    /// in front of every client port. Nothing is started yet.
+    pub async fn create(
+        nodes: u64,
+        dir: Option<PathBuf>,
+        server_bin: PathBuf,
+        timing: &Timing,
+    ) -> Result<LiveCluster> {
+        let dir = match dir {
+            Some(d) => RunDir::Kept(d),
+            None => RunDir::Temp(
+                tempfile::Builder::new()
+                    .prefix("tally-chaos-")
+                    .tempdir()
+                    .context("creating a temporary directory")?,
+            ),
+        };
+        let root = dir.path().to_path_buf();
+        tally_server::bootstrap::init_cluster(nodes, &root, 1000)
+            .with_context(|| format!("init-cluster in {}", root.display()))?;
+        let ids: Vec<u64> = (1..=nodes).collect();
+        let mut client_addrs = BTreeMap::new();
+        let mut peer_addrs = BTreeMap::new();
+        for &id in &ids {
+            client_addrs.insert(id, free_port()?);
+            peer_addrs.insert(id, free_port()?);
+        }
+        let mut links = BTreeMap::new();
+        for &from in &ids {
+            for &to in &ids {
+                if from != to {
+                    links.insert((from, to), Proxy::start(peer_addrs[&to]).await?);
+                }
+            }
+        }
+        let mut client_proxies = BTreeMap::new();
+        for &id in &ids {
+            client_proxies.insert(id, Proxy::start(client_addrs[&id]).await?);
+        }
+        let mut configs = BTreeMap::new();
+        for &id in &ids {
+            let path = root.join(format!("node{id}.toml"));
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut config =
+                Config::from_toml_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            config.listen.client = client_addrs[&id];
+            config.listen.peer = peer_addrs[&id];
+            config.listen.metrics = "127.0.0.1:0".parse().expect("an address");
+            for p in config.peers.iter_mut() {
+                p.address = links[&(id, p.id)].listen;
+                p.client_address = client_addrs[&p.id];
+            }
+            config.raft.tick_ms = timing.tick_ms;
+            config.raft.election_ticks = timing.election_ticks;
+            config.raft.heartbeat_ticks = timing.heartbeat_ticks;
+            config.raft.compaction_entries = timing.compaction_entries;
+            config.batch.batch_window_ms = timing.batch_window_ms;
+            config
+                .validate()
+                .map_err(|e| anyhow!("the rewired config of node {id} is invalid:\n{e}"))?;
+            std::fs::write(&path, config.to_toml_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+            configs.insert(id, path);
+        }
+        let mut profile = Profile::load(root.join("profile.toml"))?;
+        profile.replicas = ids
+            .iter()
+            .map(|&id| ReplicaAddress {
+                id,
+                address: client_addrs[&id].to_string(),
+            })
+            .collect();
+        Ok(LiveCluster {
+            dir,
+            ids,
+            profile,
+            client_addrs,
+            configs,
+            processes: BTreeMap::new(),
+            links,
+            client_proxies,
+            server_bin,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.root().join(format!("node{id}.log"))
+    }
+
+    /// The replica's data directory (its ledger and raft log).
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.root().join(format!("node{id}"))
+    }
+
+    /// Starts replica `id` and waits until its client port accepts connections.
+    pub async fn start(&mut self, id: u64) -> Result<()> {
+        if self.processes.contains_key(&id) {
+            bail!("node {id} is already running");
+        }
+        let log_path = self.log_path(id);
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        writeln!(
+            log,
+            "=== tally-chaos: starting node {id} at +{} ms ===",
+            self.started.elapsed().as_millis()
+        )?;
+        let child = Command::new(&self.server_bin)
+            .arg("--config")
+            .arg(&self.configs[&id])
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_CHAOS_SERVER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.server_bin.display()))?;
+        self.processes.insert(
+            id,
+            Process {
+                child,
+                paused: false,
+            },
+        );
+        let addr = self.client_addrs[&id];
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(p) = self.processes.get_mut(&id) {
+                if let Some(status) = p.child.try_wait()? {
+                    self.processes.remove(&id);
+                    bail!(
+                        "node {id} exited while starting ({status}); see {}",
+                        log_path.display()
+                    );
+                }
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "node {id} did not listen on {addr} within {START_TIMEOUT:?}; see {}",
+                    log_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn start_all(&mut self) -> Result<()> {
+        for id in self.ids.clone() {
+            self.start(id).await?;
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.processes.contains_key(&id)
+    }
+
+    pub fn is_paused(&self, id: u64) -> bool {
+        self.processes.get(&id).is_some_and(|p| p.paused)
+    }
+
+    /// Replicas that exited by themselves (a crash: a bug, or a deliberate stop on divergence).
+    /// They are forgotten, so that the harness can report and restart them.
+    pub fn reap_exited(&mut self) -> Vec<(u64, String)> {
+        let mut exited = Vec::new();
+        for (&id, p) in self.processes.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                exited.push((id, status.to_string()));
+            }
+        }
+        for (id, _) in &exited {
+            self.processes.remove(id);
+        }
+        exited
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut p) = self.processes.remove(&id) {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the replica's graceful shutdown (SIGKILL after a timeout).
+    pub async fn terminate(&mut self, id: u64) {
+        let Some(mut p) = self.processes.remove(&id) else {
+            return;
+        };
+        if p.paused {
+            let _ = signal(&p.child, "CONT");
+        }
+        let _ = signal(&p.child, "TERM");
+        let deadline = Instant::now() + TERMINATE_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+
+    /// SIGSTOP: the process keeps its sockets but answers nothing.
+    pub fn pause(&mut self, id: u64) -> Result<()> {
+        if let Some(p) = self.processes.get_mut(&id) {
+            signal(&p.child, "STOP")?;
+            p.paused = true;
+        }
+        Ok(())
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self, id: u64) -> Result<()> {
+        if let Some(p) = self.processes.get_mut(&id) {
+            if p.paused {
+                signal(&p.child, "CONT")?;
+                p.paused = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a stopped replica's ledger and raft log.
+    pub fn wipe(&self, id: u64) -> Result<()> {
+        assert!(!self.is_running(id), "wipe a stopped replica only");
+        let data = self.data_dir(id);
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("removing {}", data.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Cuts or heals the one-way link `from → to`.
+    pub fn set_link(&self, from: u64, to: u64, cut: bool) {
+        if let Some(p) = self.links.get(&(from, to)) {
+            p.set_cut(cut);
+        }
+    }
+
+    /// Cuts or heals every link between `id` and the others, both directions.
+    pub fn isolate(&self, id: u64, cut: bool) {
+        for (&(from, to), p) in &self.links {
+            if from == id || to == id {
+                p.set_cut(cut);
+            }
+        }
+    }
+
+    /// Cuts every link between the two sides, both directions.
+    pub fn split(&self, side_a: &[u64], side_b: &[u64]) {
+        for &a in side_a {
+            for &b in side_b {
+                self.set_link(a, b, true);
+                self.set_link(b, a, true);
+            }
+        }
+    }
+
+    pub fn cut_links(&self) -> Vec<(u64, u64)> {
+        self.links
+            .iter()
+            .filter(|(_, p)| p.is_cut())
+            .map(|(&k, _)| k)
+            .collect()
+    }
+
+    /// Heals every replica-to-replica link.
+    pub fn heal_network(&self) {
+        for p in self.links.values() {
+            if p.is_cut() {
+                p.set_cut(false);
+            }
+        }
+    }
+
+    /// Resumes paused replicas, restarts stopped ones, heals every link and lets every client
+    /// proxy deliver answers again.
+    pub async fn heal_all(&mut self) -> Result<()> {
+        self.heal_network();
+        for p in self.client_proxies.values() {
+            p.stop_dropping_answers();
+        }
+        for id in self.ids.clone() {
+            self.resume(id)?;
+            if !self.is_running(id) {
+                self.start(id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A connection to replica `id`, with `timeout` for the handshake and every call.
+    pub async fn client_of(&self, id: u64, timeout: Duration) -> Result<Client> {
+        let addr = self.client_addrs[&id];
+        Ok(Client::connect_to_timeout(addr, &self.profile, timeout).await?)
+    }
+
+    /// Every running replica's status, probed concurrently. Paused or unreachable ones are None.
+    pub async fn statuses(&self) -> BTreeMap<u64, Option<StatusReply>> {
+        statuses(&self.profile, &self.client_addrs).await
+    }
+
+    /// The replica that takes writes now (the highest term among those that say so).
+    pub async fn leader(&self) -> Option<(u64, u64)> {
+        leader_of(&self.statuses().await)
+    }
+
+    /// Waits until some replica takes writes; returns (id, term).
+    pub async fn wait_leader(&self, timeout: Duration) -> Option<(u64, u64)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader().await {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The writable replica with the highest term in a set of status replies.
+pub fn leader_of(statuses: &BTreeMap<u64, Option<StatusReply>>) -> Option<(u64, u64)> {
+    statuses
+        .iter()
+        .filter_map(|(&id, s)| s.as_ref().filter(|s| s.writable).map(|s| (id, s.term)))
+        .max_by_key(|&(_, term)| term)
+}
+
+/// Status of every replica in `addrs`, probed concurrently over fresh connections.
+pub async fn statuses(
+    profile: &Profile,
+    addrs: &BTreeMap<u64, SocketAddr>,
+) -> BTreeMap<u64, Option<StatusReply>> {
+    let probes: Vec<_> = addrs
+        .iter()
+        .map(|(&id, &addr)| {
+            let profile = profile.clone();
+            tokio::spawn(async move {
+                let probe = async {
+                    let c = Client::connect_to_timeout(addr, &profile, PROBE_TIMEOUT).await?;
+                    c.status().await
+                };
+                let status = tokio::time::timeout(PROBE_TIMEOUT, probe)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok());
+                (id, status)
+            })
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for p in probes {
+        if let Ok((id, s)) = p.await {
+            out.insert(id, s);
+        }
+    }
+    out
+}
+
+fn signal(child: &Child, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{name} {} failed", child.id());
+    }
+    Ok(())
+}
+
+/// Finds the `tally-server` binary: `explicit`, else next to the running executable, else
+/// `target/release` or `target/debug` under the current directory.
+pub fn find_server_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    let name = format!("tally-server{}", std::env::consts::EXE_SUFFIX);
+    if let Some(p) = explicit {
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        bail!("--server-bin {}: no such file", p.display());
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            tried.push(dir.join(&name));
+        }
+    }
+    for profile in ["release", "debug"] {
+        tried.push(PathBuf::from("target").join(profile).join(&name));
+    }
+    for p in &tried {
+        if p.is_file() {
+            return Ok(p.clone());
+        }
+    }
+    let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "tally-server not found (looked at {}); build it with `cargo build --release --bin \
+         tally-server` or pass --server-bin PATH",
+        list.join(", ")
+    )
+}

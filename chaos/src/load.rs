@@ -1,0 +1,599 @@
+//! The load of a live run: concurrent clients sending deposits, transfers and withdrawals with
+//! client-chosen ids through [`ClusterClient`], and the record of every operation's fate.
+//!
+//! Each client is sequential: one operation at a time, so what it observes has an order
+//! (heights must not go backwards). An operation whose outcome is unknown (the client gave up
+//! after sending it, or its connection was cut before the answer) is *indeterminate*: the
+//! client resubmits the same request (same id, same bytes) a little later, and whatever is
+//! still unknown when the load stops is resolved after the cluster has healed.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tally_client::{
+    build_request, tls_connect, Client, ClusterClient, ClusterOptions, ClusterStats, ConnectFuture,
+    Connector, Error as ClientError, Profile, ProfileConnector,
+};
+use tally_core::crypto::sha256;
+use tally_core::verify::verify_confirmation;
+use tally_wire::{Confirmation, ErrorCode, Hash, Op, PublicKey, ReadMode, Request};
+
+use crate::history::{Effect, HeaderLog, ReceiptLog};
+
+/// What every account is funded with before the load starts, unless told otherwise. Large
+/// enough that no ordinary transfer is ever refused for lack of funds.
+pub const FUNDING: u64 = 1_000_000;
+/// An amount no account can ever hold (the whole supply is far below it): a transfer of it is
+/// always refused with `insufficient_funds`, deterministically.
+pub const OVERDRAFT: u64 = 1_000_000_000_000_000;
+/// Codes that say a request was judged and refused, not lost in transit: resubmitting the same
+/// bytes to a quiet cluster gets the same answer, so the request was not applied.
+pub const DETERMINISTIC_REFUSALS: &[ErrorCode] = &[
+    ErrorCode::InsufficientFunds,
+    ErrorCode::UnknownAccount,
+    ErrorCode::AmountOverflow,
+    ErrorCode::MalformedRequest,
+    ErrorCode::BadSignature,
+    ErrorCode::WrongChain,
+    ErrorCode::UnknownDepositKey,
+];
+
+/// What the harness knows about an operation's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpState {
+    /// Sent, no answer yet.
+    InFlight,
+    /// Confirmed on its first submission.
+    Confirmed(Confirmed),
+    /// Refused on its first submission, deterministically: never applied.
+    Rejected(ErrorCode),
+    /// Never reached a replica (the client gave up before any attempt): never applied.
+    NotSent,
+    /// The outcome is unknown; it will be resolved by resubmitting the same request.
+    Indeterminate(String),
+    /// Was indeterminate; a resubmission was confirmed (original or replayed confirmation).
+    ResolvedApplied(Confirmed),
+    /// Was indeterminate; a resubmission to the healed cluster was refused deterministically.
+    ResolvedNotApplied(ErrorCode),
+    /// Still unknown after the final resolution attempt.
+    Unresolved(String),
+}
+
+impl OpState {
+    /// Whether the operation took effect: Some(true/false), or None while unknown.
+    pub fn applied(&self) -> Option<bool> {
+        match self {
+            OpState::Confirmed(_) | OpState::ResolvedApplied(_) => Some(true),
+            OpState::Rejected(_) | OpState::NotSent | OpState::ResolvedNotApplied(_) => Some(false),
+            OpState::InFlight | OpState::Indeterminate(_) | OpState::Unresolved(_) => None,
+        }
+    }
+
+    pub fn confirmed(&self) -> Option<&Confirmed> {
+        match self {
+            OpState::Confirmed(c) | OpState::ResolvedApplied(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// The parts of a confirmation the final checks need (the whole confirmation was verified on
+/// arrival).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    pub height: u64,
+    pub index: u32,
+    /// The raft term that sealed the batch (from the header).
+    pub term: u64,
+    /// SHA-256 of the signed header's bytes.
+    pub header_digest: Hash,
+    pub replayed: bool,
+    /// Milliseconds since the run started.
+    pub at_ms: u64,
+    /// From this submission to the confirmation.
+    pub latency_ms: u64,
+}
+
+/// One operation and everything known about it.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    /// The client that owns it (`usize::MAX` for the harness's own funding deposits).
+    pub client: usize,
+    pub effect: Effect,
+    pub request: Request,
+    /// Milliseconds since the run started, at the first submission.
+    pub first_sent_ms: u64,
+    /// Submissions by the harness (the client library's own retries not counted).
+    pub submissions: u32,
+    pub state: OpState,
+    /// Whether the request was resubmitted after its outcome was unknown.
+    pub retried: bool,
+}
+
+impl Operation {
+    pub fn key(&self) -> (PublicKey, u128) {
+        (self.request.signer, self.request.id)
+    }
+}
+
+/// Everything observed during a run, shared by the client tasks.
+pub struct History {
+    pub ops: Vec<Operation>,
+    pub headers: HeaderLog,
+    pub receipts: ReceiptLog,
+    /// Confirmations that did not verify or did not match their request.
+    pub verify_failures: Vec<String>,
+    /// A client saw a height lower than one it had seen before.
+    pub regressions: Vec<String>,
+    /// Linearizable balance reads answered.
+    pub reads: u64,
+    /// Linearizable reads a replica answered as stale instead (it knew no leader); they say
+    /// so, and are left out of the height checks.
+    pub reads_downgraded: u64,
+    /// Replicas that exited without the harness stopping them.
+    pub crashes: Vec<String>,
+}
+
+pub struct Recorder {
+    pub t0: Instant,
+    history: Mutex<History>,
+}
+
+impl Recorder {
+    pub fn new() -> Recorder {
+        Recorder {
+            t0: Instant::now(),
+            history: Mutex::new(History {
+                ops: Vec::new(),
+                headers: HeaderLog::default(),
+                receipts: ReceiptLog::default(),
+                verify_failures: Vec::new(),
+                regressions: Vec::new(),
+                reads: 0,
+                reads_downgraded: 0,
+                crashes: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+
+    /// Adds a new operation; returns its index.
+    pub fn begin(&self, client: usize, effect: Effect, request: Request) -> usize {
+        let now = self.now_ms();
+        let mut h = self.lock();
+        h.ops.push(Operation {
+            client,
+            effect,
+            request,
+            first_sent_ms: now,
+            submissions: 1,
+            state: OpState::InFlight,
+            retried: false,
+        });
+        h.ops.len() - 1
+    }
+
+    /// Checks a confirmation for operation `op` and records what it shows. Returns the summary
+    /// to store in the operation's state.
+    pub fn confirmation(
+        &self,
+        op: usize,
+        c: &Confirmation,
+        operator: &PublicKey,
+        sent: Instant,
+    ) -> Confirmed {
+        let verified = verify_confirmation(c, operator);
+        let confirmed = Confirmed {
+            height: c.receipt.height,
+            index: c.receipt.index,
+            term: c.header.header.term,
+            header_digest: sha256(&[&c.header.encode()]),
+            replayed: c.replayed,
+            at_ms: self.now_ms(),
+            latency_ms: sent.elapsed().as_millis() as u64,
+        };
+        let mut h = self.lock();
+        let client = h.ops[op].client;
+        if let Err(e) = verified {
+            h.verify_failures.push(format!(
+                "op #{op}: confirmation at height {} does not verify: {e}",
+                c.receipt.height
+            ));
+        }
+        if c.request != h.ops[op].request {
+            h.verify_failures
+                .push(format!("op #{op}: the confirmation is for another request"));
+        }
+        h.headers
+            .record(&c.header, || format!("a confirmation to client {client}"));
+        h.receipts
+            .record(&c.request.signer, c.request.id, &c.receipt);
+        confirmed
+    }
+
+    pub fn set_state(&self, op: usize, state: OpState) {
+        self.lock().ops[op].state = state;
+    }
+}
+
+impl Default for Recorder {
+    fn default() -> Recorder {
+        Recorder::new()
+    }
+}
+
+/// Connects through the client proxy in front of each replica, so that the harness can drop a
+/// connection between a request and its answer. Replies' `not_leader` hints name the replicas'
+/// real addresses; those are mapped to their proxies too.
+pub struct ProxiedConnector {
+    profile: Profile,
+    routes: Vec<(String, SocketAddr)>,
+}
+
+impl ProxiedConnector {
+    pub fn new(profile: &Profile, routes: Vec<(String, SocketAddr)>) -> ProxiedConnector {
+        ProxiedConnector {
+            profile: profile.clone(),
+            routes,
+        }
+    }
+}
+
+impl Connector for ProxiedConnector {
+    fn connect<'a>(&'a self, address: &'a str, timeout: Duration) -> ConnectFuture<'a> {
+        Box::pin(async move {
+            let via = self
+                .routes
+                .iter()
+                .find(|(real, _)| real == address)
+                .map(|(_, proxy)| proxy.to_string())
+                .unwrap_or_else(|| address.to_string());
+            let stream = tokio::time::timeout(timeout, tls_connect(via.as_str(), &self.profile))
+                .await
+                .map_err(|_| ClientError::Timeout)??;
+            Ok(Client::from_stream(stream, address.to_string()).with_timeout(timeout))
+        })
+    }
+}
+
+/// The options of every load client's [`ClusterClient`].
+pub fn client_options() -> ClusterOptions {
+    ClusterOptions {
+        call_timeout: Duration::from_secs(2),
+        total_timeout: Duration::from_secs(10),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(500),
+        queue_max: 64,
+    }
+}
+
+/// What one load client needs.
+pub struct ClientSetup {
+    pub index: usize,
+    pub seed: u64,
+    pub client: ClusterClient,
+    pub accounts: Arc<Vec<SigningKey>>,
+    pub chain_id: Hash,
+    pub operator: PublicKey,
+    pub recorder: Arc<Recorder>,
+    pub stop: Arc<AtomicBool>,
+    /// Request ids come from one counter, so that they are unique for every signer.
+    pub next_id: Arc<AtomicU64>,
+    /// Whether to withdraw now and then (with small funding, withdrawals would drain the ledger
+    /// within seconds, so money then only moves between accounts).
+    pub withdrawals: bool,
+}
+
+/// An indeterminate operation waiting for its next resubmission.
+struct Pending {
+    op: usize,
+    due: Instant,
+}
+
+/// How many times a client resubmits an indeterminate operation while the load runs; the rest
+/// is left to the final resolution.
+const RESUBMISSIONS_MAX: u32 = 6;
+
+/// Runs one sequential client until `stop` is set. Returns its client library counters.
+pub async fn run_client(s: ClientSetup) -> ClusterStats {
+    let mut rng = StdRng::seed_from_u64(s.seed ^ (0xC11E_0000 + s.index as u64));
+    let pubs: Vec<PublicKey> = s
+        .accounts
+        .iter()
+        .map(|k| k.verifying_key().to_bytes())
+        .collect();
+    let n = pubs.len();
+    // The highest height this client has seen (confirmations and linearizable reads).
+    let mut seen = 0u64;
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut done = 0u64;
+    while !s.stop.load(Ordering::SeqCst) {
+        if pending.front().is_some_and(|p| p.due <= Instant::now()) {
+            let p = pending.pop_front().expect("front exists");
+            if let Some(again) = resubmit(&s, p.op, &mut rng).await {
+                pending.push_back(again);
+            }
+            continue;
+        }
+        done += 1;
+        if done % 8 == 0 {
+            let account = pubs[rng.gen_range(0..n)];
+            if let Ok(b) = s.client.balance(account, ReadMode::Linearizable).await {
+                let mut h = s.recorder.lock();
+                if b.mode != ReadMode::Linearizable {
+                    h.reads_downgraded += 1;
+                    continue;
+                }
+                h.reads += 1;
+                if b.height < seen {
+                    let at = s.recorder.now_ms();
+                    h.regressions.push(format!(
+                        "client {} at +{at} ms: a linearizable read answered at height {} after \
+                         the client had seen height {seen}",
+                        s.index, b.height
+                    ));
+                }
+                seen = seen.max(b.height);
+            }
+            continue;
+        }
+        let roll = rng.gen_range(0..100);
+        let from = rng.gen_range(0..n);
+        let (effect, to, amount) = if roll < 2 {
+            let to = (from + rng.gen_range(1..n)) % n;
+            let amount = OVERDRAFT;
+            (Effect::Transfer { from, to, amount }, pubs[to], amount)
+        } else if roll < 6 && s.withdrawals {
+            let amount = rng.gen_range(1..=50);
+            (Effect::Withdraw { from, amount }, [0; 32], amount)
+        } else {
+            let to = (from + rng.gen_range(1..n)) % n;
+            let amount = rng.gen_range(1..=100);
+            (Effect::Transfer { from, to, amount }, pubs[to], amount)
+        };
+        let op_kind = match effect {
+            Effect::Withdraw { .. } => Op::Withdraw,
+            _ => Op::Transfer,
+        };
+        let id = u128::from(s.next_id.fetch_add(1, Ordering::SeqCst));
+        let request = build_request(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
+        let op = s.recorder.begin(s.index, effect, request.clone());
+        let sent = Instant::now();
+        let floor = seen;
+        let attempts_before = s.client.stats().attempts;
+        let result = s.client.submit(request).await;
+        // This client runs one operation at a time, so the difference is this one's attempts.
+        let attempts = s.client.stats().attempts - attempts_before;
+        match result {
+            Ok(c) => {
+                let confirmed = s.recorder.confirmation(op, &c, &s.operator, sent);
+                // Every batch up to `floor` was committed before this request existed.
+                if confirmed.height <= floor {
+                    s.recorder.lock().regressions.push(format!(
+                        "client {}: a new request was confirmed at height {} although the \
+                         client had already seen height {floor}",
+                        s.index, confirmed.height
+                    ));
+                }
+                seen = seen.max(confirmed.height);
+                s.recorder.set_state(op, OpState::Confirmed(confirmed));
+            }
+            Err(e) => {
+                let state = first_failure(&e, attempts);
+                if let OpState::Indeterminate(_) = state {
+                    pending.push_back(Pending {
+                        op,
+                        due: Instant::now() + Duration::from_millis(rng.gen_range(500..3000)),
+                    });
+                }
+                s.recorder.set_state(op, state);
+            }
+        }
+    }
+    s.client.stats()
+}
+
+/// The state after a first submission failed with `e` after `attempts` attempts. A refusal
+/// settles it only if it answered the one attempt made: after a retry, an earlier attempt may
+/// sit in a batch that still commits, while a replica judging on older state refuses the
+/// retry.
+fn first_failure(e: &ClientError, attempts: u64) -> OpState {
+    match e {
+        ClientError::Rejected(reply)
+            if DETERMINISTIC_REFUSALS.contains(&reply.code) && attempts <= 1 =>
+        {
+            OpState::Rejected(reply.code)
+        }
+        ClientError::GaveUp { attempts: 0, .. } | ClientError::QueueFull { .. } => OpState::NotSent,
+        // Anything else may have been applied: find out later.
+        other => OpState::Indeterminate(other.to_string()),
+    }
+}
+
+/// Resubmits an indeterminate operation. Returns it again if its outcome is still unknown and
+/// it may be tried again during the run.
+async fn resubmit(s: &ClientSetup, op: usize, rng: &mut StdRng) -> Option<Pending> {
+    let request = {
+        let mut h = s.recorder.lock();
+        let o = &mut h.ops[op];
+        o.submissions += 1;
+        o.retried = true;
+        o.request.clone()
+    };
+    let sent = Instant::now();
+    match s.client.submit(request).await {
+        Ok(c) => {
+            let confirmed = s.recorder.confirmation(op, &c, &s.operator, sent);
+            s.recorder
+                .set_state(op, OpState::ResolvedApplied(confirmed));
+            None
+        }
+        Err(e) => {
+            // A refusal now does not prove the request was never applied: an earlier attempt
+            // may still be in flight (sealed, not yet committed). Only the final resolution,
+            // on a healed and quiet cluster, may conclude that.
+            let submissions = {
+                let mut h = s.recorder.lock();
+                h.ops[op].state = OpState::Indeterminate(e.to_string());
+                h.ops[op].submissions
+            };
+            (submissions < RESUBMISSIONS_MAX).then(|| Pending {
+                op,
+                due: Instant::now() + Duration::from_millis(rng.gen_range(1000..4000)),
+            })
+        }
+    }
+}
+
+/// Resolves every operation still unknown by resubmitting it to the healed, quiet cluster:
+/// a confirmation (original or replayed) settles it as applied; a deterministic refusal as not
+/// applied (nothing else can be in flight any more).
+pub async fn resolve_all(recorder: &Recorder, profile: &Profile, operator: &PublicKey) {
+    let open: Vec<(usize, Request)> = {
+        let h = recorder.lock();
+        h.ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.state.applied().is_none())
+            .map(|(i, o)| (i, o.request.clone()))
+            .collect()
+    };
+    let client = ClusterClient::with_connector(
+        profile.replicas.clone(),
+        ClusterOptions {
+            total_timeout: Duration::from_secs(30),
+            ..client_options()
+        },
+        Arc::new(ProfileConnector::new(profile)),
+    );
+    for chunk in open.chunks(32) {
+        let mut tasks = Vec::new();
+        for (op, request) in chunk.iter().cloned() {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                (op, client.submit(request).await, sent)
+            }));
+        }
+        for t in tasks {
+            let Ok((op, result, sent)) = t.await else {
+                continue;
+            };
+            {
+                let mut h = recorder.lock();
+                h.ops[op].submissions += 1;
+                h.ops[op].retried = true;
+            }
+            let state = match result {
+                Ok(c) => OpState::ResolvedApplied(recorder.confirmation(op, &c, operator, sent)),
+                Err(ClientError::Rejected(reply))
+                    if DETERMINISTIC_REFUSALS.contains(&reply.code) =>
+                {
+                    OpState::ResolvedNotApplied(reply.code)
+                }
+                Err(e) => OpState::Unresolved(e.to_string()),
+            };
+            recorder.set_state(op, state);
+        }
+    }
+}
+
+/// Deposits `funding` into every account (retrying each with its own id until confirmed) and
+/// records the deposits as operations of the harness.
+pub async fn fund(
+    recorder: &Recorder,
+    profile: &Profile,
+    accounts: &[SigningKey],
+    operator: &PublicKey,
+    funding: u64,
+) -> anyhow::Result<()> {
+    let deposit_key = profile.load_deposit_key()?;
+    let chain_id = profile.chain_id_bytes()?;
+    let client = ClusterClient::new(
+        profile,
+        ClusterOptions {
+            total_timeout: Duration::from_secs(20),
+            ..client_options()
+        },
+    );
+    for (i, key) in accounts.iter().enumerate() {
+        let to = key.verifying_key().to_bytes();
+        let request = build_request(
+            &deposit_key,
+            chain_id,
+            Op::Deposit,
+            i as u128 + 1,
+            to,
+            funding,
+        );
+        let op = recorder.begin(
+            usize::MAX,
+            Effect::Deposit {
+                to: i,
+                amount: funding,
+            },
+            request.clone(),
+        );
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let sent = Instant::now();
+            match client.submit(request.clone()).await {
+                Ok(c) => {
+                    let confirmed = recorder.confirmation(op, &c, operator, sent);
+                    recorder.set_state(op, OpState::Confirmed(confirmed));
+                    break;
+                }
+                Err(e) if tries < 10 => {
+                    eprintln!("tally-chaos: funding account #{i}: {e}; retrying");
+                }
+                Err(e) => anyhow::bail!("funding account #{i} failed 10 times: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls linearizable reads in a loop, one at a time, and checks that the height they answer
+/// at never goes backwards.
+pub async fn observe(
+    client: ClusterClient,
+    account: PublicKey,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut seen = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(b) = client.balance(account, ReadMode::Linearizable).await {
+            let mut h = recorder.lock();
+            if b.mode != ReadMode::Linearizable {
+                h.reads_downgraded += 1;
+            } else {
+                h.reads += 1;
+                if b.height < seen {
+                    let at = recorder.now_ms();
+                    h.regressions.push(format!(
+                        "observer at +{at} ms: a linearizable read answered at height {} after \
+                         height {seen}",
+                        b.height
+                    ));
+                }
+                seen = seen.max(b.height);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

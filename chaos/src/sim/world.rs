@@ -1,0 +1,1079 @@
+//! One simulated run: replicas, clients, a network and a clock, all driven by one seeded
+//! generator, then the heal, the resolution of unknown outcomes, and the final checks.
+//!
+//! Time moves in steps of one raft tick (10 ms). In each step: packets that are due are
+//! delivered (each delivery is followed by the receiving replica's ready processing), every
+//! running replica ticks, leaders seal due batches, clients act, and faults are drawn.
+//! Nothing iterates a hash map where order could matter, so a seed replays exactly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ed25519_dalek::SigningKey;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tally_client::build_request;
+use tally_core::batch::BatchBody;
+use tally_core::crypto::{header_hash, request_hash, sha256, verify_header, OperatorKey};
+use tally_core::merkle::{leaf_hash, verify_inclusion};
+use tally_wire::{Confirmation, ErrorCode, Hash, Op, PublicKey, Request};
+
+use super::node::{Answer, ClientRequest, Out, ReplyTo, SimNode, Watch};
+use super::{SimOptions, SimStats, Tuning};
+use crate::history::{Effect, HeaderLog, Model, ReceiptLog};
+use crate::load::{Confirmed, OpState, DETERMINISTIC_REFUSALS};
+
+const TICK_MS: u64 = 10;
+const ACCOUNTS: usize = 5;
+const FUNDING: u64 = 500;
+const CLIENTS: usize = 3;
+/// A client waits this long for an answer before it tries the next replica.
+const REPLY_TIMEOUT_MS: u64 = 400;
+/// Attempts per task before a client gives up on it (its outcome then stays unknown).
+const TRIES_MAX: u32 = 12;
+/// Steps the heal may take before the cluster must have converged.
+const HEAL_STEPS_MAX: u64 = 6000;
+
+/// How the network misbehaves in this run (drawn once per seed).
+#[derive(Debug, Clone, Copy)]
+struct NetParams {
+    loss: f64,
+    duplicate: f64,
+    delay_max_ms: u64,
+}
+
+enum Packet {
+    Raft(raft::eraftpb::Message),
+    /// Tells `node` that a message it sent to `peer` was lost (as the server's transport does
+    /// when a connection breaks).
+    Unreachable {
+        node: u64,
+        peer: u64,
+    },
+    Request {
+        to: u64,
+        reply: ReplyTo,
+        request: ClientRequest,
+    },
+    Reply {
+        reply: ReplyTo,
+        answer: Answer,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    /// Submit operation `op` (an index into `ops`).
+    Submit(usize),
+    /// A linearizable read.
+    Read,
+}
+
+struct Current {
+    task: Task,
+    attempt: u64,
+    /// Waiting for the answer to `attempt` until then; None when a retry is scheduled.
+    deadline: Option<u64>,
+    retry_at: Option<u64>,
+    tries: u32,
+    /// The highest height the client had seen when the task started.
+    floor: u64,
+    /// Set for the final resolution: a deterministic refusal then settles the outcome.
+    resolving: bool,
+}
+
+struct SimClient {
+    target: u64,
+    current: Option<Current>,
+    next_at: u64,
+    /// The highest height this client has seen (confirmations of its new requests, reads).
+    seen: u64,
+    /// Operations to resolve at the end, assigned to this client.
+    resolve: Vec<usize>,
+}
+
+struct SimOp {
+    effect: Effect,
+    request: Request,
+    state: OpState,
+    /// Copies of the request sent to replicas.
+    sent: u32,
+    /// Refused deterministically after an earlier attempt had gone out.
+    /// The step and code of a deterministic refusal received after an earlier copy had gone
+    /// out (the outcome then stays unknown: that copy may still be applied).
+    refused_after_retry: Option<(u64, ErrorCode, u32, (u64, u64))>,
+}
+
+pub struct World {
+    rng: StdRng,
+    now: u64,
+    step: u64,
+    t: Tuning,
+    net: NetParams,
+    nodes: Vec<Option<SimNode>>,
+    operator_public: PublicKey,
+    packets: BTreeMap<(u64, u64), Packet>,
+    packet_seq: u64,
+    attempt_seq: u64,
+    cut: BTreeSet<(u64, u64)>,
+    partition_until: Option<u64>,
+    restart_at: BTreeMap<u64, u64>,
+    clients: Vec<SimClient>,
+    accounts: Vec<SigningKey>,
+    ops: Vec<SimOp>,
+    op_by_key: BTreeMap<(PublicKey, u128), usize>,
+    next_id: u128,
+    accepting: bool,
+    /// The chain height when the final resolution began: what was applied before it.
+    resolution_height: u64,
+    headers: HeaderLog,
+    receipts: ReceiptLog,
+    verified_headers: BTreeSet<Hash>,
+    violations: Vec<String>,
+    pub stats: SimStats,
+}
+
+fn key_from(rng: &mut StdRng) -> SigningKey {
+    SigningKey::from_bytes(&rng.gen())
+}
+
+impl World {
+    pub fn new(seed: u64, opts: &SimOptions) -> World {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = if rng.gen_bool(0.5) { 3 } else { 5 };
+        let operator = key_from(&mut rng);
+        let deposit = key_from(&mut rng);
+        let accounts: Vec<SigningKey> = (0..ACCOUNTS).map(|_| key_from(&mut rng)).collect();
+        let chain_id: Hash = rng.gen();
+        let t = Tuning {
+            chain_id,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            batch_window_ms: TICK_MS * rng.gen_range(1..=4),
+            batch_requests_max: rng.gen_range(2..=16),
+            in_flight_max: rng.gen_range(1..=4),
+            compaction_entries: rng.gen_range(8..=64),
+            bug: opts.bug,
+        };
+        let net = NetParams {
+            loss: *[0.0, 0.01, 0.05, 0.15].choose(&mut rng).expect("not empty"),
+            duplicate: *[0.0, 0.02, 0.1].choose(&mut rng).expect("not empty"),
+            delay_max_ms: *[10, 30, 80].choose(&mut rng).expect("not empty"),
+        };
+        let voters: Vec<u64> = (1..=n).collect();
+        let mut nodes: Vec<Option<SimNode>> = voters
+            .iter()
+            .map(|&id| {
+                let key = OperatorKey::new(SigningKey::from_bytes(&operator.to_bytes()));
+                Some(SimNode::new(id, &voters, key))
+            })
+            .collect();
+        for node in nodes.iter_mut().flatten() {
+            node.start(&t);
+        }
+        let clients = (0..CLIENTS)
+            .map(|i| SimClient {
+                target: (i as u64 % n) + 1,
+                current: None,
+                next_at: 0,
+                seen: 0,
+                resolve: Vec::new(),
+            })
+            .collect();
+        let mut world = World {
+            rng,
+            now: 0,
+            step: 0,
+            t,
+            net,
+            nodes,
+            operator_public: operator.verifying_key().to_bytes(),
+            packets: BTreeMap::new(),
+            packet_seq: 0,
+            attempt_seq: 0,
+            cut: BTreeSet::new(),
+            partition_until: None,
+            restart_at: BTreeMap::new(),
+            clients,
+            accounts,
+            ops: Vec::new(),
+            op_by_key: BTreeMap::new(),
+            next_id: 1,
+            accepting: true,
+            resolution_height: u64::MAX,
+            headers: HeaderLog::default(),
+            receipts: ReceiptLog::default(),
+            verified_headers: BTreeSet::new(),
+            violations: Vec::new(),
+            stats: SimStats {
+                nodes: n,
+                ..SimStats::default()
+            },
+        };
+        // Funding: one deposit per account, submitted by the clients like any operation.
+        for i in 0..ACCOUNTS {
+            let to = world.accounts[i].verifying_key().to_bytes();
+            let request =
+                build_request(&deposit, chain_id, Op::Deposit, i as u128 + 1, to, FUNDING);
+            let op = world.add_op(
+                Effect::Deposit {
+                    to: i,
+                    amount: FUNDING,
+                },
+                request,
+            );
+            world.clients[i % CLIENTS].resolve.push(op);
+        }
+        world
+    }
+
+    fn add_op(&mut self, effect: Effect, request: Request) -> usize {
+        self.op_by_key
+            .insert((request.signer, request.id), self.ops.len());
+        self.ops.push(SimOp {
+            effect,
+            request,
+            state: OpState::InFlight,
+            sent: 0,
+            refused_after_retry: None,
+        });
+        self.ops.len() - 1
+    }
+
+    fn n(&self) -> u64 {
+        self.nodes.len() as u64
+    }
+
+    fn node(&mut self, id: u64) -> &mut SimNode {
+        self.nodes[id as usize - 1]
+            .as_mut()
+            .expect("a node is only taken while it runs")
+    }
+
+    /// Runs the whole scenario and returns the violations found.
+    pub fn run(mut self, steps: u64) -> (Vec<String>, SimStats) {
+        // The funding deposits first, without faults.
+        while self.step < steps
+            && self
+                .clients
+                .iter()
+                .any(|c| !c.resolve.is_empty() || c.current.is_some())
+        {
+            self.tick(false);
+        }
+        for c in &mut self.clients {
+            c.resolve.clear();
+        }
+        while self.step < steps {
+            self.tick(true);
+        }
+        self.heal();
+        if self.settle("after the heal") {
+            self.resolve();
+            if self.settle("after resolving unknown outcomes") {
+                self.final_checks();
+            }
+        }
+        self.stats.steps = self.step;
+        self.stats.violations = self.violations.len() as u64;
+        (self.violations, self.stats)
+    }
+
+    /// One step of simulated time.
+    fn tick(&mut self, faults: bool) {
+        self.step += 1;
+        self.now += TICK_MS;
+        // Deliveries due by now, in (time, sequence) order.
+        while let Some((&(at, _), _)) = self.packets.first_key_value() {
+            if at > self.now {
+                break;
+            }
+            let (_, packet) = self.packets.pop_first().expect("first exists");
+            self.deliver(packet);
+        }
+        for id in 1..=self.n() {
+            if self.nodes[id as usize - 1]
+                .as_ref()
+                .is_some_and(|n| n.is_up())
+            {
+                self.node(id).tick();
+                let now = self.now;
+                let t = self.t.clone();
+                let mut out = Vec::new();
+                self.node(id).maybe_seal(now, &t, &mut out);
+                self.drive(id, out);
+            }
+        }
+        for c in 0..self.clients.len() {
+            self.client_step(c);
+        }
+        if faults {
+            self.faults();
+        }
+        let due: Vec<u64> = self
+            .restart_at
+            .iter()
+            .filter(|(_, &at)| at <= self.now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.restart_at.remove(&id);
+            self.restart(id);
+        }
+        if self.partition_until.is_some_and(|until| until <= self.now) {
+            self.cut.clear();
+            self.partition_until = None;
+        }
+    }
+
+    /// Processes node `id`'s ready state and routes what it sends, including `out`.
+    fn drive(&mut self, id: u64, mut out: Vec<Out>) {
+        let slot = id as usize - 1;
+        let Some(mut node) = self.nodes[slot].take() else {
+            return;
+        };
+        let mut watch = Watch {
+            headers: &mut self.headers,
+            violations: &mut self.violations,
+            step: self.step,
+            snapshots_installed: &mut self.stats.snapshots_installed,
+            elections: &mut self.stats.elections,
+        };
+        node.drive(&self.nodes, &self.t, &mut self.rng, &mut watch, &mut out);
+        let fatal = node.fatal().map(str::to_string);
+        self.nodes[slot] = Some(node);
+        self.route(id, out);
+        if let Some(why) = fatal {
+            // The server stops the process; the operator (here, the simulation) restarts it.
+            self.stats.fatal_stops += 1;
+            self.crash(id);
+            self.stats.last_fatal = Some(why);
+        }
+    }
+
+    fn route(&mut self, from: u64, out: Vec<Out>) {
+        for o in out {
+            match o {
+                Out::Raft(m) => {
+                    let to = m.to;
+                    if self.cut.contains(&(from, to)) {
+                        self.stats.messages_dropped += 1;
+                        self.lost(from, to);
+                        continue;
+                    }
+                    self.send(Packet::Raft(m.clone()), true);
+                    if self.rng.gen_bool(self.net.duplicate) {
+                        self.stats.messages_duplicated += 1;
+                        self.send(Packet::Raft(m), true);
+                    }
+                }
+                Out::Reply(reply, answer) => self.send(Packet::Reply { reply, answer }, true),
+            }
+        }
+    }
+
+    /// A raft message from `from` to `to` was lost: the sender's transport notices a little
+    /// later.
+    fn lost(&mut self, from: u64, to: u64) {
+        let delay = self.rng.gen_range(20..100);
+        self.packet_seq += 1;
+        self.packets.insert(
+            (self.now + delay, self.packet_seq),
+            Packet::Unreachable {
+                node: from,
+                peer: to,
+            },
+        );
+    }
+
+    /// Puts a packet on the network: it may be lost, and arrives after a random delay.
+    fn send(&mut self, packet: Packet, lossy: bool) {
+        self.stats.messages += 1;
+        if lossy && self.rng.gen_bool(self.net.loss) {
+            self.stats.messages_dropped += 1;
+            if let Packet::Raft(m) = &packet {
+                let (from, to) = (m.from, m.to);
+                self.lost(from, to);
+            }
+            return;
+        }
+        let delay = self.rng.gen_range(1..=self.net.delay_max_ms.max(1));
+        // Delivered in the first step at or after its arrival time.
+        let at = self.now + delay;
+        self.packet_seq += 1;
+        self.packets.insert((at, self.packet_seq), packet);
+    }
+
+    fn deliver(&mut self, packet: Packet) {
+        match packet {
+            Packet::Raft(m) => {
+                let (from, to) = (m.from, m.to);
+                if self.cut.contains(&(from, to)) {
+                    self.stats.messages_dropped += 1;
+                    self.lost(from, to);
+                    return;
+                }
+                let up = self.nodes[to as usize - 1]
+                    .as_ref()
+                    .is_some_and(|n| n.is_up());
+                if !up {
+                    self.lost(from, to);
+                    return;
+                }
+                let t = self.t.clone();
+                self.node(to).step(m, &t);
+                self.drive(to, Vec::new());
+            }
+            Packet::Request { to, reply, request } => {
+                let up = self.nodes[to as usize - 1]
+                    .as_ref()
+                    .is_some_and(|n| n.is_up());
+                if !up {
+                    return;
+                }
+                let now = self.now;
+                let mut out = Vec::new();
+                self.node(to).request(reply, request, now, &mut out);
+                self.drive(to, out);
+            }
+            Packet::Reply { reply, answer } => self.answer(reply, answer),
+            Packet::Unreachable { node, peer } => {
+                if self.nodes[node as usize - 1]
+                    .as_ref()
+                    .is_some_and(|n| n.is_up())
+                {
+                    self.node(node).unreachable(peer);
+                    self.drive(node, Vec::new());
+                }
+            }
+        }
+    }
+
+    fn crash(&mut self, id: u64) {
+        self.node(id).crash();
+        self.stats.crashes += 1;
+        let down = self.rng.gen_range(200..3000);
+        self.restart_at.insert(id, self.now + down);
+    }
+
+    fn restart(&mut self, id: u64) {
+        if self.node(id).is_up() {
+            return;
+        }
+        let t = self.t.clone();
+        self.node(id).start(&t);
+        self.stats.restarts += 1;
+        self.drive(id, Vec::new());
+    }
+
+    fn down(&self) -> usize {
+        self.nodes.iter().flatten().filter(|n| !n.is_up()).count()
+    }
+
+    /// Draws this step's faults: crashes (never more than a minority down) and partitions
+    /// (isolation, majority/minority split, one-way cuts).
+    fn faults(&mut self) {
+        let minority = (self.nodes.len() - 1) / 2;
+        if self.rng.gen_bool(0.004) && self.down() < minority {
+            // The leader more often than not: that is where the interesting cases are.
+            let leader = self
+                .nodes
+                .iter()
+                .flatten()
+                .find(|n| n.writable())
+                .map(|n| n.id);
+            let up: Vec<u64> = self
+                .nodes
+                .iter()
+                .flatten()
+                .filter(|n| n.is_up())
+                .map(|n| n.id)
+                .collect();
+            let victim = match leader {
+                Some(l) if self.rng.gen_bool(0.6) => l,
+                _ => *up.choose(&mut self.rng).expect("a majority is up"),
+            };
+            self.crash(victim);
+        }
+        if self.partition_until.is_none() && self.rng.gen_bool(0.003) {
+            let n = self.n();
+            let mut ids: Vec<u64> = (1..=n).collect();
+            ids.shuffle(&mut self.rng);
+            match self.rng.gen_range(0..3) {
+                0 => {
+                    // One replica isolated.
+                    for other in 1..=n {
+                        if other != ids[0] {
+                            self.cut.insert((ids[0], other));
+                            self.cut.insert((other, ids[0]));
+                        }
+                    }
+                }
+                1 => {
+                    // A minority and a majority.
+                    let m = self.rng.gen_range(1..=(n as usize - 1) / 2);
+                    let (minor, major) = ids.split_at(m);
+                    for &a in minor {
+                        for &b in major {
+                            self.cut.insert((a, b));
+                            self.cut.insert((b, a));
+                        }
+                    }
+                }
+                _ => {
+                    // Some links cut in one direction only.
+                    let links = self.rng.gen_range(1..=n as usize);
+                    for _ in 0..links {
+                        let a = self.rng.gen_range(1..=n);
+                        let b = self.rng.gen_range(1..=n);
+                        if a != b {
+                            self.cut.insert((a, b));
+                        }
+                    }
+                }
+            }
+            self.stats.partitions += 1;
+            self.partition_until = Some(self.now + self.rng.gen_range(200..4000));
+        }
+    }
+
+    /// Ends every fault: the network heals and stops losing packets, every replica restarts,
+    /// clients start no new operation.
+    fn heal(&mut self) {
+        self.cut.clear();
+        self.partition_until = None;
+        self.net.loss = 0.0;
+        self.net.duplicate = 0.0;
+        self.accepting = false;
+        for id in std::mem::take(&mut self.restart_at).into_keys() {
+            self.restart(id);
+        }
+    }
+
+    /// Runs until no client packet is in flight, every client is idle and every replica holds the same
+    /// state with one of them writable. False (and a violation) if that never happens.
+    fn settle(&mut self, when: &str) -> bool {
+        let deadline = self.step + HEAL_STEPS_MAX;
+        while self.step < deadline {
+            self.tick(false);
+            let quiet = self
+                .packets
+                .values()
+                .all(|p| matches!(p, Packet::Raft(_) | Packet::Unreachable { .. }))
+                && self
+                    .clients
+                    .iter()
+                    .all(|c| c.current.is_none() && c.resolve.is_empty());
+            if quiet && self.converged() {
+                return true;
+            }
+        }
+        let states: Vec<String> = self.nodes.iter().flatten().map(|n| n.describe()).collect();
+        self.violations.push(format!(
+            "no convergence {} {HEAL_STEPS_MAX} steps {when}: {}",
+            "within",
+            states.join("; ")
+        ));
+        false
+    }
+
+    fn converged(&self) -> bool {
+        let nodes: Vec<&SimNode> = self.nodes.iter().flatten().collect();
+        nodes.iter().all(|n| n.is_up())
+            && nodes.iter().any(|n| n.writable())
+            && nodes.iter().all(|n| n.meta() == nodes[0].meta())
+    }
+
+    /// Hands every operation whose outcome is unknown to a client, to resubmit once more.
+    fn resolve(&mut self) {
+        self.accepting = false;
+        self.resolution_height = self
+            .nodes
+            .iter()
+            .flatten()
+            .map(|n| n.meta().height)
+            .max()
+            .unwrap_or(0);
+        let open: Vec<usize> = self
+            .ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.state.applied().is_none())
+            .map(|(i, _)| i)
+            .collect();
+        for (k, op) in open.into_iter().enumerate() {
+            self.clients[k % CLIENTS].resolve.push(op);
+        }
+    }
+
+    fn client_step(&mut self, c: usize) {
+        let now = self.now;
+        if let Some(cur) = &mut self.clients[c].current {
+            if cur.deadline.is_some_and(|d| now >= d) {
+                // No answer: try the next replica.
+                cur.deadline = None;
+                cur.retry_at = Some(now);
+                let next = self.clients[c].target % self.n() + 1;
+                self.clients[c].target = next;
+            }
+            let due = self.clients[c]
+                .current
+                .as_ref()
+                .is_some_and(|cur| cur.retry_at.is_some_and(|r| now >= r));
+            if due {
+                self.attempt(c);
+            }
+            return;
+        }
+        if let Some(op) = self.clients[c].resolve.pop() {
+            let floor = self.clients[c].seen;
+            self.clients[c].current = Some(Current {
+                task: Task::Submit(op),
+                attempt: 0,
+                deadline: None,
+                retry_at: Some(now),
+                tries: 0,
+                floor,
+                resolving: !self.accepting,
+            });
+            self.attempt(c);
+            return;
+        }
+        if !self.accepting || now < self.clients[c].next_at {
+            return;
+        }
+        let task = if self.rng.gen_bool(0.15) {
+            Task::Read
+        } else {
+            Task::Submit(self.new_op())
+        };
+        let floor = self.clients[c].seen;
+        self.clients[c].current = Some(Current {
+            task,
+            attempt: 0,
+            deadline: None,
+            retry_at: Some(now),
+            tries: 0,
+            floor,
+            resolving: false,
+        });
+        self.attempt(c);
+    }
+
+    fn new_op(&mut self) -> usize {
+        let from = self.rng.gen_range(0..ACCOUNTS);
+        let roll = self.rng.gen_range(0..100);
+        let id = self.next_id;
+        self.next_id += 1;
+        let chain_id = self.t.chain_id;
+        let (effect, op, to, amount) = if roll < 10 {
+            let amount = self.rng.gen_range(1..=40);
+            (
+                Effect::Withdraw { from, amount },
+                Op::Withdraw,
+                [0; 32],
+                amount,
+            )
+        } else {
+            let to = (from + self.rng.gen_range(1..ACCOUNTS)) % ACCOUNTS;
+            let amount = self.rng.gen_range(1..=120);
+            (
+                Effect::Transfer { from, to, amount },
+                Op::Transfer,
+                self.accounts[to].verifying_key().to_bytes(),
+                amount,
+            )
+        };
+        let request = build_request(&self.accounts[from], chain_id, op, id, to, amount);
+        self.add_op(effect, request)
+    }
+
+    /// Sends the current task's next attempt to the client's target.
+    fn attempt(&mut self, c: usize) {
+        let n = self.n();
+        let now = self.now;
+        let client = &mut self.clients[c];
+        let cur = client.current.as_mut().expect("a task is under way");
+        cur.tries += 1;
+        if cur.tries > TRIES_MAX {
+            // Give up: the outcome of a submit stays unknown until the final resolution.
+            if let Task::Submit(op) = cur.task {
+                if self.ops[op].state.applied().is_none() {
+                    self.ops[op].state = if cur.resolving {
+                        OpState::Unresolved("no answer after many attempts".into())
+                    } else {
+                        OpState::Indeterminate("no answer".into())
+                    };
+                }
+            }
+            client.current = None;
+            client.next_at = now + self.rng.gen_range(0..50);
+            return;
+        }
+        self.stats.attempts += 1;
+        self.attempt_seq += 1;
+        cur.attempt = self.attempt_seq;
+        cur.deadline = Some(now + REPLY_TIMEOUT_MS);
+        cur.retry_at = None;
+        let reply = ReplyTo {
+            client: c,
+            attempt: cur.attempt,
+        };
+        let request = match cur.task {
+            Task::Submit(op) => {
+                self.ops[op].sent += 1;
+                ClientRequest::Submit(self.ops[op].request.clone())
+            }
+            Task::Read => ClientRequest::Read(
+                self.accounts[self.rng.gen_range(0..ACCOUNTS)]
+                    .verifying_key()
+                    .to_bytes(),
+            ),
+        };
+        let to = client.target.clamp(1, n);
+        self.send(Packet::Request { to, reply, request }, true);
+    }
+
+    /// A replica's answer reaches a client.
+    fn answer(&mut self, reply: ReplyTo, answer: Answer) {
+        let c = reply.client;
+        let now = self.now;
+        if let Answer::Confirmed(conf) = &answer {
+            // Every confirmation a client receives counts, even for an attempt it gave up on.
+            self.confirmation(conf);
+        }
+        let Some(cur) = self.clients[c].current.as_mut() else {
+            return;
+        };
+        if cur.attempt != reply.attempt || cur.deadline.is_none() {
+            return;
+        }
+        match (answer, cur.task) {
+            (Answer::Confirmed(conf), Task::Submit(_)) => {
+                let height = conf.receipt.height;
+                // The request did not exist when the client saw `floor`: it must land above.
+                if !cur.resolving && height <= cur.floor {
+                    self.violations.push(format!(
+                        "step {}: client {c}'s new request was confirmed at height {height}, \
+                         below height {} it had seen before",
+                        self.step, cur.floor
+                    ));
+                }
+                let client = &mut self.clients[c];
+                client.seen = client.seen.max(height);
+                client.current = None;
+                client.next_at = now + self.rng.gen_range(0..50);
+            }
+            (Answer::Balance { height }, Task::Read) => {
+                let client = &mut self.clients[c];
+                if height < client.seen {
+                    self.violations.push(format!(
+                        "step {}: client {c}'s linearizable read answered at height {height} \
+                         after it had seen height {}",
+                        self.step, client.seen
+                    ));
+                }
+                client.seen = client.seen.max(height);
+                self.stats.reads += 1;
+                client.current = None;
+                client.next_at = now + self.rng.gen_range(0..50);
+            }
+            (Answer::Refused { code, hint, by }, task) => {
+                let n = self.n();
+                let backoff = self.rng.gen_range(10..60);
+                let client = &mut self.clients[c];
+                let cur = client.current.as_mut().expect("checked above");
+                cur.deadline = None;
+                match code {
+                    ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Busy => {
+                        client.target = if hint != 0 {
+                            hint
+                        } else {
+                            client.target % n + 1
+                        };
+                        cur.retry_at = Some(now + if hint != 0 { TICK_MS } else { backoff });
+                    }
+                    code => {
+                        if let Task::Submit(op) = task {
+                            let resolving = cur.resolving;
+                            let o = &mut self.ops[op];
+                            if code == ErrorCode::IdConflict {
+                                self.violations.push(format!(
+                                    "step {}: op #{op} resubmitted with the same bytes was \
+                                     refused as id_conflict",
+                                    self.step
+                                ));
+                            }
+                            let deterministic = DETERMINISTIC_REFUSALS.contains(&code);
+                            if o.state.applied().is_none() {
+                                o.state = if deterministic && o.sent == 1 {
+                                    OpState::Rejected(code)
+                                } else if deterministic && resolving {
+                                    OpState::ResolvedNotApplied(code)
+                                } else if resolving {
+                                    OpState::Unresolved(code.name().into())
+                                } else {
+                                    // An earlier copy may still be in flight: unknown.
+                                    o.refused_after_retry = Some((self.step, code, o.sent, by));
+                                    OpState::Indeterminate(code.name().into())
+                                };
+                            }
+                        }
+                        client.current = None;
+                        client.next_at = now + backoff;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks a confirmation and records what it shows.
+    fn confirmation(&mut self, c: &Confirmation) {
+        self.stats.confirmations += 1;
+        if let Err(e) = self.verify(c) {
+            self.violations.push(format!(
+                "step {}: a confirmation at height {} does not verify: {e}",
+                self.step, c.receipt.height
+            ));
+        }
+        let step = self.step;
+        self.headers
+            .record(&c.header, || format!("a confirmation at step {step}"));
+        if !self
+            .receipts
+            .record(&c.request.signer, c.request.id, &c.receipt)
+        {
+            let last = self.receipts.conflicts.last().cloned().unwrap_or_default();
+            self.violations.push(format!("step {step}: {last}"));
+        }
+        let Some(&op) = self.op_by_key.get(&(c.request.signer, c.request.id)) else {
+            self.violations.push(format!(
+                "step {step}: a confirmation for a request no client sent"
+            ));
+            return;
+        };
+        if self.ops[op].request != c.request {
+            self.violations.push(format!(
+                "step {step}: op #{op} confirmed with other request bytes"
+            ));
+        }
+        let confirmed = Confirmed {
+            height: c.receipt.height,
+            index: c.receipt.index,
+            term: c.header.header.term,
+            header_digest: sha256(&[&c.header.encode()]),
+            replayed: c.replayed,
+            at_ms: self.now,
+            latency_ms: 0,
+        };
+        let o = &mut self.ops[op];
+        o.state = match &o.state {
+            OpState::InFlight | OpState::Confirmed(_) => OpState::Confirmed(confirmed),
+            OpState::ResolvedApplied(_) => OpState::ResolvedApplied(confirmed),
+            OpState::Indeterminate(_) | OpState::Unresolved(_) => {
+                OpState::ResolvedApplied(confirmed)
+            }
+            // A confirmation for what was settled as not applied: the final checks report it
+            // (the request is then in the chain although a refusal said it would not be).
+            other => other.clone(),
+        };
+    }
+
+    /// `verify_confirmation` without the request signature (the harness made it), with each
+    /// header's signature checked once.
+    fn verify(&mut self, c: &Confirmation) -> Result<(), String> {
+        let h = &c.header.header;
+        if c.request.chain_id != h.chain_id
+            || c.receipt.request_hash != request_hash(&c.request)
+            || c.receipt.op != c.request.op
+            || c.receipt.height != h.height
+            || c.receipt.index != c.proof.leaf_index
+            || c.proof.tree_size != h.request_count
+        {
+            return Err("the receipt, proof and header do not agree".into());
+        }
+        if !verify_inclusion(&leaf_hash(&c.receipt.encode()), &c.proof, &h.merkle_root) {
+            return Err("the inclusion proof does not lead to the header's root".into());
+        }
+        let digest = sha256(&[&c.header.encode()]);
+        if !self.verified_headers.contains(&digest) {
+            verify_header(&self.operator_public, &c.header).map_err(|e| e.to_string())?;
+            self.verified_headers.insert(digest);
+        }
+        Ok(())
+    }
+
+    /// The invariants, on the healed and settled cluster.
+    fn final_checks(&mut self) {
+        let nodes: Vec<&SimNode> = self.nodes.iter().flatten().collect();
+        let reference = nodes[0].ledger();
+        for n in &nodes[1..] {
+            let l = n.ledger();
+            if l.meta != reference.meta
+                || l.accounts != reference.accounts
+                || l.headers != reference.headers
+                || l.requests != reference.requests
+            {
+                self.violations.push(format!(
+                    "node {}'s ledger differs from node {}'s",
+                    n.id, nodes[0].id
+                ));
+            }
+        }
+        let meta = nodes[0].meta().clone();
+        let height = meta.height;
+        // The chain: contiguous, linked, signed.
+        let mut prev = [0u8; 32];
+        let mut chain = Vec::with_capacity(height as usize);
+        for h in 1..=height {
+            let Some(signed) = reference.headers.get(&h) else {
+                self.violations
+                    .push(format!("the final chain lacks header {h}"));
+                return;
+            };
+            if signed.header.prev_hash != prev {
+                self.violations
+                    .push(format!("header {h} does not link to header {}", h - 1));
+            }
+            let digest = sha256(&[&signed.encode()]);
+            if !self.verified_headers.contains(&digest) {
+                if let Err(e) = verify_header(&self.operator_public, signed) {
+                    self.violations.push(format!("header {h}: {e}"));
+                }
+                self.verified_headers.insert(digest);
+            }
+            self.headers
+                .record(signed, || "the final chain".to_string());
+            prev = header_hash(&signed.header);
+            chain.push(digest);
+        }
+        // Every request in the chain, by key: none twice.
+        let mut in_chain: BTreeMap<(PublicKey, u128), (u64, u32)> = BTreeMap::new();
+        for h in 1..=height {
+            let Some(body) = reference
+                .bodies
+                .get(&h)
+                .and_then(|b| BatchBody::decode(b).ok())
+            else {
+                self.violations
+                    .push(format!("the body of batch {h} is missing"));
+                continue;
+            };
+            for (i, e) in body.entries.iter().enumerate() {
+                let key = (e.request.signer, e.request.id);
+                if let Some((h0, i0)) = in_chain.insert(key, (h, i as u32)) {
+                    self.violations.push(format!(
+                        "a request was applied twice: at height {h0} index {i0} and at height \
+                         {h} index {i}"
+                    ));
+                }
+                if !self.op_by_key.contains_key(&key) {
+                    self.violations
+                        .push(format!("batch {h} holds a request no client sent"));
+                }
+            }
+        }
+        let mut model = Model::new(ACCOUNTS);
+        for (i, o) in self.ops.iter().enumerate() {
+            let key = (o.request.signer, o.request.id);
+            match (&o.state, in_chain.get(&key)) {
+                (state, found) if state.confirmed().is_some() => {
+                    let c = state.confirmed().expect("checked");
+                    model.apply(o.effect);
+                    if found != Some(&(c.height, c.index)) {
+                        self.violations.push(format!(
+                            "op #{i} was confirmed at height {} index {} but the final chain \
+                             has it {}",
+                            c.height,
+                            c.index,
+                            match found {
+                                Some((h, x)) => format!("at height {h} index {x}"),
+                                None => "nowhere".into(),
+                            }
+                        ));
+                    } else if chain.get(c.height as usize - 1) != Some(&c.header_digest) {
+                        self.violations.push(format!(
+                            "op #{i}'s confirmation names a header that is not the final \
+                             chain's at height {}",
+                            c.height
+                        ));
+                    }
+                }
+                (state, found) if state.applied() == Some(false) => {
+                    if let Some((h, _)) = found {
+                        self.violations.push(format!(
+                            "op #{i} was settled as not applied ({state:?}) but the final \
+                             chain applies it at height {h}"
+                        ));
+                    }
+                }
+                (state, _) => self
+                    .violations
+                    .push(format!("op #{i} is still unresolved: {state:?}")),
+            }
+            // Applied before the final resolution, i.e. by a copy sent before the refusal.
+            let applied_anyway = o
+                .state
+                .confirmed()
+                .filter(|c| c.height <= self.resolution_height);
+            if let (Some((step, code, sent, by)), Some(c)) = (o.refused_after_retry, applied_anyway)
+            {
+                self.stats.refused_then_applied += 1;
+                self.stats.refused_then_applied_example.get_or_insert_with(|| {
+                    (0, format!(
+                        "op #{i} ({:?}) was refused as {} at step {step} by node {} in term {} \
+                         (copy {sent} of the request), yet the final chain applies it at height \
+                         {} index {}, in a batch of term {}",
+                        o.effect,
+                        code.name(),
+                        by.0,
+                        by.1,
+                        c.height,
+                        c.index,
+                        c.term
+                    ))
+                });
+            }
+        }
+        // Conservation and the model.
+        let balances: Vec<u64> = self
+            .accounts
+            .iter()
+            .map(|k| {
+                reference
+                    .accounts
+                    .get(&k.verifying_key().to_bytes())
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let sum: u128 = balances.iter().map(|&b| b as u128).sum();
+        if sum != meta.expected_total()
+            || meta.total_deposited != model.deposited
+            || meta.total_withdrawn != model.withdrawn
+        {
+            self.violations.push(format!(
+                "conservation: balances sum to {sum}; the ledger says deposits {} - \
+                 withdrawals {}, the model {} - {}",
+                meta.total_deposited, meta.total_withdrawn, model.deposited, model.withdrawn
+            ));
+        }
+        for d in model.differences(&balances) {
+            self.violations.push(format!("balances: {d}"));
+        }
+        for fork in self.headers.forks() {
+            self.violations.push(format!("fork: {fork}"));
+        }
+        self.stats.height = height;
+        for o in &self.ops {
+            match &o.state {
+                OpState::Confirmed(_) => self.stats.confirmed += 1,
+                OpState::ResolvedApplied(_) => self.stats.resolved_applied += 1,
+                OpState::Rejected(_) => self.stats.rejected += 1,
+                OpState::ResolvedNotApplied(_) => self.stats.resolved_not_applied += 1,
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The end of a live run: what every replica holds once the cluster has healed, and the
+//! invariants judged against it and against everything observed during the run.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tally_core::crypto::{header_hash, sha256, verify_header};
+use tally_core::state::LedgerMeta;
+use tally_wire::{PublicKey, ReadMode, SignedHeader};
+
+use crate::cluster::LiveCluster;
+use crate::history::Model;
+use crate::load::History;
+use crate::report::Invariant;
+
+/// What the replicas hold at the end.
+pub struct Final {
+    /// Whether every replica reached the same applied height and latest header, and if not,
+    /// what each one said.
+    pub converged: Result<(), String>,
+    /// The replica whose chain is the reference (the leader at the end, else the first that
+    /// answered).
+    pub reference: Option<u64>,
+    pub chains: BTreeMap<u64, Result<Vec<SignedHeader>, String>>,
+    /// Per replica: every account's balance, read at one height.
+    pub balances: BTreeMap<u64, Result<Balances, String>>,
+}
+
+/// Every account's balance on one replica, in account order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balances {
+    pub height: u64,
+    /// (exists, balance) per account.
+    pub values: Vec<(bool, u64)>,
+}
+
+/// Waits until every replica answers with the same applied height and latest header and one of
+/// them takes writes.
+pub async fn converge(cluster: &LiveCluster, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let statuses = cluster.statuses().await;
+        let described: Vec<String> = statuses
+            .iter()
+            .map(|(id, s)| match s {
+                Some(s) => format!(
+                    "node {id}: height {} ({}, term {}, commit {}, applied {})",
+                    s.applied_height,
+                    tally_client::role_name(s.role),
+                    s.term,
+                    s.commit_index,
+                    s.applied_index
+                ),
+                None => format!("node {id}: no answer"),
+            })
+            .collect();
+        let answered: Vec<_> = statuses.values().flatten().collect();
+        if answered.len() == cluster.ids.len()
+            && answered.iter().any(|s| s.writable)
+            && answered.iter().all(|s| {
+                s.applied_height == answered[0].applied_height
+                    && s.latest_header == answered[0].latest_header
+            })
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "not converged after {} s: {}",
+                timeout.as_secs(),
+                described.join("; ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads every replica's whole header chain and the balance of every account.
+pub async fn collect(
+    cluster: &LiveCluster,
+    accounts: &[PublicKey],
+    converged: Result<(), String>,
+) -> Final {
+    let timeout = Duration::from_secs(10);
+    let mut chains = BTreeMap::new();
+    let mut balances = BTreeMap::new();
+    for &id in &cluster.ids {
+        let chain = async {
+            let client = cluster
+                .client_of(id, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut headers: Vec<SignedHeader> = Vec::new();
+            loop {
+                let page = client
+                    .headers(headers.len() as u64 + 1, 1024)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if page.is_empty() {
+                    return Ok::<_, String>(headers);
+                }
+                headers.extend(page);
+            }
+        }
+        .await;
+        chains.insert(id, chain);
+        let read = async {
+            let client = cluster
+                .client_of(id, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::with_capacity(accounts.len());
+            let mut height = None;
+            for a in accounts {
+                let b = client
+                    .balance(*a, ReadMode::Stale)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if height.is_some_and(|h| h != b.height) {
+                    return Err(format!(
+                        "the applied height moved while reading balances ({} then {})",
+                        height.unwrap_or(0),
+                        b.height
+                    ));
+                }
+                height = Some(b.height);
+                out.push((b.exists, b.balance));
+            }
+            Ok(Balances {
+                height: height.unwrap_or(0),
+                values: out,
+            })
+        }
+        .await;
+        balances.insert(id, read);
+    }
+    let leader = cluster.leader().await.map(|(id, _)| id);
+    let reference = leader
+        .filter(|id| chains.get(id).is_some_and(|c| c.is_ok()))
+        .or_else(|| chains.iter().find(|(_, c)| c.is_ok()).map(|(&id, _)| id));
+    Final {
+        converged,
+        reference,
+        chains,
+        balances,
+    }
+}
+
+/// Checks that a chain starts at height 1, has no gap, links every header to its predecessor
+/// and carries valid operator signatures throughout.
+pub fn check_chain(chain: &[SignedHeader], operator: &PublicKey) -> Result<(), String> {
+    let mut prev = [0u8; 32];
+    for (i, h) in chain.iter().enumerate() {
+        let height = i as u64 + 1;
+        if h.header.height != height {
+            return Err(format!("header #{height} says height {}", h.header.height));
+        }
+        if h.header.prev_hash != prev {
+            return Err(format!(
+                "header {height} does not link to header {}",
+                height - 1
+            ));
+        }
+        if let Err(e) = verify_header(operator, h) {
+            return Err(format!("header {height}: {e}"));
+        }
+        prev = header_hash(&h.header);
+    }
+    Ok(())
+}
+
+fn invariant(name: &'static str, problems: Vec<String>, ok_detail: String) -> Invariant {
+    if problems.is_empty() {
+        Invariant {
+            name,
+            ok: true,
+            detail: ok_detail,
+        }
+    } else {
+        let n = problems.len();
+        let mut shown: Vec<String> = problems.into_iter().take(5).collect();
+        if n > 5 {
+            shown.push(format!("... and {} more", n - 5));
+        }
+        Invariant {
+            name,
+            ok: false,
+            detail: shown.join("; "),
+        }
+    }
+}
+
+/// Judges every invariant. Returns them with the final height of the reference chain.
+pub fn judge(
+    h: &mut History,
+    fin: &Final,
+    accounts: &[PublicKey],
+    operator: &PublicKey,
+) -> (Vec<Invariant>, u64) {
+    let empty = Vec::new();
+    let reference: &Vec<SignedHeader> = fin
+        .reference
+        .and_then(|id| fin.chains.get(&id))
+        .and_then(|c| c.as_ref().ok())
+        .unwrap_or(&empty);
+    let final_height = reference.len() as u64;
+    for (id, chain) in &fin.chains {
+        if let Ok(chain) = chain {
+            for header in chain {
+                h.headers
+                    .record(header, || format!("the final chain of node {id}"));
+            }
+        }
+    }
+
+    // The model: balances implied by every operation known to be applied.
+    let mut model = Model::new(accounts.len());
+    let mut unknown = Vec::new();
+    for (i, op) in h.ops.iter().enumerate() {
+        match op.state.applied() {
+            Some(true) => model.apply(op.effect),
+            Some(false) => {}
+            None => unknown.push(format!("op #{i} is still unresolved: {:?}", op.state)),
+        }
+    }
+    let expected_total = model.deposited as i128 - model.withdrawn as i128;
+
+    // 4. Convergence: same height, latest header and chain everywhere; valid chains.
+    let mut converge_problems = Vec::new();
+    if let Err(e) = &fin.converged {
+        converge_problems.push(e.clone());
+    }
+    for (id, chain) in &fin.chains {
+        match chain {
+            Err(e) => converge_problems.push(format!("node {id}: reading its chain: {e}")),
+            Ok(chain) => {
+                if let Err(e) = check_chain(chain, operator) {
+                    converge_problems.push(format!("node {id}: {e}"));
+                }
+                if chain != reference {
+                    converge_problems.push(format!(
+                        "node {id}'s chain (height {}) differs from node {}'s (height {})",
+                        chain.len(),
+                        fin.reference.unwrap_or(0),
+                        reference.len()
+                    ));
+                }
+            }
+        }
+    }
+    let mut reads: Vec<(u64, &Balances)> = Vec::new();
+    for (id, b) in &fin.balances {
+        match b {
+            Err(e) => converge_problems.push(format!("node {id}: reading balances: {e}")),
+            Ok(b) => reads.push((*id, b)),
+        }
+    }
+    if let Some((first_id, first)) = reads.first() {
+        for (id, b) in &reads[1..] {
+            if b.values != first.values {
+                converge_problems.push(format!(
+                    "node {id}'s balances differ from node {first_id}'s"
+                ));
+            }
+        }
+    }
+    let converge = invariant(
+        "replicas_converge",
+        converge_problems,
+        format!(
+            "all {} replicas at height {final_height} with the same latest header, the same \
+             {final_height}-header chain (links and signatures checked) and the same balances",
+            fin.chains.len()
+        ),
+    );
+
+    // 1. Conservation, and the state digest recomputed from what was read.
+    let mut conservation = Vec::new();
+    for (id, Balances { height, values }) in &reads {
+        let sum: i128 = values.iter().map(|(_, b)| *b as i128).sum();
+        if sum != expected_total {
+            conservation.push(format!(
+                "node {id}: balances sum to {sum}, deposits minus withdrawals are {expected_total}"
+            ));
+        }
+        let mut meta = LedgerMeta::genesis();
+        for ((exists, balance), key) in values.iter().zip(accounts) {
+            if *exists {
+                meta.account_changed(key, None, *balance);
+            }
+        }
+        meta.height = *height;
+        meta.total_deposited = model.deposited;
+        meta.total_withdrawn = model.withdrawn;
+        match reference.get((*height as usize).wrapping_sub(1)) {
+            Some(header) if header.header.state_digest == meta.state_digest() => {}
+            Some(_) => conservation.push(format!(
+                "node {id}: the state digest recomputed from the balances read and the model's \
+                 totals does not match header {height}'s"
+            )),
+            None => conservation.push(format!(
+                "node {id}: balances read at height {height}, which the final chain lacks"
+            )),
+        }
+    }
+    if !unknown.is_empty() {
+        conservation.push(format!(
+            "{} operations unresolved: the expected total is unknown",
+            unknown.len()
+        ));
+    }
+    let conservation = invariant(
+        "conservation",
+        conservation,
+        format!(
+            "on every replica the {} balances sum to deposits {} minus withdrawals {} = \
+             {expected_total} (u64 balances, none negative), and the state digest recomputed \
+             from them matches the final header",
+            accounts.len(),
+            model.deposited,
+            model.withdrawn
+        ),
+    );
+
+    // 2. Every confirmed request is in the final chain once; balances match the model.
+    let mut once = unknown.clone();
+    let mut confirmed = 0;
+    let mut not_in_chain = 0;
+    for (i, op) in h.ops.iter().enumerate() {
+        let Some(c) = op.state.confirmed() else {
+            continue;
+        };
+        confirmed += 1;
+        let in_chain = reference
+            .get((c.height as usize).wrapping_sub(1))
+            .is_some_and(|header| sha256(&[&header.encode()]) == c.header_digest);
+        if !in_chain {
+            not_in_chain += 1;
+            if not_in_chain <= 3 {
+                once.push(format!(
+                    "op #{i} was confirmed at height {} (term {}) but the final chain {}",
+                    c.height,
+                    c.term,
+                    if c.height > final_height {
+                        "ends before that height"
+                    } else {
+                        "holds another batch there"
+                    }
+                ));
+            }
+        }
+    }
+    if not_in_chain > 3 {
+        once.push(format!(
+            "{not_in_chain} confirmed operations in all are missing from the final chain"
+        ));
+    }
+    for (id, b) in &reads {
+        let actual: Vec<u64> = b.values.iter().map(|(_, b)| *b).collect();
+        for d in model.differences(&actual) {
+            once.push(format!("node {id}: {d}"));
+        }
+    }
+    let rejected = h
+        .ops
+        .iter()
+        .filter(|o| o.state.applied() == Some(false))
+        .count();
+    let exactly_once = invariant(
+        "confirmed_exactly_once",
+        once,
+        format!(
+            "{confirmed} confirmed operations all in the final chain; every account's balance \
+             equals the model built from them (each applied once), {rejected} refused or \
+             never-applied ones (not applied) and every indeterminate one as resolved"
+        ),
+    );
+
+    // 3. Retries with the same id never applied twice.
+    let retried = h.ops.iter().filter(|o| o.retried).count();
+    let replayed = h
+        .ops
+        .iter()
+        .filter(|o| o.state.confirmed().is_some_and(|c| c.replayed))
+        .count();
+    let mut twice = h.receipts.conflicts.clone();
+    if !reads.is_empty() && !exactly_once.ok {
+        twice.push("balances differ from the model (see confirmed_exactly_once)".into());
+    }
+    let retries = invariant(
+        "retries_not_applied_twice",
+        twice,
+        format!(
+            "{retried} operations resubmitted by the harness ({replayed} answered as replays) \
+             and every client-library retry: each request key confirmed with one receipt only, \
+             and balances count each once"
+        ),
+    );
+
+    // 5. Confirmations verify against a signed header in the final chain.
+    let mut verify = h.verify_failures.clone();
+    if not_in_chain > 0 {
+        verify.push(format!(
+            "{not_in_chain} confirmations name a header that is not in the final chain"
+        ));
+    }
+    let verified = invariant(
+        "confirmations_verify_in_final_chain",
+        verify,
+        format!(
+            "{} confirmations received (replays included) verified on arrival \
+             (verify_confirmation), and each one's signed header is byte-equal to the final \
+             chain's at its height",
+            h.receipts.len()
+        ),
+    );
+
+    // 6. Never two signed headers for one height.
+    let forks = h.headers.forks();
+    let no_fork = invariant(
+        "no_fork",
+        forks,
+        format!(
+            "{} header observations (confirmations, status samples, final chains) over {} \
+             heights: one signed header per height",
+            h.headers.observations,
+            h.headers.heights()
+        ),
+    );
+
+    // 7. Heights a client observes never go backwards.
+    let monotonic = invariant(
+        "heights_monotonic",
+        h.regressions.clone(),
+        format!(
+            "per client, {} linearizable reads and every new request's confirmation never \
+             went below a height seen before",
+            h.reads
+        ),
+    );
+
+    let crashes = invariant(
+        "no_replica_crash",
+        h.crashes.clone(),
+        "no replica exited unless the harness stopped it, and no replica log shows a panic".into(),
+    );
+
+    (
+        vec![
+            conservation,
+            exactly_once,
+            retries,
+            converge,
+            verified,
+            no_fork,
+            monotonic,
+            crashes,
+        ],
+        final_height,
+    )
+}
