@@ -1,5 +1,5 @@
 //! The request pipeline on plain threads: stateless validation pool → snapshot validation pool →
-//! master (sequencing) → storage (commit and apply) → confirmer.
+//! master (sequencing) → raft thread (commit, see `replication`) → storage (apply) → confirmer.
 //!
 //! Every queue is a bounded crossbeam channel. What happens at each limit:
 //! - the stateless queue is fed by connection tasks with `try_send`: when full the client gets
@@ -11,6 +11,7 @@
 //! - the master seals at most `batch_in_flight_max` batches ahead of the applied height; beyond
 //!   that the open batch keeps filling to `batch_requests_max` and then the master stops taking
 //!   requests.
+//!
 //! Replies go to a connection's outgoing queue with `try_send`; that never fails for lack of room,
 //! because every reply carries one of the connection's in-flight permits and the queue has room
 //! for all of them.

@@ -448,6 +448,17 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
         if meta.raft_index < point + self.compaction_entries.max(1) {
             return;
         }
+        // After installing a peer's ledger that is newer than the snapshot named, the applied
+        // raft index can be past what this log has committed; compacting there is refused
+        // (RaftLogDb asserts). Wait until raft has caught up. (Found by tally-chaos.)
+        let commit = self
+            .replica
+            .store()
+            .initial_state()
+            .map_or(0, |s| s.hard_state.commit);
+        if meta.raft_index > commit {
+            return;
+        }
         self.replica
             .store_mut()
             .set_snapshot_descriptor(meta.encode().to_vec());
