@@ -95,7 +95,9 @@ pub struct SimArgs {
     /// Simulated steps (10 ms ticks) of faults and load per seed, before the heal.
     #[arg(long, default_value_t = 3000)]
     pub steps: u64,
-    /// Break the simulated cluster on purpose, to see the checks fail: confirm-before-commit.
+    /// Break the simulated cluster on purpose, to see the checks fail: confirm-before-commit;
+    /// or mirror a server behaviour the simulation corrects: server-compacts-past-commit,
+    /// server-snapshot-stall.
     #[arg(long, value_name = "BUG")]
     pub inject_bug: Option<String>,
     /// Worker threads (default: one per core).

@@ -23,7 +23,13 @@
 //! - Live runs depend on timing: the fault schedule replays from the seed, but which replica
 //!   leads when a fault fires, and so the run itself, does not. Simulated runs replay exactly.
 //! - The simulation models the server's replication glue (leadership hand-off, epochs,
-//!   skipped batches, replays) in [`sim`]; a change there must be mirrored by hand.
+//!   skipped batches, replays) in [`sim`]; a change there must be mirrored by hand. It differs
+//!   from the server in one place on purpose: a leader treats a heartbeat response as the end
+//!   of a snapshot send, without which a lost snapshot acknowledgement stalls that follower
+//!   until the next election (`sim --inject-bug server-snapshot-stall` replays the server's
+//!   behaviour).
+//! - Linearizable reads that a replica answers as stale (it knows no leader) are counted apart
+//!   and left out of the height checks: the reply says so.
 
 pub mod cli;
 pub mod cluster;

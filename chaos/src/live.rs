@@ -336,10 +336,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     reap(&mut cluster, &recorder, opts).await;
     for id in cluster.ids.clone() {
         for panic in panics_in_log(&cluster.log_path(id)) {
-            recorder
-                .lock()
-                .crashes
-                .push(format!("node {id}: {panic}"));
+            recorder.lock().crashes.push(format!("node {id}: {panic}"));
         }
     }
     let fin = verdict::collect(&cluster, &account_keys, converged).await;

@@ -40,8 +40,9 @@ pub use log::SimLog;
 pub enum SimBug {
     /// The leader confirms a batch as soon as it proposes it, before it is committed.
     ConfirmBeforeCommit,
-    /// As the server's raft thread: compact the log to the applied raft index even when that
-    /// is past the log's commit (after installing a newer ledger than the snapshot named).
+    /// As the server's raft thread did until tally-chaos found it: compact the log to the
+    /// applied raft index even when that is past the log's commit (after installing a newer
+    /// ledger than the snapshot named), which panics the raft thread.
     ServerCompactsPastCommit,
     /// As the server: never report a snapshot as finished, so a lost acknowledgement of an
     /// installed snapshot pauses that follower until the next election.

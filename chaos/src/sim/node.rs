@@ -570,7 +570,8 @@ impl SimNode {
         // Compaction, as the raft thread does it, but only up to what this log has committed:
         // after installing a peer's ledger that is newer than the snapshot, the applied raft
         // index can be ahead of the commit, and compacting past the commit is refused (the
-        // server panics there; `SimBug::ServerCompactsPastCommit` brings that back).
+        // server panicked there until it got the same check; `SimBug::ServerCompactsPastCommit`
+        // brings the old behaviour back).
         let point = self.log.snapshot_index();
         let committed = v.meta.raft_index <= status.commit_index
             || t.bug == Some(SimBug::ServerCompactsPastCommit);

@@ -1020,8 +1020,12 @@ impl World {
             if let (Some((step, code, sent, by)), Some(c)) = (o.refused_after_retry, applied_anyway)
             {
                 self.stats.refused_then_applied += 1;
-                self.stats.refused_then_applied_example.get_or_insert_with(|| {
-                    (0, format!(
+                self.stats
+                    .refused_then_applied_example
+                    .get_or_insert_with(|| {
+                        (
+                            0,
+                            format!(
                         "op #{i} ({:?}) was refused as {} at step {step} by node {} in term {} \
                          (copy {sent} of the request), yet the final chain applies it at height \
                          {} index {}, in a batch of term {}",
@@ -1032,8 +1036,9 @@ impl World {
                         c.height,
                         c.index,
                         c.term
-                    ))
-                });
+                    ),
+                        )
+                    });
             }
         }
         // Conservation and the model.

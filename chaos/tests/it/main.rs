@@ -377,5 +377,9 @@ fn proxies_cut_links_and_drop_answers() {
 fn a_missing_server_binary_is_named() {
     let e = tally_chaos::cluster::find_server_binary(Some(Path::new("/nonexistent/tally-server")))
         .unwrap_err();
-    assert!(e.to_string().contains("--server-bin /nonexistent/tally-server"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("--server-bin /nonexistent/tally-server"),
+        "{e}"
+    );
 }
