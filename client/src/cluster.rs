@@ -328,7 +328,22 @@ impl ClusterClient {
     pub async fn balance(&self, account: PublicKey, mode: ReadMode) -> Result<BalanceReply> {
         self.inner
             .run(Kind::Read, move |client| async move {
-                client.balance(account, mode).await
+                let reply = client.balance(account, mode).await?;
+                // A replica that knows no leader answers every read from its applied state and
+                // says so. A linearizable read must not settle for that: treat it as the
+                // retryable `unavailable` it is and try again (elsewhere, after a backoff).
+                if mode == ReadMode::Linearizable && reply.mode != ReadMode::Linearizable {
+                    let mut refusal = tally_wire::ErrorReply::new(
+                        tally_wire::ErrorCode::Unavailable,
+                        format!(
+                            "only a stale answer (height {}) was available",
+                            reply.height
+                        ),
+                    );
+                    refusal.retry_after_ms = 100;
+                    return Err(Error::Rejected(refusal));
+                }
+                Ok(reply)
             })
             .await
     }

@@ -60,6 +60,15 @@ fn load(path: &PathBuf) -> Result<Config> {
 }
 
 fn main() -> Result<()> {
+    // Fail-stop: a panic on any thread (raft, storage, a connection task) stops the process
+    // with the same code as a fatal storage error, instead of leaving a half-working replica
+    // that still answers clients. Restarting recovers from disk.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("tally-server: fatal: a thread panicked; stopping the node");
+        std::process::exit(70);
+    }));
     let args = Args::parse();
     if let Some(Command::InitCluster {
         nodes,
