@@ -351,6 +351,14 @@ impl LiveCluster {
         Ok(())
     }
 
+    /// SIGUSR1: a leader hands leadership to its best-caught-up follower.
+    pub fn transfer_leadership(&mut self, id: u64) -> Result<()> {
+        if let Some(p) = self.processes.get_mut(&id) {
+            signal(&p.child, "USR1")?;
+        }
+        Ok(())
+    }
+
     /// SIGCONT.
     pub fn resume(&mut self, id: u64) -> Result<()> {
         if let Some(p) = self.processes.get_mut(&id) {

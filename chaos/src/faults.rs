@@ -24,7 +24,8 @@ pub enum FaultKind {
     Partition,
     /// SIGTERM (a graceful shutdown that drains the batch in progress), restarted after a delay.
     Restart,
-    /// A forced leader transfer: not supported (no client-facing trigger in the server).
+    /// A forced leader transfer under load: SIGUSR1 to the leader, which hands leadership to
+    /// its best-caught-up follower.
     Transfer,
     /// Client connections dropped after requests went out and before their answers came back.
     CutClient,
@@ -51,9 +52,9 @@ impl FaultKind {
         }
     }
 
-    /// Whether the harness can inject it.
+    /// Whether the harness can inject it (every kind can, now that the server takes SIGUSR1).
     pub fn supported(self) -> bool {
-        self != FaultKind::Transfer
+        true
     }
 }
 
@@ -104,6 +105,8 @@ pub enum Plan {
     Asymmetric { variant: Asymmetry, hold: Duration },
     /// Drop client connections as soon as an answer comes back, for `hold`.
     CutClient { hold: Duration },
+    /// Ask the leader to hand over leadership (SIGUSR1).
+    Transfer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +142,7 @@ impl Plan {
             } => "partition-asymmetric-leader-cannot-hear",
             Plan::Asymmetric { .. } => "partition-asymmetric-one-link",
             Plan::CutClient { .. } => "cut-client",
+            Plan::Transfer => "transfer-leader",
         }
     }
 
@@ -154,6 +158,7 @@ impl Plan {
             } => *leader_in_minority,
             Plan::Asymmetric { variant, .. } => *variant != Asymmetry::OneLinkFromLeader,
             Plan::CutClient { .. } => false,
+            Plan::Transfer => true,
         }
     }
 }
@@ -226,7 +231,7 @@ pub fn draw(rng: &mut StdRng, kinds: &[FaultKind], nodes: u64, election: Duratio
                 ms(rng, 10_500, 13_000)
             },
         },
-        FaultKind::Transfer => unreachable!("filtered out above"),
+        FaultKind::Transfer => Plan::Transfer,
     }
 }
 

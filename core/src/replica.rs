@@ -195,6 +195,20 @@ impl<S: RaftLogStore> Replica<S> {
         self.node.transfer_leader(to);
     }
 
+    /// The follower that holds the most of the leader's log (the one that can take over
+    /// soonest), when this replica leads and has followers.
+    pub fn best_transferee(&self) -> Option<u64> {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return None;
+        }
+        raft.prs()
+            .iter()
+            .filter(|(id, _)| **id != raft.id)
+            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+    }
+
     /// Sets how many ticks this replica waits before its next election timeout, replacing
     /// raft-rs's random draw. raft-rs draws from `rand::thread_rng`, which no seed reaches, so a
     /// deterministic simulation (tally-chaos `sim`) calls this after every input with a value

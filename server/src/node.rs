@@ -256,6 +256,19 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             stop_rx,
         ));
         tokio::spawn(crate::http::serve(metrics_listener, metrics.clone(), http_stop_rx));
+        #[cfg(unix)]
+        {
+            // SIGUSR1: an operator (or the chaos monkey) asks the leader to hand over to its
+            // best-caught-up follower, e.g. before maintenance. A no-op on a follower.
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut usr1 = signal(SignalKind::user_defined1())?;
+            let raft_tx = raft_tx.clone();
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    let _ = raft_tx.try_send(crate::replication::RaftEvent::TransferLeader(0));
+                }
+            });
+        }
         wait_for_signal().await;
         metrics.set_ready(false);
         println!("tally-server: shutting down: finishing the batch in progress");

@@ -340,7 +340,18 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
                         reply,
                     });
                 }
-                Ok(RaftEvent::TransferLeader(to)) => self.replica.transfer_leader(to),
+                Ok(RaftEvent::TransferLeader(to)) => {
+                    // 0: the follower that holds most of the log.
+                    let to = if to == 0 {
+                        self.replica.best_transferee()
+                    } else {
+                        Some(to)
+                    };
+                    if let Some(to) = to {
+                        tracing::info!(to, "transferring leadership");
+                        self.replica.transfer_leader(to);
+                    }
+                }
                 Ok(RaftEvent::Resync) => {
                     if leading {
                         leading = false;
