@@ -91,6 +91,8 @@ pub struct Metrics {
     /// From the request's frame being read to its confirmation being handed to the connection.
     pub confirmation_seconds: Histogram,
     pub batch_requests: Histogram,
+    /// Requests in the batch the master has open (0 when none is open).
+    pub open_batch_requests: IntGauge,
     pub batch_body_bytes: Histogram,
     batches_total: IntCounterVec,
     pub requests_confirmed_total: IntCounter,
@@ -200,6 +202,10 @@ impl Metrics {
                 "tally_batch_requests",
                 "Requests per sealed batch.",
                 prometheus::exponential_buckets(1.0, 2.0, 17).expect("valid buckets"),
+            ),
+            open_batch_requests: gauge(
+                "tally_open_batch_requests",
+                "Requests in the batch the master has open, not yet sealed.",
             ),
             batch_body_bytes: histogram(
                 "tally_batch_body_bytes",

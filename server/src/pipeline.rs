@@ -506,6 +506,9 @@ fn gone() -> tally_core::Error {
     tally_core::Error::Storage("the storage thread has stopped".into())
 }
 
+/// How long the queues before the master must stay empty during a shutdown before it seals.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(100);
+
 /// The master's sequencing state while this replica leads.
 struct Leading {
     sequencer: Sequencer,
@@ -536,6 +539,7 @@ impl Master {
     fn run(mut self) {
         let mut replies: Vec<(u32, ReplyTo, bool)> = Vec::new();
         let mut opened_at: Option<Instant> = None;
+        let mut quiet_since: Option<Instant> = None;
         let idle = Duration::from_millis(50);
         loop {
             let applied = self.applied_height.load(Ordering::SeqCst);
@@ -582,9 +586,19 @@ impl Master {
                     default(timeout) => {},
                 }
             }
-            let stopping = self.shutdown.load(Ordering::SeqCst)
+            let open = self.leading.as_ref().map_or(0, |l| l.sequencer.open_len());
+            self.metrics.open_batch_requests.set(open as i64);
+            // Stop once no request has been queued for a moment after the shutdown began: a
+            // job a validation worker holds (not in any queue) reaches the master well within
+            // it, so the batch in progress is whole. Connections take no new requests by then.
+            let drained = self.shutdown.load(Ordering::SeqCst)
                 && self.rx.is_empty()
                 && self.queues_before.iter().all(|q| q.is_empty());
+            if !drained {
+                quiet_since = None;
+            }
+            let stopping =
+                drained && quiet_since.get_or_insert_with(Instant::now).elapsed() >= SHUTDOWN_QUIET;
             if let Some(l) = self.leading.as_mut() {
                 let full = l.sequencer.is_full();
                 let window_over = opened_at.is_some_and(|t| t.elapsed() >= self.window);

@@ -45,7 +45,7 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-fn scrape(addr: &str) -> HashMap<String, f64> {
+pub fn scrape(addr: &str) -> HashMap<String, f64> {
     let (status, body) = get(addr, "/metrics");
     assert_eq!(status, 200);
     parse_metrics(&body)

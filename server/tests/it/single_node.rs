@@ -190,7 +190,23 @@ fn sigterm_finishes_the_batch_in_progress() {
             let client = std::sync::Arc::clone(&client);
             tasks.push(tokio::spawn(async move { client.submit(req).await }));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // SIGTERM only once all ten sit in the open batch (a loaded machine may take a while).
+        let mut open = 0.0;
+        for _ in 0..200 {
+            open = crate::metrics::scrape(&server.metrics_addr)
+                .get("tally_open_batch_requests")
+                .copied()
+                .unwrap_or(0.0);
+            if open >= accounts.len() as f64 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            open,
+            accounts.len() as f64,
+            "every request reached the open batch"
+        );
         let pid = server.child.id().to_string();
         std::process::Command::new("kill")
             .args(["-TERM", &pid])
