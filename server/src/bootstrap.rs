@@ -128,6 +128,25 @@ impl OperatorFiles {
     }
 }
 
+/// Writes the client profile of an operator whose files (`ca.pem`, `deposit.key`) are in `abs`.
+fn write_profile(
+    path: &Path,
+    chain_id: [u8; 32],
+    operator: &SigningKey,
+    abs: &Path,
+    replicas: Vec<ReplicaAddress>,
+) -> Result<()> {
+    let profile = Profile {
+        chain_id: hex::encode(chain_id),
+        operator_public_key: hex::encode(operator.verifying_key().to_bytes()),
+        ca_cert: abs.join("ca.pem"),
+        server_name: SERVER_NAME.to_string(),
+        deposit_key: Some(abs.join("deposit.key")),
+        replicas,
+    };
+    write_new(path, &profile.to_toml_string()?, false)
+}
+
 /// The development operator: a single node in `data_dir` (default `./tally-data`) with generated
 /// keys, certificate and client profile. Returns the config to run and the profile's path.
 pub fn dev_operator(data_dir: &Path) -> Result<(Config, PathBuf)> {
@@ -171,18 +190,11 @@ pub fn dev_operator(data_dir: &Path) -> Result<(Config, PathBuf)> {
     write_new(&config_path, &text, false)?;
 
     let abs = fs::canonicalize(data_dir)?;
-    let profile = Profile {
-        chain_id: hex::encode(chain_id),
-        operator_public_key: hex::encode(operator.verifying_key().to_bytes()),
-        ca_cert: abs.join("ca.pem"),
-        server_name: SERVER_NAME.to_string(),
-        deposit_key: Some(abs.join("deposit.key")),
-        replicas: vec![ReplicaAddress {
-            id: config.node.id,
-            address: config.listen.client.to_string(),
-        }],
-    };
-    write_new(&profile_path, &profile.to_toml_string()?, false)?;
+    let replicas = vec![ReplicaAddress {
+        id: config.node.id,
+        address: config.listen.client.to_string(),
+    }];
+    write_profile(&profile_path, chain_id, &operator, &abs, replicas)?;
     config.resolve_paths(data_dir);
     Ok((config, profile_path))
 }
@@ -272,20 +284,19 @@ pub fn init_cluster(nodes: u64, dir: &Path, base_port: u16) -> Result<Vec<PathBu
         paths.push(path);
     }
     let abs = fs::canonicalize(dir)?;
-    let profile = Profile {
-        chain_id: hex::encode(chain_id),
-        operator_public_key: hex::encode(operator.verifying_key().to_bytes()),
-        ca_cert: abs.join("ca.pem"),
-        server_name: SERVER_NAME.to_string(),
-        deposit_key: Some(abs.join("deposit.key")),
-        replicas: ids
-            .iter()
-            .map(|&id| ReplicaAddress {
-                id,
-                address: cluster_addresses(base_port, id).0.to_string(),
-            })
-            .collect(),
-    };
-    write_new(&dir.join("profile.toml"), &profile.to_toml_string()?, false)?;
+    let replicas = ids
+        .iter()
+        .map(|&id| ReplicaAddress {
+            id,
+            address: cluster_addresses(base_port, id).0.to_string(),
+        })
+        .collect();
+    write_profile(
+        &dir.join("profile.toml"),
+        chain_id,
+        &operator,
+        &abs,
+        replicas,
+    )?;
     Ok(paths)
 }
