@@ -169,12 +169,19 @@ pub struct CacheConfig {
     /// Entries in the bounded account cache; accounts beyond it are read from storage on
     /// demand. At least `1`. Default: `100000`.
     pub accounts_max: usize,
+    /// Bytes of the in-memory filter over applied request ids, which answers "this id is new"
+    /// without reading LevelDB; rebuilt at start by scanning the request table. Rounded down to
+    /// a power of two; about 10 bits per applied request keep false positives near 1%, beyond
+    /// that more lookups read LevelDB. `0` turns it off. Range `0..=1073741824`. Default:
+    /// `16777216` (16 MiB, about 13 million requests).
+    pub request_filter_bytes: usize,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             accounts_max: 100_000,
+            request_filter_bytes: 16 << 20,
         }
     }
 }

@@ -17,6 +17,7 @@ const BATCH_WINDOW_MS: RangeInclusive<u64> = 1..=10_000;
 const BATCH_REQUESTS_MAX: RangeInclusive<u32> = 1..=65_536;
 const BATCH_IN_FLIGHT_MAX: RangeInclusive<u32> = 1..=64;
 const WORKERS: RangeInclusive<usize> = 1..=256;
+const REQUEST_FILTER_BYTES: RangeInclusive<usize> = 0..=1 << 30;
 const FRAME_BYTES_MAX: RangeInclusive<u32> = 1024..=16 * 1024 * 1024;
 
 /// Length of an Ed25519 public key or a chain id, in bytes.
@@ -199,6 +200,11 @@ fn sizes(problems: &mut Problems, config: &Config) {
     problems.within("workers.stateless", config.workers.stateless, WORKERS);
     problems.within("workers.snapshot", config.workers.snapshot, WORKERS);
     problems.at_least("cache.accounts_max", config.cache.accounts_max, 1);
+    problems.within(
+        "cache.request_filter_bytes",
+        config.cache.request_filter_bytes,
+        REQUEST_FILTER_BYTES,
+    );
 
     let limits = &config.limits;
     problems.within(

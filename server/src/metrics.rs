@@ -21,6 +21,7 @@ pub const STAGES: [&str; 5] = ["stateless", "snapshot", "master", "storage", "co
 
 /// The queues that answer `busy` when full; the `queue` label of `tally_busy_total`.
 pub const BUSY_QUEUES: [&str; 2] = ["stateless", "storage"];
+const LOOKUP_ANSWERS: [&str; 3] = ["filtered", "found", "absent"];
 
 /// Raft roles as exported in `tally_raft_role` (and in the wire `Status` reply).
 pub mod role {
@@ -109,6 +110,10 @@ pub struct Metrics {
     busy_total: IntCounterVec,
     pub account_cache_misses_total: IntCounter,
     pub account_cache_hits_total: IntCounter,
+    /// Duplicate-id lookups by how they were answered: `filtered` (from the in-memory request
+    /// filter, no read), `found` and `absent` (read from LevelDB; `absent` with the filter on
+    /// are its false positives).
+    request_lookups_total: IntCounterVec,
     pub raft: RaftMetrics,
     /// 1 when the node can serve (see `/ready`), else 0.
     ready: IntGauge,
@@ -265,6 +270,12 @@ impl Metrics {
                 "tally_account_cache_hits_total",
                 "Account lookups the sequencer served from its bounded cache.",
             ),
+            request_lookups_total: counter_vec(
+                "tally_request_lookups_total",
+                "Duplicate-id lookups by answer: filtered (in-memory filter, no read), found, absent.",
+                "answer",
+                &LOOKUP_ANSWERS,
+            ),
             raft: RaftMetrics {
                 term: gauge("tally_raft_term", "Current Raft term."),
                 role: gauge(
@@ -289,6 +300,23 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// Adds what the storage reports beyond `last` (its running totals) to the lookup counters.
+    pub fn request_lookups(&self, last: &mut (u64, u64, u64), now: (u64, u64, u64)) {
+        let deltas = [
+            now.0.saturating_sub(last.0),
+            now.1.saturating_sub(last.1),
+            now.2.saturating_sub(last.2),
+        ];
+        for (answer, d) in LOOKUP_ANSWERS.iter().zip(deltas) {
+            if d > 0 {
+                self.request_lookups_total
+                    .with_label_values(&[answer])
+                    .inc_by(d);
+            }
+        }
+        *last = now;
     }
 
     pub fn batch_closed(&self, reason: BatchClose) {

@@ -37,6 +37,14 @@ pub fn ledger_dir(config: &Config) -> PathBuf {
     config.node.data_dir.join("ledger")
 }
 
+/// The live ledger's LevelDB tuning, from `[cache]`.
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        request_filter_bytes: config.cache.request_filter_bytes,
+        ..StoreOptions::default()
+    }
+}
+
 pub fn raft_dir(config: &Config) -> PathBuf {
     config.node.data_dir.join("raft")
 }
@@ -55,7 +63,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     // Finish (or roll back) a snapshot install a crash interrupted.
     tally_storage::recover_install(&ledger_dir(&config))
         .with_context(|| format!("recovering {}", ledger_dir(&config).display()))?;
-    let mut store = LedgerDb::open(&ledger_dir(&config), StoreOptions::default())
+    let mut store = LedgerDb::open(&ledger_dir(&config), store_options(&config))
         .with_context(|| format!("opening the ledger in {}", ledger_dir(&config).display()))?;
     let meta = store.meta()?;
     let chain_id = config.chain_id_bytes();

@@ -297,6 +297,7 @@ impl Pipeline {
             confirm: confirm_tx,
             installer,
             accounts: AccountCache::new(accounts_cached_max),
+            lookups_seen: (0, 0, 0),
             metrics: metrics.clone(),
         };
         let storage_rx = wiring.storage_rx;
@@ -780,6 +781,8 @@ struct StorageThread<S> {
     /// Committed balances (None: no such account) this thread read or wrote recently. Valid
     /// because every write goes through this thread; cleared when a snapshot replaces the ledger.
     accounts: AccountCache,
+    /// The store's request-lookup totals as last added to the metrics.
+    lookups_seen: (u64, u64, u64),
     metrics: Arc<Metrics>,
 }
 
@@ -937,6 +940,8 @@ impl<S: LedgerStore> StorageThread<S> {
                         })
                     })();
                     let _ = reply.send(result);
+                    let now = self.db().request_lookup_counts();
+                    self.metrics.request_lookups(&mut self.lookups_seen, now);
                 }
                 StorageCmd::LoadAccount { key, reply } => {
                     let _ = reply.send(self.account(&key));

@@ -33,6 +33,8 @@ pub struct PeerSnapshotTransfer {
     chain_id: [u8; 32],
     operator: PublicKey,
     live: PathBuf,
+    /// How the live ledger is opened after an install.
+    store: StoreOptions,
     peers: Vec<(u64, SocketAddr)>,
     chunk_bytes_max: u32,
     client: Arc<ClientConfig>,
@@ -53,6 +55,7 @@ impl PeerSnapshotTransfer {
             chain_id: config.chain_id_bytes(),
             operator,
             live: crate::node::ledger_dir(config),
+            store: crate::node::store_options(config),
             peers: config.peers.iter().map(|p| (p.id, p.address)).collect(),
             chunk_bytes_max: config.raft.snapshot_chunk_bytes,
             client,
@@ -92,7 +95,12 @@ impl PeerSnapshotTransfer {
     /// Checks, before it replaces anything, that the staged ledger continues the chain the
     /// descriptor names and that its tip header commits to its own state.
     fn check_staged(&self, want: &LedgerMeta, meta: &LedgerMeta) -> Result<()> {
-        let mut db = LedgerDb::open(&staged_ledger_dir(&self.live), StoreOptions::default())?;
+        // Only read to check it: no request filter to build.
+        let checking = StoreOptions {
+            request_filter_bytes: 0,
+            ..StoreOptions::default()
+        };
+        let mut db = LedgerDb::open(&staged_ledger_dir(&self.live), checking)?;
         let result = (|| {
             if meta.height > 0 {
                 let tip = db
@@ -175,7 +183,7 @@ impl SnapshotTransfer<LedgerDb> for PeerSnapshotTransfer {
                         let old = store.take().expect("store");
                         old.close()?;
                         install_ledger_dir(&self.live, &staged_ledger_dir(&self.live))?;
-                        *store = Some(LedgerDb::open(&self.live, StoreOptions::default())?);
+                        *store = Some(LedgerDb::open(&self.live, self.store.clone())?);
                         tracing::info!(index, height = meta.height, "installed a ledger snapshot");
                         return Ok(());
                     }

@@ -14,6 +14,7 @@ use tally_core::{Error, Result};
 use tally_wire::{PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
 use crate::env::{SyncEnv, SyncStats};
+use crate::filter::RequestFilter;
 use crate::layout::{self, corrupt, fixed, Table};
 use crate::transfer::DumpWriter;
 
@@ -25,6 +26,8 @@ pub struct StoreOptions {
     /// Size of the memtable before it is written out as a table file. Larger means fewer,
     /// bigger compactions, which run inline in `apply` (see the crate caveats).
     pub write_buffer_bytes: usize,
+    /// Size of the in-memory filter over request ids (see `filter.rs`); 0 turns it off.
+    pub request_filter_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -32,6 +35,7 @@ impl Default for StoreOptions {
         StoreOptions {
             block_cache_bytes: 8 << 20,
             write_buffer_bytes: 4 << 20,
+            request_filter_bytes: 16 << 20,
         }
     }
 }
@@ -47,6 +51,20 @@ pub struct LedgerDb {
     /// Set when a write failed. rusty-leveldb inserts a batch into its memtable before writing
     /// the log, so after a failed write reads could see state that is not durable: refuse them.
     failed: Option<String>,
+    /// Every key of the request table (and false positives); None when turned off.
+    requests: Option<RequestFilter>,
+    lookups: RequestLookups,
+}
+
+/// How request lookups were answered since open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestLookups {
+    /// Answered "absent" by the in-memory filter, without reading LevelDB.
+    pub filtered: u64,
+    /// Read from LevelDB (the filter was off or said "maybe").
+    pub read: u64,
+    /// Of those reads, how many found nothing (the filter's false positives, when it is on).
+    pub read_absent: u64,
 }
 
 impl LedgerDb {
@@ -67,10 +85,44 @@ impl LedgerDb {
             meta: LedgerMeta::genesis(),
             sync_stats,
             failed: None,
+            requests: None,
+            lookups: RequestLookups::default(),
         };
         this.meta = this.read_meta()?;
         this.check_tip()?;
+        if let Some(mut filter) = RequestFilter::new(opts.request_filter_bytes) {
+            this.scan_requests(|key| filter.insert(key))?;
+            this.requests = Some(filter);
+        }
         Ok(this)
+    }
+
+    /// Calls `f` with every key of the request table.
+    fn scan_requests(&mut self, mut f: impl FnMut(&[u8])) -> Result<()> {
+        let tag = Table::Request.tag();
+        let mut iter = self
+            .db
+            .new_iter()
+            .map_err(|e| io_error("scanning the request table", e))?;
+        iter.seek(&tag);
+        while let Some((key, _)) = iter.current() {
+            if !key.starts_with(&tag) {
+                break;
+            }
+            f(&key);
+            iter.advance();
+        }
+        Ok(())
+    }
+
+    /// How request lookups were answered since open.
+    pub fn request_lookups(&self) -> RequestLookups {
+        self.lookups
+    }
+
+    /// Keys in the request filter and its size in bytes; None when it is turned off.
+    pub fn request_filter_load(&self) -> Option<(u64, usize)> {
+        self.requests.as_ref().map(|f| (f.keys(), f.bytes()))
     }
 
     /// Up to `limit` signed headers from height `from` on, in height order.
@@ -235,13 +287,29 @@ impl LedgerRead for LedgerDb {
     }
 
     fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
-        self.get(&layout::request_key(signer, id))?
-            .map(|v| layout::decode_request(&v))
-            .transpose()
+        self.check_usable()?;
+        let key = layout::request_key(signer, id);
+        if let Some(filter) = &self.requests {
+            if !filter.may_contain(&key) {
+                self.lookups.filtered += 1;
+                return Ok(None);
+            }
+        }
+        self.lookups.read += 1;
+        let found = self.get(&key)?;
+        if found.is_none() {
+            self.lookups.read_absent += 1;
+        }
+        found.map(|v| layout::decode_request(&v)).transpose()
     }
 }
 
 impl LedgerStore for LedgerDb {
+    fn request_lookup_counts(&self) -> (u64, u64, u64) {
+        let l = self.lookups;
+        (l.filtered, l.read - l.read_absent, l.read_absent)
+    }
+
     fn meta(&mut self) -> Result<LedgerMeta> {
         self.check_usable()?;
         Ok(self.meta.clone())
@@ -305,6 +373,11 @@ impl LedgerStore for LedgerDb {
             let e = io_error(format_args!("writing batch {height}"), e);
             self.failed = Some(e.to_string());
             return Err(e);
+        }
+        if let Some(filter) = &mut self.requests {
+            for r in &write.requests {
+                filter.insert(&layout::request_key(&r.signer, r.id));
+            }
         }
         self.meta = write.meta.clone();
         Ok(())

@@ -85,12 +85,13 @@
 //!   and compaction deletes them in one batch (one delete per entry).
 
 mod env;
+mod filter;
 pub mod layout;
 mod ledger;
 mod raft_log;
 pub mod transfer;
 
 pub use env::{SyncEnv, SyncStats};
-pub use ledger::{LedgerDb, StoreOptions};
+pub use ledger::{LedgerDb, RequestLookups, StoreOptions};
 pub use raft_log::RaftLogDb;
 pub use transfer::{install_ledger_dir, recover_install, staged_ledger_dir, LedgerInstaller};

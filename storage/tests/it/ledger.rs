@@ -2,7 +2,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tally_core::ports::LedgerStore;
+use tally_core::ports::{LedgerRead, LedgerStore};
 use tally_core::state::LedgerMeta;
 use tally_core::Error;
 use tally_storage::{LedgerDb, StoreOptions};
@@ -134,4 +134,53 @@ fn applying_a_batch_twice_is_a_programmer_error() {
     let mut chain = Chain::new(db.meta().unwrap(), 9);
     let write = chain.step(&mut db, 5);
     let _ = db.apply(&write);
+}
+
+#[test]
+fn the_request_filter_answers_absent_ids_from_memory_and_misses_no_stored_one() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::default();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), seed);
+    for _ in 0..20 {
+        let n = rng.gen_range(1..=40);
+        model.record(chain.step(&mut db, n));
+    }
+    model.check(&mut db);
+    let absent = |db: &mut LedgerDb| {
+        for id in 0..1000u128 {
+            assert_eq!(db.request(&[0xab; 32], id).unwrap(), None, "seed {seed}");
+        }
+    };
+    let before = db.request_lookups();
+    absent(&mut db);
+    let after = db.request_lookups();
+    assert!(
+        after.filtered - before.filtered >= 980,
+        "seed {seed}: {before:?} -> {after:?}"
+    );
+    drop(db);
+
+    // Turned off: every lookup reads LevelDB, and the answers are the same.
+    let off = StoreOptions {
+        request_filter_bytes: 0,
+        ..small()
+    };
+    let mut db = LedgerDb::open(dir.path(), off).unwrap();
+    assert_eq!(db.request_filter_load(), None);
+    model.check(&mut db);
+    absent(&mut db);
+    let lookups = db.request_lookups();
+    assert_eq!(lookups.filtered, 0);
+    assert_eq!(lookups.read, model.requests.len() as u64 + 1 + 1000);
+    drop(db);
+
+    // Rebuilt from the table at open: it holds every stored request, and still answers them.
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    let (keys, bytes) = db.request_filter_load().unwrap();
+    assert_eq!(keys, model.requests.len() as u64, "seed {seed}");
+    assert_eq!(bytes, small().request_filter_bytes);
+    model.check(&mut db);
 }
