@@ -33,6 +33,11 @@ pub trait LedgerStore: LedgerRead {
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>>;
     /// The encoded batch body applied at `height`.
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>>;
+    /// Housekeeping the store would otherwise do inside the next `apply` (LevelDB's memtable
+    /// flush and compactions), called when the caller is idle. Changes no state.
+    fn maintain(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// How request lookups were answered so far: (from memory without a read, read and found,
     /// read and absent). For metrics; a store without such a split reports zeros.
     fn request_lookup_counts(&self) -> (u64, u64, u64) {

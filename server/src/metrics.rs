@@ -104,6 +104,8 @@ pub struct Metrics {
     pub apply_prepare_seconds: Histogram,
     /// The one atomic synced LevelDB write of a batch.
     pub durable_write_seconds: Histogram,
+    /// LevelDB housekeeping (memtable flush, compactions) run while the storage thread is idle.
+    pub storage_maintain_seconds: Histogram,
     pub applied_height: IntGauge,
     pub connections_open: IntGauge,
     pub connections_refused_total: IntCounter,
@@ -245,6 +247,11 @@ impl Metrics {
             durable_write_seconds: histogram(
                 "tally_durable_write_seconds",
                 "The atomic synced LevelDB write of one batch.",
+                seconds_buckets(),
+            ),
+            storage_maintain_seconds: histogram(
+                "tally_storage_maintain_seconds",
+                "LevelDB memtable flushes and compactions run while the storage thread is idle.",
                 seconds_buckets(),
             ),
             applied_height: gauge(

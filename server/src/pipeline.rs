@@ -860,6 +860,17 @@ impl<S: LedgerStore> StorageThread<S> {
                     raft_index,
                 } => {
                     self.apply(&mut meta, body, replies, raft_index);
+                    // Compactions the write made due run now if nothing waits, not inside
+                    // the next batch's write.
+                    if rx.is_empty() {
+                        let started = Instant::now();
+                        if let Err(e) = self.db().maintain() {
+                            fatal("storage housekeeping", &e);
+                        }
+                        self.metrics
+                            .storage_maintain_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
                     // Resubmissions of requests in batches now applied get their confirmation.
                     let later = parked.split_off(&(meta.height + 1));
                     for (height, waiting) in std::mem::replace(&mut parked, later) {

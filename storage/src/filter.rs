@@ -106,7 +106,10 @@ mod tests {
         }
         assert_eq!(f.keys(), inserted.len() as u64);
         for k in &inserted {
-            assert!(f.may_contain(k), "seed {seed}: an inserted key reads as absent");
+            assert!(
+                f.may_contain(k),
+                "seed {seed}: an inserted key reads as absent"
+            );
         }
         let trials = 100_000;
         let false_positives = (0..trials)

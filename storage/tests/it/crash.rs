@@ -113,6 +113,10 @@ fn child(dir: &Path, seed: u64) {
         let n = rng.gen_range(1..=64);
         let write = chain.step(&mut db, n);
         println!("{MARK}{}", write.meta.height);
+        // As the server's storage thread does when idle: kills also land in these flushes.
+        if rng.gen_bool(0.5) {
+            db.maintain().unwrap();
+        }
     }
 }
 

@@ -184,3 +184,28 @@ fn the_request_filter_answers_absent_ids_from_memory_and_misses_no_stored_one() 
     assert_eq!(bytes, small().request_filter_bytes);
     model.check(&mut db);
 }
+
+#[test]
+fn housekeeping_between_batches_changes_no_state() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::default();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), seed);
+    for _ in 0..30 {
+        let n = rng.gen_range(1..=40);
+        model.record(chain.step(&mut db, n));
+        let meta = db.meta().unwrap();
+        db.maintain().unwrap();
+        db.maintain().unwrap();
+        assert_eq!(db.meta().unwrap(), meta, "seed {seed}");
+    }
+    model.check(&mut db);
+    drop(db);
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    model.check(&mut db);
+    let mut chain = Chain::new(db.meta().unwrap(), seed ^ 1);
+    model.record(chain.step(&mut db, 5));
+    model.check(&mut db);
+}
