@@ -270,6 +270,11 @@ impl<S: RaftLogStore> Replica<S> {
         self.node.mut_store()
     }
 
+    /// Whether raft-rs has anything for [`Self::on_ready`] to process.
+    pub fn has_ready(&self) -> bool {
+        self.node.has_ready()
+    }
+
     /// Processes everything raft-rs has ready, in its documented order.
     pub fn on_ready(&mut self, io: &mut impl RaftIo) -> Result<()> {
         if !self.node.has_ready() {

@@ -80,6 +80,8 @@ pub struct RaftMetrics {
     pub applied_index: IntGauge,
     pub proposals_in_flight: IntGauge,
     pub elections_total: IntCounter,
+    /// One pass over raft-rs's Ready: the synced raft-log write, messages, committed entries.
+    pub ready_seconds: Histogram,
 }
 
 pub struct Metrics {
@@ -299,6 +301,12 @@ impl Metrics {
                 elections_total: counter(
                     "tally_raft_elections_total",
                     "Elections this replica started.",
+                ),
+                ready_seconds: histogram(
+                    "tally_raft_ready_seconds",
+                    "One pass over a raft Ready: the synced raft-log write (and any compaction \
+                     it runs), messages sent, committed entries handed on.",
+                    seconds_buckets(),
                 ),
             },
             ready: gauge(

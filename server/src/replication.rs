@@ -375,8 +375,16 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
                 ready_reads: &mut ready_reads,
                 failed_snapshots: Vec::new(),
             };
+            let started = Instant::now();
+            let had_ready = self.replica.has_ready();
             if let Err(e) = self.replica.on_ready(&mut io) {
                 crate::pipeline::fatal("raft persistence", &e);
+            }
+            if had_ready {
+                self.metrics
+                    .raft
+                    .ready_seconds
+                    .observe(started.elapsed().as_secs_f64());
             }
             for id in std::mem::take(&mut io.failed_snapshots) {
                 self.replica.report_snapshot(id, false);
