@@ -256,6 +256,11 @@ pub struct RaftConfig {
     pub heartbeat_ticks: usize,
     /// Compact the raft log after this many applied entries. At least `1`. Default: `10000`.
     pub compaction_entries: u64,
+    /// Bytes: also compact the raft log once the entries committed since the last compaction
+    /// carry this much (at full load 10,000 entries would be gigabytes). A replica further
+    /// behind than the log reaches is sent a snapshot. At least `1`. Default: `268435456`
+    /// (256 MiB).
+    pub compaction_bytes: u64,
     /// Bytes per chunk when a snapshot is streamed to a lagging replica. At least `1` and at
     /// most `limits.frame_bytes_max`, so that a chunk fits in one frame. Default: `1048576`.
     pub snapshot_chunk_bytes: u32,
@@ -270,6 +275,7 @@ impl Default for RaftConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             compaction_entries: 10_000,
+            compaction_bytes: 256 << 20,
             snapshot_chunk_bytes: 1024 * 1024,
             max_message_bytes: 8 * 1024 * 1024,
         }

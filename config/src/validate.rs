@@ -243,6 +243,7 @@ fn raft(problems: &mut Problems, config: &Config) {
         );
     }
     problems.at_least("raft.compaction_entries", raft.compaction_entries, 1);
+    problems.at_least("raft.compaction_bytes", raft.compaction_bytes, 1);
     let frame_bytes_max = config.limits.frame_bytes_max;
     if raft.snapshot_chunk_bytes == 0 {
         problems.push("raft.snapshot_chunk_bytes", 0, "must be at least 1");

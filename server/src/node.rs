@@ -239,6 +239,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
                 tick: raft_cfg.tick(),
                 single_voter,
                 compaction_entries: raft_cfg.compaction_entries,
+                compaction_bytes: raft_cfg.compaction_bytes,
                 metrics: metrics2,
             }
             .run();

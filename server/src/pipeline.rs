@@ -747,6 +747,10 @@ struct ConfirmJob {
 fn confirmer(rx: Receiver<ConfirmJob>, metrics: &Metrics) {
     while let Ok(job) = rx.recv() {
         metrics.confirm.queue_depth.set(rx.len() as i64);
+        // A follower's batches have no clients waiting: no tree to build.
+        if job.replies.is_empty() {
+            continue;
+        }
         let started = Instant::now();
         let confirmations = job.body.confirmations(&job.signed);
         for (index, reply, replayed) in job.replies {

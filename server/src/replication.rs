@@ -169,6 +169,8 @@ pub struct RaftThread<S: RaftLogStore + SnapshotDescriptor> {
     pub single_voter: bool,
     /// Compact the raft log once this many entries are applied past the last snapshot point.
     pub compaction_entries: u64,
+    /// ... or once the entries committed since the last compaction carry this many bytes.
+    pub compaction_bytes: u64,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -180,6 +182,8 @@ struct Io<'a> {
     ready_reads: &'a mut VecDeque<(u64, StorageCmd)>,
     /// Peers a snapshot message could not be queued for: raft must be told, or it waits forever.
     failed_snapshots: Vec<u64>,
+    /// Bytes of entries committed since the raft log was last compacted.
+    committed_bytes: &'a mut u64,
 }
 
 impl RaftIo for Io<'_> {
@@ -210,6 +214,7 @@ impl RaftIo for Io<'_> {
 
     fn apply(&mut self, entries: Vec<Entry>) {
         for e in entries {
+            *self.committed_bytes += e.data.len() as u64;
             let cmd = if is_batch(&e) {
                 match BatchBody::decode(&e.data) {
                     Ok(body) => {
@@ -268,6 +273,7 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
         let mut leading = false;
         let mut last_role = Role::Follower;
         let mut draining: Option<Instant> = None;
+        let mut committed_bytes = 0u64;
         let mut next_tick = Instant::now() + self.tick;
         if self.single_voter {
             // Nobody else can vote: do not wait out an election timeout.
@@ -374,6 +380,7 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
                 reads: &mut reads,
                 ready_reads: &mut ready_reads,
                 failed_snapshots: Vec::new(),
+                committed_bytes: &mut committed_bytes,
             };
             let started = Instant::now();
             let had_ready = self.replica.has_ready();
@@ -451,7 +458,7 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
                 let (_, cmd) = ready_reads.pop_front().expect("front exists");
                 let _ = self.apply.send(cmd);
             }
-            self.maybe_compact();
+            self.maybe_compact(&mut committed_bytes);
             if let Some(since) = draining {
                 if stash.is_empty() || since.elapsed() >= DRAIN_TIMEOUT {
                     let hint = self.view.not_writable();
@@ -465,9 +472,11 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
         }
     }
 
-    /// Compacts the raft log up to the last applied batch once enough entries piled up, so the
-    /// log stays bounded; a replica that needs older entries gets a snapshot instead.
-    fn maybe_compact(&mut self) {
+    /// Compacts the raft log up to the last applied batch once enough entries (or bytes) piled
+    /// up, so the log stays bounded on disk (at full load 10,000 entries of 2,000 requests would
+    /// be about 6 GB, and rusty-leveldb compacts what it holds); a replica that needs older
+    /// entries gets a snapshot instead.
+    fn maybe_compact(&mut self, committed_bytes: &mut u64) {
         let meta = self.applied.meta.lock().expect("meta lock").clone();
         let point = self
             .replica
@@ -475,7 +484,9 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
             .first_index()
             .unwrap_or(1)
             .saturating_sub(1);
-        if meta.raft_index < point + self.compaction_entries.max(1) {
+        let entries_due = meta.raft_index >= point + self.compaction_entries.max(1);
+        let bytes_due = *committed_bytes >= self.compaction_bytes.max(1) && meta.raft_index > point;
+        if !entries_due && !bytes_due {
             return;
         }
         // After installing a peer's ledger that is newer than the snapshot named, the applied
@@ -495,6 +506,7 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
         if let Err(e) = self.replica.store_mut().compact(meta.raft_index) {
             crate::pipeline::fatal("compacting the raft log", &e);
         }
+        *committed_bytes = 0;
         tracing::info!(
             index = meta.raft_index,
             height = meta.height,

@@ -93,10 +93,12 @@ async fn transfer(
 fn three_replicas_replicate_fail_over_catch_up_and_rebuild_from_a_snapshot() {
     let rt = runtime();
     rt.block_on(async {
-        // A small compaction threshold so that a wiped replica must be sent a snapshot.
+        // A small compaction threshold (in bytes: a few batches) so that a wiped replica must
+        // be sent a snapshot.
         let mut cluster = Cluster::new(3, |c| {
             fast(c);
-            c.raft.compaction_entries = 10;
+            c.raft.compaction_entries = 1_000_000;
+            c.raft.compaction_bytes = 4096;
         })
         .await;
         cluster.start_all();
@@ -151,6 +153,19 @@ fn three_replicas_replicate_fail_over_catch_up_and_rebuild_from_a_snapshot() {
             next_id += 1;
             confirmed.push(transfer(&cc, &alice, chain_id, next_id, bob).await);
         }
+        cluster.start(follower);
+        converged(&cluster).await;
+        // It was rebuilt from a snapshot: its raft log starts past the compaction point.
+        cluster.kill(follower);
+        let first = {
+            let dir = cluster.data_dir(follower).join("raft");
+            let log = tally_storage::RaftLogDb::open(&dir, &cluster.ids).unwrap();
+            raft::Storage::first_index(&log).unwrap()
+        };
+        assert!(
+            first > 1,
+            "the wiped replica should have installed a snapshot (first index {first})"
+        );
         cluster.start(follower);
         let tip = converged(&cluster).await;
 
