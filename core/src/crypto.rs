@@ -57,7 +57,8 @@ impl KeyCache {
     pub fn new(cap: usize) -> KeyCache {
         assert!(cap >= 1);
         KeyCache {
-            keys: std::collections::HashMap::with_capacity(cap.min(1 << 16)),
+            // Grows as signers appear: preallocating the bound cost ~30 MB per worker.
+            keys: std::collections::HashMap::new(),
             cap,
         }
     }

@@ -21,7 +21,12 @@ use crate::transfer::DumpWriter;
 /// Tuning of the LevelDB instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreOptions {
-    /// Capacity of LevelDB's block cache.
+    /// Capacity of LevelDB's block cache, divided by its 4 KiB block size: rusty-leveldb bounds
+    /// the cache by a count of blocks, not by bytes, and a block holding one large value (a
+    /// batch body, a raft entry: up to ~2.4 MB) is as large as that value. 8 MiB (2,048 blocks)
+    /// let it grow past a gigabyte under load; 256 KiB keeps it to 64 blocks (at most ~150 MB,
+    /// a few MB with typical bodies). Reads are rare on the hot path (accounts and request ids
+    /// are answered from memory), so a small cache costs nothing measurable.
     pub block_cache_bytes: usize,
     /// Size of the memtable before it is written out as a table file. Larger means fewer,
     /// bigger compactions, which run inline in `apply` (see the crate caveats).
@@ -33,7 +38,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            block_cache_bytes: 8 << 20,
+            block_cache_bytes: 256 << 10,
             write_buffer_bytes: 4 << 20,
             request_filter_bytes: 16 << 20,
         }
