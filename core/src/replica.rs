@@ -170,8 +170,18 @@ impl<S: RaftLogStore> Replica<S> {
         if message.get_msg_type() == MessageType::MsgHeartbeat {
             message.commit = message.commit.min(self.node.raft.raft_log.last_index());
         }
+        let heartbeat_answer_from =
+            (message.get_msg_type() == MessageType::MsgHeartbeatResponse).then_some(message.from);
         if let Err(e) = self.node.step(message) {
             tracing_free_log(&format!("raft: dropped a peer message: {e}"));
+        }
+        // A follower that answers heartbeats is no longer installing a snapshot. If its
+        // acknowledgement of the snapshot was lost, raft-rs would keep it paused until the next
+        // election; this releases it (a no-op unless it is paused for a snapshot).
+        if let Some(from) = heartbeat_answer_from {
+            if self.node.raft.state == StateRole::Leader {
+                self.report_snapshot(from, true);
+            }
         }
     }
 

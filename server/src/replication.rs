@@ -283,18 +283,9 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(timeout) {
                 Ok(RaftEvent::Drain) => draining = Some(Instant::now()),
-                Ok(RaftEvent::Peer(m)) => {
-                    let from = m.from;
-                    let heartbeat_answer =
-                        m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeatResponse;
-                    self.replica.step(m);
-                    // A follower that answers heartbeats is no longer installing a snapshot. If
-                    // its acknowledgement of the snapshot was lost, raft would keep it paused
-                    // until the next election; this releases it (a no-op unless it is paused).
-                    if heartbeat_answer && self.replica.status().role == Role::Leader {
-                        self.replica.report_snapshot(from, true);
-                    }
-                }
+                // (`Replica::step` also releases a follower paused for a snapshot whose
+                // acknowledgement was lost, once it answers a heartbeat.)
+                Ok(RaftEvent::Peer(m)) => self.replica.step(m),
                 Ok(RaftEvent::Unreachable(id)) => {
                     self.replica.report_unreachable(id);
                     self.replica.report_snapshot(id, false);

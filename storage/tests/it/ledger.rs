@@ -17,6 +17,24 @@ fn small() -> StoreOptions {
     }
 }
 
+/// Applies `batches` batches of 1 to 40 random requests, continuing the chain in `db`, records
+/// them in `model`, and calls `after` once after each.
+fn fill(
+    db: &mut LedgerDb,
+    model: &mut Model,
+    seed: u64,
+    rng: &mut StdRng,
+    batches: usize,
+    mut after: impl FnMut(&mut LedgerDb),
+) {
+    let mut chain = Chain::new(db.meta().unwrap(), seed);
+    for _ in 0..batches {
+        let n = rng.gen_range(1..=40);
+        model.record(chain.step(db, n));
+        after(db);
+    }
+}
+
 #[test]
 fn batches_survive_reopen_and_the_chain_continues() {
     let seed = seed();
@@ -25,11 +43,7 @@ fn batches_survive_reopen_and_the_chain_continues() {
     let mut model = Model::default();
 
     let mut db = LedgerDb::open(dir.path(), small()).unwrap();
-    let mut chain = Chain::new(db.meta().unwrap(), seed);
-    for _ in 0..40 {
-        let n = rng.gen_range(1..=40);
-        model.record(chain.step(&mut db, n));
-    }
+    fill(&mut db, &mut model, seed, &mut rng, 40, |_| {});
     model.check(&mut db);
     db.close().unwrap();
     let tables = std::fs::read_dir(dir.path()).unwrap().filter(|e| {
@@ -46,11 +60,7 @@ fn batches_survive_reopen_and_the_chain_continues() {
 
     let mut db = LedgerDb::open(dir.path(), small()).unwrap();
     model.check(&mut db);
-    let mut chain = Chain::new(db.meta().unwrap(), seed ^ 1);
-    for _ in 0..20 {
-        let n = rng.gen_range(1..=40);
-        model.record(chain.step(&mut db, n));
-    }
+    fill(&mut db, &mut model, seed ^ 1, &mut rng, 20, |_| {});
     model.check(&mut db);
     drop(db);
 
@@ -143,11 +153,7 @@ fn the_request_filter_answers_absent_ids_from_memory_and_misses_no_stored_one() 
     let dir = tempfile::tempdir().unwrap();
     let mut model = Model::default();
     let mut db = LedgerDb::open(dir.path(), small()).unwrap();
-    let mut chain = Chain::new(db.meta().unwrap(), seed);
-    for _ in 0..20 {
-        let n = rng.gen_range(1..=40);
-        model.record(chain.step(&mut db, n));
-    }
+    fill(&mut db, &mut model, seed, &mut rng, 20, |_| {});
     model.check(&mut db);
     let absent = |db: &mut LedgerDb| {
         for id in 0..1000u128 {
@@ -192,15 +198,12 @@ fn housekeeping_between_batches_changes_no_state() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = Model::default();
     let mut db = LedgerDb::open(dir.path(), small()).unwrap();
-    let mut chain = Chain::new(db.meta().unwrap(), seed);
-    for _ in 0..30 {
-        let n = rng.gen_range(1..=40);
-        model.record(chain.step(&mut db, n));
+    fill(&mut db, &mut model, seed, &mut rng, 30, |db| {
         let meta = db.meta().unwrap();
         db.maintain().unwrap();
         db.maintain().unwrap();
         assert_eq!(db.meta().unwrap(), meta, "seed {seed}");
-    }
+    });
     model.check(&mut db);
     drop(db);
     let mut db = LedgerDb::open(dir.path(), small()).unwrap();
