@@ -161,7 +161,24 @@ impl<S: RaftLogStore> Replica<S> {
 
     /// A message from an authenticated peer. Errors (a message for another term, from an
     /// unknown peer) are not fatal: the message is dropped.
-    pub fn step(&mut self, mut message: Message) {
+    ///
+    /// A follower that answers heartbeats is no longer installing a snapshot. If its
+    /// acknowledgement of the snapshot was lost, raft-rs would keep it paused until the next
+    /// election; a heartbeat answer to a leader releases it (a no-op unless it is paused).
+    pub fn step(&mut self, message: Message) {
+        let heartbeat_answer_from =
+            (message.get_msg_type() == MessageType::MsgHeartbeatResponse).then_some(message.from);
+        self.step_raw(message);
+        if let Some(from) = heartbeat_answer_from {
+            if self.node.raft.state == StateRole::Leader {
+                self.report_snapshot(from, true);
+            }
+        }
+    }
+
+    /// [`Self::step`] without releasing a follower paused for a snapshot: for fault injection
+    /// (the simulator's `server-snapshot-stall` bug), never for serving.
+    pub fn step_raw(&mut self, mut message: Message) {
         // A replica whose disk was wiped is still remembered by the leader as holding entries it
         // no longer has, and raft-rs panics when told to commit past its last entry. Clamping
         // the commit to what this log holds lets it reject the append instead, so the leader
@@ -170,18 +187,8 @@ impl<S: RaftLogStore> Replica<S> {
         if message.get_msg_type() == MessageType::MsgHeartbeat {
             message.commit = message.commit.min(self.node.raft.raft_log.last_index());
         }
-        let heartbeat_answer_from =
-            (message.get_msg_type() == MessageType::MsgHeartbeatResponse).then_some(message.from);
         if let Err(e) = self.node.step(message) {
             tracing_free_log(&format!("raft: dropped a peer message: {e}"));
-        }
-        // A follower that answers heartbeats is no longer installing a snapshot. If its
-        // acknowledgement of the snapshot was lost, raft-rs would keep it paused until the next
-        // election; this releases it (a no-op unless it is paused for a snapshot).
-        if let Some(from) = heartbeat_answer_from {
-            if self.node.raft.state == StateRole::Leader {
-                self.report_snapshot(from, true);
-            }
         }
     }
 

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use raft::eraftpb::{Entry, Message, MessageType, Snapshot};
+use raft::eraftpb::{Entry, Message, Snapshot};
 use raft::ReadState;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -272,19 +272,13 @@ impl SimNode {
         let Some(r) = self.replica.as_mut() else {
             return;
         };
-        let from = m.from;
-        let heartbeat_response = m.get_msg_type() == MessageType::MsgHeartbeatResponse;
-        r.step(m);
-        // A follower answers heartbeats only once it has processed (or dropped) a snapshot
-        // sent to it, so a heartbeat response ends the leader's wait for it. Without this, a
-        // lost acknowledgement of an installed snapshot leaves the follower paused until the
-        // next election: the server (which never reports a snapshot as finished) has that
-        // stall; `SimBug::ServerSnapshotStall` brings it back.
-        if heartbeat_response
-            && t.bug != Some(SimBug::ServerSnapshotStall)
-            && r.status().role == Role::Leader
-        {
-            r.report_snapshot(from, true);
+        // `Replica::step` releases a follower paused for a snapshot once it answers a heartbeat
+        // (a lost acknowledgement would otherwise stall it until the next election);
+        // `SimBug::ServerSnapshotStall` brings that stall back.
+        if t.bug == Some(SimBug::ServerSnapshotStall) {
+            r.step_raw(m);
+        } else {
+            r.step(m);
         }
     }
 
