@@ -57,6 +57,10 @@ pub struct Args {
     /// an open loop (default 4096).
     #[arg(long, value_name = "N")]
     pub in_flight: Option<usize>,
+    /// Send plain `Submit`s (the server checks each signature strictly, one by one) instead of
+    /// `SubmitHinted` (nonce hints: the server checks signatures in batches).
+    #[arg(long)]
+    pub no_hints: bool,
     /// Also write the whole report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -110,9 +110,10 @@ pub fn run(args: &Args) -> Result<Report> {
     );
     let bound = bound::measure(args.bound_time);
     eprintln!(
-        "bound: strict {}/s, batch {}/s",
+        "bound: strict {}/s, batch {}/s (tally's hinted batches: {}/s)",
         report::thousands(bound.strict_verifications_per_second),
-        report::thousands(bound.batch_verifications_per_second)
+        report::thousands(bound.batch_verifications_per_second),
+        report::thousands(bound.hinted_batch_verifications_per_second)
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -156,7 +157,16 @@ pub fn run(args: &Args) -> Result<Report> {
     };
     let hot = args.hot_accounts();
     eprintln!("signing {pool_size} transfers between the first {hot} accounts");
-    let transfers = load::sign_transfers(&accounts, chain_id, ids, pool_size.max(1), hot, cores);
+    let hints = !args.no_hints;
+    let transfers = load::sign_transfers(
+        &accounts,
+        chain_id,
+        ids,
+        pool_size.max(1),
+        hot,
+        cores,
+        hints,
+    );
     // Only the hot keys are needed from here on; the rest is a large ledger's worth of memory.
     drop(accounts);
     let presigned = transfers.len() as u64;
@@ -228,6 +238,7 @@ pub fn run(args: &Args) -> Result<Report> {
         bound,
         presigned,
         pool_exhausted: duration.is_some() && phase.pool_exhausted,
+        hinted: hints,
         late_sends: phase.late_sends,
         setup_seconds,
         sample_verified,

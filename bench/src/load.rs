@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use rand::Rng;
-use tally_client::{build_request, Client, Error};
+use tally_client::{build_request, build_request_hinted, Client, Error};
 use tally_wire::{Hash, Op, PublicKey, Request, Retry};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -107,8 +107,12 @@ pub fn parallel<T: Send>(
     })
 }
 
+/// A pre-signed request and, unless the run sends plain Submits, its nonce hint.
+pub type Presigned = (Request, Option<tally_wire::NonceHint>);
+
 /// Signs `count` transfers between random distinct accounts among the first `hot` (the hot
-/// working set; at most all of them), for small random amounts.
+/// working set; at most all of them), for small random amounts; with `hints`, each with its
+/// nonce hint (sent as `SubmitHinted`, checked by the server in batches).
 pub fn sign_transfers(
     accounts: &Accounts,
     chain_id: Hash,
@@ -116,7 +120,8 @@ pub fn sign_transfers(
     count: usize,
     hot: usize,
     threads: usize,
-) -> Vec<Request> {
+    hints: bool,
+) -> Vec<Presigned> {
     let n = hot.min(accounts.keys.len());
     assert!(n >= 2, "a transfer needs two accounts");
     parallel(count, threads, |range| {
@@ -126,14 +131,23 @@ pub fn sign_transfers(
                 let from = rng.gen_range(0..n);
                 // Any account but `from`, uniformly.
                 let to = (from + rng.gen_range(1..n)) % n;
-                build_request(
-                    &accounts.keys[from],
-                    chain_id,
-                    Op::Transfer,
-                    ids.transfer(i as u64),
-                    accounts.public[to],
-                    rng.gen_range(1..=TRANSFER_AMOUNT_MAX),
-                )
+                let (key, id) = (&accounts.keys[from], ids.transfer(i as u64));
+                let amount = rng.gen_range(1..=TRANSFER_AMOUNT_MAX);
+                if hints {
+                    let (r, h) = build_request_hinted(
+                        key,
+                        chain_id,
+                        Op::Transfer,
+                        id,
+                        accounts.public[to],
+                        amount,
+                    );
+                    (r, Some(h))
+                } else {
+                    let r =
+                        build_request(key, chain_id, Op::Transfer, id, accounts.public[to], amount);
+                    (r, None)
+                }
             })
             .collect()
     })
@@ -276,13 +290,13 @@ async fn deposit(client: &Client, request: Request) -> Result<()> {
 
 /// Pre-signed requests, taken in order by many tasks.
 pub struct Pool {
-    requests: Vec<Request>,
+    requests: Vec<Presigned>,
     next: AtomicUsize,
     exhausted: AtomicBool,
 }
 
 impl Pool {
-    pub fn new(requests: Vec<Request>) -> Pool {
+    pub fn new(requests: Vec<Presigned>) -> Pool {
         Pool {
             requests,
             next: AtomicUsize::new(0),
@@ -299,7 +313,7 @@ impl Pool {
     }
 
     /// The next request, or None once all were taken (and then remembers it ran out).
-    pub fn take(&self) -> Option<Request> {
+    pub fn take(&self) -> Option<Presigned> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         match self.requests.get(i) {
             Some(request) => Some(request.clone()),
@@ -465,12 +479,15 @@ async fn open_loop(
 
 async fn send(
     client: &Client,
-    request: Request,
+    (request, hint): Presigned,
     live: &Live,
 ) -> Result<tally_wire::Confirmation, Error> {
     live.sent.fetch_add(1, Ordering::Relaxed);
     live.in_flight.fetch_add(1, Ordering::Relaxed);
-    let outcome = client.submit(request).await;
+    let outcome = match hint {
+        Some(hint) => client.submit_hinted(request, hint).await,
+        None => client.submit(request).await,
+    };
     live.in_flight.fetch_sub(1, Ordering::Relaxed);
     let counter = if outcome.is_ok() {
         &live.confirmed
@@ -522,10 +539,15 @@ mod tests {
     fn transfers_are_signed_valid_and_unique() {
         let accounts = Accounts::generate(5, 2);
         let ids = Ids::new();
-        let transfers = sign_transfers(&accounts, [9; 32], ids, 200, 5, 3);
+        let transfers = sign_transfers(&accounts, [9; 32], ids, 200, 5, 3, true);
         assert_eq!(transfers.len(), 200);
         let mut seen = std::collections::HashSet::new();
-        for (i, t) in transfers.iter().enumerate() {
+        let mut cache = tally_core::crypto::KeyCache::new(8);
+        let items: Vec<_> = transfers.iter().map(|(r, h)| (r, h.as_ref())).collect();
+        let (ok, stats) = cache.verify_requests(&items, &mut rand::thread_rng());
+        assert!(ok.iter().all(|ok| *ok), "every hinted transfer verifies");
+        assert_eq!(stats.batched, 200, "every hint matches its signature");
+        for (i, (t, _)) in transfers.iter().enumerate() {
             assert!(tally_core::crypto::verify_request(t), "transfer {i}");
             assert_eq!(t.op, Op::Transfer);
             assert_ne!(t.signer, t.to, "transfer {i} is to itself");
@@ -550,10 +572,11 @@ mod tests {
                 .expect("a key of the run")
         };
         for hot in [2, 3, 10, 50] {
-            let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 2000, hot, 3);
+            let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 2000, hot, 3, false);
             assert_eq!(transfers.len(), 2000);
+            assert!(transfers.iter().all(|(_, h)| h.is_none()));
             let mut used = std::collections::HashSet::new();
-            for (i, t) in transfers.iter().enumerate() {
+            for (i, (t, _)) in transfers.iter().enumerate() {
                 let (from, to) = (index(&t.signer), index(&t.to));
                 assert!(
                     from < hot,
@@ -569,8 +592,8 @@ mod tests {
             assert_eq!(used.len(), hot, "the whole hot set is used");
         }
         // A hot set larger than the ledger is the whole ledger.
-        let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 100, 1000, 2);
-        assert!(transfers.iter().all(|t| index(&t.to) < 50));
+        let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 100, 1000, 2, false);
+        assert!(transfers.iter().all(|(t, _)| index(&t.to) < 50));
     }
 
     #[test]
@@ -584,9 +607,19 @@ mod tests {
     #[test]
     fn pool_hands_out_each_request_once() {
         let accounts = Accounts::generate(2, 1);
-        let pool = Pool::new(sign_transfers(&accounts, [1; 32], Ids::new(), 3, 2, 1));
+        let pool = Pool::new(sign_transfers(
+            &accounts,
+            [1; 32],
+            Ids::new(),
+            3,
+            2,
+            1,
+            false,
+        ));
         assert!(!pool.exhausted());
-        let ids: Vec<u128> = std::iter::from_fn(|| pool.take()).map(|r| r.id).collect();
+        let ids: Vec<u128> = std::iter::from_fn(|| pool.take())
+            .map(|(r, _)| r.id)
+            .collect();
         assert_eq!(ids.len(), 3);
         assert!(pool.exhausted());
         assert!(pool.take().is_none());

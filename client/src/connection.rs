@@ -277,8 +277,25 @@ impl Client {
     /// [`Error::Rejected`]. The confirmation is checked to be for this request, but not verified
     /// cryptographically: use [`tally_core::verify::verify_confirmation`] with the operator key.
     pub async fn submit(&self, request: Request) -> Result<Confirmation> {
-        match self.call(Message::Submit(request.clone())).await? {
-            Message::Confirmed(c) if c.request == request => Ok(*c),
+        self.submit_message(Message::Submit(request.clone()), &request)
+            .await
+    }
+
+    /// [`Client::submit`] with the request's nonce hint
+    /// ([`tally_core::crypto::sign_request_with_hint`]), so that the server can check the
+    /// signature in a batch. The answer is the same as for a plain submit.
+    pub async fn submit_hinted(
+        &self,
+        request: Request,
+        hint: tally_wire::NonceHint,
+    ) -> Result<Confirmation> {
+        self.submit_message(Message::SubmitHinted(request.clone(), hint), &request)
+            .await
+    }
+
+    async fn submit_message(&self, message: Message, request: &Request) -> Result<Confirmation> {
+        match self.call(message).await? {
+            Message::Confirmed(c) if c.request == *request => Ok(*c),
             Message::Confirmed(_) => Err(Error::Protocol(
                 "the confirmation is for a different request".into(),
             )),

@@ -78,6 +78,21 @@ pub fn build_request(
     request
 }
 
+/// [`build_request`], also returning the request's nonce hint for
+/// [`Client::submit_hinted`] (one more base-point multiplication for the signer).
+pub fn build_request_hinted(
+    key: &SigningKey,
+    chain_id: Hash,
+    op: Op,
+    id: u128,
+    to: PublicKey,
+    amount: u64,
+) -> (Request, tally_wire::NonceHint) {
+    let mut request = build_request(key, chain_id, op, id, to, amount);
+    let hint = tally_core::crypto::sign_request_with_hint(key, &mut request);
+    (request, hint)
+}
+
 /// A random request id. 128 random bits never collide in practice, so every call is a new
 /// request; reuse an id only to retry the same request.
 pub fn random_id() -> u128 {

@@ -1,8 +1,12 @@
 //! Hashing, keys and signatures: the one place that knows which primitives tally uses.
 
+use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
+use curve25519_dalek::scalar::Scalar;
+use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
-use tally_wire::{Hash, Header, PublicKey, Request, Signature, SignedHeader};
+use rand::{CryptoRng, RngCore};
+use sha2::{Digest, Sha256, Sha512};
+use tally_wire::{Hash, Header, NonceHint, PublicKey, Request, Signature, SignedHeader};
 
 use crate::{Error, Result};
 
@@ -49,8 +53,40 @@ pub fn verify_request(request: &Request) -> bool {
 /// a sizeable part of one verification, and busy accounts sign again and again. Bounded: when
 /// full it is cleared and refilled (cheap, and no eviction order to maintain).
 pub struct KeyCache {
-    keys: std::collections::HashMap<PublicKey, VerifyingKey>,
+    keys: std::collections::HashMap<PublicKey, CachedKey>,
     cap: usize,
+}
+
+#[derive(Clone, Copy)]
+struct CachedKey {
+    key: VerifyingKey,
+    point: EdwardsPoint,
+    /// The key lies in the prime-order subgroup and is not the identity: only such keys take the
+    /// batch path (checked once per key: a full scalar multiplication).
+    batchable: bool,
+}
+
+/// Fewest hinted signatures worth a batch equation; below this each is checked on its own.
+pub const BATCH_VERIFY_MIN: usize = 4;
+
+/// How a call to [`KeyCache::verify_requests`] spent its work, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyStats {
+    /// Signatures accepted by a batch equation.
+    pub batched: usize,
+    /// Signatures checked one by one with strict verification (no hint, a hint that did not
+    /// match, a key outside the prime-order subgroup, too few for a batch, or a failed batch).
+    pub single: usize,
+    /// Batch equations that failed (their signatures were then checked one by one).
+    pub batches_failed: usize,
+}
+
+/// One hinted signature, prepared for the batch equation.
+struct Prepared {
+    s: Scalar,
+    k: Scalar,
+    a: EdwardsPoint,
+    r: EdwardsPoint,
 }
 
 impl KeyCache {
@@ -63,24 +99,131 @@ impl KeyCache {
         }
     }
 
+    fn get(&mut self, signer: &PublicKey) -> Option<CachedKey> {
+        if let Some(k) = self.keys.get(signer) {
+            return Some(*k);
+        }
+        let key = VerifyingKey::from_bytes(signer).ok()?;
+        let point = key.to_edwards();
+        let cached = CachedKey {
+            key,
+            point,
+            batchable: !point.is_small_order() && point.is_torsion_free(),
+        };
+        if self.keys.len() >= self.cap {
+            self.keys.clear();
+        }
+        self.keys.insert(*signer, cached);
+        Some(cached)
+    }
+
     /// Exactly [`verify_request`]'s answer (strict verification), with the key decompressed once.
     pub fn verify_request(&mut self, request: &Request) -> bool {
-        let key = match self.keys.get(&request.signer) {
-            Some(k) => *k,
-            None => {
-                let Ok(k) = VerifyingKey::from_bytes(&request.signer) else {
-                    return false;
-                };
-                if self.keys.len() >= self.cap {
-                    self.keys.clear();
-                }
-                self.keys.insert(request.signer, k);
-                k
-            }
+        let Some(k) = self.get(&request.signer) else {
+            return false;
         };
         let sig = ed25519_dalek::Signature::from_bytes(&request.signature);
-        key.verify_strict(&request.signed_bytes(), &sig).is_ok()
+        k.key.verify_strict(&request.signed_bytes(), &sig).is_ok()
     }
+
+    /// Strict verification of many requests at once: the answer for each is
+    /// [`verify_request`]'s, except with probability at most 2^-128 per call.
+    ///
+    /// Requests that carry a [`NonceHint`] H are checked together in one batch equation when
+    /// everything strict verification would refuse has been excluded one by one first:
+    /// - the scalar s is canonical (s < l);
+    /// - the key A is not of small order and lies in the prime-order subgroup (cached per key);
+    /// - [8]H is not the identity and compresses to exactly the signature's R bytes, so R
+    ///   decodes, is canonical and lies in the prime-order subgroup: it has no torsion
+    ///   component for random weights to hide (ed25519-dalek's own batch equation would accept
+    ///   an R with a small torsion component with probability 1/2 to 1/8).
+    ///
+    /// The equation is sum z_i ([s_i]B - [k_i]A_i - R_i) = 0 with independent random 128-bit
+    /// z_i from `rng`. Every term lies in the group of prime order l > 2^252, so if any one
+    /// signature's own equation fails the sum vanishes for at most one z_i in 2^128. A failed
+    /// batch is checked again one by one, which finds the bad signatures.
+    pub fn verify_requests<R: RngCore + CryptoRng>(
+        &mut self,
+        items: &[(&Request, Option<&NonceHint>)],
+        rng: &mut R,
+    ) -> (Vec<bool>, VerifyStats) {
+        let mut ok = vec![false; items.len()];
+        let mut stats = VerifyStats::default();
+        let mut single = Vec::new();
+        let mut batch: Vec<(usize, Prepared)> = Vec::new();
+        for (i, (request, hint)) in items.iter().enumerate() {
+            let Some(key) = self.get(&request.signer) else {
+                continue; // not a point: strict verification refuses it too
+            };
+            match hint.and_then(|h| prepare(&key, request, h)) {
+                Some(p) => batch.push((i, p)),
+                None => single.push(i),
+            }
+        }
+        if batch.len() < BATCH_VERIFY_MIN {
+            single.extend(batch.drain(..).map(|(i, _)| i));
+        } else if batch_equation_holds(&batch, rng) {
+            stats.batched = batch.len();
+            for (i, _) in &batch {
+                ok[*i] = true;
+            }
+        } else {
+            stats.batches_failed = 1;
+            single.extend(batch.drain(..).map(|(i, _)| i));
+        }
+        stats.single = single.len();
+        for i in single {
+            ok[i] = self.verify_request(items[i].0);
+        }
+        (ok, stats)
+    }
+}
+
+/// Everything strict verification checks of one signature except its equation, or None (then
+/// the signature is checked on its own).
+fn prepare(key: &CachedKey, request: &Request, hint: &NonceHint) -> Option<Prepared> {
+    if !key.batchable {
+        return None;
+    }
+    let r_bytes: [u8; 32] = request.signature[..32].try_into().expect("32 bytes");
+    let s_bytes: [u8; 32] = request.signature[32..].try_into().expect("32 bytes");
+    let s = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes))?;
+    let r = CompressedEdwardsY(*hint).decompress()?.mul_by_cofactor();
+    if r.is_identity() || r.compress().to_bytes() != r_bytes {
+        return None;
+    }
+    let k = Scalar::from_hash(
+        Sha512::new()
+            .chain_update(r_bytes)
+            .chain_update(request.signer)
+            .chain_update(request.signed_bytes()),
+    );
+    Some(Prepared {
+        s,
+        k,
+        a: key.point,
+        r,
+    })
+}
+
+fn batch_equation_holds<R: RngCore + CryptoRng>(batch: &[(usize, Prepared)], rng: &mut R) -> bool {
+    let mut b = Scalar::ZERO;
+    let mut scalars = Vec::with_capacity(2 * batch.len() + 1);
+    let mut points = Vec::with_capacity(2 * batch.len() + 1);
+    scalars.push(Scalar::ZERO); // B's coefficient, filled in below
+    points.push(curve25519_dalek::constants::ED25519_BASEPOINT_POINT);
+    for (_, p) in batch {
+        let mut z = [0u8; 32];
+        rng.fill_bytes(&mut z[..16]);
+        let z = Scalar::from_bytes_mod_order(z);
+        b += z * p.s;
+        scalars.push(-(z * p.k));
+        points.push(p.a);
+        scalars.push(-z);
+        points.push(p.r);
+    }
+    scalars[0] = b;
+    EdwardsPoint::vartime_multiscalar_mul(scalars, points).is_identity()
 }
 
 /// Signs a request in place (clients, benches and tests).
@@ -91,6 +234,27 @@ pub fn sign_request(key: &SigningKey, request: &mut Request) {
         "signer must be the key's public key"
     );
     request.signature = key.sign(&request.signed_bytes()).to_bytes();
+}
+
+/// Signs a request in place and returns its [`NonceHint`]: the point H = [r / 8]B, where r is
+/// the signature's nonce (RFC 8032: SHA-512 of the key's prefix and the message), so that
+/// [8]H = R. It lets a verifier check R's subgroup cheaply and batch the signature
+/// ([`KeyCache::verify_requests`]); it costs the signer one more base-point multiplication.
+pub fn sign_request_with_hint(key: &SigningKey, request: &mut Request) -> NonceHint {
+    sign_request(key, request);
+    let expanded = ed25519_dalek::hazmat::ExpandedSecretKey::from(&key.to_bytes());
+    let r = Scalar::from_hash(
+        Sha512::new()
+            .chain_update(expanded.hash_prefix)
+            .chain_update(request.signed_bytes()),
+    );
+    let h = EdwardsPoint::mul_base(&(r * Scalar::from(8u8).invert()));
+    let hint = h.compress().to_bytes();
+    debug_assert_eq!(
+        h.mul_by_cofactor().compress().to_bytes()[..],
+        request.signature[..32]
+    );
+    hint
 }
 
 /// The operator's signing key. Ed25519 signing is deterministic, so every replica holding this

@@ -26,11 +26,9 @@ impl StatelessRules {
         self.check_signed(request, |r| cache.verify_request(r))
     }
 
-    fn check_signed(
-        &self,
-        request: &Request,
-        verify: impl FnOnce(&Request) -> bool,
-    ) -> Result<(), Rejection> {
+    /// Everything [`StatelessRules::check`] checks except the signature, which the caller checks
+    /// (in a batch: [`KeyCache::verify_requests`]) and refuses with [`bad_signature`].
+    pub fn check_unsigned(&self, request: &Request) -> Result<(), Rejection> {
         if request.chain_id != self.chain_id {
             return Err(Rejection::new(
                 ErrorCode::WrongChain,
@@ -43,12 +41,26 @@ impl StatelessRules {
                 "deposits must be signed by an operator deposit key",
             ));
         }
+        Ok(())
+    }
+
+    fn check_signed(
+        &self,
+        request: &Request,
+        verify: impl FnOnce(&Request) -> bool,
+    ) -> Result<(), Rejection> {
+        self.check_unsigned(request)?;
         if !verify(request) {
-            return Err(Rejection::new(
-                ErrorCode::BadSignature,
-                "the signature does not verify (strict Ed25519)",
-            ));
+            return Err(bad_signature());
         }
         Ok(())
     }
+}
+
+/// The rejection of a signature strict Ed25519 verification refuses.
+pub fn bad_signature() -> Rejection {
+    Rejection::new(
+        ErrorCode::BadSignature,
+        "the signature does not verify (strict Ed25519)",
+    )
 }

@@ -22,6 +22,7 @@ pub const STAGES: [&str; 5] = ["stateless", "snapshot", "master", "storage", "co
 /// The queues that answer `busy` when full; the `queue` label of `tally_busy_total`.
 pub const BUSY_QUEUES: [&str; 2] = ["stateless", "storage"];
 const LOOKUP_ANSWERS: [&str; 3] = ["filtered", "found", "absent"];
+const SIGNATURE_PATHS: [&str; 2] = ["batch", "single"];
 
 /// Raft roles as exported in `tally_raft_role` (and in the wire `Status` reply).
 pub mod role {
@@ -118,6 +119,10 @@ pub struct Metrics {
     /// filter, no read), `found` and `absent` (read from LevelDB; `absent` with the filter on
     /// are its false positives).
     request_lookups_total: IntCounterVec,
+    /// Request signatures checked, by path: `batch` (accepted by a batch equation), `single`
+    /// (strict verification one by one).
+    signature_checks_total: IntCounterVec,
+    pub signature_batches_failed_total: IntCounter,
     pub raft: RaftMetrics,
     /// 1 when the node can serve (see `/ready`), else 0.
     ready: IntGauge,
@@ -285,6 +290,16 @@ impl Metrics {
                 "answer",
                 &LOOKUP_ANSWERS,
             ),
+            signature_checks_total: counter_vec(
+                "tally_signature_checks_total",
+                "Request signatures checked, by path: batch (hinted, one batch equation), single (strict, one by one).",
+                "path",
+                &SIGNATURE_PATHS,
+            ),
+            signature_batches_failed_total: counter(
+                "tally_signature_batches_failed_total",
+                "Batch equations that failed; their signatures were checked again one by one.",
+            ),
             raft: RaftMetrics {
                 term: gauge("tally_raft_term", "Current Raft term."),
                 role: gauge(
@@ -345,6 +360,14 @@ impl Metrics {
     }
 
     /// `queue` is one of [`BUSY_QUEUES`].
+    pub fn signature_checks(&self, stats: &tally_core::crypto::VerifyStats) {
+        let c = &self.signature_checks_total;
+        c.with_label_values(&["batch"]).inc_by(stats.batched as u64);
+        c.with_label_values(&["single"]).inc_by(stats.single as u64);
+        self.signature_batches_failed_total
+            .inc_by(stats.batches_failed as u64);
+    }
+
     pub fn busy(&self, queue: &str) {
         self.busy_total.with_label_values(&[queue]).inc();
     }

@@ -181,13 +181,23 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
     let view = &pipeline.view;
     match message {
         // Only the leader takes writes; others answer at once with where to go.
-        Message::Submit(_) if !view.writable.load(Ordering::SeqCst) => {
+        Message::Submit(_) | Message::SubmitHinted(..) if !view.writable.load(Ordering::SeqCst) => {
             reply.send(&Message::Error(view.not_writable()))
         }
         Message::Submit(request) => pipeline::submit(
             pipeline,
             Job {
                 request,
+                hint: None,
+                reply,
+                snapshot_height: 0,
+            },
+        ),
+        Message::SubmitHinted(request, hint) => pipeline::submit(
+            pipeline,
+            Job {
+                request,
+                hint: Some(hint),
                 reply,
                 snapshot_height: 0,
             },

@@ -32,6 +32,9 @@ pub type PublicKey = [u8; 32];
 pub type Hash = [u8; 32];
 /// A detached Ed25519 signature.
 pub type Signature = [u8; 64];
+/// A signer's aid to batch verification, sent beside a signature (`SubmitHinted`): the
+/// compressed point H with [8]H = R, where R is the signature's first half. Not signed.
+pub type NonceHint = [u8; 32];
 
 /// A little cursor over a byte slice that never panics: every read checks the bounds and reports
 /// [`WireError::Truncated`] with the field's name.

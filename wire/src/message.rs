@@ -1,8 +1,8 @@
 //! Messages: the payloads of frames, one variant per message type.
 
 use crate::{
-    encode_frame, put_string, Confirmation, ErrorCode, PublicKey, RawFrame, Reader, Request, Retry,
-    SignedHeader, WireError,
+    encode_frame, put_string, Confirmation, ErrorCode, NonceHint, PublicKey, RawFrame, Reader,
+    Request, Retry, SignedHeader, WireError,
 };
 
 /// How many headers one `Headers` reply carries at most (keeps it far below any frame cap).
@@ -14,6 +14,7 @@ pub mod message_type {
     pub const GET_BALANCE: u8 = 0x02;
     pub const GET_HEADERS: u8 = 0x03;
     pub const GET_STATUS: u8 = 0x04;
+    pub const SUBMIT_HINTED: u8 = 0x05;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -94,8 +95,17 @@ pub struct StatusReply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Submit(Request),
-    GetBalance { account: PublicKey, mode: ReadMode },
-    GetHeaders { from_height: u64, limit: u16 },
+    /// A Submit with the signer's [`NonceHint`], which lets the server verify the signature in
+    /// a batch. Answered exactly as the same request sent as `Submit`.
+    SubmitHinted(Request, NonceHint),
+    GetBalance {
+        account: PublicKey,
+        mode: ReadMode,
+    },
+    GetHeaders {
+        from_height: u64,
+        limit: u16,
+    },
     GetStatus,
     Confirmed(Box<Confirmation>),
     Error(ErrorReply),
@@ -109,6 +119,7 @@ impl Message {
         use message_type::*;
         match self {
             Message::Submit(_) => SUBMIT,
+            Message::SubmitHinted(..) => SUBMIT_HINTED,
             Message::GetBalance { .. } => GET_BALANCE,
             Message::GetHeaders { .. } => GET_HEADERS,
             Message::GetStatus => GET_STATUS,
@@ -123,6 +134,10 @@ impl Message {
     pub fn encode_payload(&self, out: &mut Vec<u8>) {
         match self {
             Message::Submit(request) => out.extend_from_slice(&request.encode()),
+            Message::SubmitHinted(request, hint) => {
+                out.extend_from_slice(&request.encode());
+                out.extend_from_slice(hint);
+            }
             Message::GetBalance { account, mode } => {
                 out.extend_from_slice(account);
                 out.push(*mode as u8);
@@ -190,6 +205,9 @@ impl Message {
         let mut r = Reader::new(&frame.payload);
         let message = match frame.message_type {
             SUBMIT => Message::Submit(Request::read(&mut r)?),
+            SUBMIT_HINTED => {
+                Message::SubmitHinted(Request::read(&mut r)?, r.array("submit_hinted.hint")?)
+            }
             GET_BALANCE => Message::GetBalance {
                 account: r.array("get_balance.account")?,
                 mode: read_mode(&mut r)?,

@@ -1,6 +1,7 @@
 //! The integration tests of tally-core, one binary (see matklad, "Delete Cargo Integration
 //! Tests"). Each module covers one area through a `check` helper that takes the case as data.
 
+mod batch_verify;
 mod batches;
 mod common;
 mod conservation;

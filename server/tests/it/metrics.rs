@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use tally_client::{build_request, generate_key, public_key, Error as ClientError};
+use tally_client::{
+    build_request, build_request_hinted, generate_key, public_key, Error as ClientError,
+};
 use tally_server::metrics::Metrics;
 use tally_wire::{Op, ReadMode};
 
@@ -208,6 +210,97 @@ fn metrics_count_exactly_what_clients_saw() {
     }
     assert_eq!(open, 0.0, "no connection is left open");
     drop(server);
+}
+
+/// `SubmitHinted` over a real connection: hinted signatures are checked in batch equations
+/// (`tally_signature_checks_total{path="batch"}`), a batch with a bad signature in it is checked
+/// again one by one, and every answer is the one a plain `Submit` would get.
+#[test]
+fn hinted_submits_are_batch_verified_with_the_same_answers() {
+    let operator = Operator::new(|c| {
+        c.batch.batch_window_ms = 20;
+        c.workers.stateless = 1; // one worker: what is queued is checked together
+    });
+    let chain = operator.profile.chain_id_bytes().unwrap();
+    let deposit_key = operator.profile.load_deposit_key().unwrap();
+    let alice = generate_key();
+    let bob = public_key(&generate_key());
+    let server = operator.start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (outcomes, balance) = rt.block_on(async {
+        let client = std::sync::Arc::new(server.client().await);
+        let (dep, hint) = build_request_hinted(
+            &deposit_key,
+            chain,
+            Op::Deposit,
+            1,
+            public_key(&alice),
+            100_000,
+        );
+        client.submit_hinted(dep, hint).await.expect("deposit");
+        let (_, foreign_hint) = build_request_hinted(&alice, chain, Op::Transfer, 1, bob, 1);
+        let mut tasks = Vec::new();
+        for i in 0..400u128 {
+            let (mut req, mut hint) =
+                build_request_hinted(&alice, chain, Op::Transfer, 10 + i, bob, 3);
+            let expect_ok = match i % 10 {
+                0 => {
+                    req.signature[40] ^= 1; // s broken: R still matches the hint
+                    false
+                }
+                1 => {
+                    req.signature[3] ^= 1; // R broken: no longer [8]H
+                    false
+                }
+                2 => {
+                    hint = foreign_hint; // a good signature with a wrong hint
+                    true
+                }
+                _ => true,
+            };
+            let client = std::sync::Arc::clone(&client);
+            tasks.push(tokio::spawn(async move {
+                (expect_ok, client.submit_hinted(req, hint).await)
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        let b = client.balance(bob, ReadMode::Linearizable).await.unwrap();
+        (outcomes, b.balance)
+    });
+    let mut confirmed = 0;
+    for (i, (expect_ok, outcome)) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(c) => {
+                assert!(expect_ok, "request {i} was confirmed");
+                assert!(!c.replayed);
+                confirmed += 1;
+            }
+            Err(ClientError::Rejected(e)) => {
+                assert!(!expect_ok, "request {i} was refused: {e:?}");
+                assert_eq!(e.code, tally_wire::ErrorCode::BadSignature, "request {i}");
+            }
+            Err(e) => panic!("request {i}: unexpected client error: {e}"),
+        }
+    }
+    assert_eq!(confirmed, 320);
+    assert_eq!(balance, 3 * 320);
+    let m = scrape(&server.metrics_addr);
+    let batch = value(&m, "tally_signature_checks_total{path=\"batch\"}");
+    let single = value(&m, "tally_signature_checks_total{path=\"single\"}");
+    // Every signature is checked exactly once, one way or the other (the deposit included).
+    assert_eq!(batch + single, 401.0);
+    assert!(batch > 0.0, "no batch equation accepted anything");
+    assert!(
+        value(&m, "tally_signature_batches_failed_total") > 0.0,
+        "a broken s in a batch must fail that batch"
+    );
 }
 
 #[test]

@@ -89,6 +89,7 @@ pub fn every_message() -> Vec<Message> {
         Message::Submit(request(Op::Deposit)),
         Message::Submit(request(Op::Transfer)),
         Message::Submit(request(Op::Withdraw)),
+        Message::SubmitHinted(request(Op::Transfer), [0x5a; 32]),
         Message::GetBalance {
             account: [0x11; 32],
             mode: ReadMode::Linearizable,

@@ -158,7 +158,8 @@ proptest! {
         let bytes = r.encode();
         prop_assert_eq!(&bytes[..REQUEST_SIGNED_BYTES], &r.signed_bytes()[..]);
         prop_assert_eq!(Request::decode(&bytes).unwrap(), r.clone());
-        frame_round_trip(&Message::Submit(r), cid)?;
+        frame_round_trip(&Message::Submit(r.clone()), cid)?;
+        frame_round_trip(&Message::SubmitHinted(r, [cid as u8; 32]), cid)?;
     }
 
     #[test]
