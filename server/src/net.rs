@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::pipeline::{self, Job, Outgoing, PipelineHandle, ReplyTo, StorageCmd};
 use crate::replication::RaftEvent;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone, Debug)]
 pub struct NetLimits {
@@ -78,6 +78,10 @@ async fn connection(
     };
     let (mut rd, mut wr) = tokio::io::split(tls);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(limits.in_flight_max);
+    // Cleared by the stateless stage when this connection sends a bad signature with a nonce
+    // hint: from then on its hints are ignored (strict checks only), so that one connection
+    // cannot keep spoiling batch equations that other connections' requests share.
+    let hints = Arc::new(AtomicBool::new(true));
     let permits = Arc::new(Semaphore::new(limits.in_flight_max));
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
@@ -116,7 +120,7 @@ async fn connection(
                         metrics: pipeline.metrics.clone(),
                     };
                     match Message::decode(&frame) {
-                        Ok(message) => dispatch(&pipeline, message, reply),
+                        Ok(message) => dispatch(&pipeline, message, reply, &hints),
                         Err(e) => reply.send(&Message::Error(ErrorReply::from(&e))),
                     }
                 }
@@ -177,7 +181,7 @@ async fn connection(
     let _ = writer.await;
 }
 
-fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
+fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: &Arc<AtomicBool>) {
     let view = &pipeline.view;
     match message {
         // Only the leader takes writes; others answer at once with where to go.
@@ -197,7 +201,9 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
             pipeline,
             Job {
                 request,
-                hint: Some(hint),
+                hint: hints
+                    .load(Ordering::Relaxed)
+                    .then(|| (hint, Arc::clone(hints))),
                 reply,
                 snapshot_height: 0,
             },

@@ -101,8 +101,9 @@ impl ReplyTo {
 pub struct Job {
     pub request: Request,
     /// The signer's nonce hint, if the client sent one (`SubmitHinted`): lets the stateless
-    /// stage check the signature in a batch.
-    pub hint: Option<tally_wire::NonceHint>,
+    /// stage check the signature in a batch. With it, the connection's switch for hints, which
+    /// the stateless stage turns off when a hinted signature turns out bad.
+    pub hint: Option<(tally_wire::NonceHint, Arc<AtomicBool>)>,
     pub reply: ReplyTo,
     /// The applied height the snapshot stage checked the request against.
     pub snapshot_height: u64,
@@ -394,7 +395,7 @@ fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules, 
         }
         let items: Vec<_> = signed
             .iter()
-            .map(|j| (&j.request, j.hint.as_ref()))
+            .map(|j| (&j.request, j.hint.as_ref().map(|(h, _)| h)))
             .collect();
         let (verified, stats) = keys.verify_requests(&items, &mut rng);
         metrics.signature_checks(&stats);
@@ -405,6 +406,9 @@ fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules, 
         }
         for (job, ok) in signed.into_iter().zip(verified) {
             if !ok {
+                if let Some((_, hints)) = &job.hint {
+                    hints.store(false, Ordering::Relaxed);
+                }
                 job.reply.reject(tally_core::validate::bad_signature());
             } else if tx.send(job).is_err() {
                 return;

@@ -212,9 +212,10 @@ fn metrics_count_exactly_what_clients_saw() {
     drop(server);
 }
 
-/// `SubmitHinted` over a real connection: hinted signatures are checked in batch equations
-/// (`tally_signature_checks_total{path="batch"}`), a batch with a bad signature in it is checked
-/// again one by one, and every answer is the one a plain `Submit` would get.
+/// `SubmitHinted` over real connections: hinted signatures are checked in batch equations
+/// (`tally_signature_checks_total{path="batch"}`), every answer is the one a plain `Submit`
+/// would get, and a connection that sent a bad hinted signature has its hints ignored from then
+/// on, so it cannot spoil the batches other connections' requests share.
 #[test]
 fn hinted_submits_are_batch_verified_with_the_same_answers() {
     let operator = Operator::new(|c| {
@@ -231,8 +232,9 @@ fn hinted_submits_are_batch_verified_with_the_same_answers() {
         .enable_all()
         .build()
         .unwrap();
-    let (outcomes, balance) = rt.block_on(async {
-        let client = std::sync::Arc::new(server.client().await);
+    let (outcomes, balance, before) = rt.block_on(async {
+        let good = std::sync::Arc::new(server.client().await);
+        let bad = std::sync::Arc::new(server.client().await);
         let (dep, hint) = build_request_hinted(
             &deposit_key,
             chain,
@@ -241,28 +243,46 @@ fn hinted_submits_are_batch_verified_with_the_same_answers() {
             public_key(&alice),
             100_000,
         );
-        client.submit_hinted(dep, hint).await.expect("deposit");
-        let (_, foreign_hint) = build_request_hinted(&alice, chain, Op::Transfer, 1, bob, 1);
-        let mut tasks = Vec::new();
+        good.submit_hinted(dep, hint).await.expect("deposit");
+        // One bad hinted signature, alone: refused, and the `bad` connection loses its hints.
+        let (mut first, hint) = build_request_hinted(&alice, chain, Op::Transfer, 2, bob, 3);
+        first.signature[40] ^= 1;
+        match bad.submit_hinted(first, hint).await {
+            Err(ClientError::Rejected(e)) => {
+                assert_eq!(e.code, tally_wire::ErrorCode::BadSignature)
+            }
+            other => panic!("a bad signature: {other:?}"),
+        }
+        let before = scrape(&server.metrics_addr);
+        let (_, foreign_hint) = build_request_hinted(&alice, chain, Op::Transfer, 3, bob, 1);
+        // All signed first, then all sent at once: the server finds them queued together.
+        let mut sends = Vec::new();
         for i in 0..400u128 {
             let (mut req, mut hint) =
                 build_request_hinted(&alice, chain, Op::Transfer, 10 + i, bob, 3);
-            let expect_ok = match i % 10 {
+            let (client, expect_ok) = match i % 10 {
+                // From the connection that lost its hints: s broken (R still matches its
+                // hint), R broken, and good ones.
                 0 => {
-                    req.signature[40] ^= 1; // s broken: R still matches the hint
-                    false
+                    req.signature[40] ^= 1;
+                    (&bad, false)
                 }
                 1 => {
-                    req.signature[3] ^= 1; // R broken: no longer [8]H
-                    false
+                    req.signature[3] ^= 1;
+                    (&bad, false)
                 }
-                2 => {
-                    hint = foreign_hint; // a good signature with a wrong hint
-                    true
+                2 | 3 => (&bad, true),
+                // A good signature with a wrong hint: checked strictly, confirmed.
+                4 => {
+                    hint = foreign_hint;
+                    (&good, true)
                 }
-                _ => true,
+                _ => (&good, true),
             };
-            let client = std::sync::Arc::clone(&client);
+            sends.push((std::sync::Arc::clone(client), expect_ok, req, hint));
+        }
+        let mut tasks = Vec::new();
+        for (client, expect_ok, req, hint) in sends {
             tasks.push(tokio::spawn(async move {
                 (expect_ok, client.submit_hinted(req, hint).await)
             }));
@@ -271,8 +291,8 @@ fn hinted_submits_are_batch_verified_with_the_same_answers() {
         for t in tasks {
             outcomes.push(t.await.unwrap());
         }
-        let b = client.balance(bob, ReadMode::Linearizable).await.unwrap();
-        (outcomes, b.balance)
+        let b = good.balance(bob, ReadMode::Linearizable).await.unwrap();
+        (outcomes, b.balance, before)
     });
     let mut confirmed = 0;
     for (i, (expect_ok, outcome)) in outcomes.into_iter().enumerate() {
@@ -292,14 +312,25 @@ fn hinted_submits_are_batch_verified_with_the_same_answers() {
     assert_eq!(confirmed, 320);
     assert_eq!(balance, 3 * 320);
     let m = scrape(&server.metrics_addr);
-    let batch = value(&m, "tally_signature_checks_total{path=\"batch\"}");
-    let single = value(&m, "tally_signature_checks_total{path=\"single\"}");
-    // Every signature is checked exactly once, one way or the other (the deposit included).
-    assert_eq!(batch + single, 401.0);
-    assert!(batch > 0.0, "no batch equation accepted anything");
+    let delta = |series: &str| value(&m, series) - value(&before, series);
+    let batch = delta("tally_signature_checks_total{path=\"batch\"}");
+    let single = delta("tally_signature_checks_total{path=\"single\"}");
+    // Every signature is checked exactly once, one way or the other.
+    assert_eq!(batch + single, 400.0);
+    // Only the `good` connection's requests with matching hints can take the batch path ...
     assert!(
-        value(&m, "tally_signature_batches_failed_total") > 0.0,
-        "a broken s in a batch must fail that batch"
+        batch > 0.0,
+        "no batch equation accepted anything ({single} single)"
+    );
+    assert!(
+        batch <= 200.0,
+        "{batch} batched: more than the good connection's requests with matching hints"
+    );
+    // ... and with the `bad` connection's hints ignored, no batch held a bad signature.
+    assert_eq!(
+        delta("tally_signature_batches_failed_total"),
+        0.0,
+        "{batch} batched, {single} single"
     );
 }
 
