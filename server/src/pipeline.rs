@@ -363,6 +363,19 @@ pub fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
     std::process::exit(70)
 }
 
+/// Waits for one job, then takes whatever else is queued, up to `max` in all, without waiting
+/// for more. None once the queue is closed.
+fn recv_chunk(rx: &Receiver<Job>, max: usize) -> Option<Vec<Job>> {
+    let mut jobs = vec![rx.recv().ok()?];
+    while jobs.len() < max {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
 /// Decompressed signer keys each stateless worker keeps.
 const KEY_CACHE_MAX: usize = 65_536;
 
@@ -376,14 +389,7 @@ fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules, 
     let mut keys = tally_core::crypto::KeyCache::new(KEY_CACHE_MAX);
     // The batch weights must be unpredictable to signers: a CSPRNG seeded from the OS.
     let mut rng = rand::rngs::StdRng::from_entropy();
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < STATELESS_CHUNK_MAX {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = recv_chunk(&rx, STATELESS_CHUNK_MAX) {
         let started = Instant::now();
         let taken = jobs.len();
         let mut signed = Vec::with_capacity(jobs.len());
@@ -426,14 +432,7 @@ fn snapshot_worker(
     storage: Sender<StorageCmd>,
     metrics: &Metrics,
 ) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < SNAPSHOT_CHUNK_MAX {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = recv_chunk(&rx, SNAPSHOT_CHUNK_MAX) {
         let keys = jobs
             .iter()
             .map(|j| (j.request.signer, j.request.id))

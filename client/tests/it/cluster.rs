@@ -30,6 +30,7 @@ enum Accept {
 }
 
 /// What a fake replica does with one message.
+#[allow(clippy::large_enum_variant)] // a test double: a few per test, never stored in bulk
 enum Act {
     Reply(Message),
     /// Closes the connection without answering (after reading the message).

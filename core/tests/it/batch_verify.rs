@@ -54,6 +54,17 @@ fn nonce(key: &SigningKey, message: &[u8]) -> Scalar {
     )
 }
 
+/// `n` good hinted requests by `key`, ids `first..first + n`.
+fn hinted_requests(key: &SigningKey, first: u128, n: u128) -> Vec<(Request, NonceHint)> {
+    (first..first + n)
+        .map(|id| {
+            let mut r = unsigned(key.verifying_key().to_bytes(), id);
+            let h = sign_request_with_hint(key, &mut r);
+            (r, h)
+        })
+        .collect()
+}
+
 fn hint_for(r: Scalar) -> NonceHint {
     EdwardsPoint::mul_base(&(r * Scalar::from(8u8).invert()))
         .compress()
@@ -295,12 +306,7 @@ fn good_hinted_signatures_take_the_batch_path_and_a_bad_one_is_found() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let key = SigningKey::generate(&mut rng);
-    let mut requests = Vec::new();
-    for id in 0..64u128 {
-        let mut r = unsigned(key.verifying_key().to_bytes(), id);
-        let h = sign_request_with_hint(&key, &mut r);
-        requests.push((r, h));
-    }
+    let mut requests = hinted_requests(&key, 0, 64);
     let mut cache = KeyCache::new(16);
     let items: Vec<(&Request, Option<&NonceHint>)> =
         requests.iter().map(|(r, h)| (r, Some(h))).collect();
@@ -340,12 +346,7 @@ fn a_torsioned_r_passes_dalek_batches_sometimes_and_ours_never() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let key = SigningKey::generate(&mut rng);
-    let mut good = Vec::new();
-    for id in 0..6u128 {
-        let mut g = unsigned(key.verifying_key().to_bytes(), id);
-        let h = sign_request_with_hint(&key, &mut g);
-        good.push((g, h));
-    }
+    let good = hinted_requests(&key, 0, 6);
     let vk = key.verifying_key();
     let mut dalek_accepted = 0;
     let mut cache = KeyCache::new(16);

@@ -87,11 +87,7 @@ fn bad_input_gets_stable_codes_and_the_server_keeps_serving() {
     let chain = operator.profile.chain_id_bytes().unwrap();
     let deposit_key = operator.profile.load_deposit_key().unwrap();
     let server = operator.start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::harness::runtime();
     rt.block_on(async {
         // A good client that keeps working throughout.
         let good = server.client().await;

@@ -11,14 +11,6 @@ use tally_wire::{Confirmation, Op, PublicKey, SignedHeader};
 
 use crate::cluster_harness::Cluster;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn fast(c: &mut tally_config::Config) {
     c.batch.batch_window_ms = 20;
     c.raft.tick_ms = 50;
@@ -39,11 +31,10 @@ async fn converged(cluster: &Cluster) -> SignedHeader {
             }
         }
         let first = last.values().next().cloned().flatten();
-        if last.len() == cluster.servers.len()
-            && first.is_some()
-            && last.values().all(|h| *h == first)
-        {
-            return first.unwrap();
+        if let Some(header) = &first {
+            if last.len() == cluster.servers.len() && last.values().all(|h| *h == first) {
+                return header.clone();
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -91,7 +82,7 @@ async fn transfer(
 
 #[test]
 fn three_replicas_replicate_fail_over_catch_up_and_rebuild_from_a_snapshot() {
-    let rt = runtime();
+    let rt = crate::harness::runtime();
     rt.block_on(async {
         // A small compaction threshold (in bytes: a few batches) so that a wiped replica must
         // be sent a snapshot.
@@ -207,7 +198,7 @@ fn three_replicas_replicate_fail_over_catch_up_and_rebuild_from_a_snapshot() {
 
 #[test]
 fn a_partitioned_leader_confirms_nothing_while_the_majority_commits() {
-    let rt = runtime();
+    let rt = crate::harness::runtime();
     rt.block_on(async {
         let mut cluster = Cluster::new(3, fast).await;
         cluster.start_all();
@@ -318,7 +309,7 @@ fn a_peer_whose_certificate_does_not_match_its_claimed_id_is_refused() {
     use tally_server::peer::{check_cert_names, hello, peer_tls, CHANNEL_RAFT};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let rt = runtime();
+    let rt = crate::harness::runtime();
     rt.block_on(async {
         let mut cluster = Cluster::new(3, fast).await;
         cluster.start(1);
@@ -356,9 +347,11 @@ fn a_peer_whose_certificate_does_not_match_its_claimed_id_is_refused() {
                 tls.write_all(&hello(claim, &chain_id, CHANNEL_RAFT))
                     .await
                     .unwrap();
-                let mut msg = raft::eraftpb::Message::default();
-                msg.from = claim;
-                msg.to = 1;
+                let msg = raft::eraftpb::Message {
+                    from: claim,
+                    to: 1,
+                    ..Default::default()
+                };
                 let bytes = tally_core::replica::encode_message(&msg);
                 let _ = tls.write_all(&(bytes.len() as u32).to_le_bytes()).await;
                 let _ = tls.write_all(&bytes).await;

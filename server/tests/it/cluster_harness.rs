@@ -241,7 +241,7 @@ impl Cluster {
     /// Waits until some replica leads and takes writes; returns its id.
     pub async fn leader(&self) -> u64 {
         for _ in 0..400 {
-            for (&id, _) in &self.servers {
+            for &id in self.servers.keys() {
                 if let Ok(c) =
                     tokio::time::timeout(Duration::from_millis(500), self.client_of(id)).await
                 {

@@ -160,3 +160,12 @@ pub async fn wait_writable(client: &Client) {
     }
     panic!("the replica did not become writable within 10 s");
 }
+
+/// The tokio runtime a test drives its clients on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}

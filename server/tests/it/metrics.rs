@@ -77,11 +77,7 @@ fn metrics_count_exactly_what_clients_saw() {
     );
     let oversize = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
     assert_eq!(http(&server.metrics_addr, &oversize).0, 431);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::harness::runtime();
     let (confirmed, replayed, rejected, height) = rt.block_on(async {
         let client = std::sync::Arc::new(server.client().await);
         // A single node is a raft group of one: it elects itself and leads.
@@ -227,11 +223,7 @@ fn hinted_submits_are_batch_verified_with_the_same_answers() {
     let alice = generate_key();
     let bob = public_key(&generate_key());
     let server = operator.start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::harness::runtime();
     let (outcomes, balance, before) = rt.block_on(async {
         let good = std::sync::Arc::new(server.client().await);
         let bad = std::sync::Arc::new(server.client().await);

@@ -9,14 +9,6 @@ use tally_wire::{Confirmation, Op, PublicKey, ReadMode};
 
 use crate::harness::Operator;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn balance(client: &Client, account: PublicKey) -> u64 {
     client
         .balance(account, ReadMode::Linearizable)
@@ -56,7 +48,7 @@ fn money_moves_verifies_and_survives_sigkill() {
     let deposit_key = operator.profile.load_deposit_key().unwrap();
     let alice = generate_key();
     let accounts: Vec<_> = (0..5).map(|_| generate_key()).collect();
-    let rt = runtime();
+    let rt = crate::harness::runtime();
 
     let server = operator.start();
     let (confirmed, replay_source) = rt.block_on(async {
@@ -172,7 +164,7 @@ fn sigterm_finishes_the_batch_in_progress() {
     let op_key = operator.profile.operator_key().unwrap();
     let chain = operator.profile.chain_id_bytes().unwrap();
     let deposit_key = operator.profile.load_deposit_key().unwrap();
-    let rt = runtime();
+    let rt = crate::harness::runtime();
     let server = operator.start();
     let accounts: Vec<_> = (0..10).map(|_| generate_key()).collect();
     let results = rt.block_on(async {
