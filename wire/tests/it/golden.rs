@@ -125,6 +125,27 @@ fn submit_frame_is_header_then_request() {
     );
 }
 
+#[test]
+fn submit_hinted_frame_is_header_then_request_then_hint() {
+    const HINTED_HEADER: &[(usize, &str, &str)] = &[
+        (0, "magic \"TLLY\"", "544c4c59"),
+        (4, "version", "01"),
+        (5, "message type = 0x05 (submit hinted)", "05"),
+        (6, "flags", "0000"),
+        (8, "correlation id u64 LE", "0807060504030201"),
+        (16, "payload length u32 LE = 240", "f0000000"),
+    ];
+    let hint = [0xab; 32];
+    let mut want = layout(HINTED_HEADER, 20);
+    want.extend_from_slice(&layout(REQUEST, 208));
+    want.extend_from_slice(&hint);
+    let frame = Message::SubmitHinted(golden_request(), hint).encode_frame(0x0102_0304_0506_0708);
+    assert_eq!(frame, want);
+    // The same request bytes as a plain Submit: the hint only follows them.
+    let plain = Message::Submit(golden_request()).encode_frame(0x0102_0304_0506_0708);
+    assert_eq!(frame[20..228], plain[20..228]);
+}
+
 const RECEIPT: &[(usize, &str, &str)] = &[
     (
         0,
