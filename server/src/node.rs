@@ -63,9 +63,17 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     // Finish (or roll back) a snapshot install a crash interrupted.
     tally_storage::recover_install(&ledger_dir(&config))
         .with_context(|| format!("recovering {}", ledger_dir(&config).display()))?;
+    let opening = std::time::Instant::now();
     let mut store = LedgerDb::open(&ledger_dir(&config), store_options(&config))
         .with_context(|| format!("opening the ledger in {}", ledger_dir(&config).display()))?;
     let meta = store.meta()?;
+    // Opening includes rebuilding the request filter from the whole request table: it grows
+    // with the ledger's history, so restarts of a long-lived replica take longer.
+    tracing::info!(
+        height = meta.height,
+        ms = opening.elapsed().as_millis() as u64,
+        "ledger opened (request filter rebuilt from the request table)"
+    );
     let chain_id = config.chain_id_bytes();
     let node_id = config.node.id;
     let voters = config.replica_ids();
