@@ -17,8 +17,8 @@ use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tally_client::{
-    build_request, tls_connect, Client, ClusterClient, ClusterOptions, ClusterStats, ConnectFuture,
-    Connector, Error as ClientError, Profile, ProfileConnector,
+    build_request, build_request_hinted, tls_connect, Client, ClusterClient, ClusterOptions,
+    ClusterStats, ConnectFuture, Connector, Error as ClientError, Profile, ProfileConnector,
 };
 use tally_core::crypto::sha256;
 use tally_core::verify::verify_confirmation;
@@ -369,12 +369,24 @@ pub async fn run_client(s: ClientSetup) -> ClusterStats {
             _ => Op::Transfer,
         };
         let id = u128::from(s.next_id.fetch_add(1, Ordering::SeqCst));
-        let request = build_request(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
+        // Odd clients send nonce hints (the server's batch path), even ones plain Submits (its
+        // strict path); resubmissions are always plain, the same request bytes either way.
+        let (request, hint) = if s.index % 2 == 1 {
+            let (r, h) =
+                build_request_hinted(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
+            (r, Some(h))
+        } else {
+            let r = build_request(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
+            (r, None)
+        };
         let op = s.recorder.begin(s.index, effect, request.clone());
         let sent = Instant::now();
         let floor = seen;
         let attempts_before = s.client.stats().attempts;
-        let result = s.client.submit(request).await;
+        let result = match hint {
+            Some(hint) => s.client.submit_hinted(request, hint).await,
+            None => s.client.submit(request).await,
+        };
         // This client runs one operation at a time, so the difference is this one's attempts.
         let attempts = s.client.stats().attempts - attempts_before;
         match result {

@@ -324,6 +324,22 @@ impl ClusterClient {
             .await
     }
 
+    /// [`ClusterClient::submit`] with the request's nonce hint
+    /// ([`crate::build_request_hinted`]): every attempt is a `SubmitHinted`, so the leader can
+    /// check the signature in a batch. Answers, retries and idempotency are the same.
+    pub async fn submit_hinted(
+        &self,
+        request: Request,
+        hint: tally_wire::NonceHint,
+    ) -> Result<Confirmation> {
+        self.inner
+            .run(Kind::Write, move |client| {
+                let request = request.clone();
+                async move { client.submit_hinted(request, hint).await }
+            })
+            .await
+    }
+
     /// Reads an account's balance; a linearizable read is served by the leader.
     pub async fn balance(&self, account: PublicKey, mode: ReadMode) -> Result<BalanceReply> {
         self.inner
