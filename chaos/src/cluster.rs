@@ -116,8 +116,18 @@ impl Drop for LiveCluster {
     }
 }
 
-/// Reserves a free port on 127.0.0.1 (bound and released: a small race accepted here).
+/// A port on 127.0.0.1 that is free now (bound and released), chosen below Linux's ephemeral
+/// range (32768-60999): replicas are killed and restarted on the same ports, and in the
+/// ephemeral range an outgoing connection (there are thousands here) could take a port while
+/// its replica is down.
 fn free_port() -> Result<SocketAddr> {
+    use rand::Rng;
+    for _ in 0..1000 {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(l.local_addr()?);
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?)
 }

@@ -16,12 +16,18 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::harness::Server;
 
 /// Reserves a free port on 127.0.0.1 (bound and released: a small race the tests accept).
+/// A port on 127.0.0.1 that is free now, chosen below Linux's ephemeral range (32768-60999):
+/// a port handed out for `:0` is released before the replica binds it (and again while the
+/// replica is down for a restart), and in that range any outgoing connection or `:0` bind of a
+/// test running in parallel may take it meanwhile.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    loop {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Copies bytes from `r` to `w` until either side closes or `alive` turns false (checked at least
