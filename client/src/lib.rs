@@ -65,21 +65,13 @@ pub fn build_request(
     to: PublicKey,
     amount: u64,
 ) -> Request {
-    let mut request = Request {
-        chain_id,
-        op,
-        id,
-        signer: public_key(key),
-        to,
-        amount,
-        signature: [0; 64],
-    };
+    let mut request = unsigned(key, chain_id, op, id, to, amount);
     tally_core::crypto::sign_request(key, &mut request);
     request
 }
 
 /// [`build_request`], also returning the request's nonce hint for
-/// [`Client::submit_hinted`] (one more base-point multiplication for the signer).
+/// [`Client::submit_hinted`] (signed once, by `sign_request_with_hint`).
 pub fn build_request_hinted(
     key: &SigningKey,
     chain_id: Hash,
@@ -88,9 +80,28 @@ pub fn build_request_hinted(
     to: PublicKey,
     amount: u64,
 ) -> (Request, tally_wire::NonceHint) {
-    let mut request = build_request(key, chain_id, op, id, to, amount);
+    let mut request = unsigned(key, chain_id, op, id, to, amount);
     let hint = tally_core::crypto::sign_request_with_hint(key, &mut request);
     (request, hint)
+}
+
+fn unsigned(
+    key: &SigningKey,
+    chain_id: Hash,
+    op: Op,
+    id: u128,
+    to: PublicKey,
+    amount: u64,
+) -> Request {
+    Request {
+        chain_id,
+        op,
+        id,
+        signer: public_key(key),
+        to,
+        amount,
+        signature: [0; 64],
+    }
 }
 
 /// A random request id. 128 random bits never collide in practice, so every call is a new
