@@ -25,7 +25,9 @@ pub trait LedgerRead {
     fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>>;
 }
 
-/// Durable state of the ledger: one atomic, synced write per batch.
+/// Durable state of the ledger: one atomic, synced write of the state per batch (a store may
+/// write derived rows, such as bodies and the request index, behind it: see
+/// `compactable_meta`).
 pub trait LedgerStore: LedgerRead {
     fn meta(&mut self) -> Result<LedgerMeta>;
     /// Writes everything a batch changes in one atomic, synced write. On error the node stops.
@@ -37,6 +39,17 @@ pub trait LedgerStore: LedgerRead {
     /// flush and compactions), called when the caller is idle. Changes no state.
     fn maintain(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// The summary of the last batch all of whose rows are durable. The caller must keep what
+    /// it would need to rebuild later batches' rows after a crash (the raft log's entries) at
+    /// least back to this summary's raft index. A store that writes everything in `apply`
+    /// returns `meta()`.
+    fn compactable_meta(&mut self) -> Result<LedgerMeta> {
+        self.meta()
+    }
+    /// Applied batches some of whose rows are not durable yet (see `compactable_meta`).
+    fn archive_lag(&self) -> usize {
+        0
     }
     /// How request lookups were answered so far: (from memory without a read, read and found,
     /// read and absent). For metrics; a store without such a split reports zeros.

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub durable_write_seconds: Histogram,
     /// LevelDB housekeeping (memtable flush, compactions) run while the storage thread is idle.
     pub storage_maintain_seconds: Histogram,
+    /// Applied batches whose bodies and request records the archive does not hold durably yet.
+    pub archive_lag_batches: IntGauge,
     pub applied_height: IntGauge,
     pub connections_open: IntGauge,
     pub connections_refused_total: IntCounter,
@@ -260,6 +262,10 @@ impl Metrics {
                 "tally_storage_maintain_seconds",
                 "LevelDB memtable flushes and compactions run while the storage thread is idle.",
                 seconds_buckets(),
+            ),
+            archive_lag_batches: gauge(
+                "tally_archive_lag_batches",
+                "Applied batches whose bodies and request records the archive (written behind the confirmation path) does not hold durably yet.",
             ),
             applied_height: gauge(
                 "tally_applied_height",

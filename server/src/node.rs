@@ -49,6 +49,63 @@ pub fn raft_dir(config: &Config) -> PathBuf {
     config.node.data_dir.join("raft")
 }
 
+/// After a crash the ledger's archive (bodies, request index; written behind the state) can lag
+/// the state: the batches committed at raft indexes `from+1..=to` are read back from the raft
+/// log, which is never compacted past what the archive holds, and re-archived before anything
+/// else runs.
+fn rearchive_from_raft_log(
+    store: &mut LedgerDb,
+    dir: &Path,
+    voters: &[u64],
+    from: u64,
+    to: u64,
+) -> Result<()> {
+    use raft::{GetEntriesContext, Storage};
+    let started = std::time::Instant::now();
+    let log = RaftLogDb::open(dir, voters)
+        .with_context(|| format!("opening the raft log in {}", dir.display()))?;
+    let mut next = from + 1;
+    let mut taken = 0u64;
+    while next <= to {
+        let entries = log
+            .entries(
+                next,
+                (to + 1).min(next + 256),
+                None,
+                GetEntriesContext::empty(false),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "the ledger's archive (bodies, request index) is behind the ledger and the \
+                     raft log no longer holds entry {next} to rebuild it ({e}); wipe this \
+                     replica's ledger and raft directories to rebuild it from the others"
+                )
+            })?;
+        let Some(last) = entries.last() else {
+            bail!("the raft log ends before entry {next}, which the ledger has applied");
+        };
+        next = last.index + 1;
+        for e in &entries {
+            if tally_core::replica::is_batch(e) && store.rearchive(&e.data, e.index)? {
+                taken += 1;
+            }
+        }
+    }
+    log.close()?;
+    if let Some((from, _)) = store.archive_behind() {
+        bail!(
+            "the raft log up to index {to} does not hold every batch the ledger's archive lacks \
+             (it holds up to raft index {from})"
+        );
+    }
+    tracing::warn!(
+        batches = taken,
+        ms = started.elapsed().as_millis() as u64,
+        "the ledger's archive was behind (a crash); re-archived from the raft log"
+    );
+    Ok(())
+}
+
 /// Runs the replica until SIGTERM or ctrl-c, then shuts down gracefully: stop accepting, finish
 /// and commit the batch in progress, send its confirmations, exit.
 pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
@@ -74,6 +131,16 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         ms = opening.elapsed().as_millis() as u64,
         "ledger opened (request filter rebuilt from the request table)"
     );
+    if let Some((from, to)) = store.archive_behind() {
+        rearchive_from_raft_log(
+            &mut store,
+            &raft_dir(&config),
+            &config.replica_ids(),
+            from,
+            to,
+        )?;
+    }
+    let compactable = store.compactable_meta()?;
     let chain_id = config.chain_id_bytes();
     let node_id = config.node.id;
     let voters = config.replica_ids();
@@ -90,6 +157,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let applied = Arc::new(Applied {
         index: std::sync::atomic::AtomicU64::new(meta.raft_index),
         meta: Mutex::new(meta.clone()),
+        compactable: Mutex::new(compactable),
     });
     let (raft_tx, raft_rx) = crossbeam_channel::bounded(RAFT_QUEUE_MAX);
     let (master_tx, master_rx) = crossbeam_channel::bounded(16);

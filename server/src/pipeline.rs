@@ -909,6 +909,7 @@ impl<S: LedgerStore> StorageThread<S> {
                         self.metrics
                             .storage_maintain_seconds
                             .observe(started.elapsed().as_secs_f64());
+                        self.publish_compactable();
                     }
                     // Resubmissions of requests in batches now applied get their confirmation.
                     let later = parked.split_off(&(meta.height + 1));
@@ -942,6 +943,7 @@ impl<S: LedgerStore> StorageThread<S> {
                                 .meta()
                                 .unwrap_or_else(|e| fatal("reading ledger meta", &e));
                             *self.applied.meta.lock().expect("meta lock") = meta.clone();
+                            self.publish_compactable();
                             self.applied_height.store(meta.height, Ordering::SeqCst);
                             self.publish_index(index.max(meta.raft_index));
                             let _ = done.send(Ok(()));
@@ -1094,6 +1096,17 @@ impl<S: LedgerStore> StorageThread<S> {
             .expect("the ledger store is open outside snapshot installs")
     }
 
+    /// Tells the raft thread how far it may compact its log (see `Applied::compactable`).
+    fn publish_compactable(&mut self) {
+        let compactable = self
+            .db()
+            .compactable_meta()
+            .unwrap_or_else(|e| fatal("archiving applied batches", &e));
+        let lag = self.db().archive_lag();
+        *self.applied.compactable.lock().expect("meta lock") = compactable;
+        self.metrics.archive_lag_batches.set(lag as i64);
+    }
+
     fn publish_index(&self, raft_index: u64) {
         self.applied.index.fetch_max(raft_index, Ordering::SeqCst);
         self.metrics
@@ -1158,6 +1171,7 @@ impl<S: LedgerStore> StorageThread<S> {
         let written = Instant::now();
         *meta = write.meta.clone();
         *self.applied.meta.lock().expect("meta lock") = meta.clone();
+        self.publish_compactable();
         let m = &self.metrics;
         m.apply_prepare_seconds
             .observe((prepared - started).as_secs_f64());

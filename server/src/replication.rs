@@ -152,6 +152,9 @@ pub struct Applied {
     pub index: AtomicU64,
     /// The ledger summary after the last applied batch.
     pub meta: Mutex<LedgerMeta>,
+    /// The summary of the last batch the ledger holds whole (its archive included): the raft
+    /// log is compacted up to it, never further (`LedgerStore::compactable_meta`).
+    pub compactable: Mutex<LedgerMeta>,
 }
 
 /// How long a shutting-down replica waits for its proposals to commit.
@@ -463,12 +466,13 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
         }
     }
 
-    /// Compacts the raft log up to the last applied batch once enough entries (or bytes) piled
-    /// up, so the log stays bounded on disk (at full load 10,000 entries of 2,000 requests would
-    /// be about 6 GB, and rusty-leveldb compacts what it holds); a replica that needs older
-    /// entries gets a snapshot instead.
+    /// Compacts the raft log up to the last batch the ledger holds whole (bodies and request
+    /// index included, which a restart rebuilds from the raft log) once enough entries (or
+    /// bytes) piled up, so the log stays bounded on disk (at full load 10,000 entries of 2,000
+    /// requests would be about 6 GB, and rusty-leveldb compacts what it holds); a replica that
+    /// needs older entries gets a snapshot instead.
     fn maybe_compact(&mut self, committed_bytes: &mut u64) {
-        let meta = self.applied.meta.lock().expect("meta lock").clone();
+        let meta = self.applied.compactable.lock().expect("meta lock").clone();
         let point = self
             .replica
             .store()

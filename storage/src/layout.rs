@@ -72,6 +72,12 @@ impl Table {
         }
     }
 
+    /// Whether the table's rows live in the archive database (`<ledger>/archive`, written behind
+    /// the confirmation path, see `archive.rs`) rather than the ledger's state database.
+    pub const fn in_archive(self) -> bool {
+        matches!(self, Table::Body | Table::Request)
+    }
+
     /// The table whose tag is `tag`, if any.
     pub fn from_tag(tag: &[u8]) -> Option<Table> {
         Table::ALL.into_iter().find(|t| t.tag() == tag)
@@ -144,6 +150,12 @@ pub fn request_key(signer: &PublicKey, id: u128) -> [u8; 52] {
 /// tag || "ledger"
 pub fn meta_key() -> [u8; 10] {
     make_key(Table::Meta, &[b"ledger"])
+}
+
+/// tag || "archive": in the archive database (see `archive.rs`), the height and raft index of
+/// the last batch whose bodies and request records it holds, u64 LE each.
+pub fn archive_point_key() -> [u8; 11] {
+    make_key(Table::Meta, &[b"archive"])
 }
 
 /// tag || "open": never present. `LedgerDb::open` writes a deletion of it before any read, only to

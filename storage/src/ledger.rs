@@ -1,18 +1,20 @@
 //! [`LedgerDb`]: the ledger's committed state in LevelDB, behind core's storage ports.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
-use tally_core::batch::BatchWrite;
-use tally_core::crypto::{header_hash, sha256};
+use tally_core::batch::{BatchBody, BatchWrite};
+use tally_core::crypto::{header_hash, request_hash, sha256};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::state::{LedgerMeta, META_BYTES};
 use tally_core::{Error, Result};
 use tally_wire::{PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
+use crate::archive::{Archive, ArchiveBatch, ArchivePoint};
 use crate::env::{SyncEnv, SyncStats};
 use crate::filter::RequestFilter;
 use crate::layout::{self, corrupt, fixed, Table};
@@ -45,11 +47,34 @@ impl Default for StoreOptions {
     }
 }
 
-/// The ledger's committed state: accounts, request index, headers, bodies and the summary.
+/// Batches applied but not yet durable in the archive, at most; at the bound `apply` waits.
+pub const ARCHIVE_LAG_BATCHES_MAX: usize = 256;
+/// Bytes of bodies applied but not yet durable in the archive, at most; at the bound `apply`
+/// waits.
+pub const ARCHIVE_LAG_BYTES_MAX: usize = 64 << 20;
+
+/// The ledger's committed state: accounts, headers, bodies, request index and the summary.
+///
+/// Two LevelDB databases: the state database in `dir` (accounts, headers, `body_by_height`,
+/// summary), written by `apply` in one synced write per batch, and the archive in
+/// `dir/archive` (bodies, request records), written behind it by the archive thread (see
+/// `archive.rs`). Until the archive holds a batch, its body and request records are answered
+/// from memory.
 ///
 /// Not `Send`: rusty-leveldb's `DB` is built on `Rc`. Open it on the thread that will own it.
 pub struct LedgerDb {
     db: DB,
+    archive: Archive,
+    /// Batches applied (or being re-archived) that the archive does not hold yet, by height.
+    pending: BTreeMap<u64, Pending>,
+    /// The request records of `pending`, by request table key.
+    pending_requests: HashMap<[u8; 52], RequestRecord>,
+    pending_bytes: usize,
+    /// The summary of the last batch the archive holds, once known (see `compactable_meta`).
+    archived_meta: LedgerMeta,
+    /// Set at open when the archive is behind the state (a crash between the two writes): the
+    /// next height to re-archive. Lookups fail until [`LedgerDb::rearchive`] has caught up.
+    rearchive_next: Option<u64>,
     /// The summary as of the last apply, so that apply and `meta()` need no read.
     meta: LedgerMeta,
     sync_stats: Arc<SyncStats>,
@@ -59,6 +84,19 @@ pub struct LedgerDb {
     /// Every key of the request table (and false positives); None when turned off.
     requests: Option<RequestFilter>,
     lookups: RequestLookups,
+}
+
+struct Pending {
+    digest: tally_wire::Hash,
+    body: Arc<Vec<u8>>,
+    keys: Vec<[u8; 52]>,
+    /// The summary after this batch; None for a batch being re-archived.
+    meta: Option<LedgerMeta>,
+}
+
+/// The archive database's directory inside a ledger directory.
+pub fn archive_dir(ledger: &Path) -> PathBuf {
+    ledger.join("archive")
 }
 
 /// How request lookups were answered since open.
@@ -74,7 +112,8 @@ pub struct RequestLookups {
 
 impl LedgerDb {
     /// Opens (creating if missing) the database in `dir` and checks that its summary and its
-    /// last header agree.
+    /// last header agree. When the archive is behind (see [`LedgerDb::archive_behind`]), the
+    /// caller must feed [`LedgerDb::rearchive`] the missing batches before anything else.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<LedgerDb> {
         assert!(
             opts.write_buffer_bytes > 0 && opts.block_cache_bytes > 0,
@@ -85,37 +124,177 @@ impl LedgerDb {
         let mut db = DB::open(dir, leveldb_options(&opts, env))
             .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the open marker", e))?;
+        let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts)?;
         let mut this = LedgerDb {
             db,
+            archive,
+            pending: BTreeMap::new(),
+            pending_requests: HashMap::new(),
+            pending_bytes: 0,
+            archived_meta: LedgerMeta::genesis(),
+            rearchive_next: None,
             meta: LedgerMeta::genesis(),
             sync_stats,
             failed: None,
-            requests: None,
+            requests: filter,
             lookups: RequestLookups::default(),
         };
         this.meta = this.read_meta()?;
-        this.check_tip()?;
-        if let Some(mut filter) = RequestFilter::new(opts.request_filter_bytes) {
-            this.scan_requests(|key| filter.insert(key))?;
-            this.requests = Some(filter);
+        if point.height > this.meta.height {
+            return Err(corrupt(
+                Table::Meta,
+                format_args!(
+                    "the archive holds height {} beyond the ledger's {}",
+                    point.height, this.meta.height
+                ),
+            ));
         }
+        if point.height == this.meta.height {
+            this.archived_meta = this.meta.clone();
+        } else {
+            this.rearchive_next = Some(point.height + 1);
+        }
+        this.check_tip()?;
         Ok(this)
     }
 
-    /// Calls `f` with every key of the request table.
-    fn scan_requests(&mut self, mut f: impl FnMut(&[u8])) -> Result<()> {
-        let tag = Table::Request.tag();
-        let mut iter = self
-            .db
-            .new_iter()
-            .map_err(|e| io_error("scanning the request table", e))?;
-        iter.seek(&tag);
-        while let Some((key, _)) = iter.current() {
-            if !key.starts_with(&tag) {
+    /// When the archive is behind the state database: the raft index of the last batch it holds
+    /// and the state's raft index. The batches committed between the two must be passed to
+    /// [`LedgerDb::rearchive`] (from the raft log) before the ledger answers lookups or applies.
+    pub fn archive_behind(&self) -> Option<(u64, u64)> {
+        self.rearchive_next?;
+        let point = self.archive.point().ok()?;
+        Some((point.raft_index, self.meta.raft_index))
+    }
+
+    /// Re-archives one committed batch found in the raft log at `raft_index` while the archive
+    /// is behind. Returns whether it was the one the archive lacks next: a batch at another
+    /// height, or one whose body is not the one applied at its height (a committed batch every
+    /// replica skipped), is ignored. Once the archive has caught up with the state, waits until
+    /// it is durable; the ledger is then usable again.
+    pub fn rearchive(&mut self, encoded_body: &[u8], raft_index: u64) -> Result<bool> {
+        self.check_usable()?;
+        let Some(next) = self.rearchive_next else {
+            return Ok(false);
+        };
+        let Ok(body) = BatchBody::decode(encoded_body) else {
+            return Ok(false);
+        };
+        let height = body.header.height;
+        if height != next {
+            return Ok(false);
+        }
+        let Some(stored) = self.get(&layout::body_by_height_key(height))? else {
+            return Err(corrupt(
+                Table::BodyByHeight,
+                format_args!("no body digest at height {height}"),
+            ));
+        };
+        let digest = sha256(&[encoded_body]);
+        if stored != digest {
+            return Ok(false);
+        }
+        let records = body
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let record = RequestRecord {
+                    height,
+                    index: i as u32,
+                    request_hash: request_hash(&e.request),
+                };
+                (layout::request_key(&e.request.signer, e.request.id), record)
+            })
+            .collect();
+        self.archive_batch(
+            height,
+            raft_index,
+            digest,
+            encoded_body.to_vec(),
+            records,
+            None,
+        )?;
+        if height == self.meta.height {
+            self.archive.wait_for(height)?;
+            self.reap()?;
+            self.archived_meta = self.meta.clone();
+            self.rearchive_next = None;
+        } else {
+            self.rearchive_next = Some(height + 1);
+        }
+        Ok(true)
+    }
+
+    /// Hands a batch to the archive thread and keeps it in memory until the archive holds it.
+    fn archive_batch(
+        &mut self,
+        height: u64,
+        raft_index: u64,
+        digest: tally_wire::Hash,
+        body: Vec<u8>,
+        records: Vec<([u8; 52], RequestRecord)>,
+        meta: Option<LedgerMeta>,
+    ) -> Result<()> {
+        let body = Arc::new(body);
+        let mut keys = Vec::with_capacity(records.len());
+        let mut rows = Vec::with_capacity(records.len());
+        for (key, record) in records {
+            // The filter's invariant: it holds every key the request table will hold.
+            if let Some(filter) = &mut self.requests {
+                filter.insert(&key);
+            }
+            rows.push((key, layout::encode_request(&record)));
+            keys.push(key);
+            self.pending_requests.insert(key, record);
+        }
+        self.pending_bytes += body.len();
+        self.pending.insert(
+            height,
+            Pending {
+                digest,
+                body: Arc::clone(&body),
+                keys,
+                meta,
+            },
+        );
+        self.archive.write(ArchiveBatch {
+            height,
+            raft_index,
+            digest,
+            body,
+            requests: rows,
+        })
+    }
+
+    /// Drops from memory the batches the archive holds durably.
+    fn reap(&mut self) -> Result<ArchivePoint> {
+        let point = self.archive.point()?;
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() > point.height {
                 break;
             }
-            f(&key);
-            iter.advance();
+            let p = entry.remove();
+            self.pending_bytes -= p.body.len();
+            for key in &p.keys {
+                self.pending_requests.remove(key);
+            }
+            if let Some(meta) = p.meta {
+                self.archived_meta = meta;
+            }
+        }
+        Ok(point)
+    }
+
+    /// Waits while the archive is too far behind (see `ARCHIVE_LAG_*`).
+    fn bound_archive_lag(&mut self) -> Result<()> {
+        self.reap()?;
+        while self.pending.len() >= ARCHIVE_LAG_BATCHES_MAX
+            || self.pending_bytes >= ARCHIVE_LAG_BYTES_MAX
+        {
+            let oldest = *self.pending.keys().next().expect("pending is not empty");
+            self.archive.wait_for(oldest)?;
+            self.reap()?;
         }
         Ok(())
     }
@@ -170,6 +349,10 @@ impl LedgerDb {
         out: impl FnMut(Vec<u8>) -> Result<()>,
     ) -> Result<LedgerMeta> {
         self.check_usable()?;
+        self.check_archive_caught_up()?;
+        // Everything applied must be in the archive before it is read.
+        self.archive.wait_for(self.meta.height)?;
+        self.reap()?;
         let snapshot = self.db.get_snapshot();
         let mut iter = self
             .db
@@ -179,6 +362,20 @@ impl LedgerDb {
         let meta_key = layout::meta_key();
         let open_marker = layout::open_marker_key();
         let mut meta = LedgerMeta::genesis();
+        // The archive's rows interleave with the state's in key order: merge the two streams.
+        let archived = self.archive.dump()?;
+        let mut group = Vec::new().into_iter();
+        let mut next_archived = move || -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+            if let Some(row) = group.next() {
+                return Ok(Some(row));
+            }
+            let rows = archived
+                .recv()
+                .map_err(|_| Error::Storage("the archive thread stopped during a dump".into()))??;
+            group = rows.into_iter();
+            Ok(group.next())
+        };
+        let mut archived_row = next_archived()?;
         while let Some((key, value)) = iter.next() {
             // Deleted at every open, so never found; excluded all the same, being no state.
             if key == open_marker {
@@ -187,7 +384,19 @@ impl LedgerDb {
             if key == meta_key {
                 meta = LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &value)?)?;
             }
+            while let Some((akey, avalue)) = archived_row.take() {
+                if akey >= key {
+                    archived_row = Some((akey, avalue));
+                    break;
+                }
+                writer.record(&akey, &avalue)?;
+                archived_row = next_archived()?;
+            }
             writer.record(&key, &value)?;
+        }
+        while let Some((akey, avalue)) = archived_row.take() {
+            writer.record(&akey, &avalue)?;
+            archived_row = next_archived()?;
         }
         writer.finish()?;
         // Nothing can write while `self` is borrowed: the snapshot is the applied state.
@@ -210,17 +419,24 @@ impl LedgerDb {
 
     /// Releases the database lock, reporting a failure to flush (every apply is already synced).
     pub fn close(mut self) -> Result<()> {
-        self.db.close().map_err(|e| io_error("closing", e))
+        let archived = self.archive.close();
+        self.db.close().map_err(|e| io_error("closing", e))?;
+        archived
     }
 
     /// Writes one raw key and value, synced. For tests that need a corrupt database.
     #[doc(hidden)]
     pub fn raw_put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        batch.put(key, value);
-        self.db
-            .write(batch, true)
-            .map_err(|e| io_error("raw put", e))?;
+        let table = key.get(..layout::TAG_BYTES).and_then(Table::from_tag);
+        if table.is_some_and(Table::in_archive) {
+            self.archive.raw_put(key, value)?;
+        } else {
+            let mut batch = WriteBatch::default();
+            batch.put(key, value);
+            self.db
+                .write(batch, true)
+                .map_err(|e| io_error("raw put", e))?;
+        }
         // Keeps the request filter's invariant: every key in the request table is in it.
         if let Some(filter) = &mut self.requests {
             if key.starts_with(&Table::Request.tag()) {
@@ -235,6 +451,17 @@ impl LedgerDb {
             None => Ok(()),
             Some(e) => Err(Error::Storage(format!(
                 "an earlier write failed, the database must be reopened: {e}"
+            ))),
+        }
+    }
+
+    fn check_archive_caught_up(&self) -> Result<()> {
+        match self.rearchive_next {
+            None => Ok(()),
+            Some(next) => Err(Error::Storage(format!(
+                "the archive (bodies, request index) is behind the ledger: batches {next}..={} \
+                 must be re-archived from the raft log first",
+                self.meta.height
             ))),
         }
     }
@@ -281,7 +508,7 @@ impl LedgerDb {
                 format_args!("last header hash does not match header {height}"),
             ));
         }
-        if self.body(height)?.is_none() {
+        if self.rearchive_next.is_none() && self.body(height)?.is_none() {
             return Err(corrupt(
                 Table::BodyByHeight,
                 format_args!("no body at the summary's height {height}"),
@@ -300,6 +527,7 @@ impl LedgerRead for LedgerDb {
 
     fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
         self.check_usable()?;
+        self.check_archive_caught_up()?;
         let key = layout::request_key(signer, id);
         if let Some(filter) = &self.requests {
             if !filter.may_contain(&key) {
@@ -307,8 +535,11 @@ impl LedgerRead for LedgerDb {
                 return Ok(None);
             }
         }
+        if let Some(record) = self.pending_requests.get(&key) {
+            return Ok(Some(*record));
+        }
         self.lookups.read += 1;
-        let found = self.get(&key)?;
+        let found = self.archive.get(&key)?;
         if found.is_none() {
             self.lookups.read_absent += 1;
         }
@@ -330,6 +561,19 @@ impl LedgerStore for LedgerDb {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The summary of the last batch the archive holds durably (genesis while that is not
+    /// known): the raft log may be compacted up to its raft index, never further, since after a
+    /// crash the archive is rebuilt from the raft log.
+    fn compactable_meta(&mut self) -> Result<LedgerMeta> {
+        self.reap()?;
+        Ok(self.archived_meta.clone())
+    }
+
+    /// Batches applied that the archive does not hold durably yet.
+    fn archive_lag(&self) -> usize {
+        self.pending.len()
     }
 
     fn request_lookup_counts(&self) -> (u64, u64, u64) {
@@ -372,28 +616,15 @@ impl LedgerStore for LedgerDb {
         // Hashing the whole body costs O(body); prepare_apply has just computed it.
         debug_assert_eq!(sha256(&[&write.body]), write.body_digest, "body digest");
 
+        self.check_archive_caught_up()?;
+        self.bound_archive_lag()?;
+
+        // The state rows only: bodies and request records go to the archive (see archive.rs).
         let mut batch = WriteBatch::default();
         for (key, balance) in &write.accounts {
             batch.put(&layout::account_key(key), &layout::encode_account(*balance));
         }
-        for r in &write.requests {
-            assert!(
-                r.index < header.request_count,
-                "request index {} out of the batch",
-                r.index
-            );
-            let record = RequestRecord {
-                height,
-                index: r.index,
-                request_hash: r.request_hash,
-            };
-            batch.put(
-                &layout::request_key(&r.signer, r.id),
-                &layout::encode_request(&record),
-            );
-        }
         batch.put(&layout::header_key(height), &write.signed_header.encode());
-        batch.put(&layout::body_key(&write.body_digest), &write.body);
         batch.put(&layout::body_by_height_key(height), &write.body_digest);
         batch.put(&layout::meta_key(), &write.meta.encode());
         if let Err(e) = self.db.write(batch, true) {
@@ -401,13 +632,30 @@ impl LedgerStore for LedgerDb {
             self.failed = Some(e.to_string());
             return Err(e);
         }
-        if let Some(filter) = &mut self.requests {
-            for r in &write.requests {
-                filter.insert(&layout::request_key(&r.signer, r.id));
-            }
+        let mut records = Vec::with_capacity(write.requests.len());
+        for r in &write.requests {
+            assert!(
+                r.index < header.request_count,
+                "request index {} out of the batch",
+                r.index
+            );
+            let key = layout::request_key(&r.signer, r.id);
+            let record = RequestRecord {
+                height,
+                index: r.index,
+                request_hash: r.request_hash,
+            };
+            records.push((key, record));
         }
         self.meta = write.meta.clone();
-        Ok(())
+        self.archive_batch(
+            height,
+            write.meta.raft_index,
+            write.body_digest,
+            write.body.clone(),
+            records,
+            Some(write.meta.clone()),
+        )
     }
 
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
@@ -421,7 +669,15 @@ impl LedgerStore for LedgerDb {
             return Ok(None);
         };
         let digest: [u8; 32] = fixed(Table::BodyByHeight, &digest)?;
-        match self.get(&layout::body_key(&digest))? {
+        if let Some(p) = self.pending.get(&height) {
+            if p.digest == digest {
+                return Ok(Some(p.body.to_vec()));
+            }
+        }
+        if self.rearchive_next.is_some_and(|next| height >= next) {
+            self.check_archive_caught_up()?;
+        }
+        match self.archive.get(&layout::body_key(&digest))? {
             Some(body) => Ok(Some(body)),
             None => Err(corrupt(
                 Table::Body,
@@ -455,7 +711,7 @@ pub(crate) fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
 /// per batch: after a restart the summary could read as missing. Writing anything before the
 /// first read puts the newest sequence number past every entry in a table; later memtable
 /// flushes happen only at the start of a write, whose own entries are newer.
-fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
+pub(crate) fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
     let mut batch = WriteBatch::default();
     batch.delete(&layout::open_marker_key());
     // Unsynced: if it is lost, the next open writes it again.

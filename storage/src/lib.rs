@@ -1,9 +1,13 @@
 //! tally-storage: the ledger's and the raft log's durable state in LevelDB (rusty-leveldb).
 //!
 //! - [`LedgerDb`]: core's [`LedgerRead`](tally_core::ports::LedgerRead) and
-//!   [`LedgerStore`](tally_core::ports::LedgerStore) ports. A committed batch is applied in one
-//!   atomic, synced LevelDB write holding every key it changes: accounts, request records, the
-//!   signed header, the body, the body's height index and the ledger summary.
+//!   [`LedgerStore`](tally_core::ports::LedgerStore) ports, in two LevelDB databases. A committed
+//!   batch's state is applied in one atomic, synced write to the state database (`<ledger>`):
+//!   accounts, the signed header, the body's height index (its digest) and the ledger summary.
+//!   Its body and request records go to the archive database (`<ledger>/archive`), written
+//!   behind by a thread of its own (see `archive.rs`), so that the archive's long compactions
+//!   never hold a confirmation back; until the archive holds them they are answered from
+//!   memory, and after a crash they are rebuilt from the raft log ([`LedgerDb::rearchive`]).
 //! - [`RaftLogDb`]: raft-rs's [`Storage`](raft::Storage) and core's
 //!   [`RaftLogStore`](tally_core::replica::RaftLogStore) in a database of its own (the server
 //!   keeps it in `<data_dir>/raft`, next to the ledger's `<data_dir>/ledger`): the log, the hard
@@ -30,6 +34,7 @@
 //! | `request` v1        | `949b6803` | signer (32) ‖ id u128 BE (16) | height u64 LE ‖ index u32 LE ‖ request hash (44)   |
 //! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (120)                         |
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
+//! | `meta` v1           | `d8a7af8d` | `b"archive"` (7)              | archive point: height u64 LE ‖ raft index u64 LE   |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8)              | `raft::eraftpb::Entry` protobuf                    |
 //! | `raft_state` v1     | `43c7c0c0` | `b"hard"` (4)                 | `HardState` protobuf                               |
 //! | `raft_state` v1     | `43c7c0c0` | `b"conf"` (4)                 | `ConfState` protobuf                               |
@@ -37,7 +42,10 @@
 //! | `raft_state` v1     | `43c7c0c0` | `b"last"` (4)                 | last entry index u64 LE (8)                        |
 //! | `raft_state` v1     | `43c7c0c0` | `b"open"` (4)                 | never present, like the ledger's                   |
 //!
-//! The `raft_*` tables live in the raft log's database, the others in the ledger's.
+//! The `raft_*` tables live in the raft log's database; `body`, `request` and the `archive`
+//! point in the ledger's archive database; the others in the ledger's state database. A dump
+//! ([`transfer`]) interleaves the two ledger databases in key order and leaves out the archive
+//! point, which an install writes.
 //! `account`, `header` and `request` are intent-addressed (keyed by what the value is about);
 //! `body` is content-addressed (keyed by the value's digest). No ledger key is ever deleted; raft
 //! entries are deleted when the log is compacted or a conflicting suffix is replaced.
@@ -56,9 +64,11 @@
 //!
 //! - rusty-leveldb's `DB` is built on `Rc`: [`LedgerDb`] and [`RaftLogDb`] are not `Send` and
 //!   must be opened on the thread that owns them.
-//! - Compactions (memtable flushes and level merges) run inline, inside the `apply` that
-//!   triggers them, so some applies take much longer than others; a larger
-//!   [`StoreOptions::write_buffer_bytes`] makes them rarer and bigger.
+//! - Compactions (memtable flushes and level merges) run inline, inside the write that
+//!   triggers them, so some writes take much longer than others; a larger
+//!   [`StoreOptions::write_buffer_bytes`] makes them rarer and bigger. The bulky, random-keyed
+//!   tables (`body`, `request`) are in the archive for that reason: their merges run on the
+//!   archive thread.
 //! - rusty-leveldb 4.0.2's `Table::get` takes a lookup key equal to its block's index key for
 //!   absent. That happens to the newest entry when it sits in a table at a block boundary between
 //!   two versions of its key, as the summary row does after recovery has written the log into a
@@ -84,6 +94,7 @@
 //! - `RaftLogDb` keeps every entry in LevelDB only: raft re-reads entries it sends or applies,
 //!   and compaction deletes them in one batch (one delete per entry).
 
+mod archive;
 mod env;
 mod filter;
 pub mod layout;
@@ -92,6 +103,9 @@ mod raft_log;
 pub mod transfer;
 
 pub use env::{SyncEnv, SyncStats};
-pub use ledger::{LedgerDb, RequestLookups, StoreOptions};
+pub use ledger::{
+    archive_dir, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
+    ARCHIVE_LAG_BYTES_MAX,
+};
 pub use raft_log::RaftLogDb;
 pub use transfer::{install_ledger_dir, recover_install, staged_ledger_dir, LedgerInstaller};

@@ -18,9 +18,11 @@
 //! end       = 0xFFFFFFFF checksum      checksum: SHA-256 of every byte before `end`
 //! ```
 //!
-//! The records are the ledger database's key/value pairs, as of one LevelDB snapshot, in
-//! strictly increasing bytewise key order, with the layout of the crate docs. Only the ledger's
-//! tables appear; the `meta`/`open` marker never does. The stream is cut into chunks of at most
+//! The records are the ledger's key/value pairs, state and archive databases merged (the archive
+//! caught up first, nothing written meanwhile), as of one LevelDB snapshot each, in strictly
+//! increasing bytewise key order, with the layout of the crate docs. Only the ledger's tables
+//! appear; the `meta`/`open` marker and the archive point never do (the installer writes the
+//! point: its archive holds every batch). The stream is cut into chunks of at most
 //! `chunk_bytes_max` bytes, all full but the last; chunk boundaries mean nothing (a record, even
 //! a length field, may span chunks). The checksum catches damage in transit and bugs; it
 //! authenticates nothing: the header chain and the operator's signature on its tip do.
@@ -75,9 +77,10 @@ use tally_core::state::{LedgerMeta, META_BYTES};
 use tally_core::{Error, Result};
 use tally_wire::{Hash, PublicKey};
 
+use crate::archive::ArchivePoint;
 use crate::env::{parent_dir, SyncEnv};
 use crate::layout::{self, corrupt, fixed, Table, TAG_BYTES};
-use crate::ledger::{decode_header, io_error, leveldb_options};
+use crate::ledger::{archive_dir, decode_header, io_error, leveldb_options};
 use crate::{LedgerDb, StoreOptions};
 
 pub const DUMP_MAGIC: [u8; 4] = *b"TLYD";
@@ -519,15 +522,31 @@ impl StateCheck {
 /// Where the records go: the new database, in unsynced batches of about
 /// [`INSTALL_BATCH_BYTES`].
 struct Sink {
-    db: DB,
-    batch: WriteBatch,
-    batch_bytes: usize,
+    state: Part,
+    /// The archive database (`body` and `request` rows, see `archive.rs`).
+    archive: Part,
     check: StateCheck,
 }
 
-impl Sink {
-    fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.check.record(key, value)?;
+/// One of the two databases of a ledger directory, with its pending unsynced batch.
+struct Part {
+    db: DB,
+    batch: WriteBatch,
+    batch_bytes: usize,
+}
+
+impl Part {
+    fn open(dir: &Path, opts: &StoreOptions) -> Result<Part> {
+        let db = DB::open(dir, leveldb_options(opts, SyncEnv::new()))
+            .map_err(|e| io_error(format_args!("creating {}", dir.display()), e))?;
+        Ok(Part {
+            db,
+            batch: WriteBatch::default(),
+            batch_bytes: 0,
+        })
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.batch.put(key, value);
         self.batch_bytes += key.len() + value.len();
         if self.batch_bytes >= INSTALL_BATCH_BYTES {
@@ -545,6 +564,30 @@ impl Sink {
         self.db
             .write(batch, false)
             .map_err(|e| io_error("writing the installed ledger", e))
+    }
+
+    /// Writes what is pending, syncs and closes.
+    fn finish(mut self) -> Result<()> {
+        self.write()?;
+        self.db
+            .flush()
+            .map_err(|e| io_error("syncing the installed ledger", e))?;
+        self.db
+            .close()
+            .map_err(|e| io_error("closing the installed ledger", e))
+    }
+}
+
+impl Sink {
+    fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.check.record(key, value)?;
+        // `check.record` has checked the tag.
+        let table = Table::from_tag(&key[..TAG_BYTES]).expect("a known table");
+        if table.in_archive() {
+            self.archive.put(key, value)
+        } else {
+            self.state.put(key, value)
+        }
     }
 }
 
@@ -579,16 +622,15 @@ impl LedgerInstaller {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(fs_error("reading", dir, e)),
         }
-        let db = DB::open(dir, leveldb_options(&opts, SyncEnv::new()))
-            .map_err(|e| io_error(format_args!("creating {}", dir.display()), e))?;
+        let state = Part::open(dir, &opts)?;
+        let archive = Part::open(&archive_dir(dir), &opts)?;
         Ok(LedgerInstaller {
             dir: dir.to_owned(),
             opts,
             parser: StreamParser::new(),
             sink: Sink {
-                db,
-                batch: WriteBatch::default(),
-                batch_bytes: 0,
+                state,
+                archive,
                 check: StateCheck::new(),
             },
             failed: None,
@@ -625,14 +667,15 @@ impl LedgerInstaller {
             )));
         }
         let meta = sink.check.finish()?;
-        sink.write()?;
-        sink.db
-            .flush()
-            .map_err(|e| io_error("syncing the installed ledger", e))?;
-        sink.db
-            .close()
-            .map_err(|e| io_error("closing the installed ledger", e))?;
-        drop(sink);
+        // The archive holds every batch of the dump.
+        let point = ArchivePoint {
+            height: meta.height,
+            raft_index: meta.raft_index,
+        };
+        sink.archive
+            .put(&layout::archive_point_key(), &point.encode())?;
+        sink.archive.finish()?;
+        sink.state.finish()?;
 
         // Read back through the code that opens a live ledger: it checks the tip against the
         // summary.

@@ -70,6 +70,17 @@ impl Chain {
     /// Sequences one batch of `requests` (1..=64) random requests, some of which may be rejected,
     /// replays it against `db` and applies it.
     pub fn step(&mut self, db: &mut LedgerDb, requests: usize) -> BatchWrite {
+        self.step_logged(db, requests, |_| {})
+    }
+
+    /// As [`Chain::step`], calling `log` with the encoded body before applying it, as a replica
+    /// has its raft log hold a batch before applying it.
+    pub fn step_logged(
+        &mut self,
+        db: &mut LedgerDb,
+        requests: usize,
+        log: impl FnOnce(&[u8]),
+    ) -> BatchWrite {
         assert!((1..=64).contains(&requests));
         let height = self.seq.sealed_height() + 1;
         for i in 0..requests {
@@ -82,7 +93,9 @@ impl Chain {
         // The first request is a deposit, which is always accepted: the batch is never empty.
         let body = self.seq.seal(1, height * 100).expect("a batch");
         let meta = db.meta().expect("meta");
-        let write = prepare_apply(&body, body.encode(), &meta, db, &self.operator).expect("replay");
+        let encoded = body.encode();
+        log(&encoded);
+        let write = prepare_apply(&body, encoded, &meta, db, &self.operator).expect("replay");
         db.apply(&write).expect("apply");
         self.seq.applied(height);
         write

@@ -1,0 +1,412 @@
+//! The archive: the ledger's `body` and `request` tables, in a LevelDB of their own
+//! (`<ledger>/archive`), written behind the confirmation path by a thread of their own.
+//!
+//! Why: rusty-leveldb compacts inside writes, on the writing thread. Bodies (content-addressed)
+//! and request records (keyed by signer) land at random keys and are about nine tenths of the
+//! bytes a batch writes, so every level-0 compaction of a database holding them rewrites most of
+//! level 1: 100-300 ms during which the storage thread, and with it every confirmation, stood
+//! still. Split off, the state database (accounts, headers, `body_by_height`, summary) stays
+//! small and its compactions short; the archive's compactions run on the archive thread while
+//! the storage thread goes on.
+//!
+//! Durability: a confirmation leaves after the batch is durable in the state database *and* in
+//! the raft log, which holds the whole body. The archive catches up from memory while the
+//! process lives and from the raft log after a crash ([`crate::LedgerDb::rearchive`]); the raft
+//! log is compacted only up to what the archive holds durably
+//! ([`crate::LedgerDb::compactable_meta`]).
+//!
+//! Invariants:
+//! - The archive's point (its summary row: height and raft index) is written in the same synced
+//!   write as the rows of every batch up to it, and is never ahead of the state database.
+//! - Every batch between the archive's point and the state's height is held in memory by
+//!   [`crate::LedgerDb`] (bodies and request records) until the archive reports it durable, so
+//!   lookups never miss it. The lag is bounded (`ARCHIVE_LAG_*`): at the bound, `apply` waits.
+//! - An IO error on the archive thread is sticky: every later call of the ledger fails with it,
+//!   and the server stops (it never confirms past a failed archive write without the raft log).
+
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use rusty_leveldb::{LdbIterator, WriteBatch, DB};
+use tally_core::{Error, Result};
+use tally_wire::Hash;
+
+use crate::env::SyncEnv;
+use crate::filter::RequestFilter;
+use crate::layout::{self, Table};
+use crate::ledger::{io_error, leveldb_options};
+use crate::StoreOptions;
+
+/// Batches queued to the archive thread, at most.
+const QUEUE_MAX: usize = 1024;
+/// Records per message of an archive dump.
+const DUMP_GROUP_RECORDS: usize = 4096;
+/// Batches one archive write takes from the queue, at most.
+const WRITE_GROUP_MAX: usize = 64;
+
+/// One applied batch's archive rows.
+pub(crate) struct ArchiveBatch {
+    pub height: u64,
+    pub raft_index: u64,
+    pub digest: Hash,
+    pub body: Arc<Vec<u8>>,
+    /// Request table rows: key, value.
+    pub requests: Vec<([u8; 52], [u8; layout::REQUEST_VALUE_BYTES])>,
+}
+
+type Reply<T> = SyncSender<Result<T>>;
+type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+enum Cmd {
+    Write(ArchiveBatch),
+    Get {
+        key: Vec<u8>,
+        reply: Reply<Option<Vec<u8>>>,
+    },
+    /// Streams every row but the archive's summary, in key order, in groups; then an empty group.
+    Dump {
+        out: SyncSender<Result<Records>>,
+    },
+    RawPut {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Stop,
+}
+
+/// What the archive holds durably.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ArchivePoint {
+    pub height: u64,
+    pub raft_index: u64,
+}
+
+impl ArchivePoint {
+    pub(crate) fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.height.to_le_bytes());
+        out[8..].copy_from_slice(&self.raft_index.to_le_bytes());
+        out
+    }
+
+    fn decode(value: &[u8]) -> Result<ArchivePoint> {
+        let v: [u8; 16] = layout::fixed(Table::Meta, value)?;
+        Ok(ArchivePoint {
+            height: u64::from_le_bytes(v[..8].try_into().expect("8")),
+            raft_index: u64::from_le_bytes(v[8..].try_into().expect("8")),
+        })
+    }
+}
+
+#[derive(Default)]
+struct ProgressState {
+    point: ArchivePoint,
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct Progress {
+    state: Mutex<ProgressState>,
+    changed: Condvar,
+}
+
+/// The handle to the archive thread, owned by [`crate::LedgerDb`].
+pub(crate) struct Archive {
+    tx: SyncSender<Cmd>,
+    progress: Arc<Progress>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Archive {
+    /// Opens (creating if missing) the archive database in `dir` on a new thread. Returns its
+    /// point and, when `opts` asks for one, the request filter built from its request table.
+    pub(crate) fn open(
+        dir: &Path,
+        opts: &StoreOptions,
+    ) -> Result<(Archive, ArchivePoint, Option<RequestFilter>)> {
+        let (tx, rx) = sync_channel(QUEUE_MAX);
+        let (opened_tx, opened_rx) =
+            sync_channel::<Result<(ArchivePoint, Option<RequestFilter>)>>(1);
+        let progress = Arc::new(Progress::default());
+        let (dir, opts, progress2) = (dir.to_owned(), opts.clone(), Arc::clone(&progress));
+        let thread = std::thread::Builder::new()
+            .name("archive".into())
+            .spawn(move || {
+                let opened = (|| -> Result<(DB, ArchivePoint, Option<RequestFilter>)> {
+                    let mut db = DB::open(&dir, leveldb_options(&opts, SyncEnv::new()))
+                        .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
+                    crate::ledger::advance_sequence(&mut db)
+                        .map_err(|e| io_error("writing the archive's open marker", e))?;
+                    let point = match db.get(&layout::archive_point_key()) {
+                        None => ArchivePoint::default(),
+                        Some(v) => ArchivePoint::decode(&v)?,
+                    };
+                    let mut filter = RequestFilter::new(opts.request_filter_bytes);
+                    if let Some(filter) = &mut filter {
+                        scan_table(&mut db, Table::Request, |key, _| {
+                            filter.insert(key);
+                            Ok(())
+                        })?;
+                    }
+                    Ok((db, point, filter))
+                })();
+                match opened {
+                    Ok((db, point, filter)) => {
+                        progress2.state.lock().expect("progress lock").point = point;
+                        let _ = opened_tx.send(Ok((point, filter)));
+                        run(db, rx, &progress2);
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| Error::Storage(format!("starting the archive thread: {e}")))?;
+        let (point, filter) = opened_rx
+            .recv()
+            .map_err(|_| Error::Storage("the archive thread died while opening".into()))??;
+        Ok((
+            Archive {
+                tx,
+                progress,
+                thread: Some(thread),
+            },
+            point,
+            filter,
+        ))
+    }
+
+    /// Queues a batch. Blocks while the queue is full.
+    pub(crate) fn write(&self, batch: ArchiveBatch) -> Result<()> {
+        self.send(Cmd::Write(batch))
+    }
+
+    /// What the archive holds durably, or its write error.
+    pub(crate) fn point(&self) -> Result<ArchivePoint> {
+        let s = self.progress.state.lock().expect("progress lock");
+        match &s.failed {
+            Some(e) => Err(failed(e)),
+            None => Ok(s.point),
+        }
+    }
+
+    /// Waits until the archive holds `height` durably.
+    pub(crate) fn wait_for(&self, height: u64) -> Result<ArchivePoint> {
+        let mut s = self.progress.state.lock().expect("progress lock");
+        loop {
+            if let Some(e) = &s.failed {
+                return Err(failed(e));
+            }
+            if s.point.height >= height {
+                return Ok(s.point);
+            }
+            s = self.progress.changed.wait(s).expect("progress lock");
+        }
+    }
+
+    /// Reads one row (after every queued write).
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let (reply, rx) = sync_channel(1);
+        self.send(Cmd::Get {
+            key: key.to_vec(),
+            reply,
+        })?;
+        self.answer(rx)
+    }
+
+    /// Writes one row, synced (tests that need a corrupt archive).
+    pub(crate) fn raw_put(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let (reply, rx) = sync_channel(1);
+        self.send(Cmd::RawPut {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            reply,
+        })?;
+        self.answer(rx)
+    }
+
+    /// Every row but the archive's summary, in key order, in groups (after every queued write).
+    /// The receiver yields an empty group at the end.
+    pub(crate) fn dump(&self) -> Result<Receiver<Result<Records>>> {
+        let (out, rx) = sync_channel(2);
+        self.send(Cmd::Dump { out })?;
+        Ok(rx)
+    }
+
+    /// Writes what is queued, stops the thread and reports a write error.
+    pub(crate) fn close(mut self) -> Result<()> {
+        self.stop();
+        self.point().map(|_| ())
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.tx.send(Cmd::Stop);
+            let _ = thread.join();
+        }
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<()> {
+        if self.tx.send(cmd).is_err() {
+            self.point()?;
+            return Err(Error::Storage("the archive thread has stopped".into()));
+        }
+        Ok(())
+    }
+
+    fn answer<T>(&self, rx: Receiver<Result<T>>) -> Result<T> {
+        match rx.recv() {
+            Ok(r) => r,
+            Err(_) => {
+                self.point()?;
+                Err(Error::Storage("the archive thread has stopped".into()))
+            }
+        }
+    }
+}
+
+impl Drop for Archive {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn failed(e: &str) -> Error {
+    Error::Storage(format!(
+        "an archive write failed, the ledger must be reopened: {e}"
+    ))
+}
+
+/// The archive thread: writes queued batches in groups, one synced write per group.
+fn run(mut db: DB, rx: Receiver<Cmd>, progress: &Progress) {
+    let mut next = None;
+    loop {
+        let cmd = match next.take() {
+            Some(cmd) => cmd,
+            None => match rx.recv() {
+                Ok(cmd) => cmd,
+                Err(_) => return,
+            },
+        };
+        match cmd {
+            Cmd::Write(first) => {
+                let mut group = vec![first];
+                while group.len() < WRITE_GROUP_MAX {
+                    match rx.try_recv() {
+                        Ok(Cmd::Write(b)) => group.push(b),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                }
+                if let Err(e) = write_group(&mut db, &group) {
+                    let mut s = progress.state.lock().expect("progress lock");
+                    s.failed = Some(e.to_string());
+                    progress.changed.notify_all();
+                    return;
+                }
+                let last = group.last().expect("a group is never empty");
+                let mut s = progress.state.lock().expect("progress lock");
+                s.point = ArchivePoint {
+                    height: last.height,
+                    raft_index: last.raft_index,
+                };
+                progress.changed.notify_all();
+            }
+            Cmd::Get { key, reply } => {
+                let _ = reply.send(Ok(db.get(&key).map(|v| v.to_vec())));
+            }
+            Cmd::RawPut { key, value, reply } => {
+                let mut batch = WriteBatch::default();
+                batch.put(&key, &value);
+                let _ = reply.send(
+                    db.write(batch, true)
+                        .map_err(|e| io_error("archive raw put", e)),
+                );
+            }
+            Cmd::Dump { out } => dump(&mut db, &out),
+            Cmd::Stop => {
+                let _ = db.close();
+                return;
+            }
+        }
+    }
+}
+
+fn write_group(db: &mut DB, group: &[ArchiveBatch]) -> Result<()> {
+    let mut batch = WriteBatch::default();
+    for b in group {
+        batch.put(&layout::body_key(&b.digest), &b.body);
+        for (key, value) in &b.requests {
+            batch.put(key, value);
+        }
+    }
+    let last = group.last().expect("a group is never empty");
+    let point = ArchivePoint {
+        height: last.height,
+        raft_index: last.raft_index,
+    };
+    batch.put(&layout::archive_point_key(), &point.encode());
+    db.write(batch, true)
+        .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
+}
+
+fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {
+    let result = (|| {
+        let snapshot = db.get_snapshot();
+        let mut iter = db
+            .new_iter_at(snapshot)
+            .map_err(|e| io_error("iterating the archive for a dump", e))?;
+        let skip = [
+            layout::archive_point_key().to_vec(),
+            layout::open_marker_key().to_vec(),
+        ];
+        let mut group = Vec::with_capacity(DUMP_GROUP_RECORDS);
+        while let Some((key, value)) = iter.next() {
+            if skip.contains(&key) {
+                continue;
+            }
+            group.push((key, value));
+            if group.len() == DUMP_GROUP_RECORDS {
+                let full = std::mem::replace(&mut group, Vec::with_capacity(DUMP_GROUP_RECORDS));
+                if out.send(Ok(full)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if !group.is_empty() && out.send(Ok(group)).is_err() {
+            return Ok(());
+        }
+        let _ = out.send(Ok(Vec::new()));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = out.send(Err(e));
+    }
+}
+
+/// Calls `f` with every row of `table`.
+pub(crate) fn scan_table(
+    db: &mut DB,
+    table: Table,
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+) -> Result<()> {
+    let tag = table.tag();
+    let mut iter = db
+        .new_iter()
+        .map_err(|e| io_error(format_args!("scanning table {table}"), e))?;
+    iter.seek(&tag);
+    while let Some((key, value)) = iter.current() {
+        if !key.starts_with(&tag) {
+            break;
+        }
+        f(&key, &value)?;
+        iter.advance();
+    }
+    Ok(())
+}
