@@ -226,3 +226,77 @@ fn sigterm_finishes_the_batch_in_progress() {
         }
     });
 }
+
+/// The archive (bodies, request index) is written behind the state. A replica whose archive is
+/// behind at start (here: lost whole) rebuilds it from its raft log before it serves: a
+/// resubmission still gets the original confirmation. When the raft log was compacted past the
+/// archive's point, the replica refuses to start and says what to do instead of serving a
+/// ledger that could apply a request twice.
+#[test]
+fn an_archive_behind_the_state_is_rebuilt_from_the_raft_log() {
+    let rt = crate::harness::runtime();
+    for compacted in [false, true] {
+        let operator = Operator::new(|c| {
+            c.batch.batch_window_ms = 5;
+            if compacted {
+                c.raft.compaction_entries = 2;
+            }
+        });
+        let op_key = operator.profile.operator_key().unwrap();
+        let chain = operator.profile.chain_id_bytes().unwrap();
+        let deposit_key = operator.profile.load_deposit_key().unwrap();
+        let alice = generate_key();
+        let bob = public_key(&generate_key());
+        let server = operator.start();
+        let originals = rt.block_on(async {
+            let client = server.client().await;
+            let dep = build_request(&deposit_key, chain, Op::Deposit, 1, public_key(&alice), 100);
+            let mut originals = vec![client.submit(dep).await.expect("deposit")];
+            // One request per batch: the raft log holds several batches.
+            for id in 1..=6u128 {
+                let t = build_request(&alice, chain, Op::Transfer, id, bob, 1);
+                originals.push(client.submit(t).await.expect("transfer"));
+            }
+            originals
+        });
+        assert!(server.terminate().success());
+        let archive = operator.data_dir().join("ledger").join("archive");
+        assert!(archive.join("CURRENT").exists(), "the archive lives here");
+        std::fs::remove_dir_all(&archive).unwrap();
+
+        if compacted {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally-server"))
+                .arg("--config")
+                .arg(&operator.config_path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "started without its archive: {stderr}"
+            );
+            assert!(
+                stderr.contains("no longer holds entry")
+                    && stderr.contains("wipe this replica's ledger and raft directories"),
+                "{stderr}"
+            );
+            continue;
+        }
+        let server = operator.start();
+        rt.block_on(async {
+            let client = server.client().await;
+            assert_eq!(
+                check_chain(&client, &op_key).await,
+                originals.last().unwrap().receipt.height
+            );
+            for (i, original) in originals.iter().enumerate().skip(1) {
+                let again = build_request(&alice, chain, Op::Transfer, i as u128, bob, 1);
+                let replay = client.submit(again).await.expect("replay");
+                assert!(replay.replayed, "request {i} is known again");
+                assert_eq!(replay.receipt, original.receipt);
+                verify_confirmation(&replay, &op_key).unwrap();
+            }
+            assert_eq!(balance(&client, public_key(&alice)).await, 100 - 6);
+        });
+    }
+}
