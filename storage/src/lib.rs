@@ -36,11 +36,11 @@
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
 //! | `meta` v1           | `d8a7af8d` | `b"archive"` (7)              | archive point: height u64 LE ‖ raft index u64 LE   |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8)              | `raft::eraftpb::Entry` protobuf                    |
-//! | `raft_state` v1     | `43c7c0c0` | `b"hard"` (4)                 | `HardState` protobuf                               |
-//! | `raft_state` v1     | `43c7c0c0` | `b"conf"` (4)                 | `ConfState` protobuf                               |
-//! | `raft_state` v1     | `43c7c0c0` | `b"snap"` (4)                 | index u64 LE ‖ term u64 LE ‖ descriptor (16 + n)   |
-//! | `raft_state` v1     | `43c7c0c0` | `b"last"` (4)                 | last entry index u64 LE (8)                        |
-//! | `raft_state` v1     | `43c7c0c0` | `b"open"` (4)                 | never present, like the ledger's                   |
+//! | `raft_state` v2     | `bd94612d` | `b"hard"` (4)                 | `HardState` protobuf                               |
+//! | `raft_state` v2     | `bd94612d` | `b"conf"` (4)                 | `ConfState` protobuf                               |
+//! | `raft_state` v2     | `bd94612d` | `b"snap"` (4)                 | index u64 LE ‖ term u64 LE ‖ descriptor (16 + n)   |
+//! | `raft_state` v2     | `bd94612d` | `b"last"` (4)                 | last entry index u64 LE (8)                        |
+//! | `raft_state` v2     | `bd94612d` | `b"open"` (4)                 | never present, like the ledger's                   |
 //!
 //! The `raft_*` tables live in the raft log's database; `body`, `request` and the `archive`
 //! point in the ledger's archive database; the others in the ledger's state database. A dump

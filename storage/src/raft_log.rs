@@ -79,6 +79,7 @@ impl RaftLogDb {
         let mut db = DB::open(dir, leveldb_options(&opts, env))
             .map_err(|e| io_error(format_args!("opening raft log {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
+        migrate_raft_state_v1(&mut db)?;
 
         let conf = get(&mut db, &layout::raft_conf_state_key())?;
         let hard = get(&mut db, &layout::raft_hard_state_key())?;
@@ -587,6 +588,37 @@ impl TermRuns {
         self.runs.drain(..i - 1);
         self.runs[0].0 = first;
     }
+}
+
+/// Moves the rows of `raft_state` v1 (a log written by an earlier tally) to v2: same keys after
+/// the tag, same values, one synced write.
+fn migrate_raft_state_v1(db: &mut DB) -> Result<()> {
+    let mut rows = Vec::new();
+    {
+        let mut iter = db
+            .new_iter()
+            .map_err(|e| io_error("scanning for raft_state v1", e))?;
+        iter.seek(&layout::RAFT_STATE_V1_TAG);
+        while let Some((key, value)) = iter.current() {
+            if !key.starts_with(&layout::RAFT_STATE_V1_TAG) {
+                break;
+            }
+            rows.push((key, value));
+            iter.advance();
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut batch = WriteBatch::default();
+    for (key, value) in &rows {
+        let mut moved = key.to_vec();
+        moved[..layout::TAG_BYTES].copy_from_slice(&Table::RaftState.tag());
+        batch.put(&moved, value);
+        batch.delete(key);
+    }
+    db.write(batch, true)
+        .map_err(|e| io_error("moving raft_state v1 rows to v2", e))
 }
 
 /// Like `LedgerDb`'s options: no log or manifest reuse (see `ledger.rs` for why).

@@ -505,3 +505,48 @@ fn an_emptied_conf_state_is_refused() {
     // An empty protobuf is a valid, empty conf state: its voters are not the configured ones.
     assert!(RaftLogDb::open(dir.path(), &VOTERS).is_err());
 }
+
+/// A log written by an earlier tally keeps its state rows under `raft_state` v1's tag; opening
+/// moves them to v2 and the log reads as before.
+#[test]
+fn state_rows_of_raft_state_v1_are_moved_to_v2_at_open() {
+    let (dir, log) = log_with((2, 2), &[(3, 3), (4, 4), (5, 5)], 4);
+    log.close().unwrap();
+    {
+        // Turn it into a v1 log: every raft_state row back under the old tag.
+        use rusty_leveldb::LdbIterator as _;
+        let mut db =
+            rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
+        let tag = Table::RaftState.tag();
+        let mut rows = Vec::new();
+        let mut it = db.new_iter().unwrap();
+        it.seek(&tag);
+        while let Some((key, value)) = it.current() {
+            if !key.starts_with(&tag) {
+                break;
+            }
+            rows.push((key.to_vec(), value.to_vec()));
+            it.advance();
+        }
+        drop(it);
+        assert!(
+            rows.len() >= 4,
+            "conf, hard, snap and last rows: {}",
+            rows.len()
+        );
+        let mut batch = rusty_leveldb::WriteBatch::default();
+        for (key, value) in &rows {
+            let mut old = key.clone();
+            old[..4].copy_from_slice(&layout::RAFT_STATE_V1_TAG);
+            batch.put(&old, value);
+            batch.delete(key);
+        }
+        db.write(batch, true).unwrap();
+        db.close().unwrap();
+    }
+    let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+    assert_eq!(log.hard_state(), &hard_state(5, 1, 4));
+    assert_eq!(log.snapshot_index(), 2);
+    let log = check_log(dir.path(), log, (2, 2), &[(3, 3), (4, 4), (5, 5)]);
+    drop(log);
+}
