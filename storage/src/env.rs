@@ -62,6 +62,15 @@ impl SyncEnv {
         }
     }
 
+    /// An env that counts into `stats` (a database reopened in a new directory keeps its
+    /// counters).
+    pub fn sharing(stats: Arc<SyncStats>) -> SyncEnv {
+        SyncEnv {
+            inner: PosixDiskEnv::new(),
+            stats,
+        }
+    }
+
     /// The counters of this env; keep a clone before boxing the env into `Options`.
     pub fn stats(&self) -> Arc<SyncStats> {
         Arc::clone(&self.stats)

@@ -21,7 +21,7 @@
 use std::cell::RefCell;
 use std::cmp;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -43,6 +43,9 @@ use crate::StoreOptions;
 /// rusty-leveldb's reads take `&mut self`; no method holds the borrow across a call out.
 pub struct RaftLogDb {
     db: RefCell<DB>,
+    /// Where the database lives; compaction replaces it (see `compact`).
+    dir: PathBuf,
+    opts: StoreOptions,
     /// As last written, except for a commit index raised by `set_commit` since.
     hard_state: HardState,
     conf_state: ConfState,
@@ -74,6 +77,8 @@ impl RaftLogDb {
             opts.write_buffer_bytes > 0 && opts.block_cache_bytes > 0,
             "{opts:?}"
         );
+        // Finish (or roll back) a compaction that a crash interrupted (see `compact`).
+        crate::transfer::recover_install(dir)?;
         let env = SyncEnv::new();
         let sync_stats = env.stats();
         let mut db = DB::open(dir, leveldb_options(&opts, env))
@@ -127,6 +132,8 @@ impl RaftLogDb {
         };
         let mut this = RaftLogDb {
             db: RefCell::new(db),
+            dir: dir.to_owned(),
+            opts,
             hard_state,
             conf_state,
             snapshot,
@@ -266,6 +273,58 @@ impl RaftLogDb {
         }
         limit_size(&mut out, Some(max_size));
         Ok(out)
+    }
+
+    /// The database of a log compacted to `point`, built in `<dir>.staged` and swapped in.
+    fn replace_database(&mut self, point: &SnapshotPoint) -> Result<()> {
+        let staged = crate::transfer::staged_ledger_dir(&self.dir);
+        if staged.exists() {
+            std::fs::remove_dir_all(&staged)
+                .map_err(|e| Error::Storage(format!("removing {}: {e}", staged.display())))?;
+        }
+        let tail = if self.last_index > point.index {
+            self.read_entries(point.index + 1, self.last_index + 1, NO_LIMIT)?
+        } else {
+            Vec::new()
+        };
+        let mut batch = WriteBatch::default();
+        for e in &tail {
+            batch.put(&layout::raft_entry_key(e.index), &encode_proto(e));
+        }
+        batch.put(
+            &layout::raft_conf_state_key(),
+            &encode_proto(&self.conf_state),
+        );
+        batch.put(
+            &layout::raft_hard_state_key(),
+            &encode_proto(&self.hard_state),
+        );
+        batch.put(&layout::raft_snapshot_key(), &point.encode());
+        batch.put(
+            &layout::raft_last_index_key(),
+            &self.last_index.to_le_bytes(),
+        );
+        let options =
+            || leveldb_options(&self.opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)));
+        let mut next = DB::open(&staged, options())
+            .map_err(|e| io_error(format_args!("creating {}", staged.display()), e))?;
+        next.write(batch, true)
+            .map_err(|e| io_error("writing the compacted raft log", e))?;
+        next.close()
+            .map_err(|e| io_error("closing the compacted raft log", e))?;
+        drop(next);
+        crate::transfer::write_complete_marker(&staged)?;
+        self.db
+            .get_mut()
+            .close()
+            .map_err(|e| io_error("closing the raft log for compaction", e))?;
+        crate::transfer::install_ledger_dir(&self.dir, &staged)?;
+        let mut db = DB::open(&self.dir, options())
+            .map_err(|e| io_error(format_args!("reopening {}", self.dir.display()), e))?;
+        advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
+        // The closed database is dropped here; it holds no lock and writes nothing.
+        *self.db.get_mut() = db;
+        Ok(())
     }
 
     /// Checks the invariants of the module docs against the disk and fills `terms`. Terms never
@@ -501,6 +560,13 @@ impl RaftLogStore for RaftLogDb {
 
     /// Also writes the hard state, so that the durable commit index is never behind the
     /// snapshot point (raft-rs refuses to start from such a state).
+    ///
+    /// Deletes nothing: the state rows and the entries after `index` are written to a new
+    /// database in `<dir>.staged`, which replaces the live one by the crash-safe directory swap
+    /// of ledger installs (`install_ledger_dir`; `open` finishes an interrupted one). Deleting
+    /// the compacted entries one by one would leave tombstones spanning the whole log, and the
+    /// LevelDB compaction that drops them rewrites every entry in between, on this thread
+    /// (measured: 0.65-1.3 s every `raft.compaction_bytes`).
     fn compact(&mut self, index: u64) -> Result<()> {
         self.check_usable()?;
         assert!(
@@ -513,10 +579,6 @@ impl RaftLogStore for RaftLogDb {
             return Ok(());
         }
         let term = self.terms.term(index);
-        let mut batch = WriteBatch::default();
-        for i in self.first()..=index {
-            batch.delete(&layout::raft_entry_key(i));
-        }
         let point = SnapshotPoint {
             index,
             term,
@@ -525,12 +587,10 @@ impl RaftLogStore for RaftLogDb {
                 None => self.snapshot.descriptor.clone(),
             },
         };
-        batch.put(&layout::raft_snapshot_key(), &point.encode());
-        batch.put(
-            &layout::raft_hard_state_key(),
-            &encode_proto(&self.hard_state),
-        );
-        self.write(batch, format_args!("compacting to {index}"))?;
+        if let Err(e) = self.replace_database(&point) {
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
         self.snapshot = point;
         self.next_descriptor = None;
         self.terms.compact(index + 1, self.last_index);

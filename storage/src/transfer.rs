@@ -802,7 +802,7 @@ fn tidy(live: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_complete_marker(dir: &Path) -> Result<()> {
+pub(crate) fn write_complete_marker(dir: &Path) -> Result<()> {
     let path = dir.join(COMPLETE_MARKER);
     let mut f = File::create(&path).map_err(|e| fs_error("creating", &path, e))?;
     f.write_all(b"tally ledger install: complete and checked\n")
