@@ -41,8 +41,11 @@ use crate::StoreOptions;
 
 /// Batches queued to the archive thread, at most.
 const QUEUE_MAX: usize = 1024;
-/// Records per message of an archive dump.
+/// Records per message of an archive dump, at most ...
 const DUMP_GROUP_RECORDS: usize = 4096;
+/// ... and bytes (keys and values; a group exceeds it by at most one record). With the dump
+/// channel's bound of 2, a dump holds a few groups in memory at once.
+const DUMP_GROUP_BYTES: usize = 4 << 20;
 /// Batches one archive write takes from the queue, at most.
 const WRITE_GROUP_MAX: usize = 64;
 
@@ -366,15 +369,17 @@ fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {
             layout::archive_point_key().to_vec(),
             layout::open_marker_key().to_vec(),
         ];
-        let mut group = Vec::with_capacity(DUMP_GROUP_RECORDS);
+        let mut group = Vec::new();
+        let mut group_bytes = 0;
         while let Some((key, value)) = iter.next() {
             if skip.contains(&key) {
                 continue;
             }
+            group_bytes += key.len() + value.len();
             group.push((key, value));
-            if group.len() == DUMP_GROUP_RECORDS {
-                let full = std::mem::replace(&mut group, Vec::with_capacity(DUMP_GROUP_RECORDS));
-                if out.send(Ok(full)).is_err() {
+            if group.len() == DUMP_GROUP_RECORDS || group_bytes >= DUMP_GROUP_BYTES {
+                group_bytes = 0;
+                if out.send(Ok(std::mem::take(&mut group))).is_err() {
                     return Ok(());
                 }
             }
