@@ -137,6 +137,27 @@ fn a_dump_installs_as_the_same_ledger() {
     assert_eq!(again.concat(), chunks.concat());
 }
 
+/// The archive's rows reach the dump in groups of at most 4,096; a ledger with more request
+/// records than that (2 groups and more) still dumps as itself, merged in key order.
+#[test]
+fn a_dump_merges_an_archive_of_several_groups() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let (from, to) = (tmp.path().join("from"), tmp.path().join("to"));
+    let mut model = Model::default();
+    let mut db = LedgerDb::open(&from, small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), seed);
+    for _ in 0..140 {
+        model.record(chain.step(&mut db, 64));
+    }
+    db.close().unwrap();
+    assert!(model.requests.len() > 2 * 4096, "{}", model.requests.len());
+    let (chunks, meta) = dump(&from, 1 << 16);
+    assert_eq!(install(&to, &chunks, &operator().public()).unwrap(), meta);
+    let mut db = LedgerDb::open(&to, small()).unwrap();
+    model.check(&mut db);
+}
+
 #[test]
 fn a_new_ledger_dumps_as_an_empty_stream_that_does_not_install() {
     let tmp = tempfile::tempdir().unwrap();
