@@ -36,6 +36,10 @@ use crate::env::{SyncEnv, SyncStats};
 use crate::layout::{self, corrupt, SnapshotPoint, Table};
 use crate::StoreOptions;
 
+/// Compaction replaces the database instead of deleting entries once this many entry bytes
+/// were written to it (see `RaftLogStore::compact`).
+pub const SWAP_BYTES: u64 = 32 << 20;
+
 /// The durable raft log of one replica. See the module docs.
 ///
 /// Not `Send`: rusty-leveldb's `DB` is built on `Rc`. It lives on the raft thread, inside the
@@ -43,9 +47,12 @@ use crate::StoreOptions;
 /// rusty-leveldb's reads take `&mut self`; no method holds the borrow across a call out.
 pub struct RaftLogDb {
     db: RefCell<DB>,
-    /// Where the database lives; compaction replaces it (see `compact`).
+    /// Where the database lives; compaction may replace it (see `compact`).
     dir: PathBuf,
     opts: StoreOptions,
+    /// Entry bytes written to this database since it was created by a compaction (u64::MAX
+    /// after an open: not known).
+    written_bytes: u64,
     /// As last written, except for a commit index raised by `set_commit` since.
     hard_state: HardState,
     conf_state: ConfState,
@@ -134,6 +141,7 @@ impl RaftLogDb {
             db: RefCell::new(db),
             dir: dir.to_owned(),
             opts,
+            written_bytes: u64::MAX,
             hard_state,
             conf_state,
             snapshot,
@@ -288,8 +296,11 @@ impl RaftLogDb {
             Vec::new()
         };
         let mut batch = WriteBatch::default();
+        let mut tail_bytes = 0u64;
         for e in &tail {
-            batch.put(&layout::raft_entry_key(e.index), &encode_proto(e));
+            let encoded = encode_proto(e);
+            tail_bytes += encoded.len() as u64;
+            batch.put(&layout::raft_entry_key(e.index), &encoded);
         }
         batch.put(
             &layout::raft_conf_state_key(),
@@ -324,6 +335,7 @@ impl RaftLogDb {
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
         // The closed database is dropped here; it holds no lock and writes nothing.
         *self.db.get_mut() = db;
+        self.written_bytes = tail_bytes;
         Ok(())
     }
 
@@ -494,7 +506,9 @@ impl RaftLogStore for RaftLogDb {
             );
             for (i, e) in entries.iter().enumerate() {
                 assert_eq!(e.index, start + i as u64, "entries are contiguous");
-                batch.put(&layout::raft_entry_key(e.index), &encode_proto(e));
+                let encoded = encode_proto(e);
+                self.written_bytes = self.written_bytes.saturating_add(encoded.len() as u64);
+                batch.put(&layout::raft_entry_key(e.index), &encoded);
             }
             last = start + entries.len() as u64 - 1;
             for stale in last + 1..=self.last_index {
@@ -561,12 +575,15 @@ impl RaftLogStore for RaftLogDb {
     /// Also writes the hard state, so that the durable commit index is never behind the
     /// snapshot point (raft-rs refuses to start from such a state).
     ///
-    /// Deletes nothing: the state rows and the entries after `index` are written to a new
-    /// database in `<dir>.staged`, which replaces the live one by the crash-safe directory swap
-    /// of ledger installs (`install_ledger_dir`; `open` finishes an interrupted one). Deleting
-    /// the compacted entries one by one would leave tombstones spanning the whole log, and the
-    /// LevelDB compaction that drops them rewrites every entry in between, on this thread
-    /// (measured: 0.65-1.3 s every `raft.compaction_bytes`).
+    /// Once the database holds [`SWAP_BYTES`] of entries written since it was created, deletes
+    /// nothing: the state rows and the entries after `index` are written to a new database in
+    /// `<dir>.staged`, which replaces the live one by the crash-safe directory swap of ledger
+    /// installs (`install_ledger_dir`; `open` finishes an interrupted one). Deleting many
+    /// compacted entries one by one leaves tombstones spanning them, and the LevelDB compaction
+    /// that drops them rewrites every entry in between, on this thread (measured: 0.65-1.3 s
+    /// every `raft.compaction_bytes` of 256 MiB). Below that, the entries are deleted: a swap
+    /// costs a few fsyncs and file creations (tens of ms), too much to pay every few hundred
+    /// entries (measured in `tally-chaos`, which compacts every 300).
     fn compact(&mut self, index: u64) -> Result<()> {
         self.check_usable()?;
         assert!(
@@ -587,9 +604,22 @@ impl RaftLogStore for RaftLogDb {
                 None => self.snapshot.descriptor.clone(),
             },
         };
-        if let Err(e) = self.replace_database(&point) {
-            self.failed = Some(e.to_string());
-            return Err(e);
+        if self.written_bytes >= SWAP_BYTES {
+            if let Err(e) = self.replace_database(&point) {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        } else {
+            let mut batch = WriteBatch::default();
+            for i in self.first()..=index {
+                batch.delete(&layout::raft_entry_key(i));
+            }
+            batch.put(&layout::raft_snapshot_key(), &point.encode());
+            batch.put(
+                &layout::raft_hard_state_key(),
+                &encode_proto(&self.hard_state),
+            );
+            self.write(batch, format_args!("compacting to {index}"))?;
         }
         self.snapshot = point;
         self.next_descriptor = None;
