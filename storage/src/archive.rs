@@ -36,7 +36,7 @@ use tally_wire::Hash;
 use crate::env::SyncEnv;
 use crate::filter::RequestFilter;
 use crate::layout::{self, Table};
-use crate::ledger::{io_error, leveldb_options};
+use crate::ledger::{io_error, leveldb_options, scan_prefix};
 use crate::StoreOptions;
 
 /// Batches queued to the archive thread, at most.
@@ -149,7 +149,7 @@ impl Archive {
                     };
                     let mut filter = RequestFilter::new(opts.request_filter_bytes);
                     if let Some(filter) = &mut filter {
-                        scan_table(&mut db, Table::Request, |key, _| {
+                        scan_prefix(&mut db, &Table::Request.tag(), |key, _| {
                             filter.insert(key);
                             Ok(())
                         })?;
@@ -393,25 +393,4 @@ fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {
     if let Err(e) = result {
         let _ = out.send(Err(e));
     }
-}
-
-/// Calls `f` with every row of `table`.
-pub(crate) fn scan_table(
-    db: &mut DB,
-    table: Table,
-    mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
-) -> Result<()> {
-    let tag = table.tag();
-    let mut iter = db
-        .new_iter()
-        .map_err(|e| io_error(format_args!("scanning table {table}"), e))?;
-    iter.seek(&tag);
-    while let Some((key, value)) = iter.current() {
-        if !key.starts_with(&tag) {
-            break;
-        }
-        f(&key, &value)?;
-        iter.advance();
-    }
-    Ok(())
 }

@@ -731,6 +731,24 @@ pub(crate) fn decode_header(height: u64, value: &[u8]) -> Result<SignedHeader> {
     Ok(signed)
 }
 
+/// Calls `f` with every row whose key starts with `prefix`, in key order.
+pub(crate) fn scan_prefix(
+    db: &mut DB,
+    prefix: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut iter = db.new_iter().map_err(|e| io_error("scanning a table", e))?;
+    iter.seek(prefix);
+    while let Some((key, value)) = iter.current() {
+        if !key.starts_with(prefix) {
+            break;
+        }
+        f(&key, &value)?;
+        iter.advance();
+    }
+    Ok(())
+}
+
 pub(crate) fn io_error(what: impl fmt::Display, e: rusty_leveldb::Status) -> Error {
     Error::Storage(format!("{what}: {e}"))
 }
