@@ -110,9 +110,12 @@ pub fn run(args: &Args) -> Result<Report> {
     );
     let bound = bound::measure(args.bound_time);
     eprintln!(
-        "bound: strict {}/s, batch {}/s (tally's hinted batches: {}/s)",
+        "bound: strict {}/s, batch {}/s (cached keys: strict {}/s, batch {}/s; tally's hinted \
+         batches: {}/s)",
         report::thousands(bound.strict_verifications_per_second),
         report::thousands(bound.batch_verifications_per_second),
+        report::thousands(bound.strict_cached_key_verifications_per_second),
+        report::thousands(bound.batch_cached_key_verifications_per_second),
         report::thousands(bound.hinted_batch_verifications_per_second)
     );
 
@@ -235,6 +238,7 @@ pub fn run(args: &Args) -> Result<Report> {
         latency_ms: Latency::from_histogram_us(&recorder.latency_us),
         batches: Batches::from_sizes(&recorder.batch_sizes),
         fraction_of_bound: confirmed_per_second / bound.bound_per_second,
+        fraction_of_cached_key_bound: confirmed_per_second / bound.cached_key_bound_per_second,
         bound,
         presigned,
         pool_exhausted: duration.is_some() && phase.pool_exhausted,

@@ -184,6 +184,24 @@ fn check_report(markdown: &str, report: &Value, sent: u64) {
             .unwrap()
             .max(bound["batch_verifications_per_second"].as_f64().unwrap())
     );
+    let cached = bound["cached_key_bound_per_second"].as_f64().unwrap();
+    assert_eq!(
+        cached,
+        bound["strict_cached_key_verifications_per_second"]
+            .as_f64()
+            .unwrap()
+            .max(
+                bound["batch_cached_key_verifications_per_second"]
+                    .as_f64()
+                    .unwrap()
+            )
+    );
+    let confirmed_per_second = report["confirmed_per_second"].as_f64().unwrap();
+    let fraction_cached = report["fraction_of_cached_key_bound"].as_f64().unwrap();
+    assert!(
+        (fraction_cached - confirmed_per_second / cached).abs() < 1e-9,
+        "{report:#}"
+    );
     assert!(report["sample_verified"].as_u64().unwrap() >= 1);
     assert_eq!(report["sample_failed"], 0);
     for parameter in [
