@@ -52,6 +52,10 @@ pub fn verify_request(request: &Request) -> bool {
 /// Decompressed public keys of recent signers: decompressing a key costs a field exponentiation,
 /// a sizeable part of one verification, and busy accounts sign again and again. Bounded: when
 /// full it is cleared and refilled (cheap, and no eviction order to maintain).
+///
+/// The strict path uses ed25519-dalek's `VerifyingKey`; the batch path does its own group
+/// arithmetic with curve25519-dalek 5 (ed25519-dalek 2 sits on curve25519-dalek 4, which has
+/// no batched point compression), so a key used with hints is decoded once more, by version 5.
 pub struct KeyCache {
     keys: std::collections::HashMap<PublicKey, CachedKey>,
     cap: usize,
@@ -60,11 +64,11 @@ pub struct KeyCache {
 #[derive(Clone, Copy)]
 struct CachedKey {
     key: VerifyingKey,
-    point: EdwardsPoint,
-    /// The key lies in the prime-order subgroup and is not the identity: only such keys take the
-    /// batch path. Checked once per key (a full scalar multiplication, ~33 us), and only when a
-    /// hinted signature needs it, so that keys only ever seen on plain submits never pay for it.
-    batchable: Option<bool>,
+    /// The key as a point for the batch equation, once a hinted signature needed it: `Some(p)`
+    /// if the key lies in the prime-order subgroup and is not the identity (only such keys take
+    /// the batch path), `None` if not. Checked once per key (a full scalar multiplication,
+    /// ~33 us), so that keys only ever seen on plain submits never pay for it.
+    batch_point: Option<Option<EdwardsPoint>>,
 }
 
 /// Fewest hinted signatures worth a batch equation; below this each is checked on its own.
@@ -84,9 +88,12 @@ pub struct VerifyStats {
 
 /// One hinted signature, prepared for the batch equation.
 struct Prepared {
+    /// The request's position in the call.
+    index: usize,
     s: Scalar,
     k: Scalar,
     a: EdwardsPoint,
+    /// [8]H, which must encode to the signature's R bytes.
     r: EdwardsPoint,
 }
 
@@ -105,17 +112,29 @@ impl KeyCache {
             return Some(*k);
         }
         let key = VerifyingKey::from_bytes(signer).ok()?;
-        let point = key.to_edwards();
         let cached = CachedKey {
             key,
-            point,
-            batchable: None,
+            batch_point: None,
         };
         if self.keys.len() >= self.cap {
             self.keys.clear();
         }
         self.keys.insert(*signer, cached);
         Some(cached)
+    }
+
+    /// The key's point for the batch equation, if it may take the batch path (decided once).
+    fn batch_point(&mut self, signer: &PublicKey, key: &mut CachedKey) -> Option<EdwardsPoint> {
+        if key.batch_point.is_none() {
+            let point = CompressedEdwardsY(*signer)
+                .decompress()
+                .filter(|p| !p.is_small_order() && p.is_torsion_free());
+            key.batch_point = Some(point);
+            if let Some(k) = self.keys.get_mut(signer) {
+                k.batch_point = Some(point);
+            }
+        }
+        key.batch_point.flatten()
     }
 
     /// Exactly [`verify_request`]'s answer (strict verification), with the key decompressed once.
@@ -137,7 +156,8 @@ impl KeyCache {
     /// - [8]H is not the identity and compresses to exactly the signature's R bytes, so R
     ///   decodes, is canonical and lies in the prime-order subgroup: it has no torsion
     ///   component for random weights to hide (ed25519-dalek's own batch equation would accept
-    ///   an R with a small torsion component with probability 1/2 to 1/8).
+    ///   an R with a small torsion component with probability 1/2 to 1/8). The [8]H of the
+    ///   whole call are compressed together, with one field inversion between them.
     ///
     /// The equation is sum z_i ([s_i]B - [k_i]A_i - R_i) = 0 with independent random 128-bit
     /// z_i from `rng`. Every term lies in the group of prime order l > 2^252, so if any one
@@ -151,33 +171,43 @@ impl KeyCache {
         let mut ok = vec![false; items.len()];
         let mut stats = VerifyStats::default();
         let mut single = Vec::new();
-        let mut batch: Vec<(usize, Prepared)> = Vec::new();
+        let mut candidates: Vec<Prepared> = Vec::new();
         for (i, (request, hint)) in items.iter().enumerate() {
             let Some(mut key) = self.get(&request.signer) else {
                 continue; // not a point: strict verification refuses it too
             };
-            if hint.is_some() && key.batchable.is_none() {
-                let batchable = !key.point.is_small_order() && key.point.is_torsion_free();
-                key.batchable = Some(batchable);
-                if let Some(k) = self.keys.get_mut(&request.signer) {
-                    k.batchable = Some(batchable);
-                }
-            }
-            match hint.and_then(|h| prepare(&key, request, h)) {
-                Some(p) => batch.push((i, p)),
+            let prepared = match hint {
+                Some(hint) => self
+                    .batch_point(&request.signer, &mut key)
+                    .and_then(|a| prepare(i, a, request, hint)),
+                None => None,
+            };
+            match prepared {
+                Some(p) => candidates.push(p),
                 None => single.push(i),
             }
         }
+        // R = [8]H must be exactly the signature's R bytes.
+        let rs: Vec<EdwardsPoint> = candidates.iter().map(|p| p.r).collect();
+        let encoded = EdwardsPoint::compress_batch_alloc(&rs);
+        let mut batch = Vec::with_capacity(candidates.len());
+        for (p, r) in candidates.into_iter().zip(encoded) {
+            if r.as_bytes()[..] == items[p.index].0.signature[..32] {
+                batch.push(p);
+            } else {
+                single.push(p.index);
+            }
+        }
         if batch.len() < BATCH_VERIFY_MIN {
-            single.extend(batch.drain(..).map(|(i, _)| i));
+            single.extend(batch.drain(..).map(|p| p.index));
         } else if batch_equation_holds(&batch, rng) {
             stats.batched = batch.len();
-            for (i, _) in &batch {
-                ok[*i] = true;
+            for p in &batch {
+                ok[p.index] = true;
             }
         } else {
             stats.batches_failed = 1;
-            single.extend(batch.drain(..).map(|(i, _)| i));
+            single.extend(batch.drain(..).map(|p| p.index));
         }
         stats.single = single.len();
         for i in single {
@@ -187,40 +217,37 @@ impl KeyCache {
     }
 }
 
-/// Everything strict verification checks of one signature except its equation, or None (then
-/// the signature is checked on its own).
-fn prepare(key: &CachedKey, request: &Request, hint: &NonceHint) -> Option<Prepared> {
-    if key.batchable != Some(true) {
-        return None;
+/// SHA-512 of the parts, reduced mod l (RFC 8032's way of turning a hash into a scalar).
+fn hash_to_scalar(parts: &[&[u8]]) -> Scalar {
+    let mut h = Sha512::new();
+    for p in parts {
+        h.update(p);
     }
+    Scalar::from_bytes_mod_order_wide(&h.finalize().into())
+}
+
+/// Everything strict verification checks of one signature except its equation and the encoding
+/// of R (checked for the whole call at once), or None (then the signature is checked on its
+/// own).
+fn prepare(index: usize, a: EdwardsPoint, request: &Request, hint: &NonceHint) -> Option<Prepared> {
     let r_bytes: [u8; 32] = request.signature[..32].try_into().expect("32 bytes");
     let s_bytes: [u8; 32] = request.signature[32..].try_into().expect("32 bytes");
     let s = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes))?;
     let r = CompressedEdwardsY(*hint).decompress()?.mul_by_cofactor();
-    if r.is_identity() || r.compress().to_bytes() != r_bytes {
+    if r.is_identity() {
         return None;
     }
-    let k = Scalar::from_hash(
-        Sha512::new()
-            .chain_update(r_bytes)
-            .chain_update(request.signer)
-            .chain_update(request.signed_bytes()),
-    );
-    Some(Prepared {
-        s,
-        k,
-        a: key.point,
-        r,
-    })
+    let k = hash_to_scalar(&[&r_bytes, &request.signer, &request.signed_bytes()]);
+    Some(Prepared { index, s, k, a, r })
 }
 
-fn batch_equation_holds<R: RngCore + CryptoRng>(batch: &[(usize, Prepared)], rng: &mut R) -> bool {
+fn batch_equation_holds<R: RngCore + CryptoRng>(batch: &[Prepared], rng: &mut R) -> bool {
     let mut b = Scalar::ZERO;
     let mut scalars = Vec::with_capacity(2 * batch.len() + 1);
     let mut points = Vec::with_capacity(2 * batch.len() + 1);
     scalars.push(Scalar::ZERO); // B's coefficient, filled in below
     points.push(curve25519_dalek::constants::ED25519_BASEPOINT_POINT);
-    for (_, p) in batch {
+    for p in batch {
         let mut z = [0u8; 32];
         rng.fill_bytes(&mut z[..16]);
         let z = Scalar::from_bytes_mod_order(z);
@@ -259,21 +286,14 @@ pub fn sign_request_with_hint(key: &SigningKey, request: &mut Request) -> NonceH
         "signer must be the key's public key"
     );
     let expanded = ed25519_dalek::hazmat::ExpandedSecretKey::from(&key.to_bytes());
+    // ed25519-dalek's scalar type is curve25519-dalek 4's; ours is 5's.
+    let secret = Scalar::from_bytes_mod_order(expanded.scalar.to_bytes());
     let message = request.signed_bytes();
-    let r = Scalar::from_hash(
-        Sha512::new()
-            .chain_update(expanded.hash_prefix)
-            .chain_update(message),
-    );
+    let r = hash_to_scalar(&[&expanded.hash_prefix, &message]);
     let h = EdwardsPoint::mul_base(&(r * Scalar::from(8u8).invert()));
     let big_r = h.mul_by_cofactor().compress().to_bytes();
-    let k = Scalar::from_hash(
-        Sha512::new()
-            .chain_update(big_r)
-            .chain_update(public)
-            .chain_update(message),
-    );
-    let s = r + k * expanded.scalar;
+    let k = hash_to_scalar(&[&big_r, &public, &message]);
+    let s = r + k * secret;
     request.signature[..32].copy_from_slice(&big_r);
     request.signature[32..].copy_from_slice(s.as_bytes());
     h.compress().to_bytes()

@@ -7,7 +7,7 @@
 //! batch_verify`.
 
 use curve25519_dalek::constants::EIGHT_TORSION;
-use curve25519_dalek::edwards::EdwardsPoint;
+use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
 use ed25519_dalek::hazmat::ExpandedSecretKey;
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -44,14 +44,24 @@ fn unsigned(signer: [u8; 32], id: u128) -> Request {
     }
 }
 
+/// SHA-512 of the parts, reduced mod l.
+fn hash_scalar(parts: &[&[u8]]) -> Scalar {
+    let mut h = Sha512::new();
+    for p in parts {
+        h.update(p);
+    }
+    Scalar::from_bytes_mod_order_wide(&h.finalize().into())
+}
+
+/// The secret scalar of `key` (ed25519-dalek's is curve25519-dalek 4's type).
+fn secret_scalar(esk: &ExpandedSecretKey) -> Scalar {
+    Scalar::from_bytes_mod_order(esk.scalar.to_bytes())
+}
+
 /// The RFC 8032 nonce of `key` for `message`.
 fn nonce(key: &SigningKey, message: &[u8]) -> Scalar {
     let esk = ExpandedSecretKey::from(&key.to_bytes());
-    Scalar::from_hash(
-        Sha512::new()
-            .chain_update(esk.hash_prefix)
-            .chain_update(message),
-    )
+    hash_scalar(&[&esk.hash_prefix, message])
 }
 
 /// `n` good hinted requests by `key`, ids `first..first + n`.
@@ -81,13 +91,8 @@ fn torsioned(key: &SigningKey, id: u128, torsion: EdwardsPoint) -> (Request, Sca
     let esk = ExpandedSecretKey::from(&key.to_bytes());
     let r = nonce(key, &message);
     let big_r = (EdwardsPoint::mul_base(&r) + torsion).compress();
-    let k = Scalar::from_hash(
-        Sha512::new()
-            .chain_update(big_r.as_bytes())
-            .chain_update(request.signer)
-            .chain_update(message),
-    );
-    let s = r + k * esk.scalar;
+    let k = hash_scalar(&[big_r.as_bytes(), &request.signer, &message]);
+    let s = r + k * secret_scalar(&esk);
     request.signature[..32].copy_from_slice(big_r.as_bytes());
     request.signature[32..].copy_from_slice(s.as_bytes());
     (request, r)
@@ -97,7 +102,10 @@ fn torsioned(key: &SigningKey, id: u128, torsion: EdwardsPoint) -> (Request, Sca
 /// an id chosen so that strict verification accepts it (k is a multiple of 8, so [k]T vanishes),
 /// or so that it refuses it. Such a key must never take the batch path.
 fn mixed_order_key_request(key: &SigningKey, strict_valid: bool) -> (Request, NonceHint) {
-    let a = key.verifying_key().to_edwards() + EIGHT_TORSION[1];
+    let a = CompressedEdwardsY(key.verifying_key().to_bytes())
+        .decompress()
+        .unwrap()
+        + EIGHT_TORSION[1];
     let signer = a.compress().to_bytes();
     let esk = ExpandedSecretKey::from(&key.to_bytes());
     for id in 0u128.. {
@@ -105,16 +113,11 @@ fn mixed_order_key_request(key: &SigningKey, strict_valid: bool) -> (Request, No
         let message = request.signed_bytes();
         let r = nonce(key, &message);
         let big_r = EdwardsPoint::mul_base(&r).compress();
-        let k = Scalar::from_hash(
-            Sha512::new()
-                .chain_update(big_r.as_bytes())
-                .chain_update(signer)
-                .chain_update(message),
-        );
+        let k = hash_scalar(&[big_r.as_bytes(), &signer, &message]);
         if (k.as_bytes()[0] & 7 == 0) != strict_valid {
             continue;
         }
-        let s = r + k * esk.scalar;
+        let s = r + k * secret_scalar(&esk);
         request.signature[..32].copy_from_slice(big_r.as_bytes());
         request.signature[32..].copy_from_slice(s.as_bytes());
         return (request, hint_for(r));
