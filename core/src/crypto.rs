@@ -84,6 +84,8 @@ pub struct VerifyStats {
     pub single: usize,
     /// Batch equations that failed (their signatures were then checked one by one).
     pub batches_failed: usize,
+    /// Signatures in the batch equation tried, 0 if none was.
+    pub batch_size: usize,
 }
 
 /// One hinted signature, prepared for the batch equation.
@@ -200,14 +202,17 @@ impl KeyCache {
         }
         if batch.len() < BATCH_VERIFY_MIN {
             single.extend(batch.drain(..).map(|p| p.index));
-        } else if batch_equation_holds(&batch, rng) {
-            stats.batched = batch.len();
-            for p in &batch {
-                ok[p.index] = true;
-            }
         } else {
-            stats.batches_failed = 1;
-            single.extend(batch.drain(..).map(|p| p.index));
+            stats.batch_size = batch.len();
+            if batch_equation_holds(&batch, rng) {
+                stats.batched = batch.len();
+                for p in &batch {
+                    ok[p.index] = true;
+                }
+            } else {
+                stats.batches_failed = 1;
+                single.extend(batch.drain(..).map(|p| p.index));
+            }
         }
         stats.single = single.len();
         for i in single {

@@ -125,6 +125,9 @@ pub struct Metrics {
     /// (strict verification one by one).
     signature_checks_total: IntCounterVec,
     pub signature_batches_failed_total: IntCounter,
+    /// Signatures in each batch equation a stateless worker tried: small batches cost more per
+    /// signature (the multiscalar multiplication amortizes over its points).
+    signature_batch_size: Histogram,
     pub raft: RaftMetrics,
     /// 1 when the node can serve (see `/ready`), else 0.
     ready: IntGauge,
@@ -306,6 +309,11 @@ impl Metrics {
                 "tally_signature_batches_failed_total",
                 "Batch equations that failed; their signatures were checked again one by one.",
             ),
+            signature_batch_size: histogram(
+                "tally_signature_batch_size",
+                "Signatures in each batch equation tried by a stateless worker.",
+                prometheus::exponential_buckets(4.0, 2.0, 8).expect("valid buckets"),
+            ),
             raft: RaftMetrics {
                 term: gauge("tally_raft_term", "Current Raft term."),
                 role: gauge(
@@ -372,6 +380,9 @@ impl Metrics {
         c.with_label_values(&["single"]).inc_by(stats.single as u64);
         self.signature_batches_failed_total
             .inc_by(stats.batches_failed as u64);
+        if stats.batch_size > 0 {
+            self.signature_batch_size.observe(stats.batch_size as f64);
+        }
     }
 
     pub fn busy(&self, queue: &str) {

@@ -320,7 +320,8 @@ fn good_hinted_signatures_take_the_batch_path_and_a_bad_one_is_found() {
         VerifyStats {
             batched: 64,
             single: 0,
-            batches_failed: 0
+            batches_failed: 0,
+            batch_size: 64,
         }
     );
     // One bad s among them: R still matches its hint, so only the equation can tell.
@@ -334,10 +335,11 @@ fn good_hinted_signatures_take_the_batch_path_and_a_bad_one_is_found() {
     }
     assert_eq!(stats.batches_failed, 1);
     assert_eq!(stats.single, 64);
+    assert_eq!(stats.batch_size, 64);
     // Too few for a batch: checked one by one.
     let (answers, stats) = cache.verify_requests(&items[..3], &mut rng);
     assert_eq!(answers.len(), 3);
-    assert_eq!((stats.batched, stats.single), (0, 3));
+    assert_eq!((stats.batched, stats.single, stats.batch_size), (0, 3, 0));
 }
 
 /// Why the hint exists: ed25519-dalek's batch verification accepts a torsioned R for some
