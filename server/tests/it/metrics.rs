@@ -324,6 +324,9 @@ fn hinted_submits_are_batch_verified_with_the_same_answers() {
         0.0,
         "{batch} batched, {single} single"
     );
+    // With no failed equation, the equations tried held exactly the batched signatures.
+    assert_eq!(delta("tally_signature_batch_size_sum"), batch);
+    assert!(delta("tally_signature_batch_size_count") >= 1.0);
 }
 
 #[test]
