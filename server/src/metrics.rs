@@ -112,6 +112,11 @@ pub struct Metrics {
     /// Applied batches whose bodies and request records the archive does not hold durably yet.
     pub archive_lag_batches: IntGauge,
     pub applied_height: IntGauge,
+    /// 1 when the request filter was loaded from the file the last clean stop saved, 0 when it
+    /// was rebuilt by scanning the request table (or is turned off).
+    pub request_filter_loaded: IntGauge,
+    /// How long opening the ledger took at start, request filter included.
+    pub ledger_open_seconds: prometheus::Gauge,
     pub connections_open: IntGauge,
     pub connections_refused_total: IntCounter,
     busy_total: IntCounterVec,
@@ -274,6 +279,19 @@ impl Metrics {
                 "tally_applied_height",
                 "Height of the latest batch applied to this replica's storage.",
             ),
+            request_filter_loaded: gauge(
+                "tally_request_filter_loaded",
+                "1 if the request filter was loaded from the file saved at the last clean stop, 0 if rebuilt by scanning the request table or off.",
+            ),
+            ledger_open_seconds: {
+                let g = prometheus::Gauge::new(
+                    "tally_ledger_open_seconds",
+                    "Time opening the ledger took at start, request filter included.",
+                )
+                .expect("valid gauge");
+                reg(Box::new(g.clone()));
+                g
+            },
             connections_open: gauge("tally_connections_open", "Open client connections."),
             connections_refused_total: counter(
                 "tally_connections_refused_total",

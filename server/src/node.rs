@@ -15,7 +15,7 @@ use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
 use tally_core::sequencer::SequencerConfig;
 use tally_core::validate::StatelessRules;
-use tally_storage::{LedgerDb, RaftLogDb, StoreOptions};
+use tally_storage::{FilterOrigin, LedgerDb, RaftLogDb, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -124,12 +124,20 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let mut store = LedgerDb::open(&ledger_dir(&config), store_options(&config))
         .with_context(|| format!("opening the ledger in {}", ledger_dir(&config).display()))?;
     let meta = store.meta()?;
-    // Opening includes rebuilding the request filter from the whole request table: it grows
-    // with the ledger's history, so restarts of a long-lived replica take longer.
+    // Rebuilding the request filter from the whole request table grows with the ledger's
+    // history; after a clean stop the filter saved then is loaded instead.
+    let filter = match store.request_filter_origin() {
+        FilterOrigin::Off => "request filter off".to_string(),
+        FilterOrigin::Loaded => "request filter loaded from the last clean stop".to_string(),
+        FilterOrigin::Scanned(why) => {
+            format!("request filter rebuilt from the request table: {why}")
+        }
+    };
+    let opened_in = opening.elapsed();
     tracing::info!(
         height = meta.height,
-        ms = opening.elapsed().as_millis() as u64,
-        "ledger opened (request filter rebuilt from the request table)"
+        ms = opened_in.as_millis() as u64,
+        "ledger opened ({filter})"
     );
     if let Some((from, to)) = store.archive_behind() {
         rearchive_from_raft_log(
@@ -146,6 +154,10 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let voters = config.replica_ids();
     let metrics = Arc::new(Metrics::new());
     metrics.applied_height.set(meta.height as i64);
+    metrics
+        .request_filter_loaded
+        .set((store.request_filter_origin() == &FilterOrigin::Loaded) as i64);
+    metrics.ledger_open_seconds.set(opened_in.as_secs_f64());
 
     let mut client_addresses: HashMap<u64, String> = config
         .peers

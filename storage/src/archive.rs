@@ -125,10 +125,12 @@ pub(crate) struct Archive {
 
 impl Archive {
     /// Opens (creating if missing) the archive database in `dir` on a new thread. Returns its
-    /// point and, when `opts` asks for one, the request filter built from its request table.
+    /// point and, when `opts` asks for one, the request filter: `saved` if given (a filter
+    /// saved for exactly this ledger), else built by scanning the request table.
     pub(crate) fn open(
         dir: &Path,
         opts: &StoreOptions,
+        saved: Option<RequestFilter>,
     ) -> Result<(Archive, ArchivePoint, Option<RequestFilter>)> {
         let (tx, rx) = sync_channel(QUEUE_MAX);
         let (opened_tx, opened_rx) =
@@ -147,6 +149,9 @@ impl Archive {
                         None => ArchivePoint::default(),
                         Some(v) => ArchivePoint::decode(&v)?,
                     };
+                    if saved.is_some() {
+                        return Ok((db, point, saved));
+                    }
                     let mut filter = RequestFilter::new(opts.request_filter_bytes);
                     if let Some(filter) = &mut filter {
                         scan_prefix(&mut db, &Table::Request.tag(), |key, _| {

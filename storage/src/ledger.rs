@@ -64,6 +64,8 @@ pub const ARCHIVE_LAG_BYTES_MAX: usize = 64 << 20;
 /// Not `Send`: rusty-leveldb's `DB` is built on `Rc`. Open it on the thread that will own it.
 pub struct LedgerDb {
     db: DB,
+    /// The state database's directory (the request filter is saved here).
+    dir: PathBuf,
     archive: Archive,
     /// Batches applied (or being re-archived) that the archive does not hold yet, by height.
     pending: BTreeMap<u64, Pending>,
@@ -83,7 +85,19 @@ pub struct LedgerDb {
     failed: Option<String>,
     /// Every key of the request table (and false positives); None when turned off.
     requests: Option<RequestFilter>,
+    filter_origin: FilterOrigin,
     lookups: RequestLookups,
+}
+
+/// Where [`LedgerDb::open`] got the request filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterOrigin {
+    /// `request_filter_bytes` is 0.
+    Off,
+    /// Loaded from the file the last clean stop saved for exactly this ledger.
+    Loaded,
+    /// Built by scanning the request table, and why no saved filter was used.
+    Scanned(String),
 }
 
 struct Pending {
@@ -124,9 +138,21 @@ impl LedgerDb {
         let mut db = DB::open(dir, leveldb_options(&opts, env))
             .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the open marker", e))?;
-        let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts)?;
+        let saved = match db.get(&layout::meta_key()) {
+            None => LedgerMeta::genesis(),
+            Some(v) => LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &v)?)?,
+        };
+        let (saved, filter_origin) = match opts.request_filter_bytes {
+            0 => (None, FilterOrigin::Off),
+            bytes => match RequestFilter::load(dir, bytes, saved.height, &saved.last_header_hash) {
+                Ok(filter) => (Some(filter), FilterOrigin::Loaded),
+                Err(why) => (None, FilterOrigin::Scanned(why)),
+            },
+        };
+        let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
         let mut this = LedgerDb {
             db,
+            dir: dir.to_owned(),
             archive,
             pending: BTreeMap::new(),
             pending_requests: HashMap::new(),
@@ -137,6 +163,7 @@ impl LedgerDb {
             sync_stats,
             failed: None,
             requests: filter,
+            filter_origin,
             lookups: RequestLookups::default(),
         };
         this.meta = this.read_meta()?;
@@ -417,6 +444,28 @@ impl LedgerDb {
         Arc::clone(&self.sync_stats)
     }
 
+    /// Where the request filter came from at open.
+    pub fn request_filter_origin(&self) -> &FilterOrigin {
+        &self.filter_origin
+    }
+
+    /// A clean stop: waits until the archive holds every applied batch, then saves the request
+    /// filter for the next open (see `filter.rs`). Nothing is written if the ledger has failed;
+    /// a failure to save only costs the next open a scan, but is reported.
+    pub fn shutdown(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.rearchive_next.is_some() {
+            return Ok(()); // never caught up: the filter may lack what rearchiving would add
+        }
+        self.archive.wait_for(self.meta.height)?;
+        if let Some(filter) = &self.requests {
+            filter
+                .save(&self.dir, self.meta.height, &self.meta.last_header_hash)
+                .map_err(|e| Error::Storage(format!("saving the request filter: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Releases the database lock, reporting a failure to flush (every apply is already synced).
     pub fn close(mut self) -> Result<()> {
         let archived = self.archive.close();
@@ -579,6 +628,10 @@ impl LedgerStore for LedgerDb {
     fn request_lookup_counts(&self) -> (u64, u64, u64) {
         let l = self.lookups;
         (l.filtered, l.read - l.read_absent, l.read_absent)
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        LedgerDb::shutdown(self)
     }
 
     fn meta(&mut self) -> Result<LedgerMeta> {

@@ -104,7 +104,7 @@ pub mod transfer;
 
 pub use env::{SyncEnv, SyncStats};
 pub use ledger::{
-    archive_dir, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
+    archive_dir, FilterOrigin, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
     ARCHIVE_LAG_BYTES_MAX,
 };
 pub use raft_log::RaftLogDb;

@@ -300,3 +300,76 @@ fn an_archive_behind_the_state_is_rebuilt_from_the_raft_log() {
         });
     }
 }
+
+/// A clean stop saves the request filter, so the next start loads it instead of scanning the
+/// request table (`tally_request_filter_loaded`); after a kill, applies the saved filter does not
+/// know about mean a scan. Either way every applied request is recognized when resubmitted.
+#[test]
+fn a_clean_stop_saves_the_request_filter_and_a_kill_falls_back_to_the_scan() {
+    let rt = crate::harness::runtime();
+    let operator = Operator::new(|c| c.batch.batch_window_ms = 5);
+    let op_key = operator.profile.operator_key().unwrap();
+    let chain = operator.profile.chain_id_bytes().unwrap();
+    let deposit_key = operator.profile.load_deposit_key().unwrap();
+    let alice = generate_key();
+    let bob = public_key(&generate_key());
+    let file = operator.data_dir().join("ledger").join("request-filter");
+    let loaded = |server: &crate::harness::Server| {
+        crate::metrics::scrape(&server.metrics_addr)["tally_request_filter_loaded"]
+    };
+    let transfer = |id: u128| build_request(&alice, chain, Op::Transfer, id, bob, 1);
+    // Resubmits transfers 1..=n: each must come back as the original, never apply again.
+    let replay_all = |client: &Client, originals: &[Confirmation]| {
+        rt.block_on(async {
+            for (i, original) in originals.iter().enumerate() {
+                let replay = client
+                    .submit(transfer(i as u128 + 1))
+                    .await
+                    .expect("replay");
+                assert!(replay.replayed, "transfer {} is known again", i + 1);
+                assert_eq!(replay.receipt, original.receipt);
+                verify_confirmation(&replay, &op_key).unwrap();
+            }
+            assert_eq!(
+                balance(client, public_key(&alice)).await,
+                100 - originals.len() as u64
+            );
+        })
+    };
+
+    let server = operator.start();
+    assert_eq!(loaded(&server), 0.0, "a new ledger has no saved filter");
+    let mut originals = rt.block_on(async {
+        let client = server.client().await;
+        let dep = build_request(&deposit_key, chain, Op::Deposit, 1, public_key(&alice), 100);
+        client.submit(dep).await.expect("deposit");
+        let mut originals = Vec::new();
+        for id in 1..=5u128 {
+            originals.push(client.submit(transfer(id)).await.expect("transfer"));
+        }
+        originals
+    });
+    assert!(!file.exists(), "saved only at a clean stop");
+    assert!(server.terminate().success());
+    assert!(file.exists(), "a clean stop saves the filter");
+
+    let server = operator.start();
+    assert_eq!(loaded(&server), 1.0, "loaded after a clean stop");
+    let client = rt.block_on(server.client());
+    replay_all(&client, &originals);
+    rt.block_on(async {
+        originals.push(client.submit(transfer(6)).await.expect("transfer 6"));
+    });
+    drop(client);
+    server.kill();
+
+    // Killed after transfer 6: the saved filter (from before it) must not be used.
+    let server = operator.start();
+    assert_eq!(
+        loaded(&server),
+        0.0,
+        "stale after a kill: rebuilt by a scan"
+    );
+    let client = rt.block_on(server.client());
+    replay_all(&client, &originals);
+}

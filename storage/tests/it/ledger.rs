@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use tally_core::ports::{LedgerRead, LedgerStore};
 use tally_core::state::LedgerMeta;
 use tally_core::Error;
-use tally_storage::{LedgerDb, StoreOptions};
+use tally_storage::{FilterOrigin, LedgerDb, StoreOptions};
 
 use crate::support::{seed, Chain, Model};
 
@@ -189,6 +189,97 @@ fn the_request_filter_answers_absent_ids_from_memory_and_misses_no_stored_one() 
     assert_eq!(keys, model.requests.len() as u64, "seed {seed}");
     assert_eq!(bytes, small().request_filter_bytes);
     model.check(&mut db);
+}
+
+/// The request filter saved at a clean stop is loaded at the next open only when it was saved
+/// for exactly that ledger (same height, same tip); otherwise the table is scanned as before.
+/// Either way every stored request is found and new ids are answered from memory.
+#[test]
+fn a_saved_request_filter_is_used_only_for_the_ledger_it_was_saved_from() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("request-filter");
+    let mut model = Model::default();
+    let reopen = |opts: StoreOptions, model: &Model| {
+        let mut db = LedgerDb::open(dir.path(), opts).unwrap();
+        model.check(&mut db);
+        // New ids: answered from memory, so the filter is not all ones.
+        let before = db.request_lookups();
+        for id in 0..1000u128 {
+            assert_eq!(db.request(&[0xab; 32], id).unwrap(), None, "seed {seed}");
+        }
+        let filtered = db.request_lookups().filtered - before.filtered;
+        assert!(filtered >= 980, "seed {seed}: {filtered} of 1000 filtered");
+        db
+    };
+    let scanned = |db: &LedgerDb, why: &str| match db.request_filter_origin() {
+        FilterOrigin::Scanned(reason) => assert!(reason.contains(why), "seed {seed}: {reason}"),
+        other => panic!("seed {seed}: expected a scan ({why}), got {other:?}"),
+    };
+
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    scanned(&db, "no saved filter");
+    fill(&mut db, &mut model, seed, &mut rng, 20, |_| {});
+    db.shutdown().unwrap();
+    db.close().unwrap();
+    assert!(file.exists());
+
+    // A clean stop: loaded, and it knows every stored request.
+    let mut db = reopen(small(), &model);
+    assert_eq!(db.request_filter_origin(), &FilterOrigin::Loaded);
+    let (keys, _) = db.request_filter_load().unwrap();
+    assert_eq!(keys, model.requests.len() as u64, "seed {seed}");
+
+    // Applied since (then a crash: no clean stop): the saved filter is stale, so a scan.
+    fill(&mut db, &mut model, seed ^ 1, &mut rng, 5, |_| {});
+    drop(db);
+    let mut db = reopen(small(), &model);
+    scanned(&db, "the saved filter is for height 20");
+
+    // A damaged file is ignored.
+    db.shutdown().unwrap();
+    db.close().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = rng.gen_range(0..bytes.len());
+    bytes[at] ^= 1 << rng.gen_range(0..8);
+    std::fs::write(&file, &bytes).unwrap();
+    let mut db = reopen(small(), &model);
+    scanned(&db, "checksum");
+
+    // Another filter size: scanned; turned off: neither.
+    db.shutdown().unwrap();
+    db.close().unwrap();
+    let other_size = StoreOptions {
+        request_filter_bytes: small().request_filter_bytes / 2,
+        ..small()
+    };
+    let db = reopen(other_size, &model);
+    scanned(&db, "not a filter of this size");
+    drop(db);
+    let off = StoreOptions {
+        request_filter_bytes: 0,
+        ..small()
+    };
+    let mut db = LedgerDb::open(dir.path(), off).unwrap();
+    assert_eq!(db.request_filter_origin(), &FilterOrigin::Off);
+    model.check(&mut db);
+    drop(db);
+
+    // A filter saved by another ledger at the same height is not this ledger's.
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut other_model = Model::default();
+    let mut other = LedgerDb::open(other_dir.path(), small()).unwrap();
+    let height = model.writes.last().unwrap().meta.height;
+    let mut chain = Chain::new(other.meta().unwrap(), seed ^ 2);
+    while other.meta().unwrap().height < height {
+        other_model.record(chain.step(&mut other, 3));
+    }
+    other.shutdown().unwrap();
+    other.close().unwrap();
+    std::fs::copy(other_dir.path().join("request-filter"), &file).unwrap();
+    let db = reopen(small(), &model);
+    scanned(&db, &format!("the saved filter is for height {height}"));
 }
 
 #[test]
