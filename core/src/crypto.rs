@@ -1,5 +1,7 @@
 //! Hashing, keys and signatures: the one place that knows which primitives tally uses.
 
+use std::collections::hash_map::{Entry, HashMap};
+
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
@@ -57,7 +59,7 @@ pub fn verify_request(request: &Request) -> bool {
 /// arithmetic with curve25519-dalek 5 (ed25519-dalek 2 sits on curve25519-dalek 4, which has
 /// no batched point compression), so a key used with hints is decoded once more, by version 5.
 pub struct KeyCache {
-    keys: std::collections::HashMap<PublicKey, CachedKey>,
+    keys: HashMap<PublicKey, CachedKey>,
     cap: usize,
 }
 
@@ -94,6 +96,8 @@ struct Prepared {
     index: usize,
     s: Scalar,
     k: Scalar,
+    /// The signer's key, as sent and as a point.
+    signer: PublicKey,
     a: EdwardsPoint,
     /// [8]H, which must encode to the signature's R bytes.
     r: EdwardsPoint,
@@ -104,7 +108,7 @@ impl KeyCache {
         assert!(cap >= 1);
         KeyCache {
             // Grows as signers appear: preallocating the bound cost ~30 MB per worker.
-            keys: std::collections::HashMap::new(),
+            keys: HashMap::new(),
             cap,
         }
     }
@@ -243,13 +247,24 @@ fn prepare(index: usize, a: EdwardsPoint, request: &Request, hint: &NonceHint) -
         return None;
     }
     let k = hash_to_scalar(&[&r_bytes, &request.signer, &request.signed_bytes()]);
-    Some(Prepared { index, s, k, a, r })
+    Some(Prepared {
+        index,
+        s,
+        k,
+        signer: request.signer,
+        a,
+        r,
+    })
 }
 
+/// sum z_i ([s_i]B - [k_i]A_i - R_i) = 0, with the terms of one key gathered: signatures by
+/// the same key share one point in the multiscalar multiplication (coefficient -sum z_i k_i),
+/// which costs per point, and busy accounts sign many requests of a chunk.
 fn batch_equation_holds<R: RngCore + CryptoRng>(batch: &[Prepared], rng: &mut R) -> bool {
     let mut b = Scalar::ZERO;
     let mut scalars = Vec::with_capacity(2 * batch.len() + 1);
     let mut points = Vec::with_capacity(2 * batch.len() + 1);
+    let mut key_slot: HashMap<PublicKey, usize> = HashMap::with_capacity(batch.len());
     scalars.push(Scalar::ZERO); // B's coefficient, filled in below
     points.push(curve25519_dalek::constants::ED25519_BASEPOINT_POINT);
     for p in batch {
@@ -257,8 +272,17 @@ fn batch_equation_holds<R: RngCore + CryptoRng>(batch: &[Prepared], rng: &mut R)
         rng.fill_bytes(&mut z[..16]);
         let z = Scalar::from_bytes_mod_order(z);
         b += z * p.s;
-        scalars.push(-(z * p.k));
-        points.push(p.a);
+        match key_slot.entry(p.signer) {
+            Entry::Occupied(slot) => {
+                let i = *slot.get();
+                scalars[i] -= z * p.k;
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(scalars.len());
+                scalars.push(-(z * p.k));
+                points.push(p.a);
+            }
+        }
         scalars.push(-z);
         points.push(p.r);
     }
