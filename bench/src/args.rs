@@ -81,7 +81,8 @@ pub struct Args {
     /// How long one request may wait for its answer before it counts as a timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,
-    /// How long each of the two signature-verification measurements runs.
+    /// How long each signature-verification measurement runs in all (split into interleaved
+    /// rounds, the best round kept).
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "1500ms")]
     pub bound_time: Duration,
     /// The tally-server binary to start (default: next to this executable).

@@ -56,7 +56,9 @@ pub struct Bound {
     pub bound_per_second: f64,
     pub threads: usize,
     pub batch_size: usize,
+    /// Time each way was measured for in all, in `rounds` interleaved rounds (best kept).
     pub seconds_each: f64,
+    pub rounds: u32,
 }
 
 /// Signed messages for one thread to check over and over.
@@ -184,16 +186,34 @@ impl Work {
     }
 }
 
+/// Rounds each measurement is split into. The machine's speed is not steady (other tenants,
+/// frequency changes): one 1.5 s measurement per way gave a batch figure anywhere from 93k to
+/// 115k/s here within an hour. A bound is a capacity, and interference only ever lowers a rate,
+/// so each way is measured in interleaved rounds and its best round is kept: less noise, and
+/// the higher, more demanding bound.
+pub const ROUNDS: u32 = 3;
+
 /// Measures both ways, from the wire bytes and with cached keys, and the fast path, on every
-/// core, each for about `time`. Blocks for about five times `time`.
+/// core, for about `time` each in [`ROUNDS`] interleaved rounds; keeps each way's best round.
+/// Blocks for about five times `time`.
 pub fn measure(time: Duration) -> Bound {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let work: Vec<Work> = (0..threads as u64).map(Work::new).collect();
-    let strict = on_all_threads(&work, |w| w.strict(time, false));
-    let batch = on_all_threads(&work, |w| w.batch(time, false));
-    let strict_cached = on_all_threads(&work, |w| w.strict(time, true));
-    let batch_cached = on_all_threads(&work, |w| w.batch(time, true));
-    let hinted = on_all_threads(&work, |w| w.hinted(time));
+    let round = time / ROUNDS;
+    let mut best = [0f64; 5];
+    for _ in 0..ROUNDS {
+        let rates = [
+            on_all_threads(&work, |w| w.strict(round, false)),
+            on_all_threads(&work, |w| w.batch(round, false)),
+            on_all_threads(&work, |w| w.strict(round, true)),
+            on_all_threads(&work, |w| w.batch(round, true)),
+            on_all_threads(&work, |w| w.hinted(round)),
+        ];
+        for (best, rate) in best.iter_mut().zip(rates) {
+            *best = best.max(rate);
+        }
+    }
+    let [strict, batch, strict_cached, batch_cached, hinted] = best;
     Bound {
         strict_verifications_per_second: strict,
         batch_verifications_per_second: batch,
@@ -205,6 +225,7 @@ pub fn measure(time: Duration) -> Bound {
         threads,
         batch_size: BATCH_SIZE,
         seconds_each: time.as_secs_f64(),
+        rounds: ROUNDS,
     }
 }
 

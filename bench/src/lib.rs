@@ -105,8 +105,10 @@ pub fn run(args: &Args) -> Result<Report> {
         .context("tally-bench funds its accounts with deposits")?;
 
     eprintln!(
-        "measuring the signature-verification bound on {cores} threads ({:.1} s each way)",
-        args.bound_time.as_secs_f64()
+        "measuring the signature-verification bound on {cores} threads ({:.1} s each way, in \
+         {} rounds, best kept)",
+        args.bound_time.as_secs_f64(),
+        bound::ROUNDS
     );
     let bound = bound::measure(args.bound_time);
     eprintln!(

@@ -356,6 +356,7 @@ mod tests {
                 threads: 2,
                 batch_size: 256,
                 seconds_each: 1.5,
+                rounds: 3,
             },
             fraction_of_bound: 0.125,
             fraction_of_cached_key_bound: 0.1,
