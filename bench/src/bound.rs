@@ -10,7 +10,7 @@
 //! A signature check starts where a server starts: from the bytes a client sent (public key,
 //! message, signature), so decoding the key (a field exponentiation) is inside the clock. This
 //! is the throughput issue's definition: its figures for this machine, about 18k strict and 46k
-//! batched checks per second per core, are what this measures here (19-20k and 45-47k).
+//! batched checks per second per core, are what this measures here (19-24k and 47-58k, depending on the hour).
 //!
 //! Beside the bound it measures, not as part of it:
 //! - the same two ways with the keys decoded before the clock starts ("cached keys"): a server

@@ -121,8 +121,8 @@ pub fn run(args: &Args) -> Result<Report> {
         report::thousands(bound.hinted_batch_verifications_per_second)
     );
 
-    // One thread: the load generator shares the machine with the server, and one core drives
-    // ~100k requests/s; a multi-threaded runtime spent more on cross-thread wake-ups than it
+    // One thread: the load generator shares the machine with the server, and at ~6 us of CPU
+    // per request (profile, docs/PERFORMANCE.md) one core could drive well over 100k/s; a multi-threaded runtime spent more on cross-thread wake-ups than it
     // gained (saturated single node 43-46k/s -> 47k/s). Late sends in an open loop are counted.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1082,13 +1082,14 @@ impl<S: LedgerStore> StorageThread<S> {
                 StorageCmd::Stop => break,
             }
         }
-        // A clean stop: the store may save what speeds up the next open (the request filter).
-        // Failing that only slows the next open down, so it is logged, not fatal.
+        // A clean stop: the store may save what speeds up the next open (the request filter,
+        // unless it is off or the archive never caught up). Failing that only slows the next
+        // open down, so it is logged, not fatal.
         let stopping = std::time::Instant::now();
         match self.db().shutdown() {
             Ok(()) => tracing::info!(
                 ms = stopping.elapsed().as_millis() as u64,
-                "ledger ready for a fast restart (request filter saved)"
+                "ledger stopped cleanly"
             ),
             Err(e) => tracing::warn!("saving state for a fast restart failed: {e}"),
         }

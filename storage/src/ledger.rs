@@ -138,13 +138,13 @@ impl LedgerDb {
         let mut db = DB::open(dir, leveldb_options(&opts, env))
             .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the open marker", e))?;
-        let saved = match db.get(&layout::meta_key()) {
+        let meta = match db.get(&layout::meta_key()) {
             None => LedgerMeta::genesis(),
             Some(v) => LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &v)?)?,
         };
         let (saved, filter_origin) = match opts.request_filter_bytes {
             0 => (None, FilterOrigin::Off),
-            bytes => match RequestFilter::load(dir, bytes, saved.height, &saved.last_header_hash) {
+            bytes => match RequestFilter::load(dir, bytes, meta.height, &meta.last_header_hash) {
                 Ok(filter) => (Some(filter), FilterOrigin::Loaded),
                 Err(why) => (None, FilterOrigin::Scanned(why)),
             },
@@ -159,14 +159,13 @@ impl LedgerDb {
             pending_bytes: 0,
             archived_meta: LedgerMeta::genesis(),
             rearchive_next: None,
-            meta: LedgerMeta::genesis(),
+            meta,
             sync_stats,
             failed: None,
             requests: filter,
             filter_origin,
             lookups: RequestLookups::default(),
         };
-        this.meta = this.read_meta()?;
         if point.height > this.meta.height {
             return Err(corrupt(
                 Table::Meta,
@@ -520,13 +519,6 @@ impl LedgerDb {
         // rusty-leveldb's `get` has no error path of its own: a table it cannot read reads as
         // a missing key (see the crate caveats).
         Ok(self.db.get(key).map(|v| v.to_vec()))
-    }
-
-    fn read_meta(&mut self) -> Result<LedgerMeta> {
-        match self.get(&layout::meta_key())? {
-            None => Ok(LedgerMeta::genesis()),
-            Some(v) => LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &v)?),
-        }
     }
 
     /// The summary, the header at its height and that height's body were written together: a
