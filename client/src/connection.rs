@@ -401,11 +401,17 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, shared: Arc<Shared>) {
     shared.close();
 }
 
+/// Bytes the write loop gathers before handing them to TLS (a flush sends them sooner).
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: W,
+    writer: W,
     mut queue: mpsc::Receiver<Vec<u8>>,
     shared: Arc<Shared>,
 ) {
+    // tokio-rustls seals and sends a TLS record on every write: buffered, the frames queued
+    // together go out as full records, one syscall per buffer.
+    let mut writer = tokio::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
     'connection: while let Some(frame) = queue.recv().await {
         if writer.write_all(&frame).await.is_err() {
             break;

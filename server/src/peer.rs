@@ -150,7 +150,7 @@ async fn dial_loop(
             tls.flush().await?;
             anyhow::Ok(tls)
         };
-        let mut tls = tokio::select! {
+        let tls = tokio::select! {
             biased;
             _ = shutdown.changed() => return,
             r = attempt => match r {
@@ -168,6 +168,9 @@ async fn dial_loop(
         };
         backoff = Duration::from_millis(50);
         tracing::info!(peer = id, %addr, "connected to peer");
+        // tokio-rustls seals and sends a record on every write: buffered, a frame's length
+        // prefix and the small messages queued together share records and syscalls.
+        let mut tls = tokio::io::BufWriter::with_capacity(64 * 1024, tls);
         loop {
             let msg = tokio::select! {
                 biased;
