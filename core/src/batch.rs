@@ -14,7 +14,7 @@ use tally_wire::{
 };
 
 use crate::crypto::{header_hash, request_hash, sha256, OperatorKey};
-use crate::merkle::{leaf_hash, Tree};
+use crate::merkle::{leaf_hash, ProofTree, Tree};
 use crate::ports::LedgerRead;
 use crate::state::LedgerMeta;
 use crate::{Error, Result};
@@ -87,18 +87,28 @@ impl BatchBody {
 
     /// One confirmation per entry, all from one tree.
     pub fn confirmations(&self, signed: &SignedHeader) -> Vec<Confirmation> {
-        let tree = Tree::new(&self.leaf_hashes());
-        self.entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| Confirmation {
-                replayed: false,
-                request: e.request.clone(),
-                receipt: e.receipt.clone(),
-                header: signed.clone(),
-                proof: tree.proof(i as u32),
-            })
+        let tree = self.proof_tree();
+        (0..self.entries.len() as u32)
+            .map(|i| self.confirmation(&tree, signed, i))
             .collect()
+    }
+
+    /// The tree to take this body's proofs from ([`BatchBody::confirmation`]).
+    pub fn proof_tree(&self) -> ProofTree {
+        ProofTree::new(self.leaf_hashes())
+    }
+
+    /// The confirmation of entry `index`, its proof from `tree` (this body's
+    /// [`BatchBody::proof_tree`]).
+    pub fn confirmation(&self, tree: &ProofTree, signed: &SignedHeader, index: u32) -> Confirmation {
+        let e = &self.entries[index as usize];
+        Confirmation {
+            replayed: false,
+            request: e.request.clone(),
+            receipt: e.receipt.clone(),
+            header: signed.clone(),
+            proof: tree.proof(index),
+        }
     }
 }
 
@@ -202,6 +212,11 @@ pub fn prepare_apply(
         touched,
         order,
     } = replay;
+    // One term out and one in per account (the sum is additive): the digest per-request
+    // updates would give, at a fraction of the hashing.
+    for (key, (before, after)) in &touched {
+        next.account_changed(key, *before, *after);
+    }
     if Tree::new(&body.leaf_hashes()).root() != h.merkle_root {
         return diverged("Merkle root does not match the receipts".into());
     }
@@ -216,7 +231,7 @@ pub fn prepare_apply(
         signed_header,
         body: encoded_body,
         body_digest,
-        accounts: order.iter().map(|k| (*k, touched[k])).collect(),
+        accounts: order.iter().map(|k| (*k, touched[k].1)).collect(),
         requests,
         meta: next,
     })
@@ -225,7 +240,8 @@ pub fn prepare_apply(
 /// Balances as a batch leaves them; the first touch of an account reads applied state.
 struct Replay {
     next: LedgerMeta,
-    touched: HashMap<PublicKey, u64>,
+    /// Balance before the batch (None: did not exist) and now, per account touched.
+    touched: HashMap<PublicKey, (Option<u64>, u64)>,
     order: Vec<PublicKey>,
 }
 
@@ -238,15 +254,17 @@ impl Replay {
         new: u64,
         rule: impl FnOnce(Option<u64>) -> Option<u64>,
     ) -> Result<bool> {
-        let old = match self.touched.get(&key) {
-            Some(b) => Some(*b),
-            None => store.account(&key)?,
+        let (before, old) = match self.touched.get(&key) {
+            Some(&(before, now)) => (before, Some(now)),
+            None => {
+                let applied = store.account(&key)?;
+                (applied, applied)
+            }
         };
         if rule(old) != Some(new) {
             return Ok(false);
         }
-        self.next.account_changed(&key, old, new);
-        if self.touched.insert(key, new).is_none() {
+        if self.touched.insert(key, (before, new)).is_none() {
             self.order.push(key);
         }
         Ok(true)

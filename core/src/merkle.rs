@@ -79,6 +79,70 @@ impl Tree {
     }
 }
 
+/// A batch's tree kept level by level, for handing out one inclusion proof per request.
+///
+/// rs_merkle builds the roots that go into headers ([`Tree`]); its `proof` walks the tree and
+/// allocates per call, which cost the confirmation stage more than encoding the confirmations.
+/// Here each proof is a copy of one sibling per level. The shape is RFC 6962's, built the same
+/// way as rs_merkle's (pairs left to right, an unpaired last node carried up unchanged): tests
+/// check roots and every proof against [`Tree`] and the RFC's recursion, and the confirmation
+/// stage checks the root against the header's before it sends anything.
+pub struct ProofTree {
+    /// `levels[0]` the leaf hashes, each next level their parents, the last the root alone
+    /// (no level at all for an empty tree).
+    levels: Vec<Vec<Hash>>,
+}
+
+impl ProofTree {
+    pub fn new(leaf_hashes: Vec<Hash>) -> ProofTree {
+        u32::try_from(leaf_hashes.len()).expect("batch larger than u32::MAX leaves");
+        let mut levels = Vec::new();
+        if !leaf_hashes.is_empty() {
+            levels.push(leaf_hashes);
+        }
+        while let Some(below) = levels.last().filter(|l| l.len() > 1) {
+            let above = below
+                .chunks(2)
+                .map(|pair| match pair {
+                    [left, right] => node_hash(left, right),
+                    [odd] => *odd,
+                    _ => unreachable!("chunks of two"),
+                })
+                .collect();
+            levels.push(above);
+        }
+        ProofTree { levels }
+    }
+
+    pub fn size(&self) -> u32 {
+        self.levels.first().map_or(0, |l| l.len() as u32)
+    }
+
+    pub fn root(&self) -> Hash {
+        self.levels.last().map_or_else(empty_root, |top| top[0])
+    }
+
+    /// The same proof as [`Tree::proof`].
+    pub fn proof(&self, index: u32) -> InclusionProof {
+        let size = self.size();
+        assert!(index < size, "leaf index {index} out of a tree of {size}");
+        let mut path = Vec::with_capacity(self.levels.len());
+        let mut at = index as usize;
+        for level in &self.levels[..self.levels.len() - 1] {
+            // An unpaired last node has no sibling on this level: it is carried up.
+            if let Some(sibling) = level.get(at ^ 1) {
+                path.push(*sibling);
+            }
+            at /= 2;
+        }
+        InclusionProof {
+            leaf_index: index,
+            tree_size: size,
+            path,
+        }
+    }
+}
+
 /// Verifies an inclusion proof (RFC 9162, 2.1.3.2): true iff `leaf` is at `proof.leaf_index` of
 /// a tree of `proof.tree_size` leaves whose root is `root`.
 pub fn verify_inclusion(leaf: &Hash, proof: &InclusionProof, root: &Hash) -> bool {

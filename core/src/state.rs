@@ -154,6 +154,42 @@ mod tests {
         assert_eq!(LedgerMeta::decode(&x.encode()).unwrap(), x);
     }
 
+    /// What the sequencer and the replay rely on: folding each account's net change of a batch
+    /// (balance before, balance after) gives the same summary as folding every change.
+    #[test]
+    fn net_changes_per_account_give_the_summary_of_every_change() {
+        let seed: u64 = std::env::var("TALLY_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_0f_d1ff);
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut every = LedgerMeta::genesis();
+        let mut balances: std::collections::HashMap<u8, u64> = Default::default();
+        for batch in 0..50 {
+            let mut net = every.clone();
+            let mut open: std::collections::HashMap<u8, (Option<u64>, u64)> = Default::default();
+            for _ in 0..(next() % 40) {
+                let account = (next() % 12) as u8;
+                let old = balances.get(&account).copied();
+                // Sometimes back to the balance before (a change that nets out).
+                let new = if next() % 5 == 0 { old.unwrap_or(0) } else { next() % 1000 };
+                every.account_changed(&[account; 32], old, new);
+                balances.insert(account, new);
+                open.entry(account).and_modify(|e| e.1 = new).or_insert((old, new));
+            }
+            for (account, (before, after)) in open {
+                net.account_changed(&[account; 32], before, after);
+            }
+            assert_eq!(net, every, "batch {batch} (TALLY_TEST_SEED={seed})");
+        }
+    }
+
     #[test]
     fn add_and_sub_are_inverse_with_carries() {
         let a = [0xff; 32];

@@ -789,9 +789,17 @@ fn confirmer(rx: Receiver<ConfirmJob>, metrics: &Metrics) {
             continue;
         }
         let started = Instant::now();
-        let confirmations = job.body.confirmations(&job.signed);
+        let tree = job.body.proof_tree();
+        // The header's root was checked against the receipts (by rs_merkle) before the batch
+        // was applied; proofs from a tree with another root would not verify.
+        assert_eq!(
+            tree.root(),
+            job.signed.header.merkle_root,
+            "the proof tree of batch {} disagrees with its header's Merkle root",
+            job.signed.header.height
+        );
         for (index, reply, replayed) in job.replies {
-            let mut c = confirmations[index as usize].clone();
+            let mut c = job.body.confirmation(&tree, &job.signed, index);
             c.replayed = replayed;
             reply.send(&Message::Confirmed(Box::new(c)));
         }
@@ -1239,15 +1247,9 @@ impl<S: LedgerStore> StorageThread<S> {
         if index as usize >= body.entries.len() {
             return Ok(None);
         }
-        let tree = tally_core::merkle::Tree::new(&body.leaf_hashes());
-        let e = &body.entries[index as usize];
-        Ok(Some(tally_wire::Confirmation {
-            replayed: true,
-            request: e.request.clone(),
-            receipt: e.receipt.clone(),
-            header: signed,
-            proof: tree.proof(index),
-        }))
+        let mut c = body.confirmation(&body.proof_tree(), &signed, index);
+        c.replayed = true;
+        Ok(Some(c))
     }
 }
 

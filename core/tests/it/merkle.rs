@@ -2,7 +2,7 @@
 //! tree up to 70 leaves against an independent recursive implementation written here.
 
 use sha2::{Digest, Sha256};
-use tally_core::merkle::{empty_root, leaf_hash, node_hash, verify_inclusion, Tree};
+use tally_core::merkle::{empty_root, leaf_hash, node_hash, verify_inclusion, ProofTree, Tree};
 use tally_wire::{Hash, InclusionProof};
 
 /// The leaves of the CT reference tests (certificate-transparency, trillian, transparency-dev).
@@ -209,6 +209,11 @@ fn ct_reference_proofs() {
         let proof = Tree::new(tree_leaves).proof(index);
         let what = format!("leaf {index} of {size}");
         assert_eq!(
+            ProofTree::new(tree_leaves.to_vec()).proof(index),
+            proof,
+            "ProofTree, {what}"
+        );
+        assert_eq!(
             proof,
             InclusionProof {
                 leaf_index: index,
@@ -381,6 +386,13 @@ fn every_leaf_of_every_tree_up_to_70() {
         for (i, path) in paths.iter().enumerate() {
             check_proof(&tree, leaves, i, path, &root);
         }
+        let levels = ProofTree::new(leaves.to_vec());
+        assert_eq!((levels.root(), levels.size()), (root, n as u32), "ProofTree of {n}");
+        for (i, path) in paths.iter().enumerate() {
+            let proof = levels.proof(i as u32);
+            assert_eq!(proof, tree.proof(i as u32), "ProofTree, leaf {i} of {n}");
+            assert_eq!(&proof.path, path, "ProofTree, leaf {i} of {n}: reference path");
+        }
     }
 }
 
@@ -430,4 +442,34 @@ fn degenerate_proofs_are_refused() {
 #[should_panic(expected = "out of a tree")]
 fn proof_of_a_leaf_past_the_end_is_a_programmer_error() {
     Tree::new(&[leaf_hash(b"a")]).proof(1);
+}
+
+#[test]
+#[should_panic(expected = "out of a tree")]
+fn proof_tree_refuses_a_leaf_past_the_end() {
+    ProofTree::new(vec![leaf_hash(b"a"), leaf_hash(b"b")]).proof(2);
+}
+
+#[test]
+fn empty_proof_tree_has_the_empty_root() {
+    let tree = ProofTree::new(Vec::new());
+    assert_eq!((tree.root(), tree.size()), (empty_root(), 0));
+    assert_eq!(Tree::new(&[]).root(), empty_root());
+}
+
+#[test]
+fn proof_tree_matches_rs_merkle_on_batch_sized_trees() {
+    // Sizes around the batch cap and powers of two, where an unpaired node is carried up
+    // through many levels.
+    for n in [255usize, 256, 257, 1023, 4095, 4096, 4097, 8191] {
+        let leaves: Vec<Hash> = (0..n as u32).map(|i| leaf_hash(&i.to_le_bytes())).collect();
+        let tree = Tree::new(&leaves);
+        let levels = ProofTree::new(leaves.clone());
+        assert_eq!(levels.root(), tree.root(), "root of {n}");
+        for i in [0, 1, n / 2, n - 2, n - 1] {
+            let proof = levels.proof(i as u32);
+            assert_eq!(proof, tree.proof(i as u32), "leaf {i} of {n}");
+            assert!(verify_inclusion(&leaves[i], &proof, &tree.root()), "leaf {i} of {n}");
+        }
+    }
 }
