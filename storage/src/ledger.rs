@@ -35,6 +35,9 @@ pub struct StoreOptions {
     pub write_buffer_bytes: usize,
     /// Size of the in-memory filter over request ids (see `filter.rs`); 0 turns it off.
     pub request_filter_bytes: usize,
+    /// Bytes of the newest raft log entries kept in memory to answer raft's reads of what it
+    /// just wrote (the newest entry is kept whatever its size).
+    pub raft_tail_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -43,6 +46,7 @@ impl Default for StoreOptions {
             block_cache_bytes: 256 << 10,
             write_buffer_bytes: 4 << 20,
             request_filter_bytes: 16 << 20,
+            raft_tail_bytes: 32 << 20,
         }
     }
 }

@@ -20,6 +20,7 @@
 
 use std::cell::RefCell;
 use std::cmp;
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -63,6 +64,9 @@ pub struct RaftLogDb {
     last_index: u64,
     /// The term of every entry in the log, so that `term()` never reads the disk.
     terms: TermRuns,
+    /// The newest entries as persisted, so that raft's reads of what it just wrote (committed
+    /// entries to apply, entries to send to followers) do not read and decode them back.
+    tail: EntryTail,
     sync_stats: Arc<SyncStats>,
     /// Set when a write failed: rusty-leveldb puts a batch into its memtable before writing the
     /// log, so reads could see entries that are not durable. Every later call fails.
@@ -137,6 +141,7 @@ impl RaftLogDb {
             Some(v) => layout::decode_raft_last_index(&v)?,
             None => snapshot.index,
         };
+        let tail = EntryTail::new(opts.raft_tail_bytes);
         let mut this = RaftLogDb {
             db: RefCell::new(db),
             dir: dir.to_owned(),
@@ -148,6 +153,7 @@ impl RaftLogDb {
             next_descriptor: None,
             last_index,
             terms: TermRuns::default(),
+            tail,
             sync_stats,
             failed: None,
         };
@@ -200,9 +206,11 @@ impl RaftLogDb {
             .map_err(|e| io_error("closing the raft log", e))
     }
 
-    /// Writes one raw key and value, synced. For tests that need a corrupt database.
+    /// Writes one raw key and value, synced. For tests that need a corrupt database: the
+    /// entries held in memory are dropped, so that later reads see what the database holds.
     #[doc(hidden)]
     pub fn raw_put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.tail.clear();
         let mut batch = WriteBatch::default();
         batch.put(key, value);
         self.write(batch, "raw put")
@@ -439,6 +447,10 @@ impl Storage for RaftLogDb {
         if low == high {
             return Ok(Vec::new());
         }
+        self.check_usable().map_err(raft_error)?;
+        if let Some(entries) = self.tail.get(low, high, max_size) {
+            return Ok(entries);
+        }
         self.read_entries(low, high, max_size).map_err(raft_error)
     }
 
@@ -527,6 +539,7 @@ impl RaftLogStore for RaftLogDb {
         self.write(batch, format_args!("persisting up to entry {last}"))?;
         if !entries.is_empty() {
             self.terms.append(entries);
+            self.tail.append(entries);
         }
         self.last_index = last;
         self.hard_state = hard_state;
@@ -568,6 +581,7 @@ impl RaftLogStore for RaftLogDb {
         self.hard_state = hard_state;
         self.last_index = index;
         self.terms = TermRuns::default();
+        self.tail = EntryTail::new(self.opts.raft_tail_bytes);
         self.next_descriptor = None;
         Ok(())
     }
@@ -625,6 +639,7 @@ impl RaftLogStore for RaftLogDb {
         self.snapshot = point;
         self.next_descriptor = None;
         self.terms.compact(index + 1, self.last_index);
+        self.tail.compact(index + 1);
         Ok(())
     }
 
@@ -639,6 +654,91 @@ impl RaftLogStore for RaftLogDb {
         self.hard_state.commit = commit;
         Ok(())
     }
+}
+
+/// A copy of the log's newest entries (a contiguous run ending at the last index), bounded by
+/// `StoreOptions::raft_tail_bytes` (but it keeps the newest entry whatever its size). Entries share their data with the caller's (`Bytes`), so holding and
+/// handing them out copies no payload.
+#[derive(Debug)]
+struct EntryTail {
+    entries: VecDeque<Entry>,
+    bytes: u64,
+    bytes_max: u64,
+}
+
+impl EntryTail {
+    fn new(bytes_max: usize) -> EntryTail {
+        EntryTail {
+            entries: VecDeque::new(),
+            bytes: 0,
+            bytes_max: bytes_max as u64,
+        }
+    }
+
+    /// `entries` (contiguous, as just persisted) replace the tail from their first index on.
+    fn append(&mut self, entries: &[Entry]) {
+        let start = entries[0].index;
+        match self.entries.front().map(|e| e.index) {
+            Some(first) if first < start => {
+                let keep = (start - first) as usize;
+                for dropped in self.entries.drain(keep.min(self.entries.len())..) {
+                    self.bytes -= entry_bytes(&dropped);
+                }
+                // A gap (entries after the tail's end) cannot happen: persist appends at most
+                // one past the last index. Start over rather than hold a hole.
+                if self.entries.back().is_some_and(|e| e.index + 1 != start) {
+                    self.clear();
+                }
+            }
+            _ => self.clear(),
+        }
+        for e in entries {
+            self.bytes += entry_bytes(e);
+            self.entries.push_back(e.clone());
+        }
+        while self.bytes > self.bytes_max && self.entries.len() > 1 {
+            let e = self.entries.pop_front().expect("more than one");
+            self.bytes -= entry_bytes(&e);
+        }
+    }
+
+    /// Forgets the entries before `first`.
+    fn compact(&mut self, first: u64) {
+        while self.entries.front().is_some_and(|e| e.index < first) {
+            let e = self.entries.pop_front().expect("front exists");
+            self.bytes -= entry_bytes(&e);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Entries `low..high` with raft's size limit (at least one), if the tail holds them all.
+    fn get(&self, low: u64, high: u64, max_size: u64) -> Option<Vec<Entry>> {
+        let first = self.entries.front()?.index;
+        let last = self.entries.back()?.index;
+        if low < first || high > last + 1 {
+            return None;
+        }
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut bytes = 0u64;
+        for e in self.entries.range((low - first) as usize..(high - first) as usize) {
+            out.push(e.clone());
+            // `limit_size` below decides exactly; this only stops copying once it would cut.
+            bytes = bytes.saturating_add(entry_bytes(e));
+            if bytes > max_size {
+                break;
+            }
+        }
+        limit_size(&mut out, Some(max_size));
+        Some(out)
+    }
+}
+
+fn entry_bytes(e: &Entry) -> u64 {
+    (e.data.len() + e.context.len()) as u64 + 32
 }
 
 /// The terms of the entries `first_index..=last_index`, as runs `(first index, term)`: terms only

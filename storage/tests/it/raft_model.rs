@@ -221,6 +221,17 @@ impl Model {
             assert_eq!(e.data, entry_data(e.index, e.term), "data of {}", e.index);
         }
         assert_eq!(log.entry_count(), entries.len() as u64);
+        // Shorter reads, which the in-memory tail may answer alone: each entry, and the suffixes
+        // that start in the last few.
+        for (i, e) in entries.iter().enumerate() {
+            let index = first + i as u64;
+            let one = log.entries(index, index + 1, None, GetEntriesContext::empty(false));
+            assert_eq!(one.unwrap(), [e.clone()], "entry {index} alone");
+            if last - index < 6 {
+                let suffix = log.entries(index, last + 1, None, GetEntriesContext::empty(false));
+                assert_eq!(suffix.unwrap(), entries[i..], "entries {index}..={last}");
+            }
+        }
         let hs = log.hard_state();
         let (initial, _) = {
             let s = log.initial_state().unwrap();
@@ -281,6 +292,9 @@ fn live_view(model: &Model) -> Durable {
 pub fn small() -> StoreOptions {
     StoreOptions {
         write_buffer_bytes: 16 << 10,
+        // A few entries (up to ~3 KB each): reads are served from the tail, from the database,
+        // and across both as the tail moves on.
+        raft_tail_bytes: 8 << 10,
         ..StoreOptions::default()
     }
 }
@@ -290,7 +304,8 @@ fn random_operations_match_the_model_across_reopens() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let mut log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+    let open = || RaftLogDb::open_with_options(dir.path(), &VOTERS, small()).unwrap();
+    let mut log = open();
     let mut model = Model::default();
     let (mut compactions, mut snapshots, mut reopens) = (0, 0, 0);
     for step in 0..600 {
@@ -307,7 +322,7 @@ fn random_operations_match_the_model_across_reopens() {
         );
         if rng.gen_bool(0.05) {
             drop(log);
-            log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+            log = open();
             model = model.reopened();
             reopens += 1;
             assert_eq!(
