@@ -383,8 +383,10 @@ const KEY_CACHE_MAX: usize = 65_536;
 /// checked in one batch equation (`KeyCache::verify_requests`). A worker takes what is queued
 /// and does not wait for more, so a lone request is not held back. Under load the chunks fill
 /// (`tally_signature_batch_size`), and bigger equations cost less per signature (here ~17.8 us
-/// at 128, ~15.5 us at 512, one core); 512 takes a worker ~8 ms, small beside the batch window.
-const STATELESS_CHUNK_MAX: usize = 512;
+/// at 128, ~15.5 us at 512, one core). Measured with `tally-bench --start-server --duration
+/// 20s`: 512 gave 55-58k/s, 1,024 63.3-63.6k/s, 2,048 63.4-64.9k/s; 1,024 holds a worker
+/// ~15 ms, half what 2,048 would, for about the same rate.
+const STATELESS_CHUNK_MAX: usize = 1024;
 
 fn stateless_worker(rx: Receiver<Job>, tx: Sender<Job>, rules: &StatelessRules, metrics: &Metrics) {
     use rand::SeedableRng;
