@@ -330,7 +330,7 @@ impl Metrics {
             signature_batch_size: histogram(
                 "tally_signature_batch_size",
                 "Signatures in each batch equation tried by a stateless worker.",
-                prometheus::exponential_buckets(4.0, 2.0, 8).expect("valid buckets"),
+                prometheus::exponential_buckets(4.0, 2.0, 9).expect("valid buckets"),
             ),
             raft: RaftMetrics {
                 term: gauge("tally_raft_term", "Current Raft term."),
