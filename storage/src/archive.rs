@@ -39,9 +39,8 @@ use crate::layout::{self, Table};
 use crate::ledger::{io_error, leveldb_options, scan_prefix};
 use crate::StoreOptions;
 
-/// Batches queued to the archive thread, at most: as many as the ledger lets the archive lag
-/// behind, so that handing a batch over never waits before that bound does.
-const QUEUE_MAX: usize = crate::ledger::ARCHIVE_LAG_BATCHES_MAX;
+/// Batches queued to the archive thread, at most.
+const QUEUE_MAX: usize = 1024;
 /// Records per message of an archive dump, at most ...
 const DUMP_GROUP_RECORDS: usize = 4096;
 /// ... and bytes (keys and values; a group exceeds it by at most one record). With the dump

@@ -52,20 +52,10 @@ impl Default for StoreOptions {
 }
 
 /// Batches applied but not yet durable in the archive, at most; at the bound `apply` waits.
-/// Generous: the byte bound below is the one that binds, except for batches of a request or
-/// two. (It was 256, which at half load, ~180 small batches a second, let one multi-second
-/// compaction inside an archive write stop the storage thread and every confirmation behind it.)
-pub const ARCHIVE_LAG_BATCHES_MAX: usize = 4096;
-/// Memory held for batches applied but not yet durable in the archive, at most, counted as the
-/// bodies' bytes plus [`PENDING_REQUEST_BYTES`] per request; at the bound `apply` waits.
-pub const ARCHIVE_LAG_BYTES_MAX: usize = 128 << 20;
-/// What one pending request costs besides its body: its key in the batch's list, its record in
-/// the lookup map, its row queued to the archive thread (52 + 44 bytes each), with overheads.
-pub const PENDING_REQUEST_BYTES: usize = 256;
-
-fn pending_bytes(body: &[u8], requests: usize) -> usize {
-    body.len() + requests * PENDING_REQUEST_BYTES
-}
+pub const ARCHIVE_LAG_BATCHES_MAX: usize = 256;
+/// Bytes of bodies applied but not yet durable in the archive, at most; at the bound `apply`
+/// waits.
+pub const ARCHIVE_LAG_BYTES_MAX: usize = 64 << 20;
 
 /// The ledger's committed state: accounts, headers, bodies, request index and the summary.
 ///
@@ -288,7 +278,7 @@ impl LedgerDb {
             keys.push(key);
             self.pending_requests.insert(key, record);
         }
-        self.pending_bytes += pending_bytes(&body, keys.len());
+        self.pending_bytes += body.len();
         self.pending.insert(
             height,
             Pending {
@@ -315,7 +305,7 @@ impl LedgerDb {
                 break;
             }
             let p = entry.remove();
-            self.pending_bytes -= pending_bytes(&p.body, p.keys.len());
+            self.pending_bytes -= p.body.len();
             for key in &p.keys {
                 self.pending_requests.remove(key);
             }
