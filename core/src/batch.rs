@@ -213,9 +213,11 @@ pub fn prepare_apply(
         order,
     } = replay;
     // One term out and one in per account (the sum is additive): the digest per-request
-    // updates would give, at a fraction of the hashing.
-    for (key, (before, after)) in &touched {
-        next.account_changed(key, *before, *after);
+    // updates would give, at a fraction of the hashing. In first-touch order, though any order
+    // gives the same sum.
+    for key in &order {
+        let (before, after) = touched[key];
+        next.account_changed(key, before, after);
     }
     if Tree::new(&body.leaf_hashes()).root() != h.merkle_root {
         return diverged("Merkle root does not match the receipts".into());

@@ -726,8 +726,9 @@ impl EntryTail {
         let mut bytes = 0u64;
         for e in self.entries.range((low - first) as usize..(high - first) as usize) {
             out.push(e.clone());
-            // `limit_size` below decides exactly; this only stops copying once it would cut.
-            bytes = bytes.saturating_add(entry_bytes(e));
+            // `limit_size` below decides exactly; this only stops copying once it would cut
+            // (by the same measure: the encoded size).
+            bytes = bytes.saturating_add(u64::from(protobuf::Message::compute_size(e)));
             if bytes > max_size {
                 break;
             }
