@@ -100,7 +100,12 @@ impl BatchBody {
 
     /// The confirmation of entry `index`, its proof from `tree` (this body's
     /// [`BatchBody::proof_tree`]).
-    pub fn confirmation(&self, tree: &ProofTree, signed: &SignedHeader, index: u32) -> Confirmation {
+    pub fn confirmation(
+        &self,
+        tree: &ProofTree,
+        signed: &SignedHeader,
+        index: u32,
+    ) -> Confirmation {
         let e = &self.entries[index as usize];
         Confirmation {
             replayed: false,

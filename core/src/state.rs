@@ -178,10 +178,16 @@ mod tests {
                 let account = (next() % 12) as u8;
                 let old = balances.get(&account).copied();
                 // Sometimes back to the balance before (a change that nets out).
-                let new = if next() % 5 == 0 { old.unwrap_or(0) } else { next() % 1000 };
+                let new = if next() % 5 == 0 {
+                    old.unwrap_or(0)
+                } else {
+                    next() % 1000
+                };
                 every.account_changed(&[account; 32], old, new);
                 balances.insert(account, new);
-                open.entry(account).and_modify(|e| e.1 = new).or_insert((old, new));
+                open.entry(account)
+                    .and_modify(|e| e.1 = new)
+                    .or_insert((old, new));
             }
             for (account, (before, after)) in open {
                 net.account_changed(&[account; 32], before, after);

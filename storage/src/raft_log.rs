@@ -724,7 +724,10 @@ impl EntryTail {
         }
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut bytes = 0u64;
-        for e in self.entries.range((low - first) as usize..(high - first) as usize) {
+        for e in self
+            .entries
+            .range((low - first) as usize..(high - first) as usize)
+        {
             out.push(e.clone());
             // `limit_size` below decides exactly; this only stops copying once it would cut
             // (by the same measure: the encoded size).

@@ -387,11 +387,18 @@ fn every_leaf_of_every_tree_up_to_70() {
             check_proof(&tree, leaves, i, path, &root);
         }
         let levels = ProofTree::new(leaves.to_vec());
-        assert_eq!((levels.root(), levels.size()), (root, n as u32), "ProofTree of {n}");
+        assert_eq!(
+            (levels.root(), levels.size()),
+            (root, n as u32),
+            "ProofTree of {n}"
+        );
         for (i, path) in paths.iter().enumerate() {
             let proof = levels.proof(i as u32);
             assert_eq!(proof, tree.proof(i as u32), "ProofTree, leaf {i} of {n}");
-            assert_eq!(&proof.path, path, "ProofTree, leaf {i} of {n}: reference path");
+            assert_eq!(
+                &proof.path, path,
+                "ProofTree, leaf {i} of {n}: reference path"
+            );
         }
     }
 }
@@ -469,7 +476,10 @@ fn proof_tree_matches_rs_merkle_on_batch_sized_trees() {
         for i in [0, 1, n / 2, n - 2, n - 1] {
             let proof = levels.proof(i as u32);
             assert_eq!(proof, tree.proof(i as u32), "leaf {i} of {n}");
-            assert!(verify_inclusion(&leaves[i], &proof, &tree.root()), "leaf {i} of {n}");
+            assert!(
+                verify_inclusion(&leaves[i], &proof, &tree.root()),
+                "leaf {i} of {n}"
+            );
         }
     }
 }
