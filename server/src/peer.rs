@@ -127,6 +127,9 @@ pub fn start_outbound(
     PeerSenders { senders }
 }
 
+/// Bytes a peer connection's writer gathers before handing them to TLS (each flush sends sooner).
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 async fn dial_loop(
     id: u64,
     addr: std::net::SocketAddr,
@@ -170,7 +173,7 @@ async fn dial_loop(
         tracing::info!(peer = id, %addr, "connected to peer");
         // tokio-rustls seals and sends a record on every write: buffered, a frame's length
         // prefix and the small messages queued together share records and syscalls.
-        let mut tls = tokio::io::BufWriter::with_capacity(64 * 1024, tls);
+        let mut tls = tokio::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, tls);
         loop {
             let msg = tokio::select! {
                 biased;

@@ -657,8 +657,9 @@ impl RaftLogStore for RaftLogDb {
 }
 
 /// A copy of the log's newest entries (a contiguous run ending at the last index), bounded by
-/// `StoreOptions::raft_tail_bytes` (but it keeps the newest entry whatever its size). Entries share their data with the caller's (`Bytes`), so holding and
-/// handing them out copies no payload.
+/// `StoreOptions::raft_tail_bytes` (but it keeps the newest entry whatever its size). Entries
+/// share their data with the caller's (`Bytes`), so holding and handing them out copies no
+/// payload.
 #[derive(Debug)]
 struct EntryTail {
     entries: VecDeque<Entry>,
