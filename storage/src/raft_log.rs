@@ -7,9 +7,14 @@
 //!
 //! What is stored (see [`layout`] for the keys):
 //! - `raft_entry`: every entry from `first_index` to `last_index`, as `Entry` protobuf.
-//! - `raft_state`: the hard state and the conf state (protobuf), the snapshot point (index,
-//!   term and the server's descriptor of the ledger at that index), and the last index, which is
-//!   written in every batch that changes the entries, so that opening needs no scan.
+//!   Next to them, every write puts the hard state at the log's new last index
+//!   ([`layout::raft_hard_state_at_key`]): the table's highest key is the newest hard state and
+//!   names the last index, so opening needs no scan, and a run of appends writes only keys above
+//!   every stored one, which LevelDB never merges (see the layout docs).
+//! - `raft_state`: the conf state (protobuf) and the snapshot point (index, term and the server's
+//!   descriptor of the ledger at that index). They change only at compactions and snapshots;
+//!   opening and compaction push them out of the memtable into tables of their own
+//!   (`settle_state_rows`), so that no table spans from the entries to them.
 //!
 //! Invariants: `snapshot index <= commit <= last index`, the entries are exactly
 //! `snapshot index + 1 ..= last index`, and their terms never decrease, starting at or after the
@@ -96,14 +101,14 @@ impl RaftLogDb {
             .map_err(|e| io_error(format_args!("opening raft log {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
         migrate_raft_state_v1(&mut db)?;
+        migrate_state_rows(&mut db)?;
 
         let conf = get(&mut db, &layout::raft_conf_state_key())?;
-        let hard = get(&mut db, &layout::raft_hard_state_key())?;
         let snap = get(&mut db, &layout::raft_snapshot_key())?;
-        let last = get(&mut db, &layout::raft_last_index_key())?;
+        let newest = newest_hard_state(&mut db)?;
         let conf_state = match conf {
             Some(v) => decode_proto::<ConfState>(Table::RaftState, "conf state", &v)?,
-            None if hard.is_none() && snap.is_none() && last.is_none() => {
+            None if newest.is_none() && snap.is_none() => {
                 let cs = initial_conf_state(voters);
                 let mut batch = WriteBatch::default();
                 batch.put(&layout::raft_conf_state_key(), &encode_proto(&cs));
@@ -129,18 +134,15 @@ impl RaftLogDb {
                 dir.display()
             )));
         }
-        let hard_state = match hard {
-            Some(v) => decode_proto::<HardState>(Table::RaftState, "hard state", &v)?,
-            None => HardState::default(),
-        };
         let snapshot = match snap {
             Some(v) => SnapshotPoint::decode(&v)?,
             None => SnapshotPoint::default(),
         };
-        let last_index = match last {
-            Some(v) => layout::decode_raft_last_index(&v)?,
-            None => snapshot.index,
+        let (hard_state, last_index) = match newest {
+            Some((index, v)) => (decode_hard_state(index, &v)?, index),
+            None => (HardState::default(), snapshot.index),
         };
+        settle_state_rows(&mut db)?;
         let tail = EntryTail::new(opts.raft_tail_bytes);
         let mut this = RaftLogDb {
             db: RefCell::new(db),
@@ -273,8 +275,15 @@ impl RaftLogDb {
         let mut out = Vec::with_capacity(cmp::min(high - low, 1024) as usize);
         let mut bytes = 0u64;
         for index in low..high {
-            let Some((key, value)) = iter.current() else {
-                return Err(self.missing(index));
+            // The hard state rows between the entries are not entries.
+            let (key, value) = loop {
+                let Some((key, value)) = iter.current() else {
+                    return Err(self.missing(index));
+                };
+                if layout::raft_hard_state_at_index(&key).is_none() {
+                    break (key, value);
+                }
+                iter.advance();
             };
             if layout::raft_entry_key_index(&key) != Some(index) {
                 return Err(self.missing(index));
@@ -303,6 +312,14 @@ impl RaftLogDb {
         } else {
             Vec::new()
         };
+        // The state rows first, in a table of their own (see the module docs); the database is
+        // not live before the swap, so the two writes need not be one.
+        let mut state = WriteBatch::default();
+        state.put(
+            &layout::raft_conf_state_key(),
+            &encode_proto(&self.conf_state),
+        );
+        state.put(&layout::raft_snapshot_key(), &point.encode());
         let mut batch = WriteBatch::default();
         let mut tail_bytes = 0u64;
         for e in &tail {
@@ -311,22 +328,16 @@ impl RaftLogDb {
             batch.put(&layout::raft_entry_key(e.index), &encoded);
         }
         batch.put(
-            &layout::raft_conf_state_key(),
-            &encode_proto(&self.conf_state),
-        );
-        batch.put(
-            &layout::raft_hard_state_key(),
+            &layout::raft_hard_state_at_key(self.last_index),
             &encode_proto(&self.hard_state),
-        );
-        batch.put(&layout::raft_snapshot_key(), &point.encode());
-        batch.put(
-            &layout::raft_last_index_key(),
-            &self.last_index.to_le_bytes(),
         );
         let options =
             || leveldb_options(&self.opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)));
         let mut next = DB::open(&staged, options())
             .map_err(|e| io_error(format_args!("creating {}", staged.display()), e))?;
+        next.write(state, true)
+            .map_err(|e| io_error("writing the compacted raft log", e))?;
+        settle_state_rows(&mut next)?;
         next.write(batch, true)
             .map_err(|e| io_error("writing the compacted raft log", e))?;
         next.close()
@@ -341,6 +352,7 @@ impl RaftLogDb {
         let mut db = DB::open(&self.dir, options())
             .map_err(|e| io_error(format_args!("reopening {}", self.dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
+        settle_state_rows(&mut db)?;
         // The closed database is dropped here; it holds no lock and writes nothing.
         *self.db.get_mut() = db;
         self.written_bytes = tail_bytes;
@@ -526,7 +538,10 @@ impl RaftLogStore for RaftLogDb {
             for stale in last + 1..=self.last_index {
                 batch.delete(&layout::raft_entry_key(stale));
             }
-            batch.put(&layout::raft_last_index_key(), &last.to_le_bytes());
+            // The hard states of the writes whose entries these replace.
+            for stale in start..=self.last_index {
+                batch.delete(&layout::raft_hard_state_at_key(stale));
+            }
         }
         let hard_state = hard_state.unwrap_or(&self.hard_state).clone();
         assert!(
@@ -535,7 +550,10 @@ impl RaftLogStore for RaftLogDb {
             hard_state.commit,
             self.hard_state.commit
         );
-        batch.put(&layout::raft_hard_state_key(), &encode_proto(&hard_state));
+        batch.put(
+            &layout::raft_hard_state_at_key(last),
+            &encode_proto(&hard_state),
+        );
         self.write(batch, format_args!("persisting up to entry {last}"))?;
         if !entries.is_empty() {
             self.terms.append(entries);
@@ -562,6 +580,9 @@ impl RaftLogStore for RaftLogDb {
         for i in self.first()..=self.last_index {
             batch.delete(&layout::raft_entry_key(i));
         }
+        for i in self.snapshot.index..=self.last_index {
+            batch.delete(&layout::raft_hard_state_at_key(i));
+        }
         let point = SnapshotPoint {
             index,
             term: meta.term,
@@ -573,8 +594,10 @@ impl RaftLogStore for RaftLogDb {
         hard_state.term = cmp::max(hard_state.term, meta.term);
         batch.put(&layout::raft_snapshot_key(), &point.encode());
         batch.put(&layout::raft_conf_state_key(), &encode_proto(&conf_state));
-        batch.put(&layout::raft_hard_state_key(), &encode_proto(&hard_state));
-        batch.put(&layout::raft_last_index_key(), &index.to_le_bytes());
+        batch.put(
+            &layout::raft_hard_state_at_key(index),
+            &encode_proto(&hard_state),
+        );
         self.write(batch, format_args!("applying the snapshot at {index}"))?;
         self.snapshot = point;
         self.conf_state = conf_state;
@@ -589,7 +612,7 @@ impl RaftLogStore for RaftLogDb {
     /// Also writes the hard state, so that the durable commit index is never behind the
     /// snapshot point (raft-rs refuses to start from such a state).
     ///
-    /// Once the database holds [`SWAP_BYTES`] of entries written since it was created, deletes
+    /// Once the database holds `SWAP_BYTES` of entries written since it was created, deletes
     /// nothing: the state rows and the entries after `index` are written to a new database in
     /// `<dir>.staged`, which replaces the live one by the crash-safe directory swap of ledger
     /// installs (`install_ledger_dir`; `open` finishes an interrupted one). Deleting many
@@ -629,9 +652,12 @@ impl RaftLogStore for RaftLogDb {
             for i in self.first()..=index {
                 batch.delete(&layout::raft_entry_key(i));
             }
+            for i in self.snapshot.index..=index {
+                batch.delete(&layout::raft_hard_state_at_key(i));
+            }
             batch.put(&layout::raft_snapshot_key(), &point.encode());
             batch.put(
-                &layout::raft_hard_state_key(),
+                &layout::raft_hard_state_at_key(self.last_index),
                 &encode_proto(&self.hard_state),
             );
             self.write(batch, format_args!("compacting to {index}"))?;
@@ -808,6 +834,124 @@ fn migrate_raft_state_v1(db: &mut DB) -> Result<()> {
         .map_err(|e| io_error("moving raft_state v1 rows to v2", e))
 }
 
+/// Moves the state rows of a log written before hard states were keyed by index (a `hard` and a
+/// `last` row in `raft_state`, rewritten by every write) to the hard state at the last index, in
+/// one synced write.
+fn migrate_state_rows(db: &mut DB) -> Result<()> {
+    let hard = get(db, &layout::raft_hard_state_key())?;
+    let last = get(db, &layout::raft_last_index_key())?;
+    if hard.is_none() && last.is_none() {
+        return Ok(());
+    }
+    let highest = highest_entry_row(db)?;
+    if highest.is_some_and(|(key, _)| layout::raft_hard_state_at_index(&key).is_some()) {
+        return Err(corrupt(
+            Table::RaftState,
+            "it holds hard state rows of both the old layout and the new one",
+        ));
+    }
+    let last = match last {
+        Some(v) => layout::decode_raft_last_index(&v)?,
+        None => match get(db, &layout::raft_snapshot_key())? {
+            Some(v) => SnapshotPoint::decode(&v)?.index,
+            None => 0,
+        },
+    };
+    let hard = hard.unwrap_or_else(|| encode_proto(&HardState::default()));
+    let mut batch = WriteBatch::default();
+    batch.put(&layout::raft_hard_state_at_key(last), &hard);
+    batch.delete(&layout::raft_hard_state_key());
+    batch.delete(&layout::raft_last_index_key());
+    db.write(batch, true)
+        .map_err(|e| io_error("moving the hard state to its index", e))
+}
+
+/// The newest hard state and the last index: the highest key of the `raft_entry` table, which
+/// must be a hard state row (see [`layout::raft_hard_state_at_key`]). None for a log that has
+/// none (a new one, or one whose state rows are missing, which the caller's checks catch).
+fn newest_hard_state(db: &mut DB) -> Result<Option<(u64, Vec<u8>)>> {
+    let Some((key, value)) = highest_entry_row(db)? else {
+        return Ok(None);
+    };
+    match layout::raft_hard_state_at_index(&key) {
+        Some(index) => Ok(Some((index, value))),
+        None => Err(corrupt(
+            Table::RaftEntry,
+            format_args!(
+                "its highest row is not a hard state (key {:02x?}): the newest hard state is \
+                 missing",
+                &key[..]
+            ),
+        )),
+    }
+}
+
+/// The highest key of the `raft_entry` table and its value.
+///
+/// Found by bisection on the index of the key, 64 seeks: rusty-leveldb 4.0.2's reverse iteration
+/// (`prev` after a `seek`) found nothing below a key it had just positioned on.
+fn highest_entry_row(db: &mut DB) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let tag = Table::RaftEntry.tag();
+    let mut iter = db
+        .new_iter()
+        .map_err(|e| io_error("iterating the raft log", e))?;
+    let mut any_from = |index: u64| {
+        iter.seek(&layout::raft_entry_key(index));
+        iter.current().is_some_and(|(key, _)| key.starts_with(&tag))
+    };
+    if !any_from(0) {
+        return Ok(None);
+    }
+    // Invariant: a row at or above `lo`'s keys, none at or above `hi`'s.
+    let (mut lo, mut hi) = (0u64, u64::MAX);
+    if any_from(u64::MAX) {
+        lo = u64::MAX;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if any_from(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    // At most the entry and the hard state at `lo` remain.
+    iter.seek(&layout::raft_entry_key(lo));
+    let mut highest = None;
+    while let Some((key, value)) = iter.current() {
+        if !key.starts_with(&tag) {
+            break;
+        }
+        highest = Some((key, value));
+        iter.advance();
+    }
+    let (key, value) = highest.expect("a row at or above the bisection's low end");
+    Ok(Some((key.to_vec(), value.to_vec())))
+}
+
+/// Writes the memtable out to a table: rows written at open (the open marker, migrations) or to
+/// a compacted log's new database (its state rows) must not share a table with the appends that
+/// follow, or that table would span from the entries to the state rows and overlap every later
+/// one (see the module docs).
+///
+/// rusty-leveldb has no flush of its own: `compact_range` writes the memtable out first, and it
+/// is given a range above every key, where no table lies to merge. (Over the `raft_state` range
+/// instead, its manual compaction made a reopened log read an older snapshot point: found by the
+/// randomized model test.)
+fn settle_state_rows(db: &mut DB) -> Result<()> {
+    const ABOVE_EVERY_KEY: [u8; 8] = [0xff; 8];
+    db.compact_range(&ABOVE_EVERY_KEY, &ABOVE_EVERY_KEY)
+        .map_err(|e| io_error("writing the raft log's memtable out", e))
+}
+
+fn decode_hard_state(index: u64, value: &[u8]) -> Result<HardState> {
+    decode_proto(
+        Table::RaftEntry,
+        format_args!("hard state at {index}"),
+        value,
+    )
+}
+
 /// Like `LedgerDb`'s options: no log or manifest reuse (see `ledger.rs` for why).
 fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
     Options {
@@ -822,8 +966,8 @@ fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
 }
 
 /// The rusty-leveldb `Table::get` workaround of `LedgerDb` (see `advance_sequence` in
-/// `ledger.rs`): the hard state and the last index have a version per write, exactly the rows
-/// the bug hides after a restart. Writing before the first read avoids it.
+/// `ledger.rs`): a hard state row has a version per write that leaves the last index where it
+/// was, exactly the rows the bug hides after a restart. Writing before the first read avoids it.
 fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
     let mut batch = WriteBatch::default();
     batch.delete(&layout::raft_open_marker_key());

@@ -476,13 +476,29 @@ fn corrupt_values_are_storage_errors() {
     let e2 = entry(2, 1).write_to_bytes().unwrap();
     check_corrupt(&layout::raft_entry_key(2), &e2, Table::RaftEntry, reopen);
 
-    let hard = layout::raft_hard_state_key();
-    check_corrupt(&hard, &garbage, Table::RaftState, reopen);
-    // A commit index past the last entry, or behind the snapshot point.
+    // The newest hard state (a `raft_entry` row, at the last index): unreadable, or with a
+    // commit index past the last entry or behind the snapshot point.
+    let hard = layout::raft_hard_state_at_key(8);
+    check_corrupt(&hard, &garbage, Table::RaftEntry, reopen);
     let past = hard_state(4, 1, 9).write_to_bytes().unwrap();
     check_corrupt(&hard, &past, Table::RaftState, reopen);
     let behind = hard_state(4, 1, 1).write_to_bytes().unwrap();
     check_corrupt(&hard, &behind, Table::RaftState, reopen);
+    // A hard state above the last entry names a last index whose entry is missing.
+    let ok = hard_state(4, 1, 4).write_to_bytes().unwrap();
+    check_corrupt(
+        &layout::raft_hard_state_at_key(12),
+        &ok,
+        Table::RaftEntry,
+        reopen,
+    );
+    // A hard state row of the old layout beside the new ones.
+    check_corrupt(
+        &layout::raft_hard_state_key(),
+        &ok,
+        Table::RaftState,
+        reopen,
+    );
     check_corrupt(
         &layout::raft_conf_state_key(),
         &garbage,
@@ -491,10 +507,6 @@ fn corrupt_values_are_storage_errors() {
     );
     let snap = layout::raft_snapshot_key();
     check_corrupt(&snap, &[0; 15], Table::RaftState, reopen);
-    let last = layout::raft_last_index_key();
-    check_corrupt(&last, &[0; 7], Table::RaftState, reopen);
-    // A last index beyond the stored entries: entry 12 is missing.
-    check_corrupt(&last, &12u64.to_le_bytes(), Table::RaftEntry, reopen);
 }
 
 #[test]
@@ -506,18 +518,13 @@ fn an_emptied_conf_state_is_refused() {
     assert!(RaftLogDb::open(dir.path(), &VOTERS).is_err());
 }
 
-/// A log written by an earlier tally keeps its state rows under `raft_state` v1's tag; opening
-/// moves them to v2 and the log reads as before.
-#[test]
-fn state_rows_of_raft_state_v1_are_moved_to_v2_at_open() {
-    let (dir, log) = log_with((2, 2), &[(3, 3), (4, 4), (5, 5)], 4);
-    log.close().unwrap();
-    {
-        // Turn it into a v1 log: every raft_state row back under the old tag.
-        use rusty_leveldb::LdbIterator as _;
-        let mut db =
-            rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
-        let tag = Table::RaftState.tag();
+/// Turns the log in `dir` (closed) into one written by an earlier tally: the newest hard state
+/// and the last index in `raft_state` rows of their own (and every `raft_state` row under
+/// `raft_state` v1's tag if `v1`).
+fn make_old_layout(dir: &Path, v1: bool) {
+    use rusty_leveldb::LdbIterator as _;
+    let mut db = rusty_leveldb::DB::open(dir, rusty_leveldb::Options::default()).unwrap();
+    let scan = |db: &mut rusty_leveldb::DB, tag: [u8; 4]| {
         let mut rows = Vec::new();
         let mut it = db.new_iter().unwrap();
         it.seek(&tag);
@@ -528,7 +535,22 @@ fn state_rows_of_raft_state_v1_are_moved_to_v2_at_open() {
             rows.push((key.to_vec(), value.to_vec()));
             it.advance();
         }
-        drop(it);
+        rows
+    };
+    let mut batch = rusty_leveldb::WriteBatch::default();
+    let mut newest = None;
+    for (key, value) in scan(&mut db, Table::RaftEntry.tag()) {
+        if let Some(index) = layout::raft_hard_state_at_index(&key) {
+            batch.delete(&key);
+            newest = Some((index, value));
+        }
+    }
+    let (last, hard) = newest.expect("a hard state row");
+    batch.put(&layout::raft_hard_state_key(), &hard);
+    batch.put(&layout::raft_last_index_key(), &last.to_le_bytes());
+    db.write(batch, true).unwrap();
+    if v1 {
+        let rows = scan(&mut db, Table::RaftState.tag());
         assert!(
             rows.len() >= 4,
             "conf, hard, snap and last rows: {}",
@@ -542,11 +564,28 @@ fn state_rows_of_raft_state_v1_are_moved_to_v2_at_open() {
             batch.delete(key);
         }
         db.write(batch, true).unwrap();
-        db.close().unwrap();
     }
-    let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
-    assert_eq!(log.hard_state(), &hard_state(5, 1, 4));
-    assert_eq!(log.snapshot_index(), 2);
-    let log = check_log(dir.path(), log, (2, 2), &[(3, 3), (4, 4), (5, 5)]);
-    drop(log);
+    db.close().unwrap();
+}
+
+/// A log written by an earlier tally keeps the hard state and the last index in `raft_state`
+/// rows, possibly under `raft_state` v1's tag; opening moves them to the hard state at the last
+/// index (and v1's rows to v2), and the log reads and grows as before.
+#[test]
+fn logs_of_earlier_layouts_are_moved_to_the_current_one_at_open() {
+    for v1 in [false, true] {
+        let (dir, log) = log_with((2, 2), &[(3, 3), (4, 4), (5, 5)], 4);
+        log.close().unwrap();
+        make_old_layout(dir.path(), v1);
+        let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+        assert_eq!(log.hard_state(), &hard_state(5, 1, 4), "v1: {v1}");
+        assert_eq!(log.snapshot_index(), 2);
+        let mut log = check_log(dir.path(), log, (2, 2), &[(3, 3), (4, 4), (5, 5)]);
+        log.persist(&entries(&[(6, 5)]), Some(&hard_state(5, 1, 6)))
+            .unwrap();
+        drop(log);
+        let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+        assert_eq!(log.hard_state(), &hard_state(5, 1, 6), "v1: {v1}");
+        check_log(dir.path(), log, (2, 2), &[(3, 3), (4, 4), (5, 5), (6, 5)]);
+    }
 }

@@ -226,7 +226,7 @@ impl Model {
         for (i, e) in entries.iter().enumerate() {
             let index = first + i as u64;
             let one = log.entries(index, index + 1, None, GetEntriesContext::empty(false));
-            assert_eq!(one.unwrap(), [e.clone()], "entry {index} alone");
+            assert_eq!(one.unwrap(), std::slice::from_ref(e), "entry {index} alone");
             if last - index < 6 {
                 let suffix = log.entries(index, last + 1, None, GetEntriesContext::empty(false));
                 assert_eq!(suffix.unwrap(), entries[i..], "entries {index}..={last}");
