@@ -423,6 +423,7 @@ async fn closed_worker(
         let sent_at = Instant::now();
         let outcome = send(&client, request, &live).await;
         let latency = sent_at.elapsed();
+        live.latency(latency);
         // A dead connection fails every later call at once; stop rather than burn the pool.
         let gone = matches!(outcome, Err(Error::Disconnected)) && !client.is_connected();
         record(&recorder, outcome, latency);
@@ -465,7 +466,9 @@ async fn open_loop(
             let outcome = send(&client, request, &live).await;
             // From the scheduled time, not the send: a generator that fell behind must not
             // hide the delay it suffered (coordinated omission).
-            record(&recorder, outcome, scheduled.elapsed());
+            let latency = scheduled.elapsed();
+            live.latency(latency);
+            record(&recorder, outcome, latency);
             drop(permit);
         });
     }
@@ -520,13 +523,15 @@ async fn progress(live: Arc<Live>, start: Instant) {
         let now = Instant::now();
         let rate = (confirmed - last.0) as f64 / (now - last.1).as_secs_f64();
         last = (confirmed, now);
+        let latency_max_us = live.latency_max_us.swap(0, Ordering::Relaxed);
         eprintln!(
-            "[{:6.1} s] confirmed {:>10}  rate {:>8}/s  in flight {:>6}  failed {}",
+            "[{:6.1} s] confirmed {:>10}  rate {:>8}/s  in flight {:>6}  failed {}  max latency {:>6.1} ms",
             start.elapsed().as_secs_f64(),
             thousands(confirmed as f64),
             thousands(rate),
             Live::get(&live.in_flight),
             Live::get(&live.failed),
+            latency_max_us as f64 / 1000.0,
         );
     }
 }

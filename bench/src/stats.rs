@@ -25,11 +25,18 @@ pub struct Live {
     pub confirmed: AtomicU64,
     pub failed: AtomicU64,
     pub in_flight: AtomicU64,
+    /// The longest latency recorded since the progress line last took it, in microseconds.
+    pub latency_max_us: AtomicU64,
 }
 
 impl Live {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_max_us.fetch_max(us, Ordering::Relaxed);
     }
 }
 

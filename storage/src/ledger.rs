@@ -30,9 +30,21 @@ pub struct StoreOptions {
     /// a few MB with typical bodies). Reads are rare on the hot path (accounts and request ids
     /// are answered from memory), so a small cache costs nothing measurable.
     pub block_cache_bytes: usize,
-    /// Size of the memtable before it is written out as a table file. Larger means fewer,
-    /// bigger compactions, which run inline in `apply` (see the crate caveats).
+    /// Size of the memtable of the raft log and the archive before it is written out as a
+    /// table file. Larger means fewer, bigger compactions, which run inline in the write that
+    /// triggers them (see the crate caveats).
     pub write_buffer_bytes: usize,
+    /// The state database's memtable (accounts, headers, summary). Its flushes and merges run
+    /// inside `apply`, on the path that holds confirmations back, so it is kept small: the work
+    /// per second is the same (it is set by the rows written), cut into shorter pauses. At half
+    /// of the maximum rate, 4 MiB paused a write for 60-160 ms every 2 s; 1 MiB (with
+    /// `state_table_bytes`) for at most ~60 ms.
+    pub state_write_buffer_bytes: usize,
+    /// The state database's table files, at most (LevelDB's `max_file_size`, 2 MiB by default).
+    /// A level-0 merge rewrites every level-1 table its keys overlap, and the accounts, spread
+    /// over the whole key range, overlap them all; smaller tables leave less else in them to
+    /// rewrite.
+    pub state_table_bytes: usize,
     /// Size of the in-memory filter over request ids (see `filter.rs`); 0 turns it off.
     pub request_filter_bytes: usize,
     /// Bytes of the newest raft log entries kept in memory to answer raft's reads of what it
@@ -45,17 +57,26 @@ impl Default for StoreOptions {
         StoreOptions {
             block_cache_bytes: 256 << 10,
             write_buffer_bytes: 4 << 20,
+            state_write_buffer_bytes: 1 << 20,
+            state_table_bytes: 256 << 10,
             request_filter_bytes: 16 << 20,
             raft_tail_bytes: 32 << 20,
         }
     }
 }
 
-/// Batches applied but not yet durable in the archive, at most; at the bound `apply` waits.
-pub const ARCHIVE_LAG_BATCHES_MAX: usize = 256;
-/// Bytes of bodies applied but not yet durable in the archive, at most; at the bound `apply`
-/// waits.
+/// Batches applied but not yet durable in the archive, at most; at the bound `apply` waits. The
+/// archive writes behind at a low CPU priority and one of its writes can take seconds while it
+/// merges; at half load (~250 small batches a second) a bound of 256 was reached inside such a
+/// write and held `apply` (and every confirmation) back. The byte bound below is the one that
+/// binds for memory.
+pub const ARCHIVE_LAG_BATCHES_MAX: usize = 4096;
+/// Bytes held for batches applied but not yet durable in the archive (bodies, and request
+/// records counted at [`PENDING_RECORD_BYTES`] each), at most; at the bound `apply` waits.
 pub const ARCHIVE_LAG_BYTES_MAX: usize = 64 << 20;
+/// What one pending request record costs in memory: its key and record in `pending_requests`
+/// (96 bytes) and in the batch's key list (52), with the map's overhead, rounded up.
+pub const PENDING_RECORD_BYTES: usize = 192;
 
 /// The ledger's committed state: accounts, headers, bodies, request index and the summary.
 ///
@@ -134,12 +155,15 @@ impl LedgerDb {
     /// caller must feed [`LedgerDb::rearchive`] the missing batches before anything else.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<LedgerDb> {
         assert!(
-            opts.write_buffer_bytes > 0 && opts.block_cache_bytes > 0,
+            opts.write_buffer_bytes > 0
+                && opts.state_write_buffer_bytes > 0
+                && opts.state_table_bytes > 0
+                && opts.block_cache_bytes > 0,
             "{opts:?}"
         );
         let env = SyncEnv::new();
         let sync_stats = env.stats();
-        let mut db = DB::open(dir, leveldb_options(&opts, env))
+        let mut db = DB::open(dir, state_leveldb_options(&opts, env))
             .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the open marker", e))?;
         let meta = match db.get(&layout::meta_key()) {
@@ -278,7 +302,7 @@ impl LedgerDb {
             keys.push(key);
             self.pending_requests.insert(key, record);
         }
-        self.pending_bytes += body.len();
+        self.pending_bytes += pending_bytes(&body, keys.len());
         self.pending.insert(
             height,
             Pending {
@@ -305,7 +329,7 @@ impl LedgerDb {
                 break;
             }
             let p = entry.remove();
-            self.pending_bytes -= p.body.len();
+            self.pending_bytes -= pending_bytes(&p.body, p.keys.len());
             for key in &p.keys {
                 self.pending_requests.remove(key);
             }
@@ -733,6 +757,20 @@ impl LedgerStore for LedgerDb {
                 format_args!("no body for the digest stored at height {height}"),
             )),
         }
+    }
+}
+
+/// Memory held for a pending batch (see `ARCHIVE_LAG_BYTES_MAX`).
+fn pending_bytes(body: &[u8], records: usize) -> usize {
+    body.len() + records * PENDING_RECORD_BYTES
+}
+
+/// The state database's options: its own memtable and table sizes (see [`StoreOptions`]).
+pub(crate) fn state_leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
+    Options {
+        write_buffer_size: opts.state_write_buffer_bytes,
+        max_file_size: opts.state_table_bytes,
+        ..leveldb_options(opts, env)
     }
 }
 

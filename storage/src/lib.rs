@@ -111,7 +111,7 @@ pub mod transfer;
 pub use env::{SyncEnv, SyncStats};
 pub use ledger::{
     archive_dir, FilterOrigin, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
-    ARCHIVE_LAG_BYTES_MAX,
+    ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES,
 };
 pub use raft_log::RaftLogDb;
 pub use transfer::{install_ledger_dir, recover_install, staged_ledger_dir, LedgerInstaller};

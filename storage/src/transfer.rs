@@ -80,7 +80,7 @@ use tally_wire::{Hash, PublicKey};
 use crate::archive::ArchivePoint;
 use crate::env::{parent_dir, SyncEnv};
 use crate::layout::{self, corrupt, fixed, Table, TAG_BYTES};
-use crate::ledger::{archive_dir, decode_header, io_error, leveldb_options};
+use crate::ledger::{archive_dir, decode_header, io_error, leveldb_options, state_leveldb_options};
 use crate::{LedgerDb, StoreOptions};
 
 pub const DUMP_MAGIC: [u8; 4] = *b"TLYD";
@@ -536,8 +536,8 @@ struct Part {
 }
 
 impl Part {
-    fn open(dir: &Path, opts: &StoreOptions) -> Result<Part> {
-        let db = DB::open(dir, leveldb_options(opts, SyncEnv::new()))
+    fn open(dir: &Path, options: rusty_leveldb::Options) -> Result<Part> {
+        let db = DB::open(dir, options)
             .map_err(|e| io_error(format_args!("creating {}", dir.display()), e))?;
         Ok(Part {
             db,
@@ -607,7 +607,10 @@ impl LedgerInstaller {
     /// [`install_ledger_dir`], `dir` is [`staged_ledger_dir`] of the live directory.
     pub fn create(dir: &Path, opts: StoreOptions) -> Result<LedgerInstaller> {
         assert!(
-            opts.write_buffer_bytes > 0 && opts.block_cache_bytes > 0,
+            opts.write_buffer_bytes > 0
+                && opts.state_write_buffer_bytes > 0
+                && opts.state_table_bytes > 0
+                && opts.block_cache_bytes > 0,
             "{opts:?}"
         );
         match fs::read_dir(dir) {
@@ -622,8 +625,8 @@ impl LedgerInstaller {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(fs_error("reading", dir, e)),
         }
-        let state = Part::open(dir, &opts)?;
-        let archive = Part::open(&archive_dir(dir), &opts)?;
+        let state = Part::open(dir, state_leveldb_options(&opts, SyncEnv::new()))?;
+        let archive = Part::open(&archive_dir(dir), leveldb_options(&opts, SyncEnv::new()))?;
         Ok(LedgerInstaller {
             dir: dir.to_owned(),
             opts,

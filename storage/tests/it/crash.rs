@@ -30,6 +30,7 @@ const MARK: &str = "TALLY_APPLIED ";
 fn options() -> StoreOptions {
     StoreOptions {
         write_buffer_bytes: 16 << 10,
+        state_write_buffer_bytes: 16 << 10,
         ..StoreOptions::default()
     }
 }

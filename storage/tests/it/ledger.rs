@@ -13,6 +13,7 @@ use crate::support::{seed, Chain, Model};
 fn small() -> StoreOptions {
     StoreOptions {
         write_buffer_bytes: 16 << 10,
+        state_write_buffer_bytes: 16 << 10,
         ..StoreOptions::default()
     }
 }

@@ -26,6 +26,7 @@ type Records = Vec<(Vec<u8>, Vec<u8>)>;
 fn small() -> StoreOptions {
     StoreOptions {
         write_buffer_bytes: 16 << 10,
+        state_write_buffer_bytes: 16 << 10,
         ..StoreOptions::default()
     }
 }
