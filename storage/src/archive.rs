@@ -5,7 +5,7 @@
 //! and request records (keyed by signer) land at random keys and are about nine tenths of the
 //! bytes a batch writes, so every level-0 compaction of a database holding them rewrites most of
 //! level 1: 100-300 ms during which the storage thread, and with it every confirmation, stood
-//! still. Split off, the state database (accounts, headers, `body_by_height`, summary) stays
+//! still. Split off, the state database (accounts, headers, summary) stays
 //! small and its compactions short; the archive's compactions run on the archive thread while
 //! the storage thread goes on.
 //!
@@ -36,7 +36,7 @@ use tally_wire::Hash;
 use crate::env::SyncEnv;
 use crate::filter::RequestFilter;
 use crate::layout::{self, Table};
-use crate::ledger::{io_error, leveldb_options, scan_prefix};
+use crate::ledger::{io_error, leveldb_options, reopen_fresh, scan_prefix};
 use crate::StoreOptions;
 
 /// Batches queued to the archive thread, at most.
@@ -159,6 +159,8 @@ impl Archive {
                             filter.insert(key);
                             Ok(())
                         })?;
+                        // The scan iterated (see `reopen_fresh`).
+                        reopen_fresh(&mut db, &dir, leveldb_options(&opts, SyncEnv::new()))?;
                     }
                     Ok((db, point, filter))
                 })();
@@ -166,7 +168,8 @@ impl Archive {
                     Ok((db, point, filter)) => {
                         progress2.state.lock().expect("progress lock").point = point;
                         let _ = opened_tx.send(Ok((point, filter)));
-                        run(db, rx, &progress2);
+                        let reopen = || leveldb_options(&opts, SyncEnv::new());
+                        run(db, rx, &progress2, &dir, reopen);
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -309,7 +312,13 @@ fn lower_priority() {
 }
 
 /// The archive thread: writes queued batches in groups, one synced write per group.
-fn run(mut db: DB, rx: Receiver<Cmd>, progress: &Progress) {
+fn run(
+    mut db: DB,
+    rx: Receiver<Cmd>,
+    progress: &Progress,
+    dir: &Path,
+    options: impl Fn() -> rusty_leveldb::Options,
+) {
     let mut next = None;
     loop {
         let cmd = match next.take() {
@@ -357,7 +366,16 @@ fn run(mut db: DB, rx: Receiver<Cmd>, progress: &Progress) {
                         .map_err(|e| io_error("archive raw put", e)),
                 );
             }
-            Cmd::Dump { out } => dump(&mut db, &out),
+            Cmd::Dump { out } => {
+                dump(&mut db, &out);
+                // The dump iterated: go on with a handle that never did (see `reopen_fresh`).
+                if let Err(e) = reopen_fresh(&mut db, dir, options()) {
+                    let mut s = progress.state.lock().expect("progress lock");
+                    s.failed = Some(e.to_string());
+                    progress.changed.notify_all();
+                    return;
+                }
+            }
             Cmd::Stop => {
                 let _ = db.close();
                 return;

@@ -18,12 +18,11 @@ use tally_wire::{Hash, PublicKey};
 pub enum Table {
     /// Intent-addressed: pubkey → balance.
     Account,
-    /// Intent-addressed: height (big-endian, so iteration is in height order) → signed header.
+    /// Intent-addressed: height (big-endian, so iteration is in height order) → signed header
+    /// and the digest of the height's body (to find it in `body`).
     Header,
     /// Content-addressed: SHA-256(body) → encoded batch body.
     Body,
-    /// Height → body digest, to find a height's body.
-    BodyByHeight,
     /// Intent-addressed: (signer, id) → where the request was applied.
     Request,
     /// The single ledger summary row.
@@ -35,11 +34,10 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 7] = [
         Table::Account,
         Table::Header,
         Table::Body,
-        Table::BodyByHeight,
         Table::Request,
         Table::Meta,
         Table::RaftEntry,
@@ -51,7 +49,6 @@ impl Table {
             Table::Account => "account",
             Table::Header => "header",
             Table::Body => "body",
-            Table::BodyByHeight => "body_by_height",
             Table::Request => "request",
             Table::Meta => "meta",
             Table::RaftEntry => "raft_entry",
@@ -61,18 +58,20 @@ impl Table {
 
     pub const fn version(self) -> u32 {
         match self {
-            Table::Account
-            | Table::Header
-            | Table::Body
-            | Table::BodyByHeight
-            | Table::Request
-            | Table::Meta
-            | Table::RaftEntry => 1,
+            Table::Account | Table::Body | Table::Request | Table::Meta | Table::RaftEntry => 1,
             // v2: the rows of v1, under a tag that sorts after every `raft_entry` key. They are
             // rewritten by every raft write; under v1's tag (below `raft_entry`'s) each LevelDB
             // table then spanned the whole log, and every level-0 compaction rewrote all of
             // level 1 (measured: 120-170 MB in 0.5-1.2 s on the raft thread).
             Table::RaftState => 2,
+            // v2: v1's signed header followed by the body digest (v1 kept that in a table of
+            // its own, `body_by_height`), under a tag that sorts below `account`'s. Headers are
+            // written once, in height order, and a level-0 table of the state database spans
+            // from its lowest key to its highest: with headers above the accounts (v1), each
+            // spanned every older header, and every level-0 merge rewrote all of them with the
+            // accounts (60-100 ms per merge, growing with the chain, at half load). Below, older
+            // headers lie outside the span of every new table and are left where they are.
+            Table::Header => 2,
         }
     }
 
@@ -91,9 +90,8 @@ impl Table {
     pub const fn tag(self) -> [u8; 4] {
         match self {
             Table::Account => [0x92, 0xf4, 0x42, 0x78],
-            Table::Header => [0xd9, 0x56, 0x04, 0xdf],
+            Table::Header => [0x50, 0x14, 0x86, 0xd3],
             Table::Body => [0x75, 0x81, 0x25, 0xba],
-            Table::BodyByHeight => [0x78, 0xd7, 0xf6, 0x08],
             Table::Request => [0x94, 0x9b, 0x68, 0x03],
             Table::Meta => [0xd8, 0xa7, 0xaf, 0x8d],
             Table::RaftEntry => [0x92, 0xb8, 0x4d, 0xfb],
@@ -112,6 +110,8 @@ pub const TAG_BYTES: usize = 4;
 pub const ACCOUNT_VALUE_BYTES: usize = 8;
 pub const REQUEST_VALUE_BYTES: usize = 8 + 4 + 32;
 /// The fixed part of a snapshot point value: index u64 LE || term u64 LE.
+/// A `header` value: signed header (256) || body digest (32).
+pub const HEADER_VALUE_BYTES: usize = tally_wire::SIGNED_HEADER_BYTES + 32;
 pub const SNAPSHOT_POINT_FIXED_BYTES: usize = 8 + 8;
 
 fn make_key<const N: usize>(table: Table, parts: &[&[u8]]) -> [u8; N] {
@@ -141,10 +141,10 @@ pub fn body_key(digest: &Hash) -> [u8; 36] {
     make_key(Table::Body, &[digest])
 }
 
-/// tag || height u64 BE
-pub fn body_by_height_key(height: u64) -> [u8; 12] {
-    make_key(Table::BodyByHeight, &[&height.to_be_bytes()])
-}
+/// The tags of `header` v1 (signed header only) and `body_by_height` v1 (height u64 BE → body
+/// digest), whose rows `LedgerDb::open` merges into `header` v2.
+pub const HEADER_V1_TAG: [u8; 4] = [0xd9, 0x56, 0x04, 0xdf];
+pub const BODY_BY_HEIGHT_V1_TAG: [u8; 4] = [0x78, 0xd7, 0xf6, 0x08];
 
 /// tag || signer (32) || id u128 BE
 pub fn request_key(signer: &PublicKey, id: u128) -> [u8; 52] {
@@ -383,12 +383,29 @@ mod tests {
         assert_eq!(names.len(), Table::ALL.len());
     }
 
+    /// The append-only tables sort outside the ranges of the rows rewritten beside them, so
+    /// that LevelDB's tables of new rows do not span the old ones (see `Table::version`).
+    #[test]
+    fn append_only_rows_sort_outside_the_rewritten_ones() {
+        // State database: headers below every account and the summary.
+        assert!(header_key(u64::MAX)[..] < account_key(&[0; 32])[..]);
+        assert!(header_key(u64::MAX)[..] < meta_key()[..]);
+        // Raft log: the conf state and snapshot point above every entry and hard state row.
+        assert!(raft_hard_state_at_key(u64::MAX)[..] < raft_conf_state_key()[..]);
+        assert!(raft_hard_state_at_key(u64::MAX)[..] < raft_snapshot_key()[..]);
+        assert!(raft_hard_state_at_key(u64::MAX)[..] < table_end(Table::RaftEntry)[..]);
+    }
+
     #[test]
     fn height_keys_sort_in_height_order() {
         let heights = [0u64, 1, 2, 255, 256, 65_535, 65_536, u64::MAX / 2, u64::MAX];
         for w in heights.windows(2) {
             assert!(header_key(w[0]) < header_key(w[1]));
-            assert!(body_by_height_key(w[0]) < body_by_height_key(w[1]));
+            // A hard state row sorts right after its entry, before the next one.
+            assert!(raft_entry_key(w[0])[..] < raft_hard_state_at_key(w[0])[..]);
+            if w[0] < u64::MAX / 2 {
+                assert!(raft_hard_state_at_key(w[0])[..] < raft_entry_key(w[0] + 1)[..]);
+            }
         }
         for h in heights {
             assert_eq!(header_key_height(&header_key(h)), Some(h));
@@ -399,7 +416,13 @@ mod tests {
         }
         assert_eq!(raft_entry_key_index(&header_key(1)), None);
         assert_eq!(raft_entry_key_index(&raft_entry_key(1)[..11]), None);
-        assert_eq!(header_key_height(&body_by_height_key(1)), None);
+        assert_eq!(header_key_height(&account_key(&[1; 32])), None);
+        assert_eq!(
+            raft_hard_state_at_index(&raft_hard_state_at_key(7)),
+            Some(7)
+        );
+        assert_eq!(raft_hard_state_at_index(&raft_entry_key(7)), None);
+        assert_eq!(raft_entry_key_index(&raft_hard_state_at_key(7)), None);
         assert_eq!(header_key_height(&header_key(1)[..11]), None);
     }
 

@@ -12,12 +12,12 @@ use tally_core::crypto::{header_hash, request_hash, sha256};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::state::{LedgerMeta, META_BYTES};
 use tally_core::{Error, Result};
-use tally_wire::{PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
+use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
 use crate::archive::{Archive, ArchiveBatch, ArchivePoint};
 use crate::env::{SyncEnv, SyncStats};
 use crate::filter::RequestFilter;
-use crate::layout::{self, corrupt, fixed, Table};
+use crate::layout::{self, corrupt, fixed, Table, HEADER_VALUE_BYTES};
 use crate::transfer::DumpWriter;
 
 /// Tuning of the LevelDB instance.
@@ -91,6 +91,7 @@ pub struct LedgerDb {
     db: DB,
     /// The state database's directory (the request filter is saved here).
     dir: PathBuf,
+    opts: StoreOptions,
     archive: Archive,
     /// Batches applied (or being re-archived) that the archive does not hold yet, by height.
     pending: BTreeMap<u64, Pending>,
@@ -170,6 +171,18 @@ impl LedgerDb {
             None => LedgerMeta::genesis(),
             Some(v) => LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &v)?)?,
         };
+        // Migrating scans (an iterator): only when the tip is still in the old layout (a
+        // migration moves heights upwards), and on a fresh handle afterwards (`reopen_fresh`).
+        let mut tip_v1 = layout::HEADER_V1_TAG.to_vec();
+        tip_v1.extend_from_slice(&meta.height.to_be_bytes());
+        if meta.height > 0 && db.get(&tip_v1).is_some() {
+            migrate_header_rows_v1(&mut db)?;
+            reopen_fresh(
+                &mut db,
+                dir,
+                state_leveldb_options(&opts, SyncEnv::sharing(Arc::clone(&sync_stats))),
+            )?;
+        }
         let (saved, filter_origin) = match opts.request_filter_bytes {
             0 => (None, FilterOrigin::Off),
             bytes => match RequestFilter::load(dir, bytes, meta.height, &meta.last_header_hash) {
@@ -181,6 +194,7 @@ impl LedgerDb {
         let mut this = LedgerDb {
             db,
             dir: dir.to_owned(),
+            opts: opts.clone(),
             archive,
             pending: BTreeMap::new(),
             pending_requests: HashMap::new(),
@@ -238,10 +252,10 @@ impl LedgerDb {
         if height != next {
             return Ok(false);
         }
-        let Some(stored) = self.get(&layout::body_by_height_key(height))? else {
+        let Some(stored) = self.body_digest(height)? else {
             return Err(corrupt(
-                Table::BodyByHeight,
-                format_args!("no body digest at height {height}"),
+                Table::Header,
+                format_args!("no header (and body digest) at height {height}"),
             ));
         };
         let digest = sha256(&[encoded_body]);
@@ -364,30 +378,29 @@ impl LedgerDb {
     }
 
     /// Up to `limit` signed headers from height `from` on, in height order.
+    ///
+    /// Point reads, one per height (heights are `1..=meta.height`): an iterator would take a
+    /// LevelDB snapshot, after which rusty-leveldb stops dropping overwritten rows (see
+    /// `reopen_fresh`).
     pub fn headers(&mut self, from: u64, limit: usize) -> Result<Vec<SignedHeader>> {
         self.check_usable()?;
+        let first = from.max(1);
+        let last = self.meta.height;
         let mut out = Vec::new();
-        if limit == 0 {
+        if limit == 0 || first > last {
             return Ok(out);
         }
-        let mut iter = self
-            .db
-            .new_iter()
-            .map_err(|e| io_error("iterating headers", e))?;
-        iter.seek(&layout::header_key(from));
-        while out.len() < limit {
-            let Some((key, value)) = iter.current() else {
-                break;
-            };
-            if !key.starts_with(&Table::Header.tag()) {
-                break;
-            }
-            let height = layout::header_key_height(&key).ok_or_else(|| {
-                corrupt(Table::Header, format_args!("key of {} bytes", key.len()))
-            })?;
-            out.push(decode_header(height, &value)?);
-            if !iter.advance() {
-                break;
+        let count = (last - first).saturating_add(1).min(limit as u64);
+        out.reserve(count.min(4096) as usize);
+        for height in first..first + count {
+            match self.header(height)? {
+                Some(signed) => out.push(signed),
+                None => {
+                    return Err(corrupt(
+                        Table::Header,
+                        format_args!("no header at height {height}, below the summary's {last}"),
+                    ))
+                }
             }
         }
         Ok(out)
@@ -403,6 +416,21 @@ impl LedgerDb {
         out: impl FnMut(Vec<u8>) -> Result<()>,
     ) -> Result<LedgerMeta> {
         self.check_usable()?;
+        let result = self.dump_rows(chunk_bytes_max, out);
+        // The dump iterated: continue on a handle that never did (see `reopen_fresh`).
+        let options = state_leveldb_options(&self.opts, SyncEnv::sharing(self.sync_stats()));
+        if let Err(e) = reopen_fresh(&mut self.db, &self.dir, options) {
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
+        result
+    }
+
+    fn dump_rows(
+        &mut self,
+        chunk_bytes_max: usize,
+        out: impl FnMut(Vec<u8>) -> Result<()>,
+    ) -> Result<LedgerMeta> {
         self.check_archive_caught_up()?;
         // Everything applied must be in the archive before it is read.
         self.archive.wait_for(self.meta.height)?;
@@ -542,6 +570,19 @@ impl LedgerDb {
         }
     }
 
+    /// The digest of the body applied at `height`, stored with its header.
+    fn body_digest(&mut self, height: u64) -> Result<Option<Hash>> {
+        let Some(row) = self.get(&layout::header_key(height))? else {
+            return Ok(None);
+        };
+        decode_header(height, &row)?;
+        Ok(Some(
+            row[SIGNED_HEADER_BYTES..]
+                .try_into()
+                .expect("a decoded header row has a digest"),
+        ))
+    }
+
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.check_usable()?;
         // rusty-leveldb's `get` has no error path of its own: a table it cannot read reads as
@@ -579,7 +620,7 @@ impl LedgerDb {
         }
         if self.rearchive_next.is_none() && self.body(height)?.is_none() {
             return Err(corrupt(
-                Table::BodyByHeight,
+                Table::Header,
                 format_args!("no body at the summary's height {height}"),
             ));
         }
@@ -697,8 +738,10 @@ impl LedgerStore for LedgerDb {
         for (key, balance) in &write.accounts {
             batch.put(&layout::account_key(key), &layout::encode_account(*balance));
         }
-        batch.put(&layout::header_key(height), &write.signed_header.encode());
-        batch.put(&layout::body_by_height_key(height), &write.body_digest);
+        batch.put(
+            &layout::header_key(height),
+            &encode_header_row(&write.signed_header, &write.body_digest),
+        );
         batch.put(&layout::meta_key(), &write.meta.encode());
         if let Err(e) = self.db.write(batch, true) {
             let e = io_error(format_args!("writing batch {height}"), e);
@@ -738,10 +781,9 @@ impl LedgerStore for LedgerDb {
     }
 
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
-        let Some(digest) = self.get(&layout::body_by_height_key(height))? else {
+        let Some(digest) = self.body_digest(height)? else {
             return Ok(None);
         };
-        let digest: [u8; 32] = fixed(Table::BodyByHeight, &digest)?;
         if let Some(p) = self.pending.get(&height) {
             if p.digest == digest {
                 return Ok(Some(p.body.to_vec()));
@@ -758,6 +800,93 @@ impl LedgerStore for LedgerDb {
             )),
         }
     }
+}
+
+/// Closes `db` and opens the database in `dir` again, for a handle that never took a snapshot.
+///
+/// rusty-leveldb 4.0.2's snapshot list (`snapshot.rs`) says it is empty only while no snapshot
+/// was ever taken (`empty` tests a field set by the first one and never reset), and once all
+/// are dropped its `oldest` answers 0: from the first snapshot on (every iterator takes one),
+/// each compaction keeps every overwritten version and every deletion. On the state database,
+/// where each batch rewrites its accounts, that made every level-0 merge rewrite all versions
+/// ever written (11 MB per merge after a minute at half load, growing without bound). Hence
+/// the state database is read with point reads only, and a handle that iterated (the migration
+/// at open, a dump) is replaced by a fresh one.
+pub(crate) fn reopen_fresh(db: &mut DB, dir: &Path, options: Options) -> Result<()> {
+    db.close()
+        .map_err(|e| io_error(format_args!("closing {}", dir.display()), e))?;
+    let mut fresh = DB::open(dir, options)
+        .map_err(|e| io_error(format_args!("reopening {}", dir.display()), e))?;
+    advance_sequence(&mut fresh).map_err(|e| io_error("writing the open marker", e))?;
+    // The closed handle is dropped here; it holds no lock and writes nothing.
+    *db = fresh;
+    Ok(())
+}
+
+/// Heights one synced write of [`migrate_header_rows_v1`] moves, at most.
+const MIGRATE_GROUP_HEIGHTS: usize = 4096;
+
+/// Merges the rows of `header` v1 and `body_by_height` v1 (a ledger written by an earlier
+/// tally) into `header` v2, in synced writes of up to [`MIGRATE_GROUP_HEIGHTS`] heights. Each
+/// write moves whole heights (the v2 row in, both v1 rows out), so a migration a crash
+/// interrupted goes on at the next open.
+fn migrate_header_rows_v1(db: &mut DB) -> Result<()> {
+    loop {
+        let mut group = Vec::new();
+        {
+            let mut iter = db
+                .new_iter()
+                .map_err(|e| io_error("scanning header v1 rows", e))?;
+            iter.seek(&layout::HEADER_V1_TAG);
+            while let Some((key, value)) = iter.current() {
+                if !key.starts_with(&layout::HEADER_V1_TAG) || group.len() == MIGRATE_GROUP_HEIGHTS
+                {
+                    break;
+                }
+                group.push((key.to_vec(), value.to_vec()));
+                iter.advance();
+            }
+        }
+        if group.is_empty() {
+            break;
+        }
+        let mut batch = WriteBatch::default();
+        for (key, value) in &group {
+            let height = key[layout::TAG_BYTES..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(Table::Header, "a header v1 key is not tag || height"))?;
+            let mut digest_key = layout::BODY_BY_HEIGHT_V1_TAG.to_vec();
+            digest_key.extend_from_slice(&height.to_be_bytes());
+            let Some(digest) = db.get(&digest_key) else {
+                return Err(corrupt(
+                    Table::Header,
+                    format_args!("header v1 at height {height} has no body_by_height v1 row"),
+                ));
+            };
+            let digest: Hash = fixed(Table::Header, &digest)?;
+            let signed: [u8; SIGNED_HEADER_BYTES] = fixed(Table::Header, value)?;
+            let mut row = signed.to_vec();
+            row.extend_from_slice(&digest);
+            batch.put(&layout::header_key(height), &row);
+            batch.delete(key);
+            batch.delete(&digest_key);
+        }
+        db.write(batch, true)
+            .map_err(|e| io_error("moving header v1 rows to v2", e))?;
+    }
+    let mut orphan = false;
+    scan_prefix(db, &layout::BODY_BY_HEIGHT_V1_TAG, |_, _| {
+        orphan = true;
+        Ok(())
+    })?;
+    if orphan {
+        return Err(corrupt(
+            Table::Header,
+            "body_by_height v1 rows remain without their header v1 rows",
+        ));
+    }
+    Ok(())
 }
 
 /// Memory held for a pending batch (see `ARCHIVE_LAG_BYTES_MAX`).
@@ -805,8 +934,20 @@ pub(crate) fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
     db.write(batch, false)
 }
 
+/// A `header` row's value: the signed header, then the digest of the height's body.
+fn encode_header_row(signed: &SignedHeader, body_digest: &Hash) -> [u8; HEADER_VALUE_BYTES] {
+    let mut out = [0u8; HEADER_VALUE_BYTES];
+    out[..SIGNED_HEADER_BYTES].copy_from_slice(&signed.encode());
+    out[SIGNED_HEADER_BYTES..].copy_from_slice(body_digest);
+    out
+}
+
+/// The signed header of a `header` row (see `encode_header_row`), checked against its height.
 pub(crate) fn decode_header(height: u64, value: &[u8]) -> Result<SignedHeader> {
-    let bytes: [u8; SIGNED_HEADER_BYTES] = fixed(Table::Header, value)?;
+    let row: [u8; HEADER_VALUE_BYTES] = fixed(Table::Header, value)?;
+    let bytes: [u8; SIGNED_HEADER_BYTES] = row[..SIGNED_HEADER_BYTES]
+        .try_into()
+        .expect("a header row starts with a signed header");
     let signed = SignedHeader::decode(&bytes)
         .map_err(|e| corrupt(Table::Header, format_args!("height {height}: {e}")))?;
     if signed.header.height != height {

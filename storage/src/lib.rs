@@ -28,19 +28,24 @@
 //! | table               | tag        | key after the tag             | value                                              |
 //! |---------------------|------------|-------------------------------|----------------------------------------------------|
 //! | `account` v1        | `92f44278` | public key (32)               | balance u64 LE (8)                                 |
-//! | `header` v1         | `d95604df` | height u64 BE (8)             | signed header (256): header (192) ‖ signature (64) |
+//! | `header` v2         | `501486d3` | height u64 BE (8)             | signed header (256) ‖ body digest (32)             |
 //! | `body` v1           | `758125ba` | SHA-256 of the body (32)      | encoded batch body (`BatchBody::encode`)           |
-//! | `body_by_height` v1 | `78d7f608` | height u64 BE (8)             | body digest (32)                                   |
 //! | `request` v1        | `949b6803` | signer (32) ‖ id u128 BE (16) | height u64 LE ‖ index u32 LE ‖ request hash (44)   |
 //! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (120)                         |
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
 //! | `meta` v1           | `d8a7af8d` | `b"archive"` (7)              | archive point: height u64 LE ‖ raft index u64 LE   |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8)              | `raft::eraftpb::Entry` protobuf                    |
-//! | `raft_state` v2     | `bd94612d` | `b"hard"` (4)                 | `HardState` protobuf                               |
+//! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8) ‖ `b"h"`     | `HardState` protobuf, written with the log ending at index; the highest key is the newest |
 //! | `raft_state` v2     | `bd94612d` | `b"conf"` (4)                 | `ConfState` protobuf                               |
 //! | `raft_state` v2     | `bd94612d` | `b"snap"` (4)                 | index u64 LE ‖ term u64 LE ‖ descriptor (16 + n)   |
-//! | `raft_state` v2     | `bd94612d` | `b"last"` (4)                 | last entry index u64 LE (8)                        |
 //! | `raft_state` v2     | `bd94612d` | `b"open"` (4)                 | never present, like the ledger's                   |
+//!
+//! Older layouts, rewritten at open: `header` v1 (`d95604df`, the signed header alone) and
+//! `body_by_height` v1 (`78d7f608`, height → body digest) become `header` v2; the `raft_state`
+//! rows `b"hard"` and `b"last"` become the hard state row at the last index; `raft_state` v1
+//! (`43c7c0c0`) becomes v2. Each change keeps rows written once in key order out of the key
+//! range of rows rewritten beside them: LevelDB's tables of new rows then never span old ones
+//! (see `Table::version`).
 //!
 //! The `raft_*` tables live in the raft log's database; `body`, `request` and the `archive`
 //! point in the ledger's archive database; the others in the ledger's state database. A dump

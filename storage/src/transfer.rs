@@ -31,8 +31,7 @@
 //!
 //! While the stream arrives (no reads, bounded memory): keys strictly increase and carry a ledger
 //! table's tag, keys and values have their table's lengths and decode, every body hashes to its
-//! key, `header` and `body_by_height` hold exactly the heights `1..=n` and each header chains to
-//! the one before it. At [`LedgerInstaller::finish`]: the end record and its checksum; a summary
+//! key, `header` holds exactly the heights `1..=n` and each header chains to the one before it. At [`LedgerInstaller::finish`]: the end record and its checksum; a summary
 //! row; `n` equals its height, bodies number `n`, and the last header's hash is its
 //! `last_header_hash`; the accounts' terms add up to its `account_sum` and they number
 //! `account_count`; their balances add up to deposits minus withdrawals; there are as many
@@ -58,7 +57,7 @@
 //!   create it on the thread that feeds it.
 //! - rusty-leveldb's iterator skips a block it cannot read instead of failing: a dump of a
 //!   damaged database can lack rows. The installer's counts catch a missing row in every table.
-//! - A `body_by_height` digest is not matched against the `body` table while streaming (that
+//! - A header row's body digest is not matched against the `body` table while streaming (that
 //!   would need memory per height); reopening checks the tip's.
 //! - The request count check relies on each `(signer, id)` being applied once, which the
 //!   sequencer guarantees.
@@ -349,7 +348,6 @@ struct StateCheck {
     requests: u64,
     request_height_max: u64,
     bodies: u64,
-    body_heights: u64,
     headers: u64,
     header_requests: u64,
     prev_header_hash: Hash,
@@ -365,7 +363,6 @@ impl StateCheck {
             requests: 0,
             request_height_max: 0,
             bodies: 0,
-            body_heights: 0,
             headers: 0,
             header_requests: 0,
             prev_header_hash: [0; 32],
@@ -409,17 +406,6 @@ impl StateCheck {
                     ));
                 }
                 self.bodies += 1;
-            }
-            Table::BodyByHeight => {
-                let height = u64::from_be_bytes(key_rest(table, key)?);
-                let _digest: Hash = fixed(table, value)?;
-                self.body_heights += 1;
-                if height != self.body_heights {
-                    return Err(corrupt(
-                        table,
-                        format_args!("height {height} where {} was due", self.body_heights),
-                    ));
-                }
             }
             Table::Meta => {
                 if key != layout::meta_key() {
@@ -474,10 +460,10 @@ impl StateCheck {
                 "the last header does not hash to the summary's last_header_hash",
             ));
         }
-        if self.bodies != height || self.body_heights != height {
+        if self.bodies != height {
             return Err(invalid(format_args!(
-                "{} bodies and {} body heights for a summary at height {height}",
-                self.bodies, self.body_heights
+                "{} bodies for a summary at height {height}",
+                self.bodies
             )));
         }
         if self.accounts.account_count != meta.account_count {

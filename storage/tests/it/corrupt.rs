@@ -52,32 +52,36 @@ fn corrupt_values_are_storage_errors() {
 
     let read_header = |mut db: LedgerDb, _: &Path| db.header(1).map(drop);
     let list_headers = |mut db: LedgerDb, _: &Path| db.headers(0, 10).map(drop);
+    // A header row is the signed header (256 bytes) and the body digest (32).
     check(
         &layout::header_key(1),
-        &[0; 255],
+        &[0; 287],
         Table::Header,
         read_header,
     );
     check(
         &layout::header_key(1),
-        &[0; 256],
+        &[0; 288],
         Table::Header,
         read_header,
     );
     check(
         &layout::header_key(1),
-        &[0; 257],
+        &[0; 289],
         Table::Header,
         list_headers,
     );
-    // A well-formed header stored under the wrong height.
+    // A well-formed header stored under the wrong height (with some body digest).
     let header_1 = {
         let dir = tempfile::tempdir().unwrap();
         let mut db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
-        Chain::new(db.meta().unwrap(), 1)
+        let mut row = Chain::new(db.meta().unwrap(), 1)
             .step(&mut db, 4)
             .signed_header
             .encode()
+            .to_vec();
+        row.extend_from_slice(&[0xab; 32]);
+        row
     };
     check(
         &layout::header_key(2),
@@ -88,19 +92,9 @@ fn corrupt_values_are_storage_errors() {
     // A header beyond the summary's height (the summary and headers are written together).
     check(&layout::header_key(3), &header_1, Table::Header, reopen);
 
+    // The header at height 1 naming a body the archive does not hold.
     let read_body = |mut db: LedgerDb, _: &Path| db.body(1).map(drop);
-    check(
-        &layout::body_by_height_key(1),
-        &[0; 31],
-        Table::BodyByHeight,
-        read_body,
-    );
-    check(
-        &layout::body_by_height_key(1),
-        &[0xab; 32],
-        Table::Body,
-        read_body,
-    );
+    check(&layout::header_key(1), &header_1, Table::Body, read_body);
 
     check(&layout::meta_key(), &[0; 100], Table::Meta, reopen);
     let mut ahead = LedgerMeta::genesis();

@@ -453,10 +453,21 @@ fn inconsistent_ledgers_are_refused() {
             let h = r
                 .iter()
                 .rposition(|(k, _)| k.starts_with(&Table::Header.tag()));
+            // The signature's last byte: a header row is the signed header, then the digest.
+            r[h.unwrap()].1[tally_wire::SIGNED_HEADER_BYTES - 1] ^= 1;
+        },
+        "does not verify under the operator key",
+    );
+    // The tip's body digest names no body (caught when the installed ledger is reopened).
+    check(
+        &|r| {
+            let h = r
+                .iter()
+                .rposition(|(k, _)| k.starts_with(&Table::Header.tag()));
             let last = r[h.unwrap()].1.len() - 1;
             r[h.unwrap()].1[last] ^= 1;
         },
-        "does not verify under the operator key",
+        "no body for the digest stored at height 12",
     );
 }
 
