@@ -73,7 +73,10 @@ impl Default for StoreOptions {
 pub const ARCHIVE_LAG_BATCHES_MAX: usize = 4096;
 /// Bytes held for batches applied but not yet durable in the archive (bodies, and request
 /// records counted at [`PENDING_RECORD_BYTES`] each), at most; at the bound `apply` waits.
-pub const ARCHIVE_LAG_BYTES_MAX: usize = 64 << 20;
+/// At saturation (~60k requests/s, ~30 MB/s of bodies and records) the niced archive falls
+/// behind and this bound paces the pipeline: 64 MiB (about two seconds) made it stop and go
+/// (53-61k/s against 58-65k/s with 128 MiB).
+pub const ARCHIVE_LAG_BYTES_MAX: usize = 128 << 20;
 /// What one pending request record costs in memory: its key and record in `pending_requests`
 /// (96 bytes) and in the batch's key list (52), with the map's overhead, rounded up.
 pub const PENDING_RECORD_BYTES: usize = 192;
