@@ -119,8 +119,9 @@ pub struct BatchConfig {
     /// Batches proposed to raft but not yet applied; sequencing waits when this many are out.
     /// Range `1..=64`. Default: `4`.
     pub batch_in_flight_max: u32,
-    /// Close a batch early when nothing else is waiting and no batch is replicating, so a lone
-    /// request on an idle operator is not held for the whole window. Default: `true`.
+    /// Close a batch early as soon as no batch is replicating or being applied (group commit),
+    /// so a lone request on an idle operator is not held for the whole window, and under load
+    /// each batch takes what arrived while the one before it committed. Default: `true`.
     pub batch_close_idle: bool,
 }
 

@@ -43,7 +43,7 @@ pub enum BatchClose {
     Full,
     /// The node is shutting down and sealed what it had.
     Shutdown,
-    /// Nothing else was waiting and no batch was replicating (`batch_close_idle`).
+    /// No batch was replicating or being applied (`batch_close_idle`, group commit).
     Idle,
 }
 

@@ -574,6 +574,9 @@ struct Master {
     metrics: Arc<Metrics>,
 }
 
+/// How long an idle close waits for requests still in validation: this fraction of the window.
+const IDLE_WAIT_WINDOW_FRACTION: u32 = 5;
+
 impl Master {
     fn run(mut self) {
         let mut replies: Vec<(u32, ReplyTo, bool)> = Vec::new();
@@ -593,8 +596,15 @@ impl Master {
             for (q, stage) in self.queues_before.iter().zip([&m.stateless, &m.snapshot]) {
                 stage.queue_depth.set(q.len() as i64);
             }
+            // Wakes for the window's end, and for the end of an idle close's wait before it.
             let timeout = opened_at.map_or(idle, |t| {
-                (t + self.window).saturating_duration_since(Instant::now())
+                let idle_wait = t + self.window / IDLE_WAIT_WINDOW_FRACTION;
+                let next = if idle_wait > Instant::now() {
+                    idle_wait
+                } else {
+                    t + self.window
+                };
+                next.saturating_duration_since(Instant::now())
             });
             let full = self.leading.as_ref().is_some_and(|l| l.sequencer.is_full());
             if full {
@@ -643,11 +653,19 @@ impl Master {
                 let window_over = opened_at.is_some_and(|t| t.elapsed() >= self.window);
                 let in_flight = l.sequencer.sealed_height().saturating_sub(applied);
                 // Group commit: with no batch replicating or being applied, holding the batch
-                // open only adds latency; what arrives meanwhile goes into the next one, which
-                // closes when this one is applied. (Also waiting for the queues before the
-                // master to drain, as before, left batches open for the whole window whenever
-                // requests kept arriving during a slow write: p99 at half load 164-174 ms.)
-                let idle = self.close_idle && opened_at.is_some() && in_flight == 0;
+                // open only adds latency, unless requests are still on their way through
+                // validation: then it waits for them, for at most a fifth of the window.
+                // (Waiting for the queues to drain without that limit left batches open for the
+                // whole window whenever requests kept coming during a slow write: p99 at half
+                // load 164-174 ms. Not waiting at all made batches of ~5 requests when
+                // validation was slow, with a million accounts: 11k/s against 58k/s.)
+                let upstream_empty =
+                    self.rx.is_empty() && self.queues_before.iter().all(|q| q.is_empty());
+                let idle = self.close_idle
+                    && in_flight == 0
+                    && opened_at.is_some_and(|t| {
+                        upstream_empty || t.elapsed() >= self.window / IDLE_WAIT_WINDOW_FRACTION
+                    });
                 let due = full || window_over || stopping || idle;
                 if due && (in_flight < self.in_flight_max || stopping) {
                     let reason = if full {
