@@ -295,7 +295,8 @@ fn failed(e: &str) -> Error {
 /// The archive thread's nice value (Linux: per thread). Its merges are bulk work whose only
 /// deadline is the lag bound (`ARCHIVE_LAG_*`), and one of them can take a core for seconds;
 /// at the default priority that core was taken from the threads that confirm (at half of the
-/// maximum rate, p99 of two 60 s runs 122-136 ms against 91-95 ms niced). When the archive
+/// maximum rate, p99 of two 60 s runs 122-136 ms against 91-95 ms niced, both with a 1 MiB
+/// state memtable). When the archive
 /// falls behind anyway, the lag bound makes `apply` wait, which frees the CPU it needs.
 const ARCHIVE_NICE: i32 = 19;
 

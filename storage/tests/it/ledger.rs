@@ -7,7 +7,7 @@ use tally_core::state::LedgerMeta;
 use tally_core::Error;
 use tally_storage::{layout, FilterOrigin, LedgerDb, StoreOptions};
 
-use crate::support::{seed, Chain, Model};
+use crate::support::{rows_with_prefix, seed, Chain, Model};
 
 /// A small memtable, so that the batches end up spread over the memtable and several tables.
 fn small() -> StoreOptions {
@@ -104,7 +104,6 @@ fn headers_pages_in_height_order() {
 /// before.
 #[test]
 fn header_rows_of_v1_are_merged_into_v2_at_open() {
-    use rusty_leveldb::LdbIterator as _;
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -113,19 +112,7 @@ fn header_rows_of_v1_are_merged_into_v2_at_open() {
     fill(&mut db, &mut model, seed, &mut rng, 30, |_| {});
     db.close().unwrap();
     let tag = tally_storage::layout::Table::Header.tag();
-    let rows_under = |db: &mut rusty_leveldb::DB, prefix: &[u8]| {
-        let mut rows = Vec::new();
-        let mut it = db.new_iter().unwrap();
-        it.seek(prefix);
-        while let Some((key, value)) = it.current() {
-            if !key.starts_with(prefix) {
-                break;
-            }
-            rows.push((key.to_vec(), value.to_vec()));
-            it.advance();
-        }
-        rows
-    };
+    let rows_under = rows_with_prefix;
     {
         let mut raw =
             rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();

@@ -522,21 +522,9 @@ fn an_emptied_conf_state_is_refused() {
 /// and the last index in `raft_state` rows of their own (and every `raft_state` row under
 /// `raft_state` v1's tag if `v1`).
 fn make_old_layout(dir: &Path, v1: bool) {
-    use rusty_leveldb::LdbIterator as _;
     let mut db = rusty_leveldb::DB::open(dir, rusty_leveldb::Options::default()).unwrap();
-    let scan = |db: &mut rusty_leveldb::DB, tag: [u8; 4]| {
-        let mut rows = Vec::new();
-        let mut it = db.new_iter().unwrap();
-        it.seek(&tag);
-        while let Some((key, value)) = it.current() {
-            if !key.starts_with(&tag) {
-                break;
-            }
-            rows.push((key.to_vec(), value.to_vec()));
-            it.advance();
-        }
-        rows
-    };
+    let scan =
+        |db: &mut rusty_leveldb::DB, tag: [u8; 4]| crate::support::rows_with_prefix(db, &tag);
     let mut batch = rusty_leveldb::WriteBatch::default();
     let mut newest = None;
     for (key, value) in scan(&mut db, Table::RaftEntry.tag()) {

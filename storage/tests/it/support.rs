@@ -252,3 +252,20 @@ pub fn check_chain(db: &mut LedgerDb) -> LedgerMeta {
     assert_eq!(total, meta.expected_total(), "conservation");
     meta
 }
+
+/// Every row of a raw LevelDB whose key starts with `prefix`, in key order (for tests that
+/// rewrite a database into an older layout).
+pub fn rows_with_prefix(db: &mut rusty_leveldb::DB, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use rusty_leveldb::LdbIterator as _;
+    let mut rows = Vec::new();
+    let mut it = db.new_iter().unwrap();
+    it.seek(prefix);
+    while let Some((key, value)) = it.current() {
+        if !key.starts_with(prefix) {
+            break;
+        }
+        rows.push((key.to_vec(), value.to_vec()));
+        it.advance();
+    }
+    rows
+}
