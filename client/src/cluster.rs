@@ -715,14 +715,18 @@ fn next_step(e: &Error, address: &str) -> Next {
                     }
                 }
             }
-            ErrorCode::Unavailable | ErrorCode::ShuttingDown => Next::Backoff {
-                elsewhere: true,
-                retry_after_ms: reply.retry_after_ms,
-            },
-            ErrorCode::Busy | ErrorCode::TooManyInFlight => Next::Backoff {
-                elsewhere: false,
-                retry_after_ms: reply.retry_after_ms,
-            },
+            ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Recovering => {
+                Next::Backoff {
+                    elsewhere: true,
+                    retry_after_ms: reply.retry_after_ms,
+                }
+            }
+            ErrorCode::Busy | ErrorCode::TooManyInFlight | ErrorCode::ArchiveBehind => {
+                Next::Backoff {
+                    elsewhere: false,
+                    retry_after_ms: reply.retry_after_ms,
+                }
+            }
             _ => Next::Final,
         },
         Error::Disconnected | Error::Timeout => Next::Reconnect,

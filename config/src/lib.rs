@@ -39,6 +39,7 @@
 //!   [`Config::to_toml_string`] panics on such a value, or on a path that is not UTF-8. Neither
 //!   can come from parsing, only from a `Config` built in code.
 
+mod archive;
 mod error;
 mod schema;
 mod validate;
@@ -47,10 +48,11 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::archive::ArchiveUrl;
 pub use crate::error::{ConfigError, ConfigErrors};
 pub use crate::schema::{
-    BatchConfig, CacheConfig, LimitsConfig, ListenConfig, LogConfig, NodeConfig, OperatorConfig,
-    PeerConfig, RaftConfig, TlsConfig, WorkersConfig,
+    ArchiveConfig, BatchConfig, CacheConfig, LimitsConfig, ListenConfig, LogConfig, NodeConfig,
+    OperatorConfig, PeerConfig, RaftConfig, TlsConfig, WorkersConfig,
 };
 
 /// A replica's whole configuration, one field per TOML section.
@@ -90,6 +92,8 @@ pub struct Config {
     /// `[log]`: diagnostics.
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub archive: ArchiveConfig,
     /// `[[peers]]`: the other replicas; empty for a single node. Last, so that serialized
     /// configs end with the array of tables rather than interleave it with the sections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -124,6 +128,10 @@ impl Config {
             limits: LimitsConfig::default(),
             raft: RaftConfig::default(),
             log: LogConfig::default(),
+            archive: ArchiveConfig {
+                url: "archive".to_owned(),
+                ..ArchiveConfig::default()
+            },
             peers: Vec::new(),
         }
     }
@@ -178,6 +186,12 @@ impl Config {
         if let Some(operator) = &mut self.operator {
             resolve(&mut operator.signing_key);
         }
+        // A plain relative archive path, like every other path, is relative to the config.
+        if let Ok(ArchiveUrl::File(path)) = ArchiveUrl::parse(&self.archive.url) {
+            if path.is_relative() {
+                self.archive.url = join_relative(base_dir, &path).display().to_string();
+            }
+        }
     }
 
     /// `node.chain_id` as bytes.
@@ -212,6 +226,17 @@ impl Config {
     }
 
     /// The raft ids of every replica, this one included, in ascending order: the initial voters.
+    /// The archive's location, when one is configured.
+    pub fn archive_url(&self) -> Option<ArchiveUrl> {
+        if !self.archive.enabled() {
+            return None;
+        }
+        Some(
+            ArchiveUrl::parse(&self.archive.url)
+                .expect("archive.url is valid: call Config::validate first"),
+        )
+    }
+
     pub fn replica_ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = std::iter::once(self.node.id)
             .chain(self.peers.iter().map(|peer| peer.id))

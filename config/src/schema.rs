@@ -306,3 +306,58 @@ impl Default for LogConfig {
         }
     }
 }
+
+/// `[archive]`: the continuous archive in object storage (see docs/OPERATING.md, "Backup and
+/// restore", and PROTOCOL.md, "The archive"). The leader writes every committed batch, a C2SP
+/// tlog-tiles log of the signed headers and a signed checkpoint there; `tally-server restore`
+/// and `tally audit` read it back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Where the archive lives: `s3://bucket/prefix` for any S3-compatible store,
+    /// `file:///absolute/path` or a plain path (relative to the config file's directory) for a
+    /// local directory. Empty: no archive. Default: empty (the development operator writes
+    /// `archive` in its data directory). `tally-server --archive URL` overrides it.
+    pub url: String,
+    /// S3 endpoint, e.g. `http://127.0.0.1:8333` for a local SeaweedFS or MinIO. Empty: the
+    /// `AWS_ENDPOINT_URL` variable, else AWS itself. Credentials come only from the standard AWS
+    /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), never
+    /// from this file. Default: empty.
+    pub endpoint: String,
+    /// S3 region. Empty: the `AWS_REGION` variable, else `us-east-1`. Default: empty.
+    pub region: String,
+    /// Allow a plain-HTTP endpoint (tests, a store on the same host). Default: `false`.
+    pub allow_http: bool,
+    /// Batches between two state snapshots in the archive. At least `1`. Default: `1000`.
+    pub snapshot_every_batches: u64,
+    /// Committed batches that may wait for the archive. Past it the replica refuses new
+    /// requests with `archive_behind` (retry later) until the archive catches up, instead of
+    /// letting an ever larger window of history live only on the replicas' disks. At least `1`.
+    /// Default: `10000`.
+    pub max_lag_batches: u64,
+    /// Send a batch's confirmations only once the batch is in the archive (its checkpoint
+    /// written): no confirmed request can be lost even if every replica's disk is. Costs a round
+    /// trip to the store per batch. Default: `false`.
+    pub confirm_after_archive: bool,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            endpoint: String::new(),
+            region: String::new(),
+            allow_http: false,
+            snapshot_every_batches: 1000,
+            max_lag_batches: 10_000,
+            confirm_after_archive: false,
+        }
+    }
+}
+
+impl ArchiveConfig {
+    /// Whether an archive is configured.
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+}

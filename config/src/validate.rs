@@ -48,6 +48,7 @@ pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
     addresses(&mut problems, config);
     sizes(&mut problems, config);
     raft(&mut problems, config);
+    archive(&mut problems, config);
     if config.log.level.trim().is_empty() {
         problems.push("log.level", quoted(&config.log.level), "must not be empty");
     }
@@ -267,6 +268,36 @@ fn raft(problems: &mut Problems, config: &Config) {
                  batch.batch_requests_max = {})",
                 config.batch.batch_requests_max
             ),
+        );
+    }
+}
+
+fn archive(problems: &mut Problems, config: &Config) {
+    let archive = &config.archive;
+    problems.at_least(
+        "archive.snapshot_every_batches",
+        archive.snapshot_every_batches,
+        1,
+    );
+    problems.at_least("archive.max_lag_batches", archive.max_lag_batches, 1);
+    if archive.enabled() {
+        if let Err(problem) = crate::ArchiveUrl::parse(&archive.url) {
+            problems.push("archive.url", quoted(&archive.url), problem);
+        }
+    } else if archive.confirm_after_archive {
+        problems.push(
+            "archive.confirm_after_archive",
+            true,
+            "needs archive.url: there is no archive to wait for",
+        );
+    }
+    let endpoint = &archive.endpoint;
+    if !endpoint.is_empty() && !endpoint.starts_with("http://") && !endpoint.starts_with("https://")
+    {
+        problems.push(
+            "archive.endpoint",
+            quoted(endpoint),
+            "must be an http:// or https:// URL",
         );
     }
 }

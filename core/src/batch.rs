@@ -150,6 +150,39 @@ pub fn prepare_apply(
     store: &mut impl LedgerRead,
     operator: &OperatorKey,
 ) -> Result<BatchWrite> {
+    let replayed = replay_batch(body, meta, store, &operator.key_id())?;
+    let signed_header = operator.sign_header(body.header.clone());
+    let body_digest = sha256(&[&encoded_body]);
+    Ok(BatchWrite {
+        header_hash: replayed.meta.last_header_hash,
+        signed_header,
+        body: encoded_body,
+        body_digest,
+        accounts: replayed.accounts,
+        requests: replayed.requests,
+        meta: replayed.meta,
+    })
+}
+
+/// What a committed batch does to the state it follows, checked (see [`replay_batch`]).
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    /// Final balance of each account the batch touched, each once, in first-touch order.
+    pub accounts: Vec<(PublicKey, u64)>,
+    pub requests: Vec<AppliedRequest>,
+    /// The summary after the batch (`last_header_hash` is this batch's header's hash).
+    pub meta: LedgerMeta,
+}
+
+/// Replays a committed batch against the applied state without signing anything: the receipts
+/// must follow from the state, and the Merkle root and state digest must be the header's. A
+/// replica's apply and an auditor's replay of the archive share this one rule.
+pub fn replay_batch(
+    body: &BatchBody,
+    meta: &LedgerMeta,
+    store: &mut impl LedgerRead,
+    operator_key_id: &[u8; 8],
+) -> Result<Replayed> {
     let h = &body.header;
     let diverged = |what: String| Err(Error::Diverged(format!("batch {}: {what}", h.height)));
     if h.height != meta.height + 1 {
@@ -158,7 +191,7 @@ pub fn prepare_apply(
     if h.prev_hash != meta.last_header_hash {
         return diverged("previous header hash does not match the applied chain".into());
     }
-    if h.operator_key_id != operator.key_id() {
+    if &h.operator_key_id != operator_key_id {
         return diverged("the header names another operator key than this replica holds".into());
     }
     if h.request_count as usize != body.entries.len() {
@@ -172,44 +205,17 @@ pub fn prepare_apply(
     replay.next.height = h.height;
     let mut requests = Vec::with_capacity(body.entries.len());
     for (i, e) in body.entries.iter().enumerate() {
-        let (r, rc) = (&e.request, &e.receipt);
-        let rh = request_hash(r);
-        if rc.request_hash != rh || rc.height != h.height || rc.index != i as u32 || rc.op != r.op {
-            return diverged(format!("receipt {i} does not describe its request"));
-        }
-        let ok = match r.op {
-            Op::Deposit => {
-                replay.next.total_deposited += r.amount as u128;
-                rc.signer_balance == 0
-                    && replay.change(store, r.to, rc.to_balance, |old| {
-                        old.unwrap_or(0).checked_add(r.amount)
-                    })?
-            }
-            Op::Transfer => {
-                replay.change(store, r.signer, rc.signer_balance, |old| {
-                    old?.checked_sub(r.amount)
-                })? && replay.change(store, r.to, rc.to_balance, |old| {
-                    old.unwrap_or(0).checked_add(r.amount)
-                })?
-            }
-            Op::Withdraw => {
-                replay.next.total_withdrawn += r.amount as u128;
-                rc.to_balance == 0
-                    && replay.change(store, r.signer, rc.signer_balance, |old| {
-                        old?.checked_sub(r.amount)
-                    })?
-            }
-        };
-        if !ok {
+        if !replay.entry(store, h.height, i, e)? {
             return diverged(format!(
-                "entry {i}: the receipt's balances do not follow from the applied state"
+                "entry {i}: the receipt does not describe its request or its balances do not \
+                 follow from the applied state"
             ));
         }
         requests.push(AppliedRequest {
-            signer: r.signer,
-            id: r.id,
+            signer: e.request.signer,
+            id: e.request.id,
             index: i as u32,
-            request_hash: rh,
+            request_hash: e.receipt.request_hash,
         });
     }
     let Replay {
@@ -230,14 +236,8 @@ pub fn prepare_apply(
     if next.state_digest() != h.state_digest {
         return diverged("state digest does not match the replayed state".into());
     }
-    let signed_header = operator.sign_header(h.clone());
     next.last_header_hash = header_hash(h);
-    let body_digest = sha256(&[&encoded_body]);
-    Ok(BatchWrite {
-        header_hash: next.last_header_hash,
-        signed_header,
-        body: encoded_body,
-        body_digest,
+    Ok(Replayed {
         accounts: order.iter().map(|k| (*k, touched[k].1)).collect(),
         requests,
         meta: next,
@@ -253,6 +253,47 @@ struct Replay {
 }
 
 impl Replay {
+    /// Replays entry `i` of the batch at `height`; false if its receipt does not describe its
+    /// request or its balances do not follow.
+    fn entry(
+        &mut self,
+        store: &mut impl LedgerRead,
+        height: u64,
+        i: usize,
+        e: &BatchEntry,
+    ) -> Result<bool> {
+        let (r, rc) = (&e.request, &e.receipt);
+        if rc.request_hash != request_hash(r) || rc.height != height || rc.index != i as u32 {
+            return Ok(false);
+        }
+        if rc.op != r.op {
+            return Ok(false);
+        }
+        Ok(match r.op {
+            Op::Deposit => {
+                self.next.total_deposited += r.amount as u128;
+                rc.signer_balance == 0
+                    && self.change(store, r.to, rc.to_balance, |old| {
+                        old.unwrap_or(0).checked_add(r.amount)
+                    })?
+            }
+            Op::Transfer => {
+                self.change(store, r.signer, rc.signer_balance, |old| {
+                    old?.checked_sub(r.amount)
+                })? && self.change(store, r.to, rc.to_balance, |old| {
+                    old.unwrap_or(0).checked_add(r.amount)
+                })?
+            }
+            Op::Withdraw => {
+                self.next.total_withdrawn += r.amount as u128;
+                rc.to_balance == 0
+                    && self.change(store, r.signer, rc.signer_balance, |old| {
+                        old?.checked_sub(r.amount)
+                    })?
+            }
+        })
+    }
+
     /// Moves `key` to `new` if `rule(old)` says that is the effect; returns false otherwise.
     fn change(
         &mut self,

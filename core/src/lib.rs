@@ -2,10 +2,12 @@
 //!
 //! - [`validate`]: stateless checks (chain id, deposit keys, strict Ed25519).
 //! - [`sequencer`]: the master's authoritative checks and speculative apply; seals batches.
+//! - [`archive`]: the archive's object names and encodings, and the checks a reader makes.
 //! - [`batch`]: batch bodies, replaying a committed batch into one durable write.
 //! - [`merkle`]: RFC 6962 trees (rs_merkle) and proof verification.
 //! - [`crypto`]: hashes, header signing, request signatures.
 //! - [`state`]: the ledger summary and its state digest.
+//! - [`tlog`]: the archive's C2SP tlog-tiles log of signed headers, checkpoints, signed notes.
 //! - [`ports`]: the storage traits this crate needs, and an in-memory store for tests.
 //! - [`verify`]: offline verification of confirmations.
 //! - [`replica`]: the sans-IO Raft driver around raft-rs's `RawNode`, and the raft log port.
@@ -16,6 +18,7 @@
 //! Caveats: the state digest is an additive multiset hash (see [`state`]); the account cache
 //! in [`sequencer`] evicts in map order.
 
+pub mod archive;
 pub mod batch;
 pub mod crypto;
 mod error;
@@ -24,6 +27,7 @@ pub mod ports;
 pub mod replica;
 pub mod sequencer;
 pub mod state;
+pub mod tlog;
 pub mod validate;
 pub mod verify;
 

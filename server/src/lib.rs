@@ -6,12 +6,14 @@
 //! - [`net`]: the TLS client listener and per-connection tasks.
 //! - [`pipeline`]: validation pools, the master thread, the storage thread, the confirmer.
 //! - [`node`]: wiring it together from a validated config.
+//! - [`archive`]: the archive writer's batch source, start and metrics; the read-only rule.
+//! - [`restore`]: `tally-server restore`, a data directory rebuilt from the archive alone.
 //! - [`metrics`]: the Prometheus registry and every metric handle.
 //! - [`http`]: `/metrics`, `/health` and `/ready` on `listen.metrics`.
 //!
-//! Caveats: a single node commits a batch by applying it (no replication yet), so the Raft
-//! metrics show a fixed single-node state.
+//! Caveats: a replica restored below the archive's tip serves reads only, for good.
 
+pub mod archive;
 pub mod bootstrap;
 pub mod http;
 pub mod metrics;
@@ -20,5 +22,6 @@ pub mod node;
 pub mod peer;
 pub mod pipeline;
 pub mod replication;
+pub mod restore;
 pub mod snapshot;
 pub mod tls;

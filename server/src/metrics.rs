@@ -85,6 +85,16 @@ pub struct RaftMetrics {
     pub ready_seconds: Histogram,
 }
 
+/// The archive writer (`tally_storage::archiver`), copied from its progress once a second.
+pub struct ArchiveMetrics {
+    pub height: IntGauge,
+    pub lag_batches: IntGauge,
+    pub upload_errors: IntCounter,
+    pub uploaded_bytes: IntCounter,
+    pub uploaded_batches: IntCounter,
+    pub fenced: IntGauge,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub stateless: Stage,
@@ -109,8 +119,11 @@ pub struct Metrics {
     pub durable_write_seconds: Histogram,
     /// LevelDB housekeeping (memtable flush, compactions) run while the storage thread is idle.
     pub storage_maintain_seconds: Histogram,
-    /// Applied batches whose bodies and request records the archive does not hold durably yet.
-    pub archive_lag_batches: IntGauge,
+    /// Applied batches whose bodies and request records the local history database
+    /// (`<ledger>/archive`) does not hold durably yet.
+    pub history_lag_batches: IntGauge,
+    /// The archive in object storage (`[archive]`).
+    pub archive: ArchiveMetrics,
     pub applied_height: IntGauge,
     /// 1 when the request filter was loaded from the file the last clean stop saved, 0 when it
     /// was rebuilt by scanning the request table (or is turned off).
@@ -271,10 +284,36 @@ impl Metrics {
                 "LevelDB memtable flushes and compactions run while the storage thread is idle.",
                 seconds_buckets(),
             ),
-            archive_lag_batches: gauge(
-                "tally_archive_lag_batches",
-                "Applied batches whose bodies and request records the archive (written behind the confirmation path) does not hold durably yet.",
+            history_lag_batches: gauge(
+                "tally_history_lag_batches",
+                "Applied batches whose bodies and request records the local history database (written behind the confirmation path) does not hold durably yet.",
             ),
+            archive: ArchiveMetrics {
+                height: gauge(
+                    "tally_archive_height",
+                    "Height the archive in object storage holds (its checkpoint's tree size), as this replica last read or wrote it.",
+                ),
+                lag_batches: gauge(
+                    "tally_archive_lag_batches",
+                    "Applied batches the archive in object storage does not hold yet; new requests are refused (archive_behind) at archive.max_lag_batches.",
+                ),
+                upload_errors: counter(
+                    "tally_archive_upload_errors_total",
+                    "Archive rounds that failed on a store error (each retried with backoff).",
+                ),
+                uploaded_bytes: counter(
+                    "tally_archive_uploaded_bytes_total",
+                    "Bytes written to the archive: batch objects, tiles, checkpoints.",
+                ),
+                uploaded_batches: counter(
+                    "tally_archive_uploaded_batches_total",
+                    "Batch objects written to the archive by this replica.",
+                ),
+                fenced: gauge(
+                    "tally_archive_fenced",
+                    "1 when this replica's archive writer stopped for good: the archive belongs to another ledger or holds another history (see the log).",
+                ),
+            },
             applied_height: gauge(
                 "tally_applied_height",
                 "Height of the latest batch applied to this replica's storage.",

@@ -188,12 +188,35 @@ async fn connection(
     let _ = writer.await;
 }
 
+/// What a client refused with `archive_behind` is told to wait.
+const ARCHIVE_BEHIND_RETRY_MS: u32 = 1000;
+
+/// Whether the archive lags by `archive.max_lag_batches` or more (then writes are refused).
+fn archive_full(pipeline: &PipelineHandle) -> bool {
+    pipeline.archive.as_ref().is_some_and(|gate| {
+        gate.lag(pipeline.applied_height.load(Ordering::SeqCst)) >= gate.max_lag_batches
+    })
+}
+
 fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: &Arc<AtomicBool>) {
     let view = &pipeline.view;
     match message {
         // Only the leader takes writes; others answer at once with where to go.
+        Message::Submit(_) | Message::SubmitHinted(..) if pipeline.read_only => reply.error(
+            ErrorCode::Recovering,
+            "this replica was restored below the archive's tip and serves reads only",
+        ),
         Message::Submit(_) | Message::SubmitHinted(..) if !view.writable.load(Ordering::SeqCst) => {
             reply.send(&Message::Error(view.not_writable()))
+        }
+        Message::Submit(_) | Message::SubmitHinted(..) if archive_full(pipeline) => {
+            let mut r = ErrorReply::new(
+                ErrorCode::ArchiveBehind,
+                "more committed batches than archive.max_lag_batches wait for the archive; \
+                 retry later",
+            );
+            r.retry_after_ms = ARCHIVE_BEHIND_RETRY_MS;
+            reply.send(&Message::Error(r))
         }
         Message::Submit(request) => pipeline::submit(
             pipeline,

@@ -15,10 +15,12 @@ use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
 use tally_core::sequencer::SequencerConfig;
 use tally_core::validate::StatelessRules;
+use tally_storage::archiver::ArchiveProgress;
 use tally_storage::{FilterOrigin, LedgerDb, RaftLogDb, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::archive;
 use crate::bootstrap::read_signing_key;
 use crate::metrics::Metrics;
 use crate::net::{serve, NetLimits};
@@ -113,6 +115,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let op_cfg = config.operator.as_ref().context("[operator] is required")?;
     let signing_key = read_signing_key(&op_cfg.signing_key)?;
     let operator_public = signing_key.verifying_key().to_bytes();
+    let archive_key = signing_key.clone();
     let operator = OperatorKey::new(signing_key);
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
     std::fs::create_dir_all(&config.node.data_dir)
@@ -180,6 +183,21 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .enable_all()
         .thread_name("tally-net")
         .build()?;
+    let bucket = archive::open_bucket(&config)?;
+    let archive_height = match &bucket {
+        Some(b) => archive::startup_height(&runtime, b, &chain_id, &archive_key)?,
+        None => None,
+    };
+    let read_only = archive::read_only(&config, meta.height, archive_height);
+    let progress = Arc::new(ArchiveProgress::default());
+    if let Some(h) = archive_height {
+        progress
+            .height
+            .store(h, std::sync::atomic::Ordering::SeqCst);
+    }
+    let gate = bucket
+        .as_ref()
+        .map(|_| archive::gate(&config, progress.clone()));
     let (peer_server, peer_client) = peer_tls(&tls_cfg.ca_cert, &tls_cfg.cert, &tls_cfg.key)?;
     let transfer = PeerSnapshotTransfer::new(
         &config,
@@ -212,6 +230,8 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             batch_close_idle: config.batch.batch_close_idle,
             batch_in_flight_max: config.batch.batch_in_flight_max as u64,
             metrics: metrics.clone(),
+            archive: gate.clone(),
+            read_only,
         },
         RaftWiring {
             raft_tx: raft_tx.clone(),
@@ -225,6 +245,35 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         operator,
         Box::new(transfer),
     );
+    if let Some(bucket) = bucket {
+        println!("tally-server: archiving to {}", bucket.url());
+        let source = archive::LedgerSource {
+            storage: storage_tx.clone(),
+            view: view.clone(),
+            applied_height: pipeline.handle.applied_height.clone(),
+            stopping: pipeline.handle.shutdown.clone(),
+            read_only,
+        };
+        archive::spawn_writer(
+            runtime.handle(),
+            &config,
+            bucket,
+            source,
+            archive_key,
+            progress,
+        );
+        if let Some(gate) = &gate {
+            runtime.spawn(archive::publish_metrics(
+                gate.clone(),
+                pipeline.handle.applied_height.clone(),
+                metrics.clone(),
+            ));
+        }
+    } else {
+        tracing::warn!(
+            "no archive configured ([archive] url): the ledger lives only on the replicas' disks"
+        );
+    }
     let limits = NetLimits {
         connections_max: config.limits.connections_max as usize,
         in_flight_max: config.limits.requests_in_flight_per_connection_max as usize,

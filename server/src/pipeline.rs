@@ -35,9 +35,10 @@ use tally_core::sequencer::{Sequencer, SequencerConfig, Submitted};
 use tally_core::state::LedgerMeta;
 use tally_core::validate::StatelessRules;
 use tally_core::{Rejection, Result as CoreResult};
+use tally_storage::archiver::ArchiveProgress;
 use tally_wire::{
     BalanceReply, ErrorCode, ErrorReply, Hash, Message, Op, PublicKey, ReadMode, Request,
-    StatusReply, HEADERS_PER_REPLY_MAX,
+    SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX,
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -171,6 +172,14 @@ pub enum StorageCmd {
         leader_client_address: String,
         reply: ReplyTo,
     },
+    /// The applied batches `from..=to` for the archive writer: (signed header, encoded body),
+    /// stopping early (after at least one) past `bytes_max`.
+    ReadBatches {
+        from: u64,
+        to: u64,
+        bytes_max: usize,
+        reply: tokio::sync::oneshot::Sender<CoreResult<Vec<(SignedHeader, Vec<u8>)>>>,
+    },
     /// Stop after everything queued before it.
     Stop,
 }
@@ -206,6 +215,25 @@ pub struct PipelineConfig {
     pub batch_close_idle: bool,
     pub batch_in_flight_max: u64,
     pub metrics: Arc<Metrics>,
+    /// The archive's bounds, when an archive is configured.
+    pub archive: Option<Arc<ArchiveGate>>,
+    /// Serve reads only: the ledger was restored below the archive's tip.
+    pub read_only: bool,
+}
+
+/// What the pipeline needs of the archive writer: how far it is, and the two rules that hang
+/// on it (`archive.max_lag_batches`, `archive.confirm_after_archive`).
+pub struct ArchiveGate {
+    pub progress: Arc<ArchiveProgress>,
+    pub max_lag_batches: u64,
+    pub confirm_after_archive: bool,
+}
+
+impl ArchiveGate {
+    /// Committed batches the archive does not hold yet (as far as this replica knows).
+    pub fn lag(&self, applied_height: u64) -> u64 {
+        applied_height.saturating_sub(self.progress.height.load(Ordering::SeqCst))
+    }
 }
 
 /// The channels between the pipeline and the raft thread.
@@ -227,6 +255,9 @@ pub struct PipelineHandle {
     pub view: Arc<ClusterView>,
     pub shutdown: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    pub applied_height: Arc<AtomicU64>,
+    pub archive: Option<Arc<ArchiveGate>>,
+    pub read_only: bool,
 }
 
 pub struct Pipeline {
@@ -291,10 +322,11 @@ impl Pipeline {
         };
         spawn("master".into(), move || master.run());
         let storage = StorageThread {
+            archive: cfg.archive.clone(),
             store: Some(store),
             operator,
             node_id: cfg.node_id,
-            applied_height,
+            applied_height: applied_height.clone(),
             applied: wiring.applied,
             raft: wiring.raft_tx.clone(),
             wake: wake_tx,
@@ -307,8 +339,13 @@ impl Pipeline {
         let storage_rx = wiring.storage_rx;
         let storage_thread = spawn("storage".into(), move || storage.run(storage_rx));
         let confirm_metrics = metrics.clone();
+        let wait_for = cfg
+            .archive
+            .clone()
+            .filter(|gate| gate.confirm_after_archive)
+            .map(|gate| (gate, shutdown.clone()));
         let confirm_thread = spawn("confirm".into(), move || {
-            confirmer(confirm_rx, &confirm_metrics)
+            confirmer(confirm_rx, &confirm_metrics, wait_for)
         });
         Pipeline {
             handle: PipelineHandle {
@@ -318,6 +355,9 @@ impl Pipeline {
                 view: wiring.view,
                 shutdown,
                 metrics,
+                applied_height,
+                archive: cfg.archive,
+                read_only: cfg.read_only,
             },
             storage_thread,
             confirm_thread,
@@ -799,13 +839,34 @@ struct ConfirmJob {
     replies: Vec<(u32, ReplyTo, bool)>,
 }
 
-/// Builds the Merkle tree of each applied batch once and sends every confirmation.
-fn confirmer(rx: Receiver<ConfirmJob>, metrics: &Metrics) {
+/// How long a confirmation waits for the archive once the node is stopping, before its
+/// client is told to retry (with `archive.confirm_after_archive`).
+const ARCHIVE_WAIT_AT_STOP: Duration = Duration::from_secs(5);
+
+/// Builds the Merkle tree of each applied batch once and sends every confirmation; with
+/// `archive.confirm_after_archive`, only once the archive holds the batch.
+fn confirmer(
+    rx: Receiver<ConfirmJob>,
+    metrics: &Metrics,
+    wait_for: Option<(Arc<ArchiveGate>, Arc<AtomicBool>)>,
+) {
     while let Ok(job) = rx.recv() {
         metrics.confirm.queue_depth.set(rx.len() as i64);
         // A follower's batches have no clients waiting: no tree to build.
         if job.replies.is_empty() {
             continue;
+        }
+        let height = job.signed.header.height;
+        if let Some((gate, shutdown)) = &wait_for {
+            if !wait_for_archive(gate, shutdown, height) {
+                for (_, reply, _) in job.replies {
+                    reply.error(
+                        ErrorCode::Unavailable,
+                        "the batch is committed but not yet in the archive; retry with the same id",
+                    );
+                }
+                continue;
+            }
         }
         let started = Instant::now();
         let tree = job.body.proof_tree();
@@ -829,11 +890,28 @@ fn confirmer(rx: Receiver<ConfirmJob>, metrics: &Metrics) {
     }
 }
 
+/// Waits until the archive holds `height`; gives up only when the node is stopping.
+fn wait_for_archive(gate: &ArchiveGate, shutdown: &AtomicBool, height: u64) -> bool {
+    let mut stopping_since: Option<Instant> = None;
+    loop {
+        if gate.progress.wait_for(height, Duration::from_millis(100)) {
+            return true;
+        }
+        if shutdown.load(Ordering::SeqCst) {
+            let since = *stopping_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= ARCHIVE_WAIT_AT_STOP {
+                return false;
+            }
+        }
+    }
+}
+
 /// Replays that wait for their batch to be applied are bounded; beyond this they are refused
 /// as retryable.
 const PARKED_REPLAYS_MAX: usize = 65_536;
 
 struct StorageThread<S> {
+    archive: Option<Arc<ArchiveGate>>,
     /// Always Some, except while a snapshot installer has it.
     store: Option<S>,
     operator: OperatorKey,
@@ -1104,7 +1182,20 @@ impl<S: LedgerStore> StorageThread<S> {
                         writable,
                         leader_client_address,
                         latest_header: latest,
+                        archive_height: self
+                            .archive
+                            .as_ref()
+                            .map(|gate| gate.progress.height.load(Ordering::SeqCst)),
                     })));
+                }
+                StorageCmd::ReadBatches {
+                    from,
+                    to,
+                    bytes_max,
+                    reply,
+                } => {
+                    let to = to.min(meta.height);
+                    let _ = reply.send(self.read_batches(from, to, bytes_max));
                 }
                 StorageCmd::Stop => break,
             }
@@ -1144,7 +1235,7 @@ impl<S: LedgerStore> StorageThread<S> {
             .unwrap_or_else(|e| fatal("archiving applied batches", &e));
         let lag = self.db().archive_lag();
         *self.applied.compactable.lock().expect("meta lock") = compactable;
-        self.metrics.archive_lag_batches.set(lag as i64);
+        self.metrics.history_lag_batches.set(lag as i64);
     }
 
     fn publish_index(&self, raft_index: u64) {
@@ -1237,6 +1328,32 @@ impl<S: LedgerStore> StorageThread<S> {
             replies,
         });
         m.confirm.queue_depth.set(self.confirm.len() as i64);
+    }
+
+    /// Applied batches for the archive writer (see `StorageCmd::ReadBatches`).
+    fn read_batches(
+        &mut self,
+        from: u64,
+        to: u64,
+        bytes_max: usize,
+    ) -> CoreResult<Vec<(SignedHeader, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for height in from..=to {
+            let (Some(signed), Some(body)) = (self.db().header(height)?, self.db().body(height)?)
+            else {
+                return Err(tally_core::Error::Storage(format!(
+                    "batch {height} is applied but its header or body is missing"
+                )));
+            };
+            assert_eq!(signed.header.height, height, "header table keyed by height");
+            bytes += body.len();
+            out.push((signed, body));
+            if bytes >= bytes_max {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     fn replay(&mut self, height: u64, index: u32, request_hash: Hash, reply: ReplyTo) {

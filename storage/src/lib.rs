@@ -106,6 +106,9 @@
 //!   randomized model test); nothing here compacts a range that holds tables.
 
 mod archive;
+pub mod archive_read;
+pub mod archiver;
+pub mod bucket;
 mod env;
 mod filter;
 pub mod layout;

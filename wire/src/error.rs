@@ -129,6 +129,8 @@ error_codes! {
     Unavailable = 32, "unavailable", Later;
     ShuttingDown = 33, "shutting_down", Elsewhere;
     TooManyInFlight = 34, "too_many_in_flight", Later;
+    ArchiveBehind = 35, "archive_behind", Later;
+    Recovering = 36, "recovering", Elsewhere;
     NotFound = 40, "not_found", Never;
     Internal = 50, "internal", Later;
 }

@@ -89,6 +89,9 @@ pub struct StatusReply {
     pub writable: bool,
     pub leader_client_address: String,
     pub latest_header: Option<SignedHeader>,
+    /// Height the archive holds (its checkpoint's tree size) as this replica last saw it;
+    /// `None` when no archive is configured.
+    pub archive_height: Option<u64>,
 }
 
 /// Every message, decoded.
@@ -186,6 +189,8 @@ impl Message {
                         out.extend_from_slice(&h.encode());
                     }
                 }
+                out.push(s.archive_height.is_some() as u8);
+                out.extend_from_slice(&s.archive_height.unwrap_or(0).to_le_bytes());
             }
         }
     }
@@ -271,6 +276,11 @@ impl Message {
                     Some(SignedHeader::read(&mut r)?)
                 } else {
                     None
+                },
+                archive_height: {
+                    let present = read_bool(&mut r, "status.has_archive")?;
+                    let height = r.u64("status.archive_height")?;
+                    present.then_some(height)
                 },
             })),
             other => return Err(WireError::UnknownMessageType { found: other }),

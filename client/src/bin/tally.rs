@@ -15,6 +15,8 @@ use tally_client::{
 };
 use tally_core::crypto::{header_hash, verify_header};
 use tally_core::verify::verify_confirmation;
+use tally_storage::archive_read;
+use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::{Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
@@ -123,6 +125,21 @@ enum Command {
     },
     /// Show every replica's role, term, indexes and lag
     Status,
+    /// Verify an archive from its objects alone: checkpoint, tiles, every header and batch,
+    /// and a replay of every balance (exit 0 only if all of it holds)
+    Audit {
+        /// The archive: s3://bucket/prefix (endpoint, region, plain HTTP from AWS_ENDPOINT_URL,
+        /// AWS_REGION, AWS_ALLOW_HTTP; credentials from the AWS variables), file:///path or a
+        /// directory
+        #[arg(long, value_name = "URL")]
+        archive: String,
+        /// A checkpoint saved earlier: the archive must be an append-only extension of it
+        #[arg(long, value_name = "FILE")]
+        from_checkpoint: Option<PathBuf>,
+        /// Operator public key (64 hex) [default: the profile's]
+        #[arg(long, value_name = "HEX", value_parser = public_key_arg)]
+        operator_key: Option<PublicKey>,
+    },
 }
 
 fn public_key_arg(text: &str) -> std::result::Result<PublicKey, String> {
@@ -222,6 +239,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
         Command::Headers { from, limit } => headers(&ctx, from, limit).await,
         Command::Status => status(&ctx).await,
+        Command::Audit {
+            archive,
+            from_checkpoint,
+            operator_key,
+        } => audit(&ctx, &archive, from_checkpoint, operator_key).await,
     }
 }
 
@@ -628,6 +650,7 @@ async fn status(ctx: &Globals) -> Result<ExitCode> {
                     "applied_height": s.applied_height,
                     "lag": max_height - s.applied_height,
                     "latest_header_hash": s.latest_header.as_ref().map(|h| to_hex(&header_hash(&h.header))),
+                    "archive_height": s.archive_height,
                 }),
                 Err(e) => json!({
                     "id": replica.id,
@@ -641,13 +664,13 @@ async fn status(ctx: &Globals) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>4}  {:<21}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  LATEST HEADER",
-        "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "HEIGHT", "LAG"
+        "{:>4}  {:<21}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  {:>8}  LATEST HEADER",
+        "ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "HEIGHT", "LAG", "ARCHIVE"
     );
     for (replica, result) in profile.replicas.iter().zip(&results) {
         match result {
             Ok(s) => println!(
-                "{:>4}  {:<21}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  {}",
+                "{:>4}  {:<21}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  {:>8}  {}",
                 replica.id,
                 replica.address,
                 role_name(s.role),
@@ -657,6 +680,7 @@ async fn status(ctx: &Globals) -> Result<ExitCode> {
                 s.applied_index,
                 s.applied_height,
                 max_height - s.applied_height,
+                s.archive_height.map_or("-".to_string(), |h| h.to_string()),
                 s.latest_header
                     .as_ref()
                     .map_or("-".to_string(), |h| to_hex(&header_hash(&h.header))),
@@ -668,6 +692,72 @@ async fn status(ctx: &Globals) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(
+    ctx: &Globals,
+    archive: &str,
+    from_checkpoint: Option<PathBuf>,
+    operator_key: Option<PublicKey>,
+) -> Result<ExitCode> {
+    let url = tally_config::ArchiveUrl::parse(archive)
+        .map_err(|e| anyhow::anyhow!("--archive {archive}: {e}"))?;
+    let (operator, chain_id) = match operator_key {
+        Some(key) => (key, None),
+        None => {
+            let profile = ctx.profile()?;
+            (profile.operator_key()?, Some(profile.chain_id_bytes()?))
+        }
+    };
+    let earlier = match &from_checkpoint {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    let bucket = Bucket::open(&BucketSettings::from_url(url))?;
+    let report = archive_read::audit(&bucket, chain_id.as_ref(), &operator, earlier.as_deref())
+        .await
+        .context("reading the archive")?;
+    print_audit(ctx, &report);
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
+    let errors: Vec<_> = report
+        .errors
+        .iter()
+        .map(|e| json!({ "key": e.key, "message": e.message }))
+        .collect();
+    if ctx.json {
+        let body = json!({
+            "ok": report.ok,
+            "height": report.height,
+            "batches": report.batches,
+            "checkpoint_size": report.checkpoint_size,
+            "accounts": report.accounts,
+            "errors": errors,
+        });
+        println!("{body}");
+        return;
+    }
+    for e in &report.errors {
+        println!("BAD  {}: {}", e.key, e.message);
+    }
+    println!(
+        "{}: {} batches verified and replayed up to height {} of {} in the checkpoint; {} accounts",
+        if report.ok { "ok" } else { "FAILED" },
+        report.batches,
+        report.height,
+        report
+            .checkpoint_size
+            .map_or("?".to_string(), |s| s.to_string()),
+        report.accounts,
+    );
 }
 
 /// `2024-05-01T12:00:00.000Z` from Unix milliseconds (proleptic Gregorian, UTC).

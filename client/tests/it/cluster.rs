@@ -647,6 +647,7 @@ async fn status_of_every_replica() {
                 writable: true,
                 leader_client_address: C.into(),
                 latest_header: None,
+                archive_height: None,
             }))),
             _ => panic!("unexpected {message:?}"),
         },

@@ -154,4 +154,5 @@ fn example_shows_every_key_at_its_default() {
     assert_eq!(config.limits, LimitsConfig::default());
     assert_eq!(config.raft, RaftConfig::default());
     assert_eq!(config.log, LogConfig::default());
+    assert_eq!(config.archive, defaults.archive);
 }

@@ -11,3 +11,4 @@ mod merkle;
 mod signing;
 mod state;
 mod stateless;
+mod tlog;

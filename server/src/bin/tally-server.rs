@@ -22,6 +22,10 @@ struct Args {
     /// Data directory of the development operator.
     #[arg(long, value_name = "DIR", default_value = "tally-data")]
     dev_dir: PathBuf,
+    /// Archive to write (overrides `archive.url`, the development operator's too):
+    /// s3://bucket/prefix, file:///path or a directory
+    #[arg(long, value_name = "URL", global = true)]
+    archive: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -40,6 +44,29 @@ enum Command {
         #[arg(long, default_value_t = 7400)]
         base_port: u16,
     },
+    /// Build this replica's ledger from the archive alone (its ledger and raft directories
+    /// must be empty or absent), verifying every signature, hash link, Merkle root and state
+    /// digest; then start the replica as usual. Below the archive's tip (--height) the replica
+    /// serves reads only.
+    Restore {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Archive to read [default: the config's archive.url]
+        #[arg(long, value_name = "URL")]
+        from: Option<String>,
+        /// Restore up to this height [default: the archive's tip]
+        #[arg(long, value_name = "H")]
+        height: Option<u64>,
+    },
+}
+
+/// `--archive URL` over `archive.url`, checked like the config's own key.
+fn override_archive(config: &mut Config, url: Option<&String>) -> Result<()> {
+    if let Some(url) = url {
+        tally_config::ArchiveUrl::parse(url).map_err(|e| anyhow!("--archive {url}: {e}"))?;
+        config.archive.url = url.clone();
+    }
+    Ok(())
 }
 
 fn load(path: &PathBuf) -> Result<Config> {
@@ -83,6 +110,34 @@ fn main() -> Result<()> {
         println!("client profile: {}", dir.join("profile.toml").display());
         return Ok(());
     }
+    if let Some(Command::Restore {
+        config,
+        from,
+        height,
+    }) = &args.command
+    {
+        let mut config = load(config)?;
+        override_archive(&mut config, args.archive.as_ref())?;
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_default(),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        let r = tally_server::restore::restore(&config, from.as_deref(), *height)?;
+        println!(
+            "tally-server: restored height {} of the archive's {} in {:.1} s{}",
+            r.height,
+            r.archive_height,
+            r.seconds,
+            if r.read_only {
+                " (below the tip: this replica will serve reads only)"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
     if let Some(path) = &args.check_config {
         // Printed plainly (no anyhow backtrace): the problems are the output.
         if let Err(e) = load(path) {
@@ -92,13 +147,14 @@ fn main() -> Result<()> {
         println!("{}: ok", path.display());
         return Ok(());
     }
-    let (config, profile) = match &args.config {
+    let (mut config, profile) = match &args.config {
         Some(path) => (load(path)?, None),
         None => {
             let (config, profile) = tally_server::bootstrap::dev_operator(&args.dev_dir)?;
             (config, Some(profile))
         }
     };
+    override_archive(&mut config, args.archive.as_ref())?;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())

@@ -81,6 +81,8 @@ const TABLE: &[(u16, &str, Retry)] = &[
     (32, "unavailable", Retry::Later),
     (33, "shutting_down", Retry::Elsewhere),
     (34, "too_many_in_flight", Retry::Later),
+    (35, "archive_behind", Retry::Later),
+    (36, "recovering", Retry::Elsewhere),
     (40, "not_found", Retry::Never),
     (50, "internal", Retry::Later),
 ];

@@ -80,6 +80,7 @@ pub fn status(latest_header: Option<SignedHeader>) -> StatusReply {
         writable: true,
         leader_client_address: "127.0.0.1:7100".into(),
         latest_header,
+        archive_height: None,
     }
 }
 

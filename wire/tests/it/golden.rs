@@ -364,6 +364,7 @@ fn small_message_payloads() {
                 writable: true,
                 leader_client_address: String::new(),
                 latest_header: None,
+                archive_height: Some(2),
             })),
             "0100000000000000".to_owned()
                 + "04"
@@ -374,7 +375,9 @@ fn small_message_payloads() {
                 + "0200000000000000"
                 + "01"
                 + "0000"
-                + "00",
+                + "00"
+                + "01"
+                + "0200000000000000",
         ),
     ];
     for (m, hex) in cases {

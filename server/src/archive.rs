@@ -1,0 +1,214 @@
+//! The node's side of the archive: the writer's batch source (the storage thread), its start,
+//! the read-only rule for replicas restored below the archive's tip, and its metrics.
+//!
+//! The writer itself (`tally_storage::archiver`) runs as one task on the node's tokio runtime;
+//! it reads applied batches through the storage thread's queue like any other reader, so the
+//! ledger keeps its single owner.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{Sender, TrySendError};
+use ed25519_dalek::SigningKey;
+use tally_config::Config;
+use tally_core::archive::CHECKPOINT_KEY;
+use tally_core::tlog::origin_for;
+use tally_storage::archiver::{parse_checkpoint, ArchiveProgress, Archiver, BatchSource};
+use tally_storage::bucket::{Bucket, BucketSettings};
+use tally_wire::SignedHeader;
+
+use crate::metrics::Metrics;
+use crate::pipeline::{ArchiveGate, StorageCmd};
+use crate::replication::ClusterView;
+
+/// Bytes of batch bodies the writer takes from the storage thread per read.
+const READ_BYTES_MAX: usize = 16 << 20;
+/// How long the start-up check waits for the archive's checkpoint.
+const STARTUP_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The file `tally-server restore --height H` leaves in the data directory when `H` is below
+/// the archive's tip: the replica then serves reads only, forever (a forensic copy).
+pub const READ_ONLY_MARKER: &str = "RESTORED-READ-ONLY";
+
+pub fn read_only_marker(data_dir: &Path) -> PathBuf {
+    data_dir.join(READ_ONLY_MARKER)
+}
+
+/// The writer's view of this replica.
+pub struct LedgerSource {
+    pub storage: Sender<StorageCmd>,
+    pub view: Arc<ClusterView>,
+    pub applied_height: Arc<AtomicU64>,
+    pub stopping: Arc<AtomicBool>,
+    pub read_only: bool,
+}
+
+impl BatchSource for LedgerSource {
+    fn applied_height(&self) -> u64 {
+        self.applied_height.load(Ordering::SeqCst)
+    }
+
+    fn may_write(&self) -> bool {
+        !self.read_only && self.view.writable.load(Ordering::SeqCst)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Vec<u8>)>, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut cmd = StorageCmd::ReadBatches {
+            from,
+            to,
+            bytes_max: READ_BYTES_MAX,
+            reply: tx,
+        };
+        // The storage queue is shared with the pipeline; when it is full the writer waits (it
+        // is behind the confirmations by design), it never blocks a tokio worker.
+        loop {
+            match self.storage.try_send(cmd) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) => {
+                    cmd = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(TrySendError::Disconnected(_)) => return Err("the ledger stopped".into()),
+            }
+        }
+        let batches = rx
+            .await
+            .map_err(|_| "the ledger stopped".to_string())?
+            .map_err(|e| e.to_string())?;
+        if batches.is_empty() {
+            return Err(format!("the ledger has no batch at height {from}"));
+        }
+        Ok(batches)
+    }
+}
+
+/// The archive of `config`, opened, or `None` when none is configured.
+pub fn open_bucket(config: &Config) -> Result<Option<Bucket>> {
+    let Some(settings) = BucketSettings::from_config(&config.archive) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        Bucket::open(&settings).context("opening the archive")?,
+    ))
+}
+
+/// Reads the archive's height (checkpoint size) at start; `None` if there is no checkpoint
+/// yet. A store that does not answer in time is not an error here (the writer retries): it
+/// gives `Ok(None)` after a warning.
+pub fn startup_height(
+    runtime: &tokio::runtime::Runtime,
+    bucket: &Bucket,
+    chain_id: &[u8; 32],
+    key: &SigningKey,
+) -> Result<Option<u64>> {
+    let read = runtime.block_on(async {
+        tokio::time::timeout(STARTUP_READ_TIMEOUT, bucket.get(CHECKPOINT_KEY)).await
+    });
+    let found = match read {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!("the archive could not be read at start: {e}");
+            return Ok(None);
+        }
+        Err(_) => {
+            tracing::warn!("the archive did not answer within {STARTUP_READ_TIMEOUT:?} at start");
+            return Ok(None);
+        }
+    };
+    let Some((bytes, _)) = found else {
+        return Ok(None);
+    };
+    let checkpoint = parse_checkpoint(&bytes, &origin_for(chain_id), key)
+        .map_err(|e| anyhow::anyhow!("the archive's checkpoint does not verify: {e}"))?;
+    Ok(Some(checkpoint.size))
+}
+
+/// The gate the pipeline checks, over the writer's progress.
+pub fn gate(config: &Config, progress: Arc<ArchiveProgress>) -> Arc<ArchiveGate> {
+    Arc::new(ArchiveGate {
+        progress,
+        max_lag_batches: config.archive.max_lag_batches,
+        confirm_after_archive: config.archive.confirm_after_archive,
+    })
+}
+
+/// Starts the writer on the runtime.
+pub fn spawn_writer(
+    runtime: &tokio::runtime::Handle,
+    config: &Config,
+    bucket: Bucket,
+    source: LedgerSource,
+    key: SigningKey,
+    progress: Arc<ArchiveProgress>,
+) {
+    let archiver = Archiver {
+        bucket,
+        source,
+        progress,
+        chain_id: config.chain_id_bytes(),
+        key,
+    };
+    runtime.spawn(archiver.run());
+}
+
+/// Whether this replica must serve reads only: it was restored below the archive's tip
+/// (`restore --height` left the marker), or it is a single node whose ledger is below the
+/// archive's height, which it could only reach by signing headers the archive already has.
+pub fn read_only(config: &Config, ledger_height: u64, archive_height: Option<u64>) -> bool {
+    let marker = read_only_marker(&config.node.data_dir);
+    if marker.exists() {
+        tracing::warn!(
+            "{} exists: this replica was restored below the archive's tip and serves reads \
+             only (a forensic copy); delete the data directory and restore again to serve writes",
+            marker.display()
+        );
+        return true;
+    }
+    match archive_height {
+        Some(archived) if config.peers.is_empty() && archived > ledger_height => {
+            tracing::warn!(
+                archived,
+                ledger_height,
+                "the archive holds batches this single node does not: serving reads only, so \
+                 that no header the archive already has is ever signed again; restore from the \
+                 archive (tally-server restore) to serve writes"
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Copies the writer's progress into the metrics once a second.
+pub async fn publish_metrics(
+    gate: Arc<ArchiveGate>,
+    applied_height: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+) {
+    let mut seen = (0u64, 0u64, 0u64);
+    loop {
+        let p = &gate.progress;
+        let m = &metrics.archive;
+        m.height.set(p.height.load(Ordering::SeqCst) as i64);
+        m.lag_batches
+            .set(gate.lag(applied_height.load(Ordering::SeqCst)) as i64);
+        m.fenced.set(p.fenced.load(Ordering::SeqCst) as i64);
+        let now = (
+            p.errors.load(Ordering::Relaxed),
+            p.bytes.load(Ordering::Relaxed),
+            p.batches.load(Ordering::Relaxed),
+        );
+        m.upload_errors.inc_by(now.0 - seen.0);
+        m.uploaded_bytes.inc_by(now.1 - seen.1);
+        m.uploaded_batches.inc_by(now.2 - seen.2);
+        seen = now;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,414 @@
+//! Reading an archive back, verified: the shared part of `tally audit` (everything, from the
+//! archive alone) and `tally-server restore` (the batches up to a height, into a ledger).
+//!
+//! Trust starts at the operator's public key, which the reader brings (the profile, the
+//! config): the checkpoint must carry its signature; the entry bundles must hash to the
+//! checkpoint's root (so the signed headers, the log's leaves, are exactly the ones the
+//! checkpoint commits to); each header must carry the operator's signature and link to the one
+//! before; each batch object must hold exactly its leaf's header and a body whose receipts give
+//! the header's Merkle root and replay to its state digest.
+
+use std::collections::{HashMap, HashSet};
+
+use futures::stream::{self, Stream, StreamExt};
+use tally_core::archive::{
+    batch_key, decode_batch, verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
+};
+use tally_core::batch::replay_batch;
+use tally_core::crypto::{key_id, sha256};
+use tally_core::ports::{LedgerRead, RequestRecord};
+use tally_core::state::LedgerMeta;
+use tally_core::tlog::{
+    all_tiles, decode_entry_bundle, entries_path, leaf_hash, open_note, origin_for, root_of,
+    Checkpoint, TILE_WIDTH,
+};
+use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
+
+use crate::bucket::{Bucket, BucketError};
+
+/// Batch objects read at once.
+const READS_IN_FLIGHT: usize = 16;
+
+/// A problem with one object of the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectError {
+    /// The object's key (relative to the archive's prefix).
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ObjectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why reading stopped: the store failed (retry), or the archive is wrong (an object named).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Store(#[from] BucketError),
+    #[error("{0}")]
+    Bad(ObjectError),
+}
+
+fn bad(key: impl Into<String>, message: impl Into<String>) -> ReadError {
+    ReadError::Bad(ObjectError {
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+/// An archive whose marker and checkpoint verified, and its signed headers (the log's
+/// leaves), which hash to the checkpoint's root.
+pub struct VerifiedLog {
+    pub chain_id: Hash,
+    pub operator: PublicKey,
+    pub checkpoint: Checkpoint,
+    /// `headers[i]` is the signed header at height `i + 1`.
+    pub headers: Vec<SignedHeader>,
+    pub leaf_hashes: Vec<Hash>,
+}
+
+/// Reads and checks the marker against the expected ledger: it must name `operator`, and
+/// `chain_id` when one is given. Returns the chain id.
+pub async fn read_marker(
+    bucket: &Bucket,
+    chain_id: Option<&Hash>,
+    operator: &PublicKey,
+) -> Result<Hash, ReadError> {
+    let Some((bytes, _)) = bucket.get(MARKER_KEY).await? else {
+        return Err(bad(MARKER_KEY, "missing: this is not a tally archive"));
+    };
+    let marker = Marker::decode(&bytes).map_err(|e| bad(MARKER_KEY, e.to_string()))?;
+    if &marker.operator != operator {
+        return Err(bad(
+            MARKER_KEY,
+            format!(
+                "names operator key {}, not the expected {}",
+                hex::encode(marker.operator),
+                hex::encode(operator)
+            ),
+        ));
+    }
+    if let Some(c) = chain_id.filter(|c| **c != marker.chain_id) {
+        return Err(bad(
+            MARKER_KEY,
+            format!(
+                "belongs to chain {}, not {}",
+                hex::encode(marker.chain_id),
+                hex::encode(c)
+            ),
+        ));
+    }
+    Ok(marker.chain_id)
+}
+
+/// Parses a signed checkpoint note, checking the operator's signature.
+pub fn open_checkpoint(
+    text: &[u8],
+    chain_id: &Hash,
+    operator: &PublicKey,
+) -> Result<Checkpoint, String> {
+    let origin = origin_for(chain_id);
+    let key = ed25519_dalek::VerifyingKey::from_bytes(operator)
+        .map_err(|_| "the operator key is not a valid Ed25519 key".to_string())?;
+    let text = std::str::from_utf8(text).map_err(|_| "not UTF-8".to_string())?;
+    let body = open_note(text, &origin, &key).map_err(|e| e.to_string())?;
+    let checkpoint = Checkpoint::parse_body(&body).map_err(|e| e.to_string())?;
+    if checkpoint.origin != origin {
+        return Err(format!("origin {:?} is not {origin:?}", checkpoint.origin));
+    }
+    Ok(checkpoint)
+}
+
+/// Reads the marker, the checkpoint and every entry bundle, and checks that the headers hash
+/// to the checkpoint's root and form the operator's signed hash chain.
+pub async fn read_log(
+    bucket: &Bucket,
+    chain_id: Option<&Hash>,
+    operator: &PublicKey,
+) -> Result<VerifiedLog, ReadError> {
+    let chain_id = read_marker(bucket, chain_id, operator).await?;
+    let Some((bytes, _)) = bucket.get(CHECKPOINT_KEY).await? else {
+        return Err(bad(CHECKPOINT_KEY, "missing: nothing was archived yet"));
+    };
+    let checkpoint =
+        open_checkpoint(&bytes, &chain_id, operator).map_err(|e| bad(CHECKPOINT_KEY, e))?;
+    let headers = read_headers(bucket, checkpoint.size).await?;
+    let leaf_hashes: Vec<Hash> = headers.iter().map(|h| leaf_hash(&h.encode())).collect();
+    if root_of(&leaf_hashes) != checkpoint.root {
+        return Err(bad(
+            CHECKPOINT_KEY,
+            "the entry bundles' headers do not hash to the checkpoint's root",
+        ));
+    }
+    check_chain(&headers, operator)?;
+    Ok(VerifiedLog {
+        chain_id,
+        operator: *operator,
+        checkpoint,
+        headers,
+        leaf_hashes,
+    })
+}
+
+/// The signed headers 1..=size from the entry bundles.
+async fn read_headers(bucket: &Bucket, size: u64) -> Result<Vec<SignedHeader>, ReadError> {
+    let bundles = size.div_ceil(TILE_WIDTH);
+    let paths: Vec<String> = (0..bundles)
+        .map(|n| entries_path(n, (size - n * TILE_WIDTH).min(TILE_WIDTH)))
+        .collect();
+    let mut reads = stream::iter(paths)
+        .map(|path| async move {
+            let got = bucket.get(&path).await;
+            (path, got)
+        })
+        .buffered(READS_IN_FLIGHT);
+    let mut headers = Vec::with_capacity(size as usize);
+    while let Some((path, got)) = reads.next().await {
+        let Some((bytes, _)) = got? else {
+            return Err(bad(path, "missing although the checkpoint covers it"));
+        };
+        let entries = decode_entry_bundle(&bytes).map_err(|e| bad(&path, e.to_string()))?;
+        for entry in entries {
+            let signed = (entry.len() == SIGNED_HEADER_BYTES)
+                .then(|| SignedHeader::decode(&entry).ok())
+                .flatten()
+                .ok_or_else(|| bad(&path, "an entry is not a signed header"))?;
+            headers.push(signed);
+        }
+    }
+    if headers.len() as u64 != size {
+        return Err(bad(
+            entries_path(bundles.saturating_sub(1), TILE_WIDTH),
+            format!("the bundles hold {} headers, not {size}", headers.len()),
+        ));
+    }
+    Ok(headers)
+}
+
+/// Heights, hash links and operator signatures of the whole header chain.
+fn check_chain(headers: &[SignedHeader], operator: &PublicKey) -> Result<(), ReadError> {
+    let mut prev = [0u8; 32];
+    for (i, signed) in headers.iter().enumerate() {
+        let height = i as u64 + 1;
+        let h = &signed.header;
+        let key = batch_key(height);
+        if h.height != height || h.prev_hash != prev {
+            return Err(bad(key, "the header does not extend the chain before it"));
+        }
+        tally_core::crypto::verify_header(operator, signed)
+            .map_err(|e| bad(&key, format!("header: {e}")))?;
+        prev = tally_core::crypto::header_hash(h);
+    }
+    Ok(())
+}
+
+/// The batch objects `from..=to`, in order, each checked against the log: it must hold exactly
+/// the log's header at its height, and pass [`verify_batch`].
+pub fn read_batches<'a>(
+    bucket: &'a Bucket,
+    log: &'a VerifiedLog,
+    from: u64,
+    to: u64,
+) -> impl Stream<Item = Result<(u64, ArchivedBatch), ReadError>> + 'a {
+    assert!(from >= 1 && to <= log.checkpoint.size);
+    stream::iter(from..=to)
+        .map(move |height| async move {
+            let key = batch_key(height);
+            let Some((bytes, _)) = bucket.get(&key).await? else {
+                return Err(bad(key, "missing although the checkpoint covers it"));
+            };
+            let batch = decode_batch(&bytes).map_err(|e| bad(&key, e.to_string()))?;
+            let leaf = &log.headers[height as usize - 1];
+            if &batch.signed != leaf {
+                return Err(bad(
+                    key,
+                    "its header is not the log's header at this height",
+                ));
+            }
+            let prev = leaf.header.prev_hash;
+            verify_batch(&batch, height, &prev, &log.operator)
+                .map_err(|e| bad(&key, e.to_string()))?;
+            Ok((height, batch))
+        })
+        .buffered(READS_IN_FLIGHT)
+}
+
+/// Balances and request ids rebuilt by replaying the archive, for the audit.
+pub struct ReplayState {
+    pub meta: LedgerMeta,
+    pub accounts: Accounts,
+    /// SHA-256 of signer ‖ id, truncated: every request id applied, for the exactly-once check.
+    seen: HashSet<[u8; 16]>,
+}
+
+/// Balances by account, as the replay reads them.
+#[derive(Default)]
+pub struct Accounts(pub HashMap<PublicKey, u64>);
+
+impl LedgerRead for Accounts {
+    fn account(&mut self, key: &PublicKey) -> tally_core::Result<Option<u64>> {
+        Ok(self.0.get(key).copied())
+    }
+    fn request(&mut self, _: &PublicKey, _: u128) -> tally_core::Result<Option<RequestRecord>> {
+        Ok(None)
+    }
+}
+
+impl ReplayState {
+    pub fn new() -> ReplayState {
+        ReplayState {
+            meta: LedgerMeta::genesis(),
+            accounts: Accounts::default(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Replays one verified batch: balances must follow, the state digest must be the
+    /// header's, and no request id may have been applied before.
+    pub fn apply(&mut self, batch: &ArchivedBatch, operator: &PublicKey) -> Result<(), String> {
+        let replayed = replay_batch(
+            &batch.body,
+            &self.meta,
+            &mut self.accounts,
+            &key_id(operator),
+        )
+        .map_err(|e| e.to_string())?;
+        for r in &replayed.requests {
+            let id = sha256(&[&r.signer, &r.id.to_be_bytes()]);
+            let mut short = [0u8; 16];
+            short.copy_from_slice(&id[..16]);
+            if !self.seen.insert(short) {
+                return Err(format!(
+                    "request {} of signer {} was applied twice",
+                    r.id,
+                    hex::encode(r.signer)
+                ));
+            }
+        }
+        for (key, balance) in replayed.accounts {
+            self.accounts.0.insert(key, balance);
+        }
+        self.meta = replayed.meta;
+        Ok(())
+    }
+}
+
+/// Every tile and entry bundle a correct archive of these headers holds, compared with the
+/// stored ones; the first difference is returned.
+pub async fn check_tiles(bucket: &Bucket, log: &VerifiedLog) -> Result<(), ReadError> {
+    let leaves: Vec<Vec<u8>> = log.headers.iter().map(|h| h.encode().to_vec()).collect();
+    let refs: Vec<&[u8]> = leaves.iter().map(|l| l.as_slice()).collect();
+    let (tiles, root) = all_tiles(&refs);
+    assert_eq!(root, log.checkpoint.root, "read_log checked the root");
+    let mut reads = stream::iter(tiles)
+        .map(|(path, want)| async move {
+            let got = bucket.get(&path).await;
+            (path, want, got)
+        })
+        .buffered(READS_IN_FLIGHT);
+    while let Some((path, want, got)) = reads.next().await {
+        match got? {
+            Some((bytes, _)) if bytes.as_ref() == want.as_slice() => {}
+            Some(_) => return Err(bad(path, "differs from the tile the log's leaves give")),
+            None => return Err(bad(path, "missing although the checkpoint covers it")),
+        }
+    }
+    Ok(())
+}
+
+/// The result of an audit: `ok` only if every check passed.
+#[derive(Debug, Clone, Default)]
+pub struct AuditReport {
+    pub ok: bool,
+    /// The highest height whose batch verified and replayed (0 if none).
+    pub height: u64,
+    /// Batches verified and replayed.
+    pub batches: u64,
+    /// The checkpoint's size (the archive's claimed height), when it could be read.
+    pub checkpoint_size: Option<u64>,
+    pub accounts: u64,
+    pub errors: Vec<ObjectError>,
+}
+
+/// Audits an archive from its objects alone (see the module docs), replaying every batch.
+/// `chain_id`: the ledger expected, if known. `earlier`: a checkpoint note saved before, which
+/// the archive must extend (append-only). Store errors end the audit with `Err` (nothing can
+/// be said); everything wrong with the archive itself is reported, first bad object first.
+pub async fn audit(
+    bucket: &Bucket,
+    chain_id: Option<&Hash>,
+    operator: &PublicKey,
+    earlier: Option<&[u8]>,
+) -> Result<AuditReport, BucketError> {
+    let mut report = AuditReport::default();
+    let outcome = audit_into(bucket, chain_id, operator, earlier, &mut report).await;
+    match outcome {
+        Ok(()) => {}
+        Err(ReadError::Store(e)) => return Err(e),
+        Err(ReadError::Bad(e)) => report.errors.push(e),
+    }
+    report.ok = report.errors.is_empty();
+    Ok(report)
+}
+
+async fn audit_into(
+    bucket: &Bucket,
+    chain_id: Option<&Hash>,
+    operator: &PublicKey,
+    earlier: Option<&[u8]>,
+    report: &mut AuditReport,
+) -> Result<(), ReadError> {
+    let log = read_log(bucket, chain_id, operator).await?;
+    report.checkpoint_size = Some(log.checkpoint.size);
+    if let Some(note) = earlier {
+        check_extends(&log, note)?;
+    }
+    check_tiles(bucket, &log).await?;
+    let mut state = ReplayState::new();
+    let size = log.checkpoint.size;
+    if size == 0 {
+        return Ok(());
+    }
+    let mut batches = std::pin::pin!(read_batches(bucket, &log, 1, size));
+    while let Some(item) = batches.next().await {
+        let (height, batch) = item?;
+        state
+            .apply(&batch, operator)
+            .map_err(|e| bad(batch_key(height), e))?;
+        report.height = height;
+        report.batches += 1;
+        report.accounts = state.accounts.0.len() as u64;
+    }
+    Ok(())
+}
+
+/// The archive's log must extend the log of an earlier checkpoint: same leaves up to its size.
+fn check_extends(log: &VerifiedLog, note: &[u8]) -> Result<(), ReadError> {
+    const KEY: &str = "--from-checkpoint";
+    let old = open_checkpoint(note, &log.chain_id, &log.operator)
+        .map_err(|e| bad(KEY, format!("the saved checkpoint does not verify: {e}")))?;
+    if old.size > log.checkpoint.size {
+        return Err(bad(
+            CHECKPOINT_KEY,
+            format!(
+                "the archive's log ({} batches) is shorter than the saved checkpoint's ({}): \
+                 history was removed",
+                log.checkpoint.size, old.size
+            ),
+        ));
+    }
+    if root_of(&log.leaf_hashes[..old.size as usize]) != old.root {
+        return Err(bad(
+            CHECKPOINT_KEY,
+            format!(
+                "the archive's first {} headers do not hash to the saved checkpoint's root: the \
+                 archive is not an append-only extension of it",
+                old.size
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! The archive writer: keeps the archive (PROTOCOL.md, "The archive") up with the applied
+//! ledger while this replica leads.
+//!
+//! One round: read the marker and the checkpoint (the archive's size `N` and its version),
+//! rebuild the log's right edge from the tiles at `N` and check it against the checkpoint's
+//! root; then, while this replica may write, take the applied batches after `N` from the
+//! ledger ([`BatchSource`]), and for each group write (1) the batch objects, create-only,
+//! (2) the tiles and entry bundles they complete, create-only, and (3) the new checkpoint,
+//! replacing only the version read. A reader therefore never sees a checkpoint that points at
+//! missing data. Any store error ends the round; the next round, after a backoff, starts again
+//! from what the archive holds, so nothing is written twice differently and nothing is skipped.
+//!
+//! Fencing: every object but the checkpoint is create-only, and its bytes are determined by
+//! the committed ledger, so a deposed leader racing the new one writes identical bytes (an
+//! idempotent retry) or loses the checkpoint's conditional write. A checkpoint written by
+//! another writer is accepted only if the archive's header at its size is this ledger's own;
+//! anything else (another ledger's marker, different bytes under a batch or tile key, a
+//! checkpoint for a chain this replica does not have) *fences* the writer: it stops for good,
+//! logs why and raises [`ArchiveProgress::fenced`], and never overwrites.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use futures::stream::{self, StreamExt};
+use tally_core::archive::{batch_key, encode_batch, Marker, CHECKPOINT_KEY, MARKER_KEY};
+use tally_core::crypto::header_hash;
+use tally_core::tlog::{
+    entries_path, open_note, origin_for, sign_note, tile_path, Checkpoint, TileLog, TlogError,
+    TILE_WIDTH,
+};
+use tally_wire::{Hash, SignedHeader};
+
+use crate::bucket::{Bucket, BucketError, PutNew, Version};
+
+/// Batches taken from the ledger and written per checkpoint, at most.
+const GROUP_BATCHES_MAX: u64 = 256;
+/// Objects written at once.
+const UPLOADS_IN_FLIGHT: usize = 8;
+/// Backoff after a failed round: doubles from the first to the last.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a replica that does not write reads the checkpoint (for status and the lag).
+const FOLLOWER_POLL: Duration = Duration::from_secs(2);
+/// How often the writer looks for new applied batches when it has none.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// Where the writer takes committed batches from: the replica's ledger.
+pub trait BatchSource: Send + Sync {
+    /// Height of the last applied batch.
+    fn applied_height(&self) -> u64;
+    /// Whether this replica may write the archive now (it leads).
+    fn may_write(&self) -> bool;
+    /// Whether the node is stopping.
+    fn stopping(&self) -> bool;
+    /// The applied batches `from..=to` (signed header, encoded body), in height order; fewer
+    /// (at least one) if they are large.
+    fn read(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<(SignedHeader, Vec<u8>)>, String>> + Send;
+}
+
+/// What the writer has achieved, shared with the rest of the node (metrics, status, the lag
+/// bound, confirmations waiting for the archive).
+#[derive(Default)]
+pub struct ArchiveProgress {
+    /// The archive's height (checkpoint size) as last read or written.
+    pub height: AtomicU64,
+    /// Whether `height` was read from the archive at least once.
+    pub known: AtomicBool,
+    /// The writer stopped for good (see the module docs); the reason is logged.
+    pub fenced: AtomicBool,
+    /// Failed rounds (store errors).
+    pub errors: AtomicU64,
+    /// Bytes written (batch objects, tiles, checkpoints).
+    pub bytes: AtomicU64,
+    /// Batch objects written.
+    pub batches: AtomicU64,
+    changed: Mutex<()>,
+    wake: Condvar,
+}
+
+impl ArchiveProgress {
+    fn advance(&self, height: u64) {
+        self.height.fetch_max(height, Ordering::SeqCst);
+        self.known.store(true, Ordering::SeqCst);
+        let _guard = self.changed.lock().expect("progress lock");
+        self.wake.notify_all();
+    }
+
+    /// Blocks until the archive holds `height`, or `timeout` passes; returns whether it does.
+    pub fn wait_for(&self, height: u64, timeout: Duration) -> bool {
+        let guard = self.changed.lock().expect("progress lock");
+        let (_guard, _) = self
+            .wake
+            .wait_timeout_while(guard, timeout, |_| {
+                self.height.load(Ordering::SeqCst) < height
+            })
+            .expect("progress lock");
+        self.height.load(Ordering::SeqCst) >= height
+    }
+}
+
+/// Why a round ended.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    /// The store failed or was unreachable: back off and start again.
+    #[error(transparent)]
+    Store(#[from] BucketError),
+    /// The ledger could not hand out batches (it is stopping, or a read failed).
+    #[error("reading batches from the ledger: {0}")]
+    Source(String),
+    /// The archive belongs to another ledger or holds another history: never write again.
+    #[error("{0}")]
+    Fenced(String),
+    /// The archive is damaged (a tile does not match its checkpoint): do not build on it.
+    #[error("the archive is damaged: {0}")]
+    Damaged(String),
+}
+
+/// The archive's state as one round of the writer knows it.
+struct Head {
+    log: TileLog,
+    version: Option<Version>,
+    /// Hash of the header at `log.size()` (all zero at 0): the next batch's `prev_hash`.
+    tip_hash: Hash,
+}
+
+/// The writer. [`Archiver::run`] until the node stops.
+pub struct Archiver<S> {
+    pub bucket: Bucket,
+    pub source: S,
+    pub progress: std::sync::Arc<ArchiveProgress>,
+    pub chain_id: Hash,
+    pub key: SigningKey,
+}
+
+impl<S: BatchSource> Archiver<S> {
+    /// Runs rounds until the node stops or the writer is fenced.
+    pub async fn run(self) {
+        let mut backoff = BACKOFF_FIRST;
+        while !self.source.stopping() {
+            if !self.source.may_write() {
+                if let Err(e) = self.poll_checkpoint().await {
+                    tracing::debug!("reading the archive's checkpoint: {e}");
+                }
+                tokio::time::sleep(FOLLOWER_POLL).await;
+                continue;
+            }
+            match self.round().await {
+                Ok(()) => backoff = BACKOFF_FIRST,
+                Err(RoundError::Fenced(why)) | Err(RoundError::Damaged(why)) => {
+                    self.progress.fenced.store(true, Ordering::SeqCst);
+                    tracing::error!(
+                        archive = self.bucket.url(),
+                        "the archive writer stops and will not write again: {why}"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.progress.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        archive = self.bucket.url(),
+                        retry_ms = backoff.as_millis() as u64,
+                        "archive round failed: {e}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn origin(&self) -> String {
+        origin_for(&self.chain_id)
+    }
+
+    /// Reads the checkpoint only, to keep the progress current on a replica that does not write.
+    async fn poll_checkpoint(&self) -> Result<(), RoundError> {
+        if let Some((checkpoint, _)) = self.read_checkpoint().await? {
+            self.progress.advance(checkpoint.size);
+        }
+        Ok(())
+    }
+
+    /// One round: sync with the archive, then append while this replica may write.
+    async fn round(&self) -> Result<(), RoundError> {
+        self.ensure_marker().await?;
+        let mut head = self.resume().await?;
+        self.progress.advance(head.log.size());
+        while self.source.may_write() && !self.source.stopping() {
+            let applied = self.source.applied_height();
+            let size = head.log.size();
+            if applied <= size {
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
+            let to = applied.min(size + GROUP_BATCHES_MAX);
+            let batches = self
+                .source
+                .read(size + 1, to)
+                .await
+                .map_err(RoundError::Source)?;
+            self.append(&mut head, batches).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the marker if the archive is new, or checks that it names this ledger.
+    async fn ensure_marker(&self) -> Result<(), RoundError> {
+        let marker = Marker {
+            chain_id: self.chain_id,
+            operator: self.key.verifying_key().to_bytes(),
+        };
+        let mine = Bytes::from(marker.encode());
+        match self.bucket.put_new(MARKER_KEY, mine).await? {
+            PutNew::Created | PutNew::Same => Ok(()),
+            PutNew::Different => {
+                let found = match self.bucket.get(MARKER_KEY).await? {
+                    Some((bytes, _)) => Marker::decode(&bytes)
+                        .map(|m| {
+                            format!(
+                                "chain {} with operator key {}",
+                                hex::encode(m.chain_id),
+                                hex::encode(m.operator)
+                            )
+                        })
+                        .unwrap_or_else(|e| e.to_string()),
+                    None => "nothing".into(),
+                };
+                Err(RoundError::Fenced(format!(
+                    "the archive belongs to another ledger ({found}), not to chain {} with this \
+                     operator key",
+                    hex::encode(self.chain_id)
+                )))
+            }
+        }
+    }
+
+    /// The checkpoint, verified under the operator key, and its version.
+    async fn read_checkpoint(&self) -> Result<Option<(Checkpoint, Version)>, RoundError> {
+        let Some((bytes, version)) = self.bucket.get(CHECKPOINT_KEY).await? else {
+            return Ok(None);
+        };
+        let checkpoint = parse_checkpoint(&bytes, &self.origin(), &self.key)
+            .map_err(|e| RoundError::Damaged(format!("{CHECKPOINT_KEY}: {e}")))?;
+        Ok(Some((checkpoint, version)))
+    }
+
+    /// Rebuilds the archive's head from its checkpoint and tiles, and checks that the
+    /// archive's history is this ledger's: the header at its size must be the one the ledger
+    /// holds (by the hash chain, every header before it then is too).
+    async fn resume(&self) -> Result<Head, RoundError> {
+        let Some((checkpoint, version)) = self.read_checkpoint().await? else {
+            return Ok(Head {
+                log: TileLog::empty(),
+                version: None,
+                tip_hash: [0; 32],
+            });
+        };
+        let log = self.load_tiles(&checkpoint).await?;
+        let size = checkpoint.size;
+        let tip_hash = self.check_tip(size).await?;
+        Ok(Head {
+            log,
+            version: Some(version),
+            tip_hash,
+        })
+    }
+
+    /// The right edge of the log at the checkpoint, read from the archive and checked against
+    /// the checkpoint's root.
+    async fn load_tiles(&self, checkpoint: &Checkpoint) -> Result<TileLog, RoundError> {
+        let mut fetched = HashMap::new();
+        for path in right_edge_paths(checkpoint.size) {
+            match self.bucket.get(&path).await? {
+                Some((bytes, _)) => fetched.insert(path, bytes.to_vec()),
+                None => None,
+            };
+        }
+        let mut fetch = |path: &str| -> Result<Vec<u8>, TlogError> {
+            fetched.get(path).cloned().ok_or(TlogError::Missing {
+                path: path.to_string(),
+            })
+        };
+        TileLog::resume(checkpoint.size, &checkpoint.root, &mut fetch)
+            .map_err(|e| RoundError::Damaged(e.to_string()))
+    }
+
+    /// The hash of this ledger's header at `size`, after checking that the archive's batch
+    /// object there holds exactly that header.
+    async fn check_tip(&self, size: u64) -> Result<Hash, RoundError> {
+        if size == 0 {
+            return Ok([0; 32]);
+        }
+        if self.source.applied_height() < size {
+            return Err(RoundError::Source(format!(
+                "the archive holds height {size}, beyond this replica's applied height {}: \
+                 waiting to catch up",
+                self.source.applied_height()
+            )));
+        }
+        let mine = self
+            .source
+            .read(size, size)
+            .await
+            .map_err(RoundError::Source)?;
+        let (signed, _) = mine.first().ok_or_else(|| {
+            RoundError::Source(format!("the ledger has no batch at height {size}"))
+        })?;
+        let theirs = self.bucket.get(&batch_key(size)).await?;
+        match theirs {
+            Some((bytes, _)) if bytes.len() >= 256 && bytes[..256] == signed.encode() => {
+                Ok(header_hash(&signed.header))
+            }
+            Some(_) => Err(RoundError::Fenced(format!(
+                "the archive's batch at height {size} is not this ledger's: another history \
+                 (a fork) was archived here"
+            ))),
+            None => Err(RoundError::Damaged(format!(
+                "{} is missing although the checkpoint covers it",
+                batch_key(size)
+            ))),
+        }
+    }
+
+    /// Writes one group of batches, their tiles, and the checkpoint over them.
+    async fn append(
+        &self,
+        head: &mut Head,
+        batches: Vec<(SignedHeader, Vec<u8>)>,
+    ) -> Result<(), RoundError> {
+        let old_size = head.log.size();
+        let mut objects = Vec::with_capacity(batches.len());
+        for (signed, body) in &batches {
+            let height = head.log.size() + 1;
+            assert_eq!(
+                signed.header.height, height,
+                "the source hands out batches in order"
+            );
+            assert_eq!(
+                signed.header.prev_hash, head.tip_hash,
+                "the ledger is hash-chained"
+            );
+            head.tip_hash = header_hash(&signed.header);
+            head.log.append(&signed.encode());
+            objects.push((batch_key(height), Bytes::from(encode_batch(signed, body))));
+        }
+        self.put_all(objects).await?;
+        let tiles = head.log.tiles_since(old_size);
+        let tiles = tiles
+            .into_iter()
+            .map(|(p, b)| (p, Bytes::from(b)))
+            .collect();
+        self.put_all(tiles).await?;
+        self.write_checkpoint(head).await?;
+        head.log.trim();
+        self.progress
+            .batches
+            .fetch_add(batches.len() as u64, Ordering::Relaxed);
+        self.progress.advance(head.log.size());
+        Ok(())
+    }
+
+    /// Writes create-only objects, a few at a time; different bytes under a key fences.
+    async fn put_all(&self, objects: Vec<(String, Bytes)>) -> Result<(), RoundError> {
+        let bytes: u64 = objects.iter().map(|(_, b)| b.len() as u64).sum();
+        let mut results = stream::iter(objects)
+            .map(|(key, body)| async move {
+                let outcome = self.bucket.put_new(&key, body).await;
+                (key, outcome)
+            })
+            .buffer_unordered(UPLOADS_IN_FLIGHT);
+        while let Some((key, outcome)) = results.next().await {
+            if outcome? == PutNew::Different {
+                return Err(RoundError::Fenced(format!(
+                    "{key} already holds other bytes than this ledger's: another history (a \
+                     fork) is being archived here"
+                )));
+            }
+        }
+        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Replaces the checkpoint, conditional on the version this round read or wrote. Losing
+    /// that race ends the round; the next one reads what the other writer wrote and checks it.
+    async fn write_checkpoint(&self, head: &mut Head) -> Result<(), RoundError> {
+        let checkpoint = Checkpoint {
+            origin: self.origin(),
+            size: head.log.size(),
+            root: head.log.root(),
+        };
+        let note = sign_note(&checkpoint.body(), &checkpoint.origin, &self.key);
+        let len = note.len() as u64;
+        let written = self
+            .bucket
+            .replace(CHECKPOINT_KEY, Bytes::from(note), head.version.as_ref())
+            .await?;
+        match written {
+            Some(version) => {
+                head.version = Some(version);
+                self.progress.bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(RoundError::Source(
+                "another writer replaced the checkpoint first; re-reading the archive".into(),
+            )),
+        }
+    }
+}
+
+/// Parses and verifies a checkpoint note under the operator key, for this ledger's origin.
+pub fn parse_checkpoint(
+    bytes: &[u8],
+    origin: &str,
+    key: &SigningKey,
+) -> Result<Checkpoint, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    let body = open_note(text, origin, &key.verifying_key()).map_err(|e| e.to_string())?;
+    let checkpoint = Checkpoint::parse_body(&body).map_err(|e| e.to_string())?;
+    if checkpoint.origin != origin {
+        return Err(format!(
+            "origin {:?} is not this ledger's {origin:?}",
+            checkpoint.origin
+        ));
+    }
+    Ok(checkpoint)
+}
+
+/// The partial tiles and entry bundle at the right edge of a log of `size` leaves: what
+/// [`TileLog::resume`] reads.
+pub fn right_edge_paths(size: u64) -> Vec<String> {
+    let mut paths = Vec::new();
+    for level in 0..8u32 {
+        let count = size >> (8 * level);
+        if count == 0 {
+            break;
+        }
+        let width = count % TILE_WIDTH;
+        if width > 0 {
+            paths.push(tile_path(level as u8, count / TILE_WIDTH, width));
+        }
+    }
+    if size % TILE_WIDTH > 0 {
+        paths.push(entries_path(size / TILE_WIDTH, size % TILE_WIDTH));
+    }
+    paths
+}
