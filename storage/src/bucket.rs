@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
     UpdateVersion,
 };
 use tally_config::{ArchiveConfig, ArchiveUrl};
@@ -329,15 +329,20 @@ fn s3_builder(settings: &BucketSettings, bucket: &str) -> AmazonS3Builder {
     let mut retry = RetryConfig::default();
     retry.max_retries = CLIENT_RETRIES_MAX;
     retry.retry_timeout = CLIENT_RETRY_TIMEOUT;
+    // Set key by key: `with_client_options` would replace what `from_env` read
+    // (`AWS_ALLOW_HTTP`, a proxy).
+    let client = |key| AmazonS3ConfigKey::Client(key);
     builder
         .with_retry(retry)
-        .with_client_options(
-            ClientOptions::new()
-                .with_timeout(REQUEST_TIMEOUT)
-                .with_connect_timeout(CONNECT_TIMEOUT),
-        )
+        .with_config(client(ClientConfigKey::Timeout), secs(REQUEST_TIMEOUT))
+        .with_config(client(ClientConfigKey::ConnectTimeout), secs(CONNECT_TIMEOUT))
         // Path-style requests (`endpoint/bucket/key`), which every S3-compatible store serves.
         .with_virtual_hosted_style_request(false)
+}
+
+/// A duration as object_store's configuration strings take it.
+fn secs(d: Duration) -> String {
+    format!("{}s", d.as_secs())
 }
 
 /// Takes an exclusive `flock` on `path` (created if missing); released when the file closes.

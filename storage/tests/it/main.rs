@@ -1,5 +1,6 @@
 //! The integration tests of tally-storage, in one binary.
 
+mod archive;
 mod corrupt;
 mod crash;
 mod ledger;
