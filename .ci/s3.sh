@@ -195,7 +195,9 @@ PY
   set -- $ports
   local s3_port=${TALLY_S3_PORT:-$1}
   case $s3_port in '' | *[!0-9]*) die "TALLY_S3_PORT must be a port number" ;; esac
-  if "$PY" -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1])))' \
+  # SO_REUSEADDR as weed's own listener sets it: connections of a server that stopped a moment
+  # ago (TIME_WAIT) do not keep a restart off its port.
+  if "$PY" -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' \
     "$s3_port" 2>/dev/null; then :; else
     die "port $s3_port on 127.0.0.1 is in use"
   fi

@@ -78,6 +78,12 @@ pub struct Args {
     /// (default: the server's, 100000). Smaller than --accounts makes the ledger outgrow it.
     #[arg(long, value_name = "N")]
     pub cache_accounts: Option<usize>,
+    /// With --start-server: where the replicas archive (`archive.url`): `off`, a directory,
+    /// file:///path or s3://bucket/prefix (endpoint and credentials from the AWS variables).
+    /// Default: a single node archives to its data directory (the development operator's
+    /// default); a cluster does not archive.
+    #[arg(long, value_name = "URL")]
+    pub archive: Option<String>,
     /// How long one request may wait for its answer before it counts as a timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,

@@ -81,7 +81,12 @@ pub fn run(args: &Args) -> Result<Report> {
     // Started first: a missing binary should fail before anything slow happens.
     let mut started = if args.start_server {
         eprintln!("starting a fresh operator of {} replica(s)", args.nodes);
-        let server = server::start(args.nodes, args.server_bin.as_deref(), args.cache_accounts)?;
+        let server = server::start(
+            args.nodes,
+            args.server_bin.as_deref(),
+            args.cache_accounts,
+            args.archive.as_deref(),
+        )?;
         for replica in &server.profile.replicas {
             eprintln!(
                 "replica {} listening for clients on {}",
@@ -89,6 +94,10 @@ pub fn run(args: &Args) -> Result<Report> {
             );
         }
         eprintln!("account cache: {} per replica", server.cache_accounts);
+        match server.archive.as_str() {
+            "" => eprintln!("archive: off"),
+            url => eprintln!("archive: {url}"),
+        }
         Some(server)
     } else {
         None

@@ -43,6 +43,8 @@ pub struct StartedServer {
     pub profile: Profile,
     /// Every replica's `cache.accounts_max`, as written to its config.
     pub cache_accounts: usize,
+    /// The replicas' `archive.url` as written (empty: no archive).
+    pub archive: String,
     // Dropped after the children are killed (fields drop after `Drop::drop`).
     _dir: tempfile::TempDir,
 }
@@ -123,6 +125,7 @@ pub fn start(
     nodes: usize,
     binary: Option<&Path>,
     cache_accounts: Option<usize>,
+    archive: Option<&str>,
 ) -> Result<StartedServer> {
     if !(1..=NODES_MAX).contains(&nodes) {
         bail!("--nodes must be between 1 and {NODES_MAX}, not {nodes}");
@@ -149,13 +152,24 @@ pub fn start(
         cluster_files(dir.path(), nodes)?
     };
     let mut cache = None;
+    let mut archive_url = String::new();
     for (_, path) in &configs {
         let mut config = read_config(path)?;
         if let Some(n) = cache_accounts {
             config.cache.accounts_max = n;
-            write_config(path, &config)?;
         }
+        match archive {
+            Some("off") => config.archive.url.clear(),
+            Some(url) => {
+                tally_config::ArchiveUrl::parse(url)
+                    .map_err(|e| anyhow!("--archive {url}: {e}"))?;
+                config.archive.url = url.to_string();
+            }
+            None => {}
+        }
+        write_config(path, &config)?;
         cache = Some(config.cache.accounts_max);
+        archive_url = config.archive.url.clone();
     }
     let mut profile = Profile::load(&profile_path)?;
     let mut server = StartedServer {
@@ -163,6 +177,7 @@ pub fn start(
         ids: Vec::new(),
         profile: profile.clone(),
         cache_accounts: cache.ok_or_else(|| anyhow!("no replica config was written"))?,
+        archive: archive_url,
         _dir: dir,
     };
     let mut replicas = Vec::new();

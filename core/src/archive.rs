@@ -28,7 +28,8 @@ pub const BATCH_PREFIX: &str = "batch/";
 /// First line of the marker; the number is the layout version.
 const MARKER_MAGIC: &str = "tally-archive 1";
 
-/// Key of the batch object at `height`: zero-padded so that a listing is in height order.
+/// Key of the batch object at `height`, zero-padded to 20 digits (keys sort in height order,
+/// though readers derive keys from the checkpoint's size and never rely on a listing).
 pub fn batch_key(height: u64) -> String {
     assert!(height >= 1, "heights start at 1");
     format!("{BATCH_PREFIX}{height:020}")

@@ -354,8 +354,8 @@ impl TileLog {
     /// (path, bytes): full tiles once they complete, and the current partial tile of every level
     /// that changed (a level-`L` tile exists once 256^L leaves do), so that the archive holds
     /// every tile a reader of a checkpoint at the current size needs. Entry bundles come first,
-    /// then hash tiles level by level upwards, each in index order, so that whoever writes them
-    /// in order never publishes a tile before those below it; the checkpoint goes last.
+    /// then hash tiles level by level upwards, each in index order (a stable order for tests and
+    /// auditors; what makes a reader safe is that the checkpoint is written after all of them).
     pub fn tiles_since(&self, old_size: u64) -> Vec<(String, Vec<u8>)> {
         assert!(
             self.base_size <= old_size && old_size <= self.size,

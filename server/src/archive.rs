@@ -99,9 +99,9 @@ pub fn open_bucket(config: &Config) -> Result<Option<Bucket>> {
     ))
 }
 
-/// Reads the archive's height (checkpoint size) at start; `None` if there is no checkpoint
-/// yet. A store that does not answer in time is not an error here (the writer retries): it
-/// gives `Ok(None)` after a warning.
+/// Reads the archive's height (checkpoint size) at start: `Some(0)` if there is no checkpoint
+/// yet, `None` if the store did not answer in time (not an error here: the writer retries, and
+/// writes wait until it has read the archive once; see [`ArchiveGate::refuses_writes`]).
 pub fn startup_height(
     runtime: &tokio::runtime::Runtime,
     bucket: &Bucket,
@@ -123,7 +123,7 @@ pub fn startup_height(
         }
     };
     let Some((bytes, _)) = found else {
-        return Ok(None);
+        return Ok(Some(0));
     };
     let checkpoint = parse_checkpoint(&bytes, &origin_for(chain_id), key)
         .map_err(|e| anyhow::anyhow!("the archive's checkpoint does not verify: {e}"))?;
@@ -158,32 +158,20 @@ pub fn spawn_writer(
     runtime.spawn(archiver.run());
 }
 
-/// Whether this replica must serve reads only: it was restored below the archive's tip
-/// (`restore --height` left the marker), or it is a single node whose ledger is below the
-/// archive's height, which it could only reach by signing headers the archive already has.
-pub fn read_only(config: &Config, ledger_height: u64, archive_height: Option<u64>) -> bool {
+/// Whether this replica must serve reads only, for good: `restore --height` left the marker
+/// (a forensic copy below the archive's tip). A replica whose ledger is merely behind the
+/// archive refuses writes only until it has caught up ([`ArchiveGate::refuses_writes`]).
+pub fn read_only(config: &Config) -> bool {
     let marker = read_only_marker(&config.node.data_dir);
     if marker.exists() {
         tracing::warn!(
             "{} exists: this replica was restored below the archive's tip and serves reads \
-             only (a forensic copy); delete the data directory and restore again to serve writes",
+             only (a forensic copy); move its ledger and raft directories away and restore \
+             again to serve writes",
             marker.display()
         );
-        return true;
     }
-    match archive_height {
-        Some(archived) if config.peers.is_empty() && archived > ledger_height => {
-            tracing::warn!(
-                archived,
-                ledger_height,
-                "the archive holds batches this single node does not: serving reads only, so \
-                 that no header the archive already has is ever signed again; restore from the \
-                 archive (tally-server restore) to serve writes"
-            );
-            true
-        }
-        _ => false,
-    }
+    marker.exists()
 }
 
 /// Copies the writer's progress into the metrics once a second.

@@ -198,6 +198,12 @@ fn archive_full(pipeline: &PipelineHandle) -> bool {
     })
 }
 
+/// Why writes wait for this replica to catch up with the archive, if they do.
+fn behind_archive(pipeline: &PipelineHandle) -> Option<String> {
+    let applied = pipeline.applied_height.load(Ordering::SeqCst);
+    pipeline.archive.as_ref()?.refuses_writes(applied)
+}
+
 fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: &Arc<AtomicBool>) {
     let view = &pipeline.view;
     match message {
@@ -208,6 +214,10 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
         ),
         Message::Submit(_) | Message::SubmitHinted(..) if !view.writable.load(Ordering::SeqCst) => {
             reply.send(&Message::Error(view.not_writable()))
+        }
+        Message::Submit(_) | Message::SubmitHinted(..) if behind_archive(pipeline).is_some() => {
+            let why = behind_archive(pipeline).unwrap_or_default();
+            reply.error(ErrorCode::Recovering, why)
         }
         Message::Submit(_) | Message::SubmitHinted(..) if archive_full(pipeline) => {
             let mut r = ErrorReply::new(

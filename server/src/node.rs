@@ -188,12 +188,19 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         Some(b) => archive::startup_height(&runtime, b, &chain_id, &archive_key)?,
         None => None,
     };
-    let read_only = archive::read_only(&config, meta.height, archive_height);
+    let read_only = archive::read_only(&config);
     let progress = Arc::new(ArchiveProgress::default());
     if let Some(h) = archive_height {
-        progress
-            .height
-            .store(h, std::sync::atomic::Ordering::SeqCst);
+        progress.advance(h);
+        if h > meta.height {
+            tracing::warn!(
+                archive_height = h,
+                ledger_height = meta.height,
+                "the archive holds batches this replica has not applied: it takes no writes \
+                 until it has caught up (a replica whose data was lost is restored with \
+                 tally-server restore)"
+            );
+        }
     }
     let gate = bucket
         .as_ref()

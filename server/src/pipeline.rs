@@ -234,6 +234,23 @@ impl ArchiveGate {
     pub fn lag(&self, applied_height: u64) -> u64 {
         applied_height.saturating_sub(self.progress.height.load(Ordering::SeqCst))
     }
+
+    /// Why this replica must not take writes now, if it must not: it has not read the archive
+    /// yet, or its ledger is below the height the archive had when it was first read (it would
+    /// sign headers the archive already has: a fork). A replica behind for an ordinary reason
+    /// catches up through raft first and never meets this; one whose data was lost does.
+    pub fn refuses_writes(&self, applied_height: u64) -> Option<String> {
+        if !self.progress.known.load(Ordering::SeqCst) {
+            return Some("the archive has not been read yet; retry later".into());
+        }
+        let floor = self.progress.floor.load(Ordering::SeqCst);
+        (applied_height < floor).then(|| {
+            format!(
+                "this replica's ledger (height {applied_height}) is behind the archive \
+                 (height {floor}): it takes writes once it has caught up"
+            )
+        })
+    }
 }
 
 /// The channels between the pipeline and the raft thread.

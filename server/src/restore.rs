@@ -22,7 +22,7 @@ use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
 use tally_core::batch::prepare_apply;
 use tally_core::crypto::OperatorKey;
-use tally_core::ports::LedgerStore;
+use tally_core::ports::{LedgerRead, LedgerStore};
 use tally_storage::archive_read::{read_batches, read_log};
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_storage::LedgerDb;
@@ -48,6 +48,11 @@ pub struct Restored {
 pub fn restore(config: &Config, from: Option<&str>, height: Option<u64>) -> Result<Restored> {
     for dir in [ledger_dir(config), raft_dir(config)] {
         refuse_non_empty(&dir)?;
+    }
+    // A full restore replaces a forensic copy: the marker of an earlier one goes.
+    let marker = read_only_marker(&config.node.data_dir);
+    if marker.exists() {
+        std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
     }
     let settings = settings(config, from)?;
     let bucket = Bucket::open(&settings)?;
@@ -107,6 +112,17 @@ async fn apply_archive(
         let mut batches = std::pin::pin!(read_batches(bucket, &log, 1, target));
         while let Some(item) = batches.next().await {
             let (h, batch) = item?;
+            for e in &batch.body.entries {
+                if store.request(&e.request.signer, e.request.id)?.is_some() {
+                    bail!(
+                        "{}: request {} of signer {} was applied before: the archive applies a \
+                         request twice",
+                        batch_key(h),
+                        e.request.id,
+                        hex::encode(e.request.signer)
+                    );
+                }
+            }
             let encoded = batch.body.encode();
             let write = prepare_apply(&batch.body, encoded, &meta, &mut store, operator)
                 .with_context(|| format!("{}: does not replay", batch_key(h)))?;

@@ -15,7 +15,7 @@ use tally_core::archive::{
     batch_key, decode_batch, verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
 };
 use tally_core::batch::replay_batch;
-use tally_core::crypto::{key_id, sha256};
+use tally_core::crypto::{key_id, sha256, verify_request};
 use tally_core::ports::{LedgerRead, RequestRecord};
 use tally_core::state::LedgerMeta;
 use tally_core::tlog::{
@@ -266,9 +266,26 @@ impl ReplayState {
         }
     }
 
-    /// Replays one verified batch: balances must follow, the state digest must be the
-    /// header's, and no request id may have been applied before.
-    pub fn apply(&mut self, batch: &ArchivedBatch, operator: &PublicKey) -> Result<(), String> {
+    /// Replays one verified batch: every request must be signed by its signer for this
+    /// chain, balances must follow, the state digest must be the header's, and no request id
+    /// may have been applied before.
+    pub fn apply(
+        &mut self,
+        batch: &ArchivedBatch,
+        chain_id: &Hash,
+        operator: &PublicKey,
+    ) -> Result<(), String> {
+        if &batch.signed.header.chain_id != chain_id {
+            return Err("the header names another chain".into());
+        }
+        for (i, e) in batch.body.entries.iter().enumerate() {
+            if &e.request.chain_id != chain_id {
+                return Err(format!("request {i} is signed for another chain"));
+            }
+            if !verify_request(&e.request) {
+                return Err(format!("request {i}: its signature does not verify"));
+            }
+        }
         let replayed = replay_batch(
             &batch.body,
             &self.meta,
@@ -329,6 +346,8 @@ pub struct AuditReport {
     pub batches: u64,
     /// The checkpoint's size (the archive's claimed height), when it could be read.
     pub checkpoint_size: Option<u64>,
+    /// The ledger the archive's marker names, when it could be read.
+    pub chain_id: Option<Hash>,
     pub accounts: u64,
     pub errors: Vec<ObjectError>,
 }
@@ -363,6 +382,7 @@ async fn audit_into(
 ) -> Result<(), ReadError> {
     let log = read_log(bucket, chain_id, operator).await?;
     report.checkpoint_size = Some(log.checkpoint.size);
+    report.chain_id = Some(log.chain_id);
     if let Some(note) = earlier {
         check_extends(&log, note)?;
     }
@@ -376,7 +396,7 @@ async fn audit_into(
     while let Some(item) = batches.next().await {
         let (height, batch) = item?;
         state
-            .apply(&batch, operator)
+            .apply(&batch, &log.chain_id, operator)
             .map_err(|e| bad(batch_key(height), e))?;
         report.height = height;
         report.batches += 1;

@@ -33,7 +33,7 @@ use tally_core::tlog::{
     entries_path, open_note, origin_for, sign_note, tile_path, Checkpoint, TileLog, TlogError,
     TILE_WIDTH,
 };
-use tally_wire::{Hash, SignedHeader};
+use tally_wire::{Hash, SignedHeader, SIGNED_HEADER_BYTES};
 
 use crate::bucket::{Bucket, BucketError, PutNew, Version};
 
@@ -74,6 +74,9 @@ pub struct ArchiveProgress {
     pub height: AtomicU64,
     /// Whether `height` was read from the archive at least once.
     pub known: AtomicBool,
+    /// The archive's height when it was first read: a replica whose ledger is below it must
+    /// not sequence (it would sign headers the archive already has) until it has caught up.
+    pub floor: AtomicU64,
     /// The writer stopped for good (see the module docs); the reason is logged.
     pub fenced: AtomicBool,
     /// Failed rounds (store errors).
@@ -87,7 +90,11 @@ pub struct ArchiveProgress {
 }
 
 impl ArchiveProgress {
-    fn advance(&self, height: u64) {
+    /// Records the archive's height as read or written.
+    pub fn advance(&self, height: u64) {
+        if !self.known.load(Ordering::SeqCst) {
+            self.floor.store(height, Ordering::SeqCst);
+        }
         self.height.fetch_max(height, Ordering::SeqCst);
         self.known.store(true, Ordering::SeqCst);
         let _guard = self.changed.lock().expect("progress lock");
@@ -155,11 +162,11 @@ impl<S: BatchSource> Archiver<S> {
             }
             match self.round().await {
                 Ok(()) => backoff = BACKOFF_FIRST,
-                Err(RoundError::Fenced(why)) | Err(RoundError::Damaged(why)) => {
+                Err(e @ RoundError::Fenced(_)) | Err(e @ RoundError::Damaged(_)) => {
                     self.progress.fenced.store(true, Ordering::SeqCst);
                     tracing::error!(
                         archive = self.bucket.url(),
-                        "the archive writer stops and will not write again: {why}"
+                        "the archive writer stops and will not write again: {e}"
                     );
                     return;
                 }
@@ -183,9 +190,8 @@ impl<S: BatchSource> Archiver<S> {
 
     /// Reads the checkpoint only, to keep the progress current on a replica that does not write.
     async fn poll_checkpoint(&self) -> Result<(), RoundError> {
-        if let Some((checkpoint, _)) = self.read_checkpoint().await? {
-            self.progress.advance(checkpoint.size);
-        }
+        let size = self.read_checkpoint().await?.map_or(0, |(c, _)| c.size);
+        self.progress.advance(size);
         Ok(())
     }
 
@@ -316,7 +322,10 @@ impl<S: BatchSource> Archiver<S> {
         })?;
         let theirs = self.bucket.get(&batch_key(size)).await?;
         match theirs {
-            Some((bytes, _)) if bytes.len() >= 256 && bytes[..256] == signed.encode() => {
+            Some((bytes, _))
+                if bytes.len() >= SIGNED_HEADER_BYTES
+                    && bytes[..SIGNED_HEADER_BYTES] == signed.encode() =>
+            {
                 Ok(header_hash(&signed.header))
             }
             Some(_) => Err(RoundError::Fenced(format!(

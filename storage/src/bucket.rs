@@ -335,7 +335,10 @@ fn s3_builder(settings: &BucketSettings, bucket: &str) -> AmazonS3Builder {
     builder
         .with_retry(retry)
         .with_config(client(ClientConfigKey::Timeout), secs(REQUEST_TIMEOUT))
-        .with_config(client(ClientConfigKey::ConnectTimeout), secs(CONNECT_TIMEOUT))
+        .with_config(
+            client(ClientConfigKey::ConnectTimeout),
+            secs(CONNECT_TIMEOUT),
+        )
         // Path-style requests (`endpoint/bucket/key`), which every S3-compatible store serves.
         .with_virtual_hosted_style_request(false)
 }

@@ -739,6 +739,7 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
             "height": report.height,
             "batches": report.batches,
             "checkpoint_size": report.checkpoint_size,
+            "chain_id": report.chain_id.map(|c| to_hex(&c)),
             "accounts": report.accounts,
             "errors": errors,
         });
@@ -749,8 +750,9 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
         println!("BAD  {}: {}", e.key, e.message);
     }
     println!(
-        "{}: {} batches verified and replayed up to height {} of {} in the checkpoint; {} accounts",
+        "{}: chain {}: {} batches verified and replayed up to height {} of {} in the checkpoint; {} accounts",
         if report.ok { "ok" } else { "FAILED" },
+        report.chain_id.map_or("?".to_string(), |c| to_hex(&c)),
         report.batches,
         report.height,
         report

@@ -69,7 +69,7 @@ fn override_archive(config: &mut Config, url: Option<&String>) -> Result<()> {
     Ok(())
 }
 
-fn load(path: &PathBuf) -> Result<Config> {
+fn load(path: &PathBuf, archive: Option<&String>) -> Result<Config> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut config =
@@ -80,6 +80,7 @@ fn load(path: &PathBuf) -> Result<Config> {
         _ => PathBuf::from("."),
     };
     config.resolve_paths(&base);
+    override_archive(&mut config, archive)?;
     config
         .validate()
         .map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
@@ -116,8 +117,7 @@ fn main() -> Result<()> {
         height,
     }) = &args.command
     {
-        let mut config = load(config)?;
-        override_archive(&mut config, args.archive.as_ref())?;
+        let config = load(config, args.archive.as_ref())?;
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_default(),
@@ -140,21 +140,21 @@ fn main() -> Result<()> {
     }
     if let Some(path) = &args.check_config {
         // Printed plainly (no anyhow backtrace): the problems are the output.
-        if let Err(e) = load(path) {
+        if let Err(e) = load(path, args.archive.as_ref()) {
             eprintln!("{e:#}");
             std::process::exit(1);
         }
         println!("{}: ok", path.display());
         return Ok(());
     }
-    let (mut config, profile) = match &args.config {
-        Some(path) => (load(path)?, None),
+    let (config, profile) = match &args.config {
+        Some(path) => (load(path, args.archive.as_ref())?, None),
         None => {
-            let (config, profile) = tally_server::bootstrap::dev_operator(&args.dev_dir)?;
+            let (mut config, profile) = tally_server::bootstrap::dev_operator(&args.dev_dir)?;
+            override_archive(&mut config, args.archive.as_ref())?;
             (config, Some(profile))
         }
     };
-    override_archive(&mut config, args.archive.as_ref())?;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())

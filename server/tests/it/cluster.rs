@@ -11,7 +11,7 @@ use tally_wire::{Confirmation, Op, PublicKey, SignedHeader};
 
 use crate::cluster_harness::Cluster;
 
-fn fast(c: &mut tally_config::Config) {
+pub fn fast(c: &mut tally_config::Config) {
     c.batch.batch_window_ms = 20;
     c.raft.tick_ms = 50;
     c.raft.election_ticks = 10;

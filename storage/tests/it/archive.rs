@@ -125,8 +125,7 @@ fn archive(
     };
     let task = rt.spawn(writer.run());
     let started = Instant::now();
-    while progress.height.load(Ordering::SeqCst) < height
-        && !progress.fenced.load(Ordering::SeqCst)
+    while progress.height.load(Ordering::SeqCst) < height && !progress.fenced.load(Ordering::SeqCst)
     {
         assert!(
             started.elapsed() < Duration::from_secs(60),
@@ -154,16 +153,38 @@ fn create_only_and_conditional_writes() {
         rt.block_on(async {
             let a = Bytes::from_static(b"a");
             let b = Bytes::from_static(b"b");
-            assert_eq!(bucket.put_new("k", a.clone()).await.unwrap(), PutNew::Created);
+            assert_eq!(
+                bucket.put_new("k", a.clone()).await.unwrap(),
+                PutNew::Created
+            );
             assert_eq!(bucket.put_new("k", a.clone()).await.unwrap(), PutNew::Same);
-            assert_eq!(bucket.put_new("k", b.clone()).await.unwrap(), PutNew::Different);
-            assert_eq!(bucket.get("k").await.unwrap().unwrap().0, a, "never overwritten");
+            assert_eq!(
+                bucket.put_new("k", b.clone()).await.unwrap(),
+                PutNew::Different
+            );
+            assert_eq!(
+                bucket.get("k").await.unwrap().unwrap().0,
+                a,
+                "never overwritten"
+            );
 
             let v1 = bucket.replace("c", a.clone(), None).await.unwrap().unwrap();
-            assert!(bucket.replace("c", b.clone(), None).await.unwrap().is_none());
-            let v2 = bucket.replace("c", b.clone(), Some(&v1)).await.unwrap().unwrap();
+            assert!(bucket
+                .replace("c", b.clone(), None)
+                .await
+                .unwrap()
+                .is_none());
+            let v2 = bucket
+                .replace("c", b.clone(), Some(&v1))
+                .await
+                .unwrap()
+                .unwrap();
             assert!(
-                bucket.replace("c", a.clone(), Some(&v1)).await.unwrap().is_none(),
+                bucket
+                    .replace("c", a.clone(), Some(&v1))
+                    .await
+                    .unwrap()
+                    .is_none(),
                 "a stale version loses"
             );
             let (now, version) = bucket.get("c").await.unwrap().unwrap();
@@ -225,7 +246,10 @@ fn a_writer_with_another_history_is_fenced_and_overwrites_nothing() {
         archive(&rt, &bucket, &MemSource::new(mine.clone()), CHAIN_ID, 20);
         let before = rt.block_on(bucket.get(CHECKPOINT_KEY)).unwrap().unwrap().0;
         let progress = archive(&rt, &bucket, &MemSource::new(fork.clone()), CHAIN_ID, 25);
-        assert!(progress.fenced.load(Ordering::SeqCst), "the fork must be fenced");
+        assert!(
+            progress.fenced.load(Ordering::SeqCst),
+            "the fork must be fenced"
+        );
         let after = rt.block_on(bucket.get(CHECKPOINT_KEY)).unwrap().unwrap().0;
         assert_eq!(before, after, "the checkpoint was not replaced");
         let report = audit_of(&rt, &bucket, None);
@@ -261,7 +285,10 @@ fn the_audit_names_the_first_bad_object() {
     rt.block_on(bucket.put_new(&key, damaged.into())).unwrap();
     let report = audit_of(&rt, &bucket, None);
     assert!(!report.ok);
-    assert_eq!((report.height, report.errors[0].key.as_str()), (16, key.as_str()));
+    assert_eq!(
+        (report.height, report.errors[0].key.as_str()),
+        (16, key.as_str())
+    );
 
     rt.block_on(bucket.delete(&key)).unwrap();
     let report = audit_of(&rt, &bucket, None);
