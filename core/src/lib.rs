@@ -3,6 +3,7 @@
 //! - [`validate`]: stateless checks (chain id, deposit keys, strict Ed25519).
 //! - [`sequencer`]: the master's authoritative checks and speculative apply; seals batches.
 //! - [`archive`]: the archive's object names and encodings, and the checks a reader makes.
+//! - [`snapshot`]: state snapshots in the archive: rows, chunks, manifests, deltas.
 //! - [`batch`]: batch bodies, replaying a committed batch into one durable write.
 //! - [`merkle`]: RFC 6962 trees (rs_merkle) and proof verification.
 //! - [`crypto`]: hashes, header signing, request signatures.
@@ -26,6 +27,7 @@ pub mod merkle;
 pub mod ports;
 pub mod replica;
 pub mod sequencer;
+pub mod snapshot;
 pub mod state;
 pub mod tlog;
 pub mod validate;

@@ -154,6 +154,7 @@ pub fn spawn_writer(
         progress,
         chain_id: config.chain_id_bytes(),
         key,
+        snapshot_every_batches: config.archive.snapshot_every_batches,
     };
     runtime.spawn(archiver.run());
 }
@@ -180,7 +181,7 @@ pub async fn publish_metrics(
     applied_height: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 ) {
-    let mut seen = (0u64, 0u64, 0u64);
+    let mut seen = (0u64, 0u64, 0u64, 0u64);
     loop {
         let p = &gate.progress;
         let m = &metrics.archive;
@@ -192,10 +193,12 @@ pub async fn publish_metrics(
             p.errors.load(Ordering::Relaxed),
             p.bytes.load(Ordering::Relaxed),
             p.batches.load(Ordering::Relaxed),
+            p.snapshots.load(Ordering::Relaxed),
         );
         m.upload_errors.inc_by(now.0 - seen.0);
         m.uploaded_bytes.inc_by(now.1 - seen.1);
         m.uploaded_batches.inc_by(now.2 - seen.2);
+        m.snapshots.inc_by(now.3 - seen.3);
         seen = now;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -92,6 +92,7 @@ pub struct ArchiveMetrics {
     pub upload_errors: IntCounter,
     pub uploaded_bytes: IntCounter,
     pub uploaded_batches: IntCounter,
+    pub snapshots: IntCounter,
     pub fenced: IntGauge,
 }
 
@@ -308,6 +309,10 @@ impl Metrics {
                 uploaded_batches: counter(
                     "tally_archive_uploaded_batches_total",
                     "Batch objects written to the archive by this replica.",
+                ),
+                snapshots: counter(
+                    "tally_archive_snapshots_total",
+                    "State snapshots (full or differential) this replica wrote to the archive.",
                 ),
                 fenced: gauge(
                     "tally_archive_fenced",

@@ -22,9 +22,12 @@ use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
 use tally_core::batch::prepare_apply;
 use tally_core::crypto::OperatorKey;
-use tally_core::ports::{LedgerRead, LedgerStore};
+use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
+use tally_core::snapshot::{manifest_key, Manifest};
+use tally_core::state::LedgerMeta;
 use tally_storage::archive_read::{read_batches, read_log};
 use tally_storage::bucket::{Bucket, BucketSettings};
+use tally_storage::snapshots::{manifests, read_rows};
 use tally_storage::LedgerDb;
 
 use crate::archive::read_only_marker;
@@ -108,6 +111,7 @@ async fn apply_archive(
         .with_context(|| format!("creating the ledger in {}", dir.display()))?;
     let mut meta = store.meta()?;
     assert_eq!(meta.height, 0, "restore starts from an empty ledger");
+    let mut snaps: std::collections::VecDeque<Manifest> = manifests(bucket, target).await?.into();
     if target > 0 {
         let mut batches = std::pin::pin!(read_batches(bucket, &log, 1, target));
         while let Some(item) = batches.next().await {
@@ -134,11 +138,56 @@ async fn apply_archive(
             }
             store.apply(&write)?;
             meta = write.meta;
+            if snaps.front().is_some_and(|m| m.height == h) {
+                let m = snaps.pop_front().expect("front");
+                check_snapshot(bucket, &m, &meta, &mut store).await?;
+            }
         }
     }
     store.shutdown()?;
     store.close()?;
     Ok((meta.height, size))
+}
+
+/// The restored state at a snapshot's height must be the snapshot's: digest, totals, and every
+/// row (a full snapshot's account count too).
+async fn check_snapshot(
+    bucket: &Bucket,
+    m: &Manifest,
+    meta: &LedgerMeta,
+    store: &mut LedgerDb,
+) -> Result<()> {
+    let key = manifest_key(m.height);
+    if m.state_digest != meta.state_digest()
+        || (m.total_deposited, m.total_withdrawn) != (meta.total_deposited, meta.total_withdrawn)
+        || (m.is_full() && m.accounts != meta.account_count)
+    {
+        bail!("{key}: the snapshot's digest or totals differ from the restored state");
+    }
+    let rows = read_rows(bucket, m).await?;
+    for (account, balance) in &rows.accounts {
+        if store.account(account)? != Some(*balance) {
+            bail!(
+                "{key}: account {} differs from the restored state",
+                hex::encode(account)
+            );
+        }
+    }
+    for ((signer, id), at) in &rows.requests {
+        let found = store.request(signer, *id)?;
+        let expected = RequestRecord {
+            height: at.height,
+            index: at.index,
+            request_hash: at.request_hash,
+        };
+        if found != Some(expected) {
+            bail!(
+                "{key}: request {id} of {} differs from the restored state",
+                hex::encode(signer)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The archive to read: `--from` with the config's endpoint settings, else `[archive]`.

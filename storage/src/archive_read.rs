@@ -25,6 +25,8 @@ use tally_core::tlog::{
 use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
 use crate::bucket::{Bucket, BucketError};
+use crate::snapshots;
+use tally_core::snapshot::{manifest_key, Delta, Manifest};
 
 /// Batch objects read at once.
 const READS_IN_FLIGHT: usize = 16;
@@ -294,10 +296,7 @@ impl ReplayState {
         )
         .map_err(|e| e.to_string())?;
         for r in &replayed.requests {
-            let id = sha256(&[&r.signer, &r.id.to_be_bytes()]);
-            let mut short = [0u8; 16];
-            short.copy_from_slice(&id[..16]);
-            if !self.seen.insert(short) {
+            if !self.seen.insert(short_id(&r.signer, r.id)) {
                 return Err(format!(
                     "request {} of signer {} was applied twice",
                     r.id,
@@ -336,6 +335,12 @@ pub async fn check_tiles(bucket: &Bucket, log: &VerifiedLog) -> Result<(), ReadE
     Ok(())
 }
 
+/// SHA-256 of signer ‖ id, truncated: what the audit remembers of each applied request.
+fn short_id(signer: &PublicKey, id: u128) -> [u8; 16] {
+    let h = sha256(&[signer, &id.to_be_bytes()]);
+    h[..16].try_into().expect("16")
+}
+
 /// The result of an audit: `ok` only if every check passed.
 #[derive(Debug, Clone, Default)]
 pub struct AuditReport {
@@ -346,6 +351,8 @@ pub struct AuditReport {
     pub batches: u64,
     /// The checkpoint's size (the archive's claimed height), when it could be read.
     pub checkpoint_size: Option<u64>,
+    /// State snapshots checked against the replay.
+    pub snapshots: u64,
     /// The ledger the archive's marker names, when it could be read.
     pub chain_id: Option<Hash>,
     pub accounts: u64,
@@ -392,17 +399,88 @@ async fn audit_into(
     if size == 0 {
         return Ok(());
     }
+    let mut snaps = SnapshotCheck::new(snapshots::manifests(bucket, size).await?);
     let mut batches = std::pin::pin!(read_batches(bucket, &log, 1, size));
     while let Some(item) = batches.next().await {
         let (height, batch) = item?;
         state
             .apply(&batch, &log.chain_id, operator)
             .map_err(|e| bad(batch_key(height), e))?;
+        snaps.since.add_batch(&batch.body);
         report.height = height;
         report.batches += 1;
         report.accounts = state.accounts.0.len() as u64;
+        if snaps.due(height) {
+            snaps.check(bucket, &log, &state).await?;
+            report.snapshots += 1;
+        }
     }
     Ok(())
+}
+
+/// The audit's check of every snapshot against the state it replays.
+struct SnapshotCheck {
+    /// The manifests not checked yet, in height order.
+    pending: std::collections::VecDeque<Manifest>,
+    /// Effects of the batches since the last snapshot checked.
+    since: Delta,
+    last_height: u64,
+}
+
+impl SnapshotCheck {
+    fn new(manifests: Vec<Manifest>) -> SnapshotCheck {
+        SnapshotCheck {
+            pending: manifests.into(),
+            since: Delta::default(),
+            last_height: 0,
+        }
+    }
+
+    fn due(&self, height: u64) -> bool {
+        self.pending.front().is_some_and(|m| m.height == height)
+    }
+
+    /// The next snapshot must name the log's header and digest, carry the replayed totals, and
+    /// hold exactly the replayed rows: all of them (full) or those changed since the last
+    /// snapshot, which must be its base (differential).
+    async fn check(
+        &mut self,
+        bucket: &Bucket,
+        log: &VerifiedLog,
+        state: &ReplayState,
+    ) -> Result<(), ReadError> {
+        let m = self.pending.pop_front().expect("due");
+        let key = manifest_key(m.height);
+        let header = &log.headers[m.height as usize - 1].header;
+        if m.header_hash != tally_core::crypto::header_hash(header)
+            || m.state_digest != header.state_digest
+        {
+            return Err(bad(key, "does not name the log's header at its height"));
+        }
+        let totals = (state.meta.total_deposited, state.meta.total_withdrawn);
+        if (m.total_deposited, m.total_withdrawn) != totals {
+            return Err(bad(key, "its totals differ from the replayed ones"));
+        }
+        let rows = snapshots::read_rows(bucket, &m).await?;
+        let since = std::mem::take(&mut self.since);
+        let ok = if m.is_full() {
+            rows.accounts == state.accounts.0.iter().map(|(k, v)| (*k, *v)).collect()
+                && rows.requests.len() == state.seen.len()
+                && rows
+                    .requests
+                    .keys()
+                    .all(|(s, id)| state.seen.contains(&short_id(s, *id)))
+        } else {
+            m.base == self.last_height
+                && rows.accounts == since.accounts
+                && rows.requests == since.requests
+        };
+        if !ok {
+            return Err(bad(key, "its rows differ from the replayed state"));
+        }
+        self.last_height = m.height;
+        Ok(())
+    }
 }
 
 /// The archive's log must extend the log of an earlier checkpoint: same leaves up to its size.

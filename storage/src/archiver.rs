@@ -28,6 +28,7 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use futures::stream::{self, StreamExt};
 use tally_core::archive::{batch_key, encode_batch, Marker, CHECKPOINT_KEY, MARKER_KEY};
+use tally_core::batch::BatchBody;
 use tally_core::crypto::header_hash;
 use tally_core::tlog::{
     entries_path, open_note, origin_for, sign_note, tile_path, Checkpoint, TileLog, TlogError,
@@ -35,8 +36,13 @@ use tally_core::tlog::{
 };
 use tally_wire::{Hash, SignedHeader, SIGNED_HEADER_BYTES};
 
+use crate::archive_read::ReadError;
 use crate::bucket::{Bucket, BucketError, PutNew, Version};
+use crate::snapshots::Cursor;
 
+/// Rows of snapshot delta the writer holds in memory at most; reaching it writes a snapshot
+/// early (about 120 MB).
+const DELTA_ROWS_MAX: usize = 1_000_000;
 /// Batches taken from the ledger and written per checkpoint, at most.
 const GROUP_BATCHES_MAX: u64 = 256;
 /// Objects written at once.
@@ -85,6 +91,8 @@ pub struct ArchiveProgress {
     pub bytes: AtomicU64,
     /// Batch objects written.
     pub batches: AtomicU64,
+    /// State snapshots written.
+    pub snapshots: AtomicU64,
     changed: Mutex<()>,
     wake: Condvar,
 }
@@ -137,6 +145,8 @@ struct Head {
     version: Option<Version>,
     /// Hash of the header at `log.size()` (all zero at 0): the next batch's `prev_hash`.
     tip_hash: Hash,
+    /// The snapshot chain and what was archived after it (None: snapshots are off).
+    snapshots: Option<Cursor>,
 }
 
 /// The writer. [`Archiver::run`] until the node stops.
@@ -146,6 +156,8 @@ pub struct Archiver<S> {
     pub progress: std::sync::Arc<ArchiveProgress>,
     pub chain_id: Hash,
     pub key: SigningKey,
+    /// Batches between snapshots (`archive.snapshot_every_batches`); 0: none.
+    pub snapshot_every_batches: u64,
 }
 
 impl<S: BatchSource> Archiver<S> {
@@ -263,21 +275,81 @@ impl<S: BatchSource> Archiver<S> {
     /// archive's history is this ledger's: the header at its size must be the one the ledger
     /// holds (by the hash chain, every header before it then is too).
     async fn resume(&self) -> Result<Head, RoundError> {
-        let Some((checkpoint, version)) = self.read_checkpoint().await? else {
-            return Ok(Head {
-                log: TileLog::empty(),
-                version: None,
-                tip_hash: [0; 32],
-            });
+        let (log, version, tip_hash) = match self.read_checkpoint().await? {
+            None => (TileLog::empty(), None, [0; 32]),
+            Some((checkpoint, version)) => {
+                let log = self.load_tiles(&checkpoint).await?;
+                let tip = self.check_tip(checkpoint.size).await?;
+                (log, Some(version), tip)
+            }
         };
-        let log = self.load_tiles(&checkpoint).await?;
-        let size = checkpoint.size;
-        let tip_hash = self.check_tip(size).await?;
-        Ok(Head {
+        let mut head = Head {
             log,
-            version: Some(version),
+            version,
             tip_hash,
-        })
+            snapshots: None,
+        };
+        if self.snapshot_every_batches > 0 {
+            let cursor = Cursor::load(&self.bucket, head.log.size())
+                .await
+                .map_err(damaged)?;
+            head.snapshots = Some(cursor);
+            self.catch_up_snapshots(&mut head).await?;
+        }
+        Ok(head)
+    }
+
+    /// Gathers the effects of the archived batches after the newest snapshot (a new writer
+    /// starts with none in memory), writing snapshots on the way where they are due.
+    async fn catch_up_snapshots(&self, head: &mut Head) -> Result<(), RoundError> {
+        let size = head.log.size();
+        let mut next = head.snapshots.as_ref().map_or(size + 1, |c| c.height() + 1);
+        while next <= size {
+            let to = size.min(next + GROUP_BATCHES_MAX - 1);
+            let batches = self
+                .source
+                .read(next, to)
+                .await
+                .map_err(RoundError::Source)?;
+            self.snapshot_batches(head, &batches).await?;
+            next += batches.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Adds one archived batch's effects to the snapshot delta.
+    fn gather(&self, head: &mut Head, body: &[u8]) -> Result<(), RoundError> {
+        if let Some(cursor) = head.snapshots.as_mut() {
+            let body = BatchBody::decode(body).map_err(|e| RoundError::Source(e.to_string()))?;
+            cursor.delta.add_batch(&body);
+        }
+        Ok(())
+    }
+
+    /// Writes the snapshot at `height` if one is due: `snapshot_every_batches` after the last,
+    /// or sooner when the delta holds [`DELTA_ROWS_MAX`] rows (its memory bound).
+    async fn snapshot_if_due(
+        &self,
+        head: &mut Head,
+        height: u64,
+        header_hash: Hash,
+        state_digest: Hash,
+    ) -> Result<(), RoundError> {
+        let Some(cursor) = head.snapshots.as_mut() else {
+            return Ok(());
+        };
+        let due = height >= cursor.height() + self.snapshot_every_batches
+            || cursor.delta.rows() >= DELTA_ROWS_MAX;
+        if !due {
+            return Ok(());
+        }
+        let bytes = cursor
+            .write(&self.bucket, height, header_hash, state_digest)
+            .await
+            .map_err(damaged)?;
+        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.progress.snapshots.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The right edge of the log at the checkpoint, read from the archive and checked against
@@ -302,9 +374,7 @@ impl<S: BatchSource> Archiver<S> {
     /// The hash of this ledger's header at `size`, after checking that the archive's batch
     /// object there holds exactly that header.
     async fn check_tip(&self, size: u64) -> Result<Hash, RoundError> {
-        if size == 0 {
-            return Ok([0; 32]);
-        }
+        assert!(size > 0, "an archive with a checkpoint holds a batch");
         if self.source.applied_height() < size {
             return Err(RoundError::Source(format!(
                 "the archive holds height {size}, beyond this replica's applied height {}: \
@@ -374,6 +444,23 @@ impl<S: BatchSource> Archiver<S> {
             .batches
             .fetch_add(batches.len() as u64, Ordering::Relaxed);
         self.progress.advance(head.log.size());
+        // Snapshots only cover heights the checkpoint already does.
+        self.snapshot_batches(head, &batches).await
+    }
+
+    /// Gathers the effects of archived batches, writing each snapshot that falls due among
+    /// them at its height.
+    async fn snapshot_batches(
+        &self,
+        head: &mut Head,
+        batches: &[(SignedHeader, Vec<u8>)],
+    ) -> Result<(), RoundError> {
+        for (signed, body) in batches {
+            self.gather(head, body)?;
+            let h = &signed.header;
+            self.snapshot_if_due(head, h.height, header_hash(h), h.state_digest)
+                .await?;
+        }
         Ok(())
     }
 
@@ -422,6 +509,13 @@ impl<S: BatchSource> Archiver<S> {
                 "another writer replaced the checkpoint first; re-reading the archive".into(),
             )),
         }
+    }
+}
+
+fn damaged(e: ReadError) -> RoundError {
+    match e {
+        ReadError::Store(e) => RoundError::Store(e),
+        ReadError::Bad(e) => RoundError::Damaged(e.to_string()),
     }
 }
 

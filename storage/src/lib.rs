@@ -114,6 +114,7 @@ mod filter;
 pub mod layout;
 mod ledger;
 mod raft_log;
+pub mod snapshots;
 pub mod transfer;
 
 pub use env::{SyncEnv, SyncStats};

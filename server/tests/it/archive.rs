@@ -92,6 +92,8 @@ fn every_replica_lost_then_restored_from_the_archive_alone() {
     let op = Operator::new(|c| {
         c.batch.batch_window_ms = 20;
         c.archive.url = url.clone();
+        // Snapshots along the way, which the restore checks its state against.
+        c.archive.snapshot_every_batches = 4;
     });
     let config = load(&op.config_path);
     let (chain, op_key) = (
@@ -156,6 +158,11 @@ fn every_replica_lost_then_restored_from_the_archive_alone() {
     let report = audit_of(&rt, &bucket, &op);
     assert!(report.ok, "{:?}", report.errors);
     assert_eq!(report.batches, height + 1);
+    assert!(
+        report.snapshots >= height / 4,
+        "{} snapshots",
+        report.snapshots
+    );
 
     // A damaged archive: the audit names the object and a restore refuses it.
     let key = batch_key(2);

@@ -14,6 +14,7 @@ use tally_core::ports::LedgerStore;
 use tally_storage::archive_read::{audit, AuditReport};
 use tally_storage::archiver::{ArchiveProgress, Archiver, BatchSource};
 use tally_storage::bucket::{Bucket, BucketSettings, PutNew};
+use tally_storage::snapshots;
 use tally_storage::{LedgerDb, StoreOptions};
 use tally_wire::SignedHeader;
 
@@ -122,6 +123,7 @@ fn archive(
         progress: progress.clone(),
         chain_id,
         key: operator_key(),
+        snapshot_every_batches: 7,
     };
     let task = rt.spawn(writer.run());
     let started = Instant::now();
@@ -213,6 +215,12 @@ fn the_writer_archives_and_resumes_across_a_tile_boundary() {
         let report = audit_of(&rt, &bucket, Some(&saved));
         assert!(report.ok, "{:?}", report.errors);
         assert_eq!((report.height, report.batches), (300, 300));
+        // A snapshot every 7 batches, every 8th one full; each checked against the replay.
+        let manifests = rt.block_on(snapshots::manifests(&bucket, 300)).unwrap();
+        assert_eq!(report.snapshots, manifests.len() as u64);
+        assert!(manifests.len() >= 300 / 7, "{}", manifests.len());
+        let fulls = manifests.iter().filter(|m| m.is_full()).count();
+        assert!(fulls >= 2 && fulls < manifests.len(), "{fulls} full");
         let stored = rt.block_on(bucket.get(&batch_key(300))).unwrap().unwrap().0;
         assert_eq!(&stored[..256], &batches[299].0.encode()[..]);
     }
@@ -294,4 +302,27 @@ fn the_audit_names_the_first_bad_object() {
     let report = audit_of(&rt, &bucket, None);
     assert_eq!(report.errors[0].key, key);
     assert!(report.errors[0].message.contains("missing"));
+}
+
+#[test]
+fn a_damaged_snapshot_is_named_by_the_audit() {
+    let rt = runtime();
+    let batches = ledger(40, 7);
+    let (bucket, _dir) = stores("snapshot").swap_remove(0);
+    archive(&rt, &bucket, &MemSource::new(batches), CHAIN_ID, 40);
+    let manifests = rt.block_on(snapshots::manifests(&bucket, 40)).unwrap();
+    let victim = &manifests[2];
+    let (hash, _) = victim.chunks[0];
+    let key = tally_core::snapshot::chunk_key(&hash);
+    let mut bytes = rt.block_on(bucket.get(&key)).unwrap().unwrap().0.to_vec();
+    bytes[40] ^= 1; // the first row's balance
+    rt.block_on(bucket.delete(&key)).unwrap();
+    rt.block_on(bucket.put_new(&key, bytes.into())).unwrap();
+    let report = audit_of(&rt, &bucket, None);
+    assert!(!report.ok);
+    assert_eq!(report.errors[0].key, key, "{:?}", report.errors);
+    assert_eq!(
+        report.height, victim.height,
+        "the batches up to it verified"
+    );
 }

@@ -1,0 +1,339 @@
+//! State snapshots in the archive: the accounts and the request index (exactly-once state) at
+//! a height, as content-addressed chunks named by a manifest.
+//!
+//! - A **differential** snapshot at height `S` holds the rows that batches `B+1..=S` changed,
+//!   `B` being the snapshot before it (its `base`): each touched account's balance at `S`, and
+//!   each request applied, with where it was applied (height, index, request hash). Its size
+//!   follows the change, not the ledger.
+//! - A **full** snapshot holds every row at `S` (`base` 0). The first snapshot of an archive is
+//!   full: its base is the empty ledger.
+//! - The state at `S` is the newest full snapshot at or below `S`, then every differential one
+//!   after it in height order, later rows replacing earlier ones. Together with the totals in
+//!   the manifest it gives the header's state digest at `S` ([`crate::state::LedgerMeta`]).
+//!
+//! Rows are fixed-size records; a chunk is rows back to back, stored under the SHA-256 of its
+//! bytes, so a chunk that two snapshots share is stored once. Rows derive from batch bodies
+//! alone (receipts carry the balances after each request), so the writer needs no state.
+
+use std::collections::BTreeMap;
+
+use tally_wire::{Hash, Op, PublicKey};
+
+use crate::batch::BatchBody;
+use crate::crypto::sha256;
+use crate::{Error, Result};
+
+/// Prefix of the manifests: `snapshot/<height, 20 digits>`.
+pub const MANIFEST_PREFIX: &str = "snapshot/";
+/// Prefix of the chunks: `chunk/<SHA-256 of the chunk, hex>`.
+pub const CHUNK_PREFIX: &str = "chunk/";
+/// Rows per chunk at most.
+pub const CHUNK_ROWS_MAX: usize = 16_384;
+const MANIFEST_MAGIC: &str = "tally-snapshot 1";
+const TAG_ACCOUNT: u8 = 1;
+const TAG_REQUEST: u8 = 2;
+/// tag ‖ public key ‖ balance u64 LE
+pub const ACCOUNT_ROW_BYTES: usize = 1 + 32 + 8;
+/// tag ‖ signer ‖ id u128 BE ‖ height u64 LE ‖ index u32 LE ‖ request hash
+pub const REQUEST_ROW_BYTES: usize = 1 + 32 + 16 + 8 + 4 + 32;
+
+pub fn manifest_key(height: u64) -> String {
+    format!("{MANIFEST_PREFIX}{height:020}")
+}
+
+pub fn parse_manifest_key(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix(MANIFEST_PREFIX)?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+pub fn chunk_key(hash: &Hash) -> String {
+    format!("{CHUNK_PREFIX}{}", hex::encode(hash))
+}
+
+/// Where a request was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestAt {
+    pub height: u64,
+    pub index: u32,
+    pub request_hash: Hash,
+}
+
+/// One row of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Row {
+    Account {
+        key: PublicKey,
+        balance: u64,
+    },
+    Request {
+        signer: PublicKey,
+        id: u128,
+        at: RequestAt,
+    },
+}
+
+impl Row {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Row::Account { key, balance } => {
+                out.push(TAG_ACCOUNT);
+                out.extend_from_slice(key);
+                out.extend_from_slice(&balance.to_le_bytes());
+            }
+            Row::Request { signer, id, at } => {
+                out.push(TAG_REQUEST);
+                out.extend_from_slice(signer);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&at.height.to_le_bytes());
+                out.extend_from_slice(&at.index.to_le_bytes());
+                out.extend_from_slice(&at.request_hash);
+            }
+        }
+    }
+}
+
+/// Decodes a chunk's rows.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Row>> {
+    let bad = |why: &str| Error::Verify(format!("snapshot chunk: {why}"));
+    let mut rows = Vec::new();
+    let mut rest = bytes;
+    while let Some(&tag) = rest.first() {
+        let len = match tag {
+            TAG_ACCOUNT => ACCOUNT_ROW_BYTES,
+            TAG_REQUEST => REQUEST_ROW_BYTES,
+            _ => return Err(bad("unknown row tag")),
+        };
+        if rest.len() < len {
+            return Err(bad("truncated row"));
+        }
+        let (row, tail) = rest.split_at(len);
+        rows.push(decode_row(row));
+        rest = tail;
+    }
+    Ok(rows)
+}
+
+fn decode_row(row: &[u8]) -> Row {
+    let key: PublicKey = row[1..33].try_into().expect("32");
+    if row[0] == TAG_ACCOUNT {
+        return Row::Account {
+            key,
+            balance: u64::from_le_bytes(row[33..41].try_into().expect("8")),
+        };
+    }
+    Row::Request {
+        signer: key,
+        id: u128::from_be_bytes(row[33..49].try_into().expect("16")),
+        at: RequestAt {
+            height: u64::from_le_bytes(row[49..57].try_into().expect("8")),
+            index: u32::from_le_bytes(row[57..61].try_into().expect("4")),
+            request_hash: row[61..93].try_into().expect("32"),
+        },
+    }
+}
+
+/// What batches change, gathered for a differential snapshot: accounts (last balance wins),
+/// requests, and the totals' growth.
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    pub accounts: BTreeMap<PublicKey, u64>,
+    pub requests: BTreeMap<(PublicKey, u128), RequestAt>,
+    pub deposited: u128,
+    pub withdrawn: u128,
+}
+
+impl Delta {
+    /// Adds one batch's effects, from its receipts.
+    pub fn add_batch(&mut self, body: &BatchBody) {
+        for (i, e) in body.entries.iter().enumerate() {
+            let (r, rc) = (&e.request, &e.receipt);
+            match r.op {
+                Op::Deposit => {
+                    self.deposited += r.amount as u128;
+                    self.accounts.insert(r.to, rc.to_balance);
+                }
+                Op::Transfer => {
+                    self.accounts.insert(r.signer, rc.signer_balance);
+                    self.accounts.insert(r.to, rc.to_balance);
+                }
+                Op::Withdraw => {
+                    self.withdrawn += r.amount as u128;
+                    self.accounts.insert(r.signer, rc.signer_balance);
+                }
+            }
+            let at = RequestAt {
+                height: body.header.height,
+                index: i as u32,
+                request_hash: rc.request_hash,
+            };
+            self.requests.insert((r.signer, r.id), at);
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.accounts.len() + self.requests.len()
+    }
+
+    /// The rows in key order (accounts, then requests), cut into chunks.
+    pub fn chunks(&self) -> Vec<Vec<u8>> {
+        let rows = self
+            .accounts
+            .iter()
+            .map(|(key, balance)| Row::Account {
+                key: *key,
+                balance: *balance,
+            })
+            .chain(self.requests.iter().map(|((signer, id), at)| Row::Request {
+                signer: *signer,
+                id: *id,
+                at: *at,
+            }));
+        cut_chunks(rows)
+    }
+
+    /// Applies `later` on top of this (later rows replace earlier ones; totals add up).
+    pub fn merge(&mut self, later: Delta) {
+        self.accounts.extend(later.accounts);
+        self.requests.extend(later.requests);
+        self.deposited += later.deposited;
+        self.withdrawn += later.withdrawn;
+    }
+
+    /// The rows of decoded chunks, as a delta (totals left at 0: they are in the manifest).
+    pub fn from_rows(rows: impl IntoIterator<Item = Row>) -> Delta {
+        let mut d = Delta::default();
+        for row in rows {
+            match row {
+                Row::Account { key, balance } => {
+                    d.accounts.insert(key, balance);
+                }
+                Row::Request { signer, id, at } => {
+                    d.requests.insert((signer, id), at);
+                }
+            }
+        }
+        d
+    }
+}
+
+/// Cuts rows (in key order) into chunks. A chunk ends after a row whose key hash ends in ten
+/// zero bits (content-defined, so an unchanged stretch of keys gives the same chunk in the next
+/// full snapshot) or at [`CHUNK_ROWS_MAX`].
+fn cut_chunks(rows: impl Iterator<Item = Row>) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut count = 0;
+    for row in rows {
+        row.encode(&mut current);
+        count += 1;
+        let key_bytes = match &row {
+            Row::Account { key, .. } => key.to_vec(),
+            Row::Request { signer, id, .. } => [&signer[..], &id.to_be_bytes()].concat(),
+        };
+        let h = sha256(&[&key_bytes]);
+        if count == CHUNK_ROWS_MAX || (h[0] == 0 && h[1] & 0x03 == 0) {
+            chunks.push(std::mem::take(&mut current));
+            count = 0;
+        }
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+/// A snapshot's manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub height: u64,
+    /// 0 for a full snapshot, else the height of the snapshot this one applies on.
+    pub base: u64,
+    pub header_hash: Hash,
+    pub state_digest: Hash,
+    /// The ledger's totals at `height` (not derivable from the rows).
+    pub total_deposited: u128,
+    pub total_withdrawn: u128,
+    pub accounts: u64,
+    pub requests: u64,
+    /// (SHA-256, bytes) of each chunk, in order.
+    pub chunks: Vec<(Hash, u64)>,
+}
+
+impl Manifest {
+    pub fn is_full(&self) -> bool {
+        self.base == 0
+    }
+
+    /// Text, one field a line; see PROTOCOL.md, "The archive".
+    pub fn encode(&self) -> Vec<u8> {
+        let mut t = format!(
+            "{MANIFEST_MAGIC}\nheight {}\nbase {}\nheader_hash {}\nstate_digest {}\n\
+             total_deposited {}\ntotal_withdrawn {}\naccounts {}\nrequests {}\n",
+            self.height,
+            self.base,
+            hex::encode(self.header_hash),
+            hex::encode(self.state_digest),
+            self.total_deposited,
+            self.total_withdrawn,
+            self.accounts,
+            self.requests,
+        );
+        for (hash, bytes) in &self.chunks {
+            t.push_str(&format!("chunk {} {bytes}\n", hex::encode(hash)));
+        }
+        t.into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Manifest> {
+        let bad = |why: String| Error::Verify(format!("snapshot manifest: {why}"));
+        let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+        let mut lines = text.strip_suffix('\n').unwrap_or(text).split('\n');
+        if lines.next() != Some(MANIFEST_MAGIC) {
+            return Err(bad("not a layout-1 manifest".into()));
+        }
+        let mut field = |name: &str| -> Result<String> {
+            let line = lines.next().ok_or_else(|| bad(format!("{name} missing")))?;
+            line.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("expected {name}")))
+        };
+        let num = |v: String, name: &str| -> Result<u128> {
+            v.parse().map_err(|_| bad(format!("bad {name}")))
+        };
+        let hash = |v: String, name: &str| -> Result<Hash> {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(&v, &mut h).map_err(|_| bad(format!("bad {name}")))?;
+            Ok(h)
+        };
+        let mut m = Manifest {
+            height: num(field("height")?, "height")? as u64,
+            base: num(field("base")?, "base")? as u64,
+            header_hash: hash(field("header_hash")?, "header_hash")?,
+            state_digest: hash(field("state_digest")?, "state_digest")?,
+            total_deposited: num(field("total_deposited")?, "total_deposited")?,
+            total_withdrawn: num(field("total_withdrawn")?, "total_withdrawn")?,
+            accounts: num(field("accounts")?, "accounts")? as u64,
+            requests: num(field("requests")?, "requests")? as u64,
+            chunks: Vec::new(),
+        };
+        for line in lines {
+            let mut parts = line.split(' ');
+            let (Some("chunk"), Some(h), Some(n), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad(format!("bad line {line:?}")));
+            };
+            m.chunks.push((
+                hash(h.into(), "chunk")?,
+                num(n.into(), "chunk size")? as u64,
+            ));
+        }
+        if m.base >= m.height && m.base != 0 {
+            return Err(bad("base must be below height".into()));
+        }
+        Ok(m)
+    }
+}
