@@ -84,6 +84,13 @@ pub struct Args {
     /// default); a cluster does not archive.
     #[arg(long, value_name = "URL")]
     pub archive: Option<String>,
+    /// Instead of a load: the sizes of the archive's state snapshots for a ledger of N funded
+    /// accounts, full against differential after transfers touching --snapshot-change of them.
+    #[arg(long, value_name = "N")]
+    pub snapshot_accounts: Option<usize>,
+    /// With --snapshot-accounts: the fraction of accounts the transfers touch.
+    #[arg(long, value_name = "F", default_value_t = 0.01)]
+    pub snapshot_change: f64,
     /// How long one request may wait for its answer before it counts as a timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,

@@ -34,6 +34,7 @@
 //!   drops is not reopened and a leader change is not followed: its requests count as
 //!   `disconnected` errors or `not_leader` refusals (this measures throughput, not failover).
 
+pub mod archive;
 pub mod args;
 pub mod bound;
 pub mod load;
@@ -41,6 +42,7 @@ pub mod report;
 pub mod server;
 pub mod stats;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -198,7 +200,20 @@ pub fn run(args: &Args) -> Result<Report> {
         },
     };
     eprintln!("timed phase: {schedule:?}");
-    let phase = runtime.block_on(load::timed_phase(&clients, pool, schedule));
+    let (phase, archive_lag) = runtime.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = tokio::spawn(archive::sample(clients[0].clone(), stop.clone()));
+        let phase = load::timed_phase(&clients, pool, schedule).await;
+        stop.store(true, Ordering::SeqCst);
+        let lag = match sampler.await.ok().flatten() {
+            Some(samples) => {
+                let caught_up = archive::catch_up(&clients[0]).await;
+                Some(archive::ArchiveLag::from_samples(samples, caught_up))
+            }
+            None => None,
+        };
+        (phase, lag)
+    });
     // At the end of the timed phase, before anything is stopped.
     let memory_at_end = started.as_mut().map(|s| s.memory());
     // As written into the replicas' configs (`--cache-accounts`, else the server's default).
@@ -268,6 +283,7 @@ pub fn run(args: &Args) -> Result<Report> {
         server_peak_rss_bytes: max_of(&memory_at_end, |m| m.peak_rss_bytes),
         server_rss_after_setup_bytes: max_of(&memory_after_setup, |m| m.rss_bytes),
         server_memory: memory_at_end.unwrap_or_default(),
+        archive_lag,
     })
 }
 

@@ -83,6 +83,9 @@ pub struct Report {
     pub server_rss_after_setup_bytes: Option<u64>,
     /// With --start-server: each replica's figures at the end of the timed phase.
     pub server_memory: Vec<ReplicaMemory>,
+    /// The archive's lag behind the applied height during the timed phase (None: the server
+    /// has no archive).
+    pub archive_lag: Option<crate::archive::ArchiveLag>,
 }
 
 impl Report {
@@ -249,6 +252,20 @@ impl Report {
         if let Some(rss) = self.server_rss_after_setup_bytes {
             row("server RSS after funding", mib(rss));
         }
+        if let Some(lag) = &self.archive_lag {
+            row(
+                "archive lag (batches)",
+                format!(
+                    "p50 {}, p99 {}, max {} ({} samples); caught up {} after the load",
+                    lag.p50_batches,
+                    lag.p99_batches,
+                    lag.max_batches,
+                    lag.samples,
+                    lag.caught_up_seconds
+                        .map_or("not within 120 s".to_string(), |s| format!("{s:.1} s"))
+                ),
+            );
+        }
         if self.rate.is_some() {
             row("late sends (> 10 ms)", self.late_sends.to_string());
         }
@@ -374,6 +391,7 @@ mod tests {
             server_peak_rss_bytes: None,
             server_rss_after_setup_bytes: None,
             server_memory: Vec::new(),
+            archive_lag: None,
         }
     }
 
@@ -438,6 +456,7 @@ mod tests {
             server_rss_bytes: Some(100 * 1024 * 1024),
             server_peak_rss_bytes: Some(300 * 1024 * 1024 + 512 * 1024),
             server_rss_after_setup_bytes: Some(90 * 1024 * 1024),
+            archive_lag: None,
             server_memory: vec![ReplicaMemory {
                 id: 1,
                 rss_bytes: 100 * 1024 * 1024,

@@ -6,6 +6,11 @@ use tally_bench::Args;
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(accounts) = args.snapshot_accounts {
+        let sizes = tally_bench::archive::snapshot_sizes(accounts, args.snapshot_change, 7);
+        println!("{}", serde_json::to_string_pretty(&sizes)?);
+        return Ok(());
+    }
     let report = tally_bench::run(&args)?;
     if let Some(path) = &args.json {
         tally_bench::write_json(&report, path)?;
