@@ -740,6 +740,7 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
             "batches": report.batches,
             "checkpoint_size": report.checkpoint_size,
             "chain_id": report.chain_id.map(|c| to_hex(&c)),
+            "snapshots": report.snapshots,
             "accounts": report.accounts,
             "errors": errors,
         });
@@ -750,7 +751,7 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
         println!("BAD  {}: {}", e.key, e.message);
     }
     println!(
-        "{}: chain {}: {} batches verified and replayed up to height {} of {} in the checkpoint; {} accounts",
+        "{}: chain {}: {} batches verified and replayed up to height {} of {} in the checkpoint; {} accounts; {} snapshots checked",
         if report.ok { "ok" } else { "FAILED" },
         report.chain_id.map_or("?".to_string(), |c| to_hex(&c)),
         report.batches,
@@ -759,6 +760,7 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
             .checkpoint_size
             .map_or("?".to_string(), |s| s.to_string()),
         report.accounts,
+        report.snapshots,
     );
 }
 
