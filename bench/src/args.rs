@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "start_server",
+        required_unless_present_any = ["start_server", "snapshot_accounts"],
         conflicts_with = "start_server"
     )]
     pub profile: Option<PathBuf>,
