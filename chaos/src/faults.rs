@@ -29,6 +29,9 @@ pub enum FaultKind {
     Transfer,
     /// Client connections dropped after requests went out and before their answers came back.
     CutClient,
+    /// The archive's object store unreachable for a few seconds (the TCP proxy between the
+    /// replicas and S3 cut), then back. Only a run with an S3 archive can inject it.
+    ArchiveOutage,
 }
 
 impl FaultKind {
@@ -39,6 +42,7 @@ impl FaultKind {
         FaultKind::Restart,
         FaultKind::Transfer,
         FaultKind::CutClient,
+        FaultKind::ArchiveOutage,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,12 +53,22 @@ impl FaultKind {
             FaultKind::Restart => "restart",
             FaultKind::Transfer => "transfer",
             FaultKind::CutClient => "cut-client",
+            FaultKind::ArchiveOutage => "archive-outage",
         }
     }
 
-    /// Whether the harness can inject it (every kind can, now that the server takes SIGUSR1).
-    pub fn supported(self) -> bool {
-        true
+    /// Why the harness cannot inject this kind in a run, if it cannot. Every kind works against
+    /// any cluster except an archive outage, which needs the replicas' S3 traffic to go
+    /// through the harness's proxy (`--archive s3://…` with a plain-HTTP endpoint): a local
+    /// directory cannot be cut. `"all"` lists it anyway; such a run skips it and says why.
+    pub fn unavailable(self, archive_proxied: bool) -> Option<&'static str> {
+        match self {
+            FaultKind::ArchiveOutage if !archive_proxied => Some(
+                "needs an S3 archive the harness can cut (--archive s3://BUCKET/PREFIX with \
+                 AWS_ENDPOINT_URL=http://…)",
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -107,6 +121,8 @@ pub enum Plan {
     CutClient { hold: Duration },
     /// Ask the leader to hand over leadership (SIGUSR1).
     Transfer,
+    /// Cut every connection from the replicas to the archive's store for `hold`.
+    ArchiveOutage { hold: Duration },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +159,7 @@ impl Plan {
             Plan::Asymmetric { .. } => "partition-asymmetric-one-link",
             Plan::CutClient { .. } => "cut-client",
             Plan::Transfer => "transfer-leader",
+            Plan::ArchiveOutage { .. } => "archive-outage",
         }
     }
 
@@ -157,7 +174,7 @@ impl Plan {
                 leader_in_minority, ..
             } => *leader_in_minority,
             Plan::Asymmetric { variant, .. } => *variant != Asymmetry::OneLinkFromLeader,
-            Plan::CutClient { .. } => false,
+            Plan::CutClient { .. } | Plan::ArchiveOutage { .. } => false,
             Plan::Transfer => true,
         }
     }
@@ -167,12 +184,11 @@ fn ms(rng: &mut StdRng, low: u64, high: u64) -> Duration {
     Duration::from_millis(rng.gen_range(low..=high))
 }
 
-/// Draws the next fault among `kinds` (supported ones only) for a cluster of `nodes` whose
-/// election timeout is `election`.
+/// Draws the next fault among `kinds` (those the run can inject, see
+/// [`FaultKind::unavailable`]) for a cluster of `nodes` whose election timeout is `election`.
 pub fn draw(rng: &mut StdRng, kinds: &[FaultKind], nodes: u64, election: Duration) -> Plan {
-    let usable: Vec<FaultKind> = kinds.iter().copied().filter(|k| k.supported()).collect();
-    assert!(!usable.is_empty(), "no supported fault kind to draw from");
-    let kind = *usable.choose(rng).expect("not empty");
+    assert!(!kinds.is_empty(), "no fault kind to draw from");
+    let kind = *kinds.choose(rng).expect("not empty");
     // Most faults aim at the leader: that is where failover happens.
     let at_leader = rng.gen_bool(0.8);
     let minority = ((nodes - 1) / 2) as usize;
@@ -232,6 +248,11 @@ pub fn draw(rng: &mut StdRng, kinds: &[FaultKind], nodes: u64, election: Duratio
             },
         },
         FaultKind::Transfer => Plan::Transfer,
+        // Longer than the archive writer's longest backoff (5 s) now and then, so that a round
+        // fails, backs off and fails again; the lag bound refuses writes in the longer ones.
+        FaultKind::ArchiveOutage => Plan::ArchiveOutage {
+            hold: ms(rng, 2000, 8000),
+        },
     }
 }
 

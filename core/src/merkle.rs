@@ -146,28 +146,12 @@ impl ProofTree {
 /// Verifies an inclusion proof (RFC 9162, 2.1.3.2): true iff `leaf` is at `proof.leaf_index` of
 /// a tree of `proof.tree_size` leaves whose root is `root`.
 pub fn verify_inclusion(leaf: &Hash, proof: &InclusionProof, root: &Hash) -> bool {
-    if proof.leaf_index >= proof.tree_size {
-        return false;
-    }
-    let (mut fn_, mut sn) = (proof.leaf_index as u64, proof.tree_size as u64 - 1);
-    let mut r = *leaf;
-    for p in &proof.path {
-        if sn == 0 {
-            return false;
-        }
-        if fn_ & 1 == 1 || fn_ == sn {
-            r = node_hash(p, &r);
-            if fn_ & 1 == 0 {
-                while fn_ & 1 == 0 && fn_ != 0 {
-                    fn_ >>= 1;
-                    sn >>= 1;
-                }
-            }
-        } else {
-            r = node_hash(&r, p);
-        }
-        fn_ >>= 1;
-        sn >>= 1;
-    }
-    sn == 0 && r == *root
+    crate::tlog::verify_inclusion(
+        proof.leaf_index as u64,
+        proof.tree_size as u64,
+        leaf,
+        root,
+        &proof.path,
+    )
+    .is_ok()
 }

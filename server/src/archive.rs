@@ -89,6 +89,73 @@ impl BatchSource for LedgerSource {
     }
 }
 
+/// The node's archive between start-up and the start of its writer.
+pub struct NodeArchive {
+    bucket: Option<Bucket>,
+    progress: Arc<ArchiveProgress>,
+    /// What the pipeline checks (`None`: no archive).
+    pub gate: Option<Arc<ArchiveGate>>,
+    pub read_only: bool,
+}
+
+impl NodeArchive {
+    /// Opens the configured archive and reads its height, before anything serves: a replica
+    /// whose ledger is below it takes no writes until it has caught up.
+    pub fn open(
+        config: &Config,
+        runtime: &tokio::runtime::Runtime,
+        key: &SigningKey,
+        ledger_height: u64,
+    ) -> Result<NodeArchive> {
+        let bucket = open_bucket(config)?;
+        let progress = Arc::new(ArchiveProgress::default());
+        let archived = match &bucket {
+            Some(b) => startup_height(runtime, b, &config.chain_id_bytes(), key)?,
+            None => None,
+        };
+        if let Some(h) = archived {
+            progress.advance(h);
+            if h > ledger_height {
+                tracing::warn!(
+                    archive_height = h,
+                    ledger_height,
+                    "the archive holds batches this replica has not applied: it takes no \
+                     writes until it has caught up (a replica whose data was lost is restored \
+                     with tally-server restore)"
+                );
+            }
+        }
+        Ok(NodeArchive {
+            gate: bucket.as_ref().map(|_| gate(config, progress.clone())),
+            bucket,
+            progress,
+            read_only: read_only(config),
+        })
+    }
+
+    /// Starts the writer and its metrics (or says that there is no archive).
+    pub fn start(
+        self,
+        runtime: &tokio::runtime::Handle,
+        config: &Config,
+        source: LedgerSource,
+        key: SigningKey,
+        metrics: Arc<Metrics>,
+    ) {
+        let (Some(bucket), Some(gate)) = (self.bucket, self.gate) else {
+            tracing::warn!(
+                "no archive configured ([archive] url): the ledger lives only on the replicas' \
+                 disks"
+            );
+            return;
+        };
+        println!("tally-server: archiving to {}", bucket.url());
+        let applied = source.applied_height.clone();
+        spawn_writer(runtime, config, bucket, source, key, self.progress);
+        runtime.spawn(publish_metrics(gate, applied, metrics));
+    }
+}
+
 /// The archive of `config`, opened, or `None` when none is configured.
 pub fn open_bucket(config: &Config) -> Result<Option<Bucket>> {
     let Some(settings) = BucketSettings::from_config(&config.archive) else {

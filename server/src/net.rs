@@ -191,43 +191,45 @@ async fn connection(
 /// What a client refused with `archive_behind` is told to wait.
 const ARCHIVE_BEHIND_RETRY_MS: u32 = 1000;
 
-/// Whether the archive lags by `archive.max_lag_batches` or more (then writes are refused).
-fn archive_full(pipeline: &PipelineHandle) -> bool {
-    pipeline.archive.as_ref().is_some_and(|gate| {
-        gate.lag(pipeline.applied_height.load(Ordering::SeqCst)) >= gate.max_lag_batches
-    })
-}
-
-/// Why writes wait for this replica to catch up with the archive, if they do.
-fn behind_archive(pipeline: &PipelineHandle) -> Option<String> {
+/// Why this replica cannot take a write now, if it cannot: one place for every such rule.
+fn write_refusal(pipeline: &PipelineHandle) -> Option<ErrorReply> {
+    let view = &pipeline.view;
+    if pipeline.read_only {
+        return Some(ErrorReply::new(
+            ErrorCode::Recovering,
+            "this replica was restored below the archive's tip and serves reads only",
+        ));
+    }
+    // Only the leader takes writes; others answer at once with where to go.
+    if !view.writable.load(Ordering::SeqCst) {
+        return Some(view.not_writable());
+    }
     let applied = pipeline.applied_height.load(Ordering::SeqCst);
-    pipeline.archive.as_ref()?.refuses_writes(applied)
+    let gate = pipeline.archive.as_ref()?;
+    if let Some(why) = gate.refuses_writes(applied) {
+        return Some(ErrorReply::new(ErrorCode::Recovering, why));
+    }
+    if gate.lag(applied) >= gate.max_lag_batches {
+        let mut r = ErrorReply::new(
+            ErrorCode::ArchiveBehind,
+            "more committed batches than archive.max_lag_batches wait for the archive; retry \
+             later",
+        );
+        r.retry_after_ms = ARCHIVE_BEHIND_RETRY_MS;
+        return Some(r);
+    }
+    None
 }
 
 fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: &Arc<AtomicBool>) {
     let view = &pipeline.view;
+    if matches!(message, Message::Submit(_) | Message::SubmitHinted(..)) {
+        if let Some(refusal) = write_refusal(pipeline) {
+            reply.send(&Message::Error(refusal));
+            return;
+        }
+    }
     match message {
-        // Only the leader takes writes; others answer at once with where to go.
-        Message::Submit(_) | Message::SubmitHinted(..) if pipeline.read_only => reply.error(
-            ErrorCode::Recovering,
-            "this replica was restored below the archive's tip and serves reads only",
-        ),
-        Message::Submit(_) | Message::SubmitHinted(..) if !view.writable.load(Ordering::SeqCst) => {
-            reply.send(&Message::Error(view.not_writable()))
-        }
-        Message::Submit(_) | Message::SubmitHinted(..) if behind_archive(pipeline).is_some() => {
-            let why = behind_archive(pipeline).unwrap_or_default();
-            reply.error(ErrorCode::Recovering, why)
-        }
-        Message::Submit(_) | Message::SubmitHinted(..) if archive_full(pipeline) => {
-            let mut r = ErrorReply::new(
-                ErrorCode::ArchiveBehind,
-                "more committed batches than archive.max_lag_batches wait for the archive; \
-                 retry later",
-            );
-            r.retry_after_ms = ARCHIVE_BEHIND_RETRY_MS;
-            reply.send(&Message::Error(r))
-        }
         Message::Submit(request) => pipeline::submit(
             pipeline,
             Job {

@@ -15,7 +15,6 @@ use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
 use tally_core::sequencer::SequencerConfig;
 use tally_core::validate::StatelessRules;
-use tally_storage::archiver::ArchiveProgress;
 use tally_storage::{FilterOrigin, LedgerDb, RaftLogDb, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -183,28 +182,8 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .enable_all()
         .thread_name("tally-net")
         .build()?;
-    let bucket = archive::open_bucket(&config)?;
-    let archive_height = match &bucket {
-        Some(b) => archive::startup_height(&runtime, b, &chain_id, &archive_key)?,
-        None => None,
-    };
-    let read_only = archive::read_only(&config);
-    let progress = Arc::new(ArchiveProgress::default());
-    if let Some(h) = archive_height {
-        progress.advance(h);
-        if h > meta.height {
-            tracing::warn!(
-                archive_height = h,
-                ledger_height = meta.height,
-                "the archive holds batches this replica has not applied: it takes no writes \
-                 until it has caught up (a replica whose data was lost is restored with \
-                 tally-server restore)"
-            );
-        }
-    }
-    let gate = bucket
-        .as_ref()
-        .map(|_| archive::gate(&config, progress.clone()));
+    let archive = archive::NodeArchive::open(&config, &runtime, &archive_key, meta.height)?;
+    let (gate, read_only) = (archive.gate.clone(), archive.read_only);
     let (peer_server, peer_client) = peer_tls(&tls_cfg.ca_cert, &tls_cfg.cert, &tls_cfg.key)?;
     let transfer = PeerSnapshotTransfer::new(
         &config,
@@ -252,35 +231,19 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         operator,
         Box::new(transfer),
     );
-    if let Some(bucket) = bucket {
-        println!("tally-server: archiving to {}", bucket.url());
-        let source = archive::LedgerSource {
+    archive.start(
+        runtime.handle(),
+        &config,
+        archive::LedgerSource {
             storage: storage_tx.clone(),
             view: view.clone(),
             applied_height: pipeline.handle.applied_height.clone(),
             stopping: pipeline.handle.shutdown.clone(),
             read_only,
-        };
-        archive::spawn_writer(
-            runtime.handle(),
-            &config,
-            bucket,
-            source,
-            archive_key,
-            progress,
-        );
-        if let Some(gate) = &gate {
-            runtime.spawn(archive::publish_metrics(
-                gate.clone(),
-                pipeline.handle.applied_height.clone(),
-                metrics.clone(),
-            ));
-        }
-    } else {
-        tracing::warn!(
-            "no archive configured ([archive] url): the ledger lives only on the replicas' disks"
-        );
-    }
+        },
+        archive_key,
+        metrics.clone(),
+    );
     let limits = NetLimits {
         connections_max: config.limits.connections_max as usize,
         in_flight_max: config.limits.requests_in_flight_per_connection_max as usize,

@@ -18,6 +18,9 @@ fn minimal_config_takes_every_default() {
     let operator = expected.operator.as_mut().unwrap();
     operator.signing_key = "operator.key".into();
     operator.deposit_keys = vec![DEPOSIT_KEY.to_owned()];
+    // Only the development operator archives by default; a written config says where.
+    expected.archive = tally_config::ArchiveConfig::default();
+    assert!(!config.archive.enabled());
     assert_eq!(config, expected);
     config.validate().unwrap();
 }

@@ -87,6 +87,33 @@ fn load(path: &PathBuf, archive: Option<&String>) -> Result<Config> {
     Ok(config)
 }
 
+/// `tally-server restore`: a one-shot command that exits 0 once the data directory is ready.
+fn restore(
+    config: &PathBuf,
+    archive: Option<&String>,
+    from: Option<&str>,
+    height: Option<u64>,
+) -> Result<()> {
+    let config = load(config, archive)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_default(),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let r = tally_server::restore::restore(&config, from, height)?;
+    let below = if r.read_only {
+        " (below the tip: this replica will serve reads only)"
+    } else {
+        ""
+    };
+    println!(
+        "tally-server: restored height {} of the archive's {} in {:.1} s{below}",
+        r.height, r.archive_height, r.seconds
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // Fail-stop: a panic on any thread (raft, storage, a connection task) stops the process
     // with the same code as a fatal storage error, instead of leaving a half-working replica
@@ -117,26 +144,7 @@ fn main() -> Result<()> {
         height,
     }) = &args.command
     {
-        let config = load(config, args.archive.as_ref())?;
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_default(),
-            )
-            .with_writer(std::io::stderr)
-            .init();
-        let r = tally_server::restore::restore(&config, from.as_deref(), *height)?;
-        println!(
-            "tally-server: restored height {} of the archive's {} in {:.1} s{}",
-            r.height,
-            r.archive_height,
-            r.seconds,
-            if r.read_only {
-                " (below the tip: this replica will serve reads only)"
-            } else {
-                ""
-            }
-        );
-        return Ok(());
+        return restore(config, args.archive.as_ref(), from.as_deref(), *height);
     }
     if let Some(path) = &args.check_config {
         // Printed plainly (no anyhow backtrace): the problems are the output.
