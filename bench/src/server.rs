@@ -222,12 +222,23 @@ fn cluster_files(dir: &Path, nodes: usize) -> Result<(Vec<(u64, PathBuf)>, PathB
     for path in &paths {
         configs.push(read_config(path)?);
     }
+    // All ports held open until every one is chosen: ports picked one after another from
+    // closed listeners can repeat (a client address equal to a peer address fails validation).
+    let mut held = Vec::new();
+    let mut pick = || -> Result<SocketAddr> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .context("finding a free port on 127.0.0.1")?;
+        let addr = listener.local_addr()?;
+        held.push(listener);
+        Ok(addr)
+    };
     let mut client = std::collections::HashMap::new();
     let mut peer = std::collections::HashMap::new();
     for config in &configs {
-        client.insert(config.node.id, free_port()?);
-        peer.insert(config.node.id, free_port()?);
+        client.insert(config.node.id, pick()?);
+        peer.insert(config.node.id, pick()?);
     }
+    drop(held);
     let mut out = Vec::new();
     for (path, mut config) in paths.into_iter().zip(configs) {
         let id = config.node.id;
@@ -253,13 +264,6 @@ fn read_config(path: &Path) -> Result<Config> {
 fn write_config(path: &Path, config: &Config) -> Result<()> {
     std::fs::write(path, config.to_toml_string())
         .with_context(|| format!("writing {}", path.display()))
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<SocketAddr> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
-    Ok(listener.local_addr()?)
 }
 
 /// Starts one replica. Its stdout goes to a thread that hands over the client address, then

@@ -366,11 +366,12 @@ fn bools_and_read_modes() {
     };
     let status_bare = Message::Status(Box::new(status(None)));
     // Status: node_id 0..8, role 8, term 9..17, leader 17..25, commit 25..33, applied 33..41,
-    // applied_height 41..49, writable 49, address len 50..52, address 52..66, has_header 66.
+    // applied_height 41..49, writable 49, address len 50..52, address 52..66, has_header 66,
+    // (header 256,) has_archive, archive_height 8.
     let has_header = 52 + "127.0.0.1:7100".len();
-    let mut with_header = payload(&status_bare);
-    with_header[has_header] = 1;
-    with_header.extend_from_slice(&signed_header(1).encode());
+    let with_header = payload(&Message::Status(Box::new(status(Some(signed_header(1))))));
+    assert_eq!(with_header[has_header], 1);
+    let bare = payload(&status_bare);
     let mut cases = vec![];
     for bad in [2u8, 0x80, 0xff] {
         cases.extend([
@@ -399,6 +400,11 @@ fn bools_and_read_modes() {
                 patched(&status_bare, has_header, &[bad]),
                 err(invalid("status.has_header")),
             ),
+            (
+                STATUS,
+                patched(&status_bare, has_header + 1, &[bad]),
+                err(invalid("status.has_archive")),
+            ),
         ]);
     }
     cases.extend([
@@ -411,12 +417,19 @@ fn bools_and_read_modes() {
         (
             STATUS,
             {
+                // No header said, but one sent: its first byte is read as has_archive.
                 let mut p = with_header.clone();
                 p[has_header] = 0;
                 p
             },
-            trailing(256),
+            err(invalid("status.has_archive")),
         ),
+        (
+            STATUS,
+            bare[..bare.len() - 3].to_vec(),
+            truncated("status.archive_height"),
+        ),
+        (STATUS, [&bare[..], &[0][..]].concat(), trailing(1)),
         (
             GET_HEADERS,
             payload(&Message::GetHeaders {
