@@ -26,7 +26,7 @@ pub struct Args {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Real tally-server processes, real load, seeded faults; invariants checked at the end.
-    Live(LiveArgs),
+    Live(Box<LiveArgs>),
     /// A deterministic in-process simulation, one run per seed.
     Sim(SimArgs),
 }
@@ -42,7 +42,8 @@ pub struct LiveArgs {
     /// The seed every random choice derives from (random, and printed, when absent).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Fault kinds to inject: kill,pause,partition,restart,transfer,cut-client (or all).
+    /// Fault kinds to inject: kill,pause,partition,restart,transfer,cut-client,archive-outage
+    /// (or all; archive-outage only with an S3 --archive, else it is skipped).
     #[arg(long, default_value = "all")]
     pub faults: String,
     /// Write the report as JSON here (and the plot next to it, as .svg).
@@ -67,9 +68,25 @@ pub struct LiveArgs {
     /// The tally-server binary (default: next to tally-chaos, else target/{release,debug}).
     #[arg(long, value_name = "PATH")]
     pub server_bin: Option<PathBuf>,
-    /// Inject a bug the harness must catch: confirm-before-commit.
+    /// Inject a bug the harness must catch: confirm-before-commit, or archive-loses-batch (with
+    /// --total-loss: one archived batch object deleted before the restore).
     #[arg(long, value_name = "BUG")]
     pub inject_bug: Option<String>,
+    /// Archive to s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP; a plain-HTTP
+    /// endpoint is reached through a proxy that archive-outage cuts) or to an empty local
+    /// directory, instead of the cluster directory's own `archive`.
+    #[arg(long, value_name = "URL")]
+    pub archive: Option<String>,
+    /// archive.max_lag_batches of every replica [default: 50 with --archive, so that an outage
+    /// reaches it; else the server's default].
+    #[arg(long, value_name = "N")]
+    pub archive_max_lag_batches: Option<u64>,
+    /// End with the loss of every replica: once the archive has caught up, kill them all,
+    /// delete their data, `tally-server restore` each from the archive, start them again and
+    /// check that every acknowledged request survived (and replays), and audit the archive.
+    #[arg(long)]
+    pub total_loss: bool,
     /// Raft tick written into every replica's config.
     #[arg(long, default_value_t = 50)]
     pub tick_ms: u64,
@@ -149,7 +166,7 @@ pub fn parse_seeds(text: &str) -> Result<Range<u64>, String> {
 /// Runs a command. Ok(true) when every invariant held.
 pub fn run(args: Args) -> Result<bool> {
     match args.command {
-        Command::Live(a) => live(a),
+        Command::Live(a) => live(*a),
         Command::Sim(a) => sim(a),
     }
 }
@@ -178,6 +195,12 @@ fn live(a: LiveArgs) -> Result<bool> {
         compaction_entries: a.compaction_entries,
     };
     opts.verbose = !a.quiet;
+    opts.archive = a.archive;
+    opts.archive_max_lag_batches = a.archive_max_lag_batches;
+    opts.total_loss = a.total_loss;
+    if opts.archive_max_lag_batches == Some(0) {
+        bail!("--archive-max-lag-batches must be at least 1");
+    }
     if a.election_ticks < 2 {
         bail!("--election-ticks must be at least 2");
     }

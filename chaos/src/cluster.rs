@@ -5,6 +5,10 @@
 //! same code an operator runs. Every replica then moves to free ports: its peers reach it
 //! through one [`Proxy`] per directed link, and harness clients may reach it through a client
 //! proxy. Each replica's stdout and stderr go to `DIR/nodeK.log`, appended across restarts.
+//!
+//! Every replica archives to the same place: `init-cluster`'s shared `DIR/archive`, or the
+//! archive the run names ([`ArchiveSetup`]). An S3 archive is reached through one more proxy,
+//! in front of the store's endpoint, which an archive outage cuts.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -16,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tally_client::{Client, Profile, ReplicaAddress};
-use tally_config::Config;
+use tally_config::{ArchiveUrl, Config};
+use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::StatusReply;
 
 use crate::proxy::Proxy;
@@ -55,6 +60,16 @@ impl Timing {
     pub fn election_timeout(&self) -> Duration {
         Duration::from_millis(self.tick_ms * self.election_ticks as u64)
     }
+}
+
+/// Where a live cluster archives: `[archive]` of every replica.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveSetup {
+    /// `s3://bucket/prefix` (endpoint and credentials from the `AWS_*` variables) or a local
+    /// directory; it must hold nothing yet. None: `init-cluster`'s own, `DIR/archive`.
+    pub url: Option<String>,
+    /// `archive.max_lag_batches` of every replica; None: the server's default.
+    pub max_lag_batches: Option<u64>,
 }
 
 /// Where the operator's files live: a temporary directory removed on success, or a directory
@@ -103,6 +118,13 @@ pub struct LiveCluster {
     links: BTreeMap<(u64, u64), Proxy>,
     /// Replica id → proxy in front of its client port.
     pub client_proxies: BTreeMap<u64, Proxy>,
+    /// The archive every replica writes: an `s3://` URL or an absolute directory.
+    pub archive_url: String,
+    /// The proxy between the replicas and an S3 archive's endpoint (None for a local
+    /// directory, or when the endpoint is not plain HTTP).
+    pub archive_proxy: Option<Proxy>,
+    /// `archive.max_lag_batches` of every replica.
+    pub archive_max_lag_batches: u64,
     server_bin: PathBuf,
     started: Instant,
 }
@@ -141,6 +163,7 @@ impl LiveCluster {
         dir: Option<PathBuf>,
         server_bin: PathBuf,
         timing: &Timing,
+        archive: &ArchiveSetup,
     ) -> Result<LiveCluster> {
         let dir = match dir {
             Some(d) => RunDir::Kept(d),
@@ -151,9 +174,13 @@ impl LiveCluster {
                     .context("creating a temporary directory")?,
             ),
         };
-        let root = dir.path().to_path_buf();
+        let root = std::path::absolute(dir.path())?;
         tally_server::bootstrap::init_cluster(nodes, &root, 1000)
             .with_context(|| format!("init-cluster in {}", root.display()))?;
+        let (archive_url, archive_proxy) = match &archive.url {
+            None => (root.join("archive").display().to_string(), None),
+            Some(url) => open_archive(url).await?,
+        };
         let ids: Vec<u64> = (1..=nodes).collect();
         let mut client_addrs = BTreeMap::new();
         let mut peer_addrs = BTreeMap::new();
@@ -174,6 +201,7 @@ impl LiveCluster {
             client_proxies.insert(id, Proxy::start(client_addrs[&id]).await?);
         }
         let mut configs = BTreeMap::new();
+        let mut archive_max_lag_batches = 0;
         for &id in &ids {
             let path = root.join(format!("node{id}.toml"));
             let text = std::fs::read_to_string(&path)
@@ -192,6 +220,15 @@ impl LiveCluster {
             config.raft.heartbeat_ticks = timing.heartbeat_ticks;
             config.raft.compaction_entries = timing.compaction_entries;
             config.batch.batch_window_ms = timing.batch_window_ms;
+            config.archive.url = archive_url.clone();
+            if let Some(proxy) = &archive_proxy {
+                config.archive.endpoint = format!("http://{}", proxy.listen);
+                config.archive.allow_http = true;
+            }
+            if let Some(lag) = archive.max_lag_batches {
+                config.archive.max_lag_batches = lag;
+            }
+            archive_max_lag_batches = config.archive.max_lag_batches;
             config
                 .validate()
                 .map_err(|e| anyhow!("the rewired config of node {id} is invalid:\n{e}"))?;
@@ -216,6 +253,9 @@ impl LiveCluster {
             processes: BTreeMap::new(),
             links,
             client_proxies,
+            archive_url,
+            archive_proxy,
+            archive_max_lag_batches,
             server_bin,
             started: Instant::now(),
         })
@@ -223,6 +263,30 @@ impl LiveCluster {
 
     pub fn root(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Replica `id`'s config file.
+    pub fn config_path(&self, id: u64) -> &Path {
+        &self.configs[&id]
+    }
+
+    /// The server binary the replicas run.
+    pub fn server_bin(&self) -> &Path {
+        &self.server_bin
+    }
+
+    /// The archive, opened for the harness's own reads: directly, never through the proxy
+    /// (for S3 the endpoint comes from `AWS_ENDPOINT_URL`, as the proxy's target did).
+    pub fn archive_bucket(&self) -> Result<Bucket> {
+        let url = ArchiveUrl::parse(&self.archive_url).map_err(|e| anyhow!("{e}"))?;
+        Ok(Bucket::open(&BucketSettings::from_url(url))?)
+    }
+
+    /// Cuts (true) or restores (false) the replicas' connections to an S3 archive.
+    pub fn set_archive_cut(&self, cut: bool) {
+        if let Some(p) = &self.archive_proxy {
+            p.set_cut(cut);
+        }
     }
 
     pub fn log_path(&self, id: u64) -> PathBuf {
@@ -434,10 +498,11 @@ impl LiveCluster {
         }
     }
 
-    /// Resumes paused replicas, restarts stopped ones, heals every link and lets every client
-    /// proxy deliver answers again.
+    /// Resumes paused replicas, restarts stopped ones, heals every link (the archive's too) and
+    /// lets every client proxy deliver answers again.
     pub async fn heal_all(&mut self) -> Result<()> {
         self.heal_network();
+        self.set_archive_cut(false);
         for p in self.client_proxies.values() {
             p.stop_dropping_answers();
         }
@@ -479,6 +544,51 @@ impl LiveCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The archive the run names, checked to be empty, and for S3 a proxy in front of its endpoint
+/// (`AWS_ENDPOINT_URL`, plain HTTP only: the proxy forwards bytes and cannot carry TLS for
+/// another host name). Returns (the URL the replicas get, the proxy).
+async fn open_archive(url: &str) -> Result<(String, Option<Proxy>)> {
+    let parsed = ArchiveUrl::parse(url).map_err(|e| anyhow!("--archive {url}: {e}"))?;
+    let (url, proxy) = match &parsed {
+        ArchiveUrl::File(dir) => (std::path::absolute(dir)?.display().to_string(), None),
+        ArchiveUrl::S3 { .. } => {
+            let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+            let proxy = match plain_http_address(&endpoint) {
+                Some(target) => Some(Proxy::start(target).await?),
+                None => None,
+            };
+            (url.to_string(), proxy)
+        }
+    };
+    let bucket = Bucket::open(&BucketSettings::from_url(
+        ArchiveUrl::parse(&url).map_err(|e| anyhow!("{e}"))?,
+    ))?;
+    let held = bucket
+        .list("", None)
+        .await
+        .with_context(|| format!("reading the archive {url}"))?;
+    if let Some(first) = held.first() {
+        bail!(
+            "the archive {url} already holds objects ({first}, ...): give every run an archive \
+             of its own (a new prefix or an empty directory)"
+        );
+    }
+    Ok((url, proxy))
+}
+
+/// The socket address of a plain-HTTP endpoint such as `http://127.0.0.1:8333`.
+fn plain_http_address(endpoint: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let rest = endpoint.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    let with_port = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    with_port.to_socket_addrs().ok()?.next()
 }
 
 /// The writable replica with the highest term in a set of status replies.

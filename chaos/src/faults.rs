@@ -2,7 +2,10 @@
 //!
 //! Faults run one after another: each is applied, held, healed, and the next waits until some
 //! replica takes writes again. Each one affects at most a minority of the replicas, so the
-//! cluster can always make progress once the fault's election is over.
+//! cluster can always make progress once the fault's election is over. The archive outage is
+//! the exception: it cuts every replica off the archive's store, but no replica off another,
+//! so the cluster commits on until the archive lag bound refuses new writes; the next fault
+//! waits until the store is back and the archive under the bound again.
 
 use std::time::Duration;
 

@@ -3,9 +3,12 @@
 //! - `live` ([`live`]): real `tally-server` processes on 127.0.0.1, every replica link through
 //!   a proxy the harness cuts ([`proxy`], [`cluster`]), concurrent clients with client-chosen
 //!   ids ([`load`]), seeded faults ([`faults`]): SIGKILL, SIGSTOP, SIGTERM, partitions
-//!   (isolation, splits, one-way cuts) and client connections dropped between a request and its
-//!   answer. At the end everything is healed and the invariants are judged ([`verdict`]) on
-//!   every replica; [`report`] prints them and [`svg`] draws the run.
+//!   (isolation, splits, one-way cuts), client connections dropped between a request and its
+//!   answer, and, with an S3 archive (`--archive s3://…`), the archive's store cut off behind a
+//!   proxy. At the end everything is healed and the invariants are judged ([`verdict`]) on
+//!   every replica; with `--total-loss` every replica is then lost and restored from the
+//!   archive alone, and three more invariants judge what came back ([`total_loss`]);
+//!   [`report`] prints them and [`svg`] draws the run.
 //! - `sim` ([`sim`]): an in-process cluster of `tally_core::replica::Replica`s with sequencer,
 //!   batch replay and in-memory stores, over a simulated network and clock where every choice
 //!   (loss, delay, duplication, partitions, crashes, restarts) comes from one seed, so any
@@ -15,11 +18,13 @@
 //! exactly once, refused ones never, indeterminate ones at most once; retries with the same id
 //! are never applied twice; all replicas end with the same height, state and header chain;
 //! every confirmation verifies against a signed header of the final chain; there are never two
-//! signed headers for one height; the height a client observes never goes backwards.
+//! signed headers for one height; the height a client observes never goes backwards. After a
+//! total loss (live only): every acknowledged confirmation is in the restored chain, which is
+//! the chain before the loss; acknowledged requests resubmitted are answered as replays with
+//! their original receipt; the archive audits.
 //!
 //! Caveats:
 //! - Errors are `anyhow` throughout: this crate is a harness whose errors are only reported.
-//! - Forced leader transfers are not injected: the server has no client-facing trigger.
 //! - Live runs depend on timing: the fault schedule replays from the seed, but which replica
 //!   leads when a fault fires, and so the run itself, does not. Simulated runs replay exactly.
 //! - The simulation models the server's replication glue (leadership hand-off, epochs,
@@ -28,8 +33,20 @@
 //!   of a snapshot send, without which a lost snapshot acknowledgement stalls that follower
 //!   until the next election (`sim --inject-bug server-snapshot-stall` replays the server's
 //!   behaviour).
+//! - The archive outage cuts the replicas' TCP connections to the store's endpoint, so it needs
+//!   a plain-HTTP endpoint (a proxy cannot carry TLS for another host name); against AWS itself,
+//!   or a local-directory archive, `archive-outage` is skipped and the report says so.
 //! - Linearizable reads that a replica answers as stale (it knows no leader) are counted apart
 //!   and left out of the height checks: the reply says so.
+
+/// A progress line on stderr when `$opts.verbose`, stamped with the run's clock.
+macro_rules! progress {
+    ($opts:expr, $rec:expr, $($arg:tt)*) => {
+        if $opts.verbose {
+            eprintln!("tally-chaos [+{:>6} ms] {}", $rec.now_ms(), format!($($arg)*));
+        }
+    };
+}
 
 pub mod cli;
 pub mod cluster;
@@ -41,4 +58,5 @@ pub mod proxy;
 pub mod report;
 pub mod sim;
 pub mod svg;
+pub mod total_loss;
 pub mod verdict;

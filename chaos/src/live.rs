@@ -4,7 +4,8 @@
 //! replica; fund the accounts; start the load clients, a linearizable-read observer and a
 //! status sampler; inject faults one after another for the duration; stop the load; heal
 //! everything; wait until the replicas converge; resolve every operation whose outcome is still
-//! unknown; read every replica's chain and balances; judge the invariants.
+//! unknown; read every replica's chain and balances; with `--total-loss`, lose every replica
+//! and restore them from the archive ([`crate::total_loss`]); judge the invariants.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use tally_client::{ClusterClient, ClusterStats, ProfileConnector};
 use tally_wire::PublicKey;
 
-use crate::cluster::{find_server_binary, statuses, LiveCluster, Timing};
+use crate::cluster::{find_server_binary, leader_of, statuses, ArchiveSetup, LiveCluster, Timing};
 use crate::faults::{self, Asymmetry, FaultKind, Plan};
 use crate::load::{self, ClientSetup, ProxiedConnector, Recorder};
 use crate::report::{self, ClientLibrary, FaultEvent, Report};
@@ -36,19 +37,27 @@ pub enum InjectedBug {
     /// stays down. What the cluster then commits was never confirmed, and what it confirmed is
     /// gone: exactly what confirming before commit leads to.
     ConfirmBeforeCommit,
+    /// The archive's store loses one batch object its checkpoint covers (a lifecycle rule, an
+    /// operator's mistake): the harness deletes it at the total-loss ending, after the archive
+    /// caught up and before the replicas are restored. Needs `--total-loss`.
+    ArchiveLosesBatch,
 }
 
 impl InjectedBug {
     pub fn parse(text: &str) -> Result<InjectedBug> {
         match text {
             "confirm-before-commit" => Ok(InjectedBug::ConfirmBeforeCommit),
-            other => bail!("unknown bug {other:?}; known: confirm-before-commit"),
+            "archive-loses-batch" => Ok(InjectedBug::ArchiveLosesBatch),
+            other => {
+                bail!("unknown bug {other:?}; known: confirm-before-commit, archive-loses-batch")
+            }
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             InjectedBug::ConfirmBeforeCommit => "confirm-before-commit",
+            InjectedBug::ArchiveLosesBatch => "archive-loses-batch",
         }
     }
 }
@@ -75,6 +84,19 @@ pub struct LiveOptions {
     pub fault_gap: (Duration, Duration),
     /// Print progress (faults as they happen) on stderr.
     pub verbose: bool,
+    /// The archive every replica writes: `s3://bucket/prefix` (endpoint and credentials from
+    /// the `AWS_*` variables; a plain-HTTP endpoint is reached through a proxy that
+    /// archive-outage faults cut) or an empty local directory. None: `init-cluster`'s shared
+    /// `DIR/archive`.
+    pub archive: Option<String>,
+    /// `archive.max_lag_batches` of every replica. None: 50 with `archive`, so that an outage
+    /// of a few seconds reaches it and writes are refused with `archive_behind`; else the
+    /// server's default.
+    pub archive_max_lag_batches: Option<u64>,
+    /// End with the loss of every replica: once the archive has caught up, kill every replica,
+    /// delete its data directory, `tally-server restore` it from the archive, start them again
+    /// and check that nothing acknowledged was lost ([`crate::total_loss`]).
+    pub total_loss: bool,
 }
 
 impl LiveOptions {
@@ -95,6 +117,9 @@ impl LiveOptions {
             timing: Timing::default(),
             fault_gap: (Duration::from_millis(500), Duration::from_millis(2500)),
             verbose: true,
+            archive: None,
+            archive_max_lag_batches: None,
+            total_loss: false,
         }
     }
 }
@@ -108,14 +133,6 @@ pub fn run(opts: &LiveOptions) -> Result<Report> {
     runtime.block_on(run_async(opts))
 }
 
-macro_rules! progress {
-    ($opts:expr, $rec:expr, $($arg:tt)*) => {
-        if $opts.verbose {
-            eprintln!("tally-chaos [+{:>6} ms] {}", $rec.now_ms(), format!($($arg)*));
-        }
-    };
-}
-
 async fn run_async(opts: &LiveOptions) -> Result<Report> {
     if !(3..=9).contains(&opts.nodes) {
         bail!(
@@ -126,14 +143,11 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     if opts.clients == 0 || opts.accounts < 2 {
         bail!("at least one client and two accounts are needed");
     }
+    if opts.inject_bug == Some(InjectedBug::ArchiveLosesBatch) && !opts.total_loss {
+        bail!("--inject-bug archive-loses-batch needs --total-loss (it strikes at the restore)");
+    }
     let server_bin = find_server_binary(opts.server_bin.as_deref())?;
     let recorder = Arc::new(Recorder::new());
-    let unsupported: Vec<String> = opts
-        .faults
-        .iter()
-        .filter(|k| !k.supported())
-        .map(|k| format!("{}: the harness cannot inject it", k.name()))
-        .collect();
     progress!(
         opts,
         recorder,
@@ -144,14 +158,47 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         opts.duration,
         server_bin.display()
     );
-    let mut cluster =
-        LiveCluster::create(opts.nodes, opts.keep.clone(), server_bin, &opts.timing).await?;
+    let archive = ArchiveSetup {
+        url: opts.archive.clone(),
+        max_lag_batches: opts
+            .archive_max_lag_batches
+            .or(opts.archive.as_ref().map(|_| 50)),
+    };
+    let mut cluster = LiveCluster::create(
+        opts.nodes,
+        opts.keep.clone(),
+        server_bin,
+        &opts.timing,
+        &archive,
+    )
+    .await?;
     progress!(
         opts,
         recorder,
-        "operator files in {}",
-        cluster.root().display()
+        "operator files in {}; archive {}{}",
+        cluster.root().display(),
+        cluster.archive_url,
+        match &cluster.archive_proxy {
+            Some(p) => format!(" through a proxy on {} to {}", p.listen, p.target),
+            None => String::new(),
+        }
     );
+    // Kinds this run cannot inject are skipped, and the report says why.
+    let proxied = cluster.archive_proxy.is_some();
+    let unsupported: Vec<String> = opts
+        .faults
+        .iter()
+        .filter_map(|k| {
+            k.unavailable(proxied)
+                .map(|why| format!("{}: {why}", k.name()))
+        })
+        .collect();
+    let drawable: Vec<FaultKind> = opts
+        .faults
+        .iter()
+        .copied()
+        .filter(|k| k.unavailable(proxied).is_none())
+        .collect();
     cluster.start_all().await?;
     if cluster.wait_leader(Duration::from_secs(30)).await.is_none() {
         bail!(
@@ -233,12 +280,6 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     let load_started = Instant::now();
     let end = load_started + opts.duration;
     let mut log: Vec<FaultEvent> = Vec::new();
-    let supported: Vec<FaultKind> = opts
-        .faults
-        .iter()
-        .copied()
-        .filter(|k| k.supported())
-        .collect();
     loop {
         let gap =
             Duration::from_millis(rng.gen_range(
@@ -249,7 +290,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         }
         tokio::time::sleep(gap).await;
         reap(&mut cluster, &recorder, opts).await;
-        if let Some(bug) = opts.inject_bug {
+        if let Some(bug @ InjectedBug::ConfirmBeforeCommit) = opts.inject_bug {
             if load_started.elapsed() >= opts.duration / 3 {
                 let event = inject(&mut cluster, bug, &mut rng, &recorder).await?;
                 progress!(opts, recorder, "INJECTED {}: {}", event.kind, event.detail);
@@ -258,12 +299,12 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
                 break;
             }
         }
-        if supported.is_empty() {
+        if drawable.is_empty() {
             continue;
         }
         let plan = faults::draw(
             &mut rng,
-            &supported,
+            &drawable,
             opts.nodes,
             opts.timing.election_timeout(),
         );
@@ -301,7 +342,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     progress!(opts, recorder, "load stopped; healing everything");
     reap(&mut cluster, &recorder, opts).await;
     cluster.heal_all().await?;
-    let patience = if opts.inject_bug.is_some() {
+    let patience = if opts.inject_bug == Some(InjectedBug::ConfirmBeforeCommit) {
         Duration::from_secs(20)
     } else {
         Duration::from_secs(60)
@@ -328,12 +369,29 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     sampling.store(true, Ordering::SeqCst);
     let _ = sampler.await;
     reap(&mut cluster, &recorder, opts).await;
+    let fin = verdict::collect(&cluster, &account_keys, converged).await;
+    let ending = if opts.total_loss {
+        let lose_batch = opts.inject_bug == Some(InjectedBug::ArchiveLosesBatch);
+        let ending = crate::total_loss::run(
+            &mut cluster,
+            &recorder,
+            &fin,
+            &account_keys,
+            lose_batch,
+            opts,
+        )
+        .await?;
+        log.extend(ending.injected.clone());
+        reap(&mut cluster, &recorder, opts).await;
+        Some(ending)
+    } else {
+        None
+    };
     for id in cluster.ids.clone() {
         for panic in panics_in_log(&cluster.log_path(id)) {
             recorder.lock().crashes.push(format!("node {id}: {panic}"));
         }
     }
-    let fin = verdict::collect(&cluster, &account_keys, converged).await;
 
     // Judge and report.
     let answers_dropped = cluster
@@ -342,7 +400,10 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         .map(|p| p.answers_dropped())
         .sum();
     let mut h = recorder.lock();
-    let (invariants, final_height) = verdict::judge(&mut h, &fin, &account_keys, &operator);
+    let (mut invariants, final_height) = verdict::judge(&mut h, &fin, &account_keys, &operator);
+    if let Some(e) = &ending {
+        invariants.extend(e.invariants.iter().cloned());
+    }
     let seconds = load_end_ms / 1000 + 1;
     let mut faults_by_kind: BTreeMap<String, u64> = BTreeMap::new();
     for e in &log {
@@ -356,7 +417,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         clients: opts.clients,
         accounts: opts.accounts,
         duration_s: opts.duration.as_secs_f64(),
-        faults_enabled: opts.faults.iter().map(|k| k.name().to_string()).collect(),
+        faults_enabled: drawable.iter().map(|k| k.name().to_string()).collect(),
         unsupported_faults: unsupported,
         injected_bug: opts.inject_bug.map(|b| b.name().to_string()),
         leader_disruptions: log.iter().filter(|e| e.disrupts_leader).count() as u64,
@@ -368,6 +429,12 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         throughput: report::throughput(&h, seconds),
         fault_log: log,
         final_height,
+        archive: report::ArchiveSummary {
+            url: cluster.archive_url.clone(),
+            proxied,
+            max_lag_batches: cluster.archive_max_lag_batches,
+        },
+        total_loss: ending.map(|e| e.summary),
         data_dir: None,
         ok,
     };
@@ -609,6 +676,43 @@ async fn apply(
             cluster.heal_network();
             (targets, format!("{what} for {} ms", hold.as_millis()))
         }
+        Plan::ArchiveOutage { hold } => {
+            cluster.set_archive_cut(true);
+            let lag_max = archive_lag_max(cluster, *hold).await;
+            cluster.set_archive_cut(false);
+            let healed_at_ms = recorder.now_ms();
+            // Like a replica fault, the next fault waits until writes are taken again: here,
+            // until the archive is back under the lag bound.
+            let bound = cluster.archive_max_lag_batches;
+            let refused = if lag_max >= bound {
+                match archive_under_bound(cluster, Duration::from_secs(20)).await {
+                    Some(after) => format!(
+                        "; at the bound ({bound}) new writes were refused with archive_behind, \
+                         until {} ms after the store came back",
+                        after.as_millis()
+                    ),
+                    None => format!(
+                        "; at the bound ({bound}) new writes were refused with archive_behind, \
+                         still 20 s after the store came back"
+                    ),
+                }
+            } else {
+                format!(" (bound {bound})")
+            };
+            return Ok(Some(FaultEvent {
+                at_ms,
+                healed_at_ms,
+                kind: plan.kind_name().to_string(),
+                targets: Vec::new(),
+                disrupts_leader: false,
+                leader: Some((leader, term)),
+                detail: format!(
+                    "the replicas' connections to the archive's store cut for {} ms; the \
+                     leader's archive lag peaked at {lag_max} batches{refused}",
+                    hold.as_millis()
+                ),
+            }));
+        }
         Plan::CutClient { hold } => {
             // Replicas are untouched, so the next fault need not wait: the cut is lifted by a
             // task of its own (and by the final heal at the latest).
@@ -652,6 +756,50 @@ async fn apply(
     }))
 }
 
+/// Holds for `hold` while sampling the leader's archive lag (applied batches the archive does
+/// not hold yet, as its status says); returns the largest seen.
+async fn archive_lag_max(cluster: &LiveCluster, hold: Duration) -> u64 {
+    let until = Instant::now() + hold;
+    let mut lag_max = 0;
+    while Instant::now() < until {
+        let st = cluster.statuses().await;
+        if let Some((leader, _)) = leader_of(&st) {
+            if let Some(Some(s)) = st.get(&leader) {
+                let lag = s
+                    .applied_height
+                    .saturating_sub(s.archive_height.unwrap_or(0));
+                lag_max = lag_max.max(lag);
+            }
+        }
+        tokio::time::sleep(
+            Duration::from_millis(300).min(until.saturating_duration_since(Instant::now())),
+        )
+        .await;
+    }
+    lag_max
+}
+
+/// Waits until the leader's archive lag is below the bound again (it takes writes); returns
+/// how long that took, or None after `timeout`.
+async fn archive_under_bound(cluster: &LiveCluster, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        let st = cluster.statuses().await;
+        if let Some((leader, _)) = leader_of(&st) {
+            if let Some(Some(s)) = st.get(&leader) {
+                let lag = s
+                    .applied_height
+                    .saturating_sub(s.archive_height.unwrap_or(0));
+                if lag < cluster.archive_max_lag_batches {
+                    return Some(started.elapsed());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// Injects `bug` (see [`InjectedBug`]). The harness must then report violations.
 async fn inject(
     cluster: &mut LiveCluster,
@@ -659,7 +807,11 @@ async fn inject(
     rng: &mut StdRng,
     recorder: &Recorder,
 ) -> Result<FaultEvent> {
-    let InjectedBug::ConfirmBeforeCommit = bug;
+    assert_eq!(
+        bug,
+        InjectedBug::ConfirmBeforeCommit,
+        "the others strike at the end"
+    );
     let Some((leader, term)) = cluster.wait_leader(Duration::from_secs(15)).await else {
         bail!("no leader to inject {} against", bug.name());
     };

@@ -33,6 +33,9 @@ pub struct Report {
     /// One entry per second of the run.
     pub throughput: Vec<Second>,
     pub final_height: u64,
+    pub archive: ArchiveSummary,
+    /// The total-loss ending, when the run had one (`--total-loss`).
+    pub total_loss: Option<TotalLoss>,
     /// Where the replicas' data and logs are, when they were kept.
     pub data_dir: Option<String>,
     pub ok: bool,
@@ -48,6 +51,34 @@ pub struct FaultEvent {
     /// The leader (id, term) when the fault was applied.
     pub leader: Option<(u64, u64)>,
     pub detail: String,
+}
+
+/// The archive the replicas wrote.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ArchiveSummary {
+    /// An `s3://` URL or a local directory.
+    pub url: String,
+    /// Whether the replicas reached the store through the harness's proxy (archive outages).
+    pub proxied: bool,
+    /// `archive.max_lag_batches` of every replica.
+    pub max_lag_batches: u64,
+}
+
+/// What the total-loss ending did (its verdicts are among the invariants).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TotalLoss {
+    /// The archive's height once it had caught up with the applied ledger, before the loss.
+    pub archive_height: u64,
+    /// From the end of the verdict to the archive catching up.
+    pub catch_up_ms: u64,
+    /// Replicas restored from the archive (all of them, unless a restore failed).
+    pub restored: u64,
+    /// The slowest `tally-server restore`.
+    pub restore_ms_max: u64,
+    /// Acknowledged requests resubmitted to the restored cluster.
+    pub replays_checked: u64,
+    /// The archive's height at the very end (a new write after the restore adds one).
+    pub final_archive_height: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -140,7 +171,26 @@ impl Report {
             "tally-chaos live: seed {}, {} replicas, {} clients over {} accounts, {:.0} s of load",
             self.seed, self.nodes, self.clients, self.accounts, self.duration_s
         );
-        let _ = writeln!(w, "  faults enabled: {}", self.faults_enabled.join(","));
+        let _ = writeln!(
+            w,
+            "  faults enabled: {}",
+            if self.faults_enabled.is_empty() {
+                "none".to_string()
+            } else {
+                self.faults_enabled.join(",")
+            }
+        );
+        let _ = writeln!(
+            w,
+            "  archive: {} (lag bound {} batches{})",
+            self.archive.url,
+            self.archive.max_lag_batches,
+            if self.archive.proxied {
+                ", the store behind the harness's proxy"
+            } else {
+                ""
+            }
+        );
         for u in &self.unsupported_faults {
             let _ = writeln!(w, "  unsupported, skipped: {u}");
         }
@@ -241,6 +291,20 @@ impl Report {
             let _ = writeln!(w, "  per 10 s: {}", per_ten_seconds(&self.throughput));
         }
         let _ = writeln!(w, "final height: {}", self.final_height);
+        if let Some(t) = &self.total_loss {
+            let _ = writeln!(
+                w,
+                "total loss: the archive caught up at height {} in {} ms; every replica killed \
+                 and wiped, {} restored from the archive (slowest {} ms); {} acknowledged \
+                 requests resubmitted; archive height at the end {}",
+                t.archive_height,
+                t.catch_up_ms,
+                t.restored,
+                t.restore_ms_max,
+                t.replays_checked,
+                t.final_archive_height
+            );
+        }
         let _ = writeln!(w, "invariants:");
         for i in &self.invariants {
             let _ = writeln!(

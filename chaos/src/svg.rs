@@ -25,6 +25,8 @@ fn colour(kind: &str) -> &'static str {
         "#1f77b4"
     } else if kind.starts_with("cut-client") {
         "#2ca02c"
+    } else if kind.starts_with("archive") {
+        "#8c564b"
     } else {
         "#000000"
     }

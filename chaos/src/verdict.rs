@@ -169,7 +169,7 @@ pub fn check_chain(chain: &[SignedHeader], operator: &PublicKey) -> Result<(), S
     Ok(())
 }
 
-fn invariant(name: &'static str, problems: Vec<String>, ok_detail: String) -> Invariant {
+pub(crate) fn invariant(name: &'static str, problems: Vec<String>, ok_detail: String) -> Invariant {
     if problems.is_empty() {
         Invariant {
             name,
