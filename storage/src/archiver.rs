@@ -47,9 +47,10 @@ const DELTA_ROWS_MAX: usize = 1_000_000;
 const GROUP_BATCHES_MAX: u64 = 256;
 /// Objects written at once.
 const UPLOADS_IN_FLIGHT: usize = 8;
-/// Backoff after a failed round: doubles from the first to the last.
+/// Backoff after a failed round: doubles from the first to the last (short: while the lag
+/// bound refuses writes, the store is probed at least once a second).
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often a replica that does not write reads the checkpoint (for status and the lag).
 const FOLLOWER_POLL: Duration = Duration::from_secs(2);
 /// How often the writer looks for new applied batches when it has none.
