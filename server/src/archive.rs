@@ -5,13 +5,15 @@
 //! it reads applied batches through the storage thread's queue like any other reader, so the
 //! ledger keeps its single owner.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use crossbeam_channel::{Sender, TrySendError};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use ed25519_dalek::SigningKey;
 use tally_config::Config;
 use tally_core::archive::CHECKPOINT_KEY;
@@ -36,6 +38,13 @@ pub fn read_only_marker(data_dir: &Path) -> PathBuf {
     data_dir.join(READ_ONLY_MARKER)
 }
 
+/// Applied batches handed from the storage thread to the writer.
+pub type Feed = Receiver<(SignedHeader, Bytes)>;
+
+/// Batches the storage thread hands to the writer at most before it drops them (the writer
+/// then reads them back from the ledger); up to ~75 MB at the largest batches.
+const FEED_BATCHES_MAX: usize = 32;
+
 /// The writer's view of this replica.
 pub struct LedgerSource {
     pub storage: Sender<StorageCmd>,
@@ -43,6 +52,36 @@ pub struct LedgerSource {
     pub applied_height: Arc<AtomicU64>,
     pub stopping: Arc<AtomicBool>,
     pub read_only: bool,
+    /// Batches as they were applied (set by [`NodeArchive::start`]).
+    pub feed: Option<Feed>,
+    /// What the feed handed over and the writer has not taken yet, in height order.
+    pub fed: Mutex<VecDeque<(SignedHeader, Bytes)>>,
+}
+
+impl LedgerSource {
+    /// The fed batches `from..=to` (up to `READ_BYTES_MAX`), if the feed holds `from`: the
+    /// common case, a writer keeping up. Older ones are dropped on the way.
+    fn take_fed(&self, from: u64, to: u64) -> Option<Vec<(SignedHeader, Bytes)>> {
+        let mut fed = self.fed.lock().expect("feed lock");
+        if let Some(feed) = &self.feed {
+            fed.extend(feed.try_iter());
+        }
+        while fed.front().is_some_and(|(h, _)| h.header.height < from) {
+            fed.pop_front();
+        }
+        // The feed drops batches when full: take only a run without gaps.
+        let mut out: Vec<(SignedHeader, Bytes)> = Vec::new();
+        let mut bytes = 0;
+        while let Some((h, body)) = fed.front() {
+            let expected = from + out.len() as u64;
+            if h.header.height != expected || expected > to || bytes >= READ_BYTES_MAX {
+                break;
+            }
+            bytes += body.len();
+            out.push(fed.pop_front().expect("front"));
+        }
+        (!out.is_empty()).then_some(out)
+    }
 }
 
 impl BatchSource for LedgerSource {
@@ -51,14 +90,25 @@ impl BatchSource for LedgerSource {
     }
 
     fn may_write(&self) -> bool {
-        !self.read_only && self.view.writable.load(Ordering::SeqCst)
+        let may = !self.read_only && self.view.writable.load(Ordering::SeqCst);
+        if !may {
+            // A replica that does not write keeps nothing of the feed.
+            if let Some(feed) = &self.feed {
+                while feed.try_recv().is_ok() {}
+            }
+            self.fed.lock().expect("feed lock").clear();
+        }
+        may
     }
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Vec<u8>)>, String> {
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Bytes)>, String> {
+        if let Some(fed) = self.take_fed(from, to) {
+            return Ok(fed);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut cmd = StorageCmd::ReadBatches {
             from,
@@ -85,7 +135,10 @@ impl BatchSource for LedgerSource {
         if batches.is_empty() {
             return Err(format!("the ledger has no batch at height {from}"));
         }
-        Ok(batches)
+        Ok(batches
+            .into_iter()
+            .map(|(h, body)| (h, Bytes::from(body)))
+            .collect())
     }
 }
 
@@ -93,6 +146,7 @@ impl BatchSource for LedgerSource {
 pub struct NodeArchive {
     bucket: Option<Bucket>,
     progress: Arc<ArchiveProgress>,
+    feed: Option<Feed>,
     /// What the pipeline checks (`None`: no archive).
     pub gate: Option<Arc<ArchiveGate>>,
     pub read_only: bool,
@@ -125,8 +179,16 @@ impl NodeArchive {
                 );
             }
         }
+        let (gate, feed) = match &bucket {
+            Some(_) => {
+                let (g, f) = gate(config, progress.clone());
+                (Some(g), Some(f))
+            }
+            None => (None, None),
+        };
         Ok(NodeArchive {
-            gate: bucket.as_ref().map(|_| gate(config, progress.clone())),
+            gate,
+            feed,
             bucket,
             progress,
             read_only: read_only(config),
@@ -138,7 +200,7 @@ impl NodeArchive {
         self,
         runtime: &tokio::runtime::Handle,
         config: &Config,
-        source: LedgerSource,
+        mut source: LedgerSource,
         key: SigningKey,
         metrics: Arc<Metrics>,
     ) {
@@ -150,6 +212,7 @@ impl NodeArchive {
             return;
         };
         println!("tally-server: archiving to {}", bucket.url());
+        source.feed = self.feed;
         let applied = source.applied_height.clone();
         spawn_writer(runtime, config, bucket, source, key, self.progress);
         runtime.spawn(publish_metrics(gate, applied, metrics));
@@ -198,12 +261,15 @@ pub fn startup_height(
 }
 
 /// The gate the pipeline checks, over the writer's progress.
-pub fn gate(config: &Config, progress: Arc<ArchiveProgress>) -> Arc<ArchiveGate> {
-    Arc::new(ArchiveGate {
+pub fn gate(config: &Config, progress: Arc<ArchiveProgress>) -> (Arc<ArchiveGate>, Feed) {
+    let (feed, rx) = crossbeam_channel::bounded(FEED_BATCHES_MAX);
+    let gate = Arc::new(ArchiveGate {
         progress,
+        feed,
         max_lag_batches: config.archive.max_lag_batches,
         confirm_after_archive: config.archive.confirm_after_archive,
-    })
+    });
+    (gate, rx)
 }
 
 /// Starts the writer on the runtime.

@@ -240,6 +240,8 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             applied_height: pipeline.handle.applied_height.clone(),
             stopping: pipeline.handle.shutdown.clone(),
             read_only,
+            feed: None,
+            fed: Default::default(),
         },
         archive_key,
         metrics.clone(),

@@ -225,6 +225,9 @@ pub struct PipelineConfig {
 /// on it (`archive.max_lag_batches`, `archive.confirm_after_archive`).
 pub struct ArchiveGate {
     pub progress: Arc<ArchiveProgress>,
+    /// Applied batches handed to the archive writer as they are applied (bounded; dropped
+    /// when full, and then read back from the ledger).
+    pub feed: Sender<(SignedHeader, bytes::Bytes)>,
     pub max_lag_batches: u64,
     pub confirm_after_archive: bool,
 }
@@ -1327,6 +1330,12 @@ impl<S: LedgerStore> StorageThread<S> {
             .observe((written - prepared).as_secs_f64());
         m.storage.seconds.observe((written - started).as_secs_f64());
         m.batch_body_bytes.observe(write.body.len() as f64);
+        if let Some(gate) = &self.archive {
+            // The archive writer takes it from here instead of reading it back; when it is
+            // behind (a full queue), it reads from the ledger later.
+            let body = bytes::Bytes::from(std::mem::take(&mut write.body));
+            let _ = gate.feed.try_send((write.signed_header.clone(), body));
+        }
         m.applied_height.set(meta.height as i64);
         tracing::debug!(
             height = meta.height,

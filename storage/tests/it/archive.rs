@@ -97,9 +97,13 @@ impl BatchSource for Shared {
     fn stopping(&self) -> bool {
         self.0.stop.load(Ordering::SeqCst)
     }
-    async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Vec<u8>)>, String> {
+    async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Bytes)>, String> {
         let all = self.0.batches.lock().unwrap();
-        Ok(all[from as usize - 1..to as usize].to_vec())
+        let range = &all[from as usize - 1..to as usize];
+        Ok(range
+            .iter()
+            .map(|(h, b)| (h.clone(), Bytes::from(b.clone())))
+            .collect())
     }
 }
 
