@@ -28,6 +28,8 @@ use crate::replication::ClusterView;
 
 /// Bytes of batch bodies the writer takes from the storage thread per read.
 const READ_BYTES_MAX: usize = 16 << 20;
+/// The longest the writer waits for a new applied batch before it looks again.
+const WAKE_MAX: Duration = Duration::from_millis(100);
 /// How long the start-up check waits for the archive's checkpoint.
 const STARTUP_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The file `tally-server restore --height H` leaves in the data directory when `H` is below
@@ -56,6 +58,8 @@ pub struct LedgerSource {
     pub feed: Option<Feed>,
     /// What the feed handed over and the writer has not taken yet, in height order.
     pub fed: Mutex<VecDeque<(SignedHeader, Bytes)>>,
+    /// Notified by the storage thread after each applied batch (set by [`NodeArchive::start`]).
+    pub applied: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl LedgerSource {
@@ -103,6 +107,18 @@ impl BatchSource for LedgerSource {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    async fn wait_applied(&self, height: u64) {
+        let Some(applied) = &self.applied else {
+            return tokio::time::sleep(WAKE_MAX).await;
+        };
+        let notified = applied.notified();
+        if self.applied_height.load(Ordering::SeqCst) > height {
+            return;
+        }
+        // Bounded: a missed notification (one stored permit) only costs this long.
+        let _ = tokio::time::timeout(WAKE_MAX, notified).await;
     }
 
     async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Bytes)>, String> {
@@ -213,6 +229,7 @@ impl NodeArchive {
         };
         println!("tally-server: archiving to {}", bucket.url());
         source.feed = self.feed;
+        source.applied = Some(gate.applied.clone());
         let applied = source.applied_height.clone();
         spawn_writer(runtime, config, bucket, source, key, self.progress);
         runtime.spawn(publish_metrics(gate, applied, metrics));
@@ -266,6 +283,7 @@ pub fn gate(config: &Config, progress: Arc<ArchiveProgress>) -> (Arc<ArchiveGate
     let gate = Arc::new(ArchiveGate {
         progress,
         feed,
+        applied: Arc::new(tokio::sync::Notify::new()),
         max_lag_batches: config.archive.max_lag_batches,
         confirm_after_archive: config.archive.confirm_after_archive,
     });

@@ -242,6 +242,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             read_only,
             feed: None,
             fed: Default::default(),
+            applied: None,
         },
         archive_key,
         metrics.clone(),

@@ -228,6 +228,8 @@ pub struct ArchiveGate {
     /// Applied batches handed to the archive writer as they are applied (bounded; dropped
     /// when full, and then read back from the ledger).
     pub feed: Sender<(SignedHeader, bytes::Bytes)>,
+    /// Wakes the archive writer when a batch was applied.
+    pub applied: Arc<tokio::sync::Notify>,
     pub max_lag_batches: u64,
     pub confirm_after_archive: bool,
 }
@@ -1335,6 +1337,7 @@ impl<S: LedgerStore> StorageThread<S> {
             // behind (a full queue), it reads from the ledger later.
             let body = bytes::Bytes::from(std::mem::take(&mut write.body));
             let _ = gate.feed.try_send((write.signed_header.clone(), body));
+            gate.applied.notify_one();
         }
         m.applied_height.set(meta.height as i64);
         tracing::debug!(

@@ -54,7 +54,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often a replica that does not write reads the checkpoint (for status and the lag).
 const FOLLOWER_POLL: Duration = Duration::from_secs(2);
-/// How often the writer looks for new applied batches when it has none.
+/// How often the writer looks for new applied batches when it has none, unless its source
+/// wakes it sooner ([`BatchSource::wait_applied`]).
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// Where the writer takes committed batches from: the replica's ledger.
@@ -65,6 +66,11 @@ pub trait BatchSource: Send + Sync {
     fn may_write(&self) -> bool;
     /// Whether the node is stopping.
     fn stopping(&self) -> bool;
+    /// Waits a moment for a batch above `height` to be applied (by default, polls).
+    fn wait_applied(&self, height: u64) -> impl Future<Output = ()> + Send {
+        let _ = height;
+        tokio::time::sleep(IDLE_POLL)
+    }
     /// The applied batches `from..=to` (signed header, encoded body), in height order; fewer
     /// (at least one) if they are large.
     fn read(
@@ -218,7 +224,7 @@ impl<S: BatchSource> Archiver<S> {
             let applied = self.source.applied_height();
             let size = head.log.size();
             if applied <= size {
-                tokio::time::sleep(IDLE_POLL).await;
+                self.source.wait_applied(size).await;
                 continue;
             }
             let to = applied.min(size + GROUP_BATCHES_MAX);
