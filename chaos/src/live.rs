@@ -762,14 +762,8 @@ async fn archive_lag_max(cluster: &LiveCluster, hold: Duration) -> u64 {
     let until = Instant::now() + hold;
     let mut lag_max = 0;
     while Instant::now() < until {
-        let st = cluster.statuses().await;
-        if let Some((leader, _)) = leader_of(&st) {
-            if let Some(Some(s)) = st.get(&leader) {
-                let lag = s
-                    .applied_height
-                    .saturating_sub(s.archive_height.unwrap_or(0));
-                lag_max = lag_max.max(lag);
-            }
+        if let Some(lag) = leader_archive_lag(cluster).await {
+            lag_max = lag_max.max(lag);
         }
         tokio::time::sleep(
             Duration::from_millis(300).min(until.saturating_duration_since(Instant::now())),
@@ -779,21 +773,28 @@ async fn archive_lag_max(cluster: &LiveCluster, hold: Duration) -> u64 {
     lag_max
 }
 
+/// The leader's archive lag (applied height minus the archive's, as its status says), if a
+/// leader answers.
+async fn leader_archive_lag(cluster: &LiveCluster) -> Option<u64> {
+    let st = cluster.statuses().await;
+    let (leader, _) = leader_of(&st)?;
+    let s = st.get(&leader)?.as_ref()?;
+    Some(
+        s.applied_height
+            .saturating_sub(s.archive_height.unwrap_or(0)),
+    )
+}
+
 /// Waits until the leader's archive lag is below the bound again (it takes writes); returns
 /// how long that took, or None after `timeout`.
 async fn archive_under_bound(cluster: &LiveCluster, timeout: Duration) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < timeout {
-        let st = cluster.statuses().await;
-        if let Some((leader, _)) = leader_of(&st) {
-            if let Some(Some(s)) = st.get(&leader) {
-                let lag = s
-                    .applied_height
-                    .saturating_sub(s.archive_height.unwrap_or(0));
-                if lag < cluster.archive_max_lag_batches {
-                    return Some(started.elapsed());
-                }
-            }
+        if leader_archive_lag(cluster)
+            .await
+            .is_some_and(|lag| lag < cluster.archive_max_lag_batches)
+        {
+            return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

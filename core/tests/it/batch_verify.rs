@@ -20,17 +20,8 @@ use tally_core::crypto::{
 };
 use tally_wire::{NonceHint, Op, Request};
 
-use crate::common::CHAIN;
+use crate::common::{seed, CHAIN};
 use crate::signing::{identity_key_signature, with_s_plus_l, IDENTITY_KEY};
-
-fn seed() -> u64 {
-    match std::env::var("TALLY_SEED") {
-        Ok(s) => s
-            .parse()
-            .unwrap_or_else(|_| panic!("TALLY_SEED={s:?} is not a u64")),
-        Err(_) => rand::random(),
-    }
-}
 
 fn unsigned(signer: [u8; 32], id: u128) -> Request {
     Request {

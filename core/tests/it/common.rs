@@ -150,3 +150,14 @@ pub fn clone_store(s: &MemStore) -> MemStore {
 pub fn total_balance(s: &MemStore) -> u128 {
     s.accounts.values().map(|b| *b as u128).sum()
 }
+
+/// The seed of a randomized test: `TALLY_SEED`, else a random one. The tests print it, so that
+/// a failing run can be replayed.
+pub fn seed() -> u64 {
+    match std::env::var("TALLY_SEED") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("TALLY_SEED={s:?} is not a u64")),
+        Err(_) => rand::random(),
+    }
+}

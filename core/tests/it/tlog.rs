@@ -21,14 +21,7 @@ use tally_core::tlog::{
 };
 use tally_wire::Hash;
 
-fn seed() -> u64 {
-    match std::env::var("TALLY_SEED") {
-        Ok(s) => s
-            .parse()
-            .unwrap_or_else(|_| panic!("TALLY_SEED={s:?} is not a u64")),
-        Err(_) => rand::random(),
-    }
-}
+use crate::common::seed;
 
 /// Cheap, distinct leaves of varying length.
 fn leaves(n: u64) -> Vec<Vec<u8>> {
