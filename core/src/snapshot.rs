@@ -19,8 +19,11 @@ use std::collections::BTreeMap;
 
 use tally_wire::{Hash, Op, PublicKey};
 
+use ed25519_dalek::{SigningKey, VerifyingKey};
+
 use crate::batch::BatchBody;
 use crate::crypto::sha256;
+use crate::tlog::{open_note, origin_for, sign_note};
 use crate::{Error, Result};
 
 /// Prefix of the manifests: `snapshot/<height, 20 digits>`.
@@ -29,7 +32,7 @@ pub const MANIFEST_PREFIX: &str = "snapshot/";
 pub const CHUNK_PREFIX: &str = "chunk/";
 /// Rows per chunk at most.
 pub const CHUNK_ROWS_MAX: usize = 16_384;
-const MANIFEST_MAGIC: &str = "tally-snapshot 1";
+const MANIFEST_MAGIC: &str = "tally-snapshot 2";
 const TAG_ACCOUNT: u8 = 1;
 const TAG_REQUEST: u8 = 2;
 /// tag ‖ public key ‖ balance u64 LE
@@ -266,6 +269,25 @@ impl Manifest {
         self.base == 0
     }
 
+    /// The stored manifest: its text as a C2SP signed note by the operator key, under the
+    /// ledger's log origin (`tlog::origin_for`), as the checkpoint is. The signature makes the
+    /// rows the operator's word: a restore may start from them instead of replaying, which
+    /// the state digest alone (an additive hash, see `state.rs`) could not justify.
+    pub fn sign(&self, chain_id: &Hash, key: &SigningKey) -> Vec<u8> {
+        let text = String::from_utf8(self.encode()).expect("a manifest's text is ASCII");
+        sign_note(&text, &origin_for(chain_id), key).into_bytes()
+    }
+
+    /// Checks the operator's signature on a stored manifest and decodes it.
+    pub fn open(bytes: &[u8], chain_id: &Hash, operator: &PublicKey) -> Result<Manifest> {
+        let bad = |why: String| Error::Verify(format!("snapshot manifest: {why}"));
+        let note = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+        let key = VerifyingKey::from_bytes(operator)
+            .map_err(|_| bad("the operator key is not an Ed25519 point".into()))?;
+        let text = open_note(note, &origin_for(chain_id), &key).map_err(|e| bad(e.to_string()))?;
+        Manifest::decode(text.as_bytes())
+    }
+
     /// Text, one field a line; see PROTOCOL.md, "The archive".
     pub fn encode(&self) -> Vec<u8> {
         let mut t = format!(
@@ -291,7 +313,7 @@ impl Manifest {
         let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
         let mut lines = text.strip_suffix('\n').unwrap_or(text).split('\n');
         if lines.next() != Some(MANIFEST_MAGIC) {
-            return Err(bad("not a layout-1 manifest".into()));
+            return Err(bad("not a layout-2 manifest".into()));
         }
         let mut field = |name: &str| -> Result<String> {
             let line = lines.next().ok_or_else(|| bad(format!("{name} missing")))?;
@@ -335,5 +357,50 @@ impl Manifest {
             return Err(bad("base must be below height".into()));
         }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            height: 14,
+            base: 7,
+            header_hash: [1; 32],
+            state_digest: [2; 32],
+            total_deposited: 1 << 70,
+            total_withdrawn: 5,
+            accounts: 3,
+            requests: 4,
+            chunks: vec![([3; 32], 41), ([4; 32], 93)],
+        }
+    }
+
+    #[test]
+    fn a_signed_manifest_opens_only_for_its_ledger_and_operator() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let operator = key.verifying_key().to_bytes();
+        let m = manifest();
+        let stored = m.sign(&[6; 32], &key);
+        assert_eq!(Manifest::open(&stored, &[6; 32], &operator).unwrap(), m);
+        assert!(
+            Manifest::open(&stored, &[7; 32], &operator).is_err(),
+            "another chain"
+        );
+        let other = SigningKey::from_bytes(&[8; 32]).verifying_key().to_bytes();
+        assert!(
+            Manifest::open(&stored, &[6; 32], &other).is_err(),
+            "another key"
+        );
+        let text = String::from_utf8(stored).unwrap();
+        let tampered = text.replace("accounts 3", "accounts 2");
+        assert_ne!(tampered, text);
+        assert!(Manifest::open(tampered.as_bytes(), &[6; 32], &operator).is_err());
+        assert!(
+            Manifest::open(&m.encode(), &[6; 32], &operator).is_err(),
+            "unsigned"
+        );
     }
 }

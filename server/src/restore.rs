@@ -3,15 +3,24 @@
 //! The archive is read verified (`tally_storage::archive_read`: the marker names this ledger
 //! and operator key, the checkpoint carries the operator's signature, the headers hash to its
 //! root and form the signed chain, each batch object holds its header and a body with that
-//! Merkle root), and each batch is then applied through the replica's own apply path
-//! (`prepare_apply` + `LedgerDb::apply`), which replays the balances, checks the state digest
-//! and signs the header again: the signature must come out byte for byte the archived one.
-//! The ledger then holds every balance, header, body and request id the archive has, so that a
+//! Merkle root). Then, up to the target height `H`:
+//! 1. From the newest snapshot at or below `H` (its manifest signed by the operator key, its
+//!    chunks hashing to the manifest's names, differential ones chained on their bases), the
+//!    batches up to its height `S` are imported as history without replay (headers, bodies,
+//!    request records, each record matching the snapshot's), and the state is the snapshot's:
+//!    it must give the state digest that header `S` carries (`LedgerImport`).
+//! 2. Each batch after `S` is applied through the replica's own apply path (`prepare_apply` +
+//!    `LedgerDb::apply`), which replays the balances, checks the state digest and signs the
+//!    header again: the signature must come out byte for byte the archived one; the state at
+//!    every later snapshot must be the snapshot's.
+//! `--full-replay` skips step 1 and replays from height 1 (every snapshot is then checked).
+//! The ledger holds every balance, header, body and request id the archive has, so that a
 //! retry of a request confirmed before the loss returns its original confirmation.
 //!
 //! A restore below the archive's tip (`--height`) leaves `RESTORED-READ-ONLY` in the data
 //! directory: that replica serves reads only, for good, and never signs a header the archive
-//! already has.
+//! already has. The marker is written before the restore starts, so a restore that fails
+//! half-way leaves a replica that will not sign either.
 
 use std::path::Path;
 use std::time::Instant;
@@ -21,18 +30,29 @@ use futures::StreamExt;
 use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
 use tally_core::batch::prepare_apply;
-use tally_core::crypto::OperatorKey;
+use tally_core::crypto::{header_hash, OperatorKey};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
-use tally_core::snapshot::{manifest_key, Manifest};
+use tally_core::snapshot::{manifest_key, Delta, Manifest};
 use tally_core::state::LedgerMeta;
-use tally_storage::archive_read::{read_batches, read_log};
+use tally_storage::archive_read::{read_batches, read_log, VerifiedLog};
 use tally_storage::bucket::{Bucket, BucketSettings};
-use tally_storage::snapshots::{manifests, read_rows};
-use tally_storage::LedgerDb;
+use tally_storage::snapshots::{manifests, read_rows, Owner};
+use tally_storage::{LedgerDb, LedgerImport, StoreOptions};
 
 use crate::archive::read_only_marker;
 use crate::bootstrap::read_signing_key;
 use crate::node::{ledger_dir, raft_dir, store_options};
+
+/// What to restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// The archive to read (default: the config's `[archive]`).
+    pub from: Option<String>,
+    /// Restore up to this height (default: the archive's tip).
+    pub height: Option<u64>,
+    /// Replay every batch from height 1 instead of starting from a snapshot.
+    pub full_replay: bool,
+}
 
 /// What a restore did.
 #[derive(Debug, Clone, Copy)]
@@ -41,112 +61,239 @@ pub struct Restored {
     pub height: u64,
     /// The archive's height (its checkpoint's size).
     pub archive_height: u64,
+    /// Height of the snapshot the restore started from (None: it replayed from height 1).
+    pub snapshot: Option<u64>,
+    /// Batches replayed after the snapshot (or from height 1).
+    pub replayed: u64,
     pub seconds: f64,
     /// Whether the replica serves reads only (restored below the archive's tip).
     pub read_only: bool,
 }
 
-/// Restores `config`'s replica from the archive at `from` (default: `[archive]`), up to
-/// `height` (default: the archive's tip).
-pub fn restore(config: &Config, from: Option<&str>, height: Option<u64>) -> Result<Restored> {
+/// Restores `config`'s replica from the archive (see [`RestoreOptions`]).
+///
+/// The read-only marker is written first and removed only once the ledger is at the archive's
+/// tip: a restore that fails or is killed half-way leaves a ledger below the tip that a server
+/// would otherwise extend with headers the archive already has.
+pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
     for dir in [ledger_dir(config), raft_dir(config)] {
         refuse_non_empty(&dir)?;
     }
-    // A full restore replaces a forensic copy: the marker of an earlier one goes.
-    let marker = read_only_marker(&config.node.data_dir);
-    if marker.exists() {
-        std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
-    }
-    let settings = settings(config, from)?;
+    let settings = settings(config, options.from.as_deref())?;
     let bucket = Bucket::open(&settings)?;
     let op_cfg = config.operator.as_ref().context("[operator] is required")?;
     let operator = OperatorKey::new(read_signing_key(&op_cfg.signing_key)?);
+    std::fs::create_dir_all(&config.node.data_dir)?;
+    let marker = read_only_marker(&config.node.data_dir);
+    write_marker(
+        &marker,
+        &format!("restore from {} in progress", bucket.url()),
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let started = Instant::now();
-    let (restored, archive_height) =
-        runtime.block_on(apply_archive(config, &bucket, &operator, height))?;
-    let read_only = restored < archive_height;
-    if read_only {
-        let marker = read_only_marker(&config.node.data_dir);
-        std::fs::write(
-            &marker,
-            format!(
-                "restored to height {restored} of the archive's {archive_height} from {}\n",
-                bucket.url()
-            ),
-        )
-        .with_context(|| format!("writing {}", marker.display()))?;
+    let mut r = runtime.block_on(apply_archive(config, &bucket, &operator, options))?;
+    r.seconds = started.elapsed().as_secs_f64();
+    if r.read_only {
+        let why = format!(
+            "restored to height {} of the archive's {} from {}",
+            r.height,
+            r.archive_height,
+            bucket.url()
+        );
+        write_marker(&marker, &why)?;
+    } else {
+        std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
     }
-    Ok(Restored {
-        height: restored,
-        archive_height,
-        seconds: started.elapsed().as_secs_f64(),
-        read_only,
-    })
+    Ok(r)
 }
 
-/// Reads the archive verified and applies its batches `1..=height` to a new ledger. Returns
-/// (restored height, archive height).
+fn write_marker(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, format!("{text}\n"))
+        .and_then(|()| std::fs::File::open(path)?.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads the archive verified and builds the ledger up to the target height: from the newest
+/// signed snapshot at or below it (history imported, state from the snapshot), then a replay of
+/// the batches after it; or by replaying every batch.
 async fn apply_archive(
     config: &Config,
     bucket: &Bucket,
     operator: &OperatorKey,
-    height: Option<u64>,
-) -> Result<(u64, u64)> {
+    options: &RestoreOptions,
+) -> Result<Restored> {
     let chain_id = config.chain_id_bytes();
     let log = read_log(bucket, Some(&chain_id), &operator.public())
         .await
         .with_context(|| format!("the archive {} does not verify", bucket.url()))?;
     let size = log.checkpoint.size;
-    let target = height.unwrap_or(size);
+    let target = options.height.unwrap_or(size);
     if target > size {
         bail!("the archive holds {size} batches; cannot restore to height {target}");
     }
+    let owner = Owner {
+        chain_id,
+        operator: operator.public(),
+    };
+    let snaps = manifests(bucket, target, &owner).await?;
     let dir = ledger_dir(config);
-    std::fs::create_dir_all(&config.node.data_dir)?;
-    let mut store = LedgerDb::open(&dir, store_options(config))
+    // The newest snapshot at or below the target, unless told to replay everything.
+    let start = match options.full_replay {
+        true => None,
+        false => snaps.len().checked_sub(1),
+    };
+    let (mut store, later) = match start {
+        Some(i) => {
+            let store =
+                import_snapshot(bucket, &log, &snaps[..=i], &dir, store_options(config)).await?;
+            (store, &snaps[i + 1..])
+        }
+        None => {
+            let store = LedgerDb::open(&dir, store_options(config))
+                .with_context(|| format!("creating the ledger in {}", dir.display()))?;
+            (store, &snaps[..])
+        }
+    };
+    let from = store.meta()?.height;
+    let height = replay(bucket, &log, &mut store, later, target, operator).await?;
+    store.shutdown()?;
+    store.close()?;
+    Ok(Restored {
+        height,
+        archive_height: size,
+        snapshot: start.map(|i| snaps[i].height),
+        replayed: height - from,
+        seconds: 0.0,
+        read_only: height < size,
+    })
+}
+
+/// Builds the ledger at the height of the last of `chain` (the manifests up to the one to
+/// start from, in height order) without replaying: the batches up to it imported as history,
+/// the state from the snapshot. Every request record the history gives must be the snapshot's,
+/// and the state must give the signed header's digest (`LedgerImport::finish`).
+async fn import_snapshot(
+    bucket: &Bucket,
+    log: &VerifiedLog,
+    chain: &[Manifest],
+    dir: &Path,
+    opts: StoreOptions,
+) -> Result<LedgerDb> {
+    let m = chain.last().expect("a snapshot to start from");
+    let key = manifest_key(m.height);
+    let tip = &log.headers[m.height as usize - 1].header;
+    if m.header_hash != header_hash(tip) || m.state_digest != tip.state_digest {
+        bail!(
+            "{key}: names another header than the log's at height {}",
+            m.height
+        );
+    }
+    let mut state = snapshot_state(bucket, chain).await?;
+    let mut import = LedgerImport::create(dir, opts)
         .with_context(|| format!("creating the ledger in {}", dir.display()))?;
-    let mut meta = store.meta()?;
-    assert_eq!(meta.height, 0, "restore starts from an empty ledger");
-    let mut snaps: std::collections::VecDeque<Manifest> = manifests(bucket, target).await?.into();
-    if target > 0 {
-        let mut batches = std::pin::pin!(read_batches(bucket, &log, 1, target));
-        while let Some(item) = batches.next().await {
-            let (h, batch) = item?;
-            for e in &batch.body.entries {
-                if store.request(&e.request.signer, e.request.id)?.is_some() {
-                    bail!(
-                        "{}: request {} of signer {} was applied before: the archive applies a \
-                         request twice",
-                        batch_key(h),
-                        e.request.id,
-                        hex::encode(e.request.signer)
-                    );
-                }
-            }
-            let encoded = batch.body.encode();
-            let write = prepare_apply(&batch.body, encoded, &meta, &mut store, operator)
-                .with_context(|| format!("{}: does not replay", batch_key(h)))?;
-            if write.signed_header != batch.signed {
+    let mut batches = std::pin::pin!(read_batches(bucket, log, 1, m.height));
+    while let Some(item) = batches.next().await {
+        let (h, batch) = item?;
+        let encoded = batch.body.encode();
+        for (signer, id, record) in import.batch(&batch.signed, &batch.body, &encoded)? {
+            let at = state.requests.remove(&(signer, id));
+            if at.map(|a| (a.height, a.index, a.request_hash))
+                != Some((record.height, record.index, record.request_hash))
+            {
                 bail!(
-                    "{}: the header signed again differs from the archived one",
-                    batch_key(h)
+                    "{}: request {id} of signer {} is not in {key} as applied here (or applied \
+                     twice)",
+                    batch_key(h),
+                    hex::encode(signer)
                 );
-            }
-            store.apply(&write)?;
-            meta = write.meta;
-            if snaps.front().is_some_and(|m| m.height == h) {
-                let m = snaps.pop_front().expect("front");
-                check_snapshot(bucket, &m, &meta, &mut store).await?;
             }
         }
     }
-    store.shutdown()?;
-    store.close()?;
-    Ok((meta.height, size))
+    if let Some(((signer, id), _)) = state.requests.first_key_value() {
+        bail!(
+            "{key}: names request {id} of signer {}, which the history does not hold",
+            hex::encode(signer)
+        );
+    }
+    for (account, balance) in &state.accounts {
+        import.account(account, *balance)?;
+    }
+    import
+        .finish(m.total_deposited, m.total_withdrawn)
+        .with_context(|| format!("{key}: the snapshot does not restore"))
+}
+
+/// The rows at the last manifest of `chain`: the newest full snapshot at or below it, then
+/// each differential one after it, each on the one before.
+async fn snapshot_state(bucket: &Bucket, chain: &[Manifest]) -> Result<Delta> {
+    let last = chain.last().expect("a snapshot");
+    let Some(full) = chain.iter().rposition(Manifest::is_full) else {
+        bail!("{}: no full snapshot below it", manifest_key(last.height));
+    };
+    let mut state = Delta::default();
+    for (i, m) in chain.iter().enumerate().skip(full) {
+        if i > full && m.base != chain[i - 1].height {
+            bail!(
+                "{}: applies on the snapshot at {}, not on the one before it ({})",
+                manifest_key(m.height),
+                m.base,
+                chain[i - 1].height
+            );
+        }
+        state.merge(read_rows(bucket, m).await?);
+    }
+    Ok(state)
+}
+
+/// Applies the archived batches after the store's height up to `target` through the replica's
+/// apply path, checking the state at each snapshot of `later`. Returns the height reached.
+async fn replay(
+    bucket: &Bucket,
+    log: &VerifiedLog,
+    store: &mut LedgerDb,
+    later: &[Manifest],
+    target: u64,
+    operator: &OperatorKey,
+) -> Result<u64> {
+    let mut meta = store.meta()?;
+    let mut snaps: std::collections::VecDeque<&Manifest> = later.iter().collect();
+    if target <= meta.height {
+        return Ok(meta.height);
+    }
+    let mut batches = std::pin::pin!(read_batches(bucket, log, meta.height + 1, target));
+    while let Some(item) = batches.next().await {
+        let (h, batch) = item?;
+        for e in &batch.body.entries {
+            if store.request(&e.request.signer, e.request.id)?.is_some() {
+                bail!(
+                    "{}: request {} of signer {} was applied before: the archive applies a \
+                     request twice",
+                    batch_key(h),
+                    e.request.id,
+                    hex::encode(e.request.signer)
+                );
+            }
+        }
+        let encoded = batch.body.encode();
+        let write = prepare_apply(&batch.body, encoded, &meta, store, operator)
+            .with_context(|| format!("{}: does not replay", batch_key(h)))?;
+        if write.signed_header != batch.signed {
+            bail!(
+                "{}: the header signed again differs from the archived one",
+                batch_key(h)
+            );
+        }
+        store.apply(&write)?;
+        meta = write.meta;
+        if snaps.front().is_some_and(|m| m.height == h) {
+            let m = snaps.pop_front().expect("front");
+            check_snapshot(bucket, m, &meta, store).await?;
+        }
+    }
+    Ok(meta.height)
 }
 
 /// The restored state at a snapshot's height must be the snapshot's: digest, totals, and every

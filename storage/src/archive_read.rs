@@ -399,7 +399,11 @@ async fn audit_into(
     if size == 0 {
         return Ok(());
     }
-    let mut snaps = SnapshotCheck::new(snapshots::manifests(bucket, size).await?);
+    let owner = snapshots::Owner {
+        chain_id: log.chain_id,
+        operator: *operator,
+    };
+    let mut snaps = SnapshotCheck::new(snapshots::manifests(bucket, size, &owner).await?);
     let mut batches = std::pin::pin!(read_batches(bucket, &log, 1, size));
     while let Some(item) = batches.next().await {
         let (height, batch) = item?;

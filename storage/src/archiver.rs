@@ -298,9 +298,14 @@ impl<S: BatchSource> Archiver<S> {
             snapshots: None,
         };
         if self.snapshot_every_batches > 0 {
-            let cursor = Cursor::load(&self.bucket, head.log.size())
-                .await
-                .map_err(damaged)?;
+            let cursor = Cursor::load(
+                &self.bucket,
+                head.log.size(),
+                self.chain_id,
+                self.key.clone(),
+            )
+            .await
+            .map_err(damaged)?;
             head.snapshots = Some(cursor);
             self.catch_up_snapshots(&mut head).await?;
         }

@@ -936,7 +936,10 @@ pub(crate) fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
 }
 
 /// A `header` row's value: the signed header, then the digest of the height's body.
-fn encode_header_row(signed: &SignedHeader, body_digest: &Hash) -> [u8; HEADER_VALUE_BYTES] {
+pub(crate) fn encode_header_row(
+    signed: &SignedHeader,
+    body_digest: &Hash,
+) -> [u8; HEADER_VALUE_BYTES] {
     let mut out = [0u8; HEADER_VALUE_BYTES];
     out[..SIGNED_HEADER_BYTES].copy_from_slice(&signed.encode());
     out[SIGNED_HEADER_BYTES..].copy_from_slice(body_digest);

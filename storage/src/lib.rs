@@ -18,6 +18,9 @@
 //! - [`transfer`]: a whole ledger as a chunked byte stream ([`LedgerDb::dump`]), rebuilt and
 //!   checked in a new directory ([`LedgerInstaller`]) and swapped in for the live one
 //!   ([`install_ledger_dir`], [`recover_install`]): how a replica far behind catches up.
+//! - [`LedgerImport`]: a ledger built from verified archive history and a signed state
+//!   snapshot without replaying it (`tally-server restore`).
+//! - [`bucket`], [`archiver`], [`archive_read`], [`snapshots`]: the archive in object storage.
 //!
 //! # Key layout
 //!
@@ -111,6 +114,7 @@ pub mod archiver;
 pub mod bucket;
 mod env;
 mod filter;
+mod import;
 pub mod layout;
 mod ledger;
 mod raft_log;
@@ -118,6 +122,7 @@ pub mod snapshots;
 pub mod transfer;
 
 pub use env::{SyncEnv, SyncStats};
+pub use import::LedgerImport;
 pub use ledger::{
     archive_dir, FilterOrigin, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
     ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES,

@@ -9,12 +9,13 @@
 //! [`FULL_ROWS_MAX`] rows, in which case the chain of differential snapshots just goes on.
 
 use bytes::Bytes;
+use ed25519_dalek::SigningKey;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use tally_core::crypto::sha256;
 use tally_core::snapshot::{
     chunk_key, decode_chunk, manifest_key, parse_manifest_key, Delta, Manifest, MANIFEST_PREFIX,
 };
-use tally_wire::Hash;
+use tally_wire::{Hash, PublicKey};
 
 use crate::archive_read::{ObjectError, ReadError};
 use crate::bucket::{Bucket, PutNew};
@@ -33,8 +34,19 @@ fn bad(key: impl Into<String>, message: impl Into<String>) -> ReadError {
     })
 }
 
-/// The manifests at or below `height`, in height order.
-pub async fn manifests(bucket: &Bucket, height: u64) -> Result<Vec<Manifest>, ReadError> {
+/// Whose snapshots to read: manifests are signed by the operator key under the ledger's origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub chain_id: Hash,
+    pub operator: PublicKey,
+}
+
+/// The manifests at or below `height`, in height order, each signed by `owner`.
+pub async fn manifests(
+    bucket: &Bucket,
+    height: u64,
+    owner: &Owner,
+) -> Result<Vec<Manifest>, ReadError> {
     let keys = bucket.list(MANIFEST_PREFIX, None).await?;
     let mut heights: Vec<u64> = keys
         .iter()
@@ -44,17 +56,22 @@ pub async fn manifests(bucket: &Bucket, height: u64) -> Result<Vec<Manifest>, Re
     heights.sort_unstable();
     let mut out = Vec::with_capacity(heights.len());
     for h in heights {
-        out.push(read_manifest(bucket, h).await?);
+        out.push(read_manifest(bucket, h, owner).await?);
     }
     Ok(out)
 }
 
-pub async fn read_manifest(bucket: &Bucket, height: u64) -> Result<Manifest, ReadError> {
+pub async fn read_manifest(
+    bucket: &Bucket,
+    height: u64,
+    owner: &Owner,
+) -> Result<Manifest, ReadError> {
     let key = manifest_key(height);
     let Some((bytes, _)) = bucket.get(&key).await? else {
         return Err(bad(key, "missing"));
     };
-    let m = Manifest::decode(&bytes).map_err(|e| bad(&key, e.to_string()))?;
+    let m = Manifest::open(&bytes, &owner.chain_id, &owner.operator)
+        .map_err(|e| bad(&key, e.to_string()))?;
     if m.height != height {
         return Err(bad(key, format!("names height {}", m.height)));
     }
@@ -95,8 +112,11 @@ pub async fn read_rows(bucket: &Bucket, m: &Manifest) -> Result<Delta, ReadError
 
 /// Where the writer stands: the newest snapshot at or below the log's size, and the effects of
 /// the batches archived after it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Cursor {
+    /// The ledger's chain id, and the operator key that signs each manifest.
+    chain_id: Hash,
+    key: SigningKey,
     pub last: Option<Manifest>,
     /// Differential snapshots since the newest full one.
     pub diffs_since_full: u32,
@@ -111,10 +131,17 @@ impl Cursor {
 
     /// Reads the snapshot chain at or below `size` (the delta is left empty: the caller adds
     /// the batches after [`Cursor::height`]).
-    pub async fn load(bucket: &Bucket, size: u64) -> Result<Cursor, ReadError> {
-        let all = manifests(bucket, size).await?;
+    pub async fn load(
+        bucket: &Bucket,
+        size: u64,
+        chain_id: Hash,
+        key: SigningKey,
+    ) -> Result<Cursor, ReadError> {
+        let all = manifests(bucket, size, &owner(&chain_id, &key)).await?;
         let diffs_since_full = all.iter().rev().take_while(|m| !m.is_full()).count() as u32;
         Ok(Cursor {
+            chain_id,
+            key,
             last: all.into_iter().next_back(),
             diffs_since_full,
             delta: Delta::default(),
@@ -158,7 +185,7 @@ impl Cursor {
             requests: rows.requests.len() as u64,
             chunks: refs,
         };
-        let bytes = manifest.encode();
+        let bytes = manifest.sign(&self.chain_id, &self.key);
         written += bytes.len() as u64;
         put_all(bucket, vec![(manifest_key(height), bytes)]).await?;
         self.diffs_since_full = if manifest.is_full() {
@@ -184,7 +211,7 @@ impl Cursor {
         if self.diffs_since_full + 1 < FULL_EVERY {
             return Ok((delta, last.height));
         }
-        let chain = manifests(bucket, last.height).await?;
+        let chain = manifests(bucket, last.height, &owner(&self.chain_id, &self.key)).await?;
         let from = chain.iter().rposition(|m| m.is_full()).unwrap_or(0);
         let rows: u64 = chain[from..].iter().map(|m| m.accounts + m.requests).sum();
         if rows as usize + delta.rows() > FULL_ROWS_MAX {
@@ -201,6 +228,13 @@ impl Cursor {
         // Totals: the new manifest adds these to the last one's; a full one has base 0.
         (full.deposited, full.withdrawn) = (d, w);
         Ok((full, 0))
+    }
+}
+
+fn owner(chain_id: &Hash, key: &SigningKey) -> Owner {
+    Owner {
+        chain_id: *chain_id,
+        operator: key.verifying_key().to_bytes(),
     }
 }
 

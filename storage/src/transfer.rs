@@ -515,14 +515,14 @@ struct Sink {
 }
 
 /// One of the two databases of a ledger directory, with its pending unsynced batch.
-struct Part {
+pub(crate) struct Part {
     db: DB,
     batch: WriteBatch,
     batch_bytes: usize,
 }
 
 impl Part {
-    fn open(dir: &Path, options: rusty_leveldb::Options) -> Result<Part> {
+    pub(crate) fn open(dir: &Path, options: rusty_leveldb::Options) -> Result<Part> {
         let db = DB::open(dir, options)
             .map_err(|e| io_error(format_args!("creating {}", dir.display()), e))?;
         Ok(Part {
@@ -532,7 +532,7 @@ impl Part {
         })
     }
 
-    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+    pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.batch.put(key, value);
         self.batch_bytes += key.len() + value.len();
         if self.batch_bytes >= INSTALL_BATCH_BYTES {
@@ -553,7 +553,7 @@ impl Part {
     }
 
     /// Writes what is pending, syncs and closes.
-    fn finish(mut self) -> Result<()> {
+    pub(crate) fn finish(mut self) -> Result<()> {
         self.write()?;
         self.db
             .flush()

@@ -57,6 +57,9 @@ enum Command {
         /// Restore up to this height [default: the archive's tip]
         #[arg(long, value_name = "H")]
         height: Option<u64>,
+        /// Replay every batch from height 1 instead of starting from the newest snapshot
+        #[arg(long)]
+        full_replay: bool,
     },
 }
 
@@ -91,8 +94,7 @@ fn load(path: &PathBuf, archive: Option<&String>) -> Result<Config> {
 fn restore(
     config: &PathBuf,
     archive: Option<&String>,
-    from: Option<&str>,
-    height: Option<u64>,
+    options: &tally_server::restore::RestoreOptions,
 ) -> Result<()> {
     let config = load(config, archive)?;
     tracing_subscriber::fmt()
@@ -101,15 +103,20 @@ fn restore(
         )
         .with_writer(std::io::stderr)
         .init();
-    let r = tally_server::restore::restore(&config, from, height)?;
+    let r = tally_server::restore::restore(&config, options)?;
     let below = if r.read_only {
         " (below the tip: this replica will serve reads only)"
     } else {
         ""
     };
+    let start = match r.snapshot {
+        Some(s) => format!("from the snapshot at {s}"),
+        None => "from height 1".to_string(),
+    };
     println!(
-        "tally-server: restored height {} of the archive's {} in {:.1} s{below}",
-        r.height, r.archive_height, r.seconds
+        "tally-server: restored height {} of the archive's {} in {:.1} s ({start}, {} batches \
+         replayed){below}",
+        r.height, r.archive_height, r.seconds, r.replayed
     );
     Ok(())
 }
@@ -142,9 +149,15 @@ fn main() -> Result<()> {
         config,
         from,
         height,
+        full_replay,
     }) = &args.command
     {
-        return restore(config, args.archive.as_ref(), from.as_deref(), *height);
+        let options = tally_server::restore::RestoreOptions {
+            from: from.clone(),
+            height: *height,
+            full_replay: *full_replay,
+        };
+        return restore(config, args.archive.as_ref(), &options);
     }
     if let Some(path) = &args.check_config {
         // Printed plainly (no anyhow backtrace): the problems are the output.

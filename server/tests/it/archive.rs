@@ -53,8 +53,14 @@ fn audit_of(rt: &tokio::runtime::Runtime, bucket: &Bucket, op: &Operator) -> Aud
 
 /// Runs `tally-server restore --config FILE`; returns (success, stdout + stderr).
 fn restore(config: &Path) -> (bool, String) {
+    restore_with(config, &[])
+}
+
+fn restore_with(config: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tally-server"))
-        .args(["restore", "--config"])
+        .arg("restore")
+        .args(args)
+        .arg("--config")
         .arg(config)
         .env("RUST_LOG", "warn")
         .output()
@@ -122,11 +128,16 @@ fn every_replica_lost_then_restored_from_the_archive_alone() {
     let (ok, out) = restore(&op.config_path);
     assert!(ok, "{out}");
     assert!(out.contains(&format!("restored height {height}")), "{out}");
+    assert!(
+        out.contains("from the snapshot at"),
+        "the restore starts from the newest snapshot: {out}"
+    );
     let (again, out) = restore(&op.config_path);
     assert!(
         !again && out.contains("not empty"),
         "restore never writes over a ledger: {out}"
     );
+    same_ledger_by_full_replay(&op, height);
 
     let server = op.start();
     rt.block_on(async {
@@ -177,6 +188,41 @@ fn every_replica_lost_then_restored_from_the_archive_alone() {
     std::fs::remove_dir_all(op.data_dir().join("raft")).unwrap();
     let (ok, out) = restore(&op.config_path);
     assert!(!ok && out.contains(&key), "{out}");
+    assert!(
+        op.data_dir().join("RESTORED-READ-ONLY").exists(),
+        "a failed restore leaves a replica that will not sign"
+    );
+}
+
+/// Restores again with `--full-replay` and checks that it gives the ledger the snapshot gave:
+/// summary, every header and body, and the request index.
+fn same_ledger_by_full_replay(op: &Operator, height: u64) {
+    use tally_core::ports::{LedgerRead, LedgerStore};
+    let live = op.data_dir().join("ledger");
+    let from_snapshot = op.data_dir().join("ledger-from-snapshot");
+    std::fs::rename(&live, &from_snapshot).unwrap();
+    let (ok, out) = restore_with(&op.config_path, &["--full-replay"]);
+    assert!(ok && out.contains("from height 1"), "{out}");
+    let opts = tally_storage::StoreOptions::default();
+    let mut a = tally_storage::LedgerDb::open(&from_snapshot, opts.clone()).unwrap();
+    let mut b = tally_storage::LedgerDb::open(&live, opts).unwrap();
+    assert_eq!(a.meta().unwrap(), b.meta().unwrap());
+    assert_eq!(a.meta().unwrap().height, height);
+    for h in 1..=height {
+        assert_eq!(a.header(h).unwrap(), b.header(h).unwrap(), "header {h}");
+        let body = b.body(h).unwrap().unwrap();
+        assert_eq!(a.body(h).unwrap(), Some(body.clone()), "body {h}");
+        let body = tally_core::batch::BatchBody::decode(&body).unwrap();
+        for e in &body.entries {
+            let (signer, id) = (e.request.signer, e.request.id);
+            let record = b.request(&signer, id).unwrap();
+            assert!(record.is_some());
+            assert_eq!(a.request(&signer, id).unwrap(), record, "request {id}");
+        }
+    }
+    a.close().unwrap();
+    b.close().unwrap();
+    std::fs::remove_dir_all(&from_snapshot).unwrap();
 }
 
 #[test]

@@ -111,6 +111,14 @@ fn operator_key() -> SigningKey {
     SigningKey::from_bytes(&[7; 32])
 }
 
+/// Whose manifests the tests read: the test ledger's.
+fn owner() -> snapshots::Owner {
+    snapshots::Owner {
+        chain_id: CHAIN_ID,
+        operator: operator_key().verifying_key().to_bytes(),
+    }
+}
+
 /// Runs a writer over `source` until the archive holds `height` or it is fenced; returns its
 /// progress.
 fn archive(
@@ -220,7 +228,9 @@ fn the_writer_archives_and_resumes_across_a_tile_boundary() {
         assert!(report.ok, "{:?}", report.errors);
         assert_eq!((report.height, report.batches), (300, 300));
         // A snapshot every 7 batches, every 8th one full; each checked against the replay.
-        let manifests = rt.block_on(snapshots::manifests(&bucket, 300)).unwrap();
+        let manifests = rt
+            .block_on(snapshots::manifests(&bucket, 300, &owner()))
+            .unwrap();
         assert_eq!(report.snapshots, manifests.len() as u64);
         assert!(manifests.len() >= 300 / 7, "{}", manifests.len());
         let fulls = manifests.iter().filter(|m| m.is_full()).count();
@@ -314,7 +324,9 @@ fn a_damaged_snapshot_is_named_by_the_audit() {
     let batches = ledger(40, 7);
     let (bucket, _dir) = stores("snapshot").swap_remove(0);
     archive(&rt, &bucket, &MemSource::new(batches), CHAIN_ID, 40);
-    let manifests = rt.block_on(snapshots::manifests(&bucket, 40)).unwrap();
+    let manifests = rt
+        .block_on(snapshots::manifests(&bucket, 40, &owner()))
+        .unwrap();
     let victim = &manifests[2];
     let (hash, _) = victim.chunks[0];
     let key = tally_core::snapshot::chunk_key(&hash);
@@ -329,4 +341,29 @@ fn a_damaged_snapshot_is_named_by_the_audit() {
         report.height, victim.height,
         "the batches up to it verified"
     );
+}
+
+/// A manifest is the operator's word: one signed by another key (whoever can write to the
+/// bucket) is refused, although its rows would be the right ones.
+#[test]
+fn a_manifest_not_signed_by_the_operator_is_refused() {
+    let rt = runtime();
+    let batches = ledger(20, 8);
+    let (bucket, _dir) = stores("forged-manifest").swap_remove(0);
+    archive(&rt, &bucket, &MemSource::new(batches), CHAIN_ID, 20);
+    let manifests = rt
+        .block_on(snapshots::manifests(&bucket, 20, &owner()))
+        .unwrap();
+    let victim = &manifests[1];
+    let key = tally_core::snapshot::manifest_key(victim.height);
+    let forged = victim.sign(&CHAIN_ID, &SigningKey::from_bytes(&[9; 32]));
+    rt.block_on(bucket.delete(&key)).unwrap();
+    rt.block_on(bucket.put_new(&key, forged.into())).unwrap();
+    let err = rt
+        .block_on(snapshots::manifests(&bucket, 20, &owner()))
+        .unwrap_err();
+    assert!(err.to_string().contains(&key), "{err}");
+    let report = audit_of(&rt, &bucket, None);
+    assert!(!report.ok);
+    assert_eq!(report.errors[0].key, key, "{:?}", report.errors);
 }

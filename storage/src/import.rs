@@ -1,0 +1,158 @@
+//! [`LedgerImport`]: a ledger directory built from verified history and a signed state
+//! snapshot, without replaying the batches.
+//!
+//! `tally-server restore` starts from the newest signed snapshot at or below its target height
+//! `S`: it feeds the archived batches `1..=S` to [`LedgerImport::batch`] (each header row, body
+//! and request record: the history and the exactly-once state), then the snapshot's accounts to
+//! [`LedgerImport::account`], and [`LedgerImport::finish`] writes the summary at `S`. Rows go
+//! out in unsynced groups and are made durable once, at the end: a crash before that leaves a
+//! directory the caller throws away (the restore's in-progress marker keeps a server from
+//! starting on it).
+//!
+//! What it checks (the caller has verified each batch against the archive's log: operator
+//! signature, hash link, Merkle root): headers arrive in height order from 1 and each chains to
+//! the one before; at the end, the summary it builds (accounts' terms and count, the totals it
+//! is given, the last header's hash) must give the state digest the last signed header carries,
+//! the balances must add up to deposits minus withdrawals, and the directory reopened as a
+//! [`crate::LedgerDb`] must pass its own checks of the tip.
+
+use std::path::Path;
+
+use tally_core::crypto::{header_hash, request_hash, sha256};
+use tally_core::ports::{LedgerStore, RequestRecord};
+use tally_core::state::LedgerMeta;
+use tally_core::{Error, Result};
+use tally_wire::{PublicKey, SignedHeader};
+
+use crate::archive::ArchivePoint;
+use crate::layout;
+use crate::ledger::{archive_dir, encode_header_row, leveldb_options, state_leveldb_options};
+use crate::transfer::Part;
+use crate::{LedgerDb, StoreOptions, SyncEnv};
+
+/// Builds a ledger from history and a snapshot; see the module docs.
+pub struct LedgerImport {
+    dir: std::path::PathBuf,
+    opts: StoreOptions,
+    state: Part,
+    /// The `body` and `request` tables (see `archive.rs`).
+    archive: Part,
+    /// The summary so far: height and last header from the batches, accounts from the rows.
+    meta: LedgerMeta,
+    /// The state digest the last header signed.
+    tip_digest: tally_wire::Hash,
+    balance_total: u128,
+}
+
+impl LedgerImport {
+    /// Creates the ledger's databases in `dir`, which must be empty or absent.
+    pub fn create(dir: &Path, opts: StoreOptions) -> Result<LedgerImport> {
+        let empty = match std::fs::read_dir(dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(Error::Storage(format!("reading {}: {e}", dir.display()))),
+        };
+        if !empty {
+            return Err(Error::Storage(format!(
+                "cannot import a ledger into {}: the directory is not empty",
+                dir.display()
+            )));
+        }
+        Ok(LedgerImport {
+            dir: dir.to_owned(),
+            state: Part::open(dir, state_leveldb_options(&opts, SyncEnv::new()))?,
+            archive: Part::open(&archive_dir(dir), leveldb_options(&opts, SyncEnv::new()))?,
+            opts,
+            meta: LedgerMeta::genesis(),
+            tip_digest: [0; 32],
+            balance_total: 0,
+        })
+    }
+
+    /// Height of the last batch imported.
+    pub fn height(&self) -> u64 {
+        self.meta.height
+    }
+
+    /// Imports the next batch of the history: its header row, its body (`encoded`, the
+    /// canonical bytes of the body the header commits to) and a request record per entry.
+    /// Returns the records, for the caller's exactly-once checks.
+    pub fn batch(
+        &mut self,
+        signed: &SignedHeader,
+        body: &tally_core::batch::BatchBody,
+        encoded: &[u8],
+    ) -> Result<Vec<(PublicKey, u128, RequestRecord)>> {
+        let h = &signed.header;
+        if h.height != self.meta.height + 1 || h.prev_hash != self.meta.last_header_hash {
+            return Err(Error::Verify(format!(
+                "batch {} does not follow batch {} of the import",
+                h.height, self.meta.height
+            )));
+        }
+        assert_eq!(&body.header, h, "the body is the header's");
+        let digest = sha256(&[encoded]);
+        self.state.put(
+            &layout::header_key(h.height),
+            &encode_header_row(signed, &digest),
+        )?;
+        self.archive.put(&layout::body_key(&digest), encoded)?;
+        let mut records = Vec::with_capacity(body.entries.len());
+        for (i, e) in body.entries.iter().enumerate() {
+            let record = RequestRecord {
+                height: h.height,
+                index: i as u32,
+                request_hash: request_hash(&e.request),
+            };
+            let key = layout::request_key(&e.request.signer, e.request.id);
+            self.archive.put(&key, &layout::encode_request(&record))?;
+            records.push((e.request.signer, e.request.id, record));
+        }
+        self.meta.height = h.height;
+        self.meta.last_header_hash = header_hash(h);
+        self.tip_digest = h.state_digest;
+        Ok(records)
+    }
+
+    /// Imports one account's balance at the last batch's height. Each account once.
+    pub fn account(&mut self, key: &PublicKey, balance: u64) -> Result<()> {
+        self.meta.account_changed(key, None, balance);
+        self.balance_total += u128::from(balance);
+        self.state
+            .put(&layout::account_key(key), &layout::encode_account(balance))
+    }
+
+    /// Checks the state against the last header (see the module docs), writes the summary
+    /// with the ledger's totals, syncs, and opens the ledger (which checks its tip).
+    pub fn finish(mut self, total_deposited: u128, total_withdrawn: u128) -> Result<LedgerDb> {
+        self.meta.total_deposited = total_deposited;
+        self.meta.total_withdrawn = total_withdrawn;
+        let meta = self.meta.clone();
+        if meta.state_digest() != self.tip_digest {
+            return Err(Error::Verify(format!(
+                "the imported state does not give the state digest of header {}",
+                meta.height
+            )));
+        }
+        if total_withdrawn > total_deposited
+            || self.balance_total != total_deposited - total_withdrawn
+        {
+            return Err(Error::Verify(
+                "the imported balances do not add up to deposits minus withdrawals".into(),
+            ));
+        }
+        self.state.put(&layout::meta_key(), &meta.encode())?;
+        let point = ArchivePoint {
+            height: meta.height,
+            raft_index: meta.raft_index,
+        };
+        self.archive
+            .put(&layout::archive_point_key(), &point.encode())?;
+        self.archive.finish()?;
+        self.state.finish()?;
+        let mut db = LedgerDb::open(&self.dir, self.opts)?;
+        let stored = db.meta()?;
+        assert_eq!(stored, meta, "the summary reads back as written");
+        Ok(db)
+    }
+}
