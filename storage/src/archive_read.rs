@@ -15,7 +15,7 @@ use tally_core::archive::{
     batch_key, decode_batch, verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
 };
 use tally_core::batch::replay_batch;
-use tally_core::crypto::{key_id, sha256, verify_request};
+use tally_core::crypto::{key_id, sha256, KeyCache};
 use tally_core::ports::{LedgerRead, RequestRecord};
 use tally_core::state::LedgerMeta;
 use tally_core::tlog::{
@@ -30,6 +30,10 @@ use tally_core::snapshot::{manifest_key, Delta, Manifest};
 
 /// Batch objects read at once.
 const READS_IN_FLIGHT: usize = 16;
+/// Batches whose signatures the audit checks at once (on the blocking pool).
+const SIGNATURE_CHECKS_IN_FLIGHT: usize = 4;
+/// Signer keys a batch's signature check keeps decoded.
+const KEY_CACHE_MAX: usize = 65_536;
 
 /// A problem with one object of the archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +242,24 @@ pub fn read_batches<'a>(
         .buffered(READS_IN_FLIGHT)
 }
 
+/// Every request of a batch must be signed by its signer for this chain (and the header must
+/// name the chain). Pure and `Send`: the audit runs it on the blocking pool, batches at once.
+pub fn check_requests(batch: &ArchivedBatch, chain_id: &Hash) -> Result<(), String> {
+    if &batch.signed.header.chain_id != chain_id {
+        return Err("the header names another chain".into());
+    }
+    let mut keys = KeyCache::new(KEY_CACHE_MAX);
+    for (i, e) in batch.body.entries.iter().enumerate() {
+        if &e.request.chain_id != chain_id {
+            return Err(format!("request {i} is signed for another chain"));
+        }
+        if !keys.verify_request(&e.request) {
+            return Err(format!("request {i}: its signature does not verify"));
+        }
+    }
+    Ok(())
+}
+
 /// Balances and request ids rebuilt by replaying the archive, for the audit.
 pub struct ReplayState {
     pub meta: LedgerMeta,
@@ -277,17 +299,16 @@ impl ReplayState {
         chain_id: &Hash,
         operator: &PublicKey,
     ) -> Result<(), String> {
-        if &batch.signed.header.chain_id != chain_id {
-            return Err("the header names another chain".into());
-        }
-        for (i, e) in batch.body.entries.iter().enumerate() {
-            if &e.request.chain_id != chain_id {
-                return Err(format!("request {i} is signed for another chain"));
-            }
-            if !verify_request(&e.request) {
-                return Err(format!("request {i}: its signature does not verify"));
-            }
-        }
+        check_requests(batch, chain_id)?;
+        self.apply_checked(batch, operator)
+    }
+
+    /// [`ReplayState::apply`] of a batch whose requests [`check_requests`] has passed.
+    pub fn apply_checked(
+        &mut self,
+        batch: &ArchivedBatch,
+        operator: &PublicKey,
+    ) -> Result<(), String> {
         let replayed = replay_batch(
             &batch.body,
             &self.meta,
@@ -404,11 +425,27 @@ async fn audit_into(
         operator: *operator,
     };
     let mut snaps = SnapshotCheck::new(snapshots::manifests(bucket, size, &owner).await?);
-    let mut batches = std::pin::pin!(read_batches(bucket, &log, 1, size));
+    // Signatures are most of the audit's work: checked on the blocking pool, a few batches at
+    // once, ahead of the replay, which takes the batches in height order.
+    let chain = log.chain_id;
+    let checked = read_batches(bucket, &log, 1, size)
+        .map(|item| async move {
+            let (height, batch) = item?;
+            let (batch, verdict) = tokio::task::spawn_blocking(move || {
+                let verdict = check_requests(&batch, &chain);
+                (batch, verdict)
+            })
+            .await
+            .expect("a signature check does not panic");
+            verdict.map_err(|e| bad(batch_key(height), e))?;
+            Ok::<_, ReadError>((height, batch))
+        })
+        .buffered(SIGNATURE_CHECKS_IN_FLIGHT);
+    let mut batches = std::pin::pin!(checked);
     while let Some(item) = batches.next().await {
         let (height, batch) = item?;
         state
-            .apply(&batch, &log.chain_id, operator)
+            .apply_checked(&batch, operator)
             .map_err(|e| bad(batch_key(height), e))?;
         snaps.since.add_batch(&batch.body);
         report.height = height;

@@ -367,3 +367,27 @@ fn a_manifest_not_signed_by_the_operator_is_refused() {
     assert!(!report.ok);
     assert_eq!(report.errors[0].key, key, "{:?}", report.errors);
 }
+
+/// What the audit checks of each request (on the blocking pool): its signature, for this chain.
+#[test]
+fn the_audit_refuses_a_request_whose_signature_does_not_verify() {
+    use tally_core::archive::{decode_batch, encode_batch};
+    use tally_storage::archive_read::check_requests;
+    let batches = ledger(3, 9);
+    let (signed, body) = &batches[2];
+    let batch = decode_batch(&encode_batch(signed, body)).unwrap();
+    let chain = signed.header.chain_id;
+    assert_eq!(check_requests(&batch, &chain), Ok(()));
+    assert!(
+        check_requests(&batch, &[0xee; 32]).is_err(),
+        "another chain"
+    );
+    let last = batch.body.entries.len() - 1;
+    let mut forged = batch.clone();
+    forged.body.entries[last].request.signature[10] ^= 1;
+    let err = check_requests(&forged, &chain).unwrap_err();
+    assert_eq!(
+        err,
+        format!("request {last}: its signature does not verify")
+    );
+}
