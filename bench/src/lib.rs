@@ -200,6 +200,7 @@ pub fn run(args: &Args) -> Result<Report> {
         },
     };
     eprintln!("timed phase: {schedule:?}");
+    let cpu_before = started.as_mut().and_then(|s| s.cpu_ns());
     let (phase, archive_lag) = runtime.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = tokio::spawn(archive::sample(clients[0].clone(), stop.clone()));
@@ -214,8 +215,10 @@ pub fn run(args: &Args) -> Result<Report> {
         };
         (phase, lag)
     });
-    // At the end of the timed phase, before anything is stopped.
+    // At the end of the timed phase, before anything is stopped. (The CPU figure includes
+    // the archive's catch-up after the load, which is part of the load's cost.)
     let memory_at_end = started.as_mut().map(|s| s.memory());
+    let cpu_after = started.as_mut().and_then(|s| s.cpu_ns());
     // As written into the replicas' configs (`--cache-accounts`, else the server's default).
     let cache_accounts = started.as_ref().map(|s| s.cache_accounts);
 
@@ -283,8 +286,15 @@ pub fn run(args: &Args) -> Result<Report> {
         server_peak_rss_bytes: max_of(&memory_at_end, |m| m.peak_rss_bytes),
         server_rss_after_setup_bytes: max_of(&memory_after_setup, |m| m.rss_bytes),
         server_memory: memory_at_end.unwrap_or_default(),
+        server_cpu_us_per_request: cpu_per_request(cpu_before, cpu_after, recorder.confirmed),
         archive_lag,
     })
+}
+
+/// The replicas' CPU time (all of them) per confirmed request in the timed phase, in µs.
+fn cpu_per_request(before: Option<u64>, after: Option<u64>, confirmed: u64) -> Option<f64> {
+    let used = after?.checked_sub(before?)?;
+    (confirmed > 0).then(|| used as f64 / 1e3 / confirmed as f64)
 }
 
 /// The largest figure over the replicas, if any was read.

@@ -83,6 +83,10 @@ pub struct Report {
     pub server_rss_after_setup_bytes: Option<u64>,
     /// With --start-server: each replica's figures at the end of the timed phase.
     pub server_memory: Vec<ReplicaMemory>,
+    /// With --start-server: CPU time of the replicas (every thread of every replica) per
+    /// confirmed request during the timed phase, in microseconds. What a request costs the
+    /// operator's machines whatever else shares them (the load generator, an S3 server).
+    pub server_cpu_us_per_request: Option<f64>,
     /// The archive's lag behind the applied height during the timed phase (None: the server
     /// has no archive).
     pub archive_lag: Option<crate::archive::ArchiveLag>,
@@ -252,6 +256,12 @@ impl Report {
         if let Some(rss) = self.server_rss_after_setup_bytes {
             row("server RSS after funding", mib(rss));
         }
+        if let Some(us) = self.server_cpu_us_per_request {
+            row(
+                "server CPU per request (all replicas, all threads)",
+                format!("{us:.1} µs"),
+            );
+        }
         if let Some(lag) = &self.archive_lag {
             row(
                 "archive lag (batches)",
@@ -391,6 +401,7 @@ mod tests {
             server_peak_rss_bytes: None,
             server_rss_after_setup_bytes: None,
             server_memory: Vec::new(),
+            server_cpu_us_per_request: None,
             archive_lag: None,
         }
     }
@@ -505,6 +516,7 @@ mod tests {
             "server_rss_bytes",
             "server_peak_rss_bytes",
             "server_memory",
+            "server_cpu_us_per_request",
         ] {
             assert!(value.get(field).is_some(), "{field} missing from {value}");
         }

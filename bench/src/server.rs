@@ -95,6 +95,37 @@ impl StartedServer {
     }
 }
 
+impl StartedServer {
+    /// CPU time the replicas have used so far, all threads of all of them, in nanoseconds:
+    /// the sum of the first field of `/proc/<pid>/task/<tid>/schedstat`. None if any cannot
+    /// be read (a replica exited, or this is not Linux).
+    pub fn cpu_ns(&mut self) -> Option<u64> {
+        let mut total = 0u64;
+        for child in &mut self.children {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return None;
+            }
+            total += process_cpu_ns(child.id())?;
+        }
+        Some(total)
+    }
+}
+
+/// Nanoseconds on a CPU of every thread of process `pid` (threads that exited are not counted:
+/// the replicas' threads live as long as they do).
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// (VmRSS, VmHWM) in bytes from the text of `/proc/<pid>/status` (where they are in kB).
 pub fn parse_memory(status: &str) -> Option<(u64, u64)> {
     let field = |name: &str| -> Option<u64> {
@@ -365,5 +396,25 @@ mod tests {
         let text = std::fs::read_to_string("/proc/self/status").unwrap();
         let (rss, peak) = parse_memory(&text).unwrap();
         assert!(rss > 0 && peak >= rss, "{rss} {peak}");
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::process_cpu_ns;
+
+    /// This test's own process: its threads' CPU time grows with work done.
+    #[test]
+    fn process_cpu_grows_with_work() {
+        let pid = std::process::id();
+        let before = process_cpu_ns(pid).expect("Linux /proc");
+        let mut x = 1u64;
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let after = process_cpu_ns(pid).unwrap();
+        assert!(after >= before + 10_000_000, "{before} -> {after}");
     }
 }
