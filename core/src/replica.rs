@@ -159,6 +159,31 @@ impl<S: RaftLogStore> Replica<S> {
         self.node.tick();
     }
 
+    /// A tick for a replica that must not start an election (the server's rule: a replica
+    /// whose ledger lacks history the archive holds). A leader ticks as usual; a follower's
+    /// election clock stops one tick short of the longest timeout, which is past the lease
+    /// (`election_ticks`), so it still votes for candidates; a (pre-)candidate's clock stops.
+    pub fn tick_without_campaign(&mut self) {
+        let raft = &mut self.node.raft;
+        match raft.state {
+            StateRole::Leader => {
+                self.node.tick();
+            }
+            StateRole::Follower => {
+                let longest = 2 * raft.election_timeout() - 1;
+                raft.set_randomized_election_timeout(longest);
+                if raft.election_elapsed + 1 < longest {
+                    self.node.tick();
+                }
+                assert!(
+                    self.node.raft.election_elapsed < longest,
+                    "a replica that must not campaign reached its election timeout"
+                );
+            }
+            StateRole::Candidate | StateRole::PreCandidate => {}
+        }
+    }
+
     /// A message from an authenticated peer. Errors (a message for another term, from an
     /// unknown peer) are not fatal: the message is dropped.
     ///

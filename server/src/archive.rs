@@ -290,6 +290,32 @@ pub fn gate(config: &Config, progress: Arc<ArchiveProgress>) -> (Arc<ArchiveGate
     (gate, rx)
 }
 
+/// When a replica of several may start an election: not while its ledger is below the
+/// archive's height at the first read, and, before that read, not with an empty ledger.
+///
+/// Why: a replica whose data was lost (wiped, never restored) could be elected by replicas as
+/// empty as itself. It would then refuse every write (`ArchiveGate::refuses_writes`) while
+/// leading, and send the replicas that hold the history (restored from the archive) entries
+/// that contradict it: the cluster would serve nothing until an operator stepped in. Without
+/// the right to campaign it still votes, so a replica that holds the history is elected, sends
+/// it a snapshot, and once installed it campaigns again. Without an archive, always.
+pub fn campaign_rule(
+    gate: Option<Arc<ArchiveGate>>,
+    applied_height: Arc<std::sync::atomic::AtomicU64>,
+) -> Box<dyn Fn() -> bool + Send> {
+    use std::sync::atomic::Ordering;
+    let Some(gate) = gate else {
+        return Box::new(|| true);
+    };
+    Box::new(move || {
+        let applied = applied_height.load(Ordering::SeqCst);
+        if !gate.progress.known.load(Ordering::SeqCst) {
+            return applied > 0;
+        }
+        applied >= gate.progress.floor.load(Ordering::SeqCst)
+    })
+}
+
 /// Starts the writer on the runtime.
 pub fn spawn_writer(
     runtime: &tokio::runtime::Handle,

@@ -303,6 +303,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             (storage_tx.clone(), master_tx.clone(), view.clone(), applied.clone(), metrics.clone());
         let ledger_raft_index = meta.raft_index;
         let single_voter = voters.len() == 1;
+        let may_campaign = archive::campaign_rule(gate.clone(), pipeline.handle.applied_height.clone());
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
         let raft_thread = std::thread::Builder::new().name("raft".into()).spawn(move || {
             let start = || -> Result<Replica<RaftLogDb>> {
@@ -351,6 +352,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
                 compaction_entries: raft_cfg.compaction_entries,
                 compaction_bytes: raft_cfg.compaction_bytes,
                 metrics: metrics2,
+                may_campaign,
             }
             .run();
         })?;

@@ -175,6 +175,9 @@ pub struct RaftThread<S: RaftLogStore + SnapshotDescriptor> {
     /// ... or once the entries committed since the last compaction carry this many bytes.
     pub compaction_bytes: u64,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Whether this replica may start an election now (`archive::may_campaign`); asked at
+    /// every tick while it does not lead.
+    pub may_campaign: Box<dyn Fn() -> bool + Send>,
 }
 
 struct Io<'a> {
@@ -364,7 +367,11 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             }
             if Instant::now() >= next_tick {
-                self.replica.tick();
+                if self.single_voter || (self.may_campaign)() {
+                    self.replica.tick();
+                } else {
+                    self.replica.tick_without_campaign();
+                }
                 next_tick = Instant::now() + self.tick;
             }
             let mut io = Io {

@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
+use raft::eraftpb::Snapshot;
 use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
 use tally_core::batch::prepare_apply;
@@ -37,7 +38,7 @@ use tally_core::state::LedgerMeta;
 use tally_storage::archive_read::{read_batches, read_log, VerifiedLog};
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_storage::snapshots::{manifests, read_rows, Owner};
-use tally_storage::{LedgerDb, LedgerImport, StoreOptions};
+use tally_storage::{LedgerDb, LedgerImport, RaftLogDb, StoreOptions};
 
 use crate::archive::read_only_marker;
 use crate::bootstrap::read_signing_key;
@@ -159,8 +160,12 @@ async fn apply_archive(
     };
     let from = store.meta()?.height;
     let height = replay(bucket, &log, &mut store, later, target, operator).await?;
+    let meta = store.meta()?;
     store.shutdown()?;
     store.close()?;
+    if height > 0 {
+        write_raft_log(config, &meta)?;
+    }
     Ok(Restored {
         height,
         archive_height: size,
@@ -222,7 +227,7 @@ async fn import_snapshot(
         import.account(account, *balance)?;
     }
     import
-        .finish(m.total_deposited, m.total_withdrawn)
+        .finish(m.total_deposited, m.total_withdrawn, RESTORED_RAFT_INDEX)
         .with_context(|| format!("{key}: the snapshot does not restore"))
 }
 
@@ -278,8 +283,9 @@ async fn replay(
             }
         }
         let encoded = batch.body.encode();
-        let write = prepare_apply(&batch.body, encoded, &meta, store, operator)
+        let mut write = prepare_apply(&batch.body, encoded, &meta, store, operator)
             .with_context(|| format!("{}: does not replay", batch_key(h)))?;
+        write.meta.raft_index = RESTORED_RAFT_INDEX;
         if write.signed_header != batch.signed {
             bail!(
                 "{}: the header signed again differs from the archived one",
@@ -294,6 +300,35 @@ async fn replay(
         }
     }
     Ok(meta.height)
+}
+
+/// The raft log and ledger index of a restored replica: the restored state is "entry 1".
+const RESTORED_RAFT_INDEX: u64 = 1;
+const RESTORED_RAFT_TERM: u64 = 1;
+
+/// The raft log of a restored replica: empty, after a snapshot point at index 1, term 1,
+/// whose descriptor is the restored ledger's summary. Every replica restored to the same
+/// height gets the same point, so their logs agree; a replica left empty is sent that
+/// snapshot by a restored leader and installs its ledger, as one far behind does.
+fn write_raft_log(config: &Config, meta: &LedgerMeta) -> Result<()> {
+    use tally_core::replica::RaftLogStore;
+    assert_eq!(
+        meta.raft_index, RESTORED_RAFT_INDEX,
+        "the ledger names the point"
+    );
+    let dir = raft_dir(config);
+    let voters = config.replica_ids();
+    let mut log = RaftLogDb::open(&dir, &voters)
+        .with_context(|| format!("creating the raft log in {}", dir.display()))?;
+    let mut snapshot = Snapshot::default();
+    snapshot.data = meta.encode().to_vec().into();
+    let m = snapshot.mut_metadata();
+    m.index = RESTORED_RAFT_INDEX;
+    m.term = RESTORED_RAFT_TERM;
+    m.mut_conf_state().voters = voters;
+    log.apply_snapshot(&snapshot)?;
+    log.close()?;
+    Ok(())
 }
 
 /// The restored state at a snapshot's height must be the snapshot's: digest, totals, and every

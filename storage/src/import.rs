@@ -123,10 +123,17 @@ impl LedgerImport {
     }
 
     /// Checks the state against the last header (see the module docs), writes the summary
-    /// with the ledger's totals, syncs, and opens the ledger (which checks its tip).
-    pub fn finish(mut self, total_deposited: u128, total_withdrawn: u128) -> Result<LedgerDb> {
+    /// with the ledger's totals and the raft index it is to carry, syncs, and opens the ledger
+    /// (which checks its tip).
+    pub fn finish(
+        mut self,
+        total_deposited: u128,
+        total_withdrawn: u128,
+        raft_index: u64,
+    ) -> Result<LedgerDb> {
         self.meta.total_deposited = total_deposited;
         self.meta.total_withdrawn = total_withdrawn;
+        self.meta.raft_index = raft_index;
         let meta = self.meta.clone();
         if meta.state_digest() != self.tip_digest {
             return Err(Error::Verify(format!(

@@ -201,6 +201,8 @@ fn same_ledger_by_full_replay(op: &Operator, height: u64) {
     let live = op.data_dir().join("ledger");
     let from_snapshot = op.data_dir().join("ledger-from-snapshot");
     std::fs::rename(&live, &from_snapshot).unwrap();
+    // The raft log restore wrote (a snapshot point naming the restored ledger) goes too.
+    std::fs::remove_dir_all(op.data_dir().join("raft")).unwrap();
     let (ok, out) = restore_with(&op.config_path, &["--full-replay"]);
     assert!(ok && out.contains("from height 1"), "{out}");
     let opts = tally_storage::StoreOptions::default();
@@ -321,6 +323,72 @@ fn a_new_leader_resumes_the_archive_after_the_leader_is_killed() {
             (height, height),
             "no gap, no duplicate"
         );
+    });
+}
+
+/// Every replica lost, one restored: the two wiped ones do not elect each other (they hold
+/// none of the history), the restored one leads and sends them its ledger, and all three serve
+/// the archived history (retries get their original confirmations) and new writes.
+#[test]
+fn one_restored_replica_seeds_the_wiped_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = archive_url("seed", dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cluster = Cluster::new(3, |c| {
+            crate::cluster::fast(c);
+            c.archive.url = url.clone();
+            c.archive.snapshot_every_batches = 5;
+        })
+        .await;
+        cluster.start_all();
+        let chain = cluster.profile.chain_id_bytes().unwrap();
+        let deposit = cluster.profile.load_deposit_key().unwrap();
+        let cc = cluster.cluster_client();
+        let alice = public_key(&generate_key());
+        let dep = |id: u128| build_request(&deposit, chain, Op::Deposit, id, alice, 10);
+        let first = cc.submit(dep(0)).await.unwrap();
+        for id in 1..20u128 {
+            cc.submit(dep(id)).await.unwrap();
+        }
+        let leader = cluster.leader().await;
+        let height = wait_archived(&cluster.client_of(leader).await).await;
+        for id in cluster.ids.clone() {
+            cluster.kill(id);
+            cluster.wipe(id);
+        }
+        let (ok, out) = restore(&cluster.configs[&1]);
+        assert!(
+            ok && out.contains(&format!("restored height {height}")),
+            "{out}"
+        );
+
+        // The wiped two alone, for several election timeouts: no leader among them.
+        cluster.start(2);
+        cluster.start(3);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for id in [2, 3] {
+            let s = cluster.client_of(id).await.status().await.unwrap();
+            assert_eq!(
+                (s.leader_id, s.applied_height),
+                (0, 0),
+                "replica {id} without the history must not be elected"
+            );
+        }
+        cluster.start(1);
+        cc.submit(dep(20))
+            .await
+            .expect("the restored replica leads");
+        let tip = crate::cluster::converged(&cluster).await;
+        assert!(tip.header.height > height);
+        for id in cluster.ids.clone() {
+            let client = cluster.client_of(id).await;
+            let b = client.balance(alice, ReadMode::Stale).await.unwrap();
+            assert_eq!(b.balance, 210, "replica {id}");
+        }
+        let again: Confirmation = cc.submit(dep(0)).await.unwrap();
+        assert!(again.replayed);
+        assert_eq!((again.receipt, again.header), (first.receipt, first.header));
     });
 }
 

@@ -19,7 +19,7 @@ pub fn fast(c: &mut tally_config::Config) {
 }
 
 /// Every replica's latest header, once all have applied the same height.
-async fn converged(cluster: &Cluster) -> SignedHeader {
+pub async fn converged(cluster: &Cluster) -> SignedHeader {
     let mut last = HashMap::new();
     for _ in 0..300 {
         last.clear();
