@@ -18,8 +18,12 @@ use tally_core::verify::verify_confirmation;
 use tally_storage::archive_read;
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::{Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
+use tokio::time::Instant;
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
+
+/// How long before `--total-timeout-ms` the cluster client's own deadline falls.
+const BACKSTOP_MARGIN: Duration = Duration::from_millis(50);
 
 #[derive(Parser)]
 #[command(name = "tally", version, about = "Client for a tally ledger")]
@@ -30,7 +34,8 @@ struct Cli {
     /// Machine-readable output on stdout (errors too)
     #[arg(long, global = true)]
     json: bool,
-    /// Timeout of each connection attempt and each call, in milliseconds
+    /// Timeout of each connection attempt and each call, in milliseconds (never more than
+    /// --total-timeout-ms)
     #[arg(
         long,
         global = true,
@@ -39,7 +44,9 @@ struct Cli {
         value_name = "MS"
     )]
     timeout_ms: u64,
-    /// How long one command may keep retrying (redirects, failover, backoff), in milliseconds
+    /// How long a command that talks to the ledger (deposit, transfer, withdraw, balance,
+    /// headers, status) may take in all: connects, calls, redirects, failover and backoff, in
+    /// milliseconds. `audit` reads an archive and is not bounded by it.
     #[arg(
         long,
         global = true,
@@ -146,11 +153,34 @@ fn public_key_arg(text: &str) -> std::result::Result<PublicKey, String> {
     parse_public_key(text).map_err(|e| e.to_string())
 }
 
+impl Command {
+    /// Whether the command talks to the ledger's replicas, and so is bounded by
+    /// `--total-timeout-ms`.
+    fn talks_to_replicas(&self) -> bool {
+        match self {
+            Command::Deposit { .. }
+            | Command::Transfer { .. }
+            | Command::Withdraw { .. }
+            | Command::Balance { .. }
+            | Command::Headers { .. }
+            | Command::Status => true,
+            Command::Keygen { .. } | Command::Verify { .. } | Command::Audit { .. } => false,
+        }
+    }
+
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Command::Deposit { .. } | Command::Transfer { .. } | Command::Withdraw { .. }
+        )
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
-    match run(cli).await {
+    match run_bounded(cli).await {
         Ok(code) => code,
         Err(e) => {
             report_error(&e, json);
@@ -195,12 +225,39 @@ fn report_error(e: &anyhow::Error, json: bool) {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+/// [`run`], stopped at `--total-timeout-ms` if the command talks to the replicas. The cluster
+/// client's own deadline ends just before (with its precise error: gave up, or outcome unknown
+/// for a request it sent); this one also bounds what comes after it (more header pages).
+async fn run_bounded(cli: Cli) -> Result<ExitCode> {
+    let budget_ms = cli.total_timeout_ms;
+    if !cli.command.talks_to_replicas() {
+        return run(cli, Instant::now()).await;
+    }
+    let writes = cli.command.writes();
+    let started = Instant::now();
+    match tokio::time::timeout(Duration::from_millis(budget_ms), run(cli, started)).await {
+        Ok(result) => result,
+        Err(_) => {
+            let what = if writes {
+                "; whether the request was applied is unknown: resubmit it with the same --id \
+                 to find out (it never applies twice)"
+            } else {
+                ""
+            };
+            Err(anyhow::Error::from(Error::Timeout).context(format!(
+                "stopped after --total-timeout-ms {budget_ms} ms{what}"
+            )))
+        }
+    }
+}
+
+async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
     let ctx = Globals {
         profile_path: cli.profile.clone(),
         json: cli.json,
         timeout: Duration::from_millis(cli.timeout_ms),
         total_timeout: Duration::from_millis(cli.total_timeout_ms),
+        started,
     };
     match cli.command {
         Command::Keygen { out } => keygen(&ctx, &out),
@@ -253,8 +310,10 @@ struct Globals {
     json: bool,
     /// Of each attempt.
     timeout: Duration,
-    /// Of each operation, over all its attempts.
+    /// Of the whole command, over all its attempts.
     total_timeout: Duration,
+    /// When the command started: the total timeout counts from here.
+    started: Instant,
 }
 
 impl Globals {
@@ -276,16 +335,22 @@ impl Globals {
     }
 
     /// A client for the profile's replicas that follows the leader and fails over (it connects
-    /// on first use).
+    /// on first use). Its operations end with the command's budget, a little before the
+    /// backstop in [`run_bounded`], so that their own error (which says whether a request
+    /// was sent) is the one reported.
     fn cluster(&self, profile: &Profile) -> Result<ClusterClient> {
         if profile.replicas.is_empty() {
             bail!("the profile lists no replicas");
         }
+        let left = self.total_timeout.saturating_sub(self.started.elapsed());
+        let total = left
+            .saturating_sub(BACKSTOP_MARGIN)
+            .max(Duration::from_millis(1));
         Ok(ClusterClient::new(
             profile,
             ClusterOptions {
-                call_timeout: self.timeout,
-                total_timeout: self.total_timeout.max(self.timeout),
+                call_timeout: self.timeout.min(total),
+                total_timeout: total,
                 ..ClusterOptions::default()
             },
         ))
