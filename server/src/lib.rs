@@ -2,6 +2,7 @@
 //! sockets, signals and prometheus.
 //!
 //! - [`bootstrap`]: the development operator's generated keys, certificate, config and profile.
+//! - [`certs`]: the operator CA and node certificates (`init-cluster`, renewal).
 //! - [`tls`]: rustls configuration from PEM files.
 //! - [`net`]: the TLS client listener and per-connection tasks.
 //! - [`pipeline`]: validation pools, the master thread, the storage thread, the confirmer.
@@ -15,6 +16,7 @@
 
 pub mod archive;
 pub mod bootstrap;
+pub mod certs;
 pub mod http;
 pub mod metrics;
 pub mod net;
