@@ -117,8 +117,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let archive_key = signing_key.clone();
     let operator = OperatorKey::new(signing_key);
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
-    std::fs::create_dir_all(&config.node.data_dir)
-        .with_context(|| format!("creating {}", config.node.data_dir.display()))?;
+    crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     // Finish (or roll back) a snapshot install a crash interrupted.
     tally_storage::recover_install(&ledger_dir(&config))
         .with_context(|| format!("recovering {}", ledger_dir(&config).display()))?;
