@@ -49,8 +49,8 @@ pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
     sizes(&mut problems, config);
     raft(&mut problems, config);
     archive(&mut problems, config);
-    if config.log.level.trim().is_empty() {
-        problems.push("log.level", quoted(&config.log.level), "must not be empty");
+    if let Err(problem) = crate::log::check_log_level(&config.log.level) {
+        problems.push("log.level", quoted(&config.log.level), problem);
     }
     problems.0
 }

@@ -132,6 +132,9 @@ const CASES: &[(&str, &[&str])] = &[
     // [log] and unknown sections
     ("[log]\nlevel = \"\"", &["log.level"]),
     ("[log]\nlevel = \"  \"", &["log.level"]),
+    ("[log]\nlevel = \"infoo\"", &["log.level"]),
+    ("[log]\nlevel = \"tally_core=verbose,info\"", &["log.level"]),
+    ("[log]\nlevel = \"tally_core=debug,WARN\"", &[]),
     ("[logging]\nlevel = \"info\"", &["logging"]),
     ("debug = true", &["debug"]),
     // Several problems are all reported.
@@ -148,6 +151,16 @@ fn cases() {
     for (fragment, expected_keys) in CASES {
         check(&valid_with(fragment), expected_keys);
     }
+}
+
+#[test]
+fn an_unknown_log_level_names_the_key_and_the_levels() {
+    let errors = errors(&valid_with("[log]\nlevel = \"verbose\""));
+    assert_eq!(
+        errors.to_string(),
+        "log.level = \"verbose\": unknown level `verbose` in `verbose`: use one of trace, \
+         debug, info, warn, error, off, or TARGET=LEVEL"
+    );
 }
 
 #[test]

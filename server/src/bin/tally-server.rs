@@ -172,6 +172,12 @@ fn load(path: &PathBuf, archive: Option<&String>) -> Result<Config> {
     Ok(config)
 }
 
+/// The `tracing` filter `text` (from `source`, named in the error): an unusable filter stops
+/// the server rather than logging at some default.
+fn log_filter(text: &str, source: &str) -> Result<tracing_subscriber::EnvFilter> {
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| anyhow!("{source} = {text:?}: {e}"))
+}
+
 /// `tally-server restore`: a one-shot command that exits 0 once the data directory is ready.
 fn restore(
     config: &PathBuf,
@@ -181,9 +187,7 @@ fn restore(
 ) -> Result<()> {
     let config = load(config, archive)?;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_default(),
-        )
+        .with_env_filter(log_filter(&config.log.level, "log.level")?)
         .with_writer(std::io::stderr)
         .init();
     let r = tally_server::restore::restore(&config, from, height)?;
@@ -238,9 +242,12 @@ fn main() -> Result<()> {
             (config, Some(profile))
         }
     };
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) => log_filter(&filter, "RUST_LOG")?,
+        Err(_) => log_filter(&config.log.level, "log.level")?,
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     tally_server::node::run(config, profile.as_deref())
