@@ -194,7 +194,7 @@ pub struct LimitsConfig {
     /// Bytes: the largest payload one frame may carry; a larger length prefix is rejected
     /// before anything is allocated. Range `1024..=16777216`. Default: `1048576` (1 MiB).
     pub frame_bytes_max: u32,
-    /// Open client connections; further connections wait for a free slot. At least `1`.
+    /// Open client connections; a connection beyond it is closed at once. At least `1`.
     /// Default: `1024`.
     pub connections_max: u32,
     /// Requests one connection may have unanswered at once. At least `1`. Default: `4096`.
@@ -202,14 +202,35 @@ pub struct LimitsConfig {
     /// Bound of each pipeline queue; a request meeting a full queue is answered "busy".
     /// At least `1`. Default: `65536`.
     pub queue_depth_max: u32,
-    /// Milliseconds a TLS handshake may take. At least `1`. Default: `5000`.
+    /// Milliseconds a TLS handshake may take, on the client port and on the peer port (the
+    /// peer's hello included). At least `1`. Default: `5000`.
     pub handshake_timeout_ms: u64,
-    /// Milliseconds within which a frame that started arriving must finish. At least `1`.
-    /// Default: `10000`.
+    /// Milliseconds after the TLS handshake within which the first whole request must have
+    /// arrived; a connection that sends none is closed. At least `1`. Default: `10000`.
+    pub first_request_timeout_ms: u64,
+    /// Milliseconds within which a whole frame must arrive, counted from its first byte (a
+    /// deadline for the frame, not for each read). At least `1`. Default: `10000`.
     pub frame_timeout_ms: u64,
-    /// Milliseconds after which a connection with nothing in flight and no bytes arriving is
+    /// Milliseconds after which a connection with no bytes arriving and no frame under way is
     /// closed. At least `1`. Default: `300000` (5 minutes).
     pub idle_timeout_ms: u64,
+    /// Milliseconds one reply may take to be written to the socket; a client that does not
+    /// read for this long is closed. At least `1`. Default: `10000`.
+    pub write_timeout_ms: u64,
+    /// Bytes of replies one connection may have reserved and not yet written (each request
+    /// reserves its largest possible reply before it is handled). Over it the connection reads
+    /// no further request until the client reads. At least `1048576`. Default: `16777216`
+    /// (16 MiB).
+    pub reply_bytes_per_connection_max: u64,
+    /// Bytes of replies all connections together may have reserved and not yet written. A
+    /// request that would pass it is answered `busy`. At least
+    /// `reply_bytes_per_connection_max`. Default: `268435456` (256 MiB).
+    pub reply_bytes_total_max: u64,
+    /// Open client connections from one IPv4 address (or one IPv6 /64). At least `1`.
+    /// Default: `64`.
+    pub connections_per_address_max: u32,
+    /// Open connections on the peer port, authenticated or not. At least `1`. Default: `64`.
+    pub peer_connections_max: u32,
 }
 
 impl Default for LimitsConfig {
@@ -220,8 +241,14 @@ impl Default for LimitsConfig {
             requests_in_flight_per_connection_max: 4096,
             queue_depth_max: 65_536,
             handshake_timeout_ms: 5_000,
+            first_request_timeout_ms: 10_000,
             frame_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
+            write_timeout_ms: 10_000,
+            reply_bytes_per_connection_max: 16 << 20,
+            reply_bytes_total_max: 256 << 20,
+            connections_per_address_max: 64,
+            peer_connections_max: 64,
         }
     }
 }
@@ -240,6 +267,16 @@ impl LimitsConfig {
     /// `idle_timeout_ms` as a [`Duration`].
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// `first_request_timeout_ms` as a [`Duration`].
+    pub fn first_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_request_timeout_ms)
+    }
+
+    /// `write_timeout_ms` as a [`Duration`].
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 }
 

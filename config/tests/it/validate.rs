@@ -118,6 +118,16 @@ const CASES: &[(&str, &[&str])] = &[
     ("[limits]\nhandshake_timeout_ms = 0", &["limits.handshake_timeout_ms"]),
     ("[limits]\nframe_timeout_ms = 0", &["limits.frame_timeout_ms"]),
     ("[limits]\nidle_timeout_ms = 0", &["limits.idle_timeout_ms"]),
+    ("[limits]\nfirst_request_timeout_ms = 0", &["limits.first_request_timeout_ms"]),
+    ("[limits]\nwrite_timeout_ms = 0", &["limits.write_timeout_ms"]),
+    ("[limits]\nconnections_per_address_max = 0", &["limits.connections_per_address_max"]),
+    ("[limits]\nconnections_max = 8\nconnections_per_address_max = 64", &[]),
+    ("[limits]\npeer_connections_max = 0", &["limits.peer_connections_max"]),
+    // A connection's reply budget holds the largest reply (263 KiB); the server's holds one
+    // connection's.
+    ("[limits]\nreply_bytes_per_connection_max = 1048575", &["limits.reply_bytes_per_connection_max"]),
+    ("[limits]\nreply_bytes_per_connection_max = 1048576\nreply_bytes_total_max = 1048576", &[]),
+    ("[limits]\nreply_bytes_total_max = 16777215", &["limits.reply_bytes_total_max"]),
     // [raft]
     ("[raft]\ntick_ms = 0", &["raft.tick_ms"]),
     ("[raft]\nelection_ticks = 2", &["raft.election_ticks"]),
