@@ -181,7 +181,7 @@ impl Ca {
         params.is_ca = IsCa::NoCa;
         params
             .custom_extensions
-            .push(subject_key_identifier(&key.public_key_raw()));
+            .push(subject_key_identifier(key.public_key_raw()));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -132,6 +132,9 @@ enum Command {
     },
     /// Show every replica's role, term, indexes and lag
     Status,
+    /// Ask a replica for the ledger's chain id, the operator key and its size limits, and
+    /// compare them with the profile
+    Info,
     /// Verify an archive from its objects alone: checkpoint, tiles, every header and batch,
     /// and a replay of every balance (exit 0 only if all of it holds)
     Audit {
@@ -163,7 +166,8 @@ impl Command {
             | Command::Withdraw { .. }
             | Command::Balance { .. }
             | Command::Headers { .. }
-            | Command::Status => true,
+            | Command::Status
+            | Command::Info => true,
             Command::Keygen { .. } | Command::Verify { .. } | Command::Audit { .. } => false,
         }
     }
@@ -296,6 +300,7 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
         Command::Headers { from, limit } => headers(&ctx, from, limit).await,
         Command::Status => status(&ctx).await,
+        Command::Info => info(&ctx).await,
         Command::Audit {
             archive,
             from_checkpoint,
@@ -757,6 +762,65 @@ async fn status(ctx: &Globals) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn info(ctx: &Globals) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let info = ctx.cluster(&profile)?.info().await?;
+    let chain_matches = info.chain_id == profile.chain_id_bytes()?;
+    let key_matches = info.operator_public_key == profile.operator_key()?;
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "node_id": info.node_id,
+                "chain_id": to_hex(&info.chain_id),
+                "operator_public_key": to_hex(&info.operator_public_key),
+                "frame_bytes_max": info.frame_bytes_max,
+                "reply_payload_bytes_max": info.reply_payload_bytes_max,
+                "requests_in_flight_max": info.requests_in_flight_max,
+                "headers_per_reply_max": info.headers_per_reply_max,
+                "chain_id_matches_profile": chain_matches,
+                "operator_key_matches_profile": key_matches,
+            }))?
+        );
+    } else {
+        let mark = |ok: bool| {
+            if ok {
+                "same as the profile"
+            } else {
+                "NOT the profile's"
+            }
+        };
+        println!("node {}", info.node_id);
+        println!(
+            "  chain id      {} ({})",
+            to_hex(&info.chain_id),
+            mark(chain_matches)
+        );
+        println!(
+            "  operator key  {} ({})",
+            to_hex(&info.operator_public_key),
+            mark(key_matches)
+        );
+        println!(
+            "  request frames up to {} bytes of payload",
+            info.frame_bytes_max
+        );
+        println!(
+            "  replies up to {} bytes of payload",
+            info.reply_payload_bytes_max
+        );
+        println!(
+            "  {} requests in flight per connection, {} headers per reply",
+            info.requests_in_flight_max, info.headers_per_reply_max
+        );
+    }
+    Ok(if chain_matches && key_matches {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn audit(

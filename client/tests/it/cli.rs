@@ -78,8 +78,9 @@ fn total_timeout_bounds_every_command_against_black_holes() {
 
     let budget_ms = 1_500u64;
     let budget = budget_ms.to_string();
-    let commands: [&[&str]; 4] = [
+    let commands: [&[&str]; 5] = [
         &["balance", SOMEONE],
+        &["info"],
         &[
             "transfer",
             "--key",
