@@ -46,6 +46,25 @@ pub fn store_options(config: &Config) -> StoreOptions {
     }
 }
 
+/// The client listener's limits: `[limits]` with the connection counts fitted to the
+/// descriptor limit.
+fn net_limits(config: &Config, sizing: &crate::limits::ConnectionSizing) -> NetLimits {
+    let limits = &config.limits;
+    NetLimits {
+        connections_max: sizing.connections_max,
+        connections_per_address_max: sizing.connections_per_address_max,
+        in_flight_max: limits.requests_in_flight_per_connection_max as usize,
+        frame_bytes_max: limits.frame_bytes_max,
+        reply_bytes_per_connection_max: limits.reply_bytes_per_connection_max as usize,
+        reply_bytes_total_max: limits.reply_bytes_total_max as usize,
+        handshake_timeout: limits.handshake_timeout(),
+        first_request_timeout: limits.first_request_timeout(),
+        frame_timeout: limits.frame_timeout(),
+        idle_timeout: limits.idle_timeout(),
+        write_timeout: limits.write_timeout(),
+    }
+}
+
 pub fn raft_dir(config: &Config) -> PathBuf {
     config.node.data_dir.join("raft")
 }
@@ -117,6 +136,8 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let archive_key = signing_key.clone();
     let operator = OperatorKey::new(signing_key);
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
+    // Before any database opens: the descriptor limit is raised, the connection limits fit it.
+    let sizing = crate::limits::connection_sizing(&config.limits);
     crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     // Finish (or roll back) a snapshot install a crash interrupted.
     tally_storage::recover_install(&ledger_dir(&config))
@@ -249,14 +270,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         archive_key,
         metrics.clone(),
     );
-    let limits = NetLimits {
-        connections_max: config.limits.connections_max as usize,
-        in_flight_max: config.limits.requests_in_flight_per_connection_max as usize,
-        frame_bytes_max: config.limits.frame_bytes_max,
-        handshake_timeout: config.limits.handshake_timeout(),
-        frame_timeout: config.limits.frame_timeout(),
-        idle_timeout: config.limits.idle_timeout(),
-    };
+    let limits = net_limits(&config, &sizing);
     // The HTTP endpoint outlives the client listener: /health answers while the last batch
     // drains, and /ready says 503.
     let (http_stop, http_stop_rx) = watch::channel(false);
@@ -279,6 +293,8 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             max_message_bytes: config.raft.max_message_bytes,
             snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
             storage: storage_tx.clone(),
+            connections_max: sizing.peer_connections_max,
+            handshake_timeout: config.limits.handshake_timeout(),
         });
         let senders = start_outbound(&settings, peer_client, raft_tx.clone(), stop_rx.clone());
         if !config.peers.is_empty() {
