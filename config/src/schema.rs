@@ -223,8 +223,9 @@ pub struct LimitsConfig {
     /// (16 MiB).
     pub reply_bytes_per_connection_max: u64,
     /// Bytes of replies all connections together may have reserved and not yet written. A
-    /// request that would pass it is answered `busy`. At least
-    /// `reply_bytes_per_connection_max`. Default: `268435456` (256 MiB).
+    /// request that would pass it is answered `busy`. A request frame larger than 64 KiB takes
+    /// its bytes from it while it arrives. At least `reply_bytes_per_connection_max` and
+    /// `frame_bytes_max + 20`. Default: `268435456` (256 MiB).
     pub reply_bytes_total_max: u64,
     /// Open client connections from one IPv4 address (or one IPv6 /64). At least `1`.
     /// Default: `64`.

@@ -20,6 +20,8 @@ const WORKERS: RangeInclusive<usize> = 1..=256;
 const REQUEST_FILTER_BYTES: RangeInclusive<usize> = 0..=1 << 30;
 const FRAME_BYTES_MAX: RangeInclusive<u32> = 1024..=16 * 1024 * 1024;
 const REPLY_BYTES_PER_CONNECTION_MIN: u64 = 1 << 20;
+/// A frame's header, before its payload (PROTOCOL.md §2; `tally_wire::FRAME_HEADER_BYTES`).
+const FRAME_HEADER_BYTES: u64 = 20;
 
 /// Length of an Ed25519 public key or a chain id, in bytes.
 const KEY_BYTES: usize = 32;
@@ -246,10 +248,13 @@ fn connection_limits(problems: &mut Problems, limits: &crate::LimitsConfig) {
         limits.reply_bytes_per_connection_max,
         REPLY_BYTES_PER_CONNECTION_MIN,
     );
+    // A frame larger than 64 KiB takes its bytes from the server's budget while it arrives.
     problems.at_least(
         "limits.reply_bytes_total_max",
         limits.reply_bytes_total_max,
-        limits.reply_bytes_per_connection_max,
+        limits
+            .reply_bytes_per_connection_max
+            .max(u64::from(limits.frame_bytes_max) + FRAME_HEADER_BYTES),
     );
     // Above `connections_max` it is simply never reached: not an error.
     problems.at_least(

@@ -232,6 +232,16 @@ async fn write_replies(
     let _ = tokio::time::timeout(write_timeout, wr.shutdown()).await;
 }
 
+/// Gives back the memory of a large frame once it was handled: the buffer returns to its
+/// usual size instead of keeping the largest frame's capacity for the connection's life.
+fn shrink(buf: &mut BytesMut) {
+    if buf.capacity() > 4 * READ_BUFFER_BYTES && buf.len() <= READ_BUFFER_BYTES {
+        let mut small = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        small.extend_from_slice(buf);
+        *buf = small;
+    }
+}
+
 /// One connection's reading side.
 struct Conn<'a> {
     shared: &'a Shared,
@@ -260,8 +270,9 @@ impl Conn<'_> {
         let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
         let mut requests_seen = false;
         let mut frame_started: Option<Instant> = None;
+        let mut large_frame = None;
         loop {
-            let Some(handled) = self.handle_frames(&mut buf).await else {
+            let Some((handled, frame_bytes)) = self.handle_frames(&mut buf).await else {
                 return;
             };
             requests_seen |= handled > 0;
@@ -275,6 +286,18 @@ impl Conn<'_> {
                 Some(start) => (Waiting::Frame, start + limits.frame_timeout),
                 None => (Waiting::Idle, Instant::now() + limits.idle_timeout),
             };
+            if handled > 0 {
+                large_frame = None;
+            }
+            if frame_bytes <= READ_BUFFER_BYTES {
+                large_frame = None;
+                shrink(&mut buf);
+            } else if large_frame.is_none() {
+                match self.hold_large_frame(frame_bytes, deadline).await {
+                    Ok(permit) => large_frame = Some(permit),
+                    Err(()) => return self.deadline_passed(waiting, true).await,
+                }
+            }
             buf.reserve(READ_BUFFER_BYTES);
             let read = tokio::time::timeout_at(deadline.into(), rd.read_buf(&mut buf));
             tokio::select! {
@@ -290,9 +313,24 @@ impl Conn<'_> {
         }
     }
 
-    /// Handles every whole frame in `buf`, consuming them; the number handled, or `None` when
-    /// the connection must close.
-    async fn handle_frames(&mut self, buf: &mut BytesMut) -> Option<usize> {
+    /// A frame larger than the read buffer holds server memory while it arrives: it takes its
+    /// bytes from the server's reply budget first, waiting (the reader stops) until `deadline`.
+    async fn hold_large_frame(
+        &self,
+        frame_bytes: usize,
+        deadline: Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ()> {
+        let n = u32::try_from(frame_bytes).expect("frames are capped far below 4 GiB");
+        let acquire = self.shared.reply_bytes.clone().acquire_many_owned(n);
+        match tokio::time::timeout_at(deadline.into(), acquire).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(()),
+        }
+    }
+
+    /// Handles every whole frame in `buf`, consuming them; the number handled and the size of
+    /// the frame under way (0 when none), or `None` when the connection must close.
+    async fn handle_frames(&mut self, buf: &mut BytesMut) -> Option<(usize, usize)> {
         let mut handled = 0;
         loop {
             let (decoded, correlation_id, used) =
@@ -300,7 +338,14 @@ impl Conn<'_> {
                     Ok(Decoded::Complete(frame, used)) => {
                         (Message::decode_request(&frame), frame.correlation_id, used)
                     }
-                    Ok(Decoded::Incomplete { .. }) => return Some(handled),
+                    Ok(Decoded::Incomplete { needed }) => {
+                        let under_way = if buf.is_empty() {
+                            0
+                        } else {
+                            buf.len() + needed
+                        };
+                        return Some((handled, under_way));
+                    }
                     Err(e) => {
                         // The stream is out of step: answer once (correlation id 0) and close.
                         self.answer_error(0, ErrorReply::from(&e)).await;

@@ -359,9 +359,10 @@ async fn serve_snapshot<S: AsyncWriteExt + Unpin>(
     };
     // The storage queue is bounded and its send blocks when full: never on a tokio worker.
     let storage = settings.storage.clone();
-    tokio::task::spawn_blocking(move || storage.send(dump))
-        .await?
-        .map_err(|_| anyhow!("the storage thread has stopped"))?;
+    let sent = tokio::task::spawn_blocking(move || storage.send(dump).is_ok()).await?;
+    if !sent {
+        bail!("the storage thread has stopped");
+    }
     let mut bytes = 0u64;
     while let Some(chunk) = rx.recv().await {
         bytes += chunk.len() as u64;

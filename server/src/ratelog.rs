@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use tracing_subscriber::EnvFilter;
+
 /// One call site's budget. Declare it `static` next to the line it guards.
 pub struct RateLog {
     interval_ms: u64,
@@ -71,9 +73,28 @@ macro_rules! rate_log {
     };
 }
 
+/// rustls logs (through the `log` crate, which `tracing` picks up) a WARN for every ClientHello
+/// that names an IP address as SNI, and similar lines anyone can trigger once per connection.
+/// Unless the operator's filter names rustls itself, only its errors pass.
+pub fn quiet_rustls(filter: EnvFilter, text: &str) -> EnvFilter {
+    if text.contains("rustls") {
+        return filter;
+    }
+    filter.add_directive("rustls=error".parse().expect("a valid directive"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rustls_is_quiet_unless_asked_for() {
+        let quiet = quiet_rustls(EnvFilter::new("info"), "info").to_string();
+        assert!(quiet.contains("rustls=error"), "{quiet}");
+        let asked = "info,rustls=debug";
+        let kept = quiet_rustls(EnvFilter::new(asked), asked).to_string();
+        assert!(!kept.contains("rustls=error"), "{kept}");
+    }
 
     #[test]
     fn one_line_per_interval_counting_the_rest() {

@@ -126,8 +126,10 @@ const CASES: &[(&str, &[&str])] = &[
     // A connection's reply budget holds the largest reply (263 KiB); the server's holds one
     // connection's.
     ("[limits]\nreply_bytes_per_connection_max = 1048575", &["limits.reply_bytes_per_connection_max"]),
-    ("[limits]\nreply_bytes_per_connection_max = 1048576\nreply_bytes_total_max = 1048576", &[]),
+    ("[limits]\nreply_bytes_per_connection_max = 1048576\nreply_bytes_total_max = 1048596", &[]),
     ("[limits]\nreply_bytes_total_max = 16777215", &["limits.reply_bytes_total_max"]),
+    // A large frame takes its bytes from the server's budget while it arrives.
+    ("[limits]\nframe_bytes_max = 16777216\nreply_bytes_total_max = 16777216", &["limits.reply_bytes_total_max"]),
     // [raft]
     ("[raft]\ntick_ms = 0", &["raft.tick_ms"]),
     ("[raft]\nelection_ticks = 2", &["raft.election_ticks"]),

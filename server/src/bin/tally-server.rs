@@ -169,13 +169,30 @@ fn load(path: &PathBuf, archive: Option<&String>) -> Result<Config> {
     config
         .validate()
         .map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
+    check_deposit_keys(&config).map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
     Ok(config)
+}
+
+/// Each deposit key must be a key that can sign (tally-config checks only its shape): with
+/// any other 32 bytes no deposit could ever be made.
+fn check_deposit_keys(config: &Config) -> Result<()> {
+    for (i, key) in config.deposit_keys_bytes().iter().enumerate() {
+        if !tally_core::validate::is_account_key(key) {
+            anyhow::bail!(
+                "operator.deposit_keys[{i}] = \"{}\": not an Ed25519 public key that can sign",
+                hex::encode(key)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The `tracing` filter `text` (from `source`, named in the error): an unusable filter stops
 /// the server rather than logging at some default.
 fn log_filter(text: &str, source: &str) -> Result<tracing_subscriber::EnvFilter> {
-    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| anyhow!("{source} = {text:?}: {e}"))
+    let filter = tracing_subscriber::EnvFilter::try_new(text)
+        .map_err(|e| anyhow!("{source} = {text:?}: {e}"))?;
+    Ok(tally_server::ratelog::quiet_rustls(filter, text))
 }
 
 /// `tally-server restore`: a one-shot command that exits 0 once the data directory is ready.

@@ -465,6 +465,97 @@ fn never_reading_pipeliners_are_held_to_the_reply_budgets() {
     });
 }
 
+/// The contract at the default limits: one connection that pipelines `GetHeaders` for 1,024
+/// headers (over a ledger of more than 1,024 batches, so every reply is 263 KiB) and never
+/// reads adds at most 256 MiB to RSS.
+#[test]
+fn one_never_reading_connection_at_the_default_limits_adds_at_most_256_mib() {
+    let rt = runtime();
+    let operator = Operator::new(|c| c.batch.batch_window_ms = 1);
+    let mut server = operator.start();
+    let (addr, profile) = (server.addr.parse().unwrap(), server.profile.clone());
+    rt.block_on(async {
+        // One batch per transfer: past 1,024 headers.
+        let history = GoodClient::start(&profile).await;
+        let start = Instant::now();
+        while history.confirmed.lock().unwrap().len() < 1100 {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "history took too long"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        history.stop().await;
+        let tls = connector(&profile);
+        let attack = async move {
+            let s = tls_from(source(2), addr, &tls, &profile).await.unwrap();
+            pipeline_headers(s).await;
+        };
+        let figures = under_attack(
+            &mut server,
+            "pipeliner-defaults",
+            Duration::from_secs(6),
+            attack,
+        )
+        .await;
+        let growth = figures.rss_peak.saturating_sub(figures.rss_before);
+        assert!(
+            growth <= 256 << 20,
+            "one never-reading connection added {growth} bytes of RSS"
+        );
+    });
+}
+
+/// Frame headers that announce 4 MiB payloads, 3 MiB of each sent, then nothing: while such a
+/// frame arrives it holds server-budget bytes, so thirty-two of them hold at most
+/// `reply_bytes_total_max` (the rest wait unread), where they would otherwise hold 96 MiB.
+#[test]
+fn large_partial_frames_are_held_to_the_server_budget() {
+    let rt = runtime();
+    let operator = Operator::new(|c| {
+        tight(c);
+        c.limits.frame_bytes_max = 4 << 20;
+        c.limits.frame_timeout_ms = 8000;
+    });
+    let mut server = operator.start();
+    let (addr, profile) = (server.addr.parse().unwrap(), server.profile.clone());
+    rt.block_on(async {
+        let tls = connector(&profile);
+        let attack = async move {
+            for i in 0..32u8 {
+                let s = tls_from(source(2 + i % 4), addr, &tls, &profile)
+                    .await
+                    .unwrap();
+                tokio::spawn(partial_frame(s, 4 << 20, 3 << 20));
+            }
+        };
+        let figures = under_attack(
+            &mut server,
+            "large-partial-frames",
+            Duration::from_secs(6),
+            attack,
+        )
+        .await;
+        let growth = figures.rss_peak.saturating_sub(figures.rss_before);
+        assert!(
+            growth <= REPLY_BYTES_TOTAL + RSS_SLACK_BYTES / 2,
+            "RSS grew by {growth} bytes, over the server budget {REPLY_BYTES_TOTAL} + slack"
+        );
+    });
+}
+
+/// Sends a frame header announcing `payload` bytes and `sent` of them, then holds the socket.
+async fn partial_frame(mut s: TlsStream<TcpStream>, payload: u32, sent: usize) {
+    let header = tally_wire::FrameHeader {
+        message_type: tally_wire::message_type::GET_STATUS,
+        correlation_id: 1,
+        payload_len: payload,
+    };
+    let _ = s.write_all(&header.encode()).await;
+    let _ = s.write_all(&vec![0u8; sent]).await;
+    std::future::pending::<()>().await;
+}
+
 /// The first frame of `message` with correlation id `id`.
 fn frame(message: &Message, id: u64) -> Vec<u8> {
     message.encode_frame(id)
