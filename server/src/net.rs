@@ -495,37 +495,7 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
                 snapshot_height: 0,
             },
         ),
-        Message::GetBalance { account, mode } => {
-            let leader = view.leader_id.load(Ordering::SeqCst);
-            if mode == ReadMode::Stale || leader == 0 {
-                // Stale reads on request, and degraded mode with no leader: this replica's
-                // applied state, marked stale, with the height it was read at.
-                let mode = ReadMode::Stale;
-                pipeline::read(
-                    pipeline,
-                    StorageCmd::Balance {
-                        account,
-                        mode,
-                        reply,
-                    },
-                )
-            } else if view.writable.load(Ordering::SeqCst) {
-                // Linearizable: served once a raft read index is applied.
-                let mode = ReadMode::Linearizable;
-                let cmd = StorageCmd::Balance {
-                    account,
-                    mode,
-                    reply,
-                };
-                if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Read { cmd }) {
-                    if let Some(reply) = e.into_inner().into_cmd_reply() {
-                        reply.busy("the raft queue", 20);
-                    }
-                }
-            } else {
-                reply.send(&Message::Error(view.not_writable()))
-            }
-        }
+        Message::GetBalance { account, mode } => read_balance(pipeline, account, mode, reply),
         Message::GetHeaders { from_height, limit } => pipeline::read(
             pipeline,
             StorageCmd::Headers {
@@ -552,5 +522,45 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
                 other.message_type()
             ),
         ),
+    }
+}
+
+/// A balance: stale reads from this replica's applied state, linearizable ones through a raft
+/// read index.
+fn read_balance(
+    pipeline: &PipelineHandle,
+    account: tally_wire::PublicKey,
+    mode: ReadMode,
+    reply: ReplyTo,
+) {
+    let view = &pipeline.view;
+    let leader = view.leader_id.load(Ordering::SeqCst);
+    if mode == ReadMode::Stale || leader == 0 {
+        // Stale reads on request, and degraded mode with no leader: this replica's
+        // applied state, marked stale, with the height it was read at.
+        let mode = ReadMode::Stale;
+        pipeline::read(
+            pipeline,
+            StorageCmd::Balance {
+                account,
+                mode,
+                reply,
+            },
+        )
+    } else if view.writable.load(Ordering::SeqCst) {
+        // Linearizable: served once a raft read index is applied.
+        let mode = ReadMode::Linearizable;
+        let cmd = StorageCmd::Balance {
+            account,
+            mode,
+            reply,
+        };
+        if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Read { cmd }) {
+            if let Some(reply) = e.into_inner().into_cmd_reply() {
+                reply.busy("the raft queue", 20);
+            }
+        }
+    } else {
+        reply.send(&Message::Error(view.not_writable()))
     }
 }
