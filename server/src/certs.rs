@@ -445,6 +445,21 @@ mod tests {
         );
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn data_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b/data");
+        crate::bootstrap::create_private_dir(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        // An existing directory keeps the mode its operator gave it.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        crate::bootstrap::create_private_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o750);
+    }
+
     #[test]
     fn renewal_refuses_what_it_must() {
         let tmp = tempfile::tempdir().unwrap();
