@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, KeypairBytes};
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
 use tally_wire::{Hash, PublicKey};
 
@@ -124,14 +124,20 @@ pub fn parse_hash(text: &str, what: &'static str) -> Result<Hash> {
     Ok(out)
 }
 
-/// Parses an Ed25519 public key from 64 hex characters, and checks that it is a point on the
-/// curve: a mistyped key that is not a key at all is caught here rather than after money moved.
+/// Parses an Ed25519 public key from 64 hex characters, and checks that it is a key that can
+/// sign (a canonical curve point not of small order; the rule servers apply to a recipient,
+/// PROTOCOL.md §4.1): a mistyped key that is not a key at all is caught here rather than
+/// refused by the server, or worse.
 pub fn parse_public_key(text: &str) -> Result<PublicKey> {
     let key = parse_hash(text, "public key")?;
-    VerifyingKey::from_bytes(&key).map_err(|_| Error::Invalid {
-        what: "public key",
-        reason: "not a valid Ed25519 public key".into(),
-    })?;
+    if !tally_core::validate::is_account_key(&key) {
+        return Err(Error::Invalid {
+            what: "public key",
+            reason: "not an Ed25519 public key that can sign (no curve point, a non-canonical \
+                     encoding, or a point of small order)"
+                .into(),
+        });
+    }
     Ok(key)
 }
 
@@ -235,7 +241,17 @@ mod tests {
         let key = public_key(&generate_key());
         assert_eq!(parse_public_key(&to_hex(&key)).unwrap(), key);
         assert_eq!(parse_public_key(&to_hex(&key).to_uppercase()).unwrap(), key);
-        for bad in ["", "00", &"zz".repeat(32), &"ab".repeat(33)] {
+        let small_order = "01".to_string() + &"00".repeat(31); // the identity
+        let no_point = "02".to_string() + &"00".repeat(31);
+        for bad in [
+            "",
+            "00",
+            &"zz".repeat(32),
+            &"ab".repeat(33),
+            &small_order,
+            &no_point,
+            &"00".repeat(32),
+        ] {
             assert!(parse_public_key(bad).is_err(), "{bad:?}");
         }
     }

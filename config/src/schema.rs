@@ -171,7 +171,8 @@ pub struct CacheConfig {
     /// demand. At least `1`. Default: `100000`.
     pub accounts_max: usize,
     /// Bytes of the in-memory filter over applied request ids, which answers "this id is new"
-    /// without reading LevelDB; rebuilt at start by scanning the request table. Rounded down to
+    /// without reading LevelDB; loaded at start from the file a clean stop saved, else rebuilt by
+    /// scanning the request table. Rounded down to
     /// a power of two; about 10 bits per applied request keep false positives near 1%, beyond
     /// that more lookups read LevelDB. `0` turns it off. Range `0..=1073741824`. Default:
     /// `16777216` (16 MiB, about 13 million requests).
@@ -303,7 +304,9 @@ pub struct RaftConfig {
     /// Bytes per chunk when a snapshot is streamed to a lagging replica. At least `1` and at
     /// most `limits.frame_bytes_max`, so that a chunk fits in one frame. Default: `1048576`.
     pub snapshot_chunk_bytes: u32,
-    /// Bytes: cap on one raft message between peers. At least `1`. Default: `4194304` (4 MiB).
+    /// Bytes: cap on one raft message between peers; the sender puts at most a quarter of it in
+    /// one append, plus one whole batch, so it must be at least twice the largest batch entry
+    /// (`1220 + 288 × batch.batch_requests_max`). Default: `8388608` (8 MiB).
     pub max_message_bytes: u64,
 }
 

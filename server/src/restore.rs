@@ -106,7 +106,7 @@ async fn apply_archive(
         bail!("the archive holds {size} batches; cannot restore to height {target}");
     }
     let dir = ledger_dir(config);
-    std::fs::create_dir_all(&config.node.data_dir)?;
+    crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     let mut store = LedgerDb::open(&dir, store_options(config))
         .with_context(|| format!("creating the ledger in {}", dir.display()))?;
     let mut meta = store.meta()?;
