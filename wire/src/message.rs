@@ -133,6 +133,32 @@ pub struct InfoReply {
     pub headers_per_reply_max: u16,
 }
 
+impl InfoReply {
+    fn write(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&self.chain_id);
+        out.extend_from_slice(&self.operator_public_key);
+        out.extend_from_slice(&self.node_id.to_le_bytes());
+        out.extend_from_slice(&self.frame_bytes_max.to_le_bytes());
+        out.extend_from_slice(&self.reply_payload_bytes_max.to_le_bytes());
+        out.extend_from_slice(&self.requests_in_flight_max.to_le_bytes());
+        out.extend_from_slice(&self.headers_per_reply_max.to_le_bytes());
+        assert_eq!(out.len() - start, INFO_BYTES);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<InfoReply, WireError> {
+        Ok(InfoReply {
+            chain_id: r.array("info.chain_id")?,
+            operator_public_key: r.array("info.operator_public_key")?,
+            node_id: r.u64("info.node_id")?,
+            frame_bytes_max: r.u32("info.frame_bytes_max")?,
+            reply_payload_bytes_max: r.u32("info.reply_payload_bytes_max")?,
+            requests_in_flight_max: r.u32("info.requests_in_flight_max")?,
+            headers_per_reply_max: r.u16("info.headers_per_reply_max")?,
+        })
+    }
+}
+
 /// Every message, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -235,17 +261,7 @@ impl Message {
                 out.push(s.archive_height.is_some() as u8);
                 out.extend_from_slice(&s.archive_height.unwrap_or(0).to_le_bytes());
             }
-            Message::Info(i) => {
-                let start = out.len();
-                out.extend_from_slice(&i.chain_id);
-                out.extend_from_slice(&i.operator_public_key);
-                out.extend_from_slice(&i.node_id.to_le_bytes());
-                out.extend_from_slice(&i.frame_bytes_max.to_le_bytes());
-                out.extend_from_slice(&i.reply_payload_bytes_max.to_le_bytes());
-                out.extend_from_slice(&i.requests_in_flight_max.to_le_bytes());
-                out.extend_from_slice(&i.headers_per_reply_max.to_le_bytes());
-                assert_eq!(out.len() - start, INFO_BYTES);
-            }
+            Message::Info(i) => i.write(out),
         }
     }
 
@@ -329,41 +345,37 @@ impl Message {
                 }
                 Message::Headers(headers)
             }
-            STATUS => Message::Status(Box::new(StatusReply {
-                node_id: r.u64("status.node_id")?,
-                role: r.u8("status.role")?,
-                term: r.u64("status.term")?,
-                leader_id: r.u64("status.leader_id")?,
-                commit_index: r.u64("status.commit_index")?,
-                applied_index: r.u64("status.applied_index")?,
-                applied_height: r.u64("status.applied_height")?,
-                writable: read_bool(&mut r, "status.writable")?,
-                leader_client_address: r.string("status.leader_client_address")?,
-                latest_header: if read_bool(&mut r, "status.has_header")? {
-                    Some(SignedHeader::read(&mut r)?)
-                } else {
-                    None
-                },
-                archive_height: {
-                    let present = read_bool(&mut r, "status.has_archive")?;
-                    let height = r.u64("status.archive_height")?;
-                    present.then_some(height)
-                },
-            })),
-            INFO => Message::Info(Box::new(InfoReply {
-                chain_id: r.array("info.chain_id")?,
-                operator_public_key: r.array("info.operator_public_key")?,
-                node_id: r.u64("info.node_id")?,
-                frame_bytes_max: r.u32("info.frame_bytes_max")?,
-                reply_payload_bytes_max: r.u32("info.reply_payload_bytes_max")?,
-                requests_in_flight_max: r.u32("info.requests_in_flight_max")?,
-                headers_per_reply_max: r.u16("info.headers_per_reply_max")?,
-            })),
+            STATUS => Message::Status(Box::new(read_status(&mut r)?)),
+            INFO => Message::Info(Box::new(InfoReply::read(&mut r)?)),
             other => return Err(WireError::UnknownMessageType { found: other }),
         };
         r.finish()?;
         Ok(message)
     }
+}
+
+fn read_status(r: &mut Reader<'_>) -> Result<StatusReply, WireError> {
+    Ok(StatusReply {
+        node_id: r.u64("status.node_id")?,
+        role: r.u8("status.role")?,
+        term: r.u64("status.term")?,
+        leader_id: r.u64("status.leader_id")?,
+        commit_index: r.u64("status.commit_index")?,
+        applied_index: r.u64("status.applied_index")?,
+        applied_height: r.u64("status.applied_height")?,
+        writable: read_bool(r, "status.writable")?,
+        leader_client_address: r.string("status.leader_client_address")?,
+        latest_header: if read_bool(r, "status.has_header")? {
+            Some(SignedHeader::read(r)?)
+        } else {
+            None
+        },
+        archive_height: {
+            let present = read_bool(r, "status.has_archive")?;
+            let height = r.u64("status.archive_height")?;
+            present.then_some(height)
+        },
+    })
 }
 
 fn read_bool(r: &mut Reader<'_>, field: &'static str) -> Result<bool, WireError> {
