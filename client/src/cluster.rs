@@ -373,6 +373,13 @@ impl ClusterClient {
             .await
     }
 
+    /// What a replica tells about the ledger and its limits (see [`Client::info`]).
+    pub async fn info(&self) -> Result<tally_wire::InfoReply> {
+        self.inner
+            .run(Kind::Read, |client| async move { client.info().await })
+            .await
+    }
+
     /// Every replica's status, asked concurrently over fresh connections, in profile order. An
     /// unreachable replica costs one `call_timeout`, not one per replica.
     pub async fn status_all(&self) -> Vec<(ReplicaAddress, Result<StatusReply>)> {

@@ -15,8 +15,8 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tally_wire::{
-    decode_frame, BalanceReply, Confirmation, Decoded, Message, PublicKey, RawFrame, ReadMode,
-    Request, SignedHeader, StatusReply, WireError, FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
+    decode_frame, BalanceReply, Confirmation, Decoded, InfoReply, Message, PublicKey, RawFrame,
+    ReadMode, Request, SignedHeader, StatusReply, WireError, FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
@@ -331,6 +331,16 @@ impl Client {
         match self.call(Message::GetStatus).await? {
             Message::Status(s) => Ok(*s),
             other => Err(unexpected("Status", &other)),
+        }
+    }
+
+    /// The ledger's chain id, the operator key the replica signs with, and its frame and
+    /// message size limits (`GetInfo`; a replica older than it answers
+    /// `unknown_message_type`).
+    pub async fn info(&self) -> Result<InfoReply> {
+        match self.call(Message::GetInfo).await? {
+            Message::Info(info) => Ok(*info),
+            other => Err(unexpected("Info", &other)),
         }
     }
 

@@ -51,7 +51,8 @@ pub use confirmation::{
 pub use connection::{tls_connect, Client, DEFAULT_TIMEOUT, OUTGOING_FRAMES_MAX};
 pub use error::{retry_name, Error, Result};
 pub use keys::{
-    generate_key, load_key, parse_hash, parse_public_key, public_key, to_hex, write_key,
+    check_private_file, generate_key, key_pem, load_key, parse_hash, parse_public_key, public_key,
+    to_hex, write_key,
 };
 pub use profile::{Profile, ReplicaAddress};
 

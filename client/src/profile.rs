@@ -16,7 +16,7 @@ use crate::{Error, Result};
 /// chain_id = "<64 hex>"
 /// operator_public_key = "<64 hex>"
 /// ca_cert = "/abs/path/ca.pem"           # PEM CA certificate the client trusts
-/// server_name = "localhost"              # TLS server name to verify
+/// server_name = "ledger.tally"           # TLS server name to verify (default "localhost")
 /// deposit_key = "/abs/path/deposit.key"  # optional: PKCS#8 PEM Ed25519 key that signs deposits
 ///
 /// [[replicas]]
@@ -24,7 +24,7 @@ use crate::{Error, Result};
 /// address = "127.0.0.1:7400"
 /// ```
 ///
-/// [`Profile::load`] resolves relative paths against the profile's own directory and checks the
+/// PROTOCOL.md §5.3 documents every key. [`Profile::load`] resolves relative paths against the profile's own directory and checks the
 /// hex fields, so a loaded profile's [`Profile::chain_id_bytes`] and
 /// [`Profile::operator_key`] cannot fail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

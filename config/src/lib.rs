@@ -33,14 +33,15 @@
 //! - `node.chain_id` and `operator.deposit_keys` are checked for shape (32 bytes as hex) only.
 //!   Whether a deposit key is a valid Ed25519 point is checked by the server when it loads the
 //!   keys; this crate has no cryptography dependency.
-//! - Paths are not checked for existence, and `log.level` is only checked to be non-empty: its
-//!   syntax belongs to `tracing-subscriber`, which the server applies.
+//! - Paths are not checked for existence. `log.level` is checked for what an operator gets
+//!   wrong (an unknown level name), not for every corner of `tracing-subscriber`'s syntax.
 //! - TOML integers are signed 64-bit, so a `u64` or `usize` above `i64::MAX` cannot be written;
 //!   [`Config::to_toml_string`] panics on such a value, or on a path that is not UTF-8. Neither
 //!   can come from parsing, only from a `Config` built in code.
 
 mod archive;
 mod error;
+mod log;
 mod schema;
 mod validate;
 
@@ -273,8 +274,19 @@ fn parse_error(text: &str, error: &serde_path_to_error::Error<toml::de::Error>) 
     }
     // Multi-line messages (syntax errors add what was expected) go on one line, so that
     // `ConfigErrors` stays one error per line.
-    let message = inner.message().lines().collect::<Vec<_>>().join("; ");
+    let mut message = inner.message().lines().collect::<Vec<_>>().join("; ");
     let mut value = String::new();
+    if key.is_empty() {
+        // The TOML parser itself fails on a value it cannot represent (an integer beyond
+        // 64 bits), before serde knows the key: find the key from the text.
+        if let Some((found, written)) = inner.span().and_then(|span| key_at(text, span.start)) {
+            key = found;
+            value = written;
+            if message.starts_with("number too large") {
+                message.push_str(" (TOML integers are signed 64-bit: at most 9223372036854775807)");
+            }
+        }
+    }
     if let Some(field) = backticked(&message, "missing field `") {
         // serde reports a missing field at the enclosing table; name the field itself.
         key = if key.is_empty() {
@@ -282,7 +294,7 @@ fn parse_error(text: &str, error: &serde_path_to_error::Error<toml::de::Error>) 
         } else {
             format!("{key}.{field}")
         };
-    } else if !key.is_empty() && !message.starts_with("unknown field") {
+    } else if !key.is_empty() && value.is_empty() && !message.starts_with("unknown field") {
         // A wrong type or value: show what was written, when it is short enough to read.
         if let Some(written) = inner.span().and_then(|span| text.get(span)) {
             if !written.contains('\n') && written.len() <= 80 {
@@ -298,6 +310,46 @@ fn parse_error(text: &str, error: &serde_path_to_error::Error<toml::de::Error>) 
         None => message,
     };
     ConfigError::new(key, value, problem)
+}
+
+/// The dotted key whose value starts at or spans byte `offset` of `text`, and the value as
+/// written (when it is short), if `offset` is in the value of a `key = value` line. The table
+/// is the last `[header]` above it; in the `n`-th `[[array]]` table it is `array[n]`.
+fn key_at(text: &str, offset: usize) -> Option<(String, String)> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |i| line_start + i);
+    let line = &text[line_start..line_end];
+    let (name, written) = line.split_once('=')?;
+    if line_start + name.len() >= offset {
+        return None; // the error is in the key or before the `=`, not in the value
+    }
+    let name = name.trim();
+    if name.is_empty() || name.starts_with('[') || name.starts_with('#') {
+        return None;
+    }
+    let mut table = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
+    for header in text[..line_start].lines().map(str::trim) {
+        if let Some(array) = header.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
+            let array = array.trim().to_owned();
+            let n = arrays.entry(array.clone()).or_insert(0);
+            table = format!("{array}[{n}]");
+            *n += 1;
+        } else if let Some(name) = header.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            table = name.trim().to_owned();
+        }
+    }
+    let key = if table.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{table}.{name}")
+    };
+    let written = written.split('#').next().unwrap_or_default().trim();
+    let written = if written.len() <= 80 { written } else { "" };
+    Some((key, written.to_owned()))
 }
 
 /// The text between `prefix` and the next backtick, e.g. the field of "missing field `x`".

@@ -171,7 +171,8 @@ pub struct CacheConfig {
     /// demand. At least `1`. Default: `100000`.
     pub accounts_max: usize,
     /// Bytes of the in-memory filter over applied request ids, which answers "this id is new"
-    /// without reading LevelDB; rebuilt at start by scanning the request table. Rounded down to
+    /// without reading LevelDB; loaded at start from the file a clean stop saved, else rebuilt by
+    /// scanning the request table. Rounded down to
     /// a power of two; about 10 bits per applied request keep false positives near 1%, beyond
     /// that more lookups read LevelDB. `0` turns it off. Range `0..=1073741824`. Default:
     /// `16777216` (16 MiB, about 13 million requests).
@@ -194,7 +195,7 @@ pub struct LimitsConfig {
     /// Bytes: the largest payload one frame may carry; a larger length prefix is rejected
     /// before anything is allocated. Range `1024..=16777216`. Default: `1048576` (1 MiB).
     pub frame_bytes_max: u32,
-    /// Open client connections; further connections wait for a free slot. At least `1`.
+    /// Open client connections; a connection beyond it is closed at once. At least `1`.
     /// Default: `1024`.
     pub connections_max: u32,
     /// Requests one connection may have unanswered at once. At least `1`. Default: `4096`.
@@ -202,14 +203,36 @@ pub struct LimitsConfig {
     /// Bound of each pipeline queue; a request meeting a full queue is answered "busy".
     /// At least `1`. Default: `65536`.
     pub queue_depth_max: u32,
-    /// Milliseconds a TLS handshake may take. At least `1`. Default: `5000`.
+    /// Milliseconds a TLS handshake may take, on the client port and on the peer port (the
+    /// peer's hello included). At least `1`. Default: `5000`.
     pub handshake_timeout_ms: u64,
-    /// Milliseconds within which a frame that started arriving must finish. At least `1`.
-    /// Default: `10000`.
+    /// Milliseconds after the TLS handshake within which the first whole request must have
+    /// arrived; a connection that sends none is closed. At least `1`. Default: `10000`.
+    pub first_request_timeout_ms: u64,
+    /// Milliseconds within which a whole frame must arrive, counted from its first byte (a
+    /// deadline for the frame, not for each read). At least `1`. Default: `10000`.
     pub frame_timeout_ms: u64,
-    /// Milliseconds after which a connection with nothing in flight and no bytes arriving is
+    /// Milliseconds after which a connection with no bytes arriving and no frame under way is
     /// closed. At least `1`. Default: `300000` (5 minutes).
     pub idle_timeout_ms: u64,
+    /// Milliseconds one reply may take to be written to the socket; a client that does not
+    /// read for this long is closed. At least `1`. Default: `10000`.
+    pub write_timeout_ms: u64,
+    /// Bytes of replies one connection may have reserved and not yet written (each request
+    /// reserves its largest possible reply before it is handled). Over it the connection reads
+    /// no further request until the client reads. At least `1048576`. Default: `16777216`
+    /// (16 MiB).
+    pub reply_bytes_per_connection_max: u64,
+    /// Bytes of replies all connections together may have reserved and not yet written. A
+    /// request that would pass it is answered `busy`. A request frame larger than 64 KiB takes
+    /// its bytes from it while it arrives. At least `reply_bytes_per_connection_max` and
+    /// `frame_bytes_max + 20`. Default: `268435456` (256 MiB).
+    pub reply_bytes_total_max: u64,
+    /// Open client connections from one IPv4 address (or one IPv6 /64). At least `1`.
+    /// Default: `64`.
+    pub connections_per_address_max: u32,
+    /// Open connections on the peer port, authenticated or not. At least `1`. Default: `64`.
+    pub peer_connections_max: u32,
 }
 
 impl Default for LimitsConfig {
@@ -220,8 +243,14 @@ impl Default for LimitsConfig {
             requests_in_flight_per_connection_max: 4096,
             queue_depth_max: 65_536,
             handshake_timeout_ms: 5_000,
+            first_request_timeout_ms: 10_000,
             frame_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
+            write_timeout_ms: 10_000,
+            reply_bytes_per_connection_max: 16 << 20,
+            reply_bytes_total_max: 256 << 20,
+            connections_per_address_max: 64,
+            peer_connections_max: 64,
         }
     }
 }
@@ -240,6 +269,16 @@ impl LimitsConfig {
     /// `idle_timeout_ms` as a [`Duration`].
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// `first_request_timeout_ms` as a [`Duration`].
+    pub fn first_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_request_timeout_ms)
+    }
+
+    /// `write_timeout_ms` as a [`Duration`].
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 }
 
@@ -265,7 +304,9 @@ pub struct RaftConfig {
     /// Bytes per chunk when a snapshot is streamed to a lagging replica. At least `1` and at
     /// most `limits.frame_bytes_max`, so that a chunk fits in one frame. Default: `1048576`.
     pub snapshot_chunk_bytes: u32,
-    /// Bytes: cap on one raft message between peers. At least `1`. Default: `4194304` (4 MiB).
+    /// Bytes: cap on one raft message between peers; the sender puts at most a quarter of it in
+    /// one append, plus one whole batch, so it must be at least twice the largest batch entry
+    /// (`1220 + 288 × batch.batch_requests_max`). Default: `8388608` (8 MiB).
     pub max_message_bytes: u64,
 }
 

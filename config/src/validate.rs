@@ -19,6 +19,9 @@ const BATCH_IN_FLIGHT_MAX: RangeInclusive<u32> = 1..=64;
 const WORKERS: RangeInclusive<usize> = 1..=256;
 const REQUEST_FILTER_BYTES: RangeInclusive<usize> = 0..=1 << 30;
 const FRAME_BYTES_MAX: RangeInclusive<u32> = 1024..=16 * 1024 * 1024;
+const REPLY_BYTES_PER_CONNECTION_MIN: u64 = 1 << 20;
+/// A frame's header, before its payload (PROTOCOL.md §2; `tally_wire::FRAME_HEADER_BYTES`).
+const FRAME_HEADER_BYTES: u64 = 20;
 
 /// Length of an Ed25519 public key or a chain id, in bytes.
 const KEY_BYTES: usize = 32;
@@ -49,8 +52,8 @@ pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
     sizes(&mut problems, config);
     raft(&mut problems, config);
     archive(&mut problems, config);
-    if config.log.level.trim().is_empty() {
-        problems.push("log.level", quoted(&config.log.level), "must not be empty");
+    if let Err(problem) = crate::log::check_log_level(&config.log.level) {
+        problems.push("log.level", quoted(&config.log.level), problem);
     }
     problems.0
 }
@@ -227,6 +230,43 @@ fn sizes(problems: &mut Problems, config: &Config) {
     );
     problems.at_least("limits.frame_timeout_ms", limits.frame_timeout_ms, 1);
     problems.at_least("limits.idle_timeout_ms", limits.idle_timeout_ms, 1);
+    connection_limits(problems, limits);
+}
+
+/// The per-connection, per-address and peer-port limits of issue 17.
+fn connection_limits(problems: &mut Problems, limits: &crate::LimitsConfig) {
+    problems.at_least(
+        "limits.first_request_timeout_ms",
+        limits.first_request_timeout_ms,
+        1,
+    );
+    problems.at_least("limits.write_timeout_ms", limits.write_timeout_ms, 1);
+    // The largest reply (1,024 signed headers) is about 263 KiB: a connection's budget must
+    // hold one, or a request for it could never be handled.
+    problems.at_least(
+        "limits.reply_bytes_per_connection_max",
+        limits.reply_bytes_per_connection_max,
+        REPLY_BYTES_PER_CONNECTION_MIN,
+    );
+    // A frame larger than 64 KiB takes its bytes from the server's budget while it arrives.
+    problems.at_least(
+        "limits.reply_bytes_total_max",
+        limits.reply_bytes_total_max,
+        limits
+            .reply_bytes_per_connection_max
+            .max(u64::from(limits.frame_bytes_max) + FRAME_HEADER_BYTES),
+    );
+    // Above `connections_max` it is simply never reached: not an error.
+    problems.at_least(
+        "limits.connections_per_address_max",
+        limits.connections_per_address_max,
+        1,
+    );
+    problems.at_least(
+        "limits.peer_connections_max",
+        limits.peer_connections_max,
+        1,
+    );
 }
 
 fn raft(problems: &mut Problems, config: &Config) {

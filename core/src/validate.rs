@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use curve25519_dalek::edwards::CompressedEdwardsY;
 use tally_wire::{ErrorCode, Hash, Op, PublicKey, Request};
 
 use crate::crypto::{verify_request, KeyCache};
@@ -15,8 +16,10 @@ pub struct StatelessRules {
 }
 
 impl StatelessRules {
-    /// Checks the chain id, who may sign what, and the Ed25519 signature (strict). The layout
-    /// (domain tag, reserved bytes, amount, op) was already checked by the wire decoder.
+    /// Checks the chain id, who may sign what, that the credited account is a key that can sign,
+    /// and the Ed25519 signature (strict), in this order: the first failure is the answer
+    /// (PROTOCOL.md §5.2). The layout (domain tag, reserved bytes, amount, op, the all-zero and
+    /// self-transfer rules on `to`) was already checked by the wire decoder.
     pub fn check(&self, request: &Request) -> Result<(), Rejection> {
         self.check_signed(request, verify_request)
     }
@@ -41,6 +44,13 @@ impl StatelessRules {
                 "deposits must be signed by an operator deposit key",
             ));
         }
+        if request.op != Op::Withdraw && !is_account_key(&request.to) {
+            return Err(Rejection::new(
+                ErrorCode::MalformedRequest,
+                "the recipient (to) is not a usable Ed25519 public key: funds sent there could \
+                 never be spent",
+            ));
+        }
         Ok(())
     }
 
@@ -63,4 +73,17 @@ pub fn bad_signature() -> Rejection {
         ErrorCode::BadSignature,
         "the signature does not verify (strict Ed25519)",
     )
+}
+
+/// Whether `key` can own an account: the canonical encoding of a curve point that is not of
+/// small order, i.e. a key whose holder can make signatures strict verification accepts (§6).
+/// Funds credited to any other 32 bytes could never move again. Pure arithmetic on the bytes,
+/// so every replica decides alike.
+pub fn is_account_key(key: &PublicKey) -> bool {
+    let Some(point) = CompressedEdwardsY(*key).decompress() else {
+        return false;
+    };
+    // `decompress` also takes non-canonical encodings (y ≥ p, or x = 0 with the sign bit set);
+    // an account is its key's bytes, and a signer's key bytes are always the canonical ones.
+    point.compress().to_bytes() == *key && !point.is_small_order()
 }

@@ -1,35 +1,81 @@
 //! The client listener: TLS over TCP, one tokio task per connection reading frames and one
 //! writing answers, with many requests in flight matched by correlation id.
 //!
-//! Limits: `connections_max` open connections (beyond it a new connection is closed at once);
-//! `requests_in_flight_per_connection_max` unanswered requests per connection (beyond it the
-//! reader stops reading, which pushes back through TCP); deadlines for the TLS handshake, for a
-//! frame that has started arriving, and for an idle connection.
+//! Limits (decided in `limits.rs`, applied here):
+//! - connections: `connections_max` open, `connections_per_address_max` from one address; a
+//!   connection beyond either is closed at once. `accept` failing for want of descriptors
+//!   pauses the listener for [`ACCEPT_PAUSE_MS`].
+//! - memory: each request reserves its largest reply before it is handled, from its
+//!   connection's budget (`reply_bytes_per_connection_max`: when spent the reader stops reading,
+//!   which pushes back through TCP) and from the server's (`reply_bytes_total_max`: when spent
+//!   the request is answered `busy`); `requests_in_flight_per_connection_max` likewise. The
+//!   reservation is returned once the reply was written. The read buffer holds at most one
+//!   frame and one read.
+//! - time: deadlines for the TLS handshake, for the first request after it, for each whole
+//!   frame from its first byte, for an idle connection, and for each reply to be written (a
+//!   client that does not read is closed).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally_wire::{decode_frame, Decoded, ErrorCode, ErrorReply, Message, ReadMode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, BytesMut};
+use tally_wire::{decode_frame, Decoded, ErrorCode, ErrorReply, Message, ReadMode, WireError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::limits::{
+    is_out_of_descriptors, reply_bytes_bound, AddressLimit, ReplyBudget, Reserved,
+    SMALL_REPLY_BYTES_MAX,
+};
 use crate::pipeline::{self, Job, Outgoing, PipelineHandle, ReplyTo, StorageCmd};
+use crate::rate_log;
+use crate::ratelog::{RateLog, RATE_LOG_INTERVAL_MS};
 use crate::replication::RaftEvent;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bytes a connection's writer gathers before handing them to TLS (each flush sends sooner).
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Bytes the reader asks the socket for at a time (the buffer grows only for a larger frame).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// How long the listener stops accepting after `accept` failed for want of descriptors.
+pub const ACCEPT_PAUSE_MS: u64 = 100;
+/// How long a closing connection waits for answers still in the pipeline.
+const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a client whose request met a spent server reply budget is told to wait.
+const REPLY_BUDGET_RETRY_MS: u32 = 100;
+
+static REFUSED_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
+static ACCEPT_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
+static HANDSHAKE_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
+static DEADLINE_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
+static BUDGET_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
 
 #[derive(Clone, Debug)]
 pub struct NetLimits {
     pub connections_max: usize,
+    pub connections_per_address_max: usize,
     pub in_flight_max: usize,
     pub frame_bytes_max: u32,
+    pub reply_bytes_per_connection_max: usize,
+    pub reply_bytes_total_max: usize,
     pub handshake_timeout: Duration,
+    pub first_request_timeout: Duration,
     pub frame_timeout: Duration,
     pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+/// What every connection of one listener shares.
+struct Shared {
+    acceptor: TlsAcceptor,
+    pipeline: PipelineHandle,
+    limits: NetLimits,
+    connections: Arc<Semaphore>,
+    addresses: Arc<AddressLimit>,
+    reply_bytes: Arc<Semaphore>,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -40,152 +86,351 @@ pub async fn serve(
     limits: NetLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(limits.connections_max));
+    let shared = Arc::new(Shared {
+        acceptor,
+        pipeline,
+        connections: Arc::new(Semaphore::new(limits.connections_max)),
+        addresses: AddressLimit::new(limits.connections_per_address_max),
+        reply_bytes: Arc::new(Semaphore::new(limits.reply_bytes_total_max)),
+        limits,
+    });
     loop {
         tokio::select! {
             biased;
             _ = shutdown.changed() => return,
-            accepted = listener.accept() => {
-                let Ok((stream, _peer)) = accepted else { continue };
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    tracing::debug!("connection refused: connections_max reached");
-                    pipeline.metrics.connections_refused_total.inc();
-                    drop(stream);
-                    continue;
-                };
-                let (acceptor, pipeline, limits, shutdown) =
-                    (acceptor.clone(), pipeline.clone(), limits.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    let open = pipeline.metrics.connections_open.clone();
-                    open.inc();
-                    connection(stream, acceptor, pipeline, limits, shutdown).await;
-                    open.dec();
-                    drop(permit);
-                });
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => admit(&shared, stream, peer, &shutdown),
+                Err(e) if is_out_of_descriptors(&e) => {
+                    rate_log!(ACCEPT_LOG, warn, "accept failed ({e}); pausing accepts for {ACCEPT_PAUSE_MS} ms");
+                    tokio::time::sleep(Duration::from_millis(ACCEPT_PAUSE_MS)).await;
+                }
+                Err(e) => rate_log!(ACCEPT_LOG, debug, "accept failed: {e}"),
+            },
         }
     }
 }
 
-async fn connection(
+/// Starts a connection's task, or closes the connection at once when its address or the
+/// listener is at its limit.
+fn admit(
+    shared: &Arc<Shared>,
     stream: TcpStream,
-    acceptor: TlsAcceptor,
-    pipeline: PipelineHandle,
-    limits: NetLimits,
-    mut shutdown: watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+    shutdown: &watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        _ => return,
+    let metrics = &shared.pipeline.metrics;
+    let Some(slot) = shared.addresses.try_enter(peer.ip()) else {
+        rate_log!(REFUSED_LOG, info, %peer, "connection refused: limits.connections_per_address_max reached");
+        metrics.connections_refused_total.inc();
+        return;
     };
-    let (mut rd, wr) = tokio::io::split(tls);
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(limits.in_flight_max);
-    // Cleared by the stateless stage when this connection sends a bad signature with a nonce
-    // hint: from then on its hints are ignored (strict checks only), so that one connection
-    // cannot keep spoiling batch equations that other connections' requests share.
-    let hints = Arc::new(AtomicBool::new(true));
-    let permits = Arc::new(Semaphore::new(limits.in_flight_max));
-    let writer = tokio::spawn(async move {
-        // tokio-rustls seals and sends a TLS record on every write; buffering here makes the
-        // coalesced frames below one record (of up to 16 KiB) and one syscall per buffer
-        // instead of one each per confirmation.
-        let mut wr = tokio::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
-        while let Some(out) = rx.recv().await {
-            if wr.write_all(&out.bytes).await.is_err() {
-                return;
-            }
-            drop(out);
-            // Coalesce whatever else is ready into the same TLS flush.
-            while let Ok(out) = rx.try_recv() {
-                if wr.write_all(&out.bytes).await.is_err() {
-                    return;
-                }
-            }
-            if wr.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = wr.shutdown().await;
+    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+        rate_log!(REFUSED_LOG, info, %peer, "connection refused: limits.connections_max reached");
+        metrics.connections_refused_total.inc();
+        return;
+    };
+    let (shared, shutdown) = (Arc::clone(shared), shutdown.clone());
+    tokio::spawn(async move {
+        let open = shared.pipeline.metrics.connections_open.clone();
+        open.inc();
+        connection(stream, &shared, shutdown).await;
+        open.dec();
+        drop((permit, slot));
     });
+}
 
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    'conn: loop {
-        // Handle every whole frame in the buffer.
+async fn connection(stream: TcpStream, shared: &Shared, shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let limits = &shared.limits;
+    let accept = shared.acceptor.accept(stream);
+    let tls = match tokio::time::timeout(limits.handshake_timeout, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            rate_log!(HANDSHAKE_LOG, debug, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            rate_log!(DEADLINE_LOG, debug, "closed: handshake_timeout_ms passed");
+            return;
+        }
+    };
+    let (rd, wr) = tokio::io::split(tls);
+    let (tx, rx) = mpsc::channel::<Outgoing>(limits.in_flight_max);
+    let writer = tokio::spawn(write_replies(wr, rx, limits.write_timeout));
+    let budget = ReplyBudget::new(
+        limits.in_flight_max,
+        limits.reply_bytes_per_connection_max,
+        shared.reply_bytes.clone(),
+    );
+    let mut conn = Conn {
+        shared,
+        tx,
+        budget,
+        // Cleared by the stateless stage when this connection sends a bad signature with a
+        // nonce hint: from then on its hints are ignored (strict checks only), so that one
+        // connection cannot keep spoiling batch equations that other connections' requests
+        // share.
+        hints: Arc::new(AtomicBool::new(true)),
+    };
+    conn.read_requests(rd, shutdown).await;
+    // Let answers still in the pipeline reach the client, then close. Pending answers hold
+    // in-flight permits; once all are back (or dropped) the writer finishes.
+    let Conn { tx, budget, .. } = conn;
+    drop(tx);
+    budget.drained(CLOSE_DRAIN_TIMEOUT).await;
+    let _ = writer.await;
+}
+
+/// Writes replies as they come; a reply the socket does not take within `write_timeout` closes
+/// the connection (the client does not read), which drops every reply still queued and so
+/// returns their reservations.
+async fn write_replies(
+    wr: WriteHalf<TlsStream<TcpStream>>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    write_timeout: Duration,
+) {
+    // tokio-rustls seals and sends a TLS record on every write; buffering here makes the
+    // coalesced frames below one record (of up to 16 KiB) and one syscall per buffer instead
+    // of one each per confirmation.
+    let mut wr = tokio::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
+    while let Some(mut out) = rx.recv().await {
         loop {
-            match decode_frame(&buf, limits.frame_bytes_max) {
-                Ok(Decoded::Complete(frame, used)) => {
-                    buf.drain(..used);
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        break 'conn;
-                    };
-                    let reply = ReplyTo {
-                        tx: tx.clone(),
-                        correlation_id: frame.correlation_id,
-                        permit,
-                        received: Instant::now(),
-                        metrics: pipeline.metrics.clone(),
-                    };
-                    match Message::decode(&frame) {
-                        Ok(message) => dispatch(&pipeline, message, reply, &hints),
-                        Err(e) => reply.send(&Message::Error(ErrorReply::from(&e))),
-                    }
-                }
-                Ok(Decoded::Incomplete { .. }) => break,
-                Err(e) => {
-                    // The stream is out of step: answer once (correlation id 0) and close.
-                    if let Ok(permit) = permits.clone().acquire_owned().await {
-                        ReplyTo {
-                            tx: tx.clone(),
-                            correlation_id: 0,
-                            permit,
-                            received: Instant::now(),
-                            metrics: pipeline.metrics.clone(),
-                        }
-                        .send(&Message::Error(ErrorReply::from(&e)));
-                    }
-                    break 'conn;
-                }
+            let reserved = out._permit.reserved_bytes();
+            if out.bytes.len() > reserved {
+                debug_assert!(
+                    false,
+                    "a {}-byte reply reserved {reserved}",
+                    out.bytes.len()
+                );
+                rate_log!(BUDGET_LOG, error, "a reply outgrew its reservation");
+            }
+            let write = tokio::time::timeout(write_timeout, wr.write_all(&out.bytes));
+            if !matches!(write.await, Ok(Ok(()))) {
+                rate_log!(
+                    DEADLINE_LOG,
+                    debug,
+                    "closed: write_timeout_ms passed or the write failed"
+                );
+                return;
+            }
+            // Coalesce whatever else is ready into the same TLS flush.
+            match rx.try_recv() {
+                Ok(next) => out = next,
+                Err(_) => break,
             }
         }
-        let deadline = if buf.is_empty() {
-            limits.idle_timeout
-        } else {
-            limits.frame_timeout
-        };
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            read = tokio::time::timeout(deadline, rd.read_buf(&mut buf)) => match read {
-                Ok(Ok(0)) | Ok(Err(_)) => break,
-                Ok(Ok(_)) => {}
-                Err(_) => {
-                    if !buf.is_empty() {
-                        if let Ok(permit) = permits.clone().acquire_owned().await {
-                            let reply = ReplyTo {
-                                tx: tx.clone(),
-                                correlation_id: 0,
-                                permit,
-                                received: Instant::now(),
-                                metrics: pipeline.metrics.clone(),
-                            };
-                            reply.error(ErrorCode::MalformedFrame, "frame not completed within frame_timeout_ms");
-                        }
-                    }
-                    break;
-                }
-            },
+        let flush = tokio::time::timeout(write_timeout, wr.flush());
+        if !matches!(flush.await, Ok(Ok(()))) {
+            rate_log!(
+                DEADLINE_LOG,
+                debug,
+                "closed: write_timeout_ms passed or the flush failed"
+            );
+            return;
         }
     }
-    // Let answers still in the pipeline reach the client, then close. Pending answers hold
-    // permits; once all are back (or the pipeline dropped them) the writer finishes.
-    drop(tx);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(30),
-        permits.acquire_many(limits.in_flight_max as u32),
-    )
-    .await;
-    let _ = writer.await;
+    let _ = tokio::time::timeout(write_timeout, wr.shutdown()).await;
+}
+
+/// Gives back the memory of a large frame once it was handled: the buffer returns to its
+/// usual size instead of keeping the largest frame's capacity for the connection's life.
+fn shrink(buf: &mut BytesMut) {
+    if buf.capacity() > 4 * READ_BUFFER_BYTES && buf.len() <= READ_BUFFER_BYTES {
+        let mut small = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        small.extend_from_slice(buf);
+        *buf = small;
+    }
+}
+
+/// One connection's reading side.
+struct Conn<'a> {
+    shared: &'a Shared,
+    tx: mpsc::Sender<Outgoing>,
+    budget: ReplyBudget,
+    hints: Arc<AtomicBool>,
+}
+
+/// Which deadline the next read runs against.
+enum Waiting {
+    FirstRequest,
+    Frame,
+    Idle,
+}
+
+impl Conn<'_> {
+    /// Reads and dispatches requests until the client closes, a deadline passes, the stream is
+    /// out of step, the writer gave up, or the server stops.
+    async fn read_requests(
+        &mut self,
+        mut rd: ReadHalf<TlsStream<TcpStream>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let limits = &self.shared.limits;
+        let first_deadline = Instant::now() + limits.first_request_timeout;
+        let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        let mut requests_seen = false;
+        let mut frame_started: Option<Instant> = None;
+        let mut large_frame = None;
+        loop {
+            let Some((handled, frame_bytes)) = self.handle_frames(&mut buf).await else {
+                return;
+            };
+            requests_seen |= handled > 0;
+            if buf.is_empty() {
+                frame_started = None;
+            } else if handled > 0 || frame_started.is_none() {
+                frame_started = Some(Instant::now());
+            }
+            let (waiting, deadline) = match frame_started {
+                _ if !requests_seen => (Waiting::FirstRequest, first_deadline),
+                Some(start) => (Waiting::Frame, start + limits.frame_timeout),
+                None => (Waiting::Idle, Instant::now() + limits.idle_timeout),
+            };
+            if handled > 0 {
+                large_frame = None;
+            }
+            if frame_bytes <= READ_BUFFER_BYTES {
+                large_frame = None;
+                shrink(&mut buf);
+            } else if large_frame.is_none() {
+                match self.hold_large_frame(frame_bytes, deadline).await {
+                    Ok(permit) => large_frame = Some(permit),
+                    Err(()) => return self.deadline_passed(waiting, true).await,
+                }
+            }
+            buf.reserve(READ_BUFFER_BYTES);
+            let read = tokio::time::timeout_at(deadline.into(), rd.read_buf(&mut buf));
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                _ = self.tx.closed() => return,
+                read = read => match read {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(_)) => {}
+                    Err(_) => return self.deadline_passed(waiting, !buf.is_empty()).await,
+                },
+            }
+        }
+    }
+
+    /// A frame larger than the read buffer holds server memory while it arrives: it takes its
+    /// bytes from the server's reply budget first, waiting (the reader stops) until `deadline`.
+    async fn hold_large_frame(
+        &self,
+        frame_bytes: usize,
+        deadline: Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ()> {
+        let n = u32::try_from(frame_bytes).expect("frames are capped far below 4 GiB");
+        let acquire = self.shared.reply_bytes.clone().acquire_many_owned(n);
+        match tokio::time::timeout_at(deadline.into(), acquire).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(()),
+        }
+    }
+
+    /// Handles every whole frame in `buf`, consuming them; the number handled and the size of
+    /// the frame under way (0 when none), or `None` when the connection must close.
+    async fn handle_frames(&mut self, buf: &mut BytesMut) -> Option<(usize, usize)> {
+        let mut handled = 0;
+        loop {
+            let (decoded, correlation_id, used) =
+                match decode_frame(buf, self.shared.limits.frame_bytes_max) {
+                    Ok(Decoded::Complete(frame, used)) => {
+                        (Message::decode_request(&frame), frame.correlation_id, used)
+                    }
+                    Ok(Decoded::Incomplete { needed }) => {
+                        let under_way = if buf.is_empty() {
+                            0
+                        } else {
+                            buf.len() + needed
+                        };
+                        return Some((handled, under_way));
+                    }
+                    Err(e) => {
+                        // The stream is out of step: answer once (correlation id 0) and close.
+                        self.answer_error(0, ErrorReply::from(&e)).await;
+                        return None;
+                    }
+                };
+            // O(1): the buffer's start moves; its space is reused once the rest was read.
+            buf.advance(used);
+            handled += 1;
+            self.handle_request(decoded, correlation_id).await?;
+        }
+    }
+
+    /// Reserves the request's reply and hands the request on (or answers `busy` when the
+    /// server's reply budget is spent).
+    async fn handle_request(
+        &mut self,
+        decoded: Result<Message, WireError>,
+        correlation_id: u64,
+    ) -> Option<()> {
+        let bound = match &decoded {
+            Ok(message) => reply_bytes_bound(message),
+            Err(_) => SMALL_REPLY_BYTES_MAX,
+        };
+        let reserved = tokio::select! {
+            biased;
+            _ = self.tx.closed() => None,
+            r = self.budget.reserve(bound) => r,
+        }?;
+        let pipeline = &self.shared.pipeline;
+        let reply = |permit| ReplyTo {
+            tx: self.tx.clone(),
+            correlation_id,
+            permit,
+            received: Instant::now(),
+            metrics: pipeline.metrics.clone(),
+        };
+        match (reserved, decoded) {
+            (Reserved::Full(permit), Ok(message)) => {
+                dispatch(pipeline, message, reply(permit), &self.hints)
+            }
+            (Reserved::Full(permit), Err(e)) => {
+                reply(permit).send(&Message::Error(ErrorReply::from(&e)))
+            }
+            (Reserved::BusyOnly(permit), _) => {
+                rate_log!(
+                    BUDGET_LOG,
+                    info,
+                    "limits.reply_bytes_total_max reached: answering busy"
+                );
+                reply(permit).busy("the server's reply budget", REPLY_BUDGET_RETRY_MS)
+            }
+        }
+        Some(())
+    }
+
+    /// Answers once outside the request flow (correlation id 0), if the budget allows.
+    async fn answer_error(&mut self, correlation_id: u64, error: ErrorReply) {
+        if let Some(Reserved::Full(permit) | Reserved::BusyOnly(permit)) =
+            self.budget.reserve(SMALL_REPLY_BYTES_MAX).await
+        {
+            ReplyTo {
+                tx: self.tx.clone(),
+                correlation_id,
+                permit,
+                received: Instant::now(),
+                metrics: self.shared.pipeline.metrics.clone(),
+            }
+            .send(&Message::Error(error));
+        }
+    }
+
+    async fn deadline_passed(&mut self, waiting: Waiting, partial_frame: bool) {
+        let which = match waiting {
+            Waiting::FirstRequest => "first_request_timeout_ms",
+            Waiting::Frame => "frame_timeout_ms",
+            Waiting::Idle => "idle_timeout_ms",
+        };
+        rate_log!(DEADLINE_LOG, debug, "closed: {which} passed");
+        if partial_frame {
+            let message = format!("frame not completed within {which}");
+            let error = ErrorReply::new(ErrorCode::MalformedFrame, message);
+            self.answer_error(0, error).await;
+        }
+    }
 }
 
 /// What a client refused with `archive_behind` is told to wait.
@@ -250,37 +495,7 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
                 snapshot_height: 0,
             },
         ),
-        Message::GetBalance { account, mode } => {
-            let leader = view.leader_id.load(Ordering::SeqCst);
-            if mode == ReadMode::Stale || leader == 0 {
-                // Stale reads on request, and degraded mode with no leader: this replica's
-                // applied state, marked stale, with the height it was read at.
-                let mode = ReadMode::Stale;
-                pipeline::read(
-                    pipeline,
-                    StorageCmd::Balance {
-                        account,
-                        mode,
-                        reply,
-                    },
-                )
-            } else if view.writable.load(Ordering::SeqCst) {
-                // Linearizable: served once a raft read index is applied.
-                let mode = ReadMode::Linearizable;
-                let cmd = StorageCmd::Balance {
-                    account,
-                    mode,
-                    reply,
-                };
-                if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Read { cmd }) {
-                    if let Some(reply) = e.into_inner().into_cmd_reply() {
-                        reply.busy("the raft queue", 20);
-                    }
-                }
-            } else {
-                reply.send(&Message::Error(view.not_writable()))
-            }
-        }
+        Message::GetBalance { account, mode } => read_balance(pipeline, account, mode, reply),
         Message::GetHeaders { from_height, limit } => pipeline::read(
             pipeline,
             StorageCmd::Headers {
@@ -296,6 +511,10 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
                 }
             }
         }
+        Message::GetInfo => match &view.info {
+            Some(info) => reply.send(&Message::Info(Box::new(info.clone()))),
+            None => reply.error(ErrorCode::Unavailable, "this replica is starting"),
+        },
         other => reply.error(
             ErrorCode::UnknownMessageType,
             format!(
@@ -303,5 +522,45 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
                 other.message_type()
             ),
         ),
+    }
+}
+
+/// A balance: stale reads from this replica's applied state, linearizable ones through a raft
+/// read index.
+fn read_balance(
+    pipeline: &PipelineHandle,
+    account: tally_wire::PublicKey,
+    mode: ReadMode,
+    reply: ReplyTo,
+) {
+    let view = &pipeline.view;
+    let leader = view.leader_id.load(Ordering::SeqCst);
+    if mode == ReadMode::Stale || leader == 0 {
+        // Stale reads on request, and degraded mode with no leader: this replica's
+        // applied state, marked stale, with the height it was read at.
+        let mode = ReadMode::Stale;
+        pipeline::read(
+            pipeline,
+            StorageCmd::Balance {
+                account,
+                mode,
+                reply,
+            },
+        )
+    } else if view.writable.load(Ordering::SeqCst) {
+        // Linearizable: served once a raft read index is applied.
+        let mode = ReadMode::Linearizable;
+        let cmd = StorageCmd::Balance {
+            account,
+            mode,
+            reply,
+        };
+        if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Read { cmd }) {
+            if let Some(reply) = e.into_inner().into_cmd_reply() {
+                reply.busy("the raft queue", 20);
+            }
+        }
+    } else {
+        reply.send(&Message::Error(view.not_writable()))
     }
 }

@@ -46,6 +46,25 @@ pub fn store_options(config: &Config) -> StoreOptions {
     }
 }
 
+/// The client listener's limits: `[limits]` with the connection counts fitted to the
+/// descriptor limit.
+fn net_limits(config: &Config, sizing: &crate::limits::ConnectionSizing) -> NetLimits {
+    let limits = &config.limits;
+    NetLimits {
+        connections_max: sizing.connections_max,
+        connections_per_address_max: sizing.connections_per_address_max,
+        in_flight_max: limits.requests_in_flight_per_connection_max as usize,
+        frame_bytes_max: limits.frame_bytes_max,
+        reply_bytes_per_connection_max: limits.reply_bytes_per_connection_max as usize,
+        reply_bytes_total_max: limits.reply_bytes_total_max as usize,
+        handshake_timeout: limits.handshake_timeout(),
+        first_request_timeout: limits.first_request_timeout(),
+        frame_timeout: limits.frame_timeout(),
+        idle_timeout: limits.idle_timeout(),
+        write_timeout: limits.write_timeout(),
+    }
+}
+
 pub fn raft_dir(config: &Config) -> PathBuf {
     config.node.data_dir.join("raft")
 }
@@ -117,8 +136,9 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let archive_key = signing_key.clone();
     let operator = OperatorKey::new(signing_key);
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
-    std::fs::create_dir_all(&config.node.data_dir)
-        .with_context(|| format!("creating {}", config.node.data_dir.display()))?;
+    // Before any database opens: the descriptor limit is raised, the connection limits fit it.
+    let sizing = crate::limits::connection_sizing(&config.limits);
+    crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     // Finish (or roll back) a snapshot install a crash interrupted.
     tally_storage::recover_install(&ledger_dir(&config))
         .with_context(|| format!("recovering {}", ledger_dir(&config).display()))?;
@@ -167,7 +187,10 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .map(|p| (p.id, p.client_address.to_string()))
         .collect();
     client_addresses.insert(node_id, config.listen.client.to_string());
-    let view = Arc::new(ClusterView::new(node_id, client_addresses));
+    let view = Arc::new(
+        ClusterView::new(node_id, client_addresses)
+            .with_info(crate::replication::info_reply(&config, operator_public)),
+    );
     let applied = Arc::new(Applied {
         index: std::sync::atomic::AtomicU64::new(meta.raft_index),
         meta: Mutex::new(meta.clone()),
@@ -247,14 +270,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         archive_key,
         metrics.clone(),
     );
-    let limits = NetLimits {
-        connections_max: config.limits.connections_max as usize,
-        in_flight_max: config.limits.requests_in_flight_per_connection_max as usize,
-        frame_bytes_max: config.limits.frame_bytes_max,
-        handshake_timeout: config.limits.handshake_timeout(),
-        frame_timeout: config.limits.frame_timeout(),
-        idle_timeout: config.limits.idle_timeout(),
-    };
+    let limits = net_limits(&config, &sizing);
     // The HTTP endpoint outlives the client listener: /health answers while the last batch
     // drains, and /ready says 503.
     let (http_stop, http_stop_rx) = watch::channel(false);
@@ -277,6 +293,8 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             max_message_bytes: config.raft.max_message_bytes,
             snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
             storage: storage_tx.clone(),
+            connections_max: sizing.peer_connections_max,
+            handshake_timeout: config.limits.handshake_timeout(),
         });
         let senders = start_outbound(&settings, peer_client, raft_tx.clone(), stop_rx.clone());
         if !config.peers.is_empty() {

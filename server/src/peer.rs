@@ -11,7 +11,11 @@
 //!
 //! Limits: each outbound peer has a queue of `PEER_QUEUE_MAX` messages; when it is full a message
 //! is dropped, which raft tolerates (it retransmits). Inbound messages go to the raft thread with
-//! `try_send` and are dropped when its queue is full, for the same reason.
+//! `try_send` and are dropped when its queue is full, for the same reason. The peer port holds at
+//! most `limits.peer_connections_max` connections, authenticated or not, and one address at most
+//! half of them; the TLS handshake and the hello share one deadline,
+//! `limits.handshake_timeout_ms`. A refused or failed inbound connection (anyone on the network
+//! can make one) logs at most one line per [`RATE_LOG_INTERVAL_MS`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +32,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::bootstrap::node_name;
+use crate::limits::{is_out_of_descriptors, AddressLimit};
+use crate::rate_log;
+use crate::ratelog::{RateLog, RATE_LOG_INTERVAL_MS};
 use crate::replication::RaftEvent;
 use crate::tls::{load_certs, load_key};
 
@@ -39,6 +46,9 @@ pub const CHANNEL_RAFT: u8 = 0;
 pub const CHANNEL_SNAPSHOT: u8 = 1;
 /// Messages waiting for one peer's connection.
 pub const PEER_QUEUE_MAX: usize = 4096;
+
+static INBOUND_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
+static REFUSED_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
 
 /// TLS configurations for the peer listener (client certificates required) and for dialing.
 pub fn peer_tls(
@@ -100,6 +110,11 @@ pub struct PeerSettings {
     pub snapshot_chunk_bytes: u32,
     /// Where snapshot downloads get the ledger dump from (the storage thread).
     pub storage: Sender<crate::pipeline::StorageCmd>,
+    /// Open inbound connections on the peer port (`limits.peer_connections_max`, fitted to the
+    /// descriptor limit).
+    pub connections_max: usize,
+    /// For the TLS handshake and the hello together (`limits.handshake_timeout_ms`).
+    pub handshake_timeout: Duration,
 }
 
 /// Starts one dialing task per peer on the current runtime.
@@ -210,20 +225,44 @@ pub async fn serve_inbound(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(server);
+    let open = Arc::new(tokio::sync::Semaphore::new(settings.connections_max));
+    let addresses = AddressLimit::new((settings.connections_max / 2).max(1));
     loop {
-        tokio::select! {
+        let (tcp, remote) = tokio::select! {
             biased;
             _ = shutdown.changed() => return,
-            accepted = listener.accept() => {
-                let Ok((tcp, remote)) = accepted else { continue };
-                let (acceptor, settings, events, shutdown) = (acceptor.clone(), settings.clone(), events.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = inbound(tcp, acceptor, &settings, events, shutdown).await {
-                        tracing::warn!(%remote, "peer connection refused or closed: {e:#}");
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    rate_log!(REFUSED_LOG, warn, "peer port: accept failed: {e}");
+                    if is_out_of_descriptors(&e) {
+                        let pause = crate::net::ACCEPT_PAUSE_MS;
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
                     }
-                });
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = addresses.try_enter(remote.ip()) else {
+            rate_log!(REFUSED_LOG, info, %remote, "peer port: connection refused: one address may hold half of limits.peer_connections_max");
+            continue;
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            rate_log!(REFUSED_LOG, info, %remote, "peer port: connection refused: limits.peer_connections_max reached");
+            continue;
+        };
+        let (acceptor, settings, events, shutdown) = (
+            acceptor.clone(),
+            settings.clone(),
+            events.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = inbound(tcp, acceptor, &settings, events, shutdown).await {
+                rate_log!(INBOUND_LOG, warn, %remote, "peer connection refused or closed: {e:#}");
             }
-        }
+            drop((permit, slot));
+        });
     }
 }
 
@@ -235,9 +274,16 @@ async fn inbound(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     tcp.set_nodelay(true)?;
-    let mut tls = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await??;
+    // One deadline for the handshake and the hello: nothing about this connection is known yet.
     let mut h = [0u8; HELLO_BYTES];
-    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut h)).await??;
+    let greet = async {
+        let mut tls = acceptor.accept(tcp).await?;
+        tls.read_exact(&mut h).await?;
+        std::io::Result::Ok(tls)
+    };
+    let mut tls = tokio::time::timeout(settings.handshake_timeout, greet)
+        .await
+        .map_err(|_| anyhow!("no TLS handshake and hello within limits.handshake_timeout_ms"))??;
     if h[0..4] != HELLO_MAGIC || h[4] != HELLO_VERSION {
         bail!("not a tally peer hello");
     }
@@ -306,14 +352,17 @@ async fn serve_snapshot<S: AsyncWriteExt + Unpin>(
 ) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    settings
-        .storage
-        .send(crate::pipeline::StorageCmd::Dump {
-            chunk_bytes_max: settings.snapshot_chunk_bytes as usize,
-            out: tx,
-            done: done_tx,
-        })
-        .map_err(|_| anyhow!("the storage thread has stopped"))?;
+    let dump = crate::pipeline::StorageCmd::Dump {
+        chunk_bytes_max: settings.snapshot_chunk_bytes as usize,
+        out: tx,
+        done: done_tx,
+    };
+    // The storage queue is bounded and its send blocks when full: never on a tokio worker.
+    let storage = settings.storage.clone();
+    let sent = tokio::task::spawn_blocking(move || storage.send(dump).is_ok()).await?;
+    if !sent {
+        bail!("the storage thread has stopped");
+    }
     let mut bytes = 0u64;
     while let Some(chunk) = rx.recv().await {
         bytes += chunk.len() as u64;

@@ -40,22 +40,23 @@ use tally_wire::{
     BalanceReply, ErrorCode, ErrorReply, Hash, Message, Op, PublicKey, ReadMode, Request,
     SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX,
 };
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
 use crate::metrics::{BatchClose, Metrics};
 use crate::replication::{Applied, ClusterView, MasterEvent, RaftEvent};
 
-/// An encoded frame on its way to a connection, holding the in-flight permit it answers.
+/// An encoded frame on its way to a connection, holding the in-flight permit and the reply
+/// bytes reserved for it (`limits.rs`) until it was written.
 pub struct Outgoing {
     pub bytes: Vec<u8>,
-    pub _permit: OwnedSemaphorePermit,
+    pub _permit: crate::limits::ReplyPermit,
 }
 
 /// Where the answer to one request goes.
 pub struct ReplyTo {
     pub tx: mpsc::Sender<Outgoing>,
     pub correlation_id: u64,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: crate::limits::ReplyPermit,
     /// When the request's frame was read: the start of `tally_confirmation_seconds`.
     pub received: Instant,
     /// Every answer is counted here, so the counters match what clients were sent.

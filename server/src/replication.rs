@@ -89,6 +89,22 @@ pub enum MasterEvent {
     Follow,
 }
 
+/// What `GetInfo` answers for a replica run with `config` and the operator key `operator`.
+pub fn info_reply(
+    config: &tally_config::Config,
+    operator: tally_wire::PublicKey,
+) -> tally_wire::InfoReply {
+    tally_wire::InfoReply {
+        chain_id: config.chain_id_bytes(),
+        operator_public_key: operator,
+        node_id: config.node.id,
+        frame_bytes_max: config.limits.frame_bytes_max,
+        reply_payload_bytes_max: tally_wire::REPLY_PAYLOAD_BYTES_MAX,
+        requests_in_flight_max: config.limits.requests_in_flight_per_connection_max,
+        headers_per_reply_max: tally_wire::HEADERS_PER_REPLY_MAX,
+    }
+}
+
 /// Cluster state shared with connection tasks (lock-free reads).
 pub struct ClusterView {
     pub node_id: u64,
@@ -100,6 +116,8 @@ pub struct ClusterView {
     pub writable: std::sync::atomic::AtomicBool,
     /// Client addresses of every replica, for `not_leader` hints.
     pub client_addresses: HashMap<u64, String>,
+    /// The answer to `GetInfo` (the ledger and this replica's limits), once the node set it.
+    pub info: Option<tally_wire::InfoReply>,
 }
 
 impl ClusterView {
@@ -112,6 +130,15 @@ impl ClusterView {
             commit_index: AtomicU64::new(0),
             writable: std::sync::atomic::AtomicBool::new(false),
             client_addresses,
+            info: None,
+        }
+    }
+
+    /// The view, answering `GetInfo` with `info`.
+    pub fn with_info(self, info: tally_wire::InfoReply) -> ClusterView {
+        ClusterView {
+            info: Some(info),
+            ..self
         }
     }
 

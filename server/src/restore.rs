@@ -84,7 +84,7 @@ pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
     let bucket = Bucket::open(&settings)?;
     let op_cfg = config.operator.as_ref().context("[operator] is required")?;
     let operator = OperatorKey::new(read_signing_key(&op_cfg.signing_key)?);
-    std::fs::create_dir_all(&config.node.data_dir)?;
+    crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     let marker = read_only_marker(&config.node.data_dir);
     write_marker(
         &marker,

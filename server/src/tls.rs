@@ -22,6 +22,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    tally_client::check_private_file(path)?;
     let text = fs::read(path).with_context(|| format!("reading TLS key {}", path.display()))?;
     rustls_pemfile::private_key(&mut BufReader::new(&text[..]))
         .with_context(|| format!("{}: not a PEM private key", path.display()))?

@@ -8,6 +8,14 @@ use crate::{
 /// How many headers one `Headers` reply carries at most (keeps it far below any frame cap).
 pub const HEADERS_PER_REPLY_MAX: u16 = 1024;
 
+/// The largest reply payload a server sends: a full `Headers` reply. Every other reply is
+/// smaller (strings are capped at 65,535 bytes), so a client that accepts frames this large
+/// reads every answer.
+pub const REPLY_PAYLOAD_BYTES_MAX: u32 = 2 + 256 * HEADERS_PER_REPLY_MAX as u32;
+
+/// The payload of an `Info` reply, in bytes.
+pub const INFO_BYTES: usize = 32 + 32 + 8 + 4 + 4 + 4 + 2;
+
 /// Message type bytes. Requests from clients are below 0x80, replies from servers at or above.
 pub mod message_type {
     pub const SUBMIT: u8 = 0x01;
@@ -15,11 +23,22 @@ pub mod message_type {
     pub const GET_HEADERS: u8 = 0x03;
     pub const GET_STATUS: u8 = 0x04;
     pub const SUBMIT_HINTED: u8 = 0x05;
+    pub const GET_INFO: u8 = 0x06;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
     pub const HEADERS: u8 = 0x84;
     pub const STATUS: u8 = 0x85;
+    pub const INFO: u8 = 0x86;
+
+    /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
+    /// undefined one) is `unknown_message_type`, whatever its payload.
+    pub fn is_request(message_type: u8) -> bool {
+        matches!(
+            message_type,
+            SUBMIT | GET_BALANCE | GET_HEADERS | GET_STATUS | SUBMIT_HINTED | GET_INFO
+        )
+    }
 }
 
 /// How fresh a balance read must be.
@@ -94,6 +113,52 @@ pub struct StatusReply {
     pub archive_height: Option<u64>,
 }
 
+/// What a replica tells a client about the ledger and its limits (PROTOCOL.md §3, `0x86`).
+/// Fixed for the life of the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoReply {
+    /// The ledger's chain id: requests must be signed for it.
+    pub chain_id: crate::Hash,
+    /// The operator's Ed25519 public key. Informational: trust the key from the profile.
+    pub operator_public_key: PublicKey,
+    pub node_id: u64,
+    /// The largest frame payload this server accepts (`limits.frame_bytes_max`).
+    pub frame_bytes_max: u32,
+    /// The largest reply payload this server sends ([`REPLY_PAYLOAD_BYTES_MAX`]).
+    pub reply_payload_bytes_max: u32,
+    /// Requests one connection may have unanswered before the server stops reading it
+    /// (`limits.requests_in_flight_per_connection_max`).
+    pub requests_in_flight_max: u32,
+    /// The most headers one `Headers` reply holds ([`HEADERS_PER_REPLY_MAX`]).
+    pub headers_per_reply_max: u16,
+}
+
+impl InfoReply {
+    fn write(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&self.chain_id);
+        out.extend_from_slice(&self.operator_public_key);
+        out.extend_from_slice(&self.node_id.to_le_bytes());
+        out.extend_from_slice(&self.frame_bytes_max.to_le_bytes());
+        out.extend_from_slice(&self.reply_payload_bytes_max.to_le_bytes());
+        out.extend_from_slice(&self.requests_in_flight_max.to_le_bytes());
+        out.extend_from_slice(&self.headers_per_reply_max.to_le_bytes());
+        assert_eq!(out.len() - start, INFO_BYTES);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<InfoReply, WireError> {
+        Ok(InfoReply {
+            chain_id: r.array("info.chain_id")?,
+            operator_public_key: r.array("info.operator_public_key")?,
+            node_id: r.u64("info.node_id")?,
+            frame_bytes_max: r.u32("info.frame_bytes_max")?,
+            reply_payload_bytes_max: r.u32("info.reply_payload_bytes_max")?,
+            requests_in_flight_max: r.u32("info.requests_in_flight_max")?,
+            headers_per_reply_max: r.u16("info.headers_per_reply_max")?,
+        })
+    }
+}
+
 /// Every message, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -110,11 +175,13 @@ pub enum Message {
         limit: u16,
     },
     GetStatus,
+    GetInfo,
     Confirmed(Box<Confirmation>),
     Error(ErrorReply),
     Balance(BalanceReply),
     Headers(Vec<SignedHeader>),
     Status(Box<StatusReply>),
+    Info(Box<InfoReply>),
 }
 
 impl Message {
@@ -126,11 +193,13 @@ impl Message {
             Message::GetBalance { .. } => GET_BALANCE,
             Message::GetHeaders { .. } => GET_HEADERS,
             Message::GetStatus => GET_STATUS,
+            Message::GetInfo => GET_INFO,
             Message::Confirmed(_) => CONFIRMED,
             Message::Error(_) => ERROR,
             Message::Balance(_) => BALANCE,
             Message::Headers(_) => HEADERS,
             Message::Status(_) => STATUS,
+            Message::Info(_) => INFO,
         }
     }
 
@@ -149,7 +218,7 @@ impl Message {
                 out.extend_from_slice(&from_height.to_le_bytes());
                 out.extend_from_slice(&limit.to_le_bytes());
             }
-            Message::GetStatus => {}
+            Message::GetStatus | Message::GetInfo => {}
             Message::Confirmed(c) => c.write(out),
             Message::Error(e) => {
                 out.extend_from_slice(&(e.code as u16).to_le_bytes());
@@ -192,6 +261,7 @@ impl Message {
                 out.push(s.archive_height.is_some() as u8);
                 out.extend_from_slice(&s.archive_height.unwrap_or(0).to_le_bytes());
             }
+            Message::Info(i) => i.write(out),
         }
     }
 
@@ -202,6 +272,18 @@ impl Message {
         let mut out = Vec::with_capacity(crate::FRAME_HEADER_BYTES + payload.len());
         encode_frame(&mut out, self.message_type(), correlation_id, &payload);
         out
+    }
+
+    /// Decodes a frame a server received: a type that is not a request is
+    /// `unknown_message_type` before its payload is looked at (a reply type sent to a server is
+    /// not a malformed reply, it is no request at all).
+    pub fn decode_request(frame: &RawFrame) -> Result<Message, WireError> {
+        if !message_type::is_request(frame.message_type) {
+            return Err(WireError::UnknownMessageType {
+                found: frame.message_type,
+            });
+        }
+        Message::decode(frame)
     }
 
     /// Decodes the payload of a frame whose header was already checked.
@@ -222,6 +304,7 @@ impl Message {
                 limit: r.u16("get_headers.limit")?,
             },
             GET_STATUS => Message::GetStatus,
+            GET_INFO => Message::GetInfo,
             CONFIRMED => Message::Confirmed(Box::new(Confirmation::read(&mut r)?)),
             ERROR => {
                 let raw = r.u16("error.code")?;
@@ -262,32 +345,37 @@ impl Message {
                 }
                 Message::Headers(headers)
             }
-            STATUS => Message::Status(Box::new(StatusReply {
-                node_id: r.u64("status.node_id")?,
-                role: r.u8("status.role")?,
-                term: r.u64("status.term")?,
-                leader_id: r.u64("status.leader_id")?,
-                commit_index: r.u64("status.commit_index")?,
-                applied_index: r.u64("status.applied_index")?,
-                applied_height: r.u64("status.applied_height")?,
-                writable: read_bool(&mut r, "status.writable")?,
-                leader_client_address: r.string("status.leader_client_address")?,
-                latest_header: if read_bool(&mut r, "status.has_header")? {
-                    Some(SignedHeader::read(&mut r)?)
-                } else {
-                    None
-                },
-                archive_height: {
-                    let present = read_bool(&mut r, "status.has_archive")?;
-                    let height = r.u64("status.archive_height")?;
-                    present.then_some(height)
-                },
-            })),
+            STATUS => Message::Status(Box::new(read_status(&mut r)?)),
+            INFO => Message::Info(Box::new(InfoReply::read(&mut r)?)),
             other => return Err(WireError::UnknownMessageType { found: other }),
         };
         r.finish()?;
         Ok(message)
     }
+}
+
+fn read_status(r: &mut Reader<'_>) -> Result<StatusReply, WireError> {
+    Ok(StatusReply {
+        node_id: r.u64("status.node_id")?,
+        role: r.u8("status.role")?,
+        term: r.u64("status.term")?,
+        leader_id: r.u64("status.leader_id")?,
+        commit_index: r.u64("status.commit_index")?,
+        applied_index: r.u64("status.applied_index")?,
+        applied_height: r.u64("status.applied_height")?,
+        writable: read_bool(r, "status.writable")?,
+        leader_client_address: r.string("status.leader_client_address")?,
+        latest_header: if read_bool(r, "status.has_header")? {
+            Some(SignedHeader::read(r)?)
+        } else {
+            None
+        },
+        archive_height: {
+            let present = read_bool(r, "status.has_archive")?;
+            let height = r.u64("status.archive_height")?;
+            present.then_some(height)
+        },
+    })
 }
 
 fn read_bool(r: &mut Reader<'_>, field: &'static str) -> Result<bool, WireError> {

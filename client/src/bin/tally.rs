@@ -18,8 +18,12 @@ use tally_core::verify::verify_confirmation;
 use tally_storage::archive_read;
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::{Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
+use tokio::time::Instant;
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
+
+/// How long before `--total-timeout-ms` the cluster client's own deadline falls.
+const BACKSTOP_MARGIN: Duration = Duration::from_millis(50);
 
 #[derive(Parser)]
 #[command(name = "tally", version, about = "Client for a tally ledger")]
@@ -30,7 +34,8 @@ struct Cli {
     /// Machine-readable output on stdout (errors too)
     #[arg(long, global = true)]
     json: bool,
-    /// Timeout of each connection attempt and each call, in milliseconds
+    /// Timeout of each connection attempt and each call, in milliseconds (never more than
+    /// --total-timeout-ms)
     #[arg(
         long,
         global = true,
@@ -39,7 +44,9 @@ struct Cli {
         value_name = "MS"
     )]
     timeout_ms: u64,
-    /// How long one command may keep retrying (redirects, failover, backoff), in milliseconds
+    /// How long a command that talks to the ledger (deposit, transfer, withdraw, balance,
+    /// headers, status) may take in all: connects, calls, redirects, failover and backoff, in
+    /// milliseconds. `audit` reads an archive and is not bounded by it.
     #[arg(
         long,
         global = true,
@@ -125,6 +132,9 @@ enum Command {
     },
     /// Show every replica's role, term, indexes and lag
     Status,
+    /// Ask a replica for the ledger's chain id, the operator key and its size limits, and
+    /// compare them with the profile
+    Info,
     /// Verify an archive from its objects alone: checkpoint, tiles, every header and batch,
     /// and a replay of every balance (exit 0 only if all of it holds)
     Audit {
@@ -146,11 +156,35 @@ fn public_key_arg(text: &str) -> std::result::Result<PublicKey, String> {
     parse_public_key(text).map_err(|e| e.to_string())
 }
 
+impl Command {
+    /// Whether the command talks to the ledger's replicas, and so is bounded by
+    /// `--total-timeout-ms`.
+    fn talks_to_replicas(&self) -> bool {
+        match self {
+            Command::Deposit { .. }
+            | Command::Transfer { .. }
+            | Command::Withdraw { .. }
+            | Command::Balance { .. }
+            | Command::Headers { .. }
+            | Command::Status
+            | Command::Info => true,
+            Command::Keygen { .. } | Command::Verify { .. } | Command::Audit { .. } => false,
+        }
+    }
+
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Command::Deposit { .. } | Command::Transfer { .. } | Command::Withdraw { .. }
+        )
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
-    match run(cli).await {
+    match run_bounded(cli).await {
         Ok(code) => code,
         Err(e) => {
             report_error(&e, json);
@@ -195,12 +229,39 @@ fn report_error(e: &anyhow::Error, json: bool) {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+/// [`run`], stopped at `--total-timeout-ms` if the command talks to the replicas. The cluster
+/// client's own deadline ends just before (with its precise error: gave up, or outcome unknown
+/// for a request it sent); this one also bounds what comes after it (more header pages).
+async fn run_bounded(cli: Cli) -> Result<ExitCode> {
+    let budget_ms = cli.total_timeout_ms;
+    if !cli.command.talks_to_replicas() {
+        return run(cli, Instant::now()).await;
+    }
+    let writes = cli.command.writes();
+    let started = Instant::now();
+    match tokio::time::timeout(Duration::from_millis(budget_ms), run(cli, started)).await {
+        Ok(result) => result,
+        Err(_) => {
+            let what = if writes {
+                "; whether the request was applied is unknown: resubmit it with the same --id \
+                 to find out (it never applies twice)"
+            } else {
+                ""
+            };
+            Err(anyhow::Error::from(Error::Timeout).context(format!(
+                "stopped after --total-timeout-ms {budget_ms} ms{what}"
+            )))
+        }
+    }
+}
+
+async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
     let ctx = Globals {
         profile_path: cli.profile.clone(),
         json: cli.json,
         timeout: Duration::from_millis(cli.timeout_ms),
         total_timeout: Duration::from_millis(cli.total_timeout_ms),
+        started,
     };
     match cli.command {
         Command::Keygen { out } => keygen(&ctx, &out),
@@ -239,6 +300,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
         Command::Headers { from, limit } => headers(&ctx, from, limit).await,
         Command::Status => status(&ctx).await,
+        Command::Info => info(&ctx).await,
         Command::Audit {
             archive,
             from_checkpoint,
@@ -253,8 +315,10 @@ struct Globals {
     json: bool,
     /// Of each attempt.
     timeout: Duration,
-    /// Of each operation, over all its attempts.
+    /// Of the whole command, over all its attempts.
     total_timeout: Duration,
+    /// When the command started: the total timeout counts from here.
+    started: Instant,
 }
 
 impl Globals {
@@ -276,16 +340,22 @@ impl Globals {
     }
 
     /// A client for the profile's replicas that follows the leader and fails over (it connects
-    /// on first use).
+    /// on first use). Its operations end with the command's budget, a little before the
+    /// backstop in [`run_bounded`], so that their own error (which says whether a request
+    /// was sent) is the one reported.
     fn cluster(&self, profile: &Profile) -> Result<ClusterClient> {
         if profile.replicas.is_empty() {
             bail!("the profile lists no replicas");
         }
+        let left = self.total_timeout.saturating_sub(self.started.elapsed());
+        let total = left
+            .saturating_sub(BACKSTOP_MARGIN)
+            .max(Duration::from_millis(1));
         Ok(ClusterClient::new(
             profile,
             ClusterOptions {
-                call_timeout: self.timeout,
-                total_timeout: self.total_timeout.max(self.timeout),
+                call_timeout: self.timeout.min(total),
+                total_timeout: total,
                 ..ClusterOptions::default()
             },
         ))
@@ -692,6 +762,65 @@ async fn status(ctx: &Globals) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn info(ctx: &Globals) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let info = ctx.cluster(&profile)?.info().await?;
+    let chain_matches = info.chain_id == profile.chain_id_bytes()?;
+    let key_matches = info.operator_public_key == profile.operator_key()?;
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "node_id": info.node_id,
+                "chain_id": to_hex(&info.chain_id),
+                "operator_public_key": to_hex(&info.operator_public_key),
+                "frame_bytes_max": info.frame_bytes_max,
+                "reply_payload_bytes_max": info.reply_payload_bytes_max,
+                "requests_in_flight_max": info.requests_in_flight_max,
+                "headers_per_reply_max": info.headers_per_reply_max,
+                "chain_id_matches_profile": chain_matches,
+                "operator_key_matches_profile": key_matches,
+            }))?
+        );
+    } else {
+        let mark = |ok: bool| {
+            if ok {
+                "same as the profile"
+            } else {
+                "NOT the profile's"
+            }
+        };
+        println!("node {}", info.node_id);
+        println!(
+            "  chain id      {} ({})",
+            to_hex(&info.chain_id),
+            mark(chain_matches)
+        );
+        println!(
+            "  operator key  {} ({})",
+            to_hex(&info.operator_public_key),
+            mark(key_matches)
+        );
+        println!(
+            "  request frames up to {} bytes of payload",
+            info.frame_bytes_max
+        );
+        println!(
+            "  replies up to {} bytes of payload",
+            info.reply_payload_bytes_max
+        );
+        println!(
+            "  {} requests in flight per connection, {} headers per reply",
+            info.requests_in_flight_max, info.headers_per_reply_max
+        );
+    }
+    Ok(if chain_matches && key_matches {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn audit(

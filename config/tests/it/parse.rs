@@ -99,6 +99,38 @@ fn missing_key_is_named_in_full() {
 }
 
 #[test]
+fn integers_beyond_64_bits_name_their_key() {
+    let check = |fragment: &str, key: &str, value: &str| {
+        let text = format!("{}\n{fragment}\n", minimal());
+        let errors = Config::from_toml_str(&text).unwrap_err();
+        assert_eq!(errors.keys(), [key], "{errors}");
+        let message = errors.to_string();
+        assert!(
+            message.starts_with(&format!("{key} = {value}: ")),
+            "{message}"
+        );
+        assert!(message.contains("at most 9223372036854775807"), "{message}");
+        assert!(message.contains("line "), "{message}");
+    };
+    check(
+        "[raft]\ntick_ms = 99999999999999999999",
+        "raft.tick_ms",
+        "99999999999999999999",
+    );
+    check(
+        "[batch]\nbatch_window_ms = 5\nbatch_requests_max = 18446744073709551616 # comment",
+        "batch.batch_requests_max",
+        "18446744073709551616",
+    );
+    check(
+        "[[peers]]\nid = 2\naddress = \"127.0.0.1:1\"\nclient_address = \"127.0.0.1:2\"\n\
+         [[peers]]\nid = 99999999999999999999",
+        "peers[1].id",
+        "99999999999999999999",
+    );
+}
+
+#[test]
 fn syntax_errors_have_a_location_but_no_key() {
     let errors = Config::from_toml_str("[node\nid = 1\n").unwrap_err();
     assert_eq!(errors.keys(), [""]);

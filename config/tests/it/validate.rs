@@ -118,6 +118,18 @@ const CASES: &[(&str, &[&str])] = &[
     ("[limits]\nhandshake_timeout_ms = 0", &["limits.handshake_timeout_ms"]),
     ("[limits]\nframe_timeout_ms = 0", &["limits.frame_timeout_ms"]),
     ("[limits]\nidle_timeout_ms = 0", &["limits.idle_timeout_ms"]),
+    ("[limits]\nfirst_request_timeout_ms = 0", &["limits.first_request_timeout_ms"]),
+    ("[limits]\nwrite_timeout_ms = 0", &["limits.write_timeout_ms"]),
+    ("[limits]\nconnections_per_address_max = 0", &["limits.connections_per_address_max"]),
+    ("[limits]\nconnections_max = 8\nconnections_per_address_max = 64", &[]),
+    ("[limits]\npeer_connections_max = 0", &["limits.peer_connections_max"]),
+    // A connection's reply budget holds the largest reply (263 KiB); the server's holds one
+    // connection's.
+    ("[limits]\nreply_bytes_per_connection_max = 1048575", &["limits.reply_bytes_per_connection_max"]),
+    ("[limits]\nreply_bytes_per_connection_max = 1048576\nreply_bytes_total_max = 1048596", &[]),
+    ("[limits]\nreply_bytes_total_max = 16777215", &["limits.reply_bytes_total_max"]),
+    // A large frame takes its bytes from the server's budget while it arrives.
+    ("[limits]\nframe_bytes_max = 16777216\nreply_bytes_total_max = 16777216", &["limits.reply_bytes_total_max"]),
     // [raft]
     ("[raft]\ntick_ms = 0", &["raft.tick_ms"]),
     ("[raft]\nelection_ticks = 2", &["raft.election_ticks"]),
@@ -132,6 +144,9 @@ const CASES: &[(&str, &[&str])] = &[
     // [log] and unknown sections
     ("[log]\nlevel = \"\"", &["log.level"]),
     ("[log]\nlevel = \"  \"", &["log.level"]),
+    ("[log]\nlevel = \"infoo\"", &["log.level"]),
+    ("[log]\nlevel = \"tally_core=verbose,info\"", &["log.level"]),
+    ("[log]\nlevel = \"tally_core=debug,WARN\"", &[]),
     ("[logging]\nlevel = \"info\"", &["logging"]),
     ("debug = true", &["debug"]),
     // Several problems are all reported.
@@ -148,6 +163,16 @@ fn cases() {
     for (fragment, expected_keys) in CASES {
         check(&valid_with(fragment), expected_keys);
     }
+}
+
+#[test]
+fn an_unknown_log_level_names_the_key_and_the_levels() {
+    let errors = errors(&valid_with("[log]\nlevel = \"verbose\""));
+    assert_eq!(
+        errors.to_string(),
+        "log.level = \"verbose\": unknown level `verbose` in `verbose`: use one of trace, \
+         debug, info, warn, error, off, or TARGET=LEVEL"
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use tally_core::crypto::sign_request;
-use tally_core::validate::StatelessRules;
+use tally_core::validate::{is_account_key, StatelessRules};
 use tally_wire::{ErrorCode, Op, Request};
 
 use crate::common::{deposit, key, pk, signed, transfer, withdraw, CHAIN, DEPOSIT};
@@ -20,6 +20,29 @@ fn check(name: &str, request: Request, expected: Result<(), ErrorCode>) {
         "{name}"
     );
 }
+
+/// 32 bytes that are no curve point: y = 2 has no x on edwards25519.
+const NOT_A_POINT: [u8; 32] = {
+    let mut k = [0; 32];
+    k[0] = 2;
+    k
+};
+
+/// The identity (y = 1) written non-canonically as y = p + 1 = 2^255 - 18.
+const NON_CANONICAL: [u8; 32] = {
+    let mut k = [0xff; 32];
+    k[0] = 0xee;
+    k[31] = 0x7f;
+    k
+};
+
+/// The point of order 2 (y = -1 = p - 1): canonical, on the curve, of small order.
+const ORDER_TWO: [u8; 32] = {
+    let mut k = [0xff; 32];
+    k[0] = 0xec;
+    k[31] = 0x7f;
+    k
+};
 
 fn changed(mut r: Request, change: impl FnOnce(&mut Request)) -> Request {
     change(&mut r);
@@ -100,7 +123,9 @@ fn stateless_rules() {
     );
     check(
         "a changed operation",
-        changed(withdraw(1, 1, 10), |r| r.op = Op::Transfer),
+        changed(signed(&key(DEPOSIT), Op::Transfer, 1, pk(1), 5), |r| {
+            r.op = Op::Deposit
+        }),
         Err(BadSignature),
     );
     check(
@@ -122,5 +147,49 @@ fn stateless_rules() {
             r.signature = identity_key_signature();
         }),
         Err(BadSignature),
+    );
+}
+
+#[test]
+fn credited_accounts_must_be_keys_that_can_sign() {
+    use ErrorCode::*;
+    let to = |bytes: [u8; 32]| signed(&key(1), Op::Transfer, 1, bytes, 5);
+    check("a transfer to a real key", to(pk(2)), Ok(()));
+    for (name, bytes) in [
+        ("no curve point", NOT_A_POINT),
+        ("a non-canonical encoding", NON_CANONICAL),
+        ("the point of order 2", ORDER_TWO),
+        ("the identity (small order)", IDENTITY_KEY),
+    ] {
+        check(name, to(bytes), Err(MalformedRequest));
+        check(
+            &format!("a deposit to {name}"),
+            signed(&key(DEPOSIT), Op::Deposit, 1, bytes, 5),
+            Err(MalformedRequest),
+        );
+        assert!(!is_account_key(&bytes), "{name}");
+    }
+    for seed in 0..=255 {
+        assert!(is_account_key(&pk(seed)), "pk({seed})");
+    }
+
+    // Precedence (PROTOCOL.md §5.2): chain, then deposit key, then recipient, then signature.
+    let mut foreign = to(NOT_A_POINT);
+    foreign.chain_id = [8; 32];
+    sign_request(&key(1), &mut foreign);
+    check(
+        "another chain and a bad recipient",
+        foreign,
+        Err(WrongChain),
+    );
+    check(
+        "an unknown deposit key and a bad recipient",
+        signed(&key(1), Op::Deposit, 1, NOT_A_POINT, 5),
+        Err(UnknownDepositKey),
+    );
+    check(
+        "a bad recipient and a bad signature",
+        changed(to(NOT_A_POINT), |r| r.signature[0] ^= 1),
+        Err(MalformedRequest),
     );
 }

@@ -34,15 +34,35 @@ struct Args {
 enum Command {
     /// Write everything a local N-replica operator needs: CA, node certificates, operator and
     /// deposit keys, DIR/nodeK.toml for each replica and DIR/profile.toml listing them all.
+    /// With --renew-node or --new-ca, add to an existing DIR instead (docs/OPERATING.md,
+    /// "Certificates: renewal and CA rotation").
     InitCluster {
         /// Number of replicas (3 or 5 for a fault-tolerant operator).
-        #[arg(long)]
-        nodes: u64,
+        #[arg(long, required_unless_present_any = ["renew_node", "new_ca"])]
+        nodes: Option<u64>,
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// Node K listens for clients on BASE+K, peers on BASE+100+K, metrics on BASE+200+K.
         #[arg(long, default_value_t = 7400)]
         base_port: u16,
+        #[command(flatten)]
+        certs: CertArgs,
+        /// Issue a new certificate and key for node ID from the CA in DIR (see --ca), written
+        /// as DIR/nodeID.pem.new and DIR/nodeID.key.new
+        #[arg(long, value_name = "ID", conflicts_with_all = ["nodes", "new_ca"])]
+        renew_node: Option<u64>,
+        /// The CA that --renew-node issues from: DIR/NAME.pem and DIR/NAME.key
+        #[arg(
+            long,
+            value_name = "NAME",
+            default_value = "ca",
+            requires = "renew_node"
+        )]
+        ca: String,
+        /// Make a new CA for a rotation: DIR/NAME.pem, DIR/NAME.key and DIR/NAME-bundle.pem
+        /// (the current ca.pem, then the new CA)
+        #[arg(long, value_name = "NAME", conflicts_with = "nodes")]
+        new_ca: Option<String>,
     },
     /// Build this replica's ledger from the archive alone (its ledger and raft directories
     /// must be empty or absent), verifying every signature, hash link, Merkle root and state
@@ -61,6 +81,71 @@ enum Command {
         #[arg(long)]
         full_replay: bool,
     },
+}
+
+/// What node certificates are valid for (init-cluster and --renew-node).
+#[derive(clap::Args)]
+struct CertArgs {
+    /// Also make node certificates valid for `localhost` and 127.0.0.1 (off: clients use the
+    /// profile's server name, `ledger.tally`)
+    #[arg(long)]
+    localhost: bool,
+    /// Another DNS name or IP address for every node certificate (repeatable)
+    #[arg(long = "san", value_name = "NAME")]
+    extra_names: Vec<String>,
+    /// Days until node certificates expire
+    #[arg(long, default_value_t = 730, value_name = "DAYS")]
+    valid_days: u32,
+}
+
+impl CertArgs {
+    fn options(&self) -> Result<tally_server::certs::CertOptions> {
+        tally_server::certs::check_names(&self.extra_names)?;
+        Ok(tally_server::certs::CertOptions {
+            localhost: self.localhost,
+            valid_days: self.valid_days,
+            extra_names: self.extra_names.clone(),
+        })
+    }
+}
+
+/// `tally-server init-cluster` in its three forms: a new operator, a renewed node
+/// certificate, a new CA.
+fn init_cluster(command: &Command) -> Result<()> {
+    let Command::InitCluster {
+        nodes,
+        dir,
+        base_port,
+        certs,
+        renew_node,
+        ca,
+        new_ca,
+    } = command
+    else {
+        unreachable!("init_cluster is called for init-cluster only");
+    };
+    if let Some(id) = renew_node {
+        let (cert, key) =
+            tally_server::bootstrap::renew_node_cert(dir, *id, ca, &certs.options()?)?;
+        println!("node {id} certificate: {}", cert.display());
+        println!("node {id} key:         {}", key.display());
+        println!("move them over the files tls.cert and tls.key name, then restart node {id}");
+        return Ok(());
+    }
+    if let Some(name) = new_ca {
+        for path in tally_server::bootstrap::new_ca(dir, name)? {
+            println!("{}", path.display());
+        }
+        return Ok(());
+    }
+    let nodes = nodes.expect("clap requires --nodes here");
+    let configs =
+        tally_server::bootstrap::init_cluster_with(nodes, dir, *base_port, &certs.options()?)?;
+    for c in &configs {
+        println!("tally-server --config {}", c.display());
+    }
+    println!("client profile: {}", dir.join("profile.toml").display());
+    Ok(())
 }
 
 /// `--archive URL` over `archive.url`, checked like the config's own key.
@@ -87,7 +172,30 @@ fn load(path: &PathBuf, archive: Option<&String>) -> Result<Config> {
     config
         .validate()
         .map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
+    check_deposit_keys(&config).map_err(|e| anyhow!("{}:\n{e}", path.display()))?;
     Ok(config)
+}
+
+/// Each deposit key must be a key that can sign (tally-config checks only its shape): with
+/// any other 32 bytes no deposit could ever be made.
+fn check_deposit_keys(config: &Config) -> Result<()> {
+    for (i, key) in config.deposit_keys_bytes().iter().enumerate() {
+        if !tally_core::validate::is_account_key(key) {
+            anyhow::bail!(
+                "operator.deposit_keys[{i}] = \"{}\": not an Ed25519 public key that can sign",
+                hex::encode(key)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The `tracing` filter `text` (from `source`, named in the error): an unusable filter stops
+/// the server rather than logging at some default.
+fn log_filter(text: &str, source: &str) -> Result<tracing_subscriber::EnvFilter> {
+    let filter = tracing_subscriber::EnvFilter::try_new(text)
+        .map_err(|e| anyhow!("{source} = {text:?}: {e}"))?;
+    Ok(tally_server::ratelog::quiet_rustls(filter, text))
 }
 
 /// `tally-server restore`: a one-shot command that exits 0 once the data directory is ready.
@@ -98,9 +206,7 @@ fn restore(
 ) -> Result<()> {
     let config = load(config, archive)?;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_default(),
-        )
+        .with_env_filter(log_filter(&config.log.level, "log.level")?)
         .with_writer(std::io::stderr)
         .init();
     let r = tally_server::restore::restore(&config, options)?;
@@ -132,18 +238,8 @@ fn main() -> Result<()> {
         std::process::exit(70);
     }));
     let args = Args::parse();
-    if let Some(Command::InitCluster {
-        nodes,
-        dir,
-        base_port,
-    }) = &args.command
-    {
-        let configs = tally_server::bootstrap::init_cluster(*nodes, dir, *base_port)?;
-        for c in &configs {
-            println!("tally-server --config {}", c.display());
-        }
-        println!("client profile: {}", dir.join("profile.toml").display());
-        return Ok(());
+    if let Some(command @ Command::InitCluster { .. }) = &args.command {
+        return init_cluster(command);
     }
     if let Some(Command::Restore {
         config,
@@ -176,9 +272,12 @@ fn main() -> Result<()> {
             (config, Some(profile))
         }
     };
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) => log_filter(&filter, "RUST_LOG")?,
+        Err(_) => log_filter(&config.log.level, "log.level")?,
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     tally_server::node::run(config, profile.as_deref())

@@ -287,3 +287,142 @@ fn bad_input_gets_stable_codes_and_the_server_keeps_serving() {
         assert!(!b.exists);
     });
 }
+
+/// 32 bytes that are no Ed25519 point (y = 2 has no x on the curve).
+const NOT_A_POINT: [u8; 32] = {
+    let mut k = [0; 32];
+    k[0] = 2;
+    k
+};
+
+/// PROTOCOL.md §3 (reply types), §3 `GetInfo` and §5.2 (precedence), against a live server.
+#[test]
+fn the_server_answers_as_protocol_md_says() {
+    let operator = Operator::new(|c| {
+        c.batch.batch_window_ms = 10;
+        c.limits.frame_bytes_max = 8192;
+        c.raft.snapshot_chunk_bytes = 8192;
+        c.limits.requests_in_flight_per_connection_max = 77;
+    });
+    let op_key = operator.profile.operator_key().unwrap();
+    let chain = operator.profile.chain_id_bytes().unwrap();
+    let deposit_key = operator.profile.load_deposit_key().unwrap();
+    let server = operator.start();
+    let rt = crate::harness::runtime();
+    rt.block_on(async {
+        // A reply type is no request, whatever its payload: 0x81 with an empty payload is
+        // `unknown_message_type` (3), not a malformed Confirmed, and the connection stays.
+        for t in [message_type::CONFIRMED, message_type::INFO, 0x99] {
+            let (answer, closed) = send_raw(&server, &raw_header(VERSION, t, 0, 4, 0)).await;
+            let (id, m) = answer.expect("an answer");
+            assert_eq!(
+                (id, error_code(&m) as u16, closed),
+                (4, 3, false),
+                "0x{t:02x}"
+            );
+        }
+
+        let good = server.client().await;
+        let info = good.info().await.unwrap();
+        assert_eq!(info.chain_id, chain);
+        assert_eq!(info.operator_public_key, op_key);
+        assert_eq!(info.node_id, 1);
+        assert_eq!(info.frame_bytes_max, 8192);
+        assert_eq!(info.requests_in_flight_max, 77);
+        assert_eq!(info.reply_payload_bytes_max, 2 + 256 * 1024);
+        assert_eq!(info.headers_per_reply_max, 1024);
+
+        let alice = generate_key();
+        let bob = public_key(&generate_key());
+        good.submit(build_request(
+            &deposit_key,
+            chain,
+            Op::Deposit,
+            1,
+            public_key(&alice),
+            50,
+        ))
+        .await
+        .unwrap();
+        let mut other_chain = chain;
+        other_chain[0] ^= 1;
+        let bad_sig = |mut r: tally_wire::Request| {
+            r.signature[0] ^= 1;
+            r
+        };
+        let mallory = generate_key();
+        let cases = vec![
+            (
+                "to no point: funds there could never move",
+                build_request(&alice, chain, Op::Transfer, 2, NOT_A_POINT, 1),
+                ErrorCode::MalformedRequest,
+            ),
+            (
+                "a deposit to no point",
+                build_request(&deposit_key, chain, Op::Deposit, 2, NOT_A_POINT, 1),
+                ErrorCode::MalformedRequest,
+            ),
+            (
+                "wrong chain, no point, bad signature: the chain",
+                bad_sig(build_request(
+                    &alice,
+                    other_chain,
+                    Op::Transfer,
+                    3,
+                    NOT_A_POINT,
+                    1,
+                )),
+                ErrorCode::WrongChain,
+            ),
+            (
+                "not a deposit key, no point, bad signature: the deposit key",
+                bad_sig(build_request(&alice, chain, Op::Deposit, 3, NOT_A_POINT, 1)),
+                ErrorCode::UnknownDepositKey,
+            ),
+            (
+                "no point and a bad signature: the recipient",
+                bad_sig(build_request(
+                    &alice,
+                    chain,
+                    Op::Transfer,
+                    3,
+                    NOT_A_POINT,
+                    1,
+                )),
+                ErrorCode::MalformedRequest,
+            ),
+            (
+                "bad signature by an unknown account: the signature",
+                bad_sig(build_request(&mallory, chain, Op::Transfer, 1, bob, 1)),
+                ErrorCode::BadSignature,
+            ),
+            (
+                "a used id and too little money: the id",
+                build_request(&deposit_key, chain, Op::Deposit, 1, bob, 7),
+                ErrorCode::IdConflict,
+            ),
+            (
+                "an unknown account: before funds",
+                build_request(&mallory, chain, Op::Transfer, 1, bob, 1),
+                ErrorCode::UnknownAccount,
+            ),
+        ];
+        for (name, request, code) in cases {
+            match good.submit(request).await {
+                Err(ClientError::Rejected(reply)) => assert_eq!(reply.code, code, "{name}"),
+                other => panic!("{name}: expected {code}, got {other:?}"),
+            }
+        }
+        // A layout fault comes before everything the request says (here: its chain).
+        let mut zero = build_request(&alice, other_chain, Op::Transfer, 4, bob, 1);
+        zero.amount = 0;
+        let (answer, closed) = send_raw(&server, &Message::Submit(zero).encode_frame(5)).await;
+        assert_eq!(error_code(&answer.unwrap().1), ErrorCode::MalformedMessage);
+        assert!(!closed);
+        let b = good
+            .balance(public_key(&alice), ReadMode::Linearizable)
+            .await
+            .unwrap();
+        assert_eq!(b.balance, 50, "nothing the refusals said was applied");
+    });
+}

@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `tally-server` binary over TLS on 127.0.0.1.
 
 mod archive;
+mod attack;
 mod bad_input;
 mod cluster;
 mod cluster_harness;

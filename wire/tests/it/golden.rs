@@ -352,6 +352,25 @@ fn small_message_payloads() {
                 + "c3a9",
         ),
         (Message::Headers(vec![]), "0000".to_owned()),
+        (Message::GetInfo, String::new()),
+        (
+            Message::Info(Box::new(InfoReply {
+                chain_id: [0xa0; 32],
+                operator_public_key: [0x0b; 32],
+                node_id: 3,
+                frame_bytes_max: 1 << 20,
+                reply_payload_bytes_max: REPLY_PAYLOAD_BYTES_MAX,
+                requests_in_flight_max: 4096,
+                headers_per_reply_max: HEADERS_PER_REPLY_MAX,
+            })),
+            "a0".repeat(32)
+                + &"0b".repeat(32)
+                + "0300000000000000"
+                + "00001000"
+                + "02000400"
+                + "00100000"
+                + "0004",
+        ),
         (
             Message::Status(Box::new(StatusReply {
                 node_id: 1,

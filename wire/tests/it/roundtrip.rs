@@ -29,7 +29,9 @@ fn every_variant() {
 #[test]
 fn message_types_are_the_documented_bytes() {
     let types: Vec<u8> = every_message().iter().map(Message::message_type).collect();
-    for t in [0x01, 0x02, 0x03, 0x04, 0x05, 0x81, 0x82, 0x83, 0x84, 0x85] {
+    for t in [
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86,
+    ] {
         assert!(types.contains(&t), "no sample of type 0x{t:02x}");
     }
     // Requests from clients are below 0x80, replies at or above.
@@ -41,8 +43,17 @@ fn message_types_are_the_documented_bytes() {
                 | Message::Balance(_)
                 | Message::Headers(_)
                 | Message::Status(_)
+                | Message::Info(_)
         );
         assert_eq!(m.message_type() >= 0x80, is_reply, "{m:?}");
+        assert_eq!(
+            message_type::is_request(m.message_type()),
+            !is_reply,
+            "{m:?}"
+        );
+    }
+    for t in (0x07..=0xff).filter(|t| !(0x80..=0x86).contains(t)) {
+        assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }
 
@@ -148,4 +159,43 @@ fn error_reply_helpers() {
     let e = ErrorReply::from(&w);
     assert_eq!(e.code, ErrorCode::FrameTooLarge);
     assert_eq!(e.message, w.to_string());
+}
+
+/// A server judges the type before the payload: any non-request type is
+/// `unknown_message_type`, an empty `Confirmed` included (PROTOCOL.md §3).
+#[test]
+fn servers_refuse_reply_types_before_reading_them() {
+    for m in every_message() {
+        let t = m.message_type();
+        let mut payload = Vec::new();
+        m.encode_payload(&mut payload);
+        for body in [payload.clone(), Vec::new(), vec![0xff; 3]] {
+            let frame = fixtures::frame(t, &body);
+            let decoded = Message::decode_request(&frame);
+            if message_type::is_request(t) {
+                if body == payload {
+                    assert_eq!(decoded.as_ref(), Ok(&m));
+                }
+            } else {
+                let e = decoded.unwrap_err();
+                assert_eq!(
+                    e.code(),
+                    ErrorCode::UnknownMessageType,
+                    "0x{t:02x} {body:?}"
+                );
+            }
+        }
+    }
+    let empty_confirmed = fixtures::frame(message_type::CONFIRMED, &[]);
+    assert_eq!(
+        Message::decode_request(&empty_confirmed)
+            .unwrap_err()
+            .code() as u16,
+        3
+    );
+    // A client decoding the same frame as a reply finds it malformed.
+    assert_eq!(
+        Message::decode(&empty_confirmed).unwrap_err().code(),
+        ErrorCode::MalformedMessage
+    );
 }

@@ -1,0 +1,344 @@
+//! What a remote party may hold of this process: descriptors, connections per address, and bytes
+//! of replies not yet written. One place for each of those decisions; `net.rs` and `peer.rs`
+//! apply them.
+//!
+//! - Descriptors: [`raise_descriptor_limit`] lifts the soft `RLIMIT_NOFILE` to the hard limit at
+//!   start; [`size_for_descriptors`] fits the connection limits under it, keeping
+//!   [`DESCRIPTORS_RESERVED`] for LevelDB, the archive, the HTTP endpoint and outbound peers.
+//! - Addresses: [`AddressLimit`] counts open connections per IPv4 address or IPv6 /64.
+//! - Replies: every request reserves the largest reply it can get ([`reply_bytes_bound`]) from its
+//!   connection's budget (waiting: backpressure) and from the server's (not waiting: `busy`);
+//!   the reservation travels with the reply ([`ReplyPermit`]) and is returned once the reply was
+//!   written to the socket.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use tally_config::LimitsConfig;
+use tally_wire::{Message, FRAME_HEADER_BYTES, HEADERS_PER_REPLY_MAX, SIGNED_HEADER_BYTES};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Descriptors kept out of the connection limits: LevelDB's table and log files (three
+/// databases), the archive (a directory or S3 connections), the metrics endpoint, outbound peer
+/// connections, the binary's own files.
+pub const DESCRIPTORS_RESERVED: u64 = 256;
+
+/// The largest reply other than a header list: a confirmation with a 16-level proof is under
+/// 1 KiB, a status under 1 KiB, an error a short message.
+pub const SMALL_REPLY_BYTES_MAX: usize = 4096;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force after.
+pub fn raise_descriptor_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    if limit.current != limit.maximum {
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("could not raise the descriptor limit to the hard limit: {e}");
+        }
+    }
+    // `None` is "unlimited".
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// The connection limits in force, after fitting them under the descriptor limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionSizing {
+    pub connections_max: usize,
+    pub connections_per_address_max: usize,
+    pub peer_connections_max: usize,
+}
+
+/// Fits the configured limits under `descriptors` (the soft `RLIMIT_NOFILE`): the peer port gets
+/// at most a quarter of what is left after [`DESCRIPTORS_RESERVED`], clients the rest, and the
+/// per-address limit shrinks in proportion with `connections_max`. Never below one each.
+pub fn size_for_descriptors(descriptors: u64, limits: &LimitsConfig) -> ConnectionSizing {
+    let free = descriptors.saturating_sub(DESCRIPTORS_RESERVED).max(4);
+    let peer = u64::from(limits.peer_connections_max).min(free / 4).max(1);
+    let clients = u64::from(limits.connections_max).min(free - peer).max(1);
+    let per_address = u64::from(limits.connections_per_address_max);
+    let per_address = if clients < u64::from(limits.connections_max) {
+        (per_address * clients).div_ceil(u64::from(limits.connections_max))
+    } else {
+        per_address
+    };
+    let sizing = ConnectionSizing {
+        connections_max: clients as usize,
+        connections_per_address_max: per_address.clamp(1, clients) as usize,
+        peer_connections_max: peer as usize,
+    };
+    assert!(sizing.connections_per_address_max <= sizing.connections_max);
+    sizing
+}
+
+/// Raises the descriptor limit and sizes the connection limits under it, saying so when it had
+/// to lower any of them. Call once at start, before the databases open.
+pub fn connection_sizing(limits: &LimitsConfig) -> ConnectionSizing {
+    let descriptors = raise_descriptor_limit();
+    let sizing = size_for_descriptors(descriptors, limits);
+    let configured = ConnectionSizing {
+        connections_max: limits.connections_max as usize,
+        connections_per_address_max: limits.connections_per_address_max as usize,
+        peer_connections_max: limits.peer_connections_max as usize,
+    };
+    if sizing != configured {
+        tracing::warn!(
+            descriptors,
+            reserved = DESCRIPTORS_RESERVED,
+            connections_max = sizing.connections_max,
+            connections_per_address_max = sizing.connections_per_address_max,
+            peer_connections_max = sizing.peer_connections_max,
+            "the descriptor limit (RLIMIT_NOFILE) cannot hold the configured connection limits: \
+             using lower ones"
+        );
+    }
+    sizing
+}
+
+/// Counts open connections per address: IPv4 addresses one by one, IPv6 by /64 (one host
+/// usually holds a whole /64).
+pub struct AddressLimit {
+    per_address_max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in its address's count; given back when dropped.
+pub struct AddressSlot {
+    table: Arc<AddressLimit>,
+    key: IpAddr,
+}
+
+impl AddressLimit {
+    pub fn new(per_address_max: usize) -> Arc<AddressLimit> {
+        assert!(per_address_max >= 1);
+        Arc::new(AddressLimit {
+            per_address_max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    IpAddr::V6(prefix.into())
+                }
+            },
+        }
+    }
+
+    /// A slot for a connection from `ip`, or `None` when that address is at its limit.
+    pub fn try_enter(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let key = Self::key(ip);
+        let mut open = self.open.lock().expect("address table");
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.per_address_max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: Arc::clone(self),
+            key,
+        })
+    }
+
+    /// Open connections from `ip`'s address (or /64).
+    pub fn open(&self, ip: IpAddr) -> usize {
+        let open = self.open.lock().expect("address table");
+        open.get(&Self::key(ip)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().expect("address table");
+        let count = open
+            .get_mut(&self.key)
+            .expect("a slot's address is counted");
+        assert!(*count >= 1);
+        *count -= 1;
+        if *count == 0 {
+            open.remove(&self.key);
+        }
+    }
+}
+
+/// The largest encoded frame `request` can be answered with.
+pub fn reply_bytes_bound(request: &Message) -> usize {
+    match request {
+        Message::GetHeaders { limit, .. } => {
+            let headers = (*limit).clamp(1, HEADERS_PER_REPLY_MAX) as usize;
+            (FRAME_HEADER_BYTES + 2 + headers * SIGNED_HEADER_BYTES).max(SMALL_REPLY_BYTES_MAX)
+        }
+        _ => SMALL_REPLY_BYTES_MAX,
+    }
+}
+
+/// What one reply holds until it was written: its connection's in-flight slot and the bytes it
+/// reserved from the connection's and the server's reply budgets.
+pub struct ReplyPermit {
+    _in_flight: OwnedSemaphorePermit,
+    _connection: OwnedSemaphorePermit,
+    _server: Option<OwnedSemaphorePermit>,
+    reserved_bytes: usize,
+}
+
+impl ReplyPermit {
+    pub fn reserved_bytes(&self) -> usize {
+        self.reserved_bytes
+    }
+}
+
+/// A connection's share of the reply budgets.
+#[derive(Clone)]
+pub struct ReplyBudget {
+    in_flight: Arc<Semaphore>,
+    connection: Arc<Semaphore>,
+    server: Arc<Semaphore>,
+    in_flight_max: usize,
+    connection_bytes_max: usize,
+}
+
+/// What [`ReplyBudget::reserve`] got: room for the full reply, or only for a `busy` answer
+/// because the server's budget is spent.
+pub enum Reserved {
+    Full(ReplyPermit),
+    BusyOnly(ReplyPermit),
+}
+
+impl ReplyBudget {
+    pub fn new(
+        in_flight_max: usize,
+        connection_bytes_max: usize,
+        server: Arc<Semaphore>,
+    ) -> ReplyBudget {
+        assert!(connection_bytes_max >= SMALL_REPLY_BYTES_MAX);
+        ReplyBudget {
+            in_flight: Arc::new(Semaphore::new(in_flight_max)),
+            connection: Arc::new(Semaphore::new(connection_bytes_max)),
+            server,
+            in_flight_max,
+            connection_bytes_max,
+        }
+    }
+
+    /// Reserves room for a reply of up to `bytes`: waits for an in-flight slot and for the
+    /// connection's budget (the reader stops meanwhile), never for the server's. `None` once
+    /// the budget was closed.
+    pub async fn reserve(&self, bytes: usize) -> Option<Reserved> {
+        assert!(
+            bytes <= self.connection_bytes_max,
+            "a reply larger than the budget"
+        );
+        let in_flight = self.in_flight.clone().acquire_owned().await.ok()?;
+        let n = u32::try_from(bytes).expect("a reply bound fits u32");
+        let connection = self.connection.clone().acquire_many_owned(n).await.ok()?;
+        let (server, full) = match self.server.clone().try_acquire_many_owned(n) {
+            Ok(p) => (Some(p), true),
+            // Too little left for this reply: the request is answered `busy`, whose few bytes
+            // count against this connection's budget only.
+            Err(_) => (None, false),
+        };
+        let permit = ReplyPermit {
+            _in_flight: in_flight,
+            _connection: connection,
+            _server: server,
+            reserved_bytes: bytes,
+        };
+        Some(if full {
+            Reserved::Full(permit)
+        } else {
+            Reserved::BusyOnly(permit)
+        })
+    }
+
+    /// Waits until every reply of this connection was written or dropped (or `timeout`).
+    pub async fn drained(&self, timeout: std::time::Duration) {
+        let all = u32::try_from(self.in_flight_max).expect("in-flight limit fits u32");
+        let _ = tokio::time::timeout(timeout, self.in_flight.acquire_many(all)).await;
+    }
+}
+
+/// Whether an `accept` failed for want of descriptors (or kernel memory), which passes once
+/// connections close: the listener pauses instead of spinning or exiting.
+pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    const ENOMEM: i32 = 12;
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(descriptors: u64, expected: (usize, usize, usize)) {
+        let sizing = size_for_descriptors(descriptors, &LimitsConfig::default());
+        let got = (
+            sizing.connections_max,
+            sizing.connections_per_address_max,
+            sizing.peer_connections_max,
+        );
+        assert_eq!(got, expected, "descriptors {descriptors}");
+    }
+
+    #[test]
+    fn sizing_fits_under_the_descriptor_limit() {
+        // Plenty: the configured defaults.
+        check(1 << 20, (1024, 64, 64));
+        check(256 + 1024 + 64, (1024, 64, 64));
+        // A hard limit of 512: 256 left, a quarter to peers, the rest to clients.
+        check(512, (192, 12, 64));
+        check(1024, (704, 44, 64));
+        // Absurdly low: still one of each.
+        check(10, (3, 1, 1));
+    }
+
+    #[test]
+    fn address_slots_count_and_give_back() {
+        let table = AddressLimit::new(2);
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let (s1, s2) = (table.try_enter(a).unwrap(), table.try_enter(a).unwrap());
+        assert!(table.try_enter(a).is_none());
+        assert!(table.try_enter(b).is_some());
+        drop(s1);
+        assert_eq!(table.open(a), 1);
+        drop(s2);
+        assert_eq!(table.open(a), 0);
+        // IPv6 by /64; a v4-mapped address is its v4 address.
+        let table = AddressLimit::new(1);
+        let _x = table.try_enter("2001:db8::1".parse().unwrap()).unwrap();
+        assert!(table.try_enter("2001:db8::ffff".parse().unwrap()).is_none());
+        assert!(table
+            .try_enter("2001:db8:0:1::1".parse().unwrap())
+            .is_some());
+        let _y = table.try_enter("::ffff:10.0.0.1".parse().unwrap()).unwrap();
+        assert!(table.try_enter("10.0.0.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn reply_bounds_cover_the_largest_replies() {
+        let all = Message::GetHeaders {
+            from_height: 1,
+            limit: u16::MAX,
+        };
+        assert_eq!(reply_bytes_bound(&all), 20 + 2 + 1024 * 256);
+        assert!(
+            reply_bytes_bound(&all) < 1 << 20,
+            "fits the smallest per-connection budget"
+        );
+        assert_eq!(
+            reply_bytes_bound(&Message::GetStatus),
+            SMALL_REPLY_BYTES_MAX
+        );
+    }
+}
