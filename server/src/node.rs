@@ -295,6 +295,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             storage: storage_tx.clone(),
             connections_max: sizing.peer_connections_max,
             handshake_timeout: config.limits.handshake_timeout(),
+            write_timeout: config.limits.write_timeout(),
         });
         let senders = start_outbound(&settings, peer_client, raft_tx.clone(), stop_rx.clone());
         if !config.peers.is_empty() {
