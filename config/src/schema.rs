@@ -216,7 +216,8 @@ pub struct LimitsConfig {
     /// closed. At least `1`. Default: `300000` (5 minutes).
     pub idle_timeout_ms: u64,
     /// Milliseconds one reply may take to be written to the socket; a client that does not
-    /// read for this long is closed. At least `1`. Default: `10000`.
+    /// read for this long is closed. On the peer port, the same for a batch of raft messages or
+    /// a snapshot chunk. At least `1`. Default: `10000`.
     pub write_timeout_ms: u64,
     /// Bytes of replies one connection may have reserved and not yet written (each request
     /// reserves its largest possible reply before it is handled). Over it the connection reads

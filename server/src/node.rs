@@ -55,14 +55,22 @@ fn net_limits(config: &Config, sizing: &crate::limits::ConnectionSizing) -> NetL
         connections_per_address_max: sizing.connections_per_address_max,
         in_flight_max: limits.requests_in_flight_per_connection_max as usize,
         frame_bytes_max: limits.frame_bytes_max,
-        reply_bytes_per_connection_max: limits.reply_bytes_per_connection_max as usize,
-        reply_bytes_total_max: limits.reply_bytes_total_max as usize,
+        reply_bytes_per_connection_max: semaphore_bytes(limits.reply_bytes_per_connection_max),
+        reply_bytes_total_max: semaphore_bytes(limits.reply_bytes_total_max),
         handshake_timeout: limits.handshake_timeout(),
         first_request_timeout: limits.first_request_timeout(),
         frame_timeout: limits.frame_timeout(),
         idle_timeout: limits.idle_timeout(),
         write_timeout: limits.write_timeout(),
     }
+}
+
+/// A byte budget as semaphore permits: tokio's semaphores hold at most `MAX_PERMITS` (2^61 on
+/// 64-bit), far above any memory; a larger configured budget is that.
+fn semaphore_bytes(bytes: u64) -> usize {
+    usize::try_from(bytes)
+        .unwrap_or(usize::MAX)
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
 }
 
 pub fn raft_dir(config: &Config) -> PathBuf {
@@ -295,6 +303,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             storage: storage_tx.clone(),
             connections_max: sizing.peer_connections_max,
             handshake_timeout: config.limits.handshake_timeout(),
+            write_timeout: config.limits.write_timeout(),
         });
         let senders = start_outbound(&settings, peer_client, raft_tx.clone(), stop_rx.clone());
         if !config.peers.is_empty() {

@@ -115,6 +115,9 @@ pub struct PeerSettings {
     pub connections_max: usize,
     /// For the TLS handshake and the hello together (`limits.handshake_timeout_ms`).
     pub handshake_timeout: Duration,
+    /// For each write to a peer: a batch of raft messages, a snapshot chunk
+    /// (`limits.write_timeout_ms`).
+    pub write_timeout: Duration,
 }
 
 /// Starts one dialing task per peer on the current runtime.
@@ -129,10 +132,14 @@ pub fn start_outbound(
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
         senders.insert(id, tx);
         let hello = hello(settings.node_id, &settings.chain_id, CHANNEL_RAFT);
-        tokio::spawn(dial_loop(
+        let dial = Dial {
             id,
             addr,
             hello,
+            write_timeout: settings.write_timeout,
+        };
+        tokio::spawn(dial_loop(
+            dial,
             rx,
             TlsConnector::from(client.clone()),
             events.clone(),
@@ -145,15 +152,27 @@ pub fn start_outbound(
 /// Bytes a peer connection's writer gathers before handing them to TLS (each flush sends sooner).
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
-async fn dial_loop(
+/// One outbound peer: whom to dial, what to say first, how long a write may take.
+struct Dial {
     id: u64,
     addr: std::net::SocketAddr,
     hello: [u8; HELLO_BYTES],
+    write_timeout: Duration,
+}
+
+async fn dial_loop(
+    dial: Dial,
     mut rx: mpsc::Receiver<Vec<u8>>,
     connector: TlsConnector,
     events: Sender<RaftEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Dial {
+        id,
+        addr,
+        hello,
+        write_timeout,
+    } = dial;
     let mut backoff = Duration::from_millis(50);
     loop {
         let attempt = async {
@@ -195,14 +214,17 @@ async fn dial_loop(
                 _ = shutdown.changed() => return,
                 m = rx.recv() => match m { Some(m) => m, None => return },
             };
-            let mut ok = write_frame(&mut tls, &msg).await.is_ok();
-            while ok {
-                match rx.try_recv() {
-                    Ok(m) => ok = write_frame(&mut tls, &m).await.is_ok(),
-                    Err(_) => break,
+            // A peer that does not read is dropped after write_timeout_ms and dialed again;
+            // what it missed, raft resends.
+            let send = async {
+                write_frame(&mut tls, &msg).await?;
+                while let Ok(m) = rx.try_recv() {
+                    write_frame(&mut tls, &m).await?;
                 }
-            }
-            if !ok || tls.flush().await.is_err() {
+                tls.flush().await
+            };
+            let sent = tokio::time::timeout(write_timeout, send).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 tracing::info!(peer = id, "peer connection lost");
                 let _ = events.try_send(RaftEvent::Unreachable(id));
                 break;
@@ -364,9 +386,15 @@ async fn serve_snapshot<S: AsyncWriteExt + Unpin>(
         bail!("the storage thread has stopped");
     }
     let mut bytes = 0u64;
+    // The storage thread waits on this stream's queue: a peer that stops reading must not hold
+    // it past write_timeout_ms.
+    let late = || anyhow!("peer {peer} took no snapshot chunk within limits.write_timeout_ms");
     while let Some(chunk) = rx.recv().await {
         bytes += chunk.len() as u64;
-        write_frame(&mut tls, &chunk).await?;
+        let write = write_frame(&mut tls, &chunk);
+        tokio::time::timeout(settings.write_timeout, write)
+            .await
+            .map_err(|_| late())??;
     }
     let meta = tokio::task::spawn_blocking(move || done_rx.recv())
         .await?

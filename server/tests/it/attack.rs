@@ -399,6 +399,23 @@ where
     figures
 }
 
+/// The reference for the figures: the same measurement with no attack at all (the good client
+/// must be served, and the server grow by no more than the slack).
+#[test]
+fn no_attack_baseline() {
+    let rt = runtime();
+    let operator = Operator::new(tight);
+    let mut server = operator.start();
+    rt.block_on(async {
+        let figures = under_attack(&mut server, "none", Duration::from_secs(6), async {}).await;
+        let growth = figures.rss_peak.saturating_sub(figures.rss_before);
+        assert!(
+            growth <= RSS_SLACK_BYTES,
+            "RSS grew by {growth} bytes with no attack"
+        );
+    });
+}
+
 /// Writes `GetHeaders(1, 1024)` frames as fast as the server takes them and never reads.
 async fn pipeline_headers(mut s: TlsStream<TcpStream>) {
     let mut chunk = Vec::new();
