@@ -621,7 +621,10 @@ fn slowloris_is_closed_at_each_deadline() {
                 let _ = t.await;
             }
         };
-        under_attack(&mut server, "slowloris", Duration::from_secs(6), attack).await;
+        let figures = under_attack(&mut server, "slowloris", Duration::from_secs(6), attack).await;
+        let growth = figures.rss_peak.saturating_sub(figures.rss_before);
+        assert!(growth <= RSS_SLACK_BYTES, "RSS grew by {growth} bytes");
+        assert!(figures.fds_peak <= figures.fds_before + 12 + FD_SLACK);
         let outcomes: Vec<_> = rx.try_iter().collect();
         assert_eq!(outcomes.len(), 4, "every slowloris finished: {outcomes:?}");
         for (handshake, first, frame) in outcomes {
@@ -895,7 +898,10 @@ fn peer_port_flood_without_a_certificate_costs_little() {
             figures.fds_before
         );
         let lines = count_lines(&logs[&leader], "peer");
+        println!("attack-figures: peer-flood: {lines} log lines about peer connections");
         assert!(lines <= 8, "{lines} log lines about peer connections during the flood");
+        let growth = figures.rss_peak.saturating_sub(figures.rss_before);
+        assert!(growth <= RSS_SLACK_BYTES, "RSS grew by {growth} bytes");
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let now = fds(server.child.id());
         assert!(
