@@ -219,21 +219,27 @@ async fn dial_loop(
             };
             // A peer that does not read is dropped after write_timeout_ms and dialed again;
             // what it missed, raft resends.
-            let send = async {
-                write_frame(&mut tls, &msg).await?;
-                while let Ok(m) = rx.try_recv() {
-                    write_frame(&mut tls, &m).await?;
-                }
-                tls.flush().await
-            };
-            let sent = tokio::time::timeout(write_timeout, send).await;
-            if !matches!(sent, Ok(Ok(()))) {
+            let sent = tokio::time::timeout(write_timeout, send_queued(&mut tls, msg, &mut rx));
+            if !matches!(sent.await, Ok(Ok(()))) {
                 tracing::info!(peer = id, "peer connection lost");
                 let _ = events.try_send(RaftEvent::Unreachable(id));
                 break;
             }
         }
     }
+}
+
+/// Writes `first` and whatever else is queued, then flushes: one TLS flush for a burst.
+async fn send_queued<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    first: Vec<u8>,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    write_frame(w, &first).await?;
+    while let Ok(m) = rx.try_recv() {
+        write_frame(w, &m).await?;
+    }
+    w.flush().await
 }
 
 async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
