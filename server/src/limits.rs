@@ -99,6 +99,16 @@ pub fn connection_sizing(limits: &LimitsConfig) -> ConnectionSizing {
     sizing
 }
 
+/// How many connections one address may have on the peer port before their certificates were
+/// checked: an eighth of `peer_connections_max`, at least two (a replica dials once per
+/// channel; loopback test clusters share one address), so that it takes eight addresses to fill
+/// the port with handshakes, and authenticated peers always find room to reconnect otherwise.
+pub fn peer_handshakes_per_address_max(peer_connections_max: usize) -> usize {
+    (peer_connections_max / 8)
+        .max(2)
+        .min(peer_connections_max.max(1))
+}
+
 /// Counts open connections per address: IPv4 addresses one by one, IPv6 by /64 (one host
 /// usually holds a whole /64).
 pub struct AddressLimit {
@@ -300,6 +310,13 @@ mod tests {
         check(1024, (704, 44, 64));
         // Absurdly low: still one of each.
         check(10, (3, 1, 1));
+    }
+
+    #[test]
+    fn peer_handshakes_per_address() {
+        for (cap, expected) in [(64, 8), (24, 3), (16, 2), (4, 2), (2, 2), (1, 1)] {
+            assert_eq!(peer_handshakes_per_address_max(cap), expected, "cap {cap}");
+        }
     }
 
     #[test]

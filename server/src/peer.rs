@@ -12,8 +12,9 @@
 //! Limits: each outbound peer has a queue of `PEER_QUEUE_MAX` messages; when it is full a message
 //! is dropped, which raft tolerates (it retransmits). Inbound messages go to the raft thread with
 //! `try_send` and are dropped when its queue is full, for the same reason. The peer port holds at
-//! most `limits.peer_connections_max` connections, authenticated or not, and one address at most
-//! half of them; the TLS handshake and the hello share one deadline,
+//! most `limits.peer_connections_max` connections, authenticated or not, of which one address may
+//! have an eighth (at least two) before their certificates were checked; the TLS handshake and
+//! the hello share one deadline,
 //! `limits.handshake_timeout_ms`. A refused or failed inbound connection (anyone on the network
 //! can make one) logs at most one line per [`RATE_LOG_INTERVAL_MS`].
 
@@ -32,7 +33,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::bootstrap::node_name;
-use crate::limits::{is_out_of_descriptors, AddressLimit};
+use crate::limits::{
+    is_out_of_descriptors, peer_handshakes_per_address_max, AddressLimit, AddressSlot,
+};
 use crate::rate_log;
 use crate::ratelog::{RateLog, RATE_LOG_INTERVAL_MS};
 use crate::replication::RaftEvent;
@@ -216,21 +219,27 @@ async fn dial_loop(
             };
             // A peer that does not read is dropped after write_timeout_ms and dialed again;
             // what it missed, raft resends.
-            let send = async {
-                write_frame(&mut tls, &msg).await?;
-                while let Ok(m) = rx.try_recv() {
-                    write_frame(&mut tls, &m).await?;
-                }
-                tls.flush().await
-            };
-            let sent = tokio::time::timeout(write_timeout, send).await;
-            if !matches!(sent, Ok(Ok(()))) {
+            let sent = tokio::time::timeout(write_timeout, send_queued(&mut tls, msg, &mut rx));
+            if !matches!(sent.await, Ok(Ok(()))) {
                 tracing::info!(peer = id, "peer connection lost");
                 let _ = events.try_send(RaftEvent::Unreachable(id));
                 break;
             }
         }
     }
+}
+
+/// Writes `first` and whatever else is queued, then flushes: one TLS flush for a burst.
+async fn send_queued<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    first: Vec<u8>,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    write_frame(w, &first).await?;
+    while let Ok(m) = rx.try_recv() {
+        write_frame(w, &m).await?;
+    }
+    w.flush().await
 }
 
 async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
@@ -248,7 +257,7 @@ pub async fn serve_inbound(
 ) {
     let acceptor = TlsAcceptor::from(server);
     let open = Arc::new(tokio::sync::Semaphore::new(settings.connections_max));
-    let addresses = AddressLimit::new((settings.connections_max / 2).max(1));
+    let handshaking = AddressLimit::new(peer_handshakes_per_address_max(settings.connections_max));
     loop {
         let (tcp, remote) = tokio::select! {
             biased;
@@ -265,8 +274,8 @@ pub async fn serve_inbound(
                 }
             },
         };
-        let Some(slot) = addresses.try_enter(remote.ip()) else {
-            rate_log!(REFUSED_LOG, info, %remote, "peer port: connection refused: one address may hold half of limits.peer_connections_max");
+        let Some(slot) = handshaking.try_enter(remote.ip()) else {
+            rate_log!(REFUSED_LOG, info, %remote, "peer port: connection refused: too many handshakes from one address");
             continue;
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
@@ -280,16 +289,19 @@ pub async fn serve_inbound(
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            if let Err(e) = inbound(tcp, acceptor, &settings, events, shutdown).await {
+            if let Err(e) = inbound(tcp, slot, acceptor, &settings, events, shutdown).await {
                 rate_log!(INBOUND_LOG, warn, %remote, "peer connection refused or closed: {e:#}");
             }
-            drop((permit, slot));
+            drop(permit);
         });
     }
 }
 
+/// Serves one inbound peer connection; `handshaking` counts it against its address until the
+/// peer proved who it is.
 async fn inbound(
     tcp: TcpStream,
+    handshaking: AddressSlot,
     acceptor: TlsAcceptor,
     settings: &PeerSettings,
     events: Sender<RaftEvent>,
@@ -322,6 +334,7 @@ async fn inbound(
         .peer_certificates()
         .ok_or_else(|| anyhow!("no client certificate"))?;
     check_cert_names(&certs[0], claimed)?;
+    drop(handshaking);
     match h[45] {
         CHANNEL_RAFT => {}
         CHANNEL_SNAPSHOT => return serve_snapshot(tls, settings, claimed).await,
