@@ -34,7 +34,13 @@ pub async fn serve(
             biased;
             _ = shutdown.changed() => return,
             accepted = listener.accept() => {
-                let Ok((stream, _peer)) = accepted else { continue };
+                let Ok((stream, _peer)) = accepted else {
+                    // Out of descriptors (or another accept error): wait as the client port
+                    // does, instead of retrying in a tight loop.
+                    tokio::time::sleep(std::time::Duration::from_millis(crate::net::ACCEPT_PAUSE_MS))
+                        .await;
+                    continue;
+                };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     tracing::debug!("metrics connection refused: {CONNECTIONS_MAX} open");
                     continue;

@@ -904,10 +904,20 @@ pub(crate) fn state_leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Option
     }
 }
 
+/// Table files one LevelDB database keeps open (its table cache), at most. rusty-leveldb's
+/// default (1,014) would let the ledger's state, its history and the raft log hold ~3,000
+/// descriptors between them; the server keeps 256 of its descriptors back for storage (see
+/// SECURITY.md) and sizes the connection limits under the rest. A table outside the cache is
+/// opened again when read (rare on the hot path: accounts and request ids are answered from
+/// memory).
+pub const TABLE_FILES_OPEN_MAX: usize = 64;
+
 pub(crate) fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
     Options {
         env: Rc::new(Box::new(env)),
         create_if_missing: true,
+        // rusty-leveldb's table cache holds `max_open_files - 10` tables.
+        max_open_files: TABLE_FILES_OPEN_MAX + 10,
         write_buffer_size: opts.write_buffer_bytes,
         block_cache_capacity_bytes: opts.block_cache_bytes,
         // rusty-leveldb reads a log or manifest only up to its first bad record, and when it

@@ -957,6 +957,7 @@ fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
     Options {
         env: Rc::new(Box::new(env)),
         create_if_missing: true,
+        max_open_files: crate::ledger::TABLE_FILES_OPEN_MAX + 10,
         write_buffer_size: opts.write_buffer_bytes,
         block_cache_capacity_bytes: opts.block_cache_bytes,
         reuse_logs: false,
