@@ -33,7 +33,7 @@ use rusty_leveldb::{LdbIterator, WriteBatch, DB};
 use tally_core::{Error, Result};
 use tally_wire::Hash;
 
-use crate::env::SyncEnv;
+use crate::env::{get_checked, SyncEnv, SyncStats};
 use crate::filter::RequestFilter;
 use crate::layout::{self, Table};
 use crate::ledger::{io_error, leveldb_options, reopen_fresh, scan_prefix};
@@ -141,12 +141,15 @@ impl Archive {
             .name("archive".into())
             .spawn(move || {
                 lower_priority();
+                // One count of failed reads for every handle on this database (`get_checked`).
+                let stats = Arc::new(SyncStats::default());
+                let env = || SyncEnv::sharing(Arc::clone(&stats));
                 let opened = (|| -> Result<(DB, ArchivePoint, Option<RequestFilter>)> {
-                    let mut db = DB::open(&dir, leveldb_options(&opts, SyncEnv::new()))
+                    let mut db = DB::open(&dir, leveldb_options(&opts, env()))
                         .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
                     crate::ledger::advance_sequence(&mut db)
                         .map_err(|e| io_error("writing the archive's open marker", e))?;
-                    let point = match db.get(&layout::archive_point_key()) {
+                    let point = match get_checked(&mut db, &layout::archive_point_key(), &stats)? {
                         None => ArchivePoint::default(),
                         Some(v) => ArchivePoint::decode(&v)?,
                     };
@@ -160,7 +163,7 @@ impl Archive {
                             Ok(())
                         })?;
                         // The scan iterated (see `reopen_fresh`).
-                        reopen_fresh(&mut db, &dir, leveldb_options(&opts, SyncEnv::new()))?;
+                        reopen_fresh(&mut db, &dir, leveldb_options(&opts, env()))?;
                     }
                     Ok((db, point, filter))
                 })();
@@ -168,8 +171,8 @@ impl Archive {
                     Ok((db, point, filter)) => {
                         progress2.state.lock().expect("progress lock").point = point;
                         let _ = opened_tx.send(Ok((point, filter)));
-                        let reopen = || leveldb_options(&opts, SyncEnv::new());
-                        run(db, rx, &progress2, &dir, reopen);
+                        let reopen = || leveldb_options(&opts, env());
+                        run(db, rx, &progress2, &dir, &stats, reopen);
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -318,6 +321,7 @@ fn run(
     rx: Receiver<Cmd>,
     progress: &Progress,
     dir: &Path,
+    stats: &SyncStats,
     options: impl Fn() -> rusty_leveldb::Options,
 ) {
     let mut next = None;
@@ -357,7 +361,7 @@ fn run(
                 progress.changed.notify_all();
             }
             Cmd::Get { key, reply } => {
-                let _ = reply.send(Ok(db.get(&key).map(|v| v.to_vec())));
+                let _ = reply.send(get_checked(&mut db, &key, stats));
             }
             Cmd::RawPut { key, value, reply } => {
                 let mut batch = WriteBatch::default();

@@ -27,6 +27,7 @@ use rusty_leveldb::{PosixDiskEnv, Status};
 pub struct SyncStats {
     file_syncs: AtomicU64,
     dir_syncs: AtomicU64,
+    read_errors: AtomicU64,
 }
 
 impl SyncStats {
@@ -39,6 +40,37 @@ impl SyncStats {
     pub fn dir_syncs(&self) -> u64 {
         self.dir_syncs.load(Ordering::Relaxed)
     }
+
+    /// Table files that could not be opened, and reads of them that failed or came back short
+    /// (see [`get_checked`]).
+    pub fn read_errors(&self) -> u64 {
+        self.read_errors.load(Ordering::Relaxed)
+    }
+}
+
+/// `db.get(key)`, except that a read that failed is an error rather than "absent".
+///
+/// rusty-leveldb 4.0.2's `DB::get` turns every error into `None`, and its `get_at`, which
+/// reports them, needs a snapshot, which the snapshot-list caveat of `ledger::reopen_fresh`
+/// rules out. A table read goes through [`SyncEnv`]'s files, which count failures: a `None`
+/// while the count moved was a failed read. An exactly-once check or a balance read must never
+/// take that for "absent" (a request applied twice, a balance reset to zero). Errors that
+/// rusty-leveldb finds itself in bytes it did read (a bad block checksum) are not seen here.
+pub(crate) fn get_checked(
+    db: &mut rusty_leveldb::DB,
+    key: &[u8],
+    stats: &SyncStats,
+) -> Result<Option<Vec<u8>>, tally_core::Error> {
+    let before = stats.read_errors();
+    let found = db.get(key).map(|v| v.to_vec());
+    if found.is_none() && stats.read_errors() != before {
+        return Err(tally_core::Error::Storage(
+            "a LevelDB table could not be read (see the log for the file): the key's value is \
+             unknown"
+                .into(),
+        ));
+    }
+    Ok(found)
 }
 
 /// A [`PosixDiskEnv`] whose writable files sync on `flush()` and whose directory changes are
@@ -104,13 +136,61 @@ impl SyncEnv {
     }
 }
 
+/// A table file for reading that counts failed and short reads (see [`get_checked`]).
+struct CountedRead {
+    file: File,
+    path: PathBuf,
+    stats: Arc<SyncStats>,
+}
+
+impl RandomAccess for CountedRead {
+    /// Reads `dst.len()` bytes at `off` unless the file ends first (rusty-leveldb takes fewer
+    /// for an error of its own; they are counted here).
+    fn read_at(&self, off: usize, dst: &mut [u8]) -> rusty_leveldb::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0;
+        while done < dst.len() {
+            match FileExt::read_at(&self.file, &mut dst[done..], (off + done) as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("{}: reading at offset {off}: {e}", self.path.display());
+                    return Err(status("read", &self.path, e));
+                }
+            }
+        }
+        if done < dst.len() {
+            self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "{}: {} bytes at offset {off} asked, the file ended after {done}",
+                self.path.display(),
+                dst.len()
+            );
+        }
+        Ok(done)
+    }
+}
+
 impl Env for SyncEnv {
     fn open_sequential_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Read>> {
         self.inner.open_sequential_file(p)
     }
 
     fn open_random_access_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn RandomAccess>> {
-        self.inner.open_random_access_file(p)
+        match File::open(p) {
+            Ok(file) => Ok(Box::new(CountedRead {
+                file,
+                path: p.to_owned(),
+                stats: Arc::clone(&self.stats),
+            })),
+            Err(e) => {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("{}: opening for reading: {e}", p.display());
+                Err(status("open (read)", p, e))
+            }
+        }
     }
 
     fn open_writable_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Write>> {
@@ -321,5 +401,45 @@ mod tests {
         assert_eq!((stats.file_syncs(), stats.dir_syncs()), (2, 2));
         env.delete(&dir.path().join("g")).unwrap();
         assert_eq!(stats.dir_syncs(), 3);
+    }
+
+    /// What the exactly-once check and balance reads rely on: a table that cannot be read is an
+    /// error, where rusty-leveldb's own `get` answers "absent".
+    #[test]
+    fn a_table_that_cannot_be_read_is_an_error_not_an_absent_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(SyncStats::default());
+        let options = || {
+            let store = crate::StoreOptions::default();
+            crate::ledger::leveldb_options(&store, SyncEnv::sharing(Arc::clone(&stats)))
+        };
+        let mut db = DB::open(dir.path(), options()).unwrap();
+        db.put(b"k", b"v").unwrap();
+        db.close().unwrap();
+        // Opening again writes the log into a table (logs are never reused).
+        let mut db = DB::open(dir.path(), options()).unwrap();
+        assert_eq!(
+            get_checked(&mut db, b"k", &stats).unwrap(),
+            Some(b"v".to_vec())
+        );
+        assert_eq!(get_checked(&mut db, b"absent", &stats).unwrap(), None);
+        db.close().unwrap();
+        let mut tables = 0;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "ldb") {
+                // The footer stays (it names the index block), the blocks before it go: the
+                // index block's read comes back short, as from a file cut by a bad disk.
+                let bytes = std::fs::read(&path).unwrap();
+                let footer = &bytes[bytes.len() - 48..];
+                std::fs::write(&path, [&bytes[..4], footer].concat()).unwrap();
+                tables += 1;
+            }
+        }
+        assert!(tables >= 1, "the key is in a table");
+        let mut db = DB::open(dir.path(), options()).unwrap();
+        assert_eq!(db.get(b"k"), None, "rusty-leveldb's get: absent");
+        let err = get_checked(&mut db, b"k", &stats).unwrap_err();
+        assert!(err.to_string().contains("could not be read"), "{err}");
     }
 }

@@ -586,9 +586,9 @@ impl LedgerDb {
 
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.check_usable()?;
-        // rusty-leveldb's `get` has no error path of its own: a table it cannot read reads as
-        // a missing key (see the crate caveats).
-        Ok(self.db.get(key).map(|v| v.to_vec()))
+        // rusty-leveldb's `get` reads a table it cannot read as a missing key: `get_checked`
+        // tells the two apart by the env's count of failed reads.
+        crate::env::get_checked(&mut self.db, key, &self.sync_stats)
     }
 
     /// The summary, the header at its height and that height's body were written together: a
