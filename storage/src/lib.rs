@@ -85,8 +85,10 @@
 //!   entry in a table; a unit test pins the upstream behaviour, and the crash test catches a
 //!   regression. Possibly the same bug as dermesser/leveldb-rs#58. `RaftLogDb::open` does the
 //!   same (its hard state and last-index rows have a version per write).
-//! - rusty-leveldb's `get` turns an error reading a table file into "not found". An unreadable
-//!   table can therefore look like a missing account or request rather than an IO error.
+//! - rusty-leveldb's `get` turns an error reading a table file into "not found". `LedgerDb`'s
+//!   point reads (state and history) go through `env::get_checked`, which tells the two apart by
+//!   the env's count of table files that failed to open or read, or read short; a bad block
+//!   checksum that rusty-leveldb finds in bytes it did read is still "not found".
 //!   (`RaftLogDb` reads with `get_at`, which reports them.)
 //! - rusty-leveldb stops reading a log at its first bad record and would append after it if it
 //!   reused the file; both databases turn off log and manifest reuse, so every open writes the
