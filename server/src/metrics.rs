@@ -19,8 +19,12 @@ use tally_wire::ErrorCode;
 /// The pipeline stages, in request order; the `stage` label of the per-stage metrics.
 pub const STAGES: [&str; 5] = ["stateless", "snapshot", "master", "storage", "confirm"];
 
-/// The queues that answer `busy` when full; the `queue` label of `tally_busy_total`.
-pub const BUSY_QUEUES: [&str; 2] = ["stateless", "storage"];
+/// The queues that answer `busy` when full; the `queue` label of `tally_busy_total`
+/// (`reply_budget`: `limits.reply_bytes_total_max`, spent by replies not yet written).
+pub const BUSY_QUEUES: [&str; 3] = ["stateless", "storage", "reply_budget"];
+/// The deadlines that close a client connection; the `deadline` label of
+/// `tally_connections_timed_out_total` (each is `limits.<deadline>_timeout_ms`).
+pub const DEADLINES: [&str; 5] = ["handshake", "first_request", "frame", "idle", "write"];
 const LOOKUP_ANSWERS: [&str; 3] = ["filtered", "found", "absent"];
 const SIGNATURE_PATHS: [&str; 2] = ["batch", "single"];
 
@@ -133,6 +137,7 @@ pub struct Metrics {
     pub ledger_open_seconds: prometheus::Gauge,
     pub connections_open: IntGauge,
     pub connections_refused_total: IntCounter,
+    connections_timed_out_total: IntCounterVec,
     busy_total: IntCounterVec,
     pub account_cache_misses_total: IntCounter,
     pub account_cache_hits_total: IntCounter,
@@ -341,6 +346,12 @@ impl Metrics {
                 "tally_connections_refused_total",
                 "Client connections closed at once because limits.connections_max were open.",
             ),
+            connections_timed_out_total: counter_vec(
+                "tally_connections_timed_out_total",
+                "Client connections closed because a deadline passed, by deadline.",
+                "deadline",
+                &DEADLINES,
+            ),
             busy_total: counter_vec(
                 "tally_busy_total",
                 "Requests answered busy because a queue was full, by queue.",
@@ -448,7 +459,16 @@ impl Metrics {
     }
 
     pub fn busy(&self, queue: &str) {
+        debug_assert!(BUSY_QUEUES.contains(&queue), "{queue}");
         self.busy_total.with_label_values(&[queue]).inc();
+    }
+
+    /// A client connection closed because `deadline` (one of [`DEADLINES`]) passed.
+    pub fn timed_out(&self, deadline: &str) {
+        debug_assert!(DEADLINES.contains(&deadline), "{deadline}");
+        self.connections_timed_out_total
+            .with_label_values(&[deadline])
+            .inc();
     }
 
     /// Readiness as `/ready` reports it. The single node is ready once its pipeline runs; with

@@ -30,6 +30,7 @@ use crate::limits::{
     is_out_of_descriptors, reply_bytes_bound, AddressLimit, ReplyBudget, Reserved,
     SMALL_REPLY_BYTES_MAX,
 };
+use crate::metrics::Metrics;
 use crate::pipeline::{self, Job, Outgoing, PipelineHandle, ReplyTo, StorageCmd};
 use crate::rate_log;
 use crate::ratelog::{RateLog, RATE_LOG_INTERVAL_MS};
@@ -151,12 +152,14 @@ async fn connection(stream: TcpStream, shared: &Shared, shutdown: watch::Receive
         }
         Err(_) => {
             rate_log!(DEADLINE_LOG, debug, "closed: handshake_timeout_ms passed");
+            shared.pipeline.metrics.timed_out("handshake");
             return;
         }
     };
     let (rd, wr) = tokio::io::split(tls);
     let (tx, rx) = mpsc::channel::<Outgoing>(limits.in_flight_max);
-    let writer = tokio::spawn(write_replies(wr, rx, limits.write_timeout));
+    let metrics = shared.pipeline.metrics.clone();
+    let writer = tokio::spawn(write_replies(wr, rx, limits.write_timeout, metrics));
     let budget = ReplyBudget::new(
         limits.in_flight_max,
         limits.reply_bytes_per_connection_max,
@@ -188,6 +191,7 @@ async fn write_replies(
     wr: WriteHalf<TlsStream<TcpStream>>,
     mut rx: mpsc::Receiver<Outgoing>,
     write_timeout: Duration,
+    metrics: Arc<Metrics>,
 ) {
     // tokio-rustls seals and sends a TLS record on every write; buffering here makes the
     // coalesced frames below one record (of up to 16 KiB) and one syscall per buffer instead
@@ -208,8 +212,11 @@ async fn write_replies(
                     "a reply outgrew its reservation"
                 );
             }
-            let write = tokio::time::timeout(write_timeout, wr.write_all(&out.bytes));
-            if !matches!(write.await, Ok(Ok(()))) {
+            let write = tokio::time::timeout(write_timeout, wr.write_all(&out.bytes)).await;
+            if write.is_err() {
+                metrics.timed_out("write");
+            }
+            if !matches!(write, Ok(Ok(()))) {
                 rate_log!(
                     DEADLINE_LOG,
                     debug,
@@ -223,8 +230,11 @@ async fn write_replies(
                 Err(_) => break,
             }
         }
-        let flush = tokio::time::timeout(write_timeout, wr.flush());
-        if !matches!(flush.await, Ok(Ok(()))) {
+        let flush = tokio::time::timeout(write_timeout, wr.flush()).await;
+        if flush.is_err() {
+            metrics.timed_out("write");
+        }
+        if !matches!(flush, Ok(Ok(()))) {
             rate_log!(
                 DEADLINE_LOG,
                 debug,
@@ -400,6 +410,7 @@ impl Conn<'_> {
                     info,
                     "limits.reply_bytes_total_max reached: answering busy"
                 );
+                pipeline.metrics.busy("reply_budget");
                 reply(permit).busy("the server's reply budget", REPLY_BUDGET_RETRY_MS)
             }
         }
@@ -423,12 +434,13 @@ impl Conn<'_> {
     }
 
     async fn deadline_passed(&mut self, waiting: Waiting, partial_frame: bool) {
-        let which = match waiting {
-            Waiting::FirstRequest => "first_request_timeout_ms",
-            Waiting::Frame => "frame_timeout_ms",
-            Waiting::Idle => "idle_timeout_ms",
+        let (which, deadline) = match waiting {
+            Waiting::FirstRequest => ("first_request_timeout_ms", "first_request"),
+            Waiting::Frame => ("frame_timeout_ms", "frame"),
+            Waiting::Idle => ("idle_timeout_ms", "idle"),
         };
         rate_log!(DEADLINE_LOG, debug, "closed: {which} passed");
+        self.shared.pipeline.metrics.timed_out(deadline);
         if partial_frame {
             let message = format!("frame not completed within {which}");
             let error = ErrorReply::new(ErrorCode::MalformedFrame, message);

@@ -647,6 +647,13 @@ fn slowloris_is_closed_at_each_deadline() {
             }
         }
     });
+    // Each close is counted by its deadline.
+    let m = crate::metrics::scrape(&server.metrics_addr);
+    for deadline in ["handshake", "first_request", "frame"] {
+        let series = format!("tally_connections_timed_out_total{{deadline=\"{deadline}\"}}");
+        let closed = m.get(&series).copied().unwrap_or(0.0);
+        assert!(closed >= 4.0, "{series} = {closed}");
+    }
 }
 
 /// A byte of a TLS ClientHello every 300 ms; how long until the server closed.
