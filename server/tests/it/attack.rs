@@ -7,7 +7,6 @@
 //! Each test prints `attack-figures:` lines (RSS, descriptors, good-client throughput and p99
 //! before and during the attack); SECURITY.md quotes them from a release run.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -23,7 +22,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::harness::{runtime, Operator, Server};
+use crate::harness::{lines, runtime, wait_started, Operator, Server};
 
 /// Per-connection and server-wide reply budgets in these tests.
 const REPLY_BYTES_PER_CONNECTION: u64 = 1 << 20;
@@ -161,39 +160,16 @@ fn spawn_server(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawning tally-server");
-    let lines = |pipe: Box<dyn std::io::Read + Send>| {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        rx
-    };
     let stdout = lines(Box::new(child.stdout.take().unwrap()));
     let stderr = lines(Box::new(child.stderr.take().unwrap()));
-    let (mut addr, mut metrics_addr) = (None, None);
-    while addr.is_none() || metrics_addr.is_none() {
-        let line = stdout
-            .recv_timeout(Duration::from_secs(60))
-            .expect("tally-server did not start");
-        if let Some(rest) = line.split(" listening for clients on ").nth(1) {
-            addr = Some(rest.split_whitespace().next().unwrap().to_string());
-        }
-        if let Some(rest) = line.split(" metrics on http://").nth(1) {
-            metrics_addr = Some(rest.trim_end_matches("/metrics").to_string());
-        }
-    }
+    let (addr, metrics_addr) = wait_started(&stdout);
     let mut profile = profile.clone();
-    profile.replicas[0].address = addr.clone().unwrap();
+    profile.replicas[0].address = addr.clone();
     let server = Server {
         child,
         profile,
-        addr: addr.unwrap(),
-        metrics_addr: metrics_addr.unwrap(),
+        addr,
+        metrics_addr,
         _stdout: stdout,
     };
     (server, stderr)

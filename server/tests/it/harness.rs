@@ -79,29 +79,8 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawning tally-server");
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let (mut addr, mut metrics_addr) = (None, None);
-        while addr.is_none() || metrics_addr.is_none() {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("tally-server did not start");
-            if let Some(rest) = line.split(" listening for clients on ").nth(1) {
-                addr = Some(rest.split_whitespace().next().unwrap().to_string());
-            }
-            if let Some(rest) = line.split(" metrics on http://").nth(1) {
-                metrics_addr = Some(rest.trim_end_matches("/metrics").to_string());
-            }
-        }
-        let (addr, metrics_addr) = (addr.unwrap(), metrics_addr.unwrap());
+        let rx = lines(Box::new(child.stdout.take().unwrap()));
+        let (addr, metrics_addr) = wait_started(&rx);
         let mut profile = profile.clone();
         profile.replicas = vec![ReplicaAddress {
             id,
@@ -168,4 +147,35 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A child's pipe, line by line, read on a thread of its own.
+pub fn lines(pipe: Box<dyn std::io::Read + Send>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads a starting server's stdout until it has printed its client and metrics addresses.
+pub fn wait_started(stdout: &mpsc::Receiver<String>) -> (String, String) {
+    let (mut addr, mut metrics_addr) = (None, None);
+    while addr.is_none() || metrics_addr.is_none() {
+        let line = stdout
+            .recv_timeout(Duration::from_secs(60))
+            .expect("tally-server did not start");
+        if let Some(rest) = line.split(" listening for clients on ").nth(1) {
+            addr = Some(rest.split_whitespace().next().unwrap().to_string());
+        }
+        if let Some(rest) = line.split(" metrics on http://").nth(1) {
+            metrics_addr = Some(rest.trim_end_matches("/metrics").to_string());
+        }
+    }
+    (addr.unwrap(), metrics_addr.unwrap())
 }
