@@ -27,7 +27,7 @@ use tally_wire::{PublicKey, SignedHeader};
 use crate::archive::ArchivePoint;
 use crate::layout;
 use crate::ledger::{archive_dir, encode_header_row, leveldb_options, state_leveldb_options};
-use crate::transfer::Part;
+use crate::transfer::{require_empty, Part};
 use crate::{LedgerDb, StoreOptions, SyncEnv};
 
 /// Builds a ledger from history and a snapshot; see the module docs.
@@ -47,17 +47,7 @@ pub struct LedgerImport {
 impl LedgerImport {
     /// Creates the ledger's databases in `dir`, which must be empty or absent.
     pub fn create(dir: &Path, opts: StoreOptions) -> Result<LedgerImport> {
-        let empty = match std::fs::read_dir(dir) {
-            Ok(mut entries) => entries.next().is_none(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-            Err(e) => return Err(Error::Storage(format!("reading {}: {e}", dir.display()))),
-        };
-        if !empty {
-            return Err(Error::Storage(format!(
-                "cannot import a ledger into {}: the directory is not empty",
-                dir.display()
-            )));
-        }
+        require_empty(dir, "import")?;
         Ok(LedgerImport {
             dir: dir.to_owned(),
             state: Part::open(dir, state_leveldb_options(&opts, SyncEnv::new()))?,

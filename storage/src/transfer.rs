@@ -599,18 +599,7 @@ impl LedgerInstaller {
                 && opts.block_cache_bytes > 0,
             "{opts:?}"
         );
-        match fs::read_dir(dir) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    return Err(Error::Storage(format!(
-                        "cannot install a ledger into {}: the directory is not empty",
-                        dir.display()
-                    )));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fs_error("reading", dir, e)),
-        }
+        require_empty(dir, "install")?;
         let state = Part::open(dir, state_leveldb_options(&opts, SyncEnv::new()))?;
         let archive = Part::open(&archive_dir(dir), leveldb_options(&opts, SyncEnv::new()))?;
         Ok(LedgerInstaller {
@@ -851,6 +840,22 @@ fn key_rest<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N]> {
 
 fn invalid(what: impl fmt::Display) -> Error {
     Error::Storage(format!("installed ledger does not check out: {what}"))
+}
+
+/// A ledger is only ever built in a directory that is empty or absent (`what`: the verb).
+pub(crate) fn require_empty(dir: &Path, what: &str) -> Result<()> {
+    let empty = match fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => return Err(fs_error("reading", dir, e)),
+    };
+    if !empty {
+        return Err(Error::Storage(format!(
+            "cannot {what} a ledger into {}: the directory is not empty",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 fn fs_error(what: &str, path: &Path, e: io::Error) -> Error {
