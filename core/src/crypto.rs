@@ -330,6 +330,7 @@ pub fn sign_request_with_hint(key: &SigningKey, request: &mut Request) -> NonceH
 
 /// The operator's signing key. Ed25519 signing is deterministic, so every replica holding this
 /// key produces the same signature for the same header and none has to be replicated.
+#[derive(Clone)]
 pub struct OperatorKey {
     key: SigningKey,
     public: PublicKey,

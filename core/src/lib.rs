@@ -12,6 +12,8 @@
 //! - [`ports`]: the storage traits this crate needs, and an in-memory store for tests.
 //! - [`verify`]: offline verification of confirmations.
 //! - [`replica`]: the sans-IO Raft driver around raft-rs's `RawNode`, and the raft log port.
+//! - [`engine`]: the replica engine: the master, replication and apply stages, every decision
+//!   a replica makes; the server and the simulator are runtimes around it.
 //!
 //! Core never touches sockets, threads, clocks or files: callers pass time in and carry results
 //! out. The same committed batches give the same bytes on every replica.
@@ -22,6 +24,7 @@
 pub mod archive;
 pub mod batch;
 pub mod crypto;
+pub mod engine;
 mod error;
 pub mod merkle;
 pub mod ports;

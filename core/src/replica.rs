@@ -41,6 +41,9 @@ pub trait RaftLogStore: Storage {
     /// After a crash it may be behind what was applied, which is why a restarting replica
     /// starts raft at `min(ledger's raft_index, hard state's commit)`.
     fn set_commit(&mut self, commit: u64) -> Result<()>;
+    /// What the next `compact` records as the snapshot point's ledger state (the `LedgerMeta`
+    /// there, encoded), sent to a replica that needs a snapshot.
+    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>);
 }
 
 /// Where the driver's effects go. Implemented by the server with sockets and threads.

@@ -22,8 +22,9 @@ use tally_storage::archiver::{parse_checkpoint, ArchiveProgress, Archiver, Batch
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::SignedHeader;
 
+use crate::channels::StorageCmd;
 use crate::metrics::Metrics;
-use crate::pipeline::{ArchiveGate, StorageCmd};
+use crate::pipeline::ArchiveGate;
 use crate::replication::ClusterView;
 
 /// Bytes of batch bodies the writer takes from the storage thread per read.

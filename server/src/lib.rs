@@ -19,6 +19,7 @@
 pub mod archive;
 pub mod bootstrap;
 pub mod certs;
+pub mod channels;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -38,36 +38,7 @@ pub mod role {
     pub const SINGLE: i64 = 4;
 }
 
-/// Why the master closed a batch; the `reason` label of `tally_batches_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BatchClose {
-    /// `batch_window_ms` passed since the batch's first request.
-    Window,
-    /// It reached `batch_requests_max`.
-    Full,
-    /// The node is shutting down and sealed what it had.
-    Shutdown,
-    /// No batch was replicating or being applied (`batch_close_idle`, group commit).
-    Idle,
-}
-
-impl BatchClose {
-    pub const ALL: [BatchClose; 4] = [
-        BatchClose::Window,
-        BatchClose::Full,
-        BatchClose::Shutdown,
-        BatchClose::Idle,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            BatchClose::Window => "window",
-            BatchClose::Full => "full",
-            BatchClose::Shutdown => "shutdown",
-            BatchClose::Idle => "idle",
-        }
-    }
-}
+pub use tally_core::engine::master::BatchClose;
 
 /// One pipeline stage: how many items wait in its input queue, and how long it spends on one.
 pub struct Stage {

@@ -26,15 +26,16 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::channels::RaftEvent;
+use crate::channels::{Job, Outgoing, ReplyTo, StorageCmd};
 use crate::limits::{
     is_out_of_descriptors, reply_bytes_bound, AddressLimit, ReplyBudget, Reserved,
     SMALL_REPLY_BYTES_MAX,
 };
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Job, Outgoing, PipelineHandle, ReplyTo, StorageCmd};
+use crate::pipeline::{self, PipelineHandle};
 use crate::rate_log;
 use crate::ratelog::{RateLog, RATE_LOG_INTERVAL_MS};
-use crate::replication::RaftEvent;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bytes a connection's writer gathers before handing them to TLS (each flush sends sooner).

@@ -21,13 +21,15 @@ use tokio::sync::watch;
 
 use crate::archive;
 use crate::bootstrap::read_signing_key;
+use crate::channels::Applied;
 use crate::metrics::Metrics;
 use crate::net::{serve, NetLimits};
 use crate::peer::{peer_tls, serve_inbound, start_outbound, PeerSettings};
 use crate::pipeline::{Pipeline, PipelineConfig, RaftWiring};
-use crate::replication::{Applied, ClusterView, RaftThread};
+use crate::replication::{ClusterView, RaftThread};
 use crate::snapshot::PeerSnapshotTransfer;
 use crate::tls::server_config;
+use tally_core::engine::replication::{Replication, ReplicationConfig};
 
 /// How many applied batches' request keys the sequencer keeps in memory.
 const RECENT_HEIGHTS_KEPT: u64 = 64;
@@ -366,8 +368,15 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
                     return;
                 }
             };
-            RaftThread {
+            let engine = Replication::new(
+                ReplicationConfig {
+                    compaction_entries: raft_cfg.compaction_entries,
+                    compaction_bytes: raft_cfg.compaction_bytes,
+                },
                 replica,
+            );
+            RaftThread {
+                engine,
                 events: raft_rx,
                 peers: senders,
                 apply: apply_tx,
@@ -376,8 +385,6 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
                 view: view2,
                 tick: raft_cfg.tick(),
                 single_voter,
-                compaction_entries: raft_cfg.compaction_entries,
-                compaction_bytes: raft_cfg.compaction_bytes,
                 metrics: metrics2,
                 may_campaign,
             }
@@ -413,7 +420,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             let raft_tx = raft_tx.clone();
             tokio::spawn(async move {
                 while usr1.recv().await.is_some() {
-                    let _ = raft_tx.try_send(crate::replication::RaftEvent::TransferLeader(0));
+                    let _ = raft_tx.try_send(crate::channels::RaftEvent::TransferLeader(0));
                 }
             });
         }

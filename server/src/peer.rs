@@ -33,12 +33,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::bootstrap::node_name;
+use crate::channels::RaftEvent;
 use crate::limits::{
     is_out_of_descriptors, peer_handshakes_per_address_max, AddressLimit, AddressSlot,
 };
 use crate::rate_log;
 use crate::ratelog::{RateLog, RATE_LOG_INTERVAL_MS};
-use crate::replication::RaftEvent;
 use crate::tls::{load_certs, load_key};
 
 pub const HELLO_MAGIC: [u8; 4] = *b"TLYP";
@@ -112,7 +112,7 @@ pub struct PeerSettings {
     pub max_message_bytes: u64,
     pub snapshot_chunk_bytes: u32,
     /// Where snapshot downloads get the ledger dump from (the storage thread).
-    pub storage: Sender<crate::pipeline::StorageCmd>,
+    pub storage: Sender<crate::channels::StorageCmd>,
     /// Open inbound connections on the peer port (`limits.peer_connections_max`, fitted to the
     /// descriptor limit).
     pub connections_max: usize,
@@ -387,7 +387,7 @@ async fn serve_snapshot<S: AsyncWriteExt + Unpin>(
 ) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    let dump = crate::pipeline::StorageCmd::Dump {
+    let dump = crate::channels::StorageCmd::Dump {
         chunk_bytes_max: settings.snapshot_chunk_bytes as usize,
         out: tx,
         done: done_tx,

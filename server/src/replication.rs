@@ -1,93 +1,24 @@
-//! The raft thread: owns the [`Replica`] (raft-rs `RawNode`), turns its effects into peer
-//! messages and apply commands, and decides when the master may sequence.
+//! The raft thread: a runtime around the engine's replication stage
+//! (`tally_core::engine::replication`), which owns raft-rs and decides the leadership
+//! hand-off, what proposals and committed entries become, reads and compaction. This thread
+//! feeds it peer messages, proposals and ticks, and carries its commands out.
 //!
-//! Leadership hand-off: when this replica becomes leader of term T, raft-rs appends an empty
-//! entry at index I. Once the apply thread has applied everything up to I, every entry of every
-//! earlier term is applied too, so the applied state *is* the state to sequence on: the raft
-//! thread then tells the master `Lead { term, meta }`. Until then clients get `unavailable`.
-//! When it stops leading, the master is told `Follow`: its open batch fails with `not_leader`,
-//! and so do the requests of proposed batches that were not committed yet. Those batches may
-//! still commit under the next leader; a client retrying with the same id then receives the
-//! original confirmation.
-//!
-//! Each proposal carries the master's epoch (bumped at every `Lead`). A proposal from an older
-//! epoch is refused, and a refused or failed proposal makes the raft thread resynchronize the
-//! master, because the batches sealed after it chain to it.
+//! Also here: the cluster view connections read (leader, role, writability) and `GetInfo`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use raft::eraftpb::{Entry, Message, Snapshot};
-use raft::ReadState;
-use tally_core::batch::BatchBody;
-use tally_core::crypto::header_hash;
-use tally_core::replica::{
-    encode_message, is_batch, RaftIo, RaftLogStore, Replica, ReplicaStatus, Role,
-};
-use tally_core::state::LedgerMeta;
-use tally_wire::{ErrorCode, ErrorReply, Hash, Message as WireMessage, Retry};
+use raft::eraftpb::{Message, Snapshot};
+use tally_core::engine::replication::{is_snapshot, ReplOut, Replication};
+use tally_core::engine::Refusal;
+use tally_core::replica::{encode_message, RaftLogStore, ReplicaStatus, Role};
+use tally_wire::{ErrorCode, ErrorReply, Retry};
 
+use crate::channels::{Applied, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
 use crate::peer::PeerSenders;
-use crate::pipeline::{ReplyTo, StorageCmd};
-
-/// Inputs of the raft thread. Its queue is bounded; peers' messages are dropped when it is full.
-pub enum RaftEvent {
-    Peer(Message),
-    Unreachable(u64),
-    Propose {
-        body: BatchBody,
-        replies: Vec<(u32, ReplyTo, bool)>,
-        epoch: u64,
-    },
-    /// A read to serve once a linearizable read index is applied.
-    Read {
-        cmd: StorageCmd,
-    },
-    Status {
-        reply: ReplyTo,
-    },
-    TransferLeader(u64),
-    /// The master found its speculative state out of step with what was applied.
-    Resync,
-    /// Shutting down: commit and apply what was proposed (for a few seconds at most), then stop
-    /// the storage thread and this one.
-    Drain,
-}
-
-/// Lets the raft thread say what ledger state a compaction point stands for.
-pub trait SnapshotDescriptor {
-    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>);
-}
-
-impl SnapshotDescriptor for tally_storage::RaftLogDb {
-    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
-        tally_storage::RaftLogDb::set_snapshot_descriptor(self, bytes)
-    }
-}
-
-impl RaftEvent {
-    /// The connection an event answers, when it is a read or a status request.
-    pub fn into_cmd_reply(self) -> Option<ReplyTo> {
-        match self {
-            RaftEvent::Read { cmd } => cmd.into_reply(),
-            RaftEvent::Status { reply } => Some(reply),
-            _ => None,
-        }
-    }
-}
-
-/// What the master is told about leadership.
-pub enum MasterEvent {
-    Lead {
-        term: u64,
-        epoch: u64,
-        meta: LedgerMeta,
-    },
-    Follow,
-}
 
 /// What `GetInfo` answers for a replica run with `config` and the operator key `operator`.
 pub fn info_reply(
@@ -173,22 +104,14 @@ impl ClusterView {
     }
 }
 
-/// State the apply thread publishes for the raft thread and the master.
-pub struct Applied {
-    /// Highest raft index whose effects are applied (batches and empty entries alike).
-    pub index: AtomicU64,
-    /// The ledger summary after the last applied batch.
-    pub meta: Mutex<LedgerMeta>,
-    /// The summary of the last batch the ledger holds whole (its archive included): the raft
-    /// log is compacted up to it, never further (`LedgerStore::compactable_meta`).
-    pub compactable: Mutex<LedgerMeta>,
-}
-
 /// How long a shutting-down replica waits for its proposals to commit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct RaftThread<S: RaftLogStore + SnapshotDescriptor> {
-    pub replica: Replica<S>,
+/// The raft thread's wiring. The decisions are the engine's ([`Replication`]); this thread
+/// feeds it events and ticks, carries its commands to peers, the master and the storage
+/// thread, and keeps the cluster view and metrics current.
+pub struct RaftThread<S: RaftLogStore> {
+    pub engine: Replication<S, ReplyTo, StorageCmd>,
     pub events: Receiver<RaftEvent>,
     pub peers: PeerSenders,
     pub apply: Sender<StorageCmd>,
@@ -197,302 +120,40 @@ pub struct RaftThread<S: RaftLogStore + SnapshotDescriptor> {
     pub view: Arc<ClusterView>,
     pub tick: Duration,
     pub single_voter: bool,
-    /// Compact the raft log once this many entries are applied past the last snapshot point.
-    pub compaction_entries: u64,
-    /// ... or once the entries committed since the last compaction carry this many bytes.
-    pub compaction_bytes: u64,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Whether this replica may start an election now (`archive::may_campaign`); asked at
     /// every tick while it does not lead.
     pub may_campaign: Box<dyn Fn() -> bool + Send>,
 }
 
-struct Io<'a> {
-    peers: &'a PeerSenders,
-    apply: &'a Sender<StorageCmd>,
-    stash: &'a mut HashMap<Hash, Vec<(u32, ReplyTo, bool)>>,
-    reads: &'a mut HashMap<u64, StorageCmd>,
-    ready_reads: &'a mut VecDeque<(u64, StorageCmd)>,
-    /// Peers a snapshot message could not be queued for: raft must be told, or it waits forever.
-    failed_snapshots: Vec<u64>,
-    /// Bytes of entries committed since the raft log was last compacted.
-    committed_bytes: &'a mut u64,
-}
+type Out = Vec<ReplOut<ReplyTo, StorageCmd>>;
 
-impl RaftIo for Io<'_> {
-    fn send(&mut self, messages: Vec<Message>) {
-        for m in messages {
-            let to = m.to;
-            let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
-            if !self.peers.send(to, encode_message(&m)) && snapshot {
-                self.failed_snapshots.push(to);
-            }
-        }
-    }
-
-    fn install_snapshot(&mut self, snapshot: &Snapshot) -> tally_core::Result<()> {
-        let index = snapshot.get_metadata().index;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let data = snapshot.data.to_vec();
-        self.apply
-            .send(StorageCmd::InstallSnapshot {
-                index,
-                descriptor: data,
-                done: tx,
-            })
-            .map_err(|_| tally_core::Error::Storage("the apply thread has stopped".into()))?;
-        rx.recv()
-            .map_err(|_| tally_core::Error::Storage("the apply thread has stopped".into()))?
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) {
-        for e in entries {
-            *self.committed_bytes += e.data.len() as u64;
-            let cmd = if is_batch(&e) {
-                match BatchBody::decode(&e.data) {
-                    Ok(body) => {
-                        let replies = self
-                            .stash
-                            .remove(&header_hash(&body.header))
-                            .unwrap_or_default();
-                        StorageCmd::Apply {
-                            body,
-                            replies,
-                            raft_index: e.index,
-                        }
-                    }
-                    // Deterministic on every replica: a committed entry that is not a batch body
-                    // is skipped by all of them alike.
-                    Err(err) => {
-                        tracing::error!(
-                            index = e.index,
-                            "committed entry is not a batch body: {err}"
-                        );
-                        StorageCmd::AppliedIndex {
-                            raft_index: e.index,
-                        }
-                    }
-                }
-            } else {
-                StorageCmd::AppliedIndex {
-                    raft_index: e.index,
-                }
-            };
-            if self.apply.send(cmd).is_err() {
-                return;
-            }
-        }
-    }
-
-    fn read_ready(&mut self, states: Vec<ReadState>) {
-        for s in states {
-            let ctx = u64::from_le_bytes(s.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            if let Some(cmd) = self.reads.remove(&ctx) {
-                self.ready_reads.push_back((s.index, cmd));
-            }
-        }
-    }
-}
-
-impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
+impl<S: RaftLogStore> RaftThread<S> {
     pub fn run(mut self) {
-        let mut stash: HashMap<Hash, Vec<(u32, ReplyTo, bool)>> = HashMap::new();
-        let mut reads: HashMap<u64, StorageCmd> = HashMap::new();
-        let mut ready_reads: VecDeque<(u64, StorageCmd)> = VecDeque::new();
-        let mut read_ctx = 0u64;
-        let mut epoch = 0u64;
-        // Set while leading and waiting for the applied index to reach this raft index.
-        let mut lead_at: Option<u64> = None;
-        let mut leading = false;
-        let mut last_role = Role::Follower;
         let mut draining: Option<Instant> = None;
-        let mut committed_bytes = 0u64;
         let mut next_tick = Instant::now() + self.tick;
+        let mut out: Out = Vec::new();
         if self.single_voter {
             // Nobody else can vote: do not wait out an election timeout.
-            let _ = self.replica.campaign();
+            let _ = self.engine.replica_mut().campaign();
         }
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(timeout) {
                 Ok(RaftEvent::Drain) => draining = Some(Instant::now()),
-                // (`Replica::step` also releases a follower paused for a snapshot whose
-                // acknowledgement was lost, once it answers a heartbeat.)
-                Ok(RaftEvent::Peer(m)) => self.replica.step(m),
-                Ok(RaftEvent::Unreachable(id)) => {
-                    self.replica.report_unreachable(id);
-                    self.replica.report_snapshot(id, false);
-                }
-                Ok(RaftEvent::Propose {
-                    body,
-                    replies,
-                    epoch: e,
-                }) => {
-                    if !leading || e != epoch {
-                        fail(replies, self.view.not_writable());
-                    } else {
-                        let key = header_hash(&body.header);
-                        match self.replica.propose(body.encode()) {
-                            Ok(()) => {
-                                stash.insert(key, replies);
-                            }
-                            Err(why) => {
-                                tracing::warn!(
-                                    "proposal refused: {why}; resynchronizing the master"
-                                );
-                                fail(replies, self.view.not_writable());
-                                leading = false;
-                                self.view.writable.store(false, Ordering::SeqCst);
-                                let _ = self.master.send(MasterEvent::Follow);
-                                lead_at = self
-                                    .replica
-                                    .term_start_index()
-                                    .map(|_| self.replica.status().last_index);
-                            }
-                        }
-                    }
-                }
-                Ok(RaftEvent::Read { cmd }) => {
-                    if self.replica.status().role == Role::Leader {
-                        read_ctx += 1;
-                        reads.insert(read_ctx, cmd);
-                        self.replica.read_index(read_ctx.to_le_bytes().to_vec());
-                    } else {
-                        fail_cmd(cmd, self.view.not_writable());
-                    }
-                }
-                Ok(RaftEvent::Status { reply }) => {
-                    let status = self.replica.status();
-                    let _ = self.apply.send(StorageCmd::Status {
-                        raft: status,
-                        writable: self.view.writable.load(Ordering::SeqCst),
-                        leader_client_address: self.view.leader_hint(),
-                        reply,
-                    });
-                }
-                Ok(RaftEvent::TransferLeader(to)) => {
-                    // 0: the follower that holds most of the log.
-                    let to = if to == 0 {
-                        self.replica.best_transferee()
-                    } else {
-                        Some(to)
-                    };
-                    if let Some(to) = to {
-                        tracing::info!(to, "transferring leadership");
-                        self.replica.transfer_leader(to);
-                    }
-                }
-                Ok(RaftEvent::Resync) => {
-                    if leading {
-                        leading = false;
-                        self.view.writable.store(false, Ordering::SeqCst);
-                        let _ = self.master.send(MasterEvent::Follow);
-                        lead_at = Some(self.replica.status().last_index);
-                    }
-                }
+                Ok(event) => self.event(event, &mut out),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             }
             if Instant::now() >= next_tick {
-                if self.single_voter || (self.may_campaign)() {
-                    self.replica.tick();
-                } else {
-                    self.replica.tick_without_campaign();
-                }
+                self.engine.tick(self.single_voter || (self.may_campaign)());
                 next_tick = Instant::now() + self.tick;
             }
-            let mut io = Io {
-                peers: &self.peers,
-                apply: &self.apply,
-                stash: &mut stash,
-                reads: &mut reads,
-                ready_reads: &mut ready_reads,
-                failed_snapshots: Vec::new(),
-                committed_bytes: &mut committed_bytes,
-            };
-            let started = Instant::now();
-            let had_ready = self.replica.has_ready();
-            if let Err(e) = self.replica.on_ready(&mut io) {
-                crate::pipeline::fatal("raft persistence", &e);
-            }
-            if had_ready {
-                self.metrics
-                    .raft
-                    .ready_seconds
-                    .observe(started.elapsed().as_secs_f64());
-            }
-            for id in std::mem::take(&mut io.failed_snapshots) {
-                self.replica.report_snapshot(id, false);
-            }
-
-            let status = self.replica.status();
-            self.publish(&status);
-            self.metrics
-                .raft
-                .proposals_in_flight
-                .set(stash.len() as i64);
-            if status.role != last_role {
-                tracing::info!(
-                    term = status.term,
-                    leader = status.leader_id,
-                    "raft role is now {:?}",
-                    status.role
-                );
-                if status.role == Role::Leader {
-                    self.metrics.raft.elections_total.inc();
-                    lead_at = self.replica.term_start_index();
-                } else if last_role == Role::Leader {
-                    lead_at = None;
-                    leading = false;
-                    self.view.writable.store(false, Ordering::SeqCst);
-                    let _ = self.master.send(MasterEvent::Follow);
-                    let hint = self.view.not_writable();
-                    for (_, replies) in stash.drain() {
-                        fail(replies, hint.clone());
-                    }
-                    for (_, cmd) in reads.drain() {
-                        fail_cmd(cmd, hint.clone());
-                    }
-                    while let Some((_, cmd)) = ready_reads.pop_front() {
-                        fail_cmd(cmd, hint.clone());
-                    }
-                }
-                last_role = status.role;
-            }
-            let applied = self.applied.index.load(Ordering::SeqCst);
-            if let Some(at) = lead_at {
-                if status.role == Role::Leader && applied >= at {
-                    lead_at = None;
-                    leading = true;
-                    epoch += 1;
-                    let meta = self.applied.meta.lock().expect("meta lock").clone();
-                    tracing::info!(
-                        term = status.term,
-                        height = meta.height,
-                        "leading: sequencing from the applied state"
-                    );
-                    let _ = self.master.send(MasterEvent::Lead {
-                        term: status.term,
-                        epoch,
-                        meta,
-                    });
-                    self.view.writable.store(true, Ordering::SeqCst);
-                }
-            }
-            while ready_reads
-                .front()
-                .is_some_and(|(index, _)| *index <= applied)
-            {
-                let (_, cmd) = ready_reads.pop_front().expect("front exists");
-                let _ = self.apply.send(cmd);
-            }
-            self.maybe_compact(&mut committed_bytes);
+            self.drive(&mut out);
             if let Some(since) = draining {
-                if stash.is_empty() || since.elapsed() >= DRAIN_TIMEOUT {
-                    let hint = self.view.not_writable();
-                    for (_, replies) in stash.drain() {
-                        fail(replies, hint.clone());
-                    }
+                if self.engine.proposals_in_flight() == 0 || since.elapsed() >= DRAIN_TIMEOUT {
+                    self.engine.refuse_proposals(&mut out);
+                    self.execute(&mut out);
                     let _ = self.apply.send(StorageCmd::Stop);
                     return;
                 }
@@ -500,47 +161,134 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
         }
     }
 
-    /// Compacts the raft log up to the last batch the ledger holds whole (bodies and request
-    /// index included, which a restart rebuilds from the raft log) once enough entries (or
-    /// bytes) piled up, so the log stays bounded on disk (at full load 10,000 entries of 2,000
-    /// requests would be about 6 GB, and rusty-leveldb compacts what it holds); a replica that
-    /// needs older entries gets a snapshot instead.
-    fn maybe_compact(&mut self, committed_bytes: &mut u64) {
-        let meta = self.applied.compactable.lock().expect("meta lock").clone();
-        let point = self
-            .replica
-            .store()
-            .first_index()
-            .unwrap_or(1)
-            .saturating_sub(1);
-        let entries_due = meta.raft_index >= point + self.compaction_entries.max(1);
-        let bytes_due = *committed_bytes >= self.compaction_bytes.max(1) && meta.raft_index > point;
-        if !entries_due && !bytes_due {
-            return;
+    fn event(&mut self, event: RaftEvent, out: &mut Out) {
+        match event {
+            // (`Replica::step` also releases a follower paused for a snapshot whose
+            // acknowledgement was lost, once it answers a heartbeat.)
+            RaftEvent::Peer(m) => self.engine.step(m),
+            RaftEvent::Unreachable(id) => self.engine.unreachable(id),
+            RaftEvent::Propose {
+                body,
+                waiters,
+                epoch,
+            } => self.engine.propose(&body, waiters, epoch, out),
+            RaftEvent::Read { cmd } => self.engine.read(cmd, out),
+            RaftEvent::Status { reply } => {
+                let _ = self.apply.send(StorageCmd::Status {
+                    raft: self.engine.status(),
+                    writable: self.view.writable.load(Ordering::SeqCst),
+                    leader_client_address: self.view.leader_hint(),
+                    reply,
+                });
+            }
+            RaftEvent::TransferLeader(to) => {
+                // 0: the follower that holds most of the log.
+                let replica = self.engine.replica_mut();
+                let to = if to == 0 {
+                    replica.best_transferee()
+                } else {
+                    Some(to)
+                };
+                if let Some(to) = to {
+                    tracing::info!(to, "transferring leadership");
+                    replica.transfer_leader(to);
+                }
+            }
+            RaftEvent::Resync => self.engine.resync(out),
+            RaftEvent::Drain => unreachable!("handled by the loop"),
         }
-        // After installing a peer's ledger that is newer than the snapshot named, the applied
-        // raft index can be past what this log has committed; compacting there is refused
-        // (RaftLogDb asserts). Wait until raft has caught up. (Found by tally-chaos.)
-        let commit = self
-            .replica
-            .store()
-            .initial_state()
-            .map_or(0, |s| s.hard_state.commit);
-        if meta.raft_index > commit {
-            return;
+    }
+
+    /// Runs raft's ready work, the hand-off and compaction, and carries out the commands.
+    fn drive(&mut self, out: &mut Out) {
+        let started = Instant::now();
+        let had_ready = self.engine.replica().has_ready();
+        let apply = self.apply.clone();
+        let mut install = |snapshot: &Snapshot| install_snapshot(&apply, snapshot);
+        if let Err(e) = self.engine.drive(&mut install, out) {
+            crate::pipeline::fatal("raft persistence", &e);
         }
-        self.replica
-            .store_mut()
-            .set_snapshot_descriptor(meta.encode().to_vec());
-        if let Err(e) = self.replica.store_mut().compact(meta.raft_index) {
+        if had_ready {
+            let seconds = started.elapsed().as_secs_f64();
+            self.metrics.raft.ready_seconds.observe(seconds);
+        }
+        self.execute(out);
+        let applied = &self.applied;
+        let index = applied.index.load(Ordering::SeqCst);
+        self.engine.applied(
+            index,
+            || applied.meta.lock().expect("meta lock").clone(),
+            out,
+        );
+        let compactable = applied.compactable.lock().expect("meta lock").clone();
+        if let Err(e) = self.engine.maybe_compact(&compactable, out) {
             crate::pipeline::fatal("compacting the raft log", &e);
         }
-        *committed_bytes = 0;
-        tracing::info!(
-            index = meta.raft_index,
-            height = meta.height,
-            "raft log compacted"
-        );
+        self.execute(out);
+        self.publish(&self.engine.status());
+        let in_flight = self.engine.proposals_in_flight() as i64;
+        self.metrics.raft.proposals_in_flight.set(in_flight);
+    }
+
+    fn execute(&mut self, out: &mut Out) {
+        for command in out.drain(..) {
+            match command {
+                ReplOut::Send(messages) => self.send(messages),
+                ReplOut::Committed(c) => {
+                    let _ = self.apply.send(StorageCmd::Committed(c));
+                }
+                ReplOut::Lead { term, epoch, meta } => {
+                    tracing::info!(
+                        term,
+                        height = meta.height,
+                        "leading: sequencing from the applied state"
+                    );
+                    let _ = self.master.send(MasterEvent::Lead { term, epoch, meta });
+                    self.view.writable.store(true, Ordering::SeqCst);
+                }
+                ReplOut::Follow => {
+                    self.view.writable.store(false, Ordering::SeqCst);
+                    let _ = self.master.send(MasterEvent::Follow);
+                }
+                ReplOut::Refuse(reply, r) => reply.refuse(r, &self.view),
+                ReplOut::RefuseRead(cmd) => {
+                    if let Some(reply) = cmd.into_reply() {
+                        reply.refuse(Refusal::NotWritable, &self.view);
+                    }
+                }
+                ReplOut::Serve(cmd) => {
+                    let _ = self.apply.send(cmd);
+                }
+                ReplOut::Role(s) => {
+                    tracing::info!(
+                        term = s.term,
+                        leader = s.leader_id,
+                        "raft role is now {:?}",
+                        s.role
+                    );
+                    if s.role == Role::Leader {
+                        self.metrics.raft.elections_total.inc();
+                    }
+                }
+                ReplOut::Compacted(meta) => {
+                    tracing::info!(
+                        index = meta.raft_index,
+                        height = meta.height,
+                        "raft log compacted"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Queues messages for peers; a snapshot that cannot be queued is reported, or raft would
+    /// wait for it forever.
+    fn send(&mut self, messages: Vec<Message>) {
+        for m in messages {
+            if !self.peers.send(m.to, encode_message(&m)) && is_snapshot(&m) {
+                self.engine.report_snapshot(m.to, false);
+            }
+        }
     }
 
     fn publish(&self, s: &ReplicaStatus) {
@@ -562,14 +310,16 @@ impl<S: RaftLogStore + SnapshotDescriptor> RaftThread<S> {
     }
 }
 
-fn fail(replies: Vec<(u32, ReplyTo, bool)>, reply: ErrorReply) {
-    for (_, to, _) in replies {
-        to.send(&WireMessage::Error(reply.clone()));
-    }
-}
-
-fn fail_cmd(cmd: StorageCmd, reply: ErrorReply) {
-    if let Some(to) = cmd.into_reply() {
-        to.send(&WireMessage::Error(reply));
-    }
+/// Has the storage thread bring the ledger to a snapshot's state, and waits for it.
+fn install_snapshot(apply: &Sender<StorageCmd>, snapshot: &Snapshot) -> tally_core::Result<()> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let gone = || tally_core::Error::Storage("the storage thread has stopped".into());
+    apply
+        .send(StorageCmd::InstallSnapshot {
+            index: snapshot.get_metadata().index,
+            descriptor: snapshot.data.to_vec(),
+            done: tx,
+        })
+        .map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
 }

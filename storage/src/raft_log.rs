@@ -509,6 +509,10 @@ impl Storage for RaftLogDb {
 }
 
 impl RaftLogStore for RaftLogDb {
+    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
+        RaftLogDb::set_snapshot_descriptor(self, bytes)
+    }
+
     /// Entries replace the stored ones from their first index on. Without a hard state, the one
     /// in memory is written, which carries the commit index of any `set_commit` since.
     fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {

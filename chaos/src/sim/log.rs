@@ -146,6 +146,10 @@ impl Storage for SimLog {
 }
 
 impl RaftLogStore for SimLog {
+    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
+        SimLog::set_snapshot_descriptor(self, bytes)
+    }
+
     fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
         let mut s = self.0.borrow_mut();
         if let Some(head) = entries.first() {

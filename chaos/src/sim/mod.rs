@@ -47,6 +47,9 @@ pub enum SimBug {
     /// As the server: never report a snapshot as finished, so a lost acknowledgement of an
     /// installed snapshot pauses that follower until the next election.
     ServerSnapshotStall,
+    /// The engine's replication stage serves linearizable reads from the applied state as soon
+    /// as it leads, without a read index (`engine::PlantedBug::ReadWithoutReadIndex`).
+    ReadWithoutReadIndex,
 }
 
 impl SimBug {
@@ -57,6 +60,7 @@ impl SimBug {
             SimBug::ServerCompactsPastCommit,
         ),
         ("server-snapshot-stall", SimBug::ServerSnapshotStall),
+        ("read-without-read-index", SimBug::ReadWithoutReadIndex),
     ];
 
     pub fn parse(text: &str) -> Result<SimBug> {
@@ -178,6 +182,9 @@ pub struct SeedOutcome {
     pub seed: u64,
     pub violations: Vec<String>,
     pub stats: SimStats,
+    /// SHA-256 chained over every event the run delivered, in order (zeros after a panic).
+    #[serde(skip)]
+    pub event_digest: Hash,
 }
 
 impl SeedOutcome {
@@ -192,7 +199,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedOutcome {
         world::World::new(seed, opts).run(opts.steps)
     }));
     match result {
-        Ok((violations, mut stats)) => {
+        Ok((violations, mut stats, event_digest)) => {
             if let Some((_, text)) = stats.refused_then_applied_example.take() {
                 stats.refused_then_applied_example = Some((seed, text));
             }
@@ -200,6 +207,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedOutcome {
                 seed,
                 violations,
                 stats,
+                event_digest,
             }
         }
         Err(panic) => {
@@ -212,6 +220,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedOutcome {
                 seed,
                 violations: vec![format!("panicked: {what}")],
                 stats: SimStats::default(),
+                event_digest: [0; 32],
             }
         }
     }

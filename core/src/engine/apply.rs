@@ -1,0 +1,351 @@
+//! The apply stage: committed entries, in log order, become durable state and confirmations.
+//!
+//! For each committed batch the decision depends only on the committed log and the applied
+//! state, so every replica decides alike:
+//! - at or below the applied height: already applied (a restart re-delivers the log from the
+//!   last durable commit); its waiters get their original confirmations;
+//! - not extending the applied chain (sealed on a state a leader change superseded): skipped;
+//!   its waiters are refused and the master must resynchronize;
+//! - else replayed against the ledger (`prepare_apply` checks receipts, Merkle root and state
+//!   digest), signed, and written in one atomic synced write, and only then confirmed.
+//!
+//! Resubmissions of requests whose batch is not applied yet wait here ("parked", bounded) and
+//! get their original confirmation once it is.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tally_wire::{Confirmation, Hash, PublicKey, SignedHeader};
+
+use crate::batch::{prepare_apply, BatchBody, BatchWrite};
+use crate::crypto::{request_hash, OperatorKey};
+use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
+use crate::state::LedgerMeta;
+use crate::Result;
+
+use super::{Refusal, Waiter};
+
+/// A committed raft entry, as the replication stage hands it over.
+#[derive(Debug)]
+pub enum Committed<R> {
+    Batch {
+        body: BatchBody,
+        /// The entry's bytes: the encoded body.
+        encoded: Vec<u8>,
+        /// Clients of this replica waiting for the batch (none on followers).
+        waiters: Vec<Waiter<R>>,
+        raft_index: u64,
+    },
+    /// An entry without a batch (raft's own empty and configuration entries, or bytes that are
+    /// not a batch body, which every replica skips alike).
+    Other { raft_index: u64 },
+}
+
+/// Commands of the apply stage.
+#[derive(Debug)]
+pub enum ApplyOut<R> {
+    /// The batch is durable: each waiter gets its confirmation.
+    Confirm {
+        body: BatchBody,
+        signed: SignedHeader,
+        waiters: Vec<Waiter<R>>,
+    },
+    /// A resubmission's original confirmation.
+    Replayed(R, Box<Confirmation>),
+    Refuse(R, Refusal),
+    /// A committed batch did not extend the chain: the master's speculative state is void.
+    Resync,
+}
+
+/// What one committed entry did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Not a batch, or a batch already applied.
+    Skipped,
+    /// A batch that does not extend the applied chain.
+    Superseded,
+    /// Written; the write, for the runtime's archive feed and metrics.
+    Written(Box<BatchWrite>),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ApplierConfig {
+    /// Resubmissions that may wait for their batch; beyond, they are refused `busy`.
+    pub parked_max: usize,
+    /// Committed balances kept in memory.
+    pub accounts_cached_max: usize,
+}
+
+struct Parked<R> {
+    index: u32,
+    request_hash: Hash,
+    reply: R,
+}
+
+pub struct Applier<R> {
+    cfg: ApplierConfig,
+    operator: OperatorKey,
+    /// The ledger summary after the last applied batch.
+    meta: LedgerMeta,
+    /// The highest raft index applied (batches and other entries alike).
+    applied_index: u64,
+    parked: BTreeMap<u64, Vec<Parked<R>>>,
+    parked_count: usize,
+    accounts: AccountCache,
+}
+
+impl<R> Applier<R> {
+    /// Starts from the ledger's own summary.
+    pub fn new(cfg: ApplierConfig, operator: OperatorKey, meta: LedgerMeta) -> Applier<R> {
+        Applier {
+            applied_index: meta.raft_index,
+            meta,
+            operator,
+            parked: BTreeMap::new(),
+            parked_count: 0,
+            accounts: AccountCache::new(cfg.accounts_cached_max),
+            cfg,
+        }
+    }
+
+    pub fn meta(&self) -> &LedgerMeta {
+        &self.meta
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Applies one committed entry. An error (a failed read or write, or a batch that does not
+    /// replay to its header) stops the replica: it must never go on with state others lack.
+    pub fn committed<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        entry: Committed<R>,
+        out: &mut Vec<ApplyOut<R>>,
+    ) -> Result<Applied> {
+        let (body, encoded, waiters, raft_index) = match entry {
+            Committed::Other { raft_index } => {
+                self.advance_index(raft_index);
+                return Ok(Applied::Skipped);
+            }
+            Committed::Batch {
+                body,
+                encoded,
+                waiters,
+                raft_index,
+            } => (body, encoded, waiters, raft_index),
+        };
+        let h = &body.header;
+        if h.height <= self.meta.height {
+            for w in waiters {
+                let rh = request_hash(&body.entries[w.index as usize].request);
+                self.answer(store, h.height, w.index, rh, w.reply, out)?;
+            }
+            self.advance_index(raft_index);
+            return Ok(Applied::Skipped);
+        }
+        let extends = h.height == self.meta.height + 1 && h.prev_hash == self.meta.last_header_hash;
+        if !extends {
+            out.extend(
+                waiters
+                    .into_iter()
+                    .map(|w| ApplyOut::Refuse(w.reply, Refusal::Superseded)),
+            );
+            out.push(ApplyOut::Resync);
+            self.advance_index(raft_index);
+            return Ok(Applied::Superseded);
+        }
+        let write = self.write(store, &body, encoded, raft_index)?;
+        out.push(ApplyOut::Confirm {
+            body,
+            signed: write.signed_header.clone(),
+            waiters,
+        });
+        self.unpark(store, out)?;
+        Ok(Applied::Written(Box::new(write)))
+    }
+
+    fn write<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        body: &BatchBody,
+        encoded: Vec<u8>,
+        raft_index: u64,
+    ) -> Result<BatchWrite> {
+        let mut reader = CachedRead {
+            store,
+            accounts: &mut self.accounts,
+        };
+        let mut write = prepare_apply(body, encoded, &self.meta, &mut reader, &self.operator)?;
+        write.meta.raft_index = raft_index;
+        store.apply(&write)?;
+        for (key, balance) in &write.accounts {
+            self.accounts.insert(*key, Some(*balance));
+        }
+        assert_eq!(
+            write.meta.height,
+            self.meta.height + 1,
+            "apply extends by one"
+        );
+        self.meta = write.meta.clone();
+        self.advance_index(raft_index);
+        Ok(write)
+    }
+
+    fn advance_index(&mut self, raft_index: u64) {
+        self.applied_index = self.applied_index.max(raft_index);
+    }
+
+    /// Resubmissions whose batch is now applied get their confirmation.
+    fn unpark<S: LedgerStore>(&mut self, store: &mut S, out: &mut Vec<ApplyOut<R>>) -> Result<()> {
+        let later = self.parked.split_off(&(self.meta.height + 1));
+        for (height, waiting) in std::mem::replace(&mut self.parked, later) {
+            for p in waiting {
+                self.parked_count -= 1;
+                self.answer(store, height, p.index, p.request_hash, p.reply, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A resubmission of the request at (`height`, `index`) whose hash is `request_hash`: its
+    /// original confirmation now if that batch is applied, else once it is.
+    pub fn replay<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        height: u64,
+        index: u32,
+        request_hash: Hash,
+        reply: R,
+        out: &mut Vec<ApplyOut<R>>,
+    ) -> Result<()> {
+        if height <= self.meta.height {
+            return self.answer(store, height, index, request_hash, reply, out);
+        }
+        if self.parked_count >= self.cfg.parked_max {
+            out.push(ApplyOut::Refuse(reply, Refusal::Busy));
+            return Ok(());
+        }
+        self.parked_count += 1;
+        self.parked.entry(height).or_default().push(Parked {
+            index,
+            request_hash,
+            reply,
+        });
+        Ok(())
+    }
+
+    fn answer<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        height: u64,
+        index: u32,
+        rh: Hash,
+        reply: R,
+        out: &mut Vec<ApplyOut<R>>,
+    ) -> Result<()> {
+        out.push(match confirmation(store, height, index)? {
+            Some(c) if request_hash(&c.request) == rh => ApplyOut::Replayed(reply, Box::new(c)),
+            // The batch this request was sequenced in was superseded: it was never applied.
+            _ => ApplyOut::Refuse(reply, Refusal::Superseded),
+        });
+        Ok(())
+    }
+
+    /// A committed balance, through the cache.
+    pub fn account<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        key: &PublicKey,
+    ) -> Result<Option<u64>> {
+        CachedRead {
+            store,
+            accounts: &mut self.accounts,
+        }
+        .account(key)
+    }
+
+    /// The ledger was replaced (a snapshot install): start over from its summary. Parked
+    /// resubmissions stay: their batches are still to come, or are in the installed ledger.
+    pub fn installed<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        raft_index: u64,
+        out: &mut Vec<ApplyOut<R>>,
+    ) -> Result<()> {
+        self.meta = store.meta()?;
+        self.accounts.clear();
+        self.advance_index(raft_index.max(self.meta.raft_index));
+        self.unpark(store, out)
+    }
+}
+
+/// The original confirmation of the request at (`height`, `index`), rebuilt from the stored
+/// batch; None if there is no such request.
+pub fn confirmation<S: LedgerStore>(
+    store: &mut S,
+    height: u64,
+    index: u32,
+) -> Result<Option<Confirmation>> {
+    let (Some(bytes), Some(signed)) = (store.body(height)?, store.header(height)?) else {
+        return Ok(None);
+    };
+    let body = BatchBody::decode(&bytes)?;
+    if index as usize >= body.entries.len() {
+        return Ok(None);
+    }
+    let mut c = body.confirmation(&body.proof_tree(), &signed, index);
+    c.replayed = true;
+    Ok(Some(c))
+}
+
+/// A bounded map of committed balances; when full it is cleared and refills. Valid because
+/// every write goes through the applier.
+pub struct AccountCache {
+    map: HashMap<PublicKey, Option<u64>>,
+    cap: usize,
+}
+
+impl AccountCache {
+    pub fn new(cap: usize) -> AccountCache {
+        AccountCache {
+            map: HashMap::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn get(&self, key: &PublicKey) -> Option<Option<u64>> {
+        self.map.get(key).copied()
+    }
+
+    fn insert(&mut self, key: PublicKey, balance: Option<u64>) {
+        if self.map.len() >= self.cap && !self.map.contains_key(&key) {
+            self.map.clear();
+        }
+        self.map.insert(key, balance);
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// Committed reads through the account cache.
+struct CachedRead<'a, S> {
+    store: &'a mut S,
+    accounts: &'a mut AccountCache,
+}
+
+impl<S: LedgerStore> LedgerRead for CachedRead<'_, S> {
+    fn account(&mut self, key: &PublicKey) -> Result<Option<u64>> {
+        if let Some(b) = self.accounts.get(key) {
+            return Ok(b);
+        }
+        let b = self.store.account(key)?;
+        self.accounts.insert(*key, b);
+        Ok(b)
+    }
+    fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
+        self.store.request(signer, id)
+    }
+}

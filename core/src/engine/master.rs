@@ -1,0 +1,348 @@
+//! The master stage: sequencing while this replica leads.
+//!
+//! It takes requests that passed the stateless and snapshot stages, judges each against the
+//! speculative state (the [`Sequencer`]), keeps the open batch's waiters, and decides when the
+//! batch closes. A batch closes when it is full, when `window_ms` passed since its first
+//! request, at shutdown, or (group commit, `close_idle`) as soon as no batch is replicating or
+//! being applied, unless requests are still on their way through validation: then it waits for
+//! them for at most a fifth of the window. At most `in_flight_max` sealed batches may be ahead
+//! of the applied height (a shutdown seals regardless).
+
+use tally_wire::Request;
+
+use crate::batch::BatchBody;
+use crate::crypto::request_hash;
+use crate::ports::{LedgerRead, RequestRecord};
+use crate::sequencer::{Sequencer, SequencerConfig, Submitted};
+use crate::state::LedgerMeta;
+use crate::{Rejection, Result};
+
+use super::{Refusal, Waiter};
+
+/// How long an idle close waits for requests still in validation: this fraction of the window.
+pub const IDLE_WAIT_WINDOW_FRACTION: u64 = 5;
+
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    pub sequencer: SequencerConfig,
+    pub window_ms: u64,
+    /// Close a batch as soon as none is in flight (group commit).
+    pub close_idle: bool,
+    /// Sealed batches allowed ahead of the applied height.
+    pub in_flight_max: u64,
+}
+
+/// Why a batch closed; the `reason` label of `tally_batches_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchClose {
+    /// `batch_window_ms` passed since the batch's first request.
+    Window,
+    /// It reached `batch_requests_max`.
+    Full,
+    /// The node is shutting down and sealed what it had.
+    Shutdown,
+    /// No batch was replicating or being applied (`batch_close_idle`, group commit).
+    Idle,
+}
+
+impl BatchClose {
+    pub const ALL: [BatchClose; 4] = [
+        BatchClose::Window,
+        BatchClose::Full,
+        BatchClose::Shutdown,
+        BatchClose::Idle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BatchClose::Window => "window",
+            BatchClose::Full => "full",
+            BatchClose::Shutdown => "shutdown",
+            BatchClose::Idle => "idle",
+        }
+    }
+}
+
+/// Commands of the master stage.
+#[derive(Debug)]
+pub enum MasterOut<R> {
+    /// Propose this sealed batch (to [`super::replication::Replication::propose`]).
+    Propose {
+        body: BatchBody,
+        waiters: Vec<Waiter<R>>,
+        epoch: u64,
+        close: BatchClose,
+        /// How long the batch was open, in ms.
+        open_ms: u64,
+    },
+    /// Answer with the original confirmation once the batch at `height` is applied (to
+    /// [`super::apply::Applier::replay`]).
+    Replay {
+        height: u64,
+        index: u32,
+        request_hash: tally_wire::Hash,
+        reply: R,
+    },
+    Refuse(R, Refusal),
+    /// A deterministic refusal of the request itself.
+    Reject(R, Rejection),
+}
+
+/// What the runtime knows at a poll: times, the applied height and the queues before the master.
+#[derive(Debug, Clone, Copy)]
+pub struct Poll {
+    /// Monotonic milliseconds (any origin).
+    pub now_ms: u64,
+    /// Wall clock, for the header of a batch sealed now.
+    pub unix_ms: u64,
+    pub applied_height: u64,
+    /// No request waits in validation or in the master's own queue.
+    pub upstream_empty: bool,
+    /// The node is stopping and nothing more will come: seal what is open.
+    pub stopping: bool,
+}
+
+struct Leading {
+    sequencer: Sequencer,
+    term: u64,
+    epoch: u64,
+}
+
+pub struct Master<R> {
+    cfg: MasterConfig,
+    leading: Option<Leading>,
+    open: Vec<Waiter<R>>,
+    opened_at: Option<u64>,
+}
+
+impl<R> Master<R> {
+    pub fn new(cfg: MasterConfig) -> Master<R> {
+        assert!(
+            cfg.in_flight_max >= 1,
+            "at least one batch must be able to fly"
+        );
+        Master {
+            cfg,
+            leading: None,
+            open: Vec::new(),
+            opened_at: None,
+        }
+    }
+
+    /// Sequence from `meta`, the applied state once the term's first entry is applied.
+    pub fn lead(&mut self, term: u64, epoch: u64, meta: LedgerMeta, out: &mut Vec<MasterOut<R>>) {
+        self.void_open(out);
+        let sequencer = Sequencer::new(self.cfg.sequencer.clone(), meta);
+        self.leading = Some(Leading {
+            sequencer,
+            term,
+            epoch,
+        });
+    }
+
+    /// Stop sequencing: the open batch's requests are refused (retryable).
+    pub fn follow(&mut self, out: &mut Vec<MasterOut<R>>) {
+        self.void_open(out);
+        self.leading = None;
+    }
+
+    fn void_open(&mut self, out: &mut Vec<MasterOut<R>>) {
+        out.extend(
+            self.open
+                .drain(..)
+                .map(|w| MasterOut::Refuse(w.reply, Refusal::NotWritable)),
+        );
+        self.opened_at = None;
+    }
+
+    pub fn is_leading(&self) -> bool {
+        self.leading.is_some()
+    }
+
+    /// The open batch takes no more requests: the runtime stops taking them (backpressure).
+    pub fn is_full(&self) -> bool {
+        self.leading.as_ref().is_some_and(|l| l.sequencer.is_full())
+    }
+
+    pub fn open_len(&self) -> usize {
+        self.leading.as_ref().map_or(0, |l| l.sequencer.open_len())
+    }
+
+    /// Account lookups the sequencer's cache answered since the last call.
+    pub fn take_cache_hits(&mut self) -> u64 {
+        self.leading
+            .as_mut()
+            .map_or(0, |l| l.sequencer.take_cache_hits())
+    }
+
+    /// Judges one request. `snapshot_height` is the applied height the snapshot stage checked
+    /// it against. An error is environmental (a failed read): the replica must stop.
+    pub fn submit(
+        &mut self,
+        request: Request,
+        snapshot_height: u64,
+        reply: R,
+        p: &Poll,
+        store: &mut impl LedgerRead,
+        out: &mut Vec<MasterOut<R>>,
+    ) -> Result<()> {
+        let Some(l) = self.leading.as_mut() else {
+            out.push(MasterOut::Refuse(reply, Refusal::NotWritable));
+            return Ok(());
+        };
+        l.sequencer
+            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        if l.sequencer.is_full() {
+            out.push(MasterOut::Refuse(reply, Refusal::Busy));
+            return Ok(());
+        }
+        let rh = request_hash(&request);
+        let open_height = l.sequencer.sealed_height() + 1;
+        match l.sequencer.submit(request, snapshot_height, store)? {
+            Submitted::Accepted { index, .. } => {
+                self.opened_at.get_or_insert(p.now_ms);
+                self.open.push(Waiter {
+                    index,
+                    reply,
+                    replayed: false,
+                });
+            }
+            Submitted::InFlight { height, index } if height == open_height => {
+                self.open.push(Waiter {
+                    index,
+                    reply,
+                    replayed: true,
+                });
+            }
+            // Sealed earlier: the applier answers it once that batch is applied.
+            Submitted::InFlight { height, index }
+            | Submitted::Applied(RequestRecord { height, index, .. }) => {
+                out.push(MasterOut::Replay {
+                    height,
+                    index,
+                    request_hash: rh,
+                    reply,
+                });
+            }
+            Submitted::Rejected(r) => out.push(MasterOut::Reject(reply, r)),
+        }
+        Ok(())
+    }
+
+    /// Seals the open batch if it is due and the in-flight bound allows; returns whether it did.
+    pub fn poll(&mut self, p: &Poll, out: &mut Vec<MasterOut<R>>) -> bool {
+        let Some(close) = self.due(p) else {
+            return false;
+        };
+        let l = self.leading.as_mut().expect("due only while leading");
+        let open_ms = self.opened_at.map_or(0, |t| p.now_ms.saturating_sub(t));
+        self.opened_at = None;
+        let Some(body) = l.sequencer.seal(l.term, p.unix_ms) else {
+            assert!(self.open.is_empty(), "waiters without requests");
+            return false;
+        };
+        let waiters = std::mem::take(&mut self.open);
+        assert!(
+            waiters
+                .iter()
+                .all(|w| (w.index as usize) < body.entries.len()),
+            "a waiter outside its batch"
+        );
+        out.push(MasterOut::Propose {
+            body,
+            waiters,
+            epoch: l.epoch,
+            close,
+            open_ms,
+        });
+        true
+    }
+
+    /// Whether the open batch should close now, and why.
+    fn due(&mut self, p: &Poll) -> Option<BatchClose> {
+        let l = self.leading.as_mut()?;
+        l.sequencer
+            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        let in_flight = l.sequencer.sealed_height().saturating_sub(p.applied_height);
+        let open_for = self.opened_at.map(|t| p.now_ms.saturating_sub(t));
+        let window_over = open_for.is_some_and(|ms| ms >= self.cfg.window_ms);
+        let idle = self.cfg.close_idle
+            && in_flight == 0
+            && open_for.is_some_and(|ms| {
+                p.upstream_empty || ms >= self.cfg.window_ms / IDLE_WAIT_WINDOW_FRACTION
+            });
+        let close = if l.sequencer.is_full() {
+            BatchClose::Full
+        } else if window_over {
+            BatchClose::Window
+        } else if idle {
+            BatchClose::Idle
+        } else if p.stopping {
+            BatchClose::Shutdown
+        } else {
+            return None;
+        };
+        (in_flight < self.cfg.in_flight_max || p.stopping).then_some(close)
+    }
+
+    /// When the runtime must poll again at the latest (monotonic ms), if a batch is open: the
+    /// end of an idle close's wait while it is ahead, then the end of the window.
+    pub fn next_poll_ms(&self, now_ms: u64) -> Option<u64> {
+        let t = self.opened_at?;
+        let idle_wait = t + self.cfg.window_ms / IDLE_WAIT_WINDOW_FRACTION;
+        Some(if self.cfg.close_idle && idle_wait > now_ms {
+            idle_wait
+        } else {
+            t + self.cfg.window_ms
+        })
+    }
+}
+
+/// What the snapshot stage decides for a request, from the applied state: the request record
+/// under its (signer, id), if any, and the signer's balance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precheck {
+    /// On to the master, which decides against the speculative state.
+    Pass,
+    /// Applied already: answer with the original confirmation.
+    Replay(RequestRecord),
+    Reject(Rejection),
+}
+
+/// The snapshot stage's rule: a request already applied is replayed (or, under another
+/// request's id, refused `id_conflict`); a debit from an unknown account or beyond the balance
+/// as of the applied state is refused. Everything else is left to the master.
+pub fn precheck(
+    request: &Request,
+    record: Option<RequestRecord>,
+    balance: Option<u64>,
+) -> Precheck {
+    use tally_wire::{ErrorCode, Op};
+    if let Some(record) = record {
+        return if record.request_hash == request_hash(request) {
+            Precheck::Replay(record)
+        } else {
+            Precheck::Reject(Rejection::new(
+                ErrorCode::IdConflict,
+                "this id was already used by this signer for a different request",
+            ))
+        };
+    }
+    if request.op == Op::Deposit {
+        return Precheck::Pass;
+    }
+    match balance {
+        None => Precheck::Reject(Rejection::new(
+            ErrorCode::UnknownAccount,
+            "the account does not exist (as of the latest applied batch)",
+        )),
+        Some(b) if b < request.amount => Precheck::Reject(Rejection::new(
+            ErrorCode::InsufficientFunds,
+            format!(
+                "balance {b} is less than {} (as of the latest applied batch)",
+                request.amount
+            ),
+        )),
+        Some(_) => Precheck::Pass,
+    }
+}

@@ -1,0 +1,319 @@
+//! Golden scripts for the replica engine's master and apply stages: each file in
+//! `core/tests/golden/` feeds the engine inputs, one per line, and lists the commands it gives
+//! back under each input, prefixed with `> `. The test runs every script and fails on any
+//! difference; `TALLY_GOLDEN_UPDATE=1 cargo test -p tally-core golden` rewrites the files with
+//! what the engine does now (review the diff).
+//!
+//! Inputs (clients are lower-case names, accounts upper-case letters; a replica without raft:
+//! a proposal waits until a `commit` or `lose` takes it):
+//! - `lead term=T epoch=E`, `follow`
+//! - `submit CLIENT deposit|transfer|withdraw id=N [from=X] [to=Y] amount=N [now=MS]`
+//! - `poll now=MS [busy] [stopping]` (`busy`: requests wait upstream)
+//! - `commit` (the oldest proposal commits and is applied), `lose` (it never commits)
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use tally_core::batch::BatchBody;
+use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut, Committed};
+use tally_core::engine::master::{Master, MasterConfig, MasterOut, Poll};
+use tally_core::engine::Waiter;
+use tally_core::ports::{LedgerStore, MemStore};
+use tally_wire::Request;
+
+use crate::common::{config, deposit, operator, transfer, withdraw};
+
+struct Harness {
+    master: Master<String>,
+    applier: Applier<String>,
+    store: MemStore,
+    proposed: VecDeque<(BatchBody, Vec<Waiter<String>>)>,
+    out: String,
+}
+
+fn field(words: &[&str], name: &str) -> Option<u64> {
+    let prefix = format!("{name}=");
+    words
+        .iter()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+        })
+}
+
+/// Account letters map to key seeds: A is 1, B is 2, ...
+fn account(words: &[&str], name: &str) -> u8 {
+    let prefix = format!("{name}=");
+    let letter = words
+        .iter()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{name}= missing"));
+    letter.as_bytes()[0] - b'A' + 1
+}
+
+fn letter(key: &tally_wire::PublicKey) -> char {
+    (1..=26u8)
+        .find(|s| crate::common::pk(*s) == *key)
+        .map_or('?', |s| (b'A' + s - 1) as char)
+}
+
+impl Harness {
+    fn new(words: &[&str]) -> Harness {
+        let operator = operator();
+        let mut sequencer = config(&operator);
+        sequencer.batch_requests_max = field(words, "max").unwrap_or(1000) as u32;
+        let master = Master::new(MasterConfig {
+            sequencer,
+            window_ms: field(words, "window").unwrap_or(100),
+            close_idle: field(words, "idle").unwrap_or(1) == 1,
+            in_flight_max: field(words, "inflight").unwrap_or(1),
+        });
+        let mut store = MemStore::default();
+        let meta = store.meta().expect("memory");
+        let cfg = ApplierConfig {
+            parked_max: field(words, "parked").unwrap_or(16) as usize,
+            accounts_cached_max: 16,
+        };
+        Harness {
+            master,
+            applier: Applier::new(cfg, operator, meta),
+            store,
+            proposed: VecDeque::new(),
+            out: String::new(),
+        }
+    }
+
+    fn poll(&self, words: &[&str]) -> Poll {
+        Poll {
+            now_ms: field(words, "now").unwrap_or(0),
+            unix_ms: 1_700_000_000_000 + field(words, "now").unwrap_or(0),
+            applied_height: self.applier.meta().height,
+            upstream_empty: !words.contains(&"busy"),
+            stopping: words.contains(&"stopping"),
+        }
+    }
+
+    fn input(&mut self, line: &str) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut mout = Vec::new();
+        match words[0] {
+            "config" => *self = Harness::new(&words),
+            "lead" => {
+                let meta = self.applier.meta().clone();
+                let (term, epoch) = (
+                    field(&words, "term").unwrap(),
+                    field(&words, "epoch").unwrap(),
+                );
+                self.master.lead(term, epoch, meta, &mut mout);
+            }
+            "follow" => self.master.follow(&mut mout),
+            "submit" => {
+                let request = request(&words);
+                let poll = self.poll(&words);
+                let applied = poll.applied_height;
+                let reply = words[1].to_string();
+                self.master
+                    .submit(request, applied, reply, &poll, &mut self.store, &mut mout)
+                    .expect("memory");
+            }
+            "poll" => {
+                let poll = self.poll(&words);
+                self.master.poll(&poll, &mut mout);
+            }
+            "commit" => self.commit(),
+            "lose" => {
+                self.proposed.pop_front().expect("a proposal to lose");
+            }
+            other => panic!("unknown input {other:?}"),
+        }
+        self.master_out(mout);
+    }
+
+    fn master_out(&mut self, out: Vec<MasterOut<String>>) {
+        for c in out {
+            match c {
+                MasterOut::Propose {
+                    body,
+                    waiters,
+                    epoch,
+                    close,
+                    ..
+                } => {
+                    let names: Vec<String> = waiters
+                        .iter()
+                        .map(|w| format!("{}#{}", w.reply, w.index))
+                        .collect();
+                    let _ = writeln!(
+                        self.out,
+                        "> propose height={} requests={} close={} epoch={epoch} waiters={}",
+                        body.header.height,
+                        body.entries.len(),
+                        close.name(),
+                        names.join(",")
+                    );
+                    self.proposed.push_back((body, waiters));
+                }
+                MasterOut::Replay {
+                    height,
+                    index,
+                    request_hash,
+                    reply,
+                } => {
+                    let _ = writeln!(self.out, "> replay {reply} height={height} index={index}");
+                    let mut aout = Vec::new();
+                    self.applier
+                        .replay(
+                            &mut self.store,
+                            height,
+                            index,
+                            request_hash,
+                            reply,
+                            &mut aout,
+                        )
+                        .expect("memory");
+                    self.apply_out(aout);
+                }
+                MasterOut::Refuse(reply, r) => {
+                    let _ = writeln!(self.out, "> refuse {reply} {:?}", r);
+                }
+                MasterOut::Reject(reply, r) => {
+                    let _ = writeln!(self.out, "> reject {reply} {}", r.code);
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self) {
+        let (body, waiters) = self.proposed.pop_front().expect("a proposal to commit");
+        let encoded = body.encode();
+        let raft_index = self.applier.applied_index() + 1;
+        let entry = Committed::Batch {
+            body,
+            encoded,
+            waiters,
+            raft_index,
+        };
+        let mut aout = Vec::new();
+        let applied = self
+            .applier
+            .committed(&mut self.store, entry, &mut aout)
+            .expect("memory");
+        let what = match &applied {
+            Applied::Written(w) => format!("written height={}", w.meta.height),
+            Applied::Skipped => "skipped".into(),
+            Applied::Superseded => "superseded".into(),
+        };
+        let _ = writeln!(self.out, "> {what}");
+        self.apply_out(aout);
+    }
+
+    fn apply_out(&mut self, out: Vec<ApplyOut<String>>) {
+        for c in out {
+            let line = match c {
+                ApplyOut::Confirm { body, waiters, .. } => waiters
+                    .iter()
+                    .map(|w| {
+                        let e = &body.entries[w.index as usize];
+                        let replayed = if w.replayed { " replayed" } else { "" };
+                        format!(
+                            "> confirm {} height={} index={} {}{replayed}",
+                            w.reply,
+                            body.header.height,
+                            w.index,
+                            balances(e)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                ApplyOut::Replayed(reply, c) => format!(
+                    "> confirm {reply} height={} index={} replayed",
+                    c.header.header.height, c.receipt.index
+                ),
+                ApplyOut::Refuse(reply, r) => format!("> refuse {reply} {r:?}"),
+                ApplyOut::Resync => "> resync".into(),
+            };
+            if !line.is_empty() {
+                let _ = writeln!(self.out, "{line}");
+            }
+        }
+    }
+}
+
+/// The balances a receipt gives, by account letter.
+fn balances(e: &tally_core::batch::BatchEntry) -> String {
+    let (r, q) = (&e.receipt, &e.request);
+    match q.op {
+        tally_wire::Op::Deposit => format!("{}={}", letter(&q.to), r.to_balance),
+        tally_wire::Op::Transfer => format!(
+            "{}={} {}={}",
+            letter(&q.signer),
+            r.signer_balance,
+            letter(&q.to),
+            r.to_balance
+        ),
+        tally_wire::Op::Withdraw => format!("{}={}", letter(&q.signer), r.signer_balance),
+    }
+}
+
+fn request(words: &[&str]) -> Request {
+    let id = field(words, "id").expect("id=") as u128;
+    let amount = field(words, "amount").expect("amount=");
+    match words[2] {
+        "deposit" => deposit(id, account(words, "to"), amount),
+        "transfer" => transfer(id, account(words, "from"), account(words, "to"), amount),
+        "withdraw" => withdraw(id, account(words, "from"), amount),
+        other => panic!("unknown operation {other:?}"),
+    }
+}
+
+/// Runs one script and returns it with the engine's current answers under each input.
+fn run(script: &str) -> String {
+    let mut h = Harness::new(&[]);
+    let mut text = String::new();
+    for line in script.lines() {
+        if line.starts_with("> ") {
+            continue;
+        }
+        let _ = writeln!(text, "{line}");
+        let input = line.split('#').next().unwrap_or("").trim();
+        if input.is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        h.out.clear();
+        h.input(input);
+        text.push_str(&h.out);
+    }
+    text
+}
+
+#[test]
+fn golden_scripts_of_the_engine() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let update = std::env::var_os("TALLY_GOLDEN_UPDATE").is_some();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/golden")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no golden scripts in {}", dir.display());
+    let mut differ = Vec::new();
+    for path in files {
+        let script = std::fs::read_to_string(&path).expect("read script");
+        let actual = run(&script);
+        if actual != script {
+            if update {
+                std::fs::write(&path, &actual).expect("write script");
+            } else {
+                differ.push(format!("--- {}\n{actual}", path.display()));
+            }
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "the engine answers differently (TALLY_GOLDEN_UPDATE=1 to accept):\n{}",
+        differ.join("\n")
+    );
+}

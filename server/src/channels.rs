@@ -1,0 +1,245 @@
+//! The messages between the server's threads and tasks: what a connection hands the pipeline,
+//! what each pipeline thread sends the next, and where answers go. Every channel that carries
+//! them is bounded (see `pipeline` for what happens at each limit).
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use raft::eraftpb::Message as RaftMessage;
+use tally_core::batch::BatchBody;
+use tally_core::engine::apply::Committed;
+use tally_core::engine::{Refusal, Waiter};
+use tally_core::ports::RequestRecord;
+use tally_core::replica::ReplicaStatus;
+use tally_core::state::LedgerMeta;
+use tally_core::{Rejection, Result as CoreResult};
+use tally_wire::{
+    ErrorCode, ErrorReply, Hash, Message, PublicKey, ReadMode, Request, SignedHeader,
+};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::replication::ClusterView;
+
+/// An encoded frame on its way to a connection, holding the in-flight permit and the reply
+/// bytes reserved for it (`limits.rs`) until it was written.
+pub struct Outgoing {
+    pub bytes: Vec<u8>,
+    pub _permit: crate::limits::ReplyPermit,
+}
+
+/// Where the answer to one request goes.
+pub struct ReplyTo {
+    pub tx: mpsc::Sender<Outgoing>,
+    pub correlation_id: u64,
+    pub permit: crate::limits::ReplyPermit,
+    /// When the request's frame was read: the start of `tally_confirmation_seconds`.
+    pub received: Instant,
+    /// Every answer is counted here, so the counters match what clients were sent.
+    pub metrics: Arc<Metrics>,
+}
+
+impl ReplyTo {
+    pub fn send(self, message: &Message) {
+        let bytes = message.encode_frame(self.correlation_id);
+        // Counted before the client can see the answer, so a scrape after it never lags.
+        match message {
+            Message::Confirmed(c) if c.replayed => self.metrics.requests_replayed_total.inc(),
+            Message::Confirmed(_) => {
+                self.metrics.requests_confirmed_total.inc();
+                let seconds = self.received.elapsed().as_secs_f64();
+                self.metrics.confirmation_seconds.observe(seconds);
+            }
+            Message::Error(e) => self.metrics.rejected(e.code),
+            _ => {}
+        }
+        // Fails only when the connection is gone; there is nobody left to tell.
+        let _ = self.tx.try_send(Outgoing {
+            bytes,
+            _permit: self.permit,
+        });
+    }
+
+    pub fn error(self, code: ErrorCode, message: impl Into<String>) {
+        self.send(&Message::Error(ErrorReply::new(code, message)));
+    }
+
+    pub fn busy(self, what: &str, retry_after_ms: u32) {
+        let mut reply = ErrorReply::new(ErrorCode::Busy, format!("{what} is full; retry later"));
+        reply.retry_after_ms = retry_after_ms;
+        self.send(&Message::Error(reply));
+    }
+
+    pub fn reject(self, r: Rejection) {
+        self.error(r.code, r.message);
+    }
+
+    /// Answers an engine refusal; `NotWritable` names the leader when one is known.
+    pub fn refuse(self, r: Refusal, view: &ClusterView) {
+        match r {
+            Refusal::NotWritable => self.send(&Message::Error(view.not_writable())),
+            Refusal::Busy => self.busy("the replay queue", 100),
+            Refusal::Superseded => self.error(r.code(), r.message()),
+        }
+    }
+}
+
+/// A client waiting for a request of a batch.
+pub type Waiters = Vec<Waiter<ReplyTo>>;
+
+/// A request travelling through the pipeline.
+pub struct Job {
+    pub request: Request,
+    /// The signer's nonce hint, if the client sent one (`SubmitHinted`): lets the stateless
+    /// stage check the signature in a batch. With it, the connection's switch for hints, which
+    /// the stateless stage turns off when a hinted signature turns out bad.
+    pub hint: Option<(tally_wire::NonceHint, Arc<AtomicBool>)>,
+    pub reply: ReplyTo,
+    /// The applied height the snapshot stage checked the request against.
+    pub snapshot_height: u64,
+}
+
+/// Commands to the storage thread, the one owner of the ledger database. It applies committed
+/// batches and serves reads, in the order the commands arrive.
+pub enum StorageCmd {
+    /// A committed raft entry, in log order.
+    Committed(Committed<ReplyTo>),
+    /// Bring the ledger to (at least) the state a raft snapshot describes.
+    InstallSnapshot {
+        index: u64,
+        descriptor: Vec<u8>,
+        done: Sender<CoreResult<()>>,
+    },
+    /// Stream the whole ledger (one consistent view) to a peer installing a snapshot.
+    Dump {
+        chunk_bytes_max: usize,
+        out: mpsc::Sender<Vec<u8>>,
+        done: Sender<CoreResult<LedgerMeta>>,
+    },
+    /// Snapshot-stage lookups: request records and balances of the accounts named.
+    Lookup {
+        keys: Vec<(PublicKey, u128)>,
+        accounts: Vec<PublicKey>,
+        reply: Sender<CoreResult<LookupResult>>,
+    },
+    LoadAccount {
+        key: PublicKey,
+        reply: Sender<CoreResult<Option<u64>>>,
+    },
+    LoadRequest {
+        signer: PublicKey,
+        id: u128,
+        reply: Sender<CoreResult<Option<RequestRecord>>>,
+    },
+    /// Send the original confirmation of a request applied (or about to be) at `height`.
+    Replay {
+        height: u64,
+        index: u32,
+        request_hash: Hash,
+        reply: ReplyTo,
+    },
+    Balance {
+        account: PublicKey,
+        mode: ReadMode,
+        reply: ReplyTo,
+    },
+    Headers {
+        from_height: u64,
+        limit: u16,
+        reply: ReplyTo,
+    },
+    Status {
+        raft: ReplicaStatus,
+        /// Whether this replica's master is sequencing (it leads and has caught up).
+        writable: bool,
+        leader_client_address: String,
+        reply: ReplyTo,
+    },
+    /// The applied batches `from..=to` for the archive writer: (signed header, encoded body),
+    /// stopping early (after at least one) past `bytes_max`.
+    ReadBatches {
+        from: u64,
+        to: u64,
+        bytes_max: usize,
+        reply: tokio::sync::oneshot::Sender<CoreResult<Vec<(SignedHeader, Vec<u8>)>>>,
+    },
+    /// Stop after everything queued before it.
+    Stop,
+}
+
+impl StorageCmd {
+    /// The connection a read command answers, if it is one.
+    pub fn into_reply(self) -> Option<ReplyTo> {
+        match self {
+            StorageCmd::Replay { reply, .. }
+            | StorageCmd::Balance { reply, .. }
+            | StorageCmd::Headers { reply, .. }
+            | StorageCmd::Status { reply, .. } => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+pub struct LookupResult {
+    pub height: u64,
+    pub records: Vec<Option<RequestRecord>>,
+    pub balances: Vec<Option<u64>>,
+}
+
+/// Inputs of the raft thread. Its queue is bounded; peers' messages are dropped when it is full.
+pub enum RaftEvent {
+    Peer(RaftMessage),
+    Unreachable(u64),
+    Propose {
+        body: BatchBody,
+        waiters: Waiters,
+        epoch: u64,
+    },
+    /// A read to serve once a linearizable read index is applied.
+    Read {
+        cmd: StorageCmd,
+    },
+    Status {
+        reply: ReplyTo,
+    },
+    TransferLeader(u64),
+    /// The master found its speculative state out of step with what was applied.
+    Resync,
+    /// Shutting down: commit and apply what was proposed (for a few seconds at most), then stop
+    /// the storage thread and this one.
+    Drain,
+}
+
+impl RaftEvent {
+    /// The connection an event answers, when it is a read or a status request.
+    pub fn into_cmd_reply(self) -> Option<ReplyTo> {
+        match self {
+            RaftEvent::Read { cmd } => cmd.into_reply(),
+            RaftEvent::Status { reply } => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+/// What the master is told about leadership.
+pub enum MasterEvent {
+    Lead {
+        term: u64,
+        epoch: u64,
+        meta: LedgerMeta,
+    },
+    Follow,
+}
+
+/// State the apply thread publishes for the raft thread and the master.
+pub struct Applied {
+    /// Highest raft index whose effects are applied (batches and empty entries alike).
+    pub index: AtomicU64,
+    /// The ledger summary after the last applied batch.
+    pub meta: Mutex<LedgerMeta>,
+    /// The summary of the last batch the ledger holds whole (its archive included): the raft
+    /// log is compacted up to it, never further (`LedgerStore::compactable_meta`).
+    pub compactable: Mutex<LedgerMeta>,
+}

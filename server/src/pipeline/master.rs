@@ -1,0 +1,212 @@
+//! The master thread: a runtime around the engine's master stage
+//! (`tally_core::engine::master`). It takes validated requests from its queue (none while the
+//! open batch is full: backpressure), polls the engine for a due batch at the times it names,
+//! and carries proposals to the raft thread and resubmissions to the storage thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use tally_core::engine::master::{Master, MasterOut, Poll};
+
+use super::validate::StorageReader;
+use super::{fatal, unix_ms};
+use crate::channels::{Job, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
+use crate::metrics::Metrics;
+use crate::replication::ClusterView;
+
+/// How long the queues before the master must stay empty during a shutdown before it seals.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(100);
+
+/// The longest the master sleeps: it samples its queues' depths at least this often.
+const IDLE_WAKE: Duration = Duration::from_millis(50);
+
+pub(super) struct MasterThread {
+    pub engine: Master<ReplyTo>,
+    pub rx: Receiver<Job>,
+    pub storage: Sender<StorageCmd>,
+    pub raft: Sender<RaftEvent>,
+    pub events: Receiver<MasterEvent>,
+    pub view: Arc<ClusterView>,
+    pub wake: Receiver<()>,
+    pub applied_height: Arc<AtomicU64>,
+    pub shutdown: Arc<AtomicBool>,
+    /// The queues upstream of the master, watched at shutdown so the batch in progress is whole.
+    pub queues_before: Vec<Receiver<Job>>,
+    pub metrics: Arc<Metrics>,
+    /// The origin of the engine's monotonic clock.
+    pub started: Instant,
+}
+
+type Out = Vec<MasterOut<ReplyTo>>;
+
+impl MasterThread {
+    pub fn run(mut self) {
+        let mut out: Out = Vec::new();
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            self.sample_queues();
+            let now = self.now_ms();
+            let timeout = self
+                .engine
+                .next_poll_ms(now)
+                .map_or(IDLE_WAKE, |t| Duration::from_millis(t.saturating_sub(now)))
+                .min(IDLE_WAKE);
+            if !self.wait(timeout, &mut out) {
+                return;
+            }
+            // Stop once no request has been queued for a moment after the shutdown began: a
+            // job a validation worker holds (not in any queue) reaches the master well within
+            // it, so the batch in progress is whole. Connections take no new requests by then.
+            let drained = self.shutdown.load(Ordering::SeqCst) && self.upstream_empty();
+            if !drained {
+                quiet_since = None;
+            }
+            let stopping =
+                drained && quiet_since.get_or_insert_with(Instant::now).elapsed() >= SHUTDOWN_QUIET;
+            let poll = self.poll(stopping);
+            self.engine.poll(&poll, &mut out);
+            let open = self.engine.open_len() as i64;
+            self.metrics.open_batch_requests.set(open);
+            if !self.execute(&mut out) {
+                return;
+            }
+            if stopping {
+                // The raft thread commits what was proposed, then stops the storage thread.
+                let _ = self.raft.send(RaftEvent::Drain);
+                return;
+            }
+        }
+    }
+
+    /// Waits for a leadership event, a request (unless the open batch is full), a wake-up or
+    /// the timeout. False once a channel is closed.
+    fn wait(&mut self, timeout: Duration, out: &mut Out) -> bool {
+        let full = self.engine.is_full();
+        let never = crossbeam_channel::never();
+        let requests = if full { &never } else { &self.rx };
+        select! {
+            recv(self.events) -> e => match e {
+                Ok(e) => self.event(e, out),
+                Err(_) => return false,
+            },
+            recv(requests) -> job => match job {
+                Ok(job) => self.take(job, out),
+                Err(_) => return false,
+            },
+            recv(self.wake) -> _ => {},
+            default(timeout) => {},
+        }
+        true
+    }
+
+    fn event(&mut self, event: MasterEvent, out: &mut Out) {
+        match event {
+            MasterEvent::Lead { term, epoch, meta } => {
+                self.applied_height.store(meta.height, Ordering::SeqCst);
+                self.engine.lead(term, epoch, meta, out);
+            }
+            MasterEvent::Follow => self.engine.follow(out),
+        }
+    }
+
+    fn take(&mut self, job: Job, out: &mut Out) {
+        let started = Instant::now();
+        let poll = self.poll(false);
+        let mut reader = StorageReader(&self.storage, &self.metrics);
+        let result = self.engine.submit(
+            job.request,
+            job.snapshot_height,
+            job.reply,
+            &poll,
+            &mut reader,
+            out,
+        );
+        if let Err(e) = result {
+            fatal("sequencing", &e);
+        }
+        let hits = self.engine.take_cache_hits();
+        self.metrics.account_cache_hits_total.inc_by(hits);
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.master.seconds.observe(seconds);
+    }
+
+    /// Carries out the engine's commands. False once the raft thread is gone.
+    fn execute(&mut self, out: &mut Out) -> bool {
+        for command in out.drain(..) {
+            match command {
+                MasterOut::Propose {
+                    body,
+                    waiters,
+                    epoch,
+                    close,
+                    open_ms,
+                } => {
+                    self.metrics.batch_closed(close);
+                    let requests = body.entries.len();
+                    self.metrics.batch_requests.observe(requests as f64);
+                    tracing::debug!(
+                        height = body.header.height,
+                        requests,
+                        reason = close.name(),
+                        open_ms,
+                        "batch sealed"
+                    );
+                    let propose = RaftEvent::Propose {
+                        body,
+                        waiters,
+                        epoch,
+                    };
+                    if self.raft.send(propose).is_err() {
+                        return false;
+                    }
+                }
+                MasterOut::Replay {
+                    height,
+                    index,
+                    request_hash,
+                    reply,
+                } => {
+                    let _ = self.storage.send(StorageCmd::Replay {
+                        height,
+                        index,
+                        request_hash,
+                        reply,
+                    });
+                }
+                MasterOut::Refuse(reply, r) => reply.refuse(r, &self.view),
+                MasterOut::Reject(reply, r) => reply.reject(r),
+            }
+        }
+        true
+    }
+
+    fn poll(&self, stopping: bool) -> Poll {
+        Poll {
+            now_ms: self.now_ms(),
+            unix_ms: unix_ms(),
+            applied_height: self.applied_height.load(Ordering::SeqCst),
+            upstream_empty: self.upstream_empty(),
+            stopping,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn upstream_empty(&self) -> bool {
+        self.rx.is_empty() && self.queues_before.iter().all(|q| q.is_empty())
+    }
+
+    /// The master samples the depths of its own queue and those before it (stateless,
+    /// snapshot): it wakes at least every `IDLE_WAKE`, even while the workers are blocked.
+    fn sample_queues(&self) {
+        let m = &self.metrics;
+        m.master.queue_depth.set(self.rx.len() as i64);
+        for (q, stage) in self.queues_before.iter().zip([&m.stateless, &m.snapshot]) {
+            stage.queue_depth.set(q.len() as i64);
+        }
+    }
+}

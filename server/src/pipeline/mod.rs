@@ -1,0 +1,336 @@
+//! The request pipeline on plain threads: stateless validation pool → snapshot validation pool →
+//! master (sequencing) → raft thread (commit, see `replication`) → storage (apply) → confirmer.
+//!
+//! Every queue is a bounded crossbeam channel. What happens at each limit:
+//! - the stateless queue is fed by connection tasks with `try_send`: when full the client gets
+//!   `busy` with a retry hint, and nothing else waits;
+//! - the queues between pipeline threads use blocking `send`, so a slow stage holds back the one
+//!   before it, until the stateless queue fills and clients get `busy`;
+//! - read commands from connections (`balance`, `headers`, `status`) reach the storage thread
+//!   with `try_send` and get `busy` when its queue is full;
+//! - the master seals at most `batch_in_flight_max` batches ahead of the applied height; beyond
+//!   that the open batch keeps filling to `batch_requests_max` and then the master stops taking
+//!   requests.
+//!
+//! Replies go to a connection's outgoing queue with `try_send`; that never fails for lack of room,
+//! because every reply carries one of the connection's in-flight permits and the queue has room
+//! for all of them.
+//!
+//! The storage thread is the one owner of the LevelDB handle. It serves reads and applies
+//! committed batches in the order it receives them; an IO error or a divergence there stops the
+//! process, since going on could let this replica's state differ from the others'.
+
+mod confirm;
+mod master;
+mod reads;
+mod storage;
+mod timed;
+mod validate;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use tally_core::crypto::OperatorKey;
+use tally_core::engine::apply::{Applier, ApplierConfig};
+use tally_core::engine::master::{Master, MasterConfig};
+use tally_core::ports::LedgerStore;
+use tally_core::sequencer::SequencerConfig;
+use tally_core::state::LedgerMeta;
+use tally_core::validate::StatelessRules;
+use tally_core::Result as CoreResult;
+use tally_storage::archiver::ArchiveProgress;
+use tally_wire::{ErrorCode, SignedHeader};
+
+use crate::channels::{Applied, Job, MasterEvent, RaftEvent, StorageCmd};
+use crate::metrics::Metrics;
+use crate::replication::ClusterView;
+
+/// Replays that wait for their batch to be applied are bounded; beyond this they are refused
+/// as retryable (`busy`).
+const PARKED_REPLAYS_MAX: usize = 65_536;
+
+/// Sizes and rules the pipeline is built with.
+pub struct PipelineConfig {
+    pub node_id: u64,
+    pub rules: StatelessRules,
+    pub sequencer: SequencerConfig,
+    pub stateless_workers: usize,
+    pub snapshot_workers: usize,
+    pub queue_depth_max: usize,
+    pub batch_window: Duration,
+    pub batch_close_idle: bool,
+    pub batch_in_flight_max: u64,
+    pub metrics: Arc<Metrics>,
+    /// The archive's bounds, when an archive is configured.
+    pub archive: Option<Arc<ArchiveGate>>,
+    /// Serve reads only: the ledger was restored below the archive's tip.
+    pub read_only: bool,
+}
+
+/// What the pipeline needs of the archive writer: how far it is, and the two rules that hang
+/// on it (`archive.max_lag_batches`, `archive.confirm_after_archive`).
+pub struct ArchiveGate {
+    pub progress: Arc<ArchiveProgress>,
+    /// Applied batches handed to the archive writer as they are applied (bounded; dropped
+    /// when full, and then read back from the ledger).
+    pub feed: Sender<(SignedHeader, bytes::Bytes)>,
+    /// Wakes the archive writer when a batch was applied.
+    pub applied: Arc<tokio::sync::Notify>,
+    pub max_lag_batches: u64,
+    pub confirm_after_archive: bool,
+}
+
+impl ArchiveGate {
+    /// Committed batches the archive does not hold yet (as far as this replica knows).
+    pub fn lag(&self, applied_height: u64) -> u64 {
+        applied_height.saturating_sub(self.progress.height.load(Ordering::SeqCst))
+    }
+
+    /// Why this replica must not take writes now, if it must not: it has not read the archive
+    /// yet, or its ledger is below the height the archive had when it was first read (it would
+    /// sign headers the archive already has: a fork). A replica behind for an ordinary reason
+    /// catches up through raft first and never meets this; one whose data was lost does.
+    pub fn refuses_writes(&self, applied_height: u64) -> Option<String> {
+        if !self.progress.known.load(Ordering::SeqCst) {
+            return Some("the archive has not been read yet; retry later".into());
+        }
+        let floor = self.progress.floor.load(Ordering::SeqCst);
+        (applied_height < floor).then(|| {
+            format!(
+                "this replica's ledger (height {applied_height}) is behind the archive \
+                 (height {floor}): it takes writes once it has caught up"
+            )
+        })
+    }
+}
+
+/// The channels between the pipeline and the raft thread.
+pub struct RaftWiring {
+    pub raft_tx: Sender<RaftEvent>,
+    pub master_events: Receiver<MasterEvent>,
+    pub applied: Arc<Applied>,
+    pub view: Arc<ClusterView>,
+    pub storage_tx: Sender<StorageCmd>,
+    pub storage_rx: Receiver<StorageCmd>,
+}
+
+/// Handles the network side holds on the pipeline.
+#[derive(Clone)]
+pub struct PipelineHandle {
+    pub stateless_tx: Sender<Job>,
+    pub storage_tx: Sender<StorageCmd>,
+    pub raft_tx: Sender<RaftEvent>,
+    pub view: Arc<ClusterView>,
+    pub shutdown: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub applied_height: Arc<AtomicU64>,
+    pub archive: Option<Arc<ArchiveGate>>,
+    pub read_only: bool,
+}
+
+pub struct Pipeline {
+    pub handle: PipelineHandle,
+    storage_thread: JoinHandle<()>,
+    confirm_thread: JoinHandle<()>,
+}
+
+impl Pipeline {
+    pub fn start<S: LedgerStore + Send + 'static>(
+        cfg: PipelineConfig,
+        wiring: RaftWiring,
+        store: S,
+        operator: OperatorKey,
+        installer: Box<dyn SnapshotTransfer<S>>,
+    ) -> Pipeline {
+        let depth = cfg.queue_depth_max;
+        let (stateless_tx, stateless_rx) = bounded::<Job>(depth);
+        let (snapshot_tx, snapshot_rx) = bounded::<Job>(depth);
+        let (master_tx, master_rx) = bounded::<Job>(depth);
+        let storage_tx = wiring.storage_tx.clone();
+        let (confirm_tx, confirm_rx) = bounded(cfg.batch_in_flight_max as usize + 1);
+        let (wake_tx, wake_rx) = bounded::<()>(1);
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let meta = wiring.applied.meta.lock().expect("meta lock").clone();
+        let applied_height = Arc::new(AtomicU64::new(meta.height));
+        let metrics = cfg.metrics.clone();
+        spawn_validation(
+            &cfg,
+            &stateless_rx,
+            snapshot_tx,
+            &snapshot_rx,
+            master_tx,
+            &storage_tx,
+        );
+        let engine = Master::new(MasterConfig {
+            sequencer: cfg.sequencer.clone(),
+            window_ms: cfg.batch_window.as_millis() as u64,
+            close_idle: cfg.batch_close_idle,
+            in_flight_max: cfg.batch_in_flight_max,
+        });
+        let master = master::MasterThread {
+            engine,
+            rx: master_rx,
+            storage: storage_tx.clone(),
+            raft: wiring.raft_tx.clone(),
+            events: wiring.master_events,
+            view: wiring.view.clone(),
+            wake: wake_rx,
+            applied_height: applied_height.clone(),
+            shutdown: shutdown.clone(),
+            queues_before: vec![stateless_rx, snapshot_rx],
+            metrics: metrics.clone(),
+            started: Instant::now(),
+        };
+        spawn("master".into(), move || master.run());
+        let applier = ApplierConfig {
+            parked_max: PARKED_REPLAYS_MAX,
+            accounts_cached_max: cfg.sequencer.accounts_cached_max,
+        };
+        let storage = storage::StorageThread {
+            engine: Applier::new(applier, operator, meta),
+            archive: cfg.archive.clone(),
+            store: Some(store),
+            node_id: cfg.node_id,
+            applied_height: applied_height.clone(),
+            applied: wiring.applied,
+            raft: wiring.raft_tx.clone(),
+            wake: wake_tx,
+            confirm: confirm_tx,
+            installer,
+            view: wiring.view.clone(),
+            lookups_seen: (0, 0, 0),
+            metrics: metrics.clone(),
+        };
+        let storage_rx = wiring.storage_rx;
+        let storage_thread = spawn("storage".into(), move || storage.run(storage_rx));
+        let wait_for = cfg
+            .archive
+            .clone()
+            .filter(|gate| gate.confirm_after_archive)
+            .map(|gate| (gate, shutdown.clone()));
+        let confirm_metrics = metrics.clone();
+        let confirm_thread = spawn("confirm".into(), move || {
+            confirm::confirmer(confirm_rx, &confirm_metrics, wait_for)
+        });
+        Pipeline {
+            handle: PipelineHandle {
+                stateless_tx,
+                storage_tx,
+                raft_tx: wiring.raft_tx,
+                view: wiring.view,
+                shutdown,
+                metrics,
+                applied_height,
+                archive: cfg.archive,
+                read_only: cfg.read_only,
+            },
+            storage_thread,
+            confirm_thread,
+        }
+    }
+
+    /// Stops taking requests, lets the master seal the batch in progress, the raft thread commit
+    /// what was proposed and the storage thread apply it, and waits until the last confirmation
+    /// is handed to its connection.
+    pub fn shutdown(self) {
+        self.handle.shutdown.store(true, Ordering::SeqCst);
+        let _ = self.storage_thread.join();
+        let _ = self.confirm_thread.join();
+    }
+}
+
+/// Starts the stateless and snapshot worker pools.
+fn spawn_validation(
+    cfg: &PipelineConfig,
+    stateless_rx: &Receiver<Job>,
+    snapshot_tx: Sender<Job>,
+    snapshot_rx: &Receiver<Job>,
+    master_tx: Sender<Job>,
+    storage_tx: &Sender<StorageCmd>,
+) {
+    let rules = Arc::new(cfg.rules.clone());
+    for i in 0..cfg.stateless_workers {
+        let (rx, tx, rules) = (stateless_rx.clone(), snapshot_tx.clone(), rules.clone());
+        let metrics = cfg.metrics.clone();
+        spawn(format!("stateless-{i}"), move || {
+            validate::stateless_worker(rx, tx, &rules, &metrics)
+        });
+    }
+    for i in 0..cfg.snapshot_workers {
+        let (rx, tx, storage) = (snapshot_rx.clone(), master_tx.clone(), storage_tx.clone());
+        let metrics = cfg.metrics.clone();
+        spawn(format!("snapshot-{i}"), move || {
+            validate::snapshot_worker(rx, tx, storage, &metrics)
+        });
+    }
+}
+
+/// Ledger snapshots between replicas. Runs on the storage thread, which owns the store.
+pub trait SnapshotTransfer<S>: Send {
+    /// Brings the ledger to (at least) the state a raft snapshot describes, fetched from a peer.
+    /// May close and reopen the store; it must be `Some` again when this returns.
+    fn install(&mut self, store: &mut Option<S>, index: u64, descriptor: &[u8]) -> CoreResult<()>;
+    /// Streams the ledger in chunks of at most `chunk_bytes_max` bytes.
+    fn dump(
+        &mut self,
+        store: &mut S,
+        chunk_bytes_max: usize,
+        out: &mut dyn FnMut(Vec<u8>) -> CoreResult<()>,
+    ) -> CoreResult<LedgerMeta>;
+}
+
+fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .expect("spawning a pipeline thread")
+}
+
+/// Stops the node: state on disk may be ahead of or behind what we hold in memory, and going on
+/// could let this replica diverge. Restarting recovers from disk.
+pub fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
+    tracing::error!("fatal: {what}: {e}; stopping the node");
+    eprintln!("tally-server: fatal: {what}: {e}; stopping the node");
+    std::process::exit(70)
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Sends a job into the pipeline without waiting: a full queue answers `busy`.
+pub fn submit(handle: &PipelineHandle, job: Job) {
+    if handle.shutdown.load(Ordering::SeqCst) {
+        job.reply
+            .error(ErrorCode::ShuttingDown, "the server is shutting down");
+        return;
+    }
+    match handle.stateless_tx.try_send(job) {
+        Ok(()) => {}
+        Err(TrySendError::Full(job)) => {
+            handle.metrics.busy("stateless");
+            job.reply.busy("the validation queue", 50)
+        }
+        Err(TrySendError::Disconnected(job)) => job
+            .reply
+            .error(ErrorCode::ShuttingDown, "the pipeline has stopped"),
+    }
+}
+
+/// Sends a read command to the storage thread without waiting.
+pub fn read(handle: &PipelineHandle, cmd: StorageCmd) {
+    match handle.storage_tx.try_send(cmd) {
+        Ok(()) => {}
+        Err(TrySendError::Full(cmd)) | Err(TrySendError::Disconnected(cmd)) => {
+            if let Some(reply) = cmd.into_reply() {
+                handle.metrics.busy("storage");
+                reply.busy("the storage queue", 20)
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! What the storage thread serves besides applying: lookups for the validation stages and the
+//! master, client reads (balances, headers, status), ledger dumps for peers installing a
+//! snapshot, and applied batches for the archive writer. All read the applied state.
+
+use std::sync::atomic::Ordering;
+
+use tally_core::ports::LedgerStore;
+use tally_core::Result as CoreResult;
+use tally_wire::{BalanceReply, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX};
+
+use super::fatal;
+use super::storage::StorageThread;
+use crate::channels::{LookupResult, StorageCmd};
+
+impl<S: LedgerStore> StorageThread<S> {
+    /// Serves one read command (never `Committed`, `InstallSnapshot`, `Replay` or `Stop`).
+    pub(super) fn read(&mut self, cmd: StorageCmd) {
+        let height = self.engine.meta().height;
+        match cmd {
+            StorageCmd::Dump {
+                chunk_bytes_max,
+                out,
+                done,
+            } => {
+                // The dump holds this thread (and so the apply path) until the peer has taken
+                // every chunk: a known cost of serving a snapshot.
+                let store = self.store.as_mut().expect("store");
+                let result = self.installer.dump(store, chunk_bytes_max, &mut |chunk| {
+                    out.blocking_send(chunk).map_err(|_| {
+                        tally_core::Error::Storage("the peer stopped taking the snapshot".into())
+                    })
+                });
+                drop(out);
+                let _ = done.send(result);
+            }
+            StorageCmd::Lookup {
+                keys,
+                accounts,
+                reply,
+            } => {
+                let _ = reply.send(self.lookup(&keys, &accounts));
+                let now = self.db().request_lookup_counts();
+                self.metrics.request_lookups(&mut self.lookups_seen, now);
+            }
+            StorageCmd::LoadAccount { key, reply } => {
+                let _ = reply.send(self.account(&key));
+            }
+            StorageCmd::LoadRequest { signer, id, reply } => {
+                let _ = reply.send(self.db().request(&signer, id));
+            }
+            StorageCmd::Balance {
+                account,
+                mode,
+                reply,
+            } => match self.account(&account) {
+                Ok(b) => reply.send(&Message::Balance(BalanceReply {
+                    account,
+                    exists: b.is_some(),
+                    balance: b.unwrap_or(0),
+                    height,
+                    mode,
+                })),
+                Err(e) => fatal("reading an account", &e),
+            },
+            StorageCmd::Headers {
+                from_height,
+                limit,
+                reply,
+            } => {
+                let headers = self.headers(from_height, limit);
+                reply.send(&Message::Headers(headers));
+            }
+            StorageCmd::Status {
+                raft,
+                writable,
+                leader_client_address,
+                reply,
+            } => {
+                let status = StatusReply {
+                    node_id: self.node_id,
+                    role: raft.role.code(),
+                    term: raft.term,
+                    leader_id: raft.leader_id,
+                    commit_index: raft.commit_index,
+                    applied_index: self.applied.index.load(Ordering::SeqCst),
+                    applied_height: height,
+                    writable,
+                    leader_client_address,
+                    latest_header: self.latest_header(height),
+                    archive_height: self
+                        .archive
+                        .as_ref()
+                        .map(|gate| gate.progress.height.load(Ordering::SeqCst)),
+                };
+                reply.send(&Message::Status(Box::new(status)));
+            }
+            StorageCmd::ReadBatches {
+                from,
+                to,
+                bytes_max,
+                reply,
+            } => {
+                let _ = reply.send(self.read_batches(from, to.min(height), bytes_max));
+            }
+            StorageCmd::Committed(_)
+            | StorageCmd::InstallSnapshot { .. }
+            | StorageCmd::Replay { .. }
+            | StorageCmd::Stop => unreachable!("not a read"),
+        }
+    }
+
+    fn account(&mut self, key: &tally_wire::PublicKey) -> CoreResult<Option<u64>> {
+        let store = self.store.as_mut().expect("store");
+        self.engine.account(store, key)
+    }
+
+    fn lookup(
+        &mut self,
+        keys: &[(tally_wire::PublicKey, u128)],
+        accounts: &[tally_wire::PublicKey],
+    ) -> CoreResult<LookupResult> {
+        let mut records = Vec::with_capacity(keys.len());
+        for (signer, id) in keys {
+            records.push(self.db().request(signer, *id)?);
+        }
+        let mut balances = Vec::with_capacity(accounts.len());
+        for a in accounts {
+            balances.push(self.account(a)?);
+        }
+        Ok(LookupResult {
+            height: self.engine.meta().height,
+            records,
+            balances,
+        })
+    }
+
+    fn headers(&mut self, from_height: u64, limit: u16) -> Vec<SignedHeader> {
+        let limit = limit.clamp(1, HEADERS_PER_REPLY_MAX) as u64;
+        let from = from_height.max(1);
+        let to = from
+            .saturating_add(limit)
+            .min(self.engine.meta().height + 1);
+        let mut headers = Vec::new();
+        for h in from..to {
+            match self.db().header(h) {
+                Ok(Some(sh)) => headers.push(sh),
+                Ok(None) => break,
+                Err(e) => fatal("reading a header", &e),
+            }
+        }
+        headers
+    }
+
+    fn latest_header(&mut self, height: u64) -> Option<SignedHeader> {
+        if height == 0 {
+            return None;
+        }
+        self.db()
+            .header(height)
+            .unwrap_or_else(|e| fatal("reading a header", &e))
+    }
+
+    /// Applied batches for the archive writer (see `StorageCmd::ReadBatches`).
+    fn read_batches(
+        &mut self,
+        from: u64,
+        to: u64,
+        bytes_max: usize,
+    ) -> CoreResult<Vec<(SignedHeader, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for height in from..=to {
+            let (Some(signed), Some(body)) = (self.db().header(height)?, self.db().body(height)?)
+            else {
+                return Err(tally_core::Error::Storage(format!(
+                    "batch {height} is applied but its header or body is missing"
+                )));
+            };
+            assert_eq!(signed.header.height, height, "header table keyed by height");
+            bytes += body.len();
+            out.push((signed, body));
+            if bytes >= bytes_max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

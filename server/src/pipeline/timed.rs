@@ -1,0 +1,53 @@
+//! A ledger store that times its durable writes, so that the storage thread can split a
+//! batch's apply into preparing (replay, signing) and writing (`tally_durable_write_seconds`)
+//! while the engine does both in one call.
+
+use std::time::Instant;
+
+use tally_core::batch::BatchWrite;
+use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
+use tally_core::state::LedgerMeta;
+use tally_core::Result;
+use tally_wire::{PublicKey, SignedHeader};
+
+pub(super) struct TimedStore<'a, S> {
+    inner: &'a mut S,
+    /// Seconds spent in `apply` since this wrapper was made.
+    pub write_seconds: f64,
+}
+
+impl<'a, S> TimedStore<'a, S> {
+    pub fn new(inner: &'a mut S) -> TimedStore<'a, S> {
+        TimedStore {
+            inner,
+            write_seconds: 0.0,
+        }
+    }
+}
+
+impl<S: LedgerStore> LedgerRead for TimedStore<'_, S> {
+    fn account(&mut self, key: &PublicKey) -> Result<Option<u64>> {
+        self.inner.account(key)
+    }
+    fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
+        self.inner.request(signer, id)
+    }
+}
+
+impl<S: LedgerStore> LedgerStore for TimedStore<'_, S> {
+    fn meta(&mut self) -> Result<LedgerMeta> {
+        self.inner.meta()
+    }
+    fn apply(&mut self, write: &BatchWrite) -> Result<()> {
+        let started = Instant::now();
+        let result = self.inner.apply(write);
+        self.write_seconds += started.elapsed().as_secs_f64();
+        result
+    }
+    fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
+        self.inner.header(height)
+    }
+    fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
+        self.inner.body(height)
+    }
+}
