@@ -68,11 +68,11 @@ impl ReplyTo {
         let bytes = message.encode_frame(self.correlation_id);
         // Counted before the client can see the answer, so a scrape after it never lags.
         match message {
-            Message::Confirmed(c) if c.replayed => self.metrics.requests_replayed_total.inc(),
+            Message::Confirmed(c) if c.replayed => self.metrics.batches.replayed_total.inc(),
             Message::Confirmed(_) => {
-                self.metrics.requests_confirmed_total.inc();
+                self.metrics.batches.confirmed_total.inc();
                 let seconds = self.received.elapsed().as_secs_f64();
-                self.metrics.confirmation_seconds.observe(seconds);
+                self.metrics.batches.confirmation_seconds.observe(seconds);
             }
             Message::Error(e) => self.metrics.rejected(e.code),
             _ => {}
@@ -581,7 +581,7 @@ struct StorageReader<'a>(&'a Sender<StorageCmd>, &'a Metrics);
 
 impl LedgerRead for StorageReader<'_> {
     fn account(&mut self, key: &PublicKey) -> CoreResult<Option<u64>> {
-        self.1.account_cache_misses_total.inc();
+        self.1.batches.account_cache_misses_total.inc();
         let (tx, rx) = bounded(1);
         self.0
             .send(StorageCmd::LoadAccount {
@@ -699,7 +699,7 @@ impl Master {
                 }
             }
             let open = self.leading.as_ref().map_or(0, |l| l.sequencer.open_len());
-            self.metrics.open_batch_requests.set(open as i64);
+            self.metrics.batches.open_requests.set(open as i64);
             // Stop once no request has been queued for a moment after the shutdown began: a
             // job a validation worker holds (not in any queue) reaches the master well within
             // it, so the batch in progress is whole. Connections take no new requests by then.
@@ -743,7 +743,8 @@ impl Master {
                     if let Some(body) = l.sequencer.seal(l.term, unix_ms()) {
                         self.metrics.batch_closed(reason);
                         self.metrics
-                            .batch_requests
+                            .batches
+                            .requests
                             .observe(body.entries.len() as f64);
                         tracing::debug!(
                             height = body.header.height,
@@ -846,7 +847,7 @@ impl Master {
             Err(e) => fatal("sequencing", &e),
         }
         let hits = l.sequencer.take_cache_hits();
-        self.metrics.account_cache_hits_total.inc_by(hits);
+        self.metrics.batches.account_cache_hits_total.inc_by(hits);
     }
 }
 
@@ -1037,7 +1038,8 @@ impl<S: LedgerStore> StorageThread<S> {
                             fatal("storage housekeeping", &e);
                         }
                         self.metrics
-                            .storage_maintain_seconds
+                            .ledger
+                            .maintain_seconds
                             .observe(started.elapsed().as_secs_f64());
                         self.publish_compactable();
                     }
@@ -1258,7 +1260,7 @@ impl<S: LedgerStore> StorageThread<S> {
             .unwrap_or_else(|e| fatal("archiving applied batches", &e));
         let lag = self.db().archive_lag();
         *self.applied.compactable.lock().expect("meta lock") = compactable;
-        self.metrics.history_lag_batches.set(lag as i64);
+        self.metrics.ledger.history_lag_batches.set(lag as i64);
     }
 
     fn publish_index(&self, raft_index: u64) {
@@ -1327,12 +1329,14 @@ impl<S: LedgerStore> StorageThread<S> {
         *self.applied.meta.lock().expect("meta lock") = meta.clone();
         self.publish_compactable();
         let m = &self.metrics;
-        m.apply_prepare_seconds
+        m.ledger
+            .apply_prepare_seconds
             .observe((prepared - started).as_secs_f64());
-        m.durable_write_seconds
+        m.ledger
+            .durable_write_seconds
             .observe((written - prepared).as_secs_f64());
         m.storage.seconds.observe((written - started).as_secs_f64());
-        m.batch_body_bytes.observe(write.body.len() as f64);
+        m.ledger.batch_body_bytes.observe(write.body.len() as f64);
         if let Some(gate) = &self.archive {
             // The archive writer takes it from here instead of reading it back; when it is
             // behind (a full queue), it reads from the ledger later.
