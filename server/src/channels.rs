@@ -46,11 +46,11 @@ impl ReplyTo {
         let bytes = message.encode_frame(self.correlation_id);
         // Counted before the client can see the answer, so a scrape after it never lags.
         match message {
-            Message::Confirmed(c) if c.replayed => self.metrics.requests_replayed_total.inc(),
+            Message::Confirmed(c) if c.replayed => self.metrics.batches.replayed_total.inc(),
             Message::Confirmed(_) => {
-                self.metrics.requests_confirmed_total.inc();
+                self.metrics.batches.confirmed_total.inc();
                 let seconds = self.received.elapsed().as_secs_f64();
-                self.metrics.confirmation_seconds.observe(seconds);
+                self.metrics.batches.confirmation_seconds.observe(seconds);
             }
             Message::Error(e) => self.metrics.rejected(e.code),
             _ => {}

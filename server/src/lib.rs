@@ -1,20 +1,13 @@
-//! tally-server: a replica of a tally operator. The only crate that knows tokio, rustls,
-//! sockets, signals and prometheus.
+//! tally-server: one replica of a tally operator, and the only crate that knows tokio, rustls,
+//! sockets, signals and prometheus. A replica serves clients over TLS, runs the request pipeline
+//! (validation pools, master, storage thread, confirmer) under raft-rs with its peers over mutual
+//! TLS (a single node is a raft group of one), archives committed batches to object storage
+//! (`[archive]`) and exports Prometheus metrics. `ARCHITECTURE.md` at the repository root has the
+//! threads, the codemap (which module does what) and the invariants; `docs/OPERATING.md` the
+//! metrics and the runbooks.
 //!
-//! - [`bootstrap`]: the development operator's generated keys, certificate, config and profile.
-//! - [`certs`]: the operator CA and node certificates (`init-cluster`, renewal).
-//! - [`tls`]: rustls configuration from PEM files.
-//! - [`net`]: the TLS client listener and per-connection tasks.
-//! - [`limits`]: what a remote party may hold: descriptors, connections per address, reply bytes.
-//! - [`ratelog`]: rate-limited log lines for everything a remote party can trigger.
-//! - [`pipeline`]: validation pools, the master thread, the storage thread, the confirmer.
-//! - [`node`]: wiring it together from a validated config.
-//! - [`archive`]: the archive writer's batch source, start and metrics; the read-only rule.
-//! - [`restore`]: `tally-server restore`, a data directory rebuilt from the archive alone.
-//! - [`metrics`]: the Prometheus registry and every metric handle.
-//! - [`http`]: `/metrics`, `/health` and `/ready` on `listen.metrics`.
-//!
-//! Caveats: a replica restored below the archive's tip serves reads only, for good.
+//! Caveats: membership is static (from the config); a replica restored below the archive's tip
+//! serves reads only, for good; any panic or fatal storage error stops the process (exit 70).
 
 pub mod archive;
 pub mod bootstrap;

@@ -123,17 +123,17 @@ fn admit(
     let metrics = &shared.pipeline.metrics;
     let Some(slot) = shared.addresses.try_enter(peer.ip()) else {
         rate_log!(REFUSED_LOG, info, %peer, "connection refused: limits.connections_per_address_max reached");
-        metrics.connections_refused_total.inc();
+        metrics.connections.refused_total.inc();
         return;
     };
     let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
         rate_log!(REFUSED_LOG, info, %peer, "connection refused: limits.connections_max reached");
-        metrics.connections_refused_total.inc();
+        metrics.connections.refused_total.inc();
         return;
     };
     let (shared, shutdown) = (Arc::clone(shared), shutdown.clone());
     tokio::spawn(async move {
-        let open = shared.pipeline.metrics.connections_open.clone();
+        let open = shared.pipeline.metrics.connections.open.clone();
         open.inc();
         connection(stream, &shared, shutdown).await;
         open.dec();

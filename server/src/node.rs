@@ -187,9 +187,10 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics.applied_height.set(meta.height as i64);
     metrics
+        .ledger
         .request_filter_loaded
         .set((store.request_filter_origin() == &FilterOrigin::Loaded) as i64);
-    metrics.ledger_open_seconds.set(opened_in.as_secs_f64());
+    metrics.ledger.open_seconds.set(opened_in.as_secs_f64());
 
     let mut client_addresses: HashMap<u64, String> = config
         .peers

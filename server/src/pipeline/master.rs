@@ -68,7 +68,7 @@ impl MasterThread {
             let poll = self.poll(stopping);
             self.engine.poll(&poll, &mut out);
             let open = self.engine.open_len() as i64;
-            self.metrics.open_batch_requests.set(open);
+            self.metrics.batches.open_requests.set(open);
             if !self.execute(&mut out) {
                 return;
             }
@@ -127,7 +127,7 @@ impl MasterThread {
             fatal("sequencing", &e);
         }
         let hits = self.engine.take_cache_hits();
-        self.metrics.account_cache_hits_total.inc_by(hits);
+        self.metrics.batches.account_cache_hits_total.inc_by(hits);
         let seconds = started.elapsed().as_secs_f64();
         self.metrics.master.seconds.observe(seconds);
     }
@@ -145,7 +145,7 @@ impl MasterThread {
                 } => {
                     self.metrics.batch_closed(close);
                     let requests = body.entries.len();
-                    self.metrics.batch_requests.observe(requests as f64);
+                    self.metrics.batches.requests.observe(requests as f64);
                     tracing::debug!(
                         height = body.header.height,
                         requests,

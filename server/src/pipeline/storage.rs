@@ -97,10 +97,12 @@ impl<S: LedgerStore> StorageThread<S> {
         if let Applied::Written(write) = applied {
             let m = self.metrics.clone();
             let total = started.elapsed().as_secs_f64();
-            m.apply_prepare_seconds.observe(total - write_seconds);
-            m.durable_write_seconds.observe(write_seconds);
+            m.ledger
+                .apply_prepare_seconds
+                .observe(total - write_seconds);
+            m.ledger.durable_write_seconds.observe(write_seconds);
             m.storage.seconds.observe(total);
-            m.batch_body_bytes.observe(write.body.len() as f64);
+            m.ledger.batch_body_bytes.observe(write.body.len() as f64);
             let height = write.meta.height;
             *self.applied.meta.lock().expect("meta lock") = write.meta.clone();
             self.publish_compactable();
@@ -171,7 +173,7 @@ impl<S: LedgerStore> StorageThread<S> {
             fatal("storage housekeeping", &e);
         }
         let seconds = started.elapsed().as_secs_f64();
-        self.metrics.storage_maintain_seconds.observe(seconds);
+        self.metrics.ledger.maintain_seconds.observe(seconds);
         self.publish_compactable();
     }
 
@@ -203,7 +205,7 @@ impl<S: LedgerStore> StorageThread<S> {
             .unwrap_or_else(|e| fatal("archiving applied batches", &e));
         let lag = self.db().archive_lag();
         *self.applied.compactable.lock().expect("meta lock") = compactable;
-        self.metrics.history_lag_batches.set(lag as i64);
+        self.metrics.ledger.history_lag_batches.set(lag as i64);
     }
 
     fn publish_index(&self) {

@@ -154,7 +154,7 @@ pub(super) struct StorageReader<'a>(pub &'a Sender<StorageCmd>, pub &'a Metrics)
 
 impl LedgerRead for StorageReader<'_> {
     fn account(&mut self, key: &PublicKey) -> CoreResult<Option<u64>> {
-        self.1.account_cache_misses_total.inc();
+        self.1.batches.account_cache_misses_total.inc();
         let (tx, rx) = bounded(1);
         self.0
             .send(StorageCmd::LoadAccount {
