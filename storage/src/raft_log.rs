@@ -101,10 +101,10 @@ impl RaftLogDb {
             .map_err(|e| io_error(format_args!("opening raft log {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
         migrate_raft_state_v1(&mut db)?;
-        migrate_state_rows(&mut db)?;
+        migrate_state_rows(&mut db, &sync_stats)?;
 
-        let conf = get(&mut db, &layout::raft_conf_state_key())?;
-        let snap = get(&mut db, &layout::raft_snapshot_key())?;
+        let conf = get(&mut db, &layout::raft_conf_state_key(), &sync_stats)?;
+        let snap = get(&mut db, &layout::raft_snapshot_key(), &sync_stats)?;
         let newest = newest_hard_state(&mut db)?;
         let conf_state = match conf {
             Some(v) => decode_proto::<ConfState>(Table::RaftState, "conf state", &v)?,
@@ -243,7 +243,8 @@ impl RaftLogDb {
 
     fn read_entry(&self, index: u64) -> Result<Option<Entry>> {
         self.check_usable()?;
-        let value = get(&mut self.db.borrow_mut(), &layout::raft_entry_key(index))?;
+        let key = layout::raft_entry_key(index);
+        let value = get(&mut self.db.borrow_mut(), &key, &self.sync_stats)?;
         value.map(|v| decode_entry(index, &v)).transpose()
     }
 
@@ -837,9 +838,9 @@ fn migrate_raft_state_v1(db: &mut DB) -> Result<()> {
 /// Moves the state rows of a log written before hard states were keyed by index (a `hard` and a
 /// `last` row in `raft_state`, rewritten by every write) to the hard state at the last index, in
 /// one synced write.
-fn migrate_state_rows(db: &mut DB) -> Result<()> {
-    let hard = get(db, &layout::raft_hard_state_key())?;
-    let last = get(db, &layout::raft_last_index_key())?;
+fn migrate_state_rows(db: &mut DB, stats: &SyncStats) -> Result<()> {
+    let hard = get(db, &layout::raft_hard_state_key(), stats)?;
+    let last = get(db, &layout::raft_last_index_key(), stats)?;
     if hard.is_none() && last.is_none() {
         return Ok(());
     }
@@ -852,7 +853,7 @@ fn migrate_state_rows(db: &mut DB) -> Result<()> {
     }
     let last = match last {
         Some(v) => layout::decode_raft_last_index(&v)?,
-        None => match get(db, &layout::raft_snapshot_key())? {
+        None => match get(db, &layout::raft_snapshot_key(), stats)? {
             Some(v) => SnapshotPoint::decode(&v)?.index,
             None => 0,
         },
@@ -975,12 +976,11 @@ fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
     db.write(batch, false)
 }
 
-/// A read that reports IO errors: unlike `DB::get`, `get_at` does not turn them into "absent".
-fn get(db: &mut DB, key: &[u8]) -> Result<Option<Vec<u8>>> {
-    let snapshot = db.get_snapshot();
-    db.get_at(&snapshot, key)
-        .map(|v| v.map(|b| b.to_vec()))
-        .map_err(|e| io_error("reading the raft log", e))
+/// A read that reports errors (`env::get_checked`): rusty-leveldb's `get` and `get_at` both
+/// read a table they cannot read, or one that fails its checksum, as "absent".
+fn get(db: &mut DB, key: &[u8], stats: &SyncStats) -> Result<Option<Vec<u8>>> {
+    crate::env::get_checked(db, key, stats)
+        .map_err(|e| Error::Storage(format!("reading the raft log: {e}")))
 }
 
 fn decode_entry(index: u64, value: &[u8]) -> Result<Entry> {
