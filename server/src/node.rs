@@ -145,7 +145,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let operator = OperatorKey::new(signing_key);
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
     // Before any database opens: the descriptor limit is raised, the connection limits fit it.
-    let sizing = crate::limits::connection_sizing(&config.limits);
+    let sizing = crate::limits::connection_sizing(&config.limits, config.peers.len());
     crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     // Finish (or roll back) a snapshot install a crash interrupted.
     tally_storage::recover_install(&ledger_dir(&config))

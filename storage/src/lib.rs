@@ -130,7 +130,7 @@ pub use env::{SyncEnv, SyncStats};
 pub use import::LedgerImport;
 pub use ledger::{
     archive_dir, FilterOrigin, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
-    ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES,
+    ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES, STAGED_TABLE_FILES_OPEN_MAX, TABLE_FILES_OPEN_MAX,
 };
 pub use raft_log::RaftLogDb;
 pub use transfer::{install_ledger_dir, recover_install, staged_ledger_dir, LedgerInstaller};

@@ -332,9 +332,10 @@ impl RaftLogDb {
             &layout::raft_hard_state_at_key(self.last_index),
             &encode_proto(&self.hard_state),
         );
-        let options =
-            || leveldb_options(&self.opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)));
-        let mut next = DB::open(&staged, options())
+        let options = |opts: &StoreOptions| {
+            leveldb_options(opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)))
+        };
+        let mut next = DB::open(&staged, options(&self.opts.clone().staged()))
             .map_err(|e| io_error(format_args!("creating {}", staged.display()), e))?;
         next.write(state, true)
             .map_err(|e| io_error("writing the compacted raft log", e))?;
@@ -350,7 +351,7 @@ impl RaftLogDb {
             .close()
             .map_err(|e| io_error("closing the raft log for compaction", e))?;
         crate::transfer::install_ledger_dir(&self.dir, &staged)?;
-        let mut db = DB::open(&self.dir, options())
+        let mut db = DB::open(&self.dir, options(&self.opts))
             .map_err(|e| io_error(format_args!("reopening {}", self.dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
         settle_state_rows(&mut db)?;
@@ -958,7 +959,7 @@ fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
     Options {
         env: Rc::new(Box::new(env)),
         create_if_missing: true,
-        max_open_files: crate::ledger::TABLE_FILES_OPEN_MAX + 10,
+        max_open_files: opts.table_files_open_max + 10,
         write_buffer_size: opts.write_buffer_bytes,
         block_cache_capacity_bytes: opts.block_cache_bytes,
         reuse_logs: false,
