@@ -195,10 +195,13 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .map(|p| (p.id, p.client_address.to_string()))
         .collect();
     client_addresses.insert(node_id, config.listen.client.to_string());
-    let view = Arc::new(
-        ClusterView::new(node_id, client_addresses)
-            .with_info(crate::replication::info_reply(&config, operator_public)),
-    );
+    let view = Arc::new(ClusterView::new(node_id, client_addresses).with_info(
+        crate::replication::info_reply(
+            &config,
+            operator_public,
+            sizing.connections_per_address_max,
+        ),
+    ));
     let applied = Arc::new(Applied {
         index: std::sync::atomic::AtomicU64::new(meta.raft_index),
         meta: Mutex::new(meta.clone()),
