@@ -6,7 +6,8 @@
 //!   start; [`size_for_descriptors`] fits the connection limits under it, keeping back
 //!   [`descriptors_reserved`]: every LevelDB database that can be open at once, the archive,
 //!   the HTTP endpoint and outbound peers.
-//! - Addresses: [`AddressLimit`] counts open connections per IPv4 address or IPv6 /64.
+//! - Addresses: [`AddressLimit`] counts open connections per IPv4 address or IPv6 /64, and
+//!   [`HandshakeRate`] limits how fast one opens new ones.
 //! - Replies: every request reserves the largest reply it can get ([`reply_bytes_bound`]) from its
 //!   connection's budget (waiting: backpressure) and from the server's (not waiting: `busy`);
 //!   the reservation travels with the reply ([`ReplyPermit`]) and is returned once the reply was
@@ -169,6 +170,78 @@ pub fn peer_handshakes_per_address_max(peer_connections_max: usize) -> usize {
         .min(peer_connections_max.max(1))
 }
 
+/// What the per-address limits count by: an IPv4 address (also when mapped into IPv6), or an
+/// IPv6 /64 (one host usually holds a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
+/// Rate of new connections per address ([`address_key`]): a token bucket each, holding one
+/// second's worth (`per_second` connections at once) and refilled continuously. An address
+/// whose bucket is full is forgotten, so the table holds only addresses that connected within
+/// the last second or so.
+pub struct HandshakeRate {
+    per_second: f64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+/// Past this many addresses in the table, full buckets are dropped before one is added.
+const RATE_ADDRESSES_PRUNE_AT: usize = 4096;
+
+impl HandshakeRate {
+    pub fn new(per_second: u32) -> HandshakeRate {
+        assert!(per_second >= 1);
+        HandshakeRate {
+            per_second: f64::from(per_second),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a new connection from `ip` at `now` is within its address's rate (and if so,
+    /// takes its token).
+    pub fn try_take(&self, ip: IpAddr, now: std::time::Instant) -> bool {
+        let (rate, burst) = (self.per_second, self.per_second);
+        let refilled = |b: &Bucket| {
+            let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+            (b.tokens + elapsed * rate).min(burst)
+        };
+        let mut buckets = self.buckets.lock().expect("rate table");
+        if buckets.len() >= RATE_ADDRESSES_PRUNE_AT {
+            buckets.retain(|_, b| refilled(b) < burst);
+        }
+        let bucket = buckets.entry(address_key(ip)).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        bucket.tokens = refilled(bucket);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            return false;
+        }
+        bucket.tokens -= 1.0;
+        true
+    }
+
+    /// Addresses in the table (for tests).
+    pub fn addresses(&self) -> usize {
+        self.buckets.lock().expect("rate table").len()
+    }
+}
+
 /// Counts open connections per address: IPv4 addresses one by one, IPv6 by /64 (one host
 /// usually holds a whole /64).
 pub struct AddressLimit {
@@ -191,22 +264,9 @@ impl AddressLimit {
         })
     }
 
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                    IpAddr::V6(prefix.into())
-                }
-            },
-        }
-    }
-
     /// A slot for a connection from `ip`, or `None` when that address is at its limit.
     pub fn try_enter(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
-        let key = Self::key(ip);
+        let key = address_key(ip);
         let mut open = self.open.lock().expect("address table");
         let count = open.entry(key).or_insert(0);
         if *count >= self.per_address_max {
@@ -222,7 +282,7 @@ impl AddressLimit {
     /// Open connections from `ip`'s address (or /64).
     pub fn open(&self, ip: IpAddr) -> usize {
         let open = self.open.lock().expect("address table");
-        open.get(&Self::key(ip)).copied().unwrap_or(0)
+        open.get(&address_key(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -390,6 +450,46 @@ mod tests {
         check(1024, 0, (571, 36, 64));
         // Absurdly low: still one of each.
         check(10, 0, (3, 1, 1));
+    }
+
+    #[test]
+    fn handshake_rate_per_address() {
+        use std::time::{Duration, Instant};
+        let rate = HandshakeRate::new(4);
+        let t0 = Instant::now();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let taken = |at| (0..10).filter(|_| rate.try_take(a, at)).count();
+        assert_eq!(taken(t0), 4, "a burst of one second's worth");
+        // Another address has its own bucket; an IPv6 /64 is one address.
+        assert!(rate.try_take("10.0.0.2".parse().unwrap(), t0));
+        assert!(rate.try_take("2001:db8::1".parse().unwrap(), t0));
+        assert_eq!(taken(t0 + Duration::from_millis(250)), 1, "refilled at 4/s");
+        assert_eq!(taken(t0 + Duration::from_millis(260)), 0);
+        assert_eq!(
+            taken(t0 + Duration::from_secs(60)),
+            4,
+            "never more than the burst"
+        );
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let b = HandshakeRate::new(1);
+        assert!(b.try_take(v6("2001:db8::1"), t0));
+        assert!(!b.try_take(v6("2001:db8::ffff:2"), t0), "same /64");
+        assert!(b.try_take(v6("2001:db8:0:1::1"), t0), "another /64");
+    }
+
+    #[test]
+    fn the_rate_table_forgets_addresses_with_full_buckets() {
+        use std::time::{Duration, Instant};
+        let rate = HandshakeRate::new(2);
+        let t0 = Instant::now();
+        for i in 0..RATE_ADDRESSES_PRUNE_AT as u32 {
+            assert!(rate.try_take(IpAddr::V4(i.into()), t0));
+        }
+        assert_eq!(rate.addresses(), RATE_ADDRESSES_PRUNE_AT);
+        // A second later every bucket is full again: all are dropped, the new one added.
+        let later = t0 + Duration::from_secs(1);
+        assert!(rate.try_take("192.0.2.1".parse().unwrap(), later));
+        assert_eq!(rate.addresses(), 1);
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub struct Metrics {
     pub ledger_open_seconds: prometheus::Gauge,
     pub connections_open: IntGauge,
     pub connections_refused_total: IntCounter,
+    pub connections_rate_limited_total: IntCounter,
     connections_timed_out_total: IntCounterVec,
     busy_total: IntCounterVec,
     pub account_cache_misses_total: IntCounter,
@@ -345,6 +346,11 @@ impl Metrics {
             connections_refused_total: counter(
                 "tally_connections_refused_total",
                 "Client connections closed at once because limits.connections_max were open.",
+            ),
+            connections_rate_limited_total: counter(
+                "tally_connections_rate_limited_total",
+                "Client connections closed before their TLS handshake because their address \
+                 passed limits.handshakes_per_address_per_second.",
             ),
             connections_timed_out_total: counter_vec(
                 "tally_connections_timed_out_total",

@@ -53,6 +53,7 @@ fn net_limits(config: &Config, sizing: &crate::limits::ConnectionSizing) -> NetL
     NetLimits {
         connections_max: sizing.connections_max,
         connections_per_address_max: sizing.connections_per_address_max,
+        handshakes_per_address_per_second: limits.handshakes_per_address_per_second,
         in_flight_max: limits.requests_in_flight_per_connection_max as usize,
         frame_bytes_max: limits.frame_bytes_max,
         reply_bytes_per_connection_max: semaphore_bytes(limits.reply_bytes_per_connection_max),
