@@ -234,6 +234,10 @@ pub struct LimitsConfig {
     pub connections_per_address_max: u32,
     /// Open connections on the peer port, authenticated or not. At least `1`. Default: `64`.
     pub peer_connections_max: u32,
+    /// New client connections one IPv4 address (or one IPv6 /64) may open per second, with a
+    /// burst of as many at once; one more is closed before its TLS handshake. At least `1`.
+    /// Default: `64`.
+    pub handshakes_per_address_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -252,6 +256,7 @@ impl Default for LimitsConfig {
             reply_bytes_total_max: 256 << 20,
             connections_per_address_max: 64,
             peer_connections_max: 64,
+            handshakes_per_address_per_second: 64,
         }
     }
 }

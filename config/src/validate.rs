@@ -267,6 +267,11 @@ fn connection_limits(problems: &mut Problems, limits: &crate::LimitsConfig) {
         limits.peer_connections_max,
         1,
     );
+    problems.at_least(
+        "limits.handshakes_per_address_per_second",
+        limits.handshakes_per_address_per_second,
+        1,
+    );
 }
 
 fn raft(problems: &mut Problems, config: &Config) {

@@ -3,9 +3,11 @@
 //! apply them.
 //!
 //! - Descriptors: [`raise_descriptor_limit`] lifts the soft `RLIMIT_NOFILE` to the hard limit at
-//!   start; [`size_for_descriptors`] fits the connection limits under it, keeping
-//!   [`DESCRIPTORS_RESERVED`] for LevelDB, the archive, the HTTP endpoint and outbound peers.
-//! - Addresses: [`AddressLimit`] counts open connections per IPv4 address or IPv6 /64.
+//!   start; [`size_for_descriptors`] fits the connection limits under it, keeping back
+//!   [`descriptors_reserved`]: every LevelDB database that can be open at once, the archive,
+//!   the HTTP endpoint and outbound peers.
+//! - Addresses: [`AddressLimit`] counts open connections per IPv4 address or IPv6 /64, and
+//!   [`HandshakeRate`] limits how fast one opens new ones.
 //! - Replies: every request reserves the largest reply it can get ([`reply_bytes_bound`]) from its
 //!   connection's budget (waiting: backpressure) and from the server's (not waiting: `busy`);
 //!   the reservation travels with the reply ([`ReplyPermit`]) and is returned once the reply was
@@ -19,10 +21,62 @@ use tally_config::LimitsConfig;
 use tally_wire::{Message, FRAME_HEADER_BYTES, HEADERS_PER_REPLY_MAX, SIGNED_HEADER_BYTES};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Descriptors kept out of the connection limits: LevelDB's table and log files (three
-/// databases), the archive (a directory or S3 connections), the metrics endpoint, outbound peer
-/// connections, the binary's own files.
-pub const DESCRIPTORS_RESERVED: u64 = 256;
+/// Descriptors one LevelDB database holds besides its table files: its lock (`LOCK`), info log
+/// (`LOG`), write-ahead log and manifest, and while it switches to new ones or writes a table,
+/// a second log or manifest and the table being written.
+pub const DESCRIPTORS_PER_DATABASE_BESIDES_TABLES: u64 = 6;
+
+/// Descriptors the process holds whatever happens: standard streams, the tokio runtime's epoll
+/// and wake-up descriptors, the signal handler, the listeners of the client and peer ports,
+/// the request filter's file at a clean stop, files read at start. Generous by design.
+pub const DESCRIPTORS_OF_THE_PROCESS: u64 = 32;
+
+/// What [`descriptors_reserved`] keeps out of the connection limits, term by term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescriptorReserve {
+    /// The live databases: the ledger's state and history, and the raft log, each with
+    /// `TABLE_FILES_OPEN_MAX` tables.
+    pub live_databases: u64,
+    /// The databases that can be open beside them: the raft log's next database while a
+    /// compaction swaps it in, and a snapshot install's staged state and history, each with
+    /// `STAGED_TABLE_FILES_OPEN_MAX` tables.
+    pub staged_databases: u64,
+    /// The archive's objects written at once and a state snapshot's chunks (a file or an HTTP
+    /// connection each).
+    pub archive: u64,
+    /// Connections this replica dials: a raft channel and a snapshot channel to each peer.
+    pub outbound_peers: u64,
+    /// The metrics endpoint: its listener and its connections.
+    pub http: u64,
+    pub process: u64,
+}
+
+impl DescriptorReserve {
+    pub fn total(&self) -> u64 {
+        self.live_databases
+            + self.staged_databases
+            + self.archive
+            + self.outbound_peers
+            + self.http
+            + self.process
+    }
+}
+
+/// The one place that counts what the server keeps back from the connection limits, for a
+/// replica with `peers` other replicas. Every database that can be open at once is counted
+/// with its full table cache.
+pub fn descriptors_reserved(peers: usize) -> DescriptorReserve {
+    let database = |tables: usize| tables as u64 + DESCRIPTORS_PER_DATABASE_BESIDES_TABLES;
+    DescriptorReserve {
+        live_databases: 3 * database(tally_storage::TABLE_FILES_OPEN_MAX),
+        staged_databases: 3 * database(tally_storage::STAGED_TABLE_FILES_OPEN_MAX),
+        archive: (tally_storage::archiver::UPLOADS_IN_FLIGHT
+            + tally_storage::snapshots::CHUNKS_IN_FLIGHT) as u64,
+        outbound_peers: 2 * peers as u64,
+        http: crate::http::CONNECTIONS_MAX as u64 + 1,
+        process: DESCRIPTORS_OF_THE_PROCESS,
+    }
+}
 
 /// The largest reply other than a header list: a confirmation with a 16-level proof is under
 /// 1 KiB, a status under 1 KiB, an error a short message.
@@ -54,10 +108,15 @@ pub struct ConnectionSizing {
 }
 
 /// Fits the configured limits under `descriptors` (the soft `RLIMIT_NOFILE`): the peer port gets
-/// at most a quarter of what is left after [`DESCRIPTORS_RESERVED`], clients the rest, and the
-/// per-address limit shrinks in proportion with `connections_max`. Never below one each.
-pub fn size_for_descriptors(descriptors: u64, limits: &LimitsConfig) -> ConnectionSizing {
-    let free = descriptors.saturating_sub(DESCRIPTORS_RESERVED).max(4);
+/// at most a quarter of what is left after `reserved` ([`descriptors_reserved`]), clients the
+/// rest, and the per-address limit shrinks in proportion with `connections_max`. Never below
+/// one each.
+pub fn size_for_descriptors(
+    descriptors: u64,
+    reserved: u64,
+    limits: &LimitsConfig,
+) -> ConnectionSizing {
+    let free = descriptors.saturating_sub(reserved).max(4);
     let peer = u64::from(limits.peer_connections_max).min(free / 4).max(1);
     let clients = u64::from(limits.connections_max).min(free - peer).max(1);
     let per_address = u64::from(limits.connections_per_address_max);
@@ -75,11 +134,13 @@ pub fn size_for_descriptors(descriptors: u64, limits: &LimitsConfig) -> Connecti
     sizing
 }
 
-/// Raises the descriptor limit and sizes the connection limits under it, saying so when it had
-/// to lower any of them. Call once at start, before the databases open.
-pub fn connection_sizing(limits: &LimitsConfig) -> ConnectionSizing {
+/// Raises the descriptor limit and sizes the connection limits under it for a replica with
+/// `peers` other replicas, saying so when it had to lower any of them. Call once at start,
+/// before the databases open.
+pub fn connection_sizing(limits: &LimitsConfig, peers: usize) -> ConnectionSizing {
     let descriptors = raise_descriptor_limit();
-    let sizing = size_for_descriptors(descriptors, limits);
+    let reserved = descriptors_reserved(peers).total();
+    let sizing = size_for_descriptors(descriptors, reserved, limits);
     let configured = ConnectionSizing {
         connections_max: limits.connections_max as usize,
         connections_per_address_max: limits.connections_per_address_max as usize,
@@ -88,7 +149,7 @@ pub fn connection_sizing(limits: &LimitsConfig) -> ConnectionSizing {
     if sizing != configured {
         tracing::warn!(
             descriptors,
-            reserved = DESCRIPTORS_RESERVED,
+            reserved,
             connections_max = sizing.connections_max,
             connections_per_address_max = sizing.connections_per_address_max,
             peer_connections_max = sizing.peer_connections_max,
@@ -107,6 +168,78 @@ pub fn peer_handshakes_per_address_max(peer_connections_max: usize) -> usize {
     (peer_connections_max / 8)
         .max(2)
         .min(peer_connections_max.max(1))
+}
+
+/// What the per-address limits count by: an IPv4 address (also when mapped into IPv6), or an
+/// IPv6 /64 (one host usually holds a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
+/// Rate of new connections per address ([`address_key`]): a token bucket each, holding one
+/// second's worth (`per_second` connections at once) and refilled continuously. An address
+/// whose bucket is full is forgotten, so the table holds only addresses that connected within
+/// the last second or so.
+pub struct HandshakeRate {
+    per_second: f64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+/// Past this many addresses in the table, full buckets are dropped before one is added.
+const RATE_ADDRESSES_PRUNE_AT: usize = 4096;
+
+impl HandshakeRate {
+    pub fn new(per_second: u32) -> HandshakeRate {
+        assert!(per_second >= 1);
+        HandshakeRate {
+            per_second: f64::from(per_second),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a new connection from `ip` at `now` is within its address's rate (and if so,
+    /// takes its token).
+    pub fn try_take(&self, ip: IpAddr, now: std::time::Instant) -> bool {
+        let (rate, burst) = (self.per_second, self.per_second);
+        let refilled = |b: &Bucket| {
+            let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+            (b.tokens + elapsed * rate).min(burst)
+        };
+        let mut buckets = self.buckets.lock().expect("rate table");
+        if buckets.len() >= RATE_ADDRESSES_PRUNE_AT {
+            buckets.retain(|_, b| refilled(b) < burst);
+        }
+        let bucket = buckets.entry(address_key(ip)).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        bucket.tokens = refilled(bucket);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            return false;
+        }
+        bucket.tokens -= 1.0;
+        true
+    }
+
+    /// Addresses in the table (for tests).
+    pub fn addresses(&self) -> usize {
+        self.buckets.lock().expect("rate table").len()
+    }
 }
 
 /// Counts open connections per address: IPv4 addresses one by one, IPv6 by /64 (one host
@@ -131,22 +264,9 @@ impl AddressLimit {
         })
     }
 
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                    IpAddr::V6(prefix.into())
-                }
-            },
-        }
-    }
-
     /// A slot for a connection from `ip`, or `None` when that address is at its limit.
     pub fn try_enter(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
-        let key = Self::key(ip);
+        let key = address_key(ip);
         let mut open = self.open.lock().expect("address table");
         let count = open.entry(key).or_insert(0);
         if *count >= self.per_address_max {
@@ -162,7 +282,7 @@ impl AddressLimit {
     /// Open connections from `ip`'s address (or /64).
     pub fn open(&self, ip: IpAddr) -> usize {
         let open = self.open.lock().expect("address table");
-        open.get(&Self::key(ip)).copied().unwrap_or(0)
+        open.get(&address_key(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -290,26 +410,86 @@ pub fn is_out_of_descriptors(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
 
-    fn check(descriptors: u64, expected: (usize, usize, usize)) {
-        let sizing = size_for_descriptors(descriptors, &LimitsConfig::default());
+    fn check(descriptors: u64, peers: usize, expected: (usize, usize, usize)) {
+        let reserved = descriptors_reserved(peers).total();
+        let sizing = size_for_descriptors(descriptors, reserved, &LimitsConfig::default());
         let got = (
             sizing.connections_max,
             sizing.connections_per_address_max,
             sizing.peer_connections_max,
         );
-        assert_eq!(got, expected, "descriptors {descriptors}");
+        assert_eq!(got, expected, "descriptors {descriptors}, {peers} peers");
+    }
+
+    /// Every database that can be open at once, with its whole table cache: the three live
+    /// ones (64 tables + 6) and the three staged ones (16 + 6).
+    #[test]
+    fn the_reserve_counts_every_database_open_at_once() {
+        let single = descriptors_reserved(0);
+        assert_eq!(single.live_databases, 3 * (64 + 6));
+        assert_eq!(single.staged_databases, 3 * (16 + 6));
+        assert_eq!(single.archive, 16);
+        assert_eq!(single.outbound_peers, 0);
+        assert_eq!(single.http, 65);
+        assert_eq!(single.total(), 210 + 66 + 16 + 65 + 32);
+        assert_eq!(single.total(), 389);
+        // A replica of five dials four peers, twice each.
+        assert_eq!(descriptors_reserved(4).total(), 389 + 8);
     }
 
     #[test]
     fn sizing_fits_under_the_descriptor_limit() {
         // Plenty: the configured defaults.
-        check(1 << 20, (1024, 64, 64));
-        check(256 + 1024 + 64, (1024, 64, 64));
-        // A hard limit of 512: 256 left, a quarter to peers, the rest to clients.
-        check(512, (192, 12, 64));
-        check(1024, (704, 44, 64));
+        check(1 << 20, 0, (1024, 64, 64));
+        check(389 + 1024 + 64, 0, (1024, 64, 64));
+        check(389 + 1024 + 63, 0, (1023, 64, 64));
+        // A hard limit of 512: 123 left (115 for a replica of five), a quarter to peers, the
+        // rest to clients.
+        check(512, 0, (93, 6, 30));
+        check(512, 4, (87, 6, 28));
+        check(1024, 0, (571, 36, 64));
         // Absurdly low: still one of each.
-        check(10, (3, 1, 1));
+        check(10, 0, (3, 1, 1));
+    }
+
+    #[test]
+    fn handshake_rate_per_address() {
+        use std::time::{Duration, Instant};
+        let rate = HandshakeRate::new(4);
+        let t0 = Instant::now();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let taken = |at| (0..10).filter(|_| rate.try_take(a, at)).count();
+        assert_eq!(taken(t0), 4, "a burst of one second's worth");
+        // Another address has its own bucket; an IPv6 /64 is one address.
+        assert!(rate.try_take("10.0.0.2".parse().unwrap(), t0));
+        assert!(rate.try_take("2001:db8::1".parse().unwrap(), t0));
+        assert_eq!(taken(t0 + Duration::from_millis(250)), 1, "refilled at 4/s");
+        assert_eq!(taken(t0 + Duration::from_millis(260)), 0);
+        assert_eq!(
+            taken(t0 + Duration::from_secs(60)),
+            4,
+            "never more than the burst"
+        );
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let b = HandshakeRate::new(1);
+        assert!(b.try_take(v6("2001:db8::1"), t0));
+        assert!(!b.try_take(v6("2001:db8::ffff:2"), t0), "same /64");
+        assert!(b.try_take(v6("2001:db8:0:1::1"), t0), "another /64");
+    }
+
+    #[test]
+    fn the_rate_table_forgets_addresses_with_full_buckets() {
+        use std::time::{Duration, Instant};
+        let rate = HandshakeRate::new(2);
+        let t0 = Instant::now();
+        for i in 0..RATE_ADDRESSES_PRUNE_AT as u32 {
+            assert!(rate.try_take(IpAddr::V4(i.into()), t0));
+        }
+        assert_eq!(rate.addresses(), RATE_ADDRESSES_PRUNE_AT);
+        // A second later every bucket is full again: all are dropped, the new one added.
+        let later = t0 + Duration::from_secs(1);
+        assert!(rate.try_take("192.0.2.1".parse().unwrap(), later));
+        assert_eq!(rate.addresses(), 1);
     }
 
     #[test]

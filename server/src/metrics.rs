@@ -80,6 +80,9 @@ pub struct LedgerMetrics {
 pub struct ConnectionMetrics {
     pub open: IntGauge,
     pub refused_total: IntCounter,
+    /// Closed before their TLS handshake: the address passed
+    /// `limits.handshakes_per_address_per_second`.
+    pub rate_limited_total: IntCounter,
     timed_out_total: IntCounterVec,
     busy_total: IntCounterVec,
     rejected_total: IntCounterVec,
@@ -319,6 +322,11 @@ impl ConnectionMetrics {
             refused_total: r.counter(
                 "tally_connections_refused_total",
                 "Client connections closed at once because limits.connections_max were open.",
+            ),
+            rate_limited_total: r.counter(
+                "tally_connections_rate_limited_total",
+                "Client connections closed before their TLS handshake because their address \
+                 passed limits.handshakes_per_address_per_second.",
             ),
             timed_out_total: r.counter_vec(
                 "tally_connections_timed_out_total",

@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::channels::RaftEvent;
 use crate::channels::{Job, Outgoing, ReplyTo, StorageCmd};
 use crate::limits::{
-    is_out_of_descriptors, reply_bytes_bound, AddressLimit, ReplyBudget, Reserved,
+    is_out_of_descriptors, reply_bytes_bound, AddressLimit, HandshakeRate, ReplyBudget, Reserved,
     SMALL_REPLY_BYTES_MAX,
 };
 use crate::metrics::Metrics;
@@ -59,6 +59,7 @@ static BUDGET_LOG: RateLog = RateLog::new(RATE_LOG_INTERVAL_MS);
 pub struct NetLimits {
     pub connections_max: usize,
     pub connections_per_address_max: usize,
+    pub handshakes_per_address_per_second: u32,
     pub in_flight_max: usize,
     pub frame_bytes_max: u32,
     pub reply_bytes_per_connection_max: usize,
@@ -77,6 +78,7 @@ struct Shared {
     limits: NetLimits,
     connections: Arc<Semaphore>,
     addresses: Arc<AddressLimit>,
+    handshake_rate: HandshakeRate,
     reply_bytes: Arc<Semaphore>,
 }
 
@@ -93,6 +95,7 @@ pub async fn serve(
         pipeline,
         connections: Arc::new(Semaphore::new(limits.connections_max)),
         addresses: AddressLimit::new(limits.connections_per_address_max),
+        handshake_rate: HandshakeRate::new(limits.handshakes_per_address_per_second),
         reply_bytes: Arc::new(Semaphore::new(limits.reply_bytes_total_max)),
         limits,
     });
@@ -113,7 +116,7 @@ pub async fn serve(
 }
 
 /// Starts a connection's task, or closes the connection at once when its address or the
-/// listener is at its limit.
+/// listener is at its limit (before the TLS handshake: a refused connection costs no signature).
 fn admit(
     shared: &Arc<Shared>,
     stream: TcpStream,
@@ -121,6 +124,14 @@ fn admit(
     shutdown: &watch::Receiver<bool>,
 ) {
     let metrics = &shared.pipeline.metrics;
+    if !shared
+        .handshake_rate
+        .try_take(peer.ip(), std::time::Instant::now())
+    {
+        rate_log!(REFUSED_LOG, info, %peer, "connection refused: limits.handshakes_per_address_per_second reached");
+        metrics.connections.rate_limited_total.inc();
+        return;
+    }
     let Some(slot) = shared.addresses.try_enter(peer.ip()) else {
         rate_log!(REFUSED_LOG, info, %peer, "connection refused: limits.connections_per_address_max reached");
         metrics.connections.refused_total.inc();

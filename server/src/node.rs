@@ -55,6 +55,7 @@ fn net_limits(config: &Config, sizing: &crate::limits::ConnectionSizing) -> NetL
     NetLimits {
         connections_max: sizing.connections_max,
         connections_per_address_max: sizing.connections_per_address_max,
+        handshakes_per_address_per_second: limits.handshakes_per_address_per_second,
         in_flight_max: limits.requests_in_flight_per_connection_max as usize,
         frame_bytes_max: limits.frame_bytes_max,
         reply_bytes_per_connection_max: semaphore_bytes(limits.reply_bytes_per_connection_max),
@@ -147,7 +148,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let operator = OperatorKey::new(signing_key);
     let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
     // Before any database opens: the descriptor limit is raised, the connection limits fit it.
-    let sizing = crate::limits::connection_sizing(&config.limits);
+    let sizing = crate::limits::connection_sizing(&config.limits, config.peers.len());
     crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     // Finish (or roll back) a snapshot install a crash interrupted.
     tally_storage::recover_install(&ledger_dir(&config))
@@ -198,10 +199,13 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .map(|p| (p.id, p.client_address.to_string()))
         .collect();
     client_addresses.insert(node_id, config.listen.client.to_string());
-    let view = Arc::new(
-        ClusterView::new(node_id, client_addresses)
-            .with_info(crate::replication::info_reply(&config, operator_public)),
-    );
+    let view = Arc::new(ClusterView::new(node_id, client_addresses).with_info(
+        crate::replication::info_reply(
+            &config,
+            operator_public,
+            sizing.connections_per_address_max,
+        ),
+    ));
     let applied = Arc::new(Applied {
         index: std::sync::atomic::AtomicU64::new(meta.raft_index),
         meta: Mutex::new(meta.clone()),

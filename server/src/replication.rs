@@ -20,11 +20,16 @@ use tally_wire::{ErrorCode, ErrorReply, Retry};
 use crate::channels::{Applied, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
 use crate::peer::PeerSenders;
 
-/// What `GetInfo` answers for a replica run with `config` and the operator key `operator`.
+/// What `GetInfo` answers for a replica run with `config` and the operator key `operator`, whose
+/// per-address connection limit in force is `connections_per_address_max` (after
+/// `limits::connection_sizing`).
 pub fn info_reply(
     config: &tally_config::Config,
     operator: tally_wire::PublicKey,
+    connections_per_address_max: usize,
 ) -> tally_wire::InfoReply {
+    let limits = &config.limits;
+    let ms = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
     tally_wire::InfoReply {
         chain_id: config.chain_id_bytes(),
         operator_public_key: operator,
@@ -33,6 +38,15 @@ pub fn info_reply(
         reply_payload_bytes_max: tally_wire::REPLY_PAYLOAD_BYTES_MAX,
         requests_in_flight_max: config.limits.requests_in_flight_per_connection_max,
         headers_per_reply_max: tally_wire::HEADERS_PER_REPLY_MAX,
+        client_limits: Some(tally_wire::ClientLimits {
+            handshake_timeout_ms: ms(limits.handshake_timeout_ms),
+            first_request_timeout_ms: ms(limits.first_request_timeout_ms),
+            frame_timeout_ms: ms(limits.frame_timeout_ms),
+            idle_timeout_ms: ms(limits.idle_timeout_ms),
+            write_timeout_ms: ms(limits.write_timeout_ms),
+            connections_per_address_max: u32::try_from(connections_per_address_max)
+                .unwrap_or(u32::MAX),
+        }),
     }
 }
 

@@ -70,7 +70,7 @@ impl PeerSnapshotTransfer {
         if staged.exists() {
             std::fs::remove_dir_all(&staged)?;
         }
-        let mut installer = LedgerInstaller::create(&staged, StoreOptions::default())?;
+        let mut installer = LedgerInstaller::create(&staged, StoreOptions::default().staged())?;
         let bytes = self.runtime.block_on(fetch_snapshot(
             addr,
             peer,
@@ -98,7 +98,7 @@ impl PeerSnapshotTransfer {
         // Only read to check it: no request filter to build.
         let checking = StoreOptions {
             request_filter_bytes: 0,
-            ..StoreOptions::default()
+            ..StoreOptions::default().staged()
         };
         let mut db = LedgerDb::open(&staged_ledger_dir(&self.live), checking)?;
         let result = (|| {

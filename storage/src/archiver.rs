@@ -46,8 +46,8 @@ use crate::snapshots::Cursor;
 const DELTA_ROWS_MAX: usize = 262_144;
 /// Batches taken from the ledger and written per checkpoint, at most.
 const GROUP_BATCHES_MAX: u64 = 256;
-/// Objects written at once.
-const UPLOADS_IN_FLIGHT: usize = 8;
+/// Objects written at once (each a file or an HTTP connection: `server/src/limits.rs` counts them).
+pub const UPLOADS_IN_FLIGHT: usize = 8;
 /// Backoff after a failed round: doubles from the first to the last (short: while the lag
 /// bound refuses writes, the store is probed at least once a second).
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);

@@ -50,12 +50,13 @@ impl SyncStats {
 
 /// `db.get(key)`, except that a read that failed is an error rather than "absent".
 ///
-/// rusty-leveldb 4.0.2's `DB::get` turns every error into `None`, and its `get_at`, which
-/// reports them, needs a snapshot, which the snapshot-list caveat of `ledger::reopen_fresh`
-/// rules out. A table read goes through [`SyncEnv`]'s files, which count failures: a `None`
-/// while the count moved was a failed read. An exactly-once check or a balance read must never
-/// take that for "absent" (a request applied twice, a balance reset to zero). Errors that
-/// rusty-leveldb finds itself in bytes it did read (a bad block checksum) are not seen here.
+/// rusty-leveldb 4.0.2 has no point read that reports a table error: `DB::get` turns every
+/// error into `None`, and below it `Version::get` (used by `get_at` too) skips a table it could
+/// not read and goes on to older levels, so a damaged table can hide a key or show an older
+/// value of it. A table read goes through [`SyncEnv`]'s files, which count failures (a file
+/// that would not open, a failed or short read, a block whose checksum does not match): any
+/// answer while the count moved is an error. An exactly-once check or a balance read must never
+/// take that for "absent" or for the current value (a request applied twice, a balance reset).
 pub(crate) fn get_checked(
     db: &mut rusty_leveldb::DB,
     key: &[u8],
@@ -63,10 +64,10 @@ pub(crate) fn get_checked(
 ) -> Result<Option<Vec<u8>>, tally_core::Error> {
     let before = stats.read_errors();
     let found = db.get(key).map(|v| v.to_vec());
-    if found.is_none() && stats.read_errors() != before {
+    if stats.read_errors() != before {
         return Err(tally_core::Error::Storage(
-            "a LevelDB table could not be read (see the log for the file): the key's value is \
-             unknown"
+            "a LevelDB table could not be read or is corrupt (see the log for the file): the \
+             key's value is unknown"
                 .into(),
         ));
     }
@@ -136,17 +137,43 @@ impl SyncEnv {
     }
 }
 
-/// A table file for reading that counts failed and short reads (see [`get_checked`]).
+/// A table file for reading that counts failed and short reads, and blocks whose checksum does
+/// not match (see [`get_checked`]).
 struct CountedRead {
     file: File,
     path: PathBuf,
+    /// The length at open: tables are written once and never change.
+    len: u64,
     stats: Arc<SyncStats>,
 }
 
-impl RandomAccess for CountedRead {
-    /// Reads `dst.len()` bytes at `off` unless the file ends first (rusty-leveldb takes fewer
-    /// for an error of its own; they are counted here).
-    fn read_at(&self, off: usize, dst: &mut [u8]) -> rusty_leveldb::Result<usize> {
+impl CountedRead {
+    fn count(&self, what: std::fmt::Arguments<'_>) {
+        self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("{}: {what}", self.path.display());
+    }
+
+    /// Checks the block that a read of `got` at `off` holds (see [`block_checksum_ok`]); the
+    /// footer, the last [`FOOTER_BYTES`] of the file, has no checksum (rusty-leveldb checks its
+    /// magic number).
+    fn check_block(&self, off: usize, got: &[u8]) {
+        if off as u64 + got.len() as u64 == self.len && got.len() == FOOTER_BYTES {
+            return;
+        }
+        let mut after = [0u8; BLOCK_TRAILER_BYTES];
+        let after = match self.read_full(off + got.len(), &mut after) {
+            Ok(n) => &after[..n],
+            Err(_) => &[][..],
+        };
+        if !block_checksum_ok(got, after) {
+            self.count(format_args!(
+                "the block of {} bytes at offset {off} fails its checksum",
+                got.len()
+            ));
+        }
+    }
+
+    fn read_full(&self, off: usize, dst: &mut [u8]) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
         let mut done = 0;
         while done < dst.len() {
@@ -154,20 +181,66 @@ impl RandomAccess for CountedRead {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!("{}: reading at offset {off}: {e}", self.path.display());
-                    return Err(status("read", &self.path, e));
-                }
+                Err(e) => return Err(e),
             }
         }
+        Ok(done)
+    }
+}
+
+/// A table's footer: two block handles, padding and the magic number (table_builder.rs).
+const FOOTER_BYTES: usize = 48;
+/// What follows every block of a table: its compression type (1 byte) and a masked CRC-32C
+/// (4 bytes, little-endian) of the block's stored bytes and that type byte.
+const BLOCK_TRAILER_BYTES: usize = 5;
+
+/// Whether `got`, a read of a table block, matches the checksum rusty-leveldb wrote after it.
+///
+/// rusty-leveldb reads every block but one together with its trailer (`read_table_block`);
+/// it reads the filter block without it (`read_filter_block`), and `after` holds the bytes that
+/// follow the read. It checks the first kind itself but reports a mismatch only as an error that
+/// `DB::get` drops, and never checks the filter block. A read of either kind matches one of the
+/// two checksums, unless its bytes changed on disk (then both fail but for one chance in 2^32).
+fn block_checksum_ok(got: &[u8], after: &[u8]) -> bool {
+    if got.len() >= BLOCK_TRAILER_BYTES {
+        let (stored, crc) = got.split_at(got.len() - 4);
+        if crc32c::crc32c(stored) == unmask_crc(crc) {
+            return true;
+        }
+    }
+    if after.len() == BLOCK_TRAILER_BYTES {
+        let typed = crc32c::crc32c_append(crc32c::crc32c(got), &after[..1]);
+        return typed == unmask_crc(&after[1..]);
+    }
+    false
+}
+
+/// LevelDB stores a CRC rotated and offset, so that a CRC over bytes that hold CRCs stays
+/// strong (log.rs `mask_crc`).
+fn unmask_crc(masked: &[u8]) -> u32 {
+    let masked = u32::from_le_bytes(masked.try_into().expect("a CRC is 4 bytes"));
+    masked.wrapping_sub(0xa282_ead8).rotate_left(15)
+}
+
+impl RandomAccess for CountedRead {
+    /// Reads `dst.len()` bytes at `off` unless the file ends first (rusty-leveldb takes fewer
+    /// for an error of its own; they are counted here), and counts a block that fails its
+    /// checksum (rusty-leveldb finds it too, and `get` drops the error).
+    fn read_at(&self, off: usize, dst: &mut [u8]) -> rusty_leveldb::Result<usize> {
+        let done = match self.read_full(off, dst) {
+            Ok(done) => done,
+            Err(e) => {
+                self.count(format_args!("reading at offset {off}: {e}"));
+                return Err(status("read", &self.path, e));
+            }
+        };
         if done < dst.len() {
-            self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                "{}: {} bytes at offset {off} asked, the file ended after {done}",
-                self.path.display(),
+            self.count(format_args!(
+                "{} bytes at offset {off} asked, the file ended after {done}",
                 dst.len()
-            );
+            ));
+        } else {
+            self.check_block(off, dst);
         }
         Ok(done)
     }
@@ -179,10 +252,11 @@ impl Env for SyncEnv {
     }
 
     fn open_random_access_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn RandomAccess>> {
-        match File::open(p) {
-            Ok(file) => Ok(Box::new(CountedRead {
+        match File::open(p).and_then(|file| Ok((file.metadata()?.len(), file))) {
+            Ok((len, file)) => Ok(Box::new(CountedRead {
                 file,
                 path: p.to_owned(),
+                len,
                 stats: Arc::clone(&self.stats),
             })),
             Err(e) => {
@@ -441,5 +515,94 @@ mod tests {
         assert_eq!(db.get(b"k"), None, "rusty-leveldb's get: absent");
         let err = get_checked(&mut db, b"k", &stats).unwrap_err();
         assert!(err.to_string().contains("could not be read"), "{err}");
+    }
+
+    /// Opens a database of `keys` keys (`k00000`...) written into tables, through the ledger's
+    /// options.
+    fn tables_of(keys: u32) -> (tempfile::TempDir, Arc<SyncStats>, impl Fn() -> Options) {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(SyncStats::default());
+        let shared = Arc::clone(&stats);
+        let options = move || {
+            let store = crate::StoreOptions::default();
+            crate::ledger::leveldb_options(&store, SyncEnv::sharing(Arc::clone(&shared)))
+        };
+        let mut db = DB::open(dir.path(), options()).unwrap();
+        for i in 0..keys {
+            db.put(format!("k{i:05}").as_bytes(), &[i as u8; 100])
+                .unwrap();
+        }
+        db.close().unwrap();
+        // Opening again writes the log into a table (logs are never reused).
+        DB::open(dir.path(), options()).unwrap().close().unwrap();
+        (dir, stats, options)
+    }
+
+    fn table_files(dir: &Path) -> Vec<PathBuf> {
+        let mut tables: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "ldb"))
+            .collect();
+        tables.sort();
+        tables
+    }
+
+    /// The checksum check must not take a sound table for a damaged one: every kind of block
+    /// (data, index, meta index, the filter block read without its trailer) and the footer pass.
+    #[test]
+    fn sound_tables_read_without_errors() {
+        let (_dir, stats, options) = tables_of(2_000);
+        let mut db = DB::open(_dir.path(), options()).unwrap();
+        for i in (0..2_000).step_by(7) {
+            let got = get_checked(&mut db, format!("k{i:05}").as_bytes(), &stats).unwrap();
+            assert_eq!(got, Some(vec![i as u8; 100]), "key {i}");
+        }
+        assert_eq!(get_checked(&mut db, b"k99999x", &stats).unwrap(), None);
+        assert_eq!(stats.read_errors(), 0);
+    }
+
+    /// A bit flipped inside a data block: rusty-leveldb finds the bad checksum and its `get`
+    /// answers "absent"; `get_checked` must answer an error.
+    #[test]
+    fn a_block_that_fails_its_checksum_is_an_error_not_an_absent_key() {
+        let (dir, stats, options) = tables_of(2_000);
+        let tables = table_files(dir.path());
+        assert_eq!(tables.len(), 1, "{tables:?}");
+        let mut bytes = std::fs::read(&tables[0]).unwrap();
+        // The first data block starts at offset 0 and holds the first key.
+        bytes[20] ^= 0x10;
+        std::fs::write(&tables[0], bytes).unwrap();
+        let mut db = DB::open(dir.path(), options()).unwrap();
+        assert_eq!(db.get(b"k00000"), None, "rusty-leveldb's get: absent");
+        let err = get_checked(&mut db, b"k00000", &stats).unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        // Keys in other blocks still read.
+        let got = get_checked(&mut db, b"k01999", &stats).unwrap();
+        assert_eq!(got, Some(vec![1_999u32 as u8; 100]));
+    }
+
+    #[test]
+    fn block_checksums() {
+        let crc = |b: &[u8]| {
+            let c = crc32c::crc32c(b);
+            ((c >> 15) | (c << 17))
+                .wrapping_add(0xa282_ead8)
+                .to_le_bytes()
+        };
+        let stored = b"block bytes\x00"; // ends with its compression type
+        let block = [&stored[..], &crc(stored)].concat();
+        assert!(block_checksum_ok(&block, b""), "a block with its trailer");
+        let trailer = [&stored[stored.len() - 1..], &crc(stored)].concat();
+        let data = &stored[..stored.len() - 1];
+        assert!(block_checksum_ok(data, &trailer), "a block read without it");
+        let mut bad = block.clone();
+        bad[3] ^= 1;
+        assert!(!block_checksum_ok(&bad, b""));
+        assert!(!block_checksum_ok(
+            &bad[..bad.len() - 5],
+            &bad[bad.len() - 5..]
+        ));
+        assert!(!block_checksum_ok(b"abc", b""), "shorter than a trailer");
     }
 }

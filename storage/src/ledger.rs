@@ -48,6 +48,10 @@ pub struct StoreOptions {
     /// Bytes of the newest raft log entries kept in memory to answer raft's reads of what it
     /// just wrote (the newest entry is kept whatever its size).
     pub raft_tail_bytes: usize,
+    /// Table files each LevelDB database of this store keeps open, at most (its table cache):
+    /// [`TABLE_FILES_OPEN_MAX`] for live databases, [`STAGED_TABLE_FILES_OPEN_MAX`] for the
+    /// staged ones a snapshot install or a raft log compaction builds beside them.
+    pub table_files_open_max: usize,
 }
 
 impl Default for StoreOptions {
@@ -59,6 +63,19 @@ impl Default for StoreOptions {
             state_table_bytes: 2 << 20,
             request_filter_bytes: 16 << 20,
             raft_tail_bytes: 32 << 20,
+            table_files_open_max: TABLE_FILES_OPEN_MAX,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// The options of a database built beside the live ones (a snapshot install's staged
+    /// ledger, a raft log compaction's next log): a smaller table cache, so that the
+    /// descriptors of every database open at once stay within what the server keeps back.
+    pub fn staged(self) -> StoreOptions {
+        StoreOptions {
+            table_files_open_max: STAGED_TABLE_FILES_OPEN_MAX,
+            ..self
         }
     }
 }
@@ -904,20 +921,25 @@ pub(crate) fn state_leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Option
     }
 }
 
-/// Table files one LevelDB database keeps open (its table cache), at most. rusty-leveldb's
+/// Table files one live LevelDB database keeps open (its table cache), at most. rusty-leveldb's
 /// default (1,014) would let the ledger's state, its history and the raft log hold ~3,000
-/// descriptors between them; the server keeps 256 of its descriptors back for storage (see
-/// SECURITY.md) and sizes the connection limits under the rest. A table outside the cache is
-/// opened again when read (rare on the hot path: accounts and request ids are answered from
-/// memory).
+/// descriptors between them; the server keeps a reserve of its descriptors for storage,
+/// computed from this and [`STAGED_TABLE_FILES_OPEN_MAX`] (`server/src/limits.rs`), and sizes
+/// the connection limits under the rest. A table outside the cache is opened again when read
+/// (rare on the hot path: accounts and request ids are answered from memory).
 pub const TABLE_FILES_OPEN_MAX: usize = 64;
+
+/// Table files a staged database keeps open, at most (see [`StoreOptions::staged`]). Such a
+/// database is written once in bulk and read to be checked, then closed; a table it evicts is
+/// opened again by a merge that needs it.
+pub const STAGED_TABLE_FILES_OPEN_MAX: usize = 16;
 
 pub(crate) fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
     Options {
         env: Rc::new(Box::new(env)),
         create_if_missing: true,
         // rusty-leveldb's table cache holds `max_open_files - 10` tables.
-        max_open_files: TABLE_FILES_OPEN_MAX + 10,
+        max_open_files: opts.table_files_open_max + 10,
         write_buffer_size: opts.write_buffer_bytes,
         block_cache_capacity_bytes: opts.block_cache_bytes,
         // rusty-leveldb reads a log or manifest only up to its first bad record, and when it

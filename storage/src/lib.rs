@@ -85,11 +85,14 @@
 //!   entry in a table; a unit test pins the upstream behaviour, and the crash test catches a
 //!   regression. Possibly the same bug as dermesser/leveldb-rs#58. `RaftLogDb::open` does the
 //!   same (its hard state and last-index rows have a version per write).
-//! - rusty-leveldb's `get` turns an error reading a table file into "not found". `LedgerDb`'s
-//!   point reads (state and history) go through `env::get_checked`, which tells the two apart by
-//!   the env's count of table files that failed to open or read, or read short; a bad block
-//!   checksum that rusty-leveldb finds in bytes it did read is still "not found".
-//!   (`RaftLogDb` reads with `get_at`, which reports them.)
+//! - rusty-leveldb's `get` and `get_at` read a table they could not read as "not found" (and
+//!   may then answer an older version from a lower level). Every point read of `LedgerDb`
+//!   (state and history) and `RaftLogDb` goes through `env::get_checked`, which tells them
+//!   apart by the env's count of table files that failed to open or read, read short, or hold a
+//!   block whose CRC-32C does not match (the env checks every block it reads again, since
+//!   rusty-leveldb's own check ends in an error `get` drops). Iterators and compactions skip a
+//!   block they cannot read without an error: a compaction then writes its output without that
+//!   block's rows. The env counts those reads too, but nothing stops the node on them yet.
 //! - rusty-leveldb stops reading a log at its first bad record and would append after it if it
 //!   reused the file; both databases turn off log and manifest reuse, so every open writes the
 //!   recovered log into a table and starts new files.
@@ -127,7 +130,7 @@ pub use env::{SyncEnv, SyncStats};
 pub use import::LedgerImport;
 pub use ledger::{
     archive_dir, FilterOrigin, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
-    ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES,
+    ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES, STAGED_TABLE_FILES_OPEN_MAX, TABLE_FILES_OPEN_MAX,
 };
 pub use raft_log::RaftLogDb;
 pub use transfer::{install_ledger_dir, recover_install, staged_ledger_dir, LedgerInstaller};

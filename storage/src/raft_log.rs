@@ -101,10 +101,10 @@ impl RaftLogDb {
             .map_err(|e| io_error(format_args!("opening raft log {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
         migrate_raft_state_v1(&mut db)?;
-        migrate_state_rows(&mut db)?;
+        migrate_state_rows(&mut db, &sync_stats)?;
 
-        let conf = get(&mut db, &layout::raft_conf_state_key())?;
-        let snap = get(&mut db, &layout::raft_snapshot_key())?;
+        let conf = get(&mut db, &layout::raft_conf_state_key(), &sync_stats)?;
+        let snap = get(&mut db, &layout::raft_snapshot_key(), &sync_stats)?;
         let newest = newest_hard_state(&mut db)?;
         let conf_state = match conf {
             Some(v) => decode_proto::<ConfState>(Table::RaftState, "conf state", &v)?,
@@ -243,7 +243,8 @@ impl RaftLogDb {
 
     fn read_entry(&self, index: u64) -> Result<Option<Entry>> {
         self.check_usable()?;
-        let value = get(&mut self.db.borrow_mut(), &layout::raft_entry_key(index))?;
+        let key = layout::raft_entry_key(index);
+        let value = get(&mut self.db.borrow_mut(), &key, &self.sync_stats)?;
         value.map(|v| decode_entry(index, &v)).transpose()
     }
 
@@ -331,9 +332,10 @@ impl RaftLogDb {
             &layout::raft_hard_state_at_key(self.last_index),
             &encode_proto(&self.hard_state),
         );
-        let options =
-            || leveldb_options(&self.opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)));
-        let mut next = DB::open(&staged, options())
+        let options = |opts: &StoreOptions| {
+            leveldb_options(opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)))
+        };
+        let mut next = DB::open(&staged, options(&self.opts.clone().staged()))
             .map_err(|e| io_error(format_args!("creating {}", staged.display()), e))?;
         next.write(state, true)
             .map_err(|e| io_error("writing the compacted raft log", e))?;
@@ -349,7 +351,7 @@ impl RaftLogDb {
             .close()
             .map_err(|e| io_error("closing the raft log for compaction", e))?;
         crate::transfer::install_ledger_dir(&self.dir, &staged)?;
-        let mut db = DB::open(&self.dir, options())
+        let mut db = DB::open(&self.dir, options(&self.opts))
             .map_err(|e| io_error(format_args!("reopening {}", self.dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
         settle_state_rows(&mut db)?;
@@ -841,9 +843,9 @@ fn migrate_raft_state_v1(db: &mut DB) -> Result<()> {
 /// Moves the state rows of a log written before hard states were keyed by index (a `hard` and a
 /// `last` row in `raft_state`, rewritten by every write) to the hard state at the last index, in
 /// one synced write.
-fn migrate_state_rows(db: &mut DB) -> Result<()> {
-    let hard = get(db, &layout::raft_hard_state_key())?;
-    let last = get(db, &layout::raft_last_index_key())?;
+fn migrate_state_rows(db: &mut DB, stats: &SyncStats) -> Result<()> {
+    let hard = get(db, &layout::raft_hard_state_key(), stats)?;
+    let last = get(db, &layout::raft_last_index_key(), stats)?;
     if hard.is_none() && last.is_none() {
         return Ok(());
     }
@@ -856,7 +858,7 @@ fn migrate_state_rows(db: &mut DB) -> Result<()> {
     }
     let last = match last {
         Some(v) => layout::decode_raft_last_index(&v)?,
-        None => match get(db, &layout::raft_snapshot_key())? {
+        None => match get(db, &layout::raft_snapshot_key(), stats)? {
             Some(v) => SnapshotPoint::decode(&v)?.index,
             None => 0,
         },
@@ -961,7 +963,7 @@ fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
     Options {
         env: Rc::new(Box::new(env)),
         create_if_missing: true,
-        max_open_files: crate::ledger::TABLE_FILES_OPEN_MAX + 10,
+        max_open_files: opts.table_files_open_max + 10,
         write_buffer_size: opts.write_buffer_bytes,
         block_cache_capacity_bytes: opts.block_cache_bytes,
         reuse_logs: false,
@@ -979,12 +981,11 @@ fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
     db.write(batch, false)
 }
 
-/// A read that reports IO errors: unlike `DB::get`, `get_at` does not turn them into "absent".
-fn get(db: &mut DB, key: &[u8]) -> Result<Option<Vec<u8>>> {
-    let snapshot = db.get_snapshot();
-    db.get_at(&snapshot, key)
-        .map(|v| v.map(|b| b.to_vec()))
-        .map_err(|e| io_error("reading the raft log", e))
+/// A read that reports errors (`env::get_checked`): rusty-leveldb's `get` and `get_at` both
+/// read a table they cannot read, or one that fails its checksum, as "absent".
+fn get(db: &mut DB, key: &[u8], stats: &SyncStats) -> Result<Option<Vec<u8>>> {
+    crate::env::get_checked(db, key, stats)
+        .map_err(|e| Error::Storage(format!("reading the raft log: {e}")))
 }
 
 fn decode_entry(index: u64, value: &[u8]) -> Result<Entry> {

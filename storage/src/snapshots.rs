@@ -24,8 +24,8 @@ use crate::bucket::{Bucket, PutNew};
 pub const FULL_EVERY: u32 = 8;
 /// A full snapshot is built in memory; beyond this many rows it is not built.
 pub const FULL_ROWS_MAX: usize = 4_000_000;
-/// Chunks read or written at once.
-const CHUNKS_IN_FLIGHT: usize = 8;
+/// Chunks read or written at once (each a file or an HTTP connection: `server/src/limits.rs` counts them).
+pub const CHUNKS_IN_FLIGHT: usize = 8;
 
 fn bad(key: impl Into<String>, message: impl Into<String>) -> ReadError {
     ReadError::Bad(ObjectError {

@@ -95,6 +95,11 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// Whether every byte was read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
     /// Every message must be consumed exactly: trailing bytes are a framing bug or an attack.
     pub(crate) fn finish(&self) -> Result<(), WireError> {
         if self.at == self.bytes.len() {

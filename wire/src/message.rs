@@ -13,8 +13,15 @@ pub const HEADERS_PER_REPLY_MAX: u16 = 1024;
 /// reads every answer.
 pub const REPLY_PAYLOAD_BYTES_MAX: u32 = 2 + 256 * HEADERS_PER_REPLY_MAX as u32;
 
-/// The payload of an `Info` reply, in bytes.
-pub const INFO_BYTES: usize = 32 + 32 + 8 + 4 + 4 + 4 + 2;
+/// The payload of an `Info` reply, in bytes: the fields every server sends, then
+/// [`ClientLimits`].
+pub const INFO_BYTES: usize = INFO_BYTES_WITHOUT_CLIENT_LIMITS + CLIENT_LIMITS_BYTES;
+
+/// The payload of an `Info` reply from a server that predates [`ClientLimits`].
+pub const INFO_BYTES_WITHOUT_CLIENT_LIMITS: usize = 32 + 32 + 8 + 4 + 4 + 4 + 2;
+
+/// The bytes [`ClientLimits`] appends to an `Info` reply.
+pub const CLIENT_LIMITS_BYTES: usize = 6 * 4;
 
 /// Message type bytes. Requests from clients are below 0x80, replies from servers at or above.
 pub mod message_type {
@@ -131,6 +138,54 @@ pub struct InfoReply {
     pub requests_in_flight_max: u32,
     /// The most headers one `Headers` reply holds ([`HEADERS_PER_REPLY_MAX`]).
     pub headers_per_reply_max: u16,
+    /// The deadlines and the per-address limit a client must respect; `None` from a server
+    /// that predates them (an 86-byte `Info`).
+    pub client_limits: Option<ClientLimits>,
+}
+
+/// What a client must do to keep a connection (`[limits]`, docs/CONFIG.md), appended to `Info`.
+/// Each deadline is in milliseconds, cut to `u32::MAX` (about 49 days) if configured longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// The TLS handshake must finish within this of the connection being accepted.
+    pub handshake_timeout_ms: u32,
+    /// The first whole request must arrive within this of the handshake.
+    pub first_request_timeout_ms: u32,
+    /// Every frame must arrive whole within this of its first byte.
+    pub frame_timeout_ms: u32,
+    /// A connection with no request for this long is closed.
+    pub idle_timeout_ms: u32,
+    /// A reply the client does not read within this closes the connection.
+    pub write_timeout_ms: u32,
+    /// Connections one IPv4 address or IPv6 /64 may hold at once (the limit in force, after
+    /// the server fitted it under its descriptor limit).
+    pub connections_per_address_max: u32,
+}
+
+impl ClientLimits {
+    fn write(&self, out: &mut Vec<u8>) {
+        for v in [
+            self.handshake_timeout_ms,
+            self.first_request_timeout_ms,
+            self.frame_timeout_ms,
+            self.idle_timeout_ms,
+            self.write_timeout_ms,
+            self.connections_per_address_max,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<ClientLimits, WireError> {
+        Ok(ClientLimits {
+            handshake_timeout_ms: r.u32("info.handshake_timeout_ms")?,
+            first_request_timeout_ms: r.u32("info.first_request_timeout_ms")?,
+            frame_timeout_ms: r.u32("info.frame_timeout_ms")?,
+            idle_timeout_ms: r.u32("info.idle_timeout_ms")?,
+            write_timeout_ms: r.u32("info.write_timeout_ms")?,
+            connections_per_address_max: r.u32("info.connections_per_address_max")?,
+        })
+    }
 }
 
 impl InfoReply {
@@ -143,7 +198,14 @@ impl InfoReply {
         out.extend_from_slice(&self.reply_payload_bytes_max.to_le_bytes());
         out.extend_from_slice(&self.requests_in_flight_max.to_le_bytes());
         out.extend_from_slice(&self.headers_per_reply_max.to_le_bytes());
-        assert_eq!(out.len() - start, INFO_BYTES);
+        if let Some(limits) = &self.client_limits {
+            limits.write(out);
+        }
+        let expected = match self.client_limits {
+            Some(_) => INFO_BYTES,
+            None => INFO_BYTES_WITHOUT_CLIENT_LIMITS,
+        };
+        assert_eq!(out.len() - start, expected);
     }
 
     fn read(r: &mut Reader<'_>) -> Result<InfoReply, WireError> {
@@ -155,6 +217,12 @@ impl InfoReply {
             reply_payload_bytes_max: r.u32("info.reply_payload_bytes_max")?,
             requests_in_flight_max: r.u32("info.requests_in_flight_max")?,
             headers_per_reply_max: r.u16("info.headers_per_reply_max")?,
+            // An older server's reply ends here; a newer one's holds exactly the limits.
+            client_limits: if r.is_empty() {
+                None
+            } else {
+                Some(ClientLimits::read(r)?)
+            },
         })
     }
 }

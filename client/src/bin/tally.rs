@@ -780,6 +780,14 @@ async fn info(ctx: &Globals) -> Result<ExitCode> {
                 "reply_payload_bytes_max": info.reply_payload_bytes_max,
                 "requests_in_flight_max": info.requests_in_flight_max,
                 "headers_per_reply_max": info.headers_per_reply_max,
+                "client_limits": info.client_limits.map(|l| json!({
+                    "handshake_timeout_ms": l.handshake_timeout_ms,
+                    "first_request_timeout_ms": l.first_request_timeout_ms,
+                    "frame_timeout_ms": l.frame_timeout_ms,
+                    "idle_timeout_ms": l.idle_timeout_ms,
+                    "write_timeout_ms": l.write_timeout_ms,
+                    "connections_per_address_max": l.connections_per_address_max,
+                })),
                 "chain_id_matches_profile": chain_matches,
                 "operator_key_matches_profile": key_matches,
             }))?
@@ -815,12 +823,34 @@ async fn info(ctx: &Globals) -> Result<ExitCode> {
             "  {} requests in flight per connection, {} headers per reply",
             info.requests_in_flight_max, info.headers_per_reply_max
         );
+        print_client_limits(info.client_limits.as_ref());
     }
     Ok(if chain_matches && key_matches {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The deadlines and the per-address limit of `tally info`'s text output.
+fn print_client_limits(limits: Option<&tally_wire::ClientLimits>) {
+    let Some(l) = limits else {
+        println!("  deadlines: not reported (a server older than this client)");
+        return;
+    };
+    println!(
+        "  deadlines: TLS handshake {} ms, first request {} ms, each frame {} ms, idle {} ms, \
+         reading replies {} ms",
+        l.handshake_timeout_ms,
+        l.first_request_timeout_ms,
+        l.frame_timeout_ms,
+        l.idle_timeout_ms,
+        l.write_timeout_ms
+    );
+    println!(
+        "  {} connections per address (IPv4 address or IPv6 /64)",
+        l.connections_per_address_max
+    );
 }
 
 async fn audit(

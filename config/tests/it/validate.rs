@@ -123,6 +123,7 @@ const CASES: &[(&str, &[&str])] = &[
     ("[limits]\nconnections_per_address_max = 0", &["limits.connections_per_address_max"]),
     ("[limits]\nconnections_max = 8\nconnections_per_address_max = 64", &[]),
     ("[limits]\npeer_connections_max = 0", &["limits.peer_connections_max"]),
+    ("[limits]\nhandshakes_per_address_per_second = 0", &["limits.handshakes_per_address_per_second"]),
     // A connection's reply budget holds the largest reply (263 KiB); the server's holds one
     // connection's.
     ("[limits]\nreply_bytes_per_connection_max = 1048575", &["limits.reply_bytes_per_connection_max"]),

@@ -303,6 +303,12 @@ fn the_server_answers_as_protocol_md_says() {
         c.limits.frame_bytes_max = 8192;
         c.raft.snapshot_chunk_bytes = 8192;
         c.limits.requests_in_flight_per_connection_max = 77;
+        c.limits.handshake_timeout_ms = 4_001;
+        c.limits.first_request_timeout_ms = 9_002;
+        c.limits.frame_timeout_ms = 9_003;
+        c.limits.idle_timeout_ms = 299_004;
+        c.limits.write_timeout_ms = 9_005;
+        c.limits.connections_per_address_max = 33;
     });
     let op_key = operator.profile.operator_key().unwrap();
     let chain = operator.profile.chain_id_bytes().unwrap();
@@ -331,6 +337,20 @@ fn the_server_answers_as_protocol_md_says() {
         assert_eq!(info.requests_in_flight_max, 77);
         assert_eq!(info.reply_payload_bytes_max, 2 + 256 * 1024);
         assert_eq!(info.headers_per_reply_max, 1024);
+        let limits = info
+            .client_limits
+            .expect("this server sends its client limits");
+        let got = (
+            limits.handshake_timeout_ms,
+            limits.first_request_timeout_ms,
+            limits.frame_timeout_ms,
+            limits.idle_timeout_ms,
+            limits.write_timeout_ms,
+        );
+        assert_eq!(got, (4_001, 9_002, 9_003, 299_004, 9_005));
+        // Configured 33; lower only if the test machine's descriptor limit made the server
+        // size it down.
+        assert!((1..=33).contains(&limits.connections_per_address_max));
 
         let alice = generate_key();
         let bob = public_key(&generate_key());

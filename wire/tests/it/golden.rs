@@ -362,6 +362,7 @@ fn small_message_payloads() {
                 reply_payload_bytes_max: REPLY_PAYLOAD_BYTES_MAX,
                 requests_in_flight_max: 4096,
                 headers_per_reply_max: HEADERS_PER_REPLY_MAX,
+                client_limits: None,
             })),
             "a0".repeat(32)
                 + &"0b".repeat(32)
@@ -370,6 +371,38 @@ fn small_message_payloads() {
                 + "02000400"
                 + "00100000"
                 + "0004",
+        ),
+        (
+            Message::Info(Box::new(InfoReply {
+                chain_id: [0xa0; 32],
+                operator_public_key: [0x0b; 32],
+                node_id: 3,
+                frame_bytes_max: 1 << 20,
+                reply_payload_bytes_max: REPLY_PAYLOAD_BYTES_MAX,
+                requests_in_flight_max: 4096,
+                headers_per_reply_max: HEADERS_PER_REPLY_MAX,
+                client_limits: Some(ClientLimits {
+                    handshake_timeout_ms: 5_000,
+                    first_request_timeout_ms: 10_000,
+                    frame_timeout_ms: 10_000,
+                    idle_timeout_ms: 300_000,
+                    write_timeout_ms: 10_000,
+                    connections_per_address_max: 64,
+                }),
+            })),
+            "a0".repeat(32)
+                + &"0b".repeat(32)
+                + "0300000000000000"
+                + "00001000"
+                + "02000400"
+                + "00100000"
+                + "0004"
+                + "88130000"
+                + "10270000"
+                + "10270000"
+                + "e0930400"
+                + "10270000"
+                + "40000000",
         ),
         (
             Message::Status(Box::new(StatusReply {

@@ -231,13 +231,28 @@ fn every_strict_prefix_is_truncated_and_every_extension_is_trailing() {
             };
             match Message::decode(&f) {
                 Err(WireError::Truncated { .. }) => {}
+                // An Info cut before its client limits is an older server's Info.
+                Ok(Message::Info(i)) if cut == INFO_BYTES_WITHOUT_CLIENT_LIMITS => {
+                    assert_eq!(i.client_limits, None)
+                }
                 other => panic!("{m:?} cut at {cut}: {other:?}"),
             }
         }
+        let older_info = matches!(&m, Message::Info(i) if i.client_limits.is_none());
         for extra in [1usize, 3, 256] {
             let mut longer = p.clone();
             longer.resize(p.len() + extra, 0);
-            check(t, &longer, trailing(extra as u64));
+            if !older_info {
+                check(t, &longer, trailing(extra as u64));
+            } else if extra < CLIENT_LIMITS_BYTES {
+                // The bytes after an older Info are read as the start of the client limits.
+                assert!(matches!(
+                    Message::decode(&frame(t, &longer)),
+                    Err(WireError::Truncated { .. })
+                ));
+            } else {
+                check(t, &longer, trailing((extra - CLIENT_LIMITS_BYTES) as u64));
+            }
         }
     }
 }

@@ -105,8 +105,17 @@ fn the_info_layout_is_the_code() {
     }
     assert_eq!(next, INFO_BYTES);
     assert!(table.contains(&format!("{INFO_BYTES} bytes")));
-    let mut payload = Vec::new();
-    Message::Info(Box::new(InfoReply {
+    // The rows from the client limits on are the ones an older server leaves out.
+    let first_limit = table
+        .lines()
+        .find(|l| l.contains("handshake_timeout_ms"))
+        .expect("a handshake_timeout_ms row");
+    assert_eq!(
+        cells(first_limit)[0].parse::<usize>().unwrap(),
+        INFO_BYTES_WITHOUT_CLIENT_LIMITS
+    );
+    assert!(table.contains(&format!("{INFO_BYTES_WITHOUT_CLIENT_LIMITS} bytes")));
+    let mut info = InfoReply {
         chain_id: [0; 32],
         operator_public_key: [0; 32],
         node_id: 0,
@@ -114,8 +123,21 @@ fn the_info_layout_is_the_code() {
         reply_payload_bytes_max: REPLY_PAYLOAD_BYTES_MAX,
         requests_in_flight_max: 0,
         headers_per_reply_max: HEADERS_PER_REPLY_MAX,
-    }))
-    .encode_payload(&mut payload);
+        client_limits: Some(ClientLimits {
+            handshake_timeout_ms: 0,
+            first_request_timeout_ms: 0,
+            frame_timeout_ms: 0,
+            idle_timeout_ms: 0,
+            write_timeout_ms: 0,
+            connections_per_address_max: 0,
+        }),
+    };
+    let mut payload = Vec::new();
+    Message::Info(Box::new(info.clone())).encode_payload(&mut payload);
     assert_eq!(payload.len(), INFO_BYTES);
+    info.client_limits = None;
+    payload.clear();
+    Message::Info(Box::new(info)).encode_payload(&mut payload);
+    assert_eq!(payload.len(), INFO_BYTES_WITHOUT_CLIENT_LIMITS);
     assert!(table.contains("262,146") && REPLY_PAYLOAD_BYTES_MAX == 262_146);
 }
