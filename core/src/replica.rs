@@ -12,15 +12,20 @@
 //! 6. `advance`, then the light ready's commit index, messages and committed entries, and
 //!    `advance_apply`.
 //!
-//! Every entry that carries data is one sealed batch body (see [`crate::batch`]). Membership is
-//! static: every replica starts from the same configuration state listing all voters.
+//! Every normal entry that carries data is one sealed batch body (see [`crate::batch`]); a
+//! membership change is a conf change entry, applied to raft where it stands in the log and
+//! persisted with its configuration (`RaftLogStore::set_conf_state`). Every replica starts from
+//! the cluster's initial configuration.
 //!
 //! Caveat: raft-rs 0.7 decodes peer messages with protobuf 2.x, which can overflow the stack on
 //! crafted input (RUSTSEC-2024-0437). Only bytes from mutually authenticated peers, bounded in
 //! size, may ever reach [`decode_message`].
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
+};
 use raft::{Config, RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage};
 
 use crate::{Error, Result};
@@ -44,6 +49,9 @@ pub trait RaftLogStore: Storage {
     /// What the next `compact` records as the snapshot point's ledger state (the `LedgerMeta`
     /// there, encoded), sent to a replica that needs a snapshot.
     fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>);
+    /// Records the configuration after a committed membership change, with the address book
+    /// that goes with it (opaque to the store), in one synced write.
+    fn set_conf_state(&mut self, conf: &ConfState, address_book: &[u8]) -> Result<()>;
 }
 
 /// Where the driver's effects go. Implemented by the server with sockets and threads.
@@ -57,6 +65,9 @@ pub trait RaftIo {
     fn apply(&mut self, entries: Vec<Entry>);
     /// Read index requests whose index is known (`ReadState::request_ctx` names the request).
     fn read_ready(&mut self, states: Vec<ReadState>);
+    /// A committed membership change was applied to raft: `conf` is the configuration now. Returns
+    /// the address book to keep with it (see `engine::members`).
+    fn conf_changed(&mut self, change: &ConfChangeV2, conf: &ConfState) -> Vec<u8>;
 }
 
 /// What a replica is, for status reports and metrics.
@@ -119,7 +130,7 @@ pub struct Replica<S: RaftLogStore> {
     node: RawNode<S>,
 }
 
-/// Builds the configuration state every replica of a static cluster starts from.
+/// Builds the configuration state a new raft log starts from: the cluster's initial voters.
 pub fn initial_conf_state(voters: &[u64]) -> ConfState {
     ConfState {
         voters: voters.to_vec(),
@@ -215,8 +226,11 @@ impl<S: RaftLogStore> Replica<S> {
         if message.get_msg_type() == MessageType::MsgHeartbeat {
             message.commit = message.commit.min(self.node.raft.raft_log.last_index());
         }
-        if let Err(e) = self.node.step(message) {
-            tracing_free_log(&format!("raft: dropped a peer message: {e}"));
+        match self.node.step(message) {
+            // A response from a replica no longer (or not yet) in the configuration: expected
+            // around membership changes.
+            Ok(()) | Err(raft::Error::StepPeerNotFound) => {}
+            Err(e) => tracing_free_log(&format!("raft: dropped a peer message: {e}")),
         }
     }
 
@@ -337,10 +351,7 @@ impl<S: RaftLogStore> Replica<S> {
         if !ready.read_states().is_empty() {
             io.read_ready(ready.take_read_states());
         }
-        let committed = ready.take_committed_entries();
-        if !committed.is_empty() {
-            io.apply(committed);
-        }
+        self.apply_committed(ready.take_committed_entries(), io)?;
         let entries = ready.take_entries();
         let hard_state = ready.hs().cloned();
         if !entries.is_empty() || hard_state.is_some() {
@@ -358,12 +369,87 @@ impl<S: RaftLogStore> Replica<S> {
         if !light.messages().is_empty() {
             io.send(light.take_messages());
         }
-        let committed = light.take_committed_entries();
-        if !committed.is_empty() {
-            io.apply(committed);
-        }
+        self.apply_committed(light.take_committed_entries(), io)?;
         self.node.advance_apply();
         Ok(())
+    }
+
+    /// Hands committed entries to `io` in log order; a membership change is applied to raft
+    /// (and its configuration persisted) where it stands in the log, then handed on too, so the
+    /// apply stage's index passes it.
+    fn apply_committed(&mut self, entries: Vec<Entry>, io: &mut impl RaftIo) -> Result<()> {
+        let mut run = Vec::new();
+        for e in entries {
+            let Some(cc) = conf_change(&e) else {
+                run.push(e);
+                continue;
+            };
+            if !run.is_empty() {
+                io.apply(std::mem::take(&mut run));
+            }
+            // raft-rs checked the change when it was proposed; one it refuses now is refused
+            // by every replica alike, and the configuration stays as it was.
+            if let Ok(conf) = self.node.apply_conf_change(&cc) {
+                let book = io.conf_changed(&cc, &conf);
+                self.node.mut_store().set_conf_state(&conf, &book)?;
+            }
+            io.apply(vec![e]);
+        }
+        if !run.is_empty() {
+            io.apply(run);
+        }
+        Ok(())
+    }
+
+    /// Proposes a membership change; fails when this replica does not lead or a change is
+    /// still pending (raft-rs would silently turn a second one into an empty entry).
+    pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> std::result::Result<(), String> {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return Err("not the leader".into());
+        }
+        if raft.has_pending_conf() {
+            return Err("a membership change is still being applied; retry shortly".into());
+        }
+        let context = cc.context.to_vec();
+        self.node
+            .propose_conf_change(context, cc)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The configuration raft works with now (voters and learners).
+    pub fn conf_state(&self) -> ConfState {
+        self.node.raft.prs().conf().to_conf_state()
+    }
+
+    /// A heartbeat to `to` carrying `commit`: tells a replica just removed that the change
+    /// removing it committed (the leader no longer replicates to it; see `engine::replication`).
+    pub fn heartbeat_to(&self, to: u64, commit: u64) -> Message {
+        let raft = &self.node.raft;
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.to = to;
+        m.from = raft.id;
+        m.term = raft.term;
+        m.commit = commit;
+        m
+    }
+}
+
+/// The membership change a committed entry carries, if it is one (v1 changes are read as v2).
+fn conf_change(e: &Entry) -> Option<ConfChangeV2> {
+    match e.get_entry_type() {
+        EntryType::EntryConfChange => ConfChange::parse_from_bytes(&e.data).ok().map(|v1| {
+            let mut single = raft::eraftpb::ConfChangeSingle::default();
+            single.set_change_type(v1.get_change_type());
+            single.node_id = v1.node_id;
+            let mut cc = ConfChangeV2::default();
+            cc.set_changes(vec![single].into());
+            cc.context = v1.context;
+            cc
+        }),
+        EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&e.data).ok(),
+        EntryType::EntryNormal => None,
     }
 }
 

@@ -10,6 +10,7 @@ use crossbeam_channel::Sender;
 use raft::eraftpb::Message as RaftMessage;
 use tally_core::batch::BatchBody;
 use tally_core::engine::apply::Committed;
+use tally_core::engine::members::MemberChange;
 use tally_core::engine::{Refusal, Waiter};
 use tally_core::ports::RequestRecord;
 use tally_core::replica::ReplicaStatus;
@@ -205,6 +206,16 @@ pub enum RaftEvent {
         reply: ReplyTo,
     },
     TransferLeader(u64),
+    /// An operator asks who the replicas are (`tally cluster members`).
+    Members {
+        reply: ReplyTo,
+    },
+    /// An operator changes the replica set (`tally cluster add|promote|remove`); answered
+    /// with the members once the change is applied on this replica, the leader.
+    ChangeMembers {
+        change: MemberChange,
+        reply: ReplyTo,
+    },
     /// The master found its speculative state out of step with what was applied.
     Resync,
     /// Shutting down: commit and apply what was proposed (for a few seconds at most), then stop
@@ -217,7 +228,9 @@ impl RaftEvent {
     pub fn into_cmd_reply(self) -> Option<ReplyTo> {
         match self {
             RaftEvent::Read { cmd } => cmd.into_reply(),
-            RaftEvent::Status { reply } => Some(reply),
+            RaftEvent::Status { reply }
+            | RaftEvent::Members { reply }
+            | RaftEvent::ChangeMembers { reply, .. } => Some(reply),
             _ => None,
         }
     }

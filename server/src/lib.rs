@@ -9,6 +9,7 @@
 //! Caveats: membership is static (from the config); a replica restored below the archive's tip
 //! serves reads only, for good; any panic or fatal storage error stops the process (exit 70).
 
+pub mod admin;
 pub mod archive;
 pub mod bootstrap;
 pub mod certs;

@@ -539,6 +539,7 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
                 }
             }
         }
+        Message::Admin(req) => crate::admin::dispatch(pipeline, *req, reply),
         Message::GetInfo => match &view.info {
             Some(info) => reply.send(&Message::Info(Box::new(info.clone()))),
             None => reply.error(ErrorCode::Unavailable, "this replica is starting"),

@@ -4,7 +4,7 @@
 //! (validation pools, master, storage, confirmer) and the raft thread. A single node is a raft
 //! group of one voter: the same code path, committing as soon as its own log write is synced.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +29,7 @@ use crate::pipeline::{Pipeline, PipelineConfig, RaftWiring};
 use crate::replication::{ClusterView, RaftThread};
 use crate::snapshot::PeerSnapshotTransfer;
 use crate::tls::server_config;
+use tally_core::engine::members::{AddressBook, MemberAddress};
 use tally_core::engine::replication::{Replication, ReplicationConfig};
 
 /// How many applied batches' request keys the sequencer keeps in memory.
@@ -78,6 +79,69 @@ fn semaphore_bytes(bytes: u64) -> usize {
 
 pub fn raft_dir(config: &Config) -> PathBuf {
     config.node.data_dir.join("raft")
+}
+
+/// The replicas' addresses as the config names them: this replica and its `[[peers]]`. The
+/// address book in the raft log, once a membership change or a snapshot wrote one, replaces it.
+fn configured_book(config: &Config) -> AddressBook {
+    let mut book = AddressBook::default();
+    let me = MemberAddress {
+        peer: config.listen.peer.to_string(),
+        client: config.listen.client.to_string(),
+    };
+    book.0.insert(config.node.id, me);
+    for p in &config.peers {
+        let address = MemberAddress {
+            peer: p.address.to_string(),
+            client: p.client_address.to_string(),
+        };
+        book.0.insert(p.id, address);
+    }
+    book
+}
+
+/// Opens the raft log and starts raft on it, at `min(ledger raft index, durable commit)`.
+/// Returns the address book the log holds, if any. Refuses a replica that was removed from
+/// the cluster (its log is in use and its configuration no longer names it).
+fn open_replica(
+    dir: &Path,
+    voters: &[u64],
+    node_id: u64,
+    raft_cfg: &tally_config::RaftConfig,
+    ledger_raft_index: u64,
+) -> Result<(Replica<RaftLogDb>, Option<AddressBook>)> {
+    let log = RaftLogDb::open(dir, voters)?;
+    let commit = log.hard_state().commit;
+    let snapshot_index = log.snapshot_index();
+    if ledger_raft_index < snapshot_index {
+        bail!(
+            "the ledger (raft index {ledger_raft_index}) is behind the raft log's snapshot point \
+             ({snapshot_index}): the ledger directory was lost or replaced; wipe both the ledger \
+             and raft directories of this replica to rebuild it from the others"
+        );
+    }
+    let conf = log.conf_state();
+    let member = conf.voters.contains(&node_id) || conf.learners.contains(&node_id);
+    let in_use = raft::Storage::last_index(&log)? > 0 || snapshot_index > 0;
+    if in_use && !member && log.address_book().is_some() {
+        bail!(
+            "this replica (node {node_id}) was removed from the cluster (voters {:?}, learners \
+             {:?}); to add it again, wipe its data directory and use `tally cluster add`",
+            conf.voters,
+            conf.learners
+        );
+    }
+    let book = log.address_book().map(AddressBook::decode).transpose()?;
+    let cfg = ReplicaConfig {
+        id: node_id,
+        election_ticks: raft_cfg.election_ticks,
+        heartbeat_ticks: raft_cfg.heartbeat_ticks,
+        applied: ledger_raft_index.min(commit).max(snapshot_index),
+        max_size_per_msg: raft_cfg.max_message_bytes / 4,
+        max_inflight_msgs: 256,
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    Ok((Replica::new(&cfg, log, &logger)?, book))
 }
 
 /// After a crash the ledger's archive (bodies, request index; written behind the state) can lag
@@ -193,19 +257,15 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .set((store.request_filter_origin() == &FilterOrigin::Loaded) as i64);
     metrics.ledger.open_seconds.set(opened_in.as_secs_f64());
 
-    let mut client_addresses: HashMap<u64, String> = config
-        .peers
-        .iter()
-        .map(|p| (p.id, p.client_address.to_string()))
-        .collect();
-    client_addresses.insert(node_id, config.listen.client.to_string());
-    let view = Arc::new(ClusterView::new(node_id, client_addresses).with_info(
-        crate::replication::info_reply(
-            &config,
-            operator_public,
-            sizing.connections_per_address_max,
+    let view = Arc::new(
+        ClusterView::new(node_id, &configured_book(&config)).with_info(
+            crate::replication::info_reply(
+                &config,
+                operator_public,
+                sizing.connections_per_address_max,
+            ),
         ),
-    ));
+    );
     let applied = Arc::new(Applied {
         index: std::sync::atomic::AtomicU64::new(meta.raft_index),
         meta: Mutex::new(meta.clone()),
@@ -256,6 +316,10 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             metrics: metrics.clone(),
             archive: gate.clone(),
             read_only,
+            admin: Arc::new(crate::admin::AdminGate::new(
+                chain_id,
+                Vec::new(), // MERGE: config.admin_keys_bytes()
+            )),
         },
         RaftWiring {
             raft_tx: raft_tx.clone(),
@@ -297,14 +361,16 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         let addr = listener.local_addr()?;
         let metrics_listener = TcpListener::bind(config.listen.metrics)
             .await
-            .with_context(|| format!("binding the metrics listener on {}", config.listen.metrics))?;
+            .with_context(|| {
+                format!("binding the metrics listener on {}", config.listen.metrics)
+            })?;
         let metrics_addr = metrics_listener.local_addr()?;
 
         // Peers: mutual TLS with the operator's CA.
         let settings = Arc::new(PeerSettings {
             node_id,
             chain_id,
-            peers: config.peers.iter().map(|p| (p.id, p.address)).collect(),
+            view: view.clone(),
             max_message_bytes: config.raft.max_message_bytes,
             snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
             storage: storage_tx.clone(),
@@ -312,7 +378,12 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             handshake_timeout: config.limits.handshake_timeout(),
             write_timeout: config.limits.write_timeout(),
         });
-        let senders = start_outbound(&settings, peer_client, raft_tx.clone(), stop_rx.clone());
+        let senders = start_outbound(
+            settings.clone(),
+            peer_client,
+            raft_tx.clone(),
+            stop_rx.clone(),
+        );
         if !config.peers.is_empty() {
             let peer_listener = TcpListener::bind(config.listen.peer)
                 .await
@@ -333,69 +404,60 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         // The raft thread opens its log itself: the log lives on that thread.
         let raft_cfg = config.raft.clone();
         let dir = raft_dir(&config);
-        let (apply_tx, master, view2, applied2, metrics2) =
-            (storage_tx.clone(), master_tx.clone(), view.clone(), applied.clone(), metrics.clone());
+        let (apply_tx, master, view2, applied2, metrics2) = (
+            storage_tx.clone(),
+            master_tx.clone(),
+            view.clone(),
+            applied.clone(),
+            metrics.clone(),
+        );
         let ledger_raft_index = meta.raft_index;
-        let single_voter = voters.len() == 1;
-        let may_campaign = archive::campaign_rule(gate.clone(), pipeline.handle.applied_height.clone());
+        let configured = configured_book(&config);
+        let may_campaign =
+            archive::campaign_rule(gate.clone(), pipeline.handle.applied_height.clone());
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
-        let raft_thread = std::thread::Builder::new().name("raft".into()).spawn(move || {
-            let start = || -> Result<Replica<RaftLogDb>> {
-                let log = RaftLogDb::open(&dir, &voters)
-                    .with_context(|| format!("opening the raft log in {}", dir.display()))?;
-                let commit = log.hard_state().commit;
-                let snapshot_index = log.snapshot_index();
-                if ledger_raft_index < snapshot_index {
-                    bail!(
-                        "the ledger (raft index {ledger_raft_index}) is behind the raft log's snapshot point \
-                         ({snapshot_index}): the ledger directory was lost or replaced; wipe both the ledger \
-                         and raft directories of this replica to rebuild it from the others"
-                    );
-                }
-                let cfg = ReplicaConfig {
-                    id: node_id,
-                    election_ticks: raft_cfg.election_ticks,
-                    heartbeat_ticks: raft_cfg.heartbeat_ticks,
-                    applied: ledger_raft_index.min(commit).max(snapshot_index),
-                    max_size_per_msg: raft_cfg.max_message_bytes / 4,
-                    max_inflight_msgs: 256,
+        let raft_thread = std::thread::Builder::new()
+            .name("raft".into())
+            .spawn(move || {
+                let start = || {
+                    let opened = open_replica(&dir, &voters, node_id, &raft_cfg, ledger_raft_index);
+                    opened.with_context(|| format!("starting raft on the log in {}", dir.display()))
                 };
-                let logger = slog::Logger::root(slog::Discard, slog::o!());
-                Ok(Replica::new(&cfg, log, &logger)?)
-            };
-            let replica = match start() {
-                Ok(r) => {
-                    let _ = started_tx.send(Ok(()));
-                    r
+                let (replica, stored_book) = match start() {
+                    Ok(r) => {
+                        let _ = started_tx.send(Ok(()));
+                        r
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let engine = Replication::new(
+                    ReplicationConfig {
+                        compaction_entries: raft_cfg.compaction_entries,
+                        compaction_bytes: raft_cfg.compaction_bytes,
+                    },
+                    replica,
+                    stored_book.unwrap_or(configured),
+                );
+                RaftThread {
+                    engine,
+                    events: raft_rx,
+                    peers: senders,
+                    apply: apply_tx,
+                    master,
+                    applied: applied2,
+                    view: view2,
+                    tick: raft_cfg.tick(),
+                    metrics: metrics2,
+                    may_campaign,
                 }
-                Err(e) => {
-                    let _ = started_tx.send(Err(e));
-                    return;
-                }
-            };
-            let engine = Replication::new(
-                ReplicationConfig {
-                    compaction_entries: raft_cfg.compaction_entries,
-                    compaction_bytes: raft_cfg.compaction_bytes,
-                },
-                replica,
-            );
-            RaftThread {
-                engine,
-                events: raft_rx,
-                peers: senders,
-                apply: apply_tx,
-                master,
-                applied: applied2,
-                view: view2,
-                tick: raft_cfg.tick(),
-                single_voter,
-                metrics: metrics2,
-                may_campaign,
-            }
-            .run();
-        })?;
-        started_rx.recv().context("the raft thread died while starting")??;
+                .run();
+            })?;
+        started_rx
+            .recv()
+            .context("the raft thread died while starting")??;
 
         // Scripts and tests read this line to find the port (the config may say port 0).
         println!("tally-server: node {node_id} listening for clients on {addr} (TLS)");
@@ -415,7 +477,11 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             limits,
             stop_rx,
         ));
-        tokio::spawn(crate::http::serve(metrics_listener, metrics.clone(), http_stop_rx));
+        tokio::spawn(crate::http::serve(
+            metrics_listener,
+            metrics.clone(),
+            http_stop_rx,
+        ));
         #[cfg(unix)]
         {
             // SIGUSR1: an operator (or the chaos monkey) asks the leader to hand over to its

@@ -91,9 +91,20 @@ pub fn hello(node_id: u64, chain_id: &[u8; 32], channel: u8) -> [u8; HELLO_BYTES
     h
 }
 
-/// The sending side of the transport, held by the raft thread.
+/// The sending side of the transport, held by the raft thread: one dialing task and queue per
+/// other replica in the address book, started and stopped as the book changes.
 pub struct PeerSenders {
-    senders: std::collections::HashMap<u64, mpsc::Sender<Vec<u8>>>,
+    senders: std::collections::HashMap<u64, (std::net::SocketAddr, mpsc::Sender<Vec<u8>>)>,
+    dialer: Dialer,
+}
+
+/// What starting a dialing task takes.
+struct Dialer {
+    settings: Arc<PeerSettings>,
+    client: Arc<ClientConfig>,
+    events: Sender<RaftEvent>,
+    shutdown: watch::Receiver<bool>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl PeerSenders {
@@ -101,14 +112,49 @@ impl PeerSenders {
     pub fn send(&self, to: u64, bytes: Vec<u8>) -> bool {
         self.senders
             .get(&to)
-            .is_some_and(|tx| tx.try_send(bytes).is_ok())
+            .is_some_and(|(_, tx)| tx.try_send(bytes).is_ok())
+    }
+
+    /// Dials exactly `peers`: a new replica (or a new address) gets a task, a replica no longer
+    /// named loses its queue, which ends its task.
+    pub fn sync(&mut self, peers: &[(u64, std::net::SocketAddr)]) {
+        self.senders
+            .retain(|id, (addr, _)| peers.iter().any(|(p, a)| p == id && a == addr));
+        for &(id, addr) in peers {
+            if !self.senders.contains_key(&id) {
+                let tx = self.dialer.start(id, addr);
+                self.senders.insert(id, (addr, tx));
+            }
+        }
+    }
+}
+
+impl Dialer {
+    fn start(&self, id: u64, addr: std::net::SocketAddr) -> mpsc::Sender<Vec<u8>> {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let s = &self.settings;
+        let dial = Dial {
+            id,
+            addr,
+            hello: hello(s.node_id, &s.chain_id, CHANNEL_RAFT),
+            write_timeout: s.write_timeout,
+        };
+        self.runtime.spawn(dial_loop(
+            dial,
+            rx,
+            TlsConnector::from(self.client.clone()),
+            self.events.clone(),
+            self.shutdown.clone(),
+        ));
+        tx
     }
 }
 
 pub struct PeerSettings {
     pub node_id: u64,
     pub chain_id: [u8; 32],
-    pub peers: Vec<(u64, std::net::SocketAddr)>,
+    /// Who the other replicas are (the address book, kept current by the raft thread).
+    pub view: Arc<crate::replication::ClusterView>,
     pub max_message_bytes: u64,
     pub snapshot_chunk_bytes: u32,
     /// Where snapshot downloads get the ledger dump from (the storage thread).
@@ -123,33 +169,27 @@ pub struct PeerSettings {
     pub write_timeout: Duration,
 }
 
-/// Starts one dialing task per peer on the current runtime.
+/// Starts one dialing task per peer the view names, on the current runtime.
 pub fn start_outbound(
-    settings: &PeerSettings,
+    settings: Arc<PeerSettings>,
     client: Arc<ClientConfig>,
     events: Sender<RaftEvent>,
     shutdown: watch::Receiver<bool>,
 ) -> PeerSenders {
-    let mut senders = std::collections::HashMap::new();
-    for &(id, addr) in &settings.peers {
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-        senders.insert(id, tx);
-        let hello = hello(settings.node_id, &settings.chain_id, CHANNEL_RAFT);
-        let dial = Dial {
-            id,
-            addr,
-            hello,
-            write_timeout: settings.write_timeout,
-        };
-        tokio::spawn(dial_loop(
-            dial,
-            rx,
-            TlsConnector::from(client.clone()),
-            events.clone(),
-            shutdown.clone(),
-        ));
-    }
-    PeerSenders { senders }
+    let peers = settings.view.peers();
+    let dialer = Dialer {
+        settings,
+        client,
+        events,
+        shutdown,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let mut senders = PeerSenders {
+        senders: std::collections::HashMap::new(),
+        dialer,
+    };
+    senders.sync(&peers);
+    senders
 }
 
 /// Bytes a peer connection's writer gathers before handing them to TLS (each flush sends sooner).
@@ -325,7 +365,7 @@ async fn inbound(
     if h[13..45] != settings.chain_id {
         bail!("peer {claimed} belongs to another chain");
     }
-    if !settings.peers.iter().any(|(id, _)| *id == claimed) {
+    if !settings.view.is_peer(claimed) {
         bail!("node {claimed} is not a peer of this replica");
     }
     let certs = tls

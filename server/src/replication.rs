@@ -5,13 +5,15 @@
 //!
 //! Also here: the cluster view connections read (leader, role, writability) and `GetInfo`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use raft::eraftpb::{Message, Snapshot};
+use tally_core::engine::members::AddressBook;
 use tally_core::engine::replication::{is_snapshot, ReplOut, Replication};
 use tally_core::engine::Refusal;
 use tally_core::replica::{encode_message, RaftLogStore, ReplicaStatus, Role};
@@ -59,24 +61,31 @@ pub struct ClusterView {
     pub commit_index: AtomicU64,
     /// Set when this replica leads and its master may sequence.
     pub writable: std::sync::atomic::AtomicBool,
-    /// Client addresses of every replica, for `not_leader` hints.
-    pub client_addresses: HashMap<u64, String>,
+    /// Client addresses of every replica, for `not_leader` hints (the address book's).
+    client_addresses: RwLock<HashMap<u64, String>>,
+    /// Peer addresses of the other replicas (the address book's): whom to dial, whose
+    /// connections to accept, where to download a snapshot from.
+    peer_addresses: RwLock<BTreeMap<u64, SocketAddr>>,
     /// The answer to `GetInfo` (the ledger and this replica's limits), once the node set it.
     pub info: Option<tally_wire::InfoReply>,
 }
 
 impl ClusterView {
-    pub fn new(node_id: u64, client_addresses: HashMap<u64, String>) -> ClusterView {
-        ClusterView {
+    /// The view of replica `node_id`, knowing the replicas in `book`.
+    pub fn new(node_id: u64, book: &AddressBook) -> ClusterView {
+        let view = ClusterView {
             node_id,
             leader_id: AtomicU64::new(0),
             term: AtomicU64::new(0),
             role: AtomicU8::new(0),
             commit_index: AtomicU64::new(0),
             writable: std::sync::atomic::AtomicBool::new(false),
-            client_addresses,
+            client_addresses: RwLock::new(HashMap::new()),
+            peer_addresses: RwLock::new(BTreeMap::new()),
             info: None,
-        }
+        };
+        view.set_book(book);
+        view
     }
 
     /// The view, answering `GetInfo` with `info`.
@@ -92,10 +101,40 @@ impl ClusterView {
         if leader == self.node_id {
             return String::new();
         }
-        self.client_addresses
-            .get(&leader)
-            .cloned()
-            .unwrap_or_default()
+        let addresses = self.client_addresses.read().expect("view lock");
+        addresses.get(&leader).cloned().unwrap_or_default()
+    }
+
+    /// Takes the replicas' addresses from the address book (an address that does not parse is
+    /// left out of the peers: it cannot be dialed).
+    pub fn set_book(&self, book: &AddressBook) {
+        let mut clients = self.client_addresses.write().expect("view lock");
+        let mut peers = self.peer_addresses.write().expect("view lock");
+        clients.clear();
+        peers.clear();
+        for (id, a) in &book.0 {
+            clients.insert(*id, a.client.clone());
+            if *id == self.node_id {
+                continue;
+            }
+            match a.peer.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    peers.insert(*id, addr);
+                }
+                Err(e) => tracing::warn!(peer = id, "peer address {:?}: {e}", a.peer),
+            }
+        }
+    }
+
+    /// The other replicas' peer addresses.
+    pub fn peers(&self) -> Vec<(u64, SocketAddr)> {
+        let peers = self.peer_addresses.read().expect("view lock");
+        peers.iter().map(|(id, a)| (*id, *a)).collect()
+    }
+
+    pub fn is_peer(&self, id: u64) -> bool {
+        let peers = self.peer_addresses.read().expect("view lock");
+        peers.contains_key(&id)
     }
 
     /// The answer to a write this replica cannot take now.
@@ -133,7 +172,6 @@ pub struct RaftThread<S: RaftLogStore> {
     pub applied: Arc<Applied>,
     pub view: Arc<ClusterView>,
     pub tick: Duration,
-    pub single_voter: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Whether this replica may start an election now (`archive::may_campaign`); asked at
     /// every tick while it does not lead.
@@ -147,7 +185,8 @@ impl<S: RaftLogStore> RaftThread<S> {
         let mut draining: Option<Instant> = None;
         let mut next_tick = Instant::now() + self.tick;
         let mut out: Out = Vec::new();
-        if self.single_voter {
+        self.address_book(self.engine.book().clone());
+        if self.single_voter() {
             // Nobody else can vote: do not wait out an election timeout.
             let _ = self.engine.replica_mut().campaign();
         }
@@ -160,7 +199,8 @@ impl<S: RaftLogStore> RaftThread<S> {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             }
             if Instant::now() >= next_tick {
-                self.engine.tick(self.single_voter || (self.may_campaign)());
+                let may_campaign = self.single_voter() || (self.may_campaign)();
+                self.engine.tick(may_campaign, &mut out);
                 next_tick = Instant::now() + self.tick;
             }
             self.drive(&mut out);
@@ -209,6 +249,11 @@ impl<S: RaftLogStore> RaftThread<S> {
                 }
             }
             RaftEvent::Resync => self.engine.resync(out),
+            RaftEvent::Members { reply } => self.engine.members(reply, out),
+            RaftEvent::ChangeMembers { change, reply } => {
+                tracing::info!(?change, "membership change asked");
+                self.engine.change_members(change, reply, out);
+            }
             RaftEvent::Drain => unreachable!("handled by the loop"),
         }
     }
@@ -284,6 +329,21 @@ impl<S: RaftLogStore> RaftThread<S> {
                         self.metrics.raft.elections_total.inc();
                     }
                 }
+                ReplOut::Members {
+                    reply,
+                    leader_id,
+                    members,
+                } => crate::admin::reply_members(reply, leader_id, &members),
+                ReplOut::RefuseChange(reply, why) => {
+                    tracing::info!("membership change refused: {why}");
+                    reply.error(tally_wire::ErrorCode::MembershipRefused, why);
+                }
+                ReplOut::AddressBook(book) => self.address_book(book),
+                ReplOut::Removed => {
+                    tracing::warn!("this replica was removed from the cluster; stopping");
+                    eprintln!("tally-server: removed from the cluster; stopping");
+                    std::process::exit(0);
+                }
                 ReplOut::Compacted(meta) => {
                     tracing::info!(
                         index = meta.raft_index,
@@ -293,6 +353,20 @@ impl<S: RaftLogStore> RaftThread<S> {
                 }
             }
         }
+    }
+
+    /// Whether this replica is the only voter: it need not wait out an election timeout.
+    fn single_voter(&self) -> bool {
+        let voters = self.engine.replica().conf_state().voters;
+        voters == [self.view.node_id]
+    }
+
+    /// The replicas' addresses changed: the view (hints, accepted peers, snapshot sources) and
+    /// the dialing tasks follow.
+    fn address_book(&mut self, book: AddressBook) {
+        self.view.set_book(&book);
+        self.peers.sync(&self.view.peers());
+        tracing::info!(replicas = ?book.0.keys().collect::<Vec<_>>(), "address book");
     }
 
     /// Queues messages for peers; a snapshot that cannot be queued is reported, or raft would

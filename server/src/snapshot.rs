@@ -35,7 +35,6 @@ pub struct PeerSnapshotTransfer {
     live: PathBuf,
     /// How the live ledger is opened after an install.
     store: StoreOptions,
-    peers: Vec<(u64, SocketAddr)>,
     chunk_bytes_max: u32,
     client: Arc<ClientConfig>,
     view: Arc<ClusterView>,
@@ -56,7 +55,6 @@ impl PeerSnapshotTransfer {
             operator,
             live: crate::node::ledger_dir(config),
             store: crate::node::store_options(config),
-            peers: config.peers.iter().map(|p| (p.id, p.address)).collect(),
             chunk_bytes_max: config.raft.snapshot_chunk_bytes,
             client,
             view,
@@ -151,7 +149,7 @@ impl SnapshotTransfer<LedgerDb> for PeerSnapshotTransfer {
         index: u64,
         descriptor: &[u8],
     ) -> tally_core::Result<()> {
-        let want = LedgerMeta::decode(descriptor)?;
+        let (want, _) = tally_core::engine::members::decode_descriptor(descriptor)?;
         let db = store.as_mut().expect("the store is open before an install");
         if already_has(db, &want)? {
             tracing::info!(
@@ -166,7 +164,7 @@ impl SnapshotTransfer<LedgerDb> for PeerSnapshotTransfer {
             .view
             .leader_id
             .load(std::sync::atomic::Ordering::SeqCst);
-        let mut order = self.peers.clone();
+        let mut order = self.view.peers();
         order.sort_by_key(|(id, _)| *id != leader);
         let mut last_error = String::from("no peers");
         for attempt in 0..3 {

@@ -223,6 +223,11 @@ pub fn raft_conf_state_key() -> [u8; 8] {
     make_key(Table::RaftState, &[b"conf"])
 }
 
+/// tag || "book": the address book kept with the conf state (`tally_core::engine::members`).
+pub fn raft_address_book_key() -> [u8; 8] {
+    make_key(Table::RaftState, &[b"book"])
+}
+
 /// tag || "snap": the snapshot point (see [`SnapshotPoint::encode`]).
 pub fn raft_snapshot_key() -> [u8; 8] {
     make_key(Table::RaftState, &[b"snap"])
@@ -355,6 +360,7 @@ mod tests {
         let keys = [
             raft_hard_state_key(),
             raft_conf_state_key(),
+            raft_address_book_key(),
             raft_snapshot_key(),
             raft_last_index_key(),
             raft_open_marker_key(),
@@ -393,6 +399,7 @@ mod tests {
         // Raft log: the conf state and snapshot point above every entry and hard state row.
         assert!(raft_hard_state_at_key(u64::MAX)[..] < raft_conf_state_key()[..]);
         assert!(raft_hard_state_at_key(u64::MAX)[..] < raft_snapshot_key()[..]);
+        assert!(raft_hard_state_at_key(u64::MAX)[..] < raft_address_book_key()[..]);
         assert!(raft_hard_state_at_key(u64::MAX)[..] < table_end(Table::RaftEntry)[..]);
     }
 

@@ -62,6 +62,8 @@ pub struct RaftLogDb {
     /// As last written, except for a commit index raised by `set_commit` since.
     hard_state: HardState,
     conf_state: ConfState,
+    /// The address book kept with the conf state (opaque here), if one was ever written.
+    address_book: Option<Vec<u8>>,
     snapshot: SnapshotPoint,
     /// Set by `set_snapshot_descriptor`; stored by the next `compact` that moves the snapshot
     /// point.
@@ -123,17 +125,12 @@ impl RaftLogDb {
                 ))
             }
         };
-        let mut stored_voters = conf_state.voters.clone();
-        let mut wanted_voters = voters.to_vec();
-        stored_voters.sort_unstable();
-        wanted_voters.sort_unstable();
-        if stored_voters != wanted_voters {
-            return Err(Error::Storage(format!(
-                "the raft log in {} was created for voters {stored_voters:?}, not {wanted_voters:?}; \
-                 membership is static",
-                dir.display()
-            )));
+        // The configured voters only make a new log: from then on the configuration follows
+        // the committed membership changes. It always has a voter.
+        if conf_state.voters.is_empty() {
+            return Err(corrupt(Table::RaftState, "the conf state has no voters"));
         }
+        let address_book = get(&mut db, &layout::raft_address_book_key(), &sync_stats)?;
         let snapshot = match snap {
             Some(v) => SnapshotPoint::decode(&v)?,
             None => SnapshotPoint::default(),
@@ -151,6 +148,7 @@ impl RaftLogDb {
             written_bytes: u64::MAX,
             hard_state,
             conf_state,
+            address_book,
             snapshot,
             next_descriptor: None,
             last_index,
@@ -178,6 +176,12 @@ impl RaftLogDb {
 
     pub fn conf_state(&self) -> &ConfState {
         &self.conf_state
+    }
+
+    /// The address book written with the conf state by the last membership change or snapshot
+    /// install; None if there was none (the configured peers are the book).
+    pub fn address_book(&self) -> Option<&[u8]> {
+        self.address_book.as_deref()
     }
 
     /// Everything up to this index has been compacted away (0 for a log never compacted).
@@ -321,6 +325,9 @@ impl RaftLogDb {
             &encode_proto(&self.conf_state),
         );
         state.put(&layout::raft_snapshot_key(), &point.encode());
+        if let Some(book) = &self.address_book {
+            state.put(&layout::raft_address_book_key(), book);
+        }
         let mut batch = WriteBatch::default();
         let mut tail_bytes = 0u64;
         for e in &tail {
@@ -513,6 +520,17 @@ impl Storage for RaftLogDb {
 impl RaftLogStore for RaftLogDb {
     fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
         RaftLogDb::set_snapshot_descriptor(self, bytes)
+    }
+
+    fn set_conf_state(&mut self, conf: &ConfState, address_book: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        let mut batch = WriteBatch::default();
+        batch.put(&layout::raft_conf_state_key(), &encode_proto(conf));
+        batch.put(&layout::raft_address_book_key(), address_book);
+        self.write(batch, "recording a membership change")?;
+        self.conf_state = conf.clone();
+        self.address_book = Some(address_book.to_vec());
+        Ok(())
     }
 
     /// Entries replace the stored ones from their first index on. Without a hard state, the one

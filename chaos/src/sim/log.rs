@@ -150,6 +150,11 @@ impl RaftLogStore for SimLog {
         SimLog::set_snapshot_descriptor(self, bytes)
     }
 
+    fn set_conf_state(&mut self, conf: &ConfState, _address_book: &[u8]) -> Result<()> {
+        self.0.borrow_mut().conf_state = conf.clone();
+        Ok(())
+    }
+
     fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
         let mut s = self.0.borrow_mut();
         if let Some(head) = entries.first() {

@@ -132,6 +132,8 @@ pub struct SimStats {
     pub restarts: u64,
     pub partitions: u64,
     pub snapshots_installed: u64,
+    /// Replicas replaced: a new one added as a learner, promoted, and an old voter removed.
+    pub replacements: u64,
     pub fatal_stops: u64,
     pub messages: u64,
     pub messages_dropped: u64,
@@ -157,6 +159,7 @@ impl SimStats {
         self.rejected += o.rejected;
         self.resolved_not_applied += o.resolved_not_applied;
         self.confirmations += o.confirmations;
+        self.replacements += o.replacements;
         self.reads += o.reads;
         self.attempts += o.attempts;
         self.elections += o.elections;
@@ -304,7 +307,8 @@ impl SimSummary {
             w,
             "  totals: {} batches, {} operations confirmed ({} after an unknown outcome), {} \
              refused ({} at the final resolution), {} reads, {} elections, {} crashes, {} \
-             restarts, {} partitions, {} snapshots installed, {} replica stops",
+             restarts, {} partitions, {} snapshots installed, {} replicas replaced, {} replica \
+             stops",
             t.height,
             t.confirmed + t.resolved_applied,
             t.resolved_applied,
@@ -316,6 +320,7 @@ impl SimSummary {
             t.restarts,
             t.partitions,
             t.snapshots_installed,
+            t.replacements,
             t.fatal_stops
         );
         let _ = writeln!(

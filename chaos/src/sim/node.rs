@@ -20,6 +20,7 @@ use tally_core::crypto::header_hash;
 use tally_core::crypto::OperatorKey;
 use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut};
 use tally_core::engine::master::{precheck, Master, MasterConfig, MasterOut, Poll, Precheck};
+use tally_core::engine::members::{decode_descriptor, AddressBook, MemberChange};
 use tally_core::engine::replication::{ReplOut, Replication, ReplicationConfig};
 use tally_core::engine::{PlantedBug, Refusal, Waiter};
 use tally_core::ports::{LedgerStore, MemStore};
@@ -101,7 +102,16 @@ pub struct SimNode {
     engine: Option<Engine>,
     /// Set when the node must stop (the server exits on a divergence or a failed install).
     fatal: Option<String>,
+    /// Set when the node applied its own removal from the cluster (the server exits).
+    removed: bool,
 }
+
+/// Where the answers to the simulation's own membership commands go: nowhere (it watches the
+/// leader's configuration instead).
+const OPERATOR: ReplyTo = ReplyTo {
+    client: usize::MAX,
+    attempt: 0,
+};
 
 fn copy_store(s: &MemStore) -> MemStore {
     MemStore {
@@ -132,6 +142,33 @@ impl SimNode {
             operator,
             engine: None,
             fatal: None,
+            removed: false,
+        }
+    }
+
+    /// Whether it applied its own removal (it must stop for good).
+    pub fn removed(&self) -> bool {
+        self.removed
+    }
+
+    /// The configuration raft works with, while the node runs.
+    pub fn conf_state(&self) -> Option<raft::eraftpb::ConfState> {
+        self.engine.as_ref().map(|e| e.repl.replica().conf_state())
+    }
+
+    /// An operator's membership change, asked of this replica (answered through its
+    /// configuration, which the simulation watches).
+    pub fn change_members(&mut self, change: MemberChange) {
+        if let Some(e) = self.engine.as_mut() {
+            let mut out = Vec::new();
+            e.repl.change_members(change, OPERATOR, &mut out);
+            e.to_repl.extend(out);
+        }
+    }
+
+    pub fn transfer_leader(&mut self, to: u64) {
+        if let Some(e) = self.engine.as_mut() {
+            e.repl.replica_mut().transfer_leader(to);
         }
     }
 
@@ -217,7 +254,9 @@ impl SimNode {
 
     pub fn tick(&mut self) {
         if let Some(e) = self.engine.as_mut() {
-            e.repl.tick(true);
+            let mut out = Vec::new();
+            e.repl.tick(true, &mut out);
+            e.to_repl.extend(out);
         }
     }
 
@@ -282,6 +321,7 @@ impl SimNode {
             watch,
             out,
             fatal: &mut self.fatal,
+            removed: &mut self.removed,
         };
         e.ready(peers, &mut ctx);
         e.settle(&mut ctx);
@@ -318,6 +358,7 @@ struct Ctx<'a, 'w> {
     watch: &'a mut Watch<'w>,
     out: &'a mut Vec<Out>,
     fatal: &'a mut Option<String>,
+    removed: &'a mut bool,
 }
 
 impl Engine {
@@ -344,7 +385,8 @@ impl Engine {
             compaction_entries: t.compaction_entries,
             compaction_bytes: u64::MAX,
         };
-        let mut repl = Replication::new(repl_cfg, replica);
+        // The simulator's network needs no addresses.
+        let mut repl = Replication::new(repl_cfg, replica, AddressBook::default());
         repl.plant(planted(t.bug));
         let applier_cfg = ApplierConfig {
             parked_max: 1024,
@@ -503,7 +545,13 @@ impl Engine {
                     *ctx.watch.elections += 1;
                 }
             }
-            ReplOut::Compacted(_) => {}
+            // The simulation's network needs no addresses; it watches configurations rather
+            // than the answers to its membership commands.
+            ReplOut::Compacted(_) | ReplOut::AddressBook(_) => {}
+            ReplOut::Members { reply, .. } | ReplOut::RefuseChange(reply, _) => {
+                assert_eq!(reply, OPERATOR, "only the simulation changes membership");
+            }
+            ReplOut::Removed => *ctx.removed = true,
         }
         self.to_master.extend(mout);
     }
@@ -599,8 +647,8 @@ fn install(
     ledger: &mut MemStore,
 ) -> Result<(), String> {
     let index = snapshot.get_metadata().index;
-    let descriptor =
-        LedgerMeta::decode(&snapshot.data).map_err(|e| format!("snapshot descriptor: {e}"))?;
+    let (descriptor, _) =
+        decode_descriptor(&snapshot.data).map_err(|e| format!("snapshot descriptor: {e}"))?;
     let source = peers
         .iter()
         .flatten()

@@ -22,6 +22,7 @@ use super::node::{Answer, ClientRequest, Out, ReplyTo, SimNode, Watch};
 use super::{SimOptions, SimStats, Tuning};
 use crate::history::{Effect, HeaderLog, Model, ReceiptLog};
 use crate::load::{Confirmed, OpState, DETERMINISTIC_REFUSALS};
+use tally_core::engine::members::MemberChange;
 
 const TICK_MS: u64 = 10;
 const ACCOUNTS: usize = 5;
@@ -104,6 +105,28 @@ struct SimOp {
     refused_after_retry: Option<(u64, ErrorCode, u32, (u64, u64))>,
 }
 
+/// A replica replacement in progress, as an operator does it: `new` joins as a learner, is
+/// promoted once it caught up, then `old` is removed.
+struct Replacing {
+    old: u64,
+    new: u64,
+    stage: Stage,
+    /// When the current step's command may be sent (again).
+    next_try: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Add,
+    Promote,
+    Remove,
+}
+
+/// How often a step starts a replacement (while faults run and every replica is up).
+const REPLACE_PROBABILITY: f64 = 0.002;
+/// How long an unanswered membership command waits before it is sent again.
+const MEMBERSHIP_RETRY_MS: u64 = 300;
+
 pub struct World {
     rng: StdRng,
     now: u64,
@@ -111,6 +134,10 @@ pub struct World {
     t: Tuning,
     net: NetParams,
     nodes: Vec<Option<SimNode>>,
+    /// The configuration the cluster was created with (a replica added later starts from it).
+    initial_voters: Vec<u64>,
+    replacing: Option<Replacing>,
+    operator_secret: [u8; 32],
     operator_public: PublicKey,
     packets: BTreeMap<(u64, u64), Packet>,
     packet_seq: u64,
@@ -190,6 +217,9 @@ impl World {
             t,
             net,
             nodes,
+            initial_voters: voters,
+            replacing: None,
+            operator_secret: operator.to_bytes(),
             operator_public: operator.verifying_key().to_bytes(),
             packets: BTreeMap::new(),
             events: [0; 32],
@@ -309,6 +339,7 @@ impl World {
         for c in 0..self.clients.len() {
             self.client_step(c);
         }
+        self.membership(faults);
         if faults {
             self.faults();
         }
@@ -343,8 +374,15 @@ impl World {
         };
         node.drive(&self.nodes, &self.t, &mut self.rng, &mut watch, &mut out);
         let fatal = node.fatal().map(str::to_string);
+        let removed = node.removed();
         self.nodes[slot] = Some(node);
         self.route(id, out);
+        if removed {
+            // The server exits once it applied its own removal.
+            self.nodes[slot] = None;
+            self.restart_at.remove(&id);
+            return;
+        }
         if let Some(why) = fatal {
             // The server stops the process; the operator (here, the simulation) restarts it.
             self.stats.fatal_stops += 1;
@@ -473,6 +511,9 @@ impl World {
     }
 
     fn restart(&mut self, id: u64) {
+        if self.nodes[id as usize - 1].is_none() {
+            return;
+        }
         if self.node(id).is_up() {
             return;
         }
@@ -489,7 +530,7 @@ impl World {
     /// Draws this step's faults: crashes (never more than a minority down) and partitions
     /// (isolation, majority/minority split, one-way cuts).
     fn faults(&mut self) {
-        let minority = (self.nodes.len() - 1) / 2;
+        let minority = (self.nodes.iter().flatten().count() - 1) / 2;
         if self.rng.gen_bool(0.004) && self.down() < minority {
             // The leader more often than not: that is where the interesting cases are.
             let leader = self
@@ -555,6 +596,119 @@ impl World {
 
     /// Ends every fault: the network heals and stops losing packets, every replica restarts,
     /// clients start no new operation.
+    fn leader(&self) -> Option<u64> {
+        self.nodes
+            .iter()
+            .flatten()
+            .find(|n| n.writable())
+            .map(|n| n.id)
+    }
+
+    /// Replica replacements: starts one now and then while faults run, and carries the one in
+    /// progress a step further whenever the leader's configuration shows the last step done.
+    fn membership(&mut self, faults: bool) {
+        let Some(r) = &self.replacing else {
+            if faults && self.down() == 0 && self.rng.gen_bool(REPLACE_PROBABILITY) {
+                self.start_replacing();
+            }
+            return;
+        };
+        let (old, new, stage) = (r.old, r.new, r.stage);
+        let Some(leader) = self.leader() else {
+            return;
+        };
+        let conf = self.node(leader).conf_state().expect("the leader runs");
+        let leader_height = self.node(leader).meta().height;
+        let done = match stage {
+            Stage::Add => {
+                conf.learners.contains(&new)
+                    && self.nodes[new as usize - 1]
+                        .as_ref()
+                        .is_some_and(|n| n.is_up() && n.meta().height >= leader_height)
+            }
+            Stage::Promote => conf.voters.contains(&new),
+            Stage::Remove => !conf.voters.contains(&old) && !conf.learners.contains(&old),
+        };
+        if done {
+            self.replaced_step(stage);
+            return;
+        }
+        let r = self.replacing.as_mut().expect("checked");
+        if self.now < r.next_try {
+            return;
+        }
+        r.next_try = self.now + MEMBERSHIP_RETRY_MS;
+        let change = match stage {
+            Stage::Add => MemberChange::Add {
+                id: new,
+                // The simulated network routes by id; the address is only carried along.
+                address: tally_core::engine::members::MemberAddress {
+                    peer: format!("sim-{new}:7500"),
+                    client: String::new(),
+                },
+                learner: true,
+            },
+            Stage::Promote => MemberChange::Promote { id: new },
+            Stage::Remove if leader == old => {
+                // A leader is not removed: it hands over first, as an operator would.
+                self.node(leader).transfer_leader(new);
+                self.drive(leader, Vec::new());
+                return;
+            }
+            Stage::Remove => MemberChange::Remove { id: old },
+        };
+        self.node(leader).change_members(change);
+        self.drive(leader, Vec::new());
+    }
+
+    /// A new replica (the next id, an empty disk, the cluster's initial configuration) that
+    /// will replace a running voter other than the leader.
+    fn start_replacing(&mut self) {
+        let leader = self.leader();
+        let voters: Vec<u64> = self
+            .nodes
+            .iter()
+            .flatten()
+            .filter(|n| Some(n.id) != leader)
+            .filter_map(|n| {
+                n.conf_state()
+                    .filter(|c| c.voters.contains(&n.id))
+                    .map(|_| n.id)
+            })
+            .collect();
+        let Some(&old) = voters.choose(&mut self.rng) else {
+            return;
+        };
+        let new = self.n() + 1;
+        let key = OperatorKey::new(SigningKey::from_bytes(&self.operator_secret));
+        let mut node = SimNode::new(new, &self.initial_voters, key);
+        node.start(&self.t);
+        self.nodes.push(Some(node));
+        self.replacing = Some(Replacing {
+            old,
+            new,
+            stage: Stage::Add,
+            next_try: self.now,
+        });
+    }
+
+    fn replaced_step(&mut self, done: Stage) {
+        let r = self.replacing.as_mut().expect("a replacement in progress");
+        r.next_try = self.now;
+        match done {
+            Stage::Add => r.stage = Stage::Promote,
+            Stage::Promote => r.stage = Stage::Remove,
+            Stage::Remove => {
+                // The operator stops the removed replica (it stops by itself if it learned).
+                let old = r.old;
+                self.nodes[old as usize - 1] = None;
+                self.restart_at.remove(&old);
+                self.replacing = None;
+                self.stats.replacements += 1;
+            }
+        }
+    }
+
     fn heal(&mut self) {
         self.cut.clear();
         self.partition_until = None;

@@ -305,7 +305,8 @@ fn an_injected_confirm_before_commit_bug_is_caught() {
     std::fs::remove_dir_all(kept).unwrap();
 }
 
-/// A batch of simulation seeds holds every invariant.
+/// A batch of simulation seeds holds every invariant, through crashes, partitions, lossy links
+/// and replica replacements (membership changes).
 #[test]
 fn simulation_seeds_hold_every_invariant() {
     let _one_at_a_time = exclusive();
@@ -324,6 +325,8 @@ fn simulation_seeds_hold_every_invariant() {
     );
     assert!(t.messages_dropped > 0 && t.messages_duplicated > 0, "{t:?}");
     assert!(t.confirmed > 10_000, "{t:?}");
+    // Replicas replaced under load, crashes and partitions: added, promoted, old one removed.
+    assert!(t.replacements > 50, "{t:?}");
 }
 
 /// The same seed gives the same run, event for event: the digest chained over every delivered

@@ -23,6 +23,7 @@
 
 pub mod apply;
 pub mod master;
+pub mod members;
 pub mod replication;
 
 use tally_wire::ErrorCode;

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use raft::eraftpb::{Entry, Message, MessageType, Snapshot};
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, Message, MessageType, Snapshot};
 use raft::ReadState;
 
 use tally_wire::Hash;
@@ -25,7 +25,11 @@ use crate::state::LedgerMeta;
 use crate::Result;
 
 use super::apply::Committed;
+use super::members::{decode_descriptor, encode_descriptor, AddressBook, Member, MemberChange};
 use super::{PlantedBug, Refusal, Waiter};
+
+/// Ticks during which a leader tells a replica it removed that its removal committed.
+const REMOVAL_NOTICE_TICKS: u32 = 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ReplicationConfig {
@@ -60,6 +64,18 @@ pub enum ReplOut<R, Q> {
     Role(ReplicaStatus),
     /// The raft log was compacted up to this summary.
     Compacted(LedgerMeta),
+    /// The replicas now (after a membership request or change): for an operator.
+    Members {
+        reply: R,
+        leader_id: u64,
+        members: Vec<Member>,
+    },
+    /// A membership change this replica cannot make (not retryable as is).
+    RefuseChange(R, String),
+    /// The address book changed: connect to whom it names.
+    AddressBook(AddressBook),
+    /// This replica was removed from the cluster: it must stop.
+    Removed,
 }
 
 pub struct Replication<S: RaftLogStore, R, Q> {
@@ -78,11 +94,26 @@ pub struct Replication<S: RaftLogStore, R, Q> {
     /// Bytes of entries committed since the raft log was last compacted.
     committed_bytes: u64,
     bug: Option<PlantedBug>,
+    /// Where every replica is (see `members`).
+    book: AddressBook,
+    /// The operator waiting for the membership change this leader proposed.
+    pending_change: Option<(MemberChange, R)>,
+    /// Replicas this leader removed, each told for a few ticks that its removal committed:
+    /// (id, commit index to announce, ticks left).
+    removal_notices: Vec<(u64, u64, u32)>,
 }
 
 impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
-    pub fn new(cfg: ReplicationConfig, replica: Replica<S>) -> Replication<S, R, Q> {
+    /// `book` is the address book the raft log holds (or the configured one at first start).
+    pub fn new(
+        cfg: ReplicationConfig,
+        replica: Replica<S>,
+        book: AddressBook,
+    ) -> Replication<S, R, Q> {
         Replication {
+            book,
+            pending_change: None,
+            removal_notices: Vec::new(),
             cfg,
             replica,
             stash: BTreeMap::new(),
@@ -111,6 +142,11 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
         &mut self.replica
     }
 
+    /// Where every replica is, as far as this one knows.
+    pub fn book(&self) -> &AddressBook {
+        &self.book
+    }
+
     pub fn status(&self) -> ReplicaStatus {
         self.replica.status()
     }
@@ -127,11 +163,84 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
 
     /// A tick of the raft clock. A replica that `may_campaign` not (see the server's archive
     /// rule) still votes and, leading, heartbeats.
-    pub fn tick(&mut self, may_campaign: bool) {
+    pub fn tick(&mut self, may_campaign: bool, out: &mut Vec<ReplOut<R, Q>>) {
         if may_campaign {
             self.replica.tick();
         } else {
             self.replica.tick_without_campaign();
+        }
+        self.notify_removed(out);
+    }
+
+    /// A replica this leader removed no longer hears from it, so it would never learn that
+    /// its removal committed: for a few ticks it gets a heartbeat carrying the commit index.
+    fn notify_removed(&mut self, out: &mut Vec<ReplOut<R, Q>>) {
+        if self.replica.status().role != Role::Leader {
+            self.removal_notices.clear();
+            return;
+        }
+        let mut notices = Vec::new();
+        for (id, commit, ticks) in &mut self.removal_notices {
+            notices.push(self.replica.heartbeat_to(*id, *commit));
+            *ticks -= 1;
+        }
+        self.removal_notices.retain(|(_, _, ticks)| *ticks > 0);
+        if !notices.is_empty() {
+            out.push(ReplOut::Send(notices));
+        }
+    }
+
+    /// The replicas and their roles, answered to `reply`.
+    pub fn members(&self, reply: R, out: &mut Vec<ReplOut<R, Q>>) {
+        out.push(ReplOut::Members {
+            reply,
+            leader_id: self.replica.status().leader_id,
+            members: self.book.members(&self.replica.conf_state()),
+        });
+    }
+
+    /// An operator's membership change: proposed if this replica leads and the change can be
+    /// made; `reply` is answered with the members once it is applied here.
+    pub fn change_members(&mut self, change: MemberChange, reply: R, out: &mut Vec<ReplOut<R, Q>>) {
+        let status = self.replica.status();
+        if status.role != Role::Leader {
+            out.push(ReplOut::Refuse(reply, Refusal::NotWritable));
+            return;
+        }
+        if let Some(why) = change.refusal(&self.replica.conf_state(), status.id) {
+            out.push(ReplOut::RefuseChange(reply, why));
+            return;
+        }
+        if self.pending_change.is_some() {
+            let why = "another membership change is pending; retry shortly".to_string();
+            out.push(ReplOut::RefuseChange(reply, why));
+            return;
+        }
+        let (cc, _) = change.to_conf_change();
+        match self.replica.propose_conf_change(cc) {
+            Ok(()) => self.pending_change = Some((change, reply)),
+            Err(why) => out.push(ReplOut::RefuseChange(reply, why)),
+        }
+    }
+
+    /// What follows a committed membership change applied here.
+    fn conf_applied(&mut self, cc: &ConfChangeV2, conf: &ConfState, out: &mut Vec<ReplOut<R, Q>>) {
+        let status = self.replica.status();
+        let me = status.id;
+        if !conf.voters.contains(&me) && !conf.learners.contains(&me) && !conf.voters.is_empty() {
+            out.push(ReplOut::Removed);
+        }
+        for change in cc.get_changes() {
+            let removed = change.get_change_type() == raft::eraftpb::ConfChangeType::RemoveNode;
+            if removed && status.role == Role::Leader && change.node_id != me {
+                let notice = (change.node_id, status.commit_index, REMOVAL_NOTICE_TICKS);
+                self.removal_notices.push(notice);
+            }
+            let answers = |(c, _): &(MemberChange, R)| c.id() == change.node_id;
+            if self.pending_change.as_ref().is_some_and(answers) {
+                let (_, reply) = self.pending_change.take().expect("checked");
+                self.members(reply, out);
+            }
         }
     }
 
@@ -231,9 +340,23 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
             ready_reads: &mut self.ready_reads,
             committed_bytes: &mut self.committed_bytes,
             install,
+            book: &mut self.book,
+            changes: Vec::new(),
+            installed_book: false,
             out,
         };
         self.replica.on_ready(&mut io)?;
+        let (changes, installed_book) = (std::mem::take(&mut io.changes), io.installed_book);
+        if installed_book {
+            // The snapshot's descriptor named the replicas; keep them with its configuration.
+            let conf = self.replica.conf_state();
+            let book = self.book.encode();
+            self.replica.store_mut().set_conf_state(&conf, &book)?;
+            out.push(ReplOut::AddressBook(self.book.clone()));
+        }
+        for (cc, conf) in &changes {
+            self.conf_applied(cc, conf, out);
+        }
         self.follow_role(out);
         Ok(())
     }
@@ -250,6 +373,12 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
             self.lead_at = None;
             self.stop_leading(out);
             self.refuse_proposals(out);
+            if let Some((_, reply)) = self.pending_change.take() {
+                let why = "leadership changed before the membership change applied; check \
+                           tally cluster members"
+                    .to_string();
+                out.push(ReplOut::RefuseChange(reply, why));
+            }
             for (_, q) in std::mem::take(&mut self.reads) {
                 out.push(ReplOut::RefuseRead(q));
             }
@@ -314,7 +443,7 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
             return Ok(());
         }
         let store = self.replica.store_mut();
-        store.set_snapshot_descriptor(compactable.encode().to_vec());
+        store.set_snapshot_descriptor(encode_descriptor(compactable, &self.book));
         store.compact(compactable.raft_index)?;
         self.committed_bytes = 0;
         out.push(ReplOut::Compacted(compactable.clone()));
@@ -337,6 +466,11 @@ struct Io<'a, R, Q> {
     ready_reads: &'a mut VecDeque<(u64, Q)>,
     committed_bytes: &'a mut u64,
     install: &'a mut dyn FnMut(&Snapshot) -> Result<()>,
+    book: &'a mut AddressBook,
+    /// Membership changes applied during this ready, in order, with the configuration after.
+    changes: Vec<(ConfChangeV2, ConfState)>,
+    /// A snapshot replaced the address book.
+    installed_book: bool,
     out: &'a mut Vec<ReplOut<R, Q>>,
 }
 
@@ -346,7 +480,20 @@ impl<R, Q> RaftIo for Io<'_, R, Q> {
     }
 
     fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<()> {
-        (self.install)(snapshot)
+        (self.install)(snapshot)?;
+        let (_, book) = decode_descriptor(&snapshot.data)?;
+        if !book.0.is_empty() {
+            *self.book = book;
+            self.installed_book = true;
+        }
+        Ok(())
+    }
+
+    fn conf_changed(&mut self, change: &ConfChangeV2, conf: &ConfState) -> Vec<u8> {
+        *self.book = self.book.after(change);
+        self.out.push(ReplOut::AddressBook(self.book.clone()));
+        self.changes.push((change.clone(), conf.clone()));
+        self.book.encode()
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {

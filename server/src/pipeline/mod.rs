@@ -68,6 +68,7 @@ pub struct PipelineConfig {
     pub archive: Option<Arc<ArchiveGate>>,
     /// Serve reads only: the ledger was restored below the archive's tip.
     pub read_only: bool,
+    pub admin: Arc<crate::admin::AdminGate>,
 }
 
 /// What the pipeline needs of the archive writer: how far it is, and the two rules that hang
@@ -129,6 +130,8 @@ pub struct PipelineHandle {
     pub applied_height: Arc<AtomicU64>,
     pub archive: Option<Arc<ArchiveGate>>,
     pub read_only: bool,
+    /// Who may send membership commands (`[cluster] admin_keys`).
+    pub admin: Arc<crate::admin::AdminGate>,
 }
 
 pub struct Pipeline {
@@ -226,6 +229,7 @@ impl Pipeline {
                 applied_height,
                 archive: cfg.archive,
                 read_only: cfg.read_only,
+                admin: cfg.admin,
             },
             storage_thread,
             confirm_thread,

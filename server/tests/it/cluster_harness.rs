@@ -30,6 +30,11 @@ fn free_port() -> u16 {
     }
 }
 
+/// A free address on 127.0.0.1 (see `free_port`).
+pub fn local_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// Copies bytes from `r` to `w` until either side closes or `alive` turns false (checked at least
 /// every 100 ms, so a cut takes effect on idle connections too).
 async fn pump<R, W>(r: &mut R, w: &mut W, alive: &impl Fn() -> bool)

@@ -6,5 +6,6 @@ mod bad_input;
 mod cluster;
 mod cluster_harness;
 mod harness;
+mod membership;
 mod metrics;
 mod single_node;

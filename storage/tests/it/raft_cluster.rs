@@ -77,6 +77,15 @@ impl RaftIo for NodeIo {
     }
 
     fn read_ready(&mut self, _states: Vec<ReadState>) {}
+
+    // This cluster's membership never changes.
+    fn conf_changed(
+        &mut self,
+        _change: &raft::eraftpb::ConfChangeV2,
+        _conf: &raft::eraftpb::ConfState,
+    ) -> Vec<u8> {
+        unreachable!("no membership changes in this test")
+    }
 }
 
 struct Node {

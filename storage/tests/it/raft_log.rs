@@ -385,15 +385,25 @@ fn writes_are_synced() {
     assert_eq!(stats.file_syncs(), before, "set_commit stays in memory");
 }
 
+/// The configured voters make a new log's configuration; from then on it follows the
+/// membership changes written to it, whatever the config says.
 #[test]
-fn other_voters_are_refused() {
+fn configured_voters_only_make_a_new_log() {
     let dir = tempfile::tempdir().unwrap();
     drop(RaftLogDb::open(dir.path(), &[1, 2, 3]).unwrap());
-    assert!(RaftLogDb::open(dir.path(), &[3, 2, 1]).is_ok());
-    match RaftLogDb::open(dir.path(), &[1, 2, 4]) {
-        Err(Error::Storage(msg)) => assert!(msg.contains("voters"), "{msg}"),
-        other => panic!("expected a storage error, got {:?}", other.map(|_| ())),
-    }
+    let mut log = RaftLogDb::open(dir.path(), &[1, 2, 4]).unwrap();
+    assert_eq!(log.conf_state().voters, vec![1, 2, 3]);
+    assert_eq!(log.address_book(), None);
+    let conf = raft::eraftpb::ConfState {
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        ..Default::default()
+    };
+    log.set_conf_state(&conf, b"book").unwrap();
+    drop(log);
+    let log = RaftLogDb::open(dir.path(), &[1]).unwrap();
+    assert_eq!(log.conf_state(), &conf);
+    assert_eq!(log.address_book(), Some(&b"book"[..]));
 }
 
 /// Builds a log with a snapshot point at 2 and entries 3..=8, overwrites `key` with `value`,
@@ -514,7 +524,7 @@ fn an_emptied_conf_state_is_refused() {
     let (dir, mut log) = log_345();
     log.raw_put(&layout::raft_conf_state_key(), b"").unwrap();
     drop(log);
-    // An empty protobuf is a valid, empty conf state: its voters are not the configured ones.
+    // An empty protobuf is a valid, empty conf state, but a log in use always has voters.
     assert!(RaftLogDb::open(dir.path(), &VOTERS).is_err());
 }
 

@@ -1,0 +1,146 @@
+//! Admin requests: membership commands from an operator (`tally cluster ...`), signed by an
+//! admin key the config lists (`[cluster] admin_keys`). Checked here before anything reaches
+//! the raft thread: the signature (strict Ed25519), the key's authorization, the chain id, and
+//! freshness (issued within `ADMIN_CLOCK_SKEW_MS` of this replica's clock; a nonce seen in that
+//! window is a replay).
+
+use tally_core::engine::members::{Member, MemberAddress, MemberChange, MemberRole};
+use tally_wire::{AdminCommand, AdminRequest, ErrorCode};
+
+use crate::channels::{RaftEvent, ReplyTo};
+use crate::pipeline::PipelineHandle;
+
+/// Answers an operator with the replicas and their roles.
+pub fn reply_members(reply: ReplyTo, leader_id: u64, members: &[Member]) {
+    let members = members
+        .iter()
+        .map(|m| tally_wire::Member {
+            id: m.id,
+            role: match m.role {
+                MemberRole::Voter => tally_wire::MemberRole::Voter,
+                MemberRole::Learner => tally_wire::MemberRole::Learner,
+            },
+            address: m.address.peer.clone(),
+            client_address: m.address.client.clone(),
+        })
+        .collect();
+    let answer = tally_wire::MembersReply { leader_id, members };
+    reply.send(&tally_wire::Message::Members(Box::new(answer)));
+}
+
+/// How far an admin request's `issued_unix_ms` may be from this replica's clock.
+pub const ADMIN_CLOCK_SKEW_MS: u64 = 120_000;
+/// Nonces remembered to refuse replays (within the skew window); beyond, the oldest go.
+const NONCES_MAX: usize = 4096;
+
+/// Who may send admin requests, and the nonces recently seen.
+pub struct AdminGate {
+    chain_id: tally_wire::Hash,
+    keys: Vec<tally_wire::PublicKey>,
+    /// (issued_unix_ms, nonce, key) of requests accepted within the skew window.
+    seen: std::sync::Mutex<std::collections::BTreeSet<(u64, u64, tally_wire::PublicKey)>>,
+}
+
+impl AdminGate {
+    pub fn new(chain_id: tally_wire::Hash, keys: Vec<tally_wire::PublicKey>) -> AdminGate {
+        AdminGate {
+            chain_id,
+            keys,
+            seen: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+
+    /// Why `req` must be refused, if it must: an unlisted key or a bad signature
+    /// (`unauthorized`), another chain, or a request too old, too new or seen before
+    /// (`stale_request`). The cheap checks come first, the signature last.
+    pub fn check(&self, req: &AdminRequest, now_ms: u64) -> Result<(), (ErrorCode, String)> {
+        if req.chain_id != self.chain_id {
+            return Err((
+                ErrorCode::WrongChain,
+                "another ledger's admin request".into(),
+            ));
+        }
+        if !self.keys.contains(&req.admin_key) {
+            let why = "this admin key is not in the replica's [cluster] admin_keys";
+            return Err((ErrorCode::Unauthorized, why.into()));
+        }
+        if req.issued_unix_ms.abs_diff(now_ms) > ADMIN_CLOCK_SKEW_MS {
+            let why = format!(
+                "issued {} ms from this replica's clock (at most {ADMIN_CLOCK_SKEW_MS})",
+                req.issued_unix_ms.abs_diff(now_ms)
+            );
+            return Err((ErrorCode::StaleRequest, why));
+        }
+        if tally_core::crypto::verify_admin(req).is_err() {
+            let why = "the admin signature does not verify";
+            return Err((ErrorCode::Unauthorized, why.into()));
+        }
+        self.remember(req, now_ms)
+    }
+
+    /// Records the request's nonce; a second sight of it is a replay.
+    fn remember(&self, req: &AdminRequest, now_ms: u64) -> Result<(), (ErrorCode, String)> {
+        let mut seen = self.seen.lock().expect("admin nonces");
+        let horizon = now_ms.saturating_sub(ADMIN_CLOCK_SKEW_MS);
+        while seen
+            .first()
+            .is_some_and(|(t, ..)| *t < horizon || seen.len() > NONCES_MAX)
+        {
+            seen.pop_first();
+        }
+        if !seen.insert((req.issued_unix_ms, req.nonce, req.admin_key)) {
+            let why = "this admin request was seen before (a replay)";
+            return Err((ErrorCode::StaleRequest, why.into()));
+        }
+        Ok(())
+    }
+}
+
+/// Serves an admin request: checked here, then handed to the raft thread (which answers with
+/// the members, or refuses a change it cannot make).
+pub fn dispatch(pipeline: &PipelineHandle, req: AdminRequest, reply: ReplyTo) {
+    let now = crate::pipeline::unix_ms();
+    if let Err((code, why)) = pipeline.admin.check(&req, now) {
+        tracing::info!(code = code.name(), "admin request refused: {why}");
+        reply.error(code, why);
+        return;
+    }
+    tracing::info!(command = ?req.command, "admin request");
+    let event = match req.command {
+        AdminCommand::Members => RaftEvent::Members { reply },
+        AdminCommand::TransferLeader { id } => {
+            let _ = pipeline.raft_tx.try_send(RaftEvent::TransferLeader(id));
+            RaftEvent::Members { reply }
+        }
+        AdminCommand::Add {
+            id,
+            address,
+            client_address,
+            learner,
+        } => {
+            let address = MemberAddress {
+                peer: address,
+                client: client_address,
+            };
+            let change = MemberChange::Add {
+                id,
+                address,
+                learner,
+            };
+            RaftEvent::ChangeMembers { change, reply }
+        }
+        AdminCommand::Promote { id } => RaftEvent::ChangeMembers {
+            change: MemberChange::Promote { id },
+            reply,
+        },
+        AdminCommand::Remove { id } => RaftEvent::ChangeMembers {
+            change: MemberChange::Remove { id },
+            reply,
+        },
+    };
+    if let Err(e) = pipeline.raft_tx.try_send(event) {
+        if let Some(reply) = e.into_inner().into_cmd_reply() {
+            reply.busy("the raft queue", 20);
+        }
+    }
+}
