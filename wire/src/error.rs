@@ -120,6 +120,8 @@ error_codes! {
     BadSignature = 11, "bad_signature", Never;
     WrongChain = 12, "wrong_chain", Never;
     UnknownDepositKey = 13, "unknown_deposit_key", Never;
+    Unauthorized = 14, "unauthorized", Never;
+    StaleRequest = 15, "stale_request", Never;
     UnknownAccount = 20, "unknown_account", Later;
     InsufficientFunds = 21, "insufficient_funds", Later;
     AmountOverflow = 22, "amount_overflow", Never;
@@ -131,6 +133,7 @@ error_codes! {
     TooManyInFlight = 34, "too_many_in_flight", Later;
     ArchiveBehind = 35, "archive_behind", Later;
     Recovering = 36, "recovering", Elsewhere;
+    MembershipRefused = 37, "membership_refused", Later;
     NotFound = 40, "not_found", Never;
     Internal = 50, "internal", Later;
 }

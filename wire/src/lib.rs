@@ -16,11 +16,13 @@
 //! Caveats: this crate checks layout only. Whether a signature verifies, a chain id matches or an
 //! amount is affordable is decided in `tally-core`.
 
+mod admin;
 mod canonical;
 mod error;
 mod frame;
 mod message;
 
+pub use admin::*;
 pub use canonical::*;
 pub use error::{ErrorCode, Retry, WireError};
 pub use frame::*;

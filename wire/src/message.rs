@@ -1,8 +1,8 @@
 //! Messages: the payloads of frames, one variant per message type.
 
 use crate::{
-    encode_frame, put_string, Confirmation, ErrorCode, NonceHint, PublicKey, RawFrame, Reader,
-    Request, Retry, SignedHeader, WireError,
+    encode_frame, put_string, AdminRequest, Confirmation, ErrorCode, MembersReply, NonceHint,
+    PublicKey, RawFrame, Reader, Request, Retry, SignedHeader, WireError,
 };
 
 /// How many headers one `Headers` reply carries at most (keeps it far below any frame cap).
@@ -31,19 +31,21 @@ pub mod message_type {
     pub const GET_STATUS: u8 = 0x04;
     pub const SUBMIT_HINTED: u8 = 0x05;
     pub const GET_INFO: u8 = 0x06;
+    pub const ADMIN: u8 = 0x07;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
     pub const HEADERS: u8 = 0x84;
     pub const STATUS: u8 = 0x85;
     pub const INFO: u8 = 0x86;
+    pub const MEMBERS: u8 = 0x87;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
     pub fn is_request(message_type: u8) -> bool {
         matches!(
             message_type,
-            SUBMIT | GET_BALANCE | GET_HEADERS | GET_STATUS | SUBMIT_HINTED | GET_INFO
+            SUBMIT | GET_BALANCE | GET_HEADERS | GET_STATUS | SUBMIT_HINTED | GET_INFO | ADMIN
         )
     }
 }
@@ -244,12 +246,16 @@ pub enum Message {
     },
     GetStatus,
     GetInfo,
+    /// A membership command signed by an admin key, answered `Members` or `Error`.
+    Admin(Box<AdminRequest>),
     Confirmed(Box<Confirmation>),
     Error(ErrorReply),
     Balance(BalanceReply),
     Headers(Vec<SignedHeader>),
     Status(Box<StatusReply>),
     Info(Box<InfoReply>),
+    /// The membership after an admin command (or as `AdminCommand::Members` asked).
+    Members(Box<MembersReply>),
 }
 
 impl Message {
@@ -262,12 +268,14 @@ impl Message {
             Message::GetHeaders { .. } => GET_HEADERS,
             Message::GetStatus => GET_STATUS,
             Message::GetInfo => GET_INFO,
+            Message::Admin(_) => ADMIN,
             Message::Confirmed(_) => CONFIRMED,
             Message::Error(_) => ERROR,
             Message::Balance(_) => BALANCE,
             Message::Headers(_) => HEADERS,
             Message::Status(_) => STATUS,
             Message::Info(_) => INFO,
+            Message::Members(_) => MEMBERS,
         }
     }
 
@@ -287,6 +295,7 @@ impl Message {
                 out.extend_from_slice(&limit.to_le_bytes());
             }
             Message::GetStatus | Message::GetInfo => {}
+            Message::Admin(a) => a.write(out),
             Message::Confirmed(c) => c.write(out),
             Message::Error(e) => {
                 out.extend_from_slice(&(e.code as u16).to_le_bytes());
@@ -330,6 +339,7 @@ impl Message {
                 out.extend_from_slice(&s.archive_height.unwrap_or(0).to_le_bytes());
             }
             Message::Info(i) => i.write(out),
+            Message::Members(m) => m.write(out),
         }
     }
 
@@ -373,6 +383,7 @@ impl Message {
             },
             GET_STATUS => Message::GetStatus,
             GET_INFO => Message::GetInfo,
+            ADMIN => Message::Admin(Box::new(AdminRequest::read(&mut r)?)),
             CONFIRMED => Message::Confirmed(Box::new(Confirmation::read(&mut r)?)),
             ERROR => {
                 let raw = r.u16("error.code")?;
@@ -415,6 +426,7 @@ impl Message {
             }
             STATUS => Message::Status(Box::new(read_status(&mut r)?)),
             INFO => Message::Info(Box::new(InfoReply::read(&mut r)?)),
+            MEMBERS => Message::Members(Box::new(MembersReply::read(&mut r)?)),
             other => return Err(WireError::UnknownMessageType { found: other }),
         };
         r.finish()?;
@@ -446,7 +458,7 @@ fn read_status(r: &mut Reader<'_>) -> Result<StatusReply, WireError> {
     })
 }
 
-fn read_bool(r: &mut Reader<'_>, field: &'static str) -> Result<bool, WireError> {
+pub(crate) fn read_bool(r: &mut Reader<'_>, field: &'static str) -> Result<bool, WireError> {
     match r.u8(field)? {
         0 => Ok(false),
         1 => Ok(true),

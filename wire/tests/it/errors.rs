@@ -72,6 +72,8 @@ const TABLE: &[(u16, &str, Retry)] = &[
     (11, "bad_signature", Retry::Never),
     (12, "wrong_chain", Retry::Never),
     (13, "unknown_deposit_key", Retry::Never),
+    (14, "unauthorized", Retry::Never),
+    (15, "stale_request", Retry::Never),
     (20, "unknown_account", Retry::Later),
     (21, "insufficient_funds", Retry::Later),
     (22, "amount_overflow", Retry::Never),
@@ -83,6 +85,7 @@ const TABLE: &[(u16, &str, Retry)] = &[
     (34, "too_many_in_flight", Retry::Later),
     (35, "archive_behind", Retry::Later),
     (36, "recovering", Retry::Elsewhere),
+    (37, "membership_refused", Retry::Later),
     (40, "not_found", Retry::Never),
     (50, "internal", Retry::Later),
 ];

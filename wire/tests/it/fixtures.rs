@@ -84,9 +84,69 @@ pub fn status(latest_header: Option<SignedHeader>) -> StatusReply {
     }
 }
 
+/// An admin request carrying `command`, with made-up key and signature (layout only).
+pub fn admin(command: AdminCommand) -> AdminRequest {
+    AdminRequest {
+        chain_id: [0xc4; 32],
+        issued_unix_ms: 1_700_000_000_000,
+        nonce: 0x0102_0304_0506_0708,
+        command,
+        admin_key: [0xad; 32],
+        signature: [0x5f; 64],
+    }
+}
+
+/// One admin request of every command, the `Add` ones with and without a client address.
+pub fn every_admin_command() -> Vec<AdminCommand> {
+    vec![
+        AdminCommand::Members,
+        AdminCommand::Add {
+            id: 4,
+            address: "127.0.0.1:7503".into(),
+            client_address: "127.0.0.1:7403".into(),
+            learner: true,
+        },
+        AdminCommand::Add {
+            id: u64::MAX,
+            address: "node-5.tally:7500".into(),
+            client_address: String::new(),
+            learner: false,
+        },
+        AdminCommand::Promote { id: 4 },
+        AdminCommand::Remove { id: 2 },
+        AdminCommand::TransferLeader { id: 1 },
+    ]
+}
+
+pub fn members() -> MembersReply {
+    MembersReply {
+        leader_id: 1,
+        members: vec![
+            Member {
+                id: 1,
+                role: MemberRole::Voter,
+                address: "127.0.0.1:7500".into(),
+                client_address: "127.0.0.1:7400".into(),
+            },
+            Member {
+                id: 2,
+                role: MemberRole::Voter,
+                address: "[::1]:7501".into(),
+                client_address: String::new(),
+            },
+            Member {
+                id: 4,
+                role: MemberRole::Learner,
+                address: "node-4.tally:7503".into(),
+                client_address: "node-4.tally:7403".into(),
+            },
+        ],
+    }
+}
+
 /// One sample of every message variant.
 pub fn every_message() -> Vec<Message> {
-    vec![
+    let mut messages = vec![
         Message::Submit(request(Op::Deposit)),
         Message::Submit(request(Op::Transfer)),
         Message::Submit(request(Op::Withdraw)),
@@ -160,7 +220,16 @@ pub fn every_message() -> Vec<Message> {
         Message::Headers(vec![]),
         Message::Status(Box::new(status(Some(signed_header(40))))),
         Message::Status(Box::new(status(None))),
-    ]
+        Message::Members(Box::new(members())),
+        Message::Members(Box::new(MembersReply {
+            leader_id: 0,
+            members: vec![],
+        })),
+    ];
+    for command in every_admin_command() {
+        messages.push(Message::Admin(Box::new(admin(command))));
+    }
+    messages
 }
 
 pub fn payload(m: &Message) -> Vec<u8> {

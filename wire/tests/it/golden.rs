@@ -443,3 +443,91 @@ fn small_message_payloads() {
         );
     }
 }
+
+/// PROTOCOL.md §3, `0x07 Admin`: an `add` of node 4 as a learner, without a client address.
+#[test]
+fn admin_add_payload() {
+    let request = AdminRequest {
+        chain_id: chain_id(),
+        issued_unix_ms: 1_700_000_000_000,
+        nonce: 0x0102_0304_0506_0708,
+        command: AdminCommand::Add {
+            id: 4,
+            address: "127.0.0.1:7503".into(),
+            client_address: String::new(),
+            learner: true,
+        },
+        admin_key: [0xad; 32],
+        signature: std::array::from_fn(|i| 0x40 + i as u8),
+    };
+    let sig = "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f\
+               606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f";
+    let key = "ad".repeat(32);
+    let fields = [
+        (0, "domain", "74616c6c792f61646d696e2f76310000"),
+        (16, "chain_id", CHAIN_ID),
+        (48, "issued_unix_ms", "0068e5cf8b010000"),
+        (56, "nonce", "0807060504030201"),
+        (64, "admin_key", key.as_str()),
+        (96, "command", "02"),
+        (97, "id", "0400000000000000"),
+        (105, "learner", "01"),
+        (106, "address", "0e00"),
+        (108, "address bytes", "3132372e302e302e313a37353033"),
+        (122, "client_address", "0000"),
+        (124, "signature", sig),
+    ];
+    let mut p = Vec::new();
+    Message::Admin(Box::new(request.clone())).encode_payload(&mut p);
+    check(&p, &fields, 188);
+    assert_eq!(request.signing_bytes(), p[..124].to_vec());
+    let decoded = Message::decode(&RawFrame {
+        message_type: 0x07,
+        correlation_id: 1,
+        payload: p,
+    });
+    assert_eq!(decoded, Ok(Message::Admin(Box::new(request))));
+}
+
+/// PROTOCOL.md §3, `0x87 Members`: a leader and a learner.
+#[test]
+fn members_payload() {
+    let reply = MembersReply {
+        leader_id: 1,
+        members: vec![
+            Member {
+                id: 1,
+                role: MemberRole::Voter,
+                address: "127.0.0.1:7500".into(),
+                client_address: "127.0.0.1:7400".into(),
+            },
+            Member {
+                id: 4,
+                role: MemberRole::Learner,
+                address: "h:1".into(),
+                client_address: String::new(),
+            },
+        ],
+    };
+    let fields = [
+        (0, "leader_id", "0100000000000000"),
+        (8, "count", "0200"),
+        (10, "[0].id", "0100000000000000"),
+        (18, "[0].role", "00"),
+        (19, "[0].address", "0e003132372e302e302e313a37353030"),
+        (35, "[0].client_address", "0e003132372e302e302e313a37343030"),
+        (51, "[1].id", "0400000000000000"),
+        (59, "[1].role", "01"),
+        (60, "[1].address", "0300683a31"),
+        (65, "[1].client_address", "0000"),
+    ];
+    let mut p = Vec::new();
+    Message::Members(Box::new(reply.clone())).encode_payload(&mut p);
+    check(&p, &fields, 67);
+    let decoded = Message::decode(&RawFrame {
+        message_type: 0x87,
+        correlation_id: 1,
+        payload: p,
+    });
+    assert_eq!(decoded, Ok(Message::Members(Box::new(reply))));
+}

@@ -1,5 +1,6 @@
 //! tally-wire's one integration-test binary.
 //!
+//! - `admin`: admin requests and membership replies: what is signed, every field's rule.
 //! - `roundtrip`: every message variant encodes and decodes back to itself.
 //! - `malformed`: every way a frame or payload can be wrong, and what the decoder says.
 //! - `stream`: frames cut at every byte boundary decode the same as whole ones.
@@ -9,6 +10,7 @@
 //! - `props`: randomized round trips and "decoding never panics" (proptest: a failure prints the
 //!   minimal failing input and records its seed under `proptest-regressions/`, so it replays).
 
+mod admin;
 mod errors;
 mod fixtures;
 mod golden;

@@ -212,7 +212,7 @@ fn submit(op: Op) -> Message {
 
 #[test]
 fn unknown_message_types() {
-    for t in [0x00u8, 0x07, 0x7f, 0x80, 0x87, 0xff] {
+    for t in [0x00u8, 0x08, 0x7f, 0x80, 0x88, 0xff] {
         check(t, &[], err(WireError::UnknownMessageType { found: t }));
     }
 }
@@ -351,7 +351,7 @@ fn error_replies() {
         // The retry class need not be the code's default: the server may say better.
         (patched(&e, 2, &[0]), Ok(())),
     ];
-    for code in [0u16, 6, 9, 14, 24, 99, 0xffff] {
+    for code in [0u16, 6, 9, 16, 24, 38, 99, 0xffff] {
         cases.push((
             patched(&e, 0, &code.to_le_bytes()),
             err(invalid("error.code")),

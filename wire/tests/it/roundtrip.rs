@@ -30,7 +30,7 @@ fn every_variant() {
 fn message_types_are_the_documented_bytes() {
     let types: Vec<u8> = every_message().iter().map(Message::message_type).collect();
     for t in [
-        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86,
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87,
     ] {
         assert!(types.contains(&t), "no sample of type 0x{t:02x}");
     }
@@ -44,6 +44,7 @@ fn message_types_are_the_documented_bytes() {
                 | Message::Headers(_)
                 | Message::Status(_)
                 | Message::Info(_)
+                | Message::Members(_)
         );
         assert_eq!(m.message_type() >= 0x80, is_reply, "{m:?}");
         assert_eq!(
@@ -52,7 +53,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x07..=0xff).filter(|t| !(0x80..=0x86).contains(t)) {
+    for t in (0x08..=0xff).filter(|t| !(0x80..=0x87).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }
