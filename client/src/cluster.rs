@@ -37,9 +37,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
 use rand::Rng;
 use tally_wire::{
-    BalanceReply, Confirmation, ErrorCode, PublicKey, ReadMode, Request, SignedHeader, StatusReply,
+    AdminCommand, AdminRequest, BalanceReply, Confirmation, ErrorCode, Hash, MembersReply,
+    PublicKey, ReadMode, Request, SignedHeader, StatusReply,
 };
 use tokio::time::Instant;
 
@@ -380,6 +382,36 @@ impl ClusterClient {
             .await
     }
 
+    /// Sends an admin command signed by `key` (an admin key the servers list) for the ledger
+    /// `chain_id`, and returns the membership the replica answers with (PROTOCOL.md §3,
+    /// `0x07 Admin`). Changes go to the leader (`not_leader` redirects are followed like a
+    /// submit's); `Members` goes wherever the connection points, which is the leader once any
+    /// operation found it. Every attempt is signed afresh (new time and nonce), since the
+    /// server refuses the same bytes twice. Giving up on a change after an attempt was sent is
+    /// [`Error::Indeterminate`]: ask `Members` to learn whether it took effect.
+    pub async fn admin(
+        &self,
+        chain_id: Hash,
+        key: &SigningKey,
+        command: AdminCommand,
+    ) -> Result<MembersReply> {
+        command.check().map_err(|e| Error::Invalid {
+            what: "admin command",
+            reason: e.to_string(),
+        })?;
+        let kind = if command.changes_membership() {
+            Kind::Write
+        } else {
+            Kind::Read
+        };
+        self.inner
+            .run(kind, move |client| {
+                let request = signed_admin(chain_id, key, command.clone());
+                async move { client.admin(request).await }
+            })
+            .await
+    }
+
     /// Every replica's status, asked concurrently over fresh connections, in profile order. An
     /// unreachable replica costs one `call_timeout`, not one per replica.
     pub async fn status_all(&self) -> Vec<(ReplicaAddress, Result<StatusReply>)> {
@@ -707,6 +739,23 @@ impl Inner {
     }
 }
 
+/// An admin request for `command`, issued now with a random nonce, signed by `key`.
+pub fn signed_admin(chain_id: Hash, key: &SigningKey, command: AdminCommand) -> AdminRequest {
+    let issued_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut request = AdminRequest {
+        chain_id,
+        issued_unix_ms,
+        nonce: rand::random(),
+        command,
+        admin_key: [0; 32],
+        signature: [0; 64],
+    };
+    tally_core::crypto::sign_admin(key, &mut request);
+    request
+}
+
 /// How to go on after an attempt on the connection to `address` failed with `e`.
 fn next_step(e: &Error, address: &str) -> Next {
     match e {
@@ -835,6 +884,9 @@ mod tests {
             "backoff elsewhere=false after=0",
         );
         for code in [
+            ErrorCode::Unauthorized,
+            ErrorCode::StaleRequest,
+            ErrorCode::MembershipRefused,
             ErrorCode::BadSignature,
             ErrorCode::InsufficientFunds,
             ErrorCode::IdConflict,

@@ -15,8 +15,9 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tally_wire::{
-    decode_frame, BalanceReply, Confirmation, Decoded, InfoReply, Message, PublicKey, RawFrame,
-    ReadMode, Request, SignedHeader, StatusReply, WireError, FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
+    decode_frame, AdminRequest, BalanceReply, Confirmation, Decoded, InfoReply, MembersReply,
+    Message, PublicKey, RawFrame, ReadMode, Request, SignedHeader, StatusReply, WireError,
+    FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
@@ -341,6 +342,16 @@ impl Client {
         match self.call(Message::GetInfo).await? {
             Message::Info(info) => Ok(*info),
             other => Err(unexpected("Info", &other)),
+        }
+    }
+
+    /// Sends a signed admin request ([`tally_core::crypto::sign_admin`]) and returns the
+    /// membership the replica answers with. Send each request once: the same bytes again are
+    /// refused `stale_request` (PROTOCOL.md §3, `0x07 Admin`).
+    pub async fn admin(&self, request: AdminRequest) -> Result<MembersReply> {
+        match self.call(Message::Admin(Box::new(request))).await? {
+            Message::Members(members) => Ok(*members),
+            other => Err(unexpected("Members", &other)),
         }
     }
 

@@ -10,7 +10,9 @@
 //!   reconnects with bounded backoff, bounds how many operations wait while disconnected, and
 //!   resubmits the same request, so a failover never applies it twice (behaviour table in
 //!   [`cluster`]).
-//! - [`build_request`], [`random_id`]: signed requests.
+//! - [`build_request`], [`random_id`]: signed requests. [`ClusterClient::admin`] and
+//!   [`signed_admin`]: membership commands signed by an admin key ([`Profile::load_admin_key`]);
+//!   [`members_json`]: the membership as `tally cluster members --json` prints it.
 //! - [`load_key`], [`write_key`]: Ed25519 keys as PKCS#8 PEM files; public keys as 64 hex.
 //! - [`ConfirmationFile`], [`verify_confirmation_file`]: confirmations as JSON files that anyone
 //!   holding the operator's public key can check offline (format in [`confirmation`]).
@@ -31,6 +33,7 @@
 //! - A confirmation file's `replayed` flag is cleared in its bytes: it describes how the answer
 //!   was delivered, not what was applied.
 
+mod admin;
 pub mod cluster;
 pub mod confirmation;
 mod connection;
@@ -41,8 +44,10 @@ mod profile;
 use ed25519_dalek::SigningKey;
 use tally_wire::{Hash, Op, PublicKey, Request};
 
+pub use admin::{members_json, members_table, MemberJson, MembersJson};
 pub use cluster::{
-    ClusterClient, ClusterOptions, ClusterStats, ConnectFuture, Connector, ProfileConnector,
+    signed_admin, ClusterClient, ClusterOptions, ClusterStats, ConnectFuture, Connector,
+    ProfileConnector,
 };
 pub use confirmation::{
     confirmation_to_json, verify_confirmation_file, verify_confirmation_json,

@@ -18,6 +18,7 @@ use crate::{Error, Result};
 /// ca_cert = "/abs/path/ca.pem"           # PEM CA certificate the client trusts
 /// server_name = "ledger.tally"           # TLS server name to verify (default "localhost")
 /// deposit_key = "/abs/path/deposit.key"  # optional: PKCS#8 PEM Ed25519 key that signs deposits
+/// admin_key = "admin.key"                # optional: the key that signs membership commands
 ///
 /// [[replicas]]
 /// id = 1
@@ -43,6 +44,11 @@ pub struct Profile {
     /// The key that signs deposits, if this profile may deposit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deposit_key: Option<PathBuf>,
+    /// The key that signs admin requests (`tally cluster …`, PROTOCOL.md §3 `0x07 Admin`), if
+    /// this profile may run them: PKCS#8 PEM, mode 0600, its public key listed in the
+    /// servers' `[cluster] admin_keys`. Relative to the profile's directory, like `deposit_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_key: Option<PathBuf>,
     /// Client addresses of the replicas, in the order they are tried.
     #[serde(default)]
     pub replicas: Vec<ReplicaAddress>,
@@ -62,8 +68,8 @@ fn default_server_name() -> String {
 }
 
 impl Profile {
-    /// Reads and checks a profile. Relative `ca_cert` and `deposit_key` paths are taken relative
-    /// to the directory that holds the profile.
+    /// Reads and checks a profile. Relative `ca_cert`, `deposit_key` and `admin_key` paths are
+    /// taken relative to the directory that holds the profile.
     pub fn load(path: impl AsRef<Path>) -> Result<Profile> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -89,7 +95,10 @@ impl Profile {
             }
         }
         resolve(base, &mut profile.ca_cert);
-        if let Some(key) = profile.deposit_key.as_mut() {
+        for key in [profile.deposit_key.as_mut(), profile.admin_key.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             resolve(base, key);
         }
         Ok(profile)
@@ -121,6 +130,20 @@ impl Profile {
             }),
         }
     }
+
+    /// Loads the admin key named by the profile.
+    pub fn load_admin_key(&self) -> Result<SigningKey> {
+        match &self.admin_key {
+            Some(path) => load_key(path),
+            None => Err(Error::Invalid {
+                what: "profile",
+                reason: "it names no admin_key, so it cannot sign admin requests (add \
+                         admin_key = \"FILE\" naming the admin's private key; its public key \
+                         must be in the servers' [cluster] admin_keys)"
+                    .into(),
+            }),
+        }
+    }
 }
 
 fn resolve(base: &Path, path: &mut PathBuf) {
@@ -141,6 +164,7 @@ mod tests {
             ca_cert: PathBuf::from("/abs/ca.pem"),
             server_name: "localhost".into(),
             deposit_key: Some(PathBuf::from("/abs/deposit.key")),
+            admin_key: Some(PathBuf::from("/abs/admin.key")),
             replicas: vec![
                 ReplicaAddress {
                     id: 1,
@@ -166,10 +190,12 @@ mod tests {
 
         let no_deposit = Profile {
             deposit_key: None,
+            admin_key: None,
             ..profile
         };
         let text = no_deposit.to_toml_string().unwrap();
         assert!(!text.contains("deposit_key"), "{text}");
+        assert!(!text.contains("admin_key"), "{text}");
         std::fs::write(&path, text).unwrap();
         assert_eq!(Profile::load(&path).unwrap(), no_deposit);
     }
@@ -180,7 +206,7 @@ mod tests {
         let path = dir.path().join("profile.toml");
         let text = format!(
             "chain_id = \"{}\"\noperator_public_key = \"{}\"\nca_cert = \"ca.pem\"\n\
-             deposit_key = \"keys/deposit.key\"\n\n[[replicas]]\nid = 1\naddress = \"127.0.0.1:7400\"\n",
+             deposit_key = \"keys/deposit.key\"\nadmin_key = \"admin.key\"\n\n[[replicas]]\nid = 1\naddress = \"127.0.0.1:7400\"\n",
             to_hex(&[1; 32]),
             to_hex(&public_key(&generate_key())),
         );
@@ -191,7 +217,38 @@ mod tests {
             loaded.deposit_key.as_deref(),
             Some(dir.path().join("keys/deposit.key").as_path())
         );
+        assert_eq!(
+            loaded.admin_key.as_deref(),
+            Some(dir.path().join("admin.key").as_path())
+        );
         assert_eq!(loaded.server_name, "localhost", "the default server name");
+    }
+
+    #[test]
+    fn the_admin_key_loads_or_its_absence_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate_key();
+        crate::keys::write_key(&dir.path().join("admin.key"), &key).unwrap();
+        let text = format!(
+            "chain_id = \"{}\"\noperator_public_key = \"{}\"\nca_cert = \"ca.pem\"\n\
+             admin_key = \"admin.key\"\n",
+            to_hex(&[1; 32]),
+            to_hex(&public_key(&generate_key())),
+        );
+        let path = dir.path().join("profile.toml");
+        std::fs::write(&path, text).unwrap();
+        let loaded = Profile::load(&path).unwrap();
+        assert_eq!(
+            public_key(&loaded.load_admin_key().unwrap()),
+            public_key(&key)
+        );
+        let without = Profile {
+            admin_key: None,
+            ..loaded
+        };
+        let err = without.load_admin_key().unwrap_err().to_string();
+        assert!(err.contains("admin_key"), "{err}");
+        assert!(without.load_deposit_key().is_err());
     }
 
     #[test]

@@ -9,15 +9,16 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tally_client::{
-    build_request, generate_key, load_key, parse_public_key, public_key, random_id, retry_name,
-    role_name, to_hex, verify_confirmation_json, write_confirmation_file, write_key, ClusterClient,
-    ClusterOptions, ConfirmationFile, Error, Profile,
+    build_request, generate_key, load_key, members_json, members_table, parse_public_key,
+    public_key, random_id, retry_name, role_name, to_hex, verify_confirmation_json,
+    write_confirmation_file, write_key, ClusterClient, ClusterOptions, ConfirmationFile, Error,
+    Profile,
 };
 use tally_core::crypto::{header_hash, verify_header};
 use tally_core::verify::verify_confirmation;
 use tally_storage::archive_read;
 use tally_storage::bucket::{Bucket, BucketSettings};
-use tally_wire::{Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
+use tally_wire::{AdminCommand, Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
 use tokio::time::Instant;
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
@@ -45,7 +46,7 @@ struct Cli {
     )]
     timeout_ms: u64,
     /// How long a command that talks to the ledger (deposit, transfer, withdraw, balance,
-    /// headers, status) may take in all: connects, calls, redirects, failover and backoff, in
+    /// headers, status, info, cluster) may take in all: connects, calls, redirects, failover and backoff, in
     /// milliseconds. `audit` reads an archive and is not bounded by it.
     #[arg(
         long,
@@ -150,6 +151,76 @@ enum Command {
         #[arg(long, value_name = "HEX", value_parser = public_key_arg)]
         operator_key: Option<PublicKey>,
     },
+    /// List and change the replica set, signed with the profile's admin_key; every command
+    /// prints the membership that results
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List the members (id, role, peer and client address) and the leader
+    Members,
+    /// Add a replica (start it first), as a learner with --learner, else as a voter
+    Add {
+        /// The new replica's id (not in use)
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+        /// The new replica's peer address
+        #[arg(long, value_name = "HOST:PORT", value_parser = address_arg)]
+        address: String,
+        /// The new replica's client address (what clients and not_leader hints use)
+        #[arg(long, value_name = "HOST:PORT", value_parser = address_arg)]
+        client_address: Option<String>,
+        /// Add it as a learner (it catches up without voting; promote it afterwards)
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Make a learner a voter
+    Promote {
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
+    /// Remove a member (voter or learner; not the leader: transfer leadership first)
+    Remove {
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
+    /// Hand leadership to a voter
+    TransferLeader {
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
+}
+
+impl ClusterCommand {
+    fn admin_command(self) -> AdminCommand {
+        match self {
+            ClusterCommand::Members => AdminCommand::Members,
+            ClusterCommand::Add {
+                id,
+                address,
+                client_address,
+                learner,
+            } => AdminCommand::Add {
+                id,
+                address,
+                client_address: client_address.unwrap_or_default(),
+                learner,
+            },
+            ClusterCommand::Promote { id } => AdminCommand::Promote { id },
+            ClusterCommand::Remove { id } => AdminCommand::Remove { id },
+            ClusterCommand::TransferLeader { id } => AdminCommand::TransferLeader { id },
+        }
+    }
+}
+
+fn address_arg(text: &str) -> std::result::Result<String, String> {
+    tally_wire::check_host_port(text)
+        .map(|()| text.to_string())
+        .map_err(|reason| format!("{text:?}: {reason} (want HOST:PORT)"))
 }
 
 fn public_key_arg(text: &str) -> std::result::Result<PublicKey, String> {
@@ -167,16 +238,25 @@ impl Command {
             | Command::Balance { .. }
             | Command::Headers { .. }
             | Command::Status
-            | Command::Info => true,
+            | Command::Info
+            | Command::Cluster { .. } => true,
             Command::Keygen { .. } | Command::Verify { .. } | Command::Audit { .. } => false,
         }
     }
 
-    fn writes(&self) -> bool {
-        matches!(
-            self,
-            Command::Deposit { .. } | Command::Transfer { .. } | Command::Withdraw { .. }
-        )
+    /// What to tell the user when the command is stopped at its budget, for a command whose
+    /// outcome is then unknown.
+    fn unknown_outcome_hint(&self) -> &'static str {
+        match self {
+            Command::Deposit { .. } | Command::Transfer { .. } | Command::Withdraw { .. } => {
+                "; whether the request was applied is unknown: resubmit it with the same --id \
+                 to find out (it never applies twice)"
+            }
+            Command::Cluster { command } if !matches!(command, ClusterCommand::Members) => {
+                "; whether the change took effect is unknown: `tally cluster members` tells"
+            }
+            _ => "",
+        }
     }
 }
 
@@ -237,21 +317,13 @@ async fn run_bounded(cli: Cli) -> Result<ExitCode> {
     if !cli.command.talks_to_replicas() {
         return run(cli, Instant::now()).await;
     }
-    let writes = cli.command.writes();
+    let what = cli.command.unknown_outcome_hint();
     let started = Instant::now();
     match tokio::time::timeout(Duration::from_millis(budget_ms), run(cli, started)).await {
         Ok(result) => result,
-        Err(_) => {
-            let what = if writes {
-                "; whether the request was applied is unknown: resubmit it with the same --id \
-                 to find out (it never applies twice)"
-            } else {
-                ""
-            };
-            Err(anyhow::Error::from(Error::Timeout).context(format!(
-                "stopped after --total-timeout-ms {budget_ms} ms{what}"
-            )))
-        }
+        Err(_) => Err(anyhow::Error::from(Error::Timeout).context(format!(
+            "stopped after --total-timeout-ms {budget_ms} ms{what}"
+        ))),
     }
 }
 
@@ -306,6 +378,7 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             from_checkpoint,
             operator_key,
         } => audit(&ctx, &archive, from_checkpoint, operator_key).await,
+        Command::Cluster { command } => cluster(&ctx, command.admin_command()).await,
     }
 }
 
@@ -764,6 +837,36 @@ async fn status(ctx: &Globals) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `tally cluster …`: one admin command, signed with the profile's admin key; prints the
+/// membership the replica answers with.
+async fn cluster(ctx: &Globals, command: AdminCommand) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let key = profile.load_admin_key()?;
+    let name = command.name();
+    let changes = command.changes_membership();
+    let reply = ctx
+        .cluster(&profile)?
+        .admin(profile.chain_id_bytes()?, &key, command)
+        .await
+        .map_err(|e| {
+            let e = anyhow::Error::from(e);
+            if changes && matches!(e.downcast_ref::<Error>(), Some(err) if err.outcome_unknown()) {
+                e.context(format!(
+                    "cluster {name}: whether the change took effect is unknown; \
+                     `tally cluster members` tells"
+                ))
+            } else {
+                e.context(format!("cluster {name}"))
+            }
+        })?;
+    if ctx.json {
+        println!("{}", members_json(&reply));
+    } else {
+        print!("{}", members_table(&reply));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn info(ctx: &Globals) -> Result<ExitCode> {
     let profile = ctx.profile()?;
     let info = ctx.cluster(&profile)?.info().await?;
@@ -955,6 +1058,89 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cluster_commands_parse() {
+        let parse = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(["tally"].iter().chain(args)).map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Cluster { command } => Ok((command.admin_command(), cli.json)),
+                _ => Err("not a cluster command".to_string()),
+            }
+        };
+        assert_eq!(
+            parse(&["cluster", "members", "--json"]),
+            Ok((AdminCommand::Members, true))
+        );
+        assert_eq!(
+            parse(&[
+                "cluster",
+                "add",
+                "--id",
+                "4",
+                "--address",
+                "127.0.0.1:7503",
+                "--learner"
+            ]),
+            Ok((
+                AdminCommand::Add {
+                    id: 4,
+                    address: "127.0.0.1:7503".into(),
+                    client_address: String::new(),
+                    learner: true
+                },
+                false
+            ))
+        );
+        assert_eq!(
+            parse(&[
+                "cluster",
+                "add",
+                "--id",
+                "5",
+                "--address",
+                "n5:7500",
+                "--client-address",
+                "n5:7400"
+            ]),
+            Ok((
+                AdminCommand::Add {
+                    id: 5,
+                    address: "n5:7500".into(),
+                    client_address: "n5:7400".into(),
+                    learner: false
+                },
+                false
+            ))
+        );
+        for (args, want) in [
+            (["promote"], AdminCommand::Promote { id: 2 }),
+            (["remove"], AdminCommand::Remove { id: 2 }),
+            (["transfer-leader"], AdminCommand::TransferLeader { id: 2 }),
+        ] {
+            assert_eq!(parse(&["cluster", args[0], "--id", "2"]), Ok((want, false)));
+        }
+        for bad in [
+            &["cluster", "add", "--id", "4", "--address", "no-port"][..],
+            &["cluster", "add", "--id", "0", "--address", "h:1"],
+            &["cluster", "add", "--address", "h:1"],
+            &[
+                "cluster",
+                "add",
+                "--id",
+                "4",
+                "--address",
+                "h:1",
+                "--client-address",
+                "h:0",
+            ],
+            &["cluster", "remove"],
+            &["cluster", "promote", "--id", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -138,3 +138,65 @@ fn total_timeout_bounds_every_command_against_black_holes() {
         assert!(expected.contains(&code.as_str()), "{command:?}: {stdout}");
     }
 }
+
+/// `tally cluster …`: a profile without `admin_key` is refused before anything is sent, naming
+/// the key; with one, the commands honour `--total-timeout-ms` like every other.
+#[test]
+fn cluster_commands_need_an_admin_key_and_honour_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = write_profile(dir.path(), &[black_hole(), refused()]);
+    let profile = profile.to_str().unwrap();
+    let (out, elapsed) = tally(&["--profile", profile, "cluster", "members"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains("admin_key"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    let (out, _) = tally(&[
+        "--profile",
+        profile,
+        "--json",
+        "cluster",
+        "remove",
+        "--id",
+        "2",
+    ]);
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["error"]["code"], "invalid_argument", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("admin_key"),
+        "{body}"
+    );
+
+    let key = dir.path().join("admin.key");
+    let (out, _) = tally(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let mut text = std::fs::read_to_string(profile).unwrap();
+    text = text.replacen("ca_cert", "admin_key = \"admin.key\"\nca_cert", 1);
+    std::fs::write(profile, text).unwrap();
+    let budget_ms = 1_000u64;
+    let budget = budget_ms.to_string();
+    for command in [&["members"][..], &["remove", "--id", "2"]] {
+        let mut args = vec![
+            "--profile",
+            profile,
+            "--json",
+            "--total-timeout-ms",
+            &budget,
+            "cluster",
+        ];
+        args.extend_from_slice(command);
+        let (out, elapsed) = tally(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{command:?}: {out:?}");
+        assert!(
+            elapsed < Duration::from_millis(budget_ms + 1_000),
+            "{command:?} took {elapsed:?}: {stdout}"
+        );
+        let body: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        // No handshake completes, so nothing was sent: "gave up" even for a change.
+        assert_eq!(body["error"]["code"], "gave_up", "{command:?}: {stdout}");
+    }
+}

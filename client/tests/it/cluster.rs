@@ -10,9 +10,9 @@ use tally_client::{
     Connector, Error, ReplicaAddress,
 };
 use tally_wire::{
-    decode_frame, BalanceReply, Confirmation, Decoded, ErrorCode, ErrorReply, Header,
-    InclusionProof, Message, Op, ReadMode, Receipt, Request, SignedHeader, StatusReply,
-    FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
+    decode_frame, AdminCommand, AdminRequest, BalanceReply, Confirmation, Decoded, ErrorCode,
+    ErrorReply, Header, InclusionProof, Member, MemberRole, MembersReply, Message, Op, ReadMode,
+    Receipt, Request, SignedHeader, StatusReply, FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::time::Instant;
@@ -663,4 +663,131 @@ async fn status_of_every_replica() {
     assert!(matches!(all[1].1, Err(Error::Timeout)));
     assert_eq!(all[2].1.as_ref().unwrap().node_id, 3);
     assert_eq!(client.status_of(C).await.unwrap().role, 2);
+}
+
+/// The membership a fake leader answers with.
+fn membership(leader_id: u64) -> Message {
+    Message::Members(Box::new(MembersReply {
+        leader_id,
+        members: vec![Member {
+            id: 1,
+            role: MemberRole::Voter,
+            address: "127.0.0.1:7500".into(),
+            client_address: A.into(),
+        }],
+    }))
+}
+
+/// Admin changes follow `not_leader` like a submit, and every attempt is signed afresh: the
+/// follower and the leader see two requests with different nonces, both verifying under the
+/// admin key, for the same command and chain.
+#[tokio::test]
+async fn admin_changes_follow_the_leader_and_sign_each_attempt() {
+    let fake = Fake::new(
+        |_| Accept::Yes,
+        |address, message| match (address, message) {
+            (A, Message::Admin(_)) => rejection(ErrorCode::NotLeader, B, 0),
+            (B, Message::Admin(_)) => Act::Reply(membership(2)),
+            _ => panic!("unexpected {address} {message:?}"),
+        },
+    );
+    let client = cluster(&fake, fast());
+    let key = generate_key();
+    let command = AdminCommand::Remove { id: 3 };
+    let reply = client.admin([9; 32], &key, command.clone()).await.unwrap();
+    assert_eq!(reply.leader_id, 2);
+    let seen: Vec<(String, AdminRequest)> = fake
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(address, _, m)| match m {
+            Message::Admin(a) => Some((address.clone(), (**a).clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seen.len(), 2);
+    assert_eq!((seen[0].0.as_str(), seen[1].0.as_str()), (A, B));
+    for (_, request) in &seen {
+        assert_eq!(request.command, command);
+        assert_eq!(request.chain_id, [9; 32]);
+        assert_eq!(request.admin_key, public_key(&key));
+        tally_core::crypto::verify_admin(request).unwrap();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(now_ms.abs_diff(request.issued_unix_ms) < 10_000);
+    }
+    assert_ne!(seen[0].1.nonce, seen[1].1.nonce, "signed afresh");
+}
+
+/// Refusals particular to admin requests are final: no retry, the code reaches the caller.
+#[tokio::test]
+async fn admin_refusals_are_final() {
+    for code in [
+        ErrorCode::Unauthorized,
+        ErrorCode::StaleRequest,
+        ErrorCode::MembershipRefused,
+    ] {
+        let fake = Fake::new(
+            |_| Accept::Yes,
+            move |_, message| match message {
+                Message::Admin(_) => rejection(code, "", 0),
+                other => panic!("unexpected {other:?}"),
+            },
+        );
+        let client = cluster(&fake, fast());
+        let err = client
+            .admin([9; 32], &generate_key(), AdminCommand::Promote { id: 4 })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Rejected(r) if r.code == code),
+            "{code}: {err}"
+        );
+        assert_eq!(err.code_name(), code.name());
+        assert_eq!(client.stats().attempts, 1, "{code}");
+    }
+}
+
+/// `Members` is a read: giving up is "gave up", never "outcome unknown"; a change that was
+/// sent and never answered is indeterminate. An invalid command is refused before anything is
+/// sent.
+#[tokio::test]
+async fn admin_reads_and_writes_give_up_differently() {
+    let fake = Fake::new(|_| Accept::Yes, |_, _| Act::Ignore);
+    let opts = ClusterOptions {
+        total_timeout: Duration::from_millis(300),
+        call_timeout: Duration::from_millis(100),
+        ..fast()
+    };
+    let client = cluster(&fake, opts);
+    let key = generate_key();
+    let read = client.admin([9; 32], &key, AdminCommand::Members).await;
+    assert!(matches!(read, Err(Error::GaveUp { .. })), "{read:?}");
+    let write = client
+        .admin([9; 32], &key, AdminCommand::TransferLeader { id: 2 })
+        .await;
+    assert!(
+        matches!(write, Err(Error::Indeterminate { .. })),
+        "{write:?}"
+    );
+    assert!(write.unwrap_err().outcome_unknown());
+
+    let sent_before = fake.seen.lock().unwrap().len();
+    let bad = client
+        .admin(
+            [9; 32],
+            &key,
+            AdminCommand::Add {
+                id: 4,
+                address: "no port".into(),
+                client_address: String::new(),
+                learner: true,
+            },
+        )
+        .await;
+    assert!(matches!(bad, Err(Error::Invalid { .. })), "{bad:?}");
+    assert_eq!(fake.seen.lock().unwrap().len(), sent_before);
 }
