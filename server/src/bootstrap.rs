@@ -739,7 +739,7 @@ mod tests {
         let admin = admin_public_key(&dir);
         for id in 1..=3 {
             let config = config(&dir.join(format!("node{id}.toml")));
-            assert_eq!(config.cluster.admin_keys, [admin.clone()]);
+            assert_eq!(config.cluster.admin_keys, std::slice::from_ref(&admin));
             assert_eq!(config.cluster.initial_voters, Some(vec![1, 2, 3]));
             config.validate().unwrap();
         }
