@@ -2,7 +2,8 @@
 //!
 //! A replica is configured by one TOML file: who it is (`[node]`), where it listens
 //! (`[listen]`), its certificates (`[tls]`), the operator's keys (`[operator]`), the other
-//! replicas (`[[peers]]`), and tuning sections (`[batch]`, `[workers]`, `[cache]`, `[limits]`,
+//! replicas (`[[peers]]`), who may change them and whom the cluster started with (`[cluster]`),
+//! and tuning sections (`[batch]`, `[workers]`, `[cache]`, `[limits]`,
 //! `[raft]`, `[log]`). `docs/CONFIG.md` at the workspace root is the reference for every key,
 //! and `config/examples/single-node.toml` is a commented example; a test keeps both in step
 //! with the structs here.
@@ -30,9 +31,10 @@
 //!   `validate()` collects every problem.
 //! - Addresses are `ip:port` socket addresses; host names are not accepted, because resolving
 //!   them is IO and the answer could change under a running cluster.
-//! - `node.chain_id` and `operator.deposit_keys` are checked for shape (32 bytes as hex) only.
-//!   Whether a deposit key is a valid Ed25519 point is checked by the server when it loads the
-//!   keys; this crate has no cryptography dependency.
+//! - `node.chain_id` and `operator.deposit_keys` are checked for shape (32 bytes as hex) only;
+//!   whether a deposit key is a valid Ed25519 point is checked by the server when it loads the
+//!   keys. `cluster.admin_keys` are checked here as curve points as well (pure arithmetic on
+//!   the bytes, with curve25519-dalek).
 //! - Paths are not checked for existence. `log.level` is checked for what an operator gets
 //!   wrong (an unknown level name), not for every corner of `tracing-subscriber`'s syntax.
 //! - TOML integers are signed 64-bit, so a `u64` or `usize` above `i64::MAX` cannot be written;
@@ -52,8 +54,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::archive::ArchiveUrl;
 pub use crate::error::{ConfigError, ConfigErrors};
 pub use crate::schema::{
-    ArchiveConfig, BatchConfig, CacheConfig, LimitsConfig, ListenConfig, LogConfig, NodeConfig,
-    OperatorConfig, PeerConfig, RaftConfig, TlsConfig, WorkersConfig,
+    ArchiveConfig, BatchConfig, CacheConfig, ClusterConfig, LimitsConfig, ListenConfig, LogConfig,
+    NodeConfig, OperatorConfig, PeerConfig, RaftConfig, TlsConfig, WorkersConfig,
 };
 
 /// A replica's whole configuration, one field per TOML section.
@@ -95,6 +97,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub archive: ArchiveConfig,
+    /// `[cluster]`: admin keys and the initial voters.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// `[[peers]]`: the other replicas; empty for a single node. Last, so that serialized
     /// configs end with the array of tables rather than interleave it with the sections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -133,6 +138,7 @@ impl Config {
                 url: "archive".to_owned(),
                 ..ArchiveConfig::default()
             },
+            cluster: ClusterConfig::default(),
             peers: Vec::new(),
         }
     }
@@ -226,7 +232,36 @@ impl Config {
             .collect()
     }
 
-    /// The raft ids of every replica, this one included, in ascending order: the initial voters.
+    /// `cluster.admin_keys` as bytes, in config order.
+    ///
+    /// # Panics
+    ///
+    /// If a key is not 64 hex characters, which `validate()` rejects: call it first.
+    pub fn admin_keys_bytes(&self) -> Vec<[u8; 32]> {
+        self.cluster
+            .admin_keys
+            .iter()
+            .map(|key| {
+                validate::decode_hex32(key)
+                    .expect("admin keys are valid hex: call Config::validate first")
+            })
+            .collect()
+    }
+
+    /// The voters a new raft log starts from: `cluster.initial_voters` as written, or by default
+    /// this replica and every peer ([`Config::replica_ids`]). Ascending, no duplicates.
+    pub fn initial_voters(&self) -> Vec<u64> {
+        match &self.cluster.initial_voters {
+            Some(voters) => {
+                let mut voters = voters.clone();
+                voters.sort_unstable();
+                voters.dedup();
+                voters
+            }
+            None => self.replica_ids(),
+        }
+    }
+
     /// The archive's location, when one is configured.
     pub fn archive_url(&self) -> Option<ArchiveUrl> {
         if !self.archive.enabled() {
@@ -238,6 +273,7 @@ impl Config {
         )
     }
 
+    /// The raft ids of every replica this config names, this one included, in ascending order.
     pub fn replica_ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = std::iter::once(self.node.id)
             .chain(self.peers.iter().map(|peer| peer.id))

@@ -106,6 +106,24 @@ pub struct PeerConfig {
     pub client_address: SocketAddr,
 }
 
+/// `[cluster]`: who may change the replica set, and the replica set a new raft log starts from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Ed25519 public keys (32 bytes as 64 hex characters each) allowed to send admin
+    /// (membership) requests: add, promote, remove a replica, transfer leadership. Each must be
+    /// a key that can sign. Default: empty, so every admin request is refused `unauthorized`.
+    pub admin_keys: Vec<String>,
+    /// Raft ids of the replicas the cluster was created with: the voters a new raft log starts
+    /// from (an existing log keeps the membership it has). Non-empty, each at least 1, no
+    /// duplicates. Default (absent): `node.id` and every `peers.id`; read it through
+    /// [`crate::Config::initial_voters`]. A replica added later lists the cluster's original
+    /// voters, which do not include itself: it starts as a non-member and joins when the
+    /// cluster adds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_voters: Option<Vec<u64>>,
+}
+
 /// `[batch]`: how requests are grouped into batches, each one raft entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

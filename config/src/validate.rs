@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::Path;
 
-use crate::{Config, ConfigError, ListenConfig, OperatorConfig, PeerConfig, TlsConfig};
+use crate::{
+    ClusterConfig, Config, ConfigError, ListenConfig, OperatorConfig, PeerConfig, TlsConfig,
+};
 
 // The allowed ranges, next to the checks that use them. Upper bounds are "put a limit on
 // everything" caps: far above any sensible setting, low enough that a typo (an extra zero or
@@ -48,6 +50,7 @@ pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
     tls(&mut problems, config.tls.as_ref());
     operator(&mut problems, config.operator.as_ref());
     peers(&mut problems, config);
+    cluster(&mut problems, &config.cluster);
     addresses(&mut problems, config);
     sizes(&mut problems, config);
     raft(&mut problems, config);
@@ -116,23 +119,71 @@ fn operator(problems: &mut Problems, operator: Option<&OperatorConfig>) {
             "must list at least one Ed25519 public key, or no deposit can ever be made",
         );
     }
-    for (i, key) in operator.deposit_keys.iter().enumerate() {
-        let name = format!("operator.deposit_keys[{i}]");
+    public_keys(problems, "operator.deposit_keys", &operator.deposit_keys);
+}
+
+/// Each key of the list `name` is 64 hex characters, and no two are the same key (compared as
+/// bytes, so that upper- and lower-case spellings count as equal). Returns each key's bytes,
+/// or `None` where it has none.
+fn public_keys(problems: &mut Problems, name: &str, keys: &[String]) -> Vec<Option<[u8; 32]>> {
+    let mut decoded: Vec<Option<[u8; KEY_BYTES]>> = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let item = format!("{name}[{i}]");
         match decode_hex32(key) {
-            Err(problem) => problems.push(name, quoted(key), problem),
-            Ok(bytes) => {
-                // Compare decoded bytes so that upper- and lower-case spellings count as equal.
-                let duplicate = operator.deposit_keys[..i]
-                    .iter()
-                    .position(|other| decode_hex32(other).is_ok_and(|other| other == bytes));
-                if let Some(j) = duplicate {
-                    problems.push(
-                        name,
-                        quoted(key),
-                        format!("duplicates operator.deposit_keys[{j}]"),
-                    );
-                }
+            Err(problem) => {
+                problems.push(item, quoted(key), problem);
+                decoded.push(None);
             }
+            Ok(bytes) => {
+                if let Some(j) = decoded.iter().position(|other| *other == Some(bytes)) {
+                    problems.push(item, quoted(key), format!("duplicates {name}[{j}]"));
+                }
+                decoded.push(Some(bytes));
+            }
+        }
+    }
+    decoded
+}
+
+/// Whether `key` is a public key a signer can have: the canonical encoding of a curve point
+/// that is not of small order (the rule of `tally_core::validate::is_account_key`; this crate
+/// does not depend on core). Any other 32 bytes would authorize nothing, or anything signed
+/// by a forger for a small-order key.
+fn is_signing_public_key(key: &[u8; KEY_BYTES]) -> bool {
+    let Some(point) = curve25519_dalek::edwards::CompressedEdwardsY(*key).decompress() else {
+        return false;
+    };
+    point.compress().to_bytes() == *key && !point.is_small_order()
+}
+
+fn cluster(problems: &mut Problems, cluster: &ClusterConfig) {
+    let keys = public_keys(problems, "cluster.admin_keys", &cluster.admin_keys);
+    for (i, bytes) in keys.iter().enumerate() {
+        if bytes.is_some_and(|bytes| !is_signing_public_key(&bytes)) {
+            problems.push(
+                format!("cluster.admin_keys[{i}]"),
+                quoted(&cluster.admin_keys[i]),
+                "not an Ed25519 public key that can sign (not a canonical curve point, or of \
+                 small order)",
+            );
+        }
+    }
+    let Some(voters) = &cluster.initial_voters else {
+        return;
+    };
+    if voters.is_empty() {
+        problems.push(
+            "cluster.initial_voters",
+            "[]",
+            "must list at least one raft id (leave the key out for node.id and every peers.id)",
+        );
+    }
+    for (i, &id) in voters.iter().enumerate() {
+        let key = format!("cluster.initial_voters[{i}]");
+        if id == 0 {
+            problems.push(key, id, "must be at least 1 (raft reserves 0)");
+        } else if let Some(j) = voters[..i].iter().position(|&other| other == id) {
+            problems.push(key, id, format!("duplicates cluster.initial_voters[{j}]"));
         }
     }
 }

@@ -413,7 +413,7 @@ mod tests {
     }
 
     #[test]
-    fn other_ecosystems_accept_certificates_keys_renewals_and_rotations() {
+    fn other_ecosystems_accept_certificates_keys_added_nodes_renewals_and_rotations() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("op");
         init_cluster_with(2, &dir, 7400, &CertOptions::default()).unwrap();
@@ -423,6 +423,10 @@ mod tests {
         if !python_strict(&dir, &["ca.pem", &n1, &k1, &n2, &k2, "1"]) {
             return;
         }
+        // A replica added later is issued from the same CA and meets the others.
+        crate::bootstrap::add_node(&dir, 3, 7400, &CertOptions::default()).unwrap();
+        python_strict(&dir, &["ca.pem", "node3.pem", "node3.key", &n1, &k1, "3"]);
+        python_strict(&dir, &["ca.pem", &n2, &k2, "node3.pem", "node3.key", "2"]);
         // A renewal from the same CA is trusted by the unchanged ca.pem.
         renew_node_cert(&dir, 2, "ca", &CertOptions::default()).unwrap();
         python_strict(

@@ -21,6 +21,8 @@ fn schema_keys() -> BTreeSet<String> {
         .unwrap()
         .deposit_keys
         .push("00".repeat(32));
+    config.cluster.admin_keys.push("00".repeat(32));
+    config.cluster.initial_voters = Some(vec![1, 2]);
     config.peers.push(PeerConfig {
         id: 2,
         address: "127.0.0.1:7501".parse().unwrap(),
@@ -93,6 +95,8 @@ fn schema_keys_are_found() {
         "peers.address",
         "batch.batch_window_ms",
         "log.level",
+        "cluster.admin_keys",
+        "cluster.initial_voters",
     ] {
         assert!(keys.contains(key), "{key} missing from {keys:?}");
     }
@@ -155,4 +159,6 @@ fn example_shows_every_key_at_its_default() {
     assert_eq!(config.raft, RaftConfig::default());
     assert_eq!(config.log, LogConfig::default());
     assert_eq!(config.archive, defaults.archive);
+    assert_eq!(config.cluster.admin_keys, defaults.cluster.admin_keys);
+    assert_eq!(config.initial_voters(), defaults.initial_voters());
 }

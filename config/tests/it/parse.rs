@@ -44,6 +44,8 @@ fn round_trip_gives_an_equal_config() {
     config.batch.batch_window_ms = 25;
     config.raft.election_ticks = 20;
     config.log.level = "tally_core=debug,info".to_owned();
+    config.cluster.admin_keys = vec![DEPOSIT_KEY.to_owned()];
+    config.cluster.initial_voters = Some(vec![1, 2, 3]);
     config.validate().unwrap();
 
     let text = config.to_toml_string();
@@ -241,4 +243,31 @@ fn typed_accessors() {
     assert_eq!(config.limits.idle_timeout(), Duration::from_millis(3));
     assert_eq!(config.raft.tick(), Duration::from_millis(50));
     assert_eq!(config.replica_ids(), [1, 3, 7]);
+}
+
+#[test]
+fn initial_voters_default_to_this_replica_and_its_peers() {
+    let peers = "[[peers]]\nid = 7\naddress = \"10.0.0.7:7500\"\nclient_address = \"10.0.0.7:7400\"\n\
+                 [[peers]]\nid = 3\naddress = \"10.0.0.3:7500\"\nclient_address = \"10.0.0.3:7400\"";
+    let config = Config::from_toml_str(&valid_with(peers)).unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.cluster.initial_voters, None);
+    assert!(config.cluster.admin_keys.is_empty());
+    assert!(config.admin_keys_bytes().is_empty());
+    assert_eq!(config.initial_voters(), [1, 3, 7]);
+    // Absent stays absent when written back, so the default keeps following the peers.
+    assert!(!config.to_toml_string().contains("initial_voters"));
+
+    // A replica added later: its voters are the cluster's original ones, not itself.
+    let added = valid_with(&format!(
+        "[node]\nid = 4\n[cluster]\ninitial_voters = [3, 1, 7]\nadmin_keys = [\"{DEPOSIT_KEY}\"]\n{}",
+        peers.replace("id = 7", "id = 1")
+    ));
+    let config = Config::from_toml_str(&added).unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.initial_voters(), [1, 3, 7]);
+    assert_eq!(config.replica_ids(), [1, 3, 4]);
+    let mut key = [0; 32];
+    hex::decode_to_slice(DEPOSIT_KEY, &mut key).unwrap();
+    assert_eq!(config.admin_keys_bytes(), [key]);
 }

@@ -89,6 +89,21 @@ const CASES: &[(&str, &[&str])] = &[
          [[peers]]\nid = -3\naddress = \"10.0.0.3:7500\"\nclient_address = \"10.0.0.3:7400\"",
         &["peers[1].id"],
     ),
+    // [cluster]
+    ("[cluster]\nadmin_keys = []", &[]),
+    ("[cluster]\ninitial_voters = [1, 2, 3]", &[]),
+    ("[cluster]\ninitial_voters = [2, 3]", &[]),
+    ("[cluster]\ninitial_voters = []", &["cluster.initial_voters"]),
+    ("[cluster]\ninitial_voters = [0, 2]", &["cluster.initial_voters[0]"]),
+    ("[cluster]\ninitial_voters = [1, 2, 1]", &["cluster.initial_voters[2]"]),
+    ("[cluster]\ninitial_voters = [-1]", &["cluster.initial_voters[0]"]),
+    ("[cluster]\ninitial_voters = 3", &["cluster.initial_voters"]),
+    ("[cluster]\nadmin_keys = [\"abcd\"]", &["cluster.admin_keys[0]"]),
+    ("[cluster]\nadmin_keys = \"abcd\"", &["cluster.admin_keys"]),
+    ("[cluster]\nadmin_key = []", &["cluster.admin_key"]),
+    // The identity point (small order) and a non-canonical encoding (y >= p) cannot sign.
+    ("[cluster]\nadmin_keys = [\"0100000000000000000000000000000000000000000000000000000000000000\"]", &["cluster.admin_keys[0]"]),
+    ("[cluster]\nadmin_keys = [\"edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f\"]", &["cluster.admin_keys[0]"]),
     // [batch]
     ("[batch]\nbatch_window_ms = 0", &["batch.batch_window_ms"]),
     ("[batch]\nbatch_window_ms = 10001", &["batch.batch_window_ms"]),
@@ -206,4 +221,34 @@ fn missing_tls_and_operator_sections_are_reported_by_validate() {
 fn operator_without_deposit_keys_is_reported_by_validate() {
     let text = format!("[node]\nchain_id = \"{CHAIN_ID}\"\n[operator]\nsigning_key = \"k\"\n");
     check(&text, &["tls", "operator.deposit_keys"]);
+}
+
+/// RFC 8032's test keys 2 and 3: public keys that can sign.
+const ADMIN_KEY_2: &str = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+const ADMIN_KEY_3: &str = "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025";
+
+#[test]
+fn admin_keys_are_signing_keys_without_duplicates() {
+    check(
+        &valid_with(&format!(
+            "[cluster]\nadmin_keys = [\"{ADMIN_KEY_2}\", \"{ADMIN_KEY_3}\", \"{DEPOSIT_KEY}\"]"
+        )),
+        &[],
+    );
+    let upper = ADMIN_KEY_2.to_uppercase();
+    check(
+        &valid_with(&format!(
+            "[cluster]\nadmin_keys = [\"{ADMIN_KEY_2}\", \"{ADMIN_KEY_3}\", \"{upper}\"]"
+        )),
+        &["cluster.admin_keys[2]"],
+    );
+    let errors = errors(&valid_with(
+        "[cluster]\nadmin_keys = [\"0100000000000000000000000000000000000000000000000000000000000000\"]",
+    ));
+    assert!(
+        errors
+            .to_string()
+            .contains("not an Ed25519 public key that can sign"),
+        "{errors}"
+    );
 }

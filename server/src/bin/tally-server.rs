@@ -32,13 +32,14 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write everything a local N-replica operator needs: CA, node certificates, operator and
-    /// deposit keys, DIR/nodeK.toml for each replica and DIR/profile.toml listing them all.
-    /// With --renew-node or --new-ca, add to an existing DIR instead (docs/OPERATING.md,
-    /// "Certificates: renewal and CA rotation").
+    /// Write everything a local N-replica operator needs: CA, node certificates, operator,
+    /// deposit and admin keys, DIR/nodeK.toml for each replica and DIR/profile.toml listing them
+    /// all. With --add-node, --renew-node or --new-ca, add to an existing DIR instead
+    /// (docs/OPERATING.md, "Adding, replacing and removing a replica" and "Certificates:
+    /// renewal and CA rotation").
     InitCluster {
         /// Number of replicas (3 or 5 for a fault-tolerant operator).
-        #[arg(long, required_unless_present_any = ["renew_node", "new_ca"])]
+        #[arg(long, required_unless_present_any = ["add_node", "renew_node", "new_ca"])]
         nodes: Option<u64>,
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
@@ -47,6 +48,11 @@ enum Command {
         base_port: u16,
         #[command(flatten)]
         certs: CertArgs,
+        /// Write a new replica ID's certificate (from DIR/ca.pem and DIR/ca.key), key and
+        /// DIR/nodeID.toml, with every DIR/nodeK.toml as its peers, and add it to
+        /// DIR/profile.toml; the other nodes' files are left as they are. ID must be new.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["nodes", "renew_node", "new_ca"])]
+        add_node: Option<u64>,
         /// Issue a new certificate and key for node ID from the CA in DIR (see --ca), written
         /// as DIR/nodeID.pem.new and DIR/nodeID.key.new
         #[arg(long, value_name = "ID", conflicts_with_all = ["nodes", "new_ca"])]
@@ -109,14 +115,15 @@ impl CertArgs {
     }
 }
 
-/// `tally-server init-cluster` in its three forms: a new operator, a renewed node
-/// certificate, a new CA.
+/// `tally-server init-cluster` in its four forms: a new operator, a new replica for it, a
+/// renewed node certificate, a new CA.
 fn init_cluster(command: &Command) -> Result<()> {
     let Command::InitCluster {
         nodes,
         dir,
         base_port,
         certs,
+        add_node,
         renew_node,
         ca,
         new_ca,
@@ -124,6 +131,11 @@ fn init_cluster(command: &Command) -> Result<()> {
     else {
         unreachable!("init_cluster is called for init-cluster only");
     };
+    if let Some(id) = add_node {
+        let added = tally_server::bootstrap::add_node(dir, *id, *base_port, &certs.options()?)?;
+        print_next_steps(dir, &added);
+        return Ok(());
+    }
     if let Some(id) = renew_node {
         let (cert, key) =
             tally_server::bootstrap::renew_node_cert(dir, *id, ca, &certs.options()?)?;
@@ -146,6 +158,33 @@ fn init_cluster(command: &Command) -> Result<()> {
     }
     println!("client profile: {}", dir.join("profile.toml").display());
     Ok(())
+}
+
+/// What `init-cluster --add-node` wrote, and the commands that make the new replica a member.
+fn print_next_steps(dir: &std::path::Path, added: &tally_server::bootstrap::AddedNode) {
+    let id = added.id;
+    println!("node {id} config:      {}", added.config.display());
+    println!("node {id} certificate: {}", added.cert.display());
+    println!("node {id} key:         {}", added.key.display());
+    println!(
+        "{} lists node {id} at {}",
+        dir.join("profile.toml").display(),
+        added.client_address
+    );
+    println!(
+        "node {id} starts as a non-member of the cluster created with voters {:?}. Next:",
+        added.initial_voters
+    );
+    println!(
+        "  1. start it:  tally-server --config {}",
+        added.config.display()
+    );
+    println!(
+        "  2. add it:    tally cluster add --id {id} --address {} --client-address {} --learner",
+        added.peer_address, added.client_address
+    );
+    println!("  3. once it has caught up (tally cluster members, tally status):");
+    println!("               tally cluster promote --id {id}");
 }
 
 /// `--archive URL` over `archive.url`, checked like the config's own key.

@@ -25,7 +25,7 @@ def certs(name):
     return x509.load_pem_x509_certificates(open(path(name), "rb").read())
 
 
-for k in ["operator.key", "deposit.key", "ca.key", server_key, client_key]:
+for k in ["operator.key", "deposit.key", "admin.key", "ca.key", server_key, client_key]:
     load_pem_private_key(open(path(k), "rb").read(), password=None)
 
 now = datetime.datetime.now(datetime.timezone.utc)
