@@ -24,7 +24,7 @@ pub fn reply_members(reply: ReplyTo, leader_id: u64, members: &[Member]) {
             client_address: m.address.client.clone(),
         })
         .collect();
-    let answer = tally_wire::MembersReply { leader_id, members };
+    let answer = tally_wire::MembersReply::new(leader_id, members);
     reply.send(&tally_wire::Message::Members(Box::new(answer)));
 }
 

@@ -135,43 +135,10 @@ fn write_profile(
         ca_cert: abs.join("ca.pem"),
         server_name: SERVER_NAME.to_string(),
         deposit_key: Some(abs.join("deposit.key")),
+        admin_key: Some(abs.join("admin.key")),
         replicas,
     };
-    let text = with_admin_key(&profile.to_toml_string()?, &abs.join("admin.key"))?;
-    write_new(path, &text, false)
-}
-
-/// `text`, a profile, with `admin_key = "<path>"` among its top-level keys (before the first
-/// table), unless it names one already. Done on the text so that the profile's other keys stay
-/// as [`Profile`] writes them.
-fn with_admin_key(text: &str, admin_key: &Path) -> Result<String> {
-    let table: toml::Table = text.parse().context("the profile written is not TOML")?;
-    if table.contains_key("admin_key") {
-        return Ok(text.to_owned());
-    }
-    let path = admin_key
-        .to_str()
-        .with_context(|| format!("{} is not UTF-8", admin_key.display()))?;
-    let line = format!("admin_key = {}\n", toml::Value::from(path));
-    let first_table = std::iter::once(0)
-        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-        .find(|&i| text[i..].starts_with('['));
-    let out = match first_table {
-        // After the last top-level key, keeping the blank line before the first table.
-        Some(0) => format!("{line}\n{text}"),
-        Some(at) => format!("{}\n{line}\n{}", text[..at].trim_end(), &text[at..]),
-        None if text.is_empty() || text.ends_with('\n') => format!("{text}{line}"),
-        None => format!("{text}\n{line}"),
-    };
-    let parsed: toml::Table = out
-        .parse()
-        .context("the profile with admin_key is not TOML")?;
-    assert_eq!(
-        parsed.get("admin_key").and_then(|v| v.as_str()),
-        Some(path),
-        "admin_key lands among the top-level keys"
-    );
-    Ok(out)
+    write_new(path, &profile.to_toml_string()?, false)
 }
 
 /// The development operator: a single node in `data_dir` (default `./tally-data`) with generated
@@ -924,21 +891,6 @@ mod tests {
     #[test]
     fn profile_edits_keep_the_text() {
         let text = "chain_id = \"x\"\n\n[[replicas]]\nid = 1\naddress = \"a:1\"\n";
-        let with = with_admin_key(text, Path::new("/op/admin.key")).unwrap();
-        assert_eq!(
-            with,
-            "chain_id = \"x\"\nadmin_key = \"/op/admin.key\"\n\n[[replicas]]\nid = 1\naddress = \"a:1\"\n"
-        );
-        assert_eq!(with_admin_key(&with, Path::new("/other")).unwrap(), with);
-        assert_eq!(
-            with_admin_key("chain_id = \"x\"", Path::new("k")).unwrap(),
-            "chain_id = \"x\"\nadmin_key = \"k\"\n"
-        );
-        assert_eq!(
-            with_admin_key("[[replicas]]\nid = 1\n", Path::new("k")).unwrap(),
-            "admin_key = \"k\"\n\n[[replicas]]\nid = 1\n"
-        );
-
         let grown = with_replica(text, 2, "127.0.0.1:7402".parse().unwrap()).unwrap();
         assert_eq!(
             grown,

@@ -240,7 +240,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         rearchive_from_raft_log(
             &mut store,
             &raft_dir(&config),
-            &config.replica_ids(),
+            &config.initial_voters(),
             from,
             to,
         )?;
@@ -248,7 +248,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let compactable = store.compactable_meta()?;
     let chain_id = config.chain_id_bytes();
     let node_id = config.node.id;
-    let voters = config.replica_ids();
+    let voters = config.initial_voters();
     let metrics = Arc::new(Metrics::new());
     metrics.applied_height.set(meta.height as i64);
     metrics
@@ -318,7 +318,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             read_only,
             admin: Arc::new(crate::admin::AdminGate::new(
                 chain_id,
-                Vec::new(), // MERGE: config.admin_keys_bytes()
+                config.admin_keys_bytes(),
             )),
         },
         RaftWiring {

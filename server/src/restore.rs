@@ -317,7 +317,7 @@ fn write_raft_log(config: &Config, meta: &LedgerMeta) -> Result<()> {
         "the ledger names the point"
     );
     let dir = raft_dir(config);
-    let voters = config.replica_ids();
+    let voters = config.initial_voters();
     let mut log = RaftLogDb::open(&dir, &voters)
         .with_context(|| format!("creating the raft log in {}", dir.display()))?;
     let mut snapshot = Snapshot::default();

@@ -52,12 +52,13 @@ fn add_node_files(cluster: &Cluster, id: u64) -> (std::path::PathBuf, String, St
 
 async fn admin(
     cc: &ClusterClient,
+    chain_id: [u8; 32],
     key: &ed25519_dalek::SigningKey,
     c: AdminCommand,
 ) -> MembersReply {
     let mut last = String::new();
     for _ in 0..50 {
-        match cc.admin(key, c.clone()).await {
+        match cc.admin(chain_id, key, c.clone()).await {
             Ok(m) => return m,
             // A change still being applied, or a leader change: retry shortly.
             Err(e) => last = e.to_string(),
@@ -86,6 +87,7 @@ fn an_operator_grows_to_four_replicas_and_shrinks_to_three_under_load() {
         let deposit = cluster.profile.load_deposit_key().unwrap();
         let cc = Arc::new(cluster.cluster_client());
         let alice = generate_key();
+        let alice_public = public_key(&alice);
         let bob = public_key(&generate_key());
         cc.submit(build_request(
             &deposit,
@@ -120,7 +122,7 @@ fn an_operator_grows_to_four_replicas_and_shrinks_to_three_under_load() {
                 }
             })
         };
-        let before = roles(&admin(&cc, &admin_key, AdminCommand::Members).await);
+        let before = roles(&admin(&cc, chain_id, &admin_key, AdminCommand::Members).await);
         assert_eq!(before.len(), 3);
 
         // Grow: node 4 from init-cluster --add-node, added as a learner, then promoted.
@@ -132,11 +134,15 @@ fn an_operator_grows_to_four_replicas_and_shrinks_to_three_under_load() {
             client_address: client4.clone(),
             learner: true,
         };
-        let m = admin(&cc, &admin_key, add).await;
+        let m = admin(&cc, chain_id, &admin_key, add).await;
         assert!(roles(&m).contains(&(4, MemberRole::Learner)), "{m:?}");
         cluster.servers.insert(4, server4);
+        cluster.profile.replicas.push(tally_client::ReplicaAddress {
+            id: 4,
+            address: client4.clone(),
+        });
         converged(&cluster).await;
-        let m = admin(&cc, &admin_key, AdminCommand::Promote { id: 4 }).await;
+        let m = admin(&cc, chain_id, &admin_key, AdminCommand::Promote { id: 4 }).await;
         assert!(roles(&m).contains(&(4, MemberRole::Voter)), "{m:?}");
         assert_eq!(
             m.members
@@ -149,7 +155,13 @@ fn an_operator_grows_to_four_replicas_and_shrinks_to_three_under_load() {
 
         // Shrink: a follower other than node 4 is removed; it stops and says why.
         let removed = *[1, 2, 3].iter().find(|&&id| id != leader).unwrap();
-        let m = admin(&cc, &admin_key, AdminCommand::Remove { id: removed }).await;
+        let m = admin(
+            &cc,
+            chain_id,
+            &admin_key,
+            AdminCommand::Remove { id: removed },
+        )
+        .await;
         assert!(!roles(&m).iter().any(|(id, _)| *id == removed), "{m:?}");
         let server = cluster.servers.remove(&removed).unwrap();
         let status = server.wait_exit(Duration::from_secs(20));
@@ -163,7 +175,7 @@ fn an_operator_grows_to_four_replicas_and_shrinks_to_three_under_load() {
         stop.store(true, Ordering::SeqCst);
         load.await.unwrap();
         let tip = converged(&cluster).await;
-        let after = roles(&admin(&cc, &admin_key, AdminCommand::Members).await);
+        let after = roles(&admin(&cc, chain_id, &admin_key, AdminCommand::Members).await);
         assert_eq!(after.len(), 3, "{after:?}");
         assert!(after.iter().all(|(_, r)| *r == MemberRole::Voter));
 
@@ -180,7 +192,7 @@ fn an_operator_grows_to_four_replicas_and_shrinks_to_three_under_load() {
             assert!(c.receipt.height <= tip.header.height);
         }
         let b = cc
-            .balance(public_key(&alice), tally_wire::ReadMode::Linearizable)
+            .balance(alice_public, tally_wire::ReadMode::Linearizable)
             .await
             .unwrap();
         assert_eq!(b.balance, (1 << 40) - confirmed.len() as u64);
