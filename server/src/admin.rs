@@ -50,9 +50,9 @@ impl AdminGate {
         }
     }
 
-    /// Why `req` must be refused, if it must: an unlisted key or a bad signature
-    /// (`unauthorized`), another chain, or a request too old, too new or seen before
-    /// (`stale_request`). The cheap checks come first, the signature last.
+    /// Why `req` must be refused, if it must, in PROTOCOL.md's order: another chain
+    /// (`wrong_chain`), an unlisted key or a bad signature (`unauthorized`), a request too old,
+    /// too new or seen before (`stale_request`).
     pub fn check(&self, req: &AdminRequest, now_ms: u64) -> Result<(), (ErrorCode, String)> {
         if req.chain_id != self.chain_id {
             return Err((
@@ -64,16 +64,16 @@ impl AdminGate {
             let why = "this admin key is not in the replica's [cluster] admin_keys";
             return Err((ErrorCode::Unauthorized, why.into()));
         }
+        if tally_core::crypto::verify_admin(req).is_err() {
+            let why = "the admin signature does not verify";
+            return Err((ErrorCode::Unauthorized, why.into()));
+        }
         if req.issued_unix_ms.abs_diff(now_ms) > ADMIN_CLOCK_SKEW_MS {
             let why = format!(
                 "issued {} ms from this replica's clock (at most {ADMIN_CLOCK_SKEW_MS})",
                 req.issued_unix_ms.abs_diff(now_ms)
             );
             return Err((ErrorCode::StaleRequest, why));
-        }
-        if tally_core::crypto::verify_admin(req).is_err() {
-            let why = "the admin signature does not verify";
-            return Err((ErrorCode::Unauthorized, why.into()));
         }
         self.remember(req, now_ms)
     }
@@ -142,5 +142,61 @@ pub fn dispatch(pipeline: &PipelineHandle, req: AdminRequest, reply: ReplyTo) {
         if let Some(reply) = e.into_inner().into_cmd_reply() {
             reply.busy("the raft queue", 20);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    const CHAIN: tally_wire::Hash = [7; 32];
+
+    fn request(key: &SigningKey, issued: u64, nonce: u64) -> AdminRequest {
+        let mut req = AdminRequest {
+            chain_id: CHAIN,
+            issued_unix_ms: issued,
+            nonce,
+            command: AdminCommand::Members,
+            admin_key: [0; 32],
+            signature: [0; 64],
+        };
+        tally_core::crypto::sign_admin(key, &mut req);
+        req
+    }
+
+    #[test]
+    fn the_gate_checks_chain_key_signature_freshness_and_replays_in_order() {
+        let admin = SigningKey::from_bytes(&[1; 32]);
+        let other = SigningKey::from_bytes(&[2; 32]);
+        let gate = AdminGate::new(CHAIN, vec![admin.verifying_key().to_bytes()]);
+        let now = 1_800_000_000_000;
+        let code = |r: Result<(), (ErrorCode, String)>| r.err().map(|(c, _)| c);
+
+        assert_eq!(code(gate.check(&request(&admin, now, 1), now)), None);
+        // The same bytes again: a replay.
+        let again = gate.check(&request(&admin, now, 1), now);
+        assert_eq!(code(again), Some(ErrorCode::StaleRequest));
+        let mut foreign = request(&admin, now, 2);
+        foreign.chain_id = [8; 32];
+        assert_eq!(code(gate.check(&foreign, now)), Some(ErrorCode::WrongChain));
+        let unlisted = gate.check(&request(&other, now, 3), now);
+        assert_eq!(code(unlisted), Some(ErrorCode::Unauthorized));
+        // A tampered nonce breaks the signature; checked before freshness.
+        let mut tampered = request(&admin, now - 10 * ADMIN_CLOCK_SKEW_MS, 4);
+        tampered.nonce = 5;
+        assert_eq!(
+            code(gate.check(&tampered, now)),
+            Some(ErrorCode::Unauthorized)
+        );
+        let old = request(&admin, now - ADMIN_CLOCK_SKEW_MS - 1, 6);
+        assert_eq!(code(gate.check(&old, now)), Some(ErrorCode::StaleRequest));
+        let early = request(&admin, now + ADMIN_CLOCK_SKEW_MS + 1, 7);
+        assert_eq!(code(gate.check(&early, now)), Some(ErrorCode::StaleRequest));
+        // At the edge of the window it is still fresh; a replay of it later is refused as
+        // long as it could be fresh, and forgotten afterwards.
+        let edge = request(&admin, now - ADMIN_CLOCK_SKEW_MS, 8);
+        assert_eq!(code(gate.check(&edge, now)), None);
+        assert_eq!(code(gate.check(&edge, now)), Some(ErrorCode::StaleRequest));
     }
 }
