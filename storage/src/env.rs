@@ -64,10 +64,10 @@ pub(crate) fn get_checked(
     let before = stats.read_errors();
     let found = db.get(key).map(|v| v.to_vec());
     if found.is_none() && stats.read_errors() != before {
-        return Err(tally_core::Error::Storage(
-            "a LevelDB table could not be read (see the log for the file): the key's value is \
-             unknown"
-                .into(),
+        return Err(tally_core::Error::io(
+            "reading a LevelDB table",
+            "a table file could not be read (see the log for the file): the key's value is \
+             unknown",
         ));
     }
     Ok(found)

@@ -417,7 +417,7 @@ impl Engine {
                 }
                 Err(why) => {
                     *ctx.fatal = Some(why.clone());
-                    Err(tally_core::Error::Storage(why))
+                    Err(tally_core::Error::io("installing a snapshot", why))
                 }
             }
         };

@@ -26,9 +26,8 @@ impl<S: LedgerStore> StorageThread<S> {
                 // every chunk: a known cost of serving a snapshot.
                 let store = self.store.as_mut().expect("store");
                 let result = self.installer.dump(store, chunk_bytes_max, &mut |chunk| {
-                    out.blocking_send(chunk).map_err(|_| {
-                        tally_core::Error::Storage("the peer stopped taking the snapshot".into())
-                    })
+                    out.blocking_send(chunk)
+                        .map_err(|_| tally_core::Error::stopped("the peer taking the snapshot"))
                 });
                 drop(out);
                 let _ = done.send(result);
@@ -172,8 +171,8 @@ impl<S: LedgerStore> StorageThread<S> {
         for height in from..=to {
             let (Some(signed), Some(body)) = (self.db().header(height)?, self.db().body(height)?)
             else {
-                return Err(tally_core::Error::Storage(format!(
-                    "batch {height} is applied but its header or body is missing"
+                return Err(tally_core::Error::missing(format_args!(
+                    "the header or body of applied batch {height}"
                 )));
             };
             assert_eq!(signed.header.height, height, "header table keyed by height");

@@ -178,5 +178,5 @@ impl LedgerRead for StorageReader<'_> {
 }
 
 pub(super) fn gone() -> tally_core::Error {
-    tally_core::Error::Storage("the storage thread has stopped".into())
+    tally_core::Error::stopped("the storage thread")
 }

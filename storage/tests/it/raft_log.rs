@@ -391,7 +391,7 @@ fn other_voters_are_refused() {
     drop(RaftLogDb::open(dir.path(), &[1, 2, 3]).unwrap());
     assert!(RaftLogDb::open(dir.path(), &[3, 2, 1]).is_ok());
     match RaftLogDb::open(dir.path(), &[1, 2, 4]) {
-        Err(Error::Storage(msg)) => assert!(msg.contains("voters"), "{msg}"),
+        Err(Error::Config(msg)) => assert!(msg.contains("voters"), "{msg}"),
         other => panic!("expected a storage error, got {:?}", other.map(|_| ())),
     }
 }
