@@ -471,15 +471,7 @@ impl Engine {
                 .replay(ctx.ledger, height, index, request_hash, reply, &mut aout)
                 .expect("a memory store cannot fail"),
             MasterOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
-            MasterOut::Reject(reply, r) => {
-                let by = (ctx.id, self.repl.status().term);
-                let answer = Answer::Refused {
-                    code: r.code,
-                    hint: 0,
-                    by,
-                };
-                ctx.out.push(Out::Reply(reply, answer));
-            }
+            MasterOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
         }
         self.to_repl.extend(rout);
         self.to_apply.extend(aout);
@@ -556,12 +548,20 @@ impl Engine {
             }
             ApplyOut::Replayed(reply, c) => ctx.out.push(Out::Reply(reply, Answer::Confirmed(c))),
             ApplyOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
+            ApplyOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
             ApplyOut::Resync => {
                 let mut rout = Vec::new();
                 self.repl.resync(&mut rout);
                 self.to_repl.extend(rout);
             }
         }
+    }
+
+    /// A deterministic refusal of the request itself.
+    fn reject(&self, reply: ReplyTo, code: ErrorCode, ctx: &mut Ctx<'_, '_>) {
+        let by = (ctx.id, self.repl.status().term);
+        let answer = Answer::Refused { code, hint: 0, by };
+        ctx.out.push(Out::Reply(reply, answer));
     }
 
     /// A retryable refusal; `NotWritable` names the leader when one is known, as the server's.

@@ -8,7 +8,7 @@ use tally_core::ports::LedgerStore;
 use tally_core::Result as CoreResult;
 use tally_wire::{BalanceReply, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX};
 
-use super::fatal;
+use super::on_error;
 use super::storage::StorageThread;
 use crate::channels::{LookupResult, StorageCmd};
 
@@ -59,22 +59,26 @@ impl<S: LedgerStore> StorageThread<S> {
                     height,
                     mode,
                 })),
-                Err(e) => fatal("reading an account", &e),
+                Err(e) => on_error("reading an account", e, reply),
             },
             StorageCmd::Headers {
                 from_height,
                 limit,
                 reply,
-            } => {
-                let headers = self.headers(from_height, limit);
-                reply.send(&Message::Headers(headers));
-            }
+            } => match self.headers(from_height, limit) {
+                Ok(headers) => reply.send(&Message::Headers(headers)),
+                Err(e) => on_error("reading a header", e, reply),
+            },
             StorageCmd::Status {
                 raft,
                 writable,
                 leader_client_address,
                 reply,
             } => {
+                let latest_header = match self.latest_header(height) {
+                    Ok(h) => h,
+                    Err(e) => return on_error("reading a header", e, reply),
+                };
                 let status = StatusReply {
                     node_id: self.node_id,
                     role: raft.role.code(),
@@ -85,7 +89,7 @@ impl<S: LedgerStore> StorageThread<S> {
                     applied_height: height,
                     writable,
                     leader_client_address,
-                    latest_header: self.latest_header(height),
+                    latest_header,
                     archive_height: self
                         .archive
                         .as_ref()
@@ -133,7 +137,7 @@ impl<S: LedgerStore> StorageThread<S> {
         })
     }
 
-    fn headers(&mut self, from_height: u64, limit: u16) -> Vec<SignedHeader> {
+    fn headers(&mut self, from_height: u64, limit: u16) -> CoreResult<Vec<SignedHeader>> {
         let limit = limit.clamp(1, HEADERS_PER_REPLY_MAX) as u64;
         let from = from_height.max(1);
         let to = from
@@ -141,22 +145,19 @@ impl<S: LedgerStore> StorageThread<S> {
             .min(self.engine.meta().height + 1);
         let mut headers = Vec::new();
         for h in from..to {
-            match self.db().header(h) {
-                Ok(Some(sh)) => headers.push(sh),
-                Ok(None) => break,
-                Err(e) => fatal("reading a header", &e),
+            match self.db().header(h)? {
+                Some(sh) => headers.push(sh),
+                None => break,
             }
         }
-        headers
+        Ok(headers)
     }
 
-    fn latest_header(&mut self, height: u64) -> Option<SignedHeader> {
+    fn latest_header(&mut self, height: u64) -> CoreResult<Option<SignedHeader>> {
         if height == 0 {
-            return None;
+            return Ok(None);
         }
-        self.db()
-            .header(height)
-            .unwrap_or_else(|e| fatal("reading a header", &e))
+        self.db().header(height)
     }
 
     /// Applied batches for the archive writer (see `StorageCmd::ReadBatches`).
