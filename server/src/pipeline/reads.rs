@@ -5,6 +5,8 @@
 use std::sync::atomic::Ordering;
 
 use tally_core::ports::LedgerStore;
+use tally_core::replica::ReplicaStatus;
+use tally_core::state::LedgerMeta;
 use tally_core::Result as CoreResult;
 use tally_wire::{BalanceReply, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX};
 
@@ -22,15 +24,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 out,
                 done,
             } => {
-                // The dump holds this thread (and so the apply path) until the peer has taken
-                // every chunk: a known cost of serving a snapshot.
-                let store = self.store.as_mut().expect("store");
-                let result = self.installer.dump(store, chunk_bytes_max, &mut |chunk| {
-                    out.blocking_send(chunk)
-                        .map_err(|_| tally_core::Error::stopped("the peer taking the snapshot"))
-                });
-                drop(out);
-                let _ = done.send(result);
+                let _ = done.send(self.dump(chunk_bytes_max, out));
             }
             StorageCmd::Lookup {
                 keys,
@@ -74,29 +68,10 @@ impl<S: LedgerStore> StorageThread<S> {
                 writable,
                 leader_client_address,
                 reply,
-            } => {
-                let latest_header = match self.latest_header(height) {
-                    Ok(h) => h,
-                    Err(e) => return on_error("reading a header", e, reply),
-                };
-                let status = StatusReply {
-                    node_id: self.node_id,
-                    role: raft.role.code(),
-                    term: raft.term,
-                    leader_id: raft.leader_id,
-                    commit_index: raft.commit_index,
-                    applied_index: self.applied.index.load(Ordering::SeqCst),
-                    applied_height: height,
-                    writable,
-                    leader_client_address,
-                    latest_header,
-                    archive_height: self
-                        .archive
-                        .as_ref()
-                        .map(|gate| gate.progress.height.load(Ordering::SeqCst)),
-                };
-                reply.send(&Message::Status(Box::new(status)));
-            }
+            } => match self.status(raft, writable, leader_client_address, height) {
+                Ok(status) => reply.send(&Message::Status(Box::new(status))),
+                Err(e) => on_error("reading a header", e, reply),
+            },
             StorageCmd::ReadBatches {
                 from,
                 to,
@@ -110,6 +85,45 @@ impl<S: LedgerStore> StorageThread<S> {
             | StorageCmd::Replay { .. }
             | StorageCmd::Stop => unreachable!("not a read"),
         }
+    }
+
+    /// Streams the ledger to a peer installing a snapshot. The dump holds this thread (and so
+    /// the apply path) until the peer has taken every chunk: a known cost of serving one.
+    fn dump(
+        &mut self,
+        chunk_bytes_max: usize,
+        out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> CoreResult<LedgerMeta> {
+        let store = self.store.as_mut().expect("store");
+        self.installer.dump(store, chunk_bytes_max, &mut |chunk| {
+            out.blocking_send(chunk)
+                .map_err(|_| tally_core::Error::stopped("the peer taking the snapshot"))
+        })
+    }
+
+    fn status(
+        &mut self,
+        raft: ReplicaStatus,
+        writable: bool,
+        leader_client_address: String,
+        height: u64,
+    ) -> CoreResult<StatusReply> {
+        Ok(StatusReply {
+            node_id: self.node_id,
+            role: raft.role.code(),
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit_index: raft.commit_index,
+            applied_index: self.applied.index.load(Ordering::SeqCst),
+            applied_height: height,
+            writable,
+            leader_client_address,
+            latest_header: self.latest_header(height)?,
+            archive_height: self
+                .archive
+                .as_ref()
+                .map(|gate| gate.progress.height.load(Ordering::SeqCst)),
+        })
     }
 
     fn account(&mut self, key: &tally_wire::PublicKey) -> CoreResult<Option<u64>> {
