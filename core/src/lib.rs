@@ -36,4 +36,4 @@ pub mod tlog;
 pub mod validate;
 pub mod verify;
 
-pub use error::{Error, Rejection, Result};
+pub use error::{Disposition, Error, Rejection, Result};

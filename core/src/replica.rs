@@ -156,17 +156,15 @@ impl<S: RaftLogStore> Replica<S> {
         };
         config
             .validate()
-            .map_err(|e| Error::Storage(format!("raft config: {e}")))?;
-        let node = RawNode::new(&config, store, logger)
-            .map_err(|e| Error::Storage(format!("starting raft: {e}")))?;
+            .map_err(|e| Error::Config(format!("raft config: {e}")))?;
+        let node =
+            RawNode::new(&config, store, logger).map_err(|e| Error::io("starting raft", e))?;
         Ok(Replica { node })
     }
 
     /// Starts an election now (a single-voter cluster need not wait for a timeout).
     pub fn campaign(&mut self) -> Result<()> {
-        self.node
-            .campaign()
-            .map_err(|e| Error::Storage(format!("campaign: {e}")))
+        self.node.campaign().map_err(|e| Error::io("campaign", e))
     }
 
     pub fn tick(&mut self) {

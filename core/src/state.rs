@@ -87,7 +87,7 @@ impl LedgerMeta {
 
     pub fn decode(bytes: &[u8]) -> Result<LedgerMeta> {
         if bytes.len() != META_BYTES {
-            return Err(Error::Storage(format!(
+            return Err(Error::corrupt(format_args!(
                 "ledger meta has {} bytes, expected {META_BYTES}",
                 bytes.len()
             )));

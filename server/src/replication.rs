@@ -401,7 +401,7 @@ impl<S: RaftLogStore> RaftThread<S> {
 /// Has the storage thread bring the ledger to a snapshot's state, and waits for it.
 fn install_snapshot(apply: &Sender<StorageCmd>, snapshot: &Snapshot) -> tally_core::Result<()> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let gone = || tally_core::Error::Storage("the storage thread has stopped".into());
+    let gone = || tally_core::Error::stopped("the storage thread");
     apply
         .send(StorageCmd::InstallSnapshot {
             index: snapshot.get_metadata().index,

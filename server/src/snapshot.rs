@@ -191,9 +191,10 @@ impl SnapshotTransfer<LedgerDb> for PeerSnapshotTransfer {
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
-        Err(tally_core::Error::Storage(format!(
-            "could not fetch a ledger snapshot: {last_error}"
-        )))
+        Err(tally_core::Error::io(
+            "fetching a ledger snapshot",
+            last_error,
+        ))
     }
 
     fn dump(

@@ -179,10 +179,10 @@ impl Archive {
                     }
                 }
             })
-            .map_err(|e| Error::Storage(format!("starting the archive thread: {e}")))?;
+            .map_err(|e| Error::io("starting the archive thread", e))?;
         let (point, filter) = opened_rx
             .recv()
-            .map_err(|_| Error::Storage("the archive thread died while opening".into()))??;
+            .map_err(|_| Error::stopped("the archive thread (while opening)"))??;
         Ok((
             Archive {
                 tx,
@@ -267,7 +267,7 @@ impl Archive {
     fn send(&self, cmd: Cmd) -> Result<()> {
         if self.tx.send(cmd).is_err() {
             self.point()?;
-            return Err(Error::Storage("the archive thread has stopped".into()));
+            return Err(Error::stopped("the archive thread"));
         }
         Ok(())
     }
@@ -277,7 +277,7 @@ impl Archive {
             Ok(r) => r,
             Err(_) => {
                 self.point()?;
-                Err(Error::Storage("the archive thread has stopped".into()))
+                Err(Error::stopped("the archive thread"))
             }
         }
     }
@@ -290,9 +290,10 @@ impl Drop for Archive {
 }
 
 fn failed(e: &str) -> Error {
-    Error::Storage(format!(
-        "an archive write failed, the ledger must be reopened: {e}"
-    ))
+    Error::io(
+        "an archive write failed earlier, the ledger must be reopened",
+        e,
+    )
 }
 
 /// The archive thread's nice value (Linux: per thread). Its merges are bulk work whose only

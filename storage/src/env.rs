@@ -65,10 +65,9 @@ pub(crate) fn get_checked(
     let before = stats.read_errors();
     let found = db.get(key).map(|v| v.to_vec());
     if stats.read_errors() != before {
-        return Err(tally_core::Error::Storage(
+        return Err(tally_core::Error::corrupt(
             "a LevelDB table could not be read or is corrupt (see the log for the file): the \
-             key's value is unknown"
-                .into(),
+             key's value is unknown",
         ));
     }
     Ok(found)

@@ -252,7 +252,7 @@ pub fn header_key_height(key: &[u8]) -> Option<u64> {
 
 /// A stored value that does not decode: the database is corrupt, the node must stop.
 pub fn corrupt(table: Table, what: impl fmt::Display) -> Error {
-    Error::Storage(format!("table {table} is corrupt: {what}"))
+    Error::corrupt(format_args!("table {table}: {what}"))
 }
 
 /// Checks that `value` has exactly `N` bytes.

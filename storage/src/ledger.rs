@@ -471,7 +471,7 @@ impl LedgerDb {
             }
             let rows = archived
                 .recv()
-                .map_err(|_| Error::Storage("the archive thread stopped during a dump".into()))??;
+                .map_err(|_| Error::stopped("the archive thread (during a dump)"))??;
             group = rows.into_iter();
             Ok(group.next())
         };
@@ -534,7 +534,7 @@ impl LedgerDb {
         if let Some(filter) = &self.requests {
             filter
                 .save(&self.dir, self.meta.height, &self.meta.last_header_hash)
-                .map_err(|e| Error::Storage(format!("saving the request filter: {e}")))?;
+                .map_err(|e| Error::io("saving the request filter", e))?;
         }
         Ok(())
     }
@@ -571,18 +571,19 @@ impl LedgerDb {
     fn check_usable(&self) -> Result<()> {
         match &self.failed {
             None => Ok(()),
-            Some(e) => Err(Error::Storage(format!(
-                "an earlier write failed, the database must be reopened: {e}"
-            ))),
+            Some(e) => Err(Error::io(
+                "an earlier write failed, the database must be reopened",
+                e,
+            )),
         }
     }
 
     fn check_archive_caught_up(&self) -> Result<()> {
         match self.rearchive_next {
             None => Ok(()),
-            Some(next) => Err(Error::Storage(format!(
-                "the archive (bodies, request index) is behind the ledger: batches {next}..={} \
-                 must be re-archived from the raft log first",
+            Some(next) => Err(Error::missing(format_args!(
+                "the archive's batches {next}..={} (bodies, request index): they must be \
+                 re-archived from the raft log first",
                 self.meta.height
             ))),
         }
@@ -1013,8 +1014,12 @@ pub(crate) fn scan_prefix(
     Ok(())
 }
 
+/// A LevelDB failure: `Corrupt` where LevelDB found bad bytes (a block checksum), else `Io`.
 pub(crate) fn io_error(what: impl fmt::Display, e: rusty_leveldb::Status) -> Error {
-    Error::Storage(format!("{what}: {e}"))
+    match e.code {
+        rusty_leveldb::StatusCode::Corruption => Error::corrupt(format_args!("{what}: {e}")),
+        _ => Error::io(what, e),
+    }
 }
 
 #[cfg(test)]

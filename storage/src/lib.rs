@@ -63,10 +63,12 @@
 //! `LedgerDb::apply` writes with `sync = true`, which [`SyncEnv`] turns into `fdatasync` on the
 //! write-ahead log; manifests, table files and `CURRENT` are synced too, and so are the
 //! directories they live in. A value that does not decode (wrong length, bad header) is reported
-//! as [`tally_core::Error::Storage`] naming its table, never a panic; at open, the summary is
-//! checked against the last header and body. Every error here means the same thing to the caller,
-//! "stop the node", so this crate returns `tally_core::Error::Storage` instead of defining an
-//! error type of its own.
+//! as [`tally_core::Error::Corrupt`] naming its table, never a panic; at open, the summary is
+//! checked against the last header and body. A failed read or write is `Io`, an absent row that
+//! must exist `Missing`, a thread that is gone `Stopped`, settings that do not fit what is on
+//! disk `Config`. Every one of them means the same thing to a replica, "stop"
+//! ([`tally_core::Error::disposition`]), so this crate returns `tally_core::Error` instead of
+//! defining an error type of its own.
 //!
 //! # Caveats
 //!

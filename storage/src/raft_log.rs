@@ -40,6 +40,7 @@ use tally_core::{Error, Result};
 
 use crate::env::{SyncEnv, SyncStats};
 use crate::layout::{self, corrupt, SnapshotPoint, Table};
+use crate::ledger::io_error;
 use crate::StoreOptions;
 
 /// Compaction replaces the database instead of deleting entries once this many entry bytes
@@ -229,9 +230,10 @@ impl RaftLogDb {
     fn check_usable(&self) -> Result<()> {
         match &self.failed {
             None => Ok(()),
-            Some(e) => Err(Error::Storage(format!(
-                "an earlier write to the raft log failed, it must be reopened: {e}"
-            ))),
+            Some(e) => Err(Error::io(
+                "an earlier write to the raft log failed, it must be reopened",
+                e,
+            )),
         }
     }
 
@@ -310,7 +312,7 @@ impl RaftLogDb {
         let staged = crate::transfer::staged_ledger_dir(&self.dir);
         if staged.exists() {
             std::fs::remove_dir_all(&staged)
-                .map_err(|e| Error::Storage(format!("removing {}: {e}", staged.display())))?;
+                .map_err(|e| Error::io(format_args!("removing {}", staged.display()), e))?;
         }
         let tail = if self.last_index > point.index {
             self.read_entries(point.index + 1, self.last_index + 1, NO_LIMIT)?
@@ -1003,7 +1005,7 @@ fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
 /// read a table they cannot read, or one that fails its checksum, as "absent".
 fn get(db: &mut DB, key: &[u8], stats: &SyncStats) -> Result<Option<Vec<u8>>> {
     crate::env::get_checked(db, key, stats)
-        .map_err(|e| Error::Storage(format!("reading the raft log: {e}")))
+        .map_err(|e| Error::corrupt(format!("reading the raft log: {e}")))
 }
 
 fn decode_entry(index: u64, value: &[u8]) -> Result<Entry> {
@@ -1028,10 +1030,6 @@ fn decode_proto<M: protobuf::Message>(
 fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
     m.write_to_bytes()
         .expect("raft's protobuf messages have no required fields")
-}
-
-fn io_error(what: impl fmt::Display, e: rusty_leveldb::Status) -> Error {
-    Error::Storage(format!("{what}: {e}"))
 }
 
 /// raft-rs treats any error but its own kinds as fatal, which is what a storage error is.

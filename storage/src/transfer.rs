@@ -123,14 +123,14 @@ impl<F: FnMut(Vec<u8>) -> Result<()>> DumpWriter<F> {
     /// A key or value over the limits is in the database, so it is corruption, not a bug here.
     pub(crate) fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         if !(TAG_BYTES..=DUMP_KEY_BYTES_MAX).contains(&key.len()) {
-            return Err(Error::Storage(format!(
+            return Err(Error::corrupt(format_args!(
                 "cannot dump key {}: {} bytes, the limit is {DUMP_KEY_BYTES_MAX}",
                 hex(key),
                 key.len()
             )));
         }
         if value.len() > DUMP_VALUE_BYTES_MAX {
-            return Err(Error::Storage(format!(
+            return Err(Error::corrupt(format_args!(
                 "cannot dump key {}: its value has {} bytes, the limit is {DUMP_VALUE_BYTES_MAX}",
                 hex(key),
                 value.len()
@@ -321,17 +321,17 @@ impl StreamParser {
 
     /// Says where in the stream a record was refused.
     fn in_record(&self, e: Error) -> Error {
+        let at =
+            |what: String| format!("ledger dump, record ending at byte {}: {what}", self.offset);
         match e {
-            Error::Storage(m) => Error::Storage(format!(
-                "ledger dump, record ending at byte {}: {m}",
-                self.offset
-            )),
+            Error::Corrupt { what } => Error::Corrupt { what: at(what) },
+            Error::Missing { what } => Error::Missing { what: at(what) },
             e => e,
         }
     }
 
     fn malformed(&self, what: impl fmt::Display) -> Error {
-        Error::Storage(format!(
+        Error::corrupt(format_args!(
             "ledger dump is malformed at byte {}: {what}",
             self.offset
         ))
@@ -371,7 +371,7 @@ impl StateCheck {
 
     fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         if key <= self.prev_key.as_slice() {
-            return Err(Error::Storage(format!(
+            return Err(Error::corrupt(format_args!(
                 "key {} does not follow key {} (keys must strictly increase)",
                 hex(key),
                 hex(&self.prev_key)
@@ -379,8 +379,9 @@ impl StateCheck {
         }
         self.prev_key.clear();
         self.prev_key.extend_from_slice(key);
-        let table = Table::from_tag(&key[..TAG_BYTES])
-            .ok_or_else(|| Error::Storage(format!("key {} has an unknown table tag", hex(key))))?;
+        let table = Table::from_tag(&key[..TAG_BYTES]).ok_or_else(|| {
+            Error::corrupt(format_args!("key {} has an unknown table tag", hex(key)))
+        })?;
         match table {
             Table::Account => {
                 let public: PublicKey = key_rest(table, key)?;
@@ -433,7 +434,7 @@ impl StateCheck {
                 self.header_requests += u64::from(signed.header.request_count);
             }
             Table::RaftEntry | Table::RaftState => {
-                return Err(Error::Storage(format!(
+                return Err(Error::corrupt(format_args!(
                     "key {} belongs to the raft log's table {table}",
                     hex(key)
                 )));
@@ -639,7 +640,7 @@ impl LedgerInstaller {
             ..
         } = self;
         if parser.field != Field::Done {
-            return Err(Error::Storage(format!(
+            return Err(Error::corrupt(format_args!(
                 "ledger dump is truncated: it stops at byte {} without its end record",
                 parser.offset
             )));
@@ -683,9 +684,7 @@ impl LedgerInstaller {
     fn check_usable(&self) -> Result<()> {
         match &self.failed {
             None => Ok(()),
-            Some(e) => Err(Error::Storage(format!(
-                "an earlier chunk of the ledger dump failed: {e}"
-            ))),
+            Some(e) => Err(Error::io("an earlier chunk of the ledger dump failed", e)),
         }
     }
 }
@@ -710,8 +709,8 @@ pub fn install_ledger_dir(live: &Path, staged: &Path) -> Result<()> {
         "recover_install only knows the staged directory by its name"
     );
     if !exists(&staged.join(COMPLETE_MARKER))? {
-        return Err(Error::Storage(format!(
-            "{} is not a complete ledger install",
+        return Err(Error::missing(format_args!(
+            "the complete marker in {}: it is not a complete ledger install",
             staged.display()
         )));
     }
@@ -810,11 +809,10 @@ fn exists(path: &Path) -> Result<bool> {
 
 fn rename(from: &Path, to: &Path) -> Result<()> {
     fs::rename(from, to).map_err(|e| {
-        Error::Storage(format!(
-            "renaming {} to {}: {e}",
-            from.display(),
-            to.display()
-        ))
+        Error::io(
+            format_args!("renaming {} to {}", from.display(), to.display()),
+            e,
+        )
     })
 }
 
@@ -839,7 +837,7 @@ fn key_rest<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N]> {
 }
 
 fn invalid(what: impl fmt::Display) -> Error {
-    Error::Storage(format!("installed ledger does not check out: {what}"))
+    Error::corrupt(format_args!("installed ledger does not check out: {what}"))
 }
 
 /// A ledger is only ever built in a directory that is empty or absent (`what`: the verb).
@@ -850,7 +848,7 @@ pub(crate) fn require_empty(dir: &Path, what: &str) -> Result<()> {
         Err(e) => return Err(fs_error("reading", dir, e)),
     };
     if !empty {
-        return Err(Error::Storage(format!(
+        return Err(Error::Config(format!(
             "cannot {what} a ledger into {}: the directory is not empty",
             dir.display()
         )));
@@ -859,7 +857,7 @@ pub(crate) fn require_empty(dir: &Path, what: &str) -> Result<()> {
 }
 
 fn fs_error(what: &str, path: &Path, e: io::Error) -> Error {
-    Error::Storage(format!("{what} {}: {e}", path.display()))
+    Error::io(format_args!("{what} {}", path.display()), e)
 }
 
 fn hex(bytes: &[u8]) -> String {

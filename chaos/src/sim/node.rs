@@ -459,7 +459,7 @@ impl Engine {
                 }
                 Err(why) => {
                     *ctx.fatal = Some(why.clone());
-                    Err(tally_core::Error::Storage(why))
+                    Err(tally_core::Error::io("installing a snapshot", why))
                 }
             }
         };
@@ -513,15 +513,7 @@ impl Engine {
                 .replay(ctx.ledger, height, index, request_hash, reply, &mut aout)
                 .expect("a memory store cannot fail"),
             MasterOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
-            MasterOut::Reject(reply, r) => {
-                let by = (ctx.id, self.repl.status().term);
-                let answer = Answer::Refused {
-                    code: r.code,
-                    hint: 0,
-                    by,
-                };
-                ctx.out.push(Out::Reply(reply, answer));
-            }
+            MasterOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
         }
         self.to_repl.extend(rout);
         self.to_apply.extend(aout);
@@ -604,12 +596,20 @@ impl Engine {
             }
             ApplyOut::Replayed(reply, c) => ctx.out.push(Out::Reply(reply, Answer::Confirmed(c))),
             ApplyOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
+            ApplyOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
             ApplyOut::Resync => {
                 let mut rout = Vec::new();
                 self.repl.resync(&mut rout);
                 self.to_repl.extend(rout);
             }
         }
+    }
+
+    /// A deterministic refusal of the request itself.
+    fn reject(&self, reply: ReplyTo, code: ErrorCode, ctx: &mut Ctx<'_, '_>) {
+        let by = (ctx.id, self.repl.status().term);
+        let answer = Answer::Refused { code, hint: 0, by };
+        ctx.out.push(Out::Reply(reply, answer));
     }
 
     /// A retryable refusal; `NotWritable` names the leader when one is known, as the server's.

@@ -20,9 +20,9 @@ use crate::batch::{prepare_apply, BatchBody, BatchWrite};
 use crate::crypto::{request_hash, OperatorKey};
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
 use crate::state::LedgerMeta;
-use crate::Result;
+use crate::{Error, Rejection, Result};
 
-use super::{Refusal, Waiter};
+use super::{answer_or_stop, Refusal, Waiter};
 
 /// A committed raft entry, as the replication stage hands it over.
 #[derive(Debug)]
@@ -52,6 +52,8 @@ pub enum ApplyOut<R> {
     /// A resubmission's original confirmation.
     Replayed(R, Box<Confirmation>),
     Refuse(R, Refusal),
+    /// A deterministic error met answering a resubmission ([`answer_or_stop`]).
+    Reject(R, Rejection),
     /// A committed batch did not extend the chain: the master's speculative state is void.
     Resync,
 }
@@ -115,8 +117,9 @@ impl<R> Applier<R> {
         self.applied_index
     }
 
-    /// Applies one committed entry. An error (a failed read or write, or a batch that does not
-    /// replay to its header) stops the replica: it must never go on with state others lack.
+    /// Applies one committed entry. Every error here (a failed read or write, or a batch that
+    /// does not replay to its header: `Diverged`) stops the replica, deterministic or not, and
+    /// answers no one: skipping a committed batch is a decision no replica may take alone.
     pub fn committed<S: LedgerStore>(
         &mut self,
         store: &mut S,
@@ -244,10 +247,14 @@ impl<R> Applier<R> {
         reply: R,
         out: &mut Vec<ApplyOut<R>>,
     ) -> Result<()> {
-        out.push(match confirmation(store, height, index)? {
-            Some(c) if request_hash(&c.request) == rh => ApplyOut::Replayed(reply, Box::new(c)),
+        out.push(match confirmation(store, height, index) {
+            Ok(Some(c)) if request_hash(&c.request) == rh => ApplyOut::Replayed(reply, Box::new(c)),
             // The batch this request was sequenced in was superseded: it was never applied.
-            _ => ApplyOut::Refuse(reply, Refusal::Superseded),
+            Ok(_) => ApplyOut::Refuse(reply, Refusal::Superseded),
+            Err(e) => {
+                let (reply, r) = answer_or_stop(e, reply)?;
+                ApplyOut::Reject(reply, r)
+            }
         });
         Ok(())
     }
@@ -290,7 +297,9 @@ pub fn confirmation<S: LedgerStore>(
     let (Some(bytes), Some(signed)) = (store.body(height)?, store.header(height)?) else {
         return Ok(None);
     };
-    let body = BatchBody::decode(&bytes)?;
+    // Stored bytes that do not decode are corrupt storage, not a malformed client message.
+    let body = BatchBody::decode(&bytes)
+        .map_err(|e| Error::corrupt(format_args!("the stored body of batch {height}: {e}")))?;
     if index as usize >= body.entries.len() {
         return Ok(None);
     }

@@ -17,7 +17,7 @@ use crate::sequencer::{Sequencer, SequencerConfig, Submitted};
 use crate::state::LedgerMeta;
 use crate::{Rejection, Result};
 
-use super::{Refusal, Waiter};
+use super::{answer_or_stop, Refusal, Waiter};
 
 /// How long an idle close waits for requests still in validation: this fraction of the window.
 pub const IDLE_WAIT_WINDOW_FRACTION: u64 = 5;
@@ -176,7 +176,8 @@ impl<R> Master<R> {
     }
 
     /// Judges one request. `snapshot_height` is the applied height the snapshot stage checked
-    /// it against. An error is environmental (a failed read): the replica must stop.
+    /// it against. A deterministic error from the store is the client's answer; an `Err` is
+    /// environmental (a failed read): the replica must stop ([`answer_or_stop`]).
     pub fn submit(
         &mut self,
         request: Request,
@@ -198,7 +199,15 @@ impl<R> Master<R> {
         }
         let rh = request_hash(&request);
         let open_height = l.sequencer.sealed_height() + 1;
-        match l.sequencer.submit(request, snapshot_height, store)? {
+        let submitted = match l.sequencer.submit(request, snapshot_height, store) {
+            Ok(submitted) => submitted,
+            Err(e) => {
+                let (reply, r) = answer_or_stop(e, reply)?;
+                out.push(MasterOut::Reject(reply, r));
+                return Ok(());
+            }
+        };
+        match submitted {
             Submitted::Accepted { index, .. } => {
                 self.opened_at.get_or_insert(p.now_ms);
                 self.open.push(Waiter {

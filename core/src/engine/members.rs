@@ -238,7 +238,7 @@ impl Reader<'_> {
 }
 
 fn corrupt(what: &str) -> Error {
-    Error::Storage(format!("membership: {what}"))
+    Error::corrupt(format!("membership: {what}"))
 }
 
 /// The raft snapshot's data: the ledger summary at the snapshot point, then the address book.

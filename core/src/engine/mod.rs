@@ -28,6 +28,8 @@ pub mod replication;
 
 use tally_wire::ErrorCode;
 
+use crate::{Disposition, Error, Rejection, Result};
+
 /// A client waiting for one request of a batch: where the answer goes (`R` is the runtime's
 /// handle: a connection in the server, a client number in the simulator).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,17 @@ pub struct Waiter<R> {
     pub reply: R,
     /// A resubmission of a request already in the batch: its confirmation says `replayed`.
     pub replayed: bool,
+}
+
+/// An error met while serving one client's request, settled by [`Error::disposition`]: a
+/// deterministic error becomes that client's answer (`Ok`) and the stage goes on; any other comes
+/// back as `Err`, and the runtime must stop the replica. Errors met applying a committed batch are
+/// never settled here: they always stop the replica (see [`apply::Applier::committed`]).
+pub fn answer_or_stop<R>(e: Error, reply: R) -> Result<(R, Rejection)> {
+    match e.disposition() {
+        Disposition::Reply(code) => Ok((reply, Rejection::new(code, e.to_string()))),
+        Disposition::Stop => Err(e),
+    }
 }
 
 /// Why a replica cannot serve a request now. Every refusal is retryable with the same id: the

@@ -232,6 +232,7 @@ impl Harness {
                     c.header.header.height, c.receipt.index
                 ),
                 ApplyOut::Refuse(reply, r) => format!("> refuse {reply} {r:?}"),
+                ApplyOut::Reject(reply, r) => format!("> reject {reply} {}", r.code),
                 ApplyOut::Resync => "> resync".into(),
             };
             if !line.is_empty() {

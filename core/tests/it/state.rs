@@ -48,7 +48,7 @@ fn meta_round_trips_and_refuses_other_lengths() {
         &[],
     ] {
         assert!(
-            matches!(LedgerMeta::decode(bad), Err(Error::Storage(_))),
+            matches!(LedgerMeta::decode(bad), Err(Error::Corrupt { .. })),
             "{} bytes",
             bad.len()
         );

@@ -18,7 +18,9 @@
 //!
 //! The storage thread is the one owner of the LevelDB handle. It serves reads and applies
 //! committed batches in the order it receives them; an IO error or a divergence there stops the
-//! process, since going on could let this replica's state differ from the others'.
+//! process, since going on could let this replica's state differ from the others'. Every error
+//! of the apply path goes through [`on_error`] or [`fatal`], which follow
+//! [`tally_core::Error::disposition`].
 
 mod confirm;
 mod master;
@@ -40,11 +42,11 @@ use tally_core::ports::LedgerStore;
 use tally_core::sequencer::SequencerConfig;
 use tally_core::state::LedgerMeta;
 use tally_core::validate::StatelessRules;
-use tally_core::Result as CoreResult;
+use tally_core::{Disposition, Error as CoreError, Result as CoreResult};
 use tally_storage::archiver::ArchiveProgress;
 use tally_wire::{ErrorCode, SignedHeader};
 
-use crate::channels::{Applied, Job, MasterEvent, RaftEvent, StorageCmd};
+use crate::channels::{Applied, Job, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
 use crate::metrics::Metrics;
 use crate::replication::ClusterView;
 
@@ -293,9 +295,22 @@ fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> JoinHandle<()> {
         .expect("spawning a pipeline thread")
 }
 
+/// The runtime's rule for an error met in the apply path while a client waits for the answer,
+/// as [`tally_core::Error::disposition`] decides: a deterministic error answers that client
+/// with its code and the node goes on; any other stops the node ([`fatal`]).
+pub fn on_error(what: &str, e: CoreError, reply: ReplyTo) {
+    match e.disposition() {
+        Disposition::Reply(code) => reply.error(code, format!("{what}: {e}")),
+        Disposition::Stop => fatal(what, &e),
+    }
+}
+
 /// Stops the node: state on disk may be ahead of or behind what we hold in memory, and going on
-/// could let this replica diverge. Restarting recovers from disk.
-pub fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
+/// could let this replica diverge. Restarting recovers from disk. For errors with no client to
+/// answer: those the engine returns (it answers deterministic ones itself,
+/// `tally_core::engine::answer_or_stop`), and any error applying a committed batch, which
+/// stops the node whatever its disposition.
+pub fn fatal(what: &str, e: &CoreError) -> ! {
     tracing::error!("fatal: {what}: {e}; stopping the node");
     eprintln!("tally-server: fatal: {what}: {e}; stopping the node");
     std::process::exit(70)

@@ -5,10 +5,12 @@
 use std::sync::atomic::Ordering;
 
 use tally_core::ports::LedgerStore;
+use tally_core::replica::ReplicaStatus;
+use tally_core::state::LedgerMeta;
 use tally_core::Result as CoreResult;
 use tally_wire::{BalanceReply, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX};
 
-use super::fatal;
+use super::on_error;
 use super::storage::StorageThread;
 use crate::channels::{LookupResult, StorageCmd};
 
@@ -22,16 +24,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 out,
                 done,
             } => {
-                // The dump holds this thread (and so the apply path) until the peer has taken
-                // every chunk: a known cost of serving a snapshot.
-                let store = self.store.as_mut().expect("store");
-                let result = self.installer.dump(store, chunk_bytes_max, &mut |chunk| {
-                    out.blocking_send(chunk).map_err(|_| {
-                        tally_core::Error::Storage("the peer stopped taking the snapshot".into())
-                    })
-                });
-                drop(out);
-                let _ = done.send(result);
+                let _ = done.send(self.dump(chunk_bytes_max, out));
             }
             StorageCmd::Lookup {
                 keys,
@@ -60,40 +53,25 @@ impl<S: LedgerStore> StorageThread<S> {
                     height,
                     mode,
                 })),
-                Err(e) => fatal("reading an account", &e),
+                Err(e) => on_error("reading an account", e, reply),
             },
             StorageCmd::Headers {
                 from_height,
                 limit,
                 reply,
-            } => {
-                let headers = self.headers(from_height, limit);
-                reply.send(&Message::Headers(headers));
-            }
+            } => match self.headers(from_height, limit) {
+                Ok(headers) => reply.send(&Message::Headers(headers)),
+                Err(e) => on_error("reading a header", e, reply),
+            },
             StorageCmd::Status {
                 raft,
                 writable,
                 leader_client_address,
                 reply,
-            } => {
-                let status = StatusReply {
-                    node_id: self.node_id,
-                    role: raft.role.code(),
-                    term: raft.term,
-                    leader_id: raft.leader_id,
-                    commit_index: raft.commit_index,
-                    applied_index: self.applied.index.load(Ordering::SeqCst),
-                    applied_height: height,
-                    writable,
-                    leader_client_address,
-                    latest_header: self.latest_header(height),
-                    archive_height: self
-                        .archive
-                        .as_ref()
-                        .map(|gate| gate.progress.height.load(Ordering::SeqCst)),
-                };
-                reply.send(&Message::Status(Box::new(status)));
-            }
+            } => match self.status(raft, writable, leader_client_address, height) {
+                Ok(status) => reply.send(&Message::Status(Box::new(status))),
+                Err(e) => on_error("reading a header", e, reply),
+            },
             StorageCmd::ReadBatches {
                 from,
                 to,
@@ -107,6 +85,45 @@ impl<S: LedgerStore> StorageThread<S> {
             | StorageCmd::Replay { .. }
             | StorageCmd::Stop => unreachable!("not a read"),
         }
+    }
+
+    /// Streams the ledger to a peer installing a snapshot. The dump holds this thread (and so
+    /// the apply path) until the peer has taken every chunk: a known cost of serving one.
+    fn dump(
+        &mut self,
+        chunk_bytes_max: usize,
+        out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> CoreResult<LedgerMeta> {
+        let store = self.store.as_mut().expect("store");
+        self.installer.dump(store, chunk_bytes_max, &mut |chunk| {
+            out.blocking_send(chunk)
+                .map_err(|_| tally_core::Error::stopped("the peer taking the snapshot"))
+        })
+    }
+
+    fn status(
+        &mut self,
+        raft: ReplicaStatus,
+        writable: bool,
+        leader_client_address: String,
+        height: u64,
+    ) -> CoreResult<StatusReply> {
+        Ok(StatusReply {
+            node_id: self.node_id,
+            role: raft.role.code(),
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit_index: raft.commit_index,
+            applied_index: self.applied.index.load(Ordering::SeqCst),
+            applied_height: height,
+            writable,
+            leader_client_address,
+            latest_header: self.latest_header(height)?,
+            archive_height: self
+                .archive
+                .as_ref()
+                .map(|gate| gate.progress.height.load(Ordering::SeqCst)),
+        })
     }
 
     fn account(&mut self, key: &tally_wire::PublicKey) -> CoreResult<Option<u64>> {
@@ -134,7 +151,7 @@ impl<S: LedgerStore> StorageThread<S> {
         })
     }
 
-    fn headers(&mut self, from_height: u64, limit: u16) -> Vec<SignedHeader> {
+    fn headers(&mut self, from_height: u64, limit: u16) -> CoreResult<Vec<SignedHeader>> {
         let limit = limit.clamp(1, HEADERS_PER_REPLY_MAX) as u64;
         let from = from_height.max(1);
         let to = from
@@ -142,22 +159,19 @@ impl<S: LedgerStore> StorageThread<S> {
             .min(self.engine.meta().height + 1);
         let mut headers = Vec::new();
         for h in from..to {
-            match self.db().header(h) {
-                Ok(Some(sh)) => headers.push(sh),
-                Ok(None) => break,
-                Err(e) => fatal("reading a header", &e),
+            match self.db().header(h)? {
+                Some(sh) => headers.push(sh),
+                None => break,
             }
         }
-        headers
+        Ok(headers)
     }
 
-    fn latest_header(&mut self, height: u64) -> Option<SignedHeader> {
+    fn latest_header(&mut self, height: u64) -> CoreResult<Option<SignedHeader>> {
         if height == 0 {
-            return None;
+            return Ok(None);
         }
-        self.db()
-            .header(height)
-            .unwrap_or_else(|e| fatal("reading a header", &e))
+        self.db().header(height)
     }
 
     /// Applied batches for the archive writer (see `StorageCmd::ReadBatches`).
@@ -172,8 +186,8 @@ impl<S: LedgerStore> StorageThread<S> {
         for height in from..=to {
             let (Some(signed), Some(body)) = (self.db().header(height)?, self.db().body(height)?)
             else {
-                return Err(tally_core::Error::Storage(format!(
-                    "batch {height} is applied but its header or body is missing"
+                return Err(tally_core::Error::missing(format_args!(
+                    "the header or body of applied batch {height}"
                 )));
             };
             assert_eq!(signed.header.height, height, "header table keyed by height");

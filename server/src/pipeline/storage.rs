@@ -139,6 +139,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 }
                 ApplyOut::Replayed(reply, c) => reply.send(&Message::Confirmed(c)),
                 ApplyOut::Refuse(reply, r) => reply.refuse(r, &self.view),
+                ApplyOut::Reject(reply, r) => reply.reject(r),
                 ApplyOut::Resync => {
                     tracing::warn!("a committed batch did not extend the chain: skipped");
                     let _ = self.raft.try_send(RaftEvent::Resync);
@@ -150,10 +151,10 @@ impl<S: LedgerStore> StorageThread<S> {
     fn install(&mut self, index: u64, descriptor: &[u8], out: &mut Out) -> CoreResult<()> {
         let result = self.installer.install(&mut self.store, index, descriptor);
         let Some(store) = self.store.as_mut() else {
-            fatal(
-                "installing a snapshot",
-                &"the ledger store was not reopened",
-            );
+            let e = result.err().unwrap_or_else(|| {
+                tally_core::Error::missing("the ledger store after a snapshot install")
+            });
+            fatal("installing a snapshot", &e);
         };
         self.engine
             .installed(store, index, out)

@@ -12,7 +12,7 @@ use tally_core::validate::StatelessRules;
 use tally_core::Result as CoreResult;
 use tally_wire::PublicKey;
 
-use super::fatal;
+use super::on_error;
 use crate::channels::{Job, StorageCmd};
 use crate::metrics::Metrics;
 
@@ -114,7 +114,12 @@ pub(super) fn snapshot_worker(
         }
         let result = match reply_rx.recv() {
             Ok(Ok(result)) => result,
-            Ok(Err(e)) => fatal("snapshot lookup", &e),
+            Ok(Err(e)) => {
+                for job in jobs {
+                    on_error("snapshot lookup", e.clone(), job.reply);
+                }
+                continue;
+            }
             Err(_) => return,
         };
         metrics
@@ -178,5 +183,5 @@ impl LedgerRead for StorageReader<'_> {
 }
 
 pub(super) fn gone() -> tally_core::Error {
-    tally_core::Error::Storage("the storage thread has stopped".into())
+    tally_core::Error::stopped("the storage thread")
 }

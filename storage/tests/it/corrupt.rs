@@ -1,4 +1,4 @@
-//! Values that do not decode are `Error::Storage` naming their table, never a panic.
+//! Values that do not decode are `Error::Corrupt` naming their table, never a panic.
 
 use std::path::Path;
 
@@ -20,7 +20,7 @@ fn check(key: &[u8], value: &[u8], table: Table, read: impl FnOnce(LedgerDb, &Pa
     chain.step(&mut db, 4);
     db.raw_put(key, value).unwrap();
     match read(db, dir.path()) {
-        Err(Error::Storage(msg)) => {
+        Err(Error::Corrupt { what: msg }) => {
             assert!(
                 msg.contains(&table.to_string()),
                 "error should name table {table}: {msg}"

@@ -173,7 +173,7 @@ fn a_second_open_of_the_same_directory_fails() {
     let dir = tempfile::tempdir().unwrap();
     let _db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
     match LedgerDb::open(dir.path(), StoreOptions::default()) {
-        Err(Error::Storage(msg)) => assert!(msg.contains("lock"), "{msg}"),
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("lock"), "{e}"),
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("two owners of one database"),
     }

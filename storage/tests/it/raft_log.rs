@@ -12,7 +12,6 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState};
 use raft::{Error as RaftError, GetEntriesContext, Storage, StorageError};
 use tally_core::replica::RaftLogStore;
-use tally_core::Error;
 use tally_storage::layout::{self, SnapshotPoint, Table};
 use tally_storage::RaftLogDb;
 use tempfile::TempDir;

@@ -187,13 +187,13 @@ fn an_error_from_the_consumer_stops_the_dump() {
         .dump(100, |_| {
             calls += 1;
             match calls {
-                3 => Err(Error::Storage("peer went away".into())),
+                3 => Err(Error::stopped("the peer")),
                 _ => Ok(()),
             }
         })
         .unwrap_err();
     assert_eq!(calls, 3);
-    assert!(e.to_string().contains("peer went away"), "{e}");
+    assert!(e.to_string().contains("the peer has stopped"), "{e}");
     // The database is unharmed.
     check_chain(&mut db);
 }
@@ -203,7 +203,7 @@ fn installing_needs_an_empty_directory() {
     let tmp = tempfile::tempdir().unwrap();
     fs::write(tmp.path().join("stray"), b"x").unwrap();
     match LedgerInstaller::create(tmp.path(), small()) {
-        Err(Error::Storage(m)) => assert!(m.contains("not empty"), "{m}"),
+        Err(Error::Config(m)) => assert!(m.contains("not empty"), "{m}"),
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("installed over a file"),
     }
@@ -254,7 +254,7 @@ fn stream(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
 fn install_error(dir: &Path, stream: &[u8], operator: &PublicKey) -> String {
     let chunks: Vec<Vec<u8>> = stream.chunks(997).map(|c| c.to_vec()).collect();
     match install(dir, &chunks, operator) {
-        Err(Error::Storage(m)) => m,
+        Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => e.to_string(),
         Err(e) => panic!("not a storage error: {e}"),
         Ok(meta) => panic!("installed at height {}", meta.height),
     }
