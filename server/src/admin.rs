@@ -4,29 +4,11 @@
 //! freshness (issued within `ADMIN_CLOCK_SKEW_MS` of this replica's clock; a nonce seen in that
 //! window is a replay).
 
-use tally_core::engine::members::{Member, MemberAddress, MemberChange, MemberRole};
+use crossbeam_channel::Sender;
+use tally_core::engine::members::{MemberAddress, MemberChange};
 use tally_wire::{AdminCommand, AdminRequest, ErrorCode};
 
 use crate::channels::{RaftEvent, ReplyTo};
-use crate::pipeline::PipelineHandle;
-
-/// Answers an operator with the replicas and their roles.
-pub fn reply_members(reply: ReplyTo, leader_id: u64, members: &[Member]) {
-    let members = members
-        .iter()
-        .map(|m| tally_wire::Member {
-            id: m.id,
-            role: match m.role {
-                MemberRole::Voter => tally_wire::MemberRole::Voter,
-                MemberRole::Learner => tally_wire::MemberRole::Learner,
-            },
-            address: m.address.peer.clone(),
-            client_address: m.address.client.clone(),
-        })
-        .collect();
-    let answer = tally_wire::MembersReply::new(leader_id, members);
-    reply.send(&tally_wire::Message::Members(Box::new(answer)));
-}
 
 /// How far an admin request's `issued_unix_ms` may be from this replica's clock.
 pub const ADMIN_CLOCK_SKEW_MS: u64 = 120_000;
@@ -98,9 +80,9 @@ impl AdminGate {
 
 /// Serves an admin request: checked here, then handed to the raft thread (which answers with
 /// the members, or refuses a change it cannot make).
-pub fn dispatch(pipeline: &PipelineHandle, req: AdminRequest, reply: ReplyTo) {
-    let now = crate::pipeline::unix_ms();
-    if let Err((code, why)) = pipeline.admin.check(&req, now) {
+pub fn dispatch(gate: &AdminGate, raft: &Sender<RaftEvent>, req: AdminRequest, reply: ReplyTo) {
+    let now = crate::fail::unix_ms();
+    if let Err((code, why)) = gate.check(&req, now) {
         tracing::info!(code = code.name(), "admin request refused: {why}");
         reply.error(code, why);
         return;
@@ -109,7 +91,7 @@ pub fn dispatch(pipeline: &PipelineHandle, req: AdminRequest, reply: ReplyTo) {
     let event = match req.command {
         AdminCommand::Members => RaftEvent::Members { reply },
         AdminCommand::TransferLeader { id } => {
-            let _ = pipeline.raft_tx.try_send(RaftEvent::TransferLeader(id));
+            let _ = raft.try_send(RaftEvent::TransferLeader(id));
             RaftEvent::Members { reply }
         }
         AdminCommand::Add {
@@ -138,7 +120,7 @@ pub fn dispatch(pipeline: &PipelineHandle, req: AdminRequest, reply: ReplyTo) {
             reply,
         },
     };
-    if let Err(e) = pipeline.raft_tx.try_send(event) {
+    if let Err(e) = raft.try_send(event) {
         if let Some(reply) = e.into_inner().into_cmd_reply() {
             reply.busy("the raft queue", 20);
         }

@@ -25,7 +25,7 @@ use tally_wire::SignedHeader;
 use crate::channels::StorageCmd;
 use crate::metrics::Metrics;
 use crate::pipeline::ArchiveGate;
-use crate::replication::ClusterView;
+use crate::view::ClusterView;
 
 /// Bytes of batch bodies the writer takes from the storage thread per read.
 const READ_BYTES_MAX: usize = 16 << 20;

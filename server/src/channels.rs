@@ -10,7 +10,7 @@ use crossbeam_channel::Sender;
 use raft::eraftpb::Message as RaftMessage;
 use tally_core::batch::BatchBody;
 use tally_core::engine::apply::Committed;
-use tally_core::engine::members::MemberChange;
+use tally_core::engine::members::{Member, MemberChange, MemberRole};
 use tally_core::engine::{Refusal, Waiter};
 use tally_core::ports::RequestRecord;
 use tally_core::replica::ReplicaStatus;
@@ -22,7 +22,7 @@ use tally_wire::{
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::replication::ClusterView;
+use crate::view::ClusterView;
 
 /// An encoded frame on its way to a connection, holding the in-flight permit and the reply
 /// bytes reserved for it (`limits.rs`) until it was written.
@@ -75,6 +75,24 @@ impl ReplyTo {
 
     pub fn reject(self, r: Rejection) {
         self.error(r.code, r.message);
+    }
+
+    /// Answers an operator with the replicas and their roles.
+    pub fn members(self, leader_id: u64, members: &[Member]) {
+        let members = members
+            .iter()
+            .map(|m| tally_wire::Member {
+                id: m.id,
+                role: match m.role {
+                    MemberRole::Voter => tally_wire::MemberRole::Voter,
+                    MemberRole::Learner => tally_wire::MemberRole::Learner,
+                },
+                address: m.address.peer.clone(),
+                client_address: m.address.client.clone(),
+            })
+            .collect();
+        let answer = tally_wire::MembersReply::new(leader_id, members);
+        self.send(&tally_wire::Message::Members(Box::new(answer)));
     }
 
     /// Answers an engine refusal; `NotWritable` names the leader when one is known.

@@ -5,7 +5,7 @@
 //! A deliberately tiny HTTP/1.1 responder: it reads one request head, answers and closes the
 //! connection (`Connection: close`), which is all a Prometheus scraper, a load balancer's health
 //! check or `curl` needs. Limits: a request head of at most [`HEAD_BYTES_MAX`] bytes (else 431),
-//! [`READ_TIMEOUT`] to send it (else 408), [`CONNECTIONS_MAX`] connections at once (beyond that
+//! [`READ_TIMEOUT`] to send it (else 408), [`METRICS_CONNECTIONS_MAX`] connections at once (beyond that
 //! a new one is closed unanswered). A request body is never read.
 
 use std::sync::Arc;
@@ -15,12 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::limits::{ACCEPT_PAUSE_MS, METRICS_CONNECTIONS_MAX};
 use crate::metrics::Metrics;
 
 pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-pub const CONNECTIONS_MAX: usize = 64;
 
 /// Serves the endpoint until `shutdown` turns true.
 pub async fn serve(
@@ -28,7 +28,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
     loop {
         tokio::select! {
             biased;
@@ -37,12 +37,12 @@ pub async fn serve(
                 let Ok((stream, _peer)) = accepted else {
                     // Out of descriptors (or another accept error): wait as the client port
                     // does, instead of retrying in a tight loop.
-                    tokio::time::sleep(std::time::Duration::from_millis(crate::net::ACCEPT_PAUSE_MS))
+                    tokio::time::sleep(std::time::Duration::from_millis(ACCEPT_PAUSE_MS))
                         .await;
                     continue;
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::debug!("metrics connection refused: {CONNECTIONS_MAX} open");
+                    tracing::debug!("metrics connection refused: {METRICS_CONNECTIONS_MAX} open");
                     continue;
                 };
                 let metrics = metrics.clone();

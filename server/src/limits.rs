@@ -21,6 +21,11 @@ use tally_config::LimitsConfig;
 use tally_wire::{Message, FRAME_HEADER_BYTES, HEADERS_PER_REPLY_MAX, SIGNED_HEADER_BYTES};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// How long a listener stops accepting after `accept` failed for want of descriptors.
+pub const ACCEPT_PAUSE_MS: u64 = 100;
+/// Open connections the metrics endpoint (`/metrics`, `/health`, `/ready`) holds at most.
+pub const METRICS_CONNECTIONS_MAX: usize = 64;
+
 /// Descriptors one LevelDB database holds besides its table files: its lock (`LOCK`), info log
 /// (`LOG`), write-ahead log and manifest, and while it switches to new ones or writes a table,
 /// a second log or manifest and the table being written.
@@ -73,7 +78,7 @@ pub fn descriptors_reserved(peers: usize) -> DescriptorReserve {
         archive: (tally_storage::archiver::UPLOADS_IN_FLIGHT
             + tally_storage::snapshots::CHUNKS_IN_FLIGHT) as u64,
         outbound_peers: 2 * peers as u64,
-        http: crate::http::CONNECTIONS_MAX as u64 + 1,
+        http: METRICS_CONNECTIONS_MAX as u64 + 1,
         process: DESCRIPTORS_OF_THE_PROCESS,
     }
 }

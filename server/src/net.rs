@@ -30,7 +30,7 @@ use crate::channels::RaftEvent;
 use crate::channels::{Job, Outgoing, ReplyTo, StorageCmd};
 use crate::limits::{
     is_out_of_descriptors, reply_bytes_bound, AddressLimit, HandshakeRate, ReplyBudget, Reserved,
-    SMALL_REPLY_BYTES_MAX,
+    ACCEPT_PAUSE_MS, SMALL_REPLY_BYTES_MAX,
 };
 use crate::metrics::Metrics;
 use crate::pipeline::{self, PipelineHandle};
@@ -42,8 +42,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Bytes the reader asks the socket for at a time (the buffer grows only for a larger frame).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// How long the listener stops accepting after `accept` failed for want of descriptors.
-pub const ACCEPT_PAUSE_MS: u64 = 100;
 /// How long a closing connection waits for answers still in the pipeline.
 const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a client whose request met a spent server reply budget is told to wait.
@@ -539,7 +537,9 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
                 }
             }
         }
-        Message::Admin(req) => crate::admin::dispatch(pipeline, *req, reply),
+        Message::Admin(req) => {
+            crate::admin::dispatch(&pipeline.admin, &pipeline.raft_tx, *req, reply)
+        }
         Message::GetInfo => match &view.info {
             Some(info) => reply.send(&Message::Info(Box::new(info.clone()))),
             None => reply.error(ErrorCode::Unavailable, "this replica is starting"),

@@ -5,7 +5,7 @@
 //! group of one voter: the same code path, committing as soon as its own log write is synced.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
@@ -15,20 +15,22 @@ use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
 use tally_core::sequencer::SequencerConfig;
 use tally_core::validate::StatelessRules;
-use tally_storage::{FilterOrigin, LedgerDb, RaftLogDb, StoreOptions};
+use tally_storage::{FilterOrigin, LedgerDb, RaftLogDb};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::archive;
 use crate::bootstrap::read_signing_key;
 use crate::channels::Applied;
+use crate::dirs::{ledger_dir, raft_dir, store_options};
 use crate::metrics::Metrics;
 use crate::net::{serve, NetLimits};
 use crate::peer::{peer_tls, serve_inbound, start_outbound, PeerSettings};
 use crate::pipeline::{Pipeline, PipelineConfig, RaftWiring};
-use crate::replication::{ClusterView, RaftThread};
+use crate::replication::RaftThread;
 use crate::snapshot::PeerSnapshotTransfer;
 use crate::tls::server_config;
+use crate::view::ClusterView;
 use tally_core::engine::members::{AddressBook, MemberAddress};
 use tally_core::engine::replication::{Replication, ReplicationConfig};
 
@@ -36,18 +38,6 @@ use tally_core::engine::replication::{Replication, ReplicationConfig};
 const RECENT_HEIGHTS_KEPT: u64 = 64;
 /// Bound of the raft thread's input queue; peer messages beyond it are dropped (raft resends).
 const RAFT_QUEUE_MAX: usize = 65_536;
-
-pub fn ledger_dir(config: &Config) -> PathBuf {
-    config.node.data_dir.join("ledger")
-}
-
-/// The live ledger's LevelDB tuning, from `[cache]`.
-pub fn store_options(config: &Config) -> StoreOptions {
-    StoreOptions {
-        request_filter_bytes: config.cache.request_filter_bytes,
-        ..StoreOptions::default()
-    }
-}
 
 /// The client listener's limits: `[limits]` with the connection counts fitted to the
 /// descriptor limit.
@@ -75,10 +65,6 @@ fn semaphore_bytes(bytes: u64) -> usize {
     usize::try_from(bytes)
         .unwrap_or(usize::MAX)
         .min(tokio::sync::Semaphore::MAX_PERMITS)
-}
-
-pub fn raft_dir(config: &Config) -> PathBuf {
-    config.node.data_dir.join("raft")
 }
 
 /// The replicas' addresses as the config names them: this replica and its `[[peers]]`. The
@@ -258,13 +244,11 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     metrics.ledger.open_seconds.set(opened_in.as_secs_f64());
 
     let view = Arc::new(
-        ClusterView::new(node_id, &configured_book(&config)).with_info(
-            crate::replication::info_reply(
-                &config,
-                operator_public,
-                sizing.connections_per_address_max,
-            ),
-        ),
+        ClusterView::new(node_id, &configured_book(&config)).with_info(crate::view::info_reply(
+            &config,
+            operator_public,
+            sizing.connections_per_address_max,
+        )),
     );
     let applied = Arc::new(Applied {
         index: std::sync::atomic::AtomicU64::new(meta.raft_index),

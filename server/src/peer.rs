@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::bootstrap::node_name;
+use crate::certs::node_name;
 use crate::channels::RaftEvent;
 use crate::limits::{
     is_out_of_descriptors, peer_handshakes_per_address_max, AddressLimit, AddressSlot,
@@ -154,7 +154,7 @@ pub struct PeerSettings {
     pub node_id: u64,
     pub chain_id: [u8; 32],
     /// Who the other replicas are (the address book, kept current by the raft thread).
-    pub view: Arc<crate::replication::ClusterView>,
+    pub view: Arc<crate::view::ClusterView>,
     pub max_message_bytes: u64,
     pub snapshot_chunk_bytes: u32,
     /// Where snapshot downloads get the ledger dump from (the storage thread).
@@ -307,7 +307,7 @@ pub async fn serve_inbound(
                 Err(e) => {
                     rate_log!(REFUSED_LOG, warn, "peer port: accept failed: {e}");
                     if is_out_of_descriptors(&e) {
-                        let pause = crate::net::ACCEPT_PAUSE_MS;
+                        let pause = crate::limits::ACCEPT_PAUSE_MS;
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                     }
                     continue;

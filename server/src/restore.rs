@@ -42,7 +42,7 @@ use tally_storage::{LedgerDb, LedgerImport, RaftLogDb, StoreOptions};
 
 use crate::archive::read_only_marker;
 use crate::bootstrap::read_signing_key;
-use crate::node::{ledger_dir, raft_dir, store_options};
+use crate::dirs::{ledger_dir, raft_dir, store_options};
 
 /// What to restore.
 #[derive(Debug, Clone, Default)]

@@ -26,7 +26,7 @@ use tally_wire::PublicKey;
 
 use crate::peer::fetch_snapshot;
 use crate::pipeline::SnapshotTransfer;
-use crate::replication::ClusterView;
+use crate::view::ClusterView;
 
 pub struct PeerSnapshotTransfer {
     node_id: u64,
@@ -53,8 +53,8 @@ impl PeerSnapshotTransfer {
             node_id: config.node.id,
             chain_id: config.chain_id_bytes(),
             operator,
-            live: crate::node::ledger_dir(config),
-            store: crate::node::store_options(config),
+            live: crate::dirs::ledger_dir(config),
+            store: crate::dirs::store_options(config),
             chunk_bytes_max: config.raft.snapshot_chunk_bytes,
             client,
             view,

@@ -11,10 +11,10 @@ use crossbeam_channel::{select, Receiver, Sender};
 use tally_core::engine::master::{Master, MasterOut, Poll};
 
 use super::validate::StorageReader;
-use super::{fatal, unix_ms};
 use crate::channels::{Job, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
+use crate::fail::{fatal, unix_ms};
 use crate::metrics::Metrics;
-use crate::replication::ClusterView;
+use crate::view::ClusterView;
 
 /// How long the queues before the master must stay empty during a shutdown before it seals.
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(100);

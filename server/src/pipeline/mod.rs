@@ -32,7 +32,7 @@ mod validate;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use tally_core::crypto::OperatorKey;
@@ -42,13 +42,13 @@ use tally_core::ports::LedgerStore;
 use tally_core::sequencer::SequencerConfig;
 use tally_core::state::LedgerMeta;
 use tally_core::validate::StatelessRules;
-use tally_core::{Disposition, Error as CoreError, Result as CoreResult};
+use tally_core::Result as CoreResult;
 use tally_storage::archiver::ArchiveProgress;
 use tally_wire::{ErrorCode, SignedHeader};
 
-use crate::channels::{Applied, Job, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
+use crate::channels::{Applied, Job, MasterEvent, RaftEvent, StorageCmd};
 use crate::metrics::Metrics;
-use crate::replication::ClusterView;
+use crate::view::ClusterView;
 
 /// Replays that wait for their batch to be applied are bounded; beyond this they are refused
 /// as retryable (`busy`).
@@ -293,33 +293,6 @@ fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> JoinHandle<()> {
         .name(name)
         .spawn(f)
         .expect("spawning a pipeline thread")
-}
-
-/// The runtime's rule for an error met in the apply path while a client waits for the answer,
-/// as [`tally_core::Error::disposition`] decides: a deterministic error answers that client
-/// with its code and the node goes on; any other stops the node ([`fatal`]).
-pub fn on_error(what: &str, e: CoreError, reply: ReplyTo) {
-    match e.disposition() {
-        Disposition::Reply(code) => reply.error(code, format!("{what}: {e}")),
-        Disposition::Stop => fatal(what, &e),
-    }
-}
-
-/// Stops the node: state on disk may be ahead of or behind what we hold in memory, and going on
-/// could let this replica diverge. Restarting recovers from disk. For errors with no client to
-/// answer: those the engine returns (it answers deterministic ones itself,
-/// `tally_core::engine::answer_or_stop`), and any error applying a committed batch, which
-/// stops the node whatever its disposition.
-pub fn fatal(what: &str, e: &CoreError) -> ! {
-    tracing::error!("fatal: {what}: {e}; stopping the node");
-    eprintln!("tally-server: fatal: {what}: {e}; stopping the node");
-    std::process::exit(70)
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Sends a job into the pipeline without waiting: a full queue answers `busy`.

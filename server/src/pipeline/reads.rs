@@ -10,9 +10,9 @@ use tally_core::state::LedgerMeta;
 use tally_core::Result as CoreResult;
 use tally_wire::{BalanceReply, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX};
 
-use super::on_error;
 use super::storage::StorageThread;
 use crate::channels::{LookupResult, StorageCmd};
+use crate::fail::on_error;
 
 impl<S: LedgerStore> StorageThread<S> {
     /// Serves one read command (never `Committed`, `InstallSnapshot`, `Replay` or `Stop`).

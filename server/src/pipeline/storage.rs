@@ -14,10 +14,11 @@ use tally_core::Result as CoreResult;
 use tally_wire::Message;
 
 use super::confirm::ConfirmJob;
-use super::{fatal, ArchiveGate, SnapshotTransfer};
+use super::{ArchiveGate, SnapshotTransfer};
 use crate::channels::{self, RaftEvent, ReplyTo, StorageCmd};
+use crate::fail::fatal;
 use crate::metrics::Metrics;
-use crate::replication::ClusterView;
+use crate::view::ClusterView;
 
 pub(super) struct StorageThread<S> {
     pub engine: Applier<ReplyTo>,

@@ -12,8 +12,8 @@ use tally_core::validate::StatelessRules;
 use tally_core::Result as CoreResult;
 use tally_wire::PublicKey;
 
-use super::on_error;
 use crate::channels::{Job, StorageCmd};
+use crate::fail::on_error;
 use crate::metrics::Metrics;
 
 /// Waits for one job, then takes whatever else is queued, up to `max` in all, without waiting

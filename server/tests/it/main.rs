@@ -6,6 +6,7 @@ mod bad_input;
 mod cluster;
 mod cluster_harness;
 mod harness;
+mod layering;
 mod membership;
 mod metrics;
 mod single_node;
