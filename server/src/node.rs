@@ -5,7 +5,7 @@
 //! group of one voter: the same code path, committing as soon as its own log write is synced.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
@@ -187,25 +187,17 @@ fn rearchive_from_raft_log(
     Ok(())
 }
 
-/// Runs the replica until SIGTERM or ctrl-c, then shuts down gracefully: stop accepting, finish
-/// and commit the batch in progress, send its confirmations, exit.
-pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
-    let tls_cfg = config.tls.as_ref().context("[tls] is required")?;
-    let op_cfg = config.operator.as_ref().context("[operator] is required")?;
-    let signing_key = read_signing_key(&op_cfg.signing_key)?;
-    let operator_public = signing_key.verifying_key().to_bytes();
-    let archive_key = signing_key.clone();
-    let operator = OperatorKey::new(signing_key);
-    let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
-    // Before any database opens: the descriptor limit is raised, the connection limits fit it.
-    let sizing = crate::limits::connection_sizing(&config.limits, config.peers.len());
-    crate::bootstrap::create_private_dir(&config.node.data_dir)?;
+/// Opens the ledger: finishes (or rolls back) a snapshot install a crash interrupted, loads or
+/// rebuilds the request filter, and re-archives from the raft log what a crash left behind.
+fn open_ledger(
+    config: &Config,
+) -> Result<(LedgerDb, tally_core::state::LedgerMeta, std::time::Duration)> {
     // Finish (or roll back) a snapshot install a crash interrupted.
-    tally_storage::recover_install(&ledger_dir(&config))
-        .with_context(|| format!("recovering {}", ledger_dir(&config).display()))?;
+    tally_storage::recover_install(&ledger_dir(config))
+        .with_context(|| format!("recovering {}", ledger_dir(config).display()))?;
     let opening = std::time::Instant::now();
-    let mut store = LedgerDb::open(&ledger_dir(&config), store_options(&config))
-        .with_context(|| format!("opening the ledger in {}", ledger_dir(&config).display()))?;
+    let mut store = LedgerDb::open(&ledger_dir(config), store_options(config))
+        .with_context(|| format!("opening the ledger in {}", ledger_dir(config).display()))?;
     let meta = store.meta()?;
     // Rebuilding the request filter from the whole request table grows with the ledger's
     // history; after a clean stop the filter saved then is loaded instead.
@@ -225,23 +217,184 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     if let Some((from, to)) = store.archive_behind() {
         rearchive_from_raft_log(
             &mut store,
-            &raft_dir(&config),
+            &raft_dir(config),
             &config.initial_voters(),
             from,
             to,
         )?;
     }
-    let compactable = store.compactable_meta()?;
+    Ok((store, meta, opened_in))
+}
+
+/// The pipeline's sizes and rules, from the config.
+fn pipeline_config(
+    config: &Config,
+    operator_key_id: [u8; 8],
+    metrics: Arc<Metrics>,
+    gate: Option<Arc<crate::pipeline::ArchiveGate>>,
+    read_only: bool,
+) -> PipelineConfig {
     let chain_id = config.chain_id_bytes();
+    PipelineConfig {
+        node_id: config.node.id,
+        rules: StatelessRules {
+            chain_id,
+            deposit_keys: config
+                .deposit_keys_bytes()
+                .into_iter()
+                .collect::<HashSet<_>>(),
+        },
+        sequencer: SequencerConfig {
+            chain_id,
+            operator_key_id,
+            batch_requests_max: config.batch.batch_requests_max,
+            accounts_cached_max: config.cache.accounts_max,
+            recent_heights_kept: RECENT_HEIGHTS_KEPT,
+        },
+        stateless_workers: config.workers.stateless,
+        snapshot_workers: config.workers.snapshot,
+        queue_depth_max: config.limits.queue_depth_max as usize,
+        batch_window: config.batch.batch_window(),
+        batch_close_idle: config.batch.batch_close_idle,
+        batch_in_flight_max: config.batch.batch_in_flight_max as u64,
+        metrics,
+        archive: gate,
+        read_only,
+        admin: Arc::new(crate::admin::AdminGate::new(
+            chain_id,
+            config.admin_keys_bytes(),
+        )),
+    }
+}
+
+/// What the peer transport starts from.
+struct PeerStart<'a> {
+    config: &'a Config,
+    view: Arc<ClusterView>,
+    storage: crossbeam_channel::Sender<crate::channels::StorageCmd>,
+    connections_max: usize,
+    tls: (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>),
+    events: crossbeam_channel::Sender<crate::channels::RaftEvent>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Starts the peer transport (mutual TLS with the operator's CA): a dialing task per replica
+/// in the view, and the peer listener if this replica has peers.
+async fn start_peers(p: PeerStart<'_>) -> Result<crate::peer::PeerSenders> {
+    let config = p.config;
+    let settings = Arc::new(PeerSettings {
+        node_id: config.node.id,
+        chain_id: config.chain_id_bytes(),
+        view: p.view,
+        max_message_bytes: config.raft.max_message_bytes,
+        snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
+        storage: p.storage,
+        connections_max: p.connections_max,
+        handshake_timeout: config.limits.handshake_timeout(),
+        write_timeout: config.limits.write_timeout(),
+    });
+    let (server, client) = p.tls;
+    let senders = start_outbound(settings.clone(), client, p.events.clone(), p.stop.clone());
+    if !config.peers.is_empty() {
+        let listener = TcpListener::bind(config.listen.peer)
+            .await
+            .with_context(|| format!("binding the peer listener on {}", config.listen.peer))?;
+        println!(
+            "tally-server: node {} listening for peers on {} (mutual TLS)",
+            config.node.id,
+            listener.local_addr()?
+        );
+        tokio::spawn(serve_inbound(listener, server, settings, p.events, p.stop));
+    }
+    Ok(senders)
+}
+
+/// What the raft thread starts from.
+struct RaftStart {
+    dir: PathBuf,
+    voters: Vec<u64>,
+    node_id: u64,
+    raft_cfg: tally_config::RaftConfig,
+    ledger_raft_index: u64,
+    configured: AddressBook,
+    events: crossbeam_channel::Receiver<crate::channels::RaftEvent>,
+    peers: crate::peer::PeerSenders,
+    apply: crossbeam_channel::Sender<crate::channels::StorageCmd>,
+    master: crossbeam_channel::Sender<crate::channels::MasterEvent>,
+    applied: Arc<Applied>,
+    view: Arc<ClusterView>,
+    metrics: Arc<Metrics>,
+    may_campaign: Box<dyn Fn() -> bool + Send>,
+}
+
+/// Starts the raft thread, which opens its log itself (the log lives on that thread); returns
+/// once raft runs there, or why it could not start.
+fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || {
+            let opened = open_replica(
+                &s.dir,
+                &s.voters,
+                s.node_id,
+                &s.raft_cfg,
+                s.ledger_raft_index,
+            )
+            .with_context(|| format!("starting raft on the log in {}", s.dir.display()));
+            let (replica, stored_book) = match opened {
+                Ok(r) => {
+                    let _ = started_tx.send(Ok(()));
+                    r
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            let cfg = ReplicationConfig {
+                compaction_entries: s.raft_cfg.compaction_entries,
+                compaction_bytes: s.raft_cfg.compaction_bytes,
+            };
+            let book = stored_book.unwrap_or(s.configured);
+            RaftThread {
+                engine: Replication::new(cfg, replica, book),
+                events: s.events,
+                peers: s.peers,
+                apply: s.apply,
+                master: s.master,
+                applied: s.applied,
+                view: s.view,
+                tick: s.raft_cfg.tick(),
+                metrics: s.metrics,
+                may_campaign: s.may_campaign,
+            }
+            .run();
+        })?;
+    started_rx
+        .recv()
+        .context("the raft thread died while starting")??;
+    Ok(thread)
+}
+
+/// Runs the replica until SIGTERM or ctrl-c, then shuts down gracefully: stop accepting, finish
+/// and commit the batch in progress, send its confirmations, exit.
+pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
+    let tls_cfg = config.tls.as_ref().context("[tls] is required")?;
+    let op_cfg = config.operator.as_ref().context("[operator] is required")?;
+    let signing_key = read_signing_key(&op_cfg.signing_key)?;
+    let operator_public = signing_key.verifying_key().to_bytes();
+    let archive_key = signing_key.clone();
+    let operator = OperatorKey::new(signing_key);
+    let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
+    // Before any database opens: the descriptor limit is raised, the connection limits fit it.
+    let sizing = crate::limits::connection_sizing(&config.limits, config.peers.len());
+    crate::bootstrap::create_private_dir(&config.node.data_dir)?;
+    let (mut store, meta, opened_in) = open_ledger(&config)?;
+    let compactable = store.compactable_meta()?;
     let node_id = config.node.id;
     let voters = config.initial_voters();
-    let metrics = Arc::new(Metrics::new());
-    metrics.applied_height.set(meta.height as i64);
-    metrics
-        .ledger
-        .request_filter_loaded
-        .set((store.request_filter_origin() == &FilterOrigin::Loaded) as i64);
-    metrics.ledger.open_seconds.set(opened_in.as_secs_f64());
+    let metrics = opening_metrics(&store, meta.height, opened_in);
 
     let view = Arc::new(
         ClusterView::new(node_id, &configured_book(&config)).with_info(crate::view::info_reply(
@@ -275,36 +428,13 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         runtime.handle().clone(),
     );
     let pipeline = Pipeline::start(
-        PipelineConfig {
-            node_id,
-            rules: StatelessRules {
-                chain_id,
-                deposit_keys: config
-                    .deposit_keys_bytes()
-                    .into_iter()
-                    .collect::<HashSet<_>>(),
-            },
-            sequencer: SequencerConfig {
-                chain_id,
-                operator_key_id: operator.key_id(),
-                batch_requests_max: config.batch.batch_requests_max,
-                accounts_cached_max: config.cache.accounts_max,
-                recent_heights_kept: RECENT_HEIGHTS_KEPT,
-            },
-            stateless_workers: config.workers.stateless,
-            snapshot_workers: config.workers.snapshot,
-            queue_depth_max: queue_depth,
-            batch_window: config.batch.batch_window(),
-            batch_close_idle: config.batch.batch_close_idle,
-            batch_in_flight_max: config.batch.batch_in_flight_max as u64,
-            metrics: metrics.clone(),
-            archive: gate.clone(),
+        pipeline_config(
+            &config,
+            operator.key_id(),
+            metrics.clone(),
+            gate.clone(),
             read_only,
-            admin: Arc::new(crate::admin::AdminGate::new(
-                chain_id,
-                config.admin_keys_bytes(),
-            )),
-        },
+        ),
         RaftWiring {
             raft_tx: raft_tx.clone(),
             master_events: master_rx,
@@ -350,98 +480,35 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             })?;
         let metrics_addr = metrics_listener.local_addr()?;
 
-        // Peers: mutual TLS with the operator's CA.
-        let settings = Arc::new(PeerSettings {
-            node_id,
-            chain_id,
+        let peers = PeerStart {
+            config: &config,
             view: view.clone(),
-            max_message_bytes: config.raft.max_message_bytes,
-            snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
             storage: storage_tx.clone(),
             connections_max: sizing.peer_connections_max,
-            handshake_timeout: config.limits.handshake_timeout(),
-            write_timeout: config.limits.write_timeout(),
-        });
-        let senders = start_outbound(
-            settings.clone(),
-            peer_client,
-            raft_tx.clone(),
-            stop_rx.clone(),
-        );
-        if !config.peers.is_empty() {
-            let peer_listener = TcpListener::bind(config.listen.peer)
-                .await
-                .with_context(|| format!("binding the peer listener on {}", config.listen.peer))?;
-            println!(
-                "tally-server: node {node_id} listening for peers on {} (mutual TLS)",
-                peer_listener.local_addr()?
-            );
-            tokio::spawn(serve_inbound(
-                peer_listener,
-                peer_server,
-                settings.clone(),
-                raft_tx.clone(),
-                stop_rx.clone(),
-            ));
-        }
-
-        // The raft thread opens its log itself: the log lives on that thread.
-        let raft_cfg = config.raft.clone();
-        let dir = raft_dir(&config);
-        let (apply_tx, master, view2, applied2, metrics2) = (
-            storage_tx.clone(),
-            master_tx.clone(),
-            view.clone(),
-            applied.clone(),
-            metrics.clone(),
-        );
-        let ledger_raft_index = meta.raft_index;
-        let configured = configured_book(&config);
-        let may_campaign =
-            archive::campaign_rule(gate.clone(), pipeline.handle.applied_height.clone());
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
-        let raft_thread = std::thread::Builder::new()
-            .name("raft".into())
-            .spawn(move || {
-                let start = || {
-                    let opened = open_replica(&dir, &voters, node_id, &raft_cfg, ledger_raft_index);
-                    opened.with_context(|| format!("starting raft on the log in {}", dir.display()))
-                };
-                let (replica, stored_book) = match start() {
-                    Ok(r) => {
-                        let _ = started_tx.send(Ok(()));
-                        r
-                    }
-                    Err(e) => {
-                        let _ = started_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let engine = Replication::new(
-                    ReplicationConfig {
-                        compaction_entries: raft_cfg.compaction_entries,
-                        compaction_bytes: raft_cfg.compaction_bytes,
-                    },
-                    replica,
-                    stored_book.unwrap_or(configured),
-                );
-                RaftThread {
-                    engine,
-                    events: raft_rx,
-                    peers: senders,
-                    apply: apply_tx,
-                    master,
-                    applied: applied2,
-                    view: view2,
-                    tick: raft_cfg.tick(),
-                    metrics: metrics2,
-                    may_campaign,
-                }
-                .run();
-            })?;
-        started_rx
-            .recv()
-            .context("the raft thread died while starting")??;
+            tls: (peer_server, peer_client),
+            events: raft_tx.clone(),
+            stop: stop_rx.clone(),
+        };
+        let senders = start_peers(peers).await?;
+        let raft_thread = spawn_raft(RaftStart {
+            dir: raft_dir(&config),
+            voters: voters.clone(),
+            node_id,
+            raft_cfg: config.raft.clone(),
+            ledger_raft_index: meta.raft_index,
+            configured: configured_book(&config),
+            events: raft_rx,
+            peers: senders,
+            apply: storage_tx.clone(),
+            master: master_tx.clone(),
+            applied: applied.clone(),
+            view: view.clone(),
+            metrics: metrics.clone(),
+            may_campaign: archive::campaign_rule(
+                gate.clone(),
+                pipeline.handle.applied_height.clone(),
+            ),
+        })?;
 
         // Scripts and tests read this line to find the port (the config may say port 0).
         println!("tally-server: node {node_id} listening for clients on {addr} (TLS)");
@@ -467,18 +534,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
             http_stop_rx,
         ));
         #[cfg(unix)]
-        {
-            // SIGUSR1: an operator (or the chaos monkey) asks the leader to hand over to its
-            // best-caught-up follower, e.g. before maintenance. A no-op on a follower.
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut usr1 = signal(SignalKind::user_defined1())?;
-            let raft_tx = raft_tx.clone();
-            tokio::spawn(async move {
-                while usr1.recv().await.is_some() {
-                    let _ = raft_tx.try_send(crate::channels::RaftEvent::TransferLeader(0));
-                }
-            });
-        }
+        transfer_leadership_on_sigusr1(raft_tx.clone())?;
         wait_for_signal().await;
         metrics.set_ready(false);
         println!("tally-server: shutting down: finishing the batch in progress");
@@ -494,6 +550,32 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     println!("tally-server: stopped");
     Ok(())
+}
+
+/// SIGUSR1: an operator (or the chaos monkey) asks the leader to hand over to its
+/// best-caught-up follower, e.g. before maintenance. A no-op on a follower.
+#[cfg(unix)]
+fn transfer_leadership_on_sigusr1(
+    raft_tx: crossbeam_channel::Sender<crate::channels::RaftEvent>,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            let _ = raft_tx.try_send(crate::channels::RaftEvent::TransferLeader(0));
+        }
+    });
+    Ok(())
+}
+
+/// The metrics the ledger's opening set.
+fn opening_metrics(store: &LedgerDb, height: u64, opened_in: std::time::Duration) -> Arc<Metrics> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.applied_height.set(height as i64);
+    let loaded = store.request_filter_origin() == &FilterOrigin::Loaded;
+    metrics.ledger.request_filter_loaded.set(loaded as i64);
+    metrics.ledger.open_seconds.set(opened_in.as_secs_f64());
+    metrics
 }
 
 async fn wait_for_signal() {

@@ -23,7 +23,11 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
         if file.extension().is_none_or(|e| e != "rs") {
             continue;
         }
-        let module = module_path.file_stem().unwrap().to_string_lossy().to_string();
+        let module = module_path
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         if module == "lib" || module == "bin" {
             continue;
         }
@@ -47,7 +51,10 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
 #[test]
 fn server_modules_import_no_cycle() {
     let graph = module_graph();
-    assert!(graph.len() > 10 && graph.contains_key("pipeline"), "{graph:?}");
+    assert!(
+        graph.len() > 10 && graph.contains_key("pipeline"),
+        "{graph:?}"
+    );
     // Depth-first search for a path from each module back to itself.
     for start in graph.keys() {
         let mut stack: Vec<Vec<&String>> = vec![vec![start]];
