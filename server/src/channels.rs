@@ -10,7 +10,7 @@ use crossbeam_channel::Sender;
 use raft::eraftpb::Message as RaftMessage;
 use tally_core::batch::BatchBody;
 use tally_core::engine::apply::Committed;
-use tally_core::engine::members::{Member, MemberChange, MemberRole};
+use tally_core::engine::members::MemberChange;
 use tally_core::engine::{Refusal, Waiter};
 use tally_core::ports::RequestRecord;
 use tally_core::replica::ReplicaStatus;
@@ -78,19 +78,7 @@ impl ReplyTo {
     }
 
     /// Answers an operator with the replicas and their roles.
-    pub fn members(self, leader_id: u64, members: &[Member]) {
-        let members = members
-            .iter()
-            .map(|m| tally_wire::Member {
-                id: m.id,
-                role: match m.role {
-                    MemberRole::Voter => tally_wire::MemberRole::Voter,
-                    MemberRole::Learner => tally_wire::MemberRole::Learner,
-                },
-                address: m.address.peer.clone(),
-                client_address: m.address.client.clone(),
-            })
-            .collect();
+    pub fn members(self, leader_id: u64, members: Vec<tally_wire::Member>) {
         let answer = tally_wire::MembersReply::new(leader_id, members);
         self.send(&tally_wire::Message::Members(Box::new(answer)));
     }

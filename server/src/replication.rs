@@ -196,7 +196,7 @@ impl<S: RaftLogStore> RaftThread<S> {
                     reply,
                     leader_id,
                     members,
-                } => reply.members(leader_id, &members),
+                } => reply.members(leader_id, members),
                 ReplOut::RefuseChange(reply, why) => {
                     tracing::info!("membership change refused: {why}");
                     reply.error(tally_wire::ErrorCode::MembershipRefused, why);

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
 
+use tally_wire::{Member, MemberRole};
+
 use crate::state::{LedgerMeta, META_BYTES};
 use crate::{Error, Result};
 
@@ -47,20 +49,6 @@ pub enum MemberChange {
     Remove {
         id: u64,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemberRole {
-    Voter,
-    Learner,
-}
-
-/// One replica as the operator sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    pub id: u64,
-    pub role: MemberRole,
-    pub address: MemberAddress,
 }
 
 impl MemberChange {
@@ -155,16 +143,21 @@ impl AddressBook {
 
     /// The members of `conf` with their addresses (empty when unknown), voters first.
     pub fn members(&self, conf: &ConfState) -> Vec<Member> {
+        let address = |id: &u64| self.0.get(id).cloned().unwrap_or_default();
         let roles = conf
             .voters
             .iter()
             .map(|id| (*id, MemberRole::Voter))
             .chain(conf.learners.iter().map(|id| (*id, MemberRole::Learner)));
         roles
-            .map(|(id, role)| Member {
-                id,
-                role,
-                address: self.0.get(&id).cloned().unwrap_or_default(),
+            .map(|(id, role)| {
+                let a = address(&id);
+                Member {
+                    id,
+                    role,
+                    address: a.peer,
+                    client_address: a.client,
+                }
             })
             .collect()
     }

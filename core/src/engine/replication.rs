@@ -25,8 +25,9 @@ use crate::state::LedgerMeta;
 use crate::Result;
 
 use super::apply::Committed;
-use super::members::{decode_descriptor, encode_descriptor, AddressBook, Member, MemberChange};
+use super::members::{decode_descriptor, encode_descriptor, AddressBook, MemberChange};
 use super::{PlantedBug, Refusal, Waiter};
+use tally_wire::Member;
 
 /// Ticks during which a leader tells a replica it removed that its removal committed.
 const REMOVAL_NOTICE_TICKS: u32 = 20;
