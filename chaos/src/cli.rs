@@ -42,8 +42,10 @@ pub struct LiveArgs {
     /// The seed every random choice derives from (random, and printed, when absent).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Fault kinds to inject: kill,pause,partition,restart,transfer,cut-client,archive-outage
-    /// (or all; archive-outage only with an S3 --archive, else it is skipped).
+    /// Fault kinds to inject: kill,pause,partition,restart,transfer,cut-client,archive-outage,
+    /// replace
+    /// (or all; archive-outage only with an S3 --archive, replace not with --total-loss, else
+    /// they are skipped).
     #[arg(long, default_value = "all")]
     pub faults: String,
     /// Write the report as JSON here (and the plot next to it, as .svg).

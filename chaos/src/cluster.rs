@@ -6,6 +6,11 @@
 //! through one [`Proxy`] per directed link, and harness clients may reach it through a client
 //! proxy. Each replica's stdout and stderr go to `DIR/nodeK.log`, appended across restarts.
 //!
+//! Replicas come and go ([`LiveCluster::add_replica`], [`LiveCluster::retire`]): `ids` are the
+//! members the harness judges. An added replica dials the others through link proxies of its
+//! own, but they all reach it through one proxy in front of its peer port, the address it was
+//! added with (a membership change gives every replica the same address book entry).
+//!
 //! Every replica archives to the same place: `init-cluster`'s shared `DIR/archive`, or the
 //! archive the run names ([`ArchiveSetup`]). An S3 archive is reached through one more proxy,
 //! in front of the store's endpoint, which an archive outage cuts.
@@ -15,7 +20,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -114,8 +119,17 @@ pub struct LiveCluster {
     pub client_addrs: BTreeMap<u64, SocketAddr>,
     configs: BTreeMap<u64, PathBuf>,
     processes: BTreeMap<u64, Process>,
+    /// Real peer addresses of the replicas (what the link proxies forward to).
+    peer_addrs: BTreeMap<u64, SocketAddr>,
     /// (from, to) → the proxy `from` dials to reach `to`.
     links: BTreeMap<(u64, u64), Proxy>,
+    /// Replica added during the run → the one proxy in front of its peer port, the address it
+    /// was added with, which every replica dials (see [`LiveCluster::add_replica`]).
+    inbound: BTreeMap<u64, Proxy>,
+    /// Replicas removed from the cluster during the run, in order.
+    pub removed: Vec<u64>,
+    /// The id the next added replica gets: ids are never reused.
+    next_id: u64,
     /// Replica id → proxy in front of its client port.
     pub client_proxies: BTreeMap<u64, Proxy>,
     /// The archive every replica writes: an `s3://` URL or an absolute directory.
@@ -154,6 +168,35 @@ fn free_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// The base port `create` gives `init-cluster` (every port is rewired afterwards; `--add-node`
+/// must be given the same one).
+const BASE_PORT: u16 = 1000;
+
+fn read_config(path: &Path) -> Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Config::from_toml_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn write_config(path: &Path, config: &Config) -> Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow!("the rewired config {} is invalid:\n{e}", path.display()))?;
+    std::fs::write(path, config.to_toml_string())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A replica made during the run ([`LiveCluster::add_replica`]): running, not yet a member.
+#[derive(Debug, Clone)]
+pub struct AddedReplica {
+    pub id: u64,
+    /// What `AdminCommand::Add` names as its peer address: the proxy in front of its peer
+    /// port, which every replica dials.
+    pub peer_address: SocketAddr,
+    /// Its real client address.
+    pub client_address: SocketAddr,
+}
+
 impl LiveCluster {
     /// Writes an N-replica operator into `dir` (a fresh temporary directory if None; else it
     /// must be empty or absent), rewired onto free ports with a proxy on every directed link and
@@ -175,7 +218,7 @@ impl LiveCluster {
             ),
         };
         let root = std::path::absolute(dir.path())?;
-        tally_server::bootstrap::init_cluster(nodes, &root, 1000)
+        tally_server::bootstrap::init_cluster(nodes, &root, BASE_PORT)
             .with_context(|| format!("init-cluster in {}", root.display()))?;
         let (archive_url, archive_proxy) = match &archive.url {
             None => (root.join("archive").display().to_string(), None),
@@ -200,14 +243,11 @@ impl LiveCluster {
         for &id in &ids {
             client_proxies.insert(id, Proxy::start(client_addrs[&id]).await?);
         }
-        let mut configs = BTreeMap::new();
         let mut archive_max_lag_batches = 0;
+        let mut configs = BTreeMap::new();
         for &id in &ids {
             let path = root.join(format!("node{id}.toml"));
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let mut config =
-                Config::from_toml_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            let mut config = read_config(&path)?;
             config.listen.client = client_addrs[&id];
             config.listen.peer = peer_addrs[&id];
             config.listen.metrics = "127.0.0.1:0".parse().expect("an address");
@@ -229,11 +269,7 @@ impl LiveCluster {
                 config.archive.max_lag_batches = lag;
             }
             archive_max_lag_batches = config.archive.max_lag_batches;
-            config
-                .validate()
-                .map_err(|e| anyhow!("the rewired config of node {id} is invalid:\n{e}"))?;
-            std::fs::write(&path, config.to_toml_string())
-                .with_context(|| format!("writing {}", path.display()))?;
+            write_config(&path, &config)?;
             configs.insert(id, path);
         }
         let mut profile = Profile::load(root.join("profile.toml"))?;
@@ -246,12 +282,16 @@ impl LiveCluster {
             .collect();
         Ok(LiveCluster {
             dir,
+            next_id: nodes + 1,
             ids,
             profile,
             client_addrs,
             configs,
             processes: BTreeMap::new(),
+            peer_addrs,
             links,
+            inbound: BTreeMap::new(),
+            removed: Vec::new(),
             client_proxies,
             archive_url,
             archive_proxy,
@@ -455,7 +495,124 @@ impl LiveCluster {
         Ok(())
     }
 
-    /// Cuts or heals the one-way link `from → to`.
+    /// Makes a new replica as an operator does (`tally-server init-cluster --add-node`, with
+    /// the next id never used), rewires it onto free ports and starts it: a non-member until
+    /// the cluster adds it. Its links to the others go through proxies of their own; the
+    /// others all reach it through one proxy, because every replica dials the one address it
+    /// is added with. Nothing changes in the others' files.
+    pub async fn add_replica(&mut self) -> Result<AddedReplica> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.init_added(id).await?;
+        let client = free_port()?;
+        let peer = free_port()?;
+        for &to in &self.ids {
+            let proxy = Proxy::start(self.peer_addrs[&to]).await?;
+            self.links.insert((id, to), proxy);
+        }
+        let path = self.root().join(format!("node{id}.toml"));
+        let mut config = read_config(&path)?;
+        config.listen.client = client;
+        config.listen.peer = peer;
+        config.listen.metrics = "127.0.0.1:0".parse().expect("an address");
+        config.peers.retain(|p| self.ids.contains(&p.id));
+        for p in config.peers.iter_mut() {
+            p.address = self.links[&(id, p.id)].listen;
+            p.client_address = self.client_addrs[&p.id];
+        }
+        write_config(&path, &config)?;
+        let inbound = Proxy::start(peer).await?;
+        let added = AddedReplica {
+            id,
+            peer_address: inbound.listen,
+            client_address: client,
+        };
+        self.inbound.insert(id, inbound);
+        self.peer_addrs.insert(id, peer);
+        self.client_addrs.insert(id, client);
+        self.client_proxies.insert(id, Proxy::start(client).await?);
+        self.configs.insert(id, path);
+        self.ids.push(id);
+        self.profile.replicas.push(ReplicaAddress {
+            id,
+            address: client.to_string(),
+        });
+        self.start(id).await?;
+        Ok(added)
+    }
+
+    /// `tally-server init-cluster --dir DIR --add-node ID`: the new replica's certificate and
+    /// `nodeID.toml`, from the CA in DIR.
+    async fn init_added(&self, id: u64) -> Result<()> {
+        let mut command = Command::new(&self.server_bin);
+        command
+            .arg("init-cluster")
+            .arg("--dir")
+            .arg(self.root())
+            .arg("--add-node")
+            .arg(id.to_string())
+            .arg("--base-port")
+            .arg(BASE_PORT.to_string())
+            .stdin(Stdio::null());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await?
+            .context("running tally-server init-cluster --add-node")?;
+        if !output.status.success() {
+            bail!(
+                "init-cluster --add-node {id} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for replica `id` to exit by itself and returns how it exited
+    /// (then it is forgotten), or None if it still runs.
+    pub async fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.processes.get_mut(&id)?.child.try_wait().ok().flatten();
+            if let Some(status) = status {
+                self.processes.remove(&id);
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Forgets replica `id`, removed from the cluster and stopped: it is no longer judged,
+    /// restarted or targeted. Its config moves to `nodeID.toml.removed`, as the runbook
+    /// (docs/OPERATING.md) says, so that a later `--add-node` does not list it as a peer.
+    pub fn retire(&mut self, id: u64) -> Result<()> {
+        assert!(!self.is_running(id), "retire a stopped replica only");
+        self.ids.retain(|&i| i != id);
+        self.client_addrs.remove(&id);
+        self.client_proxies.remove(&id);
+        self.links.retain(|&(from, to), _| from != id && to != id);
+        self.inbound.remove(&id);
+        self.profile.replicas.retain(|r| r.id != id);
+        if let Some(path) = self.configs.get_mut(&id) {
+            let aside = path.with_extension("toml.removed");
+            std::fs::rename(&*path, &aside)
+                .with_context(|| format!("moving {} aside", path.display()))?;
+            *path = aside;
+        }
+        self.removed.push(id);
+        Ok(())
+    }
+
+    /// Whether `from → to` has a proxy of its own (not a link into a replica added during
+    /// the run).
+    pub fn has_link(&self, from: u64, to: u64) -> bool {
+        self.links.contains_key(&(from, to))
+    }
+
+    /// Cuts or heals the one-way link `from → to`. A link into a replica added during the run
+    /// is not cut alone: every replica reaches it through one proxy (see `isolate`, `split`).
     pub fn set_link(&self, from: u64, to: u64, cut: bool) {
         if let Some(p) = self.links.get(&(from, to)) {
             p.set_cut(cut);
@@ -469,14 +626,30 @@ impl LiveCluster {
                 p.set_cut(cut);
             }
         }
+        if let Some(p) = self.inbound.get(&id) {
+            p.set_cut(cut);
+        }
     }
 
-    /// Cuts every link between the two sides, both directions.
+    /// Cuts every link between the two sides, both directions. Every link into a replica
+    /// added during the run goes through one proxy: that proxy is cut if the replica is on the
+    /// smaller side (which then loses its links within the side too), and left alone on the
+    /// larger one (which keeps hearing the smaller side).
     pub fn split(&self, side_a: &[u64], side_b: &[u64]) {
         for &a in side_a {
             for &b in side_b {
                 self.set_link(a, b, true);
                 self.set_link(b, a, true);
+            }
+        }
+        let smaller = if side_a.len() <= side_b.len() {
+            side_a
+        } else {
+            side_b
+        };
+        for id in smaller {
+            if let Some(p) = self.inbound.get(id) {
+                p.set_cut(true);
             }
         }
     }
@@ -491,7 +664,7 @@ impl LiveCluster {
 
     /// Heals every replica-to-replica link.
     pub fn heal_network(&self) {
-        for p in self.links.values() {
+        for p in self.links.values().chain(self.inbound.values()) {
             if p.is_cut() {
                 p.set_cut(false);
             }

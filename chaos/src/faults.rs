@@ -5,7 +5,9 @@
 //! cluster can always make progress once the fault's election is over. The archive outage is
 //! the exception: it cuts every replica off the archive's store, but no replica off another,
 //! so the cluster commits on until the archive lag bound refuses new writes; the next fault
-//! waits until the store is back and the archive under the bound again.
+//! waits until the store is back and the archive under the bound again. A replacement
+//! ([`crate::membership`]) adds a replica before it removes one, so the cluster never has
+//! fewer voters than it started with.
 
 use std::time::Duration;
 
@@ -35,6 +37,12 @@ pub enum FaultKind {
     /// The archive's object store unreachable for a few seconds (the TCP proxy between the
     /// replicas and S3 cut), then back. Only a run with an S3 archive can inject it.
     ArchiveOutage,
+    /// A membership change under load: a backup is replaced by a new replica, as an operator
+    /// does (docs/OPERATING.md, "Replacing a dead replica"): `init-cluster --add-node` with a
+    /// new id, started, added as a learner, promoted once it caught up, then the backup
+    /// removed; it must exit by itself. Now and then the backup is cut off (a partition) for
+    /// the whole change, as a dead replica would be.
+    Replace,
 }
 
 impl FaultKind {
@@ -46,6 +54,7 @@ impl FaultKind {
         FaultKind::Transfer,
         FaultKind::CutClient,
         FaultKind::ArchiveOutage,
+        FaultKind::Replace,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,18 +66,25 @@ impl FaultKind {
             FaultKind::Transfer => "transfer",
             FaultKind::CutClient => "cut-client",
             FaultKind::ArchiveOutage => "archive-outage",
+            FaultKind::Replace => "replace",
         }
     }
 
     /// Why the harness cannot inject this kind in a run, if it cannot. Every kind works against
     /// any cluster except an archive outage, which needs the replicas' S3 traffic to go
     /// through the harness's proxy (`--archive s3://…` with a plain-HTTP endpoint): a local
-    /// directory cannot be cut. `"all"` lists it anyway; such a run skips it and says why.
-    pub fn unavailable(self, archive_proxied: bool) -> Option<&'static str> {
+    /// directory cannot be cut; and a replacement in a run that ends with `--total-loss`,
+    /// because `restore` gives the raft log the config's initial voters (ARCHITECTURE.md,
+    /// "Known limits"). `"all"` lists them anyway; such a run skips them and says why.
+    pub fn unavailable(self, archive_proxied: bool, total_loss: bool) -> Option<&'static str> {
         match self {
             FaultKind::ArchiveOutage if !archive_proxied => Some(
                 "needs an S3 archive the harness can cut (--archive s3://BUCKET/PREFIX with \
                  AWS_ENDPOINT_URL=http://…)",
+            ),
+            FaultKind::Replace if total_loss => Some(
+                "not with --total-loss: restore writes the config's initial voters, not the \
+                 members after a replacement",
             ),
             _ => None,
         }
@@ -126,6 +142,9 @@ pub enum Plan {
     Transfer,
     /// Cut every connection from the replicas to the archive's store for `hold`.
     ArchiveOutage { hold: Duration },
+    /// Replace one backup by a new replica; with `isolated`, the backup is cut off from every
+    /// other replica until its removal committed.
+    Replace { isolated: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +182,8 @@ impl Plan {
             Plan::CutClient { .. } => "cut-client",
             Plan::Transfer => "transfer-leader",
             Plan::ArchiveOutage { .. } => "archive-outage",
+            Plan::Replace { isolated: false } => "replace-backup",
+            Plan::Replace { isolated: true } => "replace-isolated-backup",
         }
     }
 
@@ -177,7 +198,7 @@ impl Plan {
                 leader_in_minority, ..
             } => *leader_in_minority,
             Plan::Asymmetric { variant, .. } => *variant != Asymmetry::OneLinkFromLeader,
-            Plan::CutClient { .. } | Plan::ArchiveOutage { .. } => false,
+            Plan::CutClient { .. } | Plan::ArchiveOutage { .. } | Plan::Replace { .. } => false,
             Plan::Transfer => true,
         }
     }
@@ -255,6 +276,9 @@ pub fn draw(rng: &mut StdRng, kinds: &[FaultKind], nodes: u64, election: Duratio
         // fails, backs off and fails again; the lag bound refuses writes in the longer ones.
         FaultKind::ArchiveOutage => Plan::ArchiveOutage {
             hold: ms(rng, 2000, 8000),
+        },
+        FaultKind::Replace => Plan::Replace {
+            isolated: rng.gen_bool(0.3),
         },
     }
 }

@@ -4,8 +4,9 @@
 //!   a proxy the harness cuts ([`proxy`], [`cluster`]), concurrent clients with client-chosen
 //!   ids ([`load`]), seeded faults ([`faults`]): SIGKILL, SIGSTOP, SIGTERM, partitions
 //!   (isolation, splits, one-way cuts), client connections dropped between a request and its
-//!   answer, and, with an S3 archive (`--archive s3://…`), the archive's store cut off behind a
-//!   proxy. At the end everything is healed and the invariants are judged ([`verdict`]) on
+//!   answer, with an S3 archive (`--archive s3://…`) the archive's store cut off behind a
+//!   proxy, and membership changes: a backup replaced by a new replica through admin requests,
+//!   now and then while it is cut off ([`membership`]). At the end everything is healed and the invariants are judged ([`verdict`]) on
 //!   every replica; with `--total-loss` every replica is then lost and restored from the
 //!   archive alone, and three more invariants judge what came back ([`total_loss`]);
 //!   [`report`] prints them and [`svg`] draws the run.
@@ -36,6 +37,12 @@
 //! - The archive outage cuts the replicas' TCP connections to the store's endpoint, so it needs
 //!   a plain-HTTP endpoint (a proxy cannot carry TLS for another host name); against AWS itself,
 //!   or a local-directory archive, `archive-outage` is skipped and the report says so.
+//! - A replica added during a live run is reached by every other through one proxy (all dial
+//!   the one address it was added with), so links into it are cut only all at once: when it
+//!   is isolated or on the smaller side of a split; one-way cuts spare them. And a replica that
+//!   installs a snapshot takes the leader's address book, so it then dials the others through
+//!   the leader's link proxies (or the leader directly): partitions involving it after that
+//!   are approximate. Neither weakens the invariants, only how exactly a partition is shaped.
 //! - Linearizable reads that a replica answers as stale (it knows no leader) are counted apart
 //!   and left out of the height checks: the reply says so.
 
@@ -54,6 +61,7 @@ pub mod faults;
 pub mod history;
 pub mod live;
 pub mod load;
+pub mod membership;
 pub mod proxy;
 pub mod report;
 pub mod sim;

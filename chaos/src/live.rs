@@ -24,6 +24,7 @@ use tally_wire::PublicKey;
 use crate::cluster::{find_server_binary, leader_of, statuses, ArchiveSetup, LiveCluster, Timing};
 use crate::faults::{self, Asymmetry, FaultKind, Plan};
 use crate::load::{self, ClientSetup, ProxiedConnector, Recorder};
+use crate::membership::{self, Replacement};
 use crate::report::{self, ClientLibrary, FaultEvent, Report};
 use crate::verdict;
 
@@ -189,7 +190,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         .faults
         .iter()
         .filter_map(|k| {
-            k.unavailable(proxied)
+            k.unavailable(proxied, opts.total_loss)
                 .map(|why| format!("{}: {why}", k.name()))
         })
         .collect();
@@ -197,7 +198,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         .faults
         .iter()
         .copied()
-        .filter(|k| k.unavailable(proxied).is_none())
+        .filter(|k| k.unavailable(proxied, opts.total_loss).is_none())
         .collect();
     cluster.start_all().await?;
     if cluster.wait_leader(Duration::from_secs(30)).await.is_none() {
@@ -280,6 +281,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     let load_started = Instant::now();
     let end = load_started + opts.duration;
     let mut log: Vec<FaultEvent> = Vec::new();
+    let mut replacements: Vec<Replacement> = Vec::new();
     loop {
         let gap =
             Duration::from_millis(rng.gen_range(
@@ -308,7 +310,17 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
             opts.nodes,
             opts.timing.election_timeout(),
         );
-        let Some(event) = apply(&mut cluster, &plan, &mut rng, &recorder).await? else {
+        let applied = match plan {
+            Plan::Replace { isolated } => {
+                let done = membership::fault(&mut cluster, isolated, &mut rng, &recorder).await?;
+                done.map(|(event, r)| {
+                    replacements.push(r);
+                    event
+                })
+            }
+            _ => apply(&mut cluster, &plan, &mut rng, &recorder).await?,
+        };
+        let Some(event) = applied else {
             progress!(opts, recorder, "no leader within 15 s; fault skipped");
             continue;
         };
@@ -387,7 +399,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     } else {
         None
     };
-    for id in cluster.ids.clone() {
+    for id in cluster.ids.iter().chain(&cluster.removed).copied() {
         for panic in panics_in_log(&cluster.log_path(id)) {
             recorder.lock().crashes.push(format!("node {id}: {panic}"));
         }
@@ -403,6 +415,9 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     let (mut invariants, final_height) = verdict::judge(&mut h, &fin, &account_keys, &operator);
     if let Some(e) = &ending {
         invariants.extend(e.invariants.iter().cloned());
+    }
+    if drawable.contains(&FaultKind::Replace) {
+        invariants.push(membership::invariant(&replacements));
     }
     let seconds = load_end_ms / 1000 + 1;
     let mut faults_by_kind: BTreeMap<String, u64> = BTreeMap::new();
@@ -435,6 +450,8 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
             max_lag_batches: cluster.archive_max_lag_batches,
         },
         total_loss: ending.map(|e| e.summary),
+        replacements,
+        members_at_end: cluster.ids.clone(),
         data_dir: None,
         ok,
     };
@@ -668,8 +685,13 @@ async fn apply(
                     )
                 }
                 Asymmetry::OneLinkFromLeader => {
-                    cluster.set_link(leader, backups[0], true);
-                    (vec![leader, backups[0]], "one link from the leader cut")
+                    // A link into a replica added during the run cannot be cut alone.
+                    let to = *backups
+                        .iter()
+                        .find(|&&b| cluster.has_link(leader, b))
+                        .unwrap_or(&backups[0]);
+                    cluster.set_link(leader, to, true);
+                    (vec![leader, to], "one link from the leader cut")
                 }
             };
             tokio::time::sleep(*hold).await;
@@ -713,6 +735,7 @@ async fn apply(
                 ),
             }));
         }
+        Plan::Replace { .. } => unreachable!("membership::fault applies replacements"),
         Plan::CutClient { hold } => {
             // Replicas are untouched, so the next fault need not wait: the cut is lifted by a
             // task of its own (and by the final heal at the latest).

@@ -36,6 +36,10 @@ pub struct Report {
     pub archive: ArchiveSummary,
     /// The total-loss ending, when the run had one (`--total-loss`).
     pub total_loss: Option<TotalLoss>,
+    /// Every `replace` fault: its steps and how the removed replica ended.
+    pub replacements: Vec<crate::membership::Replacement>,
+    /// The replicas that were members at the end (the ones judged).
+    pub members_at_end: Vec<u64>,
     /// Where the replicas' data and logs are, when they were kept.
     pub data_dir: Option<String>,
     pub ok: bool,
@@ -291,6 +295,22 @@ impl Report {
             let _ = writeln!(w, "  per 10 s: {}", per_ten_seconds(&self.throughput));
         }
         let _ = writeln!(w, "final height: {}", self.final_height);
+        if !self.replacements.is_empty() {
+            let done = self.replacements.iter().filter(|r| r.completed).count();
+            let _ = writeln!(
+                w,
+                "replacements: {done} completed of {}; members at the end {:?}",
+                self.replacements.len(),
+                self.members_at_end
+            );
+            for e in self
+                .fault_log
+                .iter()
+                .filter(|e| e.kind.starts_with("replace"))
+            {
+                let _ = writeln!(w, "  +{} ms: {}", e.at_ms, e.detail);
+            }
+        }
         if let Some(t) = &self.total_loss {
             let _ = writeln!(
                 w,

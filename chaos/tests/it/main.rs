@@ -98,7 +98,7 @@ fn live_smoke_run_holds_every_invariant() {
         report.data_dir,
         report.failed_invariants()
     );
-    assert_eq!(report.invariants.len(), 8);
+    assert_eq!(report.invariants.len(), 9);
     assert!(
         report.leader_disruptions >= 8,
         "only {} leader disruptions",
@@ -205,6 +205,40 @@ fn archive_outages_then_the_loss_of_every_replica_lose_nothing() {
     assert_eq!(t.archive_height, report.final_height);
     assert_eq!(t.final_archive_height, t.archive_height + 1);
     assert!(t.replays_checked >= 10, "{t:?}");
+}
+
+/// Membership changes under load and partitions: backups replaced by new replicas
+/// (`init-cluster --add-node`, then add as a learner, promote, remove through admin requests),
+/// some of them cut off throughout (this seed draws one such). Every invariant holds over the members at the end, the
+/// new replicas included, and every replica removed while connected exited by itself.
+#[test]
+fn replacing_replicas_under_load_and_partitions_holds_every_invariant() {
+    let _one_at_a_time = exclusive();
+    let started = Instant::now();
+    let mut opts = LiveOptions::new(3, Duration::from_secs(30), 3);
+    opts.server_bin = Some(server_binary().to_path_buf());
+    opts.faults = vec![FaultKind::Replace, FaultKind::Partition];
+    let report = live::run(&opts).expect("the live run");
+    println!("{}", report.to_text());
+    println!("ran in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        report.ok,
+        "violations (data kept in {:?}): {:?}",
+        report.data_dir,
+        report.failed_invariants()
+    );
+    assert_eq!(report.invariants.len(), 9);
+    assert!(report
+        .invariant("removed_replicas_exit")
+        .is_some_and(|i| i.ok));
+    let completed: Vec<_> = report.replacements.iter().filter(|r| r.completed).collect();
+    assert!(!completed.is_empty(), "{:?}", report.replacements);
+    for r in &completed {
+        assert!(!report.members_at_end.contains(&r.old), "{r:?}");
+        assert!(r.new > 3 && r.promoted_ms.is_some(), "{r:?}");
+    }
+    assert_eq!(report.members_at_end.len(), 3, "{:?}", report.replacements);
+    assert!(report.ops.confirmed_transfers >= 500, "{:?}", report.ops);
 }
 
 /// The archive's store loses a batch object before every replica is restored from it: the
