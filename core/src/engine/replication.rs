@@ -228,11 +228,17 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
     fn conf_applied(&mut self, cc: &ConfChangeV2, conf: &ConfState, out: &mut Vec<ReplOut<R, Q>>) {
         let status = self.replica.status();
         let me = status.id;
-        if !conf.voters.contains(&me) && !conf.learners.contains(&me) && !conf.voters.is_empty() {
-            out.push(ReplOut::Removed);
-        }
         for change in cc.get_changes() {
             let removed = change.get_change_type() == raft::eraftpb::ConfChangeType::RemoveNode;
+            // Only a change that removes this replica says it must stop: a replica that joined
+            // later replays the changes before its own addition without being in them.
+            if removed && change.node_id == me {
+                assert!(
+                    !conf.voters.contains(&me) && !conf.learners.contains(&me),
+                    "a removal leaves the removed replica out"
+                );
+                out.push(ReplOut::Removed);
+            }
             if removed && status.role == Role::Leader && change.node_id != me {
                 let notice = (change.node_id, status.commit_index, REMOVAL_NOTICE_TICKS);
                 self.removal_notices.push(notice);
