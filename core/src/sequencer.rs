@@ -156,68 +156,9 @@ impl Sequencer {
             }
         }
         let height = self.meta.height + 1;
-        let amount = request.amount;
-        let (signer_balance, to_balance) = match request.op {
-            Op::Deposit => {
-                let to = self.balance(&request.to, store)?;
-                let Some(new_to) = to.unwrap_or(0).checked_add(amount) else {
-                    return Ok(reject(
-                        ErrorCode::AmountOverflow,
-                        "the deposit would overflow the recipient's balance",
-                    ));
-                };
-                self.set(request.to, to, new_to, height);
-                self.meta.total_deposited += amount as u128;
-                (0, new_to)
-            }
-            Op::Transfer => {
-                // The wire decoder refuses these; a caller that skipped it must not mint money.
-                if request.to == request.signer {
-                    return Ok(reject(
-                        ErrorCode::MalformedRequest,
-                        "a transfer to oneself moves nothing",
-                    ));
-                }
-                let Some(from) = self.balance(&request.signer, store)? else {
-                    return Ok(reject(
-                        ErrorCode::UnknownAccount,
-                        "the sending account does not exist",
-                    ));
-                };
-                if from < amount {
-                    return Ok(reject(
-                        ErrorCode::InsufficientFunds,
-                        format!("balance {from} is less than {amount}"),
-                    ));
-                }
-                let to = self.balance(&request.to, store)?;
-                let Some(new_to) = to.unwrap_or(0).checked_add(amount) else {
-                    return Ok(reject(
-                        ErrorCode::AmountOverflow,
-                        "the transfer would overflow the recipient's balance",
-                    ));
-                };
-                self.set(request.signer, Some(from), from - amount, height);
-                self.set(request.to, to, new_to, height);
-                (from - amount, new_to)
-            }
-            Op::Withdraw => {
-                let Some(from) = self.balance(&request.signer, store)? else {
-                    return Ok(reject(
-                        ErrorCode::UnknownAccount,
-                        "the account does not exist",
-                    ));
-                };
-                if from < amount {
-                    return Ok(reject(
-                        ErrorCode::InsufficientFunds,
-                        format!("balance {from} is less than {amount}"),
-                    ));
-                }
-                self.set(request.signer, Some(from), from - amount, height);
-                self.meta.total_withdrawn += amount as u128;
-                (from - amount, 0)
-            }
+        let (signer_balance, to_balance) = match self.effect(&request, height, store)? {
+            Ok(balances) => balances,
+            Err(rejected) => return Ok(rejected),
         };
         let index = self.open.len() as u32;
         let receipt = Receipt {
@@ -238,6 +179,79 @@ impl Sequencer {
         );
         self.open.push(BatchEntry { request, receipt });
         Ok(Submitted::Accepted { height, index })
+    }
+
+    /// What `r` does to the speculative state (applied to it when it succeeds): the signer's and
+    /// the recipient's balances after it, or why it is refused.
+    fn effect(
+        &mut self,
+        r: &Request,
+        height: u64,
+        store: &mut impl LedgerRead,
+    ) -> Result<std::result::Result<(u64, u64), Submitted>> {
+        let amount = r.amount;
+        match r.op {
+            Op::Deposit => {
+                let to = self.balance(&r.to, store)?;
+                let Some(new_to) = to.unwrap_or(0).checked_add(amount) else {
+                    return Ok(Err(reject(
+                        ErrorCode::AmountOverflow,
+                        "the deposit would overflow the recipient's balance",
+                    )));
+                };
+                self.set(r.to, to, new_to, height);
+                self.meta.total_deposited += amount as u128;
+                Ok(Ok((0, new_to)))
+            }
+            Op::Transfer => {
+                // The wire decoder refuses these; a caller that skipped it must not mint money.
+                if r.to == r.signer {
+                    return Ok(Err(reject(
+                        ErrorCode::MalformedRequest,
+                        "a transfer to oneself moves nothing",
+                    )));
+                }
+                let Some(from) = self.balance(&r.signer, store)? else {
+                    return Ok(Err(reject(
+                        ErrorCode::UnknownAccount,
+                        "the sending account does not exist",
+                    )));
+                };
+                if from < amount {
+                    return Ok(Err(reject(
+                        ErrorCode::InsufficientFunds,
+                        format!("balance {from} is less than {amount}"),
+                    )));
+                }
+                let to = self.balance(&r.to, store)?;
+                let Some(new_to) = to.unwrap_or(0).checked_add(amount) else {
+                    return Ok(Err(reject(
+                        ErrorCode::AmountOverflow,
+                        "the transfer would overflow the recipient's balance",
+                    )));
+                };
+                self.set(r.signer, Some(from), from - amount, height);
+                self.set(r.to, to, new_to, height);
+                Ok(Ok((from - amount, new_to)))
+            }
+            Op::Withdraw => {
+                let Some(from) = self.balance(&r.signer, store)? else {
+                    return Ok(Err(reject(
+                        ErrorCode::UnknownAccount,
+                        "the account does not exist",
+                    )));
+                };
+                if from < amount {
+                    return Ok(Err(reject(
+                        ErrorCode::InsufficientFunds,
+                        format!("balance {from} is less than {amount}"),
+                    )));
+                }
+                self.set(r.signer, Some(from), from - amount, height);
+                self.meta.total_withdrawn += amount as u128;
+                Ok(Ok((from - amount, 0)))
+            }
+        }
     }
 
     fn same_key(&self, height: u64, index: u32, stored: Hash, submitted: Hash) -> Submitted {
