@@ -325,7 +325,12 @@ pub(crate) mod tests {
             &operator_key,
         )
         .unwrap();
-        (body.confirmations(&write.signed_header), operator)
+        let confirmations = body.confirmations(&write.signed_header).into_iter();
+        let requests = confirmations.map(|c| match c {
+            tally_core::batch::Confirmed::Request(c) => *c,
+            tally_core::batch::Confirmed::Envelope(_) => unreachable!("requests only"),
+        });
+        (requests.collect(), operator)
     }
 
     #[test]

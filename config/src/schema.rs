@@ -256,6 +256,10 @@ pub struct LimitsConfig {
     /// burst of as many at once; one more is closed before its TLS handshake. At least `1`.
     /// Default: `64`.
     pub handshakes_per_address_per_second: u32,
+    /// Envelopes (`SubmitEnvelope`) the whole server holds between their arrival and their
+    /// sequencing, each up to a frame of memory twice over (its bytes and their decoding); one
+    /// more is answered `busy`. At least `1`. Default: `64`.
+    pub envelopes_in_flight_max: u32,
 }
 
 impl Default for LimitsConfig {
@@ -275,6 +279,7 @@ impl Default for LimitsConfig {
             connections_per_address_max: 64,
             peer_connections_max: 64,
             handshakes_per_address_per_second: 64,
+            envelopes_in_flight_max: 64,
         }
     }
 }

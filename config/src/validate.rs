@@ -323,6 +323,11 @@ fn connection_limits(problems: &mut Problems, limits: &crate::LimitsConfig) {
         limits.handshakes_per_address_per_second,
         1,
     );
+    problems.at_least(
+        "limits.envelopes_in_flight_max",
+        limits.envelopes_in_flight_max,
+        1,
+    );
 }
 
 fn raft(problems: &mut Problems, config: &Config) {

@@ -98,8 +98,8 @@ pub fn verify_batch(
     if let Err(e) = verify_header(operator, &batch.signed) {
         return fail(&e.to_string());
     }
-    if h.request_count as usize != batch.body.entries.len() {
-        return fail("request count does not match the entries");
+    if h.request_count as usize != batch.body.leaf_count() {
+        return fail("request count does not match the receipts");
     }
     if Tree::new(&batch.body.leaf_hashes()).root() != h.merkle_root {
         return fail("Merkle root does not match the receipts");

@@ -7,20 +7,27 @@
 //! that would diverge stops instead ([`prepare_apply`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tally_wire::{
-    Confirmation, Hash, Header, Op, PublicKey, Receipt, Request, SignedHeader, WireError,
-    HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES,
+    Confirmation, Envelope, EnvelopeConfirmation, Hash, Header, Operation, PublicKey, Receipt,
+    Request, SignedHeader, WireError, HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES,
 };
 
 use crate::crypto::{header_hash, request_hash, sha256, OperatorKey};
 use crate::merkle::{leaf_hash, ProofTree, Tree};
 use crate::ports::LedgerRead;
+use crate::rules::{judge, Balances};
 use crate::state::LedgerMeta;
 use crate::{Error, Result};
 
-/// No batch ever holds more requests than this, whatever the configuration says.
+/// No batch ever holds more operations (Merkle leaves) than this, whatever the configuration
+/// says.
 pub const BATCH_REQUESTS_LIMIT: u32 = 65_536;
+/// Domain tag that starts a body in the layout with envelopes (PROTOCOL.md §12).
+pub const BODY_V2_DOMAIN: [u8; 16] = *b"tally/body/v2\0\0\0";
+const TAG_REQUEST: u8 = 1;
+const TAG_ENVELOPE: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchEntry {
@@ -28,93 +35,344 @@ pub struct BatchEntry {
     pub receipt: Receipt,
 }
 
-/// What is replicated and stored for one batch: the unsigned header and the entries.
+/// An envelope in a batch: one receipt per operation, in the envelope's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeEntry {
+    pub envelope: Arc<Envelope>,
+    /// SHA-256 of the envelope's wire bytes, as every receipt names it.
+    pub hash: Hash,
+    pub receipts: Vec<Receipt>,
+}
+
+/// What a client signed, with what applying it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchItem {
+    Request(BatchEntry),
+    Envelope(EnvelopeEntry),
+}
+
+impl BatchItem {
+    /// Its receipts: the Merkle leaves it adds, in order.
+    pub fn receipts(&self) -> &[Receipt] {
+        match self {
+            BatchItem::Request(e) => std::slice::from_ref(&e.receipt),
+            BatchItem::Envelope(e) => &e.receipts,
+        }
+    }
+
+    pub fn signer(&self) -> &PublicKey {
+        match self {
+            BatchItem::Request(e) => &e.request.signer,
+            BatchItem::Envelope(e) => &e.envelope.signer,
+        }
+    }
+
+    /// SHA-256 of what the client sent: the request's 208 bytes or the envelope's.
+    pub fn hash(&self) -> Hash {
+        match self {
+            BatchItem::Request(e) => request_hash(&e.request),
+            BatchItem::Envelope(e) => e.hash,
+        }
+    }
+
+    /// Its operations with their receipts.
+    pub fn operations(&self) -> Vec<(Operation, &Receipt)> {
+        match self {
+            BatchItem::Request(e) => vec![(e.request.operation(), &e.receipt)],
+            BatchItem::Envelope(e) => e.envelope.ops.iter().copied().zip(&e.receipts).collect(),
+        }
+    }
+}
+
+/// One answer to a client: a request's confirmation or an envelope's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmed {
+    Request(Box<Confirmation>),
+    Envelope(Box<EnvelopeConfirmation>),
+}
+
+impl Confirmed {
+    /// The hash of what was submitted: a resubmission must match it.
+    pub fn submitted_hash(&self) -> Hash {
+        match self {
+            Confirmed::Request(c) => c.receipt.request_hash,
+            Confirmed::Envelope(c) => c.envelope_hash,
+        }
+    }
+
+    pub fn set_replayed(&mut self) {
+        match self {
+            Confirmed::Request(c) => c.replayed = true,
+            Confirmed::Envelope(c) => c.replayed = true,
+        }
+    }
+}
+
+/// What is replicated and stored for one batch: the unsigned header and the items.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchBody {
     pub header: Header,
-    pub entries: Vec<BatchEntry>,
+    pub items: Vec<BatchItem>,
 }
 
 impl BatchBody {
-    /// header (192) || count u32 LE || count × (request 208 || receipt 80)
+    /// A body of requests only is written in the first layout, `header (192) || count u32 LE
+    /// || count × (request 208 || receipt 80)`, so that batches without envelopes keep the
+    /// bytes they always had; a body with an envelope in the second (PROTOCOL.md §12).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            HEADER_BYTES + 4 + self.entries.len() * (REQUEST_BYTES + RECEIPT_BYTES),
-        );
+        let requests_only = self
+            .items
+            .iter()
+            .all(|i| matches!(i, BatchItem::Request(_)));
+        let mut out = Vec::with_capacity(16 + HEADER_BYTES + 8 + self.leaf_count() * 300);
+        if !requests_only {
+            out.extend_from_slice(&BODY_V2_DOMAIN);
+        }
         out.extend_from_slice(&self.header.encode());
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
-        for e in &self.entries {
-            out.extend_from_slice(&e.request.encode());
-            out.extend_from_slice(&e.receipt.encode());
+        out.extend_from_slice(&(self.items.len() as u32).to_le_bytes());
+        for item in &self.items {
+            match item {
+                BatchItem::Request(e) => {
+                    if !requests_only {
+                        out.push(TAG_REQUEST);
+                    }
+                    out.extend_from_slice(&e.request.encode());
+                    out.extend_from_slice(&e.receipt.encode());
+                }
+                BatchItem::Envelope(e) => {
+                    let bytes = e.envelope.encode();
+                    out.push(TAG_ENVELOPE);
+                    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&bytes);
+                    for r in &e.receipts {
+                        out.extend_from_slice(&r.encode());
+                    }
+                }
+            }
         }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<BatchBody> {
-        let fixed = HEADER_BYTES + 4;
-        if bytes.len() < fixed {
-            return Err(WireError::Truncated {
-                field: "batch.header",
+        match bytes.strip_prefix(&BODY_V2_DOMAIN[..]) {
+            Some(rest) => decode_v2(rest),
+            None => decode_v1(bytes),
+        }
+    }
+
+    /// Item `i`, which must be a request (for bodies known to hold requests only).
+    pub fn entry(&self, i: usize) -> &BatchEntry {
+        match &self.items[i] {
+            BatchItem::Request(e) => e,
+            BatchItem::Envelope(_) => panic!("item {i} is an envelope"),
+        }
+    }
+
+    /// Item `i`, which must be a request, to change (tests forge bodies with it).
+    pub fn entry_mut(&mut self, i: usize) -> &mut BatchEntry {
+        match &mut self.items[i] {
+            BatchItem::Request(e) => e,
+            BatchItem::Envelope(_) => panic!("item {i} is an envelope"),
+        }
+    }
+
+    /// One confirmation per item, all from one tree.
+    pub fn confirmations(&self, signed: &SignedHeader) -> Vec<Confirmed> {
+        let (tree, starts) = (self.proof_tree(), self.item_starts());
+        starts
+            .iter()
+            .map(|&leaf| {
+                self.confirmed(&tree, &starts, signed, leaf)
+                    .expect("an item starts here")
+            })
+            .collect()
+    }
+
+    /// Number of Merkle leaves: receipts over all items.
+    pub fn leaf_count(&self) -> usize {
+        self.items.iter().map(|i| i.receipts().len()).sum()
+    }
+
+    pub fn receipts(&self) -> impl Iterator<Item = &Receipt> {
+        self.items.iter().flat_map(|i| i.receipts())
+    }
+
+    /// Every operation with its signer and receipt, in leaf order.
+    pub fn operations(&self) -> impl Iterator<Item = (&PublicKey, Operation, &Receipt)> {
+        self.items.iter().flat_map(|item| {
+            let signer = item.signer();
+            item.operations()
+                .into_iter()
+                .map(move |(op, r)| (signer, op, r))
+        })
+    }
+
+    /// Where each operation's `(signer, id)` was applied: the request index's rows.
+    pub fn records(&self) -> Vec<(PublicKey, u128, crate::ports::RequestRecord)> {
+        let mut out = Vec::with_capacity(self.leaf_count());
+        let mut leaf = 0u32;
+        for item in &self.items {
+            let (signer, hash) = (*item.signer(), item.hash());
+            for (op, _) in item.operations() {
+                let record = crate::ports::RequestRecord {
+                    height: self.header.height,
+                    index: leaf,
+                    request_hash: hash,
+                };
+                out.push((signer, op.id, record));
+                leaf += 1;
             }
-            .into());
         }
-        let header = Header::decode(&bytes[..HEADER_BYTES])?;
-        let count = u32::from_le_bytes(bytes[HEADER_BYTES..fixed].try_into().expect("4"));
-        let entry = REQUEST_BYTES + RECEIPT_BYTES;
-        if count > BATCH_REQUESTS_LIMIT || bytes.len() != fixed + count as usize * entry {
-            return Err(WireError::Invalid {
-                field: "batch.count",
-                reason: "does not match the body length",
-            }
-            .into());
-        }
-        let mut entries = Vec::with_capacity(count as usize);
-        for chunk in bytes[fixed..].chunks_exact(entry) {
-            entries.push(BatchEntry {
-                request: Request::decode(&chunk[..REQUEST_BYTES])?,
-                receipt: Receipt::decode(&chunk[REQUEST_BYTES..])?,
-            });
-        }
-        Ok(BatchBody { header, entries })
+        out
     }
 
     pub fn leaf_hashes(&self) -> Vec<Hash> {
-        self.entries
-            .iter()
-            .map(|e| leaf_hash(&e.receipt.encode()))
-            .collect()
+        self.receipts().map(|r| leaf_hash(&r.encode())).collect()
     }
 
-    /// One confirmation per entry, all from one tree.
-    pub fn confirmations(&self, signed: &SignedHeader) -> Vec<Confirmation> {
-        let tree = self.proof_tree();
-        (0..self.entries.len() as u32)
-            .map(|i| self.confirmation(&tree, signed, i))
-            .collect()
-    }
-
-    /// The tree to take this body's proofs from ([`BatchBody::confirmation`]).
+    /// The tree to take this body's proofs from ([`BatchBody::confirmed`]).
     pub fn proof_tree(&self) -> ProofTree {
         ProofTree::new(self.leaf_hashes())
     }
 
-    /// The confirmation of entry `index`, its proof from `tree` (this body's
-    /// [`BatchBody::proof_tree`]).
-    pub fn confirmation(
+    /// The first leaf of each item, for [`BatchBody::confirmed`].
+    pub fn item_starts(&self) -> Vec<u32> {
+        let mut at = 0u32;
+        self.items
+            .iter()
+            .map(|i| {
+                let start = at;
+                at += i.receipts().len() as u32;
+                start
+            })
+            .collect()
+    }
+
+    /// The item whose first leaf is `leaf`, if one is (`starts` from [`BatchBody::item_starts`]).
+    pub fn item_at(&self, starts: &[u32], leaf: u32) -> Option<&BatchItem> {
+        let i = starts.binary_search(&leaf).ok()?;
+        self.items.get(i)
+    }
+
+    /// The confirmation of the item that starts at leaf `leaf`, its proof from `tree` (this
+    /// body's [`BatchBody::proof_tree`]). None if no item starts there.
+    pub fn confirmed(
         &self,
         tree: &ProofTree,
+        starts: &[u32],
         signed: &SignedHeader,
-        index: u32,
-    ) -> Confirmation {
-        let e = &self.entries[index as usize];
-        Confirmation {
-            replayed: false,
-            request: e.request.clone(),
-            receipt: e.receipt.clone(),
-            header: signed.clone(),
-            proof: tree.proof(index),
-        }
+        leaf: u32,
+    ) -> Option<Confirmed> {
+        Some(match self.item_at(starts, leaf)? {
+            BatchItem::Request(e) => Confirmed::Request(Box::new(Confirmation {
+                replayed: false,
+                request: e.request.clone(),
+                receipt: e.receipt.clone(),
+                header: signed.clone(),
+                proof: tree.proof(leaf),
+            })),
+            BatchItem::Envelope(e) => Confirmed::Envelope(Box::new(EnvelopeConfirmation {
+                replayed: false,
+                envelope_hash: e.hash,
+                header: signed.clone(),
+                receipts: e.receipts.clone(),
+                proof: tree.range_proof(leaf, e.receipts.len() as u32),
+            })),
+        })
     }
+}
+
+fn malformed(field: &'static str, reason: &'static str) -> Error {
+    WireError::Invalid { field, reason }.into()
+}
+
+fn decode_v1(bytes: &[u8]) -> Result<BatchBody> {
+    let fixed = HEADER_BYTES + 4;
+    if bytes.len() < fixed {
+        return Err(WireError::Truncated {
+            field: "batch.header",
+        }
+        .into());
+    }
+    let header = Header::decode(&bytes[..HEADER_BYTES])?;
+    let count = u32::from_le_bytes(bytes[HEADER_BYTES..fixed].try_into().expect("4"));
+    let entry = REQUEST_BYTES + RECEIPT_BYTES;
+    if count > BATCH_REQUESTS_LIMIT || bytes.len() != fixed + count as usize * entry {
+        return Err(malformed("batch.count", "does not match the body length"));
+    }
+    let mut items = Vec::with_capacity(count as usize);
+    for chunk in bytes[fixed..].chunks_exact(entry) {
+        items.push(BatchItem::Request(BatchEntry {
+            request: Request::decode(&chunk[..REQUEST_BYTES])?,
+            receipt: Receipt::decode(&chunk[REQUEST_BYTES..])?,
+        }));
+    }
+    Ok(BatchBody { header, items })
+}
+
+/// A cursor over a body's bytes in the second layout.
+struct Cut<'a>(&'a [u8]);
+
+impl<'a> Cut<'a> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated { field }.into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4, field)?.try_into().expect("4"),
+        ))
+    }
+}
+
+fn decode_v2(bytes: &[u8]) -> Result<BatchBody> {
+    let mut cut = Cut(bytes);
+    let header = Header::decode(cut.take(HEADER_BYTES, "batch.header")?)?;
+    let count = cut.u32("batch.count")?;
+    if count > BATCH_REQUESTS_LIMIT || count > header.request_count {
+        return Err(malformed("batch.count", "more items than leaves"));
+    }
+    let mut items = Vec::with_capacity(count as usize);
+    let mut leaves = 0usize;
+    for _ in 0..count {
+        let item = match cut.take(1, "batch.tag")?[0] {
+            TAG_REQUEST => BatchItem::Request(BatchEntry {
+                request: Request::decode(cut.take(REQUEST_BYTES, "batch.request")?)?,
+                receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
+            }),
+            TAG_ENVELOPE => {
+                let len = cut.u32("batch.envelope_len")? as usize;
+                let raw = cut.take(len, "batch.envelope")?;
+                let envelope = Envelope::decode(raw)?;
+                let receipts = (0..envelope.ops.len())
+                    .map(|_| Ok(Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?))
+                    .collect::<Result<Vec<_>>>()?;
+                BatchItem::Envelope(EnvelopeEntry {
+                    hash: sha256(&[raw]),
+                    envelope: Arc::new(envelope),
+                    receipts,
+                })
+            }
+            _ => return Err(malformed("batch.tag", "not 1 (request) or 2 (envelope)")),
+        };
+        leaves += item.receipts().len();
+        if leaves > header.request_count as usize {
+            return Err(malformed(
+                "batch.count",
+                "more receipts than the header's leaves",
+            ));
+        }
+        items.push(item);
+    }
+    if !cut.0.is_empty() {
+        return Err(malformed("batch", "bytes after the last item"));
+    }
+    Ok(BatchBody { header, items })
 }
 
 /// A request applied by a batch, as the request index stores it.
@@ -194,34 +452,37 @@ pub fn replay_batch(
     if &h.operator_key_id != operator_key_id {
         return diverged("the header names another operator key than this replica holds".into());
     }
-    if h.request_count as usize != body.entries.len() {
-        return diverged("request count does not match the entries".into());
+    if h.request_count as usize != body.leaf_count() {
+        return diverged("request count does not match the receipts".into());
     }
     let mut replay = Replay {
         next: meta.clone(),
         touched: HashMap::new(),
         order: Vec::new(),
+        store,
     };
     replay.next.height = h.height;
-    let mut requests = Vec::with_capacity(body.entries.len());
-    for (i, e) in body.entries.iter().enumerate() {
-        if !replay.entry(store, h.height, i, e)? {
-            return diverged(format!(
-                "entry {i}: the receipt does not describe its request or its balances do not \
-                 follow from the applied state"
-            ));
+    let mut requests = Vec::with_capacity(body.leaf_count());
+    let mut leaf = 0u32;
+    for item in &body.items {
+        if let Err(what) = replay.item(h.height, leaf, item)? {
+            return diverged(format!("leaf {leaf}: {what}"));
         }
-        requests.push(AppliedRequest {
-            signer: e.request.signer,
-            id: e.request.id,
-            index: i as u32,
-            request_hash: e.receipt.request_hash,
-        });
+        for (op, _) in item.operations() {
+            requests.push(AppliedRequest {
+                signer: *item.signer(),
+                id: op.id,
+                index: leaf,
+                request_hash: item.hash(),
+            });
+            leaf += 1;
+        }
     }
     let Replay {
         mut next,
         touched,
         order,
+        ..
     } = replay;
     // One term out and one in per account (the sum is additive): the digest per-request
     // updates would give, at a fraction of the hashing. In first-touch order, though any order
@@ -245,76 +506,74 @@ pub fn replay_batch(
 }
 
 /// Balances as a batch leaves them; the first touch of an account reads applied state.
-struct Replay {
+struct Replay<'s, S> {
     next: LedgerMeta,
     /// Balance before the batch (None: did not exist) and now, per account touched.
     touched: HashMap<PublicKey, (Option<u64>, u64)>,
     order: Vec<PublicKey>,
+    store: &'s mut S,
 }
 
-impl Replay {
-    /// Replays entry `i` of the batch at `height`; false if its receipt does not describe its
-    /// request or its balances do not follow.
-    fn entry(
+impl<S: LedgerRead> Balances for Replay<'_, S> {
+    fn balance(&mut self, key: &PublicKey) -> Result<Option<u64>> {
+        match self.touched.get(key) {
+            Some(&(_, now)) => Ok(Some(now)),
+            None => self.store.account(key),
+        }
+    }
+}
+
+impl<S: LedgerRead> Replay<'_, S> {
+    /// Replays one item whose first leaf is `first`: `Ok(Err(why))` if a receipt does not
+    /// describe its operation or is not what the rule gives.
+    fn item(
         &mut self,
-        store: &mut impl LedgerRead,
         height: u64,
-        i: usize,
-        e: &BatchEntry,
-    ) -> Result<bool> {
-        let (r, rc) = (&e.request, &e.receipt);
-        if rc.request_hash != request_hash(r) || rc.height != height || rc.index != i as u32 {
-            return Ok(false);
+        first: u32,
+        item: &BatchItem,
+    ) -> Result<std::result::Result<(), String>> {
+        let atomic = match item {
+            BatchItem::Request(_) => true,
+            BatchItem::Envelope(e) => e.envelope.atomic,
+        };
+        let (signer, hash) = (*item.signer(), item.hash());
+        for (i, (op, rc)) in item.operations().into_iter().enumerate() {
+            let at = (hash, height, first + i as u32, op.op, i as u16);
+            if (rc.request_hash, rc.height, rc.index, rc.op, rc.op_index) != at {
+                return Ok(Err("the receipt does not describe its operation".into()));
+            }
+            let judged = judge(&signer, &op, self)?;
+            match (judged, rc.failed) {
+                (Ok(effect), None)
+                    if (effect.signer_balance, effect.to_balance)
+                        == (rc.signer_balance, rc.to_balance) =>
+                {
+                    self.apply(&effect)
+                }
+                (Err(r), Some(code)) if r.code == code && !atomic => {
+                    if (rc.signer_balance, rc.to_balance) != (0, 0) {
+                        return Ok(Err("a failed operation's receipt shows balances".into()));
+                    }
+                }
+                _ => {
+                    return Ok(Err(
+                        "the receipt is not what the operation does to the applied state".into(),
+                    ))
+                }
+            }
         }
-        if rc.op != r.op {
-            return Ok(false);
-        }
-        Ok(match r.op {
-            Op::Deposit => {
-                self.next.total_deposited += r.amount as u128;
-                rc.signer_balance == 0
-                    && self.change(store, r.to, rc.to_balance, |old| {
-                        old.unwrap_or(0).checked_add(r.amount)
-                    })?
-            }
-            Op::Transfer => {
-                self.change(store, r.signer, rc.signer_balance, |old| {
-                    old?.checked_sub(r.amount)
-                })? && self.change(store, r.to, rc.to_balance, |old| {
-                    old.unwrap_or(0).checked_add(r.amount)
-                })?
-            }
-            Op::Withdraw => {
-                self.next.total_withdrawn += r.amount as u128;
-                rc.to_balance == 0
-                    && self.change(store, r.signer, rc.signer_balance, |old| {
-                        old?.checked_sub(r.amount)
-                    })?
-            }
-        })
+        Ok(Ok(()))
     }
 
-    /// Moves `key` to `new` if `rule(old)` says that is the effect; returns false otherwise.
-    fn change(
-        &mut self,
-        store: &mut impl LedgerRead,
-        key: PublicKey,
-        new: u64,
-        rule: impl FnOnce(Option<u64>) -> Option<u64>,
-    ) -> Result<bool> {
-        let (before, old) = match self.touched.get(&key) {
-            Some(&(before, now)) => (before, Some(now)),
-            None => {
-                let applied = store.account(&key)?;
-                (applied, applied)
-            }
-        };
-        if rule(old) != Some(new) {
-            return Ok(false);
+    fn apply(&mut self, effect: &crate::rules::Effect) {
+        for &(key, before, after) in &effect.changes {
+            let entry = self.touched.entry(key).or_insert_with(|| {
+                self.order.push(key);
+                (before, after)
+            });
+            entry.1 = after;
         }
-        if self.touched.insert(key, (before, new)).is_none() {
-            self.order.push(key);
-        }
-        Ok(true)
+        self.next.total_deposited += effect.deposited as u128;
+        self.next.total_withdrawn += effect.withdrawn as u128;
     }
 }

@@ -9,7 +9,7 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256, Sha512};
 use tally_wire::{
-    AdminRequest, Hash, Header, NonceHint, PublicKey, Request, Signature, SignedHeader,
+    AdminRequest, Envelope, Hash, Header, NonceHint, PublicKey, Request, Signature, SignedHeader,
 };
 
 use crate::{Error, Result};
@@ -290,6 +290,30 @@ fn batch_equation_holds<R: RngCore + CryptoRng>(batch: &[Prepared], rng: &mut R)
     }
     scalars[0] = b;
     EdwardsPoint::vartime_multiscalar_mul(scalars, points).is_identity()
+}
+
+/// SHA-256 of an envelope's wire bytes: what its receipts name.
+pub fn envelope_hash(envelope: &Envelope) -> Hash {
+    sha256(&[&envelope.encode()])
+}
+
+/// Strict Ed25519 verification of an envelope's one signature.
+pub fn verify_envelope(envelope: &Envelope) -> bool {
+    verify_strict(
+        &envelope.signer,
+        &envelope.signed_bytes(),
+        &envelope.signature,
+    )
+}
+
+/// Signs an envelope in place (clients, benches and tests).
+pub fn sign_envelope(key: &SigningKey, envelope: &mut Envelope) {
+    assert_eq!(
+        envelope.signer,
+        key.verifying_key().to_bytes(),
+        "signer must be the key's public key"
+    );
+    envelope.signature = key.sign(&envelope.signed_bytes()).to_bytes();
 }
 
 /// Signs a request in place (clients, benches and tests).

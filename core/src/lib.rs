@@ -4,7 +4,9 @@
 //! - [`sequencer`]: the master's authoritative checks and speculative apply; seals batches.
 //! - [`archive`]: the archive's object names and encodings, and the checks a reader makes.
 //! - [`snapshot`]: state snapshots in the archive: rows, chunks, manifests, deltas.
-//! - [`batch`]: batch bodies, replaying a committed batch into one durable write.
+//! - [`rules`]: what an operation does to balances, judged and replayed alike.
+//! - [`batch`]: batch bodies (requests and envelopes), replaying a committed batch into one
+//!   durable write.
 //! - [`merkle`]: RFC 6962 trees (rs_merkle) and proof verification.
 //! - [`crypto`]: hashes, header signing, request signatures.
 //! - [`state`]: the ledger summary and its state digest.
@@ -29,6 +31,7 @@ mod error;
 pub mod merkle;
 pub mod ports;
 pub mod replica;
+pub mod rules;
 pub mod sequencer;
 pub mod snapshot;
 pub mod state;

@@ -7,7 +7,7 @@
 //! the reference roots and against [`verify_inclusion`], which follows RFC 9162 section 2.1.3.2.
 
 use rs_merkle::{Hasher, MerkleTree};
-use tally_wire::{Hash, InclusionProof};
+use tally_wire::{Hash, InclusionProof, RangeProof};
 
 use crate::crypto::sha256;
 
@@ -141,6 +141,96 @@ impl ProofTree {
             path,
         }
     }
+}
+
+impl ProofTree {
+    /// The hash of the RFC 6962 subtree over leaves `lo..hi`, as the tree's recursion splits
+    /// it: such a subtree is node `lo >> j` of level `j = ceil(log2(hi - lo))`, since every
+    /// level pairs nodes left to right and carries an unpaired last one up unchanged.
+    fn subtree(&self, lo: u32, hi: u32) -> Hash {
+        let j = (hi - lo).next_power_of_two().trailing_zeros() as usize;
+        debug_assert_eq!(lo % (1 << j), 0, "an RFC 6962 subtree is aligned");
+        self.levels[j][(lo >> j) as usize]
+    }
+
+    /// Proof that leaves `first .. first + count` are in this tree (see [`verify_range`]).
+    pub fn range_proof(&self, first: u32, count: u32) -> RangeProof {
+        let size = self.size();
+        assert!(count >= 1 && first.checked_add(count).is_some_and(|end| end <= size));
+        let mut hashes = Vec::new();
+        self.collect_range(0, size, first, first + count, &mut hashes);
+        RangeProof {
+            first,
+            count,
+            tree_size: size,
+            hashes,
+        }
+    }
+
+    /// Walks the RFC 6962 recursion over `lo..hi`: a subtree outside `a..b` goes into the
+    /// proof whole, one inside it the verifier computes from the leaves.
+    fn collect_range(&self, lo: u32, hi: u32, a: u32, b: u32, out: &mut Vec<Hash>) {
+        if b <= lo || hi <= a {
+            out.push(self.subtree(lo, hi));
+        } else if !(a <= lo && hi <= b) {
+            let k = split(hi - lo);
+            self.collect_range(lo, lo + k, a, b, out);
+            self.collect_range(lo + k, hi, a, b, out);
+        }
+    }
+}
+
+/// The RFC 6962 split of `n > 1` leaves: the largest power of two less than `n`.
+fn split(n: u32) -> u32 {
+    debug_assert!(n > 1);
+    1 << (31 - (n - 1).leading_zeros())
+}
+
+/// RFC 6962 tree hash of already leaf-hashed `leaves`.
+fn tree_hash(leaves: &[Hash]) -> Hash {
+    match leaves.len() {
+        0 => empty_root(),
+        1 => leaves[0],
+        n => {
+            let k = split(n as u32) as usize;
+            node_hash(&tree_hash(&leaves[..k]), &tree_hash(&leaves[k..]))
+        }
+    }
+}
+
+/// Verifies a range proof: true iff `leaves` (leaf hashes) are leaves `proof.first ..` of a
+/// tree of `proof.tree_size` leaves whose root is `root`, every proof hash used exactly once.
+pub fn verify_range(leaves: &[Hash], proof: &RangeProof, root: &Hash) -> bool {
+    let (a, n) = (proof.first, proof.tree_size);
+    let Some(b) = a.checked_add(proof.count) else {
+        return false;
+    };
+    if proof.count == 0 || leaves.len() != proof.count as usize || b > n {
+        return false;
+    }
+    let mut hashes = proof.hashes.iter();
+    let computed = range_root(0, n, a, b, leaves, &mut hashes);
+    computed.as_ref() == Some(root) && hashes.next().is_none()
+}
+
+fn range_root<'h>(
+    lo: u32,
+    hi: u32,
+    a: u32,
+    b: u32,
+    leaves: &[Hash],
+    hashes: &mut impl Iterator<Item = &'h Hash>,
+) -> Option<Hash> {
+    if b <= lo || hi <= a {
+        return hashes.next().copied();
+    }
+    if a <= lo && hi <= b {
+        return Some(tree_hash(&leaves[(lo - a) as usize..(hi - a) as usize]));
+    }
+    let k = split(hi - lo);
+    let left = range_root(lo, lo + k, a, b, leaves, hashes)?;
+    let right = range_root(lo + k, hi, a, b, leaves, hashes)?;
+    Some(node_hash(&left, &right))
 }
 
 /// Verifies an inclusion proof (RFC 9162, 2.1.3.2): true iff `leaf` is at `proof.leaf_index` of

@@ -15,12 +15,15 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use tally_wire::{ErrorCode, Hash, Header, Op, PublicKey, Receipt, Request};
+use std::sync::Arc;
 
-use crate::batch::{BatchBody, BatchEntry, BATCH_REQUESTS_LIMIT};
+use tally_wire::{Envelope, ErrorCode, Hash, Header, Operation, PublicKey, Receipt, Request};
+
+use crate::batch::{BatchBody, BatchEntry, BatchItem, EnvelopeEntry, BATCH_REQUESTS_LIMIT};
 use crate::crypto::{header_hash, request_hash};
 use crate::merkle::{leaf_hash, Tree};
 use crate::ports::{LedgerRead, RequestRecord};
+use crate::rules::{judge, Balances, Effect};
 use crate::state::LedgerMeta;
 use crate::{Rejection, Result};
 
@@ -38,7 +41,7 @@ pub struct SequencerConfig {
 /// What became of a submitted request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submitted {
-    /// Added to the open batch at this position.
+    /// Added to the open batch; `index` is its first leaf.
     Accepted {
         height: u64,
         index: u32,
@@ -51,6 +54,11 @@ pub enum Submitted {
     /// The same request was applied already: answer with the original confirmation.
     Applied(RequestRecord),
     Rejected(Rejection),
+    /// An atomic envelope none of whose operations applied: the first that failed, and why.
+    Failed {
+        index: u32,
+        rejection: Rejection,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +83,9 @@ pub struct Sequencer {
     accounts: HashMap<PublicKey, Slot>,
     keys: HashMap<(PublicKey, u128), KeySlot>,
     keys_by_height: VecDeque<(u64, Vec<(PublicKey, u128)>)>,
-    open: Vec<BatchEntry>,
+    open: Vec<BatchItem>,
+    /// Receipts (Merkle leaves) in the open batch.
+    open_leaves: u32,
     /// Accounts the open batch changed: balance before the batch (None: did not exist), balance
     /// now. Folded into `meta`'s account sum when the batch is sealed: the sum is additive, so
     /// one term out and one in per account and batch give the digest that one per request
@@ -97,6 +107,7 @@ impl Sequencer {
             keys: HashMap::new(),
             keys_by_height: VecDeque::new(),
             open: Vec::new(),
+            open_leaves: 0,
             open_changes: HashMap::new(),
             cache_hits: 0,
         }
@@ -108,12 +119,24 @@ impl Sequencer {
         std::mem::take(&mut self.cache_hits)
     }
 
+    /// Operations (Merkle leaves) in the open batch.
     pub fn open_len(&self) -> usize {
-        self.open.len()
+        self.open_leaves as usize
     }
 
+    /// Whether the open batch takes nothing more.
     pub fn is_full(&self) -> bool {
-        self.open.len() >= self.cfg.batch_requests_max as usize
+        self.open_leaves >= self.cfg.batch_requests_max
+    }
+
+    /// Whether `n` more operations fit in the open batch (`batch_requests_max` leaves).
+    pub fn fits(&self, n: u32) -> bool {
+        self.open_leaves + n <= self.cfg.batch_requests_max
+    }
+
+    /// The most operations one batch holds.
+    pub fn batch_requests_max(&self) -> u32 {
+        self.cfg.batch_requests_max
     }
 
     /// Height of the last sealed batch.
@@ -141,125 +164,210 @@ impl Sequencer {
         store: &mut impl LedgerRead,
     ) -> Result<Submitted> {
         assert!(!self.is_full(), "submit to a full batch: seal it first");
-        let key = (request.signer, request.id);
         let rh = request_hash(&request);
-        if let Some(k) = self.keys.get(&key) {
-            return Ok(self.same_key(k.height, k.index, k.request_hash, rh));
+        if let Some(known) = self.known(&request.signer, request.id, snapshot_height, store)? {
+            return Ok(self.same_key(known, rh));
+        }
+        let op = request.operation();
+        let effect = match judge(&request.signer, &op, &mut self.reader(store))? {
+            Ok(effect) => effect,
+            Err(rejection) => return Ok(Submitted::Rejected(rejection)),
+        };
+        let (height, index) = (self.meta.height + 1, self.open_leaves);
+        let receipt = self.receipt(rh, &op, 0, Ok(&effect));
+        self.apply(&effect, height);
+        self.remember(request.signer, op.id, index, rh);
+        self.push(BatchItem::Request(BatchEntry { request, receipt }));
+        Ok(Submitted::Accepted { height, index })
+    }
+
+    /// Judges an envelope (stateless-validated, `hash` its SHA-256) like [`Sequencer::submit`]
+    /// a request: all its operations join the open batch, each with its receipt (an
+    /// independent envelope's failed operations with theirs), or, for an atomic envelope one of
+    /// whose operations fails, none does. A resubmission is known by its first operation's key.
+    pub fn submit_envelope(
+        &mut self,
+        envelope: Arc<Envelope>,
+        hash: Hash,
+        snapshot_height: u64,
+        store: &mut impl LedgerRead,
+    ) -> Result<Submitted> {
+        let n = envelope.ops.len() as u32;
+        assert!(self.fits(n), "an envelope that does not fit: seal first");
+        let signer = envelope.signer;
+        for (i, op) in envelope.ops.iter().enumerate() {
+            let Some(known) = self.known(&signer, op.id, snapshot_height, store)? else {
+                continue;
+            };
+            if i == 0 && known.request_hash == hash {
+                return Ok(self.same_key(known, hash));
+            }
+            return Ok(Submitted::Failed {
+                index: i as u32,
+                rejection: id_conflict(),
+            });
+        }
+        let results = if envelope.atomic {
+            match self.judge_all(&signer, &envelope.ops, store)? {
+                Ok(effects) => effects.into_iter().map(Ok).collect(),
+                Err((index, rejection)) => return Ok(Submitted::Failed { index, rejection }),
+            }
+        } else {
+            self.judge_each(&signer, &envelope.ops, store)?
+        };
+        let (height, first) = (self.meta.height + 1, self.open_leaves);
+        let mut receipts = Vec::with_capacity(envelope.ops.len());
+        for (i, (op, result)) in envelope.ops.iter().zip(&results).enumerate() {
+            receipts.push(self.receipt(hash, op, i as u16, result.as_ref()));
+            self.remember(signer, op.id, first + i as u32, hash);
+        }
+        if envelope.atomic {
+            for effect in results.iter().flatten() {
+                self.apply(effect, height);
+            }
+        }
+        self.push(BatchItem::Envelope(EnvelopeEntry {
+            envelope,
+            hash,
+            receipts,
+        }));
+        Ok(Submitted::Accepted {
+            height,
+            index: first,
+        })
+    }
+
+    /// Judges every operation of an atomic envelope against the state as the ones before it
+    /// leave it, without changing the speculative state: their effects, or the first failure.
+    fn judge_all(
+        &mut self,
+        signer: &PublicKey,
+        ops: &[Operation],
+        store: &mut impl LedgerRead,
+    ) -> Result<std::result::Result<Vec<Effect>, (u32, Rejection)>> {
+        let mut overlay = Overlay {
+            reader: self.reader(store),
+            pending: HashMap::new(),
+        };
+        let mut effects = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            match judge(signer, op, &mut overlay)? {
+                Ok(effect) => {
+                    for &(key, _, after) in &effect.changes {
+                        overlay.pending.insert(key, after);
+                    }
+                    effects.push(effect);
+                }
+                Err(rejection) => return Ok(Err((i as u32, rejection))),
+            }
+        }
+        Ok(Ok(effects))
+    }
+
+    /// Judges and applies each operation of an independent envelope in turn.
+    fn judge_each(
+        &mut self,
+        signer: &PublicKey,
+        ops: &[Operation],
+        store: &mut impl LedgerRead,
+    ) -> Result<Vec<std::result::Result<Effect, Rejection>>> {
+        let height = self.meta.height + 1;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let result = judge(signer, op, &mut self.reader(store))?;
+            if let Ok(effect) = &result {
+                self.apply(effect, height);
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// Where `(signer, id)` was sequenced, if this sequencer or the store knows it.
+    fn known(
+        &mut self,
+        signer: &PublicKey,
+        id: u128,
+        snapshot_height: u64,
+        store: &mut impl LedgerRead,
+    ) -> Result<Option<RequestRecord>> {
+        if let Some(k) = self.keys.get(&(*signer, id)) {
+            return Ok(Some(RequestRecord {
+                height: k.height,
+                index: k.index,
+                request_hash: k.request_hash,
+            }));
         }
         let remembered_from = self
             .keys_by_height
             .front()
             .map_or(self.meta.height + 1, |(h, _)| *h);
         if snapshot_height + 1 < remembered_from {
-            if let Some(record) = store.request(&request.signer, request.id)? {
-                return Ok(self.same_key(record.height, record.index, record.request_hash, rh));
-            }
+            return store.request(signer, id);
         }
-        let height = self.meta.height + 1;
-        let (signer_balance, to_balance) = match self.effect(&request, height, store)? {
-            Ok(balances) => balances,
-            Err(rejected) => return Ok(rejected),
+        Ok(None)
+    }
+
+    fn reader<'a, S: LedgerRead>(&'a mut self, store: &'a mut S) -> Reader<'a, S> {
+        Reader { seq: self, store }
+    }
+
+    /// The receipt of operation `op_index` of what hashes to `hash`: leaf `op_index` after the
+    /// open batch's last (an envelope's receipts are consecutive leaves).
+    fn receipt(
+        &self,
+        hash: Hash,
+        op: &Operation,
+        op_index: u16,
+        result: std::result::Result<&Effect, &Rejection>,
+    ) -> Receipt {
+        let (failed, signer_balance, to_balance) = match result {
+            Ok(e) => (None, e.signer_balance, e.to_balance),
+            Err(r) => (Some(r.code), 0, 0),
         };
-        let index = self.open.len() as u32;
-        let receipt = Receipt {
-            request_hash: rh,
-            height,
-            index,
-            op: request.op,
+        Receipt {
+            request_hash: hash,
+            height: self.meta.height + 1,
+            index: self.open_leaves + op_index as u32,
+            op: op.op,
+            failed,
+            op_index,
             signer_balance,
             to_balance,
-        };
-        self.keys.insert(
-            key,
-            KeySlot {
-                height,
-                index,
-                request_hash: rh,
-            },
-        );
-        self.open.push(BatchEntry { request, receipt });
-        Ok(Submitted::Accepted { height, index })
-    }
-
-    /// What `r` does to the speculative state (applied to it when it succeeds): the signer's and
-    /// the recipient's balances after it, or why it is refused.
-    fn effect(
-        &mut self,
-        r: &Request,
-        height: u64,
-        store: &mut impl LedgerRead,
-    ) -> Result<std::result::Result<(u64, u64), Submitted>> {
-        let amount = r.amount;
-        match r.op {
-            Op::Deposit => {
-                let to = self.balance(&r.to, store)?;
-                let Some(new_to) = to.unwrap_or(0).checked_add(amount) else {
-                    return Ok(Err(reject(
-                        ErrorCode::AmountOverflow,
-                        "the deposit would overflow the recipient's balance",
-                    )));
-                };
-                self.set(r.to, to, new_to, height);
-                self.meta.total_deposited += amount as u128;
-                Ok(Ok((0, new_to)))
-            }
-            Op::Transfer => {
-                // The wire decoder refuses these; a caller that skipped it must not mint money.
-                if r.to == r.signer {
-                    return Ok(Err(reject(
-                        ErrorCode::MalformedRequest,
-                        "a transfer to oneself moves nothing",
-                    )));
-                }
-                let Some(from) = self.balance(&r.signer, store)? else {
-                    return Ok(Err(reject(
-                        ErrorCode::UnknownAccount,
-                        "the sending account does not exist",
-                    )));
-                };
-                if from < amount {
-                    return Ok(Err(reject(
-                        ErrorCode::InsufficientFunds,
-                        format!("balance {from} is less than {amount}"),
-                    )));
-                }
-                let to = self.balance(&r.to, store)?;
-                let Some(new_to) = to.unwrap_or(0).checked_add(amount) else {
-                    return Ok(Err(reject(
-                        ErrorCode::AmountOverflow,
-                        "the transfer would overflow the recipient's balance",
-                    )));
-                };
-                self.set(r.signer, Some(from), from - amount, height);
-                self.set(r.to, to, new_to, height);
-                Ok(Ok((from - amount, new_to)))
-            }
-            Op::Withdraw => {
-                let Some(from) = self.balance(&r.signer, store)? else {
-                    return Ok(Err(reject(
-                        ErrorCode::UnknownAccount,
-                        "the account does not exist",
-                    )));
-                };
-                if from < amount {
-                    return Ok(Err(reject(
-                        ErrorCode::InsufficientFunds,
-                        format!("balance {from} is less than {amount}"),
-                    )));
-                }
-                self.set(r.signer, Some(from), from - amount, height);
-                self.meta.total_withdrawn += amount as u128;
-                Ok(Ok((from - amount, 0)))
-            }
         }
     }
 
-    fn same_key(&self, height: u64, index: u32, stored: Hash, submitted: Hash) -> Submitted {
+    fn apply(&mut self, effect: &Effect, height: u64) {
+        for &(key, before, after) in &effect.changes {
+            self.set(key, before, after, height);
+        }
+        self.meta.total_deposited += effect.deposited as u128;
+        self.meta.total_withdrawn += effect.withdrawn as u128;
+    }
+
+    fn remember(&mut self, signer: PublicKey, id: u128, index: u32, request_hash: Hash) {
+        let slot = KeySlot {
+            height: self.meta.height + 1,
+            index,
+            request_hash,
+        };
+        let fresh = self.keys.insert((signer, id), slot).is_none();
+        assert!(fresh, "a key is sequenced once");
+    }
+
+    fn push(&mut self, item: BatchItem) {
+        self.open_leaves += item.receipts().len() as u32;
+        self.open.push(item);
+    }
+
+    fn same_key(&self, known: RequestRecord, submitted: Hash) -> Submitted {
+        let RequestRecord {
+            height,
+            index,
+            request_hash: stored,
+        } = known;
         if stored != submitted {
-            return reject(
-                ErrorCode::IdConflict,
-                "this id was already used by this signer for a different request",
-            );
+            return Submitted::Rejected(id_conflict());
         }
         if height <= self.applied_height {
             Submitted::Applied(RequestRecord {
@@ -310,33 +418,41 @@ impl Sequencer {
         if self.open.is_empty() {
             return None;
         }
-        let entries = std::mem::take(&mut self.open);
+        let items = std::mem::take(&mut self.open);
+        let leaf_count = std::mem::take(&mut self.open_leaves);
         for (key, (before, after)) in self.open_changes.drain() {
             self.meta.account_changed(&key, before, after);
         }
         self.meta.height += 1;
-        let leaves: Vec<Hash> = entries
+        let leaves: Vec<Hash> = items
             .iter()
-            .map(|e| leaf_hash(&e.receipt.encode()))
+            .flat_map(|i| i.receipts())
+            .map(|r| leaf_hash(&r.encode()))
             .collect();
+        assert_eq!(leaves.len(), leaf_count as usize);
         let header = Header {
             chain_id: self.cfg.chain_id,
             height: self.meta.height,
             term,
             time_unix_ms,
-            request_count: entries.len() as u32,
+            request_count: leaf_count,
             prev_hash: self.meta.last_header_hash,
             merkle_root: Tree::new(&leaves).root(),
             state_digest: self.meta.state_digest(),
             operator_key_id: self.cfg.operator_key_id,
         };
         self.meta.last_header_hash = header_hash(&header);
-        let keys = entries
+        let keys = items
             .iter()
-            .map(|e| (e.request.signer, e.request.id))
+            .flat_map(|i| {
+                let signer = *i.signer();
+                i.operations()
+                    .into_iter()
+                    .map(move |(op, _)| (signer, op.id))
+            })
             .collect();
         self.keys_by_height.push_back((self.meta.height, keys));
-        Some(BatchBody { header, entries })
+        Some(BatchBody { header, items })
     }
 
     /// Records that every batch up to `height` is durably applied: their accounts are unpinned
@@ -377,6 +493,37 @@ impl Sequencer {
     }
 }
 
-fn reject(code: ErrorCode, message: impl Into<String>) -> Submitted {
-    Submitted::Rejected(Rejection::new(code, message))
+fn id_conflict() -> Rejection {
+    Rejection::new(
+        ErrorCode::IdConflict,
+        "this id was already used by this signer for a different request",
+    )
+}
+
+/// The speculative state as [`judge`] reads it.
+struct Reader<'a, S> {
+    seq: &'a mut Sequencer,
+    store: &'a mut S,
+}
+
+impl<S: LedgerRead> Balances for Reader<'_, S> {
+    fn balance(&mut self, key: &PublicKey) -> Result<Option<u64>> {
+        self.seq.balance(key, self.store)
+    }
+}
+
+/// The speculative state plus an atomic envelope's effects so far, which are not applied
+/// until every operation passed.
+struct Overlay<'a, S> {
+    reader: Reader<'a, S>,
+    pending: HashMap<PublicKey, u64>,
+}
+
+impl<S: LedgerRead> Balances for Overlay<'_, S> {
+    fn balance(&mut self, key: &PublicKey) -> Result<Option<u64>> {
+        match self.pending.get(key) {
+            Some(&b) => Ok(Some(b)),
+            None => self.reader.balance(key),
+        }
+    }
 }

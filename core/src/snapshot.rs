@@ -150,28 +150,31 @@ pub struct Delta {
 impl Delta {
     /// Adds one batch's effects, from its receipts.
     pub fn add_batch(&mut self, body: &BatchBody) {
-        for (i, e) in body.entries.iter().enumerate() {
-            let (r, rc) = (&e.request, &e.receipt);
-            match r.op {
-                Op::Deposit => {
-                    self.deposited += r.amount as u128;
-                    self.accounts.insert(r.to, rc.to_balance);
-                }
-                Op::Transfer => {
-                    self.accounts.insert(r.signer, rc.signer_balance);
-                    self.accounts.insert(r.to, rc.to_balance);
-                }
-                Op::Withdraw => {
-                    self.withdrawn += r.amount as u128;
-                    self.accounts.insert(r.signer, rc.signer_balance);
+        for (signer, op, rc) in body.operations() {
+            // A failed operation of an independent envelope changed no balance, but its id is
+            // used: it is a request row like any other.
+            if rc.failed.is_none() {
+                match op.op {
+                    Op::Deposit => {
+                        self.deposited += op.amount as u128;
+                        self.accounts.insert(op.to, rc.to_balance);
+                    }
+                    Op::Transfer => {
+                        self.accounts.insert(*signer, rc.signer_balance);
+                        self.accounts.insert(op.to, rc.to_balance);
+                    }
+                    Op::Withdraw => {
+                        self.withdrawn += op.amount as u128;
+                        self.accounts.insert(*signer, rc.signer_balance);
+                    }
                 }
             }
             let at = RequestAt {
                 height: body.header.height,
-                index: i as u32,
+                index: rc.index,
                 request_hash: rc.request_hash,
             };
-            self.requests.insert((r.signer, r.id), at);
+            self.requests.insert((*signer, op.id), at);
         }
     }
 

@@ -3,9 +3,9 @@
 use std::collections::HashSet;
 
 use curve25519_dalek::edwards::CompressedEdwardsY;
-use tally_wire::{ErrorCode, Hash, Op, PublicKey, Request};
+use tally_wire::{Envelope, ErrorCode, Hash, Op, PublicKey, Request};
 
-use crate::crypto::{verify_request, KeyCache};
+use crate::crypto::{verify_envelope, verify_request, KeyCache};
 use crate::Rejection;
 
 /// What stateless validation needs to know: fixed for the life of a node.
@@ -33,23 +33,30 @@ impl StatelessRules {
     /// (in a batch: [`KeyCache::verify_requests`]) and refuses with [`bad_signature`].
     pub fn check_unsigned(&self, request: &Request) -> Result<(), Rejection> {
         if request.chain_id != self.chain_id {
-            return Err(Rejection::new(
-                ErrorCode::WrongChain,
-                "the request is signed for another ledger (chain id)",
-            ));
+            return Err(wrong_chain());
         }
-        if request.op == Op::Deposit && !self.deposit_keys.contains(&request.signer) {
-            return Err(Rejection::new(
-                ErrorCode::UnknownDepositKey,
-                "deposits must be signed by an operator deposit key",
-            ));
+        let deposit_key = self.deposit_keys.contains(&request.signer);
+        check_shape(request.op, deposit_key, &request.to, is_account_key)
+    }
+
+    /// [`StatelessRules::check`] for an envelope: the chain id, who may sign each operation,
+    /// that each credited account is a key that can sign, then the one strict signature. A
+    /// failure names the operation (`Some(index)`) when one operation is at fault.
+    pub fn check_envelope(&self, envelope: &Envelope) -> Result<(), (Option<u32>, Rejection)> {
+        if envelope.chain_id != self.chain_id {
+            return Err((None, wrong_chain()));
         }
-        if request.op != Op::Withdraw && !is_account_key(&request.to) {
-            return Err(Rejection::new(
-                ErrorCode::MalformedRequest,
-                "the recipient (to) is not a usable Ed25519 public key: funds sent there could \
-                 never be spent",
-            ));
+        let deposit_key = self.deposit_keys.contains(&envelope.signer);
+        let mut credited: HashSet<PublicKey> = HashSet::new();
+        for (i, op) in envelope.ops.iter().enumerate() {
+            let shape = check_shape(op.op, deposit_key, &op.to, |to| {
+                // Recipients repeat within an envelope: each is checked once.
+                credited.contains(to) || (is_account_key(to) && credited.insert(*to))
+            });
+            shape.map_err(|r| (Some(i as u32), r))?;
+        }
+        if !verify_envelope(envelope) {
+            return Err((None, bad_signature()));
         }
         Ok(())
     }
@@ -65,6 +72,37 @@ impl StatelessRules {
         }
         Ok(())
     }
+}
+
+fn wrong_chain() -> Rejection {
+    Rejection::new(
+        ErrorCode::WrongChain,
+        "the request is signed for another ledger (chain id)",
+    )
+}
+
+/// Who may sign an operation of this kind, and whether its recipient can own an account
+/// (`usable`, [`is_account_key`] or a cached answer of it).
+fn check_shape(
+    op: Op,
+    deposit_key: bool,
+    to: &PublicKey,
+    usable: impl FnOnce(&PublicKey) -> bool,
+) -> Result<(), Rejection> {
+    if op == Op::Deposit && !deposit_key {
+        return Err(Rejection::new(
+            ErrorCode::UnknownDepositKey,
+            "deposits must be signed by an operator deposit key",
+        ));
+    }
+    if op != Op::Withdraw && !usable(to) {
+        return Err(Rejection::new(
+            ErrorCode::MalformedRequest,
+            "the recipient (to) is not a usable Ed25519 public key: funds sent there could \
+             never be spent",
+        ));
+    }
+    Ok(())
 }
 
 /// The rejection of a signature strict Ed25519 verification refuses.

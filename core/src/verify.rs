@@ -1,10 +1,10 @@
 //! Offline verification of a confirmation: everything a client needs is the confirmation itself
 //! and the operator's public key.
 
-use tally_wire::{Confirmation, PublicKey};
+use tally_wire::{Confirmation, Envelope, EnvelopeConfirmation, PublicKey};
 
-use crate::crypto::{request_hash, verify_header, verify_request};
-use crate::merkle::{leaf_hash, verify_inclusion};
+use crate::crypto::{envelope_hash, request_hash, verify_envelope, verify_header, verify_request};
+use crate::merkle::{leaf_hash, verify_inclusion, verify_range};
 use crate::{Error, Result};
 
 /// Checks, in order: the request's own signature, that the receipt names the request, that the
@@ -33,6 +33,58 @@ pub fn verify_confirmation(c: &Confirmation, operator: &PublicKey) -> Result<()>
     }
     if !verify_inclusion(&leaf_hash(&c.receipt.encode()), &c.proof, &h.merkle_root) {
         return fail("the inclusion proof does not lead to the header's Merkle root");
+    }
+    verify_header(operator, &c.header)
+}
+
+/// Checks an envelope's confirmation, in order: the envelope's signature, that the confirmation
+/// names this envelope, that receipt `i` describes operation `i` at leaf `first + i` of the
+/// header's batch, the range proof of the receipts against the header's Merkle root, and the
+/// operator's signature over the header.
+pub fn verify_envelope_confirmation(
+    envelope: &Envelope,
+    c: &EnvelopeConfirmation,
+    operator: &PublicKey,
+) -> Result<()> {
+    let fail = |what: &str| Err(Error::Verify(what.to_string()));
+    let h = &c.header.header;
+    if envelope.chain_id != h.chain_id {
+        return fail("the envelope and the header belong to different chains");
+    }
+    if !verify_envelope(envelope) {
+        return fail("the envelope's signature does not verify");
+    }
+    let hash = envelope_hash(envelope);
+    if c.envelope_hash != hash {
+        return fail("the confirmation is for a different envelope");
+    }
+    let p = &c.proof;
+    if c.receipts.len() != envelope.ops.len() || p.count as usize != envelope.ops.len() {
+        return fail("the confirmation does not hold one receipt per operation");
+    }
+    if p.tree_size != h.request_count {
+        return fail("the proof's tree size differs from the header's leaf count");
+    }
+    for (i, (op, r)) in envelope.ops.iter().zip(&c.receipts).enumerate() {
+        let at = (
+            hash,
+            h.height,
+            p.first.checked_add(i as u32),
+            op.op,
+            i as u16,
+        );
+        if (r.request_hash, r.height, Some(r.index), r.op, r.op_index) != at {
+            return fail(&format!(
+                "receipt {i} does not describe operation {i} of the envelope"
+            ));
+        }
+        if envelope.atomic && r.failed.is_some() {
+            return fail("an atomic envelope's operation is marked failed");
+        }
+    }
+    let leaves: Vec<_> = c.receipts.iter().map(|r| leaf_hash(&r.encode())).collect();
+    if !verify_range(&leaves, p, &h.merkle_root) {
+        return fail("the range proof does not lead to the header's Merkle root");
     }
     verify_header(operator, &c.header)
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use raft::eraftpb::Message as RaftMessage;
 use tally_core::batch::BatchBody;
+use tally_core::batch::Confirmed;
 use tally_core::engine::apply::Committed;
 use tally_core::engine::members::MemberChange;
 use tally_core::engine::{Refusal, Waiter};
@@ -17,7 +18,8 @@ use tally_core::replica::ReplicaStatus;
 use tally_core::state::LedgerMeta;
 use tally_core::{Rejection, Result as CoreResult};
 use tally_wire::{
-    ErrorCode, ErrorReply, Hash, Message, PublicKey, ReadMode, Request, SignedHeader,
+    Envelope, EnvelopeFailed, ErrorCode, ErrorReply, Hash, Message, PublicKey, ReadMode, Request,
+    SignedHeader,
 };
 use tokio::sync::mpsc;
 
@@ -53,6 +55,16 @@ impl ReplyTo {
                 let seconds = self.received.elapsed().as_secs_f64();
                 self.metrics.batches.confirmation_seconds.observe(seconds);
             }
+            Message::EnvelopeConfirmed(c) if c.replayed => {
+                self.metrics.batches.replayed_total.inc()
+            }
+            Message::EnvelopeConfirmed(c) => {
+                let operations = c.receipts.len() as u64;
+                self.metrics.batches.confirmed_total.inc_by(operations);
+                let seconds = self.received.elapsed().as_secs_f64();
+                self.metrics.batches.confirmation_seconds.observe(seconds);
+            }
+            Message::EnvelopeFailed(f) => self.metrics.rejected(f.code),
             Message::Error(e) => self.metrics.rejected(e.code),
             _ => {}
         }
@@ -77,6 +89,23 @@ impl ReplyTo {
         self.error(r.code, r.message);
     }
 
+    /// Sends a confirmation, `replayed` when it answers a resubmission.
+    pub fn confirmed(self, c: Confirmed) {
+        match c {
+            Confirmed::Request(c) => self.send(&Message::Confirmed(c)),
+            Confirmed::Envelope(c) => self.send(&Message::EnvelopeConfirmed(c)),
+        }
+    }
+
+    /// Answers an atomic envelope whose operation `index` failed: nothing was applied.
+    pub fn fail(self, index: u32, r: Rejection) {
+        self.send(&Message::EnvelopeFailed(EnvelopeFailed {
+            code: r.code,
+            failed_index: index,
+            message: r.message,
+        }));
+    }
+
     /// Answers an operator with the replicas and their roles.
     pub fn members(self, leader_id: u64, members: Vec<tally_wire::Member>) {
         let answer = tally_wire::MembersReply::new(leader_id, members);
@@ -96,9 +125,21 @@ impl ReplyTo {
 /// A client waiting for a request of a batch.
 pub type Waiters = Vec<Waiter<ReplyTo>>;
 
-/// A request travelling through the pipeline.
+/// What a client submitted: one request, or an envelope of operations.
+pub enum Submission {
+    Request(Request),
+    Envelope {
+        envelope: Arc<Envelope>,
+        /// SHA-256 of its wire bytes.
+        hash: Hash,
+        /// Its share of `limits.envelopes_in_flight_max`, held until it is sequenced.
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    },
+}
+
+/// A request or envelope travelling through the pipeline.
 pub struct Job {
-    pub request: Request,
+    pub submission: Submission,
     /// The signer's nonce hint, if the client sent one (`SubmitHinted`): lets the stateless
     /// stage check the signature in a batch. With it, the connection's switch for hints, which
     /// the stateless stage turns off when a hinted signature turns out bad.
@@ -106,6 +147,35 @@ pub struct Job {
     pub reply: ReplyTo,
     /// The applied height the snapshot stage checked the request against.
     pub snapshot_height: u64,
+}
+
+impl Job {
+    /// The request, for a job known to carry one (the stateless stage's batch).
+    pub fn request(&self) -> &Request {
+        match &self.submission {
+            Submission::Request(r) => r,
+            Submission::Envelope { .. } => panic!("an envelope where a request was expected"),
+        }
+    }
+
+    pub fn signer(&self) -> &PublicKey {
+        match &self.submission {
+            Submission::Request(r) => &r.signer,
+            Submission::Envelope { envelope, .. } => &envelope.signer,
+        }
+    }
+
+    /// The exactly-once keys `(signer, id)` of its operations.
+    pub fn keys(&self) -> Vec<(PublicKey, u128)> {
+        match &self.submission {
+            Submission::Request(r) => vec![(r.signer, r.id)],
+            Submission::Envelope { envelope, .. } => envelope
+                .ops
+                .iter()
+                .map(|o| (envelope.signer, o.id))
+                .collect(),
+        }
+    }
 }
 
 /// Commands to the storage thread, the one owner of the ledger database. It applies committed

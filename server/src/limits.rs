@@ -312,6 +312,12 @@ pub fn reply_bytes_bound(request: &Message) -> usize {
             let headers = (*limit).clamp(1, HEADERS_PER_REPLY_MAX) as usize;
             (FRAME_HEADER_BYTES + 2 + headers * SIGNED_HEADER_BYTES).max(SMALL_REPLY_BYTES_MAX)
         }
+        // flags, envelope hash, signed header, count, a receipt per operation, a range proof.
+        Message::SubmitEnvelope(e) => {
+            let proof = 13 + 32 * tally_wire::RANGE_PROOF_HASHES_MAX;
+            let receipts = e.ops.len() * tally_wire::RECEIPT_BYTES;
+            FRAME_HEADER_BYTES + 1 + 32 + SIGNED_HEADER_BYTES + 4 + receipts + proof
+        }
         _ => SMALL_REPLY_BYTES_MAX,
     }
 }

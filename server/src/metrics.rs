@@ -22,7 +22,7 @@ pub const STAGES: [&str; 5] = ["stateless", "snapshot", "master", "storage", "co
 
 /// The queues that answer `busy` when full; the `queue` label of `tally_busy_total`
 /// (`reply_budget`: `limits.reply_bytes_total_max`, spent by replies not yet written).
-pub const BUSY_QUEUES: [&str; 3] = ["stateless", "storage", "reply_budget"];
+pub const BUSY_QUEUES: [&str; 4] = ["stateless", "storage", "reply_budget", "envelopes"];
 /// The deadlines that close a client connection; the `deadline` label of
 /// `tally_connections_timed_out_total` (each is `limits.<deadline>_timeout_ms`).
 pub const DEADLINES: [&str; 5] = ["handshake", "first_request", "frame", "idle", "write"];

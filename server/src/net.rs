@@ -27,7 +27,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::channels::RaftEvent;
-use crate::channels::{Job, Outgoing, ReplyTo, StorageCmd};
+use crate::channels::{Job, Outgoing, ReplyTo, StorageCmd, Submission};
 use crate::limits::{
     is_out_of_descriptors, reply_bytes_bound, AddressLimit, HandshakeRate, ReplyBudget, Reserved,
     ACCEPT_PAUSE_MS, SMALL_REPLY_BYTES_MAX,
@@ -67,6 +67,7 @@ pub struct NetLimits {
     pub frame_timeout: Duration,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    pub envelopes_in_flight_max: usize,
 }
 
 /// What every connection of one listener shares.
@@ -78,6 +79,8 @@ struct Shared {
     addresses: Arc<AddressLimit>,
     handshake_rate: HandshakeRate,
     reply_bytes: Arc<Semaphore>,
+    /// `limits.envelopes_in_flight_max`: envelopes between arrival and sequencing.
+    envelopes: Arc<Semaphore>,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -95,6 +98,7 @@ pub async fn serve(
         addresses: AddressLimit::new(limits.connections_per_address_max),
         handshake_rate: HandshakeRate::new(limits.handshakes_per_address_per_second),
         reply_bytes: Arc::new(Semaphore::new(limits.reply_bytes_total_max)),
+        envelopes: Arc::new(Semaphore::new(limits.envelopes_in_flight_max)),
         limits,
     });
     loop {
@@ -409,7 +413,7 @@ impl Conn<'_> {
         };
         match (reserved, decoded) {
             (Reserved::Full(permit), Ok(message)) => {
-                dispatch(pipeline, message, reply(permit), &self.hints)
+                dispatch(&self.shared, message, reply(permit), &self.hints)
             }
             (Reserved::Full(permit), Err(e)) => {
                 reply(permit).send(&Message::Error(ErrorReply::from(&e)))
@@ -492,9 +496,13 @@ fn write_refusal(pipeline: &PipelineHandle) -> Option<ErrorReply> {
     None
 }
 
-fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: &Arc<AtomicBool>) {
+fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<AtomicBool>) {
+    let pipeline = &shared.pipeline;
     let view = &pipeline.view;
-    if matches!(message, Message::Submit(_) | Message::SubmitHinted(..)) {
+    if matches!(
+        message,
+        Message::Submit(_) | Message::SubmitHinted(..) | Message::SubmitEnvelope(_)
+    ) {
         if let Some(refusal) = write_refusal(pipeline) {
             reply.send(&Message::Error(refusal));
             return;
@@ -504,16 +512,17 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
         Message::Submit(request) => pipeline::submit(
             pipeline,
             Job {
-                request,
+                submission: Submission::Request(request),
                 hint: None,
                 reply,
                 snapshot_height: 0,
             },
         ),
+        Message::SubmitEnvelope(envelope) => submit_envelope(shared, *envelope, reply),
         Message::SubmitHinted(request, hint) => pipeline::submit(
             pipeline,
             Job {
-                request,
+                submission: Submission::Request(request),
                 hint: hints
                     .load(Ordering::Relaxed)
                     .then(|| (hint, Arc::clone(hints))),
@@ -552,6 +561,31 @@ fn dispatch(pipeline: &PipelineHandle, message: Message, reply: ReplyTo, hints: 
             ),
         ),
     }
+}
+
+/// Hands an envelope on, holding one of `limits.envelopes_in_flight_max` until it is
+/// sequenced (none left: `busy`).
+fn submit_envelope(shared: &Shared, envelope: tally_wire::Envelope, reply: ReplyTo) {
+    let Ok(permit) = shared.envelopes.clone().try_acquire_owned() else {
+        shared.pipeline.metrics.busy("envelopes");
+        reply.busy("limits.envelopes_in_flight_max", 50);
+        return;
+    };
+    let hash = tally_core::crypto::envelope_hash(&envelope);
+    let submission = Submission::Envelope {
+        envelope: Arc::new(envelope),
+        hash,
+        _permit: permit,
+    };
+    pipeline::submit(
+        &shared.pipeline,
+        Job {
+            submission,
+            hint: None,
+            reply,
+            snapshot_height: 0,
+        },
+    );
 }
 
 /// A balance: stale reads from this replica's applied state, linearizable ones through a raft

@@ -56,6 +56,7 @@ fn net_limits(config: &Config, sizing: &crate::limits::ConnectionSizing) -> NetL
         frame_timeout: limits.frame_timeout(),
         idle_timeout: limits.idle_timeout(),
         write_timeout: limits.write_timeout(),
+        envelopes_in_flight_max: limits.envelopes_in_flight_max as usize,
     }
 }
 

@@ -271,14 +271,14 @@ async fn replay(
     let mut batches = std::pin::pin!(read_batches(bucket, log, meta.height + 1, target));
     while let Some(item) = batches.next().await {
         let (h, batch) = item?;
-        for e in &batch.body.entries {
-            if store.request(&e.request.signer, e.request.id)?.is_some() {
+        for (signer, id, _) in batch.body.records() {
+            if store.request(&signer, id)?.is_some() {
                 bail!(
                     "{}: request {} of signer {} was applied before: the archive applies a \
                      request twice",
                     batch_key(h),
-                    e.request.id,
-                    hex::encode(e.request.signer)
+                    id,
+                    hex::encode(signer)
                 );
             }
         }

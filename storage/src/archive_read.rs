@@ -14,8 +14,8 @@ use futures::stream::{self, Stream, StreamExt};
 use tally_core::archive::{
     batch_key, decode_batch, verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
 };
-use tally_core::batch::replay_batch;
-use tally_core::crypto::{key_id, sha256, KeyCache};
+use tally_core::batch::{replay_batch, BatchItem};
+use tally_core::crypto::{key_id, sha256, verify_envelope, KeyCache};
 use tally_core::ports::{LedgerRead, RequestRecord};
 use tally_core::state::LedgerMeta;
 use tally_core::tlog::{
@@ -249,12 +249,16 @@ pub fn check_requests(batch: &ArchivedBatch, chain_id: &Hash) -> Result<(), Stri
         return Err("the header names another chain".into());
     }
     let mut keys = KeyCache::new(KEY_CACHE_MAX);
-    for (i, e) in batch.body.entries.iter().enumerate() {
-        if &e.request.chain_id != chain_id {
-            return Err(format!("request {i} is signed for another chain"));
+    for (i, item) in batch.body.items.iter().enumerate() {
+        let (chain, signed) = match item {
+            BatchItem::Request(e) => (&e.request.chain_id, keys.verify_request(&e.request)),
+            BatchItem::Envelope(e) => (&e.envelope.chain_id, verify_envelope(&e.envelope)),
+        };
+        if chain != chain_id {
+            return Err(format!("item {i} is signed for another chain"));
         }
-        if !keys.verify_request(&e.request) {
-            return Err(format!("request {i}: its signature does not verify"));
+        if !signed {
+            return Err(format!("item {i}: its signature does not verify"));
         }
     }
     Ok(())

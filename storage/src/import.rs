@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use tally_core::crypto::{header_hash, request_hash, sha256};
+use tally_core::crypto::{header_hash, sha256};
 use tally_core::ports::{LedgerStore, RequestRecord};
 use tally_core::state::LedgerMeta;
 use tally_core::{Error, Result};
@@ -87,16 +87,10 @@ impl LedgerImport {
             &encode_header_row(signed, &digest),
         )?;
         self.archive.put(&layout::body_key(&digest), encoded)?;
-        let mut records = Vec::with_capacity(body.entries.len());
-        for (i, e) in body.entries.iter().enumerate() {
-            let record = RequestRecord {
-                height: h.height,
-                index: i as u32,
-                request_hash: request_hash(&e.request),
-            };
-            let key = layout::request_key(&e.request.signer, e.request.id);
-            self.archive.put(&key, &layout::encode_request(&record))?;
-            records.push((e.request.signer, e.request.id, record));
+        let records = body.records();
+        for (signer, id, record) in &records {
+            let key = layout::request_key(signer, *id);
+            self.archive.put(&key, &layout::encode_request(record))?;
         }
         self.meta.height = h.height;
         self.meta.last_header_hash = header_hash(h);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
 use tally_core::batch::{BatchBody, BatchWrite};
-use tally_core::crypto::{header_hash, request_hash, sha256};
+use tally_core::crypto::{header_hash, sha256};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::state::{LedgerMeta, META_BYTES};
 use tally_core::{Error, Result};
@@ -281,17 +281,9 @@ impl LedgerDb {
             return Ok(false);
         }
         let records = body
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let record = RequestRecord {
-                    height,
-                    index: i as u32,
-                    request_hash: request_hash(&e.request),
-                };
-                (layout::request_key(&e.request.signer, e.request.id), record)
-            })
+            .records()
+            .into_iter()
+            .map(|(signer, id, record)| (layout::request_key(&signer, id), record))
             .collect();
         self.archive_batch(
             height,

@@ -1,7 +1,7 @@
 //! The canonical, fixed-size layouts that are hashed or signed: requests, receipts and headers.
 //! A byte-for-byte description of each is in PROTOCOL.md; the offsets below are that document.
 
-use crate::{Hash, PublicKey, Reader, Signature, WireError};
+use crate::{ErrorCode, Hash, PublicKey, Reader, Signature, WireError};
 
 /// Domain tag that starts every signed request.
 pub const REQUEST_DOMAIN: [u8; 16] = *b"tally/request/v1";
@@ -121,33 +121,7 @@ impl Request {
         let to: PublicKey = r.array("request.to")?;
         let amount = r.u64("request.amount")?;
         let signature = r.array("request.signature")?;
-        if amount == 0 {
-            return Err(WireError::Invalid {
-                field: "request.amount",
-                reason: "must be greater than zero",
-            });
-        }
-        match op {
-            Op::Withdraw if to != [0; 32] => {
-                return Err(WireError::Invalid {
-                    field: "request.to",
-                    reason: "must be zero for a withdrawal",
-                })
-            }
-            Op::Deposit | Op::Transfer if to == [0; 32] => {
-                return Err(WireError::Invalid {
-                    field: "request.to",
-                    reason: "the all-zero key belongs to nobody: funds sent there would be lost",
-                })
-            }
-            Op::Transfer if to == signer => {
-                return Err(WireError::Invalid {
-                    field: "request.to",
-                    reason: "a transfer to oneself moves nothing",
-                })
-            }
-            _ => {}
-        }
+        check_operation(op, &signer, &to, amount)?;
         Ok(Request {
             chain_id,
             op,
@@ -160,6 +134,31 @@ impl Request {
     }
 }
 
+/// The layout rules of one operation, alone or in an envelope: a non-zero amount, and the shape
+/// of `to` for its kind.
+pub(crate) fn check_operation(
+    op: Op,
+    signer: &PublicKey,
+    to: &PublicKey,
+    amount: u64,
+) -> Result<(), WireError> {
+    let invalid = |field, reason| Err(WireError::Invalid { field, reason });
+    if amount == 0 {
+        return invalid("request.amount", "must be greater than zero");
+    }
+    match op {
+        Op::Withdraw if to != &[0; 32] => invalid("request.to", "must be zero for a withdrawal"),
+        Op::Deposit | Op::Transfer if to == &[0; 32] => invalid(
+            "request.to",
+            "the all-zero key belongs to nobody: funds sent there would be lost",
+        ),
+        Op::Transfer if to == signer => {
+            invalid("request.to", "a transfer to oneself moves nothing")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What applying one request did: a Merkle leaf of its batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
@@ -169,6 +168,11 @@ pub struct Receipt {
     /// Position of the request in its batch (and of this leaf in the Merkle tree).
     pub index: u32,
     pub op: Op,
+    /// Why the operation did nothing (an operation of an independent envelope that failed;
+    /// its balances are then 0), or None when it applied.
+    pub failed: Option<ErrorCode>,
+    /// The operation's position in its envelope (0 for a request).
+    pub op_index: u16,
     /// The signer's balance after the request (0 for a deposit: deposit keys hold no balance).
     pub signer_balance: u64,
     /// The recipient's balance after the request (0 for a withdrawal).
@@ -183,7 +187,10 @@ impl Receipt {
         out[48..56].copy_from_slice(&self.height.to_le_bytes());
         out[56..60].copy_from_slice(&self.index.to_le_bytes());
         out[60] = self.op as u8;
-        // 61..64 reserved, zero.
+        out[61] = self.failed.map_or(0, |code| {
+            u8::try_from(code as u16).expect("receipt codes fit one byte")
+        });
+        out[62..64].copy_from_slice(&self.op_index.to_le_bytes());
         out[64..72].copy_from_slice(&self.signer_balance.to_le_bytes());
         out[72..80].copy_from_slice(&self.to_balance.to_le_bytes());
         out
@@ -211,18 +218,21 @@ impl Receipt {
             field: "receipt.op",
             reason: "unknown operation",
         })?;
-        let reserved: [u8; 3] = r.array("receipt.reserved")?;
-        if reserved != [0; 3] {
-            return Err(WireError::Invalid {
-                field: "receipt.reserved",
-                reason: "must be zero",
-            });
-        }
+        let failed = match r.u8("receipt.failed")? {
+            0 => None,
+            code => Some(ErrorCode::from_u16(code as u16).ok_or(WireError::Invalid {
+                field: "receipt.failed",
+                reason: "unknown error code",
+            })?),
+        };
+        let op_index = r.u16("receipt.op_index")?;
         Ok(Receipt {
             request_hash,
             height,
             index,
             op,
+            failed,
+            op_index,
             signer_balance: r.u64("receipt.signer_balance")?,
             to_balance: r.u64("receipt.to_balance")?,
         })

@@ -18,12 +18,14 @@
 
 mod admin;
 mod canonical;
+mod envelope;
 mod error;
 mod frame;
 mod message;
 
 pub use admin::*;
 pub use canonical::*;
+pub use envelope::*;
 pub use error::{ErrorCode, Retry, WireError};
 pub use frame::*;
 pub use message::*;
@@ -98,6 +100,15 @@ impl<'a> Reader<'a> {
     }
 
     /// Whether every byte was read.
+    /// Fails unless at least `n` more bytes are there: a count read from the wire is checked
+    /// against the bytes that back it before anything is allocated for it.
+    pub(crate) fn ensure(&self, n: usize, field: &'static str) -> Result<(), WireError> {
+        if self.bytes.len() - self.at < n {
+            return Err(WireError::Truncated { field });
+        }
+        Ok(())
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.at == self.bytes.len()
     }

@@ -1,8 +1,9 @@
 //! Messages: the payloads of frames, one variant per message type.
 
 use crate::{
-    encode_frame, put_string, AdminRequest, Confirmation, ErrorCode, MembersReply, NonceHint,
-    PublicKey, RawFrame, Reader, Request, Retry, SignedHeader, WireError,
+    encode_frame, put_string, AdminRequest, Confirmation, Envelope, EnvelopeConfirmation,
+    EnvelopeFailed, ErrorCode, MembersReply, NonceHint, PublicKey, RawFrame, Reader, Request,
+    Retry, SignedHeader, WireError,
 };
 
 /// How many headers one `Headers` reply carries at most (keeps it far below any frame cap).
@@ -32,6 +33,7 @@ pub mod message_type {
     pub const SUBMIT_HINTED: u8 = 0x05;
     pub const GET_INFO: u8 = 0x06;
     pub const ADMIN: u8 = 0x07;
+    pub const SUBMIT_ENVELOPE: u8 = 0x08;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -39,13 +41,22 @@ pub mod message_type {
     pub const STATUS: u8 = 0x85;
     pub const INFO: u8 = 0x86;
     pub const MEMBERS: u8 = 0x87;
+    pub const ENVELOPE_CONFIRMED: u8 = 0x88;
+    pub const ENVELOPE_FAILED: u8 = 0x89;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
     pub fn is_request(message_type: u8) -> bool {
         matches!(
             message_type,
-            SUBMIT | GET_BALANCE | GET_HEADERS | GET_STATUS | SUBMIT_HINTED | GET_INFO | ADMIN
+            SUBMIT
+                | GET_BALANCE
+                | GET_HEADERS
+                | GET_STATUS
+                | SUBMIT_HINTED
+                | GET_INFO
+                | ADMIN
+                | SUBMIT_ENVELOPE
         )
     }
 }
@@ -256,6 +267,11 @@ pub enum Message {
     Info(Box<InfoReply>),
     /// The membership after an admin command (or as `AdminCommand::Members` asked).
     Members(Box<MembersReply>),
+    /// Many operations under one signature, answered `EnvelopeConfirmed`, `EnvelopeFailed`
+    /// (an atomic envelope one of whose operations failed) or `Error`.
+    SubmitEnvelope(Box<Envelope>),
+    EnvelopeConfirmed(Box<EnvelopeConfirmation>),
+    EnvelopeFailed(EnvelopeFailed),
 }
 
 impl Message {
@@ -276,6 +292,9 @@ impl Message {
             Message::Status(_) => STATUS,
             Message::Info(_) => INFO,
             Message::Members(_) => MEMBERS,
+            Message::SubmitEnvelope(_) => SUBMIT_ENVELOPE,
+            Message::EnvelopeConfirmed(_) => ENVELOPE_CONFIRMED,
+            Message::EnvelopeFailed(_) => ENVELOPE_FAILED,
         }
     }
 
@@ -340,6 +359,9 @@ impl Message {
             }
             Message::Info(i) => i.write(out),
             Message::Members(m) => m.write(out),
+            Message::SubmitEnvelope(e) => out.extend_from_slice(&e.encode()),
+            Message::EnvelopeConfirmed(c) => c.write(out),
+            Message::EnvelopeFailed(f) => f.write(out),
         }
     }
 
@@ -427,6 +449,11 @@ impl Message {
             STATUS => Message::Status(Box::new(read_status(&mut r)?)),
             INFO => Message::Info(Box::new(InfoReply::read(&mut r)?)),
             MEMBERS => Message::Members(Box::new(MembersReply::read(&mut r)?)),
+            SUBMIT_ENVELOPE => Message::SubmitEnvelope(Box::new(Envelope::read(&mut r)?)),
+            ENVELOPE_CONFIRMED => {
+                Message::EnvelopeConfirmed(Box::new(EnvelopeConfirmation::read(&mut r)?))
+            }
+            ENVELOPE_FAILED => Message::EnvelopeFailed(EnvelopeFailed::read(&mut r)?),
             other => return Err(WireError::UnknownMessageType { found: other }),
         };
         r.finish()?;

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use raft::eraftpb::{Message, Snapshot};
 use rand::rngs::StdRng;
 use rand::Rng;
+use tally_core::batch::Confirmed;
 use tally_core::crypto::header_hash;
 use tally_core::crypto::OperatorKey;
 use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut};
@@ -513,7 +514,9 @@ impl Engine {
                 .replay(ctx.ledger, height, index, request_hash, reply, &mut aout)
                 .expect("a memory store cannot fail"),
             MasterOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
-            MasterOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
+            MasterOut::Reject(reply, r) | MasterOut::Fail(reply, _, r) => {
+                self.reject(reply, r.code, ctx)
+            }
         }
         self.to_repl.extend(rout);
         self.to_apply.extend(aout);
@@ -594,7 +597,12 @@ impl Engine {
                     confirm(&body.confirmations(&signed), &waiters, ctx);
                 }
             }
-            ApplyOut::Replayed(reply, c) => ctx.out.push(Out::Reply(reply, Answer::Confirmed(c))),
+            ApplyOut::Replayed(reply, Confirmed::Request(c)) => {
+                ctx.out.push(Out::Reply(reply, Answer::Confirmed(c)))
+            }
+            ApplyOut::Replayed(_, Confirmed::Envelope(_)) => {
+                unreachable!("the simulator sends no envelopes")
+            }
             ApplyOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
             ApplyOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
             ApplyOut::Resync => {
@@ -630,12 +638,15 @@ impl Engine {
     }
 }
 
-fn confirm(confirmations: &[Confirmation], waiters: &[Waiter<ReplyTo>], ctx: &mut Ctx<'_, '_>) {
+fn confirm(confirmations: &[Confirmed], waiters: &[Waiter<ReplyTo>], ctx: &mut Ctx<'_, '_>) {
     for w in waiters {
-        let mut c = confirmations[w.index as usize].clone();
+        // The simulated clients send requests only: item i is leaf i.
+        let Confirmed::Request(c) = &confirmations[w.index as usize] else {
+            unreachable!("the simulator sends no envelopes")
+        };
+        let mut c = c.clone();
         c.replayed = w.replayed;
-        ctx.out
-            .push(Out::Reply(w.reply, Answer::Confirmed(Box::new(c))));
+        ctx.out.push(Out::Reply(w.reply, Answer::Confirmed(c)));
     }
 }
 

@@ -1130,8 +1130,8 @@ impl World {
                     .push(format!("the body of batch {h} is missing"));
                 continue;
             };
-            for (i, e) in body.entries.iter().enumerate() {
-                let key = (e.request.signer, e.request.id);
+            for (signer, id, record) in body.records() {
+                let (key, i) = ((signer, id), record.index);
                 if let Some((h0, i0)) = in_chain.insert(key, (h, i as u32)) {
                     self.violations.push(format!(
                         "a request was applied twice: at height {h0} index {i0} and at height \

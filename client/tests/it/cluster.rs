@@ -195,6 +195,8 @@ fn confirmed(request: &Request, replayed: bool) -> Message {
             height: 7,
             index: 0,
             op: request.op,
+            failed: None,
+            op_index: 0,
             signer_balance: 10,
             to_balance: 5,
         },

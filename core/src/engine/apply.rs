@@ -14,10 +14,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tally_wire::{Confirmation, Hash, PublicKey, SignedHeader};
+use tally_wire::{Hash, PublicKey, SignedHeader};
 
-use crate::batch::{prepare_apply, BatchBody, BatchWrite};
-use crate::crypto::{request_hash, OperatorKey};
+use crate::batch::{prepare_apply, BatchBody, BatchWrite, Confirmed};
+use crate::crypto::OperatorKey;
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
 use crate::state::LedgerMeta;
 use crate::{Error, Rejection, Result};
@@ -50,7 +50,7 @@ pub enum ApplyOut<R> {
         waiters: Vec<Waiter<R>>,
     },
     /// A resubmission's original confirmation.
-    Replayed(R, Box<Confirmation>),
+    Replayed(R, Confirmed),
     Refuse(R, Refusal),
     /// A deterministic error met answering a resubmission ([`answer_or_stop`]).
     Reject(R, Rejection),
@@ -140,9 +140,12 @@ impl<R> Applier<R> {
         };
         let h = &body.header;
         if h.height <= self.meta.height {
+            let starts = body.item_starts();
             for w in waiters {
-                let rh = request_hash(&body.entries[w.index as usize].request);
-                self.answer(store, h.height, w.index, rh, w.reply, out)?;
+                let item = body
+                    .item_at(&starts, w.index)
+                    .expect("a waiter's item starts at its index");
+                self.answer(store, h.height, w.index, item.hash(), w.reply, out)?;
             }
             self.advance_index(raft_index);
             return Ok(Applied::Skipped);
@@ -248,7 +251,7 @@ impl<R> Applier<R> {
         out: &mut Vec<ApplyOut<R>>,
     ) -> Result<()> {
         out.push(match confirmation(store, height, index) {
-            Ok(Some(c)) if request_hash(&c.request) == rh => ApplyOut::Replayed(reply, Box::new(c)),
+            Ok(Some(c)) if c.submitted_hash() == rh => ApplyOut::Replayed(reply, c),
             // The batch this request was sequenced in was superseded: it was never applied.
             Ok(_) => ApplyOut::Refuse(reply, Refusal::Superseded),
             Err(e) => {
@@ -293,23 +296,20 @@ pub fn confirmation<S: LedgerStore>(
     store: &mut S,
     height: u64,
     index: u32,
-) -> Result<Option<Confirmation>> {
+) -> Result<Option<Confirmed>> {
     let (Some(bytes), Some(signed)) = (store.body(height)?, store.header(height)?) else {
         return Ok(None);
     };
-    // Stored bytes that do not decode are corrupt storage, not a malformed client message.
     let body = BatchBody::decode(&bytes)
         .map_err(|e| Error::corrupt(format_args!("the stored body of batch {height}: {e}")))?;
-    if index as usize >= body.entries.len() {
+    let starts = body.item_starts();
+    let Some(mut c) = body.confirmed(&body.proof_tree(), &starts, &signed, index) else {
         return Ok(None);
-    }
-    let mut c = body.confirmation(&body.proof_tree(), &signed, index);
-    c.replayed = true;
+    };
+    c.set_replayed();
     Ok(Some(c))
 }
 
-/// A bounded map of committed balances; when full it is cleared and refills. Valid because
-/// every write goes through the applier.
 pub struct AccountCache {
     map: HashMap<PublicKey, Option<u64>>,
     cap: usize,

@@ -8,7 +8,9 @@
 //! them for at most a fifth of the window. At most `in_flight_max` sealed batches may be ahead
 //! of the applied height (a shutdown seals regardless).
 
-use tally_wire::Request;
+use std::sync::Arc;
+
+use tally_wire::{Envelope, Hash, Request};
 
 use crate::batch::BatchBody;
 use crate::crypto::request_hash;
@@ -16,6 +18,7 @@ use crate::ports::{LedgerRead, RequestRecord};
 use crate::sequencer::{Sequencer, SequencerConfig, Submitted};
 use crate::state::LedgerMeta;
 use crate::{Rejection, Result};
+use tally_wire::ErrorCode;
 
 use super::{answer_or_stop, Refusal, Waiter};
 
@@ -86,6 +89,8 @@ pub enum MasterOut<R> {
     Refuse(R, Refusal),
     /// A deterministic refusal of the request itself.
     Reject(R, Rejection),
+    /// An atomic envelope applied nothing: its operation `index` failed.
+    Fail(R, u32, Rejection),
 }
 
 /// What the runtime knows at a poll: times, the applied height and the queues before the master.
@@ -187,6 +192,55 @@ impl<R> Master<R> {
         store: &mut impl LedgerRead,
         out: &mut Vec<MasterOut<R>>,
     ) -> Result<()> {
+        let rh = request_hash(&request);
+        self.sequence(reply, rh, p, out, |seq| {
+            seq.submit(request, snapshot_height, store)
+        })
+    }
+
+    /// Judges one envelope (`hash` its SHA-256) as [`Master::submit`] a request.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_envelope(
+        &mut self,
+        envelope: Arc<Envelope>,
+        hash: Hash,
+        snapshot_height: u64,
+        reply: R,
+        p: &Poll,
+        store: &mut impl LedgerRead,
+        out: &mut Vec<MasterOut<R>>,
+    ) -> Result<()> {
+        let n = envelope.ops.len() as u32;
+        if let Some(l) = self.leading.as_ref() {
+            let max = l.sequencer.batch_requests_max();
+            if n > max {
+                let why = format!("the envelope's {n} operations exceed the {max} of one batch");
+                out.push(MasterOut::Reject(
+                    reply,
+                    Rejection::new(ErrorCode::MalformedRequest, why),
+                ));
+                return Ok(());
+            }
+            // An envelope is never split: the open batch closes first to make room.
+            if !l.sequencer.fits(n) && !self.seal(p, BatchClose::Full, out) {
+                out.push(MasterOut::Refuse(reply, Refusal::Busy));
+                return Ok(());
+            }
+        }
+        self.sequence(reply, hash, p, out, |seq| {
+            seq.submit_envelope(envelope, hash, snapshot_height, store)
+        })
+    }
+
+    /// Hands what was submitted to the sequencer (`submit`) and settles its waiter.
+    fn sequence(
+        &mut self,
+        reply: R,
+        hash: Hash,
+        p: &Poll,
+        out: &mut Vec<MasterOut<R>>,
+        submit: impl FnOnce(&mut Sequencer) -> Result<Submitted>,
+    ) -> Result<()> {
         let Some(l) = self.leading.as_mut() else {
             out.push(MasterOut::Refuse(reply, Refusal::NotWritable));
             return Ok(());
@@ -197,9 +251,8 @@ impl<R> Master<R> {
             out.push(MasterOut::Refuse(reply, Refusal::Busy));
             return Ok(());
         }
-        let rh = request_hash(&request);
         let open_height = l.sequencer.sealed_height() + 1;
-        let submitted = match l.sequencer.submit(request, snapshot_height, store) {
+        let submitted = match submit(&mut l.sequencer) {
             Ok(submitted) => submitted,
             Err(e) => {
                 let (reply, r) = answer_or_stop(e, reply)?;
@@ -229,21 +282,36 @@ impl<R> Master<R> {
                 out.push(MasterOut::Replay {
                     height,
                     index,
-                    request_hash: rh,
+                    request_hash: hash,
                     reply,
                 });
             }
             Submitted::Rejected(r) => out.push(MasterOut::Reject(reply, r)),
+            Submitted::Failed { index, rejection } => {
+                out.push(MasterOut::Fail(reply, index, rejection))
+            }
         }
         Ok(())
     }
 
     /// Seals the open batch if it is due and the in-flight bound allows; returns whether it did.
     pub fn poll(&mut self, p: &Poll, out: &mut Vec<MasterOut<R>>) -> bool {
-        let Some(close) = self.due(p) else {
+        match self.due(p) {
+            Some(close) => self.seal(p, close, out),
+            None => false,
+        }
+    }
+
+    /// Seals the open batch now, if it has anything and the in-flight bound allows (a shutdown
+    /// seals regardless); returns whether it did.
+    fn seal(&mut self, p: &Poll, close: BatchClose, out: &mut Vec<MasterOut<R>>) -> bool {
+        let Some(l) = self.leading.as_mut() else {
             return false;
         };
-        let l = self.leading.as_mut().expect("due only while leading");
+        let in_flight = l.sequencer.sealed_height().saturating_sub(p.applied_height);
+        if in_flight >= self.cfg.in_flight_max && !p.stopping {
+            return false;
+        }
         let open_ms = self.opened_at.map_or(0, |t| p.now_ms.saturating_sub(t));
         self.opened_at = None;
         let Some(body) = l.sequencer.seal(l.term, p.unix_ms) else {
@@ -254,7 +322,7 @@ impl<R> Master<R> {
         assert!(
             waiters
                 .iter()
-                .all(|w| (w.index as usize) < body.entries.len()),
+                .all(|w| (w.index as usize) < body.leaf_count()),
             "a waiter outside its batch"
         );
         out.push(MasterOut::Propose {
@@ -316,6 +384,29 @@ pub enum Precheck {
     /// Applied already: answer with the original confirmation.
     Replay(RequestRecord),
     Reject(Rejection),
+}
+
+/// The snapshot stage's rule for an envelope, from the records of its operations' keys in
+/// order: the envelope applied already (its first operation's record names it) is replayed; an
+/// operation under a used id fails the envelope (`id_conflict`, with its index); otherwise on
+/// to the master (balances are the master's to judge).
+pub fn precheck_envelope(
+    hash: &Hash,
+    records: &[Option<RequestRecord>],
+) -> std::result::Result<Precheck, (u32, Rejection)> {
+    match records.iter().position(Option::is_some) {
+        None => Ok(Precheck::Pass),
+        Some(0) if records[0].as_ref().is_some_and(|r| &r.request_hash == hash) => {
+            Ok(Precheck::Replay(records[0].clone().expect("present")))
+        }
+        Some(i) => Err((
+            i as u32,
+            Rejection::new(
+                ErrorCode::IdConflict,
+                "this id was already used by this signer for a different request",
+            ),
+        )),
+    }
 }
 
 /// The snapshot stage's rule: a request already applied is replayed (or, under another

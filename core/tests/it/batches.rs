@@ -8,7 +8,7 @@ use tally_core::verify::verify_confirmation;
 use tally_core::Error;
 use tally_wire::{Confirmation, Op, HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES};
 
-use crate::common::{deposit, key, total_balance, transfer, withdraw, Node};
+use crate::common::{deposit, key, request_confirmations, total_balance, transfer, withdraw, Node};
 
 /// Fills batches 1..=5 with a mix of operations (some of them rejected).
 fn submit_batch(node: &mut Node, h: u64) {
@@ -38,9 +38,9 @@ fn batches_chain_replay_and_confirm() {
             header.prev_hash, last_hash,
             "{what}: chains to the previous header"
         );
-        assert_eq!(header.request_count as usize, body.entries.len(), "{what}");
+        assert_eq!(header.request_count as usize, body.items.len(), "{what}");
         assert_eq!(
-            body.entries.len(),
+            body.items.len(),
             3 + h as usize,
             "{what}: rejected requests stay out"
         );
@@ -54,7 +54,7 @@ fn batches_chain_replay_and_confirm() {
         );
         assert_eq!(write.signed_header.header, *header, "{what}");
         assert_eq!(write.body, body.encode(), "{what}");
-        assert_eq!(write.requests.len(), body.entries.len(), "{what}");
+        assert_eq!(write.requests.len(), body.items.len(), "{what}");
 
         let meta = node.store.meta().expect("mem store");
         assert_eq!(meta, write.meta, "{what}: the store holds the new meta");
@@ -75,8 +75,8 @@ fn batches_chain_replay_and_confirm() {
         assert_eq!(node.store.body(h).expect("mem"), Some(write.body.clone()));
         last_hash = write.header_hash;
 
-        let confirmations = body.confirmations(&write.signed_header);
-        assert_eq!(confirmations.len(), body.entries.len());
+        let confirmations = request_confirmations(&body, &write.signed_header);
+        assert_eq!(confirmations.len(), body.items.len());
         for (i, c) in confirmations.iter().enumerate() {
             check_confirmation(
                 c,
@@ -263,7 +263,7 @@ fn pipelined_batches_chain_too() {
     // A confirmation from batch 2 under batch 3's header does not verify.
     let (body2, write2) = &writes[1];
     let (_, write3) = &writes[2];
-    let mut c = body2.confirmations(&write2.signed_header).remove(0);
+    let mut c = request_confirmations(body2, &write2.signed_header).remove(0);
     verify_confirmation(&c, &node.operator.public()).expect("good");
     c.header = write3.signed_header.clone();
     assert!(verify_confirmation(&c, &node.operator.public()).is_err());
@@ -277,7 +277,7 @@ fn body_decoding_refuses_bad_lengths() {
     let body = node.pending.pop_front().expect("sealed");
     let bytes = body.encode();
     let entry = REQUEST_BYTES + RECEIPT_BYTES;
-    assert_eq!(bytes.len(), HEADER_BYTES + 4 + body.entries.len() * entry);
+    assert_eq!(bytes.len(), HEADER_BYTES + 4 + body.items.len() * entry);
     assert_eq!(BatchBody::decode(&bytes).expect("good"), body);
 
     let check = |how: &str, bad: Vec<u8>| {
@@ -315,7 +315,7 @@ fn body_decoding_refuses_bad_lengths() {
     // An empty body (no entries) round-trips, though the sequencer never seals one.
     let empty = BatchBody {
         header: body.header.clone(),
-        entries: Vec::new(),
+        items: Vec::new(),
     };
     assert_eq!(BatchBody::decode(&empty.encode()).expect("empty"), empty);
 }

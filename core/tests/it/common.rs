@@ -7,7 +7,7 @@ use tally_core::batch::{prepare_apply, BatchBody, BatchWrite};
 use tally_core::crypto::{sign_request, OperatorKey};
 use tally_core::ports::{LedgerStore, MemStore};
 use tally_core::sequencer::{Sequencer, SequencerConfig, Submitted};
-use tally_wire::{Hash, Op, PublicKey, Request};
+use tally_wire::{Confirmation, Hash, Op, PublicKey, Request};
 
 pub const CHAIN: Hash = [7; 32];
 /// The seed of the operator deposit key.
@@ -153,6 +153,20 @@ pub fn total_balance(s: &MemStore) -> u128 {
 
 /// The seed of a randomized test: `TALLY_SEED`, else a random one. The tests print it, so that
 /// a failing run can be replayed.
+/// The confirmations of a body of requests only.
+pub fn request_confirmations(
+    body: &BatchBody,
+    signed: &tally_wire::SignedHeader,
+) -> Vec<Confirmation> {
+    body.confirmations(signed)
+        .into_iter()
+        .map(|c| match c {
+            tally_core::batch::Confirmed::Request(c) => *c,
+            tally_core::batch::Confirmed::Envelope(_) => panic!("an envelope"),
+        })
+        .collect()
+}
+
 pub fn seed() -> u64 {
     match std::env::var("TALLY_SEED") {
         Ok(s) => s

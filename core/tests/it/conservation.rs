@@ -315,6 +315,7 @@ impl Sim {
             Submitted::InFlight { height, index } => Expect::InFlight(height, index),
             Submitted::Applied(record) => Expect::Applied(record),
             Submitted::Rejected(r) => Expect::Rejected(r.code),
+            Submitted::Failed { .. } => panic!("only envelopes fail by index"),
         };
         assert_eq!(
             got,

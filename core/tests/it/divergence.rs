@@ -31,7 +31,7 @@ fn setup(amount: u64) -> (Node, BatchBody) {
     }
     node.seal();
     let body = node.pending.pop_front().expect("sealed");
-    assert_eq!(body.entries.len(), 4);
+    assert_eq!(body.items.len(), 4);
     (node, body)
 }
 
@@ -97,33 +97,33 @@ fn body_and_rehashed(cases: &[(&str, Tamper)]) {
 fn tampered_receipts_diverge() {
     body_and_rehashed(&[
         ("transfer: sender balance", |b| {
-            b.entries[0].receipt.signer_balance += 1
+            b.entry_mut(0).receipt.signer_balance += 1
         }),
         ("transfer: recipient balance", |b| {
-            b.entries[0].receipt.to_balance -= 1
+            b.entry_mut(0).receipt.to_balance -= 1
         }),
         ("withdrawal: balance", |b| {
-            b.entries[1].receipt.signer_balance -= 1
+            b.entry_mut(1).receipt.signer_balance -= 1
         }),
         ("withdrawal: a recipient balance", |b| {
-            b.entries[1].receipt.to_balance = 1
+            b.entry_mut(1).receipt.to_balance = 1
         }),
         ("deposit: a depositor balance", |b| {
-            b.entries[2].receipt.signer_balance = 1
+            b.entry_mut(2).receipt.signer_balance = 1
         }),
         ("deposit: recipient balance", |b| {
-            b.entries[2].receipt.to_balance += 1
+            b.entry_mut(2).receipt.to_balance += 1
         }),
         ("last transfer: recipient balance", |b| {
-            b.entries[3].receipt.to_balance = 5
+            b.entry_mut(3).receipt.to_balance = 5
         }),
-        ("receipt height", |b| b.entries[0].receipt.height += 1),
-        ("receipt index", |b| b.entries[1].receipt.index = 0),
+        ("receipt height", |b| b.entry_mut(0).receipt.height += 1),
+        ("receipt index", |b| b.entry_mut(1).receipt.index = 0),
         ("receipt operation", |b| {
-            b.entries[0].receipt.op = Op::Withdraw
+            b.entry_mut(0).receipt.op = Op::Withdraw
         }),
         ("receipt request hash", |b| {
-            b.entries[2].receipt.request_hash[0] ^= 1
+            b.entry_mut(2).receipt.request_hash[0] ^= 1
         }),
     ]);
 }
@@ -131,17 +131,17 @@ fn tampered_receipts_diverge() {
 #[test]
 fn tampered_requests_diverge() {
     body_and_rehashed(&[
-        ("request amount", |b| b.entries[0].request.amount += 1),
-        ("request recipient", |b| b.entries[0].request.to = pk(C)),
-        ("request id", |b| b.entries[3].request.id += 1),
-        ("entries swapped", |b| b.entries.swap(0, 1)),
+        ("request amount", |b| b.entry_mut(0).request.amount += 1),
+        ("request recipient", |b| b.entry_mut(0).request.to = pk(C)),
+        ("request id", |b| b.entry_mut(3).request.id += 1),
+        ("entries swapped", |b| b.items.swap(0, 1)),
         ("an entry dropped", |b| {
-            b.entries.pop();
+            b.items.pop();
             b.header.request_count -= 1;
         }),
         ("an entry repeated", |b| {
-            let e = b.entries[1].clone();
-            b.entries.push(e);
+            let e = b.items[1].clone();
+            b.items.push(e);
             b.header.request_count += 1;
         }),
     ]);
@@ -176,9 +176,9 @@ fn consistent_forgeries_diverge_on_what_they_did_not_forge() {
         *b = forged.clone();
         b.header.merkle_root = root;
     });
-    let (entries, count) = (forged.entries.clone(), forged.header.request_count);
+    let (entries, count) = (forged.items.clone(), forged.header.request_count);
     body("forged entries, original header", |b| {
-        b.entries = entries;
+        b.items = entries;
         b.header.request_count = count;
     });
 }

@@ -207,7 +207,7 @@ fn a_diverging_committed_batch_stops_the_replica_and_answers_no_one() {
 /// with `tamper` applied to the store.
 fn replay_with(tamper: impl FnOnce(&mut Failing)) -> (Result<(), Error>, Vec<ApplyOut<u32>>) {
     let (body, mut applier) = sealed();
-    let rh = body.entries[0].receipt.request_hash;
+    let rh = body.entry(0).receipt.request_hash;
     let mut store = Failing::default();
     let mut out = Vec::new();
     applier

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use tally_core::batch::BatchBody;
+use tally_core::batch::{BatchBody, Confirmed};
 use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut, Committed};
 use tally_core::engine::master::{Master, MasterConfig, MasterOut, Poll};
 use tally_core::engine::Waiter;
@@ -149,7 +149,7 @@ impl Harness {
                         self.out,
                         "> propose height={} requests={} close={} epoch={epoch} waiters={}",
                         body.header.height,
-                        body.entries.len(),
+                        body.items.len(),
                         close.name(),
                         names.join(",")
                     );
@@ -177,6 +177,9 @@ impl Harness {
                 }
                 MasterOut::Refuse(reply, r) => {
                     let _ = writeln!(self.out, "> refuse {reply} {:?}", r);
+                }
+                MasterOut::Fail(reply, index, r) => {
+                    let _ = writeln!(self.out, "> fail {reply} index={index} {}", r.code);
                 }
                 MasterOut::Reject(reply, r) => {
                     let _ = writeln!(self.out, "> reject {reply} {}", r.code);
@@ -215,7 +218,7 @@ impl Harness {
                 ApplyOut::Confirm { body, waiters, .. } => waiters
                     .iter()
                     .map(|w| {
-                        let e = &body.entries[w.index as usize];
+                        let e = body.entry(w.index as usize);
                         let replayed = if w.replayed { " replayed" } else { "" };
                         format!(
                             "> confirm {} height={} index={} {}{replayed}",
@@ -227,9 +230,13 @@ impl Harness {
                     })
                     .collect::<Vec<_>>()
                     .join("\n"),
-                ApplyOut::Replayed(reply, c) => format!(
+                ApplyOut::Replayed(reply, Confirmed::Request(c)) => format!(
                     "> confirm {reply} height={} index={} replayed",
                     c.header.header.height, c.receipt.index
+                ),
+                ApplyOut::Replayed(reply, Confirmed::Envelope(c)) => format!(
+                    "> confirm {reply} height={} index={} replayed",
+                    c.header.header.height, c.proof.first
                 ),
                 ApplyOut::Refuse(reply, r) => format!("> refuse {reply} {r:?}"),
                 ApplyOut::Reject(reply, r) => format!("> reject {reply} {}", r.code),

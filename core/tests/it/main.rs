@@ -6,6 +6,7 @@ mod batches;
 mod common;
 mod conservation;
 mod divergence;
+mod envelopes;
 mod errors;
 mod golden;
 mod ledger;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use tally_core::batch::BatchBody;
-use tally_wire::{ErrorCode, Message};
+use tally_wire::ErrorCode;
 
 use super::ArchiveGate;
 use crate::channels::Waiters;
@@ -58,10 +58,14 @@ pub(super) fn confirmer(
             "the proof tree of batch {} disagrees with its header's Merkle root",
             job.signed.header.height
         );
+        let starts = job.body.item_starts();
         for w in job.waiters {
-            let mut c = job.body.confirmation(&tree, &job.signed, w.index);
-            c.replayed = w.replayed;
-            w.reply.send(&Message::Confirmed(Box::new(c)));
+            let confirmed = job.body.confirmed(&tree, &starts, &job.signed, w.index);
+            let mut c = confirmed.expect("a waiter's item starts at its index");
+            if w.replayed {
+                c.set_replayed();
+            }
+            w.reply.confirmed(c);
         }
         metrics
             .confirm

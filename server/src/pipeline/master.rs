@@ -11,7 +11,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 use tally_core::engine::master::{Master, MasterOut, Poll};
 
 use super::validate::StorageReader;
-use crate::channels::{Job, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
+use crate::channels::{Job, MasterEvent, RaftEvent, ReplyTo, StorageCmd, Submission};
 use crate::fail::{fatal, unix_ms};
 use crate::metrics::Metrics;
 use crate::view::ClusterView;
@@ -115,14 +115,25 @@ impl MasterThread {
         let started = Instant::now();
         let poll = self.poll(false);
         let mut reader = StorageReader(&self.storage, &self.metrics);
-        let result = self.engine.submit(
-            job.request,
-            job.snapshot_height,
-            job.reply,
-            &poll,
-            &mut reader,
-            out,
-        );
+        let result = match job.submission {
+            Submission::Request(request) => self.engine.submit(
+                request,
+                job.snapshot_height,
+                job.reply,
+                &poll,
+                &mut reader,
+                out,
+            ),
+            Submission::Envelope { envelope, hash, .. } => self.engine.submit_envelope(
+                envelope,
+                hash,
+                job.snapshot_height,
+                job.reply,
+                &poll,
+                &mut reader,
+                out,
+            ),
+        };
         if let Err(e) = result {
             fatal("sequencing", &e);
         }
@@ -144,7 +155,7 @@ impl MasterThread {
                     open_ms,
                 } => {
                     self.metrics.batch_closed(close);
-                    let requests = body.entries.len();
+                    let requests = body.leaf_count();
                     self.metrics.batches.requests.observe(requests as f64);
                     tracing::debug!(
                         height = body.header.height,
@@ -177,6 +188,7 @@ impl MasterThread {
                 }
                 MasterOut::Refuse(reply, r) => reply.refuse(r, &self.view),
                 MasterOut::Reject(reply, r) => reply.reject(r),
+                MasterOut::Fail(reply, index, r) => reply.fail(index, r),
             }
         }
         true

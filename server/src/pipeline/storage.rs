@@ -11,7 +11,6 @@ use crossbeam_channel::{Receiver, Sender};
 use tally_core::engine::apply::{Applied, Applier, ApplyOut, Committed};
 use tally_core::ports::LedgerStore;
 use tally_core::Result as CoreResult;
-use tally_wire::Message;
 
 use super::confirm::ConfirmJob;
 use super::{ArchiveGate, SnapshotTransfer};
@@ -138,7 +137,7 @@ impl<S: LedgerStore> StorageThread<S> {
                     let depth = self.confirm.len() as i64;
                     self.metrics.confirm.queue_depth.set(depth);
                 }
-                ApplyOut::Replayed(reply, c) => reply.send(&Message::Confirmed(c)),
+                ApplyOut::Replayed(reply, c) => reply.confirmed(c),
                 ApplyOut::Refuse(reply, r) => reply.refuse(r, &self.view),
                 ApplyOut::Reject(reply, r) => reply.reject(r),
                 ApplyOut::Resync => {

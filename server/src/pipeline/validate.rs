@@ -6,13 +6,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use tally_core::engine::master::{precheck, Precheck};
+use tally_core::engine::master::{precheck, precheck_envelope, Precheck};
 use tally_core::ports::{LedgerRead, RequestRecord};
 use tally_core::validate::StatelessRules;
 use tally_core::Result as CoreResult;
 use tally_wire::PublicKey;
 
-use crate::channels::{Job, StorageCmd};
+use crate::channels::{Job, StorageCmd, Submission};
 use crate::fail::on_error;
 use crate::metrics::Metrics;
 
@@ -56,14 +56,33 @@ pub(super) fn stateless_worker(
         let taken = jobs.len();
         let mut signed = Vec::with_capacity(jobs.len());
         for job in jobs {
-            match rules.check_unsigned(&job.request) {
+            let checked = match &job.submission {
+                Submission::Request(request) => rules.check_unsigned(request),
+                Submission::Envelope { envelope, .. } => {
+                    // One signature over many operations: checked alone, here.
+                    match rules.check_envelope(envelope) {
+                        Ok(()) => {
+                            if tx.send(job).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err((Some(index), r)) => {
+                            job.reply.fail(index, r);
+                            continue;
+                        }
+                        Err((None, r)) => Err(r),
+                    }
+                }
+            };
+            match checked {
                 Ok(()) => signed.push(job),
                 Err(r) => job.reply.reject(r),
             }
         }
         let items: Vec<_> = signed
             .iter()
-            .map(|j| (&j.request, j.hint.as_ref().map(|(h, _)| h)))
+            .map(|j| (j.request(), j.hint.as_ref().map(|(h, _)| h)))
             .collect();
         let (verified, stats) = keys.verify_requests(&items, &mut rng);
         metrics.signature_checks(&stats);
@@ -95,11 +114,8 @@ pub(super) fn snapshot_worker(
     metrics: &Metrics,
 ) {
     while let Some(jobs) = recv_chunk(&rx, SNAPSHOT_CHUNK_MAX) {
-        let keys = jobs
-            .iter()
-            .map(|j| (j.request.signer, j.request.id))
-            .collect();
-        let accounts = jobs.iter().map(|j| j.request.signer).collect();
+        let keys = jobs.iter().flat_map(Job::keys).collect();
+        let accounts = jobs.iter().map(|j| *j.signer()).collect();
         let (reply_tx, reply_rx) = bounded(1);
         let started = Instant::now();
         if storage
@@ -126,10 +142,20 @@ pub(super) fn snapshot_worker(
             .snapshot
             .seconds
             .observe(started.elapsed().as_secs_f64());
-        for ((mut job, record), balance) in
-            jobs.into_iter().zip(result.records).zip(result.balances)
-        {
-            match precheck(&job.request, record, balance) {
+        let mut records = result.records.into_iter();
+        for (mut job, balance) in jobs.into_iter().zip(result.balances) {
+            let job_records: Vec<_> = records.by_ref().take(job.keys().len()).collect();
+            let verdict = match &job.submission {
+                Submission::Request(request) => precheck(request, job_records[0].clone(), balance),
+                Submission::Envelope { hash, .. } => match precheck_envelope(hash, &job_records) {
+                    Err((index, r)) => {
+                        job.reply.fail(index, r);
+                        continue;
+                    }
+                    Ok(verdict) => verdict,
+                },
+            };
+            match verdict {
                 Precheck::Pass => {}
                 Precheck::Replay(record) => {
                     let _ = storage.send(StorageCmd::Replay {

@@ -215,8 +215,7 @@ fn same_ledger_by_full_replay(op: &Operator, height: u64) {
         let body = b.body(h).unwrap().unwrap();
         assert_eq!(a.body(h).unwrap(), Some(body.clone()), "body {h}");
         let body = tally_core::batch::BatchBody::decode(&body).unwrap();
-        for e in &body.entries {
-            let (signer, id) = (e.request.signer, e.request.id);
+        for (signer, id, _) in body.records() {
             let record = b.request(&signer, id).unwrap();
             assert!(record.is_some());
             assert_eq!(a.request(&signer, id).unwrap(), record, "request {id}");

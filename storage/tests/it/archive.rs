@@ -382,12 +382,9 @@ fn the_audit_refuses_a_request_whose_signature_does_not_verify() {
         check_requests(&batch, &[0xee; 32]).is_err(),
         "another chain"
     );
-    let last = batch.body.entries.len() - 1;
+    let last = batch.body.items.len() - 1;
     let mut forged = batch.clone();
-    forged.body.entries[last].request.signature[10] ^= 1;
+    forged.body.entry_mut(last).request.signature[10] ^= 1;
     let err = check_requests(&forged, &chain).unwrap_err();
-    assert_eq!(
-        err,
-        format!("request {last}: its signature does not verify")
-    );
+    assert_eq!(err, format!("item {last}: its signature does not verify"));
 }

@@ -27,6 +27,8 @@ pub fn receipt() -> Receipt {
         height: 9,
         index: 2,
         op: Op::Transfer,
+        failed: None,
+        op_index: 0,
         signer_balance: 4_000,
         to_balance: 1_000,
     }
@@ -226,6 +228,7 @@ pub fn every_message() -> Vec<Message> {
             members: vec![],
         })),
     ];
+    messages.extend(envelope_messages());
     for command in every_admin_command() {
         messages.push(Message::Admin(Box::new(admin(command))));
     }
@@ -281,4 +284,51 @@ pub fn same_error(got: &WireError, want: &WireError) -> bool {
 
 pub fn invalid(field: &'static str) -> WireError {
     WireError::Invalid { field, reason: "" }
+}
+
+/// One sample of each envelope message: an envelope, its confirmation, an atomic failure.
+pub fn envelope_messages() -> Vec<Message> {
+    let ops = vec![
+        Operation {
+            op: Op::Transfer,
+            id: 1,
+            to: [0x22; 32],
+            amount: 5,
+        },
+        Operation {
+            op: Op::Withdraw,
+            id: 2,
+            to: [0; 32],
+            amount: 7,
+        },
+    ];
+    let mut second = receipt();
+    second.op_index = 1;
+    second.failed = Some(ErrorCode::InsufficientFunds);
+    vec![
+        Message::SubmitEnvelope(Box::new(Envelope {
+            chain_id: [0xc4; 32],
+            signer: [0x11; 32],
+            atomic: true,
+            ops,
+            signature: [0x5e; 64],
+        })),
+        Message::EnvelopeConfirmed(Box::new(EnvelopeConfirmation {
+            replayed: false,
+            envelope_hash: [0x45; 32],
+            header: signed_header(9),
+            receipts: vec![receipt(), second],
+            proof: RangeProof {
+                first: 2,
+                count: 2,
+                tree_size: 5,
+                hashes: vec![[1; 32], [2; 32]],
+            },
+        })),
+        Message::EnvelopeFailed(EnvelopeFailed {
+            code: ErrorCode::InsufficientFunds,
+            failed_index: 1,
+            message: "balance 3 is less than 7".into(),
+        }),
+    ]
 }

@@ -171,6 +171,8 @@ fn golden_receipt() -> Receipt {
         height: 258,
         index: 7,
         op: Op::Withdraw,
+        failed: None,
+        op_index: 0,
         signer_balance: 0x1122_3344_5566_7788,
         to_balance: 0,
     }

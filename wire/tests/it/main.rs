@@ -1,6 +1,7 @@
 //! tally-wire's one integration-test binary.
 //!
 //! - `admin`: admin requests and membership replies: what is signed, every field's rule.
+//! - `envelope`: envelopes of operations, their confirmations and failures, every refusal.
 //! - `roundtrip`: every message variant encodes and decodes back to itself.
 //! - `malformed`: every way a frame or payload can be wrong, and what the decoder says.
 //! - `stream`: frames cut at every byte boundary decode the same as whole ones.
@@ -11,6 +12,7 @@
 //!   minimal failing input and records its seed under `proptest-regressions/`, so it replays).
 
 mod admin;
+mod envelope;
 mod errors;
 mod fixtures;
 mod golden;

@@ -212,7 +212,7 @@ fn submit(op: Op) -> Message {
 
 #[test]
 fn unknown_message_types() {
-    for t in [0x00u8, 0x08, 0x7f, 0x80, 0x88, 0xff] {
+    for t in [0x00u8, 0x09, 0x7f, 0x80, 0x8a, 0xff] {
         check(t, &[], err(WireError::UnknownMessageType { found: t }));
     }
 }
@@ -517,8 +517,12 @@ fn confirmations() {
     for flags in [2u8, 3, 0x80, 0xff] {
         cases.push((patched(&c, 0, &[flags]), err(invalid("confirmation.flags"))));
     }
-    for at in receipt + 61..receipt + 64 {
-        cases.push((patched(&c, at, &[1]), err(invalid("receipt.reserved"))));
+    // Byte 61 names why an operation failed: a byte that is no error code is refused.
+    for code in [6u8, 9, 0xff] {
+        cases.push((
+            patched(&c, receipt + 61, &[code]),
+            err(invalid("receipt.failed")),
+        ));
     }
     for at in (header + 17..header + 24).chain(header + 84..header + 88) {
         cases.push((patched(&c, at, &[1]), err(invalid("header.reserved"))));

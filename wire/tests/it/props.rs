@@ -66,15 +66,23 @@ fn receipt() -> impl Strategy<Value = Receipt> {
         op(),
         any::<u64>(),
         any::<u64>(),
+        (
+            proptest::option::of(proptest::sample::select(ErrorCode::ALL)),
+            any::<u16>(),
+        ),
     )
         .prop_map(
-            |(request_hash, height, index, op, signer_balance, to_balance)| Receipt {
-                request_hash,
-                height,
-                index,
-                op,
-                signer_balance,
-                to_balance,
+            |(request_hash, height, index, op, signer_balance, to_balance, (failed, op_index))| {
+                Receipt {
+                    request_hash,
+                    height,
+                    index,
+                    op,
+                    failed,
+                    op_index,
+                    signer_balance,
+                    to_balance,
+                }
             },
         )
 }

@@ -45,6 +45,8 @@ fn message_types_are_the_documented_bytes() {
                 | Message::Status(_)
                 | Message::Info(_)
                 | Message::Members(_)
+                | Message::EnvelopeConfirmed(_)
+                | Message::EnvelopeFailed(_)
         );
         assert_eq!(m.message_type() >= 0x80, is_reply, "{m:?}");
         assert_eq!(
@@ -53,7 +55,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x08..=0xff).filter(|t| !(0x80..=0x87).contains(t)) {
+    for t in (0x09..=0xff).filter(|t| !(0x80..=0x89).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }
