@@ -4,6 +4,10 @@
 //! difference; `TALLY_GOLDEN_UPDATE=1 cargo test -p tally-core golden` rewrites the files with
 //! what the engine does now (review the diff).
 //!
+//! The replication stage has scripts of its own in `core/tests/golden/replication/`
+//! (`election.txt`, `membership.txt`), run over several replicas and a scripted network by
+//! `golden_replication.rs`; `script.rs` holds what the two harnesses share.
+//!
 //! Inputs (clients are lower-case names, accounts upper-case letters; a replica without raft:
 //! a proposal waits until a `commit` or `lose` takes it):
 //! - `lead term=T epoch=E`, `follow`
@@ -13,7 +17,6 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::path::Path;
 
 use tally_core::batch::{BatchBody, Confirmed};
 use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut, Committed};
@@ -23,6 +26,7 @@ use tally_core::ports::{LedgerStore, MemStore};
 use tally_wire::Request;
 
 use crate::common::{config, deposit, operator, transfer, withdraw};
+use crate::script::{self, field};
 
 struct Harness {
     master: Master<String>,
@@ -30,17 +34,6 @@ struct Harness {
     store: MemStore,
     proposed: VecDeque<(BatchBody, Vec<Waiter<String>>)>,
     out: String,
-}
-
-fn field(words: &[&str], name: &str) -> Option<u64> {
-    let prefix = format!("{name}=");
-    words
-        .iter()
-        .find_map(|w| w.strip_prefix(prefix.as_str()))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
-        })
 }
 
 /// Account letters map to key seeds: A is 1, B is 2, ...
@@ -279,49 +272,14 @@ fn request(words: &[&str]) -> Request {
 /// Runs one script and returns it with the engine's current answers under each input.
 fn run(script: &str) -> String {
     let mut h = Harness::new(&[]);
-    let mut text = String::new();
-    for line in script.lines() {
-        if line.starts_with("> ") {
-            continue;
-        }
-        let _ = writeln!(text, "{line}");
-        let input = line.split('#').next().unwrap_or("").trim();
-        if input.is_empty() || line.trim_start().starts_with('#') {
-            continue;
-        }
+    script::run(script, |input| {
         h.out.clear();
         h.input(input);
-        text.push_str(&h.out);
-    }
-    text
+        std::mem::take(&mut h.out)
+    })
 }
 
 #[test]
 fn golden_scripts_of_the_engine() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-    let update = std::env::var_os("TALLY_GOLDEN_UPDATE").is_some();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("tests/golden")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no golden scripts in {}", dir.display());
-    let mut differ = Vec::new();
-    for path in files {
-        let script = std::fs::read_to_string(&path).expect("read script");
-        let actual = run(&script);
-        if actual != script {
-            if update {
-                std::fs::write(&path, &actual).expect("write script");
-            } else {
-                differ.push(format!("--- {}\n{actual}", path.display()));
-            }
-        }
-    }
-    assert!(
-        differ.is_empty(),
-        "the engine answers differently (TALLY_GOLDEN_UPDATE=1 to accept):\n{}",
-        differ.join("\n")
-    );
+    script::check_dir("tests/golden", run);
 }
