@@ -404,20 +404,7 @@ pub struct AddedNode {
 /// non-member. Appends it to `dir/profile.toml`'s `[[replicas]]`. Other nodes' files are not
 /// touched. Everything is checked before anything is written.
 pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Result<AddedNode> {
-    if !(1..=ADDED_NODE_ID_MAX).contains(&id) {
-        bail!(
-            "--add-node {id}: node ids are 1..={ADDED_NODE_ID_MAX} (node K listens on \
-             base-port + K, + 100 + K and + 200 + K)"
-        );
-    }
-    let config_path = dir.join(format!("node{id}.toml"));
-    if config_path.exists() {
-        bail!(
-            "{} exists: node {id} is already part of this operator; a new replica needs an \
-             id that was never used",
-            config_path.display()
-        );
-    }
+    let config_path = unused_config_path(dir, id)?;
     let existing = existing_nodes(dir)?;
     let initial_voters = original_voters(&existing)?;
     if initial_voters.contains(&id) {
@@ -427,47 +414,10 @@ pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Res
              never see a removed id come back)"
         );
     }
-    let cert_path = dir.join(format!("node{id}.pem"));
-    let key_path = dir.join(format!("node{id}.key"));
-    let data_dir = dir.join(format!("node{id}"));
-    for path in [&cert_path, &key_path, &data_dir] {
-        if path.exists() {
-            bail!(
-                "{} exists: remove what is left of an earlier node {id}, or choose another id",
-                path.display()
-            );
-        }
-    }
+    let (cert_path, key_path) = unused_node_paths(dir, id)?;
     let ca = load_ca(dir, "ca")?;
-    let template = &existing[0].1;
-    let (client, peer, metrics) = checked_cluster_addresses(base_port, id)?;
-    let mut config = template.clone();
-    config.node.id = id;
-    config.node.data_dir = PathBuf::from(format!("node{id}"));
-    config.listen.client = client;
-    config.listen.peer = peer;
-    config.listen.metrics = metrics;
-    let tls = config
-        .tls
-        .as_mut()
-        .with_context(|| format!("node{}.toml has no [tls]", existing[0].0))?;
-    tls.cert = PathBuf::from(format!("node{id}.pem"));
-    tls.key = PathBuf::from(format!("node{id}.key"));
-    config.cluster.initial_voters = Some(initial_voters.clone());
-    config.peers = existing
-        .iter()
-        .map(|(k, _)| {
-            let (address, client_address) = advertised(&existing, *k)?;
-            Ok(tally_config::PeerConfig {
-                id: *k,
-                address,
-                client_address,
-            })
-        })
-        .collect::<Result<_>>()?;
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("the config for node {id} would be invalid:\n{e}"))?;
+    let config = added_node_config(&existing, id, base_port, &initial_voters)?;
+    let (client, peer) = (config.listen.client, config.listen.peer);
     let profile_path = dir.join("profile.toml");
     let profile = fs::read_to_string(&profile_path)
         .with_context(|| format!("reading {}", profile_path.display()))?;
@@ -493,6 +443,85 @@ pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Res
         client_address: client,
         initial_voters,
     })
+}
+
+/// `DIR/node<id>.toml` for a new replica `id`, refusing an id out of range or one whose
+/// config file already exists.
+fn unused_config_path(dir: &Path, id: u64) -> Result<PathBuf> {
+    if !(1..=ADDED_NODE_ID_MAX).contains(&id) {
+        bail!(
+            "--add-node {id}: node ids are 1..={ADDED_NODE_ID_MAX} (node K listens on \
+             base-port + K, + 100 + K and + 200 + K)"
+        );
+    }
+    let config_path = dir.join(format!("node{id}.toml"));
+    if config_path.exists() {
+        bail!(
+            "{} exists: node {id} is already part of this operator; a new replica needs an \
+             id that was never used",
+            config_path.display()
+        );
+    }
+    Ok(config_path)
+}
+
+/// The certificate and key paths of a new replica `id` in `dir`, refusing them (or its data
+/// directory) if something is left there of an earlier node `id`.
+fn unused_node_paths(dir: &Path, id: u64) -> Result<(PathBuf, PathBuf)> {
+    let cert_path = dir.join(format!("node{id}.pem"));
+    let key_path = dir.join(format!("node{id}.key"));
+    let data_dir = dir.join(format!("node{id}"));
+    for path in [&cert_path, &key_path, &data_dir] {
+        if path.exists() {
+            bail!(
+                "{} exists: remove what is left of an earlier node {id}, or choose another id",
+                path.display()
+            );
+        }
+    }
+    Ok((cert_path, key_path))
+}
+
+/// The config of a new replica `id`: the lowest existing node's, with its own id, data
+/// directory, addresses (from `base_port`) and certificate, every existing node as a peer,
+/// and the cluster's original voters as its `cluster.initial_voters`. Refuses one that would
+/// not validate.
+fn added_node_config(
+    existing: &[(u64, Config)],
+    id: u64,
+    base_port: u16,
+    initial_voters: &[u64],
+) -> Result<Config> {
+    let template = &existing[0].1;
+    let (client, peer, metrics) = checked_cluster_addresses(base_port, id)?;
+    let mut config = template.clone();
+    config.node.id = id;
+    config.node.data_dir = PathBuf::from(format!("node{id}"));
+    config.listen.client = client;
+    config.listen.peer = peer;
+    config.listen.metrics = metrics;
+    let tls = config
+        .tls
+        .as_mut()
+        .with_context(|| format!("node{}.toml has no [tls]", existing[0].0))?;
+    tls.cert = PathBuf::from(format!("node{id}.pem"));
+    tls.key = PathBuf::from(format!("node{id}.key"));
+    config.cluster.initial_voters = Some(initial_voters.to_vec());
+    config.peers = existing
+        .iter()
+        .map(|(k, _)| {
+            let (address, client_address) = advertised(existing, *k)?;
+            Ok(tally_config::PeerConfig {
+                id: *k,
+                address,
+                client_address,
+            })
+        })
+        .collect::<Result<_>>()?;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("the config for node {id} would be invalid:\n{e}"))?;
+    Ok(config)
 }
 
 /// [`cluster_addresses`], refusing ports beyond 65535 instead of panicking.

@@ -179,7 +179,7 @@ async fn connection(stream: TcpStream, shared: &Shared, shutdown: watch::Receive
         limits.reply_bytes_per_connection_max,
         shared.reply_bytes.clone(),
     );
-    let mut conn = Conn {
+    let mut conn = Connection {
         shared,
         tx,
         budget,
@@ -192,7 +192,7 @@ async fn connection(stream: TcpStream, shared: &Shared, shutdown: watch::Receive
     conn.read_requests(rd, shutdown).await;
     // Let answers still in the pipeline reach the client, then close. Pending answers hold
     // in-flight permits; once all are back (or dropped) the writer finishes.
-    let Conn { tx, budget, .. } = conn;
+    let Connection { tx, budget, .. } = conn;
     drop(tx);
     budget.drained(CLOSE_DRAIN_TIMEOUT).await;
     let _ = writer.await;
@@ -270,8 +270,11 @@ fn shrink(buf: &mut BytesMut) {
     }
 }
 
-/// One connection's reading side.
-struct Conn<'a> {
+/// One client connection after its TLS handshake. It owns the connection's framing (the read
+/// buffer and the frame deadlines, which [`Connection::read_requests`] keeps while it reads),
+/// its reply budget and its per-connection state: the queue to its writer task and whether its
+/// nonce hints are still used.
+struct Connection<'a> {
     shared: &'a Shared,
     tx: mpsc::Sender<Outgoing>,
     budget: ReplyBudget,
@@ -285,7 +288,7 @@ enum Waiting {
     Idle,
 }
 
-impl Conn<'_> {
+impl Connection<'_> {
     /// Reads and dispatches requests until the client closes, a deadline passes, the stream is
     /// out of step, the writer gave up, or the server stops.
     async fn read_requests(

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
+use ed25519_dalek::SigningKey;
 use tally_config::Config;
 use tally_core::crypto::OperatorKey;
 use tally_core::ports::LedgerStore;
@@ -382,33 +383,156 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
 /// and commit the batch in progress, send its confirmations, exit.
 pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     let tls_cfg = config.tls.as_ref().context("[tls] is required")?;
-    let op_cfg = config.operator.as_ref().context("[operator] is required")?;
-    let signing_key = read_signing_key(&op_cfg.signing_key)?;
-    let operator_public = signing_key.verifying_key().to_bytes();
-    let archive_key = signing_key.clone();
-    let operator = OperatorKey::new(signing_key);
-    let tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
+    let keys = NodeKeys::read(&config, tls_cfg)?;
     // Before any database opens: the descriptor limit is raised, the connection limits fit it.
     let sizing = crate::limits::connection_sizing(&config.limits, config.peers.len());
     crate::bootstrap::create_private_dir(&config.node.data_dir)?;
-    let (mut store, meta, opened_in) = open_ledger(&config)?;
-    let compactable = store.compactable_meta()?;
-    let node_id = config.node.id;
-    let voters = config.initial_voters();
-    let metrics = opening_metrics(&store, meta.height, opened_in);
+    let (store, shared) = open_shared(&config, keys.operator.public, &sizing)?;
+    let started = start_pipeline(&config, tls_cfg, keys.operator, store, &shared)?;
+    let limits = net_limits(&config, &sizing);
+    // The HTTP endpoint outlives the client listener: /health answers while the last batch
+    // drains, and /ready says 503.
+    let (http_stop, http_stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let serving = Serving {
+        config: &config,
+        profile,
+        shared: &shared,
+        links: &started.links,
+        client_tls: keys.client_tls,
+        limits,
+        peer_connections_max: sizing.peer_connections_max,
+        pipeline: started.pipeline.handle.clone(),
+        stop_tx: &stop_tx,
+        stop_rx,
+        http_stop: http_stop_rx,
+    };
+    let raft_thread = started
+        .runtime
+        .block_on(serve_until_signal(serving, started.replication))?;
+    // Blocking joins happen off the runtime's workers.
+    started.pipeline.shutdown();
+    let _ = raft_thread.join();
+    let _ = http_stop.send(true);
+    // Give connection writers a moment to flush the last confirmations.
+    started
+        .runtime
+        .shutdown_timeout(std::time::Duration::from_secs(2));
+    println!("tally-server: stopped");
+    Ok(())
+}
 
+/// The operator's signing key, in the forms the replica uses it.
+struct OperatorKeys {
+    /// Signs the headers of the batches this replica applies.
+    signer: OperatorKey,
+    /// Its public half, which the replica announces and checks ledger snapshots with.
+    public: tally_wire::PublicKey,
+    /// The same key, for the archive writer.
+    archive: SigningKey,
+}
+
+/// The keys and certificates the config names, read before anything else starts.
+struct NodeKeys {
+    operator: OperatorKeys,
+    /// The client listener's TLS config.
+    client_tls: Arc<rustls::ServerConfig>,
+}
+
+impl NodeKeys {
+    /// Reads the operator's signing key (`[operator]`) and the client listener's certificate
+    /// and key (`tls_cfg`).
+    fn read(config: &Config, tls_cfg: &tally_config::TlsConfig) -> Result<NodeKeys> {
+        let op_cfg = config.operator.as_ref().context("[operator] is required")?;
+        let signing_key = read_signing_key(&op_cfg.signing_key)?;
+        let public = signing_key.verifying_key().to_bytes();
+        let archive = signing_key.clone();
+        let signer = OperatorKey::new(signing_key);
+        let client_tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
+        Ok(NodeKeys {
+            operator: OperatorKeys {
+                signer,
+                public,
+                archive,
+            },
+            client_tls,
+        })
+    }
+}
+
+/// What the replica's threads share, built around the opened ledger before any of them starts.
+struct Shared {
+    /// The ledger's summary when it was opened.
+    meta: tally_core::state::LedgerMeta,
+    metrics: Arc<Metrics>,
+    view: Arc<ClusterView>,
+    applied: Arc<Applied>,
+}
+
+/// Opens the ledger (see [`open_ledger`]) and builds what the threads share around it: the
+/// metrics of the opening, the cluster view as the config names it, and the applied point.
+fn open_shared(
+    config: &Config,
+    operator_public: tally_wire::PublicKey,
+    sizing: &crate::limits::ConnectionSizing,
+) -> Result<(LedgerDb, Shared)> {
+    let (mut store, meta, opened_in) = open_ledger(config)?;
+    let compactable = store.compactable_meta()?;
+    let metrics = opening_metrics(&store, meta.height, opened_in);
     let view = Arc::new(
-        ClusterView::new(node_id, &configured_book(&config)).with_info(crate::view::info_reply(
-            &config,
-            operator_public,
-            sizing.connections_per_address_max,
-        )),
+        ClusterView::new(config.node.id, &configured_book(config)).with_info(
+            crate::view::info_reply(config, operator_public, sizing.connections_per_address_max),
+        ),
     );
     let applied = Arc::new(Applied {
         index: std::sync::atomic::AtomicU64::new(meta.raft_index),
         meta: Mutex::new(meta.clone()),
         compactable: Mutex::new(compactable),
     });
+    let shared = Shared {
+        meta,
+        metrics,
+        view,
+        applied,
+    };
+    Ok((store, shared))
+}
+
+/// The running pipeline, the runtime the network side runs on, and what the serving phase
+/// wires to them.
+struct Started {
+    runtime: tokio::runtime::Runtime,
+    pipeline: Pipeline,
+    links: Links,
+    replication: ReplicationStart,
+}
+
+/// The archive's gate and the senders of the queues into the raft thread, the master and the
+/// storage thread. [`run`] holds them until it returns, so that none of these queues closes
+/// while the replica stops.
+struct Links {
+    gate: Option<Arc<crate::pipeline::ArchiveGate>>,
+    raft_tx: crossbeam_channel::Sender<crate::channels::RaftEvent>,
+    master_tx: crossbeam_channel::Sender<crate::channels::MasterEvent>,
+    storage_tx: crossbeam_channel::Sender<crate::channels::StorageCmd>,
+}
+
+/// What the peer transport and the raft thread take over: the raft thread's input queue and
+/// the peer TLS configs.
+struct ReplicationStart {
+    raft_rx: crossbeam_channel::Receiver<crate::channels::RaftEvent>,
+    peer_tls: (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>),
+}
+
+/// Makes the queues and the network runtime, opens the archive, and starts the pipeline on
+/// `store` and the archive writer behind it.
+fn start_pipeline(
+    config: &Config,
+    tls_cfg: &tally_config::TlsConfig,
+    operator: OperatorKeys,
+    store: LedgerDb,
+    shared: &Shared,
+) -> Result<Started> {
     let (raft_tx, raft_rx) = crossbeam_channel::bounded(RAFT_QUEUE_MAX);
     let (master_tx, master_rx) = crossbeam_channel::bounded(16);
     let queue_depth = config.limits.queue_depth_max as usize;
@@ -418,139 +542,208 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
         .enable_all()
         .thread_name("tally-net")
         .build()?;
-    let archive = archive::NodeArchive::open(&config, &runtime, &archive_key, meta.height)?;
+    let archive =
+        archive::NodeArchive::open(config, &runtime, &operator.archive, shared.meta.height)?;
     let (gate, read_only) = (archive.gate.clone(), archive.read_only);
     let (peer_server, peer_client) = peer_tls(&tls_cfg.ca_cert, &tls_cfg.cert, &tls_cfg.key)?;
     let transfer = PeerSnapshotTransfer::new(
-        &config,
-        operator_public,
+        config,
+        operator.public,
         peer_client.clone(),
-        view.clone(),
+        shared.view.clone(),
         runtime.handle().clone(),
     );
     let pipeline = Pipeline::start(
         pipeline_config(
-            &config,
-            operator.key_id(),
-            metrics.clone(),
+            config,
+            operator.signer.key_id(),
+            shared.metrics.clone(),
             gate.clone(),
             read_only,
         ),
         RaftWiring {
             raft_tx: raft_tx.clone(),
             master_events: master_rx,
-            applied: applied.clone(),
-            view: view.clone(),
+            applied: shared.applied.clone(),
+            view: shared.view.clone(),
             storage_tx: storage_tx.clone(),
             storage_rx,
         },
         store,
-        operator,
+        operator.signer,
         Box::new(transfer),
     );
-    archive.start(
-        runtime.handle(),
-        &config,
-        archive::LedgerSource {
-            storage: storage_tx.clone(),
-            view: view.clone(),
-            applied_height: pipeline.handle.applied_height.clone(),
-            stopping: pipeline.handle.shutdown.clone(),
-            read_only,
-            feed: None,
-            fed: Default::default(),
-            applied: None,
-        },
-        archive_key,
+    let source = ledger_source(&pipeline, storage_tx.clone(), shared, read_only);
+    let metrics = shared.metrics.clone();
+    archive.start(runtime.handle(), config, source, operator.archive, metrics);
+    let links = Links {
+        gate,
+        raft_tx,
+        master_tx,
+        storage_tx,
+    };
+    let replication = ReplicationStart {
+        raft_rx,
+        peer_tls: (peer_server, peer_client),
+    };
+    Ok(Started {
+        runtime,
+        pipeline,
+        links,
+        replication,
+    })
+}
+
+/// Where the archive writer reads applied batches from: the storage thread, behind the
+/// pipeline's applied height.
+fn ledger_source(
+    pipeline: &Pipeline,
+    storage: crossbeam_channel::Sender<crate::channels::StorageCmd>,
+    shared: &Shared,
+    read_only: bool,
+) -> archive::LedgerSource {
+    archive::LedgerSource {
+        storage,
+        view: shared.view.clone(),
+        applied_height: pipeline.handle.applied_height.clone(),
+        stopping: pipeline.handle.shutdown.clone(),
+        read_only,
+        feed: None,
+        fed: Default::default(),
+        applied: None,
+    }
+}
+
+/// What the serving phase (on the runtime) starts from besides the [`ReplicationStart`].
+struct Serving<'a> {
+    config: &'a Config,
+    /// The client profile's path, announced at start.
+    profile: Option<&'a Path>,
+    shared: &'a Shared,
+    links: &'a Links,
+    client_tls: Arc<rustls::ServerConfig>,
+    limits: NetLimits,
+    peer_connections_max: usize,
+    pipeline: crate::pipeline::PipelineHandle,
+    /// Stops the client listener and the peer transport on a signal.
+    stop_tx: &'a watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    /// Stops the HTTP endpoint (after the pipeline has drained).
+    http_stop: watch::Receiver<bool>,
+}
+
+/// Binds the listeners, starts the peer transport, the raft thread, the client listener and
+/// the HTTP endpoint, and serves until a signal; then stops taking clients. Returns the raft
+/// thread, to be joined off the runtime.
+async fn serve_until_signal(
+    s: Serving<'_>,
+    replication: ReplicationStart,
+) -> Result<std::thread::JoinHandle<()>> {
+    let listeners = Listeners::bind(s.config).await?;
+    let raft_thread = start_replication(&s, replication).await?;
+    announce(&s, &listeners);
+    let server = tokio::spawn(serve(
+        listeners.client,
+        tokio_rustls::TlsAcceptor::from(s.client_tls),
+        s.pipeline,
+        s.limits,
+        s.stop_rx,
+    ));
+    let metrics = &s.shared.metrics;
+    tokio::spawn(crate::http::serve(
+        listeners.metrics,
         metrics.clone(),
-    );
-    let limits = net_limits(&config, &sizing);
-    // The HTTP endpoint outlives the client listener: /health answers while the last batch
-    // drains, and /ready says 503.
-    let (http_stop, http_stop_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let raft_thread = runtime.block_on(async {
-        let listener = TcpListener::bind(config.listen.client)
+        s.http_stop,
+    ));
+    #[cfg(unix)]
+    transfer_leadership_on_sigusr1(s.links.raft_tx.clone())?;
+    wait_for_signal().await;
+    metrics.set_ready(false);
+    println!("tally-server: shutting down: finishing the batch in progress");
+    let _ = s.stop_tx.send(true);
+    let _ = server.await;
+    Ok(raft_thread)
+}
+
+/// The client and metrics listeners, and the addresses they are bound to.
+struct Listeners {
+    client: TcpListener,
+    client_addr: std::net::SocketAddr,
+    metrics: TcpListener,
+    metrics_addr: std::net::SocketAddr,
+}
+
+impl Listeners {
+    /// Binds the client listener, then the metrics listener, on the configured addresses.
+    async fn bind(config: &Config) -> Result<Listeners> {
+        let client = TcpListener::bind(config.listen.client)
             .await
             .with_context(|| format!("binding the client listener on {}", config.listen.client))?;
-        let addr = listener.local_addr()?;
-        let metrics_listener = TcpListener::bind(config.listen.metrics)
+        let client_addr = client.local_addr()?;
+        let metrics = TcpListener::bind(config.listen.metrics)
             .await
             .with_context(|| {
                 format!("binding the metrics listener on {}", config.listen.metrics)
             })?;
-        let metrics_addr = metrics_listener.local_addr()?;
+        let metrics_addr = metrics.local_addr()?;
+        Ok(Listeners {
+            client,
+            client_addr,
+            metrics,
+            metrics_addr,
+        })
+    }
+}
 
-        let peers = PeerStart {
-            config: &config,
-            view: view.clone(),
-            storage: storage_tx.clone(),
-            connections_max: sizing.peer_connections_max,
-            tls: (peer_server, peer_client),
-            events: raft_tx.clone(),
-            stop: stop_rx.clone(),
-        };
-        let senders = start_peers(peers).await?;
-        let raft_thread = spawn_raft(RaftStart {
-            dir: raft_dir(&config),
-            voters: voters.clone(),
-            node_id,
-            raft_cfg: config.raft.clone(),
-            ledger_raft_index: meta.raft_index,
-            configured: configured_book(&config),
-            events: raft_rx,
-            peers: senders,
-            apply: storage_tx.clone(),
-            master: master_tx.clone(),
-            applied: applied.clone(),
-            view: view.clone(),
-            metrics: metrics.clone(),
-            may_campaign: archive::campaign_rule(
-                gate.clone(),
-                pipeline.handle.applied_height.clone(),
-            ),
-        })?;
+/// Starts the peer transport, then the raft thread that sends through it.
+async fn start_replication(
+    s: &Serving<'_>,
+    replication: ReplicationStart,
+) -> Result<std::thread::JoinHandle<()>> {
+    let (config, links) = (s.config, s.links);
+    let peers = PeerStart {
+        config,
+        view: s.shared.view.clone(),
+        storage: links.storage_tx.clone(),
+        connections_max: s.peer_connections_max,
+        tls: replication.peer_tls,
+        events: links.raft_tx.clone(),
+        stop: s.stop_rx.clone(),
+    };
+    let senders = start_peers(peers).await?;
+    spawn_raft(RaftStart {
+        dir: raft_dir(config),
+        voters: config.initial_voters(),
+        node_id: config.node.id,
+        raft_cfg: config.raft.clone(),
+        ledger_raft_index: s.shared.meta.raft_index,
+        configured: configured_book(config),
+        events: replication.raft_rx,
+        peers: senders,
+        apply: links.storage_tx.clone(),
+        master: links.master_tx.clone(),
+        applied: s.shared.applied.clone(),
+        view: s.shared.view.clone(),
+        metrics: s.shared.metrics.clone(),
+        may_campaign: archive::campaign_rule(links.gate.clone(), s.pipeline.applied_height.clone()),
+    })
+}
 
-        // Scripts and tests read this line to find the port (the config may say port 0).
-        println!("tally-server: node {node_id} listening for clients on {addr} (TLS)");
-        println!(
-            "tally-server: ledger at height {} in {}",
-            meta.height,
-            ledger_dir(&config).display()
-        );
-        println!("tally-server: metrics on http://{metrics_addr}/metrics");
-        if let Some(p) = profile {
-            println!("tally-server: client profile at {}", p.display());
-        }
-        let server = tokio::spawn(serve(
-            listener,
-            tokio_rustls::TlsAcceptor::from(tls),
-            pipeline.handle.clone(),
-            limits,
-            stop_rx,
-        ));
-        tokio::spawn(crate::http::serve(
-            metrics_listener,
-            metrics.clone(),
-            http_stop_rx,
-        ));
-        #[cfg(unix)]
-        transfer_leadership_on_sigusr1(raft_tx.clone())?;
-        wait_for_signal().await;
-        metrics.set_ready(false);
-        println!("tally-server: shutting down: finishing the batch in progress");
-        let _ = stop_tx.send(true);
-        let _ = server.await;
-        anyhow::Ok(raft_thread)
-    })?;
-    // Blocking joins happen off the runtime's workers.
-    pipeline.shutdown();
-    let _ = raft_thread.join();
-    let _ = http_stop.send(true);
-    // Give connection writers a moment to flush the last confirmations.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    println!("tally-server: stopped");
-    Ok(())
+/// Prints where the replica listens and where its ledger is.
+fn announce(s: &Serving<'_>, listeners: &Listeners) {
+    let (addr, metrics_addr) = (listeners.client_addr, listeners.metrics_addr);
+    let node_id = s.config.node.id;
+    // Scripts and tests read this line to find the port (the config may say port 0).
+    println!("tally-server: node {node_id} listening for clients on {addr} (TLS)");
+    println!(
+        "tally-server: ledger at height {} in {}",
+        s.shared.meta.height,
+        ledger_dir(s.config).display()
+    );
+    println!("tally-server: metrics on http://{metrics_addr}/metrics");
+    if let Some(p) = s.profile {
+        println!("tally-server: client profile at {}", p.display());
+    }
 }
 
 /// SIGUSR1: an operator (or the chaos monkey) asks the leader to hand over to its

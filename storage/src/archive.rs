@@ -116,6 +116,24 @@ struct Progress {
     changed: Condvar,
 }
 
+impl Progress {
+    /// Records that the archive thread failed with `e` (every later call reports it) and
+    /// wakes the threads waiting on its progress.
+    fn fail(&self, e: &Error) {
+        let mut s = self.state.lock().expect("progress lock");
+        s.failed = Some(e.to_string());
+        self.changed.notify_all();
+    }
+
+    /// Records that the archive holds every batch up to `point` durably and wakes the threads
+    /// waiting on its progress.
+    fn advance(&self, point: ArchivePoint) {
+        let mut s = self.state.lock().expect("progress lock");
+        s.point = point;
+        self.changed.notify_all();
+    }
+}
+
 /// The handle to the archive thread, owned by [`crate::LedgerDb`].
 pub(crate) struct Archive {
     tx: SyncSender<Cmd>,
@@ -336,30 +354,17 @@ fn run(
         };
         match cmd {
             Cmd::Write(first) => {
-                let mut group = vec![first];
-                while group.len() < WRITE_GROUP_MAX {
-                    match rx.try_recv() {
-                        Ok(Cmd::Write(b)) => group.push(b),
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                    }
-                }
+                let (group, after) = gather_group(first, &rx);
+                next = after;
                 if let Err(e) = write_group(&mut db, &group) {
-                    let mut s = progress.state.lock().expect("progress lock");
-                    s.failed = Some(e.to_string());
-                    progress.changed.notify_all();
+                    progress.fail(&e);
                     return;
                 }
                 let last = group.last().expect("a group is never empty");
-                let mut s = progress.state.lock().expect("progress lock");
-                s.point = ArchivePoint {
+                progress.advance(ArchivePoint {
                     height: last.height,
                     raft_index: last.raft_index,
-                };
-                progress.changed.notify_all();
+                });
             }
             Cmd::Get { key, reply } => {
                 let _ = reply.send(get_checked(&mut db, &key, stats));
@@ -376,9 +381,7 @@ fn run(
                 dump(&mut db, &out);
                 // The dump iterated: go on with a handle that never did (see `reopen_fresh`).
                 if let Err(e) = reopen_fresh(&mut db, dir, options()) {
-                    let mut s = progress.state.lock().expect("progress lock");
-                    s.failed = Some(e.to_string());
-                    progress.changed.notify_all();
+                    progress.fail(&e);
                     return;
                 }
             }
@@ -388,6 +391,20 @@ fn run(
             }
         }
     }
+}
+
+/// Takes the writes queued behind `first`, without waiting, up to [`WRITE_GROUP_MAX`] in all.
+/// Returns them as one group, and the command that ended the group if it is not a write.
+fn gather_group(first: ArchiveBatch, rx: &Receiver<Cmd>) -> (Vec<ArchiveBatch>, Option<Cmd>) {
+    let mut group = vec![first];
+    while group.len() < WRITE_GROUP_MAX {
+        match rx.try_recv() {
+            Ok(Cmd::Write(b)) => group.push(b),
+            Ok(other) => return (group, Some(other)),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        }
+    }
+    (group, None)
 }
 
 fn write_group(db: &mut DB, group: &[ArchiveBatch]) -> Result<()> {

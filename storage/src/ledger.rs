@@ -185,29 +185,9 @@ impl LedgerDb {
         let mut db = DB::open(dir, state_leveldb_options(&opts, env))
             .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the open marker", e))?;
-        let meta = match db.get(&layout::meta_key()) {
-            None => LedgerMeta::genesis(),
-            Some(v) => LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &v)?)?,
-        };
-        // Migrating scans (an iterator): only when the tip is still in the old layout (a
-        // migration moves heights upwards), and on a fresh handle afterwards (`reopen_fresh`).
-        let mut tip_v1 = layout::HEADER_V1_TAG.to_vec();
-        tip_v1.extend_from_slice(&meta.height.to_be_bytes());
-        if meta.height > 0 && db.get(&tip_v1).is_some() {
-            migrate_header_rows_v1(&mut db)?;
-            reopen_fresh(
-                &mut db,
-                dir,
-                state_leveldb_options(&opts, SyncEnv::sharing(Arc::clone(&sync_stats))),
-            )?;
-        }
-        let (saved, filter_origin) = match opts.request_filter_bytes {
-            0 => (None, FilterOrigin::Off),
-            bytes => match RequestFilter::load(dir, bytes, meta.height, &meta.last_header_hash) {
-                Ok(filter) => (Some(filter), FilterOrigin::Loaded),
-                Err(why) => (None, FilterOrigin::Scanned(why)),
-            },
-        };
+        let meta = read_meta(&mut db)?;
+        migrate_headers_if_v1(&mut db, dir, &opts, &sync_stats, &meta)?;
+        let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
         let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
         let mut this = LedgerDb {
             db,
@@ -226,22 +206,63 @@ impl LedgerDb {
             filter_origin,
             lookups: RequestLookups::default(),
         };
-        if point.height > this.meta.height {
+        this.start_archive_from(point)?;
+        this.check_tip()?;
+        Ok(this)
+    }
+
+    /// Sets where archiving resumes, given the `point` the archive holds: caught up with the
+    /// state, or re-archiving from the height after the point. An archive beyond the state is
+    /// corrupt.
+    fn start_archive_from(&mut self, point: ArchivePoint) -> Result<()> {
+        if point.height > self.meta.height {
             return Err(corrupt(
                 Table::Meta,
                 format_args!(
                     "the archive holds height {} beyond the ledger's {}",
-                    point.height, this.meta.height
+                    point.height, self.meta.height
                 ),
             ));
         }
-        if point.height == this.meta.height {
-            this.archived_meta = this.meta.clone();
+        if point.height == self.meta.height {
+            self.archived_meta = self.meta.clone();
         } else {
-            this.rearchive_next = Some(point.height + 1);
+            self.rearchive_next = Some(point.height + 1);
         }
-        this.check_tip()?;
-        Ok(this)
+        Ok(())
+    }
+
+    /// Asserts that `write` is the batch that comes next: the height after the applied one,
+    /// a header that is for it and chains to the applied one, a summary naming that header and
+    /// one request record per request.
+    fn assert_applicable(&self, write: &BatchWrite) {
+        let height = write.meta.height;
+        let header = &write.signed_header.header;
+        assert_eq!(
+            height,
+            self.meta.height + 1,
+            "batches are applied in height order"
+        );
+        assert_eq!(
+            header.height, height,
+            "the header is for the batch's height"
+        );
+        assert_eq!(
+            header.prev_hash, self.meta.last_header_hash,
+            "the header chains to the applied one"
+        );
+        assert_eq!(header_hash(header), write.header_hash, "header hash");
+        assert_eq!(
+            write.meta.last_header_hash, write.header_hash,
+            "the summary names the header"
+        );
+        assert_eq!(
+            write.requests.len(),
+            header.request_count as usize,
+            "one record per request"
+        );
+        // Hashing the whole body costs O(body); prepare_apply has just computed it.
+        debug_assert_eq!(sha256(&[&write.body]), write.body_digest, "body digest");
     }
 
     /// When the archive is behind the state database: the raft index of the last batch it holds
@@ -713,67 +734,18 @@ impl LedgerStore for LedgerDb {
 
     fn apply(&mut self, write: &BatchWrite) -> Result<()> {
         self.check_usable()?;
-        let height = write.meta.height;
-        let header = &write.signed_header.header;
-        assert_eq!(
-            height,
-            self.meta.height + 1,
-            "batches are applied in height order"
-        );
-        assert_eq!(
-            header.height, height,
-            "the header is for the batch's height"
-        );
-        assert_eq!(
-            header.prev_hash, self.meta.last_header_hash,
-            "the header chains to the applied one"
-        );
-        assert_eq!(header_hash(header), write.header_hash, "header hash");
-        assert_eq!(
-            write.meta.last_header_hash, write.header_hash,
-            "the summary names the header"
-        );
-        assert_eq!(
-            write.requests.len(),
-            header.request_count as usize,
-            "one record per request"
-        );
-        // Hashing the whole body costs O(body); prepare_apply has just computed it.
-        debug_assert_eq!(sha256(&[&write.body]), write.body_digest, "body digest");
-
+        self.assert_applicable(write);
         self.check_archive_caught_up()?;
         self.bound_archive_lag()?;
 
+        let height = write.meta.height;
         // The state rows only: bodies and request records go to the archive (see archive.rs).
-        let mut batch = WriteBatch::default();
-        for (key, balance) in &write.accounts {
-            batch.put(&layout::account_key(key), &layout::encode_account(*balance));
-        }
-        batch.put(
-            &layout::header_key(height),
-            &encode_header_row(&write.signed_header, &write.body_digest),
-        );
-        batch.put(&layout::meta_key(), &write.meta.encode());
-        if let Err(e) = self.db.write(batch, true) {
+        if let Err(e) = self.db.write(state_rows(write), true) {
             let e = io_error(format_args!("writing batch {height}"), e);
             self.failed = Some(e.to_string());
             return Err(e);
         }
-        let mut records = Vec::with_capacity(write.requests.len());
-        for r in &write.requests {
-            assert!(
-                r.index < header.request_count,
-                "request index {} out of the batch",
-                r.index
-            );
-            let key = layout::request_key(&r.signer, r.id);
-            let record = RequestRecord {
-                height,
-                index: r.index,
-                request_hash: r.request_hash,
-            };
-            records.push((key, record));
-        }
+        let records = request_records(write);
         self.meta = write.meta.clone();
         self.archive_batch(
             height,
@@ -832,6 +804,90 @@ pub(crate) fn reopen_fresh(db: &mut DB, dir: &Path, options: Options) -> Result<
     // The closed handle is dropped here; it holds no lock and writes nothing.
     *db = fresh;
     Ok(())
+}
+
+/// The summary row of `db`, or genesis for a new ledger.
+fn read_meta(db: &mut DB) -> Result<LedgerMeta> {
+    Ok(match db.get(&layout::meta_key()) {
+        None => LedgerMeta::genesis(),
+        Some(v) => LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &v)?)?,
+    })
+}
+
+/// Migrates the header rows of a ledger whose tip (at `meta`'s height) is still in the v1
+/// layout, then reopens `db` on a fresh handle. Does nothing for a ledger in the v2 layout.
+fn migrate_headers_if_v1(
+    db: &mut DB,
+    dir: &Path,
+    opts: &StoreOptions,
+    sync_stats: &Arc<SyncStats>,
+    meta: &LedgerMeta,
+) -> Result<()> {
+    // Migrating scans (an iterator): only when the tip is still in the old layout (a
+    // migration moves heights upwards), and on a fresh handle afterwards (`reopen_fresh`).
+    let mut tip_v1 = layout::HEADER_V1_TAG.to_vec();
+    tip_v1.extend_from_slice(&meta.height.to_be_bytes());
+    if meta.height > 0 && db.get(&tip_v1).is_some() {
+        migrate_header_rows_v1(db)?;
+        reopen_fresh(
+            db,
+            dir,
+            state_leveldb_options(opts, SyncEnv::sharing(Arc::clone(sync_stats))),
+        )?;
+    }
+    Ok(())
+}
+
+/// The request filter the last clean stop saved in `dir` for exactly this ledger (the one at
+/// `meta`), and where the filter comes from: off, loaded, or to be scanned (and why).
+fn load_request_filter(
+    dir: &Path,
+    opts: &StoreOptions,
+    meta: &LedgerMeta,
+) -> (Option<RequestFilter>, FilterOrigin) {
+    match opts.request_filter_bytes {
+        0 => (None, FilterOrigin::Off),
+        bytes => match RequestFilter::load(dir, bytes, meta.height, &meta.last_header_hash) {
+            Ok(filter) => (Some(filter), FilterOrigin::Loaded),
+            Err(why) => (None, FilterOrigin::Scanned(why)),
+        },
+    }
+}
+
+/// The state rows one applied batch writes: its accounts' balances, its header row and the
+/// summary. Bodies and request records go to the archive.
+fn state_rows(write: &BatchWrite) -> WriteBatch {
+    let mut batch = WriteBatch::default();
+    for (key, balance) in &write.accounts {
+        batch.put(&layout::account_key(key), &layout::encode_account(*balance));
+    }
+    batch.put(
+        &layout::header_key(write.meta.height),
+        &encode_header_row(&write.signed_header, &write.body_digest),
+    );
+    batch.put(&layout::meta_key(), &write.meta.encode());
+    batch
+}
+
+/// The request records of one applied batch, keyed by signer and request id.
+fn request_records(write: &BatchWrite) -> Vec<([u8; 52], RequestRecord)> {
+    let header = &write.signed_header.header;
+    let mut records = Vec::with_capacity(write.requests.len());
+    for r in &write.requests {
+        assert!(
+            r.index < header.request_count,
+            "request index {} out of the batch",
+            r.index
+        );
+        let key = layout::request_key(&r.signer, r.id);
+        let record = RequestRecord {
+            height: write.meta.height,
+            index: r.index,
+            request_hash: r.request_hash,
+        };
+        records.push((key, record));
+    }
+    records
 }
 
 /// Heights one synced write of [`migrate_header_rows_v1`] moves, at most.

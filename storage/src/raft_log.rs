@@ -105,41 +105,7 @@ impl RaftLogDb {
         advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
         migrate_raft_state_v1(&mut db)?;
         migrate_state_rows(&mut db, &sync_stats)?;
-
-        let conf = get(&mut db, &layout::raft_conf_state_key(), &sync_stats)?;
-        let snap = get(&mut db, &layout::raft_snapshot_key(), &sync_stats)?;
-        let newest = newest_hard_state(&mut db)?;
-        let conf_state = match conf {
-            Some(v) => decode_proto::<ConfState>(Table::RaftState, "conf state", &v)?,
-            None if newest.is_none() && snap.is_none() => {
-                let cs = initial_conf_state(voters);
-                let mut batch = WriteBatch::default();
-                batch.put(&layout::raft_conf_state_key(), &encode_proto(&cs));
-                db.write(batch, true)
-                    .map_err(|e| io_error("creating the raft log", e))?;
-                cs
-            }
-            None => {
-                return Err(corrupt(
-                    Table::RaftState,
-                    "the conf state is missing from a log in use",
-                ))
-            }
-        };
-        // The configured voters only make a new log: from then on the configuration follows
-        // the committed membership changes. It always has a voter.
-        if conf_state.voters.is_empty() {
-            return Err(corrupt(Table::RaftState, "the conf state has no voters"));
-        }
-        let address_book = get(&mut db, &layout::raft_address_book_key(), &sync_stats)?;
-        let snapshot = match snap {
-            Some(v) => SnapshotPoint::decode(&v)?,
-            None => SnapshotPoint::default(),
-        };
-        let (hard_state, last_index) = match newest {
-            Some((index, v)) => (decode_hard_state(index, &v)?, index),
-            None => (HardState::default(), snapshot.index),
-        };
+        let stored = read_stored_state(&mut db, voters, &sync_stats)?;
         settle_state_rows(&mut db)?;
         let tail = EntryTail::new(opts.raft_tail_bytes);
         let mut this = RaftLogDb {
@@ -147,12 +113,12 @@ impl RaftLogDb {
             dir: dir.to_owned(),
             opts,
             written_bytes: u64::MAX,
-            hard_state,
-            conf_state,
-            address_book,
-            snapshot,
+            hard_state: stored.hard_state,
+            conf_state: stored.conf_state,
+            address_book: stored.address_book,
+            snapshot: stored.snapshot,
             next_descriptor: None,
-            last_index,
+            last_index: stored.last_index,
             terms: TermRuns::default(),
             tail,
             sync_stats,
@@ -890,6 +856,76 @@ fn migrate_state_rows(db: &mut DB, stats: &SyncStats) -> Result<()> {
     batch.delete(&layout::raft_last_index_key());
     db.write(batch, true)
         .map_err(|e| io_error("moving the hard state to its index", e))
+}
+
+/// The rows a raft log opens from, read (and for a new log, its conf state created) by
+/// [`read_stored_state`].
+struct StoredState {
+    hard_state: HardState,
+    conf_state: ConfState,
+    address_book: Option<Vec<u8>>,
+    snapshot: SnapshotPoint,
+    /// The newest hard state's index, or the snapshot point's when there is none.
+    last_index: u64,
+}
+
+/// Reads the conf state, address book, snapshot point and newest hard state of the log in
+/// `db`. A new log (none of them stored) gets the conf state listing `voters`, written.
+fn read_stored_state(db: &mut DB, voters: &[u64], sync_stats: &SyncStats) -> Result<StoredState> {
+    let conf = get(db, &layout::raft_conf_state_key(), sync_stats)?;
+    let snap = get(db, &layout::raft_snapshot_key(), sync_stats)?;
+    let newest = newest_hard_state(db)?;
+    let new_log = newest.is_none() && snap.is_none();
+    let conf_state = load_conf_state(db, conf, new_log, voters)?;
+    let address_book = get(db, &layout::raft_address_book_key(), sync_stats)?;
+    let snapshot = match snap {
+        Some(v) => SnapshotPoint::decode(&v)?,
+        None => SnapshotPoint::default(),
+    };
+    let (hard_state, last_index) = match newest {
+        Some((index, v)) => (decode_hard_state(index, &v)?, index),
+        None => (HardState::default(), snapshot.index),
+    };
+    Ok(StoredState {
+        hard_state,
+        conf_state,
+        address_book,
+        snapshot,
+        last_index,
+    })
+}
+
+/// Decodes the stored conf state `stored`; for a new log, which has none, writes and returns
+/// the one listing `voters`. A log in use without one, or with one naming no voter, is corrupt.
+fn load_conf_state(
+    db: &mut DB,
+    stored: Option<Vec<u8>>,
+    new_log: bool,
+    voters: &[u64],
+) -> Result<ConfState> {
+    let conf_state = match stored {
+        Some(v) => decode_proto::<ConfState>(Table::RaftState, "conf state", &v)?,
+        None if new_log => {
+            let cs = initial_conf_state(voters);
+            let mut batch = WriteBatch::default();
+            batch.put(&layout::raft_conf_state_key(), &encode_proto(&cs));
+            db.write(batch, true)
+                .map_err(|e| io_error("creating the raft log", e))?;
+            cs
+        }
+        None => {
+            return Err(corrupt(
+                Table::RaftState,
+                "the conf state is missing from a log in use",
+            ))
+        }
+    };
+    // The configured voters only make a new log: from then on the configuration follows
+    // the committed membership changes. It always has a voter.
+    if conf_state.voters.is_empty() {
+        return Err(corrupt(Table::RaftState, "the conf state has no voters"));
+    }
+    Ok(conf_state)
 }
 
 /// The newest hard state and the last index: the highest key of the `raft_entry` table, which

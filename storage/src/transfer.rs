@@ -369,7 +369,28 @@ impl StateCheck {
         }
     }
 
+    /// Adds one streamed record to the totals, checking that its key follows the one before it
+    /// and that it is well formed for its table.
     fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.follow(key)?;
+        let table = Table::from_tag(&key[..TAG_BYTES]).ok_or_else(|| {
+            Error::corrupt(format_args!("key {} has an unknown table tag", hex(key)))
+        })?;
+        match table {
+            Table::Account => self.record_account(table, key, value),
+            Table::Request => self.record_request(table, key, value),
+            Table::Body => self.record_body(table, key, value),
+            Table::Meta => self.record_meta(table, key, value),
+            Table::Header => self.record_header(table, key, value),
+            Table::RaftEntry | Table::RaftState => Err(Error::corrupt(format_args!(
+                "key {} belongs to the raft log's table {table}",
+                hex(key)
+            ))),
+        }
+    }
+
+    /// Checks that `key` strictly follows the previous record's key, and remembers it.
+    fn follow(&mut self, key: &[u8]) -> Result<()> {
         if key <= self.prev_key.as_slice() {
             return Err(Error::corrupt(format_args!(
                 "key {} does not follow key {} (keys must strictly increase)",
@@ -379,67 +400,72 @@ impl StateCheck {
         }
         self.prev_key.clear();
         self.prev_key.extend_from_slice(key);
-        let table = Table::from_tag(&key[..TAG_BYTES]).ok_or_else(|| {
-            Error::corrupt(format_args!("key {} has an unknown table tag", hex(key)))
-        })?;
-        match table {
-            Table::Account => {
-                let public: PublicKey = key_rest(table, key)?;
-                let balance = layout::decode_account(value)?;
-                self.accounts.account_changed(&public, None, balance);
-                self.balance_total += u128::from(balance);
-            }
-            Table::Request => {
-                let _signer_and_id: [u8; 48] = key_rest(table, key)?;
-                let r = layout::decode_request(value)?;
-                if r.height == 0 {
-                    return Err(corrupt(table, "a request applied at height 0"));
-                }
-                self.requests += 1;
-                self.request_height_max = self.request_height_max.max(r.height);
-            }
-            Table::Body => {
-                let digest: Hash = key_rest(table, key)?;
-                if sha256(&[value]) != digest {
-                    return Err(corrupt(
-                        table,
-                        format_args!("body {} does not hash to its key", hex(&digest)),
-                    ));
-                }
-                self.bodies += 1;
-            }
-            Table::Meta => {
-                if key != layout::meta_key() {
-                    return Err(corrupt(table, format_args!("unexpected key {}", hex(key))));
-                }
-                self.meta = Some(LedgerMeta::decode(&fixed::<META_BYTES>(table, value)?)?);
-            }
-            Table::Header => {
-                let height = u64::from_be_bytes(key_rest(table, key)?);
-                self.headers += 1;
-                if height != self.headers {
-                    return Err(corrupt(
-                        table,
-                        format_args!("height {height} where {} was due", self.headers),
-                    ));
-                }
-                let signed = decode_header(height, value)?;
-                if signed.header.prev_hash != self.prev_header_hash {
-                    return Err(corrupt(
-                        table,
-                        format_args!("header {height} does not chain to the one before it"),
-                    ));
-                }
-                self.prev_header_hash = header_hash(&signed.header);
-                self.header_requests += u64::from(signed.header.request_count);
-            }
-            Table::RaftEntry | Table::RaftState => {
-                return Err(Error::corrupt(format_args!(
-                    "key {} belongs to the raft log's table {table}",
-                    hex(key)
-                )));
-            }
+        Ok(())
+    }
+
+    /// An account row: adds its balance to the totals.
+    fn record_account(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        let public: PublicKey = key_rest(table, key)?;
+        let balance = layout::decode_account(value)?;
+        self.accounts.account_changed(&public, None, balance);
+        self.balance_total += u128::from(balance);
+        Ok(())
+    }
+
+    /// A request record: counts it, and the highest height a request was applied at.
+    fn record_request(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        let _signer_and_id: [u8; 48] = key_rest(table, key)?;
+        let r = layout::decode_request(value)?;
+        if r.height == 0 {
+            return Err(corrupt(table, "a request applied at height 0"));
         }
+        self.requests += 1;
+        self.request_height_max = self.request_height_max.max(r.height);
+        Ok(())
+    }
+
+    /// A batch body: checks that it hashes to its key, and counts it.
+    fn record_body(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        let digest: Hash = key_rest(table, key)?;
+        if sha256(&[value]) != digest {
+            return Err(corrupt(
+                table,
+                format_args!("body {} does not hash to its key", hex(&digest)),
+            ));
+        }
+        self.bodies += 1;
+        Ok(())
+    }
+
+    /// The summary row: decodes and keeps it for [`StateCheck::finish`].
+    fn record_meta(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        if key != layout::meta_key() {
+            return Err(corrupt(table, format_args!("unexpected key {}", hex(key))));
+        }
+        self.meta = Some(LedgerMeta::decode(&fixed::<META_BYTES>(table, value)?)?);
+        Ok(())
+    }
+
+    /// A header row: checks that it is at the next height and chains to the header before it,
+    /// and adds its request count to the totals.
+    fn record_header(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        let height = u64::from_be_bytes(key_rest(table, key)?);
+        self.headers += 1;
+        if height != self.headers {
+            return Err(corrupt(
+                table,
+                format_args!("height {height} where {} was due", self.headers),
+            ));
+        }
+        let signed = decode_header(height, value)?;
+        if signed.header.prev_hash != self.prev_header_hash {
+            return Err(corrupt(
+                table,
+                format_args!("header {height} does not chain to the one before it"),
+            ));
+        }
+        self.prev_header_hash = header_hash(&signed.header);
+        self.header_requests += u64::from(signed.header.request_count);
         Ok(())
     }
 

@@ -150,84 +150,60 @@ impl Pipeline {
         operator: OperatorKey,
         installer: Box<dyn SnapshotTransfer<S>>,
     ) -> Pipeline {
-        let depth = cfg.queue_depth_max;
-        let (stateless_tx, stateless_rx) = bounded::<Job>(depth);
-        let (snapshot_tx, snapshot_rx) = bounded::<Job>(depth);
-        let (master_tx, master_rx) = bounded::<Job>(depth);
+        let q = Queues::new(&cfg);
         let storage_tx = wiring.storage_tx.clone();
-        let (confirm_tx, confirm_rx) = bounded(cfg.batch_in_flight_max as usize + 1);
-        let (wake_tx, wake_rx) = bounded::<()>(1);
         let shutdown = Arc::new(AtomicBool::new(false));
         let meta = wiring.applied.meta.lock().expect("meta lock").clone();
         let applied_height = Arc::new(AtomicU64::new(meta.height));
-        let metrics = cfg.metrics.clone();
         spawn_validation(
             &cfg,
-            &stateless_rx,
-            snapshot_tx,
-            &snapshot_rx,
-            master_tx,
+            &q.stateless_rx,
+            q.snapshot_tx,
+            &q.snapshot_rx,
+            q.master_tx,
             &storage_tx,
         );
-        let engine = Master::new(MasterConfig {
-            sequencer: cfg.sequencer.clone(),
-            window_ms: cfg.batch_window.as_millis() as u64,
-            close_idle: cfg.batch_close_idle,
-            in_flight_max: cfg.batch_in_flight_max,
-        });
         let master = master::MasterThread {
-            engine,
-            rx: master_rx,
+            engine: master_engine(&cfg),
+            rx: q.master_rx,
             storage: storage_tx.clone(),
             raft: wiring.raft_tx.clone(),
             events: wiring.master_events,
             view: wiring.view.clone(),
-            wake: wake_rx,
+            wake: q.wake_rx,
             applied_height: applied_height.clone(),
             shutdown: shutdown.clone(),
-            queues_before: vec![stateless_rx, snapshot_rx],
-            metrics: metrics.clone(),
+            queues_before: vec![q.stateless_rx, q.snapshot_rx],
+            metrics: cfg.metrics.clone(),
             started: Instant::now(),
         };
         spawn("master".into(), move || master.run());
-        let applier = ApplierConfig {
-            parked_max: PARKED_REPLAYS_MAX,
-            accounts_cached_max: cfg.sequencer.accounts_cached_max,
-        };
         let storage = storage::StorageThread {
-            engine: Applier::new(applier, operator, meta),
+            engine: applier(&cfg, operator, meta),
             archive: cfg.archive.clone(),
             store: Some(store),
             node_id: cfg.node_id,
             applied_height: applied_height.clone(),
             applied: wiring.applied,
             raft: wiring.raft_tx.clone(),
-            wake: wake_tx,
-            confirm: confirm_tx,
+            wake: q.wake_tx,
+            confirm: q.confirm_tx,
             installer,
             view: wiring.view.clone(),
             lookups_seen: (0, 0, 0),
-            metrics: metrics.clone(),
+            metrics: cfg.metrics.clone(),
         };
         let storage_rx = wiring.storage_rx;
         let storage_thread = spawn("storage".into(), move || storage.run(storage_rx));
-        let wait_for = cfg
-            .archive
-            .clone()
-            .filter(|gate| gate.confirm_after_archive)
-            .map(|gate| (gate, shutdown.clone()));
-        let confirm_metrics = metrics.clone();
-        let confirm_thread = spawn("confirm".into(), move || {
-            confirm::confirmer(confirm_rx, &confirm_metrics, wait_for)
-        });
+        let confirm_thread = spawn_confirmer(&cfg, q.confirm_rx, &shutdown);
         Pipeline {
             handle: PipelineHandle {
-                stateless_tx,
+                stateless_tx: q.stateless_tx,
                 storage_tx,
                 raft_tx: wiring.raft_tx,
                 view: wiring.view,
                 shutdown,
-                metrics,
+                metrics: cfg.metrics,
                 applied_height,
                 archive: cfg.archive,
                 read_only: cfg.read_only,
@@ -246,6 +222,85 @@ impl Pipeline {
         let _ = self.storage_thread.join();
         let _ = self.confirm_thread.join();
     }
+}
+
+/// The bounded queues between the pipeline's own threads (see the module doc for what happens
+/// when each is full).
+struct Queues {
+    stateless_tx: Sender<Job>,
+    stateless_rx: Receiver<Job>,
+    snapshot_tx: Sender<Job>,
+    snapshot_rx: Receiver<Job>,
+    master_tx: Sender<Job>,
+    master_rx: Receiver<Job>,
+    /// Applied batches to the confirmer: room for every batch that may be in flight, plus one.
+    confirm_tx: Sender<confirm::ConfirmJob>,
+    confirm_rx: Receiver<confirm::ConfirmJob>,
+    /// The storage thread wakes the master when it publishes a new applied index; one pending
+    /// wake-up is enough.
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+impl Queues {
+    /// The queues, sized from the config.
+    fn new(cfg: &PipelineConfig) -> Queues {
+        let depth = cfg.queue_depth_max;
+        let (stateless_tx, stateless_rx) = bounded::<Job>(depth);
+        let (snapshot_tx, snapshot_rx) = bounded::<Job>(depth);
+        let (master_tx, master_rx) = bounded::<Job>(depth);
+        let (confirm_tx, confirm_rx) = bounded(cfg.batch_in_flight_max as usize + 1);
+        let (wake_tx, wake_rx) = bounded::<()>(1);
+        Queues {
+            stateless_tx,
+            stateless_rx,
+            snapshot_tx,
+            snapshot_rx,
+            master_tx,
+            master_rx,
+            confirm_tx,
+            confirm_rx,
+            wake_tx,
+            wake_rx,
+        }
+    }
+}
+
+/// The master's engine: sequencing and batch sealing with the config's rules and bounds.
+fn master_engine<R>(cfg: &PipelineConfig) -> Master<R> {
+    Master::new(MasterConfig {
+        sequencer: cfg.sequencer.clone(),
+        window_ms: cfg.batch_window.as_millis() as u64,
+        close_idle: cfg.batch_close_idle,
+        in_flight_max: cfg.batch_in_flight_max,
+    })
+}
+
+/// The storage thread's engine, starting from the applied summary `meta`.
+fn applier<R>(cfg: &PipelineConfig, operator: OperatorKey, meta: LedgerMeta) -> Applier<R> {
+    let applier = ApplierConfig {
+        parked_max: PARKED_REPLAYS_MAX,
+        accounts_cached_max: cfg.sequencer.accounts_cached_max,
+    };
+    Applier::new(applier, operator, meta)
+}
+
+/// Starts the confirmer thread, which hands confirmations to their connections; with
+/// `archive.confirm_after_archive` it first waits until the archive holds the batch.
+fn spawn_confirmer(
+    cfg: &PipelineConfig,
+    rx: Receiver<confirm::ConfirmJob>,
+    shutdown: &Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    let wait_for = cfg
+        .archive
+        .clone()
+        .filter(|gate| gate.confirm_after_archive)
+        .map(|gate| (gate, shutdown.clone()));
+    let confirm_metrics = cfg.metrics.clone();
+    spawn("confirm".into(), move || {
+        confirm::confirmer(rx, &confirm_metrics, wait_for)
+    })
 }
 
 /// Starts the stateless and snapshot worker pools.
