@@ -537,7 +537,7 @@ fn batch(height: u64, term: u64) -> BatchBody {
     };
     BatchBody {
         header,
-        entries: Vec::new(),
+        items: Vec::new(),
     }
 }
 

@@ -143,17 +143,10 @@ pub(super) fn snapshot_worker(
             .seconds
             .observe(started.elapsed().as_secs_f64());
         let mut records = result.records.into_iter();
-        for (mut job, balance) in jobs.into_iter().zip(result.balances) {
+        for (job, balance) in jobs.into_iter().zip(result.balances) {
             let job_records: Vec<_> = records.by_ref().take(job.keys().len()).collect();
-            let verdict = match &job.submission {
-                Submission::Request(request) => precheck(request, job_records[0].clone(), balance),
-                Submission::Envelope { hash, .. } => match precheck_envelope(hash, &job_records) {
-                    Err((index, r)) => {
-                        job.reply.fail(index, r);
-                        continue;
-                    }
-                    Ok(verdict) => verdict,
-                },
+            let Some((mut job, verdict)) = snapshot_verdict(job, job_records, balance) else {
+                continue;
             };
             match verdict {
                 Precheck::Pass => {}
@@ -177,6 +170,26 @@ pub(super) fn snapshot_worker(
             }
         }
     }
+}
+
+/// The engine's precheck of one job from the records of its keys and its signer's balance;
+/// None when it was answered here (an envelope with a used id fails at that operation).
+fn snapshot_verdict(
+    job: Job,
+    records: Vec<Option<RequestRecord>>,
+    balance: Option<u64>,
+) -> Option<(Job, Precheck)> {
+    let verdict = match &job.submission {
+        Submission::Request(request) => precheck(request, records[0].clone(), balance),
+        Submission::Envelope { hash, .. } => match precheck_envelope(hash, &records) {
+            Ok(verdict) => verdict,
+            Err((index, r)) => {
+                job.reply.fail(index, r);
+                return None;
+            }
+        },
+    };
+    Some((job, verdict))
 }
 
 /// The master's view of committed state: synchronous reads through the storage thread. Used
