@@ -342,6 +342,21 @@ impl ClusterClient {
             .await
     }
 
+    /// Submits a signed envelope to the leader, with the retries of [`ClusterClient::submit`]
+    /// (a resubmission is answered with the original confirmation: every operation keeps its
+    /// id). The confirmation is checked to be for this envelope but not verified.
+    pub async fn submit_envelope(
+        &self,
+        envelope: std::sync::Arc<tally_wire::Envelope>,
+    ) -> Result<tally_wire::EnvelopeConfirmation> {
+        self.inner
+            .run(Kind::Write, move |client| {
+                let envelope = (*envelope).clone();
+                async move { client.submit_envelope(envelope).await }
+            })
+            .await
+    }
+
     /// Reads an account's balance; a linearizable read is served by the leader.
     pub async fn balance(&self, account: PublicKey, mode: ReadMode) -> Result<BalanceReply> {
         self.inner

@@ -15,9 +15,9 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tally_wire::{
-    decode_frame, AdminRequest, BalanceReply, Confirmation, Decoded, InfoReply, MembersReply,
-    Message, PublicKey, RawFrame, ReadMode, Request, SignedHeader, StatusReply, WireError,
-    FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
+    decode_frame, AdminRequest, BalanceReply, Confirmation, Decoded, Envelope,
+    EnvelopeConfirmation, InfoReply, MembersReply, Message, PublicKey, RawFrame, ReadMode, Request,
+    SignedHeader, StatusReply, WireError, FRAME_PAYLOAD_BYTES_MAX_DEFAULT,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
@@ -301,6 +301,24 @@ impl Client {
                 "the confirmation is for a different request".into(),
             )),
             other => Err(unexpected("Confirmed", &other)),
+        }
+    }
+
+    /// Submits a signed envelope and waits for its confirmation; an atomic envelope that applied
+    /// nothing is [`Error::EnvelopeFailed`]. The confirmation is checked to be for this
+    /// envelope, not verified: use [`tally_core::verify::verify_envelope_confirmation`].
+    pub async fn submit_envelope(&self, envelope: Envelope) -> Result<EnvelopeConfirmation> {
+        let hash = tally_core::crypto::envelope_hash(&envelope);
+        match self
+            .call(Message::SubmitEnvelope(Box::new(envelope)))
+            .await?
+        {
+            Message::EnvelopeConfirmed(c) if c.envelope_hash == hash => Ok(*c),
+            Message::EnvelopeConfirmed(_) => Err(Error::Protocol(
+                "the confirmation is for a different envelope".into(),
+            )),
+            Message::EnvelopeFailed(f) => Err(Error::EnvelopeFailed(f)),
+            other => Err(unexpected("EnvelopeConfirmed", &other)),
         }
     }
 

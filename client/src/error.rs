@@ -78,6 +78,10 @@ pub enum Error {
         elapsed_ms: u64,
         last: Box<Error>,
     },
+    /// An atomic envelope applied nothing: its operation `failed_index` could not apply (or an
+    /// operation of any envelope broke a rule, such as a used id).
+    #[error("envelope refused at operation {}: {}: {}", .0.failed_index, .0.code, .0.message)]
+    EnvelopeFailed(tally_wire::EnvelopeFailed),
     /// A [`crate::ClusterClient`] operation gave up within its total timeout without an answer.
     /// For a submit this means no attempt was ever sent, so nothing was applied.
     #[error("{}", describe_gave_up(*.attempts, *.elapsed_ms, .last))]
@@ -103,6 +107,7 @@ impl Error {
             Error::Disconnected => "disconnected",
             Error::Timeout => "timeout",
             Error::Rejected(reply) => reply.code.name(),
+            Error::EnvelopeFailed(f) => f.code.name(),
             Error::Protocol(_) => "protocol_violation",
             Error::Verify(_) => "verification_failed",
             Error::QueueFull { .. } => "queue_full",
@@ -115,6 +120,7 @@ impl Error {
     pub fn retry(&self) -> Option<Retry> {
         match self {
             Error::Rejected(reply) => Some(reply.retry),
+            Error::EnvelopeFailed(f) => Some(f.code.retry()),
             // The outcome is unknown; resubmitting the same request is safe and tells.
             Error::Disconnected
             | Error::Timeout

@@ -37,6 +37,7 @@ mod admin;
 pub mod cluster;
 pub mod confirmation;
 mod connection;
+pub mod envelope;
 mod error;
 mod keys;
 mod profile;

@@ -46,6 +46,7 @@ pub struct EnvelopeEntry {
 
 /// What a client signed, with what applying it did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // requests are most items: not boxed
 pub enum BatchItem {
     Request(BatchEntry),
     Envelope(EnvelopeEntry),

@@ -416,7 +416,7 @@ impl Connection<'_> {
         };
         match (reserved, decoded) {
             (Reserved::Full(permit), Ok(message)) => {
-                dispatch(&self.shared, message, reply(permit), &self.hints)
+                dispatch(self.shared, message, reply(permit), &self.hints)
             }
             (Reserved::Full(permit), Err(e)) => {
                 reply(permit).send(&Message::Error(ErrorReply::from(&e)))

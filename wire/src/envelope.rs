@@ -24,6 +24,15 @@ pub const ENVELOPE_OPS_MAX: u32 = 8192;
 pub const ENVELOPE_FLAG_ATOMIC: u8 = 1;
 /// A range proof holds at most two hashes per level of a tree of at most 2^32 leaves.
 pub const RANGE_PROOF_HASHES_MAX: usize = 64;
+/// The largest EnvelopeConfirmation: flags, hash, signed header, count, 8,192 receipts and a
+/// range proof of 64 hashes (657,714 bytes).
+pub const ENVELOPE_CONFIRMATION_BYTES_MAX: u32 = (1
+    + 32
+    + crate::SIGNED_HEADER_BYTES
+    + 4
+    + ENVELOPE_OPS_MAX as usize * RECEIPT_BYTES
+    + 13
+    + 32 * RANGE_PROOF_HASHES_MAX) as u32;
 
 /// One operation as a signer asks for it, without the signer and the signature (which the
 /// request or envelope that carries it supplies).

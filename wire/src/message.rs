@@ -9,10 +9,11 @@ use crate::{
 /// How many headers one `Headers` reply carries at most (keeps it far below any frame cap).
 pub const HEADERS_PER_REPLY_MAX: u16 = 1024;
 
-/// The largest reply payload a server sends: a full `Headers` reply. Every other reply is
-/// smaller (strings are capped at 65,535 bytes), so a client that accepts frames this large
-/// reads every answer.
-pub const REPLY_PAYLOAD_BYTES_MAX: u32 = 2 + 256 * HEADERS_PER_REPLY_MAX as u32;
+/// The largest reply payload a server sends: the confirmation of a full envelope (a full
+/// `Headers` reply, 262,146 bytes, is next). Every other reply is smaller (strings are capped
+/// at 65,535 bytes), so a client that accepts frames this large reads every answer.
+pub const REPLY_PAYLOAD_BYTES_MAX: u32 = crate::ENVELOPE_CONFIRMATION_BYTES_MAX;
+const _: () = assert!(REPLY_PAYLOAD_BYTES_MAX >= 2 + 256 * HEADERS_PER_REPLY_MAX as u32);
 
 /// The payload of an `Info` reply, in bytes: the fields every server sends, then
 /// [`ClientLimits`].

@@ -397,7 +397,7 @@ pub fn precheck_envelope(
     match records.iter().position(Option::is_some) {
         None => Ok(Precheck::Pass),
         Some(0) if records[0].as_ref().is_some_and(|r| &r.request_hash == hash) => {
-            Ok(Precheck::Replay(records[0].clone().expect("present")))
+            Ok(Precheck::Replay(records[0].expect("present")))
         }
         Some(i) => Err((
             i as u32,

@@ -180,7 +180,7 @@ fn snapshot_verdict(
     balance: Option<u64>,
 ) -> Option<(Job, Precheck)> {
     let verdict = match &job.submission {
-        Submission::Request(request) => precheck(request, records[0].clone(), balance),
+        Submission::Request(request) => precheck(request, records[0], balance),
         Submission::Envelope { hash, .. } => match precheck_envelope(hash, &records) {
             Ok(verdict) => verdict,
             Err((index, r)) => {

@@ -21,6 +21,8 @@ use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::{AdminCommand, Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
 use tokio::time::Instant;
 
+mod envelope;
+
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
 
 /// How long before `--total-timeout-ms` the cluster client's own deadline falls.
@@ -106,6 +108,22 @@ enum Command {
         id: Option<u128>,
         /// Also write the confirmation to this file
         #[arg(long, value_name = "CONFIRMATION.json")]
+        out: Option<PathBuf>,
+    },
+    /// Sign many operations as one envelope and submit it: all or nothing with --atomic, else
+    /// each operation its own result
+    Envelope {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// One JSON operation per line: {"op": "transfer", "to": HEX, "amount": N, "id": N}
+        /// (deposit alike; withdraw without "to")
+        #[arg(long, value_name = "OPS.jsonl")]
+        file: PathBuf,
+        /// All operations apply or none (the failure names failed_index and code)
+        #[arg(long)]
+        atomic: bool,
+        /// Also write the envelope and its confirmation to this file (`tally verify` checks it)
+        #[arg(long, value_name = "CONFIRMATIONS.json")]
         out: Option<PathBuf>,
     },
     /// Read an account's balance (linearizable unless --stale)
@@ -235,6 +253,7 @@ impl Command {
             Command::Deposit { .. }
             | Command::Transfer { .. }
             | Command::Withdraw { .. }
+            | Command::Envelope { .. }
             | Command::Balance { .. }
             | Command::Headers { .. }
             | Command::Status
@@ -251,6 +270,10 @@ impl Command {
             Command::Deposit { .. } | Command::Transfer { .. } | Command::Withdraw { .. } => {
                 "; whether the request was applied is unknown: resubmit it with the same --id \
                  to find out (it never applies twice)"
+            }
+            Command::Envelope { .. } => {
+                "; whether the envelope was applied is unknown: submit the same file again to \
+                 find out (nothing applies twice)"
             }
             Command::Cluster { command } if !matches!(command, ClusterCommand::Members) => {
                 "; whether the change took effect is unknown: `tally cluster members` tells"
@@ -288,6 +311,10 @@ fn report_error(e: &anyhow::Error, json: bool) {
         };
         let mut body = json!({
             "code": code,
+            "failed_index": match client_error {
+                Some(Error::EnvelopeFailed(f)) => Some(f.failed_index),
+                _ => None,
+            },
             "code_number": code_number,
             "retry": retry,
             "message": match client_error {
@@ -303,7 +330,12 @@ fn report_error(e: &anyhow::Error, json: bool) {
                 body["leader_hint"] = reply.leader_hint.clone().into();
             }
         }
-        println!("{}", json!({ "error": body }));
+        // `code` (and `failed_index`) also at the top, for scripts that read `.code`.
+        let failed_index = body["failed_index"].clone();
+        println!(
+            "{}",
+            json!({ "error": body, "code": code, "failed_index": failed_index })
+        );
     } else {
         eprintln!("error: {e:#}");
     }
@@ -368,6 +400,16 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             let key = load_key(&key)?;
             submit(&ctx, &profile, &key, Op::Withdraw, [0; 32], amount, id, out).await
         }
+        Command::Envelope {
+            key,
+            file,
+            atomic,
+            out,
+        } => {
+            let profile = ctx.profile()?;
+            let key = load_key(&key)?;
+            envelope::submit(&ctx, &profile, &key, &file, atomic, out.as_deref()).await
+        }
         Command::Balance { account, stale } => balance(&ctx, account, stale).await,
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
         Command::Headers { from, limit } => headers(&ctx, from, limit).await,
@@ -383,7 +425,7 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
 }
 
 /// What every command needs from the global flags.
-struct Globals {
+pub(crate) struct Globals {
     profile_path: Option<PathBuf>,
     json: bool,
     /// Of each attempt.
@@ -581,6 +623,9 @@ fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result
         }
     };
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    if text.contains(tally_client::envelope::ENVELOPE_CONFIRMATION_FORMAT) {
+        return envelope::verify(ctx, file, &text, operator, &source);
+    }
     let (c, operator) = verify_confirmation_json(&text, operator)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let (r, rc, h) = (&c.request, &c.receipt, &c.header.header);

@@ -1,0 +1,134 @@
+//! `tally envelope` and the envelope branch of `tally verify`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ed25519_dalek::SigningKey;
+use serde_json::json;
+use tally_client::envelope::{
+    build_envelope, parse_operations, verify_envelope_json, write_envelope_file, EnvelopeFile,
+};
+use tally_client::{to_hex, Profile};
+use tally_core::verify::verify_envelope_confirmation;
+use tally_wire::PublicKey;
+
+use crate::Globals;
+
+/// Signs the operations of `file` into one envelope, submits it and verifies the answer.
+pub async fn submit(
+    ctx: &Globals,
+    profile: &Profile,
+    key: &SigningKey,
+    file: &Path,
+    atomic: bool,
+    out: Option<&Path>,
+) -> Result<ExitCode> {
+    let operator = profile.operator_key()?;
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    let ops = parse_operations(&text).with_context(|| file.display().to_string())?;
+    let envelope = Arc::new(build_envelope(key, profile.chain_id_bytes()?, atomic, ops));
+    let c = ctx
+        .cluster(profile)?
+        .submit_envelope(Arc::clone(&envelope))
+        .await
+        .map_err(|e| {
+            let again = if e.outcome_unknown() {
+                "; submit the same file again to learn whether it was applied (every operation \
+                 keeps its id: nothing applies twice)"
+            } else {
+                ""
+            };
+            anyhow::Error::from(e).context(format!("envelope of {}{again}", file.display()))
+        })?;
+    verify_envelope_confirmation(&envelope, &c, &operator)
+        .context("the server's confirmation does not verify against the profile's operator key")?;
+    let record = EnvelopeFile::new(&envelope, &c, &operator);
+    if let Some(path) = out {
+        write_envelope_file(path, &record)?;
+    }
+    if ctx.json {
+        let mut shown = record;
+        shown.replayed = Some(c.replayed);
+        print!("{}", shown.to_json_pretty());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let failed = c.receipts.iter().filter(|r| r.failed.is_some()).count();
+    println!(
+        "confirmed {} envelope of {} operations ({} applied, {failed} failed) at height {}, \
+         leaves {}..{}{}",
+        if atomic {
+            "an atomic"
+        } else {
+            "an independent"
+        },
+        c.receipts.len(),
+        c.receipts.len() - failed,
+        c.header.header.height,
+        c.proof.first,
+        c.proof.first + c.proof.count,
+        if c.replayed {
+            " (already applied earlier: original confirmation)"
+        } else {
+            ""
+        }
+    );
+    println!("  envelope {}", to_hex(&c.envelope_hash));
+    println!(
+        "  verified: range proof of every receipt and operator signature (profile's operator key)"
+    );
+    if let Some(path) = out {
+        println!("  confirmations written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally verify` of an envelope confirmation file.
+pub fn verify(
+    ctx: &Globals,
+    file: &Path,
+    text: &str,
+    operator: Option<PublicKey>,
+    source: &str,
+) -> Result<ExitCode> {
+    let (envelope, c) = verify_envelope_json(text, operator)
+        .with_context(|| format!("{} does not verify", file.display()))?;
+    let failed = c.receipts.iter().filter(|r| r.failed.is_some()).count();
+    let checks = [
+        "the envelope and confirmation bytes decode",
+        "the envelope's signature verifies under its signer",
+        "every receipt names the envelope, its operation, its position and the height",
+        "the range proof leads from the receipts to the header's Merkle root",
+        "the operator's signature over the header verifies",
+        "the readable fields match the envelope and confirmation bytes",
+    ];
+    if ctx.json {
+        let body = json!({
+            "valid": true,
+            "file": file.display().to_string(),
+            "envelope_hash": to_hex(&c.envelope_hash),
+            "operations": c.receipts.len(),
+            "failed": failed,
+            "height": c.header.header.height,
+            "operator_key_source": source,
+            "checks": checks,
+        });
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: valid", file.display());
+    println!(
+        "  envelope of {} operations by {} ({} failed), applied at height {}",
+        envelope.ops.len(),
+        to_hex(&envelope.signer),
+        failed,
+        c.header.header.height
+    );
+    println!("  operator key from {source}");
+    println!("  checked:");
+    for check in checks {
+        println!("    - {check}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

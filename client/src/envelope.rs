@@ -1,0 +1,226 @@
+//! Envelopes from the client's side: operations from JSON lines, signing, and the envelope
+//! confirmation file (`tally envelope --out`, checked by `tally verify`).
+//!
+//! One operation per line: `{"op": "transfer", "to": "<hex key>", "amount": 5, "id": 7}`;
+//! `"deposit"` the same (signed by a deposit key), `"withdraw"` without `"to"`. `id` is a
+//! number or a decimal string (u128 ids do not fit every JSON reader's numbers); blank lines
+//! and lines starting with `#` are skipped.
+
+use std::path::Path;
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tally_core::crypto::{envelope_hash, header_hash, sign_envelope};
+use tally_core::verify::verify_envelope_confirmation;
+use tally_wire::{
+    Envelope, EnvelopeConfirmation, Hash, Op, Operation, PublicKey, ENVELOPE_OPS_MAX,
+};
+
+use crate::{parse_hash, parse_public_key, public_key, to_hex, Error, Result};
+
+/// The `format` of an envelope confirmation file.
+pub const ENVELOPE_CONFIRMATION_FORMAT: &str = "tally-envelope-confirmation-v1";
+
+/// Parses operations, one JSON object per line; errors name the line.
+pub fn parse_operations(text: &str) -> Result<Vec<Operation>> {
+    let mut ops = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let invalid = |reason: String| Error::Invalid {
+            what: "operation",
+            reason: format!("line {}: {reason}", n + 1),
+        };
+        let value: Value = serde_json::from_str(line).map_err(|e| invalid(e.to_string()))?;
+        ops.push(parse_operation(&value).map_err(invalid)?);
+        if ops.len() > ENVELOPE_OPS_MAX as usize {
+            return Err(invalid(format!("more than {ENVELOPE_OPS_MAX} operations")));
+        }
+    }
+    if ops.is_empty() {
+        return Err(Error::Invalid {
+            what: "operations file",
+            reason: "holds no operation".into(),
+        });
+    }
+    Ok(ops)
+}
+
+fn parse_operation(v: &Value) -> std::result::Result<Operation, String> {
+    let op = match v.get("op").and_then(Value::as_str) {
+        Some("deposit") => Op::Deposit,
+        Some("transfer") => Op::Transfer,
+        Some("withdraw") => Op::Withdraw,
+        other => {
+            return Err(format!(
+                "\"op\" must be deposit, transfer or withdraw, not {other:?}"
+            ))
+        }
+    };
+    let id = match v.get("id") {
+        Some(Value::Number(n)) => n.as_u64().map(u128::from),
+        Some(Value::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .ok_or("\"id\" must be a non-negative integer (a number or a decimal string)")?;
+    let amount = v
+        .get("amount")
+        .and_then(Value::as_u64)
+        .filter(|a| *a > 0)
+        .ok_or("\"amount\" must be a positive integer")?;
+    let to = match (op, v.get("to").and_then(Value::as_str)) {
+        (Op::Withdraw, None) => [0; 32],
+        (Op::Withdraw, Some(_)) => return Err("a withdrawal has no \"to\"".into()),
+        (_, Some(hex)) => parse_public_key(hex).map_err(|e| e.to_string())?,
+        (_, None) => return Err(format!("a {} needs \"to\"", op.name())),
+    };
+    Ok(Operation { op, id, to, amount })
+}
+
+/// Builds and signs an envelope.
+pub fn build_envelope(
+    key: &SigningKey,
+    chain_id: Hash,
+    atomic: bool,
+    ops: Vec<Operation>,
+) -> Envelope {
+    let mut envelope = Envelope {
+        chain_id,
+        signer: public_key(key),
+        atomic,
+        ops,
+        signature: [0; 64],
+    };
+    sign_envelope(key, &mut envelope);
+    envelope
+}
+
+/// An envelope confirmation file: the envelope and its confirmation (hex, what `tally verify`
+/// checks), with every operation's outcome spelled out for readers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeFile {
+    pub format: String,
+    pub operator_public_key: String,
+    pub envelope_hex: String,
+    pub confirmation_hex: String,
+    pub envelope_hash: String,
+    pub signer: String,
+    pub atomic: bool,
+    pub height: u64,
+    pub header_hash: String,
+    pub first_leaf: u32,
+    pub operations: Vec<OperationOutcome>,
+    /// Present in the CLI's output, absent from files it writes; informational, never checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationOutcome {
+    pub index: u16,
+    pub op: String,
+    pub id: String,
+    pub to: String,
+    pub amount: u64,
+    /// The error code of an operation that did not apply (independent envelopes), else null.
+    pub failed: Option<String>,
+    pub signer_balance: u64,
+    pub to_balance: u64,
+}
+
+impl EnvelopeFile {
+    pub fn new(e: &Envelope, c: &EnvelopeConfirmation, operator: &PublicKey) -> EnvelopeFile {
+        let operations = e
+            .ops
+            .iter()
+            .zip(&c.receipts)
+            .map(|(op, r)| OperationOutcome {
+                index: r.op_index,
+                op: op.op.name().into(),
+                id: op.id.to_string(),
+                to: to_hex(&op.to),
+                amount: op.amount,
+                failed: r.failed.map(|code| code.name().into()),
+                signer_balance: r.signer_balance,
+                to_balance: r.to_balance,
+            })
+            .collect();
+        let unreplayed = EnvelopeConfirmation {
+            replayed: false,
+            ..c.clone()
+        };
+        EnvelopeFile {
+            format: ENVELOPE_CONFIRMATION_FORMAT.into(),
+            operator_public_key: to_hex(operator),
+            envelope_hex: to_hex(&e.encode()),
+            confirmation_hex: to_hex(&unreplayed.encode()),
+            envelope_hash: to_hex(&c.envelope_hash),
+            signer: to_hex(&e.signer),
+            atomic: e.atomic,
+            height: c.header.header.height,
+            header_hash: to_hex(&header_hash(&c.header.header)),
+            first_leaf: c.proof.first,
+            operations,
+            replayed: None,
+        }
+    }
+
+    pub fn to_json_pretty(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("plain structs serialize");
+        text.push('\n');
+        text
+    }
+}
+
+/// Writes an envelope confirmation file atomically (write, sync, rename).
+pub fn write_envelope_file(path: &Path, file: &EnvelopeFile) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(file.to_json_pretty().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| Error::io(path, e))
+}
+
+/// Verifies an envelope confirmation file's text: the envelope and confirmation it carries (the
+/// readable fields must be theirs), against `operator` or, when None, the key the file names.
+pub fn verify_envelope_json(
+    text: &str,
+    operator: Option<PublicKey>,
+) -> Result<(Envelope, EnvelopeConfirmation)> {
+    let bad = |why: String| Error::Verify(why);
+    let file: EnvelopeFile = serde_json::from_str(text)
+        .map_err(|e| bad(format!("not an envelope confirmation file: {e}")))?;
+    if file.format != ENVELOPE_CONFIRMATION_FORMAT {
+        return Err(bad(format!("unknown format {:?}", file.format)));
+    }
+    let named = parse_hash(&file.operator_public_key, "operator_public_key")?;
+    let operator = operator.unwrap_or(named);
+    let bytes = |text: &str| hex::decode(text).map_err(|e| bad(format!("hex: {e}")));
+    let envelope =
+        Envelope::decode(&bytes(&file.envelope_hex)?).map_err(|e| bad(format!("envelope: {e}")))?;
+    let c = EnvelopeConfirmation::decode(&bytes(&file.confirmation_hex)?)
+        .map_err(|e| bad(format!("confirmation: {e}")))?;
+    verify_envelope_confirmation(&envelope, &c, &operator).map_err(|e| bad(e.to_string()))?;
+    let mut expected = EnvelopeFile::new(&envelope, &c, &named);
+    expected.replayed = file.replayed;
+    if serde_json::to_value(&expected).ok() != serde_json::to_value(&file).ok() {
+        return Err(bad(
+            "the readable fields differ from the envelope and confirmation they describe".into(),
+        ));
+    }
+    if envelope_hash(&envelope) != c.envelope_hash {
+        return Err(bad("the confirmation is for another envelope".into()));
+    }
+    Ok((envelope, c))
+}
