@@ -63,6 +63,10 @@ pub struct Args {
     /// `SubmitHinted` (nonce hints: the server checks signatures in batches).
     #[arg(long)]
     pub no_hints: bool,
+    /// Send envelopes of N transfers (one signature each, independent results) instead of one
+    /// request per transfer; `--requests`, `--rate` and the figures count transfers. 1..=8192.
+    #[arg(long, value_name = "N")]
+    pub envelope: Option<usize>,
     /// Also write the whole report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -108,6 +112,14 @@ impl Args {
     pub fn validate(&self) -> Result<()> {
         if self.connections == 0 {
             bail!("--connections must be at least 1");
+        }
+        if let Some(n) = self.envelope {
+            if !(1..=tally_wire::ENVELOPE_OPS_MAX as usize).contains(&n) {
+                bail!("--envelope must be 1 to 8192 transfers, not {n}");
+            }
+            if self.rate.is_some() {
+                bail!("--envelope runs a closed loop: --rate is for single requests");
+            }
         }
         if self.accounts < 2 {
             bail!("--accounts must be at least 2: a transfer needs two accounts");

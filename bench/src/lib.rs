@@ -176,16 +176,22 @@ pub fn run(args: &Args) -> Result<Report> {
     };
     let hot = args.hot_accounts();
     eprintln!("signing {pool_size} transfers between the first {hot} accounts");
-    let hints = !args.no_hints;
-    let transfers = load::sign_transfers(
-        &accounts,
-        chain_id,
-        ids,
-        pool_size.max(1),
-        hot,
-        cores,
-        hints,
-    );
+    let transfers = match args.envelope {
+        Some(per) => {
+            eprintln!("in envelopes of {per} transfers, one signature each");
+            let envelopes = pool_size.max(1).div_ceil(per);
+            load::sign_envelopes(&accounts, chain_id, ids, envelopes * per, per, hot)
+        }
+        None => load::sign_transfers(
+            &accounts,
+            chain_id,
+            ids,
+            pool_size.max(1),
+            hot,
+            cores,
+            !args.no_hints,
+        ),
+    };
     // Only the hot keys are needed from here on; the rest is a large ledger's worth of memory.
     drop(accounts);
     let presigned = transfers.len() as u64;
@@ -225,14 +231,14 @@ pub fn run(args: &Args) -> Result<Report> {
     // Verified after the clock stopped: a sample, one confirmation per batch.
     let mut sample_verified = 0;
     let mut sample_failed = 0;
-    for confirmation in &phase.recorder.samples {
-        match tally_core::verify::verify_confirmation(confirmation, &operator_key) {
+    for answer in &phase.recorder.samples {
+        match answer.verify(&operator_key) {
             Ok(()) => sample_verified += 1,
             Err(e) => {
                 sample_failed += 1;
                 eprintln!(
                     "a confirmation at height {} does not verify: {e}",
-                    confirmation.header.header.height
+                    answer.header().height
                 );
             }
         }
@@ -274,7 +280,8 @@ pub fn run(args: &Args) -> Result<Report> {
         bound,
         presigned,
         pool_exhausted: duration.is_some() && phase.pool_exhausted,
-        hinted: hints,
+        hinted: !args.no_hints && args.envelope.is_none(),
+        envelope: args.envelope,
         late_sends: phase.late_sends,
         setup_seconds,
         sample_verified,

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use rand::Rng;
+use tally_client::envelope::build_envelope;
 use tally_client::{build_request, build_request_hinted, Client, Error};
-use tally_wire::{Hash, Op, PublicKey, Request, Retry};
+use tally_wire::{Envelope, Hash, Op, Operation, PublicKey, Request, Retry};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -108,7 +109,81 @@ pub fn parallel<T: Send>(
 }
 
 /// A pre-signed request and, unless the run sends plain Submits, its nonce hint.
-pub type Presigned = (Request, Option<tally_wire::NonceHint>);
+/// What the timed phase sends: a signed request (with its nonce hint, unless `--no-hints`), or
+/// with `--envelope N` a signed envelope of N transfers.
+#[derive(Clone)]
+pub enum Presigned {
+    Request(Request, Option<tally_wire::NonceHint>),
+    Envelope(Arc<Envelope>),
+}
+
+/// What answered a send: a request's confirmation or an envelope's.
+pub enum Answer {
+    Request(tally_wire::Confirmation),
+    Envelope(Arc<Envelope>, tally_wire::EnvelopeConfirmation),
+}
+
+impl Answer {
+    /// Operations it confirms.
+    pub fn operations(&self) -> u64 {
+        match self {
+            Answer::Request(_) => 1,
+            Answer::Envelope(_, c) => c.receipts.len() as u64,
+        }
+    }
+
+    pub fn header(&self) -> &tally_wire::Header {
+        match self {
+            Answer::Request(c) => &c.header.header,
+            Answer::Envelope(_, c) => &c.header.header,
+        }
+    }
+
+    /// Verifies it offline against the operator's key.
+    pub fn verify(&self, operator: &PublicKey) -> tally_core::Result<()> {
+        match self {
+            Answer::Request(c) => tally_core::verify::verify_confirmation(c, operator),
+            Answer::Envelope(e, c) => {
+                tally_core::verify::verify_envelope_confirmation(e, c, operator)
+            }
+        }
+    }
+}
+
+/// Signs `count` transfers into envelopes of `per_envelope` (the last may be smaller), each
+/// from one random hot account to others, independent (each transfer its own result).
+pub fn sign_envelopes(
+    accounts: &Accounts,
+    chain_id: Hash,
+    ids: Ids,
+    count: usize,
+    per_envelope: usize,
+    hot: usize,
+) -> Vec<Presigned> {
+    let n = hot.min(accounts.keys.len());
+    assert!(n >= 2 && per_envelope >= 1, "a transfer needs two accounts");
+    let envelopes = count.div_ceil(per_envelope);
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    parallel(envelopes, threads, |range| {
+        let mut rng = rand::thread_rng();
+        range
+            .map(|e| {
+                let from = rng.gen_range(0..n);
+                let first = e * per_envelope;
+                let ops = (first..(first + per_envelope).min(count))
+                    .map(|i| Operation {
+                        op: Op::Transfer,
+                        id: ids.transfer(i as u64),
+                        to: accounts.public[(from + rng.gen_range(1..n)) % n],
+                        amount: rng.gen_range(1..=TRANSFER_AMOUNT_MAX),
+                    })
+                    .collect();
+                let envelope = build_envelope(&accounts.keys[from], chain_id, false, ops);
+                Presigned::Envelope(Arc::new(envelope))
+            })
+            .collect()
+    })
+}
 
 /// Signs `count` transfers between random distinct accounts among the first `hot` (the hot
 /// working set; at most all of them), for small random amounts; with `hints`, each with its
@@ -142,11 +217,11 @@ pub fn sign_transfers(
                         accounts.public[to],
                         amount,
                     );
-                    (r, Some(h))
+                    Presigned::Request(r, Some(h))
                 } else {
                     let r =
                         build_request(key, chain_id, Op::Transfer, id, accounts.public[to], amount);
-                    (r, None)
+                    Presigned::Request(r, None)
                 }
             })
             .collect()
@@ -480,32 +555,35 @@ async fn open_loop(
     late_sends
 }
 
-async fn send(
-    client: &Client,
-    (request, hint): Presigned,
-    live: &Live,
-) -> Result<tally_wire::Confirmation, Error> {
-    live.sent.fetch_add(1, Ordering::Relaxed);
-    live.in_flight.fetch_add(1, Ordering::Relaxed);
-    let outcome = match hint {
-        Some(hint) => client.submit_hinted(request, hint).await,
-        None => client.submit(request).await,
+async fn send(client: &Client, presigned: Presigned, live: &Live) -> Result<Answer, Error> {
+    let operations = match &presigned {
+        Presigned::Request(..) => 1,
+        Presigned::Envelope(e) => e.ops.len() as u64,
     };
-    live.in_flight.fetch_sub(1, Ordering::Relaxed);
+    live.sent.fetch_add(operations, Ordering::Relaxed);
+    live.in_flight.fetch_add(operations, Ordering::Relaxed);
+    let outcome = match presigned {
+        Presigned::Request(request, Some(hint)) => client
+            .submit_hinted(request, hint)
+            .await
+            .map(Answer::Request),
+        Presigned::Request(request, None) => client.submit(request).await.map(Answer::Request),
+        Presigned::Envelope(e) => {
+            let c = client.submit_envelope((*e).clone()).await;
+            c.map(|c| Answer::Envelope(e, c))
+        }
+    };
+    live.in_flight.fetch_sub(operations, Ordering::Relaxed);
     let counter = if outcome.is_ok() {
         &live.confirmed
     } else {
         &live.failed
     };
-    counter.fetch_add(1, Ordering::Relaxed);
+    counter.fetch_add(operations, Ordering::Relaxed);
     outcome
 }
 
-fn record(
-    recorder: &Mutex<Recorder>,
-    outcome: Result<tally_wire::Confirmation, Error>,
-    latency: Duration,
-) {
+fn record(recorder: &Mutex<Recorder>, outcome: Result<Answer, Error>, latency: Duration) {
     recorder
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -540,6 +618,40 @@ async fn progress(live: Arc<Live>, start: Instant) {
 mod tests {
     use super::*;
 
+    fn request(p: &Presigned) -> (&Request, Option<&tally_wire::NonceHint>) {
+        match p {
+            Presigned::Request(r, h) => (r, h.as_ref()),
+            Presigned::Envelope(_) => panic!("an envelope"),
+        }
+    }
+
+    #[test]
+    fn envelopes_hold_every_transfer_once_signed_and_in_order() {
+        let accounts = Accounts::generate(6, 2);
+        let ids = Ids::new();
+        let envelopes = sign_envelopes(&accounts, [9; 32], ids, 1000, 64, 4);
+        assert_eq!(
+            envelopes.len(),
+            16,
+            "1000 in envelopes of 64: the last holds 40"
+        );
+        let mut next = 0u64;
+        for p in &envelopes {
+            let Presigned::Envelope(e) = p else {
+                panic!("a request")
+            };
+            assert!(tally_core::crypto::verify_envelope(e));
+            assert!(accounts.public[..4].contains(&e.signer));
+            for op in &e.ops {
+                assert_eq!(op.id, ids.transfer(next), "ids follow the pool order");
+                assert_ne!(op.to, e.signer);
+                assert!(accounts.public[..4].contains(&op.to));
+                next += 1;
+            }
+        }
+        assert_eq!(next, 1000);
+    }
+
     #[test]
     fn transfers_are_signed_valid_and_unique() {
         let accounts = Accounts::generate(5, 2);
@@ -548,11 +660,11 @@ mod tests {
         assert_eq!(transfers.len(), 200);
         let mut seen = std::collections::HashSet::new();
         let mut cache = tally_core::crypto::KeyCache::new(8);
-        let items: Vec<_> = transfers.iter().map(|(r, h)| (r, h.as_ref())).collect();
+        let items: Vec<_> = transfers.iter().map(request).collect();
         let (ok, stats) = cache.verify_requests(&items, &mut rand::thread_rng());
         assert!(ok.iter().all(|ok| *ok), "every hinted transfer verifies");
         assert_eq!(stats.batched, 200, "every hint matches its signature");
-        for (i, (t, _)) in transfers.iter().enumerate() {
+        for (i, t) in transfers.iter().map(|p| request(p).0).enumerate() {
             assert!(tally_core::crypto::verify_request(t), "transfer {i}");
             assert_eq!(t.op, Op::Transfer);
             assert_ne!(t.signer, t.to, "transfer {i} is to itself");
@@ -579,9 +691,9 @@ mod tests {
         for hot in [2, 3, 10, 50] {
             let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 2000, hot, 3, false);
             assert_eq!(transfers.len(), 2000);
-            assert!(transfers.iter().all(|(_, h)| h.is_none()));
+            assert!(transfers.iter().all(|p| request(p).1.is_none()));
             let mut used = std::collections::HashSet::new();
-            for (i, (t, _)) in transfers.iter().enumerate() {
+            for (i, t) in transfers.iter().map(|p| request(p).0).enumerate() {
                 let (from, to) = (index(&t.signer), index(&t.to));
                 assert!(
                     from < hot,
@@ -598,7 +710,7 @@ mod tests {
         }
         // A hot set larger than the ledger is the whole ledger.
         let transfers = sign_transfers(&accounts, [7; 32], Ids::new(), 100, 1000, 2, false);
-        assert!(transfers.iter().all(|(t, _)| index(&t.to) < 50));
+        assert!(transfers.iter().all(|p| index(&request(p).0.to) < 50));
     }
 
     #[test]
@@ -623,7 +735,7 @@ mod tests {
         ));
         assert!(!pool.exhausted());
         let ids: Vec<u128> = std::iter::from_fn(|| pool.take())
-            .map(|(r, _)| r.id)
+            .map(|p| request(&p).0.id)
             .collect();
         assert_eq!(ids.len(), 3);
         assert!(pool.exhausted());

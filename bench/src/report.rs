@@ -53,6 +53,9 @@ pub struct Report {
     /// Whether the transfers went out with nonce hints (`SubmitHinted`, batch-verified by the
     /// server) or as plain `Submit`s (`--no-hints`: strict verification one by one).
     pub hinted: bool,
+    /// `--envelope N`: transfers went out in envelopes of N, one signature each; `sent`,
+    /// `confirmed` and the rates count transfers, the latency is per envelope.
+    pub envelope: Option<usize>,
     /// True if a `--duration` run used up its pre-signed transfers before the deadline.
     pub pool_exhausted: bool,
     /// Open loop: requests sent more than 10 ms after their scheduled time (the generator could
@@ -216,10 +219,10 @@ impl Report {
                 self.setup_seconds,
                 self.accounts,
                 thousands(self.presigned as f64),
-                if self.hinted {
-                    "with nonce hints"
-                } else {
-                    "plain Submit"
+                match (self.envelope, self.hinted) {
+                    (Some(n), _) => format!("in envelopes of {n}"),
+                    (None, true) => "with nonce hints".into(),
+                    (None, false) => "plain Submit".into(),
                 },
                 if self.pool_exhausted {
                     " (ran out before the deadline)"
@@ -390,6 +393,7 @@ mod tests {
             presigned: 1_000_000,
             pool_exhausted: false,
             hinted: true,
+            envelope: None,
             late_sends: 0,
             setup_seconds: 3.25,
             sample_verified: 10,

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::load::Answer;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tally_client::Error;
-use tally_wire::Confirmation;
 
 /// Latencies are recorded in microseconds, from 1 µs to this many (longer ones saturate).
 const LATENCY_US_MAX: u64 = 10 * 60 * 1_000_000;
@@ -51,7 +51,7 @@ pub struct Recorder {
     /// Requests in each batch seen, by height (from the confirmations' headers).
     pub batch_sizes: HashMap<u64, u32>,
     /// A few confirmations from distinct batches, to verify once the clock has stopped.
-    pub samples: Vec<Confirmation>,
+    pub samples: Vec<Answer>,
 }
 
 impl Default for Recorder {
@@ -71,13 +71,13 @@ impl Default for Recorder {
 impl Recorder {
     /// Records one answer. Only confirmations have a latency: a refusal that comes back fast
     /// would otherwise flatter the percentiles.
-    pub fn record(&mut self, outcome: Result<Confirmation, Error>, latency: Duration) {
+    pub fn record(&mut self, outcome: Result<Answer, Error>, latency: Duration) {
         match outcome {
             Ok(confirmation) => {
-                self.confirmed += 1;
+                self.confirmed += confirmation.operations();
                 self.latency_us
                     .saturating_record(latency.as_micros().clamp(1, LATENCY_US_MAX as u128) as u64);
-                let header = &confirmation.header.header;
+                let header = confirmation.header();
                 let new_height = self
                     .batch_sizes
                     .insert(header.height, header.request_count)
