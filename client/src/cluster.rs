@@ -357,6 +357,19 @@ impl ClusterClient {
             .await
     }
 
+    /// [`crate::Client::find_confirmation`] on the cluster, with the retries of a read.
+    pub async fn find_confirmation(
+        &self,
+        signer: PublicKey,
+        id: u128,
+    ) -> Result<tally_core::engine::apply::Found> {
+        self.inner
+            .run(Kind::Read, move |client| async move {
+                client.find_confirmation(signer, id).await
+            })
+            .await
+    }
+
     /// Reads an account's balance; a linearizable read is served by the leader.
     pub async fn balance(&self, account: PublicKey, mode: ReadMode) -> Result<BalanceReply> {
         self.inner

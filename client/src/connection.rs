@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
+use tally_core::engine::apply::Found;
 use tally_wire::{
     decode_frame, AdminRequest, BalanceReply, Confirmation, Decoded, Envelope,
     EnvelopeConfirmation, InfoReply, MembersReply, Message, PublicKey, RawFrame, ReadMode, Request,
@@ -319,6 +320,27 @@ impl Client {
             )),
             Message::EnvelopeFailed(f) => Err(Error::EnvelopeFailed(f)),
             other => Err(unexpected("EnvelopeConfirmed", &other)),
+        }
+    }
+
+    /// The original confirmation of the operation `(signer, id)`, read from this replica's
+    /// applied state without submitting anything; `not_found` is [`Error::Rejected`]. Checked
+    /// to be for that key, not verified.
+    pub async fn find_confirmation(&self, signer: PublicKey, id: u128) -> Result<Found> {
+        let wrong = || Error::Protocol("the confirmation is for another (signer, id)".into());
+        match self.call(Message::GetConfirmation { signer, id }).await? {
+            Message::Confirmed(c) if (c.request.signer, c.request.id) == (signer, id) => {
+                Ok(Found::Request(c))
+            }
+            Message::OperationConfirmed(c) => {
+                let op = c.envelope.ops.get(c.receipt.op_index as usize);
+                if c.envelope.signer != signer || op.map(|o| o.id) != Some(id) {
+                    return Err(wrong());
+                }
+                Ok(Found::Operation(c))
+            }
+            Message::Confirmed(_) => Err(wrong()),
+            other => Err(unexpected("Confirmed or OperationConfirmed", &other)),
         }
     }
 

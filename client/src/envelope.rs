@@ -224,3 +224,80 @@ pub fn verify_envelope_json(
     }
     Ok((envelope, c))
 }
+
+/// The `format` of one envelope operation's confirmation file (`tally lookup --out`).
+pub const OPERATION_CONFIRMATION_FORMAT: &str = "tally-operation-confirmation-v1";
+
+/// One operation of an envelope with its proof (`tally lookup`), checked by `tally verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationFile {
+    pub format: String,
+    pub operator_public_key: String,
+    pub confirmation_hex: String,
+    pub envelope_hash: String,
+    pub signer: String,
+    pub height: u64,
+    pub index: u32,
+    pub header_hash: String,
+    pub operation: OperationOutcome,
+}
+
+impl OperationFile {
+    pub fn new(c: &tally_wire::OperationConfirmation, operator: &PublicKey) -> OperationFile {
+        let (e, r) = (&c.envelope, &c.receipt);
+        let op = &e.ops[r.op_index as usize];
+        OperationFile {
+            format: OPERATION_CONFIRMATION_FORMAT.into(),
+            operator_public_key: to_hex(operator),
+            confirmation_hex: to_hex(&c.encode()),
+            envelope_hash: to_hex(&r.request_hash),
+            signer: to_hex(&e.signer),
+            height: r.height,
+            index: r.index,
+            header_hash: to_hex(&header_hash(&c.header.header)),
+            operation: OperationOutcome {
+                index: r.op_index,
+                op: op.op.name().into(),
+                id: op.id.to_string(),
+                to: to_hex(&op.to),
+                amount: op.amount,
+                failed: r.failed.map(|code| code.name().into()),
+                signer_balance: r.signer_balance,
+                to_balance: r.to_balance,
+            },
+        }
+    }
+
+    pub fn to_json_pretty(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("plain structs serialize");
+        text.push('\n');
+        text
+    }
+}
+
+/// Verifies an operation confirmation file's text (see [`verify_envelope_json`]).
+pub fn verify_operation_json(
+    text: &str,
+    operator: Option<PublicKey>,
+) -> Result<tally_wire::OperationConfirmation> {
+    let bad = |why: String| Error::Verify(why);
+    let file: OperationFile = serde_json::from_str(text)
+        .map_err(|e| bad(format!("not an operation confirmation file: {e}")))?;
+    if file.format != OPERATION_CONFIRMATION_FORMAT {
+        return Err(bad(format!("unknown format {:?}", file.format)));
+    }
+    let named = parse_hash(&file.operator_public_key, "operator_public_key")?;
+    let bytes = hex::decode(&file.confirmation_hex).map_err(|e| bad(format!("hex: {e}")))?;
+    let c = tally_wire::OperationConfirmation::decode(&bytes)
+        .map_err(|e| bad(format!("confirmation: {e}")))?;
+    tally_core::verify::verify_operation_confirmation(&c, &operator.unwrap_or(named))
+        .map_err(|e| bad(e.to_string()))?;
+    let expected = OperationFile::new(&c, &named);
+    if serde_json::to_value(&expected).ok() != serde_json::to_value(&file).ok() {
+        return Err(bad(
+            "the readable fields differ from the confirmation they describe".into(),
+        ));
+    }
+    Ok(c)
+}

@@ -1,7 +1,7 @@
 //! Offline verification of a confirmation: everything a client needs is the confirmation itself
 //! and the operator's public key.
 
-use tally_wire::{Confirmation, Envelope, EnvelopeConfirmation, PublicKey};
+use tally_wire::{Confirmation, Envelope, EnvelopeConfirmation, OperationConfirmation, PublicKey};
 
 use crate::crypto::{envelope_hash, request_hash, verify_envelope, verify_header, verify_request};
 use crate::merkle::{leaf_hash, verify_inclusion, verify_range};
@@ -32,6 +32,40 @@ pub fn verify_confirmation(c: &Confirmation, operator: &PublicKey) -> Result<()>
         return fail("the proof's position does not match the receipt and header");
     }
     if !verify_inclusion(&leaf_hash(&c.receipt.encode()), &c.proof, &h.merkle_root) {
+        return fail("the inclusion proof does not lead to the header's Merkle root");
+    }
+    verify_header(operator, &c.header)
+}
+
+/// Checks the proof of one operation of an envelope: the envelope's signature, that the
+/// receipt names the envelope and an operation of it (of the kind it repeats) at the header's
+/// height, the inclusion proof of the receipt under the header's Merkle root, and the
+/// operator's signature over the header.
+pub fn verify_operation_confirmation(
+    c: &OperationConfirmation,
+    operator: &PublicKey,
+) -> Result<()> {
+    let fail = |what: &str| Err(Error::Verify(what.to_string()));
+    let (e, r, h) = (&c.envelope, &c.receipt, &c.header.header);
+    if e.chain_id != h.chain_id {
+        return fail("the envelope and the header belong to different chains");
+    }
+    if !verify_envelope(e) {
+        return fail("the envelope's signature does not verify");
+    }
+    if r.request_hash != envelope_hash(e) {
+        return fail("the receipt is for a different envelope");
+    }
+    let Some(op) = e.ops.get(r.op_index as usize) else {
+        return fail("the receipt names an operation the envelope does not have");
+    };
+    if r.op != op.op || r.height != h.height || (e.atomic && r.failed.is_some()) {
+        return fail("the receipt does not describe the envelope's operation at this height");
+    }
+    if r.index != c.proof.leaf_index || c.proof.tree_size != h.request_count {
+        return fail("the proof's position does not match the receipt and header");
+    }
+    if !verify_inclusion(&leaf_hash(&r.encode()), &c.proof, &h.merkle_root) {
         return fail("the inclusion proof does not lead to the header's Merkle root");
     }
     verify_header(operator, &c.header)

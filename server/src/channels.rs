@@ -227,6 +227,12 @@ pub enum StorageCmd {
         limit: u16,
         reply: ReplyTo,
     },
+    /// The original confirmation of the operation `(signer, id)` (`GetConfirmation`).
+    FindConfirmation {
+        signer: PublicKey,
+        id: u128,
+        reply: ReplyTo,
+    },
     Status {
         raft: ReplicaStatus,
         /// Whether this replica's master is sequencing (it leads and has caught up).
@@ -253,6 +259,7 @@ impl StorageCmd {
             StorageCmd::Replay { reply, .. }
             | StorageCmd::Balance { reply, .. }
             | StorageCmd::Headers { reply, .. }
+            | StorageCmd::FindConfirmation { reply, .. }
             | StorageCmd::Status { reply, .. } => Some(reply),
             _ => None,
         }

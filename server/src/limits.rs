@@ -318,6 +318,9 @@ pub fn reply_bytes_bound(request: &Message) -> usize {
             let receipts = e.ops.len() * tally_wire::RECEIPT_BYTES;
             FRAME_HEADER_BYTES + 1 + 32 + SIGNED_HEADER_BYTES + 4 + receipts + proof
         }
+        Message::GetConfirmation { .. } => {
+            FRAME_HEADER_BYTES + tally_wire::OPERATION_CONFIRMATION_BYTES_MAX as usize
+        }
         _ => SMALL_REPLY_BYTES_MAX,
     }
 }

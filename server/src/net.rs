@@ -542,6 +542,9 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
                 reply,
             },
         ),
+        Message::GetConfirmation { signer, id } => {
+            pipeline::read(pipeline, StorageCmd::FindConfirmation { signer, id, reply })
+        }
         Message::GetStatus => {
             if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Status { reply }) {
                 if let Some(reply) = e.into_inner().into_cmd_reply() {

@@ -304,6 +304,64 @@ impl EnvelopeConfirmation {
     }
 }
 
+/// The proof of one operation of an envelope, found by its `(signer, id)` (`GetConfirmation`):
+/// the whole envelope (its signature covers every operation), the operation's receipt, the
+/// signed header of its batch and the receipt's inclusion proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperationConfirmation {
+    pub envelope: Envelope,
+    pub receipt: Receipt,
+    pub header: SignedHeader,
+    pub proof: crate::InclusionProof,
+}
+
+/// The largest OperationConfirmation: a full envelope, a receipt, a header and a proof of 32
+/// hashes (984,565 bytes), inside the default 1 MiB frame.
+pub const OPERATION_CONFIRMATION_BYTES_MAX: u32 = (4
+    + ENVELOPE_PREFIX_BYTES
+    + ENVELOPE_OPS_MAX as usize * OPERATION_BYTES
+    + 64
+    + RECEIPT_BYTES
+    + crate::SIGNED_HEADER_BYTES
+    + 9
+    + 32 * crate::PROOF_HASHES_MAX) as u32;
+
+impl OperationConfirmation {
+    /// envelope length u32 ‖ envelope ‖ receipt ‖ signed header ‖ inclusion proof
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let envelope = self.envelope.encode();
+        out.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
+        out.extend_from_slice(&envelope);
+        out.extend_from_slice(&self.receipt.encode());
+        out.extend_from_slice(&self.header.encode());
+        self.proof.write(out);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<OperationConfirmation, WireError> {
+        let mut r = Reader::new(bytes);
+        let c = OperationConfirmation::read(&mut r)?;
+        r.finish()?;
+        Ok(c)
+    }
+
+    pub(crate) fn read(r: &mut Reader<'_>) -> Result<OperationConfirmation, WireError> {
+        let len = r.u32("operation_confirmation.envelope_len")? as usize;
+        let envelope = Envelope::decode(r.take(len, "operation_confirmation.envelope")?)?;
+        Ok(OperationConfirmation {
+            envelope,
+            receipt: Receipt::read(r)?,
+            header: SignedHeader::read(r)?,
+            proof: crate::InclusionProof::read(r)?,
+        })
+    }
+}
+
 /// An atomic envelope that applied nothing because one operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeFailed {

@@ -2,17 +2,19 @@
 
 use crate::{
     encode_frame, put_string, AdminRequest, Confirmation, Envelope, EnvelopeConfirmation,
-    EnvelopeFailed, ErrorCode, MembersReply, NonceHint, PublicKey, RawFrame, Reader, Request,
-    Retry, SignedHeader, WireError,
+    EnvelopeFailed, ErrorCode, MembersReply, NonceHint, OperationConfirmation, PublicKey, RawFrame,
+    Reader, Request, Retry, SignedHeader, WireError,
 };
 
 /// How many headers one `Headers` reply carries at most (keeps it far below any frame cap).
 pub const HEADERS_PER_REPLY_MAX: u16 = 1024;
 
-/// The largest reply payload a server sends: the confirmation of a full envelope (a full
-/// `Headers` reply, 262,146 bytes, is next). Every other reply is smaller (strings are capped
+/// The largest reply payload a server sends: the confirmation of one operation of a full
+/// envelope, which carries the envelope (a full envelope's confirmation, 657,714 bytes, and a
+/// full `Headers` reply, 262,146 bytes, are next). Every other reply is smaller (strings are capped
 /// at 65,535 bytes), so a client that accepts frames this large reads every answer.
-pub const REPLY_PAYLOAD_BYTES_MAX: u32 = crate::ENVELOPE_CONFIRMATION_BYTES_MAX;
+pub const REPLY_PAYLOAD_BYTES_MAX: u32 = crate::OPERATION_CONFIRMATION_BYTES_MAX;
+const _: () = assert!(REPLY_PAYLOAD_BYTES_MAX >= crate::ENVELOPE_CONFIRMATION_BYTES_MAX);
 const _: () = assert!(REPLY_PAYLOAD_BYTES_MAX >= 2 + 256 * HEADERS_PER_REPLY_MAX as u32);
 
 /// The payload of an `Info` reply, in bytes: the fields every server sends, then
@@ -35,6 +37,7 @@ pub mod message_type {
     pub const GET_INFO: u8 = 0x06;
     pub const ADMIN: u8 = 0x07;
     pub const SUBMIT_ENVELOPE: u8 = 0x08;
+    pub const GET_CONFIRMATION: u8 = 0x09;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -44,6 +47,7 @@ pub mod message_type {
     pub const MEMBERS: u8 = 0x87;
     pub const ENVELOPE_CONFIRMED: u8 = 0x88;
     pub const ENVELOPE_FAILED: u8 = 0x89;
+    pub const OPERATION_CONFIRMED: u8 = 0x8a;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -58,6 +62,7 @@ pub mod message_type {
                 | GET_INFO
                 | ADMIN
                 | SUBMIT_ENVELOPE
+                | GET_CONFIRMATION
         )
     }
 }
@@ -273,6 +278,14 @@ pub enum Message {
     SubmitEnvelope(Box<Envelope>),
     EnvelopeConfirmed(Box<EnvelopeConfirmation>),
     EnvelopeFailed(EnvelopeFailed),
+    /// The original confirmation of the operation `(signer, id)`, without resubmitting it:
+    /// answered `Confirmed` (a request; flag `replayed` set), `OperationConfirmed` (an
+    /// operation of an envelope) or `Error` (`not_found`).
+    GetConfirmation {
+        signer: PublicKey,
+        id: u128,
+    },
+    OperationConfirmed(Box<OperationConfirmation>),
 }
 
 impl Message {
@@ -296,6 +309,8 @@ impl Message {
             Message::SubmitEnvelope(_) => SUBMIT_ENVELOPE,
             Message::EnvelopeConfirmed(_) => ENVELOPE_CONFIRMED,
             Message::EnvelopeFailed(_) => ENVELOPE_FAILED,
+            Message::GetConfirmation { .. } => GET_CONFIRMATION,
+            Message::OperationConfirmed(_) => OPERATION_CONFIRMED,
         }
     }
 
@@ -363,6 +378,11 @@ impl Message {
             Message::SubmitEnvelope(e) => out.extend_from_slice(&e.encode()),
             Message::EnvelopeConfirmed(c) => c.write(out),
             Message::EnvelopeFailed(f) => f.write(out),
+            Message::GetConfirmation { signer, id } => {
+                out.extend_from_slice(signer);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            Message::OperationConfirmed(c) => c.write(out),
         }
     }
 
@@ -455,6 +475,13 @@ impl Message {
                 Message::EnvelopeConfirmed(Box::new(EnvelopeConfirmation::read(&mut r)?))
             }
             ENVELOPE_FAILED => Message::EnvelopeFailed(EnvelopeFailed::read(&mut r)?),
+            GET_CONFIRMATION => Message::GetConfirmation {
+                signer: r.array("get_confirmation.signer")?,
+                id: u128::from_le_bytes(r.array("get_confirmation.id")?),
+            },
+            OPERATION_CONFIRMED => {
+                Message::OperationConfirmed(Box::new(OperationConfirmation::read(&mut r)?))
+            }
             other => return Err(WireError::UnknownMessageType { found: other }),
         };
         r.finish()?;

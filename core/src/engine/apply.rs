@@ -310,6 +310,61 @@ pub fn confirmation<S: LedgerStore>(
     Ok(Some(c))
 }
 
+/// What a lookup of `(signer, id)` finds: the request's confirmation, or the proof of one
+/// operation of an envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Request(Box<tally_wire::Confirmation>),
+    Operation(Box<tally_wire::OperationConfirmation>),
+}
+
+/// The original confirmation of the operation `(signer, id)` from the applied state, or None
+/// when no applied batch holds it (`GetConfirmation`).
+pub fn find_confirmation<S: LedgerStore>(
+    store: &mut S,
+    signer: &PublicKey,
+    id: u128,
+) -> Result<Option<Found>> {
+    let Some(record) = store.request(signer, id)? else {
+        return Ok(None);
+    };
+    let height = record.height;
+    let (Some(bytes), Some(signed)) = (store.body(height)?, store.header(height)?) else {
+        return Ok(None);
+    };
+    let corrupt = |what: String| Error::corrupt(format_args!("batch {height}: {what}"));
+    let body = BatchBody::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let starts = body.item_starts();
+    let i = match starts.binary_search(&record.index) {
+        Ok(i) => i,
+        Err(0) => return Err(corrupt("no item holds the request index's leaf".into())),
+        Err(i) => i - 1,
+    };
+    let item = &body.items[i];
+    if item.hash() != record.request_hash || item.signer() != signer {
+        return Err(corrupt("the request index names another item".into()));
+    }
+    let proof = body.proof_tree().proof(record.index);
+    Ok(Some(match item {
+        crate::batch::BatchItem::Request(e) => Found::Request(Box::new(tally_wire::Confirmation {
+            replayed: true,
+            request: e.request.clone(),
+            receipt: e.receipt.clone(),
+            header: signed,
+            proof,
+        })),
+        crate::batch::BatchItem::Envelope(e) => {
+            let receipt = e.receipts[(record.index - starts[i]) as usize].clone();
+            Found::Operation(Box::new(tally_wire::OperationConfirmation {
+                envelope: (*e.envelope).clone(),
+                receipt,
+                header: signed,
+                proof,
+            }))
+        }
+    }))
+}
+
 pub struct AccountCache {
     map: HashMap<PublicKey, Option<u64>>,
     cap: usize,

@@ -4,11 +4,14 @@
 
 use std::sync::atomic::Ordering;
 
+use tally_core::engine::apply::{find_confirmation, Found};
 use tally_core::ports::LedgerStore;
 use tally_core::replica::ReplicaStatus;
 use tally_core::state::LedgerMeta;
 use tally_core::Result as CoreResult;
-use tally_wire::{BalanceReply, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX};
+use tally_wire::{
+    BalanceReply, ErrorCode, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX,
+};
 
 use super::storage::StorageThread;
 use crate::channels::{LookupResult, StorageCmd};
@@ -63,6 +66,18 @@ impl<S: LedgerStore> StorageThread<S> {
                 Ok(headers) => reply.send(&Message::Headers(headers)),
                 Err(e) => on_error("reading a header", e, reply),
             },
+            StorageCmd::FindConfirmation { signer, id, reply } => {
+                let store = self.store.as_mut().expect("store");
+                match find_confirmation(store, &signer, id) {
+                    Ok(Some(Found::Request(c))) => reply.send(&Message::Confirmed(c)),
+                    Ok(Some(Found::Operation(c))) => reply.send(&Message::OperationConfirmed(c)),
+                    Ok(None) => reply.error(
+                        ErrorCode::NotFound,
+                        format!("no batch applied here holds id {id} of this signer"),
+                    ),
+                    Err(e) => on_error("reading a confirmation", e, reply),
+                }
+            }
             StorageCmd::Status {
                 raft,
                 writable,

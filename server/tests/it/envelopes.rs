@@ -9,7 +9,8 @@ use std::process::Command;
 use ed25519_dalek::SigningKey;
 use tally_client::envelope::build_envelope;
 use tally_client::{build_request, generate_key, public_key, write_key, Client, Error};
-use tally_core::verify::verify_envelope_confirmation;
+use tally_core::engine::apply::Found;
+use tally_core::verify::{verify_envelope_confirmation, verify_operation_confirmation};
 use tally_wire::{ErrorCode, Op, Operation, PublicKey, ReadMode, ENVELOPE_OPS_MAX};
 
 use crate::harness::Operator;
@@ -122,6 +123,31 @@ fn envelopes_apply_all_or_nothing_once_and_prove_every_operation() {
         }
         assert_eq!(balance(&client, &alice).await, 30_000);
         assert_eq!(balance(&client, &carol).await, 40_000 - 8_192);
+        // Lookups without resubmitting: an operation of the full envelope, and the deposit.
+        match client
+            .find_confirmation(public_key(&carol), 10_000 + 4_321)
+            .await
+        {
+            Ok(Found::Operation(c)) => {
+                verify_operation_confirmation(&c, &op_key).expect("verifies");
+                assert_eq!(
+                    (c.receipt.op_index, c.receipt.to_balance > 0),
+                    (4_321, true)
+                );
+            }
+            other => panic!("expected an operation's confirmation, got {other:?}"),
+        }
+        match client.find_confirmation(public_key(&deposit_key), 1).await {
+            Ok(Found::Request(c)) => {
+                tally_core::verify::verify_confirmation(&c, &op_key).expect("verifies");
+                assert!(c.replayed);
+            }
+            other => panic!("expected the deposit's confirmation, got {other:?}"),
+        }
+        match client.find_confirmation(public_key(&carol), 99).await {
+            Err(Error::Rejected(r)) => assert_eq!(r.code, ErrorCode::NotFound),
+            other => panic!("expected not_found, got {other:?}"),
+        }
     });
     server.kill();
 }
@@ -208,6 +234,20 @@ fn the_cli_submits_envelopes_and_verifies_their_file() {
     let (ok, json) = run(&["--json", "verify", out_s]);
     assert!(ok);
     assert_eq!(json.expect("JSON")["valid"], true);
+    // Lookups by (signer, id): an envelope's operation and an unknown id.
+    let alice_hex = hex(&public_key(&alice));
+    let looked = dir.path().join("l.json");
+    let looked_s = looked.to_str().unwrap();
+    let (ok, json) = run(&[
+        "--json", "lookup", "--signer", &alice_hex, "--id", "1", "--out", looked_s,
+    ]);
+    assert!(ok, "{json:?}");
+    assert_eq!(json.expect("JSON")["operation"]["to_balance"], 100);
+    let (ok, json) = run(&["--json", "verify", looked_s]);
+    assert!(ok && json.expect("JSON")["valid"] == true);
+    let (ok, json) = run(&["--json", "lookup", "--signer", &alice_hex, "--id", "77"]);
+    assert!(!ok);
+    assert_eq!(json.expect("JSON")["code"], "not_found");
     // An edited file does not verify.
     let text = std::fs::read_to_string(&out).unwrap();
     std::fs::write(

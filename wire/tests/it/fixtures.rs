@@ -330,5 +330,30 @@ pub fn envelope_messages() -> Vec<Message> {
             failed_index: 1,
             message: "balance 3 is less than 7".into(),
         }),
+        Message::GetConfirmation {
+            signer: [0x11; 32],
+            id: u128::MAX - 1,
+        },
+        Message::OperationConfirmed(Box::new(OperationConfirmation {
+            envelope: Envelope {
+                chain_id: [0xc4; 32],
+                signer: [0x11; 32],
+                atomic: false,
+                ops: vec![Operation {
+                    op: Op::Deposit,
+                    id: 3,
+                    to: [0x22; 32],
+                    amount: 9,
+                }],
+                signature: [0x5e; 64],
+            },
+            receipt: receipt(),
+            header: signed_header(9),
+            proof: InclusionProof {
+                leaf_index: 2,
+                tree_size: 5,
+                path: vec![[7; 32]],
+            },
+        })),
     ]
 }

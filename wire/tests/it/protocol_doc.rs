@@ -139,5 +139,5 @@ fn the_info_layout_is_the_code() {
     payload.clear();
     Message::Info(Box::new(info)).encode_payload(&mut payload);
     assert_eq!(payload.len(), INFO_BYTES_WITHOUT_CLIENT_LIMITS);
-    assert!(table.contains("657,714") && REPLY_PAYLOAD_BYTES_MAX == 657_714);
+    assert!(table.contains("984,565") && REPLY_PAYLOAD_BYTES_MAX == 984_565);
 }

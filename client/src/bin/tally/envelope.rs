@@ -8,10 +8,13 @@ use anyhow::{Context, Result};
 use ed25519_dalek::SigningKey;
 use serde_json::json;
 use tally_client::envelope::{
-    build_envelope, parse_operations, verify_envelope_json, write_envelope_file, EnvelopeFile,
+    build_envelope, parse_operations, verify_envelope_json, verify_operation_json,
+    write_envelope_file, EnvelopeFile, OperationFile,
 };
 use tally_client::{to_hex, Profile};
+use tally_core::engine::apply::Found;
 use tally_core::verify::verify_envelope_confirmation;
+use tally_core::verify::{verify_confirmation, verify_operation_confirmation};
 use tally_wire::PublicKey;
 
 use crate::Globals;
@@ -130,5 +133,97 @@ pub fn verify(
     for check in checks {
         println!("    - {check}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally lookup`: the original confirmation of `(signer, id)`, verified, without resubmitting.
+pub async fn lookup(
+    ctx: &Globals,
+    signer: PublicKey,
+    id: u128,
+    out: Option<&Path>,
+) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let operator = profile.operator_key()?;
+    let found = ctx.cluster(&profile)?.find_confirmation(signer, id).await?;
+    let text = match &found {
+        Found::Request(c) => {
+            verify_confirmation(c, &operator).context("the confirmation does not verify")?;
+            tally_client::ConfirmationFile::new(c, &operator).to_json_pretty()
+        }
+        Found::Operation(c) => {
+            verify_operation_confirmation(c, &operator)
+                .context("the confirmation does not verify")?;
+            OperationFile::new(c, &operator).to_json_pretty()
+        }
+    };
+    if let Some(path) = out {
+        write_atomically(path, &text)?;
+    }
+    if ctx.json {
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (height, index) = match &found {
+        Found::Request(c) => (c.receipt.height, c.receipt.index),
+        Found::Operation(c) => (c.receipt.height, c.receipt.index),
+    };
+    println!(
+        "found id {id} of {} at height {height}, leaf {index}",
+        to_hex(&signer)
+    );
+    println!("  verified: inclusion proof and operator signature (profile's operator key)");
+    if let Some(path) = out {
+        println!("  confirmation written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to `path` by way of a synced temporary file and a rename.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    Ok(())
+}
+
+/// `tally verify` of one envelope operation's confirmation file.
+pub fn verify_operation(
+    ctx: &Globals,
+    file: &Path,
+    text: &str,
+    operator: Option<PublicKey>,
+    source: &str,
+) -> Result<ExitCode> {
+    let c = verify_operation_json(text, operator)
+        .with_context(|| format!("{} does not verify", file.display()))?;
+    let r = &c.receipt;
+    if ctx.json {
+        let body = json!({
+            "valid": true,
+            "file": file.display().to_string(),
+            "height": r.height,
+            "index": r.index,
+            "op_index": r.op_index,
+            "failed": r.failed.map(|code| code.name()),
+            "operator_key_source": source,
+        });
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: valid", file.display());
+    println!(
+        "  operation {} of an envelope of {} by {}, at height {}, leaf {}",
+        r.op_index,
+        c.envelope.ops.len(),
+        to_hex(&c.envelope.signer),
+        r.height,
+        r.index
+    );
+    println!("  operator key from {source}");
     Ok(ExitCode::SUCCESS)
 }

@@ -126,6 +126,17 @@ enum Command {
         #[arg(long, value_name = "CONFIRMATIONS.json")]
         out: Option<PathBuf>,
     },
+    /// Fetch and verify the original confirmation of an operation by its signer and id,
+    /// without resubmitting it (the file verifies with `tally verify`)
+    Lookup {
+        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
+        signer: PublicKey,
+        #[arg(long)]
+        id: u128,
+        /// Also write the confirmation to this file
+        #[arg(long, value_name = "CONFIRMATION.json")]
+        out: Option<PathBuf>,
+    },
     /// Read an account's balance (linearizable unless --stale)
     Balance {
         #[arg(value_name = "PUBKEY", value_parser = public_key_arg)]
@@ -254,6 +265,7 @@ impl Command {
             | Command::Transfer { .. }
             | Command::Withdraw { .. }
             | Command::Envelope { .. }
+            | Command::Lookup { .. }
             | Command::Balance { .. }
             | Command::Headers { .. }
             | Command::Status
@@ -409,6 +421,9 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             let profile = ctx.profile()?;
             let key = load_key(&key)?;
             envelope::submit(&ctx, &profile, &key, &file, atomic, out.as_deref()).await
+        }
+        Command::Lookup { signer, id, out } => {
+            envelope::lookup(&ctx, signer, id, out.as_deref()).await
         }
         Command::Balance { account, stale } => balance(&ctx, account, stale).await,
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
@@ -625,6 +640,9 @@ fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     if text.contains(tally_client::envelope::ENVELOPE_CONFIRMATION_FORMAT) {
         return envelope::verify(ctx, file, &text, operator, &source);
+    }
+    if text.contains(tally_client::envelope::OPERATION_CONFIRMATION_FORMAT) {
+        return envelope::verify_operation(ctx, file, &text, operator, &source);
     }
     let (c, operator) = verify_confirmation_json(&text, operator)
         .with_context(|| format!("{} does not verify", file.display()))?;
