@@ -112,6 +112,7 @@ pub fn parallel<T: Send>(
 /// What the timed phase sends: a signed request (with its nonce hint, unless `--no-hints`), or
 /// with `--envelope N` a signed envelope of N transfers.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // a pool of requests, not boxed one by one
 pub enum Presigned {
     Request(Request, Option<tally_wire::NonceHint>),
     Envelope(Arc<Envelope>),
