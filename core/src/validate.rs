@@ -42,17 +42,19 @@ impl StatelessRules {
     /// [`StatelessRules::check`] for an envelope: the chain id, who may sign each operation,
     /// that each credited account is a key that can sign, then the one strict signature. A
     /// failure names the operation (`Some(index)`) when one operation is at fault.
-    pub fn check_envelope(&self, envelope: &Envelope) -> Result<(), (Option<u32>, Rejection)> {
+    /// `accounts` remembers recipients already found to be account keys (a point
+    /// decompression each, which would otherwise dominate an envelope's cost).
+    pub fn check_envelope(
+        &self,
+        envelope: &Envelope,
+        accounts: &mut AccountKeys,
+    ) -> Result<(), (Option<u32>, Rejection)> {
         if envelope.chain_id != self.chain_id {
             return Err((None, wrong_chain()));
         }
         let deposit_key = self.deposit_keys.contains(&envelope.signer);
-        let mut credited: HashSet<PublicKey> = HashSet::new();
         for (i, op) in envelope.ops.iter().enumerate() {
-            let shape = check_shape(op.op, deposit_key, &op.to, |to| {
-                // Recipients repeat within an envelope: each is checked once.
-                credited.contains(to) || (is_account_key(to) && credited.insert(*to))
-            });
+            let shape = check_shape(op.op, deposit_key, &op.to, |to| accounts.check(to));
             shape.map_err(|r| (Some(i as u32), r))?;
         }
         if !verify_envelope(envelope) {
@@ -71,6 +73,37 @@ impl StatelessRules {
             return Err(bad_signature());
         }
         Ok(())
+    }
+}
+
+/// Keys known to be account keys ([`is_account_key`]), at most `cap`; when full it is cleared
+/// and refilled (no eviction order to keep). Only keys that pass are kept.
+pub struct AccountKeys {
+    known: HashSet<PublicKey>,
+    cap: usize,
+}
+
+impl AccountKeys {
+    pub fn new(cap: usize) -> AccountKeys {
+        AccountKeys {
+            known: HashSet::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// [`is_account_key`], remembered.
+    pub fn check(&mut self, key: &PublicKey) -> bool {
+        if self.known.contains(key) {
+            return true;
+        }
+        if !is_account_key(key) {
+            return false;
+        }
+        if self.known.len() >= self.cap {
+            self.known.clear();
+        }
+        self.known.insert(*key);
+        true
     }
 }
 

@@ -49,6 +49,7 @@ pub(super) fn stateless_worker(
 ) {
     use rand::SeedableRng;
     let mut keys = tally_core::crypto::KeyCache::new(KEY_CACHE_MAX);
+    let mut accounts = tally_core::validate::AccountKeys::new(KEY_CACHE_MAX);
     // The batch weights must be unpredictable to signers: a CSPRNG seeded from the OS.
     let mut rng = rand::rngs::StdRng::from_entropy();
     while let Some(jobs) = recv_chunk(&rx, STATELESS_CHUNK_MAX) {
@@ -60,7 +61,7 @@ pub(super) fn stateless_worker(
                 Submission::Request(request) => rules.check_unsigned(request),
                 Submission::Envelope { envelope, .. } => {
                     // One signature over many operations: checked alone, here.
-                    match rules.check_envelope(envelope) {
+                    match rules.check_envelope(envelope, &mut accounts) {
                         Ok(()) => {
                             if tx.send(job).is_err() {
                                 return;
