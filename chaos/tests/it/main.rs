@@ -100,7 +100,7 @@ fn live_smoke_run_holds_every_invariant() {
         report.data_dir,
         report.failed_invariants()
     );
-    assert_eq!(report.invariants.len(), 8);
+    assert_eq!(report.invariants.len(), 11);
     assert!(
         report.leader_disruptions >= 8,
         "only {} leader disruptions",
@@ -179,7 +179,7 @@ fn archive_outages_then_the_loss_of_every_replica_lose_nothing() {
         report.data_dir,
         report.failed_invariants()
     );
-    assert_eq!(report.invariants.len(), 11);
+    assert_eq!(report.invariants.len(), 14);
     for name in ["restore_complete", "restore_replays", "archive_audit"] {
         assert!(report.invariant(name).is_some_and(|i| i.ok), "{name}");
     }
@@ -229,7 +229,7 @@ fn replacing_replicas_under_load_and_partitions_holds_every_invariant() {
         report.data_dir,
         report.failed_invariants()
     );
-    assert_eq!(report.invariants.len(), 9);
+    assert_eq!(report.invariants.len(), 12);
     assert!(report
         .invariant("removed_replicas_exit")
         .is_some_and(|i| i.ok));
@@ -364,7 +364,10 @@ fn simulation_seeds_hold_every_invariant() {
     // Replicas replaced under load, crashes and partitions: added, promoted, old one removed.
     assert!(t.replacements > 50, "{t:?}");
     // Envelopes, atomic and independent, applied and failed, through all of it.
-    assert!(t.envelopes_applied > 1_000 && t.envelope_ops_failed > 100, "{t:?}");
+    assert!(
+        t.envelopes_applied > 1_000 && t.envelope_ops_failed > 100,
+        "{t:?}"
+    );
 }
 
 /// The same seed gives the same run, event for event: the digest chained over every delivered
