@@ -19,7 +19,11 @@
 //! exactly once, refused ones never, indeterminate ones at most once; retries with the same id
 //! are never applied twice; all replicas end with the same height, state and header chain;
 //! every confirmation verifies against a signed header of the final chain; there are never two
-//! signed headers for one height; the height a client observes never goes backwards. After a
+//! signed headers for one height; the height a client observes never goes backwards. Clients
+//! also send envelopes (many operations under one signature), and the final chain's bodies are
+//! checked for them ([`envelopes`]): an atomic envelope is applied whole, consecutively, or not
+//! at all; an independent one's operations are all in the chain or none; a failed operation's
+//! receipt moves no balance. After a
 //! total loss (live only): every acknowledged confirmation is in the restored chain, which is
 //! the chain before the loss; acknowledged requests resubmitted are answered as replays with
 //! their original receipt; the archive audits.
@@ -43,6 +47,8 @@
 //!   installs a snapshot takes the leader's address book, so it then dials the others through
 //!   the leader's link proxies (or the leader directly): partitions involving it after that
 //!   are approximate. Neither weakens the invariants, only how exactly a partition is shaped.
+//! - The replicas serve no batch bodies, so a live run reads the final chain's from the
+//!   archive's batch objects, once the archive has caught up (within a minute) with the chain.
 //! - Linearizable reads that a replica answers as stale (it knows no leader) are counted apart
 //!   and left out of the height checks: the reply says so.
 
@@ -57,6 +63,7 @@ macro_rules! progress {
 
 pub mod cli;
 pub mod cluster;
+pub mod envelopes;
 pub mod faults;
 pub mod history;
 pub mod live;

@@ -6,6 +6,11 @@
 //! after sending it, or its connection was cut before the answer) is *indeterminate*: the
 //! client resubmits the same request (same id, same bytes) a little later, and whatever is
 //! still unknown when the load stops is resolved after the cluster has healed.
+//!
+//! One write in twenty is an envelope instead ([`ClusterClient::submit_envelope`]): 2 to 8
+//! operations from one account, atomic or not, a quarter of them with an overdraft among them
+//! (an atomic one then fails whole, an independent one carries a failed receipt). Envelopes are
+//! recorded, resubmitted and resolved like requests, in `History::envelopes`.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -16,14 +21,19 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tally_client::envelope::build_envelope;
 use tally_client::{
     build_request, build_request_hinted, tls_connect, Client, ClusterClient, ClusterOptions,
     ClusterStats, ConnectFuture, Connector, Error as ClientError, Profile, ProfileConnector,
 };
 use tally_core::crypto::sha256;
-use tally_core::verify::verify_confirmation;
-use tally_wire::{Confirmation, ErrorCode, Hash, Op, PublicKey, ReadMode, Request};
+use tally_core::verify::{verify_confirmation, verify_envelope_confirmation};
+use tally_wire::{
+    Confirmation, EnvelopeConfirmation, ErrorCode, Hash, Op, Operation as WireOperation, PublicKey,
+    ReadMode, Request,
+};
 
+use crate::envelopes::SentEnvelope;
 use crate::history::{Effect, HeaderLog, ReceiptLog};
 
 /// What every account is funded with before the load starts, unless told otherwise. Large
@@ -125,6 +135,8 @@ impl Operation {
 /// Everything observed during a run, shared by the client tasks.
 pub struct History {
     pub ops: Vec<Operation>,
+    /// Envelopes the clients sent (their operations are not in `ops`).
+    pub envelopes: Vec<SentEnvelope>,
     pub headers: HeaderLog,
     pub receipts: ReceiptLog,
     /// Confirmations that did not verify or did not match their request.
@@ -151,6 +163,7 @@ impl Recorder {
             t0: Instant::now(),
             history: Mutex::new(History {
                 ops: Vec::new(),
+                envelopes: Vec::new(),
                 headers: HeaderLog::default(),
                 receipts: ReceiptLog::default(),
                 verify_failures: Vec::new(),
@@ -227,6 +240,59 @@ impl Recorder {
     pub fn set_state(&self, op: usize, state: OpState) {
         self.lock().ops[op].state = state;
     }
+
+    /// Adds a new envelope; returns its index.
+    pub fn begin_envelope(&self, envelope: SentEnvelope) -> usize {
+        let mut h = self.lock();
+        h.envelopes.push(envelope);
+        h.envelopes.len() - 1
+    }
+
+    /// Checks envelope `e`'s confirmation and records what it shows; returns the summary.
+    pub fn envelope_confirmation(
+        &self,
+        e: usize,
+        c: &EnvelopeConfirmation,
+        operator: &PublicKey,
+        sent: Instant,
+    ) -> Confirmed {
+        let envelope = self.lock().envelopes[e].envelope.clone();
+        let verified = verify_envelope_confirmation(&envelope, c, operator);
+        let confirmed = Confirmed {
+            height: c.header.header.height,
+            index: c.proof.first,
+            term: c.header.header.term,
+            header_digest: sha256(&[&c.header.encode()]),
+            replayed: c.replayed,
+            at_ms: self.now_ms(),
+            latency_ms: sent.elapsed().as_millis() as u64,
+        };
+        let mut h = self.lock();
+        let client = h.envelopes[e].client;
+        if let Err(err) = verified {
+            h.verify_failures.push(format!(
+                "envelope #{e}: confirmation at height {} does not verify: {err}",
+                confirmed.height
+            ));
+        }
+        h.headers.record(&c.header, || {
+            format!("an envelope confirmation to client {client}")
+        });
+        for (op, r) in envelope.ops.iter().zip(&c.receipts) {
+            h.receipts.record(&envelope.signer, op.id, r);
+        }
+        h.envelopes[e].failed = c.receipts.iter().map(|r| r.failed).collect();
+        confirmed
+    }
+
+    /// Sets the state of what `s` names.
+    pub fn set(&self, s: Submission, state: OpState) {
+        let mut h = self.lock();
+        match s {
+            Submission::Op(op) => h.ops[op].state = state,
+            Submission::Envelope(e) => h.envelopes[e].state = state,
+        }
+    }
 }
 
 impl Default for Recorder {
@@ -297,11 +363,25 @@ pub struct ClientSetup {
     pub withdrawals: bool,
 }
 
-/// An indeterminate operation waiting for its next resubmission.
+/// What a client submitted: an operation (an index into `History::ops`) or an envelope (into
+/// `History::envelopes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submission {
+    Op(usize),
+    Envelope(usize),
+}
+
+/// An indeterminate submission waiting for its next resubmission.
 struct Pending {
-    op: usize,
+    op: Submission,
     due: Instant,
 }
+
+/// The fraction of a client's writes that are envelopes (of 2 to 8 operations).
+const ENVELOPE_FRACTION: f64 = 0.05;
+/// The fraction of envelopes that carry an operation bound to fail (an overdraft): atomic ones
+/// then apply nothing, independent ones carry a failed receipt.
+const ENVELOPE_OVERDRAFT_FRACTION: f64 = 0.25;
 
 /// How many times a client resubmits an indeterminate operation while the load runs; the rest
 /// is left to the final resolution.
@@ -315,7 +395,6 @@ pub async fn run_client(s: ClientSetup) -> ClusterStats {
         .iter()
         .map(|k| k.verifying_key().to_bytes())
         .collect();
-    let n = pubs.len();
     // The highest height this client has seen (confirmations and linearizable reads).
     let mut seen = 0u64;
     let mut pending: VecDeque<Pending> = VecDeque::new();
@@ -330,92 +409,183 @@ pub async fn run_client(s: ClientSetup) -> ClusterStats {
         }
         done += 1;
         if done % 8 == 0 {
-            let account = pubs[rng.gen_range(0..n)];
-            if let Ok(b) = s.client.balance(account, ReadMode::Linearizable).await {
-                let mut h = s.recorder.lock();
-                if b.mode != ReadMode::Linearizable {
-                    h.reads_downgraded += 1;
-                    continue;
-                }
-                h.reads += 1;
-                if b.height < seen {
-                    let at = s.recorder.now_ms();
-                    h.regressions.push(format!(
-                        "client {} at +{at} ms: a linearizable read answered at height {} after \
-                         the client had seen height {seen}",
-                        s.index, b.height
-                    ));
-                }
-                seen = seen.max(b.height);
-            }
+            read_balance(&s, &pubs, &mut rng, &mut seen).await;
             continue;
         }
-        let roll = rng.gen_range(0..100);
-        let from = rng.gen_range(0..n);
-        let (effect, to, amount) = if roll < 2 {
-            let to = (from + rng.gen_range(1..n)) % n;
-            let amount = OVERDRAFT;
-            (Effect::Transfer { from, to, amount }, pubs[to], amount)
-        } else if roll < 6 && s.withdrawals {
-            let amount = rng.gen_range(1..=50);
-            (Effect::Withdraw { from, amount }, [0; 32], amount)
+        let unknown = if rng.gen_bool(ENVELOPE_FRACTION) {
+            send_envelope(&s, &pubs, &mut rng, &mut seen).await
         } else {
-            let to = (from + rng.gen_range(1..n)) % n;
-            let amount = rng.gen_range(1..=100);
-            (Effect::Transfer { from, to, amount }, pubs[to], amount)
+            send_request(&s, &pubs, &mut rng, &mut seen).await
         };
-        let op_kind = match effect {
-            Effect::Withdraw { .. } => Op::Withdraw,
-            _ => Op::Transfer,
-        };
-        let id = u128::from(s.next_id.fetch_add(1, Ordering::SeqCst));
-        // Odd clients send nonce hints (the server's batch path), even ones plain Submits (its
-        // strict path); resubmissions are always plain, the same request bytes either way.
-        let (request, hint) = if s.index % 2 == 1 {
-            let (r, h) =
-                build_request_hinted(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
-            (r, Some(h))
-        } else {
-            let r = build_request(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
-            (r, None)
-        };
-        let op = s.recorder.begin(s.index, effect, request.clone());
-        let sent = Instant::now();
-        let floor = seen;
-        let attempts_before = s.client.stats().attempts;
-        let result = match hint {
-            Some(hint) => s.client.submit_hinted(request, hint).await,
-            None => s.client.submit(request).await,
-        };
-        // This client runs one operation at a time, so the difference is this one's attempts.
-        let attempts = s.client.stats().attempts - attempts_before;
-        match result {
-            Ok(c) => {
-                let confirmed = s.recorder.confirmation(op, &c, &s.operator, sent);
-                // Every batch up to `floor` was committed before this request existed.
-                if confirmed.height <= floor {
-                    s.recorder.lock().regressions.push(format!(
-                        "client {}: a new request was confirmed at height {} although the \
-                         client had already seen height {floor}",
-                        s.index, confirmed.height
-                    ));
-                }
-                seen = seen.max(confirmed.height);
-                s.recorder.set_state(op, OpState::Confirmed(confirmed));
-            }
-            Err(e) => {
-                let state = first_failure(&e, attempts);
-                if let OpState::Indeterminate(_) = state {
-                    pending.push_back(Pending {
-                        op,
-                        due: Instant::now() + Duration::from_millis(rng.gen_range(500..3000)),
-                    });
-                }
-                s.recorder.set_state(op, state);
-            }
+        if let Some(op) = unknown {
+            pending.push_back(Pending {
+                op,
+                due: Instant::now() + Duration::from_millis(rng.gen_range(500..3000)),
+            });
         }
     }
     s.client.stats()
+}
+
+/// A linearizable read of a random account: its height must not go below `seen`.
+async fn read_balance(s: &ClientSetup, pubs: &[PublicKey], rng: &mut StdRng, seen: &mut u64) {
+    let account = pubs[rng.gen_range(0..pubs.len())];
+    let Ok(b) = s.client.balance(account, ReadMode::Linearizable).await else {
+        return;
+    };
+    let mut h = s.recorder.lock();
+    if b.mode != ReadMode::Linearizable {
+        h.reads_downgraded += 1;
+        return;
+    }
+    h.reads += 1;
+    if b.height < *seen {
+        let at = s.recorder.now_ms();
+        h.regressions.push(format!(
+            "client {} at +{at} ms: a linearizable read answered at height {} after the client \
+             had seen height {seen}",
+            s.index, b.height
+        ));
+    }
+    *seen = (*seen).max(b.height);
+}
+
+/// A transfer or withdrawal from account `from` (`to` the recipient's key, zeros for a
+/// withdrawal); now and then an overdraft, always refused.
+fn draw_effect(
+    s: &ClientSetup,
+    pubs: &[PublicKey],
+    rng: &mut StdRng,
+    from: usize,
+) -> (Effect, PublicKey, u64) {
+    let n = pubs.len();
+    let roll = rng.gen_range(0..100);
+    if roll < 2 {
+        let to = (from + rng.gen_range(1..n)) % n;
+        let amount = OVERDRAFT;
+        (Effect::Transfer { from, to, amount }, pubs[to], amount)
+    } else if roll < 6 && s.withdrawals {
+        let amount = rng.gen_range(1..=50);
+        (Effect::Withdraw { from, amount }, [0; 32], amount)
+    } else {
+        let to = (from + rng.gen_range(1..n)) % n;
+        let amount = rng.gen_range(1..=100);
+        (Effect::Transfer { from, to, amount }, pubs[to], amount)
+    }
+}
+
+fn op_of(effect: &Effect) -> Op {
+    match effect {
+        Effect::Withdraw { .. } => Op::Withdraw,
+        Effect::Transfer { .. } => Op::Transfer,
+        Effect::Deposit { .. } => Op::Deposit,
+    }
+}
+
+/// Checks that a new submission's confirmation at `height` lands above `floor`, the highest
+/// height the client had seen before it existed.
+fn check_floor(s: &ClientSetup, height: u64, floor: u64) {
+    // Every batch up to `floor` was committed before this request existed.
+    if height <= floor {
+        s.recorder.lock().regressions.push(format!(
+            "client {}: a new request was confirmed at height {height} although the client had \
+             already seen height {floor}",
+            s.index
+        ));
+    }
+}
+
+/// Sends one new request. Returns it if its outcome is unknown.
+async fn send_request(
+    s: &ClientSetup,
+    pubs: &[PublicKey],
+    rng: &mut StdRng,
+    seen: &mut u64,
+) -> Option<Submission> {
+    let from = rng.gen_range(0..pubs.len());
+    let (effect, to, amount) = draw_effect(s, pubs, rng, from);
+    let op_kind = op_of(&effect);
+    let id = u128::from(s.next_id.fetch_add(1, Ordering::SeqCst));
+    // Odd clients send nonce hints (the server's batch path), even ones plain Submits (its
+    // strict path); resubmissions are always plain, the same request bytes either way.
+    let (request, hint) = if s.index % 2 == 1 {
+        let (r, h) = build_request_hinted(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
+        (r, Some(h))
+    } else {
+        let r = build_request(&s.accounts[from], s.chain_id, op_kind, id, to, amount);
+        (r, None)
+    };
+    let op = s.recorder.begin(s.index, effect, request.clone());
+    let sent = Instant::now();
+    let attempts_before = s.client.stats().attempts;
+    let result = match hint {
+        Some(hint) => s.client.submit_hinted(request, hint).await,
+        None => s.client.submit(request).await,
+    };
+    // This client runs one operation at a time, so the difference is this one's attempts.
+    let attempts = s.client.stats().attempts - attempts_before;
+    let state = match result {
+        Ok(c) => {
+            let confirmed = s.recorder.confirmation(op, &c, &s.operator, sent);
+            check_floor(s, confirmed.height, *seen);
+            *seen = (*seen).max(confirmed.height);
+            OpState::Confirmed(confirmed)
+        }
+        Err(e) => first_failure(&e, attempts),
+    };
+    let unknown = matches!(state, OpState::Indeterminate(_));
+    s.recorder.set_state(op, state);
+    unknown.then_some(Submission::Op(op))
+}
+
+/// Sends one new envelope of 2 to 8 operations from one account, atomic or not, now and then
+/// with an overdraft among them. Returns it if its outcome is unknown.
+async fn send_envelope(
+    s: &ClientSetup,
+    pubs: &[PublicKey],
+    rng: &mut StdRng,
+    seen: &mut u64,
+) -> Option<Submission> {
+    let from = rng.gen_range(0..pubs.len());
+    let n = rng.gen_range(2..=8);
+    let overdraft = rng
+        .gen_bool(ENVELOPE_OVERDRAFT_FRACTION)
+        .then(|| rng.gen_range(0..n));
+    let mut effects = Vec::with_capacity(n);
+    let mut ops = Vec::with_capacity(n);
+    for i in 0..n {
+        let (mut effect, to, mut amount) = draw_effect(s, pubs, rng, from);
+        if let (Some(k), Effect::Transfer { amount: a, .. }) = (overdraft, &mut effect) {
+            if k == i {
+                (*a, amount) = (OVERDRAFT, OVERDRAFT);
+            }
+        }
+        let id = u128::from(s.next_id.fetch_add(1, Ordering::SeqCst));
+        let op = op_of(&effect);
+        ops.push(WireOperation { op, id, to, amount });
+        effects.push(effect);
+    }
+    let envelope = build_envelope(&s.accounts[from], s.chain_id, rng.gen_bool(0.5), ops);
+    let mut sent_envelope = SentEnvelope::new(s.index, envelope, effects);
+    sent_envelope.sent = 1;
+    let arc = sent_envelope.envelope.clone();
+    let e = s.recorder.begin_envelope(sent_envelope);
+    let sent = Instant::now();
+    let attempts_before = s.client.stats().attempts;
+    let result = s.client.submit_envelope(arc).await;
+    let attempts = s.client.stats().attempts - attempts_before;
+    let state = match result {
+        Ok(c) => {
+            let confirmed = s.recorder.envelope_confirmation(e, &c, &s.operator, sent);
+            check_floor(s, confirmed.height, *seen);
+            *seen = (*seen).max(confirmed.height);
+            OpState::Confirmed(confirmed)
+        }
+        Err(err) => first_failure(&err, attempts),
+    };
+    let unknown = matches!(state, OpState::Indeterminate(_));
+    s.recorder.set(Submission::Envelope(e), state);
+    unknown.then_some(Submission::Envelope(e))
 }
 
 /// The state after a first submission failed with `e` after `attempts` attempts. A refusal
@@ -423,45 +593,64 @@ pub async fn run_client(s: ClientSetup) -> ClusterStats {
 /// sit in a batch that still commits, while a replica judging on older state refuses the
 /// retry.
 fn first_failure(e: &ClientError, attempts: u64) -> OpState {
-    match e {
-        ClientError::Rejected(reply)
-            if DETERMINISTIC_REFUSALS.contains(&reply.code) && attempts <= 1 =>
-        {
-            OpState::Rejected(reply.code)
+    match (e, deterministic_refusal(e)) {
+        (_, Some(code)) if attempts <= 1 => OpState::Rejected(code),
+        (ClientError::GaveUp { attempts: 0, .. } | ClientError::QueueFull { .. }, _) => {
+            OpState::NotSent
         }
-        ClientError::GaveUp { attempts: 0, .. } | ClientError::QueueFull { .. } => OpState::NotSent,
         // Anything else may have been applied: find out later.
-        other => OpState::Indeterminate(other.to_string()),
+        (other, _) => OpState::Indeterminate(other.to_string()),
     }
 }
 
-/// Resubmits an indeterminate operation. Returns it again if its outcome is still unknown and
-/// it may be tried again during the run.
-async fn resubmit(s: &ClientSetup, op: usize, rng: &mut StdRng) -> Option<Pending> {
-    let request = {
-        let mut h = s.recorder.lock();
-        let o = &mut h.ops[op];
-        o.submissions += 1;
-        o.retried = true;
-        o.request.clone()
-    };
+/// Submits `sub` once more (the same bytes) and records a confirmation. Returns the
+/// confirmation's summary and how many times the harness has submitted it.
+async fn submit_again(
+    client: &ClusterClient,
+    recorder: &Recorder,
+    operator: &PublicKey,
+    sub: Submission,
+) -> (Result<Confirmed, ClientError>, u32) {
     let sent = Instant::now();
-    match s.client.submit(request).await {
-        Ok(c) => {
-            let confirmed = s.recorder.confirmation(op, &c, &s.operator, sent);
-            s.recorder
-                .set_state(op, OpState::ResolvedApplied(confirmed));
+    match sub {
+        Submission::Op(op) => {
+            let (request, submissions) = {
+                let mut h = recorder.lock();
+                let o = &mut h.ops[op];
+                o.submissions += 1;
+                o.retried = true;
+                (o.request.clone(), o.submissions)
+            };
+            let result = client.submit(request).await;
+            let confirmed = result.map(|c| recorder.confirmation(op, &c, operator, sent));
+            (confirmed, submissions)
+        }
+        Submission::Envelope(e) => {
+            let (envelope, submissions) = {
+                let mut h = recorder.lock();
+                h.envelopes[e].sent += 1;
+                (h.envelopes[e].envelope.clone(), h.envelopes[e].sent)
+            };
+            let result = client.submit_envelope(envelope).await;
+            let confirmed = result.map(|c| recorder.envelope_confirmation(e, &c, operator, sent));
+            (confirmed, submissions)
+        }
+    }
+}
+
+/// Resubmits an indeterminate submission. Returns it again if its outcome is still unknown
+/// and it may be tried again during the run.
+async fn resubmit(s: &ClientSetup, op: Submission, rng: &mut StdRng) -> Option<Pending> {
+    match submit_again(&s.client, &s.recorder, &s.operator, op).await {
+        (Ok(confirmed), _) => {
+            s.recorder.set(op, OpState::ResolvedApplied(confirmed));
             None
         }
-        Err(e) => {
+        (Err(e), submissions) => {
             // A refusal now does not prove the request was never applied: an earlier attempt
             // may still be in flight (sealed, not yet committed). Only the final resolution,
             // on a healed and quiet cluster, may conclude that.
-            let submissions = {
-                let mut h = s.recorder.lock();
-                h.ops[op].state = OpState::Indeterminate(e.to_string());
-                h.ops[op].submissions
-            };
+            s.recorder.set(op, OpState::Indeterminate(e.to_string()));
             (submissions < RESUBMISSIONS_MAX).then(|| Pending {
                 op,
                 due: Instant::now() + Duration::from_millis(rng.gen_range(1000..4000)),
@@ -470,18 +659,19 @@ async fn resubmit(s: &ClientSetup, op: usize, rng: &mut StdRng) -> Option<Pendin
     }
 }
 
-/// Resolves every operation still unknown by resubmitting it to the healed, quiet cluster:
+/// Resolves every submission still unknown by resubmitting it to the healed, quiet cluster:
 /// a confirmation (original or replayed) settles it as applied; a deterministic refusal as not
 /// applied (nothing else can be in flight any more).
-pub async fn resolve_all(recorder: &Recorder, profile: &Profile, operator: &PublicKey) {
-    let open: Vec<(usize, Request)> = {
+pub async fn resolve_all(recorder: &Arc<Recorder>, profile: &Profile, operator: &PublicKey) {
+    let open: Vec<Submission> = {
         let h = recorder.lock();
-        h.ops
-            .iter()
-            .enumerate()
+        let ops = (h.ops.iter().enumerate())
             .filter(|(_, o)| o.state.applied().is_none())
-            .map(|(i, o)| (i, o.request.clone()))
-            .collect()
+            .map(|(i, _)| Submission::Op(i));
+        let envelopes = (h.envelopes.iter().enumerate())
+            .filter(|(_, e)| e.state.applied().is_none())
+            .map(|(i, _)| Submission::Envelope(i));
+        ops.chain(envelopes).collect()
     };
     let client = ClusterClient::with_connector(
         profile.replicas.clone(),
@@ -493,34 +683,37 @@ pub async fn resolve_all(recorder: &Recorder, profile: &Profile, operator: &Publ
     );
     for chunk in open.chunks(32) {
         let mut tasks = Vec::new();
-        for (op, request) in chunk.iter().cloned() {
-            let client = client.clone();
+        for &sub in chunk {
+            let (client, recorder, operator) = (client.clone(), recorder.clone(), *operator);
             tasks.push(tokio::spawn(async move {
-                let sent = Instant::now();
-                (op, client.submit(request).await, sent)
+                let (result, _) = submit_again(&client, &recorder, &operator, sub).await;
+                (sub, result)
             }));
         }
         for t in tasks {
-            let Ok((op, result, sent)) = t.await else {
+            let Ok((sub, result)) = t.await else {
                 continue;
             };
-            {
-                let mut h = recorder.lock();
-                h.ops[op].submissions += 1;
-                h.ops[op].retried = true;
-            }
             let state = match result {
-                Ok(c) => OpState::ResolvedApplied(recorder.confirmation(op, &c, operator, sent)),
-                Err(ClientError::Rejected(reply))
-                    if DETERMINISTIC_REFUSALS.contains(&reply.code) =>
-                {
-                    OpState::ResolvedNotApplied(reply.code)
-                }
-                Err(e) => OpState::Unresolved(e.to_string()),
+                Ok(c) => OpState::ResolvedApplied(c),
+                Err(e) => match deterministic_refusal(&e) {
+                    Some(code) => OpState::ResolvedNotApplied(code),
+                    None => OpState::Unresolved(e.to_string()),
+                },
             };
-            recorder.set_state(op, state);
+            recorder.set(sub, state);
         }
     }
+}
+
+/// The code of a refusal that says the submission was judged and not applied.
+fn deterministic_refusal(e: &ClientError) -> Option<ErrorCode> {
+    let code = match e {
+        ClientError::Rejected(reply) => reply.code,
+        ClientError::EnvelopeFailed(f) => f.code,
+        _ => return None,
+    };
+    DETERMINISTIC_REFUSALS.contains(&code).then_some(code)
 }
 
 /// Deposits `funding` into every account (retrying each with its own id until confirmed) and

@@ -291,7 +291,7 @@ pub async fn run(
 
 /// Waits until the leader's status shows the archive at its applied height, which is at least
 /// `at_least`. Ok(height), or Err((the archive's height last seen, what was seen)).
-async fn caught_up(
+pub(crate) async fn caught_up(
     cluster: &LiveCluster,
     at_least: u64,
     timeout: Duration,

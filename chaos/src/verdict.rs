@@ -4,14 +4,19 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use tally_core::archive::{batch_key, decode_batch};
 use tally_core::crypto::{header_hash, sha256, verify_header};
 use tally_core::state::LedgerMeta;
 use tally_wire::{PublicKey, ReadMode, SignedHeader};
 
 use crate::cluster::LiveCluster;
+use crate::envelopes::{self, ChainIndex};
 use crate::history::Model;
 use crate::load::History;
 use crate::report::Invariant;
+
+/// How long the archive may take to catch up with the final chain before its bodies are read.
+const ARCHIVE_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the replicas hold at the end.
 pub struct Final {
@@ -24,6 +29,8 @@ pub struct Final {
     pub chains: BTreeMap<u64, Result<Vec<SignedHeader>, String>>,
     /// Per replica: every account's balance, read at one height.
     pub balances: BTreeMap<u64, Result<Balances, String>>,
+    /// Every operation of the reference chain, from its batches' bodies.
+    pub bodies: Result<ChainIndex, String>,
 }
 
 /// Every account's balance on one replica, in account order.
@@ -104,46 +111,83 @@ pub async fn collect(
         }
         .await;
         chains.insert(id, chain);
-        let read = async {
-            let client = cluster
-                .client_of(id, timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut out = Vec::with_capacity(accounts.len());
-            let mut height = None;
-            for a in accounts {
-                let b = client
-                    .balance(*a, ReadMode::Stale)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if height.is_some_and(|h| h != b.height) {
-                    return Err(format!(
-                        "the applied height moved while reading balances ({} then {})",
-                        height.unwrap_or(0),
-                        b.height
-                    ));
-                }
-                height = Some(b.height);
-                out.push((b.exists, b.balance));
-            }
-            Ok(Balances {
-                height: height.unwrap_or(0),
-                values: out,
-            })
-        }
-        .await;
-        balances.insert(id, read);
+        balances.insert(id, read_balances(cluster, id, accounts, timeout).await);
     }
     let leader = cluster.leader().await.map(|(id, _)| id);
     let reference = leader
         .filter(|id| chains.get(id).is_some_and(|c| c.is_ok()))
         .or_else(|| chains.iter().find(|(_, c)| c.is_ok()).map(|(&id, _)| id));
+    let bodies = match reference.and_then(|id| chains[&id].as_ref().ok()) {
+        Some(chain) => chain_index(cluster, chain).await,
+        None => Err("no replica's chain could be read".into()),
+    };
     Final {
         converged,
         reference,
         chains,
         balances,
+        bodies,
     }
+}
+
+/// Every account's balance on replica `id`, read at one height.
+async fn read_balances(
+    cluster: &LiveCluster,
+    id: u64,
+    accounts: &[PublicKey],
+    timeout: Duration,
+) -> Result<Balances, String> {
+    let client = cluster
+        .client_of(id, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(accounts.len());
+    let mut height = None;
+    for a in accounts {
+        let b = client
+            .balance(*a, ReadMode::Stale)
+            .await
+            .map_err(|e| e.to_string())?;
+        if height.is_some_and(|h| h != b.height) {
+            return Err(format!(
+                "the applied height moved while reading balances ({} then {})",
+                height.unwrap_or(0),
+                b.height
+            ));
+        }
+        height = Some(b.height);
+        out.push((b.exists, b.balance));
+    }
+    Ok(Balances {
+        height: height.unwrap_or(0),
+        values: out,
+    })
+}
+
+/// Every operation of `chain`, from its batches' bodies. The replicas serve no bodies, so they
+/// are read from the archive's batch objects once it has caught up with the chain, each one's
+/// header byte-equal to the chain's.
+async fn chain_index(cluster: &LiveCluster, chain: &[SignedHeader]) -> Result<ChainIndex, String> {
+    let height = chain.len() as u64;
+    crate::total_loss::caught_up(cluster, height, ARCHIVE_CATCH_UP_TIMEOUT)
+        .await
+        .map_err(|(h, why)| format!("the archive holds {h} of {height} batches ({why})"))?;
+    let bucket = cluster.archive_bucket().map_err(|e| e.to_string())?;
+    let mut index = ChainIndex::default();
+    for (i, signed) in chain.iter().enumerate() {
+        let key = batch_key(i as u64 + 1);
+        let bytes = match bucket.get(&key).await {
+            Ok(Some((bytes, _))) => bytes,
+            Ok(None) => return Err(format!("the archive lacks {key}")),
+            Err(e) => return Err(format!("reading {key}: {e}")),
+        };
+        let batch = decode_batch(&bytes).map_err(|e| format!("{key}: {e}"))?;
+        if &batch.signed != signed {
+            return Err(format!("{key} holds another header than the final chain's"));
+        }
+        index.add(&batch.body);
+    }
+    Ok(index)
 }
 
 /// Checks that a chain starts at height 1, has no gap, links every header to its predecessor
@@ -213,16 +257,8 @@ pub fn judge(
         }
     }
 
-    // The model: balances implied by every operation known to be applied.
-    let mut model = Model::new(accounts.len());
-    let mut unknown = Vec::new();
-    for (i, op) in h.ops.iter().enumerate() {
-        match op.state.applied() {
-            Some(true) => model.apply(op.effect),
-            Some(false) => {}
-            None => unknown.push(format!("op #{i} is still unresolved: {:?}", op.state)),
-        }
-    }
+    let (model, unknown) = model_of(h, accounts.len());
+    let envelope = envelope_verdict(h, fin, reference);
     let expected_total = model.deposited as i128 - model.withdrawn as i128;
 
     // 4. Convergence: same height, latest header and chain everywhere; valid chains.
@@ -323,7 +359,7 @@ pub fn judge(
     );
 
     // 2. Every confirmed request is in the final chain once; balances match the model.
-    let mut once = unknown.clone();
+    let mut once = [unknown.clone(), envelope.fate].concat();
     let mut confirmed = 0;
     let mut not_in_chain = 0;
     for (i, op) in h.ops.iter().enumerate() {
@@ -383,7 +419,7 @@ pub fn judge(
         .iter()
         .filter(|o| o.state.confirmed().is_some_and(|c| c.replayed))
         .count();
-    let mut twice = h.receipts.conflicts.clone();
+    let mut twice = [h.receipts.conflicts.clone(), envelope.twice].concat();
     if !reads.is_empty() && !exactly_once.ok {
         twice.push("balances differ from the model (see confirmed_exactly_once)".into());
     }
@@ -455,7 +491,124 @@ pub fn judge(
             no_fork,
             monotonic,
             crashes,
-        ],
+        ]
+        .into_iter()
+        .chain(envelope.invariants)
+        .collect(),
         final_height,
     )
+}
+
+/// The model: balances implied by every operation known to be applied (the operations of
+/// envelopes included), and the submissions whose outcome is unknown.
+fn model_of(h: &History, accounts: usize) -> (Model, Vec<String>) {
+    let mut model = Model::new(accounts);
+    let mut unknown = Vec::new();
+    for (i, op) in h.ops.iter().enumerate() {
+        match op.state.applied() {
+            Some(true) => model.apply(op.effect),
+            Some(false) => {}
+            None => unknown.push(format!("op #{i} is still unresolved: {:?}", op.state)),
+        }
+    }
+    for (i, e) in h.envelopes.iter().enumerate() {
+        e.apply_to(&mut model);
+        if e.state.applied().is_none() {
+            unknown.push(format!("envelope #{i} is still unresolved: {:?}", e.state));
+        }
+    }
+    (model, unknown)
+}
+
+/// The envelope invariants, and what the others must add.
+struct EnvelopeInvariants {
+    invariants: Vec<Invariant>,
+    /// Envelopes whose confirmation or settled refusal the final chain contradicts.
+    fate: Vec<String>,
+    /// Operation keys the final chain applies twice.
+    twice: Vec<String>,
+}
+
+/// Judges `envelopes_atomic`, `envelopes_whole` and `failed_operations_change_nothing` against
+/// the final chain's bodies (`envelopes::check`).
+fn envelope_verdict(h: &History, fin: &Final, reference: &[SignedHeader]) -> EnvelopeInvariants {
+    let (mut v, twice) = match &fin.bodies {
+        Ok(index) => (envelopes::check(&h.envelopes, index), index.twice.clone()),
+        Err(e) => {
+            let why = format!("the final chain's bodies could not be read: {e}");
+            let v = envelopes::EnvelopeVerdict {
+                atomic: vec![why.clone()],
+                whole: vec![why.clone()],
+                failed_ops: vec![why],
+                ..Default::default()
+            };
+            (v, Vec::new())
+        }
+    };
+    let mut fate = std::mem::take(&mut v.fate);
+    for (i, e) in h.envelopes.iter().enumerate() {
+        let Some(c) = e.state.confirmed() else {
+            continue;
+        };
+        let at = reference.get((c.height as usize).wrapping_sub(1));
+        if at.is_none_or(|header| sha256(&[&header.encode()]) != c.header_digest) {
+            fate.push(format!(
+                "envelope #{i} was confirmed under a header the final chain lacks at height {}",
+                c.height
+            ));
+        }
+    }
+    let invariants = envelope_invariants(h, v);
+    EnvelopeInvariants {
+        invariants,
+        fate,
+        twice,
+    }
+}
+
+/// The three envelope invariants from their problems and the counts they describe.
+fn envelope_invariants(h: &History, v: envelopes::EnvelopeVerdict) -> Vec<Invariant> {
+    let (in_chain, failed_in_chain) = (v.in_chain, v.failed_in_chain);
+    let sent = |atomic: bool| {
+        h.envelopes
+            .iter()
+            .filter(|e| e.envelope.atomic == atomic)
+            .count()
+    };
+    let failed_ops: usize = h
+        .envelopes
+        .iter()
+        .map(|e| e.failed.iter().flatten().count())
+        .sum();
+    vec![
+        invariant(
+            "envelopes_atomic",
+            v.atomic,
+            format!(
+                "{} atomic envelopes sent, {} in the final chain: each one's operations all \
+                 there as consecutive leaves under its hash, none failed, or none there",
+                sent(true),
+                in_chain.0
+            ),
+        ),
+        invariant(
+            "envelopes_whole",
+            v.whole,
+            format!(
+                "{} independent envelopes sent, {} in the final chain: each one's operations \
+                 all there as consecutive leaves under its hash, or none there",
+                sent(false),
+                in_chain.1
+            ),
+        ),
+        invariant(
+            "failed_operations_change_nothing",
+            v.failed_ops,
+            format!(
+                "{} failed operations in the final chain ({failed_ops} confirmed as failed): \
+                 each receipt names no balance and the model leaves it out",
+                failed_in_chain
+            ),
+        ),
+    ]
 }

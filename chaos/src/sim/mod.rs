@@ -10,6 +10,11 @@
 //! refused one absent; balances equal to the model and conserved; never two signed headers for
 //! one height; heights a client observes never going backwards. A panic counts as a failure.
 //!
+//! A tenth of the clients' writes are envelopes of 2 to 8 operations from one account, atomic
+//! or not, retried with the same bytes like requests; the checks above cover their operations,
+//! and [`crate::envelopes`] adds its own: an atomic envelope all applied (consecutively) or not
+//! at all, an independent one all in the chain or none of it, failed operations moving nothing.
+//!
 //! Replay: everything comes from the seed, including each replica's election timeouts (drawn
 //! here and handed to `Replica::set_election_timeout_ticks`, since raft-rs draws its own from a
 //! thread-local generator no seed reaches), so `--seeds 17..18` reruns seed 17 exactly.
@@ -125,6 +130,11 @@ pub struct SimStats {
     pub rejected: u64,
     pub resolved_not_applied: u64,
     pub confirmations: u64,
+    /// Envelopes sent, envelopes in the final chain, and failed operations (of independent
+    /// envelopes) among theirs.
+    pub envelopes: u64,
+    pub envelopes_applied: u64,
+    pub envelope_ops_failed: u64,
     pub reads: u64,
     pub attempts: u64,
     pub elections: u64,
@@ -159,6 +169,9 @@ impl SimStats {
         self.rejected += o.rejected;
         self.resolved_not_applied += o.resolved_not_applied;
         self.confirmations += o.confirmations;
+        self.envelopes += o.envelopes;
+        self.envelopes_applied += o.envelopes_applied;
+        self.envelope_ops_failed += o.envelope_ops_failed;
         self.replacements += o.replacements;
         self.reads += o.reads;
         self.attempts += o.attempts;
@@ -325,6 +338,12 @@ impl SimSummary {
         );
         let _ = writeln!(
             w,
+            "  envelopes: {} sent, {} applied, {} of their operations failed (independent \
+             envelopes)",
+            t.envelopes, t.envelopes_applied, t.envelope_ops_failed
+        );
+        let _ = writeln!(
+            w,
             "  network: {} packets, {} dropped, {} duplicated",
             t.messages, t.messages_dropped, t.messages_duplicated
         );
@@ -339,6 +358,11 @@ impl SimSummary {
                 let _ = writeln!(w, "    e.g. seed {seed}: {example}");
             }
         }
+        self.write_result(&mut w, opts);
+        w
+    }
+    /// The result line, and each failed seed (the first 20) with how to replay it.
+    fn write_result(&self, w: &mut String, opts: &SimOptions) {
         if self.failed.is_empty() {
             let _ = writeln!(w, "result: OK, every seed held every invariant");
         } else {
@@ -364,6 +388,5 @@ impl SimSummary {
                 }
             }
         }
-        w
     }
 }

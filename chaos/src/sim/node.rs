@@ -12,15 +12,18 @@
 //! - election timeouts come from the simulation's seed, not raft-rs's thread rng.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use raft::eraftpb::{Message, Snapshot};
 use rand::rngs::StdRng;
 use rand::Rng;
-use tally_core::batch::Confirmed;
-use tally_core::crypto::header_hash;
+use tally_core::batch::{BatchBody, Confirmed};
 use tally_core::crypto::OperatorKey;
+use tally_core::crypto::{envelope_hash, header_hash};
 use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut};
-use tally_core::engine::master::{precheck, Master, MasterConfig, MasterOut, Poll, Precheck};
+use tally_core::engine::master::{
+    precheck, precheck_envelope, Master, MasterConfig, MasterOut, Poll, Precheck,
+};
 use tally_core::engine::members::{decode_descriptor, AddressBook, MemberChange};
 use tally_core::engine::replication::{ReplOut, Replication, ReplicationConfig};
 use tally_core::engine::{PlantedBug, Refusal, Waiter};
@@ -28,7 +31,9 @@ use tally_core::ports::{LedgerStore, MemStore};
 use tally_core::replica::{Replica, ReplicaConfig, Role};
 use tally_core::sequencer::SequencerConfig;
 use tally_core::state::LedgerMeta;
-use tally_wire::{Confirmation, ErrorCode, PublicKey, Request};
+use tally_wire::{
+    Confirmation, Envelope, EnvelopeConfirmation, ErrorCode, PublicKey, Request, SignedHeader,
+};
 
 use super::log::SimLog;
 use super::{SimBug, Tuning};
@@ -44,6 +49,7 @@ pub struct ReplyTo {
 #[derive(Debug, Clone)]
 pub enum ClientRequest {
     Submit(Request),
+    SubmitEnvelope(Arc<Envelope>),
     /// A linearizable balance read.
     Read(PublicKey),
 }
@@ -52,6 +58,14 @@ pub enum ClientRequest {
 #[derive(Debug, Clone)]
 pub enum Answer {
     Confirmed(Box<Confirmation>),
+    EnvelopeConfirmed(Box<EnvelopeConfirmation>),
+    /// An envelope applied nothing: its operation `index` failed with `code` (`by` as for
+    /// `Refused`).
+    EnvelopeFailed {
+        index: u32,
+        code: ErrorCode,
+        by: (u64, u64),
+    },
     /// `hint` names the leader (0 when unknown).
     /// `by` is the refusing replica and its term, for deterministic refusals (else zeros).
     Refused {
@@ -288,6 +302,9 @@ impl SimNode {
             ClientRequest::Submit(request) => {
                 e.submit(&mut self.ledger, reply, request, now);
             }
+            ClientRequest::SubmitEnvelope(envelope) => {
+                e.submit_envelope(&mut self.ledger, reply, envelope, now);
+            }
         }
     }
 
@@ -444,6 +461,46 @@ impl Engine {
         self.to_master.extend(out);
     }
 
+    /// An envelope through the snapshot stage's rule (`precheck_envelope`), then the master.
+    fn submit_envelope(
+        &mut self,
+        ledger: &mut MemStore,
+        reply: ReplyTo,
+        envelope: Arc<Envelope>,
+        now: u64,
+    ) {
+        let mut out = Vec::new();
+        if !self.master.is_leading() {
+            out.push(MasterOut::Refuse(reply, Refusal::NotWritable));
+            self.to_master.extend(out);
+            return;
+        }
+        let hash = envelope_hash(&envelope);
+        let records: Vec<_> = envelope
+            .ops
+            .iter()
+            .map(|op| ledger.requests.get(&(envelope.signer, op.id)).copied())
+            .collect();
+        match precheck_envelope(&hash, &records) {
+            Ok(Precheck::Pass) => {
+                let poll = self.poll(now);
+                let applied = poll.applied_height;
+                self.master
+                    .submit_envelope(envelope, hash, applied, reply, &poll, ledger, &mut out)
+                    .expect("a memory store cannot fail");
+            }
+            Ok(Precheck::Replay(r)) => out.push(MasterOut::Replay {
+                height: r.height,
+                index: r.index,
+                request_hash: r.request_hash,
+                reply,
+            }),
+            Ok(Precheck::Reject(r)) => out.push(MasterOut::Reject(reply, r)),
+            Err((index, r)) => out.push(MasterOut::Fail(reply, index, r)),
+        }
+        self.to_master.extend(out);
+    }
+
     /// Raft's ready work; a snapshot install copies the ledger of a peer that has it.
     fn ready(&mut self, peers: &[Option<SimNode>], ctx: &mut Ctx<'_, '_>) {
         let applier = &mut self.applier;
@@ -500,7 +557,7 @@ impl Engine {
                 if ctx.bug == Some(SimBug::ConfirmBeforeCommit) && self.repl.is_leading() {
                     // The bug: confirm as soon as the batch is proposed, before it commits.
                     let signed = ctx.operator.sign_header(body.header.clone());
-                    confirm(&body.confirmations(&signed), &waiters, ctx);
+                    confirm(&body, &signed, &waiters, ctx);
                 }
                 self.repl.propose(&body, waiters, epoch, &mut rout);
             }
@@ -514,8 +571,15 @@ impl Engine {
                 .replay(ctx.ledger, height, index, request_hash, reply, &mut aout)
                 .expect("a memory store cannot fail"),
             MasterOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
-            MasterOut::Reject(reply, r) | MasterOut::Fail(reply, _, r) => {
-                self.reject(reply, r.code, ctx)
+            MasterOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
+            MasterOut::Fail(reply, index, r) => {
+                let by = (ctx.id, self.repl.status().term);
+                let answer = Answer::EnvelopeFailed {
+                    index,
+                    code: r.code,
+                    by,
+                };
+                ctx.out.push(Out::Reply(reply, answer));
             }
         }
         self.to_repl.extend(rout);
@@ -592,17 +656,8 @@ impl Engine {
                 body,
                 signed,
                 waiters,
-            } => {
-                if !waiters.is_empty() {
-                    confirm(&body.confirmations(&signed), &waiters, ctx);
-                }
-            }
-            ApplyOut::Replayed(reply, Confirmed::Request(c)) => {
-                ctx.out.push(Out::Reply(reply, Answer::Confirmed(c)))
-            }
-            ApplyOut::Replayed(_, Confirmed::Envelope(_)) => {
-                unreachable!("the simulator sends no envelopes")
-            }
+            } => confirm(&body, &signed, &waiters, ctx),
+            ApplyOut::Replayed(reply, c) => ctx.out.push(Out::Reply(reply, answer_of(c))),
             ApplyOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
             ApplyOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
             ApplyOut::Resync => {
@@ -638,15 +693,34 @@ impl Engine {
     }
 }
 
-fn confirm(confirmations: &[Confirmed], waiters: &[Waiter<ReplyTo>], ctx: &mut Ctx<'_, '_>) {
+/// A confirmation as the client's answer.
+fn answer_of(c: Confirmed) -> Answer {
+    match c {
+        Confirmed::Request(c) => Answer::Confirmed(c),
+        Confirmed::Envelope(c) => Answer::EnvelopeConfirmed(c),
+    }
+}
+
+/// Answers each waiter with its item's confirmation, as the server's confirm stage: a waiter's
+/// `index` is its item's first leaf.
+fn confirm(
+    body: &BatchBody,
+    signed: &SignedHeader,
+    waiters: &[Waiter<ReplyTo>],
+    ctx: &mut Ctx<'_, '_>,
+) {
+    if waiters.is_empty() {
+        return;
+    }
+    let (tree, starts) = (body.proof_tree(), body.item_starts());
     for w in waiters {
-        // The simulated clients send requests only: item i is leaf i.
-        let Confirmed::Request(c) = &confirmations[w.index as usize] else {
-            unreachable!("the simulator sends no envelopes")
-        };
-        let mut c = c.clone();
-        c.replayed = w.replayed;
-        ctx.out.push(Out::Reply(w.reply, Answer::Confirmed(c)));
+        let mut c = body
+            .confirmed(&tree, &starts, signed, w.index)
+            .expect("a waiter's index is its item's first leaf");
+        if w.replayed {
+            c.set_replayed();
+        }
+        ctx.out.push(Out::Reply(w.reply, answer_of(c)));
     }
 }
 

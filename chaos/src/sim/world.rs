@@ -13,16 +13,23 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tally_client::build_request;
+use tally_client::envelope::build_envelope;
 use tally_core::batch::BatchBody;
 use tally_core::crypto::{header_hash, request_hash, sha256, verify_header, OperatorKey};
 use tally_core::merkle::{leaf_hash, verify_inclusion};
-use tally_wire::{Confirmation, ErrorCode, Hash, Op, PublicKey, Request};
+use tally_core::verify::verify_envelope_confirmation;
+use tally_wire::{
+    Confirmation, EnvelopeConfirmation, ErrorCode, Hash, Op, Operation, PublicKey, Request,
+};
 
 use super::node::{Answer, ClientRequest, Out, ReplyTo, SimNode, Watch};
 use super::{SimOptions, SimStats, Tuning};
+use crate::envelopes::{self, ChainIndex, SentEnvelope};
 use crate::history::{Effect, HeaderLog, Model, ReceiptLog};
 use crate::load::{Confirmed, OpState, DETERMINISTIC_REFUSALS};
 use tally_core::engine::members::MemberChange;
+use tally_core::ports::MemStore;
+use tally_core::state::LedgerMeta;
 
 const TICK_MS: u64 = 10;
 const ACCOUNTS: usize = 5;
@@ -34,6 +41,10 @@ const REPLY_TIMEOUT_MS: u64 = 400;
 const TRIES_MAX: u32 = 12;
 /// Steps the heal may take before the cluster must have converged.
 const HEAL_STEPS_MAX: u64 = 6000;
+/// The fraction of a client's new writes that are envelopes (of 2 to 8 operations) rather than
+/// single requests.
+const ENVELOPE_FRACTION: f64 = 0.1;
+const ENVELOPE_OPS_MAX: usize = 8;
 
 /// How the network misbehaves in this run (drawn once per seed).
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +77,8 @@ enum Packet {
 enum Task {
     /// Submit operation `op` (an index into `ops`).
     Submit(usize),
+    /// Submit envelope `e` (an index into `envelopes`).
+    Envelope(usize),
     /// A linearizable read.
     Read,
 }
@@ -89,8 +102,8 @@ struct SimClient {
     next_at: u64,
     /// The highest height this client has seen (confirmations of its new requests, reads).
     seen: u64,
-    /// Operations to resolve at the end, assigned to this client.
-    resolve: Vec<usize>,
+    /// Submissions to resolve at the end, assigned to this client.
+    resolve: Vec<Task>,
 }
 
 struct SimOp {
@@ -152,6 +165,10 @@ pub struct World {
     accounts: Vec<SigningKey>,
     ops: Vec<SimOp>,
     op_by_key: BTreeMap<(PublicKey, u128), usize>,
+    envelopes: Vec<SentEnvelope>,
+    /// The envelope each operation key belongs to.
+    envelope_by_key: BTreeMap<(PublicKey, u128), usize>,
+    envelope_by_hash: BTreeMap<Hash, usize>,
     next_id: u128,
     accepting: bool,
     /// The chain height when the final resolution began: what was applied before it.
@@ -232,6 +249,9 @@ impl World {
             accounts,
             ops: Vec::new(),
             op_by_key: BTreeMap::new(),
+            envelopes: Vec::new(),
+            envelope_by_key: BTreeMap::new(),
+            envelope_by_hash: BTreeMap::new(),
             next_id: 1,
             accepting: true,
             resolution_height: u64::MAX,
@@ -244,21 +264,25 @@ impl World {
                 ..SimStats::default()
             },
         };
-        // Funding: one deposit per account, submitted by the clients like any operation.
+        world.fund(&deposit);
+        world
+    }
+
+    /// Funding: one deposit per account, submitted by the clients like any operation.
+    fn fund(&mut self, deposit: &SigningKey) {
+        let chain_id = self.t.chain_id;
         for i in 0..ACCOUNTS {
-            let to = world.accounts[i].verifying_key().to_bytes();
-            let request =
-                build_request(&deposit, chain_id, Op::Deposit, i as u128 + 1, to, FUNDING);
-            let op = world.add_op(
+            let to = self.accounts[i].verifying_key().to_bytes();
+            let request = build_request(deposit, chain_id, Op::Deposit, i as u128 + 1, to, FUNDING);
+            let op = self.add_op(
                 Effect::Deposit {
                     to: i,
                     amount: FUNDING,
                 },
                 request,
             );
-            world.clients[i % CLIENTS].resolve.push(op);
+            self.clients[i % CLIENTS].resolve.push(Task::Submit(op));
         }
-        world
     }
 
     fn add_op(&mut self, effect: Effect, request: Request) -> usize {
@@ -764,15 +788,15 @@ impl World {
             .map(|n| n.meta().height)
             .max()
             .unwrap_or(0);
-        let open: Vec<usize> = self
-            .ops
-            .iter()
-            .enumerate()
+        let ops = (self.ops.iter().enumerate())
             .filter(|(_, o)| o.state.applied().is_none())
-            .map(|(i, _)| i)
-            .collect();
-        for (k, op) in open.into_iter().enumerate() {
-            self.clients[k % CLIENTS].resolve.push(op);
+            .map(|(i, _)| Task::Submit(i));
+        let envelopes = (self.envelopes.iter().enumerate())
+            .filter(|(_, e)| e.state.applied().is_none())
+            .map(|(i, _)| Task::Envelope(i));
+        let open: Vec<Task> = ops.chain(envelopes).collect();
+        for (k, task) in open.into_iter().enumerate() {
+            self.clients[k % CLIENTS].resolve.push(task);
         }
     }
 
@@ -795,10 +819,10 @@ impl World {
             }
             return;
         }
-        if let Some(op) = self.clients[c].resolve.pop() {
+        if let Some(task) = self.clients[c].resolve.pop() {
             let floor = self.clients[c].seen;
             self.clients[c].current = Some(Current {
-                task: Task::Submit(op),
+                task,
                 attempt: 0,
                 deadline: None,
                 retry_at: Some(now),
@@ -814,6 +838,8 @@ impl World {
         }
         let task = if self.rng.gen_bool(0.15) {
             Task::Read
+        } else if self.rng.gen_bool(ENVELOPE_FRACTION) {
+            Task::Envelope(self.new_envelope(c))
         } else {
             Task::Submit(self.new_op())
         };
@@ -832,10 +858,45 @@ impl World {
 
     fn new_op(&mut self) -> usize {
         let from = self.rng.gen_range(0..ACCOUNTS);
+        let (effect, o) = self.draw_operation(from);
+        let request = build_request(
+            &self.accounts[from],
+            self.t.chain_id,
+            o.op,
+            o.id,
+            o.to,
+            o.amount,
+        );
+        self.add_op(effect, request)
+    }
+
+    /// A new envelope of 2 to 8 operations (never more than a batch holds) from one account,
+    /// atomic or not, for client `c`.
+    fn new_envelope(&mut self, c: usize) -> usize {
+        let from = self.rng.gen_range(0..ACCOUNTS);
+        let most = ENVELOPE_OPS_MAX
+            .min(self.t.batch_requests_max as usize)
+            .max(2);
+        let n = self.rng.gen_range(2..=most);
+        let atomic = self.rng.gen_bool(0.5);
+        let (effects, ops): (Vec<Effect>, Vec<Operation>) =
+            (0..n).map(|_| self.draw_operation(from)).unzip();
+        let envelope = build_envelope(&self.accounts[from], self.t.chain_id, atomic, ops);
+        let e = SentEnvelope::new(c, envelope, effects);
+        let i = self.envelopes.len();
+        for op in &e.envelope.ops {
+            self.envelope_by_key.insert((e.envelope.signer, op.id), i);
+        }
+        self.envelope_by_hash.insert(e.hash, i);
+        self.envelopes.push(e);
+        i
+    }
+
+    /// A transfer or withdrawal from account `from`, under a new id.
+    fn draw_operation(&mut self, from: usize) -> (Effect, Operation) {
         let roll = self.rng.gen_range(0..100);
         let id = self.next_id;
         self.next_id += 1;
-        let chain_id = self.t.chain_id;
         let (effect, op, to, amount) = if roll < 10 {
             let amount = self.rng.gen_range(1..=40);
             (
@@ -854,8 +915,22 @@ impl World {
                 amount,
             )
         };
-        let request = build_request(&self.accounts[from], chain_id, op, id, to, amount);
-        self.add_op(effect, request)
+        (effect, Operation { op, id, to, amount })
+    }
+
+    /// What is known of a submission's outcome, and how many copies went out (None for a read).
+    fn submission(&mut self, task: Task) -> Option<(&mut OpState, u32)> {
+        match task {
+            Task::Submit(op) => {
+                let o = &mut self.ops[op];
+                Some((&mut o.state, o.sent))
+            }
+            Task::Envelope(e) => {
+                let e = &mut self.envelopes[e];
+                Some((&mut e.state, e.sent))
+            }
+            Task::Read => None,
+        }
     }
 
     /// Sends the current task's next attempt to the client's target.
@@ -867,17 +942,18 @@ impl World {
         cur.tries += 1;
         if cur.tries > TRIES_MAX {
             // Give up: the outcome of a submit stays unknown until the final resolution.
-            if let Task::Submit(op) = cur.task {
-                if self.ops[op].state.applied().is_none() {
-                    self.ops[op].state = if cur.resolving {
+            let (task, resolving) = (cur.task, cur.resolving);
+            client.current = None;
+            client.next_at = now + self.rng.gen_range(0..50);
+            if let Some((state, _)) = self.submission(task) {
+                if state.applied().is_none() {
+                    *state = if resolving {
                         OpState::Unresolved("no answer after many attempts".into())
                     } else {
                         OpState::Indeterminate("no answer".into())
                     };
                 }
             }
-            client.current = None;
-            client.next_at = now + self.rng.gen_range(0..50);
             return;
         }
         self.stats.attempts += 1;
@@ -894,6 +970,10 @@ impl World {
                 self.ops[op].sent += 1;
                 ClientRequest::Submit(self.ops[op].request.clone())
             }
+            Task::Envelope(e) => {
+                self.envelopes[e].sent += 1;
+                ClientRequest::SubmitEnvelope(self.envelopes[e].envelope.clone())
+            }
             Task::Read => ClientRequest::Read(
                 self.accounts[self.rng.gen_range(0..ACCOUNTS)]
                     .verifying_key()
@@ -907,94 +987,126 @@ impl World {
     /// A replica's answer reaches a client.
     fn answer(&mut self, reply: ReplyTo, answer: Answer) {
         let c = reply.client;
-        let now = self.now;
-        if let Answer::Confirmed(conf) = &answer {
-            // Every confirmation a client receives counts, even for an attempt it gave up on.
-            self.confirmation(conf);
+        // Every confirmation a client receives counts, even for an attempt it gave up on.
+        match &answer {
+            Answer::Confirmed(conf) => self.confirmation(conf),
+            Answer::EnvelopeConfirmed(conf) => self.envelope_confirmation(conf),
+            _ => {}
         }
-        let Some(cur) = self.clients[c].current.as_mut() else {
+        let Some(cur) = self.clients[c].current.as_ref() else {
             return;
         };
         if cur.attempt != reply.attempt || cur.deadline.is_none() {
             return;
         }
         match (answer, cur.task) {
-            (Answer::Confirmed(conf), Task::Submit(_)) => {
-                let height = conf.receipt.height;
-                // The request did not exist when the client saw `floor`: it must land above.
-                if !cur.resolving && height <= cur.floor {
+            (Answer::Confirmed(conf), Task::Submit(_)) => self.confirmed(c, conf.receipt.height),
+            (Answer::EnvelopeConfirmed(conf), Task::Envelope(_)) => {
+                self.confirmed(c, conf.header.header.height)
+            }
+            (Answer::Balance { height }, Task::Read) => self.read_answered(c, height),
+            (Answer::Refused { code, hint, by }, task) => self.refused(c, task, code, hint, by),
+            (Answer::EnvelopeFailed { index, code, by }, Task::Envelope(e)) => {
+                if index as usize >= self.envelopes[e].len() {
                     self.violations.push(format!(
-                        "step {}: client {c}'s new request was confirmed at height {height}, \
-                         below height {} it had seen before",
-                        self.step, cur.floor
+                        "step {}: envelope #{e} failed at operation {index}, which it lacks",
+                        self.step
                     ));
                 }
-                let client = &mut self.clients[c];
-                client.seen = client.seen.max(height);
-                client.current = None;
-                client.next_at = now + self.rng.gen_range(0..50);
-            }
-            (Answer::Balance { height }, Task::Read) => {
-                let client = &mut self.clients[c];
-                if height < client.seen {
-                    self.violations.push(format!(
-                        "step {}: client {c}'s linearizable read answered at height {height} \
-                         after it had seen height {}",
-                        self.step, client.seen
-                    ));
-                }
-                client.seen = client.seen.max(height);
-                self.stats.reads += 1;
-                client.current = None;
-                client.next_at = now + self.rng.gen_range(0..50);
-            }
-            (Answer::Refused { code, hint, by }, task) => {
-                let n = self.n();
-                let backoff = self.rng.gen_range(10..60);
-                let client = &mut self.clients[c];
-                let cur = client.current.as_mut().expect("checked above");
-                cur.deadline = None;
-                match code {
-                    ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Busy => {
-                        client.target = if hint != 0 {
-                            hint
-                        } else {
-                            client.target % n + 1
-                        };
-                        cur.retry_at = Some(now + if hint != 0 { TICK_MS } else { backoff });
-                    }
-                    code => {
-                        if let Task::Submit(op) = task {
-                            let resolving = cur.resolving;
-                            let o = &mut self.ops[op];
-                            if code == ErrorCode::IdConflict {
-                                self.violations.push(format!(
-                                    "step {}: op #{op} resubmitted with the same bytes was \
-                                     refused as id_conflict",
-                                    self.step
-                                ));
-                            }
-                            let deterministic = DETERMINISTIC_REFUSALS.contains(&code);
-                            if o.state.applied().is_none() {
-                                o.state = if deterministic && o.sent == 1 {
-                                    OpState::Rejected(code)
-                                } else if deterministic && resolving {
-                                    OpState::ResolvedNotApplied(code)
-                                } else if resolving {
-                                    OpState::Unresolved(code.name().into())
-                                } else {
-                                    // An earlier copy may still be in flight: unknown.
-                                    o.refused_after_retry = Some((self.step, code, o.sent, by));
-                                    OpState::Indeterminate(code.name().into())
-                                };
-                            }
-                        }
-                        client.current = None;
-                        client.next_at = now + backoff;
-                    }
-                }
+                self.refused(c, Task::Envelope(e), code, 0, by)
             }
             _ => {}
+        }
+    }
+
+    /// Client `c`'s current submission was confirmed at `height`.
+    fn confirmed(&mut self, c: usize, height: u64) {
+        let now = self.now;
+        let client = &mut self.clients[c];
+        let cur = client.current.as_ref().expect("a task is under way");
+        // The submission did not exist when the client saw `floor`: it must land above.
+        if !cur.resolving && height <= cur.floor {
+            self.violations.push(format!(
+                "step {}: client {c}'s new request was confirmed at height {height}, below \
+                 height {} it had seen before",
+                self.step, cur.floor
+            ));
+        }
+        client.seen = client.seen.max(height);
+        client.current = None;
+        client.next_at = now + self.rng.gen_range(0..50);
+    }
+
+    /// Client `c`'s linearizable read was answered at `height`.
+    fn read_answered(&mut self, c: usize, height: u64) {
+        let client = &mut self.clients[c];
+        if height < client.seen {
+            self.violations.push(format!(
+                "step {}: client {c}'s linearizable read answered at height {height} after it \
+                 had seen height {}",
+                self.step, client.seen
+            ));
+        }
+        client.seen = client.seen.max(height);
+        self.stats.reads += 1;
+        client.current = None;
+        client.next_at = self.now + self.rng.gen_range(0..50);
+    }
+
+    /// Client `c`'s current task was refused: retried elsewhere, or settled.
+    fn refused(&mut self, c: usize, task: Task, code: ErrorCode, hint: u64, by: (u64, u64)) {
+        let (n, now) = (self.n(), self.now);
+        let backoff = self.rng.gen_range(10..60);
+        let client = &mut self.clients[c];
+        let cur = client.current.as_mut().expect("checked above");
+        cur.deadline = None;
+        if let ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Busy = code {
+            client.target = if hint != 0 {
+                hint
+            } else {
+                client.target % n + 1
+            };
+            cur.retry_at = Some(now + if hint != 0 { TICK_MS } else { backoff });
+            return;
+        }
+        let resolving = cur.resolving;
+        client.current = None;
+        client.next_at = now + backoff;
+        self.settle_refusal(task, code, resolving, by);
+    }
+
+    /// What a refusal with a final `code` says of a submission's outcome.
+    fn settle_refusal(&mut self, task: Task, code: ErrorCode, resolving: bool, by: (u64, u64)) {
+        let step = self.step;
+        if code == ErrorCode::IdConflict {
+            self.violations.push(format!(
+                "step {step}: {} resubmitted with the same bytes was refused as id_conflict",
+                match task {
+                    Task::Submit(op) => format!("op #{op}"),
+                    Task::Envelope(e) => format!("envelope #{e}"),
+                    Task::Read => "a read".into(),
+                }
+            ));
+        }
+        let deterministic = DETERMINISTIC_REFUSALS.contains(&code);
+        let Some((state, sent)) = self.submission(task) else {
+            return;
+        };
+        if state.applied().is_some() {
+            return;
+        }
+        *state = if deterministic && sent == 1 {
+            OpState::Rejected(code)
+        } else if deterministic && resolving {
+            OpState::ResolvedNotApplied(code)
+        } else if resolving {
+            OpState::Unresolved(code.name().into())
+        } else {
+            // An earlier copy may still be in flight: unknown.
+            OpState::Indeterminate(code.name().into())
+        };
+        if let (OpState::Indeterminate(_), Task::Submit(op)) = (&*state, task) {
+            self.ops[op].refused_after_retry = Some((step, code, sent, by));
         }
     }
 
@@ -1038,16 +1150,47 @@ impl World {
             latency_ms: 0,
         };
         let o = &mut self.ops[op];
-        o.state = match &o.state {
-            OpState::InFlight | OpState::Confirmed(_) => OpState::Confirmed(confirmed),
-            OpState::ResolvedApplied(_) => OpState::ResolvedApplied(confirmed),
-            OpState::Indeterminate(_) | OpState::Unresolved(_) => {
-                OpState::ResolvedApplied(confirmed)
-            }
-            // A confirmation for what was settled as not applied: the final checks report it
-            // (the request is then in the chain although a refusal said it would not be).
-            other => other.clone(),
+        o.state = after_confirmation(&o.state, confirmed);
+    }
+
+    /// Checks an envelope's confirmation and records what it shows.
+    fn envelope_confirmation(&mut self, c: &EnvelopeConfirmation) {
+        self.stats.confirmations += 1;
+        let step = self.step;
+        let Some(&i) = self.envelope_by_hash.get(&c.envelope_hash) else {
+            self.violations.push(format!(
+                "step {step}: a confirmation for an envelope no client sent"
+            ));
+            return;
         };
+        let envelope = self.envelopes[i].envelope.clone();
+        if let Err(e) = verify_envelope_confirmation(&envelope, c, &self.operator_public) {
+            self.violations.push(format!(
+                "step {step}: envelope #{i}'s confirmation at height {} does not verify: {e}",
+                c.header.header.height
+            ));
+        }
+        self.headers.record(&c.header, || {
+            format!("an envelope confirmation at step {step}")
+        });
+        for (op, r) in envelope.ops.iter().zip(&c.receipts) {
+            if !self.receipts.record(&envelope.signer, op.id, r) {
+                let last = self.receipts.conflicts.last().cloned().unwrap_or_default();
+                self.violations.push(format!("step {step}: {last}"));
+            }
+        }
+        let confirmed = Confirmed {
+            height: c.header.header.height,
+            index: c.proof.first,
+            term: c.header.header.term,
+            header_digest: sha256(&[&c.header.encode()]),
+            replayed: c.replayed,
+            at_ms: self.now,
+            latency_ms: 0,
+        };
+        let e = &mut self.envelopes[i];
+        e.state = after_confirmation(&e.state, confirmed);
+        e.failed = c.receipts.iter().map(|r| r.failed).collect();
     }
 
     /// `verify_confirmation` without the request signature (the harness made it), with each
@@ -1076,7 +1219,29 @@ impl World {
 
     /// The invariants, on the healed and settled cluster.
     fn final_checks(&mut self) {
-        let nodes: Vec<&SimNode> = self.nodes.iter().flatten().collect();
+        // The replicas are only read from here on; set aside, so that the checks can record.
+        let nodes = std::mem::take(&mut self.nodes);
+        let up: Vec<&SimNode> = nodes.iter().flatten().collect();
+        self.ledgers_agree(&up);
+        let reference = up[0].ledger();
+        let meta = up[0].meta().clone();
+        if let Some(chain) = self.final_chain(reference, meta.height) {
+            let index = self.chain_index(reference, meta.height);
+            let mut model = Model::new(ACCOUNTS);
+            self.check_ops(&index, &chain, &mut model);
+            self.check_envelopes(&index, &chain, &mut model);
+            self.check_balances(reference, &meta, &model);
+            for fork in self.headers.forks() {
+                self.violations.push(format!("fork: {fork}"));
+            }
+            self.stats.height = meta.height;
+            self.count_outcomes();
+        }
+        self.nodes = nodes;
+    }
+
+    /// Every replica holds the same ledger.
+    fn ledgers_agree(&mut self, nodes: &[&SimNode]) {
         let reference = nodes[0].ledger();
         for n in &nodes[1..] {
             let l = n.ledger();
@@ -1091,16 +1256,18 @@ impl World {
                 ));
             }
         }
-        let meta = nodes[0].meta().clone();
-        let height = meta.height;
-        // The chain: contiguous, linked, signed.
+    }
+
+    /// The chain up to `height`: contiguous, linked, signed. The digest of each signed header,
+    /// or None (and a violation) if a header is missing.
+    fn final_chain(&mut self, reference: &MemStore, height: u64) -> Option<Vec<Hash>> {
         let mut prev = [0u8; 32];
         let mut chain = Vec::with_capacity(height as usize);
         for h in 1..=height {
             let Some(signed) = reference.headers.get(&h) else {
                 self.violations
                     .push(format!("the final chain lacks header {h}"));
-                return;
+                return None;
             };
             if signed.header.prev_hash != prev {
                 self.violations
@@ -1118,8 +1285,12 @@ impl World {
             prev = header_hash(&signed.header);
             chain.push(digest);
         }
-        // Every request in the chain, by key: none twice.
-        let mut in_chain: BTreeMap<(PublicKey, u128), (u64, u32)> = BTreeMap::new();
+        Some(chain)
+    }
+
+    /// Every operation in the chain, by key: none twice, none that no client sent.
+    fn chain_index(&mut self, reference: &MemStore, height: u64) -> ChainIndex {
+        let mut index = ChainIndex::default();
         for h in 1..=height {
             let Some(body) = reference
                 .bodies
@@ -1130,47 +1301,33 @@ impl World {
                     .push(format!("the body of batch {h} is missing"));
                 continue;
             };
-            for (signer, id, record) in body.records() {
-                let (key, i) = ((signer, id), record.index);
-                if let Some((h0, i0)) = in_chain.insert(key, (h, i as u32)) {
-                    self.violations.push(format!(
-                        "a request was applied twice: at height {h0} index {i0} and at height \
-                         {h} index {i}"
-                    ));
-                }
-                if !self.op_by_key.contains_key(&key) {
+            index.add(&body);
+            for (signer, op, _) in body.operations() {
+                let key = (*signer, op.id);
+                if !self.op_by_key.contains_key(&key) && !self.envelope_by_key.contains_key(&key) {
                     self.violations
                         .push(format!("batch {h} holds a request no client sent"));
                 }
             }
         }
-        let mut model = Model::new(ACCOUNTS);
-        for (i, o) in self.ops.iter().enumerate() {
-            let key = (o.request.signer, o.request.id);
-            match (&o.state, in_chain.get(&key)) {
-                (state, found) if state.confirmed().is_some() => {
-                    let c = state.confirmed().expect("checked");
+        self.violations.extend(index.twice.iter().cloned());
+        index
+    }
+
+    /// Each request against the chain (`chain`: its headers' digests), into the model.
+    fn check_ops(&mut self, index: &ChainIndex, chain: &[Hash], model: &mut Model) {
+        for i in 0..self.ops.len() {
+            let o = &self.ops[i];
+            let found = index
+                .get(&o.request.signer, o.request.id)
+                .map(|f| (f.height, f.index));
+            match &o.state {
+                state if state.confirmed().is_some() => {
+                    let c = state.confirmed().expect("checked").clone();
                     model.apply(o.effect);
-                    if found != Some(&(c.height, c.index)) {
-                        self.violations.push(format!(
-                            "op #{i} was confirmed at height {} index {} but the final chain \
-                             has it {}",
-                            c.height,
-                            c.index,
-                            match found {
-                                Some((h, x)) => format!("at height {h} index {x}"),
-                                None => "nowhere".into(),
-                            }
-                        ));
-                    } else if chain.get(c.height as usize - 1) != Some(&c.header_digest) {
-                        self.violations.push(format!(
-                            "op #{i}'s confirmation names a header that is not the final \
-                             chain's at height {}",
-                            c.height
-                        ));
-                    }
+                    self.check_confirmed(&format!("op #{i}"), &c, found, chain);
                 }
-                (state, found) if state.applied() == Some(false) => {
+                state if state.applied() == Some(false) => {
                     if let Some((h, _)) = found {
                         self.violations.push(format!(
                             "op #{i} was settled as not applied ({state:?}) but the final \
@@ -1178,40 +1335,110 @@ impl World {
                         ));
                     }
                 }
-                (state, _) => self
-                    .violations
-                    .push(format!("op #{i} is still unresolved: {state:?}")),
+                state => {
+                    let v = format!("op #{i} is still unresolved: {state:?}");
+                    self.violations.push(v)
+                }
             }
-            // Applied before the final resolution, i.e. by a copy sent before the refusal.
-            let applied_anyway = o
-                .state
-                .confirmed()
-                .filter(|c| c.height <= self.resolution_height);
-            if let (Some((step, code, sent, by)), Some(c)) = (o.refused_after_retry, applied_anyway)
-            {
-                self.stats.refused_then_applied += 1;
-                self.stats
-                    .refused_then_applied_example
-                    .get_or_insert_with(|| {
-                        (
-                            0,
-                            format!(
-                        "op #{i} ({:?}) was refused as {} at step {step} by node {} in term {} \
-                         (copy {sent} of the request), yet the final chain applies it at height \
-                         {} index {}, in a batch of term {}",
-                        o.effect,
-                        code.name(),
-                        by.0,
-                        by.1,
-                        c.height,
-                        c.index,
-                        c.term
-                    ),
-                        )
-                    });
+            self.note_refused_then_applied(i);
+        }
+    }
+
+    /// A confirmed submission (`what`) is where its confirmation `c` says (`found`: where the
+    /// chain has its first operation), under the final chain's header.
+    fn check_confirmed(
+        &mut self,
+        what: &str,
+        c: &Confirmed,
+        found: Option<(u64, u32)>,
+        chain: &[Hash],
+    ) {
+        if found != Some((c.height, c.index)) {
+            self.violations.push(format!(
+                "{what} was confirmed at height {} index {} but the final chain has it {}",
+                c.height,
+                c.index,
+                match found {
+                    Some((h, x)) => format!("at height {h} index {x}"),
+                    None => "nowhere".into(),
+                }
+            ));
+        } else if chain.get(c.height as usize - 1) != Some(&c.header_digest) {
+            self.violations.push(format!(
+                "{what}'s confirmation names a header that is not the final chain's at height {}",
+                c.height
+            ));
+        }
+    }
+
+    /// Counts (and describes the first) request refused with a "final" code while an earlier
+    /// copy was in flight, and applied before the final resolution anyway.
+    fn note_refused_then_applied(&mut self, i: usize) {
+        let o = &self.ops[i];
+        let applied_anyway = o
+            .state
+            .confirmed()
+            .filter(|c| c.height <= self.resolution_height);
+        let (Some((step, code, sent, by)), Some(c)) = (o.refused_after_retry, applied_anyway)
+        else {
+            return;
+        };
+        self.stats.refused_then_applied += 1;
+        if self.stats.refused_then_applied_example.is_some() {
+            return;
+        }
+        let text = format!(
+            "op #{i} ({:?}) was refused as {} at step {step} by node {} in term {} (copy {sent} \
+             of the request), yet the final chain applies it at height {} index {}, in a batch \
+             of term {}",
+            o.effect,
+            code.name(),
+            by.0,
+            by.1,
+            c.height,
+            c.index,
+            c.term
+        );
+        self.stats.refused_then_applied_example = Some((0, text));
+    }
+
+    /// The envelope invariants (`envelopes::check`), each confirmed envelope under the final
+    /// chain's header, and the applied operations into the model.
+    fn check_envelopes(&mut self, index: &ChainIndex, chain: &[Hash], model: &mut Model) {
+        let v = envelopes::check(&self.envelopes, index);
+        for (name, problems) in [
+            ("envelopes_atomic", v.atomic),
+            ("envelopes_whole", v.whole),
+            ("failed_operations_change_nothing", v.failed_ops),
+            ("envelope fate", v.fate),
+        ] {
+            let named = problems.into_iter().map(|p| format!("{name}: {p}"));
+            self.violations.extend(named);
+        }
+        for i in 0..self.envelopes.len() {
+            let e = &self.envelopes[i];
+            e.apply_to(model);
+            match e.state.confirmed().cloned() {
+                Some(c) => {
+                    let first = e.envelope.ops[0].id;
+                    let found = index
+                        .get(&e.envelope.signer, first)
+                        .map(|f| (f.height, f.index));
+                    self.check_confirmed(&format!("envelope #{i}"), &c, found, chain);
+                }
+                None if e.state.applied().is_none() => {
+                    let v = format!("envelope #{i} is still unresolved: {:?}", e.state);
+                    self.violations.push(v);
+                }
+                None => {}
             }
         }
-        // Conservation and the model.
+        self.stats.envelopes_applied += v.in_chain.0 + v.in_chain.1;
+        self.stats.envelope_ops_failed += v.failed_in_chain;
+    }
+
+    /// Balances equal the model's, and sum to deposits minus withdrawals.
+    fn check_balances(&mut self, reference: &MemStore, meta: &LedgerMeta, model: &Model) {
         let balances: Vec<u64> = self
             .accounts
             .iter()
@@ -1237,10 +1464,9 @@ impl World {
         for d in model.differences(&balances) {
             self.violations.push(format!("balances: {d}"));
         }
-        for fork in self.headers.forks() {
-            self.violations.push(format!("fork: {fork}"));
-        }
-        self.stats.height = height;
+    }
+
+    fn count_outcomes(&mut self) {
         for o in &self.ops {
             match &o.state {
                 OpState::Confirmed(_) => self.stats.confirmed += 1,
@@ -1250,5 +1476,18 @@ impl World {
                 _ => {}
             }
         }
+        self.stats.envelopes = self.envelopes.len() as u64;
+    }
+}
+
+/// A submission's state once a confirmation (`confirmed`) arrived for it.
+fn after_confirmation(state: &OpState, confirmed: Confirmed) -> OpState {
+    match state {
+        OpState::InFlight | OpState::Confirmed(_) => OpState::Confirmed(confirmed),
+        OpState::ResolvedApplied(_) => OpState::ResolvedApplied(confirmed),
+        OpState::Indeterminate(_) | OpState::Unresolved(_) => OpState::ResolvedApplied(confirmed),
+        // A confirmation for what was settled as not applied: the final checks report it (the
+        // request is then in the chain although a refusal said it would not be).
+        other => other.clone(),
     }
 }
