@@ -14,7 +14,7 @@ use tally_wire::{
 };
 
 use super::storage::StorageThread;
-use crate::channels::{LookupResult, StorageCmd};
+use crate::channels::{LookupResult, ReplyTo, StorageCmd};
 use crate::fail::on_error;
 
 impl<S: LedgerStore> StorageThread<S> {
@@ -48,16 +48,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 account,
                 mode,
                 reply,
-            } => match self.account(&account) {
-                Ok(b) => reply.send(&Message::Balance(BalanceReply {
-                    account,
-                    exists: b.is_some(),
-                    balance: b.unwrap_or(0),
-                    height,
-                    mode,
-                })),
-                Err(e) => on_error("reading an account", e, reply),
-            },
+            } => self.balance(account, mode, height, reply),
             StorageCmd::Headers {
                 from_height,
                 limit,
@@ -67,16 +58,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 Err(e) => on_error("reading a header", e, reply),
             },
             StorageCmd::FindConfirmation { signer, id, reply } => {
-                let store = self.store.as_mut().expect("store");
-                match find_confirmation(store, &signer, id) {
-                    Ok(Some(Found::Request(c))) => reply.send(&Message::Confirmed(c)),
-                    Ok(Some(Found::Operation(c))) => reply.send(&Message::OperationConfirmed(c)),
-                    Ok(None) => reply.error(
-                        ErrorCode::NotFound,
-                        format!("no batch applied here holds id {id} of this signer"),
-                    ),
-                    Err(e) => on_error("reading a confirmation", e, reply),
-                }
+                self.find_confirmation(&signer, id, reply)
             }
             StorageCmd::Status {
                 raft,
@@ -99,6 +81,40 @@ impl<S: LedgerStore> StorageThread<S> {
             | StorageCmd::InstallSnapshot { .. }
             | StorageCmd::Replay { .. }
             | StorageCmd::Stop => unreachable!("not a read"),
+        }
+    }
+
+    /// Answers `GetBalance` from the applied state at `height`.
+    fn balance(
+        &mut self,
+        account: tally_wire::PublicKey,
+        mode: tally_wire::ReadMode,
+        height: u64,
+        reply: ReplyTo,
+    ) {
+        match self.account(&account) {
+            Ok(b) => reply.send(&Message::Balance(BalanceReply {
+                account,
+                exists: b.is_some(),
+                balance: b.unwrap_or(0),
+                height,
+                mode,
+            })),
+            Err(e) => on_error("reading an account", e, reply),
+        }
+    }
+
+    /// Answers `GetConfirmation`: the original confirmation of `(signer, id)`, or `not_found`.
+    fn find_confirmation(&mut self, signer: &tally_wire::PublicKey, id: u128, reply: ReplyTo) {
+        let store = self.store.as_mut().expect("store");
+        match find_confirmation(store, signer, id) {
+            Ok(Some(Found::Request(c))) => reply.send(&Message::Confirmed(c)),
+            Ok(Some(Found::Operation(c))) => reply.send(&Message::OperationConfirmed(c)),
+            Ok(None) => reply.error(
+                ErrorCode::NotFound,
+                format!("no batch applied here holds id {id} of this signer"),
+            ),
+            Err(e) => on_error("reading a confirmation", e, reply),
         }
     }
 
