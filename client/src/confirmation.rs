@@ -185,8 +185,12 @@ pub fn write_confirmation_file(
     c: &Confirmation,
     operator: &PublicKey,
 ) -> Result<()> {
-    let path = path.as_ref();
     let text = ConfirmationFile::new(c, operator).to_json_pretty();
+    write_atomically(path.as_ref(), &text)
+}
+
+/// Replaces the file at `path` with `text` atomically: a synced temporary file, renamed.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);

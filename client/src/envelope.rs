@@ -133,22 +133,29 @@ pub struct OperationOutcome {
     pub to_balance: u64,
 }
 
+impl OperationOutcome {
+    /// Operation `op` as its receipt `r` says it went.
+    pub fn new(op: &Operation, r: &tally_wire::Receipt) -> OperationOutcome {
+        OperationOutcome {
+            index: r.op_index,
+            op: op.op.name().into(),
+            id: op.id.to_string(),
+            to: to_hex(&op.to),
+            amount: op.amount,
+            failed: r.failed.map(|code| code.name().into()),
+            signer_balance: r.signer_balance,
+            to_balance: r.to_balance,
+        }
+    }
+}
+
 impl EnvelopeFile {
     pub fn new(e: &Envelope, c: &EnvelopeConfirmation, operator: &PublicKey) -> EnvelopeFile {
         let operations = e
             .ops
             .iter()
             .zip(&c.receipts)
-            .map(|(op, r)| OperationOutcome {
-                index: r.op_index,
-                op: op.op.name().into(),
-                id: op.id.to_string(),
-                to: to_hex(&op.to),
-                amount: op.amount,
-                failed: r.failed.map(|code| code.name().into()),
-                signer_balance: r.signer_balance,
-                to_balance: r.to_balance,
-            })
+            .map(|(op, r)| OperationOutcome::new(op, r))
             .collect();
         let unreplayed = EnvelopeConfirmation {
             replayed: false,
@@ -179,17 +186,7 @@ impl EnvelopeFile {
 
 /// Writes an envelope confirmation file atomically (write, sync, rename).
 pub fn write_envelope_file(path: &Path, file: &EnvelopeFile) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(file.to_json_pretty().as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| Error::io(path, e))
+    crate::confirmation::write_atomically(path, &file.to_json_pretty())
 }
 
 /// Verifies an envelope confirmation file's text: the envelope and confirmation it carries (the
@@ -256,16 +253,7 @@ impl OperationFile {
             height: r.height,
             index: r.index,
             header_hash: to_hex(&header_hash(&c.header.header)),
-            operation: OperationOutcome {
-                index: r.op_index,
-                op: op.op.name().into(),
-                id: op.id.to_string(),
-                to: to_hex(&op.to),
-                amount: op.amount,
-                failed: r.failed.map(|code| code.name().into()),
-                signer_balance: r.signer_balance,
-                to_balance: r.to_balance,
-            },
+            operation: OperationOutcome::new(op, r),
         }
     }
 

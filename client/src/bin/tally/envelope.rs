@@ -158,7 +158,7 @@ pub async fn lookup(
         }
     };
     if let Some(path) = out {
-        write_atomically(path, &text)?;
+        tally_client::confirmation::write_atomically(path, &text)?;
     }
     if ctx.json {
         print!("{text}");
@@ -177,18 +177,6 @@ pub async fn lookup(
         println!("  confirmation written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes `text` to `path` by way of a synced temporary file and a rename.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
-    std::io::Write::write_all(&mut file, text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
-    Ok(())
 }
 
 /// `tally verify` of one envelope operation's confirmation file.
