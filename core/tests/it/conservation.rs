@@ -1,6 +1,8 @@
-//! A seeded random workload against a model of the ledger. After every applied batch: the
-//! balances are conserved and are the model's, and a second replica that applies the same encoded
-//! bodies through `prepare_apply` is byte for byte the same.
+//! A seeded random workload (requests and envelopes, atomic and not) against a model of the
+//! ledger. After every applied batch: the balances are conserved and are the model's, and a
+//! second replica that applies the same encoded bodies through `prepare_apply` is byte for byte
+//! the same. An envelope's answer (an atomic one's failing index, every receipt's outcome) must
+//! be the model's too.
 //!
 //! Replay a failure with `TALLY_SEED=<seed> cargo test -p tally-core --test it conservation`;
 //! every assertion message starts with the seed.
@@ -10,11 +12,13 @@ use std::collections::HashMap;
 use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tally_core::batch::{prepare_apply, BatchBody, BatchWrite};
-use tally_core::crypto::{request_hash, OperatorKey};
+use std::sync::Arc;
+
+use tally_core::batch::{prepare_apply, BatchBody, BatchItem, BatchWrite};
+use tally_core::crypto::{envelope_hash, request_hash, sign_envelope, OperatorKey};
 use tally_core::ports::{LedgerRead, LedgerStore, MemStore, RequestRecord};
 use tally_core::sequencer::Submitted;
-use tally_wire::{ErrorCode, Op, PublicKey, Request};
+use tally_wire::{Envelope, ErrorCode, Op, Operation, PublicKey, Request};
 
 use crate::common::{key, operator, signed, total_balance, Node, DEPOSIT};
 
@@ -156,6 +160,9 @@ impl Sim {
 
     fn step(&mut self) {
         let choice = self.rng.gen_range(0..100);
+        if choice >= 95 {
+            return self.envelope_step();
+        }
         if choice < 10 && !self.accepted.is_empty() {
             let (request, h, i) = self.accepted[self.rng.gen_range(0..self.accepted.len())].clone();
             if choice < 6 {
@@ -223,40 +230,119 @@ impl Sim {
     /// Applies `request` to the model if the ledger rules allow it; says what the sequencer must
     /// answer.
     fn predict(&mut self, r: &Request) -> Expect {
-        let m = &mut self.model;
-        match r.op {
-            Op::Deposit => {
-                let Some(to) = m.get(&r.to).copied().unwrap_or(0).checked_add(r.amount) else {
-                    return Expect::Rejected(ErrorCode::AmountOverflow);
-                };
-                m.insert(r.to, to);
-                self.deposited += r.amount as u128;
+        match model_op(&mut self.model, &r.signer, &r.operation()) {
+            Ok((deposited, withdrawn)) => {
+                self.deposited += deposited as u128;
+                self.withdrawn += withdrawn as u128;
+                Expect::Accepted
             }
-            Op::Transfer => {
-                let Some(from) = m.get(&r.signer).copied() else {
-                    return Expect::Rejected(ErrorCode::UnknownAccount);
-                };
-                if from < r.amount {
-                    return Expect::Rejected(ErrorCode::InsufficientFunds);
-                }
-                let Some(to) = m.get(&r.to).copied().unwrap_or(0).checked_add(r.amount) else {
-                    return Expect::Rejected(ErrorCode::AmountOverflow);
-                };
-                m.insert(r.signer, from - r.amount);
-                m.insert(r.to, to);
+            Err(code) => Expect::Rejected(code),
+        }
+    }
+
+    /// An envelope of 2 to 6 transfers and withdrawals by one account, atomic or independent,
+    /// judged by the model operation by operation (an atomic one on a copy, kept only if every
+    /// operation applies) and submitted; the sequencer's answer and receipts must be the model's.
+    fn envelope_step(&mut self) {
+        let (signer, n) = (self.account(), self.rng.gen_range(2..=6u32));
+        if !self.node.seq.fits(n) {
+            self.seal();
+        }
+        let atomic = self.rng.gen_bool(0.5);
+        let ops: Vec<Operation> = (0..n).map(|_| self.envelope_op(signer)).collect();
+        let mut model = self.model.clone();
+        let results: Vec<_> = ops
+            .iter()
+            .map(|op| model_op(&mut model, &signer, op))
+            .collect();
+        let first_failure = results.iter().position(Result::is_err);
+        let mut e = Envelope {
+            chain_id: crate::common::CHAIN,
+            signer,
+            atomic,
+            ops,
+            signature: [0; 64],
+        };
+        sign_envelope(&self.keys[&signer], &mut e);
+        let hash = envelope_hash(&e);
+        let snapshot = self.node.seq.applied_height();
+        let got = self
+            .node
+            .seq
+            .submit_envelope(Arc::new(e), hash, snapshot, &mut self.node.store);
+        let got = got.expect("mem store");
+        let ctx = self.ctx();
+        match (atomic, first_failure, got) {
+            (true, Some(i), Submitted::Failed { index, rejection }) => {
+                assert_eq!(
+                    (index as usize, Err(rejection.code)),
+                    (i, results[i]),
+                    "{ctx}"
+                );
+                self.count("envelope: atomic, failed");
+                return;
             }
-            Op::Withdraw => {
-                let Some(from) = m.get(&r.signer).copied() else {
-                    return Expect::Rejected(ErrorCode::UnknownAccount);
-                };
-                if from < r.amount {
-                    return Expect::Rejected(ErrorCode::InsufficientFunds);
-                }
-                m.insert(r.signer, from - r.amount);
-                self.withdrawn += r.amount as u128;
+            (_, _, Submitted::Accepted { .. }) if !(atomic && first_failure.is_some()) => {}
+            (_, _, other) => {
+                panic!("{ctx}: envelope answered {other:?}, the model says {results:?}")
             }
         }
-        Expect::Accepted
+        for (deposited, withdrawn) in results.iter().flatten() {
+            self.deposited += *deposited as u128;
+            self.withdrawn += *withdrawn as u128;
+        }
+        self.model = model;
+        // Seals the batch (with the model as it leaves it) to read the receipts.
+        self.check_receipts(&results);
+        self.count(if first_failure.is_some() {
+            "envelope: some failed"
+        } else {
+            "envelope: applied"
+        });
+    }
+
+    fn envelope_op(&mut self, signer: PublicKey) -> Operation {
+        self.next_id += 1;
+        let amount = self.amount_for(self.model.get(&signer).copied().unwrap_or(0) / 2);
+        let mut to = self.account();
+        while to == signer {
+            to = self.account();
+        }
+        let (op, to) = if self.rng.gen_bool(0.7) {
+            (Op::Transfer, to)
+        } else {
+            (Op::Withdraw, [0; 32])
+        };
+        Operation {
+            op,
+            id: self.next_id,
+            to,
+            amount,
+        }
+    }
+
+    /// The open batch's last item is the envelope just accepted: its receipts' outcomes must be
+    /// the model's (the balances are checked after apply, against the model).
+    fn check_receipts(&mut self, results: &[Result<(u64, u64), ErrorCode>]) {
+        let h = self.node.seq.sealed_height() + 1;
+        self.seal();
+        let body = self.node.pending.back().expect("just sealed");
+        assert_eq!(body.header.height, h);
+        let Some(BatchItem::Envelope(entry)) = body.items.last() else {
+            panic!("{}: the envelope is not the batch's last item", self.ctx())
+        };
+        let failed: Vec<_> = entry.receipts.iter().map(|r| r.failed).collect();
+        let expected: Vec<_> = results.iter().map(|r| r.err()).collect();
+        assert_eq!(failed, expected, "{}: receipts of an envelope", self.ctx());
+    }
+
+    /// Seals the open batch (if it has anything) and remembers the model as of it.
+    fn seal(&mut self) {
+        if self.node.seal().is_some() {
+            let h = self.node.seq.sealed_height();
+            self.sealed
+                .insert(h, (self.model.clone(), self.deposited, self.withdrawn));
+        }
     }
 
     fn resubmit(&mut self, request: Request, h: u64, i: u32) {
@@ -336,10 +422,7 @@ impl Sim {
             Expect::Rejected(_) => "id conflict",
         });
         if self.node.seq.is_full() {
-            self.node.seal();
-            let h = self.node.seq.sealed_height();
-            self.sealed
-                .insert(h, (self.model.clone(), self.deposited, self.withdrawn));
+            self.seal();
         }
     }
 
@@ -449,6 +532,9 @@ impl Sim {
             "unknown account",
             "overflow",
             "id conflict",
+            "envelope: applied",
+            "envelope: some failed",
+            "envelope: atomic, failed",
         ] {
             assert!(
                 self.counts.get(what).copied().unwrap_or(0) > 0,
@@ -457,4 +543,37 @@ impl Sim {
             );
         }
     }
+}
+
+/// What `op` by `signer` does to the model's balances, by the ledger's rules: the amounts it
+/// deposits and withdraws, or the error code it must get.
+fn model_op(
+    m: &mut HashMap<PublicKey, u64>,
+    signer: &PublicKey,
+    op: &Operation,
+) -> Result<(u64, u64), ErrorCode> {
+    let credit = |m: &HashMap<PublicKey, u64>| {
+        m.get(&op.to)
+            .copied()
+            .unwrap_or(0)
+            .checked_add(op.amount)
+            .ok_or(ErrorCode::AmountOverflow)
+    };
+    if op.op == Op::Deposit {
+        let to = credit(m)?;
+        m.insert(op.to, to);
+        return Ok((op.amount, 0));
+    }
+    let from = m.get(signer).copied().ok_or(ErrorCode::UnknownAccount)?;
+    if from < op.amount {
+        return Err(ErrorCode::InsufficientFunds);
+    }
+    if op.op == Op::Withdraw {
+        m.insert(*signer, from - op.amount);
+        return Ok((0, op.amount));
+    }
+    let to = credit(m)?;
+    m.insert(*signer, from - op.amount);
+    m.insert(op.to, to);
+    Ok((0, 0))
 }
