@@ -370,6 +370,16 @@ impl ClusterClient {
             .await
     }
 
+    /// [`crate::Client::supply`] on the cluster, with the retries of a read.
+    pub async fn supply(&self) -> Result<tally_wire::SupplyReply> {
+        self.inner
+            .run(
+                Kind::Read,
+                move |client| async move { client.supply().await },
+            )
+            .await
+    }
+
     /// Reads an account's balance; a linearizable read is served by the leader.
     pub async fn balance(&self, account: PublicKey, mode: ReadMode) -> Result<BalanceReply> {
         self.inner

@@ -344,6 +344,14 @@ impl Client {
         }
     }
 
+    /// The operator's totals and the sum of balances, as this replica has applied them.
+    pub async fn supply(&self) -> Result<tally_wire::SupplyReply> {
+        match self.call(Message::GetSupply).await? {
+            Message::Supply(s) => Ok(s),
+            other => Err(unexpected("Supply", &other)),
+        }
+    }
+
     /// Reads an account's balance.
     pub async fn balance(&self, account: PublicKey, mode: ReadMode) -> Result<BalanceReply> {
         match self.call(Message::GetBalance { account, mode }).await? {

@@ -398,6 +398,10 @@ pub struct BatchWrite {
     pub requests: Vec<AppliedRequest>,
     /// The summary after the batch.
     pub meta: LedgerMeta,
+    /// How much the sum of all balances changed (after minus before, over the accounts
+    /// touched): a store keeps the sum with it, apart from the totals of deposits and
+    /// withdrawals, so that conservation is checked, not assumed.
+    pub balance_change: i128,
 }
 
 /// Replays a committed batch against the applied state and prepares its durable write, signing
@@ -420,6 +424,7 @@ pub fn prepare_apply(
         accounts: replayed.accounts,
         requests: replayed.requests,
         meta: replayed.meta,
+        balance_change: replayed.balance_change,
     })
 }
 
@@ -431,6 +436,8 @@ pub struct Replayed {
     pub requests: Vec<AppliedRequest>,
     /// The summary after the batch (`last_header_hash` is this batch's header's hash).
     pub meta: LedgerMeta,
+    /// The sum of the touched accounts' balances after the batch minus before it.
+    pub balance_change: i128,
 }
 
 /// Replays a committed batch against the applied state without signing anything: the receipts
@@ -499,10 +506,15 @@ pub fn replay_batch(
         return diverged("state digest does not match the replayed state".into());
     }
     next.last_header_hash = header_hash(h);
+    let balance_change = touched
+        .values()
+        .map(|&(before, after)| after as i128 - before.unwrap_or(0) as i128)
+        .sum();
     Ok(Replayed {
         accounts: order.iter().map(|k| (*k, touched[k].1)).collect(),
         requests,
         meta: next,
+        balance_change,
     })
 }
 

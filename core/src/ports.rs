@@ -35,6 +35,9 @@ pub trait LedgerStore: LedgerRead {
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>>;
     /// The encoded batch body applied at `height`.
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>>;
+    /// The sum of every account's balance in the applied state (`GetSupply`); equal to the
+    /// meta's deposits minus withdrawals in a ledger that conserves money.
+    fn balance_total(&mut self) -> Result<u128>;
     /// Housekeeping the store would otherwise do inside the next `apply` (LevelDB's memtable
     /// flush and compactions), called when the caller is idle. Changes no state.
     fn maintain(&mut self) -> Result<()> {
@@ -111,5 +114,8 @@ impl LedgerStore for MemStore {
     }
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
         Ok(self.bodies.get(&height).cloned())
+    }
+    fn balance_total(&mut self) -> Result<u128> {
+        Ok(self.accounts.values().map(|b| *b as u128).sum())
     }
 }

@@ -227,6 +227,8 @@ pub enum StorageCmd {
         limit: u16,
         reply: ReplyTo,
     },
+    /// The operator's totals and the sum of balances (`GetSupply`).
+    Supply { reply: ReplyTo },
     /// The original confirmation of the operation `(signer, id)` (`GetConfirmation`).
     FindConfirmation {
         signer: PublicKey,
@@ -260,6 +262,7 @@ impl StorageCmd {
             | StorageCmd::Balance { reply, .. }
             | StorageCmd::Headers { reply, .. }
             | StorageCmd::FindConfirmation { reply, .. }
+            | StorageCmd::Supply { reply }
             | StorageCmd::Status { reply, .. } => Some(reply),
             _ => None,
         }

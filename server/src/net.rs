@@ -542,6 +542,7 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
                 reply,
             },
         ),
+        Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
         Message::GetConfirmation { signer, id } => {
             pipeline::read(pipeline, StorageCmd::FindConfirmation { signer, id, reply })
         }

@@ -131,6 +131,9 @@ pub struct LedgerDb {
     requests: Option<RequestFilter>,
     filter_origin: FilterOrigin,
     lookups: RequestLookups,
+    /// The sum of every account's balance: counted at open, then moved by each batch's
+    /// `balance_change` (apart from the meta's totals, so conservation can be checked).
+    balance_total: u128,
 }
 
 /// Where [`LedgerDb::open`] got the request filter.
@@ -189,6 +192,7 @@ impl LedgerDb {
         migrate_headers_if_v1(&mut db, dir, &opts, &sync_stats, &meta)?;
         let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
         let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
+        let balance_total = sum_balances(&mut db)?;
         let mut this = LedgerDb {
             db,
             dir: dir.to_owned(),
@@ -205,6 +209,7 @@ impl LedgerDb {
             requests: filter,
             filter_origin,
             lookups: RequestLookups::default(),
+            balance_total,
         };
         this.start_archive_from(point)?;
         this.check_tip()?;
@@ -747,6 +752,9 @@ impl LedgerStore for LedgerDb {
         }
         let records = request_records(write);
         self.meta = write.meta.clone();
+        let total = self.balance_total as i128 + write.balance_change;
+        self.balance_total =
+            u128::try_from(total).expect("a sum of u64 balances is never negative");
         self.archive_batch(
             height,
             write.meta.raft_index,
@@ -755,6 +763,11 @@ impl LedgerStore for LedgerDb {
             records,
             Some(write.meta.clone()),
         )
+    }
+
+    fn balance_total(&mut self) -> Result<u128> {
+        self.check_usable()?;
+        Ok(self.balance_total)
     }
 
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
@@ -1042,6 +1055,17 @@ pub(crate) fn decode_header(height: u64, value: &[u8]) -> Result<SignedHeader> {
         ));
     }
     Ok(signed)
+}
+
+/// The sum of every balance in the account table: one scan, at open (about a second per
+/// million accounts).
+fn sum_balances(db: &mut DB) -> Result<u128> {
+    let mut total = 0u128;
+    scan_prefix(db, &Table::Account.tag(), |_, value| {
+        total += u128::from(layout::decode_account(value)?);
+        Ok(())
+    })?;
+    Ok(total)
 }
 
 /// Calls `f` with every row whose key starts with `prefix`, in key order.

@@ -38,6 +38,7 @@ pub mod message_type {
     pub const ADMIN: u8 = 0x07;
     pub const SUBMIT_ENVELOPE: u8 = 0x08;
     pub const GET_CONFIRMATION: u8 = 0x09;
+    pub const GET_SUPPLY: u8 = 0x0a;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -48,6 +49,7 @@ pub mod message_type {
     pub const ENVELOPE_CONFIRMED: u8 = 0x88;
     pub const ENVELOPE_FAILED: u8 = 0x89;
     pub const OPERATION_CONFIRMED: u8 = 0x8a;
+    pub const SUPPLY: u8 = 0x8b;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -63,6 +65,7 @@ pub mod message_type {
                 | ADMIN
                 | SUBMIT_ENVELOPE
                 | GET_CONFIRMATION
+                | GET_SUPPLY
         )
     }
 }
@@ -286,6 +289,20 @@ pub enum Message {
         id: u128,
     },
     OperationConfirmed(Box<OperationConfirmation>),
+    /// The operator's totals, answered `Supply`.
+    GetSupply,
+    Supply(SupplyReply),
+}
+
+/// The operator's totals at one applied height: what was deposited and withdrawn, and the sum
+/// of every balance, which must equal their difference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupplyReply {
+    pub height: u64,
+    pub total_deposited: u128,
+    pub total_withdrawn: u128,
+    pub sum_of_balances: u128,
+    pub accounts: u64,
 }
 
 impl Message {
@@ -311,6 +328,8 @@ impl Message {
             Message::EnvelopeFailed(_) => ENVELOPE_FAILED,
             Message::GetConfirmation { .. } => GET_CONFIRMATION,
             Message::OperationConfirmed(_) => OPERATION_CONFIRMED,
+            Message::GetSupply => GET_SUPPLY,
+            Message::Supply(_) => SUPPLY,
         }
     }
 
@@ -383,6 +402,14 @@ impl Message {
                 out.extend_from_slice(&id.to_le_bytes());
             }
             Message::OperationConfirmed(c) => c.write(out),
+            Message::GetSupply => {}
+            Message::Supply(s) => {
+                out.extend_from_slice(&s.height.to_le_bytes());
+                out.extend_from_slice(&s.total_deposited.to_le_bytes());
+                out.extend_from_slice(&s.total_withdrawn.to_le_bytes());
+                out.extend_from_slice(&s.sum_of_balances.to_le_bytes());
+                out.extend_from_slice(&s.accounts.to_le_bytes());
+            }
         }
     }
 
@@ -479,6 +506,14 @@ impl Message {
                 signer: r.array("get_confirmation.signer")?,
                 id: u128::from_le_bytes(r.array("get_confirmation.id")?),
             },
+            GET_SUPPLY => Message::GetSupply,
+            SUPPLY => Message::Supply(SupplyReply {
+                height: r.u64("supply.height")?,
+                total_deposited: u128::from_le_bytes(r.array("supply.total_deposited")?),
+                total_withdrawn: u128::from_le_bytes(r.array("supply.total_withdrawn")?),
+                sum_of_balances: u128::from_le_bytes(r.array("supply.sum_of_balances")?),
+                accounts: r.u64("supply.accounts")?,
+            }),
             OPERATION_CONFIRMED => {
                 Message::OperationConfirmed(Box::new(OperationConfirmation::read(&mut r)?))
             }

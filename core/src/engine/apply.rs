@@ -194,6 +194,18 @@ impl<R> Applier<R> {
             "apply extends by one"
         );
         self.meta = write.meta.clone();
+        if cfg!(debug_assertions) {
+            // Conservation, from the store's own sum of balances (a failed read is not this
+            // check's to report: the next read that needs it will).
+            if let Ok(total) = store.balance_total() {
+                assert_eq!(
+                    total,
+                    self.meta.expected_total(),
+                    "batch {}: balances no longer sum to deposits minus withdrawals",
+                    self.meta.height
+                );
+            }
+        }
         self.advance_index(raft_index);
         Ok(write)
     }

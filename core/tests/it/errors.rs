@@ -105,6 +105,10 @@ impl LedgerStore for Failing {
         self.read()?;
         self.inner.body(height)
     }
+    fn balance_total(&mut self) -> Result<u128, Error> {
+        self.read()?;
+        self.inner.balance_total()
+    }
 }
 
 const POLL: Poll = Poll {

@@ -60,6 +60,7 @@ impl<S: LedgerStore> StorageThread<S> {
             StorageCmd::FindConfirmation { signer, id, reply } => {
                 self.find_confirmation(&signer, id, reply)
             }
+            StorageCmd::Supply { reply } => self.supply(reply),
             StorageCmd::Status {
                 raft,
                 writable,
@@ -81,6 +82,22 @@ impl<S: LedgerStore> StorageThread<S> {
             | StorageCmd::InstallSnapshot { .. }
             | StorageCmd::Replay { .. }
             | StorageCmd::Stop => unreachable!("not a read"),
+        }
+    }
+
+    /// Answers `GetSupply` from the applied state.
+    fn supply(&mut self, reply: ReplyTo) {
+        let meta = self.engine.meta().clone();
+        let store = self.store.as_mut().expect("store");
+        match store.balance_total() {
+            Ok(sum) => reply.send(&Message::Supply(tally_wire::SupplyReply {
+                height: meta.height,
+                total_deposited: meta.total_deposited,
+                total_withdrawn: meta.total_withdrawn,
+                sum_of_balances: sum,
+                accounts: meta.account_count,
+            })),
+            Err(e) => on_error("reading the sum of balances", e, reply),
         }
     }
 

@@ -50,4 +50,7 @@ impl<S: LedgerStore> LedgerStore for TimedStore<'_, S> {
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
         self.inner.body(height)
     }
+    fn balance_total(&mut self) -> Result<u128> {
+        self.inner.balance_total()
+    }
 }

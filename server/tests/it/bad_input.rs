@@ -335,7 +335,14 @@ fn the_server_answers_as_protocol_md_says() {
         assert_eq!(info.node_id, 1);
         assert_eq!(info.frame_bytes_max, 8192);
         assert_eq!(info.requests_in_flight_max, 77);
-        assert_eq!(info.reply_payload_bytes_max, 2 + 256 * 1024);
+        assert_eq!(
+            info.reply_payload_bytes_max,
+            tally_wire::REPLY_PAYLOAD_BYTES_MAX
+        );
+        assert_eq!(
+            info.reply_payload_bytes_max, 984_565,
+            "PROTOCOL.md §3, 0x86"
+        );
         assert_eq!(info.headers_per_reply_max, 1024);
         let limits = info
             .client_limits

@@ -148,6 +148,12 @@ fn envelopes_apply_all_or_nothing_once_and_prove_every_operation() {
             Err(Error::Rejected(r)) => assert_eq!(r.code, ErrorCode::NotFound),
             other => panic!("expected not_found, got {other:?}"),
         }
+        // Supply: 100,000 deposited, nothing withdrawn; the balances (counted again at the
+        // restart's open) sum to it.
+        let s = client.supply().await.expect("supply");
+        assert_eq!((s.total_deposited, s.total_withdrawn), (100_000, 0));
+        assert_eq!(s.sum_of_balances, 100_000);
+        assert_eq!(s.accounts, 3);
     });
     server.kill();
 }
@@ -248,6 +254,18 @@ fn the_cli_submits_envelopes_and_verifies_their_file() {
     let (ok, json) = run(&["--json", "lookup", "--signer", &alice_hex, "--id", "77"]);
     assert!(!ok);
     assert_eq!(json.expect("JSON")["code"], "not_found");
+    // Supply after 500 deposited and 50 withdrawn.
+    let (ok, json) = run(&["--json", "supply"]);
+    let json = json.expect("JSON");
+    assert!(ok, "{json}");
+    assert_eq!(
+        (
+            json["total_supply"].as_u64(),
+            json["sum_of_balances"].as_u64()
+        ),
+        (Some(450), Some(450))
+    );
+    assert!(json["height"].as_u64().unwrap() >= 2);
     // An edited file does not verify.
     let text = std::fs::read_to_string(&out).unwrap();
     std::fs::write(

@@ -334,6 +334,14 @@ pub fn envelope_messages() -> Vec<Message> {
             signer: [0x11; 32],
             id: u128::MAX - 1,
         },
+        Message::GetSupply,
+        Message::Supply(SupplyReply {
+            height: 7,
+            total_deposited: u128::MAX,
+            total_withdrawn: 3,
+            sum_of_balances: u128::MAX - 3,
+            accounts: 2,
+        }),
         Message::OperationConfirmed(Box::new(OperationConfirmation {
             envelope: Envelope {
                 chain_id: [0xc4; 32],

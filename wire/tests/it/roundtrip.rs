@@ -48,6 +48,7 @@ fn message_types_are_the_documented_bytes() {
                 | Message::EnvelopeConfirmed(_)
                 | Message::EnvelopeFailed(_)
                 | Message::OperationConfirmed(_)
+                | Message::Supply(_)
         );
         assert_eq!(m.message_type() >= 0x80, is_reply, "{m:?}");
         assert_eq!(
@@ -56,7 +57,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x0a..=0xff).filter(|t| !(0x80..=0x8a).contains(t)) {
+    for t in (0x0b..=0xff).filter(|t| !(0x80..=0x8b).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }

@@ -215,3 +215,36 @@ pub fn verify_operation(
     println!("  operator key from {source}");
     Ok(ExitCode::SUCCESS)
 }
+
+/// `tally supply`: the operator's totals, and whether balances sum to them.
+pub async fn supply(ctx: &Globals) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let s = ctx.cluster(&profile)?.supply().await?;
+    let total_supply = s.total_deposited.checked_sub(s.total_withdrawn);
+    let balanced = total_supply == Some(s.sum_of_balances);
+    if ctx.json {
+        let body = json!({
+            "total_supply": total_supply,
+            "sum_of_balances": s.sum_of_balances,
+            "height": s.height,
+            "total_deposited": s.total_deposited,
+            "total_withdrawn": s.total_withdrawn,
+            "accounts": s.accounts,
+            "balanced": balanced,
+        });
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        let state = if balanced { "balanced" } else { "NOT BALANCED" };
+        println!("at height {}: {} accounts", s.height, s.accounts);
+        println!(
+            "  deposited {}, withdrawn {}",
+            s.total_deposited, s.total_withdrawn
+        );
+        println!("  sum of balances {} ({state})", s.sum_of_balances);
+    }
+    Ok(if balanced {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

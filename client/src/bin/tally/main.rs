@@ -137,6 +137,9 @@ enum Command {
         #[arg(long, value_name = "CONFIRMATION.json")]
         out: Option<PathBuf>,
     },
+    /// The operator's totals: deposits minus withdrawals, and the sum of every balance (they
+    /// must be equal; exit 1 if not)
+    Supply,
     /// Read an account's balance (linearizable unless --stale)
     Balance {
         #[arg(value_name = "PUBKEY", value_parser = public_key_arg)]
@@ -266,6 +269,7 @@ impl Command {
             | Command::Withdraw { .. }
             | Command::Envelope { .. }
             | Command::Lookup { .. }
+            | Command::Supply
             | Command::Balance { .. }
             | Command::Headers { .. }
             | Command::Status
@@ -425,6 +429,7 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Lookup { signer, id, out } => {
             envelope::lookup(&ctx, signer, id, out.as_deref()).await
         }
+        Command::Supply => envelope::supply(&ctx).await,
         Command::Balance { account, stale } => balance(&ctx, account, stale).await,
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
         Command::Headers { from, limit } => headers(&ctx, from, limit).await,
