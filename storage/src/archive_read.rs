@@ -270,6 +270,9 @@ pub struct ReplayState {
     pub accounts: Accounts,
     /// SHA-256 of signer ‖ id, truncated: every request id applied, for the exactly-once check.
     seen: HashSet<[u8; 16]>,
+    /// The sum of every balance, moved by each batch's balance change: it must stay equal to
+    /// deposits minus withdrawals (conservation, checked after every batch).
+    balance_total: u128,
 }
 
 /// Balances by account, as the replay reads them.
@@ -291,6 +294,7 @@ impl ReplayState {
             meta: LedgerMeta::genesis(),
             accounts: Accounts::default(),
             seen: HashSet::new(),
+            balance_total: 0,
         }
     }
 
@@ -333,6 +337,14 @@ impl ReplayState {
             self.accounts.0.insert(key, balance);
         }
         self.meta = replayed.meta;
+        let total = self.balance_total as i128 + replayed.balance_change;
+        let expected = self.meta.expected_total();
+        if u128::try_from(total).ok() != Some(expected) {
+            return Err(format!(
+                "balances sum to {total}, deposits minus withdrawals to {expected}"
+            ));
+        }
+        self.balance_total = expected;
         Ok(())
     }
 }
