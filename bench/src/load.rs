@@ -177,6 +177,9 @@ pub fn sign_envelopes(
                         id: ids.transfer(i as u64),
                         to: accounts.public[(from + rng.gen_range(1..n)) % n],
                         amount: rng.gen_range(1..=TRANSFER_AMOUNT_MAX),
+                        timeout_ms: 0,
+                        reserve_id: 0,
+                        party: [0; 32],
                     })
                     .collect();
                 let envelope = build_envelope(&accounts.keys[from], chain_id, false, ops);

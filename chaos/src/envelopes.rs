@@ -271,6 +271,9 @@ mod tests {
                 id: 100 + id,
                 to,
                 amount: 5,
+                timeout_ms: 0,
+                reserve_id: 0,
+                party: [0; 32],
             })
             .collect();
         let effects = vec![

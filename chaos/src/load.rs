@@ -195,6 +195,9 @@ impl Recorder {
             submissions: 1,
             state: OpState::InFlight,
             retried: false,
+            timeout_ms: 0,
+            reserve_id: 0,
+            party: [0; 32],
         });
         h.ops.len() - 1
     }
@@ -562,7 +565,7 @@ async fn send_envelope(
         }
         let id = u128::from(s.next_id.fetch_add(1, Ordering::SeqCst));
         let op = op_of(&effect);
-        ops.push(WireOperation { op, id, to, amount });
+        ops.push(WireOperation::single(op, id, to, amount));
         effects.push(effect);
     }
     let envelope = build_envelope(&s.accounts[from], s.chain_id, rng.gen_bool(0.5), ops);

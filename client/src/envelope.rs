@@ -77,7 +77,7 @@ fn parse_operation(v: &Value) -> std::result::Result<Operation, String> {
         (_, Some(hex)) => parse_public_key(hex).map_err(|e| e.to_string())?,
         (_, None) => return Err(format!("a {} needs \"to\"", op.name())),
     };
-    Ok(Operation { op, id, to, amount })
+    Ok(Operation::single(op, id, to, amount))
 }
 
 /// Builds and signs an envelope.

@@ -10,14 +10,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tally_wire::{
-    Confirmation, Envelope, EnvelopeConfirmation, Hash, Header, Operation, PublicKey, Receipt,
+    Confirmation, Envelope, EnvelopeConfirmation, Hash, Header, Op, Operation, PublicKey, Receipt,
     Request, SignedHeader, WireError, HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES,
 };
 
 use crate::crypto::{header_hash, request_hash, sha256, OperatorKey};
 use crate::merkle::{leaf_hash, ProofTree, Tree};
 use crate::ports::LedgerRead;
-use crate::rules::{judge, Balances};
+use crate::reserve::{expire_hash, Held, Reserve, ReserveChange, HELD_BYTES};
+use crate::rules::{judge, judge_expiry, Balances, Effect};
 use crate::state::LedgerMeta;
 use crate::{Error, Result};
 
@@ -28,6 +29,7 @@ pub const BATCH_REQUESTS_LIMIT: u32 = 65_536;
 pub const BODY_V2_DOMAIN: [u8; 16] = *b"tally/body/v2\0\0\0";
 const TAG_REQUEST: u8 = 1;
 const TAG_ENVELOPE: u8 = 2;
+const TAG_EXPIRE: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchEntry {
@@ -42,6 +44,29 @@ pub struct EnvelopeEntry {
     /// SHA-256 of the envelope's wire bytes, as every receipt names it.
     pub hash: Hash,
     pub receipts: Vec<Receipt>,
+    /// The record each applied `post`, `void` and `renew` found (its reserve before it), in
+    /// operation order: a body says whom a post paid without the state it was judged on.
+    pub held: Vec<Held>,
+}
+
+impl EnvelopeEntry {
+    /// How many records [`EnvelopeEntry::held`] must have: one per applied post, void or renew.
+    pub fn held_count(ops: &[Operation], receipts: &[Receipt]) -> usize {
+        ops.iter()
+            .zip(receipts)
+            .filter(|(o, r)| matches!(o.op, Op::Post | Op::Void | Op::Renew) && r.failed.is_none())
+            .count()
+    }
+}
+
+/// A reserve that passed its deadline, expired by the batch: no client signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpireEntry {
+    pub owner: PublicKey,
+    pub id: u128,
+    /// The reserve as it was open.
+    pub held: Held,
+    pub receipt: Receipt,
 }
 
 /// What a client signed, with what applying it did.
@@ -50,6 +75,8 @@ pub struct EnvelopeEntry {
 pub enum BatchItem {
     Request(BatchEntry),
     Envelope(EnvelopeEntry),
+    /// Leader-made, first in its batch (PROTOCOL.md §4.10).
+    Expire(ExpireEntry),
 }
 
 impl BatchItem {
@@ -58,13 +85,16 @@ impl BatchItem {
         match self {
             BatchItem::Request(e) => std::slice::from_ref(&e.receipt),
             BatchItem::Envelope(e) => &e.receipts,
+            BatchItem::Expire(e) => std::slice::from_ref(&e.receipt),
         }
     }
 
+    /// The signer; for an expiry, the reserve's owner.
     pub fn signer(&self) -> &PublicKey {
         match self {
             BatchItem::Request(e) => &e.request.signer,
             BatchItem::Envelope(e) => &e.envelope.signer,
+            BatchItem::Expire(e) => &e.owner,
         }
     }
 
@@ -73,14 +103,16 @@ impl BatchItem {
         match self {
             BatchItem::Request(e) => request_hash(&e.request),
             BatchItem::Envelope(e) => e.hash,
+            BatchItem::Expire(e) => expire_hash(&e.owner, e.id),
         }
     }
 
-    /// Its operations with their receipts.
+    /// Its signed operations with their receipts; none for an expiry, which uses no id.
     pub fn operations(&self) -> Vec<(Operation, &Receipt)> {
         match self {
             BatchItem::Request(e) => vec![(e.request.operation(), &e.receipt)],
             BatchItem::Envelope(e) => e.envelope.ops.iter().copied().zip(&e.receipts).collect(),
+            BatchItem::Expire(_) => Vec::new(),
         }
     }
 }
@@ -148,6 +180,16 @@ impl BatchBody {
                     for r in &e.receipts {
                         out.extend_from_slice(&r.encode());
                     }
+                    for h in &e.held {
+                        out.extend_from_slice(&h.encode());
+                    }
+                }
+                BatchItem::Expire(e) => {
+                    out.push(TAG_EXPIRE);
+                    out.extend_from_slice(&e.owner);
+                    out.extend_from_slice(&e.id.to_le_bytes());
+                    out.extend_from_slice(&e.held.encode());
+                    out.extend_from_slice(&e.receipt.encode());
                 }
             }
         }
@@ -165,7 +207,7 @@ impl BatchBody {
     pub fn entry(&self, i: usize) -> &BatchEntry {
         match &self.items[i] {
             BatchItem::Request(e) => e,
-            BatchItem::Envelope(_) => panic!("item {i} is an envelope"),
+            _ => panic!("item {i} is not a request"),
         }
     }
 
@@ -173,19 +215,16 @@ impl BatchBody {
     pub fn entry_mut(&mut self, i: usize) -> &mut BatchEntry {
         match &mut self.items[i] {
             BatchItem::Request(e) => e,
-            BatchItem::Envelope(_) => panic!("item {i} is an envelope"),
+            _ => panic!("item {i} is not a request"),
         }
     }
 
-    /// One confirmation per item, all from one tree.
+    /// One confirmation per item a client submitted (expiries have none), all from one tree.
     pub fn confirmations(&self, signed: &SignedHeader) -> Vec<Confirmed> {
         let (tree, starts) = (self.proof_tree(), self.item_starts());
         starts
             .iter()
-            .map(|&leaf| {
-                self.confirmed(&tree, &starts, signed, leaf)
-                    .expect("an item starts here")
-            })
+            .filter_map(|&leaf| self.confirmed(&tree, &starts, signed, leaf))
             .collect()
     }
 
@@ -211,17 +250,15 @@ impl BatchBody {
     /// Where each operation's `(signer, id)` was applied: the request index's rows.
     pub fn records(&self) -> Vec<(PublicKey, u128, crate::ports::RequestRecord)> {
         let mut out = Vec::with_capacity(self.leaf_count());
-        let mut leaf = 0u32;
-        for item in &self.items {
+        for (item, first) in self.items.iter().zip(self.item_starts()) {
             let (signer, hash) = (*item.signer(), item.hash());
-            for (op, _) in item.operations() {
+            for (i, (op, _)) in item.operations().into_iter().enumerate() {
                 let record = crate::ports::RequestRecord {
                     height: self.header.height,
-                    index: leaf,
+                    index: first + i as u32,
                     request_hash: hash,
                 };
                 out.push((signer, op.id, record));
-                leaf += 1;
             }
         }
         out
@@ -279,6 +316,7 @@ impl BatchBody {
                 receipts: e.receipts.clone(),
                 proof: tree.range_proof(leaf, e.receipts.len() as u32),
             })),
+            BatchItem::Expire(_) => return None,
         })
     }
 }
@@ -353,13 +391,28 @@ fn decode_v2(bytes: &[u8]) -> Result<BatchBody> {
                 let receipts = (0..envelope.ops.len())
                     .map(|_| Ok(Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?))
                     .collect::<Result<Vec<_>>>()?;
+                let held = (0..EnvelopeEntry::held_count(&envelope.ops, &receipts))
+                    .map(|_| Held::decode(cut.take(HELD_BYTES, "batch.held")?))
+                    .collect::<Result<Vec<_>>>()?;
                 BatchItem::Envelope(EnvelopeEntry {
                     hash: sha256(&[raw]),
                     envelope: Arc::new(envelope),
                     receipts,
+                    held,
                 })
             }
-            _ => return Err(malformed("batch.tag", "not 1 (request) or 2 (envelope)")),
+            TAG_EXPIRE => BatchItem::Expire(ExpireEntry {
+                owner: cut.take(32, "batch.expire.owner")?.try_into().expect("32"),
+                id: u128::from_le_bytes(cut.take(16, "batch.expire.id")?.try_into().expect("16")),
+                held: Held::decode(cut.take(HELD_BYTES, "batch.expire.held")?)?,
+                receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
+            }),
+            _ => {
+                return Err(malformed(
+                    "batch.tag",
+                    "not 1 (request), 2 (envelope) or 3 (expiry)",
+                ))
+            }
         };
         leaves += item.receipts().len();
         if leaves > header.request_count as usize {
@@ -396,11 +449,13 @@ pub struct BatchWrite {
     /// Final balance of each account the batch touched, each account once.
     pub accounts: Vec<(PublicKey, u64)>,
     pub requests: Vec<AppliedRequest>,
+    /// Each reserve the batch made or changed, once: its state before the batch and after.
+    pub reserves: Vec<ReserveChange>,
     /// The summary after the batch.
     pub meta: LedgerMeta,
-    /// How much the sum of all balances changed (after minus before, over the accounts
-    /// touched): a store keeps the sum with it, apart from the totals of deposits and
-    /// withdrawals, so that conservation is checked, not assumed.
+    /// How much the sum of all balances and of what open reserves hold changed (after minus
+    /// before, over what the batch touched): a store keeps the sum with it, apart from the
+    /// totals of deposits and withdrawals, so that conservation is checked, not assumed.
     pub balance_change: i128,
 }
 
@@ -423,6 +478,7 @@ pub fn prepare_apply(
         body_digest,
         accounts: replayed.accounts,
         requests: replayed.requests,
+        reserves: replayed.reserves,
         meta: replayed.meta,
         balance_change: replayed.balance_change,
     })
@@ -434,9 +490,11 @@ pub struct Replayed {
     /// Final balance of each account the batch touched, each once, in first-touch order.
     pub accounts: Vec<(PublicKey, u64)>,
     pub requests: Vec<AppliedRequest>,
+    /// Each reserve touched, once, in first-touch order.
+    pub reserves: Vec<ReserveChange>,
     /// The summary after the batch (`last_header_hash` is this batch's header's hash).
     pub meta: LedgerMeta,
-    /// The sum of the touched accounts' balances after the batch minus before it.
+    /// The touched accounts' balances and reserves' holdings after the batch minus before it.
     pub balance_change: i128,
 }
 
@@ -451,54 +509,41 @@ pub fn replay_batch(
 ) -> Result<Replayed> {
     let h = &body.header;
     let diverged = |what: String| Err(Error::Diverged(format!("batch {}: {what}", h.height)));
-    if h.height != meta.height + 1 {
-        return diverged(format!("applied height is {}", meta.height));
+    if let Some(what) = header_mismatch(body, meta, operator_key_id) {
+        return diverged(what);
     }
-    if h.prev_hash != meta.last_header_hash {
-        return diverged("previous header hash does not match the applied chain".into());
-    }
-    if &h.operator_key_id != operator_key_id {
-        return diverged("the header names another operator key than this replica holds".into());
-    }
-    if h.request_count as usize != body.leaf_count() {
-        return diverged("request count does not match the receipts".into());
+    let previous = store.header_time(meta.height)?;
+    if h.time_unix_ms < previous {
+        return diverged(format!(
+            "time {} before the previous batch's {previous}",
+            h.time_unix_ms
+        ));
     }
     let mut replay = Replay {
         next: meta.clone(),
+        time_ms: h.time_unix_ms,
         touched: HashMap::new(),
         order: Vec::new(),
+        reserves: HashMap::new(),
+        reserve_order: Vec::new(),
         store,
     };
     replay.next.height = h.height;
     let mut requests = Vec::with_capacity(body.leaf_count());
-    let mut leaf = 0u32;
-    for item in &body.items {
-        if let Err(what) = replay.item(h.height, leaf, item)? {
-            return diverged(format!("leaf {leaf}: {what}"));
+    for (item, first) in body.items.iter().zip(body.item_starts()) {
+        if let Err(what) = replay.item(h.height, first, item)? {
+            return diverged(format!("leaf {first}: {what}"));
         }
-        for (op, _) in item.operations() {
+        for (i, (op, _)) in item.operations().into_iter().enumerate() {
             requests.push(AppliedRequest {
                 signer: *item.signer(),
                 id: op.id,
-                index: leaf,
+                index: first + i as u32,
                 request_hash: item.hash(),
             });
-            leaf += 1;
         }
     }
-    let Replay {
-        mut next,
-        touched,
-        order,
-        ..
-    } = replay;
-    // One term out and one in per account (the sum is additive): the digest per-request
-    // updates would give, at a fraction of the hashing. In first-touch order, though any order
-    // gives the same sum.
-    for key in &order {
-        let (before, after) = touched[key];
-        next.account_changed(key, before, after);
-    }
+    let (mut next, accounts, reserves, balance_change) = replay.finish();
     if Tree::new(&body.leaf_hashes()).root() != h.merkle_root {
         return diverged("Merkle root does not match the receipts".into());
     }
@@ -506,24 +551,47 @@ pub fn replay_batch(
         return diverged("state digest does not match the replayed state".into());
     }
     next.last_header_hash = header_hash(h);
-    let balance_change = touched
-        .values()
-        .map(|&(before, after)| after as i128 - before.unwrap_or(0) as i128)
-        .sum();
     Ok(Replayed {
-        accounts: order.iter().map(|k| (*k, touched[k].1)).collect(),
+        accounts,
         requests,
+        reserves,
         meta: next,
         balance_change,
     })
 }
 
-/// Balances as a batch leaves them; the first touch of an account reads applied state.
+/// What is wrong with a body's header against the applied state, if anything.
+fn header_mismatch(
+    body: &BatchBody,
+    meta: &LedgerMeta,
+    operator_key_id: &[u8; 8],
+) -> Option<String> {
+    let h = &body.header;
+    if h.height != meta.height + 1 {
+        return Some(format!("applied height is {}", meta.height));
+    }
+    if h.prev_hash != meta.last_header_hash {
+        return Some("previous header hash does not match the applied chain".into());
+    }
+    if &h.operator_key_id != operator_key_id {
+        return Some("the header names another operator key than this replica holds".into());
+    }
+    if h.request_count as usize != body.leaf_count() {
+        return Some("request count does not match the receipts".into());
+    }
+    None
+}
+
+/// Balances and reserves as a batch leaves them; the first touch reads applied state.
 struct Replay<'s, S> {
     next: LedgerMeta,
+    time_ms: u64,
     /// Balance before the batch (None: did not exist) and now, per account touched.
     touched: HashMap<PublicKey, (Option<u64>, u64)>,
     order: Vec<PublicKey>,
+    /// State before the batch and now, per reserve touched.
+    reserves: HashMap<(PublicKey, u128), (Option<Reserve>, Reserve)>,
+    reserve_order: Vec<(PublicKey, u128)>,
     store: &'s mut S,
 }
 
@@ -534,33 +602,37 @@ impl<S: LedgerRead> Balances for Replay<'_, S> {
             None => self.store.account(key),
         }
     }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<Reserve>> {
+        match self.reserves.get(&(*owner, id)) {
+            Some(&(_, now)) => Ok(Some(now)),
+            None => self.store.reserve(owner, id),
+        }
+    }
 }
+
+type Checked = Result<std::result::Result<(), String>>;
 
 impl<S: LedgerRead> Replay<'_, S> {
     /// Replays one item whose first leaf is `first`: `Ok(Err(why))` if a receipt does not
     /// describe its operation or is not what the rule gives.
-    fn item(
-        &mut self,
-        height: u64,
-        first: u32,
-        item: &BatchItem,
-    ) -> Result<std::result::Result<(), String>> {
-        let atomic = match item {
-            BatchItem::Request(_) => true,
-            BatchItem::Envelope(e) => e.envelope.atomic,
+    fn item(&mut self, height: u64, first: u32, item: &BatchItem) -> Checked {
+        let (atomic, held) = match item {
+            BatchItem::Request(_) => (true, &[][..]),
+            BatchItem::Envelope(e) => (e.envelope.atomic, &e.held[..]),
+            BatchItem::Expire(e) => return self.expiry(height, first, e),
         };
+        let mut held = held.iter();
         let (signer, hash) = (*item.signer(), item.hash());
         for (i, (op, rc)) in item.operations().into_iter().enumerate() {
             let at = (hash, height, first + i as u32, op.op, i as u16);
             if (rc.request_hash, rc.height, rc.index, rc.op, rc.op_index) != at {
                 return Ok(Err("the receipt does not describe its operation".into()));
             }
-            let judged = judge(&signer, &op, self)?;
-            match (judged, rc.failed) {
-                (Ok(effect), None)
-                    if (effect.signer_balance, effect.to_balance)
-                        == (rc.signer_balance, rc.to_balance) =>
-                {
+            match (judge(&signer, &op, self.time_ms, self)?, rc.failed) {
+                (Ok(effect), None) if same_balances(&effect, rc) => {
+                    if let Err(why) = check_held(&op, &effect, &mut held) {
+                        return Ok(Err(why));
+                    }
                     self.apply(&effect)
                 }
                 (Err(r), Some(code)) if r.code == code && !atomic => {
@@ -575,10 +647,52 @@ impl<S: LedgerRead> Replay<'_, S> {
                 }
             }
         }
+        if held.next().is_some() {
+            return Ok(Err(
+                "more reserve records than applied posts, voids and renewals".into(),
+            ));
+        }
         Ok(Ok(()))
     }
 
-    fn apply(&mut self, effect: &crate::rules::Effect) {
+    /// An expiry: its reserve open and due at the batch's time, its receipt what it does.
+    fn expiry(&mut self, height: u64, first: u32, e: &ExpireEntry) -> Checked {
+        let rc = &e.receipt;
+        let at = (
+            expire_hash(&e.owner, e.id),
+            height,
+            first,
+            Op::Expire,
+            0,
+            None,
+        );
+        if (
+            rc.request_hash,
+            rc.height,
+            rc.index,
+            rc.op,
+            rc.op_index,
+            rc.failed,
+        ) != at
+        {
+            return Ok(Err("the receipt does not describe its expiry".into()));
+        }
+        match judge_expiry(&e.owner, e.id, self.time_ms, self)? {
+            Ok(effect)
+                if same_balances(&effect, rc)
+                    && effect.reserve.and_then(|c| c.before) == Some(Reserve::Open(e.held)) =>
+            {
+                self.apply(&effect);
+                Ok(Ok(()))
+            }
+            Ok(_) => Ok(Err(
+                "the expiry's receipt or record is not its reserve's".into()
+            )),
+            Err(r) => Ok(Err(format!("an expiry that cannot apply: {}", r.message))),
+        }
+    }
+
+    fn apply(&mut self, effect: &Effect) {
         for &(key, before, after) in &effect.changes {
             let entry = self.touched.entry(key).or_insert_with(|| {
                 self.order.push(key);
@@ -586,7 +700,72 @@ impl<S: LedgerRead> Replay<'_, S> {
             });
             entry.1 = after;
         }
+        if let Some(c) = effect.reserve {
+            let entry = self.reserves.entry((c.owner, c.id)).or_insert_with(|| {
+                self.reserve_order.push((c.owner, c.id));
+                (c.before, c.after)
+            });
+            entry.1 = c.after;
+        }
         self.next.total_deposited += effect.deposited as u128;
         self.next.total_withdrawn += effect.withdrawn as u128;
+    }
+
+    /// The summary after the batch (one digest term out and one in per account and reserve
+    /// touched: the sum is additive), each account's and reserve's change, and the change of
+    /// the sum of balances and holdings.
+    fn finish(self) -> (LedgerMeta, Vec<(PublicKey, u64)>, Vec<ReserveChange>, i128) {
+        let Replay {
+            mut next,
+            touched,
+            order,
+            reserves,
+            reserve_order,
+            ..
+        } = self;
+        let mut balance_change = 0i128;
+        for key in &order {
+            let (before, after) = touched[key];
+            next.account_changed(key, before, after);
+            balance_change += after as i128 - before.unwrap_or(0) as i128;
+        }
+        let changes: Vec<ReserveChange> = reserve_order
+            .iter()
+            .map(|&(owner, id)| {
+                let (before, after) = reserves[&(owner, id)];
+                ReserveChange {
+                    owner,
+                    id,
+                    before,
+                    after,
+                }
+            })
+            .collect();
+        for c in &changes {
+            next.reserve_changed(&c.owner, c.id, c.before.as_ref(), &c.after);
+            balance_change += c.held_change();
+        }
+        let accounts = order.iter().map(|k| (*k, touched[k].1)).collect();
+        (next, accounts, changes, balance_change)
+    }
+}
+
+fn same_balances(effect: &Effect, rc: &Receipt) -> bool {
+    (effect.signer_balance, effect.to_balance) == (rc.signer_balance, rc.to_balance)
+}
+
+/// A post, void or renewal must come with the record it found, as its body says.
+fn check_held<'a>(
+    op: &Operation,
+    effect: &Effect,
+    held: &mut impl Iterator<Item = &'a Held>,
+) -> std::result::Result<(), String> {
+    if !matches!(op.op, Op::Post | Op::Void | Op::Renew) {
+        return Ok(());
+    }
+    let found = effect.reserve.and_then(|c| c.before);
+    match held.next() {
+        Some(h) if found == Some(Reserve::Open(*h)) => Ok(()),
+        _ => Err("the body's reserve record is not the one the operation found".into()),
     }
 }

@@ -31,6 +31,7 @@ mod error;
 pub mod merkle;
 pub mod ports;
 pub mod replica;
+pub mod reserve;
 pub mod rules;
 pub mod sequencer;
 pub mod snapshot;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tally_wire::{Hash, PublicKey, SignedHeader};
 
 use crate::batch::BatchWrite;
+use crate::reserve::{Expiry, Reserve};
 use crate::state::LedgerMeta;
 use crate::Result;
 
@@ -23,6 +24,12 @@ pub trait LedgerRead {
     fn account(&mut self, key: &PublicKey) -> Result<Option<u64>>;
     /// Where the request `(signer, id)` was applied, if it was.
     fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>>;
+    /// The committed state of reserve `(owner, id)`, if it was ever made.
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<Reserve>>;
+    /// The first `limit` open reserves in deadline order ([`Expiry`] order).
+    fn expiries(&mut self, limit: usize) -> Result<Vec<Expiry>>;
+    /// The time (unix ms) of the applied header at `height` (0 for height 0).
+    fn header_time(&mut self, height: u64) -> Result<u64>;
 }
 
 /// Durable state of the ledger: one atomic, synced write of the state per batch (a store may
@@ -35,8 +42,9 @@ pub trait LedgerStore: LedgerRead {
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>>;
     /// The encoded batch body applied at `height`.
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>>;
-    /// The sum of every account's balance in the applied state (`GetSupply`); equal to the
-    /// meta's deposits minus withdrawals in a ledger that conserves money.
+    /// The sum of every account's balance in the applied state plus what open reserves hold
+    /// (`GetSupply`); equal to the meta's deposits minus withdrawals in a ledger that conserves
+    /// money.
     fn balance_total(&mut self) -> Result<u128>;
     /// Housekeeping the store would otherwise do inside the next `apply` (LevelDB's memtable
     /// flush and compactions), called when the caller is idle. Changes no state.
@@ -74,6 +82,7 @@ pub struct MemStore {
     pub requests: HashMap<(PublicKey, u128), RequestRecord>,
     pub headers: HashMap<u64, SignedHeader>,
     pub bodies: HashMap<u64, Vec<u8>>,
+    pub reserves: HashMap<(PublicKey, u128), Reserve>,
 }
 
 impl LedgerRead for MemStore {
@@ -82,6 +91,31 @@ impl LedgerRead for MemStore {
     }
     fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
         Ok(self.requests.get(&(*signer, id)).copied())
+    }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<Reserve>> {
+        Ok(self.reserves.get(&(*owner, id)).copied())
+    }
+    fn expiries(&mut self, limit: usize) -> Result<Vec<Expiry>> {
+        let mut open: Vec<Expiry> = self
+            .reserves
+            .iter()
+            .filter_map(|(&(owner, id), r)| {
+                r.open().map(|h| Expiry {
+                    at_ms: h.expires_at_ms,
+                    owner,
+                    id,
+                })
+            })
+            .collect();
+        open.sort_unstable();
+        open.truncate(limit);
+        Ok(open)
+    }
+    fn header_time(&mut self, height: u64) -> Result<u64> {
+        Ok(self
+            .headers
+            .get(&height)
+            .map_or(0, |h| h.header.time_unix_ms))
     }
 }
 
@@ -93,6 +127,9 @@ impl LedgerStore for MemStore {
         let height = write.meta.height;
         for (key, balance) in &write.accounts {
             self.accounts.insert(*key, *balance);
+        }
+        for c in &write.reserves {
+            self.reserves.insert((c.owner, c.id), c.after);
         }
         for r in &write.requests {
             self.requests.insert(
@@ -116,6 +153,7 @@ impl LedgerStore for MemStore {
         Ok(self.bodies.get(&height).cloned())
     }
     fn balance_total(&mut self) -> Result<u128> {
-        Ok(self.accounts.values().map(|b| *b as u128).sum())
+        let held: u128 = self.reserves.values().map(|r| r.held() as u128).sum();
+        Ok(self.accounts.values().map(|b| *b as u128).sum::<u128>() + held)
     }
 }

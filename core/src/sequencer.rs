@@ -13,17 +13,20 @@
 //!
 //! Caveat: the cache evicts in map order, not least-recently-used order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use std::sync::Arc;
 
-use tally_wire::{Envelope, ErrorCode, Hash, Header, Operation, PublicKey, Receipt, Request};
+use tally_wire::{Envelope, ErrorCode, Hash, Header, Op, Operation, PublicKey, Receipt, Request};
 
-use crate::batch::{BatchBody, BatchEntry, BatchItem, EnvelopeEntry, BATCH_REQUESTS_LIMIT};
+use crate::batch::{
+    BatchBody, BatchEntry, BatchItem, EnvelopeEntry, ExpireEntry, BATCH_REQUESTS_LIMIT,
+};
 use crate::crypto::{header_hash, request_hash};
 use crate::merkle::{leaf_hash, Tree};
 use crate::ports::{LedgerRead, RequestRecord};
-use crate::rules::{judge, Balances, Effect};
+use crate::reserve::{expire_hash, Expiry, Held, Reserve, EXPIRIES_PER_BATCH_MAX};
+use crate::rules::{judge, judge_expiry, Balances, Effect};
 use crate::state::LedgerMeta;
 use crate::{Rejection, Result};
 
@@ -69,6 +72,13 @@ struct Slot {
 }
 
 #[derive(Debug, Clone, Copy)]
+struct ReserveSlot {
+    state: Reserve,
+    /// As for [`Slot`].
+    modified_height: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
 struct KeySlot {
     height: u64,
     index: u32,
@@ -93,6 +103,16 @@ pub struct Sequencer {
     open_changes: HashMap<PublicKey, (Option<u64>, u64)>,
     /// Account lookups served from the map since the last [`Sequencer::take_cache_hits`].
     cache_hits: u64,
+    /// Reserves as [`Sequencer::accounts`] holds accounts.
+    reserves: HashMap<(PublicKey, u128), ReserveSlot>,
+    /// Reserves the open batch changed: state before the batch, state now.
+    open_reserve_changes: HashMap<(PublicKey, u128), (Option<Reserve>, Reserve)>,
+    /// The time of the last sealed batch (None until read from the store).
+    last_time: Option<u64>,
+    /// The open batch's time, fixed when its first item arrives: never before `last_time`.
+    open_time: u64,
+    /// No open reserve's deadline is before this (0: unknown, look).
+    expiry_hint: u64,
 }
 
 impl Sequencer {
@@ -110,7 +130,113 @@ impl Sequencer {
             open_leaves: 0,
             open_changes: HashMap::new(),
             cache_hits: 0,
+            reserves: HashMap::new(),
+            open_reserve_changes: HashMap::new(),
+            last_time: None,
+            open_time: 0,
+            expiry_hint: 0,
         }
+    }
+
+    /// Before the open batch's first item: fixes the batch's time (`unix_ms`, never before the
+    /// last batch's) and puts in the expiries then due, earliest deadline first, at most
+    /// [`EXPIRIES_PER_BATCH_MAX`] and leaving room for `room` more leaves. Nothing once the
+    /// batch has items.
+    pub fn open_batch(
+        &mut self,
+        unix_ms: u64,
+        room: u32,
+        store: &mut impl LedgerRead,
+    ) -> Result<()> {
+        if !self.open.is_empty() {
+            return Ok(());
+        }
+        let last = match self.last_time {
+            Some(t) => t,
+            None => *self.last_time.insert(store.header_time(self.meta.height)?),
+        };
+        self.open_time = unix_ms.max(last);
+        let room =
+            (self.cfg.batch_requests_max.saturating_sub(room) as usize).min(EXPIRIES_PER_BATCH_MAX);
+        if self.expiry_hint <= self.open_time && room > 0 {
+            self.expire_due(room, store)?;
+        }
+        Ok(())
+    }
+
+    /// The earliest deadline this sequencer knows of (u64::MAX: none; 0: unknown): the time
+    /// at which an idle leader opens a batch for expiries.
+    pub fn expiry_hint(&self) -> u64 {
+        self.expiry_hint
+    }
+
+    /// Expires up to `room` reserves due at the open batch's time, in [`Expiry`] order over the
+    /// speculative state: the store's open reserves, except those an unapplied batch changed,
+    /// whose state is this sequencer's.
+    fn expire_due(&mut self, room: usize, store: &mut impl LedgerRead) -> Result<()> {
+        let applied = self.applied_height;
+        let pinned: HashSet<(PublicKey, u128)> = self
+            .reserves
+            .iter()
+            .filter(|(_, r)| r.modified_height > applied)
+            .map(|(k, _)| *k)
+            .collect();
+        let limit = room + pinned.len() + 1;
+        let stored = store.expiries(limit)?;
+        let more_stored = (stored.len() == limit).then(|| stored.last().expect("full").at_ms);
+        let mut due: Vec<Expiry> = stored
+            .into_iter()
+            .filter(|e| !pinned.contains(&(e.owner, e.id)))
+            .chain(pinned.iter().filter_map(|k| {
+                let held = self.reserves[k].state.open().copied()?;
+                Some(Expiry {
+                    at_ms: held.expires_at_ms,
+                    owner: k.0,
+                    id: k.1,
+                })
+            }))
+            .collect();
+        due.sort_unstable();
+        let taken = due
+            .iter()
+            .take(room)
+            .take_while(|e| e.at_ms <= self.open_time)
+            .count();
+        for e in &due[..taken] {
+            self.expire(e, store)?;
+        }
+        let next = due.get(taken).map_or(u64::MAX, |e| e.at_ms);
+        self.expiry_hint = next.min(more_stored.unwrap_or(u64::MAX));
+        Ok(())
+    }
+
+    fn expire(&mut self, e: &Expiry, store: &mut impl LedgerRead) -> Result<()> {
+        let time = self.open_time;
+        let effect = judge_expiry(&e.owner, e.id, time, &mut self.reader(store))?
+            .expect("a due open reserve expires");
+        let held = effect
+            .reserve
+            .and_then(|c| c.before)
+            .and_then(|r| r.open().copied())
+            .expect("an expiry closes an open reserve");
+        let receipt = Receipt {
+            request_hash: expire_hash(&e.owner, e.id),
+            height: self.meta.height + 1,
+            index: self.open_leaves,
+            op: tally_wire::Op::Expire,
+            failed: None,
+            op_index: 0,
+            signer_balance: effect.signer_balance,
+            to_balance: effect.to_balance,
+        };
+        self.apply(&effect, self.meta.height + 1);
+        self.push(BatchItem::Expire(ExpireEntry {
+            owner: e.owner,
+            id: e.id,
+            held,
+            receipt,
+        }));
+        Ok(())
     }
 
     /// How many account lookups the cache answered since the last call (misses are the calls
@@ -161,15 +287,18 @@ impl Sequencer {
         &mut self,
         request: Request,
         snapshot_height: u64,
+        unix_ms: u64,
         store: &mut impl LedgerRead,
     ) -> Result<Submitted> {
         assert!(!self.is_full(), "submit to a full batch: seal it first");
+        self.open_batch(unix_ms, 1, store)?;
         let rh = request_hash(&request);
         if let Some(known) = self.known(&request.signer, request.id, snapshot_height, store)? {
             return Ok(self.same_key(known, rh));
         }
         let op = request.operation();
-        let effect = match judge(&request.signer, &op, &mut self.reader(store))? {
+        let time = self.open_time;
+        let effect = match judge(&request.signer, &op, time, &mut self.reader(store))? {
             Ok(effect) => effect,
             Err(rejection) => return Ok(Submitted::Rejected(rejection)),
         };
@@ -190,10 +319,12 @@ impl Sequencer {
         envelope: Arc<Envelope>,
         hash: Hash,
         snapshot_height: u64,
+        unix_ms: u64,
         store: &mut impl LedgerRead,
     ) -> Result<Submitted> {
         let n = envelope.ops.len() as u32;
         assert!(self.fits(n), "an envelope that does not fit: seal first");
+        self.open_batch(unix_ms, n, store)?;
         let signer = envelope.signer;
         for (i, op) in envelope.ops.iter().enumerate() {
             let Some(known) = self.known(&signer, op.id, snapshot_height, store)? else {
@@ -216,6 +347,13 @@ impl Sequencer {
             self.judge_each(&signer, &envelope.ops, store)?
         };
         let (height, first) = (self.meta.height + 1, self.open_leaves);
+        let held = results
+            .iter()
+            .zip(envelope.ops.iter())
+            .filter(|(_, op)| matches!(op.op, Op::Post | Op::Void | Op::Renew))
+            .filter_map(|(r, _)| r.as_ref().ok())
+            .map(held_before)
+            .collect();
         let mut receipts = Vec::with_capacity(envelope.ops.len());
         for (i, (op, result)) in envelope.ops.iter().zip(&results).enumerate() {
             receipts.push(self.receipt(hash, op, i as u16, result.as_ref()));
@@ -230,6 +368,7 @@ impl Sequencer {
             envelope,
             hash,
             receipts,
+            held,
         }));
         Ok(Submitted::Accepted {
             height,
@@ -245,16 +384,21 @@ impl Sequencer {
         ops: &[Operation],
         store: &mut impl LedgerRead,
     ) -> Result<std::result::Result<Vec<Effect>, (u32, Rejection)>> {
+        let time = self.open_time;
         let mut overlay = Overlay {
             reader: self.reader(store),
             pending: HashMap::new(),
+            reserves: HashMap::new(),
         };
         let mut effects = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
-            match judge(signer, op, &mut overlay)? {
+            match judge(signer, op, time, &mut overlay)? {
                 Ok(effect) => {
                     for &(key, _, after) in &effect.changes {
                         overlay.pending.insert(key, after);
+                    }
+                    if let Some(c) = effect.reserve {
+                        overlay.reserves.insert((c.owner, c.id), c.after);
                     }
                     effects.push(effect);
                 }
@@ -274,7 +418,8 @@ impl Sequencer {
         let height = self.meta.height + 1;
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
-            let result = judge(signer, op, &mut self.reader(store))?;
+            let time = self.open_time;
+            let result = judge(signer, op, time, &mut self.reader(store))?;
             if let Ok(effect) = &result {
                 self.apply(effect, height);
             }
@@ -341,8 +486,44 @@ impl Sequencer {
         for &(key, before, after) in &effect.changes {
             self.set(key, before, after, height);
         }
+        if let Some(c) = effect.reserve {
+            self.open_reserve_changes
+                .entry((c.owner, c.id))
+                .and_modify(|(_, now)| *now = c.after)
+                .or_insert((c.before, c.after));
+            self.reserves.insert(
+                (c.owner, c.id),
+                ReserveSlot {
+                    state: c.after,
+                    modified_height: height,
+                },
+            );
+            if let Reserve::Open(h) = c.after {
+                self.expiry_hint = self.expiry_hint.min(h.expires_at_ms);
+            }
+        }
         self.meta.total_deposited += effect.deposited as u128;
         self.meta.total_withdrawn += effect.withdrawn as u128;
+    }
+
+    fn reserve(
+        &mut self,
+        owner: &PublicKey,
+        id: u128,
+        store: &mut impl LedgerRead,
+    ) -> Result<Option<Reserve>> {
+        if let Some(slot) = self.reserves.get(&(*owner, id)) {
+            return Ok(Some(slot.state));
+        }
+        let state = store.reserve(owner, id)?;
+        if let Some(state) = state {
+            let slot = ReserveSlot {
+                state,
+                modified_height: 0,
+            };
+            self.reserves.insert((*owner, id), slot);
+        }
+        Ok(state)
     }
 
     fn remember(&mut self, signer: PublicKey, id: u128, index: u32, request_hash: Hash) {
@@ -413,8 +594,9 @@ impl Sequencer {
         );
     }
 
-    /// Closes the open batch (if it has any request) into a body with its header.
-    pub fn seal(&mut self, term: u64, time_unix_ms: u64) -> Option<BatchBody> {
+    /// Closes the open batch (if it has any item) into a body with its header; its time is
+    /// the one fixed when it opened.
+    pub fn seal(&mut self, term: u64) -> Option<BatchBody> {
         if self.open.is_empty() {
             return None;
         }
@@ -423,6 +605,12 @@ impl Sequencer {
         for (key, (before, after)) in self.open_changes.drain() {
             self.meta.account_changed(&key, before, after);
         }
+        for ((owner, id), (before, after)) in self.open_reserve_changes.drain() {
+            self.meta
+                .reserve_changed(&owner, id, before.as_ref(), &after);
+        }
+        let time_unix_ms = self.open_time;
+        self.last_time = Some(time_unix_ms);
         self.meta.height += 1;
         let leaves: Vec<Hash> = items
             .iter()
@@ -490,6 +678,11 @@ impl Sequencer {
                 }
             });
         }
+        if self.reserves.len() > self.cfg.accounts_cached_max {
+            let applied = self.applied_height;
+            self.reserves
+                .retain(|_, slot| slot.modified_height > applied);
+        }
     }
 }
 
@@ -510,6 +703,9 @@ impl<S: LedgerRead> Balances for Reader<'_, S> {
     fn balance(&mut self, key: &PublicKey) -> Result<Option<u64>> {
         self.seq.balance(key, self.store)
     }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<Reserve>> {
+        self.seq.reserve(owner, id, self.store)
+    }
 }
 
 /// The speculative state plus an atomic envelope's effects so far, which are not applied
@@ -517,6 +713,7 @@ impl<S: LedgerRead> Balances for Reader<'_, S> {
 struct Overlay<'a, S> {
     reader: Reader<'a, S>,
     pending: HashMap<PublicKey, u64>,
+    reserves: HashMap<(PublicKey, u128), Reserve>,
 }
 
 impl<S: LedgerRead> Balances for Overlay<'_, S> {
@@ -526,4 +723,19 @@ impl<S: LedgerRead> Balances for Overlay<'_, S> {
             None => self.reader.balance(key),
         }
     }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<Reserve>> {
+        match self.reserves.get(&(*owner, id)) {
+            Some(&r) => Ok(Some(r)),
+            None => self.reader.reserve(owner, id),
+        }
+    }
+}
+
+/// The record a post, void or renewal found.
+fn held_before(effect: &Effect) -> Held {
+    effect
+        .reserve
+        .and_then(|c| c.before)
+        .and_then(|r| r.open().copied())
+        .expect("a post, void or renewal acts on an open reserve")
 }

@@ -21,8 +21,9 @@ use tally_wire::{Hash, Op, PublicKey};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
-use crate::batch::BatchBody;
+use crate::batch::{BatchBody, BatchItem};
 use crate::crypto::sha256;
+use crate::reserve::{Held, Reserve, HELD_BYTES};
 use crate::tlog::{open_note, origin_for, sign_note};
 use crate::{Error, Result};
 
@@ -35,10 +36,13 @@ pub const CHUNK_ROWS_MAX: usize = 16_384;
 const MANIFEST_MAGIC: &str = "tally-snapshot 2";
 const TAG_ACCOUNT: u8 = 1;
 const TAG_REQUEST: u8 = 2;
+const TAG_RESERVE: u8 = 3;
 /// tag ‖ public key ‖ balance u64 LE
 pub const ACCOUNT_ROW_BYTES: usize = 1 + 32 + 8;
 /// tag ‖ signer ‖ id u128 BE ‖ height u64 LE ‖ index u32 LE ‖ request hash
 pub const REQUEST_ROW_BYTES: usize = 1 + 32 + 16 + 8 + 4 + 32;
+/// tag ‖ owner ‖ id u128 BE ‖ state u8 ‖ held (80, zero unless open): see [`Reserve::encode`]
+pub const RESERVE_ROW_BYTES: usize = 1 + 32 + 16 + 1 + HELD_BYTES;
 
 pub fn manifest_key(height: u64) -> String {
     format!("{MANIFEST_PREFIX}{height:020}")
@@ -75,6 +79,11 @@ pub enum Row {
         id: u128,
         at: RequestAt,
     },
+    Reserve {
+        owner: PublicKey,
+        id: u128,
+        reserve: Reserve,
+    },
 }
 
 impl Row {
@@ -93,6 +102,14 @@ impl Row {
                 out.extend_from_slice(&at.index.to_le_bytes());
                 out.extend_from_slice(&at.request_hash);
             }
+            Row::Reserve { owner, id, reserve } => {
+                out.push(TAG_RESERVE);
+                out.extend_from_slice(owner);
+                out.extend_from_slice(&id.to_be_bytes());
+                let mut record = reserve.encode();
+                record.resize(1 + HELD_BYTES, 0);
+                out.extend_from_slice(&record);
+            }
         }
     }
 }
@@ -106,27 +123,44 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Row>> {
         let len = match tag {
             TAG_ACCOUNT => ACCOUNT_ROW_BYTES,
             TAG_REQUEST => REQUEST_ROW_BYTES,
+            TAG_RESERVE => RESERVE_ROW_BYTES,
             _ => return Err(bad("unknown row tag")),
         };
         if rest.len() < len {
             return Err(bad("truncated row"));
         }
         let (row, tail) = rest.split_at(len);
-        rows.push(decode_row(row));
+        rows.push(decode_row(row)?);
         rest = tail;
     }
     Ok(rows)
 }
 
-fn decode_row(row: &[u8]) -> Row {
+fn decode_row(row: &[u8]) -> Result<Row> {
     let key: PublicKey = row[1..33].try_into().expect("32");
     if row[0] == TAG_ACCOUNT {
-        return Row::Account {
+        return Ok(Row::Account {
             key,
             balance: u64::from_le_bytes(row[33..41].try_into().expect("8")),
-        };
+        });
     }
-    Row::Request {
+    if row[0] == TAG_RESERVE {
+        let record = &row[49..];
+        let closed = record[0] != 1;
+        let len = if closed { 1 } else { record.len() };
+        if closed && record[1..].iter().any(|b| *b != 0) {
+            return Err(Error::Verify(
+                "snapshot chunk: a closed reserve with a record".into(),
+            ));
+        }
+        return Ok(Row::Reserve {
+            owner: key,
+            id: u128::from_be_bytes(row[33..49].try_into().expect("16")),
+            reserve: Reserve::decode(&record[..len])
+                .map_err(|e| Error::Verify(format!("snapshot chunk: {e}")))?,
+        });
+    }
+    Ok(Row::Request {
         signer: key,
         id: u128::from_be_bytes(row[33..49].try_into().expect("16")),
         at: RequestAt {
@@ -134,7 +168,7 @@ fn decode_row(row: &[u8]) -> Row {
             index: u32::from_le_bytes(row[57..61].try_into().expect("4")),
             request_hash: row[61..93].try_into().expect("32"),
         },
-    }
+    })
 }
 
 /// What batches change, gathered for a differential snapshot: accounts (last balance wins),
@@ -143,43 +177,103 @@ fn decode_row(row: &[u8]) -> Row {
 pub struct Delta {
     pub accounts: BTreeMap<PublicKey, u64>,
     pub requests: BTreeMap<(PublicKey, u128), RequestAt>,
+    pub reserves: BTreeMap<(PublicKey, u128), Reserve>,
     pub deposited: u128,
     pub withdrawn: u128,
 }
 
 impl Delta {
-    /// Adds one batch's effects, from its receipts.
+    /// Adds one batch's effects, from its receipts and the reserve records its body carries.
     pub fn add_batch(&mut self, body: &BatchBody) {
-        for (signer, op, rc) in body.operations() {
-            // A failed operation of an independent envelope changed no balance, but its id is
-            // used: it is a request row like any other.
-            if rc.failed.is_none() {
-                match op.op {
-                    Op::Deposit => {
-                        self.deposited += op.amount as u128;
-                        self.accounts.insert(op.to, rc.to_balance);
-                    }
-                    Op::Transfer => {
-                        self.accounts.insert(*signer, rc.signer_balance);
-                        self.accounts.insert(op.to, rc.to_balance);
-                    }
-                    Op::Withdraw => {
-                        self.withdrawn += op.amount as u128;
-                        self.accounts.insert(*signer, rc.signer_balance);
-                    }
+        let time = body.header.time_unix_ms;
+        for (item, first) in body.items.iter().zip(body.item_starts()) {
+            let signer = *item.signer();
+            let mut held = match item {
+                BatchItem::Envelope(e) => e.held.iter(),
+                BatchItem::Expire(e) => {
+                    self.accounts.insert(e.owner, e.receipt.signer_balance);
+                    self.reserves.insert((e.owner, e.id), Reserve::Expired);
+                    continue;
                 }
-            }
-            let at = RequestAt {
-                height: body.header.height,
-                index: rc.index,
-                request_hash: rc.request_hash,
+                BatchItem::Request(_) => [].iter(),
             };
-            self.requests.insert((*signer, op.id), at);
+            for (i, (op, rc)) in item.operations().into_iter().enumerate() {
+                // A failed operation of an independent envelope changed nothing, but its id is
+                // used: it is a request row like any other.
+                if rc.failed.is_none() {
+                    let record = matches!(op.op, Op::Post | Op::Void | Op::Renew)
+                        .then(|| *held.next().expect("a record per applied post, void, renew"));
+                    self.add_operation(&signer, &op, rc, record, time);
+                }
+                let at = RequestAt {
+                    height: body.header.height,
+                    index: first + i as u32,
+                    request_hash: rc.request_hash,
+                };
+                self.requests.insert((signer, op.id), at);
+            }
+        }
+    }
+
+    /// The rows one applied operation changes. `held`: the record a post, void or renewal found.
+    fn add_operation(
+        &mut self,
+        signer: &PublicKey,
+        op: &tally_wire::Operation,
+        rc: &tally_wire::Receipt,
+        held: Option<Held>,
+        time: u64,
+    ) {
+        let owner = if op.party == [0; 32] {
+            *signer
+        } else {
+            op.party
+        };
+        match op.op {
+            Op::Deposit => {
+                self.deposited += op.amount as u128;
+                self.accounts.insert(op.to, rc.to_balance);
+            }
+            Op::Transfer => {
+                self.accounts.insert(*signer, rc.signer_balance);
+                self.accounts.insert(op.to, rc.to_balance);
+            }
+            Op::Withdraw => {
+                self.withdrawn += op.amount as u128;
+                self.accounts.insert(*signer, rc.signer_balance);
+            }
+            Op::Reserve => {
+                self.accounts.insert(*signer, rc.signer_balance);
+                let held = Held {
+                    to: op.to,
+                    party: op.party,
+                    amount: op.amount,
+                    expires_at_ms: time.saturating_add(op.timeout_ms),
+                };
+                self.reserves.insert((*signer, op.id), Reserve::Open(held));
+            }
+            Op::Post | Op::Void | Op::Renew => {
+                let held = held.expect("the body's record");
+                self.accounts.insert(owner, rc.signer_balance);
+                let after = match op.op {
+                    Op::Post => {
+                        self.accounts.insert(held.to, rc.to_balance);
+                        Reserve::Posted
+                    }
+                    Op::Void => Reserve::Voided,
+                    _ => Reserve::Open(Held {
+                        expires_at_ms: time.saturating_add(op.timeout_ms),
+                        ..held
+                    }),
+                };
+                self.reserves.insert((owner, op.reserve_id), after);
+            }
+            Op::Expire => unreachable!("expiries are items of their own"),
         }
     }
 
     pub fn rows(&self) -> usize {
-        self.accounts.len() + self.requests.len()
+        self.accounts.len() + self.requests.len() + self.reserves.len()
     }
 
     /// The rows in key order (accounts, then requests), cut into chunks.
@@ -195,6 +289,11 @@ impl Delta {
                 signer: *signer,
                 id: *id,
                 at: *at,
+            }))
+            .chain(self.reserves.iter().map(|((owner, id), r)| Row::Reserve {
+                owner: *owner,
+                id: *id,
+                reserve: *r,
             }));
         cut_chunks(rows)
     }
@@ -203,6 +302,7 @@ impl Delta {
     pub fn merge(&mut self, later: Delta) {
         self.accounts.extend(later.accounts);
         self.requests.extend(later.requests);
+        self.reserves.extend(later.reserves);
         self.deposited += later.deposited;
         self.withdrawn += later.withdrawn;
     }
@@ -217,6 +317,9 @@ impl Delta {
                 }
                 Row::Request { signer, id, at } => {
                     d.requests.insert((signer, id), at);
+                }
+                Row::Reserve { owner, id, reserve } => {
+                    d.reserves.insert((owner, id), reserve);
                 }
             }
         }
@@ -236,7 +339,10 @@ fn cut_chunks(rows: impl Iterator<Item = Row>) -> Vec<Vec<u8>> {
         count += 1;
         let key_bytes = match &row {
             Row::Account { key, .. } => key.to_vec(),
-            Row::Request { signer, id, .. } => [&signer[..], &id.to_be_bytes()].concat(),
+            Row::Request { signer, id, .. }
+            | Row::Reserve {
+                owner: signer, id, ..
+            } => [&signer[..], &id.to_be_bytes()].concat(),
         };
         let h = sha256(&[&key_bytes]);
         if count == CHUNK_ROWS_MAX || (h[0] == 0 && h[1] & 0x03 == 0) {

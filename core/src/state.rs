@@ -68,6 +68,22 @@ impl LedgerMeta {
         self.account_sum = add256(&self.account_sum, &account_term(key, new));
     }
 
+    /// Records that reserve `(owner, id)` went from `old` (None: did not exist) to `new`. Its
+    /// term joins the accounts' in `account_sum`; `account_count` counts accounts only.
+    pub fn reserve_changed(
+        &mut self,
+        owner: &PublicKey,
+        id: u128,
+        old: Option<&crate::reserve::Reserve>,
+        new: &crate::reserve::Reserve,
+    ) {
+        use crate::reserve::reserve_term;
+        if let Some(old) = old {
+            self.account_sum = sub256(&self.account_sum, &reserve_term(owner, id, old));
+        }
+        self.account_sum = add256(&self.account_sum, &reserve_term(owner, id, new));
+    }
+
     /// Total balance the ledger must hold: deposits minus withdrawals (conservation).
     pub fn expected_total(&self) -> u128 {
         self.total_deposited - self.total_withdrawn

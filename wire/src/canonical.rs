@@ -32,6 +32,18 @@ pub enum Op {
     Transfer = 2,
     /// Debit `signer` by `amount`; `to` is all zero.
     Withdraw = 3,
+    /// Hold `amount` of the signer's balance for `to` until `timeout_ms` after the batch's time
+    /// (two-phase transfer, first phase). Envelopes only.
+    Reserve = 4,
+    /// Capture all of a reserve (`amount` 0) or part of it; the rest returns to its owner.
+    Post = 5,
+    /// Release a reserve to its owner.
+    Void = 6,
+    /// Move a reserve's expiry to `timeout_ms` after the batch's time (a lease renewed).
+    Renew = 7,
+    /// A reserve's timeout passed: its amount returns to its owner. Never submitted: the leader
+    /// adds it to a batch (PROTOCOL.md §4.10).
+    Expire = 8,
 }
 
 impl Op {
@@ -40,8 +52,23 @@ impl Op {
             1 => Some(Op::Deposit),
             2 => Some(Op::Transfer),
             3 => Some(Op::Withdraw),
+            4 => Some(Op::Reserve),
+            5 => Some(Op::Post),
+            6 => Some(Op::Void),
+            7 => Some(Op::Renew),
+            8 => Some(Op::Expire),
             _ => None,
         }
+    }
+
+    /// Whether a single request (not only an envelope) may carry this kind.
+    pub fn is_single(self) -> bool {
+        matches!(self, Op::Deposit | Op::Transfer | Op::Withdraw)
+    }
+
+    /// Whether this kind acts on a reserve (two-phase transfers).
+    pub fn is_two_phase(self) -> bool {
+        !self.is_single()
     }
 
     pub fn name(self) -> &'static str {
@@ -49,6 +76,11 @@ impl Op {
             Op::Deposit => "deposit",
             Op::Transfer => "transfer",
             Op::Withdraw => "withdraw",
+            Op::Reserve => "reserve",
+            Op::Post => "post",
+            Op::Void => "void",
+            Op::Renew => "renew",
+            Op::Expire => "expire",
         }
     }
 }
@@ -105,10 +137,12 @@ impl Request {
             });
         }
         let chain_id = r.array("request.chain_id")?;
-        let op = Op::from_u8(r.u8("request.op")?).ok_or(WireError::Invalid {
-            field: "request.op",
-            reason: "unknown operation",
-        })?;
+        let op = Op::from_u8(r.u8("request.op")?)
+            .filter(|op| op.is_single())
+            .ok_or(WireError::Invalid {
+                field: "request.op",
+                reason: "not a deposit, transfer or withdrawal (other kinds travel in envelopes)",
+            })?;
         let reserved: [u8; 7] = r.array("request.reserved")?;
         if reserved != [0; 7] {
             return Err(WireError::Invalid {

@@ -34,57 +34,120 @@ pub const ENVELOPE_CONFIRMATION_BYTES_MAX: u32 = (1
     + 13
     + 32 * RANGE_PROOF_HASHES_MAX) as u32;
 
+/// The longest timeout a reserve may have, from its batch's time: 365 days.
+pub const RESERVE_TIMEOUT_MS_MAX: u64 = 365 * 24 * 3600 * 1000;
+
 /// One operation as a signer asks for it, without the signer and the signature (which the
 /// request or envelope that carries it supplies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Operation {
     pub op: Op,
-    /// Client-chosen, unique per signer across requests and envelopes.
+    /// Client-chosen, unique per signer across requests and envelopes. A reserve is known by
+    /// `(signer, id)` of the operation that made it.
     pub id: u128,
-    /// The credited account (all zero for a withdrawal).
+    /// The credited account (all zero for a withdrawal and the kinds after `reserve`).
     pub to: PublicKey,
+    /// The amount (for `post`: 0 captures the whole reserve; 0 for `void` and `renew`).
     pub amount: u64,
+    /// `reserve` and `renew`: how long after the batch's time the reserve expires.
+    pub timeout_ms: u64,
+    /// `post`, `void`, `renew`: the id of the reserve acted on.
+    pub reserve_id: u128,
+    /// `reserve`: the account that may post, void or renew besides the owner (zero: none).
+    /// `post`, `void`, `renew`: the reserve's owner (zero: the signer).
+    pub party: PublicKey,
 }
 
 impl Operation {
+    /// A deposit, transfer or withdrawal: the two-phase fields zero.
+    pub const fn single(op: Op, id: u128, to: PublicKey, amount: u64) -> Operation {
+        Operation {
+            op,
+            id,
+            to,
+            amount,
+            timeout_ms: 0,
+            reserve_id: 0,
+            party: [0; 32],
+        }
+    }
+
     /// kind u8 ‖ reserved 7 ‖ id u128 ‖ to 32 ‖ amount u64 ‖ timeout_ms u64 ‖ reserve_id u128 ‖
-    /// party 32; the last three are for two-phase transfers and zero for the kinds defined now.
+    /// party 32 (PROTOCOL.md §4.7).
     pub fn write(&self, out: &mut Vec<u8>) {
         out.push(self.op as u8);
         out.extend_from_slice(&[0; 7]);
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.to);
         out.extend_from_slice(&self.amount.to_le_bytes());
-        out.extend_from_slice(&[0; 8 + 16 + 32]);
+        out.extend_from_slice(&self.timeout_ms.to_le_bytes());
+        out.extend_from_slice(&self.reserve_id.to_le_bytes());
+        out.extend_from_slice(&self.party);
     }
 
     fn read(r: &mut Reader<'_>, signer: &PublicKey) -> Result<Operation, WireError> {
-        let op = Op::from_u8(r.u8("operation.kind")?).ok_or(WireError::Invalid {
-            field: "operation.kind",
-            reason: "unknown operation",
-        })?;
+        let op = Op::from_u8(r.u8("operation.kind")?)
+            .filter(|op| *op != Op::Expire)
+            .ok_or(WireError::Invalid {
+                field: "operation.kind",
+                reason: "unknown operation (kinds 1 to 7)",
+            })?;
         zeros(r.take(7, "operation.reserved")?, "operation.reserved")?;
-        let id = u128::from_le_bytes(r.array("operation.id")?);
-        let to: PublicKey = r.array("operation.to")?;
-        let amount = r.u64("operation.amount")?;
-        zeros(
-            r.take(8 + 16 + 32, "operation.two_phase")?,
-            "operation.two_phase",
-        )?;
-        check_operation(op, signer, &to, amount)?;
-        Ok(Operation { op, id, to, amount })
+        let o = Operation {
+            op,
+            id: u128::from_le_bytes(r.array("operation.id")?),
+            to: r.array("operation.to")?,
+            amount: r.u64("operation.amount")?,
+            timeout_ms: r.u64("operation.timeout_ms")?,
+            reserve_id: u128::from_le_bytes(r.array("operation.reserve_id")?),
+            party: r.array("operation.party")?,
+        };
+        if op.is_single() {
+            if o.timeout_ms != 0 || o.reserve_id != 0 || o.party != [0; 32] {
+                return Err(invalid("operation.two_phase", "must be zero"));
+            }
+            check_operation(op, signer, &o.to, o.amount)?;
+        } else {
+            check_two_phase(&o, signer)?;
+        }
+        Ok(o)
+    }
+}
+
+/// The layout rules of the two-phase kinds (PROTOCOL.md §4.7).
+fn check_two_phase(o: &Operation, signer: &PublicKey) -> Result<(), WireError> {
+    let timeout_ok = (1..=RESERVE_TIMEOUT_MS_MAX).contains(&o.timeout_ms);
+    match o.op {
+        Op::Reserve if o.amount == 0 => {
+            Err(invalid("operation.amount", "must be greater than zero"))
+        }
+        Op::Reserve if o.to == [0; 32] => Err(invalid(
+            "operation.to",
+            "the all-zero key belongs to nobody: funds sent there would be lost",
+        )),
+        Op::Reserve if &o.to == signer => Err(invalid(
+            "operation.to",
+            "a reserve for oneself moves nothing",
+        )),
+        Op::Reserve if o.reserve_id != 0 => Err(invalid("operation.reserve_id", "must be zero")),
+        Op::Reserve | Op::Renew if !timeout_ok => {
+            Err(invalid("operation.timeout_ms", "must be 1 ms to 365 days"))
+        }
+        Op::Post | Op::Void | Op::Renew if o.to != [0; 32] => {
+            Err(invalid("operation.to", "must be zero"))
+        }
+        Op::Void | Op::Renew if o.amount != 0 => Err(invalid("operation.amount", "must be zero")),
+        Op::Post | Op::Void if o.timeout_ms != 0 => {
+            Err(invalid("operation.timeout_ms", "must be zero"))
+        }
+        _ => Ok(()),
     }
 }
 
 impl Request {
     /// The operation this request asks for.
     pub fn operation(&self) -> Operation {
-        Operation {
-            op: self.op,
-            id: self.id,
-            to: self.to,
-            amount: self.amount,
-        }
+        Operation::single(self.op, self.id, self.to, self.amount)
     }
 }
 

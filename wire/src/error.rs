@@ -126,6 +126,11 @@ error_codes! {
     InsufficientFunds = 21, "insufficient_funds", Later;
     AmountOverflow = 22, "amount_overflow", Never;
     IdConflict = 23, "id_conflict", Never;
+    ReserveNotFound = 24, "reserve_not_found", Never;
+    ReserveClosed = 25, "reserve_closed", Never;
+    ReserveExpired = 26, "reserve_expired", Never;
+    PostExceedsReserve = 27, "post_exceeds_reserve", Never;
+    NotAReserveParty = 28, "not_a_reserve_party", Never;
     Busy = 30, "busy", Later;
     NotLeader = 31, "not_leader", Elsewhere;
     Unavailable = 32, "unavailable", Later;

@@ -915,7 +915,7 @@ impl World {
                 amount,
             )
         };
-        (effect, Operation { op, id, to, amount })
+        (effect, Operation::single(op, id, to, amount))
     }
 
     /// What is known of a submission's outcome, and how many copies went out (None for a read).

@@ -374,6 +374,9 @@ pub fn find_confirmation<S: LedgerStore>(
                 proof,
             }))
         }
+        crate::batch::BatchItem::Expire(_) => {
+            return Err(corrupt("the request index names an expiry".into()))
+        }
     }))
 }
 
@@ -423,5 +426,14 @@ impl<S: LedgerStore> LedgerRead for CachedRead<'_, S> {
     }
     fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
         self.store.request(signer, id)
+    }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<crate::reserve::Reserve>> {
+        self.store.reserve(owner, id)
+    }
+    fn expiries(&mut self, limit: usize) -> Result<Vec<crate::reserve::Expiry>> {
+        self.store.expiries(limit)
+    }
+    fn header_time(&mut self, height: u64) -> Result<u64> {
+        self.store.header_time(height)
     }
 }

@@ -194,7 +194,7 @@ impl<R> Master<R> {
     ) -> Result<()> {
         let rh = request_hash(&request);
         self.sequence(reply, rh, p, out, |seq| {
-            seq.submit(request, snapshot_height, store)
+            seq.submit(request, snapshot_height, p.unix_ms, store)
         })
     }
 
@@ -228,7 +228,7 @@ impl<R> Master<R> {
             }
         }
         self.sequence(reply, hash, p, out, |seq| {
-            seq.submit_envelope(envelope, hash, snapshot_height, store)
+            seq.submit_envelope(envelope, hash, snapshot_height, p.unix_ms, store)
         })
     }
 
@@ -294,6 +294,25 @@ impl<R> Master<R> {
         Ok(())
     }
 
+    /// With no batch open, opens one for the reserves whose deadline the clock has reached, if
+    /// any (an idle leader's expiries); [`Master::poll`] then closes it by the usual rules. An
+    /// `Err` is a failed read: the replica must stop.
+    pub fn expire(&mut self, p: &Poll, store: &mut impl LedgerRead) -> Result<()> {
+        let Some(l) = self.leading.as_mut() else {
+            return Ok(());
+        };
+        if self.opened_at.is_some() || l.sequencer.expiry_hint() > p.unix_ms {
+            return Ok(());
+        }
+        l.sequencer
+            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        l.sequencer.open_batch(p.unix_ms, 0, store)?;
+        if l.sequencer.open_len() > 0 {
+            self.opened_at = Some(p.now_ms);
+        }
+        Ok(())
+    }
+
     /// Seals the open batch if it is due and the in-flight bound allows; returns whether it did.
     pub fn poll(&mut self, p: &Poll, out: &mut Vec<MasterOut<R>>) -> bool {
         match self.due(p) {
@@ -314,7 +333,7 @@ impl<R> Master<R> {
         }
         let open_ms = self.opened_at.map_or(0, |t| p.now_ms.saturating_sub(t));
         self.opened_at = None;
-        let Some(body) = l.sequencer.seal(l.term, p.unix_ms) else {
+        let Some(body) = l.sequencer.seal(l.term) else {
             assert!(self.open.is_empty(), "waiters without requests");
             return false;
         };
@@ -362,10 +381,14 @@ impl<R> Master<R> {
         (in_flight < self.cfg.in_flight_max || p.stopping).then_some(close)
     }
 
-    /// When the runtime must poll again at the latest (monotonic ms), if a batch is open: the
-    /// end of an idle close's wait while it is ahead, then the end of the window.
-    pub fn next_poll_ms(&self, now_ms: u64) -> Option<u64> {
-        let t = self.opened_at?;
+    /// When the runtime must poll again at the latest (monotonic ms): if a batch is open, the
+    /// end of an idle close's wait while it is ahead, then the end of the window; if none is,
+    /// the earliest reserve deadline (by the wall clock `unix_ms`) while leading.
+    pub fn next_poll_ms(&self, now_ms: u64, unix_ms: u64) -> Option<u64> {
+        let Some(t) = self.opened_at else {
+            let hint = self.leading.as_ref()?.sequencer.expiry_hint();
+            return (hint != u64::MAX).then(|| now_ms + hint.saturating_sub(unix_ms));
+        };
         let idle_wait = t + self.cfg.window_ms / IDLE_WAIT_WINDOW_FRACTION;
         Some(if self.cfg.close_idle && idle_wait > now_ms {
             idle_wait

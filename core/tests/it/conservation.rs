@@ -318,6 +318,9 @@ impl Sim {
             id: self.next_id,
             to,
             amount,
+            timeout_ms: 0,
+            reserve_id: 0,
+            party: [0; 32],
         }
     }
 

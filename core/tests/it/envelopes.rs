@@ -27,6 +27,9 @@ fn op(kind: Op, id: u128, to: u8, amount: u64) -> Operation {
             pk(to)
         },
         amount,
+        timeout_ms: 0,
+        reserve_id: 0,
+        party: [0; 32],
     }
 }
 

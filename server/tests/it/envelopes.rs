@@ -21,6 +21,9 @@ fn transfer(id: u128, to: &SigningKey, amount: u64) -> Operation {
         id,
         to: public_key(to),
         amount,
+        timeout_ms: 0,
+        reserve_id: 0,
+        party: [0; 32],
     }
 }
 

@@ -14,6 +14,9 @@ fn operation(id: u128, op: Op) -> Operation {
             [0x22; 32]
         },
         amount: 10 + id as u64,
+        timeout_ms: 0,
+        reserve_id: 0,
+        party: [0; 32],
     }
 }
 

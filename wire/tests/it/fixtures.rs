@@ -294,12 +294,18 @@ pub fn envelope_messages() -> Vec<Message> {
             id: 1,
             to: [0x22; 32],
             amount: 5,
+            timeout_ms: 0,
+            reserve_id: 0,
+            party: [0; 32],
         },
         Operation {
             op: Op::Withdraw,
             id: 2,
             to: [0; 32],
             amount: 7,
+            timeout_ms: 0,
+            reserve_id: 0,
+            party: [0; 32],
         },
     ];
     let mut second = receipt();
@@ -352,6 +358,9 @@ pub fn envelope_messages() -> Vec<Message> {
                     id: 3,
                     to: [0x22; 32],
                     amount: 9,
+                    timeout_ms: 0,
+                    reserve_id: 0,
+                    party: [0; 32],
                 }],
                 signature: [0x5e; 64],
             },
