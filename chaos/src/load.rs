@@ -195,9 +195,6 @@ impl Recorder {
             submissions: 1,
             state: OpState::InFlight,
             retried: false,
-            timeout_ms: 0,
-            reserve_id: 0,
-            party: [0; 32],
         });
         h.ops.len() - 1
     }

@@ -519,9 +519,6 @@ impl Inner {
             redirects_in_a_row: 0,
             lost_connections: 0,
             queued: None,
-            timeout_ms: 0,
-            reserve_id: 0,
-            party: [0; 32],
         };
         let mut last = Error::Timeout;
         loop {

@@ -317,10 +317,12 @@ pub(crate) mod tests {
             build_request(&alice, chain_id, Op::Withdraw, 3, [0; 32], 5),
         ];
         for r in requests {
-            let outcome = sequencer.submit(r, 0, &mut store).unwrap();
+            let outcome = sequencer
+                .submit(r, 0, 1_700_000_000_000, &mut store)
+                .unwrap();
             assert!(matches!(outcome, Submitted::Accepted { .. }), "{outcome:?}");
         }
-        let body = sequencer.seal(1, 1_700_000_000_000).unwrap();
+        let body = sequencer.seal(1).unwrap();
         let write = prepare_apply(
             &body,
             body.encode(),

@@ -49,35 +49,83 @@ pub fn parse_operations(text: &str) -> Result<Vec<Operation>> {
     Ok(ops)
 }
 
+/// One JSON operation: `op` is deposit, transfer, withdraw, reserve, post, void or renew;
+/// `id` always; `to` and `amount` as the kind needs; `timeout_ms` for reserve and renew;
+/// `reserve_id` for post, void and renew; `party` (reserve: who else may act on it) and
+/// `owner` (post, void, renew: whose reserve, if not the signer's) as hex public keys.
 fn parse_operation(v: &Value) -> std::result::Result<Operation, String> {
     let op = match v.get("op").and_then(Value::as_str) {
         Some("deposit") => Op::Deposit,
         Some("transfer") => Op::Transfer,
         Some("withdraw") => Op::Withdraw,
+        Some("reserve") => Op::Reserve,
+        Some("post") => Op::Post,
+        Some("void") => Op::Void,
+        Some("renew") => Op::Renew,
         other => {
             return Err(format!(
-                "\"op\" must be deposit, transfer or withdraw, not {other:?}"
+                "\"op\" must be deposit, transfer, withdraw, reserve, post, void or renew, not {other:?}"
             ))
         }
     };
-    let id = match v.get("id") {
+    let id = integer(v, "id")?
+        .ok_or("\"id\" must be a non-negative integer (a number or a decimal string)")?;
+    let amount = v
+        .get("amount")
+        .map(|a| {
+            a.as_u64()
+                .ok_or("\"amount\" must be a non-negative integer")
+        })
+        .transpose()?;
+    let key = |name: &str| -> std::result::Result<Option<[u8; 32]>, String> {
+        v.get(name)
+            .map(|k| {
+                let hex = k
+                    .as_str()
+                    .ok_or(format!("\"{name}\" must be a hex public key"))?;
+                parse_public_key(hex).map_err(|e| e.to_string())
+            })
+            .transpose()
+    };
+    let mut o = Operation::single(op, id, [0; 32], amount.unwrap_or(0));
+    match op {
+        Op::Withdraw if v.get("to").is_some() => return Err("a withdrawal has no \"to\"".into()),
+        Op::Withdraw => {}
+        Op::Deposit | Op::Transfer | Op::Reserve => {
+            o.to = key("to")?.ok_or(format!("a {} needs \"to\"", op.name()))?;
+        }
+        _ => {
+            o.reserve_id =
+                integer(v, "reserve_id")?.ok_or(format!("a {} needs \"reserve_id\"", op.name()))?;
+            o.party = key("owner")?.unwrap_or([0; 32]);
+        }
+    }
+    if op == Op::Reserve {
+        o.party = key("party")?.unwrap_or([0; 32]);
+    }
+    if matches!(op, Op::Reserve | Op::Renew) {
+        o.timeout_ms = v
+            .get("timeout_ms")
+            .and_then(Value::as_u64)
+            .ok_or(format!("a {} needs \"timeout_ms\"", op.name()))?;
+    }
+    if !matches!(op, Op::Post | Op::Void | Op::Renew) && o.amount == 0 {
+        return Err("\"amount\" must be a positive integer".into());
+    }
+    Ok(o)
+}
+
+/// An integer field given as a JSON number or a decimal string.
+fn integer(v: &Value, name: &str) -> std::result::Result<Option<u128>, String> {
+    let parsed = match v.get(name) {
+        None => return Ok(None),
         Some(Value::Number(n)) => n.as_u64().map(u128::from),
         Some(Value::String(s)) => s.parse().ok(),
         _ => None,
-    }
-    .ok_or("\"id\" must be a non-negative integer (a number or a decimal string)")?;
-    let amount = v
-        .get("amount")
-        .and_then(Value::as_u64)
-        .filter(|a| *a > 0)
-        .ok_or("\"amount\" must be a positive integer")?;
-    let to = match (op, v.get("to").and_then(Value::as_str)) {
-        (Op::Withdraw, None) => [0; 32],
-        (Op::Withdraw, Some(_)) => return Err("a withdrawal has no \"to\"".into()),
-        (_, Some(hex)) => parse_public_key(hex).map_err(|e| e.to_string())?,
-        (_, None) => return Err(format!("a {} needs \"to\"", op.name())),
     };
-    Ok(Operation::single(op, id, to, amount))
+    parsed.map(Some).ok_or(format!(
+        "\"{name}\" must be a non-negative integer (a number or a decimal string)"
+    ))
 }
 
 /// Builds and signs an envelope.

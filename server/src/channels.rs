@@ -15,6 +15,7 @@ use tally_core::engine::members::MemberChange;
 use tally_core::engine::{Refusal, Waiter};
 use tally_core::ports::RequestRecord;
 use tally_core::replica::ReplicaStatus;
+use tally_core::reserve::{Expiry, Reserve};
 use tally_core::state::LedgerMeta;
 use tally_core::{Rejection, Result as CoreResult};
 use tally_wire::{
@@ -209,6 +210,21 @@ pub enum StorageCmd {
         signer: PublicKey,
         id: u128,
         reply: Sender<CoreResult<Option<RequestRecord>>>,
+    },
+    /// The master's reads for two-phase transfers: one reserve, the first open ones by
+    /// deadline, an applied header's time.
+    LoadReserve {
+        owner: PublicKey,
+        id: u128,
+        reply: Sender<CoreResult<Option<Reserve>>>,
+    },
+    LoadExpiries {
+        limit: usize,
+        reply: Sender<CoreResult<Vec<Expiry>>>,
+    },
+    HeaderTime {
+        height: u64,
+        reply: Sender<CoreResult<u64>>,
     },
     /// Send the original confirmation of a request applied (or about to be) at `height`.
     Replay {

@@ -135,6 +135,7 @@ fn copy_store(s: &MemStore) -> MemStore {
         requests: s.requests.clone(),
         headers: s.headers.clone(),
         bodies: s.bodies.clone(),
+        reserves: s.reserves.clone(),
     }
 }
 
@@ -313,6 +314,9 @@ impl SimNode {
         if let Some(e) = self.engine.as_mut() {
             let poll = e.poll(now);
             let mut out = Vec::new();
+            e.master
+                .expire(&poll, &mut self.ledger)
+                .expect("the simulated store does not fail");
             e.master.poll(&poll, &mut out);
             e.to_master.extend(out);
         }

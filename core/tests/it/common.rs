@@ -70,6 +70,8 @@ pub struct Node {
     pub store: MemStore,
     pub operator: OperatorKey,
     pub pending: VecDeque<BatchBody>,
+    /// The clock the sequencer opens batches by: 100 ms on per sealed batch.
+    pub time_ms: u64,
 }
 
 impl Node {
@@ -88,6 +90,7 @@ impl Node {
             store,
             operator,
             pending: VecDeque::new(),
+            time_ms: 1_700_000_000_100,
         }
     }
 
@@ -98,14 +101,15 @@ impl Node {
 
     pub fn submit_at(&mut self, request: Request, snapshot_height: u64) -> Submitted {
         self.seq
-            .submit(request, snapshot_height, &mut self.store)
+            .submit(request, snapshot_height, self.time_ms, &mut self.store)
             .expect("mem store does not fail")
     }
 
     /// Seals the open batch into the pending queue; returns its height, or None if it was empty.
     pub fn seal(&mut self) -> Option<u64> {
         let height = self.seq.sealed_height() + 1;
-        let body = self.seq.seal(1, 1_700_000_000_000 + height * 100)?;
+        let body = self.seq.seal(1)?;
+        self.time_ms += 100;
         assert_eq!(body.header.height, height);
         self.pending.push_back(body);
         Some(height)
@@ -143,6 +147,7 @@ pub fn clone_store(s: &MemStore) -> MemStore {
         requests: s.requests.clone(),
         headers: s.headers.clone(),
         bodies: s.bodies.clone(),
+        reserves: s.reserves.clone(),
     }
 }
 

@@ -266,10 +266,13 @@ impl Sim {
         sign_envelope(&self.keys[&signer], &mut e);
         let hash = envelope_hash(&e);
         let snapshot = self.node.seq.applied_height();
-        let got = self
-            .node
-            .seq
-            .submit_envelope(Arc::new(e), hash, snapshot, &mut self.node.store);
+        let got = self.node.seq.submit_envelope(
+            Arc::new(e),
+            hash,
+            snapshot,
+            self.node.time_ms,
+            &mut self.node.store,
+        );
         let got = got.expect("mem store");
         let ctx = self.ctx();
         match (atomic, first_failure, got) {

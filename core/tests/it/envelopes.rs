@@ -48,7 +48,7 @@ fn envelope(signer: u8, atomic: bool, ops: Vec<Operation>) -> (Arc<Envelope>, [u
 
 fn submit(node: &mut Node, e: &(Arc<Envelope>, [u8; 32])) -> Submitted {
     node.seq
-        .submit_envelope(e.0.clone(), e.1, 0, &mut node.store)
+        .submit_envelope(e.0.clone(), e.1, 0, node.time_ms, &mut node.store)
         .expect("mem store does not fail")
 }
 

@@ -87,6 +87,22 @@ impl LedgerRead for Failing {
         self.read()?;
         self.inner.request(signer, id)
     }
+    fn reserve(
+        &mut self,
+        owner: &PublicKey,
+        id: u128,
+    ) -> Result<Option<tally_core::reserve::Reserve>, Error> {
+        self.read()?;
+        self.inner.reserve(owner, id)
+    }
+    fn expiries(&mut self, limit: usize) -> Result<Vec<tally_core::reserve::Expiry>, Error> {
+        self.read()?;
+        self.inner.expiries(limit)
+    }
+    fn header_time(&mut self, height: u64) -> Result<u64, Error> {
+        self.read()?;
+        self.inner.header_time(height)
+    }
 }
 
 impl LedgerStore for Failing {

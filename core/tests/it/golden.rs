@@ -255,6 +255,7 @@ fn balances(e: &tally_core::batch::BatchEntry) -> String {
             r.to_balance
         ),
         tally_wire::Op::Withdraw => format!("{}={}", letter(&q.signer), r.signer_balance),
+        other => unreachable!("a request carries no {}", other.name()),
     }
 }
 

@@ -18,3 +18,4 @@ mod signing;
 mod state;
 mod stateless;
 mod tlog;
+mod two_phase;

@@ -50,7 +50,7 @@ impl MasterThread {
             let now = self.now_ms();
             let timeout = self
                 .engine
-                .next_poll_ms(now)
+                .next_poll_ms(now, unix_ms())
                 .map_or(IDLE_WAKE, |t| Duration::from_millis(t.saturating_sub(now)))
                 .min(IDLE_WAKE);
             if !self.wait(timeout, &mut out) {
@@ -66,6 +66,10 @@ impl MasterThread {
             let stopping =
                 drained && quiet_since.get_or_insert_with(Instant::now).elapsed() >= SHUTDOWN_QUIET;
             let poll = self.poll(stopping);
+            let mut reader = StorageReader(&self.storage, &self.metrics);
+            if let Err(e) = self.engine.expire(&poll, &mut reader) {
+                fatal("expiring reserves", &e);
+            }
             self.engine.poll(&poll, &mut out);
             let open = self.engine.open_len() as i64;
             self.metrics.batches.open_requests.set(open);

@@ -44,6 +44,15 @@ impl<S: LedgerStore> StorageThread<S> {
             StorageCmd::LoadRequest { signer, id, reply } => {
                 let _ = reply.send(self.db().request(&signer, id));
             }
+            StorageCmd::LoadReserve { owner, id, reply } => {
+                let _ = reply.send(self.db().reserve(&owner, id));
+            }
+            StorageCmd::LoadExpiries { limit, reply } => {
+                let _ = reply.send(self.db().expiries(limit));
+            }
+            StorageCmd::HeaderTime { height, reply } => {
+                let _ = reply.send(self.db().header_time(height));
+            }
             StorageCmd::Balance {
                 account,
                 mode,

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tally_core::batch::BatchWrite;
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
+use tally_core::reserve::{Expiry, Reserve};
 use tally_core::state::LedgerMeta;
 use tally_core::Result;
 use tally_wire::{PublicKey, SignedHeader};
@@ -31,6 +32,15 @@ impl<S: LedgerStore> LedgerRead for TimedStore<'_, S> {
     }
     fn request(&mut self, signer: &PublicKey, id: u128) -> Result<Option<RequestRecord>> {
         self.inner.request(signer, id)
+    }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<Reserve>> {
+        self.inner.reserve(owner, id)
+    }
+    fn expiries(&mut self, limit: usize) -> Result<Vec<Expiry>> {
+        self.inner.expiries(limit)
+    }
+    fn header_time(&mut self, height: u64) -> Result<u64> {
+        self.inner.header_time(height)
     }
 }
 

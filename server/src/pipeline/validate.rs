@@ -8,6 +8,7 @@ use std::time::Instant;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tally_core::engine::master::{precheck, precheck_envelope, Precheck};
 use tally_core::ports::{LedgerRead, RequestRecord};
+use tally_core::reserve::{Expiry, Reserve};
 use tally_core::validate::StatelessRules;
 use tally_core::Result as CoreResult;
 use tally_wire::PublicKey;
@@ -210,14 +211,32 @@ impl LedgerRead for StorageReader<'_> {
         rx.recv().map_err(|_| gone())?
     }
     fn request(&mut self, signer: &PublicKey, id: u128) -> CoreResult<Option<RequestRecord>> {
+        self.ask(|reply| StorageCmd::LoadRequest {
+            signer: *signer,
+            id,
+            reply,
+        })
+    }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> CoreResult<Option<Reserve>> {
+        self.ask(|reply| StorageCmd::LoadReserve {
+            owner: *owner,
+            id,
+            reply,
+        })
+    }
+    fn expiries(&mut self, limit: usize) -> CoreResult<Vec<Expiry>> {
+        self.ask(|reply| StorageCmd::LoadExpiries { limit, reply })
+    }
+    fn header_time(&mut self, height: u64) -> CoreResult<u64> {
+        self.ask(|reply| StorageCmd::HeaderTime { height, reply })
+    }
+}
+
+impl StorageReader<'_> {
+    /// Sends a command to the storage thread and waits for its answer.
+    fn ask<T>(&self, cmd: impl FnOnce(Sender<CoreResult<T>>) -> StorageCmd) -> CoreResult<T> {
         let (tx, rx) = bounded(1);
-        self.0
-            .send(StorageCmd::LoadRequest {
-                signer: *signer,
-                id,
-                reply: tx,
-            })
-            .map_err(|_| gone())?;
+        self.0.send(cmd(tx)).map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())?
     }
 }

@@ -574,6 +574,7 @@ async fn submit(
             println!("  to   {} balance {}", to_hex(&r.to), rc.to_balance);
         }
         Op::Withdraw => println!("  {} balance {}", to_hex(&r.signer), rc.signer_balance),
+        other => unreachable!("a request carries no {}", other.name()),
     }
     println!("  header {}", to_hex(&header_hash(h)));
     println!("  verified: inclusion proof and operator signature (profile's operator key)");
