@@ -128,7 +128,8 @@ fn check_shape(
             "deposits must be signed by an operator deposit key",
         ));
     }
-    if op != Op::Withdraw && !usable(to) {
+    let credits_to = matches!(op, Op::Deposit | Op::Transfer | Op::Reserve);
+    if credits_to && !usable(to) {
         return Err(Rejection::new(
             ErrorCode::MalformedRequest,
             "the recipient (to) is not a usable Ed25519 public key: funds sent there could \

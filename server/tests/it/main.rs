@@ -11,3 +11,4 @@ mod layering;
 mod membership;
 mod metrics;
 mod single_node;
+mod two_phase;

@@ -22,6 +22,7 @@ use tally_wire::{AdminCommand, Op, PublicKey, ReadMode, SignedHeader, HEADERS_PE
 use tokio::time::Instant;
 
 mod envelope;
+mod two_phase;
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
 
@@ -60,6 +61,20 @@ struct Cli {
     total_timeout_ms: u64,
     #[command(subcommand)]
     command: Command,
+}
+
+/// What post, void and renew share: whose reserve, this operation's id, where to write.
+#[derive(clap::Args)]
+struct Acting {
+    /// The reserve's owner, when the key is the party it names [default: the key's account]
+    #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
+    owner: Option<PublicKey>,
+    /// This operation's id (idempotency key) [default: random]
+    #[arg(long)]
+    id: Option<u128>,
+    /// Also write the confirmation to this file
+    #[arg(long, value_name = "CONFIRMATION.json")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +151,60 @@ enum Command {
         /// Also write the confirmation to this file
         #[arg(long, value_name = "CONFIRMATION.json")]
         out: Option<PathBuf>,
+    },
+    /// Hold funds for a receiver until posted, voided or expired (two-phase transfer); the
+    /// reserve is known by its --id
+    Reserve {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
+        to: PublicKey,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        amount: u64,
+        /// Expires this long after its batch's time unless posted, voided or renewed
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=tally_wire::RESERVE_TIMEOUT_MS_MAX))]
+        expires_in_ms: u64,
+        /// Who else may post, void or renew it
+        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
+        party: Option<PublicKey>,
+        /// The reserve's id (its operation's idempotency key) [default: random]
+        #[arg(long)]
+        id: Option<u128>,
+        /// Also write the confirmation to this file
+        #[arg(long, value_name = "CONFIRMATION.json")]
+        out: Option<PathBuf>,
+    },
+    /// Capture a reserve: all of it, or --amount of it (the rest returns to its owner)
+    Post {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long)]
+        reserve_id: u128,
+        /// Capture this much [default: all]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        amount: Option<u64>,
+        #[command(flatten)]
+        acting: Acting,
+    },
+    /// Release a reserve to its owner
+    Void {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long)]
+        reserve_id: u128,
+        #[command(flatten)]
+        acting: Acting,
+    },
+    /// Move a reserve's deadline to this long after the batch's time (a lease renewed)
+    Renew {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long)]
+        reserve_id: u128,
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=tally_wire::RESERVE_TIMEOUT_MS_MAX))]
+        expires_in_ms: u64,
+        #[command(flatten)]
+        acting: Acting,
     },
     /// The operator's totals: deposits minus withdrawals, and the sum of every balance (they
     /// must be equal; exit 1 if not)
@@ -268,6 +337,10 @@ impl Command {
             | Command::Transfer { .. }
             | Command::Withdraw { .. }
             | Command::Envelope { .. }
+            | Command::Reserve { .. }
+            | Command::Post { .. }
+            | Command::Void { .. }
+            | Command::Renew { .. }
             | Command::Lookup { .. }
             | Command::Supply
             | Command::Balance { .. }
@@ -286,6 +359,13 @@ impl Command {
             Command::Deposit { .. } | Command::Transfer { .. } | Command::Withdraw { .. } => {
                 "; whether the request was applied is unknown: resubmit it with the same --id \
                  to find out (it never applies twice)"
+            }
+            Command::Reserve { .. }
+            | Command::Post { .. }
+            | Command::Void { .. }
+            | Command::Renew { .. } => {
+                "; whether it was applied is unknown: run it again with the same --id to find \
+                 out (it never applies twice)"
             }
             Command::Envelope { .. } => {
                 "; whether the envelope was applied is unknown: submit the same file again to \
@@ -426,6 +506,54 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             let key = load_key(&key)?;
             envelope::submit(&ctx, &profile, &key, &file, atomic, out.as_deref()).await
         }
+        Command::Reserve {
+            key,
+            to,
+            amount,
+            expires_in_ms,
+            party,
+            id,
+            out,
+        } => {
+            let ask = two_phase::Ask {
+                op: Op::Reserve,
+                id: id.unwrap_or_else(random_id),
+                to: Some(to),
+                amount,
+                timeout_ms: expires_in_ms,
+                reserve_id: 0,
+                party,
+            };
+            two_phase_run(&ctx, &key, ask, out.as_deref()).await
+        }
+        Command::Post {
+            key,
+            reserve_id,
+            amount,
+            acting,
+        } => {
+            act(
+                &ctx,
+                &key,
+                Op::Post,
+                reserve_id,
+                amount.unwrap_or(0),
+                0,
+                acting,
+            )
+            .await
+        }
+        Command::Void {
+            key,
+            reserve_id,
+            acting,
+        } => act(&ctx, &key, Op::Void, reserve_id, 0, 0, acting).await,
+        Command::Renew {
+            key,
+            reserve_id,
+            expires_in_ms,
+            acting,
+        } => act(&ctx, &key, Op::Renew, reserve_id, 0, expires_in_ms, acting).await,
         Command::Lookup { signer, id, out } => {
             envelope::lookup(&ctx, signer, id, out.as_deref()).await
         }
@@ -511,6 +639,40 @@ fn keygen(ctx: &Globals, out: &Path) -> Result<ExitCode> {
         eprintln!("private key written to {}", out.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn two_phase_run(
+    ctx: &Globals,
+    key: &Path,
+    ask: two_phase::Ask,
+    out: Option<&Path>,
+) -> Result<ExitCode> {
+    let profile = ctx.profile()?;
+    let key = load_key(key)?;
+    two_phase::run(ctx, &profile, &key, ask, out).await
+}
+
+/// Post, void or renew of a reserve.
+async fn act(
+    ctx: &Globals,
+    key: &Path,
+    op: Op,
+    reserve_id: u128,
+    amount: u64,
+    timeout_ms: u64,
+    acting: Acting,
+) -> Result<ExitCode> {
+    let ask = two_phase::Ask {
+        op,
+        id: acting.id.unwrap_or_else(random_id),
+        to: None,
+        amount,
+        timeout_ms,
+        reserve_id,
+        party: acting.owner,
+    };
+    two_phase_run(ctx, key, ask, acting.out.as_deref()).await
 }
 
 #[allow(clippy::too_many_arguments)]
