@@ -179,6 +179,17 @@ pub struct OperationOutcome {
     pub failed: Option<String>,
     pub signer_balance: u64,
     pub to_balance: u64,
+    /// Two-phase kinds only (absent when zero): see PROTOCOL.md §4.7.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reserve_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub party: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl OperationOutcome {
@@ -193,6 +204,17 @@ impl OperationOutcome {
             failed: r.failed.map(|code| code.name().into()),
             signer_balance: r.signer_balance,
             to_balance: r.to_balance,
+            timeout_ms: op.timeout_ms,
+            reserve_id: if op.reserve_id == 0 {
+                String::new()
+            } else {
+                op.reserve_id.to_string()
+            },
+            party: if op.party == [0; 32] {
+                String::new()
+            } else {
+                to_hex(&op.party)
+            },
         }
     }
 }
