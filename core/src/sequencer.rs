@@ -212,8 +212,11 @@ impl Sequencer {
 
     fn expire(&mut self, e: &Expiry, store: &mut impl LedgerRead) -> Result<()> {
         let time = self.open_time;
-        let effect = judge_expiry(&e.owner, e.id, time, &mut self.reader(store))?
-            .expect("a due open reserve expires");
+        // Only an owner whose balance the release would overflow can refuse it; the reserve
+        // then stays due and is tried again with the next batch.
+        let Ok(effect) = judge_expiry(&e.owner, e.id, time, &mut self.reader(store))? else {
+            return Ok(());
+        };
         let held = effect
             .reserve
             .and_then(|c| c.before)

@@ -236,3 +236,178 @@ fn confirmations_and_failures_round_trip() {
         assert_eq!(Message::decode(&raw).expect("decodes"), m);
     }
 }
+
+/// A two-phase operation of `kind` with every field as its kind wants it.
+fn two_phase(kind: Op) -> Operation {
+    let mut o = Operation::single(kind, 9, [0; 32], 0);
+    match kind {
+        Op::Reserve => {
+            (o.to, o.amount, o.timeout_ms, o.party) = ([0x22; 32], 5, 1_000, [0x33; 32]);
+        }
+        Op::Post => (o.reserve_id, o.amount) = (4, 3),
+        Op::Void => o.reserve_id = 4,
+        _ => (o.reserve_id, o.timeout_ms) = (4, 1_000),
+    }
+    o
+}
+
+fn with_op(o: Operation) -> Result<Envelope, WireError> {
+    let mut e = envelope(1, true);
+    e.ops[0] = o;
+    Envelope::decode(&e.encode())
+}
+
+#[test]
+fn two_phase_operations_round_trip_with_their_fields() {
+    for kind in [Op::Reserve, Op::Post, Op::Void, Op::Renew] {
+        let o = two_phase(kind);
+        let e = with_op(o).unwrap_or_else(|err| panic!("{kind:?}: {err}"));
+        assert_eq!(e.ops[0], o);
+        let bytes = {
+            let mut out = Vec::new();
+            o.write(&mut out);
+            out
+        };
+        assert_eq!(bytes.len(), OPERATION_BYTES);
+        assert_eq!(&bytes[64..72], &o.timeout_ms.to_le_bytes());
+        assert_eq!(&bytes[72..88], &o.reserve_id.to_le_bytes());
+        assert_eq!(&bytes[88..120], &o.party);
+    }
+    // A post of 0 captures the whole reserve: allowed.
+    let mut whole = two_phase(Op::Post);
+    whole.amount = 0;
+    assert!(with_op(whole).is_ok());
+}
+
+#[test]
+fn two_phase_fields_out_of_place_are_refused() {
+    let field = |o: Operation| match with_op(o) {
+        Err(WireError::Invalid { field, .. }) => field,
+        other => panic!("{o:?} must be refused, got {other:?}"),
+    };
+    let cases: Vec<(Operation, &str)> = vec![
+        (
+            Operation {
+                timeout_ms: 0,
+                ..two_phase(Op::Reserve)
+            },
+            "operation.timeout_ms",
+        ),
+        (
+            Operation {
+                timeout_ms: RESERVE_TIMEOUT_MS_MAX + 1,
+                ..two_phase(Op::Reserve)
+            },
+            "operation.timeout_ms",
+        ),
+        (
+            Operation {
+                amount: 0,
+                ..two_phase(Op::Reserve)
+            },
+            "operation.amount",
+        ),
+        (
+            Operation {
+                to: [0; 32],
+                ..two_phase(Op::Reserve)
+            },
+            "operation.to",
+        ),
+        (
+            Operation {
+                to: [0x11; 32],
+                ..two_phase(Op::Reserve)
+            },
+            "operation.to",
+        ),
+        (
+            Operation {
+                reserve_id: 1,
+                ..two_phase(Op::Reserve)
+            },
+            "operation.reserve_id",
+        ),
+        (
+            Operation {
+                to: [0x22; 32],
+                ..two_phase(Op::Post)
+            },
+            "operation.to",
+        ),
+        (
+            Operation {
+                timeout_ms: 5,
+                ..two_phase(Op::Void)
+            },
+            "operation.timeout_ms",
+        ),
+        (
+            Operation {
+                amount: 5,
+                ..two_phase(Op::Void)
+            },
+            "operation.amount",
+        ),
+        (
+            Operation {
+                timeout_ms: 0,
+                ..two_phase(Op::Renew)
+            },
+            "operation.timeout_ms",
+        ),
+        (
+            Operation {
+                amount: 1,
+                ..two_phase(Op::Renew)
+            },
+            "operation.amount",
+        ),
+        (
+            Operation {
+                party: [1; 32],
+                ..operation(1, Op::Transfer)
+            },
+            "operation.two_phase",
+        ),
+        (
+            Operation {
+                reserve_id: 1,
+                ..operation(1, Op::Withdraw)
+            },
+            "operation.two_phase",
+        ),
+    ];
+    for (o, want) in cases {
+        assert_eq!(field(o), want, "{o:?}");
+    }
+    // Kind 8 (an expiry) is the leader's, never a signer's.
+    let mut bytes = envelope(1, true).encode();
+    bytes[88] = Op::Expire as u8;
+    assert!(matches!(
+        refused(&bytes),
+        WireError::Invalid {
+            field: "operation.kind",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn requests_carry_only_the_single_kinds_and_receipts_every_kind() {
+    let r = crate::fixtures::request(Op::Transfer);
+    let mut bytes = r.encode().to_vec();
+    for kind in [Op::Reserve, Op::Post, Op::Void, Op::Renew, Op::Expire] {
+        bytes[48] = kind as u8;
+        assert!(matches!(
+            Request::decode(&bytes),
+            Err(WireError::Invalid {
+                field: "request.op",
+                ..
+            })
+        ));
+    }
+    let mut rc = receipt();
+    rc.op = Op::Expire;
+    assert_eq!(Receipt::decode(&rc.encode()).unwrap(), rc);
+}

@@ -78,6 +78,11 @@ const TABLE: &[(u16, &str, Retry)] = &[
     (21, "insufficient_funds", Retry::Later),
     (22, "amount_overflow", Retry::Never),
     (23, "id_conflict", Retry::Never),
+    (24, "reserve_not_found", Retry::Never),
+    (25, "reserve_closed", Retry::Never),
+    (26, "reserve_expired", Retry::Never),
+    (27, "post_exceeds_reserve", Retry::Never),
+    (28, "not_a_reserve_party", Retry::Never),
     (30, "busy", Retry::Later),
     (31, "not_leader", Retry::Elsewhere),
     (32, "unavailable", Retry::Later),
@@ -152,10 +157,15 @@ fn ops_and_read_modes() {
         (1, Op::Deposit, "deposit"),
         (2, Op::Transfer, "transfer"),
         (3, Op::Withdraw, "withdraw"),
+        (4, Op::Reserve, "reserve"),
+        (5, Op::Post, "post"),
+        (6, Op::Void, "void"),
+        (7, Op::Renew, "renew"),
+        (8, Op::Expire, "expire"),
     ] {
         assert_eq!((Op::from_u8(v), op as u8, op.name()), (Some(op), v, name));
     }
-    for v in [0u8, 4, 0xff] {
+    for v in [0u8, 9, 0xff] {
         assert_eq!(Op::from_u8(v), None);
     }
     assert_eq!(
