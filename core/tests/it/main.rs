@@ -19,3 +19,4 @@ mod state;
 mod stateless;
 mod tlog;
 mod two_phase;
+mod two_phase_model;
