@@ -14,7 +14,13 @@ use tally_storage::layout::{self, Table};
 use tally_storage::{LedgerDb, StoreOptions};
 use tally_wire::{Envelope, Hash, Op, Operation, PublicKey};
 
-use crate::support::{account_keys, envelope, rows_with_prefix, Chain};
+use tally_core::snapshot::Manifest;
+use tally_storage::snapshots;
+use tally_wire::SignedHeader;
+
+use crate::archive::{archive, audit_of, operator_key, owner, runtime, stores, MemSource};
+use crate::support::{account_keys, envelope, operator, rows_with_prefix, Chain, CHAIN_ID};
+use crate::transfer::{install, install_error, records, small, stream};
 
 /// The three accounts of the scenario and the depositor (the support chain's).
 pub struct Keys {
@@ -247,9 +253,10 @@ pub fn scenario(k: &Keys) -> Vec<Step> {
     ]
 }
 
-/// Runs the scenario on a new ledger in `dir`, checking after every batch; returns the
-/// writes and the last expectation, with the ledger closed.
-pub fn run_scenario(dir: &Path, opts: StoreOptions) -> (Vec<BatchWrite>, Expected) {
+/// Runs the scenario on a new ledger in `dir`, checking after every batch, then `random`
+/// batches of random requests; returns the writes and what the scenario left, with the ledger
+/// closed.
+pub fn run_scenario(dir: &Path, opts: StoreOptions, random: usize) -> (Vec<BatchWrite>, Expected) {
     let k = keys();
     let mut db = LedgerDb::open(dir, opts).unwrap();
     let mut chain = Chain::new(db.meta().unwrap(), 1);
@@ -262,6 +269,11 @@ pub fn run_scenario(dir: &Path, opts: StoreOptions) -> (Vec<BatchWrite>, Expecte
         writes.push(w);
         last = Some(expected);
     }
+    for i in 0..random {
+        let w = chain.step(&mut db, 1 + i % 7);
+        assert_eq!(db.balance_total().unwrap(), w.meta.expected_total());
+        writes.push(w);
+    }
     db.close().unwrap();
     (writes, last.unwrap())
 }
@@ -269,7 +281,7 @@ pub fn run_scenario(dir: &Path, opts: StoreOptions) -> (Vec<BatchWrite>, Expecte
 #[test]
 fn reserve_post_void_renew_and_expiry_through_apply_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let (writes, last) = run_scenario(dir.path(), StoreOptions::default());
+    let (writes, last) = run_scenario(dir.path(), StoreOptions::default(), 0);
     // The expiry is leader-made and first in the last batch.
     let body = tally_core::batch::BatchBody::decode(&writes[3].body).unwrap();
     assert!(matches!(
@@ -287,4 +299,171 @@ fn reserve_post_void_renew_and_expiry_through_apply_and_reopen() {
     }
     assert_eq!(db.header_time(0).unwrap(), 0);
     assert!(db.header_time(9).is_err(), "no header beyond the tip");
+}
+
+/// A dump of the scenario's ledger: the reserve rows travel, the derived rows do not.
+fn scenario_dump(dir: &Path) -> (Vec<Vec<u8>>, Expected) {
+    let (_, last) = run_scenario(dir, small(), 0);
+    let mut db = LedgerDb::open(dir, small()).unwrap();
+    let mut chunks = Vec::new();
+    db.dump(4096, |c| {
+        chunks.push(c);
+        Ok(())
+    })
+    .unwrap();
+    db.close().unwrap();
+    (chunks, last)
+}
+
+#[test]
+fn a_dump_with_reserves_installs_as_the_same_ledger() {
+    let tmp = tempfile::tempdir().unwrap();
+    let from = tmp.path().join("from");
+    let (chunks, last) = scenario_dump(&from);
+    let recs = records(&chunks.concat());
+    let in_table = |t: Table| recs.iter().filter(|(k, _)| k.starts_with(&t.tag())).count();
+    assert_eq!(
+        in_table(Table::Reserve),
+        4,
+        "open and closed reserves travel"
+    );
+    assert_eq!(in_table(Table::Expiry) + in_table(Table::Pending), 0);
+    let to = tmp.path().join("to");
+    let meta = install(&to, &chunks, &operator().public()).unwrap();
+    let k = keys();
+    check_derived_rows(&to, &k, &last);
+    let mut db = LedgerDb::open(&to, small()).unwrap();
+    assert_eq!(db.meta().unwrap(), meta);
+    check(&mut db, &k, &last);
+    let mut source = LedgerDb::open(&from, small()).unwrap();
+    assert_eq!(source.meta().unwrap().state_digest(), meta.state_digest());
+}
+
+/// The stream of `recs` with the reserve row of `(a, id)` replaced by `value` (None: left out).
+fn with_reserve_row(recs: &[(Vec<u8>, Vec<u8>)], id: u128, value: Option<Vec<u8>>) -> Vec<u8> {
+    let key = layout::reserve_key(&pk(&keys().a), id).to_vec();
+    let out: Vec<_> = recs
+        .iter()
+        .filter_map(|(k, v)| match k == &key {
+            true => value.clone().map(|v| (k.clone(), v)),
+            false => Some((k.clone(), v.clone())),
+        })
+        .collect();
+    assert_ne!(out, recs, "the row is there");
+    stream(&out)
+}
+
+#[test]
+fn an_install_refuses_tampered_reserve_rows_and_derived_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chunks, _) = scenario_dump(&tmp.path().join("from"));
+    let recs = records(&chunks.concat());
+    let operator = operator().public();
+    let more = held(&keys().c, 21, 205_000).encode();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (with_reserve_row(&recs, 4, Some(more)), "account_sum"),
+        (
+            with_reserve_row(&recs, 1, Some(Reserve::Voided.encode())),
+            "account_sum",
+        ),
+        (with_reserve_row(&recs, 4, None), "account_sum"),
+        (with_reserve_row(&recs, 2, Some(vec![9])), "reserve/v1"),
+        (
+            {
+                let mut r = recs.clone();
+                let row = (
+                    layout::pending_key(&[0; 32]).to_vec(),
+                    layout::encode_pending(1, 0).to_vec(),
+                );
+                r.insert(0, row);
+                stream(&r)
+            },
+            "derived table pending/v1",
+        ),
+    ];
+    for (i, (bad, expected)) in cases.iter().enumerate() {
+        let e = install_error(&tmp.path().join(format!("to{i}")), bad, &operator);
+        assert!(
+            e.contains(expected),
+            "case {i}: {e:?} should contain {expected:?}"
+        );
+    }
+}
+
+/// The scenario and random batches after it, as the archive writer reads them.
+fn scenario_batches(random: usize) -> Vec<(SignedHeader, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let (writes, _) = run_scenario(dir.path(), StoreOptions::default(), random);
+    writes
+        .into_iter()
+        .map(|w| (w.signed_header, w.body))
+        .collect()
+}
+
+#[test]
+fn snapshots_with_reserves_round_trip_through_the_archive() {
+    let rt = runtime();
+    let batches = scenario_batches(24);
+    let (bucket, _dir) = stores("reserves").swap_remove(0);
+    archive(&rt, &bucket, &MemSource::new(batches), CHAIN_ID, 28);
+    let report = audit_of(&rt, &bucket, None);
+    assert!(report.ok, "{:?}", report.errors);
+    assert_eq!(report.height, 28);
+    let manifests = rt
+        .block_on(snapshots::manifests(&bucket, 28, &owner()))
+        .unwrap();
+    assert!(report.snapshots >= 4 && report.snapshots == manifests.len() as u64);
+    let first = &manifests[0];
+    assert!(first.is_full());
+    assert_eq!(first.reserves, 4);
+    let rows = rt.block_on(snapshots::read_rows(&bucket, first)).unwrap();
+    let k = keys();
+    assert_eq!(
+        rows.reserves.get(&(pk(&k.a), 4)),
+        Some(&held(&k.c, 20, 205_000))
+    );
+    assert_eq!(rows.reserves.get(&(pk(&k.a), 3)), Some(&Reserve::Expired));
+}
+
+#[test]
+fn the_audit_refuses_a_snapshot_with_a_tampered_reserve_row() {
+    let rt = runtime();
+    let (bucket, _dir) = stores("reserves-tampered").swap_remove(0);
+    archive(
+        &rt,
+        &bucket,
+        &MemSource::new(scenario_batches(10)),
+        CHAIN_ID,
+        14,
+    );
+    let manifests = rt
+        .block_on(snapshots::manifests(&bucket, 14, &owner()))
+        .unwrap();
+    let victim = manifests[0].clone();
+    let mut rows = rt.block_on(snapshots::read_rows(&bucket, &victim)).unwrap();
+    let k = keys();
+    rows.reserves.insert((pk(&k.a), 4), held(&k.c, 21, 205_000));
+    let mut refs = Vec::new();
+    for c in rows.chunks() {
+        let hash = tally_core::crypto::sha256(&[&c]);
+        refs.push((hash, c.len() as u64));
+        rt.block_on(bucket.put_new(&tally_core::snapshot::chunk_key(&hash), c.into()))
+            .unwrap();
+    }
+    let forged = Manifest {
+        chunks: refs,
+        ..victim.clone()
+    }
+    .sign(&CHAIN_ID, &operator_key());
+    let key = tally_core::snapshot::manifest_key(victim.height);
+    rt.block_on(bucket.delete(&key)).unwrap();
+    rt.block_on(bucket.put_new(&key, forged.into())).unwrap();
+    let report = audit_of(&rt, &bucket, None);
+    assert!(!report.ok);
+    assert_eq!(report.errors[0].key, key, "{:?}", report.errors);
+    assert!(
+        report.errors[0].message.contains("rows differ"),
+        "{:?}",
+        report.errors
+    );
 }
