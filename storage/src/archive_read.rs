@@ -327,6 +327,12 @@ impl LedgerRead for Accounts {
     }
 }
 
+impl Default for ReplayState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ReplayState {
     pub fn new() -> ReplayState {
         ReplayState {
