@@ -97,10 +97,11 @@ pub const ARCHIVE_LAG_BYTES_MAX: usize = 128 << 20;
 /// (96 bytes) and in the batch's key list (52), with the map's overhead, rounded up.
 pub const PENDING_RECORD_BYTES: usize = 192;
 
-/// The ledger's committed state: accounts, headers, bodies, request index and the summary.
+/// The ledger's committed state: accounts, reserves, headers, bodies, request index and the
+/// summary.
 ///
-/// Two LevelDB databases: the state database in `dir` (accounts, headers, `body_by_height`,
-/// summary), written by `apply` in one synced write per batch, and the archive in
+/// Two LevelDB databases: the state database in `dir` (accounts, reserves with their expiry
+/// and pending rows, headers, summary), written by `apply` in one synced write per batch, and the archive in
 /// `dir/archive` (bodies, request records), written behind it by the archive thread (see
 /// `archive.rs`). Until the archive holds a batch, its body and request records are answered
 /// from memory.
