@@ -1172,10 +1172,20 @@ fn scan_totals(
         total += u128::from(layout::decode_account(value)?);
         Ok(())
     })?;
+    // Every open reserve's amount is in its owner's debits and its receiver's credits.
+    let (mut debits, mut credits) = (0u128, 0u128);
     scan_prefix(db, &Table::Pending.tag(), |_, value| {
-        total += u128::from(layout::decode_pending(value)?.0);
+        let (d, c) = layout::decode_pending(value)?;
+        (debits, credits) = (debits + u128::from(d), credits + u128::from(c));
         Ok(())
     })?;
+    if debits != credits {
+        return Err(corrupt(
+            Table::Pending,
+            format_args!("pending debits add up to {debits}, pending credits to {credits}"),
+        ));
+    }
+    total += debits;
     let mut expiries = BTreeSet::new();
     scan_prefix(db, &Table::Expiry.tag(), |key, value| {
         match (layout::expiry_key_decode(key), value.is_empty()) {

@@ -549,10 +549,9 @@ impl StateCheck {
             )));
         };
         if self.balance_total != expected_total {
+            let total = self.balance_total;
             return Err(invalid(format_args!(
-                "balances and open reserves add up to {}, deposits minus withdrawals to \
-                 {expected_total}",
-                self.balance_total
+                "balances and open reserves: {total}, deposits minus withdrawals: {expected_total}"
             )));
         }
         if self.requests + self.expiries != self.header_requests {

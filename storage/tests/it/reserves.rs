@@ -509,3 +509,22 @@ fn an_import_rebuilds_reserves_and_their_derived_rows() {
         assert!(e.contains("state digest"), "{e}");
     }
 }
+
+#[test]
+fn damaged_reserve_and_pending_rows_are_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    run_scenario(dir.path(), StoreOptions::default(), 0);
+    let a = pk(&keys().a);
+    let mut db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
+    db.raw_put(&layout::reserve_key(&a, 4), &[9]).unwrap();
+    let e = db.reserve(&a, 4).unwrap_err().to_string();
+    assert!(e.contains("reserve/v1"), "{e}");
+    // One more pending debit than any reserve holds: caught by the sums at open.
+    db.raw_put(&layout::pending_key(&a), &layout::encode_pending(21, 0))
+        .unwrap();
+    db.close().unwrap();
+    match LedgerDb::open(dir.path(), StoreOptions::default()) {
+        Err(e) => assert!(e.to_string().contains("pending debits add up to 21"), "{e}"),
+        Ok(_) => panic!("opened a ledger whose pending amounts disagree"),
+    }
+}
