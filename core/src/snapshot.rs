@@ -33,7 +33,9 @@ pub const MANIFEST_PREFIX: &str = "snapshot/";
 pub const CHUNK_PREFIX: &str = "chunk/";
 /// Rows per chunk at most.
 pub const CHUNK_ROWS_MAX: usize = 16_384;
-const MANIFEST_MAGIC: &str = "tally-snapshot 2";
+const MANIFEST_MAGIC: &str = "tally-snapshot 3";
+/// Manifests written before reserves: no `reserves` line (read as 0).
+const MANIFEST_MAGIC_2: &str = "tally-snapshot 2";
 const TAG_ACCOUNT: u8 = 1;
 const TAG_REQUEST: u8 = 2;
 const TAG_RESERVE: u8 = 3;
@@ -369,6 +371,8 @@ pub struct Manifest {
     pub total_withdrawn: u128,
     pub accounts: u64,
     pub requests: u64,
+    /// Reserve rows (open and closed); 0 in a layout-2 manifest.
+    pub reserves: u64,
     /// (SHA-256, bytes) of each chunk, in order.
     pub chunks: Vec<(Hash, u64)>,
 }
@@ -401,7 +405,7 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut t = format!(
             "{MANIFEST_MAGIC}\nheight {}\nbase {}\nheader_hash {}\nstate_digest {}\n\
-             total_deposited {}\ntotal_withdrawn {}\naccounts {}\nrequests {}\n",
+             total_deposited {}\ntotal_withdrawn {}\naccounts {}\nrequests {}\nreserves {}\n",
             self.height,
             self.base,
             hex::encode(self.header_hash),
@@ -410,6 +414,7 @@ impl Manifest {
             self.total_withdrawn,
             self.accounts,
             self.requests,
+            self.reserves,
         );
         for (hash, bytes) in &self.chunks {
             t.push_str(&format!("chunk {} {bytes}\n", hex::encode(hash)));
@@ -421,9 +426,11 @@ impl Manifest {
         let bad = |why: String| Error::Verify(format!("snapshot manifest: {why}"));
         let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
         let mut lines = text.strip_suffix('\n').unwrap_or(text).split('\n');
-        if lines.next() != Some(MANIFEST_MAGIC) {
-            return Err(bad("not a layout-2 manifest".into()));
-        }
+        let layout_2 = match lines.next() {
+            Some(MANIFEST_MAGIC) => false,
+            Some(MANIFEST_MAGIC_2) => true,
+            _ => return Err(bad("not a layout-2 or layout-3 manifest".into())),
+        };
         let mut field = |name: &str| -> Result<String> {
             let line = lines.next().ok_or_else(|| bad(format!("{name} missing")))?;
             line.strip_prefix(name)
@@ -448,8 +455,12 @@ impl Manifest {
             total_withdrawn: num(field("total_withdrawn")?, "total_withdrawn")?,
             accounts: num(field("accounts")?, "accounts")? as u64,
             requests: num(field("requests")?, "requests")? as u64,
+            reserves: 0,
             chunks: Vec::new(),
         };
+        if !layout_2 {
+            m.reserves = num(field("reserves")?, "reserves")? as u64;
+        }
         for line in lines {
             let mut parts = line.split(' ');
             let (Some("chunk"), Some(h), Some(n), None) =
@@ -483,6 +494,7 @@ mod tests {
             total_withdrawn: 5,
             accounts: 3,
             requests: 4,
+            reserves: 2,
             chunks: vec![([3; 32], 41), ([4; 32], 93)],
         }
     }
@@ -511,5 +523,21 @@ mod tests {
             Manifest::open(&m.encode(), &[6; 32], &operator).is_err(),
             "unsigned"
         );
+    }
+
+    #[test]
+    fn a_layout_2_manifest_reads_with_no_reserves() {
+        let m = Manifest {
+            reserves: 0,
+            ..manifest()
+        };
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(text.starts_with("tally-snapshot 3\n") && text.contains("\nreserves 0\n"));
+        let old = text
+            .replace("tally-snapshot 3", "tally-snapshot 2")
+            .replace("reserves 0\n", "");
+        assert_eq!(Manifest::decode(old.as_bytes()).unwrap(), m);
+        let missing = text.replace("reserves 0\n", "");
+        assert!(Manifest::decode(missing.as_bytes()).is_err());
     }
 }

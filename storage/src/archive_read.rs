@@ -8,7 +8,7 @@
 //! before; each batch object must hold exactly its leaf's header and a body whose receipts give
 //! the header's Merkle root and replay to its state digest.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::stream::{self, Stream, StreamExt};
 use tally_core::archive::{
@@ -17,6 +17,7 @@ use tally_core::archive::{
 use tally_core::batch::{replay_batch, BatchItem};
 use tally_core::crypto::{key_id, sha256, verify_envelope, KeyCache};
 use tally_core::ports::{LedgerRead, RequestRecord};
+use tally_core::reserve::{Expiry, Reserve};
 use tally_core::state::LedgerMeta;
 use tally_core::tlog::{
     all_tiles, decode_entry_bundle, entries_path, leaf_hash, open_note, origin_for, root_of,
@@ -253,6 +254,8 @@ pub fn check_requests(batch: &ArchivedBatch, chain_id: &Hash) -> Result<(), Stri
         let (chain, signed) = match item {
             BatchItem::Request(e) => (&e.request.chain_id, keys.verify_request(&e.request)),
             BatchItem::Envelope(e) => (&e.envelope.chain_id, verify_envelope(&e.envelope)),
+            // Leader-made: nobody signed it; the replay checks that the reserve was due.
+            BatchItem::Expire(_) => continue,
         };
         if chain != chain_id {
             return Err(format!("item {i} is signed for another chain"));
@@ -270,21 +273,63 @@ pub struct ReplayState {
     pub accounts: Accounts,
     /// SHA-256 of signer ‖ id, truncated: every request id applied, for the exactly-once check.
     seen: HashSet<[u8; 16]>,
-    /// The sum of every balance, moved by each batch's balance change: it must stay equal to
-    /// deposits minus withdrawals (conservation, checked after every batch).
+    /// The sum of every balance and of what open reserves hold, moved by each batch's balance
+    /// change: it must stay equal to deposits minus withdrawals (conservation, checked after
+    /// every batch).
     balance_total: u128,
 }
 
-/// Balances by account, as the replay reads them.
+/// Balances by account, reserves (open and closed) and the last batch's time, as the replay
+/// reads them.
 #[derive(Default)]
-pub struct Accounts(pub HashMap<PublicKey, u64>);
+pub struct Accounts {
+    pub balances: HashMap<PublicKey, u64>,
+    pub reserves: BTreeMap<(PublicKey, u128), Reserve>,
+    /// Height and time (unix ms) of the last batch replayed.
+    pub last_header: (u64, u64),
+}
 
 impl LedgerRead for Accounts {
     fn account(&mut self, key: &PublicKey) -> tally_core::Result<Option<u64>> {
-        Ok(self.0.get(key).copied())
+        Ok(self.balances.get(key).copied())
     }
     fn request(&mut self, _: &PublicKey, _: u128) -> tally_core::Result<Option<RequestRecord>> {
         Ok(None)
+    }
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> tally_core::Result<Option<Reserve>> {
+        Ok(self.reserves.get(&(*owner, id)).copied())
+    }
+    /// A scan: the replay never asks (only a leader choosing expiries does).
+    fn expiries(&mut self, limit: usize) -> tally_core::Result<Vec<Expiry>> {
+        let mut open: Vec<Expiry> = self
+            .reserves
+            .iter()
+            .filter_map(|(&(owner, id), r)| {
+                r.open().map(|h| Expiry {
+                    at_ms: h.expires_at_ms,
+                    owner,
+                    id,
+                })
+            })
+            .collect();
+        open.sort_unstable();
+        open.truncate(limit);
+        Ok(open)
+    }
+    fn header_time(&mut self, height: u64) -> tally_core::Result<u64> {
+        match height {
+            0 => Ok(0),
+            h if h == self.last_header.0 => Ok(self.last_header.1),
+            h => Err(tally_core::Error::missing(format_args!(
+                "the time of batch {h}: the replay keeps the last one's only"
+            ))),
+        }
+    }
+}
+
+impl Default for ReplayState {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -334,14 +379,20 @@ impl ReplayState {
             }
         }
         for (key, balance) in replayed.accounts {
-            self.accounts.0.insert(key, balance);
+            self.accounts.balances.insert(key, balance);
         }
+        for c in replayed.reserves {
+            self.accounts.reserves.insert((c.owner, c.id), c.after);
+        }
+        let h = &batch.body.header;
+        self.accounts.last_header = (h.height, h.time_unix_ms);
         self.meta = replayed.meta;
         let total = self.balance_total as i128 + replayed.balance_change;
         let expected = self.meta.expected_total();
         if u128::try_from(total).ok() != Some(expected) {
             return Err(format!(
-                "balances sum to {total}, deposits minus withdrawals to {expected}"
+                "balances and open reserves sum to {total}, deposits minus withdrawals to \
+                 {expected}"
             ));
         }
         self.balance_total = expected;
@@ -466,7 +517,7 @@ async fn audit_into(
         snaps.since.add_batch(&batch.body);
         report.height = height;
         report.batches += 1;
-        report.accounts = state.accounts.0.len() as u64;
+        report.accounts = state.accounts.balances.len() as u64;
         if snaps.due(height) {
             snaps.check(bucket, &log, &state).await?;
             report.snapshots += 1;
@@ -521,7 +572,9 @@ impl SnapshotCheck {
         let rows = snapshots::read_rows(bucket, &m).await?;
         let since = std::mem::take(&mut self.since);
         let ok = if m.is_full() {
-            rows.accounts == state.accounts.0.iter().map(|(k, v)| (*k, *v)).collect()
+            let balances = &state.accounts.balances;
+            rows.accounts == balances.iter().map(|(k, v)| (*k, *v)).collect()
+                && rows.reserves == state.accounts.reserves
                 && rows.requests.len() == state.seen.len()
                 && rows
                     .requests
@@ -530,6 +583,7 @@ impl SnapshotCheck {
         } else {
             m.base == self.last_height
                 && rows.accounts == since.accounts
+                && rows.reserves == since.reserves
                 && rows.requests == since.requests
         };
         if !ok {

@@ -326,9 +326,11 @@ fn s3_builder(settings: &BucketSettings, bucket: &str) -> AmazonS3Builder {
     if settings.allow_http {
         builder = builder.with_allow_http(true);
     }
-    let mut retry = RetryConfig::default();
-    retry.max_retries = CLIENT_RETRIES_MAX;
-    retry.retry_timeout = CLIENT_RETRY_TIMEOUT;
+    let retry = RetryConfig {
+        max_retries: CLIENT_RETRIES_MAX,
+        retry_timeout: CLIENT_RETRY_TIMEOUT,
+        ..RetryConfig::default()
+    };
     // Set key by key: `with_client_options` would replace what `from_env` read
     // (`AWS_ALLOW_HTTP`, a proxy).
     let client = |key| AmazonS3ConfigKey::Client(key);

@@ -585,9 +585,7 @@ mod tests {
     fn block_checksums() {
         let crc = |b: &[u8]| {
             let c = crc32c::crc32c(b);
-            ((c >> 15) | (c << 17))
-                .wrapping_add(0xa282_ead8)
-                .to_le_bytes()
+            c.rotate_right(15).wrapping_add(0xa282_ead8).to_le_bytes()
         };
         let stored = b"block bytes\x00"; // ends with its compression type
         let block = [&stored[..], &crc(stored)].concat();

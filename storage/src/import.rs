@@ -4,22 +4,26 @@
 //! `tally-server restore` starts from the newest signed snapshot at or below its target height
 //! `S`: it feeds the archived batches `1..=S` to [`LedgerImport::batch`] (each header row, body
 //! and request record: the history and the exactly-once state), then the snapshot's accounts to
-//! [`LedgerImport::account`], and [`LedgerImport::finish`] writes the summary at `S`. Rows go
+//! [`LedgerImport::account`] and its reserves to [`LedgerImport::reserve`] (which rebuilds the
+//! derived `expiry` and `pending` rows from them, as an install does), and
+//! [`LedgerImport::finish`] writes the summary at `S`. Rows go
 //! out in unsynced groups and are made durable once, at the end: a crash before that leaves a
 //! directory the caller throws away (the restore's in-progress marker keeps a server from
 //! starting on it).
 //!
 //! What it checks (the caller has verified each batch against the archive's log: operator
 //! signature, hash link, Merkle root): headers arrive in height order from 1 and each chains to
-//! the one before; at the end, the summary it builds (accounts' terms and count, the totals it
-//! is given, the last header's hash) must give the state digest the last signed header carries,
-//! the balances must add up to deposits minus withdrawals, and the directory reopened as a
+//! the one before; at the end, the summary it builds (accounts' and reserves' terms, the
+//! account count, the totals it is given, the last header's hash) must give the state digest
+//! the last signed header carries, the balances plus what open reserves hold must add up to
+//! deposits minus withdrawals, and the directory reopened as a
 //! [`crate::LedgerDb`] must pass its own checks of the tip.
 
 use std::path::Path;
 
 use tally_core::crypto::{header_hash, sha256};
 use tally_core::ports::{LedgerStore, RequestRecord};
+use tally_core::reserve::Reserve;
 use tally_core::state::LedgerMeta;
 use tally_core::{Error, Result};
 use tally_wire::{PublicKey, SignedHeader};
@@ -27,7 +31,7 @@ use tally_wire::{PublicKey, SignedHeader};
 use crate::archive::ArchivePoint;
 use crate::layout;
 use crate::ledger::{archive_dir, encode_header_row, leveldb_options, state_leveldb_options};
-use crate::transfer::{require_empty, Part};
+use crate::transfer::{require_empty, Derived, Part};
 use crate::{LedgerDb, StoreOptions, SyncEnv};
 
 /// Builds a ledger from history and a snapshot; see the module docs.
@@ -41,7 +45,9 @@ pub struct LedgerImport {
     meta: LedgerMeta,
     /// The state digest the last header signed.
     tip_digest: tally_wire::Hash,
+    /// Balances plus what open reserves hold.
     balance_total: u128,
+    derived: Derived,
 }
 
 impl LedgerImport {
@@ -56,6 +62,7 @@ impl LedgerImport {
             meta: LedgerMeta::genesis(),
             tip_digest: [0; 32],
             balance_total: 0,
+            derived: Derived::default(),
         })
     }
 
@@ -106,6 +113,15 @@ impl LedgerImport {
             .put(&layout::account_key(key), &layout::encode_account(balance))
     }
 
+    /// Imports one reserve's state at the last batch's height (open or closed). Each once.
+    pub fn reserve(&mut self, owner: &PublicKey, id: u128, reserve: &Reserve) -> Result<()> {
+        self.meta.reserve_changed(owner, id, None, reserve);
+        self.balance_total += u128::from(reserve.held());
+        self.derived.reserve(&mut self.state, owner, id, reserve)?;
+        self.state
+            .put(&layout::reserve_key(owner, id), &reserve.encode())
+    }
+
     /// Checks the state against the last header (see the module docs), writes the summary
     /// with the ledger's totals and the raft index it is to carry, syncs, and opens the ledger
     /// (which checks its tip).
@@ -129,7 +145,9 @@ impl LedgerImport {
             || self.balance_total != total_deposited - total_withdrawn
         {
             return Err(Error::Verify(
-                "the imported balances do not add up to deposits minus withdrawals".into(),
+                "the imported balances and open reserves do not add up to deposits minus \
+                 withdrawals"
+                    .into(),
             ));
         }
         self.state.put(&layout::meta_key(), &meta.encode())?;
@@ -140,6 +158,7 @@ impl LedgerImport {
         self.archive
             .put(&layout::archive_point_key(), &point.encode())?;
         self.archive.finish()?;
+        self.derived.finish(&mut self.state)?;
         self.state.finish()?;
         let mut db = LedgerDb::open(&self.dir, self.opts)?;
         let stored = db.meta()?;

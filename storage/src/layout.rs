@@ -9,6 +9,7 @@
 use std::fmt;
 
 use tally_core::ports::RequestRecord;
+use tally_core::reserve::Reserve;
 use tally_core::Error;
 use tally_wire::{Hash, PublicKey};
 
@@ -27,6 +28,15 @@ pub enum Table {
     Request,
     /// The single ledger summary row.
     Meta,
+    /// Intent-addressed: (owner, id) → the reserve's state (`Reserve::encode`); closed ones
+    /// stay as tombstones.
+    Reserve,
+    /// Derived from `reserve`: (expires_at_ms, owner, id) → nothing, present exactly while the
+    /// reserve is open (deadline order, read at open into memory: see `LedgerDb::expiries`).
+    Expiry,
+    /// Derived from `reserve`: account → what its open reserves hold (pending debits, as owner)
+    /// and what open reserves hold for it (pending credits, as `to`); absent when both are 0.
+    Pending,
     /// Raft log (its own database): index (big-endian) → `raft::eraftpb::Entry` protobuf.
     RaftEntry,
     /// Raft log (its own database): hard state, conf state, snapshot point, last index.
@@ -34,12 +44,15 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 10] = [
         Table::Account,
         Table::Header,
         Table::Body,
         Table::Request,
         Table::Meta,
+        Table::Reserve,
+        Table::Expiry,
+        Table::Pending,
         Table::RaftEntry,
         Table::RaftState,
     ];
@@ -51,6 +64,9 @@ impl Table {
             Table::Body => "body",
             Table::Request => "request",
             Table::Meta => "meta",
+            Table::Reserve => "reserve",
+            Table::Expiry => "expiry",
+            Table::Pending => "pending",
             Table::RaftEntry => "raft_entry",
             Table::RaftState => "raft_state",
         }
@@ -58,7 +74,14 @@ impl Table {
 
     pub const fn version(self) -> u32 {
         match self {
-            Table::Account | Table::Body | Table::Request | Table::Meta | Table::RaftEntry => 1,
+            Table::Account
+            | Table::Body
+            | Table::Request
+            | Table::Meta
+            | Table::Reserve
+            | Table::Expiry
+            | Table::Pending
+            | Table::RaftEntry => 1,
             // v2: the rows of v1, under a tag that sorts after every `raft_entry` key. They are
             // rewritten by every raft write; under v1's tag (below `raft_entry`'s) each LevelDB
             // table then spanned the whole log, and every level-0 compaction rewrote all of
@@ -81,6 +104,12 @@ impl Table {
         matches!(self, Table::Body | Table::Request)
     }
 
+    /// Whether the table's rows are derived from other state rows (`reserve`): a dump leaves
+    /// them out and an install or import rebuilds them (see `transfer.rs`).
+    pub const fn derived(self) -> bool {
+        matches!(self, Table::Expiry | Table::Pending)
+    }
+
     /// The table whose tag is `tag`, if any.
     pub fn from_tag(tag: &[u8]) -> Option<Table> {
         Table::ALL.into_iter().find(|t| t.tag() == tag)
@@ -94,6 +123,9 @@ impl Table {
             Table::Body => [0x75, 0x81, 0x25, 0xba],
             Table::Request => [0x94, 0x9b, 0x68, 0x03],
             Table::Meta => [0xd8, 0xa7, 0xaf, 0x8d],
+            Table::Reserve => [0x6f, 0xc1, 0x78, 0x01],
+            Table::Expiry => [0x4b, 0xb0, 0x64, 0xa3],
+            Table::Pending => [0x19, 0x39, 0x3f, 0x70],
             Table::RaftEntry => [0x92, 0xb8, 0x4d, 0xfb],
             Table::RaftState => [0xbd, 0x94, 0x61, 0x2d],
         }
@@ -109,6 +141,8 @@ impl fmt::Display for Table {
 pub const TAG_BYTES: usize = 4;
 pub const ACCOUNT_VALUE_BYTES: usize = 8;
 pub const REQUEST_VALUE_BYTES: usize = 8 + 4 + 32;
+/// A `pending` value: pending debits u64 LE ‖ pending credits u64 LE.
+pub const PENDING_VALUE_BYTES: usize = 8 + 8;
 /// The fixed part of a snapshot point value: index u64 LE || term u64 LE.
 /// A `header` value: signed header (256) || body digest (32).
 pub const HEADER_VALUE_BYTES: usize = tally_wire::SIGNED_HEADER_BYTES + 32;
@@ -149,6 +183,35 @@ pub const BODY_BY_HEIGHT_V1_TAG: [u8; 4] = [0x78, 0xd7, 0xf6, 0x08];
 /// tag || signer (32) || id u128 BE
 pub fn request_key(signer: &PublicKey, id: u128) -> [u8; 52] {
     make_key(Table::Request, &[signer, &id.to_be_bytes()])
+}
+
+/// tag || owner (32) || id u128 BE
+pub fn reserve_key(owner: &PublicKey, id: u128) -> [u8; 52] {
+    make_key(Table::Reserve, &[owner, &id.to_be_bytes()])
+}
+
+/// tag || expires_at_ms u64 BE || owner (32) || id u128 BE: keys sort in deadline order
+/// (`tally_core::reserve::Expiry`'s order).
+pub fn expiry_key(at_ms: u64, owner: &PublicKey, id: u128) -> [u8; 60] {
+    make_key(
+        Table::Expiry,
+        &[&at_ms.to_be_bytes(), owner, &id.to_be_bytes()],
+    )
+}
+
+/// The expiry an [`expiry_key`] names, or None if `key` is not one.
+pub fn expiry_key_decode(key: &[u8]) -> Option<tally_core::reserve::Expiry> {
+    let rest: &[u8; 56] = key.strip_prefix(&Table::Expiry.tag())?.try_into().ok()?;
+    Some(tally_core::reserve::Expiry {
+        at_ms: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+        owner: rest[8..40].try_into().expect("32 bytes"),
+        id: u128::from_be_bytes(rest[40..].try_into().expect("16 bytes")),
+    })
+}
+
+/// tag || account (32)
+pub fn pending_key(account: &PublicKey) -> [u8; 36] {
+    make_key(Table::Pending, &[account])
 }
 
 /// tag || "ledger"
@@ -272,6 +335,31 @@ pub fn encode_account(balance: u64) -> [u8; ACCOUNT_VALUE_BYTES] {
 
 pub fn decode_account(value: &[u8]) -> Result<u64, Error> {
     Ok(u64::from_le_bytes(fixed(Table::Account, value)?))
+}
+
+pub fn decode_reserve(value: &[u8]) -> Result<Reserve, Error> {
+    Reserve::decode(value).map_err(|e| corrupt(Table::Reserve, e))
+}
+
+/// pending debits u64 LE || pending credits u64 LE
+pub fn encode_pending(debits: u64, credits: u64) -> [u8; PENDING_VALUE_BYTES] {
+    let mut out = [0u8; PENDING_VALUE_BYTES];
+    out[..8].copy_from_slice(&debits.to_le_bytes());
+    out[8..].copy_from_slice(&credits.to_le_bytes());
+    out
+}
+
+/// (pending debits, pending credits); a stored row is never (0, 0).
+pub fn decode_pending(value: &[u8]) -> Result<(u64, u64), Error> {
+    let v: [u8; PENDING_VALUE_BYTES] = fixed(Table::Pending, value)?;
+    let pending = (
+        u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+        u64::from_le_bytes(v[8..].try_into().expect("8 bytes")),
+    );
+    if pending == (0, 0) {
+        return Err(corrupt(Table::Pending, "a row of zeros is never stored"));
+    }
+    Ok(pending)
 }
 
 /// height u64 LE || index u32 LE || request_hash (32)
@@ -414,6 +502,18 @@ mod tests {
                 assert!(raft_hard_state_at_key(w[0])[..] < raft_entry_key(w[0] + 1)[..]);
             }
         }
+        for w in heights.windows(2) {
+            // Deadline first, then owner and id: the order expiries are taken in.
+            assert!(expiry_key(w[0], &[9; 32], u128::MAX) < expiry_key(w[1], &[0; 32], 0));
+        }
+        let e = expiry_key(7, &[3; 32], 1 << 100);
+        let decoded = expiry_key_decode(&e).unwrap();
+        assert_eq!(
+            (decoded.at_ms, decoded.owner, decoded.id),
+            (7, [3; 32], 1 << 100)
+        );
+        assert_eq!(expiry_key_decode(&e[..59]), None);
+        assert_eq!(expiry_key_decode(&reserve_key(&[3; 32], 1)), None);
         for h in heights {
             assert_eq!(header_key_height(&header_key(h)), Some(h));
             assert_eq!(raft_entry_key_index(&raft_entry_key(h)), Some(h));
@@ -463,6 +563,20 @@ mod tests {
             assert!(e.contains("raft_state/v2"), "{e}");
         }
         assert_eq!(decode_raft_last_index(&9u64.to_le_bytes()).unwrap(), 9);
+        assert_eq!(
+            decode_pending(&encode_pending(3, u64::MAX)).unwrap(),
+            (3, u64::MAX)
+        );
+        for bad in [&[][..], &[0; 15], &[0; 17], &[0; 16]] {
+            let e = decode_pending(bad).unwrap_err().to_string();
+            assert!(e.contains("pending/v1"), "{e}");
+        }
+        assert_eq!(
+            decode_reserve(&Reserve::Posted.encode()).unwrap(),
+            Reserve::Posted
+        );
+        let e = decode_reserve(&[9]).unwrap_err().to_string();
+        assert!(e.contains("reserve/v1"), "{e}");
         for bad in [&[][..], &[0; 7], &[0; 9]] {
             let e = decode_raft_last_index(bad).unwrap_err().to_string();
             assert!(e.contains("raft_state/v2"), "{e}");

@@ -1,6 +1,6 @@
 //! [`LedgerDb`]: the ledger's committed state in LevelDB, behind core's storage ports.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -10,6 +10,7 @@ use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
 use tally_core::batch::{BatchBody, BatchWrite};
 use tally_core::crypto::{header_hash, sha256};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
+use tally_core::reserve::{Expiry, Reserve, ReserveChange};
 use tally_core::state::{LedgerMeta, META_BYTES};
 use tally_core::{Error, Result};
 use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
@@ -96,10 +97,11 @@ pub const ARCHIVE_LAG_BYTES_MAX: usize = 128 << 20;
 /// (96 bytes) and in the batch's key list (52), with the map's overhead, rounded up.
 pub const PENDING_RECORD_BYTES: usize = 192;
 
-/// The ledger's committed state: accounts, headers, bodies, request index and the summary.
+/// The ledger's committed state: accounts, reserves, headers, bodies, request index and the
+/// summary.
 ///
-/// Two LevelDB databases: the state database in `dir` (accounts, headers, `body_by_height`,
-/// summary), written by `apply` in one synced write per batch, and the archive in
+/// Two LevelDB databases: the state database in `dir` (accounts, reserves with their expiry
+/// and pending rows, headers, summary), written by `apply` in one synced write per batch, and the archive in
 /// `dir/archive` (bodies, request records), written behind it by the archive thread (see
 /// `archive.rs`). Until the archive holds a batch, its body and request records are answered
 /// from memory.
@@ -131,9 +133,16 @@ pub struct LedgerDb {
     requests: Option<RequestFilter>,
     filter_origin: FilterOrigin,
     lookups: RequestLookups,
-    /// The sum of every account's balance: counted at open, then moved by each batch's
-    /// `balance_change` (apart from the meta's totals, so conservation can be checked).
+    /// The sum of every account's balance and of what open reserves hold: counted at open,
+    /// then moved by each batch's `balance_change` (apart from the meta's totals, so
+    /// conservation can be checked).
     balance_total: u128,
+    /// Every open reserve in deadline order: the `expiry` table, read at open and kept in step
+    /// by `apply` (the state database is read with point reads only, see `reopen_fresh`, so
+    /// "the first n by deadline" is answered from here). About 100 bytes per open reserve.
+    expiries: BTreeSet<Expiry>,
+    /// The time of the header at the summary's height (0 at genesis), for `header_time`.
+    tip_time_ms: u64,
 }
 
 /// Where [`LedgerDb::open`] got the request filter.
@@ -192,7 +201,7 @@ impl LedgerDb {
         migrate_headers_if_v1(&mut db, dir, &opts, &sync_stats, &meta)?;
         let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
         let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
-        let balance_total = sum_balances(&mut db)?;
+        let (balance_total, expiries) = scan_totals(&mut db, dir, &opts, &sync_stats)?;
         let mut this = LedgerDb {
             db,
             dir: dir.to_owned(),
@@ -210,6 +219,8 @@ impl LedgerDb {
             filter_origin,
             lookups: RequestLookups::default(),
             balance_total,
+            expiries,
+            tip_time_ms: 0,
         };
         this.start_archive_from(point)?;
         this.check_tip()?;
@@ -239,7 +250,7 @@ impl LedgerDb {
 
     /// Asserts that `write` is the batch that comes next: the height after the applied one,
     /// a header that is for it and chains to the applied one, a summary naming that header and
-    /// one request record per request.
+    /// one request record per leaf that is not an expiry.
     fn assert_applicable(&self, write: &BatchWrite) {
         let height = write.meta.height;
         let header = &write.signed_header.header;
@@ -261,10 +272,17 @@ impl LedgerDb {
             write.meta.last_header_hash, write.header_hash,
             "the summary names the header"
         );
+        // Expiries are leaves without a request id; each closes one reserve as expired (a
+        // reserve made in a batch cannot expire in it: expiries come first).
+        let expiries = write
+            .reserves
+            .iter()
+            .filter(|c| c.after == Reserve::Expired)
+            .count();
         assert_eq!(
-            write.requests.len(),
+            write.requests.len() + expiries,
             header.request_count as usize,
-            "one record per request"
+            "one record per request, none per expiry"
         );
         // Hashing the whole body costs O(body); prepare_apply has just computed it.
         debug_assert_eq!(sha256(&[&write.body]), write.body_digest, "body digest");
@@ -403,6 +421,52 @@ impl LedgerDb {
         Ok(())
     }
 
+    /// What `key`'s open reserves hold (pending debits) and what open reserves hold for it
+    /// (pending credits), as of the applied state.
+    pub fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64)> {
+        Ok(match self.get(&layout::pending_key(key))? {
+            Some(v) => layout::decode_pending(&v)?,
+            None => (0, 0),
+        })
+    }
+
+    /// Adds to `rows` what a batch's reserve changes write: each reserve's row, its expiry key
+    /// out while it was open and in while it is, and the pending amounts of the owners and
+    /// receivers (read, moved, written back; deleted at zero).
+    fn reserve_rows(&mut self, changes: &[ReserveChange], rows: &mut WriteBatch) -> Result<()> {
+        let mut moved: BTreeMap<PublicKey, (i128, i128)> = BTreeMap::new();
+        for c in changes {
+            if let Some(h) = c.before.as_ref().and_then(Reserve::open) {
+                rows.delete(&layout::expiry_key(h.expires_at_ms, &c.owner, c.id));
+                moved.entry(c.owner).or_default().0 -= i128::from(h.amount);
+                moved.entry(h.to).or_default().1 -= i128::from(h.amount);
+            }
+        }
+        for c in changes {
+            if let Some(h) = c.after.open() {
+                rows.put(&layout::expiry_key(h.expires_at_ms, &c.owner, c.id), &[]);
+                moved.entry(c.owner).or_default().0 += i128::from(h.amount);
+                moved.entry(h.to).or_default().1 += i128::from(h.amount);
+            }
+            rows.put(&layout::reserve_key(&c.owner, c.id), &c.after.encode());
+        }
+        for (key, (debits, credits)) in moved {
+            let (old_debits, old_credits) = self.pending(&key)?;
+            let add = |old: u64, by: i128| u64::try_from(i128::from(old) + by).ok();
+            let (Some(d), Some(c)) = (add(old_debits, debits), add(old_credits, credits)) else {
+                return Err(corrupt(
+                    Table::Pending,
+                    "a reserve's change moves pending amounts below 0 or above u64",
+                ));
+            };
+            match (d, c) {
+                (0, 0) => rows.delete(&layout::pending_key(&key)),
+                _ => rows.put(&layout::pending_key(&key), &layout::encode_pending(d, c)),
+            }
+        }
+        Ok(())
+    }
+
     /// How request lookups were answered since open.
     pub fn request_lookups(&self) -> RequestLookups {
         self.lookups
@@ -496,7 +560,7 @@ impl LedgerDb {
         let mut archived_row = next_archived()?;
         while let Some((key, value)) = iter.next() {
             // Deleted at every open, so never found; excluded all the same, being no state.
-            if key == open_marker {
+            if key == open_marker || is_derived(&key) {
                 continue;
             }
             if key == meta_key {
@@ -649,6 +713,7 @@ impl LedgerDb {
                 format_args!("no header at the summary's height {height}"),
             ));
         };
+        self.tip_time_ms = tip.header.time_unix_ms;
         if header_hash(&tip.header) != self.meta.last_header_hash {
             return Err(corrupt(
                 Table::Meta,
@@ -691,6 +756,31 @@ impl LedgerRead for LedgerDb {
             self.lookups.read_absent += 1;
         }
         found.map(|v| layout::decode_request(&v)).transpose()
+    }
+
+    fn reserve(&mut self, owner: &PublicKey, id: u128) -> Result<Option<Reserve>> {
+        self.get(&layout::reserve_key(owner, id))?
+            .map(|v| layout::decode_reserve(&v))
+            .transpose()
+    }
+
+    fn expiries(&mut self, limit: usize) -> Result<Vec<Expiry>> {
+        self.check_usable()?;
+        Ok(self.expiries.iter().take(limit).copied().collect())
+    }
+
+    fn header_time(&mut self, height: u64) -> Result<u64> {
+        if height == self.meta.height {
+            self.check_usable()?;
+            return Ok(self.tip_time_ms);
+        }
+        match self.header(height)? {
+            Some(signed) => Ok(signed.header.time_unix_ms),
+            None if height == 0 => Ok(0),
+            None => Err(Error::missing(format_args!(
+                "the header at height {height}"
+            ))),
+        }
     }
 }
 
@@ -745,13 +835,24 @@ impl LedgerStore for LedgerDb {
 
         let height = write.meta.height;
         // The state rows only: bodies and request records go to the archive (see archive.rs).
-        if let Err(e) = self.db.write(state_rows(write), true) {
+        let mut rows = state_rows(write);
+        self.reserve_rows(&write.reserves, &mut rows)?;
+        if let Err(e) = self.db.write(rows, true) {
             let e = io_error(format_args!("writing batch {height}"), e);
             self.failed = Some(e.to_string());
             return Err(e);
         }
         let records = request_records(write);
         self.meta = write.meta.clone();
+        self.tip_time_ms = write.signed_header.header.time_unix_ms;
+        for c in &write.reserves {
+            if let Some(h) = c.before.as_ref().and_then(Reserve::open) {
+                self.expiries.remove(&expiry_of(c, h.expires_at_ms));
+            }
+            if let Some(h) = c.after.open() {
+                self.expiries.insert(expiry_of(c, h.expires_at_ms));
+            }
+        }
         let total = self.balance_total as i128 + write.balance_change;
         self.balance_total =
             u128::try_from(total).expect("a sum of u64 balances is never negative");
@@ -1057,15 +1158,66 @@ pub(crate) fn decode_header(height: u64, value: &[u8]) -> Result<SignedHeader> {
     Ok(signed)
 }
 
-/// The sum of every balance in the account table: one scan, at open (about a second per
-/// million accounts).
-fn sum_balances(db: &mut DB) -> Result<u128> {
+/// The sum of every balance in the account table plus what open reserves hold (the owners'
+/// pending debits), and the open reserves in deadline order: scans at open (about a second
+/// per million accounts), then a fresh handle (an iterator was taken, see `reopen_fresh`).
+fn scan_totals(
+    db: &mut DB,
+    dir: &Path,
+    opts: &StoreOptions,
+    sync_stats: &Arc<SyncStats>,
+) -> Result<(u128, BTreeSet<Expiry>)> {
     let mut total = 0u128;
     scan_prefix(db, &Table::Account.tag(), |_, value| {
         total += u128::from(layout::decode_account(value)?);
         Ok(())
     })?;
-    Ok(total)
+    // Every open reserve's amount is in its owner's debits and its receiver's credits.
+    let (mut debits, mut credits) = (0u128, 0u128);
+    scan_prefix(db, &Table::Pending.tag(), |_, value| {
+        let (d, c) = layout::decode_pending(value)?;
+        (debits, credits) = (debits + u128::from(d), credits + u128::from(c));
+        Ok(())
+    })?;
+    if debits != credits {
+        return Err(corrupt(
+            Table::Pending,
+            format_args!("pending debits add up to {debits}, pending credits to {credits}"),
+        ));
+    }
+    total += debits;
+    let mut expiries = BTreeSet::new();
+    scan_prefix(db, &Table::Expiry.tag(), |key, value| {
+        match (layout::expiry_key_decode(key), value.is_empty()) {
+            (Some(e), true) => expiries.insert(e),
+            _ => {
+                return Err(corrupt(
+                    Table::Expiry,
+                    "a row that is not tag ‖ deadline ‖ owner ‖ id → empty",
+                ))
+            }
+        };
+        Ok(())
+    })?;
+    let options = state_leveldb_options(opts, SyncEnv::sharing(Arc::clone(sync_stats)));
+    reopen_fresh(db, dir, options)?;
+    Ok((total, expiries))
+}
+
+/// Whether `key` is a row of a derived table (see [`Table::derived`]).
+fn is_derived(key: &[u8]) -> bool {
+    key.get(..layout::TAG_BYTES)
+        .and_then(Table::from_tag)
+        .is_some_and(Table::derived)
+}
+
+/// The place in deadline order of reserve `c` while it is open until `at_ms`.
+fn expiry_of(c: &ReserveChange, at_ms: u64) -> Expiry {
+    Expiry {
+        at_ms,
+        owner: c.owner,
+        id: c.id,
+    }
 }
 
 /// Calls `f` with every row whose key starts with `prefix`, in key order.

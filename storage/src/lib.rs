@@ -34,6 +34,9 @@
 //! | `header` v2         | `501486d3` | height u64 BE (8)             | signed header (256) ‖ body digest (32)             |
 //! | `body` v1           | `758125ba` | SHA-256 of the body (32)      | encoded batch body (`BatchBody::encode`)           |
 //! | `request` v1        | `949b6803` | signer (32) ‖ id u128 BE (16) | height u64 LE ‖ index u32 LE ‖ request hash (44)   |
+//! | `reserve` v1        | `6fc17801` | owner (32) ‖ id u128 BE (16)  | `Reserve::encode`: state u8 (1 open, 2 posted, 3 voided, 4 expired), for an open one ‖ to (32) ‖ party (32) ‖ amount u64 LE ‖ expires_at_ms u64 LE |
+//! | `expiry` v1         | `4bb064a3` | expires_at_ms u64 BE (8) ‖ owner (32) ‖ id u128 BE (16) | empty; present exactly while the reserve is open (derived) |
+//! | `pending` v1        | `19393f70` | account (32)                  | pending debits u64 LE ‖ pending credits u64 LE (16); absent when both are 0 (derived) |
 //! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (120)                         |
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
 //! | `meta` v1           | `d8a7af8d` | `b"archive"` (7)              | archive point: height u64 LE ‖ raft index u64 LE   |
@@ -54,9 +57,14 @@
 //! point in the ledger's archive database; the others in the ledger's state database. A dump
 //! ([`transfer`]) interleaves the two ledger databases in key order and leaves out the archive
 //! point, which an install writes.
-//! `account`, `header` and `request` are intent-addressed (keyed by what the value is about);
-//! `body` is content-addressed (keyed by the value's digest). No ledger key is ever deleted; raft
-//! entries are deleted when the log is compacted or a conflicting suffix is replaced.
+//! `account`, `header`, `request` and `reserve` are intent-addressed (keyed by what the value is
+//! about); `body` is content-addressed (keyed by the value's digest). `expiry` and `pending` are
+//! derived from the open reserves, written by the same `apply` as the `reserve` rows: an open
+//! reserve's owner has its amount in pending debits, its receiver in pending credits. A dump
+//! leaves them out and an install or an import rebuilds them ([`layout::Table::derived`]).
+//! The only ledger keys ever deleted are theirs (a reserve closes, a renewal moves its
+//! deadline, an account's pending amounts return to 0); closed reserves stay as tombstones.
+//! Raft entries are deleted when the log is compacted or a conflicting suffix is replaced.
 //!
 //! # Durability
 //!
@@ -101,6 +109,10 @@
 //! - A failed write may already be visible in rusty-leveldb's memtable; after one, `LedgerDb`
 //!   and `RaftLogDb` refuse every call until they are reopened.
 //! - Directory fsync assumes a Unix file system.
+//! - The open reserves' deadlines are also kept in memory (about 100 bytes each), read from the
+//!   `expiry` table at open: "the first n by deadline" needs an iterator, and the state
+//!   database is read with point reads only (see `ledger::reopen_fresh`). The scans at open
+//!   (accounts, pending amounts, expiries) are followed by a fresh handle for the same reason.
 //! - A crash while a ledger install swaps directories can leave `<live>` missing next to
 //!   `<live>.old` or `<live>.staged`: the server must call [`recover_install`] before
 //!   [`LedgerDb::open`], which knows nothing of installs.

@@ -99,7 +99,12 @@ pub async fn read_rows(bucket: &Bucket, m: &Manifest) -> Result<Delta, ReadError
         rows.extend(decode_chunk(bytes).map_err(|e| bad(manifest_key(m.height), e.to_string()))?);
     }
     let mut delta = Delta::from_rows(rows);
-    if (delta.accounts.len() as u64, delta.requests.len() as u64) != (m.accounts, m.requests) {
+    let counts = (
+        delta.accounts.len() as u64,
+        delta.requests.len() as u64,
+        delta.reserves.len() as u64,
+    );
+    if counts != (m.accounts, m.requests, m.reserves) {
         return Err(bad(
             manifest_key(m.height),
             "its chunks do not hold the rows it counts",
@@ -183,6 +188,7 @@ impl Cursor {
             total_withdrawn: totals_w + rows.withdrawn,
             accounts: rows.accounts.len() as u64,
             requests: rows.requests.len() as u64,
+            reserves: rows.reserves.len() as u64,
             chunks: refs,
         };
         let bytes = manifest.sign(&self.chain_id, &self.key);
@@ -213,7 +219,10 @@ impl Cursor {
         }
         let chain = manifests(bucket, last.height, &owner(&self.chain_id, &self.key)).await?;
         let from = chain.iter().rposition(|m| m.is_full()).unwrap_or(0);
-        let rows: u64 = chain[from..].iter().map(|m| m.accounts + m.requests).sum();
+        let rows: u64 = chain[from..]
+            .iter()
+            .map(|m| m.accounts + m.requests + m.reserves)
+            .sum();
         if rows as usize + delta.rows() > FULL_ROWS_MAX {
             return Ok((delta, last.height));
         }

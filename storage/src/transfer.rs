@@ -22,7 +22,11 @@
 //! caught up first, nothing written meanwhile), as of one LevelDB snapshot each, in strictly
 //! increasing bytewise key order, with the layout of the crate docs. Only the ledger's tables
 //! appear; the `meta`/`open` marker and the archive point never do (the installer writes the
-//! point: its archive holds every batch). The stream is cut into chunks of at most
+//! point: its archive holds every batch), nor do the derived tables `expiry` and `pending`:
+//! the installer rebuilds them from the `reserve` rows as they stream. (Sending them would
+//! only add rows to check against the reserves, which arrive after them in key order, so the
+//! installer would have to hold them all in memory; rebuilding costs one write per open
+//! reserve and a map of the accounts with pending amounts.) The stream is cut into chunks of at most
 //! `chunk_bytes_max` bytes, all full but the last; chunk boundaries mean nothing (a record, even
 //! a length field, may span chunks). The checksum catches damage in transit and bugs; it
 //! authenticates nothing: the header chain and the operator's signature on its tip do.
@@ -33,9 +37,10 @@
 //! table's tag, keys and values have their table's lengths and decode, every body hashes to its
 //! key, `header` holds exactly the heights `1..=n` and each header chains to the one before it. At [`LedgerInstaller::finish`]: the end record and its checksum; a summary
 //! row; `n` equals its height, bodies number `n`, and the last header's hash is its
-//! `last_header_hash`; the accounts' terms add up to its `account_sum` and they number
-//! `account_count`; their balances add up to deposits minus withdrawals; there are as many
-//! request records as the headers count requests, none beyond the height. Then the directory is
+//! `last_header_hash`; the accounts' and reserves' terms add up to its `account_sum` and the
+//! accounts number `account_count`; their balances plus what open reserves hold add up to
+//! deposits minus withdrawals; there are as many request records as the headers count
+//! requests less the bodies' expiries (which use no request id), none beyond the height. Then the directory is
 //! synced, reopened as a [`LedgerDb`] (which checks the tip header and body against the summary),
 //! and the tip header must verify under the operator's key. Only then is the `COMPLETE` marker
 //! written.
@@ -70,8 +75,12 @@ use std::path::{Path, PathBuf};
 
 use rusty_leveldb::{WriteBatch, DB};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+
+use tally_core::batch::{BatchBody, BatchItem};
 use tally_core::crypto::{header_hash, sha256, verify_header};
 use tally_core::ports::LedgerStore;
+use tally_core::reserve::Reserve;
 use tally_core::state::{LedgerMeta, META_BYTES};
 use tally_core::{Error, Result};
 use tally_wire::{Hash, PublicKey};
@@ -342,9 +351,13 @@ impl StreamParser {
 struct StateCheck {
     prev_key: Vec<u8>,
     meta: Option<LedgerMeta>,
-    /// The account terms' sum and the account count, built with the summary's own arithmetic.
+    /// The account and reserve terms' sum and the account count, built with the summary's own
+    /// arithmetic.
     accounts: LedgerMeta,
+    /// Balances plus what open reserves hold.
     balance_total: u128,
+    /// Expiries in the bodies: leaves with no request record.
+    expiries: u64,
     requests: u64,
     request_height_max: u64,
     bodies: u64,
@@ -360,6 +373,7 @@ impl StateCheck {
             meta: None,
             accounts: LedgerMeta::genesis(),
             balance_total: 0,
+            expiries: 0,
             requests: 0,
             request_height_max: 0,
             bodies: 0,
@@ -382,6 +396,11 @@ impl StateCheck {
             Table::Body => self.record_body(table, key, value),
             Table::Meta => self.record_meta(table, key, value),
             Table::Header => self.record_header(table, key, value),
+            Table::Reserve => self.record_reserve(table, key, value).map(|_| ()),
+            Table::Expiry | Table::Pending => Err(Error::corrupt(format_args!(
+                "key {} belongs to the derived table {table}, which a dump leaves out",
+                hex(key)
+            ))),
             Table::RaftEntry | Table::RaftState => Err(Error::corrupt(format_args!(
                 "key {} belongs to the raft log's table {table}",
                 hex(key)
@@ -412,6 +431,17 @@ impl StateCheck {
         Ok(())
     }
 
+    /// A reserve row: adds its term and what it holds to the totals; returns it.
+    fn record_reserve(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<Reserve> {
+        let rest: [u8; 48] = key_rest(table, key)?;
+        let owner: PublicKey = rest[..32].try_into().expect("32 bytes");
+        let id = u128::from_be_bytes(rest[32..].try_into().expect("16 bytes"));
+        let reserve = layout::decode_reserve(value)?;
+        self.accounts.reserve_changed(&owner, id, None, &reserve);
+        self.balance_total += u128::from(reserve.held());
+        Ok(reserve)
+    }
+
     /// A request record: counts it, and the highest height a request was applied at.
     fn record_request(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let _signer_and_id: [u8; 48] = key_rest(table, key)?;
@@ -424,7 +454,7 @@ impl StateCheck {
         Ok(())
     }
 
-    /// A batch body: checks that it hashes to its key, and counts it.
+    /// A batch body: checks that it hashes to its key and decodes, counts it and its expiries.
     fn record_body(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let digest: Hash = key_rest(table, key)?;
         if sha256(&[value]) != digest {
@@ -433,6 +463,14 @@ impl StateCheck {
                 format_args!("body {} does not hash to its key", hex(&digest)),
             ));
         }
+        let body = BatchBody::decode(value)
+            .map_err(|e| corrupt(table, format_args!("body {}: {e}", hex(&digest))))?;
+        let expiries = body
+            .items
+            .iter()
+            .filter(|i| matches!(i, BatchItem::Expire(_)))
+            .count();
+        self.expiries += expiries as u64;
         self.bodies += 1;
         Ok(())
     }
@@ -501,7 +539,7 @@ impl StateCheck {
         }
         if self.accounts.account_sum != meta.account_sum {
             return Err(invalid(
-                "account_sum: the accounts' terms do not add up to the summary's",
+                "account_sum: the accounts' and reserves' terms do not add up to the summary's",
             ));
         }
         let Some(expected_total) = meta.total_deposited.checked_sub(meta.total_withdrawn) else {
@@ -511,15 +549,15 @@ impl StateCheck {
             )));
         };
         if self.balance_total != expected_total {
+            let total = self.balance_total;
             return Err(invalid(format_args!(
-                "balances add up to {}, deposits minus withdrawals to {expected_total}",
-                self.balance_total
+                "balances and open reserves: {total}, deposits minus withdrawals: {expected_total}"
             )));
         }
-        if self.requests != self.header_requests {
+        if self.requests + self.expiries != self.header_requests {
             return Err(invalid(format_args!(
-                "{} request records for {} requests in the headers",
-                self.requests, self.header_requests
+                "{} request records and {} expiries for {} leaves in the headers",
+                self.requests, self.expiries, self.header_requests
             )));
         }
         if self.request_height_max > height {
@@ -539,6 +577,54 @@ struct Sink {
     /// The archive database (`body` and `request` rows, see `archive.rs`).
     archive: Part,
     check: StateCheck,
+    derived: Derived,
+}
+
+/// The derived rows of the `reserve` table (see [`Table::derived`]), rebuilt by an install or
+/// an import: expiry keys are written as each open reserve goes by, pending amounts gathered
+/// per account and written at the end.
+#[derive(Default)]
+pub(crate) struct Derived {
+    pending: HashMap<PublicKey, (u64, u64)>,
+}
+
+impl Derived {
+    /// Writes reserve `(owner, id)`'s expiry key into `state` if it is open, and counts what
+    /// it holds.
+    pub(crate) fn reserve(
+        &mut self,
+        state: &mut Part,
+        owner: &PublicKey,
+        id: u128,
+        reserve: &Reserve,
+    ) -> Result<()> {
+        let Some(h) = reserve.open() else {
+            return Ok(());
+        };
+        state.put(&layout::expiry_key(h.expires_at_ms, owner, id), &[])?;
+        let overflow = || {
+            corrupt(
+                Table::Reserve,
+                "pending amounts of one account overflow u64",
+            )
+        };
+        let debits = &mut self.pending.entry(*owner).or_default().0;
+        *debits = debits.checked_add(h.amount).ok_or_else(overflow)?;
+        let credits = &mut self.pending.entry(h.to).or_default().1;
+        *credits = credits.checked_add(h.amount).ok_or_else(overflow)?;
+        Ok(())
+    }
+
+    /// Writes the pending rows gathered.
+    pub(crate) fn finish(self, state: &mut Part) -> Result<()> {
+        for (key, (debits, credits)) in self.pending {
+            state.put(
+                &layout::pending_key(&key),
+                &layout::encode_pending(debits, credits),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// One of the two databases of a ledger directory, with its pending unsynced batch.
@@ -594,8 +680,15 @@ impl Part {
 impl Sink {
     fn record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.check.record(key, value)?;
-        // `check.record` has checked the tag.
+        // `check.record` has checked the tag, and a reserve row's key and value.
         let table = Table::from_tag(&key[..TAG_BYTES]).expect("a known table");
+        if table == Table::Reserve {
+            let owner: PublicKey = key[TAG_BYTES..TAG_BYTES + 32].try_into().expect("32");
+            let id = u128::from_be_bytes(key[TAG_BYTES + 32..].try_into().expect("16"));
+            let reserve = layout::decode_reserve(value)?;
+            self.derived
+                .reserve(&mut self.state, &owner, id, &reserve)?;
+        }
         if table.in_archive() {
             self.archive.put(key, value)
         } else {
@@ -637,6 +730,7 @@ impl LedgerInstaller {
                 state,
                 archive,
                 check: StateCheck::new(),
+                derived: Derived::default(),
             },
             failed: None,
         })
@@ -679,6 +773,7 @@ impl LedgerInstaller {
         };
         sink.archive
             .put(&layout::archive_point_key(), &point.encode())?;
+        sink.derived.finish(&mut sink.state)?;
         sink.archive.finish()?;
         sink.state.finish()?;
 

@@ -25,7 +25,7 @@ const TEST_BUCKET: &str = "tally-test";
 
 /// The stores to run a test against: a fresh local directory, and a fresh prefix of the S3
 /// bucket when an S3 server is there. CI always has one: without it there, fail.
-fn stores(name: &str) -> Vec<(Bucket, Option<tempfile::TempDir>)> {
+pub(crate) fn stores(name: &str) -> Vec<(Bucket, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
     let local = BucketSettings::from_url(ArchiveUrl::File(dir.path().join("archive")));
     let mut out = vec![(Bucket::open(&local).unwrap(), Some(dir))];
@@ -46,7 +46,7 @@ fn stores(name: &str) -> Vec<(Bucket, Option<tempfile::TempDir>)> {
     out
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -55,7 +55,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// `count` batches of a random test ledger (signed header, encoded body), from `seed`.
-fn ledger(count: usize, seed: u64) -> Vec<(SignedHeader, Vec<u8>)> {
+pub(crate) fn ledger(count: usize, seed: u64) -> Vec<(SignedHeader, Vec<u8>)> {
     let dir = tempfile::tempdir().unwrap();
     let mut db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
     let mut chain = Chain::new(db.meta().unwrap(), seed);
@@ -68,14 +68,14 @@ fn ledger(count: usize, seed: u64) -> Vec<(SignedHeader, Vec<u8>)> {
 }
 
 /// A replica's ledger as the writer sees it: the batches applied so far.
-struct MemSource {
+pub(crate) struct MemSource {
     batches: Mutex<Vec<(SignedHeader, Vec<u8>)>>,
     may_write: AtomicBool,
     stop: AtomicBool,
 }
 
 impl MemSource {
-    fn new(batches: Vec<(SignedHeader, Vec<u8>)>) -> Arc<MemSource> {
+    pub(crate) fn new(batches: Vec<(SignedHeader, Vec<u8>)>) -> Arc<MemSource> {
         Arc::new(MemSource {
             batches: Mutex::new(batches),
             may_write: AtomicBool::new(true),
@@ -107,12 +107,12 @@ impl BatchSource for Shared {
     }
 }
 
-fn operator_key() -> SigningKey {
+pub(crate) fn operator_key() -> SigningKey {
     SigningKey::from_bytes(&[7; 32])
 }
 
 /// Whose manifests the tests read: the test ledger's.
-fn owner() -> snapshots::Owner {
+pub(crate) fn owner() -> snapshots::Owner {
     snapshots::Owner {
         chain_id: CHAIN_ID,
         operator: operator_key().verifying_key().to_bytes(),
@@ -121,7 +121,7 @@ fn owner() -> snapshots::Owner {
 
 /// Runs a writer over `source` until the archive holds `height` or it is fenced; returns its
 /// progress.
-fn archive(
+pub(crate) fn archive(
     rt: &tokio::runtime::Runtime,
     bucket: &Bucket,
     source: &Arc<MemSource>,
@@ -154,7 +154,11 @@ fn archive(
     progress
 }
 
-fn audit_of(rt: &tokio::runtime::Runtime, bucket: &Bucket, earlier: Option<&[u8]>) -> AuditReport {
+pub(crate) fn audit_of(
+    rt: &tokio::runtime::Runtime,
+    bucket: &Bucket,
+    earlier: Option<&[u8]>,
+) -> AuditReport {
     let public = operator().public();
     rt.block_on(audit(bucket, Some(&CHAIN_ID), &public, earlier))
         .unwrap()

@@ -8,5 +8,6 @@ mod raft_cluster;
 mod raft_crash;
 mod raft_log;
 mod raft_model;
+mod reserves;
 mod support;
 mod transfer;

@@ -2,17 +2,20 @@
 //! applied to a [`LedgerDb`] the way a replica does it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tally_core::batch::{prepare_apply, BatchWrite};
-use tally_core::crypto::{header_hash, sign_request, verify_header, OperatorKey};
+use tally_core::crypto::{
+    envelope_hash, header_hash, sign_envelope, sign_request, verify_header, OperatorKey,
+};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::sequencer::{Sequencer, SequencerConfig, Submitted};
 use tally_core::state::LedgerMeta;
 use tally_storage::LedgerDb;
-use tally_wire::{Op, PublicKey, Request};
+use tally_wire::{Envelope, Hash, Op, Operation, PublicKey, Request};
 
 pub const CHAIN_ID: [u8; 32] = [0x11; 32];
 const ACCOUNTS: u8 = 16;
@@ -85,16 +88,52 @@ impl Chain {
         let height = self.seq.sealed_height() + 1;
         for i in 0..requests {
             let request = self.random_request(height, i as u32);
-            match self.seq.submit(request, 0, db).expect("submit") {
+            match self
+                .seq
+                .submit(request, 0, height * 100, db)
+                .expect("submit")
+            {
                 Submitted::Accepted { .. } | Submitted::Rejected(_) => {}
                 other => panic!("fresh ids cannot be known already: {other:?}"),
             }
         }
         // The first request is a deposit, which is always accepted: the batch is never empty.
-        let body = self.seq.seal(1, height * 100).expect("a batch");
+        let body = self.seq.seal(1).expect("a batch");
         let meta = db.meta().expect("meta");
         let encoded = body.encode();
         log(&encoded);
+        let write = prepare_apply(&body, encoded, &meta, db, &self.operator).expect("replay");
+        db.apply(&write).expect("apply");
+        self.seq.applied(height);
+        write
+    }
+
+    /// Sequences one batch at time `unix_ms` (the sequencer keeps batch times monotonic): the
+    /// expiries then due, then `envelopes`, each of which must be accepted; replays it against
+    /// `db` and applies it.
+    pub fn step_envelopes(
+        &mut self,
+        db: &mut LedgerDb,
+        unix_ms: u64,
+        envelopes: &[(Arc<Envelope>, Hash)],
+    ) -> BatchWrite {
+        let height = self.seq.sealed_height() + 1;
+        self.seq
+            .open_batch(
+                unix_ms,
+                envelopes.iter().map(|e| e.0.ops.len() as u32).sum(),
+                db,
+            )
+            .expect("open");
+        for (e, hash) in envelopes {
+            match self.seq.submit_envelope(e.clone(), *hash, 0, unix_ms, db) {
+                Ok(Submitted::Accepted { .. }) => {}
+                other => panic!("envelope not accepted: {other:?}"),
+            }
+        }
+        let body = self.seq.seal(1).expect("expiries or envelopes");
+        let meta = db.meta().expect("meta");
+        let encoded = body.encode();
         let write = prepare_apply(&body, encoded, &meta, db, &self.operator).expect("replay");
         db.apply(&write).expect("apply");
         self.seq.applied(height);
@@ -268,4 +307,18 @@ pub fn rows_with_prefix(db: &mut rusty_leveldb::DB, prefix: &[u8]) -> Vec<(Vec<u
         it.advance();
     }
     rows
+}
+
+/// An envelope of `ops` signed by `key` for the test chain, with its hash.
+pub fn envelope(key: &SigningKey, atomic: bool, ops: Vec<Operation>) -> (Arc<Envelope>, Hash) {
+    let mut e = Envelope {
+        chain_id: CHAIN_ID,
+        signer: key.verifying_key().to_bytes(),
+        atomic,
+        ops,
+        signature: [0; 64],
+    };
+    sign_envelope(key, &mut e);
+    let hash = envelope_hash(&e);
+    (Arc::new(e), hash)
 }

@@ -23,7 +23,7 @@ use crate::support::{check_chain, operator, seed, Chain, Model};
 type Records = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A small memtable, so that the dumped database spans the memtable and several tables.
-fn small() -> StoreOptions {
+pub(crate) fn small() -> StoreOptions {
     StoreOptions {
         write_buffer_bytes: 16 << 10,
         state_write_buffer_bytes: 16 << 10,
@@ -57,7 +57,7 @@ fn dump(dir: &Path, chunk_bytes_max: usize) -> (Vec<Vec<u8>>, LedgerMeta) {
     (chunks, meta)
 }
 
-fn install(dir: &Path, chunks: &[Vec<u8>], operator: &PublicKey) -> Result<LedgerMeta> {
+pub(crate) fn install(dir: &Path, chunks: &[Vec<u8>], operator: &PublicKey) -> Result<LedgerMeta> {
     let mut installer = LedgerInstaller::create(dir, small())?;
     for c in chunks {
         installer.push(c)?;
@@ -213,7 +213,7 @@ fn installing_needs_an_empty_directory() {
 }
 
 /// The records of a dump, decoded by hand from the format in the module docs.
-fn records(stream: &[u8]) -> Records {
+pub(crate) fn records(stream: &[u8]) -> Records {
     assert_eq!(&stream[..5], b"TLYD\x01");
     let mut at = 5;
     let mut out = Vec::new();
@@ -237,7 +237,7 @@ fn records(stream: &[u8]) -> Records {
 }
 
 /// A well-formed stream of `records`, with the right checksum.
-fn stream(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn stream(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     let mut s = b"TLYD\x01".to_vec();
     for (k, v) in records {
         s.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -251,7 +251,7 @@ fn stream(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     s
 }
 
-fn install_error(dir: &Path, stream: &[u8], operator: &PublicKey) -> String {
+pub(crate) fn install_error(dir: &Path, stream: &[u8], operator: &PublicKey) -> String {
     let chunks: Vec<Vec<u8>> = stream.chunks(997).map(|c| c.to_vec()).collect();
     match install(dir, &chunks, operator) {
         Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => e.to_string(),
