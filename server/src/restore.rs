@@ -226,6 +226,9 @@ async fn import_snapshot(
     for (account, balance) in &state.accounts {
         import.account(account, *balance)?;
     }
+    for ((owner, id), reserve) in &state.reserves {
+        import.reserve(owner, *id, reserve)?;
+    }
     import
         .finish(m.total_deposited, m.total_withdrawn, RESTORED_RAFT_INDEX)
         .with_context(|| format!("{key}: the snapshot does not restore"))
