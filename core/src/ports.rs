@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tally_wire::{Hash, PublicKey, SignedHeader};
 
 use crate::batch::BatchWrite;
+use crate::history::{HistoryPage, HistoryRow};
 use crate::state::LedgerMeta;
 use crate::Result;
 
@@ -63,6 +64,31 @@ pub trait LedgerStore: LedgerRead {
     /// next open faster. Changes no state.
     fn shutdown(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// The oldest height whose history (`history`, `history_at`, `receipt`) the store holds:
+    /// 1 when it holds all, more after an install from a snapshot that lacked older history.
+    /// A store that keeps no history answers `u64::MAX` (every history read is refused).
+    fn history_held_from(&mut self) -> Result<u64> {
+        Ok(u64::MAX)
+    }
+    /// Up to `limit` history rows of `account` from `(height, leaf index)` on, ascending, as
+    /// of the applied height.
+    fn history(
+        &mut self,
+        _account: &PublicKey,
+        _from: (u64, u32),
+        _limit: usize,
+    ) -> Result<HistoryPage> {
+        Ok(HistoryPage::default())
+    }
+    /// The newest history row of `account` at or below `height` (its balance and counters
+    /// as of `height`).
+    fn history_at(&mut self, _account: &PublicKey, _height: u64) -> Result<Option<HistoryRow>> {
+        Ok(None)
+    }
+    /// Where the receipt whose Merkle leaf hash is `leaf` was applied: (height, leaf index).
+    fn receipt(&mut self, _leaf: &Hash) -> Result<Option<(u64, u32)>> {
+        Ok(None)
     }
 }
 

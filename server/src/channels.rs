@@ -235,6 +235,23 @@ pub enum StorageCmd {
         id: u128,
         reply: ReplyTo,
     },
+    /// A page of an account's history (`GetHistory`).
+    History {
+        account: PublicKey,
+        from_height: u64,
+        from_index: u32,
+        limit: u16,
+        reply: ReplyTo,
+    },
+    /// An account's figures, now (`at_height` 0) or as of a height (`GetAccount`).
+    Account {
+        account: PublicKey,
+        at_height: u64,
+        reply: ReplyTo,
+    },
+    /// The confirmation of the operation whose receipt has this leaf hash
+    /// (`GetConfirmationByReceipt`).
+    FindByReceipt { leaf_hash: Hash, reply: ReplyTo },
     Status {
         raft: ReplicaStatus,
         /// Whether this replica's master is sequencing (it leads and has caught up).
@@ -263,6 +280,9 @@ impl StorageCmd {
             | StorageCmd::Headers { reply, .. }
             | StorageCmd::FindConfirmation { reply, .. }
             | StorageCmd::Supply { reply }
+            | StorageCmd::History { reply, .. }
+            | StorageCmd::Account { reply, .. }
+            | StorageCmd::FindByReceipt { reply, .. }
             | StorageCmd::Status { reply, .. } => Some(reply),
             _ => None,
         }

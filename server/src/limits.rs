@@ -318,7 +318,12 @@ pub fn reply_bytes_bound(request: &Message) -> usize {
             let receipts = e.ops.len() * tally_wire::RECEIPT_BYTES;
             FRAME_HEADER_BYTES + 1 + 32 + SIGNED_HEADER_BYTES + 4 + receipts + proof
         }
-        Message::GetConfirmation { .. } => {
+        Message::GetHistory { limit, .. } => {
+            let entries = (*limit).clamp(1, tally_wire::HISTORY_ENTRIES_PER_REPLY_MAX) as usize;
+            let each = tally_wire::HISTORY_ENTRY_BYTES + SIGNED_HEADER_BYTES;
+            FRAME_HEADER_BYTES + tally_wire::HISTORY_FIXED_BYTES + entries * each
+        }
+        Message::GetConfirmation { .. } | Message::GetConfirmationByReceipt { .. } => {
             FRAME_HEADER_BYTES + tally_wire::OPERATION_CONFIRMATION_BYTES_MAX as usize
         }
         _ => SMALL_REPLY_BYTES_MAX,

@@ -543,6 +543,32 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
             },
         ),
         Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
+        Message::GetHistory {
+            account,
+            from_height,
+            from_index,
+            limit,
+        } => pipeline::read(
+            pipeline,
+            StorageCmd::History {
+                account,
+                from_height,
+                from_index,
+                limit,
+                reply,
+            },
+        ),
+        Message::GetAccount { account, at_height } => pipeline::read(
+            pipeline,
+            StorageCmd::Account {
+                account,
+                at_height,
+                reply,
+            },
+        ),
+        Message::GetConfirmationByReceipt { leaf_hash } => {
+            pipeline::read(pipeline, StorageCmd::FindByReceipt { leaf_hash, reply })
+        }
         Message::GetConfirmation { signer, id } => {
             pipeline::read(pipeline, StorageCmd::FindConfirmation { signer, id, reply })
         }

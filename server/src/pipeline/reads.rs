@@ -61,6 +61,21 @@ impl<S: LedgerStore> StorageThread<S> {
                 self.find_confirmation(&signer, id, reply)
             }
             StorageCmd::Supply { reply } => self.supply(reply),
+            StorageCmd::History {
+                account,
+                from_height,
+                from_index,
+                limit,
+                reply,
+            } => self.history(account, (from_height, from_index), limit, reply),
+            StorageCmd::Account {
+                account,
+                at_height,
+                reply,
+            } => self.account_figures(account, at_height, reply),
+            StorageCmd::FindByReceipt { leaf_hash, reply } => {
+                self.find_by_receipt(&leaf_hash, reply)
+            }
             StorageCmd::Status {
                 raft,
                 writable,
@@ -133,6 +148,15 @@ impl<S: LedgerStore> StorageThread<S> {
             ),
             Err(e) => on_error("reading a confirmation", e, reply),
         }
+    }
+
+    /// The pending debits and credits of `account` at the applied height (`GetAccount`).
+    pub(super) fn pending_of(
+        &mut self,
+        _account: &tally_wire::PublicKey,
+    ) -> CoreResult<(u64, u64)> {
+        // two-phase: filled in by the reserves table
+        Ok((0, 0))
     }
 
     /// Streams the ledger to a peer installing a snapshot. The dump holds this thread (and so
