@@ -136,7 +136,7 @@ error_codes! {
     MembershipRefused = 37, "membership_refused", Later;
     NotFound = 40, "not_found", Never;
     HistoryPruned = 41, "history_pruned", Never;
-    HeightNotApplied = 42, "height_not_applied", Later;
+    HeightNotApplied = 42, "height_not_applied", Never;
     Internal = 50, "internal", Later;
 }
 

@@ -159,7 +159,7 @@ fn envelopes_apply_all_or_nothing_once_and_prove_every_operation() {
 }
 
 /// The `tally` binary next to `tally-server` (built first when this test runs alone).
-fn tally_bin() -> PathBuf {
+pub(crate) fn tally_bin() -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_tally-server")).with_file_name("tally");
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
