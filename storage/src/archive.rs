@@ -167,7 +167,7 @@ impl Archive {
                 // One count of failed reads for every handle on this database (`get_checked`).
                 let stats = Arc::new(SyncStats::default());
                 let env = || SyncEnv::sharing(Arc::clone(&stats));
-                type Opened = (DB, ArchivePoint, u64, Option<RequestFilter>);
+                type Opened = (DB, ArchivePoint, (u64, bool), Option<RequestFilter>);
                 let opened = (|| -> Result<Opened> {
                     let mut db = DB::open(&dir, leveldb_options(&opts, env()))
                         .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
@@ -193,11 +193,15 @@ impl Archive {
                     Ok((db, point, held_from, filter))
                 })();
                 match opened {
-                    Ok((db, point, held_from, filter)) => {
+                    Ok((db, point, (held_from, stored), filter)) => {
                         progress2.state.lock().expect("progress lock").point = point;
                         let _ = opened_tx.send(Ok((point, held_from, filter)));
+                        let history = match stored {
+                            true => HistoryWriter::default(),
+                            false => HistoryWriter::starting_at(held_from),
+                        };
                         let reopen = || leveldb_options(&opts, env());
-                        run(db, rx, &progress2, &dir, &stats, reopen);
+                        run(db, rx, &progress2, (&dir, &stats), history, reopen);
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -365,12 +369,11 @@ fn run(
     mut db: DB,
     rx: Receiver<Cmd>,
     progress: &Progress,
-    dir: &Path,
-    stats: &SyncStats,
+    (dir, stats): (&Path, &SyncStats),
+    mut history: HistoryWriter,
     options: impl Fn() -> rusty_leveldb::Options,
 ) {
     let mut next = None;
-    let mut history = HistoryWriter::default();
     loop {
         let cmd = match next.take() {
             Some(cmd) => cmd,
@@ -475,20 +478,24 @@ fn write_group(
         .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
 }
 
-/// The oldest height whose history the archive in `db` holds; written at the first open of an
-/// archive without one: 1 for a new archive, the height after its point for one written before
-/// history existed (its older batches have no history rows).
-fn open_held_from(db: &mut DB, point: ArchivePoint, stats: &SyncStats) -> Result<u64> {
+/// The oldest height whose history the archive in `db` holds, and whether it is stored. An
+/// archive without one: a new archive (point 0) holds it from 1 and writes it with its first
+/// batch; one written before history existed holds it from the height after its point (its
+/// older batches have no history rows), written now.
+fn open_held_from(db: &mut DB, point: ArchivePoint, stats: &SyncStats) -> Result<(u64, bool)> {
     let key = layout::history_held_from_key();
     if let Some(v) = get_checked(db, &key, stats)? {
-        return crate::history::decode_held_from(&v);
+        return Ok((crate::history::decode_held_from(&v)?, true));
+    }
+    if point.height == 0 {
+        return Ok((1, false));
     }
     let held_from = point.height + 1;
     let mut batch = WriteBatch::default();
     batch.put(&key, &held_from.to_le_bytes());
     db.write(batch, true)
         .map_err(|e| io_error("writing the archive's history start", e))?;
-    Ok(held_from)
+    Ok((held_from, true))
 }
 
 fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {

@@ -122,6 +122,9 @@ pub(crate) struct HistoryWriter {
     touched: HashMap<PublicKey, HistoryRow>,
     /// Newest rows already written (bounded by [`HEADS_CACHED_MAX`]).
     written: HashMap<PublicKey, HistoryRow>,
+    /// The history start, to be put with the first rows (a new archive writes it then, so that
+    /// an empty ledger dumps as no rows at all).
+    held_from_unwritten: Option<u64>,
 }
 
 impl HistoryWriter {
@@ -150,8 +153,20 @@ impl HistoryWriter {
         Ok(())
     }
 
-    /// Puts the head row of every account touched since the last call.
+    /// A writer that puts the history start `held_from` with the first rows.
+    pub(crate) fn starting_at(held_from: u64) -> HistoryWriter {
+        HistoryWriter {
+            held_from_unwritten: Some(held_from),
+            ..HistoryWriter::default()
+        }
+    }
+
+    /// Puts the head row of every account touched since the last call (and the history start,
+    /// the first time).
     pub(crate) fn finish(&mut self, put: &mut dyn FnMut(&[u8], &[u8])) {
+        if let Some(held_from) = self.held_from_unwritten.take() {
+            put(&layout::history_held_from_key(), &held_from.to_le_bytes());
+        }
         if self.written.len() + self.touched.len() > HEADS_CACHED_MAX {
             self.written.clear();
         }
