@@ -272,6 +272,34 @@ pub enum StorageCmd {
 }
 
 impl StorageCmd {
+    /// The storage command serving an accounting read (`GetHistory`, `GetAccount`,
+    /// `GetConfirmationByReceipt`).
+    pub fn accounting(message: Message, reply: ReplyTo) -> StorageCmd {
+        match message {
+            Message::GetHistory {
+                account,
+                from_height,
+                from_index,
+                limit,
+            } => StorageCmd::History {
+                account,
+                from_height,
+                from_index,
+                limit,
+                reply,
+            },
+            Message::GetAccount { account, at_height } => StorageCmd::Account {
+                account,
+                at_height,
+                reply,
+            },
+            Message::GetConfirmationByReceipt { leaf_hash } => {
+                StorageCmd::FindByReceipt { leaf_hash, reply }
+            }
+            other => unreachable!("not an accounting read: 0x{:02x}", other.message_type()),
+        }
+    }
+
     /// The connection a read command answers, if it is one.
     pub fn into_reply(self) -> Option<ReplyTo> {
         match self {

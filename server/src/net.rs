@@ -543,42 +543,15 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
             },
         ),
         Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
-        Message::GetHistory {
-            account,
-            from_height,
-            from_index,
-            limit,
-        } => pipeline::read(
-            pipeline,
-            StorageCmd::History {
-                account,
-                from_height,
-                from_index,
-                limit,
-                reply,
-            },
-        ),
-        Message::GetAccount { account, at_height } => pipeline::read(
-            pipeline,
-            StorageCmd::Account {
-                account,
-                at_height,
-                reply,
-            },
-        ),
-        Message::GetConfirmationByReceipt { leaf_hash } => {
-            pipeline::read(pipeline, StorageCmd::FindByReceipt { leaf_hash, reply })
+        m @ (Message::GetHistory { .. }
+        | Message::GetAccount { .. }
+        | Message::GetConfirmationByReceipt { .. }) => {
+            pipeline::read(pipeline, StorageCmd::accounting(m, reply))
         }
         Message::GetConfirmation { signer, id } => {
             pipeline::read(pipeline, StorageCmd::FindConfirmation { signer, id, reply })
         }
-        Message::GetStatus => {
-            if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Status { reply }) {
-                if let Some(reply) = e.into_inner().into_cmd_reply() {
-                    reply.busy("the raft queue", 20);
-                }
-            }
-        }
+        Message::GetStatus => read_status(pipeline, reply),
         Message::Admin(req) => {
             crate::admin::dispatch(&pipeline.admin, &pipeline.raft_tx, *req, reply)
         }
@@ -593,6 +566,15 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
                 other.message_type()
             ),
         ),
+    }
+}
+
+/// Asks the raft thread for this replica's status (`GetStatus`); a full queue is `busy`.
+fn read_status(pipeline: &PipelineHandle, reply: ReplyTo) {
+    if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Status { reply }) {
+        if let Some(reply) = e.into_inner().into_cmd_reply() {
+            reply.busy("the raft queue", 20);
+        }
     }
 }
 

@@ -167,39 +167,11 @@ impl Archive {
                 // One count of failed reads for every handle on this database (`get_checked`).
                 let stats = Arc::new(SyncStats::default());
                 let env = || SyncEnv::sharing(Arc::clone(&stats));
-                type Opened = (DB, ArchivePoint, (u64, bool), Option<RequestFilter>);
-                let opened = (|| -> Result<Opened> {
-                    let mut db = DB::open(&dir, leveldb_options(&opts, env()))
-                        .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
-                    crate::ledger::advance_sequence(&mut db)
-                        .map_err(|e| io_error("writing the archive's open marker", e))?;
-                    let point = match get_checked(&mut db, &layout::archive_point_key(), &stats)? {
-                        None => ArchivePoint::default(),
-                        Some(v) => ArchivePoint::decode(&v)?,
-                    };
-                    let held_from = open_held_from(&mut db, point, &stats)?;
-                    if saved.is_some() {
-                        return Ok((db, point, held_from, saved));
-                    }
-                    let mut filter = RequestFilter::new(opts.request_filter_bytes);
-                    if let Some(filter) = &mut filter {
-                        scan_prefix(&mut db, &Table::Request.tag(), |key, _| {
-                            filter.insert(key);
-                            Ok(())
-                        })?;
-                        // The scan iterated (see `reopen_fresh`).
-                        reopen_fresh(&mut db, &dir, leveldb_options(&opts, env()))?;
-                    }
-                    Ok((db, point, held_from, filter))
-                })();
+                let opened = open_on_thread(&dir, &opts, saved, &stats);
                 match opened {
-                    Ok((db, point, (held_from, stored), filter)) => {
+                    Ok((db, point, (held_from, history), filter)) => {
                         progress2.state.lock().expect("progress lock").point = point;
                         let _ = opened_tx.send(Ok((point, held_from, filter)));
-                        let history = match stored {
-                            true => HistoryWriter::default(),
-                            false => HistoryWriter::starting_at(held_from),
-                        };
                         let reopen = || leveldb_options(&opts, env());
                         run(db, rx, &progress2, (&dir, &stats), history, reopen);
                     }
@@ -344,6 +316,46 @@ fn failed(e: &str) -> Error {
     )
 }
 
+/// What the archive thread opens: its database, point, history start and writer, and filter.
+type Opened = (
+    DB,
+    ArchivePoint,
+    (u64, HistoryWriter),
+    Option<RequestFilter>,
+);
+
+/// Opens the archive database in `dir` (on the archive thread) and reads what it holds.
+fn open_on_thread(
+    dir: &Path,
+    opts: &StoreOptions,
+    saved: Option<RequestFilter>,
+    stats: &Arc<SyncStats>,
+) -> Result<Opened> {
+    let env = || SyncEnv::sharing(Arc::clone(stats));
+    let mut db = DB::open(dir, leveldb_options(opts, env()))
+        .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
+    crate::ledger::advance_sequence(&mut db)
+        .map_err(|e| io_error("writing the archive's open marker", e))?;
+    let point = match get_checked(&mut db, &layout::archive_point_key(), stats)? {
+        None => ArchivePoint::default(),
+        Some(v) => ArchivePoint::decode(&v)?,
+    };
+    let held_from = open_held_from(&mut db, point, stats)?;
+    if saved.is_some() {
+        return Ok((db, point, held_from, saved));
+    }
+    let mut filter = RequestFilter::new(opts.request_filter_bytes);
+    if let Some(filter) = &mut filter {
+        scan_prefix(&mut db, &Table::Request.tag(), |key, _| {
+            filter.insert(key);
+            Ok(())
+        })?;
+        // The scan iterated (see `reopen_fresh`).
+        reopen_fresh(&mut db, dir, leveldb_options(opts, env()))?;
+    }
+    Ok((db, point, held_from, filter))
+}
+
 /// The archive thread's nice value (Linux: per thread). Its merges are bulk work whose only
 /// deadline is the lag bound (`ARCHIVE_LAG_*`), and one of them can take a core for seconds;
 /// at the default priority that core was taken from the threads that confirm (at half of the
@@ -478,24 +490,29 @@ fn write_group(
         .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
 }
 
-/// The oldest height whose history the archive in `db` holds, and whether it is stored. An
-/// archive without one: a new archive (point 0) holds it from 1 and writes it with its first
-/// batch; one written before history existed holds it from the height after its point (its
-/// older batches have no history rows), written now.
-fn open_held_from(db: &mut DB, point: ArchivePoint, stats: &SyncStats) -> Result<(u64, bool)> {
+/// The oldest height whose history the archive in `db` holds, and the history writer to go
+/// on with. An archive without one: a new archive (point 0) holds it from 1 and writes it with
+/// its first batch; one written before history existed holds it from the height after its
+/// point (its older batches have no history rows), written now.
+fn open_held_from(
+    db: &mut DB,
+    point: ArchivePoint,
+    stats: &SyncStats,
+) -> Result<(u64, HistoryWriter)> {
     let key = layout::history_held_from_key();
     if let Some(v) = get_checked(db, &key, stats)? {
-        return Ok((crate::history::decode_held_from(&v)?, true));
+        let held_from = crate::history::decode_held_from(&v)?;
+        return Ok((held_from, HistoryWriter::default()));
     }
     if point.height == 0 {
-        return Ok((1, false));
+        return Ok((1, HistoryWriter::starting_at(1)));
     }
     let held_from = point.height + 1;
     let mut batch = WriteBatch::default();
     batch.put(&key, &held_from.to_le_bytes());
     db.write(batch, true)
         .map_err(|e| io_error("writing the archive's history start", e))?;
-    Ok((held_from, true))
+    Ok((held_from, HistoryWriter::default()))
 }
 
 fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {

@@ -15,7 +15,7 @@ use tally_wire::{
 };
 
 use super::storage::StorageThread;
-use crate::channels::ReplyTo;
+use crate::channels::{ReplyTo, StorageCmd};
 use crate::fail::on_error;
 
 /// A read the client asked wrongly or too early: its code and message.
@@ -55,6 +55,28 @@ fn wire_entry(row: &HistoryRow) -> HistoryEntry {
 }
 
 impl<S: LedgerStore> StorageThread<S> {
+    /// Serves `History`, `Account` or `FindByReceipt`.
+    pub(super) fn accounting(&mut self, cmd: StorageCmd) {
+        match cmd {
+            StorageCmd::History {
+                account,
+                from_height,
+                from_index,
+                limit,
+                reply,
+            } => self.history(account, (from_height, from_index), limit, reply),
+            StorageCmd::Account {
+                account,
+                at_height,
+                reply,
+            } => self.account_figures(account, at_height, reply),
+            StorageCmd::FindByReceipt { leaf_hash, reply } => {
+                self.find_by_receipt(&leaf_hash, reply)
+            }
+            _ => unreachable!("not an accounting read"),
+        }
+    }
+
     /// Answers `GetHistory`: from `(height, index)` on; `from.0` 0 means from the oldest
     /// height held.
     pub(super) fn history(

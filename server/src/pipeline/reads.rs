@@ -33,11 +33,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 keys,
                 accounts,
                 reply,
-            } => {
-                let _ = reply.send(self.lookup(&keys, &accounts));
-                let now = self.db().request_lookup_counts();
-                self.metrics.request_lookups(&mut self.lookups_seen, now);
-            }
+            } => self.serve_lookup(&keys, &accounts, reply),
             StorageCmd::LoadAccount { key, reply } => {
                 let _ = reply.send(self.account(&key));
             }
@@ -61,21 +57,9 @@ impl<S: LedgerStore> StorageThread<S> {
                 self.find_confirmation(&signer, id, reply)
             }
             StorageCmd::Supply { reply } => self.supply(reply),
-            StorageCmd::History {
-                account,
-                from_height,
-                from_index,
-                limit,
-                reply,
-            } => self.history(account, (from_height, from_index), limit, reply),
-            StorageCmd::Account {
-                account,
-                at_height,
-                reply,
-            } => self.account_figures(account, at_height, reply),
-            StorageCmd::FindByReceipt { leaf_hash, reply } => {
-                self.find_by_receipt(&leaf_hash, reply)
-            }
+            cmd @ (StorageCmd::History { .. }
+            | StorageCmd::Account { .. }
+            | StorageCmd::FindByReceipt { .. }) => self.accounting(cmd),
             StorageCmd::Status {
                 raft,
                 writable,
@@ -98,6 +82,18 @@ impl<S: LedgerStore> StorageThread<S> {
             | StorageCmd::Replay { .. }
             | StorageCmd::Stop => unreachable!("not a read"),
         }
+    }
+
+    /// Serves the snapshot stage's lookups and counts how they were answered.
+    fn serve_lookup(
+        &mut self,
+        keys: &[(tally_wire::PublicKey, u128)],
+        accounts: &[tally_wire::PublicKey],
+        reply: crossbeam_channel::Sender<CoreResult<crate::channels::LookupResult>>,
+    ) {
+        let _ = reply.send(self.lookup(keys, accounts));
+        let now = self.db().request_lookup_counts();
+        self.metrics.request_lookups(&mut self.lookups_seen, now);
     }
 
     /// Answers `GetSupply` from the applied state.

@@ -176,6 +176,7 @@ fn history_account_and_receipt_lookup_through_the_cli_and_a_restart() {
 
     // After a SIGKILL: the same history and lookups, and counters going on from the stored ones.
     let server = operator.start();
+    std::fs::write(&cli.profile, server.profile.to_toml_string().unwrap()).unwrap();
     let again = check_alice(&cli, &alice);
     assert_eq!(again["entries"], history["entries"]);
     let relooked = cli.ok(&["lookup", "--receipt", &lookup]);
