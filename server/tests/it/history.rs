@@ -263,3 +263,65 @@ fn check_receipts(cli: &Cli, dir: &Path, history: &Value) -> String {
     assert_eq!(json["code"], "not_found");
     hash
 }
+
+/// A replica whose history starts later (as after an install from a snapshot that lacked the
+/// older history) refuses reads below it with `history_pruned`, naming the oldest height held,
+/// and answers from there on.
+#[test]
+fn reads_below_the_history_held_are_refused_naming_the_oldest_height() {
+    let operator = Operator::new(|c| c.batch.batch_window_ms = 20);
+    let server = operator.start();
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        profile: dir.path().join("profile.toml"),
+    };
+    std::fs::write(&cli.profile, server.profile.to_toml_string().unwrap()).unwrap();
+    let alice = to_hex(&public_key(&generate_key()));
+    for id in 1..=4 {
+        cli.ok(&[
+            "deposit",
+            "--to",
+            &alice,
+            "--amount",
+            "10",
+            "--id",
+            &id.to_string(),
+        ]);
+    }
+    let full = cli.ok(&["history", &alice]);
+    let h = heights(&full);
+    assert_eq!(h.len(), 4);
+    assert!(h.windows(2).all(|w| w[0] < w[1]), "{h:?}");
+    server.terminate();
+
+    // The history now starts at the third deposit's height.
+    let held_from = h[2];
+    let ledger = operator.data_dir().join("ledger");
+    let mut db = tally_storage::LedgerDb::open(&ledger, Default::default()).unwrap();
+    let key = tally_storage::layout::history_held_from_key();
+    db.raw_put(&key, &held_from.to_le_bytes()).unwrap();
+    db.close().unwrap();
+
+    let server = operator.start();
+    std::fs::write(&cli.profile, server.profile.to_toml_string().unwrap()).unwrap();
+    let from = h[0].to_string();
+    let (ok, refused) = cli.run(&["history", &alice, "--from-height", &from]);
+    assert!(!ok);
+    assert_eq!(refused["code"], "history_pruned");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("holds, {held_from}")),
+        "{message}"
+    );
+    let (ok, refused) = cli.run(&["account", &alice, "--height", &h[1].to_string()]);
+    assert!(!ok);
+    assert_eq!(refused["code"], "history_pruned");
+    // From the oldest height held on: the entries there, and the figures as of it.
+    let held = cli.ok(&["history", &alice]);
+    assert_eq!(held["held_from"].as_u64(), Some(held_from));
+    assert_eq!(heights(&held), h[2..]);
+    let at = cli.ok(&["account", &alice, "--height", &held_from.to_string()]);
+    assert_eq!(at["balance"], 30);
+    assert_eq!(cli.ok(&["account", &alice])["balance"], 40);
+    server.kill();
+}
