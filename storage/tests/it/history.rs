@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use tally_core::batch::BatchBody;
 use tally_core::history::{account_entries, receipt_leaves, Counters, HistoryRow};
 use tally_core::ports::LedgerStore;
+use tally_storage::layout::Table;
 use tally_storage::{LedgerDb, LedgerInstaller, StoreOptions};
 use tally_wire::PublicKey;
 
@@ -135,4 +136,42 @@ fn history_is_the_fold_of_the_bodies_across_reopen_and_install() {
     installer.finish(&operator().public()).unwrap();
     let mut db = LedgerDb::open(&to, small()).unwrap();
     expected.check(&mut db, &mut rng);
+}
+
+/// An archive written before history existed (no history start, no rows) holds history from
+/// the height after its point at its next open, and counts from zero from there.
+#[test]
+fn an_archive_without_history_holds_it_from_its_next_batch() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ledger");
+    let expected = build(&dir, 5, seed);
+    // Remove every history and receipt row and the history start, as an older tally left it.
+    {
+        let archive = tally_storage::archive_dir(&dir);
+        let mut raw = rusty_leveldb::DB::open(&archive, rusty_leveldb::Options::default()).unwrap();
+        let mut batch = rusty_leveldb::WriteBatch::default();
+        for table in [Table::History, Table::Receipt] {
+            for (key, _) in crate::support::rows_with_prefix(&mut raw, &table.tag()) {
+                batch.delete(&key);
+            }
+        }
+        raw.write(batch, true).unwrap();
+        raw.close().unwrap();
+    }
+    let mut db = LedgerDb::open(&dir, small()).unwrap();
+    assert_eq!(db.history_held_from().unwrap(), expected.height + 1);
+    let account = *expected.rows.keys().next().unwrap();
+    assert_eq!(db.history(&account, (0, 0), 100).unwrap().rows, vec![]);
+    // The next batch's rows count from zero.
+    let mut chain = Chain::new(db.meta().unwrap(), seed ^ 7);
+    let write = chain.step(&mut db, 10);
+    let mut after = Expected::default();
+    after.record(&write.body);
+    for (account, rows) in &after.rows {
+        assert_eq!(&db.history(account, (0, 0), 100).unwrap().rows, rows);
+    }
+    db.close().unwrap();
+    let mut db = LedgerDb::open(&dir, small()).unwrap();
+    assert_eq!(db.history_held_from().unwrap(), expected.height + 1, "kept");
 }
