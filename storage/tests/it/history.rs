@@ -175,3 +175,35 @@ fn an_archive_without_history_holds_it_from_its_next_batch() {
     let mut db = LedgerDb::open(&dir, small()).unwrap();
     assert_eq!(db.history_held_from().unwrap(), expected.height + 1, "kept");
 }
+
+/// A ledger imported from archived batches (`tally-server restore`) holds the whole history,
+/// derived as it imports.
+#[test]
+fn an_imported_ledger_holds_the_history_of_every_batch() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed ^ 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = LedgerDb::open(&tmp.path().join("from"), small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), seed);
+    let (mut expected, mut model) = (Expected::default(), crate::support::Model::default());
+    for _ in 0..12 {
+        let write = chain.step(&mut db, rng.gen_range(1..=40));
+        expected.record(&write.body);
+        model.record(write);
+    }
+    db.close().unwrap();
+
+    let mut import = tally_storage::LedgerImport::create(&tmp.path().join("to"), small()).unwrap();
+    for w in &model.writes {
+        let body = BatchBody::decode(&w.body).unwrap();
+        import.batch(&w.signed_header, &body, &w.body).unwrap();
+    }
+    for (key, balance) in &model.balances {
+        import.account(key, *balance).unwrap();
+    }
+    let meta = &model.writes.last().unwrap().meta;
+    let mut db = import
+        .finish(meta.total_deposited, meta.total_withdrawn, meta.raft_index)
+        .unwrap();
+    expected.check(&mut db, &mut rng);
+}
