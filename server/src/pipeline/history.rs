@@ -165,7 +165,12 @@ impl<S: LedgerStore> StorageThread<S> {
         } else {
             if row.is_none() && held_from > 1 {
                 // The account may have existed before the history held: unknown here.
-                return Ok(Err(pruned(held_from - 1, held_from)));
+                let message = format!(
+                    "the account has no history at or below height {at_height}, and this \
+                     replica holds history only from height {held_from}: its state then is \
+                     not known here"
+                );
+                return Ok(Err((ErrorCode::HistoryPruned, message)));
             }
             (row.is_some(), row.map_or(0, |r| r.entry.balance), (0, 0))
         };
