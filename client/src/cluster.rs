@@ -370,6 +370,48 @@ impl ClusterClient {
             .await
     }
 
+    /// [`crate::Client::find_by_receipt`] on the cluster, with the retries of a read.
+    pub async fn find_by_receipt(
+        &self,
+        leaf_hash: tally_wire::Hash,
+    ) -> Result<tally_core::engine::apply::Found> {
+        self.inner
+            .run(Kind::Read, move |client| async move {
+                client.find_by_receipt(leaf_hash).await
+            })
+            .await
+    }
+
+    /// [`crate::Client::history`] on the cluster, with the retries of a read.
+    pub async fn history(
+        &self,
+        account: PublicKey,
+        from_height: u64,
+        from_index: u32,
+        limit: u16,
+    ) -> Result<tally_wire::HistoryReply> {
+        self.inner
+            .run(Kind::Read, move |client| async move {
+                client
+                    .history(account, from_height, from_index, limit)
+                    .await
+            })
+            .await
+    }
+
+    /// [`crate::Client::account`] on the cluster, with the retries of a read.
+    pub async fn account(
+        &self,
+        account: PublicKey,
+        at_height: u64,
+    ) -> Result<tally_wire::AccountReply> {
+        self.inner
+            .run(Kind::Read, move |client| async move {
+                client.account(account, at_height).await
+            })
+            .await
+    }
+
     /// [`crate::Client::supply`] on the cluster, with the retries of a read.
     pub async fn supply(&self) -> Result<tally_wire::SupplyReply> {
         self.inner

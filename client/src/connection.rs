@@ -344,6 +344,66 @@ impl Client {
         }
     }
 
+    /// The confirmation of the operation whose receipt has Merkle leaf hash `leaf_hash`, from
+    /// this replica's applied state; `not_found` is [`Error::Rejected`]. Checked to be for that
+    /// receipt, not verified.
+    pub async fn find_by_receipt(&self, leaf_hash: tally_wire::Hash) -> Result<Found> {
+        let found = match self
+            .call(Message::GetConfirmationByReceipt { leaf_hash })
+            .await?
+        {
+            Message::Confirmed(c) => Found::Request(c),
+            Message::OperationConfirmed(c) => Found::Operation(c),
+            other => return Err(unexpected("Confirmed or OperationConfirmed", &other)),
+        };
+        let receipt = match &found {
+            Found::Request(c) => &c.receipt,
+            Found::Operation(c) => &c.receipt,
+        };
+        if tally_core::merkle::leaf_hash(&receipt.encode()) != leaf_hash {
+            return Err(Error::Protocol(
+                "the confirmation is for another receipt".into(),
+            ));
+        }
+        Ok(found)
+    }
+
+    /// A page of `account`'s history from `(from_height, from_index)` on (`from_height` 0:
+    /// from the oldest height the replica holds), up to `limit` entries.
+    pub async fn history(
+        &self,
+        account: PublicKey,
+        from_height: u64,
+        from_index: u32,
+        limit: u16,
+    ) -> Result<tally_wire::HistoryReply> {
+        let ask = Message::GetHistory {
+            account,
+            from_height,
+            from_index,
+            limit,
+        };
+        match self.call(ask).await? {
+            Message::History(h) if h.account == account => Ok(*h),
+            other => Err(unexpected("History", &other)),
+        }
+    }
+
+    /// `account`'s figures at the applied height (`at_height` 0) or as of `at_height`.
+    pub async fn account(
+        &self,
+        account: PublicKey,
+        at_height: u64,
+    ) -> Result<tally_wire::AccountReply> {
+        match self
+            .call(Message::GetAccount { account, at_height })
+            .await?
+        {
+            Message::Account(a) if a.account == account => Ok(*a),
+            other => Err(unexpected("Account", &other)),
+        }
+    }
+
     /// The operator's totals and the sum of balances, as this replica has applied them.
     pub async fn supply(&self) -> Result<tally_wire::SupplyReply> {
         match self.call(Message::GetSupply).await? {

@@ -11,6 +11,7 @@
 //! - [`crypto`]: hashes, header signing, request signatures.
 //! - [`state`]: the ledger summary and its state digest.
 //! - [`tlog`]: the archive's C2SP tlog-tiles log of signed headers, checkpoints, signed notes.
+//! - [`history`]: per-account history entries and running counters derived from a batch body.
 //! - [`ports`]: the storage traits this crate needs, and an in-memory store for tests.
 //! - [`verify`]: offline verification of confirmations.
 //! - [`replica`]: the sans-IO Raft driver around raft-rs's `RawNode`, and the raft log port.
@@ -28,6 +29,7 @@ pub mod batch;
 pub mod crypto;
 pub mod engine;
 mod error;
+pub mod history;
 pub mod merkle;
 pub mod ports;
 pub mod replica;

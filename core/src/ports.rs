@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tally_wire::{Hash, PublicKey, SignedHeader};
 
 use crate::batch::BatchWrite;
+use crate::history::{HistoryPage, HistoryRow};
 use crate::reserve::{Expiry, Reserve};
 use crate::state::LedgerMeta;
 use crate::Result;
@@ -46,6 +47,9 @@ pub trait LedgerStore: LedgerRead {
     /// (`GetSupply`); equal to the meta's deposits minus withdrawals in a ledger that conserves
     /// money.
     fn balance_total(&mut self) -> Result<u128>;
+    /// What `key`'s open reserves hold (pending debits) and what open reserves hold for it
+    /// (pending credits), in the applied state.
+    fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64)>;
     /// Housekeeping the store would otherwise do inside the next `apply` (LevelDB's memtable
     /// flush and compactions), called when the caller is idle. Changes no state.
     fn maintain(&mut self) -> Result<()> {
@@ -71,6 +75,31 @@ pub trait LedgerStore: LedgerRead {
     /// next open faster. Changes no state.
     fn shutdown(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// The oldest height whose history (`history`, `history_at`, `receipt`) the store holds:
+    /// 1 when it holds all, more after an install from a snapshot that lacked older history.
+    /// A store that keeps no history answers `u64::MAX` (every history read is refused).
+    fn history_held_from(&mut self) -> Result<u64> {
+        Ok(u64::MAX)
+    }
+    /// Up to `limit` history rows of `account` from `(height, leaf index)` on, ascending, as
+    /// of the applied height.
+    fn history(
+        &mut self,
+        _account: &PublicKey,
+        _from: (u64, u32),
+        _limit: usize,
+    ) -> Result<HistoryPage> {
+        Ok(HistoryPage::default())
+    }
+    /// The newest history row of `account` at or below `height` (its balance and counters
+    /// as of `height`).
+    fn history_at(&mut self, _account: &PublicKey, _height: u64) -> Result<Option<HistoryRow>> {
+        Ok(None)
+    }
+    /// Where the receipt whose Merkle leaf hash is `leaf` was applied: (height, leaf index).
+    fn receipt(&mut self, _leaf: &Hash) -> Result<Option<(u64, u32)>> {
+        Ok(None)
     }
 }
 
@@ -151,6 +180,16 @@ impl LedgerStore for MemStore {
     }
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
         Ok(self.bodies.get(&height).cloned())
+    }
+    fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64)> {
+        let (mut debits, mut credits) = (0, 0);
+        for ((owner, _), r) in &self.reserves {
+            if let Some(h) = r.open() {
+                debits += if owner == key { h.amount } else { 0 };
+                credits += if &h.to == key { h.amount } else { 0 };
+            }
+        }
+        Ok((debits, credits))
     }
     fn balance_total(&mut self) -> Result<u128> {
         let held: u128 = self.reserves.values().map(|r| r.held() as u128).sum();

@@ -251,6 +251,23 @@ pub enum StorageCmd {
         id: u128,
         reply: ReplyTo,
     },
+    /// A page of an account's history (`GetHistory`).
+    History {
+        account: PublicKey,
+        from_height: u64,
+        from_index: u32,
+        limit: u16,
+        reply: ReplyTo,
+    },
+    /// An account's figures, now (`at_height` 0) or as of a height (`GetAccount`).
+    Account {
+        account: PublicKey,
+        at_height: u64,
+        reply: ReplyTo,
+    },
+    /// The confirmation of the operation whose receipt has this leaf hash
+    /// (`GetConfirmationByReceipt`).
+    FindByReceipt { leaf_hash: Hash, reply: ReplyTo },
     Status {
         raft: ReplicaStatus,
         /// Whether this replica's master is sequencing (it leads and has caught up).
@@ -271,6 +288,34 @@ pub enum StorageCmd {
 }
 
 impl StorageCmd {
+    /// The storage command serving an accounting read (`GetHistory`, `GetAccount`,
+    /// `GetConfirmationByReceipt`).
+    pub fn accounting(message: Message, reply: ReplyTo) -> StorageCmd {
+        match message {
+            Message::GetHistory {
+                account,
+                from_height,
+                from_index,
+                limit,
+            } => StorageCmd::History {
+                account,
+                from_height,
+                from_index,
+                limit,
+                reply,
+            },
+            Message::GetAccount { account, at_height } => StorageCmd::Account {
+                account,
+                at_height,
+                reply,
+            },
+            Message::GetConfirmationByReceipt { leaf_hash } => {
+                StorageCmd::FindByReceipt { leaf_hash, reply }
+            }
+            other => unreachable!("not an accounting read: 0x{:02x}", other.message_type()),
+        }
+    }
+
     /// The connection a read command answers, if it is one.
     pub fn into_reply(self) -> Option<ReplyTo> {
         match self {
@@ -279,6 +324,9 @@ impl StorageCmd {
             | StorageCmd::Headers { reply, .. }
             | StorageCmd::FindConfirmation { reply, .. }
             | StorageCmd::Supply { reply }
+            | StorageCmd::History { reply, .. }
+            | StorageCmd::Account { reply, .. }
+            | StorageCmd::FindByReceipt { reply, .. }
             | StorageCmd::Status { reply, .. } => Some(reply),
             _ => None,
         }

@@ -33,8 +33,14 @@ pub const DESCRIPTORS_PER_DATABASE_BESIDES_TABLES: u64 = 6;
 
 /// Descriptors the process holds whatever happens: standard streams, the tokio runtime's epoll
 /// and wake-up descriptors, the signal handler, the listeners of the client and peer ports,
-/// the request filter's file at a clean stop, files read at start. Generous by design.
+/// the request filter's file at a clean stop, files read at start, the client listener's
+/// [`SPARE_DESCRIPTORS`]. Generous by design.
 pub const DESCRIPTORS_OF_THE_PROCESS: u64 = 32;
+const _: () = assert!(SPARE_DESCRIPTORS as u64 <= DESCRIPTORS_OF_THE_PROCESS / 4);
+
+/// Descriptors the client listener holds back ([`SpareDescriptors`]) and gives up when
+/// `accept` runs out, so that the ledger's own files still open.
+pub const SPARE_DESCRIPTORS: usize = 8;
 
 /// What [`descriptors_reserved`] keeps out of the connection limits, term by term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +86,49 @@ pub fn descriptors_reserved(peers: usize) -> DescriptorReserve {
         outbound_peers: 2 * peers as u64,
         http: METRICS_CONNECTIONS_MAX as u64 + 1,
         process: DESCRIPTORS_OF_THE_PROCESS,
+    }
+}
+
+/// Descriptors held open (on `/dev/null`) by the client listener. When `accept` fails for want
+/// of descriptors (the process limit lowered under the server, or other files using the
+/// reserve), connections may hold every other one; the listener then releases these and pauses,
+/// so that a LevelDB log rotation or compaction (an IO error there stops the replica) still
+/// finds descriptors, and accepts again only once it could take all of them back.
+pub struct SpareDescriptors {
+    held: Vec<std::fs::File>,
+}
+
+impl SpareDescriptors {
+    pub fn new() -> SpareDescriptors {
+        let mut spares = SpareDescriptors { held: Vec::new() };
+        spares.refill();
+        spares
+    }
+
+    /// Gives every spare back to the process.
+    pub fn release(&mut self) {
+        self.held.clear();
+    }
+
+    /// Takes all [`SPARE_DESCRIPTORS`] back, or (when the process has not that many free)
+    /// none: a partial refill would take what the ledger's files need.
+    pub fn refill(&mut self) -> bool {
+        while self.held.len() < SPARE_DESCRIPTORS {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.held.push(f),
+                Err(_) => {
+                    self.release();
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+impl Default for SpareDescriptors {
+    fn default() -> Self {
+        SpareDescriptors::new()
     }
 }
 
@@ -318,7 +367,12 @@ pub fn reply_bytes_bound(request: &Message) -> usize {
             let receipts = e.ops.len() * tally_wire::RECEIPT_BYTES;
             FRAME_HEADER_BYTES + 1 + 32 + SIGNED_HEADER_BYTES + 4 + receipts + proof
         }
-        Message::GetConfirmation { .. } => {
+        Message::GetHistory { limit, .. } => {
+            let entries = (*limit).clamp(1, tally_wire::HISTORY_ENTRIES_PER_REPLY_MAX) as usize;
+            let each = tally_wire::HISTORY_ENTRY_BYTES + SIGNED_HEADER_BYTES;
+            FRAME_HEADER_BYTES + tally_wire::HISTORY_FIXED_BYTES + entries * each
+        }
+        Message::GetConfirmation { .. } | Message::GetConfirmationByReceipt { .. } => {
             FRAME_HEADER_BYTES + tally_wire::OPERATION_CONFIRMATION_BYTES_MAX as usize
         }
         _ => SMALL_REPLY_BYTES_MAX,

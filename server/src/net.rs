@@ -30,7 +30,7 @@ use crate::channels::RaftEvent;
 use crate::channels::{Job, Outgoing, ReplyTo, StorageCmd, Submission};
 use crate::limits::{
     is_out_of_descriptors, reply_bytes_bound, AddressLimit, HandshakeRate, ReplyBudget, Reserved,
-    ACCEPT_PAUSE_MS, SMALL_REPLY_BYTES_MAX,
+    SpareDescriptors, ACCEPT_PAUSE_MS, SMALL_REPLY_BYTES_MAX,
 };
 use crate::metrics::Metrics;
 use crate::pipeline::{self, PipelineHandle};
@@ -101,6 +101,7 @@ pub async fn serve(
         envelopes: Arc::new(Semaphore::new(limits.envelopes_in_flight_max)),
         limits,
     });
+    let mut spares = SpareDescriptors::new();
     loop {
         tokio::select! {
             biased;
@@ -109,7 +110,11 @@ pub async fn serve(
                 Ok((stream, peer)) => admit(&shared, stream, peer, &shutdown),
                 Err(e) if is_out_of_descriptors(&e) => {
                     rate_log!(ACCEPT_LOG, warn, "accept failed ({e}); pausing accepts for {ACCEPT_PAUSE_MS} ms");
+                    spares.release();
                     tokio::time::sleep(Duration::from_millis(ACCEPT_PAUSE_MS)).await;
+                    while !spares.refill() && !*shutdown.borrow() {
+                        tokio::time::sleep(Duration::from_millis(ACCEPT_PAUSE_MS)).await;
+                    }
                 }
                 Err(e) => rate_log!(ACCEPT_LOG, debug, "accept failed: {e}"),
             },
@@ -543,16 +548,15 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
             },
         ),
         Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
+        m @ (Message::GetHistory { .. }
+        | Message::GetAccount { .. }
+        | Message::GetConfirmationByReceipt { .. }) => {
+            pipeline::read(pipeline, StorageCmd::accounting(m, reply))
+        }
         Message::GetConfirmation { signer, id } => {
             pipeline::read(pipeline, StorageCmd::FindConfirmation { signer, id, reply })
         }
-        Message::GetStatus => {
-            if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Status { reply }) {
-                if let Some(reply) = e.into_inner().into_cmd_reply() {
-                    reply.busy("the raft queue", 20);
-                }
-            }
-        }
+        Message::GetStatus => read_status(pipeline, reply),
         Message::Admin(req) => {
             crate::admin::dispatch(&pipeline.admin, &pipeline.raft_tx, *req, reply)
         }
@@ -567,6 +571,15 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
                 other.message_type()
             ),
         ),
+    }
+}
+
+/// Asks the raft thread for this replica's status (`GetStatus`); a full queue is `busy`.
+fn read_status(pipeline: &PipelineHandle, reply: ReplyTo) {
+    if let Err(e) = pipeline.raft_tx.try_send(RaftEvent::Status { reply }) {
+        if let Some(reply) = e.into_inner().into_cmd_reply() {
+            reply.busy("the raft queue", 20);
+        }
     }
 }
 

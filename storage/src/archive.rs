@@ -35,6 +35,7 @@ use tally_wire::Hash;
 
 use crate::env::{get_checked, SyncEnv, SyncStats};
 use crate::filter::RequestFilter;
+use crate::history::{Get, HistoryWriter};
 use crate::layout::{self, Table};
 use crate::ledger::{io_error, leveldb_options, reopen_fresh, scan_prefix};
 use crate::StoreOptions;
@@ -77,6 +78,8 @@ enum Cmd {
         value: Vec<u8>,
         reply: Reply<()>,
     },
+    /// Point reads run on the archive thread (history reads: many reads, one round trip).
+    Read(Box<dyn FnOnce(&mut Get<'_>) + Send>),
     Stop,
 }
 
@@ -139,6 +142,8 @@ pub(crate) struct Archive {
     tx: SyncSender<Cmd>,
     progress: Arc<Progress>,
     thread: Option<JoinHandle<()>>,
+    /// The oldest height whose history the archive holds (see `history.rs`).
+    held_from: u64,
 }
 
 impl Archive {
@@ -152,7 +157,7 @@ impl Archive {
     ) -> Result<(Archive, ArchivePoint, Option<RequestFilter>)> {
         let (tx, rx) = sync_channel(QUEUE_MAX);
         let (opened_tx, opened_rx) =
-            sync_channel::<Result<(ArchivePoint, Option<RequestFilter>)>>(1);
+            sync_channel::<Result<(ArchivePoint, u64, Option<RequestFilter>)>>(1);
         let progress = Arc::new(Progress::default());
         let (dir, opts, progress2) = (dir.to_owned(), opts.clone(), Arc::clone(&progress));
         let thread = std::thread::Builder::new()
@@ -162,35 +167,13 @@ impl Archive {
                 // One count of failed reads for every handle on this database (`get_checked`).
                 let stats = Arc::new(SyncStats::default());
                 let env = || SyncEnv::sharing(Arc::clone(&stats));
-                let opened = (|| -> Result<(DB, ArchivePoint, Option<RequestFilter>)> {
-                    let mut db = DB::open(&dir, leveldb_options(&opts, env()))
-                        .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
-                    crate::ledger::advance_sequence(&mut db)
-                        .map_err(|e| io_error("writing the archive's open marker", e))?;
-                    let point = match get_checked(&mut db, &layout::archive_point_key(), &stats)? {
-                        None => ArchivePoint::default(),
-                        Some(v) => ArchivePoint::decode(&v)?,
-                    };
-                    if saved.is_some() {
-                        return Ok((db, point, saved));
-                    }
-                    let mut filter = RequestFilter::new(opts.request_filter_bytes);
-                    if let Some(filter) = &mut filter {
-                        scan_prefix(&mut db, &Table::Request.tag(), |key, _| {
-                            filter.insert(key);
-                            Ok(())
-                        })?;
-                        // The scan iterated (see `reopen_fresh`).
-                        reopen_fresh(&mut db, &dir, leveldb_options(&opts, env()))?;
-                    }
-                    Ok((db, point, filter))
-                })();
+                let opened = open_on_thread(&dir, &opts, saved, &stats);
                 match opened {
-                    Ok((db, point, filter)) => {
+                    Ok((db, point, (held_from, history), filter)) => {
                         progress2.state.lock().expect("progress lock").point = point;
-                        let _ = opened_tx.send(Ok((point, filter)));
+                        let _ = opened_tx.send(Ok((point, held_from, filter)));
                         let reopen = || leveldb_options(&opts, env());
-                        run(db, rx, &progress2, &dir, &stats, reopen);
+                        run(db, rx, &progress2, (&dir, &stats), history, reopen);
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -198,7 +181,7 @@ impl Archive {
                 }
             })
             .map_err(|e| Error::io("starting the archive thread", e))?;
-        let (point, filter) = opened_rx
+        let (point, held_from, filter) = opened_rx
             .recv()
             .map_err(|_| Error::stopped("the archive thread (while opening)"))??;
         Ok((
@@ -206,6 +189,7 @@ impl Archive {
                 tx,
                 progress,
                 thread: Some(thread),
+                held_from,
             },
             point,
             filter,
@@ -247,6 +231,24 @@ impl Archive {
             key: key.to_vec(),
             reply,
         })?;
+        self.answer(rx)
+    }
+
+    /// The oldest height whose history the archive holds.
+    pub(crate) fn held_from(&self) -> u64 {
+        self.held_from
+    }
+
+    /// Runs `f` with point reads of the archive on its thread, after every queued write: it
+    /// sees every batch queued before the call.
+    pub(crate) fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Get<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply, rx) = sync_channel(1);
+        self.send(Cmd::Read(Box::new(move |get: &mut Get<'_>| {
+            let _ = reply.send(f(get));
+        })))?;
         self.answer(rx)
     }
 
@@ -314,6 +316,46 @@ fn failed(e: &str) -> Error {
     )
 }
 
+/// What the archive thread opens: its database, point, history start and writer, and filter.
+type Opened = (
+    DB,
+    ArchivePoint,
+    (u64, HistoryWriter),
+    Option<RequestFilter>,
+);
+
+/// Opens the archive database in `dir` (on the archive thread) and reads what it holds.
+fn open_on_thread(
+    dir: &Path,
+    opts: &StoreOptions,
+    saved: Option<RequestFilter>,
+    stats: &Arc<SyncStats>,
+) -> Result<Opened> {
+    let env = || SyncEnv::sharing(Arc::clone(stats));
+    let mut db = DB::open(dir, leveldb_options(opts, env()))
+        .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
+    crate::ledger::advance_sequence(&mut db)
+        .map_err(|e| io_error("writing the archive's open marker", e))?;
+    let point = match get_checked(&mut db, &layout::archive_point_key(), stats)? {
+        None => ArchivePoint::default(),
+        Some(v) => ArchivePoint::decode(&v)?,
+    };
+    let held_from = open_held_from(&mut db, point, stats)?;
+    if saved.is_some() {
+        return Ok((db, point, held_from, saved));
+    }
+    let mut filter = RequestFilter::new(opts.request_filter_bytes);
+    if let Some(filter) = &mut filter {
+        scan_prefix(&mut db, &Table::Request.tag(), |key, _| {
+            filter.insert(key);
+            Ok(())
+        })?;
+        // The scan iterated (see `reopen_fresh`).
+        reopen_fresh(&mut db, dir, leveldb_options(opts, env()))?;
+    }
+    Ok((db, point, held_from, filter))
+}
+
 /// The archive thread's nice value (Linux: per thread). Its merges are bulk work whose only
 /// deadline is the lag bound (`ARCHIVE_LAG_*`), and one of them can take a core for seconds;
 /// at the default priority that core was taken from the threads that confirm (at half of the
@@ -339,8 +381,8 @@ fn run(
     mut db: DB,
     rx: Receiver<Cmd>,
     progress: &Progress,
-    dir: &Path,
-    stats: &SyncStats,
+    (dir, stats): (&Path, &SyncStats),
+    mut history: HistoryWriter,
     options: impl Fn() -> rusty_leveldb::Options,
 ) {
     let mut next = None;
@@ -356,7 +398,7 @@ fn run(
             Cmd::Write(first) => {
                 let (group, after) = gather_group(first, &rx);
                 next = after;
-                if let Err(e) = write_group(&mut db, &group) {
+                if let Err(e) = write_group(&mut db, &group, &mut history, stats) {
                     progress.fail(&e);
                     return;
                 }
@@ -369,7 +411,10 @@ fn run(
             Cmd::Get { key, reply } => {
                 let _ = reply.send(get_checked(&mut db, &key, stats));
             }
+            Cmd::Read(f) => f(&mut |key: &[u8]| get_checked(&mut db, key, stats)),
             Cmd::RawPut { key, value, reply } => {
+                // A raw row may be a history row: read heads again from the database.
+                history.forget();
                 let mut batch = WriteBatch::default();
                 batch.put(&key, &value);
                 let _ = reply.send(
@@ -407,14 +452,34 @@ fn gather_group(first: ArchiveBatch, rx: &Receiver<Cmd>) -> (Vec<ArchiveBatch>, 
     (group, None)
 }
 
-fn write_group(db: &mut DB, group: &[ArchiveBatch]) -> Result<()> {
+/// Writes a group of batches (bodies, request records, history and receipt rows) and the
+/// archive point after them in one synced write.
+fn write_group(
+    db: &mut DB,
+    group: &[ArchiveBatch],
+    history: &mut HistoryWriter,
+    stats: &SyncStats,
+) -> Result<()> {
     let mut batch = WriteBatch::default();
     for b in group {
         batch.put(&layout::body_key(&b.digest), &b.body);
         for (key, value) in &b.requests {
             batch.put(key, value);
         }
+        let body = tally_core::batch::BatchBody::decode(&b.body)
+            .map_err(|e| Error::corrupt(format_args!("archiving batch {}: {e}", b.height)))?;
+        // Heads this group changed are in `history`'s memory, not yet in `db`.
+        let rows = history.batch(
+            &body,
+            &mut |key: &[u8]| get_checked(db, key, stats),
+            &mut |k: &[u8], v: &[u8]| batch.put(k, v),
+        );
+        if let Err(e) = rows {
+            history.forget();
+            return Err(e);
+        }
     }
+    history.finish(&mut |k: &[u8], v: &[u8]| batch.put(k, v));
     let last = group.last().expect("a group is never empty");
     let point = ArchivePoint {
         height: last.height,
@@ -423,6 +488,31 @@ fn write_group(db: &mut DB, group: &[ArchiveBatch]) -> Result<()> {
     batch.put(&layout::archive_point_key(), &point.encode());
     db.write(batch, true)
         .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
+}
+
+/// The oldest height whose history the archive in `db` holds, and the history writer to go
+/// on with. An archive without one: a new archive (point 0) holds it from 1 and writes it with
+/// its first batch; one written before history existed holds it from the height after its
+/// point (its older batches have no history rows), written now.
+fn open_held_from(
+    db: &mut DB,
+    point: ArchivePoint,
+    stats: &SyncStats,
+) -> Result<(u64, HistoryWriter)> {
+    let key = layout::history_held_from_key();
+    if let Some(v) = get_checked(db, &key, stats)? {
+        let held_from = crate::history::decode_held_from(&v)?;
+        return Ok((held_from, HistoryWriter::default()));
+    }
+    if point.height == 0 {
+        return Ok((1, HistoryWriter::starting_at(1)));
+    }
+    let held_from = point.height + 1;
+    let mut batch = WriteBatch::default();
+    batch.put(&key, &held_from.to_le_bytes());
+    db.write(batch, true)
+        .map_err(|e| io_error("writing the archive's history start", e))?;
+    Ok((held_from, HistoryWriter::default()))
 }
 
 fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {

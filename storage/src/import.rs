@@ -29,18 +29,24 @@ use tally_core::{Error, Result};
 use tally_wire::{PublicKey, SignedHeader};
 
 use crate::archive::ArchivePoint;
+use crate::history::HistoryWriter;
 use crate::layout;
 use crate::ledger::{archive_dir, encode_header_row, leveldb_options, state_leveldb_options};
 use crate::transfer::{require_empty, Derived, Part};
 use crate::{LedgerDb, StoreOptions, SyncEnv};
+
+/// Accounts whose newest history row an import keeps in memory before writing them out.
+const IMPORT_HEADS_MAX: usize = 65_536;
 
 /// Builds a ledger from history and a snapshot; see the module docs.
 pub struct LedgerImport {
     dir: std::path::PathBuf,
     opts: StoreOptions,
     state: Part,
-    /// The `body` and `request` tables (see `archive.rs`).
+    /// The `body`, `request`, `history` and `receipt` tables (see `archive.rs`).
     archive: Part,
+    /// Derives the history of every imported batch (held from height 1).
+    history: HistoryWriter,
     /// The summary so far: height and last header from the batches, accounts from the rows.
     meta: LedgerMeta,
     /// The state digest the last header signed.
@@ -59,6 +65,7 @@ impl LedgerImport {
             state: Part::open(dir, state_leveldb_options(&opts, SyncEnv::new()))?,
             archive: Part::open(&archive_dir(dir), leveldb_options(&opts, SyncEnv::new()))?,
             opts,
+            history: HistoryWriter::default(),
             meta: LedgerMeta::genesis(),
             tip_digest: [0; 32],
             balance_total: 0,
@@ -99,10 +106,40 @@ impl LedgerImport {
             let key = layout::request_key(signer, *id);
             self.archive.put(&key, &layout::encode_request(record))?;
         }
+        self.history_rows(body)?;
         self.meta.height = h.height;
         self.meta.last_header_hash = header_hash(h);
         self.tip_digest = h.state_digest;
         Ok(records)
+    }
+
+    /// Writes the history and receipt rows of `body`. Heads are put (and the archive part
+    /// written, so that reads find them) every [`IMPORT_HEADS_MAX`] accounts and at the end.
+    fn history_rows(&mut self, body: &tally_core::batch::BatchBody) -> Result<()> {
+        let mut rows = Vec::new();
+        let archive = &mut self.archive;
+        self.history.batch(
+            body,
+            &mut |key: &[u8]| Ok(archive.get(key)),
+            &mut |k: &[u8], v: &[u8]| rows.push((k.to_vec(), v.to_vec())),
+        )?;
+        for (k, v) in rows {
+            self.archive.put(&k, &v)?;
+        }
+        if self.history.touched() >= IMPORT_HEADS_MAX {
+            self.put_history_heads()?;
+        }
+        Ok(())
+    }
+
+    fn put_history_heads(&mut self) -> Result<()> {
+        let mut rows = Vec::new();
+        self.history
+            .finish(&mut |k: &[u8], v: &[u8]| rows.push((k.to_vec(), v.to_vec())));
+        for (k, v) in rows {
+            self.archive.put(&k, &v)?;
+        }
+        self.archive.write_pending()
     }
 
     /// Imports one account's balance at the last batch's height. Each account once.
@@ -151,6 +188,9 @@ impl LedgerImport {
             ));
         }
         self.state.put(&layout::meta_key(), &meta.encode())?;
+        self.put_history_heads()?;
+        self.archive
+            .put(&layout::history_held_from_key(), &1u64.to_le_bytes())?;
         let point = ArchivePoint {
             height: meta.height,
             raft_index: meta.raft_index,

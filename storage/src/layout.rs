@@ -41,10 +41,15 @@ pub enum Table {
     RaftEntry,
     /// Raft log (its own database): hard state, conf state, snapshot point, last index.
     RaftState,
+    /// Archive database: (account, per-account sequence number) → what one applied operation
+    /// did to the account, with its running counters after it (see `history.rs`).
+    History,
+    /// Archive database: receipt leaf hash → where the receipt was applied.
+    Receipt,
 }
 
 impl Table {
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 12] = [
         Table::Account,
         Table::Header,
         Table::Body,
@@ -55,6 +60,8 @@ impl Table {
         Table::Pending,
         Table::RaftEntry,
         Table::RaftState,
+        Table::History,
+        Table::Receipt,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -69,6 +76,8 @@ impl Table {
             Table::Pending => "pending",
             Table::RaftEntry => "raft_entry",
             Table::RaftState => "raft_state",
+            Table::History => "history",
+            Table::Receipt => "receipt",
         }
     }
 
@@ -81,7 +90,9 @@ impl Table {
             | Table::Reserve
             | Table::Expiry
             | Table::Pending
-            | Table::RaftEntry => 1,
+            | Table::RaftEntry
+            | Table::History
+            | Table::Receipt => 1,
             // v2: the rows of v1, under a tag that sorts after every `raft_entry` key. They are
             // rewritten by every raft write; under v1's tag (below `raft_entry`'s) each LevelDB
             // table then spanned the whole log, and every level-0 compaction rewrote all of
@@ -101,7 +112,10 @@ impl Table {
     /// Whether the table's rows live in the archive database (`<ledger>/archive`, written behind
     /// the confirmation path, see `archive.rs`) rather than the ledger's state database.
     pub const fn in_archive(self) -> bool {
-        matches!(self, Table::Body | Table::Request)
+        matches!(
+            self,
+            Table::Body | Table::Request | Table::History | Table::Receipt
+        )
     }
 
     /// Whether the table's rows are derived from other state rows (`reserve`): a dump leaves
@@ -128,6 +142,8 @@ impl Table {
             Table::Pending => [0x19, 0x39, 0x3f, 0x70],
             Table::RaftEntry => [0x92, 0xb8, 0x4d, 0xfb],
             Table::RaftState => [0xbd, 0x94, 0x61, 0x2d],
+            Table::History => [0x97, 0x5f, 0x3e, 0xc2],
+            Table::Receipt => [0x42, 0x39, 0x6e, 0x5c],
         }
     }
 }
@@ -212,6 +228,23 @@ pub fn expiry_key_decode(key: &[u8]) -> Option<tally_core::reserve::Expiry> {
 /// tag || account (32)
 pub fn pending_key(account: &PublicKey) -> [u8; 36] {
     make_key(Table::Pending, &[account])
+}
+
+/// tag || account (32) || sequence u64 BE: the account's `sequence`-th history row (from 1);
+/// sequence 0 holds a copy of its newest row (see `history.rs`).
+pub fn history_key(account: &PublicKey, sequence: u64) -> [u8; 44] {
+    make_key(Table::History, &[account, &sequence.to_be_bytes()])
+}
+
+/// tag || "held_from": in the archive database, the oldest height whose history it holds,
+/// u64 LE (see `history.rs`).
+pub fn history_held_from_key() -> [u8; 13] {
+    make_key(Table::History, &[b"held_from"])
+}
+
+/// tag || receipt leaf hash (32)
+pub fn receipt_key(leaf: &Hash) -> [u8; 36] {
+    make_key(Table::Receipt, &[leaf])
 }
 
 /// tag || "ledger"

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
 use tally_core::batch::{BatchBody, BatchWrite};
 use tally_core::crypto::{header_hash, sha256};
+use tally_core::history::{HistoryPage, HistoryRow};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::reserve::{Expiry, Reserve, ReserveChange};
 use tally_core::state::{LedgerMeta, META_BYTES};
@@ -671,6 +672,17 @@ impl LedgerDb {
         }
     }
 
+    /// Runs a history read on the archive thread, behind the batches queued to it: it answers
+    /// at the applied height (see `history.rs`). Refused while the archive is being rebuilt.
+    fn history_read<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut crate::history::Get<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.check_usable()?;
+        self.check_archive_caught_up()?;
+        self.archive.read(f)
+    }
+
     /// The digest of the body applied at `height`, stored with its header.
     fn body_digest(&mut self, height: u64) -> Result<Option<Hash>> {
         let Some(row) = self.get(&layout::header_key(height))? else {
@@ -785,6 +797,9 @@ impl LedgerRead for LedgerDb {
 }
 
 impl LedgerStore for LedgerDb {
+    fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64)> {
+        LedgerDb::pending(self, key)
+    }
     /// rusty-leveldb flushes a full memtable and runs the compactions that follow at the start
     /// of the next write, inside it. An empty, unsynced write runs them now instead, while the
     /// storage thread has nothing else to do, so that the next batch's durable write (which
@@ -869,6 +884,30 @@ impl LedgerStore for LedgerDb {
     fn balance_total(&mut self) -> Result<u128> {
         self.check_usable()?;
         Ok(self.balance_total)
+    }
+
+    fn history_held_from(&mut self) -> Result<u64> {
+        Ok(self.archive.held_from())
+    }
+
+    fn history(
+        &mut self,
+        account: &PublicKey,
+        from: (u64, u32),
+        limit: usize,
+    ) -> Result<HistoryPage> {
+        let account = *account;
+        self.history_read(move |get| crate::history::page(&account, from, limit, get))
+    }
+
+    fn history_at(&mut self, account: &PublicKey, height: u64) -> Result<Option<HistoryRow>> {
+        let account = *account;
+        self.history_read(move |get| crate::history::at_height(&account, height, get))
+    }
+
+    fn receipt(&mut self, leaf: &Hash) -> Result<Option<(u64, u32)>> {
+        let leaf = *leaf;
+        self.history_read(move |get| crate::history::receipt(&leaf, get))
     }
 
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {

@@ -40,6 +40,9 @@
 //! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (120)                         |
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
 //! | `meta` v1           | `d8a7af8d` | `b"archive"` (7)              | archive point: height u64 LE ‖ raft index u64 LE   |
+//! | `history` v1        | `975f3ec2` | account (32) ‖ sequence u64 BE (8) | history row (166, `history.rs`): sequence 1, 2, ... in apply order; 0 a copy of the newest |
+//! | `history` v1        | `975f3ec2` | `b"held_from"` (9)            | oldest height whose history is held, u64 LE        |
+//! | `receipt` v1        | `42396e5c` | receipt leaf hash (32)        | height u64 LE ‖ leaf index u32 LE (12)             |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8)              | `raft::eraftpb::Entry` protobuf                    |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8) ‖ `b"h"`     | `HardState` protobuf, written with the log ending at index; the highest key is the newest |
 //! | `raft_state` v2     | `bd94612d` | `b"conf"` (4)                 | `ConfState` protobuf                               |
@@ -53,8 +56,8 @@
 //! range of rows rewritten beside them: LevelDB's tables of new rows then never span old ones
 //! (see `Table::version`).
 //!
-//! The `raft_*` tables live in the raft log's database; `body`, `request` and the `archive`
-//! point in the ledger's archive database; the others in the ledger's state database. A dump
+//! The `raft_*` tables live in the raft log's database; `body`, `request`, `history`,
+//! `receipt` and the `archive` point in the ledger's archive database; the others in the ledger's state database. A dump
 //! ([`transfer`]) interleaves the two ledger databases in key order and leaves out the archive
 //! point, which an install writes.
 //! `account`, `header`, `request` and `reserve` are intent-addressed (keyed by what the value is
@@ -133,6 +136,7 @@ pub mod archiver;
 pub mod bucket;
 mod env;
 mod filter;
+mod history;
 mod import;
 pub mod layout;
 mod ledger;

@@ -401,6 +401,11 @@ impl StateCheck {
                 "key {} belongs to the derived table {table}, which a dump leaves out",
                 hex(key)
             ))),
+            Table::History => record_history(table, key, value),
+            Table::Receipt => {
+                let _leaf: Hash = key_rest(table, key)?;
+                crate::history::decode_receipt(value).map(|_| ())
+            }
             Table::RaftEntry | Table::RaftState => Err(Error::corrupt(format_args!(
                 "key {} belongs to the raft log's table {table}",
                 hex(key)
@@ -409,6 +414,7 @@ impl StateCheck {
     }
 
     /// Checks that `key` strictly follows the previous record's key, and remembers it.
+    /// (A history row is checked by [`record_history`].)
     fn follow(&mut self, key: &[u8]) -> Result<()> {
         if key <= self.prev_key.as_slice() {
             return Err(Error::corrupt(format_args!(
@@ -652,6 +658,16 @@ impl Part {
             self.write()?;
         }
         Ok(())
+    }
+
+    /// A row already written (not one still in the pending batch).
+    pub(crate) fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+        self.db.get(key).map(|b| b.to_vec())
+    }
+
+    /// Writes the pending batch (unsynced), so that [`Part::get`] sees it.
+    pub(crate) fn write_pending(&mut self) -> Result<()> {
+        self.write()
     }
 
     fn write(&mut self) -> Result<()> {
@@ -987,6 +1003,28 @@ fn hex(bytes: &[u8]) -> String {
         write!(s, "{b:02x}").expect("writing to a String");
     }
     s
+}
+
+/// A history row (its account and sequence number in the key) or the history start: each must
+/// decode.
+fn record_history(table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+    if key == layout::history_held_from_key() {
+        return crate::history::decode_held_from(value).map(|_| ());
+    }
+    let rest: [u8; 40] = key_rest(table, key)?;
+    let account: PublicKey = rest[..32].try_into().expect("32");
+    let sequence = u64::from_be_bytes(rest[32..].try_into().expect("8"));
+    let row = crate::history::decode_history_row(&account, value)?;
+    if sequence != 0 && row.counters.operation_count != sequence {
+        return Err(corrupt(
+            table,
+            format_args!(
+                "row {sequence} says it is row {}",
+                row.counters.operation_count
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

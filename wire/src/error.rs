@@ -140,6 +140,8 @@ error_codes! {
     Recovering = 36, "recovering", Elsewhere;
     MembershipRefused = 37, "membership_refused", Later;
     NotFound = 40, "not_found", Never;
+    HistoryPruned = 41, "history_pruned", Never;
+    HeightNotApplied = 42, "height_not_applied", Never;
     Internal = 50, "internal", Later;
 }
 

@@ -21,6 +21,7 @@ mod canonical;
 mod envelope;
 mod error;
 mod frame;
+mod history;
 mod message;
 
 pub use admin::*;
@@ -28,6 +29,10 @@ pub use canonical::*;
 pub use envelope::*;
 pub use error::{ErrorCode, Retry, WireError};
 pub use frame::*;
+pub use history::{
+    ACCOUNT_REPLY_BYTES, HISTORY_BYTES_MAX, HISTORY_ENTRIES_PER_REPLY_MAX, HISTORY_ENTRY_BYTES,
+    HISTORY_FIXED_BYTES,
+};
 pub use message::*;
 
 /// An Ed25519 public key: the identity of an account, a deposit key or the operator.

@@ -1,5 +1,7 @@
 //! Messages: the payloads of frames, one variant per message type.
 
+use crate::history::read_history_limit;
+pub use crate::history::{AccountReply, HistoryEntry, HistoryReply};
 use crate::{
     encode_frame, put_string, AdminRequest, Confirmation, Envelope, EnvelopeConfirmation,
     EnvelopeFailed, ErrorCode, MembersReply, NonceHint, OperationConfirmation, PublicKey, RawFrame,
@@ -39,6 +41,9 @@ pub mod message_type {
     pub const SUBMIT_ENVELOPE: u8 = 0x08;
     pub const GET_CONFIRMATION: u8 = 0x09;
     pub const GET_SUPPLY: u8 = 0x0a;
+    pub const GET_HISTORY: u8 = 0x0b;
+    pub const GET_ACCOUNT: u8 = 0x0c;
+    pub const GET_CONFIRMATION_BY_RECEIPT: u8 = 0x0d;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -50,6 +55,8 @@ pub mod message_type {
     pub const ENVELOPE_FAILED: u8 = 0x89;
     pub const OPERATION_CONFIRMED: u8 = 0x8a;
     pub const SUPPLY: u8 = 0x8b;
+    pub const HISTORY: u8 = 0x8c;
+    pub const ACCOUNT: u8 = 0x8d;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -66,6 +73,9 @@ pub mod message_type {
                 | SUBMIT_ENVELOPE
                 | GET_CONFIRMATION
                 | GET_SUPPLY
+                | GET_HISTORY
+                | GET_ACCOUNT
+                | GET_CONFIRMATION_BY_RECEIPT
         )
     }
 }
@@ -292,6 +302,27 @@ pub enum Message {
     /// The operator's totals, answered `Supply`.
     GetSupply,
     Supply(SupplyReply),
+    /// Up to `limit` (1 to `HISTORY_ENTRIES_PER_REPLY_MAX`) history entries of `account` from
+    /// `(from_height, from_index)` on, answered `History` or `Error` (`history_pruned`).
+    GetHistory {
+        account: PublicKey,
+        from_height: u64,
+        from_index: u32,
+        limit: u16,
+    },
+    History(Box<HistoryReply>),
+    /// An account's figures at the applied height (`at_height` 0) or as of `at_height`,
+    /// answered `Account` or `Error` (`history_pruned`, `height_not_applied`).
+    GetAccount {
+        account: PublicKey,
+        at_height: u64,
+    },
+    Account(Box<AccountReply>),
+    /// The confirmation of the operation whose receipt has Merkle leaf hash `leaf_hash`,
+    /// answered like `GetConfirmation`.
+    GetConfirmationByReceipt {
+        leaf_hash: crate::Hash,
+    },
 }
 
 /// The operator's totals at one applied height: what was deposited and withdrawn, and the sum
@@ -330,6 +361,11 @@ impl Message {
             Message::OperationConfirmed(_) => OPERATION_CONFIRMED,
             Message::GetSupply => GET_SUPPLY,
             Message::Supply(_) => SUPPLY,
+            Message::GetHistory { .. } => GET_HISTORY,
+            Message::History(_) => HISTORY,
+            Message::GetAccount { .. } => GET_ACCOUNT,
+            Message::Account(_) => ACCOUNT,
+            Message::GetConfirmationByReceipt { .. } => GET_CONFIRMATION_BY_RECEIPT,
         }
     }
 
@@ -410,6 +446,24 @@ impl Message {
                 out.extend_from_slice(&s.sum_of_balances.to_le_bytes());
                 out.extend_from_slice(&s.accounts.to_le_bytes());
             }
+            Message::GetHistory {
+                account,
+                from_height,
+                from_index,
+                limit,
+            } => {
+                out.extend_from_slice(account);
+                out.extend_from_slice(&from_height.to_le_bytes());
+                out.extend_from_slice(&from_index.to_le_bytes());
+                out.extend_from_slice(&limit.to_le_bytes());
+            }
+            Message::History(h) => h.write(out),
+            Message::GetAccount { account, at_height } => {
+                out.extend_from_slice(account);
+                out.extend_from_slice(&at_height.to_le_bytes());
+            }
+            Message::Account(a) => a.write(out),
+            Message::GetConfirmationByReceipt { leaf_hash } => out.extend_from_slice(leaf_hash),
         }
     }
 
@@ -514,6 +568,21 @@ impl Message {
                 sum_of_balances: u128::from_le_bytes(r.array("supply.sum_of_balances")?),
                 accounts: r.u64("supply.accounts")?,
             }),
+            GET_HISTORY => Message::GetHistory {
+                account: r.array("get_history.account")?,
+                from_height: r.u64("get_history.from_height")?,
+                from_index: r.u32("get_history.from_index")?,
+                limit: read_history_limit(&mut r)?,
+            },
+            HISTORY => Message::History(Box::new(HistoryReply::read(&mut r)?)),
+            GET_ACCOUNT => Message::GetAccount {
+                account: r.array("get_account.account")?,
+                at_height: r.u64("get_account.at_height")?,
+            },
+            ACCOUNT => Message::Account(Box::new(AccountReply::read(&mut r)?)),
+            GET_CONFIRMATION_BY_RECEIPT => Message::GetConfirmationByReceipt {
+                leaf_hash: r.array("get_confirmation_by_receipt.leaf_hash")?,
+            },
             OPERATION_CONFIRMED => {
                 Message::OperationConfirmed(Box::new(OperationConfirmation::read(&mut r)?))
             }

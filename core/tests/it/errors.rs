@@ -106,6 +106,9 @@ impl LedgerRead for Failing {
 }
 
 impl LedgerStore for Failing {
+    fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64), Error> {
+        self.inner.pending(key)
+    }
     fn meta(&mut self) -> Result<LedgerMeta, Error> {
         self.inner.meta()
     }

@@ -10,6 +10,7 @@ mod envelopes;
 mod errors;
 mod golden;
 mod golden_replication;
+mod history;
 mod ledger;
 mod mem_raft_log;
 mod merkle;

@@ -23,6 +23,7 @@
 //! [`tally_core::Error::disposition`].
 
 mod confirm;
+mod history;
 mod master;
 mod reads;
 mod storage;

@@ -33,11 +33,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 keys,
                 accounts,
                 reply,
-            } => {
-                let _ = reply.send(self.lookup(&keys, &accounts));
-                let now = self.db().request_lookup_counts();
-                self.metrics.request_lookups(&mut self.lookups_seen, now);
-            }
+            } => self.serve_lookup(&keys, &accounts, reply),
             StorageCmd::LoadAccount { key, reply } => {
                 let _ = reply.send(self.account(&key));
             }
@@ -70,6 +66,9 @@ impl<S: LedgerStore> StorageThread<S> {
                 self.find_confirmation(&signer, id, reply)
             }
             StorageCmd::Supply { reply } => self.supply(reply),
+            cmd @ (StorageCmd::History { .. }
+            | StorageCmd::Account { .. }
+            | StorageCmd::FindByReceipt { .. }) => self.accounting(cmd),
             StorageCmd::Status {
                 raft,
                 writable,
@@ -92,6 +91,18 @@ impl<S: LedgerStore> StorageThread<S> {
             | StorageCmd::Replay { .. }
             | StorageCmd::Stop => unreachable!("not a read"),
         }
+    }
+
+    /// Serves the snapshot stage's lookups and counts how they were answered.
+    fn serve_lookup(
+        &mut self,
+        keys: &[(tally_wire::PublicKey, u128)],
+        accounts: &[tally_wire::PublicKey],
+        reply: crossbeam_channel::Sender<CoreResult<crate::channels::LookupResult>>,
+    ) {
+        let _ = reply.send(self.lookup(keys, accounts));
+        let now = self.db().request_lookup_counts();
+        self.metrics.request_lookups(&mut self.lookups_seen, now);
     }
 
     /// Answers `GetSupply` from the applied state.
@@ -142,6 +153,11 @@ impl<S: LedgerStore> StorageThread<S> {
             ),
             Err(e) => on_error("reading a confirmation", e, reply),
         }
+    }
+
+    /// The pending debits and credits of `account` at the applied height (`GetAccount`).
+    pub(super) fn pending_of(&mut self, account: &tally_wire::PublicKey) -> CoreResult<(u64, u64)> {
+        self.db().pending(account)
     }
 
     /// Streams the ledger to a peer installing a snapshot. The dump holds this thread (and so

@@ -45,6 +45,9 @@ impl<S: LedgerStore> LedgerRead for TimedStore<'_, S> {
 }
 
 impl<S: LedgerStore> LedgerStore for TimedStore<'_, S> {
+    fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64)> {
+        self.inner.pending(key)
+    }
     fn meta(&mut self) -> Result<LedgerMeta> {
         self.inner.meta()
     }

@@ -7,6 +7,7 @@ mod cluster;
 mod cluster_harness;
 mod envelopes;
 mod harness;
+mod history;
 mod layering;
 mod membership;
 mod metrics;

@@ -3,6 +3,7 @@
 mod archive;
 mod corrupt;
 mod crash;
+mod history;
 mod ledger;
 mod raft_cluster;
 mod raft_crash;

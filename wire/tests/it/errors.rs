@@ -92,6 +92,8 @@ const TABLE: &[(u16, &str, Retry)] = &[
     (36, "recovering", Retry::Elsewhere),
     (37, "membership_refused", Retry::Later),
     (40, "not_found", Retry::Never),
+    (41, "history_pruned", Retry::Never),
+    (42, "height_not_applied", Retry::Never),
     (50, "internal", Retry::Later),
 ];
 

@@ -341,6 +341,22 @@ pub fn envelope_messages() -> Vec<Message> {
             id: u128::MAX - 1,
         },
         Message::GetSupply,
+        Message::GetHistory {
+            account: [0x22; 32],
+            from_height: 7,
+            from_index: 3,
+            limit: HISTORY_ENTRIES_PER_REPLY_MAX,
+        },
+        Message::History(Box::new(history_reply(2, true))),
+        Message::History(Box::new(history_reply(0, false))),
+        Message::GetAccount {
+            account: [0x22; 32],
+            at_height: 0,
+        },
+        Message::Account(Box::new(account_reply())),
+        Message::GetConfirmationByReceipt {
+            leaf_hash: [0x4c; 32],
+        },
         Message::Supply(SupplyReply {
             height: 7,
             total_deposited: u128::MAX,
@@ -373,4 +389,49 @@ pub fn envelope_messages() -> Vec<Message> {
             },
         })),
     ]
+}
+
+/// A history page of `n` entries (at heights 9, 10, ...), with their headers.
+pub fn history_reply(n: u16, more: bool) -> HistoryReply {
+    let entries: Vec<HistoryEntry> = (0..n)
+        .map(|i| HistoryEntry {
+            height: 9 + u64::from(i),
+            index: u32::from(i),
+            op: if i % 2 == 0 {
+                Op::Transfer
+            } else {
+                Op::Deposit
+            },
+            debit: i % 2 == 0,
+            counterparty: [0x33; 32],
+            amount: u64::MAX - u64::from(i),
+            balance: 5,
+            request_hash: [0x44; 32],
+            receipt_hash: [0x55; 32],
+        })
+        .collect();
+    HistoryReply {
+        account: [0x22; 32],
+        height: 12,
+        held_from: 1,
+        headers: entries.iter().map(|e| signed_header(e.height)).collect(),
+        entries,
+        next: more.then_some((12, 4)),
+    }
+}
+
+pub fn account_reply() -> AccountReply {
+    AccountReply {
+        account: [0x22; 32],
+        height: 12,
+        exists: true,
+        pending_known: true,
+        balance: 40,
+        pending_debits: 1,
+        pending_credits: 2,
+        total_debited: u128::MAX,
+        total_credited: 3,
+        operation_count: 4,
+        last_height: 11,
+    }
 }

@@ -2,6 +2,7 @@
 //!
 //! - `admin`: admin requests and membership replies: what is signed, every field's rule.
 //! - `envelope`: envelopes of operations, their confirmations and failures, every refusal.
+//! - `history`: history and account reads: their layouts, size bounds and every refusal.
 //! - `roundtrip`: every message variant encodes and decodes back to itself.
 //! - `malformed`: every way a frame or payload can be wrong, and what the decoder says.
 //! - `stream`: frames cut at every byte boundary decode the same as whole ones.
@@ -16,6 +17,7 @@ mod envelope;
 mod errors;
 mod fixtures;
 mod golden;
+mod history;
 mod malformed;
 mod props;
 mod protocol_doc;

@@ -137,6 +137,29 @@ pub fn verify(
 }
 
 /// `tally lookup`: the original confirmation of `(signer, id)`, verified, without resubmitting.
+/// A found confirmation verified under `operator`, as the file `tally verify` checks.
+pub fn verified_json(found: &Found, operator: &PublicKey) -> Result<String> {
+    Ok(match found {
+        Found::Request(c) => {
+            verify_confirmation(c, operator).context("the confirmation does not verify")?;
+            tally_client::ConfirmationFile::new(c, operator).to_json_pretty()
+        }
+        Found::Operation(c) => {
+            verify_operation_confirmation(c, operator)
+                .context("the confirmation does not verify")?;
+            OperationFile::new(c, operator).to_json_pretty()
+        }
+    })
+}
+
+/// The height and leaf index of a found confirmation.
+pub fn found_at(found: &Found) -> (u64, u32) {
+    match found {
+        Found::Request(c) => (c.receipt.height, c.receipt.index),
+        Found::Operation(c) => (c.receipt.height, c.receipt.index),
+    }
+}
+
 pub async fn lookup(
     ctx: &Globals,
     signer: PublicKey,
@@ -146,17 +169,7 @@ pub async fn lookup(
     let profile = ctx.profile()?;
     let operator = profile.operator_key()?;
     let found = ctx.cluster(&profile)?.find_confirmation(signer, id).await?;
-    let text = match &found {
-        Found::Request(c) => {
-            verify_confirmation(c, &operator).context("the confirmation does not verify")?;
-            tally_client::ConfirmationFile::new(c, &operator).to_json_pretty()
-        }
-        Found::Operation(c) => {
-            verify_operation_confirmation(c, &operator)
-                .context("the confirmation does not verify")?;
-            OperationFile::new(c, &operator).to_json_pretty()
-        }
-    };
+    let text = verified_json(&found, &operator)?;
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
     }
@@ -164,10 +177,7 @@ pub async fn lookup(
         print!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
-    let (height, index) = match &found {
-        Found::Request(c) => (c.receipt.height, c.receipt.index),
-        Found::Operation(c) => (c.receipt.height, c.receipt.index),
-    };
+    let (height, index) = found_at(&found);
     println!(
         "found id {id} of {} at height {height}, leaf {index}",
         to_hex(&signer)

@@ -21,6 +21,7 @@ use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::{AdminCommand, Op, PublicKey, ReadMode, SignedHeader, HEADERS_PER_REPLY_MAX};
 use tokio::time::Instant;
 
+mod account;
 mod envelope;
 mod two_phase;
 
@@ -141,13 +142,17 @@ enum Command {
         #[arg(long, value_name = "CONFIRMATIONS.json")]
         out: Option<PathBuf>,
     },
-    /// Fetch and verify the original confirmation of an operation by its signer and id,
-    /// without resubmitting it (the file verifies with `tally verify`)
+    /// Fetch and verify the original confirmation of an operation by its signer and id, or by
+    /// its receipt hash, without resubmitting it (the file verifies with `tally verify`)
     Lookup {
-        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
-        signer: PublicKey,
-        #[arg(long)]
-        id: u128,
+        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg,
+              requires = "id", required_unless_present = "receipt", conflicts_with = "receipt")]
+        signer: Option<PublicKey>,
+        #[arg(long, requires = "signer")]
+        id: Option<u128>,
+        /// The receipt's Merkle leaf hash (64 hex; `receipt_hash` in `tally history`)
+        #[arg(long, value_name = "HASH", value_parser = hash_arg)]
+        receipt: Option<tally_wire::Hash>,
         /// Also write the confirmation to this file
         #[arg(long, value_name = "CONFIRMATION.json")]
         out: Option<PathBuf>,
@@ -205,6 +210,30 @@ enum Command {
         expires_in_ms: u64,
         #[command(flatten)]
         acting: Acting,
+    },
+    /// An account's figures: balance, pending debits and credits, totals debited and credited,
+    /// operations, last height touched (now, or as of --height)
+    Account {
+        #[arg(value_name = "PUBKEY", value_parser = public_key_arg)]
+        account: PublicKey,
+        /// Answer as of this applied height (pending amounts are then not known) [default: now]
+        #[arg(long, value_name = "H", default_value_t = 0)]
+        height: u64,
+    },
+    /// An account's operations, ascending by height then leaf index, each with the header it
+    /// was confirmed in
+    History {
+        #[arg(value_name = "PUBKEY", value_parser = public_key_arg)]
+        account: PublicKey,
+        /// The first height listed (inclusive) [default: the oldest held]
+        #[arg(long, value_name = "H", default_value_t = 0)]
+        from_height: u64,
+        /// The first leaf index listed within --from-height (to go on from a page cut mid-height)
+        #[arg(long, value_name = "I", default_value_t = 0)]
+        from_index: u32,
+        /// Entries at most [default: all]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
     },
     /// The operator's totals: deposits minus withdrawals, and the sum of every balance (they
     /// must be equal; exit 1 if not)
@@ -324,6 +353,13 @@ fn address_arg(text: &str) -> std::result::Result<String, String> {
         .map_err(|reason| format!("{text:?}: {reason} (want HOST:PORT)"))
 }
 
+fn hash_arg(text: &str) -> std::result::Result<tally_wire::Hash, String> {
+    let bytes = hex::decode(text).map_err(|e| format!("{text:?}: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("{text:?}: want 64 hex digits (32 bytes)"))
+}
+
 fn public_key_arg(text: &str) -> std::result::Result<PublicKey, String> {
     parse_public_key(text).map_err(|e| e.to_string())
 }
@@ -342,6 +378,8 @@ impl Command {
             | Command::Void { .. }
             | Command::Renew { .. }
             | Command::Lookup { .. }
+            | Command::Account { .. }
+            | Command::History { .. }
             | Command::Supply
             | Command::Balance { .. }
             | Command::Headers { .. }
@@ -554,8 +592,31 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             expires_in_ms,
             acting,
         } => act(&ctx, &key, Op::Renew, reserve_id, 0, expires_in_ms, acting).await,
-        Command::Lookup { signer, id, out } => {
-            envelope::lookup(&ctx, signer, id, out.as_deref()).await
+        Command::Lookup {
+            signer,
+            id,
+            receipt,
+            out,
+        } => match (receipt, signer, id) {
+            (Some(leaf), _, _) => account::lookup_receipt(&ctx, leaf, out.as_deref()).await,
+            (None, Some(signer), Some(id)) => {
+                envelope::lookup(&ctx, signer, id, out.as_deref()).await
+            }
+            _ => bail!("give --receipt HASH, or --signer PUBKEY and --id ID"),
+        },
+        Command::Account { account, height } => account::account(&ctx, account, height).await,
+        Command::History {
+            account,
+            from_height,
+            from_index,
+            limit,
+        } => {
+            let range = account::HistoryRange {
+                from_height,
+                from_index,
+                limit,
+            };
+            account::history(&ctx, account, range).await
         }
         Command::Supply => envelope::supply(&ctx).await,
         Command::Balance { account, stale } => balance(&ctx, account, stale).await,
