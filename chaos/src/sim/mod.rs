@@ -37,6 +37,8 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use tally_wire::Hash;
 
+use crate::reserves::ReserveCounts;
+
 pub use log::SimLog;
 
 /// A deliberately broken component, to show that the checks catch it, or a behaviour of the
@@ -135,6 +137,9 @@ pub struct SimStats {
     pub envelopes: u64,
     pub envelopes_applied: u64,
     pub envelope_ops_failed: u64,
+    /// Two-phase operations sent (one-operation envelopes), and what the final chains did.
+    pub two_phase: u64,
+    pub reserves: ReserveCounts,
     pub reads: u64,
     pub attempts: u64,
     pub elections: u64,
@@ -172,6 +177,8 @@ impl SimStats {
         self.envelopes += o.envelopes;
         self.envelopes_applied += o.envelopes_applied;
         self.envelope_ops_failed += o.envelope_ops_failed;
+        self.two_phase += o.two_phase;
+        self.reserves.add(&o.reserves);
         self.replacements += o.replacements;
         self.reads += o.reads;
         self.attempts += o.attempts;
@@ -341,6 +348,22 @@ impl SimSummary {
             "  envelopes: {} sent, {} applied, {} of their operations failed (independent \
              envelopes)",
             t.envelopes, t.envelopes_applied, t.envelope_ops_failed
+        );
+        let r = &t.reserves;
+        let refused: Vec<String> = r.refused.iter().map(|(c, n)| format!("{n} {c}")).collect();
+        let _ = writeln!(
+            w,
+            "  two-phase: {} sent; in the final chains {} reserves, {} posted ({} partly, {} by \
+             the party), {} voided, {} renewed, {} expired; refused: {}",
+            t.two_phase,
+            r.reserves,
+            r.posted,
+            r.posted_partly,
+            r.posted_by_party,
+            r.voided,
+            r.renewed,
+            r.expired,
+            refused.join(", ")
         );
         let _ = writeln!(
             w,
