@@ -70,6 +70,8 @@ impl Fate {
 pub struct ChainReserve {
     pub held: Held,
     pub made_at: u64,
+    /// The term of the leader whose batch made it.
+    pub made_term: u64,
     pub fate: Fate,
 }
 
@@ -95,6 +97,8 @@ pub struct ReserveCounts {
     pub voided: u64,
     pub renewed: u64,
     pub expired: u64,
+    /// Expiries in a batch of a later term than the reserve's: a leader change came between.
+    pub expired_under_new_leader: u64,
     /// Two-phase operations that failed, by code name.
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -108,6 +112,7 @@ impl ReserveCounts {
         self.voided += o.voided;
         self.renewed += o.renewed;
         self.expired += o.expired;
+        self.expired_under_new_leader += o.expired_under_new_leader;
         for (code, n) in &o.refused {
             *self.refused.entry(code).or_default() += n;
         }
@@ -125,6 +130,8 @@ pub struct Replay {
     /// What two-phase operations and expiries did to each available balance.
     pub net: BTreeMap<PublicKey, i128>,
     pub height: u64,
+    /// The term of the batch being read.
+    term: u64,
     last_time_ms: u64,
     pub counts: ReserveCounts,
     pub settle_once: Vec<String>,
@@ -152,6 +159,7 @@ impl Replay {
             ));
         }
         self.height = height;
+        self.term = body.header.term;
         self.last_time_ms = time;
         for item in &body.items {
             match item {
@@ -247,6 +255,7 @@ impl Replay {
         let made = ChainReserve {
             held,
             made_at: height,
+            made_term: self.term,
             fate: Fate::Open,
         };
         if let Some(before) = self.reserves.insert((*signer, op.id), made) {
@@ -364,6 +373,9 @@ impl Replay {
         };
         let (fate, held) = (found.fate, found.held);
         found.fate = Fate::Expired { height };
+        if found.made_term < self.term {
+            self.counts.expired_under_new_leader += 1;
+        }
         if fate != Fate::Open {
             let fate = fate.describe();
             self.settle_once

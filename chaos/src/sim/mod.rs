@@ -15,6 +15,12 @@
 //! and [`crate::envelopes`] adds its own: an atomic envelope all applied (consecutively) or not
 //! at all, an independent one all in the chain or none of it, failed operations moving nothing.
 //!
+//! Some of the other writes are two-phase operations ([`crate::two_phase`], one to an
+//! envelope), with timeouts of a few batch windows or of seconds on the simulated clock (which
+//! is the batches' time), so reserves expire during partitions and leader changes too;
+//! [`crate::reserves`] checks them from the final chain's bodies, compares the reserves left
+//! open with every replica's store, and hands what they moved to the balance model.
+//!
 //! Replay: everything comes from the seed, including each replica's election timeouts (drawn
 //! here and handed to `Replica::set_election_timeout_ticks`, since raft-rs draws its own from a
 //! thread-local generator no seed reaches), so `--seeds 17..18` reruns seed 17 exactly.
@@ -354,7 +360,8 @@ impl SimSummary {
         let _ = writeln!(
             w,
             "  two-phase: {} sent; in the final chains {} reserves, {} posted ({} partly, {} by \
-             the party), {} voided, {} renewed, {} expired; refused: {}",
+             the party), {} voided, {} renewed, {} expired ({} under a newer leader); refused: \
+             {}",
             t.two_phase,
             r.reserves,
             r.posted,
@@ -363,6 +370,7 @@ impl SimSummary {
             r.voided,
             r.renewed,
             r.expired,
+            r.expired_under_new_leader,
             refused.join(", ")
         );
         let _ = writeln!(

@@ -1462,7 +1462,8 @@ impl World {
         let confirmed = crate::reserves::confirmed_reserves(&self.envelopes);
         // Sorted, so that a seed's violations come in one order.
         let state: BTreeMap<_, _> = reference.reserves.iter().collect();
-        let lost = replay.not_lost(confirmed, Some(state));
+        let mut lost = replay.not_lost(confirmed, Some(state));
+        lost.extend(digest_with_reserves(reference, replay));
         for (name, problems) in [
             ("reserves_settle_once", &replay.settle_once),
             ("expiries_on_time", &replay.on_time),
@@ -1522,6 +1523,29 @@ impl World {
         }
         self.stats.envelopes = self.envelopes.len() as u64;
     }
+}
+
+/// The live verdict's check of open reserves, against the simulated store: the state digest
+/// recomputed from the store's balances and the chain's reserves (`Replay::add_reserve_terms`)
+/// is the final header's.
+fn digest_with_reserves(reference: &MemStore, replay: &Replay) -> Option<String> {
+    let stored = reference.meta.clone()?;
+    let mut meta = LedgerMeta::genesis();
+    for (key, balance) in &reference.accounts {
+        meta.account_changed(key, None, *balance);
+    }
+    replay.add_reserve_terms(&mut meta);
+    meta.height = stored.height;
+    meta.total_deposited = stored.total_deposited;
+    meta.total_withdrawn = stored.total_withdrawn;
+    let header = reference.headers.get(&stored.height)?;
+    (header.header.state_digest != meta.state_digest()).then(|| {
+        format!(
+            "the state digest recomputed from the balances and the chain's reserves is not \
+             header {}'s",
+            stored.height
+        )
+    })
 }
 
 /// A submission's state once a confirmation (`confirmed`) arrived for it.
