@@ -355,24 +355,7 @@ impl SimSummary {
              envelopes)",
             t.envelopes, t.envelopes_applied, t.envelope_ops_failed
         );
-        let r = &t.reserves;
-        let refused: Vec<String> = r.refused.iter().map(|(c, n)| format!("{n} {c}")).collect();
-        let _ = writeln!(
-            w,
-            "  two-phase: {} sent; in the final chains {} reserves, {} posted ({} partly, {} by \
-             the party), {} voided, {} renewed, {} expired ({} under a newer leader); refused: \
-             {}",
-            t.two_phase,
-            r.reserves,
-            r.posted,
-            r.posted_partly,
-            r.posted_by_party,
-            r.voided,
-            r.renewed,
-            r.expired,
-            r.expired_under_new_leader,
-            refused.join(", ")
-        );
+        write_two_phase(&mut w, t);
         let _ = writeln!(
             w,
             "  network: {} packets, {} dropped, {} duplicated",
@@ -420,4 +403,26 @@ impl SimSummary {
             }
         }
     }
+}
+
+/// The two-phase line of a summary: what was sent, how the final chains' reserves ended, and
+/// the refusals by code.
+fn write_two_phase(w: &mut String, t: &SimStats) {
+    let r = &t.reserves;
+    let refused: Vec<String> = r.refused.iter().map(|(c, n)| format!("{n} {c}")).collect();
+    let _ = writeln!(
+        w,
+        "  two-phase: {} sent; in the final chains {} reserves, {} posted ({} partly, {} by \
+         the party), {} voided, {} renewed, {} expired ({} under a newer leader); refused: {}",
+        t.two_phase,
+        r.reserves,
+        r.posted,
+        r.posted_partly,
+        r.posted_by_party,
+        r.voided,
+        r.renewed,
+        r.expired,
+        r.expired_under_new_leader,
+        refused.join(", ")
+    );
 }
