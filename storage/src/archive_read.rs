@@ -253,7 +253,6 @@ pub fn check_requests(batch: &ArchivedBatch, chain_id: &Hash) -> Result<(), Stri
         let (chain, signed) = match item {
             BatchItem::Request(e) => (&e.request.chain_id, keys.verify_request(&e.request)),
             BatchItem::Envelope(e) => (&e.envelope.chain_id, verify_envelope(&e.envelope)),
-            BatchItem::Expire(_) => continue, // LOCAL PLACEHOLDER
         };
         if chain != chain_id {
             return Err(format!("item {i} is signed for another chain"));
@@ -286,19 +285,6 @@ impl LedgerRead for Accounts {
     }
     fn request(&mut self, _: &PublicKey, _: u128) -> tally_core::Result<Option<RequestRecord>> {
         Ok(None)
-    }
-    fn reserve(
-        &mut self,
-        _: &PublicKey,
-        _: u128,
-    ) -> tally_core::Result<Option<tally_core::reserve::Reserve>> {
-        Ok(None) // LOCAL PLACEHOLDER
-    }
-    fn expiries(&mut self, _: usize) -> tally_core::Result<Vec<tally_core::reserve::Expiry>> {
-        Ok(vec![]) // LOCAL PLACEHOLDER
-    }
-    fn header_time(&mut self, _: u64) -> tally_core::Result<u64> {
-        Ok(0) // LOCAL PLACEHOLDER
     }
 }
 

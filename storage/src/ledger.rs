@@ -666,15 +666,6 @@ impl LedgerDb {
 }
 
 impl LedgerRead for LedgerDb {
-    fn reserve(&mut self, _: &PublicKey, _: u128) -> Result<Option<tally_core::reserve::Reserve>> {
-        Ok(None) // LOCAL PLACEHOLDER
-    }
-    fn expiries(&mut self, _: usize) -> Result<Vec<tally_core::reserve::Expiry>> {
-        Ok(vec![]) // LOCAL PLACEHOLDER
-    }
-    fn header_time(&mut self, _: u64) -> Result<u64> {
-        Ok(0) // LOCAL PLACEHOLDER
-    }
     fn account(&mut self, key: &PublicKey) -> Result<Option<u64>> {
         self.get(&layout::account_key(key))?
             .map(|v| layout::decode_account(&v))
