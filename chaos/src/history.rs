@@ -108,9 +108,23 @@ impl ReceiptLog {
 /// An operation's effect on balances, as the model sees it.
 #[derive(Debug, Clone, Copy)]
 pub enum Effect {
-    Deposit { to: usize, amount: u64 },
-    Transfer { from: usize, to: usize, amount: u64 },
-    Withdraw { from: usize, amount: u64 },
+    Deposit {
+        to: usize,
+        amount: u64,
+    },
+    Transfer {
+        from: usize,
+        to: usize,
+        amount: u64,
+    },
+    Withdraw {
+        from: usize,
+        amount: u64,
+    },
+    /// A reserve, post, void or renew: what it moves depends on the chain (deadlines, the
+    /// reserve's state), so the model takes it from the chain's replay
+    /// ([`crate::reserves::Replay::net`], through [`Model::add_net`]).
+    TwoPhase,
 }
 
 /// Balances and totals implied by a set of applied operations over `accounts` accounts.
@@ -144,6 +158,14 @@ impl Model {
                 self.balances[from] -= amount as i128;
                 self.withdrawn += amount as u128;
             }
+            Effect::TwoPhase => {}
+        }
+    }
+
+    /// Adds what two-phase operations and expiries did to the balances of `accounts`.
+    pub fn add_net(&mut self, accounts: &[PublicKey], net: &BTreeMap<PublicKey, i128>) {
+        for (balance, key) in self.balances.iter_mut().zip(accounts) {
+            *balance += net.get(key).copied().unwrap_or(0);
         }
     }
 

@@ -11,6 +11,10 @@
 //! operations from one account, atomic or not, a quarter of them with an overdraft among them
 //! (an atomic one then fails whole, an independent one carries a failed receipt). Envelopes are
 //! recorded, resubmitted and resolved like requests, in `History::envelopes`.
+//!
+//! A small share of the rest are two-phase operations (reserve, post, void, renew, misuse among
+//! them: [`crate::two_phase`]), each alone in an envelope with the effect `Effect::TwoPhase`:
+//! what they move is read from the final chain ([`crate::reserves`]), which the verdict judges.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -35,6 +39,7 @@ use tally_wire::{
 
 use crate::envelopes::SentEnvelope;
 use crate::history::{Effect, HeaderLog, ReceiptLog};
+use crate::two_phase::TwoPhaseLoad;
 
 /// What every account is funded with before the load starts, unless told otherwise. Large
 /// enough that no ordinary transfer is ever refused for lack of funds.
@@ -52,6 +57,13 @@ pub const DETERMINISTIC_REFUSALS: &[ErrorCode] = &[
     ErrorCode::BadSignature,
     ErrorCode::WrongChain,
     ErrorCode::UnknownDepositKey,
+    // A two-phase operation judged against its reserve (PROTOCOL.md §4.10): a retry of the
+    // same bytes gets the same answer unless an earlier copy is still in flight.
+    ErrorCode::ReserveNotFound,
+    ErrorCode::ReserveClosed,
+    ErrorCode::ReserveExpired,
+    ErrorCode::PostExceedsReserve,
+    ErrorCode::NotAReserveParty,
 ];
 
 /// What the harness knows about an operation's outcome.
@@ -383,6 +395,13 @@ const ENVELOPE_FRACTION: f64 = 0.05;
 /// then apply nothing, independent ones carry a failed receipt.
 const ENVELOPE_OVERDRAFT_FRACTION: f64 = 0.25;
 
+/// The fraction of the other writes that are two-phase operations.
+const TWO_PHASE_FRACTION: f64 = 0.05;
+/// Reserve and renewal timeouts on the replicas' clocks: short ones expire within a few batch
+/// windows or during a fault, long ones outlive most.
+const TWO_PHASE_SHORT_MS: std::ops::Range<u64> = 100..2_000;
+const TWO_PHASE_LONG_MS: std::ops::Range<u64> = 5_000..30_000;
+
 /// How many times a client resubmits an indeterminate operation while the load runs; the rest
 /// is left to the final resolution.
 const RESUBMISSIONS_MAX: u32 = 6;
@@ -399,6 +418,7 @@ pub async fn run_client(s: ClientSetup) -> ClusterStats {
     let mut seen = 0u64;
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut done = 0u64;
+    let mut two_phase = TwoPhaseLoad::new(TWO_PHASE_SHORT_MS, TWO_PHASE_LONG_MS);
     while !s.stop.load(Ordering::SeqCst) {
         if pending.front().is_some_and(|p| p.due <= Instant::now()) {
             let p = pending.pop_front().expect("front exists");
@@ -414,6 +434,9 @@ pub async fn run_client(s: ClientSetup) -> ClusterStats {
         }
         let unknown = if rng.gen_bool(ENVELOPE_FRACTION) {
             send_envelope(&s, &pubs, &mut rng, &mut seen).await
+        } else if rng.gen_bool(TWO_PHASE_FRACTION) {
+            let e = new_two_phase(&s, &pubs, &mut two_phase, &mut rng);
+            submit_new_envelope(&s, e, &mut seen).await
         } else {
             send_request(&s, &pubs, &mut rng, &mut seen).await
         };
@@ -479,6 +502,7 @@ fn op_of(effect: &Effect) -> Op {
         Effect::Withdraw { .. } => Op::Withdraw,
         Effect::Transfer { .. } => Op::Transfer,
         Effect::Deposit { .. } => Op::Deposit,
+        Effect::TwoPhase => unreachable!("two-phase operations are drawn by send_two_phase"),
     }
 }
 
@@ -566,7 +590,29 @@ async fn send_envelope(
         effects.push(effect);
     }
     let envelope = build_envelope(&s.accounts[from], s.chain_id, rng.gen_bool(0.5), ops);
-    let mut sent_envelope = SentEnvelope::new(s.index, envelope, effects);
+    submit_new_envelope(s, SentEnvelope::new(s.index, envelope, effects), seen).await
+}
+
+/// A two-phase operation (`load` draws it) alone in an envelope, atomic or not.
+pub fn new_two_phase(
+    s: &ClientSetup,
+    pubs: &[PublicKey],
+    load: &mut TwoPhaseLoad,
+    rng: &mut StdRng,
+) -> SentEnvelope {
+    let mut next_id = || u128::from(s.next_id.fetch_add(1, Ordering::SeqCst));
+    let (signer, op) = load.draw(rng, pubs, &mut next_id);
+    let atomic = rng.gen_bool(0.5);
+    let envelope = build_envelope(&s.accounts[signer], s.chain_id, atomic, vec![op]);
+    SentEnvelope::new(s.index, envelope, vec![Effect::TwoPhase])
+}
+
+/// Records and submits a new envelope. Returns it if its outcome is unknown.
+async fn submit_new_envelope(
+    s: &ClientSetup,
+    mut sent_envelope: SentEnvelope,
+    seen: &mut u64,
+) -> Option<Submission> {
     sent_envelope.sent = 1;
     let arc = sent_envelope.envelope.clone();
     let e = s.recorder.begin_envelope(sent_envelope);

@@ -383,6 +383,8 @@ pub fn summarize_ops(h: &History, load_end_ms: u64) -> OpsSummary {
                 Effect::Deposit { .. } => s.deposits += 1,
                 Effect::Transfer { .. } => s.confirmed_transfers += 1,
                 Effect::Withdraw { .. } => s.confirmed_withdrawals += 1,
+                // Two-phase operations travel in envelopes only.
+                Effect::TwoPhase => {}
             }
         }
         match &op.state {

@@ -14,6 +14,7 @@ use crate::envelopes::{self, ChainIndex};
 use crate::history::Model;
 use crate::load::History;
 use crate::report::Invariant;
+use crate::reserves::{self, Replay};
 
 /// How long the archive may take to catch up with the final chain before its bodies are read.
 const ARCHIVE_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,8 +30,15 @@ pub struct Final {
     pub chains: BTreeMap<u64, Result<Vec<SignedHeader>, String>>,
     /// Per replica: every account's balance, read at one height.
     pub balances: BTreeMap<u64, Result<Balances, String>>,
-    /// Every operation of the reference chain, from its batches' bodies.
-    pub bodies: Result<ChainIndex, String>,
+    /// Every operation of the reference chain, and its reserves, from its batches' bodies.
+    pub bodies: Result<ChainBodies, String>,
+}
+
+/// What the final chain's bodies hold, read once in height order.
+#[derive(Debug, Default)]
+pub struct ChainBodies {
+    pub index: ChainIndex,
+    pub replay: Replay,
 }
 
 /// Every account's balance on one replica, in account order.
@@ -167,13 +175,13 @@ async fn read_balances(
 /// Every operation of `chain`, from its batches' bodies. The replicas serve no bodies, so they
 /// are read from the archive's batch objects once it has caught up with the chain, each one's
 /// header byte-equal to the chain's.
-async fn chain_index(cluster: &LiveCluster, chain: &[SignedHeader]) -> Result<ChainIndex, String> {
+async fn chain_index(cluster: &LiveCluster, chain: &[SignedHeader]) -> Result<ChainBodies, String> {
     let height = chain.len() as u64;
     crate::total_loss::caught_up(cluster, height, ARCHIVE_CATCH_UP_TIMEOUT)
         .await
         .map_err(|(h, why)| format!("the archive holds {h} of {height} batches ({why})"))?;
     let bucket = cluster.archive_bucket().map_err(|e| e.to_string())?;
-    let mut index = ChainIndex::default();
+    let mut bodies = ChainBodies::default();
     for (i, signed) in chain.iter().enumerate() {
         let key = batch_key(i as u64 + 1);
         let bytes = match bucket.get(&key).await {
@@ -185,9 +193,10 @@ async fn chain_index(cluster: &LiveCluster, chain: &[SignedHeader]) -> Result<Ch
         if &batch.signed != signed {
             return Err(format!("{key} holds another header than the final chain's"));
         }
-        index.add(&batch.body);
+        bodies.index.add(&batch.body);
+        bodies.replay.add(&batch.body);
     }
-    Ok(index)
+    Ok(bodies)
 }
 
 /// Checks that a chain starts at height 1, has no gap, links every header to its predecessor
@@ -257,9 +266,15 @@ pub fn judge(
         }
     }
 
-    let (model, unknown) = model_of(h, accounts.len());
+    let (mut model, unknown) = model_of(h, accounts.len());
+    let replay = fin.bodies.as_ref().ok().map(|b| &b.replay);
+    if let Some(r) = replay {
+        model.add_net(accounts, &r.net);
+    }
     let envelope = envelope_verdict(h, fin, reference);
-    let expected_total = model.deposited as i128 - model.withdrawn as i128;
+    // What open reserves hold is not in any balance (PROTOCOL.md §4.10, conservation).
+    let held = replay.map_or(0, |r| r.held() as i128);
+    let expected_total = model.deposited as i128 - model.withdrawn as i128 - held;
 
     // 4. Convergence: same height, latest header and chain everywhere; valid chains.
     let mut converge_problems = Vec::new();
@@ -324,6 +339,9 @@ pub fn judge(
             if *exists {
                 meta.account_changed(key, None, *balance);
             }
+        }
+        if let Some(r) = replay {
+            r.add_reserve_terms(&mut meta);
         }
         meta.height = *height;
         meta.total_deposited = model.deposited;
@@ -494,6 +512,7 @@ pub fn judge(
         ]
         .into_iter()
         .chain(envelope.invariants)
+        .chain(reserve_invariants(h, fin))
         .collect(),
         final_height,
     )
@@ -533,7 +552,10 @@ struct EnvelopeInvariants {
 /// the final chain's bodies (`envelopes::check`).
 fn envelope_verdict(h: &History, fin: &Final, reference: &[SignedHeader]) -> EnvelopeInvariants {
     let (mut v, twice) = match &fin.bodies {
-        Ok(index) => (envelopes::check(&h.envelopes, index), index.twice.clone()),
+        Ok(b) => (
+            envelopes::check(&h.envelopes, &b.index),
+            b.index.twice.clone(),
+        ),
         Err(e) => {
             let why = format!("the final chain's bodies could not be read: {e}");
             let v = envelopes::EnvelopeVerdict {
@@ -611,4 +633,112 @@ fn envelope_invariants(h: &History, v: envelopes::EnvelopeVerdict) -> Vec<Invari
             ),
         ),
     ]
+}
+
+/// `reserves_settle_once`, `expiries_on_time`, `reserves_not_lost` and `supply_balanced` from the
+/// final chain's bodies (`reserves::Replay`). The open reserves of the final state are checked
+/// through the state digest (`conservation` recomputes it with every reserve's term), since the
+/// replicas serve no reserve reads.
+pub fn reserve_invariants(h: &History, fin: &Final) -> Vec<Invariant> {
+    let names = [
+        "reserves_settle_once",
+        "expiries_on_time",
+        "reserves_not_lost",
+        "supply_balanced",
+    ];
+    let r = match &fin.bodies {
+        Ok(b) => &b.replay,
+        Err(e) => {
+            let why = format!("the final chain's bodies could not be read: {e}");
+            return (names.iter())
+                .map(|&n| invariant(n, vec![why.clone()], String::new()))
+                .collect();
+        }
+    };
+    let confirmed = reserves::confirmed_reserves(&h.envelopes);
+    let n = confirmed.len();
+    let state: Option<Vec<(&(PublicKey, u128), &tally_core::reserve::Reserve)>> = None;
+    let lost = r.not_lost(confirmed, state);
+    let c = &r.counts;
+    let open = (r.reserves.values())
+        .filter(|x| x.fate == reserves::Fate::Open)
+        .count();
+    vec![
+        invariant(
+            "reserves_settle_once",
+            r.settle_once.clone(),
+            format!(
+                "{} reserves in the final chain: {} posted ({} partly), {} voided, {} expired, {} \
+                 renewals; none closed twice or acted on once closed, {} refusals as the \
+                 chain's reserves imply",
+                c.reserves,
+                c.posted,
+                c.posted_partly,
+                c.voided,
+                c.expired,
+                c.renewed,
+                c.refused.values().sum::<u64>()
+            ),
+        ),
+        invariant(
+            "expiries_on_time",
+            r.on_time.clone(),
+            format!(
+                "{} expiries each at or after its deadline by its batch's time; no post, void or \
+                 renew succeeded at or past one; batch times never went back",
+                c.expired
+            ),
+        ),
+        invariant(
+            "reserves_not_lost",
+            lost,
+            format!(
+                "{n} reserves confirmed to clients all in the final chain; the {open} still open \
+                 held in the final state (its digest, see conservation)"
+            ),
+        ),
+        invariant(
+            "supply_balanced",
+            r.supply.clone(),
+            format!(
+                "after each of {} batches: balances from the receipts plus what open reserves \
+                 hold equal deposits minus withdrawals",
+                r.height
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Recorder;
+
+    fn fin(bodies: Result<ChainBodies, String>) -> Final {
+        Final {
+            converged: Ok(()),
+            reference: None,
+            chains: BTreeMap::new(),
+            balances: BTreeMap::new(),
+            bodies,
+        }
+    }
+
+    /// The live verdict names the four reserve invariants and fails the one whose problems the
+    /// replay found, and all four when the bodies could not be read.
+    #[test]
+    fn the_reserve_invariants_fail_on_what_the_replay_found() {
+        let recorder = Recorder::new();
+        let h = recorder.lock();
+        let mut b = ChainBodies::default();
+        b.replay
+            .on_time
+            .push("an expiry before its deadline".into());
+        let v = reserve_invariants(&h, &fin(Ok(b)));
+        let failed: Vec<&str> = v.iter().filter(|i| !i.ok).map(|i| i.name).collect();
+        assert_eq!(v.len(), 4);
+        assert_eq!(failed, ["expiries_on_time"]);
+        let v = reserve_invariants(&h, &fin(Err("no archive".into())));
+        assert!(v.iter().all(|i| !i.ok), "{v:?}");
+    }
 }

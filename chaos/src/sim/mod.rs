@@ -15,6 +15,12 @@
 //! and [`crate::envelopes`] adds its own: an atomic envelope all applied (consecutively) or not
 //! at all, an independent one all in the chain or none of it, failed operations moving nothing.
 //!
+//! Some of the other writes are two-phase operations ([`crate::two_phase`], one to an
+//! envelope), with timeouts of a few batch windows or of seconds on the simulated clock (which
+//! is the batches' time), so reserves expire during partitions and leader changes too;
+//! [`crate::reserves`] checks them from the final chain's bodies, compares the reserves left
+//! open with every replica's store, and hands what they moved to the balance model.
+//!
 //! Replay: everything comes from the seed, including each replica's election timeouts (drawn
 //! here and handed to `Replica::set_election_timeout_ticks`, since raft-rs draws its own from a
 //! thread-local generator no seed reaches), so `--seeds 17..18` reruns seed 17 exactly.
@@ -36,6 +42,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 use tally_wire::Hash;
+
+use crate::reserves::ReserveCounts;
 
 pub use log::SimLog;
 
@@ -135,6 +143,9 @@ pub struct SimStats {
     pub envelopes: u64,
     pub envelopes_applied: u64,
     pub envelope_ops_failed: u64,
+    /// Two-phase operations sent (one-operation envelopes), and what the final chains did.
+    pub two_phase: u64,
+    pub reserves: ReserveCounts,
     pub reads: u64,
     pub attempts: u64,
     pub elections: u64,
@@ -172,6 +183,8 @@ impl SimStats {
         self.envelopes += o.envelopes;
         self.envelopes_applied += o.envelopes_applied;
         self.envelope_ops_failed += o.envelope_ops_failed;
+        self.two_phase += o.two_phase;
+        self.reserves.add(&o.reserves);
         self.replacements += o.replacements;
         self.reads += o.reads;
         self.attempts += o.attempts;
@@ -342,6 +355,7 @@ impl SimSummary {
              envelopes)",
             t.envelopes, t.envelopes_applied, t.envelope_ops_failed
         );
+        write_two_phase(&mut w, t);
         let _ = writeln!(
             w,
             "  network: {} packets, {} dropped, {} duplicated",
@@ -389,4 +403,26 @@ impl SimSummary {
             }
         }
     }
+}
+
+/// The two-phase line of a summary: what was sent, how the final chains' reserves ended, and
+/// the refusals by code.
+fn write_two_phase(w: &mut String, t: &SimStats) {
+    let r = &t.reserves;
+    let refused: Vec<String> = r.refused.iter().map(|(c, n)| format!("{n} {c}")).collect();
+    let _ = writeln!(
+        w,
+        "  two-phase: {} sent; in the final chains {} reserves, {} posted ({} partly, {} by \
+         the party), {} voided, {} renewed, {} expired ({} under a newer leader); refused: {}",
+        t.two_phase,
+        r.reserves,
+        r.posted,
+        r.posted_partly,
+        r.posted_by_party,
+        r.voided,
+        r.renewed,
+        r.expired,
+        r.expired_under_new_leader,
+        refused.join(", ")
+    );
 }

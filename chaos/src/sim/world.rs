@@ -6,6 +6,8 @@
 //! running replica ticks, leaders seal due batches, clients act, and faults are drawn.
 //! Nothing iterates a hash map where order could matter, so a seed replays exactly.
 
+mod two_phase;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::SigningKey;
@@ -27,9 +29,12 @@ use super::{SimOptions, SimStats, Tuning};
 use crate::envelopes::{self, ChainIndex, SentEnvelope};
 use crate::history::{Effect, HeaderLog, Model, ReceiptLog};
 use crate::load::{Confirmed, OpState, DETERMINISTIC_REFUSALS};
+use crate::reserves::Replay;
+use crate::two_phase::TwoPhaseLoad;
 use tally_core::engine::members::MemberChange;
 use tally_core::ports::MemStore;
 use tally_core::state::LedgerMeta;
+use two_phase::TWO_PHASE_FRACTION;
 
 const TICK_MS: u64 = 10;
 const ACCOUNTS: usize = 5;
@@ -169,6 +174,8 @@ pub struct World {
     /// The envelope each operation key belongs to.
     envelope_by_key: BTreeMap<(PublicKey, u128), usize>,
     envelope_by_hash: BTreeMap<Hash, usize>,
+    /// The clients' two-phase operations: every reserve asked for, in order.
+    two_phase: TwoPhaseLoad,
     next_id: u128,
     accepting: bool,
     /// The chain height when the final resolution began: what was applied before it.
@@ -252,6 +259,7 @@ impl World {
             envelopes: Vec::new(),
             envelope_by_key: BTreeMap::new(),
             envelope_by_hash: BTreeMap::new(),
+            two_phase: two_phase::sim_load(),
             next_id: 1,
             accepting: true,
             resolution_height: u64::MAX,
@@ -840,6 +848,8 @@ impl World {
             Task::Read
         } else if self.rng.gen_bool(ENVELOPE_FRACTION) {
             Task::Envelope(self.new_envelope(c))
+        } else if self.rng.gen_bool(TWO_PHASE_FRACTION) {
+            Task::Envelope(self.new_two_phase(c))
         } else {
             Task::Submit(self.new_op())
         };
@@ -882,7 +892,11 @@ impl World {
         let (effects, ops): (Vec<Effect>, Vec<Operation>) =
             (0..n).map(|_| self.draw_operation(from)).unzip();
         let envelope = build_envelope(&self.accounts[from], self.t.chain_id, atomic, ops);
-        let e = SentEnvelope::new(c, envelope, effects);
+        self.push_envelope(SentEnvelope::new(c, envelope, effects))
+    }
+
+    /// Records a new envelope; its index.
+    fn push_envelope(&mut self, e: SentEnvelope) -> usize {
         let i = self.envelopes.len();
         for op in &e.envelope.ops {
             self.envelope_by_key.insert((e.envelope.signer, op.id), i);
@@ -1226,10 +1240,11 @@ impl World {
         let reference = up[0].ledger();
         let meta = up[0].meta().clone();
         if let Some(chain) = self.final_chain(reference, meta.height) {
-            let index = self.chain_index(reference, meta.height);
+            let (index, replay) = self.chain_index(reference, meta.height);
             let mut model = Model::new(ACCOUNTS);
             self.check_ops(&index, &chain, &mut model);
             self.check_envelopes(&index, &chain, &mut model);
+            self.check_reserves(reference, &replay, &mut model);
             self.check_balances(reference, &meta, &model);
             for fork in self.headers.forks() {
                 self.violations.push(format!("fork: {fork}"));
@@ -1249,6 +1264,7 @@ impl World {
                 || l.accounts != reference.accounts
                 || l.headers != reference.headers
                 || l.requests != reference.requests
+                || l.reserves != reference.reserves
             {
                 self.violations.push(format!(
                     "node {}'s ledger differs from node {}'s",
@@ -1288,9 +1304,11 @@ impl World {
         Some(chain)
     }
 
-    /// Every operation in the chain, by key: none twice, none that no client sent.
-    fn chain_index(&mut self, reference: &MemStore, height: u64) -> ChainIndex {
+    /// Every operation in the chain, by key: none twice, none that no client sent; and the
+    /// chain's reserves and balances, batch by batch.
+    fn chain_index(&mut self, reference: &MemStore, height: u64) -> (ChainIndex, Replay) {
         let mut index = ChainIndex::default();
+        let mut replay = Replay::default();
         for h in 1..=height {
             let Some(body) = reference
                 .bodies
@@ -1302,6 +1320,7 @@ impl World {
                 continue;
             };
             index.add(&body);
+            replay.add(&body);
             for (signer, op, _) in body.operations() {
                 let key = (*signer, op.id);
                 if !self.op_by_key.contains_key(&key) && !self.envelope_by_key.contains_key(&key) {
@@ -1311,7 +1330,7 @@ impl World {
             }
         }
         self.violations.extend(index.twice.iter().cloned());
-        index
+        (index, replay)
     }
 
     /// Each request against the chain (`chain`: its headers' digests), into the model.
@@ -1437,6 +1456,30 @@ impl World {
         self.stats.envelope_ops_failed += v.failed_in_chain;
     }
 
+    /// The reserve invariants (`reserves::Replay`), with the final state's reserves as what
+    /// must be open; what two-phase operations moved into the model.
+    fn check_reserves(&mut self, reference: &MemStore, replay: &Replay, model: &mut Model) {
+        let confirmed = crate::reserves::confirmed_reserves(&self.envelopes);
+        // Sorted, so that a seed's violations come in one order.
+        let state: BTreeMap<_, _> = reference.reserves.iter().collect();
+        let mut lost = replay.not_lost(confirmed, Some(state));
+        lost.extend(digest_with_reserves(reference, replay));
+        for (name, problems) in [
+            ("reserves_settle_once", &replay.settle_once),
+            ("expiries_on_time", &replay.on_time),
+            ("reserves_not_lost", &lost),
+            ("supply_balanced", &replay.supply),
+        ] {
+            let named = problems.iter().map(|p| format!("{name}: {p}"));
+            self.violations.extend(named);
+        }
+        let keys: Vec<PublicKey> = (self.accounts.iter())
+            .map(|k| k.verifying_key().to_bytes())
+            .collect();
+        model.add_net(&keys, &replay.net);
+        self.stats.reserves.add(&replay.counts);
+    }
+
     /// Balances equal the model's, and sum to deposits minus withdrawals.
     fn check_balances(&mut self, reference: &MemStore, meta: &LedgerMeta, model: &Model) {
         let balances: Vec<u64> = self
@@ -1450,13 +1493,15 @@ impl World {
                     .unwrap_or(0)
             })
             .collect();
-        let sum: u128 = balances.iter().map(|&b| b as u128).sum();
+        // Open reserves hold the rest (PROTOCOL.md §4.10, conservation).
+        let held: u128 = reference.reserves.values().map(|r| r.held() as u128).sum();
+        let sum: u128 = balances.iter().map(|&b| b as u128).sum::<u128>() + held;
         if sum != meta.expected_total()
             || meta.total_deposited != model.deposited
             || meta.total_withdrawn != model.withdrawn
         {
             self.violations.push(format!(
-                "conservation: balances sum to {sum}; the ledger says deposits {} - \
+                "conservation: balances and held sum to {sum}; the ledger says deposits {} - \
                  withdrawals {}, the model {} - {}",
                 meta.total_deposited, meta.total_withdrawn, model.deposited, model.withdrawn
             ));
@@ -1478,6 +1523,29 @@ impl World {
         }
         self.stats.envelopes = self.envelopes.len() as u64;
     }
+}
+
+/// The live verdict's check of open reserves, against the simulated store: the state digest
+/// recomputed from the store's balances and the chain's reserves (`Replay::add_reserve_terms`)
+/// is the final header's.
+fn digest_with_reserves(reference: &MemStore, replay: &Replay) -> Option<String> {
+    let stored = reference.meta.clone()?;
+    let mut meta = LedgerMeta::genesis();
+    for (key, balance) in &reference.accounts {
+        meta.account_changed(key, None, *balance);
+    }
+    replay.add_reserve_terms(&mut meta);
+    meta.height = stored.height;
+    meta.total_deposited = stored.total_deposited;
+    meta.total_withdrawn = stored.total_withdrawn;
+    let header = reference.headers.get(&stored.height)?;
+    (header.header.state_digest != meta.state_digest()).then(|| {
+        format!(
+            "the state digest recomputed from the balances and the chain's reserves is not \
+             header {}'s",
+            stored.height
+        )
+    })
 }
 
 /// A submission's state once a confirmation (`confirmed`) arrived for it.

@@ -368,6 +368,25 @@ fn simulation_seeds_hold_every_invariant() {
         t.envelopes_applied > 1_000 && t.envelope_ops_failed > 100,
         "{t:?}"
     );
+    // Two-phase transfers, each way they end, and each misuse refused with its code.
+    let r = &t.reserves;
+    assert!(r.reserves > 1_000 && r.expired > 500, "{r:?}");
+    // Reserves that outlived the leader that made them.
+    assert!(r.expired_under_new_leader > 50, "{r:?}");
+    assert!(
+        r.posted > 100 && r.posted_partly > 50 && r.posted_by_party > 10,
+        "{r:?}"
+    );
+    assert!(r.voided > 50 && r.renewed > 50, "{r:?}");
+    for code in [
+        "reserve_closed",
+        "reserve_expired",
+        "reserve_not_found",
+        "post_exceeds_reserve",
+        "not_a_reserve_party",
+    ] {
+        assert!(r.refused.get(code).is_some_and(|&n| n > 5), "{code}: {r:?}");
+    }
 }
 
 /// The same seed gives the same run, event for event: the digest chained over every delivered
@@ -429,13 +448,14 @@ fn the_simulation_catches_each_bug_planted_in_the_engine() {
     };
     let cases = [
         // The seeds were found with `tally-chaos sim --seeds 1..501 --inject-bug NAME` (again
-        // once clients sent envelopes too, which changed every seed's run).
+        // once clients sent envelopes, and again once they sent two-phase operations, each
+        // of which changed every seed's run).
         (
             SimBug::ServerCompactsPastCommit,
-            1..11,
+            36..46,
             "panicked: compact(",
         ),
-        (SimBug::ServerSnapshotStall, 225..235, "no convergence"),
+        (SimBug::ServerSnapshotStall, 34..44, "no convergence"),
         (
             SimBug::ReadWithoutReadIndex,
             20..30,
