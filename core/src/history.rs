@@ -184,6 +184,29 @@ impl<'a> Entry<'a> {
         }
     }
 
+    /// A post's or void's entries: the receiver credited what was captured, the owner the rest.
+    fn release(
+        &self,
+        op: &tally_wire::Operation,
+        owner: PublicKey,
+        held: &crate::reserve::Held,
+        out: &mut Vec<AccountEntry>,
+    ) {
+        let rc = self.receipt;
+        let posted = match op.op {
+            Op::Post if op.amount == 0 => held.amount,
+            Op::Post => op.amount,
+            _ => 0,
+        };
+        if posted > 0 {
+            out.push(self.make(held.to, Direction::Credit, owner, posted, rc.to_balance));
+        }
+        if held.amount > posted {
+            let back = held.amount - posted;
+            out.push(self.make(owner, Direction::Credit, held.to, back, rc.signer_balance));
+        }
+    }
+
     /// The entries of `op`; `held`: the record a post, void or renewal found.
     fn push(
         &self,
@@ -226,33 +249,9 @@ impl<'a> Entry<'a> {
                 op.amount,
                 rc.signer_balance,
             )),
-            Op::Post => {
-                let held = held.expect("an applied post carries its record");
-                let posted = if op.amount == 0 {
-                    held.amount
-                } else {
-                    op.amount
-                };
-                out.push(self.make(held.to, Direction::Credit, owner, posted, rc.to_balance));
-                if held.amount > posted {
-                    out.push(self.make(
-                        owner,
-                        Direction::Credit,
-                        held.to,
-                        held.amount - posted,
-                        rc.signer_balance,
-                    ));
-                }
-            }
-            Op::Void => {
-                let held = held.expect("an applied void carries its record");
-                out.push(self.make(
-                    owner,
-                    Direction::Credit,
-                    held.to,
-                    held.amount,
-                    rc.signer_balance,
-                ));
+            Op::Post | Op::Void => {
+                let held = held.expect("an applied post or void carries its record");
+                self.release(op, owner, &held, out);
             }
             Op::Renew | Op::Expire => {}
         }

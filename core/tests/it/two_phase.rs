@@ -112,6 +112,46 @@ fn a_partial_post_pays_the_receiver_and_returns_the_rest() {
     assert_eq!((node.balance(A), node.balance(B)), (Some(75), Some(25)));
 }
 
+/// History sees what moved available balances: the reserve debits its owner, the partial post
+/// credits the receiver what it captured and the owner the rest, an expiry the owner.
+#[test]
+fn history_entries_of_two_phase_operations() {
+    use tally_core::history::{account_entries, Direction};
+    let mut node = funded();
+    let mut entries = |node: &mut Node, signer, op| {
+        assert!(matches!(
+            submit(node, signer, vec![op]),
+            Submitted::Accepted { .. }
+        ));
+        let (body, _) = node.seal_and_apply_all().pop().unwrap();
+        account_entries(&body)
+            .into_iter()
+            .map(|e| (e.op, e.account, e.direction, e.amount, e.balance))
+            .collect::<Vec<_>>()
+    };
+    let reserved = entries(&mut node, A, reserve(10, B, 60, 1_000, None));
+    assert_eq!(
+        reserved,
+        vec![(Op::Reserve, pk(A), Direction::Debit, 60, 40)]
+    );
+    let posted = entries(&mut node, A, act(Op::Post, 11, 10, None, 25));
+    assert_eq!(
+        posted,
+        vec![
+            (Op::Post, pk(B), Direction::Credit, 25, 25),
+            (Op::Post, pk(A), Direction::Credit, 35, 75),
+        ]
+    );
+    let renewed = entries(&mut node, A, reserve(12, B, 5, 100, None));
+    assert_eq!(renewed.len(), 1);
+    let expired: Vec<_> = idle_until(&mut node, 200)
+        .iter()
+        .flat_map(account_entries)
+        .map(|e| (e.op, e.account, e.direction, e.amount))
+        .collect();
+    assert_eq!(expired, vec![(Op::Expire, pk(A), Direction::Credit, 5)]);
+}
+
 #[test]
 fn misuse_gets_its_stable_code() {
     let mut node = funded();

@@ -34,21 +34,11 @@ impl<S: LedgerStore> StorageThread<S> {
                 accounts,
                 reply,
             } => self.serve_lookup(&keys, &accounts, reply),
-            StorageCmd::LoadAccount { key, reply } => {
-                let _ = reply.send(self.account(&key));
-            }
-            StorageCmd::LoadRequest { signer, id, reply } => {
-                let _ = reply.send(self.db().request(&signer, id));
-            }
-            StorageCmd::LoadReserve { owner, id, reply } => {
-                let _ = reply.send(self.db().reserve(&owner, id));
-            }
-            StorageCmd::LoadExpiries { limit, reply } => {
-                let _ = reply.send(self.db().expiries(limit));
-            }
-            StorageCmd::HeaderTime { height, reply } => {
-                let _ = reply.send(self.db().header_time(height));
-            }
+            cmd @ (StorageCmd::LoadAccount { .. }
+            | StorageCmd::LoadRequest { .. }
+            | StorageCmd::LoadReserve { .. }
+            | StorageCmd::LoadExpiries { .. }
+            | StorageCmd::HeaderTime { .. }) => self.master_read(cmd),
             StorageCmd::Balance {
                 account,
                 mode,
@@ -90,6 +80,28 @@ impl<S: LedgerStore> StorageThread<S> {
             | StorageCmd::InstallSnapshot { .. }
             | StorageCmd::Replay { .. }
             | StorageCmd::Stop => unreachable!("not a read"),
+        }
+    }
+
+    /// The master's reads of committed state, on a cache miss of its sequencer.
+    fn master_read(&mut self, cmd: StorageCmd) {
+        match cmd {
+            StorageCmd::LoadAccount { key, reply } => {
+                let _ = reply.send(self.account(&key));
+            }
+            StorageCmd::LoadRequest { signer, id, reply } => {
+                let _ = reply.send(self.db().request(&signer, id));
+            }
+            StorageCmd::LoadReserve { owner, id, reply } => {
+                let _ = reply.send(self.db().reserve(&owner, id));
+            }
+            StorageCmd::LoadExpiries { limit, reply } => {
+                let _ = reply.send(self.db().expiries(limit));
+            }
+            StorageCmd::HeaderTime { height, reply } => {
+                let _ = reply.send(self.db().header_time(height));
+            }
+            _ => unreachable!("not a master read"),
         }
     }
 
