@@ -125,20 +125,7 @@ impl LedgerRead for MemStore {
         Ok(self.reserves.get(&(*owner, id)).copied())
     }
     fn expiries(&mut self, limit: usize) -> Result<Vec<Expiry>> {
-        let mut open: Vec<Expiry> = self
-            .reserves
-            .iter()
-            .filter_map(|(&(owner, id), r)| {
-                r.open().map(|h| Expiry {
-                    at_ms: h.expires_at_ms,
-                    owner,
-                    id,
-                })
-            })
-            .collect();
-        open.sort_unstable();
-        open.truncate(limit);
-        Ok(open)
+        Ok(crate::reserve::earliest(&self.reserves, limit))
     }
     fn header_time(&mut self, height: u64) -> Result<u64> {
         Ok(self

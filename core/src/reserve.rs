@@ -156,6 +156,27 @@ impl ReserveChange {
     }
 }
 
+/// The first `limit` open reserves of `reserves` in [`Expiry`] order: a scan, for in-memory
+/// stores (a store on disk keeps the expiry index instead).
+pub fn earliest<'a>(
+    reserves: impl IntoIterator<Item = (&'a (PublicKey, u128), &'a Reserve)>,
+    limit: usize,
+) -> Vec<Expiry> {
+    let mut open: Vec<Expiry> = reserves
+        .into_iter()
+        .filter_map(|(&(owner, id), r)| {
+            r.open().map(|h| Expiry {
+                at_ms: h.expires_at_ms,
+                owner,
+                id,
+            })
+        })
+        .collect();
+    open.sort_unstable();
+    open.truncate(limit);
+    open
+}
+
 /// SHA-256(RESERVE_TERM_DOMAIN ‖ owner ‖ id u128 LE ‖ record): a reserve's term in the state
 /// digest's multiset sum (the same sum the accounts' terms are in).
 pub fn reserve_term(owner: &PublicKey, id: u128, reserve: &Reserve) -> [u8; 32] {

@@ -301,20 +301,7 @@ impl LedgerRead for Accounts {
     }
     /// A scan: the replay never asks (only a leader choosing expiries does).
     fn expiries(&mut self, limit: usize) -> tally_core::Result<Vec<Expiry>> {
-        let mut open: Vec<Expiry> = self
-            .reserves
-            .iter()
-            .filter_map(|(&(owner, id), r)| {
-                r.open().map(|h| Expiry {
-                    at_ms: h.expires_at_ms,
-                    owner,
-                    id,
-                })
-            })
-            .collect();
-        open.sort_unstable();
-        open.truncate(limit);
-        Ok(open)
+        Ok(tally_core::reserve::earliest(&self.reserves, limit))
     }
     fn header_time(&mut self, height: u64) -> tally_core::Result<u64> {
         match height {
