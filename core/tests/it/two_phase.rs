@@ -118,7 +118,7 @@ fn a_partial_post_pays_the_receiver_and_returns_the_rest() {
 fn history_entries_of_two_phase_operations() {
     use tally_core::history::{account_entries, Direction};
     let mut node = funded();
-    let mut entries = |node: &mut Node, signer, op| {
+    let entries = |node: &mut Node, signer, op| {
         assert!(matches!(
             submit(node, signer, vec![op]),
             Submitted::Accepted { .. }
@@ -142,8 +142,8 @@ fn history_entries_of_two_phase_operations() {
             (Op::Post, pk(A), Direction::Credit, 35, 75),
         ]
     );
-    let renewed = entries(&mut node, A, reserve(12, B, 5, 100, None));
-    assert_eq!(renewed.len(), 1);
+    let short = entries(&mut node, A, reserve(12, B, 5, 100, None));
+    assert_eq!(short.len(), 1);
     let expired: Vec<_> = idle_until(&mut node, 200)
         .iter()
         .flat_map(account_entries)
