@@ -354,6 +354,8 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     progress!(opts, recorder, "load stopped; healing everything");
     reap(&mut cluster, &recorder, opts).await;
     cluster.heal_all().await?;
+    // Short reserves expire by themselves; let them, before the final state is read.
+    tokio::time::sleep(load::TWO_PHASE_SETTLE).await;
     let patience = if opts.inject_bug == Some(InjectedBug::ConfirmBeforeCommit) {
         Duration::from_secs(20)
     } else {

@@ -398,9 +398,15 @@ const ENVELOPE_OVERDRAFT_FRACTION: f64 = 0.25;
 /// The fraction of the other writes that are two-phase operations.
 const TWO_PHASE_FRACTION: f64 = 0.05;
 /// Reserve and renewal timeouts on the replicas' clocks: short ones expire within a few batch
-/// windows or during a fault, long ones outlive most.
+/// windows or during a fault; long ones outlive the run, so that once the load stops and the
+/// short ones have had [`TWO_PHASE_SETTLE`] to expire, no batch of expiries moves the height
+/// while the final state is read (the open ones are checked in it).
 const TWO_PHASE_SHORT_MS: std::ops::Range<u64> = 100..2_000;
-const TWO_PHASE_LONG_MS: std::ops::Range<u64> = 5_000..30_000;
+const TWO_PHASE_LONG_MS: std::ops::Range<u64> = 3_600_000..7_200_000;
+/// How long after the load stops every short reserve has passed its deadline, with a margin
+/// for the expiry's batch.
+pub const TWO_PHASE_SETTLE: std::time::Duration =
+    std::time::Duration::from_millis(TWO_PHASE_SHORT_MS.end + 1_000);
 
 /// How many times a client resubmits an indeterminate operation while the load runs; the rest
 /// is left to the final resolution.
