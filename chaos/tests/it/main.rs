@@ -100,7 +100,7 @@ fn live_smoke_run_holds_every_invariant() {
         report.data_dir,
         report.failed_invariants()
     );
-    assert_eq!(report.invariants.len(), 11);
+    assert_eq!(report.invariants.len(), 15);
     assert!(
         report.leader_disruptions >= 8,
         "only {} leader disruptions",
@@ -179,7 +179,7 @@ fn archive_outages_then_the_loss_of_every_replica_lose_nothing() {
         report.data_dir,
         report.failed_invariants()
     );
-    assert_eq!(report.invariants.len(), 14);
+    assert_eq!(report.invariants.len(), 18);
     for name in ["restore_complete", "restore_replays", "archive_audit"] {
         assert!(report.invariant(name).is_some_and(|i| i.ok), "{name}");
     }
@@ -229,7 +229,7 @@ fn replacing_replicas_under_load_and_partitions_holds_every_invariant() {
         report.data_dir,
         report.failed_invariants()
     );
-    assert_eq!(report.invariants.len(), 12);
+    assert_eq!(report.invariants.len(), 16);
     assert!(report
         .invariant("removed_replicas_exit")
         .is_some_and(|i| i.ok));
