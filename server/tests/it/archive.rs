@@ -391,6 +391,17 @@ fn one_restored_replica_seeds_the_wiped_others() {
     });
 }
 
+/// A free port below Linux's ephemeral range (32768 on): while the store is down the servers
+/// keep dialling its port, and a dial from an ephemeral port equal to it connects to itself
+/// (TCP simultaneous open on loopback), which then holds the port the store must come back on.
+fn port_outside_the_ephemeral_range() -> u16 {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    (start..32_000)
+        .chain(20_000..start)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 20000..32000")
+}
+
 /// Starts a SeaweedFS of this test's own on `port` (`.ci/s3.sh`); returns its endpoint.
 fn start_s3(dir: &Path, port: u16) -> String {
     let out = Command::new("bash")
@@ -423,11 +434,7 @@ fn the_store_down_for_30_s_and_back() {
         return;
     }
     let s3 = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = port_outside_the_ephemeral_range();
     let endpoint = start_s3(s3.path(), port);
     let op = Operator::new(|c| {
         c.batch.batch_window_ms = 10;
