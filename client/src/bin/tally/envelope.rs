@@ -32,21 +32,10 @@ pub async fn submit(
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let ops = parse_operations(&text).with_context(|| file.display().to_string())?;
     let envelope = Arc::new(build_envelope(key, profile.chain_id_bytes()?, atomic, ops));
-    let c = ctx
-        .cluster(profile)?
-        .submit_envelope(Arc::clone(&envelope))
-        .await
-        .map_err(|e| {
-            let again = if e.outcome_unknown() {
-                "; submit the same file again to learn whether it was applied (every operation \
-                 keeps its id: nothing applies twice)"
-            } else {
-                ""
-            };
-            anyhow::Error::from(e).context(format!("envelope of {}{again}", file.display()))
-        })?;
-    verify_envelope_confirmation(&envelope, &c, &operator)
-        .context("the server's confirmation does not verify against the profile's operator key")?;
+    let what = format!("envelope of {}", file.display());
+    let again = "; submit the same file again to learn whether it was applied (every operation \
+                 keeps its id: nothing applies twice)";
+    let c = submit_verified(ctx, profile, &envelope, &what, again).await?;
     let record = EnvelopeFile::new(&envelope, &c, &operator);
     if let Some(path) = out {
         write_envelope_file(path, &record)?;
@@ -85,6 +74,29 @@ pub async fn submit(
         println!("  confirmations written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Submits `envelope` and verifies its confirmation under the profile's operator key. An error
+/// names `what`, and `again` (how to learn the outcome) when the outcome is unknown.
+pub async fn submit_verified(
+    ctx: &Globals,
+    profile: &Profile,
+    envelope: &Arc<tally_wire::Envelope>,
+    what: &str,
+    again: &str,
+) -> Result<tally_wire::EnvelopeConfirmation> {
+    let operator = profile.operator_key()?;
+    let c = ctx
+        .cluster(profile)?
+        .submit_envelope(Arc::clone(envelope))
+        .await
+        .map_err(|e| {
+            let again = if e.outcome_unknown() { again } else { "" };
+            anyhow::Error::from(e).context(format!("{what}{again}"))
+        })?;
+    verify_envelope_confirmation(envelope, &c, &operator)
+        .context("the server's confirmation does not verify against the profile's operator key")?;
+    Ok(c)
 }
 
 /// `tally verify` of an envelope confirmation file.

@@ -6,12 +6,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ed25519_dalek::SigningKey;
 use serde_json::json;
 use tally_client::envelope::{build_envelope, write_envelope_file, EnvelopeFile};
 use tally_client::{public_key, to_hex, Profile};
-use tally_core::verify::verify_envelope_confirmation;
 use tally_wire::{Op, Operation, PublicKey};
 
 use crate::Globals;
@@ -58,20 +57,15 @@ pub async fn run(
         vec![ask.operation()],
     ));
     let (kind, id) = (ask.op.name(), ask.id);
-    let c = ctx
-        .cluster(profile)?
-        .submit_envelope(Arc::clone(&envelope))
-        .await
-        .map_err(|e| {
-            let again = if e.outcome_unknown() {
-                format!("; run it again with --id {id} to learn whether it applied (never twice)")
-            } else {
-                String::new()
-            };
-            anyhow::Error::from(e).context(format!("{kind} id {id}{again}"))
-        })?;
-    verify_envelope_confirmation(&envelope, &c, &operator)
-        .context("the server's confirmation does not verify against the profile's operator key")?;
+    let again = format!("; run it again with --id {id} to learn whether it applied (never twice)");
+    let c = crate::envelope::submit_verified(
+        ctx,
+        profile,
+        &envelope,
+        &format!("{kind} id {id}"),
+        &again,
+    )
+    .await?;
     if let Some(path) = out {
         write_envelope_file(path, &EnvelopeFile::new(&envelope, &c, &operator))?;
     }
