@@ -454,6 +454,10 @@ fn gather_group(first: ArchiveBatch, rx: &Receiver<Cmd>) -> (Vec<ArchiveBatch>, 
 
 /// Writes a group of batches (bodies, request records, history and receipt rows) and the
 /// archive point after them in one synced write.
+///
+/// The small rows go in key order: rusty-leveldb's memtable is a skip list, and a search for a
+/// key next to the one just inserted walks nodes still in the cache, where random keys miss
+/// it at every level.
 fn write_group(
     db: &mut DB,
     group: &[ArchiveBatch],
@@ -461,25 +465,27 @@ fn write_group(
     stats: &SyncStats,
 ) -> Result<()> {
     let mut batch = WriteBatch::default();
+    let mut rows = SortedRows::default();
     for b in group {
         batch.put(&layout::body_key(&b.digest), &b.body);
         for (key, value) in &b.requests {
-            batch.put(key, value);
+            rows.put(key, value);
         }
         let body = tally_core::batch::BatchBody::decode(&b.body)
             .map_err(|e| Error::corrupt(format_args!("archiving batch {}: {e}", b.height)))?;
         // Heads this group changed are in `history`'s memory, not yet in `db`.
-        let rows = history.batch(
+        let written = history.batch(
             &body,
             &mut |key: &[u8]| get_checked(db, key, stats),
-            &mut |k: &[u8], v: &[u8]| batch.put(k, v),
+            &mut |k: &[u8], v: &[u8]| rows.put(k, v),
         );
-        if let Err(e) = rows {
+        if let Err(e) = written {
             history.forget();
             return Err(e);
         }
     }
-    history.finish(&mut |k: &[u8], v: &[u8]| batch.put(k, v));
+    history.finish(&mut |k: &[u8], v: &[u8]| rows.put(k, v));
+    rows.write_into(&mut batch);
     let last = group.last().expect("a group is never empty");
     let point = ArchivePoint {
         height: last.height,
@@ -488,6 +494,54 @@ fn write_group(
     batch.put(&layout::archive_point_key(), &point.encode());
     db.write(batch, true)
         .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
+}
+
+/// Rows gathered for one write, put into it in key order. Of two puts of one key the later
+/// wins, as in the write itself.
+#[derive(Default)]
+struct SortedRows {
+    bytes: Vec<u8>,
+    /// Where each row's key and value are in `bytes`: start, key length, value length.
+    rows: Vec<(usize, u32, u32)>,
+}
+
+impl SortedRows {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        self.bytes.extend_from_slice(value);
+        let len = |b: &[u8]| u32::try_from(b.len()).expect("a row is smaller than 4 GiB");
+        self.rows.push((at, len(key), len(value)));
+    }
+
+    fn write_into(self, batch: &mut WriteBatch) {
+        let bytes = &self.bytes;
+        let key = |i: usize| {
+            let (at, k, _) = self.rows[i];
+            &bytes[at..at + k as usize]
+        };
+        // Sorted by the keys' first 16 bytes held inline (most keys differ in them), then by
+        // the whole key, then by arrival: puts of one key keep their order.
+        let mut order: Vec<(u128, usize)> = (0..self.rows.len())
+            .map(|i| {
+                let mut prefix = [0u8; 16];
+                let k = key(i);
+                let n = k.len().min(16);
+                prefix[..n].copy_from_slice(&k[..n]);
+                (u128::from_be_bytes(prefix), i)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| key(a.1).cmp(key(b.1)))
+                .then(a.1.cmp(&b.1))
+        });
+        for &(_, i) in &order {
+            let (at, k, v) = self.rows[i];
+            let value_at = at + k as usize;
+            batch.put(key(i), &bytes[value_at..value_at + v as usize]);
+        }
+    }
 }
 
 /// The oldest height whose history the archive in `db` holds, and the history writer to go
@@ -548,5 +602,40 @@ fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {
     })();
     if let Err(e) = result {
         let _ = out.send(Err(e));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorted_rows_go_in_key_order_and_the_later_put_of_a_key_comes_last() {
+        let mut rows = SortedRows::default();
+        // Keys that tie on their first 16 bytes, one shorter than 16, and a repeated key.
+        let long = |last: u8| {
+            let mut k = vec![7u8; 20];
+            k[19] = last;
+            k
+        };
+        rows.put(&long(2), b"b");
+        rows.put(b"short", b"s");
+        rows.put(&long(1), b"a1");
+        rows.put(&[0u8; 16], b"zero");
+        rows.put(&long(1), b"a2");
+        let mut batch = WriteBatch::default();
+        rows.write_into(&mut batch);
+        let written: Vec<(Vec<u8>, Vec<u8>)> = batch
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.expect("a put").to_vec()))
+            .collect();
+        let expected = vec![
+            (vec![0u8; 16], b"zero".to_vec()),
+            (long(1), b"a1".to_vec()),
+            (long(1), b"a2".to_vec()),
+            (long(2), b"b".to_vec()),
+            (b"short".to_vec(), b"s".to_vec()),
+        ];
+        assert_eq!(written, expected);
     }
 }

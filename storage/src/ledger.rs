@@ -1009,9 +1009,14 @@ fn load_request_filter(
 
 /// The state rows one applied batch writes: its accounts' balances, its header row and the
 /// summary. Bodies and request records go to the archive.
+/// The state rows of one batch. Accounts go in key order, which is the order of their keys in
+/// the database: the memtable's skip list then finds each one next to the last (see
+/// `archive::SortedRows`).
 fn state_rows(write: &BatchWrite) -> WriteBatch {
     let mut batch = WriteBatch::default();
-    for (key, balance) in &write.accounts {
+    let mut accounts: Vec<&(PublicKey, u64)> = write.accounts.iter().collect();
+    accounts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for (key, balance) in accounts {
         batch.put(&layout::account_key(key), &layout::encode_account(*balance));
     }
     batch.put(
