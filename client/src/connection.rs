@@ -354,13 +354,13 @@ impl Client {
         {
             Message::Confirmed(c) => Found::Request(c),
             Message::OperationConfirmed(c) => Found::Operation(c),
-            other => return Err(unexpected("Confirmed or OperationConfirmed", &other)),
+            Message::ExpiryConfirmed(c) => Found::Expiry(c),
+            other => {
+                let expected = "Confirmed, OperationConfirmed or ExpiryConfirmed";
+                return Err(unexpected(expected, &other));
+            }
         };
-        let receipt = match &found {
-            Found::Request(c) => &c.receipt,
-            Found::Operation(c) => &c.receipt,
-        };
-        if tally_core::merkle::leaf_hash(&receipt.encode()) != leaf_hash {
+        if tally_core::merkle::leaf_hash(&found.receipt().encode()) != leaf_hash {
             return Err(Error::Protocol(
                 "the confirmation is for another receipt".into(),
             ));

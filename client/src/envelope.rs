@@ -292,6 +292,78 @@ pub fn verify_envelope_json(
     Ok((envelope, c))
 }
 
+/// The `format` of a reserve expiry's confirmation file (`tally lookup --receipt --out`).
+pub const EXPIRY_CONFIRMATION_FORMAT: &str = "tally-expiry-confirmation-v1";
+
+/// The proof that a reserve expired (`tally lookup --receipt` of an expiry's receipt), checked
+/// by `tally verify`. `owner_balance` is the owner's balance after the expiry (the receipt's
+/// `signer_balance`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiryFile {
+    pub format: String,
+    pub operator_public_key: String,
+    pub confirmation_hex: String,
+    pub owner: String,
+    pub reserve_id: String,
+    pub height: u64,
+    pub index: u32,
+    pub header_hash: String,
+    pub receipt_hash: String,
+    pub owner_balance: u64,
+}
+
+impl ExpiryFile {
+    pub fn new(c: &tally_wire::ExpiryConfirmation, operator: &PublicKey) -> ExpiryFile {
+        let r = &c.receipt;
+        ExpiryFile {
+            format: EXPIRY_CONFIRMATION_FORMAT.into(),
+            operator_public_key: to_hex(operator),
+            confirmation_hex: to_hex(&c.encode()),
+            owner: to_hex(&c.owner),
+            reserve_id: c.id.to_string(),
+            height: r.height,
+            index: r.index,
+            header_hash: to_hex(&header_hash(&c.header.header)),
+            receipt_hash: to_hex(&tally_core::merkle::leaf_hash(&r.encode())),
+            owner_balance: r.signer_balance,
+        }
+    }
+
+    pub fn to_json_pretty(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("plain structs serialize");
+        text.push('\n');
+        text
+    }
+}
+
+/// Verifies an expiry confirmation file's text under `operator` (else the key the file names),
+/// and that its readable fields are those of the bytes it carries.
+pub fn verify_expiry_json(
+    text: &str,
+    operator: Option<PublicKey>,
+) -> Result<tally_wire::ExpiryConfirmation> {
+    let bad = |why: String| Error::Verify(why);
+    let file: ExpiryFile = serde_json::from_str(text)
+        .map_err(|e| bad(format!("not an expiry confirmation file: {e}")))?;
+    if file.format != EXPIRY_CONFIRMATION_FORMAT {
+        return Err(bad(format!("unknown format {:?}", file.format)));
+    }
+    let named = parse_hash(&file.operator_public_key, "operator_public_key")?;
+    let bytes = hex::decode(&file.confirmation_hex).map_err(|e| bad(format!("hex: {e}")))?;
+    let c = tally_wire::ExpiryConfirmation::decode(&bytes)
+        .map_err(|e| bad(format!("confirmation: {e}")))?;
+    tally_core::verify::verify_expiry_confirmation(&c, &operator.unwrap_or(named))
+        .map_err(|e| bad(e.to_string()))?;
+    let expected = ExpiryFile::new(&c, &named);
+    if serde_json::to_value(&expected).ok() != serde_json::to_value(&file).ok() {
+        return Err(bad(
+            "the readable fields differ from the confirmation they describe".into(),
+        ));
+    }
+    Ok(c)
+}
+
 /// The `format` of one envelope operation's confirmation file (`tally lookup --out`).
 pub const OPERATION_CONFIRMATION_FORMAT: &str = "tally-operation-confirmation-v1";
 

@@ -293,8 +293,12 @@ pub fn confirmation_at(
             header: signed,
             proof,
         })),
-        // An expiry has no signed request to show; its receipt is a leaf like any other but
-        // no confirmation format carries it alone yet.
-        BatchItem::Expire(_) => return None,
+        BatchItem::Expire(e) => Found::Expiry(Box::new(tally_wire::ExpiryConfirmation {
+            owner: e.owner,
+            id: e.id,
+            receipt,
+            header: signed,
+            proof,
+        })),
     })
 }

@@ -1,7 +1,10 @@
 //! Offline verification of a confirmation: everything a client needs is the confirmation itself
 //! and the operator's public key.
 
-use tally_wire::{Confirmation, Envelope, EnvelopeConfirmation, OperationConfirmation, PublicKey};
+use tally_wire::{
+    Confirmation, Envelope, EnvelopeConfirmation, ExpiryConfirmation, Op, OperationConfirmation,
+    PublicKey,
+};
 
 use crate::crypto::{envelope_hash, request_hash, verify_envelope, verify_header, verify_request};
 use crate::merkle::{leaf_hash, verify_inclusion, verify_range};
@@ -61,6 +64,27 @@ pub fn verify_operation_confirmation(
     };
     if r.op != op.op || r.height != h.height || (e.atomic && r.failed.is_some()) {
         return fail("the receipt does not describe the envelope's operation at this height");
+    }
+    if r.index != c.proof.leaf_index || c.proof.tree_size != h.request_count {
+        return fail("the proof's position does not match the receipt and header");
+    }
+    if !verify_inclusion(&leaf_hash(&r.encode()), &c.proof, &h.merkle_root) {
+        return fail("the inclusion proof does not lead to the header's Merkle root");
+    }
+    verify_header(operator, &c.header)
+}
+
+/// Checks the proof that a reserve expired: that the receipt names the expiry of `(owner, id)`
+/// (op `expire`, operation 0) at the header's height, the inclusion proof of the receipt under
+/// the header's Merkle root, and the operator's signature over the header.
+pub fn verify_expiry_confirmation(c: &ExpiryConfirmation, operator: &PublicKey) -> Result<()> {
+    let fail = |what: &str| Err(Error::Verify(what.to_string()));
+    let (r, h) = (&c.receipt, &c.header.header);
+    if r.request_hash != crate::reserve::expire_hash(&c.owner, c.id) {
+        return fail("the receipt is not the expiry of this reserve");
+    }
+    if r.op != Op::Expire || r.op_index != 0 || r.failed.is_some() || r.height != h.height {
+        return fail("the receipt does not describe an expiry at this height");
     }
     if r.index != c.proof.leaf_index || c.proof.tree_size != h.request_count {
         return fail("the proof's position does not match the receipt and header");

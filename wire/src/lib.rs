@@ -20,6 +20,7 @@ mod admin;
 mod canonical;
 mod envelope;
 mod error;
+mod expiry;
 mod frame;
 mod history;
 mod message;
@@ -28,6 +29,7 @@ pub use admin::*;
 pub use canonical::*;
 pub use envelope::*;
 pub use error::{ErrorCode, Retry, WireError};
+pub use expiry::ExpiryConfirmation;
 pub use frame::*;
 pub use history::{
     ACCOUNT_REPLY_BYTES, HISTORY_BYTES_MAX, HISTORY_ENTRIES_PER_REPLY_MAX, HISTORY_ENTRY_BYTES,

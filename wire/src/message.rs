@@ -57,6 +57,7 @@ pub mod message_type {
     pub const SUPPLY: u8 = 0x8b;
     pub const HISTORY: u8 = 0x8c;
     pub const ACCOUNT: u8 = 0x8d;
+    pub const EXPIRY_CONFIRMED: u8 = 0x8e;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -299,6 +300,9 @@ pub enum Message {
         id: u128,
     },
     OperationConfirmed(Box<OperationConfirmation>),
+    /// The receipt of a reserve's expiry with its proof (`GetConfirmationByReceipt` of an
+    /// expiry's receipt).
+    ExpiryConfirmed(Box<crate::ExpiryConfirmation>),
     /// The operator's totals, answered `Supply`.
     GetSupply,
     Supply(SupplyReply),
@@ -359,6 +363,7 @@ impl Message {
             Message::EnvelopeFailed(_) => ENVELOPE_FAILED,
             Message::GetConfirmation { .. } => GET_CONFIRMATION,
             Message::OperationConfirmed(_) => OPERATION_CONFIRMED,
+            Message::ExpiryConfirmed(_) => EXPIRY_CONFIRMED,
             Message::GetSupply => GET_SUPPLY,
             Message::Supply(_) => SUPPLY,
             Message::GetHistory { .. } => GET_HISTORY,
@@ -438,6 +443,7 @@ impl Message {
                 out.extend_from_slice(&id.to_le_bytes());
             }
             Message::OperationConfirmed(c) => c.write(out),
+            Message::ExpiryConfirmed(c) => c.write(out),
             Message::GetSupply => {}
             Message::Supply(s) => {
                 out.extend_from_slice(&s.height.to_le_bytes());
@@ -585,6 +591,9 @@ impl Message {
             },
             OPERATION_CONFIRMED => {
                 Message::OperationConfirmed(Box::new(OperationConfirmation::read(&mut r)?))
+            }
+            EXPIRY_CONFIRMED => {
+                Message::ExpiryConfirmed(Box::new(crate::ExpiryConfirmation::read(&mut r)?))
             }
             other => return Err(WireError::UnknownMessageType { found: other }),
         };

@@ -330,6 +330,19 @@ pub fn confirmation<S: LedgerStore>(
 pub enum Found {
     Request(Box<tally_wire::Confirmation>),
     Operation(Box<tally_wire::OperationConfirmation>),
+    /// A reserve's expiry (found only by its receipt: it has no signer or id of a request).
+    Expiry(Box<tally_wire::ExpiryConfirmation>),
+}
+
+impl Found {
+    /// The receipt found.
+    pub fn receipt(&self) -> &tally_wire::Receipt {
+        match self {
+            Found::Request(c) => &c.receipt,
+            Found::Operation(c) => &c.receipt,
+            Found::Expiry(c) => &c.receipt,
+        }
+    }
 }
 
 /// The original confirmation of the operation `(signer, id)` from the applied state, or None

@@ -213,16 +213,13 @@ impl<S: LedgerStore> StorageThread<S> {
         let body = BatchBody::decode(&bytes).map_err(|e| corrupt(&e.to_string()))?;
         let found = confirmation_at(&body, signed, index)
             .ok_or_else(|| corrupt("the receipt index names a leaf outside the batch"))?;
-        let receipt = match &found {
-            Found::Request(c) => &c.receipt,
-            Found::Operation(c) => &c.receipt,
-        };
-        if leaf_hash(&receipt.encode()) != *leaf {
+        if leaf_hash(&found.receipt().encode()) != *leaf {
             return Err(corrupt("the receipt index names another receipt"));
         }
         Ok(Ok(match found {
             Found::Request(c) => Message::Confirmed(c),
             Found::Operation(c) => Message::OperationConfirmed(c),
+            Found::Expiry(c) => Message::ExpiryConfirmed(c),
         }))
     }
 }

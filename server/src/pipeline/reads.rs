@@ -159,6 +159,7 @@ impl<S: LedgerStore> StorageThread<S> {
         match find_confirmation(store, signer, id) {
             Ok(Some(Found::Request(c))) => reply.send(&Message::Confirmed(c)),
             Ok(Some(Found::Operation(c))) => reply.send(&Message::OperationConfirmed(c)),
+            Ok(Some(Found::Expiry(c))) => reply.send(&Message::ExpiryConfirmed(c)),
             Ok(None) => reply.error(
                 ErrorCode::NotFound,
                 format!("no batch applied here holds id {id} of this signer"),

@@ -151,7 +151,50 @@ fn the_cli_reserves_posts_voids_and_an_idle_leader_expires_on_time() {
         ok && json["total_supply"] == 1000 && json["sum_of_balances"] == 1000,
         "{json}"
     );
+    check_expiry_proof(p, dir.path(), &tally_client::to_hex(&public_key(&alice)));
     server.kill();
+}
+
+/// The expiry of reserve 9 is provable: its receipt, named by the owner's history, looked up
+/// and verified offline; a changed digit in the proof fails.
+fn check_expiry_proof(p: &Path, dir: &Path, owner: &str) {
+    let (ok, history) = tally(p, &["history", owner]);
+    assert!(ok, "{history}");
+    let entries = history["entries"].as_array().unwrap();
+    let expiry = entries.iter().find(|e| e["op"] == "expire");
+    let expiry = expiry.unwrap_or_else(|| panic!("no expiry in {history}"));
+    let receipt = expiry["receipt_hash"].as_str().unwrap();
+    let out = dir.join("expiry.json");
+    let path = out.to_str().unwrap();
+    let (ok, found) = tally(p, &["lookup", "--receipt", receipt, "--out", path]);
+    assert!(ok, "{found}");
+    assert_eq!(found["format"], "tally-expiry-confirmation-v1", "{found}");
+    assert_eq!(found["owner"], owner);
+    assert_eq!(found["reserve_id"], "9");
+    assert_eq!(found["height"], expiry["height"]);
+    assert_eq!(found["receipt_hash"], receipt);
+    assert_eq!(found["owner_balance"], 750);
+    let (ok, verified) = tally(p, &["verify", path]);
+    assert!(ok && verified["valid"] == true, "{verified}");
+    assert_eq!(verified["op"], "expire");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let file: Value = serde_json::from_str(&text).unwrap();
+    let mut hex = file["confirmation_hex"].as_str().unwrap().to_string().into_bytes();
+    // A digit of the header's Merkle root (after owner, id, the 80-byte receipt and 120
+    // bytes of the header).
+    let at = 2 * (48 + 80 + 120);
+    hex[at] = if hex[at] == b'0' { b'1' } else { b'0' };
+    let tampered = text.replace(
+        file["confirmation_hex"].as_str().unwrap(),
+        std::str::from_utf8(&hex).unwrap(),
+    );
+    std::fs::write(&out, tampered).unwrap();
+    let status = Command::new(tally_bin())
+        .args(["--profile", p.to_str().unwrap(), "verify", path])
+        .output()
+        .expect("tally")
+        .status;
+    assert!(!status.success(), "a tampered expiry proof verified");
 }
 
 fn unix_ms() -> u64 {

@@ -364,6 +364,17 @@ pub fn envelope_messages() -> Vec<Message> {
             sum_of_balances: u128::MAX - 3,
             accounts: 2,
         }),
+        Message::ExpiryConfirmed(Box::new(tally_wire::ExpiryConfirmation {
+            owner: [0x31; 32],
+            id: u128::MAX - 5,
+            receipt: receipt(),
+            header: signed_header(11),
+            proof: InclusionProof {
+                leaf_index: 0,
+                tree_size: 3,
+                path: vec![[8; 32], [9; 32]],
+            },
+        })),
         Message::OperationConfirmed(Box::new(OperationConfirmation {
             envelope: Envelope {
                 chain_id: [0xc4; 32],

@@ -48,6 +48,7 @@ fn message_types_are_the_documented_bytes() {
                 | Message::EnvelopeConfirmed(_)
                 | Message::EnvelopeFailed(_)
                 | Message::OperationConfirmed(_)
+                | Message::ExpiryConfirmed(_)
                 | Message::Supply(_)
                 | Message::History(_)
                 | Message::Account(_)
@@ -59,7 +60,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x0e..=0xff).filter(|t| !(0x80..=0x8d).contains(t)) {
+    for t in (0x0e..=0xff).filter(|t| !(0x80..=0x8e).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }

@@ -14,7 +14,9 @@ use tally_client::envelope::{
 use tally_client::{to_hex, Profile};
 use tally_core::engine::apply::Found;
 use tally_core::verify::verify_envelope_confirmation;
-use tally_core::verify::{verify_confirmation, verify_operation_confirmation};
+use tally_core::verify::{
+    verify_confirmation, verify_expiry_confirmation, verify_operation_confirmation,
+};
 use tally_wire::PublicKey;
 
 use crate::Globals;
@@ -161,15 +163,17 @@ pub fn verified_json(found: &Found, operator: &PublicKey) -> Result<String> {
                 .context("the confirmation does not verify")?;
             OperationFile::new(c, operator).to_json_pretty()
         }
+        Found::Expiry(c) => {
+            verify_expiry_confirmation(c, operator).context("the confirmation does not verify")?;
+            tally_client::envelope::ExpiryFile::new(c, operator).to_json_pretty()
+        }
     })
 }
 
 /// The height and leaf index of a found confirmation.
 pub fn found_at(found: &Found) -> (u64, u32) {
-    match found {
-        Found::Request(c) => (c.receipt.height, c.receipt.index),
-        Found::Operation(c) => (c.receipt.height, c.receipt.index),
-    }
+    let r = found.receipt();
+    (r.height, r.index)
 }
 
 pub async fn lookup(
@@ -198,6 +202,45 @@ pub async fn lookup(
     if let Some(path) = out {
         println!("  confirmation written to {}", path.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally verify` of a reserve expiry's confirmation file.
+pub fn verify_expiry(
+    ctx: &Globals,
+    file: &Path,
+    text: &str,
+    operator: Option<PublicKey>,
+    source: &str,
+) -> Result<ExitCode> {
+    let c = tally_client::envelope::verify_expiry_json(text, operator)
+        .with_context(|| format!("{} does not verify", file.display()))?;
+    let r = &c.receipt;
+    if ctx.json {
+        let body = json!({
+            "valid": true,
+            "file": file.display().to_string(),
+            "op": "expire",
+            "owner": to_hex(&c.owner),
+            "reserve_id": c.id.to_string(),
+            "height": r.height,
+            "index": r.index,
+            "owner_balance": r.signer_balance,
+            "operator_key_source": source,
+        });
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: valid", file.display());
+    println!(
+        "  reserve {} of {} expired at height {}, leaf {} (owner's balance after: {})",
+        c.id,
+        to_hex(&c.owner),
+        r.height,
+        r.index,
+        r.signer_balance
+    );
+    println!("  operator key from {source}");
     Ok(ExitCode::SUCCESS)
 }
 

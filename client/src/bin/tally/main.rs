@@ -873,6 +873,9 @@ fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result
     if text.contains(tally_client::envelope::OPERATION_CONFIRMATION_FORMAT) {
         return envelope::verify_operation(ctx, file, &text, operator, &source);
     }
+    if text.contains(tally_client::envelope::EXPIRY_CONFIRMATION_FORMAT) {
+        return envelope::verify_expiry(ctx, file, &text, operator, &source);
+    }
     let (c, operator) = verify_confirmation_json(&text, operator)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let (r, rc, h) = (&c.request, &c.receipt, &c.header.header);
