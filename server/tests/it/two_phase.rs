@@ -179,7 +179,11 @@ fn check_expiry_proof(p: &Path, dir: &Path, owner: &str) {
     assert_eq!(verified["op"], "expire");
     let text = std::fs::read_to_string(&out).unwrap();
     let file: Value = serde_json::from_str(&text).unwrap();
-    let mut hex = file["confirmation_hex"].as_str().unwrap().to_string().into_bytes();
+    let mut hex = file["confirmation_hex"]
+        .as_str()
+        .unwrap()
+        .to_string()
+        .into_bytes();
     // A digit of the header's Merkle root (after owner, id, the 80-byte receipt and 120
     // bytes of the header).
     let at = 2 * (48 + 80 + 120);
