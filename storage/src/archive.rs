@@ -340,6 +340,7 @@ fn open_on_thread(
         None => ArchivePoint::default(),
         Some(v) => ArchivePoint::decode(&v)?,
     };
+    drop_history_v1(&mut db, dir, || leveldb_options(opts, env()), stats)?;
     let held_from = open_held_from(&mut db, point, stats)?;
     if saved.is_some() {
         return Ok((db, point, held_from, saved));
@@ -542,6 +543,31 @@ impl SortedRows {
             batch.put(key(i), &bytes[value_at..value_at + v as usize]);
         }
     }
+}
+
+/// Deletes the rows of `history` v1 (see `Table::version`), if the archive has any: it then has
+/// no history start of v2 either, and holds history from its next batch. A v1 archive always
+/// has v1's history start (written with its first rows), so a point read says whether to scan.
+fn drop_history_v1(
+    db: &mut DB,
+    dir: &Path,
+    options: impl Fn() -> rusty_leveldb::Options,
+    stats: &SyncStats,
+) -> Result<()> {
+    let mut held_from_v1 = layout::HISTORY_V1_TAG.to_vec();
+    held_from_v1.extend_from_slice(b"held_from");
+    if get_checked(db, &held_from_v1, stats)?.is_none() {
+        return Ok(());
+    }
+    let mut batch = WriteBatch::default();
+    scan_prefix(db, &layout::HISTORY_V1_TAG, |key, _| {
+        batch.delete(key);
+        Ok(())
+    })?;
+    db.write(batch, true)
+        .map_err(|e| io_error("dropping the history rows of v1", e))?;
+    // The scan iterated (see `reopen_fresh`).
+    reopen_fresh(db, dir, options())
 }
 
 /// The oldest height whose history the archive in `db` holds, and the history writer to go

@@ -2,20 +2,26 @@
 //! confirmation path by the archive thread in the same write as each batch's body and request
 //! records (see `archive.rs`), and read on that thread too.
 //!
-//! Layout (`history` v1, `receipt` v1, see [`crate::layout`]):
-//! - `history`: account ‖ sequence u64 BE → [`HistoryRow`] ([`HISTORY_ROW_BYTES`]): the
-//!   account's rows are numbered 1, 2, ... in apply order (height, then leaf index), and
-//!   sequence 0 holds a copy of the newest, whose counters are the account's totals.
+//! Layout (`history` v2, `receipt` v1, see [`crate::layout`]):
+//! - `history`: account ‖ row number u64 BE → [`encode_row`]: every entry of the account in one
+//!   batch (row numbers 1, 2, ... in apply order, one per batch that touched the account), with
+//!   the account's counters before them. Row 0 is the account's head ([`encode_head`]): how many
+//!   rows it has, its counters after the newest, and that row's height.
 //! - `history` `b"held_from"` → u64 LE: the oldest height whose history the database holds (1
 //!   for a ledger that applied or imported every batch; the archive point + 1 for a ledger
-//!   written before history existed). Counters count from that height.
+//!   written before history existed, or before `history` v2).
 //! - `receipt`: receipt leaf hash → height u64 LE ‖ leaf index u32 LE.
 //!
-//! Why a sequence number rather than (height, leaf index) in the key: finding an account's
-//! newest row or the first at a height would take an iterator, and an iterator takes a LevelDB
-//! snapshot, after which rusty-leveldb 4.0.2 keeps every overwritten row (see
-//! `ledger::reopen_fresh`). With sequence numbers every read is a point read: the head row
-//! gives the count, a binary search over rows 1..=count finds a height in log₂(count) reads.
+//! Why one row per account and batch rather than one per entry (v1): the archive's cost is the
+//! rows that stay (every compaction rewrites them), not the bytes or the rows overwritten in
+//! place like the heads. With envelopes of 8,189 transfers among 10,000 accounts v1 wrote
+//! 16,378 entry rows per batch, v2 about 8,000 (and one for all of a hot account's entries).
+//!
+//! Why numbered rows rather than (height) in the key: finding an account's newest row or the
+//! first at a height would take an iterator, and an iterator takes a LevelDB snapshot, after
+//! which rusty-leveldb 4.0.2 keeps every overwritten row (see `ledger::reopen_fresh`). With
+//! numbers every read is a point read: the head gives the count, a binary search over rows
+//! 1..=count finds a height in log₂(count) reads.
 //!
 //! Consistency: reads run on the archive thread, behind every write queued before them, so they
 //! see every batch the ledger had applied when the read was asked (the storage thread applies
@@ -32,65 +38,133 @@ use tally_wire::{Op, PublicKey};
 
 use crate::layout::{self, corrupt, fixed, Table};
 
-/// The bytes of a stored history row.
-pub const HISTORY_ROW_BYTES: usize = 8 + 4 + 1 + 1 + 32 + 8 + 8 + 32 + 32 + 16 + 16 + 8;
+/// The bytes of one entry in a stored row.
+pub const ENTRY_BYTES: usize = 4 + 1 + 1 + 32 + 8 + 8 + 32 + 32;
+/// The bytes of a row before its entries: height, counters before, entry count.
+pub const ROW_PREFIX_BYTES: usize = 8 + 16 + 16 + 8 + 4;
+/// The bytes of an account's head row.
+pub const HEAD_BYTES: usize = 8 + 16 + 16 + 8 + 8;
 /// The bytes of a receipt index value.
 pub const RECEIPT_VALUE_BYTES: usize = 8 + 4;
-/// Newest rows the archive thread keeps in memory between writes, at most (then it forgets
-/// them all and reads them again).
+/// Heads the archive thread keeps in memory between writes, at most (then it forgets them all
+/// and reads them again).
 const HEADS_CACHED_MAX: usize = 65_536;
 
 /// A point read of the archive database.
 pub(crate) type Get<'a> = dyn FnMut(&[u8]) -> Result<Option<Vec<u8>>> + 'a;
 
-/// height u64 LE ‖ index u32 LE ‖ op u8 ‖ direction u8 ‖ counterparty (32) ‖ amount u64 LE ‖
-/// balance u64 LE ‖ request hash (32) ‖ receipt hash (32) ‖ total debited u128 LE ‖ total
-/// credited u128 LE ‖ operation count u64 LE (the row's sequence number)
-pub fn encode_history_row(row: &HistoryRow) -> [u8; HISTORY_ROW_BYTES] {
-    let (e, c) = (&row.entry, &row.counters);
-    let mut out = Vec::with_capacity(HISTORY_ROW_BYTES);
-    out.extend_from_slice(&e.height.to_le_bytes());
-    out.extend_from_slice(&e.index.to_le_bytes());
-    out.push(e.op as u8);
-    out.push(e.direction as u8);
-    out.extend_from_slice(&e.counterparty);
-    out.extend_from_slice(&e.amount.to_le_bytes());
-    out.extend_from_slice(&e.balance.to_le_bytes());
-    out.extend_from_slice(&e.request_hash);
-    out.extend_from_slice(&e.receipt_hash);
-    out.extend_from_slice(&c.total_debited.to_le_bytes());
-    out.extend_from_slice(&c.total_credited.to_le_bytes());
-    out.extend_from_slice(&c.operation_count.to_le_bytes());
-    out.try_into().expect("a history row has its fixed size")
+/// An account's newest state in history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// How many rows the account has (its newest is row `rows`).
+    pub rows: u64,
+    /// Counters after the newest row.
+    pub counters: Counters,
+    /// The newest row's height.
+    pub height: u64,
 }
 
-/// Decodes a row of `account`'s history.
-pub fn decode_history_row(account: &PublicKey, value: &[u8]) -> Result<HistoryRow> {
-    let v: [u8; HISTORY_ROW_BYTES] = fixed(Table::History, value)?;
-    let u64_at = |at: usize| u64::from_le_bytes(v[at..at + 8].try_into().expect("8"));
-    let u128_at = |at: usize| u128::from_le_bytes(v[at..at + 16].try_into().expect("16"));
-    let op = Op::from_u8(v[12]).ok_or_else(|| corrupt(Table::History, "unknown op kind"))?;
-    let direction =
-        Direction::from_u8(v[13]).ok_or_else(|| corrupt(Table::History, "unknown direction"))?;
-    Ok(HistoryRow {
-        entry: AccountEntry {
+/// rows u64 LE ‖ total debited u128 LE ‖ total credited u128 LE ‖ operation count u64 LE ‖
+/// height u64 LE
+pub fn encode_head(head: &Head) -> [u8; HEAD_BYTES] {
+    let mut out = [0u8; HEAD_BYTES];
+    out[0..8].copy_from_slice(&head.rows.to_le_bytes());
+    encode_counters(&head.counters, &mut out[8..48]);
+    out[48..56].copy_from_slice(&head.height.to_le_bytes());
+    out
+}
+
+pub fn decode_head(value: &[u8]) -> Result<Head> {
+    let v: [u8; HEAD_BYTES] = fixed(Table::History, value)?;
+    let head = Head {
+        rows: u64::from_le_bytes(v[0..8].try_into().expect("8")),
+        counters: decode_counters(&v[8..48]),
+        height: u64::from_le_bytes(v[48..56].try_into().expect("8")),
+    };
+    if head.rows == 0 || head.counters.operation_count < head.rows {
+        return Err(corrupt(
+            Table::History,
+            "a head with fewer entries than rows",
+        ));
+    }
+    Ok(head)
+}
+
+fn encode_counters(c: &Counters, out: &mut [u8]) {
+    out[0..16].copy_from_slice(&c.total_debited.to_le_bytes());
+    out[16..32].copy_from_slice(&c.total_credited.to_le_bytes());
+    out[32..40].copy_from_slice(&c.operation_count.to_le_bytes());
+}
+
+fn decode_counters(v: &[u8]) -> Counters {
+    Counters {
+        total_debited: u128::from_le_bytes(v[0..16].try_into().expect("16")),
+        total_credited: u128::from_le_bytes(v[16..32].try_into().expect("16")),
+        operation_count: u64::from_le_bytes(v[32..40].try_into().expect("8")),
+    }
+}
+
+/// height u64 LE ‖ counters before (as in the head) ‖ entry count u32 LE ‖ per entry: leaf
+/// index u32 LE ‖ op u8 ‖ direction u8 ‖ counterparty (32) ‖ amount u64 LE ‖ balance u64 LE ‖
+/// request hash (32) ‖ receipt hash (32). The entries are of one account at one height, in
+/// apply order.
+pub fn encode_row(height: u64, before: &Counters, entries: &[AccountEntry]) -> Vec<u8> {
+    assert!(
+        !entries.is_empty(),
+        "a history row holds at least one entry"
+    );
+    let mut out = Vec::with_capacity(ROW_PREFIX_BYTES + entries.len() * ENTRY_BYTES);
+    out.extend_from_slice(&height.to_le_bytes());
+    let mut counters = [0u8; 40];
+    encode_counters(before, &mut counters);
+    out.extend_from_slice(&counters);
+    let count = u32::try_from(entries.len()).expect("a batch's entries fit u32");
+    out.extend_from_slice(&count.to_le_bytes());
+    for e in entries {
+        assert_eq!(e.height, height, "a row's entries are of its height");
+        out.extend_from_slice(&e.index.to_le_bytes());
+        out.push(e.op as u8);
+        out.push(e.direction as u8);
+        out.extend_from_slice(&e.counterparty);
+        out.extend_from_slice(&e.amount.to_le_bytes());
+        out.extend_from_slice(&e.balance.to_le_bytes());
+        out.extend_from_slice(&e.request_hash);
+        out.extend_from_slice(&e.receipt_hash);
+    }
+    out
+}
+
+/// Decodes a row of `account`'s history into its entries, each with the counters after it.
+pub fn decode_row(account: &PublicKey, value: &[u8]) -> Result<Vec<HistoryRow>> {
+    let bad = |why: &str| corrupt(Table::History, why);
+    if value.len() < ROW_PREFIX_BYTES || (value.len() - ROW_PREFIX_BYTES) % ENTRY_BYTES != 0 {
+        return Err(bad("a history row of the wrong length"));
+    }
+    let height = u64::from_le_bytes(value[0..8].try_into().expect("8"));
+    let mut counters = decode_counters(&value[8..48]);
+    let count = u32::from_le_bytes(value[48..52].try_into().expect("4")) as usize;
+    if count == 0 || count != (value.len() - ROW_PREFIX_BYTES) / ENTRY_BYTES {
+        return Err(bad("a history row whose entry count is not its length"));
+    }
+    let mut rows = Vec::with_capacity(count);
+    for v in value[ROW_PREFIX_BYTES..].chunks_exact(ENTRY_BYTES) {
+        let u64_at = |at: usize| u64::from_le_bytes(v[at..at + 8].try_into().expect("8"));
+        let entry = AccountEntry {
             account: *account,
-            height: u64_at(0),
-            index: u32::from_le_bytes(v[8..12].try_into().expect("4")),
-            op,
-            direction,
-            counterparty: v[14..46].try_into().expect("32"),
-            amount: u64_at(46),
-            balance: u64_at(54),
-            request_hash: v[62..94].try_into().expect("32"),
-            receipt_hash: v[94..126].try_into().expect("32"),
-        },
-        counters: Counters {
-            total_debited: u128_at(126),
-            total_credited: u128_at(142),
-            operation_count: u64_at(158),
-        },
-    })
+            height,
+            index: u32::from_le_bytes(v[0..4].try_into().expect("4")),
+            op: Op::from_u8(v[4]).ok_or_else(|| bad("unknown op kind"))?,
+            direction: Direction::from_u8(v[5]).ok_or_else(|| bad("unknown direction"))?,
+            counterparty: v[6..38].try_into().expect("32"),
+            amount: u64_at(38),
+            balance: u64_at(46),
+            request_hash: v[54..86].try_into().expect("32"),
+            receipt_hash: v[86..118].try_into().expect("32"),
+        };
+        counters = counters.after(&entry);
+        rows.push(HistoryRow { entry, counters });
+    }
+    Ok(rows)
 }
 
 /// height u64 LE ‖ leaf index u32 LE
@@ -113,15 +187,15 @@ pub fn decode_held_from(value: &[u8]) -> Result<u64> {
     Ok(u64::from_le_bytes(fixed(Table::History, value)?))
 }
 
-/// Derives the history and receipt rows of batches in apply order. The running counters of an
-/// account come from its newest row: one written earlier in the same group, one remembered from
-/// an earlier group, or the stored head.
+/// Derives the history and receipt rows of batches in apply order. The counters of an account
+/// come from its head: one changed earlier in the same group, one remembered from an earlier
+/// group, or the stored one.
 #[derive(Default)]
 pub(crate) struct HistoryWriter {
-    /// Accounts whose newest row changed since the last [`HistoryWriter::finish`].
-    touched: HashMap<PublicKey, HistoryRow>,
-    /// Newest rows already written (bounded by [`HEADS_CACHED_MAX`]).
-    written: HashMap<PublicKey, HistoryRow>,
+    /// Accounts whose head changed since the last [`HistoryWriter::finish`].
+    touched: HashMap<PublicKey, Head>,
+    /// Heads already written (bounded by [`HEADS_CACHED_MAX`]).
+    written: HashMap<PublicKey, Head>,
     /// The history start, to be put with the first rows (a new archive writes it then, so that
     /// an empty ledger dumps as no rows at all).
     held_from_unwritten: Option<u64>,
@@ -136,16 +210,18 @@ impl HistoryWriter {
         put: &mut dyn FnMut(&[u8], &[u8]),
     ) -> Result<()> {
         let height = body.header.height;
-        for entry in account_entries(body) {
-            let before = self.newest(&entry.account, get)?;
-            let counters = before.map_or(Counters::default(), |r| r.counters);
-            let row = HistoryRow {
-                counters: counters.after(&entry),
-                entry,
+        for (account, entries) in by_account(account_entries(body)) {
+            let head = self.newest(&account, get)?;
+            let (rows, before) = head.map_or((0, Counters::default()), |h| (h.rows, h.counters));
+            let key = layout::history_key(&account, rows + 1);
+            put(&key, &encode_row(height, &before, &entries));
+            let counters = entries.iter().fold(before, |c, e| c.after(e));
+            let head = Head {
+                rows: rows + 1,
+                counters,
+                height,
             };
-            let key = layout::history_key(&entry.account, row.counters.operation_count);
-            put(&key, &encode_history_row(&row));
-            self.touched.insert(entry.account, row);
+            self.touched.insert(account, head);
         }
         for (leaf, index) in receipt_leaves(body) {
             put(&layout::receipt_key(&leaf), &encode_receipt(height, index));
@@ -161,8 +237,8 @@ impl HistoryWriter {
         }
     }
 
-    /// Puts the head row of every account touched since the last call (and the history start,
-    /// the first time).
+    /// Puts the head of every account touched since the last call (and the history start, the
+    /// first time).
     pub(crate) fn finish(&mut self, put: &mut dyn FnMut(&[u8], &[u8])) {
         if let Some(held_from) = self.held_from_unwritten.take() {
             put(&layout::history_held_from_key(), &held_from.to_le_bytes());
@@ -170,9 +246,9 @@ impl HistoryWriter {
         if self.written.len() + self.touched.len() > HEADS_CACHED_MAX {
             self.written.clear();
         }
-        for (account, row) in self.touched.drain() {
-            put(&layout::history_key(&account, 0), &encode_history_row(&row));
-            self.written.insert(account, row);
+        for (account, head) in self.touched.drain() {
+            put(&layout::history_key(&account, 0), &encode_head(&head));
+            self.written.insert(account, head);
         }
     }
 
@@ -186,57 +262,61 @@ impl HistoryWriter {
         self.touched.len()
     }
 
-    fn newest(&self, account: &PublicKey, get: &mut Get<'_>) -> Result<Option<HistoryRow>> {
-        if let Some(row) = self.touched.get(account).or(self.written.get(account)) {
-            return Ok(Some(*row));
+    fn newest(&self, account: &PublicKey, get: &mut Get<'_>) -> Result<Option<Head>> {
+        if let Some(head) = self.touched.get(account).or(self.written.get(account)) {
+            return Ok(Some(*head));
         }
         head(account, get)
     }
 }
 
-/// The newest row of `account`, if it has any.
-pub(crate) fn head(account: &PublicKey, get: &mut Get<'_>) -> Result<Option<HistoryRow>> {
-    row(account, 0, get)
+/// `entries` grouped by account, each group in apply order, the groups in order of first entry.
+fn by_account(entries: Vec<AccountEntry>) -> Vec<(PublicKey, Vec<AccountEntry>)> {
+    let mut at: HashMap<PublicKey, usize> = HashMap::new();
+    let mut groups: Vec<(PublicKey, Vec<AccountEntry>)> = Vec::new();
+    for e in entries {
+        let i = *at.entry(e.account).or_insert_with(|| {
+            groups.push((e.account, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(e);
+    }
+    groups
 }
 
-fn row(account: &PublicKey, sequence: u64, get: &mut Get<'_>) -> Result<Option<HistoryRow>> {
-    get(&layout::history_key(account, sequence))?
-        .map(|v| decode_history_row(account, &v))
+/// The head of `account`, if it has any history.
+pub(crate) fn head(account: &PublicKey, get: &mut Get<'_>) -> Result<Option<Head>> {
+    get(&layout::history_key(account, 0))?
+        .map(|v| decode_head(&v))
         .transpose()
 }
 
-/// Row `sequence` of `account`, which must exist (1..=count of its head).
-fn row_at(account: &PublicKey, sequence: u64, get: &mut Get<'_>) -> Result<HistoryRow> {
-    let found = row(account, sequence, get)?.ok_or_else(|| {
+/// Row `number` of `account` (which must exist: 1..=rows of its head), as entries with the
+/// counters after each.
+fn row_at(account: &PublicKey, number: u64, get: &mut Get<'_>) -> Result<Vec<HistoryRow>> {
+    let missing = || {
         corrupt(
             Table::History,
-            format_args!("row {sequence} of an account is missing below its head's count"),
+            format_args!("row {number} of an account is missing below its head's count"),
         )
-    })?;
-    if found.counters.operation_count != sequence {
-        return Err(corrupt(
-            Table::History,
-            format_args!(
-                "row {sequence} says it is row {}",
-                found.counters.operation_count
-            ),
-        ));
-    }
-    Ok(found)
+    };
+    let value = get(&layout::history_key(account, number))?.ok_or_else(missing)?;
+    decode_row(account, &value)
 }
 
-/// The first sequence number in `1..=count` whose row is not `before` the target, or
-/// `count + 1`: rows ascend by (height, index), so `before` holds on a prefix.
+/// The first row number in `1..=rows` whose height is not `before` the target, or `rows + 1`:
+/// rows ascend by height, so `before` holds on a prefix.
 fn first_not_before(
     account: &PublicKey,
-    count: u64,
+    rows: u64,
     get: &mut Get<'_>,
-    before: impl Fn(&HistoryRow) -> bool,
+    before: impl Fn(u64) -> bool,
 ) -> Result<u64> {
-    let (mut low, mut high) = (1, count + 1);
+    let (mut low, mut high) = (1, rows + 1);
     while low < high {
         let mid = low + (high - low) / 2;
-        if before(&row_at(account, mid, get)?) {
+        let height = row_at(account, mid, get)?[0].entry.height;
+        if before(height) {
             low = mid + 1;
         } else {
             high = mid;
@@ -245,52 +325,60 @@ fn first_not_before(
     Ok(low)
 }
 
-/// Up to `limit` rows of `account` from `(height, index)` on, and where the next page starts.
+/// Up to `limit` entries of `account` from `(height, index)` on, and where the next page starts.
 pub(crate) fn page(
     account: &PublicKey,
     from: (u64, u32),
     limit: usize,
     get: &mut Get<'_>,
 ) -> Result<HistoryPage> {
-    let Some(newest) = head(account, get)? else {
+    let Some(head) = head(account, get)? else {
         return Ok(HistoryPage::default());
     };
-    let count = newest.counters.operation_count;
-    let first = first_not_before(account, count, get, |r| {
-        (r.entry.height, r.entry.index) < from
-    })?;
-    let end = first.saturating_add(limit as u64).min(count + 1);
-    let mut rows = Vec::with_capacity((end - first) as usize);
-    for sequence in first..end {
-        rows.push(row_at(account, sequence, get)?);
+    let first = first_not_before(account, head.rows, get, |h| h < from.0)?;
+    let mut out = Vec::new();
+    for number in first..=head.rows {
+        for row in row_at(account, number, get)? {
+            let at = (row.entry.height, row.entry.index);
+            if at < from {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok(HistoryPage {
+                    rows: out,
+                    next: Some(at),
+                });
+            }
+            out.push(row);
+        }
     }
-    let next = if end <= count {
-        let r = row_at(account, end, get)?;
-        Some((r.entry.height, r.entry.index))
-    } else {
-        None
-    };
-    Ok(HistoryPage { rows, next })
+    Ok(HistoryPage {
+        rows: out,
+        next: None,
+    })
 }
 
-/// The newest row of `account` at or below `height`.
+/// The newest entry of `account` at or below `height`, with the counters after it.
 pub(crate) fn at_height(
     account: &PublicKey,
     height: u64,
     get: &mut Get<'_>,
 ) -> Result<Option<HistoryRow>> {
-    let Some(newest) = head(account, get)? else {
+    let Some(head) = head(account, get)? else {
         return Ok(None);
     };
-    if newest.entry.height <= height {
-        return Ok(Some(newest));
-    }
-    let count = newest.counters.operation_count;
-    let after = first_not_before(account, count, get, |r| r.entry.height <= height)?;
+    let after = if head.height <= height {
+        head.rows + 1
+    } else {
+        first_not_before(account, head.rows, get, |h| h <= height)?
+    };
     if after == 1 {
         return Ok(None);
     }
-    row_at(account, after - 1, get).map(Some)
+    let newest = row_at(account, after - 1, get)?.pop();
+    Ok(Some(
+        newest.expect("a decoded row holds at least one entry"),
+    ))
 }
 
 /// Where the receipt with leaf hash `leaf` was applied.

@@ -91,8 +91,11 @@ impl Table {
             | Table::Expiry
             | Table::Pending
             | Table::RaftEntry
-            | Table::History
             | Table::Receipt => 1,
+            // v2: one row per account and batch holding its entries there (v1: one row per
+            // entry, twice the rows that stay; see `history.rs`). An archive with v1 rows drops
+            // them at open and holds history from its next batch (`archive.rs`).
+            Table::History => 2,
             // v2: the rows of v1, under a tag that sorts after every `raft_entry` key. They are
             // rewritten by every raft write; under v1's tag (below `raft_entry`'s) each LevelDB
             // table then spanned the whole log, and every level-0 compaction rewrote all of
@@ -142,7 +145,7 @@ impl Table {
             Table::Pending => [0x19, 0x39, 0x3f, 0x70],
             Table::RaftEntry => [0x92, 0xb8, 0x4d, 0xfb],
             Table::RaftState => [0xbd, 0x94, 0x61, 0x2d],
-            Table::History => [0x97, 0x5f, 0x3e, 0xc2],
+            Table::History => [0x06, 0xa7, 0x7c, 0x34],
             Table::Receipt => [0x42, 0x39, 0x6e, 0x5c],
         }
     }
@@ -230,11 +233,15 @@ pub fn pending_key(account: &PublicKey) -> [u8; 36] {
     make_key(Table::Pending, &[account])
 }
 
-/// tag || account (32) || sequence u64 BE: the account's `sequence`-th history row (from 1);
-/// sequence 0 holds a copy of its newest row (see `history.rs`).
-pub fn history_key(account: &PublicKey, sequence: u64) -> [u8; 44] {
-    make_key(Table::History, &[account, &sequence.to_be_bytes()])
+/// tag || account (32) || row number u64 BE: the account's entries in its `number`-th batch
+/// (from 1); number 0 holds its head (see `history.rs`).
+pub fn history_key(account: &PublicKey, number: u64) -> [u8; 44] {
+    make_key(Table::History, &[account, &number.to_be_bytes()])
 }
+
+/// The tag of `history` v1 (`SHA-256("tally/table/history/v1")`), whose rows an archive drops
+/// when it opens (see `Table::version`).
+pub const HISTORY_V1_TAG: [u8; 4] = [0x97, 0x5f, 0x3e, 0xc2];
 
 /// tag || "held_from": in the archive database, the oldest height whose history it holds,
 /// u64 LE (see `history.rs`).

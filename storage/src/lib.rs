@@ -40,8 +40,8 @@
 //! | `meta` v1           | `d8a7af8d` | `b"ledger"` (6)               | `LedgerMeta::encode` (120)                         |
 //! | `meta` v1           | `d8a7af8d` | `b"open"` (4)                 | never present: deleted at each open (see caveats)  |
 //! | `meta` v1           | `d8a7af8d` | `b"archive"` (7)              | archive point: height u64 LE ‖ raft index u64 LE   |
-//! | `history` v1        | `975f3ec2` | account (32) ‖ sequence u64 BE (8) | history row (166, `history.rs`): sequence 1, 2, ... in apply order; 0 a copy of the newest |
-//! | `history` v1        | `975f3ec2` | `b"held_from"` (9)            | oldest height whose history is held, u64 LE        |
+//! | `history` v2        | `06a77c34` | account (32) ‖ row number u64 BE (8) | the account's entries in one batch (52 + 118·n, `history.rs`): rows 1, 2, ... in apply order; 0 its head (56) |
+//! | `history` v2        | `06a77c34` | `b"held_from"` (9)            | oldest height whose history is held, u64 LE        |
 //! | `receipt` v1        | `42396e5c` | receipt leaf hash (32)        | height u64 LE ‖ leaf index u32 LE (12)             |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8)              | `raft::eraftpb::Entry` protobuf                    |
 //! | `raft_entry` v1     | `92b84dfb` | index u64 BE (8) ‖ `b"h"`     | `HardState` protobuf, written with the log ending at index; the highest key is the newest |
