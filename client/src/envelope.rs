@@ -337,31 +337,12 @@ impl ExpiryFile {
     }
 }
 
-/// Verifies an expiry confirmation file's text under `operator` (else the key the file names),
-/// and that its readable fields are those of the bytes it carries.
+/// Verifies an expiry confirmation file's text (see [`verify_proof_file`]).
 pub fn verify_expiry_json(
     text: &str,
     operator: Option<PublicKey>,
 ) -> Result<tally_wire::ExpiryConfirmation> {
-    let bad = |why: String| Error::Verify(why);
-    let file: ExpiryFile = serde_json::from_str(text)
-        .map_err(|e| bad(format!("not an expiry confirmation file: {e}")))?;
-    if file.format != EXPIRY_CONFIRMATION_FORMAT {
-        return Err(bad(format!("unknown format {:?}", file.format)));
-    }
-    let named = parse_hash(&file.operator_public_key, "operator_public_key")?;
-    let bytes = hex::decode(&file.confirmation_hex).map_err(|e| bad(format!("hex: {e}")))?;
-    let c = tally_wire::ExpiryConfirmation::decode(&bytes)
-        .map_err(|e| bad(format!("confirmation: {e}")))?;
-    tally_core::verify::verify_expiry_confirmation(&c, &operator.unwrap_or(named))
-        .map_err(|e| bad(e.to_string()))?;
-    let expected = ExpiryFile::new(&c, &named);
-    if serde_json::to_value(&expected).ok() != serde_json::to_value(&file).ok() {
-        return Err(bad(
-            "the readable fields differ from the confirmation they describe".into(),
-        ));
-    }
-    Ok(c)
+    verify_proof_file::<ExpiryFile>(text, operator)
 }
 
 /// The `format` of one envelope operation's confirmation file (`tally lookup --out`).
@@ -406,24 +387,44 @@ impl OperationFile {
     }
 }
 
-/// Verifies an operation confirmation file's text (see [`verify_envelope_json`]).
+/// Verifies an operation confirmation file's text (see [`verify_proof_file`]).
 pub fn verify_operation_json(
     text: &str,
     operator: Option<PublicKey>,
 ) -> Result<tally_wire::OperationConfirmation> {
+    verify_proof_file::<OperationFile>(text, operator)
+}
+
+/// A file that carries one encoded confirmation beside readable fields derived from it.
+trait ProofFile: Serialize + serde::de::DeserializeOwned {
+    type Confirmation;
+    const FORMAT: &'static str;
+    const KIND: &'static str;
+    fn format(&self) -> &str;
+    fn operator_public_key(&self) -> &str;
+    fn confirmation_hex(&self) -> &str;
+    fn decode(bytes: &[u8]) -> std::result::Result<Self::Confirmation, tally_wire::WireError>;
+    fn verify(c: &Self::Confirmation, operator: &PublicKey) -> tally_core::Result<()>;
+    fn new(c: &Self::Confirmation, operator: &PublicKey) -> Self;
+}
+
+/// Verifies a proof file's text under `operator` (else the key the file names): its format, its
+/// confirmation, and that its readable fields are those of the bytes it carries.
+fn verify_proof_file<F: ProofFile>(
+    text: &str,
+    operator: Option<PublicKey>,
+) -> Result<F::Confirmation> {
     let bad = |why: String| Error::Verify(why);
-    let file: OperationFile = serde_json::from_str(text)
-        .map_err(|e| bad(format!("not an operation confirmation file: {e}")))?;
-    if file.format != OPERATION_CONFIRMATION_FORMAT {
-        return Err(bad(format!("unknown format {:?}", file.format)));
+    let file: F = serde_json::from_str(text)
+        .map_err(|e| bad(format!("not an {} confirmation file: {e}", F::KIND)))?;
+    if file.format() != F::FORMAT {
+        return Err(bad(format!("unknown format {:?}", file.format())));
     }
-    let named = parse_hash(&file.operator_public_key, "operator_public_key")?;
-    let bytes = hex::decode(&file.confirmation_hex).map_err(|e| bad(format!("hex: {e}")))?;
-    let c = tally_wire::OperationConfirmation::decode(&bytes)
-        .map_err(|e| bad(format!("confirmation: {e}")))?;
-    tally_core::verify::verify_operation_confirmation(&c, &operator.unwrap_or(named))
-        .map_err(|e| bad(e.to_string()))?;
-    let expected = OperationFile::new(&c, &named);
+    let named = parse_hash(file.operator_public_key(), "operator_public_key")?;
+    let bytes = hex::decode(file.confirmation_hex()).map_err(|e| bad(format!("hex: {e}")))?;
+    let c = F::decode(&bytes).map_err(|e| bad(format!("confirmation: {e}")))?;
+    F::verify(&c, &operator.unwrap_or(named)).map_err(|e| bad(e.to_string()))?;
+    let expected = F::new(&c, &named);
     if serde_json::to_value(&expected).ok() != serde_json::to_value(&file).ok() {
         return Err(bad(
             "the readable fields differ from the confirmation they describe".into(),
@@ -431,3 +432,46 @@ pub fn verify_operation_json(
     }
     Ok(c)
 }
+
+macro_rules! proof_file {
+    ($file:ty, $conf:ty, $format:expr, $kind:expr, $verify:path) => {
+        impl ProofFile for $file {
+            type Confirmation = $conf;
+            const FORMAT: &'static str = $format;
+            const KIND: &'static str = $kind;
+            fn format(&self) -> &str {
+                &self.format
+            }
+            fn operator_public_key(&self) -> &str {
+                &self.operator_public_key
+            }
+            fn confirmation_hex(&self) -> &str {
+                &self.confirmation_hex
+            }
+            fn decode(bytes: &[u8]) -> std::result::Result<$conf, tally_wire::WireError> {
+                <$conf>::decode(bytes)
+            }
+            fn verify(c: &$conf, operator: &PublicKey) -> tally_core::Result<()> {
+                $verify(c, operator)
+            }
+            fn new(c: &$conf, operator: &PublicKey) -> Self {
+                <$file>::new(c, operator)
+            }
+        }
+    };
+}
+
+proof_file!(
+    OperationFile,
+    tally_wire::OperationConfirmation,
+    OPERATION_CONFIRMATION_FORMAT,
+    "operation",
+    tally_core::verify::verify_operation_confirmation
+);
+proof_file!(
+    ExpiryFile,
+    tally_wire::ExpiryConfirmation,
+    EXPIRY_CONFIRMATION_FORMAT,
+    "expiry",
+    tally_core::verify::verify_expiry_confirmation
+);
