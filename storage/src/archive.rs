@@ -559,6 +559,8 @@ fn drop_history_v1(
     if get_checked(db, &held_from_v1, stats)?.is_none() {
         return Ok(());
     }
+    // One write for every v1 row, once per archive: its size is the v1 history's keys (about
+    // 70 bytes per entry), bounded by the ledger that wrote it, not by anything a client sends.
     let mut batch = WriteBatch::default();
     scan_prefix(db, &layout::HISTORY_V1_TAG, |key, _| {
         batch.delete(key);
