@@ -706,6 +706,192 @@ pub fn verify_inclusion(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Roots and proofs over stored nodes: a log too long to hold in memory.
+//
+// A node `(level, index)` is the root of the perfect subtree over leaves
+// `[index·2^level, (index+1)·2^level)`; level 0 is a leaf hash. Appending leaf `n` (0-based)
+// completes the nodes `(l, n >> l)` for `l` in `0..=trailing_ones(n)`: a store that keeps those
+// hashes with the leaf's height (`n + 1`) can answer every root and proof below with
+// O(log n) reads (see `completed_at`).
+
+/// The height (1-based leaf count) at which node `(level, index)` is completed.
+pub fn completed_at(level: u8, index: u64) -> u64 {
+    (index + 1) << level
+}
+
+/// How many nodes appending the leaf that makes the tree `size` leaves completes:
+/// `trailing_zeros(size) + 1` (the leaf and each perfect subtree it closes).
+pub fn nodes_completed(size: u64) -> usize {
+    assert!(size > 0);
+    size.trailing_zeros() as usize + 1
+}
+
+/// The largest power of two smaller than `n` (n >= 2), for `u64` sizes.
+fn split_u64(n: u64) -> u64 {
+    assert!(n >= 2);
+    1 << (63 - (n - 1).leading_zeros())
+}
+
+/// MTH of the `len` leaves from `start`, where `start` is a multiple of the power of two at
+/// or above `len` (true of every range RFC 6962's recursion visits): its perfect subtrees read
+/// with `node`.
+fn range_root<E>(
+    start: u64,
+    len: u64,
+    node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
+) -> Result<Hash, E> {
+    assert!(len >= 1);
+    if len.is_power_of_two() {
+        let level = len.trailing_zeros();
+        assert_eq!(start % len, 0, "unaligned subtree at {start}");
+        return node(level as u8, start >> level);
+    }
+    let k = split_u64(len);
+    let left = range_root(start, k, node)?;
+    let right = range_root(start + k, len - k, node)?;
+    Ok(node_hash(&left, &right))
+}
+
+/// RFC 6962 root of the first `size` leaves, from stored nodes.
+pub fn root_by<E>(size: u64, node: &mut impl FnMut(u8, u64) -> Result<Hash, E>) -> Result<Hash, E> {
+    if size == 0 {
+        return Ok(empty_root());
+    }
+    range_root(0, size, node)
+}
+
+/// [`consistency_proof`] from `old_size` to `new_size` leaves, from stored nodes.
+pub fn consistency_proof_by<E>(
+    old_size: u64,
+    new_size: u64,
+    node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
+) -> Result<Vec<Hash>, E> {
+    assert!(old_size <= new_size, "old size {old_size} beyond {new_size}");
+    let mut proof = Vec::new();
+    if old_size > 0 {
+        subproof_by(0, new_size, old_size, true, node, &mut proof)?;
+    }
+    Ok(proof)
+}
+
+/// SUBPROOF(m, D[start:start+n], whole) of RFC 9162 section 2.1.4.1.
+fn subproof_by<E>(
+    start: u64,
+    n: u64,
+    m: u64,
+    whole: bool,
+    node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
+    proof: &mut Vec<Hash>,
+) -> Result<(), E> {
+    if m == n {
+        if !whole {
+            proof.push(range_root(start, n, node)?);
+        }
+        return Ok(());
+    }
+    let k = split_u64(n);
+    if m <= k {
+        subproof_by(start, k, m, whole, node, proof)?;
+        proof.push(range_root(start + k, n - k, node)?);
+    } else {
+        subproof_by(start + k, n - k, m - k, false, node, proof)?;
+        proof.push(range_root(start, k, node)?);
+    }
+    Ok(())
+}
+
+/// [`inclusion_proof`] of leaf `index` in the tree of `size` leaves, from stored nodes.
+pub fn inclusion_proof_by<E>(
+    index: u64,
+    size: u64,
+    node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
+) -> Result<Vec<Hash>, E> {
+    assert!(index < size, "leaf {index} outside a log of {size}");
+    let mut proof = Vec::new();
+    let (mut start, mut n, mut m) = (0, size, index);
+    let mut path = Vec::new();
+    // PATH(m, D[n]) walked top down; the hashes are emitted bottom up.
+    while n > 1 {
+        let k = split_u64(n);
+        if m < k {
+            path.push((start + k, n - k));
+            n = k;
+        } else {
+            path.push((start, k));
+            start += k;
+            n -= k;
+            m -= k;
+        }
+    }
+    for (s, len) in path.into_iter().rev() {
+        proof.push(range_root(s, len, node)?);
+    }
+    Ok(proof)
+}
+
+/// The right edge of an RFC 6962 tree (one perfect subtree per set bit of its size, largest
+/// first): enough to append leaves and compute the root without reading anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TreeEdge {
+    size: u64,
+    edge: Vec<Hash>,
+}
+
+impl TreeEdge {
+    pub fn new() -> TreeEdge {
+        TreeEdge::default()
+    }
+
+    /// The edge of a stored tree of `size` leaves, read with `node`.
+    pub fn load<E>(
+        size: u64,
+        node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
+    ) -> Result<TreeEdge, E> {
+        let mut edge = Vec::new();
+        let mut start = 0u64;
+        for level in (0..64u8).rev() {
+            if size >> level & 1 == 1 {
+                edge.push(node(level, start >> level)?);
+                start += 1 << level;
+            }
+        }
+        Ok(TreeEdge { size, edge })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf hash; returns the nodes it completes, level 0 first (node `l` is
+    /// `(l, old_size >> l)`), [`nodes_completed`] of them.
+    pub fn append(&mut self, leaf: Hash) -> Vec<Hash> {
+        let mut completed = vec![leaf];
+        let mut cur = leaf;
+        let mut n = self.size;
+        while n & 1 == 1 {
+            let left = self.edge.pop().expect("a set bit has its subtree");
+            cur = node_hash(&left, &cur);
+            completed.push(cur);
+            n >>= 1;
+        }
+        self.edge.push(cur);
+        self.size += 1;
+        debug_assert_eq!(completed.len(), nodes_completed(self.size));
+        debug_assert_eq!(self.edge.len(), self.size.count_ones() as usize);
+        completed
+    }
+
+    /// The root: the edge's subtrees folded from the smallest.
+    pub fn root(&self) -> Hash {
+        let mut hashes = self.edge.iter().rev();
+        let Some(first) = hashes.next() else {
+            return empty_root();
+        };
+        hashes.fold(*first, |acc, left| node_hash(left, &acc))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Checkpoints and signed notes.
 
 /// A c2sp.org/tlog-checkpoint body: the tree head the operator signs and the archive publishes
