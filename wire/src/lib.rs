@@ -18,6 +18,7 @@
 
 mod admin;
 mod canonical;
+mod consistency;
 mod envelope;
 mod error;
 mod expiry;
@@ -27,6 +28,9 @@ mod message;
 
 pub use admin::*;
 pub use canonical::*;
+pub use consistency::{
+    ConsistencyReply, LogPoint, CHECKPOINT_NOTE_BYTES_MAX, LOG_PROOF_HASHES_MAX,
+};
 pub use envelope::*;
 pub use error::{ErrorCode, Retry, WireError};
 pub use expiry::ExpiryConfirmation;

@@ -44,6 +44,7 @@ pub mod message_type {
     pub const GET_HISTORY: u8 = 0x0b;
     pub const GET_ACCOUNT: u8 = 0x0c;
     pub const GET_CONFIRMATION_BY_RECEIPT: u8 = 0x0d;
+    pub const GET_CONSISTENCY: u8 = 0x0e;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -58,6 +59,7 @@ pub mod message_type {
     pub const HISTORY: u8 = 0x8c;
     pub const ACCOUNT: u8 = 0x8d;
     pub const EXPIRY_CONFIRMED: u8 = 0x8e;
+    pub const CONSISTENCY: u8 = 0x8f;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -77,6 +79,7 @@ pub mod message_type {
                 | GET_HISTORY
                 | GET_ACCOUNT
                 | GET_CONFIRMATION_BY_RECEIPT
+                | GET_CONSISTENCY
         )
     }
 }
@@ -327,6 +330,14 @@ pub enum Message {
     GetConfirmationByReceipt {
         leaf_hash: crate::Hash,
     },
+    /// Proof that the header log at `from_height` is a prefix of the log at `to_height` (0:
+    /// the applied height), answered `Consistency` or `Error` (`height_not_applied`).
+    /// `from_height` is at least 1 and at most `to_height` (when that is not 0).
+    GetConsistency {
+        from_height: u64,
+        to_height: u64,
+    },
+    Consistency(Box<crate::ConsistencyReply>),
 }
 
 /// The operator's totals at one applied height: what was deposited and withdrawn, and the sum
@@ -371,6 +382,8 @@ impl Message {
             Message::GetAccount { .. } => GET_ACCOUNT,
             Message::Account(_) => ACCOUNT,
             Message::GetConfirmationByReceipt { .. } => GET_CONFIRMATION_BY_RECEIPT,
+            Message::GetConsistency { .. } => GET_CONSISTENCY,
+            Message::Consistency(_) => CONSISTENCY,
         }
     }
 
@@ -470,6 +483,14 @@ impl Message {
             }
             Message::Account(a) => a.write(out),
             Message::GetConfirmationByReceipt { leaf_hash } => out.extend_from_slice(leaf_hash),
+            Message::GetConsistency {
+                from_height,
+                to_height,
+            } => {
+                out.extend_from_slice(&from_height.to_le_bytes());
+                out.extend_from_slice(&to_height.to_le_bytes());
+            }
+            Message::Consistency(reply) => reply.write(out),
         }
     }
 
@@ -595,11 +616,28 @@ impl Message {
             EXPIRY_CONFIRMED => {
                 Message::ExpiryConfirmed(Box::new(crate::ExpiryConfirmation::read(&mut r)?))
             }
+            GET_CONSISTENCY => read_get_consistency(&mut r)?,
+            CONSISTENCY => Message::Consistency(Box::new(crate::ConsistencyReply::read(&mut r)?)),
             other => return Err(WireError::UnknownMessageType { found: other }),
         };
         r.finish()?;
         Ok(message)
     }
+}
+
+fn read_get_consistency(r: &mut Reader<'_>) -> Result<Message, WireError> {
+    let from_height = r.u64("get_consistency.from_height")?;
+    let to_height = r.u64("get_consistency.to_height")?;
+    if from_height == 0 || (to_height != 0 && to_height < from_height) {
+        return Err(WireError::Invalid {
+            field: "get_consistency.from_height",
+            reason: "must be at least 1 and at most to_height",
+        });
+    }
+    Ok(Message::GetConsistency {
+        from_height,
+        to_height,
+    })
 }
 
 fn read_status(r: &mut Reader<'_>) -> Result<StatusReply, WireError> {

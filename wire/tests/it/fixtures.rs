@@ -357,6 +357,27 @@ pub fn envelope_messages() -> Vec<Message> {
         Message::GetConfirmationByReceipt {
             leaf_hash: [0x4c; 32],
         },
+        Message::GetConsistency {
+            from_height: 3,
+            to_height: 0,
+        },
+        Message::GetConsistency {
+            from_height: 1,
+            to_height: u64::MAX,
+        },
+        Message::Consistency(Box::new(tally_wire::ConsistencyReply {
+            from: tally_wire::LogPoint {
+                header: signed_header(3),
+                checkpoint: "tally.ledger/00\n3\nAAAA\n\n\u{2014} sig\n".into(),
+                inclusion: vec![[5; 32], [6; 32]],
+            },
+            to: tally_wire::LogPoint {
+                header: signed_header(12),
+                checkpoint: String::new(),
+                inclusion: vec![[7; 32]; tally_wire::LOG_PROOF_HASHES_MAX],
+            },
+            proof: vec![],
+        })),
         Message::Supply(SupplyReply {
             height: 7,
             total_deposited: u128::MAX,

@@ -49,6 +49,7 @@ fn message_types_are_the_documented_bytes() {
                 | Message::EnvelopeFailed(_)
                 | Message::OperationConfirmed(_)
                 | Message::ExpiryConfirmed(_)
+                | Message::Consistency(_)
                 | Message::Supply(_)
                 | Message::History(_)
                 | Message::Account(_)
@@ -60,7 +61,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x0e..=0xff).filter(|t| !(0x80..=0x8e).contains(t)) {
+    for t in (0x0f..=0xff).filter(|t| !(0x80..=0x8f).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }
