@@ -407,6 +407,12 @@ impl OperatorKey {
         let signature = self.key.sign(&header.encode()).to_bytes();
         SignedHeader { header, signature }
     }
+
+    /// The signed note of `checkpoint` (C2SP signed-note, key name = its origin): deterministic,
+    /// so the note any replica signs for a size is the archive's for that size.
+    pub fn sign_checkpoint(&self, checkpoint: &crate::tlog::Checkpoint) -> String {
+        crate::tlog::sign_note(&checkpoint.body(), &checkpoint.origin, &self.key)
+    }
 }
 
 /// Checks a signed header's signature under the operator's public key, and that the header names

@@ -29,6 +29,7 @@ pub mod batch;
 pub mod crypto;
 pub mod engine;
 mod error;
+pub mod header_log;
 pub mod history;
 pub mod merkle;
 pub mod ports;

@@ -766,7 +766,10 @@ pub fn consistency_proof_by<E>(
     new_size: u64,
     node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
 ) -> Result<Vec<Hash>, E> {
-    assert!(old_size <= new_size, "old size {old_size} beyond {new_size}");
+    assert!(
+        old_size <= new_size,
+        "old size {old_size} beyond {new_size}"
+    );
     let mut proof = Vec::new();
     if old_size > 0 {
         subproof_by(0, new_size, old_size, true, node, &mut proof)?;

@@ -15,10 +15,11 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tally_core::tlog::{
-    all_tiles, consistency_proof, decode_entry_bundle, encode_entry_bundle, entries_path,
-    inclusion_proof, leaf_hash, note_key_id, note_verifier_key, open_note, origin_for, root_of,
+    all_tiles, completed_at, consistency_proof, consistency_proof_by, decode_entry_bundle,
+    encode_entry_bundle, entries_path, inclusion_proof, inclusion_proof_by, leaf_hash,
+    nodes_completed, note_key_id, note_verifier_key, open_note, origin_for, root_by, root_of,
     sign_note, tile_path, verify_consistency, verify_inclusion, Checkpoint, TileLog, TlogError,
-    completed_at, consistency_proof_by, inclusion_proof_by, nodes_completed, root_by, TreeEdge,
+    TreeEdge,
 };
 use tally_wire::Hash;
 
@@ -899,5 +900,91 @@ fn proofs_from_stored_nodes_match_the_recursion() {
     }
     let before = reads.get();
     consistency_proof_by(1234, 4999, &mut node).unwrap();
-    assert!(reads.get() - before <= 64, "a proof reads O(log n) nodes, seed {seed}");
+    assert!(
+        reads.get() - before <= 64,
+        "a proof reads O(log n) nodes, seed {seed}"
+    );
+}
+
+/// A chain of `n` signed headers (only the fields the log reads matter), varied by `fork`.
+fn header_chain(
+    operator: &tally_core::crypto::OperatorKey,
+    n: u64,
+    fork: u8,
+) -> Vec<tally_wire::SignedHeader> {
+    (1..=n)
+        .map(|height| {
+            operator.sign_header(tally_wire::Header {
+                chain_id: [7; 32],
+                height,
+                term: 1,
+                time_unix_ms: 1_700_000_000_000 + height,
+                request_count: 1,
+                prev_hash: [0; 32],
+                merkle_root: [fork; 32],
+                state_digest: [height as u8; 32],
+                operator_key_id: operator.key_id(),
+            })
+        })
+        .collect()
+}
+
+/// A consistency reply built from stored nodes verifies; changing any hash, the checkpoint,
+/// the other chain's key or the order fails; two headers of one height are a split view.
+#[test]
+fn consistency_replies_verify_and_refuse_tampering() {
+    use tally_core::header_log::{consistency_reply, split_view, verify_consistency_reply};
+    let operator = crate::common::operator();
+    let public = operator.public();
+    let headers = header_chain(&operator, 40, 0);
+    let leaves: Vec<Hash> = headers.iter().map(|h| leaf_hash(&h.encode())).collect();
+    let (rows, _) = stored_nodes(&leaves);
+    let mut node = |level: u8, index: u64| -> Result<Hash, ()> {
+        Ok(rows[&completed_at(level, index)][level as usize])
+    };
+    for (m, n) in [(1, 1), (1, 40), (7, 7), (7, 32), (13, 40), (32, 40)] {
+        let reply = consistency_reply(
+            headers[m - 1].clone(),
+            headers[n - 1].clone(),
+            &operator,
+            &mut node,
+        )
+        .unwrap();
+        let (a, b) = verify_consistency_reply(&reply, &public, &[7; 32]).unwrap();
+        assert_eq!((a.size, b.size), (m as u64, n as u64));
+        assert_eq!(b.root, root_of(&leaves[..n]));
+        assert!(verify_consistency_reply(&reply, &public, &[8; 32]).is_err());
+        let mut bad = Vec::new();
+        for i in 0..reply.proof.len() {
+            let mut r = reply.clone();
+            r.proof[i][5] ^= 1;
+            bad.push(r);
+        }
+        for i in 0..reply.to.inclusion.len() {
+            let mut r = reply.clone();
+            r.to.inclusion[i][0] ^= 0x10;
+            bad.push(r);
+        }
+        let mut r = reply.clone();
+        r.from.checkpoint = r.from.checkpoint.replacen('\n', "\n1", 1);
+        bad.push(r);
+        let mut r = reply.clone();
+        r.to.header.signature[0] ^= 1;
+        bad.push(r);
+        if m != n {
+            let mut r = reply.clone();
+            std::mem::swap(&mut r.from, &mut r.to);
+            bad.push(r);
+        }
+        for (i, r) in bad.iter().enumerate() {
+            assert!(
+                verify_consistency_reply(r, &public, &[7; 32]).is_err(),
+                "{m} -> {n}: tampered reply {i} verified"
+            );
+        }
+    }
+    let fork = header_chain(&operator, 40, 1);
+    assert!(split_view(&headers[9], &fork[9]));
+    assert!(!split_view(&headers[9], &headers[9]));
+    assert!(!split_view(&headers[9], &fork[10]));
 }
