@@ -41,6 +41,10 @@ pub trait LedgerStore: LedgerRead {
     /// Writes everything a batch changes in one atomic, synced write. On error the node stops.
     fn apply(&mut self, write: &BatchWrite) -> Result<()>;
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>>;
+    /// Node `(level, index)` of the header log (PROTOCOL.md §4.12; see
+    /// [`crate::tlog::completed_at`]): the root of the applied headers at heights
+    /// `index·2^level + 1 ..= (index+1)·2^level`. `Missing` past the applied height.
+    fn header_log_node(&mut self, level: u8, index: u64) -> Result<Hash>;
     /// The encoded batch body applied at `height`.
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>>;
     /// The sum of every account's balance in the applied state plus what open reserves hold
@@ -167,6 +171,17 @@ impl LedgerStore for MemStore {
     }
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
         Ok(self.bodies.get(&height).cloned())
+    }
+    /// Hashed from the headers on each call: O(2^level), for tests.
+    fn header_log_node(&mut self, level: u8, index: u64) -> Result<Hash> {
+        let first = index << level;
+        let leaves = (first + 1..=first + (1 << level))
+            .map(|h| match self.headers.get(&h) {
+                Some(s) => Ok(crate::tlog::leaf_hash(&s.encode())),
+                None => Err(crate::Error::missing(format_args!("header {h}"))),
+            })
+            .collect::<Result<Vec<Hash>>>()?;
+        Ok(crate::tlog::root_of(&leaves))
     }
     fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64)> {
         let (mut debits, mut credits) = (0, 0);

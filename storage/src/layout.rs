@@ -347,6 +347,19 @@ pub fn raft_open_marker_key() -> [u8; 8] {
     make_key(Table::RaftState, &[b"open"])
 }
 
+/// tag || height u64 BE || "t": the header log's nodes completed at `height` (derived from the
+/// headers, see `header_log.rs`). Under `header`'s tag, right after the height's header row: the
+/// rows are written once in height order, and like the headers (see `Table::version`) the old
+/// ones lie below every new LevelDB table's span.
+pub fn header_log_key(height: u64) -> [u8; 13] {
+    make_key(Table::Header, &[&height.to_be_bytes(), b"t"])
+}
+
+/// Whether `key` is a header log row ([`header_log_key`]).
+pub fn is_header_log_key(key: &[u8]) -> bool {
+    key.len() == 13 && key.starts_with(&Table::Header.tag()) && key[12] == b't'
+}
+
 /// The height in a header key, or None if `key` is not one.
 pub fn header_key_height(key: &[u8]) -> Option<u64> {
     let rest = key.strip_prefix(&Table::Header.tag())?;

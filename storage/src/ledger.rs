@@ -13,12 +13,14 @@ use tally_core::history::{HistoryPage, HistoryRow};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::reserve::{Expiry, Reserve, ReserveChange};
 use tally_core::state::{LedgerMeta, META_BYTES};
+use tally_core::tlog::TreeEdge;
 use tally_core::{Error, Result};
 use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
 use crate::archive::{Archive, ArchiveBatch, ArchivePoint};
 use crate::env::{SyncEnv, SyncStats};
 use crate::filter::RequestFilter;
+use crate::header_log;
 use crate::layout::{self, corrupt, fixed, Table, HEADER_VALUE_BYTES};
 use crate::transfer::DumpWriter;
 
@@ -144,6 +146,8 @@ pub struct LedgerDb {
     expiries: BTreeSet<Expiry>,
     /// The time of the header at the summary's height (0 at genesis), for `header_time`.
     tip_time_ms: u64,
+    /// The right edge of the header log at the summary's height (see `header_log.rs`).
+    header_log: TreeEdge,
 }
 
 /// Where [`LedgerDb::open`] got the request filter.
@@ -200,6 +204,9 @@ impl LedgerDb {
         advance_sequence(&mut db).map_err(|e| io_error("writing the open marker", e))?;
         let meta = read_meta(&mut db)?;
         migrate_headers_if_v1(&mut db, dir, &opts, &sync_stats, &meta)?;
+        let header_log = header_log::catch_up(&mut db, meta.height, &mut |db, key| {
+            crate::env::get_checked(db, key, &sync_stats)
+        })?;
         let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
         let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
         let (balance_total, expiries) = scan_totals(&mut db, dir, &opts, &sync_stats)?;
@@ -222,6 +229,7 @@ impl LedgerDb {
             balance_total,
             expiries,
             tip_time_ms: 0,
+            header_log,
         };
         this.start_archive_from(point)?;
         this.check_tip()?;
@@ -852,11 +860,14 @@ impl LedgerStore for LedgerDb {
         // The state rows only: bodies and request records go to the archive (see archive.rs).
         let mut rows = state_rows(write);
         self.reserve_rows(&write.reserves, &mut rows)?;
+        let mut header_log = self.header_log.clone();
+        header_log::append(&mut header_log, &write.signed_header, &mut rows);
         if let Err(e) = self.db.write(rows, true) {
             let e = io_error(format_args!("writing batch {height}"), e);
             self.failed = Some(e.to_string());
             return Err(e);
         }
+        self.header_log = header_log;
         let records = request_records(write);
         self.meta = write.meta.clone();
         self.tip_time_ms = write.signed_header.header.time_unix_ms;
@@ -908,6 +919,11 @@ impl LedgerStore for LedgerDb {
     fn receipt(&mut self, leaf: &Hash) -> Result<Option<(u64, u32)>> {
         let leaf = *leaf;
         self.history_read(move |get| crate::history::receipt(&leaf, get))
+    }
+
+    fn header_log_node(&mut self, level: u8, index: u64) -> Result<Hash> {
+        let height = self.meta.height;
+        header_log::node(level, index, height, &mut |key| self.get(key))
     }
 
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
@@ -1250,9 +1266,11 @@ fn scan_totals(
 
 /// Whether `key` is a row of a derived table (see [`Table::derived`]).
 fn is_derived(key: &[u8]) -> bool {
-    key.get(..layout::TAG_BYTES)
-        .and_then(Table::from_tag)
-        .is_some_and(Table::derived)
+    layout::is_header_log_key(key)
+        || key
+            .get(..layout::TAG_BYTES)
+            .and_then(Table::from_tag)
+            .is_some_and(Table::derived)
 }
 
 /// The place in deadline order of reserve `c` while it is open until `at_ms`.

@@ -136,6 +136,7 @@ pub mod archiver;
 pub mod bucket;
 mod env;
 mod filter;
+mod header_log;
 mod history;
 mod import;
 pub mod layout;

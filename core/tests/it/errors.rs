@@ -124,6 +124,10 @@ impl LedgerStore for Failing {
         self.read()?;
         self.inner.body(height)
     }
+    fn header_log_node(&mut self, level: u8, index: u64) -> Result<tally_wire::Hash, Error> {
+        self.read()?;
+        self.inner.header_log_node(level, index)
+    }
     fn balance_total(&mut self) -> Result<u128, Error> {
         self.read()?;
         self.inner.balance_total()

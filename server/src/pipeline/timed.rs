@@ -63,6 +63,9 @@ impl<S: LedgerStore> LedgerStore for TimedStore<'_, S> {
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
         self.inner.body(height)
     }
+    fn header_log_node(&mut self, level: u8, index: u64) -> Result<Hash> {
+        self.inner.header_log_node(level, index)
+    }
     fn balance_total(&mut self) -> Result<u128> {
         self.inner.balance_total()
     }

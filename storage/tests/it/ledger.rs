@@ -116,7 +116,8 @@ fn header_rows_of_v1_are_merged_into_v2_at_open() {
     {
         let mut raw =
             rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
-        let rows = rows_under(&mut raw, &tag);
+        let mut rows = rows_under(&mut raw, &tag);
+        rows.retain(|(key, _)| !layout::is_header_log_key(key));
         assert_eq!(rows.len(), 30);
         let mut batch = rusty_leveldb::WriteBatch::default();
         for (key, value) in &rows {
@@ -138,7 +139,63 @@ fn header_rows_of_v1_are_merged_into_v2_at_open() {
     let mut raw = rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
     assert!(rows_under(&mut raw, &layout::HEADER_V1_TAG).is_empty());
     assert!(rows_under(&mut raw, &layout::BODY_BY_HEIGHT_V1_TAG).is_empty());
-    assert_eq!(rows_under(&mut raw, &tag).len(), 35);
+    assert_eq!(
+        rows_under(&mut raw, &tag).len(),
+        2 * 35,
+        "headers and header log rows"
+    );
+}
+
+/// The header log's nodes are the RFC 6962 roots of the headers; a ledger missing the rows of
+/// some heights (older, installed or imported) rebuilds them at open and grows on.
+#[test]
+fn the_header_log_is_the_tree_of_the_headers_and_is_rebuilt_at_open() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::default();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    fill(&mut db, &mut model, seed, &mut rng, 45, |_| {});
+    check_header_log(&mut db, seed);
+    db.close().unwrap();
+    let cut = rng.gen_range(0..45u64);
+    {
+        let mut raw =
+            rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
+        let mut batch = rusty_leveldb::WriteBatch::default();
+        for h in cut + 1..=45 {
+            batch.delete(&layout::header_log_key(h));
+        }
+        raw.write(batch, true).unwrap();
+        raw.close().unwrap();
+    }
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    check_header_log(&mut db, seed);
+    fill(&mut db, &mut model, seed ^ 1, &mut rng, 20, |_| {});
+    check_header_log(&mut db, seed);
+    assert!(
+        db.header_log_node(0, 65).is_err(),
+        "past the applied height"
+    );
+}
+
+/// Every node of `db`'s header log against the roots of its headers' leaf hashes.
+fn check_header_log(db: &mut LedgerDb, seed: u64) {
+    let height = db.meta().unwrap().height;
+    let leaves: Vec<tally_wire::Hash> = (1..=height)
+        .map(|h| tally_core::tlog::leaf_hash(&db.header(h).unwrap().unwrap().encode()))
+        .collect();
+    for level in 0..7u8 {
+        for index in 0..height >> level {
+            let first = (index << level) as usize;
+            let want = tally_core::tlog::root_of(&leaves[first..first + (1 << level)]);
+            assert_eq!(
+                db.header_log_node(level, index).unwrap(),
+                want,
+                "node ({level}, {index}) at height {height}, seed {seed}"
+            );
+        }
+    }
 }
 
 #[test]
