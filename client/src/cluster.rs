@@ -412,6 +412,19 @@ impl ClusterClient {
             .await
     }
 
+    /// [`crate::Client::consistency`] on the cluster, with the retries of a read.
+    pub async fn consistency(
+        &self,
+        from_height: u64,
+        to_height: u64,
+    ) -> Result<tally_wire::ConsistencyReply> {
+        self.inner
+            .run(Kind::Read, move |client| async move {
+                client.consistency(from_height, to_height).await
+            })
+            .await
+    }
+
     /// [`crate::Client::supply`] on the cluster, with the retries of a read.
     pub async fn supply(&self) -> Result<tally_wire::SupplyReply> {
         self.inner

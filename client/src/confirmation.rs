@@ -192,7 +192,8 @@ pub fn write_confirmation_file(
 /// Replaces the file at `path` with `text` atomically: a synced temporary file, renamed.
 pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    // One temporary name per process: two processes writing one file never share it.
+    tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
     let write = || -> std::io::Result<()> {
         use std::io::Write;

@@ -435,6 +435,32 @@ impl Client {
         }
     }
 
+    /// The header log's consistency from `from_height` to `to_height` (0: the replica's
+    /// applied height). Nothing is verified here: see
+    /// [`tally_core::header_log::verify_consistency_reply`].
+    pub async fn consistency(
+        &self,
+        from_height: u64,
+        to_height: u64,
+    ) -> Result<tally_wire::ConsistencyReply> {
+        let message = Message::GetConsistency {
+            from_height,
+            to_height,
+        };
+        match self.call(message).await? {
+            Message::Consistency(r)
+                if r.from.header.header.height == from_height
+                    && (to_height == 0 || r.to.header.header.height == to_height) =>
+            {
+                Ok(*r)
+            }
+            Message::Consistency(_) => Err(Error::Protocol(
+                "the consistency proof is for other heights".into(),
+            )),
+            other => Err(unexpected("Consistency", &other)),
+        }
+    }
+
     /// The replica's view of itself and the cluster.
     pub async fn status(&self) -> Result<StatusReply> {
         match self.call(Message::GetStatus).await? {

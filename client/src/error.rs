@@ -57,6 +57,15 @@ pub enum Error {
     /// edited.
     #[error("verification failed: {0}")]
     Verify(String),
+    /// The operator signed two histories: two different headers of one height (or two
+    /// checkpoints of one size with different roots). Both are saved under `evidence`; trust
+    /// nothing this operator says until it is explained.
+    #[error(
+        "SPLIT VIEW: the operator signed two different histories at height {height}; both \
+         are saved as evidence in {}",
+        evidence.display()
+    )]
+    SplitView { height: u64, evidence: PathBuf },
     /// A [`crate::ClusterClient`] had no usable connection and `queue_max` operations were
     /// already waiting for one. Nothing was sent: retry later or shed load.
     #[error(
@@ -110,6 +119,7 @@ impl Error {
             Error::EnvelopeFailed(f) => f.code.name(),
             Error::Protocol(_) => "protocol_violation",
             Error::Verify(_) => "verification_failed",
+            Error::SplitView { .. } => "split_view",
             Error::QueueFull { .. } => "queue_full",
             Error::Indeterminate { .. } => "indeterminate",
             Error::GaveUp { .. } => "gave_up",

@@ -37,10 +37,12 @@ mod admin;
 pub mod cluster;
 pub mod confirmation;
 mod connection;
+pub mod consistency;
 pub mod envelope;
 mod error;
 mod keys;
 mod profile;
+pub mod trust;
 
 use ed25519_dalek::SigningKey;
 use tally_wire::{Hash, Op, PublicKey, Request};

@@ -268,6 +268,9 @@ pub enum StorageCmd {
     /// The confirmation of the operation whose receipt has this leaf hash
     /// (`GetConfirmationByReceipt`).
     FindByReceipt { leaf_hash: Hash, reply: ReplyTo },
+    /// The header log's consistency from `from` to `to` (0: the applied height)
+    /// (`GetConsistency`).
+    Consistency { from: u64, to: u64, reply: ReplyTo },
     Status {
         raft: ReplicaStatus,
         /// Whether this replica's master is sequencing (it leads and has caught up).
@@ -327,6 +330,7 @@ impl StorageCmd {
             | StorageCmd::History { reply, .. }
             | StorageCmd::Account { reply, .. }
             | StorageCmd::FindByReceipt { reply, .. }
+            | StorageCmd::Consistency { reply, .. }
             | StorageCmd::Status { reply, .. } => Some(reply),
             _ => None,
         }

@@ -375,6 +375,9 @@ pub fn reply_bytes_bound(request: &Message) -> usize {
         Message::GetConfirmation { .. } | Message::GetConfirmationByReceipt { .. } => {
             FRAME_HEADER_BYTES + tally_wire::OPERATION_CONFIRMATION_BYTES_MAX as usize
         }
+        Message::GetConsistency { .. } => {
+            FRAME_HEADER_BYTES + tally_wire::CONSISTENCY_REPLY_BYTES_MAX
+        }
         _ => SMALL_REPLY_BYTES_MAX,
     }
 }

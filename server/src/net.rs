@@ -548,6 +548,17 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
             },
         ),
         Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
+        Message::GetConsistency {
+            from_height,
+            to_height,
+        } => pipeline::read(
+            pipeline,
+            StorageCmd::Consistency {
+                from: from_height,
+                to: to_height,
+                reply,
+            },
+        ),
         m @ (Message::GetHistory { .. }
         | Message::GetAccount { .. }
         | Message::GetConfirmationByReceipt { .. }) => {

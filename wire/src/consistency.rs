@@ -3,14 +3,20 @@
 //! header at height `i + 1` (256 bytes), the same log as the archive's (§15.4): tree size =
 //! height. The operator signs the log's roots as C2SP checkpoints (signed notes, §15.5).
 
-use crate::{Hash, Reader, SignedHeader, WireError};
+use crate::{Hash, Reader, SignedHeader, WireError, SIGNED_HEADER_BYTES};
 
 /// Hashes in one proof, at most: a tree of up to 2^64 leaves is 64 levels deep, and an RFC 9162
 /// consistency proof holds at most one hash per level plus the old root's.
 pub const LOG_PROOF_HASHES_MAX: usize = 65;
 
 /// Bytes of one checkpoint note, at most (a checkpoint with room for cosignatures).
-pub const CHECKPOINT_NOTE_BYTES_MAX: usize = 16 * 1024;
+pub const CHECKPOINT_NOTE_BYTES_MAX: usize = 4096;
+
+/// Bytes of one `ConsistencyReply`, at most: two log points and a proof, every one at its cap.
+pub const CONSISTENCY_REPLY_BYTES_MAX: usize = 2
+    * (SIGNED_HEADER_BYTES + 2 + CHECKPOINT_NOTE_BYTES_MAX + 1 + 32 * LOG_PROOF_HASHES_MAX)
+    + 1
+    + 32 * LOG_PROOF_HASHES_MAX;
 
 /// `GetConsistency`'s answer: both ends of the proof, each a signed header with the signed
 /// checkpoint of the log at its height and the header's inclusion in it as the last leaf, and
@@ -80,7 +86,7 @@ impl LogPoint {
         if len > CHECKPOINT_NOTE_BYTES_MAX {
             return Err(WireError::Invalid {
                 field: "log_point.checkpoint_len",
-                reason: "longer than 16 KiB",
+                reason: "longer than 4096 bytes",
             });
         }
         let bytes = r.take(len, "log_point.checkpoint")?;

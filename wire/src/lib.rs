@@ -29,7 +29,8 @@ mod message;
 pub use admin::*;
 pub use canonical::*;
 pub use consistency::{
-    ConsistencyReply, LogPoint, CHECKPOINT_NOTE_BYTES_MAX, LOG_PROOF_HASHES_MAX,
+    ConsistencyReply, LogPoint, CHECKPOINT_NOTE_BYTES_MAX, CONSISTENCY_REPLY_BYTES_MAX,
+    LOG_PROOF_HASHES_MAX,
 };
 pub use envelope::*;
 pub use error::{ErrorCode, Retry, WireError};

@@ -115,6 +115,11 @@ impl<R> Applier<R> {
         &self.meta
     }
 
+    /// The key that signs this replica's headers, and the header log's checkpoints it serves.
+    pub fn operator(&self) -> &OperatorKey {
+        &self.operator
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.applied_index
     }
@@ -341,6 +346,15 @@ impl Found {
             Found::Request(c) => &c.receipt,
             Found::Operation(c) => &c.receipt,
             Found::Expiry(c) => &c.receipt,
+        }
+    }
+
+    /// The signed header the receipt is proven under.
+    pub fn header(&self) -> &tally_wire::SignedHeader {
+        match self {
+            Found::Request(c) => &c.header,
+            Found::Operation(c) => &c.header,
+            Found::Expiry(c) => &c.header,
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use tally_core::engine::apply::{find_confirmation, Found};
+use tally_core::header_log::consistency_reply;
 use tally_core::ports::LedgerStore;
 use tally_core::replica::ReplicaStatus;
 use tally_core::state::LedgerMeta;
@@ -56,6 +57,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 self.find_confirmation(&signer, id, reply)
             }
             StorageCmd::Supply { reply } => self.supply(reply),
+            StorageCmd::Consistency { from, to, reply } => self.consistency(from, to, reply),
             cmd @ (StorageCmd::History { .. }
             | StorageCmd::Account { .. }
             | StorageCmd::FindByReceipt { .. }) => self.accounting(cmd),
@@ -115,6 +117,35 @@ impl<S: LedgerStore> StorageThread<S> {
         let _ = reply.send(self.lookup(keys, accounts));
         let now = self.db().request_lookup_counts();
         self.metrics.request_lookups(&mut self.lookups_seen, now);
+    }
+
+    /// Answers `GetConsistency` (PROTOCOL.md §4.12) at the applied height: two header reads,
+    /// O(log n) header log rows and two checkpoint signatures, on this thread.
+    fn consistency(&mut self, from: u64, to: u64, reply: ReplyTo) {
+        let height = self.engine.meta().height;
+        let to = if to == 0 { height } else { to };
+        if to > height || from > to {
+            return reply.error(
+                ErrorCode::HeightNotApplied,
+                format!("height {to} is not applied on this replica (it has {height})"),
+            );
+        }
+        let store = self.store.as_mut().expect("store");
+        let operator = self.engine.operator();
+        let mut header = |h: u64| {
+            store.header(h)?.ok_or_else(|| {
+                tally_core::Error::missing(format_args!("header {h} below the applied height"))
+            })
+        };
+        let proved = header(from)
+            .and_then(|a| Ok((a, header(to)?)))
+            .and_then(|(a, b)| {
+                consistency_reply(a, b, operator, &mut |l, i| store.header_log_node(l, i))
+            });
+        match proved {
+            Ok(r) => reply.send(&Message::Consistency(Box::new(r))),
+            Err(e) => on_error("proving the header log's consistency", e, reply),
+        }
     }
 
     /// Answers `GetSupply` from the applied state.

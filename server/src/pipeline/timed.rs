@@ -9,7 +9,7 @@ use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::reserve::{Expiry, Reserve};
 use tally_core::state::LedgerMeta;
 use tally_core::Result;
-use tally_wire::{PublicKey, SignedHeader};
+use tally_wire::{Hash, PublicKey, SignedHeader};
 
 pub(super) struct TimedStore<'a, S> {
     inner: &'a mut S,

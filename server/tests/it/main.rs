@@ -5,6 +5,7 @@ mod attack;
 mod bad_input;
 mod cluster;
 mod cluster_harness;
+mod consistency;
 mod envelopes;
 mod harness;
 mod history;

@@ -151,8 +151,10 @@ fn page_json(page: &HistoryReply, operator: &PublicKey) -> Result<Vec<Value>> {
 pub async fn lookup_receipt(ctx: &Globals, leaf: Hash, out: Option<&Path>) -> Result<ExitCode> {
     let profile = ctx.profile()?;
     let operator = profile.operator_key()?;
-    let found = ctx.cluster(&profile)?.find_by_receipt(leaf).await?;
+    let cluster = ctx.cluster(&profile)?;
+    let found = cluster.find_by_receipt(leaf).await?;
     let text = crate::envelope::verified_json(&found, &operator)?;
+    crate::consistency::track(ctx, &cluster, &operator, found.header()).await?;
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
     }

@@ -88,8 +88,8 @@ pub async fn submit_verified(
     again: &str,
 ) -> Result<tally_wire::EnvelopeConfirmation> {
     let operator = profile.operator_key()?;
-    let c = ctx
-        .cluster(profile)?
+    let cluster = ctx.cluster(profile)?;
+    let c = cluster
         .submit_envelope(Arc::clone(envelope))
         .await
         .map_err(|e| {
@@ -98,6 +98,7 @@ pub async fn submit_verified(
         })?;
     verify_envelope_confirmation(envelope, &c, &operator)
         .context("the server's confirmation does not verify against the profile's operator key")?;
+    crate::consistency::track(ctx, &cluster, &operator, &c.header).await?;
     Ok(c)
 }
 
@@ -184,8 +185,10 @@ pub async fn lookup(
 ) -> Result<ExitCode> {
     let profile = ctx.profile()?;
     let operator = profile.operator_key()?;
-    let found = ctx.cluster(&profile)?.find_confirmation(signer, id).await?;
+    let cluster = ctx.cluster(&profile)?;
+    let found = cluster.find_confirmation(signer, id).await?;
     let text = verified_json(&found, &operator)?;
+    crate::consistency::track(ctx, &cluster, &operator, found.header()).await?;
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
     }

@@ -22,12 +22,16 @@ use tally_wire::{AdminCommand, Op, PublicKey, ReadMode, SignedHeader, HEADERS_PE
 use tokio::time::Instant;
 
 mod account;
+mod consistency;
 mod envelope;
 mod two_phase;
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
 
 /// How long before `--total-timeout-ms` the cluster client's own deadline falls.
+/// Exit code of a command that found a split view (the operator signed two histories).
+const EXIT_SPLIT_VIEW: u8 = 3;
+
 const BACKSTOP_MARGIN: Duration = Duration::from_millis(50);
 
 #[derive(Parser)]
@@ -254,6 +258,16 @@ enum Command {
         #[arg(long, value_name = "HEX", value_parser = public_key_arg)]
         operator_key: Option<PublicKey>,
     },
+    /// Prove that the header log at one height is a prefix of the log at a later one (RFC 9162
+    /// consistency, under checkpoints the operator signed) and write the proof file
+    Consistency {
+        #[arg(long, value_name = "HEIGHT")]
+        from: u64,
+        #[arg(long, value_name = "HEIGHT")]
+        to: u64,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Print signed headers, checking each signature and the hash chain between them
     Headers {
         #[arg(long, value_name = "HEIGHT", default_value_t = 1)]
@@ -383,6 +397,7 @@ impl Command {
             | Command::Supply
             | Command::Balance { .. }
             | Command::Headers { .. }
+            | Command::Consistency { .. }
             | Command::Status
             | Command::Info
             | Command::Cluster { .. } => true,
@@ -425,7 +440,10 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             report_error(&e, json);
-            ExitCode::FAILURE
+            match e.downcast_ref::<Error>() {
+                Some(Error::SplitView { .. }) => ExitCode::from(EXIT_SPLIT_VIEW),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -622,6 +640,9 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Balance { account, stale } => balance(&ctx, account, stale).await,
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
         Command::Headers { from, limit } => headers(&ctx, from, limit).await,
+        Command::Consistency { from, to, out } => {
+            consistency::prove(&ctx, from, to, out.as_deref()).await
+        }
         Command::Status => status(&ctx).await,
         Command::Info => info(&ctx).await,
         Command::Audit {
@@ -750,7 +771,8 @@ async fn submit(
     let operator = profile.operator_key()?;
     let id = id.unwrap_or_else(random_id);
     let request = build_request(key, profile.chain_id_bytes()?, op, id, to, amount);
-    let confirmation = ctx.cluster(profile)?.submit(request).await.map_err(|e| {
+    let cluster = ctx.cluster(profile)?;
+    let confirmation = cluster.submit(request).await.map_err(|e| {
         // The id is what makes a resubmission safe; say it whenever the outcome is open.
         if e.outcome_unknown() {
             anyhow::Error::from(e).context(format!(
@@ -762,6 +784,7 @@ async fn submit(
     })?;
     verify_confirmation(&confirmation, &operator)
         .context("the server's confirmation does not verify against the profile's operator key")?;
+    consistency::track(ctx, &cluster, &operator, &confirmation.header).await?;
     if let Some(path) = &out {
         write_confirmation_file(path, &confirmation, &operator)?;
     }
@@ -875,6 +898,9 @@ fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result
     }
     if text.contains(tally_client::envelope::EXPIRY_CONFIRMATION_FORMAT) {
         return envelope::verify_expiry(ctx, file, &text, operator, &source);
+    }
+    if text.contains(tally_client::consistency::CONSISTENCY_FORMAT) {
+        return consistency::verify(ctx, file, &text, operator, &source);
     }
     let (c, operator) = verify_confirmation_json(&text, operator)
         .with_context(|| format!("{} does not verify", file.display()))?;

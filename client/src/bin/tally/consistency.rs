@@ -1,0 +1,144 @@
+//! `tally consistency`, `tally verify` of a consistency proof file, and the check every command
+//! makes of the headers it sees against the newest one the profile holds
+//! (`tally_client::trust`).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tally_client::consistency::{verify_consistency_json, ConsistencyFile};
+use tally_client::trust::{proof, Checked, TrustStore};
+use tally_client::{ClusterClient, Error, Profile};
+use tally_core::tlog::Checkpoint;
+use tally_wire::{PublicKey, SignedHeader};
+
+use crate::Globals;
+
+/// The longest a command waits for the check of the header it saw, after its own work is done.
+const TRACK_BUDGET: Duration = Duration::from_secs(3);
+
+/// The trust store of the command's profile: the profile's own directory.
+fn store(ctx: &Globals) -> TrustStore {
+    let path = ctx.profile_path();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    TrustStore::new(dir)
+}
+
+/// Checks `seen` (verified) against the profile's held header. A split view or a proof that
+/// does not verify is the command's error; a replica that cannot answer in time is a warning
+/// (the check happens again from the same held header next time).
+pub async fn track(
+    ctx: &Globals,
+    cluster: &ClusterClient,
+    operator: &PublicKey,
+    seen: &SignedHeader,
+) -> Result<()> {
+    let left = ctx.total_timeout.saturating_sub(ctx.started.elapsed());
+    let budget = left
+        .saturating_sub(crate::BACKSTOP_MARGIN * 2)
+        .min(TRACK_BUDGET);
+    let checked = tokio::time::timeout(budget, store(ctx).check(cluster, operator, seen)).await;
+    match checked {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e @ (Error::SplitView { .. } | Error::Verify(_) | Error::Io { .. }))) => {
+            Err(anyhow::Error::from(e).context("checking the header log against the held header"))
+        }
+        Ok(Err(e)) => {
+            eprintln!("warning: the header log was not checked this time: {e}");
+            Ok(())
+        }
+        Err(_) => {
+            eprintln!("warning: the header log was not checked this time: no answer in time");
+            Ok(())
+        }
+    }
+}
+
+/// `tally consistency --from H1 --to H2 [--out FILE]`.
+pub async fn prove(ctx: &Globals, from: u64, to: u64, out: Option<&Path>) -> Result<ExitCode> {
+    if from == 0 || from > to {
+        bail!("--from must be at least 1 and at most --to (got {from} and {to})");
+    }
+    let profile: Profile = ctx.profile()?;
+    let operator = profile.operator_key()?;
+    let chain_id = profile.chain_id_bytes()?;
+    let cluster = ctx.cluster(&profile)?;
+    let reply = proof(&cluster, &operator, &chain_id, (from, to))
+        .await
+        .with_context(|| format!("consistency from {from} to {to}"))?;
+    let (a, b) = checkpoints(&reply, &operator, &chain_id)?;
+    let file = ConsistencyFile::new(&reply, (&a, &b), &operator);
+    let text = file.to_json_pretty();
+    if let Some(path) = out {
+        tally_client::confirmation::write_atomically(path, &text)?;
+    }
+    let checked = store(ctx)
+        .check(&cluster, &operator, &reply.to.header)
+        .await?;
+    if ctx.json {
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("the header log at {from} is a prefix of the log at {to}");
+    println!("  root at {from}: {}", file.from_root);
+    println!("  root at {to}: {}", file.to_root);
+    println!(
+        "  {} proof hashes; both checkpoints signed by the profile's operator key",
+        file.proof.len()
+    );
+    if let Checked::Extended { from } = checked {
+        println!("  the profile's held header moved from height {from} to {to}");
+    }
+    if let Some(path) = out {
+        println!("  proof written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn checkpoints(
+    reply: &tally_wire::ConsistencyReply,
+    operator: &PublicKey,
+    chain_id: &tally_wire::Hash,
+) -> Result<(Checkpoint, Checkpoint)> {
+    Ok(tally_core::header_log::verify_consistency_reply(
+        reply, operator, chain_id,
+    )?)
+}
+
+/// `tally verify` of a consistency proof file.
+pub fn verify(
+    ctx: &Globals,
+    file: &Path,
+    text: &str,
+    operator: Option<PublicKey>,
+    source: &str,
+) -> Result<ExitCode> {
+    let (_, _, a, b) = verify_consistency_json(text, operator)
+        .with_context(|| format!("{} does not verify", file.display()))?;
+    if ctx.json {
+        let body = json!({
+            "valid": true,
+            "file": file.display().to_string(),
+            "kind": "consistency",
+            "from_size": a.size,
+            "to_size": b.size,
+            "from_root": hex::encode(a.root),
+            "to_root": hex::encode(b.root),
+            "operator_key_source": source,
+        });
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: valid", file.display());
+    println!(
+        "  the header log of size {} is a prefix of the log of size {}",
+        a.size, b.size
+    );
+    println!("  operator key from {source}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,151 @@
+//! The consistency proof file (`tally consistency --out`, `tally verify`; PROTOCOL.md §11.5):
+//! the RFC 9162 proof between two sizes of the header log, with everything an outsider needs to
+//! check it against the operator's key alone: both signed headers, both signed checkpoints and
+//! the inclusion of each header as its checkpoint's last leaf.
+
+use serde::{Deserialize, Serialize};
+use tally_core::header_log::verify_consistency_reply;
+use tally_core::tlog::Checkpoint;
+use tally_wire::{ConsistencyReply, Hash, LogPoint, PublicKey, SignedHeader};
+
+use crate::keys::parse_public_key;
+use crate::{Error, Result};
+
+/// `format` of a consistency proof file.
+pub const CONSISTENCY_FORMAT: &str = "tally-consistency-proof-v1";
+
+/// A consistency proof as JSON. The first six keys are the contract (issue 20); the rest make
+/// the file verifiable offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencyFile {
+    pub format: String,
+    pub from_size: u64,
+    pub to_size: u64,
+    /// Hex SHA-256 roots of the header log at both sizes.
+    pub from_root: String,
+    pub to_root: String,
+    /// Hex hashes, RFC 9162 §2.1.4 order.
+    pub proof: Vec<String>,
+    pub operator_public_key: String,
+    /// The log's origin, `tally.ledger/<chain id hex>`.
+    pub origin: String,
+    /// The operator's signed checkpoints (C2SP signed notes) of both sizes.
+    pub from_checkpoint: String,
+    pub to_checkpoint: String,
+    /// The 256-byte signed headers at both heights, hex.
+    pub from_header_hex: String,
+    pub to_header_hex: String,
+    /// Inclusion proofs (hex hashes, bottom up) of each header as its log's last leaf.
+    pub from_inclusion: Vec<String>,
+    pub to_inclusion: Vec<String>,
+}
+
+fn hexes(hashes: &[Hash]) -> Vec<String> {
+    hashes.iter().map(hex::encode).collect()
+}
+
+impl ConsistencyFile {
+    /// The file of a verified reply, whose checkpoints' roots are `roots`.
+    pub fn new(
+        reply: &ConsistencyReply,
+        roots: (&Checkpoint, &Checkpoint),
+        operator: &PublicKey,
+    ) -> ConsistencyFile {
+        ConsistencyFile {
+            format: CONSISTENCY_FORMAT.into(),
+            from_size: roots.0.size,
+            to_size: roots.1.size,
+            from_root: hex::encode(roots.0.root),
+            to_root: hex::encode(roots.1.root),
+            proof: hexes(&reply.proof),
+            operator_public_key: hex::encode(operator),
+            origin: roots.0.origin.clone(),
+            from_checkpoint: reply.from.checkpoint.clone(),
+            to_checkpoint: reply.to.checkpoint.clone(),
+            from_header_hex: hex::encode(reply.from.header.encode()),
+            to_header_hex: hex::encode(reply.to.header.encode()),
+            from_inclusion: hexes(&reply.from.inclusion),
+            to_inclusion: hexes(&reply.to.inclusion),
+        }
+    }
+
+    pub fn to_json_pretty(&self) -> String {
+        serde_json::to_string_pretty(self).expect("JSON") + "\n"
+    }
+}
+
+/// Verifies the text of a consistency file under `operator` (None: the key the file names,
+/// which proves only that the file is self-consistent). Returns the reply, the operator key
+/// and both checkpoints.
+pub fn verify_consistency_json(
+    text: &str,
+    operator: Option<PublicKey>,
+) -> Result<(ConsistencyReply, PublicKey, Checkpoint, Checkpoint)> {
+    let fail = |what: String| Error::Verify(what);
+    let file: ConsistencyFile = serde_json::from_str(text)
+        .map_err(|e| fail(format!("not a tally consistency file: {e}")))?;
+    if file.format != CONSISTENCY_FORMAT {
+        return Err(fail(format!(
+            "format is {:?}, expected {CONSISTENCY_FORMAT:?}",
+            file.format
+        )));
+    }
+    let named = parse_public_key(&file.operator_public_key)
+        .map_err(|e| fail(format!("operator_public_key: {e}")))?;
+    let operator = operator.unwrap_or(named);
+    let reply = ConsistencyReply {
+        from: point(
+            &file.from_header_hex,
+            &file.from_checkpoint,
+            &file.from_inclusion,
+        )?,
+        to: point(&file.to_header_hex, &file.to_checkpoint, &file.to_inclusion)?,
+        proof: hashes("proof", &file.proof)?,
+    };
+    let chain_id = reply.from.header.header.chain_id;
+    let (a, b) =
+        verify_consistency_reply(&reply, &operator, &chain_id).map_err(|e| fail(e.to_string()))?;
+    if named != operator {
+        return Err(fail(format!(
+            "the file names operator key {}, but it was checked against {}",
+            file.operator_public_key,
+            hex::encode(operator)
+        )));
+    }
+    let expected = ConsistencyFile::new(&reply, (&a, &b), &operator);
+    if file != expected {
+        return Err(fail(
+            "the readable fields (sizes, roots, origin) disagree with the signed checkpoints \
+             and headers (the file was edited)"
+                .into(),
+        ));
+    }
+    Ok((reply, operator, a, b))
+}
+
+fn point(header_hex: &str, checkpoint: &str, inclusion: &[String]) -> Result<LogPoint> {
+    let bytes =
+        hex::decode(header_hex).map_err(|e| Error::Verify(format!("a header is not hex: {e}")))?;
+    let header = SignedHeader::decode(&bytes)
+        .map_err(|e| Error::Verify(format!("a header does not decode: {e}")))?;
+    Ok(LogPoint {
+        header,
+        checkpoint: checkpoint.to_owned(),
+        inclusion: hashes("inclusion", inclusion)?,
+    })
+}
+
+fn hashes(what: &str, list: &[String]) -> Result<Vec<Hash>> {
+    if list.len() > tally_wire::LOG_PROOF_HASHES_MAX {
+        return Err(Error::Verify(format!("{what}: more than 65 hashes")));
+    }
+    list.iter()
+        .map(|h| {
+            hex::decode(h)
+                .ok()
+                .and_then(|b| Hash::try_from(b).ok())
+                .ok_or_else(|| Error::Verify(format!("{what}: {h:?} is not 64 hex digits")))
+        })
+        .collect()
+}
