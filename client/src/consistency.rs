@@ -1,4 +1,4 @@
-//! The consistency proof file (`tally consistency --out`, `tally verify`; PROTOCOL.md §11.5):
+//! The consistency proof file (`tally consistency --out`, `tally verify`; PROTOCOL.md §11.1):
 //! the RFC 9162 proof between two sizes of the header log, with everything an outsider needs to
 //! check it against the operator's key alone: both signed headers, both signed checkpoints and
 //! the inclusion of each header as its checkpoint's last leaf.
@@ -148,4 +148,85 @@ fn hashes(what: &str, list: &[String]) -> Result<Vec<Hash>> {
                 .ok_or_else(|| Error::Verify(format!("{what}: {h:?} is not 64 hex digits")))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use tally_core::crypto::OperatorKey;
+    use tally_core::header_log::consistency_reply;
+    use tally_core::tlog::{completed_at, leaf_hash, TreeEdge};
+    use tally_wire::Header;
+
+    /// `wire/testdata/consistency-proof-v1.json`: from 5 to 13 headers of a chain signed by the
+    /// key whose seed is 32 bytes of 0x07. Rewritten with `TALLY_WRITE_VECTORS=1`.
+    const VECTOR: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../wire/testdata/consistency-proof-v1.json"
+    );
+
+    fn vector() -> (String, PublicKey) {
+        let operator = OperatorKey::new(SigningKey::from_bytes(&[7; 32]));
+        let headers: Vec<SignedHeader> = (1..=13u64)
+            .map(|height| {
+                operator.sign_header(Header {
+                    chain_id: [0xc4; 32],
+                    height,
+                    term: 1,
+                    time_unix_ms: 1_764_806_400_000 + 100 * height,
+                    request_count: height as u32,
+                    prev_hash: [height as u8; 32],
+                    merkle_root: [0x11; 32],
+                    state_digest: [0x22; 32],
+                    operator_key_id: operator.key_id(),
+                })
+            })
+            .collect();
+        let mut edge = TreeEdge::new();
+        let rows: Vec<Vec<Hash>> = headers
+            .iter()
+            .map(|h| edge.append(leaf_hash(&h.encode())))
+            .collect();
+        let mut node = |level: u8, index: u64| -> std::result::Result<Hash, ()> {
+            Ok(rows[completed_at(level, index) as usize - 1][level as usize])
+        };
+        let reply = consistency_reply(
+            headers[4].clone(),
+            headers[12].clone(),
+            &operator,
+            &mut node,
+        )
+        .unwrap();
+        let (a, b) = tally_core::header_log::verify_consistency_reply(
+            &reply,
+            &operator.public(),
+            &[0xc4; 32],
+        )
+        .unwrap();
+        let text = ConsistencyFile::new(&reply, (&a, &b), &operator.public()).to_json_pretty();
+        (text, operator.public())
+    }
+
+    #[test]
+    fn the_test_vector_is_what_the_code_writes_and_verifies() {
+        let (text, operator) = vector();
+        if std::env::var("TALLY_WRITE_VECTORS").is_ok() {
+            std::fs::write(VECTOR, &text).unwrap();
+        }
+        let stored = std::fs::read_to_string(VECTOR).expect("the vector file");
+        assert_eq!(
+            stored, text,
+            "wire/testdata/consistency-proof-v1.json is stale"
+        );
+        let (_, _, a, b) = verify_consistency_json(&stored, Some(operator)).unwrap();
+        assert_eq!((a.size, b.size), (5, 13));
+        let other = OperatorKey::new(SigningKey::from_bytes(&[8; 32])).public();
+        assert!(verify_consistency_json(&stored, Some(other)).is_err());
+        let root = &stored[stored.find("\"to_root\": \"").unwrap() + 12..][..64];
+        let mut changed = root.to_string().into_bytes();
+        changed[10] = if changed[10] == b'a' { b'b' } else { b'a' };
+        let edited = stored.replacen(root, std::str::from_utf8(&changed).unwrap(), 1);
+        assert!(verify_consistency_json(&edited, Some(operator)).is_err());
+    }
 }

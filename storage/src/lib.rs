@@ -32,6 +32,7 @@
 //! |---------------------|------------|-------------------------------|----------------------------------------------------|
 //! | `account` v1        | `92f44278` | public key (32)               | balance u64 LE (8)                                 |
 //! | `header` v2         | `501486d3` | height u64 BE (8)             | signed header (256) ‖ body digest (32)             |
+//! | `header` v2         | `501486d3` | height u64 BE (8) ‖ `b"t"`    | the header log's nodes appending this height completes, level 0 first (32 each; `header_log.rs`; derived) |
 //! | `body` v1           | `758125ba` | SHA-256 of the body (32)      | encoded batch body (`BatchBody::encode`)           |
 //! | `request` v1        | `949b6803` | signer (32) ‖ id u128 BE (16) | height u64 LE ‖ index u32 LE ‖ request hash (44)   |
 //! | `reserve` v1        | `6fc17801` | owner (32) ‖ id u128 BE (16)  | `Reserve::encode`: state u8 (1 open, 2 posted, 3 voided, 4 expired), for an open one ‖ to (32) ‖ party (32) ‖ amount u64 LE ‖ expires_at_ms u64 LE |
@@ -64,7 +65,9 @@
 //! about); `body` is content-addressed (keyed by the value's digest). `expiry` and `pending` are
 //! derived from the open reserves, written by the same `apply` as the `reserve` rows: an open
 //! reserve's owner has its amount in pending debits, its receiver in pending credits. A dump
-//! leaves them out and an install or an import rebuilds them ([`layout::Table::derived`]).
+//! leaves them out and an install or an import rebuilds them ([`layout::Table::derived`]). The
+//! header log rows (`header` tag, key ending in `b"t"`) are derived from the headers the same way,
+//! left out of dumps and rebuilt at open (`header_log.rs`).
 //! The only ledger keys ever deleted are theirs (a reserve closes, a renewal moves its
 //! deadline, an account's pending amounts return to 0); closed reserves stay as tombstones.
 //! Raft entries are deleted when the log is compacted or a conflicting suffix is replaced.
