@@ -42,5 +42,6 @@ pub mod state;
 pub mod tlog;
 pub mod validate;
 pub mod verify;
+pub mod witness;
 
 pub use error::{Disposition, Error, Rejection, Result};

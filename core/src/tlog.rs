@@ -981,12 +981,12 @@ pub fn origin_for(chain_id: &Hash) -> String {
 
 /// Key names must be non-empty, without Unicode spaces or `+` (signed-note): the name ends at
 /// the first space of a signature line, and `+` separates the parts of a verifier key.
-fn valid_key_name(name: &str) -> bool {
+pub(crate) fn valid_key_name(name: &str) -> bool {
     !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c == '+')
 }
 
 /// Signed notes carry no ASCII control characters but newline.
-fn valid_note_chars(text: &str) -> bool {
+pub(crate) fn valid_note_chars(text: &str) -> bool {
     !text.chars().any(|c| c < ' ' && c != '\n')
 }
 
@@ -1067,7 +1067,7 @@ pub fn open_note(note: &str, name: &str, key: &VerifyingKey) -> Result<String, T
 }
 
 /// One signature line: `— <name> <base64(key id || signature)>`, split into its parts.
-fn parse_signature_line(line: &str) -> Result<(&str, [u8; 4], Vec<u8>), TlogError> {
+pub(crate) fn parse_signature_line(line: &str) -> Result<(&str, [u8; 4], Vec<u8>), TlogError> {
     let malformed = |reason| TlogError::NoteMalformed { reason };
     let rest = line
         .strip_prefix("\u{2014} ")

@@ -988,3 +988,117 @@ fn consistency_replies_verify_and_refuse_tampering() {
     assert!(!split_view(&headers[9], &headers[9]));
     assert!(!split_view(&headers[9], &fork[10]));
 }
+
+/// A witness cosigns checkpoints that extend the last one it cosigned, and refuses a fork
+/// (another root at a size it cosigned, or a proof to a tree that does not extend it) with the
+/// statuses tlog-witness names.
+#[test]
+fn a_witness_cosigns_consistent_checkpoints_and_refuses_a_fork() {
+    use tally_core::witness::{cosign, cosigned_at, judge, AddCheckpoint, Cosigned, Refusal};
+    let log_key = SigningKey::from_bytes(&[3; 32]);
+    let origin = "tally.ledger/example";
+    let honest = hashes(&leaves(12));
+    let mut forked = honest.clone();
+    for leaf in &mut forked[6..] {
+        leaf[0] ^= 0xff;
+    }
+    let note = |leaves: &[Hash], key: &SigningKey| {
+        let cp = Checkpoint {
+            origin: origin.into(),
+            size: leaves.len() as u64,
+            root: root_of(leaves),
+        };
+        sign_note(&cp.body(), origin, key)
+    };
+    let request = |old: u64, to: &[Hash], key: &SigningKey| AddCheckpoint {
+        old_size: old,
+        proof: consistency_proof(to, old.min(to.len() as u64)),
+        note: note(to, key),
+    };
+    let mut state: Option<Cosigned> = None;
+    let logs = |o: &str| (o == origin).then(|| log_key.verifying_key());
+    let mut add = |r: &AddCheckpoint, state: &mut Option<Cosigned>| {
+        let parsed = AddCheckpoint::parse(&r.encode()).expect("round trip");
+        assert_eq!(&parsed, r);
+        let last = *state;
+        let (_, new) = judge(&parsed, &logs, &|_| last)?;
+        *state = Some(new);
+        Ok::<_, Refusal>(())
+    };
+    let mut first = request(0, &honest[..5], &log_key);
+    first.proof.clear();
+    add(&first, &mut state).unwrap();
+    add(&request(5, &honest[..9], &log_key), &mut state).unwrap();
+    assert_eq!(state.unwrap().size, 9);
+    // The fork: a proof from 9 to the forked 12 cannot verify; the forked 9 conflicts.
+    let fork12 = request(9, &forked, &log_key);
+    assert!(matches!(
+        add(&fork12, &mut state),
+        Err(Refusal::Unprocessable(_))
+    ));
+    let fork9 = AddCheckpoint {
+        old_size: 9,
+        proof: vec![],
+        note: note(&forked[..9], &log_key),
+    };
+    let refused = add(&fork9, &mut state).unwrap_err();
+    assert_eq!(
+        (refused.status(), &refused),
+        (
+            409,
+            &Refusal::Conflict {
+                size: 9,
+                same_size_fork: true
+            }
+        )
+    );
+    assert_eq!(
+        add(&request(5, &honest, &log_key), &mut state)
+            .unwrap_err()
+            .status(),
+        409
+    );
+    let other_key = SigningKey::from_bytes(&[4; 32]);
+    assert_eq!(
+        add(&request(9, &honest, &other_key), &mut state)
+            .unwrap_err()
+            .status(),
+        403
+    );
+    let mut elsewhere = request(9, &honest, &log_key);
+    elsewhere.note = elsewhere.note.replace(origin, "other.log/x");
+    assert_eq!(add(&elsewhere, &mut state).unwrap_err().status(), 404);
+    assert_eq!(
+        AddCheckpoint::parse("old 01\n\nx").unwrap_err().status(),
+        400
+    );
+    assert_eq!(state.unwrap().size, 9, "nothing refused moved the state");
+    add(&request(9, &honest, &log_key), &mut state).unwrap();
+
+    // Cosignatures verify under the witness key and name only.
+    let witness = SigningKey::from_bytes(&[5; 32]);
+    let body = Checkpoint {
+        origin: origin.into(),
+        size: 12,
+        root: root_of(&honest),
+    }
+    .body();
+    let cosigned = format!(
+        "{}{}",
+        note(&honest, &log_key),
+        cosign(&body, 1_700_000_000, "w.example/1", &witness)
+    );
+    assert_eq!(
+        cosigned_at(&cosigned, "w.example/1", &witness.verifying_key()).unwrap(),
+        Some(1_700_000_000)
+    );
+    assert_eq!(
+        cosigned_at(&cosigned, "w.example/2", &witness.verifying_key()).unwrap(),
+        None
+    );
+    let forged = cosigned.replace(
+        &BASE64.encode(root_of(&honest)),
+        &BASE64.encode(root_of(&forked)),
+    );
+    assert!(cosigned_at(&forged, "w.example/1", &witness.verifying_key()).is_err());
+}
