@@ -43,6 +43,7 @@ mod error;
 mod keys;
 mod profile;
 pub mod trust;
+pub mod witness;
 
 use ed25519_dalek::SigningKey;
 use tally_wire::{Hash, Op, PublicKey, Request};

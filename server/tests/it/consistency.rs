@@ -201,3 +201,168 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// POSTs `body` to `addr`'s `/add-checkpoint`: (status, body).
+fn post_checkpoint(addr: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let request = format!(
+        "POST /add-checkpoint HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+/// `tally witness` as a process: (child, its stdout drained, address, name).
+type WitnessProcess = (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    String,
+    String,
+);
+
+fn start_witness(profile: &Path, key: &Path) -> WitnessProcess {
+    let mut child = Command::new(tally_bin())
+        .args(["--profile", profile.to_str().unwrap(), "witness", "--key"])
+        .arg(key)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = crate::harness::lines(Box::new(child.stdout.take().unwrap()));
+    let first = stdout
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap();
+    let (name, addr) = first
+        .trim()
+        .strip_prefix("tally witness ")
+        .and_then(|rest| rest.split_once(" listening on "))
+        .unwrap_or_else(|| panic!("witness said {first:?}"));
+    (child, stdout, addr.to_string(), name.to_string())
+}
+
+/// The add-checkpoint body for the log at `to`, from `old` (0: first contact), asked of `server`.
+fn add_request(server: &Server, old: u64, to: u64) -> String {
+    crate::harness::runtime().block_on(async {
+        let client = server.client().await;
+        let reply = client.consistency(old.max(1), to).await.unwrap();
+        tally_core::witness::AddCheckpoint {
+            old_size: old,
+            proof: if old == 0 { vec![] } else { reply.proof },
+            note: reply.to.checkpoint,
+        }
+        .encode()
+    })
+}
+
+fn height(server: &Server) -> u64 {
+    crate::harness::runtime().block_on(async {
+        let status = server.client().await.status().await.unwrap();
+        status.applied_height
+    })
+}
+
+/// A witness (a real `tally witness` process) cosigns the ledger's checkpoints as it grows;
+/// when the operator forks the ledger, the witness cosigns one branch and refuses the other:
+/// a checkpoint of a size it cosigned with another root (409) and a proof from the branch it
+/// cosigned to the other (422).
+#[test]
+fn a_witness_cosigns_one_history_and_refuses_a_fork() {
+    let operator = Operator::new(|c| c.batch.batch_window_ms = 10);
+    let base = operator.data_dir().join("profile.toml");
+    let alice = hex::encode(public_key(&generate_key()));
+    let server = operator.start();
+    let a = profile_for(&base, &server, "a.toml");
+    let witness_key = operator._dir.path().join("witness.key");
+    let key = generate_key();
+    tally_client::write_key(&witness_key, &key).unwrap();
+    let (witness, _stdout, addr, name) = start_witness(&a, &witness_key);
+    let _witness = KillOnDrop(witness);
+
+    assert_eq!(deposit(&a, &alice, 1).0, 0);
+    let first = height(&server);
+    let (status, cosignature) = post_checkpoint(&addr, &add_request(&server, 0, first));
+    assert_eq!(status, 200, "{cosignature}");
+    let note = crate::harness::runtime().block_on(async {
+        server
+            .client()
+            .await
+            .consistency(first, first)
+            .await
+            .unwrap()
+            .to
+            .checkpoint
+    });
+    let cosigned = format!("{note}{cosignature}");
+    let at = tally_core::witness::cosigned_at(&cosigned, &name, &key.verifying_key()).unwrap();
+    assert!(at.is_some(), "a valid cosignature by {name}: {cosigned}");
+    // A second first contact conflicts, naming the size cosigned.
+    assert_eq!(
+        post_checkpoint(&addr, &add_request(&server, 0, first)),
+        (409, format!("{first}\n"))
+    );
+    assert_eq!(deposit(&a, &alice, 2).0, 0);
+    let second = height(&server);
+    assert_eq!(
+        post_checkpoint(&addr, &add_request(&server, first, second)).0,
+        200
+    );
+    server.terminate();
+
+    let fork_dir = operator._dir.path().join("fork");
+    copy_dir(operator.data_dir(), &fork_dir);
+    let server = operator.start();
+    let forked = Server::start_replica(&fork_dir.join("config.toml"), &operator.profile, 1);
+    // The fork's client keeps its own held header (a client of both would see the split view).
+    let a = profile_for(&base, &server, "a.toml");
+    let b = profile_for(&fork_dir.join("profile.toml"), &forked, "b.toml");
+    for (profile, amount) in [(&b, 3), (&a, 4), (&a, 5)] {
+        let (code, out) = deposit(profile, &alice, amount);
+        assert_eq!(code, 0, "{out}");
+    }
+    let fork_top = height(&forked);
+    assert_eq!(
+        post_checkpoint(&addr, &add_request(&forked, second, fork_top)).0,
+        200
+    );
+    let top = height(&server);
+    assert!(top > fork_top);
+    let same_size = crate::harness::runtime().block_on(async {
+        server
+            .client()
+            .await
+            .consistency(fork_top, fork_top)
+            .await
+            .unwrap()
+            .to
+            .checkpoint
+    });
+    let body = format!("old {fork_top}\n\n{same_size}");
+    assert_eq!(
+        post_checkpoint(&addr, &body).0,
+        409,
+        "the original at the fork's size"
+    );
+    let (status, why) = post_checkpoint(&addr, &add_request(&server, fork_top, top));
+    assert_eq!(
+        status, 422,
+        "the original's proof from the fork's size: {why}"
+    );
+    let state = std::fs::read_to_string(format!("{}.state.json", witness_key.display())).unwrap();
+    assert!(state.contains(&format!("\"size\": {fork_top}")), "{state}");
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -268,6 +268,18 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Run a witness of the profile's ledger (C2SP tlog-witness): cosign each checkpoint the
+    /// operator sends that is consistent with the last one this witness cosigned
+    Witness {
+        /// The witness's Ed25519 key (PKCS#8 PEM); its state is kept in FILE.state.json
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// The name in its cosignature lines [default: tally-witness/<key prefix>]
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Print signed headers, checking each signature and the hash chain between them
     Headers {
         #[arg(long, value_name = "HEIGHT", default_value_t = 1)]
@@ -401,7 +413,10 @@ impl Command {
             | Command::Status
             | Command::Info
             | Command::Cluster { .. } => true,
-            Command::Keygen { .. } | Command::Verify { .. } | Command::Audit { .. } => false,
+            Command::Keygen { .. }
+            | Command::Verify { .. }
+            | Command::Audit { .. }
+            | Command::Witness { .. } => false,
         }
     }
 
@@ -640,6 +655,7 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Balance { account, stale } => balance(&ctx, account, stale).await,
         Command::Verify { file, operator_key } => verify(&ctx, &file, operator_key),
         Command::Headers { from, limit } => headers(&ctx, from, limit).await,
+        Command::Witness { key, listen, name } => witness(&ctx, &key, listen, name).await,
         Command::Consistency { from, to, out } => {
             consistency::prove(&ctx, from, to, out.as_deref()).await
         }
@@ -705,6 +721,31 @@ impl Globals {
             },
         ))
     }
+}
+
+/// `tally witness`: serves until the process is stopped.
+async fn witness(
+    ctx: &Globals,
+    key_path: &Path,
+    listen: std::net::SocketAddr,
+    name: Option<String>,
+) -> Result<ExitCode> {
+    use tally_client::witness::{bind, default_name, serve, Witness};
+    let profile = ctx.profile()?;
+    let key = load_key(key_path)?;
+    let origin = tally_core::tlog::origin_for(&profile.chain_id_bytes()?);
+    let operator = ed25519_dalek::VerifyingKey::from_bytes(&profile.operator_key()?)
+        .context("the profile's operator key")?;
+    let logs = [(origin.clone(), operator)].into_iter().collect();
+    let name = name.unwrap_or_else(|| default_name(&key));
+    let witness = Witness::open(key, name, key_path, logs)?;
+    let listener = bind(listen).await?;
+    let addr = listener.local_addr()?;
+    println!("tally witness {} listening on {addr}", witness.name());
+    println!("  verifier key {}", witness.verifier_key());
+    println!("  witnessing {origin}");
+    serve(listener, std::sync::Arc::new(witness)).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn keygen(ctx: &Globals, out: &Path) -> Result<ExitCode> {
