@@ -55,7 +55,7 @@ pub use crate::archive::ArchiveUrl;
 pub use crate::error::{ConfigError, ConfigErrors};
 pub use crate::schema::{
     ArchiveConfig, BatchConfig, CacheConfig, ClusterConfig, LimitsConfig, ListenConfig, LogConfig,
-    NodeConfig, OperatorConfig, PeerConfig, RaftConfig, TlsConfig, WorkersConfig,
+    NodeConfig, OperatorConfig, PeerConfig, RaftConfig, TlsConfig, WitnessConfig, WorkersConfig,
 };
 
 /// A replica's whole configuration, one field per TOML section.
@@ -100,6 +100,9 @@ pub struct Config {
     /// `[cluster]`: admin keys and the initial voters.
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// `[[witnesses]]`: witnesses that cosign the ledger's checkpoints; none by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub witnesses: Vec<WitnessConfig>,
     /// `[[peers]]`: the other replicas; empty for a single node. Last, so that serialized
     /// configs end with the array of tables rather than interleave it with the sections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -139,6 +142,7 @@ impl Config {
                 ..ArchiveConfig::default()
             },
             cluster: ClusterConfig::default(),
+            witnesses: Vec::new(),
             peers: Vec::new(),
         }
     }

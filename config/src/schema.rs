@@ -106,6 +106,16 @@ pub struct PeerConfig {
     pub client_address: SocketAddr,
 }
 
+/// One `[[witnesses]]` entry: a C2SP tlog-witness the leader sends each new checkpoint to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessConfig {
+    /// The witness's submission prefix, plain HTTP: checkpoints go to `<url>/add-checkpoint`.
+    pub url: String,
+    /// The witness's Ed25519 public key, 64 hex: cosignatures by any other key are dropped.
+    pub public_key: String,
+}
+
 /// `[cluster]`: who may change the replica set, and the replica set a new raft log starts from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

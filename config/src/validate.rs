@@ -55,6 +55,7 @@ pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
     sizes(&mut problems, config);
     raft(&mut problems, config);
     archive(&mut problems, config);
+    witnesses(&mut problems, config);
     if let Err(problem) = crate::log::check_log_level(&config.log.level) {
         problems.push("log.level", quoted(&config.log.level), problem);
     }
@@ -184,6 +185,22 @@ fn cluster(problems: &mut Problems, cluster: &ClusterConfig) {
             problems.push(key, id, "must be at least 1 (raft reserves 0)");
         } else if let Some(j) = voters[..i].iter().position(|&other| other == id) {
             problems.push(key, id, format!("duplicates cluster.initial_voters[{j}]"));
+        }
+    }
+}
+
+fn witnesses(problems: &mut Problems, config: &Config) {
+    for (i, w) in config.witnesses.iter().enumerate() {
+        let rest = w.url.strip_prefix("http://").unwrap_or_default();
+        if rest.is_empty() || rest.starts_with('/') {
+            problems.push(
+                format!("witnesses[{i}].url"),
+                quoted(&w.url),
+                "must be http://HOST:PORT[/PREFIX] (plain HTTP; put a TLS bastion in front)",
+            );
+        }
+        if let Err(problem) = decode_hex32(&w.public_key) {
+            problems.push(format!("witnesses[{i}].public_key"), quoted(&w.public_key), problem);
         }
     }
 }

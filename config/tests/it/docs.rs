@@ -23,6 +23,10 @@ fn schema_keys() -> BTreeSet<String> {
         .push("00".repeat(32));
     config.cluster.admin_keys.push("00".repeat(32));
     config.cluster.initial_voters = Some(vec![1, 2]);
+    config.witnesses.push(tally_config::WitnessConfig {
+        url: "http://127.0.0.1:7600".into(),
+        public_key: "00".repeat(32),
+    });
     config.peers.push(PeerConfig {
         id: 2,
         address: "127.0.0.1:7501".parse().unwrap(),
@@ -143,7 +147,7 @@ fn example_shows_every_key_at_its_default() {
     let written = dotted_keys(&SINGLE_NODE.parse::<toml::Value>().unwrap());
     let expected: BTreeSet<String> = schema_keys()
         .into_iter()
-        .filter(|key| !key.starts_with("peers."))
+        .filter(|key| !key.starts_with("peers.") && !key.starts_with("witnesses."))
         .collect();
     assert_eq!(written, expected);
 
