@@ -425,6 +425,15 @@ impl ClusterClient {
             .await
     }
 
+    /// [`crate::Client::checkpoint`] on the cluster, with the retries of a read.
+    pub async fn checkpoint(&self) -> Result<String> {
+        self.inner
+            .run(Kind::Read, move |client| async move {
+                client.checkpoint().await
+            })
+            .await
+    }
+
     /// [`crate::Client::supply`] on the cluster, with the retries of a read.
     pub async fn supply(&self) -> Result<tally_wire::SupplyReply> {
         self.inner

@@ -461,6 +461,14 @@ impl Client {
         }
     }
 
+    /// The newest checkpoint the leader's witnesses cosigned (a signed note). Not verified here.
+    pub async fn checkpoint(&self) -> Result<String> {
+        match self.call(Message::GetCheckpoint).await? {
+            Message::Checkpoint(note) => Ok(note),
+            other => Err(unexpected("Checkpoint", &other)),
+        }
+    }
+
     /// The replica's view of itself and the cluster.
     pub async fn status(&self) -> Result<StatusReply> {
         match self.call(Message::GetStatus).await? {

@@ -63,7 +63,7 @@ pub use keys::{
     check_private_file, generate_key, key_pem, load_key, parse_hash, parse_public_key, public_key,
     to_hex, write_key,
 };
-pub use profile::{Profile, ReplicaAddress};
+pub use profile::{Profile, ProfileWitness, ReplicaAddress};
 
 /// Builds and signs a request. For a withdrawal `to` must be all zero; for a deposit `key` is a
 /// deposit key and `to` the credited account.

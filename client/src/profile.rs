@@ -49,9 +49,29 @@ pub struct Profile {
     /// servers' `[cluster] admin_keys`. Relative to the profile's directory, like `deposit_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_key: Option<PathBuf>,
+    /// Cosignatures of `witnesses` a header's checkpoint needs before the client trusts it
+    /// (PROTOCOL.md §11.2); 0 (the default): none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub witness_quorum: u32,
+    /// The witnesses whose cosignatures count toward `witness_quorum`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub witnesses: Vec<ProfileWitness>,
     /// Client addresses of the replicas, in the order they are tried.
     #[serde(default)]
     pub replicas: Vec<ReplicaAddress>,
+}
+
+/// One witness a profile trusts: the name in its cosignature lines and its Ed25519 key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileWitness {
+    pub name: String,
+    /// 64 hex.
+    pub public_key: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One replica's client (TLS) address.
@@ -89,6 +109,17 @@ impl Profile {
         parse_hash(&profile.chain_id, "chain_id").map_err(|e| e.to_string())?;
         parse_public_key(&profile.operator_public_key)
             .map_err(|e| format!("operator_public_key: {e}"))?;
+        for w in &profile.witnesses {
+            parse_public_key(&w.public_key)
+                .map_err(|e| format!("witness {:?}: public_key: {e}", w.name))?;
+        }
+        if profile.witness_quorum as usize > profile.witnesses.len() {
+            return Err(format!(
+                "witness_quorum {} is more than the {} witnesses listed",
+                profile.witness_quorum,
+                profile.witnesses.len()
+            ));
+        }
         for replica in &profile.replicas {
             if replica.address.trim().is_empty() {
                 return Err(format!("replica {} has an empty address", replica.id));
@@ -165,6 +196,8 @@ mod tests {
             server_name: "localhost".into(),
             deposit_key: Some(PathBuf::from("/abs/deposit.key")),
             admin_key: Some(PathBuf::from("/abs/admin.key")),
+            witness_quorum: 0,
+            witnesses: Vec::new(),
             replicas: vec![
                 ReplicaAddress {
                     id: 1,

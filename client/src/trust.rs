@@ -17,6 +17,7 @@ use serde_json::json;
 use tally_core::crypto::{header_hash, verify_header};
 use tally_core::header_log::{checkpoints_split, split_view, verify_consistency_reply};
 use tally_core::tlog::{open_note, origin_for, Checkpoint};
+use tally_core::witness::cosigned_at;
 use tally_wire::{ConsistencyReply, ErrorCode, Hash, LogPoint, PublicKey, SignedHeader};
 
 use crate::confirmation::write_atomically;
@@ -60,17 +61,51 @@ pub enum Checked {
     Older { held: u64 },
 }
 
-/// The trust directory of one profile.
+/// The trust directory of one profile, and the witness cosignatures it requires.
 pub struct TrustStore {
     dir: PathBuf,
+    quorum: Option<Quorum>,
 }
+
+/// `witness_quorum` of the profile's `witnesses`.
+struct Quorum {
+    k: usize,
+    witnesses: Vec<(String, ed25519_dalek::VerifyingKey)>,
+}
+
+/// How long a check waits for the witnesses to cosign a checkpoint that covers a header.
+const WITNESS_WAIT: Duration = Duration::from_secs(10);
 
 impl TrustStore {
     /// The store of the profile in `profile_dir`.
     pub fn new(profile_dir: &Path) -> TrustStore {
         TrustStore {
             dir: profile_dir.to_path_buf(),
+            quorum: None,
         }
+    }
+
+    /// Also requires, for every header checked, a checkpoint at or above it cosigned by
+    /// `profile.witness_quorum` of `profile.witnesses` (none when the quorum is 0).
+    pub fn with_witnesses(mut self, profile: &crate::Profile) -> Result<TrustStore> {
+        if profile.witness_quorum == 0 {
+            return Ok(self);
+        }
+        let mut witnesses = Vec::new();
+        for w in &profile.witnesses {
+            let key = crate::parse_public_key(&w.public_key)?;
+            let key =
+                ed25519_dalek::VerifyingKey::from_bytes(&key).map_err(|_| Error::Invalid {
+                    what: "witness key",
+                    reason: format!("{}: not an Ed25519 point", w.name),
+                })?;
+            witnesses.push((w.name.clone(), key));
+        }
+        self.quorum = Some(Quorum {
+            k: profile.witness_quorum as usize,
+            witnesses,
+        });
+        Ok(self)
     }
 
     fn held_path(&self, chain_id: &Hash) -> PathBuf {
@@ -111,6 +146,84 @@ impl TrustStore {
     /// Checks `seen` (a header the client just verified under `operator`) against the held
     /// header of its ledger with a consistency proof from `cluster`, and holds it if newer.
     pub async fn check(
+        &self,
+        cluster: &ClusterClient,
+        operator: &PublicKey,
+        seen: &SignedHeader,
+    ) -> Result<Checked> {
+        let checked = self.check_held(cluster, operator, seen).await?;
+        if let Some(quorum) = &self.quorum {
+            self.witnessed(cluster, operator, seen, quorum).await?;
+        }
+        Ok(checked)
+    }
+
+    /// Waits (at most [`WITNESS_WAIT`]) for a checkpoint at or above `seen` cosigned by the
+    /// quorum, proves `seen` is in it, and holds it.
+    async fn witnessed(
+        &self,
+        cluster: &ClusterClient,
+        operator: &PublicKey,
+        seen: &SignedHeader,
+        quorum: &Quorum,
+    ) -> Result<()> {
+        let chain_id = seen.header.chain_id;
+        let height = seen.header.height;
+        let started = std::time::Instant::now();
+        let (note, checkpoint) = loop {
+            let found = match cluster.checkpoint().await {
+                Ok(note) => {
+                    let cp = open_checkpoint(&note, operator, &chain_id)?;
+                    let count = quorum
+                        .witnesses
+                        .iter()
+                        .filter(|(name, key)| matches!(cosigned_at(&note, name, key), Ok(Some(_))))
+                        .count();
+                    (cp.size >= height && count >= quorum.k).then_some((note, cp, count))
+                }
+                Err(Error::Rejected(r)) if r.code == ErrorCode::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            if let Some((note, cp, _)) = found {
+                break (note, cp);
+            }
+            if started.elapsed() > WITNESS_WAIT {
+                return Err(Error::Verify(format!(
+                    "no checkpoint at or above height {height} cosigned by {} of the profile's \
+                     {} witnesses within {} s",
+                    quorum.k,
+                    quorum.witnesses.len(),
+                    WITNESS_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let reply = proof(cluster, operator, &chain_id, (height, checkpoint.size)).await?;
+        self.compare(operator, ("seen", seen), ("served", &reply.from.header))?;
+        let served = open_checkpoint(&reply.to.checkpoint, operator, &chain_id)?;
+        if checkpoints_split(&checkpoint, &served) {
+            let evidence = self.save_evidence(
+                operator,
+                checkpoint.size,
+                json!({ "held_checkpoint": note, "served_checkpoint": reply.to.checkpoint }),
+            )?;
+            return Err(Error::SplitView {
+                height: checkpoint.size,
+                evidence,
+            });
+        }
+        let held = self.held(&chain_id, operator)?;
+        if held.is_none_or(|h| h.header.header.height <= checkpoint.size) {
+            let point = LogPoint {
+                checkpoint: note,
+                ..reply.to
+            };
+            self.hold(&point)?;
+        }
+        Ok(())
+    }
+
+    async fn check_held(
         &self,
         cluster: &ClusterClient,
         operator: &PublicKey,

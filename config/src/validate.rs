@@ -200,7 +200,11 @@ fn witnesses(problems: &mut Problems, config: &Config) {
             );
         }
         if let Err(problem) = decode_hex32(&w.public_key) {
-            problems.push(format!("witnesses[{i}].public_key"), quoted(&w.public_key), problem);
+            problems.push(
+                format!("witnesses[{i}].public_key"),
+                quoted(&w.public_key),
+                problem,
+            );
         }
     }
 }

@@ -136,6 +136,8 @@ fn write_profile(
         server_name: SERVER_NAME.to_string(),
         deposit_key: Some(abs.join("deposit.key")),
         admin_key: Some(abs.join("admin.key")),
+        witness_quorum: 0,
+        witnesses: Vec::new(),
         replicas,
     };
     write_new(path, &profile.to_toml_string()?, false)

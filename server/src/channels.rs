@@ -271,6 +271,12 @@ pub enum StorageCmd {
     /// The header log's consistency from `from` to `to` (0: the applied height)
     /// (`GetConsistency`).
     Consistency { from: u64, to: u64, reply: ReplyTo },
+    /// The same proof for the witnessing task (`witnesses.rs`), between applied heights.
+    LogProof {
+        from: u64,
+        to: u64,
+        reply: tokio::sync::oneshot::Sender<CoreResult<tally_wire::ConsistencyReply>>,
+    },
     Status {
         raft: ReplicaStatus,
         /// Whether this replica's master is sequencing (it leads and has caught up).

@@ -29,3 +29,4 @@ pub mod restore;
 pub mod snapshot;
 pub mod tls;
 pub mod view;
+pub mod witnesses;

@@ -548,6 +548,13 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
             },
         ),
         Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
+        Message::GetCheckpoint => match pipeline.witnessed.latest() {
+            Some(note) => reply.send(&Message::Checkpoint(note)),
+            None => reply.error(
+                ErrorCode::NotFound,
+                "no checkpoint cosigned by a witness on this replica (ask the leader)",
+            ),
+        },
         Message::GetConsistency {
             from_height,
             to_height,

@@ -642,6 +642,12 @@ async fn serve_until_signal(
     let listeners = Listeners::bind(s.config).await?;
     let raft_thread = start_replication(&s, replication).await?;
     announce(&s, &listeners);
+    let witnessed = Arc::clone(&s.pipeline.witnessed);
+    tokio::spawn(crate::witnesses::run(
+        s.config.witnesses.clone(),
+        s.pipeline.clone(),
+        witnessed,
+    ));
     let server = tokio::spawn(serve(
         listeners.client,
         tokio_rustls::TlsAcceptor::from(s.client_tls),

@@ -45,6 +45,7 @@ pub mod message_type {
     pub const GET_ACCOUNT: u8 = 0x0c;
     pub const GET_CONFIRMATION_BY_RECEIPT: u8 = 0x0d;
     pub const GET_CONSISTENCY: u8 = 0x0e;
+    pub const GET_CHECKPOINT: u8 = 0x0f;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -60,6 +61,7 @@ pub mod message_type {
     pub const ACCOUNT: u8 = 0x8d;
     pub const EXPIRY_CONFIRMED: u8 = 0x8e;
     pub const CONSISTENCY: u8 = 0x8f;
+    pub const CHECKPOINT: u8 = 0x90;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -80,6 +82,7 @@ pub mod message_type {
                 | GET_ACCOUNT
                 | GET_CONFIRMATION_BY_RECEIPT
                 | GET_CONSISTENCY
+                | GET_CHECKPOINT
         )
     }
 }
@@ -338,6 +341,11 @@ pub enum Message {
         to_height: u64,
     },
     Consistency(Box<crate::ConsistencyReply>),
+    /// The newest checkpoint the leader's witnesses cosigned, answered `Checkpoint` (the signed
+    /// note with the operator's signature and the witnesses' cosignature lines) or `Error`
+    /// (`not_found`: no witness has cosigned one yet, or this replica does not send them).
+    GetCheckpoint,
+    Checkpoint(String),
 }
 
 /// The operator's totals at one applied height: what was deposited and withdrawn, and the sum
@@ -384,6 +392,8 @@ impl Message {
             Message::GetConfirmationByReceipt { .. } => GET_CONFIRMATION_BY_RECEIPT,
             Message::GetConsistency { .. } => GET_CONSISTENCY,
             Message::Consistency(_) => CONSISTENCY,
+            Message::GetCheckpoint => GET_CHECKPOINT,
+            Message::Checkpoint(_) => CHECKPOINT,
         }
     }
 
@@ -491,6 +501,11 @@ impl Message {
                 out.extend_from_slice(&to_height.to_le_bytes());
             }
             Message::Consistency(reply) => reply.write(out),
+            Message::GetCheckpoint => {}
+            Message::Checkpoint(note) => {
+                assert!(note.len() <= crate::CHECKPOINT_NOTE_BYTES_MAX);
+                crate::put_string(out, note)
+            }
         }
     }
 
@@ -618,6 +633,17 @@ impl Message {
             }
             GET_CONSISTENCY => read_get_consistency(&mut r)?,
             CONSISTENCY => Message::Consistency(Box::new(crate::ConsistencyReply::read(&mut r)?)),
+            GET_CHECKPOINT => Message::GetCheckpoint,
+            CHECKPOINT => {
+                let note = r.string("checkpoint.note")?;
+                if note.len() > crate::CHECKPOINT_NOTE_BYTES_MAX {
+                    return Err(WireError::Invalid {
+                        field: "checkpoint.note",
+                        reason: "longer than 4096 bytes",
+                    });
+                }
+                Message::Checkpoint(note)
+            }
             other => return Err(WireError::UnknownMessageType { found: other }),
         };
         r.finish()?;

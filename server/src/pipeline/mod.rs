@@ -135,6 +135,8 @@ pub struct PipelineHandle {
     pub read_only: bool,
     /// Who may send membership commands (`[cluster] admin_keys`).
     pub admin: Arc<crate::admin::AdminGate>,
+    /// The newest checkpoint the witnesses cosigned (`GetCheckpoint`).
+    pub witnessed: Arc<crate::witnesses::Witnessed>,
 }
 
 pub struct Pipeline {
@@ -209,6 +211,7 @@ impl Pipeline {
                 archive: cfg.archive,
                 read_only: cfg.read_only,
                 admin: cfg.admin,
+                witnessed: Arc::default(),
             },
             storage_thread,
             confirm_thread,

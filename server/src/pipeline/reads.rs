@@ -58,6 +58,9 @@ impl<S: LedgerStore> StorageThread<S> {
             }
             StorageCmd::Supply { reply } => self.supply(reply),
             StorageCmd::Consistency { from, to, reply } => self.consistency(from, to, reply),
+            StorageCmd::LogProof { from, to, reply } => {
+                let _ = reply.send(self.log_proof(from, to));
+            }
             cmd @ (StorageCmd::History { .. }
             | StorageCmd::Account { .. }
             | StorageCmd::FindByReceipt { .. }) => self.accounting(cmd),
@@ -130,6 +133,15 @@ impl<S: LedgerStore> StorageThread<S> {
                 format!("height {to} is not applied on this replica (it has {height})"),
             );
         }
+        match self.log_proof(from, to) {
+            Ok(r) => reply.send(&Message::Consistency(Box::new(r))),
+            Err(e) => on_error("proving the header log's consistency", e, reply),
+        }
+    }
+
+    /// The header log's consistency from `from` to `to`, both applied heights (`from <= to`).
+    fn log_proof(&mut self, from: u64, to: u64) -> CoreResult<tally_wire::ConsistencyReply> {
+        assert!(1 <= from && from <= to && to <= self.engine.meta().height);
         let store = self.store.as_mut().expect("store");
         let operator = self.engine.operator();
         let mut header = |h: u64| {
@@ -137,15 +149,8 @@ impl<S: LedgerStore> StorageThread<S> {
                 tally_core::Error::missing(format_args!("header {h} below the applied height"))
             })
         };
-        let proved = header(from)
-            .and_then(|a| Ok((a, header(to)?)))
-            .and_then(|(a, b)| {
-                consistency_reply(a, b, operator, &mut |l, i| store.header_log_node(l, i))
-            });
-        match proved {
-            Ok(r) => reply.send(&Message::Consistency(Box::new(r))),
-            Err(e) => on_error("proving the header log's consistency", e, reply),
-        }
+        let (a, b) = (header(from)?, header(to)?);
+        consistency_reply(a, b, operator, &mut |l, i| store.header_log_node(l, i))
     }
 
     /// Answers `GetSupply` from the applied state.

@@ -366,3 +366,68 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The leader sends its checkpoints to the witness in its config (a `tally witness` process)
+/// and serves them cosigned; a profile requiring that witness's cosignature trusts a
+/// confirmation once a cosigned checkpoint covers it, and one requiring an unknown witness
+/// refuses it.
+#[test]
+fn a_witness_quorum_in_the_profile_needs_the_leaders_cosigned_checkpoints() {
+    let operator = Operator::new(|c| c.batch.batch_window_ms = 10);
+    let base = operator.data_dir().join("profile.toml");
+    let witness_key = operator._dir.path().join("witness.key");
+    let key = generate_key();
+    tally_client::write_key(&witness_key, &key).unwrap();
+    let (witness, _stdout, addr, name) = start_witness(&base, &witness_key);
+    let _witness = KillOnDrop(witness);
+    let mut config = tally_config::Config::from_toml_str(
+        &std::fs::read_to_string(&operator.config_path).unwrap(),
+    )
+    .unwrap();
+    config.witnesses.push(tally_config::WitnessConfig {
+        url: format!("http://{addr}"),
+        public_key: hex::encode(key.verifying_key().as_bytes()),
+    });
+    std::fs::write(&operator.config_path, config.to_toml_string()).unwrap();
+    let server = operator.start();
+
+    let with_quorum = |name: &str, public_key: &str, file: &str| {
+        let mut profile = tally_client::Profile::load(&base).unwrap();
+        profile.replicas = server.profile.replicas.clone();
+        profile.witness_quorum = 1;
+        profile.witnesses = vec![tally_client::ProfileWitness {
+            name: name.into(),
+            public_key: public_key.into(),
+        }];
+        let path = operator.data_dir().join(file);
+        std::fs::write(&path, profile.to_toml_string().unwrap()).unwrap();
+        path
+    };
+    let alice = hex::encode(public_key(&generate_key()));
+    let good = with_quorum(
+        &name,
+        &hex::encode(key.verifying_key().as_bytes()),
+        "good.toml",
+    );
+    let (code, out) = deposit(&good, &alice, 5);
+    assert_eq!(code, 0, "{out}");
+    let height = out["receipt"]["height"].as_u64().unwrap();
+    let held = operator
+        .data_dir()
+        .join("trust")
+        .join(format!("{}.json", operator.profile.chain_id));
+    let held: Value = serde_json::from_str(&std::fs::read_to_string(held).unwrap()).unwrap();
+    let note = held["checkpoint"].as_str().unwrap();
+    assert!(held["height"].as_u64().unwrap() >= height, "{held}");
+    let cosigned = tally_core::witness::cosigned_at(note, &name, &key.verifying_key()).unwrap();
+    assert!(
+        cosigned.is_some(),
+        "the held checkpoint carries the witness's cosignature: {note}"
+    );
+
+    let stranger = hex::encode(public_key(&generate_key()));
+    let bad = with_quorum("tally-witness/stranger", &stranger, "bad.toml");
+    let (code, out) = deposit(&bad, &alice, 6);
+    assert_ne!(code, 0, "no cosignature by an unknown witness: {out}");
+    assert_eq!(out["code"], "verification_failed", "{out}");
+}

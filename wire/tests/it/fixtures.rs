@@ -361,6 +361,8 @@ pub fn envelope_messages() -> Vec<Message> {
             from_height: 3,
             to_height: 0,
         },
+        Message::GetCheckpoint,
+        Message::Checkpoint("tally.ledger/00\n3\nAAAA\n\n\u{2014} a b\n\u{2014} c d\n".into()),
         Message::GetConsistency {
             from_height: 1,
             to_height: u64::MAX,

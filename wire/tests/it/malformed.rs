@@ -212,7 +212,7 @@ fn submit(op: Op) -> Message {
 
 #[test]
 fn unknown_message_types() {
-    for t in [0x00u8, 0x0f, 0x7f, 0x80, 0x90, 0xff] {
+    for t in [0x00u8, 0x10, 0x7f, 0x80, 0x91, 0xff] {
         check(t, &[], err(WireError::UnknownMessageType { found: t }));
     }
 }

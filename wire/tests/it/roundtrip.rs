@@ -50,6 +50,7 @@ fn message_types_are_the_documented_bytes() {
                 | Message::OperationConfirmed(_)
                 | Message::ExpiryConfirmed(_)
                 | Message::Consistency(_)
+                | Message::Checkpoint(_)
                 | Message::Supply(_)
                 | Message::History(_)
                 | Message::Account(_)
@@ -61,7 +62,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x0f..=0xff).filter(|t| !(0x80..=0x8f).contains(t)) {
+    for t in (0x10..=0xff).filter(|t| !(0x80..=0x90).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }

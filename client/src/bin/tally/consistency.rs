@@ -18,15 +18,17 @@ use crate::Globals;
 
 /// The longest a command waits for the check of the header it saw, after its own work is done.
 const TRACK_BUDGET: Duration = Duration::from_secs(3);
+/// The same with a `witness_quorum`: the witnesses cosign about once a second.
+const WITNESSED_TRACK_BUDGET: Duration = Duration::from_secs(12);
 
-/// The trust store of the command's profile: the profile's own directory.
-fn store(ctx: &Globals) -> TrustStore {
+/// The trust store of the command's profile: the profile's own directory, and its witnesses.
+fn store(ctx: &Globals, profile: &Profile) -> Result<TrustStore> {
     let path = ctx.profile_path();
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    TrustStore::new(dir)
+    Ok(TrustStore::new(dir).with_witnesses(profile)?)
 }
 
 /// Checks `seen` (verified) against the profile's held header. A split view or a proof that
@@ -38,11 +40,16 @@ pub async fn track(
     operator: &PublicKey,
     seen: &SignedHeader,
 ) -> Result<()> {
+    let profile = ctx.profile()?;
     let left = ctx.total_timeout.saturating_sub(ctx.started.elapsed());
-    let budget = left
-        .saturating_sub(crate::BACKSTOP_MARGIN * 2)
-        .min(TRACK_BUDGET);
-    let checked = tokio::time::timeout(budget, store(ctx).check(cluster, operator, seen)).await;
+    let wanted = if profile.witness_quorum > 0 {
+        WITNESSED_TRACK_BUDGET
+    } else {
+        TRACK_BUDGET
+    };
+    let budget = left.saturating_sub(crate::BACKSTOP_MARGIN * 2).min(wanted);
+    let store = store(ctx, &profile)?;
+    let checked = tokio::time::timeout(budget, store.check(cluster, operator, seen)).await;
     match checked {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e @ (Error::SplitView { .. } | Error::Verify(_) | Error::Io { .. }))) => {
@@ -52,6 +59,9 @@ pub async fn track(
             eprintln!("warning: the header log was not checked this time: {e}");
             Ok(())
         }
+        Err(_) if profile.witness_quorum > 0 => Err(anyhow::Error::from(Error::Verify(
+            "the witnesses' cosignatures were not had in time (witness_quorum)".into(),
+        ))),
         Err(_) => {
             eprintln!("warning: the header log was not checked this time: no answer in time");
             Ok(())
@@ -77,7 +87,7 @@ pub async fn prove(ctx: &Globals, from: u64, to: u64, out: Option<&Path>) -> Res
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
     }
-    let checked = store(ctx)
+    let checked = store(ctx, &profile)?
         .check(&cluster, &operator, &reply.to.header)
         .await?;
     if ctx.json {
