@@ -229,4 +229,55 @@ mod tests {
         let edited = stored.replacen(root, std::str::from_utf8(&changed).unwrap(), 1);
         assert!(verify_consistency_json(&edited, Some(operator)).is_err());
     }
+
+    /// An outsider's verifier (`wire/testdata/verify_consistency.py`, Python and
+    /// `cryptography` only, written from PROTOCOL.md) accepts the vector and refuses it with one
+    /// proof digit changed. Skipped with a note without python3 and `cryptography`, unless
+    /// `TALLY_REQUIRE_PYTHON=1` (`.ci/run` sets it).
+    #[test]
+    fn an_outsiders_verifier_agrees_with_the_vector() {
+        let probe = std::process::Command::new("python3")
+            .args(["-c", "import cryptography"])
+            .output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            assert_ne!(
+                std::env::var("TALLY_REQUIRE_PYTHON").as_deref(),
+                Ok("1"),
+                "python3 with the cryptography package is required"
+            );
+            eprintln!("skipped: no python3 with the cryptography package");
+            return;
+        }
+        let (text, operator) = vector();
+        let dir = tempfile::tempdir().unwrap();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../wire/testdata/verify_consistency.py"
+        );
+        let run = |text: &str| {
+            let path = dir.path().join("c.json");
+            std::fs::write(&path, text).unwrap();
+            std::process::Command::new("python3")
+                .arg(script)
+                .arg(&path)
+                .arg(hex::encode(operator))
+                .output()
+                .unwrap()
+        };
+        let out = run(&text);
+        assert!(
+            out.status.success() && out.stdout == b"ok\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file: ConsistencyFile = serde_json::from_str(&text).unwrap();
+        let first = &file.proof[0];
+        let mut changed = first.clone().into_bytes();
+        changed[3] = if changed[3] == b'0' { b'1' } else { b'0' };
+        let edited = text.replacen(first.as_str(), std::str::from_utf8(&changed).unwrap(), 1);
+        assert!(
+            !run(&edited).status.success(),
+            "a changed proof digit verifies in Python"
+        );
+    }
 }

@@ -121,6 +121,27 @@ fn consistency_proofs_verify_and_refuse_any_changed_digit() {
     let (code, out) = tally(&profile, &["consistency", "--from", "2", "--to", "999"]);
     assert_ne!(code, 0);
     assert_eq!(out["code"], "height_not_applied", "{out}");
+    same_checkpoint_as_the_archive(&profile, operator.data_dir());
+}
+
+/// The checkpoint a replica signs for a size is byte for byte the one its archive (the
+/// development operator's local directory) published for that size: one log, one key.
+fn same_checkpoint_as_the_archive(profile: &Path, data: &Path) {
+    let path = data.join("archive").join("checkpoint");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let archived = loop {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => break text,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    };
+    let size = archived.lines().nth(1).unwrap().to_string();
+    let (code, out) = tally(profile, &["consistency", "--from", &size, "--to", &size]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["to_checkpoint"].as_str(), Some(archived.as_str()));
 }
 
 #[test]
