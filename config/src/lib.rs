@@ -54,8 +54,9 @@ use serde::{Deserialize, Serialize};
 pub use crate::archive::ArchiveUrl;
 pub use crate::error::{ConfigError, ConfigErrors};
 pub use crate::schema::{
-    ArchiveConfig, BatchConfig, CacheConfig, ClusterConfig, LimitsConfig, ListenConfig, LogConfig,
-    NodeConfig, OperatorConfig, PeerConfig, RaftConfig, TlsConfig, WitnessConfig, WorkersConfig,
+    ArchiveConfig, BatchConfig, CacheConfig, ClusterConfig, ExplorerConfig, LimitsConfig,
+    ListenConfig, LogConfig, NodeConfig, OperatorConfig, PeerConfig, RaftConfig, TlsConfig,
+    WitnessConfig, WorkersConfig,
 };
 
 /// A replica's whole configuration, one field per TOML section.
@@ -100,6 +101,9 @@ pub struct Config {
     /// `[cluster]`: admin keys and the initial voters.
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// `[explorer]`: the public read-only explorer; off by default.
+    #[serde(default)]
+    pub explorer: ExplorerConfig,
     /// `[[witnesses]]`: witnesses that cosign the ledger's checkpoints; none by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub witnesses: Vec<WitnessConfig>,
@@ -142,6 +146,7 @@ impl Config {
                 ..ArchiveConfig::default()
             },
             cluster: ClusterConfig::default(),
+            explorer: ExplorerConfig::default(),
             witnesses: Vec::new(),
             peers: Vec::new(),
         }

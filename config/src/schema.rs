@@ -106,6 +106,14 @@ pub struct PeerConfig {
     pub client_address: SocketAddr,
 }
 
+/// `[explorer]`: the public read-only explorer on the HTTP port (`listen.metrics`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExplorerConfig {
+    /// Serve `/explorer/` (pages and their JSON). Default: false.
+    pub enabled: bool,
+}
+
 /// One `[[witnesses]]` entry: a C2SP tlog-witness the leader sends each new checkpoint to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -34,20 +34,68 @@ pub struct Outgoing {
     pub _permit: crate::limits::ReplyPermit,
 }
 
-/// Where the answer to one request goes.
+/// Where the answer to one request goes: a client's connection, or a task of this replica
+/// (the explorer) that reads the answer as a message.
 pub struct ReplyTo {
-    pub tx: mpsc::Sender<Outgoing>,
-    pub correlation_id: u64,
-    pub permit: crate::limits::ReplyPermit,
+    sink: Sink,
     /// When the request's frame was read: the start of `tally_confirmation_seconds`.
     pub received: Instant,
     /// Every answer is counted here, so the counters match what clients were sent.
     pub metrics: Arc<Metrics>,
 }
 
+enum Sink {
+    Connection {
+        tx: mpsc::Sender<Outgoing>,
+        correlation_id: u64,
+        permit: crate::limits::ReplyPermit,
+    },
+    Internal(tokio::sync::oneshot::Sender<Message>),
+}
+
 impl ReplyTo {
+    /// The answer goes to a connection as the frame of `correlation_id`, holding `permit`.
+    pub fn connection(
+        tx: mpsc::Sender<Outgoing>,
+        correlation_id: u64,
+        permit: crate::limits::ReplyPermit,
+        metrics: Arc<Metrics>,
+    ) -> ReplyTo {
+        ReplyTo {
+            sink: Sink::Connection {
+                tx,
+                correlation_id,
+                permit,
+            },
+            received: Instant::now(),
+            metrics,
+        }
+    }
+
+    /// The answer comes back on the receiver, uncounted (no client sees it).
+    pub fn internal(metrics: Arc<Metrics>) -> (ReplyTo, tokio::sync::oneshot::Receiver<Message>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reply = ReplyTo {
+            sink: Sink::Internal(tx),
+            received: Instant::now(),
+            metrics,
+        };
+        (reply, rx)
+    }
+
     pub fn send(self, message: &Message) {
-        let bytes = message.encode_frame(self.correlation_id);
+        let (tx, correlation_id, permit) = match self.sink {
+            Sink::Connection {
+                tx,
+                correlation_id,
+                permit,
+            } => (tx, correlation_id, permit),
+            Sink::Internal(tx) => {
+                let _ = tx.send(message.clone());
+                return;
+            }
+        };
+        let bytes = message.encode_frame(correlation_id);
         // Counted before the client can see the answer, so a scrape after it never lags.
         match message {
             Message::Confirmed(c) if c.replayed => self.metrics.batches.replayed_total.inc(),
@@ -70,9 +118,9 @@ impl ReplyTo {
             _ => {}
         }
         // Fails only when the connection is gone; there is nobody left to tell.
-        let _ = self.tx.try_send(Outgoing {
+        let _ = tx.try_send(Outgoing {
             bytes,
-            _permit: self.permit,
+            _permit: permit,
         });
     }
 

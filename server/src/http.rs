@@ -26,6 +26,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    explorer: Option<Arc<crate::explorer::Explorer>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
@@ -46,8 +47,9 @@ pub async fn serve(
                     continue;
                 };
                 let metrics = metrics.clone();
+                let explorer = explorer.clone();
                 tokio::spawn(async move {
-                    answer(stream, &metrics).await;
+                    answer(stream, &metrics, explorer.as_deref()).await;
                     drop(slot);
                 });
             }
@@ -55,11 +57,18 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) {
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    explorer: Option<&crate::explorer::Explorer>,
+) {
     let mut buf = Vec::with_capacity(1024);
     let response = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream, &mut buf)).await
     {
-        Ok(Ok(Head::Complete(len))) => route(&buf[..len], metrics),
+        Ok(Ok(Head::Complete(len))) => match (explorer, explorer_target(&buf[..len])) {
+            (Some(explorer), Some(target)) => explorer.get(&target).await,
+            _ => route(&buf[..len], metrics),
+        },
         Ok(Ok(Head::TooLarge)) => Response::text(431, "request header fields too large\n"),
         Ok(Ok(Head::Closed)) | Ok(Err(_)) => return,
         Err(_) => Response::text(408, "request timeout\n"),
@@ -109,6 +118,10 @@ pub struct Response {
 }
 
 impl Response {
+    pub fn not_found() -> Response {
+        Response::text(404, "not found\n")
+    }
+
     fn text(status: u16, body: &str) -> Response {
         Response {
             status,
@@ -126,6 +139,7 @@ impl Response {
             405 => "Method Not Allowed",
             408 => "Request Timeout",
             431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
             503 => "Service Unavailable",
             _ => "",
         };
@@ -146,6 +160,15 @@ impl Response {
         }
         out
     }
+}
+
+/// The target of a `GET /explorer...` request head, if it is one.
+fn explorer_target(head: &[u8]) -> Option<String> {
+    let line = head.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next()?, parts.next()?);
+    (method == "GET" && target.starts_with("/explorer")).then(|| target.to_string())
 }
 
 /// Answers one request head (request line and headers, ending with the blank line).

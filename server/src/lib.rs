@@ -15,6 +15,7 @@ pub mod bootstrap;
 pub mod certs;
 pub mod channels;
 pub mod dirs;
+pub mod explorer;
 pub mod fail;
 pub mod http;
 pub mod limits;

@@ -412,12 +412,13 @@ impl Connection<'_> {
             r = self.budget.reserve(bound) => r,
         }?;
         let pipeline = &self.shared.pipeline;
-        let reply = |permit| ReplyTo {
-            tx: self.tx.clone(),
-            correlation_id,
-            permit,
-            received: Instant::now(),
-            metrics: pipeline.metrics.clone(),
+        let reply = |permit| {
+            ReplyTo::connection(
+                self.tx.clone(),
+                correlation_id,
+                permit,
+                pipeline.metrics.clone(),
+            )
         };
         match (reserved, decoded) {
             (Reserved::Full(permit), Ok(message)) => {
@@ -444,13 +445,12 @@ impl Connection<'_> {
         if let Some(Reserved::Full(permit) | Reserved::BusyOnly(permit)) =
             self.budget.reserve(SMALL_REPLY_BYTES_MAX).await
         {
-            ReplyTo {
-                tx: self.tx.clone(),
+            ReplyTo::connection(
+                self.tx.clone(),
                 correlation_id,
                 permit,
-                received: Instant::now(),
-                metrics: self.shared.pipeline.metrics.clone(),
-            }
+                self.shared.pipeline.metrics.clone(),
+            )
             .send(&Message::Error(error));
         }
     }

@@ -648,6 +648,11 @@ async fn serve_until_signal(
         s.pipeline.clone(),
         witnessed,
     ));
+    let explorer = s
+        .config
+        .explorer
+        .enabled
+        .then(|| Arc::new(crate::explorer::Explorer::new(s.pipeline.clone())));
     let server = tokio::spawn(serve(
         listeners.client,
         tokio_rustls::TlsAcceptor::from(s.client_tls),
@@ -659,6 +664,7 @@ async fn serve_until_signal(
     tokio::spawn(crate::http::serve(
         listeners.metrics,
         metrics.clone(),
+        explorer,
         s.http_stop,
     ));
     #[cfg(unix)]

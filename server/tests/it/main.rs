@@ -7,6 +7,7 @@ mod cluster;
 mod cluster_harness;
 mod consistency;
 mod envelopes;
+mod explorer;
 mod harness;
 mod history;
 mod layering;

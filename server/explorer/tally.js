@@ -1,0 +1,121 @@
+// tally explorer: shared helpers. Plain JavaScript, no build step. Every proof is checked here,
+// in the browser, with WebCrypto (SHA-256, Ed25519); the server is trusted for nothing.
+"use strict";
+
+const tally = {};
+
+tally.hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+
+tally.unhex = (text) => {
+  if (!/^([0-9a-f]{2})*$/.test(text)) throw new Error("not lowercase hex");
+  const out = new Uint8Array(text.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(text.substr(2 * i, 2), 16);
+  return out;
+};
+
+tally.concat = (...parts) => {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+};
+
+tally.sha256 = async (...parts) =>
+  new Uint8Array(await crypto.subtle.digest("SHA-256", tally.concat(...parts)));
+
+tally.equal = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+
+tally.ed25519 = async (publicKey, signature, message) => {
+  const key = await crypto.subtle.importKey("raw", publicKey, { name: "Ed25519" }, false, ["verify"]);
+  return crypto.subtle.verify({ name: "Ed25519" }, key, signature, message);
+};
+
+tally.u32 = (b, at) => new DataView(b.buffer, b.byteOffset + at, 4).getUint32(0, true);
+tally.u64 = (b, at) => new DataView(b.buffer, b.byteOffset + at, 8).getBigUint64(0, true);
+
+// RFC 9162 §2.1.3.2: the root an inclusion proof leads to.
+tally.inclusionRoot = async (index, size, leaf, path) => {
+  let fn = index, sn = size - 1, r = leaf;
+  for (const p of path) {
+    if (sn === 0) throw new Error("the proof is longer than the tree is deep");
+    if (fn % 2 === 1 || fn === sn) {
+      r = await tally.sha256(Uint8Array.of(1), p, r);
+      while (fn % 2 === 0 && fn !== 0) { fn = Math.floor(fn / 2); sn = Math.floor(sn / 2); }
+    } else {
+      r = await tally.sha256(Uint8Array.of(1), r, p);
+    }
+    fn = Math.floor(fn / 2); sn = Math.floor(sn / 2);
+  }
+  if (sn !== 0) throw new Error("the proof is shorter than the tree is deep");
+  return r;
+};
+
+// Checks a `tally-confirmation-v1` file (PROTOCOL.md §10, §11) under `operatorHex`. Returns
+// {valid, checks, reason, fields}; `checks` lists what passed, in order.
+tally.verifyConfirmation = async (text, operatorHex) => {
+  const checks = [];
+  const fail = (reason) => ({ valid: false, checks, reason });
+  let file;
+  try { file = JSON.parse(text); } catch (e) { return fail("not JSON: " + e.message); }
+  if (file.format !== "tally-confirmation-v1") return fail("format " + JSON.stringify(file.format) + " is not tally-confirmation-v1");
+  let bytes, operator;
+  try { bytes = tally.unhex(file.confirmation_hex); operator = tally.unhex(operatorHex); } catch (e) { return fail(e.message); }
+  if (operator.length !== 32) return fail("the operator key is not 32 bytes");
+  if (bytes.length < 554 || (bytes.length - 554) % 32 !== 0 || bytes[0] !== 0) return fail("confirmation_hex is not one confirmation");
+  const request = bytes.subarray(1, 209), receipt = bytes.subarray(209, 289);
+  const signed = bytes.subarray(289, 545), proof = bytes.subarray(545);
+  const header = signed.subarray(0, 192);
+  checks.push("the bytes have the layout of a confirmation");
+  if (!(await tally.ed25519(request.subarray(72, 104), request.subarray(144, 208), request.subarray(0, 144))))
+    return fail("the request's signature does not verify");
+  checks.push("the request's signature verifies under its signer");
+  if (!tally.equal(await tally.sha256(request), receipt.subarray(16, 48)))
+    return fail("the receipt names another request");
+  if (receipt[60] !== request[48]) return fail("the receipt's operation is not the request's");
+  if (tally.u64(receipt, 48) !== tally.u64(header, 56)) return fail("the receipt is of another height");
+  checks.push("the receipt names the request, its operation and the header's height");
+  const index = tally.u32(proof, 0), size = tally.u32(proof, 4), count = proof[8];
+  if (proof.length !== 9 + 32 * count || index !== tally.u32(receipt, 56) || size !== tally.u32(header, 80))
+    return fail("the proof's position does not match the receipt and the header");
+  const path = [];
+  for (let i = 0; i < count; i++) path.push(proof.subarray(9 + 32 * i, 41 + 32 * i));
+  let root;
+  try { root = await tally.inclusionRoot(index, size, await tally.sha256(Uint8Array.of(0), receipt), path); }
+  catch (e) { return fail(e.message); }
+  if (!tally.equal(root, header.subarray(120, 152)))
+    return fail("the inclusion proof does not lead to the header's Merkle root");
+  checks.push("the inclusion proof leads from the receipt to the header's Merkle root");
+  if (!tally.equal((await tally.sha256(operator)).subarray(0, 8), header.subarray(184, 192)))
+    return fail("the header names another operator key");
+  if (!(await tally.ed25519(operator, signed.subarray(192, 256), header)))
+    return fail("the operator's signature over the header does not verify");
+  checks.push("the operator's signature over the header verifies");
+  return {
+    valid: true, checks,
+    fields: {
+      height: tally.u64(header, 56).toString(), index,
+      amount: tally.u64(request, 136).toString(),
+      signer: tally.hex(request.subarray(72, 104)), to: tally.hex(request.subarray(104, 136)),
+    },
+  };
+};
+
+tally.api = async (path) => {
+  const answer = await fetch("/explorer/api/" + path);
+  const body = await answer.json();
+  if (!answer.ok) throw new Error(body.error || answer.status);
+  return body;
+};
+
+tally.el = (tag, attrs, ...children) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const c of children) e.append(c);
+  return e;
+};
+
+tally.table = (columns, rows) =>
+  tally.el("table", {}, tally.el("tr", {}, ...columns.map((c) => tally.el("th", {}, c))),
+    ...rows.map((r) => tally.el("tr", {}, ...r.map((cell) => tally.el("td", {}, cell)))));
+
+tally.param = (name) => new URLSearchParams(location.search).get(name);

@@ -1,0 +1,165 @@
+//! The public explorer in a real browser: headless Chromium (Debian's `chromium`) loads the
+//! pages a server with `[explorer] enabled` serves and the test reads what a person would see:
+//! the latest checkpoint, the headers, a batch's receipts, an account's history, and a
+//! confirmation file verified in the browser, valid as written and invalid with one digit
+//! changed. Skipped with a note without `chromium`, unless `TALLY_REQUIRE_CHROMIUM=1` (`.ci/run`
+//! installs it and sets that).
+
+use std::path::Path;
+use std::process::Command;
+
+use base64::Engine as _;
+use serde_json::Value;
+use tally_client::{generate_key, public_key};
+
+use crate::envelopes::tally_bin;
+use crate::harness::Operator;
+
+/// The DOM of `url` after its scripts ran, as headless Chromium renders it.
+fn dom(url: &str) -> String {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("chromium");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn chromium_present() -> bool {
+    let found = Command::new("chromium").arg("--version").output();
+    if found.is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("TALLY_REQUIRE_CHROMIUM").as_deref(),
+        Ok("1"),
+        "chromium is required (apt-get install chromium)"
+    );
+    eprintln!("skipped: no chromium");
+    false
+}
+
+fn tally(profile: &Path, args: &[&str]) -> Value {
+    let out = Command::new(tally_bin())
+        .arg("--profile")
+        .arg(profile)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("tally");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_person_sees_the_ledger_and_verifies_a_confirmation_in_the_browser() {
+    if !chromium_present() {
+        return;
+    }
+    let operator = Operator::new(|c| {
+        c.batch.batch_window_ms = 10;
+        c.explorer.enabled = true;
+    });
+    let server = operator.start();
+    let profile = operator.data_dir().join("p.toml");
+    std::fs::write(&profile, server.profile.to_toml_string().unwrap()).unwrap();
+    let alice = hex::encode(public_key(&generate_key()));
+    let file = operator.data_dir().join("deposit.json");
+    let deposit = tally(
+        &profile,
+        &[
+            "deposit",
+            "--to",
+            &alice,
+            "--amount",
+            "777",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    let height = deposit["receipt"]["height"].as_u64().unwrap();
+    let base = format!("http://{}/explorer", server.metrics_addr);
+
+    let index = dom(&format!("{base}/"));
+    assert!(index.contains(&format!("Height {height}")), "{index}");
+    assert!(
+        index.contains("tally.ledger/"),
+        "the checkpoint note: {index}"
+    );
+    assert!(index.contains(&format!("batch.html?h={height}")), "{index}");
+
+    let batch = dom(&format!("{base}/batch.html?h={height}"));
+    assert!(batch.contains(&format!("Batch {height}")), "{batch}");
+    assert!(
+        batch.contains(&alice) && batch.contains("777"),
+        "the deposit's receipt: {batch}"
+    );
+
+    let account = dom(&format!("{base}/account.html?a={alice}"));
+    assert!(account.contains("operation_count"), "{account}");
+    assert!(
+        account.contains("777"),
+        "the balance and the history entry: {account}"
+    );
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    let operator_key = &operator.profile.operator_public_key;
+    let verify = |text: &str, key: &str| {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+        let fragment = format!("file={}&key={key}", urlencode(&encoded));
+        dom(&format!("{base}/verify.html#{fragment}"))
+    };
+    let valid = verify(&text, operator_key);
+    assert!(
+        valid.contains(&format!("VALID: height {height}")),
+        "{valid}"
+    );
+    assert!(
+        valid.contains("the operator's signature over the header verifies"),
+        "{valid}"
+    );
+
+    // One digit of the receipt's balance changed: the proof no longer leads to the root.
+    let json: Value = serde_json::from_str(&text).unwrap();
+    let hex = json["confirmation_hex"].as_str().unwrap();
+    let at = 2 * (209 + 64);
+    let mut changed = hex.to_string().into_bytes();
+    changed[at] = if changed[at] == b'0' { b'1' } else { b'0' };
+    let tampered = text.replacen(hex, std::str::from_utf8(&changed).unwrap(), 1);
+    let invalid = verify(&tampered, operator_key);
+    assert!(
+        invalid.contains("INVALID: the inclusion proof does not lead"),
+        "{invalid}"
+    );
+    let other_key = hex::encode(public_key(&generate_key()));
+    let wrong_key = verify(&text, &other_key);
+    assert!(
+        wrong_key.contains("INVALID: the header names another operator key"),
+        "{wrong_key}"
+    );
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
