@@ -24,7 +24,7 @@ fn schema_keys() -> BTreeSet<String> {
     config.cluster.admin_keys.push("00".repeat(32));
     config.cluster.initial_voters = Some(vec![1, 2]);
     config.witnesses.push(tally_config::WitnessConfig {
-        url: "http://127.0.0.1:7600".into(),
+        url: "http://127.0.0.1:7700".into(),
         public_key: "00".repeat(32),
     });
     config.peers.push(PeerConfig {
