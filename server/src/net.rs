@@ -539,33 +539,10 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
             },
         ),
         Message::GetBalance { account, mode } => read_balance(pipeline, account, mode, reply),
-        Message::GetHeaders { from_height, limit } => pipeline::read(
-            pipeline,
-            StorageCmd::Headers {
-                from_height,
-                limit,
-                reply,
-            },
-        ),
         Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
-        Message::GetCheckpoint => match pipeline.witnessed.latest() {
-            Some(note) => reply.send(&Message::Checkpoint(note)),
-            None => reply.error(
-                ErrorCode::NotFound,
-                "no checkpoint cosigned by a witness on this replica (ask the leader)",
-            ),
-        },
-        Message::GetConsistency {
-            from_height,
-            to_height,
-        } => pipeline::read(
-            pipeline,
-            StorageCmd::Consistency {
-                from: from_height,
-                to: to_height,
-                reply,
-            },
-        ),
+        m @ (Message::GetHeaders { .. }
+        | Message::GetCheckpoint
+        | Message::GetConsistency { .. }) => read_log(pipeline, m, reply),
         m @ (Message::GetHistory { .. }
         | Message::GetAccount { .. }
         | Message::GetConfirmationByReceipt { .. }) => {
@@ -589,6 +566,40 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
                 other.message_type()
             ),
         ),
+    }
+}
+
+/// The reads of headers and the header log: headers and consistency proofs (on the storage
+/// thread) and the witnessed checkpoint (`GetCheckpoint`, from memory).
+fn read_log(pipeline: &PipelineHandle, message: Message, reply: ReplyTo) {
+    match message {
+        Message::GetHeaders { from_height, limit } => pipeline::read(
+            pipeline,
+            StorageCmd::Headers {
+                from_height,
+                limit,
+                reply,
+            },
+        ),
+        Message::GetCheckpoint => match pipeline.witnessed.latest() {
+            Some(note) => reply.send(&Message::Checkpoint(note)),
+            None => reply.error(
+                ErrorCode::NotFound,
+                "no checkpoint cosigned by a witness on this replica (ask the leader)",
+            ),
+        },
+        Message::GetConsistency {
+            from_height,
+            to_height,
+        } => pipeline::read(
+            pipeline,
+            StorageCmd::Consistency {
+                from: from_height,
+                to: to_height,
+                reply,
+            },
+        ),
+        other => unreachable!("not a header log read: 0x{:02x}", other.message_type()),
     }
 }
 

@@ -196,8 +196,7 @@ impl Pipeline {
             lookups_seen: (0, 0, 0),
             metrics: cfg.metrics.clone(),
         };
-        let storage_rx = wiring.storage_rx;
-        let storage_thread = spawn("storage".into(), move || storage.run(storage_rx));
+        let storage_thread = spawn("storage".into(), move || storage.run(wiring.storage_rx));
         let confirm_thread = spawn_confirmer(&cfg, q.confirm_rx, &shutdown);
         Pipeline {
             handle: PipelineHandle {
