@@ -57,6 +57,7 @@ tally.verifyConfirmation = async (text, operatorHex) => {
   const fail = (reason) => ({ valid: false, checks, reason });
   let file;
   try { file = JSON.parse(text); } catch (e) { return fail("not JSON: " + e.message); }
+  if (file.format === "tally-consistency-proof-v1") return tally.verifyConsistency(file, operatorHex);
   if (file.format !== "tally-confirmation-v1") return fail("format " + JSON.stringify(file.format) + " is not tally-confirmation-v1");
   let bytes, operator;
   try { bytes = tally.unhex(file.confirmation_hex); operator = tally.unhex(operatorHex); } catch (e) { return fail(e.message); }
@@ -98,6 +99,88 @@ tally.verifyConfirmation = async (text, operatorHex) => {
       signer: tally.hex(request.subarray(72, 104)), to: tally.hex(request.subarray(104, 136)),
     },
   };
+};
+
+// RFC 9162 §2.1.4.2: whether `proof` shows the tree (m, oldRoot) is a prefix of (n, newRoot).
+tally.consistent = async (m, n, oldRoot, newRoot, proof) => {
+  if (m === n) return proof.length === 0 && tally.equal(oldRoot, newRoot);
+  if (m === 0 || proof.length === 0) return false;
+  const path = (m & (m - 1)) === 0 ? [oldRoot, ...proof] : proof;
+  let fn = m - 1, sn = n - 1;
+  while (fn % 2 === 1) { fn = Math.floor(fn / 2); sn = Math.floor(sn / 2); }
+  let fr = path[0], sr = path[0];
+  for (const c of path.slice(1)) {
+    if (sn === 0) return false;
+    if (fn % 2 === 1 || fn === sn) {
+      fr = await tally.sha256(Uint8Array.of(1), c, fr);
+      sr = await tally.sha256(Uint8Array.of(1), c, sr);
+      while (fn % 2 === 0 && fn !== 0) { fn = Math.floor(fn / 2); sn = Math.floor(sn / 2); }
+    } else {
+      sr = await tally.sha256(Uint8Array.of(1), sr, c);
+    }
+    fn = Math.floor(fn / 2); sn = Math.floor(sn / 2);
+  }
+  return sn === 0 && tally.equal(fr, oldRoot) && tally.equal(sr, newRoot);
+};
+
+tally.b64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+
+// Opens a checkpoint note signed by `operator` under key name `origin`: {size, root} or throws.
+tally.openCheckpoint = async (note, origin, operator) => {
+  const split = note.lastIndexOf("\n\n");
+  if (split < 0) throw new Error("a checkpoint without signatures");
+  const text = note.slice(0, split + 1), lines = note.slice(split + 2).split("\n").filter((l) => l);
+  const keyId = (await tally.sha256(new TextEncoder().encode(origin + "\n"), Uint8Array.of(1), operator)).subarray(0, 4);
+  let signed = false;
+  for (const line of lines) {
+    const [dash, name, blob] = line.split(" ");
+    if (dash !== "\u2014" || name !== origin) continue;
+    const raw = tally.b64(blob);
+    if (!tally.equal(raw.subarray(0, 4), keyId)) continue;
+    if (!(await tally.ed25519(operator, raw.subarray(4), new TextEncoder().encode(text))))
+      throw new Error("a checkpoint signature does not verify");
+    signed = true;
+  }
+  if (!signed) throw new Error("a checkpoint is not signed by the operator key");
+  const [o, size, root] = text.split("\n");
+  if (o !== origin) throw new Error("a checkpoint of another log");
+  return { size: Number(size), root: tally.b64(root) };
+};
+
+// Checks a `tally-consistency-proof-v1` file (PROTOCOL.md §11.1) under `operatorHex`.
+tally.verifyConsistency = async (file, operatorHex) => {
+  const checks = [];
+  const fail = (reason) => ({ valid: false, checks, reason });
+  try {
+    const operator = tally.unhex(operatorHex);
+    const roots = [];
+    for (const end of ["from", "to"]) {
+      const signed = tally.unhex(file[end + "_header_hex"]);
+      if (signed.length !== 256) return fail("a header is not 256 bytes");
+      const header = signed.subarray(0, 192);
+      if (!tally.equal((await tally.sha256(operator)).subarray(0, 8), header.subarray(184, 192)))
+        return fail("the header names another operator key");
+      if (!(await tally.ed25519(operator, signed.subarray(192), header)))
+        return fail("the operator's signature over the header at " + end + " does not verify");
+      const origin = "tally.ledger/" + tally.hex(header.subarray(24, 56));
+      const cp = await tally.openCheckpoint(file[end + "_checkpoint"], origin, operator);
+      const height = Number(tally.u64(header, 56));
+      if (cp.size !== height || cp.size !== file[end + "_size"] || tally.hex(cp.root) !== file[end + "_root"])
+        return fail("the " + end + " sizes or roots disagree with the signed checkpoint");
+      const path = file[end + "_inclusion"].map(tally.unhex);
+      const root = await tally.inclusionRoot(height - 1, height, await tally.sha256(Uint8Array.of(0), signed), path);
+      if (!tally.equal(root, cp.root)) return fail("the header at " + height + " is not its checkpoint's last leaf");
+      roots.push(cp);
+    }
+    checks.push("both headers and both checkpoints are signed by the operator key");
+    checks.push("each header is the last leaf of its checkpoint's log");
+    const ok = await tally.consistent(roots[0].size, roots[1].size, roots[0].root, roots[1].root, file.proof.map(tally.unhex));
+    if (!ok) return fail("the consistency proof does not lead from one root to the other");
+    checks.push("the log of size " + roots[0].size + " is a prefix of the log of size " + roots[1].size);
+    return { valid: true, checks, fields: { height: roots[1].size, from: roots[0].size } };
+  } catch (e) {
+    return fail(e.message);
+  }
 };
 
 tally.api = async (path) => {
