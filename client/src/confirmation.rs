@@ -297,8 +297,19 @@ pub(crate) mod tests {
     /// Real confirmations from a sequenced, applied and signed batch of three requests
     /// (deposit, transfer, withdraw), and the operator key that signed them.
     pub(crate) fn confirmations() -> (Vec<Confirmation>, SigningKey) {
+        confirmations_with([
+            generate_key(),
+            generate_key(),
+            generate_key(),
+            generate_key(),
+        ])
+    }
+
+    /// The confirmations of one batch (deposit, transfer, withdraw) signed with `keys`: the
+    /// operator's, the deposit key, Alice's and Bob's.
+    fn confirmations_with(keys: [SigningKey; 4]) -> (Vec<Confirmation>, SigningKey) {
         let chain_id = [42; 32];
-        let operator = generate_key();
+        let [operator, deposit, alice, bob] = keys;
         let operator_key = OperatorKey::new(operator.clone());
         let mut sequencer = Sequencer::new(
             SequencerConfig {
@@ -311,7 +322,6 @@ pub(crate) mod tests {
             LedgerMeta::genesis(),
         );
         let mut store = MemStore::default();
-        let (deposit, alice, bob) = (generate_key(), generate_key(), generate_key());
         let requests = [
             build_request(&deposit, chain_id, Op::Deposit, 1, public_key(&alice), 100),
             build_request(&alice, chain_id, Op::Transfer, 2, public_key(&bob), 30),
@@ -436,6 +446,41 @@ pub(crate) mod tests {
         check(
             &|v| v["operator_public_key"] = hex::encode(public_key(&forger)).into(),
             Some(op),
+        );
+    }
+
+    /// `wire/testdata/confirmation-v1.json`: the transfer of a batch of a deposit, a transfer
+    /// and a withdrawal, every key from a fixed seed (operator 0x07, deposit 0x08, Alice 0x09,
+    /// Bob 0x0a, 32 bytes each). Rewritten with `TALLY_WRITE_VECTORS=1`.
+    #[test]
+    fn the_confirmation_vector_is_what_the_code_writes_and_an_outsider_verifies() {
+        let keys = [7u8, 8, 9, 10].map(|b| SigningKey::from_bytes(&[b; 32]));
+        let (confirmations, operator) = confirmations_with(keys);
+        let operator = public_key(&operator);
+        let text = ConfirmationFile::new(&confirmations[1], &operator).to_json_pretty();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../wire/testdata/confirmation-v1.json"
+        );
+        if std::env::var("TALLY_WRITE_VECTORS").is_ok() {
+            std::fs::write(path, &text).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(path).unwrap(),
+            text,
+            "the vector is stale"
+        );
+        verify_confirmation_json(&text, Some(operator)).unwrap();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../wire/testdata/verify_confirmation.py"
+        );
+        crate::consistency::tests::outsider_agrees(
+            script,
+            &text,
+            &operator,
+            "confirmation_hex",
+            2 * (209 + 70),
         );
     }
 }
