@@ -13,18 +13,8 @@ use tally_wire::Op;
 use crate::envelopes::tally_bin;
 use crate::harness::{Operator, Server};
 
-/// Runs `tally --json ARGS` with `profile`: (exit code, stdout as JSON or Null).
 fn tally(profile: &Path, args: &[&str]) -> (i32, Value) {
-    let out = Command::new(tally_bin())
-        .arg("--profile")
-        .arg(profile)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("tally");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), json)
+    crate::harness::cli(profile, args)
 }
 
 /// Writes a profile for `server` next to `base` (same directory, so the same trust store).

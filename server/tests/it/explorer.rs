@@ -12,7 +12,6 @@ use base64::Engine as _;
 use serde_json::Value;
 use tally_client::{generate_key, public_key};
 
-use crate::envelopes::tally_bin;
 use crate::harness::Operator;
 
 /// The DOM of `url` after its scripts ran, as headless Chromium renders it.
@@ -52,19 +51,9 @@ fn chromium_present() -> bool {
 }
 
 fn tally(profile: &Path, args: &[&str]) -> Value {
-    let out = Command::new(tally_bin())
-        .arg("--profile")
-        .arg(profile)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("tally");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let (code, json) = crate::harness::cli(profile, args);
+    assert_eq!(code, 0, "{args:?}: {json}");
+    json
 }
 
 #[test]

@@ -192,3 +192,16 @@ pub fn wait_started(stdout: &mpsc::Receiver<String>) -> (String, String) {
     }
     (addr.unwrap(), metrics_addr.unwrap())
 }
+
+/// Runs `tally --profile PROFILE --json ARGS`: (exit code, stdout as JSON, or Null).
+pub fn cli(profile: &Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(crate::envelopes::tally_bin())
+        .arg("--profile")
+        .arg(profile)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("tally");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), json)
+}

@@ -19,17 +19,9 @@ use crate::harness::Operator;
 
 /// Runs `tally --json ARGS` with `profile`: (exit success, its JSON).
 fn tally(profile: &Path, args: &[&str]) -> (bool, Value) {
-    let out = Command::new(tally_bin())
-        .arg("--profile")
-        .arg(profile)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("tally");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let json = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{args:?}: no JSON ({e}): {stdout:?}"));
-    (out.status.success(), json)
+    let (code, json) = crate::harness::cli(profile, args);
+    assert!(!json.is_null(), "{args:?}: no JSON");
+    (code == 0, json)
 }
 
 /// Runs a command that must fail with `code`.
