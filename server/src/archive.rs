@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use tally_config::Config;
 use tally_core::archive::CHECKPOINT_KEY;
@@ -127,24 +127,15 @@ impl BatchSource for LedgerSource {
             return Ok(fed);
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut cmd = StorageCmd::ReadBatches {
+        let cmd = StorageCmd::ReadBatches {
             from,
             to,
             bytes_max: READ_BYTES_MAX,
             reply: tx,
         };
         // The storage queue is shared with the pipeline; when it is full the writer waits (it
-        // is behind the confirmations by design), it never blocks a tokio worker.
-        loop {
-            match self.storage.try_send(cmd) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) => {
-                    cmd = back;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(TrySendError::Disconnected(_)) => return Err("the ledger stopped".into()),
-            }
-        }
+        // is behind the confirmations by design).
+        crate::pipeline::send_waiting(&self.storage, cmd).await?;
         let batches = rx
             .await
             .map_err(|_| "the ledger stopped".to_string())?

@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::TrySendError;
 use ed25519_dalek::VerifyingKey;
 use tally_config::WitnessConfig;
 use tally_core::witness::{cosigned_at, AddCheckpoint};
@@ -156,21 +155,12 @@ async fn log_proof(
     to: u64,
 ) -> Result<ConsistencyReply, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let mut cmd = StorageCmd::LogProof {
+    let cmd = StorageCmd::LogProof {
         from,
         to,
         reply: tx,
     };
-    loop {
-        match pipeline.storage_tx.try_send(cmd) {
-            Ok(()) => break,
-            Err(TrySendError::Full(back)) => {
-                cmd = back;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(TrySendError::Disconnected(_)) => return Err("the ledger stopped".into()),
-        }
-    }
+    crate::pipeline::send_waiting(&pipeline.storage_tx, cmd).await?;
     rx.await
         .map_err(|_| "the ledger stopped".to_string())?
         .map_err(|e| e.to_string())

@@ -373,6 +373,22 @@ pub fn submit(handle: &PipelineHandle, job: Job) {
 }
 
 /// Sends a read command to the storage thread without waiting.
+/// Sends `cmd` to the storage thread, waiting 10 ms at a time while its queue is full: for the
+/// tasks behind the confirmations by design (the archive writer, the witnesses), which wait
+/// rather than shed, and never block a tokio worker.
+pub async fn send_waiting(tx: &Sender<StorageCmd>, mut cmd: StorageCmd) -> Result<(), String> {
+    loop {
+        match tx.try_send(cmd) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(back)) => {
+                cmd = back;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(TrySendError::Disconnected(_)) => return Err("the ledger stopped".into()),
+        }
+    }
+}
+
 pub fn read(handle: &PipelineHandle, cmd: StorageCmd) {
     match handle.storage_tx.try_send(cmd) {
         Ok(()) => {}
