@@ -23,7 +23,6 @@ use tally_core::crypto::header_hash;
 use tally_wire::{Message, PublicKey, SignedHeader};
 
 use crate::channels::{ReplyTo, StorageCmd};
-use crate::http::Response;
 use crate::pipeline::PipelineHandle;
 
 const INDEX: &str = include_str!("../explorer/index.html");
@@ -33,6 +32,13 @@ const BATCH: &str = include_str!("../explorer/batch.html");
 const SCRIPT: &str = include_str!("../explorer/tally.js");
 /// How long an API read waits for the storage thread.
 const READ_WAIT: Duration = Duration::from_secs(5);
+
+/// One answer of the explorer; `http.rs` writes it.
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
 
 pub struct Explorer {
     pipeline: PipelineHandle,
@@ -50,7 +56,6 @@ impl Explorer {
             status: 200,
             content_type,
             body: body.as_bytes().to_vec(),
-            head_only: false,
         };
         const HTML: &str = "text/html; charset=utf-8";
         match path {
@@ -64,7 +69,11 @@ impl Explorer {
                     Ok(value) => json_response(200, &value),
                     Err((status, why)) => json_response(status, &json!({ "error": why })),
                 },
-                None => crate::http::Response::not_found(),
+                None => Response {
+                    status: 404,
+                    content_type: "text/plain; charset=utf-8",
+                    body: b"not found\n".to_vec(),
+                },
             },
         }
     }
@@ -257,6 +266,5 @@ fn json_response(status: u16, value: &Value) -> Response {
         status,
         content_type: "application/json",
         body: (value.to_string() + "\n").into_bytes(),
-        head_only: false,
     }
 }

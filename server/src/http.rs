@@ -66,7 +66,15 @@ async fn answer(
     let response = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream, &mut buf)).await
     {
         Ok(Ok(Head::Complete(len))) => match (explorer, explorer_target(&buf[..len])) {
-            (Some(explorer), Some(target)) => explorer.get(&target).await,
+            (Some(explorer), Some(target)) => {
+                let page = explorer.get(&target).await;
+                Response {
+                    status: page.status,
+                    content_type: page.content_type,
+                    body: page.body,
+                    head_only: false,
+                }
+            }
             _ => route(&buf[..len], metrics),
         },
         Ok(Ok(Head::TooLarge)) => Response::text(431, "request header fields too large\n"),
@@ -118,10 +126,6 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn not_found() -> Response {
-        Response::text(404, "not found\n")
-    }
-
     fn text(status: u16, body: &str) -> Response {
         Response {
             status,

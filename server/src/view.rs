@@ -144,3 +144,18 @@ impl ClusterView {
         }
     }
 }
+
+/// The newest checkpoint the leader's witnesses cosigned (`witnesses.rs`), with their
+/// cosignature lines, for `GetCheckpoint` and the explorer.
+#[derive(Default)]
+pub struct Witnessed(std::sync::Mutex<Option<String>>);
+
+impl Witnessed {
+    pub fn latest(&self) -> Option<String> {
+        self.0.lock().expect("witnessed").clone()
+    }
+
+    pub fn publish(&self, note: String) {
+        *self.0.lock().expect("witnessed") = Some(note);
+    }
+}

@@ -10,7 +10,7 @@
 //! only leaves the published checkpoint older (each request has [`REQUEST_TIMEOUT`]).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
@@ -22,25 +22,12 @@ use tokio::net::TcpStream;
 
 use crate::channels::StorageCmd;
 use crate::pipeline::PipelineHandle;
+use crate::view::Witnessed;
 
 pub const ROUND_INTERVAL: Duration = Duration::from_secs(1);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of a witness's answer read at most.
 const ANSWER_BYTES_MAX: usize = 16 * 1024;
-
-/// The newest checkpoint with the cosignatures it got, for `GetCheckpoint`.
-#[derive(Default)]
-pub struct Witnessed(Mutex<Option<String>>);
-
-impl Witnessed {
-    pub fn latest(&self) -> Option<String> {
-        self.0.lock().expect("witnessed").clone()
-    }
-
-    fn publish(&self, note: String) {
-        *self.0.lock().expect("witnessed") = Some(note);
-    }
-}
 
 struct Target {
     url: String,

@@ -136,7 +136,7 @@ pub struct PipelineHandle {
     /// Who may send membership commands (`[cluster] admin_keys`).
     pub admin: Arc<crate::admin::AdminGate>,
     /// The newest checkpoint the witnesses cosigned (`GetCheckpoint`).
-    pub witnessed: Arc<crate::witnesses::Witnessed>,
+    pub witnessed: Arc<crate::view::Witnessed>,
 }
 
 pub struct Pipeline {
