@@ -32,8 +32,9 @@ fn store(ctx: &Globals, profile: &Profile) -> Result<TrustStore> {
 }
 
 /// Checks `seen` (verified) against the profile's held header. A split view or a proof that
-/// does not verify is the command's error; a replica that cannot answer in time is a warning
-/// (the check happens again from the same held header next time).
+/// does not verify is the command's error; anything else (a replica that cannot answer in
+/// time, a trust file that cannot be written) is a warning, and the check happens again from
+/// the same held header next time. With a `witness_quorum` every failure is an error.
 pub async fn track(
     ctx: &Globals,
     cluster: &ClusterClient,
@@ -52,8 +53,11 @@ pub async fn track(
     let checked = tokio::time::timeout(budget, store.check(cluster, operator, seen)).await;
     match checked {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e @ (Error::SplitView { .. } | Error::Verify(_) | Error::Io { .. }))) => {
+        Ok(Err(e @ (Error::SplitView { .. } | Error::Verify(_)))) => {
             Err(anyhow::Error::from(e).context("checking the header log against the held header"))
+        }
+        Ok(Err(e)) if profile.witness_quorum > 0 => {
+            Err(anyhow::Error::from(e).context("checking the witnesses' cosignatures"))
         }
         Ok(Err(e)) => {
             eprintln!("warning: the header log was not checked this time: {e}");
