@@ -1,8 +1,8 @@
 //! Sending checkpoints to witnesses (`[[witnesses]]`, C2SP tlog-witness) and keeping the newest
 //! cosigned one for `GetCheckpoint`.
 //!
-//! About once a [`ROUND_INTERVAL`], while this replica is the writable leader and its applied
-//! height has moved, it asks the storage thread for the checkpoint of that height with a
+//! Within [`ROUND_GAP`] of a new applied height (at most one round per gap, so a witness gets
+//! at most ten requests a second), while this replica is the writable leader, it asks the storage thread for the checkpoint of that height with a
 //! consistency proof from the size each witness last cosigned, and POSTs `add-checkpoint`. A
 //! witness whose size it does not know yet gets `old 0`; its `409` names the size, and the
 //! request is made again from there. Cosignature lines are kept only if they verify under the
@@ -24,7 +24,8 @@ use crate::channels::StorageCmd;
 use crate::pipeline::PipelineHandle;
 use crate::view::Witnessed;
 
-pub const ROUND_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the applied height is looked at, and the least time between two rounds.
+pub const ROUND_GAP: Duration = Duration::from_millis(100);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of a witness's answer read at most.
 const ANSWER_BYTES_MAX: usize = 16 * 1024;
@@ -52,7 +53,7 @@ pub async fn run(config: Vec<WitnessConfig>, pipeline: PipelineHandle, witnessed
         .collect();
     let mut last_round = 0;
     while !targets.is_empty() {
-        tokio::time::sleep(ROUND_INTERVAL).await;
+        tokio::time::sleep(ROUND_GAP).await;
         let height = pipeline.applied_height.load(Ordering::SeqCst);
         let leads = pipeline.view.writable.load(Ordering::SeqCst);
         if !leads || height == 0 || height == last_round {

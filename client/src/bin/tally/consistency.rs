@@ -18,7 +18,8 @@ use crate::Globals;
 
 /// The longest a command waits for the check of the header it saw, after its own work is done.
 const TRACK_BUDGET: Duration = Duration::from_secs(3);
-/// The same with a `witness_quorum`: the witnesses cosign about once a second.
+/// The same with a `witness_quorum`: the leader sends its witnesses each new checkpoint within
+/// 100 ms, and a command waits for the one that covers its header.
 const WITNESSED_TRACK_BUDGET: Duration = Duration::from_secs(12);
 
 /// The trust store of the command's profile: the profile's own directory, and its witnesses.
