@@ -210,20 +210,30 @@ pub async fn serve(listener: TcpListener, witness: Arc<Witness>) {
         };
         let witness = Arc::clone(&witness);
         tokio::spawn(async move {
-            answer(stream, &witness).await;
+            answer(stream, witness).await;
             drop(slot);
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, witness: &Witness) {
+async fn answer(mut stream: TcpStream, witness: Arc<Witness>) {
     let (status, content_type, body) =
         match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
             Ok(Ok(Request::AddCheckpoint(body))) => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
-                witness.add_checkpoint(&body, now)
+                // The decision ends in an fsync of the state: off the tokio workers.
+                let decide = move || witness.add_checkpoint(&body, now);
+                tokio::task::spawn_blocking(decide)
+                    .await
+                    .unwrap_or_else(|_| {
+                        (
+                            500,
+                            "text/plain; charset=utf-8",
+                            "the witness failed\n".into(),
+                        )
+                    })
             }
             Ok(Ok(Request::Refused(status, why))) => {
                 (status, "text/plain; charset=utf-8", why.into())
