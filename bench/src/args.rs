@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present_any = ["start_server", "snapshot_accounts"],
+        required_unless_present_any = ["start_server", "snapshot_accounts", "state_map_accounts"],
         conflicts_with = "start_server"
     )]
     pub profile: Option<PathBuf>,
@@ -95,6 +95,14 @@ pub struct Args {
     /// With --snapshot-accounts: the fraction of accounts the transfers touch.
     #[arg(long, value_name = "F", default_value_t = 0.01)]
     pub snapshot_change: f64,
+    /// Instead of a load: what the state map costs for a ledger of N accounts (build, memory
+    /// per account, one batch of --state-map-changes changes), beside the machine's SHA-256
+    /// time for the same hashes.
+    #[arg(long, value_name = "N")]
+    pub state_map_accounts: Option<usize>,
+    /// With --state-map-accounts: accounts changed per batch.
+    #[arg(long, value_name = "K", default_value_t = 8192)]
+    pub state_map_changes: usize,
     /// How long one request may wait for its answer before it counts as a timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,

@@ -40,6 +40,7 @@ pub mod bound;
 pub mod load;
 pub mod report;
 pub mod server;
+pub mod state_map;
 pub mod stats;
 
 use std::sync::atomic::{AtomicBool, Ordering};

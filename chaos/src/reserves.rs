@@ -12,7 +12,7 @@
 //! - `reserves_not_lost`: every reserve a client saw confirmed is in the final chain, and every
 //!   reserve open at the end is open in the final state with the amount, receiver and deadline
 //!   the chain gives it (the simulator compares the store's reserves; a live run the state
-//!   digest recomputed with the reserves' terms, [`Replay::add_reserve_terms`]);
+//!   digest recomputed with the reserves, [`Replay::add_reserves`]);
 //! - `supply_balanced`: after every batch, the balances its receipts name plus what open
 //!   reserves hold equal deposits minus withdrawals.
 //!
@@ -501,10 +501,10 @@ impl Replay {
         problems
     }
 
-    /// Adds every reserve's term (in its final state) to a state digest being recomputed.
-    pub fn add_reserve_terms(&self, meta: &mut tally_core::state::LedgerMeta) {
+    /// Writes every reserve (in its final state) into a state being recomputed.
+    pub fn add_reserves(&self, meta: &mut tally_core::state::LedgerMeta) {
         for ((owner, id), r) in &self.reserves {
-            meta.reserve_changed(owner, *id, None, &r.state());
+            meta.reserve_changed(owner, *id, &r.state());
         }
     }
 }

@@ -341,8 +341,9 @@ pub fn judge(
             }
         }
         if let Some(r) = replay {
-            r.add_reserve_terms(&mut meta);
+            r.add_reserves(&mut meta);
         }
+        meta.map.flush();
         meta.height = *height;
         meta.total_deposited = model.deposited;
         meta.total_withdrawn = model.withdrawn;

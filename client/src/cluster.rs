@@ -425,6 +425,15 @@ impl ClusterClient {
             .await
     }
 
+    /// [`crate::Client::balance_proof`] on the cluster, with the retries of a read.
+    pub async fn balance_proof(&self, account: PublicKey) -> Result<tally_wire::BalanceProofReply> {
+        self.inner
+            .run(Kind::Read, move |client| async move {
+                client.balance_proof(account).await
+            })
+            .await
+    }
+
     /// [`crate::Client::checkpoint`] on the cluster, with the retries of a read.
     pub async fn checkpoint(&self) -> Result<String> {
         self.inner

@@ -461,6 +461,18 @@ impl Client {
         }
     }
 
+    /// `account`'s balance proved against the replica's applied header (PROTOCOL.md §4.13).
+    /// Not verified here: see [`tally_core::verify::verify_balance_proof`].
+    pub async fn balance_proof(&self, account: PublicKey) -> Result<tally_wire::BalanceProofReply> {
+        match self.call(Message::GetBalanceProof { account }).await? {
+            Message::BalanceProof(p) if p.account == account => Ok(*p),
+            Message::BalanceProof(_) => Err(Error::Protocol(
+                "the balance proof is for another account".into(),
+            )),
+            other => Err(unexpected("BalanceProof", &other)),
+        }
+    }
+
     /// The newest checkpoint the leader's witnesses cosigned (a signed note). Not verified here.
     pub async fn checkpoint(&self) -> Result<String> {
         match self.call(Message::GetCheckpoint).await? {

@@ -34,6 +34,7 @@
 //!   was delivered, not what was applied.
 
 mod admin;
+pub mod balance_proof;
 pub mod cluster;
 pub mod confirmation;
 mod connection;

@@ -711,8 +711,8 @@ impl<S: LedgerRead> Replay<'_, S> {
         self.next.total_withdrawn += effect.withdrawn as u128;
     }
 
-    /// The summary after the batch (one digest term out and one in per account and reserve
-    /// touched: the sum is additive), each account's and reserve's change, and the change of
+    /// The summary after the batch (each account and reserve touched written into the state map
+    /// once, with its final value), each account's and reserve's change, and the change of
     /// the sum of balances and holdings.
     fn finish(self) -> (LedgerMeta, Vec<(PublicKey, u64)>, Vec<ReserveChange>, i128) {
         let Replay {
@@ -742,9 +742,10 @@ impl<S: LedgerRead> Replay<'_, S> {
             })
             .collect();
         for c in &changes {
-            next.reserve_changed(&c.owner, c.id, c.before.as_ref(), &c.after);
+            next.reserve_changed(&c.owner, c.id, &c.after);
             balance_change += c.held_change();
         }
+        next.map.flush();
         let accounts = order.iter().map(|k| (*k, touched[k].1)).collect();
         (next, accounts, changes, balance_change)
     }

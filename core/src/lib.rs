@@ -10,6 +10,7 @@
 //! - [`merkle`]: RFC 6962 trees (rs_merkle) and proof verification.
 //! - [`crypto`]: hashes, header signing, request signatures.
 //! - [`state`]: the ledger summary and its state digest.
+//! - [`state_map`]: the authenticated map of accounts and reserves the state digest commits to.
 //! - [`tlog`]: the archive's C2SP tlog-tiles log of signed headers, checkpoints, signed notes.
 //! - [`history`]: per-account history entries and running counters derived from a batch body.
 //! - [`ports`]: the storage traits this crate needs, and an in-memory store for tests.
@@ -21,8 +22,8 @@
 //! Core never touches sockets, threads, clocks or files: callers pass time in and carry results
 //! out. The same committed batches give the same bytes on every replica.
 //!
-//! Caveats: the state digest is an additive multiset hash (see [`state`]); the account cache
-//! in [`sequencer`] evicts in map order.
+//! Caveats: the state map is held in memory (see [`state_map`]); the account cache in
+//! [`sequencer`] evicts in map order.
 
 pub mod archive;
 pub mod batch;
@@ -39,6 +40,7 @@ pub mod rules;
 pub mod sequencer;
 pub mod snapshot;
 pub mod state;
+pub mod state_map;
 pub mod tlog;
 pub mod validate;
 pub mod verify;

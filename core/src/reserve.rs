@@ -17,8 +17,6 @@ use tally_wire::{Hash, PublicKey};
 use crate::crypto::sha256;
 use crate::{Error, Result};
 
-/// Domain of a reserve's term in the state digest's multiset sum.
-pub const RESERVE_TERM_DOMAIN: &[u8; 16] = b"tally/reserve/v1";
 /// Domain of an expiry's receipt hash.
 pub const EXPIRE_DOMAIN: &[u8; 16] = b"tally/expire/v1\0";
 /// Bytes of an open reserve's record.
@@ -175,17 +173,6 @@ pub fn earliest<'a>(
     open.sort_unstable();
     open.truncate(limit);
     open
-}
-
-/// SHA-256(RESERVE_TERM_DOMAIN ‖ owner ‖ id u128 LE ‖ record): a reserve's term in the state
-/// digest's multiset sum (the same sum the accounts' terms are in).
-pub fn reserve_term(owner: &PublicKey, id: u128, reserve: &Reserve) -> [u8; 32] {
-    sha256(&[
-        RESERVE_TERM_DOMAIN,
-        owner,
-        &id.to_le_bytes(),
-        &reserve.encode(),
-    ])
 }
 
 /// SHA-256(EXPIRE_DOMAIN ‖ owner ‖ id u128 LE): what an expiry's receipt names where a request's

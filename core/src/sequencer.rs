@@ -97,9 +97,8 @@ pub struct Sequencer {
     /// Receipts (Merkle leaves) in the open batch.
     open_leaves: u32,
     /// Accounts the open batch changed: balance before the batch (None: did not exist), balance
-    /// now. Folded into `meta`'s account sum when the batch is sealed: the sum is additive, so
-    /// one term out and one in per account and batch give the digest that one per request
-    /// would, at a fraction of the hashing.
+    /// now. Written into `meta`'s state map once per account when the batch is sealed, so that
+    /// the batch's changes share their hashing.
     open_changes: HashMap<PublicKey, (Option<u64>, u64)>,
     /// Account lookups served from the map since the last [`Sequencer::take_cache_hits`].
     cache_hits: u64,
@@ -278,7 +277,7 @@ impl Sequencer {
     }
 
     /// The speculative state after the open batch, except that the open batch's account changes
-    /// join `account_sum` and `account_count` when it is sealed.
+    /// join the state map and `account_count` when it is sealed.
     pub fn meta(&self) -> &LedgerMeta {
         &self.meta
     }
@@ -608,10 +607,10 @@ impl Sequencer {
         for (key, (before, after)) in self.open_changes.drain() {
             self.meta.account_changed(&key, before, after);
         }
-        for ((owner, id), (before, after)) in self.open_reserve_changes.drain() {
-            self.meta
-                .reserve_changed(&owner, id, before.as_ref(), &after);
+        for ((owner, id), (_, after)) in self.open_reserve_changes.drain() {
+            self.meta.reserve_changed(&owner, id, &after);
         }
+        self.meta.map.flush();
         let time_unix_ms = self.open_time;
         self.last_time = Some(time_unix_ms);
         self.meta.height += 1;

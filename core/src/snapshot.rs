@@ -383,9 +383,9 @@ impl Manifest {
     }
 
     /// The stored manifest: its text as a C2SP signed note by the operator key, under the
-    /// ledger's log origin (`tlog::origin_for`), as the checkpoint is. The signature makes the
-    /// rows the operator's word: a restore may start from them instead of replaying, which
-    /// the state digest alone (an additive hash, see `state.rs`) could not justify.
+    /// ledger's log origin (`tlog::origin_for`), as the checkpoint is. The signed text names
+    /// every chunk's SHA-256, so a reader refuses a substituted chunk as soon as it reads it;
+    /// the state digest (over the state map, see `state_map.rs`) binds the whole state.
     pub fn sign(&self, chain_id: &Hash, key: &SigningKey) -> Vec<u8> {
         let text = String::from_utf8(self.encode()).expect("a manifest's text is ASCII");
         sign_note(&text, &origin_for(chain_id), key).into_bytes()

@@ -2,12 +2,14 @@
 //! and the operator's public key.
 
 use tally_wire::{
-    Confirmation, Envelope, EnvelopeConfirmation, ExpiryConfirmation, Op, OperationConfirmation,
-    PublicKey,
+    BalanceProofReply, Confirmation, Envelope, EnvelopeConfirmation, ExpiryConfirmation, Op,
+    OperationConfirmation, PublicKey,
 };
 
 use crate::crypto::{envelope_hash, request_hash, verify_envelope, verify_header, verify_request};
 use crate::merkle::{leaf_hash, verify_inclusion, verify_range};
+use crate::state::state_digest;
+use crate::state_map::{account_path, account_value_hash, MapProof};
 use crate::{Error, Result};
 
 /// Checks, in order: the request's own signature, that the receipt names the request, that the
@@ -145,4 +147,36 @@ pub fn verify_envelope_confirmation(
         return fail("the range proof does not lead to the header's Merkle root");
     }
     verify_header(operator, &c.header)
+}
+
+/// Checks a balance proof (PROTOCOL.md §4.13), in order: the operator's signature over the
+/// header, that the summary gives the header's state digest, and that the siblings lead from
+/// the account's entry (or from what stands where its path leads) to the summary's map root.
+pub fn verify_balance_proof(p: &BalanceProofReply, operator: &PublicKey) -> Result<()> {
+    let fail = |what: &str| Err(Error::Verify(what.to_string()));
+    verify_header(operator, &p.header)?;
+    let h = &p.header.header;
+    let digest = state_digest(
+        &p.map_root,
+        p.account_count,
+        p.total_deposited,
+        p.total_withdrawn,
+        h.height,
+    );
+    if digest != h.state_digest {
+        return fail("the summary does not give the header's state digest");
+    }
+    let proof = MapProof {
+        siblings: p.siblings.clone(),
+        neighbor: p.neighbor,
+    };
+    let value = p.balance.map(account_value_hash);
+    if !proof.verify(&p.map_root, &account_path(&p.account), value.as_ref()) {
+        return fail(if p.balance.is_some() {
+            "the proof does not lead from the account's balance to the map root"
+        } else {
+            "the proof does not show the account absent under the map root"
+        });
+    }
+    Ok(())
 }

@@ -319,6 +319,8 @@ pub enum StorageCmd {
     /// The header log's consistency from `from` to `to` (0: the applied height)
     /// (`GetConsistency`).
     Consistency { from: u64, to: u64, reply: ReplyTo },
+    /// An account's balance proved against the applied header (`GetBalanceProof`).
+    BalanceProof { account: PublicKey, reply: ReplyTo },
     /// The same proof for the witnessing task (`witnesses.rs`), between applied heights.
     LogProof {
         from: u64,
@@ -385,6 +387,7 @@ impl StorageCmd {
             | StorageCmd::Account { reply, .. }
             | StorageCmd::FindByReceipt { reply, .. }
             | StorageCmd::Consistency { reply, .. }
+            | StorageCmd::BalanceProof { reply, .. }
             | StorageCmd::Status { reply, .. } => Some(reply),
             _ => None,
         }

@@ -378,6 +378,9 @@ pub fn reply_bytes_bound(request: &Message) -> usize {
         Message::GetConsistency { .. } => {
             FRAME_HEADER_BYTES + tally_wire::CONSISTENCY_REPLY_BYTES_MAX
         }
+        Message::GetBalanceProof { .. } => {
+            FRAME_HEADER_BYTES + tally_wire::BALANCE_PROOF_REPLY_BYTES_MAX
+        }
         _ => SMALL_REPLY_BYTES_MAX,
     }
 }

@@ -540,6 +540,9 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
         ),
         Message::GetBalance { account, mode } => read_balance(pipeline, account, mode, reply),
         Message::GetSupply => pipeline::read(pipeline, StorageCmd::Supply { reply }),
+        Message::GetBalanceProof { account } => {
+            pipeline::read(pipeline, StorageCmd::BalanceProof { account, reply })
+        }
         m @ (Message::GetHeaders { .. }
         | Message::GetCheckpoint
         | Message::GetConsistency { .. }) => read_log(pipeline, m, reply),

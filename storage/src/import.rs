@@ -152,7 +152,7 @@ impl LedgerImport {
 
     /// Imports one reserve's state at the last batch's height (open or closed). Each once.
     pub fn reserve(&mut self, owner: &PublicKey, id: u128, reserve: &Reserve) -> Result<()> {
-        self.meta.reserve_changed(owner, id, None, reserve);
+        self.meta.reserve_changed(owner, id, reserve);
         self.balance_total += u128::from(reserve.held());
         self.derived.reserve(&mut self.state, owner, id, reserve)?;
         self.state
@@ -171,6 +171,7 @@ impl LedgerImport {
         self.meta.total_deposited = total_deposited;
         self.meta.total_withdrawn = total_withdrawn;
         self.meta.raft_index = raft_index;
+        self.meta.map.flush();
         let meta = self.meta.clone();
         if meta.state_digest() != self.tip_digest {
             return Err(Error::Verify(format!(

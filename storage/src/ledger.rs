@@ -13,6 +13,7 @@ use tally_core::history::{HistoryPage, HistoryRow};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::reserve::{Expiry, Reserve, ReserveChange};
 use tally_core::state::{LedgerMeta, META_BYTES};
+use tally_core::state_map::{account_path, account_value_hash, reserve_path, StateMap};
 use tally_core::tlog::TreeEdge;
 use tally_core::{Error, Result};
 use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
@@ -209,7 +210,18 @@ impl LedgerDb {
         })?;
         let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
         let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
-        let (balance_total, expiries) = scan_totals(&mut db, dir, &opts, &sync_stats)?;
+        let Scanned {
+            balance_total,
+            expiries,
+            map,
+        } = scan_totals(&mut db, dir, &opts, &sync_stats)?;
+        let mut meta = meta;
+        if !meta.map.load(map) {
+            return Err(corrupt(
+                Table::Meta,
+                "the accounts and reserves do not hash to the summary's state map root",
+            ));
+        }
         let mut this = LedgerDb {
             db,
             dir: dir.to_owned(),
@@ -250,7 +262,7 @@ impl LedgerDb {
             ));
         }
         if point.height == self.meta.height {
-            self.archived_meta = self.meta.clone();
+            self.archived_meta = self.meta.summary();
         } else {
             self.rearchive_next = Some(point.height + 1);
         }
@@ -349,7 +361,7 @@ impl LedgerDb {
         if height == self.meta.height {
             self.archive.wait_for(height)?;
             self.reap()?;
-            self.archived_meta = self.meta.clone();
+            self.archived_meta = self.meta.summary();
             self.rearchive_next = None;
         } else {
             self.rearchive_next = Some(height + 1);
@@ -888,7 +900,7 @@ impl LedgerStore for LedgerDb {
             write.body_digest,
             write.body.clone(),
             records,
-            Some(write.meta.clone()),
+            Some(write.meta.summary()),
         )
     }
 
@@ -1226,10 +1238,22 @@ fn scan_totals(
     dir: &Path,
     opts: &StoreOptions,
     sync_stats: &Arc<SyncStats>,
-) -> Result<(u128, BTreeSet<Expiry>)> {
+) -> Result<Scanned> {
     let mut total = 0u128;
-    scan_prefix(db, &Table::Account.tag(), |_, value| {
-        total += u128::from(layout::decode_account(value)?);
+    let mut entries = Vec::new();
+    scan_prefix(db, &Table::Account.tag(), |key, value| {
+        let balance = layout::decode_account(value)?;
+        let public: PublicKey = key_after_tag(Table::Account, key)?;
+        entries.push((account_path(&public), account_value_hash(balance)));
+        total += u128::from(balance);
+        Ok(())
+    })?;
+    scan_prefix(db, &Table::Reserve.tag(), |key, value| {
+        let rest: [u8; 48] = key_after_tag(Table::Reserve, key)?;
+        let owner: PublicKey = rest[..32].try_into().expect("32 bytes");
+        let id = u128::from_be_bytes(rest[32..].try_into().expect("16 bytes"));
+        let record = layout::decode_reserve(value)?.encode();
+        entries.push((reserve_path(&owner, id), sha256(&[&record])));
         Ok(())
     })?;
     // Every open reserve's amount is in its owner's debits and its receiver's credits.
@@ -1261,7 +1285,25 @@ fn scan_totals(
     })?;
     let options = state_leveldb_options(opts, SyncEnv::sharing(Arc::clone(sync_stats)));
     reopen_fresh(db, dir, options)?;
-    Ok((total, expiries))
+    Ok(Scanned {
+        balance_total: total,
+        expiries,
+        map: StateMap::from_entries(entries),
+    })
+}
+
+/// What opening a ledger learns from one pass over its accounts and reserves.
+struct Scanned {
+    balance_total: u128,
+    expiries: BTreeSet<Expiry>,
+    map: StateMap,
+}
+
+/// The rest of a row key of `table` after its tag, as a fixed-size array.
+fn key_after_tag<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N]> {
+    key.get(layout::TAG_BYTES..)
+        .and_then(|rest| rest.try_into().ok())
+        .ok_or_else(|| corrupt(table, format_args!("a key of {} bytes", key.len())))
 }
 
 /// Whether `key` is a row of a derived table (see [`Table::derived`]).

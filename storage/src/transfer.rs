@@ -37,7 +37,7 @@
 //! table's tag, keys and values have their table's lengths and decode, every body hashes to its
 //! key, `header` holds exactly the heights `1..=n` and each header chains to the one before it. At [`LedgerInstaller::finish`]: the end record and its checksum; a summary
 //! row; `n` equals its height, bodies number `n`, and the last header's hash is its
-//! `last_header_hash`; the accounts' and reserves' terms add up to its `account_sum` and the
+//! `last_header_hash`; the accounts and reserves hash to its state map root and the
 //! accounts number `account_count`; their balances plus what open reserves hold add up to
 //! deposits minus withdrawals; there are as many request records as the headers count
 //! requests less the bodies' expiries (which use no request id), none beyond the height. Then the directory is
@@ -443,7 +443,7 @@ impl StateCheck {
         let owner: PublicKey = rest[..32].try_into().expect("32 bytes");
         let id = u128::from_be_bytes(rest[32..].try_into().expect("16 bytes"));
         let reserve = layout::decode_reserve(value)?;
-        self.accounts.reserve_changed(&owner, id, None, &reserve);
+        self.accounts.reserve_changed(&owner, id, &reserve);
         self.balance_total += u128::from(reserve.held());
         Ok(reserve)
     }
@@ -514,7 +514,7 @@ impl StateCheck {
     }
 
     /// Checks the totals against the summary row and returns it.
-    fn finish(&self) -> Result<LedgerMeta> {
+    fn finish(&mut self) -> Result<LedgerMeta> {
         let meta = self
             .meta
             .clone()
@@ -543,9 +543,10 @@ impl StateCheck {
                 self.accounts.account_count, meta.account_count
             )));
         }
-        if self.accounts.account_sum != meta.account_sum {
+        self.accounts.map.flush();
+        if self.accounts.map.root() != meta.map.root() {
             return Err(invalid(
-                "account_sum: the accounts' and reserves' terms do not add up to the summary's",
+                "map_root: the accounts and reserves do not hash to the summary's state map root",
             ));
         }
         let Some(expected_total) = meta.total_deposited.checked_sub(meta.total_withdrawn) else {

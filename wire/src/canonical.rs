@@ -10,7 +10,7 @@ pub const RECEIPT_DOMAIN: [u8; 16] = *b"tally/receipt/v1";
 /// Domain tag that starts every header (what the operator signs).
 pub const HEADER_DOMAIN: [u8; 16] = *b"tally/header/v1\0";
 /// The version byte of the header layout.
-pub const HEADER_VERSION: u8 = 1;
+pub const HEADER_VERSION: u8 = 2;
 
 /// Bytes of a request covered by the signature.
 pub const REQUEST_SIGNED_BYTES: usize = 144;

@@ -17,6 +17,7 @@
 //! amount is affordable is decided in `tally-core`.
 
 mod admin;
+mod balance_proof;
 mod canonical;
 mod consistency;
 mod envelope;
@@ -27,6 +28,9 @@ mod history;
 mod message;
 
 pub use admin::*;
+pub use balance_proof::{
+    BalanceProofReply, BALANCE_PROOF_DEPTH_MAX, BALANCE_PROOF_REPLY_BYTES_MAX,
+};
 pub use canonical::*;
 pub use consistency::{
     ConsistencyReply, LogPoint, CHECKPOINT_NOTE_BYTES_MAX, CONSISTENCY_REPLY_BYTES_MAX,
@@ -100,6 +104,10 @@ impl<'a> Reader<'a> {
 
     pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    pub(crate) fn u128(&mut self, field: &'static str) -> Result<u128, WireError> {
+        Ok(u128::from_le_bytes(self.array(field)?))
     }
 
     pub(crate) fn string(&mut self, field: &'static str) -> Result<String, WireError> {

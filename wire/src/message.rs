@@ -46,6 +46,7 @@ pub mod message_type {
     pub const GET_CONFIRMATION_BY_RECEIPT: u8 = 0x0d;
     pub const GET_CONSISTENCY: u8 = 0x0e;
     pub const GET_CHECKPOINT: u8 = 0x0f;
+    pub const GET_BALANCE_PROOF: u8 = 0x10;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -62,6 +63,7 @@ pub mod message_type {
     pub const EXPIRY_CONFIRMED: u8 = 0x8e;
     pub const CONSISTENCY: u8 = 0x8f;
     pub const CHECKPOINT: u8 = 0x90;
+    pub const BALANCE_PROOF: u8 = 0x91;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -83,6 +85,7 @@ pub mod message_type {
                 | GET_CONFIRMATION_BY_RECEIPT
                 | GET_CONSISTENCY
                 | GET_CHECKPOINT
+                | GET_BALANCE_PROOF
         )
     }
 }
@@ -346,6 +349,12 @@ pub enum Message {
     /// (`not_found`: no witness has cosigned one yet, or this replica does not send them).
     GetCheckpoint,
     Checkpoint(String),
+    /// Proof of `account`'s balance (or that it has none) against the header at the applied
+    /// height, answered `BalanceProof` (PROTOCOL.md §4.13).
+    GetBalanceProof {
+        account: crate::PublicKey,
+    },
+    BalanceProof(Box<crate::BalanceProofReply>),
 }
 
 /// The operator's totals at one applied height: what was deposited and withdrawn, and the sum
@@ -394,6 +403,8 @@ impl Message {
             Message::Consistency(_) => CONSISTENCY,
             Message::GetCheckpoint => GET_CHECKPOINT,
             Message::Checkpoint(_) => CHECKPOINT,
+            Message::GetBalanceProof { .. } => GET_BALANCE_PROOF,
+            Message::BalanceProof(_) => BALANCE_PROOF,
         }
     }
 
@@ -501,6 +512,8 @@ impl Message {
                 out.extend_from_slice(&to_height.to_le_bytes());
             }
             Message::Consistency(reply) => reply.write(out),
+            Message::GetBalanceProof { account } => out.extend_from_slice(account),
+            Message::BalanceProof(reply) => reply.write(out),
             Message::GetCheckpoint => {}
             Message::Checkpoint(note) => {
                 assert!(note.len() <= crate::CHECKPOINT_NOTE_BYTES_MAX);
@@ -633,6 +646,12 @@ impl Message {
             }
             GET_CONSISTENCY => read_get_consistency(&mut r)?,
             CONSISTENCY => Message::Consistency(Box::new(crate::ConsistencyReply::read(&mut r)?)),
+            GET_BALANCE_PROOF => Message::GetBalanceProof {
+                account: r.array("get_balance_proof.account")?,
+            },
+            BALANCE_PROOF => {
+                Message::BalanceProof(Box::new(crate::BalanceProofReply::read(&mut r)?))
+            }
             GET_CHECKPOINT => Message::GetCheckpoint,
             CHECKPOINT => {
                 let note = r.string("checkpoint.note")?;

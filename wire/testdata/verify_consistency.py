@@ -30,8 +30,8 @@ def header(pk, signed):
     if len(signed) != 256:
         raise ValueError("a signed header is 256 bytes")
     body, signature = signed[:192], signed[192:]
-    if body[:16] != b"tally/header/v1\x00" or body[16] != 1:
-        raise ValueError("not a version 1 tally header")
+    if body[:16] != b"tally/header/v1\x00" or body[16] != 2:
+        raise ValueError("not a version 2 tally header")
     if body[184:192] != sha256(pk)[:8]:
         raise ValueError("the header names another operator key")
     Ed25519PublicKey.from_public_bytes(pk).verify(signature, body)

@@ -11,6 +11,11 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&sizes)?);
         return Ok(());
     }
+    if let Some(accounts) = args.state_map_accounts {
+        let cost = tally_bench::state_map::state_map_cost(accounts, args.state_map_changes, 9, 7);
+        println!("{}", serde_json::to_string_pretty(&cost)?);
+        return Ok(());
+    }
     let report = tally_bench::run(&args)?;
     if let Some(path) = &args.json {
         tally_bench::write_json(&report, path)?;

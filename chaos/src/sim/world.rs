@@ -1526,7 +1526,7 @@ impl World {
 }
 
 /// The live verdict's check of open reserves, against the simulated store: the state digest
-/// recomputed from the store's balances and the chain's reserves (`Replay::add_reserve_terms`)
+/// recomputed from the store's balances and the chain's reserves (`Replay::add_reserves`)
 /// is the final header's.
 fn digest_with_reserves(reference: &MemStore, replay: &Replay) -> Option<String> {
     let stored = reference.meta.clone()?;
@@ -1534,7 +1534,8 @@ fn digest_with_reserves(reference: &MemStore, replay: &Replay) -> Option<String>
     for (key, balance) in &reference.accounts {
         meta.account_changed(key, None, *balance);
     }
-    replay.add_reserve_terms(&mut meta);
+    replay.add_reserves(&mut meta);
+    meta.map.flush();
     meta.height = stored.height;
     meta.total_deposited = stored.total_deposited;
     meta.total_withdrawn = stored.total_withdrawn;

@@ -209,7 +209,9 @@ fn a_store_with_other_state_diverges() {
     store("another account count", |s| {
         s.meta.as_mut().expect("meta").account_count += 1
     });
-    store("another account sum", |s| {
-        s.meta.as_mut().expect("meta").account_sum[3] ^= 1
+    store("another state map", |s| {
+        let meta = s.meta.as_mut().expect("meta");
+        meta.map.set([3; 32], [4; 32]);
+        meta.map.flush();
     });
 }

@@ -11,7 +11,8 @@ use tally_core::replica::ReplicaStatus;
 use tally_core::state::LedgerMeta;
 use tally_core::Result as CoreResult;
 use tally_wire::{
-    BalanceReply, ErrorCode, Message, SignedHeader, StatusReply, HEADERS_PER_REPLY_MAX,
+    BalanceProofReply, BalanceReply, ErrorCode, Message, PublicKey, SignedHeader, StatusReply,
+    HEADERS_PER_REPLY_MAX,
 };
 
 use super::storage::StorageThread;
@@ -58,6 +59,11 @@ impl<S: LedgerStore> StorageThread<S> {
             }
             StorageCmd::Supply { reply } => self.supply(reply),
             StorageCmd::Consistency { from, to, reply } => self.consistency(from, to, reply),
+            StorageCmd::BalanceProof { account, reply } => match self.balance_proof(&account) {
+                Ok(Some(p)) => reply.send(&Message::BalanceProof(Box::new(p))),
+                Ok(None) => reply.error(ErrorCode::HeightNotApplied, "no batch is applied yet"),
+                Err(e) => on_error("proving a balance", e, reply),
+            },
             StorageCmd::LogProof { from, to, reply } => {
                 let _ = reply.send(self.log_proof(from, to));
             }
@@ -151,6 +157,38 @@ impl<S: LedgerStore> StorageThread<S> {
         };
         let (a, b) = (header(from)?, header(to)?);
         consistency_reply(a, b, operator, &mut |l, i| store.header_log_node(l, i))
+    }
+
+    /// `account`'s balance proved against the header at the applied height (PROTOCOL.md
+    /// §4.13): one header read, one account read and a walk down the in-memory state map.
+    /// None before the first batch (no header to prove against).
+    fn balance_proof(&mut self, account: &PublicKey) -> CoreResult<Option<BalanceProofReply>> {
+        let meta = self.engine.meta().clone();
+        let store = self.store.as_mut().expect("store");
+        let Some(header) = (meta.height > 0)
+            .then(|| store.header(meta.height))
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let header = header.ok_or_else(|| {
+            tally_core::Error::missing(format_args!("the applied header {}", meta.height))
+        })?;
+        let proof = meta
+            .map
+            .prove_account(account)
+            .expect("the applied map is loaded");
+        Ok(Some(BalanceProofReply {
+            header,
+            map_root: meta.map.root(),
+            account_count: meta.account_count,
+            total_deposited: meta.total_deposited,
+            total_withdrawn: meta.total_withdrawn,
+            account: *account,
+            balance: store.account(account)?,
+            siblings: proof.siblings,
+            neighbor: proof.neighbor,
+        }))
     }
 
     /// Answers `GetSupply` from the applied state.

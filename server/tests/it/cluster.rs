@@ -193,6 +193,25 @@ fn three_replicas_replicate_fail_over_catch_up_and_rebuild_from_a_snapshot() {
             .await
             .unwrap();
         assert_eq!(b.balance, transfers);
+        // Every replica proves bob's balance against the same header and state map root,
+        // the wiped one too, whose map was built from the rows of the snapshot it installed.
+        let mut roots = Vec::new();
+        for &id in &cluster.ids {
+            let p = cluster
+                .client_of(id)
+                .await
+                .balance_proof(bob)
+                .await
+                .unwrap();
+            tally_core::verify::verify_balance_proof(&p, &op).unwrap();
+            assert_eq!(
+                (p.balance, &p.header),
+                (Some(transfers), &tip),
+                "replica {id}"
+            );
+            roots.push(p.map_root);
+        }
+        assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
     });
 }
 

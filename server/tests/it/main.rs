@@ -3,6 +3,7 @@
 mod archive;
 mod attack;
 mod bad_input;
+mod balance_proofs;
 mod cluster;
 mod cluster_harness;
 mod consistency;

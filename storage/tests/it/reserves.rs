@@ -363,12 +363,12 @@ fn an_install_refuses_tampered_reserve_rows_and_derived_rows() {
     let operator = operator().public();
     let more = held(&keys().c, 21, 205_000).encode();
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (with_reserve_row(&recs, 4, Some(more)), "account_sum"),
+        (with_reserve_row(&recs, 4, Some(more)), "map_root"),
         (
             with_reserve_row(&recs, 1, Some(Reserve::Voided.encode())),
-            "account_sum",
+            "map_root",
         ),
-        (with_reserve_row(&recs, 4, None), "account_sum"),
+        (with_reserve_row(&recs, 4, None), "map_root"),
         (with_reserve_row(&recs, 2, Some(vec![9])), "reserve/v1"),
         (
             {
@@ -516,13 +516,21 @@ fn damaged_reserve_and_pending_rows_are_corruption() {
     run_scenario(dir.path(), StoreOptions::default(), 0);
     let a = pk(&keys().a);
     let mut db = LedgerDb::open(dir.path(), StoreOptions::default()).unwrap();
+    let good = db.reserve(&a, 4).unwrap().expect("reserve 4").encode();
     db.raw_put(&layout::reserve_key(&a, 4), &[9]).unwrap();
     let e = db.reserve(&a, 4).unwrap_err().to_string();
     assert!(e.contains("reserve/v1"), "{e}");
-    // One more pending debit than any reserve holds: caught by the sums at open.
-    db.raw_put(&layout::pending_key(&a), &layout::encode_pending(21, 0))
-        .unwrap();
     db.close().unwrap();
+    // Caught at open too, where the state map is built from every reserve.
+    let e = LedgerDb::open(dir.path(), StoreOptions::default()).err();
+    let e = e.expect("a damaged reserve row").to_string();
+    assert!(e.contains("reserve/v1"), "{e}");
+    let mut raw = rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
+    raw.put(&layout::reserve_key(&a, 4), &good).unwrap();
+    // One more pending debit than any reserve holds: caught by the sums at open.
+    raw.put(&layout::pending_key(&a), &layout::encode_pending(21, 0))
+        .unwrap();
+    raw.close().unwrap();
     match LedgerDb::open(dir.path(), StoreOptions::default()) {
         Err(e) => assert!(e.to_string().contains("pending debits add up to 21"), "{e}"),
         Ok(_) => panic!("opened a ledger whose pending amounts disagree"),

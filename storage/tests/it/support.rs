@@ -283,8 +283,10 @@ pub fn check_chain(db: &mut LedgerDb) -> LedgerMeta {
             total += balance as u128;
         }
     }
+    replayed.map.flush();
     assert_eq!(
-        replayed.account_sum, meta.account_sum,
+        replayed.map.root(),
+        meta.map.root(),
         "accounts match the summary"
     );
     assert_eq!(replayed.account_count, meta.account_count);

@@ -147,6 +147,24 @@ pub fn members() -> MembersReply {
 }
 
 /// One sample of every message variant.
+fn balance_proof(
+    balance: Option<u64>,
+    siblings: usize,
+    neighbor: Option<(Hash, Hash)>,
+) -> tally_wire::BalanceProofReply {
+    tally_wire::BalanceProofReply {
+        header: signed_header(9),
+        map_root: [0x31; 32],
+        account_count: 3,
+        total_deposited: u128::MAX,
+        total_withdrawn: 1,
+        account: [0x23; 32],
+        balance,
+        siblings: (0..siblings).map(|i| [i as u8; 32]).collect(),
+        neighbor,
+    }
+}
+
 pub fn every_message() -> Vec<Message> {
     let mut messages = vec![
         Message::Submit(request(Op::Deposit)),
@@ -363,6 +381,15 @@ pub fn envelope_messages() -> Vec<Message> {
         },
         Message::GetCheckpoint,
         Message::Checkpoint("tally.ledger/00\n3\nAAAA\n\n\u{2014} a b\n\u{2014} c d\n".into()),
+        Message::GetBalanceProof {
+            account: [0x23; 32],
+        },
+        Message::BalanceProof(Box::new(balance_proof(Some(u64::MAX), 0, None))),
+        Message::BalanceProof(Box::new(balance_proof(
+            None,
+            tally_wire::BALANCE_PROOF_DEPTH_MAX,
+            Some(([8; 32], [9; 32])),
+        ))),
         Message::GetConsistency {
             from_height: 1,
             to_height: u64::MAX,

@@ -193,7 +193,7 @@ const HEADER: &[(usize, &str, &str)] = &[
         "domain \"tally/header/v1\\0\"",
         "74616c6c792f6865616465722f763100",
     ),
-    (16, "header version", "01"),
+    (16, "header version", "02"),
     (17, "reserved", "00000000000000"),
     (24, "chain_id", CHAIN_ID),
     (56, "height u64 LE = 5", "0500000000000000"),

@@ -212,7 +212,7 @@ fn submit(op: Op) -> Message {
 
 #[test]
 fn unknown_message_types() {
-    for t in [0x00u8, 0x10, 0x7f, 0x80, 0x91, 0xff] {
+    for t in [0x00u8, 0x11, 0x7f, 0x80, 0x92, 0xff] {
         check(t, &[], err(WireError::UnknownMessageType { found: t }));
     }
 }
@@ -509,8 +509,13 @@ fn confirmations() {
         (patched(&c, receipt, b"T"), err(invalid("receipt.domain"))),
         (patched(&c, receipt + 60, &[0]), err(invalid("receipt.op"))),
         (patched(&c, header, b"T"), err(invalid("header.domain"))),
+        // Version 1 headers (state digest v1, before the state map) are no longer read.
         (
-            patched(&c, header + 16, &[2]),
+            patched(&c, header + 16, &[1]),
+            err(invalid("header.version")),
+        ),
+        (
+            patched(&c, header + 16, &[3]),
             err(invalid("header.version")),
         ),
     ];

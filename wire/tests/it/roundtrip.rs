@@ -51,6 +51,7 @@ fn message_types_are_the_documented_bytes() {
                 | Message::ExpiryConfirmed(_)
                 | Message::Consistency(_)
                 | Message::Checkpoint(_)
+                | Message::BalanceProof(_)
                 | Message::Supply(_)
                 | Message::History(_)
                 | Message::Account(_)
@@ -62,7 +63,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x10..=0xff).filter(|t| !(0x80..=0x90).contains(t)) {
+    for t in (0x11..=0xff).filter(|t| !(0x80..=0x91).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 mod account;
 mod consistency;
 mod envelope;
+mod prove;
 mod two_phase;
 
 const DEFAULT_PROFILE: &str = "./tally-data/profile.toml";
@@ -268,6 +269,14 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Prove an account's balance (or that it does not exist) against the newest signed header,
+    /// through the state map its state digest commits to, and write the proof file
+    Prove {
+        #[arg(value_name = "PUBKEY", value_parser = public_key_arg)]
+        account: PublicKey,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Run a witness of the profile's ledger (C2SP tlog-witness): cosign each checkpoint the
     /// operator sends that is consistent with the last one this witness cosigned
     Witness {
@@ -410,6 +419,7 @@ impl Command {
             | Command::Balance { .. }
             | Command::Headers { .. }
             | Command::Consistency { .. }
+            | Command::Prove { .. }
             | Command::Status
             | Command::Info
             | Command::Cluster { .. } => true,
@@ -659,6 +669,7 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
         Command::Consistency { from, to, out } => {
             consistency::prove(&ctx, from, to, out.as_deref()).await
         }
+        Command::Prove { account, out } => prove::prove(&ctx, account, out.as_deref()).await,
         Command::Status => status(&ctx).await,
         Command::Info => info(&ctx).await,
         Command::Audit {
@@ -939,6 +950,9 @@ fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result
     }
     if text.contains(tally_client::envelope::EXPIRY_CONFIRMATION_FORMAT) {
         return envelope::verify_expiry(ctx, file, &text, operator, &source);
+    }
+    if text.contains(tally_client::balance_proof::BALANCE_PROOF_FORMAT) {
+        return prove::verify(ctx, file, &text, operator, &source);
     }
     if text.contains(tally_client::consistency::CONSISTENCY_FORMAT) {
         return consistency::verify(ctx, file, &text, operator, &source);
