@@ -58,6 +58,7 @@ tally.verifyConfirmation = async (text, operatorHex) => {
   let file;
   try { file = JSON.parse(text); } catch (e) { return fail("not JSON: " + e.message); }
   if (file.format === "tally-consistency-proof-v1") return tally.verifyConsistency(file, operatorHex);
+  if (file.format === "tally-balance-proof-v1") return tally.verifyBalance(text, operatorHex);
   if (file.format !== "tally-confirmation-v1") return fail("format " + JSON.stringify(file.format) + " is not tally-confirmation-v1");
   let bytes, operator;
   try { bytes = tally.unhex(file.confirmation_hex); operator = tally.unhex(operatorHex); } catch (e) { return fail(e.message); }
@@ -178,6 +179,78 @@ tally.verifyConsistency = async (file, operatorHex) => {
     if (!ok) return fail("the consistency proof does not lead from one root to the other");
     checks.push("the log of size " + roots[0].size + " is a prefix of the log of size " + roots[1].size);
     return { valid: true, checks, fields: { height: roots[1].size, from: roots[0].size } };
+  } catch (e) {
+    return fail(e.message);
+  }
+};
+
+// The numbers of a JSON text as BigInts, exactly (u64 and u128 figures exceed 2^53): from
+// the source text where the browser gives it to a reviver, else from the parsed number.
+tally.parseExact = (text) =>
+  JSON.parse(text, (key, value, context) =>
+    typeof value === "number" ? BigInt(context && context.source ? context.source : value) : value);
+
+tally.le = (n, bytes) => {
+  const out = new Uint8Array(bytes);
+  let v = BigInt(n);
+  for (let i = 0; i < bytes; i++) { out[i] = Number(v & 255n); v >>= 8n; }
+  return out;
+};
+
+// Bit `depth` of a 32-byte path, most significant first.
+tally.bit = (path, depth) => (path[depth >> 3] >> (7 - (depth & 7))) & 1;
+
+// Checks a `tally-balance-proof-v1` file (PROTOCOL.md §4.13, §11.3) under `operatorHex`.
+tally.verifyBalance = async (text, operatorHex) => {
+  const checks = [];
+  const fail = (reason) => ({ valid: false, checks, reason });
+  try {
+    const file = tally.parseExact(text);
+    const operator = tally.unhex(operatorHex);
+    const signed = tally.unhex(file.header_hex);
+    if (signed.length !== 256) return fail("the header is not 256 bytes");
+    const header = signed.subarray(0, 192);
+    if (header[16] !== 2) return fail("not a version 2 header");
+    if (!tally.equal((await tally.sha256(operator)).subarray(0, 8), header.subarray(184, 192)))
+      return fail("the header names another operator key");
+    if (!(await tally.ed25519(operator, signed.subarray(192), header)))
+      return fail("the operator's signature over the header does not verify");
+    checks.push("the operator's signature over the header verifies");
+    const height = tally.u64(header, 56), root = tally.unhex(file.map_root);
+    if (height !== file.height) return fail("the file's height is not the header's");
+    const digest = await tally.sha256(new TextEncoder().encode("tally/state/v2\0\0"), root,
+      tally.le(file.account_count, 8), tally.le(file.total_deposited, 16),
+      tally.le(file.total_withdrawn, 16), tally.le(height, 8));
+    if (!tally.equal(digest, header.subarray(152, 184)))
+      return fail("the summary does not give the header's state digest");
+    checks.push("the map root and totals give the header's state digest");
+    const account = tally.unhex(file.account);
+    const path = await tally.sha256(new TextEncoder().encode("tally/map/acct\0\0"), account);
+    if (account.length !== 32 || tally.hex(path) !== file.path) return fail("the file's path is not the account's");
+    const siblings = file.siblings.map(tally.unhex), depth = siblings.length;
+    let node;
+    if (file.exists) {
+      if (file.neighbor !== null) return fail("a present account has no neighbor");
+      node = await tally.sha256(Uint8Array.of(0), path, await tally.sha256(tally.le(file.balance, 8)));
+    } else if (file.balance !== 0n) {
+      return fail("an absent account's balance is 0");
+    } else if (file.neighbor === null) {
+      node = new Uint8Array(32);
+    } else {
+      const other = tally.unhex(file.neighbor.path);
+      let common = 0;
+      while (common < 256 && tally.bit(other, common) === tally.bit(path, common)) common++;
+      if (common === 256 || common < depth) return fail("the neighbor does not stand where the account's path leads");
+      node = await tally.sha256(Uint8Array.of(0), other, tally.unhex(file.neighbor.value_hash));
+    }
+    for (let i = 0; i < depth; i++) {
+      node = tally.bit(path, depth - 1 - i)
+        ? await tally.sha256(Uint8Array.of(1), siblings[i], node)
+        : await tally.sha256(Uint8Array.of(1), node, siblings[i]);
+    }
+    if (!tally.equal(node, root)) return fail("the proof does not lead to the state map root");
+    checks.push(file.exists ? "the account's balance is in the state map" : "the account is not in the state map");
+    return { valid: true, checks, fields: { height: height.toString(), balance: file.balance.toString(), exists: file.exists } };
   } catch (e) {
     return fail(e.message);
   }

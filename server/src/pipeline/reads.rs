@@ -59,11 +59,7 @@ impl<S: LedgerStore> StorageThread<S> {
             }
             StorageCmd::Supply { reply } => self.supply(reply),
             StorageCmd::Consistency { from, to, reply } => self.consistency(from, to, reply),
-            StorageCmd::BalanceProof { account, reply } => match self.balance_proof(&account) {
-                Ok(Some(p)) => reply.send(&Message::BalanceProof(Box::new(p))),
-                Ok(None) => reply.error(ErrorCode::HeightNotApplied, "no batch is applied yet"),
-                Err(e) => on_error("proving a balance", e, reply),
-            },
+            StorageCmd::BalanceProof { account, reply } => self.prove_balance(&account, reply),
             StorageCmd::LogProof { from, to, reply } => {
                 let _ = reply.send(self.log_proof(from, to));
             }
@@ -157,6 +153,15 @@ impl<S: LedgerStore> StorageThread<S> {
         };
         let (a, b) = (header(from)?, header(to)?);
         consistency_reply(a, b, operator, &mut |l, i| store.header_log_node(l, i))
+    }
+
+    /// Answers `GetBalanceProof` (PROTOCOL.md §4.13).
+    fn prove_balance(&mut self, account: &PublicKey, reply: ReplyTo) {
+        match self.balance_proof(account) {
+            Ok(Some(p)) => reply.send(&Message::BalanceProof(Box::new(p))),
+            Ok(None) => reply.error(ErrorCode::HeightNotApplied, "no batch is applied yet"),
+            Err(e) => on_error("proving a balance", e, reply),
+        }
     }
 
     /// `account`'s balance proved against the header at the applied height (PROTOCOL.md

@@ -142,6 +142,27 @@ fn a_person_sees_the_ledger_and_verifies_a_confirmation_in_the_browser() {
         wrong_key.contains("INVALID: the header names another operator key"),
         "{wrong_key}"
     );
+
+    // A balance proof from `tally prove`, checked in the page; then with its balance moved.
+    let proof = operator.data_dir().join("balance.json");
+    tally(
+        &profile,
+        &["prove", &alice, "--out", proof.to_str().unwrap()],
+    );
+    let text = std::fs::read_to_string(&proof).unwrap();
+    let valid = verify(&text, operator_key);
+    assert!(valid.contains(", balance 777"), "{valid}");
+    assert!(
+        valid.contains("the map root and totals give the header's state digest"),
+        "{valid}"
+    );
+    let tampered = text.replacen("\"balance\": 777", "\"balance\": 778", 1);
+    assert_ne!(tampered, text);
+    let invalid = verify(&tampered, operator_key);
+    assert!(
+        invalid.contains("INVALID: the proof does not lead to the state map root"),
+        "{invalid}"
+    );
 }
 
 fn urlencode(text: &str) -> String {
