@@ -20,6 +20,7 @@ use crate::ports::LedgerRead;
 use crate::reserve::{expire_hash, Held, Reserve, ReserveChange, HELD_BYTES};
 use crate::rules::{judge, judge_expiry, Balances, Effect};
 use crate::state::LedgerMeta;
+use crate::state_map::StateMap;
 use crate::{Error, Result};
 
 /// No batch ever holds more operations (Merkle leaves) than this, whatever the configuration
@@ -468,7 +469,22 @@ pub fn prepare_apply(
     store: &mut impl LedgerRead,
     operator: &OperatorKey,
 ) -> Result<BatchWrite> {
-    let replayed = replay_batch(body, meta, store, &operator.key_id())?;
+    prepare_apply_sealed(body, encoded_body, meta, store, operator, None)
+}
+
+/// [`prepare_apply`] on the replica whose sequencer sealed the batch: `sealed` is the state map
+/// its sequencer computed after it. The replay still checks every receipt against the applied
+/// state and the state digest against the header, but takes the map instead of hashing the
+/// batch's changes into it a second time (a debug build does both and asserts they agree).
+pub fn prepare_apply_sealed(
+    body: &BatchBody,
+    encoded_body: Vec<u8>,
+    meta: &LedgerMeta,
+    store: &mut impl LedgerRead,
+    operator: &OperatorKey,
+    sealed: Option<StateMap>,
+) -> Result<BatchWrite> {
+    let replayed = replay(body, meta, store, &operator.key_id(), sealed)?;
     let signed_header = operator.sign_header(body.header.clone());
     let body_digest = sha256(&[&encoded_body]);
     Ok(BatchWrite {
@@ -507,6 +523,16 @@ pub fn replay_batch(
     store: &mut impl LedgerRead,
     operator_key_id: &[u8; 8],
 ) -> Result<Replayed> {
+    replay(body, meta, store, operator_key_id, None)
+}
+
+fn replay(
+    body: &BatchBody,
+    meta: &LedgerMeta,
+    store: &mut impl LedgerRead,
+    operator_key_id: &[u8; 8],
+    sealed: Option<StateMap>,
+) -> Result<Replayed> {
     let h = &body.header;
     let diverged = |what: String| Err(Error::Diverged(format!("batch {}: {what}", h.height)));
     if let Some(what) = header_mismatch(body, meta, operator_key_id) {
@@ -543,7 +569,7 @@ pub fn replay_batch(
             });
         }
     }
-    let (mut next, accounts, reserves, balance_change) = replay.finish();
+    let (mut next, accounts, reserves, balance_change) = replay.finish(sealed);
     if Tree::new(&body.leaf_hashes()).root() != h.merkle_root {
         return diverged("Merkle root does not match the receipts".into());
     }
@@ -714,7 +740,10 @@ impl<S: LedgerRead> Replay<'_, S> {
     /// The summary after the batch (each account and reserve touched written into the state map
     /// once, with its final value), each account's and reserve's change, and the change of
     /// the sum of balances and holdings.
-    fn finish(self) -> (LedgerMeta, Vec<(PublicKey, u64)>, Vec<ReserveChange>, i128) {
+    fn finish(
+        self,
+        sealed: Option<StateMap>,
+    ) -> (LedgerMeta, Vec<(PublicKey, u64)>, Vec<ReserveChange>, i128) {
         let Replay {
             mut next,
             touched,
@@ -723,10 +752,18 @@ impl<S: LedgerRead> Replay<'_, S> {
             reserve_order,
             ..
         } = self;
+        // With the sequencer's map, a release build does not hash the changes again; a debug
+        // build does, and takes the sealed map only if it is the same (else the digest check
+        // reports the divergence).
+        let hash_changes = sealed.is_none() || cfg!(debug_assertions);
         let mut balance_change = 0i128;
         for key in &order {
             let (before, after) = touched[key];
-            next.account_changed(key, before, after);
+            if hash_changes {
+                next.account_changed(key, before, after);
+            } else {
+                next.account_counted(before);
+            }
             balance_change += after as i128 - before.unwrap_or(0) as i128;
         }
         let changes: Vec<ReserveChange> = reserve_order
@@ -742,10 +779,17 @@ impl<S: LedgerRead> Replay<'_, S> {
             })
             .collect();
         for c in &changes {
-            next.reserve_changed(&c.owner, c.id, &c.after);
+            if hash_changes {
+                next.reserve_changed(&c.owner, c.id, &c.after);
+            }
             balance_change += c.held_change();
         }
         next.map.flush();
+        if let Some(map) = sealed {
+            if !hash_changes || map.root() == next.map.root() {
+                next.map = map;
+            }
+        }
         let accounts = order.iter().map(|k| (*k, touched[k].1)).collect();
         (next, accounts, changes, balance_change)
     }

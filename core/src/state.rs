@@ -59,10 +59,16 @@ impl LedgerMeta {
     /// Records that `key` went from `old` (None: did not exist) to `new`; the map takes it at
     /// its next flush.
     pub fn account_changed(&mut self, key: &PublicKey, old: Option<u64>, new: u64) {
+        self.account_counted(old);
+        self.map.set_account(key, new);
+    }
+
+    /// Counts an account that went from `old` (None: did not exist) to some balance, without
+    /// writing it into the map (whose owner has the map after the change already).
+    pub fn account_counted(&mut self, old: Option<u64>) {
         if old.is_none() {
             self.account_count += 1;
         }
-        self.map.set_account(key, new);
     }
 
     /// Records that reserve `(owner, id)` is now `new`; `account_count` counts accounts only.

@@ -407,6 +407,8 @@ pub enum RaftEvent {
     Propose {
         body: BatchBody,
         waiters: Waiters,
+        /// The sequencer's state map after the batch (`Replication::propose`).
+        sealed: tally_core::state_map::StateMap,
         epoch: u64,
     },
     /// A read to serve once a linearizable read index is applied.

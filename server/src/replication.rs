@@ -87,8 +87,11 @@ impl<S: RaftLogStore> RaftThread<S> {
             RaftEvent::Propose {
                 body,
                 waiters,
+                sealed,
                 epoch,
-            } => self.engine.propose(&body, waiters, epoch, out),
+            } => self
+                .engine
+                .propose(&body, waiters, Some(sealed), epoch, out),
             RaftEvent::Read { cmd } => self.engine.read(cmd, out),
             RaftEvent::Status { reply } => {
                 let _ = self.apply.send(StorageCmd::Status {

@@ -555,6 +555,7 @@ impl Engine {
             MasterOut::Propose {
                 body,
                 waiters,
+                sealed,
                 epoch,
                 ..
             } => {
@@ -563,7 +564,8 @@ impl Engine {
                     let signed = ctx.operator.sign_header(body.header.clone());
                     confirm(&body, &signed, &waiters, ctx);
                 }
-                self.repl.propose(&body, waiters, epoch, &mut rout);
+                self.repl
+                    .propose(&body, waiters, Some(sealed), epoch, &mut rout);
             }
             MasterOut::Replay {
                 height,

@@ -16,10 +16,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use tally_wire::{Hash, PublicKey, SignedHeader};
 
-use crate::batch::{prepare_apply, BatchBody, BatchWrite, Confirmed};
+use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed};
 use crate::crypto::OperatorKey;
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
 use crate::state::LedgerMeta;
+use crate::state_map::StateMap;
 use crate::{Error, Rejection, Result};
 
 use super::{answer_or_stop, Refusal, Waiter};
@@ -34,6 +35,9 @@ pub enum Committed<R> {
         encoded: Vec<u8>,
         /// Clients of this replica waiting for the batch (none on followers).
         waiters: Vec<Waiter<R>>,
+        /// The state map after the batch, as this replica's sequencer computed it when it
+        /// sealed the batch (leaders only; see `batch::prepare_apply_sealed`).
+        sealed: Option<StateMap>,
         raft_index: u64,
     },
     /// An entry without a batch (raft's own empty and configuration entries, or bytes that are
@@ -133,7 +137,7 @@ impl<R> Applier<R> {
         entry: Committed<R>,
         out: &mut Vec<ApplyOut<R>>,
     ) -> Result<Applied> {
-        let (body, encoded, waiters, raft_index) = match entry {
+        let (body, encoded, waiters, sealed, raft_index) = match entry {
             Committed::Other { raft_index } => {
                 self.advance_index(raft_index);
                 return Ok(Applied::Skipped);
@@ -142,8 +146,9 @@ impl<R> Applier<R> {
                 body,
                 encoded,
                 waiters,
+                sealed,
                 raft_index,
-            } => (body, encoded, waiters, raft_index),
+            } => (body, encoded, waiters, sealed, raft_index),
         };
         let h = &body.header;
         if h.height <= self.meta.height {
@@ -168,7 +173,7 @@ impl<R> Applier<R> {
             self.advance_index(raft_index);
             return Ok(Applied::Superseded);
         }
-        let write = self.write(store, &body, encoded, raft_index)?;
+        let write = self.write(store, &body, encoded, sealed, raft_index)?;
         out.push(ApplyOut::Confirm {
             body,
             signed: write.signed_header.clone(),
@@ -183,13 +188,21 @@ impl<R> Applier<R> {
         store: &mut S,
         body: &BatchBody,
         encoded: Vec<u8>,
+        sealed: Option<StateMap>,
         raft_index: u64,
     ) -> Result<BatchWrite> {
         let mut reader = CachedRead {
             store,
             accounts: &mut self.accounts,
         };
-        let mut write = prepare_apply(body, encoded, &self.meta, &mut reader, &self.operator)?;
+        let mut write = prepare_apply_sealed(
+            body,
+            encoded,
+            &self.meta,
+            &mut reader,
+            &self.operator,
+            sealed,
+        )?;
         write.meta.raft_index = raft_index;
         store.apply(&write)?;
         for (key, balance) in &write.accounts {

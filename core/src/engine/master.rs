@@ -17,6 +17,7 @@ use crate::crypto::request_hash;
 use crate::ports::{LedgerRead, RequestRecord};
 use crate::sequencer::{Sequencer, SequencerConfig, Submitted};
 use crate::state::LedgerMeta;
+use crate::state_map::StateMap;
 use crate::{Rejection, Result};
 use tally_wire::ErrorCode;
 
@@ -73,6 +74,8 @@ pub enum MasterOut<R> {
     Propose {
         body: BatchBody,
         waiters: Vec<Waiter<R>>,
+        /// The sequencer's state map after the batch (for [`super::replication::Replication::propose`]).
+        sealed: StateMap,
         epoch: u64,
         close: BatchClose,
         /// How long the batch was open, in ms.
@@ -347,6 +350,7 @@ impl<R> Master<R> {
         out.push(MasterOut::Propose {
             body,
             waiters,
+            sealed: l.sequencer.meta().map.clone(),
             epoch: l.epoch,
             close,
             open_ms,

@@ -22,6 +22,7 @@ use crate::batch::BatchBody;
 use crate::crypto::header_hash;
 use crate::replica::{is_batch, RaftIo, RaftLogStore, Replica, ReplicaStatus, Role};
 use crate::state::LedgerMeta;
+use crate::state_map::StateMap;
 use crate::Result;
 
 use super::apply::Committed;
@@ -82,8 +83,8 @@ pub enum ReplOut<R, Q> {
 pub struct Replication<S: RaftLogStore, R, Q> {
     cfg: ReplicationConfig,
     replica: Replica<S>,
-    /// Waiters of proposed batches, by header hash.
-    stash: BTreeMap<Hash, Vec<Waiter<R>>>,
+    /// Proposed batches not yet committed, by header hash.
+    stash: BTreeMap<Hash, Proposal<R>>,
     reads: BTreeMap<u64, Q>,
     ready_reads: VecDeque<(u64, Q)>,
     read_ctx: u64,
@@ -270,11 +271,13 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
         self.replica.report_snapshot(peer, delivered);
     }
 
-    /// Proposes a batch the master sealed in `epoch`.
+    /// Proposes a batch the master sealed in `epoch`, with the state map its sequencer
+    /// computed for it (see [`Proposal`]).
     pub fn propose(
         &mut self,
         body: &BatchBody,
         waiters: Vec<Waiter<R>>,
+        sealed: Option<StateMap>,
         epoch: u64,
         out: &mut Vec<ReplOut<R, Q>>,
     ) {
@@ -284,7 +287,8 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
         }
         match self.replica.propose(body.encode()) {
             Ok(()) => {
-                self.stash.insert(header_hash(&body.header), waiters);
+                let proposal = Proposal { waiters, sealed };
+                self.stash.insert(header_hash(&body.header), proposal);
             }
             Err(_) => {
                 refuse(waiters, out);
@@ -329,8 +333,8 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
 
     /// Refuses every proposal still awaited (a shutdown that cannot wait any longer).
     pub fn refuse_proposals(&mut self, out: &mut Vec<ReplOut<R, Q>>) {
-        for (_, waiters) in std::mem::take(&mut self.stash) {
-            refuse(waiters, out);
+        for (_, proposal) in std::mem::take(&mut self.stash) {
+            refuse(proposal.waiters, out);
         }
     }
 
@@ -458,6 +462,14 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
     }
 }
 
+/// A proposed batch: who waits for it, and the state map the leader's sequencer computed for
+/// it, which this replica's apply may take instead of computing it again (the header commits to
+/// its root, and the replay still checks every receipt against the applied state).
+struct Proposal<R> {
+    waiters: Vec<Waiter<R>>,
+    sealed: Option<StateMap>,
+}
+
 fn refuse<R, Q>(waiters: Vec<Waiter<R>>, out: &mut Vec<ReplOut<R, Q>>) {
     out.extend(
         waiters
@@ -468,7 +480,7 @@ fn refuse<R, Q>(waiters: Vec<Waiter<R>>, out: &mut Vec<ReplOut<R, Q>>) {
 
 /// The driver's effects, as commands.
 struct Io<'a, R, Q> {
-    stash: &'a mut BTreeMap<Hash, Vec<Waiter<R>>>,
+    stash: &'a mut BTreeMap<Hash, Proposal<R>>,
     reads: &'a mut BTreeMap<u64, Q>,
     ready_reads: &'a mut VecDeque<(u64, Q)>,
     committed_bytes: &'a mut u64,
@@ -512,15 +524,18 @@ impl<R, Q> RaftIo for Io<'_, R, Q> {
                 .then(|| BatchBody::decode(&e.data).ok())
                 .flatten();
             let committed = match body {
-                Some(body) => Committed::Batch {
-                    waiters: self
-                        .stash
-                        .remove(&header_hash(&body.header))
-                        .unwrap_or_default(),
-                    body,
-                    encoded: e.data.to_vec(),
-                    raft_index,
-                },
+                Some(body) => {
+                    let proposal = self.stash.remove(&header_hash(&body.header));
+                    let (waiters, sealed) =
+                        proposal.map_or((Vec::new(), None), |p| (p.waiters, p.sealed));
+                    Committed::Batch {
+                        waiters,
+                        sealed,
+                        body,
+                        encoded: e.data.to_vec(),
+                        raft_index,
+                    }
+                }
                 None => Committed::Other { raft_index },
             };
             self.out.push(ReplOut::Committed(committed));

@@ -1,6 +1,6 @@
 //! A seeded random workload (requests and envelopes, atomic and not) against a model of the
 //! ledger. After every applied batch: the balances are conserved and are the model's, and a
-//! second replica that applies the same encoded bodies through `prepare_apply` is byte for byte
+//! second replica that applies the same encoded bodies through `prepare_apply_sealed` is byte for byte
 //! the same. An envelope's answer (an atomic one's failing index, every receipt's outcome) must
 //! be the model's too.
 //!
@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
-use tally_core::batch::{prepare_apply, BatchBody, BatchItem, BatchWrite};
+use tally_core::batch::{prepare_apply_sealed, BatchBody, BatchItem, BatchWrite};
 use tally_core::crypto::{envelope_hash, request_hash, sign_envelope, OperatorKey};
 use tally_core::ports::{LedgerRead, LedgerStore, MemStore, RequestRecord};
 use tally_core::sequencer::Submitted;
@@ -477,18 +477,28 @@ impl Sim {
         );
     }
 
-    /// The second replica applies the same bytes and must come out the same.
+    /// The second replica applies the same bytes and must come out the same, whether it is
+    /// handed the leader's sealed state map, a wrong one (which it must not take) or none.
     fn replicate(&mut self, write: &BatchWrite, ctx: &str) {
         let h = write.meta.height;
         let body = BatchBody::decode(&write.body)
             .unwrap_or_else(|e| panic!("{ctx}: body {h} does not decode: {e}"));
         let meta = self.replica.meta().expect("mem store");
-        let w2 = prepare_apply(
+        let sealed = match h % 3 {
+            0 => None,
+            1 => Some(write.meta.map.clone()),
+            _ => Some(tally_core::state_map::StateMap::from_entries(vec![(
+                [h as u8; 32],
+                [1; 32],
+            )])),
+        };
+        let w2 = prepare_apply_sealed(
             &body,
             write.body.clone(),
             &meta,
             &mut self.replica,
             &self.replica_operator,
+            sealed,
         )
         .unwrap_or_else(|e| panic!("{ctx}: the replica refused batch {h}: {e}"));
         assert_eq!(

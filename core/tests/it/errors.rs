@@ -194,6 +194,7 @@ fn sealed() -> (tally_core::batch::BatchBody, Applier<u32>) {
 fn committed(body: tally_core::batch::BatchBody) -> Committed<u32> {
     Committed::Batch {
         encoded: body.encode(),
+        sealed: None,
         body,
         waiters: vec![Waiter {
             index: 0,

@@ -189,6 +189,7 @@ impl Harness {
             body,
             encoded,
             waiters,
+            sealed: None,
             raft_index,
         };
         let mut aout = Vec::new();

@@ -175,7 +175,8 @@ impl Cluster {
                     reply: format!("h{height}"),
                     replayed: false,
                 };
-                node.repl.propose(&body, vec![waiter], epoch, &mut out);
+                node.repl
+                    .propose(&body, vec![waiter], None, epoch, &mut out);
                 self.settle(id, out);
             }
             "change" => {

@@ -154,6 +154,7 @@ impl MasterThread {
                 MasterOut::Propose {
                     body,
                     waiters,
+                    sealed,
                     epoch,
                     close,
                     open_ms,
@@ -171,6 +172,7 @@ impl MasterThread {
                     let propose = RaftEvent::Propose {
                         body,
                         waiters,
+                        sealed,
                         epoch,
                     };
                     if self.raft.send(propose).is_err() {
