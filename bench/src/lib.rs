@@ -142,6 +142,13 @@ pub fn run(args: &Args) -> Result<Report> {
         .context("starting the tokio runtime")?;
 
     let setup_start = Instant::now();
+    // Keys first: a million take longer than the server's first_request_timeout_ms, which
+    // closes a connection that has sent nothing yet.
+    eprintln!(
+        "creating {} accounts",
+        report::thousands(args.accounts as f64)
+    );
+    let accounts = Accounts::generate(args.accounts, cores);
     let clients = runtime.block_on(async {
         let leader = find_leader(&profile).await?;
         eprintln!("the leader is at {leader}");
@@ -155,11 +162,6 @@ pub fn run(args: &Args) -> Result<Report> {
         Ok::<_, anyhow::Error>(clients)
     })?;
     let ids = Ids::new();
-    eprintln!(
-        "creating {} accounts",
-        report::thousands(args.accounts as f64)
-    );
-    let accounts = Accounts::generate(args.accounts, cores);
     eprintln!(
         "funding them, {} deposits in flight per connection at most",
         load::DEPOSITS_IN_FLIGHT_PER_CONNECTION

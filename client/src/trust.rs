@@ -75,6 +75,10 @@ struct Quorum {
 
 /// How long a check waits for the witnesses to cosign a checkpoint that covers a header.
 const WITNESS_WAIT: Duration = Duration::from_secs(10);
+/// How often a command asks for the newest cosigned checkpoint while it waits for one that
+/// covers its header: the leader holds it in memory, so a poll is one small round trip, and
+/// the wait is a witness round (within 100 ms of the batch) plus at most one poll.
+const WITNESS_POLL: Duration = Duration::from_millis(25);
 
 impl TrustStore {
     /// The store of the profile in `profile_dir`.
@@ -196,7 +200,7 @@ impl TrustStore {
                     WITNESS_WAIT.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(WITNESS_POLL).await;
         };
         let reply = proof(cluster, operator, &chain_id, (height, checkpoint.size)).await?;
         self.compare(operator, ("seen", seen), ("served", &reply.from.header))?;

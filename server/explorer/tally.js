@@ -256,6 +256,14 @@ tally.verifyBalance = async (text, operatorHex) => {
   }
 };
 
+// The text of an API answer (for a proof file, whose numbers must be read exactly).
+tally.apiText = async (path) => {
+  const answer = await fetch("/explorer/api/" + path);
+  const text = await answer.text();
+  if (!answer.ok) throw new Error(JSON.parse(text).error || answer.status);
+  return text;
+};
+
 tally.api = async (path) => {
   const answer = await fetch("/explorer/api/" + path);
   const body = await answer.json();

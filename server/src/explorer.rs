@@ -11,6 +11,7 @@
 //! | `/explorer/api/batch/H` | the header at `H` and its receipts |
 //! | `/explorer/api/account/PK` | an account's figures (`GetAccount`) |
 //! | `/explorer/api/history/PK?from=H` | up to 100 history entries (`GetHistory`) |
+//! | `/explorer/api/prove/PK` | the account's balance proof file (`GetBalanceProof`, PROTOCOL.md §11.3), which the account page checks in the browser |
 //!
 //! Reads go to the storage thread like a client's; a full queue answers 503.
 
@@ -18,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tally_client::balance_proof::BalanceProofFile;
 use tally_core::batch::BatchBody;
 use tally_core::crypto::header_hash;
 use tally_wire::{Message, PublicKey, SignedHeader};
@@ -98,6 +100,7 @@ impl Explorer {
                 self.history(parse_key(arg)?, param("from").unwrap_or(0))
                     .await
             }
+            "prove" => self.prove(parse_key(arg)?).await,
             _ => Err((404, format!("no API {what:?}"))),
         }
     }
@@ -190,6 +193,24 @@ impl Explorer {
             })
             .collect();
         Ok(json!({ "header": header_json(&signed), "receipts": receipts }))
+    }
+
+    /// The balance proof file of `account`, named with the operator key this replica serves
+    /// under (the page checks it under a key the person gives, else under this one).
+    async fn prove(&self, account: PublicKey) -> Result<Value, (u16, String)> {
+        let Some(info) = &self.pipeline.view.info else {
+            return Err((503, "this replica is starting".into()));
+        };
+        match self
+            .ask(|reply| StorageCmd::BalanceProof { account, reply })
+            .await?
+        {
+            Message::BalanceProof(p) => {
+                let file = BalanceProofFile::new(&p, &info.operator_public_key);
+                serde_json::to_value(file).map_err(|e| (500, e.to_string()))
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn account(&self, account: PublicKey) -> Result<Value, (u16, String)> {

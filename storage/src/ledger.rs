@@ -204,6 +204,7 @@ impl LedgerDb {
             .map_err(|e| io_error(format_args!("opening {}", dir.display()), e))?;
         advance_sequence(&mut db).map_err(|e| io_error("writing the open marker", e))?;
         let meta = read_meta(&mut db)?;
+        refuse_older_headers(&mut db, &meta)?;
         migrate_headers_if_v1(&mut db, dir, &opts, &sync_stats, &meta)?;
         let header_log = header_log::catch_up(&mut db, meta.height, &mut |db, key| {
             crate::env::get_checked(db, key, &sync_stats)
@@ -985,6 +986,26 @@ pub(crate) fn reopen_fresh(db: &mut DB, dir: &Path, options: Options) -> Result<
     // The closed handle is dropped here; it holds no lock and writes nothing.
     *db = fresh;
     Ok(())
+}
+
+/// Refuses a ledger whose tip header has another layout version than this release writes
+/// (PROTOCOL.md §4.3): version 1 headers carried the additive state digest, which this release
+/// neither computes nor reads, so replaying on from them could only diverge.
+fn refuse_older_headers(db: &mut DB, meta: &LedgerMeta) -> Result<()> {
+    let Some(row) = (meta.height > 0)
+        .then(|| db.get(&layout::header_key(meta.height)))
+        .flatten()
+    else {
+        return Ok(());
+    };
+    match row.get(16) {
+        Some(&v) if v != tally_wire::HEADER_VERSION => Err(Error::Config(format!(
+            "this ledger's headers are version {v}, written by a tally older than header \
+             version {} (the state map, PROTOCOL.md §4.3); this release cannot open it",
+            tally_wire::HEADER_VERSION
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The summary row of `db`, or genesis for a new ledger.

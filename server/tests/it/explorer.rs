@@ -100,8 +100,18 @@ fn a_person_sees_the_ledger_and_verifies_a_confirmation_in_the_browser() {
         "the deposit's receipt: {batch}"
     );
 
-    let account = dom(&format!("{base}/account.html?a={alice}"));
+    let account = dom(&format!(
+        "{base}/account.html?a={alice}&key={}",
+        operator.profile.operator_public_key
+    ));
     assert!(account.contains("operation_count"), "{account}");
+    assert!(
+        account.contains("proved at height") && account.contains(": balance 777"),
+        "the balance proof, checked in the page: {account}"
+    );
+    let nobody = hex::encode(public_key(&generate_key()));
+    let absent = dom(&format!("{base}/account.html?a={nobody}"));
+    assert!(absent.contains(": no such account"), "{absent}");
     assert!(
         account.contains("777"),
         "the balance and the history entry: {account}"

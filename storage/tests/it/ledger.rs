@@ -146,6 +146,34 @@ fn header_rows_of_v1_are_merged_into_v2_at_open() {
     );
 }
 
+/// A ledger whose tip header is of layout version 1 (the additive state digest, before the state
+/// map) is refused at open with a sentence that says so, not as corruption.
+#[test]
+fn a_ledger_of_version_1_headers_is_refused_by_name() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::default();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    fill(&mut db, &mut model, seed, &mut rng, 3, |_| {});
+    let height = db.meta().unwrap().height;
+    db.close().unwrap();
+    {
+        let mut raw =
+            rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
+        let key = layout::header_key(height);
+        let mut value = raw.get(&key).expect("the tip header row").to_vec();
+        value[16] = 1;
+        raw.put(&key, &value).unwrap();
+        raw.close().unwrap();
+    }
+    let e = LedgerDb::open(dir.path(), small()).err().expect("refused");
+    assert!(
+        matches!(e, tally_core::Error::Config(_)) && e.to_string().contains("version 1"),
+        "{e}"
+    );
+}
+
 /// The header log's nodes are the RFC 6962 roots of the headers; a ledger missing the rows of
 /// some heights (older, installed or imported) rebuilds them at open and grows on.
 #[test]
