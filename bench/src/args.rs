@@ -103,6 +103,9 @@ pub struct Args {
     /// With --state-map-accounts: accounts changed per batch.
     #[arg(long, value_name = "K", default_value_t = 8192)]
     pub state_map_changes: usize,
+    /// With --state-map-accounts: batches folded in (the median is of these).
+    #[arg(long, value_name = "R", default_value_t = 9)]
+    pub state_map_rounds: usize,
     /// How long one request may wait for its answer before it counts as a timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,

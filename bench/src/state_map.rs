@@ -26,6 +26,10 @@ pub struct StateMapCost {
     pub hashes_per_batch: u64,
     /// This machine's time for that many 65-byte SHA-256 hashes, the bound.
     pub bound_ms: f64,
+    /// VmRSS after the rounds minus after the build, per account: what the churn of replaced
+    /// nodes leaves in the allocator (the last 8 versions are kept alive, as in-flight batches
+    /// keep theirs).
+    pub churn_bytes_per_account: f64,
 }
 
 fn rss_bytes() -> u64 {
@@ -47,7 +51,9 @@ pub fn state_map_cost(accounts: usize, changes: usize, rounds: usize, seed: u64)
     let mut map = StateMap::from_entries(entries);
     let build_seconds = started.elapsed().as_secs_f64();
     let bytes_per_account = rss_bytes().saturating_sub(before) as f64 / accounts.max(1) as f64;
+    let after_build = rss_bytes();
     let mut batch_ms_rounds = Vec::new();
+    let mut kept = std::collections::VecDeque::new();
     for round in 0..rounds {
         let started = Instant::now();
         for _ in 0..changes {
@@ -56,7 +62,13 @@ pub fn state_map_cost(accounts: usize, changes: usize, rounds: usize, seed: u64)
         }
         map.flush();
         batch_ms_rounds.push(started.elapsed().as_secs_f64() * 1e3);
+        kept.push_back(map.clone());
+        if kept.len() > 8 {
+            kept.pop_front();
+        }
     }
+    let churn_bytes_per_account =
+        rss_bytes().saturating_sub(after_build) as f64 / accounts.max(1) as f64;
     let hashes_per_batch = hashes_for(accounts, changes);
     let bound_ms = sha256_ms(hashes_per_batch);
     let mut sorted = batch_ms_rounds.clone();
@@ -70,6 +82,7 @@ pub fn state_map_cost(accounts: usize, changes: usize, rounds: usize, seed: u64)
         batch_ms_rounds,
         hashes_per_batch,
         bound_ms,
+        churn_bytes_per_account,
     }
 }
 

@@ -59,6 +59,9 @@ tally.verifyConfirmation = async (text, operatorHex) => {
   try { file = JSON.parse(text); } catch (e) { return fail("not JSON: " + e.message); }
   if (file.format === "tally-consistency-proof-v1") return tally.verifyConsistency(file, operatorHex);
   if (file.format === "tally-balance-proof-v1") return tally.verifyBalance(text, operatorHex);
+  if (file.format === "tally-operation-confirmation-v1") return tally.verifyOperation(file, operatorHex);
+  if (file.format === "tally-expiry-confirmation-v1") return tally.verifyExpiry(file, operatorHex);
+  if (file.format === "tally-envelope-confirmation-v1") return tally.verifyEnvelope(file, operatorHex);
   if (file.format !== "tally-confirmation-v1") return fail("format " + JSON.stringify(file.format) + " is not tally-confirmation-v1");
   let bytes, operator;
   try { bytes = tally.unhex(file.confirmation_hex); operator = tally.unhex(operatorHex); } catch (e) { return fail(e.message); }
@@ -100,6 +103,173 @@ tally.verifyConfirmation = async (text, operatorHex) => {
       signer: tally.hex(request.subarray(72, 104)), to: tally.hex(request.subarray(104, 136)),
     },
   };
+};
+
+// The operator's key id and signature over a 256-byte SignedHeader: null, or what is wrong.
+tally.headerFault = async (signed, operator) => {
+  if (operator.length !== 32) return "the operator key is not 32 bytes";
+  const header = signed.subarray(0, 192);
+  if (!tally.equal((await tally.sha256(operator)).subarray(0, 8), header.subarray(184, 192)))
+    return "the header names another operator key";
+  if (!(await tally.ed25519(operator, signed.subarray(192, 256), header)))
+    return "the operator's signature over the header does not verify";
+  return null;
+};
+
+// An InclusionProof (§4.5) of `receipt` under `header`: null, or what is wrong.
+tally.inclusionFault = async (proof, receipt, header) => {
+  const index = tally.u32(proof, 0), size = tally.u32(proof, 4), count = proof[8];
+  if (proof.length !== 9 + 32 * count || index !== tally.u32(receipt, 56) || size !== tally.u32(header, 80))
+    return "the proof's position does not match the receipt and the header";
+  const path = [];
+  for (let i = 0; i < count; i++) path.push(proof.subarray(9 + 32 * i, 41 + 32 * i));
+  const root = await tally.inclusionRoot(index, size, await tally.sha256(Uint8Array.of(0), receipt), path);
+  if (!tally.equal(root, header.subarray(120, 152)))
+    return "the inclusion proof does not lead to the header's Merkle root";
+  return null;
+};
+
+// What every one-leaf proof ends with: the receipt's inclusion under the header's Merkle root
+// and the operator's signature over the header; the result shows `amount`.
+tally.leafAndHeader = async (checks, receipt, signed, proof, operator, amount) => {
+  const header = signed.subarray(0, 192);
+  const inclusion = await tally.inclusionFault(proof, receipt, header);
+  if (inclusion) return { valid: false, checks, reason: inclusion };
+  checks.push("the inclusion proof leads from the receipt to the header's Merkle root");
+  const fault = await tally.headerFault(signed, operator);
+  if (fault) return { valid: false, checks, reason: fault };
+  checks.push("the operator's signature over the header verifies");
+  const fields = { height: tally.u64(header, 56).toString(), index: tally.u32(receipt, 56), amount };
+  return { valid: true, checks, fields };
+};
+
+// An Envelope (§4.7) at the start of `bytes`: {envelope, count} after its signature checks, or
+// throws what is wrong.
+tally.envelope = async (bytes) => {
+  if (bytes.length < 88 + 120 + 64 || (bytes.length - 152) % 120 !== 0) throw new Error("not an envelope");
+  const count = tally.u32(bytes, 84);
+  if (bytes.length !== 152 + 120 * count) throw new Error("the envelope's count does not match its bytes");
+  const n = bytes.length;
+  if (!(await tally.ed25519(bytes.subarray(48, 80), bytes.subarray(n - 64), bytes.subarray(0, n - 64))))
+    throw new Error("the envelope's signature does not verify");
+  return { envelope: bytes, count, atomic: (bytes[80] & 1) === 1 };
+};
+
+// Checks a `tally-operation-confirmation-v1` file (PROTOCOL.md §4.9).
+tally.verifyOperation = async (file, operatorHex) => {
+  const checks = [];
+  const fail = (reason) => ({ valid: false, checks, reason });
+  try {
+    const bytes = tally.unhex(file.confirmation_hex), operator = tally.unhex(operatorHex);
+    const length = tally.u32(bytes, 0);
+    if (bytes.length < 4 + length + 80 + 256 + 9) return fail("confirmation_hex is not one operation's confirmation");
+    const { envelope, count, atomic } = await tally.envelope(bytes.subarray(4, 4 + length));
+    checks.push("the envelope's signature verifies under its signer");
+    const rest = bytes.subarray(4 + length);
+    const receipt = rest.subarray(0, 80), signed = rest.subarray(80, 336), header = signed.subarray(0, 192);
+    if (!tally.equal(envelope.subarray(16, 48), header.subarray(24, 56)))
+      return fail("the envelope and the header belong to different chains");
+    if (!tally.equal(await tally.sha256(envelope), receipt.subarray(16, 48)))
+      return fail("the receipt is for a different envelope");
+    const opIndex = receipt[62] | (receipt[63] << 8);
+    if (opIndex >= count || receipt[60] !== envelope[88 + 120 * opIndex]
+      || tally.u64(receipt, 48) !== tally.u64(header, 56) || (atomic && receipt[61] !== 0))
+      return fail("the receipt does not describe the envelope's operation at this height");
+    checks.push("the receipt names the envelope, operation " + opIndex + " and the header's height");
+    const amount = tally.u64(envelope, 88 + 120 * opIndex + 56).toString();
+    return tally.leafAndHeader(checks, receipt, signed, rest.subarray(336), operator, amount);
+  } catch (e) {
+    return fail(e.message);
+  }
+};
+
+// Checks a `tally-expiry-confirmation-v1` file (PROTOCOL.md §4.11).
+tally.verifyExpiry = async (file, operatorHex) => {
+  const checks = [];
+  const fail = (reason) => ({ valid: false, checks, reason });
+  try {
+    const bytes = tally.unhex(file.confirmation_hex), operator = tally.unhex(operatorHex);
+    if (bytes.length < 48 + 80 + 256 + 9) return fail("confirmation_hex is not an expiry's confirmation");
+    const owner = bytes.subarray(0, 32), id = bytes.subarray(32, 48), receipt = bytes.subarray(48, 128);
+    const signed = bytes.subarray(128, 384), header = signed.subarray(0, 192);
+    const named = await tally.sha256(new TextEncoder().encode("tally/expire/v1\0"), owner, id);
+    if (!tally.equal(named, receipt.subarray(16, 48))) return fail("the receipt is not the expiry of this reserve");
+    if (receipt[60] !== 8 || receipt[61] !== 0 || receipt[62] !== 0 || receipt[63] !== 0
+      || tally.u64(receipt, 48) !== tally.u64(header, 56))
+      return fail("the receipt does not describe an expiry at this height");
+    checks.push("the receipt names the expiry of the reserve at the header's height");
+    const amount = tally.u64(receipt, 64).toString();
+    return tally.leafAndHeader(checks, receipt, signed, bytes.subarray(384), operator, amount);
+  } catch (e) {
+    return fail(e.message);
+  }
+};
+
+// RFC 6962 §2.1: the split of n > 1 leaves, the largest power of two below n.
+tally.split = (n) => { let k = 1; while (k * 2 < n) k *= 2; return k; };
+
+// The RFC 6962 root of `leaves` (leaf hashes).
+tally.treeHash = async (leaves) => {
+  if (leaves.length === 1) return leaves[0];
+  const k = tally.split(leaves.length);
+  return tally.sha256(Uint8Array.of(1), await tally.treeHash(leaves.slice(0, k)), await tally.treeHash(leaves.slice(k)));
+};
+
+// The root a RangeProof (§4.8) gives for `leaves` at `first` of a tree of `size`, walking the
+// tree's recursion; `hashes` is consumed in order. Null if the proof runs short.
+tally.rangeRoot = async (lo, hi, a, b, leaves, hashes) => {
+  if (b <= lo || hi <= a) return hashes.length ? hashes.shift() : null;
+  if (a <= lo && hi <= b) return tally.treeHash(leaves.slice(lo - a, hi - a));
+  const k = tally.split(hi - lo);
+  const left = await tally.rangeRoot(lo, lo + k, a, b, leaves, hashes);
+  const right = left && await tally.rangeRoot(lo + k, hi, a, b, leaves, hashes);
+  return right && tally.sha256(Uint8Array.of(1), left, right);
+};
+
+// Checks a `tally-envelope-confirmation-v1` file (PROTOCOL.md §4.8).
+tally.verifyEnvelope = async (file, operatorHex) => {
+  const checks = [];
+  const fail = (reason) => ({ valid: false, checks, reason });
+  try {
+    const operator = tally.unhex(operatorHex);
+    const { envelope, count, atomic } = await tally.envelope(tally.unhex(file.envelope_hex));
+    checks.push("the envelope's signature verifies under its signer");
+    const c = tally.unhex(file.confirmation_hex);
+    const signed = c.subarray(33, 289), header = signed.subarray(0, 192);
+    const hash = await tally.sha256(envelope);
+    if (!tally.equal(hash, c.subarray(1, 33))) return fail("the confirmation is for a different envelope");
+    if (!tally.equal(envelope.subarray(16, 48), header.subarray(24, 56)))
+      return fail("the envelope and the header belong to different chains");
+    if (tally.u32(c, 289) !== count || c.length < 293 + 80 * count + 13)
+      return fail("the confirmation does not hold one receipt per operation");
+    const p = c.subarray(293 + 80 * count);
+    const first = tally.u32(p, 0), size = tally.u32(p, 8), k = p[12];
+    if (tally.u32(p, 4) !== count || size !== tally.u32(header, 80) || p.length !== 13 + 32 * k
+      || first + count > size)
+      return fail("the range proof's position does not match the receipts and the header");
+    const leaves = [];
+    for (let i = 0; i < count; i++) {
+      const r = c.subarray(293 + 80 * i, 373 + 80 * i);
+      if (!tally.equal(r.subarray(16, 48), hash) || (r[62] | (r[63] << 8)) !== i || r[60] !== envelope[88 + 120 * i]
+        || tally.u32(r, 56) !== first + i || tally.u64(r, 48) !== tally.u64(header, 56) || (atomic && r[61] !== 0))
+        return fail("receipt " + i + " does not describe operation " + i + " at leaf " + (first + i) + " of this height");
+      leaves.push(await tally.sha256(Uint8Array.of(0), r));
+    }
+    checks.push("receipt i describes operation i at leaf first + i, at the header's height");
+    const hashes = [];
+    for (let i = 0; i < k; i++) hashes.push(p.subarray(13 + 32 * i, 45 + 32 * i));
+    const root = await tally.rangeRoot(0, size, first, first + count, leaves, hashes);
+    if (!root || hashes.length || !tally.equal(root, header.subarray(120, 152)))
+      return fail("the range proof does not lead to the header's Merkle root");
+    checks.push("the range proof leads from the receipts to the header's Merkle root");
+    const fault = await tally.headerFault(signed, operator);
+    if (fault) return fail(fault);
+    checks.push("the operator's signature over the header verifies");
+    return { valid: true, checks, fields: { height: tally.u64(header, 56).toString(), index: first,
+      amount: count + " operations" } };
+  } catch (e) {
+    return fail(e.message);
+  }
 };
 
 // RFC 9162 §2.1.4.2: whether `proof` shows the tree (m, oldRoot) is a prefix of (n, newRoot).

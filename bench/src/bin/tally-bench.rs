@@ -12,7 +12,12 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if let Some(accounts) = args.state_map_accounts {
-        let cost = tally_bench::state_map::state_map_cost(accounts, args.state_map_changes, 9, 7);
+        let cost = tally_bench::state_map::state_map_cost(
+            accounts,
+            args.state_map_changes,
+            args.state_map_rounds,
+            7,
+        );
         println!("{}", serde_json::to_string_pretty(&cost)?);
         return Ok(());
     }

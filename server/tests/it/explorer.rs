@@ -10,7 +10,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use serde_json::Value;
-use tally_client::{generate_key, public_key};
+use tally_client::{generate_key, public_key, write_key};
 
 use crate::harness::Operator;
 
@@ -173,6 +173,92 @@ fn a_person_sees_the_ledger_and_verifies_a_confirmation_in_the_browser() {
         invalid.contains("INVALID: the proof does not lead to the state map root"),
         "{invalid}"
     );
+    envelope_files_verify_in_the_page(&profile, operator.data_dir(), &alice, &verify);
+}
+
+/// An envelope's file, one of its operations' file (`tally lookup`) and a reserve's expiry
+/// file, each checked in the page as written, and refused with one digit changed.
+fn envelope_files_verify_in_the_page(
+    profile: &Path,
+    dir: &Path,
+    alice: &str,
+    verify: &dyn Fn(&str, &str) -> String,
+) {
+    let key = generate_key();
+    let key_path = dir.join("bob.key");
+    write_key(&key_path, &key).unwrap();
+    let bob = hex::encode(public_key(&key));
+    let operator_key = tally_client::Profile::load(profile)
+        .unwrap()
+        .operator_public_key;
+    tally(profile, &["deposit", "--to", &bob, "--amount", "1000"]);
+    let ops = dir.join("ops.jsonl");
+    std::fs::write(
+        &ops,
+        format!(
+            "{{\"op\": \"transfer\", \"to\": \"{alice}\", \"amount\": 10, \"id\": 1}}\n\
+             {{\"op\": \"reserve\", \"to\": \"{alice}\", \"amount\": 5, \"id\": 2, \"timeout_ms\": 1}}\n"
+        ),
+    )
+    .unwrap();
+    let files = [
+        dir.join("env.json"),
+        dir.join("op.json"),
+        dir.join("exp.json"),
+    ];
+    let path = |i: usize| files[i].to_str().unwrap();
+    let key_s = key_path.to_str().unwrap();
+    tally(
+        profile,
+        &[
+            "envelope",
+            "--key",
+            key_s,
+            "--file",
+            ops.to_str().unwrap(),
+            "--out",
+            path(0),
+        ],
+    );
+    tally(
+        profile,
+        &["lookup", "--signer", &bob, "--id", "1", "--out", path(1)],
+    );
+    let receipt = expiry_receipt(profile, &bob);
+    tally(
+        profile,
+        &["lookup", "--receipt", &receipt, "--out", path(2)],
+    );
+    for (file, what) in files.iter().zip(["2 operations", "amount 10", "leaf"]) {
+        let text = std::fs::read_to_string(file).unwrap();
+        let valid = verify(&text, &operator_key);
+        assert!(
+            valid.contains("VALID: height") && valid.contains(what),
+            "{valid}"
+        );
+        // One digit in the middle of the bytes (the envelope, a receipt or the header) changed.
+        let json: Value = serde_json::from_str(&text).unwrap();
+        let hex = json["confirmation_hex"].as_str().unwrap();
+        let at = hex.len() / 2;
+        let mut changed = hex.to_string().into_bytes();
+        changed[at] = if changed[at] == b'0' { b'1' } else { b'0' };
+        let tampered = text.replacen(hex, std::str::from_utf8(&changed).unwrap(), 1);
+        let invalid = verify(&tampered, &operator_key);
+        assert!(invalid.contains("INVALID: "), "{invalid}");
+    }
+}
+
+/// The receipt hash of the expiry in `owner`'s history, waiting for it (its reserve lasts 1 ms).
+fn expiry_receipt(profile: &Path, owner: &str) -> String {
+    for _ in 0..100 {
+        let history = tally(profile, &["history", owner]);
+        let entries = history["entries"].as_array().unwrap();
+        if let Some(e) = entries.iter().find(|e| e["op"] == "expire") {
+            return e["receipt_hash"].as_str().unwrap().to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the reserve did not expire");
 }
 
 fn urlencode(text: &str) -> String {
