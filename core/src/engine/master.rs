@@ -69,12 +69,14 @@ impl BatchClose {
 
 /// Commands of the master stage.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per batch, moved: boxing buys nothing
 pub enum MasterOut<R> {
     /// Propose this sealed batch (to [`super::replication::Replication::propose`]).
     Propose {
         body: BatchBody,
         waiters: Vec<Waiter<R>>,
-        /// The sequencer's state map after the batch (for [`super::replication::Replication::propose`]).
+        /// The sequencer's state map after the batch (for
+        /// [`super::replication::Replication::propose`]).
         sealed: StateMap,
         epoch: u64,
         close: BatchClose,
