@@ -431,6 +431,9 @@ pub struct AuditReport {
     /// The ledger the archive's marker names, when it could be read.
     pub chain_id: Option<Hash>,
     pub accounts: u64,
+    /// The state map's root after the batch at `height`, recomputed from the replay (the root
+    /// the header's state digest commits to, PROTOCOL.md §4.13).
+    pub state_map_root: Option<Hash>,
     pub errors: Vec<ObjectError>,
 }
 
@@ -505,6 +508,7 @@ async fn audit_into(
         report.height = height;
         report.batches += 1;
         report.accounts = state.accounts.balances.len() as u64;
+        report.state_map_root = Some(state.meta.map.root());
         if snaps.due(height) {
             snaps.check(bucket, &log, &state).await?;
             report.snapshots += 1;

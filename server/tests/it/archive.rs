@@ -140,7 +140,7 @@ fn every_replica_lost_then_restored_from_the_archive_alone() {
     same_ledger_by_full_replay(&op, height);
 
     let server = op.start();
-    rt.block_on(async {
+    let proof = rt.block_on(async {
         let client = server.client().await;
         let b = client
             .balance(public_key(&bob), ReadMode::Linearizable)
@@ -163,12 +163,17 @@ fn every_replica_lost_then_restored_from_the_archive_alone() {
         let t = build_request(&alice, chain, Op::Transfer, 999, public_key(&bob), 1);
         client.submit(t).await.unwrap();
         assert_eq!(wait_archived(&client).await, height + 1);
+        client.balance_proof(public_key(&bob)).await.unwrap()
     });
     drop(server);
     let bucket = open(&url, &config);
     let report = audit_of(&rt, &bucket, &op);
     assert!(report.ok, "{:?}", report.errors);
     assert_eq!(report.batches, height + 1);
+    // The audit recomputes, from the archive alone, the state map root the replica proves
+    // balances against.
+    assert_eq!(proof.header.header.height, height + 1);
+    assert_eq!(report.state_map_root, Some(proof.map_root));
     assert!(
         report.snapshots >= height / 4,
         "{} snapshots",

@@ -1380,6 +1380,7 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
             "chain_id": report.chain_id.map(|c| to_hex(&c)),
             "snapshots": report.snapshots,
             "accounts": report.accounts,
+            "state_map_root": report.state_map_root.map(|r| to_hex(&r)),
             "errors": errors,
         });
         println!("{body}");
