@@ -5,8 +5,9 @@
 use serde::{Deserialize, Serialize};
 use tally_core::state_map::account_path;
 use tally_core::verify::verify_balance_proof;
-use tally_wire::{BalanceProofReply, Hash, PublicKey, SignedHeader, BALANCE_PROOF_DEPTH_MAX};
+use tally_wire::{BalanceProofReply, PublicKey, SignedHeader, BALANCE_PROOF_DEPTH_MAX};
 
+use crate::consistency::proof_hash;
 use crate::keys::parse_public_key;
 use crate::{Error, Result};
 
@@ -91,18 +92,18 @@ impl BalanceProofFile {
         let siblings = self
             .siblings
             .iter()
-            .map(|s| hash("siblings", s))
+            .map(|s| proof_hash("siblings", s))
             .collect::<Result<_>>()?;
         let neighbor = match &self.neighbor {
             None => None,
             Some(n) => Some((
-                hash("neighbor.path", &n.path)?,
-                hash("neighbor", &n.value_hash)?,
+                proof_hash("neighbor.path", &n.path)?,
+                proof_hash("neighbor.value_hash", &n.value_hash)?,
             )),
         };
         Ok(BalanceProofReply {
             header,
-            map_root: hash("map_root", &self.map_root)?,
+            map_root: proof_hash("map_root", &self.map_root)?,
             account_count: self.account_count,
             total_deposited: self.total_deposited,
             total_withdrawn: self.total_withdrawn,
@@ -113,13 +114,6 @@ impl BalanceProofFile {
             neighbor,
         })
     }
-}
-
-fn hash(what: &str, text: &str) -> Result<Hash> {
-    hex::decode(text)
-        .ok()
-        .and_then(|b| Hash::try_from(b).ok())
-        .ok_or_else(|| Error::Verify(format!("{what}: {text:?} is not 64 hex digits")))
 }
 
 /// Verifies the text of a balance proof file under `operator` (None: the key the file names,

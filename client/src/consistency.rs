@@ -140,14 +140,15 @@ fn hashes(what: &str, list: &[String]) -> Result<Vec<Hash>> {
     if list.len() > tally_wire::LOG_PROOF_HASHES_MAX {
         return Err(Error::Verify(format!("{what}: more than 65 hashes")));
     }
-    list.iter()
-        .map(|h| {
-            hex::decode(h)
-                .ok()
-                .and_then(|b| Hash::try_from(b).ok())
-                .ok_or_else(|| Error::Verify(format!("{what}: {h:?} is not 64 hex digits")))
-        })
-        .collect()
+    list.iter().map(|h| proof_hash(what, h)).collect()
+}
+
+/// One hash of a proof file: 64 hex digits, else the file does not verify.
+pub(crate) fn proof_hash(what: &str, text: &str) -> Result<Hash> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| Hash::try_from(b).ok())
+        .ok_or_else(|| Error::Verify(format!("{what}: {text:?} is not 64 hex digits")))
 }
 
 #[cfg(test)]

@@ -636,3 +636,16 @@ mod tests {
         }
     }
 }
+
+/// The rest of a row key of `table` after its tag, as a fixed-size array; a key of another
+/// length is corruption.
+pub(crate) fn key_rest<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N], Error> {
+    key.get(TAG_BYTES..)
+        .and_then(|rest| rest.try_into().ok())
+        .ok_or_else(|| {
+            corrupt(
+                table,
+                format_args!("key {} has {} bytes", hex::encode(key), key.len()),
+            )
+        })
+}

@@ -1264,13 +1264,13 @@ fn scan_totals(
     let mut entries = Vec::new();
     scan_prefix(db, &Table::Account.tag(), |key, value| {
         let balance = layout::decode_account(value)?;
-        let public: PublicKey = key_after_tag(Table::Account, key)?;
+        let public: PublicKey = layout::key_rest(Table::Account, key)?;
         entries.push((account_path(&public), account_value_hash(balance)));
         total += u128::from(balance);
         Ok(())
     })?;
     scan_prefix(db, &Table::Reserve.tag(), |key, value| {
-        let rest: [u8; 48] = key_after_tag(Table::Reserve, key)?;
+        let rest: [u8; 48] = layout::key_rest(Table::Reserve, key)?;
         let owner: PublicKey = rest[..32].try_into().expect("32 bytes");
         let id = u128::from_be_bytes(rest[32..].try_into().expect("16 bytes"));
         let record = layout::decode_reserve(value)?.encode();
@@ -1318,13 +1318,6 @@ struct Scanned {
     balance_total: u128,
     expiries: BTreeSet<Expiry>,
     map: StateMap,
-}
-
-/// The rest of a row key of `table` after its tag, as a fixed-size array.
-fn key_after_tag<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N]> {
-    key.get(layout::TAG_BYTES..)
-        .and_then(|rest| rest.try_into().ok())
-        .ok_or_else(|| corrupt(table, format_args!("a key of {} bytes", key.len())))
 }
 
 /// Whether `key` is a row of a derived table (see [`Table::derived`]).

@@ -87,7 +87,7 @@ use tally_wire::{Hash, PublicKey};
 
 use crate::archive::ArchivePoint;
 use crate::env::{parent_dir, SyncEnv};
-use crate::layout::{self, corrupt, fixed, Table, TAG_BYTES};
+use crate::layout::{self, corrupt, fixed, key_rest, Table, TAG_BYTES};
 use crate::ledger::{archive_dir, decode_header, io_error, leveldb_options, state_leveldb_options};
 use crate::{LedgerDb, StoreOptions};
 
@@ -971,15 +971,6 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// The suffix of `key` after its tag, which must have `N` bytes.
-fn key_rest<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N]> {
-    key[TAG_BYTES..].try_into().map_err(|_| {
-        corrupt(
-            table,
-            format_args!("key {} has {} bytes", hex(key), key.len()),
-        )
-    })
-}
-
 fn invalid(what: impl fmt::Display) -> Error {
     Error::corrupt(format_args!("installed ledger does not check out: {what}"))
 }

@@ -2,6 +2,7 @@
 //! proven against a signed header. The header's state digest commits to the map root and the
 //! summary fields carried here; the siblings lead from the account's position to that root.
 
+use crate::message::read_bool;
 use crate::{Hash, PublicKey, Reader, SignedHeader, WireError, SIGNED_HEADER_BYTES};
 
 /// Siblings in one proof, at most: one per bit of a 256-bit path.
@@ -78,7 +79,7 @@ impl BalanceProofReply {
         let total_deposited = r.u128("balance_proof.total_deposited")?;
         let total_withdrawn = r.u128("balance_proof.total_withdrawn")?;
         let account = r.array("balance_proof.account")?;
-        let exists = flag(r, "balance_proof.exists")?;
+        let exists = read_bool(r, "balance_proof.exists")?;
         let balance = r.u64("balance_proof.balance")?;
         if !exists && balance != 0 {
             return Err(WireError::Invalid {
@@ -97,7 +98,7 @@ impl BalanceProofReply {
         let siblings = (0..count)
             .map(|_| r.array("balance_proof.siblings"))
             .collect::<Result<_, _>>()?;
-        let neighbor = if flag(r, "balance_proof.neighbor")? {
+        let neighbor = if read_bool(r, "balance_proof.neighbor")? {
             Some((
                 r.array("balance_proof.neighbor_path")?,
                 r.array("balance_proof.neighbor_value_hash")?,
@@ -116,16 +117,5 @@ impl BalanceProofReply {
             siblings,
             neighbor,
         })
-    }
-}
-
-fn flag(r: &mut Reader<'_>, field: &'static str) -> Result<bool, WireError> {
-    match r.u8(field)? {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(WireError::Invalid {
-            field,
-            reason: "must be 0 or 1",
-        }),
     }
 }
