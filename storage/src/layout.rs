@@ -475,6 +475,19 @@ pub fn decode_raft_last_index(value: &[u8]) -> Result<u64, Error> {
     Ok(u64::from_le_bytes(fixed(Table::RaftState, value)?))
 }
 
+/// The rest of a row key of `table` after its tag, as a fixed-size array; a key of another
+/// length is corruption.
+pub(crate) fn key_rest<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N], Error> {
+    key.get(TAG_BYTES..)
+        .and_then(|rest| rest.try_into().ok())
+        .ok_or_else(|| {
+            corrupt(
+                table,
+                format_args!("key {} has {} bytes", hex::encode(key), key.len()),
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -635,17 +648,4 @@ mod tests {
             assert!(e.contains("raft_state/v2"), "{e}");
         }
     }
-}
-
-/// The rest of a row key of `table` after its tag, as a fixed-size array; a key of another
-/// length is corruption.
-pub(crate) fn key_rest<const N: usize>(table: Table, key: &[u8]) -> Result<[u8; N], Error> {
-    key.get(TAG_BYTES..)
-        .and_then(|rest| rest.try_into().ok())
-        .ok_or_else(|| {
-            corrupt(
-                table,
-                format_args!("key {} has {} bytes", hex::encode(key), key.len()),
-            )
-        })
 }
