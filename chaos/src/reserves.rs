@@ -228,8 +228,8 @@ impl Replay {
             }
             Op::Reserve => self.reserved(height, time, signer, op, r),
             Op::Post | Op::Void | Op::Renew => self.acted(height, time, signer, op, r),
-            Op::Expire => self.settle_once.push(format!(
-                "batch {height} holds an expiry signed by {} as an operation",
+            Op::Expire | Op::Rotate => self.settle_once.push(format!(
+                "batch {height} holds a leader-made item signed by {} as an operation",
                 short(signer)
             )),
         }

@@ -434,6 +434,33 @@ impl ClusterClient {
             .await
     }
 
+    /// [`crate::Client::key_chain`] on the cluster, with the retries of a read.
+    pub async fn key_chain(&self) -> Result<tally_wire::KeyChainReply> {
+        self.inner
+            .run(
+                Kind::Read,
+                move |client| async move { client.key_chain().await },
+            )
+            .await
+    }
+
+    /// An admin's operator key rotation (`AdminCommand::RotateKey`) sent to the leader, signed
+    /// afresh for each attempt; the rotation's key link, not verified here. Giving up after an
+    /// attempt was sent is [`Error::Indeterminate`]: ask `key_chain` whether it took effect.
+    pub async fn rotate_key(
+        &self,
+        chain_id: Hash,
+        key: &SigningKey,
+        new_key: PublicKey,
+    ) -> Result<tally_wire::KeyLink> {
+        self.inner
+            .run(Kind::Write, move |client| {
+                let request = signed_admin(chain_id, key, AdminCommand::RotateKey { new_key });
+                async move { client.rotate_key(request).await }
+            })
+            .await
+    }
+
     /// [`crate::Client::checkpoint`] on the cluster, with the retries of a read.
     pub async fn checkpoint(&self) -> Result<String> {
         self.inner

@@ -205,6 +205,14 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     write().map_err(|e| Error::io(path, e))
 }
 
+/// The header of a confirmation file's text, unverified (to choose the key to verify it
+/// under), or None if the text is not a confirmation file that decodes.
+pub fn peek_header(text: &str) -> Option<tally_wire::SignedHeader> {
+    let file: ConfirmationFile = serde_json::from_str(text).ok()?;
+    let bytes = hex::decode(&file.confirmation_hex).ok()?;
+    Confirmation::decode(&bytes).ok().map(|c| c.header)
+}
+
 /// Reads and verifies a confirmation file; returns the confirmation it proves.
 ///
 /// The header must be signed by `operator`, or, when `operator` is None, by the key the file
@@ -345,7 +353,10 @@ pub(crate) mod tests {
         let confirmations = body.confirmations(&write.signed_header).into_iter();
         let requests = confirmations.map(|c| match c {
             tally_core::batch::Confirmed::Request(c) => *c,
-            tally_core::batch::Confirmed::Envelope(_) => unreachable!("requests only"),
+            tally_core::batch::Confirmed::Envelope(_)
+            | tally_core::batch::Confirmed::Rotation(_) => {
+                unreachable!("requests only")
+            }
         });
         (requests.collect(), operator)
     }

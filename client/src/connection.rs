@@ -473,6 +473,26 @@ impl Client {
         }
     }
 
+    /// Every operator key rotation the ledger applied, oldest first (PROTOCOL.md §4.14). Not
+    /// verified here: see [`tally_core::key_chain::KeySchedule::follow`].
+    pub async fn key_chain(&self) -> Result<tally_wire::KeyChainReply> {
+        match self.call(Message::GetKeyChain).await? {
+            Message::KeyChain(c) => Ok(*c),
+            other => Err(unexpected("KeyChain", &other)),
+        }
+    }
+
+    /// Sends an admin's `RotateKey`: answered with the rotation's key link once it is applied.
+    /// Not verified here.
+    pub async fn rotate_key(&self, request: AdminRequest) -> Result<tally_wire::KeyLink> {
+        match self.call(Message::Admin(Box::new(request))).await? {
+            Message::KeyChain(c) if c.links.len() == 1 => {
+                Ok(c.links.into_iter().next().expect("one link"))
+            }
+            other => Err(unexpected("KeyChain (one link)", &other)),
+        }
+    }
+
     /// The newest checkpoint the leader's witnesses cosigned (a signed note). Not verified here.
     pub async fn checkpoint(&self) -> Result<String> {
         match self.call(Message::GetCheckpoint).await? {

@@ -41,6 +41,7 @@ mod connection;
 pub mod consistency;
 pub mod envelope;
 mod error;
+pub mod key_chain;
 mod keys;
 mod profile;
 pub mod trust;

@@ -14,11 +14,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tally_core::crypto::{header_hash, verify_header};
-use tally_core::header_log::{checkpoints_split, split_view, verify_consistency_reply};
-use tally_core::tlog::{open_note, origin_for, Checkpoint};
+use tally_core::crypto::header_hash;
+use tally_core::header_log::{
+    checkpoints_split, open_note_under, split_view, verify_consistency_reply_under,
+};
+use tally_core::key_chain::KeySchedule;
+use tally_core::tlog::{origin_for, Checkpoint};
 use tally_core::witness::cosigned_at;
-use tally_wire::{ConsistencyReply, ErrorCode, Hash, LogPoint, PublicKey, SignedHeader};
+use tally_wire::{ConsistencyReply, ErrorCode, Hash, LogPoint, SignedHeader};
 
 use crate::confirmation::write_atomically;
 use crate::{ClusterClient, Error, Result};
@@ -120,7 +123,7 @@ impl TrustStore {
 
     /// The held header of `chain_id`, verified again under `operator` (the file could have been
     /// edited), if any.
-    pub fn held(&self, chain_id: &Hash, operator: &PublicKey) -> Result<Option<Held>> {
+    pub fn held(&self, chain_id: &Hash, operator: &KeySchedule) -> Result<Option<Held>> {
         let path = self.held_path(chain_id);
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -134,7 +137,9 @@ impl TrustStore {
         }
         let bytes = hex::decode(&file.header_hex).map_err(|e| bad(e.to_string()))?;
         let header = SignedHeader::decode(&bytes).map_err(|e| bad(e.to_string()))?;
-        verify_header(operator, &header).map_err(|e| bad(e.to_string()))?;
+        operator
+            .verify_header(&header)
+            .map_err(|e| bad(e.to_string()))?;
         let checkpoint = open_checkpoint(&file.checkpoint, operator, chain_id)
             .map_err(|e| bad(format!("checkpoint: {e}")))?;
         if header.header.chain_id != *chain_id || checkpoint.size != header.header.height {
@@ -152,7 +157,7 @@ impl TrustStore {
     pub async fn check(
         &self,
         cluster: &ClusterClient,
-        operator: &PublicKey,
+        operator: &KeySchedule,
         seen: &SignedHeader,
     ) -> Result<Checked> {
         let checked = self.check_held(cluster, operator, seen).await?;
@@ -167,7 +172,7 @@ impl TrustStore {
     async fn witnessed(
         &self,
         cluster: &ClusterClient,
-        operator: &PublicKey,
+        operator: &KeySchedule,
         seen: &SignedHeader,
         quorum: &Quorum,
     ) -> Result<()> {
@@ -230,10 +235,12 @@ impl TrustStore {
     async fn check_held(
         &self,
         cluster: &ClusterClient,
-        operator: &PublicKey,
+        operator: &KeySchedule,
         seen: &SignedHeader,
     ) -> Result<Checked> {
-        verify_header(operator, seen).map_err(|e| Error::Verify(e.to_string()))?;
+        operator
+            .verify_header(seen)
+            .map_err(|e| Error::Verify(e.to_string()))?;
         let chain_id = seen.header.chain_id;
         let height = seen.header.height;
         let Some(held) = self.held(&chain_id, operator)? else {
@@ -290,7 +297,7 @@ impl TrustStore {
     /// Fails with a split view, saving both, when `a` and `b` are two headers of one height.
     fn compare(
         &self,
-        operator: &PublicKey,
+        operator: &KeySchedule,
         a: (&str, &SignedHeader),
         b: (&str, &SignedHeader),
     ) -> Result<()> {
@@ -323,7 +330,7 @@ impl TrustStore {
     /// Writes `what` as a split view's evidence file; returns its path.
     fn save_evidence(
         &self,
-        operator: &PublicKey,
+        operator: &KeySchedule,
         height: u64,
         what: serde_json::Value,
     ) -> Result<PathBuf> {
@@ -335,7 +342,7 @@ impl TrustStore {
         let path = dir.join(format!("split-view-{height}-{ms}.json"));
         let mut body = json!({
             "format": SPLIT_VIEW_FORMAT,
-            "operator_public_key": hex::encode(operator),
+            "operator_public_key": hex::encode(operator.current()),
             "height": height,
         });
         if let (Some(body), serde_json::Value::Object(more)) = (body.as_object_mut(), what) {
@@ -368,7 +375,7 @@ impl TrustStore {
 /// replica that has not applied `high` yet.
 pub async fn proof(
     cluster: &ClusterClient,
-    operator: &PublicKey,
+    operator: &KeySchedule,
     chain_id: &Hash,
     (low, high): (u64, u64),
 ) -> Result<ConsistencyReply> {
@@ -383,16 +390,16 @@ pub async fn proof(
             other => break other?,
         }
     };
-    verify_consistency_reply(&reply, operator, chain_id)
+    verify_consistency_reply_under(&reply, operator, chain_id)
         .map_err(|e| Error::Verify(format!("consistency proof {low} -> {high}: {e}")))?;
     Ok(reply)
 }
 
-/// Opens a checkpoint note under the operator key for `chain_id`'s log.
-fn open_checkpoint(note: &str, operator: &PublicKey, chain_id: &Hash) -> Result<Checkpoint> {
-    let key = ed25519_dalek::VerifyingKey::from_bytes(operator)
-        .map_err(|_| Error::Verify("the operator key is not an Ed25519 point".into()))?;
+/// Opens a checkpoint note of `chain_id`'s log under an operator key of the chain (any of
+/// them: the size is only known once it is open).
+fn open_checkpoint(note: &str, operator: &KeySchedule, chain_id: &Hash) -> Result<Checkpoint> {
     let origin = origin_for(chain_id);
-    let body = open_note(note, &origin, &key).map_err(|e| Error::Verify(e.to_string()))?;
+    let body = open_note_under(note, &origin, &operator.checkpoint_keys(0))
+        .map_err(|e| Error::Verify(e.to_string()))?;
     Checkpoint::parse_body(&body).map_err(|e| Error::Verify(e.to_string()))
 }

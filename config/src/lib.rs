@@ -133,6 +133,8 @@ impl Config {
             }),
             operator: Some(OperatorConfig {
                 signing_key: data_dir.join("operator.key"),
+                next_signing_key: None,
+                genesis_public_key: None,
                 deposit_keys: Vec::new(),
             }),
             batch: BatchConfig::default(),
@@ -201,6 +203,9 @@ impl Config {
         }
         if let Some(operator) = &mut self.operator {
             resolve(&mut operator.signing_key);
+            if let Some(next) = &mut operator.next_signing_key {
+                resolve(next);
+            }
         }
         // A plain relative archive path, like every other path, is relative to the config.
         if let Ok(ArchiveUrl::File(path)) = ArchiveUrl::parse(&self.archive.url) {
@@ -226,6 +231,18 @@ impl Config {
     ///
     /// If `[operator]` is absent or a key is not 64 hex characters, which `validate()` rejects:
     /// call it first.
+    /// `operator.genesis_public_key` decoded, if the config names one.
+    pub fn genesis_public_key_bytes(&self) -> Option<[u8; 32]> {
+        let operator = self
+            .operator
+            .as_ref()
+            .expect("[operator] is present: call Config::validate first");
+        operator.genesis_public_key.as_ref().map(|key| {
+            validate::decode_hex32(key)
+                .expect("the genesis key is valid hex: call Config::validate first")
+        })
+    }
+
     pub fn deposit_keys_bytes(&self) -> Vec<[u8; 32]> {
         let operator = self
             .operator

@@ -86,6 +86,17 @@ pub struct OperatorConfig {
     /// the same signature for a header and none has to be replicated. A relative path is taken
     /// relative to the config file's directory.
     pub signing_key: PathBuf,
+    /// Path of the next operator key (PKCS#8 PEM), held ahead of a rotation (`tally cluster
+    /// rotate-key`, PROTOCOL.md §4.14): every replica must hold it before the rotation is
+    /// asked for, and signs with it from the height after the rotation's batch. A replica
+    /// whose ledger rotated to a key it does not hold stops with an error naming the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_signing_key: Option<PathBuf>,
+    /// The ledger's genesis operator public key (64 hex characters): where verifiers start
+    /// the key chain. Defaults to `signing_key`'s public key; name it when `signing_key` is a
+    /// key a rotation introduced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub genesis_public_key: Option<String>,
     /// Ed25519 public keys (32 bytes as 64 hex characters each) allowed to authorize deposits.
     /// At least one is required. Defaults to empty at parse time only so that a missing list is
     /// reported by `validate()` together with every other problem.

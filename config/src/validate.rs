@@ -113,6 +113,16 @@ fn operator(problems: &mut Problems, operator: Option<&OperatorConfig>) {
         return;
     };
     problems.path("operator.signing_key", &operator.signing_key);
+    if let Some(next) = &operator.next_signing_key {
+        problems.path("operator.next_signing_key", next);
+    }
+    if let Some(genesis) = &operator.genesis_public_key {
+        public_keys(
+            problems,
+            "operator.genesis_public_key",
+            std::slice::from_ref(genesis),
+        );
+    }
     if operator.deposit_keys.is_empty() {
         problems.push(
             "operator.deposit_keys",

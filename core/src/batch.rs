@@ -14,7 +14,7 @@ use tally_wire::{
     Request, SignedHeader, WireError, HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES,
 };
 
-use crate::crypto::{header_hash, request_hash, sha256, OperatorKey};
+use crate::crypto::{header_hash, request_hash, rotate_hash, sha256, OperatorKey};
 use crate::merkle::{leaf_hash, ProofTree, Tree};
 use crate::ports::LedgerRead;
 use crate::reserve::{expire_hash, Held, Reserve, ReserveChange, HELD_BYTES};
@@ -31,6 +31,7 @@ pub const BODY_V2_DOMAIN: [u8; 16] = *b"tally/body/v2\0\0\0";
 const TAG_REQUEST: u8 = 1;
 const TAG_ENVELOPE: u8 = 2;
 const TAG_EXPIRE: u8 = 3;
+const TAG_ROTATE: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchEntry {
@@ -70,6 +71,41 @@ pub struct ExpireEntry {
     pub receipt: Receipt,
 }
 
+/// The batch names a new operator key (PROTOCOL.md §4.14): this batch's header is the last the
+/// old key signs, `new_key` signs every later one. Leader-made, last in its batch, at most one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotateEntry {
+    pub new_key: PublicKey,
+    /// The height of the rotation before (0: none; the old key is the genesis key).
+    pub previous: u64,
+    /// 1 for the ledger's first rotation, then 2, ...
+    pub number: u32,
+    pub receipt: Receipt,
+}
+
+impl RotateEntry {
+    /// Rotation `number` of the ledger, the one before it at height `previous`, in height
+    /// `height`'s batch with its receipt at leaf `index`.
+    pub fn new(new_key: PublicKey, previous: u64, number: u32, at: (u64, u32)) -> RotateEntry {
+        let (height, index) = at;
+        RotateEntry {
+            new_key,
+            previous,
+            number,
+            receipt: Receipt {
+                request_hash: rotate_hash(&new_key, previous, number),
+                height,
+                index,
+                op: Op::Rotate,
+                failed: None,
+                op_index: 0,
+                signer_balance: 0,
+                to_balance: 0,
+            },
+        }
+    }
+}
+
 /// What a client signed, with what applying it did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // requests are most items: not boxed
@@ -78,6 +114,8 @@ pub enum BatchItem {
     Envelope(EnvelopeEntry),
     /// Leader-made, first in its batch (PROTOCOL.md §4.10).
     Expire(ExpireEntry),
+    /// Leader-made, last in its batch (PROTOCOL.md §4.14).
+    Rotate(RotateEntry),
 }
 
 impl BatchItem {
@@ -87,15 +125,17 @@ impl BatchItem {
             BatchItem::Request(e) => std::slice::from_ref(&e.receipt),
             BatchItem::Envelope(e) => &e.receipts,
             BatchItem::Expire(e) => std::slice::from_ref(&e.receipt),
+            BatchItem::Rotate(e) => std::slice::from_ref(&e.receipt),
         }
     }
 
-    /// The signer; for an expiry, the reserve's owner.
+    /// The signer; for an expiry, the reserve's owner; for a rotation, the new key.
     pub fn signer(&self) -> &PublicKey {
         match self {
             BatchItem::Request(e) => &e.request.signer,
             BatchItem::Envelope(e) => &e.envelope.signer,
             BatchItem::Expire(e) => &e.owner,
+            BatchItem::Rotate(e) => &e.new_key,
         }
     }
 
@@ -105,15 +145,17 @@ impl BatchItem {
             BatchItem::Request(e) => request_hash(&e.request),
             BatchItem::Envelope(e) => e.hash,
             BatchItem::Expire(e) => expire_hash(&e.owner, e.id),
+            BatchItem::Rotate(e) => rotate_hash(&e.new_key, e.previous, e.number),
         }
     }
 
-    /// Its signed operations with their receipts; none for an expiry, which uses no id.
+    /// Its signed operations with their receipts; none for an expiry or a rotation, which use no
+    /// id.
     pub fn operations(&self) -> Vec<(Operation, &Receipt)> {
         match self {
             BatchItem::Request(e) => vec![(e.request.operation(), &e.receipt)],
             BatchItem::Envelope(e) => e.envelope.ops.iter().copied().zip(&e.receipts).collect(),
-            BatchItem::Expire(_) => Vec::new(),
+            BatchItem::Expire(_) | BatchItem::Rotate(_) => Vec::new(),
         }
     }
 }
@@ -123,6 +165,8 @@ impl BatchItem {
 pub enum Confirmed {
     Request(Box<Confirmation>),
     Envelope(Box<EnvelopeConfirmation>),
+    /// An admin's key rotation: the link that proves it (PROTOCOL.md §4.14).
+    Rotation(Box<tally_wire::KeyLink>),
 }
 
 impl Confirmed {
@@ -131,6 +175,7 @@ impl Confirmed {
         match self {
             Confirmed::Request(c) => c.receipt.request_hash,
             Confirmed::Envelope(c) => c.envelope_hash,
+            Confirmed::Rotation(l) => l.receipt.request_hash,
         }
     }
 
@@ -138,6 +183,7 @@ impl Confirmed {
         match self {
             Confirmed::Request(c) => c.replayed = true,
             Confirmed::Envelope(c) => c.replayed = true,
+            Confirmed::Rotation(_) => {}
         }
     }
 }
@@ -192,6 +238,13 @@ impl BatchBody {
                     out.extend_from_slice(&e.held.encode());
                     out.extend_from_slice(&e.receipt.encode());
                 }
+                BatchItem::Rotate(e) => {
+                    out.push(TAG_ROTATE);
+                    out.extend_from_slice(&e.new_key);
+                    out.extend_from_slice(&e.previous.to_le_bytes());
+                    out.extend_from_slice(&e.number.to_le_bytes());
+                    out.extend_from_slice(&e.receipt.encode());
+                }
             }
         }
         out
@@ -220,12 +273,14 @@ impl BatchBody {
         }
     }
 
-    /// One confirmation per item a client submitted (expiries have none), all from one tree.
+    /// One confirmation per item a client submitted (expiries and rotations have none), all
+    /// from one tree.
     pub fn confirmations(&self, signed: &SignedHeader) -> Vec<Confirmed> {
         let (tree, starts) = (self.proof_tree(), self.item_starts());
         starts
             .iter()
             .filter_map(|&leaf| self.confirmed(&tree, &starts, signed, leaf))
+            .filter(|c| !matches!(c, Confirmed::Rotation(_)))
             .collect()
     }
 
@@ -316,6 +371,14 @@ impl BatchBody {
                 header: signed.clone(),
                 receipts: e.receipts.clone(),
                 proof: tree.range_proof(leaf, e.receipts.len() as u32),
+            })),
+            BatchItem::Rotate(e) => Confirmed::Rotation(Box::new(tally_wire::KeyLink {
+                header: signed.clone(),
+                new_key: e.new_key,
+                previous: e.previous,
+                number: e.number,
+                receipt: e.receipt.clone(),
+                proof: tree.proof(leaf),
             })),
             BatchItem::Expire(_) => return None,
         })
@@ -408,13 +471,27 @@ fn decode_v2(bytes: &[u8]) -> Result<BatchBody> {
                 held: Held::decode(cut.take(HELD_BYTES, "batch.expire.held")?)?,
                 receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
             }),
+            TAG_ROTATE => BatchItem::Rotate(RotateEntry {
+                new_key: cut
+                    .take(32, "batch.rotate.new_key")?
+                    .try_into()
+                    .expect("32"),
+                previous: u64::from_le_bytes(
+                    cut.take(8, "batch.rotate.previous")?.try_into().expect("8"),
+                ),
+                number: cut.u32("batch.rotate.number")?,
+                receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
+            }),
             _ => {
                 return Err(malformed(
                     "batch.tag",
-                    "not 1 (request), 2 (envelope) or 3 (expiry)",
+                    "not 1 (request), 2 (envelope), 3 (expiry) or 4 (rotation)",
                 ))
             }
         };
+        if matches!(items.last(), Some(BatchItem::Rotate(_))) {
+            return Err(malformed("batch.rotate", "an item after the rotation"));
+        }
         leaves += item.receipts().len();
         if leaves > header.request_count as usize {
             return Err(malformed(
@@ -547,6 +624,7 @@ fn replay(
     }
     let mut replay = Replay {
         next: meta.clone(),
+        signing_key_id: h.operator_key_id,
         time_ms: h.time_unix_ms,
         touched: HashMap::new(),
         order: Vec::new(),
@@ -611,6 +689,8 @@ fn header_mismatch(
 /// Balances and reserves as a batch leaves them; the first touch reads applied state.
 struct Replay<'s, S> {
     next: LedgerMeta,
+    /// The id of the key that signs this batch's header.
+    signing_key_id: [u8; 8],
     time_ms: u64,
     /// Balance before the batch (None: did not exist) and now, per account touched.
     touched: HashMap<PublicKey, (Option<u64>, u64)>,
@@ -646,6 +726,7 @@ impl<S: LedgerRead> Replay<'_, S> {
             BatchItem::Request(_) => (true, &[][..]),
             BatchItem::Envelope(e) => (e.envelope.atomic, &e.held[..]),
             BatchItem::Expire(e) => return self.expiry(height, first, e),
+            BatchItem::Rotate(e) => return Ok(self.rotation(height, first, e)),
         };
         let mut held = held.iter();
         let (signer, hash) = (*item.signer(), item.hash());
@@ -679,6 +760,36 @@ impl<S: LedgerRead> Replay<'_, S> {
             ));
         }
         Ok(Ok(()))
+    }
+
+    /// A rotation: its receipt what it names, the rotation before it the one the state holds,
+    /// a key other than the current one; the state then holds it. Last in its batch (decoding
+    /// refuses an item after it, and `replay` checks it against the leaf count).
+    fn rotation(
+        &mut self,
+        height: u64,
+        first: u32,
+        e: &RotateEntry,
+    ) -> std::result::Result<(), String> {
+        let expected = RotateEntry::new(e.new_key, e.previous, e.number, (height, first));
+        if e.receipt != expected.receipt {
+            return Err("the receipt does not describe its rotation".into());
+        }
+        if (e.previous, e.number) != (self.next.rotated_at(), self.next.rotations() + 1) {
+            return Err("the rotation does not follow the ledger's last one".into());
+        }
+        if e.number as usize > tally_wire::KEY_LINKS_MAX {
+            return Err("more rotations than a key chain holds".into());
+        }
+        if crate::crypto::key_id(&e.new_key) == self.signing_key_id {
+            return Err("the rotation names the key that signs already".into());
+        }
+        self.next.operator = Some(crate::state::Rotation {
+            key: e.new_key,
+            height,
+            number: e.number,
+        });
+        Ok(())
     }
 
     /// An expiry: its reserve open and due at the batch's time, its receipt what it does.

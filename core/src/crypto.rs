@@ -28,6 +28,17 @@ pub fn key_id(public: &PublicKey) -> [u8; 8] {
     digest[..8].try_into().expect("8 bytes")
 }
 
+/// SHA-256(ROTATE_DOMAIN ‖ new key ‖ previous u64 LE ‖ number u32 LE): what a rotation's
+/// receipt names where a request's names the request (PROTOCOL.md §4.14).
+pub fn rotate_hash(new_key: &PublicKey, previous: u64, number: u32) -> Hash {
+    sha256(&[
+        &tally_wire::ROTATE_DOMAIN,
+        new_key,
+        &previous.to_le_bytes(),
+        &number.to_le_bytes(),
+    ])
+}
+
 /// SHA-256 of a request's 208 wire bytes: how receipts and stored records name a request.
 pub fn request_hash(request: &Request) -> Hash {
     sha256(&[&request.encode()])

@@ -9,7 +9,8 @@
 use ed25519_dalek::VerifyingKey;
 use tally_wire::{ConsistencyReply, Hash, LogPoint, PublicKey, SignedHeader};
 
-use crate::crypto::{verify_header, OperatorKey};
+use crate::crypto::OperatorKey;
+use crate::key_chain::KeySchedule;
 use crate::tlog::{
     consistency_proof_by, inclusion_proof_by, leaf_hash, open_note, origin_for, root_by,
     verify_consistency, verify_inclusion, Checkpoint,
@@ -60,8 +61,18 @@ pub fn verify_consistency_reply(
     operator: &PublicKey,
     chain_id: &Hash,
 ) -> Result<(Checkpoint, Checkpoint)> {
-    let from = verified_point(&reply.from, operator, chain_id)?;
-    let to = verified_point(&reply.to, operator, chain_id)?;
+    verify_consistency_reply_under(reply, &KeySchedule::genesis(*operator), chain_id)
+}
+
+/// [`verify_consistency_reply`] for a ledger whose key rotated: each header under the key for
+/// its height, each checkpoint under a key at or after its size's (PROTOCOL.md §4.14).
+pub fn verify_consistency_reply_under(
+    reply: &ConsistencyReply,
+    keys: &KeySchedule,
+    chain_id: &Hash,
+) -> Result<(Checkpoint, Checkpoint)> {
+    let from = verified_point(&reply.from, keys, chain_id)?;
+    let to = verified_point(&reply.to, keys, chain_id)?;
     if from.size > to.size {
         return Err(Error::Verify(format!(
             "the proof runs backwards, from {} to {}",
@@ -86,6 +97,20 @@ pub fn verify_consistency_reply(
     Ok((from, to))
 }
 
+/// Opens a signed note under the first of `keys` that signed it.
+pub fn open_note_under(note: &str, origin: &str, keys: &[PublicKey]) -> Result<String> {
+    let mut last = Error::Verify("no operator key to check the note under".into());
+    for public in keys {
+        let key = VerifyingKey::from_bytes(public)
+            .map_err(|_| Error::Verify("the operator key is not an Ed25519 point".into()))?;
+        match open_note(note, origin, &key) {
+            Ok(body) => return Ok(body),
+            Err(e) => last = Error::Verify(e.to_string()),
+        }
+    }
+    Err(last)
+}
+
 /// Whether two headers, each verified under the operator key, prove a split view: the same
 /// chain and height, different bytes. (Two checkpoints of one size with different roots are
 /// the same proof for the log: see [`checkpoints_split`].)
@@ -101,7 +126,7 @@ pub fn checkpoints_split(a: &Checkpoint, b: &Checkpoint) -> bool {
 }
 
 /// The checkpoint of one log point, after checking the header's and the note's signatures.
-fn verified_point(point: &LogPoint, operator: &PublicKey, chain_id: &Hash) -> Result<Checkpoint> {
+fn verified_point(point: &LogPoint, keys: &KeySchedule, chain_id: &Hash) -> Result<Checkpoint> {
     let invalid = Error::Verify;
     let h = &point.header.header;
     if h.chain_id != *chain_id {
@@ -110,11 +135,10 @@ fn verified_point(point: &LogPoint, operator: &PublicKey, chain_id: &Hash) -> Re
             h.height
         )));
     }
-    verify_header(operator, &point.header).map_err(|e| invalid(e.to_string()))?;
+    keys.verify_header(&point.header)
+        .map_err(|e| invalid(e.to_string()))?;
     let origin = origin_for(chain_id);
-    let key = VerifyingKey::from_bytes(operator)
-        .map_err(|_| invalid("the operator key is not an Ed25519 point".into()))?;
-    let body = open_note(&point.checkpoint, &origin, &key)
+    let body = open_note_under(&point.checkpoint, &origin, &keys.checkpoint_keys(h.height))
         .map_err(|e| invalid(format!("the checkpoint at {}: {e}", h.height)))?;
     let checkpoint = Checkpoint::parse_body(&body)
         .map_err(|e| invalid(format!("the checkpoint at {}: {e}", h.height)))?;

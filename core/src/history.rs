@@ -253,7 +253,7 @@ impl<'a> Entry<'a> {
                 let held = held.expect("an applied post or void carries its record");
                 self.release(op, owner, &held, out);
             }
-            Op::Renew | Op::Expire => {}
+            Op::Renew | Op::Expire | Op::Rotate => {}
         }
     }
 }
@@ -300,5 +300,7 @@ pub fn confirmation_at(
             header: signed,
             proof,
         })),
+        // A rotation is proven by the key chain (`GetKeyChain`), not by a confirmation.
+        BatchItem::Rotate(_) => return None,
     })
 }

@@ -13,6 +13,7 @@
 //! - [`state_map`]: the authenticated map of accounts and reserves the state digest commits to.
 //! - [`tlog`]: the archive's C2SP tlog-tiles log of signed headers, checkpoints, signed notes.
 //! - [`history`]: per-account history entries and running counters derived from a batch body.
+//! - [`key_chain`]: operator key rotation: which key signs which header, and the proof of it.
 //! - [`ports`]: the storage traits this crate needs, and an in-memory store for tests.
 //! - [`verify`]: offline verification of confirmations.
 //! - [`replica`]: the sans-IO Raft driver around raft-rs's `RawNode`, and the raft log port.
@@ -32,6 +33,7 @@ pub mod engine;
 mod error;
 pub mod header_log;
 pub mod history;
+pub mod key_chain;
 pub mod merkle;
 pub mod ports;
 pub mod replica;

@@ -50,10 +50,10 @@ pub fn judge(
         Op::Deposit | Op::Transfer | Op::Withdraw => judge_single(signer, op, balances),
         Op::Reserve => judge_reserve(signer, op, time_ms, balances),
         Op::Post | Op::Void | Op::Renew => judge_close(signer, op, time_ms, balances),
-        // The wire decoder refuses it in envelopes; only `judge_expiry` makes one.
-        Op::Expire => Ok(Err(reject(
+        // The wire decoder refuses them in envelopes; only the leader makes them.
+        Op::Expire | Op::Rotate => Ok(Err(reject(
             ErrorCode::MalformedRequest,
-            "an expiry is not submitted",
+            "expiries and rotations are not submitted",
         ))),
     }
 }

@@ -20,14 +20,14 @@ use std::sync::Arc;
 use tally_wire::{Envelope, ErrorCode, Hash, Header, Op, Operation, PublicKey, Receipt, Request};
 
 use crate::batch::{
-    BatchBody, BatchEntry, BatchItem, EnvelopeEntry, ExpireEntry, BATCH_REQUESTS_LIMIT,
+    BatchBody, BatchEntry, BatchItem, EnvelopeEntry, ExpireEntry, RotateEntry, BATCH_REQUESTS_LIMIT,
 };
-use crate::crypto::{header_hash, request_hash};
+use crate::crypto::{header_hash, key_id, request_hash};
 use crate::merkle::{leaf_hash, Tree};
 use crate::ports::{LedgerRead, RequestRecord};
 use crate::reserve::{expire_hash, Expiry, Held, Reserve, EXPIRIES_PER_BATCH_MAX};
 use crate::rules::{judge, judge_expiry, Balances, Effect};
-use crate::state::LedgerMeta;
+use crate::state::{LedgerMeta, Rotation};
 use crate::{Rejection, Result};
 
 #[derive(Debug, Clone)]
@@ -112,6 +112,8 @@ pub struct Sequencer {
     open_time: u64,
     /// No open reserve's deadline is before this (0: unknown, look).
     expiry_hint: u64,
+    /// The key the open batch names as the next operator key, if an admin asked for one.
+    rotation: Option<PublicKey>,
 }
 
 impl Sequencer {
@@ -134,7 +136,35 @@ impl Sequencer {
             last_time: None,
             open_time: 0,
             expiry_hint: 0,
+            rotation: None,
         }
+    }
+
+    /// Makes the open batch name `new_key` as the next operator key (PROTOCOL.md §4.14); the
+    /// batch must be open ([`Sequencer::open_batch`]). Refused when the key signs already or
+    /// the ledger has had as many rotations as a key chain holds. A second call before the
+    /// seal replaces the first.
+    pub fn rotate(&mut self, new_key: PublicKey) -> std::result::Result<(), Rejection> {
+        if key_id(&new_key) == self.meta.signing_key_id(&self.cfg.operator_key_id) {
+            return Err(Rejection::new(
+                ErrorCode::RotationRefused,
+                "this key signs the ledger's headers already",
+            ));
+        }
+        if self.rotation.is_none() && !self.fits(1) {
+            return Err(Rejection::new(
+                ErrorCode::Busy,
+                "the open batch is full: ask again",
+            ));
+        }
+        if self.meta.rotations() as usize >= tally_wire::KEY_LINKS_MAX {
+            return Err(Rejection::new(
+                ErrorCode::RotationRefused,
+                "the ledger has had as many key rotations as a key chain holds (64)",
+            ));
+        }
+        self.rotation = Some(new_key);
+        Ok(())
     }
 
     /// Before the open batch's first item: fixes the batch's time (`unix_ms`, never before the
@@ -254,12 +284,13 @@ impl Sequencer {
 
     /// Whether the open batch takes nothing more.
     pub fn is_full(&self) -> bool {
-        self.open_leaves >= self.cfg.batch_requests_max
+        !self.fits(1)
     }
 
-    /// Whether `n` more operations fit in the open batch (`batch_requests_max` leaves).
+    /// Whether `n` more operations fit in the open batch (`batch_requests_max` leaves, a
+    /// pending rotation's included).
     pub fn fits(&self, n: u32) -> bool {
-        self.open_leaves + n <= self.cfg.batch_requests_max
+        self.open_leaves + self.rotation.is_some() as u32 + n <= self.cfg.batch_requests_max
     }
 
     /// The most operations one batch holds.
@@ -599,11 +630,25 @@ impl Sequencer {
     /// Closes the open batch (if it has any item) into a body with its header; its time is
     /// the one fixed when it opened.
     pub fn seal(&mut self, term: u64) -> Option<BatchBody> {
-        if self.open.is_empty() {
+        if self.open.is_empty() && self.rotation.is_none() {
             return None;
         }
-        let items = std::mem::take(&mut self.open);
-        let leaf_count = std::mem::take(&mut self.open_leaves);
+        let mut items = std::mem::take(&mut self.open);
+        let mut leaf_count = std::mem::take(&mut self.open_leaves);
+        let operator_key_id = self.meta.signing_key_id(&self.cfg.operator_key_id);
+        if let Some(new_key) = self.rotation.take() {
+            let (previous, number) = (self.meta.rotated_at(), self.meta.rotations() + 1);
+            let at = (self.meta.height + 1, leaf_count);
+            items.push(BatchItem::Rotate(RotateEntry::new(
+                new_key, previous, number, at,
+            )));
+            leaf_count += 1;
+            self.meta.operator = Some(Rotation {
+                key: new_key,
+                height: at.0,
+                number,
+            });
+        }
         for (key, (before, after)) in self.open_changes.drain() {
             self.meta.account_changed(&key, before, after);
         }
@@ -629,7 +674,7 @@ impl Sequencer {
             prev_hash: self.meta.last_header_hash,
             merkle_root: Tree::new(&leaves).root(),
             state_digest: self.meta.state_digest(),
-            operator_key_id: self.cfg.operator_key_id,
+            operator_key_id,
         };
         self.meta.last_header_hash = header_hash(&header);
         let keys = items

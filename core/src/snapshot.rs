@@ -182,6 +182,8 @@ pub struct Delta {
     pub reserves: BTreeMap<(PublicKey, u128), Reserve>,
     pub deposited: u128,
     pub withdrawn: u128,
+    /// The last operator key rotation among the batches, with its height.
+    pub operator: Option<crate::state::Rotation>,
 }
 
 impl Delta {
@@ -195,6 +197,14 @@ impl Delta {
                 BatchItem::Expire(e) => {
                     self.accounts.insert(e.owner, e.receipt.signer_balance);
                     self.reserves.insert((e.owner, e.id), Reserve::Expired);
+                    continue;
+                }
+                BatchItem::Rotate(e) => {
+                    self.operator = Some(crate::state::Rotation {
+                        key: e.new_key,
+                        height: body.header.height,
+                        number: e.number,
+                    });
                     continue;
                 }
                 BatchItem::Request(_) => [].iter(),
@@ -270,7 +280,9 @@ impl Delta {
                 };
                 self.reserves.insert((owner, op.reserve_id), after);
             }
-            Op::Expire => unreachable!("expiries are items of their own"),
+            Op::Expire | Op::Rotate => {
+                unreachable!("expiries and rotations are items of their own")
+            }
         }
     }
 
@@ -307,6 +319,7 @@ impl Delta {
         self.reserves.extend(later.reserves);
         self.deposited += later.deposited;
         self.withdrawn += later.withdrawn;
+        self.operator = later.operator.or(self.operator);
     }
 
     /// The rows of decoded chunks, as a delta (totals left at 0: they are in the manifest).

@@ -13,6 +13,9 @@ use crate::{Error, Result};
 
 pub const STATE_DOMAIN: &[u8; 16] = b"tally/state/v2\0\0";
 pub const META_BYTES: usize = 8 + 32 + 32 + 8 + 16 + 16 + 8;
+/// [`LedgerMeta::operator`] encoded: the key, the rotation's height u64 LE, its number u32 LE.
+/// Stored apart from the summary's [`META_BYTES`], which predate rotations.
+pub const OPERATOR_BYTES: usize = 32 + 8 + 4;
 
 /// Summary of the ledger after `height` batches: all that the next batch needs besides accounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +32,21 @@ pub struct LedgerMeta {
     /// The Raft log index of the entry that carried batch `height` (0 without replication).
     /// Not part of the state digest: it says where the state came from, not what it is.
     pub raft_index: u64,
+    /// The ledger's last operator key rotation (None: the genesis key signs). Not part of the
+    /// state digest either: the rotation's receipt in its batch is what proves it (PROTOCOL.md
+    /// §4.14).
+    pub operator: Option<Rotation>,
+}
+
+/// An operator key rotation as the state keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The key that signs every header after `height`.
+    pub key: PublicKey,
+    /// The height of the batch that named it (the last header the key before signed).
+    pub height: u64,
+    /// 1 for the ledger's first rotation, then 2, ... (at most `tally_wire::KEY_LINKS_MAX`).
+    pub number: u32,
 }
 
 impl LedgerMeta {
@@ -41,7 +59,24 @@ impl LedgerMeta {
             total_deposited: 0,
             total_withdrawn: 0,
             raft_index: 0,
+            operator: None,
         }
+    }
+
+    /// The height of the last rotation (0: none).
+    pub fn rotated_at(&self) -> u64 {
+        self.operator.map_or(0, |r| r.height)
+    }
+
+    /// The number of rotations the ledger applied.
+    pub fn rotations(&self) -> u32 {
+        self.operator.map_or(0, |r| r.number)
+    }
+
+    /// The id of the key that signs the next header: the last rotation's, or `genesis`.
+    pub fn signing_key_id(&self, genesis: &[u8; 8]) -> [u8; 8] {
+        self.operator
+            .map_or(*genesis, |r| crate::crypto::key_id(&r.key))
     }
 
     /// SHA-256(STATE_DOMAIN ‖ map root ‖ account_count ‖ total_deposited ‖ total_withdrawn ‖
@@ -102,6 +137,39 @@ impl LedgerMeta {
         out
     }
 
+    /// [`LedgerMeta::operator`], when a rotation set it: key ‖ height u64 LE ‖ number u32 LE.
+    pub fn encode_operator(&self) -> Option<[u8; OPERATOR_BYTES]> {
+        let r = self.operator?;
+        let mut out = [0u8; OPERATOR_BYTES];
+        out[..32].copy_from_slice(&r.key);
+        out[32..40].copy_from_slice(&r.height.to_le_bytes());
+        out[40..].copy_from_slice(&r.number.to_le_bytes());
+        Some(out)
+    }
+
+    /// Sets [`LedgerMeta::operator`] from [`LedgerMeta::encode_operator`]'s bytes.
+    pub fn decode_operator(&mut self, bytes: &[u8]) -> Result<()> {
+        let bytes: [u8; OPERATOR_BYTES] = bytes.try_into().map_err(|_| {
+            Error::corrupt(format_args!(
+                "the operator row has {} bytes, expected {OPERATOR_BYTES}",
+                bytes.len()
+            ))
+        })?;
+        let rotation = Rotation {
+            key: bytes[..32].try_into().expect("32"),
+            height: u64::from_le_bytes(bytes[32..40].try_into().expect("8")),
+            number: u32::from_le_bytes(bytes[40..].try_into().expect("4")),
+        };
+        if rotation.height == 0 || rotation.height > self.height || rotation.number == 0 {
+            return Err(Error::corrupt(format_args!(
+                "the operator row names rotation {} at height {}, the ledger is at {}",
+                rotation.number, rotation.height, self.height
+            )));
+        }
+        self.operator = Some(rotation);
+        Ok(())
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<LedgerMeta> {
         if bytes.len() != META_BYTES {
             return Err(Error::corrupt(format_args!(
@@ -117,6 +185,7 @@ impl LedgerMeta {
             total_deposited: u128::from_le_bytes(bytes[80..96].try_into().expect("16")),
             total_withdrawn: u128::from_le_bytes(bytes[96..112].try_into().expect("16")),
             raft_index: u64::from_le_bytes(bytes[112..120].try_into().expect("8")),
+            operator: None,
         })
     }
 }

@@ -19,6 +19,9 @@ const NONCES_MAX: usize = 4096;
 pub struct AdminGate {
     chain_id: tally_wire::Hash,
     keys: Vec<tally_wire::PublicKey>,
+    /// The operator public keys whose private keys this replica holds: a rotation to any
+    /// other is refused here, before the leader would sign a batch it cannot follow.
+    operator_keys: Vec<tally_wire::PublicKey>,
     /// (issued_unix_ms, nonce, key) of requests accepted within the skew window.
     seen: std::sync::Mutex<std::collections::BTreeSet<(u64, u64, tally_wire::PublicKey)>>,
 }
@@ -28,7 +31,16 @@ impl AdminGate {
         AdminGate {
             chain_id,
             keys,
+            operator_keys: Vec::new(),
             seen: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+
+    /// The same gate, for a replica that holds the private keys of `operator_keys`.
+    pub fn holding(self, operator_keys: Vec<tally_wire::PublicKey>) -> AdminGate {
+        AdminGate {
+            operator_keys,
+            ..self
         }
     }
 
@@ -119,6 +131,15 @@ pub fn dispatch(gate: &AdminGate, raft: &Sender<RaftEvent>, req: AdminRequest, r
             change: MemberChange::Remove { id },
             reply,
         },
+        AdminCommand::RotateKey { new_key } => {
+            if !gate.operator_keys.contains(&new_key) {
+                let why = "this replica holds no private key for the new operator key: name it \
+                           as operator.next_signing_key on every replica and restart them first";
+                reply.error(ErrorCode::RotationRefused, why);
+                return;
+            }
+            RaftEvent::RotateKey { new_key, reply }
+        }
     };
     if let Err(e) = raft.try_send(event) {
         if let Some(reply) = e.into_inner().into_cmd_reply() {

@@ -143,6 +143,11 @@ impl ReplyTo {
         match c {
             Confirmed::Request(c) => self.send(&Message::Confirmed(c)),
             Confirmed::Envelope(c) => self.send(&Message::EnvelopeConfirmed(c)),
+            Confirmed::Rotation(link) => {
+                self.send(&Message::KeyChain(Box::new(tally_wire::KeyChainReply {
+                    links: vec![*link],
+                })))
+            }
         }
     }
 
@@ -321,6 +326,8 @@ pub enum StorageCmd {
     Consistency { from: u64, to: u64, reply: ReplyTo },
     /// An account's balance proved against the applied header (`GetBalanceProof`).
     BalanceProof { account: PublicKey, reply: ReplyTo },
+    /// Every operator key rotation applied (`GetKeyChain`, PROTOCOL.md §4.14).
+    KeyChain { reply: ReplyTo },
     /// The same proof for the witnessing task (`witnesses.rs`), between applied heights.
     LogProof {
         from: u64,
@@ -388,6 +395,7 @@ impl StorageCmd {
             | StorageCmd::FindByReceipt { reply, .. }
             | StorageCmd::Consistency { reply, .. }
             | StorageCmd::BalanceProof { reply, .. }
+            | StorageCmd::KeyChain { reply }
             | StorageCmd::Status { reply, .. } => Some(reply),
             _ => None,
         }
@@ -429,6 +437,12 @@ pub enum RaftEvent {
         change: MemberChange,
         reply: ReplyTo,
     },
+    /// An admin rotates the operator key (`tally cluster rotate-key`): on to the master if
+    /// this replica leads; answered with the rotation's key link once it is applied.
+    RotateKey {
+        new_key: PublicKey,
+        reply: ReplyTo,
+    },
     /// The master found its speculative state out of step with what was applied.
     Resync,
     /// Shutting down: commit and apply what was proposed (for a few seconds at most), then stop
@@ -443,7 +457,8 @@ impl RaftEvent {
             RaftEvent::Read { cmd } => cmd.into_reply(),
             RaftEvent::Status { reply }
             | RaftEvent::Members { reply }
-            | RaftEvent::ChangeMembers { reply, .. } => Some(reply),
+            | RaftEvent::ChangeMembers { reply, .. }
+            | RaftEvent::RotateKey { reply, .. } => Some(reply),
             _ => None,
         }
     }
@@ -457,6 +472,11 @@ pub enum MasterEvent {
         meta: LedgerMeta,
     },
     Follow,
+    /// See [`RaftEvent::RotateKey`].
+    Rotate {
+        new_key: PublicKey,
+        reply: ReplyTo,
+    },
 }
 
 /// State the apply thread publishes for the raft thread and the master.

@@ -381,6 +381,7 @@ pub fn reply_bytes_bound(request: &Message) -> usize {
         Message::GetBalanceProof { .. } => {
             FRAME_HEADER_BYTES + tally_wire::BALANCE_PROOF_REPLY_BYTES_MAX
         }
+        Message::GetKeyChain => FRAME_HEADER_BYTES + tally_wire::KEY_CHAIN_REPLY_BYTES_MAX,
         _ => SMALL_REPLY_BYTES_MAX,
     }
 }

@@ -543,6 +543,7 @@ fn dispatch(shared: &Shared, message: Message, reply: ReplyTo, hints: &Arc<Atomi
         Message::GetBalanceProof { account } => {
             pipeline::read(pipeline, StorageCmd::BalanceProof { account, reply })
         }
+        Message::GetKeyChain => pipeline::read(pipeline, StorageCmd::KeyChain { reply }),
         m @ (Message::GetHeaders { .. }
         | Message::GetCheckpoint
         | Message::GetConsistency { .. }) => read_log(pipeline, m, reply),

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use tally_config::Config;
 use tally_core::crypto::OperatorKey;
+use tally_core::key_chain::SigningKeys;
 use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
 use tally_core::sequencer::SequencerConfig;
@@ -231,7 +232,7 @@ fn open_ledger(
 /// The pipeline's sizes and rules, from the config.
 fn pipeline_config(
     config: &Config,
-    operator_key_id: [u8; 8],
+    keys: &SigningKeys,
     metrics: Arc<Metrics>,
     gate: Option<Arc<crate::pipeline::ArchiveGate>>,
     read_only: bool,
@@ -248,7 +249,7 @@ fn pipeline_config(
         },
         sequencer: SequencerConfig {
             chain_id,
-            operator_key_id,
+            operator_key_id: keys.configured().key_id(),
             batch_requests_max: config.batch.batch_requests_max,
             accounts_cached_max: config.cache.accounts_max,
             recent_heights_kept: RECENT_HEIGHTS_KEPT,
@@ -262,10 +263,10 @@ fn pipeline_config(
         metrics,
         archive: gate,
         read_only,
-        admin: Arc::new(crate::admin::AdminGate::new(
-            chain_id,
-            config.admin_keys_bytes(),
-        )),
+        admin: Arc::new(
+            crate::admin::AdminGate::new(chain_id, config.admin_keys_bytes())
+                .holding(keys.publics()),
+        ),
     }
 }
 
@@ -422,13 +423,15 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// The operator's signing key, in the forms the replica uses it.
+/// The operator's signing keys, in the forms the replica uses them.
 struct OperatorKeys {
-    /// Signs the headers of the batches this replica applies.
-    signer: OperatorKey,
-    /// Its public half, which the replica announces and checks ledger snapshots with.
+    /// Sign the headers of the batches this replica applies: the configured key, and the next
+    /// one ahead of a rotation (PROTOCOL.md §4.14).
+    signer: SigningKeys,
+    /// The ledger's genesis public key, which the replica announces and checks ledger
+    /// snapshots with (the start of the key chain).
     public: tally_wire::PublicKey,
-    /// The same key, for the archive writer.
+    /// The configured key, for the archive writer.
     archive: SigningKey,
 }
 
@@ -445,9 +448,15 @@ impl NodeKeys {
     fn read(config: &Config, tls_cfg: &tally_config::TlsConfig) -> Result<NodeKeys> {
         let op_cfg = config.operator.as_ref().context("[operator] is required")?;
         let signing_key = read_signing_key(&op_cfg.signing_key)?;
-        let public = signing_key.verifying_key().to_bytes();
+        let public = config
+            .genesis_public_key_bytes()
+            .unwrap_or_else(|| signing_key.verifying_key().to_bytes());
         let archive = signing_key.clone();
-        let signer = OperatorKey::new(signing_key);
+        let next = match &op_cfg.next_signing_key {
+            Some(path) => Some(OperatorKey::new(read_signing_key(path)?)),
+            None => None,
+        };
+        let signer = SigningKeys::new(OperatorKey::new(signing_key), next);
         let client_tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
         Ok(NodeKeys {
             operator: OperatorKeys {
@@ -556,7 +565,7 @@ fn start_pipeline(
     let pipeline = Pipeline::start(
         pipeline_config(
             config,
-            operator.signer.key_id(),
+            &operator.signer,
             shared.metrics.clone(),
             gate.clone(),
             read_only,

@@ -120,6 +120,14 @@ impl<S: RaftLogStore> RaftThread<S> {
                 tracing::info!(?change, "membership change asked");
                 self.engine.change_members(change, reply, out);
             }
+            RaftEvent::RotateKey { new_key, reply } => {
+                tracing::info!(new_key = %hex::encode(new_key), "operator key rotation asked");
+                if let Err(e) = self.master.try_send(MasterEvent::Rotate { new_key, reply }) {
+                    if let MasterEvent::Rotate { reply, .. } = e.into_inner() {
+                        reply.busy("the master's event queue", 20);
+                    }
+                }
+            }
             RaftEvent::Drain => unreachable!("handled by the loop"),
         }
     }

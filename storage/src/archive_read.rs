@@ -254,8 +254,9 @@ pub fn check_requests(batch: &ArchivedBatch, chain_id: &Hash) -> Result<(), Stri
         let (chain, signed) = match item {
             BatchItem::Request(e) => (&e.request.chain_id, keys.verify_request(&e.request)),
             BatchItem::Envelope(e) => (&e.envelope.chain_id, verify_envelope(&e.envelope)),
-            // Leader-made: nobody signed it; the replay checks that the reserve was due.
-            BatchItem::Expire(_) => continue,
+            // Leader-made: nobody signed them; the replay checks that the reserve was due and
+            // that the rotation follows the last one.
+            BatchItem::Expire(_) | BatchItem::Rotate(_) => continue,
         };
         if chain != chain_id {
             return Err(format!("item {i} is signed for another chain"));

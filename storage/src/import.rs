@@ -189,6 +189,9 @@ impl LedgerImport {
             ));
         }
         self.state.put(&layout::meta_key(), &meta.encode())?;
+        if let Some(operator) = meta.encode_operator() {
+            self.state.put(&layout::operator_key(), &operator)?;
+        }
         self.put_history_heads()?;
         self.archive
             .put(&layout::history_held_from_key(), &1u64.to_le_bytes())?;

@@ -259,6 +259,12 @@ pub fn meta_key() -> [u8; 10] {
     make_key(Table::Meta, &[b"ledger"])
 }
 
+/// tag || "operator": the ledger's last operator key rotation (`LedgerMeta::encode_operator`),
+/// absent until the first. Written in the same batch as the summary row.
+pub fn operator_key() -> [u8; 12] {
+    make_key(Table::Meta, &[b"operator"])
+}
+
 /// tag || "archive": in the archive database (see `archive.rs`), the height and raft index of
 /// the last batch whose bodies and request records it holds, u64 LE each.
 pub fn archive_point_key() -> [u8; 11] {

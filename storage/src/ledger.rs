@@ -295,16 +295,18 @@ impl LedgerDb {
             "the summary names the header"
         );
         // Expiries are leaves without a request id; each closes one reserve as expired (a
-        // reserve made in a batch cannot expire in it: expiries come first).
+        // reserve made in a batch cannot expire in it: expiries come first). A rotation is one
+        // more, the batch's last, and the one that made `meta.operator` name this height.
         let expiries = write
             .reserves
             .iter()
             .filter(|c| c.after == Reserve::Expired)
             .count();
+        let rotations = usize::from(write.meta.rotated_at() == header.height);
         assert_eq!(
-            write.requests.len() + expiries,
+            write.requests.len() + expiries + rotations,
             header.request_count as usize,
-            "one record per request, none per expiry"
+            "one record per request, none per expiry or rotation"
         );
         // Hashing the whole body costs O(body); prepare_apply has just computed it.
         debug_assert_eq!(sha256(&[&write.body]), write.body_digest, "body digest");
@@ -1008,12 +1010,16 @@ fn refuse_older_headers(db: &mut DB, meta: &LedgerMeta) -> Result<()> {
     }
 }
 
-/// The summary row of `db`, or genesis for a new ledger.
+/// The summary row of `db` with its operator row, or genesis for a new ledger.
 fn read_meta(db: &mut DB) -> Result<LedgerMeta> {
-    Ok(match db.get(&layout::meta_key()) {
+    let mut meta = match db.get(&layout::meta_key()) {
         None => LedgerMeta::genesis(),
         Some(v) => LedgerMeta::decode(&fixed::<META_BYTES>(Table::Meta, &v)?)?,
-    })
+    };
+    if let Some(v) = db.get(&layout::operator_key()) {
+        meta.decode_operator(&v)?;
+    }
+    Ok(meta)
 }
 
 /// Migrates the header rows of a ledger whose tip (at `meta`'s height) is still in the v1
@@ -1073,6 +1079,9 @@ fn state_rows(write: &BatchWrite) -> WriteBatch {
         &encode_header_row(&write.signed_header, &write.body_digest),
     );
     batch.put(&layout::meta_key(), &write.meta.encode());
+    if let Some(operator) = write.meta.encode_operator() {
+        batch.put(&layout::operator_key(), &operator);
+    }
     batch
 }
 

@@ -40,7 +40,7 @@
 //! `last_header_hash`; the accounts and reserves hash to its state map root and the
 //! accounts number `account_count`; their balances plus what open reserves hold add up to
 //! deposits minus withdrawals; there are as many request records as the headers count
-//! requests less the bodies' expiries (which use no request id), none beyond the height. Then the directory is
+//! requests less the bodies' expiries and rotations (which use no request id), none beyond the height. Then the directory is
 //! synced, reopened as a [`LedgerDb`] (which checks the tip header and body against the summary),
 //! and the tip header must verify under the operator's key. Only then is the `COMPLETE` marker
 //! written.
@@ -78,7 +78,8 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 use tally_core::batch::{BatchBody, BatchItem};
-use tally_core::crypto::{header_hash, sha256, verify_header};
+use tally_core::crypto::{header_hash, sha256};
+use tally_core::key_chain::{self, KeySchedule};
 use tally_core::ports::LedgerStore;
 use tally_core::reserve::Reserve;
 use tally_core::state::{LedgerMeta, META_BYTES};
@@ -460,7 +461,8 @@ impl StateCheck {
         Ok(())
     }
 
-    /// A batch body: checks that it hashes to its key and decodes, counts it and its expiries.
+    /// A batch body: checks that it hashes to its key and decodes, counts it and its
+    /// leader-made items (expiries and rotations: leaves without a request id).
     fn record_body(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let digest: Hash = key_rest(table, key)?;
         if sha256(&[value]) != digest {
@@ -474,20 +476,24 @@ impl StateCheck {
         let expiries = body
             .items
             .iter()
-            .filter(|i| matches!(i, BatchItem::Expire(_)))
+            .filter(|i| matches!(i, BatchItem::Expire(_) | BatchItem::Rotate(_)))
             .count();
         self.expiries += expiries as u64;
         self.bodies += 1;
         Ok(())
     }
 
-    /// The summary row: decodes and keeps it for [`StateCheck::finish`].
+    /// The summary row (then, in key order, the operator row): decodes and keeps it for
+    /// [`StateCheck::finish`].
     fn record_meta(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
-        if key != layout::meta_key() {
-            return Err(corrupt(table, format_args!("unexpected key {}", hex(key))));
+        if key == layout::meta_key() {
+            self.meta = Some(LedgerMeta::decode(&fixed::<META_BYTES>(table, value)?)?);
+            return Ok(());
         }
-        self.meta = Some(LedgerMeta::decode(&fixed::<META_BYTES>(table, value)?)?);
-        Ok(())
+        match self.meta.as_mut() {
+            Some(meta) if key == layout::operator_key() => meta.decode_operator(value),
+            _ => Err(corrupt(table, format_args!("unexpected key {}", hex(key)))),
+        }
     }
 
     /// A header row: checks that it is at the next height and chains to the header before it,
@@ -772,7 +778,8 @@ impl LedgerInstaller {
     }
 
     /// Requires the whole stream, syncs and closes the database, checks it (see the module docs)
-    /// and marks the directory complete. Returns the installed ledger's summary.
+    /// and marks the directory complete. Returns the installed ledger's summary. `operator` is
+    /// the genesis operator key: the tip must verify under the key its key chain leads to.
     pub fn finish(self, operator: &PublicKey) -> Result<LedgerMeta> {
         self.check_usable()?;
         let LedgerInstaller {
@@ -813,12 +820,15 @@ impl LedgerInstaller {
             let tip = db
                 .header(meta.height)?
                 .ok_or_else(|| invalid(format_args!("no header at height {}", meta.height)))?;
-            verify_header(operator, &tip).map_err(|e| {
-                invalid(format_args!(
-                    "header {} does not verify under the operator key: {e}",
-                    meta.height
-                ))
-            })?;
+            let links = key_chain::links(&mut db, &meta)?;
+            KeySchedule::follow(*operator, &links)
+                .and_then(|schedule| schedule.verify_header(&tip))
+                .map_err(|e| {
+                    invalid(format_args!(
+                        "header {} does not verify under the operator key chain: {e}",
+                        meta.height
+                    ))
+                })?;
         }
         db.close()?;
         write_complete_marker(&dir)?;

@@ -29,6 +29,7 @@ pub mod admin_command {
     pub const PROMOTE: u8 = 3;
     pub const REMOVE: u8 = 4;
     pub const TRANSFER_LEADER: u8 = 5;
+    pub const ROTATE_KEY: u8 = 6;
 }
 
 /// A membership command signed by an admin key. The signature covers every byte before it
@@ -64,6 +65,9 @@ pub enum AdminCommand {
     Remove { id: u64 },
     /// Ask the leader to hand leadership to voter `id`.
     TransferLeader { id: u64 },
+    /// Make `new_key` the operator key: the next batch names it and is the last one the current
+    /// key signs (PROTOCOL.md §4.14). Answered with the key chain once that batch is applied.
+    RotateKey { new_key: PublicKey },
 }
 
 /// A member's part in the raft group.
@@ -131,6 +135,7 @@ impl AdminCommand {
             AdminCommand::Promote { .. } => PROMOTE,
             AdminCommand::Remove { .. } => REMOVE,
             AdminCommand::TransferLeader { .. } => TRANSFER_LEADER,
+            AdminCommand::RotateKey { .. } => ROTATE_KEY,
         }
     }
 
@@ -142,6 +147,7 @@ impl AdminCommand {
             AdminCommand::Promote { .. } => "promote",
             AdminCommand::Remove { .. } => "remove",
             AdminCommand::TransferLeader { .. } => "transfer_leader",
+            AdminCommand::RotateKey { .. } => "rotate_key",
         }
     }
 
@@ -155,7 +161,7 @@ impl AdminCommand {
     /// check operator input with this first.
     pub fn check(&self) -> Result<(), WireError> {
         let id = match self {
-            AdminCommand::Members => return Ok(()),
+            AdminCommand::Members | AdminCommand::RotateKey { .. } => return Ok(()),
             AdminCommand::Add {
                 id,
                 address,
@@ -194,6 +200,7 @@ impl AdminCommand {
             AdminCommand::Promote { id }
             | AdminCommand::Remove { id }
             | AdminCommand::TransferLeader { id } => out.extend_from_slice(&id.to_le_bytes()),
+            AdminCommand::RotateKey { new_key } => out.extend_from_slice(new_key),
         }
     }
 
@@ -215,6 +222,9 @@ impl AdminCommand {
             },
             TRANSFER_LEADER => AdminCommand::TransferLeader {
                 id: read_id(r, "admin.id")?,
+            },
+            ROTATE_KEY => AdminCommand::RotateKey {
+                new_key: r.array("admin.rotate_key.new_key")?,
             },
             _ => {
                 return Err(WireError::Invalid {

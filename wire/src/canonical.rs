@@ -44,6 +44,9 @@ pub enum Op {
     /// A reserve's timeout passed: its amount returns to its owner. Never submitted: the leader
     /// adds it to a batch (PROTOCOL.md §4.10).
     Expire = 8,
+    /// The batch names a new operator key, which signs every header after it. Never submitted:
+    /// the leader adds it, last in its batch, on an admin's `RotateKey` (PROTOCOL.md §4.14).
+    Rotate = 9,
 }
 
 impl Op {
@@ -57,6 +60,7 @@ impl Op {
             6 => Some(Op::Void),
             7 => Some(Op::Renew),
             8 => Some(Op::Expire),
+            9 => Some(Op::Rotate),
             _ => None,
         }
     }
@@ -68,7 +72,16 @@ impl Op {
 
     /// Whether this kind acts on a reserve (two-phase transfers).
     pub fn is_two_phase(self) -> bool {
-        !self.is_single()
+        matches!(
+            self,
+            Op::Reserve | Op::Post | Op::Void | Op::Renew | Op::Expire
+        )
+    }
+
+    /// Whether a client may sign this kind (in a request or an envelope): every kind but the
+    /// leader-made expiries and key rotations.
+    pub fn is_signed(self) -> bool {
+        !matches!(self, Op::Expire | Op::Rotate)
     }
 
     pub fn name(self) -> &'static str {
@@ -81,6 +94,7 @@ impl Op {
             Op::Void => "void",
             Op::Renew => "renew",
             Op::Expire => "expire",
+            Op::Rotate => "rotate",
         }
     }
 }

@@ -87,7 +87,7 @@ impl Operation {
 
     fn read(r: &mut Reader<'_>, signer: &PublicKey) -> Result<Operation, WireError> {
         let op = Op::from_u8(r.u8("operation.kind")?)
-            .filter(|op| *op != Op::Expire)
+            .filter(|op| op.is_signed())
             .ok_or(WireError::Invalid {
                 field: "operation.kind",
                 reason: "unknown operation (kinds 1 to 7)",

@@ -139,6 +139,7 @@ error_codes! {
     ArchiveBehind = 35, "archive_behind", Later;
     Recovering = 36, "recovering", Elsewhere;
     MembershipRefused = 37, "membership_refused", Later;
+    RotationRefused = 38, "rotation_refused", Never;
     NotFound = 40, "not_found", Never;
     HistoryPruned = 41, "history_pruned", Never;
     HeightNotApplied = 42, "height_not_applied", Never;

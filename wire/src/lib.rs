@@ -25,6 +25,7 @@ mod error;
 mod expiry;
 mod frame;
 mod history;
+mod key_chain;
 mod message;
 
 pub use admin::*;
@@ -43,6 +44,10 @@ pub use frame::*;
 pub use history::{
     ACCOUNT_REPLY_BYTES, HISTORY_BYTES_MAX, HISTORY_ENTRIES_PER_REPLY_MAX, HISTORY_ENTRY_BYTES,
     HISTORY_FIXED_BYTES,
+};
+pub use key_chain::{
+    KeyChainReply, KeyLink, KEY_CHAIN_REPLY_BYTES_MAX, KEY_LINKS_MAX, KEY_LINK_BYTES_MAX,
+    ROTATE_DOMAIN,
 };
 pub use message::*;
 

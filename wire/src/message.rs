@@ -47,6 +47,7 @@ pub mod message_type {
     pub const GET_CONSISTENCY: u8 = 0x0e;
     pub const GET_CHECKPOINT: u8 = 0x0f;
     pub const GET_BALANCE_PROOF: u8 = 0x10;
+    pub const GET_KEY_CHAIN: u8 = 0x11;
     pub const CONFIRMED: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const BALANCE: u8 = 0x83;
@@ -64,6 +65,7 @@ pub mod message_type {
     pub const CONSISTENCY: u8 = 0x8f;
     pub const CHECKPOINT: u8 = 0x90;
     pub const BALANCE_PROOF: u8 = 0x91;
+    pub const KEY_CHAIN: u8 = 0x92;
 
     /// Whether a server takes `message_type` as a request. Anything else (a reply type, an
     /// undefined one) is `unknown_message_type`, whatever its payload.
@@ -86,6 +88,7 @@ pub mod message_type {
                 | GET_CONSISTENCY
                 | GET_CHECKPOINT
                 | GET_BALANCE_PROOF
+                | GET_KEY_CHAIN
         )
     }
 }
@@ -355,6 +358,9 @@ pub enum Message {
         account: crate::PublicKey,
     },
     BalanceProof(Box<crate::BalanceProofReply>),
+    /// Every operator key rotation the ledger applied, answered `KeyChain` (PROTOCOL.md §4.14).
+    GetKeyChain,
+    KeyChain(Box<crate::KeyChainReply>),
 }
 
 /// The operator's totals at one applied height: what was deposited and withdrawn, and the sum
@@ -405,6 +411,8 @@ impl Message {
             Message::Checkpoint(_) => CHECKPOINT,
             Message::GetBalanceProof { .. } => GET_BALANCE_PROOF,
             Message::BalanceProof(_) => BALANCE_PROOF,
+            Message::GetKeyChain => GET_KEY_CHAIN,
+            Message::KeyChain(_) => KEY_CHAIN,
         }
     }
 
@@ -514,6 +522,8 @@ impl Message {
             Message::Consistency(reply) => reply.write(out),
             Message::GetBalanceProof { account } => out.extend_from_slice(account),
             Message::BalanceProof(reply) => reply.write(out),
+            Message::GetKeyChain => {}
+            Message::KeyChain(reply) => reply.write(out),
             Message::GetCheckpoint => {}
             Message::Checkpoint(note) => {
                 assert!(note.len() <= crate::CHECKPOINT_NOTE_BYTES_MAX);
@@ -652,6 +662,8 @@ impl Message {
             BALANCE_PROOF => {
                 Message::BalanceProof(Box::new(crate::BalanceProofReply::read(&mut r)?))
             }
+            GET_KEY_CHAIN => Message::GetKeyChain,
+            KEY_CHAIN => Message::KeyChain(Box::new(crate::KeyChainReply::read(&mut r)?)),
             GET_CHECKPOINT => Message::GetCheckpoint,
             CHECKPOINT => {
                 let note = r.string("checkpoint.note")?;

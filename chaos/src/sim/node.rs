@@ -27,6 +27,7 @@ use tally_core::engine::master::{
 use tally_core::engine::members::{decode_descriptor, AddressBook, MemberChange};
 use tally_core::engine::replication::{ReplOut, Replication, ReplicationConfig};
 use tally_core::engine::{PlantedBug, Refusal, Waiter};
+use tally_core::key_chain::SigningKeys;
 use tally_core::ports::{LedgerStore, MemStore};
 use tally_core::replica::{Replica, ReplicaConfig, Role};
 use tally_core::sequencer::SequencerConfig;
@@ -414,7 +415,7 @@ impl Engine {
             parked_max: 1024,
             accounts_cached_max: 64,
         };
-        let applier = Applier::new(applier_cfg, operator, meta);
+        let applier = Applier::new(applier_cfg, SigningKeys::single(operator), meta);
         Engine {
             master,
             repl,
@@ -704,6 +705,7 @@ fn answer_of(c: Confirmed) -> Answer {
     match c {
         Confirmed::Request(c) => Answer::Confirmed(c),
         Confirmed::Envelope(c) => Answer::EnvelopeConfirmed(c),
+        Confirmed::Rotation(_) => unreachable!("the simulator rotates no keys"),
     }
 }
 

@@ -18,6 +18,7 @@ use tally_wire::{Hash, PublicKey, SignedHeader};
 
 use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed};
 use crate::crypto::OperatorKey;
+use crate::key_chain::SigningKeys;
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
 use crate::state::LedgerMeta;
 use crate::state_map::StateMap;
@@ -91,7 +92,7 @@ struct Parked<R> {
 
 pub struct Applier<R> {
     cfg: ApplierConfig,
-    operator: OperatorKey,
+    keys: SigningKeys,
     /// The ledger summary after the last applied batch.
     meta: LedgerMeta,
     /// The highest raft index applied (batches and other entries alike).
@@ -103,11 +104,11 @@ pub struct Applier<R> {
 
 impl<R> Applier<R> {
     /// Starts from the ledger's own summary.
-    pub fn new(cfg: ApplierConfig, operator: OperatorKey, meta: LedgerMeta) -> Applier<R> {
+    pub fn new(cfg: ApplierConfig, keys: SigningKeys, meta: LedgerMeta) -> Applier<R> {
         Applier {
             applied_index: meta.raft_index,
             meta,
-            operator,
+            keys,
             parked: BTreeMap::new(),
             parked_count: 0,
             accounts: AccountCache::new(cfg.accounts_cached_max),
@@ -119,9 +120,10 @@ impl<R> Applier<R> {
         &self.meta
     }
 
-    /// The key that signs this replica's headers, and the header log's checkpoints it serves.
-    pub fn operator(&self) -> &OperatorKey {
-        &self.operator
+    /// The key that signs this replica's next header, and the header log's checkpoints it
+    /// serves (PROTOCOL.md §4.14). Fails when a rotation named a key this replica lacks.
+    pub fn operator(&self) -> Result<&OperatorKey> {
+        self.keys.for_meta(&self.meta)
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -195,14 +197,8 @@ impl<R> Applier<R> {
             store,
             accounts: &mut self.accounts,
         };
-        let mut write = prepare_apply_sealed(
-            body,
-            encoded,
-            &self.meta,
-            &mut reader,
-            &self.operator,
-            sealed,
-        )?;
+        let key = self.keys.for_meta(&self.meta)?;
+        let mut write = prepare_apply_sealed(body, encoded, &self.meta, &mut reader, key, sealed)?;
         write.meta.raft_index = raft_index;
         store.apply(&write)?;
         for (key, balance) in &write.accounts {
@@ -416,8 +412,8 @@ pub fn find_confirmation<S: LedgerStore>(
                 proof,
             }))
         }
-        crate::batch::BatchItem::Expire(_) => {
-            return Err(corrupt("the request index names an expiry".into()))
+        crate::batch::BatchItem::Expire(_) | crate::batch::BatchItem::Rotate(_) => {
+            return Err(corrupt("the request index names a leader-made item".into()))
         }
     }))
 }

@@ -122,6 +122,8 @@ pub struct Master<R> {
     cfg: MasterConfig,
     leading: Option<Leading>,
     open: Vec<Waiter<R>>,
+    /// The admin waiting for the open batch's rotation.
+    rotation_waiter: Option<R>,
     opened_at: Option<u64>,
 }
 
@@ -135,6 +137,7 @@ impl<R> Master<R> {
             cfg,
             leading: None,
             open: Vec::new(),
+            rotation_waiter: None,
             opened_at: None,
         }
     }
@@ -162,6 +165,9 @@ impl<R> Master<R> {
                 .drain(..)
                 .map(|w| MasterOut::Refuse(w.reply, Refusal::NotWritable)),
         );
+        if let Some(reply) = self.rotation_waiter.take() {
+            out.push(MasterOut::Refuse(reply, Refusal::NotWritable));
+        }
         self.opened_at = None;
     }
 
@@ -318,6 +324,41 @@ impl<R> Master<R> {
         Ok(())
     }
 
+    /// An admin's key rotation (PROTOCOL.md §4.14): opens a batch if none is open and makes it
+    /// name `new_key`; the batch then closes by the usual rules, and `reply` is answered with
+    /// the rotation's key link once it is applied. Refused to `reply` when this replica does
+    /// not lead, the key signs already, the ledger has had as many rotations as a chain holds,
+    /// or the open batch is full. An `Err` is a failed read: the replica must stop.
+    pub fn rotate(
+        &mut self,
+        new_key: tally_wire::PublicKey,
+        reply: R,
+        p: &Poll,
+        store: &mut impl LedgerRead,
+        out: &mut Vec<MasterOut<R>>,
+    ) -> Result<()> {
+        let Some(l) = self.leading.as_mut() else {
+            out.push(MasterOut::Refuse(reply, Refusal::NotWritable));
+            return Ok(());
+        };
+        l.sequencer
+            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        l.sequencer.open_batch(p.unix_ms, 1, store)?;
+        if let Err(r) = l.sequencer.rotate(new_key) {
+            out.push(MasterOut::Reject(reply, r));
+            return Ok(());
+        }
+        if let Some(earlier) = self.rotation_waiter.replace(reply) {
+            let why = "a later rotation in the same batch replaced this one";
+            out.push(MasterOut::Reject(
+                earlier,
+                Rejection::new(ErrorCode::Busy, why),
+            ));
+        }
+        self.opened_at.get_or_insert(p.now_ms);
+        Ok(())
+    }
+
     /// Seals the open batch if it is due and the in-flight bound allows; returns whether it did.
     pub fn poll(&mut self, p: &Poll, out: &mut Vec<MasterOut<R>>) -> bool {
         match self.due(p) {
@@ -342,7 +383,14 @@ impl<R> Master<R> {
             assert!(self.open.is_empty(), "waiters without requests");
             return false;
         };
-        let waiters = std::mem::take(&mut self.open);
+        let mut waiters = std::mem::take(&mut self.open);
+        if let Some(reply) = self.rotation_waiter.take() {
+            waiters.push(Waiter {
+                index: body.leaf_count() as u32 - 1,
+                reply,
+                replayed: false,
+            });
+        }
         assert!(
             waiters
                 .iter()

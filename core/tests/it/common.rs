@@ -168,6 +168,7 @@ pub fn request_confirmations(
         .map(|c| match c {
             tally_core::batch::Confirmed::Request(c) => *c,
             tally_core::batch::Confirmed::Envelope(_) => panic!("an envelope"),
+            tally_core::batch::Confirmed::Rotation(_) => panic!("a rotation"),
         })
         .collect()
 }

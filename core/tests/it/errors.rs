@@ -188,7 +188,8 @@ fn sealed() -> (tally_core::batch::BatchBody, Applier<u32>) {
         parked_max: 8,
         accounts_cached_max: 8,
     };
-    (body, Applier::new(cfg, operator(), LedgerMeta::genesis()))
+    let keys = tally_core::key_chain::SigningKeys::single(operator());
+    (body, Applier::new(cfg, keys, LedgerMeta::genesis()))
 }
 
 fn committed(body: tally_core::batch::BatchBody) -> Committed<u32> {

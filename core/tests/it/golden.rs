@@ -22,6 +22,7 @@ use tally_core::batch::{BatchBody, Confirmed};
 use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut, Committed};
 use tally_core::engine::master::{Master, MasterConfig, MasterOut, Poll};
 use tally_core::engine::Waiter;
+use tally_core::key_chain::SigningKeys;
 use tally_core::ports::{LedgerStore, MemStore};
 use tally_wire::Request;
 
@@ -71,7 +72,7 @@ impl Harness {
         };
         Harness {
             master,
-            applier: Applier::new(cfg, operator, meta),
+            applier: Applier::new(cfg, SigningKeys::single(operator), meta),
             store,
             proposed: VecDeque::new(),
             out: String::new(),
@@ -232,6 +233,9 @@ impl Harness {
                     "> confirm {reply} height={} index={} replayed",
                     c.header.header.height, c.proof.first
                 ),
+                ApplyOut::Replayed(_, Confirmed::Rotation(_)) => {
+                    unreachable!("a rotation is never resubmitted")
+                }
                 ApplyOut::Refuse(reply, r) => format!("> refuse {reply} {r:?}"),
                 ApplyOut::Reject(reply, r) => format!("> reject {reply} {}", r.code),
                 ApplyOut::Resync => "> resync".into(),

@@ -112,6 +112,13 @@ impl MasterThread {
                 self.engine.lead(term, epoch, meta, out);
             }
             MasterEvent::Follow => self.engine.follow(out),
+            MasterEvent::Rotate { new_key, reply } => {
+                let poll = self.poll(false);
+                let mut reader = StorageReader(&self.storage, &self.metrics);
+                if let Err(e) = self.engine.rotate(new_key, reply, &poll, &mut reader, out) {
+                    fatal("opening a batch for a key rotation", &e);
+                }
+            }
         }
     }
 

@@ -36,9 +36,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use tally_core::crypto::OperatorKey;
 use tally_core::engine::apply::{Applier, ApplierConfig};
 use tally_core::engine::master::{Master, MasterConfig};
+use tally_core::key_chain::SigningKeys;
 use tally_core::ports::LedgerStore;
 use tally_core::sequencer::SequencerConfig;
 use tally_core::state::LedgerMeta;
@@ -150,7 +150,7 @@ impl Pipeline {
         cfg: PipelineConfig,
         wiring: RaftWiring,
         store: S,
-        operator: OperatorKey,
+        operator: SigningKeys,
         installer: Box<dyn SnapshotTransfer<S>>,
     ) -> Pipeline {
         let q = Queues::new(&cfg);
@@ -280,7 +280,7 @@ fn master_engine<R>(cfg: &PipelineConfig) -> Master<R> {
 }
 
 /// The storage thread's engine, starting from the applied summary `meta`.
-fn applier<R>(cfg: &PipelineConfig, operator: OperatorKey, meta: LedgerMeta) -> Applier<R> {
+fn applier<R>(cfg: &PipelineConfig, operator: SigningKeys, meta: LedgerMeta) -> Applier<R> {
     let applier = ApplierConfig {
         parked_max: PARKED_REPLAYS_MAX,
         accounts_cached_max: cfg.sequencer.accounts_cached_max,

@@ -60,6 +60,17 @@ impl<S: LedgerStore> StorageThread<S> {
             StorageCmd::Supply { reply } => self.supply(reply),
             StorageCmd::Consistency { from, to, reply } => self.consistency(from, to, reply),
             StorageCmd::BalanceProof { account, reply } => self.prove_balance(&account, reply),
+            StorageCmd::KeyChain { reply } => {
+                let store = self.store.as_mut().expect("store");
+                match tally_core::key_chain::links(store, self.engine.meta()) {
+                    Ok(links) => {
+                        reply.send(&Message::KeyChain(Box::new(tally_wire::KeyChainReply {
+                            links,
+                        })))
+                    }
+                    Err(e) => on_error("reading the key chain", e, reply),
+                }
+            }
             StorageCmd::LogProof { from, to, reply } => {
                 let _ = reply.send(self.log_proof(from, to));
             }
@@ -145,7 +156,7 @@ impl<S: LedgerStore> StorageThread<S> {
     fn log_proof(&mut self, from: u64, to: u64) -> CoreResult<tally_wire::ConsistencyReply> {
         assert!(1 <= from && from <= to && to <= self.engine.meta().height);
         let store = self.store.as_mut().expect("store");
-        let operator = self.engine.operator();
+        let operator = self.engine.operator()?;
         let mut header = |h: u64| {
             store.header(h)?.ok_or_else(|| {
                 tally_core::Error::missing(format_args!("header {h} below the applied height"))

@@ -11,6 +11,7 @@ mod envelopes;
 mod explorer;
 mod harness;
 mod history;
+mod key_rotation;
 mod layering;
 mod membership;
 mod metrics;

@@ -136,7 +136,7 @@ fn admin_fixed_fields() {
     let mut v2 = good.clone();
     v2[13] = b'2';
     check(0x07, &v2, Err(invalid("admin.domain")));
-    for tag in [0u8, 6, 0x7f, 0xff] {
+    for tag in [0u8, 7, 0x7f, 0xff] {
         let mut p = good.clone();
         p[ADMIN_FIXED_BYTES] = tag;
         check(0x07, &p, Err(invalid("admin.command")));
@@ -357,7 +357,8 @@ fn role_and_command_names() {
             ("add", true),
             ("promote", true),
             ("remove", true),
-            ("transfer_leader", true)
+            ("transfer_leader", true),
+            ("rotate_key", true)
         ]
     );
 }

@@ -91,6 +91,7 @@ const TABLE: &[(u16, &str, Retry)] = &[
     (35, "archive_behind", Retry::Later),
     (36, "recovering", Retry::Elsewhere),
     (37, "membership_refused", Retry::Later),
+    (38, "rotation_refused", Retry::Never),
     (40, "not_found", Retry::Never),
     (41, "history_pruned", Retry::Never),
     (42, "height_not_applied", Retry::Never),
@@ -164,10 +165,11 @@ fn ops_and_read_modes() {
         (6, Op::Void, "void"),
         (7, Op::Renew, "renew"),
         (8, Op::Expire, "expire"),
+        (9, Op::Rotate, "rotate"),
     ] {
         assert_eq!((Op::from_u8(v), op as u8, op.name()), (Some(op), v, name));
     }
-    for v in [0u8, 9, 0xff] {
+    for v in [0u8, 10, 0xff] {
         assert_eq!(Op::from_u8(v), None);
     }
     assert_eq!(

@@ -117,6 +117,9 @@ pub fn every_admin_command() -> Vec<AdminCommand> {
         AdminCommand::Promote { id: 4 },
         AdminCommand::Remove { id: 2 },
         AdminCommand::TransferLeader { id: 1 },
+        AdminCommand::RotateKey {
+            new_key: [0x44; 32],
+        },
     ]
 }
 
@@ -390,6 +393,25 @@ pub fn envelope_messages() -> Vec<Message> {
             tally_wire::BALANCE_PROOF_DEPTH_MAX,
             Some(([8; 32], [9; 32])),
         ))),
+        Message::GetKeyChain,
+        Message::KeyChain(Box::new(tally_wire::KeyChainReply::default())),
+        Message::KeyChain(Box::new(tally_wire::KeyChainReply {
+            links: vec![tally_wire::KeyLink {
+                header: signed_header(9),
+                new_key: [0x45; 32],
+                previous: 0,
+                number: 1,
+                receipt: Receipt {
+                    op: Op::Rotate,
+                    ..receipt()
+                },
+                proof: tally_wire::InclusionProof {
+                    leaf_index: 1,
+                    tree_size: 2,
+                    path: vec![[0x46; 32]],
+                },
+            }],
+        })),
         Message::GetConsistency {
             from_height: 1,
             to_height: u64::MAX,

@@ -212,7 +212,7 @@ fn submit(op: Op) -> Message {
 
 #[test]
 fn unknown_message_types() {
-    for t in [0x00u8, 0x11, 0x7f, 0x80, 0x92, 0xff] {
+    for t in [0x00u8, 0x12, 0x7f, 0x80, 0x93, 0xff] {
         check(t, &[], err(WireError::UnknownMessageType { found: t }));
     }
 }
@@ -351,7 +351,7 @@ fn error_replies() {
         // The retry class need not be the code's default: the server may say better.
         (patched(&e, 2, &[0]), Ok(())),
     ];
-    for code in [0u16, 6, 9, 16, 29, 38, 99, 0xffff] {
+    for code in [0u16, 6, 9, 16, 29, 39, 99, 0xffff] {
         cases.push((
             patched(&e, 0, &code.to_le_bytes()),
             err(invalid("error.code")),

@@ -52,6 +52,7 @@ fn message_types_are_the_documented_bytes() {
                 | Message::Consistency(_)
                 | Message::Checkpoint(_)
                 | Message::BalanceProof(_)
+                | Message::KeyChain(_)
                 | Message::Supply(_)
                 | Message::History(_)
                 | Message::Account(_)
@@ -63,7 +64,7 @@ fn message_types_are_the_documented_bytes() {
             "{m:?}"
         );
     }
-    for t in (0x11..=0xff).filter(|t| !(0x80..=0x91).contains(t)) {
+    for t in (0x12..=0xff).filter(|t| !(0x80..=0x92).contains(t)) {
         assert!(!message_type::is_request(t), "0x{t:02x}");
     }
 }

@@ -2,7 +2,7 @@
 //! makes of the headers it sees against the newest one the profile holds
 //! (`tally_client::trust`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tally_client::consistency::{verify_consistency_json, ConsistencyFile};
 use tally_client::trust::{proof, Checked, TrustStore};
-use tally_client::{ClusterClient, Error, Profile};
+use tally_client::{key_chain, ClusterClient, Error, Profile};
+use tally_core::key_chain::KeySchedule;
 use tally_core::tlog::Checkpoint;
 use tally_wire::{PublicKey, SignedHeader};
 
@@ -22,14 +23,18 @@ const TRACK_BUDGET: Duration = Duration::from_secs(3);
 /// 100 ms, and a command waits for the one that covers its header.
 const WITNESSED_TRACK_BUDGET: Duration = Duration::from_secs(12);
 
+/// The directory of the command's profile: its trust files and its key chain live there.
+pub fn profile_dir(ctx: &Globals) -> PathBuf {
+    let path = ctx.profile_path();
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
 /// The trust store of the command's profile: the profile's own directory, and its witnesses.
 fn store(ctx: &Globals, profile: &Profile) -> Result<TrustStore> {
-    let path = ctx.profile_path();
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok(TrustStore::new(dir).with_witnesses(profile)?)
+    Ok(TrustStore::new(&profile_dir(ctx)).with_witnesses(profile)?)
 }
 
 /// Checks `seen` (verified) against the profile's held header. A split view or a proof that
@@ -51,7 +56,11 @@ pub async fn track(
     };
     let budget = left.saturating_sub(crate::BACKSTOP_MARGIN * 2).min(wanted);
     let store = store(ctx, &profile)?;
-    let checked = tokio::time::timeout(budget, store.check(cluster, operator, seen)).await;
+    let checked = tokio::time::timeout(budget, async {
+        let keys = key_chain::for_header(cluster, &profile_dir(ctx), operator, seen).await?;
+        store.check(cluster, &keys, seen).await
+    })
+    .await;
     match checked {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e @ (Error::SplitView { .. } | Error::Verify(_)))) => {
@@ -83,17 +92,18 @@ pub async fn prove(ctx: &Globals, from: u64, to: u64, out: Option<&Path>) -> Res
     let operator = profile.operator_key()?;
     let chain_id = profile.chain_id_bytes()?;
     let cluster = ctx.cluster(&profile)?;
-    let reply = proof(&cluster, &operator, &chain_id, (from, to))
+    let keys = key_chain::refresh(&cluster, &profile_dir(ctx), &operator).await?;
+    let reply = proof(&cluster, &keys, &chain_id, (from, to))
         .await
         .with_context(|| format!("consistency from {from} to {to}"))?;
-    let (a, b) = checkpoints(&reply, &operator, &chain_id)?;
+    let (a, b) = checkpoints(&reply, &keys, &chain_id)?;
     let file = ConsistencyFile::new(&reply, (&a, &b), &operator);
     let text = file.to_json_pretty();
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
     }
     let checked = store(ctx, &profile)?
-        .check(&cluster, &operator, &reply.to.header)
+        .check(&cluster, &keys, &reply.to.header)
         .await?;
     if ctx.json {
         print!("{text}");
@@ -117,11 +127,11 @@ pub async fn prove(ctx: &Globals, from: u64, to: u64, out: Option<&Path>) -> Res
 
 fn checkpoints(
     reply: &tally_wire::ConsistencyReply,
-    operator: &PublicKey,
+    keys: &KeySchedule,
     chain_id: &tally_wire::Hash,
 ) -> Result<(Checkpoint, Checkpoint)> {
-    Ok(tally_core::header_log::verify_consistency_reply(
-        reply, operator, chain_id,
+    Ok(tally_core::header_log::verify_consistency_reply_under(
+        reply, keys, chain_id,
     )?)
 }
 

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 mod account;
 mod consistency;
 mod envelope;
+mod key_chain;
 mod prove;
 mod two_phase;
 
@@ -259,6 +260,9 @@ enum Command {
         #[arg(long, value_name = "HEX", value_parser = public_key_arg)]
         operator_key: Option<PublicKey>,
     },
+    /// Fetch the operator's key chain (every key rotation, PROTOCOL.md §4.14), check it from
+    /// the profile's genesis key and save it beside the profile (key-chain.json)
+    KeyChain,
     /// Prove that the header log at one height is a prefix of the log at a later one (RFC 9162
     /// consistency, under checkpoints the operator signed) and write the proof file
     Consistency {
@@ -358,6 +362,12 @@ enum ClusterCommand {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
+    /// Rotate the operator key: the next batch names the new key, which signs every header
+    /// after it (every replica must hold it as operator.next_signing_key first)
+    RotateKey {
+        #[arg(long, value_name = "PUBKEY", value_parser = public_key_arg)]
+        new_public_key: PublicKey,
+    },
 }
 
 impl ClusterCommand {
@@ -378,6 +388,9 @@ impl ClusterCommand {
             ClusterCommand::Promote { id } => AdminCommand::Promote { id },
             ClusterCommand::Remove { id } => AdminCommand::Remove { id },
             ClusterCommand::TransferLeader { id } => AdminCommand::TransferLeader { id },
+            ClusterCommand::RotateKey { new_public_key } => AdminCommand::RotateKey {
+                new_key: new_public_key,
+            },
         }
     }
 }
@@ -419,6 +432,7 @@ impl Command {
             | Command::Balance { .. }
             | Command::Headers { .. }
             | Command::Consistency { .. }
+            | Command::KeyChain
             | Command::Prove { .. }
             | Command::Status
             | Command::Info
@@ -677,7 +691,11 @@ async fn run(cli: Cli, started: Instant) -> Result<ExitCode> {
             from_checkpoint,
             operator_key,
         } => audit(&ctx, &archive, from_checkpoint, operator_key).await,
+        Command::Cluster {
+            command: ClusterCommand::RotateKey { new_public_key },
+        } => key_chain::rotate(&ctx, new_public_key).await,
         Command::Cluster { command } => cluster(&ctx, command.admin_command()).await,
+        Command::KeyChain => key_chain::show(&ctx).await,
     }
 }
 
@@ -834,16 +852,17 @@ async fn submit(
             anyhow::Error::from(e).context(format!("request id {id}"))
         }
     })?;
-    verify_confirmation(&confirmation, &operator)
+    let signer = key_chain::header_key(ctx, &cluster, &operator, &confirmation.header).await?;
+    verify_confirmation(&confirmation, &signer)
         .context("the server's confirmation does not verify against the profile's operator key")?;
     consistency::track(ctx, &cluster, &operator, &confirmation.header).await?;
     if let Some(path) = &out {
-        write_confirmation_file(path, &confirmation, &operator)?;
+        write_confirmation_file(path, &confirmation, &signer)?;
     }
     if ctx.json {
         print!(
             "{}",
-            ConfirmationFile::with_replayed(&confirmation, &operator).to_json_pretty()
+            ConfirmationFile::with_replayed(&confirmation, &signer).to_json_pretty()
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -957,6 +976,14 @@ fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result
     if text.contains(tally_client::consistency::CONSISTENCY_FORMAT) {
         return consistency::verify(ctx, file, &text, operator, &source);
     }
+    // A profile's key is the genesis key: the header's own comes from the saved key chain.
+    let operator = match (operator, source.starts_with("profile")) {
+        (Some(genesis), true) => match tally_client::confirmation::peek_header(&text) {
+            Some(header) => Some(key_chain::saved_header_key(ctx, &genesis, &header)?),
+            None => Some(genesis),
+        },
+        (operator, _) => operator,
+    };
     let (c, operator) = verify_confirmation_json(&text, operator)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let (r, rc, h) = (&c.request, &c.receipt, &c.header.header);
