@@ -14,6 +14,7 @@ mod history;
 mod ledger;
 mod mem_raft_log;
 mod merkle;
+mod rotation;
 mod script;
 mod signing;
 mod state;
