@@ -3,11 +3,13 @@
 //! with everything an outsider needs to check it against the operator's key alone.
 
 use serde::{Deserialize, Serialize};
+use tally_core::key_chain::KeySchedule;
 use tally_core::state_map::account_path;
 use tally_core::verify::verify_balance_proof;
-use tally_wire::{BalanceProofReply, PublicKey, SignedHeader, BALANCE_PROOF_DEPTH_MAX};
+use tally_wire::{BalanceProofReply, KeyLink, PublicKey, SignedHeader, BALANCE_PROOF_DEPTH_MAX};
 
 use crate::consistency::proof_hash;
+use crate::key_chain::{file_header_key, file_keys, hex_links};
 use crate::keys::parse_public_key;
 use crate::{Error, Result};
 
@@ -31,6 +33,8 @@ pub struct BalanceProofFile {
     /// redundant, so that a changed digit of `account` fails even where the proof of absence
     /// would hold for the other key too.
     pub path: String,
+    /// The key that signed the header: the genesis key until the ledger rotates, then the key
+    /// for `height` (PROTOCOL.md §4.14).
     pub operator_public_key: String,
     /// The 256-byte signed header, hex.
     pub header_hex: String,
@@ -43,6 +47,10 @@ pub struct BalanceProofFile {
     pub siblings: Vec<String>,
     /// For an absent account: the entry standing where its path leads, if any.
     pub neighbor: Option<Neighbor>,
+    /// The operator key chain up to the header's key (PROTOCOL.md §4.14, §11), hex of each
+    /// link; absent while the ledger has not rotated before the header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_chain: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +81,15 @@ impl BalanceProofFile {
                 path: hex::encode(path),
                 value_hash: hex::encode(value_hash),
             }),
+            key_chain: Vec::new(),
+        }
+    }
+
+    /// The same, carrying `links` (from the genesis key to the key that signed the header).
+    pub fn with_key_chain(self, links: &[KeyLink]) -> BalanceProofFile {
+        BalanceProofFile {
+            key_chain: hex_links(links),
+            ..self
         }
     }
 
@@ -116,11 +133,21 @@ impl BalanceProofFile {
     }
 }
 
-/// Verifies the text of a balance proof file under `operator` (None: the key the file names,
-/// which proves only that the file is self-consistent). Returns the reply and the key used.
+/// Verifies the text of a balance proof file under the genesis key `operator` (None: the key
+/// the file names, which proves only that the file is self-consistent). Returns the reply and
+/// the key that signed its header.
 pub fn verify_balance_proof_json(
     text: &str,
     operator: Option<PublicKey>,
+) -> Result<(BalanceProofReply, PublicKey)> {
+    verify_balance_proof_json_under(text, operator.map(KeySchedule::genesis).as_ref())
+}
+
+/// The same under a trusted genesis key and the chain known beside it, following the file's
+/// `key_chain` if it has one ([`file_keys`]).
+pub fn verify_balance_proof_json_under(
+    text: &str,
+    trusted: Option<&KeySchedule>,
 ) -> Result<(BalanceProofReply, PublicKey)> {
     let fail = |what: String| Error::Verify(what);
     let file: BalanceProofFile = serde_json::from_str(text)
@@ -133,8 +160,9 @@ pub fn verify_balance_proof_json(
     }
     let named = parse_public_key(&file.operator_public_key)
         .map_err(|e| fail(format!("operator_public_key: {e}")))?;
-    let operator = operator.unwrap_or(named);
     let reply = file.reply()?;
+    let keys = file_keys(trusted, &named, &file.key_chain)?;
+    let operator = file_header_key(&keys, &reply.header)?;
     verify_balance_proof(&reply, &operator).map_err(|e| fail(e.to_string()))?;
     if named != operator {
         return Err(fail(format!(
@@ -143,7 +171,11 @@ pub fn verify_balance_proof_json(
             hex::encode(operator)
         )));
     }
-    if file != BalanceProofFile::new(&reply, &operator) {
+    let expected = BalanceProofFile {
+        key_chain: file.key_chain.clone(),
+        ..BalanceProofFile::new(&reply, &operator)
+    };
+    if file != expected {
         return Err(fail(
             "the readable fields (height, balance) disagree with the signed header and the \
              proof (the file was edited)"
@@ -305,6 +337,23 @@ mod tests {
         f.total_deposited += 1;
         out.push(f);
         out
+    }
+
+    /// After two rotations: the file names the key for its height and carries the chain,
+    /// which verifies from the genesis key and fails with any link changed, reordered or
+    /// dropped.
+    #[test]
+    fn a_file_after_rotations_carries_its_key_chain() {
+        let r = crate::key_chain::tests::rotated();
+        let signer = r.keys[2].public();
+        let text = BalanceProofFile::new(&r.proof, &signer)
+            .with_key_chain(&r.links)
+            .to_json_pretty();
+        let (reply, key) = verify_balance_proof_json(&text, Some(r.genesis)).unwrap();
+        assert_eq!((reply.balance, key), (Some(175), signer));
+        crate::key_chain::tests::check_carried_chain(&text, &r, &|text, trusted| {
+            verify_balance_proof_json_under(text, trusted).map(|_| ())
+        });
     }
 
     /// `wire/testdata/verify_balance_proof.py`, written from PROTOCOL.md alone, accepts both

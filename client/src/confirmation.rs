@@ -28,8 +28,13 @@
 //!   `signer_balance` is 0 for a deposit and `to_balance` 0 for a withdrawal; `header_hash` is
 //!   SHA-256 of the header's 192 bytes; `id` is a string because JSON numbers lose precision
 //!   beyond 2^53.
-//! - `operator_public_key` is the key the writer expected to have signed the header. A verifier
-//!   should use a key it already trusts (its profile's) rather than the file's own.
+//! - `operator_public_key` is the key the writer expected to have signed the header: the
+//!   ledger's genesis key until it rotates (PROTOCOL.md §4.14), then the key for the header's
+//!   height. A verifier should use a key it already trusts (its profile's genesis key) rather
+//!   than the file's own.
+//! - `key_chain` (only when the ledger's key has rotated before the header): hex of each
+//!   `KeyLink` from the genesis key to the key that signed the header, oldest first. A verifier
+//!   follows it from the genesis key it trusts ([`crate::key_chain::file_keys`]).
 //! - The CLI's `--json` output of a submit is this object plus `"replayed": bool` (true when the
 //!   server answered a resubmission with the original confirmation). A file may carry it; it is
 //!   informational and not checked.
@@ -42,9 +47,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tally_core::crypto::header_hash;
+use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_confirmation;
-use tally_wire::{Confirmation, PublicKey};
+use tally_wire::{Confirmation, KeyLink, PublicKey};
 
+use crate::key_chain::{file_header_key, file_keys, hex_links};
 use crate::keys::{parse_public_key, to_hex};
 use crate::{Error, Result};
 
@@ -62,6 +69,10 @@ pub struct ConfirmationFile {
     pub receipt: ReceiptFields,
     pub header: HeaderFields,
     pub proof: ProofFields,
+    /// The operator key chain up to the header's key (PROTOCOL.md §4.14, §11), hex of each
+    /// link; absent while the ledger has not rotated before the header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_chain: Vec<String>,
     /// Present in the CLI's output, absent from files it writes; informational, never checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replayed: Option<bool>,
@@ -153,7 +164,16 @@ impl ConfirmationFile {
                 tree_size: c.proof.tree_size,
                 path: c.proof.path.iter().map(|p| to_hex(p)).collect(),
             },
+            key_chain: Vec::new(),
             replayed: None,
+        }
+    }
+
+    /// The same, carrying `links` (from the genesis key to the key that signed the header).
+    pub fn with_key_chain(self, links: &[KeyLink]) -> ConfirmationFile {
+        ConfirmationFile {
+            key_chain: hex_links(links),
+            ..self
         }
     }
 
@@ -227,10 +247,21 @@ pub fn verify_confirmation_file(
 }
 
 /// Verifies the text of a confirmation file; returns the confirmation and the operator key it
-/// was checked with.
+/// was checked with. `operator` is the genesis key (see [`verify_confirmation_json_under`]).
 pub fn verify_confirmation_json(
     text: &str,
     operator: Option<PublicKey>,
+) -> Result<(Confirmation, PublicKey)> {
+    verify_confirmation_json_under(text, operator.map(KeySchedule::genesis).as_ref())
+}
+
+/// Verifies the text of a confirmation file under the trusted genesis key and the chain known
+/// beside it (`trusted`; None: the file's own key, which proves only that it is consistent):
+/// the header under the key for its height, following the file's `key_chain` if it has one
+/// ([`file_keys`]). Returns the confirmation and the key that signed its header.
+pub fn verify_confirmation_json_under(
+    text: &str,
+    trusted: Option<&KeySchedule>,
 ) -> Result<(Confirmation, PublicKey)> {
     let fail = |what: String| Error::Verify(what);
     let file: ConfirmationFile = serde_json::from_str(text)
@@ -252,7 +283,8 @@ pub fn verify_confirmation_json(
     }
     let named = parse_public_key(&file.operator_public_key)
         .map_err(|e| fail(format!("operator_public_key: {e}")))?;
-    let operator = operator.unwrap_or(named);
+    let keys = file_keys(trusted, &named, &file.key_chain)?;
+    let operator = file_header_key(&keys, &c.header)?;
     verify_confirmation(&c, &operator).map_err(|e| match e {
         tally_core::Error::Verify(what) => fail(what),
         other => fail(other.to_string()),
@@ -268,6 +300,7 @@ pub fn verify_confirmation_json(
     // The bytes are sound; now the readable fields must say the same thing.
     let expected = ConfirmationFile {
         replayed: file.replayed,
+        key_chain: file.key_chain.clone(),
         ..ConfirmationFile::new(&c, &named)
     };
     if file != expected {
@@ -458,6 +491,29 @@ pub(crate) mod tests {
             &|v| v["operator_public_key"] = hex::encode(public_key(&forger)).into(),
             Some(op),
         );
+    }
+
+    /// After two rotations: the file names the key for its height and carries the chain,
+    /// which verifies from the genesis key and fails with any link changed, reordered or
+    /// dropped.
+    #[test]
+    fn a_file_after_rotations_carries_its_key_chain() {
+        let r = crate::key_chain::tests::rotated();
+        let c = &r.confirmations[1];
+        let signer = r.keys[2].public();
+        let text = ConfirmationFile::new(c, &signer)
+            .with_key_chain(&r.links)
+            .to_json_pretty();
+        let (_, key) = verify_confirmation_json(&text, Some(r.genesis)).unwrap();
+        assert_eq!(key, signer);
+        crate::key_chain::tests::check_carried_chain(&text, &r, &|text, trusted| {
+            verify_confirmation_json_under(text, trusted).map(|_| ())
+        });
+        // Naming the genesis key instead of the header's fails.
+        let named_genesis = ConfirmationFile::new(c, &r.genesis)
+            .with_key_chain(&r.links)
+            .to_json_pretty();
+        assert!(verify_confirmation_json(&named_genesis, Some(r.genesis)).is_err());
     }
 
     /// `wire/testdata/confirmation-v1.json`: the transfer of a batch of a deposit, a transfer

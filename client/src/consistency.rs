@@ -4,10 +4,12 @@
 //! the inclusion of each header as its checkpoint's last leaf.
 
 use serde::{Deserialize, Serialize};
-use tally_core::header_log::verify_consistency_reply;
+use tally_core::header_log::verify_consistency_reply_under;
+use tally_core::key_chain::KeySchedule;
 use tally_core::tlog::Checkpoint;
-use tally_wire::{ConsistencyReply, Hash, LogPoint, PublicKey, SignedHeader};
+use tally_wire::{ConsistencyReply, Hash, KeyLink, LogPoint, PublicKey, SignedHeader};
 
+use crate::key_chain::{file_header_key, file_keys, hex_links};
 use crate::keys::parse_public_key;
 use crate::{Error, Result};
 
@@ -27,6 +29,8 @@ pub struct ConsistencyFile {
     pub to_root: String,
     /// Hex hashes, RFC 9162 §2.1.4 order.
     pub proof: Vec<String>,
+    /// The key that signed the header at `to_size`: the genesis key until the ledger rotates
+    /// (PROTOCOL.md §4.14).
     pub operator_public_key: String,
     /// The log's origin, `tally.ledger/<chain id hex>`.
     pub origin: String,
@@ -39,6 +43,11 @@ pub struct ConsistencyFile {
     /// Inclusion proofs (hex hashes, bottom up) of each header as its log's last leaf.
     pub from_inclusion: Vec<String>,
     pub to_inclusion: Vec<String>,
+    /// The operator key chain (PROTOCOL.md §4.14, §11), hex of each link, reaching every key
+    /// that signed a header or a checkpoint of the file; absent while the ledger has not
+    /// rotated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_chain: Vec<String>,
 }
 
 fn hexes(hashes: &[Hash]) -> Vec<String> {
@@ -46,7 +55,8 @@ fn hexes(hashes: &[Hash]) -> Vec<String> {
 }
 
 impl ConsistencyFile {
-    /// The file of a verified reply, whose checkpoints' roots are `roots`.
+    /// The file of a verified reply, whose checkpoints' roots are `roots`, naming `operator`
+    /// (the key that signed the header at `to_size`).
     pub fn new(
         reply: &ConsistencyReply,
         roots: (&Checkpoint, &Checkpoint),
@@ -67,6 +77,15 @@ impl ConsistencyFile {
             to_header_hex: hex::encode(reply.to.header.encode()),
             from_inclusion: hexes(&reply.from.inclusion),
             to_inclusion: hexes(&reply.to.inclusion),
+            key_chain: Vec::new(),
+        }
+    }
+
+    /// The same, carrying `links` (from the genesis key to every key the file needs).
+    pub fn with_key_chain(self, links: &[KeyLink]) -> ConsistencyFile {
+        ConsistencyFile {
+            key_chain: hex_links(links),
+            ..self
         }
     }
 
@@ -75,12 +94,22 @@ impl ConsistencyFile {
     }
 }
 
-/// Verifies the text of a consistency file under `operator` (None: the key the file names,
-/// which proves only that the file is self-consistent). Returns the reply, the operator key
-/// and both checkpoints.
+/// Verifies the text of a consistency file under the genesis key `operator` (None: the key
+/// the file names, which proves only that the file is self-consistent). Returns the reply, the
+/// key that signed the header at `to_size`, and both checkpoints.
 pub fn verify_consistency_json(
     text: &str,
     operator: Option<PublicKey>,
+) -> Result<(ConsistencyReply, PublicKey, Checkpoint, Checkpoint)> {
+    verify_consistency_json_under(text, operator.map(KeySchedule::genesis).as_ref())
+}
+
+/// The same under a trusted genesis key and the chain known beside it, following the file's
+/// `key_chain` if it has one ([`file_keys`]): each header under the key for its height, each
+/// checkpoint under a key at or after its size's.
+pub fn verify_consistency_json_under(
+    text: &str,
+    trusted: Option<&KeySchedule>,
 ) -> Result<(ConsistencyReply, PublicKey, Checkpoint, Checkpoint)> {
     let fail = |what: String| Error::Verify(what);
     let file: ConsistencyFile = serde_json::from_str(text)
@@ -93,7 +122,6 @@ pub fn verify_consistency_json(
     }
     let named = parse_public_key(&file.operator_public_key)
         .map_err(|e| fail(format!("operator_public_key: {e}")))?;
-    let operator = operator.unwrap_or(named);
     let reply = ConsistencyReply {
         from: point(
             &file.from_header_hex,
@@ -103,17 +131,24 @@ pub fn verify_consistency_json(
         to: point(&file.to_header_hex, &file.to_checkpoint, &file.to_inclusion)?,
         proof: hashes("proof", &file.proof)?,
     };
+    let keys = file_keys(trusted, &named, &file.key_chain)?;
+    file_header_key(&keys, &reply.from.header)?;
+    let operator = file_header_key(&keys, &reply.to.header)?;
     let chain_id = reply.from.header.header.chain_id;
-    let (a, b) =
-        verify_consistency_reply(&reply, &operator, &chain_id).map_err(|e| fail(e.to_string()))?;
+    let (a, b) = verify_consistency_reply_under(&reply, &keys, &chain_id)
+        .map_err(|e| fail(e.to_string()))?;
     if named != operator {
         return Err(fail(format!(
-            "the file names operator key {}, but it was checked against {}",
+            "the file names operator key {}, but the header at {} was checked against {}",
             file.operator_public_key,
+            b.size,
             hex::encode(operator)
         )));
     }
-    let expected = ConsistencyFile::new(&reply, (&a, &b), &operator);
+    let expected = ConsistencyFile {
+        key_chain: file.key_chain.clone(),
+        ..ConsistencyFile::new(&reply, (&a, &b), &operator)
+    };
     if file != expected {
         return Err(fail(
             "the readable fields (sizes, roots, origin) disagree with the signed checkpoints \
@@ -229,6 +264,37 @@ pub(crate) mod tests {
         changed[10] = if changed[10] == b'a' { b'b' } else { b'a' };
         let edited = stored.replacen(root, std::str::from_utf8(&changed).unwrap(), 1);
         assert!(verify_consistency_json(&edited, Some(operator)).is_err());
+    }
+
+    /// From size 1 (signed by the genesis key) to size 3 (two rotations later), the
+    /// checkpoints signed by the newest key: the file carries the chain, which verifies from
+    /// the genesis key and fails with any link changed, reordered or dropped.
+    #[test]
+    fn a_file_across_rotations_carries_its_key_chain() {
+        let r = crate::key_chain::tests::rotated();
+        let mut edge = TreeEdge::new();
+        let rows: Vec<Vec<Hash>> = r
+            .headers
+            .iter()
+            .map(|h| edge.append(leaf_hash(&h.encode())))
+            .collect();
+        let mut node = |level: u8, index: u64| -> std::result::Result<Hash, ()> {
+            Ok(rows[completed_at(level, index) as usize - 1][level as usize])
+        };
+        let (from, to) = (r.headers[0].clone(), r.headers[2].clone());
+        let reply = consistency_reply(from, to, &r.keys[2], &mut node).unwrap();
+        let keys = KeySchedule::follow(r.genesis, &r.links).unwrap();
+        let chain_id = r.headers[0].header.chain_id;
+        let (a, b) = verify_consistency_reply_under(&reply, &keys, &chain_id).unwrap();
+        let signer = r.keys[2].public();
+        let text = ConsistencyFile::new(&reply, (&a, &b), &signer)
+            .with_key_chain(&r.links)
+            .to_json_pretty();
+        let (_, key, _, _) = verify_consistency_json(&text, Some(r.genesis)).unwrap();
+        assert_eq!(key, signer);
+        crate::key_chain::tests::check_carried_chain(&text, &r, &|text, trusted| {
+            verify_consistency_json_under(text, trusted).map(|_| ())
+        });
     }
 
     /// An outsider's verifier (`wire/testdata/verify_consistency.py`, Python and

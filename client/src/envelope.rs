@@ -12,11 +12,14 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tally_core::crypto::{envelope_hash, header_hash, sign_envelope};
+use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_envelope_confirmation;
 use tally_wire::{
-    Envelope, EnvelopeConfirmation, Hash, Op, Operation, PublicKey, ENVELOPE_OPS_MAX,
+    Envelope, EnvelopeConfirmation, Hash, KeyLink, Op, Operation, PublicKey, SignedHeader,
+    ENVELOPE_OPS_MAX,
 };
 
+use crate::key_chain::{file_header_key, file_keys, hex_links};
 use crate::{parse_hash, parse_public_key, public_key, to_hex, Error, Result};
 
 /// The `format` of an envelope confirmation file.
@@ -147,7 +150,9 @@ pub fn build_envelope(
 }
 
 /// An envelope confirmation file: the envelope and its confirmation (hex, what `tally verify`
-/// checks), with every operation's outcome spelled out for readers.
+/// checks), with every operation's outcome spelled out for readers. `operator_public_key` is
+/// the key that signed the header: the genesis key until the ledger rotates (PROTOCOL.md
+/// §4.14), then the key for the header's height, which `key_chain` leads to.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvelopeFile {
@@ -162,6 +167,10 @@ pub struct EnvelopeFile {
     pub header_hash: String,
     pub first_leaf: u32,
     pub operations: Vec<OperationOutcome>,
+    /// The operator key chain up to the header's key (PROTOCOL.md §4.14, §11), hex of each
+    /// link; absent while the ledger has not rotated before the header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_chain: Vec<String>,
     /// Present in the CLI's output, absent from files it writes; informational, never checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replayed: Option<bool>,
@@ -243,7 +252,16 @@ impl EnvelopeFile {
             header_hash: to_hex(&header_hash(&c.header.header)),
             first_leaf: c.proof.first,
             operations,
+            key_chain: Vec::new(),
             replayed: None,
+        }
+    }
+
+    /// The same, carrying `links` (from the genesis key to the key that signed the header).
+    pub fn with_key_chain(self, links: &[KeyLink]) -> EnvelopeFile {
+        EnvelopeFile {
+            key_chain: hex_links(links),
+            ..self
         }
     }
 
@@ -260,10 +278,20 @@ pub fn write_envelope_file(path: &Path, file: &EnvelopeFile) -> Result<()> {
 }
 
 /// Verifies an envelope confirmation file's text: the envelope and confirmation it carries (the
-/// readable fields must be theirs), against `operator` or, when None, the key the file names.
+/// readable fields must be theirs), against the genesis key `operator` or, when None, the key
+/// the file names.
 pub fn verify_envelope_json(
     text: &str,
     operator: Option<PublicKey>,
+) -> Result<(Envelope, EnvelopeConfirmation)> {
+    verify_envelope_json_under(text, operator.map(KeySchedule::genesis).as_ref())
+}
+
+/// The same under a trusted genesis key and the chain known beside it, following the file's
+/// `key_chain` if it has one ([`file_keys`]).
+pub fn verify_envelope_json_under(
+    text: &str,
+    trusted: Option<&KeySchedule>,
 ) -> Result<(Envelope, EnvelopeConfirmation)> {
     let bad = |why: String| Error::Verify(why);
     let file: EnvelopeFile = serde_json::from_str(text)
@@ -272,18 +300,22 @@ pub fn verify_envelope_json(
         return Err(bad(format!("unknown format {:?}", file.format)));
     }
     let named = parse_hash(&file.operator_public_key, "operator_public_key")?;
-    let operator = operator.unwrap_or(named);
     let bytes = |text: &str| hex::decode(text).map_err(|e| bad(format!("hex: {e}")));
     let envelope =
         Envelope::decode(&bytes(&file.envelope_hex)?).map_err(|e| bad(format!("envelope: {e}")))?;
     let c = EnvelopeConfirmation::decode(&bytes(&file.confirmation_hex)?)
         .map_err(|e| bad(format!("confirmation: {e}")))?;
+    let keys = file_keys(trusted, &named, &file.key_chain)?;
+    let operator = file_header_key(&keys, &c.header)?;
     verify_envelope_confirmation(&envelope, &c, &operator).map_err(|e| bad(e.to_string()))?;
-    let mut expected = EnvelopeFile::new(&envelope, &c, &named);
+    let mut expected = EnvelopeFile::new(&envelope, &c, &operator);
     expected.replayed = file.replayed;
+    expected.key_chain = file.key_chain.clone();
     if serde_json::to_value(&expected).ok() != serde_json::to_value(&file).ok() {
         return Err(bad(
-            "the readable fields differ from the envelope and confirmation they describe".into(),
+            "the readable fields differ from the envelope and confirmation they describe, or \
+             operator_public_key is not the key that signed the header"
+                .into(),
         ));
     }
     if envelope_hash(&envelope) != c.envelope_hash {
@@ -311,6 +343,10 @@ pub struct ExpiryFile {
     pub header_hash: String,
     pub receipt_hash: String,
     pub owner_balance: u64,
+    /// The operator key chain up to the header's key (PROTOCOL.md §4.14, §11); absent while
+    /// the ledger has not rotated before the header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_chain: Vec<String>,
 }
 
 impl ExpiryFile {
@@ -327,6 +363,15 @@ impl ExpiryFile {
             header_hash: to_hex(&header_hash(&c.header.header)),
             receipt_hash: to_hex(&tally_core::merkle::leaf_hash(&r.encode())),
             owner_balance: r.signer_balance,
+            key_chain: Vec::new(),
+        }
+    }
+
+    /// The same, carrying `links` (from the genesis key to the key that signed the header).
+    pub fn with_key_chain(self, links: &[KeyLink]) -> ExpiryFile {
+        ExpiryFile {
+            key_chain: hex_links(links),
+            ..self
         }
     }
 
@@ -337,12 +382,21 @@ impl ExpiryFile {
     }
 }
 
-/// Verifies an expiry confirmation file's text (see [`verify_proof_file`]).
+/// Verifies an expiry confirmation file's text under the genesis key `operator` (see
+/// [`verify_proof_file`]).
 pub fn verify_expiry_json(
     text: &str,
     operator: Option<PublicKey>,
 ) -> Result<tally_wire::ExpiryConfirmation> {
-    verify_proof_file::<ExpiryFile>(text, operator)
+    verify_expiry_json_under(text, operator.map(KeySchedule::genesis).as_ref())
+}
+
+/// The same under a trusted genesis key and the chain known beside it.
+pub fn verify_expiry_json_under(
+    text: &str,
+    trusted: Option<&KeySchedule>,
+) -> Result<tally_wire::ExpiryConfirmation> {
+    verify_proof_file::<ExpiryFile>(text, trusted)
 }
 
 /// The `format` of one envelope operation's confirmation file (`tally lookup --out`).
@@ -361,6 +415,10 @@ pub struct OperationFile {
     pub index: u32,
     pub header_hash: String,
     pub operation: OperationOutcome,
+    /// The operator key chain up to the header's key (PROTOCOL.md §4.14, §11); absent while
+    /// the ledger has not rotated before the header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_chain: Vec<String>,
 }
 
 impl OperationFile {
@@ -377,6 +435,15 @@ impl OperationFile {
             index: r.index,
             header_hash: to_hex(&header_hash(&c.header.header)),
             operation: OperationOutcome::new(op, r),
+            key_chain: Vec::new(),
+        }
+    }
+
+    /// The same, carrying `links` (from the genesis key to the key that signed the header).
+    pub fn with_key_chain(self, links: &[KeyLink]) -> OperationFile {
+        OperationFile {
+            key_chain: hex_links(links),
+            ..self
         }
     }
 
@@ -387,12 +454,21 @@ impl OperationFile {
     }
 }
 
-/// Verifies an operation confirmation file's text (see [`verify_proof_file`]).
+/// Verifies an operation confirmation file's text under the genesis key `operator` (see
+/// [`verify_proof_file`]).
 pub fn verify_operation_json(
     text: &str,
     operator: Option<PublicKey>,
 ) -> Result<tally_wire::OperationConfirmation> {
-    verify_proof_file::<OperationFile>(text, operator)
+    verify_operation_json_under(text, operator.map(KeySchedule::genesis).as_ref())
+}
+
+/// The same under a trusted genesis key and the chain known beside it.
+pub fn verify_operation_json_under(
+    text: &str,
+    trusted: Option<&KeySchedule>,
+) -> Result<tally_wire::OperationConfirmation> {
+    verify_proof_file::<OperationFile>(text, trusted)
 }
 
 /// A file that carries one encoded confirmation beside readable fields derived from it.
@@ -403,16 +479,19 @@ trait ProofFile: Serialize + serde::de::DeserializeOwned {
     fn format(&self) -> &str;
     fn operator_public_key(&self) -> &str;
     fn confirmation_hex(&self) -> &str;
+    fn key_chain(&self) -> &[String];
+    fn header(c: &Self::Confirmation) -> &SignedHeader;
     fn decode(bytes: &[u8]) -> std::result::Result<Self::Confirmation, tally_wire::WireError>;
     fn verify(c: &Self::Confirmation, operator: &PublicKey) -> tally_core::Result<()>;
-    fn new(c: &Self::Confirmation, operator: &PublicKey) -> Self;
+    fn new(c: &Self::Confirmation, operator: &PublicKey, key_chain: Vec<String>) -> Self;
 }
 
-/// Verifies a proof file's text under `operator` (else the key the file names): its format, its
-/// confirmation, and that its readable fields are those of the bytes it carries.
+/// Verifies a proof file's text under the trusted genesis key and chain (else the key the
+/// file names): its format, its confirmation (the header under the key for its height,
+/// following the file's `key_chain`), and that its readable fields are those of the bytes.
 fn verify_proof_file<F: ProofFile>(
     text: &str,
-    operator: Option<PublicKey>,
+    trusted: Option<&KeySchedule>,
 ) -> Result<F::Confirmation> {
     let bad = |why: String| Error::Verify(why);
     let file: F = serde_json::from_str(text)
@@ -423,11 +502,15 @@ fn verify_proof_file<F: ProofFile>(
     let named = parse_hash(file.operator_public_key(), "operator_public_key")?;
     let bytes = hex::decode(file.confirmation_hex()).map_err(|e| bad(format!("hex: {e}")))?;
     let c = F::decode(&bytes).map_err(|e| bad(format!("confirmation: {e}")))?;
-    F::verify(&c, &operator.unwrap_or(named)).map_err(|e| bad(e.to_string()))?;
-    let expected = F::new(&c, &named);
+    let keys = file_keys(trusted, &named, file.key_chain())?;
+    let operator = file_header_key(&keys, F::header(&c))?;
+    F::verify(&c, &operator).map_err(|e| bad(e.to_string()))?;
+    let expected = F::new(&c, &operator, file.key_chain().to_vec());
     if serde_json::to_value(&expected).ok() != serde_json::to_value(&file).ok() {
         return Err(bad(
-            "the readable fields differ from the confirmation they describe".into(),
+            "the readable fields differ from the confirmation they describe, or \
+             operator_public_key is not the key that signed the header"
+                .into(),
         ));
     }
     Ok(c)
@@ -448,14 +531,23 @@ macro_rules! proof_file {
             fn confirmation_hex(&self) -> &str {
                 &self.confirmation_hex
             }
+            fn key_chain(&self) -> &[String] {
+                &self.key_chain
+            }
+            fn header(c: &$conf) -> &SignedHeader {
+                &c.header
+            }
             fn decode(bytes: &[u8]) -> std::result::Result<$conf, tally_wire::WireError> {
                 <$conf>::decode(bytes)
             }
             fn verify(c: &$conf, operator: &PublicKey) -> tally_core::Result<()> {
                 $verify(c, operator)
             }
-            fn new(c: &$conf, operator: &PublicKey) -> Self {
-                <$file>::new(c, operator)
+            fn new(c: &$conf, operator: &PublicKey, key_chain: Vec<String>) -> Self {
+                Self {
+                    key_chain,
+                    ..<$file>::new(c, operator)
+                }
             }
         }
     };

@@ -57,7 +57,7 @@ pub use cluster::{
 };
 pub use confirmation::{
     confirmation_to_json, verify_confirmation_file, verify_confirmation_json,
-    write_confirmation_file, ConfirmationFile, CONFIRMATION_FORMAT,
+    verify_confirmation_json_under, write_confirmation_file, ConfirmationFile, CONFIRMATION_FORMAT,
 };
 pub use connection::{tls_connect, Client, DEFAULT_TIMEOUT, OUTGOING_FRAMES_MAX};
 pub use error::{retry_name, Error, Result};

@@ -52,7 +52,8 @@ struct LogState {
 pub struct Witness {
     key: SigningKey,
     name: String,
-    logs: BTreeMap<String, VerifyingKey>,
+    /// Origin → the keys of the log's operator key chain (any may sign a checkpoint).
+    logs: Mutex<BTreeMap<String, Vec<VerifyingKey>>>,
     state_path: PathBuf,
     state: Mutex<BTreeMap<String, Cosigned>>,
 }
@@ -61,12 +62,13 @@ pub struct Witness {
 pub type Answer = (u16, &'static str, String);
 
 impl Witness {
-    /// The witness of `logs` (origin → operator key) with `key`, its state next to `key_path`.
+    /// The witness of `logs` (origin → the keys of its operator key chain) with `key`, its
+    /// state next to `key_path`.
     pub fn open(
         key: SigningKey,
         name: String,
         key_path: &Path,
-        logs: BTreeMap<String, VerifyingKey>,
+        logs: BTreeMap<String, Vec<VerifyingKey>>,
     ) -> Result<Witness> {
         let mut state_path = key_path.as_os_str().to_owned();
         state_path.push(".state.json");
@@ -75,7 +77,7 @@ impl Witness {
         Ok(Witness {
             key,
             name,
-            logs,
+            logs: Mutex::new(logs),
             state_path,
             state: Mutex::new(state),
         })
@@ -83,6 +85,15 @@ impl Witness {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// After a key rotation of the log `origin`: the keys of its chain, as followed from its
+    /// genesis key (`tally_core::key_chain::KeySchedule::checkpoint_keys(0)`).
+    pub fn set_log_keys(&self, origin: &str, keys: Vec<VerifyingKey>) {
+        self.logs
+            .lock()
+            .expect("witness logs")
+            .insert(origin.to_string(), keys);
     }
 
     /// The verifier key of the witness's cosignatures: `<name>+<key id hex>+<base64(0x04 ‖ key)>`.
@@ -103,8 +114,9 @@ impl Witness {
             Ok(r) => r,
             Err(refusal) => return refused(&refusal),
         };
+        let known = self.logs.lock().expect("witness logs").clone();
         let mut state = self.state.lock().expect("witness state");
-        let logs = |origin: &str| self.logs.get(origin).copied();
+        let logs = |origin: &str| known.get(origin).cloned();
         let last = |origin: &str| state.get(origin).copied();
         let (checkpoint, new) = match judge(&request, &logs, &last) {
             Ok(decided) => decided,

@@ -11,6 +11,8 @@
 //! - `tile/...`: the C2SP tlog-tiles log whose leaf `i` is the signed header at height `i + 1`
 //!   ([`crate::tlog`]).
 //! - `checkpoint`: the C2SP signed note over the log's size and root, written last.
+//! - `keychain/<number, 20 digits>`: the link of the ledger's operator key rotation `number`
+//!   (PROTOCOL.md §4.14), create-only, written before the checkpoint that covers its height.
 
 use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
@@ -25,6 +27,8 @@ pub const MARKER_KEY: &str = "tally-archive";
 pub const CHECKPOINT_KEY: &str = "checkpoint";
 /// Prefix of the batch objects.
 pub const BATCH_PREFIX: &str = "batch/";
+/// Prefix of the key chain's links.
+pub const KEY_LINK_PREFIX: &str = "keychain/";
 /// First line of the marker; the number is the layout version.
 const MARKER_MAGIC: &str = "tally-archive 1";
 
@@ -33,6 +37,13 @@ const MARKER_MAGIC: &str = "tally-archive 1";
 pub fn batch_key(height: u64) -> String {
     assert!(height >= 1, "heights start at 1");
     format!("{BATCH_PREFIX}{height:020}")
+}
+
+/// Key of the link of rotation `number` (from 1), zero-padded to 20 digits. Readers fetch
+/// `keychain/1`, `keychain/2`, ... until one is missing: the chain needs no listing.
+pub fn key_link_key(number: u32) -> String {
+    assert!(number >= 1, "rotations count from 1");
+    format!("{KEY_LINK_PREFIX}{number:020}")
 }
 
 /// The height a batch key names, if it is one.

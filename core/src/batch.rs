@@ -257,6 +257,17 @@ impl BatchBody {
         }
     }
 
+    /// Whether an encoded body may end with a rotation (PROTOCOL.md §4.14): a check of a few
+    /// bytes at its end, so that a reader of many bodies decodes only the few that may. False
+    /// means it certainly does not; true is confirmed by decoding.
+    pub fn may_hold_rotation(encoded: &[u8]) -> bool {
+        const ROTATION_BYTES: usize = 1 + 32 + 8 + 4 + RECEIPT_BYTES;
+        encoded.starts_with(&BODY_V2_DOMAIN)
+            && encoded.len() >= ROTATION_BYTES
+            && encoded[encoded.len() - ROTATION_BYTES] == TAG_ROTATE
+            && encoded[encoded.len() - RECEIPT_BYTES + 60] == Op::Rotate as u8
+    }
+
     /// Item `i`, which must be a request (for bodies known to hold requests only).
     pub fn entry(&self, i: usize) -> &BatchEntry {
         match &self.items[i] {

@@ -19,12 +19,12 @@ use std::collections::BTreeMap;
 
 use tally_wire::{Hash, Op, PublicKey};
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::SigningKey;
 
 use crate::batch::{BatchBody, BatchItem};
 use crate::crypto::sha256;
 use crate::reserve::{Held, Reserve, HELD_BYTES};
-use crate::tlog::{open_note, origin_for, sign_note};
+use crate::tlog::{origin_for, sign_note};
 use crate::{Error, Result};
 
 /// Prefix of the manifests: `snapshot/<height, 20 digits>`.
@@ -388,6 +388,9 @@ pub struct Manifest {
     pub reserves: u64,
     /// (SHA-256, bytes) of each chunk, in order.
     pub chunks: Vec<(Hash, u64)>,
+    /// The ledger's last operator key rotation at `height` (None: none yet). A line of its own
+    /// after `reserves`, present only after a rotation.
+    pub operator: Option<crate::state::Rotation>,
 }
 
 impl Manifest {
@@ -406,11 +409,16 @@ impl Manifest {
 
     /// Checks the operator's signature on a stored manifest and decodes it.
     pub fn open(bytes: &[u8], chain_id: &Hash, operator: &PublicKey) -> Result<Manifest> {
+        Manifest::open_under(bytes, chain_id, std::slice::from_ref(operator))
+    }
+
+    /// [`Manifest::open`] for a ledger whose key rotated: signed by any of `operators` (the
+    /// writer signs with the key it holds when it writes, PROTOCOL.md §4.14).
+    pub fn open_under(bytes: &[u8], chain_id: &Hash, operators: &[PublicKey]) -> Result<Manifest> {
         let bad = |why: String| Error::Verify(format!("snapshot manifest: {why}"));
         let note = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
-        let key = VerifyingKey::from_bytes(operator)
-            .map_err(|_| bad("the operator key is not an Ed25519 point".into()))?;
-        let text = open_note(note, &origin_for(chain_id), &key).map_err(|e| bad(e.to_string()))?;
+        let text = crate::header_log::open_note_under(note, &origin_for(chain_id), operators)
+            .map_err(|e| bad(e.to_string()))?;
         Manifest::decode(text.as_bytes())
     }
 
@@ -429,6 +437,14 @@ impl Manifest {
             self.requests,
             self.reserves,
         );
+        if let Some(r) = &self.operator {
+            t.push_str(&format!(
+                "operator {} {} {}\n",
+                hex::encode(r.key),
+                r.height,
+                r.number
+            ));
+        }
         for (hash, bytes) in &self.chunks {
             t.push_str(&format!("chunk {} {bytes}\n", hex::encode(hash)));
         }
@@ -470,9 +486,23 @@ impl Manifest {
             requests: num(field("requests")?, "requests")? as u64,
             reserves: 0,
             chunks: Vec::new(),
+            operator: None,
         };
         if !layout_2 {
             m.reserves = num(field("reserves")?, "reserves")? as u64;
+        }
+        let mut lines = lines.peekable();
+        if let Some(line) = lines.next_if(|l| l.starts_with("operator ")) {
+            let parts: Vec<&str> = line.split(' ').collect();
+            let [_, key, height, number] = parts[..] else {
+                return Err(bad(format!("bad line {line:?}")));
+            };
+            m.operator = Some(crate::state::Rotation {
+                key: hash(key.into(), "operator key")?,
+                height: num(height.into(), "operator height")? as u64,
+                number: u32::try_from(num(number.into(), "operator number")?)
+                    .map_err(|_| bad("bad operator number".into()))?,
+            });
         }
         for line in lines {
             let mut parts = line.split(' ');
@@ -509,6 +539,7 @@ mod tests {
             requests: 4,
             reserves: 2,
             chunks: vec![([3; 32], 41), ([4; 32], 93)],
+            operator: None,
         }
     }
 

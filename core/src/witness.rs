@@ -119,20 +119,28 @@ impl AddCheckpoint {
     }
 }
 
-/// Decides on `request` for the log `origin` signed by `log_key`, given what was last cosigned
-/// for it (None: never). On success: the checkpoint to cosign and the new state, which the
-/// caller must persist, atomically with the check, before answering.
+/// Decides on `request` for the log `origin`, signed by one of the keys `logs` gives for it
+/// (the log's operator key chain, PROTOCOL.md §4.14: any key of it may sign a checkpoint),
+/// given what was last cosigned for it (None: never). On success: the checkpoint to cosign and
+/// the new state, which the caller must persist, atomically with the check, before answering.
 pub fn judge(
     request: &AddCheckpoint,
-    logs: &dyn Fn(&str) -> Option<VerifyingKey>,
+    logs: &dyn Fn(&str) -> Option<Vec<VerifyingKey>>,
     last: &dyn Fn(&str) -> Option<Cosigned>,
 ) -> Result<(Checkpoint, Cosigned), Refusal> {
     let origin = request.note.split('\n').next().unwrap_or_default();
-    let key = logs(origin).ok_or_else(|| Refusal::UnknownLog(origin.to_string()))?;
-    let body = open_note(&request.note, origin, &key).map_err(|e| match e {
-        TlogError::NoteMalformed { .. } => Refusal::BadRequest(e.to_string()),
-        other => Refusal::Forbidden(other.to_string()),
-    })?;
+    let keys = logs(origin).ok_or_else(|| Refusal::UnknownLog(origin.to_string()))?;
+    let mut opened = Err(Refusal::Forbidden("the log has no key".into()));
+    for key in &keys {
+        opened = open_note(&request.note, origin, key).map_err(|e| match e {
+            TlogError::NoteMalformed { .. } => Refusal::BadRequest(e.to_string()),
+            other => Refusal::Forbidden(other.to_string()),
+        });
+        if !matches!(opened, Err(Refusal::Forbidden(_))) {
+            break;
+        }
+    }
+    let body = opened?;
     let checkpoint =
         Checkpoint::parse_body(&body).map_err(|e| Refusal::BadRequest(e.to_string()))?;
     if request.old_size > checkpoint.size {

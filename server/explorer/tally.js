@@ -50,26 +50,98 @@ tally.inclusionRoot = async (index, size, leaf, path) => {
   return r;
 };
 
-// Checks a `tally-confirmation-v1` file (PROTOCOL.md §10, §11) under `operatorHex`. Returns
+// A key schedule (PROTOCOL.md §4.14): the genesis key and, in height order, each rotation's
+// height (BigInt) and new key. The key for a height is the newest rotated below it.
+tally.schedule = (genesis) => ({ genesis, rotations: [] });
+
+tally.keyFor = (keys, height) => {
+  let key = keys.genesis;
+  for (const r of keys.rotations) if (r.height < BigInt(height)) key = r.key;
+  return key;
+};
+
+// The keys that may sign a checkpoint of `size`: the key for `size + 1` and every later one.
+tally.checkpointKeys = (keys, size) => [tally.keyFor(keys, BigInt(size) + 1n),
+  ...keys.rotations.filter((r) => r.height > BigInt(size)).map((r) => r.key)];
+
+// One KeyLink (§4.14: SignedHeader ‖ new key ‖ previous u64 ‖ number u32 ‖ receipt ‖
+// InclusionProof) as the next rotation of `keys`: null (and the rotation added), or what is wrong.
+tally.linkFault = async (keys, link) => {
+  if (link.length < 389 || link.length !== 389 + 32 * link[388]) return "not one link";
+  const signed = link.subarray(0, 256), header = signed.subarray(0, 192);
+  const newKey = link.subarray(256, 288), receipt = link.subarray(300, 380);
+  const last = keys.rotations[keys.rotations.length - 1];
+  const previous = last ? last.height : 0n, number = keys.rotations.length + 1;
+  const height = tally.u64(header, 56), current = last ? last.key : keys.genesis;
+  if (tally.u64(link, 288) !== previous || tally.u32(link, 296) !== number || height <= previous)
+    return "it is not rotation " + number + " after height " + previous;
+  const fault = await tally.headerFault(signed, current);
+  if (fault) return fault;
+  const named = await tally.sha256(new TextEncoder().encode("tally/rotate/v1\0"), newKey, link.subarray(288, 300));
+  if (!tally.equal(named, receipt.subarray(16, 48)) || tally.u64(receipt, 48) !== height
+    || receipt[60] !== 9 || receipt[61] !== 0)
+    return "the receipt does not name this rotation";
+  if (tally.u32(receipt, 56) + 1 !== tally.u32(header, 80)) return "the rotation is not its batch's last leaf";
+  const inclusion = await tally.inclusionFault(link.subarray(380), receipt, header);
+  if (inclusion) return inclusion;
+  const id = async (key) => tally.hex((await tally.sha256(key)).subarray(0, 8));
+  if ((await id(newKey)) === (await id(current))) return "the rotation names the key that signs";
+  keys.rotations.push({ height, key: newKey });
+  return null;
+};
+
+// Follows `links` (hex) from the genesis key: the schedule, or throws what is wrong.
+tally.followChain = async (genesis, links) => {
+  const keys = tally.schedule(genesis);
+  for (let i = 0; i < links.length; i++) {
+    const fault = await tally.linkFault(keys, tally.unhex(links[i]));
+    if (fault) throw new Error("key chain link " + i + " (rotation " + (i + 1) + "): " + fault);
+  }
+  return keys;
+};
+
+// The keys a file's headers are checked under (PROTOCOL.md §11): the file's `key_chain`
+// followed from the trusted genesis key `operatorHex`, else `known` (links the page fetched)
+// followed from it, else the genesis key alone. Without a trusted key: the file's own key
+// alone (which proves only that the file is consistent; nothing names the chain's start).
+tally.fileKeys = async (file, operatorHex, known) => {
+  const start = tally.unhex(operatorHex || file.operator_public_key || "");
+  if (start.length !== 32) throw new Error("the operator key is not 32 bytes");
+  if (!operatorHex) return tally.schedule(start);
+  const links = file.key_chain && file.key_chain.length ? file.key_chain : known || [];
+  return tally.followChain(start, links);
+};
+
+// Checks a proof file (PROTOCOL.md §10, §11) under the genesis key `operatorHex` (empty: the
+// file's own key) and the chain `known` (links, hex) for a file that carries none. Returns
 // {valid, checks, reason, fields}; `checks` lists what passed, in order.
-tally.verifyConfirmation = async (text, operatorHex) => {
+tally.verifyConfirmation = async (text, operatorHex, known) => {
   const checks = [];
   const fail = (reason) => ({ valid: false, checks, reason });
-  let file;
+  let file, keys;
   try { file = JSON.parse(text); } catch (e) { return fail("not JSON: " + e.message); }
-  if (file.format === "tally-consistency-proof-v1") return tally.verifyConsistency(file, operatorHex);
-  if (file.format === "tally-balance-proof-v1") return tally.verifyBalance(text, operatorHex);
-  if (file.format === "tally-operation-confirmation-v1") return tally.verifyOperation(file, operatorHex);
-  if (file.format === "tally-expiry-confirmation-v1") return tally.verifyExpiry(file, operatorHex);
-  if (file.format === "tally-envelope-confirmation-v1") return tally.verifyEnvelope(file, operatorHex);
+  try { keys = await tally.fileKeys(file, operatorHex, known); } catch (e) { return fail(e.message); }
+  if (keys.rotations.length)
+    checks.push("the key chain leads from the genesis key through " + keys.rotations.length + " rotation(s)");
+  if (file.format === "tally-consistency-proof-v1") return tally.verifyConsistency(file, keys, checks);
+  if (file.format === "tally-balance-proof-v1") return tally.verifyBalance(text, keys, checks);
+  if (file.format === "tally-operation-confirmation-v1") return tally.verifyOperation(file, keys, checks);
+  if (file.format === "tally-expiry-confirmation-v1") return tally.verifyExpiry(file, keys, checks);
+  if (file.format === "tally-envelope-confirmation-v1") return tally.verifyEnvelope(file, keys, checks);
   if (file.format !== "tally-confirmation-v1") return fail("format " + JSON.stringify(file.format) + " is not tally-confirmation-v1");
-  let bytes, operator;
-  try { bytes = tally.unhex(file.confirmation_hex); operator = tally.unhex(operatorHex); } catch (e) { return fail(e.message); }
-  if (operator.length !== 32) return fail("the operator key is not 32 bytes");
+  return tally.verifyRequest(file, keys, checks);
+};
+
+// Checks a `tally-confirmation-v1` file (PROTOCOL.md §10) under `keys`.
+tally.verifyRequest = async (file, keys, checks) => {
+  const fail = (reason) => ({ valid: false, checks, reason });
+  let bytes;
+  try { bytes = tally.unhex(file.confirmation_hex); } catch (e) { return fail(e.message); }
   if (bytes.length < 554 || (bytes.length - 554) % 32 !== 0 || bytes[0] !== 0) return fail("confirmation_hex is not one confirmation");
   const request = bytes.subarray(1, 209), receipt = bytes.subarray(209, 289);
   const signed = bytes.subarray(289, 545), proof = bytes.subarray(545);
   const header = signed.subarray(0, 192);
+  const operator = tally.keyFor(keys, tally.u64(header, 56));
   checks.push("the bytes have the layout of a confirmation");
   if (!(await tally.ed25519(request.subarray(72, 104), request.subarray(144, 208), request.subarray(0, 144))))
     return fail("the request's signature does not verify");
@@ -156,11 +228,10 @@ tally.envelope = async (bytes) => {
 };
 
 // Checks a `tally-operation-confirmation-v1` file (PROTOCOL.md §4.9).
-tally.verifyOperation = async (file, operatorHex) => {
-  const checks = [];
+tally.verifyOperation = async (file, keys, checks) => {
   const fail = (reason) => ({ valid: false, checks, reason });
   try {
-    const bytes = tally.unhex(file.confirmation_hex), operator = tally.unhex(operatorHex);
+    const bytes = tally.unhex(file.confirmation_hex);
     const length = tally.u32(bytes, 0);
     if (bytes.length < 4 + length + 80 + 256 + 9) return fail("confirmation_hex is not one operation's confirmation");
     const { envelope, count, atomic } = await tally.envelope(bytes.subarray(4, 4 + length));
@@ -177,6 +248,7 @@ tally.verifyOperation = async (file, operatorHex) => {
       return fail("the receipt does not describe the envelope's operation at this height");
     checks.push("the receipt names the envelope, operation " + opIndex + " and the header's height");
     const amount = tally.u64(envelope, 88 + 120 * opIndex + 56).toString();
+    const operator = tally.keyFor(keys, tally.u64(header, 56));
     return tally.leafAndHeader(checks, receipt, signed, rest.subarray(336), operator, amount);
   } catch (e) {
     return fail(e.message);
@@ -184,11 +256,10 @@ tally.verifyOperation = async (file, operatorHex) => {
 };
 
 // Checks a `tally-expiry-confirmation-v1` file (PROTOCOL.md §4.11).
-tally.verifyExpiry = async (file, operatorHex) => {
-  const checks = [];
+tally.verifyExpiry = async (file, keys, checks) => {
   const fail = (reason) => ({ valid: false, checks, reason });
   try {
-    const bytes = tally.unhex(file.confirmation_hex), operator = tally.unhex(operatorHex);
+    const bytes = tally.unhex(file.confirmation_hex);
     if (bytes.length < 48 + 80 + 256 + 9) return fail("confirmation_hex is not an expiry's confirmation");
     const owner = bytes.subarray(0, 32), id = bytes.subarray(32, 48), receipt = bytes.subarray(48, 128);
     const signed = bytes.subarray(128, 384), header = signed.subarray(0, 192);
@@ -199,6 +270,7 @@ tally.verifyExpiry = async (file, operatorHex) => {
       return fail("the receipt does not describe an expiry at this height");
     checks.push("the receipt names the expiry of the reserve at the header's height");
     const amount = tally.u64(receipt, 64).toString();
+    const operator = tally.keyFor(keys, tally.u64(header, 56));
     return tally.leafAndHeader(checks, receipt, signed, bytes.subarray(384), operator, amount);
   } catch (e) {
     return fail(e.message);
@@ -227,11 +299,9 @@ tally.rangeRoot = async (lo, hi, a, b, leaves, hashes) => {
 };
 
 // Checks a `tally-envelope-confirmation-v1` file (PROTOCOL.md §4.8).
-tally.verifyEnvelope = async (file, operatorHex) => {
-  const checks = [];
+tally.verifyEnvelope = async (file, keys, checks) => {
   const fail = (reason) => ({ valid: false, checks, reason });
   try {
-    const operator = tally.unhex(operatorHex);
     const { envelope, count, atomic } = await tally.envelope(tally.unhex(file.envelope_hex));
     checks.push("the envelope's signature verifies under its signer");
     const c = tally.unhex(file.confirmation_hex);
@@ -262,7 +332,7 @@ tally.verifyEnvelope = async (file, operatorHex) => {
     if (!root || hashes.length || !tally.equal(root, header.subarray(120, 152)))
       return fail("the range proof does not lead to the header's Merkle root");
     checks.push("the range proof leads from the receipts to the header's Merkle root");
-    const fault = await tally.headerFault(signed, operator);
+    const fault = await tally.headerFault(signed, tally.keyFor(keys, tally.u64(header, 56)));
     if (fault) return fail(fault);
     checks.push("the operator's signature over the header verifies");
     return { valid: true, checks, fields: { height: tally.u64(header, 56).toString(), index: first,
@@ -296,6 +366,15 @@ tally.consistent = async (m, n, oldRoot, newRoot, proof) => {
 
 tally.b64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
 
+// Opens a checkpoint note signed by the first of `keys` that signed it: {size, root} or throws.
+tally.openCheckpointUnder = async (note, origin, keys) => {
+  let last = new Error("no operator key to open a checkpoint under");
+  for (const key of keys) {
+    try { return await tally.openCheckpoint(note, origin, key); } catch (e) { last = e; }
+  }
+  throw last;
+};
+
 // Opens a checkpoint note signed by `operator` under key name `origin`: {size, root} or throws.
 tally.openCheckpoint = async (note, origin, operator) => {
   const split = note.lastIndexOf("\n\n");
@@ -318,24 +397,21 @@ tally.openCheckpoint = async (note, origin, operator) => {
   return { size: Number(size), root: tally.b64(root) };
 };
 
-// Checks a `tally-consistency-proof-v1` file (PROTOCOL.md §11.1) under `operatorHex`.
-tally.verifyConsistency = async (file, operatorHex) => {
-  const checks = [];
+// Checks a `tally-consistency-proof-v1` file (PROTOCOL.md §11.1) under `keys`: each header
+// under the key for its height, each checkpoint under a key at or after its size's.
+tally.verifyConsistency = async (file, keys, checks) => {
   const fail = (reason) => ({ valid: false, checks, reason });
   try {
-    const operator = tally.unhex(operatorHex);
     const roots = [];
     for (const end of ["from", "to"]) {
       const signed = tally.unhex(file[end + "_header_hex"]);
       if (signed.length !== 256) return fail("a header is not 256 bytes");
-      const header = signed.subarray(0, 192);
-      if (!tally.equal((await tally.sha256(operator)).subarray(0, 8), header.subarray(184, 192)))
-        return fail("the header names another operator key");
-      if (!(await tally.ed25519(operator, signed.subarray(192), header)))
-        return fail("the operator's signature over the header at " + end + " does not verify");
+      const header = signed.subarray(0, 192), at = tally.u64(header, 56);
+      const fault = await tally.headerFault(signed, tally.keyFor(keys, at));
+      if (fault) return fail(fault + " (the header at " + end + ")");
       const origin = "tally.ledger/" + tally.hex(header.subarray(24, 56));
-      const cp = await tally.openCheckpoint(file[end + "_checkpoint"], origin, operator);
-      const height = Number(tally.u64(header, 56));
+      const cp = await tally.openCheckpointUnder(file[end + "_checkpoint"], origin, tally.checkpointKeys(keys, at));
+      const height = Number(at);
       if (cp.size !== height || cp.size !== file[end + "_size"] || tally.hex(cp.root) !== file[end + "_root"])
         return fail("the " + end + " sizes or roots disagree with the signed checkpoint");
       const path = file[end + "_inclusion"].map(tally.unhex);
@@ -370,21 +446,17 @@ tally.le = (n, bytes) => {
 // Bit `depth` of a 32-byte path, most significant first.
 tally.bit = (path, depth) => (path[depth >> 3] >> (7 - (depth & 7))) & 1;
 
-// Checks a `tally-balance-proof-v1` file (PROTOCOL.md §4.13, §11.3) under `operatorHex`.
-tally.verifyBalance = async (text, operatorHex) => {
-  const checks = [];
+// Checks a `tally-balance-proof-v1` file (PROTOCOL.md §4.13, §11.3) under `keys`.
+tally.verifyBalance = async (text, keys, checks) => {
   const fail = (reason) => ({ valid: false, checks, reason });
   try {
     const file = tally.parseExact(text);
-    const operator = tally.unhex(operatorHex);
     const signed = tally.unhex(file.header_hex);
     if (signed.length !== 256) return fail("the header is not 256 bytes");
     const header = signed.subarray(0, 192);
     if (header[16] !== 2) return fail("not a version 2 header");
-    if (!tally.equal((await tally.sha256(operator)).subarray(0, 8), header.subarray(184, 192)))
-      return fail("the header names another operator key");
-    if (!(await tally.ed25519(operator, signed.subarray(192), header)))
-      return fail("the operator's signature over the header does not verify");
+    const fault = await tally.headerFault(signed, tally.keyFor(keys, tally.u64(header, 56)));
+    if (fault) return fail(fault);
     checks.push("the operator's signature over the header verifies");
     const height = tally.u64(header, 56), root = tally.unhex(file.map_root);
     if (height !== file.height) return fail("the file's height is not the header's");

@@ -17,8 +17,8 @@ use crossbeam_channel::{Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use tally_config::Config;
 use tally_core::archive::CHECKPOINT_KEY;
-use tally_core::tlog::origin_for;
-use tally_storage::archiver::{parse_checkpoint, ArchiveProgress, Archiver, BatchSource};
+use tally_storage::archive_read::{open_checkpoint_in, read_key_chain};
+use tally_storage::archiver::{ArchiveProgress, Archiver, BatchSource};
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_wire::SignedHeader;
 
@@ -166,13 +166,13 @@ impl NodeArchive {
     pub fn open(
         config: &Config,
         runtime: &tokio::runtime::Runtime,
-        key: &SigningKey,
+        keys: &ArchiveKeys,
         ledger_height: u64,
     ) -> Result<NodeArchive> {
         let bucket = open_bucket(config)?;
         let progress = Arc::new(ArchiveProgress::default());
         let archived = match &bucket {
-            Some(b) => startup_height(runtime, b, &config.chain_id_bytes(), key)?,
+            Some(b) => startup_height(runtime, b, &config.chain_id_bytes(), &keys.genesis)?,
             None => None,
         };
         if let Some(h) = archived {
@@ -209,7 +209,7 @@ impl NodeArchive {
         runtime: &tokio::runtime::Handle,
         config: &Config,
         mut source: LedgerSource,
-        key: SigningKey,
+        keys: ArchiveKeys,
         metrics: Arc<Metrics>,
     ) {
         let (Some(bucket), Some(gate)) = (self.bucket, self.gate) else {
@@ -223,7 +223,7 @@ impl NodeArchive {
         source.feed = self.feed;
         source.applied = Some(gate.applied.clone());
         let applied = source.applied_height.clone();
-        spawn_writer(runtime, config, bucket, source, key, self.progress);
+        spawn_writer(runtime, config, bucket, source, keys, self.progress);
         runtime.spawn(publish_metrics(gate, applied, metrics));
     }
 }
@@ -245,12 +245,16 @@ pub fn startup_height(
     runtime: &tokio::runtime::Runtime,
     bucket: &Bucket,
     chain_id: &[u8; 32],
-    key: &SigningKey,
+    genesis: &tally_wire::PublicKey,
 ) -> Result<Option<u64>> {
     let read = runtime.block_on(async {
-        tokio::time::timeout(STARTUP_READ_TIMEOUT, bucket.get(CHECKPOINT_KEY)).await
+        tokio::time::timeout(STARTUP_READ_TIMEOUT, async {
+            let keys = read_key_chain(bucket, genesis).await;
+            Ok::<_, tally_storage::bucket::BucketError>((keys, bucket.get(CHECKPOINT_KEY).await?))
+        })
+        .await
     });
-    let found = match read {
+    let (keys, found) = match read {
         Ok(Ok(found)) => found,
         Ok(Err(e)) => {
             tracing::warn!("the archive could not be read at start: {e}");
@@ -264,9 +268,19 @@ pub fn startup_height(
     let Some((bytes, _)) = found else {
         return Ok(Some(0));
     };
-    let checkpoint = parse_checkpoint(&bytes, &origin_for(chain_id), key)
+    let keys = keys.map_err(|e| anyhow::anyhow!("the archive's key chain does not verify: {e}"))?;
+    let checkpoint = open_checkpoint_in(&bytes, chain_id, &keys)
         .map_err(|e| anyhow::anyhow!("the archive's checkpoint does not verify: {e}"))?;
     Ok(Some(checkpoint.size))
+}
+
+/// The operator keys the archive writer uses: the genesis key the marker names and the key
+/// chain starts from, and the private keys this replica holds (the configured one, and the
+/// next one ahead of a rotation).
+#[derive(Clone)]
+pub struct ArchiveKeys {
+    pub genesis: tally_wire::PublicKey,
+    pub held: Vec<SigningKey>,
 }
 
 /// The gate the pipeline checks, over the writer's progress.
@@ -314,7 +328,7 @@ pub fn spawn_writer(
     config: &Config,
     bucket: Bucket,
     source: LedgerSource,
-    key: SigningKey,
+    keys: ArchiveKeys,
     progress: Arc<ArchiveProgress>,
 ) {
     let archiver = Archiver {
@@ -322,7 +336,8 @@ pub fn spawn_writer(
         source,
         progress,
         chain_id: config.chain_id_bytes(),
-        key,
+        genesis: keys.genesis,
+        keys: keys.held,
         snapshot_every_batches: config.archive.snapshot_every_batches,
     };
     runtime.spawn(archiver.run());

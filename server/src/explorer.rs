@@ -12,6 +12,7 @@
 //! | `/explorer/api/account/PK` | an account's figures (`GetAccount`) |
 //! | `/explorer/api/history/PK?from=H` | up to 100 history entries (`GetHistory`) |
 //! | `/explorer/api/prove/PK` | the account's balance proof file (`GetBalanceProof`, PROTOCOL.md §11.3), which the account page checks in the browser |
+//! | `/explorer/api/key-chain` | the operator's key chain (`GetKeyChain`, PROTOCOL.md §4.14) as the client saves it (`tally-key-chain-v1`) |
 //!
 //! Reads go to the storage thread like a client's; a full queue answers 503.
 
@@ -20,9 +21,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tally_client::balance_proof::BalanceProofFile;
+use tally_client::key_chain::{links_before, KeyChainFile};
 use tally_core::batch::BatchBody;
 use tally_core::crypto::header_hash;
-use tally_wire::{Message, PublicKey, SignedHeader};
+use tally_wire::{KeyLink, Message, PublicKey, SignedHeader};
 
 use crate::channels::{ReplyTo, StorageCmd};
 use crate::pipeline::PipelineHandle;
@@ -101,6 +103,11 @@ impl Explorer {
                     .await
             }
             "prove" => self.prove(parse_key(arg)?).await,
+            "key-chain" => {
+                let (genesis, links) = self.key_chain().await?;
+                serde_json::to_value(KeyChainFile::new(&genesis, &links))
+                    .map_err(|e| (500, e.to_string()))
+            }
             _ => Err((404, format!("no API {what:?}"))),
         }
     }
@@ -195,20 +202,34 @@ impl Explorer {
         Ok(json!({ "header": header_json(&signed), "receipts": receipts }))
     }
 
-    /// The balance proof file of `account`, named with the operator key this replica serves
-    /// under (the page checks it under a key the person gives, else under this one).
+    /// The balance proof file of `account`, named with the key that signed its header and
+    /// carrying the key chain up to it (the page checks it under a key the person gives, else
+    /// under the genesis key this replica serves under).
     async fn prove(&self, account: PublicKey) -> Result<Value, (u16, String)> {
-        let Some(info) = &self.pipeline.view.info else {
-            return Err((503, "this replica is starting".into()));
-        };
-        match self
+        let proof = match self
             .ask(|reply| StorageCmd::BalanceProof { account, reply })
             .await?
         {
-            Message::BalanceProof(p) => {
-                let file = BalanceProofFile::new(&p, &info.operator_public_key);
-                serde_json::to_value(file).map_err(|e| (500, e.to_string()))
-            }
+            Message::BalanceProof(p) => p,
+            other => return Err(unexpected(&other)),
+        };
+        // Read after the proof, the chain reaches the proof's header.
+        let (genesis, links) = self.key_chain().await?;
+        let height = proof.header.header.height;
+        let keys = tally_core::key_chain::KeySchedule::follow(genesis, &links)
+            .map_err(|e| (500, format!("the ledger's key chain: {e}")))?;
+        let file = BalanceProofFile::new(&proof, &keys.key_for(height))
+            .with_key_chain(links_before(&links, height));
+        serde_json::to_value(file).map_err(|e| (500, e.to_string()))
+    }
+
+    /// The genesis key this replica serves under and every rotation since (`GetKeyChain`).
+    async fn key_chain(&self) -> Result<(PublicKey, Vec<KeyLink>), (u16, String)> {
+        let Some(info) = &self.pipeline.view.info else {
+            return Err((503, "this replica is starting".into()));
+        };
+        match self.ask(|reply| StorageCmd::KeyChain { reply }).await? {
+            Message::KeyChain(chain) => Ok((info.operator_public_key, chain.links)),
             other => Err(unexpected(&other)),
         }
     }

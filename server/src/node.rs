@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use ed25519_dalek::SigningKey;
 use tally_config::Config;
 use tally_core::crypto::OperatorKey;
 use tally_core::key_chain::SigningKeys;
@@ -431,8 +430,8 @@ struct OperatorKeys {
     /// The ledger's genesis public key, which the replica announces and checks ledger
     /// snapshots with (the start of the key chain).
     public: tally_wire::PublicKey,
-    /// The configured key, for the archive writer.
-    archive: SigningKey,
+    /// The genesis key and the held keys, for the archive writer.
+    archive: archive::ArchiveKeys,
 }
 
 /// The keys and certificates the config names, read before anything else starts.
@@ -451,12 +450,17 @@ impl NodeKeys {
         let public = config
             .genesis_public_key_bytes()
             .unwrap_or_else(|| signing_key.verifying_key().to_bytes());
-        let archive = signing_key.clone();
         let next = match &op_cfg.next_signing_key {
-            Some(path) => Some(OperatorKey::new(read_signing_key(path)?)),
+            Some(path) => Some(read_signing_key(path)?),
             None => None,
         };
-        let signer = SigningKeys::new(OperatorKey::new(signing_key), next);
+        let archive = archive::ArchiveKeys {
+            genesis: public,
+            held: std::iter::once(signing_key.clone())
+                .chain(next.clone())
+                .collect(),
+        };
+        let signer = SigningKeys::new(OperatorKey::new(signing_key), next.map(OperatorKey::new));
         let client_tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
         Ok(NodeKeys {
             operator: OperatorKeys {

@@ -32,6 +32,7 @@ use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
 use tally_core::batch::prepare_apply;
 use tally_core::crypto::{header_hash, OperatorKey};
+use tally_core::key_chain::SigningKeys;
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::snapshot::{manifest_key, Delta, Manifest};
 use tally_core::state::LedgerMeta;
@@ -39,6 +40,7 @@ use tally_storage::archive_read::{read_batches, read_log, VerifiedLog};
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_storage::snapshots::{manifests, read_rows, Owner};
 use tally_storage::{LedgerDb, LedgerImport, RaftLogDb, StoreOptions};
+use tally_wire::PublicKey;
 
 use crate::archive::read_only_marker;
 use crate::bootstrap::read_signing_key;
@@ -82,8 +84,7 @@ pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
     }
     let settings = settings(config, options.from.as_deref())?;
     let bucket = Bucket::open(&settings)?;
-    let op_cfg = config.operator.as_ref().context("[operator] is required")?;
-    let operator = OperatorKey::new(read_signing_key(&op_cfg.signing_key)?);
+    let operator = restore_keys(config)?;
     crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     let marker = read_only_marker(&config.node.data_dir);
     write_marker(
@@ -111,6 +112,24 @@ pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
     Ok(r)
 }
 
+/// The keys a restore signs replayed headers with (the configured key and the next one), and
+/// the genesis key the archive's key chain starts from.
+fn restore_keys(config: &Config) -> Result<(SigningKeys, PublicKey)> {
+    let op_cfg = config.operator.as_ref().context("[operator] is required")?;
+    let configured = read_signing_key(&op_cfg.signing_key)?;
+    let genesis = config
+        .genesis_public_key_bytes()
+        .unwrap_or_else(|| configured.verifying_key().to_bytes());
+    let next = match &op_cfg.next_signing_key {
+        Some(path) => Some(OperatorKey::new(read_signing_key(path)?)),
+        None => None,
+    };
+    Ok((
+        SigningKeys::new(OperatorKey::new(configured), next),
+        genesis,
+    ))
+}
+
 fn write_marker(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, format!("{text}\n"))
         .and_then(|()| std::fs::File::open(path)?.sync_all())
@@ -123,11 +142,11 @@ fn write_marker(path: &Path, text: &str) -> Result<()> {
 async fn apply_archive(
     config: &Config,
     bucket: &Bucket,
-    operator: &OperatorKey,
+    (operator, genesis): &(SigningKeys, PublicKey),
     options: &RestoreOptions,
 ) -> Result<Restored> {
     let chain_id = config.chain_id_bytes();
-    let log = read_log(bucket, Some(&chain_id), &operator.public())
+    let log = read_log(bucket, Some(&chain_id), genesis)
         .await
         .with_context(|| format!("the archive {} does not verify", bucket.url()))?;
     let size = log.checkpoint.size;
@@ -137,7 +156,7 @@ async fn apply_archive(
     }
     let owner = Owner {
         chain_id,
-        operator: operator.public(),
+        operators: log.keys.checkpoint_keys(0),
     };
     let snaps = manifests(bucket, target, &owner).await?;
     let dir = ledger_dir(config);
@@ -196,6 +215,16 @@ async fn import_snapshot(
             m.height
         );
     }
+    let rotation = log
+        .keys
+        .rotations
+        .iter()
+        .filter(|(h, _)| *h <= m.height)
+        .last()
+        .copied();
+    if m.operator.map(|r| (r.height, r.key)) != rotation {
+        bail!("{key}: names another last key rotation than the archive's key chain");
+    }
     let mut state = snapshot_state(bucket, chain).await?;
     let mut import = LedgerImport::create(dir, opts)
         .with_context(|| format!("creating the ledger in {}", dir.display()))?;
@@ -229,6 +258,7 @@ async fn import_snapshot(
     for ((owner, id), reserve) in &state.reserves {
         import.reserve(owner, *id, reserve)?;
     }
+    import.operator(m.operator);
     import
         .finish(m.total_deposited, m.total_withdrawn, RESTORED_RAFT_INDEX)
         .with_context(|| format!("{key}: the snapshot does not restore"))
@@ -264,7 +294,7 @@ async fn replay(
     store: &mut LedgerDb,
     later: &[Manifest],
     target: u64,
-    operator: &OperatorKey,
+    operator: &SigningKeys,
 ) -> Result<u64> {
     let mut meta = store.meta()?;
     let mut snaps: std::collections::VecDeque<&Manifest> = later.iter().collect();
@@ -286,7 +316,8 @@ async fn replay(
             }
         }
         let encoded = batch.body.encode();
-        let mut write = prepare_apply(&batch.body, encoded, &meta, store, operator)
+        let key = operator.for_meta(&meta)?;
+        let mut write = prepare_apply(&batch.body, encoded, &meta, store, key)
             .with_context(|| format!("{}: does not replay", batch_key(h)))?;
         write.meta.raft_index = RESTORED_RAFT_INDEX;
         if write.signed_header != batch.signed {

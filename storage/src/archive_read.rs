@@ -11,11 +11,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::stream::{self, Stream, StreamExt};
+use tally_core::archive::key_link_key;
 use tally_core::archive::{
     batch_key, decode_batch, verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
 };
 use tally_core::batch::{replay_batch, BatchItem};
 use tally_core::crypto::{key_id, sha256, verify_envelope, KeyCache};
+use tally_core::header_log::open_note_under;
+use tally_core::key_chain::KeySchedule;
 use tally_core::ports::{LedgerRead, RequestRecord};
 use tally_core::reserve::{Expiry, Reserve};
 use tally_core::state::LedgerMeta;
@@ -23,7 +26,7 @@ use tally_core::tlog::{
     all_tiles, decode_entry_bundle, entries_path, leaf_hash, open_note, origin_for, root_of,
     Checkpoint, TILE_WIDTH,
 };
-use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
+use tally_wire::{Hash, KeyLink, PublicKey, SignedHeader, KEY_LINKS_MAX, SIGNED_HEADER_BYTES};
 
 use crate::bucket::{Bucket, BucketError};
 use crate::snapshots;
@@ -70,7 +73,10 @@ fn bad(key: impl Into<String>, message: impl Into<String>) -> ReadError {
 /// leaves), which hash to the checkpoint's root.
 pub struct VerifiedLog {
     pub chain_id: Hash,
+    /// The genesis operator key (the marker's).
     pub operator: PublicKey,
+    /// The key chain from it (the `keychain/` objects): which key signs which height.
+    pub keys: KeySchedule,
     pub checkpoint: Checkpoint,
     /// `headers[i]` is the signed header at height `i + 1`.
     pub headers: Vec<SignedHeader>,
@@ -129,6 +135,47 @@ pub fn open_checkpoint(
     Ok(checkpoint)
 }
 
+/// The archive's key chain (`keychain/1`, `keychain/2`, ... until one is missing), followed
+/// from `genesis` (PROTOCOL.md §4.14).
+pub async fn read_key_chain(
+    bucket: &Bucket,
+    genesis: &PublicKey,
+) -> Result<KeySchedule, ReadError> {
+    let mut keys = KeySchedule::genesis(*genesis);
+    for number in 1..=KEY_LINKS_MAX as u32 {
+        let key = key_link_key(number);
+        let Some((bytes, _)) = bucket.get(&key).await? else {
+            break;
+        };
+        let link = KeyLink::decode(&bytes).map_err(|e| bad(&key, e.to_string()))?;
+        keys.extend(&link).map_err(|e| bad(&key, e.to_string()))?;
+    }
+    Ok(keys)
+}
+
+/// [`open_checkpoint`] under a key chain: signed by a key at or after its size's.
+pub fn open_checkpoint_in(
+    text: &[u8],
+    chain_id: &Hash,
+    keys: &KeySchedule,
+) -> Result<Checkpoint, String> {
+    let origin = origin_for(chain_id);
+    let text = std::str::from_utf8(text).map_err(|_| "not UTF-8".to_string())?;
+    let body =
+        open_note_under(text, &origin, &keys.checkpoint_keys(0)).map_err(|e| e.to_string())?;
+    let checkpoint = Checkpoint::parse_body(&body).map_err(|e| e.to_string())?;
+    if checkpoint.origin != origin {
+        return Err(format!("origin {:?} is not {origin:?}", checkpoint.origin));
+    }
+    open_note_under(text, &origin, &keys.checkpoint_keys(checkpoint.size)).map_err(|_| {
+        format!(
+            "signed by a key rotated out before height {}",
+            checkpoint.size + 1
+        )
+    })?;
+    Ok(checkpoint)
+}
+
 /// Reads the marker, the checkpoint and every entry bundle, and checks that the headers hash
 /// to the checkpoint's root and form the operator's signed hash chain.
 pub async fn read_log(
@@ -137,11 +184,12 @@ pub async fn read_log(
     operator: &PublicKey,
 ) -> Result<VerifiedLog, ReadError> {
     let chain_id = read_marker(bucket, chain_id, operator).await?;
+    let keys = read_key_chain(bucket, operator).await?;
     let Some((bytes, _)) = bucket.get(CHECKPOINT_KEY).await? else {
         return Err(bad(CHECKPOINT_KEY, "missing: nothing was archived yet"));
     };
     let checkpoint =
-        open_checkpoint(&bytes, &chain_id, operator).map_err(|e| bad(CHECKPOINT_KEY, e))?;
+        open_checkpoint_in(&bytes, &chain_id, &keys).map_err(|e| bad(CHECKPOINT_KEY, e))?;
     let headers = read_headers(bucket, checkpoint.size).await?;
     let leaf_hashes: Vec<Hash> = headers.iter().map(|h| leaf_hash(&h.encode())).collect();
     if root_of(&leaf_hashes) != checkpoint.root {
@@ -150,10 +198,11 @@ pub async fn read_log(
             "the entry bundles' headers do not hash to the checkpoint's root",
         ));
     }
-    check_chain(&headers, operator)?;
+    check_chain(&headers, &keys)?;
     Ok(VerifiedLog {
         chain_id,
         operator: *operator,
+        keys,
         checkpoint,
         headers,
         leaf_hashes,
@@ -195,8 +244,9 @@ async fn read_headers(bucket: &Bucket, size: u64) -> Result<Vec<SignedHeader>, R
     Ok(headers)
 }
 
-/// Heights, hash links and operator signatures of the whole header chain.
-fn check_chain(headers: &[SignedHeader], operator: &PublicKey) -> Result<(), ReadError> {
+/// Heights, hash links and operator signatures (each under the key for its height) of the
+/// whole header chain.
+fn check_chain(headers: &[SignedHeader], keys: &KeySchedule) -> Result<(), ReadError> {
     let mut prev = [0u8; 32];
     for (i, signed) in headers.iter().enumerate() {
         let height = i as u64 + 1;
@@ -205,7 +255,7 @@ fn check_chain(headers: &[SignedHeader], operator: &PublicKey) -> Result<(), Rea
         if h.height != height || h.prev_hash != prev {
             return Err(bad(key, "the header does not extend the chain before it"));
         }
-        tally_core::crypto::verify_header(operator, signed)
+        keys.verify_header(signed)
             .map_err(|e| bad(&key, format!("header: {e}")))?;
         prev = tally_core::crypto::header_hash(h);
     }
@@ -236,7 +286,7 @@ pub fn read_batches<'a>(
                 ));
             }
             let prev = leaf.header.prev_hash;
-            verify_batch(&batch, height, &prev, &log.operator)
+            verify_batch(&batch, height, &prev, &log.keys.key_for(height))
                 .map_err(|e| bad(&key, e.to_string()))?;
             Ok((height, batch))
         })
@@ -480,7 +530,7 @@ async fn audit_into(
     }
     let owner = snapshots::Owner {
         chain_id: log.chain_id,
-        operator: *operator,
+        operators: log.keys.checkpoint_keys(0),
     };
     let mut snaps = SnapshotCheck::new(snapshots::manifests(bucket, size, &owner).await?);
     // Signatures are most of the audit's work: checked on the blocking pool, a few batches at
@@ -503,7 +553,7 @@ async fn audit_into(
     while let Some(item) = batches.next().await {
         let (height, batch) = item?;
         state
-            .apply_checked(&batch, operator)
+            .apply_checked(&batch, &log.keys.key_for(height))
             .map_err(|e| bad(batch_key(height), e))?;
         snaps.since.add_batch(&batch.body);
         report.height = height;
@@ -589,7 +639,7 @@ impl SnapshotCheck {
 /// The archive's log must extend the log of an earlier checkpoint: same leaves up to its size.
 fn check_extends(log: &VerifiedLog, note: &[u8]) -> Result<(), ReadError> {
     const KEY: &str = "--from-checkpoint";
-    let old = open_checkpoint(note, &log.chain_id, &log.operator)
+    let old = open_checkpoint_in(note, &log.chain_id, &log.keys)
         .map_err(|e| bad(KEY, format!("the saved checkpoint does not verify: {e}")))?;
     if old.size > log.checkpoint.size {
         return Err(bad(

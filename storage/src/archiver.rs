@@ -27,16 +27,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use futures::stream::{self, StreamExt};
-use tally_core::archive::{batch_key, encode_batch, Marker, CHECKPOINT_KEY, MARKER_KEY};
+use tally_core::archive::{
+    batch_key, encode_batch, key_link_key, Marker, CHECKPOINT_KEY, MARKER_KEY,
+};
 use tally_core::batch::BatchBody;
 use tally_core::crypto::header_hash;
+use tally_core::key_chain::{link_of, KeySchedule};
 use tally_core::tlog::{
     entries_path, open_note, origin_for, sign_note, tile_path, Checkpoint, TileLog, TlogError,
     TILE_WIDTH,
 };
-use tally_wire::{Hash, SignedHeader, SIGNED_HEADER_BYTES};
+use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
 
-use crate::archive_read::ReadError;
+use crate::archive_read::{open_checkpoint_in, read_key_chain, ReadError};
 use crate::bucket::{Bucket, BucketError, PutNew, Version};
 use crate::snapshots::Cursor;
 
@@ -155,6 +158,8 @@ struct Head {
     tip_hash: Hash,
     /// The snapshot chain and what was archived after it (None: snapshots are off).
     snapshots: Option<Cursor>,
+    /// The key chain as far as the archive holds it (its `keychain/` objects).
+    keys: KeySchedule,
 }
 
 /// The writer. [`Archiver::run`] until the node stops.
@@ -163,7 +168,10 @@ pub struct Archiver<S> {
     pub source: S,
     pub progress: std::sync::Arc<ArchiveProgress>,
     pub chain_id: Hash,
-    pub key: SigningKey,
+    /// The genesis operator key (the marker names it) and the keys this replica holds: the
+    /// checkpoint and manifests are signed with the one the key chain leads to.
+    pub genesis: PublicKey,
+    pub keys: Vec<SigningKey>,
     /// Batches between snapshots (`archive.snapshot_every_batches`); 0: none.
     pub snapshot_every_batches: u64,
 }
@@ -210,7 +218,13 @@ impl<S: BatchSource> Archiver<S> {
 
     /// Reads the checkpoint only, to keep the progress current on a replica that does not write.
     async fn poll_checkpoint(&self) -> Result<(), RoundError> {
-        let size = self.read_checkpoint().await?.map_or(0, |(c, _)| c.size);
+        let keys = read_key_chain(&self.bucket, &self.genesis)
+            .await
+            .map_err(damaged)?;
+        let size = self
+            .read_checkpoint(&keys)
+            .await?
+            .map_or(0, |(c, _)| c.size);
         self.progress.advance(size);
         Ok(())
     }
@@ -242,7 +256,7 @@ impl<S: BatchSource> Archiver<S> {
     async fn ensure_marker(&self) -> Result<(), RoundError> {
         let marker = Marker {
             chain_id: self.chain_id,
-            operator: self.key.verifying_key().to_bytes(),
+            operator: self.genesis,
         };
         let mine = Bytes::from(marker.encode());
         match self.bucket.put_new(MARKER_KEY, mine).await? {
@@ -269,12 +283,15 @@ impl<S: BatchSource> Archiver<S> {
         }
     }
 
-    /// The checkpoint, verified under the operator key, and its version.
-    async fn read_checkpoint(&self) -> Result<Option<(Checkpoint, Version)>, RoundError> {
+    /// The checkpoint, verified under the key chain `keys`, and its version.
+    async fn read_checkpoint(
+        &self,
+        keys: &KeySchedule,
+    ) -> Result<Option<(Checkpoint, Version)>, RoundError> {
         let Some((bytes, version)) = self.bucket.get(CHECKPOINT_KEY).await? else {
             return Ok(None);
         };
-        let checkpoint = parse_checkpoint(&bytes, &self.origin(), &self.key)
+        let checkpoint = open_checkpoint_in(&bytes, &self.chain_id, keys)
             .map_err(|e| RoundError::Damaged(format!("{CHECKPOINT_KEY}: {e}")))?;
         Ok(Some((checkpoint, version)))
     }
@@ -283,7 +300,10 @@ impl<S: BatchSource> Archiver<S> {
     /// archive's history is this ledger's: the header at its size must be the one the ledger
     /// holds (by the hash chain, every header before it then is too).
     async fn resume(&self) -> Result<Head, RoundError> {
-        let (log, version, tip_hash) = match self.read_checkpoint().await? {
+        let keys = read_key_chain(&self.bucket, &self.genesis)
+            .await
+            .map_err(damaged)?;
+        let (log, version, tip_hash) = match self.read_checkpoint(&keys).await? {
             None => (TileLog::empty(), None, [0; 32]),
             Some((checkpoint, version)) => {
                 let log = self.load_tiles(&checkpoint).await?;
@@ -296,13 +316,16 @@ impl<S: BatchSource> Archiver<S> {
             version,
             tip_hash,
             snapshots: None,
+            keys,
         };
         if self.snapshot_every_batches > 0 {
+            let signer = self.signer(&head.keys)?;
+            let readers = head.keys.checkpoint_keys(0);
             let cursor = Cursor::load(
                 &self.bucket,
                 head.log.size(),
                 self.chain_id,
-                self.key.clone(),
+                (signer.clone(), readers),
             )
             .await
             .map_err(damaged)?;
@@ -422,6 +445,53 @@ impl<S: BatchSource> Archiver<S> {
         }
     }
 
+    /// The held key that signs for the archive now: the newest of the chain.
+    fn signer(&self, keys: &KeySchedule) -> Result<&SigningKey, RoundError> {
+        let current = keys.current();
+        self.keys
+            .iter()
+            .find(|k| k.verifying_key().to_bytes() == current)
+            .ok_or_else(|| {
+                RoundError::Source(format!(
+                    "this replica holds no private key for operator key {}, which the key \
+                     chain leads to",
+                    hex::encode(current)
+                ))
+            })
+    }
+
+    /// The key link of a batch that ends with a rotation the archive does not hold yet: its
+    /// object, after the link is checked as the chain's next (PROTOCOL.md §4.14).
+    fn rotation(
+        &self,
+        head: &mut Head,
+        signed: &SignedHeader,
+        body: &[u8],
+    ) -> Result<Option<(String, Bytes)>, RoundError> {
+        if !BatchBody::may_hold_rotation(body) {
+            return Ok(None);
+        }
+        let decoded = BatchBody::decode(body).map_err(|e| RoundError::Source(e.to_string()))?;
+        let Some(link) = link_of(&decoded, signed) else {
+            return Ok(None);
+        };
+        // A round that failed after writing the link, before the checkpoint, left it behind.
+        let held = link.number as usize <= head.keys.rotations.len();
+        if !held {
+            head.keys
+                .extend(&link)
+                .map_err(|e| RoundError::Source(format!("the ledger's key rotation: {e}")))?;
+        }
+        if let Some(cursor) = head.snapshots.as_mut() {
+            let signer = self.signer(&head.keys)?.clone();
+            cursor.set_keys(signer, head.keys.checkpoint_keys(0));
+        }
+        Ok(Some((
+            key_link_key(link.number),
+            Bytes::from(link.encode()),
+        )))
+    }
+
     /// Writes one group of batches, their tiles, and the checkpoint over them.
     async fn append(
         &self,
@@ -443,6 +513,7 @@ impl<S: BatchSource> Archiver<S> {
             head.tip_hash = header_hash(&signed.header);
             head.log.append(&signed.encode());
             objects.push((batch_key(height), Bytes::from(encode_batch(signed, body))));
+            objects.extend(self.rotation(head, signed, body)?);
         }
         self.put_all(objects).await?;
         let tiles = head.log.tiles_since(old_size);
@@ -506,7 +577,11 @@ impl<S: BatchSource> Archiver<S> {
             size: head.log.size(),
             root: head.log.root(),
         };
-        let note = sign_note(&checkpoint.body(), &checkpoint.origin, &self.key);
+        let note = sign_note(
+            &checkpoint.body(),
+            &checkpoint.origin,
+            self.signer(&head.keys)?,
+        );
         let len = note.len() as u64;
         let written = self
             .bucket

@@ -159,6 +159,18 @@ impl LedgerImport {
             .put(&layout::reserve_key(owner, id), &reserve.encode())
     }
 
+    /// The ledger's last operator key rotation at the imported height (the snapshot's), if it
+    /// had one (PROTOCOL.md §4.14).
+    pub fn operator(&mut self, rotation: Option<tally_core::state::Rotation>) {
+        if let Some(r) = rotation {
+            assert!(
+                r.height <= self.meta.height,
+                "a rotation above the imported height"
+            );
+        }
+        self.meta.operator = rotation;
+    }
+
     /// Checks the state against the last header (see the module docs), writes the summary
     /// with the ledger's totals and the raft index it is to carry, syncs, and opens the ledger
     /// (which checks its tip).

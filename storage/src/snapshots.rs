@@ -34,11 +34,12 @@ fn bad(key: impl Into<String>, message: impl Into<String>) -> ReadError {
     })
 }
 
-/// Whose snapshots to read: manifests are signed by the operator key under the ledger's origin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whose snapshots to read: manifests are signed by an operator key of the ledger's chain
+/// (the writer's at the time, PROTOCOL.md §4.14) under the ledger's origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub chain_id: Hash,
-    pub operator: PublicKey,
+    pub operators: Vec<PublicKey>,
 }
 
 /// The manifests at or below `height`, in height order, each signed by `owner`.
@@ -70,7 +71,7 @@ pub async fn read_manifest(
     let Some((bytes, _)) = bucket.get(&key).await? else {
         return Err(bad(key, "missing"));
     };
-    let m = Manifest::open(&bytes, &owner.chain_id, &owner.operator)
+    let m = Manifest::open_under(&bytes, &owner.chain_id, &owner.operators)
         .map_err(|e| bad(&key, e.to_string()))?;
     if m.height != height {
         return Err(bad(key, format!("names height {}", m.height)));
@@ -119,9 +120,11 @@ pub async fn read_rows(bucket: &Bucket, m: &Manifest) -> Result<Delta, ReadError
 /// the batches archived after it.
 #[derive(Debug)]
 pub struct Cursor {
-    /// The ledger's chain id, and the operator key that signs each manifest.
+    /// The ledger's chain id, the operator key that signs each manifest it writes, and the
+    /// keys a manifest it reads may be signed by.
     chain_id: Hash,
     key: SigningKey,
+    readers: Vec<PublicKey>,
     pub last: Option<Manifest>,
     /// Differential snapshots since the newest full one.
     pub diffs_since_full: u32,
@@ -129,6 +132,11 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// After a key rotation: the key to sign with, and the keys to read under.
+    pub fn set_keys(&mut self, key: SigningKey, readers: Vec<PublicKey>) {
+        (self.key, self.readers) = (key, readers);
+    }
+
     /// Height of the newest snapshot (0: none).
     pub fn height(&self) -> u64 {
         self.last.as_ref().map_or(0, |m| m.height)
@@ -140,13 +148,18 @@ impl Cursor {
         bucket: &Bucket,
         size: u64,
         chain_id: Hash,
-        key: SigningKey,
+        (key, readers): (SigningKey, Vec<PublicKey>),
     ) -> Result<Cursor, ReadError> {
-        let all = manifests(bucket, size, &owner(&chain_id, &key)).await?;
+        let owner = Owner {
+            chain_id,
+            operators: readers.clone(),
+        };
+        let all = manifests(bucket, size, &owner).await?;
         let diffs_since_full = all.iter().rev().take_while(|m| !m.is_full()).count() as u32;
         Ok(Cursor {
             chain_id,
             key,
+            readers,
             last: all.into_iter().next_back(),
             diffs_since_full,
             delta: Delta::default(),
@@ -190,6 +203,9 @@ impl Cursor {
             requests: rows.requests.len() as u64,
             reserves: rows.reserves.len() as u64,
             chunks: refs,
+            operator: rows
+                .operator
+                .or(self.last.as_ref().and_then(|m| m.operator)),
         };
         let bytes = manifest.sign(&self.chain_id, &self.key);
         written += bytes.len() as u64;
@@ -217,7 +233,11 @@ impl Cursor {
         if self.diffs_since_full + 1 < FULL_EVERY {
             return Ok((delta, last.height));
         }
-        let chain = manifests(bucket, last.height, &owner(&self.chain_id, &self.key)).await?;
+        let owner = Owner {
+            chain_id: self.chain_id,
+            operators: self.readers.clone(),
+        };
+        let chain = manifests(bucket, last.height, &owner).await?;
         let from = chain.iter().rposition(|m| m.is_full()).unwrap_or(0);
         let rows: u64 = chain[from..]
             .iter()
@@ -237,13 +257,6 @@ impl Cursor {
         // Totals: the new manifest adds these to the last one's; a full one has base 0.
         (full.deposited, full.withdrawn) = (d, w);
         Ok((full, 0))
-    }
-}
-
-fn owner(chain_id: &Hash, key: &SigningKey) -> Owner {
-    Owner {
-        chain_id: *chain_id,
-        operator: key.verifying_key().to_bytes(),
     }
 }
 

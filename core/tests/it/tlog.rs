@@ -1016,7 +1016,7 @@ fn a_witness_cosigns_consistent_checkpoints_and_refuses_a_fork() {
         note: note(to, key),
     };
     let mut state: Option<Cosigned> = None;
-    let logs = |o: &str| (o == origin).then(|| log_key.verifying_key());
+    let logs = |o: &str| (o == origin).then(|| vec![log_key.verifying_key()]);
     let add = |r: &AddCheckpoint, state: &mut Option<Cosigned>| {
         let parsed = AddCheckpoint::parse(&r.encode()).expect("round trip");
         assert_eq!(&parsed, r);

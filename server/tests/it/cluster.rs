@@ -395,3 +395,95 @@ fn a_peer_whose_certificate_does_not_match_its_claimed_id_is_refused() {
         );
     });
 }
+
+/// Operator key rotation on three replicas (PROTOCOL.md §4.14): every replica holds the next
+/// key; one is down during the rotation and replays it when it comes back; afterwards every
+/// replica's chain verifies under the key chain, the new key signing every header after the
+/// rotation's, and a leader change keeps the new key.
+#[test]
+fn three_replicas_rotate_the_operator_key_and_a_late_one_follows() {
+    let rt = crate::harness::runtime();
+    rt.block_on(async {
+        let keys = tempfile::tempdir().unwrap();
+        let next = generate_key();
+        let next_path = keys.path().join("next-operator.key");
+        tally_server::bootstrap::write_signing_key(&next_path, &next).unwrap();
+        let mut cluster = Cluster::new(3, |c| {
+            fast(c);
+            c.operator.as_mut().unwrap().next_signing_key = Some(next_path.clone());
+        })
+        .await;
+        cluster.start_all();
+        let genesis = cluster.profile.operator_key().unwrap();
+        let chain_id = cluster.profile.chain_id_bytes().unwrap();
+        let deposit_key = cluster.profile.load_deposit_key().unwrap();
+        let admin = cluster.profile.load_admin_key().unwrap();
+        let alice = public_key(&generate_key());
+        let cc = cluster.cluster_client();
+        let deposit = |id: u128| build_request(&deposit_key, chain_id, Op::Deposit, id, alice, 5);
+        cc.submit(deposit(1)).await.expect("deposit");
+        let leader = cluster.leader().await;
+        let late = cluster
+            .ids
+            .iter()
+            .copied()
+            .find(|&id| id != leader)
+            .unwrap();
+        cluster.kill(late);
+
+        let link = cc
+            .rotate_key(chain_id, &admin, public_key(&next))
+            .await
+            .expect("rotate-key");
+        let mut keys = tally_core::key_chain::KeySchedule::genesis(genesis);
+        keys.extend(&link)
+            .expect("the answered link follows the genesis key");
+        let rotated_at = link.header.header.height;
+        for id in 2..=4 {
+            let c = cc.submit(deposit(id)).await.expect("deposit");
+            assert!(c.header.header.height > rotated_at);
+            verify_confirmation(&c, &public_key(&next)).expect("signed by the new key");
+        }
+
+        // The late replica applies the rotation batch and signs with the new key.
+        cluster.start(late);
+        cluster.kill(leader);
+        cc.submit(deposit(5))
+            .await
+            .expect("deposit after the leader's death");
+        cluster.start(leader);
+        let tip = converged(&cluster).await;
+        assert!(tip.header.height > rotated_at + 3);
+        let served = cc.key_chain().await.expect("key chain").links;
+        assert_eq!(served, vec![link]);
+        for id in cluster.ids.clone() {
+            let headers = chain_under(&cluster, id, &keys).await;
+            assert_eq!(headers.last(), Some(&tip), "replica {id}");
+        }
+    });
+}
+
+/// Replica `id`'s header chain, each header checked under the key for its height.
+async fn chain_under(
+    cluster: &Cluster,
+    id: u64,
+    keys: &tally_core::key_chain::KeySchedule,
+) -> Vec<SignedHeader> {
+    let client = cluster.client_of(id).await;
+    let mut headers: Vec<SignedHeader> = Vec::new();
+    loop {
+        let page = client
+            .headers(headers.len() as u64 + 1, 1024)
+            .await
+            .expect("headers");
+        if page.is_empty() {
+            break;
+        }
+        headers.extend(page);
+    }
+    for h in &headers {
+        keys.verify_header(h)
+            .unwrap_or_else(|e| panic!("replica {id}, height {}: {e}", h.header.height));
+    }
+    headers
+}

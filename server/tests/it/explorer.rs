@@ -269,3 +269,87 @@ fn urlencode(text: &str) -> String {
         })
         .collect()
 }
+
+/// After an operator key rotation (PROTOCOL.md §4.14): a confirmation file made after it, and a
+/// balance proof, verify in the page from the genesis key through the chain the file carries,
+/// and fail with one digit of that chain changed; the account page follows the server's chain
+/// (`/explorer/api/key-chain`) from the genesis key.
+#[test]
+fn files_after_a_key_rotation_verify_in_the_browser_through_their_chain() {
+    if !chromium_present() {
+        return;
+    }
+    let next = generate_key();
+    let operator = Operator::new(|c| {
+        c.batch.batch_window_ms = 10;
+        c.explorer.enabled = true;
+    });
+    let next_path = operator.data_dir().join("next-operator.key");
+    tally_server::bootstrap::write_signing_key(&next_path, &next).unwrap();
+    let config_path = operator.data_dir().join("config.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let mut config = tally_config::Config::from_toml_str(&text).unwrap();
+    config.operator.as_mut().unwrap().next_signing_key = Some(next_path);
+    std::fs::write(&config_path, config.to_toml_string()).unwrap();
+    let server = operator.start();
+    let profile = operator.data_dir().join("p.toml");
+    std::fs::write(&profile, server.profile.to_toml_string().unwrap()).unwrap();
+    let genesis = operator.profile.operator_public_key.clone();
+    let alice = hex::encode(public_key(&generate_key()));
+    tally(&profile, &["deposit", "--to", &alice, "--amount", "4"]);
+    let new_key = hex::encode(public_key(&next));
+    tally(
+        &profile,
+        &["cluster", "rotate-key", "--new-public-key", &new_key],
+    );
+    let files = [
+        operator.data_dir().join("after.json"),
+        operator.data_dir().join("balance.json"),
+    ];
+    let (after, balance) = (files[0].to_str().unwrap(), files[1].to_str().unwrap());
+    tally(
+        &profile,
+        &["deposit", "--to", &alice, "--amount", "5", "--out", after],
+    );
+    tally(&profile, &["prove", &alice, "--out", balance]);
+    let base = format!("http://{}/explorer", server.metrics_addr);
+    let verify = |text: &str, key: &str| {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+        let fragment = format!("file={}&key={key}", urlencode(&encoded));
+        dom(&format!("{base}/verify.html#{fragment}"))
+    };
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let valid = verify(&text, &genesis);
+        assert!(valid.contains("VALID: height"), "{valid}");
+        assert!(
+            valid.contains("the key chain leads from the genesis key through 1 rotation"),
+            "{valid}"
+        );
+        let json: Value = serde_json::from_str(&text).unwrap();
+        let link = json["key_chain"][0].as_str().unwrap();
+        // A digit of the rotation's receipt (its request hash), then of the header's signature.
+        for at in [2 * (256 + 32 + 12 + 20), 2 * 200] {
+            let mut changed = link.to_string().into_bytes();
+            changed[at] = if changed[at] == b'0' { b'1' } else { b'0' };
+            let tampered = text.replacen(link, std::str::from_utf8(&changed).unwrap(), 1);
+            let invalid = verify(&tampered, &genesis);
+            assert!(invalid.contains("INVALID: key chain link 0"), "{invalid}");
+        }
+        let bare = {
+            let mut v = json.clone();
+            v.as_object_mut().unwrap().remove("key_chain");
+            v.to_string()
+        };
+        let invalid = verify(&bare, &genesis);
+        assert!(
+            invalid.contains("INVALID: the header names another operator key"),
+            "{invalid}"
+        );
+    }
+    let account = dom(&format!("{base}/account.html?a={alice}&key={genesis}"));
+    assert!(
+        account.contains("proved at height") && account.contains(": balance 9"),
+        "the balance proof, checked through the server's chain: {account}"
+    );
+}

@@ -2,7 +2,10 @@
 //! confirmation before and after `tally cluster rotate-key`, each verified under the key for
 //! its height (the profile keeps the genesis key and learns the chain); the rotation's header
 //! is the last the old key signs; the chain survives a restart; a rotation to a key the
-//! replica does not hold, or to the key that signs already, is refused by code.
+//! replica does not hold, or to the key that signs already, is refused by code. Every proof
+//! file made after the rotation (plain, envelope, balance, consistency) carries the chain
+//! (`key_chain`, PROTOCOL.md §11): it verifies from a profile that has never seen the chain,
+//! and fails with one digit of a link changed.
 
 use std::path::Path;
 
@@ -104,30 +107,46 @@ fn a_rotated_key_signs_every_later_header_and_clients_follow_the_chain() {
         assert_eq!(verified["valid"], true, "{verified}");
     }
     // The later file names the new key, the earlier one the genesis key.
-    let named = |p: &Path| -> Value {
-        serde_json::from_str::<Value>(&std::fs::read_to_string(p).unwrap()).unwrap()
-            ["operator_public_key"]
-            .clone()
-    };
+    let named = |p: &Path| -> Value { read(p)["operator_public_key"].clone() };
     assert_eq!(named(&after), Value::from(new_key.clone()));
     assert_eq!(named(&before), Value::from(current.clone()));
-    // Checked under the genesis key alone, the later file fails.
-    let (code, _) = cli(
+    // The later file carries the chain, the earlier one none (its bytes are as before).
+    assert!(read(&before).get("key_chain").is_none());
+    assert_eq!(read(&after)["key_chain"].as_array().map(Vec::len), Some(1));
+    // Checked under the genesis key alone, the later file verifies through its own chain;
+    // without it, it fails.
+    ok(
         &profile,
         &["verify", &file(&after), "--operator-key", &current],
     );
+    let bare = dir.join("after-bare.json");
+    let mut stripped = read(&after);
+    stripped.as_object_mut().unwrap().remove("key_chain");
+    std::fs::write(&bare, stripped.to_string()).unwrap();
+    let (code, _) = cli(
+        &profile,
+        &["verify", &file(&bare), "--operator-key", &current],
+    );
     assert_ne!(code, 0);
 
-    // A fresh profile (no chain saved) learns the chain from the cluster.
+    let made = files_after_rotation(&profile, dir, &alice, rotation_height);
+    // A fresh profile (no chain saved) verifies every file by the chain it carries; the file
+    // without one fails until the profile learns the chain from the cluster.
     let fresh_dir = tempfile::tempdir().unwrap();
     let fresh = fresh_dir.path().join("p.toml");
     std::fs::write(&fresh, server.profile.to_toml_string().unwrap()).unwrap();
-    let (code, out) = cli(&fresh, &["verify", &file(&after)]);
+    for f in made.iter().chain([&after]) {
+        let verified = ok(&fresh, &["verify", &file(f)]);
+        assert_eq!(verified["valid"], true, "{verified}");
+        assert_one_changed_link_digit_fails(&fresh, f);
+    }
+    assert!(!fresh_dir.path().join("key-chain.json").exists());
+    let (code, out) = cli(&fresh, &["verify", &file(&bare)]);
     assert_ne!(code, 0, "verified without the chain: {out}");
     let chain = ok(&fresh, &["key-chain"]);
     assert_eq!(chain["current"], Value::from(new_key.clone()), "{chain}");
     assert_eq!(chain["rotations"][0]["height"], rotation_height);
-    ok(&fresh, &["verify", &file(&after)]);
+    ok(&fresh, &["verify", &file(&bare)]);
 
     // After a SIGKILL the replica signs with the new key still, and serves the same chain.
     server.kill();
@@ -147,4 +166,67 @@ fn a_rotated_key_signs_every_later_header_and_clients_follow_the_chain() {
         ],
     );
     drop(server);
+}
+
+fn read(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// After the rotation at `rotation_height`: an envelope's confirmation file, a balance proof
+/// file and a consistency proof file across the rotation, each carrying the one link.
+fn files_after_rotation(
+    profile: &Path,
+    dir: &Path,
+    alice: &str,
+    rotation_height: u64,
+) -> [std::path::PathBuf; 3] {
+    let bob = generate_key();
+    let bob_path = dir.join("bob.key");
+    write_key(&bob_path, &bob).unwrap();
+    let bob_hex = hex::encode(public_key(&bob));
+    ok(profile, &["deposit", "--to", &bob_hex, "--amount", "50"]);
+    let ops = dir.join("ops.jsonl");
+    std::fs::write(
+        &ops,
+        format!("{{\"op\": \"transfer\", \"to\": \"{alice}\", \"amount\": 3, \"id\": 1}}\n"),
+    )
+    .unwrap();
+    let made = [
+        dir.join("envelope.json"),
+        dir.join("balance.json"),
+        dir.join("consistency.json"),
+    ];
+    let out = |i: usize| made[i].to_str().unwrap().to_string();
+    let key = bob_path.to_str().unwrap();
+    let ops = ops.to_str().unwrap();
+    ok(
+        profile,
+        &["envelope", "--key", key, "--file", ops, "--out", &out(0)],
+    );
+    ok(profile, &["prove", alice, "--out", &out(1)]);
+    let to = (rotation_height + 1).to_string();
+    ok(
+        profile,
+        &["consistency", "--from", "1", "--to", &to, "--out", &out(2)],
+    );
+    for f in &made {
+        let chain = read(f)["key_chain"].clone();
+        assert_eq!(chain.as_array().map(Vec::len), Some(1), "{}", f.display());
+    }
+    made
+}
+
+/// `tally verify` of `path` with one hex digit of its first link changed fails.
+fn assert_one_changed_link_digit_fails(profile: &Path, path: &Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let link = read(path)["key_chain"][0].as_str().unwrap().to_string();
+    for at in [0, 300, link.len() / 2, link.len() - 1] {
+        let mut digits = link.clone().into_bytes();
+        digits[at] = if digits[at] == b'0' { b'1' } else { b'0' };
+        let changed = text.replacen(&link, std::str::from_utf8(&digits).unwrap(), 1);
+        let edited = path.with_extension(format!("edited-{at}.json"));
+        std::fs::write(&edited, changed).unwrap();
+        let (code, out) = cli(profile, &["verify", edited.to_str().unwrap()]);
+        assert_ne!(code, 0, "{} with digit {at} changed: {out}", path.display());
+    }
 }

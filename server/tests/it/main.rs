@@ -15,5 +15,6 @@ mod key_rotation;
 mod layering;
 mod membership;
 mod metrics;
+mod rotation_archive;
 mod single_node;
 mod two_phase;

@@ -115,7 +115,7 @@ pub(crate) fn operator_key() -> SigningKey {
 pub(crate) fn owner() -> snapshots::Owner {
     snapshots::Owner {
         chain_id: CHAIN_ID,
-        operator: operator_key().verifying_key().to_bytes(),
+        operators: vec![operator_key().verifying_key().to_bytes()],
     }
 }
 
@@ -134,7 +134,8 @@ pub(crate) fn archive(
         source: Shared(source.clone()),
         progress: progress.clone(),
         chain_id,
-        key: operator_key(),
+        genesis: operator_key().verifying_key().to_bytes(),
+        keys: vec![operator_key()],
         snapshot_every_batches: 7,
     };
     let task = rt.spawn(writer.run());

@@ -454,6 +454,7 @@ fn the_audit_refuses_a_snapshot_with_a_tampered_reserve_row() {
     }
     let forged = Manifest {
         chunks: refs,
+        operator: None,
         ..victim.clone()
     }
     .sign(&CHAIN_ID, &operator_key());

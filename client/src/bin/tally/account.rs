@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tally_client::to_hex;
-use tally_core::crypto::{header_hash, verify_header};
+use tally_core::crypto::header_hash;
+use tally_core::key_chain::KeySchedule;
 use tally_wire::{Hash, HistoryReply, PublicKey, HISTORY_ENTRIES_PER_REPLY_MAX};
 
 use crate::Globals;
@@ -75,7 +76,8 @@ pub async fn history(ctx: &Globals, account: PublicKey, range: HistoryRange) -> 
         }
         let page = cluster.history(account, from.0, from.1, ask).await?;
         (height, held_from, next) = (page.height, page.held_from, page.next);
-        entries.extend(page_json(&page, &operator)?);
+        let keys = crate::key_chain::reaching(ctx, &cluster, &operator, &page.headers).await?;
+        entries.extend(page_json(&page, &keys)?);
         match page.next {
             Some(n) if n > from => from = n,
             _ => break,
@@ -117,11 +119,11 @@ pub async fn history(ctx: &Globals, account: PublicKey, range: HistoryRange) -> 
 }
 
 /// A page's entries as JSON, each with its header's hash. Every header must be signed by the
-/// operator and every entry's height must have one.
-fn page_json(page: &HistoryReply, operator: &PublicKey) -> Result<Vec<Value>> {
+/// operator (under the key for its height) and every entry's height must have one.
+fn page_json(page: &HistoryReply, keys: &KeySchedule) -> Result<Vec<Value>> {
     let mut hashes = std::collections::HashMap::new();
     for signed in &page.headers {
-        verify_header(operator, signed)
+        keys.verify_header(signed)
             .with_context(|| format!("the header of height {}", signed.header.height))?;
         hashes.insert(signed.header.height, header_hash(&signed.header));
     }
@@ -153,8 +155,7 @@ pub async fn lookup_receipt(ctx: &Globals, leaf: Hash, out: Option<&Path>) -> Re
     let operator = profile.operator_key()?;
     let cluster = ctx.cluster(&profile)?;
     let found = cluster.find_by_receipt(leaf).await?;
-    let text = crate::envelope::verified_json(&found, &operator)?;
-    crate::consistency::track(ctx, &cluster, &operator, found.header()).await?;
+    let text = crate::envelope::found_json(ctx, &cluster, &operator, &found).await?;
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
     }

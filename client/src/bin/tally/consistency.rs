@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tally_client::consistency::{verify_consistency_json, ConsistencyFile};
+use tally_client::consistency::{verify_consistency_json_under, ConsistencyFile};
 use tally_client::trust::{proof, Checked, TrustStore};
 use tally_client::{key_chain, ClusterClient, Error, Profile};
 use tally_core::key_chain::KeySchedule;
@@ -97,7 +97,10 @@ pub async fn prove(ctx: &Globals, from: u64, to: u64, out: Option<&Path>) -> Res
         .await
         .with_context(|| format!("consistency from {from} to {to}"))?;
     let (a, b) = checkpoints(&reply, &keys, &chain_id)?;
-    let file = ConsistencyFile::new(&reply, (&a, &b), &operator);
+    // The file carries the whole chain: a checkpoint may be signed by any key after its size's.
+    let links = key_chain::load_links(&profile_dir(ctx), &operator)?;
+    let signer = keys.key_for(reply.to.header.header.height);
+    let file = ConsistencyFile::new(&reply, (&a, &b), &signer).with_key_chain(&links);
     let text = file.to_json_pretty();
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
@@ -113,7 +116,7 @@ pub async fn prove(ctx: &Globals, from: u64, to: u64, out: Option<&Path>) -> Res
     println!("  root at {from}: {}", file.from_root);
     println!("  root at {to}: {}", file.to_root);
     println!(
-        "  {} proof hashes; both checkpoints signed by the profile's operator key",
+        "  {} proof hashes; both checkpoints signed by the operator (the profile's key chain)",
         file.proof.len()
     );
     if let Checked::Extended { from } = checked {
@@ -140,10 +143,10 @@ pub fn verify(
     ctx: &Globals,
     file: &Path,
     text: &str,
-    operator: Option<PublicKey>,
+    trusted: Option<&KeySchedule>,
     source: &str,
 ) -> Result<ExitCode> {
-    let (_, _, a, b) = verify_consistency_json(text, operator)
+    let (_, _, a, b) = verify_consistency_json_under(text, trusted)
         .with_context(|| format!("{} does not verify", file.display()))?;
     if ctx.json {
         let body = json!({

@@ -8,16 +8,17 @@ use anyhow::{Context, Result};
 use ed25519_dalek::SigningKey;
 use serde_json::json;
 use tally_client::envelope::{
-    build_envelope, parse_operations, verify_envelope_json, verify_operation_json,
+    build_envelope, parse_operations, verify_envelope_json_under, verify_operation_json_under,
     write_envelope_file, EnvelopeFile, OperationFile,
 };
 use tally_client::{to_hex, Profile};
 use tally_core::engine::apply::Found;
+use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_envelope_confirmation;
 use tally_core::verify::{
     verify_confirmation, verify_expiry_confirmation, verify_operation_confirmation,
 };
-use tally_wire::PublicKey;
+use tally_wire::{KeyLink, PublicKey};
 
 use crate::Globals;
 
@@ -30,15 +31,15 @@ pub async fn submit(
     atomic: bool,
     out: Option<&Path>,
 ) -> Result<ExitCode> {
-    let operator = profile.operator_key()?;
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let ops = parse_operations(&text).with_context(|| file.display().to_string())?;
     let envelope = Arc::new(build_envelope(key, profile.chain_id_bytes()?, atomic, ops));
     let what = format!("envelope of {}", file.display());
     let again = "; submit the same file again to learn whether it was applied (every operation \
                  keeps its id: nothing applies twice)";
-    let c = submit_verified(ctx, profile, &envelope, &what, again).await?;
-    let record = EnvelopeFile::new(&envelope, &c, &operator);
+    let Verified { c, signer, chain } =
+        submit_verified(ctx, profile, &envelope, &what, again).await?;
+    let record = EnvelopeFile::new(&envelope, &c, &signer).with_key_chain(&chain);
     if let Some(path) = out {
         write_envelope_file(path, &record)?;
     }
@@ -78,15 +79,24 @@ pub async fn submit(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Submits `envelope` and verifies its confirmation under the profile's operator key. An error
-/// names `what`, and `again` (how to learn the outcome) when the outcome is unknown.
+/// A verified envelope confirmation, the key that signed its header and the key chain a file
+/// of it carries.
+pub struct Verified {
+    pub c: tally_wire::EnvelopeConfirmation,
+    pub signer: PublicKey,
+    pub chain: Vec<KeyLink>,
+}
+
+/// Submits `envelope` and verifies its confirmation under the key for its header's height
+/// (from the profile's key chain). An error names `what`, and `again` (how to learn the
+/// outcome) when the outcome is unknown.
 pub async fn submit_verified(
     ctx: &Globals,
     profile: &Profile,
     envelope: &Arc<tally_wire::Envelope>,
     what: &str,
     again: &str,
-) -> Result<tally_wire::EnvelopeConfirmation> {
+) -> Result<Verified> {
     let operator = profile.operator_key()?;
     let cluster = ctx.cluster(profile)?;
     let c = cluster
@@ -96,10 +106,11 @@ pub async fn submit_verified(
             let again = if e.outcome_unknown() { again } else { "" };
             anyhow::Error::from(e).context(format!("{what}{again}"))
         })?;
-    verify_envelope_confirmation(envelope, &c, &operator)
+    let (signer, chain) = crate::key_chain::header_key(ctx, &cluster, &operator, &c.header).await?;
+    verify_envelope_confirmation(envelope, &c, &signer)
         .context("the server's confirmation does not verify against the profile's operator key")?;
     crate::consistency::track(ctx, &cluster, &operator, &c.header).await?;
-    Ok(c)
+    Ok(Verified { c, signer, chain })
 }
 
 /// `tally verify` of an envelope confirmation file.
@@ -107,10 +118,10 @@ pub fn verify(
     ctx: &Globals,
     file: &Path,
     text: &str,
-    operator: Option<PublicKey>,
+    trusted: Option<&KeySchedule>,
     source: &str,
 ) -> Result<ExitCode> {
-    let (envelope, c) = verify_envelope_json(text, operator)
+    let (envelope, c) = verify_envelope_json_under(text, trusted)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let failed = c.receipts.iter().filter(|r| r.failed.is_some()).count();
     let checks = [
@@ -152,23 +163,45 @@ pub fn verify(
 }
 
 /// `tally lookup`: the original confirmation of `(signer, id)`, verified, without resubmitting.
-/// A found confirmation verified under `operator`, as the file `tally verify` checks.
-pub fn verified_json(found: &Found, operator: &PublicKey) -> Result<String> {
+/// A found confirmation verified under `operator` (the key for its header's height), as the
+/// file `tally verify` checks, carrying `chain` (the links up to that key).
+pub fn verified_json(found: &Found, operator: &PublicKey, chain: &[KeyLink]) -> Result<String> {
+    let unverified = "the confirmation does not verify";
     Ok(match found {
         Found::Request(c) => {
-            verify_confirmation(c, operator).context("the confirmation does not verify")?;
-            tally_client::ConfirmationFile::new(c, operator).to_json_pretty()
+            verify_confirmation(c, operator).context(unverified)?;
+            tally_client::ConfirmationFile::new(c, operator)
+                .with_key_chain(chain)
+                .to_json_pretty()
         }
         Found::Operation(c) => {
-            verify_operation_confirmation(c, operator)
-                .context("the confirmation does not verify")?;
-            OperationFile::new(c, operator).to_json_pretty()
+            verify_operation_confirmation(c, operator).context(unverified)?;
+            OperationFile::new(c, operator)
+                .with_key_chain(chain)
+                .to_json_pretty()
         }
         Found::Expiry(c) => {
-            verify_expiry_confirmation(c, operator).context("the confirmation does not verify")?;
-            tally_client::envelope::ExpiryFile::new(c, operator).to_json_pretty()
+            verify_expiry_confirmation(c, operator).context(unverified)?;
+            tally_client::envelope::ExpiryFile::new(c, operator)
+                .with_key_chain(chain)
+                .to_json_pretty()
         }
     })
+}
+
+/// Verifies a found confirmation under the key for its header's height and renders its file
+/// (see [`verified_json`]), checking the header against the profile's held one.
+pub async fn found_json(
+    ctx: &Globals,
+    cluster: &tally_client::ClusterClient,
+    genesis: &PublicKey,
+    found: &Found,
+) -> Result<String> {
+    let (signer, chain) =
+        crate::key_chain::header_key(ctx, cluster, genesis, found.header()).await?;
+    let text = verified_json(found, &signer, &chain)?;
+    crate::consistency::track(ctx, cluster, genesis, found.header()).await?;
+    Ok(text)
 }
 
 /// The height and leaf index of a found confirmation.
@@ -187,8 +220,7 @@ pub async fn lookup(
     let operator = profile.operator_key()?;
     let cluster = ctx.cluster(&profile)?;
     let found = cluster.find_confirmation(signer, id).await?;
-    let text = verified_json(&found, &operator)?;
-    crate::consistency::track(ctx, &cluster, &operator, found.header()).await?;
+    let text = found_json(ctx, &cluster, &operator, &found).await?;
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
     }
@@ -213,10 +245,10 @@ pub fn verify_expiry(
     ctx: &Globals,
     file: &Path,
     text: &str,
-    operator: Option<PublicKey>,
+    trusted: Option<&KeySchedule>,
     source: &str,
 ) -> Result<ExitCode> {
-    let c = tally_client::envelope::verify_expiry_json(text, operator)
+    let c = tally_client::envelope::verify_expiry_json_under(text, trusted)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let r = &c.receipt;
     if ctx.json {
@@ -252,10 +284,10 @@ pub fn verify_operation(
     ctx: &Globals,
     file: &Path,
     text: &str,
-    operator: Option<PublicKey>,
+    trusted: Option<&KeySchedule>,
     source: &str,
 ) -> Result<ExitCode> {
-    let c = verify_operation_json(text, operator)
+    let c = verify_operation_json_under(text, trusted)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let r = &c.receipt;
     if ctx.json {

@@ -8,7 +8,7 @@ use serde_json::json;
 use tally_client::{key_chain, ClusterClient, Profile};
 use tally_core::crypto::key_id;
 use tally_core::key_chain::KeySchedule;
-use tally_wire::{PublicKey, SignedHeader};
+use tally_wire::{KeyLink, PublicKey, SignedHeader};
 
 use crate::consistency::profile_dir;
 use crate::Globals;
@@ -84,32 +84,42 @@ pub async fn show(ctx: &Globals) -> Result<ExitCode> {
 }
 
 /// The key that signed `header`, from the profile's key chain, fetched again from `cluster`
-/// when the header names a key the saved chain does not reach.
+/// when the header names a key the saved chain does not reach; and the links a file of the
+/// header carries (`key_chain`, PROTOCOL.md §11: every rotation below its height).
 pub async fn header_key(
     ctx: &Globals,
     cluster: &ClusterClient,
     genesis: &PublicKey,
     header: &SignedHeader,
-) -> Result<PublicKey> {
-    let schedule = key_chain::for_header(cluster, &profile_dir(ctx), genesis, header).await?;
-    Ok(schedule.key_for(header.header.height))
+) -> Result<(PublicKey, Vec<KeyLink>)> {
+    let dir = profile_dir(ctx);
+    let schedule = key_chain::for_header(cluster, &dir, genesis, header).await?;
+    let height = header.header.height;
+    let links = key_chain::load_links(&dir, genesis)?;
+    Ok((
+        schedule.key_for(height),
+        key_chain::links_before(&links, height).to_vec(),
+    ))
 }
 
-/// The same offline, from the saved chain alone: a header it does not reach is an error that
-/// says how to fetch the chain.
-pub fn saved_header_key(
+/// The profile's key chain, fetched again from `cluster` when one of `headers` names a key
+/// the saved chain does not reach: what a command checks a run of headers under.
+pub async fn reaching(
     ctx: &Globals,
+    cluster: &ClusterClient,
     genesis: &PublicKey,
-    header: &SignedHeader,
-) -> Result<PublicKey> {
-    let schedule: KeySchedule = key_chain::load(&profile_dir(ctx), genesis)?;
-    if schedule.is_behind(header) {
-        anyhow::bail!(
-            "the header at height {} names operator key id {}, which the profile's key chain \
-             does not reach: run `tally key-chain` to fetch the chain",
-            header.header.height,
-            hex::encode(header.header.operator_key_id)
-        );
+    headers: &[SignedHeader],
+) -> Result<KeySchedule> {
+    let dir = profile_dir(ctx);
+    let saved = key_chain::load(&dir, genesis)?;
+    if headers.iter().any(|h| saved.is_behind(h)) {
+        return Ok(key_chain::refresh(cluster, &dir, genesis).await?);
     }
-    Ok(schedule.key_for(header.header.height))
+    Ok(saved)
+}
+
+/// What `tally verify` trusts with a profile: its genesis key and the chain saved beside it
+/// (used for files that carry no `key_chain`).
+pub fn saved(ctx: &Globals, genesis: &PublicKey) -> Result<KeySchedule> {
+    Ok(key_chain::load(&profile_dir(ctx), genesis)?)
 }

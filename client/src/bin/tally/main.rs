@@ -10,11 +10,11 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tally_client::{
     build_request, generate_key, load_key, members_json, members_table, parse_public_key,
-    public_key, random_id, retry_name, role_name, to_hex, verify_confirmation_json,
-    write_confirmation_file, write_key, ClusterClient, ClusterOptions, ConfirmationFile, Error,
-    Profile,
+    public_key, random_id, retry_name, role_name, to_hex, verify_confirmation_json_under,
+    write_key, ClusterClient, ClusterOptions, ConfirmationFile, Error, Profile,
 };
-use tally_core::crypto::{header_hash, verify_header};
+use tally_core::crypto::header_hash;
+use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_confirmation;
 use tally_storage::archive_read;
 use tally_storage::bucket::{Bucket, BucketSettings};
@@ -763,18 +763,60 @@ async fn witness(
     let profile = ctx.profile()?;
     let key = load_key(key_path)?;
     let origin = tally_core::tlog::origin_for(&profile.chain_id_bytes()?);
-    let operator = ed25519_dalek::VerifyingKey::from_bytes(&profile.operator_key()?)
-        .context("the profile's operator key")?;
-    let logs = [(origin.clone(), operator)].into_iter().collect();
+    let genesis = profile.operator_key()?;
+    let dir = consistency::profile_dir(ctx);
+    let saved = tally_client::key_chain::load(&dir, &genesis)?;
+    let logs = [(origin.clone(), verifying_keys(&saved)?)]
+        .into_iter()
+        .collect();
     let name = name.unwrap_or_else(|| default_name(&key));
-    let witness = Witness::open(key, name, key_path, logs)?;
+    let witness = std::sync::Arc::new(Witness::open(key, name, key_path, logs)?);
     let listener = bind(listen).await?;
     let addr = listener.local_addr()?;
     println!("tally witness {} listening on {addr}", witness.name());
     println!("  verifier key {}", witness.verifier_key());
     println!("  witnessing {origin}");
-    serve(listener, std::sync::Arc::new(witness)).await;
+    let cluster = ctx.cluster(&profile)?;
+    let follow = follow_key_chain(cluster, dir, genesis, origin, witness.clone());
+    tokio::spawn(follow);
+    serve(listener, witness).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often a witness asks the log for its key chain (PROTOCOL.md §4.14): a checkpoint
+/// signed by a key rotated in since is refused until the next ask.
+const WITNESS_KEY_CHAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps the witness's keys for `origin` on the log's key chain, followed from `genesis` and
+/// saved beside the profile. A failed ask is retried at the next turn.
+async fn follow_key_chain(
+    cluster: tally_client::ClusterClient,
+    dir: PathBuf,
+    genesis: PublicKey,
+    origin: String,
+    witness: std::sync::Arc<tally_client::witness::Witness>,
+) {
+    loop {
+        tokio::time::sleep(WITNESS_KEY_CHAIN_EVERY).await;
+        let keys = tally_client::key_chain::refresh(&cluster, &dir, &genesis).await;
+        match keys
+            .map_err(anyhow::Error::from)
+            .and_then(|k| verifying_keys(&k))
+        {
+            Ok(keys) => witness.set_log_keys(&origin, keys),
+            Err(e) => eprintln!("tally witness: the log's key chain was not read: {e}"),
+        }
+    }
+}
+
+/// Every key of a followed chain, as checkpoint verifiers.
+fn verifying_keys(
+    keys: &tally_core::key_chain::KeySchedule,
+) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+    keys.checkpoint_keys(0)
+        .iter()
+        .map(|k| ed25519_dalek::VerifyingKey::from_bytes(k).context("an operator key"))
+        .collect()
 }
 
 fn keygen(ctx: &Globals, out: &Path) -> Result<ExitCode> {
@@ -838,31 +880,19 @@ async fn submit(
     id: Option<u128>,
     out: Option<PathBuf>,
 ) -> Result<ExitCode> {
-    let operator = profile.operator_key()?;
     let id = id.unwrap_or_else(random_id);
     let request = build_request(key, profile.chain_id_bytes()?, op, id, to, amount);
-    let cluster = ctx.cluster(profile)?;
-    let confirmation = cluster.submit(request).await.map_err(|e| {
-        // The id is what makes a resubmission safe; say it whenever the outcome is open.
-        if e.outcome_unknown() {
-            anyhow::Error::from(e).context(format!(
-                "request id {id}: resubmit with --id {id} to learn whether it was applied"
-            ))
-        } else {
-            anyhow::Error::from(e).context(format!("request id {id}"))
-        }
-    })?;
-    let signer = key_chain::header_key(ctx, &cluster, &operator, &confirmation.header).await?;
-    verify_confirmation(&confirmation, &signer)
-        .context("the server's confirmation does not verify against the profile's operator key")?;
-    consistency::track(ctx, &cluster, &operator, &confirmation.header).await?;
+    let (confirmation, signer, chain) = submit_verified(ctx, profile, request).await?;
     if let Some(path) = &out {
-        write_confirmation_file(path, &confirmation, &signer)?;
+        let file = ConfirmationFile::new(&confirmation, &signer).with_key_chain(&chain);
+        tally_client::confirmation::write_atomically(path, &file.to_json_pretty())?;
     }
     if ctx.json {
         print!(
             "{}",
-            ConfirmationFile::with_replayed(&confirmation, &signer).to_json_pretty()
+            ConfirmationFile::with_replayed(&confirmation, &signer)
+                .with_key_chain(&chain)
+                .to_json_pretty()
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -899,6 +929,38 @@ async fn submit(
         println!("  confirmation written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Submits `request` and verifies its confirmation under the key for its header's height
+/// (the profile's key chain); returns it, that key and the links a file of it carries.
+async fn submit_verified(
+    ctx: &Globals,
+    profile: &Profile,
+    request: tally_wire::Request,
+) -> Result<(
+    tally_wire::Confirmation,
+    PublicKey,
+    Vec<tally_wire::KeyLink>,
+)> {
+    let operator = profile.operator_key()?;
+    let id = request.id;
+    let cluster = ctx.cluster(profile)?;
+    let confirmation = cluster.submit(request).await.map_err(|e| {
+        // The id is what makes a resubmission safe; say it whenever the outcome is open.
+        if e.outcome_unknown() {
+            anyhow::Error::from(e).context(format!(
+                "request id {id}: resubmit with --id {id} to learn whether it was applied"
+            ))
+        } else {
+            anyhow::Error::from(e).context(format!("request id {id}"))
+        }
+    })?;
+    let (signer, chain) =
+        key_chain::header_key(ctx, &cluster, &operator, &confirmation.header).await?;
+    verify_confirmation(&confirmation, &signer)
+        .context("the server's confirmation does not verify against the profile's operator key")?;
+    consistency::track(ctx, &cluster, &operator, &confirmation.header).await?;
+    Ok((confirmation, signer, chain))
 }
 
 async fn balance(ctx: &Globals, account: PublicKey, stale: bool) -> Result<ExitCode> {
@@ -942,15 +1004,19 @@ async fn balance(ctx: &Globals, account: PublicKey, stale: bool) -> Result<ExitC
 }
 
 fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result<ExitCode> {
-    // Which key to trust: the flag, else the profile's, else (weakest) the file's own.
-    let (operator, source) = match operator_key {
-        Some(key) => (Some(key), "--operator-key".to_string()),
+    // Which key to trust as the genesis key: the flag, else the profile's (with the chain
+    // saved beside it), else (weakest) the file's own.
+    let (trusted, source) = match operator_key {
+        Some(key) => (
+            Some(KeySchedule::genesis(key)),
+            "--operator-key".to_string(),
+        ),
         None => {
             let path = ctx.profile_path();
             if path.exists() {
                 let profile = Profile::load(&path)?;
                 (
-                    Some(profile.operator_key()?),
+                    Some(key_chain::saved(ctx, &profile.operator_key()?)?),
                     format!("profile {}", path.display()),
                 )
             } else if ctx.profile_path.is_some() {
@@ -960,31 +1026,24 @@ fn verify(ctx: &Globals, file: &Path, operator_key: Option<PublicKey>) -> Result
             }
         }
     };
+    let trusted = trusted.as_ref();
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     if text.contains(tally_client::envelope::ENVELOPE_CONFIRMATION_FORMAT) {
-        return envelope::verify(ctx, file, &text, operator, &source);
+        return envelope::verify(ctx, file, &text, trusted, &source);
     }
     if text.contains(tally_client::envelope::OPERATION_CONFIRMATION_FORMAT) {
-        return envelope::verify_operation(ctx, file, &text, operator, &source);
+        return envelope::verify_operation(ctx, file, &text, trusted, &source);
     }
     if text.contains(tally_client::envelope::EXPIRY_CONFIRMATION_FORMAT) {
-        return envelope::verify_expiry(ctx, file, &text, operator, &source);
+        return envelope::verify_expiry(ctx, file, &text, trusted, &source);
     }
     if text.contains(tally_client::balance_proof::BALANCE_PROOF_FORMAT) {
-        return prove::verify(ctx, file, &text, operator, &source);
+        return prove::verify(ctx, file, &text, trusted, &source);
     }
     if text.contains(tally_client::consistency::CONSISTENCY_FORMAT) {
-        return consistency::verify(ctx, file, &text, operator, &source);
+        return consistency::verify(ctx, file, &text, trusted, &source);
     }
-    // A profile's key is the genesis key: the header's own comes from the saved key chain.
-    let operator = match (operator, source.starts_with("profile")) {
-        (Some(genesis), true) => match tally_client::confirmation::peek_header(&text) {
-            Some(header) => Some(key_chain::saved_header_key(ctx, &genesis, &header)?),
-            None => Some(genesis),
-        },
-        (operator, _) => operator,
-    };
-    let (c, operator) = verify_confirmation_json(&text, operator)
+    let (c, operator) = verify_confirmation_json_under(&text, trusted)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let (r, rc, h) = (&c.request, &c.receipt, &c.header.header);
     let checks = [
@@ -1079,11 +1138,11 @@ async fn headers(ctx: &Globals, from: u64, limit: u64) -> Result<ExitCode> {
         fetched.extend(page);
     }
     fetched.truncate(limit as usize);
-
+    let keys = key_chain::reaching(ctx, &client, &operator, &fetched).await?;
     let mut checked: Vec<Checked> = Vec::with_capacity(fetched.len());
     for signed in fetched {
         let h = &signed.header;
-        let signature_ok = h.chain_id == chain_id && verify_header(&operator, &signed).is_ok();
+        let signature_ok = h.chain_id == chain_id && keys.verify_header(&signed).is_ok();
         let linked = match checked.last() {
             Some(prev) => {
                 Some(h.height == prev.signed.header.height + 1 && h.prev_hash == prev.hash)

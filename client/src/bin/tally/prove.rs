@@ -5,15 +5,16 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use tally_client::balance_proof::{verify_balance_proof_json, BalanceProofFile};
+use tally_client::balance_proof::{verify_balance_proof_json_under, BalanceProofFile};
 use tally_client::{to_hex, Profile};
+use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_balance_proof;
 use tally_wire::PublicKey;
 
 use crate::{consistency, Globals};
 
-/// Asks a replica for the proof at its applied height, verifies it under the profile's
-/// operator key, checks its header against the profile's held one, and writes the file.
+/// Asks a replica for the proof at its applied height, verifies it under the key for its
+/// height (the profile's key chain, which the file carries), checks its header against the profile's held one, and writes the file.
 pub async fn prove(ctx: &Globals, account: PublicKey, out: Option<&Path>) -> Result<ExitCode> {
     let profile: Profile = ctx.profile()?;
     let operator = profile.operator_key()?;
@@ -22,9 +23,10 @@ pub async fn prove(ctx: &Globals, account: PublicKey, out: Option<&Path>) -> Res
         .balance_proof(account)
         .await
         .with_context(|| format!("the balance proof of {}", to_hex(&account)))?;
-    verify_balance_proof(&reply, &operator)
-        .context("the replica's balance proof does not verify")?;
-    let file = BalanceProofFile::new(&reply, &operator);
+    let (signer, chain) =
+        crate::key_chain::header_key(ctx, &cluster, &operator, &reply.header).await?;
+    verify_balance_proof(&reply, &signer).context("the replica's balance proof does not verify")?;
+    let file = BalanceProofFile::new(&reply, &signer).with_key_chain(&chain);
     let text = file.to_json_pretty();
     if let Some(path) = out {
         tally_client::confirmation::write_atomically(path, &text)?;
@@ -58,10 +60,10 @@ pub fn verify(
     ctx: &Globals,
     file: &Path,
     text: &str,
-    operator: Option<PublicKey>,
+    trusted: Option<&KeySchedule>,
     source: &str,
 ) -> Result<ExitCode> {
-    let (reply, operator) = verify_balance_proof_json(text, operator)
+    let (reply, operator) = verify_balance_proof_json_under(text, trusted)
         .with_context(|| format!("{} does not verify", file.display()))?;
     let height = reply.header.header.height;
     if ctx.json {

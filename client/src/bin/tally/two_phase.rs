@@ -13,6 +13,7 @@ use tally_client::envelope::{build_envelope, write_envelope_file, EnvelopeFile};
 use tally_client::{public_key, to_hex, Profile};
 use tally_wire::{Op, Operation, PublicKey};
 
+use crate::envelope::Verified;
 use crate::Globals;
 
 /// What the command line asked for, before it is signed.
@@ -49,7 +50,6 @@ pub async fn run(
     ask: Ask,
     out: Option<&Path>,
 ) -> Result<ExitCode> {
-    let operator = profile.operator_key()?;
     let envelope = Arc::new(build_envelope(
         key,
         profile.chain_id_bytes()?,
@@ -58,7 +58,7 @@ pub async fn run(
     ));
     let (kind, id) = (ask.op.name(), ask.id);
     let again = format!("; run it again with --id {id} to learn whether it applied (never twice)");
-    let c = crate::envelope::submit_verified(
+    let Verified { c, signer, chain } = crate::envelope::submit_verified(
         ctx,
         profile,
         &envelope,
@@ -67,7 +67,8 @@ pub async fn run(
     )
     .await?;
     if let Some(path) = out {
-        write_envelope_file(path, &EnvelopeFile::new(&envelope, &c, &operator))?;
+        let file = EnvelopeFile::new(&envelope, &c, &signer).with_key_chain(&chain);
+        write_envelope_file(path, &file)?;
     }
     let rc = &c.receipts[0];
     let owner = if ask.op == Op::Reserve {
