@@ -454,52 +454,7 @@ fn decode_v2(bytes: &[u8]) -> Result<BatchBody> {
     let mut items = Vec::with_capacity(count as usize);
     let mut leaves = 0usize;
     for _ in 0..count {
-        let item = match cut.take(1, "batch.tag")?[0] {
-            TAG_REQUEST => BatchItem::Request(BatchEntry {
-                request: Request::decode(cut.take(REQUEST_BYTES, "batch.request")?)?,
-                receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
-            }),
-            TAG_ENVELOPE => {
-                let len = cut.u32("batch.envelope_len")? as usize;
-                let raw = cut.take(len, "batch.envelope")?;
-                let envelope = Envelope::decode(raw)?;
-                let receipts = (0..envelope.ops.len())
-                    .map(|_| Ok(Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?))
-                    .collect::<Result<Vec<_>>>()?;
-                let held = (0..EnvelopeEntry::held_count(&envelope.ops, &receipts))
-                    .map(|_| Held::decode(cut.take(HELD_BYTES, "batch.held")?))
-                    .collect::<Result<Vec<_>>>()?;
-                BatchItem::Envelope(EnvelopeEntry {
-                    hash: sha256(&[raw]),
-                    envelope: Arc::new(envelope),
-                    receipts,
-                    held,
-                })
-            }
-            TAG_EXPIRE => BatchItem::Expire(ExpireEntry {
-                owner: cut.take(32, "batch.expire.owner")?.try_into().expect("32"),
-                id: u128::from_le_bytes(cut.take(16, "batch.expire.id")?.try_into().expect("16")),
-                held: Held::decode(cut.take(HELD_BYTES, "batch.expire.held")?)?,
-                receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
-            }),
-            TAG_ROTATE => BatchItem::Rotate(RotateEntry {
-                new_key: cut
-                    .take(32, "batch.rotate.new_key")?
-                    .try_into()
-                    .expect("32"),
-                previous: u64::from_le_bytes(
-                    cut.take(8, "batch.rotate.previous")?.try_into().expect("8"),
-                ),
-                number: cut.u32("batch.rotate.number")?,
-                receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
-            }),
-            _ => {
-                return Err(malformed(
-                    "batch.tag",
-                    "not 1 (request), 2 (envelope), 3 (expiry) or 4 (rotation)",
-                ))
-            }
-        };
+        let item = decode_item(&mut cut)?;
         if matches!(items.last(), Some(BatchItem::Rotate(_))) {
             return Err(malformed("batch.rotate", "an item after the rotation"));
         }
@@ -516,6 +471,60 @@ fn decode_v2(bytes: &[u8]) -> Result<BatchBody> {
         return Err(malformed("batch", "bytes after the last item"));
     }
     Ok(BatchBody { header, items })
+}
+
+/// One item of a body in the second layout: its tag, then its fields (PROTOCOL.md §12).
+fn decode_item(cut: &mut Cut<'_>) -> Result<BatchItem> {
+    Ok(match cut.take(1, "batch.tag")?[0] {
+        TAG_REQUEST => BatchItem::Request(BatchEntry {
+            request: Request::decode(cut.take(REQUEST_BYTES, "batch.request")?)?,
+            receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
+        }),
+        TAG_ENVELOPE => BatchItem::Envelope(decode_envelope(cut)?),
+        TAG_EXPIRE => BatchItem::Expire(ExpireEntry {
+            owner: cut.take(32, "batch.expire.owner")?.try_into().expect("32"),
+            id: u128::from_le_bytes(cut.take(16, "batch.expire.id")?.try_into().expect("16")),
+            held: Held::decode(cut.take(HELD_BYTES, "batch.expire.held")?)?,
+            receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
+        }),
+        TAG_ROTATE => BatchItem::Rotate(RotateEntry {
+            new_key: cut
+                .take(32, "batch.rotate.new_key")?
+                .try_into()
+                .expect("32"),
+            previous: u64::from_le_bytes(
+                cut.take(8, "batch.rotate.previous")?.try_into().expect("8"),
+            ),
+            number: cut.u32("batch.rotate.number")?,
+            receipt: Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?,
+        }),
+        _ => {
+            return Err(malformed(
+                "batch.tag",
+                "not 1 (request), 2 (envelope), 3 (expiry) or 4 (rotation)",
+            ))
+        }
+    })
+}
+
+/// An envelope item after its tag: length, envelope, a receipt per operation, the records of
+/// its applied posts, voids and renewals.
+fn decode_envelope(cut: &mut Cut<'_>) -> Result<EnvelopeEntry> {
+    let len = cut.u32("batch.envelope_len")? as usize;
+    let raw = cut.take(len, "batch.envelope")?;
+    let envelope = Envelope::decode(raw)?;
+    let receipts = (0..envelope.ops.len())
+        .map(|_| Ok(Receipt::decode(cut.take(RECEIPT_BYTES, "batch.receipt")?)?))
+        .collect::<Result<Vec<_>>>()?;
+    let held = (0..EnvelopeEntry::held_count(&envelope.ops, &receipts))
+        .map(|_| Held::decode(cut.take(HELD_BYTES, "batch.held")?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(EnvelopeEntry {
+        hash: sha256(&[raw]),
+        envelope: Arc::new(envelope),
+        receipts,
+        held,
+    })
 }
 
 /// A request applied by a batch, as the request index stores it.

@@ -60,17 +60,7 @@ impl<S: LedgerStore> StorageThread<S> {
             StorageCmd::Supply { reply } => self.supply(reply),
             StorageCmd::Consistency { from, to, reply } => self.consistency(from, to, reply),
             StorageCmd::BalanceProof { account, reply } => self.prove_balance(&account, reply),
-            StorageCmd::KeyChain { reply } => {
-                let store = self.store.as_mut().expect("store");
-                match tally_core::key_chain::links(store, self.engine.meta()) {
-                    Ok(links) => {
-                        reply.send(&Message::KeyChain(Box::new(tally_wire::KeyChainReply {
-                            links,
-                        })))
-                    }
-                    Err(e) => on_error("reading the key chain", e, reply),
-                }
-            }
+            StorageCmd::KeyChain { reply } => self.key_chain(reply),
             StorageCmd::LogProof { from, to, reply } => {
                 let _ = reply.send(self.log_proof(from, to));
             }
@@ -164,6 +154,18 @@ impl<S: LedgerStore> StorageThread<S> {
         };
         let (a, b) = (header(from)?, header(to)?);
         consistency_reply(a, b, operator, &mut |l, i| store.header_log_node(l, i))
+    }
+
+    /// Answers `GetKeyChain` (PROTOCOL.md §4.14): the links, read back from the rotation
+    /// batches.
+    fn key_chain(&mut self, reply: ReplyTo) {
+        let store = self.store.as_mut().expect("store");
+        match tally_core::key_chain::links(store, self.engine.meta()) {
+            Ok(links) => reply.send(&Message::KeyChain(Box::new(tally_wire::KeyChainReply {
+                links,
+            }))),
+            Err(e) => on_error("reading the key chain", e, reply),
+        }
     }
 
     /// Answers `GetBalanceProof` (PROTOCOL.md §4.13).
