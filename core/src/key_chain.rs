@@ -27,28 +27,49 @@ use crate::{Error, Result};
 pub struct SigningKeys {
     configured: OperatorKey,
     next: Option<OperatorKey>,
+    /// The ledger's genesis key (it signs before any rotation), which this replica may or may
+    /// not hold.
+    genesis: PublicKey,
 }
 
 impl SigningKeys {
-    pub fn new(configured: OperatorKey, next: Option<OperatorKey>) -> SigningKeys {
-        SigningKeys { configured, next }
+    pub fn new(
+        configured: OperatorKey,
+        next: Option<OperatorKey>,
+        genesis: PublicKey,
+    ) -> SigningKeys {
+        SigningKeys {
+            configured,
+            next,
+            genesis,
+        }
     }
 
-    /// One key only (a replica that never rotates, tests).
+    /// One key only, the genesis key (a replica that never rotates, tests).
     pub fn single(key: OperatorKey) -> SigningKeys {
-        SigningKeys::new(key, None)
+        let genesis = key.public();
+        SigningKeys::new(key, None, genesis)
     }
 
-    /// The configured key: what signs before any rotation.
-    pub fn configured(&self) -> &OperatorKey {
-        &self.configured
+    /// The genesis key's id: what headers name before any rotation.
+    pub fn genesis_key_id(&self) -> [u8; 8] {
+        key_id(&self.genesis)
     }
 
-    /// The key that signs the header after `meta`: the last rotation's, or the configured key
-    /// before any. Fails when this replica does not hold the key a rotation named.
+    /// The key that signs the header after `meta`: the last rotation's, or the genesis key
+    /// before any. Fails when this replica does not hold it (a replica configured with a
+    /// rotated-in key that must replay batches from before the rotation needs the old key too,
+    /// as `operator.next_signing_key`).
     pub fn for_meta(&self, meta: &LedgerMeta) -> Result<&OperatorKey> {
         let Some(rotation) = meta.operator else {
-            return Ok(&self.configured);
+            return self.holding(&self.genesis).ok_or_else(|| {
+                Error::Config(format!(
+                    "this replica holds no private key for the genesis operator key {}, which \
+                     signs the ledger's headers before its first rotation: name it as \
+                     operator.next_signing_key and restart",
+                    hex::encode(self.genesis)
+                ))
+            });
         };
         self.holding(&rotation.key).ok_or_else(|| {
             Error::Config(format!(

@@ -248,7 +248,7 @@ fn pipeline_config(
         },
         sequencer: SequencerConfig {
             chain_id,
-            operator_key_id: keys.configured().key_id(),
+            operator_key_id: keys.genesis_key_id(),
             batch_requests_max: config.batch.batch_requests_max,
             accounts_cached_max: config.cache.accounts_max,
             recent_heights_kept: RECENT_HEIGHTS_KEPT,
@@ -460,7 +460,11 @@ impl NodeKeys {
                 .chain(next.clone())
                 .collect(),
         };
-        let signer = SigningKeys::new(OperatorKey::new(signing_key), next.map(OperatorKey::new));
+        let signer = SigningKeys::new(
+            OperatorKey::new(signing_key),
+            next.map(OperatorKey::new),
+            public,
+        );
         let client_tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
         Ok(NodeKeys {
             operator: OperatorKeys {

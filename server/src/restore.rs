@@ -125,7 +125,7 @@ fn restore_keys(config: &Config) -> Result<(SigningKeys, PublicKey)> {
         None => None,
     };
     Ok((
-        SigningKeys::new(OperatorKey::new(configured), next),
+        SigningKeys::new(OperatorKey::new(configured), next, genesis),
         genesis,
     ))
 }

@@ -163,10 +163,17 @@ fn a_replica_replays_a_rotation_to_the_same_bytes_and_refuses_one_that_does_not_
     .unwrap();
     assert_eq!(w1.signed_header, w2.signed_header);
     assert_eq!(w2.meta.operator.unwrap().key, k1.public());
-    let keys = SigningKeys::new(genesis.clone(), Some(k1.clone()));
+    let keys = SigningKeys::new(genesis.clone(), Some(k1.clone()), genesis.public());
     assert_eq!(keys.for_meta(&w2.meta).unwrap().public(), k1.public());
     let lacking = SigningKeys::single(genesis.clone());
     assert!(matches!(lacking.for_meta(&w2.meta), Err(Error::Config(_))));
+    // Configured with the new key alone, a replica cannot sign what came before the rotation;
+    // with the old one as its next key, it can.
+    let rotated_in = SigningKeys::new(k1.clone(), None, genesis.public());
+    assert!(matches!(rotated_in.for_meta(&meta), Err(Error::Config(_))));
+    let both = SigningKeys::new(k1.clone(), Some(genesis.clone()), genesis.public());
+    assert_eq!(both.for_meta(&meta).unwrap().public(), genesis.public());
+    assert_eq!(both.for_meta(&w2.meta).unwrap().public(), k1.public());
 
     // A body whose rotation does not follow the state diverges.
     for (number, previous) in [(2, 0), (1, 1)] {
