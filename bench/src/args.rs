@@ -31,7 +31,12 @@ pub struct Args {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present_any = ["start_server", "snapshot_accounts", "state_map_accounts"],
+        required_unless_present_any = [
+            "start_server",
+            "snapshot_accounts",
+            "state_map_accounts",
+            "threshold_signers"
+        ],
         conflicts_with = "start_server"
     )]
     pub profile: Option<PathBuf>,
@@ -106,6 +111,16 @@ pub struct Args {
     /// With --state-map-accounts: batches folded in (the median is of these).
     #[arg(long, value_name = "R", default_value_t = 9)]
     pub state_map_rounds: usize,
+    /// Instead of a load: what FROST threshold signing of a header costs with N signers (each
+    /// step's CPU, bytes per signer), beside one single-key Ed25519 signature.
+    #[arg(long, value_name = "N")]
+    pub threshold_signers: Option<u16>,
+    /// With --threshold-signers: signers needed (the raft majority: 2 of 3, 3 of 5).
+    #[arg(long, value_name = "T", default_value_t = 2)]
+    pub threshold_min: u16,
+    /// With --threshold-signers: headers signed (the medians are of these).
+    #[arg(long, value_name = "R", default_value_t = 200)]
+    pub threshold_rounds: usize,
     /// How long one request may wait for its answer before it counts as a timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,

@@ -42,6 +42,7 @@ pub mod report;
 pub mod server;
 pub mod state_map;
 pub mod stats;
+pub mod threshold;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -11,6 +11,8 @@
 //! - [`crypto`]: hashes, header signing, request signatures.
 //! - [`state`]: the ledger summary and its state digest.
 //! - [`state_map`]: the authenticated map of accounts and reserves the state digest commits to.
+//! - [`threshold`]: FROST (RFC 9591) threshold signing of headers: dealing, the two rounds,
+//!   aggregation.
 //! - [`tlog`]: the archive's C2SP tlog-tiles log of signed headers, checkpoints, signed notes.
 //! - [`history`]: per-account history entries and running counters derived from a batch body.
 //! - [`key_chain`]: operator key rotation: which key signs which header, and the proof of it.
@@ -43,6 +45,7 @@ pub mod sequencer;
 pub mod snapshot;
 pub mod state;
 pub mod state_map;
+pub mod threshold;
 pub mod tlog;
 pub mod validate;
 pub mod verify;

@@ -21,6 +21,16 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&cost)?);
         return Ok(());
     }
+    if let Some(n) = args.threshold_signers {
+        anyhow::ensure!(
+            2 <= args.threshold_min && args.threshold_min <= n,
+            "--threshold-min must be between 2 and --threshold-signers"
+        );
+        let cost =
+            tally_bench::threshold::threshold_cost(n, args.threshold_min, args.threshold_rounds);
+        println!("{}", serde_json::to_string_pretty(&cost)?);
+        return Ok(());
+    }
     let report = tally_bench::run(&args)?;
     if let Some(path) = &args.json {
         tally_bench::write_json(&report, path)?;
