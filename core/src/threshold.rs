@@ -67,10 +67,11 @@ pub fn deal(n: SignerId, t: SignerId, rng: &mut (impl RngCore + CryptoRng)) -> R
 }
 
 fn group_key(public: &frost::keys::PublicKeyPackage) -> Result<PublicKey> {
-    let bytes = public
-        .verifying_key()
-        .serialize()
-        .map_err(|e| error("the group key", e))?;
+    encode_key(public.verifying_key())
+}
+
+fn encode_key(key: &frost::VerifyingKey) -> Result<PublicKey> {
+    let bytes = key.serialize().map_err(|e| error("the group key", e))?;
     bytes
         .try_into()
         .map_err(|_| error("the group key", "not 32 bytes"))
@@ -112,14 +113,7 @@ impl Share {
 
     /// The group's key, as every verifier knows it.
     pub fn group_key(&self) -> Result<PublicKey> {
-        let bytes = self
-            .package
-            .verifying_key()
-            .serialize()
-            .map_err(|e| error("the group key", e))?;
-        bytes
-            .try_into()
-            .map_err(|_| error("the group key", "not 32 bytes"))
+        encode_key(self.package.verifying_key())
     }
 
     /// Round 1: fresh nonces and their commitment; needs no message.

@@ -53,6 +53,44 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey> {
     Ok(tally_client::load_key(path)?)
 }
 
+/// The operator keys a replica's config names (`[operator]`): the configured signing key, the
+/// next one ahead of a rotation, and the ledger's genesis public key (`genesis_public_key`, or
+/// the configured key's): the one place that decides them, for the server and for a restore.
+pub struct OperatorKeyFiles {
+    pub configured: SigningKey,
+    pub next: Option<SigningKey>,
+    pub genesis: tally_wire::PublicKey,
+}
+
+impl OperatorKeyFiles {
+    pub fn read(config: &tally_config::Config) -> Result<OperatorKeyFiles> {
+        let op_cfg = config.operator.as_ref().context("[operator] is required")?;
+        let configured = read_signing_key(&op_cfg.signing_key)?;
+        let next = match &op_cfg.next_signing_key {
+            Some(path) => Some(read_signing_key(path)?),
+            None => None,
+        };
+        let genesis = config
+            .genesis_public_key_bytes()
+            .unwrap_or_else(|| configured.verifying_key().to_bytes());
+        Ok(OperatorKeyFiles {
+            configured,
+            next,
+            genesis,
+        })
+    }
+
+    /// The keys that sign headers (PROTOCOL.md §4.14).
+    pub fn signing_keys(&self) -> tally_core::key_chain::SigningKeys {
+        use tally_core::crypto::OperatorKey;
+        tally_core::key_chain::SigningKeys::new(
+            OperatorKey::new(self.configured.clone()),
+            self.next.clone().map(OperatorKey::new),
+            self.genesis,
+        )
+    }
+}
+
 /// Creates `dir` and its missing parents with mode 0700, whatever the umask (unix): a data
 /// directory holds the ledger and, in the development operator, private keys. An existing
 /// directory is left as it is (the operator chose its mode).

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use tally_config::Config;
-use tally_core::crypto::OperatorKey;
 use tally_core::key_chain::SigningKeys;
 use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
@@ -21,7 +20,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::archive;
-use crate::bootstrap::read_signing_key;
 use crate::channels::Applied;
 use crate::dirs::{ledger_dir, raft_dir, store_options};
 use crate::metrics::Metrics;
@@ -445,26 +443,15 @@ impl NodeKeys {
     /// Reads the operator's signing key (`[operator]`) and the client listener's certificate
     /// and key (`tls_cfg`).
     fn read(config: &Config, tls_cfg: &tally_config::TlsConfig) -> Result<NodeKeys> {
-        let op_cfg = config.operator.as_ref().context("[operator] is required")?;
-        let signing_key = read_signing_key(&op_cfg.signing_key)?;
-        let public = config
-            .genesis_public_key_bytes()
-            .unwrap_or_else(|| signing_key.verifying_key().to_bytes());
-        let next = match &op_cfg.next_signing_key {
-            Some(path) => Some(read_signing_key(path)?),
-            None => None,
-        };
+        let files = crate::bootstrap::OperatorKeyFiles::read(config)?;
+        let public = files.genesis;
+        let signer = files.signing_keys();
         let archive = archive::ArchiveKeys {
             genesis: public,
-            held: std::iter::once(signing_key.clone())
-                .chain(next.clone())
+            held: std::iter::once(files.configured)
+                .chain(files.next)
                 .collect(),
         };
-        let signer = SigningKeys::new(
-            OperatorKey::new(signing_key),
-            next.map(OperatorKey::new),
-            public,
-        );
         let client_tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
         Ok(NodeKeys {
             operator: OperatorKeys {

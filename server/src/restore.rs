@@ -31,7 +31,7 @@ use raft::eraftpb::Snapshot;
 use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
 use tally_core::batch::prepare_apply;
-use tally_core::crypto::{header_hash, OperatorKey};
+use tally_core::crypto::header_hash;
 use tally_core::key_chain::SigningKeys;
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::snapshot::{manifest_key, Delta, Manifest};
@@ -43,7 +43,6 @@ use tally_storage::{LedgerDb, LedgerImport, RaftLogDb, StoreOptions};
 use tally_wire::PublicKey;
 
 use crate::archive::read_only_marker;
-use crate::bootstrap::read_signing_key;
 use crate::dirs::{ledger_dir, raft_dir, store_options};
 
 /// What to restore.
@@ -115,19 +114,8 @@ pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
 /// The keys a restore signs replayed headers with (the configured key and the next one), and
 /// the genesis key the archive's key chain starts from.
 fn restore_keys(config: &Config) -> Result<(SigningKeys, PublicKey)> {
-    let op_cfg = config.operator.as_ref().context("[operator] is required")?;
-    let configured = read_signing_key(&op_cfg.signing_key)?;
-    let genesis = config
-        .genesis_public_key_bytes()
-        .unwrap_or_else(|| configured.verifying_key().to_bytes());
-    let next = match &op_cfg.next_signing_key {
-        Some(path) => Some(OperatorKey::new(read_signing_key(path)?)),
-        None => None,
-    };
-    Ok((
-        SigningKeys::new(OperatorKey::new(configured), next, genesis),
-        genesis,
-    ))
+    let files = crate::bootstrap::OperatorKeyFiles::read(config)?;
+    Ok((files.signing_keys(), files.genesis))
 }
 
 fn write_marker(path: &Path, text: &str) -> Result<()> {

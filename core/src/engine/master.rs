@@ -118,6 +118,14 @@ struct Leading {
     epoch: u64,
 }
 
+impl Leading {
+    /// Tells the sequencer what is applied (never beyond what it sealed).
+    fn catch_up(&mut self, p: &Poll) {
+        let applied = p.applied_height.min(self.sequencer.sealed_height());
+        self.sequencer.applied(applied);
+    }
+}
+
 pub struct Master<R> {
     cfg: MasterConfig,
     leading: Option<Leading>,
@@ -256,8 +264,7 @@ impl<R> Master<R> {
             out.push(MasterOut::Refuse(reply, Refusal::NotWritable));
             return Ok(());
         };
-        l.sequencer
-            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        l.catch_up(p);
         if l.sequencer.is_full() {
             out.push(MasterOut::Refuse(reply, Refusal::Busy));
             return Ok(());
@@ -315,8 +322,7 @@ impl<R> Master<R> {
         if self.opened_at.is_some() || l.sequencer.expiry_hint() > p.unix_ms {
             return Ok(());
         }
-        l.sequencer
-            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        l.catch_up(p);
         l.sequencer.open_batch(p.unix_ms, 0, store)?;
         if l.sequencer.open_len() > 0 {
             self.opened_at = Some(p.now_ms);
@@ -341,8 +347,7 @@ impl<R> Master<R> {
             out.push(MasterOut::Refuse(reply, Refusal::NotWritable));
             return Ok(());
         };
-        l.sequencer
-            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        l.catch_up(p);
         l.sequencer.open_batch(p.unix_ms, 1, store)?;
         if let Err(r) = l.sequencer.rotate(new_key) {
             out.push(MasterOut::Reject(reply, r));
@@ -411,8 +416,7 @@ impl<R> Master<R> {
     /// Whether the open batch should close now, and why.
     fn due(&mut self, p: &Poll) -> Option<BatchClose> {
         let l = self.leading.as_mut()?;
-        l.sequencer
-            .applied(p.applied_height.min(l.sequencer.sealed_height()));
+        l.catch_up(p);
         let in_flight = l.sequencer.sealed_height().saturating_sub(p.applied_height);
         let open_for = self.opened_at.map(|t| p.now_ms.saturating_sub(t));
         let window_over = open_for.is_some_and(|ms| ms >= self.cfg.window_ms);
