@@ -21,6 +21,10 @@ fn schema_keys() -> BTreeSet<String> {
         .unwrap()
         .deposit_keys
         .push("00".repeat(32));
+    // Optional keys are left out of the TOML when unset: set them so the walk sees them.
+    let operator = config.operator.as_mut().unwrap();
+    operator.next_signing_key = Some(PathBuf::from("next.key"));
+    operator.genesis_public_key = Some("00".repeat(32));
     config.cluster.admin_keys.push("00".repeat(32));
     config.cluster.initial_voters = Some(vec![1, 2]);
     config.witnesses.push(tally_config::WitnessConfig {
