@@ -215,3 +215,73 @@ fn the_sequencer_refuses_the_signing_key_and_a_rotation_that_does_not_fit() {
     body.items.extend(other.pending.pop_front().unwrap().items);
     assert!(BatchBody::decode(&body.encode()).is_err());
 }
+
+/// Random runs: deposits and rotations among a few keys (back and forth), sealed in pipelines
+/// of up to three batches before they apply, up to the 64 rotations a chain holds; after every
+/// apply the links read back from the store follow from the genesis key and every header
+/// verifies under the key for its height; the 65th rotation is refused. Seeded (`TALLY_SEED`),
+/// and the seed is printed on failure.
+#[test]
+fn random_rotations_keep_every_header_under_the_chain() {
+    use rand::{Rng, SeedableRng};
+    let seed = crate::common::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let genesis = operator();
+    let pool: Vec<OperatorKey> = std::iter::once(genesis.clone())
+        .chain((40..43).map(next_key))
+        .collect();
+    let mut node = Node::new();
+    let (mut id, mut rotations) = (0u128, 0usize);
+    while rotations < tally_wire::KEY_LINKS_MAX {
+        node.seq
+            .open_batch(node.time_ms, 1, &mut node.store)
+            .unwrap();
+        id += 1;
+        node.submit(deposit(id, 1, 1));
+        if rng.gen_bool(0.5) {
+            let key = &pool[rng.gen_range(0..pool.len())];
+            if node.seq.rotate(key.public()).is_ok() {
+                rotations += 1;
+            }
+        }
+        node.seal().unwrap();
+        if node.pending.len() >= rng.gen_range(1..=3) {
+            apply_all(&mut node, &pool, seed);
+        }
+    }
+    apply_all(&mut node, &pool, seed);
+    node.seq
+        .open_batch(node.time_ms, 1, &mut node.store)
+        .unwrap();
+    let signing = node.seq.meta().signing_key_id(&pool[0].key_id());
+    let other = pool.iter().find(|k| k.key_id() != signing).unwrap();
+    let refused = node.seq.rotate(other.public()).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::RotationRefused, "seed {seed}");
+    assert!(
+        refused.message.contains("64"),
+        "seed {seed}: {}",
+        refused.message
+    );
+}
+
+/// Applies every pending batch with the key its header names (it must be one of `pool`), then
+/// checks the chain read back from the store against every header.
+fn apply_all(node: &mut Node, pool: &[OperatorKey], seed: u64) {
+    while let Some(body) = node.pending.front() {
+        let signer = pool
+            .iter()
+            .find(|k| k.key_id() == body.header.operator_key_id)
+            .unwrap_or_else(|| panic!("seed {seed}: a header names a key outside the pool"))
+            .clone();
+        apply_with(node, &signer);
+    }
+    let chain = chain(node);
+    let schedule = KeySchedule::follow(pool[0].public(), &chain)
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    for h in 1..=node.store.meta().unwrap().height {
+        let header = node.store.header(h).unwrap().unwrap();
+        schedule
+            .verify_header(&header)
+            .unwrap_or_else(|e| panic!("seed {seed}: height {h}: {e}"));
+    }
+}
