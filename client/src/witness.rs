@@ -56,6 +56,9 @@ pub struct Witness {
     logs: Mutex<BTreeMap<String, Vec<VerifyingKey>>>,
     state_path: PathBuf,
     state: Mutex<BTreeMap<String, Cosigned>>,
+    /// Woken when a checkpoint was refused for its signature: the key chain may have grown
+    /// (see `tally witness`'s follower of the chain).
+    pub refused_signature: tokio::sync::Notify,
 }
 
 /// An HTTP answer: status, content type, body.
@@ -80,6 +83,7 @@ impl Witness {
             logs: Mutex::new(logs),
             state_path,
             state: Mutex::new(state),
+            refused_signature: tokio::sync::Notify::new(),
         })
     }
 
@@ -122,6 +126,9 @@ impl Witness {
             Ok(decided) => decided,
             Err(refusal) => {
                 eprintln!("tally witness: refused a checkpoint: {refusal}");
+                if matches!(refusal, Refusal::Forbidden(_)) {
+                    self.refused_signature.notify_one();
+                }
                 return refused(&refusal);
             }
         };

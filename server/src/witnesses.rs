@@ -6,7 +6,9 @@
 //! consistency proof from the size each witness last cosigned, and POSTs `add-checkpoint`. A
 //! witness whose size it does not know yet gets `old 0`; its `409` names the size, and the
 //! request is made again from there. Cosignature lines are kept only if they verify under the
-//! configured key. Nothing here holds a batch back: a witness that is slow, down or refusing
+//! configured key. A height some witness did not cosign (down, refusing, or not yet knowing a
+//! key rotated in, PROTOCOL.md §4.14) is sent again after [`RETRY_GAP`] while no newer one
+//! comes. Nothing here holds a batch back: a witness that is slow, down or refusing
 //! only leaves the published checkpoint older (each request has [`REQUEST_TIMEOUT`]).
 
 use std::sync::atomic::Ordering;
@@ -27,6 +29,8 @@ use crate::view::Witnessed;
 /// How often the applied height is looked at, and the least time between two rounds.
 pub const ROUND_GAP: Duration = Duration::from_millis(100);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least time between two rounds for the same height, when a witness did not cosign it.
+pub const RETRY_GAP: Duration = Duration::from_secs(1);
 /// Bytes of a witness's answer read at most.
 const ANSWER_BYTES_MAX: usize = 16 * 1024;
 
@@ -51,19 +55,29 @@ pub async fn run(config: Vec<WitnessConfig>, pipeline: PipelineHandle, witnessed
             })
         })
         .collect();
-    let mut last_round = 0;
+    let (mut last_round, mut retry_at) = (0, tokio::time::Instant::now());
     while !targets.is_empty() {
         tokio::time::sleep(ROUND_GAP).await;
         let height = pipeline.applied_height.load(Ordering::SeqCst);
         let leads = pipeline.view.writable.load(Ordering::SeqCst);
-        if !leads || height == 0 || height == last_round {
+        let again = height == last_round && tokio::time::Instant::now() < retry_at;
+        if !leads || height == 0 || again || height == cosigned_by_all(&targets) {
             continue;
         }
-        last_round = height;
+        (last_round, retry_at) = (height, tokio::time::Instant::now() + RETRY_GAP);
         if let Some(note) = round(&mut targets, &pipeline, height).await {
             witnessed.publish(note);
         }
     }
+}
+
+/// The height every witness has cosigned (0 when one has not, or its size is unknown).
+fn cosigned_by_all(targets: &[Target]) -> u64 {
+    targets
+        .iter()
+        .map(|t| t.size.unwrap_or(0))
+        .min()
+        .unwrap_or(0)
 }
 
 /// Sends the checkpoint of `height` to every witness; returns it with the cosignatures that

@@ -442,3 +442,77 @@ fn a_witness_quorum_in_the_profile_needs_the_leaders_cosigned_checkpoints() {
     assert_ne!(code, 0, "no cosignature by an unknown witness: {out}");
     assert_eq!(out["code"], "verification_failed", "{out}");
 }
+
+/// After an operator key rotation (PROTOCOL.md §4.14) the witness learns the new key from the
+/// log's key chain and goes on cosigning: a profile with a `witness_quorum` keeps confirming
+/// across the rotation, its held checkpoint signed by the new key and cosigned.
+#[test]
+fn a_witness_follows_the_operator_key_chain_across_a_rotation() {
+    let next = generate_key();
+    let operator = Operator::new(|c| {
+        c.batch.batch_window_ms = 10;
+        // A fixed client address, so that the witness's profile reaches every start.
+        c.listen.client = crate::cluster_harness::local_port();
+    });
+    let dir = operator.data_dir().to_path_buf();
+    let next_path = dir.join("next-operator.key");
+    tally_server::bootstrap::write_signing_key(&next_path, &next).unwrap();
+    let witness_key = operator._dir.path().join("witness.key");
+    let key = generate_key();
+    tally_client::write_key(&witness_key, &key).unwrap();
+    let mut config = tally_config::Config::from_toml_str(
+        &std::fs::read_to_string(&operator.config_path).unwrap(),
+    )
+    .unwrap();
+    config.operator.as_mut().unwrap().next_signing_key = Some(next_path);
+
+    // The witness's profile names the server's address (it asks the log for its key chain).
+    let server = operator.start();
+    let profile = dir.join("w.toml");
+    std::fs::write(&profile, server.profile.to_toml_string().unwrap()).unwrap();
+    server.kill();
+    let (witness, _stdout, addr, name) = start_witness(&profile, &witness_key);
+    let _witness = KillOnDrop(witness);
+    config.witnesses.push(tally_config::WitnessConfig {
+        url: format!("http://{addr}"),
+        public_key: hex::encode(key.verifying_key().as_bytes()),
+    });
+    std::fs::write(&operator.config_path, config.to_toml_string()).unwrap();
+    let server = operator.start();
+
+    let mut quorum = server.profile.clone();
+    quorum.witness_quorum = 1;
+    quorum.witnesses = vec![tally_client::ProfileWitness {
+        name: name.clone(),
+        public_key: hex::encode(key.verifying_key().as_bytes()),
+    }];
+    let quorum_path = dir.join("quorum.toml");
+    std::fs::write(&quorum_path, quorum.to_toml_string().unwrap()).unwrap();
+    let alice = hex::encode(public_key(&generate_key()));
+    let (code, out) = deposit(&quorum_path, &alice, 5);
+    assert_eq!(code, 0, "{out}");
+
+    let new_key = hex::encode(public_key(&next));
+    let (code, rotated) = crate::harness::cli(
+        &quorum_path,
+        &["cluster", "rotate-key", "--new-public-key", &new_key],
+    );
+    assert_eq!(code, 0, "{rotated}");
+    let (code, out) = deposit(&quorum_path, &alice, 6);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out["header"]["height"].as_u64() > rotated["height"].as_u64(),
+        "{out}"
+    );
+    let held = dir
+        .join("trust")
+        .join(format!("{}.json", operator.profile.chain_id));
+    let held: Value = serde_json::from_str(&std::fs::read_to_string(held).unwrap()).unwrap();
+    let note = held["checkpoint"].as_str().unwrap();
+    let cosigned = tally_core::witness::cosigned_at(note, &name, &key.verifying_key()).unwrap();
+    assert!(cosigned.is_some(), "cosigned after the rotation: {note}");
+    let new = ed25519_dalek::VerifyingKey::from_bytes(&public_key(&next)).unwrap();
+    let origin = tally_core::tlog::origin_for(&quorum.chain_id_bytes().unwrap());
+    tally_core::tlog::open_note(note, &origin, &new).expect("the held checkpoint is the new key's");
+    drop(server);
+}

@@ -783,8 +783,9 @@ async fn witness(
     Ok(ExitCode::SUCCESS)
 }
 
-/// How often a witness asks the log for its key chain (PROTOCOL.md §4.14): a checkpoint
-/// signed by a key rotated in since is refused until the next ask.
+/// How often a witness asks the log for its key chain (PROTOCOL.md §4.14), at the latest: a
+/// checkpoint refused for its signature makes it ask at once, so the log's next attempt (one
+/// second later, `server/src/witnesses.rs`) finds the key rotated in.
 const WITNESS_KEY_CHAIN_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeps the witness's keys for `origin` on the log's key chain, followed from `genesis` and
@@ -797,7 +798,10 @@ async fn follow_key_chain(
     witness: std::sync::Arc<tally_client::witness::Witness>,
 ) {
     loop {
-        tokio::time::sleep(WITNESS_KEY_CHAIN_EVERY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(WITNESS_KEY_CHAIN_EVERY) => {}
+            _ = witness.refused_signature.notified() => {}
+        }
         let keys = tally_client::key_chain::refresh(&cluster, &dir, &genesis).await;
         match keys
             .map_err(anyhow::Error::from)
