@@ -207,8 +207,8 @@ async fn import_snapshot(
         .keys
         .rotations
         .iter()
-        .filter(|(h, _)| *h <= m.height)
-        .last()
+        .rev()
+        .find(|(h, _)| *h <= m.height)
         .copied();
     if m.operator.map(|r| (r.height, r.key)) != rotation {
         bail!("{key}: names another last key rotation than the archive's key chain");

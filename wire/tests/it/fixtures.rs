@@ -394,7 +394,7 @@ pub fn envelope_messages() -> Vec<Message> {
             Some(([8; 32], [9; 32])),
         ))),
         Message::GetKeyChain,
-        Message::KeyChain(Box::new(tally_wire::KeyChainReply::default())),
+        Message::KeyChain(Box::default()),
         Message::KeyChain(Box::new(tally_wire::KeyChainReply {
             links: vec![tally_wire::KeyLink {
                 header: signed_header(9),
