@@ -33,7 +33,7 @@ impl KeyChainFile {
         KeyChainFile {
             format: KEY_CHAIN_FORMAT.into(),
             genesis: hex::encode(genesis),
-            links: links.iter().map(|l| hex::encode(l.encode())).collect(),
+            links: hex_links(links),
         }
     }
 
@@ -190,7 +190,9 @@ pub fn file_keys(
 pub fn file_header_key(keys: &KeySchedule, header: &SignedHeader) -> Result<PublicKey> {
     if keys.is_behind(header) {
         return Err(Error::Verify(format!(
-            "the header at height {} names operator key id {}, which the key chain does not              reach from {}: the file carries no key_chain that does, and the profile's saved              chain is behind (`tally key-chain` fetches it), or the header is not the operator's",
+            "the header at height {} names operator key id {}, which the key chain does not \
+             reach from {}: the file carries no key_chain that does, and the profile's saved \
+             chain is behind (`tally key-chain` fetches it), or the header is not the operator's",
             header.header.height,
             hex::encode(header.header.operator_key_id),
             hex::encode(keys.genesis)

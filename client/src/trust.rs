@@ -399,7 +399,7 @@ pub async fn proof(
 /// them: the size is only known once it is open).
 fn open_checkpoint(note: &str, operator: &KeySchedule, chain_id: &Hash) -> Result<Checkpoint> {
     let origin = origin_for(chain_id);
-    let body = open_note_under(note, &origin, &operator.checkpoint_keys(0))
+    let body = open_note_under(note, &origin, &operator.keys())
         .map_err(|e| Error::Verify(e.to_string()))?;
     Checkpoint::parse_body(&body).map_err(|e| Error::Verify(e.to_string()))
 }

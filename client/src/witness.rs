@@ -92,7 +92,7 @@ impl Witness {
     }
 
     /// After a key rotation of the log `origin`: the keys of its chain, as followed from its
-    /// genesis key (`tally_core::key_chain::KeySchedule::checkpoint_keys(0)`).
+    /// genesis key (`tally_core::key_chain::KeySchedule::keys()`).
     pub fn set_log_keys(&self, origin: &str, keys: Vec<VerifyingKey>) {
         self.logs
             .lock()

@@ -192,6 +192,14 @@ impl KeySchedule {
         verify_header(&self.key_for(signed.header.height), signed)
     }
 
+    /// Every key of the chain, the genesis key first: what may have signed a checkpoint or a
+    /// manifest whose size is not known yet.
+    pub fn keys(&self) -> Vec<PublicKey> {
+        std::iter::once(self.genesis)
+            .chain(self.rotations.iter().map(|(_, k)| *k))
+            .collect()
+    }
+
     /// The keys that may sign a checkpoint of `size`: the key for height `size + 1` and every
     /// later one.
     pub fn checkpoint_keys(&self, size: u64) -> Vec<PublicKey> {

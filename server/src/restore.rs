@@ -144,7 +144,7 @@ async fn apply_archive(
     }
     let owner = Owner {
         chain_id,
-        operators: log.keys.checkpoint_keys(0),
+        operators: log.keys.keys(),
     };
     let snaps = manifests(bucket, target, &owner).await?;
     let dir = ledger_dir(config);

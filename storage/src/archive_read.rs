@@ -161,8 +161,7 @@ pub fn open_checkpoint_in(
 ) -> Result<Checkpoint, String> {
     let origin = origin_for(chain_id);
     let text = std::str::from_utf8(text).map_err(|_| "not UTF-8".to_string())?;
-    let body =
-        open_note_under(text, &origin, &keys.checkpoint_keys(0)).map_err(|e| e.to_string())?;
+    let body = open_note_under(text, &origin, &keys.keys()).map_err(|e| e.to_string())?;
     let checkpoint = Checkpoint::parse_body(&body).map_err(|e| e.to_string())?;
     if checkpoint.origin != origin {
         return Err(format!("origin {:?} is not {origin:?}", checkpoint.origin));
@@ -530,7 +529,7 @@ async fn audit_into(
     }
     let owner = snapshots::Owner {
         chain_id: log.chain_id,
-        operators: log.keys.checkpoint_keys(0),
+        operators: log.keys.keys(),
     };
     let mut snaps = SnapshotCheck::new(snapshots::manifests(bucket, size, &owner).await?);
     // Signatures are most of the audit's work: checked on the blocking pool, a few batches at

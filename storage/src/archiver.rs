@@ -320,7 +320,7 @@ impl<S: BatchSource> Archiver<S> {
         };
         if self.snapshot_every_batches > 0 {
             let signer = self.signer(&head.keys)?;
-            let readers = head.keys.checkpoint_keys(0);
+            let readers = head.keys.keys();
             let cursor = Cursor::load(
                 &self.bucket,
                 head.log.size(),
@@ -484,7 +484,7 @@ impl<S: BatchSource> Archiver<S> {
         }
         if let Some(cursor) = head.snapshots.as_mut() {
             let signer = self.signer(&head.keys)?.clone();
-            cursor.set_keys(signer, head.keys.checkpoint_keys(0));
+            cursor.set_keys(signer, head.keys.keys());
         }
         Ok(Some((
             key_link_key(link.number),

@@ -84,6 +84,8 @@ fn a_rotation_ends_the_old_keys_headers_and_the_chain_proves_it() {
         schedule.checkpoint_keys(first.header.height),
         vec![k1.public(), k2.public()]
     );
+    let all = vec![genesis.public(), k1.public(), k2.public()];
+    assert_eq!(schedule.keys(), all);
     // Another genesis key, a skipped or a reordered link: refused.
     assert!(KeySchedule::follow(k1.public(), &chain).is_err());
     assert!(KeySchedule::follow(genesis.public(), &chain[1..]).is_err());

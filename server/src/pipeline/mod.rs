@@ -195,6 +195,7 @@ impl Pipeline {
             view: wiring.view.clone(),
             lookups_seen: (0, 0, 0),
             metrics: cfg.metrics.clone(),
+            key_links: None,
         };
         let storage_thread = spawn("storage".into(), move || storage.run(wiring.storage_rx));
         let confirm_thread = spawn_confirmer(&cfg, q.confirm_rx, &shutdown);

@@ -157,15 +157,29 @@ impl<S: LedgerStore> StorageThread<S> {
     }
 
     /// Answers `GetKeyChain` (PROTOCOL.md §4.14): the links, read back from the rotation
-    /// batches.
+    /// batches the first time after each rotation, then from memory.
     fn key_chain(&mut self, reply: ReplyTo) {
-        let store = self.store.as_mut().expect("store");
-        match tally_core::key_chain::links(store, self.engine.meta()) {
+        match self.key_links() {
             Ok(links) => reply.send(&Message::KeyChain(Box::new(tally_wire::KeyChainReply {
                 links,
             }))),
             Err(e) => on_error("reading the key chain", e, reply),
         }
+    }
+
+    fn key_links(&mut self) -> CoreResult<Vec<tally_wire::KeyLink>> {
+        let Some(last) = self.engine.meta().operator else {
+            return Ok(Vec::new());
+        };
+        if let Some((at, links)) = &self.key_links {
+            if *at == last {
+                return Ok(links.clone());
+            }
+        }
+        let store = self.store.as_mut().expect("store");
+        let links = tally_core::key_chain::links(store, self.engine.meta())?;
+        self.key_links = Some((last, links.clone()));
+        Ok(links)
     }
 
     /// Answers `GetBalanceProof` (PROTOCOL.md §4.13).

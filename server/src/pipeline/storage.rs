@@ -37,6 +37,9 @@ pub(super) struct StorageThread<S> {
     /// The store's request-lookup totals as last added to the metrics.
     pub lookups_seen: (u64, u64, u64),
     pub metrics: Arc<Metrics>,
+    /// The key chain as last read, with the rotation it ends at: `GetKeyChain` reads up to 64
+    /// rotation bodies, once per rotation rather than once per request.
+    pub key_links: Option<(tally_core::state::Rotation, Vec<tally_wire::KeyLink>)>,
 }
 
 type Out = Vec<ApplyOut<ReplyTo>>;

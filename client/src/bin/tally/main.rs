@@ -817,7 +817,7 @@ async fn follow_key_chain(
 fn verifying_keys(
     keys: &tally_core::key_chain::KeySchedule,
 ) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
-    keys.checkpoint_keys(0)
+    keys.keys()
         .iter()
         .map(|k| ed25519_dalek::VerifyingKey::from_bytes(k).context("an operator key"))
         .collect()
