@@ -42,6 +42,7 @@ pub mod replica;
 pub mod reserve;
 pub mod rules;
 pub mod sequencer;
+pub mod signing;
 pub mod snapshot;
 pub mod state;
 pub mod state_map;

@@ -2,14 +2,13 @@
 //! crate): the operator's public key stays one ordinary Ed25519 key, every existing verifier
 //! keeps working, and no replica holds the whole private key.
 //!
-//! What this module is today: the cryptographic steps a replica takes, sans IO, and their
+//! The cryptographic steps a replica takes, sans IO, and their
 //! encodings: a trusted dealer splits a key into `n` shares of which any `t` sign
 //! ([`deal`]); a signer commits to fresh nonces ahead of time ([`Share::commit`], FROST's
 //! round 1, which needs no message and so can run before the batch exists); once a header is
 //! known, each of `t` signers signs it with one unused commitment set ([`Share::sign`], round
 //! 2); anyone aggregates the shares into the signature ([`aggregate`]). Wiring it through
-//! replication (shares exchanged over the peer channel after commit, the signature replicated)
-//! is not done: see ARCHITECTURE.md, "Known limits".
+//! replication is [`crate::signing`].
 //!
 //! Nonces are used once: [`Nonces`] is consumed by [`Share::sign`], and a signer that crashed
 //! after committing must commit afresh (reusing a nonce with two messages reveals the share).
@@ -85,6 +84,16 @@ pub struct Share {
 /// Round 1's secret half: used by one [`Share::sign`] and gone.
 pub struct Nonces(frost::round1::SigningNonces);
 
+impl Nonces {
+    /// The commitment these nonces were made with (what the aggregator was sent).
+    pub fn commitment(&self) -> Result<Commitment> {
+        self.0
+            .commitments()
+            .serialize()
+            .map_err(|e| error("a commitment", e))
+    }
+}
+
 /// Round 1's public half, which the aggregator collects: encoded.
 pub type Commitment = Vec<u8>;
 
@@ -109,6 +118,11 @@ impl Share {
                 "an identifier that is not a signer number",
             )),
         }
+    }
+
+    /// How many signers a signature takes (`t`).
+    pub fn min_signers(&self) -> usize {
+        *self.package.min_signers() as usize
     }
 
     /// The group's key, as every verifier knows it.

@@ -1,0 +1,862 @@
+//! Threshold signing of headers across replicas (issue 20 point 4, PROTOCOL.md §4.15), sans IO.
+//!
+//! Every replica of a threshold operator holds one FROST share ([`crate::threshold`]) and runs
+//! one [`Signing`]: a *signer* on every replica and, on the leader, a *coordinator*.
+//!
+//! - Round 1 runs ahead: each signer keeps [`STOCK`] fresh nonce commitments out, and sends
+//!   the list of them ([`SignMsg::Stock`]) to every peer whenever it changes and every
+//!   [`STOCK_RESEND_MS`]. A receiver keeps the latest list per signer; only a leader uses it.
+//! - After a batch is applied unsigned (on every replica: the apply stage replays it and checks
+//!   its header), the leader's coordinator picks `t` signers (itself first, then by fewest
+//!   recent failures), takes one commitment of each and sends them the header and the
+//!   commitments ([`SignMsg::Request`]).
+//! - A signer signs only the header it applied itself at that height, and only with a nonce it
+//!   still holds: a nonce is used once and then gone, whoever asks. A request for a height it
+//!   has not applied yet waits ([`PENDING_MAX`] at most).
+//! - The coordinator aggregates `t` shares into an ordinary Ed25519 signature and asks for it
+//!   to be proposed as a raft entry ([`SignOut::Propose`], heights in order). Its apply, on
+//!   every replica, checks the signature under the group key, stores it and releases the
+//!   batch's confirmations (`engine::apply`). A round that does not finish within
+//!   [`ROUND_TIMEOUT_MS`], or whose shares do not aggregate, starts over with other signers.
+//!
+//! Nonces live in memory only: a signer that restarts has none of the ones it sent, refuses
+//! requests naming them, and sends a new stock. So no nonce is ever used twice, and one replica
+//! alone can sign nothing: the others check the header against their own replay.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::{CryptoRng, RngCore};
+use tally_wire::{Header, Signature, HEADER_BYTES};
+
+use crate::crypto::verify_strict;
+use crate::threshold::{aggregate, Commitment, Nonces, Share, SignatureShare, SignerId};
+use crate::{Error, Result};
+
+/// Commitments a signer keeps out at once.
+pub const STOCK: usize = 8;
+/// How often a signer sends its stock even when it did not change (a restarted peer or a new
+/// leader learns it).
+pub const STOCK_RESEND_MS: u64 = 1_000;
+/// Requests a signer holds for heights it has not applied yet; beyond, the oldest go.
+pub const PENDING_MAX: usize = 64;
+/// Heights a coordinator signs at once.
+pub const IN_FLIGHT_MAX: usize = 8;
+/// A round without `t` shares after this long starts over with other signers.
+pub const ROUND_TIMEOUT_MS: u64 = 400;
+/// A proposed signature not applied after this long is proposed again.
+pub const REPROPOSE_MS: u64 = 1_000;
+/// Bytes of an encoded commitment or share a message may carry.
+const PART_BYTES_MAX: usize = 256;
+
+/// The raft entry that carries a header's signature: domain ‖ height u64 LE ‖ signature.
+pub const SIGNATURE_ENTRY_DOMAIN: [u8; 16] = *b"tally/hsig/v1\0\0\0";
+const SIGNATURE_ENTRY_BYTES: usize = 16 + 8 + 64;
+
+pub fn encode_signature_entry(height: u64, signature: &Signature) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SIGNATURE_ENTRY_BYTES);
+    out.extend_from_slice(&SIGNATURE_ENTRY_DOMAIN);
+    out.extend_from_slice(&height.to_le_bytes());
+    out.extend_from_slice(signature);
+    out
+}
+
+/// A signature entry's height and signature; None for any other bytes.
+pub fn decode_signature_entry(bytes: &[u8]) -> Option<(u64, Signature)> {
+    if bytes.len() != SIGNATURE_ENTRY_BYTES || !bytes.starts_with(&SIGNATURE_ENTRY_DOMAIN) {
+        return None;
+    }
+    let height = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    Some((height, bytes[24..].try_into().expect("64 bytes")))
+}
+
+/// A message between replicas' signing stages (PROTOCOL.md §4.15 gives the bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignMsg {
+    /// A signer's unused commitments, by counter: replaces what the receiver held of it.
+    Stock {
+        from: SignerId,
+        commitments: Vec<(u64, Commitment)>,
+    },
+    /// Sign `header` (the height's, 192 bytes) with these commitments, one per signer.
+    Request {
+        height: u64,
+        header: Vec<u8>,
+        package: Vec<(SignerId, u64, Commitment)>,
+    },
+    /// A signer's share for the request of `height` that named its commitment `counter`.
+    Share {
+        height: u64,
+        from: SignerId,
+        counter: u64,
+        share: SignatureShare,
+    },
+}
+
+/// What the runtime does for the signing stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignOut {
+    /// To one replica (by signer id, which is its node id).
+    Send(SignerId, SignMsg),
+    /// To every other replica.
+    Broadcast(SignMsg),
+    /// Propose this signature of the header at `height` as a raft entry.
+    Propose(u64, Signature),
+}
+
+/// One replica's signing stage: its signer, and its coordinator while it leads.
+pub struct Signing<G: RngCore + CryptoRng> {
+    share: Share,
+    id: SignerId,
+    threshold: usize,
+    group_key: tally_wire::PublicKey,
+    /// The group's public shares ([`crate::threshold::Dealt::public`]).
+    public: Vec<u8>,
+    rng: G,
+    /// This signer's unused nonces, by counter.
+    nonces: BTreeMap<u64, Nonces>,
+    next_counter: u64,
+    stock_sent_ms: Option<u64>,
+    /// Headers applied here and not yet signed, by height.
+    headers: BTreeMap<u64, Header>,
+    signed_through: u64,
+    /// Requests for heights not applied here yet: (height, from, request).
+    pending: Vec<(u64, SignerId, SignMsg)>,
+    coordinator: Option<Coordinator>,
+}
+
+/// The leader's half: the others' commitments and the rounds under way.
+#[derive(Default)]
+struct Coordinator {
+    stock: BTreeMap<SignerId, Vec<(u64, Commitment)>>,
+    rounds: BTreeMap<u64, Round>,
+    /// Aggregated signatures, by height, until applied: (signature, proposed at).
+    done: BTreeMap<u64, (Signature, Option<u64>)>,
+    /// Rounds each signer failed lately (timeouts, bad shares); a share answered resets it.
+    failures: BTreeMap<SignerId, u32>,
+}
+
+struct Round {
+    message: Vec<u8>,
+    commitments: BTreeMap<SignerId, Commitment>,
+    counters: BTreeMap<SignerId, u64>,
+    shares: BTreeMap<SignerId, SignatureShare>,
+    started_ms: u64,
+}
+
+impl<G: RngCore + CryptoRng> Signing<G> {
+    /// `signed_through`: the highest height whose signature this replica applied.
+    pub fn new(share: Share, public: Vec<u8>, mut rng: G, signed_through: u64) -> Result<Self> {
+        let id = share.id()?;
+        let threshold = share.min_signers();
+        let group_key = share.group_key()?;
+        let next_counter = rng.next_u64() >> 1;
+        Ok(Signing {
+            share,
+            id,
+            threshold,
+            group_key,
+            public,
+            rng,
+            nonces: BTreeMap::new(),
+            next_counter,
+            stock_sent_ms: None,
+            headers: BTreeMap::new(),
+            signed_through,
+            pending: Vec::new(),
+            coordinator: None,
+        })
+    }
+
+    pub fn id(&self) -> SignerId {
+        self.id
+    }
+
+    pub fn signed_through(&self) -> u64 {
+        self.signed_through
+    }
+
+    /// This replica leads (or no longer does): a new coordinator starts from nothing but the
+    /// commitments it learns from now on and this replica's own.
+    pub fn set_leading(&mut self, leading: bool) {
+        match (leading, self.coordinator.is_some()) {
+            (true, false) => self.coordinator = Some(Coordinator::default()),
+            (false, true) => self.coordinator = None,
+            _ => {}
+        }
+    }
+
+    /// A batch was applied here unsigned; its header is what this replica will sign.
+    pub fn applied(&mut self, header: Header, now_ms: u64, out: &mut Vec<SignOut>) {
+        if header.height <= self.signed_through {
+            return;
+        }
+        let height = header.height;
+        self.headers.insert(height, header);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(h, _, _)| *h <= height);
+        self.pending = waiting;
+        for (_, from, msg) in ready {
+            self.message(from, msg, now_ms, out);
+        }
+    }
+
+    /// Signatures are applied through `height`.
+    pub fn signed(&mut self, height: u64) {
+        self.signed_through = self.signed_through.max(height);
+        let keep = self.headers.split_off(&(self.signed_through + 1));
+        self.headers = keep;
+        self.pending.retain(|(h, _, _)| *h > height);
+        if let Some(c) = self.coordinator.as_mut() {
+            c.rounds.retain(|h, _| *h > height);
+            c.done.retain(|h, _| *h > height);
+        }
+    }
+
+    /// A message from replica `from` (authenticated by the transport).
+    pub fn message(&mut self, from: SignerId, msg: SignMsg, now_ms: u64, out: &mut Vec<SignOut>) {
+        match msg {
+            SignMsg::Stock {
+                from: signer,
+                commitments,
+            } => {
+                if let (Some(c), true) = (self.coordinator.as_mut(), signer == from) {
+                    c.stock.insert(signer, commitments);
+                }
+            }
+            SignMsg::Request { height, .. } if height <= self.signed_through => {}
+            SignMsg::Request { height, .. } if !self.headers.contains_key(&height) => {
+                if self.pending.len() >= PENDING_MAX {
+                    self.pending.remove(0);
+                }
+                self.pending.push((height, from, msg));
+            }
+            SignMsg::Request {
+                height,
+                header,
+                package,
+            } => self.answer(from, height, &header, &package, now_ms, out),
+            SignMsg::Share {
+                height,
+                from: signer,
+                counter,
+                share,
+            } if signer == from => self.collect(height, signer, counter, share, now_ms, out),
+            SignMsg::Share { .. } => {}
+        }
+    }
+
+    /// Round 2 for a request whose height this replica applied.
+    fn answer(
+        &mut self,
+        to: SignerId,
+        height: u64,
+        header: &[u8],
+        package: &[(SignerId, u64, Commitment)],
+        now_ms: u64,
+        out: &mut Vec<SignOut>,
+    ) {
+        let ours = self.headers.get(&height).map(|h| h.encode());
+        let Some(&(_, counter, _)) = package.iter().find(|(id, _, _)| *id == self.id) else {
+            return;
+        };
+        if ours.as_ref().map(|h| &h[..]) != Some(header) || !distinct_signers(package) {
+            return; // not the header this replica applied: sign nothing
+        }
+        let Some(nonces) = self.nonces.remove(&counter) else {
+            return; // used or never ours: the stock below tells the leader what is
+        };
+        let commitments = package.iter().map(|(i, _, c)| (*i, c.clone())).collect();
+        if let Ok(share) = self.share.sign(header, &commitments, nonces) {
+            let msg = SignMsg::Share {
+                height,
+                from: self.id,
+                counter,
+                share,
+            };
+            match to == self.id {
+                true => self.message(self.id, msg, now_ms, out),
+                false => out.push(SignOut::Send(to, msg)),
+            }
+        }
+        self.send_stock(now_ms, out);
+    }
+
+    /// Tops the stock up to [`STOCK`] and sends it to every peer (and to this replica's own
+    /// coordinator).
+    fn send_stock(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
+        while self.nonces.len() < STOCK {
+            let Ok((nonces, _)) = self.share.commit(&mut self.rng) else {
+                return;
+            };
+            self.nonces.insert(self.next_counter, nonces);
+            self.next_counter += 1;
+        }
+        let commitments: Vec<(u64, Commitment)> = self
+            .nonces
+            .iter()
+            .filter_map(|(n, nonces)| Some((*n, nonces.commitment().ok()?)))
+            .collect();
+        if let Some(c) = self.coordinator.as_mut() {
+            c.stock.insert(self.id, commitments.clone());
+        }
+        out.push(SignOut::Broadcast(SignMsg::Stock {
+            from: self.id,
+            commitments,
+        }));
+        self.stock_sent_ms = Some(now_ms);
+    }
+
+    /// Time passes: resend the stock when due; as leader, start, restart and finish rounds.
+    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
+        let due = self
+            .stock_sent_ms
+            .is_none_or(|t| now_ms >= t + STOCK_RESEND_MS);
+        if due || self.nonces.len() < STOCK {
+            self.send_stock(now_ms, out);
+        }
+        if self.coordinator.is_some() {
+            self.expire_rounds(now_ms);
+            self.start_rounds(now_ms, out);
+            self.propose_done(now_ms, out);
+        }
+    }
+
+    fn expire_rounds(&mut self, now_ms: u64) {
+        let c = self.coordinator.as_mut().expect("leading");
+        let late: Vec<u64> = c
+            .rounds
+            .iter()
+            .filter(|(_, r)| now_ms >= r.started_ms + ROUND_TIMEOUT_MS)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in late {
+            let round = c.rounds.remove(&h).expect("listed");
+            for id in round
+                .counters
+                .keys()
+                .filter(|i| !round.shares.contains_key(i))
+            {
+                *c.failures.entry(*id).or_default() += 1;
+            }
+        }
+    }
+
+    /// Starts a round for each unsigned height without one, in height order.
+    fn start_rounds(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
+        let heights: Vec<u64> = {
+            let c = self.coordinator.as_ref().expect("leading");
+            let busy = c.rounds.len() + c.done.len();
+            self.headers
+                .keys()
+                .filter(|h| !c.rounds.contains_key(h) && !c.done.contains_key(h))
+                .take(IN_FLIGHT_MAX.saturating_sub(busy))
+                .copied()
+                .collect()
+        };
+        for h in heights {
+            if !self.start_round(h, now_ms, out) {
+                return;
+            }
+        }
+    }
+
+    /// Picks `t` signers with stock and asks each; false when too few have stock.
+    fn start_round(&mut self, height: u64, now_ms: u64, out: &mut Vec<SignOut>) -> bool {
+        let message = self.headers[&height].encode().to_vec();
+        let c = self.coordinator.as_mut().expect("leading");
+        let mut candidates: Vec<SignerId> = c
+            .stock
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        let own = self.id;
+        candidates.sort_by_key(|id| (*id != own, c.failures.get(id).copied().unwrap_or(0), *id));
+        if candidates.len() < self.threshold {
+            return false;
+        }
+        let mut package = Vec::new();
+        for id in candidates.into_iter().take(self.threshold) {
+            let (counter, commitment) = c.stock.get_mut(&id).expect("listed").remove(0);
+            package.push((id, counter, commitment));
+        }
+        c.rounds.insert(
+            height,
+            Round {
+                message: message.clone(),
+                commitments: package.iter().map(|(i, _, m)| (*i, m.clone())).collect(),
+                counters: package.iter().map(|(i, n, _)| (*i, *n)).collect(),
+                shares: BTreeMap::new(),
+                started_ms: now_ms,
+            },
+        );
+        let request = SignMsg::Request {
+            height,
+            header: message,
+            package: package.clone(),
+        };
+        for (id, _, _) in &package {
+            match *id == own {
+                true => self.message(own, request.clone(), now_ms, out),
+                false => out.push(SignOut::Send(*id, request.clone())),
+            }
+        }
+        true
+    }
+
+    /// A share for a round under way; `t` of them make the signature.
+    fn collect(
+        &mut self,
+        height: u64,
+        signer: SignerId,
+        counter: u64,
+        share: SignatureShare,
+        now_ms: u64,
+        out: &mut Vec<SignOut>,
+    ) {
+        let Some(c) = self.coordinator.as_mut() else {
+            return;
+        };
+        let Some(round) = c.rounds.get_mut(&height) else {
+            return;
+        };
+        if round.counters.get(&signer) != Some(&counter) {
+            return;
+        }
+        round.shares.insert(signer, share);
+        c.failures.remove(&signer);
+        if round.shares.len() < self.threshold {
+            return;
+        }
+        let round = c.rounds.remove(&height).expect("found");
+        match aggregate(
+            &round.message,
+            &round.commitments,
+            &round.shares,
+            &self.public,
+        ) {
+            Ok(sig) if verify_strict(&self.group_key, &round.message, &sig) => {
+                c.done.insert(height, (sig, None));
+            }
+            _ => {
+                for id in round.counters.keys() {
+                    *c.failures.entry(*id).or_default() += 1;
+                }
+            }
+        }
+        self.propose_done(now_ms, out);
+    }
+
+    /// Proposes the signatures ready for the next heights in order, and again any not applied
+    /// [`REPROPOSE_MS`] after it was proposed.
+    fn propose_done(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
+        let c = self.coordinator.as_mut().expect("leading");
+        let mut next = self.signed_through + 1;
+        while let Some((sig, proposed)) = c.done.get_mut(&next) {
+            if proposed.is_none_or(|t| now_ms >= t + REPROPOSE_MS) {
+                *proposed = Some(now_ms);
+                out.push(SignOut::Propose(next, *sig));
+            }
+            next += 1;
+        }
+    }
+}
+
+fn distinct_signers(package: &[(SignerId, u64, Commitment)]) -> bool {
+    package
+        .iter()
+        .map(|(id, _, _)| id)
+        .collect::<BTreeSet<_>>()
+        .len()
+        == package.len()
+}
+
+const TAG_STOCK: u8 = 1;
+const TAG_REQUEST: u8 = 2;
+const TAG_SHARE: u8 = 3;
+/// Commitments a stock or a request may carry.
+const PARTS_MAX: usize = 64;
+
+impl SignMsg {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            SignMsg::Stock { from, commitments } => {
+                out.push(TAG_STOCK);
+                out.extend_from_slice(&from.to_le_bytes());
+                out.push(commitments.len() as u8);
+                for (n, c) in commitments {
+                    out.extend_from_slice(&n.to_le_bytes());
+                    put_part(&mut out, c);
+                }
+            }
+            SignMsg::Request {
+                height,
+                header,
+                package,
+            } => {
+                out.push(TAG_REQUEST);
+                out.extend_from_slice(&height.to_le_bytes());
+                out.extend_from_slice(header);
+                out.push(package.len() as u8);
+                for (id, n, c) in package {
+                    out.extend_from_slice(&id.to_le_bytes());
+                    out.extend_from_slice(&n.to_le_bytes());
+                    put_part(&mut out, c);
+                }
+            }
+            SignMsg::Share {
+                height,
+                from,
+                counter,
+                share,
+            } => {
+                out.push(TAG_SHARE);
+                out.extend_from_slice(&height.to_le_bytes());
+                out.extend_from_slice(&from.to_le_bytes());
+                out.extend_from_slice(&counter.to_le_bytes());
+                put_part(&mut out, share);
+            }
+        }
+        out
+    }
+
+    /// Decodes a peer's message; every length is checked before it is trusted.
+    pub fn decode(bytes: &[u8]) -> Result<SignMsg> {
+        let mut r = Reader(bytes);
+        let msg = match r.u8()? {
+            TAG_STOCK => {
+                let from = r.u16()?;
+                let count = r.count()?;
+                let mut commitments = Vec::with_capacity(count);
+                for _ in 0..count {
+                    commitments.push((r.u64()?, r.part()?));
+                }
+                SignMsg::Stock { from, commitments }
+            }
+            TAG_REQUEST => {
+                let height = r.u64()?;
+                let header = r.take(HEADER_BYTES)?.to_vec();
+                let count = r.count()?;
+                let mut package = Vec::with_capacity(count);
+                for _ in 0..count {
+                    package.push((r.u16()?, r.u64()?, r.part()?));
+                }
+                SignMsg::Request {
+                    height,
+                    header,
+                    package,
+                }
+            }
+            TAG_SHARE => SignMsg::Share {
+                height: r.u64()?,
+                from: r.u16()?,
+                counter: r.u64()?,
+                share: r.part()?,
+            },
+            t => return Err(malformed(format!("unknown tag {t}"))),
+        };
+        match r.0.is_empty() {
+            true => Ok(msg),
+            false => Err(malformed("trailing bytes".into())),
+        }
+    }
+}
+
+fn put_part(out: &mut Vec<u8>, part: &[u8]) {
+    assert!(
+        part.len() <= PART_BYTES_MAX,
+        "a commitment or share of {} bytes",
+        part.len()
+    );
+    out.extend_from_slice(&(part.len() as u16).to_le_bytes());
+    out.extend_from_slice(part);
+}
+
+fn malformed(what: String) -> Error {
+    Error::Verify(format!("a signing message: {what}"))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(malformed("truncated".into()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn count(&mut self) -> Result<usize> {
+        let n = self.u8()? as usize;
+        match n <= PARTS_MAX {
+            true => Ok(n),
+            false => Err(malformed(format!("{n} parts"))),
+        }
+    }
+    fn part(&mut self) -> Result<Vec<u8>> {
+        let n = self.u16()? as usize;
+        match n <= PART_BYTES_MAX {
+            true => Ok(self.take(n)?.to_vec()),
+            false => Err(malformed(format!("a part of {n} bytes"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::threshold::deal;
+    use rand::rngs::OsRng;
+
+    fn header(height: u64, salt: u8) -> Header {
+        Header {
+            chain_id: [7; 32],
+            height,
+            term: 1,
+            time_unix_ms: 1_000 + height,
+            request_count: 1,
+            prev_hash: [salt; 32],
+            merkle_root: [2; 32],
+            state_digest: [3; 32],
+            operator_key_id: [4; 8],
+        }
+    }
+
+    /// Three replicas in memory; `down` receive nothing and send nothing.
+    struct Net {
+        nodes: BTreeMap<SignerId, Signing<OsRng>>,
+        down: BTreeSet<SignerId>,
+        proposed: Vec<(u64, Signature)>,
+        group_key: tally_wire::PublicKey,
+    }
+
+    impl Net {
+        fn new() -> Net {
+            let dealt = deal(3, 2, &mut OsRng).unwrap();
+            let nodes = dealt
+                .shares
+                .iter()
+                .map(|(id, bytes)| {
+                    let share = Share::decode(bytes).unwrap();
+                    (
+                        *id,
+                        Signing::new(share, dealt.public.clone(), OsRng, 0).unwrap(),
+                    )
+                })
+                .collect();
+            let mut net = Net {
+                nodes,
+                down: BTreeSet::new(),
+                proposed: Vec::new(),
+                group_key: dealt.group_key,
+            };
+            net.nodes.get_mut(&1).unwrap().set_leading(true);
+            net
+        }
+
+        /// Delivers `out` of `from` and everything it causes.
+        fn deliver(&mut self, from: SignerId, out: Vec<SignOut>, now: u64) {
+            let mut queue: std::collections::VecDeque<(SignerId, SignOut)> =
+                out.into_iter().map(|o| (from, o)).collect();
+            while let Some((from, o)) = queue.pop_front() {
+                let targets: Vec<(SignerId, SignMsg)> = match o {
+                    SignOut::Propose(h, sig) => {
+                        self.proposed.push((h, sig));
+                        continue;
+                    }
+                    SignOut::Send(to, m) => vec![(to, m)],
+                    SignOut::Broadcast(m) => (1..=3)
+                        .filter(|i| *i != from)
+                        .map(|i| (i, m.clone()))
+                        .collect(),
+                };
+                for (to, m) in targets {
+                    if self.down.contains(&to) || self.down.contains(&from) {
+                        continue;
+                    }
+                    let decoded = SignMsg::decode(&m.encode()).unwrap();
+                    assert_eq!(decoded, m);
+                    let mut more = Vec::new();
+                    self.nodes
+                        .get_mut(&to)
+                        .unwrap()
+                        .message(from, decoded, now, &mut more);
+                    queue.extend(more.into_iter().map(|o| (to, o)));
+                }
+            }
+        }
+
+        fn tick(&mut self, now: u64) {
+            for id in 1..=3 {
+                if self.down.contains(&id) {
+                    continue;
+                }
+                let mut out = Vec::new();
+                self.nodes.get_mut(&id).unwrap().tick(now, &mut out);
+                self.deliver(id, out, now);
+            }
+        }
+
+        fn apply(&mut self, id: SignerId, h: Header, now: u64) {
+            let mut out = Vec::new();
+            self.nodes.get_mut(&id).unwrap().applied(h, now, &mut out);
+            self.deliver(id, out, now);
+        }
+
+        /// What the signature entries' apply does on every replica.
+        fn signed(&mut self, through: u64) {
+            for n in self.nodes.values_mut() {
+                n.signed(through);
+            }
+        }
+    }
+
+    #[test]
+    fn a_majority_signs_each_applied_header_in_order_and_one_replica_down_changes_nothing() {
+        let mut net = Net::new();
+        net.down.insert(3);
+        net.tick(0);
+        for h in 1..=5 {
+            for id in 1..=2 {
+                net.apply(id, header(h, 1), 10);
+            }
+        }
+        net.tick(20);
+        let heights: Vec<u64> = net.proposed.iter().map(|(h, _)| *h).collect();
+        assert_eq!(heights, vec![1, 2, 3, 4, 5]);
+        for (h, sig) in &net.proposed {
+            assert!(verify_strict(&net.group_key, &header(*h, 1).encode(), sig));
+        }
+        // Not applied: proposed again after REPROPOSE_MS, and not before.
+        net.proposed.clear();
+        net.tick(30);
+        assert!(net.proposed.is_empty());
+        net.tick(20 + REPROPOSE_MS);
+        assert_eq!(net.proposed.len(), 5);
+        net.signed(5);
+        net.proposed.clear();
+        net.tick(20 + 3 * REPROPOSE_MS);
+        assert!(
+            net.proposed.is_empty(),
+            "applied signatures are not proposed again"
+        );
+    }
+
+    #[test]
+    fn a_signer_signs_only_the_header_it_applied_so_a_leader_alone_signs_nothing() {
+        let mut net = Net::new();
+        net.tick(0);
+        // Replica 2 applied another header at height 1 than the leader; 3 is down.
+        net.down.insert(3);
+        net.apply(1, header(1, 1), 10);
+        net.apply(2, header(1, 9), 10);
+        net.tick(20);
+        assert!(net.proposed.is_empty());
+        // Replica 3 comes back with the leader's header: after the timeout the round starts
+        // over with it (2 failed it), and signs.
+        net.down.clear();
+        net.tick(30);
+        net.apply(3, header(1, 1), 40);
+        net.tick(50 + ROUND_TIMEOUT_MS);
+        net.tick(60 + ROUND_TIMEOUT_MS);
+        assert_eq!(net.proposed.len(), 1, "{:?}", net.proposed);
+        assert!(verify_strict(
+            &net.group_key,
+            &header(1, 1).encode(),
+            &net.proposed[0].1
+        ));
+    }
+
+    #[test]
+    fn a_request_for_a_height_not_applied_yet_waits_and_a_nonce_signs_once() {
+        let mut net = Net::new();
+        net.tick(0);
+        net.apply(1, header(1, 1), 10);
+        net.tick(20); // the request reaches 2 before it applied height 1
+        assert!(net.proposed.is_empty());
+        net.apply(2, header(1, 1), 30);
+        assert_eq!(net.proposed.len(), 1);
+
+        // The same request again (a replay by anyone): the nonce is gone, no second share.
+        let mut n2 = net.nodes.remove(&2).unwrap();
+        let leader = net.nodes.get_mut(&1).unwrap();
+        let (counter, commitment) = {
+            let mut out = Vec::new();
+            n2.tick(10_000, &mut out);
+            match &out[0] {
+                SignOut::Broadcast(SignMsg::Stock { commitments, .. }) => commitments[0].clone(),
+                o => panic!("{o:?}"),
+            }
+        };
+        n2.applied(header(2, 1), 10_000, &mut Vec::new());
+        let request = SignMsg::Request {
+            height: 2,
+            header: header(2, 1).encode().to_vec(),
+            package: vec![(1, 5, commitment.clone()), (2, counter, commitment)],
+        };
+        let shares = |out: &Vec<SignOut>| {
+            out.iter()
+                .filter(|o| matches!(o, SignOut::Send(_, SignMsg::Share { .. })))
+                .count()
+        };
+        let mut out = Vec::new();
+        n2.message(1, request.clone(), 10_001, &mut out);
+        assert_eq!(shares(&out), 1);
+        out.clear();
+        n2.message(1, request, 10_002, &mut out);
+        assert_eq!(shares(&out), 0, "a nonce signs once");
+        let _ = leader;
+    }
+
+    #[test]
+    fn messages_and_entries_decode_only_what_they_encode() {
+        let msgs = [
+            SignMsg::Stock {
+                from: 3,
+                commitments: vec![(9, vec![1; 69]), (10, vec![2; 69])],
+            },
+            SignMsg::Request {
+                height: 4,
+                header: vec![5; HEADER_BYTES],
+                package: vec![(1, 2, vec![3; 69])],
+            },
+            SignMsg::Share {
+                height: 4,
+                from: 2,
+                counter: 7,
+                share: vec![8; 36],
+            },
+        ];
+        for m in msgs {
+            let bytes = m.encode();
+            assert_eq!(SignMsg::decode(&bytes).unwrap(), m);
+            for cut in 0..bytes.len() {
+                assert!(
+                    SignMsg::decode(&bytes[..cut]).is_err(),
+                    "{m:?} cut at {cut}"
+                );
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(SignMsg::decode(&longer).is_err());
+        }
+        let entry = encode_signature_entry(12, &[6; 64]);
+        assert_eq!(decode_signature_entry(&entry), Some((12, [6; 64])));
+        assert_eq!(decode_signature_entry(&entry[..entry.len() - 1]), None);
+        let mut other = entry.clone();
+        other[0] ^= 1;
+        assert_eq!(decode_signature_entry(&other), None);
+    }
+}
