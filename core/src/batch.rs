@@ -566,7 +566,46 @@ pub fn prepare_apply(
     store: &mut impl LedgerRead,
     operator: &OperatorKey,
 ) -> Result<BatchWrite> {
-    prepare_apply_sealed(body, encoded_body, meta, store, operator, None)
+    prepare_apply_sealed(
+        body,
+        encoded_body,
+        meta,
+        store,
+        HeaderKey::Sign(operator),
+        None,
+    )
+}
+
+/// How a replica's apply signs the header it replays.
+#[derive(Clone, Copy)]
+pub enum HeaderKey<'a> {
+    /// With the whole operator key.
+    Sign(&'a OperatorKey),
+    /// Not at all (a threshold operator's replica, `crate::signing`): the header is written
+    /// unsigned ([`UNSIGNED`]) and must name the key of this id.
+    Unsigned([u8; 8]),
+}
+
+/// The signature of a header applied but not signed yet (never a valid Ed25519 signature).
+pub const UNSIGNED: tally_wire::Signature = [0; 64];
+
+impl HeaderKey<'_> {
+    fn key_id(&self) -> [u8; 8] {
+        match self {
+            HeaderKey::Sign(key) => key.key_id(),
+            HeaderKey::Unsigned(id) => *id,
+        }
+    }
+
+    fn sign(&self, header: Header) -> SignedHeader {
+        match self {
+            HeaderKey::Sign(key) => key.sign_header(header),
+            HeaderKey::Unsigned(_) => SignedHeader {
+                header,
+                signature: UNSIGNED,
+            },
+        }
+    }
 }
 
 /// [`prepare_apply`] on the replica whose sequencer sealed the batch: `sealed` is the state map
@@ -578,11 +617,11 @@ pub fn prepare_apply_sealed(
     encoded_body: Vec<u8>,
     meta: &LedgerMeta,
     store: &mut impl LedgerRead,
-    operator: &OperatorKey,
+    operator: HeaderKey,
     sealed: Option<StateMap>,
 ) -> Result<BatchWrite> {
     let replayed = replay(body, meta, store, &operator.key_id(), sealed)?;
-    let signed_header = operator.sign_header(body.header.clone());
+    let signed_header = operator.sign(body.header.clone());
     let body_digest = sha256(&[&encoded_body]);
     Ok(BatchWrite {
         header_hash: replayed.meta.last_header_hash,

@@ -25,7 +25,9 @@ use crate::{Error, Result};
 /// rotation (`operator.next_signing_key`).
 #[derive(Clone)]
 pub struct SigningKeys {
-    configured: OperatorKey,
+    /// None on a replica of a threshold operator, which holds a share of the key, never the
+    /// key (`crate::signing`).
+    configured: Option<OperatorKey>,
     next: Option<OperatorKey>,
     /// The ledger's genesis key (it signs before any rotation), which this replica may or may
     /// not hold.
@@ -39,10 +41,29 @@ impl SigningKeys {
         genesis: PublicKey,
     ) -> SigningKeys {
         SigningKeys {
-            configured,
+            configured: Some(configured),
             next,
             genesis,
         }
+    }
+
+    /// A replica of a threshold operator whose group key is `group_key`: it signs no header
+    /// alone (headers are applied unsigned and signed by a majority, `crate::signing`).
+    pub fn threshold(group_key: PublicKey) -> SigningKeys {
+        SigningKeys {
+            configured: None,
+            next: None,
+            genesis: group_key,
+        }
+    }
+
+    pub fn is_threshold(&self) -> bool {
+        self.configured.is_none()
+    }
+
+    /// The public key that signs the header after `meta` (held or not).
+    pub fn public_for_meta(&self, meta: &LedgerMeta) -> PublicKey {
+        meta.operator.map_or(self.genesis, |r| r.key)
     }
 
     /// One key only, the genesis key (a replica that never rotates, tests).
@@ -61,6 +82,13 @@ impl SigningKeys {
     /// rotated-in key that must replay batches from before the rotation needs the old key too,
     /// as `operator.next_signing_key`).
     pub fn for_meta(&self, meta: &LedgerMeta) -> Result<&OperatorKey> {
+        if self.is_threshold() {
+            return Err(Error::Config(format!(
+                "this replica holds a share of the operator key {} (operator.signing_key_share): \
+                 a majority of replicas signs together, no replica signs alone",
+                hex::encode(self.genesis)
+            )));
+        }
         let Some(rotation) = meta.operator else {
             return self.holding(&self.genesis).ok_or_else(|| {
                 Error::Config(format!(
@@ -85,7 +113,8 @@ impl SigningKeys {
 
     /// The public keys of the keys held.
     pub fn publics(&self) -> Vec<PublicKey> {
-        std::iter::once(&self.configured)
+        self.configured
+            .iter()
             .chain(self.next.as_ref())
             .map(|k| k.public())
             .collect()
@@ -93,7 +122,8 @@ impl SigningKeys {
 
     /// The held key whose public key is `public`, if any.
     pub fn holding(&self, public: &PublicKey) -> Option<&OperatorKey> {
-        std::iter::once(&self.configured)
+        self.configured
+            .iter()
             .chain(self.next.as_ref())
             .find(|k| &k.public() == public)
     }

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use tally_wire::{Hash, PublicKey, SignedHeader};
+use tally_wire::{Hash, Header, PublicKey, Signature, SignedHeader};
 
-use crate::batch::BatchWrite;
+use crate::batch::{BatchWrite, UNSIGNED};
 use crate::history::{HistoryPage, HistoryRow};
 use crate::reserve::{Expiry, Reserve};
 use crate::state::LedgerMeta;
@@ -40,7 +40,26 @@ pub trait LedgerStore: LedgerRead {
     fn meta(&mut self) -> Result<LedgerMeta>;
     /// Writes everything a batch changes in one atomic, synced write. On error the node stops.
     fn apply(&mut self, write: &BatchWrite) -> Result<()>;
+    /// The signed header at `height`; None past the applied height, and for a header applied
+    /// but not signed yet (a threshold operator's, `crate::signing`).
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>>;
+    /// The header applied at `height`, signed or not.
+    fn applied_header(&mut self, height: u64) -> Result<Option<Header>> {
+        Ok(self.header(height)?.map(|s| s.header))
+    }
+    /// The highest height whose header is signed: the applied height, except on a threshold
+    /// operator's replica, whose headers are applied unsigned and signed after.
+    fn signed_through(&mut self) -> Result<u64> {
+        Ok(self.meta()?.height)
+    }
+    /// Stores the signature of the applied header at `height`, which must be
+    /// `signed_through() + 1`, and appends the signed header to the header log: one synced
+    /// write. Returns the signed header.
+    fn sign_header(&mut self, height: u64, _signature: Signature) -> Result<SignedHeader> {
+        Err(crate::Error::missing(format_args!(
+            "a store that signs headers itself has no unsigned header {height}"
+        )))
+    }
     /// Node `(level, index)` of the header log (PROTOCOL.md §4.12; see
     /// [`crate::tlog::completed_at`]): the root of the applied headers at heights
     /// `index·2^level + 1 ..= (index+1)·2^level`. `Missing` past the applied height.
@@ -167,7 +186,35 @@ impl LedgerStore for MemStore {
         Ok(())
     }
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
-        Ok(self.headers.get(&height).cloned())
+        let signed = self
+            .headers
+            .get(&height)
+            .filter(|s| s.signature != UNSIGNED);
+        Ok(signed.cloned())
+    }
+    fn applied_header(&mut self, height: u64) -> Result<Option<Header>> {
+        Ok(self.headers.get(&height).map(|s| s.header.clone()))
+    }
+    fn signed_through(&mut self) -> Result<u64> {
+        let mut h = self.meta()?.height;
+        while self
+            .headers
+            .get(&h)
+            .is_some_and(|s| s.signature == UNSIGNED)
+        {
+            h -= 1;
+        }
+        Ok(h)
+    }
+    fn sign_header(&mut self, height: u64, signature: Signature) -> Result<SignedHeader> {
+        assert_eq!(
+            height,
+            self.signed_through()? + 1,
+            "headers are signed in order"
+        );
+        let stored = self.headers.get_mut(&height).expect("an applied header");
+        stored.signature = signature;
+        Ok(stored.clone())
     }
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
         Ok(self.bodies.get(&height).cloned())
@@ -176,10 +223,12 @@ impl LedgerStore for MemStore {
     fn header_log_node(&mut self, level: u8, index: u64) -> Result<Hash> {
         let first = index << level;
         let leaves = (first + 1..=first + (1 << level))
-            .map(|h| match self.headers.get(&h) {
-                Some(s) => Ok(crate::tlog::leaf_hash(&s.encode())),
-                None => Err(crate::Error::missing(format_args!("header {h}"))),
-            })
+            .map(
+                |h| match self.headers.get(&h).filter(|s| s.signature != UNSIGNED) {
+                    Some(s) => Ok(crate::tlog::leaf_hash(&s.encode())),
+                    None => Err(crate::Error::missing(format_args!("header {h}"))),
+                },
+            )
             .collect::<Result<Vec<Hash>>>()?;
         Ok(crate::tlog::root_of(&leaves))
     }

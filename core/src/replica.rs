@@ -459,7 +459,9 @@ fn tracing_free_log(line: &str) {
 
 /// True for an entry that carries a batch (not raft's own empty or configuration entries).
 pub fn is_batch(entry: &Entry) -> bool {
-    entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty()
+    entry.get_entry_type() == EntryType::EntryNormal
+        && !entry.data.is_empty()
+        && crate::signing::decode_signature_entry(&entry.data).is_none()
 }
 
 /// Encodes a raft message for the peer transport.

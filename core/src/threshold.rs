@@ -195,6 +195,32 @@ pub fn aggregate(
         .map_err(|_| error("the signature", "not 64 bytes"))
 }
 
+impl Share {
+    /// Checks a share read from a file against the group's public shares `public`
+    /// ([`Dealt::public`]): its public share is its secret share's and the one `public` lists
+    /// for it, under the same group key and threshold. Decoding alone takes any 32 bytes below
+    /// the group order as a secret share. Returns the threshold and the number of signers,
+    /// `(t, n)`.
+    pub fn check_against(&self, public: &[u8]) -> Result<(SignerId, SignerId)> {
+        let public = frost::keys::PublicKeyPackage::deserialize(public)
+            .map_err(|e| error("the public shares", e))?;
+        let own = frost::keys::VerifyingShare::from(*self.package.signing_share());
+        let listed = public.verifying_shares().get(self.package.identifier());
+        if own != *self.package.verifying_share() || listed != Some(&own) {
+            return Err(error(
+                "a share",
+                "its public share is not its secret share's",
+            ));
+        }
+        let t = *self.package.min_signers();
+        if public.verifying_key() != self.package.verifying_key() || public.min_signers() != Some(t)
+        {
+            return Err(error("a share", "another group's than the public shares'"));
+        }
+        Ok((t, public.max_signers()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,6 +56,26 @@ pub(crate) fn node(
     Ok(row[start..start + 32].try_into().expect("32 bytes"))
 }
 
+/// The highest height at or below `height` whose header row is signed; the ones above it
+/// wait for their signatures (a threshold operator's, `LedgerStore::sign_header`). Headers
+/// are signed in height order, so the signed ones are a prefix.
+pub(crate) fn signed_prefix(
+    db: &mut DB,
+    height: u64,
+    get: &mut impl FnMut(&mut DB, &[u8]) -> Result<Option<Vec<u8>>>,
+) -> Result<u64> {
+    let mut h = height;
+    while h > 0 {
+        let value = get(db, &layout::header_key(h))?
+            .ok_or_else(|| corrupt(Table::Header, format_args!("no header at {h}")))?;
+        if decode_header(h, &value)?.signature != tally_core::batch::UNSIGNED {
+            break;
+        }
+        h -= 1;
+    }
+    Ok(h)
+}
+
 /// Loads the log's edge at `height`, first writing the rows of every height that lacks them.
 pub(crate) fn catch_up(
     db: &mut DB,

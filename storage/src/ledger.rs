@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
-use tally_core::batch::{BatchBody, BatchWrite};
+use tally_core::batch::{BatchBody, BatchWrite, UNSIGNED};
 use tally_core::crypto::{header_hash, sha256};
 use tally_core::history::{HistoryPage, HistoryRow};
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
@@ -16,7 +16,7 @@ use tally_core::state::{LedgerMeta, META_BYTES};
 use tally_core::state_map::{account_path, account_value_hash, reserve_path, StateMap};
 use tally_core::tlog::TreeEdge;
 use tally_core::{Error, Result};
-use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
+use tally_wire::{Hash, PublicKey, Signature, SignedHeader, HEADER_BYTES, SIGNED_HEADER_BYTES};
 
 use crate::archive::{Archive, ArchiveBatch, ArchivePoint};
 use crate::env::{SyncEnv, SyncStats};
@@ -147,8 +147,12 @@ pub struct LedgerDb {
     expiries: BTreeSet<Expiry>,
     /// The time of the header at the summary's height (0 at genesis), for `header_time`.
     tip_time_ms: u64,
-    /// The right edge of the header log at the summary's height (see `header_log.rs`).
+    /// The right edge of the header log at `signed_through` (see `header_log.rs`).
     header_log: TreeEdge,
+    /// The highest height whose header is signed: the summary's height, but on a threshold
+    /// operator's replica, whose headers are written unsigned and signed after
+    /// (`LedgerStore::sign_header`). The header log holds the signed headers only.
+    signed_through: u64,
 }
 
 /// Where [`LedgerDb::open`] got the request filter.
@@ -206,9 +210,9 @@ impl LedgerDb {
         let meta = read_meta(&mut db)?;
         refuse_older_headers(&mut db, &meta)?;
         migrate_headers_if_v1(&mut db, dir, &opts, &sync_stats, &meta)?;
-        let header_log = header_log::catch_up(&mut db, meta.height, &mut |db, key| {
-            crate::env::get_checked(db, key, &sync_stats)
-        })?;
+        let mut get = |db: &mut DB, key: &[u8]| crate::env::get_checked(db, key, &sync_stats);
+        let signed_through = header_log::signed_prefix(&mut db, meta.height, &mut get)?;
+        let header_log = header_log::catch_up(&mut db, signed_through, &mut get)?;
         let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
         let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
         let Scanned {
@@ -243,6 +247,7 @@ impl LedgerDb {
             expiries,
             tip_time_ms: 0,
             header_log,
+            signed_through,
         };
         this.start_archive_from(point)?;
         this.check_tip()?;
@@ -728,9 +733,16 @@ impl LedgerDb {
 
     /// The summary, the header at its height and that height's body were written together: a
     /// database where they disagree is corrupt.
+    /// The header row at `height` as stored, signed or not.
+    fn stored_header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
+        self.get(&layout::header_key(height))?
+            .map(|v| decode_header(height, &v))
+            .transpose()
+    }
+
     fn check_tip(&mut self) -> Result<()> {
         let height = self.meta.height;
-        if let Some(next) = self.header(height + 1)? {
+        if let Some(next) = self.stored_header(height + 1)? {
             return Err(corrupt(
                 Table::Header,
                 format_args!(
@@ -742,7 +754,7 @@ impl LedgerDb {
         if height == 0 {
             return Ok(());
         }
-        let Some(tip) = self.header(height)? else {
+        let Some(tip) = self.stored_header(height)? else {
             return Err(corrupt(
                 Table::Header,
                 format_args!("no header at the summary's height {height}"),
@@ -876,13 +888,19 @@ impl LedgerStore for LedgerDb {
         let mut rows = state_rows(write);
         self.reserve_rows(&write.reserves, &mut rows)?;
         let mut header_log = self.header_log.clone();
-        header_log::append(&mut header_log, &write.signed_header, &mut rows);
+        let signed = write.signed_header.signature != UNSIGNED;
+        if signed {
+            header_log::append(&mut header_log, &write.signed_header, &mut rows);
+        }
         if let Err(e) = self.db.write(rows, true) {
             let e = io_error(format_args!("writing batch {height}"), e);
             self.failed = Some(e.to_string());
             return Err(e);
         }
         self.header_log = header_log;
+        if signed {
+            self.signed_through = height;
+        }
         let records = request_records(write);
         self.meta = write.meta.clone();
         self.tip_time_ms = write.signed_header.header.time_unix_ms;
@@ -937,14 +955,51 @@ impl LedgerStore for LedgerDb {
     }
 
     fn header_log_node(&mut self, level: u8, index: u64) -> Result<Hash> {
-        let height = self.meta.height;
+        let height = self.signed_through;
         header_log::node(level, index, height, &mut |key| self.get(key))
     }
 
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
-        self.get(&layout::header_key(height))?
-            .map(|v| decode_header(height, &v))
-            .transpose()
+        let stored = self.stored_header(height)?;
+        Ok(stored.filter(|s| s.signature != UNSIGNED))
+    }
+
+    fn applied_header(&mut self, height: u64) -> Result<Option<tally_wire::Header>> {
+        Ok(self.stored_header(height)?.map(|s| s.header))
+    }
+
+    fn signed_through(&mut self) -> Result<u64> {
+        self.check_usable()?;
+        Ok(self.signed_through)
+    }
+
+    fn sign_header(&mut self, height: u64, signature: Signature) -> Result<SignedHeader> {
+        self.check_usable()?;
+        assert!(
+            height == self.signed_through + 1 && height <= self.meta.height,
+            "signing header {height} after {} of {}",
+            self.signed_through,
+            self.meta.height
+        );
+        let key = layout::header_key(height);
+        let mut value = self
+            .get(&key)?
+            .ok_or_else(|| corrupt(Table::Header, format_args!("no header at {height}")))?;
+        let mut signed = decode_header(height, &value)?;
+        signed.signature = signature;
+        value[HEADER_BYTES..SIGNED_HEADER_BYTES].copy_from_slice(&signature);
+        let mut rows = WriteBatch::default();
+        rows.put(&key, &value);
+        let mut header_log = self.header_log.clone();
+        header_log::append(&mut header_log, &signed, &mut rows);
+        if let Err(e) = self.db.write(rows, true) {
+            let e = io_error(format_args!("writing the signature of header {height}"), e);
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
+        self.header_log = header_log;
+        self.signed_through = height;
+        Ok(signed)
     }
 
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {

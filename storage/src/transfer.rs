@@ -816,17 +816,20 @@ impl LedgerInstaller {
                 "the summary read back differs from the one streamed",
             ));
         }
-        if meta.height > 0 {
+        // The newest signed header: the tip, but on a threshold operator's ledger, whose
+        // newest headers may wait for their signatures (each replica signs only headers it
+        // applied itself, never installed ones).
+        let signed = db.signed_through()?;
+        if signed > 0 {
             let tip = db
-                .header(meta.height)?
-                .ok_or_else(|| invalid(format_args!("no header at height {}", meta.height)))?;
+                .header(signed)?
+                .ok_or_else(|| invalid(format_args!("no header at height {signed}")))?;
             let links = key_chain::links(&mut db, &meta)?;
             KeySchedule::follow(*operator, &links)
                 .and_then(|schedule| schedule.verify_header(&tip))
                 .map_err(|e| {
                     invalid(format_args!(
-                        "header {} does not verify under the operator key chain: {e}",
-                        meta.height
+                        "header {signed} does not verify under the operator key chain: {e}"
                     ))
                 })?;
         }

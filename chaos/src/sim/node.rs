@@ -630,6 +630,7 @@ impl Engine {
         let mut aout = Vec::new();
         let height = match &entry {
             tally_core::engine::apply::Committed::Batch { body, .. } => body.header.height,
+            tally_core::engine::apply::Committed::Signature { height, .. } => *height,
             tally_core::engine::apply::Committed::Other { .. } => 0,
         };
         match self.applier.committed(ctx.ledger, entry, &mut aout) {
@@ -645,7 +646,8 @@ impl Engine {
                     ));
                 }
             }
-            Ok(Applied::Skipped | Applied::Superseded) => {}
+            // The simulator's replicas hold the whole key: no header waits for a signature.
+            Ok(Applied::Skipped | Applied::Superseded | Applied::Signed(_)) => {}
             Err(err) => {
                 ctx.watch.violations.push(format!(
                     "step {}: node {} cannot apply committed batch {height}: {err}",
@@ -671,6 +673,9 @@ impl Engine {
                 let mut rout = Vec::new();
                 self.repl.resync(&mut rout);
                 self.to_repl.extend(rout);
+            }
+            ApplyOut::Unsigned(_) | ApplyOut::Signed(_) => {
+                unreachable!("the simulator's replicas hold the whole key")
             }
         }
     }

@@ -11,13 +11,20 @@
 //!
 //! Resubmissions of requests whose batch is not applied yet wait here ("parked", bounded) and
 //! get their original confirmation once it is.
+//!
+//! A threshold operator's replica (`crate::signing`) holds no key: it writes each batch with
+//! its header unsigned and says so ([`ApplyOut::Unsigned`]); the batch's waiters wait until a
+//! committed signature entry for that height applies ([`Committed::Signature`]): checked under
+//! the height's operator key, stored, appended to the header log, and only then confirmed.
+//! Signatures apply in height order; one that is not the next, or does not verify, is skipped
+//! by every replica alike.
 
 use std::collections::{BTreeMap, HashMap};
 
-use tally_wire::{Hash, PublicKey, SignedHeader};
+use tally_wire::{Hash, Header, PublicKey, Signature, SignedHeader};
 
-use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed};
-use crate::crypto::OperatorKey;
+use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed, HeaderKey};
+use crate::crypto::{key_id, verify_strict, OperatorKey};
 use crate::key_chain::SigningKeys;
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
 use crate::state::LedgerMeta;
@@ -41,6 +48,12 @@ pub enum Committed<R> {
         sealed: Option<StateMap>,
         raft_index: u64,
     },
+    /// The signature of the header at `height` (a threshold operator's signature entry).
+    Signature {
+        height: u64,
+        signature: Signature,
+        raft_index: u64,
+    },
     /// An entry without a batch (raft's own empty and configuration entries, or bytes that are
     /// not a batch body, which every replica skips alike).
     Other { raft_index: u64 },
@@ -61,6 +74,10 @@ pub enum ApplyOut<R> {
     Refuse(R, Refusal),
     /// A deterministic error met answering a resubmission ([`answer_or_stop`]).
     Reject(R, Rejection),
+    /// A batch was applied with this header unsigned: the signing stage signs it.
+    Unsigned(Header),
+    /// Headers are signed through this height.
+    Signed(u64),
     /// A committed batch did not extend the chain: the master's speculative state is void.
     Resync,
 }
@@ -74,6 +91,8 @@ pub enum Applied {
     Superseded,
     /// Written; the write, for the runtime's archive feed and metrics.
     Written(Box<BatchWrite>),
+    /// A header's signature was written (a threshold operator's replica).
+    Signed(Box<SignedHeader>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +119,11 @@ pub struct Applier<R> {
     parked: BTreeMap<u64, Vec<Parked<R>>>,
     parked_count: usize,
     accounts: AccountCache,
+    /// The highest height whose header is signed: `meta.height` unless headers are signed
+    /// by a threshold (then the batches above it wait for their signature entries).
+    signed_through: u64,
+    /// Batches applied unsigned whose waiters wait for the signature, by height.
+    held: BTreeMap<u64, (BatchBody, Vec<Waiter<R>>)>,
 }
 
 impl<R> Applier<R> {
@@ -107,6 +131,8 @@ impl<R> Applier<R> {
     pub fn new(cfg: ApplierConfig, keys: SigningKeys, meta: LedgerMeta) -> Applier<R> {
         Applier {
             applied_index: meta.raft_index,
+            signed_through: meta.height,
+            held: BTreeMap::new(),
             meta,
             keys,
             parked: BTreeMap::new(),
@@ -118,6 +144,18 @@ impl<R> Applier<R> {
 
     pub fn meta(&self) -> &LedgerMeta {
         &self.meta
+    }
+
+    /// Starts from the store's signed height (a threshold operator's replica may have headers
+    /// applied but not signed when it stopped).
+    pub fn with_signed_through(mut self, height: u64) -> Self {
+        assert!(height <= self.meta.height, "signed {height} above applied");
+        self.signed_through = height;
+        self
+    }
+
+    pub fn signed_through(&self) -> u64 {
+        self.signed_through
     }
 
     /// The key that signs this replica's next header, and the header log's checkpoints it
@@ -144,6 +182,14 @@ impl<R> Applier<R> {
                 self.advance_index(raft_index);
                 return Ok(Applied::Skipped);
             }
+            Committed::Signature {
+                height,
+                signature,
+                raft_index,
+            } => {
+                self.advance_index(raft_index);
+                return self.signature(store, height, signature, out);
+            }
             Committed::Batch {
                 body,
                 encoded,
@@ -159,7 +205,7 @@ impl<R> Applier<R> {
                 let item = body
                     .item_at(&starts, w.index)
                     .expect("a waiter's item starts at its index");
-                self.answer(store, h.height, w.index, item.hash(), w.reply, out)?;
+                self.replay(store, h.height, w.index, item.hash(), w.reply, out)?;
             }
             self.advance_index(raft_index);
             return Ok(Applied::Skipped);
@@ -176,6 +222,14 @@ impl<R> Applier<R> {
             return Ok(Applied::Superseded);
         }
         let write = self.write(store, &body, encoded, sealed, raft_index)?;
+        if self.keys.is_threshold() {
+            out.push(ApplyOut::Unsigned(write.signed_header.header.clone()));
+            if !waiters.is_empty() {
+                self.held.insert(write.meta.height, (body, waiters));
+            }
+            return Ok(Applied::Written(Box::new(write)));
+        }
+        self.signed_through = write.meta.height;
         out.push(ApplyOut::Confirm {
             body,
             signed: write.signed_header.clone(),
@@ -183,6 +237,54 @@ impl<R> Applier<R> {
         });
         self.unpark(store, out)?;
         Ok(Applied::Written(Box::new(write)))
+    }
+
+    /// A committed signature entry: written if it is the next height's and verifies under
+    /// that height's operator key, else skipped (every replica decides alike).
+    fn signature<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        height: u64,
+        signature: Signature,
+        out: &mut Vec<ApplyOut<R>>,
+    ) -> Result<Applied> {
+        if height != self.signed_through + 1 || height > self.meta.height {
+            return Ok(Applied::Skipped);
+        }
+        let header = store
+            .applied_header(height)?
+            .ok_or_else(|| Error::missing(format_args!("the applied header {height}")))?;
+        let key = self.threshold_key(height)?;
+        if key_id(&key) != header.operator_key_id
+            || !verify_strict(&key, &header.encode(), &signature)
+        {
+            return Ok(Applied::Skipped);
+        }
+        let signed = store.sign_header(height, signature)?;
+        self.signed_through = height;
+        if let Some((body, waiters)) = self.held.remove(&height) {
+            out.push(ApplyOut::Confirm {
+                body,
+                signed: signed.clone(),
+                waiters,
+            });
+        }
+        out.push(ApplyOut::Signed(height));
+        self.unpark(store, out)?;
+        Ok(Applied::Signed(Box::new(signed)))
+    }
+
+    /// The key that signs the header at `height` (not signed yet, so above the last rotation:
+    /// a threshold group is never rotated, since no replica holds a key to rotate to).
+    fn threshold_key(&self, height: u64) -> Result<PublicKey> {
+        match self.meta.operator {
+            Some(r) if r.height >= height => Err(Error::Config(format!(
+                "header {height} waits for its signature under the key before rotation {}: \
+                 rotating a threshold operator's key is not supported",
+                r.number
+            ))),
+            _ => Ok(self.keys.public_for_meta(&self.meta)),
+        }
     }
 
     fn write<S: LedgerStore>(
@@ -197,7 +299,10 @@ impl<R> Applier<R> {
             store,
             accounts: &mut self.accounts,
         };
-        let key = self.keys.for_meta(&self.meta)?;
+        let key = match self.keys.is_threshold() {
+            true => HeaderKey::Unsigned(self.meta.signing_key_id(&self.keys.genesis_key_id())),
+            false => HeaderKey::Sign(self.keys.for_meta(&self.meta)?),
+        };
         let mut write = prepare_apply_sealed(body, encoded, &self.meta, &mut reader, key, sealed)?;
         write.meta.raft_index = raft_index;
         store.apply(&write)?;
@@ -232,7 +337,7 @@ impl<R> Applier<R> {
 
     /// Resubmissions whose batch is now applied get their confirmation.
     fn unpark<S: LedgerStore>(&mut self, store: &mut S, out: &mut Vec<ApplyOut<R>>) -> Result<()> {
-        let later = self.parked.split_off(&(self.meta.height + 1));
+        let later = self.parked.split_off(&(self.signed_through + 1));
         for (height, waiting) in std::mem::replace(&mut self.parked, later) {
             for p in waiting {
                 self.parked_count -= 1;
@@ -253,7 +358,7 @@ impl<R> Applier<R> {
         reply: R,
         out: &mut Vec<ApplyOut<R>>,
     ) -> Result<()> {
-        if height <= self.meta.height {
+        if height <= self.signed_through {
             return self.answer(store, height, index, request_hash, reply, out);
         }
         if self.parked_count >= self.cfg.parked_max {
@@ -312,7 +417,15 @@ impl<R> Applier<R> {
         out: &mut Vec<ApplyOut<R>>,
     ) -> Result<()> {
         self.meta = store.meta()?;
+        self.signed_through = store.signed_through()?;
         self.accounts.clear();
+        for (height, (body, waiters)) in std::mem::take(&mut self.held) {
+            let starts = body.item_starts();
+            for w in waiters {
+                let item = body.item_at(&starts, w.index).expect("a waiter's item");
+                self.replay(store, height, w.index, item.hash(), w.reply, out)?;
+            }
+        }
         self.advance_index(raft_index.max(self.meta.raft_index));
         self.unpark(store, out)
     }

@@ -301,6 +301,16 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
         }
     }
 
+    /// Proposes a header's signature (a threshold operator's, `crate::signing`): best effort,
+    /// as the signing stage proposes it again until it applies. False when not leading.
+    pub fn propose_signature(&mut self, height: u64, signature: &tally_wire::Signature) -> bool {
+        self.leading
+            && self
+                .replica
+                .propose(crate::signing::encode_signature_entry(height, signature))
+                .is_ok()
+    }
+
     /// A committed batch did not extend the chain: the master must start over from the
     /// applied state once everything proposed so far is applied.
     pub fn resync(&mut self, out: &mut Vec<ReplOut<R, Q>>) {
@@ -519,6 +529,15 @@ impl<R, Q> RaftIo for Io<'_, R, Q> {
         for e in entries {
             *self.committed_bytes += e.data.len() as u64;
             let raft_index = e.index;
+            if let Some((height, signature)) = is_signature(&e) {
+                let committed = Committed::Signature {
+                    height,
+                    signature,
+                    raft_index,
+                };
+                self.out.push(ReplOut::Committed(committed));
+                continue;
+            }
             // Bytes that are not a batch body are skipped by every replica alike.
             let body = is_batch(&e)
                 .then(|| BatchBody::decode(&e.data).ok())
@@ -549,6 +568,14 @@ impl<R, Q> RaftIo for Io<'_, R, Q> {
                 self.ready_reads.push_back((s.index, q));
             }
         }
+    }
+}
+
+/// A signature entry's height and signature (`crate::signing`).
+fn is_signature(e: &Entry) -> Option<(u64, tally_wire::Signature)> {
+    match e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal {
+        true => crate::signing::decode_signature_entry(&e.data),
+        false => None,
     }
 }
 

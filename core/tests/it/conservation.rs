@@ -497,7 +497,7 @@ impl Sim {
             write.body.clone(),
             &meta,
             &mut self.replica,
-            &self.replica_operator,
+            tally_core::batch::HeaderKey::Sign(&self.replica_operator),
             sealed,
         )
         .unwrap_or_else(|e| panic!("{ctx}: the replica refused batch {h}: {e}"));

@@ -202,6 +202,7 @@ impl Harness {
             Applied::Written(w) => format!("written height={}", w.meta.height),
             Applied::Skipped => "skipped".into(),
             Applied::Superseded => "superseded".into(),
+            Applied::Signed(s) => format!("signed height={}", s.header.height),
         };
         let _ = writeln!(self.out, "> {what}");
         self.apply_out(aout);
@@ -239,6 +240,8 @@ impl Harness {
                 ApplyOut::Refuse(reply, r) => format!("> refuse {reply} {r:?}"),
                 ApplyOut::Reject(reply, r) => format!("> reject {reply} {}", r.code),
                 ApplyOut::Resync => "> resync".into(),
+                ApplyOut::Unsigned(h) => format!("> unsigned height={}", h.height),
+                ApplyOut::Signed(h) => format!("> signed through={h}"),
             };
             if !line.is_empty() {
                 let _ = writeln!(self.out, "{line}");

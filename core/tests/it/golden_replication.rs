@@ -420,6 +420,12 @@ impl Cluster {
                     body.header.height
                 )
             }
+            Committed::Signature {
+                height, raft_index, ..
+            } => {
+                node.applied.raft_index = raft_index;
+                format!("committed {raft_index} signature height={height}")
+            }
             Committed::Other { raft_index } => {
                 node.applied.raft_index = raft_index;
                 let store = node.repl.replica().store();

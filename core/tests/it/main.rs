@@ -19,6 +19,7 @@ mod script;
 mod signing;
 mod state;
 mod stateless;
+mod threshold_apply;
 mod tlog;
 mod two_phase;
 mod two_phase_model;

@@ -207,9 +207,54 @@ fn the_header_log_is_the_tree_of_the_headers_and_is_rebuilt_at_open() {
     );
 }
 
-/// Every node of `db`'s header log against the roots of its headers' leaf hashes.
+/// A threshold operator's ledger: headers written unsigned are not served and stay out of the
+/// header log until signed, in height order; a reopen finds where the signed ones end.
+#[test]
+fn unsigned_headers_wait_outside_the_header_log_until_signed_across_a_reopen() {
+    let seed = seed();
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), seed);
+    let writes: Vec<_> = (0..6).map(|_| chain.step_unsigned(&mut db, 8)).collect();
+    assert_eq!(db.signed_through().unwrap(), 0);
+    for w in &writes {
+        let h = w.meta.height;
+        assert_eq!(db.header(h).unwrap(), None, "height {h} is not signed");
+        assert_eq!(
+            db.applied_header(h).unwrap().as_ref(),
+            Some(&w.signed_header.header)
+        );
+    }
+    assert!(
+        db.header_log_node(0, 0).is_err(),
+        "the log holds signed headers only"
+    );
+    for w in &writes[..4] {
+        let signed = db
+            .sign_header(w.meta.height, chain.signature(&w.signed_header.header))
+            .unwrap();
+        assert_eq!(db.header(w.meta.height).unwrap(), Some(signed));
+    }
+    check_header_log(&mut db, seed);
+    let meta = db.meta().unwrap();
+    db.close().unwrap();
+
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    assert_eq!(db.meta().unwrap(), meta);
+    assert_eq!(db.signed_through().unwrap(), 4);
+    assert_eq!(db.header(5).unwrap(), None);
+    check_header_log(&mut db, seed);
+    for w in &writes[4..] {
+        db.sign_header(w.meta.height, chain.signature(&w.signed_header.header))
+            .unwrap();
+    }
+    assert_eq!(db.signed_through().unwrap(), 6);
+    check_header_log(&mut db, seed);
+}
+
+/// Every node of `db`'s header log against the roots of its (signed) headers' leaf hashes.
 fn check_header_log(db: &mut LedgerDb, seed: u64) {
-    let height = db.meta().unwrap().height;
+    let height = db.signed_through().unwrap();
     let leaves: Vec<tally_wire::Hash> = (1..=height)
         .map(|h| tally_core::tlog::leaf_hash(&db.header(h).unwrap().unwrap().encode()))
         .collect();

@@ -108,6 +108,32 @@ impl Chain {
         write
     }
 
+    /// As [`Chain::step`], writing the header unsigned, as a threshold operator's replica does
+    /// (`tally_core::signing`); [`Chain::signature`] is what its signature entry carries.
+    pub fn step_unsigned(&mut self, db: &mut LedgerDb, requests: usize) -> BatchWrite {
+        let height = self.seq.sealed_height() + 1;
+        for i in 0..requests {
+            let request = self.random_request(height, i as u32);
+            self.seq
+                .submit(request, 0, height * 100, db)
+                .expect("submit");
+        }
+        let body = self.seq.seal(1).expect("a batch");
+        let meta = db.meta().expect("meta");
+        let key = tally_core::batch::HeaderKey::Unsigned(self.operator.key_id());
+        let write =
+            tally_core::batch::prepare_apply_sealed(&body, body.encode(), &meta, db, key, None)
+                .expect("replay");
+        db.apply(&write).expect("apply");
+        self.seq.applied(height);
+        write
+    }
+
+    /// The operator's signature of `header`.
+    pub fn signature(&self, header: &tally_wire::Header) -> tally_wire::Signature {
+        self.operator.sign_header(header.clone()).signature
+    }
+
     /// Sequences one batch at time `unix_ms` (the sequencer keeps batch times monotonic): the
     /// expiries then due, then `envelopes`, each of which must be accepted; replays it against
     /// `db` and applies it.
