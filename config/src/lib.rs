@@ -35,6 +35,8 @@
 //!   whether a deposit key is a valid Ed25519 point is checked by the server when it loads the
 //!   keys. `cluster.admin_keys` are checked here as curve points as well (pure arithmetic on
 //!   the bytes, with curve25519-dalek).
+//! - Threshold mode (`operator.signing_key_share`) is refused together with what it does not
+//!   sign yet: the archive, witnesses, the explorer, key rotation, and a single node.
 //! - Paths are not checked for existence. `log.level` is checked for what an operator gets
 //!   wrong (an unknown level name), not for every corner of `tracing-subscriber`'s syntax.
 //! - TOML integers are signed 64-bit, so a `u64` or `usize` above `i64::MAX` cannot be written;
@@ -75,7 +77,8 @@ pub struct Config {
     /// `[tls]`: certificate and key paths. Required by `validate()`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
-    /// `[operator]`: the signing key path and the deposit keys. Required by `validate()`.
+    /// `[operator]`: the signing key (or key share) path and the deposit keys. Required by
+    /// `validate()`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<OperatorConfig>,
     /// `[batch]`: batch window and caps.
@@ -132,7 +135,8 @@ impl Config {
                 key: data_dir.join("node.key"),
             }),
             operator: Some(OperatorConfig {
-                signing_key: data_dir.join("operator.key"),
+                signing_key: Some(data_dir.join("operator.key")),
+                signing_key_share: None,
                 next_signing_key: None,
                 genesis_public_key: None,
                 deposit_keys: Vec::new(),
@@ -185,8 +189,8 @@ impl Config {
         }
     }
 
-    /// Makes the relative paths (`node.data_dir`, `tls.*`, `operator.signing_key`) relative to
-    /// `base_dir`, the directory of the config file, so that a replica started from another
+    /// Makes the relative paths (`node.data_dir`, `tls.*`, `operator.signing_key`,
+    /// `operator.signing_key_share`, `operator.next_signing_key`) relative to `base_dir`, the directory of the config file, so that a replica started from another
     /// working directory finds the same files. Pure path arithmetic: nothing is read. Absolute
     /// and empty paths are left alone (an empty one is for `validate()` to report).
     pub fn resolve_paths(&mut self, base_dir: &Path) {
@@ -202,9 +206,13 @@ impl Config {
             resolve(&mut tls.key);
         }
         if let Some(operator) = &mut self.operator {
-            resolve(&mut operator.signing_key);
-            if let Some(next) = &mut operator.next_signing_key {
-                resolve(next);
+            let paths = [
+                &mut operator.signing_key,
+                &mut operator.signing_key_share,
+                &mut operator.next_signing_key,
+            ];
+            for path in paths.into_iter().flatten() {
+                resolve(path);
             }
         }
         // A plain relative archive path, like every other path, is relative to the config.
@@ -225,13 +233,12 @@ impl Config {
             .expect("node.chain_id is valid hex: call Config::validate first")
     }
 
-    /// `operator.deposit_keys` as bytes, in config order.
+    /// `operator.genesis_public_key` decoded, if the config names one.
     ///
     /// # Panics
     ///
-    /// If `[operator]` is absent or a key is not 64 hex characters, which `validate()` rejects:
-    /// call it first.
-    /// `operator.genesis_public_key` decoded, if the config names one.
+    /// If `[operator]` is absent or the key is not 64 hex characters, which `validate()`
+    /// rejects: call it first.
     pub fn genesis_public_key_bytes(&self) -> Option<[u8; 32]> {
         let operator = self
             .operator
@@ -243,6 +250,12 @@ impl Config {
         })
     }
 
+    /// `operator.deposit_keys` as bytes, in config order.
+    ///
+    /// # Panics
+    ///
+    /// If `[operator]` is absent or a key is not 64 hex characters, which `validate()` rejects:
+    /// call it first.
     pub fn deposit_keys_bytes(&self) -> Vec<[u8; 32]> {
         let operator = self
             .operator

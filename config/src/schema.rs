@@ -78,14 +78,27 @@ pub struct TlsConfig {
 }
 
 /// `[operator]`: the operator's keys. Required by `validate()`, like `[tls]`.
+///
+/// The operator signs with a whole key (`signing_key`) or, in threshold mode, with this
+/// replica's share of one (`signing_key_share`): `validate()` requires exactly one of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
     /// Path of the operator's Ed25519 private key (PKCS#8 PEM) that signs batch headers. Every
     /// replica holds the same key: Ed25519 signatures are deterministic, so all replicas produce
     /// the same signature for a header and none has to be replicated. A relative path is taken
-    /// relative to the config file's directory.
-    pub signing_key: PathBuf,
+    /// relative to the config file's directory. Unset when `signing_key_share` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<PathBuf>,
+    /// Path of this replica's share of a threshold operator key (FROST, RFC 9591; issue 20):
+    /// no replica holds the whole key, and any majority of the replicas signs together. The
+    /// file is the one `tally-server init-cluster --threshold` writes for this replica
+    /// (`node<id>.share`). A relative path is taken relative to the config file's directory.
+    /// Threshold mode does not yet sign checkpoints, manifests or rotations, so `validate()`
+    /// refuses it together with `next_signing_key`, `genesis_public_key`, an archive,
+    /// witnesses, the explorer, or a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_share: Option<PathBuf>,
     /// Path of the next operator key (PKCS#8 PEM), held ahead of a rotation (`tally cluster
     /// rotate-key`, PROTOCOL.md §4.14): every replica must hold it before the rotation is
     /// asked for, and signs with it from the height after the rotation's batch. A replica

@@ -49,6 +49,9 @@ pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
     listen(&mut problems, &config.listen);
     tls(&mut problems, config.tls.as_ref());
     operator(&mut problems, config.operator.as_ref());
+    if let Some(operator) = &config.operator {
+        threshold(&mut problems, config, operator);
+    }
     peers(&mut problems, config);
     cluster(&mut problems, &config.cluster);
     addresses(&mut problems, config);
@@ -112,7 +115,7 @@ fn operator(problems: &mut Problems, operator: Option<&OperatorConfig>) {
         problems.push("operator", "", SECTION_REQUIRED);
         return;
     };
-    problems.path("operator.signing_key", &operator.signing_key);
+    signing_key(problems, operator);
     if let Some(next) = &operator.next_signing_key {
         problems.path("operator.next_signing_key", next);
     }
@@ -132,6 +135,95 @@ fn operator(problems: &mut Problems, operator: Option<&OperatorConfig>) {
     }
     public_keys(problems, "operator.deposit_keys", &operator.deposit_keys);
 }
+
+/// Exactly one of `signing_key` (a whole key) and `signing_key_share` (a share of one), and
+/// not an empty path.
+fn signing_key(problems: &mut Problems, operator: &OperatorConfig) {
+    match (&operator.signing_key, &operator.signing_key_share) {
+        (Some(key), None) => problems.path("operator.signing_key", key),
+        (None, Some(share)) => problems.path("operator.signing_key_share", share),
+        (None, None) => problems.push(
+            "operator.signing_key",
+            "",
+            format!("{EXACTLY_ONE_KEY}; neither is set"),
+        ),
+        (Some(_), Some(share)) => problems.push(
+            "operator.signing_key_share",
+            quoted(share.display()),
+            format!("{EXACTLY_ONE_KEY}; operator.signing_key is set too"),
+        ),
+    }
+}
+
+const EXACTLY_ONE_KEY: &str = "set exactly one of operator.signing_key (the whole operator key) \
+     and operator.signing_key_share (this replica's share of a threshold key)";
+
+/// What threshold mode (`operator.signing_key_share`) cannot do yet: rotate the group's key,
+/// and sign anything but headers (the archive's checkpoints and manifests, the checkpoints
+/// witnesses cosign and the explorer serves), which still need a whole key. A single node
+/// has no one to share a key with. (With both keys set, [`signing_key`] reports that alone.)
+fn threshold(problems: &mut Problems, config: &Config, operator: &OperatorConfig) {
+    let (None, Some(share)) = (&operator.signing_key, &operator.signing_key_share) else {
+        return;
+    };
+    if let Some(next) = &operator.next_signing_key {
+        problems.push(
+            "operator.next_signing_key",
+            quoted(next.display()),
+            format!("{NOT_WITH_SHARE}: rotating a threshold group's key is not supported yet"),
+        );
+    }
+    if let Some(genesis) = &operator.genesis_public_key {
+        problems.push(
+            "operator.genesis_public_key",
+            quoted(genesis),
+            format!(
+                "{NOT_WITH_SHARE}: a threshold group's key is the ledger's genesis key \
+                 (rotating it is not supported yet)"
+            ),
+        );
+    }
+    if config.archive.enabled() {
+        problems.push(
+            "archive.url",
+            quoted(&config.archive.url),
+            format!(
+                "{NOT_WITH_SHARE}: threshold mode does not yet sign the archive's checkpoints \
+                 and manifests, which need a whole key (operator.signing_key); leave \
+                 archive.url empty"
+            ),
+        );
+    }
+    if !config.witnesses.is_empty() {
+        problems.push(
+            "witnesses",
+            "",
+            format!(
+                "{NOT_WITH_SHARE}: threshold mode does not yet sign the checkpoints witnesses \
+                 cosign, which need a whole key (operator.signing_key); remove [[witnesses]]"
+            ),
+        );
+    }
+    if config.explorer.enabled {
+        problems.push(
+            "explorer.enabled",
+            true,
+            format!(
+                "{NOT_WITH_SHARE}: threshold mode does not yet sign the checkpoints the \
+                 explorer serves, which need a whole key (operator.signing_key)"
+            ),
+        );
+    }
+    if config.peers.is_empty() {
+        problems.push(
+            "operator.signing_key_share",
+            quoted(share.display()),
+            "needs [[peers]]: a single-node operator keeps a plain key (operator.signing_key)",
+        );
+    }
+}
+
+const NOT_WITH_SHARE: &str = "not with operator.signing_key_share";
 
 /// Each key of the list `name` is 64 hex characters, and no two are the same key (compared as
 /// bytes, so that upper- and lower-case spellings count as equal). Returns each key's bytes,

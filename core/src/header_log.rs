@@ -17,11 +17,11 @@ use crate::tlog::{
 };
 use crate::{Error, Result};
 
-/// The log point of `header`: the operator's checkpoint of the log of its height and the
-/// header's inclusion in it, from the store's `node`s.
+/// The log point of `header`: the operator's checkpoint of the log of its height (signed by
+/// `sign`) and the header's inclusion in it, from the store's `node`s.
 pub fn log_point<E>(
     header: SignedHeader,
-    signer: &OperatorKey,
+    sign: &mut impl FnMut(&Checkpoint) -> Result<String, E>,
     node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
 ) -> Result<LogPoint, E> {
     let size = header.header.height;
@@ -32,25 +32,37 @@ pub fn log_point<E>(
         root: root_by(size, node)?,
     };
     Ok(LogPoint {
-        checkpoint: signer.sign_checkpoint(&checkpoint),
+        checkpoint: sign(&checkpoint)?,
         inclusion: inclusion_proof_by(size - 1, size, node)?,
         header,
     })
 }
 
-/// The reply to `GetConsistency` between two applied headers.
+/// The reply to `GetConsistency` between two applied headers, the checkpoints signed with
+/// `signer` (a whole key signs when asked).
 pub fn consistency_reply<E>(
     from: SignedHeader,
     to: SignedHeader,
     signer: &OperatorKey,
     node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
 ) -> Result<ConsistencyReply, E> {
+    consistency_reply_with(from, to, &mut |c| Ok(signer.sign_checkpoint(c)), node)
+}
+
+/// [`consistency_reply`] with checkpoints as `sign` gives them (a threshold operator's replica
+/// reads the signatures the threshold made ahead).
+pub fn consistency_reply_with<E>(
+    from: SignedHeader,
+    to: SignedHeader,
+    sign: &mut impl FnMut(&Checkpoint) -> Result<String, E>,
+    node: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
+) -> Result<ConsistencyReply, E> {
     let (m, n) = (from.header.height, to.header.height);
     assert!(1 <= m && m <= n, "consistency from {m} to {n}");
     Ok(ConsistencyReply {
         proof: consistency_proof_by(m, n, node)?,
-        from: log_point(from, signer, node)?,
-        to: log_point(to, signer, node)?,
+        from: log_point(from, sign, node)?,
+        to: log_point(to, sign, node)?,
     })
 }
 

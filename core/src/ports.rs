@@ -44,22 +44,22 @@ pub trait LedgerStore: LedgerRead {
     /// but not signed yet (a threshold operator's, `crate::signing`).
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>>;
     /// The header applied at `height`, signed or not.
-    fn applied_header(&mut self, height: u64) -> Result<Option<Header>> {
-        Ok(self.header(height)?.map(|s| s.header))
-    }
+    fn applied_header(&mut self, height: u64) -> Result<Option<Header>>;
     /// The highest height whose header is signed: the applied height, except on a threshold
     /// operator's replica, whose headers are applied unsigned and signed after.
-    fn signed_through(&mut self) -> Result<u64> {
-        Ok(self.meta()?.height)
-    }
+    fn signed_through(&mut self) -> Result<u64>;
     /// Stores the signature of the applied header at `height`, which must be
     /// `signed_through() + 1`, and appends the signed header to the header log: one synced
     /// write. Returns the signed header.
-    fn sign_header(&mut self, height: u64, _signature: Signature) -> Result<SignedHeader> {
-        Err(crate::Error::missing(format_args!(
-            "a store that signs headers itself has no unsigned header {height}"
-        )))
-    }
+    fn sign_header(&mut self, height: u64, signature: Signature) -> Result<SignedHeader>;
+    /// The highest height whose checkpoint signature (a threshold operator's) is stored; a
+    /// store with a whole key signs checkpoints when asked: its applied height.
+    fn checkpointed_through(&mut self) -> Result<u64>;
+    /// Stores the threshold's signature of the checkpoint of the header log of `size`, which
+    /// must be `checkpointed_through() + 1` and at most `signed_through()`: one synced write.
+    fn sign_checkpoint(&mut self, size: u64, signature: Signature) -> Result<()>;
+    /// The stored signature of the checkpoint of `size` (None: not signed by a threshold).
+    fn checkpoint_signature(&mut self, size: u64) -> Result<Option<Signature>>;
     /// Node `(level, index)` of the header log (PROTOCOL.md §4.12; see
     /// [`crate::tlog::completed_at`]): the root of the applied headers at heights
     /// `index·2^level + 1 ..= (index+1)·2^level`. `Missing` past the applied height.
@@ -135,6 +135,10 @@ pub struct MemStore {
     pub headers: HashMap<u64, SignedHeader>,
     pub bodies: HashMap<u64, Vec<u8>>,
     pub reserves: HashMap<(PublicKey, u128), Reserve>,
+    /// Threshold checkpoint signatures, by size, and the last (None: no header was signed
+    /// by a threshold).
+    pub checkpoints: std::collections::BTreeMap<u64, Signature>,
+    pub checkpointed: Option<u64>,
 }
 
 impl LedgerRead for MemStore {
@@ -206,12 +210,33 @@ impl LedgerStore for MemStore {
         }
         Ok(h)
     }
+    fn checkpointed_through(&mut self) -> Result<u64> {
+        match self.checkpointed {
+            Some(h) => Ok(h),
+            None => self.signed_through(),
+        }
+    }
+    fn sign_checkpoint(&mut self, size: u64, signature: Signature) -> Result<()> {
+        let through = self.checkpointed.expect("a header is signed first");
+        assert_eq!(size, through + 1, "checkpoints are signed in order");
+        assert!(
+            size <= self.signed_through()?,
+            "a checkpoint after its header"
+        );
+        self.checkpoints.insert(size, signature);
+        self.checkpointed = Some(size);
+        Ok(())
+    }
+    fn checkpoint_signature(&mut self, size: u64) -> Result<Option<Signature>> {
+        Ok(self.checkpoints.get(&size).copied())
+    }
     fn sign_header(&mut self, height: u64, signature: Signature) -> Result<SignedHeader> {
         assert_eq!(
             height,
             self.signed_through()? + 1,
             "headers are signed in order"
         );
+        self.checkpointed.get_or_insert(0);
         let stored = self.headers.get_mut(&height).expect("an applied header");
         stored.signature = signature;
         Ok(stored.clone())

@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rand::{CryptoRng, RngCore};
-use tally_wire::{Header, Signature, HEADER_BYTES};
+use tally_wire::{Header, Signature};
 
 use crate::crypto::verify_strict;
 use crate::threshold::{aggregate, Commitment, Nonces, Share, SignatureShare, SignerId};
@@ -37,36 +37,66 @@ pub const STOCK: usize = 8;
 /// How often a signer sends its stock even when it did not change (a restarted peer or a new
 /// leader learns it).
 pub const STOCK_RESEND_MS: u64 = 1_000;
-/// Requests a signer holds for heights it has not applied yet; beyond, the oldest go.
+/// Requests a signer holds for items it has not reached yet; beyond, the oldest go.
 pub const PENDING_MAX: usize = 64;
-/// Heights a coordinator signs at once.
+/// Items a coordinator signs at once.
 pub const IN_FLIGHT_MAX: usize = 8;
 /// A round without `t` shares after this long starts over with other signers.
 pub const ROUND_TIMEOUT_MS: u64 = 400;
 /// A proposed signature not applied after this long is proposed again.
 pub const REPROPOSE_MS: u64 = 1_000;
-/// Bytes of an encoded commitment or share a message may carry.
-const PART_BYTES_MAX: usize = 256;
+/// Bytes of a message to sign: a header (192) or a checkpoint's text (~110).
+const MESSAGE_BYTES_MAX: usize = 512;
 
-/// The raft entry that carries a header's signature: domain ‖ height u64 LE ‖ signature.
+/// What is signed at each height, in this order: the header, then the checkpoint of the header
+/// log of that size (whose last leaf is the signed header, so it waits for that signature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Header = 0,
+    Checkpoint = 1,
+}
+
+impl Kind {
+    fn decode(b: u8) -> Option<Kind> {
+        match b {
+            0 => Some(Kind::Header),
+            1 => Some(Kind::Checkpoint),
+            _ => None,
+        }
+    }
+}
+
+/// One thing to sign: a height's header or checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Item {
+    pub height: u64,
+    pub kind: Kind,
+}
+
+/// The raft entry that carries a signature: domain ‖ height u64 LE ‖ kind u8 ‖ signature.
 pub const SIGNATURE_ENTRY_DOMAIN: [u8; 16] = *b"tally/hsig/v1\0\0\0";
-const SIGNATURE_ENTRY_BYTES: usize = 16 + 8 + 64;
+const SIGNATURE_ENTRY_BYTES: usize = 16 + 8 + 1 + 64;
 
-pub fn encode_signature_entry(height: u64, signature: &Signature) -> Vec<u8> {
+pub fn encode_signature_entry(item: Item, signature: &Signature) -> Vec<u8> {
     let mut out = Vec::with_capacity(SIGNATURE_ENTRY_BYTES);
     out.extend_from_slice(&SIGNATURE_ENTRY_DOMAIN);
-    out.extend_from_slice(&height.to_le_bytes());
+    out.extend_from_slice(&item.height.to_le_bytes());
+    out.push(item.kind as u8);
     out.extend_from_slice(signature);
     out
 }
 
-/// A signature entry's height and signature; None for any other bytes.
-pub fn decode_signature_entry(bytes: &[u8]) -> Option<(u64, Signature)> {
+/// A signature entry's item and signature; None for any other bytes.
+pub fn decode_signature_entry(bytes: &[u8]) -> Option<(Item, Signature)> {
     if bytes.len() != SIGNATURE_ENTRY_BYTES || !bytes.starts_with(&SIGNATURE_ENTRY_DOMAIN) {
         return None;
     }
     let height = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
-    Some((height, bytes[24..].try_into().expect("64 bytes")))
+    let kind = Kind::decode(bytes[24])?;
+    Some((
+        Item { height, kind },
+        bytes[25..].try_into().expect("64 bytes"),
+    ))
 }
 
 /// A message between replicas' signing stages (PROTOCOL.md §4.15 gives the bytes).
@@ -77,15 +107,16 @@ pub enum SignMsg {
         from: SignerId,
         commitments: Vec<(u64, Commitment)>,
     },
-    /// Sign `header` (the height's, 192 bytes) with these commitments, one per signer.
+    /// Sign `message` (the item's: a header's 192 bytes, a checkpoint's text) with these
+    /// commitments, one per signer.
     Request {
-        height: u64,
-        header: Vec<u8>,
+        item: Item,
+        message: Vec<u8>,
         package: Vec<(SignerId, u64, Commitment)>,
     },
-    /// A signer's share for the request of `height` that named its commitment `counter`.
+    /// A signer's share for the request of `item` that named its commitment `counter`.
     Share {
-        height: u64,
+        item: Item,
         from: SignerId,
         counter: u64,
         share: SignatureShare,
@@ -99,8 +130,8 @@ pub enum SignOut {
     Send(SignerId, SignMsg),
     /// To every other replica.
     Broadcast(SignMsg),
-    /// Propose this signature of the header at `height` as a raft entry.
-    Propose(u64, Signature),
+    /// Propose this signature of `item` as a raft entry.
+    Propose(Item, Signature),
 }
 
 /// One replica's signing stage: its signer, and its coordinator while it leads.
@@ -116,11 +147,13 @@ pub struct Signing<G: RngCore + CryptoRng> {
     nonces: BTreeMap<u64, Nonces>,
     next_counter: u64,
     stock_sent_ms: Option<u64>,
-    /// Headers applied here and not yet signed, by height.
-    headers: BTreeMap<u64, Header>,
-    signed_through: u64,
-    /// Requests for heights not applied here yet: (height, from, request).
-    pending: Vec<(u64, SignerId, SignMsg)>,
+    /// What this replica would sign for each item not signed yet: its own applied header, the
+    /// checkpoint of its own header log.
+    messages: BTreeMap<Item, Vec<u8>>,
+    /// Signatures applied through these heights: headers, checkpoints.
+    signed: [u64; 2],
+    /// Requests for items this replica has not reached yet: (from, request).
+    pending: Vec<(SignerId, SignMsg)>,
     coordinator: Option<Coordinator>,
 }
 
@@ -128,9 +161,9 @@ pub struct Signing<G: RngCore + CryptoRng> {
 #[derive(Default)]
 struct Coordinator {
     stock: BTreeMap<SignerId, Vec<(u64, Commitment)>>,
-    rounds: BTreeMap<u64, Round>,
-    /// Aggregated signatures, by height, until applied: (signature, proposed at).
-    done: BTreeMap<u64, (Signature, Option<u64>)>,
+    rounds: BTreeMap<Item, Round>,
+    /// Aggregated signatures until applied: (signature, proposed at).
+    done: BTreeMap<Item, (Signature, Option<u64>)>,
     /// Rounds each signer failed lately (timeouts, bad shares); a share answered resets it.
     failures: BTreeMap<SignerId, u32>,
 }
@@ -144,8 +177,19 @@ struct Round {
 }
 
 impl<G: RngCore + CryptoRng> Signing<G> {
-    /// `signed_through`: the highest height whose signature this replica applied.
-    pub fn new(share: Share, public: Vec<u8>, mut rng: G, signed_through: u64) -> Result<Self> {
+    /// `headers` and `checkpoints`: the heights through which this replica applied their
+    /// signatures.
+    pub fn new(
+        share: Share,
+        public: Vec<u8>,
+        mut rng: G,
+        headers: u64,
+        checkpoints: u64,
+    ) -> Result<Self> {
+        assert!(
+            checkpoints <= headers,
+            "checkpoint {checkpoints} signed before its header"
+        );
         let id = share.id()?;
         let threshold = share.min_signers();
         let group_key = share.group_key()?;
@@ -160,8 +204,8 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             nonces: BTreeMap::new(),
             next_counter,
             stock_sent_ms: None,
-            headers: BTreeMap::new(),
-            signed_through,
+            messages: BTreeMap::new(),
+            signed: [headers, checkpoints],
             pending: Vec::new(),
             coordinator: None,
         })
@@ -171,8 +215,9 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         self.id
     }
 
-    pub fn signed_through(&self) -> u64 {
-        self.signed_through
+    /// Signatures applied through these heights: (headers, checkpoints).
+    pub fn signed_through(&self) -> (u64, u64) {
+        (self.signed[0], self.signed[1])
     }
 
     /// This replica leads (or no longer does): a new coordinator starts from nothing but the
@@ -187,29 +232,60 @@ impl<G: RngCore + CryptoRng> Signing<G> {
 
     /// A batch was applied here unsigned; its header is what this replica will sign.
     pub fn applied(&mut self, header: Header, now_ms: u64, out: &mut Vec<SignOut>) {
-        if header.height <= self.signed_through {
+        let item = Item {
+            height: header.height,
+            kind: Kind::Header,
+        };
+        self.reached(item, header.encode().to_vec(), now_ms, out);
+    }
+
+    /// The header at `height` is signed here, and `checkpoint` is the text of the checkpoint of
+    /// this replica's header log of that size: what it will sign next for that height.
+    pub fn header_signed(
+        &mut self,
+        height: u64,
+        checkpoint: Vec<u8>,
+        now_ms: u64,
+        out: &mut Vec<SignOut>,
+    ) {
+        self.forget(Kind::Header, height);
+        let item = Item {
+            height,
+            kind: Kind::Checkpoint,
+        };
+        self.reached(item, checkpoint, now_ms, out);
+    }
+
+    /// Checkpoints are signed here through `height`.
+    pub fn checkpoint_signed(&mut self, height: u64) {
+        self.forget(Kind::Checkpoint, height);
+    }
+
+    fn reached(&mut self, item: Item, message: Vec<u8>, now_ms: u64, out: &mut Vec<SignOut>) {
+        if item.height <= self.signed[item.kind as usize] {
             return;
         }
-        let height = header.height;
-        self.headers.insert(height, header);
+        self.messages.insert(item, message);
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
-            .partition(|(h, _, _)| *h <= height);
+            .partition(|(_, m)| matches!(m, SignMsg::Request { item: i, .. } if *i == item));
         self.pending = waiting;
-        for (_, from, msg) in ready {
+        for (from, msg) in ready {
             self.message(from, msg, now_ms, out);
         }
     }
 
-    /// Signatures are applied through `height`.
-    pub fn signed(&mut self, height: u64) {
-        self.signed_through = self.signed_through.max(height);
-        let keep = self.headers.split_off(&(self.signed_through + 1));
-        self.headers = keep;
-        self.pending.retain(|(h, _, _)| *h > height);
+    fn forget(&mut self, kind: Kind, height: u64) {
+        let through = &mut self.signed[kind as usize];
+        *through = (*through).max(height);
+        let through = *through;
+        let gone = |i: &Item| i.kind == kind && i.height <= through;
+        self.messages.retain(|i, _| !gone(i));
+        self.pending
+            .retain(|(_, m)| !matches!(m, SignMsg::Request { item, .. } if gone(item)));
         if let Some(c) = self.coordinator.as_mut() {
-            c.rounds.retain(|h, _| *h > height);
-            c.done.retain(|h, _| *h > height);
+            c.rounds.retain(|i, _| !gone(i));
+            c.done.retain(|i, _| !gone(i));
         }
     }
 
@@ -224,52 +300,52 @@ impl<G: RngCore + CryptoRng> Signing<G> {
                     c.stock.insert(signer, commitments);
                 }
             }
-            SignMsg::Request { height, .. } if height <= self.signed_through => {}
-            SignMsg::Request { height, .. } if !self.headers.contains_key(&height) => {
+            SignMsg::Request { item, .. } if item.height <= self.signed[item.kind as usize] => {}
+            SignMsg::Request { item, .. } if !self.messages.contains_key(&item) => {
                 if self.pending.len() >= PENDING_MAX {
                     self.pending.remove(0);
                 }
-                self.pending.push((height, from, msg));
+                self.pending.push((from, msg));
             }
             SignMsg::Request {
-                height,
-                header,
+                item,
+                message,
                 package,
-            } => self.answer(from, height, &header, &package, now_ms, out),
+            } => self.answer(from, item, &message, &package, now_ms, out),
             SignMsg::Share {
-                height,
+                item,
                 from: signer,
                 counter,
                 share,
-            } if signer == from => self.collect(height, signer, counter, share, now_ms, out),
+            } if signer == from => self.collect(item, signer, counter, share, now_ms, out),
             SignMsg::Share { .. } => {}
         }
     }
 
-    /// Round 2 for a request whose height this replica applied.
+    /// Round 2 for a request of an item this replica reached.
     fn answer(
         &mut self,
         to: SignerId,
-        height: u64,
-        header: &[u8],
+        item: Item,
+        message: &[u8],
         package: &[(SignerId, u64, Commitment)],
         now_ms: u64,
         out: &mut Vec<SignOut>,
     ) {
-        let ours = self.headers.get(&height).map(|h| h.encode());
         let Some(&(_, counter, _)) = package.iter().find(|(id, _, _)| *id == self.id) else {
             return;
         };
-        if ours.as_ref().map(|h| &h[..]) != Some(header) || !distinct_signers(package) {
-            return; // not the header this replica applied: sign nothing
+        let ours = self.messages.get(&item).map(|m| &m[..]);
+        if ours != Some(message) || !distinct_signers(package) {
+            return; // not what this replica applied: sign nothing
         }
         let Some(nonces) = self.nonces.remove(&counter) else {
             return; // used or never ours: the stock below tells the leader what is
         };
         let commitments = package.iter().map(|(i, _, c)| (*i, c.clone())).collect();
-        if let Ok(share) = self.share.sign(header, &commitments, nonces) {
+        if let Ok(share) = self.share.sign(message, &commitments, nonces) {
             let msg = SignMsg::Share {
-                height,
+                item,
                 from: self.id,
                 counter,
                 share,
@@ -324,14 +400,14 @@ impl<G: RngCore + CryptoRng> Signing<G> {
 
     fn expire_rounds(&mut self, now_ms: u64) {
         let c = self.coordinator.as_mut().expect("leading");
-        let late: Vec<u64> = c
+        let late: Vec<Item> = c
             .rounds
             .iter()
             .filter(|(_, r)| now_ms >= r.started_ms + ROUND_TIMEOUT_MS)
-            .map(|(h, _)| *h)
+            .map(|(i, _)| *i)
             .collect();
-        for h in late {
-            let round = c.rounds.remove(&h).expect("listed");
+        for item in late {
+            let round = c.rounds.remove(&item).expect("listed");
             for id in round
                 .counters
                 .keys()
@@ -342,28 +418,28 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         }
     }
 
-    /// Starts a round for each unsigned height without one, in height order.
+    /// Starts a round for each item without one, in height order.
     fn start_rounds(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
-        let heights: Vec<u64> = {
+        let items: Vec<Item> = {
             let c = self.coordinator.as_ref().expect("leading");
             let busy = c.rounds.len() + c.done.len();
-            self.headers
+            self.messages
                 .keys()
-                .filter(|h| !c.rounds.contains_key(h) && !c.done.contains_key(h))
+                .filter(|i| !c.rounds.contains_key(i) && !c.done.contains_key(i))
                 .take(IN_FLIGHT_MAX.saturating_sub(busy))
                 .copied()
                 .collect()
         };
-        for h in heights {
-            if !self.start_round(h, now_ms, out) {
+        for item in items {
+            if !self.start_round(item, now_ms, out) {
                 return;
             }
         }
     }
 
     /// Picks `t` signers with stock and asks each; false when too few have stock.
-    fn start_round(&mut self, height: u64, now_ms: u64, out: &mut Vec<SignOut>) -> bool {
-        let message = self.headers[&height].encode().to_vec();
+    fn start_round(&mut self, item: Item, now_ms: u64, out: &mut Vec<SignOut>) -> bool {
+        let message = self.messages[&item].clone();
         let c = self.coordinator.as_mut().expect("leading");
         let mut candidates: Vec<SignerId> = c
             .stock
@@ -382,7 +458,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             package.push((id, counter, commitment));
         }
         c.rounds.insert(
-            height,
+            item,
             Round {
                 message: message.clone(),
                 commitments: package.iter().map(|(i, _, m)| (*i, m.clone())).collect(),
@@ -392,8 +468,8 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             },
         );
         let request = SignMsg::Request {
-            height,
-            header: message,
+            item,
+            message,
             package: package.clone(),
         };
         for (id, _, _) in &package {
@@ -408,7 +484,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
     /// A share for a round under way; `t` of them make the signature.
     fn collect(
         &mut self,
-        height: u64,
+        item: Item,
         signer: SignerId,
         counter: u64,
         share: SignatureShare,
@@ -418,7 +494,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         let Some(c) = self.coordinator.as_mut() else {
             return;
         };
-        let Some(round) = c.rounds.get_mut(&height) else {
+        let Some(round) = c.rounds.get_mut(&item) else {
             return;
         };
         if round.counters.get(&signer) != Some(&counter) {
@@ -429,7 +505,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         if round.shares.len() < self.threshold {
             return;
         }
-        let round = c.rounds.remove(&height).expect("found");
+        let round = c.rounds.remove(&item).expect("found");
         match aggregate(
             &round.message,
             &round.commitments,
@@ -437,7 +513,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             &self.public,
         ) {
             Ok(sig) if verify_strict(&self.group_key, &round.message, &sig) => {
-                c.done.insert(height, (sig, None));
+                c.done.insert(item, (sig, None));
             }
             _ => {
                 for id in round.counters.keys() {
@@ -448,17 +524,22 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         self.propose_done(now_ms, out);
     }
 
-    /// Proposes the signatures ready for the next heights in order, and again any not applied
-    /// [`REPROPOSE_MS`] after it was proposed.
+    /// Proposes the signatures ready for the next items of each kind in height order, and
+    /// again any not applied [`REPROPOSE_MS`] after it was proposed.
     fn propose_done(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
         let c = self.coordinator.as_mut().expect("leading");
-        let mut next = self.signed_through + 1;
-        while let Some((sig, proposed)) = c.done.get_mut(&next) {
-            if proposed.is_none_or(|t| now_ms >= t + REPROPOSE_MS) {
-                *proposed = Some(now_ms);
-                out.push(SignOut::Propose(next, *sig));
+        for kind in [Kind::Header, Kind::Checkpoint] {
+            let mut item = Item {
+                height: self.signed[kind as usize] + 1,
+                kind,
+            };
+            while let Some((sig, proposed)) = c.done.get_mut(&item) {
+                if proposed.is_none_or(|t| now_ms >= t + REPROPOSE_MS) {
+                    *proposed = Some(now_ms);
+                    out.push(SignOut::Propose(item, *sig));
+                }
+                item.height += 1;
             }
-            next += 1;
         }
     }
 }
@@ -492,13 +573,13 @@ impl SignMsg {
                 }
             }
             SignMsg::Request {
-                height,
-                header,
+                item,
+                message,
                 package,
             } => {
                 out.push(TAG_REQUEST);
-                out.extend_from_slice(&height.to_le_bytes());
-                out.extend_from_slice(header);
+                put_item(&mut out, item);
+                put_part(&mut out, message);
                 out.push(package.len() as u8);
                 for (id, n, c) in package {
                     out.extend_from_slice(&id.to_le_bytes());
@@ -507,13 +588,13 @@ impl SignMsg {
                 }
             }
             SignMsg::Share {
-                height,
+                item,
                 from,
                 counter,
                 share,
             } => {
                 out.push(TAG_SHARE);
-                out.extend_from_slice(&height.to_le_bytes());
+                put_item(&mut out, item);
                 out.extend_from_slice(&from.to_le_bytes());
                 out.extend_from_slice(&counter.to_le_bytes());
                 put_part(&mut out, share);
@@ -536,21 +617,21 @@ impl SignMsg {
                 SignMsg::Stock { from, commitments }
             }
             TAG_REQUEST => {
-                let height = r.u64()?;
-                let header = r.take(HEADER_BYTES)?.to_vec();
+                let item = r.item()?;
+                let message = r.part()?;
                 let count = r.count()?;
                 let mut package = Vec::with_capacity(count);
                 for _ in 0..count {
                     package.push((r.u16()?, r.u64()?, r.part()?));
                 }
                 SignMsg::Request {
-                    height,
-                    header,
+                    item,
+                    message,
                     package,
                 }
             }
             TAG_SHARE => SignMsg::Share {
-                height: r.u64()?,
+                item: r.item()?,
                 from: r.u16()?,
                 counter: r.u64()?,
                 share: r.part()?,
@@ -564,10 +645,15 @@ impl SignMsg {
     }
 }
 
+fn put_item(out: &mut Vec<u8>, item: &Item) {
+    out.extend_from_slice(&item.height.to_le_bytes());
+    out.push(item.kind as u8);
+}
+
 fn put_part(out: &mut Vec<u8>, part: &[u8]) {
     assert!(
-        part.len() <= PART_BYTES_MAX,
-        "a commitment or share of {} bytes",
+        part.len() <= MESSAGE_BYTES_MAX,
+        "a part of {} bytes",
         part.len()
     );
     out.extend_from_slice(&(part.len() as u16).to_le_bytes());
@@ -605,12 +691,18 @@ impl<'a> Reader<'a> {
             false => Err(malformed(format!("{n} parts"))),
         }
     }
+    /// A commitment, a share or a message to sign.
     fn part(&mut self) -> Result<Vec<u8>> {
         let n = self.u16()? as usize;
-        match n <= PART_BYTES_MAX {
+        match n <= MESSAGE_BYTES_MAX {
             true => Ok(self.take(n)?.to_vec()),
             false => Err(malformed(format!("a part of {n} bytes"))),
         }
+    }
+    fn item(&mut self) -> Result<Item> {
+        let height = self.u64()?;
+        let kind = Kind::decode(self.u8()?).ok_or_else(|| malformed("an unknown kind".into()))?;
+        Ok(Item { height, kind })
     }
 }
 
@@ -634,11 +726,19 @@ mod tests {
         }
     }
 
+    fn checkpoint(height: u64) -> Vec<u8> {
+        format!("tally.ledger/test\n{height}\nroot\n").into_bytes()
+    }
+
+    fn item(height: u64, kind: Kind) -> Item {
+        Item { height, kind }
+    }
+
     /// Three replicas in memory; `down` receive nothing and send nothing.
     struct Net {
         nodes: BTreeMap<SignerId, Signing<OsRng>>,
         down: BTreeSet<SignerId>,
-        proposed: Vec<(u64, Signature)>,
+        proposed: Vec<(Item, Signature)>,
         group_key: tally_wire::PublicKey,
     }
 
@@ -650,10 +750,8 @@ mod tests {
                 .iter()
                 .map(|(id, bytes)| {
                     let share = Share::decode(bytes).unwrap();
-                    (
-                        *id,
-                        Signing::new(share, dealt.public.clone(), OsRng, 0).unwrap(),
-                    )
+                    let signing = Signing::new(share, dealt.public.clone(), OsRng, 0, 0);
+                    (*id, signing.unwrap())
                 })
                 .collect();
             let mut net = Net {
@@ -666,14 +764,14 @@ mod tests {
             net
         }
 
-        /// Delivers `out` of `from` and everything it causes.
+        /// Delivers `out` of `from` and everything it causes, in order.
         fn deliver(&mut self, from: SignerId, out: Vec<SignOut>, now: u64) {
             let mut queue: std::collections::VecDeque<(SignerId, SignOut)> =
                 out.into_iter().map(|o| (from, o)).collect();
             while let Some((from, o)) = queue.pop_front() {
                 let targets: Vec<(SignerId, SignMsg)> = match o {
-                    SignOut::Propose(h, sig) => {
-                        self.proposed.push((h, sig));
+                    SignOut::Propose(i, sig) => {
+                        self.proposed.push((i, sig));
                         continue;
                     }
                     SignOut::Send(to, m) => vec![(to, m)],
@@ -689,10 +787,8 @@ mod tests {
                     let decoded = SignMsg::decode(&m.encode()).unwrap();
                     assert_eq!(decoded, m);
                     let mut more = Vec::new();
-                    self.nodes
-                        .get_mut(&to)
-                        .unwrap()
-                        .message(from, decoded, now, &mut more);
+                    let node = self.nodes.get_mut(&to).unwrap();
+                    node.message(from, decoded, now, &mut more);
                     queue.extend(more.into_iter().map(|o| (to, o)));
                 }
             }
@@ -715,16 +811,24 @@ mod tests {
             self.deliver(id, out, now);
         }
 
-        /// What the signature entries' apply does on every replica.
-        fn signed(&mut self, through: u64) {
-            for n in self.nodes.values_mut() {
-                n.signed(through);
+        /// What applying header signatures through `through` does on replica `id`.
+        fn header_signed(&mut self, id: SignerId, through: u64, now: u64) {
+            let mut out = Vec::new();
+            let node = self.nodes.get_mut(&id).unwrap();
+            for h in node.signed_through().0 + 1..=through {
+                node.header_signed(h, checkpoint(h), now, &mut out);
             }
+            self.deliver(id, out, now);
+        }
+
+        fn proposed(&mut self, kind: Kind) -> Vec<u64> {
+            let heights = self.proposed.iter().filter(|(i, _)| i.kind == kind);
+            heights.map(|(i, _)| i.height).collect()
         }
     }
 
     #[test]
-    fn a_majority_signs_each_applied_header_in_order_and_one_replica_down_changes_nothing() {
+    fn a_majority_signs_headers_then_checkpoints_in_order_with_one_replica_down() {
         let mut net = Net::new();
         net.down.insert(3);
         net.tick(0);
@@ -734,10 +838,17 @@ mod tests {
             }
         }
         net.tick(20);
-        let heights: Vec<u64> = net.proposed.iter().map(|(h, _)| *h).collect();
-        assert_eq!(heights, vec![1, 2, 3, 4, 5]);
-        for (h, sig) in &net.proposed {
-            assert!(verify_strict(&net.group_key, &header(*h, 1).encode(), sig));
+        assert_eq!(net.proposed(Kind::Header), vec![1, 2, 3, 4, 5]);
+        assert!(
+            net.proposed(Kind::Checkpoint).is_empty(),
+            "not before the headers"
+        );
+        for (i, sig) in &net.proposed {
+            assert!(verify_strict(
+                &net.group_key,
+                &header(i.height, 1).encode(),
+                sig
+            ));
         }
         // Not applied: proposed again after REPROPOSE_MS, and not before.
         net.proposed.clear();
@@ -745,17 +856,31 @@ mod tests {
         assert!(net.proposed.is_empty());
         net.tick(20 + REPROPOSE_MS);
         assert_eq!(net.proposed.len(), 5);
-        net.signed(5);
         net.proposed.clear();
-        net.tick(20 + 3 * REPROPOSE_MS);
+        // The header signatures apply (each replica its own pace); the checkpoints follow.
+        net.header_signed(1, 5, 40 + REPROPOSE_MS);
+        net.header_signed(2, 3, 40 + REPROPOSE_MS);
+        net.tick(50 + REPROPOSE_MS);
+        assert_eq!(net.proposed(Kind::Checkpoint), vec![1, 2, 3]);
+        net.header_signed(2, 5, 60 + REPROPOSE_MS);
+        assert_eq!(net.proposed(Kind::Checkpoint), vec![1, 2, 3, 4, 5]);
+        for (i, sig) in &net.proposed {
+            assert!(verify_strict(&net.group_key, &checkpoint(i.height), sig));
+        }
         assert!(
-            net.proposed.is_empty(),
+            net.proposed(Kind::Header).is_empty(),
             "applied signatures are not proposed again"
         );
+        for n in net.nodes.values_mut() {
+            n.checkpoint_signed(5);
+        }
+        net.proposed.clear();
+        net.tick(20 + 5 * REPROPOSE_MS);
+        assert!(net.proposed.is_empty());
     }
 
     #[test]
-    fn a_signer_signs_only_the_header_it_applied_so_a_leader_alone_signs_nothing() {
+    fn a_signer_signs_only_what_it_applied_so_a_leader_alone_signs_nothing() {
         let mut net = Net::new();
         net.tick(0);
         // Replica 2 applied another header at height 1 than the leader; 3 is down.
@@ -772,6 +897,7 @@ mod tests {
         net.tick(50 + ROUND_TIMEOUT_MS);
         net.tick(60 + ROUND_TIMEOUT_MS);
         assert_eq!(net.proposed.len(), 1, "{:?}", net.proposed);
+        assert_eq!(net.proposed[0].0, item(1, Kind::Header));
         assert!(verify_strict(
             &net.group_key,
             &header(1, 1).encode(),
@@ -780,7 +906,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_for_a_height_not_applied_yet_waits_and_a_nonce_signs_once() {
+    fn a_request_for_an_item_not_reached_yet_waits_and_a_nonce_signs_once() {
         let mut net = Net::new();
         net.tick(0);
         net.apply(1, header(1, 1), 10);
@@ -791,7 +917,6 @@ mod tests {
 
         // The same request again (a replay by anyone): the nonce is gone, no second share.
         let mut n2 = net.nodes.remove(&2).unwrap();
-        let leader = net.nodes.get_mut(&1).unwrap();
         let (counter, commitment) = {
             let mut out = Vec::new();
             n2.tick(10_000, &mut out);
@@ -802,14 +927,13 @@ mod tests {
         };
         n2.applied(header(2, 1), 10_000, &mut Vec::new());
         let request = SignMsg::Request {
-            height: 2,
-            header: header(2, 1).encode().to_vec(),
+            item: item(2, Kind::Header),
+            message: header(2, 1).encode().to_vec(),
             package: vec![(1, 5, commitment.clone()), (2, counter, commitment)],
         };
         let shares = |out: &Vec<SignOut>| {
-            out.iter()
-                .filter(|o| matches!(o, SignOut::Send(_, SignMsg::Share { .. })))
-                .count()
+            let share = |o: &&SignOut| matches!(o, SignOut::Send(_, SignMsg::Share { .. }));
+            out.iter().filter(share).count()
         };
         let mut out = Vec::new();
         n2.message(1, request.clone(), 10_001, &mut out);
@@ -817,7 +941,6 @@ mod tests {
         out.clear();
         n2.message(1, request, 10_002, &mut out);
         assert_eq!(shares(&out), 0, "a nonce signs once");
-        let _ = leader;
     }
 
     #[test]
@@ -828,12 +951,12 @@ mod tests {
                 commitments: vec![(9, vec![1; 69]), (10, vec![2; 69])],
             },
             SignMsg::Request {
-                height: 4,
-                header: vec![5; HEADER_BYTES],
+                item: item(4, Kind::Checkpoint),
+                message: vec![5; 192],
                 package: vec![(1, 2, vec![3; 69])],
             },
             SignMsg::Share {
-                height: 4,
+                item: item(4, Kind::Header),
                 from: 2,
                 counter: 7,
                 share: vec![8; 36],
@@ -852,11 +975,14 @@ mod tests {
             longer.push(0);
             assert!(SignMsg::decode(&longer).is_err());
         }
-        let entry = encode_signature_entry(12, &[6; 64]);
-        assert_eq!(decode_signature_entry(&entry), Some((12, [6; 64])));
+        let it = item(12, Kind::Checkpoint);
+        let entry = encode_signature_entry(it, &[6; 64]);
+        assert_eq!(decode_signature_entry(&entry), Some((it, [6; 64])));
         assert_eq!(decode_signature_entry(&entry[..entry.len() - 1]), None);
-        let mut other = entry.clone();
-        other[0] ^= 1;
-        assert_eq!(decode_signature_entry(&other), None);
+        for at in [0, 24] {
+            let mut other = entry.clone();
+            other[at] ^= 2;
+            assert_eq!(decode_signature_entry(&other), None, "byte {at}");
+        }
     }
 }

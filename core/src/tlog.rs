@@ -1020,8 +1020,21 @@ pub fn sign_note(text: &str, name: &str, key: &SigningKey) -> String {
         text.ends_with('\n') && valid_note_chars(text),
         "note text must end in a newline and hold no control characters but newlines"
     );
-    let mut blob = note_key_id(name, &key.verifying_key()).to_vec();
-    blob.extend_from_slice(&key.sign(text.as_bytes()).to_bytes());
+    let signature = key.sign(text.as_bytes()).to_bytes();
+    note_with_signature(text, name, &key.verifying_key().to_bytes(), &signature)
+}
+
+/// The signed note of `text` by (`name`, `key`) with `signature` (over `text`'s bytes) made
+/// elsewhere: by a threshold of replicas, none of which holds the key.
+pub fn note_with_signature(
+    text: &str,
+    name: &str,
+    key: &tally_wire::PublicKey,
+    signature: &tally_wire::Signature,
+) -> String {
+    let key = VerifyingKey::from_bytes(key).expect("the operator key is a valid point");
+    let mut blob = note_key_id(name, &key).to_vec();
+    blob.extend_from_slice(signature);
     format!("{text}\n\u{2014} {name} {}\n", BASE64.encode(blob))
 }
 

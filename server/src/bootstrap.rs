@@ -8,12 +8,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use rand::rngs::OsRng;
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use tally_client::{Profile, ReplicaAddress};
 use tally_config::Config;
+use tally_core::threshold::{Dealt, Share, SignerId};
+use tally_wire::PublicKey;
 
 pub use crate::certs::{node_name, Ca, CertOptions, SERVER_NAME};
 
@@ -63,9 +66,20 @@ pub struct OperatorKeyFiles {
 }
 
 impl OperatorKeyFiles {
+    /// Reads the whole keys `[operator]` names; refuses a replica that holds a key share
+    /// instead (`operator.signing_key_share`: read it with [`OperatorSecret::read`]).
     pub fn read(config: &tally_config::Config) -> Result<OperatorKeyFiles> {
         let op_cfg = config.operator.as_ref().context("[operator] is required")?;
-        let configured = read_signing_key(&op_cfg.signing_key)?;
+        let Some(signing_key) = &op_cfg.signing_key else {
+            if op_cfg.signing_key_share.is_none() {
+                bail!("operator.signing_key is not set (nor operator.signing_key_share)");
+            }
+            bail!(
+                "operator.signing_key is not set: this replica holds a key share \
+                 (operator.signing_key_share), not a whole key"
+            );
+        };
+        let configured = read_signing_key(signing_key)?;
         let next = match &op_cfg.next_signing_key {
             Some(path) => Some(read_signing_key(path)?),
             None => None,
@@ -88,6 +102,224 @@ impl OperatorKeyFiles {
             self.next.clone().map(OperatorKey::new),
             self.genesis,
         )
+    }
+}
+
+/// The `format` of a share file, which [`ShareFile`] writes and requires.
+pub const SHARE_FILE_FORMAT: &str = "tally-operator-share-v1";
+
+/// One replica's share of a threshold operator key (FROST, issue 20), as
+/// `init-cluster --threshold` writes it to `node<id>.share`, mode 0600. The file is one JSON
+/// object:
+///
+/// ```text
+/// {"format":"tally-operator-share-v1","signer":1,"threshold":2,"signers":3,
+///  "group_public_key":"<64 hex>","key_package":"<hex>","public_key_package":"<hex>"}
+/// ```
+///
+/// `key_package` is the signer's encoded FROST key package (its secret share, from
+/// [`Dealt::shares`]), `public_key_package` the group's public shares ([`Dealt::public`]),
+/// which whoever aggregates signature shares needs. Reading checks that every field agrees
+/// with the others.
+pub struct ShareFile {
+    /// This share's signer number, `1..=signers`; a replica holds the one of its `node.id`.
+    pub signer: u16,
+    /// Signers it takes to sign: `2..=signers`.
+    pub threshold: u16,
+    /// Signers the key was dealt to.
+    pub signers: u16,
+    /// The group's public key: an ordinary Ed25519 key, the ledger's operator key.
+    pub group_key: PublicKey,
+    /// The secret share.
+    pub share: Share,
+    /// The encoded FROST public key package ([`Dealt::public`]).
+    pub public: Vec<u8>,
+}
+
+/// A share file's JSON object, in the order its fields are written.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShareJson {
+    format: String,
+    signer: u16,
+    threshold: u16,
+    signers: u16,
+    group_public_key: String,
+    key_package: String,
+    public_key_package: String,
+}
+
+impl ShareFile {
+    /// Writes signer `signer`'s share of `dealt`, any `threshold` of whose signers sign, to
+    /// the new file `path` with mode 0600. The text is checked as [`ShareFile::read`] checks
+    /// it before it is written, and returned read.
+    pub fn write(
+        path: &Path,
+        dealt: &Dealt,
+        signer: SignerId,
+        threshold: u16,
+    ) -> Result<ShareFile> {
+        let key_package = dealt
+            .shares
+            .get(&signer)
+            .with_context(|| format!("no share was dealt to signer {signer}"))?;
+        let json = ShareJson {
+            format: SHARE_FILE_FORMAT.to_owned(),
+            signer,
+            threshold,
+            signers: u16::try_from(dealt.shares.len()).context("more than 65535 signers")?,
+            group_public_key: hex::encode(dealt.group_key),
+            key_package: hex::encode(key_package),
+            public_key_package: hex::encode(&dealt.public),
+        };
+        let text = serde_json::to_string(&json).context("encoding a share file")? + "\n";
+        let file = Self::parse(&text, path)?;
+        write_new(path, &text, true)?;
+        Ok(file)
+    }
+
+    /// Reads a share file, refusing one that group or others may access (as
+    /// [`tally_client::load_key`] does a key), one of another format, and one whose fields
+    /// disagree with each other. Every error names the file.
+    pub fn read(path: &Path) -> Result<ShareFile> {
+        tally_client::check_private_file(path)?;
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("reading share file {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// The share file `text`, read from `path` (named in every error).
+    fn parse(text: &str, path: &Path) -> Result<ShareFile> {
+        let bad = |problem: String| anyhow!("share file {}: {problem}", path.display());
+        let json: ShareJson = serde_json::from_str(text)
+            .map_err(|e| bad(format!("not a {SHARE_FILE_FORMAT} JSON object ({e})")))?;
+        if json.format != SHARE_FILE_FORMAT {
+            return Err(bad(format!(
+                "format is {:?}, not {SHARE_FILE_FORMAT:?}",
+                json.format
+            )));
+        }
+        let (signer, threshold, signers) = (json.signer, json.threshold, json.signers);
+        if !(2..=signers).contains(&threshold) || !(1..=signers).contains(&signer) {
+            return Err(bad(format!(
+                "signer {signer} of {signers}, {threshold} of whom sign: out of range (it \
+                 takes 2 <= threshold <= signers and 1 <= signer <= signers)"
+            )));
+        }
+        let file = Self::decode(&json, &bad)?;
+        let (t, n) = file
+            .share
+            .check_against(&file.public)
+            .map_err(|e| bad(format!("key_package and public_key_package disagree: {e}")))?;
+        if (t, n) != (threshold, signers) {
+            return Err(bad(format!(
+                "threshold {threshold} of {signers} signers, but its key packages say {t} of {n}"
+            )));
+        }
+        Ok(file)
+    }
+
+    /// The hex fields of `json`, decoded and checked against the signer and the group key it
+    /// names. (`bad` makes an error naming the file.)
+    fn decode(json: &ShareJson, bad: &dyn Fn(String) -> anyhow::Error) -> Result<ShareFile> {
+        // The messages never include the field's text: key_package is secret.
+        let hex_field = |name: &str, text: &str| -> Result<Vec<u8>> {
+            hex::decode(text).map_err(|_| bad(format!("{name} is not hex")))
+        };
+        let group_key: PublicKey = hex_field("group_public_key", &json.group_public_key)?
+            .try_into()
+            .map_err(|_| bad("group_public_key is not 32 bytes (64 hex)".to_owned()))?;
+        let share = Share::decode(&hex_field("key_package", &json.key_package)?)
+            .map_err(|e| bad(format!("key_package does not decode ({e})")))?;
+        let public = hex_field("public_key_package", &json.public_key_package)?;
+        let id = share.id().map_err(|e| bad(format!("key_package: {e}")))?;
+        if id != json.signer {
+            return Err(bad(format!(
+                "signer is {}, but key_package is signer {id}'s",
+                json.signer
+            )));
+        }
+        let share_group = share
+            .group_key()
+            .map_err(|e| bad(format!("key_package: {e}")))?;
+        if share_group != group_key {
+            return Err(bad(format!(
+                "group_public_key {} is not key_package's group key {}",
+                hex::encode(group_key),
+                hex::encode(share_group)
+            )));
+        }
+        Ok(ShareFile {
+            signer: json.signer,
+            threshold: json.threshold,
+            signers: json.signers,
+            group_key,
+            share,
+            public,
+        })
+    }
+}
+
+/// Everything but the secret.
+impl std::fmt::Debug for ShareFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareFile")
+            .field("signer", &self.signer)
+            .field("threshold", &self.threshold)
+            .field("signers", &self.signers)
+            .field("group_key", &hex::encode(self.group_key))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What this replica signs headers with: the whole operator key (`operator.signing_key`, with
+/// the keys around a rotation) or its share of a threshold key (`operator.signing_key_share`).
+pub enum OperatorSecret {
+    Whole(OperatorKeyFiles),
+    Share(ShareFile),
+}
+
+impl OperatorSecret {
+    /// Reads the key or the key share `[operator]` names (a validated config names exactly
+    /// one). A share must be this replica's own: its signer is `node.id`.
+    pub fn read(config: &Config) -> Result<OperatorSecret> {
+        let op_cfg = config.operator.as_ref().context("[operator] is required")?;
+        let (None, Some(path)) = (&op_cfg.signing_key, &op_cfg.signing_key_share) else {
+            return Ok(OperatorSecret::Whole(OperatorKeyFiles::read(config)?));
+        };
+        let file = ShareFile::read(path)?;
+        if u64::from(file.signer) != config.node.id {
+            bail!(
+                "share file {} holds signer {}'s share, but this replica is node.id = {}: a \
+                 replica must hold its own share (node{}.share from init-cluster --threshold)",
+                path.display(),
+                file.signer,
+                config.node.id,
+                config.node.id
+            );
+        }
+        Ok(OperatorSecret::Share(file))
+    }
+
+    /// The ledger's operator public key: the threshold group's key, or the genesis key of a
+    /// whole key's chain.
+    pub fn public_key(&self) -> PublicKey {
+        match self {
+            OperatorSecret::Whole(files) => files.genesis,
+            OperatorSecret::Share(file) => file.group_key,
+        }
+    }
+}
+
+impl std::fmt::Debug for OperatorSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OperatorSecret::Whole(files) => f
+                .debug_tuple("Whole")
+                .field(&hex::encode(files.genesis))
+                .finish(),
+            OperatorSecret::Share(file) => f.debug_tuple("Share").field(file).finish(),
+        }
     }
 }
 
@@ -118,34 +350,89 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How an operator signs headers: with one whole key, which every replica holds
+/// (`operator.key`), or with a threshold key dealt in memory (FROST, issue 20), of which each
+/// replica holds one share (`node<id>.share`) and no file holds the whole.
+enum OperatorSigning {
+    Whole(SigningKey),
+    Threshold {
+        dealt: Dealt,
+        /// Signers it takes to sign.
+        threshold: SignerId,
+    },
+}
+
+impl OperatorSigning {
+    /// A threshold key for `nodes` replicas, any majority of which sign (a raft majority: the
+    /// replicas that commit a batch can sign it). The dealer's whole key never leaves
+    /// `deal`.
+    fn deal(nodes: u64) -> Result<OperatorSigning> {
+        let n = SignerId::try_from(nodes).context("too many replicas for a threshold key")?;
+        let threshold = n / 2 + 1;
+        let dealt = tally_core::threshold::deal(n, threshold, &mut OsRng)
+            .context("dealing the threshold operator key")?;
+        Ok(OperatorSigning::Threshold { dealt, threshold })
+    }
+
+    /// The operator's public key: the whole key's, or the threshold group's.
+    fn public_key(&self) -> PublicKey {
+        match self {
+            OperatorSigning::Whole(key) => key.verifying_key().to_bytes(),
+            OperatorSigning::Threshold { dealt, .. } => dealt.group_key,
+        }
+    }
+}
+
 /// What every new operator starts from: a chain id, a CA (`ca.pem`, its key `ca.key`), the
-/// operator signing key (`operator.key`), a deposit key (`deposit.key`) and an admin key
+/// operator signing key (`operator.key`, unless it is a threshold key: see
+/// [`OperatorFiles::write_share`]), a deposit key (`deposit.key`) and an admin key
 /// (`admin.key`, which signs membership changes), written into `dir`. Private keys get mode
 /// 0600.
 struct OperatorFiles {
     chain_id: [u8; 32],
     ca: Ca,
-    operator: SigningKey,
+    signing: OperatorSigning,
     deposit: SigningKey,
     admin: SigningKey,
 }
 
 impl OperatorFiles {
+    /// An operator with a whole signing key.
     fn create(dir: &Path, ca_name: &str) -> Result<OperatorFiles> {
+        let signing = OperatorSigning::Whole(SigningKey::generate(&mut OsRng));
+        Self::create_with(dir, ca_name, signing)
+    }
+
+    /// An operator that signs as `signing` says.
+    fn create_with(dir: &Path, ca_name: &str, signing: OperatorSigning) -> Result<OperatorFiles> {
         create_private_dir(dir)?;
         let files = OperatorFiles {
             chain_id: random_chain_id(),
             ca: Ca::generate(ca_name)?,
-            operator: SigningKey::generate(&mut OsRng),
+            signing,
             deposit: SigningKey::generate(&mut OsRng),
             admin: SigningKey::generate(&mut OsRng),
         };
         write_new(&dir.join("ca.pem"), &files.ca.cert_pem, false)?;
         write_new(&dir.join("ca.key"), &files.ca.key_pem(), true)?;
-        write_signing_key(&dir.join("operator.key"), &files.operator)?;
+        if let OperatorSigning::Whole(operator) = &files.signing {
+            write_signing_key(&dir.join("operator.key"), operator)?;
+        }
         write_signing_key(&dir.join("deposit.key"), &files.deposit)?;
         write_signing_key(&dir.join("admin.key"), &files.admin)?;
         Ok(files)
+    }
+
+    /// With a threshold key, writes replica `id`'s share to `dir/node<id>.share` (mode 0600)
+    /// and returns its name, relative to `dir`; with a whole key, writes nothing.
+    fn write_share(&self, dir: &Path, id: u64) -> Result<Option<PathBuf>> {
+        let OperatorSigning::Threshold { dealt, threshold } = &self.signing else {
+            return Ok(None);
+        };
+        let signer = SignerId::try_from(id).context("a replica id beyond the signers")?;
+        let name = PathBuf::from(format!("node{id}.share"));
+        ShareFile::write(&dir.join(&name), dealt, signer, *threshold)?;
+        Ok(Some(name))
     }
 
     /// `[cluster]` of every replica of this operator: its admin key, and `voters` as the
@@ -163,13 +450,13 @@ impl OperatorFiles {
 fn write_profile(
     path: &Path,
     chain_id: [u8; 32],
-    operator: &SigningKey,
+    operator: PublicKey,
     abs: &Path,
     replicas: Vec<ReplicaAddress>,
 ) -> Result<()> {
     let profile = Profile {
         chain_id: hex::encode(chain_id),
-        operator_public_key: hex::encode(operator.verifying_key().to_bytes()),
+        operator_public_key: hex::encode(operator),
         ca_cert: abs.join("ca.pem"),
         server_name: SERVER_NAME.to_string(),
         deposit_key: Some(abs.join("deposit.key")),
@@ -229,7 +516,7 @@ pub fn dev_operator(data_dir: &Path) -> Result<(Config, PathBuf)> {
     write_profile(
         &profile_path,
         files.chain_id,
-        &files.operator,
+        files.signing.public_key(),
         &abs,
         replicas,
     )?;
@@ -273,6 +560,36 @@ pub fn init_cluster_with(
     base_port: u16,
     certs: &CertOptions,
 ) -> Result<Vec<PathBuf>> {
+    check_new_cluster(nodes, dir)?;
+    let signing = OperatorSigning::Whole(SigningKey::generate(&mut OsRng));
+    write_cluster(nodes, dir, base_port, certs, signing)
+}
+
+/// `tally-server init-cluster --threshold`: [`init_cluster_with`], but the operator key is a
+/// threshold key (FROST, issue 20) that any majority of the `nodes` replicas signs with
+/// (`nodes / 2 + 1` of them). It is dealt in memory: each replica gets its share,
+/// `node<K>.share` (mode 0600, a [`ShareFile`]), named by `operator.signing_key_share`, and
+/// no file holds the whole key (there is no `operator.key`). The profile's operator key is the
+/// group's. The configs have no archive (threshold mode does not yet sign its checkpoints).
+/// Needs at least 2 nodes.
+pub fn init_threshold_cluster(
+    nodes: u64,
+    dir: &Path,
+    base_port: u16,
+    certs: &CertOptions,
+) -> Result<Vec<PathBuf>> {
+    check_new_cluster(nodes, dir)?;
+    if nodes < 2 {
+        bail!(
+            "--threshold needs --nodes 2 or more (got {nodes}): a key is shared among \
+             replicas, and a single-node operator keeps a plain key"
+        );
+    }
+    write_cluster(nodes, dir, base_port, certs, OperatorSigning::deal(nodes)?)
+}
+
+/// Refuses a cluster size out of range, or a `dir` that holds anything already.
+fn check_new_cluster(nodes: u64, dir: &Path) -> Result<()> {
     if !(1..=9).contains(&nodes) {
         bail!("--nodes must be between 1 and 9 (got {nodes})");
     }
@@ -282,17 +599,37 @@ pub fn init_cluster_with(
             dir.display()
         );
     }
-    let files = OperatorFiles::create(dir, "tally operator CA")?;
+    Ok(())
+}
+
+/// Writes the files of an `init-cluster` directory of `nodes` replicas whose operator signs
+/// as `signing` says. Returns the paths of the replicas' configs.
+fn write_cluster(
+    nodes: u64,
+    dir: &Path,
+    base_port: u16,
+    certs: &CertOptions,
+    signing: OperatorSigning,
+) -> Result<Vec<PathBuf>> {
+    let files = OperatorFiles::create_with(dir, "tally operator CA", signing)?;
     let ids: Vec<u64> = (1..=nodes).collect();
     let mut paths = Vec::new();
     for &id in &ids {
         let (cert, key) = files.ca.issue(id, certs)?;
         write_new(&dir.join(format!("node{id}.pem")), &cert, false)?;
         write_new(&dir.join(format!("node{id}.key")), &key, true)?;
-        let config = node_config(&files, &ids, id, base_port)?;
+        let share = files.write_share(dir, id)?;
+        let how = match &share {
+            Some(share) => format!(
+                " --threshold, signing with its key share {}",
+                share.display()
+            ),
+            None => String::new(),
+        };
+        let config = node_config(&files, &ids, id, base_port, share)?;
         let path = dir.join(format!("node{id}.toml"));
         let text = format!(
-            "# tally replica {id} of {nodes}, generated by init-cluster. Paths are relative to this file.\n{}",
+            "# tally replica {id} of {nodes}, generated by init-cluster{how}. Paths are relative to this file.\n{}",
             config.to_toml_string()
         );
         write_new(&path, &text, false)?;
@@ -309,15 +646,23 @@ pub fn init_cluster_with(
     write_profile(
         &dir.join("profile.toml"),
         files.chain_id,
-        &files.operator,
+        files.signing.public_key(),
         &abs,
         replicas,
     )?;
     Ok(paths)
 }
 
-/// Replica `id`'s config in an `init-cluster` directory, validated.
-fn node_config(files: &OperatorFiles, ids: &[u64], id: u64, base_port: u16) -> Result<Config> {
+/// Replica `id`'s config in an `init-cluster` directory, validated. With `share` (the path of
+/// its key share, relative to the directory) it signs with that instead of `operator.key`,
+/// and has no archive.
+fn node_config(
+    files: &OperatorFiles,
+    ids: &[u64],
+    id: u64,
+    base_port: u16,
+    share: Option<PathBuf>,
+) -> Result<Config> {
     let mut config = Config::dev_default(PathBuf::from(format!("node{id}")), files.chain_id);
     config.node.id = id;
     let (client, peer, metrics) = cluster_addresses(base_port, id);
@@ -329,8 +674,15 @@ fn node_config(files: &OperatorFiles, ids: &[u64], id: u64, base_port: u16) -> R
         tls.cert = PathBuf::from(format!("node{id}.pem"));
         tls.key = PathBuf::from(format!("node{id}.key"));
     }
+    if share.is_some() {
+        config.archive.url = String::new();
+    }
     if let Some(op) = config.operator.as_mut() {
-        op.signing_key = PathBuf::from("operator.key");
+        op.signing_key = match share {
+            Some(_) => None,
+            None => Some(PathBuf::from("operator.key")),
+        };
+        op.signing_key_share = share;
         op.deposit_keys = vec![hex::encode(files.deposit.verifying_key().to_bytes())];
     }
     config.cluster = files.cluster(ids);
@@ -442,10 +794,12 @@ pub struct AddedNode {
 /// (chain id, operator and deposit keys, archive, tuning, admin keys) are the lowest existing
 /// node's; its `cluster.initial_voters` are the cluster's original voters, so it starts as a
 /// non-member. Appends it to `dir/profile.toml`'s `[[replicas]]`. Other nodes' files are not
-/// touched. Everything is checked before anything is written.
+/// touched. Everything is checked before anything is written. Refused for a cluster made with
+/// `--threshold` (a new member would need a new group).
 pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Result<AddedNode> {
     let config_path = unused_config_path(dir, id)?;
     let existing = existing_nodes(dir)?;
+    refuse_threshold(&existing, id)?;
     let initial_voters = original_voters(&existing)?;
     if initial_voters.contains(&id) {
         bail!(
@@ -483,6 +837,23 @@ pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Res
         client_address: client,
         initial_voters,
     })
+}
+
+/// Refuses to add replica `id` to a cluster whose replicas sign with shares of a threshold key
+/// (`operator.signing_key_share`): the group was dealt for its replicas alone.
+fn refuse_threshold(existing: &[(u64, Config)], id: u64) -> Result<()> {
+    let sharing = existing.iter().find(|(_, config)| {
+        let operator = config.operator.as_ref();
+        operator.is_some_and(|op| op.signing_key_share.is_some())
+    });
+    if let Some((k, _)) = sharing {
+        bail!(
+            "--add-node {id}: node{k}.toml signs with a share of a threshold operator key \
+             (operator.signing_key_share): a new member would need a new group, dealt anew to \
+             every replica, which is not supported yet"
+        );
+    }
+    Ok(())
 }
 
 /// `DIR/node<id>.toml` for a new replica `id`, refusing an id out of range or one whose
@@ -955,6 +1326,284 @@ mod tests {
         let node3 = config(&dir.join("node3.toml"));
         assert_eq!(node3.cluster.initial_voters, Some(vec![1, 2]));
         assert!(node3.cluster.admin_keys.is_empty());
+    }
+
+    /// `dir/node<id>.toml` with its paths resolved against `dir`, as the server loads it.
+    fn loaded(dir: &Path, id: u64) -> Config {
+        let mut config = config(&dir.join(format!("node{id}.toml")));
+        config.resolve_paths(dir);
+        config
+    }
+
+    /// The operator key the profile in `dir` names.
+    fn profile_operator_key(dir: &Path) -> PublicKey {
+        let profile = profile(dir);
+        let key = hex::decode(profile["operator_public_key"].as_str().unwrap()).unwrap();
+        key.try_into().unwrap()
+    }
+
+    /// A threshold operator of 3 replicas in `tmp/op`.
+    fn threshold_cluster(tmp: &tempfile::TempDir) -> PathBuf {
+        let dir = tmp.path().join("op");
+        let configs = init_threshold_cluster(3, &dir, 7400, &CertOptions::default()).unwrap();
+        assert_eq!(configs.len(), 3);
+        dir
+    }
+
+    /// `anyhow`'s whole message of the error of `result`.
+    fn error<T>(result: Result<T>) -> String {
+        format!("{:#}", result.err().expect("an error"))
+    }
+
+    #[test]
+    fn init_threshold_cluster_writes_shares_and_no_whole_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let keys: Vec<&String> = names.iter().filter(|n| n.ends_with(".key")).collect();
+        assert_eq!(
+            keys,
+            [
+                "admin.key",
+                "ca.key",
+                "deposit.key",
+                "node1.key",
+                "node2.key",
+                "node3.key"
+            ],
+            "no operator.key: {names:?}"
+        );
+        let group = profile_operator_key(&dir);
+        for id in 1..=3 {
+            let share_path = dir.join(format!("node{id}.share"));
+            #[cfg(unix)]
+            assert_eq!(mode(&share_path), 0o600);
+            let config = loaded(&dir, id);
+            config.validate().unwrap();
+            let operator = config.operator.as_ref().unwrap();
+            assert_eq!(operator.signing_key, None);
+            assert_eq!(operator.signing_key_share.as_deref(), Some(&*share_path));
+            assert!(!config.archive.enabled());
+            let secret = OperatorSecret::read(&config).unwrap();
+            assert_eq!(secret.public_key(), group);
+            let OperatorSecret::Share(file) = secret else {
+                panic!("node {id} reads a whole key");
+            };
+            assert_eq!(
+                (file.signer, file.threshold, file.signers),
+                (id as u16, 2, 3)
+            );
+            assert_eq!(file.group_key, group);
+            let whole = error(OperatorKeyFiles::read(&config));
+            assert!(
+                whole.contains(
+                    "this replica holds a key share (operator.signing_key_share), not a whole key"
+                ),
+                "{whole}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_key_cluster_reads_its_whole_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("op");
+        init_cluster(2, &dir, 7400).unwrap();
+        assert!(!dir.join("node1.share").exists());
+        let config = loaded(&dir, 1);
+        let secret = OperatorSecret::read(&config).unwrap();
+        assert_eq!(secret.public_key(), profile_operator_key(&dir));
+        assert!(matches!(secret, OperatorSecret::Whole(_)), "{secret:?}");
+    }
+
+    /// Signs `message` with the shares of `signers`: FROST's two rounds, then aggregation.
+    fn threshold_sign(signers: &[&ShareFile], message: &[u8]) -> tally_wire::Signature {
+        use std::collections::BTreeMap;
+        let mut nonces = BTreeMap::new();
+        let mut commitments = BTreeMap::new();
+        for file in signers {
+            let (n, c) = file.share.commit(&mut OsRng).unwrap();
+            nonces.insert(file.signer, n);
+            commitments.insert(file.signer, c);
+        }
+        let mut shares = BTreeMap::new();
+        for file in signers {
+            let n = nonces.remove(&file.signer).unwrap();
+            let share = file.share.sign(message, &commitments, n).unwrap();
+            shares.insert(file.signer, share);
+        }
+        tally_core::threshold::aggregate(message, &commitments, &shares, &signers[0].public)
+            .unwrap()
+    }
+
+    #[test]
+    fn any_two_of_three_shares_sign_under_the_group_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let files: Vec<ShareFile> = (1..=3)
+            .map(|id| ShareFile::read(&dir.join(format!("node{id}.share"))).unwrap())
+            .collect();
+        assert!(files.iter().all(|f| f.public == files[0].public));
+        let group = ed25519_dalek::VerifyingKey::from_bytes(&profile_operator_key(&dir)).unwrap();
+        let message = b"a header's 192 bytes";
+        for [a, b] in [[0, 1], [0, 2], [1, 2]] {
+            let signature = threshold_sign(&[&files[a], &files[b]], message);
+            let signature = ed25519_dalek::Signature::from_bytes(&signature);
+            group.verify_strict(message, &signature).unwrap();
+            assert!(group.verify_strict(b"another", &signature).is_err());
+        }
+    }
+
+    /// `text` with the hex digit at byte `at` replaced by another.
+    fn with_digit_changed(text: &str, at: usize) -> String {
+        let digit = if &text[at..=at] == "0" { "1" } else { "0" };
+        format!("{}{digit}{}", &text[..at], &text[at + 1..])
+    }
+
+    /// Where the hex value of the share file field `name` lies in `text`.
+    fn hex_value(text: &str, name: &str) -> std::ops::Range<usize> {
+        let start = text.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
+        let end = start + text[start..].find('"').unwrap();
+        start..end
+    }
+
+    #[test]
+    fn a_share_file_with_any_hex_digit_changed_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let path = dir.join("node1.share");
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\"format\":\"tally-operator-share-v1\",\"signer\":1,"));
+        ShareFile::parse(&text, &path).unwrap();
+        for field in ["key_package", "group_public_key"] {
+            let range = hex_value(&text, field);
+            assert!(range.len() >= 64, "{field}");
+            for at in range {
+                let changed = with_digit_changed(&text, at);
+                let message = error(ShareFile::parse(&changed, &path));
+                assert!(message.contains(&*path.to_string_lossy()), "{message}");
+            }
+        }
+        // Through the file, as a replica reads it.
+        fs::remove_file(&path).unwrap();
+        let at = hex_value(&text, "key_package").start + 100;
+        write_new(&path, &with_digit_changed(&text, at), true).unwrap();
+        let message = error(ShareFile::read(&path));
+        assert!(message.contains("node1.share"), "{message}");
+        assert!(OperatorSecret::read(&loaded(&dir, 1)).is_err());
+    }
+
+    #[test]
+    fn share_file_fields_must_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let path = dir.join("node1.share");
+        let text = fs::read_to_string(&path).unwrap();
+        for (from, to, why) in [
+            (
+                "tally-operator-share-v1",
+                "tally-operator-share-v2",
+                "format is",
+            ),
+            (
+                "\"signer\":1,",
+                "\"signer\":2,",
+                "key_package is signer 1's",
+            ),
+            ("\"signer\":1,", "\"signer\":4,", "out of range"),
+            ("\"signer\":1,", "\"signer\":0,", "out of range"),
+            ("\"threshold\":2,", "\"threshold\":1,", "out of range"),
+            ("\"threshold\":2,", "\"threshold\":4,", "out of range"),
+            (
+                "\"threshold\":2,",
+                "\"threshold\":3,",
+                "key packages say 2 of 3",
+            ),
+            (
+                "\"signers\":3,",
+                "\"signers\":4,",
+                "key packages say 2 of 3",
+            ),
+            (
+                "\"key_package\":\"",
+                "\"key_package\":\"x",
+                "key_package is not hex",
+            ),
+            (
+                "\"group_public_key\":\"",
+                "\"group_public_key\":\"00",
+                "not 32 bytes",
+            ),
+            ("\"format\"", "\"extra\":1,\"format\"", "unknown field"),
+            ("{", "[", "JSON object"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let changed = text.replacen(from, to, 1);
+            let message = error(ShareFile::parse(&changed, &path));
+            assert!(message.contains(why), "{to}: {message}");
+            assert!(message.starts_with(&format!("share file {}: ", path.display())));
+        }
+    }
+
+    #[test]
+    fn a_replica_must_hold_its_own_share() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let mut config = loaded(&dir, 2);
+        config.operator.as_mut().unwrap().signing_key_share = Some(dir.join("node1.share"));
+        let message = error(OperatorSecret::read(&config));
+        assert!(message.contains("signer 1's share"), "{message}");
+        assert!(message.contains("node.id = 2"), "{message}");
+        assert!(message.contains("its own share"), "{message}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_share_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let path = dir.join("node3.share");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let message = error(ShareFile::read(&path));
+        assert!(message.contains(&*path.to_string_lossy()), "{message}");
+        assert!(message.contains("mode 0644"), "{message}");
+        assert!(message.contains("chmod 600"), "{message}");
+        assert!(OperatorSecret::read(&loaded(&dir, 3)).is_err());
+    }
+
+    #[test]
+    fn a_threshold_cluster_needs_two_nodes_and_takes_no_new_member() {
+        let tmp = tempfile::tempdir().unwrap();
+        let one = tmp.path().join("one");
+        let message = error(init_threshold_cluster(
+            1,
+            &one,
+            7400,
+            &CertOptions::default(),
+        ));
+        assert!(
+            message.contains("a single-node operator keeps a plain key"),
+            "{message}"
+        );
+        assert!(!one.exists(), "nothing written");
+
+        let dir = threshold_cluster(&tmp);
+        let message = error(add_node(&dir, 4, 7400, &CertOptions::default()));
+        assert!(message.contains("operator.signing_key_share"), "{message}");
+        assert!(message.contains("not supported yet"), "{message}");
+        assert!(!dir.join("node4.toml").exists());
+        assert!(!dir.join("node4.pem").exists());
+
+        // Two nodes: both must sign.
+        let two = tmp.path().join("two");
+        init_threshold_cluster(2, &two, 7400, &CertOptions::default()).unwrap();
+        let file = ShareFile::read(&two.join("node2.share")).unwrap();
+        assert_eq!((file.threshold, file.signers), (2, 2));
     }
 
     #[test]

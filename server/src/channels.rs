@@ -445,6 +445,21 @@ pub enum RaftEvent {
     },
     /// The master found its speculative state out of step with what was applied.
     Resync,
+    /// A threshold signing message from an authenticated peer (`tally_core::signing`).
+    SignPeer {
+        from: u64,
+        msg: tally_core::signing::SignMsg,
+    },
+    /// A batch was applied with this header unsigned: the signing stage signs it.
+    Unsigned(tally_wire::Header),
+    /// The header at `height` is signed on this replica; `checkpoint` is the text of its
+    /// header log's checkpoint of that size, signed next.
+    HeaderSigned {
+        height: u64,
+        checkpoint: Vec<u8>,
+    },
+    /// Checkpoints are signed through this height on this replica.
+    CheckpointSigned(u64),
     /// Shutting down: commit and apply what was proposed (for a few seconds at most), then stop
     /// the storage thread and this one.
     Drain,

@@ -14,6 +14,7 @@ use tally_core::key_chain::SigningKeys;
 use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
 use tally_core::sequencer::SequencerConfig;
+use tally_core::signing::Signing;
 use tally_core::validate::StatelessRules;
 use tally_storage::{FilterOrigin, LedgerDb, RaftLogDb};
 use tokio::net::TcpListener;
@@ -325,6 +326,7 @@ struct RaftStart {
     view: Arc<ClusterView>,
     metrics: Arc<Metrics>,
     may_campaign: Box<dyn Fn() -> bool + Send>,
+    signing: Option<Signing<rand::rngs::OsRng>>,
 }
 
 /// Starts the raft thread, which opens its log itself (the log lives on that thread); returns
@@ -368,6 +370,8 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
                 tick: s.raft_cfg.tick(),
                 metrics: s.metrics,
                 may_campaign: s.may_campaign,
+                signing: s.signing,
+                started: std::time::Instant::now(),
             }
             .run();
         })?;
@@ -385,8 +389,18 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     // Before any database opens: the descriptor limit is raised, the connection limits fit it.
     let sizing = crate::limits::connection_sizing(&config.limits, config.peers.len());
     crate::bootstrap::create_private_dir(&config.node.data_dir)?;
-    let (store, shared) = open_shared(&config, keys.operator.public, &sizing)?;
-    let started = start_pipeline(&config, tls_cfg, keys.operator, store, &shared)?;
+    let (mut store, shared) = open_shared(&config, keys.operator.public, &sizing)?;
+    let mut operator = keys.operator;
+    let signing = match operator.share.take() {
+        Some(file) => Some(threshold_signing(
+            file,
+            &config.chain_id_bytes(),
+            &mut store,
+        )?),
+        None => None,
+    };
+    let mut started = start_pipeline(&config, tls_cfg, operator, store, &shared)?;
+    started.replication.signing = signing;
     let limits = net_limits(&config, &sizing);
     // The HTTP endpoint outlives the client listener: /health answers while the last batch
     // drains, and /ready says 503.
@@ -430,6 +444,8 @@ struct OperatorKeys {
     public: tally_wire::PublicKey,
     /// The genesis key and the held keys, for the archive writer.
     archive: archive::ArchiveKeys,
+    /// This replica's share of a threshold operator key (`operator.signing_key_share`).
+    share: Option<crate::bootstrap::ShareFile>,
 }
 
 /// The keys and certificates the config names, read before anything else starts.
@@ -443,25 +459,64 @@ impl NodeKeys {
     /// Reads the operator's signing key (`[operator]`) and the client listener's certificate
     /// and key (`tls_cfg`).
     fn read(config: &Config, tls_cfg: &tally_config::TlsConfig) -> Result<NodeKeys> {
-        let files = crate::bootstrap::OperatorKeyFiles::read(config)?;
-        let public = files.genesis;
-        let signer = files.signing_keys();
-        let archive = archive::ArchiveKeys {
-            genesis: public,
-            held: std::iter::once(files.configured)
-                .chain(files.next)
-                .collect(),
+        let operator = match crate::bootstrap::OperatorSecret::read(config)? {
+            crate::bootstrap::OperatorSecret::Whole(files) => OperatorKeys {
+                public: files.genesis,
+                signer: files.signing_keys(),
+                archive: archive::ArchiveKeys {
+                    genesis: files.genesis,
+                    held: std::iter::once(files.configured.clone())
+                        .chain(files.next.clone())
+                        .collect(),
+                },
+                share: None,
+            },
+            crate::bootstrap::OperatorSecret::Share(file) => OperatorKeys {
+                public: file.group_key,
+                signer: SigningKeys::threshold(file.group_key),
+                archive: archive::ArchiveKeys {
+                    genesis: file.group_key,
+                    held: Vec::new(),
+                },
+                share: Some(file),
+            },
         };
         let client_tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
         Ok(NodeKeys {
-            operator: OperatorKeys {
-                signer,
-                public,
-                archive,
-            },
+            operator,
             client_tls,
         })
     }
+}
+
+/// The signing stage of a threshold operator's replica, started from its ledger: the headers
+/// it applied and has not seen signed are the ones it signs (`tally_core::signing`).
+fn threshold_signing(
+    file: crate::bootstrap::ShareFile,
+    chain_id: &tally_wire::Hash,
+    store: &mut LedgerDb,
+) -> Result<Signing<rand::rngs::OsRng>> {
+    let (signed, checkpointed) = (store.signed_through()?, store.checkpointed_through()?);
+    let height = store.meta()?.height;
+    let public = file.public;
+    let mut signing = Signing::new(file.share, public, rand::rngs::OsRng, signed, checkpointed)?;
+    for h in checkpointed + 1..=signed {
+        let text = tally_core::engine::apply::checkpoint_text(store, chain_id, h)?;
+        signing.header_signed(h, text, 0, &mut Vec::new());
+    }
+    for h in signed + 1..=height {
+        let header = store
+            .applied_header(h)?
+            .with_context(|| format!("the applied header {h}, which waits for its signature"))?;
+        signing.applied(header, 0, &mut Vec::new());
+    }
+    if height > signed {
+        println!(
+            "tally-server: headers {} to {height} wait for their signatures",
+            signed + 1
+        );
+    }
+    Ok(signing)
 }
 
 /// What the replica's threads share, built around the opened ledger before any of them starts.
@@ -526,6 +581,8 @@ struct Links {
 struct ReplicationStart {
     raft_rx: crossbeam_channel::Receiver<crate::channels::RaftEvent>,
     peer_tls: (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>),
+    /// A threshold operator's signing stage, for the raft thread.
+    signing: Option<Signing<rand::rngs::OsRng>>,
 }
 
 /// Makes the queues and the network runtime, opens the archive, and starts the pipeline on
@@ -589,6 +646,7 @@ fn start_pipeline(
     let replication = ReplicationStart {
         raft_rx,
         peer_tls: (peer_server, peer_client),
+        signing: None,
     };
     Ok(Started {
         runtime,
@@ -742,6 +800,7 @@ async fn start_replication(
         view: s.shared.view.clone(),
         metrics: s.shared.metrics.clone(),
         may_campaign: archive::campaign_rule(links.gate.clone(), s.pipeline.applied_height.clone()),
+        signing: replication.signing,
     })
 }
 

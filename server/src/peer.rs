@@ -5,8 +5,9 @@
 //! version, its node id, the chain id); the accepting side checks that the client certificate,
 //! issued by the operator's CA, is valid for `node-<id>.tally` of the id the hello claims, and
 //! that the chain id is its own, before a single raft byte is decoded. Then each message is a
-//! u32 little-endian length and a protobuf-encoded `raft::eraftpb::Message`, capped at
-//! `raft.max_message_bytes`. raft-rs decodes with protobuf 2.x (RUSTSEC-2024-0437), so only
+//! u32 little-endian length, a kind byte ([`FRAME_RAFT`]: a protobuf-encoded
+//! `raft::eraftpb::Message`; [`FRAME_SIGN`]: a threshold signing message,
+//! `tally_core::signing::SignMsg`) and the message, capped at `raft.max_message_bytes`. raft-rs decodes with protobuf 2.x (RUSTSEC-2024-0437), so only
 //! authenticated, size-checked bytes ever reach the decoder.
 //!
 //! Limits: each outbound peer has a queue of `PEER_QUEUE_MAX` messages; when it is full a message
@@ -42,11 +43,17 @@ use crate::ratelog::{RateLog, RATE_LOG_INTERVAL_MS};
 use crate::tls::{load_certs, load_key};
 
 pub const HELLO_MAGIC: [u8; 4] = *b"TLYP";
-pub const HELLO_VERSION: u8 = 1;
+/// 2: every frame starts with its kind byte.
+pub const HELLO_VERSION: u8 = 2;
 pub const HELLO_BYTES: usize = 4 + 1 + 8 + 32 + 1;
 /// Hello channel kinds: a stream of raft messages, or one ledger snapshot download.
 pub const CHANNEL_RAFT: u8 = 0;
 pub const CHANNEL_SNAPSHOT: u8 = 1;
+/// Frame kinds on a raft channel.
+pub const FRAME_RAFT: u8 = 0;
+pub const FRAME_SIGN: u8 = 1;
+/// A frame: its kind and its message.
+pub type Frame = (u8, Vec<u8>);
 /// Messages waiting for one peer's connection.
 pub const PEER_QUEUE_MAX: usize = 4096;
 
@@ -94,7 +101,7 @@ pub fn hello(node_id: u64, chain_id: &[u8; 32], channel: u8) -> [u8; HELLO_BYTES
 /// The sending side of the transport, held by the raft thread: one dialing task and queue per
 /// other replica in the address book, started and stopped as the book changes.
 pub struct PeerSenders {
-    senders: std::collections::HashMap<u64, (std::net::SocketAddr, mpsc::Sender<Vec<u8>>)>,
+    senders: std::collections::HashMap<u64, (std::net::SocketAddr, mpsc::Sender<Frame>)>,
     dialer: Dialer,
 }
 
@@ -108,11 +115,17 @@ struct Dialer {
 }
 
 impl PeerSenders {
-    /// Queues an encoded message for `to`; false when it was dropped (queue full or unknown).
-    pub fn send(&self, to: u64, bytes: Vec<u8>) -> bool {
+    /// Queues an encoded message of kind `kind` for `to`; false when it was dropped (queue
+    /// full or unknown).
+    pub fn send(&self, to: u64, kind: u8, bytes: Vec<u8>) -> bool {
         self.senders
             .get(&to)
-            .is_some_and(|(_, tx)| tx.try_send(bytes).is_ok())
+            .is_some_and(|(_, tx)| tx.try_send((kind, bytes)).is_ok())
+    }
+
+    /// The replicas this one dials.
+    pub fn ids(&self) -> Vec<u64> {
+        self.senders.keys().copied().collect()
     }
 
     /// Dials exactly `peers`: a new replica (or a new address) gets a task, a replica no longer
@@ -130,7 +143,7 @@ impl PeerSenders {
 }
 
 impl Dialer {
-    fn start(&self, id: u64, addr: std::net::SocketAddr) -> mpsc::Sender<Vec<u8>> {
+    fn start(&self, id: u64, addr: std::net::SocketAddr) -> mpsc::Sender<Frame> {
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
         let s = &self.settings;
         let dial = Dial {
@@ -205,7 +218,7 @@ struct Dial {
 
 async fn dial_loop(
     dial: Dial,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Frame>,
     connector: TlsConnector,
     events: Sender<RaftEvent>,
     mut shutdown: watch::Receiver<bool>,
@@ -272,16 +285,27 @@ async fn dial_loop(
 /// Writes `first` and whatever else is queued, then flushes: one TLS flush for a burst.
 async fn send_queued<W: AsyncWriteExt + Unpin>(
     w: &mut W,
-    first: Vec<u8>,
-    rx: &mut mpsc::Receiver<Vec<u8>>,
+    first: Frame,
+    rx: &mut mpsc::Receiver<Frame>,
 ) -> std::io::Result<()> {
-    write_frame(w, &first).await?;
+    write_kind_frame(w, &first).await?;
     while let Ok(m) = rx.try_recv() {
-        write_frame(w, &m).await?;
+        write_kind_frame(w, &m).await?;
     }
     w.flush().await
 }
 
+/// A raft channel's frame: length (of the kind byte and the message), kind, message.
+async fn write_kind_frame<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    (kind, bytes): &Frame,
+) -> std::io::Result<()> {
+    w.write_all(&(bytes.len() as u32 + 1).to_le_bytes()).await?;
+    w.write_all(&[*kind]).await?;
+    w.write_all(bytes).await
+}
+
+/// A snapshot channel's frame: length, bytes.
 async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
     w.write_all(bytes).await
@@ -388,20 +412,34 @@ async fn inbound(
             r = tls.read_exact(&mut len) => { if r.is_err() { return Ok(()); } }
         }
         let len = u32::from_le_bytes(len) as u64;
-        if len > settings.max_message_bytes {
-            bail!("peer {claimed} sent a {len}-byte message, over raft.max_message_bytes");
+        if len == 0 || len > settings.max_message_bytes {
+            bail!("peer {claimed} sent a {len}-byte frame, not in 1..=raft.max_message_bytes");
         }
         let mut buf = vec![0u8; len as usize];
         tokio::time::timeout(Duration::from_secs(30), tls.read_exact(&mut buf)).await??;
-        let msg = decode_message(&buf)?;
-        if msg.from != claimed {
-            bail!(
-                "peer {claimed} sent a message claiming to be from {}",
-                msg.from
-            );
+        // Full queue: drop; raft retransmits, and the signing stage asks again.
+        let _ = events.try_send(peer_event(claimed, buf[0], &buf[1..])?);
+    }
+}
+
+/// What an authenticated peer's frame becomes; an error closes its connection.
+fn peer_event(claimed: u64, kind: u8, bytes: &[u8]) -> Result<RaftEvent> {
+    match kind {
+        FRAME_RAFT => {
+            let msg = decode_message(bytes)?;
+            if msg.from != claimed {
+                bail!(
+                    "peer {claimed} sent a message claiming to be from {}",
+                    msg.from
+                );
+            }
+            Ok(RaftEvent::Peer(msg))
         }
-        // Full queue: drop; raft retransmits.
-        let _ = events.try_send(RaftEvent::Peer(msg));
+        FRAME_SIGN => {
+            let msg = tally_core::signing::SignMsg::decode(bytes)?;
+            Ok(RaftEvent::SignPeer { from: claimed, msg })
+        }
+        other => bail!("peer {claimed} sent a frame of unknown kind {other}"),
     }
 }
 

@@ -361,6 +361,29 @@ pub fn header_log_key(height: u64) -> [u8; 13] {
     make_key(Table::Header, &[&height.to_be_bytes(), b"t"])
 }
 
+/// tag || height (u64 BE) || "c": the threshold's signature (64 bytes) of the checkpoint of the
+/// header log of that size (a threshold operator's ledger only; `LedgerStore::sign_checkpoint`).
+/// Sorts right after the header row of its height.
+pub fn checkpoint_signature_key(height: u64) -> [u8; 13] {
+    make_key(Table::Header, &[&height.to_be_bytes(), b"c"])
+}
+
+/// The height of a checkpoint signature row ([`checkpoint_signature_key`]), or None.
+pub fn checkpoint_signature_height(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(&Table::Header.tag())?;
+    match rest {
+        [h @ .., b'c'] if h.len() == 8 => Some(u64::from_be_bytes(h.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// tag || "checkpointed": the highest height whose checkpoint signature is stored (u64 LE).
+/// Present only on a threshold operator's ledger (from its first signed header on): its absence
+/// means checkpoints are signed when asked, by a whole key.
+pub fn checkpointed_key() -> [u8; 16] {
+    make_key(Table::Meta, &[b"checkpointed"])
+}
+
 /// Whether `key` is a header log row ([`header_log_key`]).
 pub fn is_header_log_key(key: &[u8]) -> bool {
     key.len() == 13 && key.starts_with(&Table::Header.tag()) && key[12] == b't'

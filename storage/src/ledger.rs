@@ -153,6 +153,9 @@ pub struct LedgerDb {
     /// operator's replica, whose headers are written unsigned and signed after
     /// (`LedgerStore::sign_header`). The header log holds the signed headers only.
     signed_through: u64,
+    /// A threshold operator's ledger: the highest height whose checkpoint signature is stored
+    /// (`layout::checkpointed_key`); None with a whole key.
+    checkpointed: Option<u64>,
 }
 
 /// Where [`LedgerDb::open`] got the request filter.
@@ -213,6 +216,7 @@ impl LedgerDb {
         let mut get = |db: &mut DB, key: &[u8]| crate::env::get_checked(db, key, &sync_stats);
         let signed_through = header_log::signed_prefix(&mut db, meta.height, &mut get)?;
         let header_log = header_log::catch_up(&mut db, signed_through, &mut get)?;
+        let checkpointed = read_checkpointed(&mut db, signed_through, &sync_stats)?;
         let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
         let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
         let Scanned {
@@ -248,6 +252,7 @@ impl LedgerDb {
             tip_time_ms: 0,
             header_log,
             signed_through,
+            checkpointed,
         };
         this.start_archive_from(point)?;
         this.check_tip()?;
@@ -514,7 +519,7 @@ impl LedgerDb {
     pub fn headers(&mut self, from: u64, limit: usize) -> Result<Vec<SignedHeader>> {
         self.check_usable()?;
         let first = from.max(1);
-        let last = self.meta.height;
+        let last = self.signed_through;
         let mut out = Vec::new();
         if limit == 0 || first > last {
             return Ok(out);
@@ -990,6 +995,8 @@ impl LedgerStore for LedgerDb {
         value[HEADER_BYTES..SIGNED_HEADER_BYTES].copy_from_slice(&signature);
         let mut rows = WriteBatch::default();
         rows.put(&key, &value);
+        let checkpointed = self.checkpointed.unwrap_or(0);
+        rows.put(&layout::checkpointed_key(), &checkpointed.to_le_bytes());
         let mut header_log = self.header_log.clone();
         header_log::append(&mut header_log, &signed, &mut rows);
         if let Err(e) = self.db.write(rows, true) {
@@ -999,7 +1006,45 @@ impl LedgerStore for LedgerDb {
         }
         self.header_log = header_log;
         self.signed_through = height;
+        self.checkpointed = Some(checkpointed);
         Ok(signed)
+    }
+
+    fn checkpointed_through(&mut self) -> Result<u64> {
+        self.check_usable()?;
+        Ok(self.checkpointed.unwrap_or(self.signed_through))
+    }
+
+    fn sign_checkpoint(&mut self, size: u64, signature: Signature) -> Result<()> {
+        self.check_usable()?;
+        let through = self
+            .checkpointed
+            .expect("a threshold's header is signed first");
+        assert!(
+            size == through + 1 && size <= self.signed_through,
+            "signing checkpoint {size} after {through}, headers signed through {}",
+            self.signed_through
+        );
+        let mut rows = WriteBatch::default();
+        rows.put(&layout::checkpoint_signature_key(size), &signature);
+        rows.put(&layout::checkpointed_key(), &size.to_le_bytes());
+        if let Err(e) = self.db.write(rows, true) {
+            let e = io_error(
+                format_args!("writing the signature of checkpoint {size}"),
+                e,
+            );
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
+        self.checkpointed = Some(size);
+        Ok(())
+    }
+
+    fn checkpoint_signature(&mut self, size: u64) -> Result<Option<Signature>> {
+        let Some(value) = self.get(&layout::checkpoint_signature_key(size))? else {
+            return Ok(None);
+        };
+        Ok(Some(fixed(Table::Header, &value)?))
     }
 
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
@@ -1375,6 +1420,21 @@ fn scan_totals(
         expiries,
         map: StateMap::from_entries(entries),
     })
+}
+
+/// The stored checkpointed height of a threshold operator's ledger (None: a whole key's).
+fn read_checkpointed(db: &mut DB, signed_through: u64, stats: &SyncStats) -> Result<Option<u64>> {
+    let Some(value) = crate::env::get_checked(db, &layout::checkpointed_key(), stats)? else {
+        return Ok(None);
+    };
+    let h = u64::from_le_bytes(fixed(Table::Meta, &value)?);
+    if h > signed_through {
+        return Err(corrupt(
+            Table::Meta,
+            format_args!("checkpoints signed through {h}, headers through {signed_through}"),
+        ));
+    }
+    Ok(Some(h))
 }
 
 /// What opening a ledger learns from one pass over its accounts and reserves.

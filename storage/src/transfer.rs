@@ -490,6 +490,11 @@ impl StateCheck {
             self.meta = Some(LedgerMeta::decode(&fixed::<META_BYTES>(table, value)?)?);
             return Ok(());
         }
+        if key == layout::checkpointed_key() {
+            // A threshold operator's (it sorts before the summary); checked at the reopen.
+            fixed::<8>(table, value)?;
+            return Ok(());
+        }
         match self.meta.as_mut() {
             Some(meta) if key == layout::operator_key() => meta.decode_operator(value),
             _ => Err(corrupt(table, format_args!("unexpected key {}", hex(key)))),
@@ -499,6 +504,16 @@ impl StateCheck {
     /// A header row: checks that it is at the next height and chains to the header before it,
     /// and adds its request count to the totals.
     fn record_header(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        if let Some(height) = layout::checkpoint_signature_height(key) {
+            // A threshold's checkpoint signature: right after its header's row.
+            if height != self.headers || value.len() != 64 {
+                return Err(corrupt(
+                    table,
+                    format_args!("a checkpoint signature row of height {height}"),
+                ));
+            }
+            return Ok(());
+        }
         let height = u64::from_be_bytes(key_rest(table, key)?);
         self.headers += 1;
         if height != self.headers {

@@ -137,6 +137,8 @@ fn copy_store(s: &MemStore) -> MemStore {
         headers: s.headers.clone(),
         bodies: s.bodies.clone(),
         reserves: s.reserves.clone(),
+        checkpoints: s.checkpoints.clone(),
+        checkpointed: s.checkpointed,
     }
 }
 
@@ -630,7 +632,7 @@ impl Engine {
         let mut aout = Vec::new();
         let height = match &entry {
             tally_core::engine::apply::Committed::Batch { body, .. } => body.header.height,
-            tally_core::engine::apply::Committed::Signature { height, .. } => *height,
+            tally_core::engine::apply::Committed::Signature { item, .. } => item.height,
             tally_core::engine::apply::Committed::Other { .. } => 0,
         };
         match self.applier.committed(ctx.ledger, entry, &mut aout) {
@@ -674,7 +676,9 @@ impl Engine {
                 self.repl.resync(&mut rout);
                 self.to_repl.extend(rout);
             }
-            ApplyOut::Unsigned(_) | ApplyOut::Signed(_) => {
+            ApplyOut::Unsigned(_)
+            | ApplyOut::HeaderSigned { .. }
+            | ApplyOut::CheckpointSigned(_) => {
                 unreachable!("the simulator's replicas hold the whole key")
             }
         }

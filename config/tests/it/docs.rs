@@ -24,6 +24,7 @@ fn schema_keys() -> BTreeSet<String> {
     // Optional keys are left out of the TOML when unset: set them so the walk sees them.
     let operator = config.operator.as_mut().unwrap();
     operator.next_signing_key = Some(PathBuf::from("next.key"));
+    operator.signing_key_share = Some(PathBuf::from("node1.share"));
     operator.genesis_public_key = Some("00".repeat(32));
     config.cluster.admin_keys.push("00".repeat(32));
     config.cluster.initial_voters = Some(vec![1, 2]);
@@ -146,17 +147,24 @@ fn example_parses_and_validates() {
     );
 }
 
+/// `[operator]` keys unset by default: TOML has no null, so the example names them in a comment.
+const OPTIONAL_OPERATOR_KEYS: [&str; 3] = [
+    "operator.signing_key_share",
+    "operator.next_signing_key",
+    "operator.genesis_public_key",
+];
+
 #[test]
 fn example_shows_every_key_at_its_default() {
     let written = dotted_keys(&SINGLE_NODE.parse::<toml::Value>().unwrap());
     let expected: BTreeSet<String> = schema_keys()
         .into_iter()
         .filter(|key| !key.starts_with("peers.") && !key.starts_with("witnesses."))
-        // Unset by default, and TOML has no null: the example names them in a comment.
-        .filter(|key| key != "operator.next_signing_key" && key != "operator.genesis_public_key")
+        .filter(|key| !OPTIONAL_OPERATOR_KEYS.contains(&key.as_str()))
         .collect();
     assert_eq!(written, expected);
-    for optional in ["next_signing_key", "genesis_public_key"] {
+    for optional in OPTIONAL_OPERATOR_KEYS {
+        let optional = optional.trim_start_matches("operator.");
         assert!(
             SINGLE_NODE.contains(&format!("# {optional} = ")),
             "{optional}"

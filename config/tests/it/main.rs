@@ -29,9 +29,42 @@ deposit_keys = ["{DEPOSIT_KEY}"]
     )
 }
 
+/// The smallest threshold config that validates: [`minimal`] with this replica's key share
+/// (`operator.signing_key_share`) instead of the whole key, and two peers (a single node
+/// keeps a plain key).
+pub fn threshold_minimal() -> String {
+    let share = minimal().replace(
+        "signing_key = \"operator.key\"",
+        "signing_key_share = \"node1.share\"",
+    );
+    format!(
+        r#"{share}
+[[peers]]
+id = 2
+address = "127.0.0.1:7502"
+client_address = "127.0.0.1:7402"
+
+[[peers]]
+id = 3
+address = "127.0.0.1:7503"
+client_address = "127.0.0.1:7403"
+"#
+    )
+}
+
 /// [`minimal`] with `fragment` laid over it: tables merge key by key, any other value in the
 /// fragment (arrays included) replaces the base's. So a case states only what it changes.
 pub fn valid_with(fragment: &str) -> String {
+    valid_over(&minimal(), fragment)
+}
+
+/// [`threshold_minimal`] with `fragment` laid over it, as [`valid_with`] does.
+pub fn threshold_with(fragment: &str) -> String {
+    valid_over(&threshold_minimal(), fragment)
+}
+
+/// `base` with `fragment` laid over it, as [`valid_with`] describes.
+pub fn valid_over(base: &str, fragment: &str) -> String {
     fn merge(base: &mut toml::Table, over: toml::Table) {
         for (key, value) in over {
             match (base.get_mut(&key), value) {
@@ -42,7 +75,7 @@ pub fn valid_with(fragment: &str) -> String {
             }
         }
     }
-    let mut base: toml::Table = minimal().parse().expect("minimal() is TOML");
+    let mut base: toml::Table = base.parse().expect("the base is TOML");
     let over: toml::Table = fragment.parse().expect("the fragment is TOML");
     merge(&mut base, over);
     toml::to_string(&base).expect("a merged table serializes")

@@ -16,7 +16,7 @@ fn minimal_config_takes_every_default() {
     expected.tls.as_mut().unwrap().cert = "node.pem".into();
     expected.tls.as_mut().unwrap().key = "node.key".into();
     let operator = expected.operator.as_mut().unwrap();
-    operator.signing_key = "operator.key".into();
+    operator.signing_key = Some("operator.key".into());
     operator.deposit_keys = vec![DEPOSIT_KEY.to_owned()];
     // Only the development operator archives by default; a written config says where.
     expected.archive = tally_config::ArchiveConfig::default();
@@ -169,7 +169,8 @@ fn resolve_paths_anchors_relative_paths_at_the_config_dir() {
     let text = valid_with(
         "[node]\ndata_dir = \"./tally-data\"\n\
          [tls]\nca_cert = \"/etc/ssl/ca.pem\"\ncert = \"certs/node.pem\"\n\
-         [operator]\nsigning_key = \"../keys/operator.key\"",
+         [operator]\nsigning_key = \"../keys/operator.key\"\n\
+         next_signing_key = \"next.key\"",
     );
     let mut config = Config::from_toml_str(&text).unwrap();
     config.resolve_paths(Path::new("/etc/tally"));
@@ -182,8 +183,35 @@ fn resolve_paths_anchors_relative_paths_at_the_config_dir() {
     );
     assert_eq!(tls.cert, Path::new("/etc/tally/certs/node.pem"));
     assert_eq!(tls.key, Path::new("/etc/tally/node.key"));
-    let signing_key = &config.operator.as_ref().unwrap().signing_key;
-    assert_eq!(signing_key, Path::new("/etc/tally/../keys/operator.key"));
+    let operator = config.operator.as_ref().unwrap();
+    let signing_key = operator.signing_key.as_deref();
+    assert_eq!(
+        signing_key,
+        Some(Path::new("/etc/tally/../keys/operator.key"))
+    );
+    let next = operator.next_signing_key.as_deref();
+    assert_eq!(next, Some(Path::new("/etc/tally/next.key")));
+
+    // A key share, like the whole key it stands for.
+    let mut config = Config::from_toml_str(&crate::threshold_minimal()).unwrap();
+    config.resolve_paths(Path::new("/etc/tally"));
+    let operator = config.operator.as_ref().unwrap();
+    assert_eq!(operator.signing_key, None);
+    let share = operator.signing_key_share.as_deref();
+    assert_eq!(share, Some(Path::new("/etc/tally/node1.share")));
+    config.validate().unwrap();
+}
+
+#[test]
+fn a_key_share_round_trips_without_a_signing_key() {
+    let config = Config::from_toml_str(&crate::threshold_minimal()).unwrap();
+    let text = config.to_toml_string();
+    assert!(
+        text.contains("signing_key_share = \"node1.share\""),
+        "{text}"
+    );
+    assert!(!text.contains("signing_key ="), "{text}");
+    assert_eq!(Config::from_toml_str(&text).unwrap(), config, "{text}");
 }
 
 #[test]
@@ -201,7 +229,11 @@ fn dev_default_lives_in_its_data_dir_and_needs_a_deposit_key() {
     assert_eq!(tls.cert, Path::new("data/node.pem"));
     assert_eq!(tls.key, Path::new("data/node.key"));
     let operator = config.operator.as_mut().unwrap();
-    assert_eq!(operator.signing_key, Path::new("data/operator.key"));
+    assert_eq!(
+        operator.signing_key.as_deref(),
+        Some(Path::new("data/operator.key"))
+    );
+    assert_eq!(operator.signing_key_share, None);
     assert!(operator.deposit_keys.is_empty());
     assert_eq!(
         config.validate().unwrap_err().keys(),

@@ -1,7 +1,7 @@
 //! Data-driven validation cases: each config fragment, laid over a valid minimal config, must
 //! produce errors naming exactly the expected keys.
 
-use crate::{errors, minimal, valid_with, CHAIN_ID, DEPOSIT_KEY};
+use crate::{errors, minimal, threshold_with, valid_with, CHAIN_ID, DEPOSIT_KEY};
 
 /// Parses and validates `text` and checks that the errors name exactly `expected_keys` (in any
 /// order), and that each error's message starts with its key.
@@ -61,6 +61,8 @@ const CASES: &[(&str, &[&str])] = &[
     ("[tls]\ncert = \"\"", &["tls.cert"]),
     ("[tls]\nca = \"ca.pem\"", &["tls.ca"]),
     ("[operator]\nsigning_key = \"\"", &["operator.signing_key"]),
+    // A whole key and a share of one: which signs?
+    ("[operator]\nsigning_key_share = \"node1.share\"", &["operator.signing_key_share"]),
     ("[operator]\ndeposit_keys = []", &["operator.deposit_keys"]),
     ("[operator]\ndeposit_keys = [\"abcd\"]", &["operator.deposit_keys[0]"]),
     ("[operator]\ndeposit_keys = [\"0x00112233445566778899aabbccddeeff00112233445566778899aabbccddee\"]", &["operator.deposit_keys[0]"]),
@@ -178,6 +180,95 @@ const CASES: &[(&str, &[&str])] = &[
 fn cases() {
     for (fragment, expected_keys) in CASES {
         check(&valid_with(fragment), expected_keys);
+    }
+}
+
+/// (fragment laid over `threshold_minimal()`, keys of the expected errors): what threshold
+/// mode refuses until it signs more than headers.
+const THRESHOLD_CASES: &[(&str, &[&str])] = &[
+    ("", &[]),
+    ("[explorer]\nenabled = false\n[archive]\nurl = \"\"", &[]),
+    ("[operator]\nsigning_key_share = \"\"", &["operator.signing_key_share"]),
+    ("[operator]\nsigning_key = \"operator.key\"", &["operator.signing_key_share"]),
+    ("[operator]\nnext_signing_key = \"next.key\"", &["operator.next_signing_key"]),
+    (
+        "[operator]\ngenesis_public_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
+        &["operator.genesis_public_key"],
+    ),
+    ("[archive]\nurl = \"archive\"", &["archive.url"]),
+    ("[archive]\nurl = \"s3://bucket/prefix\"", &["archive.url"]),
+    (
+        "[[witnesses]]\nurl = \"http://127.0.0.1:7700\"\npublic_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
+        &["witnesses"],
+    ),
+    ("[explorer]\nenabled = true", &["explorer.enabled"]),
+    ("peers = []", &["operator.signing_key_share"]),
+    // Every refusal at once.
+    (
+        "peers = []\n[explorer]\nenabled = true\n[archive]\nurl = \"archive\"\n\
+         [operator]\nnext_signing_key = \"next.key\"",
+        &["operator.signing_key_share", "explorer.enabled", "archive.url", "operator.next_signing_key"],
+    ),
+];
+
+#[test]
+fn threshold_cases() {
+    for (fragment, expected_keys) in THRESHOLD_CASES {
+        check(&threshold_with(fragment), expected_keys);
+    }
+}
+
+/// The first error of `text`, displayed.
+fn first_error(text: &str) -> String {
+    let errors = errors(text);
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    errors.0[0].to_string()
+}
+
+#[test]
+fn signing_key_and_its_share_are_one_or_the_other() {
+    let neither = minimal().replace("signing_key = \"operator.key\"\n", "");
+    assert!(!neither.contains("signing_key"));
+    let message = first_error(&neither);
+    assert!(
+        message.starts_with("operator.signing_key: set exactly one of operator.signing_key"),
+        "{message}"
+    );
+    assert!(message.contains("operator.signing_key_share"), "{message}");
+    let both = first_error(&valid_with(
+        "[operator]\nsigning_key_share = \"node1.share\"",
+    ));
+    assert!(
+        both.starts_with("operator.signing_key_share = \"node1.share\": set exactly one of"),
+        "{both}"
+    );
+    assert!(both.contains("operator.signing_key is set too"), "{both}");
+}
+
+#[test]
+fn threshold_refusals_say_why() {
+    for (fragment, why) in [
+        ("[operator]\nnext_signing_key = \"n.key\"", "rotating a threshold group's key is not supported yet"),
+        (
+            "[operator]\ngenesis_public_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
+            "rotating it is not supported yet",
+        ),
+        ("[archive]\nurl = \"archive\"", "does not yet sign the archive's checkpoints and manifests"),
+        (
+            "[[witnesses]]\nurl = \"http://127.0.0.1:7700\"\npublic_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
+            "does not yet sign the checkpoints witnesses cosign",
+        ),
+        ("[explorer]\nenabled = true", "does not yet sign the checkpoints the explorer serves"),
+        ("peers = []", "a single-node operator keeps a plain key"),
+    ] {
+        let message = first_error(&threshold_with(fragment));
+        assert!(message.contains(why), "{fragment}: {message}");
+        if fragment != "peers = []" {
+            assert!(message.contains("not with operator.signing_key_share"), "{message}");
+        }
+        if !fragment.starts_with("[operator]") && fragment != "peers = []" {
+            assert!(message.contains("need a whole key (operator.signing_key)"), "{message}");
+        }
     }
 }
 

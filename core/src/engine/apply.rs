@@ -13,11 +13,14 @@
 //! get their original confirmation once it is.
 //!
 //! A threshold operator's replica (`crate::signing`) holds no key: it writes each batch with
-//! its header unsigned and says so ([`ApplyOut::Unsigned`]); the batch's waiters wait until a
-//! committed signature entry for that height applies ([`Committed::Signature`]): checked under
-//! the height's operator key, stored, appended to the header log, and only then confirmed.
-//! Signatures apply in height order; one that is not the next, or does not verify, is skipped
-//! by every replica alike.
+//! its header unsigned and says so ([`ApplyOut::Unsigned`]). Then two committed signature
+//! entries per height ([`Committed::Signature`]): the header's, stored and appended to the
+//! header log ([`ApplyOut::HeaderSigned`] gives the checkpoint of the log of that size, which
+//! is signed next), and that checkpoint's, stored, after which the batch's waiters are
+//! confirmed (a client checks the header log's consistency as soon as it is answered). Each
+//! kind applies in height order, a checkpoint only after its header; a signature that is not
+//! the next of its kind, or does not verify under the group key, is skipped by every replica
+//! alike.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -27,6 +30,7 @@ use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed, Heade
 use crate::crypto::{key_id, verify_strict, OperatorKey};
 use crate::key_chain::SigningKeys;
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
+use crate::signing::{Item, Kind};
 use crate::state::LedgerMeta;
 use crate::state_map::StateMap;
 use crate::{Error, Rejection, Result};
@@ -48,9 +52,10 @@ pub enum Committed<R> {
         sealed: Option<StateMap>,
         raft_index: u64,
     },
-    /// The signature of the header at `height` (a threshold operator's signature entry).
+    /// The signature of a height's header or checkpoint (a threshold operator's signature
+    /// entry).
     Signature {
-        height: u64,
+        item: Item,
         signature: Signature,
         raft_index: u64,
     },
@@ -76,8 +81,14 @@ pub enum ApplyOut<R> {
     Reject(R, Rejection),
     /// A batch was applied with this header unsigned: the signing stage signs it.
     Unsigned(Header),
-    /// Headers are signed through this height.
-    Signed(u64),
+    /// The header at `height` is signed; `checkpoint` is the text of the header log's
+    /// checkpoint of that size, which the signing stage signs next.
+    HeaderSigned {
+        height: u64,
+        checkpoint: Vec<u8>,
+    },
+    /// Checkpoints are signed through this height.
+    CheckpointSigned(u64),
     /// A committed batch did not extend the chain: the master's speculative state is void.
     Resync,
 }
@@ -91,8 +102,8 @@ pub enum Applied {
     Superseded,
     /// Written; the write, for the runtime's archive feed and metrics.
     Written(Box<BatchWrite>),
-    /// A header's signature was written (a threshold operator's replica).
-    Signed(Box<SignedHeader>),
+    /// A header's or a checkpoint's signature was written (a threshold operator's replica).
+    Signed(Item),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +133,9 @@ pub struct Applier<R> {
     /// The highest height whose header is signed: `meta.height` unless headers are signed
     /// by a threshold (then the batches above it wait for their signature entries).
     signed_through: u64,
+    /// The highest height whose checkpoint is signed by the threshold (`signed_through` with
+    /// a whole key, which signs checkpoints when asked): confirmations wait for it.
+    checkpointed_through: u64,
     /// Batches applied unsigned whose waiters wait for the signature, by height.
     held: BTreeMap<u64, (BatchBody, Vec<Waiter<R>>)>,
 }
@@ -132,6 +146,7 @@ impl<R> Applier<R> {
         Applier {
             applied_index: meta.raft_index,
             signed_through: meta.height,
+            checkpointed_through: meta.height,
             held: BTreeMap::new(),
             meta,
             keys,
@@ -148,14 +163,33 @@ impl<R> Applier<R> {
 
     /// Starts from the store's signed height (a threshold operator's replica may have headers
     /// applied but not signed when it stopped).
-    pub fn with_signed_through(mut self, height: u64) -> Self {
-        assert!(height <= self.meta.height, "signed {height} above applied");
-        self.signed_through = height;
+    pub fn with_signed_through(mut self, headers: u64, checkpoints: u64) -> Self {
+        assert!(
+            headers <= self.meta.height,
+            "signed {headers} above applied"
+        );
+        assert!(
+            checkpoints <= headers,
+            "checkpoint {checkpoints} before its header"
+        );
+        self.signed_through = headers;
+        self.checkpointed_through = checkpoints;
         self
     }
 
-    pub fn signed_through(&self) -> u64 {
-        self.signed_through
+    /// Signatures applied through these heights: (headers, checkpoints).
+    pub fn signed_through(&self) -> (u64, u64) {
+        (self.signed_through, self.checkpointed_through)
+    }
+
+    /// The public key that signs the next header (held or not).
+    pub fn operator_public(&self) -> PublicKey {
+        self.keys.public_for_meta(&self.meta)
+    }
+
+    /// Whether headers are signed by a threshold of replicas, not here (`crate::signing`).
+    pub fn is_threshold(&self) -> bool {
+        self.keys.is_threshold()
     }
 
     /// The key that signs this replica's next header, and the header log's checkpoints it
@@ -183,12 +217,15 @@ impl<R> Applier<R> {
                 return Ok(Applied::Skipped);
             }
             Committed::Signature {
-                height,
+                item,
                 signature,
                 raft_index,
             } => {
                 self.advance_index(raft_index);
-                return self.signature(store, height, signature, out);
+                return match item.kind {
+                    Kind::Header => self.header_signature(store, item.height, signature, out),
+                    Kind::Checkpoint => self.checkpoint_signature(store, item, signature, out),
+                };
             }
             Committed::Batch {
                 body,
@@ -230,6 +267,7 @@ impl<R> Applier<R> {
             return Ok(Applied::Written(Box::new(write)));
         }
         self.signed_through = write.meta.height;
+        self.checkpointed_through = write.meta.height;
         out.push(ApplyOut::Confirm {
             body,
             signed: write.signed_header.clone(),
@@ -239,9 +277,9 @@ impl<R> Applier<R> {
         Ok(Applied::Written(Box::new(write)))
     }
 
-    /// A committed signature entry: written if it is the next height's and verifies under
+    /// A committed header signature: written if it is the next height's and verifies under
     /// that height's operator key, else skipped (every replica decides alike).
-    fn signature<S: LedgerStore>(
+    fn header_signature<S: LedgerStore>(
         &mut self,
         store: &mut S,
         height: u64,
@@ -260,18 +298,57 @@ impl<R> Applier<R> {
         {
             return Ok(Applied::Skipped);
         }
-        let signed = store.sign_header(height, signature)?;
+        store.sign_header(height, signature)?;
         self.signed_through = height;
+        let checkpoint = checkpoint_text(store, &header.chain_id, height)?;
+        out.push(ApplyOut::HeaderSigned { height, checkpoint });
+        Ok(Applied::Signed(Item {
+            height,
+            kind: Kind::Header,
+        }))
+    }
+
+    /// A committed checkpoint signature: written if it is the next height's, its header is
+    /// signed and it verifies over this replica's checkpoint of that size; then the batch is
+    /// confirmed.
+    fn checkpoint_signature<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        item: Item,
+        signature: Signature,
+        out: &mut Vec<ApplyOut<R>>,
+    ) -> Result<Applied> {
+        let height = item.height;
+        if height != self.checkpointed_through + 1 || height > self.signed_through {
+            return Ok(Applied::Skipped);
+        }
+        let chain_id = self.meta_chain_id(store, height)?;
+        let text = checkpoint_text(store, &chain_id, height)?;
+        if !verify_strict(&self.threshold_key(height)?, &text, &signature) {
+            return Ok(Applied::Skipped);
+        }
+        store.sign_checkpoint(height, signature)?;
+        self.checkpointed_through = height;
         if let Some((body, waiters)) = self.held.remove(&height) {
+            let signed = store
+                .header(height)?
+                .ok_or_else(|| Error::missing(format_args!("the signed header {height}")))?;
             out.push(ApplyOut::Confirm {
                 body,
-                signed: signed.clone(),
+                signed,
                 waiters,
             });
         }
-        out.push(ApplyOut::Signed(height));
+        out.push(ApplyOut::CheckpointSigned(height));
         self.unpark(store, out)?;
-        Ok(Applied::Signed(Box::new(signed)))
+        Ok(Applied::Signed(item))
+    }
+
+    fn meta_chain_id<S: LedgerStore>(&self, store: &mut S, height: u64) -> Result<Hash> {
+        let header = store
+            .applied_header(height)?
+            .ok_or_else(|| Error::missing(format_args!("the applied header {height}")))?;
+        Ok(header.chain_id)
     }
 
     /// The key that signs the header at `height` (not signed yet, so above the last rotation:
@@ -337,7 +414,7 @@ impl<R> Applier<R> {
 
     /// Resubmissions whose batch is now applied get their confirmation.
     fn unpark<S: LedgerStore>(&mut self, store: &mut S, out: &mut Vec<ApplyOut<R>>) -> Result<()> {
-        let later = self.parked.split_off(&(self.signed_through + 1));
+        let later = self.parked.split_off(&(self.checkpointed_through + 1));
         for (height, waiting) in std::mem::replace(&mut self.parked, later) {
             for p in waiting {
                 self.parked_count -= 1;
@@ -358,7 +435,7 @@ impl<R> Applier<R> {
         reply: R,
         out: &mut Vec<ApplyOut<R>>,
     ) -> Result<()> {
-        if height <= self.signed_through {
+        if height <= self.checkpointed_through {
             return self.answer(store, height, index, request_hash, reply, out);
         }
         if self.parked_count >= self.cfg.parked_max {
@@ -418,6 +495,12 @@ impl<R> Applier<R> {
     ) -> Result<()> {
         self.meta = store.meta()?;
         self.signed_through = store.signed_through()?;
+        self.checkpointed_through = store.checkpointed_through()?;
+        if self.is_threshold() {
+            // The signing stage forgets what the installed ledger has signed. (It never signs
+            // an installed header it did not apply itself.)
+            out.push(ApplyOut::CheckpointSigned(self.checkpointed_through));
+        }
         self.accounts.clear();
         for (height, (body, waiters)) in std::mem::take(&mut self.held) {
             let starts = body.item_starts();
@@ -429,6 +512,22 @@ impl<R> Applier<R> {
         self.advance_index(raft_index.max(self.meta.raft_index));
         self.unpark(store, out)
     }
+}
+
+/// The text of the checkpoint of the header log of `size` signed headers (C2SP
+/// tlog-checkpoint): what the threshold signs for that height after its header.
+pub fn checkpoint_text<S: LedgerStore>(
+    store: &mut S,
+    chain_id: &Hash,
+    size: u64,
+) -> Result<Vec<u8>> {
+    let root = crate::tlog::root_by(size, &mut |l, i| store.header_log_node(l, i))?;
+    let checkpoint = crate::tlog::Checkpoint {
+        origin: crate::tlog::origin_for(chain_id),
+        size,
+        root,
+    };
+    Ok(checkpoint.body().into_bytes())
 }
 
 /// The original confirmation of the request at (`height`, `index`), rebuilt from the stored

@@ -303,11 +303,15 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
 
     /// Proposes a header's signature (a threshold operator's, `crate::signing`): best effort,
     /// as the signing stage proposes it again until it applies. False when not leading.
-    pub fn propose_signature(&mut self, height: u64, signature: &tally_wire::Signature) -> bool {
+    pub fn propose_signature(
+        &mut self,
+        item: crate::signing::Item,
+        signature: &tally_wire::Signature,
+    ) -> bool {
         self.leading
             && self
                 .replica
-                .propose(crate::signing::encode_signature_entry(height, signature))
+                .propose(crate::signing::encode_signature_entry(item, signature))
                 .is_ok()
     }
 
@@ -529,9 +533,9 @@ impl<R, Q> RaftIo for Io<'_, R, Q> {
         for e in entries {
             *self.committed_bytes += e.data.len() as u64;
             let raft_index = e.index;
-            if let Some((height, signature)) = is_signature(&e) {
+            if let Some((item, signature)) = is_signature(&e) {
                 let committed = Committed::Signature {
-                    height,
+                    item,
                     signature,
                     raft_index,
                 };
@@ -572,7 +576,7 @@ impl<R, Q> RaftIo for Io<'_, R, Q> {
 }
 
 /// A signature entry's height and signature (`crate::signing`).
-fn is_signature(e: &Entry) -> Option<(u64, tally_wire::Signature)> {
+fn is_signature(e: &Entry) -> Option<(crate::signing::Item, tally_wire::Signature)> {
     match e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal {
         true => crate::signing::decode_signature_entry(&e.data),
         false => None,

@@ -148,6 +148,8 @@ pub fn clone_store(s: &MemStore) -> MemStore {
         headers: s.headers.clone(),
         bodies: s.bodies.clone(),
         reserves: s.reserves.clone(),
+        checkpoints: s.checkpoints.clone(),
+        checkpointed: s.checkpointed,
     }
 }
 

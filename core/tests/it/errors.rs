@@ -124,6 +124,28 @@ impl LedgerStore for Failing {
         self.read()?;
         self.inner.body(height)
     }
+    fn applied_header(&mut self, height: u64) -> Result<Option<tally_wire::Header>, Error> {
+        self.read()?;
+        self.inner.applied_header(height)
+    }
+    fn signed_through(&mut self) -> Result<u64, Error> {
+        self.inner.signed_through()
+    }
+    fn sign_header(&mut self, h: u64, s: tally_wire::Signature) -> Result<SignedHeader, Error> {
+        self.writes.clone().map_or(Ok(()), Err)?;
+        self.inner.sign_header(h, s)
+    }
+    fn checkpointed_through(&mut self) -> Result<u64, Error> {
+        self.inner.checkpointed_through()
+    }
+    fn sign_checkpoint(&mut self, size: u64, s: tally_wire::Signature) -> Result<(), Error> {
+        self.writes.clone().map_or(Ok(()), Err)?;
+        self.inner.sign_checkpoint(size, s)
+    }
+    fn checkpoint_signature(&mut self, size: u64) -> Result<Option<tally_wire::Signature>, Error> {
+        self.read()?;
+        self.inner.checkpoint_signature(size)
+    }
     fn header_log_node(&mut self, level: u8, index: u64) -> Result<tally_wire::Hash, Error> {
         self.read()?;
         self.inner.header_log_node(level, index)

@@ -202,7 +202,7 @@ impl Harness {
             Applied::Written(w) => format!("written height={}", w.meta.height),
             Applied::Skipped => "skipped".into(),
             Applied::Superseded => "superseded".into(),
-            Applied::Signed(s) => format!("signed height={}", s.header.height),
+            Applied::Signed(i) => format!("signed {:?} height={}", i.kind, i.height),
         };
         let _ = writeln!(self.out, "> {what}");
         self.apply_out(aout);
@@ -241,7 +241,8 @@ impl Harness {
                 ApplyOut::Reject(reply, r) => format!("> reject {reply} {}", r.code),
                 ApplyOut::Resync => "> resync".into(),
                 ApplyOut::Unsigned(h) => format!("> unsigned height={}", h.height),
-                ApplyOut::Signed(h) => format!("> signed through={h}"),
+                ApplyOut::HeaderSigned { height, .. } => format!("> header signed {height}"),
+                ApplyOut::CheckpointSigned(h) => format!("> checkpoint signed {h}"),
             };
             if !line.is_empty() {
                 let _ = writeln!(self.out, "{line}");

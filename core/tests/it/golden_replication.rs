@@ -421,10 +421,10 @@ impl Cluster {
                 )
             }
             Committed::Signature {
-                height, raft_index, ..
+                item, raft_index, ..
             } => {
                 node.applied.raft_index = raft_index;
-                format!("committed {raft_index} signature height={height}")
+                format!("committed {raft_index} signature {item:?}")
             }
             Committed::Other { raft_index } => {
                 node.applied.raft_index = raft_index;

@@ -1,23 +1,26 @@
 //! A threshold operator's apply (`engine::apply`, `signing`): batches are written with their
-//! headers unsigned and confirmed only once a signature entry for their height applies, in
-//! height order, under the group key; a signature out of order or that does not verify is
-//! skipped alike by every replica, and resubmissions wait for the signature too.
+//! headers unsigned and confirmed only once the signature entries of their header and then of
+//! the header log's checkpoint of that size apply, each kind in height order, under the group
+//! key; a signature out of order, before its header or that does not verify is skipped alike
+//! by every replica, and resubmissions wait for the signatures too.
 
 use std::collections::BTreeMap;
 
 use rand::rngs::OsRng;
-use tally_core::engine::apply::{Applied, Applier, ApplierConfig, ApplyOut, Committed};
+use tally_core::engine::apply::{
+    checkpoint_text, Applied, Applier, ApplierConfig, ApplyOut, Committed,
+};
 use tally_core::engine::Waiter;
 use tally_core::key_chain::SigningKeys;
 use tally_core::ports::{LedgerStore, MemStore};
+use tally_core::signing::{Item, Kind};
 use tally_core::state::LedgerMeta;
 use tally_core::threshold::{aggregate, deal, Dealt, Share};
-use tally_wire::{Header, Signature};
+use tally_wire::Signature;
 
 use crate::common::{deposit, Node};
 
-fn sign(dealt: &Dealt, header: &Header) -> Signature {
-    let message = header.encode();
+fn sign(dealt: &Dealt, message: &[u8]) -> Signature {
     let shares: BTreeMap<u16, Share> = [1u16, 3]
         .iter()
         .map(|i| (*i, Share::decode(&dealt.shares[i]).unwrap()))
@@ -31,14 +34,11 @@ fn sign(dealt: &Dealt, header: &Header) -> Signature {
     let signed = shares
         .iter()
         .map(|(id, s)| {
-            (
-                *id,
-                s.sign(&message, &commitments, nonces.remove(id).unwrap())
-                    .unwrap(),
-            )
+            let n = nonces.remove(id).unwrap();
+            (*id, s.sign(message, &commitments, n).unwrap())
         })
         .collect();
-    aggregate(&message, &commitments, &signed, &dealt.public).unwrap()
+    aggregate(message, &commitments, &signed, &dealt.public).unwrap()
 }
 
 struct Replica {
@@ -69,10 +69,20 @@ impl Replica {
     }
 
     fn signature(&mut self, height: u64, signature: Signature) -> (Applied, Vec<ApplyOut<u32>>) {
+        let kind = Kind::Header;
+        self.signed(Item { height, kind }, signature)
+    }
+
+    fn checkpoint(&mut self, height: u64, signature: Signature) -> (Applied, Vec<ApplyOut<u32>>) {
+        let kind = Kind::Checkpoint;
+        self.signed(Item { height, kind }, signature)
+    }
+
+    fn signed(&mut self, item: Item, signature: Signature) -> (Applied, Vec<ApplyOut<u32>>) {
         self.commit(Committed::Signature {
-            height,
+            item,
             signature,
-            raft_index: 100 + height,
+            raft_index: 100 + item.height,
         })
     }
 }
@@ -105,7 +115,7 @@ fn confirmed(out: &[ApplyOut<u32>]) -> Vec<u32> {
 }
 
 #[test]
-fn headers_apply_unsigned_and_confirm_only_under_the_groups_signature_in_order() {
+fn headers_then_checkpoints_are_signed_in_order_under_the_group_key_before_confirming() {
     let dealt = deal(3, 2, &mut OsRng).unwrap();
     let group_id = tally_core::crypto::key_id(&dealt.group_key);
     let mut node = Node::with_config(|c| c.operator_key_id = group_id);
@@ -126,7 +136,7 @@ fn headers_apply_unsigned_and_confirm_only_under_the_groups_signature_in_order()
         bodies.push(body);
     }
     for r in [&mut leader, &mut follower] {
-        assert_eq!(r.applier.signed_through(), 0);
+        assert_eq!(r.applier.signed_through(), (0, 0));
         assert_eq!(r.store.signed_through().unwrap(), 0);
         assert!(
             r.store.header(1).unwrap().is_none(),
@@ -142,8 +152,8 @@ fn headers_apply_unsigned_and_confirm_only_under_the_groups_signature_in_order()
         .unwrap();
     assert!(out.is_empty());
 
-    let s1 = sign(&dealt, &bodies[0].header);
-    let s2 = sign(&dealt, &bodies[1].header);
+    let s1 = sign(&dealt, &bodies[0].header.encode());
+    let s2 = sign(&dealt, &bodies[1].header.encode());
     for r in [&mut leader, &mut follower] {
         let (a, out) = r.signature(2, s2);
         assert!(
@@ -158,13 +168,42 @@ fn headers_apply_unsigned_and_confirm_only_under_the_groups_signature_in_order()
         let mut bad = s1;
         bad[5] ^= 1;
         assert!(matches!(r.signature(1, bad).0, Applied::Skipped));
-        assert_eq!(r.applier.signed_through(), 0);
+        let early = r.checkpoint(1, s1).0;
+        assert!(
+            matches!(early, Applied::Skipped),
+            "a checkpoint before its header"
+        );
+        assert_eq!(r.applier.signed_through(), (0, 0));
     }
     let (a, out) = leader.signature(1, s1);
-    assert!(matches!(a, Applied::Signed(s) if s.signature == s1));
+    assert!(matches!(a, Applied::Signed(i) if i == Item { height: 1, kind: Kind::Header }));
+    assert!(
+        confirmed(&out).is_empty(),
+        "confirmed after the checkpoint, not the header"
+    );
+    let text = match &out[..] {
+        [ApplyOut::HeaderSigned {
+            height: 1,
+            checkpoint,
+        }] => checkpoint.clone(),
+        o => panic!("{o:?}"),
+    };
+    let chain = bodies[0].header.chain_id;
+    assert_eq!(text, checkpoint_text(&mut leader.store, &chain, 1).unwrap());
+    let c1 = sign(&dealt, &text);
+    let wrong = leader.checkpoint(1, s1).0;
+    assert!(matches!(wrong, Applied::Skipped), "a header's signature");
+    let (_, out) = leader.checkpoint(1, c1);
     assert_eq!(confirmed(&out), vec![1]);
-    assert!(out.iter().any(|o| matches!(o, ApplyOut::Signed(1))));
-    let (_, out) = leader.signature(2, s2);
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, ApplyOut::CheckpointSigned(1))));
+    leader.signature(2, s2);
+    let c2 = sign(
+        &dealt,
+        &checkpoint_text(&mut leader.store, &chain, 2).unwrap(),
+    );
+    let (_, out) = leader.checkpoint(2, c2);
     assert_eq!(
         confirmed(&out),
         vec![2, 77],
@@ -175,8 +214,10 @@ fn headers_apply_unsigned_and_confirm_only_under_the_groups_signature_in_order()
         matches!(a, Applied::Skipped),
         "a signature applied twice is skipped"
     );
-    follower.signature(1, s1);
-    follower.signature(2, s2);
+    for (h, s, c) in [(1, s1, c1), (2, s2, c2)] {
+        follower.signature(h, s);
+        follower.checkpoint(h, c);
+    }
     for h in 1..=2 {
         let (l, f) = (
             leader.store.header(h).unwrap(),
@@ -184,12 +225,18 @@ fn headers_apply_unsigned_and_confirm_only_under_the_groups_signature_in_order()
         );
         assert_eq!(l, f);
         let l = l.unwrap();
+        let key = &dealt.group_key;
         assert!(tally_core::crypto::verify_strict(
-            &dealt.group_key,
+            key,
             &l.header.encode(),
             &l.signature
         ));
+        assert_eq!(
+            leader.store.checkpoint_signature(h).unwrap(),
+            follower.store.checkpoint_signature(h).unwrap()
+        );
     }
     assert!(leader.store.header(3).unwrap().is_none());
     assert_eq!(leader.store.signed_through().unwrap(), 2);
+    assert_eq!(leader.store.checkpointed_through().unwrap(), 2);
 }

@@ -34,9 +34,10 @@ struct Args {
 enum Command {
     /// Write everything a local N-replica operator needs: CA, node certificates, operator,
     /// deposit and admin keys, DIR/nodeK.toml for each replica and DIR/profile.toml listing them
-    /// all. With --add-node, --renew-node or --new-ca, add to an existing DIR instead
-    /// (docs/OPERATING.md, "Adding, replacing and removing a replica" and "Certificates:
-    /// renewal and CA rotation").
+    /// all. With --threshold, a threshold operator key instead: DIR/nodeK.share for each
+    /// replica, no whole key anywhere. With --add-node, --renew-node or --new-ca, add to an
+    /// existing DIR instead (docs/OPERATING.md, "Adding, replacing and removing a replica" and
+    /// "Certificates: renewal and CA rotation").
     InitCluster {
         /// Number of replicas (3 or 5 for a fault-tolerant operator).
         #[arg(long, required_unless_present_any = ["add_node", "renew_node", "new_ca"])]
@@ -69,6 +70,12 @@ enum Command {
         /// (the current ca.pem, then the new CA)
         #[arg(long, value_name = "NAME", conflicts_with = "nodes")]
         new_ca: Option<String>,
+        /// Threshold signing (FROST, issue 20): deal the operator key in memory into one share
+        /// per replica (DIR/nodeK.share, named by operator.signing_key_share), any majority of
+        /// which sign (NODES/2 + 1); no file holds the whole key. Needs --nodes 2 or more; the
+        /// configs have no archive (threshold mode does not sign its checkpoints yet).
+        #[arg(long, conflicts_with_all = ["add_node", "renew_node", "new_ca"])]
+        threshold: bool,
     },
     /// Build this replica's ledger from the archive alone (its ledger and raft directories
     /// must be empty or absent), verifying every signature, hash link, Merkle root and state
@@ -127,6 +134,7 @@ fn init_cluster(command: &Command) -> Result<()> {
         renew_node,
         ca,
         new_ca,
+        threshold,
     } = command
     else {
         unreachable!("init_cluster is called for init-cluster only");
@@ -151,10 +159,21 @@ fn init_cluster(command: &Command) -> Result<()> {
         return Ok(());
     }
     let nodes = nodes.expect("clap requires --nodes here");
-    let configs =
-        tally_server::bootstrap::init_cluster_with(nodes, dir, *base_port, &certs.options()?)?;
+    let certs = certs.options()?;
+    let configs = if *threshold {
+        tally_server::bootstrap::init_threshold_cluster(nodes, dir, *base_port, &certs)?
+    } else {
+        tally_server::bootstrap::init_cluster_with(nodes, dir, *base_port, &certs)?
+    };
     for c in &configs {
         println!("tally-server --config {}", c.display());
+    }
+    if *threshold {
+        println!(
+            "operator key: shared among the {nodes} replicas ({}), any majority of them sign; \
+             no file holds the whole key",
+            dir.join("node<K>.share").display()
+        );
     }
     println!("client profile: {}", dir.join("profile.toml").display());
     Ok(())

@@ -103,7 +103,15 @@ impl<S: LedgerStore> StorageThread<S> {
         }
         let from = if from.0 == 0 { (held_from, 0) } else { from };
         let limit = limit.clamp(1, HISTORY_ENTRIES_PER_REPLY_MAX) as usize;
-        let page = self.db().history(&account, from, limit)?;
+        let mut page = self.db().history(&account, from, limit)?;
+        // Rows of batches whose headers wait for their threshold signature come next time.
+        let readable = self.readable_height();
+        if let Some(cut) = page.rows.iter().position(|r| r.entry.height > readable) {
+            let first = &page.rows[cut].entry;
+            page.next = Some((first.height, first.index));
+            page.rows.truncate(cut);
+        }
+        let height = height.min(readable);
         let mut headers = Vec::new();
         for row in &page.rows {
             let h = row.entry.height;

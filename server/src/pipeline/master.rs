@@ -31,6 +31,9 @@ pub(super) struct MasterThread {
     pub view: Arc<ClusterView>,
     pub wake: Receiver<()>,
     pub applied_height: Arc<AtomicU64>,
+    /// A threshold operator's replica: `applied_height` is the signed height, kept by the
+    /// storage thread alone.
+    pub threshold: bool,
     pub shutdown: Arc<AtomicBool>,
     /// The queues upstream of the master, watched at shutdown so the batch in progress is whole.
     pub queues_before: Vec<Receiver<Job>>,
@@ -108,7 +111,9 @@ impl MasterThread {
     fn event(&mut self, event: MasterEvent, out: &mut Out) {
         match event {
             MasterEvent::Lead { term, epoch, meta } => {
-                self.applied_height.store(meta.height, Ordering::SeqCst);
+                if !self.threshold {
+                    self.applied_height.store(meta.height, Ordering::SeqCst);
+                }
                 self.engine.lead(term, epoch, meta, out);
             }
             MasterEvent::Follow => self.engine.follow(out),

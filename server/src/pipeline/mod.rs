@@ -149,7 +149,7 @@ impl Pipeline {
     pub fn start<S: LedgerStore + Send + 'static>(
         cfg: PipelineConfig,
         wiring: RaftWiring,
-        store: S,
+        mut store: S,
         operator: SigningKeys,
         installer: Box<dyn SnapshotTransfer<S>>,
     ) -> Pipeline {
@@ -157,7 +157,15 @@ impl Pipeline {
         let storage_tx = wiring.storage_tx.clone();
         let shutdown = Arc::new(AtomicBool::new(false));
         let meta = wiring.applied.meta.lock().expect("meta lock").clone();
-        let applied_height = Arc::new(AtomicU64::new(meta.height));
+        let read = |s: &mut S| {
+            Ok::<_, tally_core::Error>((s.signed_through()?, s.checkpointed_through()?))
+        };
+        let (signed, checkpointed) = read(&mut store)
+            .unwrap_or_else(|e| crate::fail::fatal("reading the signed heights", &e));
+        let threshold = operator.is_threshold();
+        // A threshold operator's batch is in flight until signed (the master's bound).
+        let in_flight_from = if threshold { checkpointed } else { meta.height };
+        let applied_height = Arc::new(AtomicU64::new(in_flight_from));
         spawn_validation(
             &cfg,
             &q.stateless_rx,
@@ -179,10 +187,12 @@ impl Pipeline {
             queues_before: vec![q.stateless_rx, q.snapshot_rx],
             metrics: cfg.metrics.clone(),
             started: Instant::now(),
+            threshold,
         };
         spawn("master".into(), move || master.run());
         let storage = storage::StorageThread {
-            engine: applier(&cfg, operator, meta),
+            engine: applier(&cfg, operator, meta).with_signed_through(signed, checkpointed),
+            sign_events: Default::default(),
             archive: cfg.archive.clone(),
             store: Some(store),
             node_id: cfg.node_id,

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use tally_core::engine::apply::{find_confirmation, Found};
-use tally_core::header_log::consistency_reply;
+use tally_core::header_log::consistency_reply_with;
 use tally_core::ports::LedgerStore;
 use tally_core::replica::ReplicaStatus;
 use tally_core::state::LedgerMeta;
@@ -128,12 +128,12 @@ impl<S: LedgerStore> StorageThread<S> {
     /// Answers `GetConsistency` (PROTOCOL.md §4.12) at the applied height: two header reads,
     /// O(log n) header log rows and two checkpoint signatures, on this thread.
     fn consistency(&mut self, from: u64, to: u64, reply: ReplyTo) {
-        let height = self.engine.meta().height;
+        let height = self.readable_height();
         let to = if to == 0 { height } else { to };
         if to > height || from > to {
             return reply.error(
                 ErrorCode::HeightNotApplied,
-                format!("height {to} is not applied on this replica (it has {height})"),
+                format!("height {to} is not applied and signed on this replica (it has {height})"),
             );
         }
         match self.log_proof(from, to) {
@@ -144,16 +144,37 @@ impl<S: LedgerStore> StorageThread<S> {
 
     /// The header log's consistency from `from` to `to`, both applied heights (`from <= to`).
     fn log_proof(&mut self, from: u64, to: u64) -> CoreResult<tally_wire::ConsistencyReply> {
-        assert!(1 <= from && from <= to && to <= self.engine.meta().height);
+        assert!(1 <= from && from <= to && to <= self.readable_height());
+        let threshold = self.engine.is_threshold();
+        let key = (!threshold).then(|| self.engine.operator()).transpose()?;
+        let group_key = self.engine.operator_public();
         let store = self.store.as_mut().expect("store");
-        let operator = self.engine.operator()?;
         let mut header = |h: u64| {
             store.header(h)?.ok_or_else(|| {
-                tally_core::Error::missing(format_args!("header {h} below the applied height"))
+                tally_core::Error::missing(format_args!("header {h} below the signed height"))
             })
         };
         let (a, b) = (header(from)?, header(to)?);
-        consistency_reply(a, b, operator, &mut |l, i| store.header_log_node(l, i))
+        // A whole key signs a checkpoint when asked; a threshold signed each one ahead.
+        let mut stored = std::collections::BTreeMap::new();
+        if key.is_none() {
+            for size in [from, to] {
+                let sig = store.checkpoint_signature(size)?.ok_or_else(|| {
+                    tally_core::Error::missing(format_args!("checkpoint signature {size}"))
+                })?;
+                stored.insert(size, sig);
+            }
+        }
+        let mut sign = |c: &tally_core::tlog::Checkpoint| match key {
+            Some(k) => Ok(k.sign_checkpoint(c)),
+            None => Ok(tally_core::tlog::note_with_signature(
+                &c.body(),
+                &c.origin,
+                &group_key,
+                &stored[&c.size],
+            )),
+        };
+        consistency_reply_with(a, b, &mut sign, &mut |l, i| store.header_log_node(l, i))
     }
 
     /// Answers `GetKeyChain` (PROTOCOL.md §4.14): the links, read back from the rotation
@@ -184,6 +205,10 @@ impl<S: LedgerStore> StorageThread<S> {
 
     /// Answers `GetBalanceProof` (PROTOCOL.md §4.13).
     fn prove_balance(&mut self, account: &PublicKey, reply: ReplyTo) {
+        if self.engine.meta().height > self.readable_height() {
+            let why = "the newest batch's header waits for its threshold signature; retry";
+            return reply.error(ErrorCode::Unavailable, why);
+        }
         match self.balance_proof(account) {
             Ok(Some(p)) => reply.send(&Message::BalanceProof(Box::new(p))),
             Ok(None) => reply.error(ErrorCode::HeightNotApplied, "no batch is applied yet"),

@@ -25,8 +25,12 @@ pub(super) struct StorageThread<S> {
     /// Always Some, except while a snapshot installer has it.
     pub store: Option<S>,
     pub node_id: u64,
-    /// The applied height, for the master's in-flight bound.
+    /// The applied height, for the master's in-flight bound (on a threshold operator's replica
+    /// the signed height: a batch is in flight until signed).
     pub applied_height: Arc<AtomicU64>,
+    /// Events for the raft thread's signing stage not queued yet (its queue was full); never
+    /// dropped, or a header would wait for a signature nobody asks for.
+    pub sign_events: std::collections::VecDeque<RaftEvent>,
     /// The applied raft index and meta, for the raft thread.
     pub applied: Arc<channels::Applied>,
     pub raft: Sender<RaftEvent>,
@@ -97,6 +101,13 @@ impl<S: LedgerStore> StorageThread<S> {
             .committed(&mut timed, entry, out)
             .unwrap_or_else(|e| fatal("applying a committed batch", &e));
         let write_seconds = timed.write_seconds;
+        if let Applied::Signed(item) = &applied {
+            tracing::debug!(height = item.height, kind = ?item.kind, "signature applied");
+            if item.kind == tally_core::signing::Kind::Checkpoint {
+                // The batch's confirmations are out: it is no longer in flight.
+                self.applied_height.store(item.height, Ordering::SeqCst);
+            }
+        }
         if let Applied::Written(write) = applied {
             let m = self.metrics.clone();
             let total = started.elapsed().as_secs_f64();
@@ -118,7 +129,9 @@ impl<S: LedgerStore> StorageThread<S> {
             }
             m.applied_height.set(height as i64);
             tracing::debug!(height, "batch applied");
-            self.applied_height.store(height, Ordering::SeqCst);
+            if !self.engine.is_threshold() {
+                self.applied_height.store(height, Ordering::SeqCst);
+            }
         }
         self.publish_index();
     }
@@ -147,6 +160,21 @@ impl<S: LedgerStore> StorageThread<S> {
                     tracing::warn!("a committed batch did not extend the chain: skipped");
                     let _ = self.raft.try_send(RaftEvent::Resync);
                 }
+                ApplyOut::Unsigned(header) => {
+                    self.sign_events.push_back(RaftEvent::Unsigned(header))
+                }
+                ApplyOut::HeaderSigned { height, checkpoint } => self
+                    .sign_events
+                    .push_back(RaftEvent::HeaderSigned { height, checkpoint }),
+                ApplyOut::CheckpointSigned(h) => {
+                    self.sign_events.push_back(RaftEvent::CheckpointSigned(h))
+                }
+            }
+        }
+        while let Some(event) = self.sign_events.pop_front() {
+            if let Err(e) = self.raft.try_send(event) {
+                self.sign_events.push_front(e.into_inner());
+                break;
             }
         }
     }
@@ -193,6 +221,13 @@ impl<S: LedgerStore> StorageThread<S> {
             ),
             Err(e) => tracing::warn!("saving state for a fast restart failed: {e}"),
         }
+    }
+
+    /// The newest height a read may name in an answer that carries signatures: the applied
+    /// height, but on a threshold operator's replica the newest whose header and checkpoint
+    /// are signed.
+    pub(super) fn readable_height(&self) -> u64 {
+        self.engine.signed_through().1
     }
 
     pub(super) fn db(&mut self) -> &mut S {

@@ -60,6 +60,34 @@ impl<S: LedgerStore> LedgerStore for TimedStore<'_, S> {
     fn header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
         self.inner.header(height)
     }
+    fn applied_header(&mut self, height: u64) -> Result<Option<tally_wire::Header>> {
+        self.inner.applied_header(height)
+    }
+    fn signed_through(&mut self) -> Result<u64> {
+        self.inner.signed_through()
+    }
+    fn checkpointed_through(&mut self) -> Result<u64> {
+        self.inner.checkpointed_through()
+    }
+    fn checkpoint_signature(&mut self, size: u64) -> Result<Option<tally_wire::Signature>> {
+        self.inner.checkpoint_signature(size)
+    }
+    fn sign_checkpoint(&mut self, size: u64, signature: tally_wire::Signature) -> Result<()> {
+        let started = Instant::now();
+        let result = self.inner.sign_checkpoint(size, signature);
+        self.write_seconds += started.elapsed().as_secs_f64();
+        result
+    }
+    fn sign_header(
+        &mut self,
+        height: u64,
+        signature: tally_wire::Signature,
+    ) -> Result<SignedHeader> {
+        let started = Instant::now();
+        let result = self.inner.sign_header(height, signature);
+        self.write_seconds += started.elapsed().as_secs_f64();
+        result
+    }
     fn body(&mut self, height: u64) -> Result<Option<Vec<u8>>> {
         self.inner.body(height)
     }

@@ -185,6 +185,12 @@ fn the_header_log_is_the_tree_of_the_headers_and_is_rebuilt_at_open() {
     let mut db = LedgerDb::open(dir.path(), small()).unwrap();
     fill(&mut db, &mut model, seed, &mut rng, 45, |_| {});
     check_header_log(&mut db, seed);
+    let signed = db.signed_through().unwrap();
+    assert_eq!(
+        (signed, db.checkpointed_through().unwrap()),
+        (45, 45),
+        "a whole key's"
+    );
     db.close().unwrap();
     let cut = rng.gen_range(0..45u64);
     {
@@ -236,12 +242,23 @@ fn unsigned_headers_wait_outside_the_header_log_until_signed_across_a_reopen() {
         assert_eq!(db.header(w.meta.height).unwrap(), Some(signed));
     }
     check_header_log(&mut db, seed);
+    assert_eq!(
+        db.checkpointed_through().unwrap(),
+        0,
+        "a threshold's ledger"
+    );
+    for h in 1..=3u8 {
+        db.sign_checkpoint(h as u64, [h; 64]).unwrap();
+    }
     let meta = db.meta().unwrap();
     db.close().unwrap();
 
     let mut db = LedgerDb::open(dir.path(), small()).unwrap();
     assert_eq!(db.meta().unwrap(), meta);
     assert_eq!(db.signed_through().unwrap(), 4);
+    assert_eq!(db.checkpointed_through().unwrap(), 3);
+    assert_eq!(db.checkpoint_signature(2).unwrap(), Some([2; 64]));
+    assert_eq!(db.checkpoint_signature(4).unwrap(), None);
     assert_eq!(db.header(5).unwrap(), None);
     check_header_log(&mut db, seed);
     for w in &writes[4..] {
