@@ -159,9 +159,9 @@ const EXACTLY_ONE_KEY: &str = "set exactly one of operator.signing_key (the whol
      and operator.signing_key_share (this replica's share of a threshold key)";
 
 /// What threshold mode (`operator.signing_key_share`) cannot do yet: rotate the group's key,
-/// and sign anything but headers (the archive's checkpoints and manifests, the checkpoints
-/// witnesses cosign and the explorer serves), which still need a whole key. A single node
-/// has no one to share a key with. (With both keys set, [`signing_key`] reports that alone.)
+/// and write an archive (its snapshot manifests need a whole key; the threshold signs headers
+/// and checkpoints only). A single node has no one to share a key with. (With both keys set,
+/// [`signing_key`] reports that alone.)
 fn threshold(problems: &mut Problems, config: &Config, operator: &OperatorConfig) {
     let (None, Some(share)) = (&operator.signing_key, &operator.signing_key_share) else {
         return;
@@ -188,29 +188,8 @@ fn threshold(problems: &mut Problems, config: &Config, operator: &OperatorConfig
             "archive.url",
             quoted(&config.archive.url),
             format!(
-                "{NOT_WITH_SHARE}: threshold mode does not yet sign the archive's checkpoints \
-                 and manifests, which need a whole key (operator.signing_key); leave \
-                 archive.url empty"
-            ),
-        );
-    }
-    if !config.witnesses.is_empty() {
-        problems.push(
-            "witnesses",
-            "",
-            format!(
-                "{NOT_WITH_SHARE}: threshold mode does not yet sign the checkpoints witnesses \
-                 cosign, which need a whole key (operator.signing_key); remove [[witnesses]]"
-            ),
-        );
-    }
-    if config.explorer.enabled {
-        problems.push(
-            "explorer.enabled",
-            true,
-            format!(
-                "{NOT_WITH_SHARE}: threshold mode does not yet sign the checkpoints the \
-                 explorer serves, which need a whole key (operator.signing_key)"
+                "{NOT_WITH_SHARE}: threshold mode does not yet write an archive (its snapshot \
+                 manifests need a whole key, operator.signing_key); leave archive.url empty"
             ),
         );
     }

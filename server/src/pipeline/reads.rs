@@ -82,7 +82,8 @@ impl<S: LedgerStore> StorageThread<S> {
                 bytes_max,
                 reply,
             } => {
-                let _ = reply.send(self.read_batches(from, to.min(height), bytes_max));
+                let signed = to.min(self.readable_height());
+                let _ = reply.send(self.read_batches(from, signed, bytes_max));
             }
             StorageCmd::Committed(_)
             | StorageCmd::InstallSnapshot { .. }
@@ -335,7 +336,7 @@ impl<S: LedgerStore> StorageThread<S> {
             applied_height: height,
             writable,
             leader_client_address,
-            latest_header: self.latest_header(height)?,
+            latest_header: self.latest_header(height.min(self.readable_height()))?,
             archive_height: self
                 .archive
                 .as_ref()

@@ -464,7 +464,7 @@ fn three_replicas_rotate_the_operator_key_and_a_late_one_follows() {
 }
 
 /// Replica `id`'s header chain, each header checked under the key for its height.
-async fn chain_under(
+pub async fn chain_under(
     cluster: &Cluster,
     id: u64,
     keys: &tally_core::key_chain::KeySchedule,

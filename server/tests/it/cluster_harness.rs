@@ -119,9 +119,33 @@ impl Cluster {
     /// Writes an N-replica operator with `init-cluster`, then rewires it onto free ports with a
     /// proxy on every directed replica link. `tweak` adjusts every replica's config.
     pub async fn new(nodes: u64, tweak: impl Fn(&mut Config)) -> Cluster {
+        Cluster::build(nodes, false, tweak).await
+    }
+
+    /// [`Cluster::new`] of a threshold operator (`init-cluster --threshold`): each replica
+    /// holds its share of the operator key, none the key.
+    pub async fn threshold(nodes: u64, tweak: impl Fn(&mut Config)) -> Cluster {
+        Cluster::build(nodes, true, tweak).await
+    }
+
+    /// The directory `init-cluster` wrote the operator's files into.
+    pub fn operator_dir(&self) -> PathBuf {
+        self._dir.path().join("op")
+    }
+
+    async fn build(nodes: u64, threshold: bool, tweak: impl Fn(&mut Config)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("op");
-        tally_server::bootstrap::init_cluster(nodes, &root, 1000).expect("init-cluster");
+        match threshold {
+            true => {
+                let certs = tally_server::certs::CertOptions::default();
+                tally_server::bootstrap::init_threshold_cluster(nodes, &root, 1000, &certs)
+                    .expect("init-cluster --threshold");
+            }
+            false => {
+                tally_server::bootstrap::init_cluster(nodes, &root, 1000).expect("init-cluster");
+            }
+        }
         let ids: Vec<u64> = (1..=nodes).collect();
         let client: HashMap<u64, SocketAddr> = ids
             .iter()

@@ -17,4 +17,5 @@ mod membership;
 mod metrics;
 mod rotation_archive;
 mod single_node;
+mod threshold;
 mod two_phase;
