@@ -83,6 +83,11 @@ pub struct Args {
     /// cluster of N replicas on this machine.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub nodes: usize,
+    /// With --start-server and --nodes 2 or more: a threshold operator (`init-cluster
+    /// --threshold`): each replica holds a share of the operator key and a majority signs
+    /// every header and checkpoint (PROTOCOL.md §4.15).
+    #[arg(long)]
+    pub threshold: bool,
     /// With --start-server: the replicas' account cache (`cache.accounts_max`), in accounts
     /// (default: the server's, 100000). Smaller than --accounts makes the ledger outgrow it.
     #[arg(long, value_name = "N")]

@@ -87,6 +87,7 @@ pub fn run(args: &Args) -> Result<Report> {
         eprintln!("starting a fresh operator of {} replica(s)", args.nodes);
         let server = server::start(
             args.nodes,
+            args.threshold,
             args.server_bin.as_deref(),
             args.cache_accounts,
             args.archive.as_deref(),

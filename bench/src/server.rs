@@ -154,6 +154,7 @@ pub fn default_server_binary() -> Result<PathBuf> {
 /// Returns once every replica listens; a cluster may not have elected a leader yet.
 pub fn start(
     nodes: usize,
+    threshold: bool,
     binary: Option<&Path>,
     cache_accounts: Option<usize>,
     archive: Option<&str>,
@@ -177,10 +178,13 @@ pub fn start(
         .prefix("tally-bench-")
         .tempdir()
         .context("creating a temporary directory for the operator")?;
+    if threshold && nodes < 2 {
+        bail!("--threshold needs --nodes 2 or more: a single node keeps a plain key");
+    }
     let (configs, profile_path) = if nodes == 1 {
         single_node_files(dir.path())?
     } else {
-        cluster_files(dir.path(), nodes)?
+        cluster_files(dir.path(), nodes, threshold)?
     };
     let mut cache = None;
     let mut archive_url = String::new();
@@ -244,11 +248,19 @@ fn single_node_files(dir: &Path) -> Result<(Vec<(u64, PathBuf)>, PathBuf)> {
 
 /// An `init-cluster` operator's files in `dir/op`, on free ports. Returns ([(node id, config
 /// path)], profile path).
-fn cluster_files(dir: &Path, nodes: usize) -> Result<(Vec<(u64, PathBuf)>, PathBuf)> {
+fn cluster_files(
+    dir: &Path,
+    nodes: usize,
+    threshold: bool,
+) -> Result<(Vec<(u64, PathBuf)>, PathBuf)> {
     let root = dir.join("op");
     // The base port is a placeholder: every address is rewritten below.
-    let paths = tally_server::bootstrap::init_cluster(nodes as u64, &root, 7400)
-        .context("setting up a cluster (init-cluster)")?;
+    let certs = tally_server::certs::CertOptions::default();
+    let paths = match threshold {
+        true => tally_server::bootstrap::init_threshold_cluster(nodes as u64, &root, 7400, &certs),
+        false => tally_server::bootstrap::init_cluster(nodes as u64, &root, 7400),
+    }
+    .context("setting up a cluster (init-cluster)")?;
     let mut configs = Vec::new();
     for path in &paths {
         configs.push(read_config(path)?);

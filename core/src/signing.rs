@@ -161,11 +161,25 @@ pub struct Signing<G: RngCore + CryptoRng> {
 #[derive(Default)]
 struct Coordinator {
     stock: BTreeMap<SignerId, Vec<(u64, Commitment)>>,
+    /// Commitments this coordinator used, which a stock sent before the signer saw the
+    /// request may still list; only those some stock still lists are kept.
+    spent: BTreeSet<(SignerId, u64)>,
     rounds: BTreeMap<Item, Round>,
     /// Aggregated signatures until applied: (signature, proposed at).
     done: BTreeMap<Item, (Signature, Option<u64>)>,
     /// Rounds each signer failed lately (timeouts, bad shares); a share answered resets it.
     failures: BTreeMap<SignerId, u32>,
+}
+
+impl Coordinator {
+    /// `signer`'s stock as it sent it, less what this coordinator already used.
+    fn restock(&mut self, signer: SignerId, mut commitments: Vec<(u64, Commitment)>) {
+        let listed: BTreeSet<u64> = commitments.iter().map(|(n, _)| *n).collect();
+        self.spent
+            .retain(|(id, n)| *id != signer || listed.contains(n));
+        commitments.retain(|(n, _)| !self.spent.contains(&(signer, *n)));
+        self.stock.insert(signer, commitments);
+    }
 }
 
 struct Round {
@@ -224,10 +238,21 @@ impl<G: RngCore + CryptoRng> Signing<G> {
     /// commitments it learns from now on and this replica's own.
     pub fn set_leading(&mut self, leading: bool) {
         match (leading, self.coordinator.is_some()) {
-            (true, false) => self.coordinator = Some(Coordinator::default()),
+            (true, false) => {
+                let mut c = Coordinator::default();
+                c.stock.insert(self.id, self.own_commitments());
+                self.coordinator = Some(c);
+            }
             (false, true) => self.coordinator = None,
             _ => {}
         }
+    }
+
+    fn own_commitments(&self) -> Vec<(u64, Commitment)> {
+        self.nonces
+            .iter()
+            .filter_map(|(n, nonces)| Some((*n, nonces.commitment().ok()?)))
+            .collect()
     }
 
     /// A batch was applied here unsigned; its header is what this replica will sign.
@@ -297,7 +322,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
                 commitments,
             } => {
                 if let (Some(c), true) = (self.coordinator.as_mut(), signer == from) {
-                    c.stock.insert(signer, commitments);
+                    c.restock(signer, commitments);
                 }
             }
             SignMsg::Request { item, .. } if item.height <= self.signed[item.kind as usize] => {}
@@ -368,13 +393,9 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             self.nonces.insert(self.next_counter, nonces);
             self.next_counter += 1;
         }
-        let commitments: Vec<(u64, Commitment)> = self
-            .nonces
-            .iter()
-            .filter_map(|(n, nonces)| Some((*n, nonces.commitment().ok()?)))
-            .collect();
+        let commitments = self.own_commitments();
         if let Some(c) = self.coordinator.as_mut() {
-            c.stock.insert(self.id, commitments.clone());
+            c.restock(self.id, commitments.clone());
         }
         out.push(SignOut::Broadcast(SignMsg::Stock {
             from: self.id,
@@ -455,6 +476,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         let mut package = Vec::new();
         for id in candidates.into_iter().take(self.threshold) {
             let (counter, commitment) = c.stock.get_mut(&id).expect("listed").remove(0);
+            c.spent.insert((id, counter));
             package.push((id, counter, commitment));
         }
         c.rounds.insert(

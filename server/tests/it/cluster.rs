@@ -372,7 +372,8 @@ fn a_peer_whose_certificate_does_not_match_its_claimed_id_is_refused() {
                     ..Default::default()
                 };
                 let bytes = tally_core::replica::encode_message(&msg);
-                let _ = tls.write_all(&(bytes.len() as u32).to_le_bytes()).await;
+                let _ = tls.write_all(&(bytes.len() as u32 + 1).to_le_bytes()).await;
+                let _ = tls.write_all(&[tally_server::peer::FRAME_RAFT]).await;
                 let _ = tls.write_all(&bytes).await;
                 let _ = tls.flush().await;
                 let mut buf = [0u8; 1];
