@@ -134,8 +134,22 @@ pub enum SignOut {
     Propose(Item, Signature),
 }
 
+/// What a signing stage did so far (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SigningStats {
+    /// Rounds this replica started as coordinator.
+    pub rounds: u64,
+    /// Rounds that ended in a signature.
+    pub signed: u64,
+    /// Rounds that timed out or whose shares did not aggregate (started over).
+    pub failed: u64,
+    /// Shares this replica signed as a signer.
+    pub shares: u64,
+}
+
 /// One replica's signing stage: its signer, and its coordinator while it leads.
 pub struct Signing<G: RngCore + CryptoRng> {
+    stats: SigningStats,
     share: Share,
     id: SignerId,
     threshold: usize,
@@ -209,6 +223,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         let group_key = share.group_key()?;
         let next_counter = rng.next_u64() >> 1;
         Ok(Signing {
+            stats: SigningStats::default(),
             share,
             id,
             threshold,
@@ -227,6 +242,10 @@ impl<G: RngCore + CryptoRng> Signing<G> {
 
     pub fn id(&self) -> SignerId {
         self.id
+    }
+
+    pub fn stats(&self) -> SigningStats {
+        self.stats
     }
 
     /// Signatures applied through these heights: (headers, checkpoints).
@@ -281,8 +300,10 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         self.reached(item, checkpoint, now_ms, out);
     }
 
-    /// Checkpoints are signed here through `height`.
+    /// Checkpoints are signed here through `height` (so their headers are too: after a
+    /// snapshot install this is all the stage learns).
     pub fn checkpoint_signed(&mut self, height: u64) {
+        self.forget(Kind::Header, height);
         self.forget(Kind::Checkpoint, height);
     }
 
@@ -369,6 +390,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         };
         let commitments = package.iter().map(|(i, _, c)| (*i, c.clone())).collect();
         if let Ok(share) = self.share.sign(message, &commitments, nonces) {
+            self.stats.shares += 1;
             let msg = SignMsg::Share {
                 item,
                 from: self.id,
@@ -428,6 +450,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             .map(|(i, _)| *i)
             .collect();
         for item in late {
+            self.stats.failed += 1;
             let round = c.rounds.remove(&item).expect("listed");
             for id in round
                 .counters
@@ -479,6 +502,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             c.spent.insert((id, counter));
             package.push((id, counter, commitment));
         }
+        self.stats.rounds += 1;
         c.rounds.insert(
             item,
             Round {
@@ -535,9 +559,11 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             &self.public,
         ) {
             Ok(sig) if verify_strict(&self.group_key, &round.message, &sig) => {
+                self.stats.signed += 1;
                 c.done.insert(item, (sig, None));
             }
             _ => {
+                self.stats.failed += 1;
                 for id in round.counters.keys() {
                     *c.failures.entry(*id).or_default() += 1;
                 }

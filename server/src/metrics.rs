@@ -111,6 +111,13 @@ pub struct RaftMetrics {
     pub elections_total: IntCounter,
     /// One pass over raft-rs's Ready: the synced raft-log write, messages, committed entries.
     pub ready_seconds: Histogram,
+    /// Threshold signing (a threshold operator's replicas only): heights whose header, and
+    /// whose checkpoint, signatures this replica applied.
+    pub threshold_headers_signed: IntGauge,
+    pub threshold_checkpoints_signed: IntGauge,
+    /// Rounds this replica coordinated, by outcome; shares it signed.
+    pub threshold_rounds: IntCounterVec,
+    pub threshold_shares: IntCounter,
 }
 
 /// The archive writer (`tally_storage::archiver`), copied from its progress once a second.
@@ -396,6 +403,27 @@ impl RaftMetrics {
                 "One pass over a raft Ready: the synced raft-log write (and any compaction \
                  it runs), messages sent, committed entries handed on.",
                 seconds_buckets(),
+            ),
+            threshold_headers_signed: r.gauge(
+                "tally_threshold_headers_signed_height",
+                "Threshold operator: the height through which this replica applied header \
+                 signatures.",
+            ),
+            threshold_checkpoints_signed: r.gauge(
+                "tally_threshold_checkpoints_signed_height",
+                "Threshold operator: the height through which this replica applied checkpoint \
+                 signatures (its batches up to there are confirmed).",
+            ),
+            threshold_rounds: r.counter_vec(
+                "tally_threshold_rounds_total",
+                "Threshold signing rounds this replica coordinated as leader, by outcome \
+                 (started, signed, failed: timed out or did not aggregate).",
+                "outcome",
+                &["started", "signed", "failed"],
+            ),
+            threshold_shares: r.counter(
+                "tally_threshold_shares_total",
+                "Threshold signature shares this replica signed.",
             ),
         }
     }

@@ -372,6 +372,7 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
                 may_campaign: s.may_campaign,
                 signing: s.signing,
                 started: std::time::Instant::now(),
+                signing_seen: Default::default(),
             }
             .run();
         })?;

@@ -19,7 +19,7 @@ use tally_core::engine::replication::{is_snapshot, ReplOut, Replication};
 use tally_core::engine::Refusal;
 use tally_core::replica::{encode_message, RaftLogStore, ReplicaStatus, Role};
 
-use tally_core::signing::{SignOut, Signing};
+use tally_core::signing::{SignOut, Signing, SigningStats};
 
 use crate::channels::{Applied, MasterEvent, RaftEvent, ReplyTo, StorageCmd};
 use crate::peer::{PeerSenders, FRAME_RAFT, FRAME_SIGN};
@@ -48,6 +48,8 @@ pub struct RaftThread<S: RaftLogStore> {
     pub signing: Option<Signing<rand::rngs::OsRng>>,
     /// The origin of the signing stage's clock.
     pub started: Instant,
+    /// The signing stage's figures as last published.
+    pub signing_seen: SigningStats,
 }
 
 type Out = Vec<ReplOut<ReplyTo, StorageCmd>>;
@@ -159,6 +161,8 @@ impl<S: RaftLogStore> RaftThread<S> {
         };
         let mut out = Vec::new();
         step(signing, self.started.elapsed().as_millis() as u64, &mut out);
+        let (stats, (headers, checkpoints)) = (signing.stats(), signing.signed_through());
+        self.publish_signing(stats, headers, checkpoints);
         for o in out {
             match o {
                 SignOut::Send(to, msg) => {
@@ -300,6 +304,19 @@ impl<S: RaftLogStore> RaftThread<S> {
                 self.engine.report_snapshot(m.to, false);
             }
         }
+    }
+
+    /// The signing stage's figures, as metrics (counters by what they grew since last time).
+    fn publish_signing(&mut self, stats: SigningStats, headers: u64, checkpoints: u64) {
+        let r = &self.metrics.raft;
+        r.threshold_headers_signed.set(headers as i64);
+        r.threshold_checkpoints_signed.set(checkpoints as i64);
+        let last = std::mem::replace(&mut self.signing_seen, stats);
+        let rounds = &r.threshold_rounds;
+        rounds.with_label_values(&["started"]).inc_by(stats.rounds - last.rounds);
+        rounds.with_label_values(&["signed"]).inc_by(stats.signed - last.signed);
+        rounds.with_label_values(&["failed"]).inc_by(stats.failed - last.failed);
+        r.threshold_shares.inc_by(stats.shares - last.shares);
     }
 
     fn publish(&self, s: &ReplicaStatus) {

@@ -230,14 +230,14 @@ fn post_checkpoint(addr: &str, body: &str) -> (u16, String) {
 }
 
 /// `tally witness` as a process: (child, its stdout drained, address, name).
-type WitnessProcess = (
+pub type WitnessProcess = (
     std::process::Child,
     std::sync::mpsc::Receiver<String>,
     String,
     String,
 );
 
-fn start_witness(profile: &Path, key: &Path) -> WitnessProcess {
+pub fn start_witness(profile: &Path, key: &Path) -> WitnessProcess {
     let mut child = Command::new(tally_bin())
         .args(["--profile", profile.to_str().unwrap(), "witness", "--key"])
         .arg(key)
@@ -369,7 +369,7 @@ fn a_witness_cosigns_one_history_and_refuses_a_fork() {
 }
 
 /// A child process killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
+pub struct KillOnDrop(pub std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

@@ -32,7 +32,7 @@ fn http(addr: &str, head: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-fn get(addr: &str, path: &str) -> (u16, String) {
+pub fn get(addr: &str, path: &str) -> (u16, String) {
     http(addr, &format!("GET {path} HTTP/1.1\r\nHost: tally\r\n\r\n"))
 }
 

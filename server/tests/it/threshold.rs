@@ -5,12 +5,15 @@
 
 use tally_client::{build_request, generate_key, public_key};
 use tally_core::header_log::verify_consistency_reply;
+use tally_core::witness::cosigned_at;
 use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_confirmation;
 use tally_wire::Op;
 
 use crate::cluster::{chain_under, converged, fast};
 use crate::cluster_harness::Cluster;
+use crate::consistency::{start_witness, KillOnDrop};
+use crate::metrics::get;
 
 /// No file of the operator holds the whole key: no `operator.key`, and each replica's config
 /// names its own share file, which holds one share.
@@ -83,4 +86,74 @@ fn a_majority_signs_every_header_and_checkpoint_through_a_leader_change() {
         let (from, to) = verify_consistency_reply(&reply, &group, &chain_id).expect("valid");
         assert_eq!((from.size, to.size), (2, tip.header.height));
     });
+}
+
+/// Witnesses and the explorer on a threshold operator: the leader sends the threshold-signed
+/// checkpoints to a witness (a real `tally witness` process), which cosigns them, and the
+/// explorer serves a checkpoint that verifies under the group key.
+#[test]
+fn a_witness_cosigns_and_the_explorer_serves_threshold_signed_checkpoints() {
+    let rt = crate::harness::runtime();
+    rt.block_on(async {
+        let mut cluster = Cluster::threshold(3, |c| {
+            fast(c);
+            c.explorer.enabled = true;
+        })
+        .await;
+        let witness_key = cluster.operator_dir().join("witness.key");
+        let key = generate_key();
+        tally_client::write_key(&witness_key, &key).unwrap();
+        let profile_path = cluster.operator_dir().join("profile.toml");
+        let (witness, _out, addr, name) = start_witness(&profile_path, &witness_key);
+        let _witness = KillOnDrop(witness);
+        for path in cluster.configs.values() {
+            let text = std::fs::read_to_string(path).unwrap();
+            let mut config = tally_config::Config::from_toml_str(&text).unwrap();
+            config.witnesses.push(tally_config::WitnessConfig {
+                url: format!("http://{addr}"),
+                public_key: hex::encode(key.verifying_key().as_bytes()),
+            });
+            std::fs::write(path, config.to_toml_string()).unwrap();
+        }
+        cluster.start_all();
+        let group = cluster.profile.operator_key().unwrap();
+        let group_key = ed25519_dalek::VerifyingKey::from_bytes(&group).unwrap();
+        let chain_id = cluster.profile.chain_id_bytes().unwrap();
+        let origin = tally_core::tlog::origin_for(&chain_id);
+        let deposit_key = cluster.profile.load_deposit_key().unwrap();
+        let cc = cluster.cluster_client();
+        let alice = public_key(&generate_key());
+        let mut height = 0;
+        for id in 1..=3 {
+            let request = build_request(&deposit_key, chain_id, Op::Deposit, id, alice, 5);
+            height = cc.submit(request).await.expect("deposit").header.header.height;
+        }
+
+        let mut cosigned = None;
+        for _ in 0..100 {
+            if let Ok(note) = cc.checkpoint().await {
+                let at = cosigned_at(&note, &name, &key.verifying_key()).unwrap();
+                if at.is_some() && note_size(&note) >= height {
+                    cosigned = Some(note);
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let note = cosigned.expect("a cosigned checkpoint covering the deposits");
+        tally_core::tlog::open_note(&note, &origin, &group_key).expect("signed by the group");
+
+        let leader = cluster.leader().await;
+        let metrics = cluster.servers[&leader].metrics_addr.clone();
+        let (status, body) = get(&metrics, "/explorer/api/checkpoint");
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let served = json["checkpoint"].as_str().expect("a checkpoint");
+        tally_core::tlog::open_note(served, &origin, &group_key).expect("under the group key");
+    });
+}
+
+/// The tree size a checkpoint note names (its second line).
+fn note_size(note: &str) -> u64 {
+    note.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0)
 }
