@@ -89,6 +89,12 @@ pub struct LiveArgs {
     /// check that every acknowledged request survived (and replays), and audit the archive.
     #[arg(long)]
     pub total_loss: bool,
+    /// A threshold operator (`init-cluster --threshold`, PROTOCOL.md §4.15): each replica holds
+    /// a share of the operator key and a majority signs every header and checkpoint. Such an
+    /// operator has no archive and cannot add replicas, so not with --archive, --total-loss,
+    /// and without the replace and archive-outage faults.
+    #[arg(long)]
+    pub threshold: bool,
     /// Raft tick written into every replica's config.
     #[arg(long, default_value_t = 50)]
     pub tick_ms: u64,
@@ -200,6 +206,7 @@ fn live(a: LiveArgs) -> Result<bool> {
     opts.archive = a.archive;
     opts.archive_max_lag_batches = a.archive_max_lag_batches;
     opts.total_loss = a.total_loss;
+    opts.threshold = a.threshold;
     if opts.archive_max_lag_batches == Some(0) {
         bail!("--archive-max-lag-batches must be at least 1");
     }

@@ -75,6 +75,8 @@ pub struct ArchiveSetup {
     pub url: Option<String>,
     /// `archive.max_lag_batches` of every replica; None: the server's default.
     pub max_lag_batches: Option<u64>,
+    /// A threshold operator (`init-cluster --threshold`): no archive at all.
+    pub threshold: bool,
 }
 
 /// Where the operator's files live: a temporary directory removed on success, or a directory
@@ -112,6 +114,8 @@ struct Process {
 }
 
 pub struct LiveCluster {
+    /// A threshold operator (`init-cluster --threshold`): no archive.
+    pub threshold: bool,
     pub dir: RunDir,
     pub ids: Vec<u64>,
     /// Real client addresses of the replicas, in id order.
@@ -218,8 +222,15 @@ impl LiveCluster {
             ),
         };
         let root = std::path::absolute(dir.path())?;
-        tally_server::bootstrap::init_cluster(nodes, &root, BASE_PORT)
-            .with_context(|| format!("init-cluster in {}", root.display()))?;
+        match archive.threshold {
+            true => {
+                let certs = tally_server::certs::CertOptions::default();
+                tally_server::bootstrap::init_threshold_cluster(nodes, &root, BASE_PORT, &certs)
+                    .map(|_| ())
+            }
+            false => tally_server::bootstrap::init_cluster(nodes, &root, BASE_PORT).map(|_| ()),
+        }
+        .with_context(|| format!("init-cluster in {}", root.display()))?;
         let (archive_url, archive_proxy) = match &archive.url {
             None => (root.join("archive").display().to_string(), None),
             Some(url) => open_archive(url).await?,
@@ -260,7 +271,10 @@ impl LiveCluster {
             config.raft.heartbeat_ticks = timing.heartbeat_ticks;
             config.raft.compaction_entries = timing.compaction_entries;
             config.batch.batch_window_ms = timing.batch_window_ms;
-            config.archive.url = archive_url.clone();
+            config.archive.url = match archive.threshold {
+                true => String::new(),
+                false => archive_url.clone(),
+            };
             if let Some(proxy) = &archive_proxy {
                 config.archive.endpoint = format!("http://{}", proxy.listen);
                 config.archive.allow_http = true;
@@ -281,6 +295,7 @@ impl LiveCluster {
             })
             .collect();
         Ok(LiveCluster {
+            threshold: archive.threshold,
             dir,
             next_id: nodes + 1,
             ids,

@@ -76,8 +76,16 @@ impl FaultKind {
     /// directory cannot be cut; and a replacement in a run that ends with `--total-loss`,
     /// because `restore` gives the raft log the config's initial voters (ARCHITECTURE.md,
     /// "Known limits"). `"all"` lists them anyway; such a run skips them and says why.
-    pub fn unavailable(self, archive_proxied: bool, total_loss: bool) -> Option<&'static str> {
+    pub fn unavailable(
+        self,
+        archive_proxied: bool,
+        total_loss: bool,
+        threshold: bool,
+    ) -> Option<&'static str> {
         match self {
+            FaultKind::Replace if threshold => {
+                Some("not with --threshold: a threshold group is the replicas its key was dealt to")
+            }
             FaultKind::ArchiveOutage if !archive_proxied => Some(
                 "needs an S3 archive the harness can cut (--archive s3://BUCKET/PREFIX with \
                  AWS_ENDPOINT_URL=http://…)",

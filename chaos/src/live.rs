@@ -98,6 +98,8 @@ pub struct LiveOptions {
     /// delete its data directory, `tally-server restore` it from the archive, start them again
     /// and check that nothing acknowledged was lost ([`crate::total_loss`]).
     pub total_loss: bool,
+    /// A threshold operator: no archive, no replacements.
+    pub threshold: bool,
 }
 
 impl LiveOptions {
@@ -121,6 +123,7 @@ impl LiveOptions {
             archive: None,
             archive_max_lag_batches: None,
             total_loss: false,
+            threshold: false,
         }
     }
 }
@@ -144,6 +147,9 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     if opts.clients == 0 || opts.accounts < 2 {
         bail!("at least one client and two accounts are needed");
     }
+    if opts.threshold && (opts.total_loss || opts.archive.is_some()) {
+        bail!("--threshold: a threshold operator has no archive yet (not with --archive, --total-loss)");
+    }
     if opts.inject_bug == Some(InjectedBug::ArchiveLosesBatch) && !opts.total_loss {
         bail!("--inject-bug archive-loses-batch needs --total-loss (it strikes at the restore)");
     }
@@ -164,6 +170,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         max_lag_batches: opts
             .archive_max_lag_batches
             .or(opts.archive.as_ref().map(|_| 50)),
+        threshold: opts.threshold,
     };
     let mut cluster = LiveCluster::create(
         opts.nodes,
@@ -190,7 +197,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         .faults
         .iter()
         .filter_map(|k| {
-            k.unavailable(proxied, opts.total_loss)
+            k.unavailable(proxied, opts.total_loss, opts.threshold)
                 .map(|why| format!("{}: {why}", k.name()))
         })
         .collect();
@@ -198,7 +205,10 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         .faults
         .iter()
         .copied()
-        .filter(|k| k.unavailable(proxied, opts.total_loss).is_none())
+        .filter(|k| {
+            k.unavailable(proxied, opts.total_loss, opts.threshold)
+                .is_none()
+        })
         .collect();
     cluster.start_all().await?;
     if cluster.wait_leader(Duration::from_secs(30)).await.is_none() {
@@ -383,7 +393,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     sampling.store(true, Ordering::SeqCst);
     let _ = sampler.await;
     reap(&mut cluster, &recorder, opts).await;
-    let fin = verdict::collect(&cluster, &account_keys, converged).await;
+    let fin = verdict::collect(&mut cluster, &account_keys, converged).await;
     let ending = if opts.total_loss {
         let lose_batch = opts.inject_bug == Some(InjectedBug::ArchiveLosesBatch);
         let ending = crate::total_loss::run(

@@ -313,9 +313,15 @@ impl<S: RaftLogStore> RaftThread<S> {
         r.threshold_checkpoints_signed.set(checkpoints as i64);
         let last = std::mem::replace(&mut self.signing_seen, stats);
         let rounds = &r.threshold_rounds;
-        rounds.with_label_values(&["started"]).inc_by(stats.rounds - last.rounds);
-        rounds.with_label_values(&["signed"]).inc_by(stats.signed - last.signed);
-        rounds.with_label_values(&["failed"]).inc_by(stats.failed - last.failed);
+        rounds
+            .with_label_values(&["started"])
+            .inc_by(stats.rounds - last.rounds);
+        rounds
+            .with_label_values(&["signed"])
+            .inc_by(stats.signed - last.signed);
+        rounds
+            .with_label_values(&["failed"])
+            .inc_by(stats.failed - last.failed);
         r.threshold_shares.inc_by(stats.shares - last.shares);
     }
 

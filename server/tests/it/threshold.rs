@@ -5,9 +5,9 @@
 
 use tally_client::{build_request, generate_key, public_key};
 use tally_core::header_log::verify_consistency_reply;
-use tally_core::witness::cosigned_at;
 use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_confirmation;
+use tally_core::witness::cosigned_at;
 use tally_wire::Op;
 
 use crate::cluster::{chain_under, converged, fast};
@@ -126,7 +126,13 @@ fn a_witness_cosigns_and_the_explorer_serves_threshold_signed_checkpoints() {
         let mut height = 0;
         for id in 1..=3 {
             let request = build_request(&deposit_key, chain_id, Op::Deposit, id, alice, 5);
-            height = cc.submit(request).await.expect("deposit").header.header.height;
+            height = cc
+                .submit(request)
+                .await
+                .expect("deposit")
+                .header
+                .header
+                .height;
         }
 
         let mut cosigned = None;
@@ -155,5 +161,8 @@ fn a_witness_cosigns_and_the_explorer_serves_threshold_signed_checkpoints() {
 
 /// The tree size a checkpoint note names (its second line).
 fn note_size(note: &str) -> u64 {
-    note.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0)
+    note.lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0)
 }
