@@ -426,6 +426,12 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         self.stock_sent_ms = Some(now_ms);
     }
 
+    /// Sends this signer's stock now (the cluster has a new leader, which needs it at once
+    /// rather than at the next resend).
+    pub fn announce(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
+        self.send_stock(now_ms, out);
+    }
+
     /// Time passes: resend the stock when due; as leader, start, restart and finish rounds.
     pub fn tick(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
         let due = self

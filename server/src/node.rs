@@ -373,6 +373,7 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
                 signing: s.signing,
                 started: std::time::Instant::now(),
                 signing_seen: Default::default(),
+                leader_seen: 0,
             }
             .run();
         })?;

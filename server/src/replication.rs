@@ -50,6 +50,8 @@ pub struct RaftThread<S: RaftLogStore> {
     pub started: Instant,
     /// The signing stage's figures as last published.
     pub signing_seen: SigningStats,
+    /// The leader this replica knew at the last drive.
+    pub leader_seen: u64,
 }
 
 type Out = Vec<ReplOut<ReplyTo, StorageCmd>>;
@@ -209,7 +211,12 @@ impl<S: RaftLogStore> RaftThread<S> {
             crate::fail::fatal("compacting the raft log", &e);
         }
         self.execute(out);
-        self.publish(&self.engine.status());
+        let status = self.engine.status();
+        if status.leader_id != std::mem::replace(&mut self.leader_seen, status.leader_id) {
+            // A new leader coordinates the signing: it needs every signer's stock now.
+            self.sign(|s, now, o| s.announce(now, o));
+        }
+        self.publish(&status);
         let in_flight = self.engine.proposals_in_flight() as i64;
         self.metrics.raft.proposals_in_flight.set(in_flight);
     }

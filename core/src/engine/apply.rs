@@ -259,12 +259,26 @@ impl<R> Applier<R> {
             return Ok(Applied::Superseded);
         }
         let write = self.write(store, &body, encoded, sealed, raft_index)?;
+        self.confirm_written(store, &write, body, waiters, out)?;
+        Ok(Applied::Written(Box::new(write)))
+    }
+
+    /// A written batch's waiters: confirmed now with a whole key, or held until the threshold
+    /// signed its header and checkpoint.
+    fn confirm_written<S: LedgerStore>(
+        &mut self,
+        store: &mut S,
+        write: &BatchWrite,
+        body: BatchBody,
+        waiters: Vec<Waiter<R>>,
+        out: &mut Vec<ApplyOut<R>>,
+    ) -> Result<()> {
         if self.keys.is_threshold() {
             out.push(ApplyOut::Unsigned(write.signed_header.header.clone()));
             if !waiters.is_empty() {
                 self.held.insert(write.meta.height, (body, waiters));
             }
-            return Ok(Applied::Written(Box::new(write)));
+            return Ok(());
         }
         self.signed_through = write.meta.height;
         self.checkpointed_through = write.meta.height;
@@ -273,8 +287,7 @@ impl<R> Applier<R> {
             signed: write.signed_header.clone(),
             waiters,
         });
-        self.unpark(store, out)?;
-        Ok(Applied::Written(Box::new(write)))
+        self.unpark(store, out)
     }
 
     /// A committed header signature: written if it is the next height's and verifies under

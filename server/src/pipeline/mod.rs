@@ -157,23 +157,12 @@ impl Pipeline {
         let storage_tx = wiring.storage_tx.clone();
         let shutdown = Arc::new(AtomicBool::new(false));
         let meta = wiring.applied.meta.lock().expect("meta lock").clone();
-        let read = |s: &mut S| {
-            Ok::<_, tally_core::Error>((s.signed_through()?, s.checkpointed_through()?))
-        };
-        let (signed, checkpointed) = read(&mut store)
-            .unwrap_or_else(|e| crate::fail::fatal("reading the signed heights", &e));
+        let (signed, checkpointed) = signed_heights(&mut store);
         let threshold = operator.is_threshold();
         // A threshold operator's batch is in flight until signed (the master's bound).
         let in_flight_from = if threshold { checkpointed } else { meta.height };
         let applied_height = Arc::new(AtomicU64::new(in_flight_from));
-        spawn_validation(
-            &cfg,
-            &q.stateless_rx,
-            q.snapshot_tx,
-            &q.snapshot_rx,
-            q.master_tx,
-            &storage_tx,
-        );
+        spawn_validation(&cfg, &q, &storage_tx);
         let master = master::MasterThread {
             engine: master_engine(&cfg),
             rx: q.master_rx,
@@ -290,6 +279,13 @@ fn master_engine<R>(cfg: &PipelineConfig) -> Master<R> {
     })
 }
 
+/// The heights through which the store holds header and checkpoint signatures.
+fn signed_heights<S: LedgerStore>(store: &mut S) -> (u64, u64) {
+    let read =
+        |s: &mut S| Ok::<_, tally_core::Error>((s.signed_through()?, s.checkpointed_through()?));
+    read(store).unwrap_or_else(|e| crate::fail::fatal("reading the signed heights", &e))
+}
+
 /// The storage thread's engine, starting from the applied summary `meta`.
 fn applier<R>(cfg: &PipelineConfig, operator: SigningKeys, meta: LedgerMeta) -> Applier<R> {
     let applier = ApplierConfig {
@@ -318,24 +314,21 @@ fn spawn_confirmer(
 }
 
 /// Starts the stateless and snapshot worker pools.
-fn spawn_validation(
-    cfg: &PipelineConfig,
-    stateless_rx: &Receiver<Job>,
-    snapshot_tx: Sender<Job>,
-    snapshot_rx: &Receiver<Job>,
-    master_tx: Sender<Job>,
-    storage_tx: &Sender<StorageCmd>,
-) {
+fn spawn_validation(cfg: &PipelineConfig, q: &Queues, storage_tx: &Sender<StorageCmd>) {
     let rules = Arc::new(cfg.rules.clone());
     for i in 0..cfg.stateless_workers {
-        let (rx, tx, rules) = (stateless_rx.clone(), snapshot_tx.clone(), rules.clone());
+        let (rx, tx, rules) = (q.stateless_rx.clone(), q.snapshot_tx.clone(), rules.clone());
         let metrics = cfg.metrics.clone();
         spawn(format!("stateless-{i}"), move || {
             validate::stateless_worker(rx, tx, &rules, &metrics)
         });
     }
     for i in 0..cfg.snapshot_workers {
-        let (rx, tx, storage) = (snapshot_rx.clone(), master_tx.clone(), storage_tx.clone());
+        let (rx, tx, storage) = (
+            q.snapshot_rx.clone(),
+            q.master_tx.clone(),
+            storage_tx.clone(),
+        );
         let metrics = cfg.metrics.clone();
         spawn(format!("snapshot-{i}"), move || {
             validate::snapshot_worker(rx, tx, storage, &metrics)
