@@ -39,10 +39,12 @@ pub const STOCK: usize = 8;
 pub const STOCK_RESEND_MS: u64 = 1_000;
 /// Requests a signer holds for items it has not reached yet; beyond, the oldest go.
 pub const PENDING_MAX: usize = 64;
+/// Signers whose stock a replica keeps (node ids above are ignored): bounds its memory.
+const SIGNERS_MAX: usize = 64;
 /// Items a coordinator signs at once.
 pub const IN_FLIGHT_MAX: usize = 8;
 /// A round without `t` shares after this long starts over with other signers.
-pub const ROUND_TIMEOUT_MS: u64 = 400;
+pub const ROUND_TIMEOUT_MS: u64 = 200;
 /// A proposed signature not applied after this long is proposed again.
 pub const REPROPOSE_MS: u64 = 1_000;
 /// Bytes of a message to sign: a header (192) or a checkpoint's text (~110).
@@ -168,16 +170,23 @@ pub struct Signing<G: RngCore + CryptoRng> {
     signed: [u64; 2],
     /// Requests for items this replica has not reached yet: (from, request).
     pending: Vec<(SignerId, SignMsg)>,
+    stocks: Stocks,
     coordinator: Option<Coordinator>,
 }
 
-/// The leader's half: the others' commitments and the rounds under way.
+/// Every signer's unused commitments as it last sent them, kept whether or not this replica
+/// leads (a follower about to lead hears them first).
+#[derive(Default)]
+struct Stocks {
+    stock: BTreeMap<SignerId, Vec<(u64, Commitment)>>,
+    /// Commitments this replica used as coordinator, which a stock sent before the signer saw
+    /// the request may still list; only those some stock still lists are kept.
+    spent: BTreeSet<(SignerId, u64)>,
+}
+
+/// The leader's half: the rounds under way.
 #[derive(Default)]
 struct Coordinator {
-    stock: BTreeMap<SignerId, Vec<(u64, Commitment)>>,
-    /// Commitments this coordinator used, which a stock sent before the signer saw the
-    /// request may still list; only those some stock still lists are kept.
-    spent: BTreeSet<(SignerId, u64)>,
     rounds: BTreeMap<Item, Round>,
     /// Aggregated signatures until applied: (signature, proposed at).
     done: BTreeMap<Item, (Signature, Option<u64>)>,
@@ -185,8 +194,8 @@ struct Coordinator {
     failures: BTreeMap<SignerId, u32>,
 }
 
-impl Coordinator {
-    /// `signer`'s stock as it sent it, less what this coordinator already used.
+impl Stocks {
+    /// `signer`'s stock as it sent it, less what this replica already used.
     fn restock(&mut self, signer: SignerId, mut commitments: Vec<(u64, Commitment)>) {
         let listed: BTreeSet<u64> = commitments.iter().map(|(n, _)| *n).collect();
         self.spent
@@ -236,6 +245,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             messages: BTreeMap::new(),
             signed: [headers, checkpoints],
             pending: Vec::new(),
+            stocks: Stocks::default(),
             coordinator: None,
         })
     }
@@ -253,15 +263,11 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         (self.signed[0], self.signed[1])
     }
 
-    /// This replica leads (or no longer does): a new coordinator starts from nothing but the
-    /// commitments it learns from now on and this replica's own.
+    /// This replica leads (or no longer does): a new coordinator starts with no round, from
+    /// the stocks every signer sent.
     pub fn set_leading(&mut self, leading: bool) {
         match (leading, self.coordinator.is_some()) {
-            (true, false) => {
-                let mut c = Coordinator::default();
-                c.stock.insert(self.id, self.own_commitments());
-                self.coordinator = Some(c);
-            }
+            (true, false) => self.coordinator = Some(Coordinator::default()),
             (false, true) => self.coordinator = None,
             _ => {}
         }
@@ -342,8 +348,8 @@ impl<G: RngCore + CryptoRng> Signing<G> {
                 from: signer,
                 commitments,
             } => {
-                if let (Some(c), true) = (self.coordinator.as_mut(), signer == from) {
-                    c.restock(signer, commitments);
+                if signer == from && (signer as usize) <= SIGNERS_MAX {
+                    self.stocks.restock(signer, commitments);
                 }
             }
             SignMsg::Request { item, .. } if item.height <= self.signed[item.kind as usize] => {}
@@ -416,9 +422,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             self.next_counter += 1;
         }
         let commitments = self.own_commitments();
-        if let Some(c) = self.coordinator.as_mut() {
-            c.restock(self.id, commitments.clone());
-        }
+        self.stocks.restock(self.id, commitments.clone());
         out.push(SignOut::Broadcast(SignMsg::Stock {
             from: self.id,
             commitments,
@@ -491,7 +495,8 @@ impl<G: RngCore + CryptoRng> Signing<G> {
     fn start_round(&mut self, item: Item, now_ms: u64, out: &mut Vec<SignOut>) -> bool {
         let message = self.messages[&item].clone();
         let c = self.coordinator.as_mut().expect("leading");
-        let mut candidates: Vec<SignerId> = c
+        let stocks = &mut self.stocks;
+        let mut candidates: Vec<SignerId> = stocks
             .stock
             .iter()
             .filter(|(_, s)| !s.is_empty())
@@ -504,8 +509,8 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         }
         let mut package = Vec::new();
         for id in candidates.into_iter().take(self.threshold) {
-            let (counter, commitment) = c.stock.get_mut(&id).expect("listed").remove(0);
-            c.spent.insert((id, counter));
+            let (counter, commitment) = stocks.stock.get_mut(&id).expect("listed").remove(0);
+            stocks.spent.insert((id, counter));
             package.push((id, counter, commitment));
         }
         self.stats.rounds += 1;
@@ -995,6 +1000,22 @@ mod tests {
         out.clear();
         n2.message(1, request, 10_002, &mut out);
         assert_eq!(shares(&out), 0, "a nonce signs once");
+    }
+
+    #[test]
+    fn a_new_leader_signs_at_once_with_the_stocks_it_heard_while_following() {
+        let mut net = Net::new();
+        net.tick(0); // every signer sends its stock to every peer
+        net.nodes.get_mut(&1).unwrap().set_leading(false);
+        net.nodes.get_mut(&2).unwrap().set_leading(true);
+        for id in 1..=3 {
+            net.apply(id, header(1, 1), 10);
+        }
+        // No resend is due yet: the new leader signs from what it heard as a follower.
+        let mut out = Vec::new();
+        net.nodes.get_mut(&2).unwrap().tick(20, &mut out);
+        net.deliver(2, out, 20);
+        assert_eq!(net.proposed(Kind::Header), vec![1]);
     }
 
     #[test]

@@ -101,10 +101,11 @@ impl PeerSnapshotTransfer {
         let mut db = LedgerDb::open(&staged_ledger_dir(&self.live), checking)?;
         let result = (|| {
             if meta.height > 0 {
+                // Applied headers, signed or not (a threshold operator's newest wait for theirs).
                 let tip = db
-                    .header(meta.height)?
+                    .applied_header(meta.height)?
                     .ok_or_else(|| anyhow!("no tip header"))?;
-                if tip.header.state_digest != meta.state_digest() {
+                if tip.state_digest != meta.state_digest() {
                     return Err(anyhow!(
                         "the tip header's state digest is not the staged state's"
                     ));
@@ -112,9 +113,9 @@ impl PeerSnapshotTransfer {
             }
             if want.height > 0 {
                 let at = db
-                    .header(want.height)?
+                    .applied_header(want.height)?
                     .ok_or_else(|| anyhow!("no header at the snapshot point"))?;
-                if header_hash(&at.header) != want.last_header_hash {
+                if header_hash(&at) != want.last_header_hash {
                     return Err(anyhow!(
                         "the staged chain forks from the snapshot point at height {}",
                         want.height
@@ -138,8 +139,8 @@ fn already_has(store: &mut LedgerDb, want: &LedgerMeta) -> tally_core::Result<bo
         return Ok(true);
     }
     Ok(store
-        .header(want.height)?
-        .is_some_and(|h| header_hash(&h.header) == want.last_header_hash))
+        .applied_header(want.height)?
+        .is_some_and(|h| header_hash(&h) == want.last_header_hash))
 }
 
 impl SnapshotTransfer<LedgerDb> for PeerSnapshotTransfer {

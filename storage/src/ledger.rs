@@ -826,7 +826,8 @@ impl LedgerRead for LedgerDb {
             self.check_usable()?;
             return Ok(self.tip_time_ms);
         }
-        match self.header(height)? {
+        // The applied header, signed or not: its time is what replay needs.
+        match self.stored_header(height)? {
             Some(signed) => Ok(signed.header.time_unix_ms),
             None if height == 0 => Ok(0),
             None => Err(Error::missing(format_args!(
