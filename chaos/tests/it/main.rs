@@ -243,6 +243,38 @@ fn replacing_replicas_under_load_and_partitions_holds_every_invariant() {
     assert!(report.ops.confirmed_transfers >= 500, "{:?}", report.ops);
 }
 
+/// A threshold operator (`init-cluster --threshold`: each replica holds a FROST share, a
+/// majority signs every header and checkpoint after commit) under leader kills, restarts,
+/// pauses and partitions, with a raft log compacted every 300 entries so that restarted
+/// replicas catch up by snapshot, some of whose newest headers wait for their signatures.
+/// Every invariant holds; the bodies come from a stopped replica's ledger (no archive).
+#[test]
+fn a_threshold_operator_under_kills_and_partitions_holds_every_invariant() {
+    let _one_at_a_time = exclusive();
+    let started = Instant::now();
+    let mut opts = LiveOptions::new(3, Duration::from_secs(30), 12);
+    opts.server_bin = Some(server_binary().to_path_buf());
+    opts.threshold = true;
+    opts.faults = vec![
+        FaultKind::Kill,
+        FaultKind::Restart,
+        FaultKind::Pause,
+        FaultKind::Partition,
+        FaultKind::Transfer,
+    ];
+    let report = live::run(&opts).expect("the live run");
+    println!("{}", report.to_text());
+    println!("ran in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        report.ok,
+        "violations (data kept in {:?}): {:?}",
+        report.data_dir,
+        report.failed_invariants()
+    );
+    assert!(report.leader_disruptions >= 3, "{:?}", report.fault_log);
+    assert!(report.ops.confirmed_transfers >= 500, "{:?}", report.ops);
+}
+
 /// The archive's store loses a batch object before every replica is restored from it: the
 /// restore must refuse, and the audit name the object. A local-directory archive (no S3
 /// needed) and no fault: only the planted damage can fail the run.
