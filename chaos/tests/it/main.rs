@@ -170,15 +170,7 @@ fn archive_outages_then_the_loss_of_every_replica_lose_nothing() {
     // Low enough that every outage (2 s at least) reaches it even on a slow machine.
     opts.archive_max_lag_batches = Some(20);
     opts.total_loss = true;
-    let report = live::run(&opts).expect("the live run");
-    println!("{}", report.to_text());
-    println!("ran in {:.1} s", started.elapsed().as_secs_f64());
-    assert!(
-        report.ok,
-        "violations (data kept in {:?}): {:?}",
-        report.data_dir,
-        report.failed_invariants()
-    );
+    let report = run_holding_every_invariant(&opts, started);
     assert_eq!(report.invariants.len(), 18);
     for name in ["restore_complete", "restore_replays", "archive_audit"] {
         assert!(report.invariant(name).is_some_and(|i| i.ok), "{name}");
@@ -220,15 +212,7 @@ fn replacing_replicas_under_load_and_partitions_holds_every_invariant() {
     let mut opts = LiveOptions::new(3, Duration::from_secs(30), 3);
     opts.server_bin = Some(server_binary().to_path_buf());
     opts.faults = vec![FaultKind::Replace, FaultKind::Partition];
-    let report = live::run(&opts).expect("the live run");
-    println!("{}", report.to_text());
-    println!("ran in {:.1} s", started.elapsed().as_secs_f64());
-    assert!(
-        report.ok,
-        "violations (data kept in {:?}): {:?}",
-        report.data_dir,
-        report.failed_invariants()
-    );
+    let report = run_holding_every_invariant(&opts, started);
     assert_eq!(report.invariants.len(), 16);
     assert!(report
         .invariant("removed_replicas_exit")
@@ -241,6 +225,23 @@ fn replacing_replicas_under_load_and_partitions_holds_every_invariant() {
     }
     assert_eq!(report.members_at_end.len(), 3, "{:?}", report.replacements);
     assert!(report.ops.confirmed_transfers >= 500, "{:?}", report.ops);
+}
+
+/// Runs a live chaos run, prints its report, and fails unless every invariant held.
+fn run_holding_every_invariant(
+    opts: &LiveOptions,
+    started: Instant,
+) -> tally_chaos::report::Report {
+    let report = live::run(opts).expect("the live run");
+    println!("{}", report.to_text());
+    println!("ran in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        report.ok,
+        "violations (data kept in {:?}): {:?}",
+        report.data_dir,
+        report.failed_invariants()
+    );
+    report
 }
 
 /// A threshold operator (`init-cluster --threshold`: each replica holds a FROST share, a
@@ -262,15 +263,7 @@ fn a_threshold_operator_under_kills_and_partitions_holds_every_invariant() {
         FaultKind::Partition,
         FaultKind::Transfer,
     ];
-    let report = live::run(&opts).expect("the live run");
-    println!("{}", report.to_text());
-    println!("ran in {:.1} s", started.elapsed().as_secs_f64());
-    assert!(
-        report.ok,
-        "violations (data kept in {:?}): {:?}",
-        report.data_dir,
-        report.failed_invariants()
-    );
+    let report = run_holding_every_invariant(&opts, started);
     assert!(report.leader_disruptions >= 3, "{:?}", report.fault_log);
     assert!(report.ops.confirmed_transfers >= 500, "{:?}", report.ops);
 }
