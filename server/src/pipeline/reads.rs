@@ -137,10 +137,32 @@ impl<S: LedgerStore> StorageThread<S> {
                 format!("height {to} is not applied and signed on this replica (it has {height})"),
             );
         }
+        if let Some(size) = self.unsigned_checkpoint(&[from, to]) {
+            return reply.error(
+                ErrorCode::NotFound,
+                format!(
+                    "this replica holds no threshold signature of the checkpoint of size {size}"
+                ),
+            );
+        }
         match self.log_proof(from, to) {
             Ok(r) => reply.send(&Message::Consistency(Box::new(r))),
             Err(e) => on_error("proving the header log's consistency", e, reply),
         }
+    }
+
+    /// On a threshold operator's replica, the first of `sizes` whose checkpoint signature it
+    /// does not hold (a ledger installed or restored without it); None with a whole key,
+    /// which signs when asked. A failed read is left to `log_proof` to report.
+    fn unsigned_checkpoint(&mut self, sizes: &[u64]) -> Option<u64> {
+        if !self.engine.is_threshold() {
+            return None;
+        }
+        let store = self.store.as_mut().expect("store");
+        sizes
+            .iter()
+            .copied()
+            .find(|s| matches!(store.checkpoint_signature(*s), Ok(None)))
     }
 
     /// The header log's consistency from `from` to `to`, both applied heights (`from <= to`).
