@@ -148,7 +148,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
         bail!("at least one client and two accounts are needed");
     }
     if opts.threshold && (opts.total_loss || opts.archive.is_some()) {
-        bail!("--threshold: a threshold operator has no archive yet (not with --archive, --total-loss)");
+        bail!("--threshold runs without an archive (a threshold replica cannot be restored yet): not with --archive or --total-loss");
     }
     if opts.inject_bug == Some(InjectedBug::ArchiveLosesBatch) && !opts.total_loss {
         bail!("--inject-bug archive-loses-batch needs --total-loss (it strikes at the restore)");

@@ -173,7 +173,7 @@ async fn read_balances(
     })
 }
 
-/// [`chain_index`] for a threshold operator, which has no archive: the bodies are read from
+/// [`chain_index`] for a threshold operator, run without an archive: the bodies are read from
 /// replica `id`'s own ledger once it has stopped cleanly (every reading of the replicas is
 /// done by then), each header byte-equal to the chain's.
 async fn ledger_index(

@@ -158,10 +158,9 @@ fn signing_key(problems: &mut Problems, operator: &OperatorConfig) {
 const EXACTLY_ONE_KEY: &str = "set exactly one of operator.signing_key (the whole operator key) \
      and operator.signing_key_share (this replica's share of a threshold key)";
 
-/// What threshold mode (`operator.signing_key_share`) cannot do yet: rotate the group's key,
-/// and write an archive (its snapshot manifests need a whole key; the threshold signs headers
-/// and checkpoints only). A single node has no one to share a key with. (With both keys set,
-/// [`signing_key`] reports that alone.)
+/// What threshold mode (`operator.signing_key_share`) cannot do yet: rotate the group's key.
+/// A single node has no one to share a key with. (With both keys set, [`signing_key`] reports
+/// that alone.)
 fn threshold(problems: &mut Problems, config: &Config, operator: &OperatorConfig) {
     let (None, Some(share)) = (&operator.signing_key, &operator.signing_key_share) else {
         return;
@@ -180,16 +179,6 @@ fn threshold(problems: &mut Problems, config: &Config, operator: &OperatorConfig
             format!(
                 "{NOT_WITH_SHARE}: a threshold group's key is the ledger's genesis key \
                  (rotating it is not supported yet)"
-            ),
-        );
-    }
-    if config.archive.enabled() {
-        problems.push(
-            "archive.url",
-            quoted(&config.archive.url),
-            format!(
-                "{NOT_WITH_SHARE}: threshold mode does not yet write an archive (its snapshot \
-                 manifests need a whole key, operator.signing_key); leave archive.url empty"
             ),
         );
     }

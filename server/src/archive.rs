@@ -122,6 +122,18 @@ impl BatchSource for LedgerSource {
         let _ = tokio::time::timeout(WAKE_MAX, notified).await;
     }
 
+    async fn checkpoint_signature(
+        &self,
+        size: u64,
+    ) -> Result<Option<tally_wire::Signature>, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cmd = StorageCmd::CheckpointSignature { size, reply: tx };
+        crate::pipeline::send_waiting(&self.storage, cmd).await?;
+        rx.await
+            .map_err(|_| "the ledger stopped".to_string())?
+            .map_err(|e| e.to_string())
+    }
+
     async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Bytes)>, String> {
         if let Some(fed) = self.take_fed(from, to) {
             return Ok(fed);
@@ -337,8 +349,13 @@ pub fn spawn_writer(
         progress,
         chain_id: config.chain_id_bytes(),
         genesis: keys.genesis,
+        // A threshold operator's replica holds no key: no snapshots (their manifests need
+        // one), checkpoints signed by the threshold (`BatchSource::checkpoint_signature`).
+        snapshot_every_batches: match keys.held.is_empty() {
+            true => 0,
+            false => config.archive.snapshot_every_batches,
+        },
         keys: keys.held,
-        snapshot_every_batches: config.archive.snapshot_every_batches,
     };
     runtime.spawn(archiver.run());
 }

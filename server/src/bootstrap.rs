@@ -570,8 +570,8 @@ pub fn init_cluster_with(
 /// (`nodes / 2 + 1` of them). It is dealt in memory: each replica gets its share,
 /// `node<K>.share` (mode 0600, a [`ShareFile`]), named by `operator.signing_key_share`, and
 /// no file holds the whole key (there is no `operator.key`). The profile's operator key is the
-/// group's. The configs have no archive (threshold mode does not yet sign its checkpoints).
-/// Needs at least 2 nodes.
+/// group's. Their archive holds no snapshots (their manifests need a whole key). Needs at
+/// least 2 nodes.
 pub fn init_threshold_cluster(
     nodes: u64,
     dir: &Path,
@@ -654,8 +654,7 @@ fn write_cluster(
 }
 
 /// Replica `id`'s config in an `init-cluster` directory, validated. With `share` (the path of
-/// its key share, relative to the directory) it signs with that instead of `operator.key`,
-/// and has no archive.
+/// its key share, relative to the directory) it signs with that instead of `operator.key`.
 fn node_config(
     files: &OperatorFiles,
     ids: &[u64],
@@ -673,9 +672,6 @@ fn node_config(
         tls.ca_cert = PathBuf::from("ca.pem");
         tls.cert = PathBuf::from(format!("node{id}.pem"));
         tls.key = PathBuf::from(format!("node{id}.key"));
-    }
-    if share.is_some() {
-        config.archive.url = String::new();
     }
     if let Some(op) = config.operator.as_mut() {
         op.signing_key = match share {
@@ -1387,7 +1383,7 @@ mod tests {
             let operator = config.operator.as_ref().unwrap();
             assert_eq!(operator.signing_key, None);
             assert_eq!(operator.signing_key_share.as_deref(), Some(&*share_path));
-            assert!(!config.archive.enabled());
+            assert!(config.archive.enabled(), "the shared archive, as without --threshold");
             let secret = OperatorSecret::read(&config).unwrap();
             assert_eq!(secret.public_key(), group);
             let OperatorSecret::Share(file) = secret else {

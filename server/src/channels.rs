@@ -349,6 +349,12 @@ pub enum StorageCmd {
         bytes_max: usize,
         reply: tokio::sync::oneshot::Sender<CoreResult<Vec<(SignedHeader, Vec<u8>)>>>,
     },
+    /// A threshold operator's signature of the checkpoint of `size` (PROTOCOL.md §4.15), for
+    /// the archive writer; None when none is held.
+    CheckpointSignature {
+        size: u64,
+        reply: tokio::sync::oneshot::Sender<CoreResult<Option<tally_wire::Signature>>>,
+    },
     /// Stop after everything queued before it.
     Stop,
 }

@@ -114,6 +114,17 @@ pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
 /// The keys a restore signs replayed headers with (the configured key and the next one), and
 /// the genesis key the archive's key chain starts from.
 fn restore_keys(config: &Config) -> Result<(SigningKeys, PublicKey)> {
+    if config
+        .operator
+        .as_ref()
+        .is_some_and(|o| o.signing_key.is_none())
+    {
+        anyhow::bail!(
+            "this replica holds a share of a threshold operator key (operator.signing_key_share): \
+             restoring a threshold operator's replica from the archive is not supported yet \
+             (the archive holds every batch and its signatures; `tally audit` verifies it)"
+        );
+    }
     let files = crate::bootstrap::OperatorKeyFiles::read(config)?;
     Ok((files.signing_keys(), files.genesis))
 }

@@ -37,7 +37,7 @@ use tally_core::tlog::{
     entries_path, open_note, origin_for, sign_note, tile_path, Checkpoint, TileLog, TlogError,
     TILE_WIDTH,
 };
-use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
+use tally_wire::{Hash, PublicKey, Signature, SignedHeader, SIGNED_HEADER_BYTES};
 
 use crate::archive_read::{open_checkpoint_in, read_key_chain, ReadError};
 use crate::bucket::{Bucket, BucketError, PutNew, Version};
@@ -73,6 +73,16 @@ pub trait BatchSource: Send + Sync {
     fn wait_applied(&self, height: u64) -> impl Future<Output = ()> + Send {
         let _ = height;
         tokio::time::sleep(IDLE_POLL)
+    }
+    /// A threshold operator's signature of the checkpoint of the header log of `size`
+    /// (PROTOCOL.md §4.15), which the writer, holding no key, publishes; None when none is
+    /// held. A writer holding the key signs itself and never asks.
+    fn checkpoint_signature(
+        &self,
+        size: u64,
+    ) -> impl Future<Output = Result<Option<Signature>, String>> + Send {
+        let _ = size;
+        std::future::ready(Ok(None))
     }
     /// The applied batches `from..=to` (signed header, encoded body), in height order; fewer
     /// (at least one) if they are large.
@@ -569,6 +579,34 @@ impl<S: BatchSource> Archiver<S> {
         Ok(())
     }
 
+    /// The signed note of `checkpoint`: signed with the key the chain leads to, or, on a
+    /// threshold operator's replica (no key held), with the threshold's signature the ledger
+    /// stores, checked before it is published.
+    async fn checkpoint_note(
+        &self,
+        checkpoint: &Checkpoint,
+        head: &Head,
+    ) -> Result<String, RoundError> {
+        if !self.keys.is_empty() {
+            let key = self.signer(&head.keys)?;
+            return Ok(sign_note(&checkpoint.body(), &checkpoint.origin, key));
+        }
+        let size = checkpoint.size;
+        let signature = self
+            .source
+            .checkpoint_signature(size)
+            .await
+            .map_err(RoundError::Source)?
+            .ok_or_else(|| {
+                RoundError::Source(format!("no signature of the checkpoint of size {size} yet"))
+            })?;
+        let (body, origin) = (checkpoint.body(), &checkpoint.origin);
+        let note = tally_core::tlog::note_with_signature(&body, origin, &self.genesis, &signature);
+        open_checkpoint_in(note.as_bytes(), &self.chain_id, &head.keys)
+            .map_err(|e| RoundError::Source(format!("the threshold's checkpoint {size}: {e}")))?;
+        Ok(note)
+    }
+
     /// Replaces the checkpoint, conditional on the version this round read or wrote. Losing
     /// that race ends the round; the next one reads what the other writer wrote and checks it.
     async fn write_checkpoint(&self, head: &mut Head) -> Result<(), RoundError> {
@@ -577,11 +615,7 @@ impl<S: BatchSource> Archiver<S> {
             size: head.log.size(),
             root: head.log.root(),
         };
-        let note = sign_note(
-            &checkpoint.body(),
-            &checkpoint.origin,
-            self.signer(&head.keys)?,
-        );
+        let note = self.checkpoint_note(&checkpoint, head).await?;
         let len = note.len() as u64;
         let written = self
             .bucket

@@ -85,6 +85,9 @@ impl<S: LedgerStore> StorageThread<S> {
                 let signed = to.min(self.readable_height());
                 let _ = reply.send(self.read_batches(from, signed, bytes_max));
             }
+            StorageCmd::CheckpointSignature { size, reply } => {
+                let _ = reply.send(self.db().checkpoint_signature(size));
+            }
             StorageCmd::Committed(_)
             | StorageCmd::InstallSnapshot { .. }
             | StorageCmd::Replay { .. }

@@ -104,8 +104,12 @@ impl<S: LedgerStore> StorageThread<S> {
         if let Applied::Signed(item) = &applied {
             tracing::debug!(height = item.height, kind = ?item.kind, "signature applied");
             if item.kind == tally_core::signing::Kind::Checkpoint {
-                // The batch's confirmations are out: it is no longer in flight.
+                // The batch's confirmations are out: it is no longer in flight, and the
+                // archive writer may read it (signed) from the ledger.
                 self.applied_height.store(item.height, Ordering::SeqCst);
+                if let Some(gate) = &self.archive {
+                    gate.applied.notify_one();
+                }
             }
         }
         if let Applied::Written(write) = applied {
@@ -120,9 +124,14 @@ impl<S: LedgerStore> StorageThread<S> {
             let height = write.meta.height;
             *self.applied.meta.lock().expect("meta lock") = write.meta.clone();
             self.publish_compactable();
-            if let Some(gate) = &self.archive {
+            if let Some(gate) = self
+                .archive
+                .as_ref()
+                .filter(|_| !self.engine.is_threshold())
+            {
                 // The archive writer takes it from here instead of reading it back; when it
-                // is behind (a full queue), it reads from the ledger later.
+                // is behind (a full queue), it reads from the ledger later. (A threshold
+                // operator's header is not signed yet: the writer reads it once it is.)
                 let body = bytes::Bytes::from(write.body);
                 let _ = gate.feed.try_send((write.signed_header, body));
                 gate.applied.notify_one();

@@ -79,7 +79,7 @@ fn the_archive_follows_a_rotation_through_audit_and_restore() {
 }
 
 /// `tally audit` of the archive once it holds `height`: it must pass.
-fn audit_at(profile: &Path, archive: &Path, height: u64) -> Value {
+pub fn audit_at(profile: &Path, archive: &Path, height: u64) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let (code, report) = cli(profile, &["audit", "--archive", archive.to_str().unwrap()]);

@@ -1,7 +1,8 @@
 //! Threshold signing across replicas (issue 20 point 4, PROTOCOL.md §4.15): three real replica
 //! processes of an `init-cluster --threshold` operator, each holding only its FROST share.
 //! Every header and checkpoint is signed by a majority after commit; the signatures are
-//! ordinary Ed25519 ones under the group key, through a leader's death and a restart.
+//! ordinary Ed25519 ones under the group key, through a leader's death and a restart, and the
+//! archive the leader writes with them passes `tally audit`.
 
 use tally_client::{build_request, generate_key, public_key};
 use tally_core::header_log::verify_consistency_reply;
@@ -14,6 +15,7 @@ use crate::cluster::{chain_under, converged, fast};
 use crate::cluster_harness::Cluster;
 use crate::consistency::{start_witness, KillOnDrop};
 use crate::metrics::get;
+use crate::rotation_archive::audit_at;
 
 /// No file of the operator holds the whole key: no `operator.key`, and each replica's config
 /// names its own share file, which holds one share.
@@ -85,6 +87,20 @@ fn a_majority_signs_every_header_and_checkpoint_through_a_leader_change() {
             .expect("consistency");
         let (from, to) = verify_consistency_reply(&reply, &group, &chain_id).expect("valid");
         assert_eq!((from.size, to.size), (2, tip.header.height));
+
+        // The archive (the leader's writer, no key held) holds every batch under checkpoints
+        // the threshold signed: `tally audit` verifies it from its objects alone.
+        let dir = cluster.operator_dir();
+        let report = audit_at(
+            &dir.join("profile.toml"),
+            &dir.join("archive"),
+            tip.header.height,
+        );
+        assert_eq!(report["batches"], tip.header.height, "{report}");
+        assert_eq!(
+            report["snapshots"], 0,
+            "no snapshots without a whole key: {report}"
+        );
     });
 }
 
