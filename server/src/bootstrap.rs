@@ -1383,7 +1383,10 @@ mod tests {
             let operator = config.operator.as_ref().unwrap();
             assert_eq!(operator.signing_key, None);
             assert_eq!(operator.signing_key_share.as_deref(), Some(&*share_path));
-            assert!(config.archive.enabled(), "the shared archive, as without --threshold");
+            assert!(
+                config.archive.enabled(),
+                "the shared archive, as without --threshold"
+            );
             let secret = OperatorSecret::read(&config).unwrap();
             assert_eq!(secret.public_key(), group);
             let OperatorSecret::Share(file) = secret else {

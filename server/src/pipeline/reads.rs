@@ -76,6 +76,19 @@ impl<S: LedgerStore> StorageThread<S> {
                 Ok(status) => reply.send(&Message::Status(Box::new(status))),
                 Err(e) => on_error("reading a header", e, reply),
             },
+            cmd @ (StorageCmd::ReadBatches { .. } | StorageCmd::CheckpointSignature { .. }) => {
+                self.archive_read(cmd)
+            }
+            StorageCmd::Committed(_)
+            | StorageCmd::InstallSnapshot { .. }
+            | StorageCmd::Replay { .. }
+            | StorageCmd::Stop => unreachable!("not a read"),
+        }
+    }
+
+    /// The archive writer's reads: signed batches, a threshold's checkpoint signature.
+    fn archive_read(&mut self, cmd: StorageCmd) {
+        match cmd {
             StorageCmd::ReadBatches {
                 from,
                 to,
@@ -88,10 +101,7 @@ impl<S: LedgerStore> StorageThread<S> {
             StorageCmd::CheckpointSignature { size, reply } => {
                 let _ = reply.send(self.db().checkpoint_signature(size));
             }
-            StorageCmd::Committed(_)
-            | StorageCmd::InstallSnapshot { .. }
-            | StorageCmd::Replay { .. }
-            | StorageCmd::Stop => unreachable!("not a read"),
+            _ => unreachable!("not an archive read"),
         }
     }
 
