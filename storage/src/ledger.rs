@@ -736,8 +736,6 @@ impl LedgerDb {
         crate::env::get_checked(&mut self.db, key, &self.sync_stats)
     }
 
-    /// The summary, the header at its height and that height's body were written together: a
-    /// database where they disagree is corrupt.
     /// The header row at `height` as stored, signed or not.
     fn stored_header(&mut self, height: u64) -> Result<Option<SignedHeader>> {
         self.get(&layout::header_key(height))?
@@ -745,6 +743,8 @@ impl LedgerDb {
             .transpose()
     }
 
+    /// The summary, the header at its height and that height's body were written together: a
+    /// database where they disagree is corrupt.
     fn check_tip(&mut self) -> Result<()> {
         let height = self.meta.height;
         if let Some(next) = self.stored_header(height + 1)? {
