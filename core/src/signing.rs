@@ -250,10 +250,6 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         })
     }
 
-    pub fn id(&self) -> SignerId {
-        self.id
-    }
-
     pub fn stats(&self) -> SigningStats {
         self.stats
     }

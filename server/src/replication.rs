@@ -5,7 +5,7 @@
 //!
 //! Also here: the cluster view connections read (leader, role, writability) and `GetInfo`,
 //! and, on a threshold operator's replica, the signing stage (`tally_core::signing`): it
-//! needs what this thread has (leadership, the peers, proposals), and its work is ~1 ms of
+//! needs what this thread has (leadership, the peers, proposals), and its work is ~1.6 ms of
 //! CPU per batch on the leader.
 
 use std::sync::atomic::Ordering;

@@ -302,9 +302,7 @@ impl<R> Applier<R> {
         if height != self.signed_through + 1 || height > self.meta.height {
             return Ok(Applied::Skipped);
         }
-        let header = store
-            .applied_header(height)?
-            .ok_or_else(|| Error::missing(format_args!("the applied header {height}")))?;
+        let header = applied_header(store, height)?;
         let key = self.threshold_key(height)?;
         if key_id(&key) != header.operator_key_id
             || !verify_strict(&key, &header.encode(), &signature)
@@ -335,7 +333,7 @@ impl<R> Applier<R> {
         if height != self.checkpointed_through + 1 || height > self.signed_through {
             return Ok(Applied::Skipped);
         }
-        let chain_id = self.meta_chain_id(store, height)?;
+        let chain_id = applied_header(store, height)?.chain_id;
         let text = checkpoint_text(store, &chain_id, height)?;
         if !verify_strict(&self.threshold_key(height)?, &text, &signature) {
             return Ok(Applied::Skipped);
@@ -355,13 +353,6 @@ impl<R> Applier<R> {
         out.push(ApplyOut::CheckpointSigned(height));
         self.unpark(store, out)?;
         Ok(Applied::Signed(item))
-    }
-
-    fn meta_chain_id<S: LedgerStore>(&self, store: &mut S, height: u64) -> Result<Hash> {
-        let header = store
-            .applied_header(height)?
-            .ok_or_else(|| Error::missing(format_args!("the applied header {height}")))?;
-        Ok(header.chain_id)
     }
 
     /// The key that signs the header at `height` (not signed yet, so above the last rotation:
@@ -525,6 +516,13 @@ impl<R> Applier<R> {
         self.advance_index(raft_index.max(self.meta.raft_index));
         self.unpark(store, out)
     }
+}
+
+/// The header applied at `height` (signed or not), which must exist.
+fn applied_header<S: LedgerStore>(store: &mut S, height: u64) -> Result<Header> {
+    store
+        .applied_header(height)?
+        .ok_or_else(|| Error::missing(format_args!("the applied header {height}")))
 }
 
 /// The text of the checkpoint of the header log of `size` signed headers (C2SP
