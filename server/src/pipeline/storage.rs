@@ -29,7 +29,9 @@ pub(super) struct StorageThread<S> {
     /// the signed height: a batch is in flight until signed).
     pub applied_height: Arc<AtomicU64>,
     /// Events for the raft thread's signing stage not queued yet (its queue was full); never
-    /// dropped, or a header would wait for a signature nobody asks for.
+    /// dropped, or a header would wait for a signature nobody asks for. Bounded in practice:
+    /// at most two events per batch, and the master seals no batch beyond its in-flight bound
+    /// until these batches are signed, which takes these events.
     pub sign_events: std::collections::VecDeque<RaftEvent>,
     /// The applied raft index and meta, for the raft thread.
     pub applied: Arc<channels::Applied>,
