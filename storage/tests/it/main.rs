@@ -4,6 +4,7 @@ mod archive;
 mod corrupt;
 mod crash;
 mod history;
+mod leveldb;
 mod ledger;
 mod raft_cluster;
 mod raft_crash;
