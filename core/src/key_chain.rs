@@ -14,7 +14,7 @@
 
 use tally_wire::{KeyLink, Op, PublicKey, SignedHeader};
 
-use crate::batch::{BatchBody, BatchItem};
+use crate::batch::{BatchBody, BatchItem, HeaderKey};
 use crate::crypto::{key_id, rotate_hash, verify_header, OperatorKey};
 use crate::merkle::{leaf_hash, verify_inclusion};
 use crate::ports::LedgerStore;
@@ -75,6 +75,18 @@ impl SigningKeys {
     /// The genesis key's id: what headers name before any rotation.
     pub fn genesis_key_id(&self) -> [u8; 8] {
         key_id(&self.genesis)
+    }
+
+    /// How the header after `meta` is written: signed with the key [`SigningKeys::for_meta`]
+    /// gives, or, on a threshold operator's replica, unsigned (its signature comes later, from
+    /// a majority: `crate::signing`), naming the key that will sign it.
+    pub fn header_key(&self, meta: &LedgerMeta) -> Result<HeaderKey<'_>> {
+        match self.is_threshold() {
+            true => Ok(HeaderKey::Unsigned(
+                meta.signing_key_id(&self.genesis_key_id()),
+            )),
+            false => self.for_meta(meta).map(HeaderKey::Sign),
+        }
     }
 
     /// The key that signs the header after `meta`: the last rotation's, or the genesis key

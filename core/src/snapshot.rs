@@ -407,6 +407,34 @@ impl Manifest {
         sign_note(&text, &origin_for(chain_id), key).into_bytes()
     }
 
+    /// The stored manifest: [`Manifest::sign`]ed with `key`, or, written by a threshold
+    /// operator's replica (which holds no key), its text alone. An unsigned manifest vouches for
+    /// nothing: its rows are trusted only once they give the state digest of the signed header
+    /// it names (PROTOCOL.md §15.9).
+    pub fn stored(&self, chain_id: &Hash, key: Option<&SigningKey>) -> Vec<u8> {
+        match key {
+            Some(key) => self.sign(chain_id, key),
+            None => self.encode(),
+        }
+    }
+
+    /// Opens a stored manifest: signed by one of `operators` ([`Manifest::open_under`]), or,
+    /// when `unsigned` allows it (a threshold operator's archive), its text alone. A manifest
+    /// that carries signatures must open under `operators` either way.
+    pub fn open_stored(
+        bytes: &[u8],
+        chain_id: &Hash,
+        operators: &[PublicKey],
+        unsigned: bool,
+    ) -> Result<Manifest> {
+        // A signed note's signatures follow a blank line; a manifest's text has none.
+        let signed = bytes.windows(2).any(|w| w == b"\n\n");
+        match (signed, unsigned) {
+            (false, true) => Manifest::decode(bytes),
+            _ => Manifest::open_under(bytes, chain_id, operators),
+        }
+    }
+
     /// Checks the operator's signature on a stored manifest and decodes it.
     pub fn open(bytes: &[u8], chain_id: &Hash, operator: &PublicKey) -> Result<Manifest> {
         Manifest::open_under(bytes, chain_id, std::slice::from_ref(operator))
@@ -566,6 +594,26 @@ mod tests {
         assert!(
             Manifest::open(&m.encode(), &[6; 32], &operator).is_err(),
             "unsigned"
+        );
+    }
+
+    #[test]
+    fn an_unsigned_manifest_opens_only_where_allowed_and_a_signed_one_must_verify() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let operator = [key.verifying_key().to_bytes()];
+        let m = manifest();
+        let open = |bytes: &[u8], unsigned| Manifest::open_stored(bytes, &[6; 32], &operator, unsigned);
+        let text = m.stored(&[6; 32], None);
+        assert_eq!(text, m.encode());
+        assert_eq!(open(&text, true).unwrap(), m);
+        assert!(open(&text, false).is_err(), "a whole key's archive signs");
+        let signed = m.stored(&[6; 32], Some(&key));
+        assert_eq!(open(&signed, false).unwrap(), m);
+        assert_eq!(open(&signed, true).unwrap(), m);
+        let other = SigningKey::from_bytes(&[8; 32]);
+        assert!(
+            open(&m.stored(&[6; 32], Some(&other)), true).is_err(),
+            "a signature by another key is refused even where unsigned is allowed"
         );
     }
 

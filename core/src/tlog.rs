@@ -1079,6 +1079,27 @@ pub fn open_note(note: &str, name: &str, key: &VerifyingKey) -> Result<String, T
     Ok(text.to_owned())
 }
 
+/// The signature by (`name`, `key`) in `note`, once [`open_note`] has verified it: what a
+/// replica that did not sign the note itself stores (a restored threshold operator's).
+pub fn note_signature(
+    note: &str,
+    name: &str,
+    key: &VerifyingKey,
+) -> Result<tally_wire::Signature, TlogError> {
+    open_note(note, name, key)?;
+    let key_id = note_key_id(name, key);
+    let block = &note[note.rfind("\n\n").expect("an opened note has a signature block") + 2..];
+    for line in block.lines() {
+        let (signer, id, signature) = parse_signature_line(line)?;
+        if signer == name && id == key_id {
+            return Ok(signature
+                .try_into()
+                .expect("a verified Ed25519 signature is 64 bytes"));
+        }
+    }
+    unreachable!("open_note verified a signature by this key")
+}
+
 /// One signature line: `— <name> <base64(key id || signature)>`, split into its parts.
 pub(crate) fn parse_signature_line(line: &str) -> Result<(&str, [u8; 4], Vec<u8>), TlogError> {
     let malformed = |reason| TlogError::NoteMalformed { reason };

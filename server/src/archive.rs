@@ -349,12 +349,9 @@ pub fn spawn_writer(
         progress,
         chain_id: config.chain_id_bytes(),
         genesis: keys.genesis,
-        // A threshold operator's replica holds no key: no snapshots (their manifests need
-        // one), checkpoints signed by the threshold (`BatchSource::checkpoint_signature`).
-        snapshot_every_batches: match keys.held.is_empty() {
-            true => 0,
-            false => config.archive.snapshot_every_batches,
-        },
+        // A threshold operator's replica holds no key: its checkpoints carry the threshold's
+        // signature (`BatchSource::checkpoint_signature`), its snapshot manifests none.
+        snapshot_every_batches: config.archive.snapshot_every_batches,
         keys: keys.held,
     };
     runtime.spawn(archiver.run());

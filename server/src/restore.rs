@@ -12,7 +12,12 @@
 //! 2. Each batch after `S` is applied through the replica's own apply path (`prepare_apply` +
 //!    `LedgerDb::apply`), which replays the balances, checks the state digest and signs the
 //!    header again: the signature must come out byte for byte the archived one; the state at
-//!    every later snapshot must be the snapshot's.
+//!    every later snapshot must be the snapshot's. A threshold operator's replica holds a share,
+//!    not a key: it writes the replayed header with the archive's signature, which must be of
+//!    that very header, and keeps the archive's checkpoint signature at its tip
+//!    (`LedgerDb::restored_threshold`); its manifests are unsigned and trusted only as they
+//!    check against the signed headers, as every manifest is.
+//!
 //! `--full-replay` skips step 1 and replays from height 1 (every snapshot is then checked).
 //! The ledger holds every balance, header, body and request id the archive has, so that a
 //! retry of a request confirmed before the loss returns its original confirmation.
@@ -30,7 +35,10 @@ use futures::StreamExt;
 use raft::eraftpb::Snapshot;
 use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
-use tally_core::batch::prepare_apply;
+use tally_core::archive::CHECKPOINT_KEY;
+use tally_core::batch::prepare_apply_sealed;
+use tally_core::engine::apply::checkpoint_text;
+use tally_core::tlog::note_signature;
 use tally_core::crypto::header_hash;
 use tally_core::key_chain::SigningKeys;
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
@@ -40,9 +48,10 @@ use tally_storage::archive_read::{read_batches, read_log, VerifiedLog};
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_storage::snapshots::{manifests, read_rows, Owner};
 use tally_storage::{LedgerDb, LedgerImport, RaftLogDb, StoreOptions};
-use tally_wire::PublicKey;
+use tally_wire::{PublicKey, Signature};
 
 use crate::archive::read_only_marker;
+use crate::bootstrap::OperatorSecret;
 use crate::dirs::{ledger_dir, raft_dir, store_options};
 
 /// What to restore.
@@ -112,21 +121,16 @@ pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
 }
 
 /// The keys a restore signs replayed headers with (the configured key and the next one), and
-/// the genesis key the archive's key chain starts from.
+/// the genesis key the archive's key chain starts from. A threshold operator's replica holds a
+/// share, not a key: it signs nothing and keeps the archive's signatures (see [`replay`]).
 fn restore_keys(config: &Config) -> Result<(SigningKeys, PublicKey)> {
-    if config
-        .operator
-        .as_ref()
-        .is_some_and(|o| o.signing_key.is_none())
-    {
-        anyhow::bail!(
-            "this replica holds a share of a threshold operator key (operator.signing_key_share): \
-             restoring a threshold operator's replica from the archive is not supported yet \
-             (the archive holds every batch and its signatures; `tally audit` verifies it)"
-        );
+    match crate::bootstrap::OperatorSecret::read(config)? {
+        OperatorSecret::Whole(files) => Ok((files.signing_keys(), files.genesis)),
+        OperatorSecret::Share(share) => {
+            let group = share.group_key;
+            Ok((SigningKeys::threshold(group), group))
+        }
     }
-    let files = crate::bootstrap::OperatorKeyFiles::read(config)?;
-    Ok((files.signing_keys(), files.genesis))
 }
 
 fn write_marker(path: &Path, text: &str) -> Result<()> {
@@ -156,6 +160,9 @@ async fn apply_archive(
     let owner = Owner {
         chain_id,
         operators: log.keys.keys(),
+        // A threshold operator's manifests are unsigned: a restore checks every row it uses
+        // against the signed headers (`import_snapshot`, `check_snapshot`).
+        unsigned: operator.is_threshold(),
     };
     let snaps = manifests(bucket, target, &owner).await?;
     let dir = ledger_dir(config);
@@ -178,6 +185,10 @@ async fn apply_archive(
     };
     let from = store.meta()?.height;
     let height = replay(bucket, &log, &mut store, later, target, operator).await?;
+    if operator.is_threshold() {
+        let signature = threshold_checkpoint(&log, &mut store)?;
+        store.restored_threshold(signature)?;
+    }
     let meta = store.meta()?;
     store.shutdown()?;
     store.close()?;
@@ -315,10 +326,15 @@ async fn replay(
             }
         }
         let encoded = batch.body.encode();
-        let key = operator.for_meta(&meta)?;
-        let mut write = prepare_apply(&batch.body, encoded, &meta, store, key)
+        let key = operator.header_key(&meta)?;
+        let mut write = prepare_apply_sealed(&batch.body, encoded, &meta, store, key, None)
             .with_context(|| format!("{}: does not replay", batch_key(h)))?;
         write.meta.raft_index = RESTORED_RAFT_INDEX;
+        // A threshold operator's replica cannot sign: it keeps the archived signature, which
+        // `read_batches` verified, of the header it replayed (compared below).
+        if operator.is_threshold() {
+            write.signed_header.signature = batch.signed.signature;
+        }
         if write.signed_header != batch.signed {
             bail!(
                 "{}: the header signed again differs from the archived one",
@@ -333,6 +349,30 @@ async fn replay(
         }
     }
     Ok(meta.height)
+}
+
+/// The threshold's signature of the checkpoint at the restored height, from the archive's
+/// checkpoint when the restore reached it (None below it), checked over the checkpoint this
+/// ledger computes itself, the text a replica signs and serves.
+fn threshold_checkpoint(log: &VerifiedLog, store: &mut LedgerDb) -> Result<Option<Signature>> {
+    let height = store.meta()?.height;
+    if height != log.checkpoint.size || height == 0 {
+        return Ok(None);
+    }
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&log.operator)
+        .context("the operator key is not an Ed25519 key")?;
+    let note = std::str::from_utf8(&log.checkpoint_note).context("the checkpoint is not UTF-8")?;
+    let signature = note_signature(note, &log.checkpoint.origin, &key)
+        .map_err(|e| anyhow::anyhow!("{CHECKPOINT_KEY}: {e}"))?;
+    let text = checkpoint_text(store, &log.chain_id, height)?;
+    key.verify_strict(&text, &ed25519_dalek::Signature::from_bytes(&signature))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{CHECKPOINT_KEY}: its signature does not verify over the checkpoint this \
+                 ledger computes at size {height}"
+            )
+        })?;
+    Ok(Some(signature))
 }
 
 /// The raft log and ledger index of a restored replica: the restored state is "entry 1".

@@ -78,6 +78,9 @@ pub struct VerifiedLog {
     /// The key chain from it (the `keychain/` objects): which key signs which height.
     pub keys: KeySchedule,
     pub checkpoint: Checkpoint,
+    /// The checkpoint as stored: its signed note (a restored threshold operator's replica
+    /// keeps the threshold's signature from it).
+    pub checkpoint_note: Vec<u8>,
     /// `headers[i]` is the signed header at height `i + 1`.
     pub headers: Vec<SignedHeader>,
     pub leaf_hashes: Vec<Hash>,
@@ -203,6 +206,7 @@ pub async fn read_log(
         operator: *operator,
         keys,
         checkpoint,
+        checkpoint_note: bytes.to_vec(),
         headers,
         leaf_hashes,
     })
@@ -530,6 +534,8 @@ async fn audit_into(
     let owner = snapshots::Owner {
         chain_id: log.chain_id,
         operators: log.keys.keys(),
+        // The audit compares every snapshot's rows with the state it replays.
+        unsigned: true,
     };
     let mut snaps = SnapshotCheck::new(snapshots::manifests(bucket, size, &owner).await?);
     // Signatures are most of the audit's work: checked on the blocking pool, a few batches at

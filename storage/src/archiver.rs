@@ -329,14 +329,9 @@ impl<S: BatchSource> Archiver<S> {
             keys,
         };
         if self.snapshot_every_batches > 0 {
-            let signer = self.signer(&head.keys)?;
+            let signer = self.manifest_signer(&head.keys)?;
             let readers = head.keys.keys();
-            let cursor = Cursor::load(
-                &self.bucket,
-                head.log.size(),
-                self.chain_id,
-                (signer.clone(), readers),
-            )
+            let cursor = Cursor::load(&self.bucket, head.log.size(), self.chain_id, (signer, readers))
             .await
             .map_err(damaged)?;
             head.snapshots = Some(cursor);
@@ -493,7 +488,7 @@ impl<S: BatchSource> Archiver<S> {
                 .map_err(|e| RoundError::Source(format!("the ledger's key rotation: {e}")))?;
         }
         if let Some(cursor) = head.snapshots.as_mut() {
-            let signer = self.signer(&head.keys)?.clone();
+            let signer = self.manifest_signer(&head.keys)?;
             cursor.set_keys(signer, head.keys.keys());
         }
         Ok(Some((
@@ -577,6 +572,15 @@ impl<S: BatchSource> Archiver<S> {
         }
         self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The key that signs snapshot manifests: the [`Archiver::signer`], or none on a threshold
+    /// operator's replica, whose manifests are unsigned (`Manifest::stored`).
+    fn manifest_signer(&self, keys: &KeySchedule) -> Result<Option<SigningKey>, RoundError> {
+        match self.keys.is_empty() {
+            true => Ok(None),
+            false => self.signer(keys).map(|k| Some(k.clone())),
+        }
     }
 
     /// The signed note of `checkpoint`: signed with the key the chain leads to, or, on a

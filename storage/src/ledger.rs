@@ -455,6 +455,34 @@ impl LedgerDb {
         Ok(())
     }
 
+    /// Makes a ledger restored from a threshold operator's archive (`tally-server restore`,
+    /// every header signed: the archive's) a threshold ledger checkpointed through its height.
+    /// `signature` is the threshold's signature of the checkpoint at that size, which the
+    /// archive holds when the restore reached its tip; below it there is none, and a
+    /// consistency proof to that size answers `not_found`.
+    pub fn restored_threshold(&mut self, signature: Option<Signature>) -> Result<()> {
+        self.check_usable()?;
+        let height = self.meta.height;
+        assert!(
+            self.checkpointed.is_none() && self.signed_through == height,
+            "a restored ledger, every header signed: checkpointed {:?}, signed {} of {height}",
+            self.checkpointed,
+            self.signed_through
+        );
+        let mut rows = WriteBatch::default();
+        if let Some(signature) = signature {
+            rows.put(&layout::checkpoint_signature_key(height), &signature);
+        }
+        rows.put(&layout::checkpointed_key(), &height.to_le_bytes());
+        if let Err(e) = self.db.write(rows, true) {
+            let e = io_error("marking the restored ledger a threshold operator's", e);
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
+        self.checkpointed = Some(height);
+        Ok(())
+    }
+
     /// What `key`'s open reserves hold (pending debits) and what open reserves hold for it
     /// (pending credits), as of the applied state.
     pub fn pending(&mut self, key: &PublicKey) -> Result<(u64, u64)> {

@@ -35,11 +35,16 @@ fn bad(key: impl Into<String>, message: impl Into<String>) -> ReadError {
 }
 
 /// Whose snapshots to read: manifests are signed by an operator key of the ledger's chain
-/// (the writer's at the time, PROTOCOL.md §4.14) under the ledger's origin.
+/// (the writer's at the time, PROTOCOL.md §4.14) under the ledger's origin, or, in a
+/// threshold operator's archive, unsigned (`Manifest::open_stored`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub chain_id: Hash,
     pub operators: Vec<PublicKey>,
+    /// Whether an unsigned manifest is read: only by a reader that checks every row it uses
+    /// against the signed headers before trusting it (a restore, the audit), or by a writer
+    /// that signs nothing itself.
+    pub unsigned: bool,
 }
 
 /// The manifests at or below `height`, in height order, each signed by `owner`.
@@ -71,7 +76,7 @@ pub async fn read_manifest(
     let Some((bytes, _)) = bucket.get(&key).await? else {
         return Err(bad(key, "missing"));
     };
-    let m = Manifest::open_under(&bytes, &owner.chain_id, &owner.operators)
+    let m = Manifest::open_stored(&bytes, &owner.chain_id, &owner.operators, owner.unsigned)
         .map_err(|e| bad(&key, e.to_string()))?;
     if m.height != height {
         return Err(bad(key, format!("names height {}", m.height)));
@@ -120,10 +125,11 @@ pub async fn read_rows(bucket: &Bucket, m: &Manifest) -> Result<Delta, ReadError
 /// the batches archived after it.
 #[derive(Debug)]
 pub struct Cursor {
-    /// The ledger's chain id, the operator key that signs each manifest it writes, and the
-    /// keys a manifest it reads may be signed by.
+    /// The ledger's chain id, the operator key that signs each manifest it writes (None: a
+    /// threshold operator's replica, which writes them unsigned), and the keys a manifest it
+    /// reads may be signed by.
     chain_id: Hash,
-    key: SigningKey,
+    key: Option<SigningKey>,
     readers: Vec<PublicKey>,
     pub last: Option<Manifest>,
     /// Differential snapshots since the newest full one.
@@ -133,7 +139,7 @@ pub struct Cursor {
 
 impl Cursor {
     /// After a key rotation: the key to sign with, and the keys to read under.
-    pub fn set_keys(&mut self, key: SigningKey, readers: Vec<PublicKey>) {
+    pub fn set_keys(&mut self, key: Option<SigningKey>, readers: Vec<PublicKey>) {
         (self.key, self.readers) = (key, readers);
     }
 
@@ -148,11 +154,12 @@ impl Cursor {
         bucket: &Bucket,
         size: u64,
         chain_id: Hash,
-        (key, readers): (SigningKey, Vec<PublicKey>),
+        (key, readers): (Option<SigningKey>, Vec<PublicKey>),
     ) -> Result<Cursor, ReadError> {
         let owner = Owner {
             chain_id,
             operators: readers.clone(),
+            unsigned: key.is_none(),
         };
         let all = manifests(bucket, size, &owner).await?;
         let diffs_since_full = all.iter().rev().take_while(|m| !m.is_full()).count() as u32;
@@ -207,7 +214,7 @@ impl Cursor {
                 .operator
                 .or(self.last.as_ref().and_then(|m| m.operator)),
         };
-        let bytes = manifest.sign(&self.chain_id, &self.key);
+        let bytes = manifest.stored(&self.chain_id, self.key.as_ref());
         written += bytes.len() as u64;
         put_all(bucket, vec![(manifest_key(height), bytes)]).await?;
         self.diffs_since_full = if manifest.is_full() {
@@ -236,6 +243,7 @@ impl Cursor {
         let owner = Owner {
             chain_id: self.chain_id,
             operators: self.readers.clone(),
+            unsigned: self.key.is_none(),
         };
         let chain = manifests(bucket, last.height, &owner).await?;
         let from = chain.iter().rposition(|m| m.is_full()).unwrap_or(0);

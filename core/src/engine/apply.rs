@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use tally_wire::{Hash, Header, PublicKey, Signature, SignedHeader};
 
-use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed, HeaderKey};
+use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed};
 use crate::crypto::{key_id, verify_strict, OperatorKey};
 use crate::key_chain::SigningKeys;
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
@@ -380,10 +380,7 @@ impl<R> Applier<R> {
             store,
             accounts: &mut self.accounts,
         };
-        let key = match self.keys.is_threshold() {
-            true => HeaderKey::Unsigned(self.meta.signing_key_id(&self.keys.genesis_key_id())),
-            false => HeaderKey::Sign(self.keys.for_meta(&self.meta)?),
-        };
+        let key = self.keys.header_key(&self.meta)?;
         let mut write = prepare_apply_sealed(body, encoded, &self.meta, &mut reader, key, sealed)?;
         write.meta.raft_index = raft_index;
         store.apply(&write)?;

@@ -56,7 +56,7 @@ fn restore(config: &Path) -> (bool, String) {
     restore_with(config, &[])
 }
 
-fn restore_with(config: &Path, args: &[&str]) -> (bool, String) {
+pub(crate) fn restore_with(config: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tally-server"))
         .arg("restore")
         .args(args)
@@ -74,7 +74,7 @@ fn restore_with(config: &Path, args: &[&str]) -> (bool, String) {
 }
 
 /// Waits until the replica reports the archive at its applied height.
-async fn wait_archived(client: &Client) -> u64 {
+pub(crate) async fn wait_archived(client: &Client) -> u64 {
     let started = Instant::now();
     loop {
         let s = client.status().await.unwrap();

@@ -11,6 +11,7 @@ use tally_core::verify::verify_confirmation;
 use tally_core::witness::cosigned_at;
 use tally_wire::Op;
 
+use crate::archive::{restore_with, wait_archived};
 use crate::cluster::{chain_under, converged, fast};
 use crate::cluster_harness::Cluster;
 use crate::consistency::{start_witness, KillOnDrop};
@@ -97,9 +98,73 @@ fn a_majority_signs_every_header_and_checkpoint_through_a_leader_change() {
             tip.header.height,
         );
         assert_eq!(report["batches"], tip.header.height, "{report}");
-        assert_eq!(
-            report["snapshots"], 0,
-            "no snapshots without a whole key: {report}"
+    });
+}
+
+/// Every replica of a threshold operator lost, then each restored from the archive alone:
+/// from its (unsigned) snapshots or by a full replay, keeping the archive's signatures, since
+/// no replica can sign alone. The restored three sign on together; retries get their original
+/// confirmations; the checkpoint at the restored height and after it prove consistency; the
+/// archive, snapshots included, passes `tally audit`.
+#[test]
+fn every_threshold_replica_lost_then_restored_from_the_archive_alone() {
+    let rt = crate::harness::runtime();
+    rt.block_on(async {
+        let mut cluster = Cluster::threshold(3, |c| {
+            fast(c);
+            c.archive.snapshot_every_batches = 4;
+        })
+        .await;
+        cluster.start_all();
+        let group = cluster.profile.operator_key().unwrap();
+        let chain_id = cluster.profile.chain_id_bytes().unwrap();
+        let deposit_key = cluster.profile.load_deposit_key().unwrap();
+        let alice = public_key(&generate_key());
+        let cc = cluster.cluster_client();
+        let deposit = |id: u128| build_request(&deposit_key, chain_id, Op::Deposit, id, alice, 5);
+        let first = cc.submit(deposit(0)).await.expect("deposit");
+        for id in 1..12 {
+            cc.submit(deposit(id)).await.expect("deposit");
+        }
+        let leader = cluster.leader().await;
+        let height = wait_archived(&cluster.client_of(leader).await).await;
+        for id in cluster.ids.clone() {
+            cluster.kill(id);
+            cluster.wipe(id);
+        }
+        for (id, args) in [(1, &[][..]), (2, &["--full-replay"][..]), (3, &[][..])] {
+            let (ok, out) = restore_with(&cluster.configs[&id], args);
+            assert!(
+                ok && out.contains(&format!("restored height {height}")),
+                "replica {id}: {out}"
+            );
+            assert_eq!(
+                out.contains("from height 1,"),
+                id == 2,
+                "replica {id} starts from a snapshot unless told to replay: {out}"
+            );
+        }
+        cluster.start_all();
+        let c = cc.submit(deposit(12)).await.expect("the restored sign on");
+        verify_confirmation(&c, &group).expect("signed by the group key");
+        let again = cc.submit(deposit(0)).await.expect("a retry");
+        assert!(again.replayed);
+        assert_eq!((again.receipt, again.header), (first.receipt, first.header));
+        let tip = converged(&cluster).await;
+        assert!(tip.header.height > height);
+        for (from, to) in [(height, tip.header.height)] {
+            let reply = cc.consistency(from, to).await.expect("consistency");
+            let (a, b) = verify_consistency_reply(&reply, &group, &chain_id).expect("valid");
+            assert_eq!((a.size, b.size), (from, to));
+        }
+        let leader = cluster.leader().await;
+        let archived = wait_archived(&cluster.client_of(leader).await).await;
+        let dir = cluster.operator_dir();
+        let report = audit_at(&dir.join("profile.toml"), &dir.join("archive"), archived);
+        assert_eq!(report["batches"], archived, "{report}");
+        assert!(
+            report["snapshots"].as_u64() >= Some(height / 4),
+            "the threshold's unsigned snapshots are audited: {report}"
         );
     });
 }

@@ -116,6 +116,7 @@ pub(crate) fn owner() -> snapshots::Owner {
     snapshots::Owner {
         chain_id: CHAIN_ID,
         operators: vec![operator_key().verifying_key().to_bytes()],
+        unsigned: false,
     }
 }
 
