@@ -13,8 +13,14 @@
 //! - `checkpoint`: the C2SP signed note over the log's size and root, written last.
 //! - `keychain/<number, 20 digits>`: the link of the ledger's operator key rotation `number`
 //!   (PROTOCOL.md §4.14), create-only, written before the checkpoint that covers its height.
+//! - `checkpoint-signatures/<N>[.p/<W>]`: a threshold operator's signatures of the checkpoints
+//!   of sizes `256 N + 1 ..`, 64 bytes each ([`signature_bundle_key`]); no replica of such an
+//!   operator can sign a checkpoint again on its own, so a restore takes them from here.
 
-use tally_wire::{Hash, PublicKey, SignedHeader, SIGNED_HEADER_BYTES};
+use tally_wire::{Hash, PublicKey, Signature, SignedHeader, SIGNED_HEADER_BYTES};
+
+/// Bytes of one Ed25519 signature.
+const SIGNATURE_BYTES: usize = 64;
 
 use crate::batch::BatchBody;
 use crate::crypto::{header_hash, verify_header};
@@ -44,6 +50,40 @@ pub fn batch_key(height: u64) -> String {
 pub fn key_link_key(number: u32) -> String {
     assert!(number >= 1, "rotations count from 1");
     format!("{KEY_LINK_PREFIX}{number:020}")
+}
+
+/// Prefix of a threshold operator's checkpoint signature bundles.
+pub const SIGNATURE_BUNDLE_PREFIX: &str = "checkpoint-signatures/";
+
+/// Key of signature bundle `index` holding `width` signatures (1..=256): those of the
+/// checkpoints of sizes `256 index + 1 ..= 256 index + width`, named as tlog-tiles names an
+/// entry bundle (`<N>`, and `.p/<W>` while partial).
+pub fn signature_bundle_key(index: u64, width: u64) -> String {
+    format!(
+        "{SIGNATURE_BUNDLE_PREFIX}{}",
+        crate::tlog::index_path(index, width)
+    )
+}
+
+/// A signature bundle's bytes: the signatures back to back.
+pub fn encode_signature_bundle(signatures: &[Signature]) -> Vec<u8> {
+    assert!((1..=crate::tlog::TILE_WIDTH as usize).contains(&signatures.len()));
+    signatures.concat()
+}
+
+/// The `width` signatures of a signature bundle object.
+pub fn decode_signature_bundle(bytes: &[u8], width: u64) -> Result<Vec<Signature>> {
+    if bytes.len() as u64 != width * SIGNATURE_BYTES as u64 {
+        return Err(Error::Verify(format!(
+            "a bundle of {width} checkpoint signatures is {} bytes, not {}",
+            bytes.len(),
+            width * SIGNATURE_BYTES as u64
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(SIGNATURE_BYTES)
+        .map(|c| c.try_into().expect("64 bytes"))
+        .collect())
 }
 
 /// The height a batch key names, if it is one.

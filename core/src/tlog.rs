@@ -116,7 +116,7 @@ pub fn entries_path(index: u64, width: u64) -> String {
     format!("tile/entries/{}", index_path(index, width))
 }
 
-fn index_path(index: u64, width: u64) -> String {
+pub(crate) fn index_path(index: u64, width: u64) -> String {
     assert!(
         (1..=TILE_WIDTH).contains(&width),
         "tile width {width} outside 1..=256 (empty tiles are never written)"
@@ -1077,27 +1077,6 @@ pub fn open_note(note: &str, name: &str, key: &VerifyingKey) -> Result<String, T
         return Err(TlogError::NoteUnsigned { key: key_name });
     }
     Ok(text.to_owned())
-}
-
-/// The signature by (`name`, `key`) in `note`, once [`open_note`] has verified it: what a
-/// replica that did not sign the note itself stores (a restored threshold operator's).
-pub fn note_signature(
-    note: &str,
-    name: &str,
-    key: &VerifyingKey,
-) -> Result<tally_wire::Signature, TlogError> {
-    open_note(note, name, key)?;
-    let key_id = note_key_id(name, key);
-    let block = &note[note.rfind("\n\n").expect("an opened note has a signature block") + 2..];
-    for line in block.lines() {
-        let (signer, id, signature) = parse_signature_line(line)?;
-        if signer == name && id == key_id {
-            return Ok(signature
-                .try_into()
-                .expect("a verified Ed25519 signature is 64 bytes"));
-        }
-    }
-    unreachable!("open_note verified a signature by this key")
 }
 
 /// One signature line: `— <name> <base64(key id || signature)>`, split into its parts.

@@ -122,12 +122,13 @@ impl BatchSource for LedgerSource {
         let _ = tokio::time::timeout(WAKE_MAX, notified).await;
     }
 
-    async fn checkpoint_signature(
+    async fn checkpoint_signatures(
         &self,
-        size: u64,
-    ) -> Result<Option<tally_wire::Signature>, String> {
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Option<tally_wire::Signature>>, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let cmd = StorageCmd::CheckpointSignature { size, reply: tx };
+        let cmd = StorageCmd::CheckpointSignatures { from, to, reply: tx };
         crate::pipeline::send_waiting(&self.storage, cmd).await?;
         rx.await
             .map_err(|_| "the ledger stopped".to_string())?

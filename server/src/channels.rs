@@ -349,15 +349,21 @@ pub enum StorageCmd {
         bytes_max: usize,
         reply: tokio::sync::oneshot::Sender<CoreResult<Vec<(SignedHeader, Vec<u8>)>>>,
     },
-    /// A threshold operator's signature of the checkpoint of `size` (PROTOCOL.md §4.15), for
-    /// the archive writer; None when none is held.
-    CheckpointSignature {
-        size: u64,
-        reply: tokio::sync::oneshot::Sender<CoreResult<Option<tally_wire::Signature>>>,
+    /// A threshold operator's signatures of the checkpoints of sizes `from..=to` (PROTOCOL.md
+    /// §4.15), for the archive writer; None where none is held. At most
+    /// [`CHECKPOINT_SIGNATURES_READ_MAX`] sizes are answered, from `from` on.
+    CheckpointSignatures {
+        from: u64,
+        to: u64,
+        reply: tokio::sync::oneshot::Sender<CoreResult<Vec<Option<tally_wire::Signature>>>>,
     },
     /// Stop after everything queued before it.
     Stop,
 }
+
+/// Checkpoint signatures one `StorageCmd::CheckpointSignatures` answers at most (64 KiB of
+/// signatures; the storage thread reads them one point read each).
+pub const CHECKPOINT_SIGNATURES_READ_MAX: u64 = 1024;
 
 impl StorageCmd {
     /// The storage command serving an accounting read (`GetHistory`, `GetAccount`,

@@ -35,20 +35,18 @@ use futures::StreamExt;
 use raft::eraftpb::Snapshot;
 use tally_config::{ArchiveUrl, Config};
 use tally_core::archive::batch_key;
-use tally_core::archive::CHECKPOINT_KEY;
+use tally_core::archive::SIGNATURE_BUNDLE_PREFIX;
 use tally_core::batch::prepare_apply_sealed;
-use tally_core::engine::apply::checkpoint_text;
-use tally_core::tlog::note_signature;
 use tally_core::crypto::header_hash;
 use tally_core::key_chain::SigningKeys;
 use tally_core::ports::{LedgerRead, LedgerStore, RequestRecord};
 use tally_core::snapshot::{manifest_key, Delta, Manifest};
 use tally_core::state::LedgerMeta;
-use tally_storage::archive_read::{read_batches, read_log, VerifiedLog};
+use tally_storage::archive_read::{read_batches, read_log, read_signature_bundles, VerifiedLog};
 use tally_storage::bucket::{Bucket, BucketSettings};
 use tally_storage::snapshots::{manifests, read_rows, Owner};
 use tally_storage::{LedgerDb, LedgerImport, RaftLogDb, StoreOptions};
-use tally_wire::{PublicKey, Signature};
+use tally_wire::PublicKey;
 
 use crate::archive::read_only_marker;
 use crate::bootstrap::OperatorSecret;
@@ -186,8 +184,7 @@ async fn apply_archive(
     let from = store.meta()?.height;
     let height = replay(bucket, &log, &mut store, later, target, operator).await?;
     if operator.is_threshold() {
-        let signature = threshold_checkpoint(&log, &mut store)?;
-        store.restored_threshold(signature)?;
+        restore_checkpoint_signatures(bucket, &log, &mut store).await?;
     }
     let meta = store.meta()?;
     store.shutdown()?;
@@ -351,28 +348,32 @@ async fn replay(
     Ok(meta.height)
 }
 
-/// The threshold's signature of the checkpoint at the restored height, from the archive's
-/// checkpoint when the restore reached it (None below it), checked over the checkpoint this
-/// ledger computes itself, the text a replica signs and serves.
-fn threshold_checkpoint(log: &VerifiedLog, store: &mut LedgerDb) -> Result<Option<Signature>> {
+/// Checkpoint signatures a restore writes to the ledger at once (256 KiB).
+const RESTORED_SIGNATURES_PER_WRITE: usize = 4096;
+
+/// A threshold operator's replica cannot sign a checkpoint again on its own: the signatures
+/// of every checkpoint up to the restored height come from the archive's signature bundles,
+/// each checked against the checkpoint this ledger computes from its headers (the very text
+/// the archive's log gives, since the ledger's headers are the log's).
+async fn restore_checkpoint_signatures(
+    bucket: &Bucket,
+    log: &VerifiedLog,
+    store: &mut LedgerDb,
+) -> Result<()> {
     let height = store.meta()?.height;
-    if height != log.checkpoint.size || height == 0 {
-        return Ok(None);
+    let Some(signatures) = read_signature_bundles(bucket, log, height).await? else {
+        bail!(
+            "the archive holds no checkpoint signatures ({SIGNATURE_BUNDLE_PREFIX}...): a \
+             threshold operator's replica cannot sign them again alone, and its archive must \
+             hold them (PROTOCOL.md §15.10)"
+        );
+    };
+    for (i, part) in signatures.chunks(RESTORED_SIGNATURES_PER_WRITE).enumerate() {
+        let first = 1 + (i * RESTORED_SIGNATURES_PER_WRITE) as u64;
+        store.restore_checkpoint_signatures(first, part)?;
     }
-    let key = ed25519_dalek::VerifyingKey::from_bytes(&log.operator)
-        .context("the operator key is not an Ed25519 key")?;
-    let note = std::str::from_utf8(&log.checkpoint_note).context("the checkpoint is not UTF-8")?;
-    let signature = note_signature(note, &log.checkpoint.origin, &key)
-        .map_err(|e| anyhow::anyhow!("{CHECKPOINT_KEY}: {e}"))?;
-    let text = checkpoint_text(store, &log.chain_id, height)?;
-    key.verify_strict(&text, &ed25519_dalek::Signature::from_bytes(&signature))
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "{CHECKPOINT_KEY}: its signature does not verify over the checkpoint this \
-                 ledger computes at size {height}"
-            )
-        })?;
-    Ok(Some(signature))
+    store.restored_threshold()?;
+    Ok(())
 }
 
 /// The raft log and ledger index of a restored replica: the restored state is "entry 1".

@@ -11,9 +11,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::stream::{self, Stream, StreamExt};
-use tally_core::archive::key_link_key;
+use ed25519_dalek::VerifyingKey;
 use tally_core::archive::{
-    batch_key, decode_batch, verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
+    batch_key, decode_batch, decode_signature_bundle, key_link_key, signature_bundle_key,
+    verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
 };
 use tally_core::batch::{replay_batch, BatchItem};
 use tally_core::crypto::{key_id, sha256, verify_envelope, KeyCache};
@@ -24,9 +25,11 @@ use tally_core::reserve::{Expiry, Reserve};
 use tally_core::state::LedgerMeta;
 use tally_core::tlog::{
     all_tiles, decode_entry_bundle, entries_path, leaf_hash, open_note, origin_for, root_of,
-    Checkpoint, TILE_WIDTH,
+    Checkpoint, TreeEdge, TILE_WIDTH,
 };
-use tally_wire::{Hash, KeyLink, PublicKey, SignedHeader, KEY_LINKS_MAX, SIGNED_HEADER_BYTES};
+use tally_wire::{
+    Hash, KeyLink, PublicKey, Signature, SignedHeader, KEY_LINKS_MAX, SIGNED_HEADER_BYTES,
+};
 
 use crate::bucket::{Bucket, BucketError};
 use crate::snapshots;
@@ -441,6 +444,51 @@ impl ReplayState {
     }
 }
 
+/// A threshold operator's checkpoint signatures of sizes `1..=to` (`to` at most the log's
+/// size) from the archive's signature bundles (PROTOCOL.md §15.10), each checked under the
+/// operator key against the checkpoint of its size, computed from the log's headers;
+/// `signatures[i]` is size `i + 1`'s. None when the archive holds no bundle at all (a whole
+/// key's archive: its writer signs checkpoints itself).
+pub async fn read_signature_bundles(
+    bucket: &Bucket,
+    log: &VerifiedLog,
+    to: u64,
+) -> Result<Option<Vec<Signature>>, ReadError> {
+    let size = log.checkpoint.size;
+    assert!(to <= size, "signatures above the log's size {size}");
+    let key = VerifyingKey::from_bytes(&log.operator)
+        .map_err(|_| bad(MARKER_KEY, "the operator key is not an Ed25519 point"))?;
+    let origin = origin_for(&log.chain_id);
+    let mut edge = TreeEdge::new();
+    let mut all = Vec::with_capacity(to as usize);
+    for index in 0..to.div_ceil(TILE_WIDTH) {
+        let width = (size - index * TILE_WIDTH).min(TILE_WIDTH);
+        let object = signature_bundle_key(index, width);
+        let Some((bytes, _)) = bucket.get(&object).await? else {
+            if index == 0 {
+                return Ok(None);
+            }
+            return Err(bad(object, "missing although the checkpoint covers it"));
+        };
+        let mut signatures =
+            decode_signature_bundle(&bytes, width).map_err(|e| bad(&object, e.to_string()))?;
+        signatures.truncate((to - index * TILE_WIDTH).min(width) as usize);
+        for (size, signature) in (index * TILE_WIDTH + 1..).zip(&signatures) {
+            edge.append(log.leaf_hashes[size as usize - 1]);
+            let body = Checkpoint { origin: origin.clone(), size, root: edge.root() }.body();
+            let valid = key
+                .verify_strict(body.as_bytes(), &ed25519_dalek::Signature::from_bytes(signature))
+                .is_ok();
+            if !valid {
+                let why = format!("the signature of the checkpoint of size {size} does not verify");
+                return Err(bad(object, why));
+            }
+        }
+        all.extend(signatures);
+    }
+    Ok(Some(all))
+}
+
 /// Every tile and entry bundle a correct archive of these headers holds, compared with the
 /// stored ones; the first difference is returned.
 pub async fn check_tiles(bucket: &Bucket, log: &VerifiedLog) -> Result<(), ReadError> {
@@ -482,6 +530,9 @@ pub struct AuditReport {
     pub checkpoint_size: Option<u64>,
     /// State snapshots checked against the replay.
     pub snapshots: u64,
+    /// A threshold operator's checkpoint signatures checked (its signature bundles); None for
+    /// an archive without them (a whole key's).
+    pub checkpoint_signatures: Option<u64>,
     /// The ledger the archive's marker names, when it could be read.
     pub chain_id: Option<Hash>,
     pub accounts: u64,
@@ -526,6 +577,8 @@ async fn audit_into(
         check_extends(&log, note)?;
     }
     check_tiles(bucket, &log).await?;
+    let signatures = read_signature_bundles(bucket, &log, log.checkpoint.size).await?;
+    report.checkpoint_signatures = signatures.map(|s| s.len() as u64);
     let mut state = ReplayState::new();
     let size = log.checkpoint.size;
     if size == 0 {

@@ -28,7 +28,8 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use futures::stream::{self, StreamExt};
 use tally_core::archive::{
-    batch_key, encode_batch, key_link_key, Marker, CHECKPOINT_KEY, MARKER_KEY,
+    batch_key, encode_batch, encode_signature_bundle, key_link_key, signature_bundle_key, Marker,
+    CHECKPOINT_KEY, MARKER_KEY,
 };
 use tally_core::batch::BatchBody;
 use tally_core::crypto::header_hash;
@@ -74,15 +75,17 @@ pub trait BatchSource: Send + Sync {
         let _ = height;
         tokio::time::sleep(IDLE_POLL)
     }
-    /// A threshold operator's signature of the checkpoint of the header log of `size`
-    /// (PROTOCOL.md §4.15), which the writer, holding no key, publishes; None when none is
-    /// held. A writer holding the key signs itself and never asks.
-    fn checkpoint_signature(
+    /// A threshold operator's signatures of the checkpoints of the header log of sizes
+    /// `from..=to` (PROTOCOL.md §4.15), which the writer, holding no key, publishes; None where
+    /// none is held; fewer (at least one) if many. A writer holding the key signs itself and
+    /// never asks.
+    fn checkpoint_signatures(
         &self,
-        size: u64,
-    ) -> impl Future<Output = Result<Option<Signature>, String>> + Send {
-        let _ = size;
-        std::future::ready(Ok(None))
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<Option<Signature>>, String>> + Send {
+        assert!(from <= to);
+        std::future::ready(Ok(vec![None; (to - from + 1) as usize]))
     }
     /// The applied batches `from..=to` (signed header, encoded body), in height order; fewer
     /// (at least one) if they are large.
@@ -527,6 +530,8 @@ impl<S: BatchSource> Archiver<S> {
             .map(|(p, b)| (p, Bytes::from(b)))
             .collect();
         self.put_all(tiles).await?;
+        let bundles = self.signature_bundles(old_size, head.log.size()).await?;
+        self.put_all(bundles).await?;
         self.write_checkpoint(head).await?;
         head.log.trim();
         self.progress
@@ -596,19 +601,63 @@ impl<S: BatchSource> Archiver<S> {
             return Ok(sign_note(&checkpoint.body(), &checkpoint.origin, key));
         }
         let size = checkpoint.size;
-        let signature = self
-            .source
-            .checkpoint_signature(size)
-            .await
-            .map_err(RoundError::Source)?
-            .ok_or_else(|| {
-                RoundError::Source(format!("no signature of the checkpoint of size {size} yet"))
-            })?;
+        let signature = self.threshold_signatures(size, size).await?[0];
         let (body, origin) = (checkpoint.body(), &checkpoint.origin);
         let note = tally_core::tlog::note_with_signature(&body, origin, &self.genesis, &signature);
         open_checkpoint_in(note.as_bytes(), &self.chain_id, &head.keys)
             .map_err(|e| RoundError::Source(format!("the threshold's checkpoint {size}: {e}")))?;
         Ok(note)
+    }
+
+    /// A threshold operator's checkpoint signatures of the sizes after `old_size` up to `size`
+    /// as the signature bundles they complete or extend (PROTOCOL.md §15.10), each with the
+    /// signatures its bundle already held; none from a writer that holds a key.
+    async fn signature_bundles(
+        &self,
+        old_size: u64,
+        size: u64,
+    ) -> Result<Vec<(String, Bytes)>, RoundError> {
+        if !self.keys.is_empty() || size == old_size {
+            return Ok(Vec::new());
+        }
+        let first = old_size / TILE_WIDTH;
+        let signatures = self
+            .threshold_signatures(first * TILE_WIDTH + 1, size)
+            .await?;
+        Ok(signatures
+            .chunks(TILE_WIDTH as usize)
+            .zip(first..)
+            .map(|(bundle, index)| {
+                let key = signature_bundle_key(index, bundle.len() as u64);
+                (key, Bytes::from(encode_signature_bundle(bundle)))
+            })
+            .collect())
+    }
+
+    /// The threshold's signatures of the checkpoints of sizes `from..=to`, every one of which
+    /// the ledger must hold (the source hands out only batches whose checkpoint is signed).
+    async fn threshold_signatures(&self, from: u64, to: u64) -> Result<Vec<Signature>, RoundError> {
+        let wanted = (to - from + 1) as usize;
+        let mut out = Vec::with_capacity(wanted);
+        while out.len() < wanted {
+            let next = from + out.len() as u64;
+            let got = self
+                .source
+                .checkpoint_signatures(next, to)
+                .await
+                .map_err(RoundError::Source)?;
+            assert!(
+                (1..=wanted - out.len()).contains(&got.len()),
+                "the source answers 1..={} signatures from {next}",
+                wanted - out.len()
+            );
+            for (size, signature) in (next..).zip(got) {
+                out.push(signature.ok_or_else(|| {
+                    RoundError::Source(format!("no signature of the checkpoint of size {size} yet"))
+                })?);
+            }
+        }
+        Ok(out)
     }
 
     /// Replaces the checkpoint, conditional on the version this round read or wrote. Losing

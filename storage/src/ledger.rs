@@ -455,12 +455,32 @@ impl LedgerDb {
         Ok(())
     }
 
-    /// Makes a ledger restored from a threshold operator's archive (`tally-server restore`,
-    /// every header signed: the archive's) a threshold ledger checkpointed through its height.
-    /// `signature` is the threshold's signature of the checkpoint at that size, which the
-    /// archive holds when the restore reached its tip; below it there is none, and a
-    /// consistency proof to that size answers `not_found`.
-    pub fn restored_threshold(&mut self, signature: Option<Signature>) -> Result<()> {
+    /// Stores a threshold operator's checkpoint signatures of sizes `first..` (at most the
+    /// ledger's height) that a restore read from the archive's signature bundles and checked
+    /// (`tally-server restore`); [`LedgerDb::restored_threshold`] follows.
+    pub fn restore_checkpoint_signatures(
+        &mut self,
+        first: u64,
+        signatures: &[Signature],
+    ) -> Result<()> {
+        self.check_usable()?;
+        assert!(
+            self.checkpointed.is_none() && first + signatures.len() as u64 <= self.meta.height + 1,
+            "restoring checkpoint signatures {first}.. of {} into a ledger at {}",
+            signatures.len(),
+            self.meta.height
+        );
+        let mut rows = WriteBatch::default();
+        for (size, signature) in (first..).zip(signatures) {
+            rows.put(&layout::checkpoint_signature_key(size), signature);
+        }
+        self.write_restored(rows, "writing the restored checkpoint signatures")
+    }
+
+    /// Makes a ledger restored from a threshold operator's archive (every header signed: the
+    /// archive's; every checkpoint signature stored) a threshold ledger checkpointed through its
+    /// height.
+    pub fn restored_threshold(&mut self) -> Result<()> {
         self.check_usable()?;
         let height = self.meta.height;
         assert!(
@@ -470,16 +490,18 @@ impl LedgerDb {
             self.signed_through
         );
         let mut rows = WriteBatch::default();
-        if let Some(signature) = signature {
-            rows.put(&layout::checkpoint_signature_key(height), &signature);
-        }
         rows.put(&layout::checkpointed_key(), &height.to_le_bytes());
+        self.write_restored(rows, "marking the restored ledger a threshold operator's")?;
+        self.checkpointed = Some(height);
+        Ok(())
+    }
+
+    fn write_restored(&mut self, rows: WriteBatch, what: &str) -> Result<()> {
         if let Err(e) = self.db.write(rows, true) {
-            let e = io_error("marking the restored ledger a threshold operator's", e);
+            let e = io_error(what, e);
             self.failed = Some(e.to_string());
             return Err(e);
         }
-        self.checkpointed = Some(height);
         Ok(())
     }
 

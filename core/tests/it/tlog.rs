@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use tally_core::tlog::{
     all_tiles, completed_at, consistency_proof, consistency_proof_by, decode_entry_bundle,
     encode_entry_bundle, entries_path, inclusion_proof, inclusion_proof_by, leaf_hash,
-    nodes_completed, note_key_id, note_signature, note_verifier_key, open_note, origin_for, root_by, root_of,
+    nodes_completed, note_key_id, note_verifier_key, open_note, origin_for, root_by, root_of,
     sign_note, tile_path, verify_consistency, verify_inclusion, Checkpoint, TileLog, TlogError,
     TreeEdge,
 };
@@ -773,22 +773,6 @@ fn note_matches_the_spec_example() {
         open_note(note, &name, &key).unwrap(),
         "This is an example message.\n"
     );
-}
-
-/// The signature a note carries by one key, among others', taken out once it verifies.
-#[test]
-fn a_notes_signature_by_one_key_is_taken_out_verified() {
-    let (name, key) = parse_vkey(PETER_VKEY);
-    let both = format!("{GO_TEXT}\n{ENOCH_SIG}{PETER_SIG}");
-    let signature = note_signature(&both, &name, &key).unwrap();
-    let blob = BASE64
-        .decode(PETER_SIG.trim_end().rsplit(' ').next().unwrap())
-        .unwrap();
-    assert_eq!(signature[..], blob[4..]);
-    let bad = both.replace("cryptography", "cryptographY");
-    assert!(note_signature(&bad, &name, &key).is_err());
-    let (enoch, enoch_key) = parse_vkey(ENOCH_VKEY);
-    assert_ne!(note_signature(&both, &enoch, &enoch_key).unwrap(), signature);
 }
 
 #[test]

@@ -76,7 +76,7 @@ impl<S: LedgerStore> StorageThread<S> {
                 Ok(status) => reply.send(&Message::Status(Box::new(status))),
                 Err(e) => on_error("reading a header", e, reply),
             },
-            cmd @ (StorageCmd::ReadBatches { .. } | StorageCmd::CheckpointSignature { .. }) => {
+            cmd @ (StorageCmd::ReadBatches { .. } | StorageCmd::CheckpointSignatures { .. }) => {
                 self.archive_read(cmd)
             }
             StorageCmd::Committed(_)
@@ -86,7 +86,7 @@ impl<S: LedgerStore> StorageThread<S> {
         }
     }
 
-    /// The archive writer's reads: signed batches, a threshold's checkpoint signature.
+    /// The archive writer's reads: signed batches, a threshold's checkpoint signatures.
     fn archive_read(&mut self, cmd: StorageCmd) {
         match cmd {
             StorageCmd::ReadBatches {
@@ -98,8 +98,12 @@ impl<S: LedgerStore> StorageThread<S> {
                 let signed = to.min(self.readable_height());
                 let _ = reply.send(self.read_batches(from, signed, bytes_max));
             }
-            StorageCmd::CheckpointSignature { size, reply } => {
-                let _ = reply.send(self.db().checkpoint_signature(size));
+            StorageCmd::CheckpointSignatures { from, to, reply } => {
+                let to = to.min(from + crate::channels::CHECKPOINT_SIGNATURES_READ_MAX - 1);
+                let signatures = (from..=to)
+                    .map(|size| self.db().checkpoint_signature(size))
+                    .collect();
+                let _ = reply.send(signatures);
             }
             _ => unreachable!("not an archive read"),
         }

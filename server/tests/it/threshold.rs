@@ -98,6 +98,10 @@ fn a_majority_signs_every_header_and_checkpoint_through_a_leader_change() {
             tip.header.height,
         );
         assert_eq!(report["batches"], tip.header.height, "{report}");
+        assert_eq!(
+            report["checkpoint_signatures"], tip.header.height,
+            "every checkpoint's signature is archived: {report}"
+        );
     });
 }
 
@@ -152,7 +156,8 @@ fn every_threshold_replica_lost_then_restored_from_the_archive_alone() {
         assert_eq!((again.receipt, again.header), (first.receipt, first.header));
         let tip = converged(&cluster).await;
         assert!(tip.header.height > height);
-        for (from, to) in [(height, tip.header.height)] {
+        // Every checkpoint signature came back from the archive: proofs from before the loss.
+        for (from, to) in [(2, height), (1, tip.header.height), (height, tip.header.height)] {
             let reply = cc.consistency(from, to).await.expect("consistency");
             let (a, b) = verify_consistency_reply(&reply, &group, &chain_id).expect("valid");
             assert_eq!((a.size, b.size), (from, to));
@@ -166,6 +171,7 @@ fn every_threshold_replica_lost_then_restored_from_the_archive_alone() {
             report["snapshots"].as_u64() >= Some(height / 4),
             "the threshold's unsigned snapshots are audited: {report}"
         );
+        assert_eq!(report["checkpoint_signatures"], archived, "{report}");
     });
 }
 

@@ -7,16 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signer, SigningKey};
 use tally_config::ArchiveUrl;
-use tally_core::archive::{batch_key, CHECKPOINT_KEY};
+use tally_core::archive::{batch_key, signature_bundle_key, CHECKPOINT_KEY};
+use tally_core::tlog::{leaf_hash, origin_for, root_of, Checkpoint};
 use tally_core::ports::LedgerStore;
-use tally_storage::archive_read::{audit, AuditReport};
+use tally_storage::archive_read::{audit, read_log, read_signature_bundles, AuditReport};
 use tally_storage::archiver::{ArchiveProgress, Archiver, BatchSource};
 use tally_storage::bucket::{Bucket, BucketSettings, PutNew};
 use tally_storage::snapshots;
 use tally_storage::{LedgerDb, StoreOptions};
-use tally_wire::SignedHeader;
+use tally_wire::{Signature, SignedHeader};
 
 use crate::support::{operator, Chain, CHAIN_ID};
 
@@ -72,6 +73,9 @@ pub(crate) struct MemSource {
     batches: Mutex<Vec<(SignedHeader, Vec<u8>)>>,
     may_write: AtomicBool,
     stop: AtomicBool,
+    /// A threshold operator's replica: the writer holds no key and publishes the checkpoint
+    /// signatures the ledger holds (here made with the operator key, as a group's would be).
+    threshold: bool,
 }
 
 impl MemSource {
@@ -80,7 +84,29 @@ impl MemSource {
             batches: Mutex::new(batches),
             may_write: AtomicBool::new(true),
             stop: AtomicBool::new(false),
+            threshold: false,
         })
+    }
+
+    fn threshold(batches: Vec<(SignedHeader, Vec<u8>)>) -> Arc<MemSource> {
+        let mut source = Arc::into_inner(MemSource::new(batches)).expect("one owner");
+        source.threshold = true;
+        Arc::new(source)
+    }
+
+    /// The operator's signature of the checkpoint of the first `size` headers.
+    fn checkpoint_signature(&self, size: u64) -> Signature {
+        let all = self.batches.lock().unwrap();
+        let leaves: Vec<_> = all[..size as usize]
+            .iter()
+            .map(|(h, _)| leaf_hash(&h.encode()))
+            .collect();
+        let checkpoint = Checkpoint {
+            origin: origin_for(&CHAIN_ID),
+            size,
+            root: root_of(&leaves),
+        };
+        operator_key().sign(checkpoint.body().as_bytes()).to_bytes()
     }
 }
 
@@ -96,6 +122,18 @@ impl BatchSource for Shared {
     }
     fn stopping(&self) -> bool {
         self.0.stop.load(Ordering::SeqCst)
+    }
+    /// At most 100 at once, as a ledger answers a bounded number.
+    async fn checkpoint_signatures(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Option<Signature>>, String> {
+        assert!(self.0.threshold, "a writer holding the key never asks");
+        let to = to.min(from + 99);
+        Ok((from..=to)
+            .map(|s| Some(self.0.checkpoint_signature(s)))
+            .collect())
     }
     async fn read(&self, from: u64, to: u64) -> Result<Vec<(SignedHeader, Bytes)>, String> {
         let all = self.0.batches.lock().unwrap();
@@ -136,7 +174,10 @@ pub(crate) fn archive(
         progress: progress.clone(),
         chain_id,
         genesis: operator_key().verifying_key().to_bytes(),
-        keys: vec![operator_key()],
+        keys: match source.threshold {
+            true => vec![],
+            false => vec![operator_key()],
+        },
         snapshot_every_batches: 7,
     };
     let task = rt.spawn(writer.run());
@@ -244,6 +285,43 @@ fn the_writer_archives_and_resumes_across_a_tile_boundary() {
         let stored = rt.block_on(bucket.get(&batch_key(300))).unwrap().unwrap().0;
         assert_eq!(&stored[..256], &batches[299].0.encode()[..]);
     }
+}
+
+/// A threshold operator's writer (no key): every checkpoint's signature goes into the signature
+/// bundles, across a restart and a bundle boundary; the audit checks each one and names a
+/// bundle whose signature does not verify.
+#[test]
+fn a_threshold_writer_archives_every_checkpoint_signature() {
+    let rt = runtime();
+    let batches = ledger(300, 3);
+    let (bucket, _dir) = stores("signatures").swap_remove(0);
+    let source = MemSource::threshold(batches[..10].to_vec());
+    archive(&rt, &bucket, &source, CHAIN_ID, 10);
+    *source.batches.lock().unwrap() = batches.clone();
+    archive(&rt, &bucket, &source, CHAIN_ID, 300);
+    let report = audit_of(&rt, &bucket, None);
+    assert!(report.ok, "{:?}", report.errors);
+    assert_eq!(
+        (report.batches, report.checkpoint_signatures),
+        (300, Some(300))
+    );
+    assert!(report.snapshots >= 300 / 7, "unsigned manifests: {report:?}");
+    let log = rt
+        .block_on(read_log(&bucket, Some(&CHAIN_ID), &operator().public()))
+        .unwrap();
+    let read = rt.block_on(read_signature_bundles(&bucket, &log, 260)).unwrap();
+    let expected: Vec<Signature> = (1..=260).map(|s| source.checkpoint_signature(s)).collect();
+    assert_eq!(read, Some(expected));
+
+    let key = signature_bundle_key(0, 256);
+    let mut damaged = rt.block_on(bucket.get(&key)).unwrap().unwrap().0.to_vec();
+    damaged[64 * 100] ^= 1;
+    rt.block_on(bucket.delete(&key)).unwrap();
+    rt.block_on(bucket.put_new(&key, damaged.into())).unwrap();
+    let report = audit_of(&rt, &bucket, None);
+    assert!(!report.ok);
+    assert_eq!(report.errors[0].key, key, "{:?}", report.errors);
+    assert!(report.errors[0].message.contains("size 101"), "{:?}", report.errors);
 }
 
 #[test]

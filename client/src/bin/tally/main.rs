@@ -1469,6 +1469,7 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
             "checkpoint_size": report.checkpoint_size,
             "chain_id": report.chain_id.map(|c| to_hex(&c)),
             "snapshots": report.snapshots,
+            "checkpoint_signatures": report.checkpoint_signatures,
             "accounts": report.accounts,
             "state_map_root": report.state_map_root.map(|r| to_hex(&r)),
             "errors": errors,
@@ -1491,6 +1492,9 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
         report.accounts,
         report.snapshots,
     );
+    if let Some(n) = report.checkpoint_signatures {
+        println!("{n} threshold checkpoint signatures checked");
+    }
 }
 
 /// `2024-05-01T12:00:00.000Z` from Unix milliseconds (proleptic Gregorian, UTC).
