@@ -90,10 +90,9 @@ pub struct LiveArgs {
     #[arg(long)]
     pub total_loss: bool,
     /// A threshold operator (`init-cluster --threshold`, PROTOCOL.md §4.15): each replica holds
-    /// a share of the operator key and a majority signs every header and checkpoint. Run
-    /// without an archive (a threshold replica cannot be restored yet) and without
-    /// replacements (a threshold group cannot add replicas), so not with --archive or
-    /// --total-loss, and without the replace and archive-outage faults.
+    /// a share of the operator key and a majority signs every header and checkpoint; its
+    /// archive holds every checkpoint's signature, so --total-loss restores it too. Without
+    /// replacements (a threshold group cannot add replicas): no replace fault.
     #[arg(long)]
     pub threshold: bool,
     /// Raft tick written into every replica's config.

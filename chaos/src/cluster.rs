@@ -75,7 +75,7 @@ pub struct ArchiveSetup {
     pub url: Option<String>,
     /// `archive.max_lag_batches` of every replica; None: the server's default.
     pub max_lag_batches: Option<u64>,
-    /// A threshold operator (`init-cluster --threshold`): no archive at all.
+    /// A threshold operator (`init-cluster --threshold`).
     pub threshold: bool,
 }
 
@@ -114,8 +114,6 @@ struct Process {
 }
 
 pub struct LiveCluster {
-    /// A threshold operator (`init-cluster --threshold`): no archive.
-    pub threshold: bool,
     pub dir: RunDir,
     pub ids: Vec<u64>,
     /// Real client addresses of the replicas, in id order.
@@ -271,10 +269,7 @@ impl LiveCluster {
             config.raft.heartbeat_ticks = timing.heartbeat_ticks;
             config.raft.compaction_entries = timing.compaction_entries;
             config.batch.batch_window_ms = timing.batch_window_ms;
-            config.archive.url = match archive.threshold {
-                true => String::new(),
-                false => archive_url.clone(),
-            };
+            config.archive.url = archive_url.clone();
             if let Some(proxy) = &archive_proxy {
                 config.archive.endpoint = format!("http://{}", proxy.listen);
                 config.archive.allow_http = true;
@@ -295,7 +290,6 @@ impl LiveCluster {
             })
             .collect();
         Ok(LiveCluster {
-            threshold: archive.threshold,
             dir,
             next_id: nodes + 1,
             ids,

@@ -98,7 +98,7 @@ pub struct LiveOptions {
     /// delete its data directory, `tally-server restore` it from the archive, start them again
     /// and check that nothing acknowledged was lost ([`crate::total_loss`]).
     pub total_loss: bool,
-    /// A threshold operator: no archive, no replacements.
+    /// A threshold operator: no replacements.
     pub threshold: bool,
 }
 
@@ -146,9 +146,6 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     }
     if opts.clients == 0 || opts.accounts < 2 {
         bail!("at least one client and two accounts are needed");
-    }
-    if opts.threshold && (opts.total_loss || opts.archive.is_some()) {
-        bail!("--threshold runs without an archive (a threshold replica cannot be restored yet): not with --archive or --total-loss");
     }
     if opts.inject_bug == Some(InjectedBug::ArchiveLosesBatch) && !opts.total_loss {
         bail!("--inject-bug archive-loses-batch needs --total-loss (it strikes at the restore)");

@@ -92,7 +92,7 @@ pub async fn converge(cluster: &LiveCluster, timeout: Duration) -> Result<(), St
 
 /// Reads every replica's whole header chain and the balance of every account.
 pub async fn collect(
-    cluster: &mut LiveCluster,
+    cluster: &LiveCluster,
     accounts: &[PublicKey],
     converged: Result<(), String>,
 ) -> Final {
@@ -126,7 +126,6 @@ pub async fn collect(
         .filter(|id| chains.get(id).is_some_and(|c| c.is_ok()))
         .or_else(|| chains.iter().find(|(_, c)| c.is_ok()).map(|(&id, _)| id));
     let bodies = match reference.and_then(|id| chains[&id].as_ref().ok().map(|c| (id, c))) {
-        Some((id, chain)) if cluster.threshold => ledger_index(cluster, id, chain).await,
         Some((_, chain)) => chain_index(cluster, chain).await,
         None => Err("no replica's chain could be read".into()),
     };
@@ -171,39 +170,6 @@ async fn read_balances(
         height: height.unwrap_or(0),
         values: out,
     })
-}
-
-/// [`chain_index`] for a threshold operator, run without an archive: the bodies are read from
-/// replica `id`'s own ledger once it has stopped cleanly (every reading of the replicas is
-/// done by then), each header byte-equal to the chain's.
-async fn ledger_index(
-    cluster: &mut LiveCluster,
-    id: u64,
-    chain: &[SignedHeader],
-) -> Result<ChainBodies, String> {
-    use tally_core::ports::LedgerStore;
-    cluster.terminate(id).await;
-    let dir = cluster.data_dir(id).join("ledger");
-    let mut db = tally_storage::LedgerDb::open(&dir, tally_storage::StoreOptions::default())
-        .map_err(|e| format!("opening replica {id}'s ledger: {e}"))?;
-    let mut bodies = ChainBodies::default();
-    for (i, signed) in chain.iter().enumerate() {
-        let h = i as u64 + 1;
-        let read = |e: tally_core::Error| format!("replica {id}'s batch {h}: {e}");
-        let (Some(header), Some(bytes)) = (db.header(h).map_err(read)?, db.body(h).map_err(read)?)
-        else {
-            return Err(format!("replica {id}'s ledger lacks batch {h}"));
-        };
-        if &header != signed {
-            return Err(format!(
-                "replica {id} holds another header {h} than the final chain's"
-            ));
-        }
-        let body = tally_core::batch::BatchBody::decode(&bytes).map_err(read)?;
-        bodies.index.add(&body);
-        bodies.replay.add(&body);
-    }
-    Ok(bodies)
 }
 
 /// Every operation of `chain`, from its batches' bodies. The replicas serve no bodies, so they

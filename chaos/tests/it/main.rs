@@ -247,8 +247,9 @@ fn run_holding_every_invariant(
 /// A threshold operator (`init-cluster --threshold`: each replica holds a FROST share, a
 /// majority signs every header and checkpoint after commit) under leader kills, restarts,
 /// pauses and partitions, with a raft log compacted every 300 entries so that restarted
-/// replicas catch up by snapshot, some of whose newest headers wait for their signatures.
-/// Every invariant holds; the bodies come from a stopped replica's ledger (no archive).
+/// replicas catch up by snapshot, some of whose newest headers wait for their signatures;
+/// then every replica is lost and restored from the archive, which holds the threshold's
+/// signatures (no replica can sign them again alone). Every invariant holds.
 #[test]
 fn a_threshold_operator_under_kills_and_partitions_holds_every_invariant() {
     let _one_at_a_time = exclusive();
@@ -256,6 +257,7 @@ fn a_threshold_operator_under_kills_and_partitions_holds_every_invariant() {
     let mut opts = LiveOptions::new(3, Duration::from_secs(30), 12);
     opts.server_bin = Some(server_binary().to_path_buf());
     opts.threshold = true;
+    opts.total_loss = true;
     opts.faults = vec![
         FaultKind::Kill,
         FaultKind::Restart,
@@ -266,6 +268,9 @@ fn a_threshold_operator_under_kills_and_partitions_holds_every_invariant() {
     let report = run_holding_every_invariant(&opts, started);
     assert!(report.leader_disruptions >= 3, "{:?}", report.fault_log);
     assert!(report.ops.confirmed_transfers >= 500, "{:?}", report.ops);
+    for name in ["restore_complete", "restore_replays", "archive_audit"] {
+        assert!(report.invariant(name).is_some_and(|i| i.ok), "{name}");
+    }
 }
 
 /// The archive's store loses a batch object before every replica is restored from it: the
