@@ -284,6 +284,21 @@ impl<S: RaftLogStore> Replica<S> {
         self.node.report_snapshot(id, status);
     }
 
+    /// The connection from `id` closed. When `id` is this follower's leader, its lease ends
+    /// now instead of one election timeout after its last message: this replica grants votes
+    /// at once, and campaigns itself after the random part of its election timeout (0 to
+    /// `election_ticks` ticks, drawn by raft as usual, so that the followers of a dead leader
+    /// do not all campaign together). Without it a follower's lease often outlived the other
+    /// follower's own timeout, whose pre-vote it then ignored, and failover took two election
+    /// timeouts. Only liveness is at stake: a leader that is still alive resets the clock with
+    /// its next heartbeat, and a pre-vote changes no term.
+    pub fn leader_lost(&mut self, id: u64) {
+        let raft = &mut self.node.raft;
+        if raft.state == StateRole::Follower && raft.leader_id == id && id != raft::INVALID_ID {
+            raft.election_elapsed = raft.election_elapsed.max(raft.election_timeout());
+        }
+    }
+
     pub fn report_unreachable(&mut self, id: u64) {
         self.node.report_unreachable(id);
     }

@@ -424,6 +424,9 @@ pub struct LookupResult {
 pub enum RaftEvent {
     Peer(RaftMessage),
     Unreachable(u64),
+    /// The raft channel that peer `id` opened to this replica closed (its process exited or
+    /// the network cut it): `Replication::peer_closed`.
+    PeerClosed(u64),
     Propose {
         body: BatchBody,
         waiters: Waiters,

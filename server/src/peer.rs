@@ -404,6 +404,23 @@ async fn inbound(
         CHANNEL_SNAPSHOT => return serve_snapshot(tls, settings, claimed).await,
         other => bail!("peer {claimed} asked for unknown channel {other}"),
     }
+    let read = read_raft_frames(&mut tls, claimed, settings, &events, &mut shutdown).await;
+    if !*shutdown.borrow() {
+        // Queue full: raft's own election timeout still notices a dead leader.
+        let _ = events.try_send(RaftEvent::PeerClosed(claimed));
+    }
+    read
+}
+
+/// Feeds an authenticated peer's raft channel to the raft thread until it closes (Ok), sends
+/// what is not a frame (Err), or the node stops.
+async fn read_raft_frames<S: AsyncReadExt + Unpin>(
+    tls: &mut S,
+    claimed: u64,
+    settings: &PeerSettings,
+    events: &Sender<RaftEvent>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<()> {
     loop {
         let mut len = [0u8; 4];
         tokio::select! {

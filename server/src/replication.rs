@@ -98,6 +98,7 @@ impl<S: RaftLogStore> RaftThread<S> {
             // acknowledgement was lost, once it answers a heartbeat.)
             RaftEvent::Peer(m) => self.engine.step(m),
             RaftEvent::Unreachable(id) => self.engine.unreachable(id),
+            RaftEvent::PeerClosed(id) => self.engine.peer_closed(id),
             RaftEvent::Propose {
                 body,
                 waiters,

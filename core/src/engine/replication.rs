@@ -267,6 +267,13 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
         self.replica.report_snapshot(peer, false);
     }
 
+    /// The raft channel `peer` opened to this replica closed. If `peer` is the leader, it
+    /// most likely died (a fail-stop replica exits, and the kernel closes its connections at
+    /// once): this replica stops honouring its lease ([`crate::replica::Replica::leader_lost`]).
+    pub fn peer_closed(&mut self, peer: u64) {
+        self.replica.leader_lost(peer);
+    }
+
     pub fn report_snapshot(&mut self, peer: u64, delivered: bool) {
         self.replica.report_snapshot(peer, delivered);
     }

@@ -19,6 +19,8 @@
 //! - `propose ID height=H [epoch=E]` (a batch the master sealed; its waiter is `hH`)
 //! - `change ID add=X [learner] | promote=X | remove=X`, `members ID` (the operator is `op`)
 //! - `transfer-leader ID to=X`, `compact ID` (up to what it applied), `status`
+//! - `closed FROM->TO`: the connection FROM opened to TO closed (TO's stage hears
+//!   `peer_closed(FROM)`)
 //!
 //! Outputs: `> A->B MsgType term=T ...` for a message (`log=I/T` is the entry before the
 //! appended ones or a candidate's last entry; entries are `index/term`), marked `(cut)` when
@@ -188,6 +190,12 @@ impl Cluster {
             "members" => {
                 let (id, node) = self.node(words[1]);
                 node.repl.members("op".into(), &mut out);
+                self.settle(id, out);
+            }
+            "closed" => {
+                let (from, to) = parse_link(words[1]);
+                let (id, node) = self.node(&to.to_string());
+                node.repl.peer_closed(from);
                 self.settle(id, out);
             }
             "transfer-leader" => {
