@@ -26,7 +26,9 @@ use raft::eraftpb::{
     ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
     Snapshot,
 };
-use raft::{Config, RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage};
+use raft::{
+    Config, ProgressState, RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage,
+};
 
 use crate::{Error, Result};
 
@@ -250,6 +252,25 @@ impl<S: RaftLogStore> Replica<S> {
 
     pub fn transfer_leader(&mut self, to: u64) {
         self.node.transfer_leader(to);
+    }
+
+    /// The lowest log index a follower catching up still needs from this leader's log: the
+    /// entry after the snapshot it is being sent, or after what it holds if it answered
+    /// lately. None when this replica does not lead, or no such follower lags.
+    pub fn lowest_index_needed(&self) -> Option<u64> {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return None;
+        }
+        raft.prs()
+            .iter()
+            .filter(|(id, _)| **id != raft.id)
+            .filter_map(|(_, pr)| match pr.state {
+                ProgressState::Snapshot => Some(pr.pending_snapshot + 1),
+                _ if pr.recent_active => Some(pr.matched + 1),
+                _ => None,
+            })
+            .min()
     }
 
     /// The follower that holds the most of the leader's log (the one that can take over

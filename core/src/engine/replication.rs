@@ -470,6 +470,18 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
         if !entries_due && !bytes_due {
             return Ok(());
         }
+        // A leader keeps the entries a follower catching up needs next (one just sent a
+        // snapshot above all), up to HOLD_ENTRIES_FACTOR times the usual log: compacting them
+        // away would send it another snapshot, and a snapshot that takes longer to transfer
+        // than the leader takes to compact again would never let it catch up.
+        let needed = self.replica.lowest_index_needed();
+        let hold_max = point + HOLD_ENTRIES_FACTOR * self.cfg.compaction_entries.max(1);
+        if needed.is_some_and(|n| n <= compactable.raft_index)
+            && !bytes_due
+            && compactable.raft_index < hold_max
+        {
+            return Ok(());
+        }
         let commit = store.initial_state().map_or(0, |s| s.hard_state.commit);
         if compactable.raft_index > commit && self.bug != Some(PlantedBug::CompactPastCommit) {
             return Ok(());
@@ -482,6 +494,10 @@ impl<S: RaftLogStore, R, Q> Replication<S, R, Q> {
         Ok(())
     }
 }
+
+/// How far past its usual length (`compaction_entries`) a leader's log may grow while a
+/// follower catching up needs its older entries (`Replication::maybe_compact`).
+pub const HOLD_ENTRIES_FACTOR: u64 = 4;
 
 /// A proposed batch: who waits for it, and the state map the leader's sequencer computed for
 /// it, which this replica's apply may take instead of computing it again (the header commits to
