@@ -15,7 +15,7 @@
 //! archive the run names ([`ArchiveSetup`]). An S3 archive is reached through one more proxy,
 //! in front of the store's endpoint, which an archive outage cuts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -160,9 +160,17 @@ impl Drop for LiveCluster {
 /// its replica is down.
 fn free_port() -> Result<SocketAddr> {
     use rand::Rng;
+    // A port is free only until someone binds it: never hand out one twice in a process, or
+    // two listeners of one cluster could be given the same (a replica's config then fails).
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().expect("port list");
     for _ in 0..1000 {
         let port = rand::thread_rng().gen_range(20_000..32_000);
+        if given.contains(&port) {
+            continue;
+        }
         if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            given.insert(port);
             return Ok(l.local_addr()?);
         }
     }
