@@ -390,7 +390,7 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     sampling.store(true, Ordering::SeqCst);
     let _ = sampler.await;
     reap(&mut cluster, &recorder, opts).await;
-    let fin = verdict::collect(&mut cluster, &account_keys, converged).await;
+    let fin = verdict::collect(&cluster, &account_keys, converged).await;
     let ending = if opts.total_loss {
         let lose_batch = opts.inject_bug == Some(InjectedBug::ArchiveLosesBatch);
         let ending = crate::total_loss::run(

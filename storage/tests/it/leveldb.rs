@@ -22,12 +22,13 @@ impl FilterPolicy for EveryKey {
 }
 
 fn options() -> Options {
-    let mut o = Options::default();
-    // As tally's databases: opening writes the log into a table (`state_leveldb_options`).
-    o.reuse_logs = false;
-    o.reuse_manifest = false;
-    o.filter_policy = Rc::new(Box::new(EveryKey));
-    o
+    Options {
+        // As tally's databases: opening writes the log into a table (`state_leveldb_options`).
+        reuse_logs: false,
+        reuse_manifest: false,
+        filter_policy: Rc::new(Box::new(EveryKey)),
+        ..Options::default()
+    }
 }
 
 /// Writes `rows` (a `None` value deletes) and reopens the database, which turns its log into
