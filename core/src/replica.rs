@@ -258,13 +258,7 @@ impl<S: RaftLogStore> Replica<S> {
     /// entry after the snapshot it is being sent, or after what it holds if it answered
     /// lately. None when this replica does not lead, or no such follower lags.
     pub fn lowest_index_needed(&self) -> Option<u64> {
-        let raft = &self.node.raft;
-        if raft.state != StateRole::Leader {
-            return None;
-        }
-        raft.prs()
-            .iter()
-            .filter(|(id, _)| **id != raft.id)
+        self.followers()?
             .filter_map(|(_, pr)| match pr.state {
                 ProgressState::Snapshot => Some(pr.pending_snapshot + 1),
                 _ if pr.recent_active => Some(pr.matched + 1),
@@ -276,15 +270,20 @@ impl<S: RaftLogStore> Replica<S> {
     /// The follower that holds the most of the leader's log (the one that can take over
     /// soonest), when this replica leads and has followers.
     pub fn best_transferee(&self) -> Option<u64> {
+        self.followers()?
+            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(*id)))
+            .map(|(id, _)| id)
+    }
+
+    /// Each follower's progress as the leader tracks it; None when this replica does not lead.
+    fn followers(&self) -> Option<impl Iterator<Item = (u64, &raft::Progress)>> {
         let raft = &self.node.raft;
-        if raft.state != StateRole::Leader {
-            return None;
-        }
-        raft.prs()
-            .iter()
-            .filter(|(id, _)| **id != raft.id)
-            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
-            .map(|(id, _)| *id)
+        (raft.state == StateRole::Leader).then(|| {
+            raft.prs()
+                .iter()
+                .filter(move |(id, _)| **id != raft.id)
+                .map(|(id, pr)| (*id, pr))
+        })
     }
 
     /// Sets how many ticks this replica waits before its next election timeout, replacing

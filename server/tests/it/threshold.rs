@@ -9,7 +9,7 @@ use tally_core::header_log::verify_consistency_reply;
 use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_confirmation;
 use tally_core::witness::cosigned_at;
-use tally_wire::Op;
+use tally_wire::{Hash, Op, PublicKey, Request};
 
 use crate::archive::{restore_with, wait_archived};
 use crate::cluster::{chain_under, converged, fast};
@@ -37,6 +37,16 @@ fn assert_no_whole_key(cluster: &Cluster) {
     }
 }
 
+/// The group key, the chain id, and a deposit of 5 to one new account by request id.
+fn deposits(cluster: &Cluster) -> (PublicKey, Hash, impl Fn(u128) -> Request) {
+    let group = cluster.profile.operator_key().unwrap();
+    let chain_id = cluster.profile.chain_id_bytes().unwrap();
+    let key = cluster.profile.load_deposit_key().unwrap();
+    let alice = public_key(&generate_key());
+    let deposit = move |id| build_request(&key, chain_id, Op::Deposit, id, alice, 5);
+    (group, chain_id, deposit)
+}
+
 #[test]
 fn a_majority_signs_every_header_and_checkpoint_through_a_leader_change() {
     let rt = crate::harness::runtime();
@@ -44,12 +54,8 @@ fn a_majority_signs_every_header_and_checkpoint_through_a_leader_change() {
         let mut cluster = Cluster::threshold(3, fast).await;
         assert_no_whole_key(&cluster);
         cluster.start_all();
-        let group = cluster.profile.operator_key().unwrap();
-        let chain_id = cluster.profile.chain_id_bytes().unwrap();
-        let deposit_key = cluster.profile.load_deposit_key().unwrap();
-        let alice = public_key(&generate_key());
+        let (group, chain_id, deposit) = deposits(&cluster);
         let cc = cluster.cluster_client();
-        let deposit = |id: u128| build_request(&deposit_key, chain_id, Op::Deposit, id, alice, 5);
         for id in 1..=5 {
             let c = cc.submit(deposit(id)).await.expect("deposit");
             verify_confirmation(&c, &group).expect("an ordinary signature by the group key");
@@ -120,12 +126,8 @@ fn every_threshold_replica_lost_then_restored_from_the_archive_alone() {
         })
         .await;
         cluster.start_all();
-        let group = cluster.profile.operator_key().unwrap();
-        let chain_id = cluster.profile.chain_id_bytes().unwrap();
-        let deposit_key = cluster.profile.load_deposit_key().unwrap();
-        let alice = public_key(&generate_key());
+        let (group, chain_id, deposit) = deposits(&cluster);
         let cc = cluster.cluster_client();
-        let deposit = |id: u128| build_request(&deposit_key, chain_id, Op::Deposit, id, alice, 5);
         let first = cc.submit(deposit(0)).await.expect("deposit");
         for id in 1..12 {
             cc.submit(deposit(id)).await.expect("deposit");
