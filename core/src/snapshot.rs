@@ -602,7 +602,8 @@ mod tests {
         let key = SigningKey::from_bytes(&[5; 32]);
         let operator = [key.verifying_key().to_bytes()];
         let m = manifest();
-        let open = |bytes: &[u8], unsigned| Manifest::open_stored(bytes, &[6; 32], &operator, unsigned);
+        let open =
+            |bytes: &[u8], unsigned| Manifest::open_stored(bytes, &[6; 32], &operator, unsigned);
         let text = m.stored(&[6; 32], None);
         assert_eq!(text, m.encode());
         assert_eq!(open(&text, true).unwrap(), m);

@@ -128,7 +128,11 @@ impl BatchSource for LedgerSource {
         to: u64,
     ) -> Result<Vec<Option<tally_wire::Signature>>, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let cmd = StorageCmd::CheckpointSignatures { from, to, reply: tx };
+        let cmd = StorageCmd::CheckpointSignatures {
+            from,
+            to,
+            reply: tx,
+        };
         crate::pipeline::send_waiting(&self.storage, cmd).await?;
         rx.await
             .map_err(|_| "the ledger stopped".to_string())?

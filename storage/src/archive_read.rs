@@ -10,8 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures::stream::{self, Stream, StreamExt};
 use ed25519_dalek::VerifyingKey;
+use futures::stream::{self, Stream, StreamExt};
 use tally_core::archive::{
     batch_key, decode_batch, decode_signature_bundle, key_link_key, signature_bundle_key,
     verify_batch, ArchivedBatch, Marker, CHECKPOINT_KEY, MARKER_KEY,
@@ -475,9 +475,17 @@ pub async fn read_signature_bundles(
         signatures.truncate((to - index * TILE_WIDTH).min(width) as usize);
         for (size, signature) in (index * TILE_WIDTH + 1..).zip(&signatures) {
             edge.append(log.leaf_hashes[size as usize - 1]);
-            let body = Checkpoint { origin: origin.clone(), size, root: edge.root() }.body();
+            let body = Checkpoint {
+                origin: origin.clone(),
+                size,
+                root: edge.root(),
+            }
+            .body();
             let valid = key
-                .verify_strict(body.as_bytes(), &ed25519_dalek::Signature::from_bytes(signature))
+                .verify_strict(
+                    body.as_bytes(),
+                    &ed25519_dalek::Signature::from_bytes(signature),
+                )
                 .is_ok();
             if !valid {
                 let why = format!("the signature of the checkpoint of size {size} does not verify");

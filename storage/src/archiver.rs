@@ -334,7 +334,12 @@ impl<S: BatchSource> Archiver<S> {
         if self.snapshot_every_batches > 0 {
             let signer = self.manifest_signer(&head.keys)?;
             let readers = head.keys.keys();
-            let cursor = Cursor::load(&self.bucket, head.log.size(), self.chain_id, (signer, readers))
+            let cursor = Cursor::load(
+                &self.bucket,
+                head.log.size(),
+                self.chain_id,
+                (signer, readers),
+            )
             .await
             .map_err(damaged)?;
             head.snapshots = Some(cursor);

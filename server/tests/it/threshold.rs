@@ -159,7 +159,11 @@ fn every_threshold_replica_lost_then_restored_from_the_archive_alone() {
         let tip = converged(&cluster).await;
         assert!(tip.header.height > height);
         // Every checkpoint signature came back from the archive: proofs from before the loss.
-        for (from, to) in [(2, height), (1, tip.header.height), (height, tip.header.height)] {
+        for (from, to) in [
+            (2, height),
+            (1, tip.header.height),
+            (height, tip.header.height),
+        ] {
             let reply = cc.consistency(from, to).await.expect("consistency");
             let (a, b) = verify_consistency_reply(&reply, &group, &chain_id).expect("valid");
             assert_eq!((a.size, b.size), (from, to));

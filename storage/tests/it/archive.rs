@@ -10,8 +10,8 @@ use bytes::Bytes;
 use ed25519_dalek::{Signer, SigningKey};
 use tally_config::ArchiveUrl;
 use tally_core::archive::{batch_key, signature_bundle_key, CHECKPOINT_KEY};
-use tally_core::tlog::{leaf_hash, origin_for, root_of, Checkpoint};
 use tally_core::ports::LedgerStore;
+use tally_core::tlog::{leaf_hash, origin_for, root_of, Checkpoint};
 use tally_storage::archive_read::{audit, read_log, read_signature_bundles, AuditReport};
 use tally_storage::archiver::{ArchiveProgress, Archiver, BatchSource};
 use tally_storage::bucket::{Bucket, BucketSettings, PutNew};
@@ -305,11 +305,16 @@ fn a_threshold_writer_archives_every_checkpoint_signature() {
         (report.batches, report.checkpoint_signatures),
         (300, Some(300))
     );
-    assert!(report.snapshots >= 300 / 7, "unsigned manifests: {report:?}");
+    assert!(
+        report.snapshots >= 300 / 7,
+        "unsigned manifests: {report:?}"
+    );
     let log = rt
         .block_on(read_log(&bucket, Some(&CHAIN_ID), &operator().public()))
         .unwrap();
-    let read = rt.block_on(read_signature_bundles(&bucket, &log, 260)).unwrap();
+    let read = rt
+        .block_on(read_signature_bundles(&bucket, &log, 260))
+        .unwrap();
     let expected: Vec<Signature> = (1..=260).map(|s| source.checkpoint_signature(s)).collect();
     assert_eq!(read, Some(expected));
 
@@ -321,7 +326,11 @@ fn a_threshold_writer_archives_every_checkpoint_signature() {
     let report = audit_of(&rt, &bucket, None);
     assert!(!report.ok);
     assert_eq!(report.errors[0].key, key, "{:?}", report.errors);
-    assert!(report.errors[0].message.contains("size 101"), "{:?}", report.errors);
+    assert!(
+        report.errors[0].message.contains("size 101"),
+        "{:?}",
+        report.errors
+    );
 }
 
 #[test]

@@ -14,7 +14,6 @@ impl FilterPolicy for EveryKey {
     }
     fn create_filter(&self, _keys: &[u8], _key_offsets: &[usize]) -> Vec<u8> {
         vec![0] // rusty-leveldb asserts that a filter is not empty
-
     }
     fn key_may_match(&self, _key: &[u8], _filter: &[u8]) -> bool {
         true
