@@ -440,8 +440,8 @@ pub struct ArchiveConfig {
     pub region: String,
     /// Allow a plain-HTTP endpoint (tests, a store on the same host). Default: `false`.
     pub allow_http: bool,
-    /// Batches between two state snapshots in the archive. At least `1`. Default: `1000`.
-    /// Not used yet: this version writes no snapshots (restore replays every batch).
+    /// Batches between two state snapshots in the archive (PROTOCOL.md §15.9). At least `1`.
+    /// Default: `1000`.
     pub snapshot_every_batches: u64,
     /// Committed batches that may wait for the archive. Past it the replica refuses new
     /// requests with `archive_behind` (retry later) until the archive catches up, instead of

@@ -355,7 +355,7 @@ pub fn spawn_writer(
         chain_id: config.chain_id_bytes(),
         genesis: keys.genesis,
         // A threshold operator's replica holds no key: its checkpoints carry the threshold's
-        // signature (`BatchSource::checkpoint_signature`), its snapshot manifests none.
+        // signature (`BatchSource::checkpoint_signatures`), its snapshot manifests none.
         snapshot_every_batches: config.archive.snapshot_every_batches,
         keys: keys.held,
     };

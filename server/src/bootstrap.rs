@@ -570,8 +570,8 @@ pub fn init_cluster_with(
 /// (`nodes / 2 + 1` of them). It is dealt in memory: each replica gets its share,
 /// `node<K>.share` (mode 0600, a [`ShareFile`]), named by `operator.signing_key_share`, and
 /// no file holds the whole key (there is no `operator.key`). The profile's operator key is the
-/// group's. Their archive holds no snapshots (their manifests need a whole key). Needs at
-/// least 2 nodes.
+/// group's. Their archive holds every checkpoint's threshold signature and unsigned snapshot
+/// manifests (PROTOCOL.md §15.9, §15.10). Needs at least 2 nodes.
 pub fn init_threshold_cluster(
     nodes: u64,
     dir: &Path,

@@ -195,7 +195,7 @@ const THRESHOLD_CASES: &[(&str, &[&str])] = &[
         "[operator]\ngenesis_public_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
         &["operator.genesis_public_key"],
     ),
-    // The archive holds threshold-signed checkpoints (no snapshots).
+    // A threshold operator archives too (PROTOCOL.md §15.10).
     ("[archive]\nurl = \"archive\"", &[]),
     ("[archive]\nurl = \"s3://bucket/prefix\"", &[]),
     // Checkpoints are threshold-signed: witnesses and the explorer work.

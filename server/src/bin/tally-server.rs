@@ -73,7 +73,7 @@ enum Command {
         /// Threshold signing (FROST, issue 20): deal the operator key in memory into one share
         /// per replica (DIR/nodeK.share, named by operator.signing_key_share), any majority of
         /// which sign (NODES/2 + 1); no file holds the whole key. Needs --nodes 2 or more; the
-        /// archive holds no snapshots, and restore does not take a threshold replica yet.
+        /// archive keeps the threshold's signatures, so restore takes its replicas too.
         #[arg(long, conflicts_with_all = ["add_node", "renew_node", "new_ca"])]
         threshold: bool,
     },
