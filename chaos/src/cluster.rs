@@ -350,6 +350,27 @@ impl LiveCluster {
         self.root().join(format!("node{id}.log"))
     }
 
+    /// The last `per_node` warning and error lines of each replica's log (for a failure
+    /// message that explains itself where only the harness's output survives, as in CI).
+    pub fn log_warnings(&self, nodes: u64, per_node: usize) -> String {
+        let mut out = String::new();
+        for id in 1..=nodes {
+            let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("fatal"))
+                .collect();
+            out.push_str(&format!("node {id}: {} warning(s)\n", lines.len()));
+            for line in &lines[lines.len().saturating_sub(per_node)..] {
+                out.push_str(&format!(
+                    "  {}\n",
+                    line.chars().take(400).collect::<String>()
+                ));
+            }
+        }
+        out
+    }
+
     /// The replica's data directory (its ledger and raft log).
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.root().join(format!("node{id}"))

@@ -227,9 +227,14 @@ async fn run_async(opts: &LiveOptions) -> Result<Report> {
     let profile = cluster.profile.clone();
     let operator = profile.operator_key()?;
     let chain_id = profile.chain_id_bytes()?;
-    load::fund(&recorder, &profile, &accounts, &operator, opts.funding)
-        .await
-        .context("funding the accounts")?;
+    if let Err(e) = load::fund(&recorder, &profile, &accounts, &operator, opts.funding).await {
+        let warnings = cluster.log_warnings(opts.nodes, 8);
+        let kept = cluster.dir.keep();
+        bail!(
+            "funding the accounts (logs in {}): {e:#}\n{warnings}",
+            kept.display()
+        );
+    }
     progress!(opts, recorder, "{} accounts funded", accounts.len());
 
     // Load, observer and sampler.
