@@ -138,6 +138,7 @@ impl Config {
                 signing_key: Some(data_dir.join("operator.key")),
                 signing_key_share: None,
                 next_signing_key: None,
+                next_signing_key_share: None,
                 genesis_public_key: None,
                 deposit_keys: Vec::new(),
             }),
@@ -210,6 +211,7 @@ impl Config {
                 &mut operator.signing_key,
                 &mut operator.signing_key_share,
                 &mut operator.next_signing_key,
+                &mut operator.next_signing_key_share,
             ];
             for path in paths.into_iter().flatten() {
                 resolve(path);

@@ -94,11 +94,17 @@ pub struct OperatorConfig {
     /// no replica holds the whole key, and any majority of the replicas signs together. The
     /// file is the one `tally-server init-cluster --threshold` writes for this replica
     /// (`node<id>.share`). A relative path is taken relative to the config file's directory.
-    /// Threshold mode does not yet sign checkpoints, manifests or rotations, so `validate()`
-    /// refuses it together with `next_signing_key`, `genesis_public_key`, an archive,
-    /// witnesses, the explorer, or a single node.
+    /// `validate()` refuses it together with `next_signing_key` (a threshold group rotates
+    /// to another group: `next_signing_key_share`) and on a single node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key_share: Option<PathBuf>,
+    /// Path of this replica's share of the *next* threshold group, held ahead of a rotation
+    /// to it (`tally-server init-cluster --dir D --new-group` deals it, `tally cluster
+    /// rotate-key` names its key; PROTOCOL.md §4.14): the group signs every header after the
+    /// rotation's batch. Only with `signing_key_share`. A relative path is taken relative to
+    /// the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_signing_key_share: Option<PathBuf>,
     /// Path of the next operator key (PKCS#8 PEM), held ahead of a rotation (`tally cluster
     /// rotate-key`, PROTOCOL.md §4.14): every replica must hold it before the rotation is
     /// asked for, and signs with it from the height after the rotation's batch. A replica
@@ -106,8 +112,8 @@ pub struct OperatorConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_signing_key: Option<PathBuf>,
     /// The ledger's genesis operator public key (64 hex characters): where verifiers start
-    /// the key chain. Defaults to `signing_key`'s public key; name it when `signing_key` is a
-    /// key a rotation introduced.
+    /// the key chain. Defaults to `signing_key`'s public key (or `signing_key_share`'s group
+    /// key); name it when that key is one a rotation introduced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub genesis_public_key: Option<String>,
     /// Ed25519 public keys (32 bytes as 64 hex characters each) allowed to authorize deposits.

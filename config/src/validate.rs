@@ -119,6 +119,9 @@ fn operator(problems: &mut Problems, operator: Option<&OperatorConfig>) {
     if let Some(next) = &operator.next_signing_key {
         problems.path("operator.next_signing_key", next);
     }
+    if let Some(next) = &operator.next_signing_key_share {
+        problems.path("operator.next_signing_key_share", next);
+    }
     if let Some(genesis) = &operator.genesis_public_key {
         public_keys(
             problems,
@@ -158,10 +161,21 @@ fn signing_key(problems: &mut Problems, operator: &OperatorConfig) {
 const EXACTLY_ONE_KEY: &str = "set exactly one of operator.signing_key (the whole operator key) \
      and operator.signing_key_share (this replica's share of a threshold key)";
 
-/// What threshold mode (`operator.signing_key_share`) cannot do yet: rotate the group's key.
-/// A single node has no one to share a key with. (With both keys set, [`signing_key`] reports
-/// that alone.)
+/// Threshold mode (`operator.signing_key_share`) rotates to another group's share
+/// (`next_signing_key_share`), never to a whole key; a single node has no one to share a key
+/// with. (With both keys set, [`signing_key`] reports that alone.)
 fn threshold(problems: &mut Problems, config: &Config, operator: &OperatorConfig) {
+    if let (None, Some(next)) = (
+        &operator.signing_key_share,
+        &operator.next_signing_key_share,
+    ) {
+        problems.push(
+            "operator.next_signing_key_share",
+            quoted(next.display()),
+            "only with operator.signing_key_share: a whole key rotates to a whole key \
+             (operator.next_signing_key)",
+        );
+    }
     let (None, Some(share)) = (&operator.signing_key, &operator.signing_key_share) else {
         return;
     };
@@ -169,16 +183,9 @@ fn threshold(problems: &mut Problems, config: &Config, operator: &OperatorConfig
         problems.push(
             "operator.next_signing_key",
             quoted(next.display()),
-            format!("{NOT_WITH_SHARE}: rotating a threshold group's key is not supported yet"),
-        );
-    }
-    if let Some(genesis) = &operator.genesis_public_key {
-        problems.push(
-            "operator.genesis_public_key",
-            quoted(genesis),
             format!(
-                "{NOT_WITH_SHARE}: a threshold group's key is the ledger's genesis key \
-                 (rotating it is not supported yet)"
+                "{NOT_WITH_SHARE}: a threshold group rotates to another group \
+                 (operator.next_signing_key_share)"
             ),
         );
     }

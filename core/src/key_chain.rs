@@ -29,6 +29,8 @@ pub struct SigningKeys {
     /// key (`crate::signing`).
     configured: Option<OperatorKey>,
     next: Option<OperatorKey>,
+    /// On a replica of a threshold operator: the keys of the groups it holds a share of.
+    groups: Vec<PublicKey>,
     /// The ledger's genesis key (it signs before any rotation), which this replica may or may
     /// not hold.
     genesis: PublicKey,
@@ -43,22 +45,31 @@ impl SigningKeys {
         SigningKeys {
             configured: Some(configured),
             next,
+            groups: Vec::new(),
             genesis,
         }
     }
 
-    /// A replica of a threshold operator whose group key is `group_key`: it signs no header
-    /// alone (headers are applied unsigned and signed by a majority, `crate::signing`).
-    pub fn threshold(group_key: PublicKey) -> SigningKeys {
+    /// A replica of a threshold operator holding shares of the groups `groups` (the one that
+    /// signs, and the next one ahead of a rotation), whose genesis key is `genesis`: it signs
+    /// no header alone (headers are applied unsigned and signed by a majority,
+    /// `crate::signing`).
+    pub fn threshold(genesis: PublicKey, groups: Vec<PublicKey>) -> SigningKeys {
         SigningKeys {
             configured: None,
             next: None,
-            genesis: group_key,
+            groups,
+            genesis,
         }
     }
 
     pub fn is_threshold(&self) -> bool {
         self.configured.is_none()
+    }
+
+    /// The ledger's genesis key (held or not).
+    pub fn genesis(&self) -> PublicKey {
+        self.genesis
     }
 
     /// The public key that signs the header after `meta` (held or not).
@@ -123,12 +134,13 @@ impl SigningKeys {
         })
     }
 
-    /// The public keys of the keys held.
+    /// The public keys of the keys held (of the groups, on a threshold operator's replica).
     pub fn publics(&self) -> Vec<PublicKey> {
         self.configured
             .iter()
             .chain(self.next.as_ref())
             .map(|k| k.public())
+            .chain(self.groups.iter().copied())
             .collect()
     }
 
@@ -272,6 +284,49 @@ pub fn link_of(body: &BatchBody, signed: &SignedHeader) -> Option<KeyLink> {
     match body.confirmed(&body.proof_tree(), &starts, signed, e.receipt.index)? {
         crate::batch::Confirmed::Rotation(link) => Some(*link),
         _ => None,
+    }
+}
+
+/// The key that signs the header at `height` (at most one above `meta`'s): the newest
+/// rotation's key when `height` is after it, else read back from the ledger's rotation batches
+/// (rare: a threshold operator's header or checkpoint that waits for its signature across a
+/// rotation).
+pub fn key_for_height(
+    store: &mut impl LedgerStore,
+    meta: &LedgerMeta,
+    genesis: PublicKey,
+    height: u64,
+) -> Result<PublicKey> {
+    assert!(
+        height <= meta.height + 1,
+        "no key is known beyond the next header"
+    );
+    let (mut key, mut at) = (meta.operator.map_or(genesis, |r| r.key), meta.rotated_at());
+    for _ in 0..=tally_wire::KEY_LINKS_MAX {
+        if height > at {
+            return Ok(key);
+        }
+        // The rotation at `at` names the one before it; read that one's key (the header need
+        // not be signed yet: only the bodies are read).
+        let previous = rotation_at(store, at)?.previous;
+        key = match previous {
+            0 => genesis,
+            p => rotation_at(store, p)?.new_key,
+        };
+        at = previous;
+    }
+    Err(Error::corrupt("a key chain longer than 64 rotations"))
+}
+
+/// The rotation in the batch at `height`, which the ledger says has one.
+fn rotation_at(store: &mut impl LedgerStore, height: u64) -> Result<crate::batch::RotateEntry> {
+    let missing = || Error::missing(format_args!("the rotation batch at height {height}"));
+    let body = BatchBody::decode(&store.body(height)?.ok_or_else(missing)?)?;
+    match body.items.last() {
+        Some(BatchItem::Rotate(e)) => Ok(e.clone()),
+        _ => Err(Error::corrupt(format_args!(
+            "batch {height} names no rotation, the ledger says it does"
+        ))),
     }
 }
 

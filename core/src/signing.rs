@@ -26,10 +26,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rand::{CryptoRng, RngCore};
-use tally_wire::{Header, Signature};
+use tally_wire::{Header, PublicKey, Signature};
 
-use crate::crypto::verify_strict;
-use crate::threshold::{aggregate, Commitment, Nonces, Share, SignatureShare, SignerId};
+use crate::crypto::{key_id, verify_strict};
+use crate::threshold::{
+    aggregate, group_signers, Commitment, Nonces, Share, SignatureShare, SignerId,
+};
 use crate::{Error, Result};
 
 /// Commitments a signer keeps out at once.
@@ -149,15 +151,54 @@ pub struct SigningStats {
     pub shares: u64,
 }
 
+/// A threshold group this replica holds a share of: the one that signs now, or the next one,
+/// held ahead of a rotation to it (PROTOCOL.md §4.14).
+pub struct Group {
+    share: Share,
+    key: PublicKey,
+    key_id: [u8; 8],
+    threshold: usize,
+    /// The group's public shares ([`crate::threshold::Dealt::public`]).
+    public: Vec<u8>,
+    /// Its signers' numbers (their node ids).
+    signers: BTreeSet<SignerId>,
+}
+
+impl Group {
+    /// A share and its group's public shares, which must agree.
+    pub fn new(share: Share, public: Vec<u8>) -> Result<Group> {
+        share.check_against(&public)?;
+        let key = share.group_key()?;
+        let (ids, t) = group_signers(&public)?;
+        Ok(Group {
+            share,
+            key,
+            key_id: key_id(&key),
+            threshold: t as usize,
+            public,
+            signers: ids.into_iter().collect(),
+        })
+    }
+
+    pub fn key(&self) -> PublicKey {
+        self.key
+    }
+}
+
+/// What this replica will sign for an item: its own message, and the id of the key (the
+/// group) that signs it.
+struct ToSign {
+    message: Vec<u8>,
+    key_id: [u8; 8],
+}
+
 /// One replica's signing stage: its signer, and its coordinator while it leads.
 pub struct Signing<G: RngCore + CryptoRng> {
     stats: SigningStats,
-    share: Share,
     id: SignerId,
-    threshold: usize,
-    group_key: tally_wire::PublicKey,
-    /// The group's public shares ([`crate::threshold::Dealt::public`]).
-    public: Vec<u8>,
+    /// The groups this replica holds a share of (one, or two around a rotation); nonces are
+    /// drawn with the first's share, and any group's share signs with them.
+    groups: Vec<Group>,
     rng: G,
     /// This signer's unused nonces, by counter.
     nonces: BTreeMap<u64, Nonces>,
@@ -165,7 +206,7 @@ pub struct Signing<G: RngCore + CryptoRng> {
     stock_sent_ms: Option<u64>,
     /// What this replica would sign for each item not signed yet: its own applied header, the
     /// checkpoint of its own header log.
-    messages: BTreeMap<Item, Vec<u8>>,
+    messages: BTreeMap<Item, ToSign>,
     /// Signatures applied through these heights: headers, checkpoints.
     signed: [u64; 2],
     /// Requests for items this replica has not reached yet: (from, request).
@@ -207,6 +248,7 @@ impl Stocks {
 
 struct Round {
     message: Vec<u8>,
+    key_id: [u8; 8],
     commitments: BTreeMap<SignerId, Commitment>,
     counters: BTreeMap<SignerId, u64>,
     shares: BTreeMap<SignerId, SignatureShare>,
@@ -214,30 +256,31 @@ struct Round {
 }
 
 impl<G: RngCore + CryptoRng> Signing<G> {
-    /// `headers` and `checkpoints`: the heights through which this replica applied their
-    /// signatures.
-    pub fn new(
-        share: Share,
-        public: Vec<u8>,
-        mut rng: G,
-        headers: u64,
-        checkpoints: u64,
-    ) -> Result<Self> {
+    /// `groups`: the ones this replica holds a share of (at least one; all with its signer
+    /// number). `headers` and `checkpoints`: the heights through which this replica applied
+    /// their signatures.
+    pub fn new(groups: Vec<Group>, mut rng: G, headers: u64, checkpoints: u64) -> Result<Self> {
         assert!(
             checkpoints <= headers,
             "checkpoint {checkpoints} signed before its header"
         );
-        let id = share.id()?;
-        let threshold = share.min_signers();
-        let group_key = share.group_key()?;
+        let Some(first) = groups.first() else {
+            return Err(Error::Config("a signing stage without a key share".into()));
+        };
+        let id = first.share.id()?;
+        for g in &groups {
+            if g.share.id()? != id {
+                return Err(Error::Config(format!(
+                    "key shares of signers {id} and {} on one replica",
+                    g.share.id()?
+                )));
+            }
+        }
         let next_counter = rng.next_u64() >> 1;
         Ok(Signing {
             stats: SigningStats::default(),
-            share,
             id,
-            threshold,
-            group_key,
-            public,
+            groups,
             rng,
             nonces: BTreeMap::new(),
             next_counter,
@@ -276,21 +319,28 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             .collect()
     }
 
-    /// A batch was applied here unsigned; its header is what this replica will sign.
+    /// A batch was applied here unsigned; its header is what this replica will sign, with the
+    /// group whose key the header names.
     pub fn applied(&mut self, header: Header, now_ms: u64, out: &mut Vec<SignOut>) {
         let item = Item {
             height: header.height,
             kind: Kind::Header,
         };
-        self.reached(item, header.encode().to_vec(), now_ms, out);
+        let to_sign = ToSign {
+            message: header.encode().to_vec(),
+            key_id: header.operator_key_id,
+        };
+        self.reached(item, to_sign, now_ms, out);
     }
 
     /// The header at `height` is signed here, and `checkpoint` is the text of the checkpoint of
-    /// this replica's header log of that size: what it will sign next for that height.
+    /// this replica's header log of that size: what it will sign next for that height, with
+    /// the group of `key` (the key that signs the header after it: PROTOCOL.md §4.14).
     pub fn header_signed(
         &mut self,
         height: u64,
         checkpoint: Vec<u8>,
+        key: PublicKey,
         now_ms: u64,
         out: &mut Vec<SignOut>,
     ) {
@@ -299,7 +349,11 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             height,
             kind: Kind::Checkpoint,
         };
-        self.reached(item, checkpoint, now_ms, out);
+        let to_sign = ToSign {
+            message: checkpoint,
+            key_id: key_id(&key),
+        };
+        self.reached(item, to_sign, now_ms, out);
     }
 
     /// Checkpoints are signed here through `height` (so their headers are too: after a
@@ -309,11 +363,11 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         self.forget(Kind::Checkpoint, height);
     }
 
-    fn reached(&mut self, item: Item, message: Vec<u8>, now_ms: u64, out: &mut Vec<SignOut>) {
+    fn reached(&mut self, item: Item, to_sign: ToSign, now_ms: u64, out: &mut Vec<SignOut>) {
         if item.height <= self.signed[item.kind as usize] {
             return;
         }
-        self.messages.insert(item, message);
+        self.messages.insert(item, to_sign);
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|(_, m)| matches!(m, SignMsg::Request { item: i, .. } if *i == item));
@@ -383,15 +437,20 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         let Some(&(_, counter, _)) = package.iter().find(|(id, _, _)| *id == self.id) else {
             return;
         };
-        let ours = self.messages.get(&item).map(|m| &m[..]);
-        if ours != Some(message) || !distinct_signers(package) {
+        let Some(ours) = self.messages.get(&item) else {
+            return;
+        };
+        if ours.message != message || !distinct_signers(package) {
             return; // not what this replica applied: sign nothing
         }
+        let Some(group) = self.groups.iter().find(|g| g.key_id == ours.key_id) else {
+            return; // a group this replica holds no share of
+        };
         let Some(nonces) = self.nonces.remove(&counter) else {
             return; // used or never ours: the stock below tells the leader what is
         };
         let commitments = package.iter().map(|(i, _, c)| (*i, c.clone())).collect();
-        if let Ok(share) = self.share.sign(message, &commitments, nonces) {
+        if let Ok(share) = group.share.sign(message, &commitments, nonces) {
             self.stats.shares += 1;
             let msg = SignMsg::Share {
                 item,
@@ -411,7 +470,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
     /// coordinator).
     fn send_stock(&mut self, now_ms: u64, out: &mut Vec<SignOut>) {
         while self.nonces.len() < STOCK {
-            let Ok((nonces, _)) = self.share.commit(&mut self.rng) else {
+            let Ok((nonces, _)) = self.groups[0].share.commit(&mut self.rng) else {
                 return;
             };
             self.nonces.insert(self.next_counter, nonces);
@@ -487,24 +546,29 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         }
     }
 
-    /// Picks `t` signers with stock and asks each; false when too few have stock.
+    /// Picks `t` signers of the item's group with stock and asks each; false when too few
+    /// have stock, or when this replica holds no share of the group (it cannot aggregate).
     fn start_round(&mut self, item: Item, now_ms: u64, out: &mut Vec<SignOut>) -> bool {
-        let message = self.messages[&item].clone();
+        let ToSign { message, key_id } = &self.messages[&item];
+        let (message, key_id) = (message.clone(), *key_id);
+        let Some(group) = self.groups.iter().find(|g| g.key_id == key_id) else {
+            return false;
+        };
         let c = self.coordinator.as_mut().expect("leading");
         let stocks = &mut self.stocks;
         let mut candidates: Vec<SignerId> = stocks
             .stock
             .iter()
-            .filter(|(_, s)| !s.is_empty())
+            .filter(|(id, s)| !s.is_empty() && group.signers.contains(id))
             .map(|(id, _)| *id)
             .collect();
         let own = self.id;
         candidates.sort_by_key(|id| (*id != own, c.failures.get(id).copied().unwrap_or(0), *id));
-        if candidates.len() < self.threshold {
+        if candidates.len() < group.threshold {
             return false;
         }
         let mut package = Vec::new();
-        for id in candidates.into_iter().take(self.threshold) {
+        for id in candidates.into_iter().take(group.threshold) {
             let (counter, commitment) = stocks.stock.get_mut(&id).expect("listed").remove(0);
             stocks.spent.insert((id, counter));
             package.push((id, counter, commitment));
@@ -514,6 +578,7 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             item,
             Round {
                 message: message.clone(),
+                key_id,
                 commitments: package.iter().map(|(i, _, m)| (*i, m.clone())).collect(),
                 counters: package.iter().map(|(i, n, _)| (*i, *n)).collect(),
                 shares: BTreeMap::new(),
@@ -553,9 +618,12 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         if round.counters.get(&signer) != Some(&counter) {
             return;
         }
+        let Some(group) = self.groups.iter().find(|g| g.key_id == round.key_id) else {
+            return;
+        };
         round.shares.insert(signer, share);
         c.failures.remove(&signer);
-        if round.shares.len() < self.threshold {
+        if round.shares.len() < group.threshold {
             return;
         }
         let round = c.rounds.remove(&item).expect("found");
@@ -563,9 +631,9 @@ impl<G: RngCore + CryptoRng> Signing<G> {
             &round.message,
             &round.commitments,
             &round.shares,
-            &self.public,
+            &group.public,
         ) {
-            Ok(sig) if verify_strict(&self.group_key, &round.message, &sig) => {
+            Ok(sig) if verify_strict(&group.key, &round.message, &sig) => {
                 self.stats.signed += 1;
                 c.done.insert(item, (sig, None));
             }
@@ -767,7 +835,7 @@ mod tests {
     use crate::threshold::deal;
     use rand::rngs::OsRng;
 
-    fn header(height: u64, salt: u8) -> Header {
+    fn header_by(height: u64, salt: u8, operator_key_id: [u8; 8]) -> Header {
         Header {
             chain_id: [7; 32],
             height,
@@ -777,7 +845,7 @@ mod tests {
             prev_hash: [salt; 32],
             merkle_root: [2; 32],
             state_digest: [3; 32],
-            operator_key_id: [4; 8],
+            operator_key_id,
         }
     }
 
@@ -797,16 +865,28 @@ mod tests {
         group_key: tally_wire::PublicKey,
     }
 
+    fn group(dealt: &crate::threshold::Dealt, id: SignerId) -> Group {
+        let share = Share::decode(&dealt.shares[&id]).unwrap();
+        Group::new(share, dealt.public.clone()).unwrap()
+    }
+
     impl Net {
         fn new() -> Net {
             let dealt = deal(3, 2, &mut OsRng).unwrap();
-            let nodes = dealt
-                .shares
-                .iter()
-                .map(|(id, bytes)| {
-                    let share = Share::decode(bytes).unwrap();
-                    let signing = Signing::new(share, dealt.public.clone(), OsRng, 0, 0);
-                    (*id, signing.unwrap())
+            Net::with(&dealt, None)
+        }
+
+        /// Replicas 1..=3 holding shares of `dealt` and, if given, of `next` too.
+        fn with(dealt: &crate::threshold::Dealt, next: Option<&crate::threshold::Dealt>) -> Net {
+            let nodes = (1..=3)
+                .map(|id| {
+                    let groups = std::iter::once(group(dealt, id))
+                        .chain(
+                            next.filter(|n| n.shares.contains_key(&id))
+                                .map(|n| group(n, id)),
+                        )
+                        .collect();
+                    (id, Signing::new(groups, OsRng, 0, 0).unwrap())
                 })
                 .collect();
             let mut net = Net {
@@ -860,6 +940,11 @@ mod tests {
             }
         }
 
+        /// A header at `height` (its contents by `salt`), naming the group's key.
+        fn header(&self, height: u64, salt: u8) -> Header {
+            header_by(height, salt, key_id(&self.group_key))
+        }
+
         fn apply(&mut self, id: SignerId, h: Header, now: u64) {
             let mut out = Vec::new();
             self.nodes.get_mut(&id).unwrap().applied(h, now, &mut out);
@@ -871,7 +956,7 @@ mod tests {
             let mut out = Vec::new();
             let node = self.nodes.get_mut(&id).unwrap();
             for h in node.signed_through().0 + 1..=through {
-                node.header_signed(h, checkpoint(h), now, &mut out);
+                node.header_signed(h, checkpoint(h), self.group_key, now, &mut out);
             }
             self.deliver(id, out, now);
         }
@@ -889,7 +974,7 @@ mod tests {
         net.tick(0);
         for h in 1..=5 {
             for id in 1..=2 {
-                net.apply(id, header(h, 1), 10);
+                net.apply(id, net.header(h, 1), 10);
             }
         }
         net.tick(20);
@@ -901,7 +986,7 @@ mod tests {
         for (i, sig) in &net.proposed {
             assert!(verify_strict(
                 &net.group_key,
-                &header(i.height, 1).encode(),
+                &net.header(i.height, 1).encode(),
                 sig
             ));
         }
@@ -940,22 +1025,22 @@ mod tests {
         net.tick(0);
         // Replica 2 applied another header at height 1 than the leader; 3 is down.
         net.down.insert(3);
-        net.apply(1, header(1, 1), 10);
-        net.apply(2, header(1, 9), 10);
+        net.apply(1, net.header(1, 1), 10);
+        net.apply(2, net.header(1, 9), 10);
         net.tick(20);
         assert!(net.proposed.is_empty());
         // Replica 3 comes back with the leader's header: after the timeout the round starts
         // over with it (2 failed it), and signs.
         net.down.clear();
         net.tick(30);
-        net.apply(3, header(1, 1), 40);
+        net.apply(3, net.header(1, 1), 40);
         net.tick(50 + ROUND_TIMEOUT_MS);
         net.tick(60 + ROUND_TIMEOUT_MS);
         assert_eq!(net.proposed.len(), 1, "{:?}", net.proposed);
         assert_eq!(net.proposed[0].0, item(1, Kind::Header));
         assert!(verify_strict(
             &net.group_key,
-            &header(1, 1).encode(),
+            &net.header(1, 1).encode(),
             &net.proposed[0].1
         ));
     }
@@ -964,10 +1049,10 @@ mod tests {
     fn a_request_for_an_item_not_reached_yet_waits_and_a_nonce_signs_once() {
         let mut net = Net::new();
         net.tick(0);
-        net.apply(1, header(1, 1), 10);
+        net.apply(1, net.header(1, 1), 10);
         net.tick(20); // the request reaches 2 before it applied height 1
         assert!(net.proposed.is_empty());
-        net.apply(2, header(1, 1), 30);
+        net.apply(2, net.header(1, 1), 30);
         assert_eq!(net.proposed.len(), 1);
 
         // The same request again (a replay by anyone): the nonce is gone, no second share.
@@ -980,10 +1065,10 @@ mod tests {
                 o => panic!("{o:?}"),
             }
         };
-        n2.applied(header(2, 1), 10_000, &mut Vec::new());
+        n2.applied(net.header(2, 1), 10_000, &mut Vec::new());
         let request = SignMsg::Request {
             item: item(2, Kind::Header),
-            message: header(2, 1).encode().to_vec(),
+            message: net.header(2, 1).encode().to_vec(),
             package: vec![(1, 5, commitment.clone()), (2, counter, commitment)],
         };
         let shares = |out: &Vec<SignOut>| {
@@ -1005,13 +1090,89 @@ mod tests {
         net.nodes.get_mut(&1).unwrap().set_leading(false);
         net.nodes.get_mut(&2).unwrap().set_leading(true);
         for id in 1..=3 {
-            net.apply(id, header(1, 1), 10);
+            net.apply(id, net.header(1, 1), 10);
         }
         // No resend is due yet: the new leader signs from what it heard as a follower.
         let mut out = Vec::new();
         net.nodes.get_mut(&2).unwrap().tick(20, &mut out);
         net.deliver(2, out, 20);
         assert_eq!(net.proposed(Kind::Header), vec![1]);
+    }
+
+    #[test]
+    fn around_a_rotation_each_item_is_signed_by_the_group_that_owns_it() {
+        let old = deal(3, 2, &mut OsRng).unwrap();
+        let new = crate::threshold::deal_to(&[1, 2, 3], 2, &mut OsRng).unwrap();
+        let mut net = Net::with(&old, Some(&new));
+        net.tick(0);
+        // The batch at height 2 rotates: headers 1 and 2 name the old key, 3 and 4 the new.
+        let key_at = |h: u64| match h <= 2 {
+            true => old.group_key,
+            false => new.group_key,
+        };
+        for h in 1..=4 {
+            for id in 1..=3 {
+                net.apply(id, header_by(h, 1, key_id(&key_at(h))), 10);
+            }
+        }
+        net.tick(20);
+        assert_eq!(net.proposed(Kind::Header), vec![1, 2, 3, 4]);
+        for (i, sig) in &net.proposed {
+            let message = header_by(i.height, 1, key_id(&key_at(i.height))).encode();
+            assert!(verify_strict(&key_at(i.height), &message, sig), "{i:?}");
+            let other = [old.group_key, new.group_key];
+            let other = other.iter().find(|k| **k != key_at(i.height)).unwrap();
+            assert!(!verify_strict(other, &message, sig), "{i:?}");
+        }
+        // Checkpoint h is signed by the key of the header after it: the new one from 2 on.
+        net.proposed.clear();
+        for id in 1..=3 {
+            let mut out = Vec::new();
+            let node = net.nodes.get_mut(&id).unwrap();
+            for h in 1..=4 {
+                node.header_signed(h, checkpoint(h), key_at(h + 1), 30, &mut out);
+            }
+            net.deliver(id, out, 30);
+        }
+        net.tick(40);
+        assert_eq!(net.proposed(Kind::Checkpoint), vec![1, 2, 3, 4]);
+        for (i, sig) in &net.proposed {
+            let key = key_at(i.height + 1);
+            assert!(verify_strict(&key, &checkpoint(i.height), sig), "{i:?}");
+        }
+    }
+
+    #[test]
+    fn a_group_dealt_to_other_members_signs_with_them_alone() {
+        // The next group was dealt to replicas 2 and 3 only (replica 1 leaves): 2 of 2.
+        let old = deal(3, 2, &mut OsRng).unwrap();
+        let new = crate::threshold::deal_to(&[2, 3], 2, &mut OsRng).unwrap();
+        let mut net = Net::with(&old, Some(&new));
+        net.nodes.get_mut(&1).unwrap().set_leading(false);
+        net.nodes.get_mut(&2).unwrap().set_leading(true);
+        net.tick(0);
+        let h = header_by(1, 1, key_id(&new.group_key));
+        for id in 1..=3 {
+            net.apply(id, h.clone(), 10);
+        }
+        net.tick(20);
+        assert_eq!(net.proposed(Kind::Header), vec![1]);
+        assert!(verify_strict(
+            &new.group_key,
+            &h.encode(),
+            &net.proposed[0].1
+        ));
+        // Without replica 3, the new group cannot sign (replica 1 holds no share of it).
+        let mut net = Net::with(&old, Some(&new));
+        net.nodes.get_mut(&1).unwrap().set_leading(false);
+        net.nodes.get_mut(&2).unwrap().set_leading(true);
+        net.down.insert(3);
+        net.tick(0);
+        for id in 1..=2 {
+            net.apply(id, h.clone(), 10);
+        }
+        net.tick(20 + ROUND_TIMEOUT_MS);
+        assert!(net.proposed.is_empty(), "{:?}", net.proposed);
     }
 
     #[test]

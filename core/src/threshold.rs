@@ -41,28 +41,77 @@ fn identifier(id: SignerId) -> Result<frost::Identifier> {
     frost::Identifier::try_from(id).map_err(|e| error("signer id", e))
 }
 
-/// Splits a fresh key into `n` shares, any `t` of which sign (`2 <= t <= n`).
+/// Splits a fresh key into `n` shares, signers `1..=n`, any `t` of which sign
+/// (`2 <= t <= n`).
 pub fn deal(n: SignerId, t: SignerId, rng: &mut (impl RngCore + CryptoRng)) -> Result<Dealt> {
+    let ids: Vec<SignerId> = (1..=n).collect();
+    deal_to(&ids, t, rng)
+}
+
+/// Splits a fresh key into one share per signer of `ids` (distinct, non-zero: a replica's
+/// node id), any `t` of which sign (`2 <= t <= ids.len()`). A group dealt to the replicas of a
+/// changed membership keeps each replica's signer number its node id.
+pub fn deal_to(
+    ids: &[SignerId],
+    t: SignerId,
+    rng: &mut (impl RngCore + CryptoRng),
+) -> Result<Dealt> {
+    let n = SignerId::try_from(ids.len()).map_err(|e| error("signers", e))?;
     assert!(2 <= t && t <= n, "a threshold of {t} of {n}");
-    let (secret_shares, public) =
-        frost::keys::generate_with_dealer(n, t, frost::keys::IdentifierList::Default, rng)
-            .map_err(|e| error("dealing", e))?;
+    let identifiers = ids
+        .iter()
+        .map(|id| identifier(*id))
+        .collect::<Result<Vec<_>>>()?;
+    let (secret_shares, public) = frost::keys::generate_with_dealer(
+        n,
+        t,
+        frost::keys::IdentifierList::Custom(&identifiers),
+        rng,
+    )
+    .map_err(|e| error("dealing", e))?;
     let mut shares = BTreeMap::new();
-    for (i, id) in (1..=n).enumerate() {
-        let secret = &secret_shares[&identifier(id)?];
+    for (id, identifier) in ids.iter().zip(&identifiers) {
+        let secret = &secret_shares[identifier];
         let package = frost::keys::KeyPackage::try_from(secret.clone())
             .map_err(|e| error("a dealt share", e))?;
         let bytes = package
             .serialize()
             .map_err(|e| error("encoding a share", e))?;
-        shares.insert(id, bytes);
-        debug_assert_eq!(shares.len(), i + 1);
+        shares.insert(*id, bytes);
     }
+    assert_eq!(shares.len(), ids.len(), "signer ids are distinct");
     Ok(Dealt {
         group_key: group_key(&public)?,
         public: public.serialize().map_err(|e| error("encoding", e))?,
         shares,
     })
+}
+
+/// The signers of a group, from its public shares ([`Dealt::public`]), and its threshold.
+pub fn group_signers(public: &[u8]) -> Result<(Vec<SignerId>, SignerId)> {
+    let public = frost::keys::PublicKeyPackage::deserialize(public)
+        .map_err(|e| error("the public shares", e))?;
+    let mut ids = Vec::with_capacity(public.verifying_shares().len());
+    for identifier in public.verifying_shares().keys() {
+        ids.push(signer_number(identifier)?);
+    }
+    let t = public
+        .min_signers()
+        .ok_or_else(|| error("the public shares", "no threshold"))?;
+    Ok((ids, t))
+}
+
+/// A FROST identifier as a signer number (a small integer scalar), or an error.
+fn signer_number(identifier: &frost::Identifier) -> Result<SignerId> {
+    let bytes = identifier.serialize();
+    let low = u16::from_le_bytes([bytes[0], bytes[1]]);
+    match bytes[2..].iter().all(|b| *b == 0) && low != 0 {
+        true => Ok(low),
+        false => Err(error(
+            "a share",
+            "an identifier that is not a signer number",
+        )),
+    }
 }
 
 fn group_key(public: &frost::keys::PublicKeyPackage) -> Result<PublicKey> {
@@ -107,17 +156,9 @@ impl Share {
         Ok(Share { package })
     }
 
-    /// This signer's number: the default identifiers are the scalars 1..=n.
+    /// This signer's number (its identifier is that integer scalar; [`deal_to`]).
     pub fn id(&self) -> Result<SignerId> {
-        let bytes = self.package.identifier().serialize();
-        let low = u16::from_le_bytes([bytes[0], bytes[1]]);
-        match bytes[2..].iter().all(|b| *b == 0) && low != 0 {
-            true => Ok(low),
-            false => Err(error(
-                "a share",
-                "an identifier that is not a signer number",
-            )),
-        }
+        signer_number(self.package.identifier())
     }
 
     /// How many signers a signature takes (`t`).

@@ -122,7 +122,9 @@ pub const SHARE_FILE_FORMAT: &str = "tally-operator-share-v1";
 /// which whoever aggregates signature shares needs. Reading checks that every field agrees
 /// with the others.
 pub struct ShareFile {
-    /// This share's signer number, `1..=signers`; a replica holds the one of its `node.id`.
+    /// This share's signer number: the `node.id` of the replica that holds it (`1..=signers`
+    /// for a group `init-cluster --threshold` dealt; the members' ids for one `--new-group`
+    /// dealt).
     pub signer: u16,
     /// Signers it takes to sign: `2..=signers`.
     pub threshold: u16,
@@ -200,10 +202,10 @@ impl ShareFile {
             )));
         }
         let (signer, threshold, signers) = (json.signer, json.threshold, json.signers);
-        if !(2..=signers).contains(&threshold) || !(1..=signers).contains(&signer) {
+        if !(2..=signers).contains(&threshold) || signer == 0 {
             return Err(bad(format!(
                 "signer {signer} of {signers}, {threshold} of whom sign: out of range (it \
-                 takes 2 <= threshold <= signers and 1 <= signer <= signers)"
+                 takes 2 <= threshold <= signers and a signer number of 1 or more)"
             )));
         }
         let file = Self::decode(&json, &bad)?;
@@ -273,10 +275,35 @@ impl std::fmt::Debug for ShareFile {
 }
 
 /// What this replica signs headers with: the whole operator key (`operator.signing_key`, with
-/// the keys around a rotation) or its share of a threshold key (`operator.signing_key_share`).
+/// the keys around a rotation) or its share of a threshold key (`operator.signing_key_share`,
+/// with the next group's ahead of a rotation).
 pub enum OperatorSecret {
     Whole(OperatorKeyFiles),
-    Share(ShareFile),
+    Share(ShareFiles),
+}
+
+/// A threshold replica's shares: of the group its config names, of the next group ahead of a
+/// rotation (`operator.next_signing_key_share`), and the ledger's genesis key
+/// (`genesis_public_key`, or the configured group's key).
+pub struct ShareFiles {
+    pub configured: ShareFile,
+    pub next: Option<ShareFile>,
+    pub genesis: PublicKey,
+}
+
+impl ShareFiles {
+    /// The shares, the configured one first.
+    pub fn all(self) -> Vec<ShareFile> {
+        std::iter::once(self.configured).chain(self.next).collect()
+    }
+
+    /// The group keys of the shares held.
+    pub fn group_keys(&self) -> Vec<PublicKey> {
+        std::iter::once(&self.configured)
+            .chain(&self.next)
+            .map(|f| f.group_key)
+            .collect()
+    }
 }
 
 impl OperatorSecret {
@@ -287,18 +314,41 @@ impl OperatorSecret {
         let (None, Some(path)) = (&op_cfg.signing_key, &op_cfg.signing_key_share) else {
             return Ok(OperatorSecret::Whole(OperatorKeyFiles::read(config)?));
         };
+        let configured = Self::own_share(config, path)?;
+        let next = match &op_cfg.next_signing_key_share {
+            Some(path) => Some(Self::own_share(config, path)?),
+            None => None,
+        };
+        if next
+            .as_ref()
+            .is_some_and(|n| n.group_key == configured.group_key)
+        {
+            bail!("operator.next_signing_key_share is a share of the configured group");
+        }
+        let genesis = config
+            .genesis_public_key_bytes()
+            .unwrap_or(configured.group_key);
+        Ok(OperatorSecret::Share(ShareFiles {
+            configured,
+            next,
+            genesis,
+        }))
+    }
+
+    /// The share file at `path`, which must be this replica's own: its signer is `node.id`.
+    fn own_share(config: &Config, path: &Path) -> Result<ShareFile> {
         let file = ShareFile::read(path)?;
         if u64::from(file.signer) != config.node.id {
             bail!(
                 "share file {} holds signer {}'s share, but this replica is node.id = {}: a \
-                 replica must hold its own share (node{}.share from init-cluster --threshold)",
+                 replica must hold its own share (node{}.share from init-cluster)",
                 path.display(),
                 file.signer,
                 config.node.id,
                 config.node.id
             );
         }
-        Ok(OperatorSecret::Share(file))
+        Ok(file)
     }
 
     /// The ledger's operator public key: the threshold group's key, or the genesis key of a
@@ -306,7 +356,7 @@ impl OperatorSecret {
     pub fn public_key(&self) -> PublicKey {
         match self {
             OperatorSecret::Whole(files) => files.genesis,
-            OperatorSecret::Share(file) => file.group_key,
+            OperatorSecret::Share(files) => files.genesis,
         }
     }
 }
@@ -318,7 +368,11 @@ impl std::fmt::Debug for OperatorSecret {
                 .debug_tuple("Whole")
                 .field(&hex::encode(files.genesis))
                 .finish(),
-            OperatorSecret::Share(file) => f.debug_tuple("Share").field(file).finish(),
+            OperatorSecret::Share(files) => f
+                .debug_tuple("Share")
+                .field(&files.configured)
+                .field(&files.next)
+                .finish(),
         }
     }
 }
@@ -782,6 +836,8 @@ pub struct AddedNode {
     pub client_address: std::net::SocketAddr,
     /// The cluster's original voters, written as its `cluster.initial_voters`.
     pub initial_voters: Vec<u64>,
+    /// A threshold operator's replica: it needs a share (`--new-group`) before it starts.
+    pub threshold: bool,
 }
 
 /// `init-cluster --add-node ID`: the files of a new replica `id` in an existing `init-cluster`
@@ -790,12 +846,12 @@ pub struct AddedNode {
 /// (chain id, operator and deposit keys, archive, tuning, admin keys) are the lowest existing
 /// node's; its `cluster.initial_voters` are the cluster's original voters, so it starts as a
 /// non-member. Appends it to `dir/profile.toml`'s `[[replicas]]`. Other nodes' files are not
-/// touched. Everything is checked before anything is written. Refused for a cluster made with
-/// `--threshold` (a new member would need a new group).
+/// touched. Everything is checked before anything is written. In a threshold operator's
+/// directory the new replica holds no share until `--new-group` deals one to it
+/// ([`crate::groups`]).
 pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Result<AddedNode> {
     let config_path = unused_config_path(dir, id)?;
     let existing = existing_nodes(dir)?;
-    refuse_threshold(&existing, id)?;
     let initial_voters = original_voters(&existing)?;
     if initial_voters.contains(&id) {
         bail!(
@@ -806,7 +862,11 @@ pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Res
     }
     let (cert_path, key_path) = unused_node_paths(dir, id)?;
     let ca = load_ca(dir, "ca")?;
-    let config = added_node_config(&existing, id, base_port, &initial_voters)?;
+    let mut config = added_node_config(&existing, id, base_port, &initial_voters)?;
+    let threshold = is_threshold(&config);
+    if threshold {
+        crate::groups::added_member_operator(dir, &existing, id, &mut config)?;
+    }
     let (client, peer) = (config.listen.client, config.listen.peer);
     let profile_path = dir.join("profile.toml");
     let profile = fs::read_to_string(&profile_path)
@@ -832,24 +892,14 @@ pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Res
         peer_address: peer,
         client_address: client,
         initial_voters,
+        threshold,
     })
 }
 
-/// Refuses to add replica `id` to a cluster whose replicas sign with shares of a threshold key
-/// (`operator.signing_key_share`): the group was dealt for its replicas alone.
-fn refuse_threshold(existing: &[(u64, Config)], id: u64) -> Result<()> {
-    let sharing = existing.iter().find(|(_, config)| {
-        let operator = config.operator.as_ref();
-        operator.is_some_and(|op| op.signing_key_share.is_some())
-    });
-    if let Some((k, _)) = sharing {
-        bail!(
-            "--add-node {id}: node{k}.toml signs with a share of a threshold operator key \
-             (operator.signing_key_share): a new member would need a new group, dealt anew to \
-             every replica, which is not supported yet"
-        );
-    }
-    Ok(())
+/// Whether `config` is a threshold operator's replica's (`operator.signing_key_share`).
+fn is_threshold(config: &Config) -> bool {
+    let operator = config.operator.as_ref();
+    operator.is_some_and(|op| op.signing_key_share.is_some())
 }
 
 /// `DIR/node<id>.toml` for a new replica `id`, refusing an id out of range or one whose
@@ -947,7 +997,7 @@ fn checked_cluster_addresses(
 }
 
 /// Every `node<K>.toml` in `dir`, parsed, by ascending id. Each must be node K's (`node.id`).
-fn existing_nodes(dir: &Path) -> Result<Vec<(u64, Config)>> {
+pub(crate) fn existing_nodes(dir: &Path) -> Result<Vec<(u64, Config)>> {
     let mut nodes = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let name = entry?.file_name();
@@ -1075,7 +1125,7 @@ fn with_replica(profile: &str, id: u64, client: std::net::SocketAddr) -> Result<
 }
 
 /// Replaces `path` with `contents` through a temporary file and a rename, keeping its mode.
-fn replace_file(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn replace_file(path: &Path, contents: &str) -> Result<()> {
     let tmp = path.with_extension("toml.tmp");
     let permissions = fs::metadata(path)?.permissions();
     fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
@@ -1389,9 +1439,11 @@ mod tests {
             );
             let secret = OperatorSecret::read(&config).unwrap();
             assert_eq!(secret.public_key(), group);
-            let OperatorSecret::Share(file) = secret else {
+            let OperatorSecret::Share(files) = secret else {
                 panic!("node {id} reads a whole key");
             };
+            assert!(files.next.is_none());
+            let file = files.configured;
             assert_eq!(
                 (file.signer, file.threshold, file.signers),
                 (id as u16, 2, 3)
@@ -1513,7 +1565,11 @@ mod tests {
                 "\"signer\":2,",
                 "key_package is signer 1's",
             ),
-            ("\"signer\":1,", "\"signer\":4,", "out of range"),
+            (
+                "\"signer\":1,",
+                "\"signer\":4,",
+                "key_package is signer 1's",
+            ),
             ("\"signer\":1,", "\"signer\":0,", "out of range"),
             ("\"threshold\":2,", "\"threshold\":1,", "out of range"),
             ("\"threshold\":2,", "\"threshold\":4,", "out of range"),
@@ -1576,7 +1632,7 @@ mod tests {
     }
 
     #[test]
-    fn a_threshold_cluster_needs_two_nodes_and_takes_no_new_member() {
+    fn a_threshold_cluster_needs_two_nodes() {
         let tmp = tempfile::tempdir().unwrap();
         let one = tmp.path().join("one");
         let message = error(init_threshold_cluster(
@@ -1591,18 +1647,62 @@ mod tests {
         );
         assert!(!one.exists(), "nothing written");
 
-        let dir = threshold_cluster(&tmp);
-        let message = error(add_node(&dir, 4, 7400, &CertOptions::default()));
-        assert!(message.contains("operator.signing_key_share"), "{message}");
-        assert!(message.contains("not supported yet"), "{message}");
-        assert!(!dir.join("node4.toml").exists());
-        assert!(!dir.join("node4.pem").exists());
-
         // Two nodes: both must sign.
         let two = tmp.path().join("two");
         init_threshold_cluster(2, &two, 7400, &CertOptions::default()).unwrap();
         let file = ShareFile::read(&two.join("node2.share")).unwrap();
         assert_eq!((file.threshold, file.signers), (2, 2));
+    }
+
+    #[test]
+    fn a_new_member_and_the_old_ones_get_shares_of_a_new_group() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let genesis = ShareFile::read(&dir.join("node1.share")).unwrap().group_key;
+        let added = add_node(&dir, 4, 7400, &CertOptions::default()).unwrap();
+        assert!(added.threshold);
+        let message = error(OperatorSecret::read(&loaded(&dir, 4)));
+        assert!(
+            message.contains("node4.share"),
+            "no share before --new-group: {message}"
+        );
+        // Node 3 leaves: the new group is 1, 2 and 4, any two of whom sign.
+        let group = crate::groups::new_group(&dir, Some(&[1, 2, 4])).unwrap();
+        assert_eq!((group.members.clone(), group.threshold), (vec![1, 2, 4], 2));
+        assert_ne!(group.group_key, genesis);
+        for id in [1, 2, 4] {
+            let OperatorSecret::Share(files) = OperatorSecret::read(&loaded(&dir, id)).unwrap()
+            else {
+                panic!("node {id} reads a whole key");
+            };
+            assert_eq!(files.genesis, genesis, "node {id}");
+            let new = match id {
+                4 => {
+                    assert!(files.next.is_none());
+                    &files.configured
+                }
+                _ => {
+                    assert_eq!(files.configured.group_key, genesis);
+                    files.next.as_ref().unwrap()
+                }
+            };
+            assert_eq!((new.group_key, new.signer), (group.group_key, id as u16));
+            assert_eq!((new.threshold, new.signers), (2, 3));
+        }
+        let OperatorSecret::Share(three) = OperatorSecret::read(&loaded(&dir, 3)).unwrap() else {
+            panic!("node 3 reads a whole key");
+        };
+        assert!(
+            three.next.is_none(),
+            "node 3 is not a member of the new group"
+        );
+        let message = error(crate::groups::new_group(&dir, None));
+        assert!(
+            message.contains("holds a next group's share already"),
+            "{message}"
+        );
+        let message = error(crate::groups::new_group(&dir, Some(&[3, 5])));
+        assert!(message.contains("no node5.toml"), "{message}");
     }
 
     #[test]

@@ -468,10 +468,11 @@ pub enum RaftEvent {
     /// A batch was applied with this header unsigned: the signing stage signs it.
     Unsigned(tally_wire::Header),
     /// The header at `height` is signed on this replica; `checkpoint` is the text of its
-    /// header log's checkpoint of that size, signed next.
+    /// header log's checkpoint of that size, signed next by the group of `key`.
     HeaderSigned {
         height: u64,
         checkpoint: Vec<u8>,
+        key: tally_wire::PublicKey,
     },
     /// Checkpoints are signed through this height on this replica.
     CheckpointSigned(u64),

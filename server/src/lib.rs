@@ -17,6 +17,7 @@ pub mod channels;
 pub mod dirs;
 pub mod explorer;
 pub mod fail;
+pub mod groups;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -14,7 +14,7 @@ use tally_core::key_chain::SigningKeys;
 use tally_core::ports::LedgerStore;
 use tally_core::replica::{Replica, ReplicaConfig};
 use tally_core::sequencer::SequencerConfig;
-use tally_core::signing::Signing;
+use tally_core::signing::{Group, Signing};
 use tally_core::validate::StatelessRules;
 use tally_storage::{FilterOrigin, LedgerDb, RaftLogDb};
 use tokio::net::TcpListener;
@@ -393,6 +393,10 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     crate::bootstrap::create_private_dir(&config.node.data_dir)?;
     let (mut store, shared) = open_shared(&config, keys.operator.public, &sizing)?;
     let mut operator = keys.operator;
+    let groups = operator
+        .share
+        .as_ref()
+        .map(|files| (files.genesis, files.group_keys()));
     let signing = match operator.share.take() {
         Some(file) => Some(threshold_signing(
             file,
@@ -403,6 +407,7 @@ pub fn run(config: Config, profile: Option<&Path>) -> Result<()> {
     };
     let mut started = start_pipeline(&config, tls_cfg, operator, store, &shared)?;
     started.replication.signing = signing;
+    started.replication.groups = groups;
     let limits = net_limits(&config, &sizing);
     // The HTTP endpoint outlives the client listener: /health answers while the last batch
     // drains, and /ready says 503.
@@ -446,8 +451,9 @@ struct OperatorKeys {
     public: tally_wire::PublicKey,
     /// The genesis key and the held keys, for the archive writer.
     archive: archive::ArchiveKeys,
-    /// This replica's share of a threshold operator key (`operator.signing_key_share`).
-    share: Option<crate::bootstrap::ShareFile>,
+    /// This replica's shares of a threshold operator key (`operator.signing_key_share`, and
+    /// `next_signing_key_share`).
+    share: Option<crate::bootstrap::ShareFiles>,
 }
 
 /// The keys and certificates the config names, read before anything else starts.
@@ -473,14 +479,14 @@ impl NodeKeys {
                 },
                 share: None,
             },
-            crate::bootstrap::OperatorSecret::Share(file) => OperatorKeys {
-                public: file.group_key,
-                signer: SigningKeys::threshold(file.group_key),
+            crate::bootstrap::OperatorSecret::Share(files) => OperatorKeys {
+                public: files.genesis,
+                signer: SigningKeys::threshold(files.genesis, files.group_keys()),
                 archive: archive::ArchiveKeys {
-                    genesis: file.group_key,
+                    genesis: files.genesis,
                     held: Vec::new(),
                 },
-                share: Some(file),
+                share: Some(files),
             },
         };
         let client_tls = server_config(&tls_cfg.cert, &tls_cfg.key)?;
@@ -494,17 +500,24 @@ impl NodeKeys {
 /// The signing stage of a threshold operator's replica, started from its ledger: the headers
 /// it applied and has not seen signed are the ones it signs (`tally_core::signing`).
 fn threshold_signing(
-    file: crate::bootstrap::ShareFile,
+    files: crate::bootstrap::ShareFiles,
     chain_id: &tally_wire::Hash,
     store: &mut LedgerDb,
 ) -> Result<Signing<rand::rngs::OsRng>> {
     let (signed, checkpointed) = (store.signed_through()?, store.checkpointed_through()?);
-    let height = store.meta()?.height;
-    let public = file.public;
-    let mut signing = Signing::new(file.share, public, rand::rngs::OsRng, signed, checkpointed)?;
+    let meta = store.meta()?;
+    let height = meta.height;
+    let genesis = files.genesis;
+    let groups = files
+        .all()
+        .into_iter()
+        .map(|f| Group::new(f.share, f.public))
+        .collect::<tally_core::Result<Vec<_>>>()?;
+    let mut signing = Signing::new(groups, rand::rngs::OsRng, signed, checkpointed)?;
     for h in checkpointed + 1..=signed {
         let text = tally_core::engine::apply::checkpoint_text(store, chain_id, h)?;
-        signing.header_signed(h, text, 0, &mut Vec::new());
+        let key = tally_core::key_chain::key_for_height(store, &meta, genesis, h + 1)?;
+        signing.header_signed(h, text, key, 0, &mut Vec::new());
     }
     for h in signed + 1..=height {
         let header = store
@@ -585,6 +598,8 @@ struct ReplicationStart {
     peer_tls: (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>),
     /// A threshold operator's signing stage, for the raft thread.
     signing: Option<Signing<rand::rngs::OsRng>>,
+    /// A threshold operator's genesis key and the groups this replica holds shares of.
+    groups: Option<(tally_wire::PublicKey, Vec<tally_wire::PublicKey>)>,
 }
 
 /// Makes the queues and the network runtime, opens the archive, and starts the pipeline on
@@ -649,6 +664,7 @@ fn start_pipeline(
         raft_rx,
         peer_tls: (peer_server, peer_client),
         signing: None,
+        groups: None,
     };
     Ok(Started {
         runtime,
@@ -801,8 +817,31 @@ async fn start_replication(
         applied: s.shared.applied.clone(),
         view: s.shared.view.clone(),
         metrics: s.shared.metrics.clone(),
-        may_campaign: archive::campaign_rule(links.gate.clone(), s.pipeline.applied_height.clone()),
+        may_campaign: campaign_rule(s, &replication.groups),
         signing: replication.signing,
+    })
+}
+
+/// When this replica may start an election: the archive's rule (`archive::campaign_rule`)
+/// and, on a threshold operator's replica, only while it holds a share of the group that signs
+/// the next header: a leader coordinates the signing of every header, which takes the group's
+/// public shares (a replica added to sign for a next group, or one that holds no share of the
+/// group rotated to, would stall the signatures while it led).
+fn campaign_rule(
+    s: &Serving<'_>,
+    groups: &Option<(tally_wire::PublicKey, Vec<tally_wire::PublicKey>)>,
+) -> Box<dyn Fn() -> bool + Send> {
+    let archive = archive::campaign_rule(s.links.gate.clone(), s.pipeline.applied_height.clone());
+    let Some((genesis, held)) = groups.clone() else {
+        return archive;
+    };
+    let applied = s.shared.applied.clone();
+    Box::new(move || {
+        let signs_next = {
+            let meta = applied.meta.lock().expect("applied meta");
+            meta.operator.map_or(genesis, |r| r.key)
+        };
+        held.contains(&signs_next) && archive()
     })
 }
 

@@ -149,9 +149,11 @@ impl<S: RaftLogStore> RaftThread<S> {
                 }
             }
             RaftEvent::Unsigned(header) => self.sign(|s, now, o| s.applied(header, now, o)),
-            RaftEvent::HeaderSigned { height, checkpoint } => {
-                self.sign(|s, now, o| s.header_signed(height, checkpoint, now, o))
-            }
+            RaftEvent::HeaderSigned {
+                height,
+                checkpoint,
+                key,
+            } => self.sign(|s, now, o| s.header_signed(height, checkpoint, key, now, o)),
             RaftEvent::CheckpointSigned(height) => self.sign(|s, _, _| s.checkpoint_signed(height)),
             RaftEvent::Drain => unreachable!("handled by the loop"),
         }

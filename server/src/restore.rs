@@ -124,9 +124,9 @@ pub fn restore(config: &Config, options: &RestoreOptions) -> Result<Restored> {
 fn restore_keys(config: &Config) -> Result<(SigningKeys, PublicKey)> {
     match crate::bootstrap::OperatorSecret::read(config)? {
         OperatorSecret::Whole(files) => Ok((files.signing_keys(), files.genesis)),
-        OperatorSecret::Share(share) => {
-            let group = share.group_key;
-            Ok((SigningKeys::threshold(group), group))
+        OperatorSecret::Share(files) => {
+            let genesis = files.genesis;
+            Ok((SigningKeys::threshold(genesis, files.group_keys()), genesis))
         }
     }
 }

@@ -456,8 +456,6 @@ pub async fn read_signature_bundles(
 ) -> Result<Option<Vec<Signature>>, ReadError> {
     let size = log.checkpoint.size;
     assert!(to <= size, "signatures above the log's size {size}");
-    let key = VerifyingKey::from_bytes(&log.operator)
-        .map_err(|_| bad(MARKER_KEY, "the operator key is not an Ed25519 point"))?;
     let origin = origin_for(&log.chain_id);
     let mut edge = TreeEdge::new();
     let mut all = Vec::with_capacity(to as usize);
@@ -481,6 +479,9 @@ pub async fn read_signature_bundles(
                 root: edge.root(),
             }
             .body();
+            // Signed by the group of the header after it (PROTOCOL.md §4.14).
+            let key = VerifyingKey::from_bytes(&log.keys.key_for(size + 1))
+                .map_err(|_| bad(MARKER_KEY, "an operator key is not an Ed25519 point"))?;
             let valid = key
                 .verify_strict(
                     body.as_bytes(),
@@ -543,6 +544,8 @@ pub struct AuditReport {
     pub checkpoint_signatures: Option<u64>,
     /// The ledger the archive's marker names, when it could be read.
     pub chain_id: Option<Hash>,
+    /// Operator key rotations in the archive's key chain (its `keychain/` links).
+    pub key_rotations: u64,
     pub accounts: u64,
     /// The state map's root after the batch at `height`, recomputed from the replay (the root
     /// the header's state digest commits to, PROTOCOL.md §4.13).
@@ -581,6 +584,7 @@ async fn audit_into(
     let log = read_log(bucket, chain_id, operator).await?;
     report.checkpoint_size = Some(log.checkpoint.size);
     report.chain_id = Some(log.chain_id);
+    report.key_rotations = log.keys.rotations.len() as u64;
     if let Some(note) = earlier {
         check_extends(&log, note)?;
     }

@@ -608,7 +608,9 @@ impl<S: BatchSource> Archiver<S> {
         let size = checkpoint.size;
         let signature = self.threshold_signatures(size, size).await?[0];
         let (body, origin) = (checkpoint.body(), &checkpoint.origin);
-        let note = tally_core::tlog::note_with_signature(&body, origin, &self.genesis, &signature);
+        // Under the key that signed it: the group of the header after it.
+        let key = head.keys.key_for(size + 1);
+        let note = tally_core::tlog::note_with_signature(&body, origin, &key, &signature);
         open_checkpoint_in(note.as_bytes(), &self.chain_id, &head.keys)
             .map_err(|e| RoundError::Source(format!("the threshold's checkpoint {size}: {e}")))?;
         Ok(note)

@@ -193,7 +193,7 @@ const THRESHOLD_CASES: &[(&str, &[&str])] = &[
     ("[operator]\nnext_signing_key = \"next.key\"", &["operator.next_signing_key"]),
     (
         "[operator]\ngenesis_public_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
-        &["operator.genesis_public_key"],
+        &[],
     ),
     // A threshold operator archives too (PROTOCOL.md §15.10).
     ("[archive]\nurl = \"archive\"", &[]),
@@ -250,19 +250,39 @@ fn signing_key_and_its_share_are_one_or_the_other() {
 #[test]
 fn threshold_refusals_say_why() {
     for (fragment, why) in [
-        ("[operator]\nnext_signing_key = \"n.key\"", "rotating a threshold group's key is not supported yet"),
         (
-            "[operator]\ngenesis_public_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
-            "rotating it is not supported yet",
+            "[operator]\nnext_signing_key = \"n.key\"",
+            "a threshold group rotates to another group",
         ),
         ("peers = []", "a single-node operator keeps a plain key"),
     ] {
         let message = first_error(&threshold_with(fragment));
         assert!(message.contains(why), "{fragment}: {message}");
         if fragment != "peers = []" {
-            assert!(message.contains("not with operator.signing_key_share"), "{message}");
+            assert!(
+                message.contains("not with operator.signing_key_share"),
+                "{message}"
+            );
         }
     }
+}
+
+#[test]
+fn a_next_group_share_is_only_for_a_threshold_replica() {
+    let whole = first_error(&valid_with(
+        "[operator]\nnext_signing_key_share = \"next1.share\"",
+    ));
+    assert!(
+        whole.starts_with("operator.next_signing_key_share = \"next1.share\": only with"),
+        "{whole}"
+    );
+    // A threshold replica ahead of a rotation, or one whose share a rotation introduced.
+    let text = threshold_with(
+        "[operator]\nnext_signing_key_share = \"next1.share\"\n\
+         genesis_public_key = \"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a\"",
+    );
+    let config: tally_config::Config = toml::from_str(&text).unwrap();
+    config.validate().unwrap();
 }
 
 #[test]

@@ -28,7 +28,7 @@ use tally_wire::{Hash, Header, PublicKey, Signature, SignedHeader};
 
 use crate::batch::{prepare_apply_sealed, BatchBody, BatchWrite, Confirmed};
 use crate::crypto::{key_id, verify_strict, OperatorKey};
-use crate::key_chain::SigningKeys;
+use crate::key_chain::{key_for_height, SigningKeys};
 use crate::ports::{LedgerRead, LedgerStore, RequestRecord};
 use crate::signing::{Item, Kind};
 use crate::state::LedgerMeta;
@@ -86,6 +86,8 @@ pub enum ApplyOut<R> {
     HeaderSigned {
         height: u64,
         checkpoint: Vec<u8>,
+        /// The key that signs that checkpoint: the one of the header after it.
+        key: PublicKey,
     },
     /// Checkpoints are signed through this height.
     CheckpointSigned(u64),
@@ -185,6 +187,12 @@ impl<R> Applier<R> {
     /// The public key that signs the next header (held or not).
     pub fn operator_public(&self) -> PublicKey {
         self.keys.public_for_meta(&self.meta)
+    }
+
+    /// The key that signs the checkpoint of the header log of `size` (at most this replica's
+    /// height): the key of the header after it (PROTOCOL.md §4.14).
+    pub fn checkpoint_key<S: LedgerStore>(&self, store: &mut S, size: u64) -> Result<PublicKey> {
+        self.threshold_key(store, size + 1)
     }
 
     /// Whether headers are signed by a threshold of replicas, not here (`crate::signing`).
@@ -303,7 +311,7 @@ impl<R> Applier<R> {
             return Ok(Applied::Skipped);
         }
         let header = applied_header(store, height)?;
-        let key = self.threshold_key(height)?;
+        let key = self.threshold_key(store, height)?;
         if key_id(&key) != header.operator_key_id
             || !verify_strict(&key, &header.encode(), &signature)
         {
@@ -312,7 +320,12 @@ impl<R> Applier<R> {
         store.sign_header(height, signature)?;
         self.signed_through = height;
         let checkpoint = checkpoint_text(store, &header.chain_id, height)?;
-        out.push(ApplyOut::HeaderSigned { height, checkpoint });
+        let key = self.threshold_key(store, height + 1)?;
+        out.push(ApplyOut::HeaderSigned {
+            height,
+            checkpoint,
+            key,
+        });
         Ok(Applied::Signed(Item {
             height,
             kind: Kind::Header,
@@ -335,7 +348,7 @@ impl<R> Applier<R> {
         }
         let chain_id = applied_header(store, height)?.chain_id;
         let text = checkpoint_text(store, &chain_id, height)?;
-        if !verify_strict(&self.threshold_key(height)?, &text, &signature) {
+        if !verify_strict(&self.threshold_key(store, height + 1)?, &text, &signature) {
             return Ok(Applied::Skipped);
         }
         store.sign_checkpoint(height, signature)?;
@@ -355,17 +368,10 @@ impl<R> Applier<R> {
         Ok(Applied::Signed(item))
     }
 
-    /// The key that signs the header at `height` (not signed yet, so above the last rotation:
-    /// a threshold group is never rotated, since no replica holds a key to rotate to).
-    fn threshold_key(&self, height: u64) -> Result<PublicKey> {
-        match self.meta.operator {
-            Some(r) if r.height >= height => Err(Error::Config(format!(
-                "header {height} waits for its signature under the key before rotation {}: \
-                 rotating a threshold operator's key is not supported",
-                r.number
-            ))),
-            _ => Ok(self.keys.public_for_meta(&self.meta)),
-        }
+    /// The key that signs the header at `height` (the group a threshold signature of it must
+    /// verify under; PROTOCOL.md §4.14). The checkpoint of size `h` is the key of `h + 1`'s.
+    fn threshold_key<S: LedgerStore>(&self, store: &mut S, height: u64) -> Result<PublicKey> {
+        key_for_height(store, &self.meta, self.keys.genesis(), height)
     }
 
     fn write<S: LedgerStore>(

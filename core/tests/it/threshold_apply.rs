@@ -52,7 +52,7 @@ impl Replica {
             parked_max: 8,
             accounts_cached_max: 8,
         };
-        let keys = SigningKeys::threshold(dealt.group_key);
+        let keys = SigningKeys::threshold(dealt.group_key, vec![dealt.group_key]);
         Replica {
             store: MemStore::default(),
             applier: Applier::new(cfg, keys, LedgerMeta::genesis()),
@@ -185,7 +185,8 @@ fn headers_then_checkpoints_are_signed_in_order_under_the_group_key_before_confi
         [ApplyOut::HeaderSigned {
             height: 1,
             checkpoint,
-        }] => checkpoint.clone(),
+            key,
+        }] if *key == dealt.group_key => checkpoint.clone(),
         o => panic!("{o:?}"),
     };
     let chain = bodies[0].header.chain_id;

@@ -40,7 +40,7 @@ enum Command {
     /// "Certificates: renewal and CA rotation").
     InitCluster {
         /// Number of replicas (3 or 5 for a fault-tolerant operator).
-        #[arg(long, required_unless_present_any = ["add_node", "renew_node", "new_ca"])]
+        #[arg(long, required_unless_present_any = ["add_node", "renew_node", "new_ca", "new_group"])]
         nodes: Option<u64>,
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
@@ -76,6 +76,22 @@ enum Command {
         /// archive keeps the threshold's signatures, so restore takes its replicas too.
         #[arg(long, conflicts_with_all = ["add_node", "renew_node", "new_ca"])]
         threshold: bool,
+        /// Deal a threshold operator's next signing group to the replicas of DIR (or to
+        /// --members), any majority of which sign: DIR/nodeK-<key id>.share each, named by
+        /// operator.next_signing_key_share (operator.signing_key_share on a replica added with
+        /// --add-node), ahead of `tally cluster rotate-key` to its key (docs/OPERATING.md,
+        /// "Threshold signing")
+        #[arg(long, conflicts_with_all = ["nodes", "add_node", "renew_node", "new_ca", "threshold"])]
+        new_group: bool,
+        /// The members of the --new-group, by node id (comma-separated) [default: every
+        /// DIR/nodeK.toml]
+        #[arg(
+            long,
+            value_name = "IDS",
+            value_delimiter = ',',
+            requires = "new_group"
+        )]
+        members: Vec<u64>,
     },
     /// Build this replica's ledger from the archive alone (its ledger and raft directories
     /// must be empty or absent), verifying every signature, hash link, Merkle root and state
@@ -135,10 +151,30 @@ fn init_cluster(command: &Command) -> Result<()> {
         ca,
         new_ca,
         threshold,
+        new_group,
+        members,
     } = command
     else {
         unreachable!("init_cluster is called for init-cluster only");
     };
+    if *new_group {
+        let members = (!members.is_empty()).then_some(&members[..]);
+        let group = tally_server::groups::new_group(dir, members)?;
+        for (share, config) in &group.written {
+            println!("{} names {}", config.display(), share.display());
+        }
+        println!(
+            "new group key: {} (members {:?}, any {} of them sign)",
+            hex::encode(group.group_key),
+            group.members,
+            group.threshold
+        );
+        println!(
+            "next: restart each member, then  tally cluster rotate-key --new-public-key {}",
+            hex::encode(group.group_key)
+        );
+        return Ok(());
+    }
     if let Some(id) = add_node {
         let added = tally_server::bootstrap::add_node(dir, *id, *base_port, &certs.options()?)?;
         print_next_steps(dir, &added);
@@ -194,6 +230,13 @@ fn print_next_steps(dir: &std::path::Path, added: &tally_server::bootstrap::Adde
         "node {id} starts as a non-member of the cluster created with voters {:?}. Next:",
         added.initial_voters
     );
+    if added.threshold {
+        println!(
+            "  0. deal it a share of a new group (it holds none of the current one):\n               \
+             tally-server init-cluster --dir {} --new-group",
+            dir.display()
+        );
+    }
     println!(
         "  1. start it:  tally-server --config {}",
         added.config.display()

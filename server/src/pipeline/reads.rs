@@ -187,7 +187,6 @@ impl<S: LedgerStore> StorageThread<S> {
         assert!(1 <= from && from <= to && to <= self.readable_height());
         let threshold = self.engine.is_threshold();
         let key = (!threshold).then(|| self.engine.operator()).transpose()?;
-        let group_key = self.engine.operator_public();
         let store = self.store.as_mut().expect("store");
         let mut header = |h: u64| {
             store.header(h)?.ok_or_else(|| {
@@ -196,23 +195,28 @@ impl<S: LedgerStore> StorageThread<S> {
         };
         let (a, b) = (header(from)?, header(to)?);
         // A whole key signs a checkpoint when asked; a threshold signed each one ahead.
+        // (Each under the key that signed it: the group of the header after it.)
         let mut stored = std::collections::BTreeMap::new();
         if key.is_none() {
             for size in [from, to] {
                 let sig = store.checkpoint_signature(size)?.ok_or_else(|| {
                     tally_core::Error::missing(format_args!("checkpoint signature {size}"))
                 })?;
-                stored.insert(size, sig);
+                let group = self.engine.checkpoint_key(store, size)?;
+                stored.insert(size, (group, sig));
             }
         }
         let mut sign = |c: &tally_core::tlog::Checkpoint| match key {
             Some(k) => Ok(k.sign_checkpoint(c)),
-            None => Ok(tally_core::tlog::note_with_signature(
-                &c.body(),
-                &c.origin,
-                &group_key,
-                &stored[&c.size],
-            )),
+            None => {
+                let (group, sig) = &stored[&c.size];
+                Ok(tally_core::tlog::note_with_signature(
+                    &c.body(),
+                    &c.origin,
+                    group,
+                    sig,
+                ))
+            }
         };
         consistency_reply_with(a, b, &mut sign, &mut |l, i| store.header_log_node(l, i))
     }

@@ -174,9 +174,15 @@ impl<S: LedgerStore> StorageThread<S> {
                 ApplyOut::Unsigned(header) => {
                     self.sign_events.push_back(RaftEvent::Unsigned(header))
                 }
-                ApplyOut::HeaderSigned { height, checkpoint } => self
-                    .sign_events
-                    .push_back(RaftEvent::HeaderSigned { height, checkpoint }),
+                ApplyOut::HeaderSigned {
+                    height,
+                    checkpoint,
+                    key,
+                } => self.sign_events.push_back(RaftEvent::HeaderSigned {
+                    height,
+                    checkpoint,
+                    key,
+                }),
                 ApplyOut::CheckpointSigned(h) => {
                     self.sign_events.push_back(RaftEvent::CheckpointSigned(h))
                 }

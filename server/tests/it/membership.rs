@@ -19,7 +19,7 @@ use crate::harness::Server;
 
 /// Makes node `id` with `init-cluster --add-node` in the cluster's directory and moves it onto
 /// free ports; returns its config path, peer address and client address.
-fn add_node_files(cluster: &Cluster, id: u64) -> (std::path::PathBuf, String, String) {
+pub(crate) fn add_node_files(cluster: &Cluster, id: u64) -> (std::path::PathBuf, String, String) {
     let dir = cluster.configs[&1].parent().unwrap().to_path_buf();
     let out = Command::new(env!("CARGO_BIN_EXE_tally-server"))
         .args(["init-cluster", "--dir"])
@@ -50,7 +50,7 @@ fn add_node_files(cluster: &Cluster, id: u64) -> (std::path::PathBuf, String, St
     (path, peer, client)
 }
 
-async fn admin(
+pub(crate) async fn admin(
     cc: &ClusterClient,
     chain_id: [u8; 32],
     key: &ed25519_dalek::SigningKey,

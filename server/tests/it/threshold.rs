@@ -5,7 +5,7 @@
 //! archive the leader writes with them passes `tally audit`.
 
 use tally_client::{build_request, generate_key, public_key};
-use tally_core::header_log::verify_consistency_reply;
+use tally_core::header_log::{verify_consistency_reply, verify_consistency_reply_under};
 use tally_core::key_chain::KeySchedule;
 use tally_core::verify::verify_confirmation;
 use tally_core::witness::cosigned_at;
@@ -258,4 +258,141 @@ fn note_size(note: &str) -> u64 {
         .nth(1)
         .and_then(|l| l.parse().ok())
         .unwrap_or(0)
+}
+
+/// Rotating a threshold group after a membership change (issue 20 point 5): a fourth replica
+/// is added (`init-cluster --add-node`, learner, promoted) and a follower removed; a new group
+/// is dealt to the three members (`init-cluster --new-group --members`), the two old ones
+/// restart holding their next shares, and `tally cluster rotate-key` names the new group's key.
+/// The old group signs the rotation's batch, the new one every header after it, each
+/// checkpoint by the group of the header after it; confirmations before and after verify
+/// through the key chain, and the archive audits.
+#[test]
+fn a_threshold_group_rotates_to_a_new_group_after_a_membership_change() {
+    use crate::membership::{add_node_files, admin};
+    use tally_wire::AdminCommand;
+    let rt = crate::harness::runtime();
+    rt.block_on(async {
+        let mut cluster = Cluster::threshold(3, fast).await;
+        cluster.start_all();
+        let (old, chain_id, deposit) = deposits(&cluster);
+        let admin_key = cluster.profile.load_admin_key().unwrap();
+        let cc = cluster.cluster_client();
+        let before = cc.submit(deposit(1)).await.expect("deposit");
+        verify_confirmation(&before, &old).expect("signed by the old group");
+
+        // Replica 4 joins and a follower leaves: the new group is dealt to the three members
+        // (replica 4 holds no share of the old group, so it does not campaign).
+        let (config4, peer4, client4) = add_node_files(&cluster, 4);
+        let leader = cluster.leader().await;
+        let gone = *[1, 2, 3].iter().find(|&&id| id != leader).unwrap();
+        let members: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|id| *id != gone).collect();
+        let listed: Vec<String> = members.iter().map(u64::to_string).collect();
+        let new = deal_new_group(&cluster.operator_dir(), &listed.join(","));
+        let server4 = crate::harness::Server::start_replica(&config4, &cluster.profile, 4);
+        cluster.servers.insert(4, server4);
+        let add = AdminCommand::Add {
+            id: 4,
+            address: peer4,
+            client_address: client4.clone(),
+            learner: true,
+        };
+        admin(&cc, chain_id, &admin_key, add).await;
+        cluster.profile.replicas.push(tally_client::ReplicaAddress {
+            id: 4,
+            address: client4,
+        });
+        cluster.ids.push(4);
+        converged(&cluster).await;
+        admin(&cc, chain_id, &admin_key, AdminCommand::Promote { id: 4 }).await;
+        // The other two old members still make the old group's majority.
+        admin(&cc, chain_id, &admin_key, AdminCommand::Remove { id: gone }).await;
+        let server = cluster.servers.remove(&gone).unwrap();
+        server.wait_exit(std::time::Duration::from_secs(20));
+        cluster.ids.retain(|id| *id != gone);
+        let during = cc.submit(deposit(2)).await.expect("deposit");
+        verify_confirmation(&during, &old).expect("signed by the old group");
+
+        // The old two restart holding their shares of the new group.
+        for id in cluster.ids.clone().into_iter().filter(|id| *id != 4) {
+            cluster.kill(id);
+            cluster.start(id);
+            cc.submit(deposit(10 + id as u128)).await.expect("deposit");
+        }
+        let link = cc
+            .rotate_key(chain_id, &admin_key, new)
+            .await
+            .expect("rotate-key to the new group");
+        let mut keys = KeySchedule::genesis(old);
+        keys.extend(&link)
+            .expect("the old group signed the rotation");
+        let rotated_at = link.header.header.height;
+        for id in 20..=24 {
+            let c = cc
+                .submit(deposit(id))
+                .await
+                .expect("deposit after the rotation");
+            assert!(c.header.header.height > rotated_at);
+            verify_confirmation(&c, &new).expect("signed by the new group");
+            assert!(verify_confirmation(&c, &old).is_err());
+        }
+        let again = cc.submit(deposit(1)).await.expect("a retry");
+        assert_eq!(
+            again.header, before.header,
+            "the original, under the old group"
+        );
+
+        let tip = converged(&cluster).await;
+        for id in cluster.ids.clone() {
+            let headers = chain_under(&cluster, id, &keys).await;
+            assert_eq!(headers.last(), Some(&tip), "replica {id}");
+        }
+        // Checkpoints on both sides of the rotation, each under its group: the one of size
+        // `rotated_at - 1` under the old (the key of the header after it), from `rotated_at` on
+        // under the new (a reply also carries the header at each size, under its own key).
+        let reply = cc.consistency(1, rotated_at - 1).await.unwrap();
+        verify_consistency_reply(&reply, &old, &chain_id).expect("the old group's");
+        let reply = cc
+            .consistency(rotated_at + 1, tip.header.height)
+            .await
+            .unwrap();
+        verify_consistency_reply(&reply, &new, &chain_id).expect("the new group's");
+        let reply = cc
+            .consistency(rotated_at - 1, tip.header.height)
+            .await
+            .unwrap();
+        assert!(verify_consistency_reply(&reply, &old, &chain_id).is_err());
+        let (from, to) = verify_consistency_reply_under(&reply, &keys, &chain_id).unwrap();
+        assert_eq!((from.size, to.size), (rotated_at - 1, tip.header.height));
+
+        let leader = cluster.leader().await;
+        let archived = wait_archived(&cluster.client_of(leader).await).await;
+        let dir = cluster.operator_dir();
+        let report = audit_at(&dir.join("profile.toml"), &dir.join("archive"), archived);
+        assert_eq!(report["batches"], archived, "{report}");
+        assert_eq!(report["checkpoint_signatures"], archived, "{report}");
+        assert_eq!(report["key_rotations"], 1, "{report}");
+    });
+}
+
+/// Runs `init-cluster --dir DIR --new-group --members MEMBERS`; returns the new group's key.
+fn deal_new_group(dir: &std::path::Path, members: &str) -> PublicKey {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally-server"))
+        .args(["init-cluster", "--dir"])
+        .arg(dir)
+        .args(["--new-group", "--members", members])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("new group key: "))
+        .expect("the new group's key");
+    let hex_key = line.split_whitespace().next().unwrap();
+    hex::decode(hex_key).unwrap().try_into().unwrap()
 }

@@ -1470,6 +1470,7 @@ fn print_audit(ctx: &Globals, report: &archive_read::AuditReport) {
             "chain_id": report.chain_id.map(|c| to_hex(&c)),
             "snapshots": report.snapshots,
             "checkpoint_signatures": report.checkpoint_signatures,
+            "key_rotations": report.key_rotations,
             "accounts": report.accounts,
             "state_map_root": report.state_map_root.map(|r| to_hex(&r)),
             "errors": errors,
