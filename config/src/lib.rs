@@ -35,8 +35,8 @@
 //!   whether a deposit key is a valid Ed25519 point is checked by the server when it loads the
 //!   keys. `cluster.admin_keys` are checked here as curve points as well (pure arithmetic on
 //!   the bytes, with curve25519-dalek).
-//! - Threshold mode (`operator.signing_key_share`) is refused together with what it does not
-//!   sign yet: the archive, witnesses, the explorer, key rotation, and a single node.
+//! - Threshold mode (`operator.signing_key_share`) is refused on a single node and with a
+//!   whole next key (`next_signing_key`: a group rotates to a group, `next_signing_key_share`).
 //! - Paths are not checked for existence. `log.level` is checked for what an operator gets
 //!   wrong (an unknown level name), not for every corner of `tracing-subscriber`'s syntax.
 //! - TOML integers are signed 64-bit, so a `u64` or `usize` above `i64::MAX` cannot be written;

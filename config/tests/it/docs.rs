@@ -25,6 +25,7 @@ fn schema_keys() -> BTreeSet<String> {
     let operator = config.operator.as_mut().unwrap();
     operator.next_signing_key = Some(PathBuf::from("next.key"));
     operator.signing_key_share = Some(PathBuf::from("node1.share"));
+    operator.next_signing_key_share = Some(PathBuf::from("node1-next.share"));
     operator.genesis_public_key = Some("00".repeat(32));
     config.cluster.admin_keys.push("00".repeat(32));
     config.cluster.initial_voters = Some(vec![1, 2]);
@@ -148,9 +149,10 @@ fn example_parses_and_validates() {
 }
 
 /// `[operator]` keys unset by default: TOML has no null, so the example names them in a comment.
-const OPTIONAL_OPERATOR_KEYS: [&str; 3] = [
+const OPTIONAL_OPERATOR_KEYS: [&str; 4] = [
     "operator.signing_key_share",
     "operator.next_signing_key",
+    "operator.next_signing_key_share",
     "operator.genesis_public_key",
 ];
 
