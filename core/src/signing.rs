@@ -302,6 +302,14 @@ impl<G: RngCore + CryptoRng> Signing<G> {
         (self.signed[0], self.signed[1])
     }
 
+    /// Whether an item waits for a group this replica holds no share of: as leader it cannot
+    /// coordinate that signature (it lacks the group's public shares) and should hand over.
+    pub fn lacks_a_group(&self) -> bool {
+        self.messages
+            .values()
+            .any(|m| !self.groups.iter().any(|g| g.key_id == m.key_id))
+    }
+
     /// This replica leads (or no longer does): a new coordinator starts with no round, from
     /// the stocks every signer sent.
     pub fn set_leading(&mut self, leading: bool) {
@@ -1173,6 +1181,11 @@ mod tests {
         }
         net.tick(20 + ROUND_TIMEOUT_MS);
         assert!(net.proposed.is_empty(), "{:?}", net.proposed);
+        assert!(
+            net.nodes[&1].lacks_a_group(),
+            "replica 1 should hand leadership over"
+        );
+        assert!(!net.nodes[&2].lacks_a_group());
     }
 
     #[test]

@@ -374,6 +374,7 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
                 started: std::time::Instant::now(),
                 signing_seen: Default::default(),
                 leader_seen: 0,
+                handed_over_at: None,
             }
             .run();
         })?;

@@ -52,7 +52,13 @@ pub struct RaftThread<S: RaftLogStore> {
     pub signing_seen: SigningStats,
     /// The leader this replica knew at the last drive.
     pub leader_seen: u64,
+    /// When this replica, leading without a share of the group that must sign, last handed
+    /// leadership over.
+    pub handed_over_at: Option<Instant>,
 }
+
+/// How often a leader that cannot coordinate a signature tries to hand leadership over.
+const HAND_OVER_EVERY: Duration = Duration::from_secs(1);
 
 type Out = Vec<ReplOut<ReplyTo, StorageCmd>>;
 
@@ -80,6 +86,7 @@ impl<S: RaftLogStore> RaftThread<S> {
                 next_tick = Instant::now() + self.tick;
             }
             self.sign(|s, now, o| s.tick(now, o));
+            self.hand_over_if_stranded();
             self.drive(&mut out);
             if let Some(since) = draining {
                 if self.engine.proposals_in_flight() == 0 || since.elapsed() >= DRAIN_TIMEOUT {
@@ -156,6 +163,32 @@ impl<S: RaftLogStore> RaftThread<S> {
             } => self.sign(|s, now, o| s.header_signed(height, checkpoint, key, now, o)),
             RaftEvent::CheckpointSigned(height) => self.sign(|s, _, _| s.checkpoint_signed(height)),
             RaftEvent::Drain => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// A threshold leader that holds no share of the group an unsigned item needs (a replica
+    /// left out of the group rotated to) cannot coordinate its signature: it hands leadership
+    /// to the follower that holds most of the log, at most once a second, until a member
+    /// leads. (A replica campaigns only while it holds the next header's group, `node.rs`.)
+    fn hand_over_if_stranded(&mut self) {
+        let Some(signing) = &self.signing else {
+            return;
+        };
+        let leading = self.view.writable.load(Ordering::SeqCst);
+        let recently = self
+            .handed_over_at
+            .is_some_and(|t| t.elapsed() < HAND_OVER_EVERY);
+        if !leading || recently || !signing.lacks_a_group() {
+            return;
+        }
+        self.handed_over_at = Some(Instant::now());
+        let replica = self.engine.replica_mut();
+        if let Some(to) = replica.best_transferee() {
+            tracing::warn!(
+                to,
+                "this replica holds no share of the group that signs next; handing leadership over"
+            );
+            replica.transfer_leader(to);
         }
     }
 
