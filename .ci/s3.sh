@@ -5,7 +5,8 @@
 #     (under set -e prefer  envs=$(bash .ci/s3.sh start DIR); eval "$envs" : eval "$(...)"
 #     hides a failed start)
 #   bash .ci/s3.sh env DIR                print the `export` lines of the running server again
-#   bash .ci/s3.sh stop DIR               stop it (no-op when it is not running)
+#   bash .ci/s3.sh stop DIR               stop it (no-op when it is not running); the data stays
+#   bash .ci/s3.sh clean DIR              stop it and delete its data
 #
 # Everything listens on 127.0.0.1 only. Only the exports go to stdout; progress and errors go
 # to stderr. `start` on a DIR whose server is already up just prints its exports again.
@@ -32,7 +33,7 @@ die() {
 log() { echo "s3.sh: $*" >&2; }
 
 usage() {
-  echo "usage: $0 start DIR | env DIR | stop DIR" >&2
+  echo "usage: $0 start DIR | env DIR | stop DIR | clean DIR" >&2
   exit 2
 }
 
@@ -151,6 +152,27 @@ do_stop() {
   fi
 }
 
+# weed sizes its volume count by the free space of its data directory's filesystem and takes
+# no writes at all when that disk is nearly full (every PUT then hangs until the client's
+# timeout). The disk of a CI machine is shared and sometimes is nearly full, so the data lives
+# on a tmpfs (/dev/shm) when there is one: DIR/data is a link to it. Tests write a few MB.
+data_dir() {
+  [ -e "$DIR/data" ] && return 0
+  if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    local shm
+    shm=$(mktemp -d /dev/shm/tally-s3.XXXXXX) && ln -s "$shm" "$DIR/data" && return 0
+  fi
+  mkdir -p "$DIR/data"
+}
+
+do_clean() {
+  do_stop
+  if [ -L "$DIR/data" ]; then
+    rm -rf "$(readlink "$DIR/data")"
+  fi
+  rm -rf "$DIR/data"
+}
+
 do_start() {
   local pid
   pid=$(running_pid)
@@ -205,7 +227,7 @@ PY
   local ak=${TALLY_S3_ACCESS_KEY:-tally-test-access}
   local sk=${TALLY_S3_SECRET_KEY:-tally-test-secret}
   case $ak$sk in *[!A-Za-z0-9_+/=.-]*) die "access/secret keys may only use [A-Za-z0-9_+/=.-]" ;; esac
-  mkdir -p "$DIR/data"
+  data_dir
   cat >"$DIR/s3.json" <<EOF
 {"identities": [{"name": "tally-test", "credentials": [{"accessKey": "$ak", "secretKey": "$sk"}],
   "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
@@ -286,5 +308,6 @@ case $cmd in
   start) do_start ;;
   env) [ -n "$(running_pid)" ] || die "not running"; print_env ;;
   stop) do_stop ;;
+  clean) do_clean ;;
   *) usage ;;
 esac

@@ -848,7 +848,7 @@ pub struct AddedNode {
 /// non-member. Appends it to `dir/profile.toml`'s `[[replicas]]`. Other nodes' files are not
 /// touched. Everything is checked before anything is written. In a threshold operator's
 /// directory the new replica holds no share until `--new-group` deals one to it
-/// ([`crate::groups`]).
+/// (`groups.rs`).
 pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Result<AddedNode> {
     let config_path = unused_config_path(dir, id)?;
     let existing = existing_nodes(dir)?;
@@ -865,7 +865,7 @@ pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Res
     let mut config = added_node_config(&existing, id, base_port, &initial_voters)?;
     let threshold = is_threshold(&config);
     if threshold {
-        crate::groups::added_member_operator(dir, &existing, id, &mut config)?;
+        added_member_operator(dir, &existing, id, &mut config)?;
     }
     let (client, peer) = (config.listen.client, config.listen.peer);
     let profile_path = dir.join("profile.toml");
@@ -894,6 +894,40 @@ pub fn add_node(dir: &Path, id: u64, base_port: u16, certs: &CertOptions) -> Res
         initial_voters,
         threshold,
     })
+}
+
+/// The ledger's genesis key: the one the configs name, or the group key of the lowest node's
+/// share (a cluster that never rotated).
+pub(crate) fn threshold_genesis_key(dir: &Path, existing: &[(u64, Config)]) -> Result<PublicKey> {
+    if let Some(key) = existing
+        .iter()
+        .find_map(|(_, c)| c.genesis_public_key_bytes())
+    {
+        return Ok(key);
+    }
+    let held = existing.iter().find_map(|(_, c)| {
+        let path = c.operator.as_ref()?.signing_key_share.as_ref()?;
+        Some(dir.join(path)).filter(|p| p.exists())
+    });
+    let path = held.context("--new-group: no replica of this directory holds a share yet")?;
+    Ok(ShareFile::read(&path)?.group_key)
+}
+
+/// The `[operator]` of a replica `--add-node` adds to a threshold operator's directory: it
+/// holds no share until `--new-group` deals one to it (`node<id>.share` stands for it until
+/// then), and names the ledger's genesis key.
+pub(crate) fn added_member_operator(
+    dir: &Path,
+    existing: &[(u64, Config)],
+    id: u64,
+    config: &mut Config,
+) -> Result<()> {
+    let genesis = threshold_genesis_key(dir, existing)?;
+    let operator = config.operator.as_mut().context("[operator] is required")?;
+    operator.signing_key_share = Some(PathBuf::from(format!("node{id}.share")));
+    operator.next_signing_key_share = None;
+    operator.genesis_public_key = Some(hex::encode(genesis));
+    Ok(())
 }
 
 /// Whether `config` is a threshold operator's replica's (`operator.signing_key_share`).
@@ -1136,7 +1170,7 @@ pub(crate) fn replace_file(path: &Path, contents: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[cfg(unix)]
@@ -1375,7 +1409,7 @@ mod tests {
     }
 
     /// `dir/node<id>.toml` with its paths resolved against `dir`, as the server loads it.
-    fn loaded(dir: &Path, id: u64) -> Config {
+    pub(crate) fn loaded(dir: &Path, id: u64) -> Config {
         let mut config = config(&dir.join(format!("node{id}.toml")));
         config.resolve_paths(dir);
         config
@@ -1389,7 +1423,7 @@ mod tests {
     }
 
     /// A threshold operator of 3 replicas in `tmp/op`.
-    fn threshold_cluster(tmp: &tempfile::TempDir) -> PathBuf {
+    pub(crate) fn threshold_cluster(tmp: &tempfile::TempDir) -> PathBuf {
         let dir = tmp.path().join("op");
         let configs = init_threshold_cluster(3, &dir, 7400, &CertOptions::default()).unwrap();
         assert_eq!(configs.len(), 3);
@@ -1397,7 +1431,7 @@ mod tests {
     }
 
     /// `anyhow`'s whole message of the error of `result`.
-    fn error<T>(result: Result<T>) -> String {
+    pub(crate) fn error<T>(result: Result<T>) -> String {
         format!("{:#}", result.err().expect("an error"))
     }
 
@@ -1652,57 +1686,6 @@ mod tests {
         init_threshold_cluster(2, &two, 7400, &CertOptions::default()).unwrap();
         let file = ShareFile::read(&two.join("node2.share")).unwrap();
         assert_eq!((file.threshold, file.signers), (2, 2));
-    }
-
-    #[test]
-    fn a_new_member_and_the_old_ones_get_shares_of_a_new_group() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = threshold_cluster(&tmp);
-        let genesis = ShareFile::read(&dir.join("node1.share")).unwrap().group_key;
-        let added = add_node(&dir, 4, 7400, &CertOptions::default()).unwrap();
-        assert!(added.threshold);
-        let message = error(OperatorSecret::read(&loaded(&dir, 4)));
-        assert!(
-            message.contains("node4.share"),
-            "no share before --new-group: {message}"
-        );
-        // Node 3 leaves: the new group is 1, 2 and 4, any two of whom sign.
-        let group = crate::groups::new_group(&dir, Some(&[1, 2, 4])).unwrap();
-        assert_eq!((group.members.clone(), group.threshold), (vec![1, 2, 4], 2));
-        assert_ne!(group.group_key, genesis);
-        for id in [1, 2, 4] {
-            let OperatorSecret::Share(files) = OperatorSecret::read(&loaded(&dir, id)).unwrap()
-            else {
-                panic!("node {id} reads a whole key");
-            };
-            assert_eq!(files.genesis, genesis, "node {id}");
-            let new = match id {
-                4 => {
-                    assert!(files.next.is_none());
-                    &files.configured
-                }
-                _ => {
-                    assert_eq!(files.configured.group_key, genesis);
-                    files.next.as_ref().unwrap()
-                }
-            };
-            assert_eq!((new.group_key, new.signer), (group.group_key, id as u16));
-            assert_eq!((new.threshold, new.signers), (2, 3));
-        }
-        let OperatorSecret::Share(three) = OperatorSecret::read(&loaded(&dir, 3)).unwrap() else {
-            panic!("node 3 reads a whole key");
-        };
-        assert!(
-            three.next.is_none(),
-            "node 3 is not a member of the new group"
-        );
-        let message = error(crate::groups::new_group(&dir, None));
-        assert!(
-            message.contains("holds a next group's share already"),
-            "{message}"
-        );
-        let message = error(crate::groups::new_group(&dir, Some(&[3, 5])));
-        assert!(message.contains("no node5.toml"), "{message}");
     }
 
     #[test]

@@ -237,12 +237,11 @@ impl Job {
 pub enum StorageCmd {
     /// A committed raft entry, in log order.
     Committed(Committed<ReplyTo>),
-    /// Bring the ledger to (at least) the state a raft snapshot describes.
-    InstallSnapshot {
-        index: u64,
-        descriptor: Vec<u8>,
-        done: Sender<CoreResult<()>>,
-    },
+    /// Bring the ledger to (at least) the state a raft snapshot describes, before anything
+    /// queued behind it (committed entries after the snapshot point). The raft thread does not
+    /// wait: it keeps voting and answering heartbeats while the ledger is fetched. A failure
+    /// stops the node.
+    InstallSnapshot { index: u64, descriptor: Vec<u8> },
     /// Stream the whole ledger (one consistent view) to a peer installing a snapshot.
     Dump {
         chunk_bytes_max: usize,

@@ -24,7 +24,7 @@ use tally_config::Config;
 use tally_core::threshold::{deal_to, SignerId};
 use tally_wire::PublicKey;
 
-use crate::bootstrap::{existing_nodes, replace_file, ShareFile};
+use crate::bootstrap::{existing_nodes, replace_file, threshold_genesis_key, ShareFile};
 
 /// What `--new-group` dealt and wrote.
 pub struct NewGroup {
@@ -46,7 +46,7 @@ pub fn new_group(dir: &Path, members: Option<&[u64]>) -> Result<NewGroup> {
         None => existing.iter().map(|(id, _)| *id).collect(),
     };
     let configs = member_configs(dir, &existing, &members)?;
-    let genesis = genesis_key(dir, &existing)?;
+    let genesis = threshold_genesis_key(dir, &existing)?;
     let ids = members
         .iter()
         .map(|id| SignerId::try_from(*id).context("a node id beyond 65535"))
@@ -142,36 +142,61 @@ fn member_configs(
     Ok(out)
 }
 
-/// The ledger's genesis key: the one the configs name, or the group key of the lowest node's
-/// share (a cluster that never rotated).
-pub(crate) fn genesis_key(dir: &Path, existing: &[(u64, Config)]) -> Result<PublicKey> {
-    if let Some(key) = existing
-        .iter()
-        .find_map(|(_, c)| c.genesis_public_key_bytes())
-    {
-        return Ok(key);
-    }
-    let held = existing.iter().find_map(|(_, c)| {
-        let path = c.operator.as_ref()?.signing_key_share.as_ref()?;
-        Some(dir.join(path)).filter(|p| p.exists())
-    });
-    let path = held.context("--new-group: no replica of this directory holds a share yet")?;
-    Ok(ShareFile::read(&path)?.group_key)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bootstrap::tests::{error, loaded, threshold_cluster};
+    use crate::bootstrap::{add_node, OperatorSecret};
+    use crate::certs::CertOptions;
 
-/// The `[operator]` of a replica `--add-node` adds to a threshold operator's directory: it
-/// holds no share until `--new-group` deals one to it (`node<id>.share` stands for it until
-/// then), and names the ledger's genesis key.
-pub(crate) fn added_member_operator(
-    dir: &Path,
-    existing: &[(u64, Config)],
-    id: u64,
-    config: &mut Config,
-) -> Result<()> {
-    let genesis = genesis_key(dir, existing)?;
-    let operator = config.operator.as_mut().context("[operator] is required")?;
-    operator.signing_key_share = Some(PathBuf::from(format!("node{id}.share")));
-    operator.next_signing_key_share = None;
-    operator.genesis_public_key = Some(hex::encode(genesis));
-    Ok(())
+    #[test]
+    fn a_new_member_and_the_old_ones_get_shares_of_a_new_group() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = threshold_cluster(&tmp);
+        let genesis = ShareFile::read(&dir.join("node1.share")).unwrap().group_key;
+        let added = add_node(&dir, 4, 7400, &CertOptions::default()).unwrap();
+        assert!(added.threshold);
+        let message = error(OperatorSecret::read(&loaded(&dir, 4)));
+        assert!(
+            message.contains("node4.share"),
+            "no share before --new-group: {message}"
+        );
+        // Node 3 leaves: the new group is 1, 2 and 4, any two of whom sign.
+        let group = new_group(&dir, Some(&[1, 2, 4])).unwrap();
+        assert_eq!((group.members.clone(), group.threshold), (vec![1, 2, 4], 2));
+        assert_ne!(group.group_key, genesis);
+        for id in [1, 2, 4] {
+            let OperatorSecret::Share(files) = OperatorSecret::read(&loaded(&dir, id)).unwrap()
+            else {
+                panic!("node {id} reads a whole key");
+            };
+            assert_eq!(files.genesis, genesis, "node {id}");
+            let new = match id {
+                4 => {
+                    assert!(files.next.is_none());
+                    &files.configured
+                }
+                _ => {
+                    assert_eq!(files.configured.group_key, genesis);
+                    files.next.as_ref().unwrap()
+                }
+            };
+            assert_eq!((new.group_key, new.signer), (group.group_key, id as u16));
+            assert_eq!((new.threshold, new.signers), (2, 3));
+        }
+        let OperatorSecret::Share(three) = OperatorSecret::read(&loaded(&dir, 3)).unwrap() else {
+            panic!("node 3 reads a whole key");
+        };
+        assert!(
+            three.next.is_none(),
+            "node 3 is not a member of the new group"
+        );
+        let message = error(new_group(&dir, None));
+        assert!(
+            message.contains("holds a next group's share already"),
+            "{message}"
+        );
+        let message = error(new_group(&dir, Some(&[3, 5])));
+        assert!(message.contains("no node5.toml"), "{message}");
+    }
 }

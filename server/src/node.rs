@@ -87,26 +87,38 @@ fn configured_book(config: &Config) -> AddressBook {
     book
 }
 
+/// A raft log opened for the raft thread: the replica, the address book the log holds (if
+/// any), and the snapshot the ledger must still install (index, descriptor).
+struct OpenedReplica {
+    replica: Replica<RaftLogDb>,
+    book: Option<AddressBook>,
+    install: Option<(u64, Vec<u8>)>,
+}
+
 /// Opens the raft log and starts raft on it, at `min(ledger raft index, durable commit)`.
-/// Returns the address book the log holds, if any. Refuses a replica that was removed from
-/// the cluster (its log is in use and its configuration no longer names it).
+/// Refuses a replica that was removed from the cluster (its log is in use and its
+/// configuration no longer names it). A ledger behind the log's snapshot point (a crash while
+/// a snapshot installed, raft having moved first; or a lost ledger directory) installs that
+/// snapshot from a peer before anything else applies.
 fn open_replica(
     dir: &Path,
     voters: &[u64],
     node_id: u64,
     raft_cfg: &tally_config::RaftConfig,
     ledger_raft_index: u64,
-) -> Result<(Replica<RaftLogDb>, Option<AddressBook>)> {
+) -> Result<OpenedReplica> {
     let log = RaftLogDb::open(dir, voters)?;
     let commit = log.hard_state().commit;
     let snapshot_index = log.snapshot_index();
-    if ledger_raft_index < snapshot_index {
-        bail!(
-            "the ledger (raft index {ledger_raft_index}) is behind the raft log's snapshot point \
-             ({snapshot_index}): the ledger directory was lost or replaced; wipe both the ledger \
-             and raft directories of this replica to rebuild it from the others"
+    let install = (ledger_raft_index < snapshot_index).then(|| {
+        tracing::warn!(
+            ledger_raft_index,
+            snapshot_index,
+            "the ledger is behind the raft log's snapshot point: fetching that snapshot from \
+             a peer before applying anything"
         );
-    }
+        (snapshot_index, log.snapshot_point().descriptor.clone())
+    });
     let conf = log.conf_state();
     let member = conf.voters.contains(&node_id) || conf.learners.contains(&node_id);
     let in_use = raft::Storage::last_index(&log)? > 0 || snapshot_index > 0;
@@ -128,7 +140,11 @@ fn open_replica(
         max_inflight_msgs: 256,
     };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
-    Ok((Replica::new(&cfg, log, &logger)?, book))
+    Ok(OpenedReplica {
+        replica: Replica::new(&cfg, log, &logger)?,
+        book,
+        install,
+    })
 }
 
 /// After a crash the ledger's archive (bodies, request index; written behind the state) can lag
@@ -344,7 +360,11 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
                 s.ledger_raft_index,
             )
             .with_context(|| format!("starting raft on the log in {}", s.dir.display()));
-            let (replica, stored_book) = match opened {
+            let OpenedReplica {
+                replica,
+                book: stored_book,
+                install,
+            } = match opened {
                 Ok(r) => {
                     let _ = started_tx.send(Ok(()));
                     r
@@ -359,6 +379,13 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
                 compaction_bytes: s.raft_cfg.compaction_bytes,
             };
             let book = stored_book.unwrap_or(s.configured);
+            let installing_to = install.as_ref().map_or(0, |(index, _)| *index);
+            if let Some((index, descriptor)) = install {
+                let cmd = crate::channels::StorageCmd::InstallSnapshot { index, descriptor };
+                if s.apply.send(cmd).is_err() {
+                    return;
+                }
+            }
             RaftThread {
                 engine: Replication::new(cfg, replica, book),
                 events: s.events,
@@ -375,6 +402,7 @@ fn spawn_raft(s: RaftStart) -> Result<std::thread::JoinHandle<()>> {
                 signing_seen: Default::default(),
                 leader_seen: 0,
                 handed_over_at: None,
+                installing_to,
             }
             .run();
         })?;

@@ -55,6 +55,9 @@ pub struct RaftThread<S: RaftLogStore> {
     /// When this replica, leading without a share of the group that must sign, last handed
     /// leadership over.
     pub handed_over_at: Option<Instant>,
+    /// The raft index of the newest snapshot handed to the storage thread to install: until
+    /// the ledger has applied it, this replica does not campaign (it could not serve).
+    pub installing_to: u64,
 }
 
 /// How often a leader that cannot coordinate a signature tries to hand leadership over.
@@ -81,7 +84,8 @@ impl<S: RaftLogStore> RaftThread<S> {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             }
             if Instant::now() >= next_tick {
-                let may_campaign = self.single_voter() || (self.may_campaign)();
+                let may_campaign =
+                    self.single_voter() || ((self.may_campaign)() && !self.installing());
                 self.engine.tick(may_campaign, &mut out);
                 next_tick = Instant::now() + self.tick;
             }
@@ -192,6 +196,11 @@ impl<S: RaftLogStore> RaftThread<S> {
         }
     }
 
+    /// Whether the ledger is still installing a snapshot raft has moved to.
+    fn installing(&self) -> bool {
+        self.applied.index.load(Ordering::SeqCst) < self.installing_to
+    }
+
     /// Runs `step` on the signing stage, if any, and carries out what it says.
     fn sign(&mut self, step: impl FnOnce(&mut Signing<rand::rngs::OsRng>, u64, &mut Vec<SignOut>)) {
         let Some(signing) = self.signing.as_mut() else {
@@ -226,10 +235,15 @@ impl<S: RaftLogStore> RaftThread<S> {
         let started = Instant::now();
         let had_ready = self.engine.replica().has_ready();
         let apply = self.apply.clone();
-        let mut install = |snapshot: &Snapshot| install_snapshot(&apply, snapshot);
+        let mut installing = self.installing_to;
+        let mut install = |snapshot: &Snapshot| {
+            installing = installing.max(snapshot.get_metadata().index);
+            install_snapshot(&apply, snapshot)
+        };
         if let Err(e) = self.engine.drive(&mut install, out) {
             crate::fail::fatal("raft persistence", &e);
         }
+        self.installing_to = installing;
         if had_ready {
             let seconds = started.elapsed().as_secs_f64();
             self.metrics.raft.ready_seconds.observe(seconds);
@@ -387,16 +401,17 @@ impl<S: RaftLogStore> RaftThread<S> {
     }
 }
 
-/// Has the storage thread bring the ledger to a snapshot's state, and waits for it.
+/// Has the storage thread bring the ledger to a snapshot's state, without waiting for it:
+/// the committed entries after the snapshot point queue behind the install, and this thread
+/// keeps voting and answering its leader meanwhile (a follower that blocked here for the
+/// download could not vote, and a leader elected beside it lost its quorum). Raft's own log
+/// moves to the snapshot point at once; a crash before the ledger follows is repaired at the
+/// next start (`node.rs` `open_replica`).
 fn install_snapshot(apply: &Sender<StorageCmd>, snapshot: &Snapshot) -> tally_core::Result<()> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let gone = || tally_core::Error::stopped("the storage thread");
     apply
         .send(StorageCmd::InstallSnapshot {
             index: snapshot.get_metadata().index,
             descriptor: snapshot.data.to_vec(),
-            done: tx,
         })
-        .map_err(|_| gone())?;
-    rx.recv().map_err(|_| gone())?
+        .map_err(|_| tally_core::Error::stopped("the storage thread"))
 }

@@ -64,12 +64,10 @@ impl<S: LedgerStore> StorageThread<S> {
                         self.maintain();
                     }
                 }
-                StorageCmd::InstallSnapshot {
-                    index,
-                    descriptor,
-                    done,
-                } => {
-                    let _ = done.send(self.install(index, &descriptor, &mut out));
+                StorageCmd::InstallSnapshot { index, descriptor } => {
+                    if let Err(e) = self.install(index, &descriptor, &mut out) {
+                        fatal("installing a snapshot", &e);
+                    }
                 }
                 StorageCmd::Replay {
                     height,

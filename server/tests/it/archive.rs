@@ -422,13 +422,37 @@ fn start_s3(dir: &Path, port: u16) -> String {
 }
 
 fn stop_s3(dir: &Path) {
+    s3_script("stop", dir);
+}
+
+fn s3_script(command: &str, dir: &Path) {
     let status = Command::new("bash")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/s3.sh"))
-        .arg("stop")
+        .arg(command)
         .arg(dir)
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// A test's own S3 server directory: its server stopped and its data deleted on drop, even
+/// when the test fails (a weed left running holds memory and ports).
+struct OwnS3(tempfile::TempDir);
+
+impl OwnS3 {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for OwnS3 {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/s3.sh"))
+            .arg("clean")
+            .arg(self.0.path())
+            .status();
+    }
 }
 
 #[test]
@@ -438,7 +462,7 @@ fn the_store_down_for_30_s_and_back() {
         println!("no S3 server here (TALLY_TEST_S3 unset): skipped");
         return;
     }
-    let s3 = tempfile::tempdir().unwrap();
+    let s3 = OwnS3(tempfile::tempdir().unwrap());
     let port = port_outside_the_ephemeral_range();
     let endpoint = start_s3(s3.path(), port);
     let op = Operator::new(|c| {
@@ -508,5 +532,5 @@ fn the_store_down_for_30_s_and_back() {
         assert!(report.height >= height);
     });
     drop(server);
-    stop_s3(s3.path());
+    drop(s3);
 }
