@@ -158,22 +158,7 @@ fn init_cluster(command: &Command) -> Result<()> {
         unreachable!("init_cluster is called for init-cluster only");
     };
     if *new_group {
-        let members = (!members.is_empty()).then_some(&members[..]);
-        let group = tally_server::groups::new_group(dir, members)?;
-        for (share, config) in &group.written {
-            println!("{} names {}", config.display(), share.display());
-        }
-        println!(
-            "new group key: {} (members {:?}, any {} of them sign)",
-            hex::encode(group.group_key),
-            group.members,
-            group.threshold
-        );
-        println!(
-            "next: restart each member, then  tally cluster rotate-key --new-public-key {}",
-            hex::encode(group.group_key)
-        );
-        return Ok(());
+        return new_group(dir, members);
     }
     if let Some(id) = add_node {
         let added = tally_server::bootstrap::add_node(dir, *id, *base_port, &certs.options()?)?;
@@ -212,6 +197,26 @@ fn init_cluster(command: &Command) -> Result<()> {
         );
     }
     println!("client profile: {}", dir.join("profile.toml").display());
+    Ok(())
+}
+
+/// `init-cluster --new-group`: deals the next group and says what to do with it.
+fn new_group(dir: &std::path::Path, members: &[u64]) -> Result<()> {
+    let members = (!members.is_empty()).then_some(members);
+    let group = tally_server::groups::new_group(dir, members)?;
+    for (share, config) in &group.written {
+        println!("{} names {}", config.display(), share.display());
+    }
+    println!(
+        "new group key: {} (members {:?}, any {} of them sign)",
+        hex::encode(group.group_key),
+        group.members,
+        group.threshold
+    );
+    println!(
+        "next: restart each member, then  tally cluster rotate-key --new-public-key {}",
+        hex::encode(group.group_key)
+    );
     Ok(())
 }
 
