@@ -158,7 +158,7 @@ fn init_cluster(command: &Command) -> Result<()> {
         unreachable!("init_cluster is called for init-cluster only");
     };
     if *new_group {
-        return new_group(dir, members);
+        return deal_new_group(dir, members);
     }
     if let Some(id) = add_node {
         let added = tally_server::bootstrap::add_node(dir, *id, *base_port, &certs.options()?)?;
@@ -201,7 +201,7 @@ fn init_cluster(command: &Command) -> Result<()> {
 }
 
 /// `init-cluster --new-group`: deals the next group and says what to do with it.
-fn new_group(dir: &std::path::Path, members: &[u64]) -> Result<()> {
+fn deal_new_group(dir: &std::path::Path, members: &[u64]) -> Result<()> {
     let members = (!members.is_empty()).then_some(members);
     let group = tally_server::groups::new_group(dir, members)?;
     for (share, config) in &group.written {
