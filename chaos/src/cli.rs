@@ -91,8 +91,9 @@ pub struct LiveArgs {
     pub total_loss: bool,
     /// A threshold operator (`init-cluster --threshold`, PROTOCOL.md §4.15): each replica holds
     /// a share of the operator key and a majority signs every header and checkpoint; its
-    /// archive holds every checkpoint's signature, so --total-loss restores it too. Without
-    /// replacements (a threshold group cannot add replicas): no replace fault.
+    /// archive holds every checkpoint's signature, so --total-loss restores it too. No replace
+    /// fault: a new member needs a new group and a rotation to it (`init-cluster --new-group`),
+    /// which this harness does not drive.
     #[arg(long)]
     pub threshold: bool,
     /// Raft tick written into every replica's config.

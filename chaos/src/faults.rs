@@ -84,7 +84,7 @@ impl FaultKind {
     ) -> Option<&'static str> {
         match self {
             FaultKind::Replace if threshold => {
-                Some("not with --threshold: a threshold group is the replicas its key was dealt to")
+                Some("not with --threshold: a new member needs a new group and a rotation to it, which this harness does not drive")
             }
             FaultKind::ArchiveOutage if !archive_proxied => Some(
                 "needs an S3 archive the harness can cut (--archive s3://BUCKET/PREFIX with \

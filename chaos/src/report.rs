@@ -140,6 +140,14 @@ pub struct Failover {
     /// Leader disruptions never followed by such a confirmation.
     pub unrecovered: u64,
     pub samples_ms: Vec<u64>,
+    /// The samples of the disruptions that began while no other fault was under way (every
+    /// other replica up and reachable): the failover the replicas decide alone. One that began
+    /// while another replica was down or cut off may have had no majority left until that
+    /// healed, and measures the healing as much as the election.
+    pub alone_count: u64,
+    pub alone_p50_ms: u64,
+    pub alone_p99_ms: u64,
+    pub alone_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -273,8 +281,17 @@ impl Report {
         let _ = writeln!(
             w,
             "failover (leader disruption → first confirmation from a newer term): {} samples, \
-             p50 {} ms, p99 {} ms, max {} ms; {} without a newer-term confirmation",
-            f.count, f.p50_ms, f.p99_ms, f.max_ms, f.unrecovered
+             p50 {} ms, p99 {} ms, max {} ms; {} without a newer-term confirmation; {} began \
+             with no other fault under way: p50 {} ms, p99 {} ms, max {} ms",
+            f.count,
+            f.p50_ms,
+            f.p99_ms,
+            f.max_ms,
+            f.unrecovered,
+            f.alone_count,
+            f.alone_p50_ms,
+            f.alone_p99_ms,
+            f.alone_max_ms
         );
         let counts: Vec<u64> = self.throughput.iter().map(|s| s.confirmed).collect();
         if !counts.is_empty() {
@@ -451,9 +468,9 @@ pub fn failover(h: &History, faults: &[FaultEvent]) -> Failover {
         .map(|c| (c.at_ms, c.term))
         .collect();
     confirmations.sort_unstable();
-    let mut samples = Vec::new();
+    let (mut samples, mut alone) = (Vec::new(), Vec::new());
     let mut unrecovered = 0;
-    for f in faults.iter().filter(|f| f.disrupts_leader) {
+    for (i, f) in faults.iter().enumerate().filter(|(_, f)| f.disrupts_leader) {
         let Some((_, term)) = f.leader else {
             continue;
         };
@@ -461,12 +478,18 @@ pub fn failover(h: &History, faults: &[FaultEvent]) -> Failover {
             .iter()
             .find(|&&(at, t)| at >= f.at_ms && t > term)
         {
-            Some(&(at, _)) => samples.push(at - f.at_ms),
+            Some(&(at, _)) => {
+                samples.push(at - f.at_ms);
+                if !overlapped(i, faults) {
+                    alone.push(at - f.at_ms);
+                }
+            }
             None => unrecovered += 1,
         }
     }
     let mut sorted = samples.clone();
     sorted.sort_unstable();
+    alone.sort_unstable();
     Failover {
         count: samples.len() as u64,
         p50_ms: percentile(&sorted, 50.0),
@@ -474,5 +497,51 @@ pub fn failover(h: &History, faults: &[FaultEvent]) -> Failover {
         max_ms: sorted.last().copied().unwrap_or(0),
         unrecovered,
         samples_ms: samples,
+        alone_count: alone.len() as u64,
+        alone_p50_ms: percentile(&alone, 50.0),
+        alone_p99_ms: percentile(&alone, 99.0),
+        alone_max_ms: alone.last().copied().unwrap_or(0),
+    }
+}
+
+/// Whether another fault was under way when fault `i` began.
+fn overlapped(i: usize, faults: &[FaultEvent]) -> bool {
+    let at = faults[i].at_ms;
+    faults
+        .iter()
+        .enumerate()
+        .any(|(j, g)| j != i && g.at_ms <= at && g.healed_at_ms > at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(at_ms: u64, healed_at_ms: u64, kind: &str) -> FaultEvent {
+        FaultEvent {
+            at_ms,
+            healed_at_ms,
+            kind: kind.into(),
+            targets: vec![1],
+            disrupts_leader: kind == "kill-leader",
+            leader: Some((1, 1)),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_disruption_overlaps_only_a_fault_under_way_when_it_began() {
+        let faults = [
+            fault(0, 2_000, "kill-backup"),
+            fault(1_000, 3_000, "kill-leader"),
+            fault(2_000, 2_500, "kill-leader"),
+            fault(5_000, 6_000, "kill-leader"),
+        ];
+        // Began while the backup was down; began while the second was under way (the backup
+        // healed at exactly 2,000); began alone.
+        assert!(overlapped(1, &faults));
+        assert!(overlapped(2, &faults));
+        assert!(!overlapped(3, &faults));
+        assert!(!overlapped(0, &faults));
     }
 }

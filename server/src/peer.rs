@@ -254,13 +254,18 @@ async fn dial_loop(
                     // Drop what queued up meanwhile: raft will resend what still matters.
                     while rx.try_recv().is_ok() {}
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
                     continue;
                 }
             },
         };
-        backoff = Duration::from_millis(50);
+        let connected_at = tokio::time::Instant::now();
         tracing::info!(peer = id, %addr, "connected to peer");
+        // The peer sends nothing on this connection; reading it only watches for its end, so
+        // that a peer that died (the kernel closes its sockets) is dialed again at once rather
+        // than when the next message finds the socket dead: a follower writes to another only
+        // to ask for its vote, and that vote would be lost.
+        let (mut watch_closed, tls) = tokio::io::split(tls);
         // tokio-rustls seals and sends a record on every write: buffered, a frame's length
         // prefix and the small messages queued together share records and syscalls.
         let mut tls = tokio::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, tls);
@@ -268,6 +273,11 @@ async fn dial_loop(
             let msg = tokio::select! {
                 biased;
                 _ = shutdown.changed() => return,
+                _ = until_closed(&mut watch_closed) => {
+                    tracing::info!(peer = id, "peer connection closed");
+                    let _ = events.try_send(RaftEvent::Unreachable(id));
+                    break;
+                }
                 m = rx.recv() => match m { Some(m) => m, None => return },
             };
             // A peer that does not read is dropped after write_timeout_ms and dialed again;
@@ -278,6 +288,29 @@ async fn dial_loop(
                 let _ = events.try_send(RaftEvent::Unreachable(id));
                 break;
             }
+        }
+        // A peer that closes a connection at once (it refuses us) is not dialed in a loop.
+        match connected_at.elapsed() >= Duration::from_secs(1) {
+            true => backoff = Duration::from_millis(50),
+            false => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// The longest pause between two dials of a peer that cannot be reached (a restarted peer is
+/// dialed again within this long of listening).
+const DIAL_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Returns once the connection ends (its end, or an error); discards anything it reads.
+async fn until_closed<R: tokio::io::AsyncRead + Unpin>(r: &mut R) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            return;
         }
     }
 }
