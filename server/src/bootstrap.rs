@@ -277,6 +277,8 @@ impl std::fmt::Debug for ShareFile {
 /// What this replica signs headers with: the whole operator key (`operator.signing_key`, with
 /// the keys around a rotation) or its share of a threshold key (`operator.signing_key_share`,
 /// with the next group's ahead of a rotation).
+// Read once at start: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum OperatorSecret {
     Whole(OperatorKeyFiles),
     Share(ShareFiles),
