@@ -400,11 +400,9 @@ fn one_restored_replica_seeds_the_wiped_others() {
 /// keep dialling its port, and a dial from an ephemeral port equal to it connects to itself
 /// (TCP simultaneous open on loopback), which then holds the port the store must come back on.
 fn port_outside_the_ephemeral_range() -> u16 {
-    let start = 20_000 + (std::process::id() % 10_000) as u16;
-    (start..32_000)
-        .chain(20_000..start)
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port in 20000..32000")
+    // 20000..32000, and never handed to another test of this process (the port stays free
+    // while the store is down, and must be ours when it comes back).
+    crate::cluster_harness::local_port().port()
 }
 
 /// Starts a SeaweedFS of this test's own on `port` (`.ci/s3.sh`); returns its endpoint.

@@ -22,9 +22,16 @@ use crate::harness::Server;
 /// test running in parallel may take it meanwhile.
 fn free_port() -> u16 {
     use rand::Rng;
+    // A port is free only until someone binds it: never hand out one twice in a process (the
+    // tests run in parallel), or two listeners of one cluster could be given the same one and
+    // a replica's config then fails validation ("same address as listen.client").
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().expect("port list");
     loop {
         let port = rand::thread_rng().gen_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
             return port;
         }
     }
