@@ -31,12 +31,27 @@ impl StatelessRules {
 
     /// Everything [`StatelessRules::check`] checks except the signature, which the caller checks
     /// (in a batch: [`KeyCache::verify_requests`]) and refuses with [`bad_signature`].
-    pub fn check_unsigned(&self, request: &Request) -> Result<(), Rejection> {
+    /// `accounts` remembers recipients already found to be account keys: the check is a point
+    /// decompression and a compression, two field exponentiations, as much as the batch
+    /// equation spends on the signature itself.
+    pub fn check_unsigned(
+        &self,
+        request: &Request,
+        accounts: &mut AccountKeys,
+    ) -> Result<(), Rejection> {
+        self.check_unsigned_with(request, |to| accounts.check(to))
+    }
+
+    fn check_unsigned_with(
+        &self,
+        request: &Request,
+        usable: impl FnOnce(&PublicKey) -> bool,
+    ) -> Result<(), Rejection> {
         if request.chain_id != self.chain_id {
             return Err(wrong_chain());
         }
         let deposit_key = self.deposit_keys.contains(&request.signer);
-        check_shape(request.op, deposit_key, &request.to, is_account_key)
+        check_shape(request.op, deposit_key, &request.to, usable)
     }
 
     /// [`StatelessRules::check`] for an envelope: the chain id, who may sign each operation,
@@ -68,7 +83,7 @@ impl StatelessRules {
         request: &Request,
         verify: impl FnOnce(&Request) -> bool,
     ) -> Result<(), Rejection> {
-        self.check_unsigned(request)?;
+        self.check_unsigned_with(request, is_account_key)?;
         if !verify(request) {
             return Err(bad_signature());
         }

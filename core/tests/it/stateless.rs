@@ -2,8 +2,8 @@
 
 use std::collections::HashSet;
 
-use tally_core::crypto::sign_request;
-use tally_core::validate::{is_account_key, StatelessRules};
+use tally_core::crypto::{sign_request, verify_request};
+use tally_core::validate::{is_account_key, AccountKeys, StatelessRules};
 use tally_wire::{ErrorCode, Op, Request};
 
 use crate::common::{deposit, key, pk, signed, transfer, withdraw, CHAIN, DEPOSIT};
@@ -19,6 +19,18 @@ fn check(name: &str, request: Request, expected: Result<(), ErrorCode>) {
         expected,
         "{name}"
     );
+    // The workers' path: the rules with remembered recipients (cold, then warm), then the
+    // signature on its own; the same answer.
+    let mut accounts = AccountKeys::new(4);
+    for round in ["cold", "warm"] {
+        let answer = rules
+            .check_unsigned(&request, &mut accounts)
+            .and_then(|()| match verify_request(&request) {
+                true => Ok(()),
+                false => Err(tally_core::validate::bad_signature()),
+            });
+        assert_eq!(answer.map_err(|r| r.code), expected, "{name} ({round} cache)");
+    }
 }
 
 /// 32 bytes that are no curve point: y = 2 has no x on edwards25519.

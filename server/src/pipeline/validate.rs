@@ -59,7 +59,7 @@ pub(super) fn stateless_worker(
         let mut signed = Vec::with_capacity(jobs.len());
         for job in jobs {
             let checked = match &job.submission {
-                Submission::Request(request) => rules.check_unsigned(request),
+                Submission::Request(request) => rules.check_unsigned(request, &mut accounts),
                 Submission::Envelope { envelope, .. } => {
                     // One signature over many operations: checked alone, here.
                     match rules.check_envelope(envelope, &mut accounts) {
