@@ -389,17 +389,16 @@ impl<R> Master<R> {
             return false;
         };
         let mut waiters = std::mem::take(&mut self.open);
+        let leaves = body.leaf_count();
         if let Some(reply) = self.rotation_waiter.take() {
             waiters.push(Waiter {
-                index: body.leaf_count() as u32 - 1,
+                index: leaves as u32 - 1,
                 reply,
                 replayed: false,
             });
         }
         assert!(
-            waiters
-                .iter()
-                .all(|w| (w.index as usize) < body.leaf_count()),
+            waiters.iter().all(|w| (w.index as usize) < leaves),
             "a waiter outside its batch"
         );
         out.push(MasterOut::Propose {
