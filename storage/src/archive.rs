@@ -33,6 +33,7 @@ use rusty_leveldb::{LdbIterator, WriteBatch, DB};
 use tally_core::{Error, Result};
 use tally_wire::Hash;
 
+use crate::bodies::{BodyLog, Locator};
 use crate::env::{get_checked, SyncEnv, SyncStats};
 use crate::filter::RequestFilter;
 use crate::history::{Get, HistoryWriter};
@@ -67,6 +68,11 @@ enum Cmd {
     Write(ArchiveBatch),
     Get {
         key: Vec<u8>,
+        reply: Reply<Option<Vec<u8>>>,
+    },
+    /// The body of this digest, from the body log or (written before it) the `body` row.
+    Body {
+        digest: Hash,
         reply: Reply<Option<Vec<u8>>>,
     },
     /// Streams every row but the archive's summary, in key order, in groups; then an empty group.
@@ -151,15 +157,17 @@ impl Archive {
     /// point and, when `opts` asks for one, the request filter: `saved` if given (a filter
     /// saved for exactly this ledger), else built by scanning the request table.
     pub(crate) fn open(
-        dir: &Path,
+        ledger: &Path,
         opts: &StoreOptions,
         saved: Option<RequestFilter>,
     ) -> Result<(Archive, ArchivePoint, Option<RequestFilter>)> {
+        let dir = crate::ledger::archive_dir(ledger);
+        let bodies_dir = crate::bodies::bodies_dir(ledger);
         let (tx, rx) = sync_channel(QUEUE_MAX);
         let (opened_tx, opened_rx) =
             sync_channel::<Result<(ArchivePoint, u64, Option<RequestFilter>)>>(1);
         let progress = Arc::new(Progress::default());
-        let (dir, opts, progress2) = (dir.to_owned(), opts.clone(), Arc::clone(&progress));
+        let (opts, progress2) = (opts.clone(), Arc::clone(&progress));
         let thread = std::thread::Builder::new()
             .name("archive".into())
             .spawn(move || {
@@ -167,13 +175,15 @@ impl Archive {
                 // One count of failed reads for every handle on this database (`get_checked`).
                 let stats = Arc::new(SyncStats::default());
                 let env = || SyncEnv::sharing(Arc::clone(&stats));
-                let opened = open_on_thread(&dir, &opts, saved, &stats);
+                let opened = open_on_thread(&dir, &opts, saved, &stats)
+                    .and_then(|o| Ok((o, BodyLog::open(&bodies_dir)?)));
                 match opened {
-                    Ok((db, point, (held_from, history), filter)) => {
+                    Ok(((db, point, (held_from, history), filter), bodies)) => {
                         progress2.state.lock().expect("progress lock").point = point;
                         let _ = opened_tx.send(Ok((point, held_from, filter)));
                         let reopen = || leveldb_options(&opts, env());
-                        run(db, rx, &progress2, (&dir, &stats), history, reopen);
+                        let mut stores = Stores { db, bodies };
+                        run(&mut stores, rx, &progress2, (&dir, &stats), history, reopen);
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -229,6 +239,16 @@ impl Archive {
         let (reply, rx) = sync_channel(1);
         self.send(Cmd::Get {
             key: key.to_vec(),
+            reply,
+        })?;
+        self.answer(rx)
+    }
+
+    /// The body whose SHA-256 is `digest` (after every queued write).
+    pub(crate) fn body(&self, digest: &Hash) -> Result<Option<Vec<u8>>> {
+        let (reply, rx) = sync_channel(1);
+        self.send(Cmd::Body {
+            digest: *digest,
             reply,
         })?;
         self.answer(rx)
@@ -377,9 +397,32 @@ fn lower_priority() {
     }
 }
 
+/// What the archive thread writes: its database and the body log beside it.
+struct Stores {
+    db: DB,
+    bodies: BodyLog,
+}
+
+impl Stores {
+    /// The body of `digest`: the `body` row, resolved through the body log when it holds a
+    /// locator (see `bodies.rs`).
+    fn body(&mut self, digest: &Hash, stats: &SyncStats) -> Result<Option<Vec<u8>>> {
+        let row = get_checked(&mut self.db, &layout::body_key(digest), stats)?;
+        row.map(|v| self.resolve_body(v)).transpose()
+    }
+
+    /// A `body` row's value as the body it stands for.
+    fn resolve_body(&mut self, value: Vec<u8>) -> Result<Vec<u8>> {
+        match Locator::decode(&value)? {
+            Some(at) => self.bodies.read(&at),
+            None => Ok(value),
+        }
+    }
+}
+
 /// The archive thread: writes queued batches in groups, one synced write per group.
 fn run(
-    mut db: DB,
+    stores: &mut Stores,
     rx: Receiver<Cmd>,
     progress: &Progress,
     (dir, stats): (&Path, &SyncStats),
@@ -399,7 +442,7 @@ fn run(
             Cmd::Write(first) => {
                 let (group, after) = gather_group(first, &rx);
                 next = after;
-                if let Err(e) = write_group(&mut db, &group, &mut history, stats) {
+                if let Err(e) = write_group(stores, &group, &mut history, stats) {
                     progress.fail(&e);
                     return;
                 }
@@ -410,29 +453,34 @@ fn run(
                 });
             }
             Cmd::Get { key, reply } => {
-                let _ = reply.send(get_checked(&mut db, &key, stats));
+                let _ = reply.send(get_checked(&mut stores.db, &key, stats));
             }
-            Cmd::Read(f) => f(&mut |key: &[u8]| get_checked(&mut db, key, stats)),
+            Cmd::Body { digest, reply } => {
+                let _ = reply.send(stores.body(&digest, stats));
+            }
+            Cmd::Read(f) => f(&mut |key: &[u8]| get_checked(&mut stores.db, key, stats)),
             Cmd::RawPut { key, value, reply } => {
                 // A raw row may be a history row: read heads again from the database.
                 history.forget();
                 let mut batch = WriteBatch::default();
                 batch.put(&key, &value);
                 let _ = reply.send(
-                    db.write(batch, true)
+                    stores
+                        .db
+                        .write(batch, true)
                         .map_err(|e| io_error("archive raw put", e)),
                 );
             }
             Cmd::Dump { out } => {
-                dump(&mut db, &out);
+                dump(stores, &out);
                 // The dump iterated: go on with a handle that never did (see `reopen_fresh`).
-                if let Err(e) = reopen_fresh(&mut db, dir, options()) {
+                if let Err(e) = reopen_fresh(&mut stores.db, dir, options()) {
                     progress.fail(&e);
                     return;
                 }
             }
             Cmd::Stop => {
-                let _ = db.close();
+                let _ = stores.db.close();
                 return;
             }
         }
@@ -454,13 +502,14 @@ fn gather_group(first: ArchiveBatch, rx: &Receiver<Cmd>) -> (Vec<ArchiveBatch>, 
 }
 
 /// Writes a group of batches (bodies, request records, history and receipt rows) and the
-/// archive point after them in one synced write.
+/// archive point after them in one synced write. The bodies go to the body log first, synced
+/// before the write that holds their locators (see `bodies.rs`).
 ///
 /// The small rows go in key order: rusty-leveldb's memtable is a skip list, and a search for a
 /// key next to the one just inserted walks nodes still in the cache, where random keys miss
 /// it at every level.
 fn write_group(
-    db: &mut DB,
+    stores: &mut Stores,
     group: &[ArchiveBatch],
     history: &mut HistoryWriter,
     stats: &SyncStats,
@@ -468,7 +517,8 @@ fn write_group(
     let mut batch = WriteBatch::default();
     let mut rows = SortedRows::default();
     for b in group {
-        batch.put(&layout::body_key(&b.digest), &b.body);
+        let at = stores.bodies.append(&b.body)?;
+        rows.put(&layout::body_key(&b.digest), &at.encode());
         for (key, value) in &b.requests {
             rows.put(key, value);
         }
@@ -477,7 +527,7 @@ fn write_group(
         // Heads this group changed are in `history`'s memory, not yet in `db`.
         let written = history.batch(
             &body,
-            &mut |key: &[u8]| get_checked(db, key, stats),
+            &mut |key: &[u8]| get_checked(&mut stores.db, key, stats),
             &mut |k: &[u8], v: &[u8]| rows.put(k, v),
         );
         if let Err(e) = written {
@@ -487,13 +537,16 @@ fn write_group(
     }
     history.finish(&mut |k: &[u8], v: &[u8]| rows.put(k, v));
     rows.write_into(&mut batch);
+    stores.bodies.sync()?;
     let last = group.last().expect("a group is never empty");
     let point = ArchivePoint {
         height: last.height,
         raft_index: last.raft_index,
     };
     batch.put(&layout::archive_point_key(), &point.encode());
-    db.write(batch, true)
+    stores
+        .db
+        .write(batch, true)
         .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
 }
 
@@ -597,7 +650,11 @@ fn open_held_from(
     Ok((held_from, HistoryWriter::default()))
 }
 
-fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {
+/// Streams the rows (see [`Cmd::Dump`]), a `body` row always with its body (the body log's
+/// locators are this replica's own business).
+fn dump(stores: &mut Stores, out: &SyncSender<Result<Records>>) {
+    let body_tag = Table::Body.tag();
+    let Stores { db, bodies } = stores;
     let result = (|| {
         let snapshot = db.get_snapshot();
         let mut iter = db
@@ -613,6 +670,14 @@ fn dump(db: &mut DB, out: &SyncSender<Result<Records>>) {
             if skip.contains(&key) {
                 continue;
             }
+            let located = match key.starts_with(&body_tag) {
+                true => Locator::decode(&value)?,
+                false => None,
+            };
+            let value = match located {
+                Some(at) => bodies.read(&at)?,
+                None => value,
+            };
             group_bytes += key.len() + value.len();
             group.push((key, value));
             if group.len() == DUMP_GROUP_RECORDS || group_bytes >= DUMP_GROUP_BYTES {

@@ -31,7 +31,7 @@ use tally_wire::{PublicKey, SignedHeader};
 use crate::archive::ArchivePoint;
 use crate::history::HistoryWriter;
 use crate::layout;
-use crate::ledger::{archive_dir, encode_header_row, leveldb_options, state_leveldb_options};
+use crate::ledger::{encode_header_row, leveldb_options, state_leveldb_options};
 use crate::transfer::{require_empty, Derived, Part};
 use crate::{LedgerDb, StoreOptions, SyncEnv};
 
@@ -63,7 +63,7 @@ impl LedgerImport {
         Ok(LedgerImport {
             dir: dir.to_owned(),
             state: Part::open(dir, state_leveldb_options(&opts, SyncEnv::new()))?,
-            archive: Part::open(&archive_dir(dir), leveldb_options(&opts, SyncEnv::new()))?,
+            archive: Part::open_archive(dir, leveldb_options(&opts, SyncEnv::new()))?,
             opts,
             history: HistoryWriter::default(),
             meta: LedgerMeta::genesis(),

@@ -218,7 +218,7 @@ impl LedgerDb {
         let header_log = header_log::catch_up(&mut db, signed_through, &mut get)?;
         let checkpointed = read_checkpointed(&mut db, signed_through, &sync_stats)?;
         let (saved, filter_origin) = load_request_filter(dir, &opts, &meta);
-        let (archive, point, filter) = Archive::open(&archive_dir(dir), &opts, saved)?;
+        let (archive, point, filter) = Archive::open(dir, &opts, saved)?;
         let Scanned {
             balance_total,
             expiries,
@@ -1110,7 +1110,7 @@ impl LedgerStore for LedgerDb {
         if self.rearchive_next.is_some_and(|next| height >= next) {
             self.check_archive_caught_up()?;
         }
-        match self.archive.get(&layout::body_key(&digest))? {
+        match self.archive.body(&digest)? {
             Some(body) => Ok(Some(body)),
             None => Err(corrupt(
                 Table::Body,

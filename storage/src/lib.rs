@@ -136,6 +136,7 @@
 mod archive;
 pub mod archive_read;
 pub mod archiver;
+pub mod bodies;
 pub mod bucket;
 mod env;
 mod filter;

@@ -87,6 +87,7 @@ use tally_core::{Error, Result};
 use tally_wire::{Hash, PublicKey};
 
 use crate::archive::ArchivePoint;
+use crate::bodies::{bodies_dir, BodyLog};
 use crate::env::{parent_dir, SyncEnv};
 use crate::layout::{self, corrupt, fixed, key_rest, Table, TAG_BYTES};
 use crate::ledger::{archive_dir, decode_header, io_error, leveldb_options, state_leveldb_options};
@@ -655,11 +656,14 @@ impl Derived {
     }
 }
 
-/// One of the two databases of a ledger directory, with its pending unsynced batch.
+/// One of the two databases of a ledger directory, with its pending unsynced batch; the
+/// archive's with the body log beside it.
 pub(crate) struct Part {
     db: DB,
     batch: WriteBatch,
     batch_bytes: usize,
+    /// The archive's: `body` rows put go to the body log, their locators to `db`.
+    bodies: Option<BodyLog>,
 }
 
 impl Part {
@@ -668,12 +672,28 @@ impl Part {
             .map_err(|e| io_error(format_args!("creating {}", dir.display()), e))?;
         Ok(Part {
             db,
+            bodies: None,
             batch: WriteBatch::default(),
             batch_bytes: 0,
         })
     }
 
+    /// The archive database of the ledger in `ledger`, with its body log.
+    pub(crate) fn open_archive(ledger: &Path, options: rusty_leveldb::Options) -> Result<Part> {
+        let mut part = Part::open(&archive_dir(ledger), options)?;
+        part.bodies = Some(BodyLog::open(&bodies_dir(ledger))?);
+        Ok(part)
+    }
+
     pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        let located;
+        let value = match &mut self.bodies {
+            Some(bodies) if key.starts_with(&Table::Body.tag()) => {
+                located = bodies.append(value)?.encode();
+                &located[..]
+            }
+            _ => value,
+        };
         self.batch.put(key, value);
         self.batch_bytes += key.len() + value.len();
         if self.batch_bytes >= INSTALL_BATCH_BYTES {
@@ -703,8 +723,11 @@ impl Part {
             .map_err(|e| io_error("writing the installed ledger", e))
     }
 
-    /// Writes what is pending, syncs and closes.
+    /// Writes what is pending, syncs (the body log first) and closes.
     pub(crate) fn finish(mut self) -> Result<()> {
+        if let Some(bodies) = &mut self.bodies {
+            bodies.sync()?;
+        }
         self.write()?;
         self.db
             .flush()
@@ -765,7 +788,7 @@ impl LedgerInstaller {
         );
         require_empty(dir, "install")?;
         let state = Part::open(dir, state_leveldb_options(&opts, SyncEnv::new()))?;
-        let archive = Part::open(&archive_dir(dir), leveldb_options(&opts, SyncEnv::new()))?;
+        let archive = Part::open_archive(dir, leveldb_options(&opts, SyncEnv::new()))?;
         Ok(LedgerInstaller {
             dir: dir.to_owned(),
             opts,

@@ -578,3 +578,56 @@ fn overwritten_rows_are_still_dropped_after_reads_that_iterate() {
         "seed {seed}: {read} bytes with reads that iterate against {plain} without"
     );
 }
+
+/// Bodies go to the body log, not to the archive database: the `body` rows hold locators, the
+/// segment holds the bytes, a reopen reads them back, and a damaged record is refused.
+#[test]
+fn bodies_live_in_the_body_log_and_a_damaged_one_is_refused() {
+    use tally_storage::bodies::{bodies_dir, Locator};
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    let mut chain = Chain::new(db.meta().unwrap(), seed());
+    let bodies: Vec<Vec<u8>> = (0..5).map(|_| chain.step(&mut db, 40).body).collect();
+    db.close().unwrap();
+
+    let segments: Vec<_> = std::fs::read_dir(bodies_dir(dir.path()))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let stored = std::fs::read(&segments[0]).unwrap();
+    let total: usize = bodies.iter().map(|b| b.len() + 8).sum();
+    assert_eq!(stored.len(), total, "each body once, with its record head");
+    let archive = tally_storage::archive_dir(dir.path());
+    let mut raw = rusty_leveldb::DB::open(&archive, rusty_leveldb::Options::default()).unwrap();
+    let rows = rows_with_prefix(&mut raw, &layout::Table::Body.tag());
+    raw.close().unwrap();
+    assert_eq!(rows.len(), 5);
+    for (_, value) in &rows {
+        assert!(
+            Locator::decode(value).unwrap().is_some(),
+            "a body row holds a locator"
+        );
+    }
+
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    for (i, body) in bodies.iter().enumerate() {
+        assert_eq!(
+            db.body(i as u64 + 1).unwrap().as_ref(),
+            Some(body),
+            "body {}",
+            i + 1
+        );
+    }
+    db.close().unwrap();
+    // One byte of the third body flipped on disk.
+    let at = bodies[..2].iter().map(|b| b.len() + 8).sum::<usize>() + 8 + 100;
+    let mut damaged = stored;
+    damaged[at] ^= 0x40;
+    std::fs::write(&segments[0], damaged).unwrap();
+    let mut db = LedgerDb::open(dir.path(), small()).unwrap();
+    assert_eq!(db.body(2).unwrap().as_ref(), Some(&bodies[1]));
+    let e = db.body(3).unwrap_err();
+    assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("does not check out"), "{e}");
+}

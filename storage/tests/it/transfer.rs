@@ -100,6 +100,17 @@ fn a_dump_installs_as_the_same_ledger() {
         "finish marks the directory"
     );
 
+    // The installed bodies are in its body log, its `body` rows name them.
+    let body_rows: Vec<_> = pairs(&tally_storage::archive_dir(&to))
+        .into_iter()
+        .filter(|(k, _)| k[..4] == Table::Body.tag())
+        .collect();
+    assert_eq!(body_rows.len(), 40);
+    for (_, v) in &body_rows {
+        let at = tally_storage::bodies::Locator::decode(v).unwrap();
+        assert!(at.is_some(), "an installed body row holds a locator");
+    }
+
     let (old, new) = (pairs(&from), pairs(&to));
     assert!(old.iter().all(|(k, _)| k[..4] != Table::RaftState.tag()));
     assert_eq!(old.len(), new.len());
