@@ -29,7 +29,11 @@ fn check(name: &str, request: Request, expected: Result<(), ErrorCode>) {
                 true => Ok(()),
                 false => Err(tally_core::validate::bad_signature()),
             });
-        assert_eq!(answer.map_err(|r| r.code), expected, "{name} ({round} cache)");
+        assert_eq!(
+            answer.map_err(|r| r.code),
+            expected,
+            "{name} ({round} cache)"
+        );
     }
 }
 
