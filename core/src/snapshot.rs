@@ -352,14 +352,13 @@ fn cut_chunks(rows: impl Iterator<Item = Row>) -> Vec<Vec<u8>> {
     for row in rows {
         row.encode(&mut current);
         count += 1;
-        let key_bytes = match &row {
-            Row::Account { key, .. } => key.to_vec(),
+        let h = match &row {
+            Row::Account { key, .. } => sha256(&[key]),
             Row::Request { signer, id, .. }
             | Row::Reserve {
                 owner: signer, id, ..
-            } => [&signer[..], &id.to_be_bytes()].concat(),
+            } => sha256(&[signer, &id.to_be_bytes()]),
         };
-        let h = sha256(&[&key_bytes]);
         if count == CHUNK_ROWS_MAX || (h[0] == 0 && h[1] & 0x03 == 0) {
             chunks.push(std::mem::take(&mut current));
             count = 0;
