@@ -100,6 +100,13 @@ pub const ARCHIVE_LAG_BYTES_MAX: usize = 128 << 20;
 /// What one pending request record costs in memory: its key and record in `pending_requests`
 /// (96 bytes) and in the batch's key list (52), with the map's overhead, rounded up.
 pub const PENDING_RECORD_BYTES: usize = 192;
+/// Request records `pending_requests` is sized for at open: as many as the byte bound allows.
+/// Grown on demand, the map resized (copying every record into freshly faulted pages) and
+/// rehashed its tombstones while the archive caught up: at saturation a quarter of the
+/// storage thread's time. Sized once, it holds about a quarter of its buckets at saturation,
+/// a removal mostly frees its slot outright, and it never moves: ~100 MB of address space,
+/// resident as records arrive (they would be anyway at the bound).
+const PENDING_REQUESTS_CAPACITY: usize = ARCHIVE_LAG_BYTES_MAX / PENDING_RECORD_BYTES;
 
 /// The ledger's committed state: accounts, reserves, headers, bodies, request index and the
 /// summary.
@@ -237,7 +244,7 @@ impl LedgerDb {
             opts: opts.clone(),
             archive,
             pending: BTreeMap::new(),
-            pending_requests: HashMap::new(),
+            pending_requests: HashMap::with_capacity(PENDING_REQUESTS_CAPACITY),
             pending_bytes: 0,
             archived_meta: LedgerMeta::genesis(),
             rearchive_next: None,
