@@ -253,7 +253,7 @@ async fn import_snapshot(
             }
         }
     }
-    if let Some(((signer, id), _)) = state.requests.first_key_value() {
+    if let Some((signer, id)) = state.requests.keys().min() {
         bail!(
             "{key}: names request {id} of signer {}, which the history does not hold",
             hex::encode(signer)
