@@ -223,30 +223,13 @@ async fn dial_loop(
     events: Sender<RaftEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Dial {
-        id,
-        addr,
-        hello,
-        write_timeout,
-    } = dial;
+    let id = dial.id;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let attempt = async {
-            let tcp =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(node_name(id))?;
-            let mut tls =
-                tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
-                    .await??;
-            tls.write_all(&hello).await?;
-            tls.flush().await?;
-            anyhow::Ok(tls)
-        };
         let tls = tokio::select! {
             biased;
             _ = shutdown.changed() => return,
-            r = attempt => match r {
+            r = connect(&dial, &connector) => match r {
                 Ok(tls) => tls,
                 Err(e) => {
                     tracing::debug!(peer = id, "dialing failed: {e}");
@@ -260,34 +243,10 @@ async fn dial_loop(
             },
         };
         let connected_at = tokio::time::Instant::now();
-        tracing::info!(peer = id, %addr, "connected to peer");
-        // The peer sends nothing on this connection; reading it only watches for its end, so
-        // that a peer that died (the kernel closes its sockets) is dialed again at once rather
-        // than when the next message finds the socket dead: a follower writes to another only
-        // to ask for its vote, and that vote would be lost.
-        let (mut watch_closed, tls) = tokio::io::split(tls);
-        // tokio-rustls seals and sends a record on every write: buffered, a frame's length
-        // prefix and the small messages queued together share records and syscalls.
-        let mut tls = tokio::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, tls);
-        loop {
-            let msg = tokio::select! {
-                biased;
-                _ = shutdown.changed() => return,
-                _ = until_closed(&mut watch_closed) => {
-                    tracing::info!(peer = id, "peer connection closed");
-                    let _ = events.try_send(RaftEvent::Unreachable(id));
-                    break;
-                }
-                m = rx.recv() => match m { Some(m) => m, None => return },
-            };
-            // A peer that does not read is dropped after write_timeout_ms and dialed again;
-            // what it missed, raft resends.
-            let sent = tokio::time::timeout(write_timeout, send_queued(&mut tls, msg, &mut rx));
-            if !matches!(sent.await, Ok(Ok(()))) {
-                tracing::info!(peer = id, "peer connection lost");
-                let _ = events.try_send(RaftEvent::Unreachable(id));
-                break;
-            }
+        tracing::info!(peer = id, addr = %dial.addr, "connected to peer");
+        let link = (&mut rx, &events, &mut shutdown);
+        if serve_dialed(tls, &dial, link).await == Served::Shutdown {
+            return;
         }
         // A peer that closes a connection at once (it refuses us) is not dialed in a loop.
         match connected_at.elapsed() >= Duration::from_secs(1) {
@@ -299,6 +258,72 @@ async fn dial_loop(
         }
     }
 }
+
+/// Dials the peer and says hello.
+async fn connect(
+    dial: &Dial,
+    connector: &TlsConnector,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(dial.addr)).await??;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(node_name(dial.id))?;
+    let mut tls =
+        tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await??;
+    tls.write_all(&dial.hello).await?;
+    tls.flush().await?;
+    Ok(tls)
+}
+
+#[derive(PartialEq, Eq)]
+enum Served {
+    /// The connection ended (closed by the peer, or a write failed or timed out).
+    Ended,
+    Shutdown,
+}
+
+/// Sends the queued raft messages on a dialed connection until it ends or the node stops.
+async fn serve_dialed(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    dial: &Dial,
+    (rx, events, shutdown): DialLink<'_>,
+) -> Served {
+    let id = dial.id;
+    // The peer sends nothing on this connection; reading it only watches for its end, so
+    // that a peer that died (the kernel closes its sockets) is dialed again at once rather
+    // than when the next message finds the socket dead: a follower writes to another only
+    // to ask for its vote, and that vote would be lost.
+    let (mut watch_closed, tls) = tokio::io::split(tls);
+    // tokio-rustls seals and sends a record on every write: buffered, a frame's length
+    // prefix and the small messages queued together share records and syscalls.
+    let mut tls = tokio::io::BufWriter::with_capacity(WRITE_BUFFER_BYTES, tls);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Served::Shutdown,
+            _ = until_closed(&mut watch_closed) => {
+                tracing::info!(peer = id, "peer connection closed");
+                let _ = events.try_send(RaftEvent::Unreachable(id));
+                return Served::Ended;
+            }
+            m = rx.recv() => match m { Some(m) => m, None => return Served::Shutdown },
+        };
+        // A peer that does not read is dropped after write_timeout_ms and dialed again;
+        // what it missed, raft resends.
+        let sent = tokio::time::timeout(dial.write_timeout, send_queued(&mut tls, msg, rx));
+        if !matches!(sent.await, Ok(Ok(()))) {
+            tracing::info!(peer = id, "peer connection lost");
+            let _ = events.try_send(RaftEvent::Unreachable(id));
+            return Served::Ended;
+        }
+    }
+}
+
+/// What a dialed connection serves: the peer's queue, the raft thread's events, the stop.
+type DialLink<'a> = (
+    &'a mut mpsc::Receiver<Frame>,
+    &'a Sender<RaftEvent>,
+    &'a mut watch::Receiver<bool>,
+);
 
 /// The longest pause between two dials of a peer that cannot be reached (a restarted peer is
 /// dialed again within this long of listening).
