@@ -463,7 +463,10 @@ impl<R> Master<R> {
         let mut next = t + self.cfg.window_ms;
         if self.cfg.close_idle {
             let idle_wait = t + self.cfg.window_ms / IDLE_WAIT_WINDOW_FRACTION;
-            for at in [Some(idle_wait), self.idle_spacing_end()].into_iter().flatten() {
+            for at in [Some(idle_wait), self.idle_spacing_end()]
+                .into_iter()
+                .flatten()
+            {
                 if at > now_ms {
                     next = next.min(at);
                 }
