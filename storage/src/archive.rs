@@ -411,12 +411,16 @@ impl Stores {
         row.map(|v| self.resolve_body(v)).transpose()
     }
 
-    /// A `body` row's value as the body it stands for.
     fn resolve_body(&mut self, value: Vec<u8>) -> Result<Vec<u8>> {
-        match Locator::decode(&value)? {
-            Some(at) => self.bodies.read(&at),
-            None => Ok(value),
-        }
+        resolve_body(&mut self.bodies, value)
+    }
+}
+
+/// A `body` row's value as the body it stands for.
+fn resolve_body(bodies: &mut BodyLog, value: Vec<u8>) -> Result<Vec<u8>> {
+    match Locator::decode(&value)? {
+        Some(at) => bodies.read(&at),
+        None => Ok(value),
     }
 }
 
@@ -670,13 +674,9 @@ fn dump(stores: &mut Stores, out: &SyncSender<Result<Records>>) {
             if skip.contains(&key) {
                 continue;
             }
-            let located = match key.starts_with(&body_tag) {
-                true => Locator::decode(&value)?,
-                false => None,
-            };
-            let value = match located {
-                Some(at) => bodies.read(&at)?,
-                None => value,
+            let value = match key.starts_with(&body_tag) {
+                true => resolve_body(bodies, value)?,
+                false => value,
             };
             group_bytes += key.len() + value.len();
             group.push((key, value));

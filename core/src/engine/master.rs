@@ -30,8 +30,9 @@ pub const IDLE_WAIT_WINDOW_FRACTION: u64 = 5;
 /// steady load gets batches of at least this long's requests instead of one per apply (every
 /// ~6 ms at 22,000/s, 130 requests each), whose per-batch costs (synced writes, the archive's
 /// history rows per account and batch, archive objects) doubled the CPU per request until the
-/// archive fell behind and the lag bound stalled the pipeline for seconds: p99 5.9 s against
-/// 95 ms at 22,000/s (`tally-bench --rate 22000 --duration 60s`, docs/PERFORMANCE.md).
+/// archive fell behind and the lag bound stalled the pipeline for seconds: at 22,000/s p99
+/// 4.9-7.3 s before, 146-1,373 ms after, three runs each (`tally-bench --start-server
+/// --duration 60s --rate 22000`, docs/PERFORMANCE.md).
 pub const IDLE_SPACING_WINDOW_FRACTION: u64 = 10;
 
 #[derive(Debug, Clone)]
@@ -395,11 +396,11 @@ impl<R> Master<R> {
         }
         let open_ms = self.opened_at.map_or(0, |t| p.now_ms.saturating_sub(t));
         self.opened_at = None;
-        self.sealed_at = Some(p.now_ms);
         let Some(body) = l.sequencer.seal(l.term) else {
             assert!(self.open.is_empty(), "waiters without requests");
             return false;
         };
+        self.sealed_at = Some(p.now_ms);
         let mut waiters = std::mem::take(&mut self.open);
         let leaves = body.leaf_count();
         if let Some(reply) = self.rotation_waiter.take() {

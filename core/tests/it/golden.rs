@@ -293,3 +293,29 @@ fn run(script: &str) -> String {
 fn golden_scripts_of_the_engine() {
     script::check_dir("tests/golden", run);
 }
+
+/// The master asks to be polled when an idle close's spacing ends, so that a request that
+/// arrives just after a seal, with nothing after it, is not held for the whole idle wait.
+#[test]
+fn the_master_wakes_when_the_idle_spacing_ends() {
+    let mut h = Harness::new(&["config", "window=100", "idle=1", "inflight=4"]);
+    for line in [
+        "lead term=1 epoch=1",
+        "submit a deposit id=1 to=A amount=1 now=0",
+        "poll now=0",
+        "commit",
+        "submit b deposit id=2 to=A amount=1 now=3",
+        "poll now=3",
+    ] {
+        h.input(line);
+    }
+    assert!(
+        h.out.contains("close=idle epoch=1 waiters=a#0"),
+        "{}",
+        h.out
+    );
+    assert!(!h.out.contains("waiters=b#0"), "{}", h.out);
+    // Spacing ends at 0 + 10, before the idle wait (3 + 20) and the window (3 + 100).
+    assert_eq!(h.master.next_poll_ms(3, 0), Some(10));
+    assert_eq!(h.master.next_poll_ms(10, 0), Some(23));
+}
