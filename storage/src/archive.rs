@@ -509,9 +509,10 @@ fn gather_group(first: ArchiveBatch, rx: &Receiver<Cmd>) -> (Vec<ArchiveBatch>, 
 /// archive point after them in one synced write. The bodies go to the body log first, synced
 /// before the write that holds their locators (see `bodies.rs`).
 ///
-/// The small rows go in key order: rusty-leveldb's memtable is a skip list, and a search for a
-/// key next to the one just inserted walks nodes still in the cache, where random keys miss
-/// it at every level.
+/// The small rows go in key order: rusty-leveldb's memtable is a skip list, which (patched,
+/// storage/vendor/README.md) searches a key greater than the last one from the last one's
+/// path: a few comparisons on nodes still in the cache, where random keys descend from the top
+/// and miss the cache at every level.
 fn write_group(
     stores: &mut Stores,
     group: &[ArchiveBatch],

@@ -1221,10 +1221,9 @@ fn load_request_filter(
 }
 
 /// The state rows one applied batch writes: its accounts' balances, its header row and the
-/// summary. Bodies and request records go to the archive.
-/// The state rows of one batch. Accounts go in key order, which is the order of their keys in
-/// the database: the memtable's skip list then finds each one next to the last (see
-/// `archive::SortedRows`).
+/// summary (bodies and request records go to the archive). Accounts go in key order, which is
+/// the order of their keys in the database: the memtable's skip list then finds each one next
+/// to the last (see `archive::write_group`).
 fn state_rows(write: &BatchWrite) -> WriteBatch {
     let mut batch = WriteBatch::default();
     let mut accounts: Vec<&(PublicKey, u64)> = write.accounts.iter().collect();

@@ -32,6 +32,12 @@ struct InnerSkipMap {
     // approximation of memory used.
     approx_mem: usize,
     cmp: Rc<Box<dyn Cmp>>,
+    // tally patch: a finger for ascending inserts. `splice[i]` is the last node at level i whose
+    // key is at most `last`'s (the head if none); `last` is the node inserted last. A key
+    // greater than `last`'s is searched from the lowest level whose next node lies past it,
+    // not from the top: inserts in key order cost a few comparisons, not a full descent.
+    splice: [*mut Node; MAX_HEIGHT],
+    last: Option<*mut Node>,
 }
 
 impl Drop for InnerSkipMap {
@@ -58,19 +64,23 @@ impl SkipMap {
     pub fn new(cmp: Rc<Box<dyn Cmp>>) -> SkipMap {
         let mut s = Vec::new();
         s.resize(MAX_HEIGHT, None);
+        let mut head = Box::new(Node {
+            skips: s,
+            next: None,
+            key: Bytes::new(),
+            value: Bytes::new(),
+        });
+        let head_ptr = head.as_mut() as *mut Node;
 
         SkipMap {
             map: Rc::new(RefCell::new(InnerSkipMap {
-                head: Box::new(Node {
-                    skips: s,
-                    next: None,
-                    key: Bytes::new(),
-                    value: Bytes::new(),
-                }),
+                head,
                 rand: StdRng::seed_from_u64(0xdeadbeef),
                 len: 0,
                 approx_mem: size_of::<Self>() + MAX_HEIGHT * size_of::<Option<*mut Node>>(),
                 cmp,
+                splice: [head_ptr; MAX_HEIGHT],
+                last: None,
             })),
         }
     }
@@ -207,46 +217,8 @@ impl InnerSkipMap {
 
     fn insert(&mut self, key: Vec<u8>, val: Vec<u8>) {
         assert!(!key.is_empty());
-
-        // Keeping track of skip entries that will need to be updated
-        let mut prevs: [Option<*mut Node>; MAX_HEIGHT] = [None; MAX_HEIGHT];
         let new_height = self.random_height();
-        let prevs = &mut prevs[0..new_height];
-
-        let mut level = MAX_HEIGHT - 1;
-        let mut current = self.head.as_mut() as *mut Node;
-        // Set previous node for all levels to current node.
-        (0..prevs.len()).for_each(|i| {
-            prevs[i] = Some(current);
-        });
-
-        // Find the node after which we want to insert the new node; this is the node with the key
-        // immediately smaller than the key to be inserted.
-        loop {
-            let current_node = unsafe { &*current };
-            if let Some(next) = current_node.skips[level] {
-                let next = unsafe { &mut *next };
-                // If the wanted position is after the current node
-                let ord = self.cmp.cmp(next.key.iter().as_slice(), &key);
-
-                assert!(ord != Ordering::Equal, "No duplicates allowed");
-
-                if ord == Ordering::Less {
-                    current = next;
-                    continue;
-                }
-            }
-
-            if level < new_height {
-                prevs[level] = Some(current);
-            }
-
-            if level == 0 {
-                break;
-            } else {
-                level -= 1;
-            }
-        }
+        self.find_splice(&key);
 
         // Construct new node
         let mut new_skips = Vec::new();
@@ -260,11 +232,9 @@ impl InnerSkipMap {
         let newp = new.as_mut() as *mut Node;
 
         (0..new_height).for_each(|i| {
-            if let Some(prev) = prevs[i] {
-                let prev = unsafe { &mut *prev };
-                new.skips[i] = prev.skips[i];
-                prev.skips[i] = Some(newp);
-            }
+            let prev = unsafe { &mut *self.splice[i] };
+            new.skips[i] = prev.skips[i];
+            prev.skips[i] = Some(newp);
         });
 
         let added_mem = size_of::<Node>()
@@ -276,12 +246,53 @@ impl InnerSkipMap {
 
         // Insert new node by first replacing the previous element's next field with None and
         // assigning its value to new.next...
+        let current = self.splice[0];
         new.next = unsafe { (*current).next.take() };
         // ...and then setting the previous element's next field to the new node
         unsafe {
             let _ = (*current).next.replace(new);
         };
+        // tally patch: the new node is now the last one at most its key on its levels.
+        (0..new_height).for_each(|i| self.splice[i] = newp);
+        self.last = Some(newp);
     }
+
+    /// tally patch: sets `splice[i]`, at every level, to the last node whose key is smaller than
+    /// `key`. Starts from the splice of the previous insert when `key` is greater than its key
+    /// (every splice node then precedes `key`), else from the head.
+    fn find_splice(&mut self, key: &[u8]) {
+        let ascending = self
+            .last
+            .is_some_and(|last| self.cmp.cmp(unsafe { &(*last).key }, key) == Ordering::Less);
+        if !ascending {
+            let head = self.head.as_mut() as *mut Node;
+            self.splice = [head; MAX_HEIGHT];
+        }
+        // The lowest level whose next node lies past `key`: every level above it does too
+        // (a node of a higher level is a node of the lower ones), so their splice stands.
+        let mut top = 0;
+        while top < MAX_HEIGHT - 1 {
+            match unsafe { (&(*self.splice[top]).skips)[top] } {
+                Some(next) if self.cmp.cmp(unsafe { &(*next).key }, key) != Ordering::Greater => {
+                    top += 1
+                }
+                _ => break,
+            }
+        }
+        let mut current = self.splice[top];
+        for level in (0..=top).rev() {
+            while let Some(next) = unsafe { (&(*current).skips)[level] } {
+                let ord = self.cmp.cmp(unsafe { &(*next).key }, key);
+                assert!(ord != Ordering::Equal, "No duplicates allowed");
+                if ord == Ordering::Greater {
+                    break;
+                }
+                current = next;
+            }
+            self.splice[level] = current;
+        }
+    }
+
     /// Runs through the skipmap and prints everything including addresses
     fn dbg_print(&self) {
         let mut current = self.head.as_ref() as *const Node;
