@@ -401,7 +401,13 @@ impl DB {
 
     /// Writes an entire WriteBatch. `sync` determines whether the write should be flushed to
     /// disk.
-    pub fn write(&mut self, batch: WriteBatch, sync: bool) -> Result<()> {
+    pub fn write(&mut self, mut batch: WriteBatch, sync: bool) -> Result<()> {
+        self.write_ref(&mut batch, sync)
+    }
+
+    /// tally patch: [`DB::write`] of a batch the caller keeps, to reuse its buffer
+    /// ([`WriteBatch::reset`]).
+    pub fn write_ref(&mut self, batch: &mut WriteBatch, sync: bool) -> Result<()> {
         assert!(self.log.is_some());
 
         self.make_room_for_write(false)?;
@@ -411,7 +417,7 @@ impl DB {
         let next = self.vset.borrow().last_seq + 1;
 
         batch.insert_into_memtable(next, &mut self.mem);
-        log.add_record(&batch.encode(next))?;
+        log.add_record(batch.encode_in_place(next))?;
         if sync {
             log.flush()?;
         }

@@ -107,6 +107,22 @@ impl WriteBatch {
         self.set_sequence(seq);
         self.entries
     }
+
+    /// tally patch: the batch encoded for the log with sequence number `seq`, left in place
+    /// (see `DB::write_ref`).
+    pub(crate) fn encode_in_place(&mut self, seq: SequenceNumber) -> &[u8] {
+        self.set_sequence(seq);
+        &self.entries
+    }
+
+    /// tally patch: empties the batch for reuse, keeping at most `keep_bytes` of its buffer. A
+    /// reused buffer is memory already mapped: a large batch built in a fresh one page-faults
+    /// on every page.
+    pub fn reset(&mut self, keep_bytes: usize) {
+        self.entries.clear();
+        self.entries.resize(HEADER_SIZE, 0);
+        self.entries.shrink_to(keep_bytes.max(HEADER_SIZE));
+    }
 }
 
 impl Default for WriteBatch {
