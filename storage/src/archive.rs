@@ -447,7 +447,10 @@ fn run(
             Cmd::Write(first) => {
                 let (group, after) = gather_group(first, &rx);
                 next = after;
-                if let Err(e) = write_group(stores, &group, &mut history, stats, &mut scratch) {
+                let written = write_group(stores, &group, &mut history, stats, &mut scratch);
+                // Emptied whatever the outcome: a group that failed halfway leaves nothing.
+                scratch.reset();
+                if let Err(e) = written {
                     progress.fail(&e);
                     return;
                 }
@@ -538,7 +541,6 @@ fn write_group(
         );
         if let Err(e) = written {
             history.forget();
-            scratch.reset();
             return Err(e);
         }
     }
@@ -552,18 +554,17 @@ fn write_group(
         raft_index: last.raft_index,
     };
     batch.put(&layout::archive_point_key(), &point.encode());
-    let written = stores
+    stores
         .db
         .write_ref(batch, true)
-        .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e));
-    scratch.reset();
-    written
+        .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
 }
 
 /// Buffers one archive write group is built in, kept from one group to the next: a group's rows
 /// run to tens of megabytes (envelopes of 8,189 transfers write ~3 MB of rows each), and fresh
 /// buffers that large are fresh pages, each faulted in (a fifth of the archive thread's time
-/// with envelopes). Each buffer keeps at most [`SCRATCH_KEPT_BYTES`] between groups.
+/// with envelopes). `run` empties them after each group; each keeps at most
+/// [`SCRATCH_KEPT_BYTES`] of its capacity.
 #[derive(Default)]
 struct Scratch {
     rows: SortedRows,
