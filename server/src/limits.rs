@@ -45,13 +45,14 @@ pub const SPARE_DESCRIPTORS: usize = 8;
 /// What [`descriptors_reserved`] keeps out of the connection limits, term by term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DescriptorReserve {
-    /// The live databases: the ledger's state and history, and the raft log, each with
-    /// `TABLE_FILES_OPEN_MAX` tables.
+    /// The live databases: the ledger's state and history, each with `TABLE_FILES_OPEN_MAX`
+    /// tables.
     pub live_databases: u64,
-    /// The databases that can be open beside them: the raft log's next database while a
-    /// compaction swaps it in, and a snapshot install's staged state and history, each with
-    /// `STAGED_TABLE_FILES_OPEN_MAX` tables.
+    /// The databases that can be open beside them: a snapshot install's staged state and
+    /// history, each with `STAGED_TABLE_FILES_OPEN_MAX` tables.
     pub staged_databases: u64,
+    /// The raft log's files (`RAFT_LOG_FILES_OPEN_MAX`).
+    pub raft_log: u64,
     /// The archive's objects written at once and a state snapshot's chunks (a file or an HTTP
     /// connection each).
     pub archive: u64,
@@ -66,6 +67,7 @@ impl DescriptorReserve {
     pub fn total(&self) -> u64 {
         self.live_databases
             + self.staged_databases
+            + self.raft_log
             + self.archive
             + self.outbound_peers
             + self.http
@@ -79,8 +81,9 @@ impl DescriptorReserve {
 pub fn descriptors_reserved(peers: usize) -> DescriptorReserve {
     let database = |tables: usize| tables as u64 + DESCRIPTORS_PER_DATABASE_BESIDES_TABLES;
     DescriptorReserve {
-        live_databases: 3 * database(tally_storage::TABLE_FILES_OPEN_MAX),
-        staged_databases: 3 * database(tally_storage::STAGED_TABLE_FILES_OPEN_MAX),
+        live_databases: 2 * database(tally_storage::TABLE_FILES_OPEN_MAX),
+        staged_databases: 2 * database(tally_storage::STAGED_TABLE_FILES_OPEN_MAX),
+        raft_log: tally_storage::RAFT_LOG_FILES_OPEN_MAX as u64,
         archive: (tally_storage::archiver::UPLOADS_IN_FLIGHT
             + tally_storage::snapshots::CHUNKS_IN_FLIGHT) as u64,
         outbound_peers: 2 * peers as u64,

@@ -46,6 +46,16 @@ impl SyncStats {
     pub fn read_errors(&self) -> u64 {
         self.read_errors.load(Ordering::Relaxed)
     }
+
+    /// Counts a file sync made outside LevelDB (the raft log's files).
+    pub(crate) fn count_file_sync(&self) {
+        self.file_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a directory sync made outside LevelDB.
+    pub(crate) fn count_dir_sync(&self) {
+        self.dir_syncs.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// `db.get(key)`, except that a read that failed is an error rather than "absent".

@@ -1,4 +1,5 @@
-//! tally-storage: the ledger's and the raft log's durable state in LevelDB (rusty-leveldb).
+//! tally-storage: the ledger's durable state in LevelDB (rusty-leveldb), the raft log's in
+//! segment files of its own.
 //!
 //! - [`LedgerDb`]: core's [`LedgerRead`](tally_core::ports::LedgerRead) and
 //!   [`LedgerStore`](tally_core::ports::LedgerStore) ports, in two LevelDB databases. A committed
@@ -9,11 +10,13 @@
 //!   never hold a confirmation back; until the archive holds them they are answered from
 //!   memory, and after a crash they are rebuilt from the raft log ([`LedgerDb::rearchive`]).
 //! - [`RaftLogDb`]: raft-rs's [`Storage`](raft::Storage) and core's
-//!   [`RaftLogStore`](tally_core::replica::RaftLogStore) in a database of its own (the server
-//!   keeps it in `<data_dir>/raft`, next to the ledger's `<data_dir>/ledger`): the log, the hard
-//!   and conf states, and the snapshot point with the server's descriptor of the ledger at it.
-//!   Every change is one synced write.
-//! - [`SyncEnv`]: the file layer under both, which makes LevelDB's "flush" mean fsync.
+//!   [`RaftLogStore`](tally_core::replica::RaftLogStore) in files of their own (the server
+//!   keeps them in `<data_dir>/raft`, next to the ledger's `<data_dir>/ledger`): the log in
+//!   segments appended to and dropped whole at compaction, the hard and conf states, and the
+//!   snapshot point with the server's descriptor of the ledger at it (`raft_log.rs`, format in
+//!   `raft_files.rs`). Every change is one synced write. A LevelDB raft log of an earlier
+//!   tally (`raft_log_leveldb.rs`) is rewritten at open.
+//! - [`SyncEnv`]: the file layer under the LevelDB databases, which makes its "flush" mean fsync.
 //! - [`layout`]: the tables and their key and value encodings.
 //! - [`transfer`]: a whole ledger as a chunked byte stream ([`LedgerDb::dump`]), rebuilt and
 //!   checked in a new directory ([`LedgerInstaller`]) and swapped in for the live one
@@ -86,8 +89,8 @@
 //!
 //! # Caveats
 //!
-//! - rusty-leveldb's `DB` is built on `Rc`: [`LedgerDb`] and [`RaftLogDb`] are not `Send` and
-//!   must be opened on the thread that owns them.
+//! - rusty-leveldb's `DB` is built on `Rc`: [`LedgerDb`] is not `Send` and must be opened on
+//!   the thread that owns it.
 //! - Compactions (memtable flushes and level merges) run inline, inside the write that
 //!   triggers them, so some writes take much longer than others; a larger
 //!   [`StoreOptions::write_buffer_bytes`] makes them rarer and bigger. The bulky, random-keyed
@@ -99,11 +102,11 @@
 //!   table: after a crash, the ledger could read as empty. `LedgerDb::open` writes (deletes the
 //!   `open` marker) before its first read, which moves the lookup sequence number past every
 //!   entry in a table; a unit test pins the upstream behaviour, and the crash test catches a
-//!   regression. Possibly the same bug as dermesser/leveldb-rs#58. `RaftLogDb::open` does the
-//!   same (its hard state and last-index rows have a version per write).
+//!   regression. Possibly the same bug as dermesser/leveldb-rs#58. The LevelDB raft log's open
+//!   did the same (its hard state and last-index rows have a version per write).
 //! - rusty-leveldb's `get` and `get_at` read a table they could not read as "not found" (and
 //!   may then answer an older version from a lower level). Every point read of `LedgerDb`
-//!   (state and history) and `RaftLogDb` goes through `env::get_checked`, which tells them
+//!   (state and history) goes through `env::get_checked`, which tells them
 //!   apart by the env's count of table files that failed to open or read, read short, or hold a
 //!   block whose CRC-32C does not match (the env checks every block it reads again, since
 //!   rusty-leveldb's own check ends in an error `get` drops). Iterators and compactions skip a
@@ -113,7 +116,8 @@
 //!   reused the file; both databases turn off log and manifest reuse, so every open writes the
 //!   recovered log into a table and starts new files.
 //! - A failed write may already be visible in rusty-leveldb's memtable; after one, `LedgerDb`
-//!   and `RaftLogDb` refuse every call until they are reopened.
+//!   refuses every call until it is reopened. So does `RaftLogDb` (what a failed append left in
+//!   its segment is not known).
 //! - Directory fsync assumes a Unix file system.
 //! - The open reserves' deadlines are also kept in memory (about 100 bytes each), read from the
 //!   `expiry` table at open: "the first n by deadline" needs an iterator, and the state
@@ -125,13 +129,12 @@
 //! - `RaftLogDb::set_commit` only updates memory (raft-rs reports commits after the write that
 //!   made them possible); after a crash the durable commit may be behind what the ledger applied.
 //! - `RaftLogDb` serves raft's reads of its newest entries from memory (up to
-//!   [`StoreOptions::raft_tail_bytes`]); older ones are read back from LevelDB. Below
-//!   `raft_log::SWAP_BYTES` written, compaction deletes entries in one batch (one delete per
-//!   entry); above, it writes the entries it keeps to a new database and swaps it in.
-//! - rusty-leveldb 4.0.2 has no memtable flush of its own; `RaftLogDb` uses `compact_range` over
-//!   a range holding no table, which flushes and merges nothing else. Its manual compaction of a
-//!   range holding tables made a reopened raft log read an older version of a row (found by the
-//!   randomized model test); nothing here compacts a range that holds tables.
+//!   [`StoreOptions::raft_tail_bytes`]); older ones are read back from the segments. It keeps
+//!   each entry's position and term in memory (48 bytes per entry), and opening reads every
+//!   segment once to check its CRCs and find them.
+//! - A damaged record at the very end of the newest segment is taken for a write a crash cut
+//!   short and dropped (it was never acknowledged); a bit flip there in a synced record is
+//!   indistinguishable from one and loses that write. Elsewhere it is corruption.
 
 mod archive;
 pub mod archive_read;
@@ -145,7 +148,9 @@ mod history;
 mod import;
 pub mod layout;
 mod ledger;
+mod raft_files;
 mod raft_log;
+mod raft_log_leveldb;
 pub mod snapshots;
 pub mod transfer;
 
@@ -155,5 +160,9 @@ pub use ledger::{
     archive_dir, FilterOrigin, LedgerDb, RequestLookups, StoreOptions, ARCHIVE_LAG_BATCHES_MAX,
     ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES, STAGED_TABLE_FILES_OPEN_MAX, TABLE_FILES_OPEN_MAX,
 };
-pub use raft_log::RaftLogDb;
+pub use raft_log::{RaftLogDb, RAFT_LOG_FILES_OPEN_MAX, SEGMENT_BYTES};
+/// The raft log as earlier tallies kept it in LevelDB: opened only to rewrite it
+/// ([`RaftLogDb::open`] does), and by tests that make one.
+#[doc(hidden)]
+pub use raft_log_leveldb::LevelDbRaftLog;
 pub use transfer::{install_ledger_dir, recover_install, staged_ledger_dir, LedgerInstaller};

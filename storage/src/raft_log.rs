@@ -1,65 +1,83 @@
-//! [`RaftLogDb`]: raft's log, hard state, configuration and snapshot point in their own LevelDB
-//! database, behind raft-rs's [`Storage`] and core's [`RaftLogStore`].
+//! [`RaftLogDb`]: raft's log, hard state, configuration and snapshot point in files of their
+//! own, behind raft-rs's [`Storage`] and core's [`RaftLogStore`] (the server keeps them in
+//! `<data_dir>/raft`; the byte layout is in `raft_files.rs`).
 //!
-//! The database is separate from the ledger's (the server keeps it in `<data_dir>/raft`), so that
-//! the log can be appended and compacted without touching the ledger's tables. Every write is
-//! one synced `WriteBatch` through [`SyncEnv`]: a crash leaves the state before or after it.
+//! - **Segments** (`<number>.seg`): one record per write, appended and synced (`fdatasync`)
+//!   before the write returns. A record holds the entries of one `persist` (which replace the
+//!   log from their first index on) and the hard state after it. A segment that reaches
+//!   [`SEGMENT_BYTES`] is closed and the next one starts with a record of the hard state alone.
+//! - **`meta`**: the snapshot point (index, term, the server's descriptor of the ledger), the
+//!   conf state and address book, a hard state, and the first segment that counts. It is
+//!   replaced whole (write, sync, rename, sync the directory) by a compaction, a snapshot
+//!   install and a membership change.
 //!
-//! What is stored (see [`layout`] for the keys):
-//! - `raft_entry`: every entry from `first_index` to `last_index`, as `Entry` protobuf.
-//!   Next to them, every write puts the hard state at the log's new last index
-//!   ([`layout::raft_hard_state_at_key`]): the table's highest key is the newest hard state and
-//!   names the last index, so opening needs no scan, and a run of appends writes only keys above
-//!   every stored one, which LevelDB never merges (see the layout docs).
-//! - `raft_state`: the conf state (protobuf) and the snapshot point (index, term and the server's
-//!   descriptor of the ledger at that index). They change only at compactions and snapshots;
-//!   opening and compaction push them out of the memtable into tables of their own
-//!   (`settle_state_rows`), so that no table spans from the entries to them.
+//! Every write is one record or one meta replacement, so a crash leaves the state before or
+//! after it. Every record and meta carries a sequence number one above the last; the hard state
+//! is the one with the highest number. Compaction writes meta with the new snapshot point and
+//! the segment of the first entry kept, then deletes the segments before it: whole files, no
+//! copy (the LevelDB log this replaces copied every entry after the compaction point into a new
+//! database every 32 MiB, a stall of up to a second on the raft thread).
+//!
+//! Opening reads meta, removes segments below its first one, and reads every record of the
+//! others in order, checking each CRC: entries at or below the snapshot index are skipped, an
+//! entry at or below the last index replaces the log from there (as `persist` did), an entry
+//! past `last + 1` is corruption. A record cut short or failing its CRC at the end of the newest
+//! segment is a write the crash interrupted (never acknowledged): the segment is cut there. In
+//! an older segment, which was synced whole before the next one began, it is corruption. Entry
+//! positions and terms are kept in memory (48 bytes per entry); entries are read back from the
+//! files only when they fall out of the in-memory tail, each checked against its own CRC.
+//!
+//! A raft log written by an earlier tally in LevelDB (`CURRENT` in the directory) is rewritten
+//! into this form at open (`raft_log_leveldb.rs` reads it), by the crash-safe directory swap of
+//! ledger installs.
 //!
 //! Invariants: `snapshot index <= commit <= last index`, the entries are exactly
 //! `snapshot index + 1 ..= last index`, and their terms never decrease, starting at or after the
-//! snapshot's. Opening checks the first two, reads the first and last entries and the snapshot
-//! index's and `last + 1`'s (which must be absent), and checks the terms it reads while it looks
-//! for the points where the term changes (a bisection, a few reads per term); other entries are
-//! checked when they are read.
+//! snapshot's. Opening checks them.
 
-use std::cell::RefCell;
 use std::cmp;
 use std::collections::VecDeque;
-use std::fmt;
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::Arc;
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::util::limit_size;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError, NO_LIMIT};
-use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
 use tally_core::replica::{initial_conf_state, RaftLogStore};
 use tally_core::{Error, Result};
 
-use crate::env::{SyncEnv, SyncStats};
-use crate::layout::{self, corrupt, SnapshotPoint, Table};
-use crate::ledger::io_error;
+use crate::env::SyncStats;
+use crate::layout::{corrupt, SnapshotPoint, Table};
+use crate::raft_files::{
+    self, create_segment, encode_record, list_segments, open_segment, read_meta, read_records,
+    remove_segments, segment_path, write_meta, Locator, Meta, SegmentEnd,
+};
+use crate::raft_log_leveldb::LevelDbRaftLog;
 use crate::StoreOptions;
 
-/// Compaction replaces the database instead of deleting entries once this many entry bytes
-/// were written to it (see `RaftLogStore::compact`).
-pub const SWAP_BYTES: u64 = 32 << 20;
+/// A segment at least this long is closed after its write, and the next write goes to a new
+/// one. Compaction frees whole segments, so the log holds up to this much beyond what it must.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Descriptors the log holds open at once, at most: the active segment, a segment being read
+/// and the directory while it is synced.
+pub const RAFT_LOG_FILES_OPEN_MAX: usize = 3;
+/// Entries per record when a LevelDB log is rewritten (bounds the memory of the migration).
+const MIGRATE_ENTRIES_PER_RECORD: u64 = 256;
 
 /// The durable raft log of one replica. See the module docs.
-///
-/// Not `Send`: rusty-leveldb's `DB` is built on `Rc`. It lives on the raft thread, inside the
-/// `RawNode`. The database sits in a `RefCell` because [`Storage`]'s methods take `&self` while
-/// rusty-leveldb's reads take `&mut self`; no method holds the borrow across a call out.
 pub struct RaftLogDb {
-    db: RefCell<DB>,
-    /// Where the database lives; compaction may replace it (see `compact`).
     dir: PathBuf,
     opts: StoreOptions,
-    /// Entry bytes written to this database since it was created by a compaction (u64::MAX
-    /// after an open: not known).
-    written_bytes: u64,
+    /// The sequence number of the last write (record or meta).
+    seq: u64,
+    /// Segments numbered below this are garbage (meta's first segment).
+    first_segment: u64,
+    /// The newest segment, open for appending, and its length.
+    active: (u64, File, u64),
+    /// Where each entry `snapshot index + 1 ..= last index` lies.
+    locators: VecDeque<Locator>,
     /// As last written, except for a commit index raised by `set_commit` since.
     hard_state: HardState,
     conf_state: ConfState,
@@ -75,56 +93,82 @@ pub struct RaftLogDb {
     /// The newest entries as persisted, so that raft's reads of what it just wrote (committed
     /// entries to apply, entries to send to followers) do not read and decode them back.
     tail: EntryTail,
+    /// A record's bytes, kept from write to write.
+    scratch: Vec<u8>,
     sync_stats: Arc<SyncStats>,
-    /// Set when a write failed: rusty-leveldb puts a batch into its memtable before writing the
-    /// log, so reads could see entries that are not durable. Every later call fails.
+    /// Set when a write failed: what is on disk is no longer known. Every later call fails.
     failed: Option<String>,
+}
+
+/// What opening read back.
+struct Replayed {
+    seq: u64,
+    hard_state: HardState,
+    locators: VecDeque<Locator>,
+    /// The newest segment and its length up to its last whole record.
+    newest: Option<(u64, u64)>,
 }
 
 impl RaftLogDb {
     /// Opens (creating if missing) the raft log in `dir`. A new log starts from the conf state
-    /// listing `voters` (static membership: every replica starts from the same one), with first
-    /// index 1 and last index 0. An existing log must have been created with the same voters.
+    /// listing `voters` (every replica of a new cluster starts from the same one), with first
+    /// index 1 and last index 0; an existing log keeps the configuration it holds.
     pub fn open(dir: &Path, voters: &[u64]) -> Result<RaftLogDb> {
         RaftLogDb::open_with_options(dir, voters, StoreOptions::default())
     }
 
-    /// [`RaftLogDb::open`] with LevelDB tuning (tests use a small memtable).
+    /// [`RaftLogDb::open`] with tuning (`raft_tail_bytes`; tests keep a small tail).
     pub fn open_with_options(dir: &Path, voters: &[u64], opts: StoreOptions) -> Result<RaftLogDb> {
         assert!(!voters.is_empty(), "a cluster has at least one voter");
-        assert!(
-            opts.write_buffer_bytes > 0 && opts.block_cache_bytes > 0,
-            "{opts:?}"
-        );
-        // Finish (or roll back) a compaction that a crash interrupted (see `compact`).
+        // Finish (or roll back) a rewrite of a LevelDB log that a crash interrupted.
         crate::transfer::recover_install(dir)?;
-        let env = SyncEnv::new();
-        let sync_stats = env.stats();
-        let mut db = DB::open(dir, leveldb_options(&opts, env))
-            .map_err(|e| io_error(format_args!("opening raft log {}", dir.display()), e))?;
-        advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
-        migrate_raft_state_v1(&mut db)?;
-        migrate_state_rows(&mut db, &sync_stats)?;
-        let stored = read_stored_state(&mut db, voters, &sync_stats)?;
-        settle_state_rows(&mut db)?;
-        let tail = EntryTail::new(opts.raft_tail_bytes);
-        let mut this = RaftLogDb {
-            db: RefCell::new(db),
+        if dir.join("CURRENT").exists() {
+            migrate_leveldb(dir, voters, &opts)?;
+        }
+        std::fs::create_dir_all(dir).map_err(|e| raft_files::fs_error("creating", dir, e))?;
+        let sync_stats = Arc::new(SyncStats::default());
+        let meta = match read_meta(dir)? {
+            Some(meta) => meta,
+            None => new_log(dir, voters, &sync_stats)?,
+        };
+        if meta.conf_state.voters.is_empty() {
+            return Err(corrupt(Table::RaftState, "the conf state has no voters"));
+        }
+        let stale: Vec<u64> = list_segments(dir)?
+            .into_iter()
+            .filter(|&n| n < meta.first_segment)
+            .collect();
+        remove_segments(dir, &stale, &sync_stats)?;
+        let replayed = replay(dir, &meta)?;
+        let active = match replayed.newest {
+            Some((n, len)) => (n, open_segment(dir, n, len, &sync_stats)?, len),
+            None => {
+                let n = meta.first_segment;
+                (n, create_segment(dir, n, &sync_stats)?, 0)
+            }
+        };
+        let first = meta.snapshot.index + 1;
+        let terms = TermRuns::from_terms(first, replayed.locators.iter().map(|l| l.term));
+        let this = RaftLogDb {
             dir: dir.to_owned(),
-            opts,
-            written_bytes: u64::MAX,
-            hard_state: stored.hard_state,
-            conf_state: stored.conf_state,
-            address_book: stored.address_book,
-            snapshot: stored.snapshot,
+            seq: replayed.seq,
+            first_segment: meta.first_segment,
+            active,
+            last_index: meta.snapshot.index + replayed.locators.len() as u64,
+            locators: replayed.locators,
+            hard_state: replayed.hard_state,
+            conf_state: meta.conf_state,
+            address_book: meta.address_book,
+            snapshot: meta.snapshot,
             next_descriptor: None,
-            last_index: stored.last_index,
-            terms: TermRuns::default(),
-            tail,
+            terms,
+            tail: EntryTail::new(opts.raft_tail_bytes),
+            opts,
+            scratch: Vec::new(),
             sync_stats,
             failed: None,
         };
-        this.check_and_load_terms()?;
+        this.check_invariants()?;
         Ok(this)
     }
 
@@ -145,8 +189,8 @@ impl RaftLogDb {
         &self.conf_state
     }
 
-    /// The address book written with the conf state by the last membership change or snapshot
-    /// install; None if there was none (the configured peers are the book).
+    /// The address book written with the conf state by the last membership change, if any
+    /// (the configured peers are the book until then).
     pub fn address_book(&self) -> Option<&[u8]> {
         self.address_book.as_deref()
     }
@@ -166,27 +210,19 @@ impl RaftLogDb {
         self.last_index - self.snapshot.index
     }
 
-    /// The fsync counters of this database's env.
+    /// The segments on disk (the active one included): what compaction has not freed yet.
+    pub fn segment_count(&self) -> u64 {
+        self.active.0 - self.first_segment + 1
+    }
+
+    /// The fsync counters of this log's files.
     pub fn sync_stats(&self) -> Arc<SyncStats> {
         Arc::clone(&self.sync_stats)
     }
 
-    /// Releases the database lock, reporting a failure to flush (every write is already synced).
+    /// Closes the log (every write is already synced).
     pub fn close(self) -> Result<()> {
-        self.db
-            .into_inner()
-            .close()
-            .map_err(|e| io_error("closing the raft log", e))
-    }
-
-    /// Writes one raw key and value, synced. For tests that need a corrupt database: the
-    /// entries held in memory are dropped, so that later reads see what the database holds.
-    #[doc(hidden)]
-    pub fn raw_put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.tail.clear();
-        let mut batch = WriteBatch::default();
-        batch.put(key, value);
-        self.write(batch, "raw put")
+        self.check_usable()
     }
 
     fn first(&self) -> u64 {
@@ -203,208 +239,261 @@ impl RaftLogDb {
         }
     }
 
-    fn write(&mut self, batch: WriteBatch, what: impl fmt::Display) -> Result<()> {
+    /// Runs a write; a failure is sticky (see `failed`).
+    fn guarded<T>(&mut self, write: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.check_usable()?;
-        if let Err(e) = self.db.get_mut().write(batch, true) {
-            let e = io_error(format_args!("raft log: {what}"), e);
-            self.failed = Some(e.to_string());
-            return Err(e);
+        write(self).inspect_err(|e| self.failed = Some(e.to_string()))
+    }
+
+    /// Appends `self.scratch` (one record) to the active segment and syncs it; returns the
+    /// offset it starts at.
+    fn append_scratch(&mut self) -> Result<u64> {
+        let (number, file, len) = &mut self.active;
+        file.write_all(&self.scratch)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| {
+                let path = segment_path(&self.dir, *number);
+                raft_files::fs_error("appending to", &path, e)
+            })?;
+        self.sync_stats.count_file_sync();
+        let at = *len;
+        *len += self.scratch.len() as u64;
+        Ok(at)
+    }
+
+    /// Starts the next segment once the active one is full; it begins with the hard state.
+    fn roll_if_full(&mut self) -> Result<()> {
+        if self.active.2 < SEGMENT_BYTES {
+            return Ok(());
         }
+        let next = self.active.0 + 1;
+        let file = create_segment(&self.dir, next, &self.sync_stats)?;
+        self.active = (next, file, 0);
+        self.seq += 1;
+        encode_record(self.seq, &[], &self.hard_state, &mut self.scratch);
+        self.append_scratch().map(drop)
+    }
+
+    /// Replaces meta with the current state, `first_segment` and `snapshot`.
+    fn write_meta(&mut self, first_segment: u64, snapshot: &SnapshotPoint) -> Result<()> {
+        self.seq += 1;
+        let meta = Meta {
+            seq: self.seq,
+            first_segment,
+            snapshot: snapshot.clone(),
+            conf_state: self.conf_state.clone(),
+            address_book: self.address_book.clone(),
+            hard_state: self.hard_state.clone(),
+        };
+        write_meta(&self.dir, &meta, &self.sync_stats)
+    }
+
+    /// Removes the segments numbered `from..to` and makes `to` the first that counts (meta
+    /// already says so).
+    fn free_segments(&mut self, to: u64) -> Result<()> {
+        let stale: Vec<u64> = (self.first_segment..to).collect();
+        remove_segments(&self.dir, &stale, &self.sync_stats)?;
+        self.first_segment = to;
         Ok(())
     }
 
-    fn read_entry(&self, index: u64) -> Result<Option<Entry>> {
-        self.check_usable()?;
-        let key = layout::raft_entry_key(index);
-        let value = get(&mut self.db.borrow_mut(), &key, &self.sync_stats)?;
-        value.map(|v| decode_entry(index, &v)).transpose()
-    }
-
-    fn must_read_entry(&self, index: u64) -> Result<Entry> {
-        self.read_entry(index)?.ok_or_else(|| self.missing(index))
-    }
-
-    fn missing(&self, index: u64) -> Error {
-        corrupt(
-            Table::RaftEntry,
-            format_args!(
-                "entry {index} is missing from the log {}..={}",
-                self.first(),
-                self.last_index
-            ),
-        )
+    fn check_invariants(&self) -> Result<()> {
+        let (snapshot, last) = (self.snapshot.index, self.last_index);
+        let commit = self.hard_state.commit;
+        if commit < snapshot || commit > last {
+            return Err(corrupt(
+                Table::RaftState,
+                format_args!("commit {commit} is outside the log {snapshot}..={last}"),
+            ));
+        }
+        let mut term = self.snapshot.term;
+        for (index, l) in (snapshot + 1..).zip(&self.locators) {
+            if l.term < term {
+                return Err(corrupt(
+                    Table::RaftEntry,
+                    format_args!("entry {index} has term {} after term {term}", l.term),
+                ));
+            }
+            term = l.term;
+        }
+        Ok(())
     }
 
     /// Entries `low..high` (all in the log, `low < high`), stopping once their encoded size
     /// passes `max_size` (at least one is returned).
     fn read_entries(&self, low: u64, high: u64, max_size: u64) -> Result<Vec<Entry>> {
         self.check_usable()?;
-        let mut iter = self
-            .db
-            .borrow_mut()
-            .new_iter()
-            .map_err(|e| io_error("iterating the raft log", e))?;
-        iter.seek(&layout::raft_entry_key(low));
         let mut out = Vec::with_capacity(cmp::min(high - low, 1024) as usize);
+        let mut open: Option<(u64, File)> = None;
         let mut bytes = 0u64;
         for index in low..high {
-            // The hard state rows between the entries are not entries.
-            let (key, value) = loop {
-                let Some((key, value)) = iter.current() else {
-                    return Err(self.missing(index));
-                };
-                if layout::raft_hard_state_at_index(&key).is_none() {
-                    break (key, value);
+            let locator = self.locators[(index - self.first()) as usize];
+            let file = match open.take() {
+                Some((n, f)) if n == locator.segment => (n, f),
+                _ => {
+                    let path = segment_path(&self.dir, locator.segment);
+                    let f =
+                        File::open(&path).map_err(|e| raft_files::fs_error("opening", &path, e))?;
+                    (locator.segment, f)
                 }
-                iter.advance();
             };
-            if layout::raft_entry_key_index(&key) != Some(index) {
-                return Err(self.missing(index));
-            }
-            out.push(decode_entry(index, &value)?);
+            out.push(raft_files::read_entry(&file.1, index, &locator)?);
+            open = Some(file);
             // `limit_size` below decides exactly; this only stops reading once it would cut.
-            bytes = bytes.saturating_add(value.len() as u64);
+            bytes = bytes.saturating_add(u64::from(locator.len));
             if bytes > max_size {
                 break;
             }
-            iter.advance();
         }
         limit_size(&mut out, Some(max_size));
         Ok(out)
     }
+}
 
-    /// The database of a log compacted to `point`, built in `<dir>.staged` and swapped in.
-    fn replace_database(&mut self, point: &SnapshotPoint) -> Result<()> {
-        let staged = crate::transfer::staged_ledger_dir(&self.dir);
-        if staged.exists() {
-            std::fs::remove_dir_all(&staged)
-                .map_err(|e| Error::io(format_args!("removing {}", staged.display()), e))?;
-        }
-        let tail = if self.last_index > point.index {
-            self.read_entries(point.index + 1, self.last_index + 1, NO_LIMIT)?
-        } else {
-            Vec::new()
-        };
-        // The state rows first, in a table of their own (see the module docs); the database is
-        // not live before the swap, so the two writes need not be one.
-        let mut state = WriteBatch::default();
-        state.put(
-            &layout::raft_conf_state_key(),
-            &encode_proto(&self.conf_state),
-        );
-        state.put(&layout::raft_snapshot_key(), &point.encode());
-        if let Some(book) = &self.address_book {
-            state.put(&layout::raft_address_book_key(), book);
-        }
-        let mut batch = WriteBatch::default();
-        let mut tail_bytes = 0u64;
-        for e in &tail {
-            let encoded = encode_proto(e);
-            tail_bytes += encoded.len() as u64;
-            batch.put(&layout::raft_entry_key(e.index), &encoded);
-        }
-        batch.put(
-            &layout::raft_hard_state_at_key(self.last_index),
-            &encode_proto(&self.hard_state),
-        );
-        let options = |opts: &StoreOptions| {
-            leveldb_options(opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)))
-        };
-        let mut next = DB::open(&staged, options(&self.opts.clone().staged()))
-            .map_err(|e| io_error(format_args!("creating {}", staged.display()), e))?;
-        next.write(state, true)
-            .map_err(|e| io_error("writing the compacted raft log", e))?;
-        settle_state_rows(&mut next)?;
-        next.write(batch, true)
-            .map_err(|e| io_error("writing the compacted raft log", e))?;
-        next.close()
-            .map_err(|e| io_error("closing the compacted raft log", e))?;
-        drop(next);
-        crate::transfer::write_complete_marker(&staged)?;
-        self.db
-            .get_mut()
-            .close()
-            .map_err(|e| io_error("closing the raft log for compaction", e))?;
-        crate::transfer::install_ledger_dir(&self.dir, &staged)?;
-        let mut db = DB::open(&self.dir, options(&self.opts))
-            .map_err(|e| io_error(format_args!("reopening {}", self.dir.display()), e))?;
-        advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
-        settle_state_rows(&mut db)?;
-        // The closed database is dropped here; it holds no lock and writes nothing.
-        *self.db.get_mut() = db;
-        self.written_bytes = tail_bytes;
-        Ok(())
+/// Writes the meta of a new log in `dir` (which must hold no segment).
+fn new_log(dir: &Path, voters: &[u64], stats: &SyncStats) -> Result<Meta> {
+    if !list_segments(dir)?.is_empty() {
+        return Err(corrupt(
+            Table::RaftState,
+            format_args!("{} holds raft log segments but no meta", dir.display()),
+        ));
     }
+    let meta = Meta {
+        seq: 1,
+        first_segment: 1,
+        conf_state: initial_conf_state(voters),
+        ..Meta::default()
+    };
+    write_meta(dir, &meta, stats)?;
+    Ok(meta)
+}
 
-    /// Checks the invariants of the module docs against the disk and fills `terms`. Terms never
-    /// decrease along a raft log, so the runs are found by bisection: a few reads per term.
-    fn check_and_load_terms(&mut self) -> Result<()> {
-        let (first, last) = (self.first(), self.last_index);
-        let commit = self.hard_state.commit;
-        if last < self.snapshot.index || commit < self.snapshot.index || commit > last {
-            return Err(corrupt(
-                Table::RaftState,
-                format_args!(
-                    "snapshot index {}, commit {commit} and last index {last} are out of order",
-                    self.snapshot.index
-                ),
-            ));
-        }
-        for outside in [self.snapshot.index, last + 1] {
-            if outside > 0 && self.read_entry(outside)?.is_some() {
+/// Reads every record of the segments in `dir` (all at or above meta's first) in order.
+fn replay(dir: &Path, meta: &Meta) -> Result<Replayed> {
+    let segments = list_segments(dir)?;
+    let mut out = Replayed {
+        seq: meta.seq,
+        hard_state: meta.hard_state.clone(),
+        locators: VecDeque::new(),
+        newest: None,
+    };
+    let mut hard_state_seq = meta.seq;
+    let mut record_seq = 0;
+    let snapshot = meta.snapshot.index;
+    for (i, &n) in segments.iter().enumerate() {
+        let path = segment_path(dir, n);
+        let bytes = std::fs::read(&path).map_err(|e| raft_files::fs_error("reading", &path, e))?;
+        let end = read_records(n, &bytes, |record| {
+            if record.seq <= record_seq {
                 return Err(corrupt(
                     Table::RaftEntry,
-                    format_args!("entry {outside} is outside the log {first}..={last}"),
+                    format_args!(
+                        "segment {n}: record {} after record {record_seq}",
+                        record.seq
+                    ),
                 ));
             }
-        }
-        if last < first {
-            return Ok(());
-        }
-        let lo = self.must_read_entry(first)?.term;
-        let hi = self.must_read_entry(last)?.term;
-        let mut runs = vec![(first, lo)];
-        self.find_runs(first, lo, last, hi, &mut runs)?;
-        if lo < self.snapshot.term {
-            return Err(corrupt(
-                Table::RaftEntry,
-                format_args!(
-                    "entry {first} has term {lo}, before the snapshot's {}",
-                    self.snapshot.term
-                ),
-            ));
-        }
-        self.terms = TermRuns { runs };
-        Ok(())
+            record_seq = record.seq;
+            replace_from(&mut out.locators, snapshot, &record.entries)?;
+            if record.seq > hard_state_seq {
+                hard_state_seq = record.seq;
+                out.hard_state = record.hard_state;
+            }
+            Ok(())
+        })?;
+        let len = match end {
+            SegmentEnd::Clean => bytes.len() as u64,
+            SegmentEnd::Torn(at) if i + 1 == segments.len() => at,
+            SegmentEnd::Torn(at) => {
+                return Err(corrupt(
+                    Table::RaftEntry,
+                    format_args!(
+                        "segment {n} has a bad record at byte {at}, and newer ones follow"
+                    ),
+                ))
+            }
+        };
+        out.newest = Some((n, len));
     }
+    out.seq = cmp::max(out.seq, record_seq);
+    Ok(out)
+}
 
-    /// Appends to `runs` the run starts in `(lo, hi]`, given the terms at both ends.
-    fn find_runs(
-        &self,
-        lo: u64,
-        lo_term: u64,
-        hi: u64,
-        hi_term: u64,
-        runs: &mut Vec<(u64, u64)>,
-    ) -> Result<()> {
-        if lo_term == hi_term {
-            return Ok(());
-        }
-        if lo_term > hi_term {
+/// One record's entries replace the log (`locators`, entries after `snapshot`) from their first
+/// index on; those at or below the snapshot index are gone already.
+fn replace_from(
+    locators: &mut VecDeque<Locator>,
+    snapshot: u64,
+    entries: &[(u64, Locator)],
+) -> Result<()> {
+    let Some(&(start, _)) = entries.first() else {
+        return Ok(());
+    };
+    let last = snapshot + locators.len() as u64;
+    if start > last + 1 {
+        return Err(corrupt(
+            Table::RaftEntry,
+            format_args!("entries from {start} leave a gap after the log's last index {last}"),
+        ));
+    }
+    locators.truncate((start.max(snapshot + 1) - snapshot - 1) as usize);
+    for (i, &(index, locator)) in entries.iter().enumerate() {
+        if index != start + i as u64 {
             return Err(corrupt(
                 Table::RaftEntry,
-                format_args!("entry {lo} has term {lo_term}, after entry {hi}'s {hi_term}"),
+                format_args!("a record's entries from {start} are not contiguous at {index}"),
             ));
         }
-        if hi == lo + 1 {
-            runs.push((hi, hi_term));
-            return Ok(());
+        if index > snapshot {
+            locators.push_back(locator);
         }
-        let mid = lo + (hi - lo) / 2;
-        let mid_term = self.must_read_entry(mid)?.term;
-        self.find_runs(lo, lo_term, mid, mid_term, runs)?;
-        self.find_runs(mid, mid_term, hi, hi_term, runs)
     }
+    Ok(())
+}
+
+/// Rewrites the LevelDB raft log in `dir` (an earlier tally's) into segments: built in
+/// `<dir>.staged`, then swapped in for `dir` (`install_ledger_dir`; `recover_install` finishes a
+/// swap a crash interrupted, and a staged directory without its complete marker is discarded).
+fn migrate_leveldb(dir: &Path, voters: &[u64], opts: &StoreOptions) -> Result<()> {
+    let old = LevelDbRaftLog::open_with_options(dir, voters, opts.clone())?;
+    let staged = crate::transfer::staged_ledger_dir(dir);
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged)
+            .map_err(|e| raft_files::fs_error("removing", &staged, e))?;
+    }
+    std::fs::create_dir_all(&staged).map_err(|e| raft_files::fs_error("creating", &staged, e))?;
+    let stats = SyncStats::default();
+    let meta = Meta {
+        seq: 1,
+        first_segment: 1,
+        snapshot: old.snapshot_point().clone(),
+        conf_state: old.conf_state().clone(),
+        address_book: old.address_book().map(<[u8]>::to_vec),
+        hard_state: old.hard_state().clone(),
+    };
+    write_meta(&staged, &meta, &stats)?;
+    let mut file = create_segment(&staged, 1, &stats)?;
+    let last = old
+        .last_index()
+        .map_err(|e| Error::io("reading the LevelDB raft log", e))?;
+    let (mut low, mut seq, mut buf) = (meta.snapshot.index + 1, meta.seq, Vec::new());
+    while low <= last {
+        let high = cmp::min(last + 1, low + MIGRATE_ENTRIES_PER_RECORD);
+        let entries = old
+            .entries(low, high, NO_LIMIT, GetEntriesContext::empty(false))
+            .map_err(|e| Error::io("reading the LevelDB raft log", e))?;
+        seq += 1;
+        encode_record(seq, &entries, &meta.hard_state, &mut buf);
+        file.write_all(&buf)
+            .map_err(|e| raft_files::fs_error("writing", &staged, e))?;
+        low = high;
+    }
+    file.sync_data()
+        .map_err(|e| raft_files::fs_error("syncing", &staged, e))?;
+    drop(file);
+    crate::transfer::write_complete_marker(&staged)?;
+    old.close()?;
+    crate::transfer::install_ledger_dir(dir, &staged)
 }
 
 impl Storage for RaftLogDb {
@@ -491,21 +580,19 @@ impl RaftLogStore for RaftLogDb {
     }
 
     fn set_conf_state(&mut self, conf: &ConfState, address_book: &[u8]) -> Result<()> {
-        self.check_usable()?;
-        let mut batch = WriteBatch::default();
-        batch.put(&layout::raft_conf_state_key(), &encode_proto(conf));
-        batch.put(&layout::raft_address_book_key(), address_book);
-        self.write(batch, "recording a membership change")?;
-        self.conf_state = conf.clone();
-        self.address_book = Some(address_book.to_vec());
-        Ok(())
+        // A failed write fails the log for good, so memory may change first.
+        self.guarded(|log| {
+            log.conf_state = conf.clone();
+            log.address_book = Some(address_book.to_vec());
+            let snapshot = log.snapshot.clone();
+            log.write_meta(log.first_segment, &snapshot)
+        })
     }
 
     /// Entries replace the stored ones from their first index on. Without a hard state, the one
     /// in memory is written, which carries the commit index of any `set_commit` since.
     fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
         self.check_usable()?;
-        let mut batch = WriteBatch::default();
         let mut last = self.last_index;
         if let Some(head) = entries.first() {
             let start = head.index;
@@ -522,18 +609,8 @@ impl RaftLogStore for RaftLogDb {
             );
             for (i, e) in entries.iter().enumerate() {
                 assert_eq!(e.index, start + i as u64, "entries are contiguous");
-                let encoded = encode_proto(e);
-                self.written_bytes = self.written_bytes.saturating_add(encoded.len() as u64);
-                batch.put(&layout::raft_entry_key(e.index), &encoded);
             }
             last = start + entries.len() as u64 - 1;
-            for stale in last + 1..=self.last_index {
-                batch.delete(&layout::raft_entry_key(stale));
-            }
-            // The hard states of the writes whose entries these replace.
-            for stale in start..=self.last_index {
-                batch.delete(&layout::raft_hard_state_at_key(stale));
-            }
         }
         let hard_state = hard_state.unwrap_or(&self.hard_state).clone();
         assert!(
@@ -542,25 +619,34 @@ impl RaftLogStore for RaftLogDb {
             hard_state.commit,
             self.hard_state.commit
         );
-        batch.put(
-            &layout::raft_hard_state_at_key(last),
-            &encode_proto(&hard_state),
-        );
-        self.write(batch, format_args!("persisting up to entry {last}"))?;
-        if !entries.is_empty() {
-            self.terms.append(entries);
-            self.tail.append(entries);
-        }
-        self.last_index = last;
-        self.hard_state = hard_state;
-        Ok(())
+        self.guarded(|log| {
+            log.seq += 1;
+            let at = encode_record(log.seq, entries, &hard_state, &mut log.scratch);
+            let base = log.append_scratch()?;
+            if let Some(head) = entries.first() {
+                log.locators.truncate((head.index - log.first()) as usize);
+                for (e, (offset, len, crc)) in entries.iter().zip(at) {
+                    log.locators.push_back(Locator {
+                        segment: log.active.0,
+                        offset: base + offset,
+                        len,
+                        crc,
+                        term: e.term,
+                    });
+                }
+                log.terms.append(entries);
+                log.tail.append(entries);
+            }
+            log.last_index = last;
+            log.hard_state = hard_state;
+            log.roll_if_full()
+        })
     }
 
     /// The log becomes empty and starts after the snapshot's index; its data becomes the
     /// descriptor, and a descriptor set with `set_snapshot_descriptor` is forgotten (it described
-    /// an older ledger state).
+    /// an older ledger state). The segments before are garbage once meta names the next one.
     fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<()> {
-        self.check_usable()?;
         let meta = snapshot.get_metadata();
         let index = meta.index;
         assert!(
@@ -568,52 +654,32 @@ impl RaftLogStore for RaftLogDb {
             "snapshot at {index} is out of date: the log is compacted to {}",
             self.snapshot.index
         );
-        let mut batch = WriteBatch::default();
-        for i in self.first()..=self.last_index {
-            batch.delete(&layout::raft_entry_key(i));
-        }
-        for i in self.snapshot.index..=self.last_index {
-            batch.delete(&layout::raft_hard_state_at_key(i));
-        }
         let point = SnapshotPoint {
             index,
             term: meta.term,
             descriptor: snapshot.data.to_vec(),
         };
-        let conf_state = meta.get_conf_state().clone();
-        let mut hard_state = self.hard_state.clone();
-        hard_state.commit = cmp::max(hard_state.commit, index);
-        hard_state.term = cmp::max(hard_state.term, meta.term);
-        batch.put(&layout::raft_snapshot_key(), &point.encode());
-        batch.put(&layout::raft_conf_state_key(), &encode_proto(&conf_state));
-        batch.put(
-            &layout::raft_hard_state_at_key(index),
-            &encode_proto(&hard_state),
-        );
-        self.write(batch, format_args!("applying the snapshot at {index}"))?;
-        self.snapshot = point;
-        self.conf_state = conf_state;
-        self.hard_state = hard_state;
-        self.last_index = index;
-        self.terms = TermRuns::default();
-        self.tail = EntryTail::new(self.opts.raft_tail_bytes);
-        self.next_descriptor = None;
-        Ok(())
+        self.guarded(|log| {
+            log.conf_state = meta.get_conf_state().clone();
+            log.hard_state.commit = cmp::max(log.hard_state.commit, index);
+            log.hard_state.term = cmp::max(log.hard_state.term, meta.term);
+            let next = log.active.0 + 1;
+            log.write_meta(next, &point)?;
+            log.snapshot = point;
+            log.last_index = index;
+            log.locators.clear();
+            log.terms = TermRuns::default();
+            log.tail = EntryTail::new(log.opts.raft_tail_bytes);
+            log.next_descriptor = None;
+            let file = create_segment(&log.dir, next, &log.sync_stats)?;
+            log.active = (next, file, 0);
+            log.free_segments(next)
+        })
     }
 
-    /// Also writes the hard state, so that the durable commit index is never behind the
-    /// snapshot point (raft-rs refuses to start from such a state).
-    ///
-    /// Once the database holds `SWAP_BYTES` of entries written since it was created, deletes
-    /// nothing: the state rows and the entries after `index` are written to a new database in
-    /// `<dir>.staged`, which replaces the live one by the crash-safe directory swap of ledger
-    /// installs (`install_ledger_dir`; `open` finishes an interrupted one). Deleting many
-    /// compacted entries one by one leaves tombstones spanning them, and the LevelDB compaction
-    /// that drops them rewrites every entry in between, on this thread (measured: 0.65-1.3 s
-    /// every `raft.compaction_bytes` of 256 MiB). Below that, the entries are deleted: a swap
-    /// costs a few fsyncs and file creations (10-14 ms against ~0.3 ms for deleting 100 entries,
-    /// timed once in a throwaway test, release build), too much to pay every few hundred
-    /// entries (measured in `tally-chaos`, which compacts every 300).
+    /// Also writes the hard state (in meta), so that the durable commit index is never behind
+    /// the snapshot point (raft-rs refuses to start from such a state). Frees the segments
+    /// before the one holding entry `index + 1`: whole files, nothing is copied.
     fn compact(&mut self, index: u64) -> Result<()> {
         self.check_usable()?;
         assert!(
@@ -625,40 +691,28 @@ impl RaftLogStore for RaftLogDb {
         if index == self.snapshot.index {
             return Ok(());
         }
-        let term = self.terms.term(index);
         let point = SnapshotPoint {
             index,
-            term,
+            term: self.terms.term(index),
             descriptor: match &self.next_descriptor {
                 Some(d) => d.clone(),
                 None => self.snapshot.descriptor.clone(),
             },
         };
-        if self.written_bytes >= SWAP_BYTES {
-            if let Err(e) = self.replace_database(&point) {
-                self.failed = Some(e.to_string());
-                return Err(e);
-            }
-        } else {
-            let mut batch = WriteBatch::default();
-            for i in self.first()..=index {
-                batch.delete(&layout::raft_entry_key(i));
-            }
-            for i in self.snapshot.index..=index {
-                batch.delete(&layout::raft_hard_state_at_key(i));
-            }
-            batch.put(&layout::raft_snapshot_key(), &point.encode());
-            batch.put(
-                &layout::raft_hard_state_at_key(self.last_index),
-                &encode_proto(&self.hard_state),
-            );
-            self.write(batch, format_args!("compacting to {index}"))?;
-        }
-        self.snapshot = point;
-        self.next_descriptor = None;
-        self.terms.compact(index + 1, self.last_index);
-        self.tail.compact(index + 1);
-        Ok(())
+        let dropped = (index - self.snapshot.index) as usize;
+        let keep_from = self
+            .locators
+            .get(dropped)
+            .map_or(self.active.0, |l| l.segment);
+        self.guarded(|log| {
+            log.write_meta(keep_from, &point)?;
+            log.snapshot = point;
+            log.next_descriptor = None;
+            log.locators.drain(..dropped);
+            log.terms.compact(index + 1, log.last_index);
+            log.tail.compact(index + 1);
+            log.free_segments(keep_from)
+        })
     }
 
     fn set_commit(&mut self, commit: u64) -> Result<()> {
@@ -674,19 +728,24 @@ impl RaftLogStore for RaftLogDb {
     }
 }
 
+/// raft-rs treats any error but its own kinds as fatal, which is what a storage error is.
+fn raft_error(e: Error) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
 /// A copy of the log's newest entries (a contiguous run ending at the last index), bounded by
 /// `StoreOptions::raft_tail_bytes` (but it keeps the newest entry whatever its size). Entries
 /// share their data with the caller's (`Bytes`), so holding and handing them out copies no
 /// payload.
 #[derive(Debug)]
-struct EntryTail {
+pub(crate) struct EntryTail {
     entries: VecDeque<Entry>,
     bytes: u64,
     bytes_max: u64,
 }
 
 impl EntryTail {
-    fn new(bytes_max: usize) -> EntryTail {
+    pub(crate) fn new(bytes_max: usize) -> EntryTail {
         EntryTail {
             entries: VecDeque::new(),
             bytes: 0,
@@ -695,7 +754,7 @@ impl EntryTail {
     }
 
     /// `entries` (contiguous, as just persisted) replace the tail from their first index on.
-    fn append(&mut self, entries: &[Entry]) {
+    pub(crate) fn append(&mut self, entries: &[Entry]) {
         let start = entries[0].index;
         match self.entries.front().map(|e| e.index) {
             Some(first) if first < start => {
@@ -722,20 +781,20 @@ impl EntryTail {
     }
 
     /// Forgets the entries before `first`.
-    fn compact(&mut self, first: u64) {
+    pub(crate) fn compact(&mut self, first: u64) {
         while self.entries.front().is_some_and(|e| e.index < first) {
             let e = self.entries.pop_front().expect("front exists");
             self.bytes -= entry_bytes(&e);
         }
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.entries.clear();
         self.bytes = 0;
     }
 
     /// Entries `low..high` with raft's size limit (at least one), if the tail holds them all.
-    fn get(&self, low: u64, high: u64, max_size: u64) -> Option<Vec<Entry>> {
+    pub(crate) fn get(&self, low: u64, high: u64, max_size: u64) -> Option<Vec<Entry>> {
         let first = self.entries.front()?.index;
         let last = self.entries.back()?.index;
         if low < first || high > last + 1 {
@@ -767,20 +826,31 @@ fn entry_bytes(e: &Entry) -> u64 {
 /// The terms of the entries `first_index..=last_index`, as runs `(first index, term)`: terms only
 /// change at elections, so a few runs cover the whole log.
 #[derive(Debug, Default)]
-struct TermRuns {
-    runs: Vec<(u64, u64)>,
+pub(crate) struct TermRuns {
+    pub(crate) runs: Vec<(u64, u64)>,
 }
 
 impl TermRuns {
+    /// The runs of a log whose entries from `first` on have the terms `terms`, in order.
+    pub(crate) fn from_terms(first: u64, terms: impl Iterator<Item = u64>) -> TermRuns {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (index, term) in (first..).zip(terms) {
+            if runs.last().map(|&(_, t)| t) != Some(term) {
+                runs.push((index, term));
+            }
+        }
+        TermRuns { runs }
+    }
+
     /// `index` must be in the log.
-    fn term(&self, index: u64) -> u64 {
+    pub(crate) fn term(&self, index: u64) -> u64 {
         let i = self.runs.partition_point(|&(start, _)| start <= index);
         assert!(i > 0, "term of {index}, before the log");
         self.runs[i - 1].1
     }
 
     /// `entries` (contiguous, starting inside the log or right after it) replace the log's tail.
-    fn append(&mut self, entries: &[Entry]) {
+    pub(crate) fn append(&mut self, entries: &[Entry]) {
         let start = entries[0].index;
         let keep = self.runs.partition_point(|&(s, _)| s < start);
         self.runs.truncate(keep);
@@ -792,7 +862,7 @@ impl TermRuns {
     }
 
     /// The log now starts at `first` and ends at `last`.
-    fn compact(&mut self, first: u64, last: u64) {
+    pub(crate) fn compact(&mut self, first: u64, last: u64) {
         if first > last {
             self.runs.clear();
             return;
@@ -801,307 +871,5 @@ impl TermRuns {
         assert!(i > 0, "compacting to {first}, before the log");
         self.runs.drain(..i - 1);
         self.runs[0].0 = first;
-    }
-}
-
-/// Moves the rows of `raft_state` v1 (a log written by an earlier tally) to v2: same keys after
-/// the tag, same values, one synced write.
-fn migrate_raft_state_v1(db: &mut DB) -> Result<()> {
-    let mut rows = Vec::new();
-    crate::ledger::scan_prefix(db, &layout::RAFT_STATE_V1_TAG, |key, value| {
-        rows.push((key.to_vec(), value.to_vec()));
-        Ok(())
-    })?;
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut batch = WriteBatch::default();
-    for (key, value) in &rows {
-        let mut moved = key.to_vec();
-        moved[..layout::TAG_BYTES].copy_from_slice(&Table::RaftState.tag());
-        batch.put(&moved, value);
-        batch.delete(key);
-    }
-    db.write(batch, true)
-        .map_err(|e| io_error("moving raft_state v1 rows to v2", e))
-}
-
-/// Moves the state rows of a log written before hard states were keyed by index (a `hard` and a
-/// `last` row in `raft_state`, rewritten by every write) to the hard state at the last index, in
-/// one synced write.
-fn migrate_state_rows(db: &mut DB, stats: &SyncStats) -> Result<()> {
-    let hard = get(db, &layout::raft_hard_state_key(), stats)?;
-    let last = get(db, &layout::raft_last_index_key(), stats)?;
-    if hard.is_none() && last.is_none() {
-        return Ok(());
-    }
-    let highest = highest_entry_row(db)?;
-    if highest.is_some_and(|(key, _)| layout::raft_hard_state_at_index(&key).is_some()) {
-        return Err(corrupt(
-            Table::RaftState,
-            "it holds hard state rows of both the old layout and the new one",
-        ));
-    }
-    let last = match last {
-        Some(v) => layout::decode_raft_last_index(&v)?,
-        None => match get(db, &layout::raft_snapshot_key(), stats)? {
-            Some(v) => SnapshotPoint::decode(&v)?.index,
-            None => 0,
-        },
-    };
-    let hard = hard.unwrap_or_else(|| encode_proto(&HardState::default()));
-    let mut batch = WriteBatch::default();
-    batch.put(&layout::raft_hard_state_at_key(last), &hard);
-    batch.delete(&layout::raft_hard_state_key());
-    batch.delete(&layout::raft_last_index_key());
-    db.write(batch, true)
-        .map_err(|e| io_error("moving the hard state to its index", e))
-}
-
-/// The rows a raft log opens from, read (and for a new log, its conf state created) by
-/// [`read_stored_state`].
-struct StoredState {
-    hard_state: HardState,
-    conf_state: ConfState,
-    address_book: Option<Vec<u8>>,
-    snapshot: SnapshotPoint,
-    /// The newest hard state's index, or the snapshot point's when there is none.
-    last_index: u64,
-}
-
-/// Reads the conf state, address book, snapshot point and newest hard state of the log in
-/// `db`. A new log (none of them stored) gets the conf state listing `voters`, written.
-fn read_stored_state(db: &mut DB, voters: &[u64], sync_stats: &SyncStats) -> Result<StoredState> {
-    let conf = get(db, &layout::raft_conf_state_key(), sync_stats)?;
-    let snap = get(db, &layout::raft_snapshot_key(), sync_stats)?;
-    let newest = newest_hard_state(db)?;
-    let new_log = newest.is_none() && snap.is_none();
-    let conf_state = load_conf_state(db, conf, new_log, voters)?;
-    let address_book = get(db, &layout::raft_address_book_key(), sync_stats)?;
-    let snapshot = match snap {
-        Some(v) => SnapshotPoint::decode(&v)?,
-        None => SnapshotPoint::default(),
-    };
-    let (hard_state, last_index) = match newest {
-        Some((index, v)) => (decode_hard_state(index, &v)?, index),
-        None => (HardState::default(), snapshot.index),
-    };
-    Ok(StoredState {
-        hard_state,
-        conf_state,
-        address_book,
-        snapshot,
-        last_index,
-    })
-}
-
-/// Decodes the stored conf state `stored`; for a new log, which has none, writes and returns
-/// the one listing `voters`. A log in use without one, or with one naming no voter, is corrupt.
-fn load_conf_state(
-    db: &mut DB,
-    stored: Option<Vec<u8>>,
-    new_log: bool,
-    voters: &[u64],
-) -> Result<ConfState> {
-    let conf_state = match stored {
-        Some(v) => decode_proto::<ConfState>(Table::RaftState, "conf state", &v)?,
-        None if new_log => {
-            let cs = initial_conf_state(voters);
-            let mut batch = WriteBatch::default();
-            batch.put(&layout::raft_conf_state_key(), &encode_proto(&cs));
-            db.write(batch, true)
-                .map_err(|e| io_error("creating the raft log", e))?;
-            cs
-        }
-        None => {
-            return Err(corrupt(
-                Table::RaftState,
-                "the conf state is missing from a log in use",
-            ))
-        }
-    };
-    // The configured voters only make a new log: from then on the configuration follows
-    // the committed membership changes. It always has a voter.
-    if conf_state.voters.is_empty() {
-        return Err(corrupt(Table::RaftState, "the conf state has no voters"));
-    }
-    Ok(conf_state)
-}
-
-/// The newest hard state and the last index: the highest key of the `raft_entry` table, which
-/// must be a hard state row (see [`layout::raft_hard_state_at_key`]). None for a log that has
-/// none (a new one, or one whose state rows are missing, which the caller's checks catch).
-fn newest_hard_state(db: &mut DB) -> Result<Option<(u64, Vec<u8>)>> {
-    let Some((key, value)) = highest_entry_row(db)? else {
-        return Ok(None);
-    };
-    match layout::raft_hard_state_at_index(&key) {
-        Some(index) => Ok(Some((index, value))),
-        None => Err(corrupt(
-            Table::RaftEntry,
-            format_args!(
-                "its highest row is not a hard state (key {:02x?}): the newest hard state is \
-                 missing",
-                &key[..]
-            ),
-        )),
-    }
-}
-
-/// The highest key of the `raft_entry` table and its value.
-///
-/// Found by bisection on the index of the key, 64 seeks: rusty-leveldb 4.0.2's reverse iteration
-/// (`prev` after a `seek`) found nothing below a key it had just positioned on.
-fn highest_entry_row(db: &mut DB) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-    let tag = Table::RaftEntry.tag();
-    let mut iter = db
-        .new_iter()
-        .map_err(|e| io_error("iterating the raft log", e))?;
-    let mut any_from = |index: u64| {
-        iter.seek(&layout::raft_entry_key(index));
-        iter.current().is_some_and(|(key, _)| key.starts_with(&tag))
-    };
-    if !any_from(0) {
-        return Ok(None);
-    }
-    // Invariant: a row at or above `lo`'s keys, none at or above `hi`'s.
-    let (mut lo, mut hi) = (0u64, u64::MAX);
-    if any_from(u64::MAX) {
-        lo = u64::MAX;
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if any_from(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    // At most the entry and the hard state at `lo` remain.
-    iter.seek(&layout::raft_entry_key(lo));
-    let mut highest = None;
-    while let Some((key, value)) = iter.current() {
-        if !key.starts_with(&tag) {
-            break;
-        }
-        highest = Some((key, value));
-        iter.advance();
-    }
-    let (key, value) = highest.expect("a row at or above the bisection's low end");
-    Ok(Some((key.to_vec(), value.to_vec())))
-}
-
-/// Writes the memtable out to a table: rows written at open (the open marker, migrations) or to
-/// a compacted log's new database (its state rows) must not share a table with the appends that
-/// follow, or that table would span from the entries to the state rows and overlap every later
-/// one (see the module docs).
-///
-/// rusty-leveldb has no flush of its own: `compact_range` writes the memtable out first, and it
-/// is given a range above every key, where no table lies to merge. (Over the `raft_state` range
-/// instead, its manual compaction made a reopened log read an older snapshot point: found by the
-/// randomized model test.)
-fn settle_state_rows(db: &mut DB) -> Result<()> {
-    const ABOVE_EVERY_KEY: [u8; 8] = [0xff; 8];
-    db.compact_range(&ABOVE_EVERY_KEY, &ABOVE_EVERY_KEY)
-        .map_err(|e| io_error("writing the raft log's memtable out", e))
-}
-
-fn decode_hard_state(index: u64, value: &[u8]) -> Result<HardState> {
-    decode_proto(
-        Table::RaftEntry,
-        format_args!("hard state at {index}"),
-        value,
-    )
-}
-
-/// Like `LedgerDb`'s options: no log or manifest reuse (see `ledger.rs` for why).
-fn leveldb_options(opts: &StoreOptions, env: SyncEnv) -> Options {
-    Options {
-        env: Rc::new(Box::new(env)),
-        create_if_missing: true,
-        max_open_files: opts.table_files_open_max + 10,
-        write_buffer_size: opts.write_buffer_bytes,
-        block_cache_capacity_bytes: opts.block_cache_bytes,
-        reuse_logs: false,
-        reuse_manifest: false,
-        ..Options::default()
-    }
-}
-
-/// The rusty-leveldb `Table::get` workaround of `LedgerDb` (see `advance_sequence` in
-/// `ledger.rs`): a hard state row has a version per write that leaves the last index where it
-/// was, exactly the rows the bug hides after a restart. Writing before the first read avoids it.
-fn advance_sequence(db: &mut DB) -> rusty_leveldb::Result<()> {
-    let mut batch = WriteBatch::default();
-    batch.delete(&layout::raft_open_marker_key());
-    db.write(batch, false)
-}
-
-/// A read that reports errors (`env::get_checked`): rusty-leveldb's `get` and `get_at` both
-/// read a table they cannot read, or one that fails its checksum, as "absent".
-fn get(db: &mut DB, key: &[u8], stats: &SyncStats) -> Result<Option<Vec<u8>>> {
-    crate::env::get_checked(db, key, stats)
-        .map_err(|e| Error::corrupt(format!("reading the raft log: {e}")))
-}
-
-fn decode_entry(index: u64, value: &[u8]) -> Result<Entry> {
-    let entry: Entry = decode_proto(Table::RaftEntry, format_args!("entry {index}"), value)?;
-    if entry.index != index {
-        return Err(corrupt(
-            Table::RaftEntry,
-            format_args!("key index {index} holds entry {}", entry.index),
-        ));
-    }
-    Ok(entry)
-}
-
-fn decode_proto<M: protobuf::Message>(
-    table: Table,
-    what: impl fmt::Display,
-    value: &[u8],
-) -> Result<M> {
-    M::parse_from_bytes(value).map_err(|e| corrupt(table, format_args!("{what}: {e}")))
-}
-
-fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
-    m.write_to_bytes()
-        .expect("raft's protobuf messages have no required fields")
-}
-
-/// raft-rs treats any error but its own kinds as fatal, which is what a storage error is.
-fn raft_error(e: Error) -> raft::Error {
-    raft::Error::Store(StorageError::Other(Box::new(e)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(index: u64, term: u64) -> Entry {
-        Entry {
-            index,
-            term,
-            ..Entry::default()
-        }
-    }
-
-    #[test]
-    fn term_runs_follow_appends_and_compactions() {
-        let mut t = TermRuns::default();
-        t.append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)]);
-        assert_eq!(t.runs, [(1, 1), (3, 2)]);
-        t.append(&[entry(3, 3)]);
-        assert_eq!(t.runs, [(1, 1), (3, 3)]);
-        t.append(&[entry(2, 1), entry(3, 1), entry(4, 4)]);
-        assert_eq!(t.runs, [(1, 1), (4, 4)]);
-        assert_eq!((1..=4).map(|i| t.term(i)).collect::<Vec<_>>(), [1, 1, 1, 4]);
-        t.compact(3, 4);
-        assert_eq!(t.runs, [(3, 1), (4, 4)]);
-        t.compact(4, 4);
-        assert_eq!(t.runs, [(4, 4)]);
-        t.compact(5, 4);
-        assert!(t.runs.is_empty());
-        t.append(&[entry(5, 4)]);
-        assert_eq!(t.runs, [(5, 4)]);
     }
 }

@@ -1,5 +1,6 @@
 //! `RaftLogDb` against raft-rs's storage semantics (the intent of `MemStorage`'s unit tests),
-//! persistence across reopen, and corrupt values.
+//! persistence across reopen, damaged files, and the rewrite of an earlier tally's LevelDB log
+//! (with its corrupt values) at open.
 //!
 //! Unlike `MemStorage`, whose first stored entry may sit anywhere, a `RaftLogDb` log always
 //! starts right after its snapshot point, whose term it keeps. The ported tests therefore build
@@ -13,7 +14,7 @@ use raft::eraftpb::{ConfState, Entry, HardState};
 use raft::{Error as RaftError, GetEntriesContext, Storage, StorageError};
 use tally_core::replica::RaftLogStore;
 use tally_storage::layout::{self, SnapshotPoint, Table};
-use tally_storage::RaftLogDb;
+use tally_storage::{LevelDbRaftLog, RaftLogDb};
 use tempfile::TempDir;
 
 use crate::raft_model::{entry, hard_state, snapshot, VOTERS};
@@ -36,6 +37,19 @@ fn entries(list: &[(u64, u64)]) -> Vec<Entry> {
 fn log_with(snap: (u64, u64), list: &[(u64, u64)], commit: u64) -> (TempDir, RaftLogDb) {
     let dir = tempfile::tempdir().unwrap();
     let mut log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+    if snap.0 > 0 {
+        log.apply_snapshot(&snapshot(snap.0, snap.1, b"")).unwrap();
+    }
+    let term = list.last().map_or(snap.1, |e| e.1);
+    log.persist(&entries(list), Some(&hard_state(term, 1, commit)))
+        .unwrap();
+    (dir, log)
+}
+
+/// `log_with` in an earlier tally's LevelDB log.
+fn old_log_with(snap: (u64, u64), list: &[(u64, u64)], commit: u64) -> (TempDir, LevelDbRaftLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LevelDbRaftLog::open(dir.path(), &VOTERS).unwrap();
     if snap.0 > 0 {
         log.apply_snapshot(&snapshot(snap.0, snap.1, b"")).unwrap();
     }
@@ -405,16 +419,17 @@ fn configured_voters_only_make_a_new_log() {
     assert_eq!(log.address_book(), Some(&b"book"[..]));
 }
 
-/// Builds a log with a snapshot point at 2 and entries 3..=8, overwrites `key` with `value`,
-/// then runs `read` and checks that it fails with an error naming `table`.
+/// Builds an earlier tally's LevelDB log with a snapshot point at 2 and entries 3..=8,
+/// overwrites `key` with `value`, then runs `read` and checks that it fails with an error naming
+/// `table`.
 fn check_corrupt(
     key: &[u8],
     value: &[u8],
     table: Table,
-    read: impl FnOnce(RaftLogDb, &Path) -> Result<(), String>,
+    read: impl FnOnce(LevelDbRaftLog, &Path) -> Result<(), String>,
 ) {
     let list: Vec<(u64, u64)> = (3..=8).map(|i| (i, i / 2)).collect();
-    let (dir, mut log) = log_with((2, 1), &list, 4);
+    let (dir, mut log) = old_log_with((2, 1), &list, 4);
     log.raw_put(key, value).unwrap();
     match read(log, dir.path()) {
         Err(msg) => assert!(
@@ -425,21 +440,24 @@ fn check_corrupt(
     }
 }
 
-fn reopen(log: RaftLogDb, dir: &Path) -> Result<(), String> {
+/// Opens the log as it is now kept, which rewrites the LevelDB one.
+fn reopen(log: LevelDbRaftLog, dir: &Path) -> Result<(), String> {
     drop(log);
     RaftLogDb::open(dir, &VOTERS)
         .map(drop)
         .map_err(|e| e.to_string())
 }
 
-fn read_all(log: RaftLogDb, _: &Path) -> Result<(), String> {
+fn read_all(log: LevelDbRaftLog, _: &Path) -> Result<(), String> {
     log.entries(3, 9, None, ctx())
         .map(drop)
         .map_err(|e| e.to_string())
 }
 
+/// A corrupt value in an earlier tally's log is an error naming its table, in the LevelDB log
+/// and when it is rewritten at open (which reads every entry).
 #[test]
-fn corrupt_values_are_storage_errors() {
+fn corrupt_values_of_a_leveldb_log_are_storage_errors() {
     let garbage = [0xff, 0xff, 0xff];
     let entry_5_at_6 = entry(5, 2).write_to_bytes().unwrap();
     // An entry in the middle of the log is read when it is needed.
@@ -450,6 +468,7 @@ fn corrupt_values_are_storage_errors() {
             Table::RaftEntry,
             read_all,
         );
+        check_corrupt(&layout::raft_entry_key(6), value, Table::RaftEntry, reopen);
     }
     // The first and last entries are read at open.
     check_corrupt(
@@ -520,7 +539,7 @@ fn corrupt_values_are_storage_errors() {
 
 #[test]
 fn an_emptied_conf_state_is_refused() {
-    let (dir, mut log) = log_345();
+    let (dir, mut log) = old_log_with((2, 2), &[(3, 3), (4, 4), (5, 5)], 2);
     log.raw_put(&layout::raft_conf_state_key(), b"").unwrap();
     drop(log);
     // An empty protobuf is a valid, empty conf state, but a log in use always has voters.
@@ -565,13 +584,14 @@ fn make_old_layout(dir: &Path, v1: bool) {
     db.close().unwrap();
 }
 
-/// A log written by an earlier tally keeps the hard state and the last index in `raft_state`
-/// rows, possibly under `raft_state` v1's tag; opening moves them to the hard state at the last
-/// index (and v1's rows to v2), and the log reads and grows as before.
+/// A LevelDB log written by an earlier tally keeps the hard state and the last index in
+/// `raft_state` rows, possibly under `raft_state` v1's tag; opening reads them (moving them to
+/// the hard state at the last index, and v1's rows to v2) and rewrites the log into segments,
+/// which read and grow as before.
 #[test]
 fn logs_of_earlier_layouts_are_moved_to_the_current_one_at_open() {
     for v1 in [false, true] {
-        let (dir, log) = log_with((2, 2), &[(3, 3), (4, 4), (5, 5)], 4);
+        let (dir, log) = old_log_with((2, 2), &[(3, 3), (4, 4), (5, 5)], 4);
         log.close().unwrap();
         make_old_layout(dir.path(), v1);
         let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
@@ -585,4 +605,160 @@ fn logs_of_earlier_layouts_are_moved_to_the_current_one_at_open() {
         assert_eq!(log.hard_state(), &hard_state(5, 1, 6), "v1: {v1}");
         check_log(dir.path(), log, (2, 2), &[(3, 3), (4, 4), (5, 5), (6, 5)]);
     }
+}
+
+/// An earlier tally's LevelDB log (compacted, with a descriptor, a membership change and its
+/// address book) opens as the same log, kept in segments from then on.
+#[test]
+fn a_leveldb_log_is_rewritten_into_segments_at_open() {
+    let list: Vec<(u64, u64)> = (3..=40).map(|i| (i, 2 + i / 10)).collect();
+    let (dir, mut old) = old_log_with((2, 2), &list, 30);
+    old.set_snapshot_descriptor(b"ledger@9".to_vec());
+    old.compact(9).unwrap();
+    let conf = ConfState {
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        ..Default::default()
+    };
+    old.set_conf_state(&conf, b"book").unwrap();
+    let hard = old.hard_state().clone();
+    old.close().unwrap();
+    assert!(dir.path().join("CURRENT").exists());
+
+    let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+    assert!(
+        !dir.path().join("CURRENT").exists(),
+        "the LevelDB files are gone"
+    );
+    assert_eq!(log.hard_state(), &hard);
+    assert_eq!(log.conf_state(), &conf);
+    assert_eq!(log.address_book(), Some(&b"book"[..]));
+    assert_eq!(log.snapshot_point().descriptor, b"ledger@9");
+    let mut log = check_log(dir.path(), log, (9, 2), &list[7..]);
+    log.persist(&entries(&[(41, 7)]), None).unwrap();
+    let want: Vec<(u64, u64)> = list[7..].iter().copied().chain([(41, 7)]).collect();
+    check_log(dir.path(), log, (9, 2), &want);
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A write that a crash cut short (the last record, partly on disk) is dropped at open: the log
+/// is what it was before that write, and goes on from there.
+#[test]
+fn a_torn_last_write_is_dropped_and_the_log_goes_on() {
+    let (dir, mut log) = log_with((2, 2), &[(3, 3), (4, 4)], 3);
+    log.persist(&entries(&[(5, 4), (6, 4)]), Some(&hard_state(4, 1, 4)))
+        .unwrap();
+    drop(log);
+    let seg = segments(dir.path()).pop().unwrap();
+    let full = std::fs::metadata(&seg).unwrap().len();
+    let last_record = entry(5, 4).compute_size() as u64 + entry(6, 4).compute_size() as u64;
+    for cut in [1, 30, last_record] {
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(full - cut).unwrap();
+        drop(f);
+        let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+        assert_eq!(log.hard_state(), &hard_state(4, 1, 3), "cut {cut}");
+        let mut log = check_log(dir.path(), log, (2, 2), &[(3, 3), (4, 4)]);
+        log.persist(&entries(&[(5, 4), (6, 4)]), Some(&hard_state(4, 1, 4)))
+            .unwrap();
+        drop(log);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), full, "cut {cut}");
+    }
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A damaged byte anywhere but in the last record, or in meta, makes open fail naming the
+/// table; a damaged entry read back after open fails its own checksum.
+#[test]
+fn damaged_files_are_storage_errors() {
+    let list: Vec<(u64, u64)> = (3..=8).map(|i| (i, i / 2)).collect();
+    let (dir, mut log) = log_with((2, 1), &list, 4);
+    log.persist(&[], Some(&hard_state(4, 1, 5))).unwrap();
+    drop(log);
+    let seg = segments(dir.path()).pop().unwrap();
+    for at in [3, 40, 500] {
+        flip_byte(&seg, at);
+        let err = RaftLogDb::open(dir.path(), &VOTERS).err().unwrap();
+        assert!(err.to_string().contains("raft_entry"), "byte {at}: {err}");
+        flip_byte(&seg, at);
+    }
+    let meta = dir.path().join("meta");
+    flip_byte(&meta, 30);
+    let err = RaftLogDb::open(dir.path(), &VOTERS).err().unwrap();
+    assert!(err.to_string().contains("raft_state"), "{err}");
+    flip_byte(&meta, 30);
+
+    // Entries read from the files (the tail holds one) check their own CRC.
+    let opts = tally_storage::StoreOptions {
+        raft_tail_bytes: 1,
+        ..Default::default()
+    };
+    let log = RaftLogDb::open_with_options(dir.path(), &VOTERS, opts).unwrap();
+    let data = entry_data_of(5);
+    let bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(data.len()).position(|w| w == data).unwrap();
+    flip_byte(&seg, at as u64 + 20);
+    let err = log.entries(3, 9, None, ctx()).err().unwrap();
+    assert!(err.to_string().contains("raft_entry"), "{err}");
+}
+
+fn entry_data_of(index: u64) -> Vec<u8> {
+    crate::raft_model::entry_data(index, index / 2)
+}
+
+/// Terms that go down along the log are corruption, found at open.
+#[test]
+fn terms_going_down_are_refused_at_open() {
+    let (dir, log) = log_with((2, 2), &[(3, 3), (4, 2)], 2);
+    drop(log);
+    let err = RaftLogDb::open(dir.path(), &VOTERS).err().unwrap();
+    assert!(err.to_string().contains("raft_entry"), "{err}");
+}
+
+/// Segments roll over at `SEGMENT_BYTES`; compaction frees the whole ones before the entry it
+/// keeps first, and the log reads the same after a reopen.
+#[test]
+fn compaction_frees_whole_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+    let big = (tally_storage::SEGMENT_BYTES / 4) as usize;
+    let mut list = Vec::new();
+    for i in 1..=10u64 {
+        let mut e = entry(i, 1);
+        e.data = vec![i as u8; big].into();
+        log.persist(&[e], Some(&hard_state(1, 1, i))).unwrap();
+        list.push((i, 1));
+    }
+    assert_eq!(log.segment_count(), 3);
+    assert_eq!(segments(dir.path()).len(), 3);
+    log.compact(5).unwrap();
+    // Entry 6 is in the second segment (entries 5..=8).
+    assert_eq!(log.segment_count(), 2);
+    assert_eq!(segments(dir.path()).len(), 2);
+    drop(log);
+    let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
+    assert_eq!(log.first_index(), Ok(6));
+    let got = log.entries(6, 11, None, ctx()).unwrap();
+    assert_eq!(
+        got.iter().map(|e| e.index).collect::<Vec<_>>(),
+        [6, 7, 8, 9, 10]
+    );
+    assert!(got
+        .iter()
+        .all(|e| e.data.len() == big && e.data[0] == e.index as u8));
+    assert_eq!(log.segment_count(), 2);
 }
