@@ -499,33 +499,34 @@ mod tests {
         assert_eq!(got, expected, "descriptors {descriptors}, {peers} peers");
     }
 
-    /// Every database that can be open at once, with its whole table cache: the three live
-    /// ones (64 tables + 6) and the three staged ones (16 + 6).
+    /// Every database that can be open at once, with its whole table cache: the two live
+    /// ones (64 tables + 6) and the two staged ones (16 + 6); and the raft log's files (3).
     #[test]
     fn the_reserve_counts_every_database_open_at_once() {
         let single = descriptors_reserved(0);
-        assert_eq!(single.live_databases, 3 * (64 + 6));
-        assert_eq!(single.staged_databases, 3 * (16 + 6));
+        assert_eq!(single.live_databases, 2 * (64 + 6));
+        assert_eq!(single.staged_databases, 2 * (16 + 6));
+        assert_eq!(single.raft_log, 3);
         assert_eq!(single.archive, 16);
         assert_eq!(single.outbound_peers, 0);
         assert_eq!(single.http, 65);
-        assert_eq!(single.total(), 210 + 66 + 16 + 65 + 32);
-        assert_eq!(single.total(), 389);
+        assert_eq!(single.total(), 140 + 44 + 3 + 16 + 65 + 32);
+        assert_eq!(single.total(), 300);
         // A replica of five dials four peers, twice each.
-        assert_eq!(descriptors_reserved(4).total(), 389 + 8);
+        assert_eq!(descriptors_reserved(4).total(), 300 + 8);
     }
 
     #[test]
     fn sizing_fits_under_the_descriptor_limit() {
         // Plenty: the configured defaults.
         check(1 << 20, 0, (1024, 64, 64));
-        check(389 + 1024 + 64, 0, (1024, 64, 64));
-        check(389 + 1024 + 63, 0, (1023, 64, 64));
-        // A hard limit of 512: 123 left (115 for a replica of five), a quarter to peers, the
-        // rest to clients.
-        check(512, 0, (93, 6, 30));
-        check(512, 4, (87, 6, 28));
-        check(1024, 0, (571, 36, 64));
+        check(300 + 1024 + 64, 0, (1024, 64, 64));
+        check(300 + 1024 + 63, 0, (1023, 64, 64));
+        // A hard limit of 512: 212 left (204 for a replica of five), a quarter to peers, the
+        // rest to clients, whose per-address share shrinks with them (64 x 159 / 1024 -> 10).
+        check(512, 0, (159, 10, 53));
+        check(512, 4, (153, 10, 51));
+        check(1024, 0, (660, 42, 64));
         // Absurdly low: still one of each.
         check(10, 0, (3, 1, 1));
     }
