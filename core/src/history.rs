@@ -108,11 +108,18 @@ pub struct HistoryPage {
 /// post credits the receiver what it captured and the owner the rest, a void and an expiry
 /// credit the owner what was held. A renewal moves no balance and has no entry.
 pub fn account_entries(body: &BatchBody) -> Vec<AccountEntry> {
+    account_entries_with(body, &body.leaf_hashes())
+}
+
+/// [`account_entries`] given the body's receipt leaf hashes (`BatchBody::leaf_hashes`), for a
+/// caller that has them already.
+pub fn account_entries_with(body: &BatchBody, leaves: &[Hash]) -> Vec<AccountEntry> {
+    assert_eq!(leaves.len(), body.leaf_count(), "one leaf hash per receipt");
     let mut out = Vec::new();
     for item in &body.items {
         if let BatchItem::Expire(e) = item {
             let r = &e.receipt;
-            let entry = Entry::new(body.header.height, r, Op::Expire, e.owner);
+            let entry = Entry::new(body.header.height, r, Op::Expire, e.owner, leaves);
             out.push(entry.make(
                 e.owner,
                 Direction::Credit,
@@ -134,7 +141,7 @@ pub fn account_entries(body: &BatchBody) -> Vec<AccountEntry> {
             if receipt.failed.is_some() {
                 continue;
             }
-            let entry = Entry::new(body.header.height, receipt, op.op, signer);
+            let entry = Entry::new(body.header.height, receipt, op.op, signer, leaves);
             entry.push(&op, record, &mut out);
         }
     }
@@ -151,8 +158,16 @@ struct Entry<'a> {
 }
 
 impl<'a> Entry<'a> {
-    fn new(height: u64, receipt: &'a tally_wire::Receipt, op: Op, signer: PublicKey) -> Entry<'a> {
-        let receipt_hash = leaf_hash(&receipt.encode());
+    /// `leaves`: the body's receipt leaf hashes, in leaf order.
+    fn new(
+        height: u64,
+        receipt: &'a tally_wire::Receipt,
+        op: Op,
+        signer: PublicKey,
+        leaves: &[Hash],
+    ) -> Entry<'a> {
+        let receipt_hash = leaves[receipt.index as usize];
+        debug_assert_eq!(receipt_hash, leaf_hash(&receipt.encode()));
         Entry {
             height,
             receipt,

@@ -59,6 +59,9 @@ pub(crate) struct ArchiveBatch {
     pub body: Arc<Vec<u8>>,
     /// Request table rows: key, value.
     pub requests: Vec<([u8; 52], [u8; layout::REQUEST_VALUE_BYTES])>,
+    /// The body's receipt leaf hashes, when the caller has them (an apply's replay does);
+    /// otherwise the archive thread hashes the receipts.
+    pub leaf_hashes: Option<Vec<Hash>>,
 }
 
 type Reply<T> = SyncSender<Result<T>>;
@@ -533,9 +536,18 @@ fn write_group(
         }
         let body = tally_core::batch::BatchBody::decode(&b.body)
             .map_err(|e| Error::corrupt(format_args!("archiving batch {}: {e}", b.height)))?;
+        let hashed;
+        let leaves = match &b.leaf_hashes {
+            Some(leaves) => leaves,
+            None => {
+                hashed = body.leaf_hashes();
+                &hashed
+            }
+        };
         // Heads this group changed are in `history`'s memory, not yet in `db`.
         let written = history.batch(
             &body,
+            leaves,
             &mut |key: &[u8]| get_checked(&mut stores.db, key, stats),
             &mut |k: &[u8], v: &[u8]| rows.put(k, v),
         );

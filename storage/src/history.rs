@@ -31,7 +31,7 @@ use std::collections::HashMap;
 
 use tally_core::batch::BatchBody;
 use tally_core::history::{
-    account_entries, receipt_leaves, AccountEntry, Counters, Direction, HistoryPage, HistoryRow,
+    account_entries_with, AccountEntry, Counters, Direction, HistoryPage, HistoryRow,
 };
 use tally_core::Result;
 use tally_wire::{Op, PublicKey};
@@ -203,14 +203,16 @@ pub(crate) struct HistoryWriter {
 
 impl HistoryWriter {
     /// Puts the rows of `body` (through `put`), reading heads it does not know through `get`.
+    /// `leaves`: the body's receipt leaf hashes (`BatchBody::leaf_hashes`).
     pub(crate) fn batch(
         &mut self,
         body: &BatchBody,
+        leaves: &[tally_wire::Hash],
         get: &mut Get<'_>,
         put: &mut dyn FnMut(&[u8], &[u8]),
     ) -> Result<()> {
         let height = body.header.height;
-        for (account, entries) in by_account(account_entries(body)) {
+        for (account, entries) in by_account(account_entries_with(body, leaves)) {
             let head = self.newest(&account, get)?;
             let (rows, before) = head.map_or((0, Counters::default()), |h| (h.rows, h.counters));
             let key = layout::history_key(&account, rows + 1);
@@ -223,8 +225,8 @@ impl HistoryWriter {
             };
             self.touched.insert(account, head);
         }
-        for (leaf, index) in receipt_leaves(body) {
-            put(&layout::receipt_key(&leaf), &encode_receipt(height, index));
+        for (leaf, index) in leaves.iter().zip(0u32..) {
+            put(&layout::receipt_key(leaf), &encode_receipt(height, index));
         }
         Ok(())
     }

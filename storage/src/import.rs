@@ -120,6 +120,7 @@ impl LedgerImport {
         let archive = &mut self.archive;
         self.history.batch(
             body,
+            &body.leaf_hashes(),
             &mut |key: &[u8]| Ok(archive.get(key)),
             &mut |k: &[u8], v: &[u8]| rows.push((k.to_vec(), v.to_vec())),
         )?;

@@ -374,7 +374,7 @@ impl LedgerDb {
             height,
             raft_index,
             digest,
-            encoded_body.to_vec(),
+            (encoded_body.to_vec(), None),
             records,
             None,
         )?;
@@ -390,15 +390,17 @@ impl LedgerDb {
     }
 
     /// Hands a batch to the archive thread and keeps it in memory until the archive holds it.
+    /// `body`: the encoded body, and its receipt leaf hashes if known.
     fn archive_batch(
         &mut self,
         height: u64,
         raft_index: u64,
         digest: tally_wire::Hash,
-        body: Vec<u8>,
+        body: (Vec<u8>, Option<Vec<tally_wire::Hash>>),
         records: Vec<([u8; 52], RequestRecord)>,
         meta: Option<LedgerMeta>,
     ) -> Result<()> {
+        let (body, leaf_hashes) = body;
         let body = Arc::new(body);
         let mut keys = Vec::with_capacity(records.len());
         let mut rows = Vec::with_capacity(records.len());
@@ -427,6 +429,7 @@ impl LedgerDb {
             digest,
             body,
             requests: rows,
+            leaf_hashes,
         })
     }
 
@@ -982,7 +985,7 @@ impl LedgerStore for LedgerDb {
             height,
             write.meta.raft_index,
             write.body_digest,
-            write.body.clone(),
+            (write.body.clone(), Some(write.leaf_hashes.clone())),
             records,
             Some(write.meta.summary()),
         )
