@@ -74,8 +74,8 @@ pub struct RaftLogDb {
     seq: u64,
     /// Segments numbered below this are garbage (meta's first segment).
     first_segment: u64,
-    /// The newest segment, open for appending, and its length.
-    active: (u64, File, u64),
+    /// The newest segment, open for appending.
+    active: Active,
     /// Where each entry `snapshot index + 1 ..= last index` lies.
     locators: VecDeque<Locator>,
     /// As last written, except for a commit index raised by `set_commit` since.
@@ -98,6 +98,14 @@ pub struct RaftLogDb {
     sync_stats: Arc<SyncStats>,
     /// Set when a write failed: what is on disk is no longer known. Every later call fails.
     failed: Option<String>,
+}
+
+/// The segment writes go to.
+struct Active {
+    number: u64,
+    file: File,
+    /// Its length: where the next record starts.
+    len: u64,
 }
 
 /// What opening read back.
@@ -141,11 +149,16 @@ impl RaftLogDb {
         remove_segments(dir, &stale, &sync_stats)?;
         let replayed = replay(dir, &meta)?;
         let active = match replayed.newest {
-            Some((n, len)) => (n, open_segment(dir, n, len, &sync_stats)?, len),
-            None => {
-                let n = meta.first_segment;
-                (n, create_segment(dir, n, &sync_stats)?, 0)
-            }
+            Some((number, len)) => Active {
+                number,
+                file: open_segment(dir, number, len, &sync_stats)?,
+                len,
+            },
+            None => Active {
+                number: meta.first_segment,
+                file: create_segment(dir, meta.first_segment, &sync_stats)?,
+                len: 0,
+            },
         };
         let first = meta.snapshot.index + 1;
         let terms = TermRuns::from_terms(first, replayed.locators.iter().map(|l| l.term));
@@ -212,7 +225,7 @@ impl RaftLogDb {
 
     /// The segments on disk (the active one included): what compaction has not freed yet.
     pub fn segment_count(&self) -> u64 {
-        self.active.0 - self.first_segment + 1
+        self.active.number - self.first_segment + 1
     }
 
     /// The fsync counters of this log's files.
@@ -248,27 +261,33 @@ impl RaftLogDb {
     /// Appends `self.scratch` (one record) to the active segment and syncs it; returns the
     /// offset it starts at.
     fn append_scratch(&mut self) -> Result<u64> {
-        let (number, file, len) = &mut self.active;
-        file.write_all(&self.scratch)
-            .and_then(|()| file.sync_data())
+        let active = &mut self.active;
+        active
+            .file
+            .write_all(&self.scratch)
+            .and_then(|()| active.file.sync_data())
             .map_err(|e| {
-                let path = segment_path(&self.dir, *number);
+                let path = segment_path(&self.dir, active.number);
                 raft_files::fs_error("appending to", &path, e)
             })?;
         self.sync_stats.count_file_sync();
-        let at = *len;
-        *len += self.scratch.len() as u64;
+        let at = active.len;
+        active.len += self.scratch.len() as u64;
         Ok(at)
     }
 
     /// Starts the next segment once the active one is full; it begins with the hard state.
     fn roll_if_full(&mut self) -> Result<()> {
-        if self.active.2 < SEGMENT_BYTES {
+        if self.active.len < SEGMENT_BYTES {
             return Ok(());
         }
-        let next = self.active.0 + 1;
-        let file = create_segment(&self.dir, next, &self.sync_stats)?;
-        self.active = (next, file, 0);
+        let number = self.active.number + 1;
+        let file = create_segment(&self.dir, number, &self.sync_stats)?;
+        self.active = Active {
+            number,
+            file,
+            len: 0,
+        };
         self.seq += 1;
         encode_record(self.seq, &[], &self.hard_state, &mut self.scratch);
         self.append_scratch().map(drop)
@@ -627,7 +646,7 @@ impl RaftLogStore for RaftLogDb {
                 log.locators.truncate((head.index - log.first()) as usize);
                 for (e, (offset, len, crc)) in entries.iter().zip(at) {
                     log.locators.push_back(Locator {
-                        segment: log.active.0,
+                        segment: log.active.number,
                         offset: base + offset,
                         len,
                         crc,
@@ -663,7 +682,7 @@ impl RaftLogStore for RaftLogDb {
             log.conf_state = meta.get_conf_state().clone();
             log.hard_state.commit = cmp::max(log.hard_state.commit, index);
             log.hard_state.term = cmp::max(log.hard_state.term, meta.term);
-            let next = log.active.0 + 1;
+            let next = log.active.number + 1;
             log.write_meta(next, &point)?;
             log.snapshot = point;
             log.last_index = index;
@@ -672,7 +691,11 @@ impl RaftLogStore for RaftLogDb {
             log.tail = EntryTail::new(log.opts.raft_tail_bytes);
             log.next_descriptor = None;
             let file = create_segment(&log.dir, next, &log.sync_stats)?;
-            log.active = (next, file, 0);
+            log.active = Active {
+                number: next,
+                file,
+                len: 0,
+            };
             log.free_segments(next)
         })
     }
@@ -703,7 +726,7 @@ impl RaftLogStore for RaftLogDb {
         let keep_from = self
             .locators
             .get(dropped)
-            .map_or(self.active.0, |l| l.segment);
+            .map_or(self.active.number, |l| l.segment);
         self.guarded(|log| {
             log.write_meta(keep_from, &point)?;
             log.snapshot = point;
