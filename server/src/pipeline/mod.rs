@@ -316,11 +316,12 @@ fn spawn_confirmer(
 /// Starts the stateless and snapshot worker pools.
 fn spawn_validation(cfg: &PipelineConfig, q: &Queues, storage_tx: &Sender<StorageCmd>) {
     let rules = Arc::new(cfg.rules.clone());
+    let backlog = Arc::new(validate::Backlog::default());
     for i in 0..cfg.stateless_workers {
         let (rx, tx, rules) = (q.stateless_rx.clone(), q.snapshot_tx.clone(), rules.clone());
-        let metrics = cfg.metrics.clone();
+        let (metrics, backlog) = (cfg.metrics.clone(), backlog.clone());
         spawn(format!("stateless-{i}"), move || {
-            validate::stateless_worker(rx, tx, &rules, &metrics)
+            validate::stateless_worker(i, rx, tx, &backlog, &rules, &metrics)
         });
     }
     for i in 0..cfg.snapshot_workers {

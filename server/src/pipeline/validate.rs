@@ -2,8 +2,9 @@
 //! and snapshot workers (the engine's `precheck` against the applied state, through lookups on
 //! the storage thread). Both hand on to the next queue with a blocking send (backpressure).
 
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tally_core::engine::master::{precheck, precheck_envelope, Precheck};
@@ -42,9 +43,78 @@ const KEY_CACHE_MAX: usize = 65_536;
 /// ~15 ms, half what 2,048 would, for about the same rate.
 const STATELESS_CHUNK_MAX: usize = 1024;
 
+/// Queued requests that make a helper take work without being asked (see [`Backlog`]).
+const HELP_QUEUED_MIN: usize = 64;
+/// How long a helper sleeps between looks at the queue when nobody asks for help.
+const HELP_POLL: Duration = Duration::from_millis(5);
+
+/// How the stateless workers share one queue. The first worker takes whatever is queued
+/// whenever it is free (a lone request is never held back); the others help only when work
+/// is left behind: when the first finds the queue still non-empty after taking its chunk, or
+/// when at least [`HELP_QUEUED_MIN`] requests wait. Before, every worker woke for every request,
+/// so that below saturation each checked batches of a few signatures (a batch equation's fixed
+/// cost paid for each few) while the other core was needed elsewhere; one worker lets the queue
+/// gather while it works, and its batches grow with the load.
+#[derive(Default)]
+pub(super) struct Backlog {
+    asked: Mutex<bool>,
+    wake: Condvar,
+    closed: AtomicBool,
+}
+
+impl Backlog {
+    fn ask(&self) {
+        *self.asked.lock().expect("not poisoned") = true;
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        *self.asked.lock().expect("not poisoned") = true;
+        self.wake.notify_all();
+    }
+
+    /// Waits until asked, or [`HELP_POLL`] passed; says whether it was asked.
+    fn wait(&self) -> bool {
+        let asked = self.asked.lock().expect("not poisoned");
+        let (mut asked, _) = self
+            .wake
+            .wait_timeout_while(asked, HELP_POLL, |asked| !*asked)
+            .expect("not poisoned");
+        std::mem::take(&mut *asked)
+    }
+}
+
+/// A helper's next chunk: taken from the queue without waiting once there is backlog (see
+/// [`Backlog`]); None once the queue is closed.
+fn help_chunk(rx: &Receiver<Job>, backlog: &Backlog) -> Option<Vec<Job>> {
+    loop {
+        let asked = backlog.wait();
+        if backlog.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        if !asked && rx.len() < HELP_QUEUED_MIN {
+            continue;
+        }
+        let mut jobs = Vec::new();
+        while jobs.len() < STATELESS_CHUNK_MAX {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        if !jobs.is_empty() {
+            return Some(jobs);
+        }
+    }
+}
+
+/// The stateless worker `index` (0 leads, the others help: see [`Backlog`]).
 pub(super) fn stateless_worker(
+    index: usize,
     rx: Receiver<Job>,
     tx: Sender<Job>,
+    backlog: &Backlog,
     rules: &StatelessRules,
     metrics: &Metrics,
 ) {
@@ -53,7 +123,20 @@ pub(super) fn stateless_worker(
     let mut accounts = tally_core::validate::AccountKeys::new(KEY_CACHE_MAX);
     // The batch weights must be unpredictable to signers: a CSPRNG seeded from the OS.
     let mut rng = rand::rngs::StdRng::from_entropy();
-    while let Some(jobs) = recv_chunk(&rx, STATELESS_CHUNK_MAX) {
+    let next = || {
+        let jobs = if index == 0 {
+            recv_chunk(&rx, STATELESS_CHUNK_MAX)
+        } else {
+            help_chunk(&rx, backlog)
+        };
+        match &jobs {
+            None if index == 0 => backlog.close(),
+            Some(_) if !rx.is_empty() => backlog.ask(),
+            _ => {}
+        }
+        jobs
+    };
+    while let Some(jobs) = next() {
         let started = Instant::now();
         let taken = jobs.len();
         let mut signed = Vec::with_capacity(jobs.len());
@@ -243,4 +326,37 @@ impl StorageReader<'_> {
 
 pub(super) fn gone() -> tally_core::Error {
     tally_core::Error::stopped("the storage thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A helper sleeps until asked (or its poll passes); one ask wakes one wait, and a close
+    /// wakes every helper for good.
+    #[test]
+    fn a_helper_wakes_when_asked_and_when_closed() {
+        let backlog = Backlog::default();
+        let started = Instant::now();
+        assert!(!backlog.wait(), "nobody asked");
+        assert!(started.elapsed() >= HELP_POLL);
+        backlog.ask();
+        assert!(backlog.wait(), "asked");
+        assert!(!backlog.wait(), "one ask is taken once");
+
+        let backlog = std::sync::Arc::new(Backlog::default());
+        let helpers: Vec<_> = (0..3)
+            .map(|_| {
+                let backlog = backlog.clone();
+                std::thread::spawn(move || {
+                    let (_tx, rx) = bounded::<Job>(1);
+                    help_chunk(&rx, &backlog).is_none()
+                })
+            })
+            .collect();
+        backlog.close();
+        for h in helpers {
+            assert!(h.join().unwrap(), "a closed backlog ends the helper");
+        }
+    }
 }
