@@ -242,6 +242,15 @@ impl RaftLogDb {
         self.snapshot.index + 1
     }
 
+    fn bounds(&self) -> Bounds<'_> {
+        Bounds {
+            snapshot: &self.snapshot,
+            last_index: self.last_index,
+            terms: &self.terms,
+            conf_state: &self.conf_state,
+        }
+    }
+
     fn check_usable(&self) -> Result<()> {
         match &self.failed {
             None => Ok(()),
@@ -532,16 +541,7 @@ impl Storage for RaftLogDb {
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let max_size = max_size.into().unwrap_or(NO_LIMIT);
-        if low < self.first() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        assert!(
-            high <= self.last_index + 1,
-            "index out of bound (last: {}, high: {high})",
-            self.last_index + 1
-        );
-        assert!(low <= high, "entries({low}, {high})");
-        if low == high {
+        if self.bounds().check_range(low, high)? {
             return Ok(Vec::new());
         }
         self.check_usable().map_err(raft_error)?;
@@ -553,16 +553,7 @@ impl Storage for RaftLogDb {
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
         self.check_usable().map_err(raft_error)?;
-        if idx == self.snapshot.index {
-            return Ok(self.snapshot.term);
-        }
-        if idx < self.first() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if idx > self.last_index {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        Ok(self.terms.term(idx))
+        self.bounds().term(idx)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -573,23 +564,9 @@ impl Storage for RaftLogDb {
         Ok(self.last_index)
     }
 
-    /// The snapshot point, with the descriptor as data. A log never compacted has no snapshot to
-    /// give (raft-rs would refuse an empty one), and neither has one whose point is behind
-    /// `request_index`: both are "temporarily unavailable", and raft asks again later.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         self.check_usable().map_err(raft_error)?;
-        if self.snapshot.index == 0 || self.snapshot.index < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        let mut snapshot = Snapshot::default();
-        snapshot.data = self.snapshot.descriptor.clone().into();
-        let meta = snapshot.mut_metadata();
-        meta.index = self.snapshot.index;
-        meta.term = self.snapshot.term;
-        meta.set_conf_state(self.conf_state.clone());
-        Ok(snapshot)
+        self.bounds().snapshot(request_index)
     }
 }
 
@@ -751,6 +728,63 @@ impl RaftLogStore for RaftLogDb {
     }
 }
 
+/// The answers of raft-rs's [`Storage`] reads that follow from the log's bounds alone, the one
+/// place for them (the LevelDB log of earlier tallies answers the same way).
+pub(crate) struct Bounds<'a> {
+    pub snapshot: &'a SnapshotPoint,
+    pub last_index: u64,
+    pub terms: &'a TermRuns,
+    pub conf_state: &'a ConfState,
+}
+
+impl Bounds<'_> {
+    /// Whether `low..high` is empty; an error if `low` is compacted away. `high` past the last
+    /// index + 1 is a caller's bug.
+    pub(crate) fn check_range(&self, low: u64, high: u64) -> raft::Result<bool> {
+        if low <= self.snapshot.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        assert!(
+            high <= self.last_index + 1,
+            "index out of bound (last: {}, high: {high})",
+            self.last_index + 1
+        );
+        assert!(low <= high, "entries({low}, {high})");
+        Ok(low == high)
+    }
+
+    pub(crate) fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        if idx < self.snapshot.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.terms.term(idx))
+    }
+
+    /// The snapshot point, with the descriptor as data. A log never compacted has no snapshot to
+    /// give (raft-rs would refuse an empty one), and neither has one whose point is behind
+    /// `request_index`: both are "temporarily unavailable", and raft asks again later.
+    pub(crate) fn snapshot(&self, request_index: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.index == 0 || self.snapshot.index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snapshot = Snapshot::default();
+        snapshot.data = self.snapshot.descriptor.clone().into();
+        let meta = snapshot.mut_metadata();
+        meta.index = self.snapshot.index;
+        meta.term = self.snapshot.term;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snapshot)
+    }
+}
+
 /// raft-rs treats any error but its own kinds as fatal, which is what a storage error is.
 fn raft_error(e: Error) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
@@ -894,5 +928,40 @@ impl TermRuns {
         assert!(i > 0, "compacting to {first}, before the log");
         self.runs.drain(..i - 1);
         self.runs[0].0 = first;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn term_runs_follow_appends_and_compactions() {
+        let mut t = TermRuns::default();
+        t.append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)]);
+        assert_eq!(t.runs, [(1, 1), (3, 2)]);
+        t.append(&[entry(3, 3)]);
+        assert_eq!(t.runs, [(1, 1), (3, 3)]);
+        t.append(&[entry(2, 1), entry(3, 1), entry(4, 4)]);
+        assert_eq!(t.runs, [(1, 1), (4, 4)]);
+        assert_eq!((1..=4).map(|i| t.term(i)).collect::<Vec<_>>(), [1, 1, 1, 4]);
+        t.compact(3, 4);
+        assert_eq!(t.runs, [(3, 1), (4, 4)]);
+        t.compact(4, 4);
+        assert_eq!(t.runs, [(4, 4)]);
+        t.compact(5, 4);
+        assert!(t.runs.is_empty());
+        t.append(&[entry(5, 4)]);
+        assert_eq!(t.runs, [(5, 4)]);
+        let loaded = TermRuns::from_terms(3, [1, 1, 4, 4, 5].into_iter());
+        assert_eq!(loaded.runs, [(3, 1), (5, 4), (7, 5)]);
     }
 }

@@ -1,8 +1,7 @@
 //! [`LevelDbRaftLog`]: the raft log as tallies before 2026-12-05 kept it, in a LevelDB database
-//! of its own, behind raft-rs's [`Storage`] and core's [`RaftLogStore`]. The server no longer
-//! runs on it: [`crate::RaftLogDb::open`] opens such a log with it once, to rewrite it into
-//! segments. It stays whole (writes included) so that its tests keep the rewrite honest: they
-//! build logs of every earlier layout with it, damaged ones too.
+//! of its own, now only read: [`crate::RaftLogDb::open`] opens such a log with it once and
+//! rewrites it into segments. It answers raft-rs's [`Storage`] reads; what wrote it (appends,
+//! compaction by database swap, snapshots) is in the git history before the segment log.
 //!
 //! The database is separate from the ledger's (the server keeps it in `<data_dir>/raft`), so that
 //! the log can be appended and compacted without touching the ledger's tables. Every write is
@@ -29,7 +28,7 @@
 use std::cell::RefCell;
 use std::cmp;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -37,18 +36,14 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::util::limit_size;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError, NO_LIMIT};
 use rusty_leveldb::{LdbIterator, Options, WriteBatch, DB};
-use tally_core::replica::{initial_conf_state, RaftLogStore};
+use tally_core::replica::initial_conf_state;
 use tally_core::{Error, Result};
 
 use crate::env::{SyncEnv, SyncStats};
 use crate::layout::{self, corrupt, SnapshotPoint, Table};
 use crate::ledger::io_error;
-use crate::raft_log::{EntryTail, TermRuns};
+use crate::raft_log::{Bounds, TermRuns};
 use crate::StoreOptions;
-
-/// Compaction replaces the database instead of deleting entries once this many entry bytes
-/// were written to it (see `RaftLogStore::compact`).
-pub const SWAP_BYTES: u64 = 32 << 20;
 
 /// The durable raft log of one replica. See the module docs.
 ///
@@ -57,27 +52,14 @@ pub const SWAP_BYTES: u64 = 32 << 20;
 /// rusty-leveldb's reads take `&mut self`; no method holds the borrow across a call out.
 pub struct LevelDbRaftLog {
     db: RefCell<DB>,
-    /// Where the database lives; compaction may replace it (see `compact`).
-    dir: PathBuf,
-    opts: StoreOptions,
-    /// Entry bytes written to this database since it was created by a compaction (u64::MAX
-    /// after an open: not known).
-    written_bytes: u64,
-    /// As last written, except for a commit index raised by `set_commit` since.
     hard_state: HardState,
     conf_state: ConfState,
     /// The address book kept with the conf state (opaque here), if one was ever written.
     address_book: Option<Vec<u8>>,
     snapshot: SnapshotPoint,
-    /// Set by `set_snapshot_descriptor`; stored by the next `compact` that moves the snapshot
-    /// point.
-    next_descriptor: Option<Vec<u8>>,
     last_index: u64,
     /// The term of every entry in the log, so that `term()` never reads the disk.
     terms: TermRuns,
-    /// The newest entries as persisted, so that raft's reads of what it just wrote (committed
-    /// entries to apply, entries to send to followers) do not read and decode them back.
-    tail: EntryTail,
     sync_stats: Arc<SyncStats>,
     /// Set when a write failed: rusty-leveldb puts a batch into its memtable before writing the
     /// log, so reads could see entries that are not durable. Every later call fails.
@@ -114,20 +96,14 @@ impl LevelDbRaftLog {
         migrate_state_rows(&mut db, &sync_stats)?;
         let stored = read_stored_state(&mut db, voters, &sync_stats)?;
         settle_state_rows(&mut db)?;
-        let tail = EntryTail::new(opts.raft_tail_bytes);
         let mut this = LevelDbRaftLog {
             db: RefCell::new(db),
-            dir: dir.to_owned(),
-            opts,
-            written_bytes: u64::MAX,
             hard_state: stored.hard_state,
             conf_state: stored.conf_state,
             address_book: stored.address_book,
             snapshot: stored.snapshot,
-            next_descriptor: None,
             last_index: stored.last_index,
             terms: TermRuns::default(),
-            tail,
             sync_stats,
             failed: None,
         };
@@ -135,15 +111,6 @@ impl LevelDbRaftLog {
         Ok(this)
     }
 
-    /// The descriptor the next [`RaftLogStore::compact`] stores with the snapshot point: opaque
-    /// bytes describing the ledger state at the index being compacted to. Without one, a compact
-    /// keeps the current descriptor.
-    pub fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
-        self.next_descriptor = Some(bytes);
-    }
-
-    /// The hard state, with the commit index from the latest `set_commit` (which may not be
-    /// durable yet).
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
     }
@@ -168,16 +135,6 @@ impl LevelDbRaftLog {
         &self.snapshot
     }
 
-    /// How many entries the log holds (`last_index - snapshot_index`).
-    pub fn entry_count(&self) -> u64 {
-        self.last_index - self.snapshot.index
-    }
-
-    /// The fsync counters of this database's env.
-    pub fn sync_stats(&self) -> Arc<SyncStats> {
-        Arc::clone(&self.sync_stats)
-    }
-
     /// Releases the database lock, reporting a failure to flush (every write is already synced).
     pub fn close(self) -> Result<()> {
         self.db
@@ -186,11 +143,9 @@ impl LevelDbRaftLog {
             .map_err(|e| io_error("closing the raft log", e))
     }
 
-    /// Writes one raw key and value, synced. For tests that need a corrupt database: the
-    /// entries held in memory are dropped, so that later reads see what the database holds.
+    /// Writes one raw key and value, synced. For tests that need a corrupt database.
     #[doc(hidden)]
     pub fn raw_put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.tail.clear();
         let mut batch = WriteBatch::default();
         batch.put(key, value);
         self.write(batch, "raw put")
@@ -198,6 +153,15 @@ impl LevelDbRaftLog {
 
     fn first(&self) -> u64 {
         self.snapshot.index + 1
+    }
+
+    fn bounds(&self) -> Bounds<'_> {
+        Bounds {
+            snapshot: &self.snapshot,
+            last_index: self.last_index,
+            terms: &self.terms,
+            conf_state: &self.conf_state,
+        }
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -278,69 +242,6 @@ impl LevelDbRaftLog {
         }
         limit_size(&mut out, Some(max_size));
         Ok(out)
-    }
-
-    /// The database of a log compacted to `point`, built in `<dir>.staged` and swapped in.
-    fn replace_database(&mut self, point: &SnapshotPoint) -> Result<()> {
-        let staged = crate::transfer::staged_ledger_dir(&self.dir);
-        if staged.exists() {
-            std::fs::remove_dir_all(&staged)
-                .map_err(|e| Error::io(format_args!("removing {}", staged.display()), e))?;
-        }
-        let tail = if self.last_index > point.index {
-            self.read_entries(point.index + 1, self.last_index + 1, NO_LIMIT)?
-        } else {
-            Vec::new()
-        };
-        // The state rows first, in a table of their own (see the module docs); the database is
-        // not live before the swap, so the two writes need not be one.
-        let mut state = WriteBatch::default();
-        state.put(
-            &layout::raft_conf_state_key(),
-            &encode_proto(&self.conf_state),
-        );
-        state.put(&layout::raft_snapshot_key(), &point.encode());
-        if let Some(book) = &self.address_book {
-            state.put(&layout::raft_address_book_key(), book);
-        }
-        let mut batch = WriteBatch::default();
-        let mut tail_bytes = 0u64;
-        for e in &tail {
-            let encoded = encode_proto(e);
-            tail_bytes += encoded.len() as u64;
-            batch.put(&layout::raft_entry_key(e.index), &encoded);
-        }
-        batch.put(
-            &layout::raft_hard_state_at_key(self.last_index),
-            &encode_proto(&self.hard_state),
-        );
-        let options = |opts: &StoreOptions| {
-            leveldb_options(opts, SyncEnv::sharing(Arc::clone(&self.sync_stats)))
-        };
-        let mut next = DB::open(&staged, options(&self.opts.clone().staged()))
-            .map_err(|e| io_error(format_args!("creating {}", staged.display()), e))?;
-        next.write(state, true)
-            .map_err(|e| io_error("writing the compacted raft log", e))?;
-        settle_state_rows(&mut next)?;
-        next.write(batch, true)
-            .map_err(|e| io_error("writing the compacted raft log", e))?;
-        next.close()
-            .map_err(|e| io_error("closing the compacted raft log", e))?;
-        drop(next);
-        crate::transfer::write_complete_marker(&staged)?;
-        self.db
-            .get_mut()
-            .close()
-            .map_err(|e| io_error("closing the raft log for compaction", e))?;
-        crate::transfer::install_ledger_dir(&self.dir, &staged)?;
-        let mut db = DB::open(&self.dir, options(&self.opts))
-            .map_err(|e| io_error(format_args!("reopening {}", self.dir.display()), e))?;
-        advance_sequence(&mut db).map_err(|e| io_error("writing the raft log open marker", e))?;
-        settle_state_rows(&mut db)?;
-        // The closed database is dropped here; it holds no lock and writes nothing.
-        *self.db.get_mut() = db;
-        self.written_bytes = tail_bytes;
-        Ok(())
     }
 
     /// Checks the invariants of the module docs against the disk and fills `terms`. Terms never
@@ -431,37 +332,16 @@ impl Storage for LevelDbRaftLog {
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let max_size = max_size.into().unwrap_or(NO_LIMIT);
-        if low < self.first() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        assert!(
-            high <= self.last_index + 1,
-            "index out of bound (last: {}, high: {high})",
-            self.last_index + 1
-        );
-        assert!(low <= high, "entries({low}, {high})");
-        if low == high {
+        if self.bounds().check_range(low, high)? {
             return Ok(Vec::new());
         }
         self.check_usable().map_err(raft_error)?;
-        if let Some(entries) = self.tail.get(low, high, max_size) {
-            return Ok(entries);
-        }
         self.read_entries(low, high, max_size).map_err(raft_error)
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
         self.check_usable().map_err(raft_error)?;
-        if idx == self.snapshot.index {
-            return Ok(self.snapshot.term);
-        }
-        if idx < self.first() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if idx > self.last_index {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        Ok(self.terms.term(idx))
+        self.bounds().term(idx)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -472,212 +352,9 @@ impl Storage for LevelDbRaftLog {
         Ok(self.last_index)
     }
 
-    /// The snapshot point, with the descriptor as data. A log never compacted has no snapshot to
-    /// give (raft-rs would refuse an empty one), and neither has one whose point is behind
-    /// `request_index`: both are "temporarily unavailable", and raft asks again later.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         self.check_usable().map_err(raft_error)?;
-        if self.snapshot.index == 0 || self.snapshot.index < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        let mut snapshot = Snapshot::default();
-        snapshot.data = self.snapshot.descriptor.clone().into();
-        let meta = snapshot.mut_metadata();
-        meta.index = self.snapshot.index;
-        meta.term = self.snapshot.term;
-        meta.set_conf_state(self.conf_state.clone());
-        Ok(snapshot)
-    }
-}
-
-impl RaftLogStore for LevelDbRaftLog {
-    fn set_snapshot_descriptor(&mut self, bytes: Vec<u8>) {
-        LevelDbRaftLog::set_snapshot_descriptor(self, bytes)
-    }
-
-    fn set_conf_state(&mut self, conf: &ConfState, address_book: &[u8]) -> Result<()> {
-        self.check_usable()?;
-        let mut batch = WriteBatch::default();
-        batch.put(&layout::raft_conf_state_key(), &encode_proto(conf));
-        batch.put(&layout::raft_address_book_key(), address_book);
-        self.write(batch, "recording a membership change")?;
-        self.conf_state = conf.clone();
-        self.address_book = Some(address_book.to_vec());
-        Ok(())
-    }
-
-    /// Entries replace the stored ones from their first index on. Without a hard state, the one
-    /// in memory is written, which carries the commit index of any `set_commit` since.
-    fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
-        self.check_usable()?;
-        let mut batch = WriteBatch::default();
-        let mut last = self.last_index;
-        if let Some(head) = entries.first() {
-            let start = head.index;
-            assert!(
-                start >= self.first() && start <= self.last_index + 1,
-                "entries from {start} do not continue the log {}..={}",
-                self.first(),
-                self.last_index
-            );
-            assert!(
-                start > self.hard_state.commit,
-                "entries from {start} would overwrite committed entries (commit {})",
-                self.hard_state.commit
-            );
-            for (i, e) in entries.iter().enumerate() {
-                assert_eq!(e.index, start + i as u64, "entries are contiguous");
-                let encoded = encode_proto(e);
-                self.written_bytes = self.written_bytes.saturating_add(encoded.len() as u64);
-                batch.put(&layout::raft_entry_key(e.index), &encoded);
-            }
-            last = start + entries.len() as u64 - 1;
-            for stale in last + 1..=self.last_index {
-                batch.delete(&layout::raft_entry_key(stale));
-            }
-            // The hard states of the writes whose entries these replace.
-            for stale in start..=self.last_index {
-                batch.delete(&layout::raft_hard_state_at_key(stale));
-            }
-        }
-        let hard_state = hard_state.unwrap_or(&self.hard_state).clone();
-        assert!(
-            hard_state.commit >= self.hard_state.commit && hard_state.commit <= last,
-            "commit {} must not go back from {} nor pass the last index {last}",
-            hard_state.commit,
-            self.hard_state.commit
-        );
-        batch.put(
-            &layout::raft_hard_state_at_key(last),
-            &encode_proto(&hard_state),
-        );
-        self.write(batch, format_args!("persisting up to entry {last}"))?;
-        if !entries.is_empty() {
-            self.terms.append(entries);
-            self.tail.append(entries);
-        }
-        self.last_index = last;
-        self.hard_state = hard_state;
-        Ok(())
-    }
-
-    /// The log becomes empty and starts after the snapshot's index; its data becomes the
-    /// descriptor, and a descriptor set with `set_snapshot_descriptor` is forgotten (it described
-    /// an older ledger state).
-    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<()> {
-        self.check_usable()?;
-        let meta = snapshot.get_metadata();
-        let index = meta.index;
-        assert!(
-            index > self.snapshot.index,
-            "snapshot at {index} is out of date: the log is compacted to {}",
-            self.snapshot.index
-        );
-        let mut batch = WriteBatch::default();
-        for i in self.first()..=self.last_index {
-            batch.delete(&layout::raft_entry_key(i));
-        }
-        for i in self.snapshot.index..=self.last_index {
-            batch.delete(&layout::raft_hard_state_at_key(i));
-        }
-        let point = SnapshotPoint {
-            index,
-            term: meta.term,
-            descriptor: snapshot.data.to_vec(),
-        };
-        let conf_state = meta.get_conf_state().clone();
-        let mut hard_state = self.hard_state.clone();
-        hard_state.commit = cmp::max(hard_state.commit, index);
-        hard_state.term = cmp::max(hard_state.term, meta.term);
-        batch.put(&layout::raft_snapshot_key(), &point.encode());
-        batch.put(&layout::raft_conf_state_key(), &encode_proto(&conf_state));
-        batch.put(
-            &layout::raft_hard_state_at_key(index),
-            &encode_proto(&hard_state),
-        );
-        self.write(batch, format_args!("applying the snapshot at {index}"))?;
-        self.snapshot = point;
-        self.conf_state = conf_state;
-        self.hard_state = hard_state;
-        self.last_index = index;
-        self.terms = TermRuns::default();
-        self.tail = EntryTail::new(self.opts.raft_tail_bytes);
-        self.next_descriptor = None;
-        Ok(())
-    }
-
-    /// Also writes the hard state, so that the durable commit index is never behind the
-    /// snapshot point (raft-rs refuses to start from such a state).
-    ///
-    /// Once the database holds `SWAP_BYTES` of entries written since it was created, deletes
-    /// nothing: the state rows and the entries after `index` are written to a new database in
-    /// `<dir>.staged`, which replaces the live one by the crash-safe directory swap of ledger
-    /// installs (`install_ledger_dir`; `open` finishes an interrupted one). Deleting many
-    /// compacted entries one by one leaves tombstones spanning them, and the LevelDB compaction
-    /// that drops them rewrites every entry in between, on this thread (measured: 0.65-1.3 s
-    /// every `raft.compaction_bytes` of 256 MiB). Below that, the entries are deleted: a swap
-    /// costs a few fsyncs and file creations (10-14 ms against ~0.3 ms for deleting 100 entries,
-    /// timed once in a throwaway test, release build), too much to pay every few hundred
-    /// entries (measured in `tally-chaos`, which compacts every 300).
-    fn compact(&mut self, index: u64) -> Result<()> {
-        self.check_usable()?;
-        assert!(
-            index >= self.snapshot.index && index <= self.hard_state.commit,
-            "compact({index}): the index must be between the snapshot point {} and the commit {}",
-            self.snapshot.index,
-            self.hard_state.commit
-        );
-        if index == self.snapshot.index {
-            return Ok(());
-        }
-        let term = self.terms.term(index);
-        let point = SnapshotPoint {
-            index,
-            term,
-            descriptor: match &self.next_descriptor {
-                Some(d) => d.clone(),
-                None => self.snapshot.descriptor.clone(),
-            },
-        };
-        if self.written_bytes >= SWAP_BYTES {
-            if let Err(e) = self.replace_database(&point) {
-                self.failed = Some(e.to_string());
-                return Err(e);
-            }
-        } else {
-            let mut batch = WriteBatch::default();
-            for i in self.first()..=index {
-                batch.delete(&layout::raft_entry_key(i));
-            }
-            for i in self.snapshot.index..=index {
-                batch.delete(&layout::raft_hard_state_at_key(i));
-            }
-            batch.put(&layout::raft_snapshot_key(), &point.encode());
-            batch.put(
-                &layout::raft_hard_state_at_key(self.last_index),
-                &encode_proto(&self.hard_state),
-            );
-            self.write(batch, format_args!("compacting to {index}"))?;
-        }
-        self.snapshot = point;
-        self.next_descriptor = None;
-        self.terms.compact(index + 1, self.last_index);
-        self.tail.compact(index + 1);
-        Ok(())
-    }
-
-    fn set_commit(&mut self, commit: u64) -> Result<()> {
-        self.check_usable()?;
-        assert!(
-            commit >= self.hard_state.commit && commit <= self.last_index,
-            "commit {commit} must not go back from {} nor pass the last index {}",
-            self.hard_state.commit,
-            self.last_index
-        );
-        self.hard_state.commit = commit;
-        Ok(())
+        self.bounds().snapshot(request_index)
     }
 }
 
@@ -948,37 +625,4 @@ fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
 /// raft-rs treats any error but its own kinds as fatal, which is what a storage error is.
 fn raft_error(e: Error) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(index: u64, term: u64) -> Entry {
-        Entry {
-            index,
-            term,
-            ..Entry::default()
-        }
-    }
-
-    #[test]
-    fn term_runs_follow_appends_and_compactions() {
-        let mut t = TermRuns::default();
-        t.append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)]);
-        assert_eq!(t.runs, [(1, 1), (3, 2)]);
-        t.append(&[entry(3, 3)]);
-        assert_eq!(t.runs, [(1, 1), (3, 3)]);
-        t.append(&[entry(2, 1), entry(3, 1), entry(4, 4)]);
-        assert_eq!(t.runs, [(1, 1), (4, 4)]);
-        assert_eq!((1..=4).map(|i| t.term(i)).collect::<Vec<_>>(), [1, 1, 1, 4]);
-        t.compact(3, 4);
-        assert_eq!(t.runs, [(3, 1), (4, 4)]);
-        t.compact(4, 4);
-        assert_eq!(t.runs, [(4, 4)]);
-        t.compact(5, 4);
-        assert!(t.runs.is_empty());
-        t.append(&[entry(5, 4)]);
-        assert_eq!(t.runs, [(5, 4)]);
-    }
 }

@@ -46,16 +46,60 @@ fn log_with(snap: (u64, u64), list: &[(u64, u64)], commit: u64) -> (TempDir, Raf
     (dir, log)
 }
 
-/// `log_with` in an earlier tally's LevelDB log.
-fn old_log_with(snap: (u64, u64), list: &[(u64, u64)], commit: u64) -> (TempDir, LevelDbRaftLog) {
+/// An earlier tally's LevelDB raft log in a new directory, as its writes left it: the snapshot
+/// point `snap` with `descriptor` (none at 0), the entries `list`, `hard` at the last index, and
+/// the conf state (`VOTERS` unless `conf` gives one, with its address book).
+fn old_log_dir(
+    snap: (u64, u64),
+    descriptor: &[u8],
+    list: &[(u64, u64)],
+    hard: HardState,
+    conf: Option<(&ConfState, &[u8])>,
+) -> TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = LevelDbRaftLog::open(dir.path(), &VOTERS).unwrap();
-    if snap.0 > 0 {
-        log.apply_snapshot(&snapshot(snap.0, snap.1, b"")).unwrap();
+    let mut db = rusty_leveldb::DB::open(dir.path(), rusty_leveldb::Options::default()).unwrap();
+    let mut batch = rusty_leveldb::WriteBatch::default();
+    let voters = ConfState {
+        voters: VOTERS.to_vec(),
+        ..Default::default()
+    };
+    let (conf_state, book) = conf.map_or((&voters, None), |(c, b)| (c, Some(b)));
+    batch.put(
+        &layout::raft_conf_state_key(),
+        &conf_state.write_to_bytes().unwrap(),
+    );
+    if let Some(book) = book {
+        batch.put(&layout::raft_address_book_key(), book);
     }
+    if snap.0 > 0 {
+        let point = SnapshotPoint {
+            index: snap.0,
+            term: snap.1,
+            descriptor: descriptor.to_vec(),
+        };
+        batch.put(&layout::raft_snapshot_key(), &point.encode());
+    }
+    for e in entries(list) {
+        batch.put(
+            &layout::raft_entry_key(e.index),
+            &e.write_to_bytes().unwrap(),
+        );
+    }
+    let last = list.last().map_or(snap.0, |e| e.0);
+    batch.put(
+        &layout::raft_hard_state_at_key(last),
+        &hard.write_to_bytes().unwrap(),
+    );
+    db.write(batch, true).unwrap();
+    db.close().unwrap();
+    dir
+}
+
+/// `log_with` in an earlier tally's LevelDB log, opened as such.
+fn old_log_with(snap: (u64, u64), list: &[(u64, u64)], commit: u64) -> (TempDir, LevelDbRaftLog) {
     let term = list.last().map_or(snap.1, |e| e.1);
-    log.persist(&entries(list), Some(&hard_state(term, 1, commit)))
-        .unwrap();
+    let dir = old_log_dir(snap, b"", list, hard_state(term, 1, commit), None);
+    let log = LevelDbRaftLog::open(dir.path(), &VOTERS).unwrap();
     (dir, log)
 }
 
@@ -611,18 +655,20 @@ fn logs_of_earlier_layouts_are_moved_to_the_current_one_at_open() {
 /// address book) opens as the same log, kept in segments from then on.
 #[test]
 fn a_leveldb_log_is_rewritten_into_segments_at_open() {
-    let list: Vec<(u64, u64)> = (3..=40).map(|i| (i, 2 + i / 10)).collect();
-    let (dir, mut old) = old_log_with((2, 2), &list, 30);
-    old.set_snapshot_descriptor(b"ledger@9".to_vec());
-    old.compact(9).unwrap();
+    let list: Vec<(u64, u64)> = (10..=40).map(|i| (i, 2 + i / 10)).collect();
     let conf = ConfState {
         voters: vec![1, 2, 3],
         learners: vec![4],
         ..Default::default()
     };
-    old.set_conf_state(&conf, b"book").unwrap();
-    let hard = old.hard_state().clone();
-    old.close().unwrap();
+    let hard = hard_state(6, 1, 30);
+    let dir = old_log_dir(
+        (9, 2),
+        b"ledger@9",
+        &list,
+        hard.clone(),
+        Some((&conf, b"book")),
+    );
     assert!(dir.path().join("CURRENT").exists());
 
     let log = RaftLogDb::open(dir.path(), &VOTERS).unwrap();
@@ -634,9 +680,9 @@ fn a_leveldb_log_is_rewritten_into_segments_at_open() {
     assert_eq!(log.conf_state(), &conf);
     assert_eq!(log.address_book(), Some(&b"book"[..]));
     assert_eq!(log.snapshot_point().descriptor, b"ledger@9");
-    let mut log = check_log(dir.path(), log, (9, 2), &list[7..]);
+    let mut log = check_log(dir.path(), log, (9, 2), &list);
     log.persist(&entries(&[(41, 7)]), None).unwrap();
-    let want: Vec<(u64, u64)> = list[7..].iter().copied().chain([(41, 7)]).collect();
+    let want: Vec<(u64, u64)> = list.iter().copied().chain([(41, 7)]).collect();
     check_log(dir.path(), log, (9, 2), &want);
 }
 
