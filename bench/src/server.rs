@@ -265,23 +265,17 @@ fn cluster_files(
     for path in &paths {
         configs.push(read_config(path)?);
     }
-    // All ports held open until every one is chosen: ports picked one after another from
-    // closed listeners can repeat (a client address equal to a peer address fails validation).
-    let mut held = Vec::new();
-    let mut pick = || -> Result<SocketAddr> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")
-            .context("finding a free port on 127.0.0.1")?;
-        let addr = listener.local_addr()?;
-        held.push(listener);
-        Ok(addr)
-    };
+    // Below the ephemeral range and never twice (see `free_local_port`): a port picked with
+    // `:0` and released could become a replica's outgoing source port before its own replica
+    // bound it (seen in CI: "binding the peer listener ... Address already in use").
+    let pick =
+        || tally_server::bootstrap::free_local_port().context("finding a free port on 127.0.0.1");
     let mut client = std::collections::HashMap::new();
     let mut peer = std::collections::HashMap::new();
     for config in &configs {
         client.insert(config.node.id, pick()?);
         peer.insert(config.node.id, pick()?);
     }
-    drop(held);
     let mut out = Vec::new();
     for (path, mut config) in paths.into_iter().zip(configs) {
         let id = config.node.id;

@@ -15,7 +15,7 @@
 //! archive the run names ([`ArchiveSetup`]). An S3 archive is reached through one more proxy,
 //! in front of the store's endpoint, which an archive outage cuts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -154,28 +154,10 @@ impl Drop for LiveCluster {
     }
 }
 
-/// A port on 127.0.0.1 that is free now (bound and released), chosen below Linux's ephemeral
-/// range (32768-60999): replicas are killed and restarted on the same ports, and in the
-/// ephemeral range an outgoing connection (there are thousands here) could take a port while
-/// its replica is down.
+/// A free port on 127.0.0.1 below the ephemeral range: replicas are killed and restarted on
+/// the same ports (see `tally_server::bootstrap::free_local_port`).
 fn free_port() -> Result<SocketAddr> {
-    use rand::Rng;
-    // A port is free only until someone binds it: never hand out one twice in a process, or
-    // two listeners of one cluster could be given the same (a replica's config then fails).
-    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
-    let mut given = GIVEN.lock().expect("port list");
-    for _ in 0..1000 {
-        let port = rand::thread_rng().gen_range(20_000..32_000);
-        if given.contains(&port) {
-            continue;
-        }
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            given.insert(port);
-            return Ok(l.local_addr()?);
-        }
-    }
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?)
+    tally_server::bootstrap::free_local_port().context("finding a free port")
 }
 
 /// The base port `create` gives `init-cluster` (every port is rewired afterwards; `--add-node`

@@ -15,26 +15,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::Server;
 
-/// Reserves a free port on 127.0.0.1 (bound and released: a small race the tests accept).
-/// A port on 127.0.0.1 that is free now, chosen below Linux's ephemeral range (32768-60999):
-/// a port handed out for `:0` is released before the replica binds it (and again while the
-/// replica is down for a restart), and in that range any outgoing connection or `:0` bind of a
-/// test running in parallel may take it meanwhile.
+/// A free port on 127.0.0.1 below the ephemeral range, never handed out twice in this process
+/// (the tests run in parallel): see `tally_server::bootstrap::free_local_port`.
 fn free_port() -> u16 {
-    use rand::Rng;
-    // A port is free only until someone binds it: never hand out one twice in a process (the
-    // tests run in parallel), or two listeners of one cluster could be given the same one and
-    // a replica's config then fails validation ("same address as listen.client").
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let mut given = GIVEN.lock().expect("port list");
-    loop {
-        let port = rand::thread_rng().gen_range(20_000..32_000);
-        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.insert(port);
-            return port;
-        }
-    }
+    tally_server::bootstrap::free_local_port()
+        .expect("a free port on 127.0.0.1")
+        .port()
 }
 
 /// A free address on 127.0.0.1 (see `free_port`).
