@@ -1171,6 +1171,31 @@ pub(crate) fn replace_file(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
+/// A port on 127.0.0.1 that is free now (bound and released), for harnesses that start local
+/// clusters (`tally-bench --nodes`, `tally-chaos`, the server's tests). It is chosen below
+/// Linux's ephemeral range (32768-60999): a port released before its replica binds it (or while
+/// a replica is down for a restart) can meanwhile become the source port of any outgoing
+/// connection in that range (a replica dialing its peers), and the replica then cannot bind
+/// it ("Address already in use"). No port is handed out twice in one process, so that two
+/// listeners of one cluster never get the same one.
+pub fn free_local_port() -> std::io::Result<std::net::SocketAddr> {
+    use rand::Rng;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().expect("port list");
+    for _ in 0..10_000 {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            given.insert(port);
+            return listener.local_addr();
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1704,29 +1729,4 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("by hand"), "{err}");
         assert!(with_replica("chain_id = \"x\"\n", 1, "127.0.0.1:7401".parse().unwrap()).is_ok());
     }
-}
-
-/// A port on 127.0.0.1 that is free now (bound and released), for harnesses that start local
-/// clusters (`tally-bench --nodes`, `tally-chaos`, the server's tests). It is chosen below
-/// Linux's ephemeral range (32768-60999): a port released before its replica binds it (or while
-/// a replica is down for a restart) can meanwhile become the source port of any outgoing
-/// connection in that range (a replica dialing its peers), and the replica then cannot bind
-/// it ("Address already in use"). No port is handed out twice in one process, so that two
-/// listeners of one cluster never get the same one.
-pub fn free_local_port() -> std::io::Result<std::net::SocketAddr> {
-    use rand::Rng;
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let mut given = GIVEN.lock().expect("port list");
-    for _ in 0..10_000 {
-        let port = rand::thread_rng().gen_range(20_000..32_000);
-        if given.contains(&port) {
-            continue;
-        }
-        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            given.insert(port);
-            return listener.local_addr();
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

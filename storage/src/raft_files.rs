@@ -475,11 +475,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Entry::default()
+        }
     }
 
     #[test]
@@ -512,8 +513,10 @@ mod tests {
     fn records_read_back_and_a_cut_record_is_a_torn_tail() {
         let mut seg = Vec::new();
         let mut buf = Vec::new();
-        let mut hs = HardState::default();
-        hs.commit = 1;
+        let hs = HardState {
+            commit: 1,
+            ..HardState::default()
+        };
         let at = encode_record(1, &[entry(1, 1, b"a"), entry(2, 1, b"bb")], &hs, &mut buf);
         assert_eq!(at.len(), 2);
         seg.extend_from_slice(&buf);
