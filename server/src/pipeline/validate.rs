@@ -109,6 +109,22 @@ fn help_chunk(rx: &Receiver<Job>, backlog: &Backlog) -> Option<Vec<Job>> {
     }
 }
 
+/// Worker `index`'s next chunk (see [`Backlog`]): the first waits on the queue, the others
+/// help; whoever leaves work behind asks for help. None once the queue is closed.
+fn next_chunk(index: usize, rx: &Receiver<Job>, backlog: &Backlog) -> Option<Vec<Job>> {
+    let jobs = if index == 0 {
+        recv_chunk(rx, STATELESS_CHUNK_MAX)
+    } else {
+        help_chunk(rx, backlog)
+    };
+    match &jobs {
+        None if index == 0 => backlog.close(),
+        Some(_) if !rx.is_empty() => backlog.ask(),
+        _ => {}
+    }
+    jobs
+}
+
 /// The stateless worker `index` (0 leads, the others help: see [`Backlog`]).
 pub(super) fn stateless_worker(
     index: usize,
@@ -123,20 +139,7 @@ pub(super) fn stateless_worker(
     let mut accounts = tally_core::validate::AccountKeys::new(KEY_CACHE_MAX);
     // The batch weights must be unpredictable to signers: a CSPRNG seeded from the OS.
     let mut rng = rand::rngs::StdRng::from_entropy();
-    let next = || {
-        let jobs = if index == 0 {
-            recv_chunk(&rx, STATELESS_CHUNK_MAX)
-        } else {
-            help_chunk(&rx, backlog)
-        };
-        match &jobs {
-            None if index == 0 => backlog.close(),
-            Some(_) if !rx.is_empty() => backlog.ask(),
-            _ => {}
-        }
-        jobs
-    };
-    while let Some(jobs) = next() {
+    while let Some(jobs) = next_chunk(index, &rx, backlog) {
         let started = Instant::now();
         let taken = jobs.len();
         let mut signed = Vec::with_capacity(jobs.len());
