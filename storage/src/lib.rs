@@ -130,7 +130,7 @@
 //!   made them possible); after a crash the durable commit may be behind what the ledger applied.
 //! - `RaftLogDb` serves raft's reads of its newest entries from memory (up to
 //!   [`StoreOptions::raft_tail_bytes`]); older ones are read back from the segments. It keeps
-//!   each entry's position and term in memory (48 bytes per entry), and opening reads every
+//!   each entry's position and term in memory (32 bytes per entry, a `Locator`), and opening reads every
 //!   segment once to check its CRCs and find them.
 //! - A damaged record at the very end of the newest segment is taken for a write a crash cut
 //!   short and dropped (it was never acknowledged); a bit flip there in a synced record is

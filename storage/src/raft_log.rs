@@ -24,7 +24,7 @@
 //! past `last + 1` is corruption. A record cut short or failing its CRC at the end of the newest
 //! segment is a write the crash interrupted (never acknowledged): the segment is cut there. In
 //! an older segment, which was synced whole before the next one began, it is corruption. Entry
-//! positions and terms are kept in memory (48 bytes per entry); entries are read back from the
+//! positions and terms are kept in memory (32 bytes per entry, a `Locator`); entries are read back from the
 //! files only when they fall out of the in-memory tail, each checked against its own CRC.
 //!
 //! A raft log written by an earlier tally in LevelDB (`CURRENT` in the directory) is rewritten
