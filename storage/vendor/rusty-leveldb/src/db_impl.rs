@@ -276,7 +276,7 @@ impl DB {
             }
             if mem.approx_mem_usage() > self.opt.write_buffer_size {
                 compactions += 1;
-                self.write_l0_table(&mem, ve, None)?;
+                self.write_l0_table(&mem, ve, None, None)?;
                 save_manifest = true;
                 mem = MemTable::new(cmp.clone());
             }
@@ -296,7 +296,7 @@ impl DB {
         } else if mem.len() > 0 {
             // Log is not reused, so write out the accumulated memtable.
             save_manifest = true;
-            self.write_l0_table(&mem, ve, None)?;
+            self.write_l0_table(&mem, ve, None, None)?;
         }
 
         Ok((save_manifest, max_seq))
@@ -704,6 +704,9 @@ impl DB {
             if let Err(e) = self.do_compaction_work(&mut state) {
                 state.cleanup(self.opt.env.as_ref().as_ref(), &self.path);
                 log!(self.opt.log, "Compaction work failed: {}", e);
+                // tally patch: 4.0.2 went on to install the compaction, which deletes its
+                // inputs, with the outputs just cleaned up: every key in the inputs was lost.
+                return Err(e);
             }
             self.install_compaction_results(state)?;
             log!(
@@ -723,7 +726,14 @@ impl DB {
         let base = self.current();
 
         let imm = self.imm.take().unwrap();
-        if let Err(e) = self.write_l0_table(&imm, &mut ve, Some(&base.borrow())) {
+        // tally patch: versions no snapshot can see are dropped (see `build_table`).
+        let smallest = if self.snaps.empty() {
+            self.vset.borrow().last_seq
+        } else {
+            self.snaps.oldest()
+        };
+        let written = self.write_l0_table(&imm, &mut ve, Some(&base.borrow()), Some(smallest));
+        if let Err(e) = written {
             self.imm = Some(imm);
             return Err(e);
         }
@@ -741,11 +751,12 @@ impl DB {
         memt: &MemTable,
         ve: &mut VersionEdit,
         base: Option<&Version>,
+        smallest_seq: Option<SequenceNumber>,
     ) -> Result<()> {
         let start_ts = self.opt.env.micros();
         let num = self.vset.borrow_mut().new_file_number();
         log!(self.opt.log, "Start write of L0 table {:06}", num);
-        let fmd = build_table(&self.path, &self.opt, memt.iter(), num)?;
+        let fmd = build_table_dropping(&self.path, &self.opt, memt.iter(), num, smallest_seq)?;
         log!(self.opt.log, "L0 table {:06} has {} bytes", num, fmd.size);
 
         // Wrote empty table.
@@ -1018,8 +1029,25 @@ impl CompactionStats {
 pub fn build_table<I: LdbIterator, P: AsRef<Path>>(
     dbname: P,
     opt: &Options,
+    from: I,
+    num: FileNum,
+) -> Result<FileMetaData> {
+    build_table_dropping(dbname, opt, from, num, None)
+}
+
+/// tally patch: [`build_table`] that, given the oldest sequence number a snapshot may read at
+/// (`smallest_seq`), drops every version of a key that a newer version at or below it hides
+/// from every reader, by the rule a compaction drops them by (`do_compaction_work`). 4.0.2 wrote
+/// every version of the memtable into level 0 and left the dropping to the merge after it; a
+/// ledger rewrites the same account rows batch after batch, so a flushed memtable held mostly
+/// dead versions, and the flush and the merge (both inside a synced write) copied them twice.
+/// With `None` every version is kept.
+pub fn build_table_dropping<I: LdbIterator, P: AsRef<Path>>(
+    dbname: P,
+    opt: &Options,
     mut from: I,
     num: FileNum,
+    smallest_seq: Option<SequenceNumber>,
 ) -> Result<FileMetaData> {
     from.reset();
     let filename = table_file_name(dbname.as_ref(), num);
@@ -1035,8 +1063,23 @@ pub fn build_table<I: LdbIterator, P: AsRef<Path>>(
         let f = opt.env.open_writable_file(Path::new(&filename))?;
         let f = BufWriter::new(f);
         let mut builder = TableBuilder::new(opt.clone(), f);
+        // The user key and sequence number of the entry before (a newer version, if the key
+        // is the same: entries come by key, newest first).
+        let (mut newer_key, mut newer_seq) = (Vec::new(), None);
         while from.advance() {
             if let Some((key_bytes, val_bytes)) = from.current() {
+                if let Some(smallest) = smallest_seq {
+                    let (_, seq, ukey) = parse_internal_key(&key_bytes);
+                    let same = newer_seq.is_some() && opt.cmp.cmp(ukey, &newer_key) == Ordering::Equal;
+                    if same && newer_seq.is_some_and(|n| n <= smallest) {
+                        continue;
+                    }
+                    if !same {
+                        newer_key.clear();
+                        newer_key.extend_from_slice(ukey);
+                    }
+                    newer_seq = Some(seq);
+                }
                 kbuf = key_bytes.to_vec();
                 vbuf = val_bytes.to_vec();
                 if firstkey.is_none() {
