@@ -500,7 +500,8 @@ impl VersionSet {
         }
         self.finalize(&mut v);
 
-        if self.descriptor_log.is_none() {
+        let new_manifest = self.descriptor_log.is_none();
+        if new_manifest {
             let descname = manifest_file_name(&self.dbname, self.manifest_num);
             edit.set_next_file(self.next_file_num);
             self.descriptor_log = Some(LogWriter::new(
@@ -514,11 +515,15 @@ impl VersionSet {
             lw.add_record(&encoded)?;
             lw.flush()?;
         }
-        set_current_file(
-            self.opt.env.as_ref().as_ref(),
-            &self.dbname,
-            self.manifest_num,
-        )?;
+        // tally patch: 4.0.2 rewrote CURRENT (a temporary file, renamed, synced by tally's env)
+        // after every edit; it names the manifest, which changes only when a new one is made.
+        if new_manifest {
+            set_current_file(
+                self.opt.env.as_ref().as_ref(),
+                &self.dbname,
+                self.manifest_num,
+            )?;
+        }
 
         self.add_version(v);
         // log_number was set above.
