@@ -756,7 +756,7 @@ impl DB {
         let start_ts = self.opt.env.micros();
         let num = self.vset.borrow_mut().new_file_number();
         log!(self.opt.log, "Start write of L0 table {:06}", num);
-        let fmd = build_table_dropping(&self.path, &self.opt, memt.iter(), num, smallest_seq)?;
+        let fmd = build_memtable_table(&self.path, &self.opt, memt, num, smallest_seq)?;
         log!(self.opt.log, "L0 table {:06} has {} bytes", num, fmd.size);
 
         // Wrote empty table.
@@ -1050,46 +1050,76 @@ pub fn build_table_dropping<I: LdbIterator, P: AsRef<Path>>(
     smallest_seq: Option<SequenceNumber>,
 ) -> Result<FileMetaData> {
     from.reset();
-    let filename = table_file_name(dbname.as_ref(), num);
+    write_table(dbname.as_ref(), opt, num, smallest_seq, &mut |add| {
+        while from.advance() {
+            let (key, value) = from.current().expect("Iterator should be valid here");
+            add(&key, &value)?;
+        }
+        Ok(())
+    })
+}
 
-    let (mut kbuf, mut vbuf) = (vec![], vec![]);
-    let mut firstkey = None;
-    // lastkey is what remains in kbuf.
+/// tally patch: [`build_table_dropping`] of a memtable, whose entries are read in place: the
+/// generic iterator copied every key and value twice into new buffers, most of a flush's CPU.
+fn build_memtable_table(
+    dbname: &Path,
+    opt: &Options,
+    memt: &MemTable,
+    num: FileNum,
+    smallest_seq: Option<SequenceNumber>,
+) -> Result<FileMetaData> {
+    let mut from = memt.iter();
+    write_table(dbname, opt, num, smallest_seq, &mut |add| {
+        while from.advance() {
+            let (key, value) = from.current_parts().expect("Iterator should be valid here");
+            add(key, value)?;
+        }
+        Ok(())
+    })
+}
 
+/// A table entry sink: takes an internal key and its value.
+type AddEntry<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
+/// Writes table `num` of the entries `entries` feeds (in order), dropping hidden versions as
+/// [`build_table_dropping`] says. An empty table is deleted and reported with size 0.
+fn write_table(
+    dbname: &Path,
+    opt: &Options,
+    num: FileNum,
+    smallest_seq: Option<SequenceNumber>,
+    entries: &mut dyn FnMut(&mut AddEntry<'_>) -> Result<()>,
+) -> Result<FileMetaData> {
+    let filename = table_file_name(dbname, num);
+    let (mut first, mut last): (Option<Vec<u8>>, Vec<u8>) = (None, vec![]);
     // Clean up file if write fails at any point.
-    //
-    // TODO: Replace with catch {} when available.
     let r = (|| -> Result<()> {
         let f = opt.env.open_writable_file(Path::new(&filename))?;
-        let f = BufWriter::new(f);
-        let mut builder = TableBuilder::new(opt.clone(), f);
+        let mut builder = TableBuilder::new(opt.clone(), BufWriter::new(f));
         // The user key and sequence number of the entry before (a newer version, if the key
         // is the same: entries come by key, newest first).
         let (mut newer_key, mut newer_seq) = (Vec::new(), None);
-        while from.advance() {
-            if let Some((key_bytes, val_bytes)) = from.current() {
-                if let Some(smallest) = smallest_seq {
-                    let (_, seq, ukey) = parse_internal_key(&key_bytes);
-                    let same = newer_seq.is_some() && opt.cmp.cmp(ukey, &newer_key) == Ordering::Equal;
-                    if same && newer_seq.is_some_and(|n| n <= smallest) {
-                        continue;
-                    }
-                    if !same {
-                        newer_key.clear();
-                        newer_key.extend_from_slice(ukey);
-                    }
-                    newer_seq = Some(seq);
+        entries(&mut |key: &[u8], value: &[u8]| {
+            if let Some(smallest) = smallest_seq {
+                let (_, seq, ukey) = parse_internal_key(key);
+                let same =
+                    newer_seq.is_some() && opt.cmp.cmp(ukey, &newer_key) == Ordering::Equal;
+                if same && newer_seq.is_some_and(|n| n <= smallest) {
+                    return Ok(());
                 }
-                kbuf = key_bytes.to_vec();
-                vbuf = val_bytes.to_vec();
-                if firstkey.is_none() {
-                    firstkey = Some(kbuf.clone());
+                if !same {
+                    newer_key.clear();
+                    newer_key.extend_from_slice(ukey);
                 }
-                builder.add(&kbuf, &vbuf)?;
-            } else {
-                panic!("Iterator should be valid here");
+                newer_seq = Some(seq);
             }
-        }
+            if first.is_none() {
+                first = Some(key.to_vec());
+            }
+            last.clear();
+            last.extend_from_slice(key);
+            builder.add(key, value)
+        })?;
         builder.finish()?;
         Ok(())
     })();
@@ -1100,7 +1130,7 @@ pub fn build_table_dropping<I: LdbIterator, P: AsRef<Path>>(
     }
 
     let mut md = FileMetaData::default();
-    match firstkey {
+    match first {
         None => {
             let _ = opt.env.delete(Path::new(&filename));
         }
@@ -1108,7 +1138,7 @@ pub fn build_table_dropping<I: LdbIterator, P: AsRef<Path>>(
             md.num = num;
             md.size = opt.env.size_of(Path::new(&filename))?;
             md.smallest = key.into();
-            md.largest = kbuf.into();
+            md.largest = last.into();
         }
     }
     Ok(md)

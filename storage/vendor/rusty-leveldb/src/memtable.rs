@@ -84,6 +84,19 @@ pub struct MemtableIterator {
     skipmapiter: SkipMapIter,
 }
 
+impl MemtableIterator {
+    /// tally patch: the current entry's internal key and value, read in place (what
+    /// [`LdbIterator::current`] returns, without copying them into new buffers).
+    pub fn current_parts(&self) -> Option<(&[u8], &[u8])> {
+        let key_bytes = self.skipmapiter.current_key()?;
+        let (keylen, keyoff, _, vallen, valoff) = parse_memtable_key(key_bytes);
+        Some((
+            &key_bytes[keyoff..keyoff + keylen + u64::required_space()],
+            &key_bytes[valoff..valoff + vallen],
+        ))
+    }
+}
+
 impl LdbIterator for MemtableIterator {
     fn advance(&mut self) -> bool {
         if !self.skipmapiter.advance() {

@@ -316,6 +316,19 @@ pub struct SkipMapIter {
     current: *const Node,
 }
 
+impl SkipMapIter {
+    /// tally patch: the current entry's key, read in place ([`LdbIterator::current`] copies
+    /// the key and the value into new buffers).
+    pub fn current_key(&self) -> Option<&[u8]> {
+        if self.valid() {
+            // The node lives as long as the map, which this iterator holds.
+            unsafe { Some(&(*self.current).key) }
+        } else {
+            None
+        }
+    }
+}
+
 impl LdbIterator for SkipMapIter {
     fn advance(&mut self) -> bool {
         // we first go to the next element, then return that -- in order to skip the head node
