@@ -126,8 +126,11 @@ impl Bucket {
             ArchiveUrl::File(dir) => {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| setup(format!("creating {}: {e}", dir.display())))?;
-                let store =
-                    LocalFileSystem::new_with_prefix(dir).map_err(|e| setup(e.to_string()))?;
+                // Every object is synced, and its directory, before the put returns: the
+                // archive's durable point lets the raft log drop the entries it came from.
+                let store = LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| setup(e.to_string()))?
+                    .with_fsync(true);
                 Ok(Bucket {
                     store: Arc::new(store),
                     prefix: String::new(),
