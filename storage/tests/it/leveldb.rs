@@ -8,7 +8,13 @@ use std::rc::Rc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rusty_leveldb::{DefaultCmp, FilterPolicy, LdbIterator, Options, SkipMap, WriteBatch, DB};
+use std::path::{Path, PathBuf};
+
+use rusty_leveldb::env::{FileLock, Logger, RandomAccess};
+use rusty_leveldb::{
+    DefaultCmp, FilterPolicy, LdbIterator, Options, Result as LdbResult, SkipMap, Status,
+    StatusCode, WriteBatch, DB,
+};
 
 /// A filter that lets every key through: what a bloom filter's false positive does for one key.
 struct EveryKey;
@@ -263,4 +269,143 @@ fn a_flush_drops_only_the_versions_no_reader_can_see() {
         &model,
         "reopened",
     );
+}
+
+/// A disk env that fails the creation of table file number `fail_at` (counting from 1), as a
+/// full disk fails a merge's output, and notes how many tables were created when one was first
+/// deleted (a merge creates its output before it deletes its inputs).
+struct FailingTables {
+    inner: rusty_leveldb::PosixDiskEnv,
+    created: Rc<std::cell::Cell<usize>>,
+    created_at_first_delete: Rc<std::cell::Cell<Option<usize>>>,
+    fail_at: usize,
+}
+
+impl rusty_leveldb::env::Env for FailingTables {
+    fn open_sequential_file(&self, p: &Path) -> LdbResult<Box<dyn std::io::Read>> {
+        self.inner.open_sequential_file(p)
+    }
+    fn open_random_access_file(&self, p: &Path) -> LdbResult<Box<dyn RandomAccess>> {
+        self.inner.open_random_access_file(p)
+    }
+    fn open_writable_file(&self, p: &Path) -> LdbResult<Box<dyn std::io::Write>> {
+        if p.extension().is_some_and(|e| e == "ldb") {
+            self.created.set(self.created.get() + 1);
+            if self.created.get() == self.fail_at {
+                return Err(Status::new(StatusCode::IOError, "no space left (test)"));
+            }
+        }
+        self.inner.open_writable_file(p)
+    }
+    fn open_appendable_file(&self, p: &Path) -> LdbResult<Box<dyn std::io::Write>> {
+        self.inner.open_appendable_file(p)
+    }
+    fn exists(&self, p: &Path) -> LdbResult<bool> {
+        self.inner.exists(p)
+    }
+    fn children(&self, p: &Path) -> LdbResult<Vec<PathBuf>> {
+        self.inner.children(p)
+    }
+    fn size_of(&self, p: &Path) -> LdbResult<usize> {
+        self.inner.size_of(p)
+    }
+    fn delete(&self, p: &Path) -> LdbResult<()> {
+        if p.extension().is_some_and(|e| e == "ldb") && self.created_at_first_delete.get().is_none()
+        {
+            self.created_at_first_delete.set(Some(self.created.get()));
+        }
+        self.inner.delete(p)
+    }
+    fn mkdir(&self, p: &Path) -> LdbResult<()> {
+        self.inner.mkdir(p)
+    }
+    fn rmdir(&self, p: &Path) -> LdbResult<()> {
+        self.inner.rmdir(p)
+    }
+    fn rename(&self, a: &Path, b: &Path) -> LdbResult<()> {
+        self.inner.rename(a, b)
+    }
+    fn lock(&self, p: &Path) -> LdbResult<FileLock> {
+        self.inner.lock(p)
+    }
+    fn unlock(&self, l: FileLock) -> LdbResult<()> {
+        self.inner.unlock(l)
+    }
+    fn new_logger(&self, p: &Path) -> LdbResult<Logger> {
+        self.inner.new_logger(p)
+    }
+    fn micros(&self) -> u64 {
+        self.inner.micros()
+    }
+    fn sleep_for(&self, micros: u32) {
+        self.inner.sleep_for(micros)
+    }
+}
+
+/// Writes 50 keys round and round through `env`'s database in `dir` until a write fails or a
+/// table is deleted; returns the values of the writes that succeeded and the failure.
+fn rewrite_until(dir: &Path, env: FailingTables) -> (BTreeMap<Vec<u8>, Vec<u8>>, Option<Status>) {
+    let (deleted, options) = (
+        Rc::clone(&env.created_at_first_delete),
+        Options {
+            env: Rc::new(Box::new(env)),
+            write_buffer_size: 16 << 10,
+            ..options()
+        },
+    );
+    let mut db = DB::open(dir, options).expect("open");
+    let mut model = BTreeMap::new();
+    for round in 0..10_000u32 {
+        let key = format!("k{:02}", round % 50).into_bytes();
+        let value = [round.to_le_bytes().as_slice(), &[9; 200]].concat();
+        if let Err(e) = db.put(&key, &value) {
+            return (model, Some(e));
+        }
+        model.insert(key, value);
+        if deleted.get().is_some() {
+            break;
+        }
+    }
+    (model, None)
+}
+
+fn failing_tables(fail_at: usize) -> FailingTables {
+    FailingTables {
+        inner: rusty_leveldb::PosixDiskEnv::new(),
+        created: Rc::default(),
+        created_at_first_delete: Rc::default(),
+        fail_at,
+    }
+}
+
+/// rusty-leveldb 4.0.2 swallowed a merge that failed (here: its output file could not be
+/// created) and installed it anyway: an edit deleting its input tables with no output, every
+/// key in them lost. The write that ran the merge must fail, and every key written before it
+/// must read back, then and after a reopen.
+#[test]
+fn a_merge_that_fails_keeps_its_inputs() {
+    // A first run finds which table the first merge creates (the merge deletes its inputs).
+    let probe = tempfile::tempdir().unwrap();
+    let env = failing_tables(0);
+    let created = Rc::clone(&env.created_at_first_delete);
+    let (_, failed) = rewrite_until(probe.path(), env);
+    assert!(failed.is_none(), "{failed:?}");
+    let merge_output = created.get().expect("a merge ran");
+    assert!(
+        merge_output >= 3,
+        "flushes made tables before the merge: {merge_output}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (model, failed) = rewrite_until(dir.path(), failing_tables(merge_output));
+    let failed = failed.expect("the merge's failure reaches the write");
+    assert!(failed.err.contains("no space left"), "{failed:?}");
+    let options = Options {
+        write_buffer_size: 16 << 10,
+        ..options()
+    };
+    let mut db = DB::open(dir.path(), options).expect("reopen");
+    for (key, value) in &model {
+        assert_eq!(db.get(key).as_deref(), Some(&value[..]), "{key:?}");
+    }
 }
