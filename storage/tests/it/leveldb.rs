@@ -206,7 +206,7 @@ fn table_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// A memtable flush (tally patch `build_table_dropping`) writes only the versions a reader can
+/// A memtable flush (tally patch `build_memtable_table`) writes only the versions a reader can
 /// still see: the newest of each key, and any a live snapshot reads. Random rewrites and
 /// deletions of a few keys through many flushes and merges read as the model does, now, at
 /// every snapshot taken on the way, and after a reopen.

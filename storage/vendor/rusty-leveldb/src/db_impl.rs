@@ -726,7 +726,7 @@ impl DB {
         let base = self.current();
 
         let imm = self.imm.take().unwrap();
-        // tally patch: versions no snapshot can see are dropped (see `build_table`).
+        // tally patch: versions no snapshot can see are dropped (see `build_memtable_table`).
         let smallest = if self.snaps.empty() {
             self.vset.borrow().last_seq
         } else {
@@ -1029,28 +1029,11 @@ impl CompactionStats {
 pub fn build_table<I: LdbIterator, P: AsRef<Path>>(
     dbname: P,
     opt: &Options,
-    from: I,
-    num: FileNum,
-) -> Result<FileMetaData> {
-    build_table_dropping(dbname, opt, from, num, None)
-}
-
-/// tally patch: [`build_table`] that, given the oldest sequence number a snapshot may read at
-/// (`smallest_seq`), drops every version of a key that a newer version at or below it hides
-/// from every reader, by the rule a compaction drops them by (`do_compaction_work`). 4.0.2 wrote
-/// every version of the memtable into level 0 and left the dropping to the merge after it; a
-/// ledger rewrites the same account rows batch after batch, so a flushed memtable held mostly
-/// dead versions, and the flush and the merge (both inside a synced write) copied them twice.
-/// With `None` every version is kept.
-pub fn build_table_dropping<I: LdbIterator, P: AsRef<Path>>(
-    dbname: P,
-    opt: &Options,
     mut from: I,
     num: FileNum,
-    smallest_seq: Option<SequenceNumber>,
 ) -> Result<FileMetaData> {
     from.reset();
-    write_table(dbname.as_ref(), opt, num, smallest_seq, &mut |add| {
+    write_table(dbname.as_ref(), opt, num, None, &mut |add| {
         while from.advance() {
             let (key, value) = from.current().expect("Iterator should be valid here");
             add(&key, &value)?;
@@ -1059,8 +1042,14 @@ pub fn build_table_dropping<I: LdbIterator, P: AsRef<Path>>(
     })
 }
 
-/// tally patch: [`build_table_dropping`] of a memtable, whose entries are read in place: the
-/// generic iterator copied every key and value twice into new buffers, most of a flush's CPU.
+/// tally patch: [`build_table`] of a memtable, whose entries are read in place (the generic
+/// iterator copied every key and value twice into new buffers, most of a flush's CPU), and
+/// which, given the oldest sequence number a snapshot may read at (`smallest_seq`), drops every
+/// version of a key that a newer version at or below it hides from every reader, by the rule a
+/// compaction drops them by (`do_compaction_work`). 4.0.2 wrote every version of the memtable
+/// into level 0 and left the dropping to the merge after it; a ledger rewrites the same account
+/// rows batch after batch, so a flushed memtable held mostly dead versions, and the flush and
+/// the merge (both inside a synced write) copied them twice. With `None` every version is kept.
 fn build_memtable_table(
     dbname: &Path,
     opt: &Options,
@@ -1082,7 +1071,7 @@ fn build_memtable_table(
 type AddEntry<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 
 /// Writes table `num` of the entries `entries` feeds (in order), dropping hidden versions as
-/// [`build_table_dropping`] says. An empty table is deleted and reported with size 0.
+/// [`build_memtable_table`] says. An empty table is deleted and reported with size 0.
 fn write_table(
     dbname: &Path,
     opt: &Options,
