@@ -133,6 +133,13 @@ impl Leading {
         let applied = p.applied_height.min(self.sequencer.sealed_height());
         self.sequencer.applied(applied);
     }
+
+    /// Sealed batches not yet applied.
+    fn in_flight(&self, applied_height: u64) -> u64 {
+        self.sequencer
+            .sealed_height()
+            .saturating_sub(applied_height)
+    }
 }
 
 pub struct Master<R> {
@@ -390,8 +397,7 @@ impl<R> Master<R> {
         let Some(l) = self.leading.as_mut() else {
             return false;
         };
-        let in_flight = l.sequencer.sealed_height().saturating_sub(p.applied_height);
-        if in_flight >= self.cfg.in_flight_max && !p.stopping {
+        if l.in_flight(p.applied_height) >= self.cfg.in_flight_max && !p.stopping {
             return false;
         }
         let open_ms = self.opened_at.map_or(0, |t| p.now_ms.saturating_sub(t));
@@ -430,7 +436,7 @@ impl<R> Master<R> {
         let spaced = self.idle_spacing_end().is_none_or(|end| p.now_ms >= end);
         let l = self.leading.as_mut()?;
         l.catch_up(p);
-        let in_flight = l.sequencer.sealed_height().saturating_sub(p.applied_height);
+        let in_flight = l.in_flight(p.applied_height);
         let open_for = self.opened_at.map(|t| p.now_ms.saturating_sub(t));
         let window_over = open_for.is_some_and(|ms| ms >= self.cfg.window_ms);
         let idle = self.cfg.close_idle
@@ -455,12 +461,18 @@ impl<R> Master<R> {
 
     /// When the runtime must poll again at the latest (monotonic ms): if a batch is open, the
     /// end of an idle close's wait while it is ahead, then the end of the window; if none is,
-    /// the earliest reserve deadline (by the wall clock `unix_ms`) while leading.
-    pub fn next_poll_ms(&self, now_ms: u64, unix_ms: u64) -> Option<u64> {
+    /// the earliest reserve deadline (by the wall clock `unix_ms`) while leading. None while
+    /// the in-flight bound holds a batch back: nothing can seal before an apply, and the
+    /// runtime polls after each (a deadline already past would have it spin until then).
+    pub fn next_poll_ms(&self, now_ms: u64, unix_ms: u64, applied_height: u64) -> Option<u64> {
+        let leading = self.leading.as_ref()?;
         let Some(t) = self.opened_at else {
-            let hint = self.leading.as_ref()?.sequencer.expiry_hint();
+            let hint = leading.sequencer.expiry_hint();
             return (hint != u64::MAX).then(|| now_ms + hint.saturating_sub(unix_ms));
         };
+        if leading.in_flight(applied_height) >= self.cfg.in_flight_max {
+            return None;
+        }
         let mut next = t + self.cfg.window_ms;
         if self.cfg.close_idle {
             let idle_wait = t + self.cfg.window_ms / IDLE_WAIT_WINDOW_FRACTION;

@@ -297,6 +297,30 @@ fn golden_scripts_of_the_engine() {
 /// The master asks to be polled when an idle close's spacing ends, so that a request that
 /// arrives just after a seal, with nothing after it, is not held for the whole idle wait.
 #[test]
+fn a_batch_held_back_by_the_in_flight_bound_names_no_deadline() {
+    let mut h = Harness::new(&["config", "window=100", "idle=0", "inflight=1"]);
+    for line in [
+        "lead term=1 epoch=1",
+        "submit a deposit id=1 to=A amount=1 now=0",
+        "poll now=100",
+        "submit b deposit id=2 to=A amount=1 now=101",
+        "poll now=201",
+    ] {
+        h.input(line);
+    }
+    assert!(h.out.contains("waiters=a#0"), "{}", h.out);
+    assert!(!h.out.contains("waiters=b#0"), "{}", h.out);
+    let applied = h.applier.meta().height;
+    // b's window ended at 201, but a is not applied: a deadline in the past would have the
+    // runtime spin until the apply wakes it.
+    assert_eq!(h.master.next_poll_ms(250, 0, applied), None);
+    assert_eq!(h.master.next_poll_ms(250, 0, applied + 1), Some(201));
+    h.input("commit");
+    h.input("poll now=250");
+    assert!(h.out.contains("waiters=b#0"), "{}", h.out);
+}
+
+#[test]
 fn the_master_wakes_when_the_idle_spacing_ends() {
     let mut h = Harness::new(&["config", "window=100", "idle=1", "inflight=4"]);
     for line in [
@@ -316,6 +340,6 @@ fn the_master_wakes_when_the_idle_spacing_ends() {
     );
     assert!(!h.out.contains("waiters=b#0"), "{}", h.out);
     // Spacing ends at 0 + 10, before the idle wait (3 + 20) and the window (3 + 100).
-    assert_eq!(h.master.next_poll_ms(3, 0), Some(10));
-    assert_eq!(h.master.next_poll_ms(10, 0), Some(23));
+    assert_eq!(h.master.next_poll_ms(3, 0, 1), Some(10));
+    assert_eq!(h.master.next_poll_ms(10, 0, 1), Some(23));
 }

@@ -51,9 +51,10 @@ impl MasterThread {
         loop {
             self.sample_queues();
             let now = self.now_ms();
+            let applied = self.applied_height.load(Ordering::SeqCst);
             let timeout = self
                 .engine
-                .next_poll_ms(now, unix_ms())
+                .next_poll_ms(now, unix_ms(), applied)
                 .map_or(IDLE_WAKE, |t| Duration::from_millis(t.saturating_sub(now)))
                 .min(IDLE_WAKE);
             if !self.wait(timeout, &mut out) {
