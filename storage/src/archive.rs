@@ -410,18 +410,26 @@ impl Stores {
     /// The body of `digest`: the `body` row, resolved through the body log when it holds a
     /// locator (see `bodies.rs`).
     fn body(&mut self, digest: &Hash, stats: &SyncStats) -> Result<Option<Vec<u8>>> {
-        let row = get_checked(&mut self.db, &layout::body_key(digest), stats)?;
-        row.map(|v| self.resolve_body(v)).transpose()
+        self.get(&layout::body_key(digest), stats)
     }
 
-    fn resolve_body(&mut self, value: Vec<u8>) -> Result<Vec<u8>> {
-        resolve_body(&mut self.bodies, value)
+    /// The row at `key`, a `body` or `history` row resolved through the body log.
+    fn get(&mut self, key: &[u8], stats: &SyncStats) -> Result<Option<Vec<u8>>> {
+        let row = get_checked(&mut self.db, key, stats)?;
+        row.map(|v| resolve(&mut self.bodies, key, v)).transpose()
     }
 }
 
-/// A `body` row's value as the body it stands for.
-fn resolve_body(bodies: &mut BodyLog, value: Vec<u8>) -> Result<Vec<u8>> {
-    match Locator::decode(&value)? {
+/// The value of the row at `key` as what it stands for: a `body` or `history` row holding a
+/// locator (see `bodies.rs`) as the record it names, any other as it is.
+fn resolve(bodies: &mut BodyLog, key: &[u8], value: Vec<u8>) -> Result<Vec<u8>> {
+    let located = [Table::Body, Table::History]
+        .into_iter()
+        .find(|t| key.starts_with(&t.tag()));
+    let Some(table) = located else {
+        return Ok(value);
+    };
+    match Locator::decode(table, &value)? {
         Some(at) => bodies.read(&at),
         None => Ok(value),
     }
@@ -464,12 +472,12 @@ fn run(
                 });
             }
             Cmd::Get { key, reply } => {
-                let _ = reply.send(get_checked(&mut stores.db, &key, stats));
+                let _ = reply.send(stores.get(&key, stats));
             }
             Cmd::Body { digest, reply } => {
                 let _ = reply.send(stores.body(&digest, stats));
             }
-            Cmd::Read(f) => f(&mut |key: &[u8]| get_checked(&mut stores.db, key, stats)),
+            Cmd::Read(f) => f(&mut |key: &[u8]| stores.get(key, stats)),
             Cmd::RawPut { key, value, reply } => {
                 // A raw row may be a history row: read heads again from the database.
                 history.forget();
@@ -528,8 +536,9 @@ fn write_group(
     scratch: &mut Scratch,
 ) -> Result<()> {
     let rows = &mut scratch.rows;
+    let Stores { db, bodies } = stores;
     for b in group {
-        let at = stores.bodies.append(&b.body)?;
+        let at = bodies.append(&b.body)?;
         rows.put(&layout::body_key(&b.digest), &at.encode());
         for (key, value) in &b.requests {
             rows.put(key, value);
@@ -548,28 +557,45 @@ fn write_group(
         let written = history.batch(
             &body,
             leaves,
-            &mut |key: &[u8]| get_checked(&mut stores.db, key, stats),
-            &mut |k: &[u8], v: &[u8]| rows.put(k, v),
+            &mut |key: &[u8]| get_checked(db, key, stats),
+            &mut GroupRows { rows, bodies },
         );
         if let Err(e) = written {
             history.forget();
             return Err(e);
         }
     }
-    history.finish(&mut |k: &[u8], v: &[u8]| rows.put(k, v));
+    history.finish(&mut GroupRows { rows, bodies });
     let batch = &mut scratch.batch;
     rows.write_into(batch);
-    stores.bodies.sync()?;
+    bodies.sync()?;
     let last = group.last().expect("a group is never empty");
     let point = ArchivePoint {
         height: last.height,
         raft_index: last.raft_index,
     };
     batch.put(&layout::archive_point_key(), &point.encode());
-    stores
-        .db
-        .write_ref(batch, true)
+    db.write_ref(batch, true)
         .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
+}
+
+/// A group's rows: history rows to the body log (their locators to the write), the others to
+/// the write.
+struct GroupRows<'a> {
+    rows: &'a mut SortedRows,
+    bodies: &'a mut BodyLog,
+}
+
+impl crate::history::Rows for GroupRows<'_> {
+    fn put_row(&mut self, key: &[u8], row: &[u8]) -> Result<()> {
+        let at = self.bodies.append(row)?;
+        self.rows.put(key, &at.encode());
+        Ok(())
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.rows.put(key, value);
+    }
 }
 
 /// Buffers one archive write group is built in, kept from one group to the next: a group's rows
@@ -702,10 +728,9 @@ fn open_held_from(
     Ok((held_from, HistoryWriter::default()))
 }
 
-/// Streams the rows (see [`Cmd::Dump`]), a `body` row always with its body (the body log's
-/// locators are this replica's own business).
+/// Streams the rows (see [`Cmd::Dump`]), a `body` or `history` row always with the record it
+/// stands for (the body log's locators are this replica's own business).
 fn dump(stores: &mut Stores, out: &SyncSender<Result<Records>>) {
-    let body_tag = Table::Body.tag();
     let Stores { db, bodies } = stores;
     let result = (|| {
         let snapshot = db.get_snapshot();
@@ -722,10 +747,7 @@ fn dump(stores: &mut Stores, out: &SyncSender<Result<Records>>) {
             if skip.contains(&key) {
                 continue;
             }
-            let value = match key.starts_with(&body_tag) {
-                true => resolve_body(bodies, value)?,
-                false => value,
-            };
+            let value = resolve(bodies, &key, value)?;
             group_bytes += key.len() + value.len();
             group.push((key, value));
             if group.len() == DUMP_GROUP_RECORDS || group_bytes >= DUMP_GROUP_BYTES {

@@ -33,6 +33,9 @@ use crate::layout::{corrupt, Table};
 
 /// A segment grows to this size, at most by one body more.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Appended bytes held in memory before they are written out (a sync writes them whatever
+/// their size).
+const UNWRITTEN_BYTES_MAX: usize = 4 << 20;
 /// The bytes of a record before its body: length, CRC.
 const RECORD_HEAD_BYTES: usize = 8;
 /// The bytes of an encoded [`Locator`]: magic, segment, offset, length.
@@ -62,14 +65,15 @@ impl Locator {
         out
     }
 
-    /// The locator a `body` row holds, or None if the row holds a body itself (written before
-    /// the body log: every body is longer than a locator).
-    pub fn decode(value: &[u8]) -> Result<Option<Locator>> {
+    /// The locator a row of `table` (`body`, `history`) holds, or None if the row holds its
+    /// value itself (written before the body log, or a value that never goes there: every body
+    /// and history row is longer than a locator, every other history value shorter).
+    pub fn decode(table: Table, value: &[u8]) -> Result<Option<Locator>> {
         if value.len() != LOCATOR_BYTES {
             return Ok(None);
         }
         if value[..4] != LOCATOR_MAGIC {
-            return Err(corrupt(Table::Body, "a body row of a locator's length"));
+            return Err(corrupt(table, "a row of a locator's length"));
         }
         Ok(Some(Locator {
             segment: u64::from_le_bytes(value[4..12].try_into().expect("8")),
@@ -86,12 +90,15 @@ pub fn bodies_dir(ledger: &Path) -> PathBuf {
 
 pub(crate) struct BodyLog {
     dir: PathBuf,
-    /// The segment appended to, its number and length.
+    /// The segment appended to, its number and length (counting `unwritten`).
     active: Option<(File, u64, u64)>,
+    /// Records appended to the active segment but not yet written to it: a group's history
+    /// rows are thousands of small records, one write each would be a system call each.
+    unwritten: Vec<u8>,
     /// Whether the active segment was created since the last [`BodyLog::sync`].
     created: bool,
-    /// Whether anything was appended since the last [`BodyLog::sync`].
-    dirty: bool,
+    /// The active segment's length at the last [`BodyLog::sync`].
+    synced: u64,
     readers: HashMap<u64, File>,
 }
 
@@ -112,55 +119,75 @@ impl BodyLog {
         };
         Ok(BodyLog {
             dir: dir.to_owned(),
+            synced: active.as_ref().map_or(0, |a| a.2),
             active,
+            unwritten: Vec::new(),
             created: false,
-            dirty: false,
             readers: HashMap::new(),
         })
     }
 
-    /// Appends a body; durable after the next [`BodyLog::sync`].
+    /// Appends a body (or a history row); durable after the next [`BodyLog::sync`].
     pub(crate) fn append(&mut self, body: &[u8]) -> Result<Locator> {
         let len = u32::try_from(body.len()).expect("a body is smaller than 4 GiB");
         if self.active.as_ref().is_none_or(|a| a.2 >= SEGMENT_BYTES) {
             self.roll()?;
         }
-        let (file, segment, at) = self.active.as_mut().expect("an active segment");
-        let mut record = Vec::with_capacity(RECORD_HEAD_BYTES + body.len());
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-        record.extend_from_slice(body);
+        let (_, segment, at) = self.active.as_mut().expect("an active segment");
         let locator = Locator {
             segment: *segment,
             offset: *at,
             len,
         };
-        file.write_all(&record)
-            .map_err(|e| io(&segment_path(&self.dir, *segment), "appending to", e))?;
-        *at += record.len() as u64;
-        self.dirty = true;
+        self.unwritten.extend_from_slice(&len.to_le_bytes());
+        self.unwritten
+            .extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        self.unwritten.extend_from_slice(body);
+        *at += (RECORD_HEAD_BYTES + body.len()) as u64;
+        if self.unwritten.len() >= UNWRITTEN_BYTES_MAX {
+            self.write_out()?;
+        }
         Ok(locator)
     }
 
-    /// Makes every appended body durable: syncs the active segment, and the directory if the
-    /// segment is new. (A segment is synced before the next one is started.)
+    /// Writes the records appended since the last call to the active segment.
+    fn write_out(&mut self) -> Result<()> {
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        let (file, segment, _) = self.active.as_mut().expect("records for an active segment");
+        file.write_all(&self.unwritten)
+            .map_err(|e| io(&segment_path(&self.dir, *segment), "appending to", e))?;
+        self.unwritten.clear();
+        self.unwritten.shrink_to(UNWRITTEN_BYTES_MAX);
+        Ok(())
+    }
+
+    /// Makes every appended record durable: writes them out, syncs the active segment, and the
+    /// directory if the segment is new. (A segment is synced before the next one is started.)
     pub(crate) fn sync(&mut self) -> Result<()> {
-        if let Some((file, segment, _)) = &self.active {
-            if self.dirty {
+        self.write_out()?;
+        if let Some((file, segment, len)) = &self.active {
+            if *len > self.synced {
                 file.sync_data()
                     .map_err(|e| io(&segment_path(&self.dir, *segment), "syncing", e))?;
+                // Written once, rarely read: its pages are not kept.
+                crate::env::drop_cached(file, self.synced, Some(len - self.synced));
+                self.synced = *len;
             }
             if self.created {
                 sync_dir(&self.dir)?;
             }
         }
-        self.dirty = false;
         self.created = false;
         Ok(())
     }
 
-    /// Reads the body at `at`, checking its record.
+    /// Reads the record at `at`, checking it.
     pub(crate) fn read(&mut self, at: &Locator) -> Result<Vec<u8>> {
+        // Nothing reads a record before the write that names it, after a sync; but a record
+        // must never be read from a segment that does not hold it yet.
+        self.write_out()?;
         if self.readers.len() >= READ_FILES_MAX {
             self.readers.clear();
         }
@@ -195,6 +222,7 @@ impl BodyLog {
         let next = self.active.as_ref().map_or(1, |a| a.1 + 1);
         let file = append_handle(&segment_path(&self.dir, next), true)?;
         self.active = Some((file, next, 0));
+        self.synced = 0;
         self.created = true;
         Ok(())
     }
@@ -274,7 +302,7 @@ mod tests {
         for (i, l) in at.iter().enumerate() {
             let len = if i == 70 { 300 } else { 1 << 20 };
             assert_eq!(log.read(l).unwrap(), body(i as u32, len), "body {i}");
-            assert_eq!(Locator::decode(&l.encode()).unwrap(), Some(*l));
+            assert_eq!(Locator::decode(Table::Body, &l.encode()).unwrap(), Some(*l));
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -308,8 +336,11 @@ mod tests {
             ..second
         };
         assert!(log.read(&beyond).is_err());
-        assert!(Locator::decode(&[0; LOCATOR_BYTES]).is_err());
-        assert_eq!(Locator::decode(&[0; LOCATOR_BYTES + 1]).unwrap(), None);
+        assert!(Locator::decode(Table::Body, &[0; LOCATOR_BYTES]).is_err());
+        assert_eq!(
+            Locator::decode(Table::Body, &[0; LOCATOR_BYTES + 1]).unwrap(),
+            None
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

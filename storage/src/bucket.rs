@@ -194,7 +194,10 @@ impl Bucket {
         let opts = PutOptions::from(PutMode::Create);
         let payload = PutPayload::from(bytes.clone());
         match self.store.put_opts(&self.path(key), payload, opts).await {
-            Ok(_) => Ok(PutNew::Created),
+            Ok(_) => {
+                self.drop_cached_local(key);
+                Ok(PutNew::Created)
+            }
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => match self.get(key).await? {
                 Some((stored, _)) if stored == bytes => Ok(PutNew::Same),
@@ -205,6 +208,17 @@ impl Bucket {
                 }),
             },
             Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Drops a local directory's new object from the page cache (synced by the put, written
+    /// once, read back only by an audit or a restore; see `env::drop_cached`).
+    fn drop_cached_local(&self, key: &str) {
+        let Some(dir) = self.local_lock.as_deref().and_then(std::path::Path::parent) else {
+            return;
+        };
+        if let Ok(file) = std::fs::File::open(dir.join(key)) {
+            crate::env::drop_cached(&file, 0, None);
         }
     }
 

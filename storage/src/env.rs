@@ -445,6 +445,25 @@ impl Write for SyncFile {
     }
 }
 
+/// Asks the kernel to drop the cached pages of `file` wholly inside `offset..offset + len`
+/// (`None`: to the end of the file, its last page too), once they are synced (clean); with a
+/// length, a partial page at either end stays (the next append writes into the last one). For files written once and rarely read (the body log, the raft log's segments, a
+/// local archive's objects), whose pages would only pile up in the page cache, each a fresh
+/// page: on a virtual machine that hands its free memory back to the host (a balloon with free
+/// page reporting, as on the machines tally is measured on) every fresh page costs a host
+/// fault, and appends ran at 120-320 MB/s against ~5 GB/s into pages dropped and reused
+/// (`docs/PERFORMANCE.md`). Advice only: a failure changes nothing but speed, so it is ignored.
+pub(crate) fn drop_cached(file: &File, offset: u64, len: Option<u64>) {
+    let len = match len {
+        Some(len) => match std::num::NonZeroU64::new(len) {
+            Some(len) => Some(len),
+            None => return,
+        },
+        None => None,
+    };
+    let _ = rustix::fs::fadvise(file, offset, len, rustix::fs::Advice::DontNeed);
+}
+
 pub(crate) fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),

@@ -5,8 +5,10 @@
 //! Layout (`history` v2, `receipt` v1, see [`crate::layout`]):
 //! - `history`: account ‖ row number u64 BE → [`encode_row`]: every entry of the account in one
 //!   batch (row numbers 1, 2, ... in apply order, one per batch that touched the account), with
-//!   the account's counters before them. Row 0 is the account's head ([`encode_head`]): how many
-//!   rows it has, its counters after the newest, and that row's height.
+//!   the account's counters before them. The row itself is a record of the body log and the
+//!   value its [`crate::bodies::Locator`] (24 bytes); rows written before that hold the row
+//!   (always longer). Row 0 is the account's head ([`encode_head`]): how many rows it has, its
+//!   counters after the newest, and that row's height.
 //! - `history` `b"held_from"` → u64 LE: the oldest height whose history the database holds (1
 //!   for a ledger that applied or imported every batch; the archive point + 1 for a ledger
 //!   written before history existed, or before `history` v2).
@@ -16,6 +18,11 @@
 //! rows that stay (every compaction rewrites them), not the bytes or the rows overwritten in
 //! place like the heads. With envelopes of 8,189 transfers among 10,000 accounts v1 wrote
 //! 16,378 entry rows per batch, v2 about 8,000 (and one for all of a hot account's entries).
+//!
+//! Why the rows live in the body log: account keys are random, so every level-0 merge of the
+//! archive database rewrote all the rows below it; the rows were ~70% of its bytes. A row is
+//! written once and never changes; in the body log it is never moved again, and the database
+//! holds a locator at its key. Dumps carry the row itself.
 //!
 //! Why numbered rows rather than (height) in the key: finding an account's newest row or the
 //! first at a height would take an iterator, and an iterator takes a LevelDB snapshot, after
@@ -50,8 +57,29 @@ pub const RECEIPT_VALUE_BYTES: usize = 8 + 4;
 /// and reads them again).
 const HEADS_CACHED_MAX: usize = 65_536;
 
-/// A point read of the archive database.
+/// A point read of the archive database, a history row resolved through the body log.
 pub(crate) type Get<'a> = dyn FnMut(&[u8]) -> Result<Option<Vec<u8>>> + 'a;
+
+/// Where the writer's rows go.
+pub(crate) trait Rows {
+    /// A history row: into the body log, its locator under `key` (the archive thread).
+    fn put_row(&mut self, key: &[u8], row: &[u8]) -> Result<()>;
+    /// Any other row (heads, receipts, the history start).
+    fn put(&mut self, key: &[u8], value: &[u8]);
+}
+
+/// Rows kept as they are, history rows inline (an import's: the database it builds has no
+/// body log of its own yet, and reads take either form).
+impl Rows for Vec<(Vec<u8>, Vec<u8>)> {
+    fn put_row(&mut self, key: &[u8], row: &[u8]) -> Result<()> {
+        self.put(key, row);
+        Ok(())
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.push((key.to_vec(), value.to_vec()));
+    }
+}
 
 /// An account's newest state in history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,21 +230,21 @@ pub(crate) struct HistoryWriter {
 }
 
 impl HistoryWriter {
-    /// Puts the rows of `body` (through `put`), reading heads it does not know through `get`.
+    /// Puts the rows of `body` (through `out`), reading heads it does not know through `get`.
     /// `leaves`: the body's receipt leaf hashes (`BatchBody::leaf_hashes`).
     pub(crate) fn batch(
         &mut self,
         body: &BatchBody,
         leaves: &[tally_wire::Hash],
         get: &mut Get<'_>,
-        put: &mut dyn FnMut(&[u8], &[u8]),
+        out: &mut dyn Rows,
     ) -> Result<()> {
         let height = body.header.height;
         for (account, entries) in by_account(account_entries_with(body, leaves)) {
             let head = self.newest(&account, get)?;
             let (rows, before) = head.map_or((0, Counters::default()), |h| (h.rows, h.counters));
             let key = layout::history_key(&account, rows + 1);
-            put(&key, &encode_row(height, &before, &entries));
+            out.put_row(&key, &encode_row(height, &before, &entries))?;
             let counters = entries.iter().fold(before, |c, e| c.after(e));
             let head = Head {
                 rows: rows + 1,
@@ -226,7 +254,7 @@ impl HistoryWriter {
             self.touched.insert(account, head);
         }
         for (leaf, index) in leaves.iter().zip(0u32..) {
-            put(&layout::receipt_key(leaf), &encode_receipt(height, index));
+            out.put(&layout::receipt_key(leaf), &encode_receipt(height, index));
         }
         Ok(())
     }
@@ -241,15 +269,15 @@ impl HistoryWriter {
 
     /// Puts the head of every account touched since the last call (and the history start, the
     /// first time).
-    pub(crate) fn finish(&mut self, put: &mut dyn FnMut(&[u8], &[u8])) {
+    pub(crate) fn finish(&mut self, out: &mut dyn Rows) {
         if let Some(held_from) = self.held_from_unwritten.take() {
-            put(&layout::history_held_from_key(), &held_from.to_le_bytes());
+            out.put(&layout::history_held_from_key(), &held_from.to_le_bytes());
         }
         if self.written.len() + self.touched.len() > HEADS_CACHED_MAX {
             self.written.clear();
         }
         for (account, head) in self.touched.drain() {
-            put(&layout::history_key(&account, 0), &encode_head(&head));
+            out.put(&layout::history_key(&account, 0), &encode_head(&head));
             self.written.insert(account, head);
         }
     }

@@ -122,7 +122,7 @@ impl LedgerImport {
             body,
             &body.leaf_hashes(),
             &mut |key: &[u8]| Ok(archive.get(key)),
-            &mut |k: &[u8], v: &[u8]| rows.push((k.to_vec(), v.to_vec())),
+            &mut rows,
         )?;
         for (k, v) in rows {
             self.archive.put(&k, &v)?;
@@ -135,8 +135,7 @@ impl LedgerImport {
 
     fn put_history_heads(&mut self) -> Result<()> {
         let mut rows = Vec::new();
-        self.history
-            .finish(&mut |k: &[u8], v: &[u8]| rows.push((k.to_vec(), v.to_vec())));
+        self.history.finish(&mut rows);
         for (k, v) in rows {
             self.archive.put(&k, &v)?;
         }

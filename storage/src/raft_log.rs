@@ -281,6 +281,9 @@ impl RaftLogDb {
             })?;
         self.sync_stats.count_file_sync();
         let at = active.len;
+        // Reads of recent entries are answered from memory (`raft_tail_bytes`), older ones
+        // are rare: the record's pages are not kept.
+        crate::env::drop_cached(&active.file, at, Some(self.scratch.len() as u64));
         active.len += self.scratch.len() as u64;
         Ok(at)
     }

@@ -129,13 +129,41 @@ fn history_is_the_fold_of_the_bodies_across_reopen_and_install() {
     .unwrap();
     db.close().unwrap();
 
+    // The rows live in the body log, the database holds their locators.
+    let (rows, located) = history_rows(&from);
+    assert!(rows > 30, "{rows} rows");
+    assert_eq!(located, rows, "every history row a locator");
+
     let mut installer = LedgerInstaller::create(&to, small()).unwrap();
     for c in &chunks {
         installer.push(c).unwrap();
     }
     installer.finish(&operator().public()).unwrap();
+    // The dump carried the rows themselves.
+    assert_eq!(history_rows(&to), (rows, 0));
     let mut db = LedgerDb::open(&to, small()).unwrap();
     expected.check(&mut db, &mut rng);
+}
+
+/// How many history rows (not heads) the archive database of the ledger in `dir` holds, and how
+/// many of them hold a body log locator.
+fn history_rows(dir: &Path) -> (usize, usize) {
+    let archive = tally_storage::archive_dir(dir);
+    let mut raw = rusty_leveldb::DB::open(&archive, rusty_leveldb::Options::default()).unwrap();
+    let rows: Vec<_> = crate::support::rows_with_prefix(&mut raw, &Table::History.tag())
+        .into_iter()
+        .filter(|(k, _)| k.len() == 44 && k[36..] != [0; 8])
+        .collect();
+    raw.close().unwrap();
+    let located = rows
+        .iter()
+        .filter(|(_, v)| {
+            tally_storage::bodies::Locator::decode(Table::History, v)
+                .unwrap()
+                .is_some()
+        })
+        .count();
+    (rows.len(), located)
 }
 
 /// An archive written before history existed (no history start, no rows) holds history from

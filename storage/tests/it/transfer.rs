@@ -107,7 +107,7 @@ fn a_dump_installs_as_the_same_ledger() {
         .collect();
     assert_eq!(body_rows.len(), 40);
     for (_, v) in &body_rows {
-        let at = tally_storage::bodies::Locator::decode(v).unwrap();
+        let at = tally_storage::bodies::Locator::decode(Table::Body, v).unwrap();
         assert!(at.is_some(), "an installed body row holds a locator");
     }
 
