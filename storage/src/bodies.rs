@@ -9,7 +9,12 @@
 //! and its row now holds a [`Locator`] instead of the body; rows written before the body log
 //! hold the body itself and are read as before (a body is always longer than a locator).
 //!
-//! Record: `len u32 LE ‖ crc32c(body) u32 LE ‖ body`, at the offset its locator names.
+//! History rows (`history.rs`) are records of the log too, for the same reason: random account
+//! keys, written once.
+//!
+//! Record: `len u32 LE ‖ crc32c(body) u32 LE ‖ body`, at the offset its locator names. Appends
+//! are buffered and written out at each sync (a group's history rows are thousands of records);
+//! synced pages are dropped from the page cache (`env::drop_cached`).
 //!
 //! Crash safety: the archive thread appends a group's bodies, syncs the segment (and the
 //! directory when it created the segment), and only then writes the group's locators in its
