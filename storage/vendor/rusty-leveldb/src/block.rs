@@ -298,6 +298,10 @@ impl LdbIterator for BlockIter {
         !self.key.is_empty() && self.val_offset > 0 && self.val_offset <= self.restarts_off
     }
 
+    fn current_key_ref(&self) -> Option<&[u8]> {
+        self.valid().then_some(&self.key[..])
+    }
+
     fn current(&self) -> Option<(Bytes, Bytes)> {
         if self.valid() {
             Some((

@@ -115,6 +115,16 @@ impl MergingIter {
         let mut next_ix = 0;
 
         for i in 1..self.iters.len() {
+            // tally patch: compare lent keys, without copying them, where both inputs can lend.
+            if let (Some(key), Some(smallest)) = (
+                self.iters[i].current_key_ref(),
+                self.iters[next_ix].current_key_ref(),
+            ) {
+                if self.cmp.cmp(key, smallest) == ord {
+                    next_ix = i;
+                }
+                continue;
+            }
             if let Some((current_key, _)) = self.iters[i].current() {
                 if let Some((smallest_key, _)) = self.iters[next_ix].current() {
                     if self.cmp.cmp(&current_key, &smallest_key) == ord {
@@ -171,6 +181,9 @@ impl LdbIterator for MergingIter {
         } else {
             None
         }
+    }
+    fn current_key_ref(&self) -> Option<&[u8]> {
+        self.iters[self.current?].current_key_ref()
     }
     fn prev(&mut self) -> bool {
         if let Some(current) = self.current {

@@ -387,6 +387,10 @@ impl LdbIterator for TableIterator {
             None
         }
     }
+
+    fn current_key_ref(&self) -> Option<&[u8]> {
+        self.current_block.as_ref()?.current_key_ref()
+    }
 }
 
 #[cfg(test)]

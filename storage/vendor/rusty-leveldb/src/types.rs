@@ -60,6 +60,14 @@ pub trait LdbIterator {
     /// implementations.
     fn prev(&mut self) -> bool;
 
+    /// tally patch: the current key, lent without a copy, where the iterator holds it (a block, a
+    /// table, a level, a merge of those); None if it is not valid or cannot lend it (then
+    /// `current()` answers). A merge compares every input's key at each step, and `current()`
+    /// copies the key of a block into a fresh buffer each time.
+    fn current_key_ref(&self) -> Option<&[u8]> {
+        None
+    }
+
     // default implementations.
 
     /// next is like Iterator::next(). It's implemented here because Rust disallows implementing a
@@ -111,6 +119,9 @@ impl LdbIterator for Box<dyn LdbIterator> {
     }
     fn prev(&mut self) -> bool {
         self.as_mut().prev()
+    }
+    fn current_key_ref(&self) -> Option<&[u8]> {
+        self.as_ref().current_key_ref()
     }
 }
 

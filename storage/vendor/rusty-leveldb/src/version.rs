@@ -451,6 +451,9 @@ impl LdbIterator for VersionIter {
             None
         }
     }
+    fn current_key_ref(&self) -> Option<&[u8]> {
+        self.current.as_ref()?.current_key_ref()
+    }
     fn seek(&mut self, key: &[u8]) {
         if let Some(ix) = find_file(&self.cmp, &self.files, key) {
             if let Ok(tbl) = self
