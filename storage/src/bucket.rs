@@ -195,7 +195,7 @@ impl Bucket {
         let payload = PutPayload::from(bytes.clone());
         match self.store.put_opts(&self.path(key), payload, opts).await {
             Ok(_) => {
-                self.drop_cached_local(key);
+                self.drop_cached_local(key).await;
                 Ok(PutNew::Created)
             }
             Err(object_store::Error::AlreadyExists { .. })
@@ -212,14 +212,19 @@ impl Bucket {
     }
 
     /// Drops a local directory's new object from the page cache (synced by the put, written
-    /// once, read back only by an audit or a restore; see `env::drop_cached`).
-    fn drop_cached_local(&self, key: &str) {
+    /// once, read back only by an audit or a restore; see `env::drop_cached`). The open and
+    /// the advice are file system calls: on the blocking pool, like the put's own.
+    async fn drop_cached_local(&self, key: &str) {
         let Some(dir) = self.local_lock.as_deref().and_then(std::path::Path::parent) else {
             return;
         };
-        if let Ok(file) = std::fs::File::open(dir.join(key)) {
-            crate::env::drop_cached(&file, 0, None);
-        }
+        let path = dir.join(key);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(file) = std::fs::File::open(path) {
+                crate::env::drop_cached(&file, 0, None);
+            }
+        })
+        .await;
     }
 
     /// Replaces `key` with `bytes` only if it is still at `expected` (`None`: only if it does
