@@ -13,8 +13,9 @@
 //! keys, written once.
 //!
 //! Record: `len u32 LE ‖ crc32c(body) u32 LE ‖ body`, at the offset its locator names. Appends
-//! are buffered and written out at each sync (a group's history rows are thousands of records);
-//! synced pages are dropped from the page cache (`env::drop_cached`).
+//! are buffered and written out at each sync (a group's history rows are thousands of records),
+//! or every [`UNWRITTEN_BYTES_MAX`]; written bytes are synced at each sync or every
+//! [`UNSYNCED_BYTES_MAX`], and synced pages are dropped from the page cache (`env::drop_cached`).
 //!
 //! Crash safety: the archive thread appends a group's bodies, syncs the segment (and the
 //! directory when it created the segment), and only then writes the group's locators in its
@@ -41,6 +42,11 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Appended bytes held in memory before they are written out (a sync writes them whatever
 /// their size).
 const UNWRITTEN_BYTES_MAX: usize = 4 << 20;
+/// Bytes written out to the active segment before they are synced and dropped from the page
+/// cache, at most, whether or not a sync was asked: an archive write group can append hundreds
+/// of megabytes, and pages held until its end are fresh pages for every write (see
+/// `env::drop_cached`), where pages dropped every few megabytes are taken again at once.
+const UNSYNCED_BYTES_MAX: u64 = 16 << 20;
 /// The bytes of a record before its body: length, CRC.
 const RECORD_HEAD_BYTES: usize = 8;
 /// The bytes of an encoded [`Locator`]: magic, segment, offset, length.
@@ -165,6 +171,26 @@ impl BodyLog {
             .map_err(|e| io(&segment_path(&self.dir, *segment), "appending to", e))?;
         self.unwritten.clear();
         self.unwritten.shrink_to(UNWRITTEN_BYTES_MAX);
+        let (_, _, len) = self.active.as_ref().expect("written to an active segment");
+        if len - self.synced >= UNSYNCED_BYTES_MAX {
+            self.sync_written()?;
+        }
+        Ok(())
+    }
+
+    /// Syncs what was written out to the active segment and drops it from the page cache
+    /// (written once, rarely read: its pages are not kept).
+    fn sync_written(&mut self) -> Result<()> {
+        let Some((file, segment, len)) = &self.active else {
+            return Ok(());
+        };
+        debug_assert!(self.unwritten.is_empty(), "only written bytes are synced");
+        if *len > self.synced {
+            file.sync_data()
+                .map_err(|e| io(&segment_path(&self.dir, *segment), "syncing", e))?;
+            crate::env::drop_cached(file, self.synced, Some(len - self.synced));
+            self.synced = *len;
+        }
         Ok(())
     }
 
@@ -172,17 +198,9 @@ impl BodyLog {
     /// directory if the segment is new. (A segment is synced before the next one is started.)
     pub(crate) fn sync(&mut self) -> Result<()> {
         self.write_out()?;
-        if let Some((file, segment, len)) = &self.active {
-            if *len > self.synced {
-                file.sync_data()
-                    .map_err(|e| io(&segment_path(&self.dir, *segment), "syncing", e))?;
-                // Written once, rarely read: its pages are not kept.
-                crate::env::drop_cached(file, self.synced, Some(len - self.synced));
-                self.synced = *len;
-            }
-            if self.created {
-                sync_dir(&self.dir)?;
-            }
+        self.sync_written()?;
+        if self.created && self.active.is_some() {
+            sync_dir(&self.dir)?;
         }
         self.created = false;
         Ok(())
