@@ -565,7 +565,10 @@ fn write_group(
             return Err(e);
         }
     }
-    history.finish(&mut GroupRows { rows, bodies });
+    if let Err(e) = history.finish(&mut GroupRows { rows, bodies }) {
+        history.forget();
+        return Err(e);
+    }
     let batch = &mut scratch.batch;
     rows.write_into(batch);
     bodies.sync()?;

@@ -3,11 +3,12 @@
 //! records (see `archive.rs`), and read on that thread too.
 //!
 //! Layout (`history` v2, `receipt` v1, see [`crate::layout`]):
-//! - `history`: account ‖ row number u64 BE → [`encode_row`]: every entry of the account in one
-//!   batch (row numbers 1, 2, ... in apply order, one per batch that touched the account), with
-//!   the account's counters before them. The row itself is a record of the body log and the
-//!   value its [`crate::bodies::Locator`] (24 bytes); rows written before that hold the row
-//!   (always longer). Row 0 is the account's head ([`encode_head`]): how many rows it has, its
+//! - `history`: account ‖ row number u64 BE → a row (`encode_sub_row`): every entry of the
+//!   account in one or more batches, as one sub-row per batch with the account's counters
+//!   before it (row numbers 1, 2, ... in apply order; the archive thread puts one row per
+//!   account and write group, see [`HistoryWriter`]). The row itself is a record of the body
+//!   log and the value its [`crate::bodies::Locator`] (24 bytes); rows written before that hold
+//!   the row (always longer). Row 0 is the account's head ([`encode_head`]): how many rows it has, its
 //!   counters after the newest, and that row's height.
 //! - `history` `b"held_from"` → u64 LE: the oldest height whose history the database holds (1
 //!   for a ledger that applied or imported every batch; the archive point + 1 for a ledger
@@ -18,6 +19,10 @@
 //! rows that stay (every compaction rewrites them), not the bytes or the rows overwritten in
 //! place like the heads. With envelopes of 8,189 transfers among 10,000 accounts v1 wrote
 //! 16,378 entry rows per batch, v2 about 8,000 (and one for all of a hot account's entries).
+//! For the same reason a row spans a write group, not a batch: when the archive is behind (at
+//! saturation, and always with envelopes) a group holds many batches, and the locator rows it
+//! writes go down by that factor. Readers never see row boundaries (they ask by height and
+//! leaf index), so a row may hold any run of an account's batches.
 //!
 //! Why the rows live in the body log: account keys are random, so every level-0 merge of the
 //! archive database rewrote all the rows below it; the rows were ~70% of its bytes. A row is
@@ -56,6 +61,12 @@ pub const RECEIPT_VALUE_BYTES: usize = 8 + 4;
 /// Heads the archive thread keeps in memory between writes, at most (then it forgets them all
 /// and reads them again).
 const HEADS_CACHED_MAX: usize = 65_536;
+/// The bytes of the rows a [`HistoryWriter`] gathers before it puts them all, at most (plus
+/// one batch's).
+const PENDING_BYTES_MAX: usize = 32 << 20;
+/// The bytes of one gathered row before it is put, at most (plus one batch's entries of the
+/// account): a read of any entry reads its whole row.
+const ROW_BYTES_MAX: usize = 256 << 10;
 
 /// A point read of the archive database, a history row resolved through the body log.
 pub(crate) type Get<'a> = dyn FnMut(&[u8]) -> Result<Option<Vec<u8>>> + 'a;
@@ -132,16 +143,17 @@ fn decode_counters(v: &[u8]) -> Counters {
     }
 }
 
+/// Appends a sub-row to the row `out`. A row is one or more sub-rows in ascending height, each:
 /// height u64 LE ‖ counters before (as in the head) ‖ entry count u32 LE ‖ per entry: leaf
 /// index u32 LE ‖ op u8 ‖ direction u8 ‖ counterparty (32) ‖ amount u64 LE ‖ balance u64 LE ‖
-/// request hash (32) ‖ receipt hash (32). The entries are of one account at one height, in
-/// apply order.
-pub fn encode_row(height: u64, before: &Counters, entries: &[AccountEntry]) -> Vec<u8> {
+/// request hash (32) ‖ receipt hash (32). A sub-row's entries are of one account at one
+/// height, in apply order. (Rows written before 2026-12-05 are one sub-row each.)
+fn encode_sub_row(out: &mut Vec<u8>, height: u64, before: &Counters, entries: &[AccountEntry]) {
     assert!(
         !entries.is_empty(),
         "a history row holds at least one entry"
     );
-    let mut out = Vec::with_capacity(ROW_PREFIX_BYTES + entries.len() * ENTRY_BYTES);
+    out.reserve(ROW_PREFIX_BYTES + entries.len() * ENTRY_BYTES);
     out.extend_from_slice(&height.to_le_bytes());
     let mut counters = [0u8; 40];
     encode_counters(before, &mut counters);
@@ -149,7 +161,7 @@ pub fn encode_row(height: u64, before: &Counters, entries: &[AccountEntry]) -> V
     let count = u32::try_from(entries.len()).expect("a batch's entries fit u32");
     out.extend_from_slice(&count.to_le_bytes());
     for e in entries {
-        assert_eq!(e.height, height, "a row's entries are of its height");
+        assert_eq!(e.height, height, "a sub-row's entries are of its height");
         out.extend_from_slice(&e.index.to_le_bytes());
         out.push(e.op as u8);
         out.push(e.direction as u8);
@@ -159,23 +171,51 @@ pub fn encode_row(height: u64, before: &Counters, entries: &[AccountEntry]) -> V
         out.extend_from_slice(&e.request_hash);
         out.extend_from_slice(&e.receipt_hash);
     }
-    out
 }
 
 /// Decodes a row of `account`'s history into its entries, each with the counters after it.
+/// Sub-rows must ascend by height and each go on from the counters the one before ended at.
 pub fn decode_row(account: &PublicKey, value: &[u8]) -> Result<Vec<HistoryRow>> {
     let bad = |why: &str| corrupt(Table::History, why);
-    if value.len() < ROW_PREFIX_BYTES || (value.len() - ROW_PREFIX_BYTES) % ENTRY_BYTES != 0 {
+    let mut rows: Vec<HistoryRow> = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (sub, after) = decode_sub_row(account, rest)?;
+        if let (Some(last), Some(first)) = (rows.last(), sub.first()) {
+            if first.entry.height <= last.entry.height
+                || last.counters.after(&first.entry) != first.counters
+            {
+                return Err(bad("a history row whose sub-rows do not follow each other"));
+            }
+        }
+        rows.extend(sub);
+        rest = after;
+    }
+    if rows.is_empty() {
+        return Err(bad("an empty history row"));
+    }
+    Ok(rows)
+}
+
+/// Decodes the sub-row at the start of `value`; returns its entries and what follows it.
+fn decode_sub_row<'v>(
+    account: &PublicKey,
+    value: &'v [u8],
+) -> Result<(Vec<HistoryRow>, &'v [u8])> {
+    let bad = |why: &str| corrupt(Table::History, why);
+    if value.len() < ROW_PREFIX_BYTES {
         return Err(bad("a history row of the wrong length"));
     }
     let height = u64::from_le_bytes(value[0..8].try_into().expect("8"));
     let mut counters = decode_counters(&value[8..48]);
     let count = u32::from_le_bytes(value[48..52].try_into().expect("4")) as usize;
-    if count == 0 || count != (value.len() - ROW_PREFIX_BYTES) / ENTRY_BYTES {
-        return Err(bad("a history row whose entry count is not its length"));
-    }
+    let end = count
+        .checked_mul(ENTRY_BYTES)
+        .and_then(|n| n.checked_add(ROW_PREFIX_BYTES))
+        .filter(|&end| count > 0 && end <= value.len())
+        .ok_or_else(|| bad("a history row whose entry count is not its length"))?;
     let mut rows = Vec::with_capacity(count);
-    for v in value[ROW_PREFIX_BYTES..].chunks_exact(ENTRY_BYTES) {
+    for v in value[ROW_PREFIX_BYTES..end].chunks_exact(ENTRY_BYTES) {
         let u64_at = |at: usize| u64::from_le_bytes(v[at..at + 8].try_into().expect("8"));
         let entry = AccountEntry {
             account: *account,
@@ -192,7 +232,7 @@ pub fn decode_row(account: &PublicKey, value: &[u8]) -> Result<Vec<HistoryRow>> 
         counters = counters.after(&entry);
         rows.push(HistoryRow { entry, counters });
     }
-    Ok(rows)
+    Ok((rows, &value[end..]))
 }
 
 /// height u64 LE ‖ leaf index u32 LE
@@ -218,10 +258,20 @@ pub fn decode_held_from(value: &[u8]) -> Result<u64> {
 /// Derives the history and receipt rows of batches in apply order. The counters of an account
 /// come from its head: one changed earlier in the same group, one remembered from an earlier
 /// group, or the stored one.
+///
+/// An account's row covers every batch of a group that touched it, not one batch: its entries
+/// are gathered across the group (`pending`) and put at [`HistoryWriter::finish`], or sooner
+/// when the gathered rows pass [`PENDING_BYTES_MAX`] or one row [`ROW_BYTES_MAX`]. Row
+/// boundaries therefore depend on how batches were grouped, which no reader sees: reads answer
+/// by (height, index), and every row is its sub-rows in height order.
 #[derive(Default)]
 pub(crate) struct HistoryWriter {
     /// Accounts whose head changed since the last [`HistoryWriter::finish`].
     touched: HashMap<PublicKey, Head>,
+    /// Rows being gathered, each numbered by its account's head in `touched` (`rows`).
+    pending: HashMap<PublicKey, Vec<u8>>,
+    /// The bytes of `pending`'s rows.
+    pending_bytes: usize,
     /// Heads already written (bounded by [`HEADS_CACHED_MAX`]).
     written: HashMap<PublicKey, Head>,
     /// The history start, to be put with the first rows (a new archive writes it then, so that
@@ -230,7 +280,8 @@ pub(crate) struct HistoryWriter {
 }
 
 impl HistoryWriter {
-    /// Puts the rows of `body` (through `out`), reading heads it does not know through `get`.
+    /// Gathers the rows of `body` (put through `out` when a bound is reached, else at
+    /// [`HistoryWriter::finish`]), reading heads it does not know through `get`.
     /// `leaves`: the body's receipt leaf hashes (`BatchBody::leaf_hashes`).
     pub(crate) fn batch(
         &mut self,
@@ -243,19 +294,51 @@ impl HistoryWriter {
         for (account, entries) in by_account(account_entries_with(body, leaves)) {
             let head = self.newest(&account, get)?;
             let (rows, before) = head.map_or((0, Counters::default()), |h| (h.rows, h.counters));
-            let key = layout::history_key(&account, rows + 1);
-            out.put_row(&key, &encode_row(height, &before, &entries))?;
+            let rows = if self.pending.contains_key(&account) {
+                rows
+            } else {
+                rows + 1
+            };
+            let row = self.pending.entry(account).or_default();
+            let was = row.len();
+            encode_sub_row(row, height, &before, &entries);
+            self.pending_bytes += row.len() - was;
+            let full = row.len() >= ROW_BYTES_MAX;
             let counters = entries.iter().fold(before, |c, e| c.after(e));
             let head = Head {
-                rows: rows + 1,
+                rows,
                 counters,
                 height,
             };
             self.touched.insert(account, head);
+            if full {
+                self.put_row(&account, out)?;
+            }
+        }
+        if self.pending_bytes >= PENDING_BYTES_MAX {
+            self.put_rows(out)?;
         }
         for (leaf, index) in leaves.iter().zip(0u32..) {
             out.put(&layout::receipt_key(leaf), &encode_receipt(height, index));
         }
+        Ok(())
+    }
+
+    /// Puts `account`'s gathered row, numbered as its head says.
+    fn put_row(&mut self, account: &PublicKey, out: &mut dyn Rows) -> Result<()> {
+        let row = self.pending.remove(account).expect("a gathered row");
+        let head = self.touched.get(account).expect("a gathered row's account is touched");
+        self.pending_bytes -= row.len();
+        out.put_row(&layout::history_key(account, head.rows), &row)
+    }
+
+    /// Puts every gathered row.
+    fn put_rows(&mut self, out: &mut dyn Rows) -> Result<()> {
+        for (account, row) in self.pending.drain() {
+            let head = self.touched.get(&account).expect("a gathered row's account is touched");
+            out.put_row(&layout::history_key(&account, head.rows), &row)?;
+        }
+        self.pending_bytes = 0;
         Ok(())
     }
 
@@ -267,9 +350,10 @@ impl HistoryWriter {
         }
     }
 
-    /// Puts the head of every account touched since the last call (and the history start, the
-    /// first time).
-    pub(crate) fn finish(&mut self, out: &mut dyn Rows) {
+    /// Puts every gathered row and the head of every account touched since the last call (and
+    /// the history start, the first time).
+    pub(crate) fn finish(&mut self, out: &mut dyn Rows) -> Result<()> {
+        self.put_rows(out)?;
         if let Some(held_from) = self.held_from_unwritten.take() {
             out.put(&layout::history_held_from_key(), &held_from.to_le_bytes());
         }
@@ -280,11 +364,15 @@ impl HistoryWriter {
             out.put(&layout::history_key(&account, 0), &encode_head(&head));
             self.written.insert(account, head);
         }
+        Ok(())
     }
 
-    /// Forgets what it remembers (after a write that failed, or rows written by someone else).
+    /// Forgets what it remembers and what it gathered (after a write that failed, or rows
+    /// written by someone else).
     pub(crate) fn forget(&mut self) {
         self.touched.clear();
+        self.pending.clear();
+        self.pending_bytes = 0;
         self.written.clear();
     }
 
@@ -334,8 +422,8 @@ fn row_at(account: &PublicKey, number: u64, get: &mut Get<'_>) -> Result<Vec<His
     decode_row(account, &value)
 }
 
-/// The first row number in `1..=rows` whose height is not `before` the target, or `rows + 1`:
-/// rows ascend by height, so `before` holds on a prefix.
+/// The first row number in `1..=rows` whose first height is not `before` the target, or
+/// `rows + 1`: rows ascend by height, so `before` holds on a prefix.
 fn first_not_before(
     account: &PublicKey,
     rows: u64,
@@ -365,7 +453,8 @@ pub(crate) fn page(
     let Some(head) = head(account, get)? else {
         return Ok(HistoryPage::default());
     };
-    let first = first_not_before(account, head.rows, get, |h| h < from.0)?;
+    // The row before the first that starts at or after `from`'s height may run past it.
+    let first = first_not_before(account, head.rows, get, |h| h < from.0)?.max(2) - 1;
     let mut out = Vec::new();
     for number in first..=head.rows {
         for row in row_at(account, number, get)? {
@@ -405,10 +494,14 @@ pub(crate) fn at_height(
     if after == 1 {
         return Ok(None);
     }
-    let newest = row_at(account, after - 1, get)?.pop();
-    Ok(Some(
-        newest.expect("a decoded row holds at least one entry"),
-    ))
+    // The row starts at or below `height` and may run past it.
+    let newest = row_at(account, after - 1, get)?
+        .into_iter()
+        .rev()
+        .find(|r| r.entry.height <= height);
+    Ok(Some(newest.expect(
+        "a row found by its first height holds an entry at or below it",
+    )))
 }
 
 /// Where the receipt with leaf hash `leaf` was applied.
@@ -416,4 +509,67 @@ pub(crate) fn receipt(leaf: &tally_wire::Hash, get: &mut Get<'_>) -> Result<Opti
     get(&layout::receipt_key(leaf))?
         .map(|v| decode_receipt(&v))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(height: u64, index: u32, amount: u64) -> AccountEntry {
+        AccountEntry {
+            account: [1; 32],
+            height,
+            index,
+            op: Op::Transfer,
+            direction: Direction::Credit,
+            counterparty: [2; 32],
+            amount,
+            balance: amount,
+            request_hash: [3; 32],
+            receipt_hash: [4; 32],
+        }
+    }
+
+    fn sub_row(out: &mut Vec<u8>, before: Counters, entries: &[AccountEntry]) -> Counters {
+        encode_sub_row(out, entries[0].height, &before, entries);
+        entries.iter().fold(before, |c, e| c.after(e))
+    }
+
+    #[test]
+    fn a_row_of_sub_rows_decodes_as_their_entries_in_order() {
+        let (a, b) = ([entry(3, 0, 5), entry(3, 7, 6)], [entry(9, 2, 7)]);
+        let mut row = Vec::new();
+        let after_a = sub_row(&mut row, Counters::default(), &a);
+        let after_b = sub_row(&mut row, after_a, &b);
+        let rows = decode_row(&[1; 32], &row).unwrap();
+        let entries: Vec<_> = rows.iter().map(|r| r.entry).collect();
+        assert_eq!(entries, [a[0], a[1], b[0]]);
+        assert_eq!(rows[1].counters, after_a);
+        assert_eq!(rows[2].counters, after_b);
+        assert_eq!(after_b.operation_count, 3);
+    }
+
+    #[test]
+    fn sub_rows_that_do_not_follow_each_other_are_refused() {
+        let (a, b) = ([entry(3, 0, 5)], [entry(9, 2, 7)]);
+        let decodes = |row: &[u8]| decode_row(&[1; 32], row).is_ok();
+        // Heights going down.
+        let mut row = Vec::new();
+        let after_b = sub_row(&mut row, Counters::default(), &b);
+        sub_row(&mut row, after_b, &a);
+        assert!(!decodes(&row));
+        // Counters that do not go on from the sub-row before.
+        let mut row = Vec::new();
+        sub_row(&mut row, Counters::default(), &a);
+        sub_row(&mut row, Counters::default(), &b);
+        assert!(!decodes(&row));
+        // A sub-row cut short, and an empty row.
+        let mut row = Vec::new();
+        let after_a = sub_row(&mut row, Counters::default(), &a);
+        sub_row(&mut row, after_a, &b);
+        assert!(decodes(&row));
+        assert!(!decodes(&row[..row.len() - 1]));
+        assert!(!decodes(&row[..ROW_PREFIX_BYTES + ENTRY_BYTES + 3]));
+        assert!(!decodes(&[]));
+    }
 }

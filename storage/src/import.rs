@@ -135,7 +135,7 @@ impl LedgerImport {
 
     fn put_history_heads(&mut self) -> Result<()> {
         let mut rows = Vec::new();
-        self.history.finish(&mut rows);
+        self.history.finish(&mut rows)?;
         for (k, v) in rows {
             self.archive.put(&k, &v)?;
         }
