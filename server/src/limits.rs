@@ -53,6 +53,8 @@ pub struct DescriptorReserve {
     pub staged_databases: u64,
     /// The raft log's files (`RAFT_LOG_FILES_OPEN_MAX`).
     pub raft_log: u64,
+    /// The body log's and the sorted runs' files (`ARCHIVE_FILES_OPEN_MAX`).
+    pub archive_files: u64,
     /// The archive's objects written at once and a state snapshot's chunks (a file or an HTTP
     /// connection each).
     pub archive: u64,
@@ -68,6 +70,7 @@ impl DescriptorReserve {
         self.live_databases
             + self.staged_databases
             + self.raft_log
+            + self.archive_files
             + self.archive
             + self.outbound_peers
             + self.http
@@ -84,6 +87,7 @@ pub fn descriptors_reserved(peers: usize) -> DescriptorReserve {
         live_databases: 2 * database(tally_storage::TABLE_FILES_OPEN_MAX),
         staged_databases: 2 * database(tally_storage::STAGED_TABLE_FILES_OPEN_MAX),
         raft_log: tally_storage::RAFT_LOG_FILES_OPEN_MAX as u64,
+        archive_files: tally_storage::ARCHIVE_FILES_OPEN_MAX as u64,
         archive: (tally_storage::archiver::UPLOADS_IN_FLIGHT
             + tally_storage::snapshots::CHUNKS_IN_FLIGHT) as u64,
         outbound_peers: 2 * peers as u64,
@@ -500,33 +504,35 @@ mod tests {
     }
 
     /// Every database that can be open at once, with its whole table cache: the two live
-    /// ones (64 tables + 6) and the two staged ones (16 + 6); and the raft log's files (3).
+    /// ones (64 tables + 6) and the two staged ones (16 + 6); the raft log's files (3); the
+    /// body log's (6) and the sorted runs' (6).
     #[test]
     fn the_reserve_counts_every_database_open_at_once() {
         let single = descriptors_reserved(0);
         assert_eq!(single.live_databases, 2 * (64 + 6));
         assert_eq!(single.staged_databases, 2 * (16 + 6));
         assert_eq!(single.raft_log, 3);
+        assert_eq!(single.archive_files, 12);
         assert_eq!(single.archive, 16);
         assert_eq!(single.outbound_peers, 0);
         assert_eq!(single.http, 65);
-        assert_eq!(single.total(), 140 + 44 + 3 + 16 + 65 + 32);
-        assert_eq!(single.total(), 300);
+        assert_eq!(single.total(), 140 + 44 + 3 + 12 + 16 + 65 + 32);
+        assert_eq!(single.total(), 312);
         // A replica of five dials four peers, twice each.
-        assert_eq!(descriptors_reserved(4).total(), 300 + 8);
+        assert_eq!(descriptors_reserved(4).total(), 312 + 8);
     }
 
     #[test]
     fn sizing_fits_under_the_descriptor_limit() {
         // Plenty: the configured defaults.
         check(1 << 20, 0, (1024, 64, 64));
-        check(300 + 1024 + 64, 0, (1024, 64, 64));
-        check(300 + 1024 + 63, 0, (1023, 64, 64));
-        // A hard limit of 512: 212 left (204 for a replica of five), a quarter to peers, the
-        // rest to clients, whose per-address share shrinks with them (64 x 159 / 1024 -> 10).
-        check(512, 0, (159, 10, 53));
-        check(512, 4, (153, 10, 51));
-        check(1024, 0, (660, 42, 64));
+        check(312 + 1024 + 64, 0, (1024, 64, 64));
+        check(312 + 1024 + 63, 0, (1023, 64, 64));
+        // A hard limit of 512: 200 left (192 for a replica of five), a quarter to peers, the
+        // rest to clients, whose per-address share shrinks with them (64 x 150 / 1024 -> 10).
+        check(512, 0, (150, 10, 50));
+        check(512, 4, (144, 9, 48));
+        check(1024, 0, (648, 41, 64));
         // Absurdly low: still one of each.
         check(10, 0, (3, 1, 1));
     }

@@ -39,6 +39,7 @@ use crate::filter::RequestFilter;
 use crate::history::{Get, HistoryWriter};
 use crate::layout::{self, Table};
 use crate::ledger::{io_error, leveldb_options, reopen_fresh, scan_prefix};
+use crate::runs::{self, Runs};
 use crate::StoreOptions;
 
 /// Batches queued to the archive thread, at most.
@@ -166,6 +167,7 @@ impl Archive {
     ) -> Result<(Archive, ArchivePoint, Option<RequestFilter>)> {
         let dir = crate::ledger::archive_dir(ledger);
         let bodies_dir = crate::bodies::bodies_dir(ledger);
+        let runs_dir = runs::runs_dir(ledger);
         let (tx, rx) = sync_channel(QUEUE_MAX);
         let (opened_tx, opened_rx) =
             sync_channel::<Result<(ArchivePoint, u64, Option<RequestFilter>)>>(1);
@@ -178,14 +180,14 @@ impl Archive {
                 // One count of failed reads for every handle on this database (`get_checked`).
                 let stats = Arc::new(SyncStats::default());
                 let env = || SyncEnv::sharing(Arc::clone(&stats));
-                let opened = open_on_thread(&dir, &opts, saved, &stats)
+                let opened = open_on_thread((&dir, &runs_dir), &opts, saved, &stats)
                     .and_then(|o| Ok((o, BodyLog::open(&bodies_dir)?)));
                 match opened {
-                    Ok(((db, point, (held_from, history), filter), bodies)) => {
+                    Ok(((db, point, (held_from, history), filter, index), bodies)) => {
                         progress2.state.lock().expect("progress lock").point = point;
                         let _ = opened_tx.send(Ok((point, held_from, filter)));
                         let reopen = || leveldb_options(&opts, env());
-                        let mut stores = Stores { db, bodies };
+                        let mut stores = Stores { db, bodies, index };
                         run(&mut stores, rx, &progress2, (&dir, &stats), history, reopen);
                     }
                     Err(e) => {
@@ -345,11 +347,12 @@ type Opened = (
     ArchivePoint,
     (u64, HistoryWriter),
     Option<RequestFilter>,
+    Indexes,
 );
 
 /// Opens the archive database in `dir` (on the archive thread) and reads what it holds.
 fn open_on_thread(
-    dir: &Path,
+    (dir, runs_dir): (&Path, &Path),
     opts: &StoreOptions,
     saved: Option<RequestFilter>,
     stats: &Arc<SyncStats>,
@@ -365,8 +368,9 @@ fn open_on_thread(
     };
     drop_history_v1(&mut db, dir, || leveldb_options(opts, env()), stats)?;
     let held_from = open_held_from(&mut db, point, stats)?;
+    let index = Indexes::open(&mut db, runs_dir, stats)?;
     if saved.is_some() {
-        return Ok((db, point, held_from, saved));
+        return Ok((db, point, held_from, saved, index));
     }
     let mut filter = RequestFilter::new(opts.request_filter_bytes);
     if let Some(filter) = &mut filter {
@@ -376,8 +380,12 @@ fn open_on_thread(
         })?;
         // The scan iterated (see `reopen_fresh`).
         reopen_fresh(&mut db, dir, leveldb_options(opts, env()))?;
+        let mut entries = index.requests.entries()?;
+        while let Some(entry) = entries.next()? {
+            filter.insert(&entry[..layout::REQUEST_KEY_BYTES]);
+        }
     }
-    Ok((db, point, held_from, filter))
+    Ok((db, point, held_from, filter, index))
 }
 
 /// The archive thread's nice value (Linux: per thread). Its merges are bulk work whose only
@@ -404,6 +412,7 @@ fn lower_priority() {
 struct Stores {
     db: DB,
     bodies: BodyLog,
+    index: Indexes,
 }
 
 impl Stores {
@@ -415,6 +424,12 @@ impl Stores {
 
     /// The row at `key`, a `body` or `history` row resolved through the body log.
     fn get(&mut self, key: &[u8], stats: &SyncStats) -> Result<Option<Vec<u8>>> {
+        if let Some(runs) = self.index.runs_of(key) {
+            if let Some(value) = runs.get(key)? {
+                return Ok(Some(value));
+            }
+        }
+        // Rows written before the runs, or by an install or an import.
         let row = get_checked(&mut self.db, key, stats)?;
         row.map(|v| resolve(&mut self.bodies, key, v)).transpose()
     }
@@ -535,13 +550,55 @@ fn write_group(
     stats: &SyncStats,
     scratch: &mut Scratch,
 ) -> Result<()> {
-    let rows = &mut scratch.rows;
-    let Stores { db, bodies } = stores;
+    if let Err(e) = derive_rows(stores, group, history, stats, scratch) {
+        // Heads it changed are in `history`'s memory only.
+        history.forget();
+        return Err(e);
+    }
+    let Scratch {
+        rows,
+        batch,
+        requests,
+        receipts,
+    } = scratch;
+    let Stores { db, bodies, index } = stores;
+    rows.write_into(batch);
+    bodies.sync()?;
+    let added = index.write(requests, receipts, batch)?;
+    let last = group.last().expect("a group is never empty");
+    let point = ArchivePoint {
+        height: last.height,
+        raft_index: last.raft_index,
+    };
+    batch.put(&layout::archive_point_key(), &point.encode());
+    db.write_ref(batch, true)
+        .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))?;
+    index.add(added)?;
+    index.merge_due(db)
+}
+
+/// A group's rows into `scratch`: its bodies, request rows, history and receipt rows (the
+/// bodies and history rows appended to the body log, their locators into the rows).
+fn derive_rows(
+    stores: &mut Stores,
+    group: &[ArchiveBatch],
+    history: &mut HistoryWriter,
+    stats: &SyncStats,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let Scratch {
+        rows,
+        requests,
+        receipts,
+        ..
+    } = scratch;
+    let Stores { db, bodies, .. } = stores;
     for b in group {
         let at = bodies.append(&b.body)?;
         rows.put(&layout::body_key(&b.digest), &at.encode());
         for (key, value) in &b.requests {
-            rows.put(key, value);
+            requests.extend_from_slice(key);
+            requests.extend_from_slice(value);
         }
         let body = tally_core::batch::BatchBody::decode(&b.body)
             .map_err(|e| Error::corrupt(format_args!("archiving batch {}: {e}", b.height)))?;
@@ -554,32 +611,178 @@ fn write_group(
             }
         };
         // Heads this group changed are in `history`'s memory, not yet in `db`.
-        let written = history.batch(
+        history.batch(
             &body,
             leaves,
             &mut |key: &[u8]| get_checked(db, key, stats),
-            &mut GroupRows { rows, bodies },
-        );
-        if let Err(e) = written {
-            history.forget();
-            return Err(e);
+            &mut GroupRows {
+                rows,
+                bodies,
+                receipts,
+            },
+        )?;
+    }
+    history.finish(&mut GroupRows {
+        rows,
+        bodies,
+        receipts,
+    })
+}
+
+/// The `request` and `receipt` tables' sorted runs (see `runs.rs`), and the number of the next
+/// run written.
+struct Indexes {
+    requests: Runs,
+    receipts: Runs,
+    next: u64,
+}
+
+impl Indexes {
+    const TABLES: [Table; 2] = [Table::Request, Table::Receipt];
+
+    /// Opens the runs the archive database lists, deleting every other run file.
+    fn open(db: &mut DB, dir: &Path, stats: &SyncStats) -> Result<Indexes> {
+        let mut lists = Vec::new();
+        for table in Self::TABLES {
+            let listed = get_checked(db, &layout::runs_key(table), stats)?;
+            lists.push(match listed {
+                Some(v) => runs::decode_list(table, &v)?,
+                None => Vec::new(),
+            });
+        }
+        let all: Vec<u64> = lists.concat();
+        let next = runs::next_seq(dir, &all)?;
+        runs::delete_unlisted(dir, &all)?;
+        let lengths = [
+            (layout::REQUEST_KEY_BYTES, layout::REQUEST_VALUE_BYTES),
+            (
+                layout::RECEIPT_KEY_BYTES,
+                crate::history::RECEIPT_VALUE_BYTES,
+            ),
+        ];
+        let requests = Runs::open(dir, Table::Request, lengths[0], &lists[0])?;
+        let receipts = Runs::open(dir, Table::Receipt, lengths[1], &lists[1])?;
+        Ok(Indexes {
+            requests,
+            receipts,
+            next,
+        })
+    }
+
+    /// The runs that hold `key`'s table, if it is one of theirs.
+    fn runs_of(&self, key: &[u8]) -> Option<&Runs> {
+        if key.starts_with(&Table::Request.tag()) {
+            Some(&self.requests)
+        } else if key.starts_with(&Table::Receipt.tag()) {
+            Some(&self.receipts)
+        } else {
+            None
         }
     }
-    if let Err(e) = history.finish(&mut GroupRows { rows, bodies }) {
-        history.forget();
-        return Err(e);
+
+    fn runs_mut(&mut self, table: Table) -> &mut Runs {
+        match table {
+            Table::Request => &mut self.requests,
+            _ => &mut self.receipts,
+        }
     }
-    let batch = &mut scratch.batch;
-    rows.write_into(batch);
-    bodies.sync()?;
-    let last = group.last().expect("a group is never empty");
-    let point = ArchivePoint {
-        height: last.height,
-        raft_index: last.raft_index,
-    };
-    batch.put(&layout::archive_point_key(), &point.encode());
-    db.write_ref(batch, true)
-        .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))
+
+    /// Writes a group's request and receipt rows as one run each (synced), and puts the run
+    /// lists naming them into `batch`. Returns the runs to [`Indexes::add`] once it is written.
+    fn write(
+        &mut self,
+        requests: &[u8],
+        receipts: &[u8],
+        batch: &mut WriteBatch,
+    ) -> Result<Vec<(Table, u64)>> {
+        let mut added = Vec::new();
+        for (table, entries) in Self::TABLES.into_iter().zip([requests, receipts]) {
+            if entries.is_empty() {
+                continue;
+            }
+            let seq = self.next;
+            self.next += 1;
+            let runs = self.runs_mut(table);
+            runs.write(seq, entries)?;
+            let mut listed = runs.listed();
+            listed.push(seq);
+            batch.put(&layout::runs_key(table), &runs::encode_list(&listed));
+            added.push((table, seq));
+        }
+        Ok(added)
+    }
+
+    fn add(&mut self, added: Vec<(Table, u64)>) -> Result<()> {
+        for (table, seq) in added {
+            self.runs_mut(table).add(seq)?;
+        }
+        Ok(())
+    }
+
+    /// Merges runs while a merge is due (`Runs::merge_due`): the merged run is written and
+    /// synced, the database's list replaced in a synced write, then the inputs deleted.
+    fn merge_due(&mut self, db: &mut DB) -> Result<()> {
+        for table in Self::TABLES {
+            while let Some(range) = self.runs_mut(table).merge_due() {
+                let seq = self.next;
+                self.next += 1;
+                let runs = self.runs_mut(table);
+                runs.merge(range.clone(), seq)?;
+                let mut batch = WriteBatch::default();
+                let listed = runs.listed_after(range.clone(), seq);
+                batch.put(&layout::runs_key(table), &runs::encode_list(&listed));
+                db.write(batch, true)
+                    .map_err(|e| io_error("recording a merged run", e))?;
+                let gone = runs.replace(range, seq)?;
+                runs.delete(&gone)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every run row of both tables in key order.
+    fn rows(&self) -> Result<IndexRows> {
+        let mut streams = vec![
+            (self.requests.entries()?, layout::REQUEST_KEY_BYTES, None),
+            (self.receipts.entries()?, layout::RECEIPT_KEY_BYTES, None),
+        ];
+        for (entries, _, head) in &mut streams {
+            *head = entries.next()?;
+        }
+        Ok(IndexRows { streams })
+    }
+}
+
+/// The run rows of both tables as one stream in key order (the tables' tags differ, so no key
+/// is in both).
+struct IndexRows {
+    streams: Vec<(runs::Merged, usize, Option<Vec<u8>>)>,
+}
+
+impl IndexRows {
+    fn peek(&self) -> Option<&[u8]> {
+        self.streams
+            .iter()
+            .filter_map(|(_, k, head)| head.as_ref().map(|h| &h[..*k]))
+            .min()
+    }
+
+    /// The row with the smallest key: key, value.
+    fn next(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let smallest = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, k, head))| head.as_ref().map(|h| (&h[..*k], i)))
+            .min()
+            .map(|(_, i)| i);
+        let Some(i) = smallest else { return Ok(None) };
+        let (entries, k, head) = &mut self.streams[i];
+        let mut entry = head.take().expect("a head");
+        *head = entries.next()?;
+        let value = entry.split_off(*k);
+        Ok(Some((entry, value)))
+    }
 }
 
 /// A group's rows: history rows to the body log (their locators to the write), the others to
@@ -587,6 +790,8 @@ fn write_group(
 struct GroupRows<'a> {
     rows: &'a mut SortedRows,
     bodies: &'a mut BodyLog,
+    /// The group's receipt rows (`key ‖ value`), for its receipt run.
+    receipts: &'a mut Vec<u8>,
 }
 
 impl crate::history::Rows for GroupRows<'_> {
@@ -597,7 +802,12 @@ impl crate::history::Rows for GroupRows<'_> {
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.rows.put(key, value);
+        if key.len() == layout::RECEIPT_KEY_BYTES && key.starts_with(&Table::Receipt.tag()) {
+            self.receipts.extend_from_slice(key);
+            self.receipts.extend_from_slice(value);
+        } else {
+            self.rows.put(key, value);
+        }
     }
 }
 
@@ -610,6 +820,9 @@ impl crate::history::Rows for GroupRows<'_> {
 struct Scratch {
     rows: SortedRows,
     batch: WriteBatch,
+    /// The group's request and receipt rows (`key ‖ value` each), for its runs.
+    requests: Vec<u8>,
+    receipts: Vec<u8>,
 }
 
 /// Bytes each of the archive thread's write buffers keeps between groups, at most.
@@ -619,6 +832,10 @@ impl Scratch {
     fn reset(&mut self) {
         self.rows.clear(SCRATCH_KEPT_BYTES);
         self.batch.reset(SCRATCH_KEPT_BYTES);
+        for entries in [&mut self.requests, &mut self.receipts] {
+            entries.clear();
+            entries.shrink_to(SCRATCH_KEPT_BYTES);
+        }
     }
 }
 
@@ -734,7 +951,7 @@ fn open_held_from(
 /// Streams the rows (see [`Cmd::Dump`]), a `body` or `history` row always with the record it
 /// stands for (the body log's locators are this replica's own business).
 fn dump(stores: &mut Stores, out: &SyncSender<Result<Records>>) {
-    let Stores { db, bodies } = stores;
+    let Stores { db, bodies, index } = stores;
     let result = (|| {
         let snapshot = db.get_snapshot();
         let mut iter = db
@@ -744,9 +961,35 @@ fn dump(stores: &mut Stores, out: &SyncSender<Result<Records>>) {
             layout::archive_point_key().to_vec(),
             layout::open_marker_key().to_vec(),
         ];
+        let skip = [
+            &skip[..],
+            &Indexes::TABLES.map(|t| layout::runs_key(t).to_vec()),
+        ]
+        .concat();
+        // The runs' rows interleave with the database's in key order: merge the two streams
+        // (of one key, which only a rearchived batch can repeat, the run's).
+        let mut runs = index.rows()?;
+        let mut row = iter.next();
         let mut group = Vec::new();
         let mut group_bytes = 0;
-        while let Some((key, value)) = iter.next() {
+        loop {
+            let from_runs = match (&row, runs.peek()) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((key, _)), Some(run_key)) => run_key <= &key[..],
+            };
+            let (key, value) = if from_runs {
+                let (key, value) = runs.next()?.expect("a run row");
+                if row.as_ref().is_some_and(|(k, _)| *k == key) {
+                    row = iter.next();
+                }
+                (key, value)
+            } else {
+                let taken = row.take().expect("a database row");
+                row = iter.next();
+                taken
+            };
             if skip.contains(&key) {
                 continue;
             }

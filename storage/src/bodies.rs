@@ -53,8 +53,13 @@ const RECORD_HEAD_BYTES: usize = 8;
 pub const LOCATOR_BYTES: usize = 4 + 8 + 8 + 4;
 const LOCATOR_MAGIC: [u8; 4] = *b"TLBL";
 const SUFFIX: &str = ".bodies";
-/// Read handles kept open, at most (then all are closed and reopened as needed).
-const READ_FILES_MAX: usize = 64;
+/// Read handles kept open, at most (then all are closed and reopened as needed): reads are
+/// history pages and dumps, an open costs microseconds, and each handle is a descriptor the
+/// server keeps back from its connections.
+const READ_FILES_MAX: usize = 4;
+/// The body log's descriptors open at once, at most: its readers, the active segment and the
+/// directory while it is synced.
+pub const FILES_OPEN_MAX: usize = READ_FILES_MAX + 2;
 
 /// Where a body is in the body log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

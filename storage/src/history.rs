@@ -198,10 +198,7 @@ pub fn decode_row(account: &PublicKey, value: &[u8]) -> Result<Vec<HistoryRow>> 
 }
 
 /// Decodes the sub-row at the start of `value`; returns its entries and what follows it.
-fn decode_sub_row<'v>(
-    account: &PublicKey,
-    value: &'v [u8],
-) -> Result<(Vec<HistoryRow>, &'v [u8])> {
+fn decode_sub_row<'v>(account: &PublicKey, value: &'v [u8]) -> Result<(Vec<HistoryRow>, &'v [u8])> {
     let bad = |why: &str| corrupt(Table::History, why);
     if value.len() < ROW_PREFIX_BYTES {
         return Err(bad("a history row of the wrong length"));
@@ -327,7 +324,10 @@ impl HistoryWriter {
     /// Puts `account`'s gathered row, numbered as its head says.
     fn put_row(&mut self, account: &PublicKey, out: &mut dyn Rows) -> Result<()> {
         let row = self.pending.remove(account).expect("a gathered row");
-        let head = self.touched.get(account).expect("a gathered row's account is touched");
+        let head = self
+            .touched
+            .get(account)
+            .expect("a gathered row's account is touched");
         self.pending_bytes -= row.len();
         out.put_row(&layout::history_key(account, head.rows), &row)
     }
@@ -335,7 +335,10 @@ impl HistoryWriter {
     /// Puts every gathered row.
     fn put_rows(&mut self, out: &mut dyn Rows) -> Result<()> {
         for (account, row) in self.pending.drain() {
-            let head = self.touched.get(&account).expect("a gathered row's account is touched");
+            let head = self
+                .touched
+                .get(&account)
+                .expect("a gathered row's account is touched");
             out.put_row(&layout::history_key(&account, head.rows), &row)?;
         }
         self.pending_bytes = 0;

@@ -160,6 +160,10 @@ impl fmt::Display for Table {
 pub const TAG_BYTES: usize = 4;
 pub const ACCOUNT_VALUE_BYTES: usize = 8;
 pub const REQUEST_VALUE_BYTES: usize = 8 + 4 + 32;
+/// The bytes of a `request` key: tag, signer, id.
+pub const REQUEST_KEY_BYTES: usize = TAG_BYTES + 32 + 16;
+/// The bytes of a `receipt` key: tag, leaf hash.
+pub const RECEIPT_KEY_BYTES: usize = TAG_BYTES + 32;
 /// A `pending` value: pending debits u64 LE ‖ pending credits u64 LE.
 pub const PENDING_VALUE_BYTES: usize = 8 + 8;
 /// The fixed part of a snapshot point value: index u64 LE || term u64 LE.
@@ -269,6 +273,12 @@ pub fn operator_key() -> [u8; 12] {
 /// the last batch whose bodies and request records it holds, u64 LE each.
 pub fn archive_point_key() -> [u8; 11] {
     make_key(Table::Meta, &[b"archive"])
+}
+
+/// tag || "runs" || the table's tag: which sorted runs of that table count, oldest first
+/// (`storage/src/runs.rs`), written with the archive point.
+pub fn runs_key(table: Table) -> [u8; 12] {
+    make_key(Table::Meta, &[b"runs", &table.tag()])
 }
 
 /// tag || "open": never present. `LedgerDb::open` writes a deletion of it before any read, only to

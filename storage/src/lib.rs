@@ -151,6 +151,7 @@ mod ledger;
 mod raft_files;
 mod raft_log;
 mod raft_log_leveldb;
+mod runs;
 pub mod snapshots;
 pub mod transfer;
 
@@ -161,6 +162,10 @@ pub use ledger::{
     ARCHIVE_LAG_BYTES_MAX, PENDING_RECORD_BYTES, STAGED_TABLE_FILES_OPEN_MAX, TABLE_FILES_OPEN_MAX,
 };
 pub use raft_log::{RaftLogDb, RAFT_LOG_FILES_OPEN_MAX, SEGMENT_BYTES};
+
+/// The archive thread's files outside LevelDB open at once, at most: the body log's and the
+/// sorted runs'.
+pub const ARCHIVE_FILES_OPEN_MAX: usize = bodies::FILES_OPEN_MAX + runs::FILES_OPEN_MAX;
 /// The raft log as earlier tallies kept it in LevelDB: opened only to rewrite it
 /// ([`RaftLogDb::open`] does), and by tests that make one.
 #[doc(hidden)]
