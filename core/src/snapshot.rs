@@ -177,7 +177,9 @@ fn decode_row(row: &[u8]) -> Result<Row> {
 /// requests, and the totals' growth.
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
-    pub accounts: BTreeMap<PublicKey, u64>,
+    /// Unordered, like `requests` (two inserts per transfer: with envelopes a B-tree's were a
+    /// sixth of the archive writer's time); [`Delta::chunks`] sorts them.
+    pub accounts: HashMap<PublicKey, u64>,
     /// Unordered (one insert per request: at saturation a B-tree's inserts into a map of
     /// millions were 1-2 us each on the archive writer); [`Delta::chunks`] sorts them.
     pub requests: HashMap<(PublicKey, u128), RequestAt>,
@@ -296,9 +298,10 @@ impl Delta {
     pub fn chunks(&self) -> Vec<Vec<u8>> {
         let mut requests: Vec<_> = self.requests.iter().collect();
         requests.sort_unstable_by_key(|(key, _)| *key);
-        let rows = self
-            .accounts
-            .iter()
+        let mut accounts: Vec<_> = self.accounts.iter().collect();
+        accounts.sort_unstable_by_key(|(key, _)| *key);
+        let rows = accounts
+            .into_iter()
             .map(|(key, balance)| Row::Account {
                 key: *key,
                 balance: *balance,
