@@ -808,7 +808,7 @@ mod tests {
         bytes[3] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(runs.get(&entries[..K]).is_err());
-        let last = (599 * (K + V)) as usize;
+        let last = 599 * (K + V);
         assert!(runs.get(&entries[last..last + K]).unwrap().is_some());
         assert!(runs.entries().and_then(|mut e| e.next()).is_err());
         // A footer or a length that does not check out: the run does not open.
