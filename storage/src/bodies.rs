@@ -284,13 +284,15 @@ fn append_handle(path: &Path, create: bool) -> Result<File> {
         .map_err(|e| io(path, "opening", e))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Syncs `dir` (a new file's entry in it). Also the sorted runs' (`runs.rs`).
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io(dir, "syncing", e))
 }
 
-fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
+/// An IO error on `path`. Also the sorted runs' (`runs.rs`).
+pub(crate) fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
     Error::io(format!("{what} {}", path.display()), e)
 }
 

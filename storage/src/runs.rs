@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use siphasher::sip::SipHasher13;
 use tally_core::{Error, Result};
 
+use crate::bodies::{io, sync_dir};
 use crate::layout::{corrupt, Table};
 
 /// Entries per block: what a read of a present key reads (~24 KiB of request rows).
@@ -678,16 +679,6 @@ pub(crate) fn decode_list(table: Table, value: &[u8]) -> Result<Vec<u64>> {
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
         .collect())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, "syncing", e))
-}
-
-fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
-    Error::io(format_args!("{what} {}", path.display()), e)
 }
 
 #[cfg(test)]
