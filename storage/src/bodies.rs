@@ -222,9 +222,10 @@ impl BodyLog {
         let path = segment_path(&self.dir, at.segment);
         let file = match self.readers.entry(at.segment) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(File::open(&path).map_err(|err| io(&path, "opening", err))?)
-            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                crate::env::open_retrying(|| File::open(&path))
+                    .map_err(|err| io(&path, "opening", err))?,
+            ),
         };
         let mut record = vec![0; RECORD_HEAD_BYTES + at.len as usize];
         file.read_exact_at(&mut record, at.offset)
@@ -277,16 +278,18 @@ fn segments(dir: &Path) -> Result<Vec<u64>> {
 }
 
 fn append_handle(path: &Path, create: bool) -> Result<File> {
-    OpenOptions::new()
-        .append(true)
-        .create_new(create)
-        .open(path)
-        .map_err(|e| io(path, "opening", e))
+    crate::env::open_retrying(|| {
+        OpenOptions::new()
+            .append(true)
+            .create_new(create)
+            .open(path)
+    })
+    .map_err(|e| io(path, "opening", e))
 }
 
 /// Syncs `dir` (a new file's entry in it). Also the sorted runs' (`runs.rs`).
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
+    crate::env::open_retrying(|| File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(|e| io(dir, "syncing", e))
 }

@@ -476,6 +476,33 @@ fn status(what: &str, path: &Path, e: io::Error) -> Status {
     Status::from(e).annotate(format!("{what}: {}", path.display()))
 }
 
+/// How long [`open_retrying`] waits for a descriptor, at most.
+const OPEN_RETRY_MS: u64 = 5_000;
+
+/// Opens a file with `open`, retrying for up to [`OPEN_RETRY_MS`] while the process is out of
+/// descriptors (EMFILE, ENFILE). The archive thread opens files of its own (a run per table
+/// and write group, the body log's readers and segments); running out of descriptors is
+/// transient (the client listener gives its spares back and pauses, server/src/limits.rs), and
+/// an error there would stop the node.
+pub(crate) fn open_retrying(
+    open: impl Fn() -> std::io::Result<std::fs::File>,
+) -> std::io::Result<std::fs::File> {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    let mut waited = 0;
+    loop {
+        match open() {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) && waited < OPEN_RETRY_MS =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                waited += 10;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::rc::Rc;

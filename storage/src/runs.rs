@@ -189,7 +189,8 @@ impl Runs {
 
     fn read_footer(&self, seq: u64) -> Result<Run> {
         let path = self.path(seq);
-        let file = File::open(&path).map_err(|e| io(&path, "opening", e))?;
+        let file =
+            crate::env::open_retrying(|| File::open(&path)).map_err(|e| io(&path, "opening", e))?;
         let len = file.metadata().map_err(|e| io(&path, "reading", e))?.len();
         let bad = |why| self.bad(seq, why);
         let footer_at = len
@@ -292,7 +293,8 @@ impl Runs {
         let count = (run.entries - first).min(BLOCK_ENTRIES as u64) as usize;
         let at = first * n as u64 + index as u64 * 4;
         let path = self.path(run.seq);
-        let file = File::open(&path).map_err(|e| io(&path, "opening", e))?;
+        let file =
+            crate::env::open_retrying(|| File::open(&path)).map_err(|e| io(&path, "opening", e))?;
         let mut block = vec![0u8; count * n + 4];
         file.read_exact_at(&mut block, at)
             .map_err(|e| io(&path, "reading", e))?;
@@ -425,7 +427,8 @@ impl Runs {
             .find(|r| r.seq == seq)
             .expect("a listed run");
         let path = self.path(seq);
-        let file = File::open(&path).map_err(|e| io(&path, "opening", e))?;
+        let file =
+            crate::env::open_retrying(|| File::open(&path)).map_err(|e| io(&path, "opening", e))?;
         Ok(RunReader {
             file: BufReader::with_capacity(1 << 20, file),
             entry_len: self.entry_len(),
@@ -527,7 +530,8 @@ impl RunWriter {
     fn create(dir: &Path, seq: u64, (key_len, value_len): (usize, usize)) -> Result<RunWriter> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, "creating", e))?;
         let path = run_path(dir, seq);
-        let file = File::create(&path).map_err(|e| io(&path, "creating", e))?;
+        let file = crate::env::open_retrying(|| File::create(&path))
+            .map_err(|e| io(&path, "creating", e))?;
         Ok(RunWriter {
             path,
             dir: dir.to_owned(),

@@ -134,6 +134,9 @@ fn every_threshold_replica_lost_then_restored_from_the_archive_alone() {
         }
         let leader = cluster.leader().await;
         let height = wait_archived(&cluster.client_of(leader).await).await;
+        // A snapshot is written after the checkpoint covering it, which can come after the
+        // batches: wait for one, or replica 1 has none to start from.
+        wait_for_snapshot(&cluster.operator_dir().join("archive")).await;
         for id in cluster.ids.clone() {
             cluster.kill(id);
             cluster.wipe(id);
@@ -395,4 +398,18 @@ fn deal_new_group(dir: &std::path::Path, members: &str) -> PublicKey {
         .expect("the new group's key");
     let hex_key = line.split_whitespace().next().unwrap();
     hex::decode(hex_key).unwrap().try_into().unwrap()
+}
+
+/// Waits (up to 60 s) until the local archive in `archive` holds a snapshot manifest.
+async fn wait_for_snapshot(archive: &std::path::Path) {
+    let dir = archive.join(tally_core::snapshot::MANIFEST_PREFIX.trim_end_matches('/'));
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none()) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no snapshot in {}",
+            dir.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
