@@ -573,7 +573,7 @@ fn write_group(
     batch.put(&layout::archive_point_key(), &point.encode());
     db.write_ref(batch, true)
         .map_err(|e| io_error(format_args!("archiving batch {}", last.height), e))?;
-    index.add(added)?;
+    index.add(added);
     index.merge_due(db)
 }
 
@@ -683,7 +683,8 @@ impl Indexes {
     fn runs_mut(&mut self, table: Table) -> &mut Runs {
         match table {
             Table::Request => &mut self.requests,
-            _ => &mut self.receipts,
+            Table::Receipt => &mut self.receipts,
+            other => unreachable!("table {other} has no runs"),
         }
     }
 
@@ -694,7 +695,7 @@ impl Indexes {
         requests: &[u8],
         receipts: &[u8],
         batch: &mut WriteBatch,
-    ) -> Result<Vec<(Table, u64)>> {
+    ) -> Result<Vec<(Table, runs::Run)>> {
         let mut added = Vec::new();
         for (table, entries) in Self::TABLES.into_iter().zip([requests, receipts]) {
             if entries.is_empty() {
@@ -703,20 +704,19 @@ impl Indexes {
             let seq = self.next;
             self.next += 1;
             let runs = self.runs_mut(table);
-            runs.write(seq, entries)?;
+            let run = runs.write(seq, entries)?;
             let mut listed = runs.listed();
             listed.push(seq);
             batch.put(&layout::runs_key(table), &runs::encode_list(&listed));
-            added.push((table, seq));
+            added.push((table, run));
         }
         Ok(added)
     }
 
-    fn add(&mut self, added: Vec<(Table, u64)>) -> Result<()> {
-        for (table, seq) in added {
-            self.runs_mut(table).add(seq)?;
+    fn add(&mut self, added: Vec<(Table, runs::Run)>) {
+        for (table, run) in added {
+            self.runs_mut(table).add(run);
         }
-        Ok(())
     }
 
     /// Merges runs while a merge is due (`Runs::merge_due`): the merged run is written and
@@ -727,13 +727,13 @@ impl Indexes {
                 let seq = self.next;
                 self.next += 1;
                 let runs = self.runs_mut(table);
-                runs.merge(range.clone(), seq)?;
+                let run = runs.merge(range.clone(), seq)?;
                 let mut batch = WriteBatch::default();
                 let listed = runs.listed_after(range.clone(), seq);
                 batch.put(&layout::runs_key(table), &runs::encode_list(&listed));
                 db.write(batch, true)
                     .map_err(|e| io_error("recording a merged run", e))?;
-                let gone = runs.replace(range, seq)?;
+                let gone = runs.replace(range, run);
                 runs.delete(&gone)?;
             }
         }

@@ -82,7 +82,7 @@ pub(crate) struct Runs {
 
 /// A run on disk, described by its footer, fences and filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Run {
+pub(crate) struct Run {
     seq: u64,
     entries: u64,
     fences: Vec<u8>,
@@ -308,7 +308,7 @@ impl Runs {
     /// Writes `entries` (concatenated `key ‖ value`, any order; of one key the later wins) as
     /// run `seq`, synced with its directory entry. It counts once [`Runs::add`] is called, after
     /// the archive database records it.
-    pub(crate) fn write(&self, seq: u64, entries: &[u8]) -> Result<()> {
+    pub(crate) fn write(&self, seq: u64, entries: &[u8]) -> Result<Run> {
         let n = self.entry_len();
         assert_eq!(entries.len() % n, 0, "whole entries");
         let key = |i: usize| &entries[i * n..i * n + self.key_len];
@@ -328,11 +328,9 @@ impl Runs {
         out.finish()
     }
 
-    /// Counts run `seq` (written by [`Runs::write`] or a merge) as the newest.
-    pub(crate) fn add(&mut self, seq: u64) -> Result<()> {
-        let run = self.read_footer(seq)?;
+    /// Counts `run` (written by [`Runs::write`]) as the newest.
+    pub(crate) fn add(&mut self, run: Run) {
         self.runs.push(run);
-        Ok(())
     }
 
     /// The adjacent runs a merge should take now, if any: the newest [`FANOUT`] when they are of
@@ -364,7 +362,7 @@ impl Runs {
 
     /// Merges the runs at `range` into run `seq` (synced), newer entries winning. The runs
     /// are unchanged until [`Runs::replace`].
-    pub(crate) fn merge(&self, range: std::ops::Range<usize>, seq: u64) -> Result<()> {
+    pub(crate) fn merge(&self, range: std::ops::Range<usize>, seq: u64) -> Result<Run> {
         let inputs: Vec<u64> = self.runs[range].iter().map(|r| r.seq).collect();
         let mut out = RunWriter::create(&self.dir, seq, (self.key_len, self.value_len))?;
         let mut merged = self.merged(&inputs)?;
@@ -403,12 +401,10 @@ impl Runs {
         seqs
     }
 
-    /// Replaces the runs at `range` with run `seq` (after the archive database records it);
-    /// returns the replaced runs' numbers, whose files the caller deletes.
-    pub(crate) fn replace(&mut self, range: std::ops::Range<usize>, seq: u64) -> Result<Vec<u64>> {
-        let run = self.read_footer(seq)?;
-        let gone: Vec<u64> = self.runs.splice(range, [run]).map(|r| r.seq).collect();
-        Ok(gone)
+    /// Replaces the runs at `range` with `run` (a merge's, after the archive database records
+    /// it); returns the replaced runs' numbers, whose files the caller deletes.
+    pub(crate) fn replace(&mut self, range: std::ops::Range<usize>, run: Run) -> Vec<u64> {
+        self.runs.splice(range, [run]).map(|r| r.seq).collect()
     }
 
     /// Deletes the files of runs no longer counted (after the record that dropped them).
@@ -510,6 +506,7 @@ impl RunReader {
 
 /// Writes one run: blocks as entries come, then fences and footer; synced.
 struct RunWriter {
+    seq: u64,
     path: PathBuf,
     dir: PathBuf,
     file: BufWriter<File>,
@@ -533,6 +530,7 @@ impl RunWriter {
         let file = crate::env::open_retrying(|| File::create(&path))
             .map_err(|e| io(&path, "creating", e))?;
         Ok(RunWriter {
+            seq,
             path,
             dir: dir.to_owned(),
             file: BufWriter::with_capacity(1 << 20, file),
@@ -600,13 +598,16 @@ impl RunWriter {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<()> {
+    /// Ends the run (fences, filter, footer), synced with its directory entry; returns what
+    /// [`Runs::read_footer`] would read back.
+    fn finish(mut self) -> Result<Run> {
         if !self.block.is_empty() {
             self.end_block()?;
         }
         let fences = std::mem::take(&mut self.fences);
         self.write(&fences)?;
-        let filter = Filter::build(self.filter_key, &self.hashes).encode();
+        let built = Filter::build(self.filter_key, &self.hashes);
+        let filter = built.encode();
         self.write(&filter)?;
         let mut footer = Vec::with_capacity(FOOTER_BYTES);
         footer.extend_from_slice(&MAGIC);
@@ -621,7 +622,13 @@ impl RunWriter {
         debug_assert_eq!(footer.len(), FOOTER_BYTES);
         self.write(&footer)?;
         self.sync()?;
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        Ok(Run {
+            seq: self.seq,
+            entries: self.entries,
+            fences,
+            filter: built,
+        })
     }
 }
 
@@ -629,21 +636,29 @@ fn run_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016}.run"))
 }
 
-/// Deletes the run files in `dir` not in `keep` (a crash's leftovers, a merge's inputs).
-pub(crate) fn delete_unlisted(dir: &Path, keep: &[u64]) -> Result<()> {
+/// The numbers of the run files in `dir` (none if it does not exist).
+fn run_files(dir: &Path) -> Result<Vec<u64>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io(dir, "listing", e)),
     };
+    let mut seqs = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| io(dir, "listing", e))?;
-        let name = entry.file_name();
+        let name = entry.map_err(|e| io(dir, "listing", e))?.file_name();
         let seq = name
             .to_str()
             .and_then(|n| n.strip_suffix(".run"))
             .and_then(|n| n.parse::<u64>().ok());
-        if let Some(seq) = seq.filter(|s| !keep.contains(s)) {
+        seqs.extend(seq);
+    }
+    Ok(seqs)
+}
+
+/// Deletes the run files in `dir` not in `keep` (a crash's leftovers, a merge's inputs).
+pub(crate) fn delete_unlisted(dir: &Path, keep: &[u64]) -> Result<()> {
+    for seq in run_files(dir)? {
+        if !keep.contains(&seq) {
             let path = run_path(dir, seq);
             std::fs::remove_file(&path).map_err(|e| io(&path, "deleting", e))?;
         }
@@ -653,21 +668,8 @@ pub(crate) fn delete_unlisted(dir: &Path, keep: &[u64]) -> Result<()> {
 
 /// The number after every run file in `dir` (listed or not).
 pub(crate) fn next_seq(dir: &Path, listed: &[u64]) -> Result<u64> {
-    let mut max = listed.iter().copied().max().unwrap_or(0);
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries {
-            let entry = entry.map_err(|e| io(dir, "listing", e))?;
-            let name = entry.file_name();
-            if let Some(seq) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".run"))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                max = max.max(seq);
-            }
-        }
-    }
-    Ok(max + 1)
+    let files = run_files(dir)?;
+    Ok(listed.iter().chain(&files).copied().max().unwrap_or(0) + 1)
 }
 
 /// The record of which runs count: run numbers u64 LE, oldest first.
@@ -716,12 +718,12 @@ mod tests {
                 entries.extend_from_slice(&value);
                 model.insert(key, value);
             }
-            runs.write(next, &entries).unwrap();
-            runs.add(next).unwrap();
+            let run = runs.write(next, &entries).unwrap();
+            runs.add(run);
             next += 1;
             while let Some(range) = runs.merge_due() {
-                runs.merge(range.clone(), next).unwrap();
-                let gone = runs.replace(range, next).unwrap();
+                let run = runs.merge(range.clone(), next).unwrap();
+                let gone = runs.replace(range, run);
                 runs.delete(&gone).unwrap();
                 next += 1;
                 merges += 1;
@@ -794,8 +796,8 @@ mod tests {
                 e
             })
             .collect();
-        runs.write(1, &entries).unwrap();
-        runs.add(1).unwrap();
+        let run = runs.write(1, &entries).unwrap();
+        runs.add(run);
         assert!(runs.get(&entries[..K]).unwrap().is_some());
         // A flipped byte in the first block: reads and scans of it fail, other blocks read.
         let path = run_path(&dir, 1);
