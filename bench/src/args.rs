@@ -4,7 +4,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+
+/// How a closed loop sends requests (`--driver`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Lean,
+    Library,
+}
 
 /// Requests in flight per connection in a closed loop, unless `--in-flight` says otherwise: the
 /// server's own per-connection limit, so that the closed loop measures the server's capacity.
@@ -60,6 +68,12 @@ pub struct Args {
     /// the answers. Without it, a closed loop.
     #[arg(long, value_name = "R")]
     pub rate: Option<f64>,
+    /// How a closed loop sends requests: `lean`, each connection's own writer and reader over
+    /// raw frames (the load generator's CPU per request a fraction of the library's), or
+    /// `library`, a client library call per request. Envelopes and the open loop always use
+    /// the library.
+    #[arg(long, value_enum, default_value_t = Driver::Lean)]
+    pub driver: Driver,
     /// Requests outstanding per connection: kept full in a closed loop (default 4096), a cap in
     /// an open loop (default 4096).
     #[arg(long, value_name = "N")]

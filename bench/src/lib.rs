@@ -37,6 +37,7 @@
 pub mod archive;
 pub mod args;
 pub mod bound;
+pub mod driver;
 pub mod load;
 pub mod report;
 pub mod server;
@@ -52,6 +53,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tally_client::{Client, Profile};
 
 pub use crate::args::Args;
+use crate::args::Driver;
 use crate::load::{Accounts, Ids, Pool, Schedule};
 pub use crate::report::Report;
 use crate::stats::{Batches, Latency};
@@ -151,7 +153,7 @@ pub fn run(args: &Args) -> Result<Report> {
         report::thousands(args.accounts as f64)
     );
     let accounts = Accounts::generate(args.accounts, cores);
-    let clients = runtime.block_on(async {
+    let (clients, leader) = runtime.block_on(async {
         let leader = find_leader(&profile).await?;
         eprintln!("the leader is at {leader}");
         let mut clients = Vec::with_capacity(args.connections);
@@ -161,7 +163,7 @@ pub fn run(args: &Args) -> Result<Report> {
                 .with_context(|| format!("connecting to {leader}"))?;
             clients.push(Arc::new(client));
         }
-        Ok::<_, anyhow::Error>(clients)
+        Ok::<_, anyhow::Error>((clients, leader))
     })?;
     let ids = Ids::new();
     eprintln!(
@@ -210,12 +212,28 @@ pub fn run(args: &Args) -> Result<Report> {
             deadline: duration,
         },
     };
-    eprintln!("timed phase: {schedule:?}");
+    let driver = match (args.envelope, schedule) {
+        (None, Schedule::Closed { .. }) => args.driver,
+        _ => Driver::Library,
+    };
+    // Opened last: the server closes a connection that sends nothing for a while.
+    let streams = match driver {
+        Driver::Lean => {
+            Some(runtime.block_on(lean_streams(&leader, &profile, args.connections))?)
+        }
+        Driver::Library => None,
+    };
+    eprintln!("timed phase: {schedule:?}, {driver:?} driver");
     let cpu_before = started.as_mut().and_then(|s| s.cpu_ns());
     let (phase, archive_lag) = runtime.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = tokio::spawn(archive::sample(clients[0].clone(), stop.clone()));
-        let phase = load::timed_phase(&clients, pool, schedule).await;
+        let phase = match (streams, schedule) {
+            (Some(streams), Schedule::Closed { deadline, .. }) => {
+                driver::closed_phase(streams, pool, in_flight, deadline, args.timeout).await
+            }
+            _ => load::timed_phase(&clients, pool, schedule).await,
+        };
         stop.store(true, Ordering::SeqCst);
         let lag = match sampler.await.ok().flatten() {
             Some(samples) => {
@@ -286,6 +304,7 @@ pub fn run(args: &Args) -> Result<Report> {
         presigned,
         pool_exhausted: duration.is_some() && phase.pool_exhausted,
         hinted: !args.no_hints && args.envelope.is_none(),
+        driver,
         envelope: args.envelope,
         late_sends: phase.late_sends,
         setup_seconds,
@@ -315,6 +334,22 @@ fn max_of(
     figure: impl Fn(&server::ReplicaMemory) -> u64,
 ) -> Option<u64> {
     memory.as_ref()?.iter().map(figure).max()
+}
+
+/// The lean driver's connections to `leader`.
+async fn lean_streams(
+    leader: &str,
+    profile: &Profile,
+    connections: usize,
+) -> Result<Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let stream = tally_client::tls_connect(leader, profile)
+            .await
+            .with_context(|| format!("connecting to {leader}"))?;
+        streams.push(stream);
+    }
+    Ok(streams)
 }
 
 /// The client address of the replica that takes writes. Asks each replica of the profile for

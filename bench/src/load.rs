@@ -393,9 +393,14 @@ impl Pool {
 
     /// The next request, or None once all were taken (and then remembers it ran out).
     pub fn take(&self) -> Option<Presigned> {
+        self.take_ref().map(|(_, request)| request.clone())
+    }
+
+    /// [`Pool::take`] by reference, with the request's position in the pool.
+    pub fn take_ref(&self) -> Option<(usize, &Presigned)> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         match self.requests.get(i) {
-            Some(request) => Some(request.clone()),
+            Some(request) => Some((i, request)),
             None => {
                 // Keep the counter from creeping towards overflow in a long tail of calls.
                 self.next.store(self.requests.len(), Ordering::Relaxed);
@@ -403,6 +408,11 @@ impl Pool {
                 None
             }
         }
+    }
+
+    /// The request at position `i`.
+    pub fn get(&self, i: usize) -> Option<&Presigned> {
+        self.requests.get(i)
     }
 
     /// Whether some caller found the pool empty.
@@ -595,7 +605,7 @@ fn record(recorder: &Mutex<Recorder>, outcome: Result<Answer, Error>, latency: D
 }
 
 /// Prints a line to stderr every second until aborted.
-async fn progress(live: Arc<Live>, start: Instant) {
+pub(crate) async fn progress(live: Arc<Live>, start: Instant) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await; // the first tick is immediate
     let mut last = (0u64, Instant::now());

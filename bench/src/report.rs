@@ -8,6 +8,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::args::Driver;
 use crate::bound::Bound;
 use crate::server::ReplicaMemory;
 use crate::stats::{Batches, Latency};
@@ -58,6 +59,8 @@ pub struct Report {
     pub envelope: Option<usize>,
     /// True if a `--duration` run used up its pre-signed transfers before the deadline.
     pub pool_exhausted: bool,
+    /// How the timed phase sent (`--driver`; envelopes and the open loop use the library).
+    pub driver: Driver,
     /// Open loop: requests sent more than 10 ms after their scheduled time (the generator could
     /// not keep up, or the in-flight cap was reached). Their latency counts from the schedule.
     pub late_sends: u64,
@@ -239,6 +242,14 @@ impl Report {
                 thousands(self.accounts as f64 / self.funding_seconds.max(1e-9))
             ),
         );
+        row(
+            "load driver",
+            match self.driver {
+                Driver::Lean => "lean (raw frames, a writer and a reader per connection)",
+                Driver::Library => "the client library (a call per request)",
+            }
+            .into(),
+        );
         if let Some(cache) = self.cache_accounts {
             row(
                 "account cache (per replica)",
@@ -393,6 +404,7 @@ mod tests {
             presigned: 1_000_000,
             pool_exhausted: false,
             hinted: true,
+            driver: Driver::Lean,
             envelope: None,
             late_sends: 0,
             setup_seconds: 3.25,

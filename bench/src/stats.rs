@@ -74,17 +74,9 @@ impl Recorder {
     pub fn record(&mut self, outcome: Result<Answer, Error>, latency: Duration) {
         match outcome {
             Ok(confirmation) => {
-                self.confirmed += confirmation.operations();
-                self.latency_us
-                    .saturating_record(latency.as_micros().clamp(1, LATENCY_US_MAX as u128) as u64);
-                let header = confirmation.header();
-                let new_height = self
-                    .batch_sizes
-                    .insert(header.height, header.request_count)
-                    .is_none();
-                if new_height && self.samples.len() < SAMPLES_MAX {
-                    self.samples.push(confirmation);
-                }
+                let (operations, header) = (confirmation.operations(), confirmation.header());
+                let (height, size) = (header.height, header.request_count);
+                self.confirmed_in(height, size, operations, latency, || Some(confirmation));
             }
             Err(Error::Rejected(reply)) => {
                 *self
@@ -98,6 +90,25 @@ impl Recorder {
                     .entry(other.code_name().to_string())
                     .or_default() += 1;
             }
+        }
+    }
+
+    /// Records `operations` confirmed in the batch at `height` of `size` requests; `sample`
+    /// gives the whole confirmation if it is kept to be verified (one per batch, a few).
+    pub fn confirmed_in(
+        &mut self,
+        height: u64,
+        size: u32,
+        operations: u64,
+        latency: Duration,
+        sample: impl FnOnce() -> Option<Answer>,
+    ) {
+        self.confirmed += operations;
+        self.latency_us
+            .saturating_record(latency.as_micros().clamp(1, LATENCY_US_MAX as u128) as u64);
+        let new_height = self.batch_sizes.insert(height, size).is_none();
+        if new_height && self.samples.len() < SAMPLES_MAX {
+            self.samples.extend(sample());
         }
     }
 

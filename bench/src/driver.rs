@@ -1,0 +1,491 @@
+//! The closed loop's lean driver (`--driver lean`, the default for requests).
+//!
+//! The load generator shares the server's machine: every microsecond it spends on a request is
+//! one the server does not get. Through the client library (`--driver library`) a request costs
+//! a task's future, a channel to the writer, a timer, a map entry, a reply channel and a whole
+//! decoded confirmation (~3.7 us of CPU per request, 11% of a 2-core machine at 60k/s). Here
+//! each connection is one writer and one reader task over its own TLS stream:
+//! - the writer keeps `in_flight` requests outstanding (a semaphore of that many permits),
+//!   encoding every request it may send into one buffer per write; a request's correlation id
+//!   is its position in the pool plus one, and its send time goes into a table by position;
+//! - the reader cuts replies in place and takes from a confirmation only what the report needs:
+//!   that it is a confirmation of the request sent (its 208 request bytes), and its batch's
+//!   height and size from the header. One confirmation per batch (the report's sample) is
+//!   decoded whole and verified after the clock stops, as on the library path. Any other reply
+//!   is decoded whole: a refusal counts by its code, anything else as a protocol violation.
+//!
+//! Bounds: `in_flight` outstanding per connection; the read buffer holds at most what the
+//! server sent for those (a frame is capped at the protocol's default payload maximum); a
+//! reply that does not come within `timeout` of the last one ends the connection's run, and its
+//! outstanding requests count as `timeout` errors, a closed connection's as `disconnected`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally_client::Error;
+use tally_wire::{
+    encode_frame, Decoded, FrameHeader, Header, Message, RawFrame, FRAME_HEADER_BYTES,
+    FRAME_PAYLOAD_BYTES_MAX_DEFAULT, HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::load::{progress, Answer, Phase, Pool, Presigned};
+use crate::stats::{Live, Recorder};
+
+/// Where a `Confirmed` payload holds the header: after the replayed flag, the request and the
+/// receipt (PROTOCOL.md, "Confirmed").
+const HEADER_AT: usize = 1 + REQUEST_BYTES + RECEIPT_BYTES;
+/// Bytes the reader asks the stream for at once.
+const READ_BYTES: usize = 256 * 1024;
+
+/// What one connection's writer and reader share.
+struct Side {
+    pool: Arc<Pool>,
+    live: Arc<Live>,
+    /// Send times by pool position, in nanoseconds since `start`.
+    sent_at: Arc<Vec<AtomicU64>>,
+    start: Instant,
+    window: Semaphore,
+    /// Requests the writer sent (counted before they go out), final once `done` is set.
+    sent: AtomicU64,
+    done: AtomicBool,
+    wake: Notify,
+}
+
+/// The timed phase's closed loop over `streams`, one per connection, `in_flight` requests
+/// outstanding on each (the lean driver's [`crate::load::timed_phase`]).
+pub async fn closed_phase<S>(
+    streams: Vec<S>,
+    pool: Arc<Pool>,
+    in_flight: usize,
+    deadline: Option<Duration>,
+    timeout: Duration,
+) -> Phase
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let live = Arc::new(Live::default());
+    let sent_at: Arc<Vec<AtomicU64>> =
+        Arc::new((0..pool.len()).map(|_| AtomicU64::new(0)).collect());
+    let start = Instant::now();
+    let deadline = deadline.map(|d| start + d);
+    let progress = tokio::spawn(progress(live.clone(), start));
+    let mut connections = JoinSet::new();
+    for stream in streams {
+        connections.spawn(closed_connection(
+            stream,
+            pool.clone(),
+            live.clone(),
+            sent_at.clone(),
+            start,
+            in_flight,
+            deadline,
+            timeout,
+        ));
+    }
+    let mut recorder = Recorder::default();
+    while let Some(result) = connections.join_next().await {
+        recorder.merge(result.expect("a connection's load task panicked"));
+    }
+    let elapsed = start.elapsed();
+    progress.abort();
+    Phase {
+        recorder,
+        sent: Live::get(&live.sent),
+        elapsed,
+        pool_exhausted: pool.exhausted(),
+        late_sends: 0,
+    }
+}
+
+/// Runs one connection's closed loop until the pool is empty or `deadline` has passed, and
+/// every answer is in (or `timeout` passed without one).
+#[allow(clippy::too_many_arguments)]
+async fn closed_connection<S>(
+    stream: S,
+    pool: Arc<Pool>,
+    live: Arc<Live>,
+    sent_at: Arc<Vec<AtomicU64>>,
+    start: Instant,
+    in_flight: usize,
+    deadline: Option<Instant>,
+    timeout: Duration,
+) -> Recorder
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    assert_eq!(sent_at.len(), pool.len(), "a send time per pooled request");
+    let side = Arc::new(Side {
+        pool,
+        live,
+        sent_at,
+        start,
+        window: Semaphore::new(in_flight),
+        sent: AtomicU64::new(0),
+        done: AtomicBool::new(false),
+        wake: Notify::new(),
+    });
+    let (reader, writer) = tokio::io::split(stream);
+    let writing = tokio::spawn(write_side(writer, side.clone(), deadline));
+    let recorder = read_side(reader, &side, timeout).await;
+    writing.abort();
+    recorder
+}
+
+async fn write_side<W: AsyncWrite + Unpin>(mut w: W, s: Arc<Side>, deadline: Option<Instant>) {
+    let mut buffer = Vec::with_capacity(64 * 1024);
+    let mut payload = Vec::with_capacity(REQUEST_BYTES + 64);
+    let mut more = true;
+    while more {
+        let Ok(permit) = s.window.acquire().await else {
+            break; // the reader closed the window: the connection is gone
+        };
+        permit.forget();
+        let room = 1 + s.window.available_permits();
+        if let Ok(permits) = s.window.try_acquire_many(room as u32 - 1) {
+            permits.forget();
+        }
+        let mut taken = 0;
+        while taken < room {
+            // Permits not used are not given back: nothing more is sent.
+            let next = match deadline.is_some_and(|d| Instant::now() >= d) {
+                true => None,
+                false => s.pool.take_ref(),
+            };
+            let Some((i, presigned)) = next else {
+                more = false;
+                break;
+            };
+            let Presigned::Request(request, hint) = presigned else {
+                panic!("the lean driver sends requests; envelopes go through the library");
+            };
+            let message = match hint {
+                Some(hint) => Message::SubmitHinted(request.clone(), *hint),
+                None => Message::Submit(request.clone()),
+            };
+            payload.clear();
+            message.encode_payload(&mut payload);
+            encode_frame(&mut buffer, message.message_type(), i as u64 + 1, &payload);
+            let now = s.start.elapsed().as_nanos() as u64;
+            s.sent_at[i].store(now, Ordering::Relaxed);
+            taken += 1;
+        }
+        s.sent.fetch_add(taken as u64, Ordering::SeqCst);
+        s.live.sent.fetch_add(taken as u64, Ordering::Relaxed);
+        s.live.in_flight.fetch_add(taken as u64, Ordering::Relaxed);
+        if !flush(&mut w, &mut buffer).await {
+            break;
+        }
+    }
+    s.done.store(true, Ordering::SeqCst);
+    s.wake.notify_one();
+}
+
+/// Writes and flushes what `buffer` holds; false if the connection is gone.
+async fn flush<W: AsyncWrite + Unpin>(w: &mut W, buffer: &mut Vec<u8>) -> bool {
+    let ok = buffer.is_empty() || (w.write_all(buffer).await.is_ok() && w.flush().await.is_ok());
+    buffer.clear();
+    ok
+}
+
+async fn read_side<R: AsyncRead + Unpin>(mut r: R, s: &Side, timeout: Duration) -> Recorder {
+    let mut recorder = Recorder::default();
+    let mut buffer: Vec<u8> = Vec::with_capacity(READ_BYTES);
+    let mut received = 0u64;
+    let ended = loop {
+        if s.done.load(Ordering::SeqCst) && received == s.sent.load(Ordering::SeqCst) {
+            break None;
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout(timeout, r.read_buf(&mut buffer)) => read,
+            _ = s.wake.notified() => continue,
+        };
+        match read {
+            Err(_) => break Some(Error::Timeout),
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(Error::Disconnected),
+            Ok(Ok(_)) => {}
+        }
+        match cut_replies(&mut buffer, s, &mut recorder) {
+            Ok(n) => received += n,
+            Err(e) => break Some(e),
+        }
+        if buffer.capacity() - buffer.len() < READ_BYTES / 4 {
+            buffer.reserve(READ_BYTES);
+        }
+    };
+    if let Some(e) = ended {
+        // Whatever is still outstanding will not be answered on this connection.
+        s.window.close();
+        let sent = wait_sent(s, timeout).await;
+        for _ in received..sent {
+            recorder.record(Err(clone_error(&e)), Duration::ZERO);
+        }
+        s.live.failed.fetch_add(sent - received, Ordering::Relaxed);
+        s.live
+            .in_flight
+            .fetch_sub(sent - received, Ordering::Relaxed);
+    }
+    recorder
+}
+
+/// The writer's final count, once it stopped (the window is closed, so it stops soon), or
+/// after `timeout` if it is stuck writing to a peer that does not read (then it is aborted).
+async fn wait_sent(s: &Side, timeout: Duration) -> u64 {
+    let done = async {
+        while !s.done.load(Ordering::SeqCst) {
+            s.wake.notified().await;
+        }
+    };
+    let _ = tokio::time::timeout(timeout, done).await;
+    s.sent.load(Ordering::SeqCst)
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Timeout => Error::Timeout,
+        _ => Error::Disconnected,
+    }
+}
+
+/// Records every whole reply at the front of `buffer` and removes them; how many there were.
+fn cut_replies(buffer: &mut Vec<u8>, s: &Side, recorder: &mut Recorder) -> Result<u64, Error> {
+    let (mut used, mut n) = (0, 0u64);
+    let now = s.start.elapsed().as_nanos() as u64;
+    let mut confirmed = 0;
+    while let Decoded::Complete(header, _) =
+        FrameHeader::decode(&buffer[used..], FRAME_PAYLOAD_BYTES_MAX_DEFAULT)
+            .map_err(|e| Error::Protocol(format!("a broken frame: {e}")))?
+    {
+        let end = used + FRAME_HEADER_BYTES + header.payload_len as usize;
+        if buffer.len() < end {
+            break;
+        }
+        let payload = &buffer[used + FRAME_HEADER_BYTES..end];
+        confirmed += record_reply(&header, payload, s, now, recorder)? as u64;
+        used = end;
+        n += 1;
+    }
+    buffer.drain(..used);
+    s.window.add_permits(n as usize);
+    s.live.confirmed.fetch_add(confirmed, Ordering::Relaxed);
+    s.live.failed.fetch_add(n - confirmed, Ordering::Relaxed);
+    s.live.in_flight.fetch_sub(n, Ordering::Relaxed);
+    Ok(n)
+}
+
+/// Records one reply; true if it confirmed its request.
+fn record_reply(
+    frame: &FrameHeader,
+    payload: &[u8],
+    s: &Side,
+    now: u64,
+    recorder: &mut Recorder,
+) -> Result<bool, Error> {
+    let unknown = || Error::Protocol(format!("a reply to id {}", frame.correlation_id));
+    let i = usize::try_from(frame.correlation_id.wrapping_sub(1)).map_err(|_| unknown())?;
+    let Some(Presigned::Request(request, _)) = s.pool.get(i) else {
+        return Err(unknown());
+    };
+    let sent = s.sent_at[i].load(Ordering::Relaxed);
+    let latency = Duration::from_nanos(now.saturating_sub(sent));
+    s.live.latency(latency);
+    if frame.message_type == tally_wire::message_type::CONFIRMED {
+        if let Some(header) = confirmed_header(payload, &request.encode()) {
+            let sample = || match Message::decode(&raw(frame, payload)) {
+                Ok(Message::Confirmed(c)) => Some(Answer::Request(*c)),
+                _ => None,
+            };
+            recorder.confirmed_in(header.height, header.request_count, 1, latency, sample);
+            return Ok(true);
+        }
+    }
+    let outcome = match Message::decode(&raw(frame, payload)) {
+        Ok(Message::Error(reply)) => Error::Rejected(reply),
+        Ok(other) => Error::Protocol(format!("message type {:#04x}", other.message_type())),
+        Err(e) => Error::Protocol(format!("malformed reply: {e}")),
+    };
+    recorder.record(Err(outcome), latency);
+    Ok(false)
+}
+
+fn raw(frame: &FrameHeader, payload: &[u8]) -> RawFrame {
+    RawFrame {
+        message_type: frame.message_type,
+        correlation_id: frame.correlation_id,
+        payload: payload.to_vec(),
+    }
+}
+
+/// The header of a `Confirmed` payload, if it confirms the request whose bytes are `request`
+/// (not verified: the sample is, after the clock stops).
+fn confirmed_header(payload: &[u8], request: &[u8; REQUEST_BYTES]) -> Option<Header> {
+    let header = payload.get(HEADER_AT..HEADER_AT + HEADER_BYTES)?;
+    if payload.get(1..1 + REQUEST_BYTES)? != request {
+        return None;
+    }
+    Header::decode(header).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use tally_wire::{
+        decode_frame, Confirmation, ErrorCode, ErrorReply, InclusionProof, Op, Receipt, Request,
+        SignedHeader,
+    };
+    use tokio::io::DuplexStream;
+
+    fn request(id: u128) -> Request {
+        let key = SigningKey::from_bytes(&[9; 32]);
+        tally_client::build_request(&key, [1; 32], Op::Transfer, id, [8; 32], 5)
+    }
+
+    fn confirmation() -> Confirmation {
+        confirmation_of(request(42), 77)
+    }
+
+    fn confirmation_of(request: Request, height: u64) -> Confirmation {
+        let header = Header {
+            chain_id: [1; 32],
+            height,
+            term: 3,
+            time_unix_ms: 1_700_000_000_000,
+            request_count: 1234,
+            prev_hash: [2; 32],
+            merkle_root: [3; 32],
+            state_digest: [4; 32],
+            operator_key_id: [5; 8],
+        };
+        Confirmation {
+            replayed: false,
+            request,
+            receipt: Receipt {
+                request_hash: [9; 32],
+                height: 77,
+                index: 3,
+                op: Op::Transfer,
+                failed: None,
+                op_index: 0,
+                signer_balance: 10,
+                to_balance: 20,
+            },
+            header: SignedHeader {
+                header,
+                signature: [6; 64],
+            },
+            proof: InclusionProof {
+                leaf_index: 3,
+                tree_size: 4,
+                path: vec![[10; 32], [11; 32]],
+            },
+        }
+    }
+
+    /// A fake server: answers every request with a confirmation in batch `id / 10`, except
+    /// ids divisible by 7 (refused `busy`) and, after `answer_max` answers, nothing at all
+    /// (it hangs up).
+    async fn fake_server(mut s: DuplexStream, answer_max: usize) {
+        let (mut buffer, mut answered) = (Vec::new(), 0);
+        loop {
+            while let Ok(Decoded::Complete(frame, n)) = decode_frame(&buffer, 1 << 20) {
+                buffer.drain(..n);
+                if answered == answer_max {
+                    return;
+                }
+                let Ok(Message::SubmitHinted(r, _) | Message::Submit(r)) =
+                    Message::decode_request(&frame)
+                else {
+                    panic!("the driver sent something else than a request");
+                };
+                let reply = match r.id % 7 {
+                    0 => Message::Error(ErrorReply::new(ErrorCode::Busy, "busy")),
+                    _ => {
+                        let height = (r.id / 10) as u64;
+                        Message::Confirmed(Box::new(confirmation_of(r, height)))
+                    }
+                };
+                s.write_all(&reply.encode_frame(frame.correlation_id))
+                    .await
+                    .unwrap();
+                answered += 1;
+            }
+            if s.read_buf(&mut buffer).await.unwrap_or(0) == 0 {
+                return;
+            }
+        }
+    }
+
+    async fn run(requests: u128, answer_max: usize) -> Phase {
+        let pool = (1..=requests).map(|id| Presigned::Request(request(id), None));
+        let pool = Arc::new(Pool::new(pool.collect()));
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            let (ours, theirs) = tokio::io::duplex(4096);
+            tokio::spawn(fake_server(theirs, answer_max));
+            streams.push(ours);
+        }
+        closed_phase(streams, pool, 5, None, Duration::from_secs(10)).await
+    }
+
+    /// Every request is answered once and counted by its answer: confirmations with their
+    /// batch (height and size from the header), refusals by code; a sample per batch kept.
+    #[tokio::test]
+    async fn every_answer_is_counted_by_what_it_says() {
+        let phase = run(100, usize::MAX).await;
+        let busy = (1..=100).filter(|id| id % 7 == 0).count() as u64;
+        assert_eq!(phase.sent, 100);
+        assert_eq!(phase.recorder.confirmed, 100 - busy);
+        assert_eq!(phase.recorder.rejected.get("busy"), Some(&busy));
+        assert_eq!(phase.recorder.errors_total(), 0);
+        assert_eq!(phase.recorder.latency_us.len(), 100 - busy);
+        let heights: Vec<u64> = phase.recorder.batch_sizes.keys().copied().collect();
+        assert_eq!(
+            heights.len(),
+            11,
+            "ids 1..=100 fall in batches 0..=10: {heights:?}"
+        );
+        assert!(phase.recorder.batch_sizes.values().all(|&n| n == 1234));
+        // A sample per batch and connection.
+        let samples = &phase.recorder.samples;
+        let sampled: std::collections::BTreeSet<u64> =
+            samples.iter().map(|a| a.header().height).collect();
+        assert_eq!(sampled.len(), 11);
+        assert!(samples.len() <= 2 * 11);
+        assert!(phase.pool_exhausted);
+    }
+
+    /// A server that stops answering and hangs up: what it never answered counts as
+    /// `disconnected`, and the phase ends.
+    #[tokio::test]
+    async fn what_a_closed_connection_never_answered_is_disconnected() {
+        let phase = run(100, 20).await;
+        let r = &phase.recorder;
+        let answered = r.confirmed + r.rejected_total();
+        assert_eq!(answered, 40, "20 answers on each of 2 connections");
+        assert_eq!(r.errors.get("disconnected"), Some(&(phase.sent - 40)));
+    }
+
+    /// The lean reading takes the header a whole decode takes, and only for its request.
+    #[test]
+    fn the_header_is_where_the_whole_decode_finds_it() {
+        let c = confirmation();
+        let payload = c.encode();
+        let header = confirmed_header(&payload, &c.request.encode()).expect("its own request");
+        assert_eq!(
+            header,
+            Confirmation::decode(&payload).unwrap().header.header
+        );
+        let mut other = c.request.clone();
+        other.id += 1;
+        assert!(confirmed_header(&payload, &other.encode()).is_none());
+        assert!(confirmed_header(
+            &payload[..HEADER_AT + HEADER_BYTES - 1],
+            &c.request.encode()
+        )
+        .is_none());
+    }
+}
