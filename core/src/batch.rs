@@ -701,7 +701,8 @@ fn replay(
     replay.next.height = h.height;
     let mut requests = Vec::with_capacity(body.leaf_count());
     for (item, first) in body.items.iter().zip(body.item_starts()) {
-        if let Err(what) = replay.item(h.height, first, item)? {
+        let hash = item.hash();
+        if let Err(what) = replay.item(h.height, first, item, hash)? {
             return diverged(format!("leaf {first}: {what}"));
         }
         for (i, (op, _)) in item.operations().into_iter().enumerate() {
@@ -709,7 +710,7 @@ fn replay(
                 signer: *item.signer(),
                 id: op.id,
                 index: first + i as u32,
-                request_hash: item.hash(),
+                request_hash: hash,
             });
         }
     }
@@ -787,9 +788,10 @@ impl<S: LedgerRead> Balances for Replay<'_, S> {
 type Checked = Result<std::result::Result<(), String>>;
 
 impl<S: LedgerRead> Replay<'_, S> {
-    /// Replays one item whose first leaf is `first`: `Ok(Err(why))` if a receipt does not
-    /// describe its operation or is not what the rule gives.
-    fn item(&mut self, height: u64, first: u32, item: &BatchItem) -> Checked {
+    /// Replays one item whose first leaf is `first` (`hash` its [`BatchItem::hash`]):
+    /// `Ok(Err(why))` if a receipt does not describe its operation or is not what the rule
+    /// gives.
+    fn item(&mut self, height: u64, first: u32, item: &BatchItem, hash: Hash) -> Checked {
         let (atomic, held) = match item {
             BatchItem::Request(_) => (true, &[][..]),
             BatchItem::Envelope(e) => (e.envelope.atomic, &e.held[..]),
@@ -797,7 +799,7 @@ impl<S: LedgerRead> Replay<'_, S> {
             BatchItem::Rotate(e) => return Ok(self.rotation(height, first, e)),
         };
         let mut held = held.iter();
-        let (signer, hash) = (*item.signer(), item.hash());
+        let signer = *item.signer();
         for (i, (op, rc)) in item.operations().into_iter().enumerate() {
             let at = (hash, height, first + i as u32, op.op, i as u16);
             if (rc.request_hash, rc.height, rc.index, rc.op, rc.op_index) != at {

@@ -315,17 +315,19 @@ impl Sequencer {
 
     /// Judges `request` (already stateless-validated) against the speculative state and, if it
     /// is good, adds it to the open batch. `snapshot_height` is the applied height the snapshot
-    /// stage checked it against (0 if it was not checked).
+    /// stage checked it against (0 if it was not checked); `rh` is the request's
+    /// [`request_hash`], which the caller has already computed.
     pub fn submit(
         &mut self,
         request: Request,
+        rh: Hash,
         snapshot_height: u64,
         unix_ms: u64,
         store: &mut impl LedgerRead,
     ) -> Result<Submitted> {
         assert!(!self.is_full(), "submit to a full batch: seal it first");
+        debug_assert_eq!(rh, request_hash(&request), "the caller's request hash");
         self.open_batch(unix_ms, 1, store)?;
-        let rh = request_hash(&request);
         if let Some(known) = self.known(&request.signer, request.id, snapshot_height, store)? {
             return Ok(self.same_key(known, rh));
         }

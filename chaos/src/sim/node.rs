@@ -28,6 +28,7 @@ use tally_core::engine::members::{decode_descriptor, AddressBook, MemberChange};
 use tally_core::engine::replication::{ReplOut, Replication, ReplicationConfig};
 use tally_core::engine::{PlantedBug, Refusal, Waiter};
 use tally_core::key_chain::SigningKeys;
+use tally_core::merkle::ProofTree;
 use tally_core::ports::{LedgerStore, MemStore};
 use tally_core::replica::{Replica, ReplicaConfig, Role};
 use tally_core::sequencer::SequencerConfig;
@@ -565,7 +566,7 @@ impl Engine {
                 if ctx.bug == Some(SimBug::ConfirmBeforeCommit) && self.repl.is_leading() {
                     // The bug: confirm as soon as the batch is proposed, before it commits.
                     let signed = ctx.operator.sign_header(body.header.clone());
-                    confirm(&body, &signed, &waiters, ctx);
+                    confirm(&body, body.leaf_hashes(), &signed, &waiters, ctx);
                 }
                 self.repl
                     .propose(&body, waiters, Some(sealed), epoch, &mut rout);
@@ -665,9 +666,10 @@ impl Engine {
         match c {
             ApplyOut::Confirm {
                 body,
+                leaves,
                 signed,
                 waiters,
-            } => confirm(&body, &signed, &waiters, ctx),
+            } => confirm(&body, leaves, &signed, &waiters, ctx),
             ApplyOut::Replayed(reply, c) => ctx.out.push(Out::Reply(reply, answer_of(c))),
             ApplyOut::Refuse(reply, r) => self.refuse(reply, r, ctx),
             ApplyOut::Reject(reply, r) => self.reject(reply, r.code, ctx),
@@ -722,6 +724,7 @@ fn answer_of(c: Confirmed) -> Answer {
 /// `index` is its item's first leaf.
 fn confirm(
     body: &BatchBody,
+    leaves: Vec<tally_wire::Hash>,
     signed: &SignedHeader,
     waiters: &[Waiter<ReplyTo>],
     ctx: &mut Ctx<'_, '_>,
@@ -729,7 +732,12 @@ fn confirm(
     if waiters.is_empty() {
         return;
     }
-    let (tree, starts) = (body.proof_tree(), body.item_starts());
+    assert_eq!(
+        leaves,
+        body.leaf_hashes(),
+        "the apply's leaf hashes are the body's"
+    );
+    let (tree, starts) = (ProofTree::new(leaves), body.item_starts());
     for w in waiters {
         let mut c = body
             .confirmed(&tree, &starts, signed, w.index)

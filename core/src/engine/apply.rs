@@ -68,9 +68,11 @@ pub enum Committed<R> {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per batch, moved: boxing buys nothing
 pub enum ApplyOut<R> {
-    /// The batch is durable: each waiter gets its confirmation.
+    /// The batch is durable: each waiter gets its confirmation. `leaves` are the body's
+    /// receipt leaf hashes ([`BatchBody::leaf_hashes`]), computed once by the apply.
     Confirm {
         body: BatchBody,
+        leaves: Vec<Hash>,
         signed: SignedHeader,
         waiters: Vec<Waiter<R>>,
     },
@@ -292,6 +294,7 @@ impl<R> Applier<R> {
         self.checkpointed_through = write.meta.height;
         out.push(ApplyOut::Confirm {
             body,
+            leaves: write.leaf_hashes.clone(),
             signed: write.signed_header.clone(),
             waiters,
         });
@@ -358,6 +361,7 @@ impl<R> Applier<R> {
                 .header(height)?
                 .ok_or_else(|| Error::missing(format_args!("the signed header {height}")))?;
             out.push(ApplyOut::Confirm {
+                leaves: body.leaf_hashes(),
                 body,
                 signed,
                 waiters,

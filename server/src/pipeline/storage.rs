@@ -151,11 +151,13 @@ impl<S: LedgerStore> StorageThread<S> {
             match command {
                 ApplyOut::Confirm {
                     body,
+                    leaves,
                     signed,
                     waiters,
                 } => {
                     let _ = self.confirm.send(ConfirmJob {
                         body,
+                        leaves,
                         signed,
                         waiters,
                     });
