@@ -207,7 +207,7 @@ pub(crate) mod tests {
     use crate::{build_request, public_key};
     use ed25519_dalek::SigningKey;
     use tally_core::batch::{prepare_apply, BatchWrite, Confirmed};
-    use tally_core::crypto::{request_hash, OperatorKey};
+    use tally_core::crypto::OperatorKey;
     use tally_core::ports::{LedgerStore, MemStore};
     use tally_core::sequencer::{Sequencer, SequencerConfig, Submitted};
     use tally_wire::{BalanceProofReply, Confirmation, Op};
@@ -249,9 +249,7 @@ pub(crate) mod tests {
             let time = 1_700_000_000_000 + n;
             seq.open_batch(time, 1, &mut store).unwrap();
             for r in requests {
-                let outcome = seq
-                    .submit(r, request_hash(&r), 0, time, &mut store)
-                    .unwrap();
+                let outcome = seq.submit(r, 0, time, &mut store).unwrap();
                 assert!(matches!(outcome, Submitted::Accepted { .. }), "{outcome:?}");
             }
             if let Some(new) = rotate {

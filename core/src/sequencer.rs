@@ -315,9 +315,21 @@ impl Sequencer {
 
     /// Judges `request` (already stateless-validated) against the speculative state and, if it
     /// is good, adds it to the open batch. `snapshot_height` is the applied height the snapshot
-    /// stage checked it against (0 if it was not checked); `rh` is the request's
-    /// [`request_hash`], which the caller has already computed.
+    /// stage checked it against (0 if it was not checked).
     pub fn submit(
+        &mut self,
+        request: Request,
+        snapshot_height: u64,
+        unix_ms: u64,
+        store: &mut impl LedgerRead,
+    ) -> Result<Submitted> {
+        let rh = request_hash(&request);
+        self.submit_hashed(request, rh, snapshot_height, unix_ms, store)
+    }
+
+    /// [`Sequencer::submit`] with the request's [`request_hash`] `rh`, which the caller (the
+    /// master) has already computed.
+    pub fn submit_hashed(
         &mut self,
         request: Request,
         rh: Hash,

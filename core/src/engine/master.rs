@@ -232,7 +232,7 @@ impl<R> Master<R> {
     ) -> Result<()> {
         let rh = request_hash(&request);
         self.sequence(reply, rh, p, out, |seq| {
-            seq.submit(request, rh, snapshot_height, p.unix_ms, store)
+            seq.submit_hashed(request, rh, snapshot_height, p.unix_ms, store)
         })
     }
 

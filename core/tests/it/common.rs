@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use ed25519_dalek::SigningKey;
 use tally_core::batch::{prepare_apply, BatchBody, BatchWrite};
-use tally_core::crypto::{request_hash, sign_request, OperatorKey};
+use tally_core::crypto::{sign_request, OperatorKey};
 use tally_core::ports::{LedgerStore, MemStore};
 use tally_core::sequencer::{Sequencer, SequencerConfig, Submitted};
 use tally_wire::{Confirmation, Hash, Op, PublicKey, Request};
@@ -100,9 +100,8 @@ impl Node {
     }
 
     pub fn submit_at(&mut self, request: Request, snapshot_height: u64) -> Submitted {
-        let rh = request_hash(&request);
         self.seq
-            .submit(request, rh, snapshot_height, self.time_ms, &mut self.store)
+            .submit(request, snapshot_height, self.time_ms, &mut self.store)
             .expect("mem store does not fail")
     }
 
