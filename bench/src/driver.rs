@@ -1,4 +1,4 @@
-//! The closed loop's lean driver (`--driver lean`, the default for requests).
+//! The lean load driver (`--driver lean`, the default for requests).
 //!
 //! The load generator shares the server's machine: every microsecond it spends on a request is
 //! one the server does not get. Through the client library (`--driver library`) a request costs
@@ -29,10 +29,10 @@ use tally_wire::{
     FRAME_PAYLOAD_BYTES_MAX_DEFAULT, HEADER_BYTES, RECEIPT_BYTES, REQUEST_BYTES,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio::task::JoinSet;
 
-use crate::load::{progress, Answer, Phase, Pool, Presigned};
+use crate::load::{progress, Answer, Phase, Pool, Presigned, Schedule};
 use crate::stats::{Live, Recorder};
 
 /// Where a `Confirmed` payload holds the header: after the replayed flag, the request and the
@@ -40,6 +40,11 @@ use crate::stats::{Live, Recorder};
 const HEADER_AT: usize = 1 + REQUEST_BYTES + RECEIPT_BYTES;
 /// Bytes the reader asks the stream for at once.
 const READ_BYTES: usize = 256 * 1024;
+/// Bytes the writer gathers before it writes them (it writes sooner when the window is full or
+/// the next send is not due yet).
+const WRITE_BYTES: usize = 64 * 1024;
+/// An open-loop send this late after its scheduled time is counted as late (as the library's).
+const LATE_SEND: Duration = Duration::from_millis(10);
 
 /// What one connection's writer and reader share.
 struct Side {
@@ -51,17 +56,18 @@ struct Side {
     window: Semaphore,
     /// Requests the writer sent (counted before they go out), final once `done` is set.
     sent: AtomicU64,
+    /// Open loop: sends later than [`LATE_SEND`] after their scheduled time.
+    late: AtomicU64,
     done: AtomicBool,
     wake: Notify,
 }
 
-/// The timed phase's closed loop over `streams`, one per connection, `in_flight` requests
-/// outstanding on each (the lean driver's [`crate::load::timed_phase`]).
-pub async fn closed_phase<S>(
+/// The timed phase over `streams`, one per connection, `schedule`'s in-flight count
+/// outstanding on each at most (the lean driver's [`crate::load::timed_phase`]).
+pub async fn phase<S>(
     streams: Vec<S>,
     pool: Arc<Pool>,
-    in_flight: usize,
-    deadline: Option<Duration>,
+    schedule: Schedule,
     timeout: Duration,
 ) -> Phase
 where
@@ -71,24 +77,39 @@ where
     let sent_at: Arc<Vec<AtomicU64>> =
         Arc::new((0..pool.len()).map(|_| AtomicU64::new(0)).collect());
     let start = Instant::now();
-    let deadline = deadline.map(|d| start + d);
+    let (pace, in_flight) = match schedule {
+        Schedule::Closed {
+            in_flight,
+            deadline,
+        } => (
+            Pace::Closed {
+                deadline: deadline.map(|d| start + d),
+            },
+            in_flight,
+        ),
+        Schedule::Open { rate, in_flight } => (Pace::Open { rate }, in_flight),
+    };
     let progress = tokio::spawn(progress(live.clone(), start));
     let mut connections = JoinSet::new();
     for stream in streams {
-        connections.spawn(closed_connection(
-            stream,
-            pool.clone(),
-            live.clone(),
-            sent_at.clone(),
+        let side = Arc::new(Side {
+            pool: pool.clone(),
+            live: live.clone(),
+            sent_at: sent_at.clone(),
             start,
-            in_flight,
-            deadline,
-            timeout,
-        ));
+            window: Semaphore::new(in_flight),
+            sent: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        connections.spawn(connection(stream, side, pace, timeout));
     }
-    let mut recorder = Recorder::default();
+    let (mut recorder, mut late_sends) = (Recorder::default(), 0);
     while let Some(result) = connections.join_next().await {
-        recorder.merge(result.expect("a connection's load task panicked"));
+        let (r, late) = result.expect("a connection's load task panicked");
+        recorder.merge(r);
+        late_sends += late;
     }
     let elapsed = start.elapsed();
     progress.abort();
@@ -97,98 +118,138 @@ where
         sent: Live::get(&live.sent),
         elapsed,
         pool_exhausted: pool.exhausted(),
-        late_sends: 0,
+        late_sends,
     }
 }
 
-/// Runs one connection's closed loop until the pool is empty or `deadline` has passed, and
-/// every answer is in (or `timeout` passed without one).
-#[allow(clippy::too_many_arguments)]
-async fn closed_connection<S>(
-    stream: S,
-    pool: Arc<Pool>,
-    live: Arc<Live>,
-    sent_at: Arc<Vec<AtomicU64>>,
-    start: Instant,
-    in_flight: usize,
-    deadline: Option<Instant>,
-    timeout: Duration,
-) -> Recorder
+/// Runs one connection until its writer stopped and every answer is in (or `timeout` passed
+/// without one); what it recorded, and its late sends.
+async fn connection<S>(stream: S, side: Arc<Side>, pace: Pace, timeout: Duration) -> (Recorder, u64)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    assert_eq!(sent_at.len(), pool.len(), "a send time per pooled request");
-    let side = Arc::new(Side {
-        pool,
-        live,
-        sent_at,
-        start,
-        window: Semaphore::new(in_flight),
-        sent: AtomicU64::new(0),
-        done: AtomicBool::new(false),
-        wake: Notify::new(),
-    });
+    assert_eq!(
+        side.sent_at.len(),
+        side.pool.len(),
+        "a send time per pooled request"
+    );
     let (reader, writer) = tokio::io::split(stream);
-    let writing = tokio::spawn(write_side(writer, side.clone(), deadline));
+    let writing = tokio::spawn(write_side(writer, side.clone(), pace));
     let recorder = read_side(reader, &side, timeout).await;
     writing.abort();
-    recorder
+    (recorder, side.late.load(Ordering::Relaxed))
 }
 
-async fn write_side<W: AsyncWrite + Unpin>(mut w: W, s: Arc<Side>, deadline: Option<Instant>) {
-    let mut buffer = Vec::with_capacity(64 * 1024);
-    let mut payload = Vec::with_capacity(REQUEST_BYTES + 64);
-    let mut more = true;
-    while more {
-        let Ok(permit) = s.window.acquire().await else {
-            break; // the reader closed the window: the connection is gone
+/// How the writer paces its sends.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// As fast as the window allows, until the pool is empty or `deadline` has passed.
+    Closed { deadline: Option<Instant> },
+    /// Request `i` of the pool at `start + i / rate`, until the pool is empty. Its latency
+    /// counts from that time, whenever it went out (no coordinated omission).
+    Open { rate: f64 },
+}
+
+/// Frames encoded and not yet written.
+struct Outbox {
+    buffer: Vec<u8>,
+    payload: Vec<u8>,
+    /// Requests in `buffer`.
+    count: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, i: usize, request: &Presigned) {
+        let Presigned::Request(request, hint) = request else {
+            panic!("the lean driver sends requests; envelopes go through the library");
         };
-        permit.forget();
-        let room = 1 + s.window.available_permits();
-        if let Ok(permits) = s.window.try_acquire_many(room as u32 - 1) {
-            permits.forget();
+        let message = match hint {
+            Some(hint) => Message::SubmitHinted(request.clone(), *hint),
+            None => Message::Submit(request.clone()),
+        };
+        self.payload.clear();
+        message.encode_payload(&mut self.payload);
+        let id = i as u64 + 1;
+        encode_frame(&mut self.buffer, message.message_type(), id, &self.payload);
+        self.count += 1;
+    }
+
+    /// Counts and writes what is buffered; false if the connection is gone.
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, w: &mut W, s: &Side) -> bool {
+        if self.count == 0 {
+            return true;
         }
-        let mut taken = 0;
-        while taken < room {
-            // Permits not used are not given back: nothing more is sent.
-            let next = match deadline.is_some_and(|d| Instant::now() >= d) {
-                true => None,
-                false => s.pool.take_ref(),
-            };
-            let Some((i, presigned)) = next else {
-                more = false;
+        s.sent.fetch_add(self.count, Ordering::SeqCst);
+        s.live.sent.fetch_add(self.count, Ordering::Relaxed);
+        s.live.in_flight.fetch_add(self.count, Ordering::Relaxed);
+        self.count = 0;
+        let ok = w.write_all(&self.buffer).await.is_ok() && w.flush().await.is_ok();
+        self.buffer.clear();
+        ok
+    }
+}
+
+async fn write_side<W: AsyncWrite + Unpin>(mut w: W, s: Arc<Side>, pace: Pace) {
+    let mut out = Outbox {
+        buffer: Vec::with_capacity(WRITE_BYTES + REQUEST_BYTES + 64),
+        payload: Vec::with_capacity(REQUEST_BYTES + 64),
+        count: 0,
+    };
+    while let Some((i, request)) = next(&s, pace) {
+        let scheduled = match pace {
+            Pace::Open { rate } => Some(s.start + Duration::from_secs_f64(i as f64 / rate)),
+            Pace::Closed { .. } => None,
+        };
+        if let Some(at) = scheduled.filter(|at| *at > Instant::now()) {
+            if !out.flush(&mut w, &s).await {
                 break;
-            };
-            let Presigned::Request(request, hint) = presigned else {
-                panic!("the lean driver sends requests; envelopes go through the library");
-            };
-            let message = match hint {
-                Some(hint) => Message::SubmitHinted(request.clone(), *hint),
-                None => Message::Submit(request.clone()),
-            };
-            payload.clear();
-            message.encode_payload(&mut payload);
-            encode_frame(&mut buffer, message.message_type(), i as u64 + 1, &payload);
-            let now = s.start.elapsed().as_nanos() as u64;
-            s.sent_at[i].store(now, Ordering::Relaxed);
-            taken += 1;
+            }
+            tokio::time::sleep_until(at.into()).await;
         }
-        s.sent.fetch_add(taken as u64, Ordering::SeqCst);
-        s.live.sent.fetch_add(taken as u64, Ordering::Relaxed);
-        s.live.in_flight.fetch_add(taken as u64, Ordering::Relaxed);
-        if !flush(&mut w, &mut buffer).await {
+        if !take_permit(&mut w, &mut out, &s).await {
+            break;
+        }
+        out.push(i, request);
+        let now = Instant::now();
+        if scheduled.is_some_and(|at| now.duration_since(at) > LATE_SEND) {
+            s.late.fetch_add(1, Ordering::Relaxed);
+        }
+        let from = scheduled.unwrap_or(now).duration_since(s.start);
+        s.sent_at[i].store(from.as_nanos() as u64, Ordering::Relaxed);
+        if out.buffer.len() >= WRITE_BYTES && !out.flush(&mut w, &s).await {
             break;
         }
     }
+    out.flush(&mut w, &s).await;
     s.done.store(true, Ordering::SeqCst);
     s.wake.notify_one();
 }
 
-/// Writes and flushes what `buffer` holds; false if the connection is gone.
-async fn flush<W: AsyncWrite + Unpin>(w: &mut W, buffer: &mut Vec<u8>) -> bool {
-    let ok = buffer.is_empty() || (w.write_all(buffer).await.is_ok() && w.flush().await.is_ok());
-    buffer.clear();
-    ok
+/// The next request to send, if any.
+fn next(s: &Side, pace: Pace) -> Option<(usize, &Presigned)> {
+    match pace {
+        Pace::Closed { deadline } if deadline.is_some_and(|d| Instant::now() >= d) => None,
+        _ => s.pool.take_ref(),
+    }
+}
+
+/// A place in the window: at once if one is free, else once what is buffered has gone out
+/// and an answer freed one. False if the window closed (the connection is gone).
+async fn take_permit<W: AsyncWrite + Unpin>(w: &mut W, out: &mut Outbox, s: &Side) -> bool {
+    match s.window.try_acquire() {
+        Ok(permit) => permit.forget(),
+        Err(TryAcquireError::Closed) => return false,
+        Err(TryAcquireError::NoPermits) => {
+            if !out.flush(w, s).await {
+                return false;
+            }
+            match s.window.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return false,
+            }
+        }
+    }
+    true
 }
 
 async fn read_side<R: AsyncRead + Unpin>(mut r: R, s: &Side, timeout: Duration) -> Recorder {
@@ -428,7 +489,11 @@ mod tests {
             tokio::spawn(fake_server(theirs, answer_max));
             streams.push(ours);
         }
-        closed_phase(streams, pool, 5, None, Duration::from_secs(10)).await
+        let schedule = Schedule::Closed {
+            in_flight: 5,
+            deadline: None,
+        };
+        phase(streams, pool, schedule, Duration::from_secs(10)).await
     }
 
     /// Every request is answered once and counted by its answer: confirmations with their

@@ -212,9 +212,9 @@ pub fn run(args: &Args) -> Result<Report> {
             deadline: duration,
         },
     };
-    let driver = match (args.envelope, schedule) {
-        (None, Schedule::Closed { .. }) => args.driver,
-        _ => Driver::Library,
+    let driver = match args.envelope {
+        None => args.driver,
+        Some(_) => Driver::Library,
     };
     // Opened last: the server closes a connection that sends nothing for a while.
     let streams = match driver {
@@ -228,11 +228,9 @@ pub fn run(args: &Args) -> Result<Report> {
     let (phase, archive_lag) = runtime.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = tokio::spawn(archive::sample(clients[0].clone(), stop.clone()));
-        let phase = match (streams, schedule) {
-            (Some(streams), Schedule::Closed { deadline, .. }) => {
-                driver::closed_phase(streams, pool, in_flight, deadline, args.timeout).await
-            }
-            _ => load::timed_phase(&clients, pool, schedule).await,
+        let phase = match streams {
+            Some(streams) => driver::phase(streams, pool, schedule, args.timeout).await,
+            None => load::timed_phase(&clients, pool, schedule).await,
         };
         stop.store(true, Ordering::SeqCst);
         let lag = match sampler.await.ok().flatten() {
