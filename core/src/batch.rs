@@ -7,6 +7,7 @@
 //! that would diverge stops instead ([`prepare_apply`]).
 
 use std::collections::HashMap;
+use std::iter::{Copied, Zip};
 use std::sync::Arc;
 
 use tally_wire::{
@@ -151,11 +152,31 @@ impl BatchItem {
 
     /// Its signed operations with their receipts; none for an expiry or a rotation, which use no
     /// id.
-    pub fn operations(&self) -> Vec<(Operation, &Receipt)> {
+    pub fn operations(&self) -> Operations<'_> {
         match self {
-            BatchItem::Request(e) => vec![(e.request.operation(), &e.receipt)],
-            BatchItem::Envelope(e) => e.envelope.ops.iter().copied().zip(&e.receipts).collect(),
-            BatchItem::Expire(_) | BatchItem::Rotate(_) => Vec::new(),
+            BatchItem::Request(e) => Operations::One(Some((e.request.operation(), &e.receipt))),
+            BatchItem::Envelope(e) => {
+                Operations::Many(e.envelope.ops.iter().copied().zip(e.receipts.iter()))
+            }
+            BatchItem::Expire(_) | BatchItem::Rotate(_) => Operations::One(None),
+        }
+    }
+}
+
+/// An item's operations with their receipts ([`BatchItem::operations`]), without a vector:
+/// every replica's apply, the archive and the archive writer walk them once per request.
+pub enum Operations<'a> {
+    One(Option<(Operation, &'a Receipt)>),
+    Many(Zip<Copied<std::slice::Iter<'a, Operation>>, std::slice::Iter<'a, Receipt>>),
+}
+
+impl<'a> Iterator for Operations<'a> {
+    type Item = (Operation, &'a Receipt);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Operations::One(one) => one.take(),
+            Operations::Many(many) => many.next(),
         }
     }
 }
