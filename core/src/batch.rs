@@ -329,9 +329,7 @@ impl BatchBody {
     pub fn operations(&self) -> impl Iterator<Item = (&PublicKey, Operation, &Receipt)> {
         self.items.iter().flat_map(|item| {
             let signer = item.signer();
-            item.operations()
-                .into_iter()
-                .map(move |(op, r)| (signer, op, r))
+            item.operations().map(move |(op, r)| (signer, op, r))
         })
     }
 
@@ -340,7 +338,7 @@ impl BatchBody {
         let mut out = Vec::with_capacity(self.leaf_count());
         for (item, first) in self.items.iter().zip(self.item_starts()) {
             let (signer, hash) = (*item.signer(), item.hash());
-            for (i, (op, _)) in item.operations().into_iter().enumerate() {
+            for (i, (op, _)) in item.operations().enumerate() {
                 let record = crate::ports::RequestRecord {
                     height: self.header.height,
                     index: first + i as u32,
@@ -726,7 +724,7 @@ fn replay(
         if let Err(what) = replay.item(h.height, first, item, hash)? {
             return diverged(format!("leaf {first}: {what}"));
         }
-        for (i, (op, _)) in item.operations().into_iter().enumerate() {
+        for (i, (op, _)) in item.operations().enumerate() {
             requests.push(AppliedRequest {
                 signer: *item.signer(),
                 id: op.id,
@@ -821,7 +819,7 @@ impl<S: LedgerRead> Replay<'_, S> {
         };
         let mut held = held.iter();
         let signer = *item.signer();
-        for (i, (op, rc)) in item.operations().into_iter().enumerate() {
+        for (i, (op, rc)) in item.operations().enumerate() {
             let at = (hash, height, first + i as u32, op.op, i as u16);
             if (rc.request_hash, rc.height, rc.index, rc.op, rc.op_index) != at {
                 return Ok(Err("the receipt does not describe its operation".into()));

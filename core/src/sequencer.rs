@@ -695,9 +695,7 @@ impl Sequencer {
             .iter()
             .flat_map(|i| {
                 let signer = *i.signer();
-                i.operations()
-                    .into_iter()
-                    .map(move |(op, _)| (signer, op.id))
+                i.operations().map(move |(op, _)| (signer, op.id))
             })
             .collect();
         self.keys_by_height.push_back((self.meta.height, keys));

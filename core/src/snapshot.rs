@@ -213,7 +213,7 @@ impl Delta {
                 }
                 BatchItem::Request(_) => [].iter(),
             };
-            for (i, (op, rc)) in item.operations().into_iter().enumerate() {
+            for (i, (op, rc)) in item.operations().enumerate() {
                 // A failed operation of an independent envelope changed nothing, but its id is
                 // used: it is a request row like any other.
                 if rc.failed.is_none() {
