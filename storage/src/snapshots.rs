@@ -100,15 +100,11 @@ pub async fn read_rows(bucket: &Bucket, m: &Manifest) -> Result<Delta, ReadError
         .buffered(CHUNKS_IN_FLIGHT)
         .try_collect()
         .await?;
-    let mut delta = off_runtime(|| {
-        let mut rows = Vec::new();
-        for bytes in &chunks {
-            let decoded =
-                decode_chunk(bytes).map_err(|e| bad(manifest_key(m.height), e.to_string()));
-            rows.extend(decoded?);
-        }
-        Ok::<_, ReadError>(Delta::from_rows(rows))
-    })?;
+    let mut rows = Vec::new();
+    for bytes in &chunks {
+        rows.extend(decode_chunk(bytes).map_err(|e| bad(manifest_key(m.height), e.to_string()))?);
+    }
+    let mut delta = Delta::from_rows(rows);
     let counts = (
         delta.accounts.len() as u64,
         delta.requests.len() as u64,
@@ -123,21 +119,6 @@ pub async fn read_rows(bucket: &Bucket, m: &Manifest) -> Result<Delta, ReadError
     delta.deposited = m.total_deposited;
     delta.withdrawn = m.total_withdrawn;
     Ok(delta)
-}
-
-/// Runs `f`, CPU work of the archive writer's snapshots (sorting and encoding a snapshot's
-/// rows, hashing its chunks, decoding and merging the ones a full snapshot builds on), without
-/// holding up the runtime's other tasks: on a multi-thread runtime the worker first hands them
-/// to another thread (`block_in_place`). The writer is one task on the node's network runtime, and a snapshot's rows (up to
-/// `DELTA_ROWS_MAX`, sorted and hashed at once) held a worker for 50-150 ms: every ~11 s at
-/// 24,000 requests/s, the clients on that worker waited that long. Elsewhere (a test's
-/// current-thread runtime, a restore) it runs inline.
-pub(crate) fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
 }
 
 /// Where the writer stands: the newest snapshot at or below the log's size, and the effects of
@@ -207,15 +188,12 @@ impl Cursor {
             None => (0, 0),
         };
         let (rows, base) = self.rows_to_write(bucket, delta).await?;
-        let (chunks, refs) = off_runtime(|| {
-            let chunks = rows.chunks();
-            let refs: Vec<(Hash, u64)> = chunks
-                .iter()
-                .map(|c| (sha256(&[c]), c.len() as u64))
-                .collect();
-            (chunks, refs)
-        });
+        let chunks = rows.chunks();
         let mut written = 0u64;
+        let mut refs = Vec::with_capacity(chunks.len());
+        for c in &chunks {
+            refs.push((sha256(&[c]), c.len() as u64));
+        }
         let uploads = chunks
             .into_iter()
             .zip(&refs)
@@ -280,10 +258,10 @@ impl Cursor {
         for m in &chain[from..] {
             let mut part = read_rows(bucket, m).await?;
             (part.deposited, part.withdrawn) = (0, 0);
-            off_runtime(|| full.merge(part));
+            full.merge(part);
         }
         let (d, w) = (delta.deposited, delta.withdrawn);
-        off_runtime(|| full.merge(delta));
+        full.merge(delta);
         // Totals: the new manifest adds these to the last one's; a full one has base 0.
         (full.deposited, full.withdrawn) = (d, w);
         Ok((full, 0))
