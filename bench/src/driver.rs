@@ -36,7 +36,7 @@ use crate::load::{progress, Answer, Phase, Pool, Presigned, Schedule};
 use crate::stats::{Live, Recorder};
 
 /// Where a `Confirmed` payload holds the header: after the replayed flag, the request and the
-/// receipt (PROTOCOL.md, "Confirmed").
+/// receipt (PROTOCOL.md §4.6).
 const HEADER_AT: usize = 1 + REQUEST_BYTES + RECEIPT_BYTES;
 /// Bytes the reader asks the stream for at once.
 const READ_BYTES: usize = 256 * 1024;
