@@ -269,9 +269,10 @@ async fn read_side<R: AsyncRead + Unpin>(mut r: R, s: &Side, timeout: Duration) 
             Ok(Ok(0)) | Ok(Err(_)) => break Some(Error::Disconnected),
             Ok(Ok(_)) => {}
         }
-        match cut_replies(&mut buffer, s, &mut recorder) {
-            Ok(n) => received += n,
-            Err(e) => break Some(e),
+        let (n, failure) = cut_replies(&mut buffer, s, &mut recorder);
+        received += n;
+        if let Some(e) = failure {
+            break Some(e);
         }
         if buffer.capacity() - buffer.len() < READ_BYTES / 4 {
             buffer.reserve(READ_BYTES);
@@ -280,14 +281,13 @@ async fn read_side<R: AsyncRead + Unpin>(mut r: R, s: &Side, timeout: Duration) 
     if let Some(e) = ended {
         // Whatever is still outstanding will not be answered on this connection.
         s.window.close();
-        let sent = wait_sent(s, timeout).await;
-        for _ in received..sent {
-            recorder.record(Err(clone_error(&e)), Duration::ZERO);
+        // Saturating: a server that answers an id twice must not make this wrap.
+        let outstanding = wait_sent(s, timeout).await.saturating_sub(received);
+        for _ in 0..outstanding {
+            recorder.record(Err(unanswered(&e)), Duration::ZERO);
         }
-        s.live.failed.fetch_add(sent - received, Ordering::Relaxed);
-        s.live
-            .in_flight
-            .fetch_sub(sent - received, Ordering::Relaxed);
+        s.live.failed.fetch_add(outstanding, Ordering::Relaxed);
+        s.live.in_flight.fetch_sub(outstanding, Ordering::Relaxed);
     }
     recorder
 }
@@ -304,37 +304,44 @@ async fn wait_sent(s: &Side, timeout: Duration) -> u64 {
     s.sent.load(Ordering::SeqCst)
 }
 
-fn clone_error(e: &Error) -> Error {
+/// What a request still outstanding counts as when its connection's run ended with `e`:
+/// `timeout` after a silence, else `disconnected` (a closed or broken stream).
+fn unanswered(e: &Error) -> Error {
     match e {
         Error::Timeout => Error::Timeout,
         _ => Error::Disconnected,
     }
 }
 
-/// Records every whole reply at the front of `buffer` and removes them; how many there were.
-fn cut_replies(buffer: &mut Vec<u8>, s: &Side, recorder: &mut Recorder) -> Result<u64, Error> {
-    let (mut used, mut n) = (0, 0u64);
+/// Records every whole reply at the front of `buffer` and removes them: how many there were,
+/// and what ended the stream if a frame broke it (the replies before it still count).
+fn cut_replies(buffer: &mut Vec<u8>, s: &Side, recorder: &mut Recorder) -> (u64, Option<Error>) {
+    let (mut used, mut n, mut confirmed) = (0, 0u64, 0);
     let now = s.start.elapsed().as_nanos() as u64;
-    let mut confirmed = 0;
-    while let Decoded::Complete(header, _) =
-        FrameHeader::decode(&buffer[used..], FRAME_PAYLOAD_BYTES_MAX_DEFAULT)
-            .map_err(|e| Error::Protocol(format!("a broken frame: {e}")))?
-    {
+    let failure = loop {
+        let header = match FrameHeader::decode(&buffer[used..], FRAME_PAYLOAD_BYTES_MAX_DEFAULT) {
+            Ok(Decoded::Complete(header, _)) => header,
+            Ok(Decoded::Incomplete { .. }) => break None,
+            Err(e) => break Some(Error::Protocol(format!("a broken frame: {e}"))),
+        };
         let end = used + FRAME_HEADER_BYTES + header.payload_len as usize;
         if buffer.len() < end {
-            break;
+            break None;
         }
         let payload = &buffer[used + FRAME_HEADER_BYTES..end];
-        confirmed += record_reply(&header, payload, s, now, recorder)? as u64;
+        match record_reply(&header, payload, s, now, recorder) {
+            Ok(ok) => confirmed += ok as u64,
+            Err(e) => break Some(e),
+        }
         used = end;
         n += 1;
-    }
+    };
     buffer.drain(..used);
     s.window.add_permits(n as usize);
     s.live.confirmed.fetch_add(confirmed, Ordering::Relaxed);
     s.live.failed.fetch_add(n - confirmed, Ordering::Relaxed);
     s.live.in_flight.fetch_sub(n, Ordering::Relaxed);
-    Ok(n)
+    (n, failure)
 }
 
 /// Records one reply; true if it confirmed its request.
@@ -448,13 +455,14 @@ mod tests {
 
     /// A fake server: answers every request with a confirmation in batch `id / 10`, except
     /// ids divisible by 7 (refused `busy`) and, after `answer_max` answers, nothing at all
-    /// (it hangs up).
-    async fn fake_server(mut s: DuplexStream, answer_max: usize) {
+    /// (it writes `last`, then hangs up).
+    async fn fake_server(mut s: DuplexStream, answer_max: usize, last: &'static [u8]) {
         let (mut buffer, mut answered) = (Vec::new(), 0);
         loop {
             while let Ok(Decoded::Complete(frame, n)) = decode_frame(&buffer, 1 << 20) {
                 buffer.drain(..n);
                 if answered == answer_max {
+                    let _ = s.write_all(last).await;
                     return;
                 }
                 let Ok(Message::SubmitHinted(r, _) | Message::Submit(r)) =
@@ -480,13 +488,13 @@ mod tests {
         }
     }
 
-    async fn run(requests: u128, answer_max: usize) -> Phase {
+    async fn run(requests: u128, answer_max: usize, last: &'static [u8]) -> Phase {
         let pool = (1..=requests).map(|id| Presigned::Request(request(id), None));
         let pool = Arc::new(Pool::new(pool.collect()));
         let mut streams = Vec::new();
         for _ in 0..2 {
             let (ours, theirs) = tokio::io::duplex(4096);
-            tokio::spawn(fake_server(theirs, answer_max));
+            tokio::spawn(fake_server(theirs, answer_max, last));
             streams.push(ours);
         }
         let schedule = Schedule::Closed {
@@ -500,7 +508,7 @@ mod tests {
     /// batch (height and size from the header), refusals by code; a sample per batch kept.
     #[tokio::test]
     async fn every_answer_is_counted_by_what_it_says() {
-        let phase = run(100, usize::MAX).await;
+        let phase = run(100, usize::MAX, b"").await;
         let busy = (1..=100).filter(|id| id % 7 == 0).count() as u64;
         assert_eq!(phase.sent, 100);
         assert_eq!(phase.recorder.confirmed, 100 - busy);
@@ -527,11 +535,22 @@ mod tests {
     /// `disconnected`, and the phase ends.
     #[tokio::test]
     async fn what_a_closed_connection_never_answered_is_disconnected() {
-        let phase = run(100, 20).await;
+        let phase = run(100, 20, b"").await;
         let r = &phase.recorder;
         let answered = r.confirmed + r.rejected_total();
         assert_eq!(answered, 40, "20 answers on each of 2 connections");
         assert_eq!(r.errors.get("disconnected"), Some(&(phase.sent - 40)));
+    }
+
+    /// A broken frame ends the connection's run, but the answers read with it still count,
+    /// each once, and the rest are `disconnected` (not counted twice, not wrapped around).
+    #[tokio::test]
+    async fn a_broken_frame_keeps_the_answers_before_it() {
+        let phase = run(100, 20, b"not a frame header at all").await;
+        let r = &phase.recorder;
+        assert_eq!(r.confirmed + r.rejected_total(), 40);
+        assert_eq!(r.errors.get("disconnected"), Some(&(phase.sent - 40)));
+        assert_eq!(r.errors_total(), phase.sent - 40);
     }
 
     /// The lean reading takes the header a whole decode takes, and only for its request.
